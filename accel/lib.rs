@@ -1,0 +1,18 @@
+//! qomvm's accelerators (QEMU's `accel/`): the abstract `accel` type with `AccelClass`, and
+//! the concrete accelerators, each a QOM type found by name (`-accel kvm` -> `kvm-accel`).
+
+#![deny(missing_docs)]
+
+#[path = "accel-system.rs"]
+pub mod accel_system;
+#[path = "qtest/qtest.rs"]
+pub mod qtest;
+
+pub use accel_system::{accel_find, accel_init_machine, accel_list, AccelClass, AccelError, TYPE_ACCEL};
+
+/// Keeps this crate's registrations linked into a binary (see `hw::init`).
+pub fn init() -> Result<&'static qom::TypeTable, hw::RegistrationError> {
+    let table = hw::init()?;
+    debug_assert!(table.lookup(TYPE_ACCEL).is_some());
+    Ok(table)
+}

@@ -1,0 +1,431 @@
+//! Address spaces and memory regions: QEMU's `system/memory.c`, reduced to what a KVM VMM
+//! dispatches to.
+//!
+//! An [`AddressSpace`] (`system-io`, `system-memory`) holds the regions devices map into it.
+//! The map is read-mostly: vCPU threads dispatch through an immutable [`FlatView`] loaded
+//! with one atomic operation (QEMU's RCU flatview), and a change builds a new view and swaps
+//! it in. No lock is taken on the access path; devices lock their own state.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+/// A device's handlers for accesses to one of its regions (QEMU's `MemoryRegionOps`).
+///
+/// `offset` is relative to the start of the region; `size` is 1, 2, 4 or 8 bytes. Handlers
+/// take `&self`: they run on vCPU threads and lock what they change.
+pub trait MemoryRegionOps: Send + Sync {
+    /// Reads `size` bytes at `offset`.
+    fn read(&self, offset: u64, size: u32) -> u64;
+    /// Writes the low `size` bytes of `value` at `offset`.
+    fn write(&self, offset: u64, value: u64, size: u32);
+}
+
+/// A named range of guest addresses served by a device.
+pub struct MemoryRegion {
+    name: String,
+    size: u64,
+    ops: Arc<dyn MemoryRegionOps>,
+}
+
+impl MemoryRegion {
+    /// A region of `size` bytes served by `ops` (QEMU's `memory_region_init_io`).
+    pub fn new_io(name: impl Into<String>, size: u64, ops: Arc<dyn MemoryRegionOps>) -> Arc<Self> {
+        Arc::new(MemoryRegion {
+            name: name.into(),
+            size,
+            ops,
+        })
+    }
+
+    /// The region's name, for `info mtree`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The region's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl fmt::Debug for MemoryRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryRegion")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors from changing an address space's map.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryError {
+    /// The new region overlaps one already mapped.
+    #[error("{space}: region '{name}' at 0x{start:x}..0x{end:x} overlaps '{other}' at 0x{other_start:x}..0x{other_end:x}")]
+    Overlap {
+        /// The address space.
+        space: String,
+        /// The new region.
+        name: String,
+        /// Its first address.
+        start: u64,
+        /// One past its last address.
+        end: u64,
+        /// The region in the way.
+        other: String,
+        /// Its first address.
+        other_start: u64,
+        /// One past its last address.
+        other_end: u64,
+    },
+    /// The region would extend past the end of the address space.
+    #[error("{space}: region '{name}' at 0x{start:x} (size 0x{size:x}) does not fit in the address space")]
+    OutOfRange {
+        /// The address space.
+        space: String,
+        /// The region.
+        name: String,
+        /// Its first address.
+        start: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// An empty region.
+    #[error("{space}: region '{name}' has size 0")]
+    Empty {
+        /// The address space.
+        space: String,
+        /// The region.
+        name: String,
+    },
+}
+
+/// One mapped region in a flat view.
+#[derive(Clone)]
+pub struct FlatRange {
+    start: u64,
+    /// Last address (inclusive), so a range may end at `u64::MAX`.
+    last: u64,
+    region: Arc<MemoryRegion>,
+}
+
+impl FlatRange {
+    /// First address.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+    /// Last address, inclusive.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+    /// The region.
+    pub fn region(&self) -> &Arc<MemoryRegion> {
+        &self.region
+    }
+}
+
+/// An immutable, sorted view of an address space's map (QEMU's `FlatView`).
+#[derive(Clone, Default)]
+pub struct FlatView {
+    ranges: Vec<FlatRange>,
+}
+
+impl FlatView {
+    /// The mapped ranges, by address.
+    pub fn ranges(&self) -> &[FlatRange] {
+        &self.ranges
+    }
+
+    #[inline]
+    fn lookup(&self, addr: u64) -> Option<&FlatRange> {
+        // The ranges are sorted and disjoint: the candidate is the last one starting at or
+        // below `addr`.
+        let i = self.ranges.partition_point(|r| r.start <= addr);
+        let r = self.ranges.get(i.checked_sub(1)?)?;
+        (addr <= r.last).then_some(r)
+    }
+}
+
+/// Logs accesses that hit no region, at most a few times per second, so a guest cannot
+/// flood the log.
+struct UnassignedLog {
+    window_start: Mutex<Option<Instant>>,
+    in_window: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+const UNASSIGNED_LOGS_PER_SECOND: u64 = 10;
+
+impl UnassignedLog {
+    fn new() -> Self {
+        UnassignedLog {
+            window_start: Mutex::new(None),
+            in_window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    #[cold]
+    fn log(&self, space: &str, kind: &str, addr: u64, size: u32, value: Option<u64>) {
+        if self.in_window.fetch_add(1, Ordering::Relaxed) >= UNASSIGNED_LOGS_PER_SECOND {
+            let mut start = self.window_start.lock();
+            let now = Instant::now();
+            match *start {
+                Some(s) if now.duration_since(s) < Duration::from_secs(1) => {
+                    self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                _ => {
+                    *start = Some(now);
+                    self.in_window.store(1, Ordering::Relaxed);
+                    let n = self.suppressed.swap(0, Ordering::Relaxed);
+                    if n > 0 {
+                        log::warn!("{space}: {n} more unassigned accesses not logged");
+                    }
+                }
+            }
+        }
+        match value {
+            Some(v) => log::warn!("{space}: unassigned {kind} write of 0x{v:x} ({size} bytes) at 0x{addr:x}, dropped"),
+            None => log::warn!("{space}: unassigned {kind} read ({size} bytes) at 0x{addr:x}, returning all ones"),
+        }
+    }
+}
+
+/// An address space (QEMU's `AddressSpace`): `system-io` for ports, `system-memory` for MMIO.
+pub struct AddressSpace {
+    name: String,
+    /// Last valid address: 0xffff for ports, `u64::MAX` for memory.
+    last: u64,
+    view: ArcSwap<FlatView>,
+    /// Serialises writers; readers never take it.
+    update: Mutex<()>,
+    unassigned: UnassignedLog,
+}
+
+impl fmt::Debug for AddressSpace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AddressSpace")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The all-ones value a read of `size` bytes from nowhere returns.
+#[inline]
+fn all_ones(size: u32) -> u64 {
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (size * 8)) - 1
+    }
+}
+
+impl AddressSpace {
+    /// An empty address space whose addresses run from 0 to `last`.
+    pub fn new(name: impl Into<String>, last: u64) -> Self {
+        AddressSpace {
+            name: name.into(),
+            last,
+            view: ArcSwap::from_pointee(FlatView::default()),
+            update: Mutex::new(()),
+            unassigned: UnassignedLog::new(),
+        }
+    }
+
+    /// QEMU's `system-io`: 64 KiB of ports.
+    pub fn new_io() -> Self {
+        Self::new("system-io", 0xffff)
+    }
+
+    /// QEMU's `system-memory`: the full 64-bit physical address space.
+    pub fn new_memory() -> Self {
+        Self::new("system-memory", u64::MAX)
+    }
+
+    /// The address space's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Maps `region` at `base` (QEMU's `memory_region_add_subregion`). Overlaps are refused.
+    pub fn map(&self, base: u64, region: Arc<MemoryRegion>) -> Result<(), MemoryError> {
+        let _writer = self.update.lock();
+        if region.size == 0 {
+            return Err(MemoryError::Empty {
+                space: self.name.clone(),
+                name: region.name.clone(),
+            });
+        }
+        let last = base
+            .checked_add(region.size - 1)
+            .filter(|&l| l <= self.last)
+            .ok_or_else(|| MemoryError::OutOfRange {
+                space: self.name.clone(),
+                name: region.name.clone(),
+                start: base,
+                size: region.size,
+            })?;
+        let current = self.view.load();
+        if let Some(other) = current
+            .ranges
+            .iter()
+            .find(|r| r.start <= last && base <= r.last)
+        {
+            return Err(MemoryError::Overlap {
+                space: self.name.clone(),
+                name: region.name.clone(),
+                start: base,
+                end: last.wrapping_add(1),
+                other: other.region.name.clone(),
+                other_start: other.start,
+                other_end: other.last.wrapping_add(1),
+            });
+        }
+        let mut next = FlatView::clone(&current);
+        let at = next.ranges.partition_point(|r| r.start < base);
+        next.ranges.insert(
+            at,
+            FlatRange {
+                start: base,
+                last,
+                region,
+            },
+        );
+        self.view.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Unmaps `region` wherever it is mapped (QEMU's `memory_region_del_subregion`).
+    pub fn unmap(&self, region: &Arc<MemoryRegion>) {
+        let _writer = self.update.lock();
+        let mut next = FlatView::clone(&self.view.load());
+        next.ranges.retain(|r| !Arc::ptr_eq(&r.region, region));
+        self.view.store(Arc::new(next));
+    }
+
+    /// The current flat view (for `info mtree`).
+    pub fn flat_view(&self) -> Arc<FlatView> {
+        self.view.load_full()
+    }
+
+    /// Dispatches a read. Hits nothing: all ones, logged (rate-limited).
+    #[inline]
+    pub fn read(&self, addr: u64, size: u32) -> u64 {
+        let view = self.view.load();
+        match view.lookup(addr) {
+            Some(r) => r.region.ops.read(addr - r.start, size),
+            None => {
+                self.unassigned.log(&self.name, "", addr, size, None);
+                all_ones(size)
+            }
+        }
+    }
+
+    /// Dispatches a write. Hits nothing: dropped, logged (rate-limited).
+    #[inline]
+    pub fn write(&self, addr: u64, value: u64, size: u32) {
+        let view = self.view.load();
+        match view.lookup(addr) {
+            Some(r) => r.region.ops.write(addr - r.start, value, size),
+            None => self.unassigned.log(&self.name, "", addr, size, Some(value)),
+        }
+    }
+
+    /// Reads `data.len()` bytes (1, 2, 4 or 8) little-endian, as a KVM exit hands them over.
+    #[inline]
+    pub fn read_bytes(&self, addr: u64, data: &mut [u8]) {
+        let size = data.len().min(8);
+        let value = self.read(addr, size as u32);
+        data[..size].copy_from_slice(&value.to_le_bytes()[..size]);
+    }
+
+    /// Writes `data` (1, 2, 4 or 8 bytes, little-endian), as a KVM exit hands it over.
+    #[inline]
+    pub fn write_bytes(&self, addr: u64, data: &[u8]) {
+        let size = data.len().min(8);
+        let mut buf = [0u8; 8];
+        buf[..size].copy_from_slice(&data[..size]);
+        self.write(addr, u64::from_le_bytes(buf), size as u32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Scratch {
+        value: AtomicU64,
+    }
+
+    impl MemoryRegionOps for Scratch {
+        fn read(&self, offset: u64, _size: u32) -> u64 {
+            self.value.load(Ordering::Relaxed) + offset
+        }
+        fn write(&self, _offset: u64, value: u64, _size: u32) {
+            self.value.store(value, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn dispatch_reaches_the_region_with_its_offset() {
+        let space = AddressSpace::new_io();
+        let dev = Arc::new(Scratch::default());
+        space.map(0x3f8, MemoryRegion::new_io("serial", 8, dev.clone())).unwrap();
+        space.write(0x3f8, 0x41, 1);
+        assert_eq!(space.read(0x3fa, 1), 0x43);
+        assert_eq!(space.read(0x400, 1), 0xff, "past the end reads all ones");
+        assert_eq!(space.read(0x3f7, 2), 0xffff);
+    }
+
+    #[test]
+    fn overlaps_and_out_of_range_are_refused() {
+        let space = AddressSpace::new_io();
+        let dev = Arc::new(Scratch::default());
+        space.map(0x60, MemoryRegion::new_io("kbd", 1, dev.clone())).unwrap();
+        space.map(0x64, MemoryRegion::new_io("kbd-cmd", 1, dev.clone())).unwrap();
+        let err = space
+            .map(0x62, MemoryRegion::new_io("other", 4, dev.clone()))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "system-io: region 'other' at 0x62..0x66 overlaps 'kbd-cmd' at 0x64..0x65"
+        );
+        assert!(matches!(
+            space.map(0xfffe, MemoryRegion::new_io("big", 4, dev.clone())),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            space.map(0x10, MemoryRegion::new_io("empty", 0, dev)),
+            Err(MemoryError::Empty { .. })
+        ));
+    }
+
+    #[test]
+    fn regions_reach_the_top_of_memory_and_unmap() {
+        let space = AddressSpace::new_memory();
+        let dev = Arc::new(Scratch::default());
+        let top = MemoryRegion::new_io("top", 0x1000, dev);
+        space.map(u64::MAX - 0xfff, top.clone()).unwrap();
+        assert_eq!(space.read(u64::MAX, 8), 0xfff);
+        space.unmap(&top);
+        assert_eq!(space.read(u64::MAX, 4), 0xffff_ffff);
+    }
+
+    #[test]
+    fn byte_slices_round_trip_little_endian() {
+        let space = AddressSpace::new_memory();
+        let dev = Arc::new(Scratch::default());
+        space.map(0x1000, MemoryRegion::new_io("s", 0x10, dev)).unwrap();
+        space.write_bytes(0x1000, &[0x34, 0x12]);
+        let mut out = [0u8; 4];
+        space.read_bytes(0x1000, &mut out);
+        assert_eq!(out, [0x34, 0x12, 0, 0]);
+    }
+}

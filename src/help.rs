@@ -1,0 +1,154 @@
+//! The `help` listings, in QEMU's formats.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hw::core::cpu::{CpuClass, TYPE_CPU};
+use hw::core::machine::{machine_class, TYPE_MACHINE};
+use hw::core::qdev::{device_class, DeviceCategory, TYPE_DEVICE};
+use qom::{ObjectClass, PropertyKind};
+
+pub const USAGE: &str = "\
+usage: qomvm [options]
+
+Standard options:
+-h or -help          display this help and exit
+-version             display version information and exit
+-machine [type=]name[,prop[=value][,...]]
+                     selects emulated machine ('-machine help' for list)
+                     property accel=accel1[:accel2[:...]] selects accelerator
+-M                   as -machine
+-accel [accel=]accelerator
+                     select accelerator ('-accel help' for list)
+-enable-kvm          enable KVM full virtualization support
+-cpu cpu             select CPU ('-cpu help' for list)
+-smp [[cpus=]n][,maxcpus=maxcpus][,sockets=sockets][,cores=cores][,threads=threads]
+                     set the number of initial CPUs to 'n' and the topology
+-m [size=]megs[M|G]  configure guest RAM (default 128M; no suffix means MiB)
+-name string         set the name of the guest
+-device driver[,prop[=value][,...]]
+                     add device (based on driver); '-device help' lists drivers,
+                     '-device driver,help' lists a driver's properties
+-global driver.property=value
+                     set a default value of a driver's property
+-nodefaults          don't create default devices
+-no-reboot           exit instead of rebooting
+-no-shutdown         stop before shutdown
+
+Display and character devices:
+-display none        no display (the only display qomvm has)
+-nographic           no graphical output; serial console on this terminal
+-serial dev          redirect the serial port to char device 'dev'
+                     (stdio, null, none, file:PATH)
+-chardev backend,id=id[,...]
+                     configure a character device
+
+Linux/Multiboot boot specific:
+-kernel bzImage      use 'bzImage' as kernel image
+-append cmdline      use 'cmdline' as kernel command line
+-initrd file         use 'file' as initial ram disk
+";
+
+pub fn version() -> String {
+    format!(
+        "qomvm version {}\nA VMM built on QEMU's object model, in Rust",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+pub fn machines() -> String {
+    let mut out = String::from("Supported machines are:\n");
+    let mut classes = qom::object_class_get_list(Some(TYPE_MACHINE), false);
+    classes.sort_by_key(|c| machine_class(c).map(|mc| mc.name));
+    for class in classes {
+        let mc = machine_class(class).expect("machine classes have a MachineClass");
+        if let Some(alias) = mc.alias {
+            let _ = writeln!(out, "{:<20} {} (alias of {})", alias, mc.desc, mc.name);
+        }
+        let default = if mc.is_default { " (default)" } else { "" };
+        let _ = writeln!(out, "{:<20} {}{}", mc.name, mc.desc, default);
+    }
+    out
+}
+
+pub fn accels() -> String {
+    let mut out = String::from("Accelerators supported in qomvm binary:\n");
+    for ac in accel::accel_list() {
+        let _ = writeln!(out, "{}", ac.name);
+    }
+    out
+}
+
+pub fn devices() -> String {
+    let mut by_category: BTreeMap<DeviceCategory, Vec<&'static ObjectClass>> = BTreeMap::new();
+    for class in qom::object_class_get_list(Some(TYPE_DEVICE), false) {
+        let dc = device_class(class).expect("device classes have a DeviceClass");
+        if dc.user_creatable {
+            by_category.entry(dc.category).or_default().push(class);
+        }
+    }
+    let mut out = String::new();
+    for (i, (category, classes)) in by_category.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(out, "{}:", category.heading());
+        for class in classes {
+            let dc = device_class(class).expect("device classes have a DeviceClass");
+            let _ = write!(out, "name \"{}\"", class.name());
+            if let Some(bus) = dc.bus_type {
+                let _ = write!(out, ", bus {bus}");
+            }
+            if let Some(desc) = dc.desc {
+                let _ = write!(out, ", desc \"{desc}\"");
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Properties `-device DRIVER,help` does not show: QOM bookkeeping, not configuration.
+const INTERNAL_PROPERTIES: &[&str] = &["type", "realized", "hotpluggable", "parent_bus"];
+
+pub fn device_properties(class: &ObjectClass) -> String {
+    let mut out = format!("{} options:\n", class.name());
+    let mut props: Vec<_> = class
+        .properties()
+        .iter()
+        .filter(|p| !INTERNAL_PROPERTIES.contains(&p.name.as_ref()))
+        .filter(|p| p.setter.is_some() || p.is_stored())
+        .filter(|p| !matches!(p.kind, PropertyKind::Child(_)))
+        .collect();
+    props.sort_by(|a, b| a.name.cmp(&b.name));
+    if props.is_empty() {
+        out.push_str("There are no options for ");
+        out.push_str(class.name());
+        out.push_str(".\n");
+        return out;
+    }
+    for prop in props {
+        let info = prop.info();
+        let head = format!("  {}=<{}>", info.name, info.type_name);
+        let _ = write!(out, "{head:<24} - {}", info.description);
+        if let Some(default) = info.default {
+            let _ = write!(out, " (default: {default})");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+pub fn cpus() -> String {
+    let mut out = String::from("Available CPUs:\n");
+    for class in qom::object_class_get_list(Some(TYPE_CPU), false) {
+        let Some(cc) = class.get::<CpuClass>() else { continue };
+        let _ = writeln!(
+            out,
+            "  {:<24} {}",
+            cc.model_name,
+            cc.model_description.unwrap_or("")
+        );
+    }
+    out
+}

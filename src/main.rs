@@ -1,0 +1,20 @@
+//! The `qomvm` binary: QEMU's `main` -> `qemu_init` -> main loop, in `vl.rs`.
+
+mod help;
+mod options;
+mod vl;
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match vl::qemu_main(&args) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("qomvm: {err}");
+            1
+        }
+    };
+    std::process::exit(code);
+}

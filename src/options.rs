@@ -1,0 +1,235 @@
+//! QEMU-style command-line parsing (QEMU's `qemu-options.def` + `lookup_opt`).
+//!
+//! QEMU's options are single-dash long names (`-machine`, `-m`) that clap cannot express,
+//! so they are parsed from a table, as QEMU does. `--name` is accepted for `-name`.
+
+use std::fmt;
+
+/// A command-line error: the option and its argument, then the reason, as QEMU prints them
+/// (`qomvm: -device foo: 'foo' is not a valid device model name`).
+#[derive(Debug)]
+pub struct OptionError {
+    /// `-device foo`, or empty for errors not tied to one option.
+    pub location: String,
+    /// The reason.
+    pub message: String,
+}
+
+impl fmt::Display for OptionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.location.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.location, self.message)
+        }
+    }
+}
+
+impl std::error::Error for OptionError {}
+
+impl OptionError {
+    pub fn new(location: impl Into<String>, message: impl fmt::Display) -> Self {
+        OptionError {
+            location: location.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// An option with where it was given, for error messages.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Located {
+    pub option: &'static str,
+    pub value: String,
+}
+
+impl Located {
+    pub fn location(&self) -> String {
+        format!("-{} {}", self.option, self.value)
+    }
+    pub fn error(&self, message: impl fmt::Display) -> OptionError {
+        OptionError::new(self.location(), message)
+    }
+}
+
+/// Everything the command line asked for.
+#[derive(Debug, Default)]
+pub struct Options {
+    pub machine: Vec<Located>,
+    pub accel: Vec<Located>,
+    pub enable_kvm: bool,
+    pub cpu: Option<Located>,
+    pub smp: Option<Located>,
+    pub memory: Option<Located>,
+    pub kernel: Option<Located>,
+    pub initrd: Option<Located>,
+    pub append: Option<Located>,
+    pub devices: Vec<Located>,
+    pub globals: Vec<Located>,
+    pub serial: Vec<Located>,
+    pub chardev: Vec<Located>,
+    pub display: Option<Located>,
+    pub nographic: bool,
+    pub no_reboot: bool,
+    pub no_shutdown: bool,
+    pub nodefaults: bool,
+    pub name: Option<Located>,
+    pub help: bool,
+    pub version: bool,
+}
+
+/// How an option takes its argument.
+#[derive(Clone, Copy)]
+enum Arity {
+    Flag,
+    Value,
+}
+
+const OPTIONS: &[(&str, Arity)] = &[
+    ("machine", Arity::Value),
+    ("M", Arity::Value),
+    ("accel", Arity::Value),
+    ("enable-kvm", Arity::Flag),
+    ("cpu", Arity::Value),
+    ("smp", Arity::Value),
+    ("m", Arity::Value),
+    ("kernel", Arity::Value),
+    ("initrd", Arity::Value),
+    ("append", Arity::Value),
+    ("device", Arity::Value),
+    ("global", Arity::Value),
+    ("serial", Arity::Value),
+    ("chardev", Arity::Value),
+    ("display", Arity::Value),
+    ("nographic", Arity::Flag),
+    ("no-reboot", Arity::Flag),
+    ("no-shutdown", Arity::Flag),
+    ("nodefaults", Arity::Flag),
+    ("name", Arity::Value),
+    ("h", Arity::Flag),
+    ("help", Arity::Flag),
+    ("version", Arity::Flag),
+];
+
+pub fn parse(args: &[String]) -> Result<Options, OptionError> {
+    let mut opts = Options::default();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let Some(name) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
+            // QEMU treats a bare argument as a disk image; qomvm has no disks yet.
+            return Err(OptionError::new(
+                "",
+                format!("{arg}: drive images are not supported (use -kernel)"),
+            ));
+        };
+        let &(option, arity) = OPTIONS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| OptionError::new("", format!("{arg}: invalid option")))?;
+        let value = match arity {
+            Arity::Flag => String::new(),
+            Arity::Value => it
+                .next()
+                .cloned()
+                .ok_or_else(|| OptionError::new("", format!("{arg}: requires an argument")))?,
+        };
+        let located = Located { option, value };
+        match option {
+            "machine" | "M" => opts.machine.push(Located {
+                option: "machine",
+                ..located
+            }),
+            "accel" => opts.accel.push(located),
+            "enable-kvm" => opts.enable_kvm = true,
+            "cpu" => opts.cpu = Some(located),
+            "smp" => opts.smp = Some(located),
+            "m" => opts.memory = Some(located),
+            "kernel" => opts.kernel = Some(located),
+            "initrd" => opts.initrd = Some(located),
+            "append" => opts.append = Some(located),
+            "device" => opts.devices.push(located),
+            "global" => opts.globals.push(located),
+            "serial" => opts.serial.push(located),
+            "chardev" => opts.chardev.push(located),
+            "display" => opts.display = Some(located),
+            "nographic" => opts.nographic = true,
+            "no-reboot" => opts.no_reboot = true,
+            "no-shutdown" => opts.no_shutdown = true,
+            "nodefaults" => opts.nodefaults = true,
+            "name" => opts.name = Some(located),
+            "h" | "help" => opts.help = true,
+            "version" => opts.version = true,
+            _ => unreachable!("every table entry is matched above"),
+        }
+    }
+    Ok(opts)
+}
+
+/// Splits a QEMU option string `a,b=c,d=e,,f` into `(key, value)` pairs; the first bare word
+/// gets `implied` as its key (`-device isa-serial,...` -> driver). `,,` is a literal comma.
+pub fn split_opts(text: &str, implied: Option<&str>) -> Vec<(String, Option<String>)> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    let mut raw = Vec::new();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                raw.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    raw.push(current);
+    for (i, item) in raw.into_iter().enumerate() {
+        match item.split_once('=') {
+            Some((k, v)) => items.push((k.to_string(), Some(v.to_string()))),
+            None if i == 0 && implied.is_some() => {
+                items.push((implied.unwrap_or_default().to_string(), Some(item)))
+            }
+            None => items.push((item, None)),
+        }
+    }
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_parse_with_one_or_two_dashes() {
+        let o = parse(&args(&["-M", "pc", "--no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])).unwrap();
+        assert_eq!(o.machine[0].value, "pc");
+        assert!(o.no_reboot);
+        assert_eq!(o.devices[0].location(), "-device isa-debug-exit,iobase=0xf4");
+    }
+
+    #[test]
+    fn unknown_and_incomplete_options_are_errors() {
+        assert_eq!(parse(&args(&["-bogus"])).unwrap_err().to_string(), "-bogus: invalid option");
+        assert_eq!(parse(&args(&["-m"])).unwrap_err().to_string(), "-m: requires an argument");
+    }
+
+    #[test]
+    fn option_strings_split_like_qemu_opts() {
+        assert_eq!(
+            split_opts("isa-serial,id=s0,path=a,,b", Some("driver")),
+            vec![
+                ("driver".to_string(), Some("isa-serial".to_string())),
+                ("id".to_string(), Some("s0".to_string())),
+                ("path".to_string(), Some("a,b".to_string())),
+            ]
+        );
+        assert_eq!(split_opts("help", Some("type"))[0], ("type".to_string(), Some("help".to_string())));
+        assert_eq!(split_opts("pc,usb", Some("type"))[1], ("usb".to_string(), None));
+    }
+}

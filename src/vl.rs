@@ -1,0 +1,402 @@
+//! Start-up in the order of QEMU's `vl.c`: `module_call_init` (the type table), help
+//! listings, `select_machine`, machine properties, `configure_accelerators`, board init,
+//! `-device`, then the main loop until a run request ends it.
+
+use std::time::Duration;
+
+use hw::core::bus::find_bus_by_type;
+use hw::core::machine::{
+    find_machine, machine_class, machine_run_board_init, machine_state, RunRequest, SmpConfig,
+};
+use hw::core::qdev::{device_class, device_type, qdev_new, qdev_realize, DeviceMethods, QdevError};
+use hw::core::qdev_properties::register_global;
+use qom::{object_get_root, resolve_path, ObjectRef};
+
+use crate::help;
+use crate::options::{self, split_opts, Located, OptionError, Options};
+
+/// Runs qomvm; returns the process's exit status.
+pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
+    let opts = options::parse(args)?;
+    if opts.help {
+        print!("{}", help::USAGE);
+        return Ok(0);
+    }
+    if opts.version {
+        println!("{}", help::version());
+        return Ok(0);
+    }
+    // module_call_init(MODULE_INIT_QOM), with the self-check that no registration was lost.
+    accel::init().map_err(|e| OptionError::new("", e))?;
+
+    if let Some(text) = help_request(&opts)? {
+        print!("{text}");
+        return Ok(0);
+    }
+
+    for g in &opts.globals {
+        register_global(&g.value).map_err(|e| g.error(e))?;
+    }
+
+    let machine = create_machine(&opts)?;
+    configure_accelerators(&opts, &machine)?;
+    machine_run_board_init(&machine).map_err(|e| OptionError::new(machine_location(&opts), e))?;
+    for dev in &opts.devices {
+        device_add(&machine, dev)?;
+    }
+    Ok(main_loop(&machine, &opts))
+}
+
+fn machine_location(opts: &Options) -> String {
+    opts.machine
+        .last()
+        .map(Located::location)
+        .unwrap_or_default()
+}
+
+/// The merged `-machine` options: type, then properties in order.
+fn machine_opts(opts: &Options) -> (Option<String>, Vec<(String, Option<String>, &Located)>) {
+    let mut machine_type = None;
+    let mut props = Vec::new();
+    for m in &opts.machine {
+        for (key, value) in split_opts(&m.value, Some("type")) {
+            if key == "type" {
+                machine_type = value;
+            } else {
+                props.push((key, value, m));
+            }
+        }
+    }
+    (machine_type, props)
+}
+
+/// Handles `help` wherever QEMU accepts it; returns the listing to print. Also refuses
+/// unknown `-device` drivers before anything is built.
+fn help_request(opts: &Options) -> Result<Option<String>, OptionError> {
+    let (machine_type, _) = machine_opts(opts);
+    if matches!(machine_type.as_deref(), Some("help" | "?")) {
+        return Ok(Some(help::machines()));
+    }
+    if opts.accel.iter().any(|a| {
+        split_opts(&a.value, Some("accel"))
+            .first()
+            .is_some_and(|(_, v)| matches!(v.as_deref(), Some("help" | "?")))
+    }) {
+        return Ok(Some(help::accels()));
+    }
+    if let Some(cpu) = &opts.cpu {
+        if matches!(cpu.value.as_str(), "help" | "?") {
+            return Ok(Some(help::cpus()));
+        }
+    }
+    for dev in &opts.devices {
+        let items = split_opts(&dev.value, Some("driver"));
+        let driver = items[0].1.clone().unwrap_or_default();
+        if matches!(driver.as_str(), "help" | "?") {
+            return Ok(Some(help::devices()));
+        }
+        let class = device_type(&driver).map_err(|e| dev.error(e))?;
+        if items.iter().skip(1).any(|(k, _)| k == "help" || k == "?") {
+            return Ok(Some(help::device_properties(class)));
+        }
+    }
+    Ok(None)
+}
+
+/// QEMU's `select_machine` + `qemu_create_machine` + `qemu_apply_machine_options`.
+fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
+    let (machine_type, props) = machine_opts(opts);
+    let class = find_machine(machine_type.as_deref())
+        .map_err(|e| OptionError::new(machine_location(opts), e))?;
+    let machine =
+        qom::Object::new_with_class(class).map_err(|e| OptionError::new(machine_location(opts), e))?;
+    object_get_root()
+        .add_child("machine", &machine)
+        .map_err(|e| OptionError::new("", e))?;
+    for (key, value, located) in props {
+        if key == "accel" {
+            continue;
+        }
+        // A bare property name means "on", as QemuOpts reads it.
+        let value = value.unwrap_or_else(|| "on".to_string());
+        machine
+            .property_parse(&key, &value)
+            .map_err(|e| located.error(e))?;
+    }
+    let ms = machine_state(&machine).expect("machines have a MachineState");
+    if let Some(m) = &opts.memory {
+        ms.set_ram_size(parse_ram_size(&m.value).map_err(|e| m.error(e))?);
+    }
+    if let Some(smp) = &opts.smp {
+        ms.set_smp(parse_smp(&smp.value).map_err(|e| smp.error(e))?);
+    }
+    for (located, prop) in [(&opts.kernel, "kernel"), (&opts.initrd, "initrd"), (&opts.append, "append")] {
+        if let Some(l) = located {
+            machine
+                .property_parse(prop, &l.value)
+                .map_err(|e| l.error(e))?;
+        }
+    }
+    if let Some(cpu) = &opts.cpu {
+        let model = cpu.value.split(',').next().unwrap_or_default();
+        let cpu_type = find_cpu_type(model).ok_or_else(|| {
+            cpu.error(format!("unable to find CPU model '{model}'"))
+        })?;
+        ms.set_cpu_type(Some(cpu_type.to_string()));
+    }
+    if let Some(display) = &opts.display {
+        let kind = display.value.split(',').next().unwrap_or_default();
+        if kind != "none" {
+            return Err(display.error(format!("Display '{kind}' is not available")));
+        }
+    }
+    Ok(machine)
+}
+
+fn find_cpu_type(model: &str) -> Option<&'static str> {
+    qom::object_class_get_list(Some(hw::core::cpu::TYPE_CPU), false)
+        .into_iter()
+        .find(|c| {
+            c.get::<hw::core::cpu::CpuClass>()
+                .is_some_and(|cc| cc.model_name == model)
+        })
+        .map(|c| c.name())
+}
+
+/// `-m [size=]N[M|G]`: no suffix means MiB, as in QEMU.
+fn parse_ram_size(text: &str) -> Result<u64, String> {
+    let mut size = None;
+    for (key, value) in split_opts(text, Some("size")) {
+        match (key.as_str(), value) {
+            ("size", Some(v)) => size = Some(v),
+            ("slots" | "maxmem", Some(_)) => {
+                return Err("memory hotplug (slots, maxmem) is not supported".to_string())
+            }
+            (k, _) => return Err(format!("Invalid parameter '{k}'")),
+        }
+    }
+    let text = size.unwrap_or_default();
+    let bytes = if text.chars().all(|c| c.is_ascii_digit()) && !text.is_empty() {
+        text.parse::<u64>()
+            .ok()
+            .and_then(|mib| mib.checked_mul(1 << 20))
+    } else {
+        qom::parse_size(&text)
+    };
+    match bytes {
+        Some(0) | None => Err(format!("invalid RAM size '{text}'")),
+        Some(b) => Ok(b),
+    }
+}
+
+/// `-smp [cpus=]n[,sockets=s][,cores=c][,threads=t][,maxcpus=m]` with QEMU's rules for the
+/// values left out (sockets preferred).
+fn parse_smp(text: &str) -> Result<SmpConfig, String> {
+    let mut cpus = None;
+    let mut sockets = None;
+    let mut cores = None;
+    let mut threads = None;
+    let mut maxcpus = None;
+    for (key, value) in split_opts(text, Some("cpus")) {
+        let v: u32 = value
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("Parameter '{key}' expects a number"))?;
+        if v == 0 {
+            return Err(format!("Invalid CPU topology: CPU topology parameters must be greater than zero ({key}=0)"));
+        }
+        match key.as_str() {
+            "cpus" => cpus = Some(v),
+            "sockets" => sockets = Some(v),
+            "cores" => cores = Some(v),
+            "threads" => threads = Some(v),
+            "maxcpus" => maxcpus = Some(v),
+            "dies" | "clusters" if v == 1 => {}
+            other => return Err(format!("Invalid parameter '{other}'")),
+        }
+    }
+    let threads = threads.unwrap_or(1);
+    let (sockets, cores) = match (sockets, cores) {
+        (Some(s), Some(c)) => (s, c),
+        (Some(s), None) => {
+            let total = maxcpus.or(cpus).unwrap_or(s * threads);
+            (s, (total / (s * threads)).max(1))
+        }
+        (None, Some(c)) => {
+            let total = maxcpus.or(cpus).unwrap_or(c * threads);
+            ((total / (c * threads)).max(1), c)
+        }
+        (None, None) => {
+            let total = maxcpus.or(cpus).unwrap_or(1);
+            ((total / threads).max(1), 1)
+        }
+    };
+    let product = sockets * cores * threads;
+    let max_cpus = maxcpus.unwrap_or(product);
+    let cpus = cpus.unwrap_or(max_cpus);
+    if product != max_cpus {
+        return Err(format!(
+            "Invalid CPU topology: product of the hierarchy must match maxcpus: sockets ({sockets}) * cores ({cores}) * threads ({threads}) != maxcpus ({max_cpus})"
+        ));
+    }
+    if cpus > max_cpus {
+        return Err(format!(
+            "Invalid CPU topology: maxcpus must be equal to or greater than smp: sockets ({sockets}) * cores ({cores}) * threads ({threads}) == maxcpus ({max_cpus}) < smp_cpus ({cpus})"
+        ));
+    }
+    Ok(SmpConfig {
+        cpus,
+        sockets,
+        cores,
+        threads,
+        max_cpus,
+    })
+}
+
+/// QEMU's `configure_accelerators`: tries each accelerator of the list in order; the first
+/// that initialises wins.
+fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> {
+    let (_, props) = machine_opts(opts);
+    let machine_accel = props
+        .iter()
+        .filter(|(k, _, _)| k == "accel")
+        .next_back()
+        .map(|(_, v, l)| (v.clone().unwrap_or_default(), *l));
+    let mut candidates: Vec<(String, String)> = Vec::new();
+    if !opts.accel.is_empty() {
+        if machine_accel.is_some() {
+            return Err(OptionError::new(
+                "",
+                "The -accel and \"-machine accel=\" options are incompatible",
+            ));
+        }
+        for a in &opts.accel {
+            let items = split_opts(&a.value, Some("accel"));
+            let name = items[0].1.clone().unwrap_or_default();
+            if let Some((k, _)) = items.iter().skip(1).next() {
+                return Err(a.error(format!("Property '{name}-accel.{k}' not found")));
+            }
+            candidates.push((name, a.location()));
+        }
+    } else if let Some((list, located)) = machine_accel {
+        for name in list.split(':') {
+            candidates.push((name.to_string(), located.location()));
+        }
+    }
+    if opts.enable_kvm {
+        if !candidates.is_empty() && candidates.iter().any(|(n, _)| n != "kvm") {
+            return Err(OptionError::new(
+                "",
+                "The -accel and -enable-kvm options are incompatible",
+            ));
+        }
+        candidates = vec![("kvm".to_string(), "-enable-kvm".to_string())];
+    }
+    if candidates.is_empty() {
+        candidates.push(("kvm".to_string(), String::new()));
+    }
+    let mut failures = Vec::new();
+    for (name, location) in &candidates {
+        let Some(class) = accel::accel_find(name) else {
+            failures.push(OptionError::new(location.clone(), accel::AccelError::Unknown(name.clone())));
+            continue;
+        };
+        match accel::accel_init_machine(class, machine) {
+            Ok(_) => {
+                for f in failures {
+                    eprintln!("qomvm: {f}");
+                }
+                return Ok(());
+            }
+            Err(e) => failures.push(OptionError::new(location.clone(), e)),
+        }
+    }
+    // One failure: report it as is; several: each, then QEMU's summary.
+    if failures.len() == 1 {
+        return Err(failures.remove(0));
+    }
+    for f in &failures {
+        eprintln!("qomvm: {f}");
+    }
+    Err(OptionError::new("", accel::AccelError::NoneWorked))
+}
+
+/// QEMU's `qdev_device_add`.
+fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError> {
+    let items = split_opts(&located.value, Some("driver"));
+    let driver = items[0].1.clone().unwrap_or_default();
+    let class = device_type(&driver).map_err(|e| located.error(e))?;
+    let dc = device_class(class).expect("device classes have a DeviceClass");
+    let mut id = None;
+    let mut bus_name = None;
+    let mut props = Vec::new();
+    for (key, value) in items.into_iter().skip(1) {
+        match key.as_str() {
+            "id" => id = value,
+            "bus" => bus_name = value,
+            _ => props.push((key, value.unwrap_or_else(|| "on".to_string()))),
+        }
+    }
+    let bus = match (bus_name, dc.bus_type) {
+        (Some(name), _) => Some(resolve_path(machine, &name).map_err(|_| {
+            located.error(QdevError::BusNotFound(name.clone()))
+        })?),
+        (None, Some(bus_type)) => Some(find_bus_by_type(machine, bus_type).ok_or_else(|| {
+            located.error(QdevError::NoBus {
+                bus_type,
+                driver: driver.clone(),
+            })
+        })?),
+        (None, None) => None,
+    };
+    let dev = qdev_new(&driver).map_err(|e| located.error(e))?;
+    for (key, value) in props {
+        dev.property_parse(&key, &value)
+            .map_err(|e| located.error(e))?;
+    }
+    match &id {
+        Some(id) => {
+            let peripheral = machine.child("peripheral").expect("machines have /peripheral");
+            if peripheral.child(id).is_some() {
+                return Err(located.error(QdevError::DuplicateId(id.clone())));
+            }
+            peripheral.add_child(id, &dev).map_err(|e| located.error(e))?;
+            dev.set_device_id(Some(id.clone()));
+        }
+        None => {
+            let anon = machine
+                .child("peripheral-anon")
+                .expect("machines have /peripheral-anon");
+            anon.add_child("device[*]", &dev).map_err(|e| located.error(e))?;
+        }
+    }
+    if let Err(e) = qdev_realize(&dev, bus.as_ref()) {
+        dev.unparent();
+        return Err(located.error(e));
+    }
+    Ok(())
+}
+
+/// Waits for run requests and turns them into an exit status.
+fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
+    let ms = machine_state(machine).expect("machines have a MachineState");
+    let mc = machine_class(machine.class()).expect("machines have a MachineClass");
+    log::debug!("machine '{}' running", mc.name);
+    loop {
+        match ms.run_state().wait(Some(Duration::from_secs(3600))) {
+            None => continue,
+            Some(RunRequest::DebugExit(status)) => return status,
+            Some(RunRequest::GuestShutdown | RunRequest::HostQuit) => return 0,
+            Some(RunRequest::GuestPanic) => return if opts.no_shutdown { 0 } else { 0 },
+            Some(RunRequest::GuestError) => return 1,
+            Some(RunRequest::GuestReset) => {
+                if opts.no_reboot {
+                    return 0;
+                }
+                for cpu in ms.cpus() {
+                    cpu.reset();
+                }
+            }
+        }
+    }
+}
