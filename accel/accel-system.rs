@@ -74,7 +74,10 @@ pub fn accel_list() -> Vec<&'static AccelClass> {
 
 /// QEMU's `accel_init_machine`: instantiates the accelerator and initialises it for
 /// `machine`. On success the machine records it.
-pub fn accel_init_machine(class: &'static ObjectClass, machine: &ObjectRef) -> Result<ObjectRef, AccelError> {
+pub fn accel_init_machine(
+    class: &'static ObjectClass,
+    machine: &ObjectRef,
+) -> Result<ObjectRef, AccelError> {
     let accel = Object::new_with_class(class)?;
     if let Some(init) = class.get::<AccelClass>().and_then(|ac| ac.init_machine) {
         init(&accel, machine)?;

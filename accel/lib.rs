@@ -8,7 +8,9 @@ pub mod accel_system;
 #[path = "qtest/qtest.rs"]
 pub mod qtest;
 
-pub use accel_system::{accel_find, accel_init_machine, accel_list, AccelClass, AccelError, TYPE_ACCEL};
+pub use accel_system::{
+    accel_find, accel_init_machine, accel_list, AccelClass, AccelError, TYPE_ACCEL,
+};
 
 /// Keeps this crate's registrations linked into a binary (see `hw::init`).
 pub fn init() -> Result<&'static qom::TypeTable, hw::RegistrationError> {

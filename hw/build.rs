@@ -50,12 +50,18 @@ fn main() {
             continue;
         }
         files.sort();
-        let dir_name = dir.file_name().and_then(|n| n.to_str()).expect("UTF-8 directory name");
+        let dir_name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("UTF-8 directory name");
         writeln!(modules, "/// The files of `hw/{dir_name}/`.").unwrap();
         writeln!(modules, "pub mod {} {{", module_name(dir_name)).unwrap();
         for file in files {
             println!("cargo:rerun-if-changed={}", file.display());
-            let stem = file.file_stem().and_then(|n| n.to_str()).expect("UTF-8 file name");
+            let stem = file
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .expect("UTF-8 file name");
             let source = fs::read_to_string(&file).expect("device file is readable");
             if source.contains("type_init!") {
                 registering.push(format!("hw/{dir_name}/{stem}.rs"));

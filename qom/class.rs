@@ -96,7 +96,11 @@ impl ObjectClass {
         }
         for &iface in ty.interfaces() {
             let iface_class = table.class_of(iface);
-            if class.interfaces.iter().any(|c| std::ptr::eq(*c, iface_class)) {
+            if class
+                .interfaces
+                .iter()
+                .any(|c| std::ptr::eq(*c, iface_class))
+            {
                 continue;
             }
             // The implementing class gets its own copy of the interface's levels, which its
@@ -190,7 +194,7 @@ impl ObjectClass {
             .cast_names
             .iter()
             .any(|n| std::ptr::eq(n.as_ptr(), name.as_ptr()) && n.len() == name.len())
-            || self.cast_names.iter().any(|n| *n == name);
+            || self.cast_names.contains(&name);
         hit.then_some(self)
     }
 

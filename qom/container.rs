@@ -32,8 +32,8 @@ pub fn container_get(root: &ObjectRef, path: &str) -> ObjectRef {
         cur = match cur.child(component) {
             Some(child) => child,
             None => {
-                let child = object_new(TYPE_CONTAINER)
-                    .expect("the type table has the 'container' type");
+                let child =
+                    object_new(TYPE_CONTAINER).expect("the type table has the 'container' type");
                 cur.add_child(component, &child)
                     .expect("a name found free a moment ago is still free");
                 child

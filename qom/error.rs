@@ -91,7 +91,9 @@ pub enum Error {
     #[error("Path '{0}' does not uniquely identify an object")]
     AmbiguousPath(String),
     /// Setting a property that is frozen once the device is realized.
-    #[error("Attempt to set property '{name}' on {device} (type '{type_name}') after it was realized")]
+    #[error(
+        "Attempt to set property '{name}' on {device} (type '{type_name}') after it was realized"
+    )]
     PropertyAfterRealize {
         /// Property name.
         name: String,

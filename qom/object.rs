@@ -253,7 +253,10 @@ impl Object {
         loop {
             let (parent, name) = {
                 let tree = cur.tree.read();
-                (tree.parent.as_ref().and_then(Weak::upgrade), tree.name.clone())
+                (
+                    tree.parent.as_ref().and_then(Weak::upgrade),
+                    tree.name.clone(),
+                )
             };
             match (parent, name) {
                 (Some(p), Some(n)) => {
@@ -302,10 +305,11 @@ impl Object {
     }
 
     fn property(&self, name: &str) -> Result<Arc<Property>, Error> {
-        self.find_property(name).ok_or_else(|| Error::PropertyNotFound {
-            type_name: self.type_name().to_string(),
-            name: name.to_string(),
-        })
+        self.find_property(name)
+            .ok_or_else(|| Error::PropertyNotFound {
+                type_name: self.type_name().to_string(),
+                name: name.to_string(),
+            })
     }
 
     /// QEMU's `object_property_get`.
@@ -423,10 +427,12 @@ impl Object {
 }
 
 fn get_child_path(obj: &Object, prop: &Property) -> Result<Value, Error> {
-    let child = obj.child(&prop.name).ok_or_else(|| Error::PropertyNotFound {
-        type_name: obj.type_name().to_string(),
-        name: prop.name.to_string(),
-    })?;
+    let child = obj
+        .child(&prop.name)
+        .ok_or_else(|| Error::PropertyNotFound {
+            type_name: obj.type_name().to_string(),
+            name: prop.name.to_string(),
+        })?;
     Ok(Value::Str(child.canonical_path().unwrap_or_default()))
 }
 
@@ -470,7 +476,11 @@ fn resolve(root: &ObjectRef, path: &str, typename: Option<&str>) -> Result<Objec
         for component in abs.split('/').filter(|c| !c.is_empty()) {
             cur = cur.step(component).ok_or_else(not_found)?;
         }
-        return if type_ok(&cur) { Ok(cur) } else { Err(not_found()) };
+        return if type_ok(&cur) {
+            Ok(cur)
+        } else {
+            Err(not_found())
+        };
     }
     let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
     if components.is_empty() {

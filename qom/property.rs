@@ -125,6 +125,9 @@ pub type Getter = fn(&Object, &Property) -> Result<Value, Error>;
 /// Writes a property with custom behaviour.
 pub type Setter = fn(&Object, &Property, Value) -> Result<(), Error>;
 
+/// Runs before a write and may refuse it (qdev refuses writes after realize).
+pub type SetCheck = fn(&Object, &Property) -> Result<(), Error>;
+
 /// One property of a class or of an object (QEMU's `ObjectProperty` / qdev `Property`).
 ///
 /// Without accessors the value is stored in the object, checked against `kind`; with them
@@ -144,7 +147,7 @@ pub struct Property {
     /// Custom write; `None` with a getter present means read-only.
     pub setter: Option<Setter>,
     /// Called before every write, e.g. to refuse writes after realize.
-    pub check_set: Option<fn(&Object, &Property) -> Result<(), Error>>,
+    pub check_set: Option<SetCheck>,
 }
 
 /// A property's description for listings (`-device DRIVER,help`, `qom-list-properties`).
@@ -189,7 +192,12 @@ impl Property {
     }
 
     /// A stored unsigned integer of `bits` bits (8, 16, 32 or 64).
-    pub const fn uint(name: &'static str, bits: u8, default: u64, description: &'static str) -> Self {
+    pub const fn uint(
+        name: &'static str,
+        bits: u8,
+        default: u64,
+        description: &'static str,
+    ) -> Self {
         Self::new(
             name,
             PropertyKind::Uint(bits),
@@ -199,7 +207,12 @@ impl Property {
     }
 
     /// A stored signed integer of `bits` bits.
-    pub const fn int(name: &'static str, bits: u8, default: i64, description: &'static str) -> Self {
+    pub const fn int(
+        name: &'static str,
+        bits: u8,
+        default: i64,
+        description: &'static str,
+    ) -> Self {
         Self::new(
             name,
             PropertyKind::Int(bits),
@@ -248,7 +261,11 @@ impl Property {
     }
 
     /// A stored `link<target_type>`.
-    pub const fn link(name: &'static str, target_type: &'static str, description: &'static str) -> Self {
+    pub const fn link(
+        name: &'static str,
+        target_type: &'static str,
+        description: &'static str,
+    ) -> Self {
         Self::new(
             name,
             PropertyKind::Link(target_type),
@@ -272,14 +289,16 @@ impl Property {
     }
 
     /// The same property with a check run before every write.
-    pub const fn with_check(mut self, check: fn(&Object, &Property) -> Result<(), Error>) -> Self {
+    pub const fn with_check(mut self, check: SetCheck) -> Self {
         self.check_set = Some(check);
         self
     }
 
     /// Whether the value is kept in the object's property store.
     pub fn is_stored(&self) -> bool {
-        self.getter.is_none() && self.setter.is_none() && !matches!(self.kind, PropertyKind::Child(_))
+        self.getter.is_none()
+            && self.setter.is_none()
+            && !matches!(self.kind, PropertyKind::Child(_))
     }
 
     /// The default value as a `Value`.
@@ -553,11 +572,17 @@ mod tests {
             err.to_string(),
             "Parameter 'iobase' expects a non-negative integer below 65536"
         );
-        assert_eq!(p.parse("0xffff", |_| unreachable!()).unwrap(), Value::Uint(0xffff));
+        assert_eq!(
+            p.parse("0xffff", |_| unreachable!()).unwrap(),
+            Value::Uint(0xffff)
+        );
 
         let p = Property::int("delta", 8, 0, "");
         let err = p.parse("200", |_| unreachable!()).unwrap_err();
-        assert_eq!(err.to_string(), "Parameter 'delta' expects an integer between -128 and 127");
+        assert_eq!(
+            err.to_string(),
+            "Parameter 'delta' expects an integer between -128 and 127"
+        );
 
         let p = Property::bool("flag", false, "");
         let err = p.parse("maybe", |_| unreachable!()).unwrap_err();
@@ -570,8 +595,17 @@ mod tests {
             .to_string()
             .starts_with("Parameter 'size' expects a non-negative number below 2^64"));
 
-        let p = Property::enumeration("policy", "LostTickPolicy", &["discard", "delay"], "delay", "");
+        let p = Property::enumeration(
+            "policy",
+            "LostTickPolicy",
+            &["discard", "delay"],
+            "delay",
+            "",
+        );
         let err = p.parse("slew", |_| unreachable!()).unwrap_err();
-        assert_eq!(err.to_string(), "Parameter 'policy' does not accept value 'slew'");
+        assert_eq!(
+            err.to_string(),
+            "Parameter 'policy' does not accept value 'slew'"
+        );
     }
 }

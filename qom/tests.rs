@@ -89,7 +89,10 @@ fn puppy_class_init(c: &mut ObjectClass) {
 }
 fn animal_init(o: &Object) {
     log(format!("instance_init animal ({})", o.type_name()));
-    o.downcast::<Animal>().unwrap().legs.store(4, Ordering::Relaxed);
+    o.downcast::<Animal>()
+        .unwrap()
+        .legs
+        .store(4, Ordering::Relaxed);
 }
 fn dog_init(o: &Object) {
     log(format!("instance_init dog ({})", o.type_name()));
@@ -249,7 +252,11 @@ fn hooks_run_in_qemu_order_along_a_three_level_chain() {
     take_log("t-o-");
     let puppy = object_new("t-o-puppy").unwrap();
     let log = take_log("t-o-");
-    let class_events: Vec<_> = log.iter().filter(|e| e.starts_with("class")).cloned().collect();
+    let class_events: Vec<_> = log
+        .iter()
+        .filter(|e| e.starts_with("class"))
+        .cloned()
+        .collect();
     // Parent classes are built first; each class gets its ancestors' class_base_init
     // (nearest first) before its own class_init. A class's own class_base_init does not run
     // on itself.
@@ -264,7 +271,11 @@ fn hooks_run_in_qemu_order_along_a_three_level_chain() {
             "class_init puppy (t-o-puppy)",
         ]
     );
-    let instance_events: Vec<_> = log.iter().filter(|e| !e.starts_with("class")).cloned().collect();
+    let instance_events: Vec<_> = log
+        .iter()
+        .filter(|e| !e.starts_with("class"))
+        .cloned()
+        .collect();
     assert_eq!(
         instance_events,
         [
@@ -282,7 +293,10 @@ fn hooks_run_in_qemu_order_along_a_three_level_chain() {
     );
     let second = puppy.clone();
     drop(puppy);
-    assert!(take_log("t-o-").is_empty(), "finalize waits for the last reference");
+    assert!(
+        take_log("t-o-").is_empty(),
+        "finalize waits for the last reference"
+    );
     drop(second);
     assert_eq!(
         take_log("t-o-"),
@@ -308,7 +322,14 @@ fn subclass_overrides_a_virtual_method_and_chains_to_the_parent() {
 #[test]
 fn instance_parts_of_every_level_are_reachable() {
     let puppy = object_new("t-puppy").unwrap();
-    assert_eq!(puppy.downcast::<Animal>().unwrap().legs.load(Ordering::Relaxed), 4);
+    assert_eq!(
+        puppy
+            .downcast::<Animal>()
+            .unwrap()
+            .legs
+            .load(Ordering::Relaxed),
+        4
+    );
     assert_eq!(*puppy.downcast::<Dog>().unwrap().name.lock(), "rex");
     assert!(puppy.downcast::<Puppy>().is_some());
     assert!(puppy.downcast::<String>().is_none());
@@ -326,7 +347,10 @@ fn interfaces_are_cast_targets_with_their_own_methods() {
     // Implementers get a copy of the interface's levels, not its InterfaceClass.
     assert!(cat.class().get::<InterfaceClass>().is_none());
     let pet_class = object_class_by_name("t-pet").unwrap();
-    assert_eq!(pet_class.get::<InterfaceClass>().unwrap().interface_type, "t-pet");
+    assert_eq!(
+        pet_class.get::<InterfaceClass>().unwrap().interface_type,
+        "t-pet"
+    );
     // A subclass inherits the parent's interfaces.
     let puppy = object_new("t-puppy").unwrap();
     assert!(puppy.is_a("t-pet"));
@@ -341,9 +365,14 @@ fn interfaces_are_cast_targets_with_their_own_methods() {
 fn abstract_types_are_refused_with_their_location() {
     let err = object_new("t-animal").unwrap_err();
     let text = err.to_string();
-    assert!(text.starts_with("type 't-animal' is abstract and cannot be instantiated (registered at "));
+    assert!(
+        text.starts_with("type 't-animal' is abstract and cannot be instantiated (registered at ")
+    );
     assert!(text.contains("tests.rs:"), "{text}");
-    assert!(matches!(object_new("t-pet"), Err(Error::AbstractType { .. })));
+    assert!(matches!(
+        object_new("t-pet"),
+        Err(Error::AbstractType { .. })
+    ));
     assert!(matches!(object_new("t-nosuch"), Err(Error::UnknownType(_))));
 }
 
@@ -380,7 +409,11 @@ fn properties_parse_validate_and_read_back() {
         g.property_parse("iobase", "65536").unwrap_err().to_string(),
         "Parameter 'iobase' expects a non-negative integer below 65536"
     );
-    assert_eq!(g.prop_uint("iobase").unwrap(), 0xf4, "a refused value changes nothing");
+    assert_eq!(
+        g.prop_uint("iobase").unwrap(),
+        0xf4,
+        "a refused value changes nothing"
+    );
     g.property_parse("enabled", "off").unwrap();
     assert!(!g.prop_bool("enabled").unwrap());
     g.property_parse("size", "2G").unwrap();
@@ -397,7 +430,9 @@ fn properties_parse_validate_and_read_back() {
         "Property 't-gadget.nosuch' not found"
     );
     assert_eq!(
-        g.property_set("enabled", Value::Uint(1)).unwrap_err().to_string(),
+        g.property_set("enabled", Value::Uint(1))
+            .unwrap_err()
+            .to_string(),
         "Invalid parameter type for 'enabled', expected: bool"
     );
     assert_eq!(g.prop_str("type").unwrap(), "t-gadget");
@@ -422,13 +457,22 @@ fn links_are_type_checked_and_resolved_by_path() {
     let peer = gadget.find_property("peer").unwrap();
     let value = peer.parse("/cat", |p| resolve_path(&root, p)).unwrap();
     gadget.property_set("peer", value).unwrap();
-    assert!(Arc::ptr_eq(&gadget.prop_link("peer").unwrap().unwrap(), &cat));
+    assert!(Arc::ptr_eq(
+        &gadget.prop_link("peer").unwrap().unwrap(),
+        &cat
+    ));
     let err = gadget
         .property_set("peer", Value::Link(Some(dog.clone())))
         .unwrap_err();
-    assert_eq!(err.to_string(), "Invalid parameter type for 'peer', expected: link<t-cat>");
+    assert_eq!(
+        err.to_string(),
+        "Invalid parameter type for 'peer', expected: link<t-cat>"
+    );
     // Absolute paths follow links too.
-    assert!(Arc::ptr_eq(&resolve_path(&root, "/gadget/peer").unwrap(), &cat));
+    assert!(Arc::ptr_eq(
+        &resolve_path(&root, "/gadget/peer").unwrap(),
+        &cat
+    ));
 }
 
 #[test]
@@ -437,37 +481,71 @@ fn composition_tree_gives_canonical_and_partial_paths() {
     let unattached = container_get(&root, "/machine/unattached");
     let a = object_new("t-cat").unwrap();
     let b = object_new("t-cat").unwrap();
-    assert_eq!(&*unattached.add_child("device[*]", &a).unwrap(), "device[0]");
-    assert_eq!(&*unattached.add_child("device[*]", &b).unwrap(), "device[1]");
+    assert_eq!(
+        &*unattached.add_child("device[*]", &a).unwrap(),
+        "device[0]"
+    );
+    assert_eq!(
+        &*unattached.add_child("device[*]", &b).unwrap(),
+        "device[1]"
+    );
     assert_eq!(a.canonical_path().unwrap(), "/machine/unattached/device[0]");
     assert_eq!(root.canonical_path().unwrap(), "/");
-    assert_eq!(unattached.prop_str("device[1]").unwrap(), "/machine/unattached/device[1]");
     assert_eq!(
-        unattached.find_property("device[0]").unwrap().kind.type_name(),
+        unattached.prop_str("device[1]").unwrap(),
+        "/machine/unattached/device[1]"
+    );
+    assert_eq!(
+        unattached
+            .find_property("device[0]")
+            .unwrap()
+            .kind
+            .type_name(),
         "child<t-cat>"
     );
 
     let peripheral = container_get(&root, "/machine/peripheral");
     let ser0 = object_new("t-dog").unwrap();
     peripheral.add_child("ser0", &ser0).unwrap();
-    assert!(Arc::ptr_eq(&resolve_path(&root, "/machine/peripheral/ser0").unwrap(), &ser0));
+    assert!(Arc::ptr_eq(
+        &resolve_path(&root, "/machine/peripheral/ser0").unwrap(),
+        &ser0
+    ));
     assert!(Arc::ptr_eq(&resolve_path(&root, "ser0").unwrap(), &ser0));
-    assert!(Arc::ptr_eq(&resolve_path(&root, "peripheral/ser0").unwrap(), &ser0));
-    assert!(matches!(resolve_path(&root, "/machine/ser0"), Err(Error::PathNotFound(_))));
-    assert!(matches!(resolve_path(&root, "nosuch"), Err(Error::PathNotFound(_))));
+    assert!(Arc::ptr_eq(
+        &resolve_path(&root, "peripheral/ser0").unwrap(),
+        &ser0
+    ));
+    assert!(matches!(
+        resolve_path(&root, "/machine/ser0"),
+        Err(Error::PathNotFound(_))
+    ));
+    assert!(matches!(
+        resolve_path(&root, "nosuch"),
+        Err(Error::PathNotFound(_))
+    ));
 
     // Two objects with the same name: ambiguous, unless the type narrows it down.
     let other = container_get(&root, "/other");
     let ser0_cat = object_new("t-cat").unwrap();
     other.add_child("ser0", &ser0_cat).unwrap();
-    assert!(matches!(resolve_path(&root, "ser0"), Err(Error::AmbiguousPath(_))));
-    assert!(Arc::ptr_eq(&resolve_path_type(&root, "ser0", "t-dog").unwrap(), &ser0));
+    assert!(matches!(
+        resolve_path(&root, "ser0"),
+        Err(Error::AmbiguousPath(_))
+    ));
+    assert!(Arc::ptr_eq(
+        &resolve_path_type(&root, "ser0", "t-dog").unwrap(),
+        &ser0
+    ));
 
     assert!(matches!(
         peripheral.add_child("ser0", &object_new("t-cat").unwrap()),
         Err(Error::DuplicateProperty { .. })
     ));
-    assert!(matches!(other.add_child("again", &ser0), Err(Error::AlreadyParented { .. })));
+    assert!(matches!(
+        other.add_child("again", &ser0),
+        Err(Error::AlreadyParented { .. })
+    ));
 }
 
 #[test]
@@ -484,8 +562,14 @@ fn unparent_drops_the_tree_reference_and_finalizes() {
     assert!(weak.upgrade().is_none());
     assert!(root.child("dog").is_none());
     assert!(root.find_property("dog").is_none());
-    let finalized: Vec<_> = take_log("t-dog").into_iter().filter(|e| e.starts_with("finalize")).collect();
-    assert_eq!(finalized, ["finalize dog (t-dog)", "finalize animal (t-dog)"]);
+    let finalized: Vec<_> = take_log("t-dog")
+        .into_iter()
+        .filter(|e| e.starts_with("finalize"))
+        .collect();
+    assert_eq!(
+        finalized,
+        ["finalize dog (t-dog)", "finalize animal (t-dog)"]
+    );
 }
 
 #[test]
@@ -513,13 +597,22 @@ fn record(name: &'static str, parent: Option<&'static str>, line: u32) -> &'stat
     Box::leak(Box::new(TypeInfo {
         name,
         parent,
-        location: Location { file: "hw/misc/example.rs", line },
+        location: Location {
+            file: "hw/misc/example.rs",
+            line,
+        },
         ..TypeInfo::DEFAULT
     }))
 }
 
-fn with_interfaces(info: &'static TypeInfo, interfaces: &'static [&'static str]) -> &'static TypeInfo {
-    Box::leak(Box::new(TypeInfo { interfaces, ..*info }))
+fn with_interfaces(
+    info: &'static TypeInfo,
+    interfaces: &'static [&'static str],
+) -> &'static TypeInfo {
+    Box::leak(Box::new(TypeInfo {
+        interfaces,
+        ..*info
+    }))
 }
 
 fn roots() -> Vec<&'static TypeInfo> {
@@ -580,7 +673,10 @@ fn parent_cycles_are_reported_once() {
 fn non_interfaces_listed_as_interfaces_are_reported() {
     let mut r = roots();
     r.push(record("plain", Some("object"), 10));
-    r.push(with_interfaces(record("user", Some("object"), 11), &["plain", "ghost"]));
+    r.push(with_interfaces(
+        record("user", Some("object"), 11),
+        &["plain", "ghost"],
+    ));
     assert_eq!(
         errors(r),
         [
@@ -594,13 +690,22 @@ fn non_interfaces_listed_as_interfaces_are_reported() {
 fn empty_names_are_reported() {
     let mut r = roots();
     r.push(record("", Some("object"), 10));
-    assert_eq!(errors(r), ["a type registered at hw/misc/example.rs:10 has an empty name"]);
+    assert_eq!(
+        errors(r),
+        ["a type registered at hw/misc/example.rs:10 has an empty name"]
+    );
 }
 
 #[test]
 fn the_process_table_holds_this_binarys_registrations() {
     let table = type_table().unwrap();
-    for name in [TYPE_OBJECT, TYPE_INTERFACE, TYPE_CONTAINER, "t-animal", "t-cat"] {
+    for name in [
+        TYPE_OBJECT,
+        TYPE_INTERFACE,
+        TYPE_CONTAINER,
+        "t-animal",
+        "t-cat",
+    ] {
         assert!(table.lookup(name).is_some(), "{name}");
     }
 }

@@ -74,7 +74,9 @@ pub enum TypeTableError {
         at: Vec<Location>,
     },
     /// An interface name that no type has.
-    #[error("type '{name}' (registered at {at}) implements '{interface}', which is not registered")]
+    #[error(
+        "type '{name}' (registered at {at}) implements '{interface}', which is not registered"
+    )]
     UnknownInterface {
         /// The type.
         name: &'static str,

@@ -142,7 +142,9 @@ pub fn device_properties(class: &ObjectClass) -> String {
 pub fn cpus() -> String {
     let mut out = String::from("Available CPUs:\n");
     for class in qom::object_class_get_list(Some(TYPE_CPU), false) {
-        let Some(cc) = class.get::<CpuClass>() else { continue };
+        let Some(cc) = class.get::<CpuClass>() else {
+            continue;
+        };
         let _ = writeln!(
             out,
             "  {:<24} {}",

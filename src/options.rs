@@ -207,16 +207,32 @@ mod tests {
 
     #[test]
     fn options_parse_with_one_or_two_dashes() {
-        let o = parse(&args(&["-M", "pc", "--no-reboot", "-device", "isa-debug-exit,iobase=0xf4"])).unwrap();
+        let o = parse(&args(&[
+            "-M",
+            "pc",
+            "--no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4",
+        ]))
+        .unwrap();
         assert_eq!(o.machine[0].value, "pc");
         assert!(o.no_reboot);
-        assert_eq!(o.devices[0].location(), "-device isa-debug-exit,iobase=0xf4");
+        assert_eq!(
+            o.devices[0].location(),
+            "-device isa-debug-exit,iobase=0xf4"
+        );
     }
 
     #[test]
     fn unknown_and_incomplete_options_are_errors() {
-        assert_eq!(parse(&args(&["-bogus"])).unwrap_err().to_string(), "-bogus: invalid option");
-        assert_eq!(parse(&args(&["-m"])).unwrap_err().to_string(), "-m: requires an argument");
+        assert_eq!(
+            parse(&args(&["-bogus"])).unwrap_err().to_string(),
+            "-bogus: invalid option"
+        );
+        assert_eq!(
+            parse(&args(&["-m"])).unwrap_err().to_string(),
+            "-m: requires an argument"
+        );
     }
 
     #[test]
@@ -229,7 +245,13 @@ mod tests {
                 ("path".to_string(), Some("a,b".to_string())),
             ]
         );
-        assert_eq!(split_opts("help", Some("type"))[0], ("type".to_string(), Some("help".to_string())));
-        assert_eq!(split_opts("pc,usb", Some("type"))[1], ("usb".to_string(), None));
+        assert_eq!(
+            split_opts("help", Some("type"))[0],
+            ("type".to_string(), Some("help".to_string()))
+        );
+        assert_eq!(
+            split_opts("pc,usb", Some("type"))[1],
+            ("usb".to_string(), None)
+        );
     }
 }

@@ -55,7 +55,10 @@ fn machine_location(opts: &Options) -> String {
 }
 
 /// The merged `-machine` options: type, then properties in order.
-fn machine_opts(opts: &Options) -> (Option<String>, Vec<(String, Option<String>, &Located)>) {
+/// A `-machine` property: key, value, and the option it came from.
+type MachineProp<'a> = (String, Option<String>, &'a Located);
+
+fn machine_opts(opts: &Options) -> (Option<String>, Vec<MachineProp<'_>>) {
     let mut machine_type = None;
     let mut props = Vec::new();
     for m in &opts.machine {
@@ -108,8 +111,8 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     let (machine_type, props) = machine_opts(opts);
     let class = find_machine(machine_type.as_deref())
         .map_err(|e| OptionError::new(machine_location(opts), e))?;
-    let machine =
-        qom::Object::new_with_class(class).map_err(|e| OptionError::new(machine_location(opts), e))?;
+    let machine = qom::Object::new_with_class(class)
+        .map_err(|e| OptionError::new(machine_location(opts), e))?;
     object_get_root()
         .add_child("machine", &machine)
         .map_err(|e| OptionError::new("", e))?;
@@ -130,7 +133,11 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     if let Some(smp) = &opts.smp {
         ms.set_smp(parse_smp(&smp.value).map_err(|e| smp.error(e))?);
     }
-    for (located, prop) in [(&opts.kernel, "kernel"), (&opts.initrd, "initrd"), (&opts.append, "append")] {
+    for (located, prop) in [
+        (&opts.kernel, "kernel"),
+        (&opts.initrd, "initrd"),
+        (&opts.append, "append"),
+    ] {
         if let Some(l) = located {
             machine
                 .property_parse(prop, &l.value)
@@ -139,9 +146,8 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     }
     if let Some(cpu) = &opts.cpu {
         let model = cpu.value.split(',').next().unwrap_or_default();
-        let cpu_type = find_cpu_type(model).ok_or_else(|| {
-            cpu.error(format!("unable to find CPU model '{model}'"))
-        })?;
+        let cpu_type = find_cpu_type(model)
+            .ok_or_else(|| cpu.error(format!("unable to find CPU model '{model}'")))?;
         ms.set_cpu_type(Some(cpu_type.to_string()));
     }
     if let Some(display) = &opts.display {
@@ -203,7 +209,9 @@ fn parse_smp(text: &str) -> Result<SmpConfig, String> {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| format!("Parameter '{key}' expects a number"))?;
         if v == 0 {
-            return Err(format!("Invalid CPU topology: CPU topology parameters must be greater than zero ({key}=0)"));
+            return Err(format!(
+                "Invalid CPU topology: CPU topology parameters must be greater than zero ({key}=0)"
+            ));
         }
         match key.as_str() {
             "cpus" => cpus = Some(v),
@@ -259,8 +267,7 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
     let (_, props) = machine_opts(opts);
     let machine_accel = props
         .iter()
-        .filter(|(k, _, _)| k == "accel")
-        .next_back()
+        .rfind(|(k, _, _)| k == "accel")
         .map(|(_, v, l)| (v.clone().unwrap_or_default(), *l));
     let mut candidates: Vec<(String, String)> = Vec::new();
     if !opts.accel.is_empty() {
@@ -273,7 +280,7 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
         for a in &opts.accel {
             let items = split_opts(&a.value, Some("accel"));
             let name = items[0].1.clone().unwrap_or_default();
-            if let Some((k, _)) = items.iter().skip(1).next() {
+            if let Some((k, _)) = items.get(1) {
                 return Err(a.error(format!("Property '{name}-accel.{k}' not found")));
             }
             candidates.push((name, a.location()));
@@ -298,7 +305,10 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
     let mut failures = Vec::new();
     for (name, location) in &candidates {
         let Some(class) = accel::accel_find(name) else {
-            failures.push(OptionError::new(location.clone(), accel::AccelError::Unknown(name.clone())));
+            failures.push(OptionError::new(
+                location.clone(),
+                accel::AccelError::Unknown(name.clone()),
+            ));
             continue;
         };
         match accel::accel_init_machine(class, machine) {
@@ -338,9 +348,10 @@ fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError>
         }
     }
     let bus = match (bus_name, dc.bus_type) {
-        (Some(name), _) => Some(resolve_path(machine, &name).map_err(|_| {
-            located.error(QdevError::BusNotFound(name.clone()))
-        })?),
+        (Some(name), _) => Some(
+            resolve_path(machine, &name)
+                .map_err(|_| located.error(QdevError::BusNotFound(name.clone())))?,
+        ),
         (None, Some(bus_type)) => Some(find_bus_by_type(machine, bus_type).ok_or_else(|| {
             located.error(QdevError::NoBus {
                 bus_type,
@@ -356,18 +367,23 @@ fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError>
     }
     match &id {
         Some(id) => {
-            let peripheral = machine.child("peripheral").expect("machines have /peripheral");
+            let peripheral = machine
+                .child("peripheral")
+                .expect("machines have /peripheral");
             if peripheral.child(id).is_some() {
                 return Err(located.error(QdevError::DuplicateId(id.clone())));
             }
-            peripheral.add_child(id, &dev).map_err(|e| located.error(e))?;
+            peripheral
+                .add_child(id, &dev)
+                .map_err(|e| located.error(e))?;
             dev.set_device_id(Some(id.clone()));
         }
         None => {
             let anon = machine
                 .child("peripheral-anon")
                 .expect("machines have /peripheral-anon");
-            anon.add_child("device[*]", &dev).map_err(|e| located.error(e))?;
+            anon.add_child("device[*]", &dev)
+                .map_err(|e| located.error(e))?;
         }
     }
     if let Err(e) = qdev_realize(&dev, bus.as_ref()) {
@@ -386,8 +402,9 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
         match ms.run_state().wait(Some(Duration::from_secs(3600))) {
             None => continue,
             Some(RunRequest::DebugExit(status)) => return status,
-            Some(RunRequest::GuestShutdown | RunRequest::HostQuit) => return 0,
-            Some(RunRequest::GuestPanic) => return if opts.no_shutdown { 0 } else { 0 },
+            Some(RunRequest::GuestShutdown | RunRequest::HostQuit | RunRequest::GuestPanic) => {
+                return 0
+            }
             Some(RunRequest::GuestError) => return 1,
             Some(RunRequest::GuestReset) => {
                 if opts.no_reboot {

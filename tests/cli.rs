@@ -1,0 +1,122 @@
+//! The `qomvm` binary's listings and errors, as a user sees them.
+
+use std::process::{Command, Output};
+
+fn qomvm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("qomvm runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn machine_help_lists_registered_machines() {
+    let o = qomvm(&["-machine", "help"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.starts_with("Supported machines are:\n"));
+    assert!(
+        out.contains("\nnone                 empty machine\n"),
+        "{out}"
+    );
+    let o = qomvm(&["-M", "?"]);
+    assert_eq!(stdout(&o), out);
+}
+
+#[test]
+fn device_help_lists_user_creatable_devices_by_category() {
+    let o = qomvm(&["-device", "help"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(
+        out.contains("Misc devices:\nname \"isa-debug-exit\", bus ISA\n"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("\"cpu\""),
+        "abstract and internal types are not listed: {out}"
+    );
+}
+
+#[test]
+fn device_property_help_shows_types_and_defaults() {
+    let o = qomvm(&["-device", "isa-debug-exit,help"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.starts_with("isa-debug-exit options:\n"), "{out}");
+    assert!(
+        out.contains("  iobase=<uint16>        - First I/O port (default: 1281)\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  iosize=<uint16>        - Number of I/O ports (default: 2)\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn accel_help_lists_accelerators() {
+    let o = qomvm(&["-accel", "help"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.starts_with("Accelerators supported in qomvm binary:\n"));
+    assert!(out.lines().any(|l| l == "qtest"), "{out}");
+}
+
+#[test]
+fn unknown_device_is_a_one_line_error() {
+    let o = qomvm(&["-device", "foo"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "qomvm: -device foo: 'foo' is not a valid device model name\n"
+    );
+    let o = qomvm(&["-device", "nosuch,help"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "qomvm: -device nosuch,help: 'nosuch' is not a valid device model name\n"
+    );
+}
+
+#[test]
+fn bad_options_are_one_line_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["-bogus"], "qomvm: -bogus: invalid option\n"),
+        (&["-m"], "qomvm: -m: requires an argument\n"),
+        (&["-M", "nosuch"], "qomvm: -machine nosuch: unsupported machine type 'nosuch'\nUse -machine help to list supported machines\n"),
+        (&["-M", "none,foo=1", "-accel", "qtest"], "qomvm: -machine none,foo=1: Property 'none-machine.foo' not found\n"),
+        (&["-M", "none", "-accel", "nosuch"], "qomvm: -accel nosuch: invalid accelerator nosuch\n"),
+        (&["-M", "none", "-accel", "qtest", "-device", "isa-debug-exit"], "qomvm: -device isa-debug-exit: No 'ISA' bus found for device 'isa-debug-exit'\n"),
+        (&["-M", "none", "-accel", "qtest", "-smp", "2"], "qomvm: -machine none: Invalid SMP CPUs 2. The max CPUs supported by machine 'none' is 1\n"),
+        (&["-M", "none", "-accel", "qtest", "-m", "lots"], "qomvm: -m lots: invalid RAM size 'lots'\n"),
+        (&["-M", "none", "-accel", "qtest", "-smp", "4,sockets=3,cores=2,maxcpus=4"], "qomvm: -smp 4,sockets=3,cores=2,maxcpus=4: Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (3) * cores (2) * threads (1) != maxcpus (4)\n"),
+        (&["-M", "none", "-accel", "qtest", "-cpu", "nosuch"], "qomvm: -cpu nosuch: unable to find CPU model 'nosuch'\n"),
+        (&["-M", "none", "-accel", "qtest", "-global", "isa-debug-exit.iobase=x"], "qomvm: -global isa-debug-exit.iobase=x: Parameter 'iobase' expects a non-negative integer below 65536\n"),
+        (&["-M", "none,accel=qtest", "-accel", "qtest"], "qomvm: The -accel and \"-machine accel=\" options are incompatible\n"),
+    ];
+    for (args, expected) in cases {
+        let o = qomvm(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), *expected, "{args:?}");
+    }
+}
+
+#[test]
+fn version_and_usage() {
+    let o = qomvm(&["--version"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).starts_with("qomvm version "));
+    let o = qomvm(&["-h"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).starts_with("usage: qomvm [options]"));
+}

@@ -1,0 +1,128 @@
+//! qdev on the qtest accelerator: devices are created, configured, plugged into a bus and
+//! realized, and their ports answer through the machine's `system-io`, with no guest code.
+
+use std::sync::Arc;
+
+use hw::core::machine::{machine_state, RunRequest};
+use hw::core::qdev::{qdev_new, qdev_realize, qdev_unrealize, DeviceMethods, QdevError};
+use hw::isa::isa_bus::isa_bus_new;
+use qom::{container_get, ObjectRef, Value};
+
+/// A `none` machine on qtest with an ISA bus, outside the process's `/machine`, so tests
+/// can run side by side.
+fn machine_with_isa_bus() -> (ObjectRef, ObjectRef) {
+    hw::init().expect("registrations are intact");
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("none-machine").unwrap();
+    let qtest = accel::accel_find("qtest").unwrap();
+    accel::accel_init_machine(qtest, &machine).unwrap();
+    let io = machine_state(&machine).unwrap().system_io().clone();
+    let bus = isa_bus_new(&machine, "isa.0", io).unwrap();
+    (machine, bus)
+}
+
+fn plug(machine: &ObjectRef, bus: &ObjectRef, driver: &str, props: &[(&str, &str)]) -> ObjectRef {
+    let dev = qdev_new(driver).unwrap();
+    for (k, v) in props {
+        dev.property_parse(k, v).unwrap();
+    }
+    container_get(machine, "peripheral-anon")
+        .add_child("device[*]", &dev)
+        .unwrap();
+    qdev_realize(&dev, Some(bus)).unwrap();
+    dev
+}
+
+#[test]
+fn debug_exit_turns_a_port_write_into_an_exit_status() {
+    let (machine, bus) = machine_with_isa_bus();
+    let dev = plug(
+        &machine,
+        &bus,
+        "isa-debug-exit",
+        &[("iobase", "0xf4"), ("iosize", "4")],
+    );
+    assert!(dev.is_realized());
+    let ms = machine_state(&machine).unwrap();
+    ms.system_io().write(0xf4, 0x10, 1);
+    assert_eq!(ms.run_state().take(), Some(RunRequest::DebugExit(0x21)));
+    ms.system_io().write(0xf7, 0, 1);
+    assert_eq!(ms.run_state().take(), Some(RunRequest::DebugExit(1)));
+    ms.system_io().write(0xf4, 0xffff_ffff, 4);
+    assert_eq!(ms.run_state().take(), Some(RunRequest::DebugExit(-1)));
+    ms.system_io().write(0xf8, 1, 1);
+    assert_eq!(ms.run_state().take(), None, "port 0xf8 is past iosize");
+}
+
+#[test]
+fn properties_are_frozen_once_realized() {
+    let (machine, bus) = machine_with_isa_bus();
+    let dev = plug(&machine, &bus, "isa-debug-exit", &[("iobase", "0x600")]);
+    let err = dev.property_parse("iobase", "0x700").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Attempt to set property 'iobase' on anonymous device (type 'isa-debug-exit') after it was realized"
+    );
+    dev.set_device_id(Some("dbg".into()));
+    let err = dev.property_parse("iobase", "0x700").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Attempt to set property 'iobase' on device 'dbg' (type 'isa-debug-exit') after it was realized"
+    );
+}
+
+#[test]
+fn unrealize_unmaps_the_ports_and_realize_is_a_property() {
+    let (machine, bus) = machine_with_isa_bus();
+    let dev = plug(&machine, &bus, "isa-debug-exit", &[("iobase", "0x700")]);
+    let io = machine_state(&machine).unwrap().system_io().clone();
+    assert_eq!(io.flat_view().ranges().len(), 1);
+    qdev_unrealize(&dev);
+    assert!(!dev.is_realized());
+    assert!(io.flat_view().ranges().is_empty());
+    assert_eq!(
+        io.read(0x700, 1),
+        0xff,
+        "an unmapped port reads as all ones"
+    );
+    dev.property_set("realized", Value::Bool(true)).unwrap();
+    assert_eq!(io.flat_view().ranges().len(), 1);
+    assert!(dev.prop_bool("realized").unwrap());
+    assert!(Arc::ptr_eq(
+        &dev.prop_link("parent_bus").unwrap().unwrap(),
+        &bus
+    ));
+}
+
+#[test]
+fn two_devices_on_one_port_are_refused() {
+    let (machine, bus) = machine_with_isa_bus();
+    plug(&machine, &bus, "isa-debug-exit", &[("iobase", "0x800")]);
+    let dev = qdev_new("isa-debug-exit").unwrap();
+    dev.property_parse("iobase", "0x801").unwrap();
+    container_get(&machine, "peripheral-anon")
+        .add_child("device[*]", &dev)
+        .unwrap();
+    let err = qdev_realize(&dev, Some(&bus)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "system-io: region 'isa-debug-exit' at 0x801..0x803 overlaps 'isa-debug-exit' at 0x800..0x802"
+    );
+    assert!(!dev.is_realized());
+}
+
+#[test]
+fn devices_check_their_bus() {
+    let (machine, _bus) = machine_with_isa_bus();
+    let dev = qdev_new("isa-debug-exit").unwrap();
+    let not_isa = container_get(&machine, "unattached");
+    assert!(matches!(
+        qdev_realize(&dev, Some(&not_isa)),
+        Err(QdevError::WrongBus { .. })
+    ));
+    assert!(matches!(
+        qdev_new("container"),
+        Err(QdevError::NotADevice(_))
+    ));
+    assert!(matches!(qdev_new("device"), Err(QdevError::Abstract)));
+}
