@@ -8,6 +8,16 @@ pub mod accel_system;
 #[path = "qtest/qtest.rs"]
 pub mod qtest;
 
+/// The KVM accelerator (QEMU's `accel/kvm/`, `target/i386/kvm/`).
+pub mod kvm {
+    #[path = "kvm-all.rs"]
+    pub mod kvm_all;
+    #[path = "kvm-cpus.rs"]
+    pub mod kvm_cpus;
+    #[path = "x86.rs"]
+    pub mod x86;
+}
+
 pub use accel_system::{
     accel_find, accel_init_machine, accel_list, AccelClass, AccelError, TYPE_ACCEL,
 };

@@ -149,6 +149,12 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
         let cpu_type = find_cpu_type(model)
             .ok_or_else(|| cpu.error(format!("unable to find CPU model '{model}'")))?;
         ms.set_cpu_type(Some(cpu_type.to_string()));
+        ms.set_cpu_options(
+            cpu.value
+                .split_once(',')
+                .map(|(_, o)| o.to_string())
+                .unwrap_or_default(),
+        );
     }
     if let Some(display) = &opts.display {
         let kind = display.value.split(',').next().unwrap_or_default();
@@ -398,6 +404,9 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
     let ms = machine_state(machine).expect("machines have a MachineState");
     let mc = machine_class(machine.class()).expect("machines have a MachineClass");
     log::debug!("machine '{}' running", mc.name);
+    if let Some(ops) = ms.accel_ops() {
+        ops.vm_start();
+    }
     loop {
         match ms.run_state().wait(Some(Duration::from_secs(3600))) {
             None => continue,

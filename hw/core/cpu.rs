@@ -16,6 +16,9 @@ pub struct CpuClass {
     pub model_description: Option<&'static str>,
     /// The `-cpu` name (the type name without the architecture suffix).
     pub model_name: &'static str,
+    /// Applies the options after the model in `-cpu MODEL,opts` to a new CPU (QEMU's
+    /// `CPUClass::parse_features`).
+    pub parse_features: Option<fn(&Object, &str) -> Result<(), qom::Error>>,
 }
 
 /// QEMU's `CPUState`: what every CPU instance has.
@@ -61,4 +64,46 @@ type_init! {
     abstract_: true,
     class_init: Some(cpu_class_init),
     instance: Some(qom::InstanceSpec::of::<CpuState>()),
+}
+
+/// Errors of creating the machine's CPUs.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuCreateError {
+    /// The machine has no CPU type.
+    #[error("machine has no CPU type: use -cpu")]
+    NoCpuType,
+    /// Creating or realizing a CPU failed.
+    #[error(transparent)]
+    Qdev(#[from] crate::core::qdev::QdevError),
+    /// A QOM error.
+    #[error(transparent)]
+    Qom(#[from] qom::Error),
+}
+
+/// QEMU's `x86_cpus_init`/`cpu_create` loop: creates and realizes the `-smp` CPUs of
+/// `machine`, each under `/machine/unattached`, with index, APIC ID and `-cpu` options.
+pub fn machine_create_cpus(machine: &qom::ObjectRef) -> Result<(), CpuCreateError> {
+    use crate::core::machine::machine_state;
+    let ms = machine_state(machine).expect("machines have a MachineState");
+    let cpu_type = ms.cpu_type().ok_or(CpuCreateError::NoCpuType)?;
+    let options = ms.cpu_options();
+    let smp = ms.smp();
+    let unattached = qom::container_get(machine, "unattached");
+    for index in 0..smp.cpus {
+        let cpu = crate::core::qdev::qdev_new(&cpu_type)?;
+        cpu.downcast::<CpuState>()
+            .expect("CPUs have a CpuState part")
+            .set_index(index);
+        if cpu.find_property("apic-id").is_some() {
+            let apic_id = crate::i386::x86_cpu::apic_id_from_index(index, smp.cores, smp.threads);
+            cpu.property_set("apic-id", Value::Uint(apic_id.into()))?;
+        }
+        if let Some(parse) = cpu.class().get::<CpuClass>().and_then(|c| c.parse_features) {
+            parse(&cpu, &options)?;
+        }
+        unattached.add_child("device[*]", &cpu)?;
+        crate::core::qdev::qdev_realize(&cpu, None)?;
+        ms.add_cpu(cpu);
+    }
+    Ok(())
 }

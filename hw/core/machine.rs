@@ -8,6 +8,9 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property};
 
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::core::accel_ops::{AccelOpsRef, RamBlock};
 use crate::core::memory::AddressSpace;
 
 /// QEMU's `TYPE_MACHINE`.
@@ -149,9 +152,12 @@ pub struct MachineState {
     ram_size: AtomicU64,
     smp: Mutex<SmpConfig>,
     cpu_type: Mutex<Option<String>>,
+    cpu_options: Mutex<String>,
     system_memory: Arc<AddressSpace>,
     system_io: Arc<AddressSpace>,
     accel: Mutex<Option<ObjectRef>>,
+    accel_ops: Mutex<Option<AccelOpsRef>>,
+    ram: Mutex<Arc<GuestMemoryMmap>>,
     cpus: Mutex<Vec<ObjectRef>>,
     run: RunState,
 }
@@ -162,9 +168,12 @@ impl Default for MachineState {
             ram_size: AtomicU64::new(0),
             smp: Mutex::new(SmpConfig::default()),
             cpu_type: Mutex::new(None),
+            cpu_options: Mutex::new(String::new()),
             system_memory: Arc::new(AddressSpace::new_memory()),
             system_io: Arc::new(AddressSpace::new_io()),
             accel: Mutex::new(None),
+            accel_ops: Mutex::new(None),
+            ram: Mutex::new(Arc::new(GuestMemoryMmap::default())),
             cpus: Mutex::new(Vec::new()),
             run: RunState::default(),
         }
@@ -196,6 +205,14 @@ impl MachineState {
     pub fn set_cpu_type(&self, cpu_type: Option<String>) {
         *self.cpu_type.lock() = cpu_type;
     }
+    /// What followed the model in `-cpu MODEL,...`.
+    pub fn cpu_options(&self) -> String {
+        self.cpu_options.lock().clone()
+    }
+    /// Sets the `-cpu` options.
+    pub fn set_cpu_options(&self, options: String) {
+        *self.cpu_options.lock() = options;
+    }
     /// QEMU's `get_system_memory()`.
     pub fn system_memory(&self) -> &Arc<AddressSpace> {
         &self.system_memory
@@ -211,6 +228,40 @@ impl MachineState {
     /// Records the accelerator chosen by `configure_accelerator`.
     pub fn set_accel(&self, accel: ObjectRef) {
         *self.accel.lock() = Some(accel);
+    }
+    /// The accelerator's operations, once an accelerator is initialised.
+    pub fn accel_ops(&self) -> Option<AccelOpsRef> {
+        self.accel_ops.lock().clone()
+    }
+    /// Installs the accelerator's operations (`accel_init_machine` does).
+    pub fn set_accel_ops(&self, ops: AccelOpsRef) {
+        *self.accel_ops.lock() = Some(ops);
+    }
+    /// Guest RAM, for loaders and devices that read or write guest memory.
+    pub fn ram(&self) -> Arc<GuestMemoryMmap> {
+        self.ram.lock().clone()
+    }
+    /// Allocates `size` bytes of guest RAM at `guest_addr` and maps it through the
+    /// accelerator (QEMU's `memory_region_add_subregion` of a RAM region).
+    pub fn add_ram(&self, guest_addr: u64, size: u64) -> Result<(), MachineError> {
+        let ops = self.accel_ops().ok_or(MachineError::NoAccelerator)?;
+        let len = usize::try_from(size).map_err(|_| MachineError::RamTooLarge(size))?;
+        let region = GuestRegionMmap::from_range(GuestAddress(guest_addr), len, None)
+            .map_err(|e| MachineError::RamAllocation(e.to_string()))?;
+        let host_addr = region.as_ptr() as u64;
+        {
+            let mut ram = self.ram.lock();
+            let next = ram
+                .insert_region(Arc::new(region))
+                .map_err(|e| MachineError::RamAllocation(e.to_string()))?;
+            *ram = Arc::new(next);
+        }
+        ops.map_ram(RamBlock {
+            guest_addr,
+            size,
+            host_addr,
+        })?;
+        Ok(())
     }
     /// The machine's CPUs, by index.
     pub fn cpus(&self) -> Vec<ObjectRef> {
@@ -341,6 +392,15 @@ pub enum MachineError {
     /// A property the machine refuses (`usb=on` without USB).
     #[error("{0}")]
     Unsupported(String),
+    /// RAM requested before an accelerator was initialised.
+    #[error("no accelerator is initialised")]
+    NoAccelerator,
+    /// RAM larger than the host's address space.
+    #[error("cannot set up guest memory: {0} bytes do not fit in the host's address space")]
+    RamTooLarge(u64),
+    /// The host refused the RAM mapping.
+    #[error("cannot set up guest memory 'pc.ram': {0}")]
+    RamAllocation(String),
     /// A QOM error during board init.
     #[error(transparent)]
     Qom(#[from] Error),

@@ -1,0 +1,203 @@
+//! The KVM accelerator (QEMU's `accel/kvm/kvm-all.c`): `kvm_init` opens `/dev/kvm`, checks
+//! the API and the capabilities qomvm relies on, creates the VM with its in-kernel irqchip
+//! and PIT, and maps guest RAM as memory slots. Its [`AccelOps`] start one thread per vCPU.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+
+use hw::core::accel_ops::{AccelOps, RamBlock};
+use hw::core::machine::machine_state;
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use qom::{type_init, Error, ObjectClass, ObjectRef, WeakObjectRef};
+
+use crate::accel_system::{AccelClass, AccelError, TYPE_ACCEL};
+use crate::kvm::kvm_cpus::VcpuSet;
+
+/// QEMU's `TYPE_KVM_ACCEL`.
+pub const TYPE_KVM_ACCEL: &str = "kvm-accel";
+
+/// KVM's stable API version.
+const KVM_API_VERSION: i32 = 12;
+/// Where QEMU puts the identity map and, one page above it, the TSS (`kvm_arch_init`).
+const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
+const TSS_ADDR: usize = 0xfeff_d000;
+
+/// Capabilities qomvm cannot run without.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::SetIdentityMapAddr, "KVM_CAP_SET_IDENTITY_MAP_ADDR"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+/// KVM failures, worded as QEMU words them.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("Could not access KVM kernel module: {0}")]
+    Open(String),
+    /// The kernel speaks another API.
+    #[error("kvm version not supported: expected {KVM_API_VERSION}, got {0}")]
+    ApiVersion(i32),
+    /// A capability qomvm needs is missing.
+    #[error("kvm does not support {0}, which qomvm requires")]
+    MissingCap(&'static str),
+    /// An ioctl failed.
+    #[error("{what}: {reason}")]
+    Ioctl {
+        /// What was being done.
+        what: &'static str,
+        /// `strerror` of the errno.
+        reason: String,
+    },
+}
+
+impl From<KvmError> for AccelError {
+    fn from(e: KvmError) -> Self {
+        AccelError::Other(Box::new(e))
+    }
+}
+
+/// `strerror` without Rust's "(os error N)" suffix, as QEMU prints it.
+pub(crate) fn errno_text(errno: i32) -> String {
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+pub(crate) fn ioctl_error(what: &'static str, e: kvm_ioctls::Error) -> KvmError {
+    KvmError::Ioctl {
+        what,
+        reason: errno_text(e.errno()),
+    }
+}
+
+/// The VM: QEMU's `KVMState`.
+pub struct KvmVm {
+    pub(crate) vm: VmFd,
+    pub(crate) supported_cpuid: CpuId,
+    pub(crate) msr_index_list: Vec<u32>,
+    next_slot: AtomicU32,
+    pub(crate) machine: WeakObjectRef,
+    pub(crate) vcpus: VcpuSet,
+    this: Weak<KvmVm>,
+}
+
+impl KvmVm {
+    /// QEMU's `kvm_init`.
+    fn new(machine: &ObjectRef) -> Result<Arc<KvmVm>, KvmError> {
+        let kvm = Kvm::new().map_err(|e| KvmError::Open(errno_text(e.errno())))?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(KvmError::ApiVersion(version));
+        }
+        for &(cap, name) in REQUIRED_CAPS {
+            if !kvm.check_extension(cap) {
+                return Err(KvmError::MissingCap(name));
+            }
+        }
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| ioctl_error("KVM_CREATE_VM", e))?;
+        // kvm_arch_init: the real-mode TSS and identity map live in a hole below the BIOS.
+        vm.set_identity_map_address(IDENTITY_MAP_ADDR)
+            .map_err(|e| ioctl_error("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        vm.set_tss_address(TSS_ADDR)
+            .map_err(|e| ioctl_error("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| ioctl_error("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| ioctl_error("KVM_CREATE_PIT2", e))?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| ioctl_error("KVM_GET_SUPPORTED_CPUID", e))?;
+        let msr_index_list = kvm
+            .get_msr_index_list()
+            .map_err(|e| ioctl_error("KVM_GET_MSR_INDEX_LIST", e))?
+            .as_slice()
+            .to_vec();
+        Ok(Arc::new_cyclic(|this| KvmVm {
+            vm,
+            supported_cpuid,
+            msr_index_list,
+            next_slot: AtomicU32::new(0),
+            machine: machine.downgrade(),
+            vcpus: VcpuSet::default(),
+            this: this.clone(),
+        }))
+    }
+
+    /// A strong reference to this VM (vCPU threads hold one).
+    pub(crate) fn arc(&self) -> Arc<KvmVm> {
+        self.this.upgrade().expect("a VM in use is alive")
+    }
+}
+
+impl AccelOps for KvmVm {
+    fn map_ram(&self, block: RamBlock) -> Result<(), Error> {
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: block.guest_addr,
+            memory_size: block.size,
+            userspace_addr: block.host_addr,
+        };
+        // SAFETY: the host range belongs to a guest memory region the machine owns for the
+        // rest of the process (RAM is never unmapped), so KVM never sees freed memory.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))
+    }
+
+    fn create_vcpu_thread(&self, cpu: &ObjectRef) -> Result<(), Error> {
+        crate::kvm::kvm_cpus::start_vcpu_thread(&self.arc(), cpu).map_err(Error::other)
+    }
+
+    fn vm_start(&self) {
+        self.vcpus.start();
+    }
+
+    fn pause_all(&self) {
+        self.vcpus.pause();
+    }
+
+    fn resume_all(&self) {
+        self.vcpus.resume();
+    }
+
+    fn shutdown(&self) {
+        self.vcpus.stop();
+    }
+}
+
+fn kvm_init_machine(_accel: &ObjectRef, machine: &ObjectRef) -> Result<(), AccelError> {
+    let vm = KvmVm::new(machine)?;
+    let ms = machine_state(machine).ok_or(AccelError::NoneWorked)?;
+    ms.set_accel_ops(vm);
+    Ok(())
+}
+
+fn kvm_accel_class_init(class: &mut ObjectClass) {
+    if let Some(ac) = class.get_mut::<AccelClass>() {
+        ac.init_machine = Some(kvm_init_machine);
+    }
+}
+
+type_init! {
+    name: TYPE_KVM_ACCEL,
+    parent: Some(TYPE_ACCEL),
+    class_init: Some(kvm_accel_class_init),
+}

@@ -1,0 +1,423 @@
+//! vCPU threads (QEMU's `accel/kvm/kvm-accel-ops.c` and `kvm_cpu_exec`): one thread per CPU,
+//! named `CPU n/KVM`, that creates its vCPU, reports created, waits for `vm_start`, then runs
+//! the `KVM_RUN` loop, dispatching port and MMIO exits through the machine's address spaces.
+//!
+//! The hot path takes no lock shared between vCPUs: the address spaces are read through
+//! their atomically swapped flat views. Pause and stop kick a vCPU out of `KVM_RUN` with a
+//! signal whose handler sets `immediate_exit`, so a kick is never lost, even one that lands
+//! just before the vCPU enters the kernel.
+
+use std::cell::Cell;
+use std::sync::mpsc;
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+
+use hw::core::machine::{machine_state, RunRequest};
+use hw::core::memory::AddressSpace;
+use hw::i386::x86_cpu::X86Cpu;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use parking_lot::{Condvar, Mutex};
+use qom::ObjectRef;
+
+use crate::kvm::kvm_all::{errno_text, ioctl_error, KvmError, KvmVm};
+use crate::kvm::x86;
+
+/// What the vCPUs are allowed to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+enum Mode {
+    /// Created, waiting for `vm_start`.
+    #[default]
+    Created,
+    Running,
+    Paused,
+    Stopping,
+}
+
+#[derive(Default)]
+struct SetState {
+    mode: Mode,
+    /// Threads waiting outside `KVM_RUN` (in Created or Paused mode).
+    parked: usize,
+    /// Threads alive.
+    alive: usize,
+}
+
+struct VcpuThread {
+    pthread: libc::pthread_t,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// The vCPU threads of one VM and the mode they run in (QEMU's `all_vcpus_paused` and
+/// friends, with a condition variable instead of polling).
+#[derive(Default)]
+pub struct VcpuSet {
+    state: Mutex<SetState>,
+    changed: Condvar,
+    threads: Mutex<Vec<VcpuThread>>,
+}
+
+impl VcpuSet {
+    fn set_mode(&self, mode: Mode) {
+        let mut st = self.state.lock();
+        if st.mode == Mode::Stopping {
+            return;
+        }
+        st.mode = mode;
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn start(&self) {
+        self.set_mode(Mode::Running);
+    }
+
+    pub(crate) fn resume(&self) {
+        self.set_mode(Mode::Running);
+    }
+
+    /// Kicks every vCPU out of `KVM_RUN` and waits until all are parked.
+    pub(crate) fn pause(&self) {
+        self.set_mode(Mode::Paused);
+        self.kick_all();
+        let mut st = self.state.lock();
+        while st.mode == Mode::Paused && st.parked < st.alive {
+            self.changed.wait(&mut st);
+        }
+    }
+
+    /// Ends every vCPU thread and joins them.
+    pub(crate) fn stop(&self) {
+        {
+            let mut st = self.state.lock();
+            st.mode = Mode::Stopping;
+            self.changed.notify_all();
+        }
+        self.kick_all();
+        let handles: Vec<_> = self
+            .threads
+            .lock()
+            .iter_mut()
+            .filter_map(|t| t.handle.take())
+            .collect();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+
+    fn kick_all(&self) {
+        for t in self.threads.lock().iter() {
+            if t.handle.as_ref().is_some_and(|h| !h.is_finished()) {
+                // SAFETY: the pthread id belongs to a thread that has not been joined (its
+                // handle is still held), so it is valid; the signal's handler only sets a
+                // flag in that thread's own kvm_run.
+                unsafe {
+                    libc::pthread_kill(t.pthread, kick_signal());
+                }
+            }
+        }
+    }
+
+    /// Called by a vCPU thread between runs: returns when it may run, `false` when it must
+    /// end.
+    fn wait_runnable(&self) -> bool {
+        let mut st = self.state.lock();
+        loop {
+            match st.mode {
+                Mode::Running => return true,
+                Mode::Stopping => return false,
+                Mode::Created | Mode::Paused => {
+                    st.parked += 1;
+                    self.changed.notify_all();
+                    self.changed.wait(&mut st);
+                    st.parked -= 1;
+                }
+            }
+        }
+    }
+
+    /// Called by a vCPU that has ended the run (guest fault, shutdown): parks until stopped.
+    fn park_until_stopped(&self) {
+        let mut st = self.state.lock();
+        st.parked += 1;
+        self.changed.notify_all();
+        while st.mode != Mode::Stopping {
+            self.changed.wait(&mut st);
+        }
+        st.parked -= 1;
+    }
+
+    fn thread_started(&self) {
+        self.state.lock().alive += 1;
+    }
+
+    fn thread_ended(&self) {
+        let mut st = self.state.lock();
+        st.alive -= 1;
+        self.changed.notify_all();
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's kvm_run, for the kick signal's handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set before the thread
+        // could be kicked and cleared before the vCPU is dropped; a byte store is
+        // async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+fn install_kick_handler() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid starting point; the handler is an
+        // `extern "C" fn(c_int)` as sa_sigaction expects without SA_SIGINFO.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = kick_handler as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(kick_signal(), &action, std::ptr::null_mut());
+        }
+    });
+}
+
+/// Errors of starting a vCPU thread.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The thread could not be spawned.
+    #[error("failed to create vCPU thread 'CPU {index}/KVM': {reason}")]
+    Spawn {
+        /// CPU index.
+        index: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The vCPU could not be set up.
+    #[error("CPU {index}: {source}")]
+    Setup {
+        /// CPU index.
+        index: u32,
+        /// The KVM failure.
+        source: KvmError,
+    },
+    /// The thread died before reporting.
+    #[error("CPU {0}: vCPU thread ended before it was created")]
+    Lost(u32),
+}
+
+/// QEMU's `kvm_start_vcpu_thread`: spawns `CPU n/KVM` and waits for it to report created.
+pub(crate) fn start_vcpu_thread(vm: &Arc<KvmVm>, cpu: &ObjectRef) -> Result<(), VcpuError> {
+    install_kick_handler();
+    let index = cpu
+        .downcast::<hw::core::cpu::CpuState>()
+        .map(|c| c.index())
+        .unwrap_or(0);
+    let (created_tx, created_rx) = mpsc::channel();
+    let thread_vm = vm.clone();
+    let thread_cpu = cpu.clone();
+    vm.vcpus.thread_started();
+    let handle = std::thread::Builder::new()
+        .name(format!("CPU {index}/KVM"))
+        .spawn(move || {
+            vcpu_thread(&thread_vm, &thread_cpu, index, created_tx);
+            thread_vm.vcpus.thread_ended();
+        })
+        .map_err(|e| {
+            vm.vcpus.thread_ended();
+            VcpuError::Spawn {
+                index,
+                reason: e.to_string(),
+            }
+        })?;
+    use std::os::unix::thread::JoinHandleExt;
+    let pthread = handle.as_pthread_t();
+    vm.vcpus.threads.lock().push(VcpuThread {
+        pthread,
+        handle: Some(handle),
+    });
+    match created_rx.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(VcpuError::Setup { index, source }),
+        Err(_) => Err(VcpuError::Lost(index)),
+    }
+}
+
+/// What one `KVM_RUN` led to.
+enum Step {
+    Continue,
+    Interrupted,
+    End(RunRequest),
+}
+
+fn vcpu_thread(
+    vm: &Arc<KvmVm>,
+    cpu: &ObjectRef,
+    index: u32,
+    created: mpsc::Sender<Result<(), KvmError>>,
+) {
+    let x86 = cpu.downcast::<X86Cpu>();
+    if let Some(x86) = x86 {
+        // SAFETY: gettid has no preconditions.
+        x86.set_thread_id(unsafe { libc::gettid() } as u32);
+    }
+    let apic_id = x86.map_or(index, X86Cpu::apic_id);
+    let mut vcpu = match vm
+        .vm
+        .create_vcpu(apic_id.into())
+        .map_err(|e| ioctl_error("KVM_CREATE_VCPU", e))
+        .and_then(|mut vcpu| x86::init_vcpu(vm, cpu, &mut vcpu).map(|()| vcpu))
+    {
+        Ok(vcpu) => vcpu,
+        Err(e) => {
+            let _ = created.send(Err(e));
+            return;
+        }
+    };
+    KVM_RUN.with(|r| r.set(vcpu.get_kvm_run()));
+    let _ = created.send(Ok(()));
+
+    let Some(machine) = vm.machine.upgrade() else {
+        return;
+    };
+    let Some(ms) = machine_state(&machine) else {
+        return;
+    };
+    let io = ms.system_io().clone();
+    let memory = ms.system_memory().clone();
+    drop(machine);
+    let mut first_run = true;
+    while vm.vcpus.wait_runnable() {
+        if first_run {
+            first_run = false;
+            if let Err(e) = x86::apply_boot_state(cpu, &mut vcpu) {
+                eprintln!("qomvm: CPU {index}: {e}");
+                request(vm, RunRequest::GuestError);
+                vm.vcpus.park_until_stopped();
+                break;
+            }
+        }
+        match run_once(&mut vcpu, &io, &memory, index) {
+            Step::Continue => {}
+            Step::Interrupted => vcpu.set_kvm_immediate_exit(0),
+            Step::End(req) => {
+                request(vm, req);
+                vm.vcpus.park_until_stopped();
+                break;
+            }
+        }
+    }
+    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+}
+
+fn request(vm: &KvmVm, req: RunRequest) {
+    if let Some(machine) = vm.machine.upgrade() {
+        if let Some(ms) = machine_state(&machine) {
+            ms.run_state().request(req);
+        }
+    }
+}
+
+/// One `KVM_RUN` and the handling of its exit (QEMU's `kvm_cpu_exec`).
+#[inline]
+fn run_once(vcpu: &mut VcpuFd, io: &AddressSpace, memory: &AddressSpace, index: u32) -> Step {
+    let is_io = match vcpu.run() {
+        Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => true,
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            memory.read_bytes(addr, data);
+            return Step::Continue;
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            memory.write_bytes(addr, data);
+            return Step::Continue;
+        }
+        Ok(VcpuExit::Intr) => return Step::Interrupted,
+        Ok(VcpuExit::Hlt) => {
+            // With the in-kernel irqchip KVM handles HLT itself; a HLT exit means the
+            // guest halted with nothing to wake it.
+            eprintln!("qomvm: CPU {index} halted with no interrupt source");
+            return Step::End(RunRequest::GuestShutdown);
+        }
+        Ok(VcpuExit::Shutdown) => {
+            eprintln!("qomvm: CPU {index}: triple fault (KVM_EXIT_SHUTDOWN)");
+            eprint!("{}", x86::register_dump(vcpu));
+            return Step::End(RunRequest::GuestError);
+        }
+        Ok(VcpuExit::SystemEvent(kind, _)) => {
+            return Step::End(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => RunRequest::GuestReset,
+                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => RunRequest::GuestPanic,
+                _ => RunRequest::GuestShutdown,
+            });
+        }
+        Ok(VcpuExit::FailEntry(reason, cpu)) => {
+            eprintln!("qomvm: KVM: entry failed, hardware error 0x{reason:x} (cpu {cpu})");
+            eprint!("{}", x86::register_dump(vcpu));
+            return Step::End(RunRequest::GuestError);
+        }
+        Ok(VcpuExit::InternalError) => {
+            let run = vcpu.get_kvm_run();
+            // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+            // member KVM filled in.
+            let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+            eprintln!("qomvm: KVM internal error. Suberror: {suberror}");
+            if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                eprintln!("qomvm: emulation failure");
+            }
+            eprint!("{}", x86::register_dump(vcpu));
+            return Step::End(RunRequest::GuestError);
+        }
+        Ok(other) => {
+            eprintln!("qomvm: CPU {index}: unhandled KVM exit {other:?}");
+            eprint!("{}", x86::register_dump(vcpu));
+            return Step::End(RunRequest::GuestError);
+        }
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            return Step::Interrupted
+        }
+        Err(e) => {
+            eprintln!(
+                "qomvm: CPU {index}: KVM_RUN failed: {}",
+                errno_text(e.errno())
+            );
+            return Step::End(RunRequest::GuestError);
+        }
+    };
+    debug_assert!(is_io);
+    handle_io(vcpu, io);
+    Step::Continue
+}
+
+/// Port I/O, including string I/O (`rep outsb`: `count` accesses of `size` bytes).
+#[inline]
+fn handle_io(vcpu: &mut VcpuFd, io: &AddressSpace) {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the union member KVM filled in.
+    let exit = unsafe { run.__bindgen_anon_1.io };
+    let size = usize::from(exit.size);
+    let total = size * exit.count as usize;
+    let base = run as *mut kvm_run as *mut u8;
+    // SAFETY: KVM places `count * size` bytes of data at `data_offset` inside the vCPU's
+    // kvm_run mapping, which is larger than `kvm_run` itself; nothing else aliases it while
+    // this thread handles the exit.
+    let data =
+        unsafe { std::slice::from_raw_parts_mut(base.add(exit.data_offset as usize), total) };
+    let port = u64::from(exit.port);
+    if u32::from(exit.direction) == kvm_bindings::KVM_EXIT_IO_OUT {
+        for chunk in data.chunks_exact(size) {
+            io.write_bytes(port, chunk);
+        }
+    } else {
+        for chunk in data.chunks_exact_mut(size) {
+            io.read_bytes(port, chunk);
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! What boards and CPUs need from an accelerator (QEMU's `AccelOpsClass` and the KVM memory
+//! listener): start a CPU's thread, map guest RAM, start, pause and stop the vCPUs.
+//!
+//! `hw` sits below `accel` in the dependency order, so it sees the accelerator only through
+//! this trait; the accelerator chosen by `configure_accelerators` installs its
+//! implementation in the machine.
+
+use std::sync::Arc;
+
+use qom::{Error, ObjectRef};
+
+/// A block of guest RAM the accelerator must make visible to the guest.
+#[derive(Clone, Copy, Debug)]
+pub struct RamBlock {
+    /// Guest-physical address.
+    pub guest_addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Host address of the mapping (it lives as long as the machine).
+    pub host_addr: u64,
+}
+
+/// The accelerator's operations (QEMU's `AccelOpsClass`).
+pub trait AccelOps: Send + Sync {
+    /// Maps a RAM block into the guest (QEMU's `kvm_region_add`).
+    fn map_ram(&self, block: RamBlock) -> Result<(), Error>;
+    /// Creates the thread that runs `cpu` and waits until it reports created (QEMU's
+    /// `create_vcpu_thread`, `qemu_init_vcpu`). The vCPU does not run guest code until
+    /// [`AccelOps::vm_start`].
+    fn create_vcpu_thread(&self, cpu: &ObjectRef) -> Result<(), Error>;
+    /// Lets every vCPU run (QEMU's `vm_start` -> `resume_all_vcpus`).
+    fn vm_start(&self);
+    /// Stops every vCPU outside guest mode and waits until they are (QEMU's
+    /// `pause_all_vcpus`).
+    fn pause_all(&self);
+    /// Resumes vCPUs paused by `pause_all`.
+    fn resume_all(&self);
+    /// Ends every vCPU thread and waits for them (at exit).
+    fn shutdown(&self);
+}
+
+/// A shared handle to the accelerator's operations.
+pub type AccelOpsRef = Arc<dyn AccelOps>;

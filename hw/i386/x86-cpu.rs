@@ -1,0 +1,464 @@
+//! x86 CPU models (QEMU's `target/i386/cpu.c`): the abstract `x86_64-cpu`, the models
+//! `qemu64`, `max` and `host`, CPUID feature names, and `-cpu MODEL,+feat,-feat,prop=value`.
+//!
+//! The model says which features the guest should see; the accelerator intersects that with
+//! what it supports (`KVM_GET_SUPPORTED_CPUID`) when it creates the vCPU.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use parking_lot::Mutex;
+use qom::{type_init, Error, Object, ObjectClass, Property, PropertyKind, Value};
+
+use crate::core::cpu::{CpuClass, TYPE_CPU};
+use crate::core::machine::{machine_of, machine_state};
+use crate::core::qdev::{device_class_mut, device_class_set_parent_realize, RealizeFn};
+
+/// QEMU's `TYPE_X86_CPU` for a 64-bit target.
+pub const TYPE_X86_CPU: &str = "x86_64-cpu";
+/// Suffix of model type names (`qemu64-x86_64-cpu`).
+pub const X86_CPU_SUFFIX: &str = "-x86_64-cpu";
+
+/// A CPUID output register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reg {
+    /// EAX.
+    Eax,
+    /// EBX.
+    Ebx,
+    /// ECX.
+    Ecx,
+    /// EDX.
+    Edx,
+}
+
+/// One named CPUID feature bit.
+#[derive(Clone, Copy, Debug)]
+pub struct Feature {
+    /// QEMU's name (`x2apic`, `sse4.2`).
+    pub name: &'static str,
+    /// CPUID leaf.
+    pub leaf: u32,
+    /// CPUID subleaf.
+    pub subleaf: u32,
+    /// Register.
+    pub reg: Reg,
+    /// Bit.
+    pub bit: u8,
+}
+
+const fn f(name: &'static str, leaf: u32, reg: Reg, bit: u8) -> Feature {
+    Feature {
+        name,
+        leaf,
+        subleaf: 0,
+        reg,
+        bit,
+    }
+}
+
+/// The feature bits qomvm knows by name, with QEMU's names.
+pub const FEATURES: &[Feature] = &[
+    f("fpu", 1, Reg::Edx, 0),
+    f("vme", 1, Reg::Edx, 1),
+    f("de", 1, Reg::Edx, 2),
+    f("pse", 1, Reg::Edx, 3),
+    f("tsc", 1, Reg::Edx, 4),
+    f("msr", 1, Reg::Edx, 5),
+    f("pae", 1, Reg::Edx, 6),
+    f("mce", 1, Reg::Edx, 7),
+    f("cx8", 1, Reg::Edx, 8),
+    f("apic", 1, Reg::Edx, 9),
+    f("sep", 1, Reg::Edx, 11),
+    f("mtrr", 1, Reg::Edx, 12),
+    f("pge", 1, Reg::Edx, 13),
+    f("mca", 1, Reg::Edx, 14),
+    f("cmov", 1, Reg::Edx, 15),
+    f("pat", 1, Reg::Edx, 16),
+    f("pse36", 1, Reg::Edx, 17),
+    f("clflush", 1, Reg::Edx, 19),
+    f("mmx", 1, Reg::Edx, 23),
+    f("fxsr", 1, Reg::Edx, 24),
+    f("sse", 1, Reg::Edx, 25),
+    f("sse2", 1, Reg::Edx, 26),
+    f("ss", 1, Reg::Edx, 27),
+    f("ht", 1, Reg::Edx, 28),
+    f("pni", 1, Reg::Ecx, 0),
+    f("pclmulqdq", 1, Reg::Ecx, 1),
+    f("monitor", 1, Reg::Ecx, 3),
+    f("vmx", 1, Reg::Ecx, 5),
+    f("ssse3", 1, Reg::Ecx, 9),
+    f("fma", 1, Reg::Ecx, 12),
+    f("cx16", 1, Reg::Ecx, 13),
+    f("pcid", 1, Reg::Ecx, 17),
+    f("sse4.1", 1, Reg::Ecx, 19),
+    f("sse4.2", 1, Reg::Ecx, 20),
+    f("x2apic", 1, Reg::Ecx, 21),
+    f("movbe", 1, Reg::Ecx, 22),
+    f("popcnt", 1, Reg::Ecx, 23),
+    f("tsc-deadline", 1, Reg::Ecx, 24),
+    f("aes", 1, Reg::Ecx, 25),
+    f("xsave", 1, Reg::Ecx, 26),
+    f("avx", 1, Reg::Ecx, 28),
+    f("f16c", 1, Reg::Ecx, 29),
+    f("rdrand", 1, Reg::Ecx, 30),
+    f("hypervisor", 1, Reg::Ecx, 31),
+    f("fsgsbase", 7, Reg::Ebx, 0),
+    f("bmi1", 7, Reg::Ebx, 3),
+    f("avx2", 7, Reg::Ebx, 5),
+    f("smep", 7, Reg::Ebx, 7),
+    f("bmi2", 7, Reg::Ebx, 8),
+    f("erms", 7, Reg::Ebx, 9),
+    f("invpcid", 7, Reg::Ebx, 10),
+    f("rdseed", 7, Reg::Ebx, 18),
+    f("adx", 7, Reg::Ebx, 19),
+    f("smap", 7, Reg::Ebx, 20),
+    f("syscall", 0x8000_0001, Reg::Edx, 11),
+    f("nx", 0x8000_0001, Reg::Edx, 20),
+    f("pdpe1gb", 0x8000_0001, Reg::Edx, 26),
+    f("rdtscp", 0x8000_0001, Reg::Edx, 27),
+    f("lm", 0x8000_0001, Reg::Edx, 29),
+    f("lahf_lm", 0x8000_0001, Reg::Ecx, 0),
+    f("svm", 0x8000_0001, Reg::Ecx, 2),
+    f("abm", 0x8000_0001, Reg::Ecx, 5),
+    f("sse4a", 0x8000_0001, Reg::Ecx, 6),
+    f("3dnowprefetch", 0x8000_0001, Reg::Ecx, 8),
+];
+
+/// Looks a feature up by QEMU's name (also `sse4_1` for `sse4.1`, `sse3` for `pni`).
+pub fn feature_by_name(name: &str) -> Option<&'static Feature> {
+    let canonical = match name {
+        "sse3" => "pni",
+        "sse4_1" => "sse4.1",
+        "sse4_2" => "sse4.2",
+        other => other,
+    };
+    FEATURES.iter().find(|f| f.name == canonical)
+}
+
+/// A CPU model (QEMU's `X86CPUDefinition`).
+#[derive(Debug)]
+pub struct X86CpuModel {
+    /// `-cpu` name.
+    pub name: &'static str,
+    /// `-cpu help` description.
+    pub description: &'static str,
+    /// CPUID vendor string; `None` keeps the host's.
+    pub vendor: Option<&'static str>,
+    /// Family, model, stepping for CPUID leaf 1.
+    pub family: u32,
+    /// Model number.
+    pub model: u32,
+    /// Stepping.
+    pub stepping: u32,
+    /// Brand string (leaves 0x80000002..4); `None` keeps the host's.
+    pub model_id: Option<&'static str>,
+    /// Features of the model; ignored for pass-through models.
+    pub features: &'static [&'static str],
+    /// `max` and `host`: every feature the accelerator supports.
+    pub passthrough: bool,
+}
+
+/// QEMU's `qemu64` (features of `builtin_x86_defs`, plus what QEMU's KVM defaults add:
+/// `x2apic` and `hypervisor`).
+pub const QEMU64: X86CpuModel = X86CpuModel {
+    name: "qemu64",
+    description: "QEMU Virtual CPU version 2.5+",
+    vendor: Some("AuthenticAMD"),
+    family: 15,
+    model: 107,
+    stepping: 1,
+    model_id: Some("QEMU Virtual CPU version 2.5+"),
+    features: &[
+        "fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge",
+        "mca", "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "pni", "cx16",
+        "lm", "syscall", "nx", "lahf_lm", "svm", "x2apic", "hypervisor",
+    ],
+    passthrough: false,
+};
+
+/// QEMU's `max`: everything the accelerator can give.
+pub const MAX: X86CpuModel = X86CpuModel {
+    name: "max",
+    description: "Enables all features supported by the accelerator in the current host",
+    vendor: None,
+    family: 0,
+    model: 0,
+    stepping: 0,
+    model_id: None,
+    features: &[],
+    passthrough: true,
+};
+
+/// QEMU's `host`: the host CPU as KVM can expose it.
+pub const HOST: X86CpuModel = X86CpuModel {
+    name: "host",
+    description: "processor with all supported host features",
+    vendor: None,
+    family: 0,
+    model: 0,
+    stepping: 0,
+    model_id: None,
+    features: &[],
+    passthrough: true,
+};
+
+/// The class level of x86 CPUs: the model, and the parent realize to chain to.
+#[derive(Clone, Debug)]
+pub struct X86CpuClass {
+    /// The model this type instantiates (`None` for the abstract type).
+    pub model: Option<&'static X86CpuModel>,
+    parent_realize: Option<RealizeFn>,
+}
+
+/// The register state a loader wants a CPU to start with, instead of the reset state.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct X86BootState {
+    /// General registers, RIP, RFLAGS.
+    pub regs: kvm_regs,
+    /// Segments, control registers, descriptor tables.
+    pub sregs: kvm_sregs,
+}
+
+/// What an x86 CPU instance holds (QEMU's `X86CPU`).
+#[derive(Default)]
+pub struct X86Cpu {
+    apic_id: AtomicU32,
+    /// Features turned on or off on the command line, in order.
+    overrides: Mutex<Vec<(&'static Feature, bool)>>,
+    boot: Mutex<Option<X86BootState>>,
+    thread_id: AtomicU32,
+}
+
+impl X86Cpu {
+    /// The local APIC ID.
+    pub fn apic_id(&self) -> u32 {
+        self.apic_id.load(Ordering::Relaxed)
+    }
+    /// Features forced on (`true`) or off (`false`), in command-line order.
+    pub fn feature_overrides(&self) -> Vec<(&'static Feature, bool)> {
+        self.overrides.lock().clone()
+    }
+    /// Sets the state the CPU starts in (a kernel loader's entry state).
+    pub fn set_boot_state(&self, state: X86BootState) {
+        *self.boot.lock() = Some(state);
+    }
+    /// The loader's start state, if any.
+    pub fn boot_state(&self) -> Option<X86BootState> {
+        *self.boot.lock()
+    }
+    /// Records the host thread id of the vCPU thread (for `query-cpus-fast`).
+    pub fn set_thread_id(&self, tid: u32) {
+        self.thread_id.store(tid, Ordering::Relaxed);
+    }
+    /// The host thread id of the vCPU thread, 0 before it starts.
+    pub fn thread_id(&self) -> u32 {
+        self.thread_id.load(Ordering::Relaxed)
+    }
+}
+
+fn cpu_part(obj: &Object) -> &X86Cpu {
+    obj.downcast::<X86Cpu>()
+        .expect("x86 CPUs have an X86Cpu part")
+}
+
+fn get_apic_id(obj: &Object, _: &Property) -> Result<Value, Error> {
+    Ok(Value::Uint(cpu_part(obj).apic_id().into()))
+}
+
+fn set_apic_id(obj: &Object, _: &Property, value: Value) -> Result<(), Error> {
+    if let Value::Uint(v) = value {
+        cpu_part(obj).apic_id.store(v as u32, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+fn get_feature(obj: &Object, prop: &Property) -> Result<Value, Error> {
+    let overrides = cpu_part(obj).overrides.lock();
+    let forced = overrides.iter().rev().find(|(f, _)| f.name == prop.name);
+    let model = obj
+        .class()
+        .get::<X86CpuClass>()
+        .and_then(|c| c.model);
+    let in_model = model.is_some_and(|m| m.passthrough || m.features.contains(&prop.name.as_ref()));
+    Ok(Value::Bool(forced.map_or(in_model, |(_, on)| *on)))
+}
+
+fn set_feature(obj: &Object, prop: &Property, value: Value) -> Result<(), Error> {
+    let feature = feature_by_name(&prop.name).ok_or_else(|| Error::PropertyNotFound {
+        type_name: obj.type_name().to_string(),
+        name: prop.name.to_string(),
+    })?;
+    if let Value::Bool(on) = value {
+        cpu_part(obj).overrides.lock().push((feature, on));
+    }
+    Ok(())
+}
+
+/// Realize errors of x86 CPUs.
+#[derive(Debug, thiserror::Error)]
+enum X86CpuError {
+    #[error("property 'vendor' must be 12 characters, not '{0}'")]
+    Vendor(String),
+    #[error("CPU {0}: the machine has no accelerator to run it")]
+    NoAccelerator(String),
+}
+
+fn x86_cpu_realize(obj: &Object) -> Result<(), Error> {
+    let vendor = obj.prop_str("vendor")?;
+    if !vendor.is_empty() && vendor.len() != 12 {
+        return Err(Error::other(X86CpuError::Vendor(vendor)));
+    }
+    let machine = machine_of(obj)
+        .ok_or_else(|| Error::other(X86CpuError::NoAccelerator(obj.type_name().into())))?;
+    let ops = machine_state(&machine)
+        .and_then(|ms| ms.accel_ops())
+        .ok_or_else(|| Error::other(X86CpuError::NoAccelerator(obj.type_name().into())))?;
+    let this = obj.to_ref().expect("a CPU being realized is alive");
+    // QEMU's qemu_init_vcpu: start the thread and wait until it reports created.
+    ops.create_vcpu_thread(&this)?;
+    let parent = obj
+        .class()
+        .get::<X86CpuClass>()
+        .and_then(|c| c.parent_realize);
+    match parent {
+        Some(realize) => realize(obj),
+        None => Ok(()),
+    }
+}
+
+fn x86_cpu_class_init(class: &mut ObjectClass) {
+    let parent_realize = device_class_set_parent_realize(class, x86_cpu_realize);
+    class.insert(X86CpuClass {
+        model: None,
+        parent_realize,
+    });
+    class.add_property(Property::custom(
+        "apic-id",
+        PropertyKind::Uint(32),
+        Some(get_apic_id),
+        Some(set_apic_id),
+        "Local APIC ID",
+    ));
+    class.add_property(Property::string(
+        "vendor",
+        None,
+        "CPUID vendor string (12 characters)",
+    ));
+    for feature in FEATURES {
+        class.add_property(Property::custom(
+            feature.name,
+            PropertyKind::Bool,
+            Some(get_feature),
+            Some(set_feature),
+            "CPUID feature",
+        ));
+    }
+    let dc = device_class_mut(class);
+    dc.desc = Some("x86 CPU");
+}
+
+type_init! {
+    name: TYPE_X86_CPU,
+    parent: Some(TYPE_CPU),
+    abstract_: true,
+    class_init: Some(x86_cpu_class_init),
+    instance: Some(qom::InstanceSpec::of::<X86Cpu>()),
+}
+
+fn model_class_init(class: &mut ObjectClass, model: &'static X86CpuModel) {
+    if let Some(xc) = class.get_mut::<X86CpuClass>() {
+        xc.model = Some(model);
+    }
+    if let Some(cc) = class.get_mut::<CpuClass>() {
+        cc.model_name = model.name;
+        cc.model_description = Some(model.description);
+        cc.parse_features = Some(apply_cpu_options);
+    }
+}
+
+fn qemu64_class_init(class: &mut ObjectClass) {
+    model_class_init(class, &QEMU64);
+}
+fn max_class_init(class: &mut ObjectClass) {
+    model_class_init(class, &MAX);
+}
+fn host_class_init(class: &mut ObjectClass) {
+    model_class_init(class, &HOST);
+}
+
+type_init! {
+    name: "qemu64-x86_64-cpu",
+    parent: Some(TYPE_X86_CPU),
+    class_init: Some(qemu64_class_init),
+}
+type_init! {
+    name: "max-x86_64-cpu",
+    parent: Some(TYPE_X86_CPU),
+    class_init: Some(max_class_init),
+}
+type_init! {
+    name: "host-x86_64-cpu",
+    parent: Some(TYPE_X86_CPU),
+    class_init: Some(host_class_init),
+}
+
+/// Applies `-cpu MODEL,+feat,-feat,feat=on,prop=value` (everything after the model) to a
+/// CPU before realize (QEMU's `x86_cpu_parse_featurestr`).
+pub fn apply_cpu_options(cpu: &Object, options: &str) -> Result<(), Error> {
+    for item in options.split(',').filter(|s| !s.is_empty()) {
+        let (name, value) = if let Some(feat) = item.strip_prefix('+') {
+            (feat, "on")
+        } else if let Some(feat) = item.strip_prefix('-') {
+            (feat, "off")
+        } else if let Some((k, v)) = item.split_once('=') {
+            (k, v)
+        } else {
+            (item, "on")
+        };
+        let name = feature_by_name(name).map_or(name, |f| f.name);
+        cpu.property_parse(name, value)?;
+    }
+    Ok(())
+}
+
+/// The features a model plus overrides ask for, by name (`-cpu help` and tests use it).
+pub fn requested_features(cpu: &Object) -> Vec<&'static Feature> {
+    FEATURES
+        .iter()
+        .filter(|f| cpu.prop_bool(f.name).unwrap_or(false))
+        .collect()
+}
+
+/// x86 APIC ID of CPU `index` for a topology, as QEMU's `x86_apicid_from_cpu_idx`: thread,
+/// core and socket fields each as wide as their count needs.
+pub fn apic_id_from_index(index: u32, cores: u32, threads: u32) -> u32 {
+    let bits = |n: u32| if n <= 1 { 0 } else { 32 - (n - 1).leading_zeros() };
+    let thread_bits = bits(threads);
+    let core_bits = bits(cores);
+    let thread = index % threads;
+    let core = (index / threads) % cores;
+    let socket = index / (threads * cores);
+    (socket << (core_bits + thread_bits)) | (core << thread_bits) | thread
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apic_ids_follow_qemus_topology_encoding() {
+        assert_eq!(apic_id_from_index(3, 1, 1), 3);
+        // 3 cores need 2 bits: socket 1 starts at 4.
+        assert_eq!(apic_id_from_index(3, 3, 1), 4);
+        assert_eq!(apic_id_from_index(5, 2, 2), 5);
+        assert_eq!(apic_id_from_index(2, 1, 2), 2);
+    }
+
+    #[test]
+    fn feature_aliases_resolve() {
+        assert_eq!(feature_by_name("sse4_2").unwrap().name, "sse4.2");
+        assert_eq!(feature_by_name("sse3").unwrap().name, "pni");
+        assert!(feature_by_name("warp-drive").is_none());
+    }
+}
