@@ -145,16 +145,21 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
         }
     }
     if let Some(cpu) = &opts.cpu {
-        let model = cpu.value.split(',').next().unwrap_or_default();
+        let (model, options) = cpu.value.split_once(',').unwrap_or((&cpu.value, ""));
         let cpu_type = find_cpu_type(model)
             .ok_or_else(|| cpu.error(format!("unable to find CPU model '{model}'")))?;
+        // Check the options on a CPU that is never realized, so mistakes show here and
+        // not in the middle of board init.
+        let class = qom::object_class_by_name(cpu_type).expect("find_cpu_type returned a type");
+        let probe = qom::Object::new_with_class(class).map_err(|e| cpu.error(e))?;
+        if let Some(parse) = class
+            .get::<hw::core::cpu::CpuClass>()
+            .and_then(|c| c.parse_features)
+        {
+            parse(&probe, options).map_err(|e| cpu.error(e))?;
+        }
         ms.set_cpu_type(Some(cpu_type.to_string()));
-        ms.set_cpu_options(
-            cpu.value
-                .split_once(',')
-                .map(|(_, o)| o.to_string())
-                .unwrap_or_default(),
-        );
+        ms.set_cpu_options(options.to_string());
     }
     if let Some(display) = &opts.display {
         let kind = display.value.split(',').next().unwrap_or_default();

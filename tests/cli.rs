@@ -120,3 +120,47 @@ fn version_and_usage() {
     assert!(o.status.success());
     assert!(stdout(&o).starts_with("usage: qomvm [options]"));
 }
+
+#[test]
+fn cpu_help_lists_models_and_accel_help_lists_kvm() {
+    let out = stdout(&qomvm(&["-cpu", "help"]));
+    for model in ["qemu64", "max", "host"] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(model)),
+            "{out}"
+        );
+    }
+    let out = stdout(&qomvm(&["-accel", "help"]));
+    assert!(out.lines().any(|l| l == "kvm"), "{out}");
+    let o = qomvm(&["-M", "none", "-cpu", "qemu64,+warp", "-accel", "qtest"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "qomvm: -cpu qemu64,+warp: Property 'qemu64-x86_64-cpu.warp' not found\n"
+    );
+}
+
+#[test]
+fn a_guest_fault_ends_the_vm_with_a_register_dump() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!("skipping: /dev/kvm not usable: {e}");
+        return;
+    }
+    // No firmware: the reset vector fetches code from unassigned MMIO, which KVM cannot
+    // emulate.
+    let o = qomvm(&["-M", "none", "-m", "2M", "-cpu", "qemu64", "-accel", "kvm"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("qomvm: KVM internal error. Suberror: 1\n"),
+        "{err}"
+    );
+    assert!(
+        err.contains("CS =f000 ffff0000 0000ffff 00009b00\n"),
+        "{err}"
+    );
+}

@@ -209,6 +209,10 @@ const BOOT_MSRS: &[(u32, u64)] = &[
     (0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
 ];
 
+/// MSRs already warned about: one warning per MSR, not per vCPU.
+static WARNED_MSRS: parking_lot::Mutex<std::collections::BTreeSet<u32>> =
+    parking_lot::Mutex::new(std::collections::BTreeSet::new());
+
 /// QEMU's `kvm_arch_init_vcpu` + `kvm_arch_put_registers` for a new vCPU.
 pub(crate) fn init_vcpu(vm: &KvmVm, cpu: &Object, vcpu: &mut VcpuFd) -> Result<(), KvmError> {
     let smp = machine_of(cpu)
@@ -222,8 +226,8 @@ pub(crate) fn init_vcpu(vm: &KvmVm, cpu: &Object, vcpu: &mut VcpuFd) -> Result<(
         .iter()
         .filter(|(index, _)| {
             let listed = vm.msr_index_list.contains(index);
-            if !listed {
-                log::warn!("MSR 0x{index:x} is not supported by KVM here; not set");
+            if !listed && WARNED_MSRS.lock().insert(*index) {
+                eprintln!("qomvm: warning: KVM does not list MSR 0x{index:x}; it is left unset");
             }
             listed
         })

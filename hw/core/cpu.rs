@@ -9,6 +9,9 @@ use crate::core::qdev::{device_class_mut, DeviceCategory, TYPE_DEVICE};
 /// QEMU's `TYPE_CPU`.
 pub const TYPE_CPU: &str = "cpu";
 
+/// Applies `-cpu` options to a CPU (QEMU's `CPUClass::parse_features`).
+pub type ParseFeaturesFn = fn(&Object, &str) -> Result<(), qom::Error>;
+
 /// QEMU's `CPUClass`: what `-cpu help` shows of a model.
 #[derive(Clone, Debug, Default)]
 pub struct CpuClass {
@@ -18,7 +21,7 @@ pub struct CpuClass {
     pub model_name: &'static str,
     /// Applies the options after the model in `-cpu MODEL,opts` to a new CPU (QEMU's
     /// `CPUClass::parse_features`).
-    pub parse_features: Option<fn(&Object, &str) -> Result<(), qom::Error>>,
+    pub parse_features: Option<ParseFeaturesFn>,
 }
 
 /// QEMU's `CPUState`: what every CPU instance has.

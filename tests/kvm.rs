@@ -1,0 +1,209 @@
+//! Guests on real KVM: tiny programs in real mode, 32-bit protected mode and 64-bit long mode
+//! do port and MMIO accesses and exit through `isa-debug-exit`, on vCPU threads started the
+//! way QEMU starts them. Skipped, with the reason printed, where `/dev/kvm` is not usable.
+//!
+//! Each test builds its own machine (not the process's `/machine`), so tests run side by
+//! side in one process.
+
+#[path = "common/guest.rs"]
+mod guest;
+#[path = "common/vm.rs"]
+mod vm;
+
+use std::sync::atomic::Ordering;
+
+use guest::{GuestImage, Mode, Op};
+use hw::core::machine::{machine_state, RunRequest};
+use vm::{kvm_unusable, TestVm, EXIT_PORT, MMIO_BASE, RECORD_PORT};
+use vm_memory::{Bytes, GuestAddress};
+
+macro_rules! require_kvm {
+    () => {
+        if let Some(reason) = kvm_unusable() {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+}
+
+fn io_ops() -> Vec<Op> {
+    vec![
+        Op::OutB {
+            port: RECORD_PORT,
+            value: 0x11,
+        },
+        Op::OutW {
+            port: RECORD_PORT + 2,
+            value: 0x2233,
+        },
+        Op::OutL {
+            port: RECORD_PORT + 4,
+            value: 0x4455_6677,
+        },
+        Op::EchoInB {
+            from: RECORD_PORT + 8,
+            to: RECORD_PORT + 9,
+        },
+        Op::OutsB {
+            port: RECORD_PORT + 10,
+            data: vec![1, 2, 3, 4, 5],
+        },
+        Op::InsB {
+            port: RECORD_PORT + 11,
+            count: 3,
+        },
+        Op::MmioWriteL {
+            addr: MMIO_BASE as u32 + 0x40,
+            value: 0xdead_beef,
+        },
+        Op::MmioReadL {
+            addr: MMIO_BASE as u32 + 0x44,
+        },
+    ]
+}
+
+fn check_io_guest(mode: Mode) {
+    let image = guest::build(mode, &io_ops(), EXIT_PORT, 0x21);
+    let vm = TestVm::new(&image, 1, "qemu64");
+    assert_eq!(
+        vm.run(),
+        Some(RunRequest::DebugExit((0x21 << 1) | 1)),
+        "{mode:?}"
+    );
+    let ports = vm.ports.log.lock().clone();
+    let expected: Vec<(u64, u64, u32, bool)> = vec![
+        (0, 0x11, 1, true),
+        (2, 0x2233, 2, true),
+        (4, 0x4455_6677, 4, true),
+        (8, 0, 1, false),
+        (9, 0x5a, 1, true),
+        (10, 1, 1, true),
+        (10, 2, 1, true),
+        (10, 3, 1, true),
+        (10, 4, 1, true),
+        (10, 5, 1, true),
+        (11, 0, 1, false),
+        (11, 0, 1, false),
+        (11, 0, 1, false),
+    ];
+    assert_eq!(ports, expected, "{mode:?}");
+    let buffer = image.ins_buffers[0];
+    let ms = machine_state(&vm.machine).unwrap();
+    let mut got = [0u8; 3];
+    ms.ram().read_slice(&mut got, GuestAddress(buffer)).unwrap();
+    assert_eq!(
+        got, [0x5a; 3],
+        "rep insb stored what the port returned ({mode:?})"
+    );
+    let mmio = vm.mmio.log.lock().clone();
+    assert_eq!(
+        mmio,
+        vec![(0x40, 0xdead_beef, 4, true), (0x44, 0, 4, false)],
+        "{mode:?}"
+    );
+}
+
+#[test]
+fn real_mode_guest_does_port_string_and_mmio_io() {
+    require_kvm!();
+    check_io_guest(Mode::Real);
+}
+
+#[test]
+fn protected_mode_guest_does_port_string_and_mmio_io() {
+    require_kvm!();
+    check_io_guest(Mode::Protected32);
+}
+
+#[test]
+fn long_mode_guest_does_port_string_and_mmio_io() {
+    require_kvm!();
+    check_io_guest(Mode::Long64);
+}
+
+#[test]
+fn each_of_four_vcpus_reports_its_apic_id_on_its_own_thread() {
+    require_kvm!();
+    let image = guest::smp_apic_id_reporter(RECORD_PORT, EXIT_PORT, 0x33, 4);
+    let vm = TestVm::new(&image, 4, "qemu64");
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    for i in 0..4 {
+        assert!(names.contains(&format!("CPU {i}/KVM")), "{names:?}");
+    }
+    assert_eq!(vm.run(), Some(RunRequest::DebugExit((0x33 << 1) | 1)));
+    let mut ids: Vec<u64> = vm.ports.log.lock().iter().map(|(_, v, _, _)| *v).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [0, 1, 2, 3]);
+}
+
+#[test]
+fn a_triple_fault_ends_the_vm_as_a_guest_error() {
+    require_kvm!();
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        // Measured: under PVM this guest (lidt of a zero IDT, then ud2) spins in KVM's
+        // emulator and never reaches KVM_EXIT_SHUTDOWN, with qomvm and with a raw KVM_RUN
+        // loop alike. Hardware KVM (and the nested rig) report the shutdown.
+        eprintln!("skipping: PVM does not report this triple fault as KVM_EXIT_SHUTDOWN");
+        return;
+    }
+    let image = guest::build(Mode::Real, &[Op::TripleFault], EXIT_PORT, 0);
+    let vm = TestVm::new(&image, 1, "qemu64");
+    assert_eq!(vm.run(), Some(RunRequest::GuestError));
+}
+
+/// Real mode: write 0x5a to and read every port but the exit ports (0xf4, 0xf5), then exit.
+fn port_fuzz_image() -> GuestImage {
+    #[rustfmt::skip]
+    let code: Vec<u8> = vec![
+        0x31, 0xc0,             // xor ax, ax
+        0x8e, 0xd8,             // mov ds, ax
+        0xba, 0xf6, 0x00,       // mov dx, 0xf6 (0xf4 and 0xf5 are the exit ports)
+        0xb0, 0x5a,             // mov al, 0x5a
+        0xee,                   // 1: out dx, al
+        0xec,                   //    in al, dx
+        0xb0, 0x5a,             //    mov al, 0x5a
+        0x42,                   //    inc dx
+        0x75, 0xf9,             //    jnz 1b
+        0xee,                   // 2: out dx, al   (dx = 0 .. 0xf3)
+        0xec,                   //    in al, dx
+        0xb0, 0x5a,             //    mov al, 0x5a
+        0x42,                   //    inc dx
+        0x81, 0xfa, 0xf4, 0x00, //    cmp dx, 0xf4
+        0x75, 0xf5,             //    jne 2b
+        0xb0, 0x2a,             // mov al, 0x2a
+        0xee,                   // out dx, al      (dx = 0xf4: exit)
+        0xf4,                   // hlt
+        0xeb, 0xfd,             // jmp hlt
+    ];
+    GuestImage {
+        load_addr: guest::LOAD_ADDR,
+        bytes: code,
+        mode: Mode::Real,
+        entry: guest::LOAD_ADDR,
+        exit_port: EXIT_PORT,
+        ins_buffers: Vec::new(),
+    }
+}
+
+#[test]
+fn a_guest_touching_every_port_and_stray_mmio_cannot_crash_the_vmm() {
+    require_kvm!();
+    let vm = TestVm::new(&port_fuzz_image(), 1, "qemu64");
+    assert_eq!(vm.run(), Some(RunRequest::DebugExit((0x2a << 1) | 1)));
+    // Every port but the exit port was written and read once; the recorder's 16 saw theirs.
+    assert_eq!(vm.ports.count.load(Ordering::Relaxed), 32);
+
+    let stray: Vec<Op> = (0..16u32)
+        .flat_map(|i| {
+            let addr = 0xd000_0000 + i * 0x10_0000;
+            [Op::MmioWriteL { addr, value: i }, Op::MmioReadL { addr }]
+        })
+        .collect();
+    let image = guest::build(Mode::Protected32, &stray, EXIT_PORT, 0x15);
+    let vm = TestVm::new(&image, 1, "qemu64");
+    assert_eq!(vm.run(), Some(RunRequest::DebugExit((0x15 << 1) | 1)));
+}
