@@ -1,0 +1,183 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/guest-assets.sh and scripts/nested-kvm.sh:
+# fetch Debian packages with `apt-get download` into a cache, resolve
+# metapackages (linux-image-amd64 -> linux-image-6.1.0-NN-amd64) and extract
+# files from .debs with dpkg-deb. Nothing here installs a package except
+# qomvm_need_cmd, which installs a missing host tool only when running as root.
+#
+# The sourcing script sets QOMVM_PROG (used as the message prefix) and runs
+# under `set -euo pipefail`.
+
+QOMVM_PROG=${QOMVM_PROG:-qomvm}
+QOMVM_CACHE=${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/qomvm
+QOMVM_DEB_CACHE=$QOMVM_CACHE/debs
+_qomvm_apt_updated=0
+
+qomvm_log() { printf '%s: %s\n' "$QOMVM_PROG" "$*" >&2; }
+qomvm_die() { printf '%s: error: %s\n' "$QOMVM_PROG" "$*" >&2; exit 1; }
+
+# Run `apt-get update` at most once per process (root only).
+qomvm_apt_update() {
+    [[ $_qomvm_apt_updated == 1 ]] && return 0
+    _qomvm_apt_updated=1
+    if [[ $(id -u) != 0 ]]; then
+        qomvm_log "apt package lists look stale or empty; run 'apt-get update' as root"
+        return 1
+    fi
+    qomvm_log "running apt-get update"
+    apt-get update -qq >&2 || { qomvm_log "apt-get update failed"; return 1; }
+}
+
+# qomvm_need_cmd CMD DEBIAN_PACKAGE: make sure CMD is on PATH. As root a
+# missing tool is installed with apt-get (and said so); otherwise it is an error.
+qomvm_need_cmd() {
+    local cmd=$1 pkg=$2
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    if [[ $(id -u) == 0 && -z ${QOMVM_NO_APT_INSTALL:-} ]]; then
+        qomvm_log "$cmd not found: installing the Debian package $pkg"
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >&2; then
+            qomvm_apt_update || true
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >&2 ||
+                qomvm_die "$cmd not found and 'apt-get install $pkg' failed: install the Debian package $pkg"
+        fi
+        command -v "$cmd" >/dev/null 2>&1 && return 0
+    fi
+    qomvm_die "$cmd not found: install the Debian package $pkg"
+}
+
+# _qomvm_memo KEY CMD...: print CMD's output, remembered under KEY until apt's
+# package lists change (apt-cache takes ~0.6 s a call when apt keeps no
+# binary cache, which would make a no-op rerun slow).
+_qomvm_memo() {
+    local key=$1 memo lists=/var/lib/apt/lists
+    shift
+    memo=$QOMVM_CACHE/apt-memo/$key
+    if [[ -s $memo && $memo -nt $lists ]]; then
+        cat "$memo"
+        return 0
+    fi
+    local out
+    out=$("$@") || return 1
+    mkdir -p "${memo%/*}"
+    printf '%s\n' "$out" >"$memo.$$" && mv -f "$memo.$$" "$memo"
+    printf '%s\n' "$out"
+}
+
+# deb_candidate PKG: print "PACKAGE VERSION ARCH" of apt's candidate for PKG.
+_deb_candidate_once() {
+    apt-cache show --no-all-versions "$1" 2>/dev/null | awk '
+        /^Package: / { p = $2 } /^Version: / { v = $2 } /^Architecture: / { a = $2 }
+        /^$/ { if (p != "") exit }
+        END { if (p == "" || v == "" || a == "") exit 1; print p, v, a }'
+}
+deb_candidate() {
+    _qomvm_memo "cand-$1" _deb_candidate_once "$1" ||
+        { qomvm_apt_update && _qomvm_memo "cand-$1" _deb_candidate_once "$1"; }
+}
+
+# deb_resolve_meta META REGEX: print the first dependency of apt's candidate for
+# metapackage META whose name matches the extended REGEX.
+_deb_resolve_meta_once() {
+    apt-cache show --no-all-versions "$1" 2>/dev/null |
+        sed -n 's/^Depends: //p' | head -n1 | tr ',|' '\n\n' |
+        awk -v re="$2" '{ if ($1 ~ re) { print $1; found = 1; exit } } END { exit !found }'
+}
+deb_resolve_meta() {
+    _qomvm_memo "meta-$1" _deb_resolve_meta_once "$1" "$2" ||
+        { qomvm_apt_update && _qomvm_memo "meta-$1" _deb_resolve_meta_once "$1" "$2"; }
+}
+
+# deb_file_name PKG: the file name `apt-get download` gives apt's candidate
+# of PKG (empty when apt has none).
+deb_file_name() {
+    local cand name ver arch
+    cand=$(deb_candidate "$1" 2>/dev/null) || return 0
+    read -r name ver arch <<<"$cand"
+    printf '%s\n' "${name}_${ver//:/%3a}_${arch}.deb"
+}
+
+# deb_fetch PKG: download apt's candidate .deb of PKG into the cache unless it
+# is already there; print the path of the cached .deb. When apt knows nothing
+# about PKG (no lists, no network) the newest cached .deb of PKG is used.
+deb_fetch() {
+    local pkg=$1 cand name ver arch file tmp
+    mkdir -p "$QOMVM_DEB_CACHE"
+    if ! cand=$(deb_candidate "$pkg"); then
+        file=$(find "$QOMVM_DEB_CACHE" -maxdepth 1 -name "${pkg}_*.deb" -printf '%T@ %p\n' 2>/dev/null |
+            sort -n | tail -n1 | cut -d' ' -f2-)
+        [[ -n $file ]] || qomvm_die "apt knows no package '$pkg' and none is cached (is this Debian 12 with deb.debian.org in the sources?)"
+        qomvm_log "apt has no candidate for $pkg; using cached $(basename "$file")"
+        printf '%s\n' "$file"
+        return 0
+    fi
+    read -r name ver arch <<<"$cand"
+    file=$QOMVM_DEB_CACHE/${name}_${ver//:/%3a}_${arch}.deb
+    if [[ ! -s $file ]]; then
+        tmp=$(mktemp -d "$QOMVM_DEB_CACHE/.dl.XXXXXX")
+        qomvm_log "downloading $name $ver"
+        if ! (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$name=$ver" >&2); then
+            qomvm_apt_update || true
+            if ! cand=$(deb_candidate "$pkg"); then rm -rf "$tmp"; qomvm_die "apt knows no package '$pkg'"; fi
+            read -r name ver arch <<<"$cand"
+            file=$QOMVM_DEB_CACHE/${name}_${ver//:/%3a}_${arch}.deb
+            (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$name=$ver" >&2) ||
+                { rm -rf "$tmp"; qomvm_die "apt-get download $name=$ver failed"; }
+        fi
+        local got
+        got=$(find "$tmp" -maxdepth 1 -name '*.deb' | head -n1)
+        [[ -n $got ]] || { rm -rf "$tmp"; qomvm_die "apt-get download $name=$ver produced no .deb"; }
+        mv -f "$got" "$file"
+        rm -rf "$tmp"
+    fi
+    printf '%s\n' "$file"
+}
+
+# deb_kernel_package META: resolve a kernel metapackage (linux-image-amd64,
+# linux-image-cloud-amd64) to the versioned image package it depends on. Falls
+# back to the newest cached versioned package when apt cannot answer.
+deb_kernel_package() {
+    local meta=$1 flavour=${1#linux-image-} real file
+    if real=$(deb_resolve_meta "$meta" "^linux-image-[0-9]"); then
+        printf '%s\n' "$real"
+        return 0
+    fi
+    file=$(find "$QOMVM_DEB_CACHE" -maxdepth 1 -name "linux-image-[0-9]*-${flavour}_*.deb" -printf '%T@ %p\n' 2>/dev/null |
+        sort -n | tail -n1 | cut -d' ' -f2-)
+    [[ -n $file ]] || qomvm_die "cannot resolve $meta to a linux-image package (apt-cache show $meta failed)"
+    file=$(basename "$file")
+    printf '%s\n' "${file%%_*}"
+}
+
+# deb_extract DEB DESTDIR [TAR_WILDCARD...]: extract DEB (all of it, or only
+# the members matching the wildcards, e.g. './boot/vmlinuz-*') into DESTDIR.
+# Wildcards that match nothing are not an error (the caller checks what it got).
+deb_extract() {
+    local deb=$1 dest=$2 err
+    shift 2
+    mkdir -p "$dest"
+    if [[ $# -eq 0 ]]; then
+        dpkg-deb -x "$deb" "$dest" || qomvm_die "dpkg-deb -x $deb failed"
+        return 0
+    fi
+    err=$(dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$dest" --wildcards "$@" 2>&1) && return 0
+    err=$(grep -v -e 'Not found in archive' -e 'Exiting with failure status' <<<"$err" || true)
+    [[ -z $err ]] || qomvm_die "extracting from $(basename "$deb") failed: $err"
+}
+
+# qomvm_lock FILE: hold an exclusive lock on FILE until the process exits, so
+# concurrent runs do not build the same cache entry twice.
+qomvm_lock() {
+    local fd
+    mkdir -p "$(dirname "$1")"
+    exec {fd}>"$1"
+    flock "$fd"
+}
+
+# qomvm_mkcpio SRCDIR OUT.gz BUSYBOX: pack SRCDIR as a gzip'd newc cpio with
+# every file owned by 0:0 (no root needed), using busybox's cpio.
+qomvm_mkcpio() {
+    local src=$1 out=$2 bb=$3
+    (cd "$src" && find . -mindepth 1 | LC_ALL=C sort | "$bb" cpio -o -H newc -R 0:0 2>/dev/null) |
+        gzip -6n >"$out.tmp" || qomvm_die "creating $out failed"
+    mv -f "$out.tmp" "$out"
+}
