@@ -117,6 +117,11 @@ pub enum Op {
     Hlt,
     /// `lidt [zero_idtr]; ud2`: #UD cannot be delivered (IDT limit 0),
     /// neither can the #GP nor the #DF, so the CPU shuts down.
+    ///
+    /// In [`Mode::Real`] the fault is raised after setting CR0.PE
+    /// (`lidt [zero_idtr]; mov eax, cr0; or al, 1; mov cr0, eax; ud2`):
+    /// KVM's real-mode interrupt emulation ignores the IDT limit and would
+    /// vector through IVT entry 6 instead of shutting down.
     TripleFault,
 }
 
@@ -607,9 +612,12 @@ impl Asm {
                 let idtr = self.zero_idtr();
                 match self.bits {
                     // lidt [disp16]   ; 0F 01 1E disp16
+                    // (real mode: then mov eax, cr0; or al, 1; mov cr0, eax
+                    //  = 0F 20 C0 0C 01 0F 22 C0, see `Op::TripleFault`)
                     16 => {
                         self.emit(&[0x0f, 0x01, 0x1e]);
                         self.fixup_abs16(idtr);
+                        self.emit(&[0x0f, 0x20, 0xc0, 0x0c, 0x01, 0x0f, 0x22, 0xc0]);
                     }
                     // lidt [disp32]   ; 0F 01 1D disp32
                     32 => {

@@ -11,11 +11,14 @@
 //! mod raw_kvm;
 //! ```
 //!
-//! VM setup (see [`RawVm::new`]): `KVM_SET_TSS_ADDR` (0xfffb_d000), one RAM
-//! slot at guest-physical 0, one vCPU whose CPUID is KVM's supported CPUID
-//! (needed for long mode: `EFER.LME` requires CPUID.LM), `CS` = 0/base 0,
-//! `RIP` = entry, `RFLAGS` = 2. No in-kernel irqchip, so `hlt` exits to
-//! user space.
+//! VM setup (see [`RawVm::new`]): `KVM_SET_TSS_ADDR` (0xfffb_d000; not
+//! needed on the PVM development host but required by KVM on Intel hosts
+//! without unrestricted guest), one RAM slot at guest-physical 0, one vCPU
+//! whose CPUID is KVM's supported CPUID with APIC ID 0 (needed for long
+//! mode: without CPUID.LM KVM refuses `EFER.LME`, the guest's `wrmsr`
+//! faults and the vCPU shuts down), `CS` = 0/base 0, `RIP` = entry,
+//! `RFLAGS` = 2. No in-kernel irqchip, so `hlt` exits to user space.
+//! `KVM_SET_IDENTITY_MAP_ADDR` is not used (Intel-only, not needed).
 //!
 //! kvm-ioctls 0.25 hands out I/O exits as `VcpuExit::IoOut(port, data)` /
 //! `IoIn(port, data)` where `data` is `size * count` bytes at
@@ -82,6 +85,78 @@ pub enum Stop {
     /// Internal error, failed entry, `KVM_RUN` error, unexpected exit.
     Error,
     MaxExits,
+    /// The guest ran for [`RUN_TIMEOUT`] (or the given timeout) without stopping (e.g. a loop
+    /// that never exits to user space).
+    Timeout,
+}
+
+/// Wall-clock limit of one [`run`].
+pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Kicks a thread out of `KVM_RUN` (EINTR) with `SIGUSR2` until dropped.
+struct Watchdog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+extern "C" fn noop_signal_handler(_: libc::c_int) {}
+
+impl Watchdog {
+    fn new(timeout: std::time::Duration) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        // SAFETY: installs a handler that does nothing (async-signal-safe)
+        // for SIGUSR2, without SA_RESTART so that KVM_RUN returns EINTR;
+        // the sigaction struct is fully initialised (zeroed, then set).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = noop_signal_handler as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut());
+        }
+        // SAFETY: pthread_self has no preconditions.
+        let target = unsafe { libc::pthread_self() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let fired = Arc::new(AtomicBool::new(false));
+        let (s, f) = (stop.clone(), fired.clone());
+        let thread = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            while !s.load(Ordering::Acquire) {
+                let now = std::time::Instant::now();
+                if now < deadline {
+                    std::thread::park_timeout(deadline - now);
+                    continue;
+                }
+                f.store(true, Ordering::Release);
+                // SAFETY: `target` is the thread that owns this watchdog; it
+                // joins this thread (in `drop`) before it can exit, so the
+                // pthread_t is valid. Repeated until stopped, in case a
+                // signal lands outside KVM_RUN.
+                unsafe { libc::pthread_kill(target, libc::SIGUSR2) };
+                std::thread::park_timeout(std::time::Duration::from_millis(10));
+            }
+        });
+        Watchdog {
+            stop,
+            fired,
+            thread: Some(thread),
+        }
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 /// The result of [`run`].
@@ -218,13 +293,20 @@ impl RawVm {
         let vcpu = vm
             .create_vcpu(0)
             .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-        let cpuid = kvm
+        let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
-        if std::env::var("NO_CPUID").is_err() {
-            vcpu.set_cpuid2(&cpuid)
-                .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+        // KVM reports the APIC ID of whichever host CPU ran the ioctl;
+        // give vCPU 0 APIC ID 0 (leaf 1 EBX[31:24], leaves 0xb/0x1f EDX).
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => e.ebx &= 0x00ff_ffff,
+                0xb | 0x1f => e.edx = 0,
+                _ => {}
+            }
         }
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
 
         let mut sregs = vcpu
             .get_sregs()
@@ -283,9 +365,31 @@ pub fn run(
     in_value: u8,
     max_exits: usize,
 ) -> RawRun {
+    run_with_timeout(
+        image,
+        mem_size,
+        mmio_read_value,
+        in_value,
+        max_exits,
+        RUN_TIMEOUT,
+    )
+}
+
+/// [`run`] with a wall-clock limit other than [`RUN_TIMEOUT`]; when it
+/// expires the vCPU is kicked out of `KVM_RUN` and the run stops with
+/// [`Stop::Timeout`].
+pub fn run_with_timeout(
+    image: &GuestImage,
+    mem_size: usize,
+    mmio_read_value: u32,
+    in_value: u8,
+    max_exits: usize,
+    timeout: std::time::Duration,
+) -> RawRun {
     let mut vm = RawVm::new(image, mem_size).unwrap_or_else(|e| panic!("raw KVM setup: {e}"));
     let mut exits = Vec::new();
     let mut exit_code = None;
+    let watchdog = Watchdog::new(timeout);
     let stop = loop {
         if exits.len() >= max_exits {
             break Stop::MaxExits;
@@ -338,7 +442,12 @@ pub fn run(
                 (RawExit::FailEntry { reason, cpu }, Some(Stop::Error))
             }
             Ok(other) => (RawExit::Other(format!("{other:?}")), Some(Stop::Error)),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                if watchdog.fired() {
+                    break Stop::Timeout;
+                }
+                continue;
+            }
             Err(e) => (RawExit::RunError(e.errno()), Some(Stop::Error)),
         };
         exits.push(exit);
@@ -346,6 +455,7 @@ pub fn run(
             break stop;
         }
     };
+    drop(watchdog);
     let regs = vm.vcpu.get_regs().unwrap_or_default();
     let sregs = vm.vcpu.get_sregs().unwrap_or_default();
     RawRun {
