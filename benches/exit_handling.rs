@@ -87,27 +87,38 @@ fn dispatch(c: &mut Criterion) {
     g.bench_function("mmio_read_64_regions", |b| {
         b.iter(|| memory.read(black_box(addr), 4))
     });
+    // What a vCPU thread does: dispatch through its own dispatcher, which keeps the flat
+    // view and checks it with one atomic load.
+    let mut io_vcpu = io.dispatcher();
+    g.bench_function("vcpu_pio_write", |b| {
+        b.iter(|| io_vcpu.write(black_box(0x3f8), 0x41, 1))
+    });
+    g.bench_function("vcpu_pio_read", |b| {
+        b.iter(|| io_vcpu.read(black_box(0x3f8), 1))
+    });
+    let mut memory_vcpu = memory.dispatcher();
+    g.bench_function("vcpu_mmio_write_64_regions", |b| {
+        b.iter(|| memory_vcpu.write(black_box(addr), 0x41, 4))
+    });
+    g.bench_function("vcpu_mmio_read_64_regions", |b| {
+        b.iter(|| memory_vcpu.read(black_box(addr), 4))
+    });
     g.finish();
 }
 
-fn round_trips(c: &mut Criterion) {
-    if let Some(reason) = vm::kvm_unusable() {
-        eprintln!("exit_handling: round trips skipped: {reason}");
-        return;
-    }
-    const PORT: u16 = 0x710;
+/// Times `iters` exits of a raw loop and of qomvm's vCPU loop running the same guest;
+/// prints both and their ratio.
+fn compare(
+    c: &mut Criterion,
+    name: &str,
+    image: &guest::GuestImage,
+    mut raw: raw_kvm::RawLoop,
+    map: impl FnOnce(&hw::core::machine::MachineState, Arc<Counter>),
+) {
     let mut g = c.benchmark_group("round_trip");
     g.sample_size(10).measurement_time(Duration::from_secs(3));
-
-    let pio_image = guest::build(
-        guest::Mode::Real,
-        &[guest::Op::Loop { port: PORT }],
-        vm::EXIT_PORT,
-        0,
-    );
-    let mut raw = raw_kvm::RawLoop::new(&pio_image, PORT).expect("raw KVM VM");
     let mut raw_ns = 0.0;
-    g.bench_function("pio_raw_kvm_run_loop", |b| {
+    g.bench_function(format!("{name}_raw_kvm_run_loop"), |b| {
         b.iter_custom(|iters| {
             let start = Instant::now();
             raw.run_exits(iters).unwrap();
@@ -117,19 +128,14 @@ fn round_trips(c: &mut Criterion) {
         })
     });
 
-    let test_vm = vm::TestVm::new(&pio_image, 1, "qemu64");
+    let test_vm = vm::TestVm::new(image, 1, "qemu64");
     let ms = machine_state(&test_vm.machine).unwrap();
     let counter = Arc::new(Counter::default());
-    ms.system_io()
-        .map(
-            PORT.into(),
-            MemoryRegion::new_io("counter", 1, counter.clone()),
-        )
-        .unwrap();
+    map(ms, counter.clone());
     let ops = ms.accel_ops().unwrap();
     ops.vm_start();
     let mut qomvm_ns = 0.0;
-    g.bench_function("pio_qomvm_vcpu_loop", |b| {
+    g.bench_function(format!("{name}_qomvm_vcpu_loop"), |b| {
         b.iter_custom(|iters| {
             let t = counter.time_next(iters);
             qomvm_ns = t.as_nanos() as f64 / iters as f64;
@@ -139,11 +145,43 @@ fn round_trips(c: &mut Criterion) {
     ops.shutdown();
     g.finish();
     println!(
-        "round trip (PIO): qomvm {:.0} ns/exit, raw KVM_RUN loop {:.0} ns/exit, ratio {:.3}",
-        qomvm_ns,
-        raw_ns,
+        "round trip ({name}): qomvm {qomvm_ns:.0} ns/exit, raw KVM_RUN loop {raw_ns:.0} ns/exit, ratio {:.3}",
         qomvm_ns / raw_ns
     );
+}
+
+fn round_trips(c: &mut Criterion) {
+    if let Some(reason) = vm::kvm_unusable() {
+        eprintln!("exit_handling: round trips skipped: {reason}");
+        return;
+    }
+    const PORT: u16 = 0x710;
+    let image = guest::build(
+        guest::Mode::Real,
+        &[guest::Op::Loop { port: PORT }],
+        vm::EXIT_PORT,
+        0,
+    );
+    let raw = raw_kvm::RawLoop::new(&image, PORT).expect("raw KVM VM");
+    compare(c, "pio", &image, raw, |ms, counter| {
+        ms.system_io()
+            .map(PORT.into(), MemoryRegion::new_io("counter", 1, counter))
+            .unwrap();
+    });
+
+    const ADDR: u32 = 0xfe10_0000;
+    let image = guest::build(
+        guest::Mode::Real,
+        &[guest::Op::MmioLoop { addr: ADDR }],
+        vm::EXIT_PORT,
+        0,
+    );
+    let raw = raw_kvm::RawLoop::new_mmio(&image, ADDR.into()).expect("raw KVM VM");
+    compare(c, "mmio", &image, raw, |ms, counter| {
+        ms.system_memory()
+            .map(ADDR.into(), MemoryRegion::new_io("counter", 4, counter))
+            .unwrap();
+    });
 }
 
 criterion_group!(benches, dispatch, round_trips);

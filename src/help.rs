@@ -141,6 +141,7 @@ pub fn device_properties(class: &ObjectClass) -> String {
 
 pub fn cpus() -> String {
     let mut out = String::from("Available CPUs:\n");
+    let flags: Vec<&str> = hw::i386::x86_cpu::FEATURES.iter().map(|f| f.name).collect();
     for class in qom::object_class_get_list(Some(TYPE_CPU), false) {
         let Some(cc) = class.get::<CpuClass>() else {
             continue;
@@ -152,5 +153,19 @@ pub fn cpus() -> String {
             cc.model_description.unwrap_or("")
         );
     }
+    // QEMU's layout: the flag names, wrapped, indented by two spaces.
+    out.push_str("\nRecognized CPUID flags:\n");
+    let mut line = String::from(" ");
+    for flag in flags {
+        if line.len() + flag.len() + 1 > 76 {
+            out.push_str(&line);
+            out.push('\n');
+            line = String::from(" ");
+        }
+        line.push(' ');
+        line.push_str(flag);
+    }
+    out.push_str(&line);
+    out.push('\n');
     out
 }

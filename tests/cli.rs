@@ -130,6 +130,8 @@ fn cpu_help_lists_models_and_accel_help_lists_kvm() {
             "{out}"
         );
     }
+    assert!(out.contains("\nRecognized CPUID flags:\n"), "{out}");
+    assert!(out.contains(" x2apic "), "{out}");
     let out = stdout(&qomvm(&["-accel", "help"]));
     assert!(out.lines().any(|l| l == "kvm"), "{out}");
     let o = qomvm(&["-M", "none", "-cpu", "qemu64,+warp", "-accel", "qtest"]);
@@ -162,5 +164,51 @@ fn a_guest_fault_ends_the_vm_with_a_register_dump() {
     assert!(
         err.contains("CS =f000 ffff0000 0000ffff 00009b00\n"),
         "{err}"
+    );
+}
+
+#[test]
+fn kvm_without_dev_kvm_fails_in_qemus_words() {
+    // A private mount namespace with an empty /dev: /dev/kvm is missing there only.
+    let probe = Command::new("unshare").args(["-m", "true"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping: cannot create a mount namespace (needs root and util-linux unshare)");
+        return;
+    }
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} -M none -accel kvm",
+        env!("CARGO_BIN_EXE_qomvm")
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "qomvm: -accel kvm: Could not access KVM kernel module: No such file or directory\n"
+    );
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} -M none,accel=kvm:qtest",
+        env!("CARGO_BIN_EXE_qomvm")
+    );
+    let mut child = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .env("RUST_LOG", "off")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // kvm fails, qtest initialises and the VM runs until killed.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "qtest did not take over"
+    );
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        stderr(&out),
+        "qomvm: -machine none,accel=kvm:qtest: Could not access KVM kernel module: No such file or directory\n"
     );
 }

@@ -200,3 +200,39 @@ fn a_guest_touching_every_port_and_stray_mmio_cannot_crash_the_vmm() {
     let vm = TestVm::new(&image, 1, "qemu64");
     assert_eq!(vm.run(), Some(RunRequest::DebugExit((0x15 << 1) | 1)));
 }
+
+#[test]
+fn pause_stops_every_vcpu_and_resume_restarts_them() {
+    require_kvm!();
+    let image = guest::build(Mode::Real, &[Op::Loop { port: RECORD_PORT }], EXIT_PORT, 0);
+    let vm = TestVm::new(&image, 2, "qemu64");
+    let ms = machine_state(&vm.machine).unwrap();
+    let ops = ms.accel_ops().unwrap();
+    let count = || vm.ports.count.load(Ordering::Relaxed);
+    let wait_for_progress = |from: u32| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while count() < from + 100 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest made no progress"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    ops.vm_start();
+    wait_for_progress(0);
+    // pause_all returns only once every vCPU is out of KVM_RUN and parked.
+    ops.pause_all();
+    let paused_at = count();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(count(), paused_at, "a paused guest kept running");
+    ops.resume_all();
+    wait_for_progress(paused_at);
+    ops.pause_all();
+    ops.resume_all();
+    wait_for_progress(count());
+    ops.shutdown();
+    let stopped_at = count();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(count(), stopped_at, "a stopped guest kept running");
+}

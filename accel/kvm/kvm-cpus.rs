@@ -8,12 +8,13 @@
 //! just before the vCPU enters the kernel.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 
 use hw::core::machine::{machine_state, RunRequest};
-use hw::core::memory::AddressSpace;
+use hw::core::memory::Dispatcher;
 use hw::i386::x86_cpu::X86Cpu;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -52,6 +53,9 @@ struct VcpuThread {
 /// friends, with a condition variable instead of polling).
 #[derive(Default)]
 pub struct VcpuSet {
+    /// `true` while the mode is Running: the vCPUs' per-exit check, a single atomic load,
+    /// so the hot path shares no lock.
+    running: AtomicBool,
     state: Mutex<SetState>,
     changed: Condvar,
     threads: Mutex<Vec<VcpuThread>>,
@@ -64,6 +68,7 @@ impl VcpuSet {
             return;
         }
         st.mode = mode;
+        self.running.store(mode == Mode::Running, Ordering::Release);
         self.changed.notify_all();
     }
 
@@ -90,6 +95,7 @@ impl VcpuSet {
         {
             let mut st = self.state.lock();
             st.mode = Mode::Stopping;
+            self.running.store(false, Ordering::Release);
             self.changed.notify_all();
         }
         self.kick_all();
@@ -120,6 +126,9 @@ impl VcpuSet {
     /// Called by a vCPU thread between runs: returns when it may run, `false` when it must
     /// end.
     fn wait_runnable(&self) -> bool {
+        if self.running.load(Ordering::Acquire) {
+            return true;
+        }
         let mut st = self.state.lock();
         loop {
             match st.mode {
@@ -291,11 +300,23 @@ fn vcpu_thread(
     let Some(ms) = machine_state(&machine) else {
         return;
     };
-    let io = ms.system_io().clone();
-    let memory = ms.system_memory().clone();
+    let io_space = ms.system_io().clone();
+    let memory_space = ms.system_memory().clone();
     drop(machine);
+    let mut io = io_space.dispatcher();
+    let mut memory = memory_space.dispatcher();
     let mut first_run = true;
-    while vm.vcpus.wait_runnable() {
+    let mut exit_pending = false;
+    loop {
+        if exit_pending && !vm.vcpus.running.load(Ordering::Acquire) {
+            // KVM finishes an I/O or MMIO instruction on the next KVM_RUN. Do that run now,
+            // with immediate_exit so no guest code runs, before parking: whoever acts on a
+            // paused vCPU (reset, register reads) must not see it mid-instruction.
+            complete_pending_exit(&mut vcpu);
+        }
+        if !vm.vcpus.wait_runnable() {
+            break;
+        }
         if first_run {
             first_run = false;
             if let Err(e) = x86::apply_boot_state(cpu, &mut vcpu) {
@@ -305,9 +326,12 @@ fn vcpu_thread(
                 break;
             }
         }
-        match run_once(&mut vcpu, &io, &memory, index) {
-            Step::Continue => {}
-            Step::Interrupted => vcpu.set_kvm_immediate_exit(0),
+        match run_once(&mut vcpu, &mut io, &mut memory, index) {
+            Step::Continue => exit_pending = true,
+            Step::Interrupted => {
+                vcpu.set_kvm_immediate_exit(0);
+                exit_pending = false;
+            }
             Step::End(req) => {
                 request(vm, req);
                 vm.vcpus.park_until_stopped();
@@ -316,6 +340,15 @@ fn vcpu_thread(
         }
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+}
+
+fn complete_pending_exit(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        other => log::warn!("completing a pending exit returned {:?}", other.map(|_| ())),
+    }
+    vcpu.set_kvm_immediate_exit(0);
 }
 
 fn request(vm: &KvmVm, req: RunRequest) {
@@ -328,7 +361,7 @@ fn request(vm: &KvmVm, req: RunRequest) {
 
 /// One `KVM_RUN` and the handling of its exit (QEMU's `kvm_cpu_exec`).
 #[inline]
-fn run_once(vcpu: &mut VcpuFd, io: &AddressSpace, memory: &AddressSpace, index: u32) -> Step {
+fn run_once(vcpu: &mut VcpuFd, io: &mut Dispatcher, memory: &mut Dispatcher, index: u32) -> Step {
     let is_io = match vcpu.run() {
         Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => true,
         Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -398,7 +431,7 @@ fn run_once(vcpu: &mut VcpuFd, io: &AddressSpace, memory: &AddressSpace, index: 
 
 /// Port I/O, including string I/O (`rep outsb`: `count` accesses of `size` bytes).
 #[inline]
-fn handle_io(vcpu: &mut VcpuFd, io: &AddressSpace) {
+fn handle_io(vcpu: &mut VcpuFd, io: &mut Dispatcher) {
     let run = vcpu.get_kvm_run();
     // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the union member KVM filled in.
     let exit = unsafe { run.__bindgen_anon_1.io };

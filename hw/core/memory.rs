@@ -133,9 +133,16 @@ impl FlatRange {
 #[derive(Clone, Default)]
 pub struct FlatView {
     ranges: Vec<FlatRange>,
+    /// `ranges[i].start`, packed so the binary search touches few cache lines.
+    starts: Vec<u64>,
 }
 
 impl FlatView {
+    fn from_ranges(ranges: Vec<FlatRange>) -> Self {
+        let starts = ranges.iter().map(|r| r.start).collect();
+        FlatView { ranges, starts }
+    }
+
     /// The mapped ranges, by address.
     pub fn ranges(&self) -> &[FlatRange] {
         &self.ranges
@@ -145,10 +152,75 @@ impl FlatView {
     fn lookup(&self, addr: u64) -> Option<&FlatRange> {
         // The ranges are sorted and disjoint: the candidate is the last one starting at or
         // below `addr`.
-        let i = self.ranges.partition_point(|r| r.start <= addr);
+        let i = self.starts.partition_point(|&start| start <= addr);
         let r = self.ranges.get(i.checked_sub(1)?)?;
         (addr <= r.last).then_some(r)
     }
+
+    #[inline]
+    fn read(&self, space: &AddressSpace, addr: u64, size: u32) -> u64 {
+        match self.lookup(addr) {
+            Some(r) => r.region.ops.read(addr - r.start, size),
+            None => {
+                space.unassigned.log(&space.name, "", addr, size, None);
+                all_ones(size)
+            }
+        }
+    }
+
+    #[inline]
+    fn write(&self, space: &AddressSpace, addr: u64, value: u64, size: u32) {
+        match self.lookup(addr) {
+            Some(r) => r.region.ops.write(addr - r.start, value, size),
+            None => space.unassigned.log(&space.name, "", addr, size, Some(value)),
+        }
+    }
+}
+
+/// A vCPU's handle on an address space: it keeps the current flat view and checks with one
+/// atomic load whether it is still current, so a dispatch touches no shared counter (QEMU's
+/// vCPUs read the flatview under RCU for the same reason).
+pub struct Dispatcher<'a> {
+    space: &'a AddressSpace,
+    view: arc_swap::Cache<&'a ArcSwap<FlatView>, Arc<FlatView>>,
+}
+
+impl Dispatcher<'_> {
+    /// Dispatches a read (see [`AddressSpace::read`]).
+    #[inline]
+    pub fn read(&mut self, addr: u64, size: u32) -> u64 {
+        let space = self.space;
+        self.view.load().read(space, addr, size)
+    }
+
+    /// Dispatches a write (see [`AddressSpace::write`]).
+    #[inline]
+    pub fn write(&mut self, addr: u64, value: u64, size: u32) {
+        let space = self.space;
+        self.view.load().write(space, addr, value, size)
+    }
+
+    /// Reads `data.len()` bytes (1, 2, 4 or 8) little-endian, as a KVM exit hands them over.
+    #[inline]
+    pub fn read_bytes(&mut self, addr: u64, data: &mut [u8]) {
+        let size = data.len().min(8);
+        let value = self.read(addr, size as u32);
+        data[..size].copy_from_slice(&value.to_le_bytes()[..size]);
+    }
+
+    /// Writes `data` (1, 2, 4 or 8 bytes, little-endian), as a KVM exit hands it over.
+    #[inline]
+    pub fn write_bytes(&mut self, addr: u64, data: &[u8]) {
+        self.write(addr, le_value(data), data.len().min(8) as u32);
+    }
+}
+
+#[inline]
+fn le_value(data: &[u8]) -> u64 {
+    let size = data.len().min(8);
+    let mut buf = [0u8; 8];
+    buf[..size].copy_from_slice(&data[..size]);
+    u64::from_le_bytes(buf)
 }
 
 /// Logs accesses that hit no region, at most a few times per second, so a guest cannot
@@ -287,9 +359,9 @@ impl AddressSpace {
                 other_end: other.last.wrapping_add(1),
             });
         }
-        let mut next = FlatView::clone(&current);
-        let at = next.ranges.partition_point(|r| r.start < base);
-        next.ranges.insert(
+        let mut ranges = current.ranges.clone();
+        let at = ranges.partition_point(|r| r.start < base);
+        ranges.insert(
             at,
             FlatRange {
                 start: base,
@@ -297,16 +369,16 @@ impl AddressSpace {
                 region,
             },
         );
-        self.view.store(Arc::new(next));
+        self.view.store(Arc::new(FlatView::from_ranges(ranges)));
         Ok(())
     }
 
     /// Unmaps `region` wherever it is mapped (QEMU's `memory_region_del_subregion`).
     pub fn unmap(&self, region: &Arc<MemoryRegion>) {
         let _writer = self.update.lock();
-        let mut next = FlatView::clone(&self.view.load());
-        next.ranges.retain(|r| !Arc::ptr_eq(&r.region, region));
-        self.view.store(Arc::new(next));
+        let mut ranges = self.view.load().ranges.clone();
+        ranges.retain(|r| !Arc::ptr_eq(&r.region, region));
+        self.view.store(Arc::new(FlatView::from_ranges(ranges)));
     }
 
     /// The current flat view (for `info mtree`).
@@ -314,27 +386,24 @@ impl AddressSpace {
         self.view.load_full()
     }
 
+    /// A per-thread dispatcher for the vCPU hot path.
+    pub fn dispatcher(&self) -> Dispatcher<'_> {
+        Dispatcher {
+            space: self,
+            view: arc_swap::Cache::new(&self.view),
+        }
+    }
+
     /// Dispatches a read. Hits nothing: all ones, logged (rate-limited).
     #[inline]
     pub fn read(&self, addr: u64, size: u32) -> u64 {
-        let view = self.view.load();
-        match view.lookup(addr) {
-            Some(r) => r.region.ops.read(addr - r.start, size),
-            None => {
-                self.unassigned.log(&self.name, "", addr, size, None);
-                all_ones(size)
-            }
-        }
+        self.view.load().read(self, addr, size)
     }
 
     /// Dispatches a write. Hits nothing: dropped, logged (rate-limited).
     #[inline]
     pub fn write(&self, addr: u64, value: u64, size: u32) {
-        let view = self.view.load();
-        match view.lookup(addr) {
-            Some(r) => r.region.ops.write(addr - r.start, value, size),
-            None => self.unassigned.log(&self.name, "", addr, size, Some(value)),
-        }
+        self.view.load().write(self, addr, value, size)
     }
 
     /// Reads `data.len()` bytes (1, 2, 4 or 8) little-endian, as a KVM exit hands them over.
@@ -348,10 +417,7 @@ impl AddressSpace {
     /// Writes `data` (1, 2, 4 or 8 bytes, little-endian), as a KVM exit hands it over.
     #[inline]
     pub fn write_bytes(&self, addr: u64, data: &[u8]) {
-        let size = data.len().min(8);
-        let mut buf = [0u8; 8];
-        buf[..size].copy_from_slice(&data[..size]);
-        self.write(addr, u64::from_le_bytes(buf), size as u32);
+        self.write(addr, le_value(data), data.len().min(8) as u32);
     }
 }
 
@@ -416,6 +482,20 @@ mod tests {
         assert_eq!(space.read(u64::MAX, 8), 0xfff);
         space.unmap(&top);
         assert_eq!(space.read(u64::MAX, 4), 0xffff_ffff);
+    }
+
+    #[test]
+    fn a_dispatcher_sees_map_changes() {
+        let space = AddressSpace::new_io();
+        let mut d = space.dispatcher();
+        assert_eq!(d.read(0x70, 1), 0xff);
+        let dev = Arc::new(Scratch::default());
+        let region = MemoryRegion::new_io("rtc", 2, dev);
+        space.map(0x70, region.clone()).unwrap();
+        d.write(0x70, 5, 1);
+        assert_eq!(d.read(0x71, 1), 6);
+        space.unmap(&region);
+        assert_eq!(d.read(0x71, 1), 0xff);
     }
 
     #[test]

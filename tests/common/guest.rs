@@ -113,6 +113,8 @@ pub enum Op {
     /// `mov dx, port; xor eax, eax; 1: out dx, al; jmp 1b` (never ends;
     /// ops after it are unreachable).
     Loop { port: u16 },
+    /// `mov edi, addr; xor eax, eax; 1: mov [edi], eax; jmp 1b` (never ends).
+    MmioLoop { addr: u32 },
     /// `hlt` (continues with the next op if the vCPU is woken up).
     Hlt,
     /// `lidt [zero_idtr]; ud2`: #UD cannot be delivered (IDT limit 0),
@@ -129,9 +131,12 @@ pub enum Op {
 /// `out exit_port, exit_code` (isa-debug-exit style) and loops on `hlt`.
 pub fn build(mode: Mode, ops: &[Op], exit_port: u16, exit_code: u8) -> GuestImage {
     let mut a = Asm::new(LOAD_ADDR);
-    let uses_mmio = ops
-        .iter()
-        .any(|op| matches!(op, Op::MmioWriteL { .. } | Op::MmioReadL { .. }));
+    let uses_mmio = ops.iter().any(|op| {
+        matches!(
+            op,
+            Op::MmioWriteL { .. } | Op::MmioReadL { .. } | Op::MmioLoop { .. }
+        )
+    });
     a.real_mode_prologue();
     match mode {
         Mode::Real => {
@@ -605,6 +610,15 @@ impl Asm {
                 self.emit(&[0x31, 0xc0]); // xor eax, eax (xor ax, ax in real mode)
                 let top = self.here();
                 self.emit(&[0xee]); // out dx, al
+                self.jcc_short_back(0xeb, top); // jmp top
+            }
+            Op::MmioLoop { addr } => {
+                self.mov_edi_imm32(addr);
+                self.emit(&[0x31, 0xc0]); // xor eax, eax
+                let top = self.here();
+                self.asz32();
+                self.osz32();
+                self.emit(&[0x89, 0x07]); // mov [edi], eax
                 self.jcc_short_back(0xeb, top); // jmp top
             }
             Op::Hlt => self.emit(&[0xf4]),

@@ -473,30 +473,48 @@ pub fn run_with_timeout(
 /// `Op::Loop { port }`).
 pub struct RawLoop {
     vm: RawVm,
-    port: u16,
+    target: LoopTarget,
+}
+
+/// What the guest loop exits on.
+#[derive(Clone, Copy)]
+enum LoopTarget {
+    Port(u16),
+    Mmio(u64),
 }
 
 impl RawLoop {
     /// RAM size used by [`RawLoop::new`] (the images fit in 64 KiB).
     pub const MEM_SIZE: usize = 1 << 20;
 
+    /// A loop of `out` to `loop_port` (image built with [`crate::guest::Op::Loop`]).
     pub fn new(image: &GuestImage, loop_port: u16) -> Result<Self, String> {
         Ok(RawLoop {
             vm: RawVm::new(image, Self::MEM_SIZE)?,
-            port: loop_port,
+            target: LoopTarget::Port(loop_port),
         })
     }
 
-    /// Runs until `n` `out` exits to the loop port have been handled.
+    /// A loop of MMIO writes to `addr` (image built with [`crate::guest::Op::MmioLoop`]).
+    pub fn new_mmio(image: &GuestImage, addr: u64) -> Result<Self, String> {
+        Ok(RawLoop {
+            vm: RawVm::new(image, Self::MEM_SIZE)?,
+            target: LoopTarget::Mmio(addr),
+        })
+    }
+
+    /// Runs until `n` exits to the loop's port or address have been handled.
     /// Any other exit is an error. No allocation or logging per exit.
     pub fn run_exits(&mut self, n: u64) -> Result<(), String> {
         let mut done = 0;
+        let target = self.target;
         while done < n {
-            match self.vm.vcpu.run() {
-                Ok(VcpuExit::IoOut(port, _)) if port == self.port => done += 1,
-                Ok(other) => return Err(format!("unexpected exit after {done}: {other:?}")),
-                Err(e) if e.errno() == libc::EINTR => {}
-                Err(e) => return Err(format!("KVM_RUN after {done} exits: {e}")),
+            match (self.vm.vcpu.run(), target) {
+                (Ok(VcpuExit::IoOut(port, _)), LoopTarget::Port(p)) if port == p => done += 1,
+                (Ok(VcpuExit::MmioWrite(addr, _)), LoopTarget::Mmio(a)) if addr == a => done += 1,
+                (Ok(other), _) => return Err(format!("unexpected exit after {done}: {other:?}")),
+                (Err(e), _) if e.errno() == libc::EINTR => {}
+                (Err(e), _) => return Err(format!("KVM_RUN after {done} exits: {e}")),
             }
         }
         Ok(())
