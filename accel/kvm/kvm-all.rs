@@ -166,6 +166,12 @@ impl AccelOps for KvmVm {
         crate::kvm::kvm_cpus::start_vcpu_thread(&self.arc(), cpu).map_err(Error::other)
     }
 
+    fn set_irq(&self, gsi: u32, level: bool) {
+        if let Err(e) = self.vm.set_irq_line(gsi, level) {
+            log::warn!("KVM_IRQ_LINE {gsi}: {}", errno_text(e.errno()));
+        }
+    }
+
     fn vm_start(&self) {
         self.vcpus.start();
     }
@@ -180,6 +186,9 @@ impl AccelOps for KvmVm {
 
     fn shutdown(&self) {
         self.vcpus.stop();
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

@@ -1,17 +1,65 @@
 //! The `qtest` accelerator (QEMU's `accel/qtest/qtest.c`): runs no guest code. The machine
-//! and its devices are built as usual, and tests drive the buses directly, so device models
-//! are tested on every machine, with or without `/dev/kvm`.
+//! and its devices are built as usual, RAM is allocated but seen by no vCPU, interrupt
+//! levels are recorded, and tests drive the buses directly, so device models are tested on
+//! every machine, with or without `/dev/kvm`.
 
-use qom::{type_init, ObjectClass, ObjectRef};
+use std::sync::Arc;
+
+use hw::core::accel_ops::{AccelOps, RamBlock};
+use hw::core::machine::machine_state;
+use parking_lot::Mutex;
+use qom::{type_init, Error, ObjectClass, ObjectRef};
 
 use crate::accel_system::{AccelClass, AccelError, TYPE_ACCEL};
 
 /// QEMU's `TYPE_QTEST_ACCEL`.
 pub const TYPE_QTEST_ACCEL: &str = "qtest-accel";
 
-fn qtest_init_machine(_accel: &ObjectRef, _machine: &ObjectRef) -> Result<(), AccelError> {
-    // Nothing to set up: no guest code runs, memory and ports are reached through the
-    // machine's address spaces.
+/// The qtest accelerator's operations: no vCPU runs; interrupt levels are kept for tests.
+#[derive(Default)]
+pub struct QtestOps {
+    irq_levels: Mutex<Vec<bool>>,
+}
+
+impl QtestOps {
+    /// The level of GSI `gsi` as devices last set it.
+    pub fn irq_level(&self, gsi: u32) -> bool {
+        self.irq_levels
+            .lock()
+            .get(gsi as usize)
+            .copied()
+            .unwrap_or(false)
+    }
+}
+
+impl AccelOps for QtestOps {
+    fn map_ram(&self, _block: RamBlock) -> Result<(), Error> {
+        Ok(())
+    }
+    fn create_vcpu_thread(&self, _cpu: &ObjectRef) -> Result<(), Error> {
+        // No guest code runs under qtest, so a CPU needs no thread.
+        Ok(())
+    }
+    fn set_irq(&self, gsi: u32, level: bool) {
+        let mut levels = self.irq_levels.lock();
+        let i = gsi as usize;
+        if levels.len() <= i {
+            levels.resize(i + 1, false);
+        }
+        levels[i] = level;
+    }
+    fn vm_start(&self) {}
+    fn pause_all(&self) {}
+    fn resume_all(&self) {}
+    fn shutdown(&self) {}
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+fn qtest_init_machine(_accel: &ObjectRef, machine: &ObjectRef) -> Result<(), AccelError> {
+    let ms = machine_state(machine).ok_or(AccelError::NoneWorked)?;
+    ms.set_accel_ops(Arc::new(QtestOps::default()));
     Ok(())
 }
 

@@ -28,6 +28,8 @@ pub trait AccelOps: Send + Sync {
     /// `create_vcpu_thread`, `qemu_init_vcpu`). The vCPU does not run guest code until
     /// [`AccelOps::vm_start`].
     fn create_vcpu_thread(&self, cpu: &ObjectRef) -> Result<(), Error>;
+    /// Sets the level of interrupt controller input (GSI) `gsi` (QEMU's `kvm_set_irq`).
+    fn set_irq(&self, gsi: u32, level: bool);
     /// Lets every vCPU run (QEMU's `vm_start` -> `resume_all_vcpus`).
     fn vm_start(&self);
     /// Stops every vCPU outside guest mode and waits until they are (QEMU's
@@ -37,6 +39,8 @@ pub trait AccelOps: Send + Sync {
     fn resume_all(&self);
     /// Ends every vCPU thread and waits for them (at exit).
     fn shutdown(&self);
+    /// The accelerator as `Any`, for tests that look at a particular accelerator's state.
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// A shared handle to the accelerator's operations.

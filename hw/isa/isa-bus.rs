@@ -7,6 +7,7 @@ use parking_lot::Mutex;
 use qom::{type_init, Error, Object, ObjectClass, ObjectRef};
 
 use crate::core::bus::{qbus_new, TYPE_BUS};
+use crate::core::irq::IrqLine;
 use crate::core::memory::{AddressSpace, MemoryError, MemoryRegion};
 use crate::core::qdev::{device_class_mut, DeviceMethods, TYPE_DEVICE};
 
@@ -15,11 +16,15 @@ pub const TYPE_ISA_BUS: &str = "ISA";
 /// QEMU's `TYPE_ISA_DEVICE`.
 pub const TYPE_ISA_DEVICE: &str = "isa-device";
 
-/// The ISA bus's state: the I/O space its devices' ports go into.
+/// The ISA bus's state: the I/O space its devices' ports go into, and its 16 IRQ lines.
 #[derive(Default)]
 pub struct IsaBus {
     io: Mutex<Option<Arc<AddressSpace>>>,
+    irqs: Mutex<Vec<IrqLine>>,
 }
+
+/// Number of ISA interrupt lines.
+pub const ISA_NUM_IRQS: usize = 16;
 
 /// What an ISA device remembers of what it mapped, to unmap it on unrealize.
 #[derive(Default)]
@@ -65,6 +70,22 @@ pub fn isa_bus_new(parent: &ObjectRef, name: &str, io: Arc<AddressSpace>) -> Res
         .io
         .lock() = Some(io);
     Ok(bus)
+}
+
+/// QEMU's `isa_bus_register_input_irqs`: connects the bus's IRQ lines (the board does, to
+/// the interrupt controller).
+pub fn isa_bus_set_irqs(bus: &Object, irqs: Vec<IrqLine>) {
+    if let Some(state) = bus.downcast::<IsaBus>() {
+        *state.irqs.lock() = irqs;
+    }
+}
+
+/// QEMU's `isa_get_irq`: ISA IRQ `n` of the bus `dev` is plugged into; a disconnected line
+/// when the device is on no bus or the board connected none.
+pub fn isa_get_irq(dev: &Object, n: usize) -> IrqLine {
+    dev.parent_bus()
+        .and_then(|bus| bus.downcast::<IsaBus>().and_then(|s| s.irqs.lock().get(n).cloned()))
+        .unwrap_or_default()
 }
 
 fn isa_bus_io(bus: &Object) -> Option<Arc<AddressSpace>> {
