@@ -11,7 +11,7 @@ use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property, PropertyKi
 use crate::core::bus::TYPE_BUS;
 use crate::core::irq::IrqLine;
 use crate::core::memory::{AddressSpace, MemoryRegion};
-use crate::core::qdev::{device_class_mut, DeviceCategory, DeviceMethods, TYPE_DEVICE};
+use crate::core::qdev::{device_class_mut, DeviceCategory, DeviceMethods, RealizeFn, TYPE_DEVICE};
 
 /// QEMU's `TYPE_PCI_BUS`.
 pub const TYPE_PCI_BUS: &str = "PCI";
@@ -90,7 +90,7 @@ pub struct PciDeviceClass {
     /// INTx pin used (0 none, 1 INTA .. 4 INTD).
     pub interrupt_pin: u8,
     /// The device's own realize, run after the configuration header is set up.
-    pub realize: Option<fn(&Object) -> Result<(), Error>>,
+    pub realize: Option<RealizeFn>,
     /// Called after a configuration write the generic code has applied.
     pub config_write: Option<fn(&Object, usize, u32, usize)>,
 }
