@@ -1,0 +1,177 @@
+//! PIIX4 power management (QEMU's `hw/acpi/piix4.c`, `PIIX4_PM` at 00:01.3): the ACPI
+//! PM1a event and control registers and the PM timer at I/O base 0x600, the SCI on IRQ 9,
+//! the power button, and soft power-off (S5) through SLP_EN.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use qom::{type_init, Error, Object, ObjectClass, ObjectRef, WeakObjectRef};
+
+use crate::core::irq::{GsiRouter, IrqLine};
+use crate::core::machine::{machine_of, machine_state, RunRequest};
+use crate::core::memory::{MemoryRegion, MemoryRegionOps};
+use crate::core::qdev::{device_class_mut, DeviceCategory};
+use crate::pci::pci::{pci_config_set, PciDeviceClass, TYPE_PCI_DEVICE};
+
+/// QEMU's `TYPE_PIIX4_PM`.
+pub const TYPE_PIIX4_PM: &str = "PIIX4_PM";
+/// Where firmware puts the PM registers on a PC (QEMU's SeaBIOS and our ACPI tables).
+pub const PM_IO_BASE: u16 = 0x600;
+/// The SCI's ISA IRQ.
+pub const SCI_IRQ: u32 = 9;
+
+/// PM1 status/enable bits.
+const PM1_TMR: u16 = 1 << 0;
+const PM1_PWRBTN: u16 = 1 << 8;
+/// PM1 control bits.
+const PM1_CNT_SCI_EN: u16 = 1 << 0;
+const PM1_CNT_SLP_EN: u16 = 1 << 13;
+/// SLP_TYP value the DSDT's `\_S5` names (QEMU's PIIX4 uses 0 for soft off).
+pub const SLP_TYP_S5: u16 = 0;
+/// The ACPI PM timer runs at 3.579545 MHz.
+const PM_TIMER_HZ: u128 = 3_579_545;
+
+struct PmRegs {
+    sts: u16,
+    en: u16,
+    cnt: u16,
+}
+
+/// The PM register block.
+struct Pm {
+    regs: Mutex<PmRegs>,
+    start: Instant,
+    sci: IrqLine,
+    machine: WeakObjectRef,
+}
+
+impl Pm {
+    fn update_sci(&self, regs: &PmRegs) {
+        self.sci.set(regs.sts & regs.en & (PM1_PWRBTN | PM1_TMR) != 0);
+    }
+
+    fn timer(&self) -> u32 {
+        let ticks = self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
+        (ticks & 0x00ff_ffff) as u32
+    }
+}
+
+impl MemoryRegionOps for Pm {
+    fn read(&self, offset: u64, size: u32) -> u64 {
+        let regs = self.regs.lock();
+        let value: u64 = match offset {
+            0 => u64::from(regs.sts) | (u64::from(regs.en) << 16),
+            1 => u64::from(regs.sts >> 8),
+            2 => regs.en.into(),
+            3 => u64::from(regs.en >> 8),
+            4 => regs.cnt.into(),
+            5 => u64::from(regs.cnt >> 8),
+            8..=11 => u64::from(self.timer()) >> (8 * (offset - 8)),
+            _ => 0,
+        };
+        value & (u64::MAX >> (64 - 8 * size.min(8)))
+    }
+
+    fn write(&self, offset: u64, value: u64, size: u32) {
+        let mut regs = self.regs.lock();
+        match (offset, size) {
+            // PM1_STS bits are write-one-to-clear; a dword write also sets PM1_EN.
+            (0, 4) => {
+                regs.sts &= !(value as u16);
+                regs.en = (value >> 16) as u16;
+            }
+            (0, _) => regs.sts &= !(value as u16),
+            (2, _) => regs.en = value as u16,
+            (4, _) => {
+                let cnt = value as u16;
+                regs.cnt = cnt & !PM1_CNT_SLP_EN;
+                if cnt & PM1_CNT_SLP_EN != 0 {
+                    let slp_typ = (cnt >> 10) & 7;
+                    if slp_typ == SLP_TYP_S5 {
+                        if let Some(ms) = self.machine.upgrade().as_deref().and_then(machine_state) {
+                            ms.run_state().request(RunRequest::GuestShutdown);
+                        }
+                    } else {
+                        log::warn!("PIIX4_PM: sleep type {slp_typ} is not supported; ignored");
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.update_sci(&regs);
+    }
+}
+
+/// What the device keeps: its register block, for the power button.
+#[derive(Default)]
+pub struct Piix4Pm {
+    pm: Mutex<Option<Arc<Pm>>>,
+}
+
+/// Presses the ACPI power button (QEMU's `acpi_pm1_evt_power_down`): the guest gets an SCI
+/// and, if it listens, powers off. Returns `false` if the device is not realized.
+pub fn piix4_pm_power_button(dev: &Object) -> bool {
+    let Some(pm) = dev.downcast::<Piix4Pm>().and_then(|p| p.pm.lock().clone()) else {
+        return false;
+    };
+    let mut regs = pm.regs.lock();
+    regs.sts |= PM1_PWRBTN;
+    pm.update_sci(&regs);
+    true
+}
+
+/// Realize errors.
+#[derive(Debug, thiserror::Error)]
+enum PmError {
+    #[error("PIIX4_PM: not part of a machine")]
+    NoMachine,
+}
+
+fn piix4_pm_realize(dev: &Object) -> Result<(), Error> {
+    let machine: ObjectRef = machine_of(dev).ok_or_else(|| Error::other(PmError::NoMachine))?;
+    let ms = machine_state(&machine).expect("machines have a MachineState");
+    let pm = Arc::new(Pm {
+        regs: Mutex::new(PmRegs {
+            sts: 0,
+            en: 0,
+            // No SMI handshake exists without firmware: the machine starts in ACPI mode.
+            cnt: PM1_CNT_SCI_EN,
+        }),
+        start: Instant::now(),
+        sci: IrqLine::new(GsiRouter::new(&machine), SCI_IRQ),
+        machine: machine.downgrade(),
+    });
+    // PMBA (0x40) and PMREGMISC (0x80) as firmware programs them.
+    pci_config_set(dev, 0x40, &u32::from(PM_IO_BASE | 1).to_le_bytes());
+    pci_config_set(dev, 0x80, &[1]);
+    pci_config_set(dev, crate::pci::pci::config::INTERRUPT_LINE, &[SCI_IRQ as u8]);
+    ms.system_io()
+        .map(PM_IO_BASE.into(), MemoryRegion::new_io("acpi-pm", 0x40, pm.clone()))
+        .map_err(Error::other)?;
+    if let Some(state) = dev.downcast::<Piix4Pm>() {
+        *state.pm.lock() = Some(pm);
+    }
+    Ok(())
+}
+
+fn piix4_pm_class_init(class: &mut ObjectClass) {
+    if let Some(pc) = class.get_mut::<PciDeviceClass>() {
+        pc.vendor_id = 0x8086;
+        pc.device_id = 0x7113;
+        pc.revision = 0x03;
+        pc.class_id = 0x0680;
+        pc.realize = Some(piix4_pm_realize);
+    }
+    let dc = device_class_mut(class);
+    dc.desc = Some("PM");
+    dc.category = DeviceCategory::Bridge;
+    dc.user_creatable = false;
+}
+
+type_init! {
+    name: TYPE_PIIX4_PM,
+    parent: Some(TYPE_PCI_DEVICE),
+    class_init: Some(piix4_pm_class_init),
+    instance: Some(qom::InstanceSpec::of::<Piix4Pm>()),
+}

@@ -1,0 +1,167 @@
+//! The `pc-i440fx` machine (QEMU's `hw/i386/pc_piix.c`): `pc_init1` builds the CPUs from
+//! `-smp`, RAM below and above 4 GiB around the PCI hole, the i440FX host bridge and `pci.0`,
+//! PIIX3 with the ISA bus, PIIX4 power management with ACPI, and the PC's ISA devices.
+
+use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property};
+
+use crate::core::cpu::machine_create_cpus;
+use crate::core::machine::{machine_class_mut, machine_state, MachineError, TYPE_MACHINE};
+use crate::core::qdev::{qdev_new, qdev_realize, QdevError};
+use crate::i386::pc::pc_basic_ports_init;
+use crate::pci_host::i440fx::{TYPE_I440FX_PCI_DEVICE, TYPE_I440FX_PCI_HOST_BRIDGE};
+
+/// QEMU's `TYPE_X86_MACHINE`.
+pub const TYPE_X86_MACHINE: &str = "x86-machine";
+/// QEMU's `TYPE_PC_MACHINE`.
+pub const TYPE_PC_MACHINE: &str = "generic-pc-machine";
+/// The current i440FX machine version.
+pub const TYPE_PC_I440FX_MACHINE: &str = "pc-i440fx-10.0-machine";
+
+/// Start of the 32-bit PCI hole on i440FX boards.
+const PCI_HOLE_START: u64 = 0xe000_0000;
+
+/// QEMU's pc_piix RAM split: RAM below 4 GiB ends at the PCI hole; with as much RAM as the
+/// hole's start or more, it ends at 3 GiB (gigabyte alignment), the rest goes above 4 GiB.
+pub fn pc_ram_split(ram_size: u64) -> (u64, u64) {
+    let lowmem = if ram_size >= PCI_HOLE_START {
+        0xc000_0000
+    } else {
+        PCI_HOLE_START
+    };
+    let below = ram_size.min(lowmem);
+    (below, ram_size - below)
+}
+
+const X86_MACHINE_PROPERTIES: &[Property] = &[
+    Property::bool("acpi", true, "Enable ACPI"),
+    Property::bool("pit", true, "Enable i8254 PIT"),
+    Property::bool("hpet", false, "Enable the HPET (not emulated: only off is accepted)"),
+    Property::enumeration(
+        "kernel-irqchip",
+        "OnOffSplit",
+        &["on", "off", "split"],
+        "on",
+        "Configure KVM in-kernel irqchip",
+    ),
+    Property::enumeration("smm", "OnOffAuto", &["on", "off", "auto"], "auto", "Enable SMM"),
+    Property::enumeration("vmport", "OnOffAuto", &["on", "off", "auto"], "auto", "Enable vmport"),
+];
+
+fn x86_machine_class_init(class: &mut ObjectClass) {
+    for p in X86_MACHINE_PROPERTIES {
+        class.add_property(p.clone());
+    }
+}
+
+type_init! {
+    name: TYPE_X86_MACHINE,
+    parent: Some(TYPE_MACHINE),
+    abstract_: true,
+    class_init: Some(x86_machine_class_init),
+}
+
+fn pc_machine_class_init(class: &mut ObjectClass) {
+    let mc = machine_class_mut(class);
+    mc.default_cpu_type = Some("qemu64-x86_64-cpu");
+    mc.max_cpus = 255;
+}
+
+type_init! {
+    name: TYPE_PC_MACHINE,
+    parent: Some(TYPE_X86_MACHINE),
+    abstract_: true,
+    class_init: Some(pc_machine_class_init),
+}
+
+/// Refuses what the board cannot do, by property name (QEMU would build it).
+fn check_unsupported(machine: &Object) -> Result<(), MachineError> {
+    let unsupported = |what: &str| Err(MachineError::Unsupported(what.to_string()));
+    if !machine.prop_bool("pit")? {
+        return unsupported("pit=off is not supported: KVM's in-kernel PIT is always created");
+    }
+    match machine.prop_str("kernel-irqchip")?.as_str() {
+        "on" => {}
+        other => {
+            return unsupported(&format!(
+                "kernel-irqchip={other} is not supported: qomvm always uses KVM's in-kernel irqchip"
+            ))
+        }
+    }
+    if machine.prop_bool("hpet")? {
+        return unsupported("hpet=on is not supported: qomvm has no HPET");
+    }
+    if machine.prop_str("smm")? == "on" {
+        return unsupported("smm=on is not supported");
+    }
+    if machine.prop_str("vmport")? == "on" {
+        return unsupported("vmport=on is not supported");
+    }
+    Ok(())
+}
+
+/// Creates, places and realizes a board device.
+fn board_device(parent: &ObjectRef, name: &str, driver: &str, bus: Option<&ObjectRef>, props: &[(&str, &str)]) -> Result<ObjectRef, QdevError> {
+    let dev = qdev_new(driver)?;
+    for (k, v) in props {
+        dev.property_parse(k, v)?;
+    }
+    parent.add_child(name, &dev)?;
+    qdev_realize(&dev, bus)?;
+    Ok(dev)
+}
+
+/// QEMU's `pc_init1`.
+fn pc_init1(machine: &ObjectRef) -> Result<(), Error> {
+    check_unsupported(machine).map_err(Error::other)?;
+    let ms = machine_state(machine).expect("machines have a MachineState");
+
+    machine_create_cpus(machine).map_err(Error::other)?;
+
+    let (below_4g, above_4g) = pc_ram_split(ms.ram_size());
+    ms.add_ram(0, below_4g).map_err(Error::other)?;
+    if above_4g > 0 {
+        ms.add_ram(1 << 32, above_4g).map_err(Error::other)?;
+    }
+
+    pc_basic_ports_init(machine)?;
+
+    let host = board_device(machine, "i440fx", TYPE_I440FX_PCI_HOST_BRIDGE, None, &[]).map_err(Error::other)?;
+    let pci_bus = host.child("pci.0").expect("the i440FX host bridge has pci.0");
+    board_device(&host, "i440fx-device", TYPE_I440FX_PCI_DEVICE, Some(&pci_bus), &[("addr", "00.0")])
+        .map_err(Error::other)?;
+    let piix3 = board_device(machine, "piix3", crate::isa::piix::TYPE_PIIX3, Some(&pci_bus), &[("addr", "01.0")])
+        .map_err(Error::other)?;
+    let _isa_bus = piix3.child("isa.0").expect("PIIX3 has isa.0");
+    if machine.prop_bool("acpi")? {
+        board_device(machine, "pm", crate::acpi::piix4::TYPE_PIIX4_PM, Some(&pci_bus), &[("addr", "01.3")])
+            .map_err(Error::other)?;
+    }
+    Ok(())
+}
+
+fn pc_i440fx_machine_class_init(class: &mut ObjectClass) {
+    let mc = machine_class_mut(class);
+    mc.desc = "Standard PC (i440FX + PIIX, 1996)";
+    mc.alias = Some("pc");
+    mc.is_default = true;
+    mc.init = Some(pc_init1);
+}
+
+type_init! {
+    name: TYPE_PC_I440FX_MACHINE,
+    parent: Some(TYPE_PC_MACHINE),
+    class_init: Some(pc_i440fx_machine_class_init),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_splits_around_the_pci_hole_as_qemu_does() {
+        assert_eq!(pc_ram_split(128 << 20), (128 << 20, 0));
+        assert_eq!(pc_ram_split(3 << 30), (3 << 30, 0));
+        assert_eq!(pc_ram_split(0xe000_0000), (0xc000_0000, 0x2000_0000));
+        assert_eq!(pc_ram_split(5 << 30), (3 << 30, 2 << 30));
+    }
+}

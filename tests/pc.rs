@@ -1,0 +1,156 @@
+//! The pc-i440fx board on the qtest accelerator: PCI configuration mechanism #1, the
+//! functions pc_init1 plugs in, reset and power-off paths, and the RAM layout.
+
+use hw::core::machine::{machine_run_board_init, machine_state, RunRequest};
+use qom::ObjectRef;
+
+fn pc(ram: u64, cpus: u32) -> ObjectRef {
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
+    let ms = machine_state(&machine).unwrap();
+    ms.set_ram_size(ram);
+    ms.set_smp(hw::core::machine::SmpConfig {
+        cpus,
+        sockets: cpus,
+        cores: 1,
+        threads: 1,
+        max_cpus: cpus,
+    });
+    let qtest = accel::accel_find("qtest").unwrap();
+    accel::accel_init_machine(qtest, &machine).unwrap();
+    machine_run_board_init(&machine).unwrap();
+    machine
+}
+
+fn config_read(machine: &ObjectRef, devfn: u32, reg: u32, size: u32) -> u64 {
+    let io = machine_state(machine).unwrap().system_io().clone();
+    io.write(
+        0xcf8,
+        u64::from(0x8000_0000 | (devfn << 8) | (reg & 0xfc)),
+        4,
+    );
+    io.read(0xcfc + u64::from(reg & 3), size)
+}
+
+fn config_write(machine: &ObjectRef, devfn: u32, reg: u32, value: u64, size: u32) {
+    let io = machine_state(machine).unwrap().system_io().clone();
+    io.write(
+        0xcf8,
+        u64::from(0x8000_0000 | (devfn << 8) | (reg & 0xfc)),
+        4,
+    );
+    io.write(0xcfc + u64::from(reg & 3), value, size);
+}
+
+fn qtest_irq(machine: &ObjectRef, gsi: u32) -> bool {
+    let ops = machine_state(machine).unwrap().accel_ops().unwrap();
+    ops.as_any()
+        .downcast_ref::<accel::qtest::QtestOps>()
+        .unwrap()
+        .irq_level(gsi)
+}
+
+#[test]
+fn the_board_has_qemus_pci_functions() {
+    let m = pc(128 << 20, 1);
+    assert_eq!(config_read(&m, 0, 0, 4), 0x1237_8086, "00.0 i440FX");
+    assert_eq!(config_read(&m, 1 << 3, 0, 4), 0x7000_8086, "01.0 PIIX3");
+    assert_eq!(
+        config_read(&m, (1 << 3) | 3, 0, 4),
+        0x7113_8086,
+        "01.3 PIIX4_PM"
+    );
+    assert_eq!(config_read(&m, 1 << 3, 0x0a, 2), 0x0601, "ISA bridge class");
+    assert_eq!(
+        config_read(&m, 1 << 3, 0x0e, 1),
+        0x80,
+        "PIIX3 is multi-function"
+    );
+    // Sub-dword accesses at 0xcfd-0xcff reach the matching bytes.
+    assert_eq!(config_read(&m, 0, 2, 2), 0x1237);
+    assert_eq!(config_read(&m, 0, 3, 1), 0x12);
+    assert_eq!(config_read(&m, 0, 1, 1), 0x80);
+    // An empty slot floats.
+    assert_eq!(config_read(&m, 5 << 3, 0, 4), 0xffff_ffff);
+    // Without the enable bit nothing is selected.
+    let io = machine_state(&m).unwrap().system_io().clone();
+    io.write(0xcf8, 0, 4);
+    assert_eq!(io.read(0xcfc, 4), 0xffff_ffff);
+    assert_eq!(io.read(0xcf8, 4), 0);
+}
+
+#[test]
+fn config_writes_respect_the_write_mask() {
+    let m = pc(128 << 20, 1);
+    config_write(&m, 0, 0, 0xdead_beef, 4);
+    assert_eq!(config_read(&m, 0, 0, 4), 0x1237_8086, "IDs are read-only");
+    config_write(&m, 1 << 3, 0x3c, 0x0b, 1);
+    assert_eq!(
+        config_read(&m, 1 << 3, 0x3c, 1),
+        0x0b,
+        "interrupt line is writable"
+    );
+    config_write(&m, 1 << 3, 0x04, 0x07, 2);
+    assert_eq!(config_read(&m, 1 << 3, 0x04, 2), 0x07);
+}
+
+#[test]
+fn reset_control_and_port_92_request_a_reset() {
+    let m = pc(128 << 20, 1);
+    let ms = machine_state(&m).unwrap();
+    ms.system_io().write(0xcf9, 0x02, 1);
+    assert_eq!(ms.run_state().take(), None, "bit 2 clear: no reset");
+    ms.system_io().write(0xcf9, 0x06, 1);
+    assert_eq!(ms.run_state().take(), Some(RunRequest::GuestReset));
+    assert_eq!(ms.system_io().read(0x92, 1), 0x02, "A20 on");
+    ms.system_io().write(0x92, 0x03, 1);
+    assert_eq!(ms.run_state().take(), Some(RunRequest::GuestReset));
+    // Port 0x80 takes POST codes quietly.
+    ms.system_io().write(0x80, 0x55, 1);
+    assert_eq!(ms.run_state().take(), None);
+}
+
+#[test]
+fn acpi_soft_off_and_the_power_button() {
+    let m = pc(128 << 20, 1);
+    let ms = machine_state(&m).unwrap();
+    let io = ms.system_io().clone();
+    assert_eq!(
+        io.read(0x604, 2) & 1,
+        1,
+        "SCI_EN: the machine starts in ACPI mode"
+    );
+    let t0 = io.read(0x608, 4);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert_ne!(io.read(0x608, 4), t0, "the PM timer runs");
+    // Power button: status latched, SCI only once enabled.
+    let pm = m.child("pm").unwrap();
+    assert!(hw::acpi::piix4::piix4_pm_power_button(&pm));
+    assert_eq!(io.read(0x600, 2) & 0x100, 0x100);
+    assert!(!qtest_irq(&m, 9));
+    io.write(0x602, 0x100, 2);
+    assert!(qtest_irq(&m, 9), "SCI raised on IRQ 9");
+    io.write(0x600, 0x100, 2);
+    assert!(!qtest_irq(&m, 9), "write-one-to-clear lowers it");
+    // S5: SLP_TYP 0 with SLP_EN.
+    io.write(0x604, 0x2001, 2);
+    assert_eq!(ms.run_state().take(), Some(RunRequest::GuestShutdown));
+}
+
+#[test]
+fn ram_above_4g_is_mapped_and_cpus_follow_smp() {
+    let m = pc(5 << 30, 4);
+    let ms = machine_state(&m).unwrap();
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let ram = ms.ram();
+    let regions: Vec<(u64, u64)> = ram.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    assert_eq!(regions, [(0, 3 << 30), (1 << 32, 2 << 30)]);
+    assert_eq!(ms.cpus().len(), 4);
+    let apic_ids: Vec<u64> = ms
+        .cpus()
+        .iter()
+        .map(|c| c.prop_uint("apic-id").unwrap())
+        .collect();
+    assert_eq!(apic_ids, [0, 1, 2, 3]);
+    assert!(m.child("i440fx").unwrap().child("pci.0").is_some());
+}
