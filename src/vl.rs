@@ -424,8 +424,9 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
                 if opts.no_reboot {
                     return 0;
                 }
-                for cpu in ms.cpus() {
-                    cpu.reset();
+                if let Err(e) = hw::core::machine::qemu_system_reset(machine) {
+                    eprintln!("qomvm: system reset failed: {e}");
+                    return 1;
                 }
             }
         }

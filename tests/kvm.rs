@@ -236,3 +236,75 @@ fn pause_stops_every_vcpu_and_resume_restarts_them() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert_eq!(count(), stopped_at, "a stopped guest kept running");
 }
+
+/// Requests a guest reset when written, like a board's reset register.
+struct ResetPort(qom::WeakObjectRef);
+
+impl hw::core::memory::MemoryRegionOps for ResetPort {
+    fn read(&self, _offset: u64, _size: u32) -> u64 {
+        0
+    }
+    fn write(&self, _offset: u64, _value: u64, _size: u32) {
+        if let Some(m) = self.0.upgrade() {
+            machine_state(&m)
+                .unwrap()
+                .run_state()
+                .request(RunRequest::GuestReset);
+        }
+    }
+}
+
+#[test]
+fn a_system_reset_restarts_every_vcpu_from_its_start_state() {
+    require_kvm!();
+    const RESET_PORT: u16 = 0x720;
+    let image = guest::build(
+        Mode::Protected32,
+        &[
+            Op::OutB {
+                port: RECORD_PORT,
+                value: 0x42,
+            },
+            Op::OutB {
+                port: RESET_PORT,
+                value: 1,
+            },
+            Op::Hlt,
+        ],
+        EXIT_PORT,
+        0,
+    );
+    let vm = TestVm::new(&image, 1, "qemu64");
+    let ms = machine_state(&vm.machine).unwrap();
+    ms.system_io()
+        .map(
+            RESET_PORT.into(),
+            hw::core::memory::MemoryRegion::new_io(
+                "reset",
+                1,
+                std::sync::Arc::new(ResetPort(vm.machine.downgrade())),
+            ),
+        )
+        .unwrap();
+    let ops = ms.accel_ops().unwrap();
+    ops.vm_start();
+    for _ in 0..3 {
+        let req = ms
+            .run_state()
+            .wait(Some(std::time::Duration::from_secs(20)));
+        assert_eq!(req, Some(RunRequest::GuestReset));
+        hw::core::machine::qemu_system_reset(&vm.machine).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Four runs (the first and three after resets), one marker each.
+    while vm.ports.count.load(Ordering::Relaxed) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the vCPU did not restart"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    ops.shutdown();
+    let log = vm.ports.log.lock().clone();
+    assert!(log.iter().all(|e| *e == (0, 0x42, 1, true)), "{log:?}");
+}

@@ -184,6 +184,10 @@ impl AccelOps for KvmVm {
         self.vcpus.resume();
     }
 
+    fn reset_vcpus(&self) {
+        self.vcpus.reset();
+    }
+
     fn shutdown(&self) {
         self.vcpus.stop();
     }

@@ -35,9 +35,11 @@ enum Mode {
     Stopping,
 }
 
-#[derive(Default)]
 struct SetState {
     mode: Mode,
+    /// Bumped by each system reset; a vCPU that has not seen the current one resets itself
+    /// before it runs. It starts at 1 so the first run goes through the reset path too.
+    reset_gen: u64,
     /// Threads waiting outside `KVM_RUN` (in Created or Paused mode).
     parked: usize,
     /// Threads alive.
@@ -47,6 +49,25 @@ struct SetState {
 struct VcpuThread {
     pthread: libc::pthread_t,
     handle: Option<JoinHandle<()>>,
+}
+
+impl Default for SetState {
+    fn default() -> Self {
+        SetState {
+            mode: Mode::Created,
+            reset_gen: 1,
+            parked: 0,
+            alive: 0,
+        }
+    }
+}
+
+/// What a vCPU thread does after waiting.
+enum Wake {
+    Run,
+    /// Reset the vCPU's state, then run.
+    Reset,
+    Stop,
 }
 
 /// The vCPU threads of one VM and the mode they run in (QEMU's `all_vcpus_paused` and
@@ -123,17 +144,27 @@ impl VcpuSet {
         }
     }
 
-    /// Called by a vCPU thread between runs: returns when it may run, `false` when it must
-    /// end.
-    fn wait_runnable(&self) -> bool {
-        if self.running.load(Ordering::Acquire) {
-            return true;
+    /// Marks every vCPU for reset; they reset when they next run. Call while paused.
+    pub(crate) fn reset(&self) {
+        self.state.lock().reset_gen += 1;
+    }
+
+    /// Called by a vCPU thread between runs: returns when it may run (after a reset if one
+    /// happened since `seen_gen`), or when it must end. Running vCPUs take the lock-free
+    /// path: a reset only ever happens while they are paused.
+    fn wait_runnable(&self, seen_gen: &mut u64) -> Wake {
+        if self.running.load(Ordering::Acquire) && *seen_gen != 0 {
+            return Wake::Run;
         }
         let mut st = self.state.lock();
         loop {
             match st.mode {
-                Mode::Running => return true,
-                Mode::Stopping => return false,
+                Mode::Running if st.reset_gen != *seen_gen => {
+                    *seen_gen = st.reset_gen;
+                    return Wake::Reset;
+                }
+                Mode::Running => return Wake::Run,
+                Mode::Stopping => return Wake::Stop,
                 Mode::Created | Mode::Paused => {
                     st.parked += 1;
                     self.changed.notify_all();
@@ -144,12 +175,13 @@ impl VcpuSet {
         }
     }
 
-    /// Called by a vCPU that has ended the run (guest fault, shutdown): parks until stopped.
-    fn park_until_stopped(&self) {
+    /// Called by a vCPU that has ended the run (shutdown, reset request, guest fault): stays
+    /// out of the guest until the machine is reset or stopped.
+    fn park_until_reset(&self, seen_gen: u64) {
         let mut st = self.state.lock();
         st.parked += 1;
         self.changed.notify_all();
-        while st.mode != Mode::Stopping {
+        while st.mode != Mode::Stopping && st.reset_gen == seen_gen {
             self.changed.wait(&mut st);
         }
         st.parked -= 1;
@@ -305,7 +337,15 @@ fn vcpu_thread(
     drop(machine);
     let mut io = io_space.dispatcher();
     let mut memory = memory_space.dispatcher();
-    let mut first_run = true;
+    let pristine = match x86::PristineState::capture(&vcpu) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("qomvm: CPU {index}: {e}");
+            request(vm, RunRequest::GuestError);
+            return;
+        }
+    };
+    let mut seen_gen = 0;
     let mut exit_pending = false;
     loop {
         if exit_pending && !vm.vcpus.running.load(Ordering::Acquire) {
@@ -314,16 +354,17 @@ fn vcpu_thread(
             // paused vCPU (reset, register reads) must not see it mid-instruction.
             complete_pending_exit(&mut vcpu);
         }
-        if !vm.vcpus.wait_runnable() {
-            break;
-        }
-        if first_run {
-            first_run = false;
-            if let Err(e) = x86::apply_boot_state(cpu, &mut vcpu) {
-                eprintln!("qomvm: CPU {index}: {e}");
-                request(vm, RunRequest::GuestError);
-                vm.vcpus.park_until_stopped();
-                break;
+        match vm.vcpus.wait_runnable(&mut seen_gen) {
+            Wake::Stop => break,
+            Wake::Run => {}
+            Wake::Reset => {
+                exit_pending = false;
+                if let Err(e) = x86::reset_vcpu(vm, cpu, &mut vcpu, &pristine) {
+                    eprintln!("qomvm: CPU {index}: {e}");
+                    request(vm, RunRequest::GuestError);
+                    vm.vcpus.park_until_reset(seen_gen);
+                    continue;
+                }
             }
         }
         match run_once(&mut vcpu, &mut io, &mut memory, index) {
@@ -334,8 +375,7 @@ fn vcpu_thread(
             }
             Step::End(req) => {
                 request(vm, req);
-                vm.vcpus.park_until_stopped();
-                break;
+                vm.vcpus.park_until_reset(seen_gen);
             }
         }
     }

@@ -213,15 +213,18 @@ const BOOT_MSRS: &[(u32, u64)] = &[
 static WARNED_MSRS: parking_lot::Mutex<std::collections::BTreeSet<u32>> =
     parking_lot::Mutex::new(std::collections::BTreeSet::new());
 
-/// QEMU's `kvm_arch_init_vcpu` + `kvm_arch_put_registers` for a new vCPU.
+/// QEMU's `kvm_arch_init_vcpu`: CPUID. The rest of the vCPU's state is set by
+/// [`reset_vcpu`], which runs before its first `KVM_RUN` and after each system reset.
 pub(crate) fn init_vcpu(vm: &KvmVm, cpu: &Object, vcpu: &mut VcpuFd) -> Result<(), KvmError> {
     let smp = machine_of(cpu)
         .and_then(|m| machine_state(&m).map(|ms| ms.smp()))
         .unwrap_or_default();
     let cpuid = build_cpuid(vm, cpu, smp);
     vcpu.set_cpuid2(&cpuid)
-        .map_err(|e| ioctl_error("KVM_SET_CPUID2", e))?;
+        .map_err(|e| ioctl_error("KVM_SET_CPUID2", e))
+}
 
+fn set_boot_msrs(vm: &KvmVm, vcpu: &VcpuFd) -> Result<(), KvmError> {
     let entries: Vec<kvm_msr_entry> = BOOT_MSRS
         .iter()
         .filter(|(index, _)| {
@@ -251,19 +254,12 @@ pub(crate) fn init_vcpu(vm: &KvmVm, cpu: &Object, vcpu: &mut VcpuFd) -> Result<(
             entries[written].index
         );
     }
+    Ok(())
+}
 
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu)
-        .map_err(|e| ioctl_error("KVM_SET_FPU", e))?;
-
-    // The local APIC's LINT0 delivers the PIC's ExtINT and LINT1 NMIs, as a BIOS sets them.
-    let mut lapic = vcpu
-        .get_lapic()
-        .map_err(|e| ioctl_error("KVM_GET_LAPIC", e))?;
+/// The LAPIC with LINT0 delivering the PIC's ExtINT and LINT1 NMIs, as a BIOS sets them.
+fn lapic_with_lints(lapic: &kvm_bindings::kvm_lapic_state) -> kvm_bindings::kvm_lapic_state {
+    let mut lapic = *lapic;
     let set_lvt = |regs: &mut [std::os::raw::c_char], offset: usize, mode: u32| {
         let mut bytes = [0u8; 4];
         for (i, b) in bytes.iter_mut().enumerate() {
@@ -276,27 +272,71 @@ pub(crate) fn init_vcpu(vm: &KvmVm, cpu: &Object, vcpu: &mut VcpuFd) -> Result<(
     };
     set_lvt(&mut lapic.regs, 0x350, 0x7); // LINT0: ExtINT
     set_lvt(&mut lapic.regs, 0x360, 0x4); // LINT1: NMI
-    vcpu.set_lapic(&lapic)
-        .map_err(|e| ioctl_error("KVM_SET_LAPIC", e))?;
-    Ok(())
+    lapic
 }
 
-/// Puts a loader's start state into the vCPU; without one the vCPU keeps KVM's reset state
-/// (real mode at `f000:fff0`).
-pub(crate) fn apply_boot_state(cpu: &Object, vcpu: &mut VcpuFd) -> Result<(), KvmError> {
-    let Some(state) = cpu.downcast::<X86Cpu>().and_then(X86Cpu::boot_state) else {
-        return Ok(());
+/// The vCPU's state right after creation: the architectural reset state KVM gives it,
+/// which a system reset restores.
+pub(crate) struct PristineState {
+    regs: kvm_bindings::kvm_regs,
+    sregs: kvm_bindings::kvm_sregs,
+    lapic: kvm_bindings::kvm_lapic_state,
+    mp_state: kvm_bindings::kvm_mp_state,
+}
+
+impl PristineState {
+    pub(crate) fn capture(vcpu: &VcpuFd) -> Result<Self, KvmError> {
+        Ok(PristineState {
+            regs: vcpu
+                .get_regs()
+                .map_err(|e| ioctl_error("KVM_GET_REGS", e))?,
+            sregs: vcpu
+                .get_sregs()
+                .map_err(|e| ioctl_error("KVM_GET_SREGS", e))?,
+            lapic: vcpu
+                .get_lapic()
+                .map_err(|e| ioctl_error("KVM_GET_LAPIC", e))?,
+            mp_state: vcpu
+                .get_mp_state()
+                .map_err(|e| ioctl_error("KVM_GET_MP_STATE", e))?,
+        })
+    }
+}
+
+/// QEMU's `kvm_arch_reset_vcpu` + `x86_cpu_reset`: the reset state (boot MSRs, FPU, LAPIC
+/// with LINT0/LINT1 wired as firmware does), then a loader's start state if there is one,
+/// which also makes the vCPU runnable; without one an AP waits for INIT/SIPI again.
+pub(crate) fn reset_vcpu(
+    vm: &KvmVm,
+    cpu: &Object,
+    vcpu: &mut VcpuFd,
+    pristine: &PristineState,
+) -> Result<(), KvmError> {
+    set_boot_msrs(vm, vcpu)?;
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
     };
-    vcpu.set_sregs(&state.sregs)
+    vcpu.set_fpu(&fpu)
+        .map_err(|e| ioctl_error("KVM_SET_FPU", e))?;
+    vcpu.set_lapic(&lapic_with_lints(&pristine.lapic))
+        .map_err(|e| ioctl_error("KVM_SET_LAPIC", e))?;
+    let (regs, sregs, mp_state) = match cpu.downcast::<X86Cpu>().and_then(X86Cpu::boot_state) {
+        Some(state) => (
+            state.regs,
+            state.sregs,
+            kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            },
+        ),
+        None => (pristine.regs, pristine.sregs, pristine.mp_state),
+    };
+    vcpu.set_sregs(&sregs)
         .map_err(|e| ioctl_error("KVM_SET_SREGS", e))?;
-    vcpu.set_regs(&state.regs)
+    vcpu.set_regs(&regs)
         .map_err(|e| ioctl_error("KVM_SET_REGS", e))?;
-    // With the in-kernel irqchip an AP waits for INIT/SIPI; a loader's start state makes it
-    // runnable directly.
-    let runnable = kvm_bindings::kvm_mp_state {
-        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-    };
-    vcpu.set_mp_state(runnable)
+    vcpu.set_mp_state(mp_state)
         .map_err(|e| ioctl_error("KVM_SET_MP_STATE", e))?;
     Ok(())
 }

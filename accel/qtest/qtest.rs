@@ -51,6 +51,7 @@ impl AccelOps for QtestOps {
     fn vm_start(&self) {}
     fn pause_all(&self) {}
     fn resume_all(&self) {}
+    fn reset_vcpus(&self) {}
     fn shutdown(&self) {}
     fn as_any(&self) -> &dyn std::any::Any {
         self

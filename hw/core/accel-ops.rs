@@ -37,6 +37,9 @@ pub trait AccelOps: Send + Sync {
     fn pause_all(&self);
     /// Resumes vCPUs paused by `pause_all`.
     fn resume_all(&self);
+    /// Puts every vCPU back in its reset state (or its loader's start state) before it next
+    /// runs. Call between `pause_all` and `resume_all`.
+    fn reset_vcpus(&self);
     /// Ends every vCPU thread and waits for them (at exit).
     fn shutdown(&self);
     /// The accelerator as `Any`, for tests that look at a particular accelerator's state.

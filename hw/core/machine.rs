@@ -42,6 +42,9 @@ pub struct MachineClass {
     pub default_ram_size: u64,
     /// Builds the board.
     pub init: Option<MachineInitFn>,
+    /// Board work at each system reset after the devices reset (QEMU's
+    /// `MachineClass::reset`; the pc board reloads a `-kernel` there).
+    pub reset: Option<MachineInitFn>,
 }
 
 impl Default for MachineClass {
@@ -57,6 +60,7 @@ impl Default for MachineClass {
             // QEMU's default RAM size.
             default_ram_size: 128 << 20,
             init: None,
+            reset: None,
         }
     }
 }
@@ -452,4 +456,36 @@ pub fn machine_run_board_init(machine: &ObjectRef) -> Result<(), MachineError> {
         init(machine)?;
     }
     Ok(())
+}
+
+/// Resets every realized device under `root`, children before parents as QEMU's
+/// `qdev_reset_all` walks buses.
+fn reset_devices(root: &ObjectRef) {
+    use crate::core::qdev::DeviceMethods;
+    for (_, child) in root.children() {
+        reset_devices(&child);
+    }
+    if root.is_realized() {
+        root.reset();
+    }
+}
+
+/// QEMU's `qemu_system_reset`: pauses the vCPUs, resets the devices, lets the board reload
+/// what it loaded at start, puts the vCPUs in their reset state, and resumes them.
+pub fn qemu_system_reset(machine: &ObjectRef) -> Result<(), Error> {
+    let ms = machine_state(machine).expect("machines have a MachineState");
+    let ops = ms.accel_ops();
+    if let Some(ops) = &ops {
+        ops.pause_all();
+    }
+    reset_devices(machine);
+    let result = match machine_class(machine.class()).and_then(|mc| mc.reset) {
+        Some(reset) => reset(machine),
+        None => Ok(()),
+    };
+    if let Some(ops) = &ops {
+        ops.reset_vcpus();
+        ops.resume_all();
+    }
+    result
 }
