@@ -44,6 +44,8 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     for dev in &opts.devices {
         device_add(&machine, dev)?;
     }
+    hw::core::machine::machine_creation_done(&machine)
+        .map_err(|e| OptionError::new(machine_location(&opts), e))?;
     Ok(main_loop(&machine, &opts))
 }
 

@@ -154,3 +154,51 @@ fn ram_above_4g_is_mapped_and_cpus_follow_smp() {
     assert_eq!(apic_ids, [0, 1, 2, 3]);
     assert!(m.child("i440fx").unwrap().child("pci.0").is_some());
 }
+
+#[test]
+fn pci_testdev_gets_its_bars_and_counts_test_writes() {
+    let m = pc(128 << 20, 1);
+    let bus = m.child("i440fx").unwrap().child("pci.0").unwrap();
+    let dev = hw::core::qdev::qdev_new("pci-testdev").unwrap();
+    dev.property_parse("addr", "0x4").unwrap();
+    m.add_child("testdev", &dev).unwrap();
+    hw::core::qdev::qdev_realize(&dev, Some(&bus)).unwrap();
+    hw::core::machine::machine_creation_done(&m).unwrap();
+
+    assert_eq!(config_read(&m, 4 << 3, 0, 4), 0x0005_1b36);
+    let bar0 = config_read(&m, 4 << 3, 0x10, 4);
+    let bar1 = config_read(&m, 4 << 3, 0x14, 4);
+    assert_eq!(bar0, 0xfe00_0000, "memory BAR assigned");
+    assert_eq!(bar1, 0xc001, "I/O BAR assigned (bit 0: I/O)");
+    assert_eq!(config_read(&m, 4 << 3, 0x04, 2) & 3, 3, "decoding enabled");
+
+    let ms = machine_state(&m).unwrap();
+    let mem = ms.system_memory().clone();
+    // Select test 2 and read its header: width, offset, data, count, name.
+    mem.write(0xfe00_0000, 2, 1);
+    assert_eq!(mem.read(0xfe00_0000, 1), 2);
+    let offset = mem.read(0xfe00_0004, 4);
+    let data = mem.read(0xfe00_0008, 4);
+    let name: Vec<u8> = (0..17)
+        .map(|i| mem.read(0xfe00_0010 + i, 1) as u8)
+        .collect();
+    assert_eq!(&name, b"datamatch-eventfd");
+    mem.write(0xfe00_0000 + offset, data, 4);
+    mem.write(0xfe00_0000 + offset, data ^ 1, 4);
+    assert_eq!(
+        mem.read(0xfe00_000c, 4),
+        1,
+        "only the matching write counts"
+    );
+    // The I/O BAR works the same way.
+    let io = ms.system_io().clone();
+    io.write(0xc000, 0, 1);
+    let offset = io.read(0xc004, 4);
+    io.write(0xc000 + offset, 0, 4);
+    assert_eq!(io.read(0xc00c, 4), 1);
+
+    // The guest can move a BAR: the old address stops decoding.
+    config_write(&m, 4 << 3, 0x10, 0xfe10_0000, 4);
+    assert_eq!(mem.read(0xfe00_000c, 4), 0xffff_ffff);
+    assert_eq!(mem.read(0xfe10_000c, 4), 1);
+}

@@ -42,6 +42,9 @@ pub struct MachineClass {
     pub default_ram_size: u64,
     /// Builds the board.
     pub init: Option<MachineInitFn>,
+    /// Board work once every `-device` is created, before the guest starts (QEMU's
+    /// `machine_done` notifier: firmware-like set-up such as BAR assignment and ACPI).
+    pub machine_done: Option<MachineInitFn>,
     /// Board work at each system reset after the devices reset (QEMU's
     /// `MachineClass::reset`; the pc board reloads a `-kernel` there).
     pub reset: Option<MachineInitFn>,
@@ -60,6 +63,7 @@ impl Default for MachineClass {
             // QEMU's default RAM size.
             default_ram_size: 128 << 20,
             init: None,
+            machine_done: None,
             reset: None,
         }
     }
@@ -488,4 +492,13 @@ pub fn qemu_system_reset(machine: &ObjectRef) -> Result<(), Error> {
         ops.resume_all();
     }
     result
+}
+
+/// QEMU's `qdev_machine_creation_done`: runs the board's `machine_done` once every device
+/// exists.
+pub fn machine_creation_done(machine: &ObjectRef) -> Result<(), Error> {
+    match machine_class(machine.class()).and_then(|mc| mc.machine_done) {
+        Some(done) => done(machine),
+        None => Ok(()),
+    }
 }

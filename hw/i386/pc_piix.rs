@@ -139,12 +139,21 @@ fn pc_init1(machine: &ObjectRef) -> Result<(), Error> {
     Ok(())
 }
 
+/// QEMU's `pc_machine_done`: what firmware would do before the guest runs.
+fn pc_machine_done(machine: &ObjectRef) -> Result<(), Error> {
+    if let Some(bus) = machine.child("i440fx").and_then(|h| h.child("pci.0")) {
+        crate::pci::pci::pci_assign_bars(&bus);
+    }
+    Ok(())
+}
+
 fn pc_i440fx_machine_class_init(class: &mut ObjectClass) {
     let mc = machine_class_mut(class);
     mc.desc = "Standard PC (i440FX + PIIX, 1996)";
     mc.alias = Some("pc");
     mc.is_default = true;
     mc.init = Some(pc_init1);
+    mc.machine_done = Some(pc_machine_done);
 }
 
 type_init! {

@@ -518,3 +518,50 @@ pub fn pci_config_set_wmask(dev: &Object, addr: usize, mask: u8) {
 pub fn pci_set_irq(dev: &Object, level: bool) {
     part(dev).irq.lock().set(level);
 }
+
+/// Where firmware would place BARs: I/O from 0xc000, 32-bit memory from 0xfe000000 (both
+/// in the PCI holes of the pc machine).
+const BAR_IO_BASE: u64 = 0xc000;
+const BAR_IO_LIMIT: u64 = 0x1_0000;
+const BAR_MEM_BASE: u64 = 0xfe00_0000;
+const BAR_MEM_LIMIT: u64 = 0xfec0_0000;
+
+/// Assigns every BAR on `bus` an address and enables decoding, as firmware does before
+/// the guest starts (test kernels do not program BARs; Linux keeps what it finds).
+pub fn pci_assign_bars(bus: &Object) {
+    let mut next_io = BAR_IO_BASE;
+    let mut next_mem = BAR_MEM_BASE;
+    for (_, dev) in pci_bus_devices(bus) {
+        let st = part(&dev);
+        let sizes: Vec<(usize, BarKind, u64)> = st
+            .bars
+            .lock()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.as_ref().map(|b| (i, b.kind, b.region.size())))
+            .collect();
+        if sizes.is_empty() {
+            continue;
+        }
+        let mut command = 0u16;
+        for (index, kind, size) in sizes {
+            let (next, limit, flag) = match kind {
+                BarKind::Io => (&mut next_io, BAR_IO_LIMIT, config::COMMAND_IO),
+                BarKind::Mem32 => (&mut next_mem, BAR_MEM_LIMIT, config::COMMAND_MEMORY),
+            };
+            let size = size.max(if kind == BarKind::Io { 4 } else { 16 });
+            let addr = next.next_multiple_of(size);
+            if addr + size > limit {
+                log::warn!("{}: no room for BAR {index} (0x{size:x} bytes)", dev.type_name());
+                continue;
+            }
+            *next = addr + size;
+            let offset = config::BAR0 + 4 * index;
+            let flags = pci_config_read(&dev, offset, 4) & if kind == BarKind::Io { 0x3 } else { 0xf };
+            pci_config_set(&dev, offset, &(addr as u32 | flags).to_le_bytes());
+            command |= flag;
+        }
+        let current = pci_config_read(&dev, config::COMMAND, 2) as u16;
+        pci_config_write(&dev, config::COMMAND, u32::from(current | command), 2);
+    }
+}
