@@ -172,6 +172,27 @@ impl AccelOps for KvmVm {
         }
     }
 
+    fn set_pit_reinject(&self, reinject: bool) -> Result<(), Error> {
+        // KVM_REINJECT_CONTROL, which kvm-ioctls does not wrap: _IO(KVMIO, 0x71).
+        const KVM_REINJECT_CONTROL: libc::c_ulong = 0xae71;
+        let control = kvm_bindings::kvm_reinject_control {
+            pit_reinject: u8::from(reinject),
+            ..Default::default()
+        };
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: the fd is this VM's, the argument points to a kvm_reinject_control that
+        // lives across the call, and the ioctl only reads it.
+        let ret = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_REINJECT_CONTROL, &control) };
+        if ret < 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return Err(Error::other(KvmError::Ioctl {
+                what: "KVM_REINJECT_CONTROL",
+                reason: errno_text(errno),
+            }));
+        }
+        Ok(())
+    }
+
     fn vm_start(&self) {
         self.vcpus.start();
     }

@@ -48,6 +48,10 @@ impl AccelOps for QtestOps {
         }
         levels[i] = level;
     }
+    fn set_pit_reinject(&self, _reinject: bool) -> Result<(), Error> {
+        // No PIT runs under qtest; the policy has nothing to act on.
+        Ok(())
+    }
     fn vm_start(&self) {}
     fn pause_all(&self) {}
     fn resume_all(&self) {}

@@ -131,7 +131,9 @@ fn pc_init1(machine: &ObjectRef) -> Result<(), Error> {
         .map_err(Error::other)?;
     let piix3 = board_device(machine, "piix3", crate::isa::piix::TYPE_PIIX3, Some(&pci_bus), &[("addr", "01.0")])
         .map_err(Error::other)?;
-    let _isa_bus = piix3.child("isa.0").expect("PIIX3 has isa.0");
+    let isa_bus = piix3.child("isa.0").expect("PIIX3 has isa.0");
+    board_device(machine, "i8254", crate::timer::kvm_i8254::TYPE_KVM_PIT, Some(&isa_bus), &[])
+        .map_err(Error::other)?;
     if machine.prop_bool("acpi")? {
         board_device(machine, "pm", crate::acpi::piix4::TYPE_PIIX4_PM, Some(&pci_bus), &[("addr", "01.3")])
             .map_err(Error::other)?;
