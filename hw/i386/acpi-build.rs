@@ -1,0 +1,540 @@
+//! ACPI tables for the pc machine (QEMU's `hw/i386/acpi-build.c`, as SeaBIOS would install
+//! them, but written straight into guest RAM): RSDP, XSDT, FADT with FACS, MADT and a DSDT.
+//!
+//! All tables live in `0xe0000..0xf0000` ([`ACPI_TABLES_START`]..[`ACPI_TABLES_END`]),
+//! which `e820::pc_e820_table` reports reserved (with the F-segment, `0xe0000..0x100000`):
+//!
+//! | address | table |
+//! | --- | --- |
+//! | `0xe0000` | RSDP (revision 2, 36 bytes; Linux finds it scanning `0xe0000..0xfffff`) |
+//! | `0xe0040` | FACS (64 bytes, 64-byte aligned) |
+//! | `0xe0080` | DSDT, then FADT, MADT and XSDT, each 16-byte aligned |
+//!
+//! The platform is a legacy (not hardware-reduced) PC with a PIIX4-style PM block at
+//! `pm_io_base`: PM1a_EVT (4 bytes: status, enable) at `+0`, PM1a_CNT (2 bytes) at `+4`,
+//! the 24-bit PM timer (4 bytes) at `+8`. The FADT has no SMI command port, so the OS
+//! takes the platform as already in ACPI mode (PM1a_CNT should read back with SCI_EN, bit 0,
+//! set). No GPE block.
+//!
+//! Power off: `\_S5_` is `Package { 0, 0, 0, 0 }` (QEMU's value for PIIX4): Linux writes
+//! `SLP_TYP = 0 | SLP_EN (bit 13)` to PM1a_CNT. Reset: FADT reset register, I/O port 0xcf9,
+//! value 0x06.
+//!
+//! The DSDT declares the processors (`\_SB.Cxxx`, `ACPI0007`, `_UID` = CPU index, matching
+//! the MADT's processor UIDs) and `\_S5_`. It has no `\_SB.PCI0` host bridge and no ISA
+//! devices: Linux then probes the legacy ports itself (8250 UARTs, i8042 because the FADT's
+//! IA-PC boot flags say one exists, the CMOS RTC), but does not scan PCI.
+
+use acpi_tables::aml::{Device, Name, Package, Path, Scope};
+use acpi_tables::facs::FACS;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// First byte of the ACPI table area.
+pub const ACPI_TABLES_START: u64 = 0xe0000;
+/// One past the ACPI table area.
+pub const ACPI_TABLES_END: u64 = 0xf0000;
+/// Where the RSDP is.
+pub const RSDP_ADDR: u64 = ACPI_TABLES_START;
+/// The local APICs' MMIO base.
+pub const LOCAL_APIC_ADDR: u32 = 0xfee0_0000;
+/// The I/O APIC's MMIO base.
+pub const IO_APIC_ADDR: u32 = 0xfec0_0000;
+/// The I/O APIC's ID (QEMU's `ACPI_BUILD_IOAPIC_ID`, KVM's in-kernel IOAPIC reset value).
+pub const IO_APIC_ID: u8 = 0;
+/// The reset register's port (the PIIX3 reset control register).
+pub const RESET_PORT: u16 = 0xcf9;
+/// The value the OS writes to [`RESET_PORT`] to reset.
+pub const RESET_VALUE: u8 = 0x06;
+/// `SLP_TYP` of S5 in `\_S5_` (what Linux puts in PM1a_CNT bits 10..12 to power off).
+pub const S5_SLP_TYP: u8 = 0;
+
+const OEM_ID: [u8; 6] = *b"QOMVM ";
+const OEM_TABLE_ID: [u8; 8] = *b"QOMVMPC ";
+const OEM_REVISION: u32 = 1;
+
+/// What the tables describe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcpiConfig {
+    /// vCPUs present at start.
+    pub cpus: u32,
+    /// Their APIC IDs, by CPU index (`apic_id_from_index`); `cpus` of them.
+    pub apic_ids: Vec<u32>,
+    /// Base of the PM I/O block (QEMU's PIIX4 PM: 0x600).
+    pub pm_io_base: u16,
+    /// The SCI's ISA IRQ (9).
+    pub sci_irq: u8,
+}
+
+/// Why the tables could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// No CPUs to describe.
+    #[error("ACPI tables need at least one CPU")]
+    NoCpus,
+    /// `apic_ids` does not have one entry per CPU.
+    #[error("ACPI tables: {cpus} CPUs but {apic_ids} APIC IDs")]
+    CpuCountMismatch {
+        /// `cpus`.
+        cpus: u32,
+        /// `apic_ids.len()`.
+        apic_ids: usize,
+    },
+    /// The tables outgrow their area.
+    #[error("ACPI tables need {size} bytes, {room} are reserved for them at {ACPI_TABLES_START:#x}")]
+    TooLarge {
+        /// Bytes needed.
+        size: u64,
+        /// Bytes available.
+        room: u64,
+    },
+    /// A write to guest RAM failed (no RAM at the table area).
+    #[error("cannot write the ACPI {table} to guest memory at {addr:#x}: {reason}")]
+    GuestMemory {
+        /// Table signature.
+        table: &'static str,
+        /// Its address.
+        addr: u64,
+        /// vm-memory's error.
+        reason: String,
+    },
+}
+
+fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    aml.to_aml_bytes(&mut v);
+    v
+}
+
+/// The DSDT: processors and `\_S5_`.
+fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
+    let s5 = Name::new(
+        Path::new("_S5_"),
+        &Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP, &0u8, &0u8]),
+    );
+    let hid = Name::new(Path::new("_HID"), &"ACPI0007");
+    let uids: Vec<Name> = (0..cfg.cpus)
+        .map(|i| Name::new(Path::new("_UID"), &i))
+        .collect();
+    let cpus: Vec<Device> = uids
+        .iter()
+        .enumerate()
+        .map(|(i, uid)| {
+            Device::new(
+                Path::new(&format!("C{i:03X}")),
+                vec![&hid as &dyn Aml, uid as &dyn Aml],
+            )
+        })
+        .collect();
+    let sb = Scope::new(
+        Path::new("\\_SB_"),
+        cpus.iter().map(|d| d as &dyn Aml).collect(),
+    );
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&aml_bytes(&s5));
+    dsdt.append_slice(&aml_bytes(&sb));
+    dsdt.as_slice().to_vec()
+}
+
+/// The FADT (revision 6.5) of a legacy PC with the PM block at `pm_io_base`.
+fn build_fadt(cfg: &AcpiConfig, facs: u64, dsdt: u64) -> Vec<u8> {
+    let io = |bits: u8, access: AccessSize, port: u64| {
+        GAS::new(AddressSpace::SystemIo, bits, 0, access, port)
+    };
+    let base = u64::from(cfg.pm_io_base);
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .firmware_ctrl_32(facs as u32)
+        .dsdt_64(dsdt)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        .flag(Flags::SlpButton)
+        .flag(Flags::RtcS4)
+        .flag(Flags::ResetRegSup);
+    // Both DSDT pointers, equal (old parsers read the 32-bit one).
+    fadt.dsdt = (dsdt as u32).into();
+    fadt.sci_int = u16::from(cfg.sci_irq).into();
+    fadt.pm1a_evt_blk = u32::from(cfg.pm_io_base).into();
+    fadt.pm1a_cnt_blk = (u32::from(cfg.pm_io_base) + 4).into();
+    fadt.pm_tmr_blk = (u32::from(cfg.pm_io_base) + 8).into();
+    fadt.pm1_evt_len = 4;
+    fadt.pm1_cnt_len = 2;
+    fadt.pm_tmr_len = 4;
+    // C2 and C3 not supported: only C1 (HLT).
+    fadt.p_lvl2_lat = 0xfff.into();
+    fadt.p_lvl3_lat = 0xfff.into();
+    // The CMOS century register.
+    fadt.century = 0x32;
+    // IA-PC boot architecture: LEGACY_DEVICES | 8042 (as QEMU's pc).
+    fadt.iapc_boot_arch = 0x0003.into();
+    fadt.reset_reg = io(8, AccessSize::ByteAccess, u64::from(RESET_PORT));
+    fadt.reset_value = RESET_VALUE;
+    fadt.x_pm1a_evt_blk = io(32, AccessSize::Undefined, base);
+    fadt.x_pm1a_cnt_blk = io(16, AccessSize::Undefined, base + 4);
+    fadt.x_pm_tmr_blk = io(32, AccessSize::Undefined, base + 8);
+    aml_bytes(&fadt.finalize())
+}
+
+/// The MADT: one local APIC (or x2APIC) per CPU, the I/O APIC, interrupt source overrides
+/// for IRQ0 and the SCI, LINT1 as NMI.
+fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
+    let mut entries = Vec::new();
+    let mut x2apic = false;
+    for (uid, &apic_id) in cfg.apic_ids.iter().enumerate() {
+        if apic_id < 0xff && uid < 0xff {
+            // Processor Local APIC: type, length, processor UID, APIC ID, flags (enabled).
+            entries.extend_from_slice(&[0, 8, uid as u8, apic_id as u8, 1, 0, 0, 0]);
+        } else {
+            // Processor Local x2APIC: type, length, reserved, x2APIC ID, flags, UID.
+            x2apic = true;
+            entries.extend_from_slice(&[9, 16, 0, 0]);
+            entries.extend_from_slice(&apic_id.to_le_bytes());
+            entries.extend_from_slice(&1u32.to_le_bytes());
+            entries.extend_from_slice(&(uid as u32).to_le_bytes());
+        }
+    }
+    // I/O APIC: type, length, ID, reserved, address, GSI base.
+    entries.extend_from_slice(&[1, 12, IO_APIC_ID, 0]);
+    entries.extend_from_slice(&IO_APIC_ADDR.to_le_bytes());
+    entries.extend_from_slice(&0u32.to_le_bytes());
+    // Interrupt Source Overrides: type, length, bus (ISA), source IRQ, GSI, flags.
+    let iso = |entries: &mut Vec<u8>, irq: u8, gsi: u32, flags: u16| {
+        entries.extend_from_slice(&[2, 10, 0, irq]);
+        entries.extend_from_slice(&gsi.to_le_bytes());
+        entries.extend_from_slice(&flags.to_le_bytes());
+    };
+    // The PIT's IRQ0 is wired to pin 2; flags 0 = conforms to the ISA bus (edge, high).
+    iso(&mut entries, 0, 2, 0);
+    // The SCI: level triggered (bits 2-3 = 3), active high (bits 0-1 = 1).
+    iso(
+        &mut entries,
+        cfg.sci_irq,
+        u32::from(cfg.sci_irq),
+        0x000d,
+    );
+    // Local APIC NMI: type, length, all processors, flags (conforms), LINT1.
+    entries.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
+    if x2apic {
+        // Local x2APIC NMI: type, length, flags, all processors, LINT1, reserved.
+        entries.extend_from_slice(&[0x0a, 12, 0, 0]);
+        entries.extend_from_slice(&u32::MAX.to_le_bytes());
+        entries.extend_from_slice(&[1, 0, 0, 0]);
+    }
+
+    let mut madt = Sdt::new(*b"APIC", 44, 3, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, LOCAL_APIC_ADDR);
+    // PCAT_COMPAT: dual 8259s are present (Linux masks them when it uses the I/O APIC).
+    madt.write_u32(40, 1);
+    madt.append_slice(&entries);
+    madt.as_slice().to_vec()
+}
+
+/// Builds the pc machine's ACPI tables into `ram` at [`ACPI_TABLES_START`] and returns the
+/// RSDP's address ([`RSDP_ADDR`]).
+pub fn build_acpi_tables(ram: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
+    if cfg.apic_ids.len() != cfg.cpus as usize {
+        return Err(AcpiError::CpuCountMismatch {
+            cpus: cfg.cpus,
+            apic_ids: cfg.apic_ids.len(),
+        });
+    }
+    if cfg.cpus == 0 {
+        return Err(AcpiError::NoCpus);
+    }
+
+    let facs_addr = RSDP_ADDR + 0x40;
+    let dsdt_addr = facs_addr + 0x40;
+    let facs = aml_bytes(&FACS::new());
+    let dsdt = build_dsdt(cfg);
+    let fadt_addr = align16(dsdt_addr + dsdt.len() as u64);
+    let fadt = build_fadt(cfg, facs_addr, dsdt_addr);
+    let madt_addr = align16(fadt_addr + fadt.len() as u64);
+    let madt = build_madt(cfg);
+    let xsdt_addr = align16(madt_addr + madt.len() as u64);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = aml_bytes(&xsdt);
+    let end = xsdt_addr + xsdt.len() as u64;
+    if end > ACPI_TABLES_END {
+        return Err(AcpiError::TooLarge {
+            size: end - ACPI_TABLES_START,
+            room: ACPI_TABLES_END - ACPI_TABLES_START,
+        });
+    }
+    let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+
+    for (table, addr, bytes) in [
+        ("RSDP", RSDP_ADDR, &rsdp),
+        ("FACS", facs_addr, &facs),
+        ("DSDT", dsdt_addr, &dsdt),
+        ("FADT", fadt_addr, &fadt),
+        ("MADT", madt_addr, &madt),
+        ("XSDT", xsdt_addr, &xsdt),
+    ] {
+        ram.write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| AcpiError::GuestMemory {
+                table,
+                addr,
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(RSDP_ADDR)
+}
+
+fn align16(addr: u64) -> u64 {
+    addr.next_multiple_of(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::i386::x86_cpu::apic_id_from_index;
+
+    fn ram() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn config(cpus: u32, cores: u32) -> AcpiConfig {
+        AcpiConfig {
+            cpus,
+            apic_ids: (0..cpus).map(|i| apic_id_from_index(i, cores, 1)).collect(),
+            pm_io_base: 0x600,
+            sci_irq: 9,
+        }
+    }
+
+    fn bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn u16_at(b: &[u8], o: usize) -> u16 {
+        u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
+    }
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+
+    /// A table by address, its checksum checked.
+    fn table(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
+        let head = bytes(mem, addr, 36);
+        assert_eq!(&head[..4], signature, "table at {addr:#x}");
+        let t = bytes(mem, addr, u32_at(&head, 4) as usize);
+        assert_eq!(sum(&t), 0, "{} checksum", String::from_utf8_lossy(signature));
+        t
+    }
+
+    /// Linux's `acpi_find_root_pointer`: "RSD PTR " on a 16-byte boundary in the BIOS area.
+    fn find_rsdp(mem: &GuestMemoryMmap) -> u64 {
+        let area = bytes(mem, 0xe0000, 0x20000);
+        (0..area.len())
+            .step_by(16)
+            .find(|&o| &area[o..o + 8] == b"RSD PTR " && sum(&area[o..o + 20]) == 0)
+            .map(|o| 0xe0000 + o as u64)
+            .expect("an RSDP in 0xe0000..0x100000")
+    }
+
+    struct Tables {
+        fadt: Vec<u8>,
+        madt: Vec<u8>,
+        dsdt: Vec<u8>,
+        facs: Vec<u8>,
+    }
+
+    fn walk(mem: &GuestMemoryMmap) -> Tables {
+        let rsdp_addr = find_rsdp(mem);
+        let rsdp = bytes(mem, rsdp_addr, 36);
+        assert_eq!(rsdp[15], 2, "RSDP revision");
+        assert_eq!(u32_at(&rsdp, 20), 36);
+        assert_eq!(sum(&rsdp), 0, "RSDP extended checksum");
+        let xsdt = table(mem, u64_at(&rsdp, 24), b"XSDT");
+        let entries: Vec<u64> = xsdt[36..].chunks(8).map(|c| u64_at(c, 0)).collect();
+        assert_eq!(entries.len(), 2);
+        let fadt = table(mem, entries[0], b"FACP");
+        let madt = table(mem, entries[1], b"APIC");
+        let dsdt_addr = u64_at(&fadt, 140);
+        assert_eq!(u64::from(u32_at(&fadt, 40)), dsdt_addr, "DSDT and X_DSDT agree");
+        let dsdt = table(mem, dsdt_addr, b"DSDT");
+        let facs = bytes(mem, u64::from(u32_at(&fadt, 36)), 64);
+        for addr in [rsdp_addr, u64_at(&rsdp, 24), entries[0], entries[1], dsdt_addr] {
+            assert!((ACPI_TABLES_START..ACPI_TABLES_END).contains(&addr));
+        }
+        Tables {
+            fadt,
+            madt,
+            dsdt,
+            facs,
+        }
+    }
+
+    /// The MADT's entries as (type, bytes).
+    fn madt_entries(madt: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut o = 44;
+        while o < madt.len() {
+            let len = madt[o + 1] as usize;
+            out.push((madt[o], madt[o..o + len].to_vec()));
+            o += len;
+        }
+        assert_eq!(o, madt.len());
+        out
+    }
+
+    #[test]
+    fn tables_are_found_and_checksummed() {
+        let mem = ram();
+        let cfg = config(4, 3);
+        let rsdp = build_acpi_tables(&mem, &cfg).unwrap();
+        assert_eq!(rsdp, 0xe0000);
+        assert_eq!(find_rsdp(&mem), rsdp);
+        let t = walk(&mem);
+        assert_eq!(t.fadt[8], 6, "FADT revision");
+        assert_eq!(t.fadt.len(), 276);
+        assert_eq!(&t.facs[..4], b"FACS");
+        assert_eq!(u32_at(&t.facs, 4), 64);
+        assert_eq!(u32_at(&t.fadt, 36) % 64, 0, "FACS 64-byte aligned");
+    }
+
+    #[test]
+    fn fadt_describes_the_pm_block() {
+        let mem = ram();
+        let cfg = AcpiConfig {
+            pm_io_base: 0xb000,
+            ..config(1, 1)
+        };
+        build_acpi_tables(&mem, &cfg).unwrap();
+        let f = walk(&mem).fadt;
+        assert_eq!(u16_at(&f, 46), 9, "SCI_INT");
+        assert_eq!(u32_at(&f, 48), 0, "no SMI_CMD: already in ACPI mode");
+        assert_eq!(u32_at(&f, 56), 0xb000, "PM1a_EVT_BLK");
+        assert_eq!(u32_at(&f, 64), 0xb004, "PM1a_CNT_BLK");
+        assert_eq!(u32_at(&f, 76), 0xb008, "PM_TMR_BLK");
+        assert_eq!(&f[88..92], &[4, 2, 0, 4], "PM1_EVT/PM1_CNT/PM2_CNT/PM_TMR lengths");
+        assert_eq!(u16_at(&f, 109), 3, "IAPC_BOOT_ARCH: legacy devices, 8042");
+        let flags = u32_at(&f, 112);
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        assert_eq!(flags & (1 << 20), 0, "not HW_REDUCED_ACPI");
+        assert_eq!(flags & (1 << 8), 0, "24-bit PM timer");
+        // RESET_REG: system I/O, 8 bits, byte access, port 0xcf9; value 6.
+        assert_eq!(&f[116..120], &[1, 8, 0, 1]);
+        assert_eq!(u64_at(&f, 120), 0xcf9);
+        assert_eq!(f[128], 6);
+        // X_PM1a_EVT_BLK, X_PM1a_CNT_BLK, X_PM_TMR_BLK: system I/O GAS at the same ports.
+        assert_eq!((f[148], f[149], u64_at(&f, 152)), (1, 32, 0xb000));
+        assert_eq!((f[172], f[173], u64_at(&f, 176)), (1, 16, 0xb004));
+        assert_eq!((f[208], f[209], u64_at(&f, 212)), (1, 32, 0xb008));
+    }
+
+    #[test]
+    fn madt_lists_each_cpu_and_the_io_apic() {
+        let mem = ram();
+        let cfg = config(6, 3);
+        assert_eq!(cfg.apic_ids, [0, 1, 2, 4, 5, 6]);
+        build_acpi_tables(&mem, &cfg).unwrap();
+        let madt = walk(&mem).madt;
+        assert_eq!(u32_at(&madt, 36), 0xfee0_0000);
+        assert_eq!(u32_at(&madt, 40), 1, "PCAT_COMPAT");
+        let entries = madt_entries(&madt);
+        let lapics: Vec<(u8, u8, u32)> = entries
+            .iter()
+            .filter(|(t, _)| *t == 0)
+            .map(|(_, e)| (e[2], e[3], u32_at(e, 4)))
+            .collect();
+        assert_eq!(
+            lapics,
+            cfg.apic_ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| (i as u8, id as u8, 1))
+                .collect::<Vec<_>>()
+        );
+        let ioapic: Vec<_> = entries.iter().filter(|(t, _)| *t == 1).collect();
+        assert_eq!(ioapic.len(), 1);
+        let e = &ioapic[0].1;
+        assert_eq!((e[2], u32_at(e, 4), u32_at(e, 8)), (0, 0xfec0_0000, 0));
+        let isos: Vec<(u8, u32, u16)> = entries
+            .iter()
+            .filter(|(t, _)| *t == 2)
+            .map(|(_, e)| (e[3], u32_at(e, 4), u16_at(e, 8)))
+            .collect();
+        assert_eq!(isos, [(0, 2, 0), (9, 9, 0xd)]);
+        let nmis: Vec<_> = entries.iter().filter(|(t, _)| *t == 4).collect();
+        assert_eq!(nmis.len(), 1);
+        assert_eq!(nmis[0].1, [4, 6, 0xff, 0, 0, 1]);
+        assert!(entries.iter().all(|(t, _)| *t != 9), "no x2APIC entries");
+    }
+
+    #[test]
+    fn large_apic_ids_use_x2apic_entries() {
+        let mem = ram();
+        let cfg = config(300, 1);
+        build_acpi_tables(&mem, &cfg).unwrap();
+        let t = walk(&mem);
+        let entries = madt_entries(&t.madt);
+        assert_eq!(entries.iter().filter(|(t, _)| *t == 0).count(), 255);
+        let x2: Vec<(u32, u32)> = entries
+            .iter()
+            .filter(|(t, _)| *t == 9)
+            .map(|(_, e)| (u32_at(e, 4), u32_at(e, 12)))
+            .collect();
+        assert_eq!(x2.len(), 45);
+        assert_eq!(x2[0], (255, 255));
+        assert_eq!(x2[44], (299, 299));
+        assert_eq!(entries.iter().filter(|(t, _)| *t == 0x0a).count(), 1);
+        // Every CPU has a processor device.
+        assert!(t.dsdt.windows(4).any(|w| w == b"C12B"));
+    }
+
+    #[test]
+    fn dsdt_has_s5_and_processors() {
+        let mem = ram();
+        build_acpi_tables(&mem, &config(2, 1)).unwrap();
+        let dsdt = walk(&mem).dsdt;
+        assert_eq!(dsdt[8], 2, "DSDT revision 2: 64-bit integers");
+        let at = dsdt
+            .windows(4)
+            .position(|w| w == b"_S5_")
+            .expect("_S5_ in the DSDT");
+        // NameOp, \_S5_ at the root, Package(4) { Zero, Zero, Zero, Zero }.
+        assert_eq!(dsdt[at - 1], 0x08);
+        assert_eq!(&dsdt[at + 4..at + 11], &[0x12, 0x06, 4, 0, 0, 0, 0]);
+        for name in [&b"_SB_"[..], b"C000", b"C001", b"ACPI0007", b"_UID"] {
+            assert!(dsdt.windows(name.len()).any(|w| w == name));
+        }
+        assert!(!dsdt.windows(4).any(|w| w == b"C002"));
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let mem = ram();
+        let mut cfg = config(2, 1);
+        cfg.apic_ids.pop();
+        assert_eq!(
+            build_acpi_tables(&mem, &cfg).unwrap_err().to_string(),
+            "ACPI tables: 2 CPUs but 1 APIC IDs"
+        );
+        assert!(matches!(
+            build_acpi_tables(&mem, &config(0, 1)),
+            Err(AcpiError::NoCpus)
+        ));
+        // No RAM at the table area.
+        let high = GuestMemoryMmap::from_ranges(&[(GuestAddress(0x10_0000), 1 << 20)]).unwrap();
+        assert!(build_acpi_tables(&high, &config(1, 1))
+            .unwrap_err()
+            .to_string()
+            .starts_with("cannot write the ACPI RSDP to guest memory at 0xe0000"));
+    }
+}

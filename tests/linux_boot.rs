@@ -1,0 +1,137 @@
+//! The direct Linux boot state on real KVM: a fake ELF "kernel" loaded by `load_linux`, with
+//! an initrd, a command line and ACPI tables, runs from the 64-bit entry and checks what a
+//! kernel relies on (long mode, a stack, RSI pointing at the zero page with "HdrS", the RSDP
+//! pointer, the initrd and the command line), then reports through `isa-debug-exit`.
+//! Skipped, with the reason printed, where `/dev/kvm` is not usable.
+
+#[path = "common/guest.rs"]
+mod guest;
+#[path = "common/vm.rs"]
+mod vm;
+
+use std::path::PathBuf;
+
+use hw::core::machine::{machine_state, RunRequest};
+use hw::i386::acpi_build::{build_acpi_tables, AcpiConfig};
+use hw::i386::e820::pc_e820_table;
+use hw::i386::x86_cpu::X86Cpu;
+use hw::i386::x86_linux::{load_linux, set_acpi_rsdp_addr};
+use vm::{kvm_unusable, TestVm, EXIT_PORT};
+
+/// A file in the temporary directory, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, contents: &[u8]) -> TempFile {
+        let path =
+            std::env::temp_dir().join(format!("qomvm-linux-boot-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// 64-bit code: fails (exit 0x7f) unless [rsi+0x70] points at "RSD PTR " and [rsi+0x202]
+/// is "HdrS"; else pushes and pops through the boot stack and exits with
+/// cmdline[0] + initrd[0].
+fn kernel_code() -> Vec<u8> {
+    let mut c: Vec<u8> = Vec::new();
+    let mut fail_jumps = Vec::new();
+    // mov rax, [rsi+0x70]; mov rax, [rax]; mov rdx, "RSD PTR "; cmp rax, rdx; jne fail
+    c.extend_from_slice(&[0x48, 0x8b, 0x46, 0x70, 0x48, 0x8b, 0x00, 0x48, 0xba]);
+    c.extend_from_slice(b"RSD PTR ");
+    c.extend_from_slice(&[0x48, 0x39, 0xd0, 0x75, 0]);
+    fail_jumps.push(c.len() - 1);
+    // mov eax, [rsi+0x202]; cmp eax, "HdrS"; jne fail
+    c.extend_from_slice(&[0x8b, 0x86, 0x02, 0x02, 0, 0, 0x3d]);
+    c.extend_from_slice(b"HdrS");
+    c.extend_from_slice(&[0x75, 0]);
+    fail_jumps.push(c.len() - 1);
+    // mov eax, [rsi+0x218] (ramdisk_image); movzx ebx, byte [rax]
+    c.extend_from_slice(&[0x8b, 0x86, 0x18, 0x02, 0, 0, 0x0f, 0xb6, 0x18]);
+    // movzx ecx, byte [0x20000] (the command line)
+    c.extend_from_slice(&[0x0f, 0xb6, 0x0c, 0x25, 0x00, 0x00, 0x02, 0x00]);
+    // push rax; pop rax; add ecx, ebx
+    c.extend_from_slice(&[0x50, 0x58, 0x01, 0xd9]);
+    // mov dx, EXIT_PORT; mov al, cl; out dx, al; hlt
+    c.extend_from_slice(&[0x66, 0xba]);
+    c.extend_from_slice(&EXIT_PORT.to_le_bytes());
+    c.extend_from_slice(&[0x88, 0xc8, 0xee, 0xf4]);
+    // fail: mov dx, EXIT_PORT; mov al, 0x7f; out dx, al; hlt
+    let fail = c.len();
+    c.extend_from_slice(&[0x66, 0xba]);
+    c.extend_from_slice(&EXIT_PORT.to_le_bytes());
+    c.extend_from_slice(&[0xb0, 0x7f, 0xee, 0xf4]);
+    for at in fail_jumps {
+        c[at] = (fail - (at + 1)) as u8;
+    }
+    c
+}
+
+/// An ELF64 executable with one PT_LOAD of `code` at `paddr`, entered at its start.
+fn elf(code: &[u8], paddr: u64) -> Vec<u8> {
+    let mut e = vec![0u8; 0x1000];
+    e[0..4].copy_from_slice(b"\x7fELF");
+    e[4] = 2; // ELFCLASS64
+    e[5] = 1; // little endian
+    e[6] = 1;
+    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    e[20..24].copy_from_slice(&1u32.to_le_bytes());
+    e[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
+    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    e[52..54].copy_from_slice(&64u16.to_le_bytes());
+    e[54..56].copy_from_slice(&56u16.to_le_bytes());
+    e[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = &mut e[64..120];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
+    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
+    ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+    ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    e.extend_from_slice(code);
+    e
+}
+
+#[test]
+fn linux_boot_state_runs_on_kvm() {
+    if let Some(reason) = kvm_unusable() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    // A placeholder image: the loader's state replaces its start state.
+    let placeholder = guest::build(guest::Mode::Real, &[], EXIT_PORT, 0x55);
+    let vm = TestVm::new(&placeholder, 1, "qemu64");
+    let ms = machine_state(&vm.machine).unwrap();
+    let ram = ms.ram();
+    // TestVm has 2 MiB of RAM.
+    let e820 = pc_e820_table(2 << 20, 0);
+    let kernel = TempFile::new("vmlinux", &elf(&kernel_code(), 0x10_0000));
+    let mut initrd_data = vec![0u8; 4096];
+    initrd_data[0] = 0x10;
+    let initrd = TempFile::new("initrd", &initrd_data);
+    let state = load_linux(&ram, &kernel.0, Some(&initrd.0), "A console=ttyS0", &e820).unwrap();
+    let rsdp = build_acpi_tables(
+        &ram,
+        &AcpiConfig {
+            cpus: 1,
+            apic_ids: vec![0],
+            pm_io_base: 0x600,
+            sci_irq: 9,
+        },
+    )
+    .unwrap();
+    set_acpi_rsdp_addr(&ram, rsdp).unwrap();
+    let cpu = &ms.cpus()[0];
+    cpu.downcast::<X86Cpu>().unwrap().set_boot_state(state);
+
+    // 'A' + 0x10 = 0x51.
+    assert_eq!(vm.run(), Some(RunRequest::DebugExit((0x51 << 1) | 1)));
+}
