@@ -40,12 +40,13 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
 
     let machine = create_machine(&opts)?;
     configure_accelerators(&opts, &machine)?;
-    machine_run_board_init(&machine).map_err(|e| OptionError::new(machine_location(&opts), e))?;
+    // Board errors (a kernel that does not load...) are not about one option: QEMU prints
+    // them without a location.
+    machine_run_board_init(&machine).map_err(|e| OptionError::new("", e))?;
     for dev in &opts.devices {
         device_add(&machine, dev)?;
     }
-    hw::core::machine::machine_creation_done(&machine)
-        .map_err(|e| OptionError::new(machine_location(&opts), e))?;
+    hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;
     Ok(main_loop(&machine, &opts))
 }
 

@@ -7,6 +7,7 @@ use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property};
 use crate::core::cpu::machine_create_cpus;
 use crate::core::machine::{machine_class_mut, machine_state, MachineError, TYPE_MACHINE};
 use crate::core::qdev::{qdev_new, qdev_realize, QdevError};
+use crate::i386::e820::{pc_e820_table, pc_ram_split};
 use crate::i386::pc::pc_basic_ports_init;
 use crate::pci_host::i440fx::{TYPE_I440FX_PCI_DEVICE, TYPE_I440FX_PCI_HOST_BRIDGE};
 
@@ -16,21 +17,6 @@ pub const TYPE_X86_MACHINE: &str = "x86-machine";
 pub const TYPE_PC_MACHINE: &str = "generic-pc-machine";
 /// The current i440FX machine version.
 pub const TYPE_PC_I440FX_MACHINE: &str = "pc-i440fx-10.0-machine";
-
-/// Start of the 32-bit PCI hole on i440FX boards.
-const PCI_HOLE_START: u64 = 0xe000_0000;
-
-/// QEMU's pc_piix RAM split: RAM below 4 GiB ends at the PCI hole; with as much RAM as the
-/// hole's start or more, it ends at 3 GiB (gigabyte alignment), the rest goes above 4 GiB.
-pub fn pc_ram_split(ram_size: u64) -> (u64, u64) {
-    let lowmem = if ram_size >= PCI_HOLE_START {
-        0xc000_0000
-    } else {
-        PCI_HOLE_START
-    };
-    let below = ram_size.min(lowmem);
-    (below, ram_size - below)
-}
 
 const X86_MACHINE_PROPERTIES: &[Property] = &[
     Property::bool("acpi", true, "Enable ACPI"),
@@ -71,6 +57,103 @@ type_init! {
     parent: Some(TYPE_X86_MACHINE),
     abstract_: true,
     class_init: Some(pc_machine_class_init),
+}
+
+/// Errors of loading the guest's kernel and firmware tables.
+#[derive(Debug, thiserror::Error)]
+pub enum PcLoadError {
+    /// `-kernel` could not be loaded.
+    #[error("could not load kernel '{path}': {source}")]
+    Kernel {
+        /// The `-kernel` path.
+        path: String,
+        /// Why.
+        source: crate::i386::x86_linux::LinuxLoadError,
+    },
+    /// `-initrd` or `-append` without `-kernel`.
+    #[error("-{0} only allowed with -kernel option")]
+    NeedsKernel(&'static str),
+    /// The ACPI tables could not be built.
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] crate::i386::acpi_build::AcpiError),
+}
+
+/// Loads `-kernel`/`-initrd`/`-append` into RAM and gives CPU 0 the entry state (QEMU's
+/// `x86_load_linux`, with the direct 64-bit entry instead of an option ROM). Runs at board
+/// init and again at each reset, since the guest may have overwritten RAM.
+fn pc_load_kernel(machine: &ObjectRef) -> Result<(), Error> {
+    let ms = machine_state(machine).expect("machines have a MachineState");
+    let kernel = machine.prop_str("kernel")?;
+    let initrd = machine.prop_str("initrd")?;
+    let append = machine.prop_str("append")?;
+    if kernel.is_empty() {
+        if !initrd.is_empty() {
+            return Err(Error::other(PcLoadError::NeedsKernel("initrd")));
+        }
+        if !append.is_empty() {
+            return Err(Error::other(PcLoadError::NeedsKernel("append")));
+        }
+        return Ok(());
+    }
+    let (below_4g, above_4g) = pc_ram_split(ms.ram_size());
+    let e820 = pc_e820_table(below_4g, above_4g);
+    let initrd_path = (!initrd.is_empty()).then(|| std::path::Path::new(initrd.as_str()));
+    let state = crate::i386::x86_linux::load_linux(
+        &ms.ram(),
+        std::path::Path::new(&kernel),
+        initrd_path,
+        &append,
+        &e820,
+    )
+    .map_err(|source| {
+        Error::other(PcLoadError::Kernel {
+            path: kernel.clone(),
+            source,
+        })
+    })?;
+    if let Some(bsp) = ms.cpus().first() {
+        if let Some(x86) = bsp.downcast::<crate::i386::x86_cpu::X86Cpu>() {
+            x86.set_boot_state(state);
+        }
+    }
+    Ok(())
+}
+
+/// Builds the ACPI tables for the CPUs present, and tells a loaded Linux where they are.
+fn pc_acpi_setup(machine: &ObjectRef) -> Result<(), Error> {
+    if !machine.prop_bool("acpi")? {
+        return Ok(());
+    }
+    let ms = machine_state(machine).expect("machines have a MachineState");
+    let apic_ids: Vec<u32> = ms
+        .cpus()
+        .iter()
+        .map(|c| c.prop_uint("apic-id").map(|v| v as u32))
+        .collect::<Result<_, _>>()?;
+    let cfg = crate::i386::acpi_build::AcpiConfig {
+        cpus: apic_ids.len() as u32,
+        apic_ids,
+        pm_io_base: crate::acpi::piix4::PM_IO_BASE,
+        sci_irq: crate::acpi::piix4::SCI_IRQ as u8,
+    };
+    let ram = ms.ram();
+    let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
+        .map_err(|e| Error::other(PcLoadError::Acpi(e)))?;
+    if !machine.prop_str("kernel")?.is_empty() {
+        crate::i386::x86_linux::set_acpi_rsdp_addr(&ram, rsdp).map_err(|source| {
+            Error::other(PcLoadError::Kernel {
+                path: machine.prop_str("kernel").unwrap_or_default(),
+                source,
+            })
+        })?;
+    }
+    Ok(())
+}
+
+/// QEMU's `pc_machine_reset`: reload what firmware would load again.
+fn pc_machine_reset(machine: &ObjectRef) -> Result<(), Error> {
+    pc_load_kernel(machine)?;
+    pc_acpi_setup(machine)
 }
 
 /// Refuses what the board cannot do, by property name (QEMU would build it).
@@ -138,7 +221,7 @@ fn pc_init1(machine: &ObjectRef) -> Result<(), Error> {
         board_device(machine, "pm", crate::acpi::piix4::TYPE_PIIX4_PM, Some(&pci_bus), &[("addr", "01.3")])
             .map_err(Error::other)?;
     }
-    Ok(())
+    pc_load_kernel(machine)
 }
 
 /// QEMU's `pc_machine_done`: what firmware would do before the guest runs.
@@ -146,7 +229,7 @@ fn pc_machine_done(machine: &ObjectRef) -> Result<(), Error> {
     if let Some(bus) = machine.child("i440fx").and_then(|h| h.child("pci.0")) {
         crate::pci::pci::pci_assign_bars(&bus);
     }
-    Ok(())
+    pc_acpi_setup(machine)
 }
 
 fn pc_i440fx_machine_class_init(class: &mut ObjectClass) {
@@ -156,23 +239,11 @@ fn pc_i440fx_machine_class_init(class: &mut ObjectClass) {
     mc.is_default = true;
     mc.init = Some(pc_init1);
     mc.machine_done = Some(pc_machine_done);
+    mc.reset = Some(pc_machine_reset);
 }
 
 type_init! {
     name: TYPE_PC_I440FX_MACHINE,
     parent: Some(TYPE_PC_MACHINE),
     class_init: Some(pc_i440fx_machine_class_init),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ram_splits_around_the_pci_hole_as_qemu_does() {
-        assert_eq!(pc_ram_split(128 << 20), (128 << 20, 0));
-        assert_eq!(pc_ram_split(3 << 30), (3 << 30, 0));
-        assert_eq!(pc_ram_split(0xe000_0000), (0xc000_0000, 0x2000_0000));
-        assert_eq!(pc_ram_split(5 << 30), (3 << 30, 2 << 30));
-    }
 }
