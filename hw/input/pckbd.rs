@@ -1,0 +1,895 @@
+//! `i8042`, the PC's keyboard controller (QEMU's `hw/input/pckbd.c`), with a PS/2 keyboard
+//! and mouse that answer their commands (QEMU's `hw/input/ps2.c`, reduced to the replies).
+//!
+//! What it is for here: Linux's i8042 and atkbd/psmouse drivers probe it at boot and find a
+//! working controller, keyboard and mouse; and the guest resets the machine through it
+//! (command 0xFE, or clearing bit 0 of the output port), which becomes a `GuestReset`
+//! request. No keys are ever pressed: there is no host input path yet
+//! ([`KbdController::put_kbd_byte`] is where one would feed scancodes).
+//!
+//! Ports: 0x60 data, 0x64 status (read) / command (write). IRQ 1 is raised while the output
+//! buffer holds keyboard data or a controller reply, IRQ 12 while it holds mouse data, each
+//! only when the command byte enables it. Commands complete at once, so the input buffer
+//! is never full (IBF stays clear).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use qom::{type_init, Error, Object, ObjectClass, Property};
+
+use crate::core::irq::IrqLine;
+use crate::core::machine::{machine_of, machine_state, RunRequest};
+use crate::core::memory::{MemoryRegion, MemoryRegionOps};
+use crate::core::qdev::{device_class_mut, device_class_set_props, DeviceCategory, DeviceMethods};
+use crate::isa::isa_bus::{isa_get_irq, isa_register_ioport, ISA_NUM_IRQS, TYPE_ISA_DEVICE};
+
+/// QEMU's `TYPE_I8042`.
+pub const TYPE_I8042: &str = "i8042";
+
+/// The data port.
+pub const I8042_DATA_PORT: u16 = 0x60;
+/// The status (read) and command (write) port.
+pub const I8042_CMD_PORT: u16 = 0x64;
+
+// Status register bits.
+/// Output buffer full.
+pub const KBD_STAT_OBF: u8 = 0x01;
+/// Input buffer full (never set: commands complete at once).
+pub const KBD_STAT_IBF: u8 = 0x02;
+/// System flag: set by the self test (POST passed).
+pub const KBD_STAT_SELFTEST: u8 = 0x04;
+/// The last write went to the command port.
+pub const KBD_STAT_CMD: u8 = 0x08;
+/// Keyboard not inhibited by the key lock.
+pub const KBD_STAT_UNLOCKED: u8 = 0x10;
+/// The output buffer holds mouse data.
+pub const KBD_STAT_MOUSE_OBF: u8 = 0x20;
+
+// Command byte ("mode") bits.
+/// Interrupt on keyboard data (IRQ 1).
+pub const KBD_MODE_KBD_INT: u8 = 0x01;
+/// Interrupt on mouse data (IRQ 12).
+pub const KBD_MODE_MOUSE_INT: u8 = 0x02;
+/// System flag.
+pub const KBD_MODE_SYS: u8 = 0x04;
+/// Keyboard clock disabled.
+pub const KBD_MODE_DISABLE_KBD: u8 = 0x10;
+/// Mouse clock disabled.
+pub const KBD_MODE_DISABLE_MOUSE: u8 = 0x20;
+/// Scancode translation (set 2 to set 1).
+pub const KBD_MODE_KCC: u8 = 0x40;
+
+// Controller commands (port 0x64).
+const KBD_CCMD_READ_MODE: u8 = 0x20;
+const KBD_CCMD_WRITE_MODE: u8 = 0x60;
+const KBD_CCMD_MOUSE_DISABLE: u8 = 0xa7;
+const KBD_CCMD_MOUSE_ENABLE: u8 = 0xa8;
+const KBD_CCMD_TEST_MOUSE: u8 = 0xa9;
+const KBD_CCMD_SELF_TEST: u8 = 0xaa;
+const KBD_CCMD_KBD_TEST: u8 = 0xab;
+const KBD_CCMD_KBD_DISABLE: u8 = 0xad;
+const KBD_CCMD_KBD_ENABLE: u8 = 0xae;
+const KBD_CCMD_READ_INPORT: u8 = 0xc0;
+const KBD_CCMD_READ_OUTPORT: u8 = 0xd0;
+const KBD_CCMD_WRITE_OUTPORT: u8 = 0xd1;
+const KBD_CCMD_WRITE_OBUF: u8 = 0xd2;
+const KBD_CCMD_WRITE_AUX_OBUF: u8 = 0xd3;
+const KBD_CCMD_WRITE_MOUSE: u8 = 0xd4;
+const KBD_CCMD_DISABLE_A20: u8 = 0xdd;
+const KBD_CCMD_ENABLE_A20: u8 = 0xdf;
+const KBD_CCMD_READ_TSTINP: u8 = 0xe0;
+const KBD_CCMD_RESET: u8 = 0xfe;
+
+// Output port bits.
+const KBD_OUT_RESET: u8 = 0x01;
+const KBD_OUT_A20: u8 = 0x02;
+const KBD_OUT_OBF: u8 = 0x10;
+const KBD_OUT_MOUSE_OBF: u8 = 0x20;
+const KBD_OUT_ONES: u8 = 0xcc;
+
+// PS/2 device replies.
+const PS2_ACK: u8 = 0xfa;
+const PS2_POR: u8 = 0xaa;
+const PS2_ECHO: u8 = 0xee;
+
+/// Device queues are bounded as a PS/2 device's buffer is; more is dropped.
+const PS2_QUEUE_SIZE: usize = 256;
+
+/// Set 2 codes as the controller delivers them with translation on (the part of the
+/// standard set 2 -> set 1 table the replies need).
+fn translate(code: u8) -> u8 {
+    match code {
+        0x01 => 0x43,
+        0x02 => 0x41,
+        0x03 => 0x3f,
+        0x83 => 0x41,
+        other => other,
+    }
+}
+
+/// The PS/2 keyboard's command state.
+#[derive(Default)]
+struct Ps2Kbd {
+    queue: VecDeque<u8>,
+    /// A command waiting for its argument byte.
+    arg_cmd: Option<u8>,
+    scan_enabled: bool,
+    scancode_set: u8,
+}
+
+/// The PS/2 mouse's command state.
+#[derive(Default)]
+struct Ps2Mouse {
+    queue: VecDeque<u8>,
+    arg_cmd: Option<u8>,
+    enabled: bool,
+    sample_rate: u8,
+    resolution: u8,
+    scaling_2to1: bool,
+    remote: bool,
+}
+
+fn push(queue: &mut VecDeque<u8>, bytes: &[u8]) {
+    for &b in bytes {
+        if queue.len() < PS2_QUEUE_SIZE {
+            queue.push_back(b);
+        }
+    }
+}
+
+impl Ps2Kbd {
+    fn reset(&mut self) {
+        self.queue.clear();
+        self.arg_cmd = None;
+        self.scan_enabled = true;
+        self.scancode_set = 2;
+    }
+
+    /// A byte the guest sent to the keyboard (QEMU's `ps2_write_keyboard`).
+    fn write(&mut self, val: u8, translated: bool) {
+        if let Some(cmd) = self.arg_cmd.take() {
+            match cmd {
+                // "Get/set scancode set": 0 asks for the current one.
+                0xf0 => {
+                    if val == 0 {
+                        let set = if translated {
+                            translate(self.scancode_set)
+                        } else {
+                            self.scancode_set
+                        };
+                        push(&mut self.queue, &[PS2_ACK, set]);
+                    } else {
+                        if (1..=3).contains(&val) {
+                            self.scancode_set = val;
+                        }
+                        push(&mut self.queue, &[PS2_ACK]);
+                    }
+                }
+                // LEDs, typematic rate, make/break: the argument is taken and acknowledged.
+                _ => push(&mut self.queue, &[PS2_ACK]),
+            }
+            return;
+        }
+        match val {
+            PS2_ECHO => push(&mut self.queue, &[PS2_ECHO]),
+            // Identify: an MF2 keyboard (0xab 0x83; 0x41 for 0x83 when translated).
+            0xf2 => {
+                let id = if translated { translate(0x83) } else { 0x83 };
+                push(&mut self.queue, &[PS2_ACK, 0xab, id]);
+            }
+            // Set LEDs, scancode set, typematic rate, make/break: an argument follows.
+            0xed | 0xf0 | 0xf3 | 0xfb | 0xfc | 0xfd => {
+                self.arg_cmd = Some(val);
+                push(&mut self.queue, &[PS2_ACK]);
+            }
+            0xf4 => {
+                self.scan_enabled = true;
+                push(&mut self.queue, &[PS2_ACK]);
+            }
+            // Reset and disable / reset to defaults.
+            0xf5 | 0xf6 => {
+                self.reset();
+                self.scan_enabled = val == 0xf6;
+                push(&mut self.queue, &[PS2_ACK]);
+            }
+            // Reset: ACK, then the power-on self test passed.
+            0xff => {
+                self.reset();
+                push(&mut self.queue, &[PS2_ACK, PS2_POR]);
+            }
+            // Everything else is acknowledged, so probing moves on.
+            _ => push(&mut self.queue, &[PS2_ACK]),
+        }
+    }
+}
+
+impl Ps2Mouse {
+    fn reset(&mut self) {
+        self.queue.clear();
+        self.arg_cmd = None;
+        self.enabled = false;
+        self.sample_rate = 100;
+        self.resolution = 2;
+        self.scaling_2to1 = false;
+        self.remote = false;
+    }
+
+    /// A byte the guest sent to the mouse through command 0xD4 (QEMU's
+    /// `ps2_write_mouse`): a standard 3-byte PS/2 mouse with ID 0 that never moves.
+    fn write(&mut self, val: u8) {
+        if let Some(cmd) = self.arg_cmd.take() {
+            match cmd {
+                0xf3 => self.sample_rate = val,
+                0xe8 => self.resolution = val & 3,
+                _ => {}
+            }
+            push(&mut self.queue, &[PS2_ACK]);
+            return;
+        }
+        match val {
+            // Set resolution / sample rate: an argument follows.
+            0xe8 | 0xf3 => {
+                self.arg_cmd = Some(val);
+                push(&mut self.queue, &[PS2_ACK]);
+            }
+            0xe6 | 0xe7 => {
+                self.scaling_2to1 = val == 0xe7;
+                push(&mut self.queue, &[PS2_ACK]);
+            }
+            // Status request: mode, resolution, sample rate.
+            0xe9 => {
+                let status = (u8::from(self.remote) << 6)
+                    | (u8::from(self.enabled) << 5)
+                    | (u8::from(self.scaling_2to1) << 4);
+                push(
+                    &mut self.queue,
+                    &[PS2_ACK, status, self.resolution, self.sample_rate],
+                );
+            }
+            0xea | 0xf0 => {
+                self.remote = val == 0xf0;
+                push(&mut self.queue, &[PS2_ACK]);
+            }
+            // Read data: a packet with no movement and no buttons.
+            0xeb => push(&mut self.queue, &[PS2_ACK, 0x08, 0, 0]),
+            // Get ID: a standard mouse.
+            0xf2 => push(&mut self.queue, &[PS2_ACK, 0x00]),
+            0xf4 | 0xf5 => {
+                self.enabled = val == 0xf4;
+                push(&mut self.queue, &[PS2_ACK]);
+            }
+            0xf6 => {
+                self.reset();
+                push(&mut self.queue, &[PS2_ACK]);
+            }
+            0xff => {
+                self.reset();
+                push(&mut self.queue, &[PS2_ACK, PS2_POR, 0x00]);
+            }
+            _ => push(&mut self.queue, &[PS2_ACK]),
+        }
+    }
+}
+
+/// Where the byte in the output buffer came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Kbd,
+    Mouse,
+}
+
+struct KbdState {
+    /// The command byte.
+    mode: u8,
+    status: u8,
+    outport: u8,
+    /// A controller command waiting for its data byte on port 0x60.
+    write_cmd: Option<u8>,
+    /// The output buffer and its source, when full.
+    ob: Option<Source>,
+    obdata: u8,
+    /// Controller replies, before device data (QEMU's `KBD_PENDING_CTRL_*`).
+    ctrl: VecDeque<(u8, Source)>,
+    kbd: Ps2Kbd,
+    mouse: Ps2Mouse,
+    kbd_irq: IrqLine,
+    mouse_irq: IrqLine,
+    kbd_level: bool,
+    mouse_level: bool,
+}
+
+impl Default for KbdState {
+    fn default() -> Self {
+        let mut s = KbdState {
+            mode: 0,
+            status: 0,
+            outport: 0,
+            write_cmd: None,
+            ob: None,
+            obdata: 0,
+            ctrl: VecDeque::new(),
+            kbd: Ps2Kbd::default(),
+            mouse: Ps2Mouse::default(),
+            kbd_irq: IrqLine::disconnected(),
+            mouse_irq: IrqLine::disconnected(),
+            kbd_level: false,
+            mouse_level: false,
+        };
+        s.reset();
+        s
+    }
+}
+
+impl KbdState {
+    /// QEMU's `kbd_reset`, with the PS/2 devices reset too.
+    fn reset(&mut self) {
+        self.mode = KBD_MODE_KBD_INT | KBD_MODE_MOUSE_INT;
+        self.status = KBD_STAT_CMD | KBD_STAT_UNLOCKED;
+        self.outport = KBD_OUT_RESET | KBD_OUT_A20 | KBD_OUT_ONES;
+        self.write_cmd = None;
+        self.ob = None;
+        self.obdata = 0;
+        self.ctrl.clear();
+        self.kbd.reset();
+        self.mouse.reset();
+        self.update_irq();
+    }
+
+    /// Loads the output buffer if it is empty: controller replies first, then keyboard,
+    /// then mouse data, each device only while its clock is enabled.
+    fn refill(&mut self) {
+        if self.ob.is_some() {
+            return;
+        }
+        let next = if let Some((byte, src)) = self.ctrl.pop_front() {
+            Some((byte, src))
+        } else if self.mode & KBD_MODE_DISABLE_KBD == 0 && !self.kbd.queue.is_empty() {
+            self.kbd.queue.pop_front().map(|b| (b, Source::Kbd))
+        } else if self.mode & KBD_MODE_DISABLE_MOUSE == 0 && !self.mouse.queue.is_empty() {
+            self.mouse.queue.pop_front().map(|b| (b, Source::Mouse))
+        } else {
+            None
+        };
+        if let Some((byte, src)) = next {
+            self.obdata = byte;
+            self.ob = Some(src);
+        }
+    }
+
+    /// Status bits and IRQ levels from the output buffer (QEMU's `kbd_update_irq`).
+    fn update_irq(&mut self) {
+        self.refill();
+        self.status &= !(KBD_STAT_OBF | KBD_STAT_MOUSE_OBF);
+        self.outport &= !(KBD_OUT_OBF | KBD_OUT_MOUSE_OBF);
+        let mut kbd = false;
+        let mut mouse = false;
+        match self.ob {
+            Some(Source::Mouse) => {
+                self.status |= KBD_STAT_OBF | KBD_STAT_MOUSE_OBF;
+                self.outport |= KBD_OUT_OBF | KBD_OUT_MOUSE_OBF;
+                mouse = self.mode & KBD_MODE_MOUSE_INT != 0;
+            }
+            Some(Source::Kbd) => {
+                self.status |= KBD_STAT_OBF;
+                self.outport |= KBD_OUT_OBF;
+                kbd = self.mode & KBD_MODE_KBD_INT != 0 && self.mode & KBD_MODE_DISABLE_KBD == 0;
+            }
+            None => {}
+        }
+        if kbd != self.kbd_level {
+            self.kbd_level = kbd;
+            self.kbd_irq.set(kbd);
+        }
+        if mouse != self.mouse_level {
+            self.mouse_level = mouse;
+            self.mouse_irq.set(mouse);
+        }
+    }
+
+    /// A controller reply (QEMU's `kbd_queue`).
+    fn reply(&mut self, byte: u8, src: Source) {
+        self.ctrl.push_back((byte, src));
+        self.update_irq();
+    }
+
+    fn read_data(&mut self) -> u8 {
+        let val = self.obdata;
+        if self.ob.take().is_some() {
+            // Reading deasserts the line; more data reasserts it, so an edge-triggered
+            // PIC sees one interrupt per byte (QEMU's `ps2_read_data` does the same).
+            for (level, line) in [
+                (&mut self.kbd_level, &self.kbd_irq),
+                (&mut self.mouse_level, &self.mouse_irq),
+            ] {
+                if *level {
+                    *level = false;
+                    line.lower();
+                }
+            }
+            self.update_irq();
+        }
+        val
+    }
+
+    /// Writes the output port; returns whether the CPU reset line was pulled.
+    fn write_outport(&mut self, val: u8) -> bool {
+        self.outport = val;
+        if val & KBD_OUT_A20 == 0 {
+            // KVM has no A20 gate; guests that turn it off (DOS) see no change.
+            log::debug!("i8042: A20 gate disabled by the guest; ignored");
+        }
+        val & KBD_OUT_RESET == 0
+    }
+
+    /// A write to port 0x60; returns whether the guest asked for a reset.
+    fn write_data(&mut self, val: u8) -> bool {
+        self.status &= !KBD_STAT_CMD;
+        let mut reset = false;
+        match self.write_cmd.take() {
+            None => {
+                let translated = self.mode & KBD_MODE_KCC != 0;
+                self.kbd.write(val, translated);
+                // Sending data to the keyboard re-enables its clock.
+                self.mode &= !KBD_MODE_DISABLE_KBD;
+            }
+            Some(KBD_CCMD_WRITE_MODE) => {
+                self.mode = val;
+                self.status = (self.status & !KBD_STAT_SELFTEST) | (val & KBD_MODE_SYS);
+            }
+            Some(KBD_CCMD_WRITE_OBUF) => self.ctrl.push_back((val, Source::Kbd)),
+            Some(KBD_CCMD_WRITE_AUX_OBUF) => self.ctrl.push_back((val, Source::Mouse)),
+            Some(KBD_CCMD_WRITE_MOUSE) => {
+                self.mouse.write(val);
+                self.mode &= !KBD_MODE_DISABLE_MOUSE;
+            }
+            Some(KBD_CCMD_WRITE_OUTPORT) => reset = self.write_outport(val),
+            Some(_) => {}
+        }
+        self.update_irq();
+        reset
+    }
+
+    /// A write to port 0x64 (QEMU's `kbd_write_command`); returns whether the guest asked
+    /// for a reset.
+    fn write_command(&mut self, val: u8) -> bool {
+        self.status |= KBD_STAT_CMD;
+        // 0xF0..0xFF pulse the output port's low bits low for a moment: bit 0 is the CPU
+        // reset line, so the even ones (0xFE among them) reset.
+        let val = if val >= 0xf0 && val & 1 == 0 {
+            KBD_CCMD_RESET
+        } else {
+            val
+        };
+        match val {
+            KBD_CCMD_READ_MODE => self.reply(self.mode, Source::Kbd),
+            KBD_CCMD_WRITE_MODE
+            | KBD_CCMD_WRITE_OBUF
+            | KBD_CCMD_WRITE_AUX_OBUF
+            | KBD_CCMD_WRITE_MOUSE
+            | KBD_CCMD_WRITE_OUTPORT => self.write_cmd = Some(val),
+            KBD_CCMD_MOUSE_DISABLE => {
+                self.mode |= KBD_MODE_DISABLE_MOUSE;
+                self.update_irq();
+            }
+            KBD_CCMD_MOUSE_ENABLE => {
+                self.mode &= !KBD_MODE_DISABLE_MOUSE;
+                self.update_irq();
+            }
+            // Interface tests: 0 means no error.
+            KBD_CCMD_TEST_MOUSE | KBD_CCMD_KBD_TEST => self.reply(0x00, Source::Kbd),
+            KBD_CCMD_SELF_TEST => {
+                self.status |= KBD_STAT_SELFTEST;
+                self.outport |= KBD_OUT_A20;
+                self.reply(0x55, Source::Kbd);
+            }
+            KBD_CCMD_KBD_DISABLE => {
+                self.mode |= KBD_MODE_DISABLE_KBD;
+                self.update_irq();
+            }
+            KBD_CCMD_KBD_ENABLE => {
+                self.mode &= !KBD_MODE_DISABLE_KBD;
+                self.update_irq();
+            }
+            // Input port: keyboard not inhibited.
+            KBD_CCMD_READ_INPORT => self.reply(0x80, Source::Kbd),
+            KBD_CCMD_READ_OUTPORT => self.reply(self.outport, Source::Kbd),
+            KBD_CCMD_ENABLE_A20 => self.outport |= KBD_OUT_A20,
+            KBD_CCMD_DISABLE_A20 => {
+                let outport = self.outport & !KBD_OUT_A20;
+                self.write_outport(outport);
+            }
+            KBD_CCMD_READ_TSTINP => self.reply(0x00, Source::Kbd),
+            KBD_CCMD_RESET => return true,
+            // Odd pulse commands pulse nothing that matters; 0xFF is a no-op.
+            0xf0..=0xff => {}
+            other => log::debug!("i8042: unsupported controller command 0x{other:02x}"),
+        }
+        false
+    }
+}
+
+/// What the controller does when the guest pulls the CPU reset line.
+pub type ResetHook = Arc<dyn Fn() + Send + Sync>;
+
+/// The controller's state and port handlers, shared by its two port regions.
+#[derive(Default)]
+pub struct KbdController {
+    state: Mutex<KbdState>,
+    reset_hook: Mutex<Option<ResetHook>>,
+}
+
+impl KbdController {
+    /// Sets what a guest-requested reset does (the device posts `GuestReset` to its
+    /// machine).
+    pub fn set_reset_hook(&self, hook: Option<ResetHook>) {
+        *self.reset_hook.lock() = hook;
+    }
+
+    /// Connects the keyboard (IRQ 1) and mouse (IRQ 12) interrupt outputs.
+    pub fn set_irqs(&self, kbd: IrqLine, mouse: IrqLine) {
+        let mut s = self.state.lock();
+        s.kbd_irq = kbd;
+        s.mouse_irq = mouse;
+        let (k, m) = (s.kbd_level, s.mouse_level);
+        s.kbd_irq.set(k);
+        s.mouse_irq.set(m);
+    }
+
+    /// Queues a byte from the keyboard (a scancode in the keyboard's current set), for a
+    /// future host input path.
+    pub fn put_kbd_byte(&self, byte: u8) {
+        let mut s = self.state.lock();
+        if s.kbd.scan_enabled {
+            push(&mut s.kbd.queue, &[byte]);
+            s.update_irq();
+        }
+    }
+
+    /// Back to the power-on state (QEMU's `kbd_reset` + `ps2_reset`).
+    pub fn reset(&self) {
+        self.state.lock().reset();
+    }
+
+    /// The command byte.
+    pub fn mode(&self) -> u8 {
+        self.state.lock().mode
+    }
+
+    fn guest_reset(&self, requested: bool) {
+        if requested {
+            let hook = self.reset_hook.lock().clone();
+            match hook {
+                Some(hook) => hook(),
+                None => {
+                    log::warn!("i8042: the guest asked for a reset, but nothing is wired to do it")
+                }
+            }
+        }
+    }
+
+    /// Reads port 0x60 (`data`) or 0x64 (status).
+    pub fn read_port(&self, data: bool) -> u8 {
+        let mut s = self.state.lock();
+        if data {
+            s.read_data()
+        } else {
+            s.status
+        }
+    }
+
+    /// Writes port 0x60 (`data`) or 0x64 (command).
+    pub fn write_port(&self, data: bool, val: u8) {
+        let reset = {
+            let mut s = self.state.lock();
+            if data {
+                s.write_data(val)
+            } else {
+                s.write_command(val)
+            }
+        };
+        // Outside the lock: the hook takes the machine's locks.
+        self.guest_reset(reset);
+    }
+}
+
+/// One of the controller's two one-byte port regions.
+struct KbdPort {
+    ctrl: Arc<KbdController>,
+    data: bool,
+}
+
+impl MemoryRegionOps for KbdPort {
+    fn read(&self, _offset: u64, size: u32) -> u64 {
+        // The register is one byte; the upper bytes of a wider access read as all ones
+        // (the dispatcher does not split it to reach the device at the next port).
+        let val = u64::from(self.ctrl.read_port(self.data));
+        let ones = if size >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (size * 8)) - 1
+        };
+        (ones & !0xff) | val
+    }
+
+    fn write(&self, _offset: u64, value: u64, _size: u32) {
+        self.ctrl.write_port(self.data, value as u8);
+    }
+}
+
+/// The `i8042` instance.
+#[derive(Default)]
+pub struct I8042 {
+    ctrl: Arc<KbdController>,
+}
+
+/// The controller of an `i8042` device.
+pub fn i8042_controller(dev: &Object) -> Option<Arc<KbdController>> {
+    dev.downcast::<I8042>().map(|s| s.ctrl.clone())
+}
+
+const PROPERTIES: &[Property] = &[
+    Property::uint("kbd-irq", 8, 1, "ISA IRQ of the keyboard"),
+    Property::uint("mouse-irq", 8, 12, "ISA IRQ of the mouse"),
+];
+
+/// Realize errors of `i8042`.
+#[derive(Debug, thiserror::Error)]
+enum I8042Error {
+    #[error("i8042: not part of a machine")]
+    NoMachine,
+    #[error("i8042: IRQ {0} is invalid (the ISA bus has {ISA_NUM_IRQS})")]
+    BadIrq(u64),
+}
+
+fn i8042_realize(dev: &Object) -> Result<(), Error> {
+    let st = dev
+        .downcast::<I8042>()
+        .expect("i8042 instances have an I8042 part");
+    let kbd_irq = dev.prop_uint("kbd-irq")?;
+    let mouse_irq = dev.prop_uint("mouse-irq")?;
+    for irq in [kbd_irq, mouse_irq] {
+        if irq as usize >= ISA_NUM_IRQS {
+            return Err(Error::other(I8042Error::BadIrq(irq)));
+        }
+    }
+    let machine = machine_of(dev)
+        .or_else(|| dev.parent_bus().and_then(|b| machine_of(&b)))
+        .ok_or_else(|| Error::other(I8042Error::NoMachine))?
+        .downgrade();
+    st.ctrl.set_reset_hook(Some(Arc::new(move || {
+        if let Some(machine) = machine.upgrade() {
+            if let Some(ms) = machine_state(&machine) {
+                ms.run_state().request(RunRequest::GuestReset);
+            }
+        }
+    })));
+    st.ctrl.set_irqs(
+        isa_get_irq(dev, kbd_irq as usize),
+        isa_get_irq(dev, mouse_irq as usize),
+    );
+    for (name, port, data) in [
+        ("i8042-data", I8042_DATA_PORT, true),
+        ("i8042-cmd", I8042_CMD_PORT, false),
+    ] {
+        let ops = Arc::new(KbdPort {
+            ctrl: st.ctrl.clone(),
+            data,
+        });
+        isa_register_ioport(dev, MemoryRegion::new_io(name, 1, ops), port).map_err(Error::other)?;
+    }
+    Ok(())
+}
+
+fn i8042_reset(dev: &Object) {
+    if let Some(st) = dev.downcast::<I8042>() {
+        st.ctrl.reset();
+    }
+}
+
+fn i8042_class_init(class: &mut ObjectClass) {
+    device_class_set_props(class, PROPERTIES);
+    let dc = device_class_mut(class);
+    dc.realize = Some(i8042_realize);
+    dc.reset = Some(i8042_reset);
+    dc.category = DeviceCategory::Input;
+}
+
+type_init! {
+    name: TYPE_I8042,
+    parent: Some(TYPE_ISA_DEVICE),
+    class_init: Some(i8042_class_init),
+    instance: Some(qom::InstanceSpec::of::<I8042>()),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::irq::IrqHandler;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Pins(Mutex<[bool; 16]>);
+
+    impl IrqHandler for Pins {
+        fn set_irq(&self, n: u32, level: bool) {
+            self.0.lock()[n as usize] = level;
+        }
+    }
+
+    fn controller() -> (Arc<KbdController>, Arc<Pins>, Arc<AtomicUsize>) {
+        let ctrl = Arc::new(KbdController::default());
+        let pins = Arc::new(Pins::default());
+        ctrl.set_irqs(
+            IrqLine::new(pins.clone(), 1),
+            IrqLine::new(pins.clone(), 12),
+        );
+        let resets = Arc::new(AtomicUsize::new(0));
+        let count = resets.clone();
+        ctrl.set_reset_hook(Some(Arc::new(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        })));
+        (ctrl, pins, resets)
+    }
+
+    /// Sends a controller command (and its argument) and reads what comes back, as
+    /// Linux's `i8042_command` does.
+    fn command(ctrl: &KbdController, cmd: u8, arg: Option<u8>) -> Vec<(u8, u8)> {
+        ctrl.write_port(false, cmd);
+        if let Some(arg) = arg {
+            ctrl.write_port(true, arg);
+        }
+        drain(ctrl)
+    }
+
+    /// (status, data) pairs while the output buffer is full.
+    fn drain(ctrl: &KbdController) -> Vec<(u8, u8)> {
+        let mut out = Vec::new();
+        loop {
+            let status = ctrl.read_port(false);
+            if status & KBD_STAT_OBF == 0 {
+                return out;
+            }
+            out.push((status, ctrl.read_port(true)));
+        }
+    }
+
+    fn data(replies: &[(u8, u8)]) -> Vec<u8> {
+        replies.iter().map(|r| r.1).collect()
+    }
+
+    #[test]
+    fn self_test_and_interface_tests_pass() {
+        let (ctrl, _, _) = controller();
+        assert_eq!(ctrl.read_port(false) & (KBD_STAT_OBF | KBD_STAT_IBF), 0);
+        assert_eq!(data(&command(&ctrl, 0xaa, None)), [0x55]);
+        assert_ne!(
+            ctrl.read_port(false) & KBD_STAT_SELFTEST,
+            0,
+            "SYS flag after POST"
+        );
+        assert_eq!(data(&command(&ctrl, 0xab, None)), [0x00]);
+        assert_eq!(data(&command(&ctrl, 0xa9, None)), [0x00]);
+    }
+
+    #[test]
+    fn command_byte_round_trips_and_aux_kbd_disable_show_in_it() {
+        let (ctrl, _, _) = controller();
+        assert_eq!(data(&command(&ctrl, 0x20, None)), [0x03]);
+        assert!(command(&ctrl, 0x60, Some(0x47)).is_empty());
+        assert_eq!(data(&command(&ctrl, 0x20, None)), [0x47]);
+        command(&ctrl, 0xa7, None);
+        assert_eq!(
+            data(&command(&ctrl, 0x20, None)),
+            [0x47 | KBD_MODE_DISABLE_MOUSE]
+        );
+        command(&ctrl, 0xa8, None);
+        command(&ctrl, 0xad, None);
+        assert_eq!(
+            data(&command(&ctrl, 0x20, None)),
+            [0x47 | KBD_MODE_DISABLE_KBD]
+        );
+        command(&ctrl, 0xae, None);
+        assert_eq!(data(&command(&ctrl, 0x20, None)), [0x47]);
+    }
+
+    #[test]
+    fn aux_loopback_comes_back_as_mouse_data_on_irq_12() {
+        let (ctrl, pins, _) = controller();
+        ctrl.write_port(false, 0xd3);
+        ctrl.write_port(true, 0x5a);
+        assert!(pins.0.lock()[12], "MOUSE_INT is on by default");
+        assert!(!pins.0.lock()[1]);
+        let replies = drain(&ctrl);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].1, 0x5a);
+        assert_ne!(replies[0].0 & KBD_STAT_MOUSE_OBF, 0);
+        assert!(!pins.0.lock()[12], "reading the byte lowers the line");
+    }
+
+    #[test]
+    fn keyboard_answers_probe_commands_on_irq_1() {
+        let (ctrl, pins, _) = controller();
+        ctrl.write_port(true, 0xff);
+        assert!(pins.0.lock()[1]);
+        assert_eq!(data(&drain(&ctrl)), [0xfa, 0xaa]);
+        ctrl.write_port(true, 0xf2);
+        assert_eq!(data(&drain(&ctrl)), [0xfa, 0xab, 0x83]);
+        ctrl.write_port(true, 0xf5);
+        assert_eq!(data(&drain(&ctrl)), [0xfa]);
+        ctrl.write_port(true, 0xed);
+        assert_eq!(data(&drain(&ctrl)), [0xfa]);
+        ctrl.write_port(true, 0x07);
+        assert_eq!(data(&drain(&ctrl)), [0xfa]);
+        ctrl.write_port(true, 0xf4);
+        assert_eq!(data(&drain(&ctrl)), [0xfa]);
+        ctrl.write_port(true, 0x42);
+        assert_eq!(data(&drain(&ctrl)), [0xfa]);
+        // With translation on, the ID's second byte is translated.
+        command(&ctrl, 0x60, Some(0x43));
+        ctrl.write_port(true, 0xf2);
+        assert_eq!(data(&drain(&ctrl)), [0xfa, 0xab, 0x41]);
+        assert!(!pins.0.lock()[1]);
+    }
+
+    #[test]
+    fn each_byte_is_its_own_interrupt_edge() {
+        let ctrl = Arc::new(KbdController::default());
+        #[derive(Default)]
+        struct Edges(Mutex<Vec<(u32, bool)>>);
+        impl IrqHandler for Edges {
+            fn set_irq(&self, n: u32, level: bool) {
+                self.0.lock().push((n, level));
+            }
+        }
+        let edges = Arc::new(Edges::default());
+        ctrl.set_irqs(
+            IrqLine::new(edges.clone(), 1),
+            IrqLine::new(edges.clone(), 12),
+        );
+        edges.0.lock().clear();
+        ctrl.write_port(true, 0xff);
+        ctrl.read_port(true);
+        ctrl.read_port(true);
+        assert_eq!(
+            *edges.0.lock(),
+            [(1, true), (1, false), (1, true), (1, false)]
+        );
+    }
+
+    #[test]
+    fn mouse_answers_through_d4() {
+        let (ctrl, _, _) = controller();
+        let mouse = |b: u8| {
+            ctrl.write_port(false, 0xd4);
+            ctrl.write_port(true, b);
+            drain(&ctrl)
+        };
+        let reset = mouse(0xff);
+        assert_eq!(data(&reset), [0xfa, 0xaa, 0x00]);
+        assert!(reset.iter().all(|(st, _)| st & KBD_STAT_MOUSE_OBF != 0));
+        assert_eq!(data(&mouse(0xf2)), [0xfa, 0x00]);
+        assert_eq!(data(&mouse(0xf3)), [0xfa]);
+        assert_eq!(data(&mouse(200)), [0xfa]);
+        assert_eq!(data(&mouse(0xe9)), [0xfa, 0x00, 2, 200]);
+    }
+
+    #[test]
+    fn fe_and_output_port_bit_0_reset_the_machine() {
+        let (ctrl, _, resets) = controller();
+        ctrl.write_port(false, 0xfe);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+        ctrl.write_port(false, 0xd1);
+        ctrl.write_port(true, 0xfe);
+        assert_eq!(resets.load(Ordering::SeqCst), 2);
+        ctrl.write_port(false, 0xd1);
+        ctrl.write_port(true, 0xdf);
+        ctrl.write_port(false, 0xff);
+        assert_eq!(
+            resets.load(Ordering::SeqCst),
+            2,
+            "bit 0 set and 0xff pulse nothing"
+        );
+        assert_eq!(data(&command(&ctrl, 0xd0, None))[0] & 0x03, 0x03);
+    }
+}

@@ -1,0 +1,1021 @@
+//! `mc146818rtc`, the PC's real-time clock and CMOS memory (QEMU's
+//! `hw/rtc/mc146818rtc.c`).
+//!
+//! Ports 0x70 (index; bit 7 is the NMI mask, which is not modelled and is dropped) and 0x71
+//! (data). The clock runs on the host's UTC clock plus an offset the guest changes by
+//! setting the time. Time registers read in BCD or binary (register B's DM bit) and 24- or
+//! 12-hour format (bit 1), and the year is kept relative to `base_year` with the century in
+//! CMOS byte 0x32, as QEMU does.
+//!
+//! Simplifications: register A's update-in-progress bit is never set (a reader never has
+//! to wait, and never reads a torn time because each read of a time register computes it
+//! whole); the divider bits are stored, and a divider held in reset stops the clock as SET
+//! does. Update-ended, alarm and periodic interrupts are delivered on IRQ 8 by a timer
+//! thread started when the guest first enables one of them; the flags are also set when
+//! register C is read without interrupts, as the hardware sets them whatever register B
+//! says (the periodic flag only while PIE is set, as in QEMU).
+//!
+//! The board fills the memory-size bytes with [`rtc_set_memory_size`] (QEMU's
+//! `pc_cmos_init`) and other CMOS bytes with [`rtc_set_memory`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
+use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property, Value};
+
+use crate::core::irq::IrqLine;
+use crate::core::machine::machine_of;
+use crate::core::memory::{MemoryRegion, MemoryRegionOps};
+use crate::core::qdev::{
+    device_class_mut, device_class_set_props, qdev_new, qdev_realize, DeviceCategory, QdevError,
+};
+use crate::isa::isa_bus::{isa_get_irq, isa_register_ioport, ISA_NUM_IRQS, TYPE_ISA_DEVICE};
+
+/// QEMU's `TYPE_MC146818_RTC`.
+pub const TYPE_MC146818_RTC: &str = "mc146818rtc";
+
+/// Size of the CMOS memory, registers included.
+pub const CMOS_SIZE: usize = 128;
+
+// Register indexes.
+/// Seconds.
+pub const RTC_SECONDS: u8 = 0;
+/// Seconds alarm.
+pub const RTC_SECONDS_ALARM: u8 = 1;
+/// Minutes.
+pub const RTC_MINUTES: u8 = 2;
+/// Minutes alarm.
+pub const RTC_MINUTES_ALARM: u8 = 3;
+/// Hours (bit 7: PM in 12-hour mode).
+pub const RTC_HOURS: u8 = 4;
+/// Hours alarm.
+pub const RTC_HOURS_ALARM: u8 = 5;
+/// Day of the week, 1 = Sunday.
+pub const RTC_DAY_OF_WEEK: u8 = 6;
+/// Day of the month.
+pub const RTC_DAY_OF_MONTH: u8 = 7;
+/// Month, 1-12.
+pub const RTC_MONTH: u8 = 8;
+/// Year within the century (relative to `base_year`).
+pub const RTC_YEAR: u8 = 9;
+/// Register A: update in progress, divider, periodic rate.
+pub const RTC_REG_A: u8 = 10;
+/// Register B: SET, interrupt enables, data mode, 24-hour mode.
+pub const RTC_REG_B: u8 = 11;
+/// Register C: interrupt flags (read-only, cleared by reading).
+pub const RTC_REG_C: u8 = 12;
+/// Register D: valid RAM and time (read-only).
+pub const RTC_REG_D: u8 = 13;
+/// The century byte (IBM AT; the one ACPI's FADT names).
+pub const RTC_CENTURY: u8 = 0x32;
+/// The PS/2 century byte; writes to it go to [`RTC_CENTURY`], as in QEMU.
+pub const RTC_IBM_PS2_CENTURY_BYTE: u8 = 0x37;
+
+/// Register B: the clock is stopped for setting.
+pub const REG_B_SET: u8 = 0x80;
+/// Register B: periodic interrupt enable.
+pub const REG_B_PIE: u8 = 0x40;
+/// Register B: alarm interrupt enable.
+pub const REG_B_AIE: u8 = 0x20;
+/// Register B: update-ended interrupt enable.
+pub const REG_B_UIE: u8 = 0x10;
+/// Register B: square wave enable.
+pub const REG_B_SQWE: u8 = 0x08;
+/// Register B: binary (not BCD) data mode.
+pub const REG_B_DM: u8 = 0x04;
+/// Register B: 24-hour mode.
+pub const REG_B_24H: u8 = 0x02;
+
+/// Register C: an enabled interrupt is pending.
+pub const REG_C_IRQF: u8 = 0x80;
+/// Register C: periodic interrupt flag.
+pub const REG_C_PF: u8 = 0x40;
+/// Register C: alarm flag.
+pub const REG_C_AF: u8 = 0x20;
+/// Register C: update-ended flag.
+pub const REG_C_UF: u8 = 0x10;
+const REG_C_MASK: u8 = REG_C_PF | REG_C_AF | REG_C_UF;
+
+/// Register D: the battery is good, time and RAM are valid.
+pub const REG_D_VRT: u8 = 0x80;
+
+/// Register A's divider bits: 0x20 is the 32.768 kHz time base; above, the chain is held in
+/// reset.
+const REG_A_DV: u8 = 0x70;
+const REG_A_RATE: u8 = 0x0f;
+
+const NANOS_PER_SEC: i64 = 1_000_000_000;
+const SECS_PER_DAY: i64 = 86_400;
+
+/// The thread that delivers interrupts sleeps at most this long, so it notices when the
+/// device is gone.
+const TIMER_MAX_SLEEP: Duration = Duration::from_secs(1);
+
+/// Host UTC time in nanoseconds since the epoch.
+pub type RtcClock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+fn host_clock() -> RtcClock {
+    Arc::new(|| match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    })
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day number since 1970-01-01: (year, month 1-12, day 1-31).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The broken-down time the registers hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tm {
+    sec: i64,
+    min: i64,
+    hour: i64,
+    /// 0 = Sunday.
+    wday: i64,
+    mday: i64,
+    /// 1-12.
+    mon: i64,
+    year: i64,
+}
+
+impl Tm {
+    fn from_secs(secs: i64) -> Tm {
+        let days = secs.div_euclid(SECS_PER_DAY);
+        let tod = secs.rem_euclid(SECS_PER_DAY);
+        let (year, mon, mday) = civil_from_days(days);
+        Tm {
+            sec: tod % 60,
+            min: tod / 60 % 60,
+            hour: tod / 3600,
+            // 1970-01-01 was a Thursday.
+            wday: (days + 4).rem_euclid(7),
+            mday,
+            mon,
+            year,
+        }
+    }
+
+    fn to_secs(self) -> i64 {
+        days_from_civil(self.year, self.mon, self.mday) * SECS_PER_DAY
+            + self.hour * 3600
+            + self.min * 60
+            + self.sec
+    }
+}
+
+struct RtcState {
+    cmos: [u8; CMOS_SIZE],
+    index: u8,
+    /// QEMU's `base_year` after realize: 2000 counts as 0, so that the year register holds
+    /// the year within the century and the century byte the century.
+    base_year: i64,
+    /// Guest time minus host time, nanoseconds.
+    offset: i64,
+    clock: RtcClock,
+    /// The last guest second the flags were brought up to.
+    last_sec: i64,
+    /// Host time of the next periodic tick while PIE is set.
+    next_periodic: Option<i64>,
+    irq: IrqLine,
+    level: bool,
+}
+
+impl RtcState {
+    fn new(clock: RtcClock) -> Self {
+        let mut s = RtcState {
+            cmos: [0; CMOS_SIZE],
+            index: 0,
+            base_year: 0,
+            offset: 0,
+            clock,
+            last_sec: 0,
+            next_periodic: None,
+            irq: IrqLine::disconnected(),
+            level: false,
+        };
+        s.cmos[RTC_REG_A as usize] = 0x26;
+        s.cmos[RTC_REG_B as usize] = REG_B_24H;
+        s.cmos[RTC_REG_D as usize] = REG_D_VRT;
+        s.last_sec = s.guest_secs();
+        s.update_time();
+        s
+    }
+
+    fn reg(&self, r: u8) -> u8 {
+        self.cmos[r as usize]
+    }
+
+    fn binary(&self) -> bool {
+        self.reg(RTC_REG_B) & REG_B_DM != 0
+    }
+
+    fn rtc_to_bcd(&self, v: i64) -> u8 {
+        if self.binary() {
+            v as u8
+        } else {
+            (((v / 10) << 4) | (v % 10)) as u8
+        }
+    }
+
+    fn rtc_from_bcd(&self, v: u8) -> i64 {
+        if self.binary() {
+            v.into()
+        } else {
+            i64::from(v >> 4) * 10 + i64::from(v & 0x0f)
+        }
+    }
+
+    /// Whether the clock advances: not stopped for setting, divider not in reset.
+    fn running(&self) -> bool {
+        self.reg(RTC_REG_B) & REG_B_SET == 0 && self.reg(RTC_REG_A) & REG_A_DV <= 0x20
+    }
+
+    fn host_ns(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn guest_secs(&self) -> i64 {
+        (self.host_ns() + self.offset).div_euclid(NANOS_PER_SEC)
+    }
+
+    /// QEMU's `rtc_set_cmos`: the time registers from a time.
+    fn set_cmos(&mut self, tm: Tm) {
+        let h24 = self.reg(RTC_REG_B) & REG_B_24H != 0;
+        let hours = if h24 {
+            self.rtc_to_bcd(tm.hour)
+        } else {
+            let h = if tm.hour % 12 == 0 { 12 } else { tm.hour % 12 };
+            self.rtc_to_bcd(h) | if tm.hour >= 12 { 0x80 } else { 0 }
+        };
+        let year = tm.year - self.base_year;
+        let values = [
+            (RTC_SECONDS, self.rtc_to_bcd(tm.sec)),
+            (RTC_MINUTES, self.rtc_to_bcd(tm.min)),
+            (RTC_HOURS, hours),
+            (RTC_DAY_OF_WEEK, self.rtc_to_bcd(tm.wday + 1)),
+            (RTC_DAY_OF_MONTH, self.rtc_to_bcd(tm.mday)),
+            (RTC_MONTH, self.rtc_to_bcd(tm.mon)),
+            (RTC_YEAR, self.rtc_to_bcd(year.rem_euclid(100))),
+            (RTC_CENTURY, self.rtc_to_bcd(year.div_euclid(100))),
+        ];
+        for (r, v) in values {
+            self.cmos[r as usize] = v;
+        }
+    }
+
+    /// QEMU's `rtc_get_time`: the time the registers hold.
+    fn get_time(&self) -> Tm {
+        let raw_hours = self.reg(RTC_HOURS);
+        let mut hour = self.rtc_from_bcd(raw_hours & 0x7f);
+        if self.reg(RTC_REG_B) & REG_B_24H == 0 {
+            hour %= 12;
+            if raw_hours & 0x80 != 0 {
+                hour += 12;
+            }
+        }
+        Tm {
+            sec: self.rtc_from_bcd(self.reg(RTC_SECONDS)),
+            min: self.rtc_from_bcd(self.reg(RTC_MINUTES)),
+            hour,
+            wday: self.rtc_from_bcd(self.reg(RTC_DAY_OF_WEEK)) - 1,
+            mday: self.rtc_from_bcd(self.reg(RTC_DAY_OF_MONTH)),
+            mon: self.rtc_from_bcd(self.reg(RTC_MONTH)),
+            year: self.rtc_from_bcd(self.reg(RTC_YEAR))
+                + self.base_year
+                + self.rtc_from_bcd(self.reg(RTC_CENTURY)) * 100,
+        }
+    }
+
+    /// QEMU's `rtc_update_time`: the registers from the clock, unless stopped.
+    fn update_time(&mut self) {
+        if self.running() {
+            self.set_cmos(Tm::from_secs(self.guest_secs()));
+        }
+    }
+
+    /// QEMU's `rtc_set_time`: the clock from the registers (the guest set the time).
+    fn set_time(&mut self) {
+        let guest = self.get_time().to_secs().saturating_mul(NANOS_PER_SEC);
+        self.offset = guest - self.host_ns();
+        self.last_sec = self.guest_secs();
+    }
+
+    /// Whether an alarm register matches a value (0xC0-0xFF is "don't care").
+    fn alarm_field_matches(&self, alarm: u8, value: i64) -> bool {
+        alarm & 0xc0 == 0xc0 || self.rtc_from_bcd(alarm) == value
+    }
+
+    fn alarm_matches(&self, tod: i64) -> bool {
+        let hour = tod / 3600;
+        let alarm_hour = self.reg(RTC_HOURS_ALARM);
+        let hour_matches = if alarm_hour & 0xc0 == 0xc0 {
+            true
+        } else if self.reg(RTC_REG_B) & REG_B_24H != 0 {
+            self.rtc_from_bcd(alarm_hour) == hour
+        } else {
+            let mut h = self.rtc_from_bcd(alarm_hour & 0x7f) % 12;
+            if alarm_hour & 0x80 != 0 {
+                h += 12;
+            }
+            h == hour
+        };
+        hour_matches
+            && self.alarm_field_matches(self.reg(RTC_MINUTES_ALARM), tod / 60 % 60)
+            && self.alarm_field_matches(self.reg(RTC_SECONDS_ALARM), tod % 60)
+    }
+
+    /// The periodic interrupt's period (register A's rate), in nanoseconds.
+    fn periodic_period_ns(&self) -> Option<i64> {
+        let mut rate = self.reg(RTC_REG_A) & REG_A_RATE;
+        if rate == 0 || self.reg(RTC_REG_B) & REG_B_PIE == 0 {
+            return None;
+        }
+        // Rates 1 and 2 give the same as 8 and 9 on a 32.768 kHz time base.
+        if rate <= 2 {
+            rate += 7;
+        }
+        Some((NANOS_PER_SEC << (rate - 1)) / 32_768)
+    }
+
+    /// Brings the flags of register C up to now: UF once a second passed, AF if the alarm
+    /// time passed, PF if a period passed; IRQF and the line if an enabled one is set.
+    fn advance(&mut self) {
+        let now_sec = self.guest_secs();
+        if !self.running() {
+            self.last_sec = now_sec;
+        } else if now_sec > self.last_sec {
+            let mut flags = REG_C_UF;
+            // The alarm matches a time of day; past a day's worth of seconds every valid
+            // alarm matched once.
+            let span = (now_sec - self.last_sec).min(SECS_PER_DAY);
+            if (1..=span).any(|i| self.alarm_matches((now_sec - span + i).rem_euclid(SECS_PER_DAY)))
+            {
+                flags |= REG_C_AF;
+            }
+            self.cmos[RTC_REG_C as usize] |= flags;
+            self.last_sec = now_sec;
+        }
+        match self.periodic_period_ns() {
+            Some(period) => {
+                let now = self.host_ns();
+                let next = *self.next_periodic.get_or_insert(now + period);
+                if now >= next {
+                    self.cmos[RTC_REG_C as usize] |= REG_C_PF;
+                    // Missed ticks are one interrupt (QEMU's lost_tick_policy=discard).
+                    let missed = (now - next) / period + 1;
+                    self.next_periodic = Some(next + missed * period);
+                }
+            }
+            None => self.next_periodic = None,
+        }
+        self.update_irq();
+    }
+
+    /// IRQF and the line follow the flags of the enabled interrupts.
+    fn update_irq(&mut self) {
+        let c = self.reg(RTC_REG_C);
+        let pending = c & self.reg(RTC_REG_B) & REG_C_MASK != 0;
+        if pending {
+            self.cmos[RTC_REG_C as usize] |= REG_C_IRQF;
+        } else {
+            self.cmos[RTC_REG_C as usize] &= !REG_C_IRQF;
+        }
+        if pending != self.level {
+            self.level = pending;
+            self.irq.set(pending);
+        }
+    }
+
+    /// How long until the next interrupt could be due, if any is enabled.
+    fn next_event_in(&self) -> Option<Duration> {
+        let b = self.reg(RTC_REG_B);
+        let mut next: Option<i64> = None;
+        if b & (REG_B_UIE | REG_B_AIE) != 0 && self.running() {
+            let guest_ns = self.host_ns() + self.offset;
+            let boundary = (guest_ns.div_euclid(NANOS_PER_SEC) + 1) * NANOS_PER_SEC;
+            next = Some(boundary - guest_ns);
+        }
+        if let Some(p) = self.next_periodic {
+            let in_ns = (p - self.host_ns()).max(0);
+            next = Some(next.map_or(in_ns, |n| n.min(in_ns)));
+        }
+        next.map(|ns| Duration::from_nanos(ns.max(0) as u64))
+    }
+
+    fn read_data(&mut self) -> u8 {
+        let index = self.index;
+        match index {
+            RTC_SECONDS | RTC_MINUTES | RTC_HOURS | RTC_DAY_OF_WEEK | RTC_DAY_OF_MONTH
+            | RTC_MONTH | RTC_YEAR | RTC_CENTURY => {
+                self.update_time();
+                self.reg(index)
+            }
+            // UIP is never set (see the file comment).
+            RTC_REG_A => self.reg(RTC_REG_A),
+            RTC_REG_C => {
+                self.advance();
+                let c = self.reg(RTC_REG_C);
+                self.cmos[RTC_REG_C as usize] = 0;
+                self.update_irq();
+                c
+            }
+            _ => self.reg(index),
+        }
+    }
+
+    /// Writes the register `index` selects; returns whether the interrupt timer must
+    /// re-plan.
+    fn write_data(&mut self, data: u8) -> bool {
+        let index = self.index;
+        match index {
+            RTC_SECONDS_ALARM | RTC_MINUTES_ALARM | RTC_HOURS_ALARM => {
+                self.cmos[index as usize] = data;
+                true
+            }
+            RTC_SECONDS
+            | RTC_MINUTES
+            | RTC_HOURS
+            | RTC_DAY_OF_WEEK
+            | RTC_DAY_OF_MONTH
+            | RTC_MONTH
+            | RTC_YEAR
+            | RTC_CENTURY
+            | RTC_IBM_PS2_CENTURY_BYTE => {
+                let index = if index == RTC_IBM_PS2_CENTURY_BYTE {
+                    RTC_CENTURY
+                } else {
+                    index
+                };
+                if self.running() {
+                    // The other registers must hold the current time before this one
+                    // changes it.
+                    self.update_time();
+                    self.cmos[index as usize] = data;
+                    self.set_time();
+                } else {
+                    self.cmos[index as usize] = data;
+                }
+                true
+            }
+            RTC_REG_A => {
+                let was_running = self.running();
+                if was_running {
+                    self.update_time();
+                }
+                // UIP is read-only.
+                self.cmos[RTC_REG_A as usize] = data & 0x7f;
+                if !was_running && self.running() {
+                    self.set_time();
+                }
+                self.next_periodic = None;
+                self.advance();
+                true
+            }
+            RTC_REG_B => {
+                let was_running = self.running();
+                let mut data = data;
+                if data & REG_B_SET != 0 {
+                    if was_running {
+                        // Latch the time being stopped.
+                        self.update_time();
+                    }
+                    // Setting SET clears UIE (MC146818 data sheet).
+                    data &= !REG_B_UIE;
+                }
+                let old = self.reg(RTC_REG_B);
+                self.cmos[RTC_REG_B as usize] = data;
+                if !was_running && self.running() {
+                    self.set_time();
+                } else if (old ^ data) & (REG_B_DM | REG_B_24H) != 0 && self.running() {
+                    self.update_time();
+                }
+                if (old ^ data) & REG_B_PIE != 0 {
+                    self.next_periodic = None;
+                }
+                // A flag already set when its interrupt is enabled interrupts at once.
+                self.advance();
+                true
+            }
+            // Read-only.
+            RTC_REG_C | RTC_REG_D => false,
+            _ => {
+                self.cmos[index as usize] = data;
+                false
+            }
+        }
+    }
+
+    /// QEMU's `rtc_reset_enter`: interrupts off and flags cleared; the time and CMOS stay
+    /// (byte 0x0f keeps an S3 resume marker 0xfe).
+    fn reset(&mut self) {
+        if self.cmos[0x0f] != 0xfe {
+            self.cmos[0x0f] = 0;
+        }
+        self.cmos[RTC_REG_B as usize] &= !(REG_B_PIE | REG_B_AIE | REG_B_SQWE);
+        self.cmos[RTC_REG_C as usize] &= !(REG_C_UF | REG_C_IRQF | REG_C_PF | REG_C_AF);
+        self.next_periodic = None;
+        self.update_irq();
+    }
+}
+
+/// The RTC's state and port handler, shared with its interrupt thread.
+pub struct Rtc {
+    state: Mutex<RtcState>,
+    wake: Condvar,
+    timer_started: AtomicBool,
+}
+
+impl Default for Rtc {
+    fn default() -> Self {
+        Rtc::with_clock(host_clock())
+    }
+}
+
+impl Rtc {
+    /// An RTC on `clock` (host UTC nanoseconds; tests pass a fixed clock).
+    pub fn with_clock(clock: RtcClock) -> Self {
+        Rtc {
+            state: Mutex::new(RtcState::new(clock)),
+            wake: Condvar::new(),
+            timer_started: AtomicBool::new(false),
+        }
+    }
+
+    /// Sets the base year (QEMU's `base_year`; 2000 means the year register holds the year
+    /// within the century) and reloads the time registers.
+    pub fn set_base_year(&self, base_year: i64) {
+        let mut s = self.state.lock();
+        s.base_year = if base_year == 2000 { 0 } else { base_year };
+        s.update_time();
+    }
+
+    /// Connects IRQ 8.
+    pub fn set_irq(&self, irq: IrqLine) {
+        let mut s = self.state.lock();
+        s.irq = irq;
+        let level = s.level;
+        s.irq.set(level);
+    }
+
+    /// Replaces the clock (tests).
+    pub fn set_clock(&self, clock: RtcClock) {
+        let mut s = self.state.lock();
+        s.clock = clock;
+        s.last_sec = s.guest_secs();
+        s.update_time();
+    }
+
+    /// QEMU's `mc146818rtc_set_cmos_data`: byte `addr` of CMOS memory (`addr` < 128).
+    pub fn set_memory(&self, addr: u8, val: u8) {
+        if let Some(b) = self.state.lock().cmos.get_mut(addr as usize) {
+            *b = val;
+        }
+    }
+
+    /// QEMU's `mc146818rtc_get_cmos_data` (raw, without updating the time).
+    pub fn get_memory(&self, addr: u8) -> u8 {
+        self.state
+            .lock()
+            .cmos
+            .get(addr as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The guest's current time, seconds since the epoch (QEMU's `rtc-time` property).
+    pub fn guest_time(&self) -> i64 {
+        self.state.lock().guest_secs()
+    }
+
+    /// Back to reset state (interrupts off; time and CMOS kept).
+    pub fn reset(&self) {
+        self.state.lock().reset();
+    }
+
+    /// Reads port `offset` (0 index, 1 data).
+    pub fn read_port(&self, offset: u64) -> u8 {
+        if offset & 1 == 0 {
+            // The index register is write-only.
+            return 0xff;
+        }
+        self.state.lock().read_data()
+    }
+
+    /// Writes port `offset` (0 index, 1 data).
+    pub fn write_port(self: &Arc<Self>, offset: u64, val: u8) {
+        let mut s = self.state.lock();
+        if offset & 1 == 0 {
+            // Bit 7 masks NMIs on a PC; there is no NMI source to mask here.
+            s.index = val & 0x7f;
+            return;
+        }
+        if s.write_data(val) {
+            let wants_timer = s.next_event_in().is_some();
+            drop(s);
+            if wants_timer {
+                self.start_timer();
+            }
+            self.wake.notify_all();
+        }
+    }
+
+    /// Starts the interrupt thread once. It holds the RTC weakly and ends when the device
+    /// is gone.
+    fn start_timer(self: &Arc<Self>) {
+        if self.timer_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("mc146818rtc".into())
+            .spawn(move || rtc_timer_thread(weak));
+        if let Err(err) = spawned {
+            log::error!("mc146818rtc: cannot start the interrupt timer: {err}");
+        }
+    }
+}
+
+fn rtc_timer_thread(rtc: Weak<Rtc>) {
+    while let Some(rtc) = rtc.upgrade() {
+        let mut s = rtc.state.lock();
+        s.advance();
+        let sleep = s
+            .next_event_in()
+            .unwrap_or(TIMER_MAX_SLEEP)
+            .min(TIMER_MAX_SLEEP);
+        // A register write wakes the thread early to re-plan.
+        rtc.wake.wait_until(&mut s, Instant::now() + sleep);
+    }
+}
+
+struct RtcPort(Arc<Rtc>);
+
+impl MemoryRegionOps for RtcPort {
+    fn read(&self, offset: u64, size: u32) -> u64 {
+        // Byte registers; a wider access is split, as QEMU's `cmos_ops` (max_access_size 1).
+        let mut value = 0;
+        for i in 0..u64::from(size.min(8)) {
+            let byte = if offset + i < 2 {
+                self.0.read_port(offset + i)
+            } else {
+                0xff
+            };
+            value |= u64::from(byte) << (8 * i);
+        }
+        value
+    }
+
+    fn write(&self, offset: u64, value: u64, size: u32) {
+        for i in 0..u64::from(size.min(8)) {
+            if offset + i < 2 {
+                self.0.write_port(offset + i, (value >> (8 * i)) as u8);
+            }
+        }
+    }
+}
+
+/// The `mc146818rtc` instance.
+#[derive(Default)]
+pub struct Mc146818Rtc {
+    rtc: Arc<Rtc>,
+}
+
+const PROPERTIES: &[Property] = &[
+    // QEMU's default is 1980, with the PC board passing 2000; every qomvm board is a PC,
+    // so 2000 is the default here.
+    Property::int("base_year", 32, 2000, "Year the year register counts from"),
+    Property::uint("iobase", 16, 0x70, "I/O port base"),
+    Property::uint("irq", 8, 8, "ISA IRQ"),
+];
+
+/// Errors of `mc146818rtc`.
+#[derive(Debug, thiserror::Error)]
+pub enum RtcError {
+    /// The object is no `mc146818rtc`.
+    #[error("'{0}' is not an mc146818rtc device")]
+    NotAnRtc(&'static str),
+    /// `irq` past the ISA bus's lines.
+    #[error("Maximum value for \"irq\" is: {}", ISA_NUM_IRQS - 1)]
+    BadIrq,
+}
+
+fn rtc_of(dev: &Object) -> Result<&Arc<Rtc>, RtcError> {
+    dev.downcast::<Mc146818Rtc>()
+        .map(|s| &s.rtc)
+        .ok_or(RtcError::NotAnRtc(dev.type_name()))
+}
+
+fn rtc_realize(dev: &Object) -> Result<(), Error> {
+    let rtc = rtc_of(dev).map_err(Error::other)?;
+    let irq = dev.prop_uint("irq")?;
+    if irq as usize >= ISA_NUM_IRQS {
+        return Err(Error::other(RtcError::BadIrq));
+    }
+    rtc.set_base_year(dev.prop_int("base_year")?);
+    rtc.set_irq(isa_get_irq(dev, irq as usize));
+    let iobase = dev.prop_uint("iobase")? as u16;
+    let region = MemoryRegion::new_io("rtc", 2, Arc::new(RtcPort(rtc.clone())));
+    isa_register_ioport(dev, region, iobase).map_err(Error::other)
+}
+
+fn rtc_reset(dev: &Object) {
+    if let Ok(rtc) = rtc_of(dev) {
+        rtc.reset();
+    }
+}
+
+/// The RTC of an `mc146818rtc` device.
+pub fn rtc_state(dev: &Object) -> Option<Arc<Rtc>> {
+    rtc_of(dev).ok().cloned()
+}
+
+/// QEMU's `mc146818rtc_set_cmos_data`: writes CMOS byte `addr`.
+pub fn rtc_set_memory(dev: &Object, addr: u8, val: u8) -> Result<(), RtcError> {
+    rtc_of(dev)?.set_memory(addr, val);
+    Ok(())
+}
+
+/// QEMU's `mc146818rtc_get_cmos_data`: reads CMOS byte `addr`.
+pub fn rtc_get_memory(dev: &Object, addr: u8) -> Result<u8, RtcError> {
+    Ok(rtc_of(dev)?.get_memory(addr))
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// The memory-size bytes of QEMU's `pc_cmos_init`, for `below_4g` bytes of RAM under
+/// 4 GiB and `above_4g` above: base memory in KiB (at most 640) at 0x15/0x16, extended
+/// memory above 1 MiB in KiB (at most 65535) at 0x17/0x18 and 0x30/0x31, memory above
+/// 16 MiB in 64 KiB units (at most 0xffff) at 0x34/0x35, memory above 4 GiB in 64 KiB
+/// units at 0x5b-0x5d.
+pub fn rtc_set_memory_size(dev: &Object, below_4g: u64, above_4g: u64) -> Result<(), RtcError> {
+    let rtc = rtc_of(dev)?;
+    let set16 = |lo: u8, val: u64| {
+        rtc.set_memory(lo, val as u8);
+        rtc.set_memory(lo + 1, (val >> 8) as u8);
+    };
+    set16(0x15, (below_4g / KIB).min(640));
+    let extended = (below_4g.saturating_sub(MIB) / KIB).min(0xffff);
+    set16(0x17, extended);
+    set16(0x30, extended);
+    set16(
+        0x34,
+        (below_4g.saturating_sub(16 * MIB) / (64 * KIB)).min(0xffff),
+    );
+    let high = above_4g / (64 * KIB);
+    rtc.set_memory(0x5b, high as u8);
+    rtc.set_memory(0x5c, (high >> 8) as u8);
+    rtc.set_memory(0x5d, (high >> 16) as u8);
+    Ok(())
+}
+
+/// QEMU's `mc146818_rtc_init`: an RTC on `bus` counting years from `base_year` (the PC
+/// passes 2000), realized under its machine's `unattached` container.
+pub fn mc146818_rtc_init(bus: &ObjectRef, base_year: i32) -> Result<ObjectRef, QdevError> {
+    let dev = qdev_new(TYPE_MC146818_RTC)?;
+    dev.property_set("base_year", Value::Int(base_year.into()))?;
+    if let Some(machine) = machine_of(bus) {
+        qom::container_get(&machine, "unattached").add_child("device[*]", &dev)?;
+    }
+    qdev_realize(&dev, Some(bus))?;
+    Ok(dev)
+}
+
+fn rtc_class_init(class: &mut ObjectClass) {
+    device_class_set_props(class, PROPERTIES);
+    let dc = device_class_mut(class);
+    dc.realize = Some(rtc_realize);
+    dc.reset = Some(rtc_reset);
+    dc.category = DeviceCategory::Misc;
+}
+
+type_init! {
+    name: TYPE_MC146818_RTC,
+    parent: Some(TYPE_ISA_DEVICE),
+    class_init: Some(rtc_class_init),
+    instance: Some(qom::InstanceSpec::of::<Mc146818Rtc>()),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::irq::IrqHandler;
+    use std::sync::atomic::AtomicI64;
+
+    /// 2024-02-29 13:45:56 UTC, a Thursday.
+    const T0: i64 = 1_709_214_356;
+
+    fn fixed_clock(secs: i64) -> (RtcClock, Arc<AtomicI64>) {
+        let now = Arc::new(AtomicI64::new(secs * NANOS_PER_SEC));
+        let n = now.clone();
+        (Arc::new(move || n.load(Ordering::SeqCst)), now)
+    }
+
+    fn rtc_at(secs: i64) -> (Arc<Rtc>, Arc<AtomicI64>) {
+        let (clock, now) = fixed_clock(secs);
+        let rtc = Arc::new(Rtc::with_clock(clock));
+        rtc.set_base_year(2000);
+        (rtc, now)
+    }
+
+    fn read(rtc: &Arc<Rtc>, reg: u8) -> u8 {
+        rtc.write_port(0, reg);
+        rtc.read_port(1)
+    }
+
+    fn write(rtc: &Arc<Rtc>, reg: u8, val: u8) {
+        rtc.write_port(0, reg);
+        rtc.write_port(1, val);
+    }
+
+    #[test]
+    fn calendar_conversions_round_trip() {
+        let tm = Tm::from_secs(T0);
+        assert_eq!(
+            tm,
+            Tm {
+                sec: 56,
+                min: 45,
+                hour: 13,
+                wday: 4,
+                mday: 29,
+                mon: 2,
+                year: 2024
+            }
+        );
+        assert_eq!(tm.to_secs(), T0);
+        assert_eq!(Tm::from_secs(0).year, 1970);
+        for secs in [0, 951_782_400, 4_107_542_399, -86_400] {
+            assert_eq!(Tm::from_secs(secs).to_secs(), secs);
+        }
+    }
+
+    #[test]
+    fn time_reads_in_bcd_by_default_and_binary_with_dm() {
+        let (rtc, _) = rtc_at(T0);
+        assert_eq!(read(&rtc, RTC_REG_B), REG_B_24H);
+        assert_eq!(read(&rtc, RTC_SECONDS), 0x56);
+        assert_eq!(read(&rtc, RTC_MINUTES), 0x45);
+        assert_eq!(read(&rtc, RTC_HOURS), 0x13);
+        assert_eq!(read(&rtc, RTC_DAY_OF_WEEK), 5);
+        assert_eq!(read(&rtc, RTC_DAY_OF_MONTH), 0x29);
+        assert_eq!(read(&rtc, RTC_MONTH), 0x02);
+        assert_eq!(read(&rtc, RTC_YEAR), 0x24);
+        assert_eq!(read(&rtc, RTC_CENTURY), 0x20);
+        write(&rtc, RTC_REG_B, REG_B_24H | REG_B_DM);
+        assert_eq!(read(&rtc, RTC_SECONDS), 56);
+        assert_eq!(read(&rtc, RTC_MINUTES), 45);
+        assert_eq!(read(&rtc, RTC_HOURS), 13);
+        assert_eq!(read(&rtc, RTC_YEAR), 24);
+        assert_eq!(read(&rtc, RTC_CENTURY), 20);
+    }
+
+    #[test]
+    fn twelve_hour_mode_sets_the_pm_bit() {
+        let (rtc, _) = rtc_at(T0);
+        write(&rtc, RTC_REG_B, 0);
+        assert_eq!(read(&rtc, RTC_HOURS), 0x80 | 0x01);
+        let (rtc, _) = rtc_at(T0 - 13 * 3600);
+        write(&rtc, RTC_REG_B, 0);
+        assert_eq!(read(&rtc, RTC_HOURS), 0x12, "00:45 is 12 AM");
+    }
+
+    #[test]
+    fn the_clock_follows_the_host_and_the_guest_can_set_it() {
+        let (rtc, now) = rtc_at(T0);
+        now.fetch_add(5 * NANOS_PER_SEC, Ordering::SeqCst);
+        assert_eq!(read(&rtc, RTC_SECONDS), 0x01);
+        assert_eq!(read(&rtc, RTC_MINUTES), 0x46);
+        // Stop, set 1999-12-31 23:59:58, restart.
+        write(&rtc, RTC_REG_B, REG_B_SET | REG_B_24H);
+        for (r, v) in [
+            (RTC_SECONDS, 0x58),
+            (RTC_MINUTES, 0x59),
+            (RTC_HOURS, 0x23),
+            (RTC_DAY_OF_MONTH, 0x31),
+            (RTC_MONTH, 0x12),
+            (RTC_YEAR, 0x99),
+            (RTC_IBM_PS2_CENTURY_BYTE, 0x19),
+        ] {
+            write(&rtc, r, v);
+        }
+        now.fetch_add(10 * NANOS_PER_SEC, Ordering::SeqCst);
+        assert_eq!(read(&rtc, RTC_SECONDS), 0x58, "stopped while SET");
+        write(&rtc, RTC_REG_B, REG_B_24H);
+        now.fetch_add(3 * NANOS_PER_SEC, Ordering::SeqCst);
+        assert_eq!(read(&rtc, RTC_SECONDS), 0x01);
+        assert_eq!(read(&rtc, RTC_YEAR), 0x00);
+        assert_eq!(read(&rtc, RTC_CENTURY), 0x20);
+        assert_eq!(read(&rtc, RTC_MONTH), 0x01);
+        assert_eq!(rtc.guest_time(), 946_684_801);
+    }
+
+    #[test]
+    fn index_port_drops_the_nmi_bit_and_reads_ff() {
+        let (rtc, _) = rtc_at(T0);
+        rtc.set_memory(0x40, 0x5a);
+        rtc.write_port(0, 0x80 | 0x40);
+        assert_eq!(rtc.read_port(1), 0x5a);
+        rtc.write_port(0, 0x80 | RTC_SECONDS);
+        assert_eq!(rtc.read_port(1), 0x56);
+        assert_eq!(rtc.read_port(0), 0xff);
+    }
+
+    #[test]
+    fn registers_a_c_d() {
+        let (rtc, now) = rtc_at(T0);
+        assert_eq!(read(&rtc, RTC_REG_A), 0x26);
+        write(&rtc, RTC_REG_A, 0xa6);
+        assert_eq!(read(&rtc, RTC_REG_A), 0x26, "UIP is read-only");
+        assert_eq!(read(&rtc, RTC_REG_D), REG_D_VRT);
+        write(&rtc, RTC_REG_D, 0);
+        assert_eq!(read(&rtc, RTC_REG_D), REG_D_VRT);
+        assert_eq!(read(&rtc, RTC_REG_C), 0);
+        now.fetch_add(NANOS_PER_SEC, Ordering::SeqCst);
+        assert_eq!(
+            read(&rtc, RTC_REG_C),
+            REG_C_UF,
+            "a second passed; UIE is off"
+        );
+        assert_eq!(read(&rtc, RTC_REG_C), 0, "reading C clears it");
+    }
+
+    #[derive(Default)]
+    struct Pin(Mutex<bool>);
+
+    impl IrqHandler for Pin {
+        fn set_irq(&self, _n: u32, level: bool) {
+            *self.0.lock() = level;
+        }
+    }
+
+    #[test]
+    fn enabled_flags_raise_irq_8_until_c_is_read() {
+        let (rtc, now) = rtc_at(T0);
+        let pin = Arc::new(Pin::default());
+        rtc.set_irq(IrqLine::new(pin.clone(), 8));
+        // Alarm at 13:46:00.
+        write(&rtc, RTC_SECONDS_ALARM, 0x00);
+        write(&rtc, RTC_MINUTES_ALARM, 0x46);
+        write(&rtc, RTC_HOURS_ALARM, 0xc0);
+        now.fetch_add(10 * NANOS_PER_SEC, Ordering::SeqCst);
+        // The flags are set; enabling AIE interrupts at once.
+        write(&rtc, RTC_REG_B, REG_B_24H | REG_B_AIE);
+        assert!(*pin.0.lock());
+        assert_eq!(read(&rtc, RTC_REG_C), REG_C_IRQF | REG_C_AF | REG_C_UF);
+        assert!(!*pin.0.lock());
+        write(&rtc, RTC_REG_B, REG_B_24H);
+    }
+
+    #[test]
+    fn update_interrupts_come_from_the_timer_thread() {
+        // The host clock: the thread waits for real second boundaries.
+        let rtc = Arc::new(Rtc::default());
+        let pin = Arc::new(Pin::default());
+        rtc.set_irq(IrqLine::new(pin.clone(), 8));
+        write(&rtc, RTC_REG_B, REG_B_24H | REG_B_UIE);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !*pin.0.lock() {
+            assert!(Instant::now() < deadline, "no update interrupt within 3 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_ne!(read(&rtc, RTC_REG_C) & (REG_C_IRQF | REG_C_UF), 0);
+        write(&rtc, RTC_REG_B, REG_B_24H);
+    }
+
+    #[test]
+    fn periodic_interrupt_needs_pie_and_a_rate() {
+        let (rtc, now) = rtc_at(T0);
+        // 0x26: 1024 Hz.
+        write(&rtc, RTC_REG_B, REG_B_24H | REG_B_PIE);
+        now.fetch_add(2 * NANOS_PER_SEC / 1024, Ordering::SeqCst);
+        assert_eq!(read(&rtc, RTC_REG_C) & REG_C_PF, REG_C_PF);
+        write(&rtc, RTC_REG_B, REG_B_24H);
+        now.fetch_add(NANOS_PER_SEC / 100, Ordering::SeqCst);
+        assert_eq!(read(&rtc, RTC_REG_C) & REG_C_PF, 0);
+    }
+}
