@@ -729,3 +729,130 @@ impl Asm {
         (image, addrs)
     }
 }
+
+// ---------------------------------------------------------------------------
+// 32-bit flat code for guests a loader starts in protected mode (Multiboot).
+
+/// 32-bit register numbers (ModRM encoding).
+pub const EAX: u8 = 0;
+/// ECX.
+pub const ECX: u8 = 1;
+/// EDX.
+pub const EDX: u8 = 2;
+/// EBX.
+pub const EBX: u8 = 3;
+/// ESI.
+pub const ESI: u8 = 6;
+/// EDI.
+pub const EDI: u8 = 7;
+
+/// A few 32-bit instructions for code that starts in flat protected mode (no prologue, no
+/// mode switch): the caller places the bytes and knows their address.
+#[derive(Default)]
+pub struct Asm32 {
+    pub code: Vec<u8>,
+}
+
+impl Asm32 {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `mov r32, imm32` = `B8+r id`
+    pub fn mov_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.code.push(0xb8 + r);
+        self.code.extend_from_slice(&imm.to_le_bytes());
+        self
+    }
+
+    /// `mov dst, src` = `89 /r` (mod 11)
+    pub fn mov(&mut self, dst: u8, src: u8) -> &mut Self {
+        self.code
+            .extend_from_slice(&[0x89, 0xc0 | (src << 3) | dst]);
+        self
+    }
+
+    fn modrm_disp8(&mut self, reg: u8, base: u8, disp: i8) {
+        assert_ne!(base, 4, "[esp+disp] needs a SIB byte");
+        self.code
+            .extend_from_slice(&[0x40 | (reg << 3) | base, disp as u8]);
+    }
+
+    /// `mov dst, [base+disp8]` = `8B /r`
+    pub fn load(&mut self, dst: u8, base: u8, disp: i8) -> &mut Self {
+        self.code.push(0x8b);
+        self.modrm_disp8(dst, base, disp);
+        self
+    }
+
+    /// `sub dst, [base+disp8]` = `2B /r`
+    pub fn sub_load(&mut self, dst: u8, base: u8, disp: i8) -> &mut Self {
+        self.code.push(0x2b);
+        self.modrm_disp8(dst, base, disp);
+        self
+    }
+
+    /// `movzx dst, byte [base+disp8]` = `0F B6 /r`
+    pub fn load_byte(&mut self, dst: u8, base: u8, disp: i8) -> &mut Self {
+        self.code.extend_from_slice(&[0x0f, 0xb6]);
+        self.modrm_disp8(dst, base, disp);
+        self
+    }
+
+    /// `mov eax, [addr]` = `A1 id`
+    pub fn load_eax_abs(&mut self, addr: u32) -> &mut Self {
+        self.code.push(0xa1);
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self
+    }
+
+    /// `mov dx, port` = `66 BA iw`
+    pub fn mov_dx(&mut self, port: u16) -> &mut Self {
+        self.code.extend_from_slice(&[0x66, 0xba]);
+        self.code.extend_from_slice(&port.to_le_bytes());
+        self
+    }
+
+    /// `mov dx, port; out dx, eax` (`EF`)
+    pub fn out_eax(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port);
+        self.code.push(0xef);
+        self
+    }
+
+    /// `mov dx, port; out dx, ax` (`66 EF`)
+    pub fn out_ax(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port);
+        self.code.extend_from_slice(&[0x66, 0xef]);
+        self
+    }
+
+    /// `mov dx, port; out dx, al` (`EE`)
+    pub fn out_al(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port);
+        self.code.push(0xee);
+        self
+    }
+
+    /// `mov dx, port; in al, dx` (`EC`)
+    pub fn in_al(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port);
+        self.code.push(0xec);
+        self
+    }
+
+    /// `xor eax, eax; mov ax, sreg` (`31 C0`, `66 8C /r`; sreg 1 = CS, 2 = SS, 3 = DS)
+    pub fn mov_eax_sreg(&mut self, sreg: u8) -> &mut Self {
+        self.code
+            .extend_from_slice(&[0x31, 0xc0, 0x66, 0x8c, 0xc0 | (sreg << 3)]);
+        self
+    }
+
+    /// `mov dx, port; mov al, code; out dx, al; 1: hlt; jmp 1b`
+    pub fn exit(&mut self, port: u16, code: u8) -> &mut Self {
+        self.mov_dx(port);
+        self.code
+            .extend_from_slice(&[0xb0, code, 0xee, 0xf4, 0xeb, 0xfd]);
+        self
+    }
+}

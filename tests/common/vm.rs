@@ -71,6 +71,25 @@ impl TestVm {
     /// at RECORD_PORT and MMIO_BASE, and `cpus` vCPUs of `model` starting in real mode at
     /// the image's entry.
     pub fn new(image: &GuestImage, cpus: u32, model: &str) -> TestVm {
+        let vm = TestVm::bare(cpus, model, 2 << 20);
+        let ms = machine_state(&vm.machine).unwrap();
+        ms.ram()
+            .write_slice(&image.bytes, GuestAddress(image.load_addr))
+            .unwrap();
+        for cpu in ms.cpus() {
+            let mut state = X86BootState::default();
+            state.regs.rip = image.entry;
+            state.regs.rflags = 2;
+            // KVM's reset segments, with CS moved from f000:fff0 to 0:entry.
+            state.sregs = reset_sregs();
+            cpu.downcast::<X86Cpu>().unwrap().set_boot_state(state);
+        }
+        vm
+    }
+
+    /// The same machine with `ram_size` bytes of RAM, nothing loaded and no boot state set:
+    /// the test loads its guest and calls [`TestVm::set_boot_state`].
+    pub fn bare(cpus: u32, model: &str, ram_size: u64) -> TestVm {
         accel::init().expect("registrations are intact");
         let machine = qom::object_new("none-machine").unwrap();
         let ms = machine_state(&machine).unwrap();
@@ -81,13 +100,11 @@ impl TestVm {
             threads: 1,
             max_cpus: cpus,
         });
+        ms.set_ram_size(ram_size);
         ms.set_cpu_type(Some(format!("{model}-x86_64-cpu")));
         let kvm = accel::accel_find("kvm").unwrap();
         accel::accel_init_machine(kvm, &machine).expect("KVM initialises");
-        ms.add_ram(0, 2 << 20).unwrap();
-        ms.ram()
-            .write_slice(&image.bytes, GuestAddress(image.load_addr))
-            .unwrap();
+        ms.add_ram(0, ram_size).unwrap();
 
         let bus = isa_bus_new(&machine, "isa.0", ms.system_io().clone()).unwrap();
         let exit = qdev_new("isa-debug-exit").unwrap();
@@ -111,21 +128,20 @@ impl TestVm {
             .unwrap();
 
         machine_create_cpus(&machine).unwrap();
-        for cpu in ms.cpus() {
-            let x86 = cpu.downcast::<X86Cpu>().unwrap();
-            let mut state = X86BootState::default();
-            state.regs.rip = image.entry;
-            state.regs.rflags = 2;
-            // KVM's reset segments, with CS moved from f000:fff0 to 0:entry.
-            let vcpu_sregs = reset_sregs();
-            state.sregs = vcpu_sregs;
-            x86.set_boot_state(state);
-        }
         TestVm {
             machine,
             ports,
             mmio,
         }
+    }
+
+    /// Sets the state CPU `index` starts in (a loader's entry state).
+    pub fn set_boot_state(&self, index: usize, state: X86BootState) {
+        let ms = machine_state(&self.machine).unwrap();
+        ms.cpus()[index]
+            .downcast::<X86Cpu>()
+            .unwrap()
+            .set_boot_state(state);
     }
 
     /// Starts the vCPUs and waits for the run to end.
