@@ -10,6 +10,7 @@ mod vm;
 
 use guest::{Asm32, EAX, EBX, EDI, ESI};
 use hw::core::machine::{machine_state, RunRequest};
+use hw::i386::e820::{pc_e820_table, E820Entry, E820Kind};
 use hw::i386::multiboot::*;
 use hw::nvram::fw_cfg::{fw_cfg_init_io_dma, FW_CFG_DMA_IO_BASE, FW_CFG_IO_BASE};
 use vm::{kvm_unusable, TestVm, EXIT_PORT, RECORD_PORT};
@@ -159,7 +160,7 @@ fn load_elf_kernel(
         &elf_kernel(),
         APPEND,
         &[(MODULE_CMDLINE, MODULE), ("second", b"2")],
-        &multiboot_e820(ram_size, 0),
+        &pc_e820_table(ram_size, 0),
     )
 }
 
@@ -262,7 +263,7 @@ fn an_elf_kernel_its_modules_and_the_info_land_where_documented() {
     assert_eq!(read_cstr(&ram, read32(&ram, mods + 24).into()), "second");
 
     // The memory map, e820 entries each preceded by their size.
-    let map = multiboot_e820(ram_size, 0);
+    let map = pc_e820_table(ram_size, 0);
     assert_eq!(read32(&ram, info + 44) as usize, 24 * map.len());
     let mmap = u64::from(read32(&ram, info + 48));
     assert_eq!(mmap, MULTIBOOT_MMAP_ADDR);
@@ -271,14 +272,14 @@ fn an_elf_kernel_its_modules_and_the_info_land_where_documented() {
         assert_eq!(read32(&ram, at), 20);
         assert_eq!(ram.read_obj::<u64>(GuestAddress(at + 4)).unwrap(), e.addr);
         assert_eq!(ram.read_obj::<u64>(GuestAddress(at + 12)).unwrap(), e.size);
-        assert_eq!(read32(&ram, at + 20), e.kind);
+        assert_eq!(read32(&ram, at + 20), e.kind as u32);
     }
     assert_eq!(
         map[0],
         E820Entry {
             addr: 0,
             size: 0x9fc00,
-            kind: E820_RAM
+            kind: E820Kind::Ram
         }
     );
     assert_eq!(
@@ -286,7 +287,7 @@ fn an_elf_kernel_its_modules_and_the_info_land_where_documented() {
         E820Entry {
             addr: 0x10_0000,
             size: 7 << 20,
-            kind: E820_RAM
+            kind: E820Kind::Ram
         }
     );
 }
@@ -294,11 +295,11 @@ fn an_elf_kernel_its_modules_and_the_info_land_where_documented() {
 #[test]
 fn mem_upper_stops_at_the_first_hole_and_modules_must_fit_below_it() {
     let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
-    let mut map = multiboot_e820(3 << 20, 0);
+    let mut map = pc_e820_table(3 << 20, 0);
     map.push(E820Entry {
         addr: 4 << 20,
         size: 4 << 20,
-        kind: E820_RAM,
+        kind: E820Kind::Ram,
     });
     multiboot_load(&ram, 8 << 20, "k", &elf_kernel(), "", &[], &map).unwrap();
     assert_eq!(read32(&ram, MULTIBOOT_INFO_ADDR + 8), 2048);
@@ -465,8 +466,8 @@ fn an_elf_multiboot_kernel_runs_and_sees_the_info_and_fw_cfg() {
             u64::from(u32::from_le_bytes(*b"MOD1")),
             MODULE.len() as u64,
             q(b'/'),
-            24 * 4,
-            u64::from(E820_RAM),
+            24 * pc_e820_table(ram_size, 0).len() as u64,
+            u64::from(E820Kind::Ram as u32),
             u64::from(MULTIBOOT_CODE_SELECTOR),
             u64::from(MULTIBOOT_DATA_SELECTOR),
             0,

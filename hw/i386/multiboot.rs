@@ -47,6 +47,7 @@
 //! flag (`apic_base` = 0xfee00900): the state is meant for the boot CPU only; other CPUs
 //! keep their reset state and wait for INIT/SIPI.
 
+use crate::i386::e820::{pc_e820_table, E820Entry, E820Kind};
 use kvm_bindings::{kvm_dtable, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -116,70 +117,6 @@ const MBI_SIZE: usize = 0x80;
 const MB_MOD_SIZE: u64 = 16;
 const PAGE_SIZE: u64 = 0x1000;
 const FOUR_GIB: u64 = 1 << 32;
-
-/// e820 type: usable RAM.
-pub const E820_RAM: u32 = 1;
-/// e820 type: reserved.
-pub const E820_RESERVED: u32 = 2;
-/// e820 type: ACPI tables (reclaimable).
-pub const E820_ACPI: u32 = 3;
-/// e820 type: ACPI NVS.
-pub const E820_NVS: u32 = 4;
-
-/// One entry of the memory map, in e820 terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct E820Entry {
-    /// First address.
-    pub addr: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// [`E820_RAM`], [`E820_RESERVED`]...
-    pub kind: u32,
-}
-
-impl E820Entry {
-    fn end(&self) -> u64 {
-        self.addr.saturating_add(self.size)
-    }
-}
-
-/// The memory map a PC with SeaBIOS reports, which QEMU's Multiboot loader passes on: RAM
-/// below 0x9fc00, reserved EBDA (0x9fc00..0xa0000) and BIOS (0xf0000..0x100000), RAM from
-/// 1 MiB to `below_4g_mem_size`, and `above_4g_mem_size` bytes of RAM from 4 GiB.
-pub fn multiboot_e820(below_4g_mem_size: u64, above_4g_mem_size: u64) -> Vec<E820Entry> {
-    let mut map = vec![
-        E820Entry {
-            addr: 0,
-            size: 0x9fc00,
-            kind: E820_RAM,
-        },
-        E820Entry {
-            addr: 0x9fc00,
-            size: 0x400,
-            kind: E820_RESERVED,
-        },
-        E820Entry {
-            addr: 0xf0000,
-            size: 0x10000,
-            kind: E820_RESERVED,
-        },
-    ];
-    if below_4g_mem_size > 0x10_0000 {
-        map.push(E820Entry {
-            addr: 0x10_0000,
-            size: below_4g_mem_size.min(FOUR_GIB) - 0x10_0000,
-            kind: E820_RAM,
-        });
-    }
-    if above_4g_mem_size > 0 {
-        map.push(E820Entry {
-            addr: FOUR_GIB,
-            size: above_4g_mem_size,
-            kind: E820_RAM,
-        });
-    }
-    map
-}
 
 /// Splits QEMU's Multiboot `-initrd` argument into modules: entries are separated by `,`
 /// (`,,` is a literal comma); each entry is the module's command line, and its first word is
@@ -469,13 +406,13 @@ fn usable(e820: &[E820Entry], addr: u64, size: u64) -> bool {
     end <= FOUR_GIB
         && e820
             .iter()
-            .any(|e| e.kind == E820_RAM && e.addr <= addr && end <= e.end())
+            .any(|e| e.kind == E820Kind::Ram && e.addr <= addr && end <= e.end())
 }
 
 /// The end of the usable RAM entry holding `addr` (below 4 GiB).
 fn usable_end(e820: &[E820Entry], addr: u64) -> u64 {
     e820.iter()
-        .find(|e| e.kind == E820_RAM && e.addr <= addr && addr < e.end())
+        .find(|e| e.kind == E820Kind::Ram && e.addr <= addr && addr < e.end())
         .map_or(0, |e| e.end().min(FOUR_GIB))
 }
 
@@ -562,7 +499,7 @@ fn entry_state(entry: u32) -> X86BootState {
 /// the boot CPU's entry state.
 ///
 /// * `ram`, `ram_size`: guest RAM; `e820`: the machine's memory map (the board's, or
-///   [`multiboot_e820`]); an empty slice means `multiboot_e820(ram_size, 0)` (all RAM below
+///   [`pc_e820_table`]); an empty slice means `pc_e820_table(ram_size, 0)` (all RAM below
 ///   4 GiB, no PCI hole).
 /// * `kernel_path`, `kernel`: the `-kernel` file name (it starts the kernel command line)
 ///   and its bytes; `cmdline`: the `-append` text.
@@ -583,7 +520,7 @@ pub fn multiboot_load(
     let header = multiboot_find_header(kernel)?;
     let default_map;
     let e820 = if e820.is_empty() {
-        default_map = multiboot_e820(ram_size.min(FOUR_GIB), 0);
+        default_map = pc_e820_table(ram_size.min(FOUR_GIB), 0);
         &default_map[..]
     } else {
         e820
@@ -665,7 +602,7 @@ pub fn multiboot_load(
         mmap.extend_from_slice(&20u32.to_le_bytes());
         mmap.extend_from_slice(&e.addr.to_le_bytes());
         mmap.extend_from_slice(&e.size.to_le_bytes());
-        mmap.extend_from_slice(&e.kind.to_le_bytes());
+        mmap.extend_from_slice(&(e.kind as u32).to_le_bytes());
     }
     ram.write_slice(&mmap, GuestAddress(MULTIBOOT_MMAP_ADDR))?;
 
