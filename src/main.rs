@@ -1,7 +1,9 @@
 //! The `qomvm` binary: QEMU's `main` -> `qemu_init` -> main loop, in `vl.rs`.
 
 mod help;
+mod mux;
 mod options;
+mod term;
 mod vl;
 
 fn main() {
@@ -16,5 +18,6 @@ fn main() {
             1
         }
     };
+    term::restore();
     std::process::exit(code);
 }

@@ -38,7 +38,13 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
         register_global(&g.value).map_err(|e| g.error(e))?;
     }
 
+    for c in &opts.chardev {
+        let (id, backend) =
+            hw::char::chardev::parse_chardev_opts(&c.value).map_err(|e| c.error(e))?;
+        hw::char::chardev::chardev_add(&id, backend).map_err(|e| c.error(e))?;
+    }
     let machine = create_machine(&opts)?;
+    configure_serial(&opts, &machine)?;
     configure_accelerators(&opts, &machine)?;
     // Board errors (a kernel that does not load...) are not about one option: QEMU prints
     // them without a location.
@@ -273,6 +279,46 @@ fn parse_smp(text: &str) -> Result<SmpConfig, String> {
         threads,
         max_cpus,
     })
+}
+
+/// QEMU's `serial_parse` for each `-serial`, with its defaults: without `-serial`, the
+/// first port goes to this terminal (qomvm has no graphical console to put it on) unless
+/// `-nodefaults`. Under `-nographic` a console on stdio gets QEMU's Ctrl-A escapes and the
+/// terminal goes to raw mode.
+fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> {
+    let specs: Vec<(String, String)> = if opts.serial.is_empty() {
+        if opts.nodefaults {
+            Vec::new()
+        } else {
+            vec![("stdio".to_string(), String::new())]
+        }
+    } else {
+        opts.serial
+            .iter()
+            .map(|s| (s.value.clone(), s.location()))
+            .collect()
+    };
+    if specs.len() > 4 {
+        return Err(OptionError::new("", "too many serial ports (at most 4)"));
+    }
+    let mut hds = Vec::new();
+    for (spec, location) in specs {
+        let backend = hw::char::chardev::parse_serial_spec(&spec)
+            .map_err(|e| OptionError::new(location.clone(), e))?;
+        let backend = match backend {
+            Some(b) if opts.nographic && b.driver() == "stdio" => {
+                crate::term::enter_raw_mode();
+                Some(crate::mux::MuxBackend::new(b, machine.downgrade())
+                    as std::sync::Arc<dyn hw::char::chardev::CharBackend>)
+            }
+            other => other,
+        };
+        hds.push(backend);
+    }
+    machine_state(machine)
+        .expect("machines have a MachineState")
+        .set_serial_hds(hds);
+    Ok(())
 }
 
 /// QEMU's `configure_accelerators`: tries each accelerator of the list in order; the first

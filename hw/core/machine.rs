@@ -167,6 +167,7 @@ pub struct MachineState {
     accel_ops: Mutex<Option<AccelOpsRef>>,
     ram: Mutex<Arc<GuestMemoryMmap>>,
     cpus: Mutex<Vec<ObjectRef>>,
+    serial_hds: Mutex<Vec<Option<Arc<dyn crate::char::chardev::CharBackend>>>>,
     run: RunState,
 }
 
@@ -183,6 +184,7 @@ impl Default for MachineState {
             accel_ops: Mutex::new(None),
             ram: Mutex::new(Arc::new(GuestMemoryMmap::default())),
             cpus: Mutex::new(Vec::new()),
+            serial_hds: Mutex::new(Vec::new()),
             run: RunState::default(),
         }
     }
@@ -278,6 +280,15 @@ impl MachineState {
     /// Adds a CPU (board init does, as CPUs are created).
     pub fn add_cpu(&self, cpu: ObjectRef) {
         self.cpus.lock().push(cpu);
+    }
+    /// The backends of `-serial` (QEMU's `serial_hds`): entry `i` is COM`i+1`, `None` for
+    /// `-serial none`.
+    pub fn serial_hds(&self) -> Vec<Option<Arc<dyn crate::char::chardev::CharBackend>>> {
+        self.serial_hds.lock().clone()
+    }
+    /// Sets the `-serial` backends, before board init.
+    pub fn set_serial_hds(&self, hds: Vec<Option<Arc<dyn crate::char::chardev::CharBackend>>>) {
+        *self.serial_hds.lock() = hds;
     }
     /// The run-request mailbox.
     pub fn run_state(&self) -> &RunState {

@@ -62,13 +62,37 @@ type_init! {
 /// Errors of loading the guest's kernel and firmware tables.
 #[derive(Debug, thiserror::Error)]
 pub enum PcLoadError {
-    /// `-kernel` could not be loaded.
+    /// `-kernel` could not be loaded as Linux.
     #[error("could not load kernel '{path}': {source}")]
     Kernel {
         /// The `-kernel` path.
         path: String,
         /// Why.
         source: crate::i386::x86_linux::LinuxLoadError,
+    },
+    /// `-kernel` could not be read.
+    #[error("could not load kernel '{path}': {reason}")]
+    KernelFile {
+        /// The `-kernel` path.
+        path: String,
+        /// `strerror` of the failure.
+        reason: String,
+    },
+    /// `-kernel` is a Multiboot image that could not be loaded.
+    #[error("could not load kernel '{path}': {source}")]
+    Multiboot {
+        /// The `-kernel` path.
+        path: String,
+        /// Why.
+        source: crate::i386::multiboot::MultibootError,
+    },
+    /// A Multiboot module (`-initrd` entry) could not be read.
+    #[error("Failed to get image size of {path}: {reason}")]
+    Module {
+        /// The module's path.
+        path: String,
+        /// `strerror` of the failure.
+        reason: String,
     },
     /// `-initrd` or `-append` without `-kernel`.
     #[error("-{0} only allowed with -kernel option")]
@@ -97,6 +121,46 @@ fn pc_load_kernel(machine: &ObjectRef) -> Result<(), Error> {
     }
     let (below_4g, above_4g) = pc_ram_split(ms.ram_size());
     let e820 = pc_e820_table(below_4g, above_4g);
+    let bytes = std::fs::read(&kernel).map_err(|e| {
+        Error::other(PcLoadError::KernelFile {
+            path: kernel.clone(),
+            reason: io_error_text(&e),
+        })
+    })?;
+    // QEMU tries Multiboot first, then Linux.
+    if crate::i386::multiboot::is_multiboot(&bytes) {
+        let mut modules = Vec::new();
+        for (path, cmdline) in crate::i386::multiboot::multiboot_split_initrd(&initrd) {
+            let data = std::fs::read(&path).map_err(|e| {
+                Error::other(PcLoadError::Module {
+                    path: path.clone(),
+                    reason: io_error_text(&e),
+                })
+            })?;
+            modules.push((cmdline, data));
+        }
+        let module_refs: Vec<(&str, &[u8])> = modules
+            .iter()
+            .map(|(c, d)| (c.as_str(), d.as_slice()))
+            .collect();
+        let state = crate::i386::multiboot::multiboot_load(
+            &ms.ram(),
+            ms.ram_size(),
+            &kernel,
+            &bytes,
+            &append,
+            &module_refs,
+            &e820,
+        )
+        .map_err(|source| {
+            Error::other(PcLoadError::Multiboot {
+                path: kernel.clone(),
+                source,
+            })
+        })?;
+        set_bsp_boot_state(ms, state);
+        return Ok(());
+    }
     let initrd_path = (!initrd.is_empty()).then(|| std::path::Path::new(initrd.as_str()));
     let state = crate::i386::x86_linux::load_linux(
         &ms.ram(),
@@ -111,12 +175,26 @@ fn pc_load_kernel(machine: &ObjectRef) -> Result<(), Error> {
             source,
         })
     })?;
+    set_bsp_boot_state(ms, state);
+    Ok(())
+}
+
+/// Only CPU 0 gets the loader's state: the APs wait for the guest's INIT/SIPI.
+fn set_bsp_boot_state(ms: &crate::core::machine::MachineState, state: crate::i386::x86_cpu::X86BootState) {
     if let Some(bsp) = ms.cpus().first() {
         if let Some(x86) = bsp.downcast::<crate::i386::x86_cpu::X86Cpu>() {
             x86.set_boot_state(state);
         }
     }
-    Ok(())
+}
+
+/// `strerror` of an I/O error, without Rust's "(os error N)".
+fn io_error_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
 }
 
 /// Builds the ACPI tables for the CPUs present, and tells a loaded Linux where they are.
@@ -221,6 +299,42 @@ fn pc_init1(machine: &ObjectRef) -> Result<(), Error> {
         board_device(machine, "pm", crate::acpi::piix4::TYPE_PIIX4_PM, Some(&pci_bus), &[("addr", "01.3")])
             .map_err(Error::other)?;
     }
+
+    // pc_basic_device_init: RTC with the CMOS memory size, keyboard controller, serial
+    // ports for -serial.
+    let rtc = crate::rtc::mc146818rtc::mc146818_rtc_init(&isa_bus, 2000).map_err(Error::other)?;
+    crate::rtc::mc146818rtc::rtc_set_memory_size(&rtc, below_4g, above_4g).map_err(Error::other)?;
+    board_device(machine, "i8042", crate::input::pckbd::TYPE_I8042, Some(&isa_bus), &[])
+        .map_err(Error::other)?;
+    for (index, backend) in ms.serial_hds().into_iter().enumerate() {
+        if let Some(backend) = backend {
+            crate::char::serial::serial_isa_init(&isa_bus, index as u32, Some(backend))
+                .map_err(Error::other)?;
+        }
+    }
+
+    // fw_cfg, as QEMU's x86 boards set it up (test kernels read the CPU count from it).
+    let fw_cfg = crate::nvram::fw_cfg::fw_cfg_init_io_dma(
+        machine,
+        crate::nvram::fw_cfg::FW_CFG_IO_BASE,
+        Some(crate::nvram::fw_cfg::FW_CFG_DMA_IO_BASE),
+    )
+    .map_err(Error::other)?;
+    let smp = ms.smp();
+    let max_apic_id = crate::i386::x86_cpu::apic_id_from_index(smp.max_cpus - 1, smp.cores, smp.threads);
+    crate::nvram::fw_cfg::fw_cfg_add_i16(&fw_cfg, crate::nvram::fw_cfg::FW_CFG_MAX_CPUS, (max_apic_id + 1) as u16)
+        .map_err(Error::other)?;
+    let e820: Vec<u8> = pc_e820_table(below_4g, above_4g)
+        .iter()
+        .flat_map(|e| {
+            let mut entry = e.addr.to_le_bytes().to_vec();
+            entry.extend_from_slice(&e.size.to_le_bytes());
+            entry.extend_from_slice(&(e.kind as u32).to_le_bytes());
+            entry
+        })
+        .collect();
+    crate::nvram::fw_cfg::fw_cfg_add_file(&fw_cfg, "etc/e820", e820).map_err(Error::other)?;
+
     pc_load_kernel(machine)
 }
 

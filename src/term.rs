@@ -1,0 +1,72 @@
+//! The host terminal under `-nographic`: raw mode so every key (Ctrl-C included) goes to
+//! the guest, restored on every way out (normal exit, error, panic, signal).
+
+use std::sync::Mutex;
+
+/// The terminal settings to restore, if raw mode is on.
+static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
+
+/// Puts stdin's terminal in raw mode if stdin is a terminal; does nothing otherwise.
+pub fn enter_raw_mode() {
+    // SAFETY: isatty and tcgetattr only read the descriptor's state into a zeroed termios
+    // that lives across the calls.
+    unsafe {
+        if libc::isatty(libc::STDIN_FILENO) != 1 {
+            return;
+        }
+        let mut saved: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(libc::STDIN_FILENO, &mut saved) != 0 {
+            return;
+        }
+        let mut raw = saved;
+        libc::cfmakeraw(&mut raw);
+        // Keep output processing so guest "\n" still returns the carriage on the host.
+        raw.c_oflag |= libc::OPOST;
+        if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) == 0 {
+            *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        }
+    }
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        restore();
+        default_hook(info);
+    }));
+    install_signal_restore();
+}
+
+/// Restores the terminal settings saved by [`enter_raw_mode`]. Safe to call many times.
+pub fn restore() {
+    let saved = SAVED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(saved) = saved {
+        // SAFETY: tcsetattr reads the termios saved from this same terminal.
+        unsafe {
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &saved);
+        }
+    }
+}
+
+extern "C" fn restore_and_die(signal: libc::c_int) {
+    // Only async-signal-safe calls: tcsetattr, then re-raise with the default action.
+    if let Ok(mut saved) = SAVED.try_lock() {
+        if let Some(saved) = saved.take() {
+            // SAFETY: as in `restore`; tcsetattr is async-signal-safe.
+            unsafe {
+                libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &saved);
+            }
+        }
+    }
+    // SAFETY: restoring the default disposition and re-raising are async-signal-safe.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+}
+
+fn install_signal_restore() {
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGINT] {
+        // SAFETY: the handler only makes async-signal-safe calls.
+        unsafe {
+            libc::signal(signal, restore_and_die as *const () as libc::sighandler_t);
+        }
+    }
+}
