@@ -257,14 +257,14 @@ impl UnassignedLog {
                     self.in_window.store(1, Ordering::Relaxed);
                     let n = self.suppressed.swap(0, Ordering::Relaxed);
                     if n > 0 {
-                        log::warn!("{space}: {n} more unassigned accesses not logged");
+                        log::info!("{space}: {n} more unassigned accesses not logged");
                     }
                 }
             }
         }
         match value {
-            Some(v) => log::warn!("{space}: unassigned {kind} write of 0x{v:x} ({size} bytes) at 0x{addr:x}, dropped"),
-            None => log::warn!("{space}: unassigned {kind} read ({size} bytes) at 0x{addr:x}, returning all ones"),
+            Some(v) => log::info!("{space}: unassigned{kind} write of 0x{v:x} ({size} bytes) at 0x{addr:x}, dropped"),
+            None => log::info!("{space}: unassigned{kind} read ({size} bytes) at 0x{addr:x}, returning all ones"),
         }
     }
 }
