@@ -7,6 +7,7 @@ mod term;
 mod vl;
 
 fn main() {
+    let _ = hw::core::machine::PROCESS_START.set(std::time::Instant::now());
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();

@@ -359,6 +359,12 @@ fn vcpu_thread(
             Wake::Run => {}
             Wake::Reset => {
                 exit_pending = false;
+                if seen_gen == 1 && index == 0 {
+                    if let Some(start) = hw::core::machine::PROCESS_START.get() {
+                        // scripts/bench-boot.sh reads this line (RUST_LOG=boot=info).
+                        log::info!(target: "boot", "first KVM_RUN {:.1} ms after process start", start.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
                 if let Err(e) = x86::reset_vcpu(vm, cpu, &mut vcpu, &pristine) {
                     eprintln!("qomvm: CPU {index}: {e}");
                     request(vm, RunRequest::GuestError);

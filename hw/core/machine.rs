@@ -13,6 +13,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use crate::core::accel_ops::{AccelOpsRef, RamBlock};
 use crate::core::memory::AddressSpace;
 
+/// When the process started, as `main` recorded it: boot-time figures are measured from it.
+pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 /// QEMU's `TYPE_MACHINE`.
 pub const TYPE_MACHINE: &str = "machine";
 /// Suffix of every machine type name (`pc-i440fx-9.2-machine`).
