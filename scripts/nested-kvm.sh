@@ -5,6 +5,7 @@
 set -euo pipefail
 
 QOMVM_PROG=nested-kvm
+QOMVM_DIE_STATUS=125
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/lib/debian.sh
 . "$SCRIPT_DIR/lib/debian.sh"
@@ -45,7 +46,8 @@ COMMAND's stdout and stderr (merged) are streamed to this script's stdout;
 L1's own console goes to a log that is shown only on failure. The exit status
 is COMMAND's. Other statuses:
   124  --timeout expired (L1 is killed)
-  125  L1 failed (boot, modules, mounts; the console log is printed)
+  125  the rig failed: bad usage, a missing tool or package, or L1 did not
+       boot/mount (its console log is printed)
   130/143  interrupted by SIGINT/SIGTERM (L1 is killed)
 
 Options:
@@ -56,6 +58,11 @@ Options:
   --cpu MODEL    L1 CPU model (default qemu64,+svm,+npt; env NESTED_KVM_CPU)
   --log FILE     keep L1's console log (kernel + init messages) in FILE
   -h, --help     this text
+The environment variable NESTED_KVM_MACHINE sets L1's machine type (default
+q35). --timeout counts from L1's start, after any one-time build.
+
+With cargo, every test binary can run in the rig:
+  CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/scripts/nested-kvm.sh --" cargo test
 
 Everything comes from Debian packages: qemu-system-x86 (installed with
 apt-get when missing and running as root), linux-image-amd64 and
@@ -75,14 +82,14 @@ while [[ $# -gt 0 ]]; do
         --smp=* | --mem=* | --timeout=* | --cpu=* | --log=*)
             opt=${1%%=*}; set -- "$opt" "${1#*=}" "${@:2}" ;;
         --) shift; break ;;
-        -*) usage >&2; qomvm_die "unknown option $1" ;;
+        -*) qomvm_die "unknown option $1 (see --help)" ;;
         *) break ;;
     esac
 done
-[[ $# -ge 1 ]] || { usage >&2; qomvm_die "no COMMAND given (put it after --)"; }
+[[ $# -ge 1 ]] || qomvm_die "no COMMAND given (usage: nested-kvm.sh [options] -- COMMAND [ARGS...]; see --help)"
 [[ $smp =~ ^[1-9][0-9]*$ ]] || qomvm_die "--smp wants a positive number, got '$smp'"
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || qomvm_die "--timeout wants a positive number of seconds, got '$timeout'"
-[[ $mem =~ ^[1-9][0-9]*[MGT]?$ ]] || qomvm_die "--mem wants a size like 6G or 4096M, got '$mem'"
+[[ $mem =~ ^[1-9][0-9]*[kKmMgGtT]?$ ]] || qomvm_die "--mem wants a size like 6G or 4096M, got '$mem'"
 
 qomvm_need_cmd qemu-system-x86_64 qemu-system-x86
 qomvm_need_cmd apt-get apt
@@ -153,6 +160,10 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
+ln -sf /proc/self/fd /newroot/dev/fd
+ln -sf /proc/self/fd/0 /newroot/dev/stdin
+ln -sf /proc/self/fd/1 /newroot/dev/stdout
+ln -sf /proc/self/fd/2 /newroot/dev/stderr
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mkdir -p /newroot/tmp && chmod 1777 /newroot/tmp
 mkdir -p /newroot/run/qomvm
@@ -170,13 +181,13 @@ EOF
 # the kernel's scripts/extract-vmlinux does for xz).
 extract_vmlinux() {
     local bz=$1 out=$2 off
-    for off in $(LC_ALL=C grep -aboP '\xfd7zXZ\x00' "$bz" | cut -d: -f1); do
+    while IFS=: read -r off _; do
         # (xz stops reading after the stream: no pipe, or tail's SIGPIPE fails it)
         if xz -dc --single-stream < <(tail -c +$((off + 1)) "$bz") >"$out" 2>/dev/null &&
             [[ $(head -c 4 "$out" | od -An -tx1 | tr -d ' \n') == 7f454c46 ]]; then
             return 0
         fi
-    done
+    done < <(LC_ALL=C grep -aboP '\xfd7zXZ\x00' "$bz")
     rm -f "$out"
     return 1
 }
@@ -238,10 +249,12 @@ build_l1() { # build_l1 DIR KDEB BBDEB
     cp "$work/bb/bin/busybox" "$work/busybox"
     echo "$kver" >"$work/kernel-version"
 
-    rm -rf "$dir"
+    # One rename per file: a concurrent run that already opened the old files
+    # keeps reading them.
     mkdir -p "$dir"
-    mv "$work/kernel" "$work/kernel-kind" "$work/initramfs.cpio.gz" "$work/busybox" \
-        "$work/kernel-version" "$dir/"
+    for f in kernel kernel-kind initramfs.cpio.gz busybox kernel-version; do
+        mv -f "$work/$f" "$dir/$f"
+    done
     rm -rf "$work"
 }
 
@@ -274,6 +287,7 @@ fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/qomvm-nested.XXXXXX")
 qpid=
+# shellcheck disable=SC2317 # cleanup and stop_l1 run from traps
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -282,6 +296,7 @@ cleanup() {
     rm -rf "$tmp"
     exit "$rc"
 }
+# shellcheck disable=SC2317
 stop_l1() {
     [[ -n $qpid ]] || return 0
     local i
@@ -319,6 +334,7 @@ mkdir -p "$tmp/run/qomvm"
 qomvm_mkcpio "$tmp/run" "$tmp/run.cpio.gz" "$l1dir/busybox"
 cat "$l1dir/initramfs.cpio.gz" "$tmp/run.cpio.gz" >"$tmp/initrd"
 
+# shellcheck disable=SC2054 # the commas are QEMU's
 qemu=(qemu-system-x86_64
     -accel tcg,thread=multi -M "$machine" -cpu "$cpu" -smp "$smp" -m "$mem"
     -nodefaults -no-user-config -display none -no-reboot
@@ -357,11 +373,17 @@ show_logs() {
     } >&2
 }
 
-deadline=$((SECONDS + timeout))
+now_us() { printf '%s\n' "${EPOCHREALTIME//[!0-9]/}"; }
+deadline=$(($(now_us) + timeout * 1000000))
 while kill -0 "$qpid" 2>/dev/null; do
-    if ((SECONDS >= deadline)); then
+    if (($(now_us) >= deadline)); then
         stop_l1
-        qomvm_log "timed out after $timeout s (L1 killed)"
+        if ! grep -q 'qomvm-l1: .* running command' "$tmp/console.log" 2>/dev/null; then
+            show_logs
+            qomvm_log "timed out after $timeout s before L1 started COMMAND (L1 killed)"
+        else
+            qomvm_log "timed out after $timeout s (L1 killed)"
+        fi
         exit 124
     fi
     sleep 0.2

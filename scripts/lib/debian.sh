@@ -14,7 +14,10 @@ QOMVM_DEB_CACHE=$QOMVM_CACHE/debs
 _qomvm_apt_updated=0
 
 qomvm_log() { printf '%s: %s\n' "$QOMVM_PROG" "$*" >&2; }
-qomvm_die() { printf '%s: error: %s\n' "$QOMVM_PROG" "$*" >&2; exit 1; }
+# Exit status of qomvm_die; nested-kvm.sh sets 125 so that its own failures
+# cannot be mistaken for COMMAND's status.
+QOMVM_DIE_STATUS=${QOMVM_DIE_STATUS:-1}
+qomvm_die() { printf '%s: error: %s\n' "$QOMVM_PROG" "$*" >&2; exit "$QOMVM_DIE_STATUS"; }
 
 # Run `apt-get update` at most once per process (root only).
 qomvm_apt_update() {
@@ -79,7 +82,7 @@ deb_candidate() {
 # metapackage META whose name matches the extended REGEX.
 _deb_resolve_meta_once() {
     apt-cache show --no-all-versions "$1" 2>/dev/null |
-        sed -n 's/^Depends: //p' | head -n1 | tr ',|' '\n\n' |
+        sed -n 's/^Depends: //p' | head -n1 | sed 's/[,|]/\n/g' |
         awk -v re="$2" '{ if ($1 ~ re) { print $1; found = 1; exit } } END { exit !found }'
 }
 deb_resolve_meta() {
