@@ -12,7 +12,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 KERNEL_META=linux-image-amd64
 # Bump when the L1 initramfs layout or its /init changes (forces a rebuild).
-L1_FORMAT=1
+L1_FORMAT=2
 # Modules for the L1 kernel, loaded in this order; built-in or absent ones are
 # skipped (what is needed is verified when L1 boots).
 L1_MODULES="irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
@@ -27,6 +27,7 @@ timeout=600
 cpu=${NESTED_KVM_CPU:-qemu64,+svm,+npt}
 machine=${NESTED_KVM_MACHINE:-q35}
 logfile=
+interactive=0
 
 usage() {
     cat <<'EOF'
@@ -57,6 +58,9 @@ Options:
   --timeout S    kill L1 after S seconds (default 600)
   --cpu MODEL    L1 CPU model (default qemu64,+svm,+npt; env NESTED_KVM_CPU)
   --log FILE     keep L1's console log (kernel + init messages) in FILE
+  --interactive  connect this terminal to COMMAND's stdin too (raw mode, for an
+                 interactive guest console such as qomvm -nographic; Ctrl-C
+                 goes to COMMAND)
   -h, --help     this text
 The environment variable NESTED_KVM_MACHINE sets L1's machine type (default
 q35). --timeout counts from L1's start, after any one-time build.
@@ -79,6 +83,7 @@ while [[ $# -gt 0 ]]; do
         --timeout) timeout=${2:?--timeout needs a value}; shift 2 ;;
         --cpu) cpu=${2:?--cpu needs a value}; shift 2 ;;
         --log) logfile=${2:?--log needs a value}; shift 2 ;;
+        --interactive) interactive=1; shift ;;
         --smp=* | --mem=* | --timeout=* | --cpu=* | --log=*)
             opt=${1%%=*}; set -- "$opt" "${1#*=}" "${@:2}" ;;
         --) shift; break ;;
@@ -171,7 +176,12 @@ say "host root mounted"
 cp /qomvm/cmd.sh /newroot/run/qomvm/cmd.sh || fatal "no per-run command (/qomvm/cmd.sh)"
 
 say "running command"
-env -i /bin/busybox chroot /newroot /bin/sh /run/qomvm/cmd.sh </dev/null >"$out_dev" 2>&1
+if [ -e /qomvm/interactive ]; then
+    in_dev=$out_dev
+else
+    in_dev=/dev/null
+fi
+env -i /bin/busybox chroot /newroot /bin/sh /run/qomvm/cmd.sh <"$in_dev" >"$out_dev" 2>&1
 finish $?
 EOF
     chmod 755 "$1"
@@ -287,11 +297,13 @@ fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/qomvm-nested.XXXXXX")
 qpid=
+saved_stty=
 # shellcheck disable=SC2317 # cleanup and stop_l1 run from traps
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_l1
+    if [[ -n $saved_stty ]]; then stty "$saved_stty" 2>/dev/null || true; fi
     if [[ -n $logfile && -f $tmp/console.log ]]; then cp "$tmp/console.log" "$logfile" || true; fi
     rm -rf "$tmp"
     exit "$rc"
@@ -331,6 +343,9 @@ mkdir -p "$tmp/run/qomvm"
     for a in "$@"; do printf ' %s' "$(shq "$a")"; done
     printf '\n'
 } >"$tmp/run/qomvm/cmd.sh"
+if ((interactive)); then
+    : >"$tmp/run/qomvm/interactive"
+fi
 qomvm_mkcpio "$tmp/run" "$tmp/run.cpio.gz" "$l1dir/busybox"
 cat "$l1dir/initramfs.cpio.gz" "$tmp/run.cpio.gz" >"$tmp/initrd"
 
@@ -356,9 +371,18 @@ fi
 # QEMU's stdin is a FIFO that this script holds open and never writes: with
 # /dev/null the stdio chardev would see EOF, report the port closed, and
 # COMMAND's writes would block forever.
-mkfifo "$tmp/stdin"
-exec {stdin_hold}<>"$tmp/stdin"
-"${launch[@]}" "${qemu[@]}" <"$tmp/stdin" 2>"$tmp/qemu.log" {stdin_hold}>&- &
+if ((interactive)); then
+    # QEMU's stdio chardev reads this terminal (and puts it in raw mode); the
+    # settings are restored here too in case QEMU is killed.
+    if [[ -t 0 ]]; then
+        saved_stty=$(stty -g)
+    fi
+    "${launch[@]}" "${qemu[@]}" 2>"$tmp/qemu.log" &
+else
+    mkfifo "$tmp/stdin"
+    exec {stdin_hold}<>"$tmp/stdin"
+    "${launch[@]}" "${qemu[@]}" <"$tmp/stdin" 2>"$tmp/qemu.log" {stdin_hold}>&- &
+fi
 qpid=$!
 
 show_logs() {
