@@ -160,7 +160,8 @@ pub struct X86CpuModel {
 }
 
 /// QEMU's `qemu64` (features of `builtin_x86_defs`, plus what QEMU's KVM defaults add:
-/// `x2apic` and `hypervisor`).
+/// `x2apic` and `hypervisor`, minus what they remove: `svm`, so that `-cpu qemu64` does
+/// not warn on hosts without nested virtualisation).
 pub const QEMU64: X86CpuModel = X86CpuModel {
     name: "qemu64",
     description: "QEMU Virtual CPU version 2.5+",
@@ -172,7 +173,7 @@ pub const QEMU64: X86CpuModel = X86CpuModel {
     features: &[
         "fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge",
         "mca", "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "pni", "cx16",
-        "lm", "syscall", "nx", "lahf_lm", "svm", "x2apic", "hypervisor",
+        "lm", "syscall", "nx", "lahf_lm", "x2apic", "hypervisor",
     ],
     passthrough: false,
 };

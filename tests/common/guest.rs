@@ -741,6 +741,10 @@ pub const ECX: u8 = 1;
 pub const EDX: u8 = 2;
 /// EBX.
 pub const EBX: u8 = 3;
+/// ESP.
+pub const ESP: u8 = 4;
+/// EBP.
+pub const EBP: u8 = 5;
 /// ESI.
 pub const ESI: u8 = 6;
 /// EDI.
@@ -748,9 +752,46 @@ pub const EDI: u8 = 7;
 
 /// A few 32-bit instructions for code that starts in flat protected mode (no prologue, no
 /// mode switch): the caller places the bytes and knows their address.
+///
+/// Jumps to [`Label`]s are `rel32` and patched by [`Asm32::finish`]; code that uses labels
+/// must take its bytes from there rather than from `code`.
 #[derive(Default)]
 pub struct Asm32 {
     pub code: Vec<u8>,
+    /// Each label's code offset, once bound.
+    labels: Vec<Option<usize>>,
+    /// (offset of a rel32 field, its label).
+    jumps: Vec<(usize, Label)>,
+}
+
+/// A jump target in [`Asm32`] code, bound with [`Asm32::bind`] (before or after the jumps
+/// to it).
+#[derive(Clone, Copy, Debug)]
+pub struct Label(usize);
+
+/// Condition codes for [`Asm32::jcc`] (the low nibble of `0F 8x`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cond {
+    /// Below (unsigned `<`, CF = 1).
+    B = 0x2,
+    /// Above or equal (unsigned `>=`, CF = 0).
+    Ae = 0x3,
+    /// Equal / zero.
+    E = 0x4,
+    /// Not equal / not zero.
+    Ne = 0x5,
+}
+
+impl Cond {
+    /// The opposite condition.
+    pub fn not(self) -> Cond {
+        match self {
+            Cond::B => Cond::Ae,
+            Cond::Ae => Cond::B,
+            Cond::E => Cond::Ne,
+            Cond::Ne => Cond::E,
+        }
+    }
 }
 
 impl Asm32 {
@@ -853,6 +894,260 @@ impl Asm32 {
         self.mov_dx(port);
         self.code
             .extend_from_slice(&[0xb0, code, 0xee, 0xf4, 0xeb, 0xfd]);
+        self
+    }
+
+    /// Raw bytes.
+    pub fn emit(&mut self, bytes: &[u8]) -> &mut Self {
+        self.code.extend_from_slice(bytes);
+        self
+    }
+
+    /// A new, unbound label.
+    pub fn label(&mut self) -> Label {
+        self.labels.push(None);
+        Label(self.labels.len() - 1)
+    }
+
+    /// Binds `l` to the current position.
+    pub fn bind(&mut self, l: Label) -> &mut Self {
+        assert!(self.labels[l.0].is_none(), "label bound twice");
+        self.labels[l.0] = Some(self.code.len());
+        self
+    }
+
+    /// A new label bound here (a loop top).
+    pub fn here(&mut self) -> Label {
+        let l = self.label();
+        self.bind(l);
+        l
+    }
+
+    fn rel32(&mut self, l: Label) {
+        self.jumps.push((self.code.len(), l));
+        self.code.extend_from_slice(&[0; 4]);
+    }
+
+    /// `jcc rel32` = `0F 80+cc cd`
+    pub fn jcc(&mut self, cc: Cond, l: Label) -> &mut Self {
+        self.code.extend_from_slice(&[0x0f, 0x80 | cc as u8]);
+        self.rel32(l);
+        self
+    }
+
+    /// `jmp rel32` = `E9 cd`
+    pub fn jmp(&mut self, l: Label) -> &mut Self {
+        self.code.push(0xe9);
+        self.rel32(l);
+        self
+    }
+
+    /// `loop rel8` = `E2 cb` (decrements ECX, jumps while it is not 0) to a label bound
+    /// less than 128 bytes back.
+    pub fn loop_back(&mut self, l: Label) -> &mut Self {
+        let target = self.labels[l.0].expect("loop_back needs a bound label");
+        let rel = i8::try_from(target as i64 - (self.code.len() as i64 + 2))
+            .expect("loop target out of rel8 range");
+        self.code.extend_from_slice(&[0xe2, rel as u8]);
+        self
+    }
+
+    /// The code with every jump patched.
+    pub fn finish(&self) -> Vec<u8> {
+        let mut code = self.code.clone();
+        for &(at, l) in &self.jumps {
+            let target = self.labels[l.0].expect("jump to an unbound label");
+            let rel = (target as i64 - (at as i64 + 4)) as i32;
+            code[at..at + 4].copy_from_slice(&rel.to_le_bytes());
+        }
+        code
+    }
+
+    fn alu_imm(&mut self, ext: u8, r: u8, imm: u32) -> &mut Self {
+        self.code.extend_from_slice(&[0x81, 0xc0 | (ext << 3) | r]);
+        self.code.extend_from_slice(&imm.to_le_bytes());
+        self
+    }
+
+    /// `add r, imm32` = `81 /0 id`
+    pub fn add_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(0, r, imm)
+    }
+
+    /// `or r, imm32` = `81 /1 id`
+    pub fn or_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(1, r, imm)
+    }
+
+    /// `and r, imm32` = `81 /4 id`
+    pub fn and_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(4, r, imm)
+    }
+
+    /// `sub r, imm32` = `81 /5 id`
+    pub fn sub_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(5, r, imm)
+    }
+
+    /// `cmp r, imm32` = `81 /7 id`
+    pub fn cmp_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(7, r, imm)
+    }
+
+    /// `cmp dst, src` = `39 /r` (mod 11)
+    pub fn cmp(&mut self, dst: u8, src: u8) -> &mut Self {
+        self.code
+            .extend_from_slice(&[0x39, 0xc0 | (src << 3) | dst]);
+        self
+    }
+
+    /// `sub dst, src` = `29 /r` (mod 11)
+    pub fn sub(&mut self, dst: u8, src: u8) -> &mut Self {
+        self.code
+            .extend_from_slice(&[0x29, 0xc0 | (src << 3) | dst]);
+        self
+    }
+
+    /// `xor dst, src` = `31 /r` (mod 11)
+    pub fn xor(&mut self, dst: u8, src: u8) -> &mut Self {
+        self.code
+            .extend_from_slice(&[0x31, 0xc0 | (src << 3) | dst]);
+        self
+    }
+
+    /// `shr r, n` = `C1 /5 ib`
+    pub fn shr_imm(&mut self, r: u8, n: u8) -> &mut Self {
+        self.code.extend_from_slice(&[0xc1, 0xe8 | r, n]);
+        self
+    }
+
+    /// `ror r, n` = `C1 /1 ib`
+    pub fn ror_imm(&mut self, r: u8, n: u8) -> &mut Self {
+        self.code.extend_from_slice(&[0xc1, 0xc8 | r, n]);
+        self
+    }
+
+    /// `cmp al, imm8` = `3C ib`
+    pub fn cmp_al(&mut self, imm: u8) -> &mut Self {
+        self.code.extend_from_slice(&[0x3c, imm]);
+        self
+    }
+
+    /// `test al, imm8` = `A8 ib`
+    pub fn test_al(&mut self, imm: u8) -> &mut Self {
+        self.code.extend_from_slice(&[0xa8, imm]);
+        self
+    }
+
+    /// `mov bl, imm8` = `B3 ib`
+    pub fn mov_bl(&mut self, imm: u8) -> &mut Self {
+        self.code.extend_from_slice(&[0xb3, imm]);
+        self
+    }
+
+    /// `mov al, bl` = `88 D8`
+    pub fn mov_al_bl(&mut self) -> &mut Self {
+        self.code.extend_from_slice(&[0x88, 0xd8]);
+        self
+    }
+
+    /// `mov [base+disp8], src` = `89 /r`
+    pub fn store(&mut self, base: u8, disp: i8, src: u8) -> &mut Self {
+        self.code.push(0x89);
+        self.modrm_disp8(src, base, disp);
+        self
+    }
+
+    /// `mov [base+index], src` = `89 /r` with a SIB byte (scale 1, no displacement;
+    /// `base` must not be EBP).
+    pub fn store_indexed(&mut self, base: u8, index: u8, src: u8) -> &mut Self {
+        assert!(base != EBP && index != ESP);
+        self.code
+            .extend_from_slice(&[0x89, (src << 3) | 4, (index << 3) | base]);
+        self
+    }
+
+    /// `mov dst, [addr]` = `8B /r` (mod 00, rm 101: absolute disp32)
+    pub fn load_abs(&mut self, dst: u8, addr: u32) -> &mut Self {
+        self.code.extend_from_slice(&[0x8b, (dst << 3) | 5]);
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self
+    }
+
+    /// `mov [addr], src` = `89 /r` (mod 00, rm 101: absolute disp32)
+    pub fn store_abs(&mut self, addr: u32, src: u8) -> &mut Self {
+        self.code.extend_from_slice(&[0x89, (src << 3) | 5]);
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self
+    }
+
+    /// `cmp byte [addr], imm8` = `80 /7 ib` (absolute disp32)
+    pub fn cmp_byte_abs(&mut self, addr: u32, imm: u8) -> &mut Self {
+        self.code.extend_from_slice(&[0x80, 0x3d]);
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self.code.push(imm);
+        self
+    }
+
+    /// `mov dx, port; in eax, dx` (`ED`)
+    pub fn in_eax(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port);
+        self.code.push(0xed);
+        self
+    }
+
+    /// `in al, dx` (`EC`), DX already loaded.
+    pub fn in_al_dx(&mut self) -> &mut Self {
+        self.code.push(0xec);
+        self
+    }
+
+    /// `out dx, al` (`EE`), DX already loaded.
+    pub fn out_dx_al(&mut self) -> &mut Self {
+        self.code.push(0xee);
+        self
+    }
+
+    /// `cld; rep movsb` (`FC F3 A4`): copies ECX bytes from [ESI] to [EDI].
+    pub fn rep_movsb(&mut self) -> &mut Self {
+        self.code.extend_from_slice(&[0xfc, 0xf3, 0xa4]);
+        self
+    }
+
+    /// `cld; repe cmpsb` (`FC F3 A6`): ZF = 1 if the ECX bytes at [ESI] and [EDI] are equal
+    /// (ECX must not be 0).
+    pub fn repe_cmpsb(&mut self) -> &mut Self {
+        self.code.extend_from_slice(&[0xfc, 0xf3, 0xa6]);
+        self
+    }
+
+    /// `lodsb` (`AC`): AL = [ESI], ESI += 1 (DF = 0).
+    pub fn lodsb(&mut self) -> &mut Self {
+        self.code.push(0xac);
+        self
+    }
+
+    /// `pause` (`F3 90`)
+    pub fn pause(&mut self) -> &mut Self {
+        self.code.extend_from_slice(&[0xf3, 0x90]);
+        self
+    }
+
+    /// `rdtsc` (`0F 31`): EDX:EAX = TSC.
+    pub fn rdtsc(&mut self) -> &mut Self {
+        self.code.extend_from_slice(&[0x0f, 0x31]);
+        self
+    }
+
+    /// `rdmsr` (`0F 32`): EDX:EAX = MSR[ECX].
+    pub fn rdmsr(&mut self) -> &mut Self {
+        self.code.extend_from_slice(&[0x0f, 0x32]);
+        self
+    }
+
+    /// `wrmsr` (`0F 30`): MSR[ECX] = EDX:EAX.
+    pub fn wrmsr(&mut self) -> &mut Self {
+        self.code.extend_from_slice(&[0x0f, 0x30]);
         self
     }
 }
