@@ -89,6 +89,8 @@ pub struct KvmVm {
     next_slot: AtomicU32,
     pub(crate) machine: WeakObjectRef,
     pub(crate) vcpus: VcpuSet,
+    /// CPUID features already warned about (QEMU warns once).
+    pub(crate) warned_features: parking_lot::Mutex<std::collections::BTreeSet<&'static str>>,
     this: Weak<KvmVm>,
 }
 
@@ -136,6 +138,7 @@ impl KvmVm {
             next_slot: AtomicU32::new(0),
             machine: machine.downgrade(),
             vcpus: VcpuSet::default(),
+            warned_features: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             this: this.clone(),
         }))
     }

@@ -84,8 +84,11 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> CpuId {
     }
     wanted.extend(overrides);
     for (feature, on) in wanted {
-        let supported_here = supported_bit(feature.leaf, feature.reg, feature.bit);
-        if on && !supported_here {
+        // The hypervisor bit is the VMM's to set, whatever KVM lists (QEMU sets it too).
+        let supported_here =
+            feature.name == "hypervisor" || supported_bit(feature.leaf, feature.reg, feature.bit);
+        // One warning per feature per VM, not one per vCPU.
+        if on && !supported_here && vm.warned_features.lock().insert(feature.name) {
             eprintln!(
                 "qomvm: warning: host doesn't support requested feature: CPUID.{:02X}H:{}.{} [bit {}]",
                 feature.leaf,
