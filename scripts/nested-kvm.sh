@@ -12,7 +12,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 KERNEL_META=linux-image-amd64
 # Bump when the L1 initramfs layout or its /init changes (forces a rebuild).
-L1_FORMAT=2
+L1_FORMAT=3
 # Modules for the L1 kernel, loaded in this order; built-in or absent ones are
 # skipped (what is needed is verified when L1 boots).
 L1_MODULES="irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
@@ -177,11 +177,11 @@ cp /qomvm/cmd.sh /newroot/run/qomvm/cmd.sh || fatal "no per-run command (/qomvm/
 
 say "running command"
 if [ -e /qomvm/interactive ]; then
-    in_dev=$out_dev
+    # A virtio console port opens once: read and write through one descriptor.
+    env -i /bin/busybox chroot /newroot /bin/sh /run/qomvm/cmd.sh <>"$out_dev" >&0 2>&1
 else
-    in_dev=/dev/null
+    env -i /bin/busybox chroot /newroot /bin/sh /run/qomvm/cmd.sh </dev/null >"$out_dev" 2>&1
 fi
-env -i /bin/busybox chroot /newroot /bin/sh /run/qomvm/cmd.sh <"$in_dev" >"$out_dev" 2>&1
 finish $?
 EOF
     chmod 755 "$1"
@@ -303,6 +303,7 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_l1
+    if [[ -n ${catpid:-} ]]; then kill "$catpid" 2>/dev/null || true; fi
     if [[ -n $saved_stty ]]; then stty "$saved_stty" 2>/dev/null || true; fi
     if [[ -n $logfile && -f $tmp/console.log ]]; then cp "$tmp/console.log" "$logfile" || true; fi
     rm -rf "$tmp"
@@ -371,19 +372,27 @@ fi
 # QEMU's stdin is a FIFO that this script holds open and never writes: with
 # /dev/null the stdio chardev would see EOF, report the port closed, and
 # COMMAND's writes would block forever.
+mkfifo "$tmp/stdin"
+exec {stdin_hold}<>"$tmp/stdin"
 if ((interactive)); then
-    # QEMU's stdio chardev reads this terminal (and puts it in raw mode); the
-    # settings are restored here too in case QEMU is killed.
-    if [[ -t 0 ]]; then
-        saved_stty=$(stty -g)
-    fi
-    "${launch[@]}" "${qemu[@]}" 2>"$tmp/qemu.log" &
+    # QEMU makes its stdout non-blocking; on a terminal that would also make our stdin
+    # non-blocking (one open file shared by both), so its output goes through a pipe.
+    "${launch[@]}" "${qemu[@]}" <"$tmp/stdin" 2>"$tmp/qemu.log" {stdin_hold}>&- > >(cat) &
 else
-    mkfifo "$tmp/stdin"
-    exec {stdin_hold}<>"$tmp/stdin"
     "${launch[@]}" "${qemu[@]}" <"$tmp/stdin" 2>"$tmp/qemu.log" {stdin_hold}>&- &
 fi
 qpid=$!
+catpid=
+if ((interactive)); then
+    # Keystrokes go to COMMAND's stdin through QEMU's stdin FIFO; the terminal is raw so
+    # that Ctrl-C, Ctrl-A and friends reach COMMAND, and is restored by cleanup.
+    if [[ -t 0 ]]; then
+        saved_stty=$(stty -g)
+        stty raw -echo
+    fi
+    cat <&0 >"$tmp/stdin" &
+    catpid=$!
+fi
 
 show_logs() {
     {
