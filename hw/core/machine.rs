@@ -12,6 +12,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::core::accel_ops::{AccelOpsRef, RamBlock};
 use crate::core::memory::AddressSpace;
+use crate::core::runstate::VmState;
 
 /// QEMU's `TYPE_MACHINE`.
 pub const TYPE_MACHINE: &str = "machine";
@@ -103,6 +104,8 @@ pub enum RunRequest {
     DebugExit(i32),
     /// The guest hit a fatal error (emulation failure, failed entry); status 1.
     GuestError,
+    /// The monitor asked for a reset (`system_reset`).
+    HostReset,
 }
 
 /// The mailbox of run requests: vCPU threads and devices post, the main loop waits.
@@ -117,7 +120,9 @@ impl RunState {
     pub fn request(&self, request: RunRequest) {
         let mut pending = self.pending.lock();
         match *pending {
-            Some(RunRequest::GuestReset) | None => *pending = Some(request),
+            Some(RunRequest::GuestReset | RunRequest::HostReset) | None => {
+                *pending = Some(request)
+            }
             Some(_) => {}
         }
         self.posted.notify_all();
@@ -160,6 +165,7 @@ pub struct MachineState {
     ram: Mutex<Arc<GuestMemoryMmap>>,
     cpus: Mutex<Vec<ObjectRef>>,
     run: RunState,
+    vm: VmState,
 }
 
 impl Default for MachineState {
@@ -176,6 +182,7 @@ impl Default for MachineState {
             ram: Mutex::new(Arc::new(GuestMemoryMmap::default())),
             cpus: Mutex::new(Vec::new()),
             run: RunState::default(),
+            vm: VmState::default(),
         }
     }
 }
@@ -274,6 +281,10 @@ impl MachineState {
     /// The run-request mailbox.
     pub fn run_state(&self) -> &RunState {
         &self.run
+    }
+    /// The run status, its event listeners and the power button (see `runstate`).
+    pub fn vm_state(&self) -> &VmState {
+        &self.vm
     }
 }
 
