@@ -14,6 +14,7 @@ use hw::core::runstate::{self, RunPolicy};
 use qom::{object_get_root, resolve_path, ObjectRef};
 
 use crate::help;
+use crate::monitor;
 use crate::options::{self, split_opts, Located, OptionError, Options};
 
 /// Runs qomvm; returns the process's exit status.
@@ -45,7 +46,10 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     for dev in &opts.devices {
         device_add(&machine, dev)?;
     }
-    Ok(main_loop(&machine, &opts))
+    monitor::monitor_init(&machine, &opts)?;
+    let status = main_loop(&machine, &opts);
+    monitor::monitor_cleanup();
+    Ok(status)
 }
 
 fn machine_location(opts: &Options) -> String {
@@ -405,14 +409,16 @@ fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError>
     Ok(())
 }
 
-/// Starts the vCPUs, then waits for run requests and turns them into events
+/// Starts the vCPUs (unless `-S`), then waits for run requests and turns them into events
 /// and an exit status (`hw::core::runstate` has QEMU's `main_loop_should_exit`).
 fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
     let ms = machine_state(machine).expect("machines have a MachineState");
     let mc = machine_class(machine.class()).expect("machines have a MachineClass");
     log::debug!("machine '{}' running", mc.name);
-    // Fails only without an accelerator, and then there is nothing to start.
-    let _ = runstate::vm_start(ms);
+    if !opts.start_paused {
+        // Fails only without an accelerator, and then there is nothing to start.
+        let _ = runstate::vm_start(ms);
+    }
     let policy = RunPolicy {
         no_reboot: opts.no_reboot,
         no_shutdown: opts.no_shutdown,
