@@ -823,3 +823,39 @@ fn on_kvm_cpus_report_their_vcpu_threads_and_registers() {
     assert!(regs.contains("EIP=0000fff0"), "the reset vector: {regs}");
     assert!(regs.contains("CS =f000 ffff0000"), "{regs}");
 }
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_without_harm() {
+    let vm = Vm::start(&[]);
+    let mut other = vm.negotiated();
+    let mut hog = vm.negotiated();
+    // 8000 replies of ~5 KB, none read while sending: more than the server queues for one
+    // client (16 MiB) once the socket buffers are full.
+    const REQUESTS: usize = 8000;
+    let request = b"{\"execute\": \"qom-list-properties\", \"arguments\": {\"typename\": \"qemu64-x86_64-cpu\"}}";
+    if let Err(e) = hog.writer.write_all(&request.repeat(REQUESTS)) {
+        // The server may hang up while we are still writing.
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ),
+            "{e}"
+        );
+    }
+    // The VM and the other client carry on meanwhile.
+    assert_eq!(
+        other.cmd("query-status", json!({}))["return"]["status"],
+        "running"
+    );
+    assert_eq!(other.cmd("stop", json!({})), json!({"return": {}}));
+    other.event("STOP");
+    // The hog was cut off: its stream ends before all its replies.
+    let mut replies = 0;
+    let mut line = String::new();
+    while hog.reader.read_line(&mut line).unwrap_or(0) > 0 {
+        replies += 1;
+        line.clear();
+    }
+    assert!(replies < REQUESTS, "all {replies} replies were delivered");
+}
