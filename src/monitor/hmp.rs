@@ -127,10 +127,7 @@ const COMMANDS: &[HmpCommand] = &[
         params: "",
         help: "reset the system",
         run: |ctx, _, _, _| {
-            ctx.vm
-                .machine_state()
-                .run_state()
-                .request(hw::core::machine::RunRequest::HostReset);
+            ctx.deferred.set(Some(Deferred::Reset));
             Ok(())
         },
     },
@@ -674,13 +671,16 @@ pub fn run_session(vm: &Arc<VmContext>, conn: Connection) {
                 hmp_execute(&ctx, &mut hmp, &text)
             };
             let deferred = ctx.deferred.get();
-            let prompt = if deferred.is_some() { "" } else { "(qemu) " };
+            let prompt = if deferred == Some(Deferred::Quit) {
+                ""
+            } else {
+                "(qemu) "
+            };
             if !outbox.send(crlf(&format!("{output}{prompt}"))) {
                 break 'read;
             }
             if let Some(action) = deferred {
-                outbox.flush(Duration::from_secs(1));
-                run_deferred(vm, action);
+                run_deferred(vm, action, &outbox);
             }
         }
     }

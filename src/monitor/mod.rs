@@ -50,18 +50,27 @@ impl VmContext {
     }
 }
 
-/// What a command leaves to do once its reply is on its way.
+/// What a command leaves to do once its reply is queued: requests for the main loop, which
+/// may end the process, so the reply must be on its way first (QEMU's main loop handles
+/// them after the command returned, too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Deferred {
     /// `quit`: end the run (after the reply is flushed, so the client sees it).
     Quit,
+    /// `system_reset`: reset (or, with `-no-reboot`, end the run).
+    Reset,
 }
 
-/// Performs a deferred action.
-pub fn run_deferred(vm: &VmContext, action: Deferred) {
-    match action {
-        Deferred::Quit => vm.machine_state().run_state().request(RunRequest::HostQuit),
-    }
+/// Performs a deferred action; `outbox` is the client's, flushed first for `quit`.
+pub fn run_deferred(vm: &VmContext, action: Deferred, outbox: &Outbox) {
+    let request = match action {
+        Deferred::Quit => {
+            outbox.flush(Duration::from_secs(1));
+            RunRequest::HostQuit
+        }
+        Deferred::Reset => RunRequest::HostReset,
+    };
+    vm.machine_state().run_state().request(request);
 }
 
 #[derive(Default)]

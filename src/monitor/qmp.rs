@@ -483,9 +483,7 @@ pub fn run_session(vm: &Arc<VmContext>, conn: Connection) {
                 break 'read;
             }
             if let Some(action) = reply.deferred {
-                // The client sees the reply before the run ends.
-                outbox.flush(Duration::from_secs(1));
-                run_deferred(vm, action);
+                run_deferred(vm, action, &outbox);
             }
         }
     }

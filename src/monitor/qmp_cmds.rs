@@ -3,7 +3,7 @@
 //! member names; optional members are left out where QEMU leaves them out.
 
 use hw::core::cpu::{CpuClass, CpuState, TYPE_CPU};
-use hw::core::machine::{machine_class, RunRequest, TYPE_MACHINE};
+use hw::core::machine::{machine_class, TYPE_MACHINE};
 use hw::core::qdev::TYPE_DEVICE;
 use hw::core::runstate::{self, RunStatus};
 use hw::i386::x86_cpu::{X86Cpu, X86CpuClass};
@@ -456,10 +456,7 @@ fn qmp_cont(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError>
 }
 
 fn qmp_system_reset(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
-    ctx.vm
-        .machine_state()
-        .run_state()
-        .request(RunRequest::HostReset);
+    ctx.deferred.set(Some(Deferred::Reset));
     Ok(json!({}))
 }
 
