@@ -161,7 +161,7 @@ impl Client {
         self.reply()
     }
 
-    /// The next event called `name` (skipping others), kept or still to come.
+    /// The next event called `name`, kept or still to come (others on the way are kept).
     fn event(&mut self, name: &str) -> Value {
         if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
             return self.events.remove(i);
@@ -172,6 +172,7 @@ impl Client {
                 return v;
             }
             assert!(v.get("event").is_some(), "expected event {name}, got {v}");
+            self.events.push(v);
         }
     }
 }
