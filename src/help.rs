@@ -43,6 +43,12 @@ Display and character devices:
 -chardev backend,id=id[,...]
                      configure a character device
 
+Debug/Expert options:
+-qmp dev             QMP monitor on 'dev' (stdio, unix:PATH,server=on[,wait=off],
+                     tcp:127.0.0.1:PORT,server=on[,wait=off])
+-monitor dev         human monitor on 'dev' (same backends as -qmp, or none)
+-S                   freeze CPUs at startup (use 'cont' to start)
+
 Linux/Multiboot boot specific:
 -kernel bzImage      use 'bzImage' as kernel image
 -append cmdline      use 'cmdline' as kernel command line

@@ -1,6 +1,7 @@
 //! The `qomvm` binary: QEMU's `main` -> `qemu_init` -> main loop, in `vl.rs`.
 
 mod help;
+mod monitor;
 mod mux;
 mod options;
 mod term;

@@ -74,6 +74,12 @@ pub struct Options {
     pub no_shutdown: bool,
     pub nodefaults: bool,
     pub name: Option<Located>,
+    /// `-qmp`: QMP monitors.
+    pub qmp: Vec<Located>,
+    /// `-monitor`: human monitors.
+    pub monitor: Vec<Located>,
+    /// `-S`: do not start the vCPUs until the monitor's `cont`.
+    pub start_paused: bool,
     pub help: bool,
     pub version: bool,
 }
@@ -106,6 +112,9 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("no-shutdown", Arity::Flag),
     ("nodefaults", Arity::Flag),
     ("name", Arity::Value),
+    ("qmp", Arity::Value),
+    ("monitor", Arity::Value),
+    ("S", Arity::Flag),
     ("h", Arity::Flag),
     ("help", Arity::Flag),
     ("version", Arity::Flag),
@@ -157,6 +166,9 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "no-shutdown" => opts.no_shutdown = true,
             "nodefaults" => opts.nodefaults = true,
             "name" => opts.name = Some(located),
+            "qmp" => opts.qmp.push(located),
+            "monitor" => opts.monitor.push(located),
+            "S" => opts.start_paused = true,
             "h" | "help" => opts.help = true,
             "version" => opts.version = true,
             _ => unreachable!("every table entry is matched above"),

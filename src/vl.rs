@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use hw::core::bus::find_bus_by_type;
 use hw::core::machine::{
-    find_machine, machine_class, machine_run_board_init, machine_state, RunRequest, SmpConfig,
+    find_machine, machine_class, machine_run_board_init, machine_state, SmpConfig,
 };
 use hw::core::qdev::{device_class, device_type, qdev_new, qdev_realize, DeviceMethods, QdevError};
 use hw::core::qdev_properties::register_global;
+use hw::core::runstate::{self, RunPolicy};
 use qom::{object_get_root, resolve_path, ObjectRef};
 
 use crate::help;
+use crate::monitor;
 use crate::options::{self, split_opts, Located, OptionError, Options};
 
 /// Runs qomvm; returns the process's exit status.
@@ -52,8 +54,10 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     for dev in &opts.devices {
         device_add(&machine, dev)?;
     }
-    hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;
-    Ok(main_loop(&machine, &opts))
+    monitor::monitor_init(&machine, &opts)?;
+    let status = main_loop(&machine, &opts);
+    monitor::monitor_cleanup();
+    Ok(status)
 }
 
 fn machine_location(opts: &Options) -> String {
@@ -453,30 +457,24 @@ fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError>
     Ok(())
 }
 
-/// Waits for run requests and turns them into an exit status.
+/// Starts the vCPUs (unless `-S`), then waits for run requests and turns them into events
+/// and an exit status (`hw::core::runstate` has QEMU's `main_loop_should_exit`).
 fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
     let ms = machine_state(machine).expect("machines have a MachineState");
     let mc = machine_class(machine.class()).expect("machines have a MachineClass");
     log::debug!("machine '{}' running", mc.name);
-    if let Some(ops) = ms.accel_ops() {
-        ops.vm_start();
+    if !opts.start_paused {
+        // Fails only without an accelerator, and then there is nothing to start.
+        let _ = runstate::vm_start(ms);
     }
+    let policy = RunPolicy {
+        no_reboot: opts.no_reboot,
+        no_shutdown: opts.no_shutdown,
+    };
     loop {
-        match ms.run_state().wait(Some(Duration::from_secs(3600))) {
-            None => continue,
-            Some(RunRequest::DebugExit(status)) => return status,
-            Some(RunRequest::GuestShutdown | RunRequest::HostQuit | RunRequest::GuestPanic) => {
-                return 0
-            }
-            Some(RunRequest::GuestError) => return 1,
-            Some(RunRequest::GuestReset) => {
-                if opts.no_reboot {
-                    return 0;
-                }
-                if let Err(e) = hw::core::machine::qemu_system_reset(machine) {
-                    eprintln!("qomvm: system reset failed: {e}");
-                    return 1;
-                }
+        if let Some(request) = ms.run_state().wait(Some(Duration::from_secs(3600))) {
+            if let Some(status) = runstate::main_loop_should_exit(ms, request, policy) {
+                return status;
             }
         }
     }

@@ -287,13 +287,14 @@ fn a_system_reset_restarts_every_vcpu_from_its_start_state() {
         )
         .unwrap();
     let ops = ms.accel_ops().unwrap();
-    ops.vm_start();
+    // Through the run state, as the main loop starts a VM, so that a reset pauses it.
+    hw::core::runstate::vm_start(ms).unwrap();
     for _ in 0..3 {
         let req = ms
             .run_state()
             .wait(Some(std::time::Duration::from_secs(20)));
         assert_eq!(req, Some(RunRequest::GuestReset));
-        hw::core::machine::qemu_system_reset(&vm.machine).unwrap();
+        hw::core::runstate::qemu_system_reset(ms, hw::core::runstate::ShutdownCause::GuestReset);
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     // Four runs (the first and three after resets), one marker each.

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
-use hw::core::accel_ops::{AccelOps, RamBlock};
+use hw::core::accel_ops::{AccelOps, CpuDumpError, RamBlock};
 use hw::core::machine::machine_state;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
@@ -214,6 +214,20 @@ impl AccelOps for KvmVm {
 
     fn shutdown(&self) {
         self.vcpus.stop();
+    }
+
+    fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {
+        const TIMEOUT_MS: u64 = 2000;
+        if !self.vcpus.has_thread(index) {
+            return Err(CpuDumpError::NoThread(index));
+        }
+        self.vcpus
+            .run_on_cpu(
+                index,
+                std::time::Duration::from_millis(TIMEOUT_MS),
+                |vcpu| crate::kvm::x86::register_dump(vcpu),
+            )
+            .ok_or(CpuDumpError::Timeout(index, TIMEOUT_MS))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

@@ -8,10 +8,11 @@
 //! just before the vCPU enters the kernel.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use hw::core::machine::{machine_state, RunRequest};
 use hw::core::memory::Dispatcher;
@@ -35,6 +36,9 @@ enum Mode {
     Stopping,
 }
 
+/// Work for one vCPU's thread (QEMU's `run_on_cpu`): it runs between two `KVM_RUN`s.
+type Work = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 struct SetState {
     mode: Mode,
     /// Bumped by each system reset; a vCPU that has not seen the current one resets itself
@@ -44,9 +48,12 @@ struct SetState {
     parked: usize,
     /// Threads alive.
     alive: usize,
+    /// Queued work: (id, CPU index, work).
+    work: Vec<(u64, u32, Work)>,
 }
 
 struct VcpuThread {
+    index: u32,
     pthread: libc::pthread_t,
     handle: Option<JoinHandle<()>>,
 }
@@ -58,6 +65,7 @@ impl Default for SetState {
             reset_gen: 1,
             parked: 0,
             alive: 0,
+            work: Vec::new(),
         }
     }
 }
@@ -80,6 +88,7 @@ pub struct VcpuSet {
     state: Mutex<SetState>,
     changed: Condvar,
     threads: Mutex<Vec<VcpuThread>>,
+    next_work: AtomicU64,
 }
 
 impl VcpuSet {
@@ -131,8 +140,68 @@ impl VcpuSet {
         }
     }
 
+    /// QEMU's `run_on_cpu`: runs `f` on CPU `index`'s thread between two runs (kicking it
+    /// out of `KVM_RUN` if it is in there) and waits up to `timeout` for its result.
+    pub(crate) fn run_on_cpu<R: Send + 'static>(
+        &self,
+        index: u32,
+        timeout: Duration,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = mpsc::channel();
+        let id = self.next_work.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = self.state.lock();
+            if st.mode == Mode::Stopping {
+                return None;
+            }
+            let work: Work = Box::new(move |vcpu: &mut VcpuFd| {
+                let _ = tx.send(f(vcpu));
+            });
+            st.work.push((id, index, work));
+            self.changed.notify_all();
+        }
+        self.kick(|t| t.index == index);
+        let result = rx.recv_timeout(timeout).ok();
+        if result.is_none() {
+            // The thread ended or is stuck: drop the work rather than let it pile up.
+            self.state.lock().work.retain(|(w, _, _)| *w != id);
+        }
+        result
+    }
+
+    /// Whether CPU `index` has a thread that has not ended.
+    pub(crate) fn has_thread(&self, index: u32) -> bool {
+        self.threads
+            .lock()
+            .iter()
+            .any(|t| t.index == index && t.handle.as_ref().is_some_and(|h| !h.is_finished()))
+    }
+
+    /// Runs the work queued for CPU `index`, on its own thread.
+    fn run_work(&self, index: u32, vcpu: &mut VcpuFd) {
+        let mut st = self.state.lock();
+        self.run_work_locked(&mut st, index, vcpu);
+    }
+
+    fn run_work_locked(
+        &self,
+        st: &mut parking_lot::MutexGuard<'_, SetState>,
+        index: u32,
+        vcpu: &mut VcpuFd,
+    ) {
+        while let Some(pos) = st.work.iter().position(|(_, i, _)| *i == index) {
+            let (_, _, work) = st.work.remove(pos);
+            parking_lot::MutexGuard::unlocked(st, || work(vcpu));
+        }
+    }
+
     fn kick_all(&self) {
-        for t in self.threads.lock().iter() {
+        self.kick(|_| true);
+    }
+
+    fn kick(&self, which: impl Fn(&VcpuThread) -> bool) {
+        for t in self.threads.lock().iter().filter(|t| which(t)) {
             if t.handle.as_ref().is_some_and(|h| !h.is_finished()) {
                 // SAFETY: the pthread id belongs to a thread that has not been joined (its
                 // handle is still held), so it is valid; the signal's handler only sets a
@@ -150,14 +219,16 @@ impl VcpuSet {
     }
 
     /// Called by a vCPU thread between runs: returns when it may run (after a reset if one
-    /// happened since `seen_gen`), or when it must end. Running vCPUs take the lock-free
-    /// path: a reset only ever happens while they are paused.
-    fn wait_runnable(&self, seen_gen: &mut u64) -> Wake {
+    /// happened since `seen_gen`), or when it must end; runs the work queued for the vCPU
+    /// while it waits. Running vCPUs take the lock-free path: a reset only ever happens
+    /// while they are paused.
+    fn wait_runnable(&self, index: u32, vcpu: &mut VcpuFd, seen_gen: &mut u64) -> Wake {
         if self.running.load(Ordering::Acquire) && *seen_gen != 0 {
             return Wake::Run;
         }
         let mut st = self.state.lock();
         loop {
+            self.run_work_locked(&mut st, index, vcpu);
             match st.mode {
                 Mode::Running if st.reset_gen != *seen_gen => {
                     *seen_gen = st.reset_gen;
@@ -176,12 +247,17 @@ impl VcpuSet {
     }
 
     /// Called by a vCPU that has ended the run (shutdown, reset request, guest fault): stays
-    /// out of the guest until the machine is reset or stopped.
-    fn park_until_reset(&self, seen_gen: u64) {
+    /// out of the guest until the machine is reset or stopped, still running the work queued
+    /// for it (its registers stay readable).
+    fn park_until_reset(&self, index: u32, vcpu: &mut VcpuFd, seen_gen: u64) {
         let mut st = self.state.lock();
         st.parked += 1;
         self.changed.notify_all();
-        while st.mode != Mode::Stopping && st.reset_gen == seen_gen {
+        loop {
+            self.run_work_locked(&mut st, index, vcpu);
+            if st.mode == Mode::Stopping || st.reset_gen != seen_gen {
+                break;
+            }
             self.changed.wait(&mut st);
         }
         st.parked -= 1;
@@ -282,6 +358,7 @@ pub(crate) fn start_vcpu_thread(vm: &Arc<KvmVm>, cpu: &ObjectRef) -> Result<(), 
     use std::os::unix::thread::JoinHandleExt;
     let pthread = handle.as_pthread_t();
     vm.vcpus.threads.lock().push(VcpuThread {
+        index,
         pthread,
         handle: Some(handle),
     });
@@ -354,7 +431,7 @@ fn vcpu_thread(
             // paused vCPU (reset, register reads) must not see it mid-instruction.
             complete_pending_exit(&mut vcpu);
         }
-        match vm.vcpus.wait_runnable(&mut seen_gen) {
+        match vm.vcpus.wait_runnable(index, &mut vcpu, &mut seen_gen) {
             Wake::Stop => break,
             Wake::Run => {}
             Wake::Reset => {
@@ -368,7 +445,7 @@ fn vcpu_thread(
                 if let Err(e) = x86::reset_vcpu(vm, cpu, &mut vcpu, &pristine) {
                     eprintln!("qomvm: CPU {index}: {e}");
                     request(vm, RunRequest::GuestError);
-                    vm.vcpus.park_until_reset(seen_gen);
+                    vm.vcpus.park_until_reset(index, &mut vcpu, seen_gen);
                     continue;
                 }
             }
@@ -378,10 +455,12 @@ fn vcpu_thread(
             Step::Interrupted => {
                 vcpu.set_kvm_immediate_exit(0);
                 exit_pending = false;
+                // A kick may have come with work (`info registers`).
+                vm.vcpus.run_work(index, &mut vcpu);
             }
             Step::End(req) => {
                 request(vm, req);
-                vm.vcpus.park_until_reset(seen_gen);
+                vm.vcpus.park_until_reset(index, &mut vcpu, seen_gen);
             }
         }
     }

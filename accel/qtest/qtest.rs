@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use hw::core::accel_ops::{AccelOps, RamBlock};
+use hw::core::accel_ops::{AccelOps, CpuDumpError, RamBlock};
 use hw::core::machine::machine_state;
 use parking_lot::Mutex;
 use qom::{type_init, Error, ObjectClass, ObjectRef};
@@ -57,6 +57,9 @@ impl AccelOps for QtestOps {
     fn resume_all(&self) {}
     fn reset_vcpus(&self) {}
     fn shutdown(&self) {}
+    fn cpu_dump_state(&self, _index: u32) -> Result<String, CpuDumpError> {
+        Err(CpuDumpError::NoRegisters("qtest"))
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

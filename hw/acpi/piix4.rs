@@ -152,6 +152,13 @@ fn piix4_pm_realize(dev: &Object) -> Result<(), Error> {
     if let Some(state) = dev.downcast::<Piix4Pm>() {
         *state.pm.lock() = Some(pm);
     }
+    // The power button is the machine's powerdown notifier (`system_powerdown`).
+    let this = dev.downgrade();
+    ms.vm_state().add_powerdown_notifier(Arc::new(move || {
+        if let Some(dev) = this.upgrade() {
+            piix4_pm_power_button(&dev);
+        }
+    }));
     Ok(())
 }
 

@@ -20,6 +20,20 @@ pub struct RamBlock {
     pub host_addr: u64,
 }
 
+/// Why a CPU's registers cannot be shown (`info registers`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuDumpError {
+    /// The accelerator keeps no register state.
+    #[error("the {0} accelerator runs no guest code: there is no CPU register state to show")]
+    NoRegisters(&'static str),
+    /// The CPU has no vCPU thread that could read its registers.
+    #[error("CPU {0} has no vCPU thread")]
+    NoThread(u32),
+    /// The vCPU thread did not answer in time.
+    #[error("CPU {0} did not answer within {1} ms")]
+    Timeout(u32, u64),
+}
+
 /// The accelerator's operations (QEMU's `AccelOpsClass`).
 pub trait AccelOps: Send + Sync {
     /// Maps a RAM block into the guest (QEMU's `kvm_region_add`).
@@ -45,6 +59,11 @@ pub trait AccelOps: Send + Sync {
     fn reset_vcpus(&self);
     /// Ends every vCPU thread and waits for them (at exit).
     fn shutdown(&self);
+    /// CPU `index`'s registers in QEMU's `info registers` layout, read on the CPU's own
+    /// thread between two runs (QEMU's `run_on_cpu` + `cpu_dump_state`).
+    fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {
+        Err(CpuDumpError::NoThread(index))
+    }
     /// The accelerator as `Any`, for tests that look at a particular accelerator's state.
     fn as_any(&self) -> &dyn std::any::Any;
 }

@@ -12,6 +12,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::core::accel_ops::{AccelOpsRef, RamBlock};
 use crate::core::memory::AddressSpace;
+use crate::core::runstate::VmState;
 
 /// When the process started, as `main` recorded it: boot-time figures are measured from it.
 pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -114,6 +115,8 @@ pub enum RunRequest {
     DebugExit(i32),
     /// The guest hit a fatal error (emulation failure, failed entry); status 1.
     GuestError,
+    /// The monitor asked for a reset (`system_reset`).
+    HostReset,
 }
 
 /// The mailbox of run requests: vCPU threads and devices post, the main loop waits.
@@ -128,7 +131,9 @@ impl RunState {
     pub fn request(&self, request: RunRequest) {
         let mut pending = self.pending.lock();
         match *pending {
-            Some(RunRequest::GuestReset) | None => *pending = Some(request),
+            Some(RunRequest::GuestReset | RunRequest::HostReset) | None => {
+                *pending = Some(request)
+            }
             Some(_) => {}
         }
         self.posted.notify_all();
@@ -172,6 +177,9 @@ pub struct MachineState {
     cpus: Mutex<Vec<ObjectRef>>,
     serial_hds: Mutex<Vec<Option<Arc<dyn crate::char::chardev::CharBackend>>>>,
     run: RunState,
+    vm: VmState,
+    /// The machine object this state belongs to (set by `machine`'s instance_init).
+    machine_object: Mutex<Option<qom::WeakObjectRef>>,
 }
 
 impl Default for MachineState {
@@ -189,6 +197,8 @@ impl Default for MachineState {
             cpus: Mutex::new(Vec::new()),
             serial_hds: Mutex::new(Vec::new()),
             run: RunState::default(),
+            machine_object: Mutex::new(None),
+            vm: VmState::default(),
         }
     }
 }
@@ -293,9 +303,17 @@ impl MachineState {
     pub fn set_serial_hds(&self, hds: Vec<Option<Arc<dyn crate::char::chardev::CharBackend>>>) {
         *self.serial_hds.lock() = hds;
     }
+    /// The machine object, if this state belongs to one.
+    pub fn object(&self) -> Option<ObjectRef> {
+        self.machine_object.lock().as_ref().and_then(|w| w.upgrade())
+    }
     /// The run-request mailbox.
     pub fn run_state(&self) -> &RunState {
         &self.run
+    }
+    /// The run status, its event listeners and the power button (see `runstate`).
+    pub fn vm_state(&self) -> &VmState {
+        &self.vm
     }
 }
 
@@ -365,6 +383,9 @@ fn machine_instance_init(obj: &Object) {
     let this = obj.to_ref().expect("an object in instance_init is alive");
     for name in ["unattached", "peripheral", "peripheral-anon"] {
         qom::container_get(&this, name);
+    }
+    if let Some(st) = machine_state(obj) {
+        *st.machine_object.lock() = Some(obj.downgrade());
     }
     if let (Some(st), Some(mc)) = (machine_state(obj), machine_class(obj.class())) {
         st.set_ram_size(mc.default_ram_size);
@@ -488,22 +509,18 @@ fn reset_devices(root: &ObjectRef) {
     }
 }
 
-/// QEMU's `qemu_system_reset`: pauses the vCPUs, resets the devices, lets the board reload
-/// what it loaded at start, puts the vCPUs in their reset state, and resumes them.
-pub fn qemu_system_reset(machine: &ObjectRef) -> Result<(), Error> {
+/// The machine part of QEMU's `qemu_system_reset`, run with the vCPUs paused: resets the
+/// devices, lets the board reload what it loaded at start, and marks the vCPUs for reset
+/// (they take their reset or loader state before they next run).
+pub fn reset_machine(machine: &ObjectRef) -> Result<(), Error> {
     let ms = machine_state(machine).expect("machines have a MachineState");
-    let ops = ms.accel_ops();
-    if let Some(ops) = &ops {
-        ops.pause_all();
-    }
     reset_devices(machine);
     let result = match machine_class(machine.class()).and_then(|mc| mc.reset) {
         Some(reset) => reset(machine),
         None => Ok(()),
     };
-    if let Some(ops) = &ops {
+    if let Some(ops) = ms.accel_ops() {
         ops.reset_vcpus();
-        ops.resume_all();
     }
     result
 }

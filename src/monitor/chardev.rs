@@ -1,0 +1,360 @@
+//! The character backends a monitor listens on (the part of QEMU's `chardev/` the
+//! `-qmp`/`-monitor` shorthands reach): `stdio`, `unix:PATH,server=on[,wait=off]` and
+//! `tcp:127.0.0.1:PORT,server=on[,wait=off]`.
+//!
+//! Each accepted connection is handed to the monitor's session function on a thread of its
+//! own, so a slow or broken client never holds up another or the VM. TCP listens on
+//! loopback addresses only: the monitor has no authentication.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::options::split_opts;
+
+/// Most clients connected at once over all sockets; more are accepted and closed at once.
+pub const MAX_CLIENTS: usize = 64;
+
+static CLIENTS: AtomicUsize = AtomicUsize::new(0);
+
+/// Where a monitor talks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The process's stdin and stdout.
+    Stdio,
+    /// A Unix socket server at the path.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+        /// `wait=on`: start-up waits for the first client.
+        wait: bool,
+    },
+    /// A TCP server on a loopback address.
+    Tcp {
+        /// The address to listen on.
+        addr: SocketAddr,
+        /// `wait=on`: start-up waits for the first client.
+        wait: bool,
+    },
+    /// `none`: no monitor.
+    Null,
+}
+
+/// Errors of parsing and opening a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ChardevError {
+    /// A backend qomvm does not have.
+    #[error("'{0}' is not a supported monitor backend (use stdio, unix:PATH,server=on or tcp:127.0.0.1:PORT,server=on)")]
+    Unsupported(String),
+    /// A socket without `server=on`: qomvm does not connect out.
+    #[error("only server sockets are supported: add server=on")]
+    NotServer,
+    /// An option the backend does not know.
+    #[error("Invalid parameter '{0}'")]
+    InvalidParameter(String),
+    /// `on`/`off` expected.
+    #[error("Parameter '{0}' expects 'on' or 'off'")]
+    NotBool(String),
+    /// `tcp:` without a usable host and port.
+    #[error("address '{0}' is not HOST:PORT")]
+    BadAddress(String),
+    /// A TCP address that is not loopback.
+    #[error(
+        "the monitor only listens on loopback addresses (127.0.0.1, ::1, localhost), not '{0}'"
+    )]
+    NotLoopback(String),
+    /// The socket could not be created.
+    #[error("Failed to bind socket to {what}: {reason}")]
+    Bind {
+        /// The path or address.
+        what: String,
+        /// The OS error.
+        reason: String,
+    },
+}
+
+fn parse_bool(key: &str, value: Option<String>) -> Result<bool, ChardevError> {
+    match value.as_deref() {
+        None | Some("on" | "yes" | "true") => Ok(true),
+        Some("off" | "no" | "false") => Ok(false),
+        Some(_) => Err(ChardevError::NotBool(key.to_string())),
+    }
+}
+
+/// Parses the `-qmp`/`-monitor` argument.
+pub fn parse(spec: &str) -> Result<Backend, ChardevError> {
+    if spec == "stdio" {
+        return Ok(Backend::Stdio);
+    }
+    if spec == "none" {
+        return Ok(Backend::Null);
+    }
+    let (kind, rest) = spec
+        .split_once(':')
+        .ok_or_else(|| ChardevError::Unsupported(spec.to_string()))?;
+    if !matches!(kind, "unix" | "tcp") {
+        return Err(ChardevError::Unsupported(spec.to_string()));
+    }
+    let items = split_opts(rest, Some("path"));
+    let target = items[0].1.clone().unwrap_or_default();
+    let mut server = false;
+    let mut wait = true;
+    for (key, value) in items.into_iter().skip(1) {
+        match key.as_str() {
+            "server" => server = parse_bool(&key, value)?,
+            "wait" => wait = parse_bool(&key, value)?,
+            "nowait" => wait = false,
+            _ => return Err(ChardevError::InvalidParameter(key)),
+        }
+    }
+    if !server {
+        return Err(ChardevError::NotServer);
+    }
+    if kind == "unix" {
+        return Ok(Backend::Unix {
+            path: PathBuf::from(target),
+            wait,
+        });
+    }
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| ChardevError::BadAddress(target.clone()))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ChardevError::BadAddress(target.clone()))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = match host {
+        "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        _ => host
+            .parse::<IpAddr>()
+            .map_err(|_| ChardevError::NotLoopback(host.to_string()))?,
+    };
+    if !ip.is_loopback() {
+        return Err(ChardevError::NotLoopback(host.to_string()));
+    }
+    Ok(Backend::Tcp {
+        addr: SocketAddr::new(ip, port),
+        wait,
+    })
+}
+
+/// One client's byte streams.
+pub struct Connection {
+    /// What the client sends.
+    pub reader: Box<dyn Read + Send>,
+    /// Where replies go.
+    pub writer: Box<dyn Write + Send>,
+    /// Ends the connection from any thread (unblocks the reader).
+    pub shutdown: Arc<dyn Fn() + Send + Sync>,
+    /// Whether the backend is a socket (QMP offers `oob` on sockets only, as QEMU does).
+    pub is_socket: bool,
+}
+
+/// Runs a monitor's sessions: `session` is called once per connection, on a thread of its
+/// own.
+pub type Session = Arc<dyn Fn(Connection) + Send + Sync>;
+
+fn unix_connection(stream: UnixStream) -> io::Result<Connection> {
+    let reader = stream.try_clone()?;
+    let closer = stream.try_clone()?;
+    Ok(Connection {
+        reader: Box::new(reader),
+        writer: Box::new(stream),
+        shutdown: Arc::new(move || {
+            let _ = closer.shutdown(Shutdown::Both);
+        }),
+        is_socket: true,
+    })
+}
+
+fn tcp_connection(stream: TcpStream) -> io::Result<Connection> {
+    let _ = stream.set_nodelay(true);
+    let reader = stream.try_clone()?;
+    let closer = stream.try_clone()?;
+    Ok(Connection {
+        reader: Box::new(reader),
+        writer: Box::new(stream),
+        shutdown: Arc::new(move || {
+            let _ = closer.shutdown(Shutdown::Both);
+        }),
+        is_socket: true,
+    })
+}
+
+/// Starts `session` on a new thread for `conn`, counting it against [`MAX_CLIENTS`].
+fn spawn_session(name: &str, session: &Session, conn: Connection) {
+    if CLIENTS.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+        CLIENTS.fetch_sub(1, Ordering::AcqRel);
+        log::warn!("{name}: too many monitor clients; connection refused");
+        (conn.shutdown)();
+        return;
+    }
+    let session = session.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("{name} client"))
+        .spawn(move || {
+            session(conn);
+            CLIENTS.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        CLIENTS.fetch_sub(1, Ordering::AcqRel);
+        log::warn!("{name}: cannot start a session thread: {e}");
+    }
+}
+
+/// An open backend: what the monitor must clean up at exit.
+pub struct Listening {
+    /// The Unix socket path to remove at exit.
+    pub unix_path: Option<PathBuf>,
+}
+
+/// Opens `backend` and serves connections with `session` (`name` names the threads and the
+/// messages). With `wait=on` this returns only after the first client connected, as QEMU
+/// waits before starting the VM.
+pub fn serve(name: &str, backend: &Backend, session: Session) -> Result<Listening, ChardevError> {
+    let name = name.to_string();
+    match backend {
+        Backend::Null => Ok(Listening { unix_path: None }),
+        Backend::Stdio => {
+            let conn = Connection {
+                reader: Box::new(io::stdin()),
+                writer: Box::new(io::stdout()),
+                // stdin cannot be unblocked; the process's exit ends the session.
+                shutdown: Arc::new(|| {}),
+                is_socket: false,
+            };
+            spawn_session(&name, &session, conn);
+            Ok(Listening { unix_path: None })
+        }
+        Backend::Unix { path, wait } => {
+            // A socket left behind by an earlier run is replaced, as QEMU does; any other
+            // file is not touched.
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if meta.file_type().is_socket() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let bind_error = |e: io::Error| ChardevError::Bind {
+                what: path.display().to_string(),
+                reason: e.to_string(),
+            };
+            let listener = UnixListener::bind(path).map_err(bind_error)?;
+            if *wait {
+                eprintln!(
+                    "qomvm: info: QEMU waiting for connection on: disconnected:unix:{},server=on",
+                    path.display()
+                );
+                let (stream, _) = listener.accept().map_err(bind_error)?;
+                if let Ok(conn) = unix_connection(stream) {
+                    spawn_session(&name, &session, conn);
+                }
+            }
+            std::thread::Builder::new()
+                .name(format!("{name} listener"))
+                .spawn(move || {
+                    for stream in listener.incoming() {
+                        match stream.and_then(unix_connection) {
+                            Ok(conn) => spawn_session(&name, &session, conn),
+                            Err(e) => log::warn!("{name}: accept: {e}"),
+                        }
+                    }
+                })
+                .map_err(bind_error)?;
+            Ok(Listening {
+                unix_path: Some(path.clone()),
+            })
+        }
+        Backend::Tcp { addr, wait } => {
+            let bind_error = |e: io::Error| ChardevError::Bind {
+                what: addr.to_string(),
+                reason: e.to_string(),
+            };
+            let listener = TcpListener::bind(addr).map_err(bind_error)?;
+            if *wait {
+                eprintln!(
+                    "qomvm: info: QEMU waiting for connection on: disconnected:tcp:{addr},server=on"
+                );
+                let (stream, _) = listener.accept().map_err(bind_error)?;
+                if let Ok(conn) = tcp_connection(stream) {
+                    spawn_session(&name, &session, conn);
+                }
+            }
+            std::thread::Builder::new()
+                .name(format!("{name} listener"))
+                .spawn(move || {
+                    for stream in listener.incoming() {
+                        match stream.and_then(tcp_connection) {
+                            Ok(conn) => spawn_session(&name, &session, conn),
+                            Err(e) => log::warn!("{name}: accept: {e}"),
+                        }
+                    }
+                })
+                .map_err(bind_error)?;
+            Ok(Listening { unix_path: None })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_parse_like_qemus_shorthands() {
+        assert_eq!(parse("stdio").unwrap(), Backend::Stdio);
+        assert_eq!(
+            parse("unix:/tmp/q.sock,server=on,wait=off").unwrap(),
+            Backend::Unix {
+                path: "/tmp/q.sock".into(),
+                wait: false
+            }
+        );
+        assert_eq!(
+            parse("unix:/tmp/q.sock,server,nowait").unwrap(),
+            Backend::Unix {
+                path: "/tmp/q.sock".into(),
+                wait: false
+            }
+        );
+        assert_eq!(
+            parse("tcp:127.0.0.1:4444,server=on,wait=off").unwrap(),
+            Backend::Tcp {
+                addr: "127.0.0.1:4444".parse().unwrap(),
+                wait: false
+            }
+        );
+        assert_eq!(
+            parse("tcp:localhost:4444,server=on").unwrap(),
+            Backend::Tcp {
+                addr: "127.0.0.1:4444".parse().unwrap(),
+                wait: true
+            }
+        );
+        assert!(parse("tcp:[::1]:4444,server=on").is_ok());
+    }
+
+    #[test]
+    fn non_loopback_and_client_sockets_are_refused() {
+        assert!(matches!(
+            parse("tcp:0.0.0.0:4444,server=on"),
+            Err(ChardevError::NotLoopback(_))
+        ));
+        assert!(matches!(
+            parse("tcp::4444,server=on"),
+            Err(ChardevError::NotLoopback(_))
+        ));
+        assert!(matches!(
+            parse("unix:/tmp/q.sock"),
+            Err(ChardevError::NotServer)
+        ));
+        assert!(matches!(parse("vc"), Err(ChardevError::Unsupported(_))));
+        assert!(matches!(
+            parse("unix:/tmp/q,server=on,bogus=1"),
+            Err(ChardevError::InvalidParameter(_))
+        ));
+    }
+}

@@ -1,0 +1,689 @@
+//! The human monitor (QEMU's `monitor/hmp.c`, `monitor/hmp-cmds.c` and the `info`
+//! commands of `qom/qom-hmp-cmds.c`, `system/qdev-monitor.c`, `system/memory.c`).
+//!
+//! [`hmp_execute`] runs one command line and returns its output; `-monitor`, QMP's
+//! `human-monitor-command` and a console multiplexer can all call it. The output uses `\n`;
+//! front ends that talk to a terminal or a QMP client turn it into `\r\n`, as QEMU's
+//! monitor does.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hw::core::bus::{bus_children, TYPE_BUS};
+use hw::core::cpu::{CpuState, TYPE_CPU};
+use hw::core::qdev::{DeviceMethods, TYPE_DEVICE};
+use hw::core::runstate::{self, RunStatus};
+use qom::{object_get_root, resolve_path, Object, ObjectRef, PropertyKind, Value as QomValue};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::monitor::chardev::Connection;
+use crate::monitor::qmp::{CommandCtx, QmpError};
+use crate::monitor::qmp_cmds::{cpu_infos, kvm_info, resolve, status_info, value_to_json};
+use crate::monitor::{
+    json, register_client, run_deferred, spawn_writer, wait_dispatch, Deferred, Outbox, VmContext,
+};
+
+/// A human monitor's own state: the CPU `info registers` shows (QEMU's `mon_cpu`).
+#[derive(Clone, Debug, Default)]
+pub struct HmpState {
+    cpu_index: u32,
+}
+
+impl HmpState {
+    /// Selects the current CPU (QEMU's `monitor_set_cpu`).
+    pub fn set_cpu(&mut self, ctx: &CommandCtx, index: i64) -> Result<(), String> {
+        let exists = cpu_infos(ctx).iter().any(|c| i64::from(c.index) == index);
+        if !exists {
+            return Err("Parameter 'cpu-index' expects a CPU number".to_string());
+        }
+        self.cpu_index = index as u32;
+        Ok(())
+    }
+}
+
+type HmpFn = fn(&CommandCtx, &mut HmpState, &[&str], &mut String) -> Result<(), QmpError>;
+
+/// One HMP command: its names (`cont|c`), parameters and help line.
+struct HmpCommand {
+    names: &'static str,
+    params: &'static str,
+    help: &'static str,
+    run: HmpFn,
+}
+
+impl HmpCommand {
+    fn matches(&self, name: &str) -> bool {
+        self.names.split('|').any(|n| n == name)
+    }
+}
+
+const COMMANDS: &[HmpCommand] = &[
+    HmpCommand {
+        names: "cont|c",
+        params: "",
+        help: "resume emulation",
+        run: |ctx, _, _, _| Ok(runstate::vm_start(ctx.vm.machine_state())?),
+    },
+    HmpCommand {
+        names: "help|?",
+        params: "[cmd]",
+        help: "show the help",
+        run: help,
+    },
+    HmpCommand {
+        names: "info",
+        params: "[subcommand]",
+        help: "show various information about the system state",
+        run: info,
+    },
+    HmpCommand {
+        names: "qom-get",
+        params: "path property",
+        help: "print QOM property",
+        run: qom_get,
+    },
+    HmpCommand {
+        names: "qom-list",
+        params: "[path]",
+        help: "list QOM properties",
+        run: qom_list,
+    },
+    HmpCommand {
+        names: "qom-set",
+        params: "[-j] path property value",
+        help: "set QOM property (-j: the value is JSON)",
+        run: qom_set,
+    },
+    HmpCommand {
+        names: "quit|q",
+        params: "",
+        help: "quit the emulator",
+        run: |ctx, _, _, _| {
+            ctx.deferred.set(Some(Deferred::Quit));
+            Ok(())
+        },
+    },
+    HmpCommand {
+        names: "stop|s",
+        params: "",
+        help: "stop emulation",
+        run: |ctx, _, _, _| {
+            Ok(runstate::vm_stop(
+                ctx.vm.machine_state(),
+                RunStatus::Paused,
+            )?)
+        },
+    },
+    HmpCommand {
+        names: "system_powerdown",
+        params: "",
+        help: "send system power down event",
+        run: |ctx, _, _, _| Ok(runstate::qemu_system_powerdown(ctx.vm.machine_state())?),
+    },
+    HmpCommand {
+        names: "system_reset",
+        params: "",
+        help: "reset the system",
+        run: |ctx, _, _, _| {
+            ctx.deferred.set(Some(Deferred::Reset));
+            Ok(())
+        },
+    },
+];
+
+const INFO_COMMANDS: &[HmpCommand] = &[
+    HmpCommand {
+        names: "cpus",
+        params: "",
+        help: "show infos for each CPU",
+        run: info_cpus,
+    },
+    HmpCommand {
+        names: "kvm",
+        params: "",
+        help: "show KVM information",
+        run: info_kvm,
+    },
+    HmpCommand {
+        names: "mtree",
+        params: "",
+        help: "show memory tree",
+        run: info_mtree,
+    },
+    HmpCommand {
+        names: "name",
+        params: "",
+        help: "show the current VM name",
+        run: info_name,
+    },
+    HmpCommand {
+        names: "qom-tree",
+        params: "[path]",
+        help: "show QOM composition tree",
+        run: info_qom_tree,
+    },
+    HmpCommand {
+        names: "qtree",
+        params: "",
+        help: "show device tree",
+        run: info_qtree,
+    },
+    HmpCommand {
+        names: "registers",
+        params: "[-a]",
+        help: "show the cpu registers (-a: all CPUs)",
+        run: info_registers,
+    },
+    HmpCommand {
+        names: "status",
+        params: "",
+        help: "show the current VM status (running|paused)",
+        run: info_status,
+    },
+    HmpCommand {
+        names: "version",
+        params: "",
+        help: "show the version of QEMU",
+        run: info_version,
+    },
+];
+
+/// Runs one HMP command line and returns what it prints (QEMU's `handle_hmp_command`).
+/// A `quit` is left in `ctx.deferred` for the caller to carry out after showing the output.
+pub fn hmp_execute(ctx: &CommandCtx, hmp: &mut HmpState, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut out = String::new();
+    let Some((&name, args)) = words.split_first() else {
+        return out;
+    };
+    match COMMANDS.iter().find(|c| c.matches(name)) {
+        Some(cmd) => {
+            if let Err(e) = (cmd.run)(ctx, hmp, args, &mut out) {
+                let _ = writeln!(out, "Error: {e}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "unknown command: '{name}'");
+        }
+    }
+    out
+}
+
+fn help_lines(prefix: &str, list: &[HmpCommand], only: Option<&str>, out: &mut String) {
+    for c in list.iter().filter(|c| only.is_none_or(|n| c.matches(n))) {
+        let sep = if c.params.is_empty() { "" } else { " " };
+        let _ = writeln!(out, "{prefix}{}{sep}{} -- {}", c.names, c.params, c.help);
+    }
+}
+
+fn help(_: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Result<(), QmpError> {
+    match args {
+        [] => help_lines("", COMMANDS, None, out),
+        ["info", rest @ ..] => help_lines("info ", INFO_COMMANDS, rest.first().copied(), out),
+        [name, ..] => {
+            if COMMANDS.iter().any(|c| c.matches(name)) {
+                help_lines("", COMMANDS, Some(name), out);
+            } else {
+                let _ = writeln!(out, "unknown command: '{name}'");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn info(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let Some((&sub, rest)) = args.split_first() else {
+        help_lines("info ", INFO_COMMANDS, None, out);
+        return Ok(());
+    };
+    match INFO_COMMANDS.iter().find(|c| c.matches(sub)) {
+        Some(cmd) => (cmd.run)(ctx, hmp, rest, out),
+        None => {
+            let _ = writeln!(out, "unknown command: 'info {sub}'");
+            Ok(())
+        }
+    }
+}
+
+fn info_status(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let status = ctx.vm.machine_state().vm_state().status();
+    let running = status_info(ctx)["running"].as_bool().unwrap_or(false);
+    let _ = write!(
+        out,
+        "VM status: {}",
+        if running { "running" } else { "paused" }
+    );
+    if !running && status != RunStatus::Paused {
+        let _ = write!(out, " ({})", status.name());
+    }
+    out.push('\n');
+    Ok(())
+}
+
+fn info_cpus(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    for cpu in cpu_infos(ctx) {
+        let mark = if cpu.index == hmp.cpu_index { '*' } else { ' ' };
+        let _ = writeln!(
+            out,
+            "{mark} CPU #{}: thread_id={}",
+            cpu.index, cpu.thread_id
+        );
+    }
+    Ok(())
+}
+
+fn info_kvm(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let (enabled, present) = kvm_info(ctx);
+    let state = match (present, enabled) {
+        (false, _) => "not compiled",
+        (true, true) => "enabled",
+        (true, false) => "disabled",
+    };
+    let _ = writeln!(out, "kvm support: {state}");
+    Ok(())
+}
+
+fn info_name(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    if let Some(name) = &ctx.vm.name {
+        let _ = writeln!(out, "{name}");
+    }
+    Ok(())
+}
+
+fn info_version(
+    _: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let _ = writeln!(out, "{} (qomvm)", env!("CARGO_PKG_VERSION"));
+    Ok(())
+}
+
+fn info_registers(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let ms = ctx.vm.machine_state();
+    let cpus: Vec<u32> = ms
+        .cpus()
+        .iter()
+        .filter_map(|c| c.downcast::<CpuState>().map(CpuState::index))
+        .collect();
+    if cpus.is_empty() {
+        out.push_str("No CPU available\n");
+        return Ok(());
+    }
+    let Some(ops) = ms.accel_ops() else {
+        out.push_str("No CPU available\n");
+        return Ok(());
+    };
+    let all = args.contains(&"-a");
+    let selected: Vec<u32> = if all { cpus } else { vec![hmp.cpu_index] };
+    for index in selected {
+        if all {
+            let _ = writeln!(out, "\nCPU#{index}");
+        }
+        match ops.cpu_dump_state(index) {
+            Ok(dump) => out.push_str(&dump),
+            Err(e) => {
+                let _ = writeln!(out, "Error: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's `info qom-tree`: `/name (type)`, children sorted by name, two spaces per level.
+pub fn qom_tree(obj: &Object, indent: usize, out: &mut String) {
+    let name = obj
+        .name_in_parent()
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    let _ = writeln!(out, "{:indent$}/{name} ({})", "", obj.type_name());
+    let mut children = obj.children();
+    children.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, child) in children {
+        qom_tree(&child, indent + 2, out);
+    }
+}
+
+fn info_qom_tree(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let obj = match args.first() {
+        Some(path) => match resolve_path(&object_get_root(), path) {
+            Ok(o) => o,
+            Err(qom::Error::AmbiguousPath(_)) => {
+                let _ = writeln!(out, "Warning: Path '{path}' is ambiguous.");
+                return Ok(());
+            }
+            Err(_) => {
+                let _ = writeln!(out, "Path '{path}' could not be resolved.");
+                return Ok(());
+            }
+        },
+        None => ctx.vm.machine.clone(),
+    };
+    qom_tree(&obj, 0, out);
+    Ok(())
+}
+
+/// A size as QEMU's `size_to_str` prints it (`2 GiB`, `512 MiB`, `1.5 KiB`).
+fn size_to_str(v: u64) -> String {
+    const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut unit = 0;
+    let mut value = v as f64;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.3}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text} {}", UNITS[unit])
+}
+
+/// A property value as `info qtree` prints it (QEMU's human string output).
+fn human_value(kind: PropertyKind, v: &QomValue) -> String {
+    match (kind, v) {
+        (PropertyKind::Size, QomValue::Uint(u)) => format!("{u} ({})", size_to_str(*u)),
+        (_, QomValue::Uint(u)) => format!("{u} (0x{u:x})"),
+        (_, QomValue::Int(i)) => format!("{i} (0x{i:x})"),
+        (_, QomValue::Bool(b)) => b.to_string(),
+        (_, QomValue::Str(s)) => format!("\"{s}\""),
+        (_, QomValue::Link(l)) => format!(
+            "\"{}\"",
+            l.as_ref()
+                .and_then(|o| o.canonical_path())
+                .unwrap_or_default()
+        ),
+    }
+}
+
+fn qtree_device(dev: &ObjectRef, indent: usize, out: &mut String) {
+    let id = dev.device_id().unwrap_or_default();
+    let _ = writeln!(out, "{:indent$}dev: {}, id \"{id}\"", "", dev.type_name());
+    // The device's settable properties, as `-device DRIVER,help` lists them.
+    const INTERNAL: &[&str] = &["type", "realized", "hotpluggable", "parent_bus"];
+    for prop in dev.class().properties() {
+        if INTERNAL.contains(&prop.name.as_ref())
+            || !(prop.setter.is_some() || prop.is_stored())
+            || matches!(prop.kind, PropertyKind::Child(_))
+        {
+            continue;
+        }
+        let Ok(value) = dev.property_get(&prop.name) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "{:w$}{} = {}",
+            "",
+            prop.name,
+            human_value(prop.kind, &value),
+            w = indent + 2
+        );
+    }
+    for (_, child) in dev.children() {
+        if child.is_a(TYPE_BUS) {
+            qtree_bus(&child, indent + 2, out);
+        }
+    }
+}
+
+fn qtree_bus(bus: &ObjectRef, indent: usize, out: &mut String) {
+    let name = bus
+        .name_in_parent()
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    let _ = writeln!(out, "{:indent$}bus: {name}", "");
+    let _ = writeln!(out, "{:w$}type {}", "", bus.type_name(), w = indent + 2);
+    for dev in bus_children(bus) {
+        qtree_device(&dev, indent + 2, out);
+    }
+}
+
+/// Realized devices on no bus (QEMU's sysbus devices), in tree order; CPUs are not on
+/// the system bus in QEMU either.
+fn busless_devices(obj: &ObjectRef, found: &mut Vec<ObjectRef>) {
+    for (_, child) in obj.children() {
+        if child.is_a(TYPE_DEVICE)
+            && !child.is_a(TYPE_CPU)
+            && child.is_realized()
+            && child.parent_bus().is_none()
+        {
+            found.push(child.clone());
+        }
+        busless_devices(&child, found);
+    }
+}
+
+/// QEMU's `info qtree`: the system bus, its devices with their properties, their buses.
+pub fn qtree(machine: &ObjectRef, out: &mut String) {
+    out.push_str("bus: main-system-bus\n  type System\n");
+    let mut devices = Vec::new();
+    busless_devices(machine, &mut devices);
+    for dev in devices {
+        qtree_device(&dev, 4, out);
+    }
+}
+
+fn info_qtree(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    qtree(&ctx.vm.machine, out);
+    Ok(())
+}
+
+/// QEMU's `info mtree`: each address space's root region and the regions mapped in it.
+pub fn mtree(vm: &VmContext, out: &mut String) {
+    let ms = vm.machine_state();
+    let line = |out: &mut String, indent: usize, start: u64, last: u64, kind: &str, name: &str| {
+        let _ = writeln!(
+            out,
+            "{:indent$}{start:016x}-{last:016x} (prio 0, {kind}): {name}",
+            ""
+        );
+    };
+    // (start, last, kind, name) of what is mapped, by address.
+    let mut memory: Vec<(u64, u64, &str, String)> = ms
+        .ram()
+        .iter()
+        .map(|r| {
+            let start = r.start_addr().0;
+            (start, start + (r.len() - 1), "ram", "ram".to_string())
+        })
+        .collect();
+    for r in ms.system_memory().flat_view().ranges() {
+        memory.push((r.start(), r.last(), "i/o", r.region().name().to_string()));
+    }
+    memory.sort_by_key(|m| m.0);
+    out.push_str("address-space: memory\n");
+    line(out, 2, 0, u64::MAX, "i/o", "system");
+    for (start, last, kind, name) in &memory {
+        line(out, 4, *start, *last, kind, name);
+    }
+    out.push_str("\naddress-space: I/O\n");
+    line(out, 2, 0, 0xffff, "i/o", "io");
+    for r in ms.system_io().flat_view().ranges() {
+        line(out, 4, r.start(), r.last(), "i/o", r.region().name());
+    }
+    out.push('\n');
+}
+
+fn info_mtree(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    mtree(ctx.vm, out);
+    Ok(())
+}
+
+fn qom_list(
+    _: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let Some(path) = args.first() else {
+        out.push_str("/\n");
+        return Ok(());
+    };
+    for p in resolve(path)?.properties() {
+        let _ = writeln!(out, "{} ({})", p.name, p.kind.type_name());
+    }
+    Ok(())
+}
+
+fn missing(name: &str) -> QmpError {
+    QmpError::MissingParameter(name.to_string())
+}
+
+fn qom_get(
+    _: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let path = args.first().ok_or_else(|| missing("path"))?;
+    let property = args.get(1).ok_or_else(|| missing("property"))?;
+    let value = resolve(path)?.property_get(property)?;
+    let _ = writeln!(out, "{}", json::to_string(&value_to_json(&value)));
+    Ok(())
+}
+
+fn qom_set(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    _: &mut String,
+) -> Result<(), QmpError> {
+    let (as_json, args) = match args.split_first() {
+        Some((&"-j", rest)) => (true, rest),
+        _ => (false, args),
+    };
+    let path = args.first().ok_or_else(|| missing("path"))?;
+    let property = args.get(1).ok_or_else(|| missing("property"))?;
+    if args.len() < 3 {
+        return Err(missing("value"));
+    }
+    let text = args[2..].join(" ");
+    if as_json {
+        let value = json::parse(text.as_bytes()).map_err(QmpError::BadInput)?;
+        let mut qmp_args = serde_json::Map::new();
+        qmp_args.insert("path".into(), (*path).into());
+        qmp_args.insert("property".into(), (*property).into());
+        qmp_args.insert("value".into(), value);
+        let cmd = crate::monitor::qmp_cmds::find_command("qom-set").expect("qom-set exists");
+        (cmd.run)(ctx, &qmp_args)?;
+    } else {
+        resolve(path)?.property_parse(property, &text)?;
+    }
+    Ok(())
+}
+
+/// Longest command line a client may send; longer lines are refused whole.
+const MAX_LINE: usize = 64 << 10;
+
+/// Serves one HMP client (stdio or a socket) until it disconnects: banner, prompt, one
+/// command per line.
+pub fn run_session(vm: &Arc<VmContext>, conn: Connection) {
+    let Connection {
+        mut reader,
+        writer,
+        shutdown,
+        ..
+    } = conn;
+    let outbox = Outbox::new(shutdown);
+    spawn_writer("HMP", &outbox, writer);
+    register_client(&outbox);
+    let crlf = |s: &str| s.replace('\n', "\r\n");
+    outbox.send(crlf(&format!(
+        "qomvm {} monitor - type 'help' for more information\n(qemu) ",
+        env!("CARGO_PKG_VERSION")
+    )));
+    let mut hmp = HmpState::default();
+    let mut line: Vec<u8> = Vec::new();
+    let mut too_long = false;
+    let mut buf = vec![0u8; 4096];
+    'read: loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        for &b in &buf[..n] {
+            if b != b'\n' {
+                if line.len() < MAX_LINE {
+                    line.push(b);
+                } else {
+                    too_long = true;
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_string();
+            line.clear();
+            wait_dispatch();
+            let ctx = CommandCtx::new(vm);
+            let output = if std::mem::take(&mut too_long) {
+                format!("Error: command line longer than {MAX_LINE} bytes\n")
+            } else {
+                hmp_execute(&ctx, &mut hmp, &text)
+            };
+            let deferred = ctx.deferred.get();
+            let prompt = if deferred == Some(Deferred::Quit) {
+                ""
+            } else {
+                "(qemu) "
+            };
+            if !outbox.send(crlf(&format!("{output}{prompt}"))) {
+                break 'read;
+            }
+            if let Some(action) = deferred {
+                run_deferred(vm, action, &outbox);
+            }
+        }
+    }
+    outbox.flush(Duration::from_millis(100));
+    outbox.close();
+}

@@ -1,0 +1,493 @@
+//! A QMP session (QEMU's `monitor/qmp.c`, `qapi/qmp-dispatch.c`,
+//! `monitor/qmp-cmds-control.c`): the greeting, capabilities negotiation, request checks,
+//! dispatch to [`crate::monitor::qmp_cmds`], replies that echo the request's `id`, and the
+//! client's events.
+//!
+//! Each client has its own session thread (reading and executing) and writer thread; a
+//! client that sends garbage gets QEMU's errors, one that sends an oversized message gets
+//! an error and the rest of the message skipped, one that disconnects just ends its
+//! session. None of it reaches the VM or another client.
+
+use std::cell::Cell;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hw::core::runstate::RunStateError;
+use serde_json::{json, Map, Value};
+
+use crate::monitor::chardev::Connection;
+use crate::monitor::json::{self, Message, Splitter, MAX_MESSAGE};
+use crate::monitor::{
+    qmp_cmds, register_client, run_deferred, spawn_writer, wait_dispatch, Deferred, Outbox,
+    VmContext,
+};
+
+/// A QMP error: its QAPI class and QEMU's description.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// No command of that name.
+    #[error("The command {0} has not been found")]
+    CommandNotFound(String),
+    /// A command other than `qmp_capabilities` before negotiation.
+    #[error("Expecting capabilities negotiation with 'qmp_capabilities'")]
+    NegotiationExpected,
+    /// `qmp_capabilities` a second time.
+    #[error("Capabilities negotiation is already complete, command ignored")]
+    AlreadyNegotiated,
+    /// `qmp_capabilities` enabling a capability not offered.
+    #[error("Capability {0} not available")]
+    CapabilityUnavailable(String),
+    /// A request that is not a well-formed QMP command, or not JSON.
+    #[error("{0}")]
+    BadInput(String),
+    /// A required argument is missing.
+    #[error("Parameter '{0}' is missing")]
+    MissingParameter(String),
+    /// An argument the command does not take.
+    #[error("Parameter '{0}' is unexpected")]
+    UnexpectedParameter(String),
+    /// An argument of the wrong JSON type.
+    #[error("Invalid parameter type for '{name}', expected: {expected}")]
+    InvalidParameterType {
+        /// The argument.
+        name: String,
+        /// `string`, `integer`, `boolean`...
+        expected: &'static str,
+    },
+    /// An enum argument with an unknown value.
+    #[error("Parameter '{name}' does not accept value '{value}'")]
+    InvalidEnumValue {
+        /// The argument.
+        name: String,
+        /// The value given.
+        value: String,
+    },
+    /// `exec-oob` of a command that cannot run out of band.
+    #[error("The command {0} does not support OOB")]
+    NoOob(String),
+    /// A type or object that does not exist.
+    #[error("Device '{0}' not found")]
+    DeviceNotFound(String),
+    /// A class that does not exist.
+    #[error("Class '{0}' not found")]
+    ClassNotFound(String),
+    /// An argument that names the wrong kind of type.
+    #[error("Parameter '{name}' expects {expected}")]
+    WrongType {
+        /// The argument.
+        name: &'static str,
+        /// What it must name.
+        expected: &'static str,
+    },
+    /// A QOM error (properties, paths).
+    #[error(transparent)]
+    Qom(#[from] qom::Error),
+    /// A run-state change that was refused.
+    #[error(transparent)]
+    RunState(#[from] RunStateError),
+}
+
+impl QmpError {
+    /// The QAPI error class.
+    pub fn class(&self) -> &'static str {
+        match self {
+            QmpError::CommandNotFound(_)
+            | QmpError::NegotiationExpected
+            | QmpError::AlreadyNegotiated => "CommandNotFound",
+            QmpError::DeviceNotFound(_) | QmpError::Qom(qom::Error::PathNotFound(_)) => {
+                "DeviceNotFound"
+            }
+            _ => "GenericError",
+        }
+    }
+
+    /// The `error` member of a reply.
+    pub fn to_json(&self) -> Value {
+        json!({"class": self.class(), "desc": self.to_string()})
+    }
+}
+
+/// The type of a command argument, as the QAPI schema declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgType {
+    /// `str`.
+    Str,
+    /// `bool`.
+    Bool,
+    /// `int`.
+    Int,
+    /// `any`.
+    Any,
+    /// A list of one of the enum's names (`['QMPCapability']`).
+    EnumList(&'static [&'static str]),
+}
+
+impl ArgType {
+    fn expected(self) -> &'static str {
+        match self {
+            ArgType::Str => "string",
+            ArgType::Bool => "boolean",
+            ArgType::Int => "integer",
+            ArgType::Any => "any",
+            ArgType::EnumList(_) => "array",
+        }
+    }
+}
+
+/// One declared argument.
+#[derive(Clone, Copy, Debug)]
+pub struct Arg {
+    /// Its name.
+    pub name: &'static str,
+    /// Its type.
+    pub ty: ArgType,
+    /// Whether it must be given.
+    pub required: bool,
+}
+
+impl Arg {
+    /// A required argument.
+    pub const fn required(name: &'static str, ty: ArgType) -> Arg {
+        Arg {
+            name,
+            ty,
+            required: true,
+        }
+    }
+    /// An optional argument.
+    pub const fn optional(name: &'static str, ty: ArgType) -> Arg {
+        Arg {
+            name,
+            ty,
+            required: false,
+        }
+    }
+}
+
+/// What a command runs with.
+pub struct CommandCtx<'a> {
+    /// The VM.
+    pub vm: &'a VmContext,
+    /// An action for after the reply (`quit`).
+    pub deferred: Cell<Option<Deferred>>,
+}
+
+impl<'a> CommandCtx<'a> {
+    /// A context with nothing deferred.
+    pub fn new(vm: &'a VmContext) -> Self {
+        CommandCtx {
+            vm,
+            deferred: Cell::new(None),
+        }
+    }
+}
+
+/// A command's implementation: checked arguments in, the `return` value out.
+pub type CommandFn = fn(&CommandCtx, &Map<String, Value>) -> Result<Value, QmpError>;
+
+/// A QMP command (QEMU's `QmpCommand`).
+pub struct QmpCommand {
+    /// The command's name.
+    pub name: &'static str,
+    /// Its arguments.
+    pub args: &'static [Arg],
+    /// Its implementation.
+    pub run: CommandFn,
+}
+
+/// QAPI's argument checks, in its order: the declared members (missing, wrong type), then
+/// anything undeclared.
+pub fn check_args(args: &Map<String, Value>, spec: &[Arg]) -> Result<(), QmpError> {
+    for arg in spec {
+        match args.get(arg.name) {
+            None if arg.required => return Err(QmpError::MissingParameter(arg.name.into())),
+            None => {}
+            Some(v) => {
+                let ok = match arg.ty {
+                    ArgType::Str => v.is_string(),
+                    ArgType::Bool => v.is_boolean(),
+                    ArgType::Int => v.is_i64() || v.is_u64(),
+                    ArgType::Any => true,
+                    ArgType::EnumList(names) => {
+                        let Some(items) = v.as_array() else {
+                            return Err(QmpError::InvalidParameterType {
+                                name: arg.name.into(),
+                                expected: "array",
+                            });
+                        };
+                        for item in items {
+                            let Some(s) = item.as_str() else {
+                                return Err(QmpError::InvalidParameterType {
+                                    name: format!("{}[0]", arg.name),
+                                    expected: "string",
+                                });
+                            };
+                            if !names.contains(&s) {
+                                return Err(QmpError::InvalidEnumValue {
+                                    name: arg.name.into(),
+                                    value: s.into(),
+                                });
+                            }
+                        }
+                        true
+                    }
+                };
+                if !ok {
+                    return Err(QmpError::InvalidParameterType {
+                        name: arg.name.into(),
+                        expected: arg.ty.expected(),
+                    });
+                }
+            }
+        }
+    }
+    if let Some(extra) = args
+        .keys()
+        .find(|k| !spec.iter().any(|a| a.name == k.as_str()))
+    {
+        return Err(QmpError::UnexpectedParameter(extra.clone()));
+    }
+    Ok(())
+}
+
+/// The capabilities QMP knows (QEMU's `QMPCapability`).
+const CAPABILITIES: &[&str] = &["oob"];
+const QMP_CAPABILITIES_ARGS: &[Arg] = &[Arg::optional("enable", ArgType::EnumList(CAPABILITIES))];
+
+/// QEMU's `query-version` value.
+pub fn version_info() -> Value {
+    let part = |s: &str| s.parse::<u64>().unwrap_or(0);
+    json!({
+        "qemu": {
+            "micro": part(env!("CARGO_PKG_VERSION_PATCH")),
+            "minor": part(env!("CARGO_PKG_VERSION_MINOR")),
+            "major": part(env!("CARGO_PKG_VERSION_MAJOR")),
+        },
+        "package": "qomvm",
+    })
+}
+
+/// The greeting a client gets on connection.
+pub fn greeting(oob_offered: bool) -> Value {
+    let caps: Vec<&str> = if oob_offered { vec!["oob"] } else { vec![] };
+    json!({"QMP": {"version": version_info(), "capabilities": caps}})
+}
+
+/// One client's protocol state.
+pub struct QmpSession<'a> {
+    vm: &'a VmContext,
+    /// Capabilities negotiated: commands may run, events flow.
+    negotiated: bool,
+    /// Whether `oob` is offered (sockets) and enabled.
+    oob_offered: bool,
+    oob_enabled: bool,
+}
+
+/// A reply and what to do once it is sent.
+pub struct Reply {
+    /// The reply, if any.
+    pub message: Value,
+    /// An action for after the reply.
+    pub deferred: Option<Deferred>,
+}
+
+impl<'a> QmpSession<'a> {
+    /// A session in capabilities-negotiation mode.
+    pub fn new(vm: &'a VmContext, oob_offered: bool) -> Self {
+        QmpSession {
+            vm,
+            negotiated: false,
+            oob_offered,
+            oob_enabled: false,
+        }
+    }
+
+    /// Whether `qmp_capabilities` has succeeded.
+    pub fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+
+    /// Handles one message from the splitter.
+    pub fn handle(&mut self, message: Message) -> Reply {
+        let request = match message {
+            Message::TooLarge => {
+                return self.error_reply(
+                    QmpError::BadInput(format!(
+                        "JSON parse error, message exceeds the limit of {MAX_MESSAGE} bytes"
+                    )),
+                    None,
+                )
+            }
+            Message::Text(text) => match json::parse(&text) {
+                Ok(v) => v,
+                Err(desc) => return self.error_reply(QmpError::BadInput(desc), None),
+            },
+        };
+        self.handle_request(&request)
+    }
+
+    fn error_reply(&self, err: QmpError, id: Option<Value>) -> Reply {
+        let mut rsp = Map::new();
+        rsp.insert("error".into(), err.to_json());
+        if let Some(id) = id {
+            rsp.insert("id".into(), id);
+        }
+        Reply {
+            message: Value::Object(rsp),
+            deferred: None,
+        }
+    }
+
+    /// Handles one parsed request (QEMU's `qmp_dispatch`).
+    pub fn handle_request(&mut self, request: &Value) -> Reply {
+        let id = request.as_object().and_then(|o| o.get("id")).cloned();
+        let ctx = CommandCtx::new(self.vm);
+        let result = self.dispatch(&ctx, request);
+        let mut rsp = Map::new();
+        match result {
+            Ok(v) => {
+                rsp.insert("return".into(), v);
+            }
+            Err(e) => {
+                rsp.insert("error".into(), e.to_json());
+            }
+        }
+        if let Some(id) = id {
+            rsp.insert("id".into(), id);
+        }
+        Reply {
+            message: Value::Object(rsp),
+            deferred: ctx.deferred.get(),
+        }
+    }
+
+    /// QEMU's `qmp_dispatch_check_obj`: the request's shape. Returns the command name,
+    /// whether it came as `exec-oob`, and the arguments.
+    fn check_obj<'r>(
+        &self,
+        request: &'r Value,
+    ) -> Result<(&'r str, bool, Map<String, Value>), QmpError> {
+        let dict = request
+            .as_object()
+            .ok_or_else(|| QmpError::BadInput("QMP input must be a JSON object".into()))?;
+        let mut exec: Option<(&str, &str)> = None;
+        let mut args = Map::new();
+        for (key, value) in dict {
+            match key.as_str() {
+                "execute" | "exec-oob" if key == "execute" || self.oob_enabled => {
+                    let name = value.as_str().ok_or_else(|| {
+                        QmpError::BadInput(format!("QMP input member '{key}' must be a string"))
+                    })?;
+                    if let Some((other, _)) = exec {
+                        return Err(QmpError::BadInput(format!(
+                            "QMP input member '{key}' clashes with '{other}'"
+                        )));
+                    }
+                    exec = Some((key.as_str(), name));
+                }
+                "arguments" => {
+                    args = value.as_object().cloned().ok_or_else(|| {
+                        QmpError::BadInput("QMP input member 'arguments' must be an object".into())
+                    })?;
+                }
+                "id" => {}
+                _ => {
+                    return Err(QmpError::BadInput(format!(
+                        "QMP input member '{key}' is unexpected"
+                    )))
+                }
+            }
+        }
+        let (key, name) =
+            exec.ok_or_else(|| QmpError::BadInput("QMP input lacks member 'execute'".into()))?;
+        Ok((name, key == "exec-oob", args))
+    }
+
+    fn dispatch(&mut self, ctx: &CommandCtx, request: &Value) -> Result<Value, QmpError> {
+        let (name, oob, args) = self.check_obj(request)?;
+        if name == "qmp_capabilities" {
+            if oob {
+                return Err(QmpError::NoOob(name.into()));
+            }
+            check_args(&args, QMP_CAPABILITIES_ARGS)?;
+            return self.qmp_capabilities(&args);
+        }
+        let command = qmp_cmds::find_command(name);
+        if !self.negotiated {
+            // QEMU's negotiation mode knows only qmp_capabilities; its "not found" says
+            // what is expected instead.
+            return Err(QmpError::NegotiationExpected);
+        }
+        let command = command.ok_or_else(|| QmpError::CommandNotFound(name.into()))?;
+        if oob {
+            return Err(QmpError::NoOob(name.into()));
+        }
+        check_args(&args, command.args)?;
+        (command.run)(ctx, &args)
+    }
+
+    /// QEMU's `qmp_capabilities`.
+    fn qmp_capabilities(&mut self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        if self.negotiated {
+            return Err(QmpError::AlreadyNegotiated);
+        }
+        let enable: Vec<&str> = args
+            .get("enable")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let unavailable: Vec<&str> = enable
+            .iter()
+            .copied()
+            .filter(|&c| !(c == "oob" && self.oob_offered))
+            .collect();
+        if !unavailable.is_empty() {
+            return Err(QmpError::CapabilityUnavailable(unavailable.join(", ")));
+        }
+        self.oob_enabled = enable.contains(&"oob");
+        self.negotiated = true;
+        Ok(json!({}))
+    }
+}
+
+/// Serves one QMP client until it disconnects.
+pub fn run_session(vm: &Arc<VmContext>, conn: Connection) {
+    let Connection {
+        mut reader,
+        writer,
+        shutdown,
+        is_socket,
+    } = conn;
+    let outbox = Outbox::new(shutdown);
+    spawn_writer("QMP", &outbox, writer);
+    register_client(&outbox);
+    outbox.send(format!("{}\r\n", json::to_string(&greeting(is_socket))));
+
+    let mut session = QmpSession::new(vm, is_socket);
+    let mut splitter = Splitter::new();
+    let mut buf = vec![0u8; 64 << 10];
+    'read: loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        for message in splitter.feed(&buf[..n]) {
+            wait_dispatch();
+            let was_negotiated = session.negotiated();
+            let reply = session.handle(message);
+            let text = format!("{}\r\n", json::to_string(&reply.message));
+            if !outbox.send_then(text, !was_negotiated && session.negotiated()) {
+                break 'read;
+            }
+            if let Some(action) = reply.deferred {
+                run_deferred(vm, action, &outbox);
+            }
+        }
+    }
+    // Whatever is still queued (an event) is dropped with the connection.
+    outbox.flush(Duration::from_millis(100));
+    outbox.close();
+}

@@ -1,0 +1,481 @@
+//! The QMP commands (QEMU's `monitor/qmp-cmds.c`, `qom/qom-qmp-cmds.c`,
+//! `hw/core/machine-qmp-cmds.c`, `system/runstate.c`'s `qmp_*`). Replies have QEMU's
+//! member names; optional members are left out where QEMU leaves them out.
+
+use hw::core::cpu::{CpuClass, CpuState, TYPE_CPU};
+use hw::core::machine::{machine_class, TYPE_MACHINE};
+use hw::core::qdev::TYPE_DEVICE;
+use hw::core::runstate::{self, RunStatus};
+use hw::i386::x86_cpu::{X86Cpu, X86CpuClass};
+use qom::{object_get_root, resolve_path, ObjectClass, Property, PropertyKind, Value as QomValue};
+use serde_json::{json, Map, Value};
+
+use crate::monitor::hmp::{hmp_execute, HmpState};
+use crate::monitor::qmp::{version_info, Arg, ArgType, CommandCtx, QmpCommand, QmpError};
+use crate::monitor::Deferred;
+
+/// Every command after negotiation, in `query-commands` order.
+pub const COMMANDS: &[QmpCommand] = &[
+    QmpCommand {
+        name: "qmp_capabilities",
+        args: &[],
+        // Handled by the session; listed here for query-commands.
+        run: |_, _| Err(QmpError::AlreadyNegotiated),
+    },
+    QmpCommand {
+        name: "query-version",
+        args: &[],
+        run: |_, _| Ok(version_info()),
+    },
+    QmpCommand {
+        name: "query-commands",
+        args: &[],
+        run: query_commands,
+    },
+    QmpCommand {
+        name: "query-status",
+        args: &[],
+        run: query_status,
+    },
+    QmpCommand {
+        name: "query-name",
+        args: &[],
+        run: query_name,
+    },
+    QmpCommand {
+        name: "query-kvm",
+        args: &[],
+        run: query_kvm,
+    },
+    QmpCommand {
+        name: "query-target",
+        args: &[],
+        run: |_, _| Ok(json!({"arch": "x86_64"})),
+    },
+    QmpCommand {
+        name: "query-machines",
+        args: &[],
+        run: query_machines,
+    },
+    QmpCommand {
+        name: "query-cpus-fast",
+        args: &[],
+        run: query_cpus_fast,
+    },
+    QmpCommand {
+        name: "query-cpu-definitions",
+        args: &[],
+        run: query_cpu_definitions,
+    },
+    QmpCommand {
+        name: "qom-list",
+        args: &[Arg::required("path", ArgType::Str)],
+        run: qom_list,
+    },
+    QmpCommand {
+        name: "qom-get",
+        args: &[
+            Arg::required("path", ArgType::Str),
+            Arg::required("property", ArgType::Str),
+        ],
+        run: qom_get,
+    },
+    QmpCommand {
+        name: "qom-set",
+        args: &[
+            Arg::required("path", ArgType::Str),
+            Arg::required("property", ArgType::Str),
+            Arg::required("value", ArgType::Any),
+        ],
+        run: qom_set,
+    },
+    QmpCommand {
+        name: "qom-list-types",
+        args: &[
+            Arg::optional("implements", ArgType::Str),
+            Arg::optional("abstract", ArgType::Bool),
+        ],
+        run: qom_list_types,
+    },
+    QmpCommand {
+        name: "qom-list-properties",
+        args: &[Arg::required("typename", ArgType::Str)],
+        run: qom_list_properties,
+    },
+    QmpCommand {
+        name: "device-list-properties",
+        args: &[Arg::required("typename", ArgType::Str)],
+        run: device_list_properties,
+    },
+    QmpCommand {
+        name: "stop",
+        args: &[],
+        run: qmp_stop,
+    },
+    QmpCommand {
+        name: "cont",
+        args: &[],
+        run: qmp_cont,
+    },
+    QmpCommand {
+        name: "system_reset",
+        args: &[],
+        run: qmp_system_reset,
+    },
+    QmpCommand {
+        name: "system_powerdown",
+        args: &[],
+        run: qmp_system_powerdown,
+    },
+    QmpCommand {
+        name: "quit",
+        args: &[],
+        run: qmp_quit,
+    },
+    QmpCommand {
+        name: "human-monitor-command",
+        args: &[
+            Arg::required("command-line", ArgType::Str),
+            Arg::optional("cpu-index", ArgType::Int),
+        ],
+        run: human_monitor_command,
+    },
+];
+
+/// The command called `name`.
+pub fn find_command(name: &str) -> Option<&'static QmpCommand> {
+    COMMANDS.iter().find(|c| c.name == name)
+}
+
+fn str_arg<'a>(args: &'a Map<String, Value>, name: &str) -> &'a str {
+    // check_args has verified the type of every declared argument.
+    args.get(name).and_then(Value::as_str).unwrap_or_default()
+}
+
+fn query_commands(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    Ok(COMMANDS.iter().map(|c| json!({"name": c.name})).collect())
+}
+
+/// `query-status`'s value (also `info status`'s source).
+pub fn status_info(ctx: &CommandCtx) -> Value {
+    let status = ctx.vm.machine_state().vm_state().status();
+    json!({
+        "status": status.name(),
+        "singlestep": false,
+        "running": status == RunStatus::Running,
+    })
+}
+
+fn query_status(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    Ok(status_info(ctx))
+}
+
+fn query_name(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    Ok(match &ctx.vm.name {
+        Some(name) => json!({"name": name}),
+        None => json!({}),
+    })
+}
+
+/// `query-kvm`: `enabled` if the VM runs on KVM, `present` if this build has the KVM
+/// accelerator (QEMU's meaning: compiled in, not "/dev/kvm is usable").
+pub fn kvm_info(ctx: &CommandCtx) -> (bool, bool) {
+    let enabled = ctx
+        .vm
+        .machine_state()
+        .accel()
+        .is_some_and(|a| a.type_name() == "kvm-accel");
+    (enabled, accel::accel_find("kvm").is_some())
+}
+
+fn query_kvm(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    let (enabled, present) = kvm_info(ctx);
+    Ok(json!({"enabled": enabled, "present": present}))
+}
+
+fn query_machines(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    let mut list = Vec::new();
+    for class in qom::object_class_get_list(Some(TYPE_MACHINE), false) {
+        let Some(mc) = machine_class(class) else {
+            continue;
+        };
+        let mut m = Map::new();
+        m.insert("name".into(), mc.name.into());
+        if let Some(alias) = mc.alias {
+            m.insert("alias".into(), alias.into());
+        }
+        if mc.is_default {
+            m.insert("is-default".into(), true.into());
+        }
+        m.insert("cpu-max".into(), mc.max_cpus.into());
+        m.insert("hotpluggable-cpus".into(), false.into());
+        m.insert("numa-mem-supported".into(), false.into());
+        m.insert("deprecated".into(), false.into());
+        if let Some(cpu) = mc.default_cpu_type {
+            m.insert("default-cpu-type".into(), cpu.into());
+        }
+        // QEMU: a machine "has ACPI" if its class has the `acpi` property.
+        m.insert("acpi".into(), class.find_property("acpi").is_some().into());
+        list.push(Value::Object(m));
+    }
+    Ok(Value::Array(list))
+}
+
+/// The topology ids of CPU `index` for `-smp` (socket, core, thread).
+fn topology(ctx: &CommandCtx, index: u32) -> (u32, u32, u32) {
+    let smp = ctx.vm.machine_state().smp();
+    let threads = smp.threads.max(1);
+    let cores = smp.cores.max(1);
+    (
+        index / (threads * cores),
+        (index / threads) % cores,
+        index % threads,
+    )
+}
+
+/// One CPU of `query-cpus-fast`: index, QOM path, host thread id.
+pub struct CpuInfo {
+    /// `cpu-index`.
+    pub index: u32,
+    /// `qom-path`.
+    pub qom_path: String,
+    /// The `CPU n/KVM` thread's id (0 when no vCPU thread runs, as under qtest).
+    pub thread_id: u32,
+}
+
+/// The machine's CPUs.
+pub fn cpu_infos(ctx: &CommandCtx) -> Vec<CpuInfo> {
+    ctx.vm
+        .machine_state()
+        .cpus()
+        .iter()
+        .map(|cpu| CpuInfo {
+            index: cpu.downcast::<CpuState>().map_or(0, CpuState::index),
+            qom_path: cpu.canonical_path().unwrap_or_default(),
+            thread_id: cpu.downcast::<X86Cpu>().map_or(0, X86Cpu::thread_id),
+        })
+        .collect()
+}
+
+fn query_cpus_fast(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    Ok(cpu_infos(ctx)
+        .into_iter()
+        .map(|c| {
+            let (socket, core, thread) = topology(ctx, c.index);
+            json!({
+                "thread-id": c.thread_id,
+                "props": {"core-id": core, "thread-id": thread, "socket-id": socket},
+                "qom-path": c.qom_path,
+                "cpu-index": c.index,
+                "target": "x86_64",
+            })
+        })
+        .collect())
+}
+
+fn query_cpu_definitions(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    Ok(qom::object_class_get_list(Some(TYPE_CPU), false)
+        .into_iter()
+        .filter_map(|class| {
+            let cc = class.get::<CpuClass>()?;
+            let passthrough = class
+                .get::<X86CpuClass>()
+                .and_then(|x| x.model)
+                .is_some_and(|m| m.passthrough);
+            Some(json!({
+                "name": cc.model_name,
+                "typename": class.name(),
+                "static": false,
+                "migration-safe": !passthrough,
+                "deprecated": false,
+            }))
+        })
+        .collect())
+}
+
+/// Resolves a QOM path as QMP does (absolute or partial, from the root).
+pub fn resolve(path: &str) -> Result<qom::ObjectRef, QmpError> {
+    resolve_path(&object_get_root(), path).map_err(QmpError::from)
+}
+
+/// A property value as QMP shows it: links and children as their paths.
+pub fn value_to_json(v: &QomValue) -> Value {
+    match v {
+        QomValue::Bool(b) => (*b).into(),
+        QomValue::Int(i) => (*i).into(),
+        QomValue::Uint(u) => (*u).into(),
+        QomValue::Str(s) => s.clone().into(),
+        QomValue::Link(None) => "".into(),
+        QomValue::Link(Some(o)) => o.canonical_path().unwrap_or_default().into(),
+    }
+}
+
+/// A JSON value for a property of `kind`, with the visitor's type errors.
+fn value_from_json(prop: &Property, v: &Value) -> Result<QomValue, QmpError> {
+    let wrong = |expected: &'static str| QmpError::InvalidParameterType {
+        name: prop.name.to_string(),
+        expected,
+    };
+    Ok(match prop.kind {
+        PropertyKind::Bool => QomValue::Bool(v.as_bool().ok_or_else(|| wrong("boolean"))?),
+        PropertyKind::Uint(_) | PropertyKind::Size => {
+            QomValue::Uint(v.as_u64().ok_or_else(|| wrong("uint64"))?)
+        }
+        PropertyKind::Int(_) => QomValue::Int(v.as_i64().ok_or_else(|| wrong("integer"))?),
+        PropertyKind::Str | PropertyKind::Enum(..) | PropertyKind::Child(_) => {
+            QomValue::Str(v.as_str().ok_or_else(|| wrong("string"))?.to_string())
+        }
+        PropertyKind::Link(_) => {
+            let path = v.as_str().ok_or_else(|| wrong("string"))?;
+            if path.is_empty() {
+                QomValue::Link(None)
+            } else {
+                QomValue::Link(Some(resolve(path)?))
+            }
+        }
+    })
+}
+
+fn qom_list(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let obj = resolve(str_arg(args, "path"))?;
+    Ok(obj
+        .properties()
+        .iter()
+        .map(|p| json!({"name": p.name, "type": p.kind.type_name()}))
+        .collect())
+}
+
+fn qom_get(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let obj = resolve(str_arg(args, "path"))?;
+    Ok(value_to_json(&obj.property_get(str_arg(args, "property"))?))
+}
+
+fn qom_set(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let obj = resolve(str_arg(args, "path"))?;
+    let name = str_arg(args, "property");
+    let prop = obj
+        .find_property(name)
+        .ok_or_else(|| qom::Error::PropertyNotFound {
+            type_name: obj.type_name().to_string(),
+            name: name.to_string(),
+        })?;
+    let value = value_from_json(&prop, args.get("value").unwrap_or(&Value::Null))?;
+    obj.property_set(name, value)?;
+    Ok(json!({}))
+}
+
+fn qom_list_types(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let implements = args.get("implements").and_then(Value::as_str);
+    let include_abstract = args
+        .get("abstract")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(qom::object_class_get_list(implements, include_abstract)
+        .into_iter()
+        .map(|class| {
+            let mut m = Map::new();
+            m.insert("name".into(), class.name().into());
+            if class.is_abstract() {
+                m.insert("abstract".into(), true.into());
+            }
+            if let Some(parent) = class.parent() {
+                m.insert("parent".into(), parent.name().into());
+            }
+            Value::Object(m)
+        })
+        .collect())
+}
+
+/// QEMU's `ObjectPropertyInfo`: name, type, description, default value.
+fn property_info(p: &Property) -> Value {
+    let mut m = Map::new();
+    m.insert("name".into(), p.name.to_string().into());
+    m.insert("type".into(), p.kind.type_name().into());
+    if !p.description.is_empty() {
+        m.insert("description".into(), p.description.into());
+    }
+    if p.info().default.is_some() {
+        m.insert("default-value".into(), value_to_json(&p.default_value()));
+    }
+    Value::Object(m)
+}
+
+/// The properties of `class`: an instance's for concrete types (so that properties added
+/// at instance_init are listed, as QEMU does), the class's for abstract ones.
+fn type_properties(class: &'static ObjectClass) -> Result<Vec<std::sync::Arc<Property>>, QmpError> {
+    if class.is_abstract() {
+        return Ok(class.properties().to_vec());
+    }
+    let obj = qom::Object::new_with_class(class)?;
+    Ok(obj.properties())
+}
+
+fn qom_list_properties(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let name = str_arg(args, "typename");
+    let class =
+        qom::object_class_by_name(name).ok_or_else(|| QmpError::ClassNotFound(name.into()))?;
+    Ok(type_properties(class)?
+        .iter()
+        .map(|p| property_info(p))
+        .collect())
+}
+
+fn device_list_properties(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let name = str_arg(args, "typename");
+    let class =
+        qom::object_class_by_name(name).ok_or_else(|| QmpError::DeviceNotFound(name.into()))?;
+    if !class.is_a(TYPE_DEVICE) || class.is_abstract() {
+        return Err(QmpError::WrongType {
+            name: "typename",
+            expected: "non-abstract device type",
+        });
+    }
+    // QEMU leaves out what every object and device has.
+    const SKIP: &[&str] = &[
+        "type",
+        "realized",
+        "hotpluggable",
+        "hotplugged",
+        "parent_bus",
+    ];
+    Ok(type_properties(class)?
+        .iter()
+        .filter(|p| !SKIP.contains(&p.name.as_ref()) && !p.name.starts_with("legacy-"))
+        .map(|p| property_info(p))
+        .collect())
+}
+
+fn qmp_stop(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    runstate::vm_stop(ctx.vm.machine_state(), RunStatus::Paused)?;
+    Ok(json!({}))
+}
+
+fn qmp_cont(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    runstate::vm_start(ctx.vm.machine_state())?;
+    Ok(json!({}))
+}
+
+fn qmp_system_reset(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    ctx.deferred.set(Some(Deferred::Reset));
+    Ok(json!({}))
+}
+
+fn qmp_system_powerdown(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    runstate::qemu_system_powerdown(ctx.vm.machine_state())?;
+    Ok(json!({}))
+}
+
+fn qmp_quit(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    ctx.deferred.set(Some(Deferred::Quit));
+    Ok(json!({}))
+}
+
+fn human_monitor_command(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let mut hmp = HmpState::default();
+    if let Some(index) = args.get("cpu-index").and_then(Value::as_i64) {
+        hmp.set_cpu(ctx, index).map_err(QmpError::BadInput)?;
+    }
+    let output = hmp_execute(ctx, &mut hmp, str_arg(args, "command-line"));
+    // The HMP monitor ends lines with CR LF, and so does its captured output.
+    Ok(output.replace('\n', "\r\n").into())
+}

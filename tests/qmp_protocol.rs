@@ -1,0 +1,863 @@
+//! QMP and HMP over raw sockets and pipes, on `-M none -accel qtest` (and `-M pc` where a
+//! board matters): QEMU's greeting and negotiation, the exact error replies, garbage,
+//! oversized messages, abrupt disconnects, several clients at once, events, and the HMP
+//! front ends.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A running qomvm with a QMP socket; killed on drop.
+struct Vm {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl Vm {
+    fn start(extra: &[&str]) -> Vm {
+        let dir = std::env::temp_dir().join(format!(
+            "qomvm-qmp-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qmp.sock");
+        let qmp = format!("unix:{},server=on,wait=off", sock.display());
+        let mut args = vec!["-qmp", &qmp];
+        if !extra.contains(&"-M") {
+            args.extend(["-M", "none"]);
+        }
+        if !extra.contains(&"-accel") {
+            args.extend(["-accel", "qtest"]);
+        }
+        args.extend(extra);
+        let child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+            .args(&args)
+            .env("RUST_LOG", "off")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qomvm starts");
+        Vm { child, dir, sock }
+    }
+
+    fn connect_raw(&self) -> UnixStream {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match UnixStream::connect(&self.sock) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    return s;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "no QMP socket: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// A client past the greeting, not negotiated.
+    fn client(&self) -> Client {
+        let mut c = Client::new(self.connect_raw());
+        let greeting = c.recv();
+        assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
+        c
+    }
+
+    /// A negotiated client.
+    fn negotiated(&self) -> Client {
+        let mut c = self.client();
+        assert_eq!(c.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
+        c
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "qomvm did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Client {
+    writer: Box<dyn Write>,
+    reader: BufReader<Box<dyn Read>>,
+    events: Vec<Value>,
+}
+
+impl Client {
+    fn new(stream: UnixStream) -> Client {
+        let reader: Box<dyn Read> = Box::new(stream.try_clone().unwrap());
+        Client {
+            writer: Box::new(stream),
+            reader: BufReader::new(reader),
+            events: Vec::new(),
+        }
+    }
+
+    fn from_parts(reader: Box<dyn Read>, writer: Box<dyn Write>) -> Client {
+        Client {
+            writer,
+            reader: BufReader::new(reader),
+            events: Vec::new(),
+        }
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+        self.writer.flush().unwrap();
+    }
+
+    fn recv_line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("a reply");
+        assert!(n > 0, "the server closed the connection");
+        assert!(line.ends_with("\r\n"), "QMP lines end with CR LF: {line:?}");
+        line
+    }
+
+    /// The next message, events included.
+    fn recv(&mut self) -> Value {
+        let line = self.recv_line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// The next reply; events on the way are kept.
+    fn reply(&mut self) -> Value {
+        loop {
+            let v = self.recv();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        let msg = json!({"execute": name, "arguments": args});
+        self.send_raw(msg.to_string().as_bytes());
+        self.reply()
+    }
+
+    /// The next event called `name`, kept or still to come (others on the way are kept).
+    fn event(&mut self, name: &str) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i);
+        }
+        loop {
+            let v = self.recv();
+            if v["event"] == name {
+                return v;
+            }
+            assert!(v.get("event").is_some(), "expected event {name}, got {v}");
+            self.events.push(v);
+        }
+    }
+}
+
+fn error(class: &str, desc: &str) -> Value {
+    json!({"error": {"class": class, "desc": desc}})
+}
+
+#[test]
+fn greeting_and_negotiation_are_qemus() {
+    let vm = Vm::start(&[]);
+    let mut c = Client::new(vm.connect_raw());
+    let greeting = c.recv_line();
+    assert_eq!(
+        greeting,
+        "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 1, \"major\": 0}, \"package\": \"qomvm\"}, \"capabilities\": [\"oob\"]}}\r\n"
+    );
+    assert_eq!(
+        c.cmd("query-status", json!({})),
+        error(
+            "CommandNotFound",
+            "Expecting capabilities negotiation with 'qmp_capabilities'"
+        )
+    );
+    assert_eq!(
+        c.cmd("qmp_capabilities", json!({"enable": ["bogus"]})),
+        error(
+            "GenericError",
+            "Parameter 'enable' does not accept value 'bogus'"
+        )
+    );
+    c.send_raw(b"{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"oob\"]}, \"id\": \"neg\"}");
+    assert_eq!(c.recv_line(), "{\"return\": {}, \"id\": \"neg\"}\r\n");
+    assert_eq!(
+        c.cmd("qmp_capabilities", json!({})),
+        error(
+            "CommandNotFound",
+            "Capabilities negotiation is already complete, command ignored"
+        )
+    );
+    // With oob enabled, exec-oob is accepted as a key but no command allows it.
+    c.send_raw(b"{\"exec-oob\": \"query-status\", \"id\": 7}");
+    assert_eq!(
+        c.reply(),
+        json!({"error": {"class": "GenericError", "desc": "The command query-status does not support OOB"}, "id": 7})
+    );
+    assert_eq!(
+        c.cmd("query-version", json!({})),
+        json!({"return": {"qemu": {"micro": 0, "minor": 1, "major": 0}, "package": "qomvm"}})
+    );
+}
+
+#[test]
+fn malformed_requests_get_qemus_errors_and_the_session_goes_on() {
+    let vm = Vm::start(&[]);
+    let mut c = vm.negotiated();
+    let cases: &[(&[u8], &str)] = &[
+        (b"{\"execute\": }", "JSON parse error, expecting value"),
+        (b"{1: 2}", "JSON parse error, key is not a string in object"),
+        (b"[1, 2]", "QMP input must be a JSON object"),
+        (b"\"hello\"", "QMP input must be a JSON object"),
+        (b"{\"arguments\": {}}", "QMP input lacks member 'execute'"),
+        (
+            b"{\"execute\": 1}",
+            "QMP input member 'execute' must be a string",
+        ),
+        (
+            b"{\"execute\": \"stop\", \"arguments\": []}",
+            "QMP input member 'arguments' must be an object",
+        ),
+        (
+            b"{\"execute\": \"stop\", \"bogus\": 1}",
+            "QMP input member 'bogus' is unexpected",
+        ),
+    ];
+    for (input, desc) in cases {
+        c.send_raw(input);
+        assert_eq!(c.reply(), error("GenericError", desc), "for {input:?}");
+    }
+    // Not valid UTF-8, then a stray closer: errors too.
+    c.send_raw(b"{\"execute\": \"\xff\xfe\"}");
+    assert_eq!(c.reply()["error"]["class"], "GenericError");
+    c.send_raw(b"}");
+    assert_eq!(c.reply()["error"]["class"], "GenericError");
+    // Two requests in one write, split across writes, without newlines.
+    c.send_raw(b"{\"execute\": \"query-name\", \"id\": 1}{\"execute\": \"query-n");
+    c.send_raw(b"ame\", \"id\": 2}");
+    assert_eq!(c.reply(), json!({"return": {}, "id": 1}));
+    assert_eq!(c.reply(), json!({"return": {}, "id": 2}));
+}
+
+#[test]
+fn unknown_commands_and_bad_arguments_are_refused_with_the_id() {
+    let vm = Vm::start(&[]);
+    let mut c = vm.negotiated();
+    c.send_raw(b"{\"execute\": \"no-such-command\", \"id\": {\"nested\": [1]}}");
+    assert_eq!(
+        c.reply(),
+        json!({"error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"}, "id": {"nested": [1]}})
+    );
+    assert_eq!(
+        c.cmd("qom-get", json!({"path": "/machine"})),
+        error("GenericError", "Parameter 'property' is missing")
+    );
+    assert_eq!(
+        c.cmd("qom-get", json!({"path": 1, "property": "type"})),
+        error(
+            "GenericError",
+            "Invalid parameter type for 'path', expected: string"
+        )
+    );
+    assert_eq!(
+        c.cmd("query-status", json!({"verbose": true})),
+        error("GenericError", "Parameter 'verbose' is unexpected")
+    );
+    assert_eq!(
+        c.cmd(
+            "qom-get",
+            json!({"path": "/machine/nothing", "property": "type"})
+        ),
+        error("DeviceNotFound", "Device '/machine/nothing' not found")
+    );
+    assert_eq!(
+        c.cmd(
+            "qom-get",
+            json!({"path": "/machine", "property": "nothing"})
+        ),
+        error("GenericError", "Property 'none-machine.nothing' not found")
+    );
+    assert_eq!(
+        c.cmd("system_powerdown", json!({}))["error"]["class"],
+        "GenericError",
+        "the none machine has no power button"
+    );
+}
+
+#[test]
+fn an_oversized_message_is_refused_and_skipped() {
+    let vm = Vm::start(&[]);
+    let mut c = vm.negotiated();
+    let mut big = b"{\"execute\": \"qom-get\", \"arguments\": {\"path\": \"".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 2 << 20));
+    big.extend(b"\", \"property\": \"type\"}}");
+    c.send_raw(&big);
+    let reply = c.reply();
+    assert_eq!(reply["error"]["class"], "GenericError", "{reply}");
+    assert!(
+        reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("JSON parse error, message exceeds"),
+        "{reply}"
+    );
+    // The rest of the big message was skipped: the next request is understood.
+    assert_eq!(
+        c.cmd("qom-get", json!({"path": "/machine", "property": "type"})),
+        json!({"return": "none-machine"})
+    );
+}
+
+#[test]
+fn abrupt_disconnects_affect_neither_the_vm_nor_other_clients() {
+    let vm = Vm::start(&[]);
+    let mut survivor = vm.negotiated();
+    for _ in 0..5 {
+        // Half a request, then gone.
+        let mut s = vm.connect_raw();
+        s.write_all(b"{\"execute\": \"qmp_capabilities\"}{\"execute\": \"query-sta")
+            .unwrap();
+        drop(s);
+        // Gone before reading the greeting.
+        drop(vm.connect_raw());
+        // Gone in the middle of a reply stream.
+        let mut c = vm.negotiated();
+        c.send_raw(b"{\"execute\": \"query-commands\"}{\"execute\": \"query-commands\"}");
+        drop(c);
+    }
+    assert_eq!(
+        survivor.cmd("query-status", json!({})),
+        json!({"return": {"status": "running", "singlestep": false, "running": true}})
+    );
+    // Events still reach the survivor.
+    assert_eq!(survivor.cmd("stop", json!({})), json!({"return": {}}));
+    survivor.event("STOP");
+}
+
+#[test]
+fn two_clients_share_the_vm_and_both_get_events() {
+    let vm = Vm::start(&[]);
+    let mut a = vm.negotiated();
+    let mut b = vm.negotiated();
+    // A client still negotiating gets no events.
+    let mut pending = vm.client();
+    assert_eq!(a.cmd("stop", json!({})), json!({"return": {}}));
+    a.event("STOP");
+    b.event("STOP");
+    assert_eq!(
+        b.cmd("query-status", json!({}))["return"]["status"],
+        "paused"
+    );
+    // stop again: nothing changes, no event.
+    assert_eq!(b.cmd("stop", json!({})), json!({"return": {}}));
+    assert_eq!(b.cmd("cont", json!({})), json!({"return": {}}));
+    let resume = a.event("RESUME");
+    assert!(resume["timestamp"]["seconds"].as_u64().unwrap() > 0);
+    assert!(resume["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000);
+    b.event("RESUME");
+    assert!(
+        a.events.is_empty() && b.events.is_empty(),
+        "no event for the second stop"
+    );
+    assert_eq!(
+        pending.cmd("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        pending.cmd("query-status", json!({}))["return"]["running"],
+        true
+    );
+    assert!(
+        pending.events.is_empty(),
+        "events before negotiation are not sent"
+    );
+}
+
+#[test]
+fn quit_replies_reports_shutdown_and_exits_cleanly() {
+    let mut vm = Vm::start(&[]);
+    let mut a = vm.negotiated();
+    let mut b = vm.negotiated();
+    c_quit(&mut a);
+    let shutdown = b.event("SHUTDOWN");
+    assert_eq!(
+        shutdown["data"],
+        json!({"guest": false, "reason": "host-qmp-quit"})
+    );
+    assert_eq!(vm.wait_exit(), 0);
+    assert!(!vm.sock.exists(), "the socket is removed at exit");
+}
+
+fn c_quit(c: &mut Client) {
+    assert_eq!(c.cmd("quit", json!({})), json!({"return": {}}));
+}
+
+#[test]
+fn start_paused_then_cont_and_reset() {
+    let vm = Vm::start(&["-S"]);
+    let mut c = vm.negotiated();
+    assert_eq!(
+        c.cmd("query-status", json!({}))["return"],
+        json!({"status": "prelaunch", "singlestep": false, "running": false})
+    );
+    assert_eq!(c.cmd("cont", json!({})), json!({"return": {}}));
+    c.event("RESUME");
+    assert_eq!(c.cmd("system_reset", json!({})), json!({"return": {}}));
+    let reset = c.event("RESET");
+    assert_eq!(
+        reset["data"],
+        json!({"guest": false, "reason": "host-qmp-system-reset"})
+    );
+    assert_eq!(
+        c.cmd("query-status", json!({}))["return"]["status"],
+        "running"
+    );
+}
+
+#[test]
+fn no_reboot_turns_system_reset_into_a_shutdown() {
+    let mut vm = Vm::start(&["-no-reboot"]);
+    let mut c = vm.negotiated();
+    assert_eq!(c.cmd("system_reset", json!({})), json!({"return": {}}));
+    let shutdown = c.event("SHUTDOWN");
+    assert_eq!(
+        shutdown["data"],
+        json!({"guest": false, "reason": "host-qmp-system-reset"})
+    );
+    assert_eq!(vm.wait_exit(), 0);
+}
+
+#[test]
+fn qom_commands_list_get_and_set() {
+    let vm = Vm::start(&["-name", "guest=qmp-test", "-m", "16M"]);
+    let mut c = vm.negotiated();
+    let list = c.cmd("qom-list", json!({"path": "/machine"}))["return"].clone();
+    let list = list.as_array().unwrap();
+    assert!(list.contains(&json!({"name": "type", "type": "str"})));
+    assert!(list.contains(&json!({"name": "peripheral", "type": "child<container>"})));
+    assert_eq!(
+        c.cmd(
+            "qom-get",
+            json!({"path": "/machine", "property": "graphics"})
+        ),
+        json!({"return": true})
+    );
+    assert_eq!(
+        c.cmd(
+            "qom-set",
+            json!({"path": "/machine", "property": "graphics", "value": false})
+        ),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        c.cmd(
+            "qom-get",
+            json!({"path": "/machine", "property": "graphics"})
+        ),
+        json!({"return": false})
+    );
+    assert_eq!(
+        c.cmd(
+            "qom-set",
+            json!({"path": "/machine", "property": "graphics", "value": "yes"})
+        ),
+        error(
+            "GenericError",
+            "Invalid parameter type for 'graphics', expected: boolean"
+        )
+    );
+    assert_eq!(
+        c.cmd("query-name", json!({})),
+        json!({"return": {"name": "qmp-test"}})
+    );
+    assert_eq!(
+        c.cmd("query-kvm", json!({})),
+        json!({"return": {"enabled": false, "present": true}})
+    );
+    let types = c.cmd(
+        "qom-list-types",
+        json!({"implements": "machine", "abstract": true}),
+    )["return"]
+        .clone();
+    let types = types.as_array().unwrap();
+    assert!(types.contains(&json!({"name": "machine", "abstract": true, "parent": "object"})));
+    assert!(types.contains(&json!({"name": "none-machine", "parent": "machine"})));
+    let concrete = c.cmd("qom-list-types", json!({"implements": "machine"}))["return"].clone();
+    assert!(!concrete
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "machine"));
+    let props = c.cmd(
+        "device-list-properties",
+        json!({"typename": "isa-debug-exit"}),
+    )["return"]
+        .clone();
+    assert!(props.as_array().unwrap().contains(&json!({
+        "name": "iobase", "type": "uint16", "description": "First I/O port", "default-value": 1281
+    })));
+    assert!(!props
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "realized"));
+    assert_eq!(
+        c.cmd("device-list-properties", json!({"typename": "device"})),
+        error(
+            "GenericError",
+            "Parameter 'typename' expects non-abstract device type"
+        )
+    );
+    assert_eq!(
+        c.cmd("device-list-properties", json!({"typename": "nothing"})),
+        error("DeviceNotFound", "Device 'nothing' not found")
+    );
+    let machine_props =
+        c.cmd("qom-list-properties", json!({"typename": "none-machine"}))["return"].clone();
+    assert!(machine_props
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "unattached" && p["type"] == "child<container>"));
+    let commands = c.cmd("query-commands", json!({}))["return"].clone();
+    for name in [
+        "qmp_capabilities",
+        "query-version",
+        "query-status",
+        "qom-list",
+        "qom-get",
+        "qom-set",
+        "stop",
+        "cont",
+        "quit",
+        "human-monitor-command",
+    ] {
+        assert!(
+            commands
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": name})),
+            "query-commands lists {name}"
+        );
+    }
+    let machines = c.cmd("query-machines", json!({}))["return"].clone();
+    assert!(machines
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "none" && m["cpu-max"] == 1 && m["acpi"] == false));
+}
+
+#[test]
+fn the_pc_board_has_cpus_and_a_power_button() {
+    let vm = Vm::start(&["-M", "pc", "-smp", "2"]);
+    let mut c = vm.negotiated();
+    let cpus = c.cmd("query-cpus-fast", json!({}))["return"].clone();
+    let cpus = cpus.as_array().unwrap();
+    assert_eq!(cpus.len(), 2);
+    assert_eq!(cpus[1]["cpu-index"], 1);
+    assert_eq!(cpus[1]["target"], "x86_64");
+    assert_eq!(
+        cpus[1]["props"],
+        json!({"core-id": 0, "thread-id": 0, "socket-id": 1})
+    );
+    let path = cpus[1]["qom-path"].as_str().unwrap().to_string();
+    assert_eq!(
+        c.cmd("qom-get", json!({"path": path, "property": "type"})),
+        json!({"return": "qemu64-x86_64-cpu"})
+    );
+    let defs = c.cmd("query-cpu-definitions", json!({}))["return"].clone();
+    assert!(defs.as_array().unwrap().contains(&json!({
+        "name": "qemu64", "typename": "qemu64-x86_64-cpu", "static": false,
+        "migration-safe": true, "deprecated": false
+    })));
+    assert_eq!(c.cmd("system_powerdown", json!({})), json!({"return": {}}));
+    c.event("POWERDOWN");
+    let hmp = |c: &mut Client, line: &str| {
+        c.cmd("human-monitor-command", json!({"command-line": line}))["return"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let tree = hmp(&mut c, "info qom-tree");
+    assert!(
+        tree.starts_with("/machine (pc-i440fx-10.0-machine)\r\n")
+            && tree.contains("\r\n  /i440fx (i440FX-pcihost)\r\n"),
+        "{tree}"
+    );
+    assert!(
+        tree.contains("\r\n    /device[0] (qemu64-x86_64-cpu)\r\n"),
+        "{tree}"
+    );
+    let qtree = hmp(&mut c, "info qtree");
+    assert!(
+        qtree.starts_with("bus: main-system-bus\r\n  type System\r\n"),
+        "{qtree}"
+    );
+    assert!(
+        qtree.contains("      bus: pci.0\r\n        type PCI\r\n"),
+        "{qtree}"
+    );
+    assert!(
+        qtree.contains("        dev: PIIX4_PM, id \"\"\r\n          addr = \"01.3\"\r\n"),
+        "{qtree}"
+    );
+    let mtree = hmp(&mut c, "info mtree");
+    assert!(
+        mtree.contains(
+            "address-space: I/O\r\n  0000000000000000-000000000000ffff (prio 0, i/o): io\r\n"
+        ),
+        "{mtree}"
+    );
+    assert!(
+        mtree.contains("    0000000000000600-000000000000063f (prio 0, i/o): acpi-pm\r\n"),
+        "{mtree}"
+    );
+    assert!(
+        mtree.contains("    0000000000000000-0000000007ffffff (prio 0, ram): ram\r\n"),
+        "{mtree}"
+    );
+    assert_eq!(
+        hmp(&mut c, "info cpus"),
+        "* CPU #0: thread_id=0\r\n  CPU #1: thread_id=0\r\n"
+    );
+    assert_eq!(
+        c.cmd(
+            "human-monitor-command",
+            json!({"command-line": "info cpus", "cpu-index": 1})
+        )["return"],
+        "  CPU #0: thread_id=0\r\n* CPU #1: thread_id=0\r\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "info registers"),
+        "Error: the qtest accelerator runs no guest code: there is no CPU register state to show\r\n"
+    );
+    assert_eq!(hmp(&mut c, "qom-get /machine/pm addr"), "\"01.3\"\r\n");
+    assert_eq!(hmp(&mut c, "bogus"), "unknown command: 'bogus'\r\n");
+}
+
+#[test]
+fn qmp_over_tcp_on_loopback() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("tcp:127.0.0.1:{port},server=on,wait=off");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(["-M", "none", "-accel", "qtest", "-qmp", &addr])
+        .env("RUST_LOG", "off")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stream = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no QMP port: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut c = Client::from_parts(Box::new(stream.try_clone().unwrap()), Box::new(stream));
+    assert!(c.recv().get("QMP").is_some());
+    assert_eq!(c.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
+    c_quit(&mut c);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn non_loopback_tcp_is_refused() {
+    let o = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args([
+            "-M",
+            "none",
+            "-accel",
+            "qtest",
+            "-qmp",
+            "tcp:0.0.0.0:4444,server=on,wait=off",
+        ])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "qomvm: -qmp tcp:0.0.0.0:4444,server=on,wait=off: the monitor only listens on loopback addresses (127.0.0.1, ::1, localhost), not '0.0.0.0'\n"
+    );
+}
+
+#[test]
+fn qmp_on_stdio() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(["-M", "none", "-accel", "qtest", "-qmp", "stdio"])
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut c = Client::from_parts(Box::new(stdout), Box::new(stdin));
+    // stdio is no socket: QEMU offers no oob there.
+    assert_eq!(c.recv()["QMP"]["capabilities"], json!([]));
+    assert_eq!(
+        c.cmd("qmp_capabilities", json!({"enable": ["oob"]})),
+        error("GenericError", "Capability oob not available")
+    );
+    assert_eq!(c.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
+    assert_eq!(c.cmd("stop", json!({})), json!({"return": {}}));
+    c.event("STOP");
+    c_quit(&mut c);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn hmp_on_stdio() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args([
+            "-M", "none", "-accel", "qtest", "-monitor", "stdio", "-name", "hmp-test",
+        ])
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"info status\nstop\ninfo status\ninfo name\nqom-list /machine/peripheral\nqom-get /machine type\ninfo qom-tree\ncont\ninfo status\nquit\n")
+        .unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        out,
+        "qomvm 0.1.0 monitor - type 'help' for more information\r\n\
+         (qemu) VM status: running\r\n\
+         (qemu) (qemu) VM status: paused\r\n\
+         (qemu) hmp-test\r\n\
+         (qemu) type (str)\r\n\
+         (qemu) \"none-machine\"\r\n\
+         (qemu) /machine (none-machine)\r\n  /peripheral (container)\r\n  /peripheral-anon (container)\r\n  /unattached (container)\r\n\
+         (qemu) (qemu) VM status: running\r\n\
+         (qemu) "
+    );
+}
+
+#[test]
+fn stdio_cannot_serve_two_monitors() {
+    let o = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args([
+            "-M", "none", "-accel", "qtest", "-monitor", "stdio", "-qmp", "stdio",
+        ])
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "qomvm: cannot use stdio by multiple character devices\n"
+    );
+}
+
+#[test]
+fn on_kvm_cpus_report_their_vcpu_threads_and_registers() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!("skipping: /dev/kvm not usable: {e}");
+        return;
+    }
+    // -S: the vCPU thread exists but runs no code (this machine has no firmware).
+    let vm = Vm::start(&["-accel", "kvm", "-cpu", "qemu64", "-m", "16M", "-S"]);
+    let mut c = vm.negotiated();
+    assert_eq!(
+        c.cmd("query-kvm", json!({})),
+        json!({"return": {"enabled": true, "present": true}})
+    );
+    let cpus = c.cmd("query-cpus-fast", json!({}))["return"].clone();
+    let tid = cpus[0]["thread-id"].as_u64().unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", vm.child.id()))
+        .expect("thread-id is a thread of qomvm");
+    assert_eq!(comm.trim(), "CPU 0/KVM");
+    let regs = c.cmd(
+        "human-monitor-command",
+        json!({"command-line": "info registers"}),
+    )["return"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(regs.contains("EIP=0000fff0"), "the reset vector: {regs}");
+    assert!(regs.contains("CS =f000 ffff0000"), "{regs}");
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_without_harm() {
+    let vm = Vm::start(&[]);
+    let mut other = vm.negotiated();
+    let mut hog = vm.negotiated();
+    // 8000 replies of ~5 KB, none read while sending: more than the server queues for one
+    // client (16 MiB) once the socket buffers are full.
+    const REQUESTS: usize = 8000;
+    let request = b"{\"execute\": \"qom-list-properties\", \"arguments\": {\"typename\": \"qemu64-x86_64-cpu\"}}";
+    if let Err(e) = hog.writer.write_all(&request.repeat(REQUESTS)) {
+        // The server may hang up while we are still writing.
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ),
+            "{e}"
+        );
+    }
+    // The VM and the other client carry on meanwhile.
+    assert_eq!(
+        other.cmd("query-status", json!({}))["return"]["status"],
+        "running"
+    );
+    assert_eq!(other.cmd("stop", json!({})), json!({"return": {}}));
+    other.event("STOP");
+    // The hog was cut off: its stream ends before all its replies.
+    let mut replies = 0;
+    let mut line = String::new();
+    while hog.reader.read_line(&mut line).unwrap_or(0) > 0 {
+        replies += 1;
+        line.clear();
+    }
+    assert!(replies < REQUESTS, "all {replies} replies were delivered");
+}
