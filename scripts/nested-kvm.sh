@@ -291,6 +291,8 @@ if ! ready "format=$L1_FORMAT $(deb_file_name "$kpkg") $(deb_file_name busybox-s
         build_l1 "$l1dir" "$kdeb" "$bbdeb"
         printf '%s\n' "$inputs" >"$stamp"
     fi
+    # Only the build needs the lock: other runs may share the cache while L1 runs.
+    qomvm_unlock
 fi
 
 # ------------------------------------------------------------------ the run --

@@ -167,13 +167,20 @@ deb_extract() {
     [[ -z $err ]] || qomvm_die "extracting from $(basename "$deb") failed: $err"
 }
 
-# qomvm_lock FILE: hold an exclusive lock on FILE until the process exits, so
-# concurrent runs do not build the same cache entry twice.
+# qomvm_lock FILE: hold an exclusive lock on FILE until qomvm_unlock or the
+# process exits, so concurrent runs do not build the same cache entry twice.
+QOMVM_LOCK_FD=
 qomvm_lock() {
-    local fd
     mkdir -p "$(dirname "$1")"
-    exec {fd}>"$1"
-    flock "$fd"
+    exec {QOMVM_LOCK_FD}>"$1"
+    flock "$QOMVM_LOCK_FD"
+}
+
+# qomvm_unlock: release the lock taken by qomvm_lock.
+qomvm_unlock() {
+    [[ -n $QOMVM_LOCK_FD ]] || return 0
+    exec {QOMVM_LOCK_FD}>&-
+    QOMVM_LOCK_FD=
 }
 
 # qomvm_mkcpio SRCDIR OUT.gz BUSYBOX: pack SRCDIR as a gzip'd newc cpio with
