@@ -258,3 +258,91 @@ fn a_guest_reboot_resets_the_machine_and_boots_again() {
     let boots = out.matches("QOMVM-GUEST-READY").count();
     assert!(boots >= 2, "booted {boots} time(s):\n{out}");
 }
+
+/// Runs qomvm directly on the qtest accelerator: the board loads the kernel at init, so
+/// bad inputs are found without running guest code (or needing KVM).
+fn qomvm_qtest(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(["-M", "pc", "-accel", "qtest", "-display", "none"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn one_line_error(o: &Output) -> String {
+    assert_eq!(o.status.code(), Some(1), "{}", text(o));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    err
+}
+
+#[test]
+fn bad_kernels_and_initrds_are_one_line_errors() {
+    let dir = assets().expect("guest assets");
+    let scratch = repo().join("target/bad-inputs");
+    std::fs::create_dir_all(&scratch).unwrap();
+
+    let o = qomvm_qtest(&["-kernel", "/nonexistent"]);
+    assert_eq!(
+        one_line_error(&o),
+        "qomvm: could not load kernel '/nonexistent': No such file or directory\n"
+    );
+
+    let o = qomvm_qtest(&["-kernel", "/etc/passwd"]);
+    assert_eq!(
+        one_line_error(&o),
+        "qomvm: could not load kernel '/etc/passwd': not a Linux bzImage or ELF kernel\n"
+    );
+
+    // The real kernel cut short after its setup header.
+    let kernel = std::fs::read(dir.join("vmlinuz")).unwrap();
+    let truncated = scratch.join("vmlinuz-truncated");
+    std::fs::write(&truncated, &kernel[..64 << 10]).unwrap();
+    let o = qomvm_qtest(&["-kernel", truncated.to_str().unwrap()]);
+    let err = one_line_error(&o);
+    assert!(
+        err.starts_with(&format!(
+            "qomvm: could not load kernel '{}': ",
+            truncated.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("truncated"), "{err}");
+
+    let kernel = dir.join("vmlinuz");
+    let o = qomvm_qtest(&[
+        "-kernel",
+        kernel.to_str().unwrap(),
+        "-initrd",
+        "/nonexistent",
+    ]);
+    let err = one_line_error(&o);
+    assert!(
+        err.contains("'/nonexistent'") && err.contains("No such file or directory"),
+        "{err}"
+    );
+
+    // An initrd larger than the guest's RAM (sparse: no disk is used).
+    let big = scratch.join("initrd-too-large");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+    let o = qomvm_qtest(&[
+        "-m",
+        "128",
+        "-kernel",
+        kernel.to_str().unwrap(),
+        "-initrd",
+        big.to_str().unwrap(),
+    ]);
+    let err = one_line_error(&o);
+    assert!(err.contains("initrd is too large"), "{err}");
+
+    let o = qomvm_qtest(&["-initrd", big.to_str().unwrap()]);
+    assert_eq!(
+        one_line_error(&o),
+        "qomvm: -initrd only allowed with -kernel option\n"
+    );
+}
