@@ -55,6 +55,10 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
         device_add(&machine, dev)?;
     }
     monitor::monitor_init(&machine, &opts)?;
+    if opts.nographic && opts.monitor.is_empty() {
+        // -nographic muxes the human monitor with the serial console (QEMU's mon:stdio).
+        crate::mux::set_console_monitor(monitor::console_monitor(&machine, &opts));
+    }
     let status = main_loop(&machine, &opts);
     monitor::monitor_cleanup();
     Ok(status)

@@ -364,3 +364,29 @@ pub fn monitor_cleanup() {
         let _ = std::fs::remove_file(path);
     }
 }
+
+/// The human monitor the `-nographic` console switches to with Ctrl-A c (QEMU's mux'd
+/// `mon:stdio`): runs one command line and returns what to print.
+pub type ConsoleMonitor = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+/// An HMP for the serial console: same commands as `-monitor`, its own current CPU.
+pub fn console_monitor(machine: &ObjectRef, opts: &Options) -> ConsoleMonitor {
+    let vm = Arc::new(VmContext {
+        machine: machine.clone(),
+        name: guest_name(opts),
+    });
+    let hmp = Mutex::new(hmp::HmpState::default());
+    Arc::new(move |line: &str| {
+        let ctx = qmp::CommandCtx::new(&vm);
+        let output = hmp::hmp_execute(&ctx, &mut hmp.lock(), line);
+        match ctx.deferred.get() {
+            Some(Deferred::Quit) => vm.machine_state().run_state().request(RunRequest::HostQuit),
+            Some(Deferred::Reset) => vm
+                .machine_state()
+                .run_state()
+                .request(RunRequest::HostReset),
+            None => {}
+        }
+        output
+    })
+}
