@@ -42,11 +42,7 @@ fn monitor_input(console: &dyn CharBackend, focus: &mut Focus, b: u8) {
             }
             console.write(b"(qemu) ");
         }
-        0x7f | 0x08 => {
-            if focus.line.pop().is_some() {
-                console.write(b"\x08 \x08");
-            }
-        }
+        0x7f | 0x08 if focus.line.pop().is_some() => console.write(b"\x08 \x08"),
         0x20..=0x7e if focus.line.len() < 4096 => {
             focus.line.push(b);
             console.write(&[b]);
