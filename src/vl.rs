@@ -54,6 +54,7 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     for dev in &opts.devices {
         device_add(&machine, dev)?;
     }
+    hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;
     monitor::monitor_init(&machine, &opts)?;
     if opts.nographic && opts.monitor.is_empty() {
         // -nographic muxes the human monitor with the serial console (QEMU's mon:stdio).
