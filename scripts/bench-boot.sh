@@ -281,6 +281,7 @@ boot() {
     if ((round < warmup)); then label="warm-up $((round + 1))/$warmup"; else label="run $((round - warmup + 1))/$runs"; fi
     if [[ $code != 0 || $ready == - ]]; then
         local why="exit status $code"
+        [[ $code != timeout ]] || why="killed after $boot_timeout s"
         [[ $ready == - ]] && why+=", no $MARKER on the console"
         qomvm_log "$vmm $label: FAILED ($why); left out from now on. Last console/stderr lines:"
         { tail -n 8 "$con" | tr -d '\r'; tail -n 8 "$err"; } | sed 's/^/    /' >&2
@@ -318,7 +319,7 @@ done
 # ----------------------------------------------------------------- report --
 
 echo
-echo "Boot benchmark: $runs boots per VMM after $warmup warm-up boot(s), round-robin"
+echo "Boot benchmark: $runs boot(s) per VMM after $warmup warm-up boot(s), round-robin"
 echo "Environment: $env_note"
 if [[ $inside == 1 ]]; then
     echo "  L1: $cpu_model, $ncpu vCPUs,$virt (the rig's QEMU TCG CPU model, not the host CPU;"
