@@ -1,0 +1,351 @@
+#!/usr/bin/env bash
+# Boot benchmark: qomvm against QEMU (-M pc and -M microvm) on the same Linux
+# guest, in one environment. See usage() and docs/boot-benchmark.md.
+set -euo pipefail
+
+# shellcheck disable=SC2034 # read by scripts/lib/debian.sh
+QOMVM_PROG=bench-boot
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$SCRIPT_DIR/.." && pwd)
+SELF=$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=scripts/lib/debian.sh disable=SC1091
+. "$SCRIPT_DIR/lib/debian.sh"
+
+MARKER=QOMVM-GUEST-READY
+APPEND="console=ttyS0 panic=-1 quiet"
+# microvm as QEMU's docs/system/i386/microvm.rst trims it (no option ROMs, no
+# legacy PIT/PIC/RTC), keeping the ISA serial port for console=ttyS0. With the
+# default rtc=on the Debian cloud kernel's rtc_cmos probe fails after a
+# timeout that costs seconds under the nested rig.
+MICROVM_MACHINE=microvm,x-option-roms=off,pit=off,pic=off,rtc=off
+
+runs=3
+warmup=1
+mem=256
+smp=1
+boot_timeout=180
+qomvm_bin=
+assets=
+build=1
+with_qemu=1
+inside=0
+env_note=
+rig_smp=2
+
+usage() {
+    cat <<'EOF'
+Usage: scripts/bench-boot.sh [options]
+
+Boots the test guest (scripts/guest-assets.sh: Debian cloud kernel + busybox
+initramfs that prints QOMVM-GUEST-READY and powers off) with each VMM and
+measures, per boot:
+
+  ready   process start -> "QOMVM-GUEST-READY" on the VMM's console (stdout)
+  exit    process start -> the VMM process has exited (the guest powered off)
+  RSS     peak resident set size of the VMM process (ru_maxrss from wait4,
+          the figure /usr/bin/time -v calls "Maximum resident set size")
+  KVM_RUN qomvm only: its own "first KVM_RUN N ms after process start" log
+          line (RUST_LOG=boot=info), counted from the start of main()
+
+VMMs (same kernel, initrd, -m, -smp and
+ -nographic -no-reboot -append "console=ttyS0 panic=-1 quiet"):
+  qomvm         qomvm -M pc
+  qemu-pc       qemu-system-x86_64 -M pc -accel kvm
+  qemu-microvm  qemu-system-x86_64 -M microvm,x-option-roms=off,pit=off,pic=off,rtc=off -accel kvm
+The QEMU ones are skipped when qemu-system-x86_64 is not installed; a VMM
+whose first boot fails is reported and left out of the remaining rounds.
+
+Boots run one at a time, round-robin over the VMMs (so drift hits all of them
+alike); warm-up rounds are discarded. The output is a table of medians with
+ratios against qomvm (e.g. qemu-pc/qomvm), the per-boot figures, and the
+environment.
+
+Environment: on hardware KVM everything runs directly. When /dev/kvm is PVM
+(/sys/module/kvm_pvm exists) or unusable, the whole benchmark runs inside ONE
+scripts/nested-kvm.sh run (an L1 Linux under QEMU TCG with SVM+NPT): all VMMs
+see the same L1, but guest code runs at TCG speed, so absolute times are not
+hardware figures; compare the ratios.
+
+Options:
+  --runs N          measured boots per VMM (default 3)
+  --warmup N        discarded boots per VMM before them (default 1)
+  -m MiB            guest RAM in MiB (default 256)
+  --smp N           guest vCPUs (default 1)
+  --boot-timeout S  kill a boot after S seconds (default 180)
+  --qomvm PATH      qomvm binary (default: target/release/qomvm, built with
+                    cargo build --release first unless --no-build)
+  --assets DIR      guest assets directory (default: target/guest-assets,
+                    brought up to date with scripts/guest-assets.sh)
+  --no-build        do not run cargo build
+  --no-qemu         benchmark qomvm only
+  -h, --help        this text
+
+Needs python3 (timestamps and wait4); QEMU is optional.
+EOF
+}
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --runs) runs=${2:?--runs needs a value}; shift 2 ;;
+        --warmup) warmup=${2:?--warmup needs a value}; shift 2 ;;
+        -m | --mem) mem=${2:?-m needs a value}; shift 2 ;;
+        --smp) smp=${2:?--smp needs a value}; shift 2 ;;
+        --boot-timeout) boot_timeout=${2:?--boot-timeout needs a value}; shift 2 ;;
+        --qomvm) qomvm_bin=${2:?--qomvm needs a value}; shift 2 ;;
+        --assets) assets=${2:?--assets needs a value}; shift 2 ;;
+        --no-build) build=0; shift ;;
+        --no-qemu) with_qemu=0; shift ;;
+        # Internal: set when the script re-runs itself inside the nested rig.
+        --inside) inside=1; env_note=${2:?--inside needs a value}; shift 2 ;;
+        --runs=* | --warmup=* | --mem=* | --smp=* | --boot-timeout=* | --qomvm=* | --assets=*)
+            opt=${1%%=*}; set -- "$opt" "${1#*=}" "${@:2}" ;;
+        *) usage >&2; qomvm_die "unknown argument $1" ;;
+    esac
+done
+[[ $runs =~ ^[1-9][0-9]*$ ]] || qomvm_die "--runs wants a positive number, got '$runs'"
+[[ $warmup =~ ^[0-9]+$ ]] || qomvm_die "--warmup wants a number, got '$warmup'"
+[[ $mem =~ ^[1-9][0-9]*$ ]] || qomvm_die "-m wants a size in MiB (a number), got '$mem'"
+[[ $smp =~ ^[1-9][0-9]*$ ]] || qomvm_die "--smp wants a positive number, got '$smp'"
+[[ $boot_timeout =~ ^[1-9][0-9]*$ ]] || qomvm_die "--boot-timeout wants a positive number, got '$boot_timeout'"
+
+PYTHON=$(command -v python3 || true)
+[[ -n $PYTHON ]] || qomvm_die "python3 not found (install the Debian package python3)"
+
+# ------------------------------------------------------------ preparation --
+
+if [[ $inside == 0 ]]; then
+    if [[ -z $qomvm_bin ]]; then
+        if [[ $build == 1 ]]; then
+            command -v cargo >/dev/null 2>&1 || qomvm_die "cargo not found (use --qomvm PATH or --no-build)"
+            qomvm_log "cargo build --release"
+            (cd "$REPO" && cargo build --release --quiet --bin qomvm) >&2 ||
+                qomvm_die "cargo build --release failed"
+        fi
+        qomvm_bin=$REPO/target/release/qomvm
+    fi
+    if [[ -z $assets ]]; then
+        assets=$REPO/target/guest-assets
+        "$SCRIPT_DIR/guest-assets.sh" "$assets" >&2 || qomvm_die "scripts/guest-assets.sh failed"
+    fi
+fi
+[[ -x $qomvm_bin ]] || qomvm_die "qomvm binary $qomvm_bin not found or not executable"
+qomvm_bin=$(cd "$(dirname "$qomvm_bin")" && pwd)/$(basename "$qomvm_bin")
+[[ -s $assets/vmlinuz && -s $assets/initramfs.cpio.gz ]] ||
+    qomvm_die "no vmlinuz/initramfs.cpio.gz in $assets (run scripts/guest-assets.sh DIR)"
+assets=$(cd "$assets" && pwd)
+
+kvm_usable() { [[ -c /dev/kvm && -r /dev/kvm && -w /dev/kvm ]] && : 2>/dev/null <>/dev/kvm; }
+
+if [[ $inside == 0 ]]; then
+    if [[ -d /sys/module/kvm_pvm ]] || ! kvm_usable; then
+        if [[ -d /sys/module/kvm_pvm ]]; then
+            why="nested rig under PVM (host /dev/kvm is kvm_pvm)"
+        else
+            why="nested rig (host has no usable /dev/kvm)"
+        fi
+        qomvm_log "$why: running the whole benchmark inside one scripts/nested-kvm.sh run"
+        nvmm=3
+        [[ $with_qemu == 1 ]] || nvmm=1
+        rig_timeout=$(((runs + warmup) * nvmm * boot_timeout + 300))
+        args=(--inside "$why" --runs "$runs" --warmup "$warmup" -m "$mem" --smp "$smp"
+            --boot-timeout "$boot_timeout" --qomvm "$qomvm_bin" --assets "$assets")
+        [[ $with_qemu == 1 ]] || args+=(--no-qemu)
+        exec "$SCRIPT_DIR/nested-kvm.sh" --smp "$rig_smp" --timeout "$rig_timeout" -- "$SELF" "${args[@]}"
+    fi
+    env_note="direct (hardware KVM)"
+fi
+kvm_usable || qomvm_die "/dev/kvm is not usable here"
+
+# ------------------------------------------------------------ the helpers --
+
+# run TIMEOUT MARKER CONSOLE STDERR -- CMD...: starts CMD with stdin /dev/null,
+# stdout to a pipe it reads (copied to CONSOLE) and stderr to STDERR; prints
+# "READY_MS EXIT_MS MAXRSS_KIB STATUS" (READY_MS "-" if MARKER never came,
+# STATUS the exit code or -SIGNAL). Times count from just before the spawn.
+read -r -d '' PY_RUN <<'EOF' || true
+import os, select, subprocess, sys, time
+timeout, marker, console, errf = float(sys.argv[1]), sys.argv[2].encode(), sys.argv[3], sys.argv[4]
+cmd = sys.argv[6:]
+with open(console, "wb") as con, open(errf, "wb") as err:
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    fd = p.stdout.fileno()
+    ready, tail, killed = None, b"", False
+    while True:
+        left = t0 + timeout - time.monotonic()
+        if left <= 0:
+            p.kill(); killed = True; break
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            continue
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        if ready is None:
+            if marker in tail + data:
+                ready = time.monotonic()
+            tail = (tail + data)[-len(marker):]
+        con.write(data)
+    _, status, ru = os.wait4(p.pid, 0)
+    t_exit = time.monotonic()
+code = os.waitstatus_to_exitcode(status)
+if killed:
+    code = "timeout"
+ms = lambda t: "%.1f" % ((t - t0) * 1e3)
+print(ms(ready) if ready is not None else "-", ms(t_exit), ru.ru_maxrss, code)
+EOF
+
+# summary RESULTS: the tables. RESULTS lines: "VMM READY EXIT RSS KVMRUN".
+read -r -d '' PY_SUMMARY <<'EOF' || true
+import statistics, sys
+order, rows = [], {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if not f:
+        continue
+    if f[0] not in rows:
+        order.append(f[0]); rows[f[0]] = []
+    rows[f[0]].append(f[1:])
+def col(vmm, i):
+    v = [float(r[i]) for r in rows[vmm] if r[i] != "-"]
+    return statistics.median(v) if v else None
+fmt = lambda v, d=0: "-" if v is None else "%.*f" % (d, v)
+print("Medians (%s):" % ", ".join("%s: %d boots" % (v, len(rows[v])) for v in order))
+print("  %-14s %10s %10s %14s %18s" % ("VMM", "ready ms", "exit ms", "peak RSS MiB", "first KVM_RUN ms"))
+for v in order:
+    rss = col(v, 2)
+    print("  %-14s %10s %10s %14s %18s" % (v, fmt(col(v, 0)), fmt(col(v, 1)),
+          fmt(rss / 1024 if rss is not None else None, 1), fmt(col(v, 3), 1)))
+base = "qomvm"
+if base in rows and len(order) > 1:
+    print()
+    print("Ratios of medians against qomvm (>1: qomvm is faster / smaller):")
+    print("  %-20s %8s %8s %8s" % ("", "ready", "exit", "RSS"))
+    for v in order:
+        if v == base:
+            continue
+        r = []
+        for i in range(3):
+            a, b = col(v, i), col(base, i)
+            r.append("-" if a is None or not b else "%.2f" % (a / b))
+        print("  %-20s %8s %8s %8s" % (v + "/" + base, *r))
+print()
+print("Per boot (ready ms / exit ms / peak RSS MiB / first KVM_RUN ms):")
+for v in order:
+    print("  %-14s %s" % (v, "  ".join("%s/%s/%.1f/%s" % (r[0], r[1], float(r[2]) / 1024, r[3])
+                                           for r in rows[v])))
+EOF
+
+# ----------------------------------------------------------- the benchmark --
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/qomvm-bench-boot.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+# Local copies: inside the rig this keeps the 9p share out of the boots.
+cp "$assets/vmlinuz" "$assets/initramfs.cpio.gz" "$work/"
+kver=$(cat "$assets/kernel-version" 2>/dev/null || echo unknown)
+
+common=(-m "$mem" -smp "$smp" -nographic -no-reboot
+    -kernel "$work/vmlinuz" -initrd "$work/initramfs.cpio.gz" -append "$APPEND")
+vmms=(qomvm)
+declare -A cmdline
+cmdline[qomvm]="$(printf '%q ' "$qomvm_bin" -M pc "${common[@]}")"
+qemu=$(command -v qemu-system-x86_64 || true)
+if [[ $with_qemu == 1 ]]; then
+    if [[ -n $qemu ]]; then
+        vmms+=(qemu-pc qemu-microvm)
+        cmdline[qemu-pc]="$(printf '%q ' "$qemu" -M pc -accel kvm "${common[@]}")"
+        cmdline[qemu-microvm]="$(printf '%q ' "$qemu" -M "$MICROVM_MACHINE" -accel kvm "${common[@]}")"
+    else
+        qomvm_log "qemu-system-x86_64 not installed (Debian package qemu-system-x86): QEMU skipped"
+    fi
+fi
+
+# boot VMM ROUND: one boot; appends to $work/results unless a warm-up round.
+declare -A dropped
+boot() {
+    local vmm=$1 round=$2 out ready exit_ms rss code kvmrun=- label
+    local con=$work/$vmm.$round.console err=$work/$vmm.$round.stderr
+    local -a cmd
+    eval "cmd=(${cmdline[$vmm]})"
+    if [[ $vmm == qomvm ]]; then
+        cmd=(env RUST_LOG=boot=info "${cmd[@]}")
+    fi
+    out=$("$PYTHON" -c "$PY_RUN" "$boot_timeout" "$MARKER" "$con" "$err" -- "${cmd[@]}") ||
+        qomvm_die "the timing helper failed"
+    read -r ready exit_ms rss code <<<"$out"
+    if [[ $vmm == qomvm ]]; then
+        kvmrun=$(sed -n 's/.*first KVM_RUN \([0-9.]*\) ms after process start.*/\1/p' "$err" | head -n1)
+        kvmrun=${kvmrun:--}
+    fi
+    if ((round < warmup)); then label="warm-up $((round + 1))/$warmup"; else label="run $((round - warmup + 1))/$runs"; fi
+    if [[ $code != 0 || $ready == - ]]; then
+        local why="exit status $code"
+        [[ $code != timeout ]] || why="killed after $boot_timeout s"
+        [[ $ready == - ]] && why+=", no $MARKER on the console"
+        qomvm_log "$vmm $label: FAILED ($why); left out from now on. Last console/stderr lines:"
+        { tail -n 8 "$con" | tr -d '\r'; tail -n 8 "$err"; } | sed 's/^/    /' >&2
+        dropped[$vmm]="$why, at $label"
+        return 0
+    fi
+    local extra=
+    [[ $vmm != qomvm ]] || extra=", first KVM_RUN $kvmrun ms"
+    qomvm_log "$vmm $label: ready $ready ms, exit $exit_ms ms, peak RSS $((rss / 1024)) MiB$extra"
+    if ((round >= warmup)); then
+        echo "$vmm $ready $exit_ms $rss $kvmrun" >>"$work/results"
+    fi
+}
+
+cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
+cpu_flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -n1)
+ncpu=$(nproc)
+virt=
+[[ " $cpu_flags " == *" svm "* ]] && virt+=" svm"
+[[ " $cpu_flags " == *" npt "* ]] && virt+=" npt"
+[[ " $cpu_flags " == *" vmx "* ]] && virt+=" vmx"
+[[ " $cpu_flags " == *" ept "* ]] && virt+=" ept"
+
+qomvm_log "environment: $env_note; CPU: $cpu_model ($ncpu CPUs,$virt)"
+for v in "${vmms[@]}"; do qomvm_log "$v: ${cmdline[$v]}"; done
+
+: >"$work/results"
+for ((round = 0; round < warmup + runs; round++)); do
+    for v in "${vmms[@]}"; do
+        [[ -z ${dropped[$v]:-} ]] || continue
+        boot "$v" "$round"
+    done
+done
+
+# ----------------------------------------------------------------- report --
+
+echo
+echo "Boot benchmark: $runs boot(s) per VMM after $warmup warm-up boot(s), round-robin"
+echo "Environment: $env_note"
+if [[ $inside == 1 ]]; then
+    echo "  L1: $cpu_model, $ncpu vCPUs,$virt (the rig's QEMU TCG CPU model, not the host CPU;"
+    echo "  guest code runs at TCG speed: absolute times are not hardware figures, compare ratios)"
+else
+    echo "  CPU: $cpu_model, $ncpu CPUs,$virt"
+fi
+echo "  Kernel $(uname -r); /dev/kvm from $(awk '$1 ~ /^kvm_(amd|intel|pvm)$/ {print $1}' /proc/modules | head -n1)"
+echo "Guest: $kver + busybox initramfs, -m $mem -smp $smp -append \"$APPEND\" -nographic -no-reboot"
+rev=
+if [[ $qomvm_bin == "$REPO/target/release/qomvm" ]]; then
+    rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || true)
+fi
+echo "qomvm: $qomvm_bin${rev:+ (git $rev)}"
+if [[ -n $qemu && $with_qemu == 1 ]]; then
+    echo "QEMU: $("$qemu" --version | head -n1); qemu-microvm is -M $MICROVM_MACHINE"
+fi
+for v in "${vmms[@]}"; do
+    [[ -z ${dropped[$v]:-} ]] || echo "NOTE: $v failed (${dropped[$v]}); its later boots were skipped"
+done
+echo
+if [[ -s $work/results ]]; then
+    "$PYTHON" -c "$PY_SUMMARY" "$work/results"
+else
+    echo "No successful boots."
+fi
+for v in "${vmms[@]}"; do
+    [[ -z ${dropped[$v]:-} ]] || exit 1
+done
