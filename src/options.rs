@@ -181,22 +181,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
 /// gets `implied` as its key (`-device isa-serial,...` -> driver). `,,` is a literal comma.
 pub fn split_opts(text: &str, implied: Option<&str>) -> Vec<(String, Option<String>)> {
     let mut items = Vec::new();
-    let mut current = String::new();
-    let mut chars = text.chars().peekable();
-    let mut raw = Vec::new();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                current.push(',');
-            } else {
-                raw.push(std::mem::take(&mut current));
-            }
-        } else {
-            current.push(c);
-        }
-    }
-    raw.push(current);
+    let raw = hw::core::qemu_opts::split_commas(text);
     for (i, item) in raw.into_iter().enumerate() {
         match item.split_once('=') {
             Some((k, v)) => items.push((k.to_string(), Some(v.to_string()))),

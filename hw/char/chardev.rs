@@ -430,23 +430,7 @@ pub fn parse_serial_spec(spec: &str) -> Result<Option<Arc<dyn CharBackend>>, Cha
 
 /// Splits `a=b,c=d` into pairs; `,,` is a literal comma, as in QEMU's option syntax.
 fn split_opts(spec: &str) -> Vec<(String, Option<String>)> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = spec.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
-    items
+    crate::core::qemu_opts::split_commas(spec)
         .into_iter()
         .map(|item| match item.split_once('=') {
             Some((k, v)) => (k.to_string(), Some(v.to_string())),

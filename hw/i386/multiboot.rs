@@ -122,23 +122,7 @@ const FOUR_GIB: u64 = 1 << 32;
 /// (`,,` is a literal comma); each entry is the module's command line, and its first word is
 /// the file to load. Returns `(path, cmdline)` pairs.
 pub fn multiboot_split_initrd(arg: &str) -> Vec<(String, String)> {
-    let mut entries = Vec::new();
-    let mut cur = String::new();
-    let mut chars = arg.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                entries.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    entries.push(cur);
-    entries
+    crate::core::qemu_opts::split_commas(arg)
         .into_iter()
         .filter(|e| !e.is_empty())
         .map(|cmdline| {
