@@ -61,26 +61,43 @@ fn kvm_path() -> Path_ {
 
 /// Runs qomvm with `args` under `timeout timeout_s`, directly or through the rig; returns
 /// its exit status (124 if the timeout ended it) and output.
+///
+/// The rig's L1 is a Linux guest of QEMU's TCG, which on rare runs stalls before COMMAND
+/// produces anything; the rig's own time limit then ends it. That run says nothing about
+/// qomvm, so it is retried once (and the retry is reported).
 fn qomvm(args: &[&str], timeout_s: u32) -> Output {
     let qomvm = env!("CARGO_BIN_EXE_qomvm");
     let path = kvm_path();
     eprintln!("linux-boot: {path:?}: qomvm {}", args.join(" "));
-    let mut cmd = match path {
-        Path_::Direct => Command::new("timeout"),
-        Path_::NestedRig => {
-            let mut c = Command::new(repo().join("scripts/nested-kvm.sh"));
-            // The rig's own limit only guards against a hung L1.
-            c.args(["--smp", "2", "--mem", "7G", "--timeout"])
-                .arg((timeout_s + 120).to_string())
-                .args(["--", "/usr/bin/timeout"]);
-            c
-        }
+    let run = || {
+        let mut cmd = match path {
+            Path_::Direct => Command::new("timeout"),
+            Path_::NestedRig => {
+                let mut c = Command::new(repo().join("scripts/nested-kvm.sh"));
+                // The rig's own limit only guards against a stalled L1.
+                c.args(["--smp", "2", "--mem", "7G", "--timeout"])
+                    .arg((timeout_s + 60).to_string())
+                    .args(["--", "/usr/bin/timeout"]);
+                c
+            }
+        };
+        cmd.arg(timeout_s.to_string())
+            .arg(qomvm)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("qomvm or the rig runs")
     };
-    cmd.arg(timeout_s.to_string()).arg(qomvm);
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("qomvm or the rig runs")
+    let first = run();
+    let rig_stalled = path == Path_::NestedRig
+        && first.status.code() == Some(124)
+        && first.stdout.is_empty()
+        && String::from_utf8_lossy(&first.stderr).contains("nested-kvm: timed out");
+    if rig_stalled {
+        eprintln!("linux-boot: the rig's L1 stalled before qomvm printed anything; retrying once");
+        return run();
+    }
+    first
 }
 
 fn text(o: &Output) -> String {
@@ -124,7 +141,7 @@ impl Default for Boot<'_> {
             expect_status: 0,
             generic_kernel: false,
             no_reboot: true,
-            timeout_s: 300,
+            timeout_s: 150,
         }
     }
 }
