@@ -16,6 +16,7 @@ use qom::{type_init, Error, ObjectClass, ObjectRef, WeakObjectRef};
 
 use crate::accel_system::{AccelClass, AccelError, TYPE_ACCEL};
 use crate::kvm::kvm_cpus::VcpuSet;
+pub(crate) use hw::core::os_error::errno_text;
 
 /// QEMU's `TYPE_KVM_ACCEL`.
 pub const TYPE_KVM_ACCEL: &str = "kvm-accel";
@@ -62,15 +63,6 @@ pub enum KvmError {
 impl From<KvmError> for AccelError {
     fn from(e: KvmError) -> Self {
         AccelError::Other(Box::new(e))
-    }
-}
-
-/// `strerror` without Rust's "(os error N)" suffix, as QEMU prints it.
-pub(crate) fn errno_text(errno: i32) -> String {
-    let text = std::io::Error::from_raw_os_error(errno).to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_string(),
-        None => text,
     }
 }
 

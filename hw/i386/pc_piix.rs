@@ -124,7 +124,7 @@ fn pc_load_kernel(machine: &ObjectRef) -> Result<(), Error> {
     let bytes = std::fs::read(&kernel).map_err(|e| {
         Error::other(PcLoadError::KernelFile {
             path: kernel.clone(),
-            reason: io_error_text(&e),
+            reason: crate::core::os_error::strerror(&e),
         })
     })?;
     // QEMU tries Multiboot first, then Linux.
@@ -134,7 +134,7 @@ fn pc_load_kernel(machine: &ObjectRef) -> Result<(), Error> {
             let data = std::fs::read(&path).map_err(|e| {
                 Error::other(PcLoadError::Module {
                     path: path.clone(),
-                    reason: io_error_text(&e),
+                    reason: crate::core::os_error::strerror(&e),
                 })
             })?;
             modules.push((cmdline, data));
@@ -188,14 +188,6 @@ fn set_bsp_boot_state(ms: &crate::core::machine::MachineState, state: crate::i38
     }
 }
 
-/// `strerror` of an I/O error, without Rust's "(os error N)".
-fn io_error_text(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
 
 /// Builds the ACPI tables for the CPUs present, and tells a loaded Linux where they are.
 fn pc_acpi_setup(machine: &ObjectRef) -> Result<(), Error> {

@@ -83,10 +83,10 @@ const PAGE_SIZE: u64 = 0x1000;
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxLoadError {
     /// The kernel file cannot be opened.
-    #[error("{}", io_reason(.0))]
+    #[error("{}", crate::core::os_error::strerror(.0))]
     Open(io::Error),
     /// The kernel file cannot be read.
-    #[error("read error: {}", io_reason(.0))]
+    #[error("read error: {}", crate::core::os_error::strerror(.0))]
     Read(io::Error),
     /// Neither a bzImage nor an ELF file.
     #[error("not a Linux bzImage or ELF kernel")]
@@ -128,7 +128,7 @@ pub enum LinuxLoadError {
     #[error("the kernel command line contains a NUL character")]
     CmdlineNul,
     /// The initrd cannot be opened or read.
-    #[error("cannot read initrd '{}': {}", .path.display(), io_reason(.source))]
+    #[error("cannot read initrd '{}': {}", .path.display(), crate::core::os_error::strerror(.source))]
     Initrd {
         /// The initrd file.
         path: PathBuf,
@@ -163,14 +163,6 @@ pub enum LinuxLoadError {
     },
 }
 
-/// An I/O error as the C library words it, without Rust's ` (os error N)`.
-fn io_reason(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
 
 /// What the kernel-specific part of loading found out.
 struct LoadedKernel {
