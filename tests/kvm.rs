@@ -8,23 +8,15 @@
 #[path = "common/guest.rs"]
 mod guest;
 #[path = "common/vm.rs"]
+#[macro_use]
 mod vm;
 
 use std::sync::atomic::Ordering;
 
 use guest::{GuestImage, Mode, Op};
 use hw::core::machine::{machine_state, RunRequest};
-use vm::{kvm_unusable, TestVm, EXIT_PORT, MMIO_BASE, RECORD_PORT};
+use vm::{TestVm, EXIT_PORT, MMIO_BASE, RECORD_PORT};
 use vm_memory::{Bytes, GuestAddress};
-
-macro_rules! require_kvm {
-    () => {
-        if let Some(reason) = kvm_unusable() {
-            eprintln!("skipping: {reason}");
-            return;
-        }
-    };
-}
 
 fn io_ops() -> Vec<Op> {
     vec![

@@ -6,6 +6,7 @@
 #[path = "common/guest.rs"]
 mod guest;
 #[path = "common/vm.rs"]
+#[macro_use]
 mod vm;
 
 use guest::{Asm32, EAX, EBX, EDI, ESI};
@@ -13,17 +14,8 @@ use hw::core::machine::{machine_state, RunRequest};
 use hw::i386::e820::{pc_e820_table, E820Entry, E820Kind};
 use hw::i386::multiboot::*;
 use hw::nvram::fw_cfg::{fw_cfg_init_io_dma, FW_CFG_DMA_IO_BASE, FW_CFG_IO_BASE};
-use vm::{kvm_unusable, TestVm, EXIT_PORT, RECORD_PORT};
+use vm::{TestVm, EXIT_PORT, RECORD_PORT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-macro_rules! require_kvm {
-    () => {
-        if let Some(reason) = kvm_unusable() {
-            eprintln!("skipping: {reason}");
-            return;
-        }
-    };
-}
 
 /// Where the ELF kernel's segment goes, and the address it is linked at.
 const PADDR: u32 = 0x10_0000;

@@ -7,6 +7,7 @@
 #[path = "common/guest.rs"]
 mod guest;
 #[path = "common/vm.rs"]
+#[macro_use]
 mod vm;
 
 use std::sync::atomic::Ordering;
@@ -17,16 +18,7 @@ use guest::{Mode, Op};
 use hw::core::machine::{machine_run_board_init, machine_state, SmpConfig};
 use hw::core::runstate::{self, RunStateError, RunStatus, VmEvent};
 use parking_lot::Mutex;
-use vm::{kvm_unusable, TestVm, EXIT_PORT, RECORD_PORT};
-
-macro_rules! require_kvm {
-    () => {
-        if let Some(reason) = kvm_unusable() {
-            eprintln!("skipping: {reason}");
-            return;
-        }
-    };
-}
+use vm::{TestVm, EXIT_PORT, RECORD_PORT};
 
 fn record_events(ms: &hw::core::machine::MachineState) -> Arc<Mutex<Vec<VmEvent>>> {
     let events = Arc::new(Mutex::new(Vec::new()));

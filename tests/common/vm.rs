@@ -29,6 +29,17 @@ pub const MMIO_BASE: u64 = 0xfe00_0000;
 /// What recorded reads return.
 pub const IN_VALUE: u32 = 0x5a5a_5a5a;
 
+/// Returns from the test, saying why, when /dev/kvm is not usable.
+#[allow(unused_macros)] // the benches include this file without it
+macro_rules! require_kvm {
+    () => {
+        if let Some(reason) = $crate::vm::kvm_unusable() {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+}
+
 /// Why KVM tests must skip here, if they must.
 pub fn kvm_unusable() -> Option<String> {
     match std::fs::OpenOptions::new()
