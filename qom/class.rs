@@ -44,8 +44,8 @@ pub struct ObjectClass {
     cast_names: Box<[&'static str]>,
     /// The type chain, root first: instance hooks walk it.
     pub(crate) chain: Box<[&'static TypeInfo]>,
-    /// Instance parts, root first, with their Rust type ids.
-    pub(crate) parts: Box<[(TypeId, InstanceSpec)]>,
+    /// Instance parts, root first: one typed state, or one legacy part per type.
+    pub(crate) parts: Box<[InstanceSpec]>,
     interfaces: Vec<&'static ObjectClass>,
     levels: Vec<(TypeId, Box<dyn ClassLevel>)>,
     properties: Vec<Arc<Property>>,
@@ -90,9 +90,11 @@ impl ObjectClass {
             },
         };
         if let Some(spec) = ty.info().instance {
-            let mut parts = class.parts.to_vec();
-            parts.push(((spec.type_id)(), spec));
-            class.parts = parts.into_boxed_slice();
+            class.parts = if spec.embeds_parent {
+                Box::new([spec])
+            } else {
+                class.parts.iter().copied().chain([spec]).collect()
+            };
         }
         for &iface in ty.interfaces() {
             let iface_class = table.class_of(iface);
@@ -254,7 +256,7 @@ impl ObjectClass {
 
     /// The Rust parts an instance of this class holds, root first.
     pub fn instance_parts(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.parts.iter().map(|(_, spec)| (spec.rust_name)())
+        self.parts.iter().map(|spec| (spec.rust_name)())
     }
 }
 

@@ -17,6 +17,9 @@
 
 #![deny(missing_docs)]
 
+// `#[derive(Object)]` names `::qom`, also inside this crate (its own tests).
+extern crate self as qom;
+
 mod class;
 mod container;
 mod error;
@@ -24,6 +27,7 @@ mod object;
 mod property;
 mod type_info;
 mod type_table;
+pub mod typed;
 
 pub use class::{ClassLevel, InterfaceClass, ObjectClass};
 pub use container::{container_get, object_get_root, TYPE_CONTAINER};
@@ -39,6 +43,14 @@ pub use type_table::{
     object_class_by_name, object_class_foreach, object_class_get_list, type_table, TypeImpl,
     TypeTable, TypeTableError, TypeTableErrors,
 };
+
+pub use typed::{
+    object_class_init, ClassInitFor, DefaultFrom, IsA, ObjectBase, ObjectType, Prop,
+    PropertyType, QomEnum, Size, Typed,
+};
+
+/// `#[derive(qom::Object)]`: see [`typed`].
+pub use qom_macros::Object;
 
 #[doc(hidden)]
 pub use inventory;
@@ -69,6 +81,19 @@ pub const TYPE_INTERFACE: &str = "interface";
 /// ```
 #[macro_export]
 macro_rules! type_init {
+    ($ty:ty) => {
+        $crate::inventory::submit! {
+            $crate::typed::type_info::<$ty>($crate::Location { file: file!(), line: line!() })
+        }
+    };
+    ($ty:ty { $($field:ident : $value:expr),* $(,)? }) => {
+        $crate::inventory::submit! {
+            $crate::TypeInfo {
+                $($field: $value,)*
+                ..$crate::typed::type_info::<$ty>($crate::Location { file: file!(), line: line!() })
+            }
+        }
+    };
     ($($field:ident : $value:expr),* $(,)?) => {
         $crate::inventory::submit! {
             $crate::TypeInfo {

@@ -11,6 +11,7 @@ use crate::class::ObjectClass;
 use crate::container::object_get_root;
 use crate::property::{format_value, Property, PropertyKind, Value};
 use crate::type_table::{type_table, TypeTable};
+use crate::typed::{InstanceState, ObjectBase};
 use crate::Error;
 
 /// A counted reference to an object (QEMU's `object_ref`/`object_unref`).
@@ -37,7 +38,7 @@ struct Tree {
 pub struct Object {
     class: &'static ObjectClass,
     this: WeakObjectRef,
-    parts: Box<[Box<dyn Any + Send + Sync>]>,
+    parts: Box<[Box<dyn InstanceState>]>,
     tree: RwLock<Tree>,
     values: Mutex<FxHashMap<Arc<str>, Value>>,
 }
@@ -79,12 +80,18 @@ impl Object {
                 location: class.type_info().location,
             });
         }
-        let obj = Arc::new_cyclic(|this| Object {
-            class,
-            this: this.clone(),
-            parts: class.parts.iter().map(|(_, spec)| (spec.new)()).collect(),
-            tree: RwLock::new(Tree::default()),
-            values: Mutex::new(FxHashMap::default()),
+        let obj = Arc::new_cyclic(|this| {
+            let obj = Object {
+                class,
+                this: this.clone(),
+                parts: class.parts.iter().map(|spec| (spec.new)()).collect(),
+                tree: RwLock::new(Tree::default()),
+                values: Mutex::new(FxHashMap::default()),
+            };
+            if let Some(base) = obj.downcast::<ObjectBase>() {
+                base.attach(this);
+            }
+            obj
         });
         for info in class.chain.iter() {
             if let Some(init) = info.instance_init {
@@ -139,8 +146,10 @@ impl Object {
     #[inline]
     pub fn downcast<T: Any>(&self) -> Option<&T> {
         let id = TypeId::of::<T>();
-        let index = self.class.parts.iter().position(|(t, _)| *t == id)?;
-        self.parts[index].downcast_ref()
+        self.parts
+            .iter()
+            .find_map(|part| part.project(id))
+            .and_then(|state| state.downcast_ref())
     }
 
     // ----- composition tree -----

@@ -90,7 +90,7 @@ impl PropertyKind {
 }
 
 /// A property's default, constant so that property lists can be `const`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub enum PropertyDefault {
     /// No default (strings read as empty, links as unset).
     None,
@@ -102,6 +102,9 @@ pub enum PropertyDefault {
     Uint(u64),
     /// A string or enum default.
     Str(&'static str),
+    /// The default of a property bound to a typed field (`#[property(default = ...)]`),
+    /// `None` for an unset `Option`.
+    Field(fn() -> Option<Value>),
 }
 
 impl PropertyDefault {
@@ -111,6 +114,9 @@ impl PropertyDefault {
             (PropertyDefault::Int(i), _) => Value::Int(i),
             (PropertyDefault::Uint(u), _) => Value::Uint(u),
             (PropertyDefault::Str(s), _) => Value::Str(s.to_string()),
+            (PropertyDefault::Field(default), kind) => {
+                default().unwrap_or_else(|| PropertyDefault::None.value(kind))
+            }
             (PropertyDefault::None, PropertyKind::Bool) => Value::Bool(false),
             (PropertyDefault::None, PropertyKind::Uint(_) | PropertyKind::Size) => Value::Uint(0),
             (PropertyDefault::None, PropertyKind::Int(_)) => Value::Int(0),
@@ -288,6 +294,22 @@ impl Property {
         p
     }
 
+    /// A property bound to a field of a typed state: what `#[derive(qom::Object)]` emits
+    /// for each `#[property]` field.
+    pub const fn field(
+        name: &'static str,
+        kind: PropertyKind,
+        description: &'static str,
+        getter: Getter,
+        setter: Setter,
+        default: fn() -> Option<Value>,
+    ) -> Self {
+        let mut p = Self::new(name, kind, PropertyDefault::Field(default), description);
+        p.getter = Some(getter);
+        p.setter = Some(setter);
+        p
+    }
+
     /// The same property with a check run before every write.
     pub const fn with_check(mut self, check: SetCheck) -> Self {
         self.check_set = Some(check);
@@ -310,6 +332,7 @@ impl Property {
     pub fn info(&self) -> PropertyInfo {
         let default = match self.default {
             PropertyDefault::None => None,
+            PropertyDefault::Field(default) => default().map(|v| format_value(&v)),
             _ if !self.is_stored() => None,
             _ => Some(format_value(&self.default_value())),
         };

@@ -709,3 +709,107 @@ fn the_process_table_holds_this_binarys_registrations() {
         assert!(table.lookup(name).is_some(), "{name}");
     }
 }
+
+mod typed_types {
+    use super::*;
+    use crate::{ObjectBase, ObjectType, Prop, Typed, Value};
+
+    crate::qom_enum! {
+        /// A test enum.
+        pub enum Mode("TestMode") {
+            Off = "off",
+            Fast = "fast",
+        }
+    }
+
+    #[derive(crate::Object)]
+    #[qom(name = "typed-base", abstract)]
+    pub struct TypedBase {
+        #[parent]
+        parent: ObjectBase,
+        #[property(default = 0x501, desc = "First I/O port")]
+        iobase: Prop<u16>,
+        #[property(name = "chardev", desc = "Backend")]
+        chardev: Prop<Option<String>>,
+    }
+
+    #[derive(crate::Object)]
+    #[qom(name = "typed-leaf")]
+    pub struct TypedLeaf {
+        #[parent]
+        parent: TypedBase,
+        #[property(default = "fast")]
+        mode: Prop<Mode>,
+        #[property(default = -3)]
+        delta: Prop<i8>,
+        hits: std::sync::atomic::AtomicU32,
+    }
+
+    crate::type_init!(TypedBase);
+    crate::type_init!(TypedLeaf);
+
+    #[test]
+    fn typed_state_embeds_its_parent_and_reaches_ancestors_by_cast() {
+        let obj = crate::object_new("typed-leaf").unwrap();
+        assert!(obj.is_a("typed-base"));
+        let leaf = obj.downcast::<TypedLeaf>().unwrap();
+        let base: &TypedBase = leaf;
+        assert_eq!(base.iobase.get(), 0x501);
+        assert!(std::ptr::eq(obj.downcast::<TypedBase>().unwrap(), base));
+        let root = obj.downcast::<ObjectBase>().unwrap();
+        assert!(Arc::ptr_eq(&root.object().unwrap(), &obj));
+        assert_eq!(leaf.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(obj.downcast::<String>().is_none());
+        let typed = Typed::<TypedLeaf>::new(obj.clone()).unwrap();
+        assert_eq!(typed.mode.get(), Mode::Fast);
+        assert!(Typed::<TypedLeaf>::new(crate::object_new("typed-leaf").unwrap()).is_some());
+        assert_eq!(<TypedLeaf as ObjectType>::TYPE_NAME, "typed-leaf");
+    }
+
+    #[test]
+    fn field_properties_parse_list_and_refuse_like_stored_ones() {
+        let obj = crate::object_new("typed-leaf").unwrap();
+        obj.property_parse("iobase", "0x3f8").unwrap();
+        assert_eq!(obj.downcast::<TypedBase>().unwrap().iobase.get(), 0x3f8);
+        assert_eq!(obj.property_get("iobase").unwrap(), Value::Uint(0x3f8));
+        let err = obj.property_parse("iobase", "70000").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Parameter 'iobase' expects a non-negative integer below 65536"
+        );
+        obj.property_parse("mode", "off").unwrap();
+        assert_eq!(obj.downcast::<TypedLeaf>().unwrap().mode.get(), Mode::Off);
+        let err = obj.property_parse("mode", "slow").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Parameter 'mode' does not accept value 'slow'"
+        );
+        assert_eq!(obj.property_print("chardev").unwrap(), "");
+        obj.property_parse("chardev", "ser0").unwrap();
+        assert_eq!(
+            obj.downcast::<TypedBase>().unwrap().chardev.get().as_deref(),
+            Some("ser0")
+        );
+        obj.property_parse("delta", "-128").unwrap();
+        assert!(obj.property_parse("delta", "128").is_err());
+
+        let class = obj.class();
+        let infos: Vec<_> = class.properties().iter().map(|p| p.info()).collect();
+        let find = |n: &str| infos.iter().find(|i| i.name == n).unwrap().clone();
+        assert_eq!(find("iobase").type_name, "uint16");
+        assert_eq!(find("iobase").default.as_deref(), Some("1281"));
+        assert_eq!(find("iobase").description, "First I/O port");
+        assert_eq!(find("chardev").default, None);
+        assert_eq!(find("mode").type_name, "TestMode");
+        assert_eq!(find("mode").default.as_deref(), Some("fast"));
+        assert_eq!(find("delta").default.as_deref(), Some("-3"));
+    }
+
+    #[test]
+    fn abstract_typed_types_cannot_be_instantiated() {
+        assert!(matches!(
+            crate::object_new("typed-base"),
+            Err(crate::Error::AbstractType { .. })
+        ));
+    }
+}

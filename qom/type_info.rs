@@ -1,10 +1,10 @@
 //! The static record a type registers: QEMU's `TypeInfo`.
 
-use std::any::{Any, TypeId};
 use std::fmt;
 
 use crate::class::ObjectClass;
 use crate::object::Object;
+use crate::typed::{InstanceState, LegacyPart, ObjectType, TypedState};
 
 /// Where a type was registered, for error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,30 +23,43 @@ impl fmt::Display for Location {
 
 /// How to build the Rust state one type adds to its instances.
 ///
-/// QEMU embeds the parent's instance struct as the first field of the child's. Here every
-/// type of the chain may contribute its own part (`DeviceState`, then `IsaDevice`, then
-/// `Serial`...), held side by side in the object and found by Rust type
-/// ([`Object::downcast`]).
+/// A typed type ([`crate::ObjectType`], registered with `type_init!(Type)`) holds its whole
+/// chain in one struct that embeds its parent's, as QEMU's instance structs do; its spec
+/// replaces the parent's. A legacy part ([`InstanceSpec::of`]) is added beside the parts of
+/// the parent types. Either is reached by Rust type with [`crate::Object::downcast`].
 #[derive(Clone, Copy)]
 pub struct InstanceSpec {
-    /// The `TypeId` of the part.
-    pub type_id: fn() -> TypeId,
-    /// The Rust name of the part, for messages.
-    pub rust_name: fn() -> &'static str,
-    /// Builds the part in its default state, before any `instance_init`.
-    pub new: fn() -> Box<dyn Any + Send + Sync>,
+    /// The Rust name of the state, for messages.
+    pub(crate) rust_name: fn() -> &'static str,
+    /// Builds the state in its default state, before any `instance_init`.
+    pub(crate) new: fn() -> Box<dyn InstanceState>,
+    /// Whether the state embeds the parent types' states (typed) or sits beside them.
+    pub(crate) embeds_parent: bool,
 }
 
 impl InstanceSpec {
-    /// The spec of a part of Rust type `T`, built with `T::default()`.
+    /// A part of Rust type `T` added beside the parent types' parts, built with
+    /// `T::default()`.
     pub const fn of<T: Default + Send + Sync + 'static>() -> Self {
-        fn new<T: Default + Send + Sync + 'static>() -> Box<dyn Any + Send + Sync> {
-            Box::new(T::default())
+        fn new<T: Default + Send + Sync + 'static>() -> Box<dyn InstanceState> {
+            Box::new(LegacyPart(T::default()))
         }
         InstanceSpec {
-            type_id: TypeId::of::<T>,
             rust_name: std::any::type_name::<T>,
             new: new::<T>,
+            embeds_parent: false,
+        }
+    }
+
+    /// The whole state of typed `T`, which embeds its ancestors' states.
+    pub const fn typed<T: ObjectType>() -> Self {
+        fn new<T: ObjectType>() -> Box<dyn InstanceState> {
+            Box::new(TypedState(T::default()))
+        }
+        InstanceSpec {
+            rust_name: std::any::type_name::<T>,
+            new: new::<T>,
+            embeds_parent: true,
         }
     }
 }
