@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use hw::char::chardev::{CharBackend, CharReceiver};
+use hw::core::chardev::{CharBackend, CharReceiver};
 use hw::core::machine::{machine_state, RunRequest};
 use parking_lot::Mutex;
 use qom::WeakObjectRef;
@@ -138,7 +138,7 @@ impl CharBackend for MuxBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hw::char::chardev::Ringbuf;
+    use hw::core::chardev::Ringbuf;
 
     #[test]
     fn escapes_are_handled_and_other_bytes_pass() {

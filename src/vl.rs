@@ -42,8 +42,8 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
 
     for c in &opts.chardev {
         let (id, backend) =
-            hw::char::chardev::parse_chardev_opts(&c.value).map_err(|e| c.error(e))?;
-        hw::char::chardev::chardev_add(&id, backend).map_err(|e| c.error(e))?;
+            hw::core::chardev::parse_chardev_opts(&c.value).map_err(|e| c.error(e))?;
+        hw::core::chardev::chardev_add(&id, backend).map_err(|e| c.error(e))?;
     }
     let machine = create_machine(&opts)?;
     configure_serial(&opts, &machine)?;
@@ -312,13 +312,13 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
     }
     let mut hds = Vec::new();
     for (spec, location) in specs {
-        let backend = hw::char::chardev::parse_serial_spec(&spec)
+        let backend = hw::core::chardev::parse_serial_spec(&spec)
             .map_err(|e| OptionError::new(location.clone(), e))?;
         let backend = match backend {
             Some(b) if opts.nographic && b.driver() == "stdio" => {
                 crate::term::enter_raw_mode();
                 Some(crate::mux::MuxBackend::new(b, machine.downgrade())
-                    as std::sync::Arc<dyn hw::char::chardev::CharBackend>)
+                    as std::sync::Arc<dyn hw::core::chardev::CharBackend>)
             }
             other => other,
         };

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use accel::qtest::QtestOps;
-use hw::char::chardev::{chardev_add, parse_serial_spec, Ringbuf};
+use hw::core::chardev::{chardev_add, parse_serial_spec, Ringbuf};
 use hw::char::serial::{serial_isa_init, serial_port, serial_set_backend};
 use hw::core::irq::{GsiRouter, IrqLine};
 use hw::core::machine::{machine_state, MachineState, RunRequest};

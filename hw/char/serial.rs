@@ -18,7 +18,7 @@ use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property, PropertyKi
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
-use crate::char::chardev::{chardev_find, CharBackend};
+use crate::core::chardev::{chardev_find, CharBackend};
 use crate::core::bus::bus_children;
 use crate::core::irq::IrqLine;
 use crate::core::machine::machine_of;
@@ -490,7 +490,7 @@ type_init! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::char::chardev::Ringbuf;
+    use crate::core::chardev::Ringbuf;
     use crate::core::irq::IrqHandler;
 
     const LSR: u64 = 5;

@@ -1,44 +1,65 @@
 //! qdev buses (QEMU's `hw/core/bus.c`): a bus is a child of the device that provides it
 //! (`/machine/i440fx/pci.0`) and holds the devices plugged into it.
 
+use std::sync::{Arc, OnceLock};
+
 use parking_lot::Mutex;
-use qom::{type_init, Object, ObjectRef};
+use qom::{type_init, Object, ObjectBase, ObjectRef};
+
+use crate::core::services::MachineServices;
 
 /// QEMU's `TYPE_BUS`.
 pub const TYPE_BUS: &str = "bus";
 
-/// QEMU's `BusState`.
-#[derive(Default)]
+/// QEMU's `BusState`: the plugged devices, and the machine services the bus hands to them
+/// at realize.
+#[derive(qom::Object)]
+#[qom(name = TYPE_BUS, abstract)]
 pub struct BusState {
+    #[parent]
+    parent: ObjectBase,
     children: Mutex<Vec<ObjectRef>>,
+    services: OnceLock<Arc<MachineServices>>,
 }
 
-type_init! {
-    name: TYPE_BUS,
-    parent: Some(qom::TYPE_OBJECT),
-    abstract_: true,
-    instance: Some(qom::InstanceSpec::of::<BusState>()),
-}
+type_init!(BusState);
 
-fn state(bus: &Object) -> &BusState {
-    bus.downcast::<BusState>()
-        .expect("every bus instance has a BusState part")
+impl BusState {
+    /// The services the bus's devices receive at realize.
+    pub fn services(&self) -> Option<&Arc<MachineServices>> {
+        self.services.get()
+    }
+
+    /// The devices plugged in, in plug order.
+    pub fn children(&self) -> Vec<ObjectRef> {
+        self.children.lock().clone()
+    }
 }
 
 pub(crate) fn bus_add_child(bus: &Object, dev: &ObjectRef) {
-    state(bus).children.lock().push(dev.clone());
+    if let Some(st) = bus.downcast::<BusState>() {
+        st.children.lock().push(dev.clone());
+    }
 }
 
 pub(crate) fn bus_remove_child(bus: &Object, dev: &Object) {
-    state(bus)
-        .children
-        .lock()
-        .retain(|c| !std::ptr::eq(&**c, dev));
+    if let Some(st) = bus.downcast::<BusState>() {
+        st.children.lock().retain(|c| !std::ptr::eq(&**c, dev));
+    }
 }
 
-/// QEMU's `qbus_new`: a bus of type `bus_type` named `name`, child of `parent`.
-pub fn qbus_new(bus_type: &str, parent: &ObjectRef, name: &str) -> Result<ObjectRef, qom::Error> {
+/// QEMU's `qbus_new`: a bus of type `bus_type` named `name`, child of `parent`, whose devices
+/// receive `services` at realize.
+pub fn qbus_new(
+    bus_type: &str,
+    parent: &ObjectRef,
+    name: &str,
+    services: &Arc<MachineServices>,
+) -> Result<ObjectRef, qom::Error> {
     let bus = qom::object_new(bus_type)?;
+    if let Some(st) = bus.downcast::<BusState>() {
+        let _ = st.services.set(services.clone());
+    }
     parent.add_child(name, &bus)?;
     Ok(bus)
 }
@@ -46,7 +67,7 @@ pub fn qbus_new(bus_type: &str, parent: &ObjectRef, name: &str) -> Result<Object
 /// The devices plugged into `bus`, in plug order.
 pub fn bus_children(bus: &Object) -> Vec<ObjectRef> {
     bus.downcast::<BusState>()
-        .map(|s| s.children.lock().clone())
+        .map(BusState::children)
         .unwrap_or_default()
 }
 

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::core::services::MachineServices;
+
 /// Where a line's level changes go: an interrupt controller's input pins.
 pub trait IrqHandler: Send + Sync {
     /// Sets input `n` to `level`.
@@ -70,27 +72,25 @@ impl fmt::Debug for IrqLine {
 }
 
 /// Routes lines to the accelerator's interrupt controller (GSI `n`), as a board's
-/// `gsi_state` does; a machine without an accelerator drops them.
+/// `gsi_state` does; a machine without an accelerator drops them. The accelerator is read
+/// without a lock on every level change.
 pub struct GsiRouter {
-    machine: qom::WeakObjectRef,
+    services: Arc<MachineServices>,
 }
 
 impl GsiRouter {
-    /// A router for `machine`'s accelerator.
-    pub fn new(machine: &qom::ObjectRef) -> Arc<Self> {
+    /// A router for the accelerator of the machine `services` belong to.
+    pub fn new(services: &Arc<MachineServices>) -> Arc<Self> {
         Arc::new(GsiRouter {
-            machine: machine.downgrade(),
+            services: services.clone(),
         })
     }
 }
 
 impl IrqHandler for GsiRouter {
+    #[inline]
     fn set_irq(&self, n: u32, level: bool) {
-        let ops = self
-            .machine
-            .upgrade()
-            .and_then(|m| crate::core::machine::machine_state(&m).and_then(|ms| ms.accel_ops()));
-        if let Some(ops) = ops {
+        if let Some(ops) = self.services.accel_ops() {
             ops.set_irq(n, level);
         }
     }

@@ -3,16 +3,20 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
-use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property};
+use parking_lot::Mutex;
+use qom::{
+    type_init, ClassInitFor, Error, IsA, Object, ObjectBase, ObjectClass, ObjectRef, ObjectType,
+    Prop,
+};
+use vm_memory::GuestMemoryMmap;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
-
-use crate::core::accel_ops::{AccelOpsRef, RamBlock};
+use crate::core::accel_ops::AccelOpsRef;
+use crate::core::chardev::CharBackend;
 use crate::core::memory::AddressSpace;
-use crate::core::runstate::VmState;
+use crate::core::qdev::{QdevError, RealizeError};
+use crate::core::runstate::{RunState, RunStateError, VmState};
+use crate::core::services::{MachineServices, RamError};
 
 /// When the process started, as `main` recorded it: boot-time figures are measured from it.
 pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -22,13 +26,11 @@ pub const TYPE_MACHINE: &str = "machine";
 /// Suffix of every machine type name (`pc-i440fx-9.2-machine`).
 pub const TYPE_MACHINE_SUFFIX: &str = "-machine";
 
-/// Board initialisation, QEMU's `MachineClass::init` (`pc_init1` for `pc`).
-pub type MachineInitFn = fn(&ObjectRef) -> Result<(), Error>;
-
-/// QEMU's `MachineClass`.
+/// QEMU's `MachineClass`: what `-machine help` and `select_machine` read, derived from the
+/// machine type's [`MachineImpl`].
 #[derive(Clone, Debug)]
 pub struct MachineClass {
-    /// The `-M` name: the type name without `-machine` (set by `machine`'s class_base_init).
+    /// The `-M` name: the type name without `-machine`.
     pub name: &'static str,
     /// One-line description for `-machine help`.
     pub desc: &'static str,
@@ -44,33 +46,93 @@ pub struct MachineClass {
     pub default_cpu_type: Option<&'static str>,
     /// RAM when `-m` is not given.
     pub default_ram_size: u64,
-    /// Builds the board.
-    pub init: Option<MachineInitFn>,
-    /// Board work once every `-device` is created, before the guest starts (QEMU's
-    /// `machine_done` notifier: firmware-like set-up such as BAR assignment and ACPI).
-    pub machine_done: Option<MachineInitFn>,
-    /// Board work at each system reset after the devices reset (QEMU's
-    /// `MachineClass::reset`; the pc board reloads a `-kernel` there).
-    pub reset: Option<MachineInitFn>,
+    /// The machine's methods, as a trait object.
+    machine: Option<fn(&Object) -> Option<&dyn Machine>>,
 }
 
-impl Default for MachineClass {
-    fn default() -> Self {
-        MachineClass {
-            name: "",
-            desc: "",
-            alias: None,
-            is_default: false,
-            max_cpus: 1,
-            min_cpus: 1,
-            default_cpu_type: None,
-            // QEMU's default RAM size.
-            default_ram_size: 128 << 20,
-            init: None,
-            machine_done: None,
-            reset: None,
-        }
+/// A machine type: QEMU's `MachineClass` constants and methods as a trait.
+pub trait MachineImpl: ObjectType + IsA<MachineState> {
+    /// One-line description for `-machine help`.
+    const DESC: &'static str = "";
+    /// Another `-M` name (`pc`).
+    const ALIAS: Option<&'static str> = None;
+    /// Chosen when `-M` is not given.
+    const IS_DEFAULT: bool = false;
+    /// Highest `-smp maxcpus`.
+    const MAX_CPUS: u32 = 1;
+    /// Lowest `-smp`.
+    const MIN_CPUS: u32 = 1;
+    /// CPU model when `-cpu` is not given.
+    const DEFAULT_CPU_TYPE: Option<&'static str> = None;
+    /// RAM when `-m` is not given (QEMU's default, 128 MiB).
+    const DEFAULT_RAM_SIZE: u64 = 128 << 20;
+
+    /// Builds the board (QEMU's `MachineClass::init`, `pc_init1` for `pc`).
+    fn init(&self) -> Result<(), MachineError> {
+        Ok(())
     }
+    /// Board work once every `-device` is created, before the guest starts (QEMU's
+    /// `machine_done` notifier: firmware-like set-up such as BAR assignment and ACPI).
+    fn machine_done(&self) -> Result<(), MachineError> {
+        Ok(())
+    }
+    /// Board work at each system reset after the devices reset (QEMU's
+    /// `MachineClass::reset`; the pc board reloads a `-kernel` there).
+    fn reset(&self) -> Result<(), MachineError> {
+        Ok(())
+    }
+}
+
+/// The dynamically dispatched half of [`MachineImpl`] (its constants live in the class).
+pub trait Machine: Send + Sync {
+    /// [`MachineImpl::init`].
+    fn init(&self) -> Result<(), MachineError>;
+    /// [`MachineImpl::machine_done`].
+    fn machine_done(&self) -> Result<(), MachineError>;
+    /// [`MachineImpl::reset`].
+    fn reset(&self) -> Result<(), MachineError>;
+}
+
+impl<T: MachineImpl> Machine for T {
+    fn init(&self) -> Result<(), MachineError> {
+        MachineImpl::init(self)
+    }
+    fn machine_done(&self) -> Result<(), MachineError> {
+        MachineImpl::machine_done(self)
+    }
+    fn reset(&self) -> Result<(), MachineError> {
+        MachineImpl::reset(self)
+    }
+}
+
+fn as_machine<T: MachineImpl>(obj: &Object) -> Option<&dyn Machine> {
+    obj.downcast::<T>().map(|m| m as &dyn Machine)
+}
+
+/// `machine`'s class_init of each machine type: the class record from the impl.
+impl<T: MachineImpl> ClassInitFor<T> for MachineState {
+    fn class_init(class: &mut ObjectClass) {
+        qom::object_class_init::<T>(class);
+        let type_name = T::TYPE_NAME;
+        class.insert(MachineClass {
+            name: type_name
+                .strip_suffix(TYPE_MACHINE_SUFFIX)
+                .unwrap_or(type_name),
+            desc: T::DESC,
+            alias: T::ALIAS,
+            is_default: T::IS_DEFAULT,
+            max_cpus: T::MAX_CPUS,
+            min_cpus: T::MIN_CPUS,
+            default_cpu_type: T::DEFAULT_CPU_TYPE,
+            default_ram_size: T::DEFAULT_RAM_SIZE,
+            machine: Some(as_machine::<T>),
+        });
+    }
+}
+
+/// The machine methods of `obj`, if it is a machine.
+pub fn machine_impl(obj: &Object) -> Option<&dyn Machine> {
+    machine_class(obj.class()).and_then(|mc| mc.machine?(obj))
 }
 
 /// The `-smp` configuration (QEMU's `CpuTopology`).
@@ -100,110 +162,62 @@ impl Default for SmpConfig {
     }
 }
 
-/// Why a run ends or restarts (QEMU's `ShutdownCause`, plus `isa-debug-exit`'s status).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunRequest {
-    /// The guest powered off (ACPI S5, `poweroff`).
-    GuestShutdown,
-    /// The guest asked for a reset (keyboard controller, 0xcf9, triple fault).
-    GuestReset,
-    /// The guest reported a panic.
-    GuestPanic,
-    /// The host asked to quit (monitor `quit`, Ctrl-A x, a signal).
-    HostQuit,
-    /// `isa-debug-exit`: the process exits with this status.
-    DebugExit(i32),
-    /// The guest hit a fatal error (emulation failure, failed entry); status 1.
-    GuestError,
-    /// The monitor asked for a reset (`system_reset`).
-    HostReset,
-}
-
-/// The mailbox of run requests: vCPU threads and devices post, the main loop waits.
-#[derive(Default)]
-pub struct RunState {
-    pending: Mutex<Option<RunRequest>>,
-    posted: Condvar,
-}
-
-impl RunState {
-    /// Posts a request; a pending one that ends the run is not replaced by a later one.
-    pub fn request(&self, request: RunRequest) {
-        let mut pending = self.pending.lock();
-        match *pending {
-            Some(RunRequest::GuestReset | RunRequest::HostReset) | None => {
-                *pending = Some(request)
-            }
-            Some(_) => {}
-        }
-        self.posted.notify_all();
-    }
-
-    /// Takes the pending request, if any.
-    pub fn take(&self) -> Option<RunRequest> {
-        self.pending.lock().take()
-    }
-
-    /// Waits up to `timeout` for a request and takes it.
-    pub fn wait(&self, timeout: Option<Duration>) -> Option<RunRequest> {
-        let mut pending = self.pending.lock();
-        if pending.is_none() {
-            match timeout {
-                Some(t) => {
-                    self.posted.wait_for(&mut pending, t);
-                }
-                None => {
-                    while pending.is_none() {
-                        self.posted.wait(&mut pending);
-                    }
-                }
-            }
-        }
-        pending.take()
-    }
-}
-
 /// QEMU's `MachineState`: what every machine instance has.
+#[derive(qom::Object)]
+#[qom(name = TYPE_MACHINE, abstract, class_level)]
 pub struct MachineState {
+    #[parent]
+    parent: ObjectBase,
+    #[property(desc = "Linux kernel image file")]
+    kernel: Prop<Option<String>>,
+    #[property(desc = "Linux initial ramdisk file")]
+    initrd: Prop<Option<String>>,
+    #[property(desc = "Linux kernel command line")]
+    append: Prop<Option<String>>,
+    #[property(desc = "Firmware image")]
+    firmware: Prop<Option<String>>,
+    #[property(name = "dump-guest-core", default = true, desc = "Include guest memory in a core dump")]
+    dump_guest_core: Prop<bool>,
+    #[property(name = "mem-merge", default = true, desc = "Enable/disable memory merge support")]
+    mem_merge: Prop<bool>,
+    #[property(default = true, desc = "Set on/off to enable/disable graphics emulation")]
+    graphics: Prop<bool>,
+    #[property(default = false, desc = "Set on/off to enable/disable usb")]
+    usb: Prop<bool>,
     ram_size: AtomicU64,
     smp: Mutex<SmpConfig>,
     cpu_type: Mutex<Option<String>>,
     cpu_options: Mutex<String>,
-    system_memory: Arc<AddressSpace>,
-    system_io: Arc<AddressSpace>,
     accel: Mutex<Option<ObjectRef>>,
-    accel_ops: Mutex<Option<AccelOpsRef>>,
-    ram: Mutex<Arc<GuestMemoryMmap>>,
     cpus: Mutex<Vec<ObjectRef>>,
-    serial_hds: Mutex<Vec<Option<Arc<dyn crate::char::chardev::CharBackend>>>>,
-    run: RunState,
-    vm: VmState,
-    /// The machine object this state belongs to (set by `machine`'s instance_init).
-    machine_object: Mutex<Option<qom::WeakObjectRef>>,
+    serial_hds: Mutex<Vec<Option<Arc<dyn CharBackend>>>>,
+    services: Arc<MachineServices>,
 }
 
-impl Default for MachineState {
-    fn default() -> Self {
-        MachineState {
-            ram_size: AtomicU64::new(0),
-            smp: Mutex::new(SmpConfig::default()),
-            cpu_type: Mutex::new(None),
-            cpu_options: Mutex::new(String::new()),
-            system_memory: Arc::new(AddressSpace::new_memory()),
-            system_io: Arc::new(AddressSpace::new_io()),
-            accel: Mutex::new(None),
-            accel_ops: Mutex::new(None),
-            ram: Mutex::new(Arc::new(GuestMemoryMmap::default())),
-            cpus: Mutex::new(Vec::new()),
-            serial_hds: Mutex::new(Vec::new()),
-            run: RunState::default(),
-            machine_object: Mutex::new(None),
-            vm: VmState::default(),
-        }
+type_init!(MachineState {
+    class_init: Some(machine_base_class_init),
+    instance_init: Some(machine_instance_init),
+});
+
+impl AsRef<VmState> for MachineState {
+    fn as_ref(&self) -> &VmState {
+        self.services.vm()
     }
 }
 
 impl MachineState {
+    /// `-kernel`.
+    pub fn kernel(&self) -> Option<String> {
+        self.kernel.get()
+    }
+    /// `-initrd`.
+    pub fn initrd(&self) -> Option<String> {
+        self.initrd.get()
+    }
+    /// `-append`.
+    pub fn append(&self) -> Option<String> {
+        self.append.get()
+    }
     /// Guest RAM in bytes (`-m`).
     pub fn ram_size(&self) -> u64 {
         self.ram_size.load(Ordering::Relaxed)
@@ -236,13 +250,17 @@ impl MachineState {
     pub fn set_cpu_options(&self, options: String) {
         *self.cpu_options.lock() = options;
     }
+    /// What the machine hands to its devices.
+    pub fn services(&self) -> &Arc<MachineServices> {
+        &self.services
+    }
     /// QEMU's `get_system_memory()`.
     pub fn system_memory(&self) -> &Arc<AddressSpace> {
-        &self.system_memory
+        self.services.system_memory()
     }
     /// QEMU's `get_system_io()`.
     pub fn system_io(&self) -> &Arc<AddressSpace> {
-        &self.system_io
+        self.services.system_io()
     }
     /// The accelerator object (`/machine/accel` in QEMU's `current_accel()`).
     pub fn accel(&self) -> Option<ObjectRef> {
@@ -254,37 +272,20 @@ impl MachineState {
     }
     /// The accelerator's operations, once an accelerator is initialised.
     pub fn accel_ops(&self) -> Option<AccelOpsRef> {
-        self.accel_ops.lock().clone()
+        self.services.accel_ops().cloned()
     }
-    /// Installs the accelerator's operations (`accel_init_machine` does).
-    pub fn set_accel_ops(&self, ops: AccelOpsRef) {
-        *self.accel_ops.lock() = Some(ops);
+    /// Installs the accelerator's operations (`accel_init_machine` does, once).
+    pub fn set_accel_ops(&self, ops: AccelOpsRef) -> Result<(), RunStateError> {
+        self.services.vm().set_accel_ops(ops)
     }
     /// Guest RAM, for loaders and devices that read or write guest memory.
     pub fn ram(&self) -> Arc<GuestMemoryMmap> {
-        self.ram.lock().clone()
+        self.services.ram()
     }
     /// Allocates `size` bytes of guest RAM at `guest_addr` and maps it through the
-    /// accelerator (QEMU's `memory_region_add_subregion` of a RAM region).
+    /// accelerator.
     pub fn add_ram(&self, guest_addr: u64, size: u64) -> Result<(), MachineError> {
-        let ops = self.accel_ops().ok_or(MachineError::NoAccelerator)?;
-        let len = usize::try_from(size).map_err(|_| MachineError::RamTooLarge(size))?;
-        let region = GuestRegionMmap::from_range(GuestAddress(guest_addr), len, None)
-            .map_err(|e| MachineError::RamAllocation(e.to_string()))?;
-        let host_addr = region.as_ptr() as u64;
-        {
-            let mut ram = self.ram.lock();
-            let next = ram
-                .insert_region(Arc::new(region))
-                .map_err(|e| MachineError::RamAllocation(e.to_string()))?;
-            *ram = Arc::new(next);
-        }
-        ops.map_ram(RamBlock {
-            guest_addr,
-            size,
-            host_addr,
-        })?;
-        Ok(())
+        Ok(self.services.add_ram(guest_addr, size)?)
     }
     /// The machine's CPUs, by index.
     pub fn cpus(&self) -> Vec<ObjectRef> {
@@ -296,24 +297,20 @@ impl MachineState {
     }
     /// The backends of `-serial` (QEMU's `serial_hds`): entry `i` is COM`i+1`, `None` for
     /// `-serial none`.
-    pub fn serial_hds(&self) -> Vec<Option<Arc<dyn crate::char::chardev::CharBackend>>> {
+    pub fn serial_hds(&self) -> Vec<Option<Arc<dyn CharBackend>>> {
         self.serial_hds.lock().clone()
     }
     /// Sets the `-serial` backends, before board init.
-    pub fn set_serial_hds(&self, hds: Vec<Option<Arc<dyn crate::char::chardev::CharBackend>>>) {
+    pub fn set_serial_hds(&self, hds: Vec<Option<Arc<dyn CharBackend>>>) {
         *self.serial_hds.lock() = hds;
-    }
-    /// The machine object, if this state belongs to one.
-    pub fn object(&self) -> Option<ObjectRef> {
-        self.machine_object.lock().as_ref().and_then(|w| w.upgrade())
     }
     /// The run-request mailbox.
     pub fn run_state(&self) -> &RunState {
-        &self.run
+        self.services.vm().requests()
     }
     /// The run status, its event listeners and the power button (see `runstate`).
     pub fn vm_state(&self) -> &VmState {
-        &self.vm
+        self.services.vm()
     }
 }
 
@@ -322,85 +319,46 @@ pub fn machine_class(class: &ObjectClass) -> Option<&MachineClass> {
     class.get::<MachineClass>()
 }
 
-/// Mutable `MachineClass`, for `class_init` of machine types.
-///
-/// # Panics
-/// If `class` is not a machine class: a programming error in a `type_init!` record.
-pub fn machine_class_mut(class: &mut ObjectClass) -> &mut MachineClass {
-    let name = class.name();
-    class
-        .get_mut::<MachineClass>()
-        .unwrap_or_else(|| panic!("class_init of '{name}' expects a machine class"))
-}
-
 /// The machine part of a machine object.
 pub fn machine_state(obj: &Object) -> Option<&MachineState> {
     obj.downcast::<MachineState>()
 }
 
-/// The machine `obj` belongs to: itself, or its nearest machine ancestor in the tree.
-pub fn machine_of(obj: &Object) -> Option<ObjectRef> {
-    let mut cur = obj.to_ref()?;
-    loop {
-        if cur.is_a(TYPE_MACHINE) {
-            return Some(cur);
-        }
-        cur = cur.parent()?;
-    }
-}
-
-/// Properties common to all machines (QEMU's `machine_class_init`).
-const MACHINE_PROPERTIES: &[Property] = &[
-    Property::string("kernel", None, "Linux kernel image file"),
-    Property::string("initrd", None, "Linux initial ramdisk file"),
-    Property::string("append", None, "Linux kernel command line"),
-    Property::string("firmware", None, "Firmware image"),
-    Property::bool("dump-guest-core", true, "Include guest memory in a core dump"),
-    Property::bool("mem-merge", true, "Enable/disable memory merge support"),
-    Property::bool("graphics", true, "Set on/off to enable/disable graphics emulation"),
-    Property::bool("usb", false, "Set on/off to enable/disable usb"),
-];
-
-fn machine_class_init(class: &mut ObjectClass) {
-    class.insert(MachineClass::default());
-    for p in MACHINE_PROPERTIES {
-        class.add_property(p.clone());
-    }
-}
-
-/// Every machine type's `-M` name is its type name without `-machine` (QEMU does this in
-/// `machine_class_base_init`).
-fn machine_class_base_init(class: &mut ObjectClass) {
-    let type_name = class.name();
-    let name = type_name
-        .strip_suffix(TYPE_MACHINE_SUFFIX)
-        .unwrap_or(type_name);
-    machine_class_mut(class).name = name;
+/// The abstract `machine` class: a class record for listings of the abstract type.
+fn machine_base_class_init(class: &mut ObjectClass) {
+    qom::object_class_init::<MachineState>(class);
+    class.insert(MachineClass {
+        name: TYPE_MACHINE,
+        desc: "",
+        alias: None,
+        is_default: false,
+        max_cpus: 1,
+        min_cpus: 1,
+        default_cpu_type: None,
+        default_ram_size: 128 << 20,
+        machine: None,
+    });
 }
 
 fn machine_instance_init(obj: &Object) {
     // The containers every machine has (QEMU creates them in `qemu_create_machine`).
-    let this = obj.to_ref().expect("an object in instance_init is alive");
+    let Some(this) = obj.to_ref() else { return };
     for name in ["unattached", "peripheral", "peripheral-anon"] {
         qom::container_get(&this, name);
     }
-    if let Some(st) = machine_state(obj) {
-        *st.machine_object.lock() = Some(obj.downgrade());
-    }
-    if let (Some(st), Some(mc)) = (machine_state(obj), machine_class(obj.class())) {
-        st.set_ram_size(mc.default_ram_size);
-        st.set_cpu_type(mc.default_cpu_type.map(str::to_string));
-    }
-}
-
-type_init! {
-    name: TYPE_MACHINE,
-    parent: Some(qom::TYPE_OBJECT),
-    abstract_: true,
-    class_init: Some(machine_class_init),
-    class_base_init: Some(machine_class_base_init),
-    instance: Some(qom::InstanceSpec::of::<MachineState>()),
-    instance_init: Some(machine_instance_init),
+    let (Some(ms), Some(mc)) = (machine_state(obj), machine_class(obj.class())) else {
+        return;
+    };
+    ms.set_ram_size(mc.default_ram_size);
+    ms.set_cpu_type(mc.default_cpu_type.map(str::to_string));
+    let machine = obj.downgrade();
+    ms.vm_state().set_reset_handler(Box::new(move || {
+        if let Some(machine) = machine.upgrade() {
+            if let Err(e) = reset_machine(&machine) {
+                eprintln!("qomvm: system reset: {e}");
+            }
+        }
+    }));
 }
 
 /// Errors of choosing and building a machine.
@@ -435,15 +393,18 @@ pub enum MachineError {
     /// A property the machine refuses (`usb=on` without USB).
     #[error("{0}")]
     Unsupported(String),
-    /// RAM requested before an accelerator was initialised.
-    #[error("no accelerator is initialised")]
-    NoAccelerator,
-    /// RAM larger than the host's address space.
-    #[error("cannot set up guest memory: {0} bytes do not fit in the host's address space")]
-    RamTooLarge(u64),
-    /// The host refused the RAM mapping.
-    #[error("cannot set up guest memory 'pc.ram': {0}")]
-    RamAllocation(String),
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// A device of the board failed to realize.
+    #[error(transparent)]
+    Realize(#[from] RealizeError),
+    /// A device of the board could not be created or plugged.
+    #[error(transparent)]
+    Qdev(#[from] QdevError),
+    /// The board failed in its own way.
+    #[error("{0}")]
+    Board(String),
     /// A QOM error during board init.
     #[error(transparent)]
     Qom(#[from] Error),
@@ -485,16 +446,16 @@ pub fn machine_run_board_init(machine: &ObjectRef) -> Result<(), MachineError> {
             min: mc.min_cpus,
         });
     }
-    if machine.prop_bool("usb")? {
+    if ms.usb.get() {
         return Err(MachineError::Unsupported(format!(
             "machine '{}' has no USB controller: use usb=off",
             mc.name
         )));
     }
-    if let Some(init) = mc.init {
-        init(machine)?;
+    match machine_impl(machine) {
+        Some(m) => m.init(),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Resets every realized device under `root`, children before parents as QEMU's
@@ -512,11 +473,11 @@ fn reset_devices(root: &ObjectRef) {
 /// The machine part of QEMU's `qemu_system_reset`, run with the vCPUs paused: resets the
 /// devices, lets the board reload what it loaded at start, and marks the vCPUs for reset
 /// (they take their reset or loader state before they next run).
-pub fn reset_machine(machine: &ObjectRef) -> Result<(), Error> {
+pub fn reset_machine(machine: &ObjectRef) -> Result<(), MachineError> {
     let ms = machine_state(machine).expect("machines have a MachineState");
     reset_devices(machine);
-    let result = match machine_class(machine.class()).and_then(|mc| mc.reset) {
-        Some(reset) => reset(machine),
+    let result = match machine_impl(machine) {
+        Some(m) => m.reset(),
         None => Ok(()),
     };
     if let Some(ops) = ms.accel_ops() {
@@ -527,9 +488,9 @@ pub fn reset_machine(machine: &ObjectRef) -> Result<(), Error> {
 
 /// QEMU's `qdev_machine_creation_done`: runs the board's `machine_done` once every device
 /// exists.
-pub fn machine_creation_done(machine: &ObjectRef) -> Result<(), Error> {
-    match machine_class(machine.class()).and_then(|mc| mc.machine_done) {
-        Some(done) => done(machine),
+pub fn machine_creation_done(machine: &ObjectRef) -> Result<(), MachineError> {
+    match machine_impl(machine) {
+        Some(m) => m.machine_done(),
         None => Ok(()),
     }
 }

@@ -5,20 +5,20 @@
 //! chain once. Properties declared with [`device_class_set_props`] are frozen after realize.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use qom::{
-    container_get, object_get_root, type_init, Error, Object, ObjectClass, ObjectRef, Property,
-    PropertyKind, Value, WeakObjectRef,
+    container_get, object_get_root, type_init, ClassInitFor, Error, IsA, Object, ObjectBase,
+    ObjectClass, ObjectRef, ObjectType, Property, PropertyKind, Value, WeakObjectRef,
 };
+
+use crate::core::bus::BusState;
+use crate::core::memory::MemoryError;
+use crate::core::services::MachineServices;
 
 /// QEMU's `TYPE_DEVICE`.
 pub const TYPE_DEVICE: &str = "device";
-
-/// A device's realize method; subclasses chain to their parent's.
-pub type RealizeFn = fn(&Object) -> Result<(), Error>;
-/// A device's unrealize method.
-pub type UnrealizeFn = fn(&Object);
 
 /// The categories `-device help` groups devices under, in QEMU's order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,15 +66,10 @@ impl DeviceCategory {
     }
 }
 
-/// QEMU's `DeviceClass`.
+/// QEMU's `DeviceClass`: what listings and `-device` read, derived from the type's
+/// [`DeviceImpl`].
 #[derive(Clone, Debug)]
 pub struct DeviceClass {
-    /// Realize method (the class's own, which may chain to the parent's).
-    pub realize: Option<RealizeFn>,
-    /// Unrealize method.
-    pub unrealize: Option<UnrealizeFn>,
-    /// Reset method (QEMU's legacy `reset`).
-    pub reset: Option<fn(&Object)>,
     /// One-line description for `-device help`.
     pub desc: Option<&'static str>,
     /// The `-device help` heading.
@@ -85,78 +80,285 @@ pub struct DeviceClass {
     pub hotpluggable: bool,
     /// The type of bus it plugs into (`ISA`, `PCI`), if any.
     pub bus_type: Option<&'static str>,
-    /// Names of the properties declared with [`device_class_set_props`], in order.
+    /// Names of the qdev properties (frozen after realize), in order.
     pub props: Vec<&'static str>,
+    /// The device's methods, as a trait object.
+    device: Option<fn(&Object) -> Option<&dyn Device>>,
 }
 
-impl Default for DeviceClass {
-    fn default() -> Self {
-        DeviceClass {
-            realize: None,
-            unrealize: None,
-            reset: None,
-            desc: None,
-            category: DeviceCategory::Uncategorized,
-            user_creatable: true,
-            hotpluggable: true,
-            bus_type: None,
-            props: Vec::new(),
+/// A device type: QEMU's `DeviceClass` constants and methods as a trait.
+///
+/// Constants default to the parent type's. A method a type does not write is its parent's
+/// (the default chains up); a type that writes one calls its parent's explicitly where QEMU
+/// would (`device_class_set_parent_realize`): `self.parent_state().realize(ctx)`.
+pub trait DeviceImpl: ObjectType<Parent: DeviceParent> + IsA<DeviceState> {
+    /// The `-device help` heading.
+    const CATEGORY: DeviceCategory = <Self::Parent as DeviceParent>::CATEGORY;
+    /// One-line description for `-device help`.
+    const DESCRIPTION: Option<&'static str> = <Self::Parent as DeviceParent>::DESCRIPTION;
+    /// Whether `-device` may create it.
+    const USER_CREATABLE: bool = <Self::Parent as DeviceParent>::USER_CREATABLE;
+    /// Whether it may be added or removed while the VM runs.
+    const HOTPLUGGABLE: bool = <Self::Parent as DeviceParent>::HOTPLUGGABLE;
+    /// The bus type it plugs into.
+    const BUS_TYPE: Option<&'static str> = <Self::Parent as DeviceParent>::BUS_TYPE;
+
+    /// QEMU's `DeviceClass::realize`: sets the device up with what `ctx` hands it.
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        self.parent_state().parent_realize(ctx)
+    }
+    /// QEMU's `DeviceClass::unrealize`: undoes what realize mapped.
+    fn unrealize(&self, ctx: &DeviceContext) {
+        self.parent_state().parent_unrealize(ctx)
+    }
+    /// QEMU's legacy `DeviceClass::reset`: back to the power-on state.
+    fn reset(&self) {
+        self.parent_state().parent_reset()
+    }
+}
+
+/// What a device type's parent offers it to inherit and chain to: a device type, or the
+/// root `object` (nothing to chain to).
+pub trait DeviceParent {
+    /// See [`DeviceImpl::CATEGORY`].
+    const CATEGORY: DeviceCategory;
+    /// See [`DeviceImpl::DESCRIPTION`].
+    const DESCRIPTION: Option<&'static str>;
+    /// See [`DeviceImpl::USER_CREATABLE`].
+    const USER_CREATABLE: bool;
+    /// See [`DeviceImpl::HOTPLUGGABLE`].
+    const HOTPLUGGABLE: bool;
+    /// See [`DeviceImpl::BUS_TYPE`].
+    const BUS_TYPE: Option<&'static str>;
+    /// The parent's realize.
+    fn parent_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError>;
+    /// The parent's unrealize.
+    fn parent_unrealize(&self, ctx: &DeviceContext);
+    /// The parent's reset.
+    fn parent_reset(&self);
+}
+
+impl DeviceParent for ObjectBase {
+    const CATEGORY: DeviceCategory = DeviceCategory::Uncategorized;
+    const DESCRIPTION: Option<&'static str> = None;
+    const USER_CREATABLE: bool = true;
+    const HOTPLUGGABLE: bool = true;
+    const BUS_TYPE: Option<&'static str> = None;
+    fn parent_realize(&self, _: &DeviceContext) -> Result<(), RealizeError> {
+        Ok(())
+    }
+    fn parent_unrealize(&self, _: &DeviceContext) {}
+    fn parent_reset(&self) {}
+}
+
+impl<T: DeviceImpl> DeviceParent for T {
+    const CATEGORY: DeviceCategory = T::CATEGORY;
+    const DESCRIPTION: Option<&'static str> = T::DESCRIPTION;
+    const USER_CREATABLE: bool = T::USER_CREATABLE;
+    const HOTPLUGGABLE: bool = T::HOTPLUGGABLE;
+    const BUS_TYPE: Option<&'static str> = T::BUS_TYPE;
+    fn parent_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        DeviceImpl::realize(self, ctx)
+    }
+    fn parent_unrealize(&self, ctx: &DeviceContext) {
+        DeviceImpl::unrealize(self, ctx)
+    }
+    fn parent_reset(&self) {
+        DeviceImpl::reset(self)
+    }
+}
+
+/// The dynamically dispatched half of [`DeviceImpl`] (its constants live in the class).
+pub trait Device: Send + Sync {
+    /// [`DeviceImpl::realize`].
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError>;
+    /// [`DeviceImpl::unrealize`].
+    fn unrealize(&self, ctx: &DeviceContext);
+    /// [`DeviceImpl::reset`].
+    fn reset(&self);
+}
+
+impl<T: DeviceImpl> Device for T {
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        DeviceImpl::realize(self, ctx)
+    }
+    fn unrealize(&self, ctx: &DeviceContext) {
+        DeviceImpl::unrealize(self, ctx)
+    }
+    fn reset(&self) {
+        DeviceImpl::reset(self)
+    }
+}
+
+fn as_device<T: DeviceImpl>(obj: &Object) -> Option<&dyn Device> {
+    obj.downcast::<T>().map(|d| d as &dyn Device)
+}
+
+/// The device methods of `obj`, if it is a device.
+pub fn device_impl(obj: &Object) -> Option<&dyn Device> {
+    device_class(obj.class()).and_then(|dc| dc.device?(obj))
+}
+
+/// `device`'s class_init for each device type (QEMU's `device_class_init` plus
+/// `device_class_set_props`): the class record from the impl; the type's own field
+/// properties refuse writes once the device is realized.
+pub fn device_class_init<T: DeviceImpl>(class: &mut ObjectClass) {
+    let mut props = device_class(class).map(|dc| dc.props.clone()).unwrap_or_default();
+    for prop in T::PROPERTIES {
+        class.add_property(prop.clone().with_check(check_not_realized));
+        if let std::borrow::Cow::Borrowed(name) = prop.name {
+            if !props.contains(&name) {
+                props.push(name);
+            }
         }
+    }
+    class.insert(DeviceClass {
+        desc: T::DESCRIPTION,
+        category: T::CATEGORY,
+        user_creatable: T::USER_CREATABLE,
+        hotpluggable: T::HOTPLUGGABLE,
+        bus_type: T::BUS_TYPE,
+        props,
+        device: Some(as_device::<T>),
+    });
+}
+
+impl<T: DeviceImpl> ClassInitFor<T> for DeviceState {
+    fn class_init(class: &mut ObjectClass) {
+        device_class_init::<T>(class);
+    }
+}
+
+/// What realize hands a device: its object, its bus, and the machine's services (QEMU's
+/// devices reach these as globals; here they are given).
+pub struct DeviceContext<'a> {
+    object: &'a ObjectRef,
+    bus: Option<ObjectRef>,
+    machine: Option<Arc<MachineServices>>,
+}
+
+impl<'a> DeviceContext<'a> {
+    /// The device's QOM object (its path, its `id=`, where to add child objects).
+    pub fn object(&self) -> &'a ObjectRef {
+        self.object
+    }
+
+    /// The device's type name, for messages.
+    pub fn type_name(&self) -> &'static str {
+        self.object.type_name()
+    }
+
+    /// The bus the device is plugged into.
+    pub fn bus(&self) -> Option<&ObjectRef> {
+        self.bus.as_ref()
+    }
+
+    /// The bus's typed state (`IsaBus`, `PciBus`).
+    pub fn bus_state<B: ObjectType>(&self) -> Result<&B, RealizeError> {
+        self.bus
+            .as_deref()
+            .and_then(|b| b.downcast::<B>())
+            .ok_or(RealizeError::NoBus {
+                driver: self.type_name(),
+                bus_type: B::TYPE_NAME,
+            })
+    }
+
+    /// The machine's services: address spaces, guest RAM, run requests, the accelerator.
+    pub fn machine(&self) -> Result<&Arc<MachineServices>, RealizeError> {
+        self.machine.as_ref().ok_or(RealizeError::NoMachine(self.type_name()))
+    }
+}
+
+/// Why a device could not be realized.
+#[derive(Debug, thiserror::Error)]
+pub enum RealizeError {
+    /// Realized outside a machine (no services were handed over).
+    #[error("{0}: not part of a machine")]
+    NoMachine(&'static str),
+    /// Not plugged into the bus it needs.
+    #[error("device '{driver}' is not on a {bus_type} bus")]
+    NoBus {
+        /// The device type.
+        driver: &'static str,
+        /// The bus type it needs.
+        bus_type: &'static str,
+    },
+    /// A region overlaps another device's.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A property or child object could not be set up.
+    #[error(transparent)]
+    Qom(#[from] Error),
+    /// A device the device builds failed.
+    #[error(transparent)]
+    Qdev(Box<QdevError>),
+    /// The device's own reason, in its words.
+    #[error(transparent)]
+    Device(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<QdevError> for RealizeError {
+    fn from(err: QdevError) -> Self {
+        RealizeError::Qdev(Box::new(err))
+    }
+}
+
+impl RealizeError {
+    /// A device-specific error.
+    pub fn device(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        RealizeError::Device(Box::new(err))
     }
 }
 
 /// QEMU's `DeviceState`: what every device instance has.
-#[derive(Default)]
+#[derive(qom::Object)]
+#[qom(name = TYPE_DEVICE, abstract, class_level)]
 pub struct DeviceState {
+    #[parent]
+    parent: ObjectBase,
     realized: AtomicBool,
     id: Mutex<Option<String>>,
     parent_bus: Mutex<Option<WeakObjectRef>>,
+    /// The machine's services for a device on no bus (the board hands them over).
+    services: OnceLock<Arc<MachineServices>>,
     /// A `-global` that could not be applied at creation; realize reports it.
     global_error: Mutex<Option<Error>>,
 }
 
-/// The `DeviceClass` of `class`; every device class has one, set by `device`'s class_init.
+type_init!(DeviceState {
+    class_init: Some(device_base_class_init),
+    instance_post_init: Some(device_post_init),
+});
+
+impl DeviceImpl for DeviceState {}
+
+impl DeviceState {
+    /// Whether the device is realized.
+    pub fn is_realized(&self) -> bool {
+        self.realized.load(Ordering::Acquire)
+    }
+
+    /// The `id=` the user gave, if any.
+    pub fn id(&self) -> Option<String> {
+        self.id.lock().clone()
+    }
+
+    /// The bus the device is plugged into.
+    pub fn parent_bus(&self) -> Option<ObjectRef> {
+        self.parent_bus.lock().as_ref().and_then(|w| w.upgrade())
+    }
+
+    /// The machine's services, for a device that plugs into no bus. The board calls this
+    /// before realize (QEMU's busless devices reach the machine through globals).
+    pub fn set_services(&self, services: &Arc<MachineServices>) {
+        let _ = self.services.set(services.clone());
+    }
+}
+
+/// The `DeviceClass` of `class`, if it is a device class.
 pub fn device_class(class: &ObjectClass) -> Option<&DeviceClass> {
     class.get::<DeviceClass>()
-}
-
-/// Mutable `DeviceClass`, for `class_init` of device types.
-///
-/// # Panics
-/// If `class` is not a device class: a programming error in a `type_init!` record.
-pub fn device_class_mut(class: &mut ObjectClass) -> &mut DeviceClass {
-    let name = class.name();
-    class
-        .get_mut::<DeviceClass>()
-        .unwrap_or_else(|| panic!("class_init of '{name}' expects a device class"))
-}
-
-/// QEMU's `device_class_set_parent_realize`: installs `realize` and returns the parent's,
-/// which the subclass keeps in its own class level to chain to.
-pub fn device_class_set_parent_realize(class: &mut ObjectClass, realize: RealizeFn) -> Option<RealizeFn> {
-    device_class_mut(class).realize.replace(realize)
-}
-
-/// QEMU's `device_class_set_parent_unrealize`.
-pub fn device_class_set_parent_unrealize(
-    class: &mut ObjectClass,
-    unrealize: UnrealizeFn,
-) -> Option<UnrealizeFn> {
-    device_class_mut(class).unrealize.replace(unrealize)
-}
-
-/// QEMU's `device_class_set_props`: adds qdev properties, which refuse writes once the
-/// device is realized.
-pub fn device_class_set_props(class: &mut ObjectClass, props: &'static [Property]) {
-    for prop in props {
-        class.add_property(prop.clone().with_check(check_not_realized));
-        let dc = device_class_mut(class);
-        if !dc.props.contains(&prop.name.as_ref()) {
-            if let std::borrow::Cow::Borrowed(name) = prop.name {
-                dc.props.push(name);
-            }
-        }
-    }
 }
 
 fn check_not_realized(obj: &Object, prop: &Property) -> Result<(), Error> {
@@ -174,8 +376,10 @@ fn check_not_realized(obj: &Object, prop: &Property) -> Result<(), Error> {
     Ok(())
 }
 
-fn device_class_init(class: &mut ObjectClass) {
-    class.insert(DeviceClass::default());
+/// The abstract `device` class: the properties every device has (QEMU's
+/// `device_class_init`).
+fn device_base_class_init(class: &mut ObjectClass) {
+    device_class_init::<DeviceState>(class);
     class.unparent = Some(device_unparent);
     class.add_property(Property::custom(
         "realized",
@@ -228,18 +432,29 @@ fn get_parent_bus(obj: &Object, _: &Property) -> Result<Value, Error> {
     Ok(Value::Link(obj.parent_bus()))
 }
 
-fn state(obj: &Object) -> &DeviceState {
-    // `device` adds DeviceState to every device; these helpers are only reached through
-    // objects whose class has a DeviceClass.
-    obj.downcast::<DeviceState>()
-        .expect("every device instance has a DeviceState part")
+/// The context realize and unrealize of `obj` receive: its bus, and the machine's
+/// services from the bus or from the board.
+fn device_context<'a>(obj: &'a ObjectRef, st: &DeviceState) -> DeviceContext<'a> {
+    let bus = st.parent_bus();
+    let machine = bus
+        .as_deref()
+        .and_then(|b| b.downcast::<BusState>())
+        .and_then(|b| b.services().cloned())
+        .or_else(|| st.services.get().cloned());
+    DeviceContext {
+        object: obj,
+        bus,
+        machine,
+    }
 }
 
 /// QEMU's `device_set_realized(true)`: puts an orphan under `/machine/unattached`, runs the
-/// class's realize chain once, then marks the device realized.
+/// type's realize once, then marks the device realized.
 fn device_realize(obj: &Object) -> Result<(), Error> {
-    let st = state(obj);
-    if st.realized.load(Ordering::Acquire) {
+    let (Some(st), Some(this)) = (obj.downcast::<DeviceState>(), obj.to_ref()) else {
+        return Ok(());
+    };
+    if st.is_realized() {
         return Ok(());
     }
     if let Some(err) = st.global_error.lock().take() {
@@ -247,23 +462,28 @@ fn device_realize(obj: &Object) -> Result<(), Error> {
     }
     if obj.parent().is_none() {
         let unattached = container_get(&object_get_root(), "/machine/unattached");
-        let this = obj.to_ref().expect("an object being realized is alive");
         unattached.add_child("device[*]", &this)?;
     }
-    if let Some(realize) = device_class(obj.class()).and_then(|dc| dc.realize) {
-        realize(obj)?;
+    if let Some(dev) = device_impl(obj) {
+        dev.realize(&device_context(&this, st))
+            .map_err(|e| match e {
+                RealizeError::Qom(e) => e,
+                e => Error::other(e),
+            })?;
     }
     st.realized.store(true, Ordering::Release);
     Ok(())
 }
 
 fn device_unrealize(obj: &Object) {
-    let st = state(obj);
+    let (Some(st), Some(this)) = (obj.downcast::<DeviceState>(), obj.to_ref()) else {
+        return;
+    };
     if !st.realized.swap(false, Ordering::AcqRel) {
         return;
     }
-    if let Some(unrealize) = device_class(obj.class()).and_then(|dc| dc.unrealize) {
-        unrealize(obj);
+    if let Some(dev) = device_impl(obj) {
+        dev.unrealize(&device_context(&this, st));
     }
 }
 
@@ -276,17 +496,10 @@ fn device_unparent(obj: &Object) {
 
 fn device_post_init(obj: &Object) {
     if let Err(err) = crate::core::qdev_properties::apply_globals(obj) {
-        *state(obj).global_error.lock() = Some(err);
+        if let Some(st) = obj.downcast::<DeviceState>() {
+            *st.global_error.lock() = Some(err);
+        }
     }
-}
-
-type_init! {
-    name: TYPE_DEVICE,
-    parent: Some(qom::TYPE_OBJECT),
-    abstract_: true,
-    class_init: Some(device_class_init),
-    instance: Some(qom::InstanceSpec::of::<DeviceState>()),
-    instance_post_init: Some(device_post_init),
 }
 
 /// What every device handle can do (QEMU's `qdev_*` functions on `DeviceState`).
@@ -328,8 +541,8 @@ impl DeviceMethods for Object {
     }
 
     fn reset(&self) {
-        if let Some(reset) = device_class(self.class()).and_then(|dc| dc.reset) {
-            reset(self);
+        if let Some(dev) = device_impl(self) {
+            dev.reset();
         }
     }
 }
@@ -399,7 +612,9 @@ pub fn qdev_realize(dev: &ObjectRef, bus: Option<&ObjectRef>) -> Result<(), Qdev
                 });
             }
             crate::core::bus::bus_add_child(bus, dev);
-            *state(dev).parent_bus.lock() = Some(bus.downgrade());
+            if let Some(st) = dev.downcast::<DeviceState>() {
+                *st.parent_bus.lock() = Some(bus.downgrade());
+            }
         }
         (Some(_), None) => return Err(QdevError::Busless(dev.type_name().to_string())),
         (None, _) => {}
@@ -408,7 +623,9 @@ pub fn qdev_realize(dev: &ObjectRef, bus: Option<&ObjectRef>) -> Result<(), Qdev
     if result.is_err() {
         if let Some(bus) = dev.parent_bus() {
             crate::core::bus::bus_remove_child(&bus, dev);
-            *state(dev).parent_bus.lock() = None;
+            if let Some(st) = dev.downcast::<DeviceState>() {
+                *st.parent_bus.lock() = None;
+            }
         }
     }
     Ok(result?)

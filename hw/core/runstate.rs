@@ -21,7 +21,75 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::core::machine::{MachineState, RunRequest};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use parking_lot::Condvar;
+
+use crate::core::accel_ops::AccelOpsRef;
+
+/// Why a run ends or restarts (QEMU's `ShutdownCause`, plus `isa-debug-exit`'s status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunRequest {
+    /// The guest powered off (ACPI S5, `poweroff`).
+    GuestShutdown,
+    /// The guest asked for a reset (keyboard controller, 0xcf9, triple fault).
+    GuestReset,
+    /// The guest reported a panic.
+    GuestPanic,
+    /// The host asked to quit (monitor `quit`, Ctrl-A x, a signal).
+    HostQuit,
+    /// `isa-debug-exit`: the process exits with this status.
+    DebugExit(i32),
+    /// The guest hit a fatal error (emulation failure, failed entry); status 1.
+    GuestError,
+    /// The monitor asked for a reset (`system_reset`).
+    HostReset,
+}
+
+/// The mailbox of run requests: vCPU threads and devices post, the main loop waits.
+#[derive(Default)]
+pub struct RunState {
+    pending: Mutex<Option<RunRequest>>,
+    posted: Condvar,
+}
+
+impl RunState {
+    /// Posts a request; a pending one that ends the run is not replaced by a later one.
+    pub fn request(&self, request: RunRequest) {
+        let mut pending = self.pending.lock();
+        match *pending {
+            Some(RunRequest::GuestReset | RunRequest::HostReset) | None => {
+                *pending = Some(request)
+            }
+            Some(_) => {}
+        }
+        self.posted.notify_all();
+    }
+
+    /// Takes the pending request, if any.
+    pub fn take(&self) -> Option<RunRequest> {
+        self.pending.lock().take()
+    }
+
+    /// Waits up to `timeout` for a request and takes it.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<RunRequest> {
+        let mut pending = self.pending.lock();
+        if pending.is_none() {
+            match timeout {
+                Some(t) => {
+                    self.posted.wait_for(&mut pending, t);
+                }
+                None => {
+                    while pending.is_none() {
+                        self.posted.wait(&mut pending);
+                    }
+                }
+            }
+        }
+        pending.take()
+    }
+}
 
 /// QEMU's `RunState`, the part of it qomvm reaches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -147,20 +215,66 @@ pub enum RunStateError {
     /// No accelerator was initialised, so no vCPU can be started or stopped.
     #[error("no accelerator is initialised")]
     NoAccelerator,
+    /// A second accelerator for the same machine.
+    #[error("the machine already has an accelerator")]
+    AcceleratorSet,
     /// `system_powerdown` on a machine without a power button.
     #[error("machine has no ACPI power button: system_powerdown needs a machine with ACPI (e.g. pc)")]
     NoPowerButton,
 }
 
-/// A machine's run status, event listeners and power-down notifiers.
+/// Resets the machine's devices and CPUs (the machine registers it: QEMU's
+/// `qemu_devices_reset` + `MachineClass::reset`).
+pub type ResetHandler = Box<dyn Fn() + Send + Sync>;
+
+/// A machine's run status, event listeners, power-down notifiers, run-request mailbox and
+/// the accelerator that starts and stops its vCPUs.
 #[derive(Default)]
 pub struct VmState {
     status: Mutex<RunStatus>,
     listeners: Mutex<Vec<EventListener>>,
     powerdown: Mutex<Vec<PowerdownNotifier>>,
+    requests: RunState,
+    accel_ops: OnceLock<AccelOpsRef>,
+    reset: OnceLock<ResetHandler>,
+}
+
+impl AsRef<VmState> for VmState {
+    fn as_ref(&self) -> &VmState {
+        self
+    }
 }
 
 impl VmState {
+    /// The run-request mailbox: devices and vCPU threads post, the main loop waits.
+    pub fn requests(&self) -> &RunState {
+        &self.requests
+    }
+
+    /// Posts a run request (QEMU's `qemu_system_shutdown_request` and friends).
+    pub fn request(&self, request: RunRequest) {
+        self.requests.request(request);
+    }
+
+    /// The accelerator's operations, once an accelerator is initialised. Read without a
+    /// lock: interrupt lines and vCPU control go through here.
+    #[inline]
+    pub fn accel_ops(&self) -> Option<&AccelOpsRef> {
+        self.accel_ops.get()
+    }
+
+    /// Installs the accelerator's operations (`accel_init_machine` does, once).
+    pub fn set_accel_ops(&self, ops: AccelOpsRef) -> Result<(), RunStateError> {
+        self.accel_ops
+            .set(ops)
+            .map_err(|_| RunStateError::AcceleratorSet)
+    }
+
+    /// Installs the machine's reset (the machine does, when it is created).
+    pub fn set_reset_handler(&self, reset: ResetHandler) {
+        let _ = self.reset.set(reset);
+    }
+
     /// The current status (`query-status`).
     pub fn status(&self) -> RunStatus {
         *self.status.lock()
@@ -197,13 +311,13 @@ impl VmState {
 /// QEMU's `vm_stop`: if the vCPUs run, pauses them all (returning once each has left
 /// `KVM_RUN` and parked), sets `status` and reports `STOP`. A VM that does not run is left
 /// as it is, as QEMU does.
-pub fn vm_stop(ms: &MachineState, status: RunStatus) -> Result<(), RunStateError> {
-    let vm = ms.vm_state();
+pub fn vm_stop(vm: &impl AsRef<VmState>, status: RunStatus) -> Result<(), RunStateError> {
+    let vm = vm.as_ref();
     let mut current = vm.status.lock();
     if *current != RunStatus::Running {
         return Ok(());
     }
-    let ops = ms.accel_ops().ok_or(RunStateError::NoAccelerator)?;
+    let ops = vm.accel_ops().ok_or(RunStateError::NoAccelerator)?;
     ops.pause_all();
     *current = status;
     vm.emit(VmEvent::Stop);
@@ -213,15 +327,15 @@ pub fn vm_stop(ms: &MachineState, status: RunStatus) -> Result<(), RunStateError
 /// QEMU's `qmp_cont` -> `vm_start`: starts the vCPUs the first time, or resumes them after a
 /// stop, and reports `RESUME`. Refused after a guest power-off, panic or internal error
 /// until a reset. Running already: nothing to do.
-pub fn vm_start(ms: &MachineState) -> Result<(), RunStateError> {
-    let vm = ms.vm_state();
+pub fn vm_start(vm: &impl AsRef<VmState>) -> Result<(), RunStateError> {
+    let vm = vm.as_ref();
     let mut current = vm.status.lock();
     match *current {
         RunStatus::Running => return Ok(()),
         s if s.needs_reset() => return Err(RunStateError::NeedsReset),
         _ => {}
     }
-    let ops = ms.accel_ops().ok_or(RunStateError::NoAccelerator)?;
+    let ops = vm.accel_ops().ok_or(RunStateError::NoAccelerator)?;
     if *current == RunStatus::Prelaunch {
         ops.vm_start();
     } else {
@@ -235,22 +349,20 @@ pub fn vm_start(ms: &MachineState) -> Result<(), RunStateError> {
 /// QEMU's `qemu_system_reset` as the main loop runs it: reports `RESET`, resets the CPUs
 /// with the vCPUs paused, then lets them run again if they ran; a VM that did not run is
 /// left in `prelaunch`, to be started with `cont`.
-pub fn qemu_system_reset(ms: &MachineState, cause: ShutdownCause) {
-    let vm = ms.vm_state();
+pub fn qemu_system_reset(vm: &impl AsRef<VmState>, cause: ShutdownCause) {
+    let vm = vm.as_ref();
     let mut current = vm.status.lock();
     let running = *current == RunStatus::Running;
-    let ops = ms.accel_ops();
+    let ops = vm.accel_ops();
     if running {
         if let Some(ops) = &ops {
             ops.pause_all();
         }
     }
-    // Devices, the board's reload (-kernel) and the vCPUs' state; a bare MachineState (unit
-    // tests) has no machine object and nothing of that to reset.
-    if let Some(machine) = ms.object() {
-        if let Err(e) = crate::core::machine::reset_machine(&machine) {
-            eprintln!("qomvm: system reset: {e}");
-        }
+    // Devices, the board's reload (-kernel) and the vCPUs' state; a bare VmState (unit
+    // tests) has no machine and nothing of that to reset.
+    if let Some(reset) = vm.reset.get() {
+        reset();
     }
     vm.emit(VmEvent::Reset(cause));
     if running {
@@ -264,8 +376,8 @@ pub fn qemu_system_reset(ms: &MachineState, cause: ShutdownCause) {
 
 /// QEMU's `qemu_system_powerdown`: presses the power button and reports `POWERDOWN`. A
 /// machine without one (no ACPI, like `none`) refuses.
-pub fn qemu_system_powerdown(ms: &MachineState) -> Result<(), RunStateError> {
-    let vm = ms.vm_state();
+pub fn qemu_system_powerdown(vm: &impl AsRef<VmState>) -> Result<(), RunStateError> {
+    let vm = vm.as_ref();
     let _transition = vm.status.lock();
     let notifiers = vm.powerdown.lock().clone();
     if notifiers.is_empty() {
@@ -279,15 +391,20 @@ pub fn qemu_system_powerdown(ms: &MachineState) -> Result<(), RunStateError> {
 }
 
 /// Reports `SHUTDOWN` with `cause` (the main loop does, as the run ends).
-pub fn report_shutdown(ms: &MachineState, cause: ShutdownCause) {
-    let vm = ms.vm_state();
+pub fn report_shutdown(vm: &impl AsRef<VmState>, cause: ShutdownCause) {
+    let vm = vm.as_ref();
     let _transition = vm.status.lock();
     vm.emit(VmEvent::Shutdown(cause));
 }
 
 /// QEMU's `main_loop_should_exit` for one request: reports the events, resets or stops as
 /// the policy says, and returns the exit status when the run must end.
-pub fn main_loop_should_exit(ms: &MachineState, request: RunRequest, policy: RunPolicy) -> Option<i32> {
+pub fn main_loop_should_exit(
+    vm: &impl AsRef<VmState>,
+    request: RunRequest,
+    policy: RunPolicy,
+) -> Option<i32> {
+    let ms = vm.as_ref();
     let reset_cause = match request {
         // isa-debug-exit ends the process at once, as QEMU's exit() does: no event.
         RunRequest::DebugExit(status) => return Some(status),
@@ -367,31 +484,30 @@ mod tests {
         }
     }
 
-    fn machine() -> (MachineState, Arc<CountingOps>, Arc<Mutex<Vec<VmEvent>>>) {
-        let ms = MachineState::default();
+    fn machine() -> (VmState, Arc<CountingOps>, Arc<Mutex<Vec<VmEvent>>>) {
+        let ms = VmState::default();
         let ops = Arc::new(CountingOps::default());
-        ms.set_accel_ops(ops.clone());
+        ms.set_accel_ops(ops.clone()).unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
-        ms.vm_state()
-            .add_listener(Arc::new(move |e: &VmEvent| sink.lock().push(*e)));
+        ms.add_listener(Arc::new(move |e: &VmEvent| sink.lock().push(*e)));
         (ms, ops, events)
     }
 
     #[test]
     fn stop_and_cont_change_the_status_once_and_report_it() {
         let (ms, ops, events) = machine();
-        assert_eq!(ms.vm_state().status(), RunStatus::Prelaunch);
+        assert_eq!(ms.status(), RunStatus::Prelaunch);
         // stop before the start changes nothing, as in QEMU.
         vm_stop(&ms, RunStatus::Paused).unwrap();
-        assert_eq!(ms.vm_state().status(), RunStatus::Prelaunch);
+        assert_eq!(ms.status(), RunStatus::Prelaunch);
         vm_start(&ms).unwrap();
         assert_eq!(ops.started.load(Ordering::Relaxed), 1);
-        assert!(ms.vm_state().is_running());
+        assert!(ms.is_running());
         vm_start(&ms).unwrap();
         vm_stop(&ms, RunStatus::Paused).unwrap();
         vm_stop(&ms, RunStatus::Paused).unwrap();
-        assert_eq!(ms.vm_state().status(), RunStatus::Paused);
+        assert_eq!(ms.status(), RunStatus::Paused);
         assert_eq!(ops.paused.load(Ordering::Relaxed), 1);
         vm_start(&ms).unwrap();
         assert_eq!(ops.resumed.load(Ordering::Relaxed), 1);
@@ -413,13 +529,13 @@ mod tests {
             main_loop_should_exit(&ms, RunRequest::GuestShutdown, policy),
             None
         );
-        assert_eq!(ms.vm_state().status(), RunStatus::Shutdown);
+        assert_eq!(ms.status(), RunStatus::Shutdown);
         assert_eq!(vm_start(&ms), Err(RunStateError::NeedsReset));
         assert_eq!(
             main_loop_should_exit(&ms, RunRequest::HostReset, policy),
             None
         );
-        assert_eq!(ms.vm_state().status(), RunStatus::Prelaunch);
+        assert_eq!(ms.status(), RunStatus::Prelaunch);
         vm_start(&ms).unwrap();
         assert_eq!(
             *events.lock(),
@@ -478,7 +594,7 @@ mod tests {
         );
         let pressed = Arc::new(AtomicU32::new(0));
         let p = pressed.clone();
-        ms.vm_state()
+        ms
             .add_powerdown_notifier(Arc::new(move || {
                 p.fetch_add(1, Ordering::Relaxed);
             }));

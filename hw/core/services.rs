@@ -1,0 +1,111 @@
+//! What a machine hands to the devices it builds: its address spaces, guest RAM and run
+//! control (QEMU's `get_system_memory()`, `get_system_io()`, `qemu_system_*_request` and
+//! `current_accel()`, which C devices reach as globals).
+//!
+//! A device receives these at realize, from the bus it plugs into or from its board, and
+//! keeps the handles it needs: it never walks the composition tree to find its machine.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::core::accel_ops::{AccelOpsRef, RamBlock};
+use crate::core::memory::AddressSpace;
+use crate::core::runstate::{RunRequest, VmState};
+
+/// Errors of adding guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    /// RAM requested before an accelerator was initialised.
+    #[error("no accelerator is initialised")]
+    NoAccelerator,
+    /// RAM larger than the host's address space.
+    #[error("cannot set up guest memory: {0} bytes do not fit in the host's address space")]
+    TooLarge(u64),
+    /// The host refused the RAM mapping.
+    #[error("cannot set up guest memory 'pc.ram': {0}")]
+    Allocation(String),
+    /// The accelerator refused the mapping.
+    #[error(transparent)]
+    Map(#[from] qom::Error),
+}
+
+/// One machine's shared services. Cheap to share: devices hold an `Arc` of it.
+pub struct MachineServices {
+    system_memory: Arc<AddressSpace>,
+    system_io: Arc<AddressSpace>,
+    ram: ArcSwap<GuestMemoryMmap>,
+    vm: VmState,
+}
+
+impl Default for MachineServices {
+    fn default() -> Self {
+        MachineServices {
+            system_memory: Arc::new(AddressSpace::new_memory()),
+            system_io: Arc::new(AddressSpace::new_io()),
+            ram: ArcSwap::from_pointee(GuestMemoryMmap::default()),
+            vm: VmState::default(),
+        }
+    }
+}
+
+impl AsRef<VmState> for MachineServices {
+    fn as_ref(&self) -> &VmState {
+        &self.vm
+    }
+}
+
+impl MachineServices {
+    /// QEMU's `get_system_memory()`.
+    pub fn system_memory(&self) -> &Arc<AddressSpace> {
+        &self.system_memory
+    }
+
+    /// QEMU's `get_system_io()`.
+    pub fn system_io(&self) -> &Arc<AddressSpace> {
+        &self.system_io
+    }
+
+    /// Guest RAM as mapped so far, for loaders and devices that read or write it.
+    pub fn ram(&self) -> Arc<GuestMemoryMmap> {
+        self.ram.load_full()
+    }
+
+    /// The run status, events, power button and run-request mailbox.
+    pub fn vm(&self) -> &VmState {
+        &self.vm
+    }
+
+    /// Posts a run request: reset, shutdown, `isa-debug-exit`'s status.
+    pub fn request(&self, request: RunRequest) {
+        self.vm.request(request);
+    }
+
+    /// The accelerator's operations, once one is initialised.
+    #[inline]
+    pub fn accel_ops(&self) -> Option<&AccelOpsRef> {
+        self.vm.accel_ops()
+    }
+
+    /// Allocates `size` bytes of guest RAM at `guest_addr` and maps it through the
+    /// accelerator (QEMU's `memory_region_add_subregion` of a RAM region).
+    pub fn add_ram(&self, guest_addr: u64, size: u64) -> Result<(), RamError> {
+        let ops = self.accel_ops().ok_or(RamError::NoAccelerator)?;
+        let len = usize::try_from(size).map_err(|_| RamError::TooLarge(size))?;
+        let region = GuestRegionMmap::from_range(GuestAddress(guest_addr), len, None)
+            .map_err(|e| RamError::Allocation(e.to_string()))?;
+        let host_addr = region.as_ptr() as u64;
+        let next = self
+            .ram()
+            .insert_region(Arc::new(region))
+            .map_err(|e| RamError::Allocation(e.to_string()))?;
+        self.ram.store(Arc::new(next));
+        ops.map_ram(RamBlock {
+            guest_addr,
+            size,
+            host_addr,
+        })?;
+        Ok(())
+    }
+}
