@@ -258,6 +258,13 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             }
         }
 
+        impl ::qom::IsA<#parent_ty> for #ty {
+            #[inline]
+            fn upcast(&self) -> &#parent_ty {
+                &self.#parent_ident
+            }
+        }
+
         impl ::core::ops::Deref for #ty {
             type Target = #parent_ty;
             #[inline]

@@ -36,7 +36,8 @@ pub use object::{
     object_new, object_new_in, resolve_path, resolve_path_type, Object, ObjectRef, WeakObjectRef,
 };
 pub use property::{
-    parse_size, Getter, Property, PropertyDefault, PropertyInfo, PropertyKind, Setter, Value,
+    parse_size, Getter, Property, PropertyAccessor, PropertyDefault, PropertyInfo, PropertyKind,
+    Setter, StateAccessor, Value,
 };
 pub use type_info::{InstanceSpec, Location, TypeInfo};
 pub use type_table::{

@@ -221,6 +221,7 @@ impl Object {
             getter: Some(get_child_path),
             setter: None,
             check_set: None,
+            accessor: None,
         }));
         tree.children.push((name.clone(), child.clone()));
         drop(tree);
@@ -324,6 +325,9 @@ impl Object {
     /// QEMU's `object_property_get`.
     pub fn property_get(&self, name: &str) -> Result<Value, Error> {
         let prop = self.property(name)?;
+        if let Some(accessor) = prop.accessor {
+            return accessor.get(self, &prop);
+        }
         if let Some(get) = prop.getter {
             return get(self, &prop);
         }
@@ -346,6 +350,15 @@ impl Object {
         let prop = self.property(name)?;
         if let Some(check) = prop.check_set {
             check(self, &prop)?;
+        }
+        if let Some(accessor) = prop.accessor {
+            prop.validate(&value)?;
+            return accessor.set(self, &prop, value).unwrap_or_else(|| {
+                Err(Error::ReadOnlyProperty {
+                    type_name: self.type_name().to_string(),
+                    name: name.to_string(),
+                })
+            });
         }
         if let Some(set) = prop.setter {
             prop.validate(&value)?;

@@ -154,6 +154,55 @@ pub struct Property {
     pub setter: Option<Setter>,
     /// Called before every write, e.g. to refuse writes after realize.
     pub check_set: Option<SetCheck>,
+    /// Typed read and write on the owner's state (see [`StateAccessor`]); takes precedence
+    /// over `getter` and `setter`.
+    pub accessor: Option<&'static dyn PropertyAccessor>,
+}
+
+/// Reads and writes a property through the owner's typed state.
+pub trait PropertyAccessor: Send + Sync {
+    /// For `Debug` of properties.
+    fn describe(&self) -> &'static str {
+        std::any::type_name::<Self>()
+    }
+    /// The value.
+    fn get(&self, obj: &Object, prop: &Property) -> Result<Value, Error>;
+    /// Writes an already validated value; `None` if the property is read-only.
+    fn set(&self, obj: &Object, prop: &Property, value: Value) -> Option<Result<(), Error>>;
+}
+
+/// A property computed from a typed state `S` rather than stored in one field: a family of
+/// flags (CPU features), a read-only index. A `static` of it is what the property holds.
+pub struct StateAccessor<S> {
+    /// Reads the value from the state.
+    pub get: fn(&S, &Property) -> Value,
+    /// Writes the value into the state; `None` for a read-only property.
+    pub set: Option<fn(&S, &Property, Value) -> Result<(), Error>>,
+}
+
+impl<S: std::any::Any + Send + Sync> StateAccessor<S> {
+    fn state<'a>(&self, obj: &'a Object, prop: &Property) -> Result<&'a S, Error> {
+        obj.downcast::<S>().ok_or_else(|| Error::PropertyNotFound {
+            type_name: obj.type_name().to_string(),
+            name: prop.name.to_string(),
+        })
+    }
+}
+
+impl fmt::Debug for dyn PropertyAccessor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+impl<S: std::any::Any + Send + Sync> PropertyAccessor for StateAccessor<S> {
+    fn get(&self, obj: &Object, prop: &Property) -> Result<Value, Error> {
+        Ok((self.get)(self.state(obj, prop)?, prop))
+    }
+    fn set(&self, obj: &Object, prop: &Property, value: Value) -> Option<Result<(), Error>> {
+        let set = self.set?;
+        Some(self.state(obj, prop).and_then(|s| set(s, prop, value)))
+    }
 }
 
 /// A property's description for listings (`-device DRIVER,help`, `qom-list-properties`).
@@ -184,6 +233,7 @@ impl Property {
             getter: None,
             setter: None,
             check_set: None,
+            accessor: None,
         }
     }
 
@@ -310,6 +360,18 @@ impl Property {
         p
     }
 
+    /// A property read (and written) through typed state `S` by a [`StateAccessor`].
+    pub const fn state(
+        name: &'static str,
+        kind: PropertyKind,
+        description: &'static str,
+        accessor: &'static dyn PropertyAccessor,
+    ) -> Self {
+        let mut p = Self::new(name, kind, PropertyDefault::None, description);
+        p.accessor = Some(accessor);
+        p
+    }
+
     /// The same property with a check run before every write.
     pub const fn with_check(mut self, check: SetCheck) -> Self {
         self.check_set = Some(check);
@@ -320,6 +382,7 @@ impl Property {
     pub fn is_stored(&self) -> bool {
         self.getter.is_none()
             && self.setter.is_none()
+            && self.accessor.is_none()
             && !matches!(self.kind, PropertyKind::Child(_))
     }
 

@@ -757,7 +757,7 @@ mod typed_types {
         assert_eq!(base.iobase.get(), 0x501);
         assert!(std::ptr::eq(obj.downcast::<TypedBase>().unwrap(), base));
         let root = obj.downcast::<ObjectBase>().unwrap();
-        assert!(Arc::ptr_eq(&root.object().unwrap(), &obj));
+        assert!(Arc::ptr_eq(&root.object(), &obj));
         assert_eq!(leaf.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
         assert!(obj.downcast::<String>().is_none());
         let typed = Typed::<TypedLeaf>::new(obj.clone()).unwrap();

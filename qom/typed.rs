@@ -45,8 +45,8 @@ pub trait ObjectType: Any + Send + Sync + Default {
     fn project(&self, id: TypeId) -> Option<&dyn Any>;
 }
 
-/// A typed upcast that cannot fail (QEMU's `IsA`): every type is its own ancestor, and
-/// `Deref` reaches the others (`let dev: &DeviceState = &serial;`).
+/// A typed upcast that cannot fail (QEMU's `IsA`): every type is its own and its parent's;
+/// `Deref` reaches further ancestors (`let dev: &DeviceState = &serial;`).
 pub trait IsA<P: ObjectType>: ObjectType {
     /// The ancestor state.
     fn upcast(&self) -> &P;
@@ -66,8 +66,20 @@ pub struct ObjectBase {
 }
 
 impl ObjectBase {
-    /// The object this state belongs to. `None` only while it is being finalized.
-    pub fn object(&self) -> Option<ObjectRef> {
+    /// The object this state belongs to. Every state is built inside its object, and
+    /// `&self` methods run while the object is referenced.
+    ///
+    /// # Panics
+    /// From an object's finalizer (`Drop` of its state), when no reference is left.
+    pub fn object(&self) -> ObjectRef {
+        match self.try_object() {
+            Some(obj) => obj,
+            None => panic!("object state used after its object was freed"),
+        }
+    }
+
+    /// The object this state belongs to; `None` while it is being finalized.
+    pub fn try_object(&self) -> Option<ObjectRef> {
         self.this.get().and_then(|w| w.upgrade())
     }
 
@@ -83,7 +95,7 @@ impl ObjectBase {
 
 impl fmt::Debug for ObjectBase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.object() {
+        match self.try_object() {
             Some(obj) => write!(f, "ObjectBase({})", obj.type_name()),
             None => f.write_str("ObjectBase"),
         }

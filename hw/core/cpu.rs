@@ -1,34 +1,101 @@
-//! The abstract CPU device (QEMU's `hw/core/cpu-common.c`): what every CPU model has.
+//! The abstract CPU device (QEMU's `hw/core/cpu-common.c`): what every CPU model has, and
+//! the board's loop that creates the `-smp` CPUs.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use qom::{type_init, Object, ObjectClass, Property, PropertyKind, Value};
+use qom::{
+    type_init, ClassInitFor, ObjectClass, ObjectRef, Property, PropertyKind, StateAccessor,
+    Value,
+};
 
-use crate::core::qdev::{device_class_mut, DeviceCategory, TYPE_DEVICE};
+use crate::core::machine::{MachineState, SmpConfig};
+use crate::core::qdev::{
+    device_class_init, qdev_new, qdev_realize, DeviceCategory, DeviceImpl, DeviceState,
+};
 
 /// QEMU's `TYPE_CPU`.
 pub const TYPE_CPU: &str = "cpu";
 
-/// Applies `-cpu` options to a CPU (QEMU's `CPUClass::parse_features`).
-pub type ParseFeaturesFn = fn(&Object, &str) -> Result<(), qom::Error>;
-
-/// QEMU's `CPUClass`: what `-cpu help` shows of a model.
+/// QEMU's `CPUClass`: what `-cpu help` shows of a model, derived from its [`CpuImpl`].
 #[derive(Clone, Debug, Default)]
 pub struct CpuClass {
     /// One-line description of the model.
     pub model_description: Option<&'static str>,
     /// The `-cpu` name (the type name without the architecture suffix).
     pub model_name: &'static str,
-    /// Applies the options after the model in `-cpu MODEL,opts` to a new CPU (QEMU's
+    /// The CPU's methods, as a trait object.
+    cpu: Option<fn(&qom::Object) -> Option<&dyn Cpu>>,
+}
+
+/// A CPU model: QEMU's `CPUClass` constants and methods as a trait.
+pub trait CpuImpl: DeviceImpl {
+    /// The `-cpu` name.
+    const MODEL_NAME: &'static str = "";
+    /// `-cpu help`'s description.
+    const MODEL_DESCRIPTION: Option<&'static str> = None;
+
+    /// Places CPU `index` in the `-smp` topology before realize (the x86 board's APIC ID).
+    fn set_topology(&self, _index: u32, _smp: &SmpConfig) {}
+    /// Applies the options after the model in `-cpu MODEL,opts` (QEMU's
     /// `CPUClass::parse_features`).
-    pub parse_features: Option<ParseFeaturesFn>,
+    fn parse_features(&self, _cpu: &ObjectRef, _options: &str) -> Result<(), qom::Error> {
+        Ok(())
+    }
+}
+
+/// The dynamically dispatched half of [`CpuImpl`].
+pub trait Cpu: Send + Sync {
+    /// [`CpuImpl::set_topology`].
+    fn set_topology(&self, index: u32, smp: &SmpConfig);
+    /// [`CpuImpl::parse_features`].
+    fn parse_features(&self, cpu: &ObjectRef, options: &str) -> Result<(), qom::Error>;
+}
+
+impl<T: CpuImpl> Cpu for T {
+    fn set_topology(&self, index: u32, smp: &SmpConfig) {
+        CpuImpl::set_topology(self, index, smp)
+    }
+    fn parse_features(&self, cpu: &ObjectRef, options: &str) -> Result<(), qom::Error> {
+        CpuImpl::parse_features(self, cpu, options)
+    }
+}
+
+fn as_cpu<T: CpuImpl>(obj: &qom::Object) -> Option<&dyn Cpu> {
+    obj.downcast::<T>().map(|c| c as &dyn Cpu)
+}
+
+/// `cpu`'s class_init of each CPU type.
+impl<T: CpuImpl> ClassInitFor<T> for CpuState {
+    fn class_init(class: &mut ObjectClass) {
+        device_class_init::<T>(class);
+        class.insert(CpuClass {
+            model_description: T::MODEL_DESCRIPTION,
+            model_name: T::MODEL_NAME,
+            cpu: Some(as_cpu::<T>),
+        });
+    }
 }
 
 /// QEMU's `CPUState`: what every CPU instance has.
-#[derive(Default)]
+#[derive(qom::Object)]
+#[qom(name = TYPE_CPU, abstract, class_level)]
 pub struct CpuState {
+    #[parent]
+    parent: DeviceState,
     index: AtomicU32,
 }
+
+type_init!(CpuState {
+    class_init: Some(cpu_base_class_init),
+});
+
+impl DeviceImpl for CpuState {
+    const CATEGORY: DeviceCategory = DeviceCategory::Cpu;
+    // CPUs are created by the board from -smp, not with -device.
+    const USER_CREATABLE: bool = false;
+}
+
+impl CpuImpl for CpuState {}
 
 impl CpuState {
     /// The CPU's index (`cpu_index`).
@@ -41,32 +108,25 @@ impl CpuState {
     }
 }
 
-fn get_index(obj: &Object, _: &Property) -> Result<Value, qom::Error> {
-    let st = obj.downcast::<CpuState>().expect("CPUs have a CpuState part");
-    Ok(Value::Uint(st.index().into()))
-}
+static CPU_INDEX: StateAccessor<CpuState> = StateAccessor {
+    get: |cpu, _| Value::Uint(cpu.index().into()),
+    set: None,
+};
 
-fn cpu_class_init(class: &mut ObjectClass) {
+fn cpu_base_class_init(class: &mut ObjectClass) {
+    <DeviceState as ClassInitFor<CpuState>>::class_init(class);
     class.insert(CpuClass::default());
-    class.add_property(Property::custom(
+    class.add_property(Property::state(
         "cpu-index",
         PropertyKind::Uint(32),
-        Some(get_index),
-        None,
         "The CPU's index",
+        &CPU_INDEX,
     ));
-    let dc = device_class_mut(class);
-    dc.category = DeviceCategory::Cpu;
-    // CPUs are created by the board from -smp, not with -device.
-    dc.user_creatable = false;
 }
 
-type_init! {
-    name: TYPE_CPU,
-    parent: Some(TYPE_DEVICE),
-    abstract_: true,
-    class_init: Some(cpu_class_init),
-    instance: Some(qom::InstanceSpec::of::<CpuState>()),
+/// The CPU methods of `obj`, if it is a CPU.
+pub fn cpu_impl(obj: &qom::Object) -> Option<&dyn Cpu> {
+    obj.class().get::<CpuClass>().and_then(|cc| cc.cpu?(obj))
 }
 
 /// Errors of creating the machine's CPUs.
@@ -83,29 +143,26 @@ pub enum CpuCreateError {
     Qom(#[from] qom::Error),
 }
 
-/// QEMU's `x86_cpus_init`/`cpu_create` loop: creates and realizes the `-smp` CPUs of
-/// `machine`, each under `/machine/unattached`, with index, APIC ID and `-cpu` options.
-pub fn machine_create_cpus(machine: &qom::ObjectRef) -> Result<(), CpuCreateError> {
-    use crate::core::machine::machine_state;
-    let ms = machine_state(machine).expect("machines have a MachineState");
+/// QEMU's `x86_cpus_init`/`cpu_create` loop: creates and realizes the `-smp` CPUs of the
+/// machine, each under `/machine/unattached`, placed in the topology and with the `-cpu`
+/// options.
+pub fn machine_create_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
     let cpu_type = ms.cpu_type().ok_or(CpuCreateError::NoCpuType)?;
     let options = ms.cpu_options();
     let smp = ms.smp();
-    let unattached = qom::container_get(machine, "unattached");
+    let unattached = qom::container_get(&ms.object(), "unattached");
     for index in 0..smp.cpus {
-        let cpu = crate::core::qdev::qdev_new(&cpu_type)?;
-        cpu.downcast::<CpuState>()
-            .expect("CPUs have a CpuState part")
-            .set_index(index);
-        if cpu.find_property("apic-id").is_some() {
-            let apic_id = crate::i386::x86_cpu::apic_id_from_index(index, smp.cores, smp.threads);
-            cpu.property_set("apic-id", Value::Uint(apic_id.into()))?;
+        let cpu = qdev_new(&cpu_type)?;
+        if let Some(state) = cpu.downcast::<CpuState>() {
+            state.set_index(index);
+            state.set_services(ms.services());
         }
-        if let Some(parse) = cpu.class().get::<CpuClass>().and_then(|c| c.parse_features) {
-            parse(&cpu, &options)?;
+        if let Some(methods) = cpu_impl(&cpu) {
+            methods.set_topology(index, &smp);
+            methods.parse_features(&cpu, &options)?;
         }
         unattached.add_child("device[*]", &cpu)?;
-        crate::core::qdev::qdev_realize(&cpu, None)?;
+        qdev_realize(&cpu, None)?;
         ms.add_cpu(cpu);
     }
     Ok(())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use qom::{
-    type_init, ClassInitFor, Error, IsA, Object, ObjectBase, ObjectClass, ObjectRef, ObjectType,
+    type_init, ClassInitFor, Error, Object, ObjectBase, ObjectClass, ObjectRef, ObjectType,
     Prop,
 };
 use vm_memory::GuestMemoryMmap;
@@ -51,7 +51,7 @@ pub struct MachineClass {
 }
 
 /// A machine type: QEMU's `MachineClass` constants and methods as a trait.
-pub trait MachineImpl: ObjectType + IsA<MachineState> {
+pub trait MachineImpl: ObjectType {
     /// One-line description for `-machine help`.
     const DESC: &'static str = "";
     /// Another `-M` name (`pc`).

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use qom::{
-    container_get, object_get_root, type_init, ClassInitFor, Error, IsA, Object, ObjectBase,
+    container_get, object_get_root, type_init, ClassInitFor, Error, Object, ObjectBase,
     ObjectClass, ObjectRef, ObjectType, Property, PropertyKind, Value, WeakObjectRef,
 };
 
@@ -91,7 +91,7 @@ pub struct DeviceClass {
 /// Constants default to the parent type's. A method a type does not write is its parent's
 /// (the default chains up); a type that writes one calls its parent's explicitly where QEMU
 /// would (`device_class_set_parent_realize`): `self.parent_state().realize(ctx)`.
-pub trait DeviceImpl: ObjectType<Parent: DeviceParent> + IsA<DeviceState> {
+pub trait DeviceImpl: ObjectType<Parent: DeviceParent> {
     /// The `-device help` heading.
     const CATEGORY: DeviceCategory = <Self::Parent as DeviceParent>::CATEGORY;
     /// One-line description for `-device help`.
