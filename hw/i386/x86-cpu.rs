@@ -8,11 +8,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use parking_lot::Mutex;
-use qom::{type_init, Error, Object, ObjectClass, Property, PropertyKind, Value};
+use qom::{
+    type_init, ClassInitFor, Error, ObjectClass, ObjectRef, Prop, Property, PropertyKind,
+    StateAccessor, Value,
+};
 
-use crate::core::cpu::{CpuClass, TYPE_CPU};
-use crate::core::machine::{machine_of, machine_state};
-use crate::core::qdev::{device_class_mut, device_class_set_parent_realize, RealizeFn};
+use crate::core::cpu::{CpuImpl, CpuState};
+use crate::core::machine::SmpConfig;
+use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
 
 /// QEMU's `TYPE_X86_CPU` for a 64-bit target.
 pub const TYPE_X86_CPU: &str = "x86_64-cpu";
@@ -204,12 +207,17 @@ pub const HOST: X86CpuModel = X86CpuModel {
     passthrough: true,
 };
 
-/// The class level of x86 CPUs: the model, and the parent realize to chain to.
+/// The class level of x86 CPUs: the model the type instantiates.
 #[derive(Clone, Debug)]
 pub struct X86CpuClass {
-    /// The model this type instantiates (`None` for the abstract type).
+    /// The model (`None` for the abstract type).
     pub model: Option<&'static X86CpuModel>,
-    parent_realize: Option<RealizeFn>,
+}
+
+/// An x86 CPU model type: QEMU's `X86CPUDefinition` registered as a class.
+pub trait X86CpuModelImpl: CpuImpl {
+    /// The model.
+    const MODEL: &'static X86CpuModel;
 }
 
 /// The register state a loader wants a CPU to start with, instead of the reset state.
@@ -222,14 +230,23 @@ pub struct X86BootState {
 }
 
 /// What an x86 CPU instance holds (QEMU's `X86CPU`).
-#[derive(Default)]
+#[derive(qom::Object)]
+#[qom(name = TYPE_X86_CPU, abstract, class_level)]
 pub struct X86Cpu {
+    #[parent]
+    parent: CpuState,
+    #[property(desc = "CPUID vendor string (12 characters)")]
+    vendor: Prop<Option<String>>,
     apic_id: AtomicU32,
     /// Features turned on or off on the command line, in order.
     overrides: Mutex<Vec<(&'static Feature, bool)>>,
     boot: Mutex<Option<X86BootState>>,
     thread_id: AtomicU32,
 }
+
+type_init!(X86Cpu {
+    class_init: Some(x86_cpu_base_class_init),
+});
 
 impl X86Cpu {
     /// The local APIC ID.
@@ -256,44 +273,31 @@ impl X86Cpu {
     pub fn thread_id(&self) -> u32 {
         self.thread_id.load(Ordering::Relaxed)
     }
-}
-
-fn cpu_part(obj: &Object) -> &X86Cpu {
-    obj.downcast::<X86Cpu>()
-        .expect("x86 CPUs have an X86Cpu part")
-}
-
-fn get_apic_id(obj: &Object, _: &Property) -> Result<Value, Error> {
-    Ok(Value::Uint(cpu_part(obj).apic_id().into()))
-}
-
-fn set_apic_id(obj: &Object, _: &Property, value: Value) -> Result<(), Error> {
-    if let Value::Uint(v) = value {
-        cpu_part(obj).apic_id.store(v as u32, Ordering::Relaxed);
+    /// The model this CPU instantiates.
+    pub fn model(&self) -> Option<&'static X86CpuModel> {
+        self.try_object()?.class().get::<X86CpuClass>()?.model
     }
-    Ok(())
-}
-
-fn get_feature(obj: &Object, prop: &Property) -> Result<Value, Error> {
-    let overrides = cpu_part(obj).overrides.lock();
-    let forced = overrides.iter().rev().find(|(f, _)| f.name == prop.name);
-    let model = obj
-        .class()
-        .get::<X86CpuClass>()
-        .and_then(|c| c.model);
-    let in_model = model.is_some_and(|m| m.passthrough || m.features.contains(&prop.name.as_ref()));
-    Ok(Value::Bool(forced.map_or(in_model, |(_, on)| *on)))
-}
-
-fn set_feature(obj: &Object, prop: &Property, value: Value) -> Result<(), Error> {
-    let feature = feature_by_name(&prop.name).ok_or_else(|| Error::PropertyNotFound {
-        type_name: obj.type_name().to_string(),
-        name: prop.name.to_string(),
-    })?;
-    if let Value::Bool(on) = value {
-        cpu_part(obj).overrides.lock().push((feature, on));
+    /// Whether the model plus the command-line overrides turn `feature` on.
+    pub fn feature_enabled(&self, feature: &str) -> bool {
+        let forced = self
+            .overrides
+            .lock()
+            .iter()
+            .rev()
+            .find(|(f, _)| f.name == feature)
+            .map(|(_, on)| *on);
+        let in_model = self
+            .model()
+            .is_some_and(|m| m.passthrough || m.features.contains(&feature));
+        forced.unwrap_or(in_model)
     }
-    Ok(())
+    /// The features the model plus overrides ask for (`-cpu help` and tests use it).
+    pub fn requested_features(&self) -> Vec<&'static Feature> {
+        FEATURES
+            .iter()
+            .filter(|f| self.feature_enabled(f.name))
+            .collect()
+    }
 }
 
 /// Realize errors of x86 CPUs.
@@ -305,108 +309,121 @@ enum X86CpuError {
     NoAccelerator(String),
 }
 
-fn x86_cpu_realize(obj: &Object) -> Result<(), Error> {
-    let vendor = obj.prop_str("vendor")?;
-    if !vendor.is_empty() && vendor.len() != 12 {
-        return Err(Error::other(X86CpuError::Vendor(vendor)));
-    }
-    let machine = machine_of(obj)
-        .ok_or_else(|| Error::other(X86CpuError::NoAccelerator(obj.type_name().into())))?;
-    let ops = machine_state(&machine)
-        .and_then(|ms| ms.accel_ops())
-        .ok_or_else(|| Error::other(X86CpuError::NoAccelerator(obj.type_name().into())))?;
-    let this = obj.to_ref().expect("a CPU being realized is alive");
-    // QEMU's qemu_init_vcpu: start the thread and wait until it reports created.
-    ops.create_vcpu_thread(&this)?;
-    let parent = obj
-        .class()
-        .get::<X86CpuClass>()
-        .and_then(|c| c.parent_realize);
-    match parent {
-        Some(realize) => realize(obj),
-        None => Ok(()),
+impl DeviceImpl for X86Cpu {
+    const DESCRIPTION: Option<&'static str> = Some("x86 CPU");
+
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        if let Some(vendor) = self.vendor.get().filter(|v| v.len() != 12) {
+            return Err(RealizeError::device(X86CpuError::Vendor(vendor)));
+        }
+        let no_accel = || RealizeError::device(X86CpuError::NoAccelerator(ctx.type_name().into()));
+        let ops = ctx.machine().map_err(|_| no_accel())?.accel_ops().ok_or_else(no_accel)?;
+        // QEMU's qemu_init_vcpu: start the thread and wait until it reports created.
+        ops.create_vcpu_thread(ctx.object())?;
+        DeviceImpl::realize(&self.parent, ctx)
     }
 }
 
-fn x86_cpu_class_init(class: &mut ObjectClass) {
-    let parent_realize = device_class_set_parent_realize(class, x86_cpu_realize);
-    class.insert(X86CpuClass {
-        model: None,
-        parent_realize,
-    });
-    class.add_property(Property::custom(
+impl CpuImpl for X86Cpu {
+    fn set_topology(&self, index: u32, smp: &SmpConfig) {
+        self.apic_id
+            .store(apic_id_from_index(index, smp.cores, smp.threads), Ordering::Relaxed);
+    }
+
+    fn parse_features(&self, cpu: &ObjectRef, options: &str) -> Result<(), Error> {
+        apply_cpu_options(cpu, options)
+    }
+}
+
+static APIC_ID: StateAccessor<X86Cpu> = StateAccessor {
+    get: |cpu, _| Value::Uint(cpu.apic_id().into()),
+    set: Some(|cpu, _, value| {
+        if let Value::Uint(v) = value {
+            cpu.apic_id.store(v as u32, Ordering::Relaxed);
+        }
+        Ok(())
+    }),
+};
+
+/// One bool property per CPUID feature name, as QEMU has.
+static FEATURE: StateAccessor<X86Cpu> = StateAccessor {
+    get: |cpu, prop| Value::Bool(cpu.feature_enabled(&prop.name)),
+    set: Some(|cpu, prop, value| {
+        let feature = feature_by_name(&prop.name).ok_or_else(|| Error::PropertyNotFound {
+            type_name: TYPE_X86_CPU.to_string(),
+            name: prop.name.to_string(),
+        })?;
+        if let Value::Bool(on) = value {
+            cpu.overrides.lock().push((feature, on));
+        }
+        Ok(())
+    }),
+};
+
+/// The abstract `x86_64-cpu` class: `apic-id`, `vendor` and the feature flags.
+fn x86_cpu_base_class_init(class: &mut ObjectClass) {
+    <CpuState as ClassInitFor<X86Cpu>>::class_init(class);
+    class.insert(X86CpuClass { model: None });
+    class.add_property(Property::state(
         "apic-id",
         PropertyKind::Uint(32),
-        Some(get_apic_id),
-        Some(set_apic_id),
         "Local APIC ID",
-    ));
-    class.add_property(Property::string(
-        "vendor",
-        None,
-        "CPUID vendor string (12 characters)",
+        &APIC_ID,
     ));
     for feature in FEATURES {
-        class.add_property(Property::custom(
+        class.add_property(Property::state(
             feature.name,
             PropertyKind::Bool,
-            Some(get_feature),
-            Some(set_feature),
             "CPUID feature",
+            &FEATURE,
         ));
     }
-    let dc = device_class_mut(class);
-    dc.desc = Some("x86 CPU");
 }
 
-type_init! {
-    name: TYPE_X86_CPU,
-    parent: Some(TYPE_CPU),
-    abstract_: true,
-    class_init: Some(x86_cpu_class_init),
-    instance: Some(qom::InstanceSpec::of::<X86Cpu>()),
-}
-
-fn model_class_init(class: &mut ObjectClass, model: &'static X86CpuModel) {
-    if let Some(xc) = class.get_mut::<X86CpuClass>() {
-        xc.model = Some(model);
-    }
-    if let Some(cc) = class.get_mut::<CpuClass>() {
-        cc.model_name = model.name;
-        cc.model_description = Some(model.description);
-        cc.parse_features = Some(apply_cpu_options);
+/// Each model type's class: the x86 CPU class with its model.
+impl<T: X86CpuModelImpl> ClassInitFor<T> for X86Cpu {
+    fn class_init(class: &mut ObjectClass) {
+        <CpuState as ClassInitFor<T>>::class_init(class);
+        class.insert(X86CpuClass {
+            model: Some(T::MODEL),
+        });
     }
 }
 
-fn qemu64_class_init(class: &mut ObjectClass) {
-    model_class_init(class, &QEMU64);
-}
-fn max_class_init(class: &mut ObjectClass) {
-    model_class_init(class, &MAX);
-}
-fn host_class_init(class: &mut ObjectClass) {
-    model_class_init(class, &HOST);
+/// Declares the QOM type of a CPU model: `<name>-x86_64-cpu` (QEMU's
+/// `x86_register_cpudef_types`).
+macro_rules! x86_cpu_model {
+    ($ty:ident, $type_name:literal, $model:path) => {
+        #[doc = concat!("The `", $type_name, "` model type.")]
+        #[derive(qom::Object)]
+        #[qom(name = $type_name)]
+        pub struct $ty {
+            #[parent]
+            parent: X86Cpu,
+        }
+
+        impl DeviceImpl for $ty {}
+
+        impl CpuImpl for $ty {
+            const MODEL_NAME: &'static str = $model.name;
+            const MODEL_DESCRIPTION: Option<&'static str> = Some($model.description);
+        }
+
+        impl X86CpuModelImpl for $ty {
+            const MODEL: &'static X86CpuModel = &$model;
+        }
+
+        type_init!($ty);
+    };
 }
 
-type_init! {
-    name: "qemu64-x86_64-cpu",
-    parent: Some(TYPE_X86_CPU),
-    class_init: Some(qemu64_class_init),
-}
-type_init! {
-    name: "max-x86_64-cpu",
-    parent: Some(TYPE_X86_CPU),
-    class_init: Some(max_class_init),
-}
-type_init! {
-    name: "host-x86_64-cpu",
-    parent: Some(TYPE_X86_CPU),
-    class_init: Some(host_class_init),
-}
+x86_cpu_model!(Qemu64X86Cpu, "qemu64-x86_64-cpu", QEMU64);
+x86_cpu_model!(MaxX86Cpu, "max-x86_64-cpu", MAX);
+x86_cpu_model!(HostX86Cpu, "host-x86_64-cpu", HOST);
 
 /// Applies `-cpu MODEL,+feat,-feat,feat=on,prop=value` (everything after the model) to a
 /// CPU before realize (QEMU's `x86_cpu_parse_featurestr`).
-pub fn apply_cpu_options(cpu: &Object, options: &str) -> Result<(), Error> {
+pub fn apply_cpu_options(cpu: &qom::Object, options: &str) -> Result<(), Error> {
     for item in options.split(',').filter(|s| !s.is_empty()) {
         let (name, value) = if let Some(feat) = item.strip_prefix('+') {
             (feat, "on")
@@ -421,14 +438,6 @@ pub fn apply_cpu_options(cpu: &Object, options: &str) -> Result<(), Error> {
         cpu.property_parse(name, value)?;
     }
     Ok(())
-}
-
-/// The features a model plus overrides ask for, by name (`-cpu help` and tests use it).
-pub fn requested_features(cpu: &Object) -> Vec<&'static Feature> {
-    FEATURES
-        .iter()
-        .filter(|f| cpu.prop_bool(f.name).unwrap_or(false))
-        .collect()
 }
 
 /// x86 APIC ID of CPU `index` for a topology, as QEMU's `x86_apicid_from_cpu_idx`: thread,

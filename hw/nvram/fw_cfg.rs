@@ -38,14 +38,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property, WeakObjectRef};
+use qom::{type_init, Error, Object, Prop, Typed};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::core::machine::{machine_of, machine_state};
-use crate::core::memory::{MemoryRegion, MemoryRegionOps};
+use crate::core::machine::MachineState;
+use crate::core::memory::{AddressSpace, MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{
-    device_class_mut, qdev_realize, DeviceCategory, QdevError, TYPE_DEVICE,
+    qdev_new_typed, qdev_realize, DeviceCategory, DeviceContext, DeviceImpl, DeviceState,
+    QdevError, RealizeError,
 };
+use crate::core::services::MachineServices;
 
 /// QEMU's `TYPE_FW_CFG_IO`.
 pub const TYPE_FW_CFG_IO: &str = "fw_cfg_io";
@@ -158,17 +160,6 @@ pub const FW_CFG_DMA_ACCESS_SIZE: u64 = 16;
 /// QEMU's `FW_CFG_INVALID`: the selector state after an out-of-range key.
 const FW_CFG_INVALID: u16 = 0xffff;
 
-const PROPERTIES: &[Property] = &[
-    Property::uint("iobase", 32, FW_CFG_IO_BASE as u64, "Selector/data port base"),
-    Property::uint("dma_iobase", 32, FW_CFG_DMA_IO_BASE as u64, "DMA port base"),
-    Property::bool("dma_enabled", true, "Whether the DMA interface is present"),
-    Property::uint(
-        "x-file-slots",
-        16,
-        FW_CFG_FILE_SLOTS_DFLT as u64,
-        "Number of file slots",
-    ),
-];
 
 /// Errors of the fw_cfg board API and of realize.
 #[derive(Debug, thiserror::Error)]
@@ -368,35 +359,26 @@ fn write_zeros<M: Bytes<GuestAddress>>(ram: &M, address: u64, length: u32) -> Re
     Ok(())
 }
 
-/// The instance part of `fw_cfg_io` (QEMU's `FWCfgIoState`).
-#[derive(Default)]
-pub struct FwCfgState {
+/// `fw_cfg_io` (QEMU's `FWCfgIoState`): the item store behind one lock, shared with the
+/// port handlers, and the regions to unmap.
+#[derive(qom::Object)]
+#[qom(name = TYPE_FW_CFG_IO)]
+pub struct FwCfgIo {
+    #[parent]
+    parent: DeviceState,
+    #[property(default = FW_CFG_IO_BASE as u32, desc = "Selector/data port base")]
+    iobase: Prop<u32>,
+    #[property(default = FW_CFG_DMA_IO_BASE as u32, desc = "DMA port base")]
+    dma_iobase: Prop<u32>,
+    #[property(default = true, desc = "Whether the DMA interface is present")]
+    dma_enabled: Prop<bool>,
+    #[property(name = "x-file-slots", default = FW_CFG_FILE_SLOTS_DFLT, desc = "Number of file slots")]
+    file_slots: Prop<u16>,
     inner: Arc<Mutex<FwCfgInner>>,
-    regions: Mutex<Vec<Arc<MemoryRegion>>>,
+    regions: Mutex<Vec<(Arc<AddressSpace>, Arc<MemoryRegion>)>>,
 }
 
-type_init! {
-    name: TYPE_FW_CFG_IO,
-    parent: Some(TYPE_DEVICE),
-    class_init: Some(fw_cfg_io_class_init),
-    instance: Some(qom::InstanceSpec::of::<FwCfgState>()),
-}
-
-fn fw_cfg_io_class_init(class: &mut ObjectClass) {
-    crate::core::qdev::device_class_set_props(class, PROPERTIES);
-    let dc = device_class_mut(class);
-    dc.realize = Some(fw_cfg_io_realize);
-    dc.unrealize = Some(fw_cfg_io_unrealize);
-    dc.desc = Some("QEMU firmware configuration interface (I/O ports)");
-    dc.category = DeviceCategory::Misc;
-    // A board device (QEMU's sysbus devices are not user-creatable either).
-    dc.user_creatable = false;
-}
-
-fn state(dev: &Object) -> Result<&FwCfgState, FwCfgError> {
-    dev.downcast::<FwCfgState>()
-        .ok_or_else(|| FwCfgError::NotFwCfg(dev.type_name().to_string()))
-}
+type_init!(FwCfgIo);
 
 /// The selector and data ports (QEMU's `fw_cfg_comb_mem_ops`).
 struct FwCfgCombPort {
@@ -423,19 +405,12 @@ impl MemoryRegionOps for FwCfgCombPort {
 /// The DMA address register (QEMU's `fw_cfg_dma_mem_ops`, big-endian).
 struct FwCfgDmaPort {
     inner: Arc<Mutex<FwCfgInner>>,
-    machine: WeakObjectRef,
+    machine: Arc<MachineServices>,
 }
 
 impl FwCfgDmaPort {
     fn transfer(&self, inner: &mut FwCfgInner) {
-        let ram = self
-            .machine
-            .upgrade()
-            .and_then(|m| machine_state(&m).map(|ms| ms.ram()));
-        match ram {
-            Some(ram) => inner.dma_transfer(&*ram),
-            None => inner.dma_addr = 0,
-        }
+        inner.dma_transfer(&*self.machine.ram());
     }
 }
 
@@ -468,221 +443,220 @@ impl MemoryRegionOps for FwCfgDmaPort {
     }
 }
 
-fn port_base(dev: &Object, name: &str) -> Result<u16, Error> {
-    let v = dev.prop_uint(name)?;
-    u16::try_from(v).map_err(|_| FwCfgError::BadPort(v).into())
+fn port_base(value: u32) -> Result<u16, FwCfgError> {
+    u16::try_from(value).map_err(|_| FwCfgError::BadPort(value.into()))
 }
 
-fn fw_cfg_io_realize(dev: &Object) -> Result<(), Error> {
-    let st = state(dev)?;
-    let machine = machine_of(dev).ok_or(FwCfgError::NoMachine)?;
-    let ms = machine_state(&machine).ok_or(FwCfgError::NoMachine)?;
-    let iobase = port_base(dev, "iobase")?;
-    let dma_iobase = port_base(dev, "dma_iobase")?;
-    let dma_enabled = dev.prop_bool("dma_enabled")?;
-    let slots = dev.prop_uint("x-file-slots")? as u16;
-    let max_entry = FW_CFG_FILE_FIRST.saturating_add(slots);
-    if max_entry > FW_CFG_ENTRY_MASK + 1 {
-        return Err(FwCfgError::NoFileSlots(slots).into());
-    }
+impl DeviceImpl for FwCfgIo {
+    const CATEGORY: DeviceCategory = DeviceCategory::Misc;
+    const DESCRIPTION: Option<&'static str> =
+        Some("QEMU firmware configuration interface (I/O ports)");
+    // A board device (QEMU's sysbus devices are not user-creatable either).
+    const USER_CREATABLE: bool = false;
 
-    {
-        let mut inner = st.inner.lock();
-        if inner.files.len() > usize::from(slots) {
-            return Err(FwCfgError::NoFileSlots(slots).into());
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let machine = ctx.machine()?;
+        let io = machine.system_io();
+        let iobase = port_base(self.iobase.get()).map_err(RealizeError::device)?;
+        let dma_iobase = port_base(self.dma_iobase.get()).map_err(RealizeError::device)?;
+        let dma_enabled = self.dma_enabled.get();
+        let slots = self.file_slots.get();
+        let max_entry = FW_CFG_FILE_FIRST.saturating_add(slots);
+        if max_entry > FW_CFG_ENTRY_MASK + 1 {
+            return Err(RealizeError::device(FwCfgError::NoFileSlots(slots)));
         }
-        inner.max_entry = max_entry;
-        // QEMU's fw_cfg_init1 / fw_cfg_common_realize.
-        inner.entries.insert(FW_CFG_SIGNATURE, Arc::from(&b"QEMU"[..]));
-        let mut id = FW_CFG_VERSION;
-        if dma_enabled {
-            id |= FW_CFG_VERSION_DMA;
+        {
+            let mut inner = self.inner.lock();
+            if inner.files.len() > usize::from(slots) {
+                return Err(RealizeError::device(FwCfgError::NoFileSlots(slots)));
+            }
+            inner.max_entry = max_entry;
+            // QEMU's fw_cfg_init1 / fw_cfg_common_realize.
+            inner.entries.insert(FW_CFG_SIGNATURE, Arc::from(&b"QEMU"[..]));
+            let mut id = FW_CFG_VERSION;
+            if dma_enabled {
+                id |= FW_CFG_VERSION_DMA;
+            }
+            inner.entries.insert(FW_CFG_ID, Arc::from(&id.to_le_bytes()[..]));
+            for (key, default) in [
+                (FW_CFG_UUID, &[0u8; 16][..]),
+                (FW_CFG_NOGRAPHIC, &[0u8; 2][..]),
+                (FW_CFG_BOOT_MENU, &[0u8; 2][..]),
+            ] {
+                inner.entries.entry(key).or_insert_with(|| Arc::from(default));
+            }
+            inner.rebuild_file_dir();
+            inner.select(0);
         }
-        inner.entries.insert(FW_CFG_ID, Arc::from(&id.to_le_bytes()[..]));
-        inner.entries.entry(FW_CFG_UUID).or_insert_with(|| Arc::from(&[0u8; 16][..]));
-        inner
-            .entries
-            .entry(FW_CFG_NOGRAPHIC)
-            .or_insert_with(|| Arc::from(&0u16.to_le_bytes()[..]));
-        inner
-            .entries
-            .entry(FW_CFG_BOOT_MENU)
-            .or_insert_with(|| Arc::from(&0u16.to_le_bytes()[..]));
-        // QEMU's fw_cfg_arch_create: what x86 firmware reads about the machine.
-        let smp = ms.smp();
-        inner.entries.insert(FW_CFG_NB_CPUS, Arc::from(&(smp.cpus as u16).to_le_bytes()[..]));
-        inner
-            .entries
-            .entry(FW_CFG_MAX_CPUS)
-            .or_insert_with(|| Arc::from(&(smp.max_cpus as u16).to_le_bytes()[..]));
-        inner.entries.insert(FW_CFG_RAM_SIZE, Arc::from(&ms.ram_size().to_le_bytes()[..]));
-        inner.rebuild_file_dir();
-        inner.select(0);
-    }
 
-    let comb = MemoryRegion::new_io(
-        "fwcfg",
-        2,
-        Arc::new(FwCfgCombPort {
-            inner: st.inner.clone(),
-        }),
-    );
-    ms.system_io().map(iobase.into(), comb.clone()).map_err(Error::other)?;
-    let mut regions = vec![comb];
-    if dma_enabled {
-        let dma = MemoryRegion::new_io(
-            "fwcfg.dma",
-            8,
-            Arc::new(FwCfgDmaPort {
-                inner: st.inner.clone(),
-                machine: machine.downgrade(),
+        let comb = MemoryRegion::new_io(
+            "fwcfg",
+            2,
+            Arc::new(FwCfgCombPort {
+                inner: self.inner.clone(),
             }),
         );
-        if let Err(e) = ms.system_io().map(dma_iobase.into(), dma.clone()) {
-            ms.system_io().unmap(&regions[0]);
-            return Err(Error::other(e));
+        io.map(iobase.into(), comb.clone())?;
+        let mut regions = vec![(io.clone(), comb)];
+        if dma_enabled {
+            let dma = MemoryRegion::new_io(
+                "fwcfg.dma",
+                8,
+                Arc::new(FwCfgDmaPort {
+                    inner: self.inner.clone(),
+                    machine: machine.clone(),
+                }),
+            );
+            if let Err(e) = io.map(dma_iobase.into(), dma.clone()) {
+                io.unmap(&regions[0].1);
+                return Err(e.into());
+            }
+            regions.push((io.clone(), dma));
         }
-        regions.push(dma);
+        *self.regions.lock() = regions;
+        Ok(())
     }
-    *st.regions.lock() = regions;
-    Ok(())
-}
 
-fn fw_cfg_io_unrealize(dev: &Object) {
-    let Ok(st) = state(dev) else { return };
-    let io = machine_of(dev).and_then(|m| machine_state(&m).map(|ms| ms.system_io().clone()));
-    for region in st.regions.lock().drain(..) {
-        if let Some(io) = &io {
+    fn unrealize(&self, ctx: &DeviceContext) {
+        for (io, region) in self.regions.lock().drain(..) {
             io.unmap(&region);
         }
+        DeviceImpl::unrealize(&self.parent, ctx);
     }
 }
 
-/// QEMU's `fw_cfg_init_io_dma` for the x86 layout: creates `fw_cfg_io` with its ports at
-/// `iobase` and `dma_iobase`, makes it `machine`'s child `fw_cfg` and realizes it. `None`
-/// for `dma_iobase` leaves DMA out.
+/// QEMU's `fw_cfg_init_io_dma` for the x86 layout, with `fw_cfg_arch_create`'s items:
+/// creates `fw_cfg_io` with its ports at `iobase` and `dma_iobase`, stores the RAM size and
+/// CPU counts of `ms`, makes it the machine's child `fw_cfg` and realizes it. `None` for
+/// `dma_iobase` leaves DMA out.
 pub fn fw_cfg_init_io_dma(
-    machine: &ObjectRef,
+    ms: &MachineState,
     iobase: u16,
     dma_iobase: Option<u16>,
-) -> Result<ObjectRef, QdevError> {
-    let dev = crate::core::qdev::qdev_new(TYPE_FW_CFG_IO)?;
-    dev.property_parse("iobase", &iobase.to_string())?;
+) -> Result<Typed<FwCfgIo>, QdevError> {
+    let dev = qdev_new_typed::<FwCfgIo>()?;
+    dev.iobase.set(iobase.into());
     match dma_iobase {
-        Some(port) => dev.property_parse("dma_iobase", &port.to_string())?,
-        None => dev.property_parse("dma_enabled", "off")?,
+        Some(port) => dev.dma_iobase.set(port.into()),
+        None => dev.dma_enabled.set(false),
     }
-    machine.add_child(FW_CFG_PATH_NAME, &dev)?;
-    if let Err(e) = qdev_realize(&dev, None) {
-        dev.unparent();
+    let smp = ms.smp();
+    dev.insert(FW_CFG_NB_CPUS, &(smp.cpus as u16).to_le_bytes());
+    dev.insert(FW_CFG_MAX_CPUS, &(smp.max_cpus as u16).to_le_bytes());
+    dev.insert(FW_CFG_RAM_SIZE, &ms.ram_size().to_le_bytes());
+    dev.set_services(ms.services());
+    let obj = dev.object().clone();
+    ms.object().add_child(FW_CFG_PATH_NAME, &obj)?;
+    if let Err(e) = qdev_realize(&obj, None) {
+        obj.unparent();
         return Err(e);
     }
     Ok(dev)
 }
 
 /// QEMU's `fw_cfg_find`: the machine's fw_cfg device, if it has one.
-pub fn fw_cfg_find(machine: &Object) -> Option<ObjectRef> {
-    machine
-        .child(FW_CFG_PATH_NAME)
-        .filter(|d| d.downcast::<FwCfgState>().is_some())
+pub fn fw_cfg_find(machine: &Object) -> Option<Typed<FwCfgIo>> {
+    machine.child(FW_CFG_PATH_NAME).and_then(Typed::new)
 }
 
-/// QEMU's `fw_cfg_add_bytes`: sets item `key` (replacing what it held). File keys are
-/// refused: files are added with [`fw_cfg_add_file`].
-pub fn fw_cfg_add_bytes(dev: &Object, key: u16, data: impl Into<Vec<u8>>) -> Result<(), FwCfgError> {
-    let st = state(dev)?;
-    let data = data.into();
-    if u32::try_from(data.len()).is_err() {
-        return Err(FwCfgError::TooLarge(data.len()));
+impl FwCfgIo {
+    fn insert(&self, key: u16, data: &[u8]) {
+        self.inner.lock().entries.insert(key, Arc::from(data));
     }
-    let mut inner = st.inner.lock();
-    let index = key & FW_CFG_ENTRY_MASK;
-    if key & FW_CFG_WRITE_CHANNEL != 0 || index >= inner.max_entry {
-        return Err(FwCfgError::BadKey(key));
-    }
-    if key & FW_CFG_ARCH_LOCAL == 0 && (index == FW_CFG_FILE_DIR || index >= FW_CFG_FILE_FIRST) {
-        return Err(FwCfgError::FileKey(key));
-    }
-    inner.entries.insert(key, data.into());
-    Ok(())
-}
 
-/// QEMU's `fw_cfg_add_string`: the string and a terminating NUL.
-pub fn fw_cfg_add_string(dev: &Object, key: u16, value: &str) -> Result<(), FwCfgError> {
-    let mut data = value.as_bytes().to_vec();
-    data.push(0);
-    fw_cfg_add_bytes(dev, key, data)
-}
-
-/// QEMU's `fw_cfg_add_i16`: a little-endian u16.
-pub fn fw_cfg_add_i16(dev: &Object, key: u16, value: u16) -> Result<(), FwCfgError> {
-    fw_cfg_add_bytes(dev, key, value.to_le_bytes())
-}
-
-/// QEMU's `fw_cfg_add_i32`: a little-endian u32.
-pub fn fw_cfg_add_i32(dev: &Object, key: u16, value: u32) -> Result<(), FwCfgError> {
-    fw_cfg_add_bytes(dev, key, value.to_le_bytes())
-}
-
-/// QEMU's `fw_cfg_add_i64`: a little-endian u64.
-pub fn fw_cfg_add_i64(dev: &Object, key: u16, value: u64) -> Result<(), FwCfgError> {
-    fw_cfg_add_bytes(dev, key, value.to_le_bytes())
-}
-
-/// QEMU's `fw_cfg_add_file`: adds file `name` (at most 55 bytes, unique) and returns the key
-/// it has now. Files are kept sorted by name; keys of files sorting after `name` move up
-/// by one, as in QEMU.
-pub fn fw_cfg_add_file(dev: &Object, name: &str, data: impl Into<Vec<u8>>) -> Result<u16, FwCfgError> {
-    let st = state(dev)?;
-    let data = data.into();
-    if name.len() >= FW_CFG_MAX_FILE_PATH || name.as_bytes().contains(&0) {
-        return Err(FwCfgError::NameTooLong(name.to_string()));
-    }
-    if u32::try_from(data.len()).is_err() {
-        return Err(FwCfgError::TooLarge(data.len()));
-    }
-    let slots = dev.prop_uint("x-file-slots").unwrap_or(u64::from(FW_CFG_FILE_SLOTS_DFLT));
-    let slots = u16::try_from(slots).unwrap_or(u16::MAX);
-    let mut inner = st.inner.lock();
-    if inner.files.iter().any(|f| f == name) {
-        return Err(FwCfgError::DuplicateFile(name.to_string()));
-    }
-    if inner.files.len() >= usize::from(slots) {
-        return Err(FwCfgError::NoFileSlots(slots));
-    }
-    let index = inner.files.partition_point(|f| f.as_str() <= name);
-    let count = inner.files.len();
-    // Move the files after the insertion point up one key.
-    for i in (index..count).rev() {
-        let from = FW_CFG_FILE_FIRST + i as u16;
-        if let Some(d) = inner.entries.remove(&from) {
-            inner.entries.insert(from + 1, d);
+    /// QEMU's `fw_cfg_add_bytes`: sets item `key` (replacing what it held). File keys are
+    /// refused: files are added with [`FwCfgIo::add_file`].
+    pub fn add_bytes(&self, key: u16, data: impl Into<Vec<u8>>) -> Result<(), FwCfgError> {
+        let data = data.into();
+        if u32::try_from(data.len()).is_err() {
+            return Err(FwCfgError::TooLarge(data.len()));
         }
+        let mut inner = self.inner.lock();
+        let index = key & FW_CFG_ENTRY_MASK;
+        if key & FW_CFG_WRITE_CHANNEL != 0 || index >= inner.max_entry {
+            return Err(FwCfgError::BadKey(key));
+        }
+        if key & FW_CFG_ARCH_LOCAL == 0 && (index == FW_CFG_FILE_DIR || index >= FW_CFG_FILE_FIRST)
+        {
+            return Err(FwCfgError::FileKey(key));
+        }
+        inner.entries.insert(key, data.into());
+        Ok(())
     }
-    inner.files.insert(index, name.to_string());
-    let key = FW_CFG_FILE_FIRST + index as u16;
-    inner.entries.insert(key, data.into());
-    inner.rebuild_file_dir();
-    Ok(key)
-}
 
-/// The key file `name` has, if it was added.
-pub fn fw_cfg_file_key(dev: &Object, name: &str) -> Option<u16> {
-    let st = state(dev).ok()?;
-    let inner = st.inner.lock();
-    let index = inner.files.iter().position(|f| f == name)?;
-    Some(FW_CFG_FILE_FIRST + index as u16)
-}
+    /// QEMU's `fw_cfg_add_string`: the string and a terminating NUL.
+    pub fn add_string(&self, key: u16, value: &str) -> Result<(), FwCfgError> {
+        let mut data = value.as_bytes().to_vec();
+        data.push(0);
+        self.add_bytes(key, data)
+    }
 
-/// The bytes of item `key`, as a guest reading from offset 0 sees them (`None` for a key
-/// without an item). For tests and the monitor.
-pub fn fw_cfg_item(dev: &Object, key: u16) -> Option<Vec<u8>> {
-    let st = state(dev).ok()?;
-    let inner = st.inner.lock();
-    inner
-        .entries
-        .get(&FwCfgInner::entry_index(key))
-        .map(|d| d.to_vec())
+    /// QEMU's `fw_cfg_add_i16`: a little-endian u16.
+    pub fn add_i16(&self, key: u16, value: u16) -> Result<(), FwCfgError> {
+        self.add_bytes(key, value.to_le_bytes())
+    }
+
+    /// QEMU's `fw_cfg_add_i32`: a little-endian u32.
+    pub fn add_i32(&self, key: u16, value: u32) -> Result<(), FwCfgError> {
+        self.add_bytes(key, value.to_le_bytes())
+    }
+
+    /// QEMU's `fw_cfg_add_i64`: a little-endian u64.
+    pub fn add_i64(&self, key: u16, value: u64) -> Result<(), FwCfgError> {
+        self.add_bytes(key, value.to_le_bytes())
+    }
+
+    /// QEMU's `fw_cfg_add_file`: adds file `name` (at most 55 bytes, unique) and returns the
+    /// key it has now. Files are kept sorted by name; keys of files sorting after `name`
+    /// move up by one, as in QEMU.
+    pub fn add_file(&self, name: &str, data: impl Into<Vec<u8>>) -> Result<u16, FwCfgError> {
+        let data = data.into();
+        if name.len() >= FW_CFG_MAX_FILE_PATH || name.as_bytes().contains(&0) {
+            return Err(FwCfgError::NameTooLong(name.to_string()));
+        }
+        if u32::try_from(data.len()).is_err() {
+            return Err(FwCfgError::TooLarge(data.len()));
+        }
+        let slots = self.file_slots.get();
+        let mut inner = self.inner.lock();
+        if inner.files.iter().any(|f| f == name) {
+            return Err(FwCfgError::DuplicateFile(name.to_string()));
+        }
+        if inner.files.len() >= usize::from(slots) {
+            return Err(FwCfgError::NoFileSlots(slots));
+        }
+        let index = inner.files.partition_point(|f| f.as_str() <= name);
+        let count = inner.files.len();
+        // Move the files after the insertion point up one key.
+        for i in (index..count).rev() {
+            let from = FW_CFG_FILE_FIRST + i as u16;
+            if let Some(d) = inner.entries.remove(&from) {
+                inner.entries.insert(from + 1, d);
+            }
+        }
+        inner.files.insert(index, name.to_string());
+        let key = FW_CFG_FILE_FIRST + index as u16;
+        inner.entries.insert(key, data.into());
+        inner.rebuild_file_dir();
+        Ok(key)
+    }
+
+    /// The key file `name` has, if it was added.
+    pub fn file_key(&self, name: &str) -> Option<u16> {
+        let inner = self.inner.lock();
+        let index = inner.files.iter().position(|f| f == name)?;
+        Some(FW_CFG_FILE_FIRST + index as u16)
+    }
+
+    /// The bytes of item `key`, as a guest reading from offset 0 sees them (`None` for a key
+    /// without an item). For tests and the monitor.
+    pub fn item(&self, key: u16) -> Option<Vec<u8>> {
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .get(&FwCfgInner::entry_index(key))
+            .map(|d| d.to_vec())
+    }
 }
 
 #[cfg(test)]
