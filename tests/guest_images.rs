@@ -3,10 +3,7 @@
 //!
 //! Tests that need KVM print a reason and pass when /dev/kvm is unusable.
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/raw_kvm.rs"]
-mod raw_kvm;
+use test_support::{guest, raw_kvm};
 
 use guest::{build, smp_apic_id_reporter, GuestImage, Mode, Op, LOAD_ADDR};
 use raw_kvm::{RawExit, RawLoop, Stop};

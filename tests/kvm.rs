@@ -5,11 +5,7 @@
 //! Each test builds its own machine (not the process's `/machine`), so tests run side by
 //! side in one process.
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/vm.rs"]
-#[macro_use]
-mod vm;
+use test_support::{guest, require_kvm, vm};
 
 use std::sync::atomic::Ordering;
 

@@ -4,10 +4,7 @@
 //! pointer, the initrd and the command line), then reports through `isa-debug-exit`.
 //! Skipped, with the reason printed, where `/dev/kvm` is not usable.
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/vm.rs"]
-mod vm;
+use test_support::{guest, vm};
 
 use std::path::PathBuf;
 

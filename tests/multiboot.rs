@@ -3,11 +3,7 @@
 //! where the kernel reports what it found at entry through ports (skipped, with the reason
 //! printed, where `/dev/kvm` is not usable).
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/vm.rs"]
-#[macro_use]
-mod vm;
+use test_support::{guest, require_kvm, vm};
 
 use guest::{Asm32, EAX, EBX, EDI, ESI};
 use hw::core::machine::{machine_state, RunRequest};

@@ -4,11 +4,7 @@
 //! pc board's power button raises the SCI on qtest. The KVM tests skip, with the reason,
 //! where `/dev/kvm` is not usable.
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/vm.rs"]
-#[macro_use]
-mod vm;
+use test_support::{guest, require_kvm, vm};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -7,8 +7,7 @@
 //! the first check that failed (see [`CHECKS`]). The KVM runs are skipped, with the reason
 //! printed, where `/dev/kvm` is not usable.
 
-#[path = "common/guest.rs"]
-mod guest;
+use test_support::guest;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -175,7 +174,7 @@ fn build_kernel(spec: &Spec) -> Vec<u8> {
     // `check(a, cc, name)`: continue if `cc` holds, else fail with the check's code.
     let mut check = |a: &mut Asm32, pass: Cond, name: &str| {
         let l = a.label();
-        a.jcc(pass.not(), l);
+        a.jcc(!pass, l);
         fails.push((l, check_code(name)));
     };
 
