@@ -1,5 +1,5 @@
-//! The hand-assembled test guests (`tests/common/guest.rs`) run on raw KVM
-//! (`tests/common/raw_kvm.rs`) and do what they claim, in every mode.
+//! The hand-assembled test guests (`test_support::guest`) run on raw KVM
+//! (`test_support::raw_kvm`) and do what they claim, in every mode.
 //!
 //! Tests that need KVM print a reason and pass when /dev/kvm is unusable.
 

@@ -5,7 +5,7 @@
 
 use test_support::{guest, require_kvm, vm};
 
-use guest::{Asm32, EAX, EBX, EDI, ESI};
+use guest::{Asm, EAX, EBX, EDI, ESI};
 use hw::core::machine::{machine_state, RunRequest};
 use hw::i386::e820::{pc_e820_table, E820Entry, E820Kind};
 use hw::i386::multiboot::*;
@@ -85,7 +85,7 @@ const BSS_PROBE: u32 = DMA_DESC + 0x20 + 0x400;
 /// The ELF kernel: reports what Multiboot handed it, reads fw_cfg through both interfaces,
 /// and exits with 0x42.
 fn elf_kernel() -> Vec<u8> {
-    let mut a = Asm32::new();
+    let mut a = Asm::flat32();
     a.out_eax(RECORD_PORT); // magic
     a.mov(EAX, EBX).out_eax(RECORD_PORT); // info address
     a.load(EAX, EBX, 0).out_eax(RECORD_PORT); // flags
@@ -131,7 +131,7 @@ fn elf_kernel() -> Vec<u8> {
     data.extend_from_slice(&4u32.to_be_bytes());
     data.extend_from_slice(&u64::from(DMA_TARGET).to_be_bytes());
     data.extend_from_slice(&[0xee; 16]);
-    elf32(VADDR, &a.code, &data)
+    elf32(VADDR, &a.finish(), &data)
 }
 
 const MODULE: &[u8] = b"MOD1: a module of some forty-odd bytes.";
@@ -362,7 +362,7 @@ fn aout_kernel(load: u32, code: &[u8], bss: u32) -> Vec<u8> {
 }
 
 fn aout_code() -> Vec<u8> {
-    let mut a = Asm32::new();
+    let mut a = Asm::flat32();
     a.out_eax(RECORD_PORT); // magic
     a.load(ESI, EBX, 16)
         .load_byte(EAX, ESI, 0)
@@ -370,7 +370,7 @@ fn aout_code() -> Vec<u8> {
     a.load(EAX, EBX, 20).out_eax(RECORD_PORT); // mods_count
     a.mov_eax_sreg(1).out_eax(RECORD_PORT); // CS
     a.exit(EXIT_PORT, 0x43);
-    a.code
+    a.finish()
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use guest::{Asm32, Cond, EAX, EBP, ECX, EDI, EDX, ESI};
+use guest::{Asm, Cond, EAX, EBP, ECX, EDI, EDX, ESI};
 
 /// Where the kernel's one segment is loaded (and linked: vaddr = paddr).
 const LOAD: u32 = 0x10_0000;
@@ -141,7 +141,7 @@ fn trampoline() -> Vec<u8> {
 }
 
 /// Emits: print the `len` bytes at `addr` on COM1, polling LSR.THRE before each.
-fn print(a: &mut Asm32, addr: u32, len: u32) {
+fn print(a: &mut Asm, addr: u32, len: u32) {
     a.mov_imm(ESI, addr).mov_imm(ECX, len);
     let next = a.here();
     a.mov_dx(COM1 + 5);
@@ -151,7 +151,7 @@ fn print(a: &mut Asm32, addr: u32, len: u32) {
 }
 
 /// Emits: EAX = the next `n` (1..=4) bytes of the selected fw_cfg item, little-endian.
-fn fw_cfg_read(a: &mut Asm32, n: u8) {
+fn fw_cfg_read(a: &mut Asm, n: u8) {
     a.xor(EAX, EAX).mov_dx(FW_CFG_DATA);
     for _ in 0..n {
         a.in_al_dx().ror_imm(EAX, 8);
@@ -162,17 +162,17 @@ fn fw_cfg_read(a: &mut Asm32, n: u8) {
 }
 
 /// Emits: select fw_cfg item `key`.
-fn fw_cfg_select(a: &mut Asm32, key: u16) {
+fn fw_cfg_select(a: &mut Asm, key: u16) {
     a.mov_imm(EAX, u32::from(key)).out_ax(FW_CFG_CTL);
 }
 
 /// A Multiboot v1 ELF32 kernel for `spec`.
 fn build_kernel(spec: &Spec) -> Vec<u8> {
-    let mut a = Asm32::new();
+    let mut a = Asm::flat32();
     let mut data = Data { bytes: Vec::new() };
     let mut fails: Vec<(guest::Label, u8)> = Vec::new();
     // `check(a, cc, name)`: continue if `cc` holds, else fail with the check's code.
-    let mut check = |a: &mut Asm32, pass: Cond, name: &str| {
+    let mut check = |a: &mut Asm, pass: Cond, name: &str| {
         let l = a.label();
         a.jcc(!pass, l);
         fails.push((l, check_code(name)));
@@ -381,7 +381,7 @@ fn build_kernel(spec: &Spec) -> Vec<u8> {
     a.bind(fail);
     print(&mut a, fail_msg, fail_line.len() as u32);
     a.mov_dx(EXIT_PORT).mov_al_bl().out_dx_al();
-    a.emit(&[0xf4, 0xeb, 0xfd]); // 1: hlt; jmp 1b
+    a.hlt_loop();
 
     elf32(&a.finish(), &data.bytes)
 }

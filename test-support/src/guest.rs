@@ -125,7 +125,7 @@ pub enum Op {
 /// Builds an image that switches to `mode`, runs `ops`, then does
 /// `out exit_port, exit_code` (isa-debug-exit style) and loops on `hlt`.
 pub fn build(mode: Mode, ops: &[Op], exit_port: u16, exit_code: u8) -> GuestImage {
-    let mut a = Asm::new(LOAD_ADDR);
+    let mut a = Asm::real_mode(LOAD_ADDR);
     let uses_mmio = ops.iter().any(|op| {
         matches!(
             op,
@@ -151,8 +151,8 @@ pub fn build(mode: Mode, ops: &[Op], exit_port: u16, exit_code: u8) -> GuestImag
             ins_ids.push(d);
         }
     }
-    a.exit_and_halt(exit_port, exit_code);
-    let (mut image, addrs) = a.finish(mode, exit_port);
+    a.exit(exit_port, exit_code);
+    let (mut image, addrs) = a.into_image(mode, exit_port);
     image.ins_buffers = ins_ids.iter().map(|d| addrs[d.0]).collect();
     image
 }
@@ -185,42 +185,80 @@ pub fn smp_apic_id_reporter(
     exit_code: u8,
     ncpus: u8,
 ) -> GuestImage {
-    let mut a = Asm::new(LOAD_ADDR);
+    let mut a = Asm::real_mode(LOAD_ADDR);
     a.real_mode_prologue();
     let counter = a.data(vec![0], 1);
-    // mov eax, 1 ; cpuid ; shr ebx, 24 ; mov al, bl
-    a.mov_eax_imm32(1);
-    a.emit(&[0x0f, 0xa2]);
-    a.osz32();
-    a.emit(&[0xc1, 0xeb, 24]);
-    a.emit(&[0x88, 0xd8]);
-    a.mov_dx(report_port);
-    a.emit(&[0xee]); // out dx, al
-                     // lock inc byte [counter]  (F0 FE /0 with disp16: FE 06 disp16)
+    a.mov_imm(EAX, 1).cpuid().shr_imm(EBX, 24).mov_al_bl();
+    a.mov_dx(report_port).out_dx_al();
+    // lock inc byte [counter]  (F0 FE /0 with disp16: FE 06 disp16)
     a.emit(&[0xf0, 0xfe, 0x06]);
     a.fixup_abs16(counter);
-    // test bl, bl ; jnz halt (patched below)
-    a.emit(&[0x84, 0xdb, 0x75, 0x00]);
-    let jnz_at = a.code.len();
+    let halt = a.label();
+    a.emit(&[0x84, 0xdb]); // test bl, bl
+    a.jcc_short(Cond::Ne, halt);
     let spin = a.here();
-    a.emit(&[0xf3, 0x90]); // pause
-                           // cmp byte [counter], ncpus  (80 /7 ib with disp16: 80 3E disp16 ib)
+    a.pause();
+    // cmp byte [counter], ncpus  (80 /7 ib with disp16: 80 3E disp16 ib)
     a.emit(&[0x80, 0x3e]);
     a.fixup_abs16(counter);
     a.emit(&[ncpus]);
-    a.jcc_short_back(0x72, spin); // jb spin
-    a.mov_dx(exit_port);
-    a.emit(&[0xb0, exit_code, 0xee]); // mov al, exit_code ; out dx, al
-    let halt = a.here();
-    let rel = halt - jnz_at;
-    a.code[jnz_at - 1] = u8::try_from(rel).expect("short jnz");
-    a.emit(&[0xf4]); // hlt
-    a.jcc_short_back(0xeb, halt);
-    a.finish(Mode::Real, exit_port).0
+    a.jcc_short(Cond::B, spin);
+    a.mov_dx(exit_port).mov_al(exit_code).out_dx_al();
+    a.bind(halt).hlt_loop();
+    a.into_image(Mode::Real, exit_port).0
 }
 
 // ---------------------------------------------------------------------------
-// The mini assembler.
+// The assembler.
+
+/// Register numbers (ModRM encoding): EAX, or AX / RAX by the code size.
+pub const EAX: u8 = 0;
+/// ECX.
+pub const ECX: u8 = 1;
+/// EDX.
+pub const EDX: u8 = 2;
+/// EBX.
+pub const EBX: u8 = 3;
+/// ESP.
+pub const ESP: u8 = 4;
+/// EBP.
+pub const EBP: u8 = 5;
+/// ESI.
+pub const ESI: u8 = 6;
+/// EDI.
+pub const EDI: u8 = 7;
+
+/// A jump target, bound with [`Asm::bind`] (before or after the jumps to it).
+#[derive(Clone, Copy, Debug)]
+pub struct Label(usize);
+
+/// Condition codes for [`Asm::jcc`] and [`Asm::jcc_short`] (the low nibble of `0F 8x` and
+/// `7x`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cond {
+    /// Below (unsigned `<`, CF = 1).
+    B = 0x2,
+    /// Above or equal (unsigned `>=`, CF = 0).
+    Ae = 0x3,
+    /// Equal / zero.
+    E = 0x4,
+    /// Not equal / not zero.
+    Ne = 0x5,
+}
+
+/// The opposite condition.
+impl std::ops::Not for Cond {
+    type Output = Cond;
+
+    fn not(self) -> Cond {
+        match self {
+            Cond::B => Cond::Ae,
+            Cond::Ae => Cond::B,
+            Cond::E => Cond::Ne,
+            Cond::Ne => Cond::E,
+        }
+    }
+}
 
 /// Index of a data item placed after the code.
 #[derive(Clone, Copy, Debug)]
@@ -235,6 +273,7 @@ enum Target {
     Code(usize),
 }
 
+/// The size of an absolute-address fixup.
 #[derive(Clone, Copy, Debug)]
 enum Width {
     Abs16,
@@ -247,7 +286,30 @@ struct Fixup {
     width: Width,
 }
 
-struct Asm {
+/// A relative jump to a label: the displacement's offset and size (1 or 4 bytes).
+struct Jump {
+    at: usize,
+    label: Label,
+    size: usize,
+}
+
+/// A small x86 assembler for 16-, 32- and 64-bit code.
+///
+/// Two uses:
+///
+/// * [`build`] and [`smp_apic_id_reporter`] start from [`Asm::real_mode`]: the image
+///   begins in real mode, switches modes itself (the code size follows), and keeps data,
+///   the GDT and page tables after the code.
+/// * [`Asm::flat32`] is code that a loader starts in flat 32-bit protected mode (no
+///   prologue, no mode switch, e.g. a Multiboot kernel): the caller places the bytes from
+///   [`Asm::finish`] and knows their address.
+///
+/// Instructions on 32-bit registers take an operand-size prefix (`66`) in 16-bit code,
+/// memory operands an address-size prefix (`67`); in 64-bit code they stay 32-bit (the
+/// result is zero-extended), as the images want. String instructions and `loop` use the
+/// code's natural address size. Jumps to [`Label`]s are patched by [`Asm::finish`].
+pub struct Asm {
+    /// Guest address of the first byte (the data and absolute fixups depend on it).
     base: u64,
     /// Current code size: 16, 32 or 64.
     bits: u32,
@@ -258,29 +320,41 @@ struct Asm {
     gdtr: Option<DataId>,
     pml4: Option<DataId>,
     zero_idtr: Option<DataId>,
+    /// Each label's code offset, once bound.
+    labels: Vec<Option<usize>>,
+    jumps: Vec<Jump>,
 }
 
 impl Asm {
-    fn new(base: u64) -> Self {
+    fn new(base: u64, bits: u32) -> Self {
         Asm {
             base,
-            bits: 16,
+            bits,
             code: Vec::new(),
             fixups: Vec::new(),
             data: Vec::new(),
             gdtr: None,
             pml4: None,
             zero_idtr: None,
+            labels: Vec::new(),
+            jumps: Vec::new(),
         }
     }
 
-    fn emit(&mut self, b: &[u8]) {
-        self.code.extend_from_slice(b);
+    /// 16-bit code loaded at `base`, where a vCPU starts in real mode.
+    pub fn real_mode(base: u64) -> Self {
+        Self::new(base, 16)
     }
 
-    /// Current code offset (relative to `base`).
-    fn here(&self) -> usize {
-        self.code.len()
+    /// 32-bit code for a vCPU already in flat protected mode; the caller places the bytes.
+    pub fn flat32() -> Self {
+        Self::new(0, 32)
+    }
+
+    /// Raw bytes.
+    pub fn emit(&mut self, b: &[u8]) -> &mut Self {
+        self.code.extend_from_slice(b);
+        self
     }
 
     fn data(&mut self, bytes: Vec<u8>, align: usize) -> DataId {
@@ -320,26 +394,433 @@ impl Asm {
         }
     }
 
-    /// `mov dx, imm16` = `[66] BA iw`
-    fn mov_dx(&mut self, port: u16) {
-        self.osz16();
-        self.emit(&[0xba]);
-        self.emit(&port.to_le_bytes());
+    /// Address-size prefix `67` so that 16-bit code can use 32-bit addresses (`[edi]`).
+    fn asz32(&mut self) {
+        if self.bits == 16 {
+            self.emit(&[0x67]);
+        }
     }
 
-    /// `mov eax, imm32` = `[66] B8 id` (zero-extends to rax in 64-bit mode)
-    fn mov_eax_imm32(&mut self, v: u32) {
+    /// The prefixes of a 32-bit operation on a memory operand with a 32-bit address.
+    fn mem32(&mut self) {
+        self.asz32();
         self.osz32();
-        self.emit(&[0xb8]);
-        self.emit(&v.to_le_bytes());
+    }
+
+    // ----- labels and jumps -----
+
+    /// A new, unbound label.
+    pub fn label(&mut self) -> Label {
+        self.labels.push(None);
+        Label(self.labels.len() - 1)
+    }
+
+    /// Binds `l` to the current position.
+    pub fn bind(&mut self, l: Label) -> &mut Self {
+        assert!(self.labels[l.0].is_none(), "label bound twice");
+        self.labels[l.0] = Some(self.code.len());
+        self
+    }
+
+    /// A new label bound here (a loop top).
+    pub fn here(&mut self) -> Label {
+        let l = self.label();
+        self.bind(l);
+        l
+    }
+
+    fn rel(&mut self, label: Label, size: usize) {
+        self.jumps.push(Jump {
+            at: self.code.len(),
+            label,
+            size,
+        });
+        self.code.resize(self.code.len() + size, 0);
+    }
+
+    fn assert_not_16(&self) {
+        assert_ne!(self.bits, 16, "rel32 jumps need 32- or 64-bit code");
+    }
+
+    /// `jcc rel32` = `0F 80+cc cd`
+    pub fn jcc(&mut self, cc: Cond, l: Label) -> &mut Self {
+        self.assert_not_16();
+        self.emit(&[0x0f, 0x80 | cc as u8]);
+        self.rel(l, 4);
+        self
+    }
+
+    /// `jmp rel32` = `E9 cd`
+    pub fn jmp(&mut self, l: Label) -> &mut Self {
+        self.assert_not_16();
+        self.emit(&[0xe9]);
+        self.rel(l, 4);
+        self
+    }
+
+    /// `jcc rel8` = `70+cc cb`
+    pub fn jcc_short(&mut self, cc: Cond, l: Label) -> &mut Self {
+        self.emit(&[0x70 | cc as u8]);
+        self.rel(l, 1);
+        self
+    }
+
+    /// `jmp rel8` = `EB cb`
+    pub fn jmp_short(&mut self, l: Label) -> &mut Self {
+        self.emit(&[0xeb]);
+        self.rel(l, 1);
+        self
+    }
+
+    /// `loop rel8` = `E2 cb` (decrements (E)CX, jumps while it is not 0).
+    pub fn loop_back(&mut self, l: Label) -> &mut Self {
+        self.emit(&[0xe2]);
+        self.rel(l, 1);
+        self
+    }
+
+    // ----- moves and arithmetic -----
+
+    /// `mov r32, imm32` = `[66] B8+r id` (zero-extends to 64 bits in long mode)
+    pub fn mov_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.osz32();
+        self.emit(&[0xb8 + r]);
+        self.emit(&imm.to_le_bytes())
     }
 
     /// `mov ax, imm16` = `[66] B8 iw`
-    fn mov_ax_imm16(&mut self, v: u16) {
+    pub fn mov_ax_imm16(&mut self, v: u16) -> &mut Self {
         self.osz16();
         self.emit(&[0xb8]);
-        self.emit(&v.to_le_bytes());
+        self.emit(&v.to_le_bytes())
     }
+
+    /// `mov al, imm8` = `B0 ib`
+    pub fn mov_al(&mut self, imm: u8) -> &mut Self {
+        self.emit(&[0xb0, imm])
+    }
+
+    /// `mov bl, imm8` = `B3 ib`
+    pub fn mov_bl(&mut self, imm: u8) -> &mut Self {
+        self.emit(&[0xb3, imm])
+    }
+
+    /// `mov al, bl` = `88 D8`
+    pub fn mov_al_bl(&mut self) -> &mut Self {
+        self.emit(&[0x88, 0xd8])
+    }
+
+    /// `op dst, src` (mod 11) with a 32-bit operand.
+    fn alu_rr(&mut self, opcode: u8, dst: u8, src: u8) -> &mut Self {
+        self.osz32();
+        self.emit(&[opcode, 0xc0 | (src << 3) | dst])
+    }
+
+    /// `mov dst, src` = `89 /r` (mod 11)
+    pub fn mov(&mut self, dst: u8, src: u8) -> &mut Self {
+        self.alu_rr(0x89, dst, src)
+    }
+
+    /// `cmp dst, src` = `39 /r` (mod 11)
+    pub fn cmp(&mut self, dst: u8, src: u8) -> &mut Self {
+        self.alu_rr(0x39, dst, src)
+    }
+
+    /// `sub dst, src` = `29 /r` (mod 11)
+    pub fn sub(&mut self, dst: u8, src: u8) -> &mut Self {
+        self.alu_rr(0x29, dst, src)
+    }
+
+    /// `xor dst, src` = `31 /r` (mod 11)
+    pub fn xor(&mut self, dst: u8, src: u8) -> &mut Self {
+        self.alu_rr(0x31, dst, src)
+    }
+
+    fn alu_imm(&mut self, ext: u8, r: u8, imm: u32) -> &mut Self {
+        self.osz32();
+        self.emit(&[0x81, 0xc0 | (ext << 3) | r]);
+        self.emit(&imm.to_le_bytes())
+    }
+
+    /// `add r, imm32` = `81 /0 id`
+    pub fn add_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(0, r, imm)
+    }
+
+    /// `or r, imm32` = `81 /1 id`
+    pub fn or_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(1, r, imm)
+    }
+
+    /// `and r, imm32` = `81 /4 id`
+    pub fn and_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(4, r, imm)
+    }
+
+    /// `sub r, imm32` = `81 /5 id`
+    pub fn sub_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(5, r, imm)
+    }
+
+    /// `cmp r, imm32` = `81 /7 id`
+    pub fn cmp_imm(&mut self, r: u8, imm: u32) -> &mut Self {
+        self.alu_imm(7, r, imm)
+    }
+
+    /// `shr r, n` = `C1 /5 ib`
+    pub fn shr_imm(&mut self, r: u8, n: u8) -> &mut Self {
+        self.osz32();
+        self.emit(&[0xc1, 0xe8 | r, n])
+    }
+
+    /// `ror r, n` = `C1 /1 ib`
+    pub fn ror_imm(&mut self, r: u8, n: u8) -> &mut Self {
+        self.osz32();
+        self.emit(&[0xc1, 0xc8 | r, n])
+    }
+
+    /// `cmp al, imm8` = `3C ib`
+    pub fn cmp_al(&mut self, imm: u8) -> &mut Self {
+        self.emit(&[0x3c, imm])
+    }
+
+    /// `test al, imm8` = `A8 ib`
+    pub fn test_al(&mut self, imm: u8) -> &mut Self {
+        self.emit(&[0xa8, imm])
+    }
+
+    /// `xor eax, eax; mov ax, sreg` (`31 C0`, `66 8C /r`; sreg 1 = CS, 2 = SS, 3 = DS)
+    pub fn mov_eax_sreg(&mut self, sreg: u8) -> &mut Self {
+        self.xor(EAX, EAX);
+        self.osz16();
+        self.emit(&[0x8c, 0xc0 | (sreg << 3)])
+    }
+
+    // ----- memory -----
+
+    /// A ModRM byte for `[base+disp8]`.
+    fn modrm_disp8(&mut self, reg: u8, base: u8, disp: i8) -> &mut Self {
+        assert_ne!(base, ESP, "[esp+disp] needs a SIB byte");
+        self.emit(&[0x40 | (reg << 3) | base, disp as u8])
+    }
+
+    /// A ModRM byte (and SIB in 64-bit code, where mod 00 rm 101 is RIP-relative) for the
+    /// absolute address `[addr]`.
+    fn modrm_abs(&mut self, reg: u8, addr: u32) -> &mut Self {
+        if self.bits == 64 {
+            self.emit(&[(reg << 3) | 4, 0x25]);
+        } else {
+            self.emit(&[(reg << 3) | 5]);
+        }
+        self.emit(&addr.to_le_bytes())
+    }
+
+    /// `mov dst, [base+disp8]` = `8B /r`
+    pub fn load(&mut self, dst: u8, base: u8, disp: i8) -> &mut Self {
+        self.mem32();
+        self.emit(&[0x8b]);
+        self.modrm_disp8(dst, base, disp)
+    }
+
+    /// `sub dst, [base+disp8]` = `2B /r`
+    pub fn sub_load(&mut self, dst: u8, base: u8, disp: i8) -> &mut Self {
+        self.mem32();
+        self.emit(&[0x2b]);
+        self.modrm_disp8(dst, base, disp)
+    }
+
+    /// `movzx dst, byte [base+disp8]` = `0F B6 /r`
+    pub fn load_byte(&mut self, dst: u8, base: u8, disp: i8) -> &mut Self {
+        self.mem32();
+        self.emit(&[0x0f, 0xb6]);
+        self.modrm_disp8(dst, base, disp)
+    }
+
+    /// `mov [base+disp8], src` = `89 /r`
+    pub fn store(&mut self, base: u8, disp: i8, src: u8) -> &mut Self {
+        self.mem32();
+        self.emit(&[0x89]);
+        self.modrm_disp8(src, base, disp)
+    }
+
+    /// `mov [base+index], src` = `89 /r` with a SIB byte (scale 1, no displacement;
+    /// `base` must not be EBP).
+    pub fn store_indexed(&mut self, base: u8, index: u8, src: u8) -> &mut Self {
+        assert!(base != EBP && index != ESP);
+        self.mem32();
+        self.emit(&[0x89, (src << 3) | 4, (index << 3) | base])
+    }
+
+    /// `mov dst, [addr]` = `8B /r` (absolute disp32)
+    pub fn load_abs(&mut self, dst: u8, addr: u32) -> &mut Self {
+        self.mem32();
+        self.emit(&[0x8b]);
+        self.modrm_abs(dst, addr)
+    }
+
+    /// `mov eax, [addr]` = `A1 id` (`8B /r` in 64-bit code, where `A1` takes a 64-bit
+    /// address)
+    pub fn load_eax_abs(&mut self, addr: u32) -> &mut Self {
+        if self.bits == 64 {
+            return self.load_abs(EAX, addr);
+        }
+        self.mem32();
+        self.emit(&[0xa1]);
+        self.emit(&addr.to_le_bytes())
+    }
+
+    /// `mov [addr], src` = `89 /r` (absolute disp32)
+    pub fn store_abs(&mut self, addr: u32, src: u8) -> &mut Self {
+        self.mem32();
+        self.emit(&[0x89]);
+        self.modrm_abs(src, addr)
+    }
+
+    /// `cmp byte [addr], imm8` = `80 /7 ib` (absolute disp32)
+    pub fn cmp_byte_abs(&mut self, addr: u32, imm: u8) -> &mut Self {
+        self.asz32();
+        self.emit(&[0x80]);
+        self.modrm_abs(7, addr);
+        self.emit(&[imm])
+    }
+
+    /// `mov [edi], eax` = `89 07` (`[rdi]` in long mode)
+    fn store_eax_edi(&mut self) -> &mut Self {
+        self.mem32();
+        self.emit(&[0x89, 0x07])
+    }
+
+    /// `mov eax, [edi]` = `8B 07` (`[rdi]` in long mode)
+    fn load_eax_edi(&mut self) -> &mut Self {
+        self.mem32();
+        self.emit(&[0x8b, 0x07])
+    }
+
+    /// `cld; rep movsb` (`FC F3 A4`): copies (E)CX bytes from [(E)SI] to [(E)DI].
+    pub fn rep_movsb(&mut self) -> &mut Self {
+        self.emit(&[0xfc, 0xf3, 0xa4])
+    }
+
+    /// `cld; repe cmpsb` (`FC F3 A6`): ZF = 1 if the (E)CX bytes at [(E)SI] and [(E)DI]
+    /// are equal ((E)CX must not be 0).
+    pub fn repe_cmpsb(&mut self) -> &mut Self {
+        self.emit(&[0xfc, 0xf3, 0xa6])
+    }
+
+    /// `lodsb` (`AC`): AL = [(E)SI], (E)SI += 1 (DF = 0).
+    pub fn lodsb(&mut self) -> &mut Self {
+        self.emit(&[0xac])
+    }
+
+    // ----- ports -----
+
+    /// `mov dx, imm16` = `[66] BA iw`
+    pub fn mov_dx(&mut self, port: u16) -> &mut Self {
+        self.osz16();
+        self.emit(&[0xba]);
+        self.emit(&port.to_le_bytes())
+    }
+
+    /// `out dx, al` (`EE`), DX already loaded.
+    pub fn out_dx_al(&mut self) -> &mut Self {
+        self.emit(&[0xee])
+    }
+
+    /// `out dx, ax` (`[66] EF`), DX already loaded.
+    pub fn out_dx_ax(&mut self) -> &mut Self {
+        self.osz16();
+        self.emit(&[0xef])
+    }
+
+    /// `out dx, eax` (`[66] EF`), DX already loaded.
+    pub fn out_dx_eax(&mut self) -> &mut Self {
+        self.osz32();
+        self.emit(&[0xef])
+    }
+
+    /// `in al, dx` (`EC`), DX already loaded.
+    pub fn in_al_dx(&mut self) -> &mut Self {
+        self.emit(&[0xec])
+    }
+
+    /// `in ax, dx` (`[66] ED`), DX already loaded.
+    pub fn in_ax_dx(&mut self) -> &mut Self {
+        self.osz16();
+        self.emit(&[0xed])
+    }
+
+    /// `in eax, dx` (`[66] ED`), DX already loaded.
+    pub fn in_eax_dx(&mut self) -> &mut Self {
+        self.osz32();
+        self.emit(&[0xed])
+    }
+
+    /// `mov dx, port; out dx, al`
+    pub fn out_al(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port).out_dx_al()
+    }
+
+    /// `mov dx, port; out dx, ax`
+    pub fn out_ax(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port).out_dx_ax()
+    }
+
+    /// `mov dx, port; out dx, eax`
+    pub fn out_eax(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port).out_dx_eax()
+    }
+
+    /// `mov dx, port; in al, dx`
+    pub fn in_al(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port).in_al_dx()
+    }
+
+    /// `mov dx, port; in eax, dx`
+    pub fn in_eax(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port).in_eax_dx()
+    }
+
+    /// `mov dx, port; mov al, code; out dx, al; 1: hlt; jmp 1b`: an isa-debug-exit style
+    /// exit.
+    pub fn exit(&mut self, port: u16, code: u8) -> &mut Self {
+        self.mov_dx(port).mov_al(code).out_dx_al().hlt_loop()
+    }
+
+    // ----- system -----
+
+    /// `1: hlt; jmp 1b` (`F4 EB FD`)
+    pub fn hlt_loop(&mut self) -> &mut Self {
+        let top = self.here();
+        self.emit(&[0xf4]);
+        self.jmp_short(top)
+    }
+
+    /// `pause` (`F3 90`)
+    pub fn pause(&mut self) -> &mut Self {
+        self.emit(&[0xf3, 0x90])
+    }
+
+    /// `cpuid` (`0F A2`)
+    pub fn cpuid(&mut self) -> &mut Self {
+        self.emit(&[0x0f, 0xa2])
+    }
+
+    /// `rdtsc` (`0F 31`): EDX:EAX = TSC.
+    pub fn rdtsc(&mut self) -> &mut Self {
+        self.emit(&[0x0f, 0x31])
+    }
+
+    /// `rdmsr` (`0F 32`): EDX:EAX = MSR[ECX].
+    pub fn rdmsr(&mut self) -> &mut Self {
+        self.emit(&[0x0f, 0x32])
+    }
+
+    /// `wrmsr` (`0F 30`): MSR[ECX] = EDX:EAX.
+    pub fn wrmsr(&mut self) -> &mut Self {
+        self.emit(&[0x0f, 0x30])
+    }
+
+    // ----- what the guest images are made of -----
 
     /// `mov (e)si/(e)di/(e)cx, imm` with the natural register width for
     /// string instructions: 16-bit `BE|BF|B9 iw` in real mode, 32-bit
@@ -363,27 +844,6 @@ impl Asm {
         }
     }
 
-    /// `mov edi, imm32` = `[66] BF id` (zero-extends to rdi in long mode)
-    fn mov_edi_imm32(&mut self, v: u32) {
-        self.osz32();
-        self.emit(&[0xbf]);
-        self.emit(&v.to_le_bytes());
-    }
-
-    /// Address-size prefix `67` so that 16-bit code can use `[edi]`.
-    fn asz32(&mut self) {
-        if self.bits == 16 {
-            self.emit(&[0x67]);
-        }
-    }
-
-    /// Backward short jump/jcc: `opcode rel8` (EB = jmp, 72 = jb, 75 = jnz).
-    fn jcc_short_back(&mut self, opcode: u8, target: usize) {
-        let rel = target as i64 - (self.code.len() as i64 + 2);
-        let rel = i8::try_from(rel).expect("short jump out of range");
-        self.emit(&[opcode, rel as u8]);
-    }
-
     /// ```text
     /// cli                  ; FA
     /// xor ax, ax           ; 31 C0
@@ -393,6 +853,7 @@ impl Asm {
     /// mov sp, LOAD_ADDR    ; BC iw   (stack grows down below the image)
     /// ```
     fn real_mode_prologue(&mut self) {
+        assert_eq!(self.bits, 16);
         self.emit(&[0xfa, 0x31, 0xc0, 0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xd0, 0xbc]);
         self.emit(&(self.base as u16).to_le_bytes());
     }
@@ -532,38 +993,26 @@ impl Asm {
     }
 
     /// Emits one op; returns the data id of a `rep insb` buffer (resolved
-    /// to an address by the caller after `finish`).
+    /// to an address by the caller after `into_image`).
     fn op(&mut self, op: &Op) -> Option<DataId> {
         match *op {
             Op::OutB { port, value } => {
-                self.mov_dx(port);
-                self.emit(&[0xb0, value, 0xee]); // mov al, imm8 ; out dx, al
+                self.mov_dx(port).mov_al(value).out_dx_al();
             }
             Op::OutW { port, value } => {
-                self.mov_dx(port);
-                self.mov_ax_imm16(value);
-                self.osz16();
-                self.emit(&[0xef]); // out dx, ax
+                self.mov_dx(port).mov_ax_imm16(value).out_dx_ax();
             }
             Op::OutL { port, value } => {
-                self.mov_dx(port);
-                self.mov_eax_imm32(value);
-                self.osz32();
-                self.emit(&[0xef]); // out dx, eax
+                self.mov_dx(port).mov_imm(EAX, value).out_dx_eax();
             }
             Op::InB { port } => {
-                self.mov_dx(port);
-                self.emit(&[0xec]); // in al, dx
+                self.in_al(port);
             }
             Op::InW { port } => {
-                self.mov_dx(port);
-                self.osz16();
-                self.emit(&[0xed]); // in ax, dx
+                self.mov_dx(port).in_ax_dx();
             }
             Op::InL { port } => {
-                self.mov_dx(port);
-                self.osz32();
-                self.emit(&[0xed]); // in eax, dx
+                self.in_eax(port);
             }
             Op::OutsB { port, ref data } => {
                 let len = u32::try_from(data.len()).expect("outsb length");
@@ -582,41 +1031,29 @@ impl Asm {
                 return Some(d);
             }
             Op::MmioWriteL { addr, value } => {
-                self.mov_edi_imm32(addr);
-                self.mov_eax_imm32(value);
-                self.asz32();
-                self.osz32();
-                self.emit(&[0x89, 0x07]); // mov [edi], eax  ([rdi] in long mode)
+                self.mov_imm(EDI, addr).mov_imm(EAX, value).store_eax_edi();
             }
             Op::MmioReadL { addr } => {
-                self.mov_edi_imm32(addr);
-                self.asz32();
-                self.osz32();
-                self.emit(&[0x8b, 0x07]); // mov eax, [edi]  ([rdi] in long mode)
+                self.mov_imm(EDI, addr).load_eax_edi();
             }
             Op::EchoInB { from, to } => {
-                self.mov_dx(from);
-                self.emit(&[0xec]); // in al, dx
-                self.mov_dx(to);
-                self.emit(&[0xee]); // out dx, al
+                self.in_al(from).out_al(to);
             }
             Op::Loop { port } => {
                 self.mov_dx(port);
                 self.emit(&[0x31, 0xc0]); // xor eax, eax (xor ax, ax in real mode)
                 let top = self.here();
-                self.emit(&[0xee]); // out dx, al
-                self.jcc_short_back(0xeb, top); // jmp top
+                self.out_dx_al().jmp_short(top);
             }
             Op::MmioLoop { addr } => {
-                self.mov_edi_imm32(addr);
-                self.emit(&[0x31, 0xc0]); // xor eax, eax
+                self.mov_imm(EDI, addr);
+                self.emit(&[0x31, 0xc0]); // xor eax, eax (xor ax, ax in real mode)
                 let top = self.here();
-                self.asz32();
-                self.osz32();
-                self.emit(&[0x89, 0x07]); // mov [edi], eax
-                self.jcc_short_back(0xeb, top); // jmp top
+                self.store_eax_edi().jmp_short(top);
             }
-            Op::Hlt => self.emit(&[0xf4]),
+            Op::Hlt => {
+                self.emit(&[0xf4]);
+            }
             Op::TripleFault => {
                 let idtr = self.zero_idtr();
                 match self.bits {
@@ -645,25 +1082,39 @@ impl Asm {
         None
     }
 
-    /// ```text
-    /// mov dx, exit_port    ; [66] BA iw
-    /// mov al, exit_code    ; B0 ib
-    /// out dx, al           ; EE
-    /// 1: hlt               ; F4
-    /// jmp 1b               ; EB FD
-    /// ```
-    fn exit_and_halt(&mut self, exit_port: u16, exit_code: u8) {
-        self.mov_dx(exit_port);
-        self.emit(&[0xb0, exit_code, 0xee]);
-        let top = self.here();
-        self.emit(&[0xf4]);
-        self.jcc_short_back(0xeb, top);
+    /// The code with every jump patched (data, if any, laid out after it): what
+    /// [`Asm::flat32`] code is placed from.
+    pub fn finish(self) -> Vec<u8> {
+        self.link().0
     }
 
-    /// Lays out the data after the code, patches the fixups and the tables.
-    /// Returns the image and the address of every data item.
-    fn finish(mut self, mode: Mode, exit_port: u16) -> (GuestImage, Vec<u64>) {
+    /// The linked bytes as an image that starts at its first byte.
+    fn into_image(self, mode: Mode, exit_port: u16) -> (GuestImage, Vec<u64>) {
+        let load_addr = self.base;
+        let (bytes, addrs) = self.link();
+        let image = GuestImage {
+            load_addr,
+            bytes,
+            mode,
+            entry: load_addr,
+            exit_port,
+            ins_buffers: Vec::new(),
+        };
+        (image, addrs)
+    }
+
+    /// Lays out the data after the code, patches the jumps, the fixups and the tables.
+    /// Returns the bytes and the address of every data item.
+    fn link(mut self) -> (Vec<u8>, Vec<u64>) {
         let mut bytes = std::mem::take(&mut self.code);
+        for j in &self.jumps {
+            let target = self.labels[j.label.0].expect("jump to an unbound label");
+            let rel = target as i64 - (j.at + j.size) as i64;
+            match j.size {
+                1 => bytes[j.at] = i8::try_from(rel).expect("short jump out of range") as u8,
+                _ => bytes[j.at..j.at + 4].copy_from_slice(&(rel as i32).to_le_bytes()),
+            }
+        }
         let mut addrs = Vec::with_capacity(self.data.len());
         for (d, align) in &self.data {
             while !bytes.len().is_multiple_of(*align) {
@@ -713,438 +1164,6 @@ impl Asm {
                 }
             }
         }
-        let image = GuestImage {
-            load_addr: self.base,
-            bytes,
-            mode,
-            entry: self.base,
-            exit_port,
-            ins_buffers: Vec::new(),
-        };
-        (image, addrs)
-    }
-}
-
-// ---------------------------------------------------------------------------
-// 32-bit flat code for guests a loader starts in protected mode (Multiboot).
-
-/// 32-bit register numbers (ModRM encoding).
-pub const EAX: u8 = 0;
-/// ECX.
-pub const ECX: u8 = 1;
-/// EDX.
-pub const EDX: u8 = 2;
-/// EBX.
-pub const EBX: u8 = 3;
-/// ESP.
-pub const ESP: u8 = 4;
-/// EBP.
-pub const EBP: u8 = 5;
-/// ESI.
-pub const ESI: u8 = 6;
-/// EDI.
-pub const EDI: u8 = 7;
-
-/// A few 32-bit instructions for code that starts in flat protected mode (no prologue, no
-/// mode switch): the caller places the bytes and knows their address.
-///
-/// Jumps to [`Label`]s are `rel32` and patched by [`Asm32::finish`]; code that uses labels
-/// must take its bytes from there rather than from `code`.
-#[derive(Default)]
-pub struct Asm32 {
-    pub code: Vec<u8>,
-    /// Each label's code offset, once bound.
-    labels: Vec<Option<usize>>,
-    /// (offset of a rel32 field, its label).
-    jumps: Vec<(usize, Label)>,
-}
-
-/// A jump target in [`Asm32`] code, bound with [`Asm32::bind`] (before or after the jumps
-/// to it).
-#[derive(Clone, Copy, Debug)]
-pub struct Label(usize);
-
-/// Condition codes for [`Asm32::jcc`] (the low nibble of `0F 8x`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cond {
-    /// Below (unsigned `<`, CF = 1).
-    B = 0x2,
-    /// Above or equal (unsigned `>=`, CF = 0).
-    Ae = 0x3,
-    /// Equal / zero.
-    E = 0x4,
-    /// Not equal / not zero.
-    Ne = 0x5,
-}
-
-/// The opposite condition.
-impl std::ops::Not for Cond {
-    type Output = Cond;
-
-    fn not(self) -> Cond {
-        match self {
-            Cond::B => Cond::Ae,
-            Cond::Ae => Cond::B,
-            Cond::E => Cond::Ne,
-            Cond::Ne => Cond::E,
-        }
-    }
-}
-
-impl Asm32 {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// `mov r32, imm32` = `B8+r id`
-    pub fn mov_imm(&mut self, r: u8, imm: u32) -> &mut Self {
-        self.code.push(0xb8 + r);
-        self.code.extend_from_slice(&imm.to_le_bytes());
-        self
-    }
-
-    /// `mov dst, src` = `89 /r` (mod 11)
-    pub fn mov(&mut self, dst: u8, src: u8) -> &mut Self {
-        self.code
-            .extend_from_slice(&[0x89, 0xc0 | (src << 3) | dst]);
-        self
-    }
-
-    fn modrm_disp8(&mut self, reg: u8, base: u8, disp: i8) {
-        assert_ne!(base, 4, "[esp+disp] needs a SIB byte");
-        self.code
-            .extend_from_slice(&[0x40 | (reg << 3) | base, disp as u8]);
-    }
-
-    /// `mov dst, [base+disp8]` = `8B /r`
-    pub fn load(&mut self, dst: u8, base: u8, disp: i8) -> &mut Self {
-        self.code.push(0x8b);
-        self.modrm_disp8(dst, base, disp);
-        self
-    }
-
-    /// `sub dst, [base+disp8]` = `2B /r`
-    pub fn sub_load(&mut self, dst: u8, base: u8, disp: i8) -> &mut Self {
-        self.code.push(0x2b);
-        self.modrm_disp8(dst, base, disp);
-        self
-    }
-
-    /// `movzx dst, byte [base+disp8]` = `0F B6 /r`
-    pub fn load_byte(&mut self, dst: u8, base: u8, disp: i8) -> &mut Self {
-        self.code.extend_from_slice(&[0x0f, 0xb6]);
-        self.modrm_disp8(dst, base, disp);
-        self
-    }
-
-    /// `mov eax, [addr]` = `A1 id`
-    pub fn load_eax_abs(&mut self, addr: u32) -> &mut Self {
-        self.code.push(0xa1);
-        self.code.extend_from_slice(&addr.to_le_bytes());
-        self
-    }
-
-    /// `mov dx, port` = `66 BA iw`
-    pub fn mov_dx(&mut self, port: u16) -> &mut Self {
-        self.code.extend_from_slice(&[0x66, 0xba]);
-        self.code.extend_from_slice(&port.to_le_bytes());
-        self
-    }
-
-    /// `mov dx, port; out dx, eax` (`EF`)
-    pub fn out_eax(&mut self, port: u16) -> &mut Self {
-        self.mov_dx(port);
-        self.code.push(0xef);
-        self
-    }
-
-    /// `mov dx, port; out dx, ax` (`66 EF`)
-    pub fn out_ax(&mut self, port: u16) -> &mut Self {
-        self.mov_dx(port);
-        self.code.extend_from_slice(&[0x66, 0xef]);
-        self
-    }
-
-    /// `mov dx, port; out dx, al` (`EE`)
-    pub fn out_al(&mut self, port: u16) -> &mut Self {
-        self.mov_dx(port);
-        self.code.push(0xee);
-        self
-    }
-
-    /// `mov dx, port; in al, dx` (`EC`)
-    pub fn in_al(&mut self, port: u16) -> &mut Self {
-        self.mov_dx(port);
-        self.code.push(0xec);
-        self
-    }
-
-    /// `xor eax, eax; mov ax, sreg` (`31 C0`, `66 8C /r`; sreg 1 = CS, 2 = SS, 3 = DS)
-    pub fn mov_eax_sreg(&mut self, sreg: u8) -> &mut Self {
-        self.code
-            .extend_from_slice(&[0x31, 0xc0, 0x66, 0x8c, 0xc0 | (sreg << 3)]);
-        self
-    }
-
-    /// `mov dx, port; mov al, code; out dx, al; 1: hlt; jmp 1b`
-    pub fn exit(&mut self, port: u16, code: u8) -> &mut Self {
-        self.mov_dx(port);
-        self.code
-            .extend_from_slice(&[0xb0, code, 0xee, 0xf4, 0xeb, 0xfd]);
-        self
-    }
-
-    /// Raw bytes.
-    pub fn emit(&mut self, bytes: &[u8]) -> &mut Self {
-        self.code.extend_from_slice(bytes);
-        self
-    }
-
-    /// A new, unbound label.
-    pub fn label(&mut self) -> Label {
-        self.labels.push(None);
-        Label(self.labels.len() - 1)
-    }
-
-    /// Binds `l` to the current position.
-    pub fn bind(&mut self, l: Label) -> &mut Self {
-        assert!(self.labels[l.0].is_none(), "label bound twice");
-        self.labels[l.0] = Some(self.code.len());
-        self
-    }
-
-    /// A new label bound here (a loop top).
-    pub fn here(&mut self) -> Label {
-        let l = self.label();
-        self.bind(l);
-        l
-    }
-
-    fn rel32(&mut self, l: Label) {
-        self.jumps.push((self.code.len(), l));
-        self.code.extend_from_slice(&[0; 4]);
-    }
-
-    /// `jcc rel32` = `0F 80+cc cd`
-    pub fn jcc(&mut self, cc: Cond, l: Label) -> &mut Self {
-        self.code.extend_from_slice(&[0x0f, 0x80 | cc as u8]);
-        self.rel32(l);
-        self
-    }
-
-    /// `jmp rel32` = `E9 cd`
-    pub fn jmp(&mut self, l: Label) -> &mut Self {
-        self.code.push(0xe9);
-        self.rel32(l);
-        self
-    }
-
-    /// `loop rel8` = `E2 cb` (decrements ECX, jumps while it is not 0) to a label bound
-    /// less than 128 bytes back.
-    pub fn loop_back(&mut self, l: Label) -> &mut Self {
-        let target = self.labels[l.0].expect("loop_back needs a bound label");
-        let rel = i8::try_from(target as i64 - (self.code.len() as i64 + 2))
-            .expect("loop target out of rel8 range");
-        self.code.extend_from_slice(&[0xe2, rel as u8]);
-        self
-    }
-
-    /// The code with every jump patched.
-    pub fn finish(&self) -> Vec<u8> {
-        let mut code = self.code.clone();
-        for &(at, l) in &self.jumps {
-            let target = self.labels[l.0].expect("jump to an unbound label");
-            let rel = (target as i64 - (at as i64 + 4)) as i32;
-            code[at..at + 4].copy_from_slice(&rel.to_le_bytes());
-        }
-        code
-    }
-
-    fn alu_imm(&mut self, ext: u8, r: u8, imm: u32) -> &mut Self {
-        self.code.extend_from_slice(&[0x81, 0xc0 | (ext << 3) | r]);
-        self.code.extend_from_slice(&imm.to_le_bytes());
-        self
-    }
-
-    /// `add r, imm32` = `81 /0 id`
-    pub fn add_imm(&mut self, r: u8, imm: u32) -> &mut Self {
-        self.alu_imm(0, r, imm)
-    }
-
-    /// `or r, imm32` = `81 /1 id`
-    pub fn or_imm(&mut self, r: u8, imm: u32) -> &mut Self {
-        self.alu_imm(1, r, imm)
-    }
-
-    /// `and r, imm32` = `81 /4 id`
-    pub fn and_imm(&mut self, r: u8, imm: u32) -> &mut Self {
-        self.alu_imm(4, r, imm)
-    }
-
-    /// `sub r, imm32` = `81 /5 id`
-    pub fn sub_imm(&mut self, r: u8, imm: u32) -> &mut Self {
-        self.alu_imm(5, r, imm)
-    }
-
-    /// `cmp r, imm32` = `81 /7 id`
-    pub fn cmp_imm(&mut self, r: u8, imm: u32) -> &mut Self {
-        self.alu_imm(7, r, imm)
-    }
-
-    /// `cmp dst, src` = `39 /r` (mod 11)
-    pub fn cmp(&mut self, dst: u8, src: u8) -> &mut Self {
-        self.code
-            .extend_from_slice(&[0x39, 0xc0 | (src << 3) | dst]);
-        self
-    }
-
-    /// `sub dst, src` = `29 /r` (mod 11)
-    pub fn sub(&mut self, dst: u8, src: u8) -> &mut Self {
-        self.code
-            .extend_from_slice(&[0x29, 0xc0 | (src << 3) | dst]);
-        self
-    }
-
-    /// `xor dst, src` = `31 /r` (mod 11)
-    pub fn xor(&mut self, dst: u8, src: u8) -> &mut Self {
-        self.code
-            .extend_from_slice(&[0x31, 0xc0 | (src << 3) | dst]);
-        self
-    }
-
-    /// `shr r, n` = `C1 /5 ib`
-    pub fn shr_imm(&mut self, r: u8, n: u8) -> &mut Self {
-        self.code.extend_from_slice(&[0xc1, 0xe8 | r, n]);
-        self
-    }
-
-    /// `ror r, n` = `C1 /1 ib`
-    pub fn ror_imm(&mut self, r: u8, n: u8) -> &mut Self {
-        self.code.extend_from_slice(&[0xc1, 0xc8 | r, n]);
-        self
-    }
-
-    /// `cmp al, imm8` = `3C ib`
-    pub fn cmp_al(&mut self, imm: u8) -> &mut Self {
-        self.code.extend_from_slice(&[0x3c, imm]);
-        self
-    }
-
-    /// `test al, imm8` = `A8 ib`
-    pub fn test_al(&mut self, imm: u8) -> &mut Self {
-        self.code.extend_from_slice(&[0xa8, imm]);
-        self
-    }
-
-    /// `mov bl, imm8` = `B3 ib`
-    pub fn mov_bl(&mut self, imm: u8) -> &mut Self {
-        self.code.extend_from_slice(&[0xb3, imm]);
-        self
-    }
-
-    /// `mov al, bl` = `88 D8`
-    pub fn mov_al_bl(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0x88, 0xd8]);
-        self
-    }
-
-    /// `mov [base+disp8], src` = `89 /r`
-    pub fn store(&mut self, base: u8, disp: i8, src: u8) -> &mut Self {
-        self.code.push(0x89);
-        self.modrm_disp8(src, base, disp);
-        self
-    }
-
-    /// `mov [base+index], src` = `89 /r` with a SIB byte (scale 1, no displacement;
-    /// `base` must not be EBP).
-    pub fn store_indexed(&mut self, base: u8, index: u8, src: u8) -> &mut Self {
-        assert!(base != EBP && index != ESP);
-        self.code
-            .extend_from_slice(&[0x89, (src << 3) | 4, (index << 3) | base]);
-        self
-    }
-
-    /// `mov dst, [addr]` = `8B /r` (mod 00, rm 101: absolute disp32)
-    pub fn load_abs(&mut self, dst: u8, addr: u32) -> &mut Self {
-        self.code.extend_from_slice(&[0x8b, (dst << 3) | 5]);
-        self.code.extend_from_slice(&addr.to_le_bytes());
-        self
-    }
-
-    /// `mov [addr], src` = `89 /r` (mod 00, rm 101: absolute disp32)
-    pub fn store_abs(&mut self, addr: u32, src: u8) -> &mut Self {
-        self.code.extend_from_slice(&[0x89, (src << 3) | 5]);
-        self.code.extend_from_slice(&addr.to_le_bytes());
-        self
-    }
-
-    /// `cmp byte [addr], imm8` = `80 /7 ib` (absolute disp32)
-    pub fn cmp_byte_abs(&mut self, addr: u32, imm: u8) -> &mut Self {
-        self.code.extend_from_slice(&[0x80, 0x3d]);
-        self.code.extend_from_slice(&addr.to_le_bytes());
-        self.code.push(imm);
-        self
-    }
-
-    /// `mov dx, port; in eax, dx` (`ED`)
-    pub fn in_eax(&mut self, port: u16) -> &mut Self {
-        self.mov_dx(port);
-        self.code.push(0xed);
-        self
-    }
-
-    /// `in al, dx` (`EC`), DX already loaded.
-    pub fn in_al_dx(&mut self) -> &mut Self {
-        self.code.push(0xec);
-        self
-    }
-
-    /// `out dx, al` (`EE`), DX already loaded.
-    pub fn out_dx_al(&mut self) -> &mut Self {
-        self.code.push(0xee);
-        self
-    }
-
-    /// `cld; rep movsb` (`FC F3 A4`): copies ECX bytes from [ESI] to [EDI].
-    pub fn rep_movsb(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0xfc, 0xf3, 0xa4]);
-        self
-    }
-
-    /// `cld; repe cmpsb` (`FC F3 A6`): ZF = 1 if the ECX bytes at [ESI] and [EDI] are equal
-    /// (ECX must not be 0).
-    pub fn repe_cmpsb(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0xfc, 0xf3, 0xa6]);
-        self
-    }
-
-    /// `lodsb` (`AC`): AL = [ESI], ESI += 1 (DF = 0).
-    pub fn lodsb(&mut self) -> &mut Self {
-        self.code.push(0xac);
-        self
-    }
-
-    /// `pause` (`F3 90`)
-    pub fn pause(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0xf3, 0x90]);
-        self
-    }
-
-    /// `rdtsc` (`0F 31`): EDX:EAX = TSC.
-    pub fn rdtsc(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0x0f, 0x31]);
-        self
-    }
-
-    /// `rdmsr` (`0F 32`): EDX:EAX = MSR[ECX].
-    pub fn rdmsr(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0x0f, 0x32]);
-        self
-    }
-
-    /// `wrmsr` (`0F 30`): MSR[ECX] = EDX:EAX.
-    pub fn wrmsr(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0x0f, 0x30]);
-        self
+        (bytes, addrs)
     }
 }
