@@ -3,6 +3,7 @@
 //! where the kernel reports what it found at entry through ports (skipped, with the reason
 //! printed, where `/dev/kvm` is not usable).
 
+use test_support::elf::{Elf32Kernel, CODE_OFF, PF_R, PF_X};
 use test_support::{guest, require_kvm, vm};
 
 use guest::{Asm, EAX, EBX, EDI, ESI};
@@ -16,10 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// Where the ELF kernel's segment goes, and the address it is linked at.
 const PADDR: u32 = 0x10_0000;
 const VADDR: u32 = 0xc010_0000;
-/// File offsets: ELF header (52 bytes) and one program header (32), the Multiboot header,
-/// the code, the data.
-const MB_HEADER_OFF: usize = 84;
-const CODE_OFF: usize = 96;
+/// File offset of the ELF kernel's data.
 const DATA_OFF: usize = 0x800;
 const BSS_SIZE: u32 = 0x1000;
 
@@ -35,45 +33,19 @@ fn mb_header(flags: u32) -> [u32; 3] {
     ]
 }
 
-fn put32(f: &mut [u8], at: usize, v: u32) {
-    f[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put16(f: &mut [u8], at: usize, v: u16) {
-    f[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-
 /// An ELF32 executable whose one segment (the whole file plus `BSS_SIZE` of BSS) is linked
 /// at `vaddr` and loaded at `PADDR`; entry at the code.
 fn elf32(vaddr: u32, code: &[u8], data: &[u8]) -> Vec<u8> {
-    assert!(CODE_OFF + code.len() <= DATA_OFF, "code too long");
-    let mut f = vec![0u8; DATA_OFF + data.len()];
-    f[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1]);
-    put16(&mut f, 16, 2); // ET_EXEC
-    put16(&mut f, 18, 3); // EM_386
-    put32(&mut f, 20, 1);
-    put32(&mut f, 24, vaddr + CODE_OFF as u32); // e_entry
-    put32(&mut f, 28, 52); // e_phoff
-    put16(&mut f, 40, 52); // e_ehsize
-    put16(&mut f, 42, 32); // e_phentsize
-    put16(&mut f, 44, 1); // e_phnum
-    put16(&mut f, 46, 40); // e_shentsize
-    let len = f.len() as u32;
-    for (i, v) in [1, 0, vaddr, PADDR, len, len + BSS_SIZE, 5, 0x1000]
-        .into_iter()
-        .enumerate()
-    {
-        put32(&mut f, 52 + 4 * i, v); // PT_LOAD, R+X
+    Elf32Kernel {
+        vaddr,
+        paddr: PADDR,
+        flags: PF_R | PF_X,
+        bss: BSS_SIZE,
+        data_off: DATA_OFF,
+        code,
+        data,
     }
-    for (i, v) in mb_header(MULTIBOOT_PAGE_ALIGN | MULTIBOOT_MEMORY_INFO)
-        .into_iter()
-        .enumerate()
-    {
-        put32(&mut f, MB_HEADER_OFF + 4 * i, v);
-    }
-    f[CODE_OFF..CODE_OFF + code.len()].copy_from_slice(code);
-    f[DATA_OFF..].copy_from_slice(data);
-    f
+    .build()
 }
 
 /// Guest-physical addresses of the ELF kernel's data: a DMA descriptor, its target, a word

@@ -7,7 +7,9 @@
 //! the first check that failed (see [`CHECKS`]). The KVM runs are skipped, with the reason
 //! printed, where `/dev/kvm` is not usable.
 
+use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
 use test_support::guest;
+use test_support::vm::kvm_unusable;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -18,10 +20,7 @@ use guest::{Asm, Cond, EAX, EBP, ECX, EDI, EDX, ESI};
 
 /// Where the kernel's one segment is loaded (and linked: vaddr = paddr).
 const LOAD: u32 = 0x10_0000;
-/// File offsets: ELF header (52 bytes) + one program header (32), the Multiboot header,
-/// the code, the data.
-const MB_HEADER_OFF: usize = 84;
-const CODE_OFF: usize = 96;
+/// File offset of the kernel's data.
 const DATA_OFF: usize = 0x1000;
 
 /// The AP trampoline's page (SIPI vector 0x08) and its data: the check-in counter and one
@@ -386,61 +385,23 @@ fn build_kernel(spec: &Spec) -> Vec<u8> {
     elf32(&a.finish(), &data.bytes)
 }
 
-fn put32(f: &mut [u8], at: usize, v: u32) {
-    f[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put16(f: &mut [u8], at: usize, v: u16) {
-    f[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-
 /// An ELF32 executable with one R+W+X segment (the whole file) at `LOAD`, a Multiboot v1
-/// header (page-align + memory-info), entry at the code.
+/// header, entry at the code.
 fn elf32(code: &[u8], data: &[u8]) -> Vec<u8> {
-    assert!(
-        CODE_OFF + code.len() <= DATA_OFF,
-        "code too long: {} bytes",
-        code.len()
-    );
-    let mut f = vec![0u8; DATA_OFF + data.len()];
-    f[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1]);
-    put16(&mut f, 16, 2); // ET_EXEC
-    put16(&mut f, 18, 3); // EM_386
-    put32(&mut f, 20, 1);
-    put32(&mut f, 24, LOAD + CODE_OFF as u32); // e_entry
-    put32(&mut f, 28, 52); // e_phoff
-    put16(&mut f, 40, 52); // e_ehsize
-    put16(&mut f, 42, 32); // e_phentsize
-    put16(&mut f, 44, 1); // e_phnum
-    put16(&mut f, 46, 40); // e_shentsize
-    let len = f.len() as u32;
-    for (i, v) in [1, 0, LOAD, LOAD, len, len, 7, 0x1000]
-        .into_iter()
-        .enumerate()
-    {
-        put32(&mut f, 52 + 4 * i, v); // PT_LOAD
+    Elf32Kernel {
+        vaddr: LOAD,
+        paddr: LOAD,
+        flags: PF_R | PF_W | PF_X,
+        bss: 0,
+        data_off: DATA_OFF,
+        code,
+        data,
     }
-    let (magic, flags) = (0x1bad_b002u32, 0b11u32);
-    for (i, v) in [magic, flags, 0u32.wrapping_sub(magic).wrapping_sub(flags)]
-        .into_iter()
-        .enumerate()
-    {
-        put32(&mut f, MB_HEADER_OFF + 4 * i, v);
-    }
-    f[CODE_OFF..CODE_OFF + code.len()].copy_from_slice(code);
-    f[DATA_OFF..].copy_from_slice(data);
-    f
+    .build()
 }
 
 // ---------------------------------------------------------------------------
 // Running the binary.
-
-/// Why the KVM runs must skip here, if they must.
-fn kvm_unusable() -> Option<String> {
-    kvm_ioctls::Kvm::new()
-        .err()
-        .map(|e| format!("/dev/kvm not usable: {e}"))
-}
 
 /// A fresh directory for one test's files.
 fn scratch_dir(name: &str) -> PathBuf {
