@@ -3,14 +3,13 @@
 //! where the kernel reports what it found at entry through ports (skipped, with the reason
 //! printed, where `/dev/kvm` is not usable).
 
-use test_support::elf::{Elf32Kernel, CODE_OFF, PF_R, PF_X};
-use test_support::{guest, require_kvm, vm};
-
 use guest::{Asm, EAX, EBX, EDI, ESI};
 use hw::core::machine::{machine_state, RunRequest};
 use hw::i386::e820::{pc_e820_table, E820Entry, E820Kind};
 use hw::i386::multiboot::*;
 use hw::nvram::fw_cfg::{fw_cfg_init_io_dma, FW_CFG_DMA_IO_BASE, FW_CFG_IO_BASE};
+use test_support::elf::{Elf32Kernel, CODE_OFF, PF_R, PF_X};
+use test_support::{guest, require_kvm, vm};
 use vm::{TestVm, EXIT_PORT, RECORD_PORT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

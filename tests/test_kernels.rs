@@ -7,16 +7,14 @@
 //! the first check that failed (see [`CHECKS`]). The KVM runs are skipped, with the reason
 //! printed, where `/dev/kvm` is not usable.
 
-use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
-use test_support::guest;
-use test_support::vm::kvm_unusable;
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use guest::{Asm, Cond, EAX, EBP, ECX, EDI, EDX, ESI};
+use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
+use test_support::guest::{self, Asm, Cond, EAX, EBP, ECX, EDI, EDX, ESI};
+use test_support::vm::kvm_unusable;
 
 /// Where the kernel's one segment is loaded (and linked: vaddr = paddr).
 const LOAD: u32 = 0x10_0000;
