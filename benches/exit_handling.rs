@@ -4,12 +4,7 @@
 //! <= 20 ns per access; round trip <= 1.05x the raw loop. Without a usable /dev/kvm only (a)
 //! runs.
 
-#[path = "../tests/common/guest.rs"]
-mod guest;
-#[path = "../tests/common/raw_kvm.rs"]
-mod raw_kvm;
-#[path = "../tests/common/vm.rs"]
-mod vm;
+use test_support::{guest, raw_kvm, vm};
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,62 +7,16 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use accel::qtest::QtestOps;
 use hw::core::chardev::{chardev_add, parse_serial_spec, Ringbuf};
 use hw::char::serial::{serial_isa_init, serial_port, serial_set_backend};
-use hw::core::irq::{GsiRouter, IrqLine};
 use hw::core::machine::{machine_state, MachineState, RunRequest};
-use hw::core::qdev::{qdev_new, qdev_realize, DeviceMethods};
-use hw::isa::isa_bus::{isa_bus_new, isa_bus_set_irqs, ISA_NUM_IRQS};
+use hw::core::qdev::{qdev_realize, DeviceMethods};
 use hw::rtc::mc146818rtc::{mc146818_rtc_init, rtc_set_memory_size, rtc_state};
-use qom::{container_get, ObjectRef};
-
-/// A `none` machine on qtest with an ISA bus whose IRQ lines go to the accelerator's GSIs.
-fn machine_with_isa_bus() -> (ObjectRef, ObjectRef) {
-    hw::init().expect("registrations are intact");
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("none-machine").unwrap();
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    let io = machine_state(&machine).unwrap().system_io().clone();
-    let bus = isa_bus_new(&machine, "isa.0", io).unwrap();
-    let router = GsiRouter::new(&machine);
-    let lines = (0..ISA_NUM_IRQS as u32)
-        .map(|n| IrqLine::new(router.clone(), n))
-        .collect();
-    isa_bus_set_irqs(&bus, lines);
-    (machine, bus)
-}
+use qom::ObjectRef;
+use test_support::qtest::{irq_level, machine_with_isa_bus, new_dev, plug};
 
 fn ms(machine: &ObjectRef) -> &MachineState {
     machine_state(machine).unwrap()
-}
-
-fn irq_level(machine: &ObjectRef, gsi: u32) -> bool {
-    ms(machine)
-        .accel_ops()
-        .unwrap()
-        .as_any()
-        .downcast_ref::<QtestOps>()
-        .unwrap()
-        .irq_level(gsi)
-}
-
-fn new_dev(machine: &ObjectRef, driver: &str, props: &[(&str, &str)]) -> ObjectRef {
-    let dev = qdev_new(driver).unwrap();
-    for (k, v) in props {
-        dev.property_parse(k, v).unwrap();
-    }
-    container_get(machine, "peripheral-anon")
-        .add_child("device[*]", &dev)
-        .unwrap();
-    dev
-}
-
-fn plug(machine: &ObjectRef, bus: &ObjectRef, driver: &str, props: &[(&str, &str)]) -> ObjectRef {
-    let dev = new_dev(machine, driver, props);
-    qdev_realize(&dev, Some(bus)).unwrap();
-    dev
 }
 
 fn plug_err(machine: &ObjectRef, bus: &ObjectRef, driver: &str, props: &[(&str, &str)]) -> String {

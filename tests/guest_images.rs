@@ -1,12 +1,9 @@
-//! The hand-assembled test guests (`tests/common/guest.rs`) run on raw KVM
-//! (`tests/common/raw_kvm.rs`) and do what they claim, in every mode.
+//! The hand-assembled test guests (`test_support::guest`) run on raw KVM
+//! (`test_support::raw_kvm`) and do what they claim, in every mode.
 //!
 //! Tests that need KVM print a reason and pass when /dev/kvm is unusable.
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/raw_kvm.rs"]
-mod raw_kvm;
+use test_support::{guest, raw_kvm};
 
 use guest::{build, smp_apic_id_reporter, GuestImage, Mode, Op, LOAD_ADDR};
 use raw_kvm::{RawExit, RawLoop, Stop};

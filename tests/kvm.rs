@@ -5,16 +5,11 @@
 //! Each test builds its own machine (not the process's `/machine`), so tests run side by
 //! side in one process.
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/vm.rs"]
-#[macro_use]
-mod vm;
-
 use std::sync::atomic::Ordering;
 
 use guest::{GuestImage, Mode, Op};
 use hw::core::machine::{machine_state, RunRequest};
+use test_support::{guest, require_kvm, vm};
 use vm::{TestVm, EXIT_PORT, MMIO_BASE, RECORD_PORT};
 use vm_memory::{Bytes, GuestAddress};
 

@@ -4,11 +4,6 @@
 //! pointer, the initrd and the command line), then reports through `isa-debug-exit`.
 //! Skipped, with the reason printed, where `/dev/kvm` is not usable.
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/vm.rs"]
-mod vm;
-
 use std::path::PathBuf;
 
 use hw::core::machine::{machine_state, RunRequest};
@@ -16,6 +11,7 @@ use hw::i386::acpi_build::{build_acpi_tables, AcpiConfig};
 use hw::i386::e820::pc_e820_table;
 use hw::i386::x86_cpu::X86Cpu;
 use hw::i386::x86_linux::{load_linux, set_acpi_rsdp_addr};
+use test_support::{guest, vm};
 use vm::{kvm_unusable, TestVm, EXIT_PORT};
 
 /// A file in the temporary directory, removed on drop.

@@ -3,27 +3,20 @@
 //! where the kernel reports what it found at entry through ports (skipped, with the reason
 //! printed, where `/dev/kvm` is not usable).
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/vm.rs"]
-#[macro_use]
-mod vm;
-
-use guest::{Asm32, EAX, EBX, EDI, ESI};
+use guest::{Asm, EAX, EBX, EDI, ESI};
 use hw::core::machine::{machine_state, RunRequest};
 use hw::i386::e820::{pc_e820_table, E820Entry, E820Kind};
 use hw::i386::multiboot::*;
 use hw::nvram::fw_cfg::{fw_cfg_init_io_dma, FW_CFG_DMA_IO_BASE, FW_CFG_IO_BASE};
+use test_support::elf::{Elf32Kernel, CODE_OFF, PF_R, PF_X};
+use test_support::{guest, require_kvm, vm};
 use vm::{TestVm, EXIT_PORT, RECORD_PORT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Where the ELF kernel's segment goes, and the address it is linked at.
 const PADDR: u32 = 0x10_0000;
 const VADDR: u32 = 0xc010_0000;
-/// File offsets: ELF header (52 bytes) and one program header (32), the Multiboot header,
-/// the code, the data.
-const MB_HEADER_OFF: usize = 84;
-const CODE_OFF: usize = 96;
+/// File offset of the ELF kernel's data.
 const DATA_OFF: usize = 0x800;
 const BSS_SIZE: u32 = 0x1000;
 
@@ -39,45 +32,19 @@ fn mb_header(flags: u32) -> [u32; 3] {
     ]
 }
 
-fn put32(f: &mut [u8], at: usize, v: u32) {
-    f[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put16(f: &mut [u8], at: usize, v: u16) {
-    f[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-
 /// An ELF32 executable whose one segment (the whole file plus `BSS_SIZE` of BSS) is linked
 /// at `vaddr` and loaded at `PADDR`; entry at the code.
 fn elf32(vaddr: u32, code: &[u8], data: &[u8]) -> Vec<u8> {
-    assert!(CODE_OFF + code.len() <= DATA_OFF, "code too long");
-    let mut f = vec![0u8; DATA_OFF + data.len()];
-    f[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1]);
-    put16(&mut f, 16, 2); // ET_EXEC
-    put16(&mut f, 18, 3); // EM_386
-    put32(&mut f, 20, 1);
-    put32(&mut f, 24, vaddr + CODE_OFF as u32); // e_entry
-    put32(&mut f, 28, 52); // e_phoff
-    put16(&mut f, 40, 52); // e_ehsize
-    put16(&mut f, 42, 32); // e_phentsize
-    put16(&mut f, 44, 1); // e_phnum
-    put16(&mut f, 46, 40); // e_shentsize
-    let len = f.len() as u32;
-    for (i, v) in [1, 0, vaddr, PADDR, len, len + BSS_SIZE, 5, 0x1000]
-        .into_iter()
-        .enumerate()
-    {
-        put32(&mut f, 52 + 4 * i, v); // PT_LOAD, R+X
+    Elf32Kernel {
+        vaddr,
+        paddr: PADDR,
+        flags: PF_R | PF_X,
+        bss: BSS_SIZE,
+        data_off: DATA_OFF,
+        code,
+        data,
     }
-    for (i, v) in mb_header(MULTIBOOT_PAGE_ALIGN | MULTIBOOT_MEMORY_INFO)
-        .into_iter()
-        .enumerate()
-    {
-        put32(&mut f, MB_HEADER_OFF + 4 * i, v);
-    }
-    f[CODE_OFF..CODE_OFF + code.len()].copy_from_slice(code);
-    f[DATA_OFF..].copy_from_slice(data);
-    f
+    .build()
 }
 
 /// Guest-physical addresses of the ELF kernel's data: a DMA descriptor, its target, a word
@@ -89,7 +56,7 @@ const BSS_PROBE: u32 = DMA_DESC + 0x20 + 0x400;
 /// The ELF kernel: reports what Multiboot handed it, reads fw_cfg through both interfaces,
 /// and exits with 0x42.
 fn elf_kernel() -> Vec<u8> {
-    let mut a = Asm32::new();
+    let mut a = Asm::flat32();
     a.out_eax(RECORD_PORT); // magic
     a.mov(EAX, EBX).out_eax(RECORD_PORT); // info address
     a.load(EAX, EBX, 0).out_eax(RECORD_PORT); // flags
@@ -135,7 +102,7 @@ fn elf_kernel() -> Vec<u8> {
     data.extend_from_slice(&4u32.to_be_bytes());
     data.extend_from_slice(&u64::from(DMA_TARGET).to_be_bytes());
     data.extend_from_slice(&[0xee; 16]);
-    elf32(VADDR, &a.code, &data)
+    elf32(VADDR, &a.finish(), &data)
 }
 
 const MODULE: &[u8] = b"MOD1: a module of some forty-odd bytes.";
@@ -366,7 +333,7 @@ fn aout_kernel(load: u32, code: &[u8], bss: u32) -> Vec<u8> {
 }
 
 fn aout_code() -> Vec<u8> {
-    let mut a = Asm32::new();
+    let mut a = Asm::flat32();
     a.out_eax(RECORD_PORT); // magic
     a.load(ESI, EBX, 16)
         .load_byte(EAX, ESI, 0)
@@ -374,7 +341,7 @@ fn aout_code() -> Vec<u8> {
     a.load(EAX, EBX, 20).out_eax(RECORD_PORT); // mods_count
     a.mov_eax_sreg(1).out_eax(RECORD_PORT); // CS
     a.exit(EXIT_PORT, 0x43);
-    a.code
+    a.finish()
 }
 
 #[test]

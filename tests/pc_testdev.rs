@@ -1,46 +1,23 @@
 //! `pc-testdev` on the qtest accelerator: the scratch register, IRQ lines and scratch
 //! memory as kvm-unit-tests drive them.
 
-use hw::core::irq::{GsiRouter, IrqLine};
 use hw::core::machine::machine_state;
-use hw::core::qdev::{qdev_new, qdev_realize, qdev_unrealize};
-use hw::isa::isa_bus::{isa_bus_new, isa_bus_set_irqs, ISA_NUM_IRQS};
+use hw::core::qdev::qdev_unrealize;
 use hw::misc::pc_testdev::*;
-use qom::{container_get, ObjectRef};
+use qom::ObjectRef;
+use test_support::qtest::{irq_level, machine_with_isa_bus, plug};
 use vm_memory::{Bytes, GuestAddress};
 
 /// A `none` machine on qtest with RAM, an ISA bus wired to the accelerator's GSIs, and a
 /// `pc-testdev`.
 fn machine_with_testdev() -> (ObjectRef, ObjectRef) {
-    hw::init().expect("registrations are intact");
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("none-machine").unwrap();
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    let ms = machine_state(&machine).unwrap();
-    ms.add_ram(0, 1 << 20).unwrap();
-    let bus = isa_bus_new(&machine, "isa.0", ms.system_io().clone()).unwrap();
-    let router = GsiRouter::new(&machine);
-    isa_bus_set_irqs(
-        &bus,
-        (0..ISA_NUM_IRQS as u32)
-            .map(|n| IrqLine::new(router.clone(), n))
-            .collect(),
-    );
-    let dev = qdev_new(TYPE_PC_TESTDEV).unwrap();
-    container_get(&machine, "peripheral-anon")
-        .add_child("device[*]", &dev)
+    let (machine, bus) = machine_with_isa_bus();
+    machine_state(&machine)
+        .unwrap()
+        .add_ram(0, 1 << 20)
         .unwrap();
-    qdev_realize(&dev, Some(&bus)).unwrap();
+    let dev = plug(&machine, &bus, TYPE_PC_TESTDEV, &[]);
     (machine, dev)
-}
-
-fn irq_level(machine: &ObjectRef, gsi: u32) -> bool {
-    let ops = machine_state(machine).unwrap().accel_ops().unwrap();
-    ops.as_any()
-        .downcast_ref::<accel::qtest::QtestOps>()
-        .expect("the qtest accelerator")
-        .irq_level(gsi)
 }
 
 #[test]

@@ -5,33 +5,8 @@ use std::sync::Arc;
 
 use hw::core::machine::{machine_state, RunRequest};
 use hw::core::qdev::{qdev_new, qdev_realize, qdev_unrealize, DeviceMethods, QdevError};
-use hw::isa::isa_bus::isa_bus_new;
-use qom::{container_get, ObjectRef, Value};
-
-/// A `none` machine on qtest with an ISA bus, outside the process's `/machine`, so tests
-/// can run side by side.
-fn machine_with_isa_bus() -> (ObjectRef, ObjectRef) {
-    hw::init().expect("registrations are intact");
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("none-machine").unwrap();
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    let io = machine_state(&machine).unwrap().system_io().clone();
-    let bus = isa_bus_new(&machine, "isa.0", io).unwrap();
-    (machine, bus)
-}
-
-fn plug(machine: &ObjectRef, bus: &ObjectRef, driver: &str, props: &[(&str, &str)]) -> ObjectRef {
-    let dev = qdev_new(driver).unwrap();
-    for (k, v) in props {
-        dev.property_parse(k, v).unwrap();
-    }
-    container_get(machine, "peripheral-anon")
-        .add_child("device[*]", &dev)
-        .unwrap();
-    qdev_realize(&dev, Some(bus)).unwrap();
-    dev
-}
+use qom::{container_get, Value};
+use test_support::qtest::{machine_with_isa_bus, plug};
 
 #[test]
 fn debug_exit_turns_a_port_write_into_an_exit_status() {

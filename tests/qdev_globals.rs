@@ -4,7 +4,7 @@
 use hw::core::machine::machine_state;
 use hw::core::qdev::{qdev_new, qdev_realize};
 use hw::core::qdev_properties::{register_global, GlobalError};
-use hw::isa::isa_bus::isa_bus_new;
+use test_support::qtest::machine_with_isa_bus;
 
 #[test]
 fn globals_set_defaults_and_bad_ones_are_refused() {
@@ -35,9 +35,8 @@ fn globals_set_defaults_and_bad_ones_are_refused() {
     assert_eq!(dev.prop_uint("iobase").unwrap(), 0x510);
     dev.property_parse("iobase", "0x520").unwrap();
 
-    let machine = qom::object_new("none-machine").unwrap();
+    let (machine, bus) = machine_with_isa_bus();
     let io = machine_state(&machine).unwrap().system_io().clone();
-    let bus = isa_bus_new(&machine, "isa.0", io.clone()).unwrap();
     machine.add_child("dbg", &dev).unwrap();
     qdev_realize(&dev, Some(&bus)).unwrap();
     assert_eq!(

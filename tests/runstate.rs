@@ -4,12 +4,6 @@
 //! pc board's power button raises the SCI on qtest. The KVM tests skip, with the reason,
 //! where `/dev/kvm` is not usable.
 
-#[path = "common/guest.rs"]
-mod guest;
-#[path = "common/vm.rs"]
-#[macro_use]
-mod vm;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +12,7 @@ use guest::{Mode, Op};
 use hw::core::machine::{machine_run_board_init, machine_state, SmpConfig};
 use hw::core::runstate::{self, RunStateError, RunStatus, VmEvent};
 use parking_lot::Mutex;
+use test_support::{guest, require_kvm, vm};
 use vm::{TestVm, EXIT_PORT, RECORD_PORT};
 
 fn record_events(ms: &hw::core::machine::MachineState) -> Arc<Mutex<Vec<VmEvent>>> {

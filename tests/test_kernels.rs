@@ -7,22 +7,18 @@
 //! the first check that failed (see [`CHECKS`]). The KVM runs are skipped, with the reason
 //! printed, where `/dev/kvm` is not usable.
 
-#[path = "common/guest.rs"]
-mod guest;
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use guest::{Asm32, Cond, EAX, EBP, ECX, EDI, EDX, ESI};
+use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
+use test_support::guest::{self, Asm, Cond, EAX, EBP, ECX, EDI, EDX, ESI};
+use test_support::vm::kvm_unusable;
 
 /// Where the kernel's one segment is loaded (and linked: vaddr = paddr).
 const LOAD: u32 = 0x10_0000;
-/// File offsets: ELF header (52 bytes) + one program header (32), the Multiboot header,
-/// the code, the data.
-const MB_HEADER_OFF: usize = 84;
-const CODE_OFF: usize = 96;
+/// File offset of the kernel's data.
 const DATA_OFF: usize = 0x1000;
 
 /// The AP trampoline's page (SIPI vector 0x08) and its data: the check-in counter and one
@@ -142,7 +138,7 @@ fn trampoline() -> Vec<u8> {
 }
 
 /// Emits: print the `len` bytes at `addr` on COM1, polling LSR.THRE before each.
-fn print(a: &mut Asm32, addr: u32, len: u32) {
+fn print(a: &mut Asm, addr: u32, len: u32) {
     a.mov_imm(ESI, addr).mov_imm(ECX, len);
     let next = a.here();
     a.mov_dx(COM1 + 5);
@@ -152,7 +148,7 @@ fn print(a: &mut Asm32, addr: u32, len: u32) {
 }
 
 /// Emits: EAX = the next `n` (1..=4) bytes of the selected fw_cfg item, little-endian.
-fn fw_cfg_read(a: &mut Asm32, n: u8) {
+fn fw_cfg_read(a: &mut Asm, n: u8) {
     a.xor(EAX, EAX).mov_dx(FW_CFG_DATA);
     for _ in 0..n {
         a.in_al_dx().ror_imm(EAX, 8);
@@ -163,19 +159,19 @@ fn fw_cfg_read(a: &mut Asm32, n: u8) {
 }
 
 /// Emits: select fw_cfg item `key`.
-fn fw_cfg_select(a: &mut Asm32, key: u16) {
+fn fw_cfg_select(a: &mut Asm, key: u16) {
     a.mov_imm(EAX, u32::from(key)).out_ax(FW_CFG_CTL);
 }
 
 /// A Multiboot v1 ELF32 kernel for `spec`.
 fn build_kernel(spec: &Spec) -> Vec<u8> {
-    let mut a = Asm32::new();
+    let mut a = Asm::flat32();
     let mut data = Data { bytes: Vec::new() };
     let mut fails: Vec<(guest::Label, u8)> = Vec::new();
     // `check(a, cc, name)`: continue if `cc` holds, else fail with the check's code.
-    let mut check = |a: &mut Asm32, pass: Cond, name: &str| {
+    let mut check = |a: &mut Asm, pass: Cond, name: &str| {
         let l = a.label();
-        a.jcc(pass.not(), l);
+        a.jcc(!pass, l);
         fails.push((l, check_code(name)));
     };
 
@@ -382,66 +378,28 @@ fn build_kernel(spec: &Spec) -> Vec<u8> {
     a.bind(fail);
     print(&mut a, fail_msg, fail_line.len() as u32);
     a.mov_dx(EXIT_PORT).mov_al_bl().out_dx_al();
-    a.emit(&[0xf4, 0xeb, 0xfd]); // 1: hlt; jmp 1b
+    a.hlt_loop();
 
     elf32(&a.finish(), &data.bytes)
 }
 
-fn put32(f: &mut [u8], at: usize, v: u32) {
-    f[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put16(f: &mut [u8], at: usize, v: u16) {
-    f[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-
 /// An ELF32 executable with one R+W+X segment (the whole file) at `LOAD`, a Multiboot v1
-/// header (page-align + memory-info), entry at the code.
+/// header, entry at the code.
 fn elf32(code: &[u8], data: &[u8]) -> Vec<u8> {
-    assert!(
-        CODE_OFF + code.len() <= DATA_OFF,
-        "code too long: {} bytes",
-        code.len()
-    );
-    let mut f = vec![0u8; DATA_OFF + data.len()];
-    f[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1]);
-    put16(&mut f, 16, 2); // ET_EXEC
-    put16(&mut f, 18, 3); // EM_386
-    put32(&mut f, 20, 1);
-    put32(&mut f, 24, LOAD + CODE_OFF as u32); // e_entry
-    put32(&mut f, 28, 52); // e_phoff
-    put16(&mut f, 40, 52); // e_ehsize
-    put16(&mut f, 42, 32); // e_phentsize
-    put16(&mut f, 44, 1); // e_phnum
-    put16(&mut f, 46, 40); // e_shentsize
-    let len = f.len() as u32;
-    for (i, v) in [1, 0, LOAD, LOAD, len, len, 7, 0x1000]
-        .into_iter()
-        .enumerate()
-    {
-        put32(&mut f, 52 + 4 * i, v); // PT_LOAD
+    Elf32Kernel {
+        vaddr: LOAD,
+        paddr: LOAD,
+        flags: PF_R | PF_W | PF_X,
+        bss: 0,
+        data_off: DATA_OFF,
+        code,
+        data,
     }
-    let (magic, flags) = (0x1bad_b002u32, 0b11u32);
-    for (i, v) in [magic, flags, 0u32.wrapping_sub(magic).wrapping_sub(flags)]
-        .into_iter()
-        .enumerate()
-    {
-        put32(&mut f, MB_HEADER_OFF + 4 * i, v);
-    }
-    f[CODE_OFF..CODE_OFF + code.len()].copy_from_slice(code);
-    f[DATA_OFF..].copy_from_slice(data);
-    f
+    .build()
 }
 
 // ---------------------------------------------------------------------------
 // Running the binary.
-
-/// Why the KVM runs must skip here, if they must.
-fn kvm_unusable() -> Option<String> {
-    kvm_ioctls::Kvm::new()
-        .err()
-        .map(|e| format!("/dev/kvm not usable: {e}"))
-}
 
 /// A fresh directory for one test's files.
 fn scratch_dir(name: &str) -> PathBuf {

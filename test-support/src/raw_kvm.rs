@@ -2,15 +2,6 @@
 //! qomvm code): the reference that qomvm's behaviour and speed are compared
 //! with.
 //!
-//! Include next to the guest module:
-//!
-//! ```ignore
-//! #[path = "common/guest.rs"]
-//! mod guest;
-//! #[path = "common/raw_kvm.rs"]
-//! mod raw_kvm;
-//! ```
-//!
 //! VM setup (see [`RawVm::new`]): `KVM_SET_TSS_ADDR` (0xfffb_d000; not
 //! needed on the PVM development host but required by KVM on Intel hosts
 //! without unrestricted guest), one RAM slot at guest-physical 0, one vCPU
@@ -25,9 +16,7 @@
 //! `kvm_run.io.data_offset` (string I/O: all `count` elements back to
 //! back); `size` and `count` themselves are only in `kvm_run.io`, read here
 //! through `VcpuFd::get_kvm_run()` after the exit.
-#![allow(dead_code)]
-
-use super::guest::GuestImage;
+use crate::guest::GuestImage;
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 

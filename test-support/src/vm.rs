@@ -2,8 +2,6 @@
 //! recording devices on ports and MMIO, and vCPUs that start in real mode at a guest
 //! image's entry. Built outside the process's `/machine`, so several can run at once.
 
-#![allow(dead_code)]
-
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +28,7 @@ pub const MMIO_BASE: u64 = 0xfe00_0000;
 pub const IN_VALUE: u32 = 0x5a5a_5a5a;
 
 /// Returns from the test, saying why, when /dev/kvm is not usable.
-#[allow(unused_macros)] // the benches include this file without it
+#[macro_export]
 macro_rules! require_kvm {
     () => {
         if let Some(reason) = $crate::vm::kvm_unusable() {

@@ -1,0 +1,9 @@
+//! Helpers shared by qomvm's integration tests (`tests/*.rs`) and benches: hand-assembled
+//! x86 guests ([`guest`]) and Multiboot ELF kernels ([`elf`]), a raw KVM runner to compare
+//! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]).
+
+pub mod elf;
+pub mod guest;
+pub mod qtest;
+pub mod raw_kvm;
+pub mod vm;

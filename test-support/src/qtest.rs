@@ -1,0 +1,65 @@
+//! Machines on the qtest accelerator, driven from the test with no guest code: a `none`
+//! machine with an ISA bus, built outside the process's `/machine` so tests can run side
+//! by side, and helpers to plug devices into it.
+
+use accel::qtest::QtestOps;
+use hw::core::irq::{GsiRouter, IrqLine};
+use hw::core::machine::machine_state;
+use hw::core::qdev::{qdev_new, qdev_realize};
+use hw::isa::isa_bus::{isa_bus_new, isa_bus_set_irqs, ISA_NUM_IRQS};
+use qom::{container_get, ObjectRef};
+
+/// A `none` machine on qtest with an ISA bus (`isa.0`, on the machine's `system-io`) whose
+/// IRQ lines go to the accelerator's GSIs. Returns the machine and the bus.
+pub fn machine_with_isa_bus() -> (ObjectRef, ObjectRef) {
+    hw::init().expect("registrations are intact");
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("none-machine").unwrap();
+    let qtest = accel::accel_find("qtest").unwrap();
+    accel::accel_init_machine(qtest, &machine).unwrap();
+    let io = machine_state(&machine).unwrap().system_io().clone();
+    let bus = isa_bus_new(&machine, "isa.0", io).unwrap();
+    let router = GsiRouter::new(&machine);
+    let lines = (0..ISA_NUM_IRQS as u32)
+        .map(|n| IrqLine::new(router.clone(), n))
+        .collect();
+    isa_bus_set_irqs(&bus, lines);
+    (machine, bus)
+}
+
+/// A `driver` device with `props` set, a child of the machine's `peripheral-anon`, not
+/// realized.
+pub fn new_dev(machine: &ObjectRef, driver: &str, props: &[(&str, &str)]) -> ObjectRef {
+    let dev = qdev_new(driver).unwrap();
+    for (k, v) in props {
+        dev.property_parse(k, v).unwrap();
+    }
+    container_get(machine, "peripheral-anon")
+        .add_child("device[*]", &dev)
+        .unwrap();
+    dev
+}
+
+/// [`new_dev`], realized on `bus` (as `-device driver,props...`).
+pub fn plug(
+    machine: &ObjectRef,
+    bus: &ObjectRef,
+    driver: &str,
+    props: &[(&str, &str)],
+) -> ObjectRef {
+    let dev = new_dev(machine, driver, props);
+    qdev_realize(&dev, Some(bus)).unwrap();
+    dev
+}
+
+/// The level of the qtest accelerator's GSI `gsi`.
+pub fn irq_level(machine: &ObjectRef, gsi: u32) -> bool {
+    machine_state(machine)
+        .unwrap()
+        .accel_ops()
+        .unwrap()
+        .as_any()
+        .downcast_ref::<QtestOps>()
+        .expect("the qtest accelerator")
+        .irq_level(gsi)
+}
