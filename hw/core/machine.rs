@@ -402,12 +402,19 @@ pub enum MachineError {
     /// A device of the board could not be created or plugged.
     #[error(transparent)]
     Qdev(#[from] QdevError),
-    /// The board failed in its own way.
-    #[error("{0}")]
-    Board(String),
+    /// The board failed in its own way (a kernel that does not load...).
+    #[error(transparent)]
+    Board(Box<dyn std::error::Error + Send + Sync>),
     /// A QOM error during board init.
     #[error(transparent)]
     Qom(#[from] Error),
+}
+
+impl MachineError {
+    /// A board-specific error.
+    pub fn board(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        MachineError::Board(Box::new(err))
+    }
 }
 
 /// QEMU's `select_machine`/`find_machine`: the class for `-M name` (by name or alias), or the

@@ -27,7 +27,7 @@ impl MachineImpl for NullMachine {
             self.add_ram(0, self.ram_size())?;
         }
         if self.cpu_type().is_some() {
-            machine_create_cpus(self).map_err(|e| MachineError::Board(e.to_string()))?;
+            machine_create_cpus(self).map_err(MachineError::board)?;
         }
         Ok(())
     }

@@ -600,6 +600,13 @@ pub fn qdev_new(name: &str) -> Result<ObjectRef, QdevError> {
     Ok(Object::new_with_class(class)?)
 }
 
+/// `qdev_new` of typed `T`, with a typed view of its state (QEMU's `qdev_new` + the
+/// type's cast macro, `MC146818_RTC(qdev_new(...))`).
+pub fn qdev_new_typed<T: ObjectType>() -> Result<qom::Typed<T>, QdevError> {
+    let dev = qdev_new(T::TYPE_NAME)?;
+    qom::Typed::new(dev).ok_or_else(|| QdevError::NotADevice(T::TYPE_NAME.to_string()))
+}
+
 /// QEMU's `qdev_realize`: plugs `dev` into `bus` (type-checked) and realizes it.
 pub fn qdev_realize(dev: &ObjectRef, bus: Option<&ObjectRef>) -> Result<(), QdevError> {
     let dc = device_class(dev.class()).ok_or_else(|| QdevError::NotADevice(dev.type_name().into()))?;

@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use qom::{Error, ObjectRef, WeakObjectRef};
+use parking_lot::Mutex;
 
-use crate::core::machine::{machine_state, RunRequest};
-use crate::core::memory::{MemoryRegion, MemoryRegionOps};
+use crate::core::memory::{MemoryError, MemoryRegion, MemoryRegionOps};
+use crate::core::runstate::RunRequest;
+use crate::core::services::MachineServices;
 
 /// Port 0x80 (POST codes, and the classic I/O delay port): writes are dropped quietly,
 /// reads return all ones, as on QEMU's `ioport80`.
@@ -33,8 +34,8 @@ impl MemoryRegionOps for FpuErrorPort {
 /// Port 0x92, "system control port A": bit 0 is a fast reset, bit 1 the A20 gate (always on
 /// for a KVM guest; its value is kept so the guest reads back what it wrote).
 struct Port92 {
-    machine: WeakObjectRef,
-    value: parking_lot::Mutex<u8>,
+    machine: Arc<MachineServices>,
+    value: Mutex<u8>,
 }
 
 impl MemoryRegionOps for Port92 {
@@ -45,26 +46,20 @@ impl MemoryRegionOps for Port92 {
         let value = value as u8;
         *self.value.lock() = value & !1;
         if value & 1 != 0 {
-            if let Some(ms) = self.machine.upgrade().as_deref().and_then(machine_state) {
-                ms.run_state().request(RunRequest::GuestReset);
-            }
+            self.machine.request(RunRequest::GuestReset);
         }
     }
 }
 
-/// Maps the PC's miscellaneous ports into `machine`'s `system-io`.
-pub fn pc_basic_ports_init(machine: &ObjectRef) -> Result<(), Error> {
-    let ms = machine_state(machine).expect("machines have a MachineState");
-    let io = ms.system_io();
-    io.map(0x80, MemoryRegion::new_io("ioport80", 1, Arc::new(PostPort)))
-        .map_err(Error::other)?;
-    io.map(0xf0, MemoryRegion::new_io("ioportF0", 1, Arc::new(FpuErrorPort)))
-        .map_err(Error::other)?;
+/// Maps the PC's miscellaneous ports into the machine's `system-io`.
+pub fn pc_basic_ports_init(machine: &Arc<MachineServices>) -> Result<(), MemoryError> {
+    let io = machine.system_io();
+    io.map(0x80, MemoryRegion::new_io("ioport80", 1, Arc::new(PostPort)))?;
+    io.map(0xf0, MemoryRegion::new_io("ioportF0", 1, Arc::new(FpuErrorPort)))?;
     let port92 = Port92 {
-        machine: machine.downgrade(),
-        value: parking_lot::Mutex::new(0x02),
+        machine: machine.clone(),
+        value: Mutex::new(0x02),
     };
-    io.map(0x92, MemoryRegion::new_io("port92", 1, Arc::new(port92)))
-        .map_err(Error::other)?;
+    io.map(0x92, MemoryRegion::new_io("port92", 1, Arc::new(port92)))?;
     Ok(())
 }
