@@ -1,7 +1,8 @@
 //! The monitors (QEMU's `monitor/`): QMP, the JSON protocol for programs (`-qmp`), and HMP,
 //! the human monitor (`-monitor`).
 //!
-//! The files depend on each other one way only, lowest first:
+//! The files depend on each other one way only, lowest first (a unit test below checks
+//! that their imports form no cycle):
 //!
 //! * [`json`]: QMP's JSON framing and spelling;
 //! * [`chardev`]: the sockets and stdio the monitors listen on, one thread per client;
@@ -147,4 +148,202 @@ pub fn console_monitor(machine: &ObjectRef, opts: &Options) -> ConsoleMonitor {
         }
         output
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The layering of the monitor's files: whatever a file imports from another
+    //! (`crate::monitor::X`, or `super::X` at file level), the imports form no cycle.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// A file's name as the graph shows it: `qmp.rs`, `mod.rs`.
+    type Graph = BTreeMap<String, BTreeSet<String>>;
+
+    /// The monitor files `source` (the file `file` of `modules`) depends on: the modules
+    /// its `crate::monitor::` and `super::` paths name (`super::super::` in a nested
+    /// module), `mod.rs` for anything else they name (an item of that file), and for
+    /// `mod.rs` the modules it declares.
+    fn imports(file: &str, source: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
+        let target = |name: &str| {
+            if modules.contains(name) {
+                format!("{name}.rs")
+            } else {
+                "mod.rs".to_string()
+            }
+        };
+        let mut found = BTreeSet::new();
+        let mut nested = false;
+        let mut code = String::new();
+        for line in source.lines() {
+            // Comments are left out: they may name any module.
+            let line = line.split("//").next().unwrap_or_default();
+            let decl = line.trim_start_matches("pub ").strip_prefix("mod ");
+            if let Some(name) = decl.and_then(|d| d.strip_suffix(';')) {
+                found.insert(target(name.trim()));
+            }
+            nested = if nested {
+                line != "}"
+            } else {
+                decl.is_some_and(|d| d.ends_with('{'))
+            };
+            let parent = if nested { "super::super::" } else { "super::" };
+            code += &line.replace(parent, "crate::monitor::");
+            code.push('\n');
+        }
+        for (at, _) in code.match_indices("crate::monitor::") {
+            let rest = code[at + "crate::monitor::".len()..].trim_start();
+            if let Some(group) = rest.strip_prefix('{') {
+                // `{a, b::{c, d}, self}`: the first name of each top-level item.
+                let mut depth = 0;
+                let mut item_start = true;
+                for (i, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => item_start = true,
+                        c if item_start && (c.is_alphabetic() || c == '_' || c == '*') => {
+                            item_start = false;
+                            let name: String = group[i..]
+                                .chars()
+                                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                                .collect();
+                            found.insert(target(&name));
+                        }
+                        _ => {}
+                    }
+                }
+            } else {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    found.insert(target(&name));
+                }
+            }
+        }
+        found.remove(file);
+        found
+    }
+
+    /// The import graph of `files` (name, source).
+    fn import_graph(files: &[(String, String)]) -> Graph {
+        let modules: BTreeSet<String> = files
+            .iter()
+            .filter_map(|(name, _)| name.strip_suffix(".rs"))
+            .filter(|m| *m != "mod")
+            .map(str::to_string)
+            .collect();
+        files
+            .iter()
+            .map(|(name, source)| (name.clone(), imports(name, source, &modules)))
+            .collect()
+    }
+
+    /// A cycle of `graph`, as the files along it with the first repeated at the end.
+    fn find_cycle(graph: &Graph) -> Option<Vec<String>> {
+        fn visit(
+            node: &str,
+            graph: &Graph,
+            path: &mut Vec<String>,
+            done: &mut BTreeSet<String>,
+        ) -> Option<Vec<String>> {
+            if let Some(at) = path.iter().position(|n| n == node) {
+                let mut cycle = path[at..].to_vec();
+                cycle.push(node.to_string());
+                return Some(cycle);
+            }
+            if done.contains(node) {
+                return None;
+            }
+            path.push(node.to_string());
+            for next in graph.get(node).into_iter().flatten() {
+                if let Some(cycle) = visit(next, graph, path, done) {
+                    return Some(cycle);
+                }
+            }
+            path.pop();
+            done.insert(node.to_string());
+            None
+        }
+        let mut done = BTreeSet::new();
+        graph
+            .keys()
+            .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
+    }
+
+    fn monitor_files() -> Vec<(String, String)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/monitor");
+        let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .expect("src/monitor is readable")
+            .map(|entry| entry.expect("src/monitor is readable").path())
+            .filter(|path| path.extension().is_some_and(|e| e == "rs"))
+            .map(|path| {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let source = std::fs::read_to_string(&path).expect("monitor files are readable");
+                (name, source)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn monitor_files_import_each_other_one_way() {
+        let files = monitor_files();
+        assert!(files.len() > 5, "the monitor's files were not found");
+        let graph = import_graph(&files);
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!(
+                "import cycle among src/monitor files: {}\nimports: {graph:#?}",
+                cycle.join(" -> ")
+            );
+        }
+        // The wiring is on top: it reaches every file, and no file imports it.
+        assert!(graph.values().all(|deps| !deps.contains("mod.rs")));
+    }
+
+    #[test]
+    fn a_back_import_is_found() {
+        let file = |name: &str, source: &str| (name.to_string(), source.to_string());
+        let files = [
+            file("mod.rs", "pub mod low;\npub mod high;\nfn f() { high::g(); }\n"),
+            file("low.rs", "//! Not [`crate::monitor::high`].\nuse serde_json::Value;\n"),
+            file(
+                "high.rs",
+                "use crate::monitor::{\n    low::{self, X},\n    Y,\n};\n#[cfg(test)]\nmod tests {\n    use super::*;\n}\n",
+            ),
+        ];
+        let graph = import_graph(&files);
+        assert_eq!(
+            graph["mod.rs"],
+            ["high.rs", "low.rs"].map(String::from).into()
+        );
+        assert_eq!(
+            graph["high.rs"],
+            ["low.rs", "mod.rs"].map(String::from).into()
+        );
+        assert!(graph["low.rs"].is_empty());
+        assert_eq!(
+            find_cycle(&graph),
+            Some(["high.rs", "mod.rs", "high.rs"].map(String::from).to_vec())
+        );
+
+        let mut files = files;
+        files[2].1 = "use crate::monitor::low;\n".into();
+        files[1].1 = "use super::high::g;\n".into();
+        assert_eq!(
+            find_cycle(&import_graph(&files)),
+            Some(["high.rs", "low.rs", "high.rs"].map(String::from).to_vec())
+        );
+        files[1].1 = "use std::io;\nmod nested {\n    use super::super::Y;\n}\n".into();
+        assert_eq!(
+            import_graph(&files)["low.rs"],
+            ["mod.rs"].map(String::from).into()
+        );
+        files[1].1 = "use std::io;\nmod nested {\n    use super::*;\n}\n".into();
+        assert_eq!(find_cycle(&import_graph(&files)), None);
+    }
 }
