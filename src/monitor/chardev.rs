@@ -158,29 +158,61 @@ pub struct Connection {
 /// own.
 pub type Session = Arc<dyn Fn(Connection) + Send + Sync>;
 
-fn unix_connection(stream: UnixStream) -> io::Result<Connection> {
-    let reader = stream.try_clone()?;
-    let closer = stream.try_clone()?;
-    Ok(Connection {
-        reader: Box::new(reader),
-        writer: Box::new(stream),
-        shutdown: Arc::new(move || {
-            let _ = closer.shutdown(Shutdown::Both);
-        }),
-        is_socket: true,
-    })
+/// A listening socket a monitor serves: Unix or TCP, which differ only in these.
+trait Listener: Send + 'static {
+    /// An accepted connection.
+    type Stream: Read + Write + Send + Sync + 'static;
+
+    /// Waits for the next client.
+    fn accept_stream(&self) -> io::Result<Self::Stream>;
+    /// Another handle on `stream`.
+    fn clone_stream(stream: &Self::Stream) -> io::Result<Self::Stream>;
+    /// Ends `stream` both ways.
+    fn shutdown(stream: &Self::Stream);
+    /// Sets up an accepted `stream`.
+    fn configure(_stream: &Self::Stream) {}
 }
 
-fn tcp_connection(stream: TcpStream) -> io::Result<Connection> {
-    let _ = stream.set_nodelay(true);
-    let reader = stream.try_clone()?;
-    let closer = stream.try_clone()?;
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+
+    fn accept_stream(&self) -> io::Result<UnixStream> {
+        self.accept().map(|(stream, _)| stream)
+    }
+    fn clone_stream(stream: &UnixStream) -> io::Result<UnixStream> {
+        stream.try_clone()
+    }
+    fn shutdown(stream: &UnixStream) {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+
+    fn accept_stream(&self) -> io::Result<TcpStream> {
+        self.accept().map(|(stream, _)| stream)
+    }
+    fn clone_stream(stream: &TcpStream) -> io::Result<TcpStream> {
+        stream.try_clone()
+    }
+    fn shutdown(stream: &TcpStream) {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    fn configure(stream: &TcpStream) {
+        let _ = stream.set_nodelay(true);
+    }
+}
+
+/// The [`Connection`] of an accepted socket.
+fn connection<L: Listener>(stream: L::Stream) -> io::Result<Connection> {
+    L::configure(&stream);
+    let reader = L::clone_stream(&stream)?;
+    let closer = L::clone_stream(&stream)?;
     Ok(Connection {
         reader: Box::new(reader),
         writer: Box::new(stream),
-        shutdown: Arc::new(move || {
-            let _ = closer.shutdown(Shutdown::Both);
-        }),
+        shutdown: Arc::new(move || L::shutdown(&closer)),
         is_socket: true,
     })
 }
@@ -238,65 +270,59 @@ pub fn serve(name: &str, backend: &Backend, session: Session) -> Result<Listenin
                     let _ = std::fs::remove_file(path);
                 }
             }
-            let bind_error = |e: io::Error| ChardevError::Bind {
-                what: path.display().to_string(),
-                reason: e.to_string(),
-            };
-            let listener = UnixListener::bind(path).map_err(bind_error)?;
-            if *wait {
-                eprintln!(
-                    "qomvm: info: QEMU waiting for connection on: disconnected:unix:{},server=on",
-                    path.display()
-                );
-                let (stream, _) = listener.accept().map_err(bind_error)?;
-                if let Ok(conn) = unix_connection(stream) {
-                    spawn_session(&name, &session, conn);
-                }
-            }
-            std::thread::Builder::new()
-                .name(format!("{name} listener"))
-                .spawn(move || {
-                    for stream in listener.incoming() {
-                        match stream.and_then(unix_connection) {
-                            Ok(conn) => spawn_session(&name, &session, conn),
-                            Err(e) => log::warn!("{name}: accept: {e}"),
-                        }
-                    }
-                })
-                .map_err(bind_error)?;
+            let what = path.display().to_string();
+            let listener = UnixListener::bind(path).map_err(|e| bind_error(&what, e))?;
+            listen(name, listener, "unix", &what, *wait, session)?;
             Ok(Listening {
                 unix_path: Some(path.clone()),
             })
         }
         Backend::Tcp { addr, wait } => {
-            let bind_error = |e: io::Error| ChardevError::Bind {
-                what: addr.to_string(),
-                reason: e.to_string(),
-            };
-            let listener = TcpListener::bind(addr).map_err(bind_error)?;
-            if *wait {
-                eprintln!(
-                    "qomvm: info: QEMU waiting for connection on: disconnected:tcp:{addr},server=on"
-                );
-                let (stream, _) = listener.accept().map_err(bind_error)?;
-                if let Ok(conn) = tcp_connection(stream) {
-                    spawn_session(&name, &session, conn);
-                }
-            }
-            std::thread::Builder::new()
-                .name(format!("{name} listener"))
-                .spawn(move || {
-                    for stream in listener.incoming() {
-                        match stream.and_then(tcp_connection) {
-                            Ok(conn) => spawn_session(&name, &session, conn),
-                            Err(e) => log::warn!("{name}: accept: {e}"),
-                        }
-                    }
-                })
-                .map_err(bind_error)?;
+            let what = addr.to_string();
+            let listener = TcpListener::bind(addr).map_err(|e| bind_error(&what, e))?;
+            listen(name, listener, "tcp", &what, *wait, session)?;
             Ok(Listening { unix_path: None })
         }
     }
+}
+
+fn bind_error(what: &str, e: io::Error) -> ChardevError {
+    ChardevError::Bind {
+        what: what.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Serves a bound socket (`kind` `unix` or `tcp`, `what` its path or address):
+/// with `wait`, accepts the first client before returning; every later one on a listener
+/// thread.
+fn listen<L: Listener>(
+    name: String,
+    listener: L,
+    kind: &str,
+    what: &str,
+    wait: bool,
+    session: Session,
+) -> Result<(), ChardevError> {
+    if wait {
+        eprintln!(
+            "qomvm: info: QEMU waiting for connection on: disconnected:{kind}:{what},server=on"
+        );
+        let stream = listener.accept_stream().map_err(|e| bind_error(what, e))?;
+        if let Ok(conn) = connection::<L>(stream) {
+            spawn_session(&name, &session, conn);
+        }
+    }
+    std::thread::Builder::new()
+        .name(format!("{name} listener"))
+        .spawn(move || loop {
+            match listener.accept_stream().and_then(connection::<L>) {
+                Ok(conn) => spawn_session(&name, &session, conn),
+                Err(e) => log::warn!("{name}: accept: {e}"),
+            }
+        })
+        .map_err(|e| bind_error(what, e))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -19,11 +19,11 @@ use qom::{object_get_root, resolve_path, Object, ObjectRef, PropertyKind, Value 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::monitor::chardev::Connection;
-use crate::monitor::qmp::{CommandCtx, QmpError};
-use crate::monitor::qmp_cmds::{cpu_infos, kvm_info, resolve, status_info, value_to_json};
-use crate::monitor::{
-    json, register_client, run_deferred, spawn_writer, wait_dispatch, Deferred, Outbox, VmContext,
-};
+use crate::monitor::client::{register_client, run_deferred, spawn_writer, wait_dispatch, Outbox};
+use crate::monitor::info::{cpu_infos, kvm_info, resolve, status_info, value_to_json};
+use crate::monitor::json;
+use crate::monitor::qapi::{CommandCtx, Deferred, QmpError, VmContext};
+use crate::monitor::qmp_cmds;
 
 /// A human monitor's own state: the CPU `info registers` shows (QEMU's `mon_cpu`).
 #[derive(Clone, Debug, Default)]
@@ -189,6 +189,22 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         run: info_version,
     },
 ];
+
+/// QMP's `human-monitor-command` (a [`HumanMonitorFn`]): runs `line` in a monitor of its
+/// own, on CPU `cpu_index` if given.
+///
+/// [`HumanMonitorFn`]: crate::monitor::qapi::HumanMonitorFn
+pub fn human_monitor_command(
+    ctx: &CommandCtx,
+    cpu_index: Option<i64>,
+    line: &str,
+) -> Result<String, QmpError> {
+    let mut hmp = HmpState::default();
+    if let Some(index) = cpu_index {
+        hmp.set_cpu(ctx, index).map_err(QmpError::BadInput)?;
+    }
+    Ok(hmp_execute(ctx, &mut hmp, line))
+}
 
 /// Runs one HMP command line and returns what it prints (QEMU's `handle_hmp_command`).
 /// A `quit` is left in `ctx.deferred` for the caller to carry out after showing the output.
@@ -611,7 +627,7 @@ fn qom_set(
         qmp_args.insert("path".into(), (*path).into());
         qmp_args.insert("property".into(), (*property).into());
         qmp_args.insert("value".into(), value);
-        let cmd = crate::monitor::qmp_cmds::find_command("qom-set").expect("qom-set exists");
+        let cmd = qmp_cmds::find_command("qom-set").expect("qom-set exists");
         (cmd.run)(ctx, &qmp_args)?;
     } else {
         resolve(path)?.property_parse(property, &text)?;

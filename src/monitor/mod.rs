@@ -1,291 +1,50 @@
 //! The monitors (QEMU's `monitor/`): QMP, the JSON protocol for programs (`-qmp`), and HMP,
 //! the human monitor (`-monitor`).
 //!
-//! * [`chardev`]: the sockets and stdio the monitors listen on, one thread per client;
+//! The files depend on each other one way only, lowest first (a unit test below checks
+//! that their imports form no cycle):
+//!
 //! * [`json`]: QMP's JSON framing and spelling;
-//! * [`qmp`]: the QMP session (greeting, capabilities negotiation, dispatch, events);
+//! * [`chardev`]: the sockets and stdio the monitors listen on, one thread per client;
+//! * [`qapi`]: what commands run with and answer in: the VM, the command context, QMP
+//!   errors, declared arguments and their checks;
+//! * [`info`]: what both monitors report about the VM (status, KVM, CPUs, QOM values);
+//! * [`client`]: what every client shares: its output queue, the event registry, the
+//!   dispatch gate, deferred main-loop requests;
 //! * [`qmp_cmds`]: the QMP commands;
-//! * [`hmp`]: the HMP commands, callable from any front end ([`hmp::hmp_execute`]).
+//! * [`qmp`]: the QMP session (greeting, capabilities negotiation, dispatch);
+//! * [`hmp`]: the HMP commands, callable from any front end ([`hmp::hmp_execute`]);
+//! * this file: the set-up that wires them together. QMP's `human-monitor-command`
+//!   reaches HMP through the [`qapi::HumanMonitorFn`] it installs in the [`qapi::VmContext`].
 //!
 //! Run-state changes (`stop`, `cont`, resets, power-down) go through
 //! `hw::core::runstate`, which the main loop and tests use too; its events reach every
-//! negotiated QMP client through [`broadcast_event`].
+//! negotiated QMP client through [`client::broadcast_event`].
 
 pub mod chardev;
+pub mod client;
 pub mod hmp;
+pub mod info;
 pub mod json;
+pub mod qapi;
 pub mod qmp;
 pub mod qmp_cmds;
 
-use std::collections::VecDeque;
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use hw::core::machine::{machine_state, MachineState, RunRequest};
+use hw::core::machine::RunRequest;
 use hw::core::runstate::VmEvent;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use qom::ObjectRef;
-use serde_json::{json, Map, Value};
 
 use crate::options::{split_opts, OptionError, Options};
+use client::{broadcast_event, flush_clients, open_dispatch, vm_event_message};
+use qapi::{CommandCtx, Deferred, VmContext};
 
-/// Most bytes of replies and events queued for one client; a client that lets more pile
-/// up (it stopped reading) is disconnected, so it cannot hold memory or the VM.
-pub const MAX_QUEUED: usize = 16 << 20;
-
-/// What every command sees of the VM.
-pub struct VmContext {
-    /// `/machine`.
-    pub machine: ObjectRef,
-    /// `-name`.
-    pub name: Option<String>,
-}
-
-impl VmContext {
-    /// The machine's state.
-    pub fn machine_state(&self) -> &MachineState {
-        machine_state(&self.machine).expect("machines have a MachineState")
-    }
-}
-
-/// What a command leaves to do once its reply is queued: requests for the main loop, which
-/// may end the process, so the reply must be on its way first (QEMU's main loop handles
-/// them after the command returned, too).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Deferred {
-    /// `quit`: end the run (after the reply is flushed, so the client sees it).
-    Quit,
-    /// `system_reset`: reset (or, with `-no-reboot`, end the run).
-    Reset,
-}
-
-/// Performs a deferred action; `outbox` is the client's, flushed first for `quit`.
-pub fn run_deferred(vm: &VmContext, action: Deferred, outbox: &Outbox) {
-    let request = match action {
-        Deferred::Quit => {
-            outbox.flush(Duration::from_secs(1));
-            RunRequest::HostQuit
-        }
-        Deferred::Reset => RunRequest::HostReset,
-    };
-    vm.machine_state().run_state().request(request);
-}
-
-#[derive(Default)]
-struct OutboxState {
-    queue: VecDeque<String>,
-    bytes: usize,
-    closed: bool,
-    /// Negotiated QMP clients get events.
-    events: bool,
-}
-
-/// One client's outgoing text, written by a thread of its own, so that whoever sends
-/// (a command's reply, an event from the main loop) never blocks on the client's socket.
-pub struct Outbox {
-    state: Mutex<OutboxState>,
-    changed: Condvar,
-    shutdown: Arc<dyn Fn() + Send + Sync>,
-}
-
-impl Outbox {
-    /// An outbox whose `shutdown` ends the client's connection.
-    pub fn new(shutdown: Arc<dyn Fn() + Send + Sync>) -> Arc<Outbox> {
-        Arc::new(Outbox {
-            state: Mutex::new(OutboxState::default()),
-            changed: Condvar::new(),
-            shutdown,
-        })
-    }
-
-    /// Queues `text`; `false` if the client is gone. A client with more than
-    /// [`MAX_QUEUED`] bytes waiting is disconnected.
-    pub fn send(&self, text: String) -> bool {
-        self.send_then(text, false)
-    }
-
-    /// Queues `text`, and with `enable_events` lets events follow it: atomically, so that
-    /// no event overtakes the `qmp_capabilities` reply and none emitted after the client
-    /// saw that reply is missed.
-    pub fn send_then(&self, text: String, enable_events: bool) -> bool {
-        let mut st = self.state.lock();
-        st.events |= enable_events;
-        if st.closed {
-            return false;
-        }
-        if st.bytes + text.len() > MAX_QUEUED {
-            drop(st);
-            log::warn!("monitor: a client stopped reading its replies; disconnecting it");
-            self.close();
-            return false;
-        }
-        st.bytes += text.len();
-        st.queue.push_back(text);
-        self.changed.notify_all();
-        true
-    }
-
-    /// Ends the connection: the writer stops, the reader's next read fails.
-    pub fn close(&self) {
-        {
-            let mut st = self.state.lock();
-            st.closed = true;
-            st.queue.clear();
-            st.bytes = 0;
-            self.changed.notify_all();
-        }
-        (self.shutdown)();
-    }
-
-    fn wants_events(&self) -> bool {
-        let st = self.state.lock();
-        st.events && !st.closed
-    }
-
-    /// Waits until everything queued is written, the client is gone, or `timeout` passed.
-    pub fn flush(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.state.lock();
-        while !st.closed && st.bytes > 0 {
-            if self.changed.wait_until(&mut st, deadline).timed_out() {
-                return;
-            }
-        }
-    }
-
-    /// The writer thread's loop: writes what is queued until the outbox is closed or a
-    /// write fails. A text is dequeued (and counted as written) only once written.
-    pub fn run_writer(&self, mut writer: Box<dyn Write + Send>) {
-        loop {
-            let text = {
-                let mut st = self.state.lock();
-                loop {
-                    if st.closed {
-                        return;
-                    }
-                    if let Some(t) = st.queue.front() {
-                        break t.clone();
-                    }
-                    self.changed.wait(&mut st);
-                }
-            };
-            let ok = writer
-                .write_all(text.as_bytes())
-                .and_then(|()| writer.flush())
-                .is_ok();
-            let mut st = self.state.lock();
-            if !ok {
-                st.closed = true;
-                st.queue.clear();
-                st.bytes = 0;
-                self.changed.notify_all();
-                drop(st);
-                (self.shutdown)();
-                return;
-            }
-            if !st.closed {
-                st.queue.pop_front();
-                st.bytes -= text.len();
-            }
-            self.changed.notify_all();
-        }
-    }
-}
-
-/// Starts the writer thread of `outbox`.
-pub fn spawn_writer(name: &str, outbox: &Arc<Outbox>, writer: Box<dyn Write + Send>) {
-    let ob = outbox.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("{name} writer"))
-        .spawn(move || ob.run_writer(writer));
-    if spawned.is_err() {
-        outbox.close();
-    }
-}
-
-/// Whether commands may run: QEMU dispatches monitor commands from its main loop, so
-/// none runs before start-up has started the vCPUs (or left them stopped for `-S`). A
-/// client that connects early gets its greeting, and its first command waits here.
-static DISPATCH_OPEN: Mutex<bool> = Mutex::new(false);
-static DISPATCH_OPENED: Condvar = Condvar::new();
-
-fn open_dispatch() {
-    *DISPATCH_OPEN.lock() = true;
-    DISPATCH_OPENED.notify_all();
-}
-
-/// Waits until commands may run.
-pub fn wait_dispatch() {
-    let mut open = DISPATCH_OPEN.lock();
-    while !*open {
-        DISPATCH_OPENED.wait(&mut open);
-    }
-}
-
-/// Every QMP client, for events and for the flush at exit.
-static CLIENTS: Mutex<Vec<Weak<Outbox>>> = Mutex::new(Vec::new());
 /// Unix socket paths to remove at exit.
 static SOCKET_PATHS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-
-/// Records a client.
-pub fn register_client(outbox: &Arc<Outbox>) {
-    let mut clients = CLIENTS.lock();
-    clients.retain(|c| c.strong_count() > 0);
-    clients.push(Arc::downgrade(outbox));
-}
-
-fn live_clients() -> Vec<Arc<Outbox>> {
-    CLIENTS.lock().iter().filter_map(Weak::upgrade).collect()
-}
-
-/// QEMU's event timestamp: wall-clock seconds and microseconds.
-fn timestamp() -> Value {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    json!({"seconds": now.as_secs(), "microseconds": now.subsec_micros()})
-}
-
-/// The QMP form of an event: `{"event": NAME, "data": {...}, "timestamp": {...}}`
-/// (`data` only for events that have members).
-pub fn event_message(name: &str, data: Option<Value>) -> Value {
-    let mut msg = Map::new();
-    msg.insert("event".into(), name.into());
-    if let Some(data) = data {
-        msg.insert("data".into(), data);
-    }
-    msg.insert("timestamp".into(), timestamp());
-    Value::Object(msg)
-}
-
-/// The QAPI event for a run-state event.
-pub fn vm_event_message(event: &VmEvent) -> Value {
-    match event {
-        VmEvent::Stop => event_message("STOP", None),
-        VmEvent::Resume => event_message("RESUME", None),
-        VmEvent::Powerdown => event_message("POWERDOWN", None),
-        VmEvent::Reset(cause) => event_message(
-            "RESET",
-            Some(json!({"guest": cause.is_guest(), "reason": cause.name()})),
-        ),
-        VmEvent::Shutdown(cause) => event_message(
-            "SHUTDOWN",
-            Some(json!({"guest": cause.is_guest(), "reason": cause.name()})),
-        ),
-    }
-}
-
-/// Sends an event to every negotiated QMP client (QEMU's `monitor_qapi_event_emit`).
-pub fn broadcast_event(msg: &Value) {
-    let line = format!("{}\r\n", json::to_string(msg));
-    for client in live_clients() {
-        if client.wants_events() {
-            client.send(line.clone());
-        }
-    }
-}
 
 /// QEMU's `-name`: `-name NAME` or `-name guest=NAME,...`.
 fn guest_name(opts: &Options) -> Option<String> {
@@ -296,14 +55,20 @@ fn guest_name(opts: &Options) -> Option<String> {
         .and_then(|(_, v)| v)
 }
 
+/// The VM as the commands of `opts`' monitors see it, `human-monitor-command` included.
+fn vm_context(machine: &ObjectRef, opts: &Options) -> Arc<VmContext> {
+    Arc::new(VmContext {
+        machine: machine.clone(),
+        name: guest_name(opts),
+        human_monitor: hmp::human_monitor_command,
+    })
+}
+
 /// QEMU's monitor set-up in `qemu_create_late_backends`/`monitor_init_qmp`: opens every
 /// `-qmp` and `-monitor` backend and starts serving. Run-state events go to the QMP
 /// clients from here on.
 pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionError> {
-    let vm = Arc::new(VmContext {
-        machine: machine.clone(),
-        name: guest_name(opts),
-    });
+    let vm = vm_context(machine, opts);
     vm.machine_state()
         .vm_state()
         .add_listener(Arc::new(|e: &VmEvent| {
@@ -356,10 +121,7 @@ pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionErr
 /// QEMU's `monitor_cleanup` at exit: gives every client up to a second to receive what is
 /// queued for it (the `quit` reply, the `SHUTDOWN` event), then removes the sockets.
 pub fn monitor_cleanup() {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    for client in live_clients() {
-        client.flush(deadline.saturating_duration_since(Instant::now()));
-    }
+    flush_clients(Duration::from_secs(1));
     for path in SOCKET_PATHS.lock().drain(..) {
         let _ = std::fs::remove_file(path);
     }
@@ -371,13 +133,10 @@ pub type ConsoleMonitor = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
 /// An HMP for the serial console: same commands as `-monitor`, its own current CPU.
 pub fn console_monitor(machine: &ObjectRef, opts: &Options) -> ConsoleMonitor {
-    let vm = Arc::new(VmContext {
-        machine: machine.clone(),
-        name: guest_name(opts),
-    });
+    let vm = vm_context(machine, opts);
     let hmp = Mutex::new(hmp::HmpState::default());
     Arc::new(move |line: &str| {
-        let ctx = qmp::CommandCtx::new(&vm);
+        let ctx = CommandCtx::new(&vm);
         let output = hmp::hmp_execute(&ctx, &mut hmp.lock(), line);
         match ctx.deferred.get() {
             Some(Deferred::Quit) => vm.machine_state().run_state().request(RunRequest::HostQuit),
@@ -389,4 +148,202 @@ pub fn console_monitor(machine: &ObjectRef, opts: &Options) -> ConsoleMonitor {
         }
         output
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The layering of the monitor's files: whatever a file imports from another
+    //! (`crate::monitor::X`, or `super::X` at file level), the imports form no cycle.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// A file's name as the graph shows it: `qmp.rs`, `mod.rs`.
+    type Graph = BTreeMap<String, BTreeSet<String>>;
+
+    /// The monitor files `source` (the file `file` of `modules`) depends on: the modules
+    /// its `crate::monitor::` and `super::` paths name (`super::super::` in a nested
+    /// module), `mod.rs` for anything else they name (an item of that file), and for
+    /// `mod.rs` the modules it declares.
+    fn imports(file: &str, source: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
+        let target = |name: &str| {
+            if modules.contains(name) {
+                format!("{name}.rs")
+            } else {
+                "mod.rs".to_string()
+            }
+        };
+        let mut found = BTreeSet::new();
+        let mut nested = false;
+        let mut code = String::new();
+        for line in source.lines() {
+            // Comments are left out: they may name any module.
+            let line = line.split("//").next().unwrap_or_default();
+            let decl = line.trim_start_matches("pub ").strip_prefix("mod ");
+            if let Some(name) = decl.and_then(|d| d.strip_suffix(';')) {
+                found.insert(target(name.trim()));
+            }
+            nested = if nested {
+                line != "}"
+            } else {
+                decl.is_some_and(|d| d.ends_with('{'))
+            };
+            let parent = if nested { "super::super::" } else { "super::" };
+            code += &line.replace(parent, "crate::monitor::");
+            code.push('\n');
+        }
+        for (at, _) in code.match_indices("crate::monitor::") {
+            let rest = code[at + "crate::monitor::".len()..].trim_start();
+            if let Some(group) = rest.strip_prefix('{') {
+                // `{a, b::{c, d}, self}`: the first name of each top-level item.
+                let mut depth = 0;
+                let mut item_start = true;
+                for (i, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => item_start = true,
+                        c if item_start && (c.is_alphabetic() || c == '_' || c == '*') => {
+                            item_start = false;
+                            let name: String = group[i..]
+                                .chars()
+                                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                                .collect();
+                            found.insert(target(&name));
+                        }
+                        _ => {}
+                    }
+                }
+            } else {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    found.insert(target(&name));
+                }
+            }
+        }
+        found.remove(file);
+        found
+    }
+
+    /// The import graph of `files` (name, source).
+    fn import_graph(files: &[(String, String)]) -> Graph {
+        let modules: BTreeSet<String> = files
+            .iter()
+            .filter_map(|(name, _)| name.strip_suffix(".rs"))
+            .filter(|m| *m != "mod")
+            .map(str::to_string)
+            .collect();
+        files
+            .iter()
+            .map(|(name, source)| (name.clone(), imports(name, source, &modules)))
+            .collect()
+    }
+
+    /// A cycle of `graph`, as the files along it with the first repeated at the end.
+    fn find_cycle(graph: &Graph) -> Option<Vec<String>> {
+        fn visit(
+            node: &str,
+            graph: &Graph,
+            path: &mut Vec<String>,
+            done: &mut BTreeSet<String>,
+        ) -> Option<Vec<String>> {
+            if let Some(at) = path.iter().position(|n| n == node) {
+                let mut cycle = path[at..].to_vec();
+                cycle.push(node.to_string());
+                return Some(cycle);
+            }
+            if done.contains(node) {
+                return None;
+            }
+            path.push(node.to_string());
+            for next in graph.get(node).into_iter().flatten() {
+                if let Some(cycle) = visit(next, graph, path, done) {
+                    return Some(cycle);
+                }
+            }
+            path.pop();
+            done.insert(node.to_string());
+            None
+        }
+        let mut done = BTreeSet::new();
+        graph
+            .keys()
+            .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
+    }
+
+    fn monitor_files() -> Vec<(String, String)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/monitor");
+        let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .expect("src/monitor is readable")
+            .map(|entry| entry.expect("src/monitor is readable").path())
+            .filter(|path| path.extension().is_some_and(|e| e == "rs"))
+            .map(|path| {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let source = std::fs::read_to_string(&path).expect("monitor files are readable");
+                (name, source)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn monitor_files_import_each_other_one_way() {
+        let files = monitor_files();
+        assert!(files.len() > 5, "the monitor's files were not found");
+        let graph = import_graph(&files);
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!(
+                "import cycle among src/monitor files: {}\nimports: {graph:#?}",
+                cycle.join(" -> ")
+            );
+        }
+        // The wiring is on top: it reaches every file, and no file imports it.
+        assert!(graph.values().all(|deps| !deps.contains("mod.rs")));
+    }
+
+    #[test]
+    fn a_back_import_is_found() {
+        let file = |name: &str, source: &str| (name.to_string(), source.to_string());
+        let files = [
+            file("mod.rs", "pub mod low;\npub mod high;\nfn f() { high::g(); }\n"),
+            file("low.rs", "//! Not [`crate::monitor::high`].\nuse serde_json::Value;\n"),
+            file(
+                "high.rs",
+                "use crate::monitor::{\n    low::{self, X},\n    Y,\n};\n#[cfg(test)]\nmod tests {\n    use super::*;\n}\n",
+            ),
+        ];
+        let graph = import_graph(&files);
+        assert_eq!(
+            graph["mod.rs"],
+            ["high.rs", "low.rs"].map(String::from).into()
+        );
+        assert_eq!(
+            graph["high.rs"],
+            ["low.rs", "mod.rs"].map(String::from).into()
+        );
+        assert!(graph["low.rs"].is_empty());
+        assert_eq!(
+            find_cycle(&graph),
+            Some(["high.rs", "mod.rs", "high.rs"].map(String::from).to_vec())
+        );
+
+        let mut files = files;
+        files[2].1 = "use crate::monitor::low;\n".into();
+        files[1].1 = "use super::high::g;\n".into();
+        assert_eq!(
+            find_cycle(&import_graph(&files)),
+            Some(["high.rs", "low.rs", "high.rs"].map(String::from).to_vec())
+        );
+        files[1].1 = "use std::io;\nmod nested {\n    use super::super::Y;\n}\n".into();
+        assert_eq!(
+            import_graph(&files)["low.rs"],
+            ["mod.rs"].map(String::from).into()
+        );
+        files[1].1 = "use std::io;\nmod nested {\n    use super::*;\n}\n".into();
+        assert_eq!(find_cycle(&import_graph(&files)), None);
+    }
 }

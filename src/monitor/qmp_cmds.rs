@@ -2,17 +2,18 @@
 //! `hw/core/machine-qmp-cmds.c`, `system/runstate.c`'s `qmp_*`). Replies have QEMU's
 //! member names; optional members are left out where QEMU leaves them out.
 
-use hw::core::cpu::{CpuClass, CpuState, TYPE_CPU};
+use hw::core::cpu::{CpuClass, TYPE_CPU};
 use hw::core::machine::{machine_class, TYPE_MACHINE};
 use hw::core::qdev::TYPE_DEVICE;
 use hw::core::runstate::{self, RunStatus};
-use hw::i386::x86_cpu::{X86Cpu, X86CpuClass};
-use qom::{object_get_root, resolve_path, ObjectClass, Property, PropertyKind, Value as QomValue};
+use hw::i386::x86_cpu::X86CpuClass;
+use qom::{ObjectClass, Property, PropertyKind, Value as QomValue};
 use serde_json::{json, Map, Value};
 
-use crate::monitor::hmp::{hmp_execute, HmpState};
-use crate::monitor::qmp::{version_info, Arg, ArgType, CommandCtx, QmpCommand, QmpError};
-use crate::monitor::Deferred;
+use crate::monitor::info::{
+    cpu_infos, kvm_info, resolve, status_info, value_to_json, version_info,
+};
+use crate::monitor::qapi::{Arg, ArgType, CommandCtx, Deferred, QmpCommand, QmpError};
 
 /// Every command after negotiation, in `query-commands` order.
 pub const COMMANDS: &[QmpCommand] = &[
@@ -156,16 +157,6 @@ fn query_commands(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpEr
     Ok(COMMANDS.iter().map(|c| json!({"name": c.name})).collect())
 }
 
-/// `query-status`'s value (also `info status`'s source).
-pub fn status_info(ctx: &CommandCtx) -> Value {
-    let status = ctx.vm.machine_state().vm_state().status();
-    json!({
-        "status": status.name(),
-        "singlestep": false,
-        "running": status == RunStatus::Running,
-    })
-}
-
 fn query_status(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
     Ok(status_info(ctx))
 }
@@ -175,17 +166,6 @@ fn query_name(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpErro
         Some(name) => json!({"name": name}),
         None => json!({}),
     })
-}
-
-/// `query-kvm`: `enabled` if the VM runs on KVM, `present` if this build has the KVM
-/// accelerator (QEMU's meaning: compiled in, not "/dev/kvm is usable").
-pub fn kvm_info(ctx: &CommandCtx) -> (bool, bool) {
-    let enabled = ctx
-        .vm
-        .machine_state()
-        .accel()
-        .is_some_and(|a| a.type_name() == "kvm-accel");
-    (enabled, accel::accel_find("kvm").is_some())
 }
 
 fn query_kvm(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
@@ -233,30 +213,6 @@ fn topology(ctx: &CommandCtx, index: u32) -> (u32, u32, u32) {
     )
 }
 
-/// One CPU of `query-cpus-fast`: index, QOM path, host thread id.
-pub struct CpuInfo {
-    /// `cpu-index`.
-    pub index: u32,
-    /// `qom-path`.
-    pub qom_path: String,
-    /// The `CPU n/KVM` thread's id (0 when no vCPU thread runs, as under qtest).
-    pub thread_id: u32,
-}
-
-/// The machine's CPUs.
-pub fn cpu_infos(ctx: &CommandCtx) -> Vec<CpuInfo> {
-    ctx.vm
-        .machine_state()
-        .cpus()
-        .iter()
-        .map(|cpu| CpuInfo {
-            index: cpu.downcast::<CpuState>().map_or(0, CpuState::index),
-            qom_path: cpu.canonical_path().unwrap_or_default(),
-            thread_id: cpu.downcast::<X86Cpu>().map_or(0, X86Cpu::thread_id),
-        })
-        .collect()
-}
-
 fn query_cpus_fast(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
     Ok(cpu_infos(ctx)
         .into_iter()
@@ -291,23 +247,6 @@ fn query_cpu_definitions(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value
             }))
         })
         .collect())
-}
-
-/// Resolves a QOM path as QMP does (absolute or partial, from the root).
-pub fn resolve(path: &str) -> Result<qom::ObjectRef, QmpError> {
-    resolve_path(&object_get_root(), path).map_err(QmpError::from)
-}
-
-/// A property value as QMP shows it: links and children as their paths.
-pub fn value_to_json(v: &QomValue) -> Value {
-    match v {
-        QomValue::Bool(b) => (*b).into(),
-        QomValue::Int(i) => (*i).into(),
-        QomValue::Uint(u) => (*u).into(),
-        QomValue::Str(s) => s.clone().into(),
-        QomValue::Link(None) => "".into(),
-        QomValue::Link(Some(o)) => o.canonical_path().unwrap_or_default().into(),
-    }
 }
 
 /// A JSON value for a property of `kind`, with the visitor's type errors.
@@ -470,12 +409,10 @@ fn qmp_quit(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError>
     Ok(json!({}))
 }
 
+/// QEMU's `qmp_human_monitor_command`: through the HMP the monitor's set-up installed.
 fn human_monitor_command(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
-    let mut hmp = HmpState::default();
-    if let Some(index) = args.get("cpu-index").and_then(Value::as_i64) {
-        hmp.set_cpu(ctx, index).map_err(QmpError::BadInput)?;
-    }
-    let output = hmp_execute(ctx, &mut hmp, str_arg(args, "command-line"));
+    let cpu_index = args.get("cpu-index").and_then(Value::as_i64);
+    let output = (ctx.vm.human_monitor)(ctx, cpu_index, str_arg(args, "command-line"))?;
     // The HMP monitor ends lines with CR LF, and so does its captured output.
     Ok(output.replace('\n', "\r\n").into())
 }

@@ -1,0 +1,275 @@
+//! What every monitor command runs with and answers in (QEMU's `qapi/qmp-dispatch.c`,
+//! `qapi/qmp-registry.c` and the QAPI error classes): the VM a command sees, its context,
+//! its errors, the declared arguments and their checks, the command table's entry type.
+//!
+//! The lowest layer of the monitor after [`json`](super::json) and
+//! [`chardev`](super::chardev): the command implementations, both protocols and their
+//! sessions build on it; it depends on no other monitor file.
+
+use std::cell::Cell;
+
+use hw::core::machine::{machine_state, MachineState};
+use hw::core::runstate::RunStateError;
+use qom::ObjectRef;
+use serde_json::{json, Map, Value};
+
+/// QMP's `human-monitor-command`: runs an HMP command line (on the CPU `cpu-index`, if
+/// given) and returns its output. The HMP layer provides it; the monitor's set-up hands
+/// it down in [`VmContext`], so that the QMP commands need not know HMP.
+pub type HumanMonitorFn = fn(&CommandCtx, Option<i64>, &str) -> Result<String, QmpError>;
+
+/// What every command sees of the VM.
+pub struct VmContext {
+    /// `/machine`.
+    pub machine: ObjectRef,
+    /// `-name`.
+    pub name: Option<String>,
+    /// Runs `human-monitor-command`.
+    pub human_monitor: HumanMonitorFn,
+}
+
+impl VmContext {
+    /// The machine's state.
+    pub fn machine_state(&self) -> &MachineState {
+        machine_state(&self.machine).expect("machines have a MachineState")
+    }
+}
+
+/// What a command leaves to do once its reply is queued: requests for the main loop, which
+/// may end the process, so the reply must be on its way first (QEMU's main loop handles
+/// them after the command returned, too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deferred {
+    /// `quit`: end the run (after the reply is flushed, so the client sees it).
+    Quit,
+    /// `system_reset`: reset (or, with `-no-reboot`, end the run).
+    Reset,
+}
+
+/// A QMP error: its QAPI class and QEMU's description.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// No command of that name.
+    #[error("The command {0} has not been found")]
+    CommandNotFound(String),
+    /// A command other than `qmp_capabilities` before negotiation.
+    #[error("Expecting capabilities negotiation with 'qmp_capabilities'")]
+    NegotiationExpected,
+    /// `qmp_capabilities` a second time.
+    #[error("Capabilities negotiation is already complete, command ignored")]
+    AlreadyNegotiated,
+    /// `qmp_capabilities` enabling a capability not offered.
+    #[error("Capability {0} not available")]
+    CapabilityUnavailable(String),
+    /// A request that is not a well-formed QMP command, or not JSON.
+    #[error("{0}")]
+    BadInput(String),
+    /// A required argument is missing.
+    #[error("Parameter '{0}' is missing")]
+    MissingParameter(String),
+    /// An argument the command does not take.
+    #[error("Parameter '{0}' is unexpected")]
+    UnexpectedParameter(String),
+    /// An argument of the wrong JSON type.
+    #[error("Invalid parameter type for '{name}', expected: {expected}")]
+    InvalidParameterType {
+        /// The argument.
+        name: String,
+        /// `string`, `integer`, `boolean`...
+        expected: &'static str,
+    },
+    /// An enum argument with an unknown value.
+    #[error("Parameter '{name}' does not accept value '{value}'")]
+    InvalidEnumValue {
+        /// The argument.
+        name: String,
+        /// The value given.
+        value: String,
+    },
+    /// `exec-oob` of a command that cannot run out of band.
+    #[error("The command {0} does not support OOB")]
+    NoOob(String),
+    /// A type or object that does not exist.
+    #[error("Device '{0}' not found")]
+    DeviceNotFound(String),
+    /// A class that does not exist.
+    #[error("Class '{0}' not found")]
+    ClassNotFound(String),
+    /// An argument that names the wrong kind of type.
+    #[error("Parameter '{name}' expects {expected}")]
+    WrongType {
+        /// The argument.
+        name: &'static str,
+        /// What it must name.
+        expected: &'static str,
+    },
+    /// A QOM error (properties, paths).
+    #[error(transparent)]
+    Qom(#[from] qom::Error),
+    /// A run-state change that was refused.
+    #[error(transparent)]
+    RunState(#[from] RunStateError),
+}
+
+impl QmpError {
+    /// The QAPI error class.
+    pub fn class(&self) -> &'static str {
+        match self {
+            QmpError::CommandNotFound(_)
+            | QmpError::NegotiationExpected
+            | QmpError::AlreadyNegotiated => "CommandNotFound",
+            QmpError::DeviceNotFound(_) | QmpError::Qom(qom::Error::PathNotFound(_)) => {
+                "DeviceNotFound"
+            }
+            _ => "GenericError",
+        }
+    }
+
+    /// The `error` member of a reply.
+    pub fn to_json(&self) -> Value {
+        json!({"class": self.class(), "desc": self.to_string()})
+    }
+}
+
+/// The type of a command argument, as the QAPI schema declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgType {
+    /// `str`.
+    Str,
+    /// `bool`.
+    Bool,
+    /// `int`.
+    Int,
+    /// `any`.
+    Any,
+    /// A list of one of the enum's names (`['QMPCapability']`).
+    EnumList(&'static [&'static str]),
+}
+
+impl ArgType {
+    fn expected(self) -> &'static str {
+        match self {
+            ArgType::Str => "string",
+            ArgType::Bool => "boolean",
+            ArgType::Int => "integer",
+            ArgType::Any => "any",
+            ArgType::EnumList(_) => "array",
+        }
+    }
+}
+
+/// One declared argument.
+#[derive(Clone, Copy, Debug)]
+pub struct Arg {
+    /// Its name.
+    pub name: &'static str,
+    /// Its type.
+    pub ty: ArgType,
+    /// Whether it must be given.
+    pub required: bool,
+}
+
+impl Arg {
+    /// A required argument.
+    pub const fn required(name: &'static str, ty: ArgType) -> Arg {
+        Arg {
+            name,
+            ty,
+            required: true,
+        }
+    }
+    /// An optional argument.
+    pub const fn optional(name: &'static str, ty: ArgType) -> Arg {
+        Arg {
+            name,
+            ty,
+            required: false,
+        }
+    }
+}
+
+/// What a command runs with.
+pub struct CommandCtx<'a> {
+    /// The VM.
+    pub vm: &'a VmContext,
+    /// An action for after the reply (`quit`).
+    pub deferred: Cell<Option<Deferred>>,
+}
+
+impl<'a> CommandCtx<'a> {
+    /// A context with nothing deferred.
+    pub fn new(vm: &'a VmContext) -> Self {
+        CommandCtx {
+            vm,
+            deferred: Cell::new(None),
+        }
+    }
+}
+
+/// A command's implementation: checked arguments in, the `return` value out.
+pub type CommandFn = fn(&CommandCtx, &Map<String, Value>) -> Result<Value, QmpError>;
+
+/// A QMP command (QEMU's `QmpCommand`).
+pub struct QmpCommand {
+    /// The command's name.
+    pub name: &'static str,
+    /// Its arguments.
+    pub args: &'static [Arg],
+    /// Its implementation.
+    pub run: CommandFn,
+}
+
+/// QAPI's argument checks, in its order: the declared members (missing, wrong type), then
+/// anything undeclared.
+pub fn check_args(args: &Map<String, Value>, spec: &[Arg]) -> Result<(), QmpError> {
+    for arg in spec {
+        match args.get(arg.name) {
+            None if arg.required => return Err(QmpError::MissingParameter(arg.name.into())),
+            None => {}
+            Some(v) => {
+                let ok = match arg.ty {
+                    ArgType::Str => v.is_string(),
+                    ArgType::Bool => v.is_boolean(),
+                    ArgType::Int => v.is_i64() || v.is_u64(),
+                    ArgType::Any => true,
+                    ArgType::EnumList(names) => {
+                        let Some(items) = v.as_array() else {
+                            return Err(QmpError::InvalidParameterType {
+                                name: arg.name.into(),
+                                expected: "array",
+                            });
+                        };
+                        for item in items {
+                            let Some(s) = item.as_str() else {
+                                return Err(QmpError::InvalidParameterType {
+                                    name: format!("{}[0]", arg.name),
+                                    expected: "string",
+                                });
+                            };
+                            if !names.contains(&s) {
+                                return Err(QmpError::InvalidEnumValue {
+                                    name: arg.name.into(),
+                                    value: s.into(),
+                                });
+                            }
+                        }
+                        true
+                    }
+                };
+                if !ok {
+                    return Err(QmpError::InvalidParameterType {
+                        name: arg.name.into(),
+                        expected: arg.ty.expected(),
+                    });
+                }
+            }
+        }
+    }
+    if let Some(extra) = args
+        .keys()
+        .find(|k| !spec.iter().any(|a| a.name == k.as_str()))
+    {
+        return Err(QmpError::UnexpectedParameter(extra.clone()));
+    }
+    Ok(())
+}
