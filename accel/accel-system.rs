@@ -1,22 +1,64 @@
 //! The abstract accelerator (QEMU's `accel/accel-common.c`, `accel-system.c`).
 
-use qom::{type_init, Object, ObjectClass, ObjectRef};
+use hw::core::machine::{machine_state, MachineState};
+use qom::{type_init, ClassInitFor, Object, ObjectBase, ObjectClass, ObjectRef, ObjectType};
 
 /// QEMU's `TYPE_ACCEL`.
 pub const TYPE_ACCEL: &str = "accel";
 /// Suffix of accelerator type names (`kvm-accel`).
 pub const ACCEL_SUFFIX: &str = "-accel";
 
-/// Initialises an accelerator for a machine (QEMU's `AccelClass::init_machine`).
-pub type InitMachineFn = fn(accel: &ObjectRef, machine: &ObjectRef) -> Result<(), AccelError>;
-
-/// QEMU's `AccelClass`.
+/// QEMU's `AccelClass`: derived from the accelerator's [`AccelImpl`].
 #[derive(Clone, Debug, Default)]
 pub struct AccelClass {
-    /// The `-accel` name: the type name without `-accel` (set by class_base_init).
+    /// The `-accel` name: the type name without `-accel`.
     pub name: &'static str,
-    /// Prepares the accelerator for `machine` before board init.
-    pub init_machine: Option<InitMachineFn>,
+    accel: Option<fn(&Object) -> Option<&dyn Accel>>,
+}
+
+/// An accelerator type: QEMU's `AccelClass` methods as a trait.
+pub trait AccelImpl: ObjectType {
+    /// Prepares the accelerator for `machine` before board init (QEMU's
+    /// `AccelClass::init_machine`): installs its operations in the machine.
+    fn init_machine(&self, machine: &MachineState) -> Result<(), AccelError>;
+}
+
+/// The dynamically dispatched [`AccelImpl`].
+pub trait Accel: Send + Sync {
+    /// [`AccelImpl::init_machine`].
+    fn init_machine(&self, machine: &MachineState) -> Result<(), AccelError>;
+}
+
+impl<T: AccelImpl> Accel for T {
+    fn init_machine(&self, machine: &MachineState) -> Result<(), AccelError> {
+        AccelImpl::init_machine(self, machine)
+    }
+}
+
+fn as_accel<T: AccelImpl>(obj: &Object) -> Option<&dyn Accel> {
+    obj.downcast::<T>().map(|a| a as &dyn Accel)
+}
+
+/// QEMU's `AccelState`.
+#[derive(qom::Object)]
+#[qom(name = TYPE_ACCEL, abstract, class_level)]
+pub struct AccelState {
+    #[parent]
+    parent: ObjectBase,
+}
+
+type_init!(AccelState);
+
+/// `accel`'s class_init of each accelerator type.
+impl<T: AccelImpl> ClassInitFor<T> for AccelState {
+    fn class_init(class: &mut ObjectClass) {
+        qom::object_class_init::<T>(class);
+        let type_name = T::TYPE_NAME;
+        class.insert(AccelClass {
+            name: type_name.strip_suffix(ACCEL_SUFFIX).unwrap_or(type_name),
+            accel: Some(as_accel::<T>),
+        });
+    }
 }
 
 /// Errors of choosing and starting an accelerator, in QEMU's words.
@@ -34,26 +76,6 @@ pub enum AccelError {
     /// A QOM error.
     #[error(transparent)]
     Qom(#[from] qom::Error),
-}
-
-fn accel_class_init(class: &mut ObjectClass) {
-    class.insert(AccelClass::default());
-}
-
-fn accel_class_base_init(class: &mut ObjectClass) {
-    let type_name = class.name();
-    let name = type_name.strip_suffix(ACCEL_SUFFIX).unwrap_or(type_name);
-    if let Some(ac) = class.get_mut::<AccelClass>() {
-        ac.name = name;
-    }
-}
-
-type_init! {
-    name: TYPE_ACCEL,
-    parent: Some(qom::TYPE_OBJECT),
-    abstract_: true,
-    class_init: Some(accel_class_init),
-    class_base_init: Some(accel_class_base_init),
 }
 
 /// QEMU's `accel_find`: the class of `-accel name`.
@@ -79,11 +101,10 @@ pub fn accel_init_machine(
     machine: &ObjectRef,
 ) -> Result<ObjectRef, AccelError> {
     let accel = Object::new_with_class(class)?;
-    if let Some(init) = class.get::<AccelClass>().and_then(|ac| ac.init_machine) {
-        init(&accel, machine)?;
+    let ms = machine_state(machine).ok_or(AccelError::NoneWorked)?;
+    if let Some(methods) = class.get::<AccelClass>().and_then(|ac| ac.accel?(&accel)) {
+        methods.init_machine(ms)?;
     }
-    if let Some(ms) = hw::core::machine::machine_state(machine) {
-        ms.set_accel(accel.clone());
-    }
+    ms.set_accel(accel.clone());
     Ok(accel)
 }

@@ -19,7 +19,8 @@ pub mod kvm {
 }
 
 pub use accel_system::{
-    accel_find, accel_init_machine, accel_list, AccelClass, AccelError, TYPE_ACCEL,
+    accel_find, accel_init_machine, accel_list, Accel, AccelClass, AccelError, AccelImpl,
+    AccelState, TYPE_ACCEL,
 };
 
 /// Keeps this crate's registrations linked into a binary (see `hw::init`).

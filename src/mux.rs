@@ -6,7 +6,8 @@
 use std::sync::{Arc, OnceLock};
 
 use hw::core::chardev::{CharBackend, CharReceiver};
-use hw::core::machine::{machine_state, RunRequest};
+use hw::core::machine::machine_state;
+use hw::core::runstate::RunRequest;
 use parking_lot::Mutex;
 use qom::WeakObjectRef;
 

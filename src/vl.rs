@@ -170,11 +170,10 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
         // not in the middle of board init.
         let class = qom::object_class_by_name(cpu_type).expect("find_cpu_type returned a type");
         let probe = qom::Object::new_with_class(class).map_err(|e| cpu.error(e))?;
-        if let Some(parse) = class
-            .get::<hw::core::cpu::CpuClass>()
-            .and_then(|c| c.parse_features)
-        {
-            parse(&probe, options).map_err(|e| cpu.error(e))?;
+        if let Some(methods) = hw::core::cpu::cpu_impl(&probe) {
+            methods
+                .parse_features(&probe, options)
+                .map_err(|e| cpu.error(e))?;
         }
         ms.set_cpu_type(Some(cpu_type.to_string()));
         ms.set_cpu_options(options.to_string());
@@ -454,6 +453,15 @@ fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError>
             anon.add_child("device[*]", &dev)
                 .map_err(|e| located.error(e))?;
         }
+    }
+    // A device on no bus takes the machine's services from the machine (QEMU's sysbus
+    // devices reach them as globals).
+    if let (None, Some(state), Some(ms)) = (
+        &bus,
+        dev.downcast::<hw::core::qdev::DeviceState>(),
+        machine_state(machine),
+    ) {
+        state.set_services(ms.services());
     }
     if let Err(e) = qdev_realize(&dev, bus.as_ref()) {
         dev.unparent();

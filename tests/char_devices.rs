@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use hw::core::chardev::{chardev_add, parse_serial_spec, Ringbuf};
 use hw::char::serial::{serial_isa_init, serial_port, serial_set_backend};
-use hw::core::machine::{machine_state, MachineState, RunRequest};
+use hw::core::machine::{machine_state, MachineState};
+use hw::core::runstate::RunRequest;
 use hw::core::qdev::{qdev_realize, DeviceMethods};
 use hw::rtc::mc146818rtc::{mc146818_rtc_init, rtc_set_memory_size, rtc_state};
 use qom::ObjectRef;

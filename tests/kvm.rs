@@ -8,7 +8,8 @@
 use std::sync::atomic::Ordering;
 
 use guest::{GuestImage, Mode, Op};
-use hw::core::machine::{machine_state, RunRequest};
+use hw::core::machine::machine_state;
+use hw::core::runstate::RunRequest;
 use test_support::{guest, require_kvm, vm};
 use vm::{TestVm, EXIT_PORT, MMIO_BASE, RECORD_PORT};
 use vm_memory::{Bytes, GuestAddress};

@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 
-use hw::core::machine::{machine_state, RunRequest};
+use hw::core::machine::machine_state;
+use hw::core::runstate::RunRequest;
 use hw::i386::acpi_build::{build_acpi_tables, AcpiConfig};
 use hw::i386::e820::pc_e820_table;
 use hw::i386::x86_cpu::X86Cpu;

@@ -4,7 +4,8 @@
 //! printed, where `/dev/kvm` is not usable).
 
 use guest::{Asm, EAX, EBX, EDI, ESI};
-use hw::core::machine::{machine_state, RunRequest};
+use hw::core::machine::machine_state;
+use hw::core::runstate::RunRequest;
 use hw::i386::e820::{pc_e820_table, E820Entry, E820Kind};
 use hw::i386::multiboot::*;
 use hw::nvram::fw_cfg::{fw_cfg_init_io_dma, FW_CFG_DMA_IO_BASE, FW_CFG_IO_BASE};

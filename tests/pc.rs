@@ -1,7 +1,8 @@
 //! The pc-i440fx board on the qtest accelerator: PCI configuration mechanism #1, the
 //! functions pc_init1 plugs in, reset and power-off paths, and the RAM layout.
 
-use hw::core::machine::{machine_run_board_init, machine_state, RunRequest};
+use hw::core::machine::{machine_run_board_init, machine_state};
+use hw::core::runstate::RunRequest;
 use qom::ObjectRef;
 
 fn pc(ram: u64, cpus: u32) -> ObjectRef {

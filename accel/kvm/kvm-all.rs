@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use hw::core::accel_ops::{AccelOps, CpuDumpError, RamBlock};
-use hw::core::machine::machine_state;
+use hw::core::machine::{machine_state, MachineState};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
@@ -14,7 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use qom::{type_init, Error, ObjectClass, ObjectRef, WeakObjectRef};
 
-use crate::accel_system::{AccelClass, AccelError, TYPE_ACCEL};
+use crate::accel_system::{AccelError, AccelImpl, AccelState};
 use crate::kvm::kvm_cpus::VcpuSet;
 pub(crate) use hw::core::os_error::errno_text;
 
@@ -226,21 +226,21 @@ impl AccelOps for KvmVm {
     }
 }
 
-fn kvm_init_machine(_accel: &ObjectRef, machine: &ObjectRef) -> Result<(), AccelError> {
-    let vm = KvmVm::new(machine)?;
-    let ms = machine_state(machine).ok_or(AccelError::NoneWorked)?;
-    ms.set_accel_ops(vm);
-    Ok(())
+/// QEMU's `KVMState` as a QOM type: `-accel kvm`.
+#[derive(qom::Object)]
+#[qom(name = TYPE_KVM_ACCEL)]
+pub struct KvmAccel {
+    #[parent]
+    parent: AccelState,
 }
 
-fn kvm_accel_class_init(class: &mut ObjectClass) {
-    if let Some(ac) = class.get_mut::<AccelClass>() {
-        ac.init_machine = Some(kvm_init_machine);
+type_init!(KvmAccel);
+
+impl AccelImpl for KvmAccel {
+    fn init_machine(&self, machine: &MachineState) -> Result<(), AccelError> {
+        let vm = KvmVm::new(&machine.object())?;
+        machine
+            .set_accel_ops(vm)
+            .map_err(|e| AccelError::Other(Box::new(e)))
     }
-}
-
-type_init! {
-    name: TYPE_KVM_ACCEL,
-    parent: Some(TYPE_ACCEL),
-    class_init: Some(kvm_accel_class_init),
 }

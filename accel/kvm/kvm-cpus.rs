@@ -14,7 +14,8 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hw::core::machine::{machine_state, RunRequest};
+use hw::core::machine::machine_state;
+use hw::core::runstate::RunRequest;
 use hw::core::memory::Dispatcher;
 use hw::i386::x86_cpu::X86Cpu;
 use kvm_bindings::kvm_run;

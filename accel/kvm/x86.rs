@@ -3,8 +3,8 @@
 
 use std::fmt::Write as _;
 
-use hw::core::machine::{machine_of, machine_state, SmpConfig};
-use hw::i386::x86_cpu::{Reg, X86Cpu, X86CpuClass, FEATURES};
+use hw::core::machine::{machine_state, SmpConfig};
+use hw::i386::x86_cpu::{Reg, X86Cpu, FEATURES};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 use qom::Object;
@@ -51,12 +51,10 @@ fn bits_for(n: u32) -> u32 {
 pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> CpuId {
     let mut cpuid = vm.supported_cpuid.clone();
     let supported = vm.supported_cpuid.clone();
-    let model = cpu.class().get::<X86CpuClass>().and_then(|c| c.model);
+    let x86 = cpu.downcast::<X86Cpu>();
+    let model = x86.and_then(X86Cpu::model);
     let passthrough = model.is_none_or(|m| m.passthrough);
-    let x86 = cpu
-        .downcast::<X86Cpu>()
-        .expect("x86 CPUs have an X86Cpu part");
-    let overrides = x86.feature_overrides();
+    let overrides = x86.map(X86Cpu::feature_overrides).unwrap_or_default();
     let supported_bit = |leaf: u32, reg: Reg, bit: u8| {
         supported.as_slice().iter().any(|e| {
             e.function == leaf && e.index == 0 && {
@@ -109,12 +107,11 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> CpuId {
         }
     }
 
-    let vendor = cpu
-        .prop_str("vendor")
-        .ok()
+    let vendor = x86
+        .and_then(X86Cpu::vendor)
         .filter(|v| v.len() == 12)
         .or_else(|| model.and_then(|m| m.vendor).map(str::to_string));
-    let apic_id = x86.apic_id();
+    let apic_id = x86.map_or(0, X86Cpu::apic_id);
     let threads_per_socket = smp.cores * smp.threads;
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -219,7 +216,9 @@ static WARNED_MSRS: parking_lot::Mutex<std::collections::BTreeSet<u32>> =
 /// QEMU's `kvm_arch_init_vcpu`: CPUID. The rest of the vCPU's state is set by
 /// [`reset_vcpu`], which runs before its first `KVM_RUN` and after each system reset.
 pub(crate) fn init_vcpu(vm: &KvmVm, cpu: &Object, vcpu: &mut VcpuFd) -> Result<(), KvmError> {
-    let smp = machine_of(cpu)
+    let smp = vm
+        .machine
+        .upgrade()
         .and_then(|m| machine_state(&m).map(|ms| ms.smp()))
         .unwrap_or_default();
     let cpuid = build_cpuid(vm, cpu, smp);

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use hw::core::accel_ops::{AccelOps, CpuDumpError, RamBlock};
-use hw::core::machine::machine_state;
+use hw::core::machine::MachineState;
 use parking_lot::Mutex;
-use qom::{type_init, Error, ObjectClass, ObjectRef};
+use qom::{type_init, Error, ObjectRef};
 
-use crate::accel_system::{AccelClass, AccelError, TYPE_ACCEL};
+use crate::accel_system::{AccelError, AccelImpl, AccelState};
 
 /// QEMU's `TYPE_QTEST_ACCEL`.
 pub const TYPE_QTEST_ACCEL: &str = "qtest-accel";
@@ -65,20 +65,20 @@ impl AccelOps for QtestOps {
     }
 }
 
-fn qtest_init_machine(_accel: &ObjectRef, machine: &ObjectRef) -> Result<(), AccelError> {
-    let ms = machine_state(machine).ok_or(AccelError::NoneWorked)?;
-    ms.set_accel_ops(Arc::new(QtestOps::default()));
-    Ok(())
+/// `-accel qtest`: runs no guest code, for device tests.
+#[derive(qom::Object)]
+#[qom(name = TYPE_QTEST_ACCEL)]
+pub struct QtestAccel {
+    #[parent]
+    parent: AccelState,
 }
 
-fn qtest_accel_class_init(class: &mut ObjectClass) {
-    if let Some(ac) = class.get_mut::<AccelClass>() {
-        ac.init_machine = Some(qtest_init_machine);
+type_init!(QtestAccel);
+
+impl AccelImpl for QtestAccel {
+    fn init_machine(&self, machine: &MachineState) -> Result<(), AccelError> {
+        machine
+            .set_accel_ops(Arc::new(QtestOps::default()))
+            .map_err(|e| AccelError::Other(Box::new(e)))
     }
-}
-
-type_init! {
-    name: TYPE_QTEST_ACCEL,
-    parent: Some(TYPE_ACCEL),
-    class_init: Some(qtest_accel_class_init),
 }

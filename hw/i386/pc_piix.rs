@@ -2,13 +2,17 @@
 //! `-smp`, RAM below and above 4 GiB around the PCI hole, the i440FX host bridge and `pci.0`,
 //! PIIX3 with the ISA bus, PIIX4 power management with ACPI, and the PC's ISA devices.
 
-use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property};
+use std::sync::Arc;
+
+use qom::{type_init, ObjectRef, Prop, Typed};
 
 use crate::core::cpu::machine_create_cpus;
-use crate::core::machine::{machine_class_mut, machine_state, MachineError, TYPE_MACHINE};
+use crate::core::machine::{MachineError, MachineImpl, MachineState};
 use crate::core::qdev::{qdev_new, qdev_realize, QdevError};
+use crate::core::services::MachineServices;
 use crate::i386::e820::{pc_e820_table, pc_ram_split};
 use crate::i386::pc::pc_basic_ports_init;
+use crate::i386::x86_cpu::{X86BootState, X86Cpu};
 use crate::pci_host::i440fx::{TYPE_I440FX_PCI_DEVICE, TYPE_I440FX_PCI_HOST_BRIDGE};
 
 /// QEMU's `TYPE_X86_MACHINE`.
@@ -18,45 +22,127 @@ pub const TYPE_PC_MACHINE: &str = "generic-pc-machine";
 /// The current i440FX machine version.
 pub const TYPE_PC_I440FX_MACHINE: &str = "pc-i440fx-10.0-machine";
 
-const X86_MACHINE_PROPERTIES: &[Property] = &[
-    Property::bool("acpi", true, "Enable ACPI"),
-    Property::bool("pit", true, "Enable i8254 PIT"),
-    Property::bool("hpet", false, "Enable the HPET (not emulated: only off is accepted)"),
-    Property::enumeration(
-        "kernel-irqchip",
-        "OnOffSplit",
-        &["on", "off", "split"],
-        "on",
-        "Configure KVM in-kernel irqchip",
-    ),
-    Property::enumeration("smm", "OnOffAuto", &["on", "off", "auto"], "auto", "Enable SMM"),
-    Property::enumeration("vmport", "OnOffAuto", &["on", "off", "auto"], "auto", "Enable vmport"),
-];
-
-fn x86_machine_class_init(class: &mut ObjectClass) {
-    for p in X86_MACHINE_PROPERTIES {
-        class.add_property(p.clone());
+qom::qom_enum! {
+    /// QAPI's `OnOffSplit` (`kernel-irqchip`).
+    pub enum OnOffSplit("OnOffSplit") {
+        /// In-kernel.
+        On = "on",
+        /// In user space.
+        Off = "off",
+        /// Split.
+        Split = "split",
     }
 }
 
-type_init! {
-    name: TYPE_X86_MACHINE,
-    parent: Some(TYPE_MACHINE),
-    abstract_: true,
-    class_init: Some(x86_machine_class_init),
+qom::qom_enum! {
+    /// QAPI's `OnOffAuto`.
+    pub enum OnOffAuto("OnOffAuto") {
+        /// On.
+        On = "on",
+        /// Off.
+        Off = "off",
+        /// The machine decides.
+        Auto = "auto",
+    }
 }
 
-fn pc_machine_class_init(class: &mut ObjectClass) {
-    let mc = machine_class_mut(class);
-    mc.default_cpu_type = Some("qemu64-x86_64-cpu");
-    mc.max_cpus = 255;
+/// QEMU's `X86MachineState`: the x86 machine options.
+#[derive(qom::Object)]
+#[qom(name = TYPE_X86_MACHINE, abstract)]
+pub struct X86MachineState {
+    #[parent]
+    parent: MachineState,
+    #[property(default = true, desc = "Enable ACPI")]
+    acpi: Prop<bool>,
+    #[property(default = true, desc = "Enable i8254 PIT")]
+    pit: Prop<bool>,
+    #[property(default = false, desc = "Enable the HPET (not emulated: only off is accepted)")]
+    hpet: Prop<bool>,
+    #[property(name = "kernel-irqchip", default = "on", desc = "Configure KVM in-kernel irqchip")]
+    kernel_irqchip: Prop<OnOffSplit>,
+    #[property(default = "auto", desc = "Enable SMM")]
+    smm: Prop<OnOffAuto>,
+    #[property(default = "auto", desc = "Enable vmport")]
+    vmport: Prop<OnOffAuto>,
 }
 
-type_init! {
-    name: TYPE_PC_MACHINE,
-    parent: Some(TYPE_X86_MACHINE),
-    abstract_: true,
-    class_init: Some(pc_machine_class_init),
+type_init!(X86MachineState);
+
+impl MachineImpl for X86MachineState {}
+
+impl X86MachineState {
+    /// Refuses what the board cannot do (QEMU would build it).
+    fn check_unsupported(&self) -> Result<(), MachineError> {
+        let unsupported = |what: &str| Err(MachineError::Unsupported(what.to_string()));
+        if !self.pit.get() {
+            return unsupported("pit=off is not supported: KVM's in-kernel PIT is always created");
+        }
+        let irqchip = self.kernel_irqchip.get();
+        if irqchip != OnOffSplit::On {
+            return unsupported(&format!(
+                "kernel-irqchip={} is not supported: qomvm always uses KVM's in-kernel irqchip",
+                qom::QomEnum::name(irqchip)
+            ));
+        }
+        if self.hpet.get() {
+            return unsupported("hpet=on is not supported: qomvm has no HPET");
+        }
+        if self.smm.get() == OnOffAuto::On {
+            return unsupported("smm=on is not supported");
+        }
+        if self.vmport.get() == OnOffAuto::On {
+            return unsupported("vmport=on is not supported");
+        }
+        Ok(())
+    }
+}
+
+/// QEMU's `PCMachineState`.
+#[derive(qom::Object)]
+#[qom(name = TYPE_PC_MACHINE, abstract)]
+pub struct PcMachineState {
+    #[parent]
+    parent: X86MachineState,
+}
+
+type_init!(PcMachineState);
+
+impl MachineImpl for PcMachineState {}
+
+/// `pc-i440fx-10.0` (`pc`): the default machine.
+#[derive(qom::Object)]
+#[qom(name = TYPE_PC_I440FX_MACHINE)]
+pub struct PcI440fxMachine {
+    #[parent]
+    parent: PcMachineState,
+}
+
+type_init!(PcI440fxMachine);
+
+impl MachineImpl for PcI440fxMachine {
+    const DESC: &'static str = "Standard PC (i440FX + PIIX, 1996)";
+    const ALIAS: Option<&'static str> = Some("pc");
+    const IS_DEFAULT: bool = true;
+    const MAX_CPUS: u32 = 255;
+    const DEFAULT_CPU_TYPE: Option<&'static str> = Some("qemu64-x86_64-cpu");
+
+    fn init(&self) -> Result<(), MachineError> {
+        self.pc_init1()
+    }
+
+    /// QEMU's `pc_machine_done`: what firmware would do before the guest runs.
+    fn machine_done(&self) -> Result<(), MachineError> {
+        if let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) {
+            crate::pci::pci::pci_assign_bars(&bus);
+        }
+        self.acpi_setup()
+    }
+
+    /// QEMU's `pc_machine_reset`: reload what firmware would load again.
+    fn reset(&self) -> Result<(), MachineError> {
+        self.load_kernel()?;
+        self.acpi_setup()
+    }
 }
 
 /// Errors of loading the guest's kernel and firmware tables.
@@ -102,254 +188,227 @@ pub enum PcLoadError {
     Acpi(#[from] crate::i386::acpi_build::AcpiError),
 }
 
-/// Loads `-kernel`/`-initrd`/`-append` into RAM and gives CPU 0 the entry state (QEMU's
-/// `x86_load_linux`, with the direct 64-bit entry instead of an option ROM). Runs at board
-/// init and again at each reset, since the guest may have overwritten RAM.
-fn pc_load_kernel(machine: &ObjectRef) -> Result<(), Error> {
-    let ms = machine_state(machine).expect("machines have a MachineState");
-    let kernel = machine.prop_str("kernel")?;
-    let initrd = machine.prop_str("initrd")?;
-    let append = machine.prop_str("append")?;
-    if kernel.is_empty() {
-        if !initrd.is_empty() {
-            return Err(Error::other(PcLoadError::NeedsKernel("initrd")));
-        }
-        if !append.is_empty() {
-            return Err(Error::other(PcLoadError::NeedsKernel("append")));
-        }
-        return Ok(());
-    }
-    let (below_4g, above_4g) = pc_ram_split(ms.ram_size());
-    let e820 = pc_e820_table(below_4g, above_4g);
-    let bytes = std::fs::read(&kernel).map_err(|e| {
-        Error::other(PcLoadError::KernelFile {
-            path: kernel.clone(),
-            reason: crate::core::os_error::strerror(&e),
-        })
-    })?;
-    // QEMU tries Multiboot first, then Linux.
-    if crate::i386::multiboot::is_multiboot(&bytes) {
-        let mut modules = Vec::new();
-        for (path, cmdline) in crate::i386::multiboot::multiboot_split_initrd(&initrd) {
-            let data = std::fs::read(&path).map_err(|e| {
-                Error::other(PcLoadError::Module {
-                    path: path.clone(),
-                    reason: crate::core::os_error::strerror(&e),
+
+impl PcI440fxMachine {
+    /// Loads `-kernel`/`-initrd`/`-append` into RAM and gives CPU 0 the entry state (QEMU's
+    /// `x86_load_linux`, with the direct 64-bit entry instead of an option ROM). Runs at
+    /// board init and again at each reset, since the guest may have overwritten RAM.
+    fn load_kernel(&self) -> Result<(), MachineError> {
+        let initrd = self.initrd().unwrap_or_default();
+        let append = self.append().unwrap_or_default();
+        let Some(kernel) = self.kernel() else {
+            if !initrd.is_empty() {
+                return Err(MachineError::board(PcLoadError::NeedsKernel("initrd")));
+            }
+            if !append.is_empty() {
+                return Err(MachineError::board(PcLoadError::NeedsKernel("append")));
+            }
+            return Ok(());
+        };
+        let (below_4g, above_4g) = pc_ram_split(self.ram_size());
+        let e820 = pc_e820_table(below_4g, above_4g);
+        let bytes = std::fs::read(&kernel).map_err(|e| {
+            MachineError::board(PcLoadError::KernelFile {
+                path: kernel.clone(),
+                reason: crate::core::os_error::strerror(&e),
+            })
+        })?;
+        // QEMU tries Multiboot first, then Linux.
+        if crate::i386::multiboot::is_multiboot(&bytes) {
+            let mut modules = Vec::new();
+            for (path, cmdline) in crate::i386::multiboot::multiboot_split_initrd(&initrd) {
+                let data = std::fs::read(&path).map_err(|e| {
+                    MachineError::board(PcLoadError::Module {
+                        path: path.clone(),
+                        reason: crate::core::os_error::strerror(&e),
+                    })
+                })?;
+                modules.push((cmdline, data));
+            }
+            let module_refs: Vec<(&str, &[u8])> = modules
+                .iter()
+                .map(|(c, d)| (c.as_str(), d.as_slice()))
+                .collect();
+            let state = crate::i386::multiboot::multiboot_load(
+                &self.ram(),
+                self.ram_size(),
+                &kernel,
+                &bytes,
+                &append,
+                &module_refs,
+                &e820,
+            )
+            .map_err(|source| {
+                MachineError::board(PcLoadError::Multiboot {
+                    path: kernel.clone(),
+                    source,
                 })
             })?;
-            modules.push((cmdline, data));
+            self.set_bsp_boot_state(state);
+            return Ok(());
         }
-        let module_refs: Vec<(&str, &[u8])> = modules
-            .iter()
-            .map(|(c, d)| (c.as_str(), d.as_slice()))
-            .collect();
-        let state = crate::i386::multiboot::multiboot_load(
-            &ms.ram(),
-            ms.ram_size(),
-            &kernel,
-            &bytes,
+        let initrd_path = (!initrd.is_empty()).then(|| std::path::Path::new(initrd.as_str()));
+        let state = crate::i386::x86_linux::load_linux(
+            &self.ram(),
+            std::path::Path::new(&kernel),
+            initrd_path,
             &append,
-            &module_refs,
             &e820,
         )
         .map_err(|source| {
-            Error::other(PcLoadError::Multiboot {
+            MachineError::board(PcLoadError::Kernel {
                 path: kernel.clone(),
                 source,
             })
         })?;
-        set_bsp_boot_state(ms, state);
-        return Ok(());
+        self.set_bsp_boot_state(state);
+        Ok(())
     }
-    let initrd_path = (!initrd.is_empty()).then(|| std::path::Path::new(initrd.as_str()));
-    let state = crate::i386::x86_linux::load_linux(
-        &ms.ram(),
-        std::path::Path::new(&kernel),
-        initrd_path,
-        &append,
-        &e820,
-    )
-    .map_err(|source| {
-        Error::other(PcLoadError::Kernel {
-            path: kernel.clone(),
-            source,
-        })
-    })?;
-    set_bsp_boot_state(ms, state);
-    Ok(())
-}
 
-/// Only CPU 0 gets the loader's state: the APs wait for the guest's INIT/SIPI.
-fn set_bsp_boot_state(ms: &crate::core::machine::MachineState, state: crate::i386::x86_cpu::X86BootState) {
-    if let Some(bsp) = ms.cpus().first() {
-        if let Some(x86) = bsp.downcast::<crate::i386::x86_cpu::X86Cpu>() {
-            x86.set_boot_state(state);
+    /// Only CPU 0 gets the loader's state: the APs wait for the guest's INIT/SIPI.
+    fn set_bsp_boot_state(&self, state: X86BootState) {
+        if let Some(bsp) = self.cpus().into_iter().next().and_then(Typed::<X86Cpu>::new) {
+            bsp.set_boot_state(state);
         }
     }
-}
 
-
-/// Builds the ACPI tables for the CPUs present, and tells a loaded Linux where they are.
-fn pc_acpi_setup(machine: &ObjectRef) -> Result<(), Error> {
-    if !machine.prop_bool("acpi")? {
-        return Ok(());
+    /// Builds the ACPI tables for the CPUs present, and tells a loaded Linux where they are.
+    fn acpi_setup(&self) -> Result<(), MachineError> {
+        if !self.acpi.get() {
+            return Ok(());
+        }
+        let apic_ids: Vec<u32> = self
+            .cpus()
+            .into_iter()
+            .filter_map(Typed::<X86Cpu>::new)
+            .map(|cpu| cpu.apic_id())
+            .collect();
+        let cfg = crate::i386::acpi_build::AcpiConfig {
+            cpus: apic_ids.len() as u32,
+            apic_ids,
+            pm_io_base: crate::acpi::piix4::PM_IO_BASE,
+            sci_irq: crate::acpi::piix4::SCI_IRQ as u8,
+        };
+        let ram = self.ram();
+        let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
+            .map_err(|e| MachineError::board(PcLoadError::Acpi(e)))?;
+        if let Some(kernel) = self.kernel() {
+            crate::i386::x86_linux::set_acpi_rsdp_addr(&ram, rsdp).map_err(|source| {
+                MachineError::board(PcLoadError::Kernel {
+                    path: kernel,
+                    source,
+                })
+            })?;
+        }
+        Ok(())
     }
-    let ms = machine_state(machine).expect("machines have a MachineState");
-    let apic_ids: Vec<u32> = ms
-        .cpus()
-        .iter()
-        .map(|c| c.prop_uint("apic-id").map(|v| v as u32))
-        .collect::<Result<_, _>>()?;
-    let cfg = crate::i386::acpi_build::AcpiConfig {
-        cpus: apic_ids.len() as u32,
-        apic_ids,
-        pm_io_base: crate::acpi::piix4::PM_IO_BASE,
-        sci_irq: crate::acpi::piix4::SCI_IRQ as u8,
-    };
-    let ram = ms.ram();
-    let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
-        .map_err(|e| Error::other(PcLoadError::Acpi(e)))?;
-    if !machine.prop_str("kernel")?.is_empty() {
-        crate::i386::x86_linux::set_acpi_rsdp_addr(&ram, rsdp).map_err(|source| {
-            Error::other(PcLoadError::Kernel {
-                path: machine.prop_str("kernel").unwrap_or_default(),
-                source,
+
+    /// QEMU's `pc_init1`.
+    fn pc_init1(&self) -> Result<(), MachineError> {
+        self.check_unsupported()?;
+        let machine = self.object();
+        let services = self.services();
+
+        machine_create_cpus(self).map_err(MachineError::board)?;
+
+        let (below_4g, above_4g) = pc_ram_split(self.ram_size());
+        self.add_ram(0, below_4g)?;
+        if above_4g > 0 {
+            self.add_ram(1 << 32, above_4g)?;
+        }
+
+        pc_basic_ports_init(services).map_err(MachineError::board)?;
+
+        let host = board_device(&machine, "i440fx", TYPE_I440FX_PCI_HOST_BRIDGE, Bus::None(services), &[])?;
+        let pci_bus = host.child("pci.0").ok_or(BoardError::MissingBus("i440fx", "pci.0"))?;
+        board_device(&host, "i440fx-device", TYPE_I440FX_PCI_DEVICE, Bus::On(&pci_bus), &[("addr", "00.0")])?;
+        let piix3 = board_device(&machine, "piix3", crate::isa::piix::TYPE_PIIX3, Bus::On(&pci_bus), &[("addr", "01.0")])?;
+        let isa_bus = piix3.child("isa.0").ok_or(BoardError::MissingBus("piix3", "isa.0"))?;
+        board_device(&machine, "i8254", crate::timer::kvm_i8254::TYPE_KVM_PIT, Bus::On(&isa_bus), &[])?;
+        if self.acpi.get() {
+            board_device(&machine, "pm", crate::acpi::piix4::TYPE_PIIX4_PM, Bus::On(&pci_bus), &[("addr", "01.3")])?;
+        }
+
+        // pc_basic_device_init: RTC with the CMOS memory size, keyboard controller, serial
+        // ports for -serial.
+        let rtc = crate::rtc::mc146818rtc::mc146818_rtc_init(&isa_bus, 2000)?;
+        rtc.set_memory_size(below_4g, above_4g);
+        board_device(&machine, "i8042", crate::input::pckbd::TYPE_I8042, Bus::On(&isa_bus), &[])?;
+        for (index, backend) in self.serial_hds().into_iter().enumerate() {
+            if let Some(backend) = backend {
+                crate::char::serial::serial_isa_init(&isa_bus, index as u32, Some(backend))?;
+            }
+        }
+
+        // fw_cfg, as QEMU's x86 boards set it up (test kernels read the CPU count from it).
+        let fw_cfg = crate::nvram::fw_cfg::fw_cfg_init_io_dma(
+            self,
+            crate::nvram::fw_cfg::FW_CFG_IO_BASE,
+            Some(crate::nvram::fw_cfg::FW_CFG_DMA_IO_BASE),
+        )?;
+        let smp = self.smp();
+        let max_apic_id =
+            crate::i386::x86_cpu::apic_id_from_index(smp.max_cpus - 1, smp.cores, smp.threads);
+        fw_cfg
+            .add_i16(crate::nvram::fw_cfg::FW_CFG_MAX_CPUS, (max_apic_id + 1) as u16)
+            .map_err(MachineError::board)?;
+        let e820: Vec<u8> = pc_e820_table(below_4g, above_4g)
+            .iter()
+            .flat_map(|e| {
+                let mut entry = e.addr.to_le_bytes().to_vec();
+                entry.extend_from_slice(&e.size.to_le_bytes());
+                entry.extend_from_slice(&(e.kind as u32).to_le_bytes());
+                entry
             })
-        })?;
+            .collect();
+        fw_cfg.add_file("etc/e820", e820).map_err(MachineError::board)?;
+
+        self.load_kernel()
     }
-    Ok(())
 }
 
-/// QEMU's `pc_machine_reset`: reload what firmware would load again.
-fn pc_machine_reset(machine: &ObjectRef) -> Result<(), Error> {
-    pc_load_kernel(machine)?;
-    pc_acpi_setup(machine)
+/// Where a board device plugs in: a bus, or none (it then takes the machine's services
+/// from the board).
+enum Bus<'a> {
+    On(&'a ObjectRef),
+    None(&'a Arc<MachineServices>),
 }
 
-/// Refuses what the board cannot do, by property name (QEMU would build it).
-fn check_unsupported(machine: &Object) -> Result<(), MachineError> {
-    let unsupported = |what: &str| Err(MachineError::Unsupported(what.to_string()));
-    if !machine.prop_bool("pit")? {
-        return unsupported("pit=off is not supported: KVM's in-kernel PIT is always created");
+/// Board wiring the devices did not provide.
+#[derive(Debug, thiserror::Error)]
+enum BoardError {
+    #[error("{0} has no bus {1}")]
+    MissingBus(&'static str, &'static str),
+}
+
+impl From<BoardError> for MachineError {
+    fn from(err: BoardError) -> Self {
+        MachineError::board(err)
     }
-    match machine.prop_str("kernel-irqchip")?.as_str() {
-        "on" => {}
-        other => {
-            return unsupported(&format!(
-                "kernel-irqchip={other} is not supported: qomvm always uses KVM's in-kernel irqchip"
-            ))
-        }
-    }
-    if machine.prop_bool("hpet")? {
-        return unsupported("hpet=on is not supported: qomvm has no HPET");
-    }
-    if machine.prop_str("smm")? == "on" {
-        return unsupported("smm=on is not supported");
-    }
-    if machine.prop_str("vmport")? == "on" {
-        return unsupported("vmport=on is not supported");
-    }
-    Ok(())
 }
 
 /// Creates, places and realizes a board device.
-fn board_device(parent: &ObjectRef, name: &str, driver: &str, bus: Option<&ObjectRef>, props: &[(&str, &str)]) -> Result<ObjectRef, QdevError> {
+fn board_device(
+    parent: &ObjectRef,
+    name: &str,
+    driver: &str,
+    bus: Bus,
+    props: &[(&str, &str)],
+) -> Result<ObjectRef, QdevError> {
     let dev = qdev_new(driver)?;
     for (k, v) in props {
         dev.property_parse(k, v)?;
     }
     parent.add_child(name, &dev)?;
+    let bus = match bus {
+        Bus::On(bus) => Some(bus),
+        Bus::None(services) => {
+            if let Some(state) = Typed::<crate::core::qdev::DeviceState>::new(dev.clone()) {
+                state.set_services(services);
+            }
+            None
+        }
+    };
     qdev_realize(&dev, bus)?;
     Ok(dev)
-}
-
-/// QEMU's `pc_init1`.
-fn pc_init1(machine: &ObjectRef) -> Result<(), Error> {
-    check_unsupported(machine).map_err(Error::other)?;
-    let ms = machine_state(machine).expect("machines have a MachineState");
-
-    machine_create_cpus(machine).map_err(Error::other)?;
-
-    let (below_4g, above_4g) = pc_ram_split(ms.ram_size());
-    ms.add_ram(0, below_4g).map_err(Error::other)?;
-    if above_4g > 0 {
-        ms.add_ram(1 << 32, above_4g).map_err(Error::other)?;
-    }
-
-    pc_basic_ports_init(machine)?;
-
-    let host = board_device(machine, "i440fx", TYPE_I440FX_PCI_HOST_BRIDGE, None, &[]).map_err(Error::other)?;
-    let pci_bus = host.child("pci.0").expect("the i440FX host bridge has pci.0");
-    board_device(&host, "i440fx-device", TYPE_I440FX_PCI_DEVICE, Some(&pci_bus), &[("addr", "00.0")])
-        .map_err(Error::other)?;
-    let piix3 = board_device(machine, "piix3", crate::isa::piix::TYPE_PIIX3, Some(&pci_bus), &[("addr", "01.0")])
-        .map_err(Error::other)?;
-    let isa_bus = piix3.child("isa.0").expect("PIIX3 has isa.0");
-    board_device(machine, "i8254", crate::timer::kvm_i8254::TYPE_KVM_PIT, Some(&isa_bus), &[])
-        .map_err(Error::other)?;
-    if machine.prop_bool("acpi")? {
-        board_device(machine, "pm", crate::acpi::piix4::TYPE_PIIX4_PM, Some(&pci_bus), &[("addr", "01.3")])
-            .map_err(Error::other)?;
-    }
-
-    // pc_basic_device_init: RTC with the CMOS memory size, keyboard controller, serial
-    // ports for -serial.
-    let rtc = crate::rtc::mc146818rtc::mc146818_rtc_init(&isa_bus, 2000).map_err(Error::other)?;
-    crate::rtc::mc146818rtc::rtc_set_memory_size(&rtc, below_4g, above_4g).map_err(Error::other)?;
-    board_device(machine, "i8042", crate::input::pckbd::TYPE_I8042, Some(&isa_bus), &[])
-        .map_err(Error::other)?;
-    for (index, backend) in ms.serial_hds().into_iter().enumerate() {
-        if let Some(backend) = backend {
-            crate::char::serial::serial_isa_init(&isa_bus, index as u32, Some(backend))
-                .map_err(Error::other)?;
-        }
-    }
-
-    // fw_cfg, as QEMU's x86 boards set it up (test kernels read the CPU count from it).
-    let fw_cfg = crate::nvram::fw_cfg::fw_cfg_init_io_dma(
-        machine,
-        crate::nvram::fw_cfg::FW_CFG_IO_BASE,
-        Some(crate::nvram::fw_cfg::FW_CFG_DMA_IO_BASE),
-    )
-    .map_err(Error::other)?;
-    let smp = ms.smp();
-    let max_apic_id = crate::i386::x86_cpu::apic_id_from_index(smp.max_cpus - 1, smp.cores, smp.threads);
-    crate::nvram::fw_cfg::fw_cfg_add_i16(&fw_cfg, crate::nvram::fw_cfg::FW_CFG_MAX_CPUS, (max_apic_id + 1) as u16)
-        .map_err(Error::other)?;
-    let e820: Vec<u8> = pc_e820_table(below_4g, above_4g)
-        .iter()
-        .flat_map(|e| {
-            let mut entry = e.addr.to_le_bytes().to_vec();
-            entry.extend_from_slice(&e.size.to_le_bytes());
-            entry.extend_from_slice(&(e.kind as u32).to_le_bytes());
-            entry
-        })
-        .collect();
-    crate::nvram::fw_cfg::fw_cfg_add_file(&fw_cfg, "etc/e820", e820).map_err(Error::other)?;
-
-    pc_load_kernel(machine)
-}
-
-/// QEMU's `pc_machine_done`: what firmware would do before the guest runs.
-fn pc_machine_done(machine: &ObjectRef) -> Result<(), Error> {
-    if let Some(bus) = machine.child("i440fx").and_then(|h| h.child("pci.0")) {
-        crate::pci::pci::pci_assign_bars(&bus);
-    }
-    pc_acpi_setup(machine)
-}
-
-fn pc_i440fx_machine_class_init(class: &mut ObjectClass) {
-    let mc = machine_class_mut(class);
-    mc.desc = "Standard PC (i440FX + PIIX, 1996)";
-    mc.alias = Some("pc");
-    mc.is_default = true;
-    mc.init = Some(pc_init1);
-    mc.machine_done = Some(pc_machine_done);
-    mc.reset = Some(pc_machine_reset);
-}
-
-type_init! {
-    name: TYPE_PC_I440FX_MACHINE,
-    parent: Some(TYPE_PC_MACHINE),
-    class_init: Some(pc_i440fx_machine_class_init),
 }

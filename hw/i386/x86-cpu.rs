@@ -249,6 +249,10 @@ type_init!(X86Cpu {
 });
 
 impl X86Cpu {
+    /// The `vendor=` string, if set.
+    pub fn vendor(&self) -> Option<String> {
+        self.vendor.get()
+    }
     /// The local APIC ID.
     pub fn apic_id(&self) -> u32 {
         self.apic_id.load(Ordering::Relaxed)

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hw::core::machine::RunRequest;
+use hw::core::runstate::RunRequest;
 use hw::core::runstate::VmEvent;
 use parking_lot::{Condvar, Mutex};
 use serde_json::{json, Map, Value};

@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hw::core::machine::RunRequest;
+use hw::core::runstate::RunRequest;
 use hw::core::runstate::VmEvent;
 use parking_lot::Mutex;
 use qom::ObjectRef;
