@@ -169,6 +169,8 @@ pub trait PropertyAccessor: Send + Sync {
     fn get(&self, obj: &Object, prop: &Property) -> Result<Value, Error>;
     /// Writes an already validated value; `None` if the property is read-only.
     fn set(&self, obj: &Object, prop: &Property, value: Value) -> Option<Result<(), Error>>;
+    /// Whether [`PropertyAccessor::set`] writes.
+    fn writable(&self) -> bool;
 }
 
 /// A property computed from a typed state `S` rather than stored in one field: a family of
@@ -198,6 +200,9 @@ impl fmt::Debug for dyn PropertyAccessor {
 impl<S: std::any::Any + Send + Sync> PropertyAccessor for StateAccessor<S> {
     fn get(&self, obj: &Object, prop: &Property) -> Result<Value, Error> {
         Ok((self.get)(self.state(obj, prop)?, prop))
+    }
+    fn writable(&self) -> bool {
+        self.set.is_some()
     }
     fn set(&self, obj: &Object, prop: &Property, value: Value) -> Option<Result<(), Error>> {
         let set = self.set?;
@@ -384,6 +389,13 @@ impl Property {
             && self.setter.is_none()
             && self.accessor.is_none()
             && !matches!(self.kind, PropertyKind::Child(_))
+    }
+
+    /// Whether the property can be written (listings show only these as options).
+    pub fn is_settable(&self) -> bool {
+        self.setter.is_some()
+            || self.is_stored()
+            || self.accessor.is_some_and(|a| a.writable())
     }
 
     /// The default value as a `Value`.

@@ -123,7 +123,7 @@ pub fn device_properties(class: &ObjectClass) -> String {
         .properties()
         .iter()
         .filter(|p| !INTERNAL_PROPERTIES.contains(&p.name.as_ref()))
-        .filter(|p| p.setter.is_some() || p.is_stored())
+        .filter(|p| p.is_settable())
         .filter(|p| !matches!(p.kind, PropertyKind::Child(_)))
         .collect();
     props.sort_by(|a, b| a.name.cmp(&b.name));

@@ -2,17 +2,18 @@
 //! PM1a event and control registers and the PM timer at I/O base 0x600, the SCI on IRQ 9,
 //! the power button, and soft power-off (S5) through SLP_EN.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use qom::{type_init, Error, Object, ObjectClass, ObjectRef, WeakObjectRef};
+use qom::type_init;
 
 use crate::core::irq::{GsiRouter, IrqLine};
-use crate::core::machine::{machine_of, machine_state, RunRequest};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
-use crate::core::qdev::{device_class_mut, DeviceCategory};
-use crate::pci::pci::{pci_config_set, PciDeviceClass, TYPE_PCI_DEVICE};
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::runstate::RunRequest;
+use crate::core::services::MachineServices;
+use crate::pci::pci::{config, PciDevice, PciDeviceImpl};
 
 /// QEMU's `TYPE_PIIX4_PM`.
 pub const TYPE_PIIX4_PM: &str = "PIIX4_PM";
@@ -43,7 +44,7 @@ struct Pm {
     regs: Mutex<PmRegs>,
     start: Instant,
     sci: IrqLine,
-    machine: WeakObjectRef,
+    machine: Arc<MachineServices>,
 }
 
 impl Pm {
@@ -89,9 +90,7 @@ impl MemoryRegionOps for Pm {
                 if cnt & PM1_CNT_SLP_EN != 0 {
                     let slp_typ = (cnt >> 10) & 7;
                     if slp_typ == SLP_TYP_S5 {
-                        if let Some(ms) = self.machine.upgrade().as_deref().and_then(machine_state) {
-                            ms.run_state().request(RunRequest::GuestShutdown);
-                        }
+                        self.machine.request(RunRequest::GuestShutdown);
                     } else {
                         log::warn!("PIIX4_PM: sleep type {slp_typ} is not supported; ignored");
                     }
@@ -103,82 +102,79 @@ impl MemoryRegionOps for Pm {
     }
 }
 
-/// What the device keeps: its register block, for the power button.
-#[derive(Default)]
+impl Pm {
+    /// QEMU's `acpi_pm1_evt_power_down`: latches the power button status and updates the
+    /// SCI.
+    fn power_button(&self) {
+        let mut regs = self.regs.lock();
+        regs.sts |= PM1_PWRBTN;
+        self.update_sci(&regs);
+    }
+}
+
+/// QEMU's `PIIX4PMState`: the register block, once realized.
+#[derive(qom::Object)]
+#[qom(name = TYPE_PIIX4_PM)]
 pub struct Piix4Pm {
+    #[parent]
+    parent: PciDevice,
     pm: Mutex<Option<Arc<Pm>>>,
 }
 
-/// Presses the ACPI power button (QEMU's `acpi_pm1_evt_power_down`): the guest gets an SCI
-/// and, if it listens, powers off. Returns `false` if the device is not realized.
-pub fn piix4_pm_power_button(dev: &Object) -> bool {
-    let Some(pm) = dev.downcast::<Piix4Pm>().and_then(|p| p.pm.lock().clone()) else {
-        return false;
-    };
-    let mut regs = pm.regs.lock();
-    regs.sts |= PM1_PWRBTN;
-    pm.update_sci(&regs);
-    true
-}
+type_init!(Piix4Pm);
 
-/// Realize errors.
-#[derive(Debug, thiserror::Error)]
-enum PmError {
-    #[error("PIIX4_PM: not part of a machine")]
-    NoMachine,
-}
-
-fn piix4_pm_realize(dev: &Object) -> Result<(), Error> {
-    let machine: ObjectRef = machine_of(dev).ok_or_else(|| Error::other(PmError::NoMachine))?;
-    let ms = machine_state(&machine).expect("machines have a MachineState");
-    let pm = Arc::new(Pm {
-        regs: Mutex::new(PmRegs {
-            sts: 0,
-            en: 0,
-            // No SMI handshake exists without firmware: the machine starts in ACPI mode.
-            cnt: PM1_CNT_SCI_EN,
-        }),
-        start: Instant::now(),
-        sci: IrqLine::new(GsiRouter::new(&machine), SCI_IRQ),
-        machine: machine.downgrade(),
-    });
-    // PMBA (0x40) and PMREGMISC (0x80) as firmware programs them.
-    pci_config_set(dev, 0x40, &u32::from(PM_IO_BASE | 1).to_le_bytes());
-    pci_config_set(dev, 0x80, &[1]);
-    pci_config_set(dev, crate::pci::pci::config::INTERRUPT_LINE, &[SCI_IRQ as u8]);
-    ms.system_io()
-        .map(PM_IO_BASE.into(), MemoryRegion::new_io("acpi-pm", 0x40, pm.clone()))
-        .map_err(Error::other)?;
-    if let Some(state) = dev.downcast::<Piix4Pm>() {
-        *state.pm.lock() = Some(pm);
+impl Piix4Pm {
+    /// Presses the ACPI power button (QEMU's `acpi_pm1_evt_power_down`): the guest gets an
+    /// SCI and, if it listens, powers off. Returns `false` if the device is not realized.
+    pub fn power_button(&self) -> bool {
+        let Some(pm) = self.pm.lock().clone() else {
+            return false;
+        };
+        pm.power_button();
+        true
     }
-    // The power button is the machine's powerdown notifier (`system_powerdown`).
-    let this = dev.downgrade();
-    ms.vm_state().add_powerdown_notifier(Arc::new(move || {
-        if let Some(dev) = this.upgrade() {
-            piix4_pm_power_button(&dev);
-        }
-    }));
-    Ok(())
 }
 
-fn piix4_pm_class_init(class: &mut ObjectClass) {
-    if let Some(pc) = class.get_mut::<PciDeviceClass>() {
-        pc.vendor_id = 0x8086;
-        pc.device_id = 0x7113;
-        pc.revision = 0x03;
-        pc.class_id = 0x0680;
-        pc.realize = Some(piix4_pm_realize);
+impl DeviceImpl for Piix4Pm {
+    const DESCRIPTION: Option<&'static str> = Some("PM");
+    const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
+    const USER_CREATABLE: bool = false;
+}
+
+impl PciDeviceImpl for Piix4Pm {
+    const VENDOR_ID: u16 = 0x8086;
+    const DEVICE_ID: u16 = 0x7113;
+    const REVISION: u8 = 0x03;
+    const CLASS_ID: u16 = 0x0680;
+
+    fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let services = ctx.machine()?;
+        let pm = Arc::new(Pm {
+            regs: Mutex::new(PmRegs {
+                sts: 0,
+                en: 0,
+                // No SMI handshake exists without firmware: the machine starts in ACPI mode.
+                cnt: PM1_CNT_SCI_EN,
+            }),
+            start: Instant::now(),
+            sci: IrqLine::new(GsiRouter::new(services), SCI_IRQ),
+            machine: services.clone(),
+        });
+        // PMBA (0x40) and PMREGMISC (0x80) as firmware programs them.
+        self.config_set(0x40, &u32::from(PM_IO_BASE | 1).to_le_bytes());
+        self.config_set(0x80, &[1]);
+        self.config_set(config::INTERRUPT_LINE, &[SCI_IRQ as u8]);
+        services
+            .system_io()
+            .map(PM_IO_BASE.into(), MemoryRegion::new_io("acpi-pm", 0x40, pm.clone()))?;
+        *self.pm.lock() = Some(pm.clone());
+        // The power button is the machine's powerdown notifier (`system_powerdown`).
+        let button: Weak<Pm> = Arc::downgrade(&pm);
+        services.vm().add_powerdown_notifier(Arc::new(move || {
+            if let Some(pm) = button.upgrade() {
+                pm.power_button();
+            }
+        }));
+        Ok(())
     }
-    let dc = device_class_mut(class);
-    dc.desc = Some("PM");
-    dc.category = DeviceCategory::Bridge;
-    dc.user_creatable = false;
-}
-
-type_init! {
-    name: TYPE_PIIX4_PM,
-    parent: Some(TYPE_PCI_DEVICE),
-    class_init: Some(piix4_pm_class_init),
-    instance: Some(qom::InstanceSpec::of::<Piix4Pm>()),
 }

@@ -14,20 +14,21 @@ use std::io;
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
-use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property, PropertyKind, Value};
+use qom::{
+    type_init, ClassInitFor, Error, ObjectClass, ObjectRef, Prop, Property, PropertyKind,
+    StateAccessor, Typed, Value,
+};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 use crate::core::chardev::{chardev_find, CharBackend};
-use crate::core::bus::bus_children;
 use crate::core::irq::IrqLine;
-use crate::core::machine::machine_of;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{
-    device_class_mut, device_class_set_props, qdev_new, qdev_realize, DeviceCategory,
-    DeviceMethods, QdevError,
+    qdev_new_typed, qdev_realize, DeviceCategory, DeviceContext, DeviceImpl, QdevError,
+    RealizeError,
 };
-use crate::isa::isa_bus::{isa_get_irq, isa_register_ioport, ISA_NUM_IRQS, TYPE_ISA_DEVICE};
+use crate::isa::isa_bus::{IsaBus, IsaDevice, ISA_NUM_IRQS};
 
 /// QEMU's `TYPE_ISA_SERIAL`.
 pub const TYPE_ISA_SERIAL: &str = "isa-serial";
@@ -239,27 +240,23 @@ impl MemoryRegionOps for SerialPort {
     }
 }
 
-/// The `isa-serial` instance: what the properties set, and the UART.
-#[derive(Default)]
-pub struct IsaSerial {
-    index: Mutex<Option<u32>>,
-    iobase: Mutex<Option<u32>>,
-    irq: Mutex<Option<u32>>,
-    port: Arc<SerialPort>,
+/// The COM port settings the `index`, `iobase` and `irq` properties write: `None` until
+/// set, so that `iobase` and `irq` follow `index` and `index` can default to the lowest
+/// free one at realize.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SerialConfig {
+    index: Option<u32>,
+    iobase: Option<u32>,
+    irq: Option<u32>,
 }
 
-impl IsaSerial {
-    /// The UART.
-    pub fn port(&self) -> &Arc<SerialPort> {
-        &self.port
-    }
-
+impl SerialConfig {
     fn index_or_default(&self) -> usize {
-        self.index.lock().unwrap_or(0) as usize
+        self.index.unwrap_or(0) as usize
     }
 
     fn iobase(&self) -> u32 {
-        self.iobase.lock().unwrap_or_else(|| {
+        self.iobase.unwrap_or_else(|| {
             ISA_SERIAL_IO
                 .get(self.index_or_default())
                 .map_or(0, |&io| io.into())
@@ -267,7 +264,7 @@ impl IsaSerial {
     }
 
     fn irq(&self) -> u32 {
-        self.irq.lock().unwrap_or_else(|| {
+        self.irq.unwrap_or_else(|| {
             ISA_SERIAL_IRQ
                 .get(self.index_or_default())
                 .copied()
@@ -276,79 +273,124 @@ impl IsaSerial {
     }
 }
 
-fn serial_state(obj: &Object) -> Result<&IsaSerial, Error> {
-    obj.downcast::<IsaSerial>()
-        .ok_or_else(|| Error::other(SerialError::NotASerial(obj.type_name())))
+/// QEMU's `ISASerialState`: the COM port settings, the backend's id and the UART.
+#[derive(qom::Object)]
+#[qom(name = TYPE_ISA_SERIAL, class_level)]
+pub struct IsaSerial {
+    #[parent]
+    parent: IsaDevice,
+    #[property(desc = "ID of a chardev to use as a backend")]
+    chardev: Prop<Option<String>>,
+    config: Mutex<SerialConfig>,
+    port: Arc<SerialPort>,
 }
 
-fn uint_of(value: Value) -> u32 {
-    // The property kind (uint32) was validated before the setter runs.
-    match value {
-        Value::Uint(v) => v as u32,
-        _ => 0,
+type_init!(IsaSerial {
+    class_init: Some(<IsaSerial as ClassInitFor<IsaSerial>>::class_init),
+});
+
+impl IsaSerial {
+    /// The UART.
+    pub fn port(&self) -> &Arc<SerialPort> {
+        &self.port
+    }
+
+    /// Connects the UART to `backend` (QEMU's `qdev_prop_set_chr` for `-serial`): its
+    /// output goes there and its input comes from there. `None` disconnects. Works before
+    /// or after realize; a `chardev` property, if set, replaces it at realize.
+    pub fn set_backend(&self, backend: Option<Arc<dyn CharBackend>>) {
+        attach_backend(&self.port, backend);
+    }
+
+    /// The lowest COM index no other realized `isa-serial` on the device's bus has (QEMU
+    /// counts ports process-wide; per bus keeps machines independent).
+    fn free_index(&self, ctx: &DeviceContext) -> Result<u32, RealizeError> {
+        let bus: &IsaBus = ctx.bus_state()?;
+        let used: Vec<u32> = bus
+            .children()
+            .into_iter()
+            .filter(|c| !Arc::ptr_eq(c, ctx.object()))
+            .filter_map(Typed::<IsaSerial>::new)
+            .filter(|s| s.is_realized())
+            .filter_map(|s| s.config.lock().index)
+            .collect();
+        (0..MAX_ISA_SERIAL_PORTS as u32)
+            .find(|i| !used.contains(i))
+            .ok_or(RealizeError::device(SerialError::TooManyPorts))
     }
 }
 
-fn get_index(obj: &Object, _: &Property) -> Result<Value, Error> {
-    Ok(Value::Uint(serial_state(obj)?.index_or_default() as u64))
-}
-
-fn set_index(obj: &Object, _: &Property, value: Value) -> Result<(), Error> {
-    *serial_state(obj)?.index.lock() = Some(uint_of(value));
+/// `index`, `iobase` and `irq` read as what realize will use until set; like qdev
+/// properties, they cannot be changed once the device is realized.
+fn set_config(
+    serial: &IsaSerial,
+    prop: &Property,
+    value: Value,
+    field: fn(&mut SerialConfig) -> &mut Option<u32>,
+) -> Result<(), Error> {
+    if serial.is_realized() {
+        let device = match serial.id() {
+            Some(id) => format!("device '{id}'"),
+            None => "anonymous device".to_string(),
+        };
+        return Err(Error::PropertyAfterRealize {
+            name: prop.name.to_string(),
+            device,
+            type_name: TYPE_ISA_SERIAL.to_string(),
+        });
+    }
+    // The property kind (uint32) was validated before the setter runs.
+    if let Value::Uint(v) = value {
+        *field(&mut serial.config.lock()) = Some(v as u32);
+    }
     Ok(())
 }
 
-fn get_iobase(obj: &Object, _: &Property) -> Result<Value, Error> {
-    Ok(Value::Uint(serial_state(obj)?.iobase().into()))
-}
+static INDEX: StateAccessor<IsaSerial> = StateAccessor {
+    get: |s, _| Value::Uint(s.config.lock().index_or_default() as u64),
+    set: Some(|s, prop, value| set_config(s, prop, value, |c| &mut c.index)),
+};
 
-fn set_iobase(obj: &Object, _: &Property, value: Value) -> Result<(), Error> {
-    *serial_state(obj)?.iobase.lock() = Some(uint_of(value));
-    Ok(())
-}
+static IOBASE: StateAccessor<IsaSerial> = StateAccessor {
+    get: |s, _| Value::Uint(s.config.lock().iobase().into()),
+    set: Some(|s, prop, value| set_config(s, prop, value, |c| &mut c.iobase)),
+};
 
-fn get_irq(obj: &Object, _: &Property) -> Result<Value, Error> {
-    Ok(Value::Uint(serial_state(obj)?.irq().into()))
-}
+static IRQ: StateAccessor<IsaSerial> = StateAccessor {
+    get: |s, _| Value::Uint(s.config.lock().irq().into()),
+    set: Some(|s, prop, value| set_config(s, prop, value, |c| &mut c.irq)),
+};
 
-fn set_irq(obj: &Object, _: &Property, value: Value) -> Result<(), Error> {
-    *serial_state(obj)?.irq.lock() = Some(uint_of(value));
-    Ok(())
+/// `isa-serial`'s class: the ISA device class, with `index`, `iobase` and `irq`, which read
+/// as the COM port default of `index` until set, so they are computed from the state
+/// rather than bound to a field (a field cannot tell "unset" from a value).
+impl<T: DeviceImpl> ClassInitFor<T> for IsaSerial {
+    fn class_init(class: &mut ObjectClass) {
+        <IsaDevice as ClassInitFor<T>>::class_init(class);
+        class.add_property(Property::state(
+            "index",
+            PropertyKind::Uint(32),
+            "COM port number (0-3): picks the default iobase and irq; default: the lowest free",
+            &INDEX,
+        ));
+        class.add_property(Property::state(
+            "iobase",
+            PropertyKind::Uint(32),
+            "I/O port base (default: 0x3f8, 0x2f8, 0x3e8, 0x2e8 by index)",
+            &IOBASE,
+        ));
+        class.add_property(Property::state(
+            "irq",
+            PropertyKind::Uint(32),
+            "ISA IRQ (default: 4, 3, 4, 3 by index)",
+            &IRQ,
+        ));
+    }
 }
-
-// `iobase` and `irq` read as the COM port default of `index` until set, so they are kept
-// by this file rather than in the property store (which cannot tell "unset" from a value).
-const PROPERTIES: &[Property] = &[
-    Property::custom(
-        "index",
-        PropertyKind::Uint(32),
-        Some(get_index),
-        Some(set_index),
-        "COM port number (0-3): picks the default iobase and irq; default: the lowest free",
-    ),
-    Property::custom(
-        "iobase",
-        PropertyKind::Uint(32),
-        Some(get_iobase),
-        Some(set_iobase),
-        "I/O port base (default: 0x3f8, 0x2f8, 0x3e8, 0x2e8 by index)",
-    ),
-    Property::custom(
-        "irq",
-        PropertyKind::Uint(32),
-        Some(get_irq),
-        Some(set_irq),
-        "ISA IRQ (default: 4, 3, 4, 3 by index)",
-    ),
-    Property::string("chardev", None, "ID of a chardev to use as a backend"),
-];
 
 /// Errors of `isa-serial`.
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
-    /// The object is no `isa-serial`.
-    #[error("'{0}' is not an isa-serial device")]
-    NotASerial(&'static str),
     /// `index` past COM4, or a fifth port.
     #[error("Max. supported number of ISA serial ports is {MAX_ISA_SERIAL_PORTS}.")]
     TooManyPorts,
@@ -363,56 +405,44 @@ pub enum SerialError {
     ChardevNotFound(String),
 }
 
-/// The lowest COM index no other realized `isa-serial` on `dev`'s bus has (QEMU counts
-/// ports process-wide; per bus keeps machines independent).
-fn free_index(dev: &Object) -> Result<u32, SerialError> {
-    let used: Vec<u32> = dev
-        .parent_bus()
-        .map(|bus| bus_children(&bus))
-        .unwrap_or_default()
-        .iter()
-        .filter(|c| !std::ptr::eq(&***c, dev) && c.is_a(TYPE_ISA_SERIAL) && c.is_realized())
-        .filter_map(|c| c.downcast::<IsaSerial>().and_then(|s| *s.index.lock()))
-        .collect();
-    (0..MAX_ISA_SERIAL_PORTS as u32)
-        .find(|i| !used.contains(i))
-        .ok_or(SerialError::TooManyPorts)
-}
+impl DeviceImpl for IsaSerial {
+    // QEMU lists serial ports under "Input devices".
+    const CATEGORY: DeviceCategory = DeviceCategory::Input;
 
-fn serial_isa_realize(dev: &Object) -> Result<(), Error> {
-    let st = serial_state(dev)?;
-    let index = match *st.index.lock() {
-        Some(i) => i,
-        None => free_index(dev).map_err(Error::other)?,
-    };
-    if index as usize >= MAX_ISA_SERIAL_PORTS {
-        return Err(Error::other(SerialError::TooManyPorts));
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let index = match self.config.lock().index {
+            Some(i) => i,
+            None => self.free_index(ctx)?,
+        };
+        if index as usize >= MAX_ISA_SERIAL_PORTS {
+            return Err(RealizeError::device(SerialError::TooManyPorts));
+        }
+        let config = {
+            let mut config = self.config.lock();
+            config.index = Some(index);
+            *config
+        };
+        let iobase = config.iobase();
+        let iobase = u16::try_from(iobase)
+            .ok()
+            .filter(|&b| u64::from(b) + SERIAL_REGION_SIZE <= 0x1_0000)
+            .ok_or(RealizeError::device(SerialError::BadIobase(iobase)))?;
+        let irq = config.irq();
+        if irq as usize >= ISA_NUM_IRQS {
+            return Err(RealizeError::device(SerialError::BadIrq(irq)));
+        }
+        if let Some(chardev) = self.chardev.get() {
+            let backend = chardev_find(&chardev)
+                .ok_or_else(|| RealizeError::device(SerialError::ChardevNotFound(chardev)))?;
+            attach_backend(&self.port, Some(backend));
+        }
+        self.port.set_irq(self.irq(ctx, irq as usize));
+        let region = MemoryRegion::new_io("serial", SERIAL_REGION_SIZE, self.port.clone());
+        self.register_ioport(ctx, region, iobase)
     }
-    *st.index.lock() = Some(index);
-    let iobase = st.iobase();
-    let iobase = u16::try_from(iobase)
-        .ok()
-        .filter(|&b| u64::from(b) + SERIAL_REGION_SIZE <= 0x1_0000)
-        .ok_or(SerialError::BadIobase(iobase))
-        .map_err(Error::other)?;
-    let irq = st.irq();
-    if irq as usize >= ISA_NUM_IRQS {
-        return Err(Error::other(SerialError::BadIrq(irq)));
-    }
-    let chardev = dev.prop_str("chardev")?;
-    if !chardev.is_empty() {
-        let backend = chardev_find(&chardev)
-            .ok_or_else(|| Error::other(SerialError::ChardevNotFound(chardev.clone())))?;
-        attach_backend(&st.port, Some(backend));
-    }
-    st.port.set_irq(isa_get_irq(dev, irq as usize));
-    let region = MemoryRegion::new_io("serial", SERIAL_REGION_SIZE, st.port.clone());
-    isa_register_ioport(dev, region, iobase).map_err(Error::other)
-}
 
-fn serial_isa_reset(dev: &Object) {
-    if let Some(st) = dev.downcast::<IsaSerial>() {
-        st.port.reset();
+    fn reset(&self) {
+        self.port.reset();
     }
 }
 
@@ -434,57 +464,19 @@ fn attach_backend(port: &Arc<SerialPort>, backend: Option<Arc<dyn CharBackend>>)
     }
 }
 
-/// Connects `dev`'s UART to `backend` (QEMU's `qdev_prop_set_chr` for `-serial`): its
-/// output goes there and its input comes from there. `None` disconnects. Works before or
-/// after realize; a `chardev` property, if set, replaces it at realize.
-pub fn serial_set_backend(
-    dev: &Object,
-    backend: Option<Arc<dyn CharBackend>>,
-) -> Result<(), SerialError> {
-    let st = dev
-        .downcast::<IsaSerial>()
-        .ok_or(SerialError::NotASerial(dev.type_name()))?;
-    attach_backend(&st.port, backend);
-    Ok(())
-}
-
-/// `dev`'s UART, if `dev` is an `isa-serial`.
-pub fn serial_port(dev: &Object) -> Option<Arc<SerialPort>> {
-    dev.downcast::<IsaSerial>().map(|s| s.port.clone())
-}
-
 /// QEMU's `serial_isa_init`: an `isa-serial` for COM`index + 1` on `bus`, connected to
-/// `backend`, realized. It is put under its machine's `unattached` container, as a board's
-/// devices are.
+/// `backend`, realized (an orphan goes under `/machine/unattached`, as a board's devices
+/// do).
 pub fn serial_isa_init(
     bus: &ObjectRef,
     index: u32,
     backend: Option<Arc<dyn CharBackend>>,
-) -> Result<ObjectRef, QdevError> {
-    let dev = qdev_new(TYPE_ISA_SERIAL)?;
-    dev.property_set("index", Value::Uint(index.into()))?;
-    serial_set_backend(&dev, backend).map_err(|e| QdevError::Qom(Error::other(e)))?;
-    if let Some(machine) = machine_of(bus) {
-        qom::container_get(&machine, "unattached").add_child("device[*]", &dev)?;
-    }
-    qdev_realize(&dev, Some(bus))?;
+) -> Result<Typed<IsaSerial>, QdevError> {
+    let dev = qdev_new_typed::<IsaSerial>()?;
+    dev.config.lock().index = Some(index);
+    dev.set_backend(backend);
+    qdev_realize(dev.object(), Some(bus))?;
     Ok(dev)
-}
-
-fn serial_isa_class_init(class: &mut ObjectClass) {
-    device_class_set_props(class, PROPERTIES);
-    let dc = device_class_mut(class);
-    dc.realize = Some(serial_isa_realize);
-    dc.reset = Some(serial_isa_reset);
-    // QEMU lists serial ports under "Input devices".
-    dc.category = DeviceCategory::Input;
-}
-
-type_init! {
-    name: TYPE_ISA_SERIAL,
-    parent: Some(TYPE_ISA_DEVICE),
-    class_init: Some(serial_isa_class_init),
-    instance: Some(qom::InstanceSpec::of::<IsaSerial>()),
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 //! (with KVM, the in-kernel PIC and IOAPIC through `KVM_IRQ_LINE`).
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use crate::core::accel_ops::AccelOpsRef;
 use crate::core::services::MachineServices;
 
 /// Where a line's level changes go: an interrupt controller's input pins.
@@ -73,16 +74,16 @@ impl fmt::Debug for IrqLine {
 
 /// Routes lines to the accelerator's interrupt controller (GSI `n`), as a board's
 /// `gsi_state` does; a machine without an accelerator drops them. The accelerator is read
-/// without a lock on every level change.
+/// without a lock on every level change, and without keeping the machine alive.
 pub struct GsiRouter {
-    services: Arc<MachineServices>,
+    accel: Arc<OnceLock<AccelOpsRef>>,
 }
 
 impl GsiRouter {
     /// A router for the accelerator of the machine `services` belong to.
-    pub fn new(services: &Arc<MachineServices>) -> Arc<Self> {
+    pub fn new(services: &MachineServices) -> Arc<Self> {
         Arc::new(GsiRouter {
-            services: services.clone(),
+            accel: services.vm().accel_slot(),
         })
     }
 }
@@ -90,7 +91,7 @@ impl GsiRouter {
 impl IrqHandler for GsiRouter {
     #[inline]
     fn set_irq(&self, n: u32, level: bool) {
-        if let Some(ops) = self.services.accel_ops() {
+        if let Some(ops) = self.accel.get() {
             ops.set_irq(n, level);
         }
     }

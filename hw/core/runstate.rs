@@ -235,7 +235,7 @@ pub struct VmState {
     listeners: Mutex<Vec<EventListener>>,
     powerdown: Mutex<Vec<PowerdownNotifier>>,
     requests: RunState,
-    accel_ops: OnceLock<AccelOpsRef>,
+    accel_ops: Arc<OnceLock<AccelOpsRef>>,
     reset: OnceLock<ResetHandler>,
 }
 
@@ -261,6 +261,12 @@ impl VmState {
     #[inline]
     pub fn accel_ops(&self) -> Option<&AccelOpsRef> {
         self.accel_ops.get()
+    }
+
+    /// Where the accelerator's operations are installed, shared: an interrupt line keeps it
+    /// to reach the accelerator without holding the machine.
+    pub fn accel_slot(&self) -> Arc<OnceLock<AccelOpsRef>> {
+        self.accel_ops.clone()
     }
 
     /// Installs the accelerator's operations (`accel_init_machine` does, once).

@@ -1,7 +1,7 @@
 //! PC board pieces that are not QOM devices in QEMU either (QEMU's `hw/i386/pc.c`): the
 //! POST-code port 0x80, the FPU error port 0xf0, and port 92's fast reset.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
@@ -34,7 +34,7 @@ impl MemoryRegionOps for FpuErrorPort {
 /// Port 0x92, "system control port A": bit 0 is a fast reset, bit 1 the A20 gate (always on
 /// for a KVM guest; its value is kept so the guest reads back what it wrote).
 struct Port92 {
-    machine: Arc<MachineServices>,
+    machine: Weak<MachineServices>,
     value: Mutex<u8>,
 }
 
@@ -46,7 +46,9 @@ impl MemoryRegionOps for Port92 {
         let value = value as u8;
         *self.value.lock() = value & !1;
         if value & 1 != 0 {
-            self.machine.request(RunRequest::GuestReset);
+            if let Some(machine) = self.machine.upgrade() {
+                machine.request(RunRequest::GuestReset);
+            }
         }
     }
 }
@@ -57,7 +59,7 @@ pub fn pc_basic_ports_init(machine: &Arc<MachineServices>) -> Result<(), MemoryE
     io.map(0x80, MemoryRegion::new_io("ioport80", 1, Arc::new(PostPort)))?;
     io.map(0xf0, MemoryRegion::new_io("ioportF0", 1, Arc::new(FpuErrorPort)))?;
     let port92 = Port92 {
-        machine: machine.clone(),
+        machine: Arc::downgrade(machine),
         value: Mutex::new(0x02),
     };
     io.map(0x92, MemoryRegion::new_io("port92", 1, Arc::new(port92)))?;

@@ -13,16 +13,17 @@
 //! is never full (IBF stays clear).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
-use qom::{type_init, Error, Object, ObjectClass, Property};
+use qom::{type_init, Prop};
 
 use crate::core::irq::IrqLine;
-use crate::core::machine::{machine_of, machine_state, RunRequest};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
-use crate::core::qdev::{device_class_mut, device_class_set_props, DeviceCategory, DeviceMethods};
-use crate::isa::isa_bus::{isa_get_irq, isa_register_ioport, ISA_NUM_IRQS, TYPE_ISA_DEVICE};
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::runstate::RunRequest;
+use crate::core::services::MachineServices;
+use crate::isa::isa_bus::{IsaDevice, ISA_NUM_IRQS};
 
 /// QEMU's `TYPE_I8042`.
 pub const TYPE_I8042: &str = "i8042";
@@ -617,89 +618,72 @@ impl MemoryRegionOps for KbdPort {
     }
 }
 
-/// The `i8042` instance.
-#[derive(Default)]
+/// QEMU's `ISAKBDState`: the controller and its IRQ properties.
+#[derive(qom::Object)]
+#[qom(name = TYPE_I8042)]
 pub struct I8042 {
+    #[parent]
+    parent: IsaDevice,
+    #[property(name = "kbd-irq", default = 1, desc = "ISA IRQ of the keyboard")]
+    kbd_irq: Prop<u8>,
+    #[property(name = "mouse-irq", default = 12, desc = "ISA IRQ of the mouse")]
+    mouse_irq: Prop<u8>,
     ctrl: Arc<KbdController>,
 }
 
-/// The controller of an `i8042` device.
-pub fn i8042_controller(dev: &Object) -> Option<Arc<KbdController>> {
-    dev.downcast::<I8042>().map(|s| s.ctrl.clone())
-}
+type_init!(I8042);
 
-const PROPERTIES: &[Property] = &[
-    Property::uint("kbd-irq", 8, 1, "ISA IRQ of the keyboard"),
-    Property::uint("mouse-irq", 8, 12, "ISA IRQ of the mouse"),
-];
+impl I8042 {
+    /// The controller (QEMU's `ISAKBDState::kbd`).
+    pub fn controller(&self) -> &Arc<KbdController> {
+        &self.ctrl
+    }
+}
 
 /// Realize errors of `i8042`.
 #[derive(Debug, thiserror::Error)]
 enum I8042Error {
-    #[error("i8042: not part of a machine")]
-    NoMachine,
     #[error("i8042: IRQ {0} is invalid (the ISA bus has {ISA_NUM_IRQS})")]
-    BadIrq(u64),
+    BadIrq(u8),
 }
 
-fn i8042_realize(dev: &Object) -> Result<(), Error> {
-    let st = dev
-        .downcast::<I8042>()
-        .expect("i8042 instances have an I8042 part");
-    let kbd_irq = dev.prop_uint("kbd-irq")?;
-    let mouse_irq = dev.prop_uint("mouse-irq")?;
-    for irq in [kbd_irq, mouse_irq] {
-        if irq as usize >= ISA_NUM_IRQS {
-            return Err(Error::other(I8042Error::BadIrq(irq)));
-        }
-    }
-    let machine = machine_of(dev)
-        .or_else(|| dev.parent_bus().and_then(|b| machine_of(&b)))
-        .ok_or_else(|| Error::other(I8042Error::NoMachine))?
-        .downgrade();
-    st.ctrl.set_reset_hook(Some(Arc::new(move || {
-        if let Some(machine) = machine.upgrade() {
-            if let Some(ms) = machine_state(&machine) {
-                ms.run_state().request(RunRequest::GuestReset);
+impl DeviceImpl for I8042 {
+    const CATEGORY: DeviceCategory = DeviceCategory::Input;
+
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let kbd_irq = self.kbd_irq.get();
+        let mouse_irq = self.mouse_irq.get();
+        for irq in [kbd_irq, mouse_irq] {
+            if usize::from(irq) >= ISA_NUM_IRQS {
+                return Err(RealizeError::device(I8042Error::BadIrq(irq)));
             }
         }
-    })));
-    st.ctrl.set_irqs(
-        isa_get_irq(dev, kbd_irq as usize),
-        isa_get_irq(dev, mouse_irq as usize),
-    );
-    for (name, port, data) in [
-        ("i8042-data", I8042_DATA_PORT, true),
-        ("i8042-cmd", I8042_CMD_PORT, false),
-    ] {
-        let ops = Arc::new(KbdPort {
-            ctrl: st.ctrl.clone(),
-            data,
-        });
-        isa_register_ioport(dev, MemoryRegion::new_io(name, 1, ops), port).map_err(Error::other)?;
+        let machine: Weak<MachineServices> = Arc::downgrade(ctx.machine()?);
+        self.ctrl.set_reset_hook(Some(Arc::new(move || {
+            if let Some(machine) = machine.upgrade() {
+                machine.request(RunRequest::GuestReset);
+            }
+        })));
+        self.ctrl.set_irqs(
+            self.irq(ctx, kbd_irq.into()),
+            self.irq(ctx, mouse_irq.into()),
+        );
+        for (name, port, data) in [
+            ("i8042-data", I8042_DATA_PORT, true),
+            ("i8042-cmd", I8042_CMD_PORT, false),
+        ] {
+            let ops = Arc::new(KbdPort {
+                ctrl: self.ctrl.clone(),
+                data,
+            });
+            self.register_ioport(ctx, MemoryRegion::new_io(name, 1, ops), port)?;
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-fn i8042_reset(dev: &Object) {
-    if let Some(st) = dev.downcast::<I8042>() {
-        st.ctrl.reset();
+    fn reset(&self) {
+        self.ctrl.reset();
     }
-}
-
-fn i8042_class_init(class: &mut ObjectClass) {
-    device_class_set_props(class, PROPERTIES);
-    let dc = device_class_mut(class);
-    dc.realize = Some(i8042_realize);
-    dc.reset = Some(i8042_reset);
-    dc.category = DeviceCategory::Input;
-}
-
-type_init! {
-    name: TYPE_I8042,
-    parent: Some(TYPE_ISA_DEVICE),
-    class_init: Some(i8042_class_init),
-    instance: Some(qom::InstanceSpec::of::<I8042>()),
 }
 
 #[cfg(test)]

@@ -4,21 +4,32 @@
 
 use std::sync::Arc;
 
-use qom::{type_init, Error, Object, ObjectClass, WeakObjectRef};
+use qom::type_init;
 
 use crate::core::irq::{GsiRouter, IrqLine};
-use crate::core::machine::{machine_of, machine_state, RunRequest};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
-use crate::core::qdev::{device_class_mut, DeviceCategory};
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::runstate::RunRequest;
+use crate::core::services::MachineServices;
 use crate::isa::isa_bus::{isa_bus_new, isa_bus_set_irqs, ISA_NUM_IRQS};
-use crate::pci::pci::{PciDeviceClass, TYPE_PCI_DEVICE};
+use crate::pci::pci::{PciDevice, PciDeviceImpl};
 
 /// QEMU's `TYPE_PIIX3_DEVICE`.
 pub const TYPE_PIIX3: &str = "PIIX3";
 
+/// QEMU's `PIIX3State`.
+#[derive(qom::Object)]
+#[qom(name = TYPE_PIIX3)]
+pub struct Piix3 {
+    #[parent]
+    parent: PciDevice,
+}
+
+type_init!(Piix3);
+
 /// The reset control register (RCR): a write with bit 2 set resets the machine.
 struct ResetControl {
-    machine: WeakObjectRef,
+    machine: Arc<MachineServices>,
 }
 
 impl MemoryRegionOps for ResetControl {
@@ -28,56 +39,39 @@ impl MemoryRegionOps for ResetControl {
 
     fn write(&self, _offset: u64, value: u64, _size: u32) {
         if value & 0x4 != 0 {
-            if let Some(ms) = self.machine.upgrade().as_deref().and_then(machine_state) {
-                ms.run_state().request(RunRequest::GuestReset);
-            }
+            self.machine.request(RunRequest::GuestReset);
         }
     }
 }
 
-/// Realize errors of PIIX3.
-#[derive(Debug, thiserror::Error)]
-enum PiixError {
-    #[error("PIIX3: not part of a machine")]
-    NoMachine,
+impl DeviceImpl for Piix3 {
+    const DESCRIPTION: Option<&'static str> = Some("ISA bridge");
+    const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
+    const USER_CREATABLE: bool = false;
 }
 
-fn piix3_realize(dev: &Object) -> Result<(), Error> {
-    let this = dev.to_ref().expect("a device being realized is alive");
-    let machine = machine_of(dev).ok_or_else(|| Error::other(PiixError::NoMachine))?;
-    let ms = machine_state(&machine).expect("machines have a MachineState");
-    let bus = isa_bus_new(&this, "isa.0", ms.system_io().clone())?;
-    let router = GsiRouter::new(&machine);
-    let irqs = (0..ISA_NUM_IRQS as u32)
-        .map(|n| IrqLine::new(router.clone(), n))
-        .collect();
-    isa_bus_set_irqs(&bus, irqs);
-    let rcr = MemoryRegion::new_io(
-        "piix-reset-control",
-        1,
-        Arc::new(ResetControl {
-            machine: machine.downgrade(),
-        }),
-    );
-    ms.system_io().map(0xcf9, rcr).map_err(Error::other)
-}
+impl PciDeviceImpl for Piix3 {
+    const VENDOR_ID: u16 = 0x8086;
+    const DEVICE_ID: u16 = 0x7000;
+    const CLASS_ID: u16 = 0x0601;
+    const MULTIFUNCTION: bool = true;
 
-fn piix3_class_init(class: &mut ObjectClass) {
-    if let Some(pc) = class.get_mut::<PciDeviceClass>() {
-        pc.vendor_id = 0x8086;
-        pc.device_id = 0x7000;
-        pc.class_id = 0x0601;
-        pc.multifunction = true;
-        pc.realize = Some(piix3_realize);
+    fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let services = ctx.machine()?;
+        let bus = isa_bus_new(ctx.object(), "isa.0", services)?;
+        let router = GsiRouter::new(services);
+        let irqs = (0..ISA_NUM_IRQS as u32)
+            .map(|n| IrqLine::new(router.clone(), n))
+            .collect();
+        isa_bus_set_irqs(&bus, irqs);
+        let rcr = MemoryRegion::new_io(
+            "piix-reset-control",
+            1,
+            Arc::new(ResetControl {
+                machine: services.clone(),
+            }),
+        );
+        services.system_io().map(0xcf9, rcr)?;
+        Ok(())
     }
-    let dc = device_class_mut(class);
-    dc.desc = Some("ISA bridge");
-    dc.category = DeviceCategory::Bridge;
-    dc.user_creatable = false;
-}
-
-type_init! {
-    name: TYPE_PIIX3,
-    parent: Some(TYPE_PCI_DEVICE),
-    class_init: Some(piix3_class_init),
 }

@@ -1,7 +1,7 @@
 //! `isa-debug-exit` (QEMU's `hw/misc/debugexit.c`): a write of value v to its port ends
 //! qomvm with exit status `(v << 1) | 1`. Test kernels use it to report their result.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use qom::{type_init, Prop};
 
@@ -30,7 +30,7 @@ type_init!(DebugExit);
 
 /// The port handler: posts the exit request to the machine.
 struct DebugExitPort {
-    machine: Arc<MachineServices>,
+    machine: Weak<MachineServices>,
 }
 
 impl MemoryRegionOps for DebugExitPort {
@@ -44,7 +44,9 @@ impl MemoryRegionOps for DebugExitPort {
         // The exit status is an int: the guest's value shifted left, low bit set, truncated
         // to 32 bits as C's exit() would see it.
         let status = (((value & mask) << 1) | 1) as u32 as i32;
-        self.machine.request(RunRequest::DebugExit(status));
+        if let Some(machine) = self.machine.upgrade() {
+            machine.request(RunRequest::DebugExit(status));
+        }
     }
 }
 
@@ -61,7 +63,7 @@ impl DeviceImpl for DebugExit {
             return Err(RealizeError::device(NoPorts));
         }
         let port = Arc::new(DebugExitPort {
-            machine: ctx.machine()?.clone(),
+            machine: Arc::downgrade(ctx.machine()?),
         });
         let region = MemoryRegion::new_io(TYPE_ISA_DEBUG_EXIT, iosize.into(), port);
         self.register_ioport(ctx, region, self.iobase.get())

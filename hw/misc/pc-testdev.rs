@@ -14,19 +14,17 @@
 //!   written, at any size.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
-use qom::{type_init, Error, Object, ObjectClass, WeakObjectRef};
+use qom::type_init;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::core::machine::{machine_of, machine_state};
-use crate::core::memory::{MemoryRegion, MemoryRegionOps};
-use crate::core::qdev::{
-    device_class_mut, device_class_set_parent_unrealize, DeviceCategory, DeviceMethods,
-    UnrealizeFn,
-};
-use crate::isa::isa_bus::{isa_get_irq, isa_register_ioport, TYPE_ISA_DEVICE};
+use crate::core::irq::IrqLine;
+use crate::core::memory::{AddressSpace, MemoryRegion, MemoryRegionOps};
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::services::MachineServices;
+use crate::isa::isa_bus::IsaDevice;
 
 /// QEMU's `TYPE_TESTDEV`.
 pub const TYPE_PC_TESTDEV: &str = "pc-testdev";
@@ -46,43 +44,30 @@ pub const PC_TESTDEV_IOMEM: u64 = 0xff00_0000;
 /// Size of the scratch memory (QEMU's `IOMEM_LEN`).
 pub const PC_TESTDEV_IOMEM_LEN: usize = 0x10000;
 
-/// The instance part: the scratch register and memory, and the MMIO region to unmap.
+/// QEMU's `PCTestdev`: the scratch register and memory, and the MMIO mapping to undo.
+#[derive(qom::Object)]
+#[qom(name = TYPE_PC_TESTDEV, no_default)]
 pub struct PcTestdev {
+    #[parent]
+    parent: IsaDevice,
     ioport_data: Arc<AtomicU32>,
     iomem: Arc<Mutex<Box<[u8]>>>,
-    iomem_region: Mutex<Option<Arc<MemoryRegion>>>,
+    /// Where the scratch memory is mapped, once realized.
+    iomem_mapping: Mutex<Option<(Arc<AddressSpace>, Arc<MemoryRegion>)>>,
 }
 
 impl Default for PcTestdev {
     fn default() -> Self {
         PcTestdev {
+            parent: IsaDevice::default(),
             ioport_data: Arc::new(AtomicU32::new(0)),
             iomem: Arc::new(Mutex::new(vec![0; PC_TESTDEV_IOMEM_LEN].into_boxed_slice())),
-            iomem_region: Mutex::new(None),
+            iomem_mapping: Mutex::new(None),
         }
     }
 }
 
-/// The class level: the ISA device's unrealize, chained to after unmapping the memory.
-#[derive(Clone, Debug)]
-struct PcTestdevClass {
-    parent_unrealize: Option<UnrealizeFn>,
-}
-
-type_init! {
-    name: TYPE_PC_TESTDEV,
-    parent: Some(TYPE_ISA_DEVICE),
-    class_init: Some(pc_testdev_class_init),
-    instance: Some(qom::InstanceSpec::of::<PcTestdev>()),
-}
-
-fn pc_testdev_class_init(class: &mut ObjectClass) {
-    let parent_unrealize = device_class_set_parent_unrealize(class, pc_testdev_unrealize);
-    class.insert(PcTestdevClass { parent_unrealize });
-    let dc = device_class_mut(class);
-    dc.realize = Some(pc_testdev_realize);
-    dc.category = DeviceCategory::Misc;
-}
+type_init!(PcTestdev);
 
 /// QEMU's `test_ioport_read`/`test_ioport_write` on the 32-bit register.
 struct ScratchPort {
@@ -94,7 +79,11 @@ struct ScratchPort {
 fn lane_mask(offset: u64, size: u32) -> (u32, u32) {
     let start_bit = ((offset & 3) * 8) as u32;
     let bits = (size.min(4) * 8).min(32 - start_bit);
-    let mask = if bits == 32 { u32::MAX } else { ((1u32 << bits) - 1) << start_bit };
+    let mask = if bits == 32 {
+        u32::MAX
+    } else {
+        ((1u32 << bits) - 1) << start_bit
+    };
     (mask, start_bit)
 }
 
@@ -109,7 +98,9 @@ impl ScratchPort {
         let bits = ((value as u32) << shift) & mask;
         let _ = self
             .data
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some((v & !mask) | bits));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some((v & !mask) | bits)
+            });
     }
 }
 
@@ -118,7 +109,9 @@ impl MemoryRegionOps for ScratchPort {
         if !self.bytewise {
             return self.read_lane(offset, size);
         }
-        (0..size.min(4)).fold(0, |v, i| v | (self.read_lane(offset + u64::from(i), 1) << (8 * i)))
+        (0..size.min(4)).fold(0, |v, i| {
+            v | (self.read_lane(offset + u64::from(i), 1) << (8 * i))
+        })
     }
 
     fn write(&self, offset: u64, value: u64, size: u32) {
@@ -133,7 +126,7 @@ impl MemoryRegionOps for ScratchPort {
 
 /// QEMU's `test_flush_page_write`, without the `mprotect` (see the module docs).
 struct FlushPort {
-    machine: WeakObjectRef,
+    machine: Weak<MachineServices>,
 }
 
 impl MemoryRegionOps for FlushPort {
@@ -146,13 +139,10 @@ impl MemoryRegionOps for FlushPort {
             return;
         }
         let page = value & 0xffff_f000;
-        let Some(ram) = self
-            .machine
-            .upgrade()
-            .and_then(|m| machine_state(&m).map(|ms| ms.ram()))
-        else {
+        let Some(machine) = self.machine.upgrade() else {
             return;
         };
+        let ram = machine.ram();
         let mut buf = vec![0u8; 4096];
         if ram.read_slice(&mut buf, GuestAddress(page)).is_err() {
             log::debug!("pc-testdev: flush of 0x{page:x}: not RAM");
@@ -160,9 +150,9 @@ impl MemoryRegionOps for FlushPort {
     }
 }
 
-/// QEMU's `test_irq_line`.
+/// QEMU's `test_irq_line`: the device's ISA IRQ lines, taken at realize.
 struct IrqPort {
-    dev: WeakObjectRef,
+    irqs: Vec<IrqLine>,
 }
 
 impl MemoryRegionOps for IrqPort {
@@ -171,9 +161,13 @@ impl MemoryRegionOps for IrqPort {
     }
 
     fn write(&self, offset: u64, value: u64, size: u32) {
-        let mask = if size >= 8 { u64::MAX } else { (1u64 << (8 * size)) - 1 };
-        if let Some(dev) = self.dev.upgrade() {
-            isa_get_irq(&dev, offset as usize).set(value & mask != 0);
+        let mask = if size >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * size)) - 1
+        };
+        if let Some(irq) = self.irqs.get(offset as usize) {
+            irq.set(value & mask != 0);
         }
     }
 }
@@ -205,98 +199,76 @@ impl MemoryRegionOps for IomemRegion {
     }
 }
 
-/// Realize errors of `pc-testdev`.
-#[derive(Debug, thiserror::Error)]
-enum PcTestdevError {
-    #[error("pc-testdev: not part of a machine")]
-    NoMachine,
-}
+impl DeviceImpl for PcTestdev {
+    const CATEGORY: DeviceCategory = DeviceCategory::Misc;
 
-fn pc_testdev_realize(dev: &Object) -> Result<(), Error> {
-    let st = dev
-        .downcast::<PcTestdev>()
-        .expect("pc-testdev instances have a PcTestdev part");
-    let machine = machine_of(dev)
-        .or_else(|| dev.parent_bus().and_then(|b| machine_of(&b)))
-        .ok_or_else(|| Error::other(PcTestdevError::NoMachine))?;
-    let ms = machine_state(&machine).ok_or_else(|| Error::other(PcTestdevError::NoMachine))?;
-    let this = dev.to_ref().expect("a device being realized is alive");
-
-    let ports: [(u16, u64, &str, Arc<dyn MemoryRegionOps>); 4] = [
-        (
-            PC_TESTDEV_IOPORT,
-            4,
-            "pc-testdev-ioport",
-            Arc::new(ScratchPort {
-                data: st.ioport_data.clone(),
-                bytewise: false,
-            }),
-        ),
-        (
-            PC_TESTDEV_FLUSH,
-            4,
-            "pc-testdev-flush-page",
-            Arc::new(FlushPort {
-                machine: machine.downgrade(),
-            }),
-        ),
-        (
-            PC_TESTDEV_IOPORT_BYTE,
-            4,
-            "pc-testdev-ioport-byte",
-            Arc::new(ScratchPort {
-                data: st.ioport_data.clone(),
-                bytewise: true,
-            }),
-        ),
-        (
-            PC_TESTDEV_IRQ,
-            PC_TESTDEV_IRQ_LINES,
-            "pc-testdev-irq-line",
-            Arc::new(IrqPort {
-                dev: this.downgrade(),
-            }),
-        ),
-    ];
-    for (base, size, name, ops) in ports {
-        // On failure the ISA device's unrealize is not run; unmap what was mapped here.
-        if let Err(e) = isa_register_ioport(dev, MemoryRegion::new_io(name, size, ops), base) {
-            pc_testdev_unrealize(dev);
-            return Err(Error::other(e));
-        }
-    }
-    let iomem = MemoryRegion::new_io(
-        "pc-testdev-iomem",
-        PC_TESTDEV_IOMEM_LEN as u64,
-        Arc::new(IomemRegion {
-            buf: st.iomem.clone(),
-        }),
-    );
-    if let Err(e) = ms.system_memory().map(PC_TESTDEV_IOMEM, iomem.clone()) {
-        pc_testdev_unrealize(dev);
-        return Err(Error::other(e));
-    }
-    *st.iomem_region.lock() = Some(iomem);
-    Ok(())
-}
-
-fn pc_testdev_unrealize(dev: &Object) {
-    if let Some(st) = dev.downcast::<PcTestdev>() {
-        if let Some(region) = st.iomem_region.lock().take() {
-            let memory = machine_of(dev)
-                .or_else(|| dev.parent_bus().and_then(|b| machine_of(&b)))
-                .and_then(|m| machine_state(&m).map(|ms| ms.system_memory().clone()));
-            if let Some(memory) = memory {
-                memory.unmap(&region);
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let machine = ctx.machine()?;
+        let irqs = (0..PC_TESTDEV_IRQ_LINES as usize)
+            .map(|n| self.irq(ctx, n))
+            .collect();
+        let ports: [(u16, u64, &str, Arc<dyn MemoryRegionOps>); 4] = [
+            (
+                PC_TESTDEV_IOPORT,
+                4,
+                "pc-testdev-ioport",
+                Arc::new(ScratchPort {
+                    data: self.ioport_data.clone(),
+                    bytewise: false,
+                }),
+            ),
+            (
+                PC_TESTDEV_FLUSH,
+                4,
+                "pc-testdev-flush-page",
+                Arc::new(FlushPort {
+                    machine: Arc::downgrade(machine),
+                }),
+            ),
+            (
+                PC_TESTDEV_IOPORT_BYTE,
+                4,
+                "pc-testdev-ioport-byte",
+                Arc::new(ScratchPort {
+                    data: self.ioport_data.clone(),
+                    bytewise: true,
+                }),
+            ),
+            (
+                PC_TESTDEV_IRQ,
+                PC_TESTDEV_IRQ_LINES,
+                "pc-testdev-irq-line",
+                Arc::new(IrqPort { irqs }),
+            ),
+        ];
+        for (base, size, name, ops) in ports {
+            // On failure the ISA device's unrealize is not run; unmap what was mapped here.
+            if let Err(e) = self.register_ioport(ctx, MemoryRegion::new_io(name, size, ops), base) {
+                DeviceImpl::unrealize(self, ctx);
+                return Err(e);
             }
         }
+        let iomem = MemoryRegion::new_io(
+            "pc-testdev-iomem",
+            PC_TESTDEV_IOMEM_LEN as u64,
+            Arc::new(IomemRegion {
+                buf: self.iomem.clone(),
+            }),
+        );
+        let memory = machine.system_memory();
+        if let Err(e) = memory.map(PC_TESTDEV_IOMEM, iomem.clone()) {
+            DeviceImpl::unrealize(self, ctx);
+            return Err(e.into());
+        }
+        *self.iomem_mapping.lock() = Some((memory.clone(), iomem));
+        Ok(())
     }
-    let parent = dev
-        .class()
-        .get::<PcTestdevClass>()
-        .and_then(|c| c.parent_unrealize);
-    if let Some(unrealize) = parent {
-        unrealize(dev);
+
+    fn unrealize(&self, ctx: &DeviceContext) {
+        if let Some((memory, region)) = self.iomem_mapping.lock().take() {
+            memory.unmap(&region);
+        }
+        DeviceImpl::unrealize(&self.parent, ctx);
     }
 }
 

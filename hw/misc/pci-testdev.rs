@@ -6,14 +6,24 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use qom::{type_init, Error, Object, ObjectClass};
+use qom::type_init;
 
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
-use crate::core::qdev::{device_class_mut, DeviceCategory};
-use crate::pci::pci::{pci_register_bar, BarKind, PciDeviceClass, TYPE_PCI_DEVICE};
+use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
+use crate::pci::pci::{BarKind, PciDevice, PciDeviceImpl};
 
 /// QEMU's `TYPE_PCI_TEST_DEV`.
 pub const TYPE_PCI_TEST_DEV: &str = "pci-testdev";
+
+/// QEMU's `PCITestDevState`; its test lists live in the BARs' handlers.
+#[derive(qom::Object)]
+#[qom(name = TYPE_PCI_TEST_DEV)]
+pub struct PciTestDev {
+    #[parent]
+    parent: PciDevice,
+}
+
+type_init!(PciTestDev);
 
 /// Size of the memory BAR (QEMU's `IOTEST_MEMSIZE * 2`).
 const MEM_BAR_SIZE: u64 = 4096;
@@ -103,29 +113,29 @@ impl MemoryRegionOps for TestBar {
     }
 }
 
-fn pci_testdev_realize(dev: &Object) -> Result<(), Error> {
-    let mmio = MemoryRegion::new_io("pci-testdev-mmio", MEM_BAR_SIZE, Arc::new(TestBar::new(MEM_BAR_SIZE, 4)));
-    let portio = MemoryRegion::new_io("pci-testdev-portio", IO_BAR_SIZE, Arc::new(TestBar::new(IO_BAR_SIZE, 4)));
-    pci_register_bar(dev, 0, BarKind::Mem32, mmio)?;
-    pci_register_bar(dev, 1, BarKind::Io, portio)?;
-    Ok(())
+impl DeviceImpl for PciTestDev {
+    const DESCRIPTION: Option<&'static str> = Some("PCI Test Device");
 }
 
-fn pci_testdev_class_init(class: &mut ObjectClass) {
-    if let Some(pc) = class.get_mut::<PciDeviceClass>() {
-        pc.vendor_id = 0x1b36;
-        pc.device_id = 0x0005;
-        pc.revision = 0;
-        pc.class_id = 0x00ff;
-        pc.realize = Some(pci_testdev_realize);
+impl PciDeviceImpl for PciTestDev {
+    const VENDOR_ID: u16 = 0x1b36;
+    const DEVICE_ID: u16 = 0x0005;
+    const REVISION: u8 = 0;
+    const CLASS_ID: u16 = 0x00ff;
+
+    fn pci_realize(&self, _ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let mmio = MemoryRegion::new_io(
+            "pci-testdev-mmio",
+            MEM_BAR_SIZE,
+            Arc::new(TestBar::new(MEM_BAR_SIZE, 4)),
+        );
+        let portio = MemoryRegion::new_io(
+            "pci-testdev-portio",
+            IO_BAR_SIZE,
+            Arc::new(TestBar::new(IO_BAR_SIZE, 4)),
+        );
+        self.register_bar(0, BarKind::Mem32, mmio)?;
+        self.register_bar(1, BarKind::Io, portio)?;
+        Ok(())
     }
-    let dc = device_class_mut(class);
-    dc.desc = Some("PCI Test Device");
-    dc.category = DeviceCategory::Misc;
-}
-
-type_init! {
-    name: TYPE_PCI_TEST_DEV,
-    parent: Some(TYPE_PCI_DEVICE),
-    class_init: Some(pci_testdev_class_init),
 }

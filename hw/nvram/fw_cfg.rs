@@ -35,7 +35,7 @@
 //! reaches guest RAM only.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use qom::{type_init, Error, Object, Prop, Typed};
@@ -405,12 +405,15 @@ impl MemoryRegionOps for FwCfgCombPort {
 /// The DMA address register (QEMU's `fw_cfg_dma_mem_ops`, big-endian).
 struct FwCfgDmaPort {
     inner: Arc<Mutex<FwCfgInner>>,
-    machine: Arc<MachineServices>,
+    machine: Weak<MachineServices>,
 }
 
 impl FwCfgDmaPort {
     fn transfer(&self, inner: &mut FwCfgInner) {
-        inner.dma_transfer(&*self.machine.ram());
+        match self.machine.upgrade() {
+            Some(machine) => inner.dma_transfer(&*machine.ram()),
+            None => inner.dma_addr = 0,
+        }
     }
 }
 
@@ -504,7 +507,7 @@ impl DeviceImpl for FwCfgIo {
                 8,
                 Arc::new(FwCfgDmaPort {
                     inner: self.inner.clone(),
-                    machine: machine.clone(),
+                    machine: Arc::downgrade(machine),
                 }),
             );
             if let Err(e) = io.map(dma_iobase.into(), dma.clone()) {

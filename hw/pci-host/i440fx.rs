@@ -5,16 +5,14 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use qom::{type_init, Error, Object, ObjectClass, ObjectRef, WeakObjectRef};
+use qom::{type_init, WeakObjectRef};
 
 use crate::core::bus::qbus_new;
-use crate::core::irq::IrqLine;
-use crate::core::machine::{machine_of, machine_state};
+use crate::core::irq::{GsiRouter, IrqLine};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
-use crate::core::qdev::{device_class_mut, DeviceCategory, TYPE_DEVICE};
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
 use crate::pci::pci::{
-    pci_bus_init, pci_config_read, pci_config_write, pci_find_device, PciDeviceClass,
-    TYPE_PCI_BUS, TYPE_PCI_DEVICE,
+    config, pci_bus_init, pci_find_device, PciBus, PciDevice, PciDeviceImpl, TYPE_PCI_BUS,
 };
 
 /// QEMU's `TYPE_I440FX_PCI_HOST_BRIDGE`.
@@ -22,29 +20,37 @@ pub const TYPE_I440FX_PCI_HOST_BRIDGE: &str = "i440FX-pcihost";
 /// QEMU's `TYPE_I440FX_PCI_DEVICE`.
 pub const TYPE_I440FX_PCI_DEVICE: &str = "i440FX";
 
-/// The host bridge's state: the configuration address register.
+/// The host bridge's registers: the configuration address register (CONFIG_ADDRESS).
 #[derive(Default)]
-pub struct I440fxHost {
+struct HostRegs {
     config_address: AtomicU32,
 }
 
+/// QEMU's `I440FXState` (a `PCIHostState`): owns `pci.0` and the configuration ports.
+#[derive(qom::Object)]
+#[qom(name = TYPE_I440FX_PCI_HOST_BRIDGE)]
+pub struct I440fxHost {
+    #[parent]
+    parent: DeviceState,
+    /// Shared with the port handlers.
+    regs: Arc<HostRegs>,
+}
+
+type_init!(I440fxHost);
+
 struct ConfigAddress {
-    host: WeakObjectRef,
+    regs: Arc<HostRegs>,
 }
 
 struct ConfigData {
-    host: WeakObjectRef,
-}
-
-fn host_state(host: &Object) -> &I440fxHost {
-    host.downcast::<I440fxHost>()
-        .expect("i440FX-pcihost has an I440fxHost part")
+    regs: Arc<HostRegs>,
+    bus: WeakObjectRef,
 }
 
 impl MemoryRegionOps for ConfigAddress {
     fn read(&self, _offset: u64, size: u32) -> u64 {
-        match (self.host.upgrade(), size) {
-            (Some(host), 4) => host_state(&host).config_address.load(Ordering::Relaxed).into(),
+        match size {
+            4 => self.regs.config_address.load(Ordering::Relaxed).into(),
             _ => u64::from(u32::MAX) >> (32 - 8 * size.min(4)),
         }
     }
@@ -54,20 +60,17 @@ impl MemoryRegionOps for ConfigAddress {
         if size != 4 {
             return;
         }
-        if let Some(host) = self.host.upgrade() {
-            host_state(&host)
-                .config_address
-                .store(value as u32, Ordering::Relaxed);
-        }
+        self.regs
+            .config_address
+            .store(value as u32, Ordering::Relaxed);
     }
 }
 
 impl ConfigData {
     /// The device and register the current CONFIG_ADDRESS selects, for an access at
     /// `offset` (0-3) into the data window.
-    fn target(&self, offset: u64, size: u32) -> Option<(ObjectRef, usize)> {
-        let host = self.host.upgrade()?;
-        let address = host_state(&host).config_address.load(Ordering::Relaxed);
+    fn target(&self, offset: u64, size: u32) -> Option<(qom::Typed<PciDevice>, usize)> {
+        let address = self.regs.config_address.load(Ordering::Relaxed);
         if address & 0x8000_0000 == 0 || (address >> 16) & 0xff != 0 {
             return None;
         }
@@ -76,7 +79,7 @@ impl ConfigData {
         if reg + size as usize > 256 {
             return None;
         }
-        let bus = host.child("pci.0")?;
+        let bus = self.bus.upgrade()?;
         Some((pci_find_device(&bus, devfn)?, reg))
     }
 }
@@ -84,7 +87,7 @@ impl ConfigData {
 impl MemoryRegionOps for ConfigData {
     fn read(&self, offset: u64, size: u32) -> u64 {
         match self.target(offset, size) {
-            Some((dev, reg)) => pci_config_read(&dev, reg, size as usize).into(),
+            Some((dev, reg)) => dev.read_config(reg, size as usize).into(),
             // No device: the bus floats, reads are all ones.
             None => u64::from(u32::MAX) >> (32 - 8 * size.min(4)),
         }
@@ -92,7 +95,7 @@ impl MemoryRegionOps for ConfigData {
 
     fn write(&self, offset: u64, value: u64, size: u32) {
         if let Some((dev, reg)) = self.target(offset, size) {
-            pci_config_write(&dev, reg, value as u32, size as usize);
+            dev.write_config(reg, value as u32, size as usize);
         }
     }
 }
@@ -101,81 +104,114 @@ impl MemoryRegionOps for ConfigData {
 /// standard swizzle of INTx pins across slots.
 pub const PIRQ_IRQS: [u32; 4] = [10, 10, 11, 11];
 
-fn route_intx(bus: &Object, devfn: u8, pin: u8) -> IrqLine {
+fn route_intx(bus: &PciBus, dev: &PciDevice, pin: u8) -> IrqLine {
+    let Some(devfn) = dev.devfn() else {
+        return IrqLine::disconnected();
+    };
     let slot = devfn >> 3;
     let pirq = (usize::from(pin.saturating_sub(1)) + usize::from(slot)) % 4;
     let irq = PIRQ_IRQS[pirq];
-    let Some(machine) = machine_of(bus) else {
+    let Some(services) = bus.services() else {
         return IrqLine::disconnected();
     };
-    if let Some(dev) = pci_find_device(bus, devfn) {
-        crate::pci::pci::pci_config_set(&dev, crate::pci::pci::config::INTERRUPT_LINE, &[irq as u8]);
-    }
-    IrqLine::new(crate::core::irq::GsiRouter::new(&machine), irq)
+    dev.config_set(config::INTERRUPT_LINE, &[irq as u8]);
+    IrqLine::new(GsiRouter::new(services), irq)
 }
 
-/// Realize errors of the host bridge.
-#[derive(Debug, thiserror::Error)]
-enum I440fxError {
-    #[error("i440FX-pcihost: not part of a machine")]
-    NoMachine,
-}
-
-fn i440fx_pcihost_realize(dev: &Object) -> Result<(), Error> {
-    let host = dev.to_ref().expect("a device being realized is alive");
-    let machine = machine_of(dev).ok_or_else(|| Error::other(I440fxError::NoMachine))?;
-    let ms = machine_state(&machine).expect("machines have a MachineState");
-    let bus = qbus_new(TYPE_PCI_BUS, &host, "pci.0")?;
-    pci_bus_init(&bus, ms.system_io().clone(), ms.system_memory().clone(), route_intx);
-    let address = MemoryRegion::new_io(
-        "pci-conf-idx",
-        1,
-        Arc::new(ConfigAddress {
-            host: host.downgrade(),
-        }),
-    );
-    let data = MemoryRegion::new_io(
-        "pci-conf-data",
-        4,
-        Arc::new(ConfigData {
-            host: host.downgrade(),
-        }),
-    );
-    ms.system_io().map(0xcf8, address).map_err(Error::other)?;
-    ms.system_io().map(0xcfc, data).map_err(Error::other)?;
-    Ok(())
-}
-
-fn i440fx_pcihost_class_init(class: &mut ObjectClass) {
-    let dc = device_class_mut(class);
-    dc.realize = Some(i440fx_pcihost_realize);
-    dc.category = DeviceCategory::Bridge;
+impl DeviceImpl for I440fxHost {
+    const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
     // Part of the board, like QEMU's (it is a sysbus device there).
-    dc.user_creatable = false;
-}
+    const USER_CREATABLE: bool = false;
 
-type_init! {
-    name: TYPE_I440FX_PCI_HOST_BRIDGE,
-    parent: Some(TYPE_DEVICE),
-    class_init: Some(i440fx_pcihost_class_init),
-    instance: Some(qom::InstanceSpec::of::<I440fxHost>()),
-}
-
-fn i440fx_class_init(class: &mut ObjectClass) {
-    if let Some(pc) = class.get_mut::<PciDeviceClass>() {
-        pc.vendor_id = 0x8086;
-        pc.device_id = 0x1237;
-        pc.revision = 0x02;
-        pc.class_id = 0x0600;
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let services = ctx.machine()?;
+        let bus = qbus_new(TYPE_PCI_BUS, ctx.object(), "pci.0", services)?;
+        pci_bus_init(&bus, route_intx);
+        let address = MemoryRegion::new_io(
+            "pci-conf-idx",
+            1,
+            Arc::new(ConfigAddress {
+                regs: self.regs.clone(),
+            }),
+        );
+        let data = MemoryRegion::new_io(
+            "pci-conf-data",
+            4,
+            Arc::new(ConfigData {
+                regs: self.regs.clone(),
+                bus: bus.downgrade(),
+            }),
+        );
+        services.system_io().map(0xcf8, address)?;
+        services.system_io().map(0xcfc, data)?;
+        Ok(())
     }
-    let dc = device_class_mut(class);
-    dc.desc = Some("Host bridge");
-    dc.category = DeviceCategory::Bridge;
-    dc.user_creatable = false;
 }
 
-type_init! {
-    name: TYPE_I440FX_PCI_DEVICE,
-    parent: Some(TYPE_PCI_DEVICE),
-    class_init: Some(i440fx_class_init),
+/// QEMU's `PCII440FXState`: the host bridge's PCI function.
+#[derive(qom::Object)]
+#[qom(name = TYPE_I440FX_PCI_DEVICE)]
+pub struct I440fx {
+    #[parent]
+    parent: PciDevice,
+}
+
+type_init!(I440fx);
+
+impl DeviceImpl for I440fx {
+    const DESCRIPTION: Option<&'static str> = Some("Host bridge");
+    const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
+    const USER_CREATABLE: bool = false;
+}
+
+impl PciDeviceImpl for I440fx {
+    const VENDOR_ID: u16 = 0x8086;
+    const DEVICE_ID: u16 = 0x1237;
+    const REVISION: u8 = 0x02;
+    const CLASS_ID: u16 = 0x0600;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::qdev::{qdev_new, qdev_new_typed, qdev_realize};
+    use crate::core::services::MachineServices;
+
+    fn config_read(services: &MachineServices, devfn: u32, reg: u32, size: u32) -> u64 {
+        let io = services.system_io();
+        io.write(0xcf8, u64::from(0x8000_0000 | (devfn << 8) | (reg & 0xfc)), 4);
+        io.read(0xcfc + u64::from(reg & 3), size)
+    }
+
+    #[test]
+    fn config_mechanism_1_reaches_the_functions_and_bars_decode() {
+        let services = Arc::new(MachineServices::default());
+        let host = qdev_new_typed::<I440fxHost>().unwrap();
+        host.set_services(&services);
+        qdev_realize(host.object(), None).unwrap();
+        let bus = host.object().child("pci.0").unwrap();
+        let function = qdev_new(TYPE_I440FX_PCI_DEVICE).unwrap();
+        function.property_parse("addr", "00.0").unwrap();
+        qdev_realize(&function, Some(&bus)).unwrap();
+        let testdev = qdev_new("pci-testdev").unwrap();
+        testdev.property_parse("addr", "0x4").unwrap();
+        qdev_realize(&testdev, Some(&bus)).unwrap();
+        assert_eq!(testdev.property_print("addr").unwrap(), "04.0");
+
+        assert_eq!(config_read(&services, 0, 0, 4), 0x1237_8086);
+        assert_eq!(config_read(&services, 0, 8, 4), 0x0600_0002);
+        assert_eq!(config_read(&services, 4 << 3, 0, 4), 0x0005_1b36);
+        assert_eq!(config_read(&services, 3 << 3, 0, 4), 0xffff_ffff, "empty slot");
+
+        crate::pci::pci::pci_assign_bars(&bus);
+        assert_eq!(config_read(&services, 4 << 3, 0x10, 4), 0xfe00_0000);
+        assert_eq!(config_read(&services, 4 << 3, 0x14, 4), 0xc001);
+        services.system_memory().write(0xfe00_0000, 2, 1);
+        assert_eq!(services.system_memory().read(0xfe00_0000, 1), 2);
+
+        let taken = qdev_new("pci-testdev").unwrap();
+        taken.property_parse("addr", "04.0").unwrap();
+        let err = qdev_realize(&taken, Some(&bus)).unwrap_err().to_string();
+        assert!(err.contains("slot 4 function 0 not available"), "{err}");
+    }
 }

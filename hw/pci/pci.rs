@@ -2,16 +2,17 @@
 //! configuration space, BARs that the guest (or the board, standing in for firmware)
 //! programs, and INTx lines routed to ISA IRQs.
 
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property, PropertyKind, Value, WeakObjectRef};
+use qom::{type_init, ClassInitFor, Object, ObjectClass, Prop, Typed, WeakObjectRef};
 
-use crate::core::bus::TYPE_BUS;
+use crate::core::bus::BusState;
 use crate::core::irq::IrqLine;
 use crate::core::memory::{AddressSpace, MemoryRegion};
-use crate::core::qdev::{device_class_mut, DeviceCategory, DeviceMethods, RealizeFn, TYPE_DEVICE};
+use crate::core::qdev::{
+    device_class_init, DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError,
+};
 
 /// QEMU's `TYPE_PCI_BUS`.
 pub const TYPE_PCI_BUS: &str = "PCI";
@@ -68,7 +69,9 @@ pub enum BarKind {
     Mem32,
 }
 
-/// The class data of PCI devices (QEMU's `PCIDeviceClass`).
+
+/// QEMU's `PCIDeviceClass`: the header a PCI device type presents, derived from its
+/// [`PciDeviceImpl`].
 #[derive(Clone, Debug, Default)]
 pub struct PciDeviceClass {
     /// Vendor ID.
@@ -89,10 +92,87 @@ pub struct PciDeviceClass {
     pub multifunction: bool,
     /// INTx pin used (0 none, 1 INTA .. 4 INTD).
     pub interrupt_pin: u8,
-    /// The device's own realize, run after the configuration header is set up.
-    pub realize: Option<RealizeFn>,
-    /// Called after a configuration write the generic code has applied.
-    pub config_write: Option<fn(&Object, usize, u32, usize)>,
+    /// The device's PCI methods, as a trait object.
+    pci: Option<fn(&Object) -> Option<&dyn PciDeviceOps>>,
+}
+
+/// A PCI device type: QEMU's `PCIDeviceClass` constants and methods as a trait.
+pub trait PciDeviceImpl: DeviceImpl {
+    /// Vendor ID.
+    const VENDOR_ID: u16 = 0;
+    /// Device ID.
+    const DEVICE_ID: u16 = 0;
+    /// Revision.
+    const REVISION: u8 = 0;
+    /// Class and sub-class.
+    const CLASS_ID: u16 = 0;
+    /// Programming interface.
+    const PROG_IF: u8 = 0;
+    /// Subsystem vendor ID.
+    const SUBSYSTEM_VENDOR_ID: u16 = 0;
+    /// Subsystem ID.
+    const SUBSYSTEM_ID: u16 = 0;
+    /// Whether function 0 of a multi-function device.
+    const MULTIFUNCTION: bool = false;
+    /// INTx pin used (0 none, 1 INTA .. 4 INTD).
+    const INTERRUPT_PIN: u8 = 0;
+
+    /// QEMU's `PCIDeviceClass::realize`: the device's own realize, run once it has a devfn
+    /// and its configuration header is set up.
+    fn pci_realize(&self, _ctx: &DeviceContext) -> Result<(), RealizeError> {
+        Ok(())
+    }
+    /// QEMU's `PCIDeviceClass::config_write`, after the generic code has applied a guest
+    /// write of `len` bytes at `addr`.
+    fn config_write(&self, _addr: usize, _val: u32, _len: usize) {}
+}
+
+/// The dynamically dispatched half of [`PciDeviceImpl`] (its constants live in the class).
+pub trait PciDeviceOps: Send + Sync {
+    /// [`PciDeviceImpl::pci_realize`].
+    fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError>;
+    /// [`PciDeviceImpl::config_write`].
+    fn config_write(&self, addr: usize, val: u32, len: usize);
+}
+
+impl<T: PciDeviceImpl> PciDeviceOps for T {
+    fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        PciDeviceImpl::pci_realize(self, ctx)
+    }
+    fn config_write(&self, addr: usize, val: u32, len: usize) {
+        PciDeviceImpl::config_write(self, addr, val, len)
+    }
+}
+
+fn as_pci_device<T: PciDeviceImpl>(obj: &Object) -> Option<&dyn PciDeviceOps> {
+    obj.downcast::<T>().map(|d| d as &dyn PciDeviceOps)
+}
+
+/// The PCI methods of `obj`, if it is a PCI device.
+pub fn pci_device_impl(obj: &Object) -> Option<&dyn PciDeviceOps> {
+    obj.class()
+        .get::<PciDeviceClass>()
+        .and_then(|pc| pc.pci?(obj))
+}
+
+/// `pci-device`'s class_init of each PCI device type: the device class, and the header
+/// values from the impl.
+impl<T: PciDeviceImpl> ClassInitFor<T> for PciDevice {
+    fn class_init(class: &mut ObjectClass) {
+        device_class_init::<T>(class);
+        class.insert(PciDeviceClass {
+            vendor_id: T::VENDOR_ID,
+            device_id: T::DEVICE_ID,
+            revision: T::REVISION,
+            class_id: T::CLASS_ID,
+            prog_if: T::PROG_IF,
+            subsystem_vendor_id: T::SUBSYSTEM_VENDOR_ID,
+            subsystem_id: T::SUBSYSTEM_ID,
+            multifunction: T::MULTIFUNCTION,
+            interrupt_pin: T::INTERRUPT_PIN,
+            pci: Some(as_pci_device::<T>),
+        });
+    }
 }
 
 struct Bar {
@@ -102,45 +182,92 @@ struct Bar {
     mapped_at: Option<u64>,
 }
 
-/// QEMU's `PCIDevice`: configuration space, write mask and BARs.
-pub struct PciDevice {
-    config: Mutex<[u8; 256]>,
-    /// Bits the guest may change.
-    wmask: Mutex<[u8; 256]>,
-    devfn: AtomicI32,
-    bars: Mutex<[Option<Bar>; PCI_NUM_BARS]>,
-    irq: Mutex<IrqLine>,
+/// The configuration space and the bits of it the guest may change.
+struct ConfigSpace {
+    bytes: [u8; 256],
+    wmask: [u8; 256],
 }
 
-impl Default for PciDevice {
+impl Default for ConfigSpace {
     fn default() -> Self {
-        PciDevice {
-            config: Mutex::new([0; 256]),
-            wmask: Mutex::new([0; 256]),
-            devfn: AtomicI32::new(-1),
-            bars: Mutex::new(Default::default()),
-            irq: Mutex::new(IrqLine::disconnected()),
+        ConfigSpace {
+            bytes: [0; 256],
+            wmask: [0; 256],
         }
     }
 }
 
-/// Computes the INTx line of a device: QEMU's `pci_set_irq` through the bus's routing.
-pub type PciIrqRoute = fn(bus: &Object, devfn: u8, pin: u8) -> IrqLine;
+/// QEMU's `PCIDevice`: configuration space, write mask, BARs and the INTx line.
+#[derive(qom::Object)]
+#[qom(name = TYPE_PCI_DEVICE, abstract, class_level)]
+pub struct PciDevice {
+    #[parent]
+    parent: DeviceState,
+    #[property(desc = "Slot and optional function number, example: 06.0 or 06")]
+    addr: Prop<Option<String>>,
+    /// slot << 3 | function, once realized.
+    devfn: Mutex<Option<u8>>,
+    config: Mutex<ConfigSpace>,
+    bars: Mutex<[Option<Bar>; PCI_NUM_BARS]>,
+    irq: Mutex<IrqLine>,
+}
 
-/// QEMU's `PCIBus`: where BARs are mapped, which device sits at each devfn, and how INTx
-/// pins reach the interrupt controller.
-#[derive(Default)]
+type_init!(PciDevice {
+    class_init: Some(<PciDevice as ClassInitFor<PciDevice>>::class_init),
+});
+
+/// Computes the INTx line of a device being realized on the bus (the host bridge's
+/// routing, QEMU's `pci_bus_irqs`); it may set the device's interrupt line register, as
+/// firmware would.
+pub type PciIrqRoute = fn(bus: &PciBus, dev: &PciDevice, pin: u8) -> IrqLine;
+
+/// QEMU's `PCIBus`: which device sits at each devfn, and how INTx pins reach the interrupt
+/// controller. BARs map into the address spaces of the bus's services.
+#[derive(qom::Object)]
+#[qom(name = TYPE_PCI_BUS)]
 pub struct PciBus {
-    io: Mutex<Option<Arc<AddressSpace>>>,
-    memory: Mutex<Option<Arc<AddressSpace>>>,
+    #[parent]
+    parent: BusState,
     devices: Mutex<Vec<(u8, WeakObjectRef)>>,
     route: Mutex<Option<PciIrqRoute>>,
 }
 
-type_init! {
-    name: TYPE_PCI_BUS,
-    parent: Some(TYPE_BUS),
-    instance: Some(qom::InstanceSpec::of::<PciBus>()),
+type_init!(PciBus);
+
+impl PciBus {
+    /// Sets how INTx is routed (QEMU's `pci_bus_irqs`).
+    pub fn set_route(&self, route: PciIrqRoute) {
+        *self.route.lock() = Some(route);
+    }
+
+    /// The device at `devfn`.
+    pub fn find_device(&self, devfn: u8) -> Option<Typed<PciDevice>> {
+        let obj = self
+            .devices
+            .lock()
+            .iter()
+            .find(|(d, _)| *d == devfn)
+            .and_then(|(_, w)| w.upgrade())?;
+        Typed::new(obj)
+    }
+
+    /// Every device, by devfn.
+    pub fn devices(&self) -> Vec<(u8, Typed<PciDevice>)> {
+        let mut list: Vec<_> = self
+            .devices
+            .lock()
+            .iter()
+            .filter_map(|(d, w)| Some((*d, Typed::new(w.upgrade()?)?)))
+            .collect();
+        list.sort_by_key(|(d, _)| *d);
+        list
+    }
+
+    /// The I/O and memory spaces BARs map into: the machine's.
+    fn spaces(&self) -> Option<(Arc<AddressSpace>, Arc<AddressSpace>)> {
+        self.services()
+            .map(|s| (s.system_io().clone(), s.system_memory().clone()))
+    }
 }
 
 /// Errors of PCI devices.
@@ -161,9 +288,6 @@ pub enum PciError {
     /// No free slot.
     #[error("PCI: no slot/function available for {0}, all in use")]
     BusFull(String),
-    /// The device is on no PCI bus.
-    #[error("device '{0}' is not on a PCI bus")]
-    NoBus(String),
     /// A malformed `addr=`.
     #[error("Parameter 'addr' expects a PCI address 'slot[.function]', got '{0}'")]
     BadAddr(String),
@@ -179,344 +303,287 @@ pub enum PciError {
     },
 }
 
-/// QEMU's `pci_bus_new`-equivalent set-up: where the bus's BARs go and how INTx is routed.
-pub fn pci_bus_init(bus: &Object, io: Arc<AddressSpace>, memory: Arc<AddressSpace>, route: PciIrqRoute) {
-    let st = bus.downcast::<PciBus>().expect("PCI buses have a PciBus part");
-    *st.io.lock() = Some(io);
-    *st.memory.lock() = Some(memory);
-    *st.route.lock() = Some(route);
+/// Sets how INTx is routed on `bus`, a `PCI` bus the host bridge created with `qbus_new`
+/// (its BARs go to the address spaces of the services it was created with).
+pub fn pci_bus_init(bus: &Object, route: PciIrqRoute) {
+    if let Some(st) = bus.downcast::<PciBus>() {
+        st.set_route(route);
+    }
 }
 
 /// The device at `devfn` of `bus`.
-pub fn pci_find_device(bus: &Object, devfn: u8) -> Option<ObjectRef> {
-    let st = bus.downcast::<PciBus>()?;
-    let devices = st.devices.lock();
-    devices
-        .iter()
-        .find(|(d, _)| *d == devfn)
-        .and_then(|(_, w)| w.upgrade())
+pub fn pci_find_device(bus: &Object, devfn: u8) -> Option<Typed<PciDevice>> {
+    bus.downcast::<PciBus>()?.find_device(devfn)
 }
 
 /// Every device on `bus`, by devfn.
-pub fn pci_bus_devices(bus: &Object) -> Vec<(u8, ObjectRef)> {
-    let Some(st) = bus.downcast::<PciBus>() else {
-        return Vec::new();
-    };
-    let mut list: Vec<_> = st
-        .devices
-        .lock()
-        .iter()
-        .filter_map(|(d, w)| w.upgrade().map(|o| (*d, o)))
-        .collect();
-    list.sort_by_key(|(d, _)| *d);
-    list
+pub fn pci_bus_devices(bus: &Object) -> Vec<(u8, Typed<PciDevice>)> {
+    bus.downcast::<PciBus>()
+        .map(PciBus::devices)
+        .unwrap_or_default()
 }
 
-fn part(dev: &Object) -> &PciDevice {
-    dev.downcast::<PciDevice>()
-        .expect("PCI devices have a PciDevice part")
-}
-
-/// The device's devfn (slot << 3 | function), once realized.
-pub fn pci_devfn(dev: &Object) -> Option<u8> {
-    u8::try_from(part(dev).devfn.load(Ordering::Relaxed)).ok()
-}
-
-fn parse_addr(text: &str) -> Option<i32> {
+fn parse_addr(text: &str) -> Option<u8> {
     let (slot, function) = text.split_once('.').unwrap_or((text, "0"));
     let slot = slot.trim_start_matches("0x");
     let slot = u8::from_str_radix(slot, 16).ok().filter(|s| *s < 32)?;
     let function = function.parse::<u8>().ok().filter(|f| *f < 8)?;
-    Some(i32::from((slot << 3) | function))
+    Some((slot << 3) | function)
 }
 
-fn get_addr(obj: &Object, _: &Property) -> Result<Value, Error> {
-    let devfn = part(obj).devfn.load(Ordering::Relaxed);
-    Ok(Value::Str(if devfn < 0 {
-        String::new()
-    } else {
-        format!("{:02x}.{}", devfn >> 3, devfn & 7)
-    }))
-}
+impl DeviceImpl for PciDevice {
+    const CATEGORY: DeviceCategory = DeviceCategory::Misc;
+    const BUS_TYPE: Option<&'static str> = Some(TYPE_PCI_BUS);
 
-fn set_addr(obj: &Object, _: &Property, value: Value) -> Result<(), Error> {
-    let Value::Str(text) = value else {
-        return Ok(());
-    };
-    let devfn = parse_addr(&text).ok_or_else(|| Error::other(PciError::BadAddr(text.clone())))?;
-    part(obj).devfn.store(devfn, Ordering::Relaxed);
-    Ok(())
-}
-
-fn check_not_realized(obj: &Object, prop: &Property) -> Result<(), Error> {
-    if obj.is_realized() {
-        return Err(Error::PropertyAfterRealize {
-            name: prop.name.to_string(),
-            device: obj
-                .device_id()
-                .map_or("anonymous device".into(), |id| format!("device '{id}'")),
-            type_name: obj.type_name().to_string(),
-        });
-    }
-    Ok(())
-}
-
-fn pci_device_class_init(class: &mut ObjectClass) {
-    class.insert(PciDeviceClass::default());
-    class.add_property(
-        Property::custom(
-            "addr",
-            PropertyKind::Str,
-            Some(get_addr),
-            Some(set_addr),
-            "Slot and optional function number, example: 06.0 or 06",
-        )
-        .with_check(check_not_realized),
-    );
-    let dc = device_class_mut(class);
-    dc.bus_type = Some(TYPE_PCI_BUS);
-    dc.realize = Some(pci_qdev_realize);
-    dc.unrealize = Some(pci_qdev_unrealize);
-    dc.category = DeviceCategory::Misc;
-}
-
-type_init! {
-    name: TYPE_PCI_DEVICE,
-    parent: Some(TYPE_DEVICE),
-    abstract_: true,
-    class_init: Some(pci_device_class_init),
-    instance: Some(qom::InstanceSpec::of::<PciDevice>()),
-}
-
-/// QEMU's `pci_qdev_realize`: takes a devfn on the bus, fills the configuration header from
-/// the class, connects INTx, then runs the device's own realize.
-fn pci_qdev_realize(dev: &Object) -> Result<(), Error> {
-    let bus = dev
-        .parent_bus()
-        .ok_or_else(|| Error::other(PciError::NoBus(dev.type_name().into())))?;
-    let bus_state = bus
-        .downcast::<PciBus>()
-        .ok_or_else(|| Error::other(PciError::NoBus(dev.type_name().into())))?;
-    let pc = dev
-        .class()
-        .get::<PciDeviceClass>()
-        .cloned()
-        .unwrap_or_default();
-    let st = part(dev);
-    let devfn = {
-        let mut devices = bus_state.devices.lock();
-        devices.retain(|(_, w)| w.strong_count() > 0);
-        let requested = st.devfn.load(Ordering::Relaxed);
-        let devfn = if requested >= 0 {
-            let devfn = requested as u8;
-            if let Some((_, other)) = devices.iter().find(|(d, _)| *d == devfn) {
-                let other = other.upgrade().map_or("?".into(), |o| o.type_name().to_string());
-                return Err(Error::other(PciError::SlotInUse {
-                    slot: devfn >> 3,
-                    function: devfn & 7,
-                    driver: dev.type_name().into(),
-                    other,
-                }));
-            }
+    /// QEMU's `pci_qdev_realize`: takes a devfn on the bus, fills the configuration header
+    /// from the class, connects INTx, then runs the device's own realize.
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let bus: &PciBus = ctx.bus_state()?;
+        let dev = ctx.object();
+        let driver = ctx.type_name();
+        let pc = dev
+            .class()
+            .get::<PciDeviceClass>()
+            .cloned()
+            .unwrap_or_default();
+        let requested = match self.addr.get() {
+            Some(text) => Some(
+                parse_addr(&text).ok_or_else(|| RealizeError::device(PciError::BadAddr(text)))?,
+            ),
+            None => None,
+        };
+        let devfn = {
+            let mut devices = bus.devices.lock();
+            devices.retain(|(_, w)| w.strong_count() > 0);
+            let devfn = match requested {
+                Some(devfn) => {
+                    if let Some((_, other)) = devices.iter().find(|(d, _)| *d == devfn) {
+                        let other = other
+                            .upgrade()
+                            .map_or("?".into(), |o| o.type_name().to_string());
+                        return Err(RealizeError::device(PciError::SlotInUse {
+                            slot: devfn >> 3,
+                            function: devfn & 7,
+                            driver: driver.into(),
+                            other,
+                        }));
+                    }
+                    devfn
+                }
+                None => (0u8..32)
+                    .map(|slot| slot << 3)
+                    .find(|d| !devices.iter().any(|(x, _)| *x == *d))
+                    .ok_or_else(|| RealizeError::device(PciError::BusFull(driver.into())))?,
+            };
+            devices.push((devfn, dev.downgrade()));
             devfn
-        } else {
-            (0u8..32)
-                .map(|slot| slot << 3)
-                .find(|d| !devices.iter().any(|(x, _)| *x == *d))
-                .ok_or_else(|| Error::other(PciError::BusFull(dev.type_name().into())))?
         };
-        devices.push((devfn, dev.downgrade()));
-        devfn
-    };
-    st.devfn.store(i32::from(devfn), Ordering::Relaxed);
-    {
-        let mut c = st.config.lock();
-        let mut w = st.wmask.lock();
-        c[config::VENDOR_ID..config::VENDOR_ID + 2].copy_from_slice(&pc.vendor_id.to_le_bytes());
-        c[config::DEVICE_ID..config::DEVICE_ID + 2].copy_from_slice(&pc.device_id.to_le_bytes());
-        c[config::REVISION] = pc.revision;
-        c[config::PROG_IF] = pc.prog_if;
-        c[config::CLASS..config::CLASS + 2].copy_from_slice(&pc.class_id.to_le_bytes());
-        c[config::HEADER_TYPE] = if pc.multifunction {
-            config::HEADER_MULTI_FUNCTION
-        } else {
-            0
-        };
-        c[config::SUBSYSTEM_VENDOR_ID..config::SUBSYSTEM_VENDOR_ID + 2]
-            .copy_from_slice(&pc.subsystem_vendor_id.to_le_bytes());
-        c[config::SUBSYSTEM_ID..config::SUBSYSTEM_ID + 2].copy_from_slice(&pc.subsystem_id.to_le_bytes());
-        c[config::INTERRUPT_PIN] = pc.interrupt_pin;
-        // The guest may change the command register's I/O, memory, bus-master and
-        // interrupt-disable bits, and the interrupt line.
-        w[config::COMMAND] = 0x07;
-        w[config::COMMAND + 1] = 0x04;
-        w[config::INTERRUPT_LINE] = 0xff;
-    }
-    if pc.interrupt_pin > 0 {
-        if let Some(route) = *bus_state.route.lock() {
-            let line = route(&bus, devfn, pc.interrupt_pin);
-            *st.irq.lock() = line;
+        *self.devfn.lock() = Some(devfn);
+        // `addr` reads back as the devfn taken, in QEMU's notation.
+        self.addr.set(Some(format!("{:02x}.{}", devfn >> 3, devfn & 7)));
+        {
+            let mut space = self.config.lock();
+            let ConfigSpace { bytes: c, wmask: w } = &mut *space;
+            c[config::VENDOR_ID..config::VENDOR_ID + 2].copy_from_slice(&pc.vendor_id.to_le_bytes());
+            c[config::DEVICE_ID..config::DEVICE_ID + 2].copy_from_slice(&pc.device_id.to_le_bytes());
+            c[config::REVISION] = pc.revision;
+            c[config::PROG_IF] = pc.prog_if;
+            c[config::CLASS..config::CLASS + 2].copy_from_slice(&pc.class_id.to_le_bytes());
+            c[config::HEADER_TYPE] = if pc.multifunction {
+                config::HEADER_MULTI_FUNCTION
+            } else {
+                0
+            };
+            c[config::SUBSYSTEM_VENDOR_ID..config::SUBSYSTEM_VENDOR_ID + 2]
+                .copy_from_slice(&pc.subsystem_vendor_id.to_le_bytes());
+            c[config::SUBSYSTEM_ID..config::SUBSYSTEM_ID + 2]
+                .copy_from_slice(&pc.subsystem_id.to_le_bytes());
+            c[config::INTERRUPT_PIN] = pc.interrupt_pin;
+            // The guest may change the command register's I/O, memory, bus-master and
+            // interrupt-disable bits, and the interrupt line.
+            w[config::COMMAND] = 0x07;
+            w[config::COMMAND + 1] = 0x04;
+            w[config::INTERRUPT_LINE] = 0xff;
         }
+        if pc.interrupt_pin > 0 {
+            let route = *bus.route.lock();
+            if let Some(route) = route {
+                let line = route(bus, self, pc.interrupt_pin);
+                *self.irq.lock() = line;
+            }
+        }
+        if let Some(pci) = pc.pci.and_then(|cast| cast(dev)) {
+            pci.pci_realize(ctx)?;
+        }
+        Ok(())
     }
-    if let Some(realize) = pc.realize {
-        realize(dev)?;
-    }
-    Ok(())
-}
 
-fn pci_qdev_unrealize(dev: &Object) {
-    let st = part(dev);
-    let bus = dev.parent_bus();
-    let spaces = bus.as_ref().and_then(|b| b.downcast::<PciBus>()).map(|b| {
-        (b.io.lock().clone(), b.memory.lock().clone())
-    });
-    for bar in st.bars.lock().iter_mut().flatten() {
-        if bar.mapped_at.take().is_some() {
-            if let Some((io, memory)) = &spaces {
-                let space = if bar.kind == BarKind::Io { io } else { memory };
-                if let Some(space) = space {
+    fn unrealize(&self, ctx: &DeviceContext) {
+        let bus = ctx.bus_state::<PciBus>().ok();
+        let spaces = bus.and_then(PciBus::spaces);
+        for bar in self.bars.lock().iter_mut().flatten() {
+            if bar.mapped_at.take().is_some() {
+                if let Some((io, memory)) = &spaces {
+                    let space = if bar.kind == BarKind::Io { io } else { memory };
                     space.unmap(&bar.region);
                 }
             }
         }
-    }
-    if let (Some(bus), Some(devfn)) = (bus, pci_devfn(dev)) {
-        if let Some(b) = bus.downcast::<PciBus>() {
-            b.devices.lock().retain(|(d, _)| *d != devfn);
+        if let (Some(bus), Some(devfn)) = (bus, self.devfn()) {
+            bus.devices.lock().retain(|(d, _)| *d != devfn);
         }
+        DeviceImpl::unrealize(&self.parent, ctx);
     }
 }
 
-/// QEMU's `pci_register_bar`: `region` becomes BAR `index`; the guest sizes and places it
-/// through the configuration space.
-pub fn pci_register_bar(dev: &Object, index: usize, kind: BarKind, region: Arc<MemoryRegion>) -> Result<(), Error> {
-    let size = region.size().max(if kind == BarKind::Io { 4 } else { 16 });
-    if !size.is_power_of_two() {
-        return Err(Error::other(PciError::BarSize {
-            bar: index,
-            driver: dev.type_name().into(),
-            size,
-        }));
+impl PciDeviceImpl for PciDevice {}
+
+impl PciDevice {
+    /// The device's devfn (slot << 3 | function), once realized (QEMU's `pci_get_devfn`).
+    pub fn devfn(&self) -> Option<u8> {
+        *self.devfn.lock()
     }
-    let st = part(dev);
-    let offset = config::BAR0 + 4 * index;
-    let (flags, mask) = match kind {
-        BarKind::Io => (0x1u32, !(size as u32 - 1) & !0x3),
-        BarKind::Mem32 => (0x0u32, !(size as u32 - 1) & !0xf),
-    };
-    st.config.lock()[offset..offset + 4].copy_from_slice(&flags.to_le_bytes());
-    st.wmask.lock()[offset..offset + 4].copy_from_slice(&mask.to_le_bytes());
-    st.bars.lock()[index] = Some(Bar {
-        kind,
-        region,
-        mapped_at: None,
-    });
-    Ok(())
-}
 
-/// The address BAR `index` decodes now (from the configuration space).
-pub fn pci_bar_address(dev: &Object, index: usize) -> Option<u64> {
-    let st = part(dev);
-    let bars = st.bars.lock();
-    let bar = bars.get(index)?.as_ref()?;
-    let offset = config::BAR0 + 4 * index;
-    let c = st.config.lock();
-    let raw = u32::from_le_bytes([c[offset], c[offset + 1], c[offset + 2], c[offset + 3]]);
-    Some(u64::from(match bar.kind {
-        BarKind::Io => raw & !0x3,
-        BarKind::Mem32 => raw & !0xf,
-    }))
-}
+    fn type_name(&self) -> &'static str {
+        self.try_object()
+            .map_or(TYPE_PCI_DEVICE, |obj| obj.type_name())
+    }
 
-/// Re-maps the BARs after a configuration change (QEMU's `pci_update_mappings`).
-fn update_mappings(dev: &Object) {
-    let st = part(dev);
-    let Some(bus) = dev.parent_bus() else { return };
-    let Some(bus_state) = bus.downcast::<PciBus>() else {
-        return;
-    };
-    let io = bus_state.io.lock().clone();
-    let memory = bus_state.memory.lock().clone();
-    let command = {
-        let c = st.config.lock();
-        u16::from_le_bytes([c[config::COMMAND], c[config::COMMAND + 1]])
-    };
-    for index in 0..PCI_NUM_BARS {
-        let Some(addr) = pci_bar_address(dev, index) else { continue };
-        let mut bars = st.bars.lock();
-        let Some(bar) = bars[index].as_mut() else { continue };
-        let (enabled, space) = match bar.kind {
-            BarKind::Io => (command & config::COMMAND_IO != 0, &io),
-            BarKind::Mem32 => (command & config::COMMAND_MEMORY != 0, &memory),
+    /// QEMU's `pci_register_bar`: `region` becomes BAR `index`; the guest sizes and places
+    /// it through the configuration space.
+    pub fn register_bar(
+        &self,
+        index: usize,
+        kind: BarKind,
+        region: Arc<MemoryRegion>,
+    ) -> Result<(), RealizeError> {
+        let size = region.size().max(if kind == BarKind::Io { 4 } else { 16 });
+        if !size.is_power_of_two() {
+            return Err(RealizeError::device(PciError::BarSize {
+                bar: index,
+                driver: self.type_name().into(),
+                size,
+            }));
+        }
+        let offset = config::BAR0 + 4 * index;
+        let (flags, mask) = match kind {
+            BarKind::Io => (0x1u32, !(size as u32 - 1) & !0x3),
+            BarKind::Mem32 => (0x0u32, !(size as u32 - 1) & !0xf),
         };
-        let size = bar.region.size();
-        // An address of 0, or one whose range wraps or is the sizing pattern, is unmapped.
-        let limit = if bar.kind == BarKind::Io { 0x1_0000 } else { 1u64 << 32 };
-        let wanted = (enabled && addr != 0 && addr + size <= limit).then_some(addr);
-        if wanted == bar.mapped_at {
-            continue;
+        {
+            let mut space = self.config.lock();
+            space.bytes[offset..offset + 4].copy_from_slice(&flags.to_le_bytes());
+            space.wmask[offset..offset + 4].copy_from_slice(&mask.to_le_bytes());
         }
-        let Some(space) = space else { continue };
-        if bar.mapped_at.take().is_some() {
-            space.unmap(&bar.region);
-        }
-        if let Some(addr) = wanted {
-            match space.map(addr, bar.region.clone()) {
-                Ok(()) => bar.mapped_at = Some(addr),
-                Err(e) => log::warn!("{}: BAR {index}: {e}", dev.type_name()),
+        self.bars.lock()[index] = Some(Bar {
+            kind,
+            region,
+            mapped_at: None,
+        });
+        Ok(())
+    }
+
+    /// The address BAR `index` decodes now (from the configuration space).
+    pub fn bar_address(&self, index: usize) -> Option<u64> {
+        let bars = self.bars.lock();
+        let bar = bars.get(index)?.as_ref()?;
+        let offset = config::BAR0 + 4 * index;
+        let c = &self.config.lock().bytes;
+        let raw = u32::from_le_bytes([c[offset], c[offset + 1], c[offset + 2], c[offset + 3]]);
+        Some(u64::from(match bar.kind {
+            BarKind::Io => raw & !0x3,
+            BarKind::Mem32 => raw & !0xf,
+        }))
+    }
+
+    /// Re-maps the BARs after a configuration change (QEMU's `pci_update_mappings`).
+    fn update_mappings(&self) {
+        let Some(bus) = self.parent_bus() else { return };
+        let Some((io, memory)) = bus.downcast::<PciBus>().and_then(PciBus::spaces) else {
+            return;
+        };
+        let command = {
+            let c = &self.config.lock().bytes;
+            u16::from_le_bytes([c[config::COMMAND], c[config::COMMAND + 1]])
+        };
+        for index in 0..PCI_NUM_BARS {
+            let Some(addr) = self.bar_address(index) else { continue };
+            let mut bars = self.bars.lock();
+            let Some(bar) = bars[index].as_mut() else { continue };
+            let (enabled, space) = match bar.kind {
+                BarKind::Io => (command & config::COMMAND_IO != 0, &io),
+                BarKind::Mem32 => (command & config::COMMAND_MEMORY != 0, &memory),
+            };
+            let size = bar.region.size();
+            // An address of 0, or one whose range wraps or is the sizing pattern, is unmapped.
+            let limit = if bar.kind == BarKind::Io { 0x1_0000 } else { 1u64 << 32 };
+            let wanted = (enabled && addr != 0 && addr + size <= limit).then_some(addr);
+            if wanted == bar.mapped_at {
+                continue;
+            }
+            if bar.mapped_at.take().is_some() {
+                space.unmap(&bar.region);
+            }
+            if let Some(addr) = wanted {
+                match space.map(addr, bar.region.clone()) {
+                    Ok(()) => bar.mapped_at = Some(addr),
+                    Err(e) => log::warn!("{}: BAR {index}: {e}", self.type_name()),
+                }
             }
         }
     }
-}
 
-/// QEMU's `pci_default_read_config`: `len` (1, 2 or 4) bytes at `addr`, little-endian.
-pub fn pci_config_read(dev: &Object, addr: usize, len: usize) -> u32 {
-    if addr + len > 256 {
-        return u32::MAX;
+    /// QEMU's `pci_default_read_config`: `len` (1, 2 or 4) bytes at `addr`, little-endian.
+    pub fn read_config(&self, addr: usize, len: usize) -> u32 {
+        if addr + len > 256 {
+            return u32::MAX;
+        }
+        let c = &self.config.lock().bytes;
+        let mut bytes = [0u8; 4];
+        bytes[..len].copy_from_slice(&c[addr..addr + len]);
+        u32::from_le_bytes(bytes)
     }
-    let c = part(dev).config.lock();
-    let mut bytes = [0u8; 4];
-    bytes[..len].copy_from_slice(&c[addr..addr + len]);
-    u32::from_le_bytes(bytes)
-}
 
-/// QEMU's `pci_default_write_config`: writes the bits the write mask allows, then updates
-/// BAR mappings and calls the class's hook.
-pub fn pci_config_write(dev: &Object, addr: usize, value: u32, len: usize) {
-    if addr + len > 256 {
-        return;
-    }
-    let st = part(dev);
-    {
-        let mut c = st.config.lock();
-        let w = st.wmask.lock();
-        for (i, byte) in value.to_le_bytes()[..len].iter().enumerate() {
-            let a = addr + i;
-            c[a] = (c[a] & !w[a]) | (byte & w[a]);
+    /// A guest's configuration write (QEMU's `pci_host_config_write_common`): writes the
+    /// bits the write mask allows (`pci_default_write_config`), updates BAR mappings, then
+    /// calls the type's [`PciDeviceImpl::config_write`].
+    pub fn write_config(&self, addr: usize, value: u32, len: usize) {
+        if addr + len > 256 {
+            return;
+        }
+        {
+            let mut space = self.config.lock();
+            let ConfigSpace { bytes: c, wmask: w } = &mut *space;
+            for (i, byte) in value.to_le_bytes()[..len].iter().enumerate() {
+                let a = addr + i;
+                c[a] = (c[a] & !w[a]) | (byte & w[a]);
+            }
+        }
+        let touches_bars = addr < config::BAR0 + 4 * PCI_NUM_BARS && addr + len > config::COMMAND;
+        if touches_bars {
+            self.update_mappings();
+        }
+        if let Some(obj) = self.try_object() {
+            if let Some(pci) = pci_device_impl(&obj) {
+                pci.config_write(addr, value, len);
+            }
         }
     }
-    let touches_bars = addr < config::BAR0 + 4 * PCI_NUM_BARS && addr + len > config::COMMAND;
-    if touches_bars {
-        update_mappings(dev);
+
+    /// Sets bytes of the configuration space directly (device set-up, not guest writes).
+    pub fn config_set(&self, addr: usize, bytes: &[u8]) {
+        self.config.lock().bytes[addr..addr + bytes.len()].copy_from_slice(bytes);
     }
-    if let Some(hook) = dev.class().get::<PciDeviceClass>().and_then(|c| c.config_write) {
-        hook(dev, addr, value, len);
+
+    /// Lets the guest write `mask` bits of configuration byte `addr` (QEMU's `wmask`).
+    pub fn config_set_wmask(&self, addr: usize, mask: u8) {
+        self.config.lock().wmask[addr] = mask;
     }
-}
 
-/// Sets bytes of the configuration space directly (device set-up, not guest writes).
-pub fn pci_config_set(dev: &Object, addr: usize, bytes: &[u8]) {
-    part(dev).config.lock()[addr..addr + bytes.len()].copy_from_slice(bytes);
-}
-
-/// Lets the guest write `mask` bits of configuration byte `addr` (QEMU's `wmask`).
-pub fn pci_config_set_wmask(dev: &Object, addr: usize, mask: u8) {
-    part(dev).wmask.lock()[addr] = mask;
-}
-
-/// Sets the device's INTx level (QEMU's `pci_set_irq`).
-pub fn pci_set_irq(dev: &Object, level: bool) {
-    part(dev).irq.lock().set(level);
+    /// Sets the device's INTx level (QEMU's `pci_set_irq`).
+    pub fn set_irq(&self, level: bool) {
+        self.irq.lock().set(level);
+    }
 }
 
 /// Where firmware would place BARs: I/O from 0xc000, 32-bit memory from 0xfe000000 (both
@@ -532,8 +599,7 @@ pub fn pci_assign_bars(bus: &Object) {
     let mut next_io = BAR_IO_BASE;
     let mut next_mem = BAR_MEM_BASE;
     for (_, dev) in pci_bus_devices(bus) {
-        let st = part(&dev);
-        let sizes: Vec<(usize, BarKind, u64)> = st
+        let sizes: Vec<(usize, BarKind, u64)> = dev
             .bars
             .lock()
             .iter()
@@ -552,16 +618,19 @@ pub fn pci_assign_bars(bus: &Object) {
             let size = size.max(if kind == BarKind::Io { 4 } else { 16 });
             let addr = next.next_multiple_of(size);
             if addr + size > limit {
-                log::warn!("{}: no room for BAR {index} (0x{size:x} bytes)", dev.type_name());
+                log::warn!(
+                    "{}: no room for BAR {index} (0x{size:x} bytes)",
+                    dev.object().type_name()
+                );
                 continue;
             }
             *next = addr + size;
             let offset = config::BAR0 + 4 * index;
-            let flags = pci_config_read(&dev, offset, 4) & if kind == BarKind::Io { 0x3 } else { 0xf };
-            pci_config_set(&dev, offset, &(addr as u32 | flags).to_le_bytes());
+            let flags = dev.read_config(offset, 4) & if kind == BarKind::Io { 0x3 } else { 0xf };
+            dev.config_set(offset, &(addr as u32 | flags).to_le_bytes());
             command |= flag;
         }
-        let current = pci_config_read(&dev, config::COMMAND, 2) as u16;
-        pci_config_write(&dev, config::COMMAND, u32::from(current | command), 2);
+        let current = dev.read_config(config::COMMAND, 2) as u16;
+        dev.write_config(config::COMMAND, u32::from(current | command), 2);
     }
 }

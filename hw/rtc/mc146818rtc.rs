@@ -15,23 +15,23 @@
 //! register C is read without interrupts, as the hardware sets them whatever register B
 //! says (the periodic flag only while PIE is set, as in QEMU).
 //!
-//! The board fills the memory-size bytes with [`rtc_set_memory_size`] (QEMU's
-//! `pc_cmos_init`) and other CMOS bytes with [`rtc_set_memory`].
+//! The board fills the memory-size bytes with [`Mc146818Rtc::set_memory_size`] (QEMU's
+//! `pc_cmos_init`) and other CMOS bytes with [`Mc146818Rtc::set_memory`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
-use qom::{type_init, Error, Object, ObjectClass, ObjectRef, Property, Value};
+use qom::{type_init, ObjectRef, Prop, Typed};
 
 use crate::core::irq::IrqLine;
-use crate::core::machine::machine_of;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{
-    device_class_mut, device_class_set_props, qdev_new, qdev_realize, DeviceCategory, QdevError,
+    qdev_new_typed, qdev_realize, DeviceCategory, DeviceContext, DeviceImpl, QdevError,
+    RealizeError,
 };
-use crate::isa::isa_bus::{isa_get_irq, isa_register_ioport, ISA_NUM_IRQS, TYPE_ISA_DEVICE};
+use crate::isa::isa_bus::{IsaDevice, ISA_NUM_IRQS};
 
 /// QEMU's `TYPE_MC146818_RTC`.
 pub const TYPE_MC146818_RTC: &str = "mc146818rtc";
@@ -698,126 +698,105 @@ impl MemoryRegionOps for RtcPort {
     }
 }
 
-/// The `mc146818rtc` instance.
-#[derive(Default)]
+/// QEMU's `MC146818RtcState`: the RTC and its properties.
+#[derive(qom::Object)]
+#[qom(name = TYPE_MC146818_RTC)]
 pub struct Mc146818Rtc {
+    #[parent]
+    parent: IsaDevice,
+    // QEMU's default is 1980, with the PC board passing 2000; every qomvm board is a PC,
+    // so 2000 is the default here.
+    #[property(default = 2000, desc = "Year the year register counts from")]
+    base_year: Prop<i32>,
+    #[property(default = 0x70, desc = "I/O port base")]
+    iobase: Prop<u16>,
+    #[property(default = 8, desc = "ISA IRQ")]
+    irq: Prop<u8>,
     rtc: Arc<Rtc>,
 }
 
-const PROPERTIES: &[Property] = &[
-    // QEMU's default is 1980, with the PC board passing 2000; every qomvm board is a PC,
-    // so 2000 is the default here.
-    Property::int("base_year", 32, 2000, "Year the year register counts from"),
-    Property::uint("iobase", 16, 0x70, "I/O port base"),
-    Property::uint("irq", 8, 8, "ISA IRQ"),
-];
+type_init!(Mc146818Rtc);
 
 /// Errors of `mc146818rtc`.
 #[derive(Debug, thiserror::Error)]
 pub enum RtcError {
-    /// The object is no `mc146818rtc`.
-    #[error("'{0}' is not an mc146818rtc device")]
-    NotAnRtc(&'static str),
     /// `irq` past the ISA bus's lines.
     #[error("Maximum value for \"irq\" is: {}", ISA_NUM_IRQS - 1)]
     BadIrq,
 }
 
-fn rtc_of(dev: &Object) -> Result<&Arc<Rtc>, RtcError> {
-    dev.downcast::<Mc146818Rtc>()
-        .map(|s| &s.rtc)
-        .ok_or(RtcError::NotAnRtc(dev.type_name()))
-}
+impl DeviceImpl for Mc146818Rtc {
+    const CATEGORY: DeviceCategory = DeviceCategory::Misc;
 
-fn rtc_realize(dev: &Object) -> Result<(), Error> {
-    let rtc = rtc_of(dev).map_err(Error::other)?;
-    let irq = dev.prop_uint("irq")?;
-    if irq as usize >= ISA_NUM_IRQS {
-        return Err(Error::other(RtcError::BadIrq));
+    fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let irq = self.irq.get();
+        if usize::from(irq) >= ISA_NUM_IRQS {
+            return Err(RealizeError::device(RtcError::BadIrq));
+        }
+        self.rtc.set_base_year(self.base_year.get().into());
+        self.rtc.set_irq(self.parent.irq(ctx, irq.into()));
+        let region = MemoryRegion::new_io("rtc", 2, Arc::new(RtcPort(self.rtc.clone())));
+        self.register_ioport(ctx, region, self.iobase.get())
     }
-    rtc.set_base_year(dev.prop_int("base_year")?);
-    rtc.set_irq(isa_get_irq(dev, irq as usize));
-    let iobase = dev.prop_uint("iobase")? as u16;
-    let region = MemoryRegion::new_io("rtc", 2, Arc::new(RtcPort(rtc.clone())));
-    isa_register_ioport(dev, region, iobase).map_err(Error::other)
-}
 
-fn rtc_reset(dev: &Object) {
-    if let Ok(rtc) = rtc_of(dev) {
-        rtc.reset();
+    fn reset(&self) {
+        self.rtc.reset();
     }
-}
-
-/// The RTC of an `mc146818rtc` device.
-pub fn rtc_state(dev: &Object) -> Option<Arc<Rtc>> {
-    rtc_of(dev).ok().cloned()
-}
-
-/// QEMU's `mc146818rtc_set_cmos_data`: writes CMOS byte `addr`.
-pub fn rtc_set_memory(dev: &Object, addr: u8, val: u8) -> Result<(), RtcError> {
-    rtc_of(dev)?.set_memory(addr, val);
-    Ok(())
-}
-
-/// QEMU's `mc146818rtc_get_cmos_data`: reads CMOS byte `addr`.
-pub fn rtc_get_memory(dev: &Object, addr: u8) -> Result<u8, RtcError> {
-    Ok(rtc_of(dev)?.get_memory(addr))
 }
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-/// The memory-size bytes of QEMU's `pc_cmos_init`, for `below_4g` bytes of RAM under
-/// 4 GiB and `above_4g` above: base memory in KiB (at most 640) at 0x15/0x16, extended
-/// memory above 1 MiB in KiB (at most 65535) at 0x17/0x18 and 0x30/0x31, memory above
-/// 16 MiB in 64 KiB units (at most 0xffff) at 0x34/0x35, memory above 4 GiB in 64 KiB
-/// units at 0x5b-0x5d.
-pub fn rtc_set_memory_size(dev: &Object, below_4g: u64, above_4g: u64) -> Result<(), RtcError> {
-    let rtc = rtc_of(dev)?;
-    let set16 = |lo: u8, val: u64| {
-        rtc.set_memory(lo, val as u8);
-        rtc.set_memory(lo + 1, (val >> 8) as u8);
-    };
-    set16(0x15, (below_4g / KIB).min(640));
-    let extended = (below_4g.saturating_sub(MIB) / KIB).min(0xffff);
-    set16(0x17, extended);
-    set16(0x30, extended);
-    set16(
-        0x34,
-        (below_4g.saturating_sub(16 * MIB) / (64 * KIB)).min(0xffff),
-    );
-    let high = above_4g / (64 * KIB);
-    rtc.set_memory(0x5b, high as u8);
-    rtc.set_memory(0x5c, (high >> 8) as u8);
-    rtc.set_memory(0x5d, (high >> 16) as u8);
-    Ok(())
+impl Mc146818Rtc {
+    /// The RTC (its clock, ports and CMOS memory).
+    pub fn rtc(&self) -> &Arc<Rtc> {
+        &self.rtc
+    }
+
+    /// QEMU's `mc146818rtc_set_cmos_data`: writes CMOS byte `addr`.
+    pub fn set_memory(&self, addr: u8, val: u8) {
+        self.rtc.set_memory(addr, val);
+    }
+
+    /// QEMU's `mc146818rtc_get_cmos_data`: reads CMOS byte `addr`.
+    pub fn get_memory(&self, addr: u8) -> u8 {
+        self.rtc.get_memory(addr)
+    }
+
+    /// The memory-size bytes of QEMU's `pc_cmos_init`, for `below_4g` bytes of RAM under
+    /// 4 GiB and `above_4g` above: base memory in KiB (at most 640) at 0x15/0x16, extended
+    /// memory above 1 MiB in KiB (at most 65535) at 0x17/0x18 and 0x30/0x31, memory above
+    /// 16 MiB in 64 KiB units (at most 0xffff) at 0x34/0x35, memory above 4 GiB in 64 KiB
+    /// units at 0x5b-0x5d.
+    pub fn set_memory_size(&self, below_4g: u64, above_4g: u64) {
+        let rtc = &self.rtc;
+        let set16 = |lo: u8, val: u64| {
+            rtc.set_memory(lo, val as u8);
+            rtc.set_memory(lo + 1, (val >> 8) as u8);
+        };
+        set16(0x15, (below_4g / KIB).min(640));
+        let extended = (below_4g.saturating_sub(MIB) / KIB).min(0xffff);
+        set16(0x17, extended);
+        set16(0x30, extended);
+        set16(
+            0x34,
+            (below_4g.saturating_sub(16 * MIB) / (64 * KIB)).min(0xffff),
+        );
+        let high = above_4g / (64 * KIB);
+        rtc.set_memory(0x5b, high as u8);
+        rtc.set_memory(0x5c, (high >> 8) as u8);
+        rtc.set_memory(0x5d, (high >> 16) as u8);
+    }
 }
 
 /// QEMU's `mc146818_rtc_init`: an RTC on `bus` counting years from `base_year` (the PC
-/// passes 2000), realized under its machine's `unattached` container.
-pub fn mc146818_rtc_init(bus: &ObjectRef, base_year: i32) -> Result<ObjectRef, QdevError> {
-    let dev = qdev_new(TYPE_MC146818_RTC)?;
-    dev.property_set("base_year", Value::Int(base_year.into()))?;
-    if let Some(machine) = machine_of(bus) {
-        qom::container_get(&machine, "unattached").add_child("device[*]", &dev)?;
-    }
-    qdev_realize(&dev, Some(bus))?;
+/// passes 2000), realized (an orphan goes under `/machine/unattached`, as a board's
+/// devices do).
+pub fn mc146818_rtc_init(bus: &ObjectRef, base_year: i32) -> Result<Typed<Mc146818Rtc>, QdevError> {
+    let dev = qdev_new_typed::<Mc146818Rtc>()?;
+    dev.base_year.set(base_year);
+    qdev_realize(dev.object(), Some(bus))?;
     Ok(dev)
-}
-
-fn rtc_class_init(class: &mut ObjectClass) {
-    device_class_set_props(class, PROPERTIES);
-    let dc = device_class_mut(class);
-    dc.realize = Some(rtc_realize);
-    dc.reset = Some(rtc_reset);
-    dc.category = DeviceCategory::Misc;
-}
-
-type_init! {
-    name: TYPE_MC146818_RTC,
-    parent: Some(TYPE_ISA_DEVICE),
-    class_init: Some(rtc_class_init),
-    instance: Some(qom::InstanceSpec::of::<Mc146818Rtc>()),
 }
 
 #[cfg(test)]

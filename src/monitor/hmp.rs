@@ -455,7 +455,7 @@ fn qtree_device(dev: &ObjectRef, indent: usize, out: &mut String) {
     const INTERNAL: &[&str] = &["type", "realized", "hotpluggable", "parent_bus"];
     for prop in dev.class().properties() {
         if INTERNAL.contains(&prop.name.as_ref())
-            || !(prop.setter.is_some() || prop.is_stored())
+            || !prop.is_settable()
             || matches!(prop.kind, PropertyKind::Child(_))
         {
             continue;
