@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hw::core::chardev::{chardev_add, parse_serial_spec, Ringbuf};
-use hw::char::serial::{serial_isa_init, serial_port, serial_set_backend};
+use hw::char::serial::{serial_isa_init, IsaSerial};
 use hw::core::machine::{machine_state, MachineState};
 use hw::core::runstate::RunRequest;
 use hw::core::qdev::{qdev_realize, DeviceMethods};
-use hw::rtc::mc146818rtc::{mc146818_rtc_init, rtc_set_memory_size, rtc_state};
+use hw::rtc::mc146818rtc::{mc146818_rtc_init, Mc146818Rtc};
+use qom::Typed;
 use qom::ObjectRef;
 use test_support::qtest::{irq_level, machine_with_isa_bus, new_dev, plug};
 
@@ -42,7 +43,9 @@ fn serial_transmits_to_its_backend_and_interrupts_on_irq_4() {
     let (machine, bus) = machine_with_isa_bus();
     let dev = plug(&machine, &bus, "isa-serial", &[]);
     let ring = Arc::new(Ringbuf::default());
-    serial_set_backend(&dev, Some(ring.clone())).unwrap();
+    Typed::<IsaSerial>::new(dev.clone())
+        .unwrap()
+        .set_backend(Some(ring.clone()));
     let io = ms(&machine).system_io().clone();
 
     assert_eq!(io.read(0x3fd, 1) & 0x60, 0x60, "THRE and TEMT");
@@ -148,10 +151,14 @@ fn serial_isa_init_builds_com_ports_for_the_board() {
     assert!(dev.is_realized());
     assert_eq!(port_bases(&machine), [(0x2f8, "serial".to_string())]);
     assert_eq!(
-        serial_port(&dev).unwrap().backend().unwrap().driver(),
+        dev.port().backend().unwrap().driver(),
         "null"
     );
-    assert!(dev.canonical_path().unwrap().contains("/unattached/"));
+    assert!(dev
+        .object()
+        .canonical_path()
+        .unwrap()
+        .contains("/unattached/"));
 }
 
 // ----- i8042 -----
@@ -242,8 +249,9 @@ fn rtc_reads_bcd_or_binary_and_masks_the_nmi_bit() {
     let dev = plug(&machine, &bus, "mc146818rtc", &[]);
     assert_eq!(port_bases(&machine), [(0x70, "rtc".to_string())]);
     // 2024-02-29 13:45:56 UTC.
-    rtc_state(&dev)
+    Typed::<Mc146818Rtc>::new(dev.clone())
         .unwrap()
+        .rtc()
         .set_clock(Arc::new(|| 1_709_214_356 * 1_000_000_000));
     assert_eq!(cmos(&machine, 0x00), 0x56);
     assert_eq!(cmos(&machine, 0x04), 0x13);
@@ -298,19 +306,19 @@ fn rtc_cmos_memory_size_bytes_match_pc_cmos_init() {
         .collect()
     };
     // -m 128M: 640 KiB base; 127 MiB extended, capped at 65535 KiB; 112 MiB above 16 MiB.
-    rtc_set_memory_size(&dev, 128 << 20, 0).unwrap();
+    dev.set_memory_size(128 << 20, 0);
     assert_eq!(
         bytes(&machine),
         [0x80, 0x02, 0xff, 0xff, 0xff, 0xff, 0x00, 0x07, 0x00, 0x00, 0x00]
     );
     // -m 5G on pc: 3 GiB below 4 GiB, 2 GiB above.
-    rtc_set_memory_size(&dev, 3 << 30, 2 << 30).unwrap();
+    dev.set_memory_size(3 << 30, 2 << 30);
     assert_eq!(
         bytes(&machine),
         [0x80, 0x02, 0xff, 0xff, 0xff, 0xff, 0x00, 0xbf, 0x00, 0x80, 0x00]
     );
     // Small guests: base memory below 640 KiB, nothing extended.
-    rtc_set_memory_size(&dev, 512 << 10, 0).unwrap();
+    dev.set_memory_size(512 << 10, 0);
     assert_eq!(bytes(&machine)[..8], [0x00, 0x02, 0, 0, 0, 0, 0, 0]);
 }
 
@@ -326,7 +334,9 @@ fn stdio_child() {
     }
     let (machine, bus) = machine_with_isa_bus();
     let dev = plug(&machine, &bus, "isa-serial", &[]);
-    serial_set_backend(&dev, parse_serial_spec("stdio").unwrap()).unwrap();
+    Typed::<IsaSerial>::new(dev.clone())
+        .unwrap()
+        .set_backend(parse_serial_spec("stdio").unwrap());
     let io = ms(&machine).system_io().clone();
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);

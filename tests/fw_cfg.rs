@@ -4,12 +4,12 @@
 use hw::core::machine::{machine_state, SmpConfig};
 use hw::core::qdev::{qdev_unrealize, DeviceMethods};
 use hw::nvram::fw_cfg::*;
-use qom::{ObjectRef, Value};
+use qom::{ObjectRef, Typed, Value};
 use vm_memory::{Bytes, GuestAddress};
 
 const RAM_SIZE: u64 = 16 << 20;
 
-fn machine_with_fw_cfg(dma: bool) -> (ObjectRef, ObjectRef) {
+fn machine_with_fw_cfg(dma: bool) -> (ObjectRef, Typed<FwCfgIo>) {
     hw::init().expect("registrations are intact");
     accel::init().expect("registrations are intact");
     let machine = qom::object_new("none-machine").unwrap();
@@ -25,8 +25,7 @@ fn machine_with_fw_cfg(dma: bool) -> (ObjectRef, ObjectRef) {
     let qtest = accel::accel_find("qtest").unwrap();
     accel::accel_init_machine(qtest, &machine).unwrap();
     ms.add_ram(0, RAM_SIZE).unwrap();
-    let dev =
-        fw_cfg_init_io_dma(&machine, FW_CFG_IO_BASE, dma.then_some(FW_CFG_DMA_IO_BASE)).unwrap();
+    let dev = fw_cfg_init_io_dma(ms, FW_CFG_IO_BASE, dma.then_some(FW_CFG_DMA_IO_BASE)).unwrap();
     (machine, dev)
 }
 
@@ -82,7 +81,7 @@ fn signature_id_ram_size_and_cpus_read_through_the_data_port() {
     assert_eq!(read_item(&machine, FW_CFG_NB_CPUS, 2), 2u16.to_le_bytes());
     assert_eq!(read_item(&machine, FW_CFG_MAX_CPUS, 2), 4u16.to_le_bytes());
     // The board can store the APIC-ID limit instead, as QEMU's x86 board does.
-    fw_cfg_add_i16(&dev, FW_CFG_MAX_CPUS, 8).unwrap();
+    dev.add_i16(FW_CFG_MAX_CPUS, 8).unwrap();
     assert_eq!(read_item(&machine, FW_CFG_MAX_CPUS, 2), 8u16.to_le_bytes());
     // Reselecting rewinds; either port of the pair selects and reads.
     let io = machine_state(&machine).unwrap().system_io().clone();
@@ -91,7 +90,7 @@ fn signature_id_ram_size_and_cpus_read_through_the_data_port() {
     // Byte writes (the old write channel) change nothing.
     io.write(u64::from(FW_CFG_IO_BASE) + 1, 0x55, 1);
     assert_eq!(io.read(u64::from(FW_CFG_IO_BASE) + 1, 1), u64::from(b'E'));
-    assert!(fw_cfg_find(&machine).is_some_and(|d| std::sync::Arc::ptr_eq(&d, &dev)));
+    assert!(fw_cfg_find(&machine).is_some_and(|d| std::sync::Arc::ptr_eq(d.object(), dev.object())));
 }
 
 #[test]
@@ -108,7 +107,7 @@ fn without_dma_the_id_says_so_and_the_dma_ports_are_free() {
 #[test]
 fn unknown_and_invalid_keys_and_reads_past_the_end_are_zeros() {
     let (machine, dev) = machine_with_fw_cfg(true);
-    fw_cfg_add_bytes(&dev, FW_CFG_ARCH_LOCAL + 0x10, vec![7, 8]).unwrap();
+    dev.add_bytes(FW_CFG_ARCH_LOCAL + 0x10, vec![7, 8]).unwrap();
     assert_eq!(read_item(&machine, 0x1f, 4), [0; 4]);
     assert_eq!(read_item(&machine, 0x3fff, 4), [0; 4]);
     assert_eq!(read_item(&machine, 0xffff, 4), [0; 4]);
@@ -123,13 +122,13 @@ fn unknown_and_invalid_keys_and_reads_past_the_end_are_zeros() {
 fn files_are_listed_sorted_in_the_directory_and_read_by_their_key() {
     let (machine, dev) = machine_with_fw_cfg(true);
     assert_eq!(read_item(&machine, FW_CFG_FILE_DIR, 4), [0; 4]);
-    let b = fw_cfg_add_file(&dev, "etc/zeta", b"last".to_vec()).unwrap();
+    let b = dev.add_file("etc/zeta", b"last".to_vec()).unwrap();
     assert_eq!(b, FW_CFG_FILE_FIRST);
-    let a = fw_cfg_add_file(&dev, "etc/alpha", b"first file".to_vec()).unwrap();
+    let a = dev.add_file("etc/alpha", b"first file".to_vec()).unwrap();
     // Sorted by name: "etc/alpha" takes 0x20, "etc/zeta" moves to 0x21 (QEMU does this too).
     assert_eq!(a, FW_CFG_FILE_FIRST);
     assert_eq!(
-        fw_cfg_file_key(&dev, "etc/zeta"),
+        dev.file_key("etc/zeta"),
         Some(FW_CFG_FILE_FIRST + 1)
     );
 
@@ -157,20 +156,20 @@ fn files_are_listed_sorted_in_the_directory_and_read_by_their_key() {
     assert_eq!(read_item(&machine, select, size as usize + 1), b"last\0");
 
     assert!(matches!(
-        fw_cfg_add_file(&dev, "etc/zeta", vec![]),
+        dev.add_file("etc/zeta", vec![]),
         Err(FwCfgError::DuplicateFile(_))
     ));
     assert!(matches!(
-        fw_cfg_add_file(&dev, &"x".repeat(56), vec![]),
+        dev.add_file(&"x".repeat(56), vec![]),
         Err(FwCfgError::NameTooLong(_))
     ));
-    fw_cfg_add_file(&dev, &"y".repeat(55), vec![]).unwrap();
+    dev.add_file(&"y".repeat(55), vec![]).unwrap();
     assert!(matches!(
-        fw_cfg_add_bytes(&dev, FW_CFG_FILE_FIRST + 5, vec![1]),
+        dev.add_bytes(FW_CFG_FILE_FIRST + 5, vec![1]),
         Err(FwCfgError::FileKey(_))
     ));
     assert!(matches!(
-        fw_cfg_add_bytes(&dev, 0x4001, vec![1]),
+        dev.add_bytes(0x4001, vec![1]),
         Err(FwCfgError::BadKey(_))
     ));
 }
@@ -179,14 +178,14 @@ fn files_are_listed_sorted_in_the_directory_and_read_by_their_key() {
 fn the_file_slots_run_out() {
     let (_machine, dev) = machine_with_fw_cfg(true);
     for i in 0..FW_CFG_FILE_SLOTS_DFLT {
-        fw_cfg_add_file(&dev, &format!("f{i:02}"), vec![i as u8]).unwrap();
+        dev.add_file(&format!("f{i:02}"), vec![i as u8]).unwrap();
     }
     assert!(matches!(
-        fw_cfg_add_file(&dev, "one-more", vec![]),
+        dev.add_file("one-more", vec![]),
         Err(FwCfgError::NoFileSlots(0x20))
     ));
     assert_eq!(
-        fw_cfg_item(&dev, FW_CFG_FILE_FIRST + 0x1f),
+        dev.item(FW_CFG_FILE_FIRST + 0x1f),
         Some(vec![0x1f])
     );
 }
@@ -208,7 +207,7 @@ fn the_dma_port_reads_as_the_signature() {
 #[test]
 fn dma_selects_reads_skips_and_refuses_writes() {
     let (machine, dev) = machine_with_fw_cfg(true);
-    let key = fw_cfg_add_file(&dev, "etc/payload", (0..=255u8).collect::<Vec<_>>()).unwrap();
+    let key = dev.add_file("etc/payload", (0..=255u8).collect::<Vec<_>>()).unwrap();
     let ms = machine_state(&machine).unwrap();
     let ram = ms.ram();
     ram.write_slice(&[0xee; 0x200], GuestAddress(0x2000))
@@ -279,9 +278,11 @@ fn unrealize_frees_the_ports_and_realize_maps_them_again() {
     let (machine, dev) = machine_with_fw_cfg(true);
     let io = machine_state(&machine).unwrap().system_io().clone();
     assert_eq!(io.flat_view().ranges().len(), 2);
-    qdev_unrealize(&dev);
-    assert!(!dev.is_realized());
+    qdev_unrealize(dev.object());
+    assert!(!dev.object().is_realized());
     assert!(io.flat_view().ranges().is_empty());
-    dev.property_set("realized", Value::Bool(true)).unwrap();
+    dev.object()
+        .property_set("realized", Value::Bool(true))
+        .unwrap();
     assert_eq!(read_item(&machine, FW_CFG_SIGNATURE, 4), b"QEMU");
 }

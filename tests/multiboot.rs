@@ -404,7 +404,7 @@ fn an_elf_multiboot_kernel_runs_and_sees_the_info_and_fw_cfg() {
     let ram_size = 4 << 20;
     let vm = TestVm::bare(1, "qemu64", ram_size);
     let ms = machine_state(&vm.machine).unwrap();
-    fw_cfg_init_io_dma(&vm.machine, FW_CFG_IO_BASE, Some(FW_CFG_DMA_IO_BASE)).unwrap();
+    fw_cfg_init_io_dma(ms, FW_CFG_IO_BASE, Some(FW_CFG_DMA_IO_BASE)).unwrap();
     ms.ram()
         .write_slice(&vec![0xff; 0x10_0000], GuestAddress(0x10_0000))
         .unwrap();

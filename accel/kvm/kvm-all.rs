@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use hw::core::accel_ops::{AccelOps, CpuDumpError, RamBlock};
-use hw::core::machine::{machine_state, MachineState};
+use hw::core::machine::MachineState;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use qom::{type_init, Error, ObjectClass, ObjectRef, WeakObjectRef};
+use qom::{type_init, Error, ObjectRef, WeakObjectRef};
 
 use crate::accel_system::{AccelError, AccelImpl, AccelState};
 use crate::kvm::kvm_cpus::VcpuSet;

@@ -44,12 +44,13 @@ struct Pm {
     regs: Mutex<PmRegs>,
     start: Instant,
     sci: IrqLine,
-    machine: Arc<MachineServices>,
+    machine: Weak<MachineServices>,
 }
 
 impl Pm {
     fn update_sci(&self, regs: &PmRegs) {
-        self.sci.set(regs.sts & regs.en & (PM1_PWRBTN | PM1_TMR) != 0);
+        self.sci
+            .set(regs.sts & regs.en & (PM1_PWRBTN | PM1_TMR) != 0);
     }
 
     fn timer(&self) -> u32 {
@@ -90,7 +91,9 @@ impl MemoryRegionOps for Pm {
                 if cnt & PM1_CNT_SLP_EN != 0 {
                     let slp_typ = (cnt >> 10) & 7;
                     if slp_typ == SLP_TYP_S5 {
-                        self.machine.request(RunRequest::GuestShutdown);
+                        if let Some(machine) = self.machine.upgrade() {
+                            machine.request(RunRequest::GuestShutdown);
+                        }
                     } else {
                         log::warn!("PIIX4_PM: sleep type {slp_typ} is not supported; ignored");
                     }
@@ -158,15 +161,16 @@ impl PciDeviceImpl for Piix4Pm {
             }),
             start: Instant::now(),
             sci: IrqLine::new(GsiRouter::new(services), SCI_IRQ),
-            machine: services.clone(),
+            machine: Arc::downgrade(services),
         });
         // PMBA (0x40) and PMREGMISC (0x80) as firmware programs them.
         self.config_set(0x40, &u32::from(PM_IO_BASE | 1).to_le_bytes());
         self.config_set(0x80, &[1]);
         self.config_set(config::INTERRUPT_LINE, &[SCI_IRQ as u8]);
-        services
-            .system_io()
-            .map(PM_IO_BASE.into(), MemoryRegion::new_io("acpi-pm", 0x40, pm.clone()))?;
+        services.system_io().map(
+            PM_IO_BASE.into(),
+            MemoryRegion::new_io("acpi-pm", 0x40, pm.clone()),
+        )?;
         *self.pm.lock() = Some(pm.clone());
         // The power button is the machine's powerdown notifier (`system_powerdown`).
         let button: Weak<Pm> = Arc::downgrade(&pm);
@@ -176,5 +180,36 @@ impl PciDeviceImpl for Piix4Pm {
             }
         }));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::bus::qbus_new;
+    use crate::core::qdev::{qdev_new_typed, qdev_realize};
+    use crate::pci::pci::TYPE_PCI_BUS;
+
+    #[test]
+    fn soft_off_and_the_power_button() {
+        let services = Arc::new(MachineServices::default());
+        let host = qom::object_new(qom::TYPE_CONTAINER).unwrap();
+        let bus = qbus_new(TYPE_PCI_BUS, &host, "pci.0", &services).unwrap();
+        let pm = qdev_new_typed::<Piix4Pm>().unwrap();
+        assert!(!pm.power_button(), "not realized");
+        pm.object().property_parse("addr", "01.3").unwrap();
+        qdev_realize(pm.object(), Some(&bus)).unwrap();
+        assert_eq!(pm.read_config(0, 4), 0x7113_8086);
+        assert_eq!(pm.read_config(config::INTERRUPT_LINE, 1), SCI_IRQ);
+        let io = services.system_io();
+        assert_eq!(io.read(0x604, 2) & 1, 1, "SCI_EN");
+        assert!(services.vm().has_power_button());
+        assert!(pm.power_button());
+        assert_eq!(io.read(0x600, 2) & 0x100, 0x100);
+        io.write(0x604, 0x2001, 2);
+        assert_eq!(
+            services.vm().requests().take(),
+            Some(RunRequest::GuestShutdown)
+        );
     }
 }

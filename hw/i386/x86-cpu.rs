@@ -411,6 +411,14 @@ macro_rules! x86_cpu_model {
         impl CpuImpl for $ty {
             const MODEL_NAME: &'static str = $model.name;
             const MODEL_DESCRIPTION: Option<&'static str> = Some($model.description);
+
+            fn set_topology(&self, index: u32, smp: &SmpConfig) {
+                CpuImpl::set_topology(&self.parent, index, smp)
+            }
+
+            fn parse_features(&self, cpu: &ObjectRef, options: &str) -> Result<(), Error> {
+                CpuImpl::parse_features(&self.parent, cpu, options)
+            }
         }
 
         impl X86CpuModelImpl for $ty {

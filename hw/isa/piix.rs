@@ -2,7 +2,7 @@
 //! the ISA bus, whose IRQs reach the interrupt controller, and the reset control register at
 //! port 0xcf9.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use qom::type_init;
 
@@ -29,7 +29,7 @@ type_init!(Piix3);
 
 /// The reset control register (RCR): a write with bit 2 set resets the machine.
 struct ResetControl {
-    machine: Arc<MachineServices>,
+    machine: Weak<MachineServices>,
 }
 
 impl MemoryRegionOps for ResetControl {
@@ -39,7 +39,9 @@ impl MemoryRegionOps for ResetControl {
 
     fn write(&self, _offset: u64, value: u64, _size: u32) {
         if value & 0x4 != 0 {
-            self.machine.request(RunRequest::GuestReset);
+            if let Some(machine) = self.machine.upgrade() {
+                machine.request(RunRequest::GuestReset);
+            }
         }
     }
 }
@@ -68,10 +70,39 @@ impl PciDeviceImpl for Piix3 {
             "piix-reset-control",
             1,
             Arc::new(ResetControl {
-                machine: services.clone(),
+                machine: Arc::downgrade(services),
             }),
         );
         services.system_io().map(0xcf9, rcr)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::bus::qbus_new;
+    use crate::core::qdev::{qdev_new_typed, qdev_realize};
+    use crate::pci::pci::TYPE_PCI_BUS;
+
+    #[test]
+    fn owns_isa_0_and_resets_through_0xcf9() {
+        let services = Arc::new(MachineServices::default());
+        let host = qom::object_new(qom::TYPE_CONTAINER).unwrap();
+        let bus = qbus_new(TYPE_PCI_BUS, &host, "pci.0", &services).unwrap();
+        let piix3 = qdev_new_typed::<Piix3>().unwrap();
+        piix3.object().property_parse("addr", "01.0").unwrap();
+        qdev_realize(piix3.object(), Some(&bus)).unwrap();
+        assert!(piix3.object().child("isa.0").is_some());
+        assert_eq!(piix3.read_config(0, 4), 0x7000_8086);
+        assert_eq!(piix3.read_config(0x0e, 1), 0x80, "multi-function");
+        let io = services.system_io();
+        io.write(0xcf9, 0x02, 1);
+        assert_eq!(services.vm().requests().take(), None);
+        io.write(0xcf9, 0x06, 1);
+        assert_eq!(
+            services.vm().requests().take(),
+            Some(RunRequest::GuestReset)
+        );
     }
 }

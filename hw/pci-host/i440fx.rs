@@ -179,7 +179,11 @@ mod tests {
 
     fn config_read(services: &MachineServices, devfn: u32, reg: u32, size: u32) -> u64 {
         let io = services.system_io();
-        io.write(0xcf8, u64::from(0x8000_0000 | (devfn << 8) | (reg & 0xfc)), 4);
+        io.write(
+            0xcf8,
+            u64::from(0x8000_0000 | (devfn << 8) | (reg & 0xfc)),
+            4,
+        );
         io.read(0xcfc + u64::from(reg & 3), size)
     }
 
@@ -197,11 +201,31 @@ mod tests {
         testdev.property_parse("addr", "0x4").unwrap();
         qdev_realize(&testdev, Some(&bus)).unwrap();
         assert_eq!(testdev.property_print("addr").unwrap(), "04.0");
+        let err = testdev
+            .property_parse("addr", "05.0")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("after realize") || err.contains("realized"),
+            "{err}"
+        );
+        let err = qdev_new("pci-testdev")
+            .unwrap()
+            .property_parse("addr", "zz")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Parameter 'addr' expects a PCI address 'slot[.function]', got 'zz'"
+        );
 
         assert_eq!(config_read(&services, 0, 0, 4), 0x1237_8086);
         assert_eq!(config_read(&services, 0, 8, 4), 0x0600_0002);
         assert_eq!(config_read(&services, 4 << 3, 0, 4), 0x0005_1b36);
-        assert_eq!(config_read(&services, 3 << 3, 0, 4), 0xffff_ffff, "empty slot");
+        assert_eq!(
+            config_read(&services, 3 << 3, 0, 4),
+            0xffff_ffff,
+            "empty slot"
+        );
 
         crate::pci::pci::pci_assign_bars(&bus);
         assert_eq!(config_read(&services, 4 << 3, 0x10, 4), 0xfe00_0000);

@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use qom::{type_init, ClassInitFor, Object, ObjectClass, Prop, Typed, WeakObjectRef};
+use qom::{
+    type_init, ClassInitFor, Error, Object, ObjectClass, Property, PropertyKind, StateAccessor,
+    Typed, Value, WeakObjectRef,
+};
 
 use crate::core::bus::BusState;
 use crate::core::irq::IrqLine;
@@ -69,7 +72,6 @@ pub enum BarKind {
     Mem32,
 }
 
-
 /// QEMU's `PCIDeviceClass`: the header a PCI device type presents, derived from its
 /// [`PciDeviceImpl`].
 #[derive(Clone, Debug, Default)]
@@ -93,8 +95,11 @@ pub struct PciDeviceClass {
     /// INTx pin used (0 none, 1 INTA .. 4 INTD).
     pub interrupt_pin: u8,
     /// The device's PCI methods, as a trait object.
-    pci: Option<fn(&Object) -> Option<&dyn PciDeviceOps>>,
+    pci: Option<PciDeviceCast>,
 }
+
+/// Casts an object of a PCI device type to its [`PciDeviceOps`].
+type PciDeviceCast = fn(&Object) -> Option<&dyn PciDeviceOps>;
 
 /// A PCI device type: QEMU's `PCIDeviceClass` constants and methods as a trait.
 pub trait PciDeviceImpl: DeviceImpl {
@@ -203,9 +208,7 @@ impl Default for ConfigSpace {
 pub struct PciDevice {
     #[parent]
     parent: DeviceState,
-    #[property(desc = "Slot and optional function number, example: 06.0 or 06")]
-    addr: Prop<Option<String>>,
-    /// slot << 3 | function, once realized.
+    /// slot << 3 | function: as `addr=` gives it, or as realize takes it.
     devfn: Mutex<Option<u8>>,
     config: Mutex<ConfigSpace>,
     bars: Mutex<[Option<Bar>; PCI_NUM_BARS]>,
@@ -213,8 +216,31 @@ pub struct PciDevice {
 }
 
 type_init!(PciDevice {
-    class_init: Some(<PciDevice as ClassInitFor<PciDevice>>::class_init),
+    class_init: Some(pci_device_base_class_init),
 });
+
+/// `addr`: the devfn, read and written in QEMU's `slot[.function]` notation.
+static PCI_ADDR: StateAccessor<PciDevice> = StateAccessor {
+    get: |dev, _| {
+        Value::Str(
+            dev.devfn()
+                .map_or_else(String::new, |d| format!("{:02x}.{}", d >> 3, d & 7)),
+        )
+    },
+    set: Some(PciDevice::set_addr),
+};
+
+/// The abstract `pci-device` class: the device class and the `addr` property every PCI
+/// device has.
+fn pci_device_base_class_init(class: &mut ObjectClass) {
+    <PciDevice as ClassInitFor<PciDevice>>::class_init(class);
+    class.add_property(Property::state(
+        "addr",
+        PropertyKind::Str,
+        "Slot and optional function number, example: 06.0 or 06",
+        &PCI_ADDR,
+    ));
+}
 
 /// Computes the INTx line of a device being realized on the bus (the host bridge's
 /// routing, QEMU's `pci_bus_irqs`); it may set the device's interrupt line register, as
@@ -346,12 +372,7 @@ impl DeviceImpl for PciDevice {
             .get::<PciDeviceClass>()
             .cloned()
             .unwrap_or_default();
-        let requested = match self.addr.get() {
-            Some(text) => Some(
-                parse_addr(&text).ok_or_else(|| RealizeError::device(PciError::BadAddr(text)))?,
-            ),
-            None => None,
-        };
+        let requested = self.devfn();
         let devfn = {
             let mut devices = bus.devices.lock();
             devices.retain(|(_, w)| w.strong_count() > 0);
@@ -379,13 +400,13 @@ impl DeviceImpl for PciDevice {
             devfn
         };
         *self.devfn.lock() = Some(devfn);
-        // `addr` reads back as the devfn taken, in QEMU's notation.
-        self.addr.set(Some(format!("{:02x}.{}", devfn >> 3, devfn & 7)));
         {
             let mut space = self.config.lock();
             let ConfigSpace { bytes: c, wmask: w } = &mut *space;
-            c[config::VENDOR_ID..config::VENDOR_ID + 2].copy_from_slice(&pc.vendor_id.to_le_bytes());
-            c[config::DEVICE_ID..config::DEVICE_ID + 2].copy_from_slice(&pc.device_id.to_le_bytes());
+            c[config::VENDOR_ID..config::VENDOR_ID + 2]
+                .copy_from_slice(&pc.vendor_id.to_le_bytes());
+            c[config::DEVICE_ID..config::DEVICE_ID + 2]
+                .copy_from_slice(&pc.device_id.to_le_bytes());
             c[config::REVISION] = pc.revision;
             c[config::PROG_IF] = pc.prog_if;
             c[config::CLASS..config::CLASS + 2].copy_from_slice(&pc.class_id.to_le_bytes());
@@ -442,6 +463,26 @@ impl PciDevice {
     /// The device's devfn (slot << 3 | function), once realized (QEMU's `pci_get_devfn`).
     pub fn devfn(&self) -> Option<u8> {
         *self.devfn.lock()
+    }
+
+    /// The `addr` setter: refused once realized, as qdev properties are.
+    fn set_addr(&self, prop: &Property, value: Value) -> Result<(), Error> {
+        if self.is_realized() {
+            return Err(Error::PropertyAfterRealize {
+                name: prop.name.to_string(),
+                device: self
+                    .id()
+                    .map_or("anonymous device".into(), |id| format!("device '{id}'")),
+                type_name: self.type_name().to_string(),
+            });
+        }
+        let Value::Str(text) = value else {
+            return Ok(());
+        };
+        let devfn =
+            parse_addr(&text).ok_or_else(|| Error::other(PciError::BadAddr(text.clone())))?;
+        *self.devfn.lock() = Some(devfn);
+        Ok(())
     }
 
     fn type_name(&self) -> &'static str {
@@ -507,16 +548,24 @@ impl PciDevice {
             u16::from_le_bytes([c[config::COMMAND], c[config::COMMAND + 1]])
         };
         for index in 0..PCI_NUM_BARS {
-            let Some(addr) = self.bar_address(index) else { continue };
+            let Some(addr) = self.bar_address(index) else {
+                continue;
+            };
             let mut bars = self.bars.lock();
-            let Some(bar) = bars[index].as_mut() else { continue };
+            let Some(bar) = bars[index].as_mut() else {
+                continue;
+            };
             let (enabled, space) = match bar.kind {
                 BarKind::Io => (command & config::COMMAND_IO != 0, &io),
                 BarKind::Mem32 => (command & config::COMMAND_MEMORY != 0, &memory),
             };
             let size = bar.region.size();
             // An address of 0, or one whose range wraps or is the sizing pattern, is unmapped.
-            let limit = if bar.kind == BarKind::Io { 0x1_0000 } else { 1u64 << 32 };
+            let limit = if bar.kind == BarKind::Io {
+                0x1_0000
+            } else {
+                1u64 << 32
+            };
             let wanted = (enabled && addr != 0 && addr + size <= limit).then_some(addr);
             if wanted == bar.mapped_at {
                 continue;

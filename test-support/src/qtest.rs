@@ -17,9 +17,9 @@ pub fn machine_with_isa_bus() -> (ObjectRef, ObjectRef) {
     let machine = qom::object_new("none-machine").unwrap();
     let qtest = accel::accel_find("qtest").unwrap();
     accel::accel_init_machine(qtest, &machine).unwrap();
-    let io = machine_state(&machine).unwrap().system_io().clone();
-    let bus = isa_bus_new(&machine, "isa.0", io).unwrap();
-    let router = GsiRouter::new(&machine);
+    let services = machine_state(&machine).unwrap().services().clone();
+    let bus = isa_bus_new(&machine, "isa.0", &services).unwrap();
+    let router = GsiRouter::new(&services);
     let lines = (0..ISA_NUM_IRQS as u32)
         .map(|n| IrqLine::new(router.clone(), n))
         .collect();

@@ -116,7 +116,7 @@ impl TestVm {
         accel::accel_init_machine(kvm, &machine).expect("KVM initialises");
         ms.add_ram(0, ram_size).unwrap();
 
-        let bus = isa_bus_new(&machine, "isa.0", ms.system_io().clone()).unwrap();
+        let bus = isa_bus_new(&machine, "isa.0", ms.services()).unwrap();
         let exit = qdev_new("isa-debug-exit").unwrap();
         exit.property_parse("iobase", &EXIT_PORT.to_string())
             .unwrap();
@@ -137,7 +137,7 @@ impl TestVm {
             )
             .unwrap();
 
-        machine_create_cpus(&machine).unwrap();
+        machine_create_cpus(ms).unwrap();
         TestVm {
             machine,
             ports,
