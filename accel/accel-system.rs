@@ -13,7 +13,7 @@ pub const ACCEL_SUFFIX: &str = "-accel";
 pub struct AccelClass {
     /// The `-accel` name: the type name without `-accel`.
     pub name: &'static str,
-    accel: Option<fn(&Object) -> Option<&dyn Accel>>,
+    accel: Option<qom::ImplCast<dyn Accel>>,
 }
 
 /// An accelerator type: QEMU's `AccelClass` methods as a trait.
@@ -35,7 +35,7 @@ impl<T: AccelImpl> Accel for T {
     }
 }
 
-fn as_accel<T: AccelImpl>(obj: &Object) -> Option<&dyn Accel> {
+fn as_accel<T: AccelImpl>(obj: &Object) -> Option<&(dyn Accel + 'static)> {
     obj.downcast::<T>().map(|a| a as &dyn Accel)
 }
 

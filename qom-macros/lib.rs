@@ -25,8 +25,8 @@ use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::quote;
 use syn::{
-    parse_macro_input, Data, DeriveInput, Expr, ExprArray, ExprLit, Fields, GenericArgument,
-    Ident, Lit, LitStr, Meta, PathArguments, Type,
+    parse_macro_input, Data, DeriveInput, Expr, ExprArray, ExprLit, Fields, GenericArgument, Ident,
+    Lit, LitStr, Meta, PathArguments, Type,
 };
 
 /// Derives a QOM type from a struct; see the crate documentation.

@@ -46,7 +46,7 @@ pub use type_table::{
 };
 
 pub use typed::{
-    object_class_init, ClassInitFor, DefaultFrom, IsA, ObjectBase, ObjectType, Prop,
+    object_class_init, ClassInitFor, DefaultFrom, ImplCast, IsA, ObjectBase, ObjectType, Prop,
     PropertyType, QomEnum, Size, Typed,
 };
 

@@ -173,13 +173,16 @@ pub trait PropertyAccessor: Send + Sync {
     fn writable(&self) -> bool;
 }
 
+/// Writes a [`StateAccessor`] property into state `S`.
+pub type StateSetter<S> = fn(&S, &Property, Value) -> Result<(), Error>;
+
 /// A property computed from a typed state `S` rather than stored in one field: a family of
 /// flags (CPU features), a read-only index. A `static` of it is what the property holds.
 pub struct StateAccessor<S> {
     /// Reads the value from the state.
     pub get: fn(&S, &Property) -> Value,
     /// Writes the value into the state; `None` for a read-only property.
-    pub set: Option<fn(&S, &Property, Value) -> Result<(), Error>>,
+    pub set: Option<StateSetter<S>>,
 }
 
 impl<S: std::any::Any + Send + Sync> StateAccessor<S> {
@@ -393,9 +396,7 @@ impl Property {
 
     /// Whether the property can be written (listings show only these as options).
     pub fn is_settable(&self) -> bool {
-        self.setter.is_some()
-            || self.is_stored()
-            || self.accessor.is_some_and(|a| a.writable())
+        self.setter.is_some() || self.is_stored() || self.accessor.is_some_and(|a| a.writable())
     }
 
     /// The default value as a `Value`.

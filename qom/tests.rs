@@ -787,7 +787,11 @@ mod typed_types {
         assert_eq!(obj.property_print("chardev").unwrap(), "");
         obj.property_parse("chardev", "ser0").unwrap();
         assert_eq!(
-            obj.downcast::<TypedBase>().unwrap().chardev.get().as_deref(),
+            obj.downcast::<TypedBase>()
+                .unwrap()
+                .chardev
+                .get()
+                .as_deref(),
             Some("ser0")
         );
         obj.property_parse("delta", "-128").unwrap();

@@ -116,6 +116,10 @@ impl ObjectType for ObjectBase {
     }
 }
 
+/// How a class record reaches an object's class-level methods as a trait object: the
+/// caster a `ClassInitFor` stores (`fn(&Object) -> Option<&dyn Device>`).
+pub type ImplCast<D> = fn(&Object) -> Option<&D>;
+
 /// How a parent type builds the class of a subtype `T` from `T`'s trait impls (QEMU's
 /// `ObjectImpl::CLASS_INIT`, e.g. `DeviceClass::class_init::<T>`). Implemented by each
 /// type that introduces a class level, generically over its subtypes.

@@ -7,14 +7,14 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hw::core::chardev::{chardev_add, parse_serial_spec, Ringbuf};
 use hw::char::serial::{serial_isa_init, IsaSerial};
+use hw::core::chardev::{chardev_add, parse_serial_spec, Ringbuf};
 use hw::core::machine::{machine_state, MachineState};
-use hw::core::runstate::RunRequest;
 use hw::core::qdev::{qdev_realize, DeviceMethods};
+use hw::core::runstate::RunRequest;
 use hw::rtc::mc146818rtc::{mc146818_rtc_init, Mc146818Rtc};
-use qom::Typed;
 use qom::ObjectRef;
+use qom::Typed;
 use test_support::qtest::{irq_level, machine_with_isa_bus, new_dev, plug};
 
 fn ms(machine: &ObjectRef) -> &MachineState {
@@ -150,10 +150,7 @@ fn serial_isa_init_builds_com_ports_for_the_board() {
     let dev = serial_isa_init(&bus, 1, null).unwrap();
     assert!(dev.is_realized());
     assert_eq!(port_bases(&machine), [(0x2f8, "serial".to_string())]);
-    assert_eq!(
-        dev.port().backend().unwrap().driver(),
-        "null"
-    );
+    assert_eq!(dev.port().backend().unwrap().driver(), "null");
     assert!(dev
         .object()
         .canonical_path()

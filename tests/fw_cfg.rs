@@ -127,10 +127,7 @@ fn files_are_listed_sorted_in_the_directory_and_read_by_their_key() {
     let a = dev.add_file("etc/alpha", b"first file".to_vec()).unwrap();
     // Sorted by name: "etc/alpha" takes 0x20, "etc/zeta" moves to 0x21 (QEMU does this too).
     assert_eq!(a, FW_CFG_FILE_FIRST);
-    assert_eq!(
-        dev.file_key("etc/zeta"),
-        Some(FW_CFG_FILE_FIRST + 1)
-    );
+    assert_eq!(dev.file_key("etc/zeta"), Some(FW_CFG_FILE_FIRST + 1));
 
     let dir = read_item(
         &machine,
@@ -184,10 +181,7 @@ fn the_file_slots_run_out() {
         dev.add_file("one-more", vec![]),
         Err(FwCfgError::NoFileSlots(0x20))
     ));
-    assert_eq!(
-        dev.item(FW_CFG_FILE_FIRST + 0x1f),
-        Some(vec![0x1f])
-    );
+    assert_eq!(dev.item(FW_CFG_FILE_FIRST + 0x1f), Some(vec![0x1f]));
 }
 
 #[test]
@@ -207,7 +201,9 @@ fn the_dma_port_reads_as_the_signature() {
 #[test]
 fn dma_selects_reads_skips_and_refuses_writes() {
     let (machine, dev) = machine_with_fw_cfg(true);
-    let key = dev.add_file("etc/payload", (0..=255u8).collect::<Vec<_>>()).unwrap();
+    let key = dev
+        .add_file("etc/payload", (0..=255u8).collect::<Vec<_>>())
+        .unwrap();
     let ms = machine_state(&machine).unwrap();
     let ram = ms.ram();
     ram.write_slice(&[0xee; 0x200], GuestAddress(0x2000))

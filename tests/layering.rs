@@ -21,7 +21,11 @@ fn hw_imports() -> BTreeMap<String, BTreeSet<String>> {
             if path.extension().is_none_or(|e| e != "rs") {
                 continue;
             }
-            let stem = path.file_stem().unwrap().to_string_lossy().replace('-', "_");
+            let stem = path
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .replace('-', "_");
             let source = fs::read_to_string(&path).unwrap();
             graph.insert(format!("{dir_name}::{stem}"), crate_paths(&source));
         }
@@ -79,10 +83,14 @@ fn violations(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
         for import in imports.iter().filter(|i| graph.contains_key(*i)) {
             let (from, to) = (dir_of(file), dir_of(import));
             if from == "core" && to != "core" {
-                bad.push(format!("hw/core must not import a device or board: {file} -> {import}"));
+                bad.push(format!(
+                    "hw/core must not import a device or board: {file} -> {import}"
+                ));
             }
             if from != "core" && from != "i386" && to == "i386" {
-                bad.push(format!("devices must not import a board: {file} -> {import}"));
+                bad.push(format!(
+                    "devices must not import a board: {file} -> {import}"
+                ));
             }
         }
     }
@@ -139,11 +147,19 @@ fn the_checks_catch_back_imports_and_cycles() {
     let mut graph = BTreeMap::new();
     graph.insert(
         "core::machine".to_string(),
-        crate_paths("use crate::core::{qdev, runstate};\nuse crate::char::serial::X; // crate::i386::pc"),
+        crate_paths(
+            "use crate::core::{qdev, runstate};\nuse crate::char::serial::X; // crate::i386::pc",
+        ),
     );
     graph.insert("core::qdev".to_string(), BTreeSet::new());
-    graph.insert("core::runstate".to_string(), crate_paths("let m = crate::core::machine::f();"));
-    graph.insert("char::serial".to_string(), crate_paths("use crate::i386::pc::Y;"));
+    graph.insert(
+        "core::runstate".to_string(),
+        crate_paths("let m = crate::core::machine::f();"),
+    );
+    graph.insert(
+        "char::serial".to_string(),
+        crate_paths("use crate::i386::pc::Y;"),
+    );
     graph.insert("i386::pc".to_string(), BTreeSet::new());
     let bad = violations(&graph);
     assert_eq!(

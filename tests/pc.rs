@@ -126,7 +126,9 @@ fn acpi_soft_off_and_the_power_button() {
     assert_ne!(io.read(0x608, 4), t0, "the PM timer runs");
     // Power button: status latched, SCI only once enabled.
     let pm = m.child("pm").unwrap();
-    assert!(qom::Typed::<hw::acpi::piix4::Piix4Pm>::new(pm).unwrap().power_button());
+    assert!(qom::Typed::<hw::acpi::piix4::Piix4Pm>::new(pm)
+        .unwrap()
+        .power_button());
     assert_eq!(io.read(0x600, 2) & 0x100, 0x100);
     assert!(!qtest_irq(&m, 9));
     io.write(0x602, 0x100, 2);

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use hw::core::machine::machine_state;
-use hw::core::runstate::RunRequest;
 use hw::core::qdev::{qdev_new, qdev_realize, qdev_unrealize, DeviceMethods, QdevError};
+use hw::core::runstate::RunRequest;
 use qom::{container_get, Value};
 use test_support::qtest::{machine_with_isa_bus, plug};
 

@@ -15,8 +15,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hw::core::machine::machine_state;
-use hw::core::runstate::RunRequest;
 use hw::core::memory::Dispatcher;
+use hw::core::runstate::RunRequest;
 use hw::i386::x86_cpu::X86Cpu;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};

@@ -24,7 +24,7 @@ pub struct CpuClass {
     /// The `-cpu` name (the type name without the architecture suffix).
     pub model_name: &'static str,
     /// The CPU's methods, as a trait object.
-    cpu: Option<fn(&qom::Object) -> Option<&dyn Cpu>>,
+    cpu: Option<qom::ImplCast<dyn Cpu>>,
 }
 
 /// A CPU model: QEMU's `CPUClass` constants and methods as a trait.
@@ -60,7 +60,7 @@ impl<T: CpuImpl> Cpu for T {
     }
 }
 
-fn as_cpu<T: CpuImpl>(obj: &qom::Object) -> Option<&dyn Cpu> {
+fn as_cpu<T: CpuImpl>(obj: &qom::Object) -> Option<&(dyn Cpu + 'static)> {
     obj.downcast::<T>().map(|c| c as &dyn Cpu)
 }
 

@@ -47,7 +47,7 @@ pub struct MachineClass {
     /// RAM when `-m` is not given.
     pub default_ram_size: u64,
     /// The machine's methods, as a trait object.
-    machine: Option<fn(&Object) -> Option<&dyn Machine>>,
+    machine: Option<qom::ImplCast<dyn Machine>>,
 }
 
 /// A machine type: QEMU's `MachineClass` constants and methods as a trait.
@@ -105,7 +105,7 @@ impl<T: MachineImpl> Machine for T {
     }
 }
 
-fn as_machine<T: MachineImpl>(obj: &Object) -> Option<&dyn Machine> {
+fn as_machine<T: MachineImpl>(obj: &Object) -> Option<&(dyn Machine + 'static)> {
     obj.downcast::<T>().map(|m| m as &dyn Machine)
 }
 

@@ -83,7 +83,7 @@ pub struct DeviceClass {
     /// Names of the qdev properties (frozen after realize), in order.
     pub props: Vec<&'static str>,
     /// The device's methods, as a trait object.
-    device: Option<fn(&Object) -> Option<&dyn Device>>,
+    device: Option<qom::ImplCast<dyn Device>>,
 }
 
 /// A device type: QEMU's `DeviceClass` constants and methods as a trait.
@@ -190,7 +190,7 @@ impl<T: DeviceImpl> Device for T {
     }
 }
 
-fn as_device<T: DeviceImpl>(obj: &Object) -> Option<&dyn Device> {
+fn as_device<T: DeviceImpl>(obj: &Object) -> Option<&(dyn Device + 'static)> {
     obj.downcast::<T>().map(|d| d as &dyn Device)
 }
 

@@ -99,7 +99,7 @@ pub struct PciDeviceClass {
 }
 
 /// Casts an object of a PCI device type to its [`PciDeviceOps`].
-type PciDeviceCast = fn(&Object) -> Option<&dyn PciDeviceOps>;
+type PciDeviceCast = qom::ImplCast<dyn PciDeviceOps>;
 
 /// A PCI device type: QEMU's `PCIDeviceClass` constants and methods as a trait.
 pub trait PciDeviceImpl: DeviceImpl {
@@ -149,7 +149,7 @@ impl<T: PciDeviceImpl> PciDeviceOps for T {
     }
 }
 
-fn as_pci_device<T: PciDeviceImpl>(obj: &Object) -> Option<&dyn PciDeviceOps> {
+fn as_pci_device<T: PciDeviceImpl>(obj: &Object) -> Option<&(dyn PciDeviceOps + 'static)> {
     obj.downcast::<T>().map(|d| d as &dyn PciDeviceOps)
 }
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use hw::core::cpu::machine_create_cpus;
 use hw::core::machine::{machine_state, SmpConfig};
-use hw::core::runstate::RunRequest;
 use hw::core::memory::{MemoryRegion, MemoryRegionOps};
 use hw::core::qdev::{qdev_new, qdev_realize};
+use hw::core::runstate::RunRequest;
 use hw::i386::x86_cpu::{X86BootState, X86Cpu};
 use hw::isa::isa_bus::isa_bus_new;
 use parking_lot::Mutex;
