@@ -3,16 +3,16 @@
 
 #![deny(missing_docs)]
 
-#[path = "accel-system.rs"]
+#[path = "accel_system.rs"]
 pub mod accel_system;
 #[path = "qtest/qtest.rs"]
 pub mod qtest;
 
 /// The KVM accelerator (QEMU's `accel/kvm/`, `target/i386/kvm/`).
 pub mod kvm {
-    #[path = "kvm-all.rs"]
+    #[path = "kvm_all.rs"]
     pub mod kvm_all;
-    #[path = "kvm-cpus.rs"]
+    #[path = "kvm_cpus.rs"]
     pub mod kvm_cpus;
     #[path = "x86.rs"]
     pub mod x86;

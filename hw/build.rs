@@ -2,7 +2,7 @@
 //! file: no `mod` list, registry table or match arm is edited anywhere.
 //!
 //! Every `hw/<dir>/<file>.rs` becomes module `<dir>::<file>` (dashes become underscores, as
-//! `hw/isa/isa-bus.rs` -> `isa::isa_bus`). The files that call `type_init!` are listed too,
+//! `hw/isa/isa_bus.rs` -> `isa::isa_bus`). The files that call `type_init!` are listed too,
 //! so that the start-up self-check can prove none of their registrations was lost at link
 //! time.
 

@@ -1,4 +1,4 @@
-//! The i440FX host bridge (QEMU's `hw/pci-host/i440fx.c`): the `pci.0` bus, PCI
+//! The i440FX host bridge (QEMU's `hw/pci_host/i440fx.c`): the `pci.0` bus, PCI
 //! configuration mechanism #1 on ports 0xcf8 (address) and 0xcfc-0xcff (data), and the
 //! `i440FX` host bridge function at 00:00.0 (8086:1237).
 
