@@ -102,3 +102,35 @@ fn devices_check_their_bus() {
     ));
     assert!(matches!(qdev_new("device"), Err(QdevError::Abstract)));
 }
+
+/// The README's example device (`hw/misc/scratch.rs`): its field property answers QOM,
+/// realize maps the port, the register keeps what the guest writes, and the property is
+/// frozen once realized.
+#[test]
+fn the_readme_scratch_device_keeps_its_register_at_its_port() {
+    let (machine, bus) = machine_with_isa_bus();
+    let io = machine_state(&machine).unwrap().system_io().clone();
+    let dev = test_support::qtest::new_dev(&machine, "scratch", &[]);
+    assert_eq!(dev.property_get("iobase").unwrap(), Value::Uint(0x520));
+    dev.property_parse("iobase", "0x530").unwrap();
+    qdev_realize(&dev, Some(&bus)).unwrap();
+    assert_eq!(io.read(0x530, 4), 0);
+    io.write(0x530, 0xdead_beef, 4);
+    assert_eq!(io.read(0x530, 4), 0xdead_beef);
+    assert_eq!(
+        io.read(0x520, 4),
+        0xffff_ffff,
+        "nothing at the default port"
+    );
+    let err = dev.property_parse("iobase", "0x540").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Attempt to set property 'iobase' on anonymous device (type 'scratch') after it was realized"
+    );
+    qdev_unrealize(&dev);
+    assert_eq!(
+        io.read(0x530, 4),
+        0xffff_ffff,
+        "unrealize unmapped the port"
+    );
+}
