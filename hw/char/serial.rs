@@ -25,7 +25,8 @@ use crate::core::chardev::{chardev_find, CharBackend};
 use crate::core::irq::IrqLine;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{
-    qdev_new_typed, qdev_realize, DeviceCategory, DeviceContext, DeviceImpl, QdevError,
+    device_class_add_property, qdev_new_typed, qdev_realize, DeviceCategory, DeviceContext,
+    DeviceImpl, QdevError,
     RealizeError,
 };
 use crate::isa::isa_bus::{IsaBus, IsaDevice, ISA_NUM_IRQS};
@@ -320,25 +321,14 @@ impl IsaSerial {
     }
 }
 
-/// `index`, `iobase` and `irq` read as what realize will use until set; like qdev
-/// properties, they cannot be changed once the device is realized.
+/// `index`, `iobase` and `irq` read as what realize will use until set (qdev refuses
+/// writes once the device is realized).
 fn set_config(
     serial: &IsaSerial,
-    prop: &Property,
+    _prop: &Property,
     value: Value,
     field: fn(&mut SerialConfig) -> &mut Option<u32>,
 ) -> Result<(), Error> {
-    if serial.is_realized() {
-        let device = match serial.id() {
-            Some(id) => format!("device '{id}'"),
-            None => "anonymous device".to_string(),
-        };
-        return Err(Error::PropertyAfterRealize {
-            name: prop.name.to_string(),
-            device,
-            type_name: TYPE_ISA_SERIAL.to_string(),
-        });
-    }
     // The property kind (uint32) was validated before the setter runs.
     if let Value::Uint(v) = value {
         *field(&mut serial.config.lock()) = Some(v as u32);
@@ -367,19 +357,19 @@ static IRQ: StateAccessor<IsaSerial> = StateAccessor {
 impl<T: DeviceImpl> ClassInitFor<T> for IsaSerial {
     fn class_init(class: &mut ObjectClass) {
         <IsaDevice as ClassInitFor<T>>::class_init(class);
-        class.add_property(Property::state(
+        device_class_add_property(class, Property::state(
             "index",
             PropertyKind::Uint(32),
             "COM port number (0-3): picks the default iobase and irq; default: the lowest free",
             &INDEX,
         ));
-        class.add_property(Property::state(
+        device_class_add_property(class, Property::state(
             "iobase",
             PropertyKind::Uint(32),
             "I/O port base (default: 0x3f8, 0x2f8, 0x3e8, 0x2e8 by index)",
             &IOBASE,
         ));
-        class.add_property(Property::state(
+        device_class_add_property(class, Property::state(
             "irq",
             PropertyKind::Uint(32),
             "ISA IRQ (default: 4, 3, 4, 3 by index)",

@@ -203,15 +203,7 @@ pub fn device_impl(obj: &Object) -> Option<&dyn Device> {
 /// `device_class_set_props`): the class record from the impl; the type's own field
 /// properties refuse writes once the device is realized.
 pub fn device_class_init<T: DeviceImpl>(class: &mut ObjectClass) {
-    let mut props = device_class(class).map(|dc| dc.props.clone()).unwrap_or_default();
-    for prop in T::PROPERTIES {
-        class.add_property(prop.clone().with_check(check_not_realized));
-        if let std::borrow::Cow::Borrowed(name) = prop.name {
-            if !props.contains(&name) {
-                props.push(name);
-            }
-        }
-    }
+    let props = device_class(class).map(|dc| dc.props.clone()).unwrap_or_default();
     class.insert(DeviceClass {
         desc: T::DESCRIPTION,
         category: T::CATEGORY,
@@ -221,6 +213,24 @@ pub fn device_class_init<T: DeviceImpl>(class: &mut ObjectClass) {
         props,
         device: Some(as_device::<T>),
     });
+    for prop in T::PROPERTIES {
+        device_class_add_property(class, prop.clone());
+    }
+}
+
+/// Adds a qdev property that is not a plain field (a `Property::state`): like the field
+/// properties, it refuses writes once the device is realized (QEMU's qdev properties).
+pub fn device_class_add_property(class: &mut ObjectClass, prop: Property) {
+    let name = match prop.name {
+        std::borrow::Cow::Borrowed(name) => Some(name),
+        std::borrow::Cow::Owned(_) => None,
+    };
+    class.add_property(prop.with_check(check_not_realized));
+    if let (Some(name), Some(dc)) = (name, class.get_mut::<DeviceClass>()) {
+        if !dc.props.contains(&name) {
+            dc.props.push(name);
+        }
+    }
 }
 
 impl<T: DeviceImpl> ClassInitFor<T> for DeviceState {

@@ -14,7 +14,7 @@ use crate::core::bus::BusState;
 use crate::core::irq::IrqLine;
 use crate::core::memory::{AddressSpace, MemoryRegion};
 use crate::core::qdev::{
-    device_class_init, DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError,
+    device_class_add_property, device_class_init, DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError,
 };
 
 /// QEMU's `TYPE_PCI_BUS`.
@@ -234,12 +234,15 @@ static PCI_ADDR: StateAccessor<PciDevice> = StateAccessor {
 /// device has.
 fn pci_device_base_class_init(class: &mut ObjectClass) {
     <PciDevice as ClassInitFor<PciDevice>>::class_init(class);
-    class.add_property(Property::state(
+    device_class_add_property(
+        class,
+        Property::state(
         "addr",
         PropertyKind::Str,
-        "Slot and optional function number, example: 06.0 or 06",
-        &PCI_ADDR,
-    ));
+            "Slot and optional function number, example: 06.0 or 06",
+            &PCI_ADDR,
+        ),
+    );
 }
 
 /// Computes the INTx line of a device being realized on the bus (the host bridge's
@@ -466,16 +469,7 @@ impl PciDevice {
     }
 
     /// The `addr` setter: refused once realized, as qdev properties are.
-    fn set_addr(&self, prop: &Property, value: Value) -> Result<(), Error> {
-        if self.is_realized() {
-            return Err(Error::PropertyAfterRealize {
-                name: prop.name.to_string(),
-                device: self
-                    .id()
-                    .map_or("anonymous device".into(), |id| format!("device '{id}'")),
-                type_name: self.type_name().to_string(),
-            });
-        }
+    fn set_addr(&self, _prop: &Property, value: Value) -> Result<(), Error> {
         let Value::Str(text) = value else {
             return Ok(());
         };
