@@ -1,8 +1,11 @@
 //! qdev: QEMU's device model (`hw/core/qdev.c`, `qdev-properties.c`).
 //!
-//! `device` is the abstract parent of every device. A device is created, configured through
-//! properties, then realized through its `realized` property, which runs the class's realize
-//! chain once. Properties declared with [`device_class_set_props`] are frozen after realize.
+//! `device` ([`DeviceState`]) is the abstract parent of every device. A device type is a
+//! struct embedding its parent's state and implementing [`DeviceImpl`] (QEMU's
+//! `DeviceClass` as a trait). A device is created, configured through properties, then
+//! realized through its `realized` property, which calls the type's realize once with a
+//! [`DeviceContext`] (its bus and the machine's services). Its `#[property]` fields are
+//! frozen after realize.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};

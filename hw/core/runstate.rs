@@ -1,9 +1,10 @@
 //! The VM's run status and the actions that change it (QEMU's `system/runstate.c` and the
 //! `vm_start`/`vm_stop` half of `system/cpus.c`).
 //!
-//! [`VmState`] (one per machine, [`MachineState::vm_state`]) holds the status `query-status`
-//! reports, the listeners that turn status changes into QMP events, and the machine's
-//! power-down notifiers (the ACPI power button). The functions here are the only code that
+//! [`VmState`] (one per machine, in its `MachineServices`) holds the status `query-status`
+//! reports, the listeners that turn status changes into QMP events, the machine's
+//! power-down notifiers (the ACPI power button), the run-request mailbox devices post to,
+//! and the accelerator that starts and stops the vCPUs. The functions here are the only code that
 //! changes the status, so the monitor (`stop`, `cont`, `system_reset`, `system_powerdown`),
 //! the main loop and tests all take the same path:
 //!

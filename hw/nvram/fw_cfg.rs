@@ -21,8 +21,8 @@
 //! `FW_CFG_FILE_DIR`, and, from the machine, `FW_CFG_RAM_SIZE` (u64), `FW_CFG_NB_CPUS` and
 //! `FW_CFG_MAX_CPUS` (u16, `-smp cpus` and `maxcpus`; QEMU's x86 board stores the APIC-ID
 //! limit in `FW_CFG_MAX_CPUS`, which a board can do by overwriting the item). Boards add
-//! more with [`fw_cfg_add_bytes`], [`fw_cfg_add_i16`], [`fw_cfg_add_i32`],
-//! [`fw_cfg_add_i64`], [`fw_cfg_add_string`] and [`fw_cfg_add_file`]. Numbers are stored
+//! more with [`FwCfgIo::add_bytes`], [`FwCfgIo::add_i16`], [`FwCfgIo::add_i32`],
+//! [`FwCfgIo::add_i64`], [`FwCfgIo::add_string`] and [`FwCfgIo::add_file`]. Numbers are stored
 //! little-endian, as QEMU stores them; the file directory is big-endian.
 //!
 //! Files get the keys from `FW_CFG_FILE_FIRST` (0x20) up, sorted by name as QEMU sorts
@@ -160,18 +160,14 @@ pub const FW_CFG_DMA_ACCESS_SIZE: u64 = 16;
 /// QEMU's `FW_CFG_INVALID`: the selector state after an out-of-range key.
 const FW_CFG_INVALID: u16 = 0xffff;
 
-
 /// Errors of the fw_cfg board API and of realize.
 #[derive(Debug, thiserror::Error)]
 pub enum FwCfgError {
-    /// The object is not an fw_cfg device.
-    #[error("'{0}' is not an fw_cfg device")]
-    NotFwCfg(String),
     /// The key is past the item table, or sets the write-channel bit.
     #[error("fw_cfg: key 0x{0:x} is out of range")]
     BadKey(u16),
     /// The key lies in the file range; files are added by name.
-    #[error("fw_cfg: key 0x{0:x} is reserved for files: use fw_cfg_add_file")]
+    #[error("fw_cfg: key 0x{0:x} is reserved for files: use add_file")]
     FileKey(u16),
     /// A file name too long for the directory.
     #[error("fw_cfg: file name '{0}' is longer than {max} bytes", max = FW_CFG_MAX_FILE_PATH - 1)]
@@ -185,9 +181,6 @@ pub enum FwCfgError {
     /// An item larger than the 32-bit size the interface can describe.
     #[error("fw_cfg: item of {0} bytes is too large")]
     TooLarge(usize),
-    /// Realize without a machine to take ports and RAM from.
-    #[error("fw_cfg: not part of a machine")]
-    NoMachine,
     /// A port base above 0xffff.
     #[error("fw_cfg: port base 0x{0:x} is out of range")]
     BadPort(u64),
