@@ -16,7 +16,9 @@
 //! (QEMU's `ParentField`: a typed upcast that cannot fail) and `Default` with the property
 //! defaults. Registration stays explicit: `qom::type_init!(DebugExit)`.
 //!
-//! Struct attributes: `#[qom(name = EXPR)]` (required), `abstract`, `interfaces = [...]`,
+//! Struct attributes: `#[qom(name = EXPR)]` (required), `abstract`, `interfaces = [...]`
+//! (QOM interface names), `implements = [dyn Trait, ...]` (interface traits the struct
+//! implements, see `qom::Interface`; their QOM names are added to the interfaces),
 //! `no_default` (write `Default` by hand), `class_level` (the type implements
 //! `qom::ClassInitFor<T>` for its subtypes itself, because it adds or changes a class level;
 //! otherwise subtypes' classes are built as the parent builds them).
@@ -24,9 +26,10 @@
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::quote;
+use syn::punctuated::Punctuated;
 use syn::{
     parse_macro_input, Data, DeriveInput, Expr, ExprArray, ExprLit, Fields, GenericArgument, Ident,
-    Lit, LitStr, Meta, PathArguments, Type,
+    Lit, LitStr, Meta, PathArguments, Token, Type,
 };
 
 /// Derives a QOM type from a struct; see the crate documentation.
@@ -43,6 +46,7 @@ struct TypeAttrs {
     name: Expr,
     abstract_: bool,
     interfaces: Option<ExprArray>,
+    implements: Vec<Type>,
     default: bool,
     class_level: bool,
 }
@@ -52,6 +56,7 @@ fn type_attrs(input: &DeriveInput) -> syn::Result<TypeAttrs> {
         name: syn::parse_quote!(""),
         abstract_: false,
         interfaces: None,
+        implements: Vec::new(),
         default: true,
         class_level: false,
     };
@@ -65,13 +70,19 @@ fn type_attrs(input: &DeriveInput) -> syn::Result<TypeAttrs> {
                 attrs.abstract_ = true;
             } else if meta.path.is_ident("interfaces") {
                 attrs.interfaces = Some(meta.value()?.parse()?);
+            } else if meta.path.is_ident("implements") {
+                let value = meta.value()?;
+                let content;
+                syn::bracketed!(content in value);
+                let list = Punctuated::<Type, Token![,]>::parse_terminated(&content)?;
+                attrs.implements.extend(list);
             } else if meta.path.is_ident("no_default") {
                 attrs.default = false;
             } else if meta.path.is_ident("class_level") {
                 attrs.class_level = true;
             } else {
                 return Err(meta.error(
-                    "expected `name`, `abstract`, `interfaces`, `no_default` or `class_level`",
+                    "expected `name`, `abstract`, `interfaces`, `implements`, `no_default` or `class_level`",
                 ));
             }
             Ok(())
@@ -209,10 +220,25 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
 
     let name = &attrs.name;
     let abstract_ = attrs.abstract_;
-    let interfaces = match &attrs.interfaces {
-        Some(list) => quote!(&#list),
-        None => quote!(&[]),
-    };
+    let mut interface_names: Vec<TokenStream2> = attrs
+        .interfaces
+        .iter()
+        .flat_map(|list| list.elems.iter().map(|e| quote!(#e)))
+        .collect();
+    let mut interface_impls = Vec::new();
+    for iface in &attrs.implements {
+        interface_names.push(quote!(<#iface as ::qom::Interface>::TYPE_NAME));
+        interface_impls.push(quote! {{
+            fn install(class: &mut ::qom::ObjectClass) {
+                fn cast(obj: &::qom::Object) -> ::core::option::Option<&(#iface + 'static)> {
+                    obj.downcast::<#ty>().map(|state| state as &(#iface + 'static))
+                }
+                class.add_interface_impl::<#iface>(cast);
+            }
+            install
+        }});
+    }
+    let interfaces = quote!(&[#(#interface_names),*]);
     let default_impl = attrs.default.then(|| {
         quote! {
             impl ::core::default::Default for #ty {
@@ -244,6 +270,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             const ABSTRACT: bool = #abstract_;
             const INTERFACES: &'static [&'static str] = #interfaces;
             const PROPERTIES: &'static [::qom::Property] = &[#(#properties),*];
+            const INTERFACE_IMPLS: &'static [fn(&mut ::qom::ObjectClass)] = &[#(#interface_impls),*];
             #[inline]
             fn parent_state(&self) -> &#parent_ty {
                 &self.#parent_ident

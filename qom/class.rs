@@ -49,6 +49,8 @@ pub struct ObjectClass {
     interfaces: Vec<&'static ObjectClass>,
     levels: Vec<(TypeId, Box<dyn ClassLevel>)>,
     properties: Vec<Arc<Property>>,
+    /// The casters to interface trait objects, by the caster's type (`ImplCast<dyn I>`).
+    interface_casts: Vec<(TypeId, Arc<dyn Any + Send + Sync>)>,
     /// Called when an object is removed from the composition tree (QEMU's
     /// `ObjectClass::unparent`; qdev unrealizes the device there).
     pub unparent: Option<fn(&Object)>,
@@ -74,6 +76,7 @@ impl ObjectClass {
                     .map(|(id, l)| (*id, (**l).clone_level()))
                     .collect(),
                 properties: p.properties.clone(),
+                interface_casts: p.interface_casts.clone(),
                 unparent: p.unparent,
             },
             None => ObjectClass {
@@ -86,6 +89,7 @@ impl ObjectClass {
                 interfaces: Vec::new(),
                 levels: Vec::new(),
                 properties: Vec::new(),
+                interface_casts: Vec::new(),
                 unparent: None,
             },
         };
@@ -146,6 +150,9 @@ impl ObjectClass {
             ancestor = a.parent().map(|p| table.get(p));
         }
         if let Some(hook) = ty.info().class_init {
+            hook(&mut class);
+        }
+        for hook in ty.info().interface_impls {
             hook(&mut class);
         }
         class
@@ -242,6 +249,27 @@ impl ObjectClass {
             Some(i) => self.properties[i] = Arc::new(property),
             None => self.properties.push(Arc::new(property)),
         }
+    }
+
+    /// Installs how objects of this class reach their implementation of interface trait
+    /// `I` (a subclass inherits it, and may replace it).
+    pub fn add_interface_impl<I: ?Sized + 'static>(&mut self, cast: crate::ImplCast<I>) {
+        let id = TypeId::of::<crate::ImplCast<I>>();
+        let cast: Arc<dyn Any + Send + Sync> = Arc::new(cast);
+        match self.interface_casts.iter().position(|(t, _)| *t == id) {
+            Some(i) => self.interface_casts[i].1 = cast,
+            None => self.interface_casts.push((id, cast)),
+        }
+    }
+
+    /// How objects of this class reach their implementation of interface trait `I`.
+    pub fn interface_impl<I: ?Sized + 'static>(&self) -> Option<crate::ImplCast<I>> {
+        let id = TypeId::of::<crate::ImplCast<I>>();
+        self.interface_casts
+            .iter()
+            .find(|(t, _)| *t == id)
+            .and_then(|(_, cast)| cast.downcast_ref::<crate::ImplCast<I>>())
+            .copied()
     }
 
     /// The class properties, inherited ones first.

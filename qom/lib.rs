@@ -46,8 +46,8 @@ pub use type_table::{
 };
 
 pub use typed::{
-    object_class_init, ClassInitFor, DefaultFrom, ImplCast, IsA, ObjectBase, ObjectType, Prop,
-    PropertyType, QomEnum, Size, Typed,
+    object_class_init, ClassInitFor, DefaultFrom, ImplCast, Interface, IsA, ObjectBase, ObjectType,
+    Prop, PropertyType, QomEnum, Size, Typed,
 };
 
 /// `#[derive(qom::Object)]`: see [`typed`].

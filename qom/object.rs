@@ -152,6 +152,14 @@ impl Object {
             .and_then(|state| state.downcast_ref())
     }
 
+    /// The object's implementation of interface trait `I` (QEMU's cast to an interface,
+    /// e.g. `ACPI_DEVICE_IF(obj)` followed by a call through its class), if its class
+    /// implements it.
+    #[inline]
+    pub fn interface<I: ?Sized + 'static>(&self) -> Option<&I> {
+        self.class.interface_impl::<I>()?(self)
+    }
+
     // ----- composition tree -----
 
     /// The object's parent in the composition tree.

@@ -817,3 +817,66 @@ mod typed_types {
         ));
     }
 }
+
+mod typed_interfaces {
+    use crate::{Interface, ObjectBase, Prop};
+
+    /// An interface as a trait: something that can be reset.
+    pub trait Resettable: Send + Sync {
+        fn reset_count(&self) -> u32;
+    }
+
+    impl Interface for dyn Resettable {
+        const TYPE_NAME: &'static str = "typed-resettable";
+    }
+
+    crate::interface_type!(dyn Resettable);
+
+    #[derive(crate::Object)]
+    #[qom(name = "typed-counter", implements = [dyn Resettable])]
+    pub struct Counter {
+        #[parent]
+        parent: ObjectBase,
+        #[property(default = 3)]
+        resets: Prop<u32>,
+    }
+
+    impl Resettable for Counter {
+        fn reset_count(&self) -> u32 {
+            self.resets.get()
+        }
+    }
+
+    #[derive(crate::Object)]
+    #[qom(name = "typed-counter-child")]
+    pub struct CounterChild {
+        #[parent]
+        parent: Counter,
+    }
+
+    crate::type_init!(Counter);
+    crate::type_init!(CounterChild);
+
+    #[test]
+    fn an_interface_trait_is_reached_from_any_object_of_an_implementing_class() {
+        let obj = crate::object_new("typed-counter").unwrap();
+        assert!(
+            obj.is_a("typed-resettable"),
+            "the QOM name follows the trait"
+        );
+        assert!(obj.is_a(crate::TYPE_INTERFACE));
+        assert_eq!(obj.interface::<dyn Resettable>().unwrap().reset_count(), 3);
+        // Subclasses inherit the implementation.
+        let child = crate::object_new("typed-counter-child").unwrap();
+        child.property_parse("resets", "7").unwrap();
+        assert!(child.is_a("typed-resettable"));
+        assert_eq!(
+            child.interface::<dyn Resettable>().unwrap().reset_count(),
+            7
+        );
+        // Objects whose class does not implement it have none.
+        let other = crate::object_new("typed-leaf").unwrap();
+        assert!(other.interface::<dyn Resettable>().is_none());
+        assert!(!other.is_a("typed-resettable"));
+    }
+}

@@ -39,6 +39,8 @@ pub trait ObjectType: Any + Send + Sync + Default {
     const INTERFACES: &'static [&'static str];
     /// The properties bound to this type's own `#[property]` fields.
     const PROPERTIES: &'static [Property];
+    /// Installs the interface traits the type implements (`#[qom(implements = [..])]`).
+    const INTERFACE_IMPLS: &'static [fn(&mut ObjectClass)] = &[];
     /// The embedded parent state: the typed upcast.
     fn parent_state(&self) -> &Self::Parent;
     /// This state or the ancestor state of Rust type `id` inside it.
@@ -158,8 +160,30 @@ where
         instance_init: None,
         instance_post_init: None,
         instance_finalize: None,
+        interface_impls: T::INTERFACE_IMPLS,
         location,
     }
+}
+
+/// An interface as a Rust trait: `impl qom::Interface for dyn Resettable` names the QOM
+/// interface type (a descendant of `interface`) that `dyn Resettable` stands for. A type
+/// lists it with `#[qom(implements = [dyn Resettable])]`, implements the trait, and
+/// `obj.interface::<dyn Resettable>()` reaches that implementation from any `&Object`.
+pub trait Interface {
+    /// The QOM interface type's name.
+    const TYPE_NAME: &'static str;
+}
+
+/// Registers the QOM type of an interface trait: `qom::interface_type!(dyn Resettable)`.
+#[macro_export]
+macro_rules! interface_type {
+    ($iface:ty) => {
+        $crate::type_init! {
+            name: <$iface as $crate::Interface>::TYPE_NAME,
+            parent: Some($crate::TYPE_INTERFACE),
+            abstract_: true,
+        }
+    };
 }
 
 /// A property value cell on a typed state's field: set through QOM before realize, read by

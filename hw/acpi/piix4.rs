@@ -13,7 +13,7 @@ use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::runstate::RunRequest;
 use crate::core::services::MachineServices;
-use crate::pci::pci::{config, PciDevice, PciDeviceImpl};
+use crate::pci::pci::{config, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_PIIX4_PM`.
 pub const TYPE_PIIX4_PM: &str = "PIIX4_PM";
@@ -117,7 +117,7 @@ impl Pm {
 
 /// QEMU's `PIIX4PMState`: the register block, once realized.
 #[derive(qom::Object)]
-#[qom(name = TYPE_PIIX4_PM)]
+#[qom(name = TYPE_PIIX4_PM, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE])]
 pub struct Piix4Pm {
     #[parent]
     parent: PciDevice,

@@ -12,14 +12,14 @@ use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError}
 use crate::core::runstate::RunRequest;
 use crate::core::services::MachineServices;
 use crate::isa::isa_bus::{isa_bus_new, isa_bus_set_irqs, ISA_NUM_IRQS};
-use crate::pci::pci::{PciDevice, PciDeviceImpl};
+use crate::pci::pci::{PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_PIIX3_DEVICE`.
 pub const TYPE_PIIX3: &str = "PIIX3";
 
 /// QEMU's `PIIX3State`.
 #[derive(qom::Object)]
-#[qom(name = TYPE_PIIX3)]
+#[qom(name = TYPE_PIIX3, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE])]
 pub struct Piix3 {
     #[parent]
     parent: PciDevice,

@@ -10,14 +10,14 @@ use qom::type_init;
 
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
-use crate::pci::pci::{BarKind, PciDevice, PciDeviceImpl};
+use crate::pci::pci::{BarKind, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_PCI_TEST_DEV`.
 pub const TYPE_PCI_TEST_DEV: &str = "pci-testdev";
 
 /// QEMU's `PCITestDevState`; its test lists live in the BARs' handlers.
 #[derive(qom::Object)]
-#[qom(name = TYPE_PCI_TEST_DEV)]
+#[qom(name = TYPE_PCI_TEST_DEV, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE])]
 pub struct PciTestDev {
     #[parent]
     parent: PciDevice,

@@ -21,6 +21,15 @@ use crate::core::qdev::{
 pub const TYPE_PCI_BUS: &str = "PCI";
 /// QEMU's `TYPE_PCI_DEVICE`.
 pub const TYPE_PCI_DEVICE: &str = "pci-device";
+/// QEMU's `INTERFACE_CONVENTIONAL_PCI_DEVICE`: a device on a conventional (not PCI Express)
+/// bus; every PCI device of the pc board is one.
+pub const INTERFACE_CONVENTIONAL_PCI_DEVICE: &str = "conventional-pci-device";
+
+type_init! {
+    name: INTERFACE_CONVENTIONAL_PCI_DEVICE,
+    parent: Some(qom::TYPE_INTERFACE),
+    abstract_: true,
+}
 
 /// Offsets in the configuration space header.
 pub mod config {

@@ -11,9 +11,7 @@ use crate::core::bus::qbus_new;
 use crate::core::irq::{GsiRouter, IrqLine};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
-use crate::pci::pci::{
-    config, pci_bus_init, pci_find_device, PciBus, PciDevice, PciDeviceImpl, TYPE_PCI_BUS,
-};
+use crate::pci::pci::{config, pci_bus_init, pci_find_device, PciBus, PciDevice, PciDeviceImpl, TYPE_PCI_BUS, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_I440FX_PCI_HOST_BRIDGE`.
 pub const TYPE_I440FX_PCI_HOST_BRIDGE: &str = "i440FX-pcihost";
@@ -150,7 +148,7 @@ impl DeviceImpl for I440fxHost {
 
 /// QEMU's `PCII440FXState`: the host bridge's PCI function.
 #[derive(qom::Object)]
-#[qom(name = TYPE_I440FX_PCI_DEVICE)]
+#[qom(name = TYPE_I440FX_PCI_DEVICE, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE])]
 pub struct I440fx {
     #[parent]
     parent: PciDevice,
