@@ -276,11 +276,24 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                 &self.#parent_ident
             }
             #[inline]
-            fn project(&self, id: ::core::any::TypeId) -> ::core::option::Option<&dyn ::core::any::Any> {
-                if id == ::core::any::TypeId::of::<#ty>() {
-                    ::core::option::Option::Some(self)
-                } else {
-                    ::qom::ObjectType::project(&self.#parent_ident, id)
+            fn object_base_mut(&mut self) -> &mut ::qom::ObjectBase {
+                ::qom::ObjectType::object_base_mut(&mut self.#parent_ident)
+            }
+            fn for_each_level<'a>(
+                &'a self,
+                f: &mut dyn FnMut(::core::any::TypeId, &'a (dyn ::core::any::Any + Send + Sync)),
+            ) {
+                ::qom::ObjectType::for_each_level(&self.#parent_ident, f);
+                f(::core::any::TypeId::of::<#ty>(), self);
+            }
+            #[inline]
+            fn project(&self, id: ::core::any::TypeId) -> ::core::option::Option<&(dyn ::core::any::Any + Send + Sync)> {
+                // Root first: most casts are to a base state (DeviceState, BusState...).
+                match ::qom::ObjectType::project(&self.#parent_ident, id) {
+                    ::core::option::Option::None if id == ::core::any::TypeId::of::<#ty>() => {
+                        ::core::option::Option::Some(self)
+                    }
+                    found => found,
                 }
             }
         }

@@ -2,7 +2,7 @@
 
 use std::any::{Any, TypeId};
 use std::borrow::Cow;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
@@ -11,8 +11,97 @@ use crate::class::ObjectClass;
 use crate::container::object_get_root;
 use crate::property::{format_value, Property, PropertyKind, Value};
 use crate::type_table::{type_table, TypeTable};
-use crate::typed::{InstanceState, ObjectBase};
+use crate::typed::InstanceState;
 use crate::Error;
+
+/// The instance states of an object: one typed state (which embeds its ancestors') or
+/// one legacy part per type.
+enum Parts {
+    One(Box<dyn InstanceState>),
+    Many(Box<[Box<dyn InstanceState>]>),
+}
+
+impl Parts {
+    fn iter(&self) -> impl Iterator<Item = &dyn InstanceState> {
+        let slice: &[Box<dyn InstanceState>] = match self {
+            Parts::One(part) => std::slice::from_ref(part),
+            Parts::Many(parts) => parts,
+        };
+        slice.iter().map(|part| &**part)
+    }
+}
+
+/// How many levels of a chain the cast table holds (the pc board's deepest is 5).
+const LEVEL_SLOTS: usize = 6;
+
+/// Each level's state by Rust type, root first, `ObjectBase` left out: `downcast` is a
+/// short scan of this table, with no dynamic call until the final `Any` check. Built on
+/// the first cast, so creating an object costs nothing for it.
+struct Levels<'a>(OnceLock<LevelTable<'a>>);
+
+struct LevelTable<'a> {
+    slots: [Option<(TypeId, &'a (dyn Any + Send + Sync))>; LEVEL_SLOTS],
+    overflowed: bool,
+}
+
+impl<'a> LevelTable<'a> {
+    fn of(parts: &'a Parts) -> Self {
+        let mut levels = LevelTable {
+            slots: [None; LEVEL_SLOTS],
+            overflowed: false,
+        };
+        let mut next = 0;
+        for part in parts.iter() {
+            part.levels(&mut |id, state| {
+                if id == TypeId::of::<crate::ObjectBase>() {
+                    return;
+                }
+                match levels.slots.get_mut(next) {
+                    Some(slot) => *slot = Some((id, state)),
+                    None => levels.overflowed = true,
+                }
+                next += 1;
+            });
+        }
+        levels
+    }
+}
+
+self_cell::self_cell!(
+    struct InstanceStates {
+        owner: Parts,
+        #[not_covariant]
+        dependent: Levels,
+    }
+);
+
+impl InstanceStates {
+    fn build(class: &ObjectClass, this: &WeakObjectRef) -> Self {
+        let parts = match &*class.parts {
+            [spec] => Parts::One((spec.new)(this)),
+            specs => Parts::Many(specs.iter().map(|spec| (spec.new)(this)).collect()),
+        };
+        InstanceStates::new(parts, |_| Levels(OnceLock::new()))
+    }
+
+    /// The state of Rust type `id` in the chain.
+    #[inline]
+    fn find(&self, id: TypeId) -> Option<&(dyn Any + Send + Sync)> {
+        self.with_dependent(|parts, levels| {
+            let table = levels.0.get_or_init(|| LevelTable::of(parts));
+            for (level, state) in table.slots.iter().map_while(Option::as_ref) {
+                if *level == id {
+                    return Some(*state);
+                }
+            }
+            if !table.overflowed && id != TypeId::of::<crate::ObjectBase>() {
+                return None;
+            }
+            // The root, or a chain deeper than the table: walk it.
+            parts.iter().find_map(|part| part.project(id))
+        })
+    }
+}
 
 /// A counted reference to an object (QEMU's `object_ref`/`object_unref`).
 pub type ObjectRef = Arc<Object>;
@@ -38,7 +127,7 @@ struct Tree {
 pub struct Object {
     class: &'static ObjectClass,
     this: WeakObjectRef,
-    parts: Box<[Box<dyn InstanceState>]>,
+    state: InstanceStates,
     tree: RwLock<Tree>,
     values: Mutex<FxHashMap<Arc<str>, Value>>,
 }
@@ -80,18 +169,12 @@ impl Object {
                 location: class.type_info().location,
             });
         }
-        let obj = Arc::new_cyclic(|this| {
-            let obj = Object {
-                class,
-                this: this.clone(),
-                parts: class.parts.iter().map(|spec| (spec.new)()).collect(),
-                tree: RwLock::new(Tree::default()),
-                values: Mutex::new(FxHashMap::default()),
-            };
-            if let Some(base) = obj.downcast::<ObjectBase>() {
-                base.attach(this);
-            }
-            obj
+        let obj = Arc::new_cyclic(|this| Object {
+            class,
+            this: this.clone(),
+            state: InstanceStates::build(class, this),
+            tree: RwLock::new(Tree::default()),
+            values: Mutex::new(FxHashMap::default()),
         });
         for info in class.chain.iter() {
             if let Some(init) = info.instance_init {
@@ -145,11 +228,7 @@ impl Object {
     /// `IsaDevice`, the concrete device's struct...). Neither allocates nor locks.
     #[inline]
     pub fn downcast<T: Any>(&self) -> Option<&T> {
-        let id = TypeId::of::<T>();
-        self.parts
-            .iter()
-            .find_map(|part| part.project(id))
-            .and_then(|state| state.downcast_ref())
+        self.state.find(TypeId::of::<T>())?.downcast_ref()
     }
 
     /// The object's implementation of interface trait `I` (QEMU's cast to an interface,

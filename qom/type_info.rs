@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::class::ObjectClass;
-use crate::object::Object;
+use crate::object::{Object, WeakObjectRef};
 use crate::typed::{InstanceState, LegacyPart, ObjectType, TypedState};
 
 /// Where a type was registered, for error messages.
@@ -32,7 +32,7 @@ pub struct InstanceSpec {
     /// The Rust name of the state, for messages.
     pub(crate) rust_name: fn() -> &'static str,
     /// Builds the state in its default state, before any `instance_init`.
-    pub(crate) new: fn() -> Box<dyn InstanceState>,
+    pub(crate) new: fn(&WeakObjectRef) -> Box<dyn InstanceState>,
     /// Whether the state embeds the parent types' states (typed) or sits beside them.
     pub(crate) embeds_parent: bool,
 }
@@ -41,7 +41,7 @@ impl InstanceSpec {
     /// A part of Rust type `T` added beside the parent types' parts, built with
     /// `T::default()`.
     pub const fn of<T: Default + Send + Sync + 'static>() -> Self {
-        fn new<T: Default + Send + Sync + 'static>() -> Box<dyn InstanceState> {
+        fn new<T: Default + Send + Sync + 'static>(_: &WeakObjectRef) -> Box<dyn InstanceState> {
             Box::new(LegacyPart(T::default()))
         }
         InstanceSpec {
@@ -53,8 +53,10 @@ impl InstanceSpec {
 
     /// The whole state of typed `T`, which embeds its ancestors' states.
     pub const fn typed<T: ObjectType>() -> Self {
-        fn new<T: ObjectType>() -> Box<dyn InstanceState> {
-            Box::new(TypedState(T::default()))
+        fn new<T: ObjectType>(this: &WeakObjectRef) -> Box<dyn InstanceState> {
+            let mut state = T::default();
+            state.object_base_mut().this = this.clone();
+            Box::new(TypedState(state))
         }
         InstanceSpec {
             rust_name: std::any::type_name::<T>,

@@ -17,7 +17,6 @@
 
 use std::any::{Any, TypeId};
 use std::fmt;
-use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
@@ -43,8 +42,12 @@ pub trait ObjectType: Any + Send + Sync + Default {
     const INTERFACE_IMPLS: &'static [fn(&mut ObjectClass)] = &[];
     /// The embedded parent state: the typed upcast.
     fn parent_state(&self) -> &Self::Parent;
+    /// The root of the chain, mutable: how `object_new` tells the state its object.
+    fn object_base_mut(&mut self) -> &mut ObjectBase;
     /// This state or the ancestor state of Rust type `id` inside it.
-    fn project(&self, id: TypeId) -> Option<&dyn Any>;
+    fn project(&self, id: TypeId) -> Option<&(dyn Any + Send + Sync)>;
+    /// Every level's state in the chain, root first, with its Rust type.
+    fn for_each_level<'a>(&'a self, f: &mut dyn FnMut(TypeId, &'a (dyn Any + Send + Sync)));
 }
 
 /// A typed upcast that cannot fail (QEMU's `IsA`): every type is its own and its parent's;
@@ -64,7 +67,7 @@ impl<T: ObjectType> IsA<T> for T {
 /// It knows the object it belongs to, so `&self` methods can reach the composition tree.
 #[derive(Default)]
 pub struct ObjectBase {
-    this: OnceLock<WeakObjectRef>,
+    pub(crate) this: WeakObjectRef,
 }
 
 impl ObjectBase {
@@ -82,16 +85,12 @@ impl ObjectBase {
 
     /// The object this state belongs to; `None` while it is being finalized.
     pub fn try_object(&self) -> Option<ObjectRef> {
-        self.this.get().and_then(|w| w.upgrade())
+        self.this.upgrade()
     }
 
     /// A weak reference to the object.
     pub fn weak(&self) -> WeakObjectRef {
-        self.this.get().cloned().unwrap_or_default()
-    }
-
-    pub(crate) fn attach(&self, this: &WeakObjectRef) {
-        let _ = self.this.set(this.clone());
+        self.this.clone()
     }
 }
 
@@ -113,8 +112,14 @@ impl ObjectType for ObjectBase {
     fn parent_state(&self) -> &ObjectBase {
         self
     }
-    fn project(&self, id: TypeId) -> Option<&dyn Any> {
-        (id == TypeId::of::<ObjectBase>()).then_some(self as &dyn Any)
+    fn object_base_mut(&mut self) -> &mut ObjectBase {
+        self
+    }
+    fn project(&self, id: TypeId) -> Option<&(dyn Any + Send + Sync)> {
+        (id == TypeId::of::<ObjectBase>()).then_some(self as &(dyn Any + Send + Sync))
+    }
+    fn for_each_level<'a>(&'a self, f: &mut dyn FnMut(TypeId, &'a (dyn Any + Send + Sync))) {
+        f(TypeId::of::<ObjectBase>(), self);
     }
 }
 
@@ -506,15 +511,19 @@ impl<T: ObjectType> fmt::Debug for Typed<T> {
 /// A type's instance state as the object holds it: a typed state projects to its
 /// ancestors, a legacy part (one per type, `InstanceSpec::of`) only to itself.
 pub(crate) trait InstanceState: Send + Sync {
-    fn project(&self, id: TypeId) -> Option<&dyn Any>;
+    fn project(&self, id: TypeId) -> Option<&(dyn Any + Send + Sync)>;
+    fn levels<'a>(&'a self, f: &mut dyn FnMut(TypeId, &'a (dyn Any + Send + Sync)));
 }
 
 pub(crate) struct TypedState<T: ObjectType>(pub(crate) T);
 
 impl<T: ObjectType> InstanceState for TypedState<T> {
     #[inline]
-    fn project(&self, id: TypeId) -> Option<&dyn Any> {
+    fn project(&self, id: TypeId) -> Option<&(dyn Any + Send + Sync)> {
         self.0.project(id)
+    }
+    fn levels<'a>(&'a self, f: &mut dyn FnMut(TypeId, &'a (dyn Any + Send + Sync))) {
+        self.0.for_each_level(f)
     }
 }
 
@@ -522,7 +531,10 @@ pub(crate) struct LegacyPart<T: Any + Send + Sync>(pub(crate) T);
 
 impl<T: Any + Send + Sync> InstanceState for LegacyPart<T> {
     #[inline]
-    fn project(&self, id: TypeId) -> Option<&dyn Any> {
-        (id == TypeId::of::<T>()).then_some(&self.0 as &dyn Any)
+    fn project(&self, id: TypeId) -> Option<&(dyn Any + Send + Sync)> {
+        (id == TypeId::of::<T>()).then_some(&self.0 as &(dyn Any + Send + Sync))
+    }
+    fn levels<'a>(&'a self, f: &mut dyn FnMut(TypeId, &'a (dyn Any + Send + Sync))) {
+        f(TypeId::of::<T>(), &self.0)
     }
 }
