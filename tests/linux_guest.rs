@@ -63,8 +63,9 @@ fn kvm_path() -> Path_ {
 /// its exit status (124 if the timeout ended it) and output.
 ///
 /// The rig's L1 is a Linux guest of QEMU's TCG, which on rare runs stalls before COMMAND
-/// produces anything; the rig's own time limit then ends it. That run says nothing about
-/// qomvm, so it is retried once (and the retry is reported).
+/// produces anything (the rig's own time limit then ends it), or ends under a running
+/// COMMAND without reporting its status (seen once, L1's QEMU exiting 0 mid-boot). Such a
+/// run says nothing about qomvm, so it is retried once (and the retry is reported).
 fn qomvm(args: &[&str], timeout_s: u32) -> Output {
     let qomvm = env!("CARGO_BIN_EXE_qomvm");
     let path = kvm_path();
@@ -93,8 +94,19 @@ fn qomvm(args: &[&str], timeout_s: u32) -> Output {
         && first.status.code() == Some(124)
         && first.stdout.is_empty()
         && String::from_utf8_lossy(&first.stderr).contains("nested-kvm: timed out");
-    if rig_stalled {
-        eprintln!("linux-boot: the rig's L1 stalled before qomvm printed anything; retrying once");
+    let rig_died = path == Path_::NestedRig
+        && first.status.code() == Some(125)
+        && String::from_utf8_lossy(&first.stderr)
+            .contains("L1 ended without reporting COMMAND's exit status");
+    if rig_stalled || rig_died {
+        eprintln!(
+            "linux-boot: the rig's L1 {} ; retrying once",
+            if rig_stalled {
+                "stalled before qomvm printed anything"
+            } else {
+                "ended without reporting qomvm's status"
+            }
+        );
         return run();
     }
     first
