@@ -198,12 +198,12 @@ impl ObjectClass {
     #[inline]
     pub fn dynamic_cast(&self, name: &str) -> Option<&Self> {
         // Callers mostly pass the same `&'static str` constants the table holds, so a pointer
-        // comparison settles most hits before any byte is compared.
-        let hit = self
-            .cast_names
-            .iter()
-            .any(|n| std::ptr::eq(n.as_ptr(), name.as_ptr()) && n.len() == name.len())
-            || self.cast_names.contains(&name);
+        // comparison settles most hits before any byte is compared; names of another length
+        // are never compared byte by byte. One pass either way.
+        let hit = self.cast_names.iter().any(|n| {
+            n.len() == name.len()
+                && (std::ptr::eq(n.as_ptr(), name.as_ptr()) || n.as_bytes() == name.as_bytes())
+        });
         hit.then_some(self)
     }
 

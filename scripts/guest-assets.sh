@@ -34,6 +34,7 @@ The initramfs /init mounts proc, sysfs and devtmpfs, prints
   QOMVM-GUEST-READY
   nproc: N
   MemTotal: NNN kB
+  pci: 0000:00:01.0 0x8086:0x7000   (one line per PCI function the kernel found)
 and then, depending on the kernel command line:
   (default)          powers off (poweroff -f)
   qomvm.shell=1      runs an interactive shell on the console; powers off
@@ -106,6 +107,9 @@ done
 echo QOMVM-GUEST-READY
 echo "nproc: $(nproc)"
 awk '/^MemTotal:/ { print "MemTotal: " $2 " kB" }' /proc/meminfo
+for dev in /sys/bus/pci/devices/*; do
+    [ -e "$dev/vendor" ] && echo "pci: ${dev##*/} $(cat "$dev/vendor"):$(cat "$dev/device")"
+done
 
 case $mode in
 shell)

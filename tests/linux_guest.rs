@@ -142,6 +142,8 @@ struct Boot<'a> {
     generic_kernel: bool,
     no_reboot: bool,
     timeout_s: u32,
+    /// More options (`-device ...`).
+    extra_args: &'a [&'a str],
 }
 
 impl Default for Boot<'_> {
@@ -154,6 +156,7 @@ impl Default for Boot<'_> {
             generic_kernel: false,
             no_reboot: true,
             timeout_s: 150,
+            extra_args: &[],
         }
     }
 }
@@ -167,6 +170,7 @@ fn boot_with(b: Boot) -> Option<String> {
         generic_kernel,
         no_reboot,
         timeout_s,
+        extra_args,
     } = b;
     let _one = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = match assets() {
@@ -193,6 +197,7 @@ fn boot_with(b: Boot) -> Option<String> {
         "-append",
         &append,
     ]);
+    args.extend(extra_args);
     let o = qomvm(&args, timeout_s);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(expect_status), "qomvm output:\n{out}");
@@ -218,6 +223,29 @@ fn check_boot(mem: &str, mem_bytes: u64, cpus: u32) {
         total <= mem_bytes && total > mem_bytes / 10 * 8,
         "MemTotal {total} for -m {mem}:\n{out}"
     );
+}
+
+/// The guest finds PCI through the DSDT's `\_SB.PCI0` (issue 11): the pc board's
+/// functions and a `-device` at the address it asked for, each with its IDs.
+#[test]
+fn a_linux_guest_enumerates_the_pci_bus_through_acpi() {
+    let Some(out) = boot_with(Boot {
+        extra_args: &["-device", "pci-testdev,addr=04.0"],
+        ..Boot::default()
+    }) else {
+        return;
+    };
+    assert!(out.contains("QOMVM-GUEST-READY"), "{out}");
+    assert!(out.contains("ACPI: PCI Root Bridge [PCI0]"), "{out}");
+    for (addr, ids, what) in [
+        ("00.0", "0x8086:0x1237", "i440FX host bridge"),
+        ("01.0", "0x8086:0x7000", "PIIX3 ISA bridge"),
+        ("01.3", "0x8086:0x7113", "PIIX4 power management"),
+        ("04.0", "0x1b36:0x0005", "pci-testdev"),
+    ] {
+        let line = format!("pci: 0000:00:{addr} {ids}");
+        assert!(out.contains(&line), "{what}: no '{line}' in:\n{out}");
+    }
 }
 
 #[test]

@@ -21,11 +21,18 @@
 //! value 0x06.
 //!
 //! The DSDT declares the processors (`\_SB.Cxxx`, `ACPI0007`, `_UID` = CPU index, matching
-//! the MADT's processor UIDs) and `\_S5_`. It has no `\_SB.PCI0` host bridge and no ISA
-//! devices: Linux then probes the legacy ports itself (8250 UARTs, i8042 because the FADT's
-//! IA-PC boot flags say one exists, the CMOS RTC), but does not scan PCI.
+//! the MADT's processor UIDs), `\_S5_` and the PCI host bridge `\_SB.PCI0` (`PNP0A03`):
+//! its `_CRS` gives bus 0..255, the configuration ports, the I/O windows around them, the
+//! VGA window and the 32- and 64-bit PCI holes; its `_PRT` routes INTA..INTD of every slot
+//! to the GSI of the PIIX3 PIRQ line it is swizzled to, and the MADT makes those GSIs level
+//! triggered, active high (QEMU's overrides for IRQs 5, 9, 10, 11), so Linux scans PCI and
+//! routes its interrupts. There are no ISA devices: Linux probes the legacy ports itself
+//! (8250 UARTs, i8042 because the FADT's IA-PC boot flags say one exists, the CMOS RTC).
 
-use acpi_tables::aml::{Device, Name, Package, Path, Scope};
+use acpi_tables::aml::{
+    AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, Name, Package,
+    Path, ResourceTemplate, Scope, IO,
+};
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -69,6 +76,15 @@ pub struct AcpiConfig {
     pub pm_io_base: u16,
     /// The SCI's ISA IRQ (9).
     pub sci_irq: u8,
+    /// The 32-bit PCI memory window `[start, end)`: from the end of RAM below 4 GiB to the
+    /// I/O APIC (QEMU's `pci_hole`).
+    pub pci_hole: (u64, u64),
+    /// The 64-bit PCI memory window `[start, end)` above RAM (QEMU's `pci_hole64`); empty
+    /// when `start == end`.
+    pub pci_hole64: (u64, u64),
+    /// The ISA IRQs PIIX3's PIRQA..PIRQD are routed to: INTx pin `p` (0 = INTA) of slot `s`
+    /// uses PIRQ `(p + s) % 4`, the swizzle of QEMU's pc board.
+    pub pirq_irqs: [u32; 4],
 }
 
 /// Why the tables could not be built.
@@ -111,7 +127,68 @@ fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT: processors and `\_S5_`.
+/// `Scope(\_SB) { Device(PCI0) }`, the i440FX host bridge (QEMU's `build_dsdt` for pc):
+/// bus 0, the configuration ports, the I/O and memory windows BARs may use, and `_PRT`, the
+/// GSI each slot's INTA..INTD reaches (the PIRQ routing PIIX3 is left with).
+fn build_pci_host_bridge(cfg: &AcpiConfig) -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0A03"));
+    let adr = Name::new(Path::new("_ADR"), &0u8);
+    let uid = Name::new(Path::new("_UID"), &0u8);
+    let bus = AmlAddressSpace::new_bus_number(0u16, 0xffu16);
+    let config_ports = IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = AmlAddressSpace::new_io(0u16, 0x0cf7u16, None);
+    let io_high = AmlAddressSpace::new_io(0x0d00u16, 0xffffu16, None);
+    let vga = AmlAddressSpace::new_memory(
+        AddressSpaceCacheable::Cacheable,
+        true,
+        0x000a_0000u32,
+        0x000b_ffffu32,
+        None,
+    );
+    let hole = AmlAddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        cfg.pci_hole.0 as u32,
+        (cfg.pci_hole.1 - 1) as u32,
+        None,
+    );
+    let hole64 = AmlAddressSpace::new_memory(
+        AddressSpaceCacheable::Cacheable,
+        true,
+        cfg.pci_hole64.0,
+        cfg.pci_hole64.1.saturating_sub(1),
+        None,
+    );
+    let mut windows: Vec<&dyn Aml> =
+        vec![&bus, &config_ports, &io_low, &io_high, &vga, &hole];
+    if cfg.pci_hole64.1 > cfg.pci_hole64.0 {
+        windows.push(&hole64);
+    }
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(windows));
+
+    // One entry per slot and pin: Address (slot << 16 | 0xffff: any function), Pin,
+    // Source (0: no link device, Source Index is a GSI), Source Index.
+    let routes: Vec<(u32, u8, u8, u32)> = (0..32u32)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                let pirq = (usize::from(pin) + slot as usize) % 4;
+                ((slot << 16) | 0xffff, pin, 0u8, cfg.pirq_irqs[pirq])
+            })
+        })
+        .collect();
+    let entries: Vec<Package> = routes
+        .iter()
+        .map(|(addr, pin, source, gsi)| Package::new(vec![addr as &dyn Aml, pin, source, gsi]))
+        .collect();
+    let prt = Name::new(
+        Path::new("_PRT"),
+        &Package::new(entries.iter().map(|e| e as &dyn Aml).collect()),
+    );
+    let pci0 = Device::new(Path::new("PCI0"), vec![&hid, &adr, &uid, &crs, &prt]);
+    aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&pci0]))
+}
+
+/// The DSDT: processors, the PCI host bridge and `\_S5_`.
 fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let s5 = Name::new(
         Path::new("_S5_"),
@@ -138,6 +215,7 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&aml_bytes(&s5));
     dsdt.append_slice(&aml_bytes(&sb));
+    dsdt.append_slice(&build_pci_host_bridge(cfg));
     dsdt.as_slice().to_vec()
 }
 
@@ -216,6 +294,14 @@ fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
         u32::from(cfg.sci_irq),
         0x000d,
     );
+    // PCI interrupts: level triggered, active high on KVM's I/O APIC (QEMU's overrides for
+    // PCI_ISA_IRQ_MASK).
+    let mut pci_irqs: Vec<u32> = cfg.pirq_irqs.to_vec();
+    pci_irqs.sort_unstable();
+    pci_irqs.dedup();
+    for irq in pci_irqs.into_iter().filter(|&i| i != u32::from(cfg.sci_irq) && i < 16) {
+        iso(&mut entries, irq as u8, irq, 0x000d);
+    }
     // Local APIC NMI: type, length, all processors, flags (conforms), LINT1.
     entries.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
     if x2apic {
@@ -305,6 +391,9 @@ mod tests {
             apic_ids: (0..cpus).map(|i| apic_id_from_index(i, cores, 1)).collect(),
             pm_io_base: 0x600,
             sci_irq: 9,
+            pci_hole: (0x0800_0000, 0xfec0_0000),
+            pci_hole64: (0x1_0000_0000, 0x1_8000_0000),
+            pirq_irqs: [10, 10, 11, 11],
         }
     }
 
@@ -470,7 +559,7 @@ mod tests {
             .filter(|(t, _)| *t == 2)
             .map(|(_, e)| (e[3], u32_at(e, 4), u16_at(e, 8)))
             .collect();
-        assert_eq!(isos, [(0, 2, 0), (9, 9, 0xd)]);
+        assert_eq!(isos, [(0, 2, 0), (9, 9, 0xd), (10, 10, 0xd), (11, 11, 0xd)]);
         let nmis: Vec<_> = entries.iter().filter(|(t, _)| *t == 4).collect();
         assert_eq!(nmis.len(), 1);
         assert_eq!(nmis[0].1, [4, 6, 0xff, 0, 0, 1]);
@@ -496,6 +585,27 @@ mod tests {
         assert_eq!(entries.iter().filter(|(t, _)| *t == 0x0a).count(), 1);
         // Every CPU has a processor device.
         assert!(t.dsdt.windows(4).any(|w| w == b"C12B"));
+    }
+
+    #[test]
+    fn dsdt_describes_the_pci_host_bridge_windows_and_routing() {
+        let mem = ram();
+        build_acpi_tables(&mem, &config(1, 1)).unwrap();
+        let dsdt = walk(&mem).dsdt;
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0") && has(b"_PRT") && has(b"_CRS"));
+        // _HID: EISAID("PNP0A03") as a DWordConst.
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x03]), "PNP0A03");
+        // WordBusNumber 0..0xff; WordIO 0xd00..0xffff (type 1, length 0xf300).
+        assert!(has(&[0x88, 0x0d, 0x00, 0x02]), "bus number window");
+        assert!(has(&[0x00, 0x0d, 0xff, 0xff, 0x00, 0x00, 0x00, 0xf3]), "high I/O window");
+        // The 32-bit hole as a DWordMemory from its start to just below the I/O APIC.
+        assert!(has(
+            &[0x00, 0x00, 0x00, 0x08, 0xff, 0xff, 0xbf, 0xfe][..]
+        ));
+        // Slot 4 INTA: Package(4) { 0x0004FFFF, Zero, Zero, 10 }; slot 1 INTD: PIRQA (10).
+        assert!(has(&[0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x04, 0x00, 0x00, 0x00, 0x0a, 0x0a]));
+        assert!(has(&[0x12, 0x0c, 0x04, 0x0c, 0xff, 0xff, 0x01, 0x00, 0x0a, 0x03, 0x00, 0x0a, 0x0a]));
     }
 
     #[test]

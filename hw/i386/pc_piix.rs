@@ -15,6 +15,9 @@ use crate::i386::pc::pc_basic_ports_init;
 use crate::i386::x86_cpu::{X86BootState, X86Cpu};
 use crate::pci_host::i440fx::{TYPE_I440FX_PCI_DEVICE, TYPE_I440FX_PCI_HOST_BRIDGE};
 
+/// Size of the 64-bit PCI window above RAM (QEMU's i440FX `pci-hole64-size` default).
+const PCI_HOLE64_SIZE: u64 = 1 << 31;
+
 /// QEMU's `TYPE_X86_MACHINE`.
 pub const TYPE_X86_MACHINE: &str = "x86-machine";
 /// QEMU's `TYPE_PC_MACHINE`.
@@ -277,6 +280,9 @@ impl PcI440fxMachine {
         if !self.acpi.get() {
             return Ok(());
         }
+        let (below_4g, above_4g) = pc_ram_split(self.ram_size());
+        // The 64-bit window starts on the first GiB boundary above RAM, as QEMU's does.
+        let hole64_start = ((1u64 << 32) + above_4g).next_multiple_of(1 << 30);
         let apic_ids: Vec<u32> = self
             .cpus()
             .into_iter()
@@ -288,6 +294,9 @@ impl PcI440fxMachine {
             apic_ids,
             pm_io_base: crate::acpi::piix4::PM_IO_BASE,
             sci_irq: crate::acpi::piix4::SCI_IRQ as u8,
+            pci_hole: (below_4g, u64::from(crate::i386::acpi_build::IO_APIC_ADDR)),
+            pci_hole64: (hole64_start, hole64_start + PCI_HOLE64_SIZE),
+            pirq_irqs: crate::pci_host::i440fx::PIRQ_IRQS,
         };
         let ram = self.ram();
         let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
