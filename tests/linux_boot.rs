@@ -122,6 +122,9 @@ fn linux_boot_state_runs_on_kvm() {
             apic_ids: vec![0],
             pm_io_base: 0x600,
             sci_irq: 9,
+            pci_hole: (2 << 20, 0xfec0_0000),
+            pci_hole64: (1 << 32, 1 << 32),
+            pirq_irqs: [10, 10, 11, 11],
         },
     )
     .unwrap();
