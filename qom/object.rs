@@ -239,6 +239,14 @@ impl Object {
         self.class.interface_impl::<I>()?(self)
     }
 
+    /// QEMU's checked cast of an object to a typed QOM type (`PCI_BUS(obj)`,
+    /// `ISA_DEVICE(obj)`): the state of type `T` inside this object, if its class is `T` or
+    /// a subtype. [`Object::downcast`] also reaches legacy parts.
+    #[inline]
+    pub fn cast<T: crate::ObjectType>(&self) -> Option<&T> {
+        self.downcast::<T>()
+    }
+
     // ----- composition tree -----
 
     /// The object's parent in the composition tree.

@@ -194,7 +194,7 @@ impl<T: DeviceImpl> Device for T {
 }
 
 fn as_device<T: DeviceImpl>(obj: &Object) -> Option<&(dyn Device + 'static)> {
-    obj.downcast::<T>().map(|d| d as &dyn Device)
+    obj.cast::<T>().map(|d| d as &dyn Device)
 }
 
 /// The device methods of `obj`, if it is a device.

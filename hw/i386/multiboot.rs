@@ -222,7 +222,7 @@ pub fn multiboot_find_header(kernel: &[u8]) -> Result<MultibootHeader, Multiboot
                 && magic.wrapping_add(flags).wrapping_add(checksum) == 0
         })
         .ok_or(MultibootError::NotMultiboot)?;
-    let flags = le32(kernel, offset + 4).expect("checked above");
+    let flags = le32(kernel, offset + 4).ok_or(MultibootError::NotMultiboot)?;
     let aout = if flags & MULTIBOOT_AOUT_KLUDGE != 0 {
         let mut fields = [0u32; 5];
         for (i, f) in fields.iter_mut().enumerate() {

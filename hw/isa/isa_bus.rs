@@ -106,7 +106,7 @@ pub fn isa_bus_new(
 /// Connects the IRQ lines of the ISA bus `bus` (the board does, to the interrupt
 /// controller).
 pub fn isa_bus_set_irqs(bus: &Object, irqs: Vec<IrqLine>) {
-    if let Some(bus) = bus.downcast::<IsaBus>() {
+    if let Some(bus) = bus.cast::<IsaBus>() {
         bus.set_irqs(irqs);
     }
 }

@@ -281,10 +281,11 @@ impl FwCfgInner {
             let _ = ram.write_slice(&FW_CFG_DMA_CTL_ERROR.to_be_bytes(), control_addr);
             return;
         }
-        let be32 = |at: usize| u32::from_be_bytes(desc[at..at + 4].try_into().expect("4 bytes"));
-        let control = be32(0);
-        let mut length = be32(4);
-        let mut address = u64::from_be_bytes(desc[8..16].try_into().expect("8 bytes"));
+        // FWCfgDmaAccess: control, length (big-endian u32s), address (big-endian u64).
+        let [c0, c1, c2, c3, l0, l1, l2, l3, a @ ..] = desc;
+        let control = u32::from_be_bytes([c0, c1, c2, c3]);
+        let mut length = u32::from_be_bytes([l0, l1, l2, l3]);
+        let mut address = u64::from_be_bytes(a);
 
         if control & FW_CFG_DMA_CTL_SELECT != 0 {
             self.select((control >> 16) as u16);

@@ -159,7 +159,7 @@ impl<T: PciDeviceImpl> PciDeviceOps for T {
 }
 
 fn as_pci_device<T: PciDeviceImpl>(obj: &Object) -> Option<&(dyn PciDeviceOps + 'static)> {
-    obj.downcast::<T>().map(|d| d as &dyn PciDeviceOps)
+    obj.cast::<T>().map(|d| d as &dyn PciDeviceOps)
 }
 
 /// The PCI methods of `obj`, if it is a PCI device.
@@ -344,19 +344,19 @@ pub enum PciError {
 /// Sets how INTx is routed on `bus`, a `PCI` bus the host bridge created with `qbus_new`
 /// (its BARs go to the address spaces of the services it was created with).
 pub fn pci_bus_init(bus: &Object, route: PciIrqRoute) {
-    if let Some(st) = bus.downcast::<PciBus>() {
+    if let Some(st) = bus.cast::<PciBus>() {
         st.set_route(route);
     }
 }
 
 /// The device at `devfn` of `bus`.
 pub fn pci_find_device(bus: &Object, devfn: u8) -> Option<Typed<PciDevice>> {
-    bus.downcast::<PciBus>()?.find_device(devfn)
+    bus.cast::<PciBus>()?.find_device(devfn)
 }
 
 /// Every device on `bus`, by devfn.
 pub fn pci_bus_devices(bus: &Object) -> Vec<(u8, Typed<PciDevice>)> {
-    bus.downcast::<PciBus>()
+    bus.cast::<PciBus>()
         .map(PciBus::devices)
         .unwrap_or_default()
 }
@@ -543,7 +543,7 @@ impl PciDevice {
     /// Re-maps the BARs after a configuration change (QEMU's `pci_update_mappings`).
     fn update_mappings(&self) {
         let Some(bus) = self.parent_bus() else { return };
-        let Some((io, memory)) = bus.downcast::<PciBus>().and_then(PciBus::spaces) else {
+        let Some((io, memory)) = bus.cast::<PciBus>().and_then(PciBus::spaces) else {
             return;
         };
         let command = {
