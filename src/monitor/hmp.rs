@@ -378,7 +378,7 @@ fn info_block(
     };
     if nodes {
         for node in crate::monitor::info::named_block_nodes() {
-            if device.map_or(true, |d| node["node-name"] == d) {
+            if device.is_none_or(|d| node["node-name"] == d) {
                 sep(out);
                 print_block_info(out, None, &node);
             }
@@ -386,7 +386,7 @@ fn info_block(
         return Ok(());
     }
     for info in crate::monitor::info::block_infos() {
-        if device.map_or(true, |d| info["device"] == d) {
+        if device.is_none_or(|d| info["device"] == d) {
             sep(out);
             print_block_info(out, info["device"].as_str(), &info["inserted"]);
         }
