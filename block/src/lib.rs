@@ -606,10 +606,7 @@ pub fn add_backend(backend: BlockBackend) -> Result<Arc<BlockBackend>, BlockErro
 
 /// Whether a backend id or node name is taken.
 pub fn name_in_use(name: &str) -> bool {
-    BACKENDS
-        .lock()
-        .iter()
-        .any(|b| b.id == name || b.node_name == name)
+    find_backend(name).is_some()
 }
 
 /// Every backend, in creation order.
