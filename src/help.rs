@@ -32,6 +32,15 @@ Standard options:
 -global driver.property=value
                      set a default value of a driver's property
 -nodefaults          don't create default devices
+
+Block devices:
+-drive file=PATH[,format=raw|qcow2][,if=none][,id=ID][,readonly=on|off]
+       [,cache=none|writeback|writethrough|directsync|unsafe]
+       [,discard=ignore|unmap][,aio=threads|native|io_uring]
+                     open a disk image (if=none only: no disk device yet)
+-blockdev driver=qcow2|raw,node-name=N,file.driver=file,file.filename=PATH
+-blockdev JSON      the same as a JSON object (file: {\"driver\": \"file\", ...})
+                     open a disk image as a block node
 -no-reboot           exit instead of rebooting
 -no-shutdown         stop before shutdown
 

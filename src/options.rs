@@ -65,6 +65,10 @@ pub struct Options {
     pub initrd: Option<Located>,
     pub append: Option<Located>,
     pub devices: Vec<Located>,
+    /// `-drive`.
+    pub drives: Vec<Located>,
+    /// `-blockdev`.
+    pub blockdevs: Vec<Located>,
     pub globals: Vec<Located>,
     pub serial: Vec<Located>,
     pub chardev: Vec<Located>,
@@ -103,6 +107,8 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("initrd", Arity::Value),
     ("append", Arity::Value),
     ("device", Arity::Value),
+    ("drive", Arity::Value),
+    ("blockdev", Arity::Value),
     ("global", Arity::Value),
     ("serial", Arity::Value),
     ("chardev", Arity::Value),
@@ -125,10 +131,10 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let Some(name) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
-            // QEMU treats a bare argument as a disk image; qomvm has no disks yet.
+            // QEMU treats a bare argument as the first IDE disk (-hda); qomvm has no IDE.
             return Err(OptionError::new(
                 "",
-                format!("{arg}: drive images are not supported (use -kernel)"),
+                format!("{arg}: a bare disk image (-hda) is not supported; use -drive file={arg},if=none"),
             ));
         };
         let &(option, arity) = OPTIONS
@@ -157,6 +163,8 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "initrd" => opts.initrd = Some(located),
             "append" => opts.append = Some(located),
             "device" => opts.devices.push(located),
+            "drive" => opts.drives.push(located),
+            "blockdev" => opts.blockdevs.push(located),
             "global" => opts.globals.push(located),
             "serial" => opts.serial.push(located),
             "chardev" => opts.chardev.push(located),

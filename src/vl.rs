@@ -45,6 +45,13 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
             hw::core::chardev::parse_chardev_opts(&c.value).map_err(|e| c.error(e))?;
         hw::core::chardev::chardev_add(&id, backend).map_err(|e| c.error(e))?;
     }
+    // QEMU's configure_blockdev: images are opened (and locked) before the machine.
+    for b in &opts.blockdevs {
+        crate::blockdev::blockdev_add(b)?;
+    }
+    for (index, d) in opts.drives.iter().enumerate() {
+        crate::blockdev::drive_add(d, index)?;
+    }
     let machine = create_machine(&opts)?;
     configure_serial(&opts, &machine)?;
     configure_accelerators(&opts, &machine)?;
@@ -62,6 +69,7 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     }
     let status = main_loop(&machine, &opts);
     monitor::monitor_cleanup();
+    block::close_all();
     Ok(status)
 }
 

@@ -135,6 +135,12 @@ const COMMANDS: &[HmpCommand] = &[
 
 const INFO_COMMANDS: &[HmpCommand] = &[
     HmpCommand {
+        names: "block",
+        params: "[-n] [device]",
+        help: "show info of one block device or all block devices (-n: named nodes)",
+        run: info_block,
+    },
+    HmpCommand {
         names: "cpus",
         params: "",
         help: "show infos for each CPU",
@@ -301,6 +307,89 @@ fn info_cpus(
             "{mark} CPU #{}: thread_id={}",
             cpu.index, cpu.thread_id
         );
+    }
+    Ok(())
+}
+
+/// QEMU's `print_block_info`: `ID (node): FILE (drv[, read-only])`, then the details.
+fn print_block_info(out: &mut String, device: Option<&str>, inserted: &serde_json::Value) {
+    let node = inserted["node-name"].as_str().unwrap_or_default();
+    match device {
+        Some(id) => {
+            let _ = write!(out, "{id} ({node})");
+        }
+        None => out.push_str(node),
+    }
+    let _ = writeln!(
+        out,
+        ": {} ({}{})",
+        inserted["file"].as_str().unwrap_or_default(),
+        inserted["drv"].as_str().unwrap_or_default(),
+        if inserted["ro"] == true {
+            ", read-only"
+        } else {
+            ""
+        }
+    );
+    let cache = &inserted["cache"];
+    let _ = writeln!(
+        out,
+        "    Cache mode:       {}{}{}",
+        if cache["writeback"] == true {
+            "writeback"
+        } else {
+            "writethrough"
+        },
+        if cache["direct"] == true {
+            ", direct"
+        } else {
+            ""
+        },
+        if cache["no-flush"] == true {
+            ", ignore flushes"
+        } else {
+            ""
+        }
+    );
+    if let Some(backing) = inserted["backing_file"].as_str() {
+        let _ = writeln!(
+            out,
+            "    Backing file:     {backing} (chain depth: {})",
+            inserted["backing_file_depth"]
+        );
+    }
+}
+
+/// QEMU's `info block`: the named backends (or, with `-n`, every node), a blank line
+/// between entries.
+fn info_block(
+    _: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let nodes = args.contains(&"-n");
+    let device = args.iter().find(|a| !a.starts_with('-')).copied();
+    let mut first = true;
+    let mut sep = |out: &mut String| {
+        if !std::mem::take(&mut first) {
+            out.push('\n');
+        }
+    };
+    if nodes {
+        for node in crate::monitor::info::named_block_nodes() {
+            if device.is_none_or(|d| node["node-name"] == d) {
+                sep(out);
+                print_block_info(out, None, &node);
+            }
+        }
+        return Ok(());
+    }
+    for info in crate::monitor::info::block_infos() {
+        if device.is_none_or(|d| info["device"] == d) {
+            sep(out);
+            print_block_info(out, info["device"].as_str(), &info["inserted"]);
+        }
     }
     Ok(())
 }

@@ -84,3 +84,152 @@ pub fn value_to_json(v: &QomValue) -> Value {
         QomValue::Link(Some(o)) => o.canonical_path().unwrap_or_default().into(),
     }
 }
+
+/// QMP's `ImageInfo` of one layer and those below it.
+fn image_info_json(info: &block::ImageInfo) -> Value {
+    let mut v = json!({
+        "filename": info.filename,
+        "format": info.format.name(),
+    });
+    if let Ok(meta) = std::fs::metadata(&info.filename) {
+        use std::os::unix::fs::MetadataExt;
+        v["actual-size"] = (meta.blocks() * 512).into();
+    }
+    v["virtual-size"] = info.virtual_size.into();
+    if let Some(name) = &info.backing_filename {
+        v["backing-filename"] = name.clone().into();
+    }
+    if let Some(full) = &info.full_backing_filename {
+        v["full-backing-filename"] = full.clone().into();
+    }
+    if let Some(format) = &info.backing_format {
+        v["backing-filename-format"] = format.clone().into();
+    }
+    if let Some(below) = &info.backing {
+        v["backing-image"] = image_info_json(below);
+    }
+    v
+}
+
+/// QMP's `BlockDeviceInfo` of a node: `layer` of `backend`'s chain, `ro` as opened,
+/// `drv` its driver.
+fn block_device_info(
+    backend: &block::BlockBackend,
+    layer: &block::ImageInfo,
+    node_name: &str,
+    drv: &str,
+    ro: bool,
+    image: Value,
+) -> Value {
+    let cache = backend.options().cache;
+    let mut v = json!({
+        "file": layer.filename,
+        "node-name": node_name,
+        "ro": ro,
+        "drv": drv,
+    });
+    if let Some(name) = layer.backing_filename.as_ref().filter(|_| drv != "file") {
+        v["backing_file"] = name.clone().into();
+    }
+    let depth = if drv == "file" {
+        0
+    } else {
+        layer.backing_depth()
+    };
+    v["backing_file_depth"] = depth.into();
+    v["encrypted"] = false.into();
+    v["detect_zeroes"] = "off".into();
+    for key in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+        v[key] = 0.into();
+    }
+    v["image"] = image;
+    v["write_threshold"] = 0.into();
+    v["cache"] = json!({
+        "writeback": cache.writeback(),
+        "direct": cache.direct(),
+        "no-flush": cache.no_flush(),
+    });
+    v
+}
+
+/// The root node's `BlockDeviceInfo` (query-block's `inserted`).
+fn inserted_info(backend: &block::BlockBackend) -> Value {
+    let info = backend.image_info();
+    let mut image = image_info_json(info);
+    if backend.driver_name() == "file" {
+        image["format"] = "file".into();
+    }
+    block_device_info(
+        backend,
+        info,
+        backend.node_name(),
+        backend.driver_name(),
+        backend.is_read_only(),
+        image,
+    )
+}
+
+/// `query-block`: every named backend (`-drive`); a `-blockdev` node has a backend only
+/// once a device uses it. `qdev` is left out while no device holds the drive.
+pub fn block_infos() -> Vec<Value> {
+    block::backends()
+        .iter()
+        .filter(|b| !b.id().is_empty())
+        .map(|b| {
+            json!({
+                "device": b.id(),
+                "locked": false,
+                "removable": false,
+                "inserted": inserted_info(b),
+            })
+        })
+        .collect()
+}
+
+/// `query-named-block-nodes`: each backend's format nodes down its backing chain, each
+/// with the `file` node under it.
+pub fn named_block_nodes() -> Vec<Value> {
+    let mut nodes = Vec::new();
+    for b in block::backends() {
+        if b.driver_name() == "file" {
+            nodes.push(inserted_info(&b));
+            continue;
+        }
+        let mut layer = Some(b.image_info());
+        let mut ro = b.is_read_only();
+        while let Some(info) = layer {
+            let node_name = if std::ptr::eq(info, b.image_info()) {
+                b.node_name().to_string()
+            } else {
+                info.node_name.clone()
+            };
+            nodes.push(block_device_info(
+                &b,
+                info,
+                &node_name,
+                info.format.name(),
+                ro,
+                image_info_json(info),
+            ));
+            let size = std::fs::metadata(&info.filename).map_or(0, |m| m.len());
+            let mut file_image = json!({"filename": info.filename, "format": "file"});
+            file_image["virtual-size"] = size.into();
+            let file_info = block::ImageInfo {
+                backing_filename: None,
+                backing: None,
+                ..info.clone()
+            };
+            nodes.push(block_device_info(
+                &b,
+                &file_info,
+                &info.file_node_name,
+                "file",
+                ro,
+                file_image,
+            ));
+            layer = info.backing.as_deref();
+            ro = true;
+        }
+    }
+    nodes
+}

@@ -11,7 +11,8 @@ use qom::{ObjectClass, Property, PropertyKind, Value as QomValue};
 use serde_json::{json, Map, Value};
 
 use crate::monitor::info::{
-    cpu_infos, kvm_info, resolve, status_info, value_to_json, version_info,
+    block_infos, cpu_infos, kvm_info, named_block_nodes, resolve, status_info, value_to_json,
+    version_info,
 };
 use crate::monitor::qapi::{Arg, ArgType, CommandCtx, Deferred, QmpCommand, QmpError};
 
@@ -67,6 +68,16 @@ pub const COMMANDS: &[QmpCommand] = &[
         name: "query-cpu-definitions",
         args: &[],
         run: query_cpu_definitions,
+    },
+    QmpCommand {
+        name: "query-block",
+        args: &[],
+        run: |_, _| Ok(block_infos().into()),
+    },
+    QmpCommand {
+        name: "query-named-block-nodes",
+        args: &[Arg::optional("flat", ArgType::Bool)],
+        run: |_, _| Ok(named_block_nodes().into()),
     },
     QmpCommand {
         name: "qom-list",

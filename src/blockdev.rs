@@ -1,0 +1,334 @@
+//! `-drive` and `-blockdev` (QEMU's `blockdev.c`): option strings to
+//! [`block::OpenOptions`], with QEMU's errors, and the opened backends into the block
+//! layer's table.
+
+use block::{AioMode, BlockBackend, CacheMode, DiscardMode, Format, OpenOptions};
+use serde_json::{Map, Value};
+
+use crate::options::{split_opts, Located, OptionError};
+
+/// The `-drive` keys qomvm knows (QEMU's `qemu_common_drive_opts` and `qemu_legacy_drive_opts`
+/// that apply).
+const DRIVE_KEYS: &[&str] = &[
+    "file", "format", "if", "id", "cache", "readonly", "discard", "aio", "media", "index",
+];
+
+/// Prints QEMU's `warning:` line.
+fn warn(text: &str) {
+    eprintln!("qomvm: warning: {text}");
+}
+
+/// QemuOpts' boolean: `on`/`off` (and the historic `yes`/`no`, `true`/`false`).
+fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+    }
+}
+
+fn parse_discard(value: &str) -> Option<DiscardMode> {
+    match value {
+        "ignore" | "off" => Some(DiscardMode::Ignore),
+        "unmap" | "on" => Some(DiscardMode::Unmap),
+        _ => None,
+    }
+}
+
+fn parse_aio(value: &str) -> Option<AioMode> {
+    match value {
+        "threads" => Some(AioMode::Threads),
+        "native" => Some(AioMode::Native),
+        "io_uring" => Some(AioMode::IoUring),
+        _ => None,
+    }
+}
+
+/// QEMU's `drive_new` for one `-drive`: opens the image and adds the backend.
+pub fn drive_add(located: &Located, index: usize) -> Result<(), OptionError> {
+    let err = |m: String| located.error(m);
+    let mut file = None;
+    let mut format = None;
+    let mut interface = "none".to_string();
+    let mut id = None;
+    let mut opts = OpenOptions::new("");
+    for (key, value) in split_opts(&located.value, Some("file")) {
+        if !DRIVE_KEYS.contains(&key.as_str()) {
+            return Err(err(format!("Invalid parameter '{key}'")));
+        }
+        let value = value.unwrap_or_else(|| "on".to_string());
+        match key.as_str() {
+            "file" => file = Some(value),
+            "format" => {
+                format = Some(
+                    Format::from_name(&value)
+                        .ok_or_else(|| err(format!("Unknown driver '{value}'")))?,
+                )
+            }
+            "if" => interface = value,
+            "id" => id = Some(value),
+            "cache" => {
+                opts.cache = CacheMode::from_name(&value)
+                    .ok_or_else(|| err("invalid cache option".to_string()))?
+            }
+            "readonly" => opts.read_only = parse_bool("readonly", &value).map_err(err)?,
+            "discard" => {
+                opts.discard =
+                    parse_discard(&value).ok_or_else(|| err("Invalid discard option".into()))?
+            }
+            "aio" => {
+                opts.aio = parse_aio(&value).ok_or_else(|| err("invalid aio option".into()))?
+            }
+            "media" if value == "disk" => {}
+            "media" => return Err(err(format!("'{value}' invalid media"))),
+            // "index": only meaningful with an interface, refused below.
+            _ => {}
+        }
+    }
+    match interface.as_str() {
+        "none" => {}
+        "ide" | "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "virtio" | "xen" => {
+            return Err(err(format!(
+                "if={interface} is not available yet: use if=none (devices that take a drive= come later)"
+            )))
+        }
+        other => return Err(err(format!("unsupported bus type '{other}'"))),
+    }
+    let Some(file) = file else {
+        return Err(err("an empty drive (no file=) is not supported".to_string()));
+    };
+    let id = id.unwrap_or_else(|| format!("none{index}"));
+    if block::name_in_use(&id) {
+        return Err(err(format!("Duplicate ID '{id}' for drive")));
+    }
+    opts.filename = file.into();
+    opts.format = format;
+    let backend = BlockBackend::open(&id, &block::auto_node_name(), opts, warn)
+        .map_err(|e| err(e.to_string()))?;
+    block::add_backend(backend).map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+/// `-blockdev`'s argument as a JSON object: JSON itself, or dotted keys (`file.driver=file`)
+/// made nested, their values strings (QEMU's `keyval_parse`).
+fn blockdev_args(text: &str) -> Result<Map<String, Value>, String> {
+    if text.trim_start().starts_with('{') {
+        return match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err("Invalid parameter type, expected: object".to_string()),
+            Err(e) => Err(format!("JSON parse error, {e}")),
+        };
+    }
+    let mut root = Map::new();
+    for (key, value) in split_opts(text, None) {
+        let Some(value) = value else {
+            return Err(format!("Expected '=' after parameter '{key}'"));
+        };
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().unwrap_or_default();
+        let mut node = &mut root;
+        for part in parts {
+            let entry = node
+                .entry(part.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            node = entry
+                .as_object_mut()
+                .ok_or_else(|| format!("Parameters '{part}.*' conflict with parameter '{part}'"))?;
+        }
+        if node.contains_key(last) {
+            return Err(format!("Parameter '{key}' appears more than once"));
+        }
+        node.insert(last.to_string(), Value::String(value));
+    }
+    Ok(root)
+}
+
+/// A member as a string, whichever form it came in.
+fn str_member(map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<String>, String> {
+    match map.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!(
+            "Invalid parameter type for '{prefix}{key}', expected: string"
+        )),
+    }
+}
+
+/// A boolean member: JSON's true/false or keyval's on/off.
+fn bool_member(map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<bool>, String> {
+    match map.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(Value::String(s)) => match s.as_str() {
+            "on" => Ok(Some(true)),
+            "off" => Ok(Some(false)),
+            _ => Err(format!("Parameter '{prefix}{key}' expects 'on' or 'off'")),
+        },
+        Some(_) => Err(format!(
+            "Invalid parameter type for '{prefix}{key}', expected: boolean"
+        )),
+    }
+}
+
+/// The members every node takes (QAPI's `BlockdevOptions` base) besides `driver`.
+const NODE_KEYS: &[&str] = &[
+    "driver",
+    "node-name",
+    "read-only",
+    "cache",
+    "discard",
+    "auto-read-only",
+    "force-share",
+    "detect-zeroes",
+];
+
+fn check_keys(map: &Map<String, Value>, prefix: &str, extra: &[&str]) -> Result<(), String> {
+    match map
+        .keys()
+        .find(|k| !NODE_KEYS.contains(&k.as_str()) && !extra.contains(&k.as_str()))
+    {
+        Some(k) => Err(format!("Parameter '{prefix}{k}' is unexpected")),
+        None => Ok(()),
+    }
+}
+
+/// The members of a node shared by format and file nodes: read-only, cache, discard.
+fn node_common(
+    map: &Map<String, Value>,
+    prefix: &str,
+    opts: &mut OpenOptions,
+) -> Result<(), String> {
+    if let Some(ro) = bool_member(map, prefix, "read-only")? {
+        opts.read_only = ro;
+    }
+    if let Some(cache) = map.get("cache") {
+        let Value::Object(cache) = cache else {
+            return Err(format!(
+                "Invalid parameter type for '{prefix}cache', expected: object"
+            ));
+        };
+        let cprefix = format!("{prefix}cache.");
+        if let Some(k) = cache.keys().find(|k| *k != "direct" && *k != "no-flush") {
+            return Err(format!("Parameter '{cprefix}{k}' is unexpected"));
+        }
+        let direct = bool_member(cache, &cprefix, "direct")?.unwrap_or(false);
+        let no_flush = bool_member(cache, &cprefix, "no-flush")?.unwrap_or(false);
+        opts.cache = match (direct, no_flush) {
+            (true, _) => CacheMode::None,
+            (false, true) => CacheMode::Unsafe,
+            (false, false) => CacheMode::Writeback,
+        };
+    }
+    if let Some(d) = str_member(map, prefix, "discard")? {
+        opts.discard = parse_discard(&d)
+            .ok_or_else(|| format!("Parameter '{prefix}discard' does not accept value '{d}'"))?;
+    }
+    if let Some(v) = str_member(map, prefix, "detect-zeroes")? {
+        if v != "off" {
+            return Err(format!("{prefix}detect-zeroes={v} is not supported"));
+        }
+    }
+    Ok(())
+}
+
+/// The `file` protocol node's own members (`filename`, `aio`...) into `opts`.
+fn file_node(map: &Map<String, Value>, prefix: &str, opts: &mut OpenOptions) -> Result<(), String> {
+    check_keys(map, prefix, &["filename", "aio", "locking"])?;
+    let filename = str_member(map, prefix, "filename")?
+        .ok_or_else(|| format!("Parameter '{prefix}filename' is missing"))?;
+    opts.filename = filename.into();
+    if let Some(aio) = str_member(map, prefix, "aio")? {
+        opts.aio = parse_aio(&aio)
+            .ok_or_else(|| format!("Parameter '{prefix}aio' does not accept value '{aio}'"))?;
+    }
+    if let Some(l) = str_member(map, prefix, "locking")? {
+        if l != "on" && l != "auto" {
+            return Err(format!("{prefix}locking={l} is not supported"));
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's `-blockdev` (`qmp_blockdev_add`): a `file` node, or a `raw`/`qcow2` node over
+/// an inline `file` node.
+pub fn blockdev_add(located: &Located) -> Result<(), OptionError> {
+    let err = |m: String| located.error(m);
+    let map = blockdev_args(&located.value).map_err(err)?;
+    let driver = str_member(&map, "", "driver")
+        .map_err(err)?
+        .ok_or_else(|| err("Parameter 'driver' is missing".into()))?;
+    let node_name = str_member(&map, "", "node-name")
+        .map_err(err)?
+        .ok_or_else(|| err("'node-name' must be specified for the root node".into()))?;
+    if block::name_in_use(&node_name) {
+        return Err(err(format!("Duplicate nodes with node-name='{node_name}'")));
+    }
+    let mut opts = OpenOptions::new("");
+    node_common(&map, "", &mut opts).map_err(err)?;
+    match driver.as_str() {
+        "file" => {
+            file_node(&map, "", &mut opts).map_err(err)?;
+            opts.format = Some(Format::Raw);
+            opts.protocol_only = true;
+        }
+        "raw" | "qcow2" => {
+            check_keys(&map, "", &["file", "backing"]).map_err(err)?;
+            if map.contains_key("backing") {
+                return Err(err(
+                    "an explicit 'backing' is not supported yet (the image's own backing file is used)".into(),
+                ));
+            }
+            opts.format = Format::from_name(&driver);
+            match map.get("file") {
+                None => return Err(err("Parameter 'file' is missing".into())),
+                Some(Value::Object(file)) => {
+                    let fdriver = str_member(file, "file.", "driver")
+                        .map_err(err)?
+                        .ok_or_else(|| err("Parameter 'file.driver' is missing".into()))?;
+                    if fdriver != "file" {
+                        return Err(err(format!(
+                            "Parameter 'file.driver' does not accept value '{fdriver}'"
+                        )));
+                    }
+                    file_node(file, "file.", &mut opts).map_err(err)?;
+                    opts.file_node_name = str_member(file, "file.", "node-name").map_err(err)?;
+                }
+                Some(Value::String(name)) => {
+                    return Err(err(format!(
+                        "a reference to another node ('file': '{name}') is not supported yet; give the file node inline"
+                    )))
+                }
+                Some(_) => {
+                    return Err(err(
+                        "Invalid parameter type for 'file', expected: object".into(),
+                    ))
+                }
+            }
+        }
+        other => {
+            return Err(err(format!(
+                "Parameter 'driver' does not accept value '{other}'"
+            )))
+        }
+    }
+    let backend = BlockBackend::open("", &node_name, opts, warn).map_err(|e| err(e.to_string()))?;
+    block::add_backend(backend).map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dotted_keys_nest_like_keyval() {
+        let map =
+            blockdev_args("driver=qcow2,node-name=n0,file.driver=file,file.filename=a,,b").unwrap();
+        assert_eq!(
+            Value::Object(map),
+            serde_json::json!({"driver": "qcow2", "node-name": "n0",
+                "file": {"driver": "file", "filename": "a,b"}})
+        );
+        assert!(blockdev_args("file=x,file.driver=file").is_err());
+    }
+}
