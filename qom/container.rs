@@ -25,18 +25,24 @@ pub fn object_get_root() -> ObjectRef {
 }
 
 /// QEMU's `container_get`: the object at `path` under `root`, creating missing containers
-/// along the way (`/machine/unattached`).
+/// along the way (`/machine/unattached`). Threads racing to create the same container all
+/// get the one that won.
 pub fn container_get(root: &ObjectRef, path: &str) -> ObjectRef {
     let mut cur = root.clone();
     for component in path.split('/').filter(|c| !c.is_empty()) {
-        cur = match cur.child(component) {
-            Some(child) => child,
-            None => {
-                let child =
-                    object_new(TYPE_CONTAINER).expect("the type table has the 'container' type");
-                cur.add_child(component, &child)
-                    .expect("a name found free a moment ago is still free");
-                child
+        cur = loop {
+            if let Some(child) = cur.child(component) {
+                break child;
+            }
+            let child =
+                object_new(TYPE_CONTAINER).expect("the type table has the 'container' type");
+            match cur.add_child(component, &child) {
+                Ok(_) => break child,
+                // Another thread added it since the look-up: use that one.
+                Err(e) => match cur.child(component) {
+                    Some(theirs) => break theirs,
+                    None => panic!("container_get: '{component}' is taken by a non-child: {e}"),
+                },
             }
         };
     }

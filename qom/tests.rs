@@ -880,3 +880,16 @@ mod typed_interfaces {
         assert!(!other.is_a("typed-resettable"));
     }
 }
+
+#[test]
+fn racing_container_gets_agree_on_one_container() {
+    let root = crate::object_new(crate::TYPE_CONTAINER).unwrap();
+    let got: Vec<ObjectRef> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| crate::container_get(&root, "/machine/unattached")))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(got.iter().all(|c| Arc::ptr_eq(c, &got[0])));
+    assert_eq!(root.children().len(), 1);
+}
