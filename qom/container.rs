@@ -30,19 +30,18 @@ pub fn object_get_root() -> ObjectRef {
 pub fn container_get(root: &ObjectRef, path: &str) -> ObjectRef {
     let mut cur = root.clone();
     for component in path.split('/').filter(|c| !c.is_empty()) {
-        cur = loop {
-            if let Some(child) = cur.child(component) {
-                break child;
-            }
-            let child =
-                object_new(TYPE_CONTAINER).expect("the type table has the 'container' type");
-            match cur.add_child(component, &child) {
-                Ok(_) => break child,
-                // Another thread added it since the look-up: use that one.
-                Err(e) => match cur.child(component) {
-                    Some(theirs) => break theirs,
-                    None => panic!("container_get: '{component}' is taken by a non-child: {e}"),
-                },
+        cur = match cur.child(component) {
+            Some(child) => child,
+            None => {
+                let child =
+                    object_new(TYPE_CONTAINER).expect("the type table has the 'container' type");
+                match cur.add_child(component, &child) {
+                    Ok(_) => child,
+                    // Another thread added it since the look-up: use that one.
+                    Err(e) => cur.child(component).unwrap_or_else(|| {
+                        panic!("container_get: '{component}' is taken by a non-child: {e}")
+                    }),
+                }
             }
         };
     }
