@@ -62,9 +62,10 @@ fn kvm_path() -> Path_ {
 /// Runs qomvm with `args` under `timeout timeout_s`, directly or through the rig; returns
 /// its exit status (124 if the timeout ended it) and output.
 ///
-/// The rig's L1 is a Linux guest of QEMU's TCG, which on rare runs stalls before COMMAND
-/// produces anything (the rig's own time limit then ends it), or ends under a running
-/// COMMAND without reporting its status (seen once, L1's QEMU exiting 0 mid-boot). Such a
+/// The rig's L1 is a Linux guest of QEMU's TCG, which on rare runs stalls (the rig's own
+/// time limit then ends it; seen before COMMAND printed anything, and once after the guest
+/// had powered off), or ends under a running COMMAND without reporting its status (seen
+/// once, L1's QEMU exiting 0 mid-boot). Such a
 /// run says nothing about qomvm, so it is retried once (and the retry is reported).
 fn qomvm(args: &[&str], timeout_s: u32) -> Output {
     let qomvm = env!("CARGO_BIN_EXE_qomvm");
@@ -90,9 +91,10 @@ fn qomvm(args: &[&str], timeout_s: u32) -> Output {
             .expect("qomvm or the rig runs")
     };
     let first = run();
+    // qomvm runs under its own, shorter `timeout`, which reports through the rig: the rig's
+    // own time-out means L1 stopped answering, whatever qomvm had printed by then.
     let rig_stalled = path == Path_::NestedRig
         && first.status.code() == Some(124)
-        && first.stdout.is_empty()
         && String::from_utf8_lossy(&first.stderr).contains("nested-kvm: timed out");
     let rig_died = path == Path_::NestedRig
         && first.status.code() == Some(125)
@@ -102,7 +104,7 @@ fn qomvm(args: &[&str], timeout_s: u32) -> Output {
         eprintln!(
             "linux-boot: the rig's L1 {} ; retrying once",
             if rig_stalled {
-                "stalled before qomvm printed anything"
+                "stalled (the rig's time limit ended it)"
             } else {
                 "ended without reporting qomvm's status"
             }
