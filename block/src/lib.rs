@@ -539,10 +539,7 @@ impl BlockBackend {
             return Err(BlockError::Io(io::Error::from_raw_os_error(libc::EPERM)));
         }
         self.access.read().write(buf, offset)?;
-        if !self.opts.cache.writeback() {
-            self.flush()?;
-        }
-        Ok(())
+        self.write_done()
     }
 
     /// Writes `len` zero bytes at `offset`.
@@ -550,10 +547,15 @@ impl BlockBackend {
         self.check_writable()?;
         self.check_range(offset, len)?;
         self.access.read().write_zeroes(offset, len)?;
-        if !self.opts.cache.writeback() {
-            self.flush()?;
+        self.write_done()
+    }
+
+    /// After a write: write-through caches (`cache=writethrough`/`directsync`) flush.
+    fn write_done(&self) -> Result<(), BlockError> {
+        if self.opts.cache.writeback() {
+            return Ok(());
         }
-        Ok(())
+        self.flush()
     }
 
     /// Discards `len` bytes at `offset` (reading them back gives zeroes or old data). Does
