@@ -531,26 +531,22 @@ pub trait DeviceMethods {
 
 impl DeviceMethods for Object {
     fn is_realized(&self) -> bool {
-        self.downcast::<DeviceState>()
-            .is_some_and(|st| st.realized.load(Ordering::Acquire))
+        self.cast::<DeviceState>()
+            .is_some_and(DeviceState::is_realized)
     }
 
     fn device_id(&self) -> Option<String> {
-        self.downcast::<DeviceState>()?.id.lock().clone()
+        self.cast::<DeviceState>()?.id()
     }
 
     fn set_device_id(&self, id: Option<String>) {
-        if let Some(st) = self.downcast::<DeviceState>() {
+        if let Some(st) = self.cast::<DeviceState>() {
             *st.id.lock() = id;
         }
     }
 
     fn parent_bus(&self) -> Option<ObjectRef> {
-        self.downcast::<DeviceState>()?
-            .parent_bus
-            .lock()
-            .as_ref()
-            .and_then(|w| w.upgrade())
+        self.cast::<DeviceState>()?.parent_bus()
     }
 
     fn reset(&self) {
