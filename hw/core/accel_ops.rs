@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use qom::{Error, ObjectRef};
+pub use vmm_sys_util::eventfd::EventFd;
 
 /// A block of guest RAM the accelerator must make visible to the guest.
 #[derive(Clone, Copy, Debug)]
@@ -32,6 +33,63 @@ pub enum CpuDumpError {
     /// The vCPU thread did not answer in time.
     #[error("CPU {0} did not answer within {1} ms")]
     Timeout(u32, u64),
+}
+
+/// A message-signalled interrupt as a device writes it (QEMU's `MSIMessage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    /// Address the device writes to (0xfee0_0000 + destination for x86 local APICs).
+    pub address: u64,
+    /// Data it writes (vector, delivery mode, trigger).
+    pub data: u32,
+}
+
+/// Which address space an ioeventfd watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEventSpace {
+    /// I/O ports.
+    Pio,
+    /// Memory-mapped I/O.
+    Mmio,
+}
+
+/// A guest write the accelerator turns into an eventfd signal instead of an exit to
+/// userspace (QEMU's `memory_region_add_eventfd`, `KVM_IOEVENTFD`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoEventAddr {
+    /// Port or physical address space.
+    pub space: IoEventSpace,
+    /// Guest address of the write.
+    pub addr: u64,
+    /// Width of the write in bytes (1, 2, 4, 8), or 0 for any width.
+    pub len: u32,
+    /// Only writes of this value signal; `None` matches every value.
+    pub datamatch: Option<u64>,
+}
+
+/// Why interrupt routing, irqfd or ioeventfd set-up failed. Callers fall back to
+/// userspace delivery: the accelerator may simply not offer the fast path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccelIrqError {
+    /// The accelerator has no such mechanism (qtest, or a missing KVM capability).
+    #[error("the {accel} accelerator does not support {what}")]
+    Unsupported {
+        /// The accelerator.
+        accel: &'static str,
+        /// The mechanism.
+        what: &'static str,
+    },
+    /// Every GSI is in use.
+    #[error("no free GSI for an MSI route")]
+    NoFreeGsi,
+    /// The accelerator refused the request.
+    #[error("{what}: {reason}")]
+    Failed {
+        /// The operation, e.g. `KVM_IRQFD`.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The accelerator's operations (QEMU's `AccelOpsClass`).
@@ -63,6 +121,52 @@ pub trait AccelOps: Send + Sync {
     /// thread between two runs (QEMU's `run_on_cpu` + `cpu_dump_state`).
     fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {
         Err(CpuDumpError::NoThread(index))
+    }
+    /// Injects one MSI (QEMU's `kvm_send_msi`, `KVM_SIGNAL_MSI`): the userspace path of an
+    /// MSI-X vector that has no irqfd.
+    fn send_msi(&self, _msg: MsiMessage) -> Result<(), AccelIrqError> {
+        Err(self.irq_unsupported("MSI"))
+    }
+    /// Allocates a GSI that delivers `msg` (QEMU's `kvm_irqchip_add_msi_route` +
+    /// `kvm_irqchip_commit_routes`).
+    fn add_msi_route(&self, _msg: MsiMessage) -> Result<u32, AccelIrqError> {
+        Err(self.irq_unsupported("MSI routes"))
+    }
+    /// Points GSI `gsi` (from [`AccelOps::add_msi_route`]) at a new message (QEMU's
+    /// `kvm_irqchip_update_msi_route`), e.g. when the guest rewrites an MSI-X table entry.
+    fn update_msi_route(&self, _gsi: u32, _msg: MsiMessage) -> Result<(), AccelIrqError> {
+        Err(self.irq_unsupported("MSI routes"))
+    }
+    /// Frees a GSI from [`AccelOps::add_msi_route`] (QEMU's `kvm_irqchip_release_virq`).
+    fn release_msi_route(&self, _gsi: u32) {}
+    /// Makes a write to `fd` raise `gsi` inside the accelerator (QEMU's
+    /// `kvm_irqchip_add_irqfd_notifier_gsi`, `KVM_IRQFD`).
+    fn add_irqfd(&self, _fd: &EventFd, _gsi: u32) -> Result<(), AccelIrqError> {
+        Err(self.irq_unsupported("irqfd"))
+    }
+    /// Undoes [`AccelOps::add_irqfd`].
+    fn remove_irqfd(&self, _fd: &EventFd, _gsi: u32) -> Result<(), AccelIrqError> {
+        Err(self.irq_unsupported("irqfd"))
+    }
+    /// Makes guest writes matching `at` signal `fd` without leaving the vCPU
+    /// (`KVM_IOEVENTFD`).
+    fn add_ioeventfd(&self, _at: IoEventAddr, _fd: &EventFd) -> Result<(), AccelIrqError> {
+        Err(self.irq_unsupported("ioeventfd"))
+    }
+    /// Undoes [`AccelOps::add_ioeventfd`].
+    fn remove_ioeventfd(&self, _at: IoEventAddr, _fd: &EventFd) -> Result<(), AccelIrqError> {
+        Err(self.irq_unsupported("ioeventfd"))
+    }
+    /// The accelerator's name for [`AccelIrqError::Unsupported`] (`kvm`, `qtest`).
+    fn name(&self) -> &'static str {
+        "unknown"
+    }
+    /// [`AccelIrqError::Unsupported`] for this accelerator.
+    fn irq_unsupported(&self, what: &'static str) -> AccelIrqError {
+        AccelIrqError::Unsupported {
+            accel: self.name(),
+            what,
+        }
     }
     /// The accelerator as `Any`, for tests that look at a particular accelerator's state.
     fn as_any(&self) -> &dyn std::any::Any;

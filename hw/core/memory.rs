@@ -8,11 +8,13 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+
+use crate::core::accel_ops::{AccelOpsRef, EventFd, IoEventAddr, IoEventSpace};
 
 /// A device's handlers for accesses to one of its regions (QEMU's `MemoryRegionOps`).
 ///
@@ -25,21 +27,56 @@ pub trait MemoryRegionOps: Send + Sync {
     fn write(&self, offset: u64, value: u64, size: u32);
 }
 
+/// A write to a region that signals an eventfd inside the accelerator, without an exit
+/// to userspace, wherever the region is mapped (QEMU's `memory_region_add_eventfd`).
+///
+/// The region's handler must signal `fd` itself for the same write: it still runs where
+/// the accelerator has no ioeventfds (qtest), or before one is registered.
+#[derive(Clone)]
+pub struct RegionEventFd {
+    /// Offset of the watched write in the region.
+    pub offset: u64,
+    /// Width of the write in bytes, or 0 for any width.
+    pub len: u32,
+    /// Only writes of this value signal; `None` matches every value.
+    pub datamatch: Option<u64>,
+    /// The eventfd to signal.
+    pub fd: Arc<EventFd>,
+}
+
 /// A named range of guest addresses served by a device.
 pub struct MemoryRegion {
     name: String,
     size: u64,
     ops: Arc<dyn MemoryRegionOps>,
+    eventfds: Vec<RegionEventFd>,
 }
 
 impl MemoryRegion {
     /// A region of `size` bytes served by `ops` (QEMU's `memory_region_init_io`).
     pub fn new_io(name: impl Into<String>, size: u64, ops: Arc<dyn MemoryRegionOps>) -> Arc<Self> {
+        Self::new_io_with_eventfds(name, size, ops, Vec::new())
+    }
+
+    /// A region whose writes listed in `eventfds` go to eventfds (ioeventfd) where the
+    /// accelerator supports it.
+    pub fn new_io_with_eventfds(
+        name: impl Into<String>,
+        size: u64,
+        ops: Arc<dyn MemoryRegionOps>,
+        eventfds: Vec<RegionEventFd>,
+    ) -> Arc<Self> {
         Arc::new(MemoryRegion {
             name: name.into(),
             size,
             ops,
+            eventfds,
         })
+    }
+
+    /// The region's ioeventfds.
+    pub fn eventfds(&self) -> &[RegionEventFd] {
+        &self.eventfds
     }
 
     /// The region's name, for `info mtree`.
@@ -278,6 +315,9 @@ pub struct AddressSpace {
     /// Serialises writers; readers never take it.
     update: Mutex<()>,
     unassigned: UnassignedLog,
+    /// The accelerator that registers mapped regions' ioeventfds (QEMU's KVM memory
+    /// listener's `eventfd_add`); empty until one is installed.
+    accel: Arc<OnceLock<AccelOpsRef>>,
 }
 
 impl fmt::Debug for AddressSpace {
@@ -307,6 +347,46 @@ impl AddressSpace {
             view: ArcSwap::from_pointee(FlatView::default()),
             update: Mutex::new(()),
             unassigned: UnassignedLog::new(),
+            accel: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Registers the ioeventfds of regions mapped here with the accelerator installed in
+    /// `slot` (the machine's, see `VmState::accel_slot`).
+    pub fn with_accel(mut self, slot: Arc<OnceLock<AccelOpsRef>>) -> Self {
+        self.accel = slot;
+        self
+    }
+
+    fn io_event_space(&self) -> IoEventSpace {
+        if self.last <= 0xffff {
+            IoEventSpace::Pio
+        } else {
+            IoEventSpace::Mmio
+        }
+    }
+
+    /// Adds or removes the ioeventfds of `region` mapped at `base`. A refusal only costs
+    /// speed: the region's handler signals the eventfd itself.
+    fn update_eventfds(&self, base: u64, region: &MemoryRegion, add: bool) {
+        let Some(accel) = self.accel.get() else {
+            return;
+        };
+        for e in &region.eventfds {
+            let at = IoEventAddr {
+                space: self.io_event_space(),
+                addr: base + e.offset,
+                len: e.len,
+                datamatch: e.datamatch,
+            };
+            let result = if add {
+                accel.add_ioeventfd(at, &e.fd)
+            } else {
+                accel.remove_ioeventfd(at, &e.fd)
+            };
+            if let Err(err) = result {
+                log::debug!("{}: '{}' at 0x{:x}: {err}", self.name, region.name, at.addr);
+            }
         }
     }
 
@@ -361,6 +441,7 @@ impl AddressSpace {
         }
         let mut ranges = current.ranges.clone();
         let at = ranges.partition_point(|r| r.start < base);
+        self.update_eventfds(base, &region, true);
         ranges.insert(
             at,
             FlatRange {
@@ -377,6 +458,9 @@ impl AddressSpace {
     pub fn unmap(&self, region: &Arc<MemoryRegion>) {
         let _writer = self.update.lock();
         let mut ranges = self.view.load().ranges.clone();
+        for r in ranges.iter().filter(|r| Arc::ptr_eq(&r.region, region)) {
+            self.update_eventfds(r.start, region, false);
+        }
         ranges.retain(|r| !Arc::ptr_eq(&r.region, region));
         self.view.store(Arc::new(FlatView::from_ranges(ranges)));
     }

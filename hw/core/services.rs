@@ -41,11 +41,12 @@ pub struct MachineServices {
 
 impl Default for MachineServices {
     fn default() -> Self {
+        let vm = VmState::default();
         MachineServices {
-            system_memory: Arc::new(AddressSpace::new_memory()),
-            system_io: Arc::new(AddressSpace::new_io()),
+            system_memory: Arc::new(AddressSpace::new_memory().with_accel(vm.accel_slot())),
+            system_io: Arc::new(AddressSpace::new_io().with_accel(vm.accel_slot())),
             ram: ArcSwap::from_pointee(GuestMemoryMmap::default()),
-            vm: VmState::default(),
+            vm,
         }
     }
 }

@@ -55,6 +55,12 @@ pub mod config {
     pub const SUBSYSTEM_VENDOR_ID: usize = 0x2c;
     /// Subsystem ID.
     pub const SUBSYSTEM_ID: usize = 0x2e;
+    /// Offset of the first capability.
+    pub const CAPABILITY_LIST: usize = 0x34;
+    /// Status: the device has a capability list.
+    pub const STATUS_CAP_LIST: u16 = 0x10;
+    /// Command: INTx disabled.
+    pub const COMMAND_INTX_DISABLE: u16 = 0x400;
     /// Interrupt line (the IRQ firmware routed INTx to).
     pub const INTERRUPT_LINE: usize = 0x3c;
     /// Interrupt pin (1 = INTA).
@@ -200,6 +206,10 @@ struct Bar {
 struct ConfigSpace {
     bytes: [u8; 256],
     wmask: [u8; 256],
+    /// Where the next capability goes (capabilities follow the 64-byte header).
+    next_capability: usize,
+    /// The last capability added, whose next pointer links a new one.
+    last_capability: Option<usize>,
 }
 
 impl Default for ConfigSpace {
@@ -207,6 +217,8 @@ impl Default for ConfigSpace {
         ConfigSpace {
             bytes: [0; 256],
             wmask: [0; 256],
+            next_capability: 0x40,
+            last_capability: None,
         }
     }
 }
@@ -329,6 +341,16 @@ pub enum PciError {
     /// A malformed `addr=`.
     #[error("Parameter 'addr' expects a PCI address 'slot[.function]', got '{0}'")]
     BadAddr(String),
+    /// No room left for a capability.
+    #[error("PCI capability 0x{id:02x} of '{driver}': no room for {size} bytes in the configuration space")]
+    NoCapabilitySpace {
+        /// Capability ID.
+        id: u8,
+        /// The device.
+        driver: String,
+        /// Its size.
+        size: usize,
+    },
     /// A BAR whose size is not a power of two.
     #[error("PCI BAR {bar} of '{driver}': size 0x{size:x} is not a power of two")]
     BarSize {
@@ -414,7 +436,9 @@ impl DeviceImpl for PciDevice {
         *self.devfn.lock() = Some(devfn);
         {
             let mut space = self.config.lock();
-            let ConfigSpace { bytes: c, wmask: w } = &mut *space;
+            let ConfigSpace {
+                bytes: c, wmask: w, ..
+            } = &mut *space;
             c[config::VENDOR_ID..config::VENDOR_ID + 2]
                 .copy_from_slice(&pc.vendor_id.to_le_bytes());
             c[config::DEVICE_ID..config::DEVICE_ID + 2]
@@ -605,7 +629,9 @@ impl PciDevice {
         }
         {
             let mut space = self.config.lock();
-            let ConfigSpace { bytes: c, wmask: w } = &mut *space;
+            let ConfigSpace {
+                bytes: c, wmask: w, ..
+            } = &mut *space;
             for (i, byte) in value.to_le_bytes()[..len].iter().enumerate() {
                 let a = addr + i;
                 c[a] = (c[a] & !w[a]) | (byte & w[a]);
@@ -620,6 +646,33 @@ impl PciDevice {
                 pci.config_write(addr, value, len);
             }
         }
+    }
+
+    /// QEMU's `pci_add_capability`: reserves `size` bytes (at least 2, dword aligned) for
+    /// capability `id`, links it into the capability list and returns its offset. The
+    /// caller fills the body and sets its write mask.
+    pub fn add_capability(&self, id: u8, size: usize) -> Result<usize, RealizeError> {
+        let mut space = self.config.lock();
+        let offset = space.next_capability;
+        if size < 2 || offset + size > 256 {
+            return Err(RealizeError::device(PciError::NoCapabilitySpace {
+                id,
+                driver: self.type_name().into(),
+                size,
+            }));
+        }
+        space.next_capability = (offset + size).next_multiple_of(4);
+        let link = space
+            .last_capability
+            .map_or(config::CAPABILITY_LIST, |prev| prev + 1);
+        space.bytes[link] = offset as u8;
+        space.last_capability = Some(offset);
+        space.bytes[offset] = id;
+        space.bytes[offset + 1] = 0;
+        let status = u16::from_le_bytes([space.bytes[config::STATUS], space.bytes[config::STATUS + 1]])
+            | config::STATUS_CAP_LIST;
+        space.bytes[config::STATUS..config::STATUS + 2].copy_from_slice(&status.to_le_bytes());
+        Ok(offset)
     }
 
     /// Sets bytes of the configuration space directly (device set-up, not guest writes).
