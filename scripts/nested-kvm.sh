@@ -297,6 +297,15 @@ fi
 
 # ------------------------------------------------------------------ the run --
 
+# One L1 at a time on this host: two would share its few cores and both time out.
+# The lock is the host's (not the cache's), held until this script exits.
+rig_lock=${NESTED_KVM_LOCK:-/tmp/qomvm-nested-kvm.lock}
+exec {rig_lock_fd}>"$rig_lock"
+if ! flock -n "$rig_lock_fd"; then
+    qomvm_log "waiting for another nested-kvm run on this host to finish ($rig_lock)"
+    flock "$rig_lock_fd"
+fi
+
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/qomvm-nested.XXXXXX")
 qpid=
 saved_stty=
