@@ -24,6 +24,7 @@ mod class;
 mod container;
 mod error;
 mod object;
+pub mod object_interfaces;
 mod property;
 mod type_info;
 mod type_table;
@@ -34,6 +35,10 @@ pub use container::{container_get, object_get_root, TYPE_CONTAINER};
 pub use error::Error;
 pub use object::{
     object_new, object_new_in, resolve_path, resolve_path_type, Object, ObjectRef, WeakObjectRef,
+};
+pub use object_interfaces::{
+    object_get_objects_root, user_creatable_add_type, user_creatable_del, UserCreatable,
+    TYPE_USER_CREATABLE,
 };
 pub use property::{
     parse_size, Getter, Property, PropertyAccessor, PropertyDefault, PropertyInfo, PropertyKind,

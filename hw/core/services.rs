@@ -5,12 +5,13 @@
 //! A device receives these at realize, from the bus it plugs into or from its board, and
 //! keeps the handles it needs: it never walks the composition tree to find its machine.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::core::accel_ops::{AccelOpsRef, RamBlock};
+use crate::core::iothread::AioContext;
 use crate::core::memory::AddressSpace;
 use crate::core::runstate::{RunRequest, VmState};
 
@@ -37,6 +38,8 @@ pub struct MachineServices {
     system_io: Arc<AddressSpace>,
     ram: ArcSwap<GuestMemoryMmap>,
     vm: VmState,
+    /// QEMU's `qemu_aio_context`, started on first use.
+    main_context: OnceLock<Arc<AioContext>>,
 }
 
 impl Default for MachineServices {
@@ -47,6 +50,7 @@ impl Default for MachineServices {
             system_io: Arc::new(AddressSpace::new_io().with_accel(vm.accel_slot())),
             ram: ArcSwap::from_pointee(GuestMemoryMmap::default()),
             vm,
+            main_context: OnceLock::new(),
         }
     }
 }
@@ -76,6 +80,31 @@ impl MachineServices {
     /// The run status, events, power button and run-request mailbox.
     pub fn vm(&self) -> &VmState {
         &self.vm
+    }
+
+    /// QEMU's `qemu_get_aio_context()`: the machine's main event loop, thread `main-loop`,
+    /// started on first use. Devices without `iothread=` run their I/O there, never on
+    /// vCPU threads. Fails only if the host cannot start a thread or create an epoll
+    /// descriptor.
+    pub fn try_main_context(&self) -> std::io::Result<Arc<AioContext>> {
+        if let Some(ctx) = self.main_context.get() {
+            return Ok(Arc::clone(ctx));
+        }
+        let ctx = AioContext::new("main-loop")?;
+        // Two threads racing here: the loser's context is dropped, its thread ends.
+        Ok(Arc::clone(self.main_context.get_or_init(|| ctx)))
+    }
+
+    /// [`MachineServices::try_main_context`] for callers that cannot report an error.
+    ///
+    /// # Panics
+    /// If the host cannot start the thread (out of threads or descriptors); realize
+    /// functions use `try_main_context` and fail instead.
+    pub fn main_context(&self) -> Arc<AioContext> {
+        match self.try_main_context() {
+            Ok(ctx) => ctx,
+            Err(e) => panic!("cannot start the main event loop: {e}"),
+        }
     }
 
     /// Posts a run request: reset, shutdown, `isa-debug-exit`'s status.
