@@ -38,8 +38,8 @@ crate::interface_type!(dyn UserCreatable);
 /// `object-add` and `object-del`'s own errors, in QEMU's words.
 #[derive(Debug, thiserror::Error)]
 pub enum UserCreatableError {
-    /// An `id` that is not an identifier (QEMU adds the hint on the next line).
-    #[error("Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.")]
+    /// An `id` that is not an identifier (the command line adds [`ID_HINT`]).
+    #[error("Parameter 'id' expects an identifier")]
     BadId,
     /// No type of that name.
     #[error("invalid object type: {0}")]
@@ -63,6 +63,10 @@ impl From<UserCreatableError> for Error {
         Error::other(e)
     }
 }
+
+/// The hint QEMU prints under [`UserCreatableError::BadId`] on the command line.
+pub const ID_HINT: &str =
+    "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
 
 /// QEMU's `id_wellformed`: letters, digits, `-`, `.`, `_`, starting with a letter.
 pub fn id_wellformed(id: &str) -> bool {

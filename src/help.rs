@@ -32,6 +32,12 @@ Standard options:
 -global driver.property=value
                      set a default value of a driver's property
 -nodefaults          don't create default devices
+-object TYPE,id=ID[,PROP=VALUE,...]
+-object '{\"qom-type\": TYPE, \"id\": ID, ...}'
+                     create a user-creatable object ('-object help' lists the
+                     types, '-object TYPE,help' a type's properties), e.g.
+                     -object iothread,id=io0[,poll-max-ns=N][,poll-grow=N]
+                            [,poll-shrink=N][,aio-max-batch=N]
 
 Block devices:
 -drive file=PATH[,format=raw|qcow2][,if=none][,id=ID][,readonly=on|off]

@@ -69,6 +69,8 @@ pub struct Options {
     pub drives: Vec<Located>,
     /// `-blockdev`.
     pub blockdevs: Vec<Located>,
+    /// `-object`.
+    pub objects: Vec<Located>,
     pub globals: Vec<Located>,
     pub serial: Vec<Located>,
     pub chardev: Vec<Located>,
@@ -109,6 +111,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("device", Arity::Value),
     ("drive", Arity::Value),
     ("blockdev", Arity::Value),
+    ("object", Arity::Value),
     ("global", Arity::Value),
     ("serial", Arity::Value),
     ("chardev", Arity::Value),
@@ -165,6 +168,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "device" => opts.devices.push(located),
             "drive" => opts.drives.push(located),
             "blockdev" => opts.blockdevs.push(located),
+            "object" => opts.objects.push(located),
             "global" => opts.globals.push(located),
             "serial" => opts.serial.push(located),
             "chardev" => opts.chardev.push(located),

@@ -40,6 +40,14 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
         register_global(&g.value).map_err(|e| g.error(e))?;
     }
 
+    // QEMU's qemu_create_early_backends: user-creatable objects (iothreads), then chardevs.
+    for o in &opts.objects {
+        if let Some(text) = crate::objects::object_option(o)? {
+            print!("{text}");
+            return Ok(0);
+        }
+    }
+
     for c in &opts.chardev {
         let (id, backend) =
             hw::core::chardev::parse_chardev_opts(&c.value).map_err(|e| c.error(e))?;

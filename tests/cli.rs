@@ -212,3 +212,74 @@ fn kvm_without_dev_kvm_fails_in_qemus_words() {
         "qomvm: -machine none,accel=kvm:qtest: Could not access KVM kernel module: No such file or directory\n"
     );
 }
+
+#[test]
+fn object_help_lists_user_creatable_types_and_their_properties() {
+    let o = qomvm(&["-object", "help"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("List of user creatable objects:\n"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l == "  iothread"), "{out}");
+    assert!(!out.contains("container"), "{out}");
+    let o = qomvm(&["-object", "iothread,help"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.starts_with("iothread options:\n"), "{out}");
+    for prop in ["poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch"] {
+        assert!(out.contains(&format!("  {prop}=<int64>")), "{out}");
+    }
+    assert!(out.contains("(default: 32768)"), "{out}");
+    assert!(stdout(&qomvm(&["-help"])).contains("-object TYPE,id=ID"));
+}
+
+#[test]
+fn object_errors_are_qemus() {
+    let cases: &[(&str, &str)] = &[
+        ("foo,id=x", "Parameter 'qom-type' does not accept value 'foo'"),
+        (
+            r#"{"qom-type":"foo","id":"x"}"#,
+            "Parameter 'qom-type' does not accept value 'foo'",
+        ),
+        ("container,id=x", "Parameter 'qom-type' does not accept value 'container'"),
+        ("iothread", "Parameter 'id' is missing"),
+        (
+            "iothread,id=1x",
+            "Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.",
+        ),
+        ("iothread,id=io0,bogus=1", "Invalid parameter 'bogus'"),
+        (
+            r#"{"qom-type":"iothread","id":"io0","bogus":1}"#,
+            "Parameter 'bogus' is unexpected",
+        ),
+        (
+            "iothread,id=io0,poll-max-ns=abc",
+            "Parameter 'poll-max-ns' expects an int64 value",
+        ),
+        (
+            "iothread,id=io0,poll-max-ns=-1",
+            "poll-max-ns value must be in range [0, 9223372036854775807]",
+        ),
+    ];
+    for (arg, message) in cases {
+        let o = qomvm(&["-M", "none", "-accel", "qtest", "-object", arg]);
+        assert_eq!(o.status.code(), Some(1), "{arg}");
+        assert_eq!(stderr(&o), format!("qomvm: -object {arg}: {message}\n"));
+    }
+    let o = qomvm(&[
+        "-M",
+        "none",
+        "-accel",
+        "qtest",
+        "-object",
+        "iothread,id=io0",
+        "-object",
+        "iothread,id=io0",
+    ]);
+    assert_eq!(
+        stderr(&o),
+        "qomvm: -object iothread,id=io0: Duplicate ID 'io0' for object\n"
+    );
+}

@@ -861,3 +861,164 @@ fn a_client_that_stops_reading_is_dropped_without_harm() {
     }
     assert!(replies < REQUESTS, "all {replies} replies were delivered");
 }
+
+/// The name of host thread `tid` of process `pid` (`comm`, at most 15 bytes).
+fn thread_name(pid: u32, tid: i64) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .unwrap_or_default()
+        .trim_end()
+        .to_string()
+}
+
+#[test]
+fn iothreads_come_from_the_command_line_and_object_add_and_go_with_object_del() {
+    let vm = Vm::start(&[
+        "-object",
+        "iothread,id=io0",
+        "-object",
+        r#"{"qom-type":"iothread","id":"io1","poll-max-ns":0}"#,
+    ]);
+    let pid = vm.child.id();
+    let mut c = vm.negotiated();
+    let list = c.cmd("query-iothreads", json!({}))["return"].clone();
+    let list = list.as_array().unwrap().clone();
+    assert_eq!(list.len(), 2, "{list:?}");
+    let tid0 = list[0]["thread-id"].as_i64().unwrap();
+    assert_eq!(
+        list[0],
+        json!({"id": "io0", "thread-id": tid0, "poll-max-ns": 32768, "poll-grow": 0,
+               "poll-shrink": 0, "aio-max-batch": 0})
+    );
+    assert_eq!(list[1]["poll-max-ns"], 0);
+    assert_eq!(thread_name(pid, tid0), "IO io0");
+    assert_eq!(
+        c.cmd(
+            "qom-get",
+            json!({"path": "/objects/io0", "property": "type"})
+        ),
+        json!({"return": "iothread"})
+    );
+
+    assert_eq!(
+        c.cmd(
+            "object-add",
+            json!({"qom-type": "iothread", "id": "io2", "poll-grow": 2, "aio-max-batch": 8})
+        ),
+        json!({"return": {}})
+    );
+    let list = c.cmd("query-iothreads", json!({}))["return"].clone();
+    let io2 = list.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(io2["id"], "io2");
+    assert_eq!(io2["poll-grow"], 2);
+    assert_eq!(io2["aio-max-batch"], 8);
+    let tid2 = io2["thread-id"].as_i64().unwrap();
+    assert_eq!(thread_name(pid, tid2), "IO io2");
+
+    let hmp = c.cmd(
+        "human-monitor-command",
+        json!({"command-line": "info iothreads"}),
+    );
+    assert_eq!(
+        hmp["return"]
+            .as_str()
+            .unwrap()
+            .split("\r\n")
+            .take(6)
+            .collect::<Vec<_>>(),
+        vec![
+            "io0:".to_string(),
+            format!("  thread_id={tid0}"),
+            "  poll-max-ns=32768".to_string(),
+            "  poll-grow=0".to_string(),
+            "  poll-shrink=0".to_string(),
+            "  aio-max-batch=0".to_string(),
+        ]
+    );
+
+    for (args, desc) in [
+        (
+            json!({"qom-type": "iothread", "id": "io0"}),
+            "attempt to add duplicate property 'io0' to object (type 'container')",
+        ),
+        (
+            json!({"qom-type": "foo", "id": "x"}),
+            "Parameter 'qom-type' does not accept value 'foo'",
+        ),
+        (
+            json!({"qom-type": "container", "id": "x"}),
+            "Parameter 'qom-type' does not accept value 'container'",
+        ),
+        (json!({"qom-type": "iothread"}), "Parameter 'id' is missing"),
+        (
+            json!({"qom-type": "iothread", "id": "x", "bogus": 1}),
+            "Parameter 'bogus' is unexpected",
+        ),
+        (
+            json!({"qom-type": "iothread", "id": "x", "poll-max-ns": "1"}),
+            "Invalid parameter type for 'poll-max-ns', expected: integer",
+        ),
+        (
+            json!({"qom-type": "iothread", "id": "x", "poll-max-ns": -1}),
+            "poll-max-ns value must be in range [0, 9223372036854775807]",
+        ),
+        (
+            json!({"qom-type": "iothread", "id": "9x"}),
+            "Parameter 'id' expects an identifier",
+        ),
+    ] {
+        assert_eq!(
+            c.cmd("object-add", args.clone()),
+            error("GenericError", desc),
+            "{args}"
+        );
+    }
+    // A failed object-add leaves nothing behind.
+    assert_eq!(
+        c.cmd("query-iothreads", json!({}))["return"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    assert_eq!(
+        c.cmd("object-del", json!({"id": "io2"})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        c.cmd("object-del", json!({"id": "io2"})),
+        error("GenericError", "object 'io2' not found")
+    );
+    let ids: Vec<Value> = c.cmd("query-iothreads", json!({}))["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].clone())
+        .collect();
+    assert_eq!(ids, vec![json!("io0"), json!("io1")]);
+    // Its thread has ended.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while thread_name(pid, tid2) == "IO io2" {
+        assert!(
+            Instant::now() < deadline,
+            "IO io2 still runs after object-del"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // HMP's object_add/object_del take -object's syntax.
+    let hmp = |c: &mut Client, line: &str| {
+        c.cmd("human-monitor-command", json!({"command-line": line}))["return"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(hmp(&mut c, "object_add iothread,id=io3,poll-shrink=4"), "");
+    assert!(hmp(&mut c, "info iothreads").contains("io3:\r\n"));
+    assert_eq!(
+        hmp(&mut c, "object_add bogus,id=io4"),
+        "Error: Parameter 'qom-type' does not accept value 'bogus'\r\n"
+    );
+    assert_eq!(hmp(&mut c, "object_del io3"), "");
+    assert!(!hmp(&mut c, "info iothreads").contains("io3:"));
+}

@@ -79,6 +79,18 @@ const COMMANDS: &[HmpCommand] = &[
         run: info,
     },
     HmpCommand {
+        names: "object_add",
+        params: "[qom-type=]type,id=str[,prop=value][,...]",
+        help: "create QOM object",
+        run: object_add,
+    },
+    HmpCommand {
+        names: "object_del",
+        params: "id",
+        help: "destroy QOM object",
+        run: object_del,
+    },
+    HmpCommand {
         names: "qom-get",
         params: "path property",
         help: "print QOM property",
@@ -145,6 +157,12 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         params: "",
         help: "show infos for each CPU",
         run: info_cpus,
+    },
+    HmpCommand {
+        names: "iothreads",
+        params: "",
+        help: "show iothreads",
+        run: info_iothreads,
     },
     HmpCommand {
         names: "kvm",
@@ -391,6 +409,52 @@ fn info_block(
             print_block_info(out, info["device"].as_str(), &info["inserted"]);
         }
     }
+    Ok(())
+}
+
+/// QEMU's `hmp_info_iothreads`.
+fn info_iothreads(
+    _: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    for info in crate::monitor::info::iothread_infos() {
+        let _ = writeln!(out, "{}:", info["id"].as_str().unwrap_or_default());
+        let _ = writeln!(out, "  thread_id={}", info["thread-id"]);
+        for key in ["poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch"] {
+            let _ = writeln!(out, "  {key}={}", info[key]);
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's `hmp_object_add`: the argument is `-object`'s.
+fn object_add(
+    _: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let text = args.join(" ");
+    match crate::objects::parse_str(&text).map_err(QmpError::BadInput)? {
+        crate::objects::ObjectRequest::Help(listing) => out.push_str(&listing),
+        crate::objects::ObjectRequest::Add(opts) => {
+            crate::objects::object_add(&opts)?;
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's `hmp_object_del`.
+fn object_del(
+    _: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    _: &mut String,
+) -> Result<(), QmpError> {
+    let id = args.first().ok_or_else(|| missing("id"))?;
+    qom::user_creatable_del(id)?;
     Ok(())
 }
 

@@ -85,6 +85,25 @@ pub fn value_to_json(v: &QomValue) -> Value {
     }
 }
 
+/// `query-iothreads`: each `-object iothread` in creation order, with QEMU's members.
+pub fn iothread_infos() -> Vec<Value> {
+    hw::core::iothread::iothreads()
+        .into_iter()
+        .filter_map(|(id, obj)| {
+            let io = obj.cast::<hw::core::iothread::IoThread>()?;
+            let params = io.params();
+            Some(json!({
+                "id": id,
+                "thread-id": io.context().map_or(0, |c| c.thread_id()),
+                "poll-max-ns": params.poll_max_ns,
+                "poll-grow": params.poll_grow,
+                "poll-shrink": params.poll_shrink,
+                "aio-max-batch": params.aio_max_batch,
+            }))
+        })
+        .collect()
+}
+
 /// QMP's `ImageInfo` of one layer and those below it.
 fn image_info_json(info: &block::ImageInfo) -> Value {
     let mut v = json!({

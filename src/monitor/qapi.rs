@@ -169,6 +169,9 @@ pub struct Arg {
     pub required: bool,
 }
 
+/// The name of [`Arg::rest`].
+const REST: &str = "*";
+
 impl Arg {
     /// A required argument.
     pub const fn required(name: &'static str, ty: ArgType) -> Arg {
@@ -183,6 +186,15 @@ impl Arg {
         Arg {
             name,
             ty,
+            required: false,
+        }
+    }
+    /// Members the command checks itself: the branch of a QAPI union (`object-add`'s
+    /// members depend on its `qom-type`). Undeclared members are then let through.
+    pub const fn rest() -> Arg {
+        Arg {
+            name: REST,
+            ty: ArgType::Any,
             required: false,
         }
     }
@@ -222,7 +234,7 @@ pub struct QmpCommand {
 /// QAPI's argument checks, in its order: the declared members (missing, wrong type), then
 /// anything undeclared.
 pub fn check_args(args: &Map<String, Value>, spec: &[Arg]) -> Result<(), QmpError> {
-    for arg in spec {
+    for arg in spec.iter().filter(|a| a.name != REST) {
         match args.get(arg.name) {
             None if arg.required => return Err(QmpError::MissingParameter(arg.name.into())),
             None => {}
@@ -264,6 +276,9 @@ pub fn check_args(args: &Map<String, Value>, spec: &[Arg]) -> Result<(), QmpErro
                 }
             }
         }
+    }
+    if spec.iter().any(|a| a.name == REST) {
+        return Ok(());
     }
     if let Some(extra) = args
         .keys()

@@ -11,8 +11,8 @@ use qom::{ObjectClass, Property, PropertyKind, Value as QomValue};
 use serde_json::{json, Map, Value};
 
 use crate::monitor::info::{
-    block_infos, cpu_infos, kvm_info, named_block_nodes, resolve, status_info, value_to_json,
-    version_info,
+    block_infos, cpu_infos, iothread_infos, kvm_info, named_block_nodes, resolve, status_info,
+    value_to_json, version_info,
 };
 use crate::monitor::qapi::{Arg, ArgType, CommandCtx, Deferred, QmpCommand, QmpError};
 
@@ -78,6 +78,25 @@ pub const COMMANDS: &[QmpCommand] = &[
         name: "query-named-block-nodes",
         args: &[Arg::optional("flat", ArgType::Bool)],
         run: |_, _| Ok(named_block_nodes().into()),
+    },
+    QmpCommand {
+        name: "query-iothreads",
+        args: &[],
+        run: |_, _| Ok(iothread_infos().into()),
+    },
+    QmpCommand {
+        name: "object-add",
+        args: &[
+            Arg::required("qom-type", ArgType::Str),
+            Arg::optional("id", ArgType::Str),
+            Arg::rest(),
+        ],
+        run: object_add,
+    },
+    QmpCommand {
+        name: "object-del",
+        args: &[Arg::required("id", ArgType::Str)],
+        run: object_del,
     },
     QmpCommand {
         name: "qom-list",
@@ -393,6 +412,30 @@ fn device_list_properties(_: &CommandCtx, args: &Map<String, Value>) -> Result<V
         .filter(|p| !SKIP.contains(&p.name.as_ref()) && !p.name.starts_with("legacy-"))
         .map(|p| property_info(p))
         .collect())
+}
+
+/// QEMU's `qmp_object_add`: `qom-type` and `id`, then the type's own members, checked in
+/// QAPI's order (the type first: only user-creatable types are values of `ObjectType`).
+fn object_add(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let qom_type = str_arg(args, "qom-type");
+    if crate::objects::check_qom_type(qom_type).is_err() {
+        return Err(QmpError::InvalidEnumValue {
+            name: "qom-type".into(),
+            value: qom_type.into(),
+        });
+    }
+    if !args.contains_key("id") {
+        return Err(QmpError::MissingParameter("id".into()));
+    }
+    let opts = crate::objects::options_from_json(args).map_err(QmpError::BadInput)?;
+    crate::objects::object_add(&opts)?;
+    Ok(json!({}))
+}
+
+/// QEMU's `qmp_object_del`.
+fn object_del(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    qom::user_creatable_del(str_arg(args, "id"))?;
+    Ok(json!({}))
 }
 
 fn qmp_stop(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
