@@ -14,6 +14,8 @@ pub mod kvm {
     pub mod kvm_all;
     #[path = "kvm_cpus.rs"]
     pub mod kvm_cpus;
+    #[path = "kvm_irq.rs"]
+    pub mod kvm_irq;
     #[path = "x86.rs"]
     pub mod x86;
 }

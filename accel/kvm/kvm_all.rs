@@ -1,11 +1,14 @@
 //! The KVM accelerator (QEMU's `accel/kvm/kvm-all.c`): `kvm_init` opens `/dev/kvm`, checks
 //! the API and the capabilities qomvm relies on, creates the VM with its in-kernel irqchip
-//! and PIT, and maps guest RAM as memory slots. Its [`AccelOps`] start one thread per vCPU.
+//! and PIT, and maps guest RAM as memory slots. Its [`AccelOps`] start one thread per vCPU
+//! and route interrupts and eventfds (`kvm_irq.rs`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
-use hw::core::accel_ops::{AccelOps, CpuDumpError, RamBlock};
+use hw::core::accel_ops::{
+    AccelIrqError, AccelOps, CpuDumpError, EventFd, IoEventAddr, MsiMessage, RamBlock,
+};
 use hw::core::machine::MachineState;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
@@ -16,6 +19,7 @@ use qom::{type_init, Error, ObjectRef, WeakObjectRef};
 
 use crate::accel_system::{AccelError, AccelImpl, AccelState};
 use crate::kvm::kvm_cpus::VcpuSet;
+use crate::kvm::kvm_irq::KvmIrq;
 pub(crate) use hw::core::os_error::errno_text;
 
 /// QEMU's `TYPE_KVM_ACCEL`.
@@ -81,6 +85,8 @@ pub struct KvmVm {
     next_slot: AtomicU32,
     pub(crate) machine: WeakObjectRef,
     pub(crate) vcpus: VcpuSet,
+    /// GSI routing, irqfd and ioeventfd (`kvm_irq.rs`).
+    irq: KvmIrq,
     /// CPUID features already warned about (QEMU warns once).
     pub(crate) warned_features: parking_lot::Mutex<std::collections::BTreeSet<&'static str>>,
     this: Weak<KvmVm>,
@@ -109,6 +115,7 @@ impl KvmVm {
             .map_err(|e| ioctl_error("KVM_SET_TSS_ADDR", e))?;
         vm.create_irq_chip()
             .map_err(|e| ioctl_error("KVM_CREATE_IRQCHIP", e))?;
+        let irq = KvmIrq::new(&vm);
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -130,6 +137,7 @@ impl KvmVm {
             next_slot: AtomicU32::new(0),
             machine: machine.downgrade(),
             vcpus: VcpuSet::default(),
+            irq,
             warned_features: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             this: this.clone(),
         }))
@@ -221,6 +229,43 @@ impl AccelOps for KvmVm {
             )
             .ok_or(CpuDumpError::Timeout(index, TIMEOUT_MS))
     }
+
+    fn send_msi(&self, msg: MsiMessage) -> Result<(), AccelIrqError> {
+        self.irq.send_msi(&self.vm, msg)
+    }
+
+    fn add_msi_route(&self, msg: MsiMessage) -> Result<u32, AccelIrqError> {
+        self.irq.add_msi_route(&self.vm, msg)
+    }
+
+    fn update_msi_route(&self, gsi: u32, msg: MsiMessage) -> Result<(), AccelIrqError> {
+        self.irq.update_msi_route(&self.vm, gsi, msg)
+    }
+
+    fn release_msi_route(&self, gsi: u32) {
+        self.irq.release_msi_route(&self.vm, gsi);
+    }
+
+    fn add_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), AccelIrqError> {
+        self.irq.irqfd(&self.vm, fd, gsi, true)
+    }
+
+    fn remove_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), AccelIrqError> {
+        self.irq.irqfd(&self.vm, fd, gsi, false)
+    }
+
+    fn add_ioeventfd(&self, at: IoEventAddr, fd: &EventFd) -> Result<(), AccelIrqError> {
+        self.irq.ioeventfd(&self.vm, at, fd, true)
+    }
+
+    fn remove_ioeventfd(&self, at: IoEventAddr, fd: &EventFd) -> Result<(), AccelIrqError> {
+        self.irq.ioeventfd(&self.vm, at, fd, false)
+    }
+
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

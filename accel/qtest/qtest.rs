@@ -60,6 +60,9 @@ impl AccelOps for QtestOps {
     fn cpu_dump_state(&self, _index: u32) -> Result<String, CpuDumpError> {
         Err(CpuDumpError::NoRegisters("qtest"))
     }
+    fn name(&self) -> &'static str {
+        "qtest"
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

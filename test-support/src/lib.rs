@@ -1,9 +1,11 @@
 //! Helpers shared by qomvm's integration tests (`tests/*.rs`) and benches: hand-assembled
 //! x86 guests ([`guest`]) and Multiboot ELF kernels ([`elf`]), a raw KVM runner to compare
-//! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]).
+//! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]), a guest
+//! that reports the interrupts it takes ([`irq_guest`]).
 
 pub mod elf;
 pub mod guest;
+pub mod irq_guest;
 pub mod qtest;
 pub mod raw_kvm;
 pub mod vm;
