@@ -10,7 +10,7 @@ use crate::options::{split_opts, Located, OptionError};
 /// The `-drive` keys qomvm knows (QEMU's `qemu_common_drive_opts` and `qemu_legacy_drive_opts`
 /// that apply).
 const DRIVE_KEYS: &[&str] = &[
-    "file", "format", "if", "id", "cache", "readonly", "discard", "aio", "media", "index",
+    "file", "format", "if", "id", "cache", "readonly", "discard", "aio", "media", "index", "addr",
 ];
 
 /// Prints QEMU's `warning:` line.
@@ -44,13 +44,16 @@ fn parse_aio(value: &str) -> Option<AioMode> {
     }
 }
 
-/// QEMU's `drive_new` for one `-drive`: opens the image and adds the backend.
-pub fn drive_add(located: &Located, index: usize) -> Result<(), OptionError> {
+/// QEMU's `drive_new` for one `-drive`: opens the image and adds the backend. For
+/// `if=virtio` it returns the `-device` QEMU adds for the drive (`virtio-blk-pci`), to be
+/// created with the other devices.
+pub fn drive_add(located: &Located, index: usize) -> Result<Option<Located>, OptionError> {
     let err = |m: String| located.error(m);
     let mut file = None;
     let mut format = None;
     let mut interface = "none".to_string();
     let mut id = None;
+    let mut addr = None;
     let mut opts = OpenOptions::new("");
     for (key, value) in split_opts(&located.value, Some("file")) {
         if !DRIVE_KEYS.contains(&key.as_str()) {
@@ -67,6 +70,7 @@ pub fn drive_add(located: &Located, index: usize) -> Result<(), OptionError> {
             }
             "if" => interface = value,
             "id" => id = Some(value),
+            "addr" => addr = Some(value),
             "cache" => {
                 opts.cache = CacheMode::from_name(&value)
                     .ok_or_else(|| err("invalid cache option".to_string()))?
@@ -86,18 +90,22 @@ pub fn drive_add(located: &Located, index: usize) -> Result<(), OptionError> {
         }
     }
     match interface.as_str() {
-        "none" => {}
-        "ide" | "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "virtio" | "xen" => {
+        "none" | "virtio" => {}
+        "ide" | "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "xen" => {
             return Err(err(format!(
-                "if={interface} is not available yet: use if=none (devices that take a drive= come later)"
+                "if={interface} is not available: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID"
             )))
         }
         other => return Err(err(format!("unsupported bus type '{other}'"))),
     }
+    if addr.is_some() && interface != "virtio" {
+        return Err(err("addr is not supported by this bus type".to_string()));
+    }
     let Some(file) = file else {
         return Err(err("an empty drive (no file=) is not supported".to_string()));
     };
-    let id = id.unwrap_or_else(|| format!("none{index}"));
+    // QEMU names unnamed drives after their interface and index (`none0`, `virtio1`).
+    let id = id.unwrap_or_else(|| format!("{interface}{index}"));
     if block::name_in_use(&id) {
         return Err(err(format!("Duplicate ID '{id}' for drive")));
     }
@@ -106,7 +114,18 @@ pub fn drive_add(located: &Located, index: usize) -> Result<(), OptionError> {
     let backend = BlockBackend::open(&id, &block::auto_node_name(), opts, warn)
         .map_err(|e| err(e.to_string()))?;
     block::add_backend(backend).map_err(|e| err(e.to_string()))?;
-    Ok(())
+    if interface != "virtio" {
+        return Ok(None);
+    }
+    // QEMU's drive_new: an if=virtio drive gets its `-device virtio-blk-pci,drive=ID`.
+    let mut device = format!("virtio-blk-pci,drive={}", id.replace(',', ",,"));
+    if let Some(addr) = addr {
+        device.push_str(&format!(",addr={}", addr.replace(',', ",,")));
+    }
+    Ok(Some(Located {
+        option: "device",
+        value: device,
+    }))
 }
 
 /// `-blockdev`'s argument as a JSON object: JSON itself, or dotted keys (`file.driver=file`)

@@ -57,8 +57,9 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     for b in &opts.blockdevs {
         crate::blockdev::blockdev_add(b)?;
     }
+    let mut drive_devices = Vec::new();
     for (index, d) in opts.drives.iter().enumerate() {
-        crate::blockdev::drive_add(d, index)?;
+        drive_devices.extend(crate::blockdev::drive_add(d, index)?);
     }
     let machine = create_machine(&opts)?;
     configure_serial(&opts, &machine)?;
@@ -66,7 +67,7 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     // Board errors (a kernel that does not load...) are not about one option: QEMU prints
     // them without a location.
     machine_run_board_init(&machine).map_err(|e| OptionError::new("", e))?;
-    for dev in &opts.devices {
+    for dev in drive_devices.iter().chain(&opts.devices) {
         device_add(&machine, dev)?;
     }
     hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;

@@ -397,6 +397,8 @@ pub struct BlockBackend {
     /// imago's access; discard needs it exclusively.
     access: RwLock<FormatAccess<File>>,
     _locks: Vec<ImageLock>,
+    /// The device using the backend (its QOM path), as QEMU's `blk_attach_dev`.
+    attached: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for BlockBackend {
@@ -468,7 +470,29 @@ impl BlockBackend {
             info: image.info,
             access: RwLock::new(image.access),
             _locks: image.locks,
+            attached: Mutex::new(None),
         })
+    }
+
+    /// Attaches the device at QOM path `device` (QEMU's `blk_attach_dev`); false if
+    /// another device has the backend already.
+    pub fn attach_device(&self, device: Option<String>) -> bool {
+        let mut attached = self.attached.lock();
+        if attached.is_some() {
+            return false;
+        }
+        *attached = Some(device.unwrap_or_default());
+        true
+    }
+
+    /// Detaches the device (QEMU's `blk_detach_dev`), at unplug.
+    pub fn detach_device(&self) {
+        *self.attached.lock() = None;
+    }
+
+    /// The QOM path of the device using the backend (`query-block`'s `qdev`).
+    pub fn attached_device(&self) -> Option<String> {
+        self.attached.lock().clone()
     }
 
     /// The backend's name (`-drive id=`); empty for a `-blockdev` node.

@@ -232,6 +232,7 @@ impl MachineState {
     }
     /// Sets the `-smp` topology, before board init.
     pub fn set_smp(&self, smp: SmpConfig) {
+        self.services.set_cpu_count(smp.cpus);
         *self.smp.lock() = smp;
     }
     /// The CPU type (`-cpu` or the class default) as a QOM type name.

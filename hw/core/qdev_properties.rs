@@ -72,3 +72,15 @@ pub(crate) fn apply_globals(obj: &Object) -> Result<(), Error> {
     }
     Ok(())
 }
+
+qom::qom_enum! {
+    /// QAPI's `OnOffAuto`.
+    pub enum OnOffAuto("OnOffAuto") {
+        /// On.
+        On = "on",
+        /// Off.
+        Off = "off",
+        /// The machine or device decides.
+        Auto = "auto",
+    }
+}

@@ -5,6 +5,7 @@
 //! A device receives these at realize, from the bus it plugs into or from its board, and
 //! keeps the handles it needs: it never walks the composition tree to find its machine.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -40,6 +41,9 @@ pub struct MachineServices {
     vm: VmState,
     /// QEMU's `qemu_aio_context`, started on first use.
     main_context: OnceLock<Arc<AioContext>>,
+    /// `-smp`'s CPU count, for devices that size themselves per vCPU (virtio-blk's
+    /// `num-queues`).
+    cpus: AtomicU32,
 }
 
 impl Default for MachineServices {
@@ -51,6 +55,7 @@ impl Default for MachineServices {
             ram: ArcSwap::from_pointee(GuestMemoryMmap::default()),
             vm,
             main_context: OnceLock::new(),
+            cpus: AtomicU32::new(1),
         }
     }
 }
@@ -75,6 +80,16 @@ impl MachineServices {
     /// Guest RAM as mapped so far, for loaders and devices that read or write it.
     pub fn ram(&self) -> Arc<GuestMemoryMmap> {
         self.ram.load_full()
+    }
+
+    /// The number of vCPUs the machine starts with (`-smp`).
+    pub fn cpu_count(&self) -> u32 {
+        self.cpus.load(Ordering::Relaxed)
+    }
+
+    /// Records `-smp`'s CPU count (the machine does, with its topology).
+    pub fn set_cpu_count(&self, cpus: u32) {
+        self.cpus.store(cpus.max(1), Ordering::Relaxed);
     }
 
     /// The run status, events, power button and run-request mailbox.

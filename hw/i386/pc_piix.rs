@@ -37,17 +37,7 @@ qom::qom_enum! {
     }
 }
 
-qom::qom_enum! {
-    /// QAPI's `OnOffAuto`.
-    pub enum OnOffAuto("OnOffAuto") {
-        /// On.
-        On = "on",
-        /// Off.
-        Off = "off",
-        /// The machine decides.
-        Auto = "auto",
-    }
-}
+pub use crate::core::qdev_properties::OnOffAuto;
 
 /// QEMU's `X86MachineState`: the x86 machine options.
 #[derive(qom::Object)]

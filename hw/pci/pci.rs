@@ -168,6 +168,16 @@ fn as_pci_device<T: PciDeviceImpl>(obj: &Object) -> Option<&(dyn PciDeviceOps + 
     obj.cast::<T>().map(|d| d as &dyn PciDeviceOps)
 }
 
+/// Makes the objects of the class being built reach the PCI methods of their ancestor
+/// `B` instead of their own: an abstract base that implements `pci_realize` and
+/// `config_write` for all its subclasses (QEMU's `virtio_pci_class_init` setting
+/// `k->realize` and `k->config_write`) calls this in its `ClassInitFor`.
+pub fn pci_device_class_use_ops_of<B: PciDeviceImpl>(class: &mut ObjectClass) {
+    if let Some(pc) = class.get_mut::<PciDeviceClass>() {
+        pc.pci = Some(as_pci_device::<B>);
+    }
+}
+
 /// The PCI methods of `obj`, if it is a PCI device.
 pub fn pci_device_impl(obj: &Object) -> Option<&dyn PciDeviceOps> {
     obj.class()
@@ -683,6 +693,12 @@ impl PciDevice {
     /// Lets the guest write `mask` bits of configuration byte `addr` (QEMU's `wmask`).
     pub fn config_set_wmask(&self, addr: usize, mask: u8) {
         self.config.lock().wmask[addr] = mask;
+    }
+
+    /// The device's INTx line (disconnected if it has no pin), for handlers that raise it
+    /// from other threads.
+    pub fn irq_line(&self) -> IrqLine {
+        self.irq.lock().clone()
     }
 
     /// Sets the device's INTx level (QEMU's `pci_set_irq`).

@@ -8,4 +8,5 @@ pub mod guest;
 pub mod irq_guest;
 pub mod qtest;
 pub mod raw_kvm;
+pub mod virtio;
 pub mod vm;

@@ -1,0 +1,279 @@
+//! virtio devices independent of their transport (QEMU's `hw/virtio/virtio.c`): the
+//! status and feature bits, the [`VirtioDevice`] trait a device implements (QEMU's
+//! `VirtioDeviceClass`), and the queue loop devices share.
+//!
+//! A transport (virtio-pci) owns the registers the driver programs. When the driver sets
+//! `DRIVER_OK` it hands the device its configured rings ([`ActiveQueue`]), each with the
+//! eventfd the driver's notifications signal, and a [`VirtioTransport`] to interrupt the
+//! driver through. Devices process rings on an I/O thread, never on a vCPU thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::core::accel_ops::EventFd;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u8 = 2;
+    /// The driver is ready: the device may process queues.
+    pub const DRIVER_OK: u8 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u8 = 0x80;
+}
+
+/// Transport and ring feature bits (virtio 1.2, 6).
+pub mod feature {
+    /// Legacy: interrupt even when notifications are suppressed, once the ring is empty.
+    pub const NOTIFY_ON_EMPTY: u32 = 24;
+    /// Legacy: the device accepts any descriptor layout.
+    pub const ANY_LAYOUT: u32 = 27;
+    /// Indirect descriptor tables.
+    pub const RING_INDIRECT_DESC: u32 = 28;
+    /// `used_event`/`avail_event` notification suppression.
+    pub const RING_EVENT_IDX: u32 = 29;
+    /// A virtio 1.x ("modern") device.
+    pub const VERSION_1: u32 = 32;
+}
+
+/// The bit of feature `n`.
+pub const fn bit(n: u32) -> u64 {
+    1u64 << n
+}
+
+/// Device IDs (virtio 1.2, 5).
+pub mod device_id {
+    /// Network card.
+    pub const NET: u16 = 1;
+    /// Block device.
+    pub const BLOCK: u16 = 2;
+    /// Entropy source.
+    pub const RNG: u16 = 4;
+    /// Memory balloon.
+    pub const BALLOON: u16 = 5;
+}
+
+/// QEMU's `VIRTIO_NO_VECTOR`: an interrupt that goes nowhere.
+pub const VIRTIO_NO_VECTOR: u16 = 0xffff;
+
+/// What the transport does for a device: interrupt the driver, or record that the device
+/// needs a reset (QEMU's `virtio_notify`, `virtio_notify_config`, `virtio_error`).
+pub trait VirtioTransport: Send + Sync {
+    /// The device put buffers in used ring `queue`.
+    fn signal_used_queue(&self, queue: u16);
+    /// The device changed its configuration.
+    fn signal_config(&self);
+    /// The device cannot go on: sets `DEVICE_NEEDS_RESET` and tells the driver. The
+    /// device stops processing until the driver resets it.
+    fn mark_broken(&self);
+}
+
+/// A ring the driver configured, handed to the device at activation.
+pub struct ActiveQueue {
+    /// The queue's index.
+    pub index: u16,
+    /// The ring, with the driver's addresses and negotiated size.
+    pub queue: Queue,
+    /// Signalled by the driver's notifications (ioeventfd, or the transport's handler).
+    pub kick: Arc<EventFd>,
+}
+
+/// Everything a device needs to run once the driver is ready.
+pub struct Activation {
+    /// Guest memory the rings and buffers live in.
+    pub mem: Arc<GuestMemoryMmap>,
+    /// The enabled queues.
+    pub queues: Vec<ActiveQueue>,
+    /// Interrupts and error reporting.
+    pub transport: Arc<dyn VirtioTransport>,
+    /// The features the driver accepted.
+    pub features: u64,
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver enabled a queue the device cannot run without, or not one it needs.
+    #[error("{device}: {reason}")]
+    BadQueues {
+        /// The device.
+        device: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The device's I/O thread refused its handlers.
+    #[error("{device}: cannot start its I/O handlers: {reason}")]
+    Io {
+        /// The device.
+        device: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A virtio device (QEMU's `VirtioDeviceClass`), driven by a transport.
+pub trait VirtioDevice: Send + Sync {
+    /// Its virtio device ID ([`device_id`]).
+    fn device_type(&self) -> u16;
+    /// Its name in log lines (`virtio-blk`).
+    fn name(&self) -> &'static str;
+    /// The maximum size of each queue; their number is the device's queue count.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// The features the device offers, ring and `VERSION_1` bits included.
+    fn device_features(&self) -> u64;
+    /// The size of its configuration space in bytes.
+    fn config_size(&self) -> usize;
+    /// Reads `data.len()` bytes of configuration at `offset` (past the end reads zeros).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A driver write to the configuration space (read-only fields ignore it).
+    fn write_config(&self, _offset: u64, _data: &[u8]) {}
+    /// Starts processing the driver's queues (`DRIVER_OK`).
+    fn activate(&self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops processing (driver reset or device unplug). When it returns, no handler of
+    /// the device runs and the queues are dropped.
+    fn reset(&self);
+}
+
+/// The low 32 feature bits a legacy driver sees, or bits 32..63 for select 1.
+pub fn feature_word(features: u64, select: u32) -> u32 {
+    match select {
+        0 => features as u32,
+        1 => (features >> 32) as u32,
+        _ => 0,
+    }
+}
+
+/// Logs a guest's misuse of a device at most a few times per second (a guest must not be
+/// able to flood the log).
+pub struct RateLimitedLog {
+    window: Mutex<(Option<Instant>, u64)>,
+    suppressed: AtomicU64,
+}
+
+const GUEST_ERRORS_PER_SECOND: u64 = 5;
+
+impl Default for RateLimitedLog {
+    fn default() -> Self {
+        RateLimitedLog {
+            window: Mutex::new((None, 0)),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+}
+
+impl RateLimitedLog {
+    /// Logs `message` at warning level unless too many were logged this second.
+    pub fn warn(&self, message: impl FnOnce() -> String) {
+        let mut window = self.window.lock();
+        let now = Instant::now();
+        match window.0 {
+            Some(start) if now.duration_since(start) < Duration::from_secs(1) => {
+                if window.1 >= GUEST_ERRORS_PER_SECOND {
+                    self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                window.1 += 1;
+            }
+            _ => {
+                *window = (Some(now), 1);
+                let n = self.suppressed.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    log::warn!("{n} more guest errors not logged");
+                }
+            }
+        }
+        log::warn!("{}", message());
+    }
+}
+
+/// A ring the guest broke: the error from `virtio-queue`, or the device's own finding.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// The ring structures themselves are bad (avail index, memory).
+    #[error("{0}")]
+    Queue(#[from] virtio_queue::Error),
+    /// A descriptor chain the device cannot use.
+    #[error("{0}")]
+    Chain(String),
+}
+
+/// Takes every available chain of `queue`, lets `handle` serve it (returning the number of
+/// bytes written to the chain, or a [`RingError`] for a malformed chain), puts it in the
+/// used ring, and repeats until the ring stays empty with notifications enabled (the
+/// standard race-free loop). Interrupts the driver if the ring's suppression allows.
+///
+/// A ring error stops processing: the caller marks the device broken.
+pub fn process_queue<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    index: u16,
+    transport: &dyn VirtioTransport,
+    mut handle: F,
+) -> Result<(), RingError>
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Result<u32, RingError>,
+{
+    let mut used_any = false;
+    loop {
+        queue.disable_notification(mem)?;
+        // `iter` checks the avail index against the ring size on every call: a guest that
+        // moves it by more than the ring holds gets an error, not a long loop.
+        while let Some(chain) = queue.iter(mem)?.next() {
+            let head = chain.head_index();
+            let written = handle(chain)?;
+            queue.add_used(mem, head, written)?;
+            used_any = true;
+        }
+        if !queue.enable_notification(mem)? {
+            break;
+        }
+    }
+    if used_any && queue.needs_notification(mem)? {
+        transport.signal_used_queue(index);
+    }
+    Ok(())
+}
+
+/// Reads the eventfd's counter so a level-triggered loop does not spin on it.
+pub fn drain_kick(kick: &EventFd) {
+    // Non-blocking eventfds: EAGAIN when nothing is pending, which is fine.
+    let _ = kick.read();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_words_split_the_64_bits() {
+        let f = bit(feature::VERSION_1) | bit(feature::RING_EVENT_IDX) | 1;
+        assert_eq!(feature_word(f, 0), (1 << 29) | 1);
+        assert_eq!(feature_word(f, 1), 1);
+        assert_eq!(feature_word(f, 2), 0);
+    }
+
+    #[test]
+    fn the_log_limit_suppresses_floods() {
+        let log = RateLimitedLog::default();
+        let mut calls = 0;
+        for _ in 0..100 {
+            log.warn(|| {
+                calls += 1;
+                String::from("guest error")
+            });
+        }
+        assert_eq!(calls, GUEST_ERRORS_PER_SECOND);
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 100 - GUEST_ERRORS_PER_SECOND);
+    }
+}

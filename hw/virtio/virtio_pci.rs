@@ -1,0 +1,902 @@
+//! The virtio-pci transport (QEMU's `hw/virtio/virtio-pci.c`): the abstract `virtio-pci`
+//! PCI device that carries one virtio device.
+//!
+//! As on QEMU's pc machine, a device is transitional by default: BAR 0 holds the legacy
+//! (virtio 0.9.5) I/O registers, BAR 1 the MSI-X table and PBA, BAR 4 the virtio 1.x
+//! ("modern") structures that vendor capabilities point to: common configuration at
+//! 0x0000, ISR at 0x1000, device configuration at 0x2000, notifications at 0x3000 (queue
+//! n at 4 * n). Notifications are ioeventfds, so a kick costs the vCPU no exit to
+//! userspace; interrupts are MSI-X vectors through irqfd, or INTx with the ISR register.
+//!
+//! A subtype (`virtio-blk-pci`) implements [`VirtioPciImpl`] to build its
+//! [`VirtioDevice`] from its properties at realize.
+
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
+use qom::{type_init, ClassInitFor, ImplCast, Object, ObjectClass, Prop};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+
+use crate::core::irq::IrqLine;
+use crate::core::memory::{MemoryRegion, MemoryRegionOps, RegionEventFd};
+use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
+use crate::core::qdev_properties::OnOffAuto;
+use crate::core::services::MachineServices;
+use crate::pci::msix::Msix;
+use crate::pci::pci::{
+    pci_device_class_use_ops_of, BarKind, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE,
+};
+use crate::virtio::virtio::{
+    bit, feature, feature_word, status, ActiveQueue, Activation, RateLimitedLog, VirtioDevice,
+    VirtioTransport, VIRTIO_NO_VECTOR,
+};
+
+use crate::core::accel_ops::EventFd;
+
+/// QEMU's `TYPE_VIRTIO_PCI`.
+pub const TYPE_VIRTIO_PCI: &str = "virtio-pci";
+
+/// Red Hat's PCI vendor ID, which every virtio device uses.
+pub const PCI_VENDOR_ID_REDHAT_QUMRANET: u16 = 0x1af4;
+/// Device IDs of virtio 1.x-only devices start here (plus the virtio device ID).
+const PCI_DEVICE_ID_VIRTIO_MODERN_BASE: u16 = 0x1040;
+
+/// The legacy I/O BAR.
+const LEGACY_BAR: usize = 0;
+/// The MSI-X BAR.
+const MSIX_BAR: u8 = 1;
+/// The modern memory BAR.
+const MODERN_BAR: usize = 4;
+
+/// Offsets of the structures in the modern BAR, each 4 KiB (QEMU's layout).
+const COMMON_OFFSET: u64 = 0x0000;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_OFFSET: u64 = 0x2000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+const REGION_SIZE: u64 = 0x1000;
+const MODERN_BAR_SIZE: u64 = 0x4000;
+/// Bytes between two queues' notification addresses.
+const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+
+/// Vendor capability types (virtio 1.2, 4.1.4).
+const CAP_COMMON_CFG: u8 = 1;
+const CAP_NOTIFY_CFG: u8 = 2;
+const CAP_ISR_CFG: u8 = 3;
+const CAP_DEVICE_CFG: u8 = 4;
+/// PCI capability ID of vendor-specific capabilities.
+const PCI_CAP_ID_VNDR: u8 = 0x09;
+
+/// `struct virtio_pci_common_cfg` offsets.
+mod common {
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    pub const MSIX_CONFIG: u64 = 0x10;
+    pub const NUM_QUEUES: u64 = 0x12;
+    pub const DEVICE_STATUS: u64 = 0x14;
+    pub const CONFIG_GENERATION: u64 = 0x15;
+    pub const QUEUE_SELECT: u64 = 0x16;
+    pub const QUEUE_SIZE: u64 = 0x18;
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    pub const QUEUE_DESC_LO: u64 = 0x20;
+    pub const QUEUE_DESC_HI: u64 = 0x24;
+    pub const QUEUE_AVAIL_LO: u64 = 0x28;
+    pub const QUEUE_AVAIL_HI: u64 = 0x2c;
+    pub const QUEUE_USED_LO: u64 = 0x30;
+    pub const QUEUE_USED_HI: u64 = 0x34;
+}
+
+/// Legacy (virtio 0.9.5) I/O register offsets.
+mod legacy {
+    pub const HOST_FEATURES: u64 = 0x00;
+    pub const GUEST_FEATURES: u64 = 0x04;
+    pub const QUEUE_PFN: u64 = 0x08;
+    pub const QUEUE_NUM: u64 = 0x0c;
+    pub const QUEUE_SEL: u64 = 0x0e;
+    pub const QUEUE_NOTIFY: u64 = 0x10;
+    pub const STATUS: u64 = 0x12;
+    pub const ISR: u64 = 0x13;
+    /// With MSI-X enabled only.
+    pub const MSI_CONFIG_VECTOR: u64 = 0x14;
+    /// With MSI-X enabled only.
+    pub const MSI_QUEUE_VECTOR: u64 = 0x16;
+    /// Device configuration without MSI-X.
+    pub const CONFIG: u64 = 0x14;
+    /// Device configuration with MSI-X.
+    pub const CONFIG_MSIX: u64 = 0x18;
+    /// Legacy rings are laid out with this alignment from the page number.
+    pub const VRING_ALIGN: u64 = 4096;
+    pub const PFN_SHIFT: u32 = 12;
+}
+
+/// ISR bits.
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+/// Errors of `virtio-pci` devices, in QEMU's words.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioPciError {
+    /// Both modes disabled.
+    #[error("device cannot work as neither modern nor legacy mode is enabled")]
+    NoMode,
+    /// More vectors than MSI-X allows.
+    #[error("vectors={0} is out of range (at most 2048)")]
+    TooManyVectors(u32),
+}
+
+/// A PCI device type carrying a virtio device (QEMU's `VirtioPCIClass`).
+pub trait VirtioPciImpl: PciDeviceImpl {
+    /// Builds the virtio device from the proxy's properties (QEMU's
+    /// `VirtioPCIClass::realize`, which realizes the `virtio-*-device` child).
+    fn create_virtio_device(&self, ctx: &DeviceContext) -> Result<Arc<dyn VirtioDevice>, RealizeError>;
+    /// The number of MSI-X vectors when `vectors` is not given (QEMU: one per queue plus
+    /// one for configuration changes).
+    fn default_vectors(&self, device: &dyn VirtioDevice) -> u32 {
+        device.queue_max_sizes().len() as u32 + 1
+    }
+}
+
+/// The dynamically dispatched half of [`VirtioPciImpl`].
+pub trait VirtioPciOps: Send + Sync {
+    /// [`VirtioPciImpl::create_virtio_device`].
+    fn create_virtio_device(&self, ctx: &DeviceContext) -> Result<Arc<dyn VirtioDevice>, RealizeError>;
+    /// [`VirtioPciImpl::default_vectors`].
+    fn default_vectors(&self, device: &dyn VirtioDevice) -> u32;
+}
+
+impl<T: VirtioPciImpl> VirtioPciOps for T {
+    fn create_virtio_device(&self, ctx: &DeviceContext) -> Result<Arc<dyn VirtioDevice>, RealizeError> {
+        VirtioPciImpl::create_virtio_device(self, ctx)
+    }
+    fn default_vectors(&self, device: &dyn VirtioDevice) -> u32 {
+        VirtioPciImpl::default_vectors(self, device)
+    }
+}
+
+/// QEMU's `VirtioPCIClass` level: how to reach the subtype's [`VirtioPciOps`].
+#[derive(Clone, Default)]
+pub struct VirtioPciClass {
+    ops: Option<ImplCast<dyn VirtioPciOps>>,
+}
+
+fn as_virtio_pci<T: VirtioPciImpl>(obj: &Object) -> Option<&(dyn VirtioPciOps + 'static)> {
+    obj.cast::<T>().map(|d| d as &dyn VirtioPciOps)
+}
+
+/// `virtio-pci`'s class_init of each subtype: the PCI class from the subtype's header
+/// constants, with `pci_realize`/`config_write` served by `virtio-pci` itself.
+impl<T: VirtioPciImpl> ClassInitFor<T> for VirtioPciProxy {
+    fn class_init(class: &mut ObjectClass) {
+        <PciDevice as ClassInitFor<T>>::class_init(class);
+        pci_device_class_use_ops_of::<VirtioPciProxy>(class);
+        class.insert(VirtioPciClass {
+            ops: Some(as_virtio_pci::<T>),
+        });
+    }
+}
+
+/// QEMU's `VirtIOPCIProxy`.
+#[derive(qom::Object)]
+#[qom(name = TYPE_VIRTIO_PCI, abstract, class_level, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE])]
+pub struct VirtioPciProxy {
+    #[parent]
+    parent: PciDevice,
+    #[property(name = "disable-legacy", default = OnOffAuto::Auto, desc = "Disable the legacy (virtio 0.9.5) interface: auto keeps it on conventional PCI")]
+    disable_legacy: Prop<OnOffAuto>,
+    #[property(name = "disable-modern", default = false, desc = "Disable the virtio 1.x interface")]
+    disable_modern: Prop<bool>,
+    #[property(default = u32::MAX, desc = "MSI-X vectors (default: one per queue plus one)")]
+    vectors: Prop<u32>,
+    #[property(default = true, desc = "Use ioeventfd for queue notifications")]
+    ioeventfd: Prop<bool>,
+    transport: OnceLock<Arc<VirtioPciTransport>>,
+}
+
+type_init!(VirtioPciProxy {
+    class_init: Some(virtio_pci_base_class_init),
+});
+
+fn virtio_pci_base_class_init(class: &mut ObjectClass) {
+    <PciDevice as ClassInitFor<VirtioPciProxy>>::class_init(class);
+}
+
+impl DeviceImpl for VirtioPciProxy {
+    fn reset(&self) {
+        if let Some(t) = self.transport.get() {
+            t.reset();
+        }
+        DeviceImpl::reset(&self.parent);
+    }
+
+    fn unrealize(&self, ctx: &DeviceContext) {
+        if let Some(t) = self.transport.get() {
+            t.device.reset();
+        }
+        DeviceImpl::unrealize(&self.parent, ctx);
+    }
+}
+
+impl PciDeviceImpl for VirtioPciProxy {
+    /// QEMU's `virtio_pci_realize` + `virtio_pci_device_plugged`.
+    fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let ops = ctx
+            .object()
+            .class()
+            .get::<VirtioPciClass>()
+            .and_then(|c| c.ops)
+            .and_then(|cast| cast(ctx.object()))
+            .ok_or_else(|| RealizeError::device(VirtioPciError::NoMode))?;
+        let device = ops.create_virtio_device(ctx)?;
+        let legacy = match self.disable_legacy.get() {
+            OnOffAuto::On => false,
+            // Conventional PCI (the pc machine's bus) keeps the legacy interface.
+            OnOffAuto::Off | OnOffAuto::Auto => true,
+        };
+        let modern = !self.disable_modern.get();
+        if !legacy && !modern {
+            return Err(RealizeError::device(VirtioPciError::NoMode));
+        }
+        let vectors = match self.vectors.get() {
+            u32::MAX => ops.default_vectors(&*device),
+            n if n > 2048 => return Err(RealizeError::device(VirtioPciError::TooManyVectors(n))),
+            n => n,
+        };
+        let services = ctx.machine()?;
+        if !legacy {
+            let id = PCI_DEVICE_ID_VIRTIO_MODERN_BASE + device.device_type();
+            self.config_set(crate::pci::pci::config::DEVICE_ID, &id.to_le_bytes());
+            self.config_set(crate::pci::pci::config::REVISION, &[1]);
+        }
+        let msix = if vectors > 0 {
+            Some(Msix::init_exclusive_bar(
+                &self.parent,
+                vectors as u16,
+                MSIX_BAR,
+                services,
+            )?)
+        } else {
+            None
+        };
+        let queue_sizes = device.queue_max_sizes();
+        let kicks = queue_sizes
+            .iter()
+            .map(|_| {
+                EventFd::new(libc::EFD_NONBLOCK)
+                    .map(Arc::new)
+                    .map_err(RealizeError::device)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let transport = Arc::new_cyclic(|this| VirtioPciTransport {
+            this: this.clone(),
+            name: ctx.type_name(),
+            device: device.clone(),
+            services: Arc::downgrade(services),
+            msix: msix.clone(),
+            irq: self.irq_line(),
+            modern,
+            state: Mutex::new(TransportState::new(&queue_sizes)),
+            queue_vectors: queue_sizes.iter().map(|_| AtomicU16::new(VIRTIO_NO_VECTOR)).collect(),
+            config_vector: AtomicU16::new(VIRTIO_NO_VECTOR),
+            isr: AtomicU8::new(0),
+            kicks,
+            guest_errors: RateLimitedLog::default(),
+        });
+        let use_ioeventfd = self.ioeventfd.get();
+        if legacy {
+            let size = (legacy::CONFIG_MSIX + device.config_size() as u64).next_power_of_two();
+            let eventfds = if use_ioeventfd {
+                transport
+                    .kicks
+                    .iter()
+                    .enumerate()
+                    .map(|(q, fd)| RegionEventFd {
+                        offset: legacy::QUEUE_NOTIFY,
+                        len: 2,
+                        datamatch: Some(q as u64),
+                        fd: fd.clone(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let region = MemoryRegion::new_io_with_eventfds(
+                "virtio-pci",
+                size,
+                Arc::new(LegacyBar(transport.clone())),
+                eventfds,
+            );
+            self.register_bar(LEGACY_BAR, BarKind::Io, region)?;
+        }
+        if modern {
+            let eventfds = if use_ioeventfd {
+                transport
+                    .kicks
+                    .iter()
+                    .enumerate()
+                    .map(|(q, fd)| RegionEventFd {
+                        offset: NOTIFY_OFFSET + u64::from(NOTIFY_OFF_MULTIPLIER) * q as u64,
+                        len: 0,
+                        datamatch: None,
+                        fd: fd.clone(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let region = MemoryRegion::new_io_with_eventfds(
+                "virtio-pci-modern",
+                MODERN_BAR_SIZE,
+                Arc::new(ModernBar(transport.clone())),
+                eventfds,
+            );
+            self.register_bar(MODERN_BAR, BarKind::Mem32, region)?;
+            self.add_modern_capabilities(device.config_size() as u32)?;
+        }
+        let _ = self.transport.set(transport);
+        Ok(())
+    }
+
+    fn config_write(&self, addr: usize, val: u32, len: usize) {
+        if let Some(t) = self.transport.get() {
+            if let Some(msix) = &t.msix {
+                msix.config_write(addr, val, len);
+            }
+        }
+    }
+}
+
+impl VirtioPciProxy {
+    /// The virtio 1.x vendor capabilities pointing into the modern BAR.
+    fn add_modern_capabilities(&self, device_config_size: u32) -> Result<(), RealizeError> {
+        let caps: [(u8, u64, u32); 4] = [
+            (CAP_COMMON_CFG, COMMON_OFFSET, REGION_SIZE as u32),
+            (CAP_ISR_CFG, ISR_OFFSET, REGION_SIZE as u32),
+            (CAP_DEVICE_CFG, DEVICE_OFFSET, device_config_size.max(1)),
+            (CAP_NOTIFY_CFG, NOTIFY_OFFSET, REGION_SIZE as u32),
+        ];
+        for (cfg_type, offset, length) in caps {
+            let size = if cfg_type == CAP_NOTIFY_CFG { 20 } else { 16 };
+            let at = self.add_capability(PCI_CAP_ID_VNDR, size)?;
+            let mut body = vec![size as u8, cfg_type, MODERN_BAR as u8, 0, 0, 0];
+            body.extend_from_slice(&(offset as u32).to_le_bytes());
+            body.extend_from_slice(&length.to_le_bytes());
+            if cfg_type == CAP_NOTIFY_CFG {
+                body.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
+            }
+            self.config_set(at + 2, &body);
+        }
+        Ok(())
+    }
+
+    /// The transport, once realized (tests look at its state).
+    pub fn device_status(&self) -> Option<u8> {
+        self.transport.get().map(|t| t.state.lock().status)
+    }
+}
+
+/// One queue's registers as the driver programs them.
+#[derive(Clone, Copy, Debug)]
+struct QueueConfig {
+    max_size: u16,
+    size: u16,
+    enabled: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        QueueConfig {
+            max_size,
+            size: max_size,
+            enabled: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+}
+
+/// The registers behind the lock (vCPU threads write them; I/O threads never touch them).
+struct TransportState {
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_generation: u8,
+    queue_select: u16,
+    queues: Vec<QueueConfig>,
+    /// Whether the device runs (`DRIVER_OK` reached and activation succeeded).
+    active: bool,
+}
+
+impl TransportState {
+    fn new(sizes: &[u16]) -> Self {
+        TransportState {
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            queue_select: 0,
+            queues: sizes.iter().map(|&s| QueueConfig::new(s)).collect(),
+            active: false,
+        }
+    }
+
+    fn selected(&mut self) -> Option<&mut QueueConfig> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+}
+
+/// The transport's state, shared by the BAR handlers and the device's interrupts.
+pub struct VirtioPciTransport {
+    this: Weak<VirtioPciTransport>,
+    name: &'static str,
+    device: Arc<dyn VirtioDevice>,
+    services: Weak<MachineServices>,
+    msix: Option<Arc<Msix>>,
+    irq: IrqLine,
+    modern: bool,
+    state: Mutex<TransportState>,
+    /// MSI-X vector of each queue, read on every interrupt without the lock.
+    queue_vectors: Vec<AtomicU16>,
+    config_vector: AtomicU16,
+    isr: AtomicU8,
+    kicks: Vec<Arc<EventFd>>,
+    guest_errors: RateLimitedLog,
+}
+
+impl VirtioPciTransport {
+    fn msix_enabled(&self) -> bool {
+        self.msix.as_ref().is_some_and(|m| m.is_enabled())
+    }
+
+    /// The features the device offers through this interface.
+    fn offered_features(&self) -> u64 {
+        let features = self.device.device_features();
+        if self.modern {
+            features | bit(feature::VERSION_1)
+        } else {
+            features & !bit(feature::VERSION_1)
+        }
+    }
+
+    fn interrupt(&self, vector: &AtomicU16, isr_bit: u8) {
+        if self.msix_enabled() {
+            let v = vector.load(Ordering::Acquire);
+            if let Some(msix) = &self.msix {
+                msix.notify(v);
+            }
+        } else {
+            self.isr.fetch_or(isr_bit, Ordering::AcqRel);
+            self.irq.raise();
+        }
+    }
+
+    fn read_isr(&self) -> u8 {
+        let isr = self.isr.swap(0, Ordering::AcqRel);
+        if !self.msix_enabled() {
+            self.irq.lower();
+        }
+        isr
+    }
+
+    fn notify_queue(&self, queue: u64) {
+        // Without ioeventfd (or before it is registered) the write lands here.
+        if let Some(kick) = self.kicks.get(queue as usize) {
+            let _ = kick.write(1);
+        } else {
+            self.guest_errors
+                .warn(|| format!("{}: notification of nonexistent queue {queue}", self.name));
+        }
+    }
+
+    /// QEMU's `virtio_reset`: stops the device, forgets the driver's set-up.
+    fn reset(&self) {
+        self.device.reset();
+        for kick in &self.kicks {
+            crate::virtio::virtio::drain_kick(kick);
+        }
+        let mut st = self.state.lock();
+        let sizes: Vec<u16> = st.queues.iter().map(|q| q.max_size).collect();
+        *st = TransportState::new(&sizes);
+        for v in &self.queue_vectors {
+            v.store(VIRTIO_NO_VECTOR, Ordering::Release);
+        }
+        self.config_vector.store(VIRTIO_NO_VECTOR, Ordering::Release);
+        self.isr.store(0, Ordering::Release);
+        self.irq.lower();
+    }
+
+    fn set_status(&self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut st = self.state.lock();
+        let old = st.status;
+        let mut value = value;
+        if self.modern && value & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
+            let offered = self.offered_features();
+            let accepted = st.driver_features;
+            if accepted & !offered != 0 || accepted & bit(feature::VERSION_1) == 0 {
+                // Virtio 1.2, 3.1.1: the device leaves FEATURES_OK clear to refuse.
+                value &= !status::FEATURES_OK;
+            }
+        }
+        st.status = value | (old & status::DEVICE_NEEDS_RESET);
+        if value & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0 && !st.active {
+            self.activate(&mut st);
+        }
+    }
+
+    /// `DRIVER_OK`: hands the configured queues to the device.
+    fn activate(&self, st: &mut TransportState) {
+        let Some(services) = self.services.upgrade() else {
+            return;
+        };
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
+        let mem = services.ram();
+        let features = st.driver_features & self.offered_features();
+        let mut queues = Vec::new();
+        for (index, q) in st.queues.iter().enumerate() {
+            if !q.enabled {
+                continue;
+            }
+            let built = (|| -> Result<Queue, virtio_queue::Error> {
+                let mut queue = Queue::new(q.max_size)?;
+                queue.try_set_size(q.size)?;
+                queue.try_set_desc_table_address(GuestAddress(q.desc))?;
+                queue.try_set_avail_ring_address(GuestAddress(q.avail))?;
+                queue.try_set_used_ring_address(GuestAddress(q.used))?;
+                queue.set_event_idx(features & bit(feature::RING_EVENT_IDX) != 0);
+                queue.set_ready(true);
+                Ok(queue)
+            })();
+            match built {
+                Ok(queue) if queue.is_valid(&*mem) => queues.push(ActiveQueue {
+                    index: index as u16,
+                    queue,
+                    kick: self.kicks[index].clone(),
+                }),
+                Ok(_) => {
+                    self.guest_errors.warn(|| {
+                        format!("{}: queue {index}: rings outside guest memory", self.name)
+                    });
+                    self.mark_broken_locked(st);
+                    return;
+                }
+                Err(e) => {
+                    self.guest_errors
+                        .warn(|| format!("{}: queue {index}: {e}", self.name));
+                    self.mark_broken_locked(st);
+                    return;
+                }
+            }
+        }
+        let activation = Activation {
+            mem,
+            queues,
+            transport: this,
+            features,
+        };
+        match self.device.activate(activation) {
+            Ok(()) => st.active = true,
+            Err(e) => {
+                log::error!("{}: {e}", self.name);
+                self.mark_broken_locked(st);
+            }
+        }
+    }
+
+    fn mark_broken_locked(&self, st: &mut TransportState) {
+        if st.status & status::DEVICE_NEEDS_RESET == 0 {
+            st.status |= status::DEVICE_NEEDS_RESET;
+            st.config_generation = st.config_generation.wrapping_add(1);
+            self.interrupt(&self.config_vector, ISR_CONFIG);
+        }
+    }
+
+    fn set_vector(&self, target: &AtomicU16, vector: u16) -> u16 {
+        // QEMU's virtio_pci: a vector the table does not have reads back as NO_VECTOR.
+        let count = self.msix.as_ref().map_or(0, |m| m.vector_count());
+        let vector = if vector < count { vector } else { VIRTIO_NO_VECTOR };
+        target.store(vector, Ordering::Release);
+        vector
+    }
+
+    fn common_read(&self, offset: u64, size: u32) -> u64 {
+        let mut st = self.state.lock();
+        let value: u64 = match offset {
+            common::DEVICE_FEATURE_SELECT => st.device_feature_select.into(),
+            common::DEVICE_FEATURE => {
+                feature_word(self.offered_features(), st.device_feature_select).into()
+            }
+            common::DRIVER_FEATURE_SELECT => st.driver_feature_select.into(),
+            common::DRIVER_FEATURE => {
+                feature_word(st.driver_features, st.driver_feature_select).into()
+            }
+            common::MSIX_CONFIG => self.config_vector.load(Ordering::Acquire).into(),
+            common::NUM_QUEUES => st.queues.len() as u64,
+            common::DEVICE_STATUS => st.status.into(),
+            common::CONFIG_GENERATION => st.config_generation.into(),
+            common::QUEUE_SELECT => st.queue_select.into(),
+            _ => {
+                let select = usize::from(st.queue_select);
+                let vector = self
+                    .queue_vectors
+                    .get(select)
+                    .map_or(VIRTIO_NO_VECTOR, |v| v.load(Ordering::Acquire));
+                let Some(q) = st.selected() else {
+                    return 0;
+                };
+                match offset {
+                    common::QUEUE_SIZE => q.size.into(),
+                    common::QUEUE_MSIX_VECTOR => vector.into(),
+                    common::QUEUE_ENABLE => u64::from(q.enabled),
+                    common::QUEUE_NOTIFY_OFF => select as u64,
+                    common::QUEUE_DESC_LO => q.desc & 0xffff_ffff,
+                    common::QUEUE_DESC_HI => q.desc >> 32,
+                    common::QUEUE_AVAIL_LO => q.avail & 0xffff_ffff,
+                    common::QUEUE_AVAIL_HI => q.avail >> 32,
+                    common::QUEUE_USED_LO => q.used & 0xffff_ffff,
+                    common::QUEUE_USED_HI => q.used >> 32,
+                    _ => 0,
+                }
+            }
+        };
+        if size == 8 && matches!(offset, common::QUEUE_DESC_LO | common::QUEUE_AVAIL_LO | common::QUEUE_USED_LO) {
+            let q = st.selected().copied();
+            return q.map_or(0, |q| match offset {
+                common::QUEUE_DESC_LO => q.desc,
+                common::QUEUE_AVAIL_LO => q.avail,
+                _ => q.used,
+            });
+        }
+        value
+    }
+
+    fn common_write(&self, offset: u64, value: u64, size: u32) {
+        if offset == common::DEVICE_STATUS {
+            self.set_status(value as u8);
+            return;
+        }
+        let mut st = self.state.lock();
+        match offset {
+            common::DEVICE_FEATURE_SELECT => st.device_feature_select = value as u32,
+            common::DRIVER_FEATURE_SELECT => st.driver_feature_select = value as u32,
+            common::DRIVER_FEATURE => {
+                if st.status & status::FEATURES_OK == 0 {
+                    let shift = match st.driver_feature_select {
+                        0 => 0,
+                        1 => 32,
+                        _ => return,
+                    };
+                    let mask = 0xffff_ffffu64 << shift;
+                    st.driver_features = (st.driver_features & !mask) | ((value & 0xffff_ffff) << shift);
+                }
+            }
+            common::MSIX_CONFIG => {
+                self.set_vector(&self.config_vector, value as u16);
+            }
+            common::QUEUE_SELECT => st.queue_select = value as u16,
+            _ => {
+                let select = usize::from(st.queue_select);
+                let active = st.active;
+                if offset == common::QUEUE_MSIX_VECTOR {
+                    if let Some(v) = self.queue_vectors.get(select) {
+                        self.set_vector(v, value as u16);
+                    }
+                    return;
+                }
+                let Some(q) = st.selected() else {
+                    return;
+                };
+                // Once the device runs, its rings stay as activated (virtio 1.2, 4.1.4.3.2:
+                // the driver must not change them).
+                if active {
+                    return;
+                }
+                let set_lo = |old: u64| (old & !0xffff_ffff) | (value & 0xffff_ffff);
+                let set_hi = |old: u64| (old & 0xffff_ffff) | ((value & 0xffff_ffff) << 32);
+                match (offset, size) {
+                    (common::QUEUE_SIZE, _) => {
+                        let requested = value as u16;
+                        // Sizes are powers of two no larger than the maximum (split rings).
+                        if requested.is_power_of_two() && requested <= q.max_size {
+                            q.size = requested;
+                        }
+                    }
+                    (common::QUEUE_ENABLE, _) => q.enabled = value & 1 != 0,
+                    (common::QUEUE_DESC_LO, 8) => q.desc = value,
+                    (common::QUEUE_AVAIL_LO, 8) => q.avail = value,
+                    (common::QUEUE_USED_LO, 8) => q.used = value,
+                    (common::QUEUE_DESC_LO, _) => q.desc = set_lo(q.desc),
+                    (common::QUEUE_DESC_HI, _) => q.desc = set_hi(q.desc),
+                    (common::QUEUE_AVAIL_LO, _) => q.avail = set_lo(q.avail),
+                    (common::QUEUE_AVAIL_HI, _) => q.avail = set_hi(q.avail),
+                    (common::QUEUE_USED_LO, _) => q.used = set_lo(q.used),
+                    (common::QUEUE_USED_HI, _) => q.used = set_hi(q.used),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn device_config_read(&self, offset: u64, size: u32) -> u64 {
+        let mut data = [0u8; 8];
+        let size = (size as usize).min(8);
+        self.device.read_config(offset, &mut data[..size]);
+        u64::from_le_bytes(data)
+    }
+
+    fn device_config_write(&self, offset: u64, value: u64, size: u32) {
+        let size = (size as usize).min(8);
+        self.device.write_config(offset, &value.to_le_bytes()[..size]);
+    }
+
+    fn legacy_read(&self, offset: u64, size: u32) -> u64 {
+        let config = if self.msix_enabled() {
+            legacy::CONFIG_MSIX
+        } else {
+            legacy::CONFIG
+        };
+        if offset >= config {
+            return self.device_config_read(offset - config, size);
+        }
+        let mut st = self.state.lock();
+        match offset {
+            legacy::HOST_FEATURES => feature_word(self.offered_features(), 0).into(),
+            legacy::GUEST_FEATURES => feature_word(st.driver_features, 0).into(),
+            legacy::QUEUE_PFN => st.selected().map_or(0, |q| q.desc >> legacy::PFN_SHIFT),
+            legacy::QUEUE_NUM => st.selected().map_or(0, |q| q.max_size.into()),
+            legacy::QUEUE_SEL => st.queue_select.into(),
+            legacy::STATUS => st.status.into(),
+            legacy::ISR => {
+                drop(st);
+                self.read_isr().into()
+            }
+            legacy::MSI_CONFIG_VECTOR => self.config_vector.load(Ordering::Acquire).into(),
+            legacy::MSI_QUEUE_VECTOR => self
+                .queue_vectors
+                .get(usize::from(st.queue_select))
+                .map_or(VIRTIO_NO_VECTOR, |v| v.load(Ordering::Acquire))
+                .into(),
+            _ => 0,
+        }
+    }
+
+    fn legacy_write(&self, offset: u64, value: u64, size: u32) {
+        let config = if self.msix_enabled() {
+            legacy::CONFIG_MSIX
+        } else {
+            legacy::CONFIG
+        };
+        if offset >= config {
+            self.device_config_write(offset - config, value, size);
+            return;
+        }
+        match offset {
+            legacy::QUEUE_NOTIFY => self.notify_queue(value & 0xffff),
+            legacy::STATUS => self.set_status(value as u8),
+            legacy::MSI_CONFIG_VECTOR => {
+                self.set_vector(&self.config_vector, value as u16);
+            }
+            legacy::MSI_QUEUE_VECTOR => {
+                let select = usize::from(self.state.lock().queue_select);
+                if let Some(v) = self.queue_vectors.get(select) {
+                    self.set_vector(v, value as u16);
+                }
+            }
+            legacy::GUEST_FEATURES => {
+                let mut st = self.state.lock();
+                if st.status & status::DRIVER_OK == 0 {
+                    st.driver_features = value & 0xffff_ffff & self.offered_features();
+                }
+            }
+            legacy::QUEUE_SEL => self.state.lock().queue_select = value as u16,
+            legacy::QUEUE_PFN => {
+                let pfn = value & 0xffff_ffff;
+                if pfn == 0 {
+                    // Writing 0 resets the device (virtio 0.9.5).
+                    self.reset();
+                    return;
+                }
+                let mut st = self.state.lock();
+                if st.active {
+                    return;
+                }
+                if let Some(q) = st.selected() {
+                    let size = u64::from(q.max_size);
+                    q.size = q.max_size;
+                    q.desc = pfn << legacy::PFN_SHIFT;
+                    q.avail = q.desc + 16 * size;
+                    q.used = (q.avail + 4 + 2 * size + 2).next_multiple_of(legacy::VRING_ALIGN);
+                    q.enabled = true;
+                }
+            }
+            _ => {
+                self.guest_errors.warn(|| {
+                    format!(
+                        "{}: write of 0x{value:x} to read-only legacy register 0x{offset:x}",
+                        self.name
+                    )
+                });
+            }
+        }
+    }
+}
+
+impl VirtioTransport for VirtioPciTransport {
+    fn signal_used_queue(&self, queue: u16) {
+        if let Some(v) = self.queue_vectors.get(usize::from(queue)) {
+            self.interrupt(v, ISR_QUEUE);
+        }
+    }
+
+    fn signal_config(&self) {
+        {
+            let mut st = self.state.lock();
+            st.config_generation = st.config_generation.wrapping_add(1);
+        }
+        self.interrupt(&self.config_vector, ISR_CONFIG);
+    }
+
+    fn mark_broken(&self) {
+        let mut st = self.state.lock();
+        self.mark_broken_locked(&mut st);
+    }
+}
+
+/// BAR 0: the legacy registers.
+struct LegacyBar(Arc<VirtioPciTransport>);
+
+impl MemoryRegionOps for LegacyBar {
+    fn read(&self, offset: u64, size: u32) -> u64 {
+        self.0.legacy_read(offset, size)
+    }
+    fn write(&self, offset: u64, value: u64, size: u32) {
+        self.0.legacy_write(offset, value, size)
+    }
+}
+
+/// BAR 4: the modern structures.
+struct ModernBar(Arc<VirtioPciTransport>);
+
+impl MemoryRegionOps for ModernBar {
+    fn read(&self, offset: u64, size: u32) -> u64 {
+        let t = &self.0;
+        match offset {
+            COMMON_OFFSET..ISR_OFFSET => t.common_read(offset, size),
+            ISR_OFFSET => t.read_isr().into(),
+            DEVICE_OFFSET..NOTIFY_OFFSET => t.device_config_read(offset - DEVICE_OFFSET, size),
+            _ => 0,
+        }
+    }
+
+    fn write(&self, offset: u64, value: u64, size: u32) {
+        let t = &self.0;
+        match offset {
+            COMMON_OFFSET..ISR_OFFSET => t.common_write(offset, value, size),
+            DEVICE_OFFSET..NOTIFY_OFFSET => {
+                t.device_config_write(offset - DEVICE_OFFSET, value, size)
+            }
+            NOTIFY_OFFSET..MODERN_BAR_SIZE => {
+                let rel = offset - NOTIFY_OFFSET;
+                if rel.is_multiple_of(u64::from(NOTIFY_OFF_MULTIPLIER)) {
+                    t.notify_queue(rel / u64::from(NOTIFY_OFF_MULTIPLIER));
+                }
+            }
+            _ => {}
+        }
+    }
+}
