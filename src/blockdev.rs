@@ -2,7 +2,9 @@
 //! [`block::OpenOptions`], with QEMU's errors, and the opened backends into the block
 //! layer's table.
 
-use block::{AioMode, BlockBackend, CacheMode, DiscardMode, Format, OpenOptions};
+use block::{
+    AioMode, BackingOption, BlockBackend, CacheMode, DetectZeroes, DiscardMode, Format, OpenOptions,
+};
 use serde_json::{Map, Value};
 
 use crate::options::{split_opts, Located, OptionError};
@@ -10,7 +12,18 @@ use crate::options::{split_opts, Located, OptionError};
 /// The `-drive` keys qomvm knows (QEMU's `qemu_common_drive_opts` and `qemu_legacy_drive_opts`
 /// that apply).
 const DRIVE_KEYS: &[&str] = &[
-    "file", "format", "if", "id", "cache", "readonly", "discard", "aio", "media", "index", "addr",
+    "file",
+    "format",
+    "if",
+    "id",
+    "cache",
+    "readonly",
+    "discard",
+    "detect-zeroes",
+    "aio",
+    "media",
+    "index",
+    "addr",
 ];
 
 /// Prints QEMU's `warning:` line.
@@ -82,6 +95,11 @@ pub fn drive_add(located: &Located, index: usize) -> Result<Option<Located>, Opt
             }
             "aio" => {
                 opts.aio = parse_aio(&value).ok_or_else(|| err("invalid aio option".into()))?
+            }
+            // QEMU's -drive takes `unmap` without `discard=unmap` (it then acts as `on`).
+            "detect-zeroes" => {
+                opts.detect_zeroes = DetectZeroes::from_name(&value)
+                    .ok_or_else(|| err(format!("invalid parameter value: {value}")))?
             }
             "media" if value == "disk" => {}
             "media" => return Err(err(format!("'{value}' invalid media"))),
@@ -211,7 +229,8 @@ fn check_keys(map: &Map<String, Value>, prefix: &str, extra: &[&str]) -> Result<
     }
 }
 
-/// The members of a node shared by format and file nodes: read-only, cache, discard.
+/// The members of a node shared by format and file nodes: read-only, cache, discard,
+/// detect-zeroes.
 fn node_common(
     map: &Map<String, Value>,
     prefix: &str,
@@ -243,11 +262,56 @@ fn node_common(
             .ok_or_else(|| format!("Parameter '{prefix}discard' does not accept value '{d}'"))?;
     }
     if let Some(v) = str_member(map, prefix, "detect-zeroes")? {
-        if v != "off" {
-            return Err(format!("{prefix}detect-zeroes={v} is not supported"));
-        }
+        opts.detect_zeroes = DetectZeroes::from_name(&v).ok_or_else(|| {
+            format!("Parameter '{prefix}detect-zeroes' does not accept value '{v}'")
+        })?;
+    }
+    // QEMU's bdrv_open_common, for each node.
+    if opts.detect_zeroes == DetectZeroes::Unmap && opts.discard != DiscardMode::Unmap {
+        return Err(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+                .to_string(),
+        );
     }
     Ok(())
+}
+
+/// The inline file node's `discard` and `detect-zeroes`, checked as QEMU checks each node.
+/// Its `detect-zeroes` applies when the format node sets none (qomvm keeps one setting per
+/// image).
+fn file_node_common(file: &Map<String, Value>, opts: &mut OpenOptions) -> Result<(), String> {
+    let mut file_opts = OpenOptions::new("");
+    node_common(file, "file.", &mut file_opts)?;
+    // O_DIRECT is the file's: `file.cache.direct=on` bypasses the host cache too.
+    if file_opts.cache.direct() && !opts.cache.direct() {
+        opts.cache = CacheMode::None;
+    }
+    if opts.detect_zeroes == DetectZeroes::Off {
+        opts.detect_zeroes = match file_opts.detect_zeroes {
+            // Unmapping at the file level needs the file's discard=unmap, checked above;
+            // the image is discarded through the format node's setting.
+            DetectZeroes::Unmap if opts.discard != DiscardMode::Unmap => DetectZeroes::On,
+            other => other,
+        };
+    }
+    Ok(())
+}
+
+/// `backing`: a node name, or null (JSON null; keyval's empty string, deprecated).
+fn backing_member(map: &Map<String, Value>) -> Result<BackingOption, String> {
+    match map.get("backing") {
+        None => Ok(BackingOption::FromImage),
+        Some(Value::Null) => Ok(BackingOption::Null),
+        Some(Value::String(s)) if s.is_empty() => {
+            warn("Use of \"backing\": \"\" is deprecated; use \"backing\": null instead");
+            Ok(BackingOption::Null)
+        }
+        Some(Value::String(s)) => Ok(BackingOption::Node(s.clone())),
+        Some(Value::Object(_)) => Err(
+            "an inline 'backing' node is not supported: open it with its own -blockdev and give its node-name".to_string(),
+        ),
+        Some(_) => Err("Invalid parameter type for 'backing', expected: BlockdevRefOrNull".to_string()),
+    }
 }
 
 /// The `file` protocol node's own members (`filename`, `aio`...) into `opts`.
@@ -269,7 +333,8 @@ fn file_node(map: &Map<String, Value>, prefix: &str, opts: &mut OpenOptions) -> 
 }
 
 /// QEMU's `-blockdev` (`qmp_blockdev_add`): a `file` node, or a `raw`/`qcow2` node over
-/// an inline `file` node.
+/// an inline `file` node or a reference to a `file` node (`file=NODE`); a qcow2 node
+/// takes `backing=NODE` or `"backing": null`.
 pub fn blockdev_add(located: &Located) -> Result<(), OptionError> {
     let err = |m: String| located.error(m);
     let map = blockdev_args(&located.value).map_err(err)?;
@@ -291,12 +356,13 @@ pub fn blockdev_add(located: &Located) -> Result<(), OptionError> {
             opts.protocol_only = true;
         }
         "raw" | "qcow2" => {
-            check_keys(&map, "", &["file", "backing"]).map_err(err)?;
-            if map.contains_key("backing") {
-                return Err(err(
-                    "an explicit 'backing' is not supported yet (the image's own backing file is used)".into(),
-                ));
-            }
+            let extra: &[&str] = if driver == "qcow2" {
+                &["file", "backing"]
+            } else {
+                &["file"]
+            };
+            check_keys(&map, "", extra).map_err(err)?;
+            opts.backing = backing_member(&map).map_err(err)?;
             opts.format = Format::from_name(&driver);
             match map.get("file") {
                 None => return Err(err("Parameter 'file' is missing".into())),
@@ -310,16 +376,20 @@ pub fn blockdev_add(located: &Located) -> Result<(), OptionError> {
                         )));
                     }
                     file_node(file, "file.", &mut opts).map_err(err)?;
-                    opts.file_node_name = str_member(file, "file.", "node-name").map_err(err)?;
+                    file_node_common(file, &mut opts).map_err(err)?;
+                    let file_name = str_member(file, "file.", "node-name").map_err(err)?;
+                    if let Some(name) = &file_name {
+                        if *name == node_name || block::name_in_use(name) {
+                            return Err(err(format!("Duplicate nodes with node-name='{name}'")));
+                        }
+                    }
+                    opts.file_node_name = file_name;
                 }
-                Some(Value::String(name)) => {
-                    return Err(err(format!(
-                        "a reference to another node ('file': '{name}') is not supported yet; give the file node inline"
-                    )))
-                }
+                // A reference to an existing `driver=file` node.
+                Some(Value::String(name)) => opts.file_ref = Some(name.clone()),
                 Some(_) => {
                     return Err(err(
-                        "Invalid parameter type for 'file', expected: object".into(),
+                        "Invalid parameter type for 'file', expected: BlockdevRef".into(),
                     ))
                 }
             }

@@ -466,9 +466,15 @@ fn blockdev_in_both_forms_opens_named_nodes() {
     writeln!(stdin, r#"{{"execute":"quit"}}"#).unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let _greeting = lines.next();
-    let _caps = lines.next();
-    let nodes: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    let nodes = nodes["return"].as_array().unwrap().clone();
+    // The caps reply, then the query's; the RESUME event of the vCPUs starting may come
+    // anywhere between.
+    let replies: Vec<Value> = lines
+        .by_ref()
+        .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
+        .filter(|v| v.get("event").is_none())
+        .take(2)
+        .collect();
+    let nodes = replies[1]["return"].as_array().unwrap().clone();
     let names: Vec<(&str, &str, bool)> = nodes
         .iter()
         .map(|n| {
@@ -573,4 +579,661 @@ fn bad_drive_options_are_one_line_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).starts_with(&format!(
         "qomvm: warning: Image format was not specified for '{f}' and probing guessed raw."
     )));
+}
+
+/// Opens `path` in `format` with `f` adjusting the options.
+fn open_with(
+    path: &Path,
+    format: Format,
+    f: impl FnOnce(&mut OpenOptions),
+) -> Result<BlockBackend, BlockError> {
+    let mut opts = OpenOptions::new(path);
+    opts.format = Some(format);
+    f(&mut opts);
+    BlockBackend::open("", &block::auto_node_name(), opts, |w| {
+        panic!("unexpected warning {w}")
+    })
+}
+
+/// `qemu-img map --output=json`'s entry covering `offset`: `(zero, data)`.
+fn map_at(path: &Path, offset: u64) -> (bool, bool) {
+    let out = run("qemu-img", &["map", "-U", "--output=json", p(path)]);
+    let map: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            let start = e["start"].as_u64().unwrap();
+            start <= offset && offset < start + e["length"].as_u64().unwrap()
+        })
+        .unwrap_or_else(|| panic!("no map entry at {offset}: {map}"));
+    (
+        entry["zero"].as_bool().unwrap(),
+        entry["data"].as_bool().unwrap(),
+    )
+}
+
+/// `qemu-img check --output=json`, which must find no corruption nor leak. The checks
+/// share the image (`-U`): a lock this process just dropped may live on for a moment in a
+/// child a parallel test is spawning (forked, not yet exec'ed).
+fn check(path: &Path) -> Value {
+    let out = run("qemu-img", &["check", "-U", "--output=json", p(path)]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["check-errors"], 0, "{report}");
+    assert!(report.get("corruptions").is_none_or(|c| c == 0), "{report}");
+    assert!(report.get("leaks").is_none_or(|c| c == 0), "{report}");
+    report
+}
+
+#[test]
+fn io_accounting_counts_requests_as_qemu_does() {
+    if !have_qemu_tools() {
+        return;
+    }
+    let dir = scratch();
+    let path = image(&dir, "acct.raw", "raw");
+    let b = open(&path, Format::Raw, false).unwrap();
+    let fresh = b.stats();
+    assert_eq!(fresh.idle_time_ns, None, "no request yet");
+    assert!(fresh.account_invalid && fresh.account_failed);
+    let mut buf = vec![0u8; 4096];
+    b.read_at(&mut buf, 0).unwrap();
+    b.read_at(&mut buf, 4096).unwrap();
+    b.write_at(&[1; 512], 8192).unwrap();
+    b.write_zeroes(65536, 4096).unwrap();
+    b.flush().unwrap();
+    // discard=ignore: a successful no-op, still a request.
+    b.discard(0, 4096).unwrap();
+    assert!(matches!(
+        b.read_at(&mut buf, (1 << 20) - 1),
+        Err(BlockError::OutOfRange { .. })
+    ));
+    b.account_invalid(block::IoType::Write);
+    let s = b.stats();
+    assert_eq!((s.rd.bytes, s.rd.operations, s.rd.invalid), (8192, 2, 1));
+    assert_eq!((s.wr.bytes, s.wr.operations, s.wr.invalid), (4608, 2, 1));
+    assert_eq!(
+        (s.flush.operations, s.unmap.operations, s.unmap.bytes),
+        (1, 1, 4096)
+    );
+    assert_eq!(s.wr_highest_offset, 65536 + 4096);
+    assert!(s.rd.total_time_ns > 0 && s.wr.total_time_ns > 0);
+    assert_eq!((s.rd.failed, s.wr.failed), (0, 0));
+    assert!(s.idle_time_ns.is_some());
+    assert_eq!(b.file_stats().wr_highest_offset, 65536 + 4096);
+    drop(b);
+
+    // A read-only node refuses writes as invalid requests; a probed raw image fails
+    // writes that would make it look like qcow2 (an I/O error: failed).
+    let ro = open(&path, Format::Raw, true).unwrap();
+    assert!(matches!(
+        ro.write_at(&[1; 512], 0),
+        Err(BlockError::ReadOnly)
+    ));
+    assert!(matches!(ro.discard(0, 512), Err(BlockError::ReadOnly)));
+    assert_eq!((ro.stats().wr.invalid, ro.stats().unmap.invalid), (1, 1));
+    drop(ro);
+    let probed = BlockBackend::open("", "#probed", OpenOptions::new(&path), |_| {}).unwrap();
+    let mut magic = vec![0u8; 512];
+    magic[..4].copy_from_slice(b"QFI\xfb");
+    assert!(probed.write_at(&magic, 0).is_err());
+    assert_eq!(
+        (probed.stats().wr.failed, probed.stats().wr.operations),
+        (1, 0)
+    );
+}
+
+#[test]
+fn detect_zeroes_turns_zero_writes_into_zero_clusters() {
+    if !have_qemu_tools() {
+        return;
+    }
+    let dir = scratch();
+    let path = dir.join("dz.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", p(&path), "4M"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xab 0 1M", p(&path)],
+    );
+    let zeroes = vec![0u8; 65536];
+    // off: the zeroes are data.
+    let b = open_with(&path, Format::Qcow2, |_| {}).unwrap();
+    b.write_at(&zeroes, 0).unwrap();
+    drop(b);
+    assert_eq!(map_at(&path, 0), (false, true));
+    // on: a zero cluster.
+    let b = open_with(&path, Format::Qcow2, |o| {
+        o.detect_zeroes = block::DetectZeroes::On
+    })
+    .unwrap();
+    b.write_at(&zeroes, 65536).unwrap();
+    // Not all zeroes: written as data.
+    let mut mixed = zeroes.clone();
+    mixed[100] = 1;
+    b.write_at(&mixed, 131072).unwrap();
+    assert_eq!(b.stats().wr.operations, 2);
+    drop(b);
+    assert_eq!(map_at(&path, 65536), (true, false));
+    assert_eq!(map_at(&path, 131072), (false, true));
+    let before = check(&path)["allocated-clusters"].as_u64().unwrap();
+    // unmap with discard=unmap: the cluster is freed as well.
+    let b = open_with(&path, Format::Qcow2, |o| {
+        o.detect_zeroes = block::DetectZeroes::Unmap;
+        o.discard = block::DiscardMode::Unmap;
+    })
+    .unwrap();
+    b.write_at(&zeroes, 196608).unwrap();
+    drop(b);
+    assert_eq!(map_at(&path, 196608), (true, false));
+    let after = check(&path)["allocated-clusters"].as_u64().unwrap();
+    assert!(after < before, "{after} clusters, {before} before");
+    run(
+        "qemu-io",
+        &[
+            "-r",
+            "-U",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0 0 128k",
+            "-c",
+            "read -P 0 192k 64k",
+            "-c",
+            "read -P 0xab 256k 768k",
+            p(&path),
+        ],
+    );
+}
+
+#[test]
+fn discard_frees_qcow2_clusters_and_punches_holes_in_raw_files() {
+    if !have_qemu_tools() {
+        return;
+    }
+    let dir = scratch();
+    // qcow2: written clusters are freed under discard=unmap, kept under discard=ignore.
+    let path = dir.join("d.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", p(&path), "4M"]);
+    let b = open_with(&path, Format::Qcow2, |_| {}).unwrap();
+    b.write_at(&vec![0x5a; 1 << 20], 0).unwrap();
+    drop(b);
+    let written = check(&path)["allocated-clusters"].as_u64().unwrap();
+    assert_eq!(written, 16, "1 MiB of 64 KiB clusters");
+    let b = open_with(&path, Format::Qcow2, |_| {}).unwrap();
+    b.discard(0, 512 << 10).unwrap();
+    drop(b);
+    assert_eq!(check(&path)["allocated-clusters"].as_u64().unwrap(), 16);
+    let b = open_with(&path, Format::Qcow2, |o| {
+        o.discard = block::DiscardMode::Unmap
+    })
+    .unwrap();
+    b.discard(0, 512 << 10).unwrap();
+    drop(b);
+    assert_eq!(check(&path)["allocated-clusters"].as_u64().unwrap(), 8);
+    assert!(!map_at(&path, 0).1, "no data where it was discarded");
+    assert!(map_at(&path, 512 << 10).1);
+    run(
+        "qemu-io",
+        &[
+            "-r",
+            "-U",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x5a 512k 512k",
+            p(&path),
+        ],
+    );
+
+    // raw: a hole (fewer blocks), reading back zeroes.
+    use std::os::unix::fs::MetadataExt;
+    let raw = dir.join("d.raw");
+    run("qemu-img", &["create", "-f", "raw", p(&raw), "4M"]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 0 2M", p(&raw)],
+    );
+    let blocks = |path: &Path| std::fs::metadata(path).unwrap().blocks();
+    let full = blocks(&raw);
+    let b = open_with(&raw, Format::Raw, |_| {}).unwrap();
+    b.discard(0, 1 << 20).unwrap();
+    assert_eq!(blocks(&raw), full, "discard=ignore keeps the data");
+    drop(b);
+    let b = open_with(&raw, Format::Raw, |o| o.discard = block::DiscardMode::Unmap).unwrap();
+    b.discard(0, 1 << 20).unwrap();
+    assert!(
+        blocks(&raw) + 1024 <= full,
+        "{} blocks, {full} before",
+        blocks(&raw)
+    );
+    let file = b.file_stats();
+    assert_eq!((file.discard_nb_ok, file.discard_bytes_ok), (1, 1 << 20));
+    let mut buf = vec![0xffu8; 4096];
+    b.read_at(&mut buf, 4096).unwrap();
+    assert!(buf.iter().all(|&x| x == 0));
+    drop(b);
+    run(
+        "qemu-io",
+        &[
+            "-r",
+            "-U",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 0 1M",
+            "-c",
+            "read -P 0x5a 1M 1M",
+            p(&raw),
+        ],
+    );
+}
+
+#[test]
+fn aio_modes_are_checked_as_qemu_checks_them() {
+    let dir = scratch();
+    let img = dir.join("aio.raw");
+    std::fs::write(&img, vec![0u8; 65536]).unwrap();
+    let f = img.display().to_string();
+    let native =
+        "aio=native was specified, but it requires cache.direct=on, which was not specified.";
+    for args in [
+        vec![
+            "-drive".to_string(),
+            format!("file={f},format=raw,if=none,aio=native"),
+        ],
+        vec![
+            "-blockdev".to_string(),
+            format!("driver=file,node-name=a0,filename={f},aio=native"),
+        ],
+        vec![
+            "-blockdev".to_string(),
+            format!("driver=raw,node-name=a0,file.driver=file,file.filename={f},file.aio=native"),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = qomvm(&args);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!("qomvm: -{} {}: {native}\n", &args[0][1..], args[1])
+        );
+    }
+    for args in [
+        vec!["-drive".to_string(), format!("file={f},format=raw,if=none,aio=native,cache=none")],
+        vec!["-drive".to_string(), format!("file={f},format=raw,if=none,aio=io_uring")],
+        vec![
+            "-blockdev".to_string(),
+            format!("driver=raw,node-name=a0,file.driver=file,file.filename={f},file.aio=native,file.cache.direct=on"),
+        ],
+        vec![
+            "-blockdev".to_string(),
+            format!("driver=file,node-name=a0,filename={f},aio=native,cache.direct=on"),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = qomvm_quit(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+}
+
+#[test]
+fn detect_zeroes_and_reference_errors_are_qemus() {
+    if !have_qemu_tools() {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.join("x.raw");
+    std::fs::write(&img, vec![0u8; 65536]).unwrap();
+    let f = img.display().to_string();
+    let q = image(&dir, "x.qcow2", "qcow2").display().to_string();
+    let file0 = format!("driver=file,node-name=f0,filename={f}");
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec!["-drive".into(), format!("file={f},format=raw,if=none,detect-zeroes=bogus")],
+            "invalid parameter value: bogus".into(),
+        ),
+        (
+            vec![
+                "-blockdev".into(),
+                format!("driver=raw,node-name=r0,detect-zeroes=bogus,file.driver=file,file.filename={f}"),
+            ],
+            "Parameter 'detect-zeroes' does not accept value 'bogus'".into(),
+        ),
+        (
+            vec![
+                "-blockdev".into(),
+                format!("driver=raw,node-name=r0,detect-zeroes=unmap,file.driver=file,file.filename={f}"),
+            ],
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into(),
+        ),
+        (
+            vec!["-blockdev".into(), format!("{file0},detect-zeroes=unmap")],
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into(),
+        ),
+        (
+            vec!["-blockdev".into(), "driver=raw,node-name=r0,file=nope".into()],
+            "Cannot find device='nope' nor node-name='nope'".into(),
+        ),
+        (
+            vec![
+                "-blockdev".into(),
+                format!("driver=qcow2,node-name=q0,file.driver=file,file.filename={q},backing=nope"),
+            ],
+            "Could not open backing file: Cannot find device='nope' nor node-name='nope'".into(),
+        ),
+        (
+            vec![
+                "-blockdev".into(),
+                format!("driver=raw,node-name=r0,file.driver=file,file.filename={f},backing=null"),
+            ],
+            "Parameter 'backing' is unexpected".into(),
+        ),
+        (
+            vec![
+                "-blockdev".into(),
+                format!(r#"{{"driver":"qcow2","node-name":"q0","file":{{"driver":"file","filename":"{q}"}},"backing":5}}"#),
+            ],
+            "Invalid parameter type for 'backing', expected: BlockdevRefOrNull".into(),
+        ),
+        (
+            vec![
+                "-blockdev".into(),
+                file0.clone(),
+                "-blockdev".into(),
+                "driver=raw,node-name=r0,file=f0".into(),
+                "-blockdev".into(),
+                "driver=raw,node-name=r1,file=f0".into(),
+            ],
+            "Permission conflict on node 'f0': permissions 'write' are both required by node 'r0' (uses node 'f0' as 'file' child) and unshared by node 'r1' (uses node 'f0' as 'file' child).".into(),
+        ),
+        (
+            vec![
+                "-blockdev".into(),
+                file0.clone(),
+                "-blockdev".into(),
+                "driver=raw,node-name=f0,file=f0".into(),
+            ],
+            "Duplicate nodes with node-name='f0'".into(),
+        ),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = qomvm(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr,
+            format!(
+                "qomvm: {} {}: {expected}\n",
+                args[args.len() - 2],
+                args[args.len() - 1]
+            )
+        );
+    }
+    // -drive takes detect-zeroes=unmap without discard=unmap, as QEMU does.
+    let out = qomvm_quit(&[
+        "-drive",
+        &format!("file={f},format=raw,if=none,detect-zeroes=unmap"),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Runs qomvm with `-qmp stdio` and `args`, sends `commands` and returns their replies.
+fn qmp_replies(args: &[&str], commands: &[Value]) -> Vec<Value> {
+    let mut child = Command::new(QOMVM)
+        .args([
+            "-M",
+            "none",
+            "-accel",
+            "qtest",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(args)
+        .args(["-qmp", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, r#"{{"execute":"qmp_capabilities"}}"#).unwrap();
+    for c in commands {
+        writeln!(stdin, "{c}").unwrap();
+    }
+    writeln!(stdin, r#"{{"execute":"quit"}}"#).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let replies: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("return").is_some() || v.get("error").is_some())
+        .collect();
+    // qmp_capabilities' reply first, quit's last.
+    replies[1..=commands.len()].to_vec()
+}
+
+#[test]
+fn blockdev_references_take_file_and_backing_nodes() {
+    if !have_qemu_tools() {
+        return;
+    }
+    let dir = scratch();
+    let base = image(&dir, "base.qcow2", "qcow2");
+    let other = dir.join("other.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", p(&other), "1M"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xcd 0 64k", p(&other)],
+    );
+    let top = dir.join("top.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "qcow2",
+            p(&top),
+        ],
+    );
+    let query = serde_json::json!({"execute": "query-named-block-nodes"});
+    // file=NODE and backing=NODE, in both syntaxes.
+    let replies = qmp_replies(
+        &[
+            "-blockdev",
+            &format!("driver=file,node-name=tf,filename={}", p(&top)),
+            "-blockdev",
+            &format!(
+                "driver=qcow2,node-name=ob,file.driver=file,file.filename={}",
+                p(&other)
+            ),
+            "-blockdev",
+            r#"{"driver":"qcow2","node-name":"tq","file":"tf","backing":"ob"}"#,
+        ],
+        std::slice::from_ref(&query),
+    );
+    let nodes = replies[0]["return"].as_array().unwrap().clone();
+    let find = |name: &str| {
+        nodes
+            .iter()
+            .find(|n| n["node-name"] == name)
+            .unwrap_or_else(|| panic!("no node {name}: {nodes:?}"))
+            .clone()
+    };
+    let tq = find("tq");
+    assert_eq!(tq["drv"], "qcow2");
+    assert_eq!(tq["backing_file_depth"], 1);
+    assert_eq!(tq["image"]["backing-image"]["filename"], p(&other));
+    assert_eq!(find("tf")["drv"], "file");
+    assert_eq!(find("tf")["file"], p(&top));
+    assert_eq!(find("ob")["ro"], true, "a backing node is read through");
+    // backing=null: no backing chain.
+    let replies = qmp_replies(
+        &[
+            "-blockdev",
+            &format!(
+                r#"{{"driver":"qcow2","node-name":"tq","file":{{"driver":"file","filename":"{}"}},"backing":null}}"#,
+                p(&top)
+            ),
+        ],
+        std::slice::from_ref(&query),
+    );
+    let tq = &replies[0]["return"][0];
+    assert_eq!(tq["node-name"], "tq");
+    assert_eq!(tq["backing_file_depth"], 0);
+    assert!(tq["image"].get("backing-image").is_none());
+
+    // The data: through the backing node, and none with backing=null.
+    let named = |name: &str, path: &Path, format: Format| {
+        let mut opts = OpenOptions::new(path);
+        opts.format = Some(format);
+        BlockBackend::open("", name, opts, |_| {}).unwrap()
+    };
+    block::add_backend(named("lib-other", &other, Format::Qcow2)).unwrap();
+    let via_node = open_with(&top, Format::Qcow2, |o| {
+        o.backing = block::BackingOption::Node("lib-other".into())
+    })
+    .unwrap();
+    assert!(
+        block::find_backend("lib-other").is_none(),
+        "taken as the backing child"
+    );
+    let mut buf = vec![0u8; 4096];
+    via_node.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&x| x == 0xcd));
+    let without = open_with(&top, Format::Qcow2, |o| {
+        o.backing = block::BackingOption::Null
+    });
+    assert!(without.is_err(), "the image is locked by the first");
+    drop(via_node);
+    // Another overlay of the same base: reopening `top` at once could meet its lock still
+    // held by a process a parallel test is spawning (forked before the drop, not yet
+    // exec'ed).
+    let top2 = dir.join("top2.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "qcow2",
+            p(&top2),
+        ],
+    );
+    let without = open_with(&top2, Format::Qcow2, |o| {
+        o.backing = block::BackingOption::Null
+    })
+    .unwrap();
+    without.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&x| x == 0));
+    drop(without);
+    // A file node the format fails to open over is put back.
+    let bad = dir.join("bad.qcow2");
+    std::fs::write(&bad, b"QFI\xfbgarbage").unwrap();
+    block::add_backend({
+        let mut opts = OpenOptions::new(&bad);
+        opts.format = Some(Format::Raw);
+        opts.protocol_only = true;
+        BlockBackend::open("", "lib-bad-file", opts, |_| {}).unwrap()
+    })
+    .unwrap();
+    let failed = open_with(&bad, Format::Qcow2, |o| {
+        o.file_ref = Some("lib-bad-file".into())
+    });
+    assert!(failed.is_err());
+    assert!(block::find_backend("lib-bad-file").is_some(), "given back");
+}
+
+#[test]
+fn query_blockstats_and_info_blockstats() {
+    let dir = scratch();
+    let img = dir.join("s.raw");
+    std::fs::write(&img, vec![0u8; 65536]).unwrap();
+    let f = img.display().to_string();
+    let img1 = dir.join("s1.raw");
+    std::fs::write(&img1, vec![0u8; 65536]).unwrap();
+    let replies = qmp_replies(
+        &[
+            "-drive",
+            &format!("file={f},format=raw,if=none,id=d0,detect-zeroes=on"),
+            "-blockdev",
+            &format!("driver=file,node-name=f1,filename={}", img1.display()),
+        ],
+        &[
+            serde_json::json!({"execute": "query-blockstats"}),
+            serde_json::json!({"execute": "query-blockstats", "arguments": {"query-nodes": true}}),
+            serde_json::json!({"execute": "human-monitor-command", "arguments": {"command-line": "info blockstats"}}),
+            serde_json::json!({"execute": "query-block"}),
+        ],
+    );
+    // Only the -drive has a BlockBackend (a -blockdev node gets one when a device uses it).
+    let list = replies[0]["return"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let d0 = &list[0];
+    let keys: Vec<&str> = d0.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["device", "node-name", "stats", "parent"]);
+    assert_eq!(d0["device"], "d0");
+    let stats = d0["stats"].as_object().unwrap();
+    let stat_keys: Vec<&str> = stats.keys().map(String::as_str).collect();
+    assert_eq!(
+        stat_keys,
+        [
+            "rd_bytes",
+            "wr_bytes",
+            "unmap_bytes",
+            "rd_operations",
+            "wr_operations",
+            "flush_operations",
+            "unmap_operations",
+            "rd_total_time_ns",
+            "wr_total_time_ns",
+            "flush_total_time_ns",
+            "unmap_total_time_ns",
+            "wr_highest_offset",
+            "rd_merged",
+            "wr_merged",
+            "unmap_merged",
+            "failed_rd_operations",
+            "failed_wr_operations",
+            "failed_flush_operations",
+            "failed_unmap_operations",
+            "invalid_rd_operations",
+            "invalid_wr_operations",
+            "invalid_flush_operations",
+            "invalid_unmap_operations",
+            "account_invalid",
+            "account_failed",
+            "timed_stats"
+        ]
+    );
+    assert_eq!(stats["account_invalid"], true);
+    assert_eq!(d0["parent"]["stats"]["account_invalid"], false);
+    assert_eq!(
+        d0["parent"]["driver-specific"],
+        serde_json::json!({"driver": "file", "discard-nb-ok": 0, "discard-nb-failed": 0, "discard-bytes-ok": 0})
+    );
+    let file_node = d0["parent"]["node-name"].as_str().unwrap();
+    let nodes: Vec<&str> = replies[1]["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node-name"].as_str().unwrap())
+        .collect();
+    assert!(
+        nodes.contains(&"f1") && nodes.contains(&file_node),
+        "{nodes:?}"
+    );
+    assert_eq!(
+        replies[2]["return"],
+        "d0: rd_bytes=0 wr_bytes=0 rd_operations=0 wr_operations=0 flush_operations=0 wr_total_time_ns=0 rd_total_time_ns=0 flush_total_time_ns=0 rd_merged=0 wr_merged=0 idle_time_ns=0\r\n"
+    );
+    assert_eq!(replies[3]["return"][0]["inserted"]["detect_zeroes"], "on");
 }

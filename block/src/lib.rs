@@ -13,6 +13,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use imago::file::File;
 use imago::qcow2::Qcow2;
@@ -57,9 +58,44 @@ pub enum BlockError {
     /// Something imago or the image refuses (an unknown backing format...).
     #[error("{0}")]
     Invalid(String),
+    /// A reference (`file=NODE`, `backing=NODE`) to a node that does not exist (QEMU's
+    /// `bdrv_lookup_bs`).
+    #[error("Cannot find device='{0}' nor node-name='{0}'")]
+    NodeNotFound(String),
+    /// The backing chain could not be opened.
+    #[error("Could not open backing file: {0}")]
+    Backing(Box<BlockError>),
+    /// A node that another node already uses as its child, and which it does not share
+    /// (QEMU's permission conflict; qomvm gives each node one user).
+    #[error(transparent)]
+    Conflict(Box<PermissionConflict>),
+    /// A node a `-drive` (or a device) uses, asked for as another node's child.
+    #[error("Node '{0}' is in use and cannot become another node's child")]
+    InUse(String),
+    /// `aio=native` without O_DIRECT (QEMU's file-posix check).
+    #[error("aio=native was specified, but it requires cache.direct=on, which was not specified.")]
+    AioNativeNeedsDirect,
     /// An I/O error.
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// QEMU's permission conflict between two users of a node.
+#[derive(Debug, thiserror::Error)]
+#[error("Permission conflict on node '{node}': permissions '{perms}' are both required by node '{user}' (uses node '{node}' as '{role}' child) and unshared by node '{new_user}' (uses node '{node}' as '{new_role}' child).")]
+pub struct PermissionConflict {
+    /// The node asked for.
+    pub node: String,
+    /// The permissions its user holds (`write, resize`).
+    pub perms: String,
+    /// The node using it.
+    pub user: String,
+    /// As which child (`file`, `backing`).
+    pub role: &'static str,
+    /// The node that asks for it.
+    pub new_user: String,
+    /// As which child.
+    pub new_role: &'static str,
 }
 
 /// strerror's text of an I/O error, without Rust's ` (os error N)`.
@@ -165,6 +201,55 @@ pub enum DiscardMode {
     Unmap,
 }
 
+/// `detect-zeroes=`: whether writes of zeroes become zero writes (QEMU's
+/// `BlockdevDetectZeroesOptions`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// `off` (the default): written as they are.
+    #[default]
+    Off,
+    /// `on`: a buffer of zeroes is written as `write_zeroes` (qcow2 zero clusters).
+    On,
+    /// `unmap`: as `on`, and the range is discarded too where `discard=unmap` allows it.
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// The value names, in QEMU's order.
+    pub const NAMES: &'static [&'static str] = &["off", "on", "unmap"];
+
+    /// Parses a `detect-zeroes=` value.
+    pub fn from_name(name: &str) -> Option<DetectZeroes> {
+        Some(match name {
+            "off" => DetectZeroes::Off,
+            "on" => DetectZeroes::On,
+            "unmap" => DetectZeroes::Unmap,
+            _ => return None,
+        })
+    }
+
+    /// The name QMP reports (`detect_zeroes`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+}
+
+/// `backing=` of a qcow2 node.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum BackingOption {
+    /// Not given: the backing file the image's header names, if any.
+    #[default]
+    FromImage,
+    /// `"backing": null`: no backing image (unallocated clusters read as zeroes).
+    Null,
+    /// `backing=NODE`: an existing node, which becomes this node's backing child.
+    Node(String),
+}
+
 /// `aio=`: how I/O is submitted. qomvm's I/O is synchronous on its I/O threads whatever is
 /// chosen; the value is kept for what QEMU reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -193,6 +278,13 @@ pub struct OpenOptions {
     pub discard: DiscardMode,
     /// `aio=`.
     pub aio: AioMode,
+    /// `detect-zeroes=`.
+    pub detect_zeroes: DetectZeroes,
+    /// `file=NODE`: the file child is an existing `driver=file` node, whose filename,
+    /// `aio` and `cache.direct` the image is opened with; `filename` is then ignored.
+    pub file_ref: Option<String>,
+    /// `backing=`.
+    pub backing: BackingOption,
     /// The node is the file itself (QEMU's `driver=file`, no format layer on it): raw
     /// data, reported as driver `file`.
     pub protocol_only: bool,
@@ -211,6 +303,9 @@ impl OpenOptions {
             cache: CacheMode::default(),
             discard: DiscardMode::default(),
             aio: AioMode::default(),
+            detect_zeroes: DetectZeroes::default(),
+            file_ref: None,
+            backing: BackingOption::default(),
             protocol_only: false,
             file_node_name: None,
         }
@@ -290,17 +385,31 @@ const BACKING_PERMS: (u32, u32) = (
     PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED,
 );
 
-/// Opens `path` in `format` (read-only backing layers included) and locks every file.
+/// Opens `path` in `format` (read-only backing layers included) and locks every file with
+/// `perms` (`(perm, shared)`), writable if they include write; `top_lock`, if given, is
+/// the lock to change to them rather than a new one.
+/// `backing` is the node's `backing=` option (qcow2 only); layers below the top take the
+/// backing their header names.
 fn open_image(
     path: &Path,
     format: Format,
-    writable: bool,
     storage: &StorageOpenOptions,
     perms: (u32, u32),
     names: (String, String),
+    backing: &BackingOption,
+    top_lock: Option<ImageLock>,
 ) -> Result<OpenedImage, BlockError> {
     let (node_name, file_node_name) = names;
-    let mut locks = vec![ImageLock::acquire(path, perms.0, perms.1)?];
+    // Opened for writing exactly when it takes the write permission.
+    let writable = perms.0 & PERM_WRITE != 0;
+    let top_lock = match top_lock {
+        Some(lock) => {
+            lock.update(path, perms.0, perms.1)?;
+            lock
+        }
+        None => ImageLock::acquire(path, perms.0, perms.1)?,
+    };
+    let mut locks = vec![top_lock];
     let open_err = |e: io::Error| BlockError::open(path, e);
     let filename = path.display().to_string();
     match format {
@@ -339,30 +448,42 @@ fn open_image(
                 .map_err(open_err)?;
             let backing_filename = qcow2.implicit_backing_file().cloned();
             let backing_format = qcow2.implicit_backing_format().cloned();
-            let mut backing = None;
+            let below = match (backing, &backing_filename) {
+                (BackingOption::Null, _) | (BackingOption::FromImage, None) => None,
+                (BackingOption::FromImage, Some(name)) => {
+                    let full = match Path::new(name) {
+                        p if p.is_absolute() => p.to_path_buf(),
+                        p => path.parent().unwrap_or(Path::new("")).join(p),
+                    };
+                    let bformat = match backing_format.as_deref() {
+                        Some(f) => Format::from_name(f)
+                            .ok_or_else(|| BlockError::Invalid(format!("Unknown driver '{f}'")))?,
+                        None => probe(&full)?,
+                    };
+                    Some(open_image(
+                        &full,
+                        bformat,
+                        &storage.clone().write(false),
+                        BACKING_PERMS,
+                        (auto_node_name(), auto_node_name()),
+                        &BackingOption::FromImage,
+                        None,
+                    )?)
+                }
+                // Taken only now that the top image opened, so a failure above leaves the
+                // node where it was.
+                (BackingOption::Node(name), _) => Some(
+                    take_node_for_backing(name, &node_name)
+                        .map_err(|e| BlockError::Backing(Box::new(e)))?,
+                ),
+            };
             let mut full_backing_filename = None;
-            if let Some(name) = &backing_filename {
-                let full = match Path::new(name) {
-                    p if p.is_absolute() => p.to_path_buf(),
-                    p => path.parent().unwrap_or(Path::new("")).join(p),
-                };
-                let bformat = match backing_format.as_deref() {
-                    Some(f) => Format::from_name(f)
-                        .ok_or_else(|| BlockError::Invalid(format!("Unknown driver '{f}'")))?,
-                    None => probe(&full)?,
-                };
-                let below = open_image(
-                    &full,
-                    bformat,
-                    false,
-                    &storage.clone().write(false),
-                    BACKING_PERMS,
-                    (auto_node_name(), auto_node_name()),
-                )?;
+            let mut backing_info = None;
+            if let Some(below) = below {
                 locks.extend(below.locks);
                 qcow2.set_backing(Some(below.access));
-                full_backing_filename = Some(full.display().to_string());
-                backing = Some(Box::new(below.info));
+                full_backing_filename = Some(below.info.filename.clone());
+                backing_info = Some(Box::new(below.info));
             }
             let access = FormatAccess::new(qcow2);
             let info = ImageInfo {
@@ -374,7 +495,7 @@ fn open_image(
                 backing_filename,
                 full_backing_filename,
                 backing_format,
-                backing,
+                backing: backing_info,
             };
             Ok(OpenedImage {
                 access,
@@ -385,7 +506,91 @@ fn open_image(
     }
 }
 
+/// A request type, as QEMU's I/O accounting counts them (`BlockAcctType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoType {
+    /// Reads.
+    Read,
+    /// Writes (zero writes included).
+    Write,
+    /// Flushes.
+    Flush,
+    /// Discards.
+    Unmap,
+}
+
+/// The counters of one request type (QEMU's `BlockAcctStats` arrays).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoTypeStats {
+    /// Bytes of the requests that succeeded.
+    pub bytes: u64,
+    /// Requests that succeeded.
+    pub operations: u64,
+    /// Requests that failed with an I/O error.
+    pub failed: u64,
+    /// Requests refused as invalid (out of range, a write to a read-only node).
+    pub invalid: u64,
+    /// Time spent in the requests that succeeded (and in failed ones, with
+    /// `account_failed`), in ns.
+    pub total_time_ns: u64,
+    /// Requests merged into others (qomvm merges none).
+    pub merged: u64,
+}
+
+/// A backend's I/O statistics (QMP's `BlockDeviceStats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Reads.
+    pub rd: IoTypeStats,
+    /// Writes.
+    pub wr: IoTypeStats,
+    /// Flushes.
+    pub flush: IoTypeStats,
+    /// Discards.
+    pub unmap: IoTypeStats,
+    /// The end of the highest write (or discard) so far, in bytes.
+    pub wr_highest_offset: u64,
+    /// Time since the last request, in ns; `None` before the first.
+    pub idle_time_ns: Option<u64>,
+    /// Whether invalid requests count as accesses (QEMU's `stats-account-invalid`).
+    pub account_invalid: bool,
+    /// Whether failed requests count their time (QEMU's `stats-account-failed`).
+    pub account_failed: bool,
+}
+
+/// What the `file` protocol node itself saw (QMP's `BlockStatsSpecificFile`, and the file
+/// node's `wr_highest_offset`). Only raw images have their data there byte for byte; for
+/// qcow2 the format's own writes to the file are not counted and these stay zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileStats {
+    /// `discard-nb-ok`.
+    pub discard_nb_ok: u64,
+    /// `discard-nb-failed`.
+    pub discard_nb_failed: u64,
+    /// `discard-bytes-ok`.
+    pub discard_bytes_ok: u64,
+    /// The end of the highest write to the file.
+    pub wr_highest_offset: u64,
+}
+
+#[derive(Default)]
+struct Acct {
+    types: [IoTypeStats; 4],
+    last_access: Option<Instant>,
+    wr_highest_offset: u64,
+    file: FileStats,
+}
+
+impl Acct {
+    fn slot(&mut self, kind: IoType) -> &mut IoTypeStats {
+        &mut self.types[kind as usize]
+    }
+}
+
 /// A handle devices do I/O through (QEMU's `BlockBackend` with its root node).
+///
+/// Requests are synchronous, on the calling thread (a device's I/O thread), and counted
+/// as QEMU's `block_acct_*` count them.
 pub struct BlockBackend {
     id: String,
     node_name: String,
@@ -396,8 +601,9 @@ pub struct BlockBackend {
     info: ImageInfo,
     /// imago's access; discard needs it exclusively.
     access: RwLock<FormatAccess<File>>,
-    _locks: Vec<ImageLock>,
-    /// The device using the backend (its QOM path), as QEMU's `blk_attach_dev`.
+    locks: Vec<ImageLock>,
+    acct: Mutex<Acct>,
+    /// The device using it (QEMU's `blk_attach_dev`), by its id or QOM path.
     attached: Mutex<Option<String>>,
 }
 
@@ -419,19 +625,83 @@ pub fn auto_node_name() -> String {
     format!("#block{:03}", NODE_COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Whether a failed request was refused before reaching the image (QEMU's "invalid").
+fn is_invalid(e: &BlockError) -> bool {
+    matches!(e, BlockError::OutOfRange { .. } | BlockError::ReadOnly)
+}
+
 impl BlockBackend {
     /// Opens an image. `id` is the backend's name (`-drive id=`, empty for a `-blockdev`
     /// node), `node_name` its root node's. Returns the image's locks' and open's errors
     /// with QEMU's text. If the format is probed as raw, `warn` gets QEMU's warning.
+    ///
+    /// A `file=NODE` reference takes that `driver=file` node out of the table: it becomes
+    /// this node's file child (it is given back if the open fails). A `backing=NODE`
+    /// reference does the same with the node that becomes the backing child.
     pub fn open(
+        id: &str,
+        node_name: &str,
+        mut opts: OpenOptions,
+        warn: impl FnOnce(&str),
+    ) -> Result<BlockBackend, BlockError> {
+        let Some(name) = opts.file_ref.clone() else {
+            return Self::open_image_node(id, node_name, opts, warn, None);
+        };
+        let (index, file) = take_file_node(&name, node_name)?;
+        if file.opts.read_only && !opts.read_only {
+            put_back(index, file);
+            return Err(BlockError::ReadOnly);
+        }
+        opts.filename = file.opts.filename.clone();
+        opts.aio = file.opts.aio;
+        if file.opts.cache.direct() && !opts.cache.direct() {
+            opts.cache = if opts.cache.writeback() {
+                CacheMode::None
+            } else {
+                CacheMode::Directsync
+            };
+        }
+        opts.file_node_name = Some(file.node_name.clone());
+        // The format node locks the file through the file node's own open file
+        // description, so the file is never unlocked in between.
+        let lock = match file.locks.first().map(ImageLock::try_clone) {
+            Some(Ok(lock)) => Some(lock),
+            Some(Err(e)) => {
+                put_back(index, file);
+                return Err(BlockError::Io(e));
+            }
+            None => None,
+        };
+        match Self::open_image_node(id, node_name, opts, warn, lock) {
+            Ok(backend) => Ok(backend),
+            Err(e) => {
+                // Back to the file node's own permissions, and back in the table.
+                let (perm, shared) = top_perms(Format::Raw, file.opts.read_only);
+                if let Some(lock) = file.locks.first() {
+                    if let Err(e) = lock.update(&file.opts.filename, perm, shared) {
+                        log::warn!("node '{name}' keeps other locks: {e}");
+                    }
+                }
+                put_back(index, file);
+                Err(e)
+            }
+        }
+    }
+
+    fn open_image_node(
         id: &str,
         node_name: &str,
         opts: OpenOptions,
         warn: impl FnOnce(&str),
+        top_lock: Option<ImageLock>,
     ) -> Result<BlockBackend, BlockError> {
         let path = opts.filename.clone();
         // QEMU opens the file before locking it, so a missing file is reported as such.
         std::fs::metadata(&path).map_err(|e| BlockError::open(&path, e))?;
+        // QEMU's raw_open_common: native AIO needs O_DIRECT.
+        if opts.aio == AioMode::Native && !opts.cache.direct() {
+            return Err(BlockError::AioNativeNeedsDirect);
+        }
         let (format, probed_raw) = match opts.format {
             Some(f) => (f, false),
             None => {
@@ -451,48 +721,30 @@ impl BlockBackend {
         let image = open_image(
             &path,
             format,
-            !opts.read_only,
             &storage,
             top_perms(format, opts.read_only),
             (
                 node_name.to_string(),
                 opts.file_node_name.clone().unwrap_or_else(auto_node_name),
             ),
+            &opts.backing,
+            top_lock,
         )?;
         Ok(BlockBackend {
             id: id.to_string(),
             node_name: node_name.to_string(),
             opts: OpenOptions {
                 format: Some(format),
+                file_node_name: Some(image.info.file_node_name.clone()),
                 ..opts
             },
             probed_raw,
             info: image.info,
             access: RwLock::new(image.access),
-            _locks: image.locks,
+            locks: image.locks,
+            acct: Mutex::new(Acct::default()),
             attached: Mutex::new(None),
         })
-    }
-
-    /// Attaches the device at QOM path `device` (QEMU's `blk_attach_dev`); false if
-    /// another device has the backend already.
-    pub fn attach_device(&self, device: Option<String>) -> bool {
-        let mut attached = self.attached.lock();
-        if attached.is_some() {
-            return false;
-        }
-        *attached = Some(device.unwrap_or_default());
-        true
-    }
-
-    /// Detaches the device (QEMU's `blk_detach_dev`), at unplug.
-    pub fn detach_device(&self) {
-        *self.attached.lock() = None;
-    }
-
-    /// The QOM path of the device using the backend (`query-block`'s `qdev`).
-    pub fn attached_device(&self) -> Option<String> {
-        self.attached.lock().clone()
     }
 
     /// The backend's name (`-drive id=`); empty for a `-blockdev` node.
@@ -503,7 +755,7 @@ impl BlockBackend {
     pub fn node_name(&self) -> &str {
         &self.node_name
     }
-    /// The options it was opened with (the format resolved).
+    /// The options it was opened with (the format and the file node's name resolved).
     pub fn options(&self) -> &OpenOptions {
         &self.opts
     }
@@ -533,6 +785,102 @@ impl BlockBackend {
         self.access.read().size()
     }
 
+    /// QEMU's `blk_attach_dev`: records the device (its id, or QOM path) that uses this
+    /// backend, which `query-block` and `query-blockstats` report as `qdev`. A backend has
+    /// one device.
+    pub fn attach_dev(&self, qdev: &str) -> Result<(), BlockError> {
+        let mut attached = self.attached.lock();
+        if attached.is_some() {
+            let name = if self.id.is_empty() {
+                &self.node_name
+            } else {
+                &self.id
+            };
+            return Err(BlockError::Invalid(format!(
+                "Drive '{name}' is already in use by another device"
+            )));
+        }
+        *attached = Some(qdev.to_string());
+        Ok(())
+    }
+    /// QEMU's `blk_detach_dev` (at unrealize).
+    pub fn detach_dev(&self) {
+        *self.attached.lock() = None;
+    }
+    /// The device using it, if any.
+    pub fn attached_dev(&self) -> Option<String> {
+        self.attached.lock().clone()
+    }
+
+    /// The I/O statistics so far.
+    pub fn stats(&self) -> BlockStats {
+        let acct = self.acct.lock();
+        let [rd, wr, flush, unmap] = acct.types;
+        BlockStats {
+            rd,
+            wr,
+            flush,
+            unmap,
+            wr_highest_offset: acct.wr_highest_offset,
+            idle_time_ns: acct
+                .last_access
+                .map(|t| u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+            account_invalid: true,
+            account_failed: true,
+        }
+    }
+
+    /// What the root's file node saw (see [`FileStats`]).
+    pub fn file_stats(&self) -> FileStats {
+        self.acct.lock().file
+    }
+
+    /// Counts a request a device refused before it reached the backend (QEMU's
+    /// `block_acct_invalid`: a misaligned sector, a bad request type...).
+    pub fn account_invalid(&self, kind: IoType) {
+        let mut acct = self.acct.lock();
+        acct.slot(kind).invalid += 1;
+        acct.last_access = Some(Instant::now());
+    }
+
+    /// Runs request `f` of `kind` over `bytes` at `offset`, counting it.
+    fn accounted(
+        &self,
+        kind: IoType,
+        offset: u64,
+        bytes: u64,
+        f: impl FnOnce() -> Result<(), BlockError>,
+    ) -> Result<(), BlockError> {
+        let start = Instant::now();
+        let result = f();
+        let now = Instant::now();
+        let ns = u64::try_from(now.duration_since(start).as_nanos()).unwrap_or(u64::MAX);
+        let mut acct = self.acct.lock();
+        match &result {
+            Ok(()) => {
+                let slot = acct.slot(kind);
+                slot.bytes += bytes;
+                slot.operations += 1;
+                slot.total_time_ns += ns;
+                if matches!(kind, IoType::Write) {
+                    acct.wr_highest_offset = acct.wr_highest_offset.max(offset + bytes);
+                    if self.format() == Format::Raw {
+                        acct.file.wr_highest_offset =
+                            acct.file.wr_highest_offset.max(offset + bytes);
+                    }
+                }
+            }
+            Err(e) if is_invalid(e) => acct.slot(kind).invalid += 1,
+            Err(_) => {
+                let slot = acct.slot(kind);
+                slot.failed += 1;
+                slot.total_time_ns += ns;
+            }
+        }
+        acct.last_access = Some(now);
+        result
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         let size = self.size();
         match offset.checked_add(len) {
@@ -550,28 +898,55 @@ impl BlockBackend {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
-        self.check_range(offset, buf.len() as u64)?;
-        self.access.read().read(buf, offset)?;
-        Ok(())
+        let len = buf.len() as u64;
+        self.accounted(IoType::Read, offset, len, || {
+            self.check_range(offset, len)?;
+            self.access.read().read(buf, offset)?;
+            Ok(())
+        })
     }
 
-    /// Writes `buf` at `offset`; under writethrough caching, flushes too.
+    /// Writes `buf` at `offset`; under writethrough caching, flushes too. With
+    /// `detect-zeroes=on|unmap` a buffer of zeroes is written as zeroes (unmapped under
+    /// `detect-zeroes=unmap` with `discard=unmap`), as QEMU's `bdrv_aligned_pwritev` does.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
-        self.check_writable()?;
-        self.check_range(offset, buf.len() as u64)?;
-        if self.probed_raw && offset == 0 && buf.len() >= 4 && buf[..4] == QCOW2_MAGIC {
-            return Err(BlockError::Io(io::Error::from_raw_os_error(libc::EPERM)));
-        }
-        self.access.read().write(buf, offset)?;
-        self.write_done()
+        let len = buf.len() as u64;
+        self.accounted(IoType::Write, offset, len, || {
+            self.check_writable()?;
+            self.check_range(offset, len)?;
+            if self.probed_raw && offset == 0 && buf.len() >= 4 && buf[..4] == QCOW2_MAGIC {
+                return Err(BlockError::Io(io::Error::from_raw_os_error(libc::EPERM)));
+            }
+            if self.opts.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
+                self.zeroes(offset, len)?;
+            } else {
+                self.access.read().write(buf, offset)?;
+            }
+            self.write_done()
+        })
     }
 
     /// Writes `len` zero bytes at `offset`.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.check_writable()?;
-        self.check_range(offset, len)?;
-        self.access.read().write_zeroes(offset, len)?;
-        self.write_done()
+        self.accounted(IoType::Write, offset, len, || {
+            self.check_writable()?;
+            self.check_range(offset, len)?;
+            self.zeroes(offset, len)?;
+            self.write_done()
+        })
+    }
+
+    /// Makes the range read as zeroes: freed where `detect-zeroes=unmap` and
+    /// `discard=unmap` allow it (QEMU's `BDRV_REQ_MAY_UNMAP`), else zero clusters or
+    /// written zeroes.
+    fn zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard == DiscardMode::Unmap
+        {
+            self.access.write().discard_to_zero(offset, len)?;
+        } else {
+            self.access.read().write_zeroes(offset, len)?;
+        }
+        Ok(())
     }
 
     /// After a write: write-through caches (`cache=writethrough`/`directsync`) flush.
@@ -579,25 +954,43 @@ impl BlockBackend {
         if self.opts.cache.writeback() {
             return Ok(());
         }
-        self.flush()
+        self.flush_image()
     }
 
-    /// Discards `len` bytes at `offset` (reading them back gives zeroes or old data). Does
-    /// nothing under `discard=ignore`, nor where the format cannot discard.
+    /// Discards `len` bytes at `offset` (reading them back gives zeroes or old data): a
+    /// qcow2 frees its clusters, a raw file gets a hole. Does nothing, successfully, under
+    /// `discard=ignore`, nor where the format cannot discard.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.check_writable()?;
-        self.check_range(offset, len)?;
-        if self.opts.discard == DiscardMode::Ignore {
-            return Ok(());
-        }
-        match self.access.write().discard_to_any(offset, len) {
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
-            other => Ok(other?),
-        }
+        self.accounted(IoType::Unmap, offset, len, || {
+            self.check_writable()?;
+            self.check_range(offset, len)?;
+            if self.opts.discard == DiscardMode::Ignore {
+                return Ok(());
+            }
+            let result = match self.access.write().discard_to_any(offset, len) {
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+                other => other,
+            };
+            if self.format() == Format::Raw {
+                let mut acct = self.acct.lock();
+                match &result {
+                    Ok(()) => {
+                        acct.file.discard_nb_ok += 1;
+                        acct.file.discard_bytes_ok += len;
+                    }
+                    Err(_) => acct.file.discard_nb_failed += 1,
+                }
+            }
+            Ok(result?)
+        })
     }
 
     /// Writes cached data and metadata to stable storage, unless `cache=unsafe`.
     pub fn flush(&self) -> Result<(), BlockError> {
+        self.accounted(IoType::Flush, 0, 0, || self.flush_image())
+    }
+
+    fn flush_image(&self) -> Result<(), BlockError> {
         if self.opts.cache.no_flush() || self.opts.read_only {
             return Ok(());
         }
@@ -619,10 +1012,12 @@ pub fn add_backend(backend: BlockBackend) -> Result<Arc<BlockBackend>, BlockErro
             backend.id
         )));
     }
-    if all.iter().any(|b| b.node_name == backend.node_name) {
+    if let Some(name) = node_names(&backend)
+        .into_iter()
+        .find(|n| all.iter().any(|b| node_names(b).contains(n)))
+    {
         return Err(BlockError::Invalid(format!(
-            "Duplicate nodes with node-name='{}'",
-            backend.node_name
+            "Duplicate nodes with node-name='{name}'"
         )));
     }
     let backend = Arc::new(backend);
@@ -630,9 +1025,28 @@ pub fn add_backend(backend: BlockBackend) -> Result<Arc<BlockBackend>, BlockErro
     Ok(backend)
 }
 
-/// Whether a backend id or node name is taken.
+/// The names of every node of a backend: each layer's format node and its file node.
+fn node_names(b: &BlockBackend) -> Vec<String> {
+    let mut names = vec![b.node_name.clone()];
+    let mut layer = Some(&b.info);
+    while let Some(info) = layer {
+        if !b.opts.protocol_only {
+            names.push(info.file_node_name.clone());
+        }
+        layer = info.backing.as_deref();
+        if let Some(below) = layer {
+            names.push(below.node_name.clone());
+        }
+    }
+    names
+}
+
+/// Whether a backend id or any node name is taken.
 pub fn name_in_use(name: &str) -> bool {
-    find_backend(name).is_some()
+    BACKENDS
+        .lock()
+        .iter()
+        .any(|b| (!b.id.is_empty() && b.id == name) || node_names(b).iter().any(|n| n == name))
 }
 
 /// Every backend, in creation order.
@@ -649,11 +1063,126 @@ pub fn find_backend(name: &str) -> Option<Arc<BlockBackend>> {
         .cloned()
 }
 
+/// The node that uses node `name` as a child, and as which (for QEMU's permission
+/// conflict message).
+fn child_user(all: &[Arc<BlockBackend>], name: &str) -> Option<(String, &'static str, String)> {
+    for b in all {
+        let mut layer = Some(&b.info);
+        let mut layer_name = b.node_name.clone();
+        let mut writable = !b.opts.read_only;
+        while let Some(info) = layer {
+            let perms = match (writable, info.format) {
+                (true, Format::Qcow2) => "write, resize",
+                (true, Format::Raw) => "write",
+                (false, _) => "consistent read",
+            };
+            if !b.opts.protocol_only && info.file_node_name == name {
+                return Some((layer_name, "file", perms.to_string()));
+            }
+            if let Some(below) = info.backing.as_deref() {
+                if below.node_name == name {
+                    return Some((layer_name, "backing", "consistent read".to_string()));
+                }
+                layer_name = below.node_name.clone();
+            }
+            layer = info.backing.as_deref();
+            writable = false;
+        }
+    }
+    None
+}
+
+/// Removes the unused standalone node `name` from the table, for `new_user` to use as
+/// its `role` child.
+fn take_node(
+    name: &str,
+    new_user: &str,
+    role: &'static str,
+) -> Result<(usize, BlockBackend), BlockError> {
+    let mut all = BACKENDS.lock();
+    let Some(i) = all
+        .iter()
+        .position(|b| b.node_name == name || (!b.id.is_empty() && b.id == name))
+    else {
+        return Err(match child_user(&all, name) {
+            Some((user, user_role, perms)) => BlockError::Conflict(Box::new(PermissionConflict {
+                node: name.to_string(),
+                perms,
+                user,
+                role: user_role,
+                new_user: new_user.to_string(),
+                new_role: role,
+            })),
+            None => BlockError::NodeNotFound(name.to_string()),
+        });
+    };
+    // A -drive's root, or a node a device holds, stays where it is.
+    if !all[i].id.is_empty() || Arc::strong_count(&all[i]) > 1 || all[i].attached_dev().is_some() {
+        return Err(BlockError::InUse(name.to_string()));
+    }
+    let node = all.remove(i);
+    match Arc::try_unwrap(node) {
+        Ok(node) => Ok((i, node)),
+        Err(node) => {
+            all.insert(i, node);
+            Err(BlockError::InUse(name.to_string()))
+        }
+    }
+}
+
+/// Puts a taken node back where it was in the table.
+fn put_back(index: usize, node: BlockBackend) {
+    let mut all = BACKENDS.lock();
+    let index = index.min(all.len());
+    all.insert(index, Arc::new(node));
+}
+
+/// `file=NODE`: takes the `driver=file` node `name` (with its index in the table); the
+/// format node opens the file again, under the same locks.
+fn take_file_node(name: &str, new_user: &str) -> Result<(usize, BlockBackend), BlockError> {
+    let (index, node) = take_node(name, new_user, "file")?;
+    if !node.opts.protocol_only {
+        let driver = node.driver_name();
+        put_back(index, node);
+        return Err(BlockError::Invalid(format!(
+            "Node '{name}' is a '{driver}' node: qomvm opens formats on 'file' nodes only"
+        )));
+    }
+    Ok((index, node))
+}
+
+/// `backing=NODE`: takes node `name` whole (its image, its own chain, its locks) as the
+/// backing image of `new_user`. Its top file's locks become a backing file's (read,
+/// shared with writers that keep the data).
+fn take_node_for_backing(name: &str, new_user: &str) -> Result<OpenedImage, BlockError> {
+    let (index, node) = take_node(name, new_user, "backing")?;
+    // In place, on the same open file description: never unlocked in between.
+    if let Some(lock) = node.locks.first() {
+        if let Err(e) = lock.update(&node.opts.filename, BACKING_PERMS.0, BACKING_PERMS.1) {
+            put_back(index, node);
+            return Err(e);
+        }
+    }
+    let BlockBackend {
+        node_name,
+        mut info,
+        access,
+        locks,
+        ..
+    } = node;
+    info.node_name = node_name;
+    Ok(OpenedImage {
+        access: access.into_inner(),
+        info,
+        locks,
+    })
+}
+
 /// Flushes and closes every backend (at exit), releasing the locks.
 pub fn close_all() {
     let all = std::mem::take(&mut *BACKENDS.lock());
     for b in all {
-        if let Err(e) = b.flush() {
+        if let Err(e) = b.flush_image() {
             log::warn!("flushing '{}' failed: {e}", b.node_name);
         }
     }

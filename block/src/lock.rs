@@ -63,20 +63,39 @@ impl ImageLock {
     pub fn acquire(path: &Path, perm: u32, shared: u32) -> Result<ImageLock, BlockError> {
         let file = File::open(path).map_err(|e| BlockError::open(path, e))?;
         let lock = ImageLock { file };
+        lock.update(path, perm, shared)?;
+        Ok(lock)
+    }
+
+    /// Another handle on the same open file description: its locks are this one's (a
+    /// node handing its file to the node above without a moment unlocked).
+    pub fn try_clone(&self) -> std::io::Result<ImageLock> {
+        Ok(ImageLock {
+            file: self.file.try_clone()?,
+        })
+    }
+
+    /// Changes the held permissions in place (QEMU's `raw_handle_perm_lock` on a
+    /// permission change): bytes no longer needed are unlocked, new ones locked, then
+    /// checked against everyone else. `path` is for the error text.
+    pub fn update(&self, path: &Path, perm: u32, shared: u32) -> Result<(), BlockError> {
+        let kind = |held: bool| {
+            if held {
+                libc::F_RDLCK as libc::c_short
+            } else {
+                libc::F_UNLCK as libc::c_short
+            }
+        };
         for bit in 0..4 {
-            if perm & (1 << bit) != 0 {
-                lock.set(libc::F_RDLCK as libc::c_short, LOCK_BASE_PERM + bit as i64)?;
-            }
-            if shared & (1 << bit) == 0 {
-                lock.set(
-                    libc::F_RDLCK as libc::c_short,
-                    LOCK_BASE_SHARED + bit as i64,
-                )?;
-            }
+            self.set(kind(perm & (1 << bit) != 0), LOCK_BASE_PERM + bit as i64)?;
+            self.set(
+                kind(shared & (1 << bit) == 0),
+                LOCK_BASE_SHARED + bit as i64,
+            )?;
         }
         // QEMU's order: every permission wanted, then every permission not shared.
         for bit in 0..4 {
-            if perm & (1 << bit) != 0 && lock.held_by_other(LOCK_BASE_SHARED + bit as i64)? {
+            if perm & (1 << bit) != 0 && self.held_by_other(LOCK_BASE_SHARED + bit as i64)? {
                 return Err(BlockError::Locked {
                     what: format!("Failed to get \"{}\" lock", perm_name(bit)),
                     path: path.display().to_string(),
@@ -84,14 +103,14 @@ impl ImageLock {
             }
         }
         for bit in 0..4 {
-            if shared & (1 << bit) == 0 && lock.held_by_other(LOCK_BASE_PERM + bit as i64)? {
+            if shared & (1 << bit) == 0 && self.held_by_other(LOCK_BASE_PERM + bit as i64)? {
                 return Err(BlockError::Locked {
                     what: format!("Failed to get shared \"{}\" lock", perm_name(bit)),
                     path: path.display().to_string(),
                 });
             }
         }
-        Ok(lock)
+        Ok(())
     }
 
     fn set(&self, kind: libc::c_short, offset: i64) -> Result<(), BlockError> {

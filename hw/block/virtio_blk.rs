@@ -173,7 +173,7 @@ impl VirtioBlk {
 
 impl Drop for VirtioBlk {
     fn drop(&mut self) {
-        self.conf.backend.detach_device();
+        self.conf.backend.detach_dev();
     }
 }
 

@@ -187,7 +187,7 @@ impl VirtioBlkPci {
                 .try_main_context()
                 .map_err(|e| VirtioBlkError::NoEventLoop(e.to_string()))?,
         };
-        if !backend.attach_device(path) {
+        if backend.attach_dev(&path.unwrap_or_default()).is_err() {
             return Err(VirtioBlkError::DriveInUse(drive));
         }
         Ok(VirtioBlkConf {

@@ -153,6 +153,12 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         run: info_block,
     },
     HmpCommand {
+        names: "blockstats",
+        params: "",
+        help: "show block device statistics",
+        run: info_blockstats,
+    },
+    HmpCommand {
         names: "cpus",
         params: "",
         help: "show infos for each CPU",
@@ -455,6 +461,39 @@ fn object_del(
 ) -> Result<(), QmpError> {
     let id = args.first().ok_or_else(|| missing("id"))?;
     qom::user_creatable_del(id)?;
+    Ok(())
+}
+
+/// QEMU's `hmp_info_blockstats`: one line per backend.
+fn info_blockstats(
+    _: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    for entry in crate::monitor::info::block_stats(false) {
+        let s = &entry["stats"];
+        let _ = write!(out, "{}:", entry["device"].as_str().unwrap_or_default());
+        for key in [
+            "rd_bytes",
+            "wr_bytes",
+            "rd_operations",
+            "wr_operations",
+            "flush_operations",
+            "wr_total_time_ns",
+            "rd_total_time_ns",
+            "flush_total_time_ns",
+            "rd_merged",
+            "wr_merged",
+        ] {
+            let _ = write!(out, " {key}={}", s[key].as_u64().unwrap_or(0));
+        }
+        let _ = writeln!(
+            out,
+            " idle_time_ns={}",
+            s["idle_time_ns"].as_u64().unwrap_or(0)
+        );
+    }
     Ok(())
 }
 

@@ -157,7 +157,7 @@ fn block_device_info(
     };
     v["backing_file_depth"] = depth.into();
     v["encrypted"] = false.into();
-    v["detect_zeroes"] = "off".into();
+    v["detect_zeroes"] = backend.options().detect_zeroes.name().into();
     for key in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
         v[key] = 0.into();
     }
@@ -193,16 +193,162 @@ fn inserted_info(backend: &block::BlockBackend) -> Value {
 pub fn block_infos() -> Vec<Value> {
     block::backends()
         .iter()
-        .filter(|b| !b.id().is_empty())
+        .filter(|b| has_blk(b))
         .map(|b| {
-            json!({
-                "device": b.id(),
-                "locked": false,
-                "removable": false,
-                "inserted": inserted_info(b),
-            })
+            let mut v = json!({"device": b.id()});
+            if let Some(qdev) = b.attached_dev() {
+                v["qdev"] = qdev.into();
+            }
+            v["locked"] = false.into();
+            v["removable"] = false.into();
+            v["inserted"] = inserted_info(b);
+            v
         })
         .collect()
+}
+
+/// Whether QEMU would have a `BlockBackend` for it: a `-drive`, or a node a device uses.
+fn has_blk(b: &block::BlockBackend) -> bool {
+    !b.id().is_empty() || b.attached_dev().is_some()
+}
+
+/// QMP's `BlockDeviceStats`, in QAPI's member order.
+fn device_stats_json(s: &block::BlockStats) -> Value {
+    let mut v = json!({
+        "rd_bytes": s.rd.bytes,
+        "wr_bytes": s.wr.bytes,
+        "unmap_bytes": s.unmap.bytes,
+        "rd_operations": s.rd.operations,
+        "wr_operations": s.wr.operations,
+        "flush_operations": s.flush.operations,
+        "unmap_operations": s.unmap.operations,
+        "rd_total_time_ns": s.rd.total_time_ns,
+        "wr_total_time_ns": s.wr.total_time_ns,
+        "flush_total_time_ns": s.flush.total_time_ns,
+        "unmap_total_time_ns": s.unmap.total_time_ns,
+        "wr_highest_offset": s.wr_highest_offset,
+        "rd_merged": s.rd.merged,
+        "wr_merged": s.wr.merged,
+        "unmap_merged": s.unmap.merged,
+    });
+    if let Some(idle) = s.idle_time_ns {
+        v["idle_time_ns"] = idle.into();
+    }
+    for (key, value) in [
+        ("failed_rd_operations", s.rd.failed),
+        ("failed_wr_operations", s.wr.failed),
+        ("failed_flush_operations", s.flush.failed),
+        ("failed_unmap_operations", s.unmap.failed),
+        ("invalid_rd_operations", s.rd.invalid),
+        ("invalid_wr_operations", s.wr.invalid),
+        ("invalid_flush_operations", s.flush.invalid),
+        ("invalid_unmap_operations", s.unmap.invalid),
+    ] {
+        v[key] = value.into();
+    }
+    v["account_invalid"] = s.account_invalid.into();
+    v["account_failed"] = s.account_failed.into();
+    v["timed_stats"] = json!([]);
+    v
+}
+
+/// A node's own statistics (QEMU's `bdrv_query_bds_stats`): only the highest write is
+/// kept per node; the request counters are the backend's.
+fn node_stats_json(wr_highest_offset: u64) -> Value {
+    device_stats_json(&block::BlockStats {
+        wr_highest_offset,
+        ..block::BlockStats::default()
+    })
+}
+
+/// The `file` node's `driver-specific` statistics.
+fn file_specific_json(f: &block::FileStats) -> Value {
+    json!({
+        "driver": "file",
+        "discard-nb-ok": f.discard_nb_ok,
+        "discard-nb-failed": f.discard_nb_failed,
+        "discard-bytes-ok": f.discard_bytes_ok,
+    })
+}
+
+/// The `BlockStats` of the file node of `layer` (what QEMU calls its `parent`).
+fn file_node_stats(layer: &block::ImageInfo, file: &block::FileStats) -> Value {
+    json!({
+        "node-name": layer.file_node_name,
+        "stats": node_stats_json(file.wr_highest_offset),
+        "driver-specific": file_specific_json(file),
+    })
+}
+
+/// The `BlockStats` of a backing layer and those below it (blk-level `backing`).
+fn backing_stats(layer: &block::ImageInfo) -> Value {
+    let mut v = json!({
+        "node-name": layer.node_name,
+        "stats": node_stats_json(0),
+        "parent": file_node_stats(layer, &block::FileStats::default()),
+    });
+    if let Some(below) = &layer.backing {
+        v["backing"] = backing_stats(below);
+    }
+    v
+}
+
+/// `query-blockstats`: each backend (`-drive`, or a node a device uses) with its I/O
+/// statistics, its file node as `parent` and its backing chain; with `query-nodes`, every
+/// named node with its own statistics instead.
+pub fn block_stats(query_nodes: bool) -> Vec<Value> {
+    let mut list = Vec::new();
+    for b in block::backends() {
+        let file = b.file_stats();
+        let protocol = b.driver_name() == "file";
+        if query_nodes {
+            let top = b.image_info();
+            if protocol {
+                list.push(json!({
+                    "node-name": b.node_name(),
+                    "stats": node_stats_json(b.stats().wr_highest_offset),
+                    "driver-specific": file_specific_json(&file),
+                }));
+                continue;
+            }
+            let mut layer = Some(top);
+            while let Some(info) = layer {
+                let is_top = std::ptr::eq(info, top);
+                let (wr_highest, file) = if is_top {
+                    (b.stats().wr_highest_offset, file)
+                } else {
+                    (0, block::FileStats::default())
+                };
+                list.push(json!({
+                    "node-name": if is_top { b.node_name() } else { &info.node_name },
+                    "stats": node_stats_json(wr_highest),
+                    "parent": file_node_stats(info, &file),
+                }));
+                list.push(file_node_stats(info, &file));
+                layer = info.backing.as_deref();
+            }
+            continue;
+        }
+        if !has_blk(&b) {
+            continue;
+        }
+        let mut v = json!({"device": b.id()});
+        if let Some(qdev) = b.attached_dev() {
+            v["qdev"] = qdev.into();
+        }
+        v["node-name"] = b.node_name().into();
+        v["stats"] = device_stats_json(&b.stats());
+        if protocol {
+            v["driver-specific"] = file_specific_json(&file);
+        } else {
+            v["parent"] = file_node_stats(b.image_info(), &file);
+            if let Some(below) = &b.image_info().backing {
+                v["backing"] = backing_stats(below);
+            }
+        }
+        list.push(v);
+    }
+    list
 }
 
 /// `query-named-block-nodes`: each backend's format nodes down its backing chain, each

@@ -11,8 +11,8 @@ use qom::{ObjectClass, Property, PropertyKind, Value as QomValue};
 use serde_json::{json, Map, Value};
 
 use crate::monitor::info::{
-    block_infos, cpu_infos, iothread_infos, kvm_info, named_block_nodes, resolve, status_info,
-    value_to_json, version_info,
+    block_infos, block_stats, cpu_infos, iothread_infos, kvm_info, named_block_nodes, resolve,
+    status_info, value_to_json, version_info,
 };
 use crate::monitor::qapi::{Arg, ArgType, CommandCtx, Deferred, QmpCommand, QmpError};
 
@@ -78,6 +78,17 @@ pub const COMMANDS: &[QmpCommand] = &[
         name: "query-named-block-nodes",
         args: &[Arg::optional("flat", ArgType::Bool)],
         run: |_, _| Ok(named_block_nodes().into()),
+    },
+    QmpCommand {
+        name: "query-blockstats",
+        args: &[Arg::optional("query-nodes", ArgType::Bool)],
+        run: |_, args| {
+            let nodes = args
+                .get("query-nodes")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            Ok(block_stats(nodes).into())
+        },
     },
     QmpCommand {
         name: "query-iothreads",
