@@ -42,10 +42,15 @@ Standard options:
 Block devices:
 -drive file=PATH[,format=raw|qcow2][,if=none][,id=ID][,readonly=on|off]
        [,cache=none|writeback|writethrough|directsync|unsafe]
-       [,discard=ignore|unmap][,aio=threads|native|io_uring]
+       [,discard=ignore|unmap][,detect-zeroes=off|on|unmap]
+       [,aio=threads|native|io_uring]
                      open a disk image (if=none only: no disk device yet)
+-blockdev driver=file,node-name=N,filename=PATH[,aio=...][,cache.direct=on|off]
 -blockdev driver=qcow2|raw,node-name=N,file.driver=file,file.filename=PATH
--blockdev JSON      the same as a JSON object (file: {\"driver\": \"file\", ...})
+          [,discard=ignore|unmap][,detect-zeroes=off|on|unmap][,read-only=on|off]
+-blockdev driver=qcow2|raw,node-name=N,file=FILE-NODE[,backing=NODE] (qcow2)
+-blockdev JSON      the same as a JSON object (file: {\"driver\": \"file\", ...} or a
+                     node name; \"backing\": null for none)
                      open a disk image as a block node
 -no-reboot           exit instead of rebooting
 -no-shutdown         stop before shutdown
