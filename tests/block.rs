@@ -532,8 +532,8 @@ fn bad_drive_options_are_one_line_errors() {
             "unsupported bus type 'bogus'".into(),
         ),
         (
-            vec!["-drive".into(), format!("file={f},if=virtio")],
-            "if=virtio is not available yet".into(),
+            vec!["-drive".into(), format!("file={f},format=raw,if=ide")],
+            "if=ide is not available: use if=virtio".into(),
         ),
         (
             vec!["-drive".into(), format!("file={missing},if=none")],
