@@ -707,17 +707,6 @@ mod tests {
     }
 
     #[test]
-    fn the_main_context_is_created_once_per_machine() {
-        let services = crate::core::services::MachineServices::default();
-        let a = services.main_context();
-        let b = services.main_context();
-        assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!(a.name(), "main-loop");
-        let other = crate::core::services::MachineServices::default();
-        assert!(!Arc::ptr_eq(&a, &other.main_context()));
-    }
-
-    #[test]
     fn iothread_objects_start_a_named_loop() {
         crate::init().unwrap();
         let obj = qom::user_creatable_add_type(TYPE_IOTHREAD, "iot-unit0", |obj| {

@@ -154,3 +154,19 @@ impl MachineServices {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_main_context_is_created_once_per_machine() {
+        let services = MachineServices::default();
+        let a = services.main_context();
+        let b = services.main_context();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.name(), "main-loop");
+        let other = MachineServices::default();
+        assert!(!Arc::ptr_eq(&a, &other.main_context()));
+    }
+}
