@@ -7,14 +7,13 @@
 //! it in. No lock is taken on the access path; devices lock their own state.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::core::accel_ops::{AccelOpsRef, EventFd, IoEventAddr, IoEventSpace};
+use crate::core::log_limit::RateLimitedLog;
 
 /// A device's handlers for accesses to one of its regions (QEMU's `MemoryRegionOps`).
 ///
@@ -262,47 +261,19 @@ fn le_value(data: &[u8]) -> u64 {
 
 /// Logs accesses that hit no region, at most a few times per second, so a guest cannot
 /// flood the log.
-struct UnassignedLog {
-    window_start: Mutex<Option<Instant>>,
-    in_window: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-const UNASSIGNED_LOGS_PER_SECOND: u64 = 10;
+struct UnassignedLog(RateLimitedLog);
 
 impl UnassignedLog {
     fn new() -> Self {
-        UnassignedLog {
-            window_start: Mutex::new(None),
-            in_window: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
+        UnassignedLog(RateLimitedLog::new(10))
     }
 
     #[cold]
     fn log(&self, space: &str, kind: &str, addr: u64, size: u32, value: Option<u64>) {
-        if self.in_window.fetch_add(1, Ordering::Relaxed) >= UNASSIGNED_LOGS_PER_SECOND {
-            let mut start = self.window_start.lock();
-            let now = Instant::now();
-            match *start {
-                Some(s) if now.duration_since(s) < Duration::from_secs(1) => {
-                    self.suppressed.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                _ => {
-                    *start = Some(now);
-                    self.in_window.store(1, Ordering::Relaxed);
-                    let n = self.suppressed.swap(0, Ordering::Relaxed);
-                    if n > 0 {
-                        log::info!("{space}: {n} more unassigned accesses not logged");
-                    }
-                }
-            }
-        }
-        match value {
-            Some(v) => log::info!("{space}: unassigned{kind} write of 0x{v:x} ({size} bytes) at 0x{addr:x}, dropped"),
-            None => log::info!("{space}: unassigned{kind} read ({size} bytes) at 0x{addr:x}, returning all ones"),
-        }
+        self.0.info(|| match value {
+            Some(v) => format!("{space}: unassigned{kind} write of 0x{v:x} ({size} bytes) at 0x{addr:x}, dropped"),
+            None => format!("{space}: unassigned{kind} read ({size} bytes) at 0x{addr:x}, returning all ones"),
+        });
     }
 }
 
@@ -508,6 +479,7 @@ impl AddressSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     #[derive(Default)]
     struct Scratch {

@@ -18,11 +18,11 @@
 //! configuration space is never locked while `state` is held.
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use qom::WeakObjectRef;
 
+use crate::core::log_limit::RateLimitedLog;
 use crate::core::accel_ops::{AccelIrqError, AccelOps, AccelOpsRef, EventFd, MsiMessage};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::RealizeError;
@@ -147,33 +147,6 @@ impl MsixState {
     }
 }
 
-/// At most a few log lines a second for things the guest controls.
-struct LogLimit {
-    window: Mutex<(Option<Instant>, u32)>,
-}
-
-const LOG_LINES_PER_SECOND: u32 = 10;
-
-impl LogLimit {
-    fn new() -> LogLimit {
-        LogLimit {
-            window: Mutex::new((None, 0)),
-        }
-    }
-
-    #[cold]
-    fn allow(&self) -> bool {
-        let mut w = self.window.lock();
-        let now = Instant::now();
-        match w.0 {
-            Some(start) if now.duration_since(start) < Duration::from_secs(1) => {}
-            _ => *w = (Some(now), 0),
-        }
-        w.1 += 1;
-        w.1 <= LOG_LINES_PER_SECOND
-    }
-}
-
 /// A PCI device's MSI-X: QEMU's `msix_*` state of a `PCIDevice`.
 pub struct Msix {
     nvectors: u16,
@@ -192,7 +165,7 @@ pub struct Msix {
     /// `notify`'s whole path. Written under `state`.
     gates: Box<[RwLock<Option<Arc<EventFd>>>]>,
     state: Mutex<MsixState>,
-    log: LogLimit,
+    log: RateLimitedLog,
 }
 
 /// The MSI-X BAR's handlers: the table at 0, the PBA at `Msix::pba_offset`.
@@ -269,7 +242,7 @@ impl Msix {
             accel: services.vm().accel_slot(),
             gates: (0..nvectors).map(|_| RwLock::new(None)).collect(),
             state: Mutex::new(MsixState::new(nvectors)),
-            log: LogLimit::new(),
+            log: RateLimitedLog::default(),
         });
         let region = MemoryRegion::new_io(
             format!("{name}-msix"),

@@ -7,15 +7,13 @@
 //! eventfd the driver's notifications signal, and a [`VirtioTransport`] to interrupt the
 //! driver through. Devices process rings on an I/O thread, never on a vCPU thread.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::core::accel_ops::EventFd;
+pub use crate::core::log_limit::RateLimitedLog;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -154,49 +152,6 @@ pub fn feature_word(features: u64, select: u32) -> u32 {
     }
 }
 
-/// Logs a guest's misuse of a device at most a few times per second (a guest must not be
-/// able to flood the log).
-pub struct RateLimitedLog {
-    window: Mutex<(Option<Instant>, u64)>,
-    suppressed: AtomicU64,
-}
-
-const GUEST_ERRORS_PER_SECOND: u64 = 5;
-
-impl Default for RateLimitedLog {
-    fn default() -> Self {
-        RateLimitedLog {
-            window: Mutex::new((None, 0)),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-}
-
-impl RateLimitedLog {
-    /// Logs `message` at warning level unless too many were logged this second.
-    pub fn warn(&self, message: impl FnOnce() -> String) {
-        let mut window = self.window.lock();
-        let now = Instant::now();
-        match window.0 {
-            Some(start) if now.duration_since(start) < Duration::from_secs(1) => {
-                if window.1 >= GUEST_ERRORS_PER_SECOND {
-                    self.suppressed.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                window.1 += 1;
-            }
-            _ => {
-                *window = (Some(now), 1);
-                let n = self.suppressed.swap(0, Ordering::Relaxed);
-                if n > 0 {
-                    log::warn!("{n} more guest errors not logged");
-                }
-            }
-        }
-        log::warn!("{}", message());
-    }
-}
-
 /// A ring the guest broke: the error from `virtio-queue`, or the device's own finding.
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -261,19 +216,5 @@ mod tests {
         assert_eq!(feature_word(f, 0), (1 << 29) | 1);
         assert_eq!(feature_word(f, 1), 1);
         assert_eq!(feature_word(f, 2), 0);
-    }
-
-    #[test]
-    fn the_log_limit_suppresses_floods() {
-        let log = RateLimitedLog::default();
-        let mut calls = 0;
-        for _ in 0..100 {
-            log.warn(|| {
-                calls += 1;
-                String::from("guest error")
-            });
-        }
-        assert_eq!(calls, GUEST_ERRORS_PER_SECOND);
-        assert_eq!(log.suppressed.load(Ordering::Relaxed), 100 - GUEST_ERRORS_PER_SECOND);
     }
 }
