@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use block::BlockBackend;
+use block::{BlockBackend, IoType};
 use parking_lot::{Condvar, Mutex};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
@@ -462,18 +462,24 @@ impl Requests {
         Ok(data_written + 1)
     }
 
-    /// Checks a request of `len` bytes at `sector` fits the disk and its block size.
-    fn in_range(&self, sector: u64, len: u64) -> Option<u64> {
-        let offset = sector.checked_mul(1 << SECTOR_SHIFT)?;
-        let end = offset.checked_add(len)?;
-        let aligned = offset.is_multiple_of(self.logical_block_size)
-            && len.is_multiple_of(self.logical_block_size);
-        (aligned && end <= self.backend.size()).then_some(offset)
+    /// Checks a request of `len` bytes at `sector` fits the disk and its block size; one
+    /// that does not is counted as invalid (QEMU's `block_acct_invalid`).
+    fn in_range(&self, kind: IoType, sector: u64, len: u64) -> Option<u64> {
+        let valid = sector.checked_mul(1 << SECTOR_SHIFT).filter(|&offset| {
+            let aligned = offset.is_multiple_of(self.logical_block_size)
+                && len.is_multiple_of(self.logical_block_size);
+            let end = offset.checked_add(len);
+            aligned && end.is_some_and(|end| end <= self.backend.size())
+        });
+        if valid.is_none() {
+            self.backend.account_invalid(kind);
+        }
+        valid
     }
 
     fn read(&self, sector: u64, writer: &mut Writer<'_, ()>) -> (u8, u32) {
         let len = writer.available_bytes();
-        let Some(offset) = self.in_range(sector, len as u64) else {
+        let Some(offset) = self.in_range(IoType::Read, sector, len as u64) else {
             return (S_IOERR, 0);
         };
         let result = BOUNCE.with_borrow_mut(|bounce| {
@@ -504,7 +510,7 @@ impl Requests {
             return S_IOERR;
         }
         let len = reader.available_bytes();
-        let Some(offset) = self.in_range(sector, len as u64) else {
+        let Some(offset) = self.in_range(IoType::Write, sector, len as u64) else {
             return S_IOERR;
         };
         let written = BOUNCE.with_borrow_mut(|bounce| {
@@ -579,7 +585,8 @@ impl Requests {
             return S_IOERR;
         }
         let len = u64::from(sectors) << SECTOR_SHIFT;
-        let Some(offset) = self.in_range(sector, len) else {
+        let kind = if discard { IoType::Unmap } else { IoType::Write };
+        let Some(offset) = self.in_range(kind, sector, len) else {
             return S_IOERR;
         };
         let result = if discard {
