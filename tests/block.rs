@@ -1237,3 +1237,75 @@ fn query_blockstats_and_info_blockstats() {
     );
     assert_eq!(replies[3]["return"][0]["inserted"]["detect_zeroes"], "on");
 }
+
+/// QEMU itself and qomvm exclude each other: whichever opens the image read-write first
+/// keeps the other out with the same words.
+#[test]
+fn qemu_and_qomvm_exclude_each_other() {
+    if !have_qemu_tools() {
+        return;
+    }
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: qemu-system-x86_64 (package qemu-system-x86) is not installed");
+        return;
+    }
+    let dir = scratch();
+    let path = image(&dir, "qemu-held.qcow2", "qcow2");
+    let drive = format!("file={},format=qcow2,if=none,id=d0", path.display());
+    // QEMU first: it holds the image while it waits on its QMP socket.
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "none",
+            "-accel",
+            "tcg",
+            "-S",
+            "-display",
+            "none",
+            "-nodefaults",
+        ])
+        .args(["-drive", &drive, "-qmp", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut greeting = String::new();
+    BufReader::new(qemu.stdout.as_mut().unwrap())
+        .read_line(&mut greeting)
+        .unwrap();
+    assert!(greeting.contains("QMP"), "QEMU did not start: {greeting:?}");
+    let out = qomvm(&["-drive", &drive]);
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!("qomvm: -drive {drive}: {}\n", lock_error(&path))
+    );
+    // qomvm first: QEMU is refused.
+    let _holder = Holder::start(&drive);
+    let out = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "none",
+            "-accel",
+            "tcg",
+            "-S",
+            "-display",
+            "none",
+            "-nodefaults",
+        ])
+        .args(["-drive", &drive])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&lock_error(&path)), "QEMU said: {stderr}");
+}
