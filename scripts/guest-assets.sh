@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the test guest for qomvm from Debian packages: the Debian cloud kernel
-# and a busybox initramfs. See usage() below and docs/testing-without-kvm.md.
+# Build the test guest for qomvm from Debian packages: the Debian cloud kernel,
+# a busybox initramfs with the kernel's virtio modules, and an ext4 disk image
+# with busybox and fio. See usage() below and docs/testing-without-kvm.md.
 set -euo pipefail
 
 QOMVM_PROG=guest-assets
@@ -12,8 +13,17 @@ KERNEL_META=linux-image-cloud-amd64
 # Also exported: Debian's generic kernel, which has CONFIG_DEVPORT (/dev/port),
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
-# Bump when the initramfs layout or /init changes (forces a rebuild).
-ASSETS_FORMAT=3
+# Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
+ASSETS_FORMAT=4
+# Modules of the cloud kernel carried in the initramfs (with whatever they
+# depend on, read from each module's modinfo "depends="), loaded by /init in
+# dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
+# in, so the disk image needs no file system module.
+GUEST_MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+virtio_blk virtio_net virtio_rng virtio_balloon"
+# The disk image's size (a sparse file; its content is about 85 MB, mostly
+# fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
+ROOTFS_SIZE=256M
 
 usage() {
     cat <<'EOF'
@@ -24,17 +34,25 @@ dpkg-deb; nothing is installed, no root needed for the build itself):
 
   OUTDIR/vmlinuz            Debian cloud kernel (linux-image-cloud-amd64 ->
                             linux-image-<ver>-cloud-amd64, boot/vmlinuz-*)
-  OUTDIR/initramfs.cpio.gz  busybox-static initramfs
+  OUTDIR/initramfs.cpio.gz  busybox-static initramfs with the cloud kernel's
+                            virtio modules (virtio_pci, virtio_blk, virtio_net,
+                            virtio_rng, virtio_balloon and their dependencies)
+  OUTDIR/rootfs.ext4        raw ext4 disk image (256 MiB, sparse): busybox, the
+                            same /init, the modules, and fio with the shared
+                            libraries it needs (from Debian's fio package)
   OUTDIR/kernel-version     the kernel release used, e.g. 6.1.0-48-cloud-amd64
   OUTDIR/vmlinuz-generic    Debian generic kernel (linux-image-amd64), which
-                            has /dev/port; same initramfs
+                            has /dev/port; same initramfs (the modules are the
+                            cloud kernel's, so it has no virtio disks)
   OUTDIR/kernel-version-generic  its release, e.g. 6.1.0-48-amd64
 
-The initramfs /init mounts proc, sysfs and devtmpfs, prints
+The initramfs /init mounts proc, sysfs and devtmpfs, loads the modules,
+switches to a disk if qomvm.root= asks for one, prints
   QOMVM-GUEST-READY
   nproc: N
   MemTotal: NNN kB
   pci: 0000:00:01.0 0x8086:0x7000   (one line per PCI function the kernel found)
+  blk: vda 268435456 ro=0           (one line per disk: name, bytes, read-only)
 and then, depending on the kernel command line:
   (default)          powers off (poweroff -f)
   qomvm.shell=1      runs an interactive shell on the console; powers off
@@ -45,6 +63,50 @@ and then, depending on the kernel command line:
                      the console UART and the ports that reset or power off
                      the machine, prints QOMVM-PORTFUZZ-DONE, powers off
                      (or QOMVM-PORTFUZZ-FAILED: ... if a write faulted)
+  qomvm.root=DEV     (with any mode) mounts DEV (ext4; read-only when DEV is
+                     read-only or the command line says "ro") and continues
+                     from the /init on it (switch_root), so qomvm.shell=1 gets a
+                     shell whose files persist on the disk; prints
+                     "root: DEV rw|ro" after the pci lines, or
+                     QOMVM-ROOT-FAILED: ... and stays in the initramfs
+  qomvm.disktest=DEV:SEED
+                     writes the SEED pattern (below) to DEV with O_DIRECT and
+                     fsync, reads it back with O_DIRECT, compares, prints
+                     QOMVM-DISKTEST-OK <md5 of the bytes written> or
+                     QOMVM-DISKTEST-FAILED: <reason>; powers off
+  qomvm.readonlytest=DEV
+                     reads DEV's first 4 KiB and writes them back (O_DIRECT,
+                     fsync): prints QOMVM-WRITE-REFUSED when the kernel refuses
+                     (read-only disk, I/O error), else QOMVM-WRITE-ACCEPTED;
+                     DEV's content is unchanged either way; powers off
+  qomvm.discardtest=DEV
+                     writes 0x5a over [1 MiB, 3 MiB) of DEV, checks it, runs
+                     blkdiscard -o 1048576 -l 1048576 DEV, checks that
+                     [2 MiB, 3 MiB) still holds 0x5a, reads [1 MiB, 2 MiB) back
+                     and prints QOMVM-DISCARDTEST-OK zeroes|data|mixed (what
+                     the discarded range reads as), or
+                     QOMVM-DISCARDTEST-FAILED: <reason>; powers off
+  qomvm.fio=DEV      runs fio (from the disk image: needs qomvm.root=) on DEV
+                     with O_DIRECT and libaio: job "seqwrite" (1 MiB sequential
+                     writes, iodepth 4) then job "randread" (4 KiB random
+                     reads, iodepth 32), each qomvm.fio.runtime=S seconds
+                     (default 10) over qomvm.fio.size=BYTES of DEV (default:
+                     all of it); prints QOMVM-FIO-BEGIN, fio's JSON output,
+                     QOMVM-FIO-END, then QOMVM-FIO-DONE or
+                     QOMVM-FIO-FAILED: <reason>; powers off
+
+The disktest pattern, so the host can check the image: four regions
+(offset:length in bytes; SIZE is DEV's size, at least 16 MiB)
+  0:65536  1044480:1056768  4193792:2097152  SIZE-131072:131072
+(the second crosses 1 MiB and 2 MiB, the third starts 512 bytes before 4 MiB,
+so none of its 4 KiB pieces is page-aligned), cut into 4096-byte pieces from
+each region's start. Piece k, counted from 0 over all regions in this order
+(818 pieces), is filled with the byte (SEED + k) % 251 + 1, never 0. The
+md5 printed is that of all pieces in order. Check with
+  qemu-io -r -f FMT -c "read -P 0xNN OFF 4096" ... IMAGE
+(one -c per piece; qemu-io prints "Pattern verification failed" on a
+mismatch), or write the same pieces into a copy of the original image with
+"write -P" and qemu-img compare it with IMAGE.
 
 portfuzz writes through /dev/port when the kernel has it (vmlinuz-generic),
 else with a tiny iopl helper (the cloud kernel lacks CONFIG_DEVPORT). The
@@ -67,26 +129,39 @@ done
 [[ $# -eq 1 ]] || QOMVM_DIE_STATUS=2 qomvm_die "usage: guest-assets.sh [-h] OUTDIR (see --help)"
 OUTDIR=$1
 
+# mkfs.ext4 is in /sbin, which a user's PATH may lack.
+PATH=$PATH:/usr/sbin:/sbin
 qomvm_need_cmd apt-get apt
 qomvm_need_cmd dpkg-deb dpkg
 qomvm_need_cmd gzip gzip
+qomvm_need_cmd readelf binutils
+qomvm_need_cmd mkfs.ext4 e2fsprogs
 
 mkdir -p "$OUTDIR" || qomvm_die "cannot create $OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 
-# Writes the /init of the test guest (busybox sh).
+# Writes the /init of the test guest (busybox sh); the disk image gets the same
+# file, which runs again there after qomvm.root= switched to the disk.
 write_init() {
     cat >"$1" <<'EOF'
 #!/bin/busybox sh
-# qomvm test guest /init (generated by scripts/guest-assets.sh)
-/bin/busybox --install -s
+# qomvm test guest /init (generated by scripts/guest-assets.sh; its usage()
+# documents the modes and their markers). Runs first from the initramfs, then,
+# with qomvm.root=DEV, again from DEV's /init with QOMVM_STAGE=root.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=${TERM:-vt100}
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
+if [ "$QOMVM_STAGE" != root ]; then
+    /bin/busybox --install -s
+    mount -t proc proc /proc
+    mount -t sysfs sysfs /sys
+    mount -t devtmpfs devtmpfs /dev
+else
+    # The disk may be read-only: scratch files go to a tmpfs.
+    mount -t tmpfs -o mode=1777 tmpfs /tmp
+fi
 
 off() {
     sync
+    [ "$QOMVM_STAGE" = root ] && mount -o remount,ro / 2>/dev/null
     poweroff -f
     # poweroff failed (no ACPI?): let init exit; with panic=-1 the kernel
     # reboots, and with -no-reboot QEMU then exits.
@@ -94,15 +169,74 @@ off() {
     exit 1
 }
 
-mode=ready
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
         qomvm.portfuzz=1) mode=portfuzz ;;
         qomvm.reboot=1) mode=reboot ;;
         qomvm.panic=1) mode=panic ;;
+        qomvm.root=*) root=${arg#*=} ;;
+        qomvm.disktest=*) mode=disktest modearg=${arg#*=} ;;
+        qomvm.readonlytest=*) mode=readonlytest modearg=${arg#*=} ;;
+        qomvm.discardtest=*) mode=discardtest modearg=${arg#*=} ;;
+        qomvm.fio=*) mode=fio modearg=${arg#*=} ;;
+        qomvm.fio.runtime=*) fio_runtime=${arg#*=} ;;
+        qomvm.fio.size=*) fio_size=${arg#*=} ;;
+        ro) rootro=1 ;;
+        rw) rootro= ;;
     esac
 done
+
+# wait_dev DEV: wait up to 10 s for the block device DEV to appear.
+wait_dev() {
+    i=0
+    while [ ! -b "$1" ]; do
+        i=$((i + 1))
+        [ $i -gt 200 ] && return 1
+        sleep 0.05
+    done
+}
+
+# The cloud kernel's virtio modules, in dependency order (skipped for another
+# kernel, e.g. vmlinuz-generic, whose modules these are not).
+if [ "$QOMVM_STAGE" != root ] && [ -f /etc/qomvm-modules ]; then
+    kver=$(uname -r)
+    if [ -d "/lib/modules/$kver" ]; then
+        while read -r m; do
+            insmod "/lib/modules/$kver/$m" || echo "qomvm: insmod $m failed"
+        done </etc/qomvm-modules
+    else
+        echo "qomvm: no modules for kernel $kver in this initramfs; virtio devices stay unbound"
+    fi
+fi
+
+# qomvm.root=DEV: continue from DEV's /init.
+if [ "$QOMVM_STAGE" != root ] && [ -n "$root" ]; then
+    why=
+    if ! wait_dev "$root"; then
+        why="$root did not appear"
+    else
+        opt=rw
+        [ -n "$rootro" ] && opt=ro
+        [ "$(cat "/sys/class/block/${root##*/}/ro" 2>/dev/null)" = 1 ] && opt=ro
+        mkdir -p /newroot
+        if ! mount -t ext4 -o "$opt" "$root" /newroot; then
+            why="mounting $root ($opt) failed"
+        elif [ ! -x /newroot/init ]; then
+            why="$root has no /init"
+            umount /newroot
+        fi
+    fi
+    if [ -z "$why" ]; then
+        mount --move /proc /newroot/proc
+        mount --move /sys /newroot/sys
+        mount --move /dev /newroot/dev
+        export QOMVM_STAGE=root QOMVM_ROOT="$root $opt"
+        exec switch_root /newroot /init
+    fi
+    echo "QOMVM-ROOT-FAILED: $why; staying in the initramfs"
+fi
 
 echo QOMVM-GUEST-READY
 echo "nproc: $(nproc)"
@@ -110,14 +244,187 @@ awk '/^MemTotal:/ { print "MemTotal: " $2 " kB" }' /proc/meminfo
 for dev in /sys/bus/pci/devices/*; do
     [ -e "$dev/vendor" ] && echo "pci: ${dev##*/} $(cat "$dev/vendor"):$(cat "$dev/device")"
 done
+for b in /sys/block/*; do
+    [ -e "$b/size" ] && echo "blk: ${b##*/} $(($(cat "$b/size") * 512)) ro=$(cat "$b/ro")"
+done
+[ -n "$QOMVM_ROOT" ] && echo "root: $QOMVM_ROOT"
+
+# uptime_s: seconds since boot; elapsed T0 T1: T1 - T0 with one decimal.
+uptime_s() {
+    read -r up _ </proc/uptime
+    echo "$up"
+}
+elapsed() {
+    awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'
+}
+
+# lasterr FILE: the last line of a dd's stderr that is not its record counts.
+lasterr() {
+    grep -v -e ' records in$' -e ' records out$' "$1" | tail -n1
+}
+
+# The disktest regions, "offset:length:dd block size" (SIZE = the disk's size).
+disktest_regions() {
+    echo "0:65536:512 1044480:1056768:65536 4193792:2097152:1048576 $(($1 - 131072)):131072:4096"
+}
+
+# disktest DEV:SEED (see the pattern in guest-assets.sh's usage)
+disktest() {
+    dev=${1%:*} seed=${1##*:}
+    [ "$dev" != "$1" ] || seed=
+    case $seed in
+        '' | *[!0-9]*) echo "QOMVM-DISKTEST-FAILED: want qomvm.disktest=DEV:SEED (SEED a number), got '$1'"; return ;;
+    esac
+    wait_dev "$dev" || { echo "QOMVM-DISKTEST-FAILED: $dev not found"; return; }
+    size=$(blockdev --getsize64 "$dev")
+    [ "$size" -ge 16777216 ] || { echo "QOMVM-DISKTEST-FAILED: $dev has $size bytes, want at least 16 MiB"; return; }
+    regions=$(disktest_regions "$size")
+    d=/tmp/disktest
+    rm -rf $d && mkdir -p $d
+    echo "disktest: $dev ($size bytes), seed $seed, regions $regions"
+    awk -v seed="$seed" -v regions="$regions" -v dir=$d 'BEGIN {
+        n = split(regions, r, " "); k = 0
+        for (i = 1; i <= n; i++) {
+            split(r[i], f, ":"); len = f[2]; file = dir "/" i
+            for (p = 0; p < len; p += 4096) {
+                s = sprintf("%c", (seed + k) % 251 + 1); k++
+                while (length(s) < 4096) s = s s
+                m = len - p; if (m > 4096) m = 4096
+                printf "%s", substr(s, 1, m) >file
+            }
+            close(file)
+        }
+    }'
+    t0=$(uptime_s)
+    i=0
+    for r in $regions; do
+        i=$((i + 1)) off=${r%%:*} len=${r#*:} bs=${r##*:}
+        len=${len%:*}
+        [ "$(wc -c <$d/$i)" -eq "$len" ] || { echo "QOMVM-DISKTEST-FAILED: internal: region $i pattern has $(wc -c <$d/$i) bytes, want $len"; return; }
+        dd if=$d/$i of="$dev" bs="$bs" seek="$off" oflag=seek_bytes,direct conv=notrunc,fsync 2>$d/err ||
+            { echo "QOMVM-DISKTEST-FAILED: writing $len bytes at $off: $(lasterr $d/err)"; return; }
+    done
+    t1=$(uptime_s)
+    i=0
+    for r in $regions; do
+        i=$((i + 1)) off=${r%%:*} len=${r#*:} bs=${r##*:}
+        len=${len%:*}
+        dd if="$dev" of=$d/r$i bs="$bs" skip="$off" count="$len" iflag=skip_bytes,count_bytes,direct 2>$d/err ||
+            { echo "QOMVM-DISKTEST-FAILED: reading $len bytes at $off: $(lasterr $d/err)"; return; }
+        if ! cmp $d/$i $d/r$i >$d/err 2>&1; then
+            echo "QOMVM-DISKTEST-FAILED: $len bytes at $off read back differently: $(head -n1 $d/err)"
+            return
+        fi
+    done
+    t2=$(uptime_s)
+    sum=$(cat $d/1 $d/2 $d/3 $d/4 | md5sum)
+    rm -rf $d
+    echo "disktest: writes took $(elapsed "$t0" "$t1") s, reads $(elapsed "$t1" "$t2") s"
+    echo "QOMVM-DISKTEST-OK ${sum%% *}"
+}
+
+readonlytest() {
+    dev=$1
+    wait_dev "$dev" || { echo "QOMVM-READONLYTEST-FAILED: $dev not found"; return; }
+    echo "readonlytest: $dev ro=$(cat "/sys/class/block/${dev##*/}/ro")"
+    dd if="$dev" of=/tmp/blk0 bs=4096 count=1 iflag=direct 2>/tmp/err ||
+        { echo "QOMVM-READONLYTEST-FAILED: reading $dev: $(lasterr /tmp/err)"; return; }
+    if dd if=/tmp/blk0 of="$dev" bs=4096 count=1 oflag=direct conv=notrunc,fsync 2>/tmp/err; then
+        echo QOMVM-WRITE-ACCEPTED
+    else
+        echo "readonlytest: $(lasterr /tmp/err)"
+        echo QOMVM-WRITE-REFUSED
+    fi
+}
+
+discardtest() {
+    dev=$1 d=/tmp/discardtest
+    wait_dev "$dev" || { echo "QOMVM-DISCARDTEST-FAILED: $dev not found"; return; }
+    rm -rf $d && mkdir -p $d
+    q=/sys/class/block/${dev##*/}/queue
+    echo "discardtest: $dev discard_max_bytes=$(cat $q/discard_max_bytes) discard_granularity=$(cat $q/discard_granularity)"
+    head -c 1048576 /dev/zero >$d/zero
+    tr '\0' Z <$d/zero >$d/z1 # Z is 0x5a
+    cat $d/z1 $d/z1 >$d/z2
+    dd if=$d/z2 of="$dev" bs=1048576 seek=1 oflag=direct conv=notrunc,fsync 2>$d/err ||
+        { echo "QOMVM-DISCARDTEST-FAILED: writing [1 MiB, 3 MiB): $(lasterr $d/err)"; return; }
+    dd if="$dev" of=$d/r bs=1048576 skip=1 count=2 iflag=direct 2>$d/err && cmp -s $d/z2 $d/r ||
+        { echo "QOMVM-DISCARDTEST-FAILED: [1 MiB, 3 MiB) did not read back as written"; return; }
+    blkdiscard -o 1048576 -l 1048576 "$dev" 2>$d/err ||
+        { echo "QOMVM-DISCARDTEST-FAILED: $(lasterr $d/err)"; return; }
+    dd if="$dev" of=$d/r bs=1048576 skip=2 count=1 iflag=direct 2>$d/err && cmp -s $d/z1 $d/r ||
+        { echo "QOMVM-DISCARDTEST-FAILED: [2 MiB, 3 MiB) changed (the discard went past its range?)"; return; }
+    dd if="$dev" of=$d/r bs=1048576 skip=1 count=1 iflag=direct 2>$d/err ||
+        { echo "QOMVM-DISCARDTEST-FAILED: reading [1 MiB, 2 MiB) after the discard: $(lasterr $d/err)"; return; }
+    if cmp -s $d/zero $d/r; then
+        what=zeroes
+    elif cmp -s $d/z1 $d/r; then
+        what=data
+    else
+        what=mixed
+    fi
+    rm -rf $d
+    echo "QOMVM-DISCARDTEST-OK $what"
+}
+
+runfio() {
+    dev=$1
+    command -v fio >/dev/null ||
+        { echo "QOMVM-FIO-FAILED: no fio here: it is on the disk image (rootfs.ext4); boot with qomvm.root=/dev/vdX"; return; }
+    wait_dev "$dev" || { echo "QOMVM-FIO-FAILED: $dev not found"; return; }
+    size=${fio_size:-$(blockdev --getsize64 "$dev")}
+    cat >/tmp/qomvm.fio <<JOBS
+[global]
+filename=$dev
+ioengine=libaio
+direct=1
+size=$size
+time_based=1
+runtime=$fio_runtime
+group_reporting=1
+
+[seqwrite]
+rw=write
+bs=1M
+iodepth=4
+stonewall
+
+[randread]
+rw=randread
+bs=4k
+iodepth=32
+norandommap=1
+stonewall
+JOBS
+    echo "fio: $dev, $size bytes, ${fio_runtime} s per job"
+    fio --output-format=json --output=/tmp/fio.json /tmp/qomvm.fio >/tmp/fio.log 2>&1
+    rc=$?
+    echo QOMVM-FIO-BEGIN
+    cat /tmp/fio.json 2>/dev/null
+    echo QOMVM-FIO-END
+    if [ $rc = 0 ]; then
+        echo QOMVM-FIO-DONE
+    else
+        tail -n 5 /tmp/fio.log
+        echo "QOMVM-FIO-FAILED: fio exit status $rc"
+    fi
+}
 
 case $mode in
 shell)
-    echo "qomvm: interactive shell; 'exit' or 'poweroff -f' powers off"
+    if [ -n "$QOMVM_ROOT" ]; then
+        echo "qomvm: interactive shell on the disk ${QOMVM_ROOT% *} (files persist); 'exit' or 'poweroff -f' powers off"
+    else
+        echo "qomvm: interactive shell; 'exit' or 'poweroff -f' powers off"
+    fi
     export PS1='qomvm# '
     setsid cttyhack sh
     off
     ;;
+disktest) disktest "$modearg"; off ;;
+readonlytest) readonlytest "$modearg"; off ;;
+discardtest) discardtest "$modearg"; off ;;
+fio) runfio "$modearg"; off ;;
 portfuzz)
     # Ports that are never written (inclusive ranges) and why:
     #   0x0020-0x0021  8259 PIC master, 0x00a0-0x00a1 slave: a random ICW2
@@ -284,6 +591,170 @@ write_portout() {
     chmod 755 "$1"
 }
 
+
+# copy_module KO DEST: copy a kernel module, decompressing .ko.xz/.gz/.zst to .ko.
+copy_module() {
+    case $1 in
+        *.ko) cp "$1" "$2" ;;
+        *.ko.xz) qomvm_need_cmd xz xz-utils; xz -dc "$1" >"$2" ;;
+        *.ko.gz) gzip -dc "$1" >"$2" ;;
+        *.ko.zst) qomvm_need_cmd zstd zstd; zstd -qdc "$1" >"$2" ;;
+        *) qomvm_die "unknown module format: $1" ;;
+    esac
+}
+
+# guest_modules KDEB KVER ROOT: copies GUEST_MODULES and the modules they depend
+# on (modinfo "depends=") from KDEB into ROOT/lib/modules/KVER/ (same paths as
+# in the package), writes a depmod-style modules.dep there (for modprobe) and
+# the load order, dependencies first, to ROOT/etc/qomvm-modules (paths
+# relative to the modules directory).
+guest_modules() {
+    local kdeb=$1 kver=$2 root=$3 x=$work/kmod p m d name
+    local -A path deps state
+    local -a todo order=()
+    # Module name (dashes as underscores) -> path in the package.
+    while read -r p; do
+        name=${p##*/}
+        name=${name%%.ko*}
+        path[${name//-/_}]=${p#./}
+    done < <(dpkg-deb -c "$kdeb" | awk '{ print $6 }' | grep -E "^\./lib/modules/$kver/.*\.ko(\.(xz|gz|zst))?$")
+    read -r -a todo <<<"${GUEST_MODULES//$'\n'/ }"
+    mkdir -p "$x" "$root/lib/modules/$kver" "$root/etc"
+    while [[ ${#todo[@]} -gt 0 ]]; do
+        m=${todo[0]}
+        todo=("${todo[@]:1}")
+        [[ -z ${deps[$m]+set} ]] || continue
+        if [[ -z ${path[$m]:-} ]]; then
+            grep -qE "/${m//_/[-_]}\.ko$" "$work/k/lib/modules/$kver/modules.builtin" 2>/dev/null &&
+                { deps[$m]=; state[$m]=builtin; continue; }
+            qomvm_die "module $m is neither in $(basename "$kdeb") nor built into $kver"
+        fi
+        deb_extract "$kdeb" "$x" "./${path[$m]}"
+        p=${path[$m]%.ko*}.ko
+        mkdir -p "$(dirname "$root/${p}")"
+        copy_module "$x/${path[$m]}" "$root/$p"
+        path[$m]=${p#lib/modules/"$kver"/}
+        d=$(tr '\0' '\n' <"$root/$p" | sed -n 's/^depends=//p' | head -n1)
+        deps[$m]=${d//,/ }
+        for d in ${deps[$m]}; do todo+=("$d"); done
+    done
+    _gm_visit() {
+        local m=$1 d
+        case ${state[$m]:-} in
+            visited | builtin) return 0 ;;
+            active) qomvm_die "module dependency cycle through $m" ;;
+        esac
+        state[$m]=active
+        for d in ${deps[$m]}; do _gm_visit "$d"; done
+        state[$m]=visited
+        order+=("$m")
+    }
+    read -r -a todo <<<"${GUEST_MODULES//$'\n'/ }"
+    for m in "${todo[@]}"; do _gm_visit "$m"; done
+    : >"$root/etc/qomvm-modules"
+    : >"$root/lib/modules/$kver/modules.dep"
+    for m in "${order[@]}"; do
+        echo "${path[$m]}" >>"$root/etc/qomvm-modules"
+        {
+            printf '%s:' "${path[$m]}"
+            for d in ${deps[$m]}; do [[ ${state[$d]} == builtin ]] || printf ' %s' "${path[$d]}"; done
+            echo
+        } >>"$root/lib/modules/$kver/modules.dep"
+    done
+    qomvm_log "modules for $kver: ${order[*]}"
+}
+
+# elf_needs FILE: the sonames FILE needs (DT_NEEDED) and the basename of its
+# program interpreter, one per line.
+elf_needs() {
+    readelf -d "$1" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'
+    readelf -l "$1" 2>/dev/null | sed -n 's|.*Requesting program interpreter: .*/\([^]/]*\)\]$|\1|p'
+}
+
+# add_program ROOT PKG BIN: copies BIN (a path in Debian package PKG, e.g.
+# usr/bin/fio) into ROOT with every shared library it loads, taken from the
+# Debian packages that PKG depends on (directly or not) and placed in
+# ROOT/lib/x86_64-linux-gnu (the dynamic loader's default path; the loader
+# itself is also linked as /lib64/ld-linux-x86-64.so.2). Only packages that
+# supply a library are used; their names go to $work/used-debs.
+add_program() {
+    local root=$1 top=$2 bin=$3 x=$work/debs lib
+    lib=$root/lib/x86_64-linux-gnu
+    local p s f line pkg dep deb more
+    local -A provider resolved fetched used graph
+    local -a frontier=() want=()
+    mkdir -p "$x" "$lib" "$root/lib64"
+    # The Depends graph under PKG (one apt-cache call; virtual packages and
+    # alternatives after the first are skipped).
+    while IFS= read -r line; do
+        case $line in
+            ' '*Depends:\ \<*) ;;
+            '  Depends: '* | ' |Depends: '* | '  PreDepends: '* | ' |PreDepends: '*)
+                dep=${line#*: }
+                graph[$pkg]+=" ${dep%%:*}" ;;
+            ' '*) ;;
+            *) pkg=$line; graph[$pkg]+= ;;
+        esac
+    done < <(_qomvm_memo "depends-$top" apt-cache depends --recurse --no-recommends --no-suggests \
+        --no-conflicts --no-breaks --no-replaces --no-enhances "$top" ||
+        qomvm_die "apt-cache depends $top failed")
+    # shellcheck disable=SC2048,SC2086 # word splitting of the package list is wanted
+    deb_candidates_prefetch "$top" ${graph[*]}
+
+    _ap_fetch() { # _ap_fetch PKG: download PKG and index the shared libraries it ships
+        local deb
+        fetched[$1]=1
+        deb=$(deb_fetch "$1")
+        while read -r f; do
+            [[ -n ${provider[${f##*/}]:-} ]] || provider[${f##*/}]="$1 $f"
+        done < <(dpkg-deb -c "$deb" | awk '
+            # regular files and relative symlinks named like a shared library
+            $1 ~ /^[-l]/ && $6 ~ /^\.\/(usr\/)?lib(64)?\/.*\.so(\.[0-9.]+)?$/ && ($7 != "->" || $8 !~ /^\//) { print $6 }')
+    }
+    _ap_use() { # _ap_use PKG: extract PKG; its dependencies may supply libraries
+        local deb
+        used[$1]=1
+        deb=$(deb_fetch "$1")
+        deb_extract "$deb" "$x/$1"
+        # shellcheck disable=SC2206 # the list splits on spaces
+        frontier+=(${graph[$1]:-})
+        basename "$deb" >>"$work/used-debs"
+    }
+    : >"$work/used-debs"
+    _ap_fetch "$top"
+    _ap_use "$top"
+    mkdir -p "$root/$(dirname "$bin")"
+    cp "$x/$top/$bin" "$root/$bin" || qomvm_die "no $bin in the $top package"
+    mapfile -t want < <(elf_needs "$root/$bin")
+    while :; do
+        more=()
+        for s in "${want[@]}"; do
+            [[ -z ${resolved[$s]:-} ]] || continue
+            if [[ -z ${provider[$s]:-} ]]; then more+=("$s"); continue; fi
+            read -r p f <<<"${provider[$s]}"
+            [[ -n ${used[$p]:-} ]] || _ap_use "$p"
+            # Relative symlinks resolve inside the extracted package.
+            cp -L "$x/$p/$f" "$lib/$s" || qomvm_die "copying $s from $p failed"
+            resolved[$s]=$p
+            mapfile -t -O "${#more[@]}" more < <(elf_needs "$lib/$s")
+        done
+        want=()
+        for s in "${more[@]}"; do [[ -n ${resolved[$s]:-} ]] || want+=("$s"); done
+        [[ ${#want[@]} -gt 0 ]] || break
+        # Nothing fetched so far ships the rest: fetch the next dependency.
+        local found=0
+        for s in "${want[@]}"; do [[ -n ${provider[$s]:-} ]] && found=1; done
+        if [[ $found == 0 ]]; then
+            while [[ ${#frontier[@]} -gt 0 && -n ${fetched[${frontier[0]}]:-} ]]; do frontier=("${frontier[@]:1}"); done
+            [[ ${#frontier[@]} -gt 0 ]] ||
+                qomvm_die "$bin: no dependency of $top ships ${want[*]}"
+            _ap_fetch "${frontier[0]}"
+        fi
+    done
+    ln -sf ../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$root/lib64/ld-linux-x86-64.so.2"
+    qomvm_log "$bin: $(wc -l <"$work/used-debs") packages, $(du -sk "$lib" | cut -f1) KiB of libraries"
+}
+
 kpkg=$(deb_kernel_package "$KERNEL_META")
 gpkg=$(deb_kernel_package "$GENERIC_META")
 qomvm_lock "$QOMVM_CACHE/.lock"
@@ -291,17 +762,30 @@ kdeb=$(deb_fetch "$kpkg")
 gdeb=$(deb_fetch "$gpkg")
 bbdeb=$(deb_fetch busybox-static)
 
+# The stamp: line 1 the format and the kernel and busybox .debs, line 2 the
+# .debs the disk image's programs came from (fio and its libraries).
 stamp=$OUTDIR/.guest-assets.inputs
 inputs="format=$ASSETS_FORMAT $(basename "$kdeb") $(basename "$gdeb") $(basename "$bbdeb")"
 uptodate=1
-for f in vmlinuz initramfs.cpio.gz kernel-version vmlinuz-generic kernel-version-generic; do
+for f in vmlinuz initramfs.cpio.gz rootfs.ext4 kernel-version vmlinuz-generic kernel-version-generic; do
     out=$OUTDIR/$f
     if [[ ! -s $out || $kdeb -nt $out || $gdeb -nt $out || $bbdeb -nt $out ||
         ${BASH_SOURCE[0]} -nt $out || $SCRIPT_DIR/lib/debian.sh -nt $out ]]; then
         uptodate=0
     fi
 done
-[[ -f $stamp && $(cat "$stamp") == "$inputs" ]] || uptodate=0
+if [[ $uptodate == 1 && -f $stamp ]]; then
+    { read -r line1 && read -r line2; } <"$stamp" || line2=
+    pkgs=()
+    for f in $line2; do pkgs+=("${f%%_*}"); done
+    [[ ${#pkgs[@]} == 0 ]] || deb_candidates_prefetch "${pkgs[@]}"
+    if [[ $line1 != "$inputs" || ${#pkgs[@]} == 0 ||
+        "$(deb_file_names "${pkgs[@]}" | tr '\n' ' ')" != "$line2 " ]]; then
+        uptodate=0
+    fi
+else
+    uptodate=0
+fi
 if [[ $uptodate == 1 ]]; then
     qomvm_log "up to date: $OUTDIR ($(cat "$OUTDIR/kernel-version"))"
     exit 0
@@ -310,7 +794,7 @@ fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/qomvm-guest-assets.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-deb_extract "$kdeb" "$work/k" './boot/vmlinuz-*' './boot/config-*'
+deb_extract "$kdeb" "$work/k" './boot/vmlinuz-*' './boot/config-*' './lib/modules/*/modules.builtin'
 vmlinuz=$(find "$work/k/boot" -name 'vmlinuz-*' | head -n1)
 [[ -n $vmlinuz ]] || qomvm_die "no boot/vmlinuz-* in $(basename "$kdeb")"
 kver=${vmlinuz##*/vmlinuz-}
@@ -318,25 +802,53 @@ config=$work/k/boot/config-$kver
 if [[ -f $config ]] && ! grep -q '^CONFIG_DEVPORT=y' "$config"; then
     qomvm_log "note: $kver has no CONFIG_DEVPORT (/dev/port); its portfuzz uses the iopl helper"
 fi
+if [[ -f $config ]] && ! grep -q '^CONFIG_EXT4_FS=y' "$config"; then
+    qomvm_die "$kver does not build ext4 in; the disk image would need its modules in the initramfs"
+fi
 deb_extract "$gdeb" "$work/g" './boot/vmlinuz-*'
 gvmlinuz=$(find "$work/g/boot" -name 'vmlinuz-*' | head -n1)
 [[ -n $gvmlinuz ]] || qomvm_die "no boot/vmlinuz-* in $(basename "$gdeb")"
 gkver=${gvmlinuz##*/vmlinuz-}
 
 deb_extract "$bbdeb" "$work/bb" './bin/busybox'
+bb=$work/bb/bin/busybox
+
+# The initramfs.
 root=$work/root
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc}
-cp "$work/bb/bin/busybox" "$root/bin/busybox"
+cp "$bb" "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 write_init "$root/init"
 write_portout "$root/bin/qomvm-portout"
-qomvm_mkcpio "$root" "$work/initramfs.cpio.gz" "$work/bb/bin/busybox"
+guest_modules "$kdeb" "$kver" "$root"
+qomvm_mkcpio "$root" "$work/initramfs.cpio.gz" "$bb"
+
+# The disk image: the same /init, busybox with its applet links made here (the
+# disk may be mounted read-only), the modules, and fio with its libraries.
+rootfs=$work/rootfs
+mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc,mnt}
+cp "$bb" "$rootfs/bin/busybox"
+"$bb" --list-full | while read -r f; do
+    [[ $f == */* && ! -e $rootfs/$f ]] && ln -s /bin/busybox "$rootfs/$f"
+done
+cp "$root/init" "$rootfs/init"
+cp "$root/bin/qomvm-portout" "$rootfs/bin/"
+cp -a "$root/lib" "$rootfs/"
+cp "$root/etc/qomvm-modules" "$rootfs/etc/"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$rootfs/etc/passwd"
+printf 'root:x:0:\n' >"$rootfs/etc/group"
+add_program "$rootfs" fio usr/bin/fio
+truncate -s "$ROOTFS_SIZE" "$work/rootfs.ext4"
+mkfs.ext4 -q -F -b 4096 -L qomvm-root -E root_owner=0:0 -d "$rootfs" "$work/rootfs.ext4" ||
+    qomvm_die "mkfs.ext4 -d failed"
 
 install -m 644 "$vmlinuz" "$OUTDIR/vmlinuz.tmp" && mv -f "$OUTDIR/vmlinuz.tmp" "$OUTDIR/vmlinuz"
 install -m 644 "$gvmlinuz" "$OUTDIR/vmlinuz-generic.tmp" &&
     mv -f "$OUTDIR/vmlinuz-generic.tmp" "$OUTDIR/vmlinuz-generic"
 mv -f "$work/initramfs.cpio.gz" "$OUTDIR/initramfs.cpio.gz"
+# (cp --sparse keeps the image's holes when $work is on another file system)
+cp --sparse=always "$work/rootfs.ext4" "$OUTDIR/rootfs.ext4.tmp" && mv -f "$OUTDIR/rootfs.ext4.tmp" "$OUTDIR/rootfs.ext4"
 printf '%s\n' "$kver" >"$OUTDIR/kernel-version"
 printf '%s\n' "$gkver" >"$OUTDIR/kernel-version-generic"
-printf '%s\n' "$inputs" >"$stamp"
-qomvm_log "built $OUTDIR: vmlinuz ($kver), vmlinuz-generic ($gkver), initramfs.cpio.gz"
+printf '%s\n%s\n' "$inputs" "$(tr '\n' ' ' <"$work/used-debs" | sed 's/ $//')" >"$stamp"
+qomvm_log "built $OUTDIR: vmlinuz ($kver), vmlinuz-generic ($gkver), initramfs.cpio.gz, rootfs.ext4"

@@ -12,12 +12,14 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 KERNEL_META=linux-image-amd64
 # Bump when the L1 initramfs layout or its /init changes (forces a rebuild).
-L1_FORMAT=3
+L1_FORMAT=4
 # Modules for the L1 kernel, loaded in this order; built-in or absent ones are
 # skipped (what is needed is verified when L1 boots).
 L1_MODULES="irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
 virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p overlay
 virtio_console"
+# Loaded only for --scratch: a loop device and ext4 (crc32c for its checksums).
+L1_SCRATCH_MODULES="loop crc16 mbcache jbd2 crc32c_generic ext4"
 # Host environment variables passed to COMMAND (extended regex on the name).
 ENV_PASS='^(PATH|HOME|USER|LOGNAME|LANG|LC_[A-Z]+|TZ|TERM|RUST_[A-Z_]+|CARGO_[A-Z0-9_]*|QOMVM_[A-Za-z0-9_]*)$'
 
@@ -28,6 +30,8 @@ cpu=${NESTED_KVM_CPU:-qemu64,+svm,+npt}
 machine=${NESTED_KVM_MACHINE:-q35}
 logfile=
 interactive=0
+rw_dirs=()
+scratch=
 
 usage() {
     cat <<'EOF'
@@ -58,6 +62,16 @@ Options:
   --timeout S    kill L1 after S seconds (default 600)
   --cpu MODEL    L1 CPU model (default qemu64,+svm,+npt; env NESTED_KVM_CPU)
   --log FILE     keep L1's console log (kernel + init messages) in FILE
+  --rw DIR       share the host directory DIR read-write: L1 mounts it (9p,
+                 cache=mmap) at the same path over the overlay, so COMMAND's
+                 writes there reach the host and stay after the run, and
+                 files there can be opened with O_DIRECT (QEMU's and qomvm's
+                 cache=none), which L1's tmpfs overlay refuses. Repeatable.
+                 Each I/O is a round trip to the host: slow (tens of ms).
+  --scratch SIZE an empty ext4 file system of SIZE (QEMU syntax, e.g. 2G) at
+                 /scratch in L1 (also in $NESTED_KVM_SCRATCH), kept in L1's
+                 memory (a loop device over a tmpfs file), so it is fast and
+                 takes O_DIRECT; lost when L1 ends. Count it in --mem.
   --interactive  connect this terminal to COMMAND's stdin too (raw mode, for an
                  interactive guest console such as qomvm -nographic; Ctrl-C
                  goes to COMMAND)
@@ -84,7 +98,9 @@ while [[ $# -gt 0 ]]; do
         --cpu) cpu=${2:?--cpu needs a value}; shift 2 ;;
         --log) logfile=${2:?--log needs a value}; shift 2 ;;
         --interactive) interactive=1; shift ;;
-        --smp=* | --mem=* | --timeout=* | --cpu=* | --log=*)
+        --rw) rw_dirs+=("${2:?--rw needs a directory}"); shift 2 ;;
+        --scratch) scratch=${2:?--scratch needs a size}; shift 2 ;;
+        --smp=* | --mem=* | --timeout=* | --cpu=* | --log=* | --rw=* | --scratch=*)
             opt=${1%%=*}; set -- "$opt" "${1#*=}" "${@:2}" ;;
         --) shift; break ;;
         -*) qomvm_die "unknown option $1 (see --help)" ;;
@@ -95,6 +111,12 @@ done
 [[ $smp =~ ^[1-9][0-9]*$ ]] || qomvm_die "--smp wants a positive number, got '$smp'"
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || qomvm_die "--timeout wants a positive number of seconds, got '$timeout'"
 [[ $mem =~ ^[1-9][0-9]*[kKmMgGtT]?$ ]] || qomvm_die "--mem wants a size like 6G or 4096M, got '$mem'"
+[[ -z $scratch || $scratch =~ ^[1-9][0-9]*[kKmMgGtT]?$ ]] || qomvm_die "--scratch wants a size like 2G or 512M, got '$scratch'"
+for i in "${!rw_dirs[@]}"; do
+    [[ -d ${rw_dirs[i]} ]] || qomvm_die "--rw ${rw_dirs[i]}: not a directory"
+    rw_dirs[i]=$(cd "${rw_dirs[i]}" && pwd -P)
+    [[ ${rw_dirs[i]} != / && ${rw_dirs[i]} != *$'\n'* ]] || qomvm_die "--rw ${rw_dirs[i]}: not sharable"
+done
 
 qomvm_need_cmd qemu-system-x86_64 qemu-system-x86
 qomvm_need_cmd apt-get apt
@@ -173,6 +195,29 @@ mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mkdir -p /newroot/tmp && chmod 1777 /newroot/tmp
 mkdir -p /newroot/run/qomvm
 say "host root mounted"
+# --rw DIR: host directories shared read-write, at their own paths.
+if [ -f /qomvm/rw ]; then
+    while read -r tag dir; do
+        mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap "$tag" "/newroot$dir" ||
+            fatal "mounting the read-write share $dir failed"
+    done </qomvm/rw
+fi
+# --scratch SIZE: ext4 on a loop device over a tmpfs file, at /scratch.
+if [ -f /qomvm/scratch ]; then
+    for m in $(cat /etc/qomvm-scratch-modules); do
+        insmod "/lib/modules/$m.ko" || say "insmod $m failed"
+    done
+    mkdir -p /mnt/scratch /newroot/scratch
+    mount -t tmpfs -o size=100% tmpfs /mnt/scratch
+    truncate -s "$(cat /qomvm/scratch)" /mnt/scratch/img || fatal "creating the scratch file failed"
+    losetup /dev/loop0 /mnt/scratch/img || fatal "losetup for the scratch disk failed"
+    # (the host's mkfs; noinit_itable: no background zeroing, the file reads as zeroes)
+    chroot /newroot /sbin/mkfs.ext4 -q -O ^has_journal /dev/loop0 ||
+        fatal "mkfs.ext4 of the scratch disk failed"
+    mount -t ext4 -o noinit_itable /dev/loop0 /newroot/scratch || fatal "mounting the scratch disk failed"
+    chmod 1777 /newroot/scratch
+    say "scratch file system mounted"
+fi
 cp /qomvm/cmd.sh /newroot/run/qomvm/cmd.sh || fatal "no per-run command (/qomvm/cmd.sh)"
 
 say "running command"
@@ -212,7 +257,7 @@ build_l1() { # build_l1 DIR KDEB BBDEB
     local dir=$1 kdeb=$2 bbdeb=$3 work m f kver pats=()
     work=$(mktemp -d "$QOMVM_CACHE/nested/.build.XXXXXX")
     qomvm_log "building the L1 kernel and initramfs (once; cached in $dir)"
-    for m in $L1_MODULES; do
+    for m in $L1_MODULES $L1_SCRATCH_MODULES; do
         pats+=("*/${m//[-_]/[-_]}.ko*")
     done
     deb_extract "$kdeb" "$work/k" './boot/vmlinuz-*' './lib/modules/*/modules.builtin' "${pats[@]}"
@@ -235,7 +280,8 @@ build_l1() { # build_l1 DIR KDEB BBDEB
     cp "$work/bb/bin/busybox" "$root/bin/busybox"
     ln -s busybox "$root/bin/sh"
     : >"$root/etc/qomvm-modules"
-    for m in $L1_MODULES; do
+    : >"$root/etc/qomvm-scratch-modules"
+    for m in $L1_MODULES $L1_SCRATCH_MODULES; do
         f=$(find "$moddir" \( -name "$m.ko*" -o -name "${m//-/_}.ko*" \) | head -n1)
         if [[ -z $f ]]; then
             if grep -qE "/(${m}|${m//-/_})\.ko$" "$moddir/modules.builtin" 2>/dev/null; then
@@ -252,7 +298,11 @@ build_l1() { # build_l1 DIR KDEB BBDEB
             *.ko.zst) qomvm_need_cmd zstd zstd; zstd -qdc "$f" >"$root/lib/modules/$m.ko" ;;
             *) qomvm_die "unknown module format: $f" ;;
         esac
-        echo "$m" >>"$root/etc/qomvm-modules"
+        if [[ " ${L1_SCRATCH_MODULES//$'\n'/ } " == *" $m "* ]]; then
+            echo "$m" >>"$root/etc/qomvm-scratch-modules"
+        else
+            echo "$m" >>"$root/etc/qomvm-modules"
+        fi
     done
     write_l1_init "$root/init"
     qomvm_mkcpio "$root" "$work/initramfs.cpio.gz" "$work/bb/bin/busybox"
@@ -350,6 +400,7 @@ mkdir -p "$tmp/run/qomvm"
         [[ $name =~ $ENV_PASS ]] || continue
         echo "export $name=$(shq "${!name}")"
     done < <(compgen -e)
+    [[ -z $scratch ]] || echo "export NESTED_KVM_SCRATCH=/scratch"
     echo "cd $(shq "$cwd") || { echo $(shq "nested-kvm: cannot cd to $cwd in L1") >&2; exit 125; }"
     printf 'exec'
     for a in "$@"; do printf ' %s' "$(shq "$a")"; done
@@ -358,6 +409,14 @@ mkdir -p "$tmp/run/qomvm"
 if ((interactive)); then
     : >"$tmp/run/qomvm/interactive"
 fi
+if [[ -n $scratch ]]; then
+    echo "$scratch" >"$tmp/run/qomvm/scratch"
+fi
+virtfs_rw=()
+for i in "${!rw_dirs[@]}"; do
+    echo "rw$i ${rw_dirs[i]}" >>"$tmp/run/qomvm/rw"
+    virtfs_rw+=(-virtfs "local,path=${rw_dirs[i]//,/,,},mount_tag=rw$i,security_model=none,multidevs=remap")
+done
 qomvm_mkcpio "$tmp/run" "$tmp/run.cpio.gz" "$l1dir/busybox"
 cat "$l1dir/initramfs.cpio.gz" "$tmp/run.cpio.gz" >"$tmp/initrd"
 
@@ -369,6 +428,7 @@ qemu=(qemu-system-x86_64
     -append "console=ttyS0 quiet loglevel=0 panic=-1 rdinit=/init 8250.nr_uarts=1 tsc=reliable"
     -chardev "file,id=con,path=$tmp/console.log" -serial chardev:con
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap
+    "${virtfs_rw[@]}"
     -device virtio-serial-pci,id=vser
     -chardev stdio,id=out,signal=off
     -device virtserialport,bus=vser.0,chardev=out,name=qomvm.out
