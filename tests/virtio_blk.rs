@@ -10,6 +10,7 @@ use std::time::Duration;
 use block::{BlockBackend, Format, OpenOptions};
 use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
 use hw::core::qdev::{qdev_new, qdev_realize};
+use hw::core::runstate::ShutdownCause;
 use qom::ObjectRef;
 use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
 use vm_memory::{Bytes, GuestAddress};
@@ -330,6 +331,11 @@ fn completions_use_the_queues_msix_vector() {
     }
     assert_eq!(dev.mmio().read(pba_addr, 8), 0b10, "vector 1 pending");
     assert_eq!(dev.read_isr(), 0, "no INTx while MSI-X is on");
+    // A system reset turns MSI-X off and clears the PBA (QEMU's msix_reset).
+    let ms = machine_state(&m).unwrap();
+    hw::core::runstate::qemu_system_reset(ms, ShutdownCause::GuestReset);
+    assert_eq!(dev.config.read(cap + 2, 2), 1, "MSI-X off, table size 2");
+    assert_eq!(dev.mmio().read(pba_addr, 8), 0);
 }
 
 #[test]

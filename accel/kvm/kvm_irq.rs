@@ -245,8 +245,7 @@ impl KvmIrq {
         msg: MsiMessage,
     ) -> Result<(), AccelIrqError> {
         let mut table = self.table()?.lock();
-        let Some(old) = table.msi.insert(gsi, msg) else {
-            table.msi.remove(&gsi);
+        let Some(&old) = table.msi.get(&gsi) else {
             return Err(AccelIrqError::Failed {
                 what: "KVM_SET_GSI_ROUTING",
                 reason: format!("GSI {gsi} is not an MSI route"),
@@ -255,6 +254,7 @@ impl KvmIrq {
         if old == msg {
             return Ok(());
         }
+        table.msi.insert(gsi, msg);
         if let Err(e) = commit(vm, &table) {
             table.msi.insert(gsi, old);
             return Err(e);

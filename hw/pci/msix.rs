@@ -17,6 +17,7 @@
 //! Lock order: `Msix::state`, then a vector's gate (`Msix::gates`); the device's
 //! configuration space is never locked while `state` is held.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
@@ -161,6 +162,9 @@ pub struct Msix {
     name: String,
     /// The machine's accelerator, once installed.
     accel: Arc<OnceLock<AccelOpsRef>>,
+    /// `MsixState::enabled`, readable without the lock: owners check it on each interrupt
+    /// to choose between MSI-X and INTx.
+    enabled: AtomicBool,
     /// Per vector, the eventfd whose irqfd delivers it while it is enabled and unmasked:
     /// `notify`'s whole path. Written under `state`.
     gates: Box<[RwLock<Option<Arc<EventFd>>>]>,
@@ -240,6 +244,7 @@ impl Msix {
             device: dev.weak(),
             name: name.clone(),
             accel: services.vm().accel_slot(),
+            enabled: AtomicBool::new(false),
             gates: (0..nvectors).map(|_| RwLock::new(None)).collect(),
             state: Mutex::new(MsixState::new(nvectors)),
             log: RateLimitedLog::default(),
@@ -266,7 +271,7 @@ impl Msix {
     /// Whether the guest set MSI-X enable (QEMU's `msix_enabled`); while it is clear the
     /// device interrupts through INTx.
     pub fn is_enabled(&self) -> bool {
-        self.state.lock().enabled
+        self.enabled.load(Ordering::Acquire)
     }
 
     /// Whether every vector is masked as a whole: MSI-X disabled or the function mask set
@@ -326,6 +331,7 @@ impl Msix {
             let was = (st.enabled, st.mask_all);
             st.enabled = control & MSIX_ENABLE_MASK != 0;
             st.mask_all = control & MSIX_MASKALL_MASK != 0;
+            self.enabled.store(st.enabled, Ordering::Release);
             if (st.enabled, st.mask_all) != was {
                 if st.enabled {
                     for v in 0..usize::from(self.nvectors) {
@@ -352,6 +358,7 @@ impl Msix {
             let mut st = self.state.lock();
             self.release_routes(&mut st);
             st.clear();
+            self.enabled.store(false, Ordering::Release);
         }
         let device = self.device.upgrade();
         if let Some(dev) = device.as_deref().and_then(|o| o.cast::<PciDevice>()) {

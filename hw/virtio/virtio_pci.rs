@@ -209,6 +209,11 @@ impl DeviceImpl for VirtioPciProxy {
     fn reset(&self) {
         if let Some(t) = self.transport.get() {
             t.reset();
+            // QEMU's pci_do_device_reset -> msix_reset: MSI-X off, vectors masked, routes
+            // released (a guest-written status 0 resets only the virtio device).
+            if let Some(msix) = &t.msix {
+                msix.reset();
+            }
         }
         DeviceImpl::reset(&self.parent);
     }
