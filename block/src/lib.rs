@@ -7,6 +7,7 @@
 //! to the table here ([`add_backend`]), where devices and the monitor find it.
 
 pub mod lock;
+mod qcow2_l2;
 
 use std::fs::File as StdFile;
 use std::io::{self, Read};
@@ -486,6 +487,12 @@ fn open_image(
                 backing_info = Some(Box::new(below.info));
             }
             let access = FormatAccess::new(qcow2);
+            if writable {
+                let added = qcow2_l2::prepare_l2_tables(&access, path).map_err(open_err)?;
+                if added > 0 {
+                    log::debug!("{filename}: {added} L2 tables prepared before use");
+                }
+            }
             let info = ImageInfo {
                 node_name,
                 file_node_name,
