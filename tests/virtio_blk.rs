@@ -59,6 +59,12 @@ fn add_drive(id: &str, path: &std::path::Path, read_only: bool) -> Arc<BlockBack
 
 /// A pc machine on qtest with `virtio-blk-pci,drive=DRIVE,props...` at 04.0.
 fn pc_with_disk(drive: &str, props: &[(&str, &str)]) -> ObjectRef {
+    pc_with_disks(&[(drive, "04.0")], props)
+}
+
+/// A pc machine on qtest with a `virtio-blk-pci,drive=DRIVE,addr=ADDR,props...` for each
+/// (drive, addr).
+fn pc_with_disks(disks: &[(&str, &str)], props: &[(&str, &str)]) -> ObjectRef {
     accel::init().expect("registrations are intact");
     let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
     machine_state(&machine).unwrap().set_ram_size(128 << 20);
@@ -66,18 +72,20 @@ fn pc_with_disk(drive: &str, props: &[(&str, &str)]) -> ObjectRef {
     accel::accel_init_machine(qtest, &machine).unwrap();
     machine_run_board_init(&machine).unwrap();
     let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let dev = qdev_new("virtio-blk-pci").unwrap();
-    dev.property_parse("drive", drive).unwrap();
-    dev.property_parse("addr", "04.0").unwrap();
-    for (k, v) in props {
-        dev.property_parse(k, v).unwrap();
+    for (drive, addr) in disks {
+        let dev = qdev_new("virtio-blk-pci").unwrap();
+        dev.property_parse("drive", drive).unwrap();
+        dev.property_parse("addr", addr).unwrap();
+        for (k, v) in props {
+            dev.property_parse(k, v).unwrap();
+        }
+        machine
+            .child("peripheral-anon")
+            .unwrap()
+            .add_child("device[*]", &dev)
+            .unwrap();
+        qdev_realize(&dev, Some(&bus)).unwrap();
     }
-    machine
-        .child("peripheral-anon")
-        .unwrap()
-        .add_child("device[*]", &dev)
-        .unwrap();
-    qdev_realize(&dev, Some(&bus)).unwrap();
     machine_creation_done(&machine).unwrap();
     machine
 }
@@ -336,6 +344,48 @@ fn completions_use_the_queues_msix_vector() {
     hw::core::runstate::qemu_system_reset(ms, ShutdownCause::GuestReset);
     assert_eq!(dev.config.read(cap + 2, 2), 1, "MSI-X off, table size 2");
     assert_eq!(dev.mmio().read(pba_addr, 8), 0);
+}
+
+/// Slots 4 and 5 swizzle INTA to PIRQA and PIRQB, both on ISA IRQ 10: the line stays high
+/// until both devices' interrupts are acknowledged (PIIX ORs the sharers).
+#[test]
+fn devices_sharing_an_intx_line_do_not_hide_each_others_interrupts() {
+    let a = temp_image("share-a.raw", 1 << 20);
+    let b = temp_image("share-b.raw", 1 << 20);
+    add_drive("vblk-share-a", &a, false);
+    add_drive("vblk-share-b", &b, false);
+    let m = pc_with_disks(&[("vblk-share-a", "04.0"), ("vblk-share-b", "05.0")], &[]);
+    let level = |gsi| {
+        machine_state(&m)
+            .unwrap()
+            .accel_ops()
+            .unwrap()
+            .as_any()
+            .downcast_ref::<accel::qtest::QtestOps>()
+            .unwrap()
+            .irq_level(gsi)
+    };
+    let dev_a = VirtioPciDevice::probe(&m, 4 << 3);
+    let dev_b = VirtioPciDevice::probe(&m, 5 << 3);
+    assert_eq!(dev_a.config.read(0x3c, 1), 10);
+    assert_eq!(dev_b.config.read(0x3c, 1), 10);
+    let mut rings = Vec::new();
+    for (dev, base) in [(&dev_a, RING), (&dev_b, RING + 0x8000)] {
+        assert!(dev.negotiate(VERSION_1));
+        let ring = SplitRing::new(base, 16);
+        ring.clear(&dev.mem);
+        dev.setup_queue(0, &ring);
+        dev.driver_ok();
+        rings.push(ring);
+    }
+    for (dev, ring) in [&dev_a, &dev_b].into_iter().zip(rings.iter_mut()) {
+        assert_eq!(request(dev, ring, T_FLUSH, 0, 0, false).0, 0);
+    }
+    assert!(level(10), "both devices interrupt");
+    assert_eq!(dev_a.read_isr() & 1, 1);
+    assert!(level(10), "device B still asserts IRQ 10");
+    assert_eq!(dev_b.read_isr() & 1, 1);
+    assert!(!level(10), "both acknowledged");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use qom::{
 };
 
 use crate::core::bus::BusState;
-use crate::core::irq::IrqLine;
+use crate::core::irq::{IrqHandler, IrqLine};
 use crate::core::memory::{AddressSpace, MemoryRegion};
 use crate::core::qdev::{
     device_class_add_property, device_class_init, DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError,
@@ -243,7 +243,30 @@ pub struct PciDevice {
     devfn: Mutex<Option<u8>>,
     config: Mutex<ConfigSpace>,
     bars: Mutex<[Option<Bar>; PCI_NUM_BARS]>,
-    irq: Mutex<IrqLine>,
+    intx: Arc<IntxPin>,
+}
+
+/// A device's INTx pin: the line the host bridge routed it to and the level the device
+/// drives (QEMU's `irq_state`). Only changes reach the line, which other devices may share
+/// (the router counts them). Handlers on I/O threads hold it to interrupt.
+#[derive(Default)]
+pub struct IntxPin {
+    state: Mutex<(IrqLine, bool)>,
+}
+
+impl IntxPin {
+    /// Drives the pin to `level` (QEMU's `pci_set_irq`).
+    pub fn set(&self, level: bool) {
+        let mut state = self.state.lock();
+        if state.1 != level {
+            state.1 = level;
+            state.0.set(level);
+        }
+    }
+
+    fn connect(&self, line: IrqLine) {
+        self.state.lock().0 = line;
+    }
 }
 
 type_init!(PciDevice {
@@ -290,14 +313,27 @@ pub struct PciBus {
     parent: BusState,
     devices: Mutex<Vec<(u8, WeakObjectRef)>>,
     route: Mutex<Option<PciIrqRoute>>,
+    /// Where routed INTx lines go (QEMU's `pci_bus_irqs` `set_irq`): the host bridge's
+    /// interrupt router, which ORs the devices sharing a line.
+    irq_handler: Mutex<Option<Arc<dyn IrqHandler>>>,
 }
 
 type_init!(PciBus);
 
 impl PciBus {
-    /// Sets how INTx is routed (QEMU's `pci_bus_irqs`).
+    /// Sets how INTx is routed (QEMU's `pci_bus_map_irqs`).
     pub fn set_route(&self, route: PciIrqRoute) {
         *self.route.lock() = Some(route);
+    }
+
+    /// Sets the handler routed INTx lines reach (QEMU's `pci_bus_irqs`).
+    pub fn set_irq_handler(&self, handler: Arc<dyn IrqHandler>) {
+        *self.irq_handler.lock() = Some(handler);
+    }
+
+    /// The handler routed INTx lines reach, if the host bridge set one.
+    pub fn irq_handler(&self) -> Option<Arc<dyn IrqHandler>> {
+        self.irq_handler.lock().clone()
     }
 
     /// The device at `devfn`.
@@ -475,8 +511,7 @@ impl DeviceImpl for PciDevice {
         if pc.interrupt_pin > 0 {
             let route = *bus.route.lock();
             if let Some(route) = route {
-                let line = route(bus, self, pc.interrupt_pin);
-                *self.irq.lock() = line;
+                self.intx.connect(route(bus, self, pc.interrupt_pin));
             }
         }
         if let Some(pci) = pc.pci.and_then(|cast| cast(dev)) {
@@ -695,15 +730,15 @@ impl PciDevice {
         self.config.lock().wmask[addr] = mask;
     }
 
-    /// The device's INTx line (disconnected if it has no pin), for handlers that raise it
-    /// from other threads.
-    pub fn irq_line(&self) -> IrqLine {
-        self.irq.lock().clone()
+    /// Sets the device's INTx level (QEMU's `pci_set_irq`). Only changes reach the line,
+    /// which other devices may share.
+    pub fn set_irq(&self, level: bool) {
+        self.intx.set(level);
     }
 
-    /// Sets the device's INTx level (QEMU's `pci_set_irq`).
-    pub fn set_irq(&self, level: bool) {
-        self.irq.lock().set(level);
+    /// The device's INTx pin, for handlers that interrupt from other threads.
+    pub fn intx(&self) -> Arc<IntxPin> {
+        self.intx.clone()
     }
 }
 

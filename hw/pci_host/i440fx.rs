@@ -8,7 +8,7 @@ use std::sync::Arc;
 use qom::{type_init, WeakObjectRef};
 
 use crate::core::bus::qbus_new;
-use crate::core::irq::{GsiRouter, IrqLine};
+use crate::core::irq::{GsiRouter, IrqHandler, IrqLine};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
 use crate::pci::pci::{config, pci_bus_init, pci_find_device, PciBus, PciDevice, PciDeviceImpl, TYPE_PCI_BUS, INTERFACE_CONVENTIONAL_PCI_DEVICE};
@@ -102,18 +102,39 @@ impl MemoryRegionOps for ConfigData {
 /// standard swizzle of INTx pins across slots.
 pub const PIRQ_IRQS: [u32; 4] = [10, 10, 11, 11];
 
+/// PIIX3's PIRQ lines (QEMU's `piix3_set_irq` with `pci_irq_levels`): each input is one
+/// PIRQ, asserted by every device whose INTx swizzles to it; an ISA IRQ is high while any
+/// device on any PIRQ routed to it asserts. Level-triggered sharing needs the count: with
+/// a plain line, one device lowering it would hide another's pending interrupt.
+struct PirqRouter {
+    asserted: parking_lot::Mutex<[u32; 4]>,
+    gsi: Arc<GsiRouter>,
+}
+
+impl IrqHandler for PirqRouter {
+    fn set_irq(&self, pirq: u32, level: bool) {
+        let Some(index) = usize::try_from(pirq).ok().filter(|&i| i < 4) else {
+            return;
+        };
+        let irq = PIRQ_IRQS[index];
+        let high = {
+            let mut asserted = self.asserted.lock();
+            let n = &mut asserted[index];
+            *n = if level { *n + 1 } else { n.saturating_sub(1) };
+            (0..4).any(|i| PIRQ_IRQS[i] == irq && asserted[i] > 0)
+        };
+        self.gsi.set_irq(irq, high);
+    }
+}
+
 fn route_intx(bus: &PciBus, dev: &PciDevice, pin: u8) -> IrqLine {
-    let Some(devfn) = dev.devfn() else {
+    let (Some(devfn), Some(router)) = (dev.devfn(), bus.irq_handler()) else {
         return IrqLine::disconnected();
     };
     let slot = devfn >> 3;
     let pirq = (usize::from(pin.saturating_sub(1)) + usize::from(slot)) % 4;
-    let irq = PIRQ_IRQS[pirq];
-    let Some(services) = bus.services() else {
-        return IrqLine::disconnected();
-    };
-    dev.config_set(config::INTERRUPT_LINE, &[irq as u8]);
-    IrqLine::new(GsiRouter::new(services), irq)
+    dev.config_set(config::INTERRUPT_LINE, &[PIRQ_IRQS[pirq] as u8]);
+    IrqLine::new(router, pirq as u32)
 }
 
 impl DeviceImpl for I440fxHost {
@@ -125,6 +146,12 @@ impl DeviceImpl for I440fxHost {
         let services = ctx.machine()?;
         let bus = qbus_new(TYPE_PCI_BUS, ctx.object(), "pci.0", services)?;
         pci_bus_init(&bus, route_intx);
+        if let Some(pci) = bus.cast::<PciBus>() {
+            pci.set_irq_handler(Arc::new(PirqRouter {
+                asserted: parking_lot::Mutex::new([0; 4]),
+                gsi: GsiRouter::new(services),
+            }));
+        }
         let address = MemoryRegion::new_io(
             "pci-conf-idx",
             1,

@@ -19,14 +19,13 @@ use qom::{type_init, ClassInitFor, ImplCast, Object, ObjectClass, Prop};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use crate::core::irq::IrqLine;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps, RegionEventFd};
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
 use crate::core::qdev_properties::OnOffAuto;
 use crate::core::services::MachineServices;
 use crate::pci::msix::Msix;
 use crate::pci::pci::{
-    pci_device_class_use_ops_of, BarKind, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE,
+    pci_device_class_use_ops_of, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE,
 };
 use crate::virtio::virtio::{
     bit, feature, feature_word, status, ActiveQueue, Activation, RateLimitedLog, VirtioDevice,
@@ -282,7 +281,7 @@ impl PciDeviceImpl for VirtioPciProxy {
             device: device.clone(),
             services: Arc::downgrade(services),
             msix: msix.clone(),
-            irq: self.irq_line(),
+            intx: self.intx(),
             modern,
             state: Mutex::new(TransportState::new(&queue_sizes)),
             queue_vectors: queue_sizes.iter().map(|_| AtomicU16::new(VIRTIO_NO_VECTOR)).collect(),
@@ -447,7 +446,7 @@ pub struct VirtioPciTransport {
     device: Arc<dyn VirtioDevice>,
     services: Weak<MachineServices>,
     msix: Option<Arc<Msix>>,
-    irq: IrqLine,
+    intx: Arc<IntxPin>,
     modern: bool,
     state: Mutex<TransportState>,
     /// MSI-X vector of each queue, read on every interrupt without the lock.
@@ -481,14 +480,14 @@ impl VirtioPciTransport {
             }
         } else {
             self.isr.fetch_or(isr_bit, Ordering::AcqRel);
-            self.irq.raise();
+            self.intx.set(true);
         }
     }
 
     fn read_isr(&self) -> u8 {
         let isr = self.isr.swap(0, Ordering::AcqRel);
         if !self.msix_enabled() {
-            self.irq.lower();
+            self.intx.set(false);
         }
         isr
     }
@@ -517,7 +516,7 @@ impl VirtioPciTransport {
         }
         self.config_vector.store(VIRTIO_NO_VECTOR, Ordering::Release);
         self.isr.store(0, Ordering::Release);
-        self.irq.lower();
+        self.intx.set(false);
     }
 
     fn set_status(&self, value: u8) {
