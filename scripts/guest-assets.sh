@@ -14,7 +14,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=4
+ASSETS_FORMAT=5
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -53,6 +53,8 @@ switches to a disk if qomvm.root= asks for one, prints
   MemTotal: NNN kB
   pci: 0000:00:01.0 0x8086:0x7000   (one line per PCI function the kernel found)
   blk: vda 268435456 ro=0           (one line per disk: name, bytes, read-only)
+  irq: 24: 0 12 PCI-MSI-edge virtio0-req.0  (one line per virtio interrupt, as
+                                    /proc/interrupts shows it)
 and then, depending on the kernel command line:
   (default)          powers off (poweroff -f)
   qomvm.shell=1      runs an interactive shell on the console; powers off
@@ -248,6 +250,8 @@ for b in /sys/block/*; do
     [ -e "$b/size" ] && echo "blk: ${b##*/} $(($(cat "$b/size") * 512)) ro=$(cat "$b/ro")"
 done
 [ -n "$QOMVM_ROOT" ] && echo "root: $QOMVM_ROOT"
+# Interrupts of virtio devices: "PCI-MSI" (MSI-X) or "IO-APIC" (INTx) says how they come.
+awk '/virtio/ { $1 = $1; print "irq: " $0 }' /proc/interrupts
 
 # uptime_s: seconds since boot; elapsed T0 T1: T1 - T0 with one decimal.
 uptime_s() {
