@@ -56,6 +56,7 @@ if [[ $disk == 1 ]]; then
         qemu-img create -q -f qcow2 -b "$base" -F raw "$dir/disk.qcow2"
         echo "$id" >"$dir/base-id"
     fi
+    # shellcheck disable=SC2054 # the commas are QEMU's
     args+=(-drive "file=$dir/disk.qcow2,if=none,id=disk0,format=qcow2,cache=none"
         -device virtio-blk-pci,drive=disk0
         -append "console=ttyS0 quiet qomvm.root=/dev/vda qomvm.shell=1")
