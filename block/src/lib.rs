@@ -19,8 +19,10 @@ use std::time::Instant;
 use imago::file::File;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
+use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate, StorageOpenOptions};
 use parking_lot::{Mutex, RwLock};
+use vm_memory::VolatileSlice;
 
 use lock::{ImageLock, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED};
 
@@ -929,6 +931,41 @@ impl BlockBackend {
             } else {
                 self.access.read().write(buf, offset)?;
             }
+            self.write_done()
+        })
+    }
+
+    /// Reads into guest memory, `bufs` in order, from `offset` (a device's scatter-gather
+    /// list: no copy through a buffer of ours).
+    pub fn readv_guest(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<(), BlockError> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.accounted(IoType::Read, offset, len, || {
+            self.check_range(offset, len)?;
+            let (vector, _guard) = IoVectorMut::from_volatile_slice(bufs);
+            self.access.read().readv(vector, offset)?;
+            Ok(())
+        })
+    }
+
+    /// Writes guest memory, `bufs` in order, at `offset` (see [`BlockBackend::readv_guest`]).
+    /// Where the data itself matters (zero detection, the probed-raw guard of sector 0) it
+    /// goes through [`BlockBackend::write_at`].
+    pub fn writev_guest(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> Result<(), BlockError> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if self.opts.detect_zeroes != DetectZeroes::Off || (self.probed_raw && offset == 0) {
+            let mut data = vec![0u8; len as usize];
+            let mut at = 0;
+            for b in bufs {
+                b.copy_to(&mut data[at..at + b.len()]);
+                at += b.len();
+            }
+            return self.write_at(&data, offset);
+        }
+        self.accounted(IoType::Write, offset, len, || {
+            self.check_writable()?;
+            self.check_range(offset, len)?;
+            let (vector, _guard) = IoVector::from_volatile_slice(bufs);
+            self.access.read().writev(vector, offset)?;
             self.write_done()
         })
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use block::{BlockBackend, IoType};
 use parking_lot::{Condvar, Mutex};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::thread_pool::ThreadPool;
@@ -276,6 +276,58 @@ impl VirtioDevice for VirtioBlk {
     }
 }
 
+/// A request's buffers as guest-memory slices, so data moves between the image and the
+/// guest with no copy of ours: device-readable ones (header, then OUT data) and
+/// device-writable ones (IN data, then the status byte). `None` from `new` when a buffer
+/// spans two memory regions; the request then goes through a bounce buffer.
+struct GuestSg<'m> {
+    readable: Vec<VolatileSlice<'m>>,
+    writable: Vec<VolatileSlice<'m>>,
+}
+
+impl<'m> GuestSg<'m> {
+    fn new(mem: &'m GuestMemoryMmap, chain: &Chain) -> Option<Self> {
+        let mut sg = GuestSg {
+            readable: Vec::new(),
+            writable: Vec::new(),
+        };
+        for desc in chain.clone() {
+            let slice = mem.get_slice(desc.addr(), desc.len() as usize).ok()?;
+            if desc.is_write_only() {
+                sg.writable.push(slice);
+            } else {
+                sg.readable.push(slice);
+            }
+        }
+        Some(sg)
+    }
+
+    /// OUT data: the readable bytes after the 16-byte header.
+    fn out_data(&self) -> Option<Vec<VolatileSlice<'m>>> {
+        let mut skip = 16usize;
+        let mut data = Vec::with_capacity(self.readable.len());
+        for s in &self.readable {
+            if skip >= s.len() {
+                skip -= s.len();
+                continue;
+            }
+            data.push(s.offset(skip).ok()?);
+            skip = 0;
+        }
+        (skip == 0).then_some(data)
+    }
+
+    /// IN data: the writable bytes before the status byte.
+    fn in_data(&self) -> Option<Vec<VolatileSlice<'m>>> {
+        let (last, rest) = self.writable.split_last()?;
+        let mut data = rest.to_vec();
+        if last.len() > 1 {
+            data.push(last.subslice(0, last.len() - 1).ok()?);
+        }
+        Some(data)
+    }
+}
+
 /// Requests running on the thread pool; a reset waits for them (QEMU's `blk_drain`).
 #[derive(Default)]
 struct InFlight {
@@ -432,6 +484,7 @@ impl QueueWorker {
 impl Requests {
     /// Serves one request; returns the bytes written into the chain (data and status).
     fn serve(&self, mem: &GuestMemoryMmap, chain: Chain) -> Result<u32, RingError> {
+        let sg = GuestSg::new(mem, &chain);
         let mut reader = Reader::new(mem, chain.clone()).map_err(chain_error)?;
         let mut writer = Writer::new(mem, chain).map_err(chain_error)?;
         let mut header = [0u8; 16];
@@ -446,8 +499,14 @@ impl Requests {
         let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
         let (status, data_written) = match kind {
-            req::IN => self.read(sector, &mut writer),
-            req::OUT => (self.write(sector, &mut reader), 0),
+            req::IN => match sg.as_ref().and_then(|sg| sg.in_data()) {
+                Some(data) => self.read_sg(sector, &data),
+                None => self.read(sector, &mut writer),
+            },
+            req::OUT => match sg.as_ref().and_then(|sg| sg.out_data()) {
+                Some(data) => (self.write_sg(sector, &data), 0),
+                None => (self.write(sector, &mut reader), 0),
+            },
             req::FLUSH => (self.flush(), 0),
             req::GET_ID => self.get_id(&mut writer),
             req::DISCARD if self.discard => (self.discard_or_zero(&mut reader, true), 0),
@@ -477,6 +536,41 @@ impl Requests {
         valid
     }
 
+    /// IN straight into guest memory.
+    fn read_sg(&self, sector: u64, data: &[VolatileSlice<'_>]) -> (u8, u32) {
+        let len: u64 = data.iter().map(|b| b.len() as u64).sum();
+        let Some(offset) = self.in_range(IoType::Read, sector, len) else {
+            return (S_IOERR, 0);
+        };
+        match self.backend.readv_guest(data, offset) {
+            Ok(()) => (S_OK, len as u32),
+            Err(e) => {
+                log::debug!("virtio-blk: read at {offset}: {e}");
+                (S_IOERR, 0)
+            }
+        }
+    }
+
+    /// OUT straight from guest memory.
+    fn write_sg(&self, sector: u64, data: &[VolatileSlice<'_>]) -> u8 {
+        if self.backend.is_read_only() {
+            return S_IOERR;
+        }
+        let len: u64 = data.iter().map(|b| b.len() as u64).sum();
+        let Some(offset) = self.in_range(IoType::Write, sector, len) else {
+            return S_IOERR;
+        };
+        if let Err(e) = self.backend.writev_guest(data, offset) {
+            log::debug!("virtio-blk: write at {offset}: {e}");
+            return S_IOERR;
+        }
+        if !self.writeback.load(Ordering::Relaxed) {
+            return self.flush();
+        }
+        S_OK
+    }
+
+    /// IN through a bounce buffer (a descriptor that spans two memory regions).
     fn read(&self, sector: u64, writer: &mut Writer<'_, ()>) -> (u8, u32) {
         let len = writer.available_bytes();
         let Some(offset) = self.in_range(IoType::Read, sector, len as u64) else {
@@ -505,6 +599,7 @@ impl Requests {
         }
     }
 
+    /// OUT through a bounce buffer (a descriptor that spans two memory regions).
     fn write(&self, sector: u64, reader: &mut Reader<'_, ()>) -> u8 {
         if self.backend.is_read_only() {
             return S_IOERR;
