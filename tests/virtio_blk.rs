@@ -677,7 +677,8 @@ fn queued_large_writes_on_an_iothread_all_complete() {
                 d[8..12].copy_from_slice(&len.to_le_bytes());
                 d[12..14].copy_from_slice(&(flags | next).to_le_bytes());
                 d[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
-                mem.write_slice(&d, GuestAddress(table + 16 * i as u64)).unwrap();
+                mem.write_slice(&d, GuestAddress(table + 16 * i as u64))
+                    .unwrap();
             }
             let head = r as u16;
             ring.write_desc(&mem, head, table, (16 * n) as u32, 4, 0);
@@ -685,7 +686,12 @@ fn queued_large_writes_on_an_iothread_all_complete() {
         }
         dev.notify(0);
         let used = dev.wait_used(&mut ring, 4, WAIT);
-        assert_eq!(used.len(), 4, "round {round}: {} of 4 requests completed", used.len());
+        assert_eq!(
+            used.len(),
+            4,
+            "round {round}: {} of 4 requests completed",
+            used.len()
+        );
         for r in 0..4u64 {
             let status: u8 = mem.read_obj(GuestAddress(STATUS + r)).unwrap();
             assert_eq!(status, 0, "round {round} request {r}");

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use imago::file::File;
+use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate, StorageOpenOptions};
 use parking_lot::{Mutex, RwLock};
 use vm_memory::VolatileSlice;

@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use block::{BlockBackend, IoType};
@@ -244,6 +244,8 @@ impl VirtioDevice for VirtioBlk {
                 },
                 pool: self.pool.clone(),
                 in_flight: self.in_flight.clone(),
+                on_pool: AtomicUsize::new(0),
+                deferred: AtomicUsize::new(0),
             });
             let handler = Box::new(move || {
                 drain_kick(&kick);
@@ -374,7 +376,14 @@ struct QueueWorker {
     requests: Requests,
     pool: ThreadPool,
     in_flight: Arc<InFlight>,
+    /// This queue's requests on the pool now.
+    on_pool: AtomicUsize,
+    /// Completions since the last interrupt decision.
+    deferred: AtomicUsize,
 }
+
+/// Most completions from the pool before an interrupt is considered anyway.
+const NOTIFY_BATCH: usize = 8;
 
 /// Serves requests: the drive and the negotiated options.
 struct Requests {
@@ -413,17 +422,23 @@ impl QueueWorker {
         };
         if chains.len() == 1 && self.in_flight.is_idle() {
             if let Some(chain) = chains.pop() {
-                self.serve_and_complete(chain);
+                self.serve_and_complete(chain, false);
             }
             return;
         }
+        // The pool takes all but one; this thread serves the last itself rather than wait.
+        self.on_pool.fetch_add(chains.len(), Ordering::AcqRel);
+        let last = chains.pop();
         for chain in chains {
             self.in_flight.begin();
             let worker = Arc::clone(self);
             self.pool.submit(Box::new(move || {
-                worker.serve_and_complete(chain);
+                worker.serve_and_complete(chain, true);
                 worker.in_flight.end();
             }));
+        }
+        if let Some(chain) = last {
+            self.serve_and_complete(chain, true);
         }
     }
 
@@ -445,25 +460,38 @@ impl QueueWorker {
         }
     }
 
-    fn serve_and_complete(&self, chain: Chain) {
+    fn serve_and_complete(&self, chain: Chain, pooled: bool) {
         if self.broken.load(Ordering::Acquire) {
             return;
         }
         let head = chain.head_index();
         match self.requests.serve(&self.mem, chain) {
-            Ok(len) => self.complete(head, len),
+            Ok(len) => self.complete(head, len, pooled),
             Err(e) => self.fail(e),
         }
     }
 
-    /// Puts a served request in the used ring; interrupts if the driver wants it.
-    fn complete(&self, head: u16, len: u32) {
+    /// Puts a served request in the used ring and interrupts if the driver wants it. A
+    /// request from the pool interrupts only as the last of those running or every
+    /// `NOTIFY_BATCH` completions: one interrupt covers the batch (QEMU batches per event
+    /// loop iteration), and a steady stream still gets interrupts.
+    fn complete(&self, head: u16, len: u32, pooled: bool) {
         let mem = &*self.mem;
         let notify = {
             let mut queue = self.queue.lock();
-            queue
-                .add_used(mem, head, len)
-                .and_then(|()| queue.needs_notification(mem))
+            let batch_done = !pooled || {
+                let others = self.on_pool.fetch_sub(1, Ordering::AcqRel) > 1;
+                let deferred = self.deferred.fetch_add(1, Ordering::AcqRel) + 1;
+                !others || deferred >= NOTIFY_BATCH
+            };
+            queue.add_used(mem, head, len).and_then(|()| {
+                if batch_done {
+                    self.deferred.store(0, Ordering::Release);
+                    queue.needs_notification(mem)
+                } else {
+                    Ok(false)
+                }
+            })
         };
         match notify {
             Ok(true) => self.transport.signal_used_queue(self.index),
