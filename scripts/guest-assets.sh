@@ -14,7 +14,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=5
+ASSETS_FORMAT=6
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -88,6 +88,10 @@ and then, depending on the kernel command line:
                      and prints QOMVM-DISCARDTEST-OK zeroes|data|mixed (what
                      the discarded range reads as), or
                      QOMVM-DISCARDTEST-FAILED: <reason>; powers off
+  qomvm.writeloop=DEV
+                     prints QOMVM-WRITELOOP-BEGIN, then writes 1 MiB pieces
+                     of random data over DEV with O_DIRECT, round and round,
+                     until the VMM is stopped (for crash-consistency tests)
   qomvm.fio=DEV      runs fio (from the disk image: needs qomvm.root=) on DEV
                      with O_DIRECT and libaio: job "seqwrite" (1 MiB sequential
                      writes, iodepth 4) then job "randread" (4 KiB random
@@ -182,6 +186,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.disktest=*) mode=disktest modearg=${arg#*=} ;;
         qomvm.readonlytest=*) mode=readonlytest modearg=${arg#*=} ;;
         qomvm.discardtest=*) mode=discardtest modearg=${arg#*=} ;;
+        qomvm.writeloop=*) mode=writeloop modearg=${arg#*=} ;;
         qomvm.fio=*) mode=fio modearg=${arg#*=} ;;
         qomvm.fio.runtime=*) fio_runtime=${arg#*=} ;;
         qomvm.fio.size=*) fio_size=${arg#*=} ;;
@@ -341,6 +346,27 @@ readonlytest() {
     fi
 }
 
+# writeloop DEV: 1 MiB O_DIRECT writes of changing data over DEV, round and round, until
+# the VMM is stopped from outside (the crash-consistency test kills it).
+writeloop() {
+    dev=$1
+    wait_dev "$dev" || { echo "QOMVM-WRITELOOP-FAILED: $dev did not appear"; return; }
+    size=$(($(cat "/sys/class/block/${dev##*/}/size") / 2048))
+    dd if=/dev/urandom of=/tmp/chunk bs=1048576 count=1 2>/dev/null
+    echo QOMVM-WRITELOOP-BEGIN
+    pass=0
+    while :; do
+        i=0
+        while [ $i -lt "$size" ]; do
+            dd if=/tmp/chunk of="$dev" bs=1048576 seek=$i count=1 oflag=direct conv=notrunc 2>/dev/null ||
+                { echo "QOMVM-WRITELOOP-FAILED: write at $i MiB"; return; }
+            i=$((i + 1))
+        done
+        pass=$((pass + 1))
+        echo "writeloop: pass $pass done"
+    done
+}
+
 discardtest() {
     dev=$1 d=/tmp/discardtest
     wait_dev "$dev" || { echo "QOMVM-DISCARDTEST-FAILED: $dev not found"; return; }
@@ -428,6 +454,7 @@ shell)
 disktest) disktest "$modearg"; off ;;
 readonlytest) readonlytest "$modearg"; off ;;
 discardtest) discardtest "$modearg"; off ;;
+writeloop) writeloop "$modearg"; off ;;
 fio) runfio "$modearg"; off ;;
 portfuzz)
     # Ports that are never written (inclusive ranges) and why:

@@ -454,14 +454,28 @@ fn disk_scenario(name: &str, script: &str, timeout_s: u32) -> String {
     ];
     let script = format!("set -u; mkdir -p \"$QOMVM_WORK\" && cd \"$QOMVM_WORK\" || exit 1\n{DISK_PRELUDE}\n{script}");
     eprintln!("linux-boot: {:?}: disk scenario {name}", kvm_path());
-    let o = host_or_rig(
-        &["/bin/sh", "-c", &script],
-        &["--scratch", "1G"],
-        &envs,
-        timeout_s,
-    );
-    let out = text(&o);
-    assert_eq!(o.status.code(), Some(0), "scenario {name}:\n{out}");
+    let run = || {
+        let o = host_or_rig(
+            &["/bin/sh", "-c", &script],
+            &["--scratch", "1G"],
+            &envs,
+            timeout_s,
+        );
+        (o.status.code(), text(&o))
+    };
+    let (mut status, mut out) = run();
+    // A guest that stalled before its /init ran never touched a disk: under the rig's TCG
+    // this was seen once in CI (the kernel stopped after "sched_clock: Marking stable",
+    // while every other boot of the run passed). Such a run says nothing about the disk
+    // path; it is retried once, and reported.
+    if out.contains("host: qomvm exit status 124") && !out.contains("QOMVM-GUEST-READY") {
+        let tail: Vec<&str> = out.lines().rev().take(5).collect();
+        eprintln!(
+            "linux-boot: scenario {name}: the guest stalled before /init ({tail:?}); retrying once"
+        );
+        (status, out) = run();
+    }
+    assert_eq!(status, Some(0), "scenario {name}:\n{out}");
     out
 }
 
@@ -587,9 +601,9 @@ qemu-img map --output=json d.qcow2 | tr -d ' ' | sed 's/^/host: map: /'
     assert!(covers(2 << 20, true), "the kept MiB lost its data: {map:?}");
 }
 
-/// Issue 11: qomvm killed with SIGKILL while the guest writes (fio, sequential 1 MiB
-/// O_DIRECT writes) leaves a qcow2 image that `qemu-img check` finds without corruption
-/// (leaked clusters, exit status 3, are allowed: QEMU leaves them too).
+/// Issue 11: qomvm killed with SIGKILL while the guest writes (1 MiB O_DIRECT writes over
+/// the whole disk, round and round) leaves a qcow2 image that `qemu-img check` finds without
+/// corruption (leaked clusters, exit status 3, are allowed: QEMU leaves them too).
 #[test]
 fn kill_9_during_guest_writes_leaves_a_consistent_qcow2() {
     let out = disk_scenario(
@@ -599,25 +613,24 @@ qemu-img create -q -f qcow2 target.qcow2 256M
 # No `timeout` wrapper: SIGKILL must reach qomvm itself (the wait below is bounded).
 "$QOMVM_BIN" -M pc -m 256 -smp 2 -nographic -no-reboot \
     -kernel "$QOMVM_ASSETS/vmlinuz" -initrd "$QOMVM_ASSETS/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 qomvm.root=/dev/vdb ro qomvm.fio=/dev/vda qomvm.fio.runtime=60" \
+    -append "console=ttyS0 panic=-1 qomvm.writeloop=/dev/vda" \
     -drive file=target.qcow2,if=none,id=t,format=qcow2,cache=$cache -device virtio-blk-pci,drive=t,addr=0x4 \
-    -drive file="$QOMVM_ASSETS/rootfs.ext4",if=none,id=r,format=raw,readonly=on -device virtio-blk-pci,drive=r,addr=0x5 \
     >console.log 2>&1 &
 pid=$!
 i=0
-until grep -q QOMVM-FIO-BEGIN console.log; do
+until grep -q QOMVM-WRITELOOP-BEGIN console.log; do
     i=$((i + 1))
     if [ $i -gt 1800 ] || ! kill -0 $pid 2>/dev/null; then
-        echo "host: fio never started"; kill -9 $pid; cat console.log; exit 1
+        echo "host: the writes never started"; kill -9 $pid; cat console.log; exit 1
     fi
     sleep 0.1
 done
-# Let the writes get going, then pull the plug.
-sleep 4
+# Let the writes get going (allocating clusters), then pull the plug.
+sleep 6
 kill -9 $pid
 wait $pid
 echo "host: qomvm ended with status $?"
-sed 's/^/guest: /' console.log | grep -v '^guest: *[{}"\[]' | tail -n 20
+grep -v '^\[' console.log | sed 's/^/guest: /' | tail -n 5
 qemu-img check target.qcow2 >check.log 2>&1
 status=$?
 sed 's/^/host: check: /' check.log

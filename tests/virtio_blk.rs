@@ -650,7 +650,43 @@ fn queued_large_writes_on_an_iothread_all_complete() {
     let path = temp_image("stress.raw", 16 << 20);
     add_drive("vblk-stress", &path, false);
     qom::object_interfaces::user_creatable_add_type("iothread", "io-stress", |_| Ok(())).unwrap();
-    let m = pc_with_disk("vblk-stress", &[("iothread", "io-stress")]);
+    queued_large_writes("vblk-stress", "io-stress");
+}
+
+/// The same on a qcow2 image, whose clusters the concurrent writes allocate.
+#[test]
+fn queued_large_writes_allocating_qcow2_clusters_all_complete() {
+    let path = temp_image("stress-q.qcow2", 0);
+    std::fs::remove_file(&path).unwrap();
+    let created = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "16M"])
+        .status();
+    if !created.map(|s| s.success()).unwrap_or(false) {
+        eprintln!("skipped: qemu-img (Debian qemu-utils) is not installed");
+        return;
+    }
+    let mut opts = OpenOptions::new(&path);
+    opts.format = Some(Format::Qcow2);
+    // O_DIRECT, as the seed's cache=none: guest buffers go to the file as they are.
+    opts.cache = block::CacheMode::from_name("none").unwrap();
+    let backend =
+        BlockBackend::open("vblk-stress-q", &block::auto_node_name(), opts, |_| {}).unwrap();
+    block::add_backend(backend).unwrap();
+    qom::object_interfaces::user_creatable_add_type("iothread", "io-stress-q", |_| Ok(())).unwrap();
+    queued_large_writes("vblk-stress-q", "io-stress-q");
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", "-U", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+fn queued_large_writes(drive: &str, iothread: &str) {
+    let m = pc_with_disk(drive, &[("iothread", iothread)]);
     let (dev, mut ring) = start(&m, VERSION_1 | F_INDIRECT | F_EVENT_IDX);
     let mem = dev.mem.clone();
     const TABLES: u64 = 0x40_0000;
