@@ -1,6 +1,6 @@
 //! virtio devices independent of their transport (QEMU's `hw/virtio/virtio.c`): the
 //! status and feature bits, the [`VirtioDevice`] trait a device implements (QEMU's
-//! `VirtioDeviceClass`), and the queue loop devices share.
+//! `VirtioDeviceClass`), and the ring errors that make a device need a reset.
 //!
 //! A transport (virtio-pci) owns the registers the driver programs. When the driver sets
 //! `DRIVER_OK` it hands the device its configured rings ([`ActiveQueue`]), each with the
@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use crate::core::accel_ops::EventFd;
@@ -161,43 +161,6 @@ pub enum RingError {
     /// A descriptor chain the device cannot use.
     #[error("{0}")]
     Chain(String),
-}
-
-/// Takes every available chain of `queue`, lets `handle` serve it (returning the number of
-/// bytes written to the chain, or a [`RingError`] for a malformed chain), puts it in the
-/// used ring, and repeats until the ring stays empty with notifications enabled (the
-/// standard race-free loop). Interrupts the driver if the ring's suppression allows.
-///
-/// A ring error stops processing: the caller marks the device broken.
-pub fn process_queue<F>(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    index: u16,
-    transport: &dyn VirtioTransport,
-    mut handle: F,
-) -> Result<(), RingError>
-where
-    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Result<u32, RingError>,
-{
-    let mut used_any = false;
-    loop {
-        queue.disable_notification(mem)?;
-        // `iter` checks the avail index against the ring size on every call: a guest that
-        // moves it by more than the ring holds gets an error, not a long loop.
-        while let Some(chain) = queue.iter(mem)?.next() {
-            let head = chain.head_index();
-            let written = handle(chain)?;
-            queue.add_used(mem, head, written)?;
-            used_any = true;
-        }
-        if !queue.enable_notification(mem)? {
-            break;
-        }
-    }
-    if used_any && queue.needs_notification(mem)? {
-        transport.signal_used_queue(index);
-    }
-    Ok(())
 }
 
 /// Reads the eventfd's counter so a level-triggered loop does not spin on it.

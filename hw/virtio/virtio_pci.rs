@@ -293,21 +293,13 @@ impl PciDeviceImpl for VirtioPciProxy {
         let use_ioeventfd = self.ioeventfd.get();
         if legacy {
             let size = (legacy::CONFIG_MSIX + device.config_size() as u64).next_power_of_two();
-            let eventfds = if use_ioeventfd {
-                transport
-                    .kicks
-                    .iter()
-                    .enumerate()
-                    .map(|(q, fd)| RegionEventFd {
-                        offset: legacy::QUEUE_NOTIFY,
-                        len: 2,
-                        datamatch: Some(q as u64),
-                        fd: fd.clone(),
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            // Legacy drivers write the queue's index to one register.
+            let eventfds = transport.notify_eventfds(use_ioeventfd, |q| RegionEventFd {
+                offset: legacy::QUEUE_NOTIFY,
+                len: 2,
+                datamatch: Some(q),
+                fd: Arc::clone(&transport.kicks[q as usize]),
+            });
             let region = MemoryRegion::new_io_with_eventfds(
                 "virtio-pci",
                 size,
@@ -317,21 +309,13 @@ impl PciDeviceImpl for VirtioPciProxy {
             self.register_bar(LEGACY_BAR, BarKind::Io, region)?;
         }
         if modern {
-            let eventfds = if use_ioeventfd {
-                transport
-                    .kicks
-                    .iter()
-                    .enumerate()
-                    .map(|(q, fd)| RegionEventFd {
-                        offset: NOTIFY_OFFSET + u64::from(NOTIFY_OFF_MULTIPLIER) * q as u64,
-                        len: 0,
-                        datamatch: None,
-                        fd: fd.clone(),
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            // Modern ones write anything to the queue's own address.
+            let eventfds = transport.notify_eventfds(use_ioeventfd, |q| RegionEventFd {
+                offset: NOTIFY_OFFSET + u64::from(NOTIFY_OFF_MULTIPLIER) * q,
+                len: 0,
+                datamatch: None,
+                fd: Arc::clone(&transport.kicks[q as usize]),
+            });
             let region = MemoryRegion::new_io_with_eventfds(
                 "virtio-pci-modern",
                 MODERN_BAR_SIZE,
@@ -458,6 +442,15 @@ pub struct VirtioPciTransport {
 }
 
 impl VirtioPciTransport {
+    /// The ioeventfds of a notification region: `at(queue)` for each queue, or none
+    /// (`ioeventfd=off`).
+    fn notify_eventfds(&self, enabled: bool, at: impl Fn(u64) -> RegionEventFd) -> Vec<RegionEventFd> {
+        if !enabled {
+            return Vec::new();
+        }
+        (0..self.kicks.len() as u64).map(at).collect()
+    }
+
     fn msix_enabled(&self) -> bool {
         self.msix.as_ref().is_some_and(|m| m.is_enabled())
     }
