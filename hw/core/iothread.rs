@@ -42,6 +42,44 @@ pub const IOTHREAD_POLL_MAX_NS_DEFAULT: i64 = 32768;
 /// The epoll data of the context's own wake-up eventfd; handler ids start at 1.
 const WAKE: u64 = 0;
 
+/// Which readiness of a descriptor runs its handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interest {
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+}
+
+impl Interest {
+    /// Readable only (the common case).
+    pub const READ: Interest = Interest {
+        read: true,
+        write: false,
+    };
+    /// Readable or writable.
+    pub const READ_WRITE: Interest = Interest {
+        read: true,
+        write: true,
+    };
+    /// Nothing: the handler stays registered but does not run.
+    pub const NONE: Interest = Interest {
+        read: false,
+        write: false,
+    };
+
+    fn events(self) -> EventSet {
+        let mut events = EventSet::empty();
+        if self.read {
+            events |= EventSet::IN;
+        }
+        if self.write {
+            events |= EventSet::OUT;
+        }
+        events
+    }
+}
+
 /// A handler registered with [`AioContext::add_fd`], for [`AioContext::remove_fd`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AioHandlerId(u64);
@@ -259,6 +297,17 @@ impl AioContext {
     /// Runs `handler` on the loop thread whenever `fd` is readable (level-triggered),
     /// until removed. The caller keeps `fd` open until then.
     pub fn add_fd(&self, fd: RawFd, handler: Box<dyn FnMut() + Send>) -> io::Result<AioHandlerId> {
+        self.add_fd_with(fd, Interest::READ, handler)
+    }
+
+    /// [`AioContext::add_fd`] for the events in `interest` (QEMU's `aio_set_fd_handler`
+    /// with `io_read` and/or `io_write`). The handler runs when any of them is ready.
+    pub fn add_fd_with(
+        &self,
+        fd: RawFd,
+        interest: Interest,
+        handler: Box<dyn FnMut() + Send>,
+    ) -> io::Result<AioHandlerId> {
         let mut table = self.shared.table.lock();
         if table.stopping {
             return Err(io::Error::other(format!(
@@ -271,7 +320,7 @@ impl AioContext {
         // for an id it does not know yet; the loop never holds it while waiting.
         self.shared
             .epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, id))?;
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(interest.events(), id))?;
         table.next_id += 1;
         table.handlers.insert(
             id,
@@ -282,6 +331,20 @@ impl AioContext {
             }),
         );
         Ok(AioHandlerId(id))
+    }
+
+    /// Changes which events of a registered descriptor run its handler (a NIC waits for
+    /// a full tap to drain by adding [`Interest::WRITE`], and drops it once it can send).
+    pub fn set_interest(&self, id: AioHandlerId, interest: Interest) -> io::Result<()> {
+        let table = self.shared.table.lock();
+        let Some(slot) = table.handlers.get(&id.0) else {
+            return Ok(());
+        };
+        self.shared.epoll.ctl(
+            ControlOperation::Modify,
+            slot.fd,
+            EpollEvent::new(interest.events(), id.0),
+        )
     }
 
     /// Removes a handler. When this returns the handler is not running and never runs
