@@ -133,3 +133,88 @@ pub enum NicOption {
     /// The card to create.
     Device(Located),
 }
+
+/// QMP `netdev_add`: the arguments are `-netdev`'s JSON form.
+pub fn qmp_netdev_add(args: &Map<String, Value>) -> Result<(), String> {
+    let pairs = pairs_from_json(args)?;
+    ::net::netdev_add(&pairs).map_err(|e| e.to_string())
+}
+
+/// What went wrong in a network monitor command.
+#[derive(Debug)]
+pub enum NetCommandError {
+    /// No such net client (QMP class `DeviceNotFound`).
+    NotFound(String),
+    /// Anything else (QMP class `GenericError`).
+    Other(String),
+}
+
+/// QMP `netdev_del`.
+pub fn qmp_netdev_del(id: &str) -> Result<(), NetCommandError> {
+    if ::net::remove_netdev(id) {
+        Ok(())
+    } else {
+        Err(NetCommandError::NotFound(id.to_string()))
+    }
+}
+
+/// QMP `set_link` (QEMU's `qmp_set_link`): `name` is a NIC or the backend of one.
+pub fn qmp_set_link(name: &str, up: bool) -> Result<(), NetCommandError> {
+    let nic = hw::net::virtio_net::find_nic(name)
+        .ok_or_else(|| NetCommandError::NotFound(name.to_string()))?;
+    nic.set_link(up);
+    Ok(())
+}
+
+/// QMP `query-rx-filter` (QEMU's `qmp_query_rx_filter`): every NIC, or the one named.
+pub fn qmp_query_rx_filter(name: Option<&str>) -> Result<Vec<Value>, NetCommandError> {
+    let nics = hw::net::virtio_net::nics();
+    match name {
+        None => Ok(nics.iter().map(|n| n.rx_filter_info()).collect()),
+        Some(name) => {
+            if let Some(nic) = nics.iter().find(|n| n.name() == name) {
+                return Ok(vec![nic.rx_filter_info()]);
+            }
+            if ::net::find_netdev(name).is_some() {
+                return Err(NetCommandError::Other(format!(
+                    "net client({name}) isn't a NIC"
+                )));
+            }
+            Err(NetCommandError::Other(format!(
+                "invalid net client name: {name}"
+            )))
+        }
+    }
+}
+
+/// HMP `info network` (QEMU's `hmp_info_network`): each NIC with its backend under it,
+/// then backends no NIC uses.
+pub fn info_network() -> String {
+    let mut out = String::new();
+    let backend_line = |d: &std::sync::Arc<dyn ::net::Netdev>| {
+        let info = d.info();
+        format!(
+            "{}: index=0,type={},{}\n",
+            info.id,
+            info.kind.name(),
+            info.info_str
+        )
+    };
+    let nics = hw::net::virtio_net::nics();
+    for nic in &nics {
+        out.push_str(&format!(
+            "{}: index=0,type=nic,model=virtio-net-pci,macaddr={}{}\n",
+            nic.name(),
+            hw::net::virtio_net::format_mac(&nic.mac()),
+            if nic.link_up() { "" } else { ",link=down" }
+        ));
+        out.push_str(" \\ ");
+        out.push_str(&backend_line(nic.netdev()));
+    }
+    for (d, peer) in ::net::netdevs() {
+        if peer.is_none() {
+            out.push_str(&backend_line(&d));
+        }
+    }
+    out
+}
