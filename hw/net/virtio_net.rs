@@ -346,6 +346,9 @@ impl VirtioNet {
                 features &= !bit(f);
             }
         }
+        if !conf.netdev.has_ufo() {
+            features &= !(bit(nf::GUEST_UFO) | bit(nf::HOST_UFO));
+        }
         if conf.queue_pairs > 1 {
             features |= bit(nf::MQ) | bit(nf::CTRL_VQ);
         }
