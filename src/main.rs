@@ -4,6 +4,7 @@ mod blockdev;
 mod help;
 mod monitor;
 mod mux;
+mod net;
 mod objects;
 mod options;
 mod term;

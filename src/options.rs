@@ -71,6 +71,10 @@ pub struct Options {
     pub blockdevs: Vec<Located>,
     /// `-object`.
     pub objects: Vec<Located>,
+    /// `-netdev`.
+    pub netdevs: Vec<Located>,
+    /// `-nic`.
+    pub nics: Vec<Located>,
     pub globals: Vec<Located>,
     pub serial: Vec<Located>,
     pub chardev: Vec<Located>,
@@ -112,6 +116,8 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("drive", Arity::Value),
     ("blockdev", Arity::Value),
     ("object", Arity::Value),
+    ("netdev", Arity::Value),
+    ("nic", Arity::Value),
     ("global", Arity::Value),
     ("serial", Arity::Value),
     ("chardev", Arity::Value),
@@ -169,6 +175,8 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "drive" => opts.drives.push(located),
             "blockdev" => opts.blockdevs.push(located),
             "object" => opts.objects.push(located),
+            "netdev" => opts.netdevs.push(located),
+            "nic" => opts.nics.push(located),
             "global" => opts.globals.push(located),
             "serial" => opts.serial.push(located),
             "chardev" => opts.chardev.push(located),

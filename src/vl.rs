@@ -61,6 +61,23 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     for (index, d) in opts.drives.iter().enumerate() {
         drive_devices.extend(crate::blockdev::drive_add(d, index)?);
     }
+    // QEMU's net_init_clients: backends before the cards that use them.
+    for n in &opts.netdevs {
+        if let Some(text) = crate::net::netdev_option(n)? {
+            print!("{text}");
+            return Ok(0);
+        }
+    }
+    for (index, n) in opts.nics.iter().enumerate() {
+        match crate::net::nic_option(n, index)? {
+            crate::net::NicOption::None => {}
+            crate::net::NicOption::Help(text) => {
+                print!("{text}");
+                return Ok(0);
+            }
+            crate::net::NicOption::Device(dev) => drive_devices.push(dev),
+        }
+    }
     let machine = create_machine(&opts)?;
     configure_serial(&opts, &machine)?;
     configure_accelerators(&opts, &machine)?;

@@ -28,8 +28,9 @@ pub enum NetError {
     /// Bad options: the message is QEMU's.
     #[error("{0}")]
     Invalid(String),
-    /// A host call failed: what was attempted, and the error.
-    #[error("{what}: {source}")]
+    /// A host call failed: what was attempted, and the error (as `strerror` words it,
+    /// without Rust's ` (os error N)`, as QEMU's `error_setg_errno` prints it).
+    #[error("{what}: {}", strerror(source))]
     Io {
         /// What qomvm was doing, in QEMU's words ("could not configure /dev/net/tun (tap0)").
         what: String,
@@ -42,6 +43,15 @@ impl NetError {
     /// An [`NetError::Invalid`] from any text.
     pub fn invalid(text: impl Into<String>) -> Self {
         NetError::Invalid(text.into())
+    }
+}
+
+/// strerror's text of an I/O error, without Rust's ` (os error N)`.
+pub fn strerror(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
     }
 }
 
@@ -124,6 +134,11 @@ pub trait Netdev: Send + Sync {
     fn queues(&self) -> Vec<Arc<dyn NetQueue>>;
     /// Whether frames can carry a virtio-net header (a tap with `IFF_VNET_HDR`).
     fn has_vnet_hdr(&self) -> bool {
+        false
+    }
+    /// Whether the host takes UDP fragmentation offload (QEMU's `peer_has_ufo`): a NIC
+    /// offers `GUEST_UFO`/`HOST_UFO` only then.
+    fn has_ufo(&self) -> bool {
         false
     }
     /// Switches the header on, with `len` bytes (10 or 12), or off (`0`). Only with

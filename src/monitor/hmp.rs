@@ -79,6 +79,44 @@ const COMMANDS: &[HmpCommand] = &[
         run: info,
     },
     HmpCommand {
+        names: "netdev_add",
+        params: "[user|tap],id=str[,prop=value][,...]",
+        help: "add host network device",
+        run: |_, _, args, _| {
+            let text = args.join(" ");
+            let pairs = crate::options::split_opts(&text, Some("type"));
+            ::net::netdev_add(&pairs).map_err(|e| QmpError::BadInput(e.to_string()))
+        },
+    },
+    HmpCommand {
+        names: "netdev_del",
+        params: "id",
+        help: "remove host network device",
+        run: |_, _, args, _| {
+            let id = args.first().ok_or_else(|| missing("id"))?;
+            crate::net::qmp_netdev_del(id).map_err(|_| QmpError::DeviceNotFound(id.to_string()))
+        },
+    },
+    HmpCommand {
+        names: "set_link",
+        params: "name on|off",
+        help: "change the link status of a network adapter",
+        run: |_, _, args, _| {
+            let name = args.first().ok_or_else(|| missing("name"))?;
+            let up = match args.get(1).copied() {
+                Some("on") => true,
+                Some("off") => false,
+                _ => {
+                    return Err(QmpError::BadInput(
+                        "Parameter 'up' expects 'on' or 'off'".into(),
+                    ))
+                }
+            };
+            crate::net::qmp_set_link(name, up)
+                .map_err(|_| QmpError::DeviceNotFound(name.to_string()))
+        },
+    },
+    HmpCommand {
         names: "object_add",
         params: "[qom-type=]type,id=str[,prop=value][,...]",
         help: "create QOM object",
@@ -163,6 +201,15 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         params: "",
         help: "show infos for each CPU",
         run: info_cpus,
+    },
+    HmpCommand {
+        names: "network",
+        params: "",
+        help: "show the network state",
+        run: |_, _, _, out| {
+            out.push_str(&crate::net::info_network());
+            Ok(())
+        },
     },
     HmpCommand {
         names: "iothreads",

@@ -78,6 +78,9 @@ pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionErr
             }
             broadcast_event(&vm_event_message(e))
         }));
+    hw::core::qapi_event::set_sink(Box::new(|name, data| {
+        broadcast_event(&client::event_message(name, data))
+    }));
     if opts.start_paused {
         open_dispatch();
     }

@@ -96,6 +96,50 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: |_, _| Ok(iothread_infos().into()),
     },
     QmpCommand {
+        name: "netdev_add",
+        args: &[
+            Arg::required("type", ArgType::Str),
+            Arg::required("id", ArgType::Str),
+            Arg::rest(),
+        ],
+        run: |_, args| {
+            crate::net::qmp_netdev_add(args).map_err(QmpError::BadInput)?;
+            Ok(json!({}))
+        },
+    },
+    QmpCommand {
+        name: "netdev_del",
+        args: &[Arg::required("id", ArgType::Str)],
+        run: |_, args| {
+            let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
+            crate::net::qmp_netdev_del(id).map_err(net_error)?;
+            Ok(json!({}))
+        },
+    },
+    QmpCommand {
+        name: "set_link",
+        args: &[
+            Arg::required("name", ArgType::Str),
+            Arg::required("up", ArgType::Bool),
+        ],
+        run: |_, args| {
+            let name = args.get("name").and_then(Value::as_str).unwrap_or_default();
+            let up = args.get("up").and_then(Value::as_bool).unwrap_or(true);
+            crate::net::qmp_set_link(name, up).map_err(net_error)?;
+            Ok(json!({}))
+        },
+    },
+    QmpCommand {
+        name: "query-rx-filter",
+        args: &[Arg::optional("name", ArgType::Str)],
+        run: |_, args| {
+            let name = args.get("name").and_then(Value::as_str);
+            Ok(crate::net::qmp_query_rx_filter(name)
+                .map_err(net_error)?
+                .into())
+        },
+    },
+    QmpCommand {
         name: "object-add",
         args: &[
             Arg::required("qom-type", ArgType::Str),
@@ -480,4 +524,12 @@ fn human_monitor_command(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<
     let output = (ctx.vm.human_monitor)(ctx, cpu_index, str_arg(args, "command-line"))?;
     // The HMP monitor ends lines with CR LF, and so does its captured output.
     Ok(output.replace('\n', "\r\n").into())
+}
+
+/// A network command's error as QMP reports it.
+fn net_error(e: crate::net::NetCommandError) -> QmpError {
+    match e {
+        crate::net::NetCommandError::NotFound(name) => QmpError::DeviceNotFound(name),
+        crate::net::NetCommandError::Other(text) => QmpError::BadInput(text),
+    }
 }

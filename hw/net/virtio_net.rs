@@ -1,0 +1,1345 @@
+//! The virtio network device (QEMU's `hw/net/virtio-net.c`): frames between the driver's
+//! receive/transmit queue pairs and a network backend (`net::Netdev`: a tap, user-mode
+//! networking), plus the control queue (receive filter, MAC, VLANs, announcements, queue
+//! pairs, guest offloads). Transports (`virtio-net-pci`) build it from their properties.
+//!
+//! Each queue pair is served on an I/O thread ([`AioContext`]), never on a vCPU thread:
+//! the driver's kicks are eventfds and the backend's descriptor is watched on the same
+//! loop. Frames move between guest buffers and the backend with one `readv`/`writev`: a
+//! backend with a vnet header (a tap) reads and writes the virtio-net header itself, so
+//! the guest's checksum and segmentation offloads reach the host kernel unchanged.
+//!
+//! Receive buffers are taken from the ring ahead of frames ("pending"), enough for the
+//! largest frame; with mergeable buffers one frame fills as many as it needs and the
+//! header says how many (`num_buffers`), the rest wait for the next frame.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
+
+use net::{NetQueue, Netdev, Offloads};
+use parking_lot::Mutex;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
+};
+
+use crate::core::iothread::{AioContext, AioHandlerId, Interest};
+use crate::core::qapi_event::{self, json, Value};
+use crate::virtio::virtio::{
+    bit, device_id, drain_kick, feature, ActivateError, Activation, RateLimitedLog, RingError,
+    VirtioDevice, VirtioTransport,
+};
+
+/// Feature bits (virtio 1.2, 5.1.3).
+pub mod net_feature {
+    /// The device takes frames with partial checksums.
+    pub const CSUM: u32 = 0;
+    /// The driver takes frames with partial checksums.
+    pub const GUEST_CSUM: u32 = 1;
+    /// The driver may switch its receive offloads on the control queue.
+    pub const CTRL_GUEST_OFFLOADS: u32 = 2;
+    /// `mtu` in the configuration.
+    pub const MTU: u32 = 3;
+    /// `mac` in the configuration.
+    pub const MAC: u32 = 5;
+    /// The driver takes TCPv4 segments larger than the MTU.
+    pub const GUEST_TSO4: u32 = 7;
+    /// ... TCPv6.
+    pub const GUEST_TSO6: u32 = 8;
+    /// ... with ECN.
+    pub const GUEST_ECN: u32 = 9;
+    /// ... UDP fragments.
+    pub const GUEST_UFO: u32 = 10;
+    /// The device takes TCPv4 segments larger than the MTU.
+    pub const HOST_TSO4: u32 = 11;
+    /// ... TCPv6.
+    pub const HOST_TSO6: u32 = 12;
+    /// ... with ECN.
+    pub const HOST_ECN: u32 = 13;
+    /// ... UDP fragments.
+    pub const HOST_UFO: u32 = 14;
+    /// A received frame may span several buffers.
+    pub const MRG_RXBUF: u32 = 15;
+    /// `status` (link state) in the configuration.
+    pub const STATUS: u32 = 16;
+    /// The control queue.
+    pub const CTRL_VQ: u32 = 17;
+    /// Receive-mode control (promiscuous, all-multicast).
+    pub const CTRL_RX: u32 = 18;
+    /// VLAN filtering.
+    pub const CTRL_VLAN: u32 = 19;
+    /// Extra receive modes (no-broadcast, all-unicast...).
+    pub const CTRL_RX_EXTRA: u32 = 20;
+    /// The driver sends gratuitous packets when asked.
+    pub const GUEST_ANNOUNCE: u32 = 21;
+    /// Several queue pairs.
+    pub const MQ: u32 = 22;
+    /// The MAC address can be set on the control queue.
+    pub const CTRL_MAC_ADDR: u32 = 23;
+}
+use net_feature as nf;
+
+/// Configuration `status` bits.
+const S_LINK_UP: u16 = 1;
+const S_ANNOUNCE: u16 = 2;
+
+/// Control queue classes and commands (virtio 1.2, 5.1.6.5).
+mod ctrl {
+    pub const RX: u8 = 0;
+    pub const RX_PROMISC: u8 = 0;
+    pub const RX_ALLMULTI: u8 = 1;
+    pub const RX_ALLUNI: u8 = 2;
+    pub const RX_NOMULTI: u8 = 3;
+    pub const RX_NOUNI: u8 = 4;
+    pub const RX_NOBCAST: u8 = 5;
+    pub const MAC: u8 = 1;
+    pub const MAC_TABLE_SET: u8 = 0;
+    pub const MAC_ADDR_SET: u8 = 1;
+    pub const VLAN: u8 = 2;
+    pub const VLAN_ADD: u8 = 0;
+    pub const VLAN_DEL: u8 = 1;
+    pub const ANNOUNCE: u8 = 3;
+    pub const ANNOUNCE_ACK: u8 = 0;
+    pub const MQ: u8 = 4;
+    pub const MQ_VQ_PAIRS_SET: u8 = 0;
+    pub const GUEST_OFFLOADS: u8 = 5;
+    pub const GUEST_OFFLOADS_SET: u8 = 0;
+    pub const OK: u8 = 0;
+    pub const ERR: u8 = 1;
+}
+
+/// QEMU's `MAC_TABLE_ENTRIES`: addresses the filter holds before it overflows.
+const MAC_TABLE_ENTRIES: usize = 64;
+/// QEMU's `MAX_VLAN`.
+const MAX_VLAN: usize = 1 << 12;
+/// `struct virtio_net_config` up to `mtu`.
+const CONFIG_SIZE: usize = 12;
+/// The legacy header without `num_buffers`.
+const HDR_LEN_LEGACY: usize = 10;
+/// The header with `num_buffers` (virtio 1.x, or mergeable buffers).
+const HDR_LEN_MRG: usize = 12;
+/// An Ethernet frame without segmentation offloads: 1514 bytes and a VLAN tag.
+const MAX_PLAIN_FRAME: usize = 1518;
+/// The largest segmentation-offloaded frame (QEMU's `VIRTIO_NET_MAX_BUFSIZE`).
+const MAX_GSO_FRAME: usize = 65550;
+/// Frames moved per wake-up before the loop serves other handlers.
+const BURST: usize = 256;
+
+/// Guest errors of every virtio-net device share one log budget.
+static GUEST_ERRORS: LazyLock<RateLimitedLog> = LazyLock::new(RateLimitedLog::default);
+
+/// How the transport configured the device (its properties, resolved).
+pub struct VirtioNetConf {
+    /// The backend (`netdev=`), claimed by this NIC.
+    pub netdev: Arc<dyn Netdev>,
+    /// Its id.
+    pub netdev_id: String,
+    /// The NIC's name in the monitor (`id=`, or `virtio-net-pci.N`).
+    pub name: String,
+    /// The QOM path events name.
+    pub path: String,
+    /// `mac=`.
+    pub mac: [u8; 6],
+    /// Features the properties switch on (ring features included).
+    pub host_features: u64,
+    /// Queue pairs offered (`mq=on`: the backend's queues).
+    pub queue_pairs: u16,
+    /// `rx_queue_size`.
+    pub rx_queue_size: u16,
+    /// `tx_queue_size`.
+    pub tx_queue_size: u16,
+    /// `host_mtu` (0: none offered).
+    pub mtu: u16,
+    /// Where the queues are served.
+    pub context: Arc<AioContext>,
+}
+
+/// The receive filter the driver programs on the control queue (QEMU's `VirtIONet`
+/// `promisc`, `allmulti`, ..., `mac_table`, `vlans`).
+#[derive(Clone)]
+struct RxFilter {
+    promisc: bool,
+    allmulti: bool,
+    alluni: bool,
+    nomulti: bool,
+    nouni: bool,
+    nobcast: bool,
+    uni: Vec<[u8; 6]>,
+    multi: Vec<[u8; 6]>,
+    uni_overflow: bool,
+    multi_overflow: bool,
+    vlans: Vec<u32>,
+}
+
+impl RxFilter {
+    /// QEMU's reset state: promiscuous until the driver says otherwise, no VLAN allowed.
+    fn reset() -> Self {
+        RxFilter {
+            promisc: true,
+            allmulti: false,
+            alluni: false,
+            nomulti: false,
+            nouni: false,
+            nobcast: false,
+            uni: Vec::new(),
+            multi: Vec::new(),
+            uni_overflow: false,
+            multi_overflow: false,
+            vlans: vec![0; MAX_VLAN / 32],
+        }
+    }
+}
+
+/// What the device, its queue pairs and the monitor share.
+struct Shared {
+    name: String,
+    path: String,
+    netdev_id: String,
+    netdev: Arc<dyn Netdev>,
+    mac: Mutex<[u8; 6]>,
+    /// Configuration `status`.
+    status: AtomicU16,
+    link_up: AtomicBool,
+    filter: Mutex<RxFilter>,
+    /// `NIC_RX_FILTER_CHANGED` is sent once, then again after `query-rx-filter`.
+    rxfilter_notify: AtomicBool,
+    /// The features the driver accepted, while running.
+    features: Mutex<u64>,
+    /// The VLAN filter is on (CTRL_VLAN negotiated).
+    vlan_filter: AtomicBool,
+}
+
+impl Shared {
+    /// QEMU's `receive_filter`: whether a frame to `dest` (and `vlan`, if tagged) is for
+    /// the guest.
+    fn accepts(&self, frame: &[u8]) -> bool {
+        let filter = self.filter.lock();
+        if filter.promisc {
+            return true;
+        }
+        if frame.len() < 14 {
+            return false;
+        }
+        if self.vlan_filter.load(Ordering::Relaxed) && frame[12..14] == [0x81, 0x00] {
+            if frame.len() < 16 {
+                return false;
+            }
+            let vid = usize::from(u16::from_be_bytes([frame[14], frame[15]]) & 0xfff);
+            if filter.vlans[vid >> 5] & (1 << (vid & 0x1f)) == 0 {
+                return false;
+            }
+        }
+        let dest: [u8; 6] = frame[0..6].try_into().unwrap_or_default();
+        if dest[0] & 1 != 0 {
+            if dest == [0xff; 6] {
+                return !filter.nobcast;
+            }
+            if filter.nomulti {
+                return false;
+            }
+            filter.allmulti || filter.multi_overflow || filter.multi.contains(&dest)
+        } else {
+            if filter.nouni {
+                return false;
+            }
+            filter.alluni
+                || filter.uni_overflow
+                || dest == *self.mac.lock()
+                || filter.uni.contains(&dest)
+        }
+    }
+
+    fn filter_changed(&self) {
+        if self.rxfilter_notify.swap(false, Ordering::AcqRel) {
+            let mut data = serde_json::Map::new();
+            data.insert("name".into(), self.name.clone().into());
+            data.insert("path".into(), self.path.clone().into());
+            qapi_event::emit("NIC_RX_FILTER_CHANGED", Some(Value::Object(data)));
+        }
+    }
+}
+
+/// QEMU's `VirtIONet`.
+pub struct VirtioNet {
+    shared: Arc<Shared>,
+    conf_queue_pairs: u16,
+    rx_queue_size: u16,
+    tx_queue_size: u16,
+    mtu: u16,
+    features: u64,
+    context: Arc<AioContext>,
+    running: Mutex<Option<Running>>,
+}
+
+/// A running device: its queue pairs, its handlers, and its transport.
+struct Running {
+    pairs: Vec<Arc<QueuePair>>,
+    handlers: Vec<AioHandlerId>,
+    transport: Arc<dyn VirtioTransport>,
+}
+
+/// Every NIC, for the monitor (QEMU's `net_clients` of type NIC).
+static NICS: Mutex<Vec<Weak<VirtioNet>>> = Mutex::new(Vec::new());
+
+/// Every virtio-net device alive, in creation order.
+pub fn nics() -> Vec<Arc<VirtioNet>> {
+    let mut all = NICS.lock();
+    all.retain(|w| w.strong_count() > 0);
+    all.iter().filter_map(Weak::upgrade).collect()
+}
+
+/// The NIC called `name` (its id or `virtio-net-pci.N`), or the NIC whose backend is
+/// called `name`.
+pub fn find_nic(name: &str) -> Option<Arc<VirtioNet>> {
+    nics()
+        .into_iter()
+        .find(|n| n.shared.name == name || n.shared.netdev_id == name)
+}
+
+/// The header length the driver's features call for.
+fn header_len(features: u64) -> usize {
+    if features & (bit(feature::VERSION_1) | bit(nf::MRG_RXBUF)) != 0 {
+        HDR_LEN_MRG
+    } else {
+        HDR_LEN_LEGACY
+    }
+}
+
+/// The receive offloads in `features`.
+fn offloads(features: u64) -> Offloads {
+    let has = |f: u32| features & bit(f) != 0;
+    Offloads {
+        csum: has(nf::GUEST_CSUM),
+        tso4: has(nf::GUEST_TSO4),
+        tso6: has(nf::GUEST_TSO6),
+        ecn: has(nf::GUEST_ECN),
+        ufo: has(nf::GUEST_UFO),
+    }
+}
+
+impl VirtioNet {
+    /// A device over `conf`: offers what the properties ask and the backend can do (no
+    /// offloads without a vnet header, as QEMU's `virtio_net_get_features`).
+    pub fn new(conf: VirtioNetConf) -> Arc<Self> {
+        let mut features = conf.host_features
+            | bit(nf::MAC)
+            | bit(feature::VERSION_1)
+            | bit(feature::NOTIFY_ON_EMPTY)
+            | bit(feature::ANY_LAYOUT);
+        if !conf.netdev.has_vnet_hdr() {
+            for f in [
+                nf::CSUM,
+                nf::HOST_TSO4,
+                nf::HOST_TSO6,
+                nf::HOST_ECN,
+                nf::HOST_UFO,
+                nf::GUEST_CSUM,
+                nf::GUEST_TSO4,
+                nf::GUEST_TSO6,
+                nf::GUEST_ECN,
+                nf::GUEST_UFO,
+                nf::CTRL_GUEST_OFFLOADS,
+            ] {
+                features &= !bit(f);
+            }
+        }
+        if !conf.netdev.has_ufo() {
+            features &= !(bit(nf::GUEST_UFO) | bit(nf::HOST_UFO));
+        }
+        if conf.queue_pairs > 1 {
+            features |= bit(nf::MQ) | bit(nf::CTRL_VQ);
+        }
+        if conf.mtu != 0 {
+            features |= bit(nf::MTU);
+        }
+        if features & bit(nf::CTRL_VQ) == 0 {
+            features &= !(bit(nf::CTRL_RX)
+                | bit(nf::CTRL_VLAN)
+                | bit(nf::CTRL_RX_EXTRA)
+                | bit(nf::CTRL_MAC_ADDR)
+                | bit(nf::GUEST_ANNOUNCE)
+                | bit(nf::MQ)
+                | bit(nf::CTRL_GUEST_OFFLOADS));
+        }
+        let shared = Arc::new(Shared {
+            name: conf.name,
+            path: conf.path,
+            netdev_id: conf.netdev_id,
+            netdev: conf.netdev,
+            mac: Mutex::new(conf.mac),
+            status: AtomicU16::new(S_LINK_UP),
+            link_up: AtomicBool::new(true),
+            filter: Mutex::new(RxFilter::reset()),
+            rxfilter_notify: AtomicBool::new(true),
+            features: Mutex::new(0),
+            vlan_filter: AtomicBool::new(false),
+        });
+        let dev = Arc::new(VirtioNet {
+            shared,
+            conf_queue_pairs: conf.queue_pairs,
+            rx_queue_size: conf.rx_queue_size,
+            tx_queue_size: conf.tx_queue_size,
+            mtu: conf.mtu,
+            features,
+            context: conf.context,
+            running: Mutex::new(None),
+        });
+        NICS.lock().push(Arc::downgrade(&dev));
+        dev
+    }
+
+    /// The NIC's name (`id=` or `virtio-net-pci.N`).
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Its backend's id.
+    pub fn netdev_id(&self) -> &str {
+        &self.shared.netdev_id
+    }
+
+    /// Its backend.
+    pub fn netdev(&self) -> &Arc<dyn Netdev> {
+        &self.shared.netdev
+    }
+
+    /// The MAC address the guest uses now.
+    pub fn mac(&self) -> [u8; 6] {
+        *self.shared.mac.lock()
+    }
+
+    /// Whether the link is up.
+    pub fn link_up(&self) -> bool {
+        self.shared.link_up.load(Ordering::Acquire)
+    }
+
+    /// QMP `set_link` (QEMU's `virtio_net_set_link_status`): the configuration's status
+    /// changes and the driver is told; while down, frames are neither received nor sent.
+    pub fn set_link(&self, up: bool) {
+        if self.shared.link_up.swap(up, Ordering::AcqRel) == up {
+            return;
+        }
+        if up {
+            self.shared.status.fetch_or(S_LINK_UP, Ordering::AcqRel);
+        } else {
+            self.shared.status.fetch_and(!S_LINK_UP, Ordering::AcqRel);
+        }
+        let running = self.running.lock();
+        if let Some(r) = running.as_ref() {
+            if self.features & bit(nf::STATUS) != 0 {
+                r.transport.signal_config();
+            }
+            for pair in &r.pairs {
+                let pair = Arc::clone(pair);
+                self.context.run_sync(Box::new(move || pair.serve()));
+            }
+        }
+    }
+
+    /// QMP `query-rx-filter`'s entry for this NIC (QEMU's `RxFilterInfo`); re-arms
+    /// `NIC_RX_FILTER_CHANGED`.
+    pub fn rx_filter_info(&self) -> Value {
+        let f = self.shared.filter.lock().clone();
+        self.shared.rxfilter_notify.store(true, Ordering::Release);
+        let mode = |all: bool, none: bool| {
+            if all {
+                "all"
+            } else if none {
+                "none"
+            } else {
+                "normal"
+            }
+        };
+        let vlan_on = self.shared.vlan_filter.load(Ordering::Relaxed);
+        let vlan_table: Vec<u32> = (0..MAX_VLAN as u32)
+            .filter(|&v| f.vlans[(v >> 5) as usize] & (1 << (v & 0x1f)) != 0)
+            .collect();
+        json!({
+            "name": self.shared.name,
+            "promiscuous": f.promisc,
+            "multicast": mode(f.allmulti, f.nomulti),
+            "unicast": mode(f.alluni, f.nouni),
+            "vlan": if vlan_on { "normal" } else { "all" },
+            "broadcast-allowed": !f.nobcast,
+            "multicast-overflow": f.multi_overflow,
+            "unicast-overflow": f.uni_overflow,
+            "main-mac": format_mac(&self.mac()),
+            "vlan-table": if vlan_on { vlan_table } else { Vec::new() },
+            "unicast-table": f.uni.iter().map(format_mac).collect::<Vec<_>>(),
+            "multicast-table": f.multi.iter().map(format_mac).collect::<Vec<_>>(),
+        })
+    }
+
+    fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
+        let mut b = [0u8; CONFIG_SIZE];
+        b[0..6].copy_from_slice(&self.mac());
+        b[6..8].copy_from_slice(&self.shared.status.load(Ordering::Acquire).to_le_bytes());
+        b[8..10].copy_from_slice(&self.conf_queue_pairs.to_le_bytes());
+        b[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        b
+    }
+
+    fn has_ctrl(&self) -> bool {
+        self.features & bit(nf::CTRL_VQ) != 0
+    }
+}
+
+/// `52:54:00:12:34:56`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Drop for VirtioNet {
+    fn drop(&mut self) {
+        net::detach(&self.shared.netdev_id);
+    }
+}
+
+impl VirtioDevice for VirtioNet {
+    fn device_type(&self) -> u16 {
+        device_id::NET
+    }
+
+    fn name(&self) -> &'static str {
+        "virtio-net"
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        let mut sizes = Vec::new();
+        for _ in 0..self.conf_queue_pairs {
+            sizes.push(self.rx_queue_size);
+            sizes.push(self.tx_queue_size);
+        }
+        if self.has_ctrl() {
+            sizes.push(64);
+        }
+        sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn config_size(&self) -> usize {
+        CONFIG_SIZE
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| config.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&self, offset: u64, data: &[u8]) {
+        // A legacy driver without CTRL_MAC_ADDR sets the MAC by writing the config.
+        let Ok(offset) = usize::try_from(offset) else {
+            return;
+        };
+        let running_features = *self.shared.features.lock();
+        if running_features & (bit(feature::VERSION_1) | bit(nf::CTRL_MAC_ADDR)) != 0 {
+            return;
+        }
+        let mut mac = self.shared.mac.lock();
+        for (i, &byte) in data.iter().enumerate() {
+            if let Some(slot) = mac.get_mut(offset + i) {
+                *slot = byte;
+            }
+        }
+    }
+
+    fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            mem,
+            queues,
+            transport,
+            features,
+        } = activation;
+        let shared = &self.shared;
+        *shared.features.lock() = features;
+        shared
+            .vlan_filter
+            .store(features & bit(nf::CTRL_VLAN) != 0, Ordering::Relaxed);
+        let hdr_len = header_len(features);
+        let netdev = &shared.netdev;
+        let vnet_hdr = netdev.has_vnet_hdr();
+        if vnet_hdr {
+            netdev
+                .set_vnet_hdr_len(hdr_len)
+                .and_then(|()| netdev.set_offload(offloads(features)))
+                .map_err(|e| ActivateError::Io {
+                    device: "virtio-net",
+                    reason: format!("cannot configure the backend's vnet header: {e}"),
+                })?;
+        }
+        let backend_queues = netdev.queues();
+        let mrg = features & bit(nf::MRG_RXBUF) != 0;
+        let gso = features
+            & (bit(nf::GUEST_TSO4) | bit(nf::GUEST_TSO6) | bit(nf::GUEST_UFO))
+            != 0;
+        let frame_room = if gso { MAX_GSO_FRAME } else { MAX_PLAIN_FRAME };
+        let rx_need = if vnet_hdr {
+            hdr_len + frame_room
+        } else {
+            hdr_len + netdev.max_frame_len().min(frame_room)
+        };
+        let mut by_index: Vec<Option<crate::virtio::virtio::ActiveQueue>> =
+            (0..self.queue_max_sizes().len()).map(|_| None).collect();
+        for q in queues {
+            if let Some(slot) = by_index.get_mut(usize::from(q.index)) {
+                *slot = Some(q);
+            }
+        }
+        let mut running = Running {
+            pairs: Vec::new(),
+            handlers: Vec::new(),
+            transport: Arc::clone(&transport),
+        };
+        let fail = |running: Running, reason: String| {
+            for id in running.handlers {
+                self.context.remove_fd(id);
+            }
+            ActivateError::Io {
+                device: "virtio-net",
+                reason,
+            }
+        };
+        for pair_index in 0..usize::from(self.conf_queue_pairs) {
+            let rx = by_index[2 * pair_index].take();
+            let tx = by_index[2 * pair_index + 1].take();
+            let (Some(rx), Some(tx)) = (rx, tx) else {
+                continue;
+            };
+            let Some(backend) = backend_queues.get(pair_index).cloned() else {
+                continue;
+            };
+            let pair = Arc::new(QueuePair {
+                rx_index: rx.index,
+                tx_index: tx.index,
+                backend,
+                mem: Arc::clone(&mem),
+                transport: Arc::clone(&transport),
+                shared: Arc::clone(shared),
+                hdr_len,
+                vnet_hdr,
+                mrg,
+                rx_need,
+                broken: AtomicBool::new(false),
+                inner: Mutex::new(PairInner {
+                    rx: rx.queue,
+                    tx: tx.queue,
+                    pending: VecDeque::new(),
+                    pending_bytes: 0,
+                    rx_starved: false,
+                    tx_blocked: None,
+                    backend_handler: None,
+                    interest: Interest::READ,
+                }),
+            });
+            for (kick, which) in [(rx.kick, Kick::Rx), (tx.kick, Kick::Tx)] {
+                let p = Arc::clone(&pair);
+                let fd = kick.as_raw_fd();
+                let handler = Box::new(move || {
+                    drain_kick(&kick);
+                    p.kicked(which);
+                });
+                match self.context.add_fd(fd, handler) {
+                    Ok(id) => running.handlers.push(id),
+                    Err(e) => return Err(fail(running, e.to_string())),
+                }
+            }
+            let p = Arc::clone(&pair);
+            let backend_fd = pair.backend.rx_fd();
+            match self
+                .context
+                .add_fd_with(backend_fd, Interest::READ, Box::new(move || p.serve()))
+            {
+                Ok(id) => {
+                    pair.inner.lock().backend_handler = Some((id, Arc::clone(&self.context)));
+                    running.handlers.push(id);
+                }
+                Err(e) => return Err(fail(running, e.to_string())),
+            }
+            running.pairs.push(pair);
+        }
+        if self.has_ctrl() {
+            let index = self.queue_max_sizes().len() - 1;
+            if let Some(q) = by_index[index].take() {
+                let ctrl = Arc::new(CtrlQueue {
+                    index: q.index,
+                    queue: Mutex::new(q.queue),
+                    mem: Arc::clone(&mem),
+                    transport: Arc::clone(&transport),
+                    shared: Arc::clone(shared),
+                    pairs: running.pairs.clone(),
+                    broken: AtomicBool::new(false),
+                });
+                let kick = q.kick;
+                let fd = kick.as_raw_fd();
+                let handler = Box::new(move || {
+                    drain_kick(&kick);
+                    ctrl.serve();
+                });
+                match self.context.add_fd(fd, handler) {
+                    Ok(id) => running.handlers.push(id),
+                    Err(e) => return Err(fail(running, e.to_string())),
+                }
+            }
+        }
+        // Frames may be waiting already (and the driver's buffers too).
+        for pair in &running.pairs {
+            let p = Arc::clone(pair);
+            self.context.run_sync(Box::new(move || p.serve()));
+        }
+        *self.running.lock() = Some(running);
+        Ok(())
+    }
+
+    fn reset(&self) {
+        let running = self.running.lock().take();
+        if let Some(running) = running {
+            for id in running.handlers {
+                self.context.remove_fd(id);
+            }
+        }
+        // QEMU's virtio_net_reset.
+        *self.shared.filter.lock() = RxFilter::reset();
+        *self.shared.features.lock() = 0;
+        self.shared
+            .status
+            .fetch_and(!S_ANNOUNCE, Ordering::AcqRel);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kick {
+    Rx,
+    Tx,
+}
+
+/// A receive buffer taken from the ring: its head and its guest segments.
+struct RxBuf {
+    head: u16,
+    segs: Vec<(GuestAddress, usize)>,
+    len: usize,
+}
+
+/// A frame the backend could not take yet.
+struct TxFrame {
+    head: u16,
+    segs: Vec<(GuestAddress, usize)>,
+}
+
+struct PairInner {
+    rx: Queue,
+    tx: Queue,
+    /// Receive buffers taken from the ring, in ring order.
+    pending: VecDeque<RxBuf>,
+    pending_bytes: usize,
+    /// The ring ran out: wait for the driver's kick before reading the backend.
+    rx_starved: bool,
+    tx_blocked: Option<TxFrame>,
+    backend_handler: Option<(AioHandlerId, Arc<AioContext>)>,
+    interest: Interest,
+}
+
+/// One receive/transmit queue pair and its backend queue.
+struct QueuePair {
+    rx_index: u16,
+    tx_index: u16,
+    backend: Arc<dyn NetQueue>,
+    mem: Arc<GuestMemoryMmap>,
+    transport: Arc<dyn VirtioTransport>,
+    shared: Arc<Shared>,
+    hdr_len: usize,
+    /// The backend reads and writes the header itself.
+    vnet_hdr: bool,
+    mrg: bool,
+    /// Buffer bytes a frame may need.
+    rx_need: usize,
+    broken: AtomicBool,
+    inner: Mutex<PairInner>,
+}
+
+/// Guest slices over `segs`, skipping the first `skip` bytes.
+fn slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    segs: &[(GuestAddress, usize)],
+    mut skip: usize,
+    out: &mut Vec<VolatileSlice<'m>>,
+) -> Result<(), RingError> {
+    for &(addr, len) in segs {
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let start = addr
+            .checked_add(skip as u64)
+            .ok_or_else(|| RingError::Chain(format!("buffer at {:#x} wraps", addr.0)))?;
+        for s in mem.get_slices(start, len - skip) {
+            out.push(s.map_err(|e| RingError::Chain(format!("buffer at {:#x}: {e}", addr.0)))?);
+        }
+        skip = 0;
+    }
+    Ok(())
+}
+
+impl QueuePair {
+    fn kicked(&self, which: Kick) {
+        if let Kick::Rx = which {
+            self.inner.lock().rx_starved = false;
+        }
+        self.serve();
+    }
+
+    /// Moves frames both ways as far as the rings, the backend and the link allow, then
+    /// sets what the backend descriptor is watched for.
+    fn serve(&self) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        let result = self
+            .transmit(&mut inner)
+            .and_then(|()| self.receive(&mut inner));
+        if let Err(e) = result {
+            drop(inner);
+            return self.fail(e);
+        }
+        let link_up = self.shared.link_up.load(Ordering::Acquire);
+        // A backend whose sends block (a tap) is written through its receive descriptor.
+        let tx_same_fd = self.backend.tx_fd() == Some(self.backend.rx_fd());
+        let wanted = Interest {
+            read: link_up && !inner.rx_starved,
+            write: tx_same_fd && inner.tx_blocked.is_some(),
+        };
+        if wanted != inner.interest {
+            if let Some((id, ctx)) = &inner.backend_handler {
+                if let Err(e) = ctx.set_interest(*id, wanted) {
+                    log::error!("virtio-net: cannot watch the backend: {e}");
+                }
+            }
+            inner.interest = wanted;
+        }
+    }
+
+    fn transmit(&self, inner: &mut PairInner) -> Result<(), RingError> {
+        let mem = &*self.mem;
+        let mut sent = 0usize;
+        if let Some(frame) = inner.tx_blocked.take() {
+            match self.send(&frame) {
+                Ok(()) => self.complete_tx(inner, frame.head)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    inner.tx_blocked = Some(frame);
+                    return Ok(());
+                }
+                Err(e) => {
+                    log::debug!("virtio-net: backend refused a frame: {e}");
+                    self.complete_tx(inner, frame.head)?;
+                }
+            }
+            sent += 1;
+        }
+        loop {
+            inner.tx.disable_notification(mem)?;
+            while sent < BURST {
+                let Some(chain) = inner.tx.iter(Arc::clone(&self.mem))?.next() else {
+                    break;
+                };
+                let head = chain.head_index();
+                let mut segs = Vec::new();
+                for desc in chain {
+                    if desc.is_write_only() {
+                        return Err(RingError::Chain(
+                            "a transmit buffer is device-writable".into(),
+                        ));
+                    }
+                    segs.push((desc.addr(), desc.len() as usize));
+                }
+                let total: usize = segs.iter().map(|s| s.1).sum();
+                if total < self.hdr_len {
+                    return Err(RingError::Chain(format!(
+                        "virtio-net header incorrect: {total} bytes"
+                    )));
+                }
+                let frame = TxFrame { head, segs };
+                if !self.shared.link_up.load(Ordering::Acquire) {
+                    // QEMU drops what a guest sends on a link that is down.
+                    self.complete_tx(inner, head)?;
+                    continue;
+                }
+                match self.send(&frame) {
+                    Ok(()) => self.complete_tx(inner, head)?,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        inner.tx_blocked = Some(frame);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        GUEST_ERRORS.warn(|| format!("virtio-net: a frame was not sent: {e}"));
+                        self.complete_tx(inner, head)?;
+                    }
+                }
+                sent += 1;
+            }
+            if sent >= BURST {
+                // More may wait: a later wake-up (the kick stays pending) serves them.
+                inner.tx.enable_notification(mem)?;
+                return Ok(());
+            }
+            if !inner.tx.enable_notification(mem)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn send(&self, frame: &TxFrame) -> io::Result<()> {
+        let mut bufs = Vec::with_capacity(frame.segs.len() + 1);
+        let skip = if self.vnet_hdr { 0 } else { self.hdr_len };
+        slices(&self.mem, &frame.segs, skip, &mut bufs)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        self.backend.send(&bufs).map(|_| ())
+    }
+
+    fn complete_tx(&self, inner: &mut PairInner, head: u16) -> Result<(), RingError> {
+        let mem = &*self.mem;
+        inner.tx.add_used(mem, head, 0)?;
+        if inner.tx.needs_notification(mem)? {
+            self.transport.signal_used_queue(self.tx_index);
+        }
+        Ok(())
+    }
+
+    /// Takes receive buffers from the ring until a largest frame fits (one buffer
+    /// without mergeable buffers). `false` when the ring has too few.
+    fn refill(&self, inner: &mut PairInner) -> Result<bool, RingError> {
+        let mem = &*self.mem;
+        let enough = |inner: &PairInner| {
+            if self.mrg {
+                inner.pending_bytes >= self.rx_need
+            } else {
+                !inner.pending.is_empty()
+            }
+        };
+        loop {
+            inner.rx.disable_notification(mem)?;
+            while !enough(inner) {
+                let Some(chain) = inner.rx.iter(Arc::clone(&self.mem))?.next() else {
+                    break;
+                };
+                let head = chain.head_index();
+                let mut segs = Vec::new();
+                let mut len = 0usize;
+                for desc in chain {
+                    if !desc.is_write_only() {
+                        return Err(RingError::Chain(
+                            "virtio-net receive queue contains no in buffers".into(),
+                        ));
+                    }
+                    segs.push((desc.addr(), desc.len() as usize));
+                    len += desc.len() as usize;
+                }
+                if len < self.hdr_len {
+                    return Err(RingError::Chain(format!(
+                        "virtio-net receive buffer of {len} bytes holds no header"
+                    )));
+                }
+                inner.pending_bytes += len;
+                inner.pending.push_back(RxBuf { head, segs, len });
+            }
+            if enough(inner) {
+                return Ok(true);
+            }
+            if !inner.rx.enable_notification(mem)? {
+                return Ok(false);
+            }
+        }
+    }
+
+    fn receive(&self, inner: &mut PairInner) -> Result<(), RingError> {
+        if !self.shared.link_up.load(Ordering::Acquire) || inner.rx_starved {
+            return Ok(());
+        }
+        let mem = &*self.mem;
+        let mut delivered = 0usize;
+        let mut bufs = Vec::new();
+        for _ in 0..BURST {
+            if !self.refill(inner)? {
+                inner.rx_starved = true;
+                break;
+            }
+            bufs.clear();
+            let skip = if self.vnet_hdr { 0 } else { self.hdr_len };
+            let room: Vec<(GuestAddress, usize)> = if self.mrg {
+                inner.pending.iter().flat_map(|b| b.segs.iter().copied()).collect()
+            } else {
+                inner.pending[0].segs.clone()
+            };
+            slices(mem, &room, skip, &mut bufs)?;
+            let n = match self.backend.receive(&bufs) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    GUEST_ERRORS.warn(|| format!("virtio-net: receive failed: {e}"));
+                    break;
+                }
+            };
+            let total = n + skip;
+            // The frame is in the guest's buffers; whether the guest gets it is the
+            // filter's call (a refused frame leaves the buffers pending for the next).
+            let mut head_bytes = [0u8; 16];
+            let dest_len = read_at(mem, &room, self.hdr_len, &mut head_bytes);
+            if !self.shared.accepts(&head_bytes[..dest_len]) {
+                continue;
+            }
+            self.deliver(inner, total)?;
+            delivered += 1;
+        }
+        if delivered > 0 && inner.rx.needs_notification(mem)? {
+            self.transport.signal_used_queue(self.rx_index);
+        }
+        Ok(())
+    }
+
+    /// Puts a received frame of `total` bytes (header included) in the used ring: the
+    /// buffers it filled, with `num_buffers` (and for backends without a vnet header, the
+    /// rest of the header) written.
+    fn deliver(&self, inner: &mut PairInner, total: usize) -> Result<(), RingError> {
+        let mem = &*self.mem;
+        let mut left = total;
+        let mut used = Vec::new();
+        while left > 0 || used.is_empty() {
+            let Some(buf) = inner.pending.pop_front() else {
+                break;
+            };
+            inner.pending_bytes -= buf.len;
+            let len = left.min(buf.len);
+            left -= len;
+            used.push((buf, len));
+            if !self.mrg {
+                break;
+            }
+        }
+        let first = &used[0].0;
+        let mut header = [0u8; HDR_LEN_MRG];
+        let header_bytes = if self.vnet_hdr {
+            // The backend wrote the first ten bytes; only `num_buffers` is ours.
+            header[10..12].copy_from_slice(&(used.len() as u16).to_le_bytes());
+            &header[10..self.hdr_len]
+        } else {
+            header[10..12].copy_from_slice(&(used.len() as u16).to_le_bytes());
+            &header[..self.hdr_len]
+        };
+        let offset = if self.vnet_hdr { 10 } else { 0 };
+        write_at(mem, &first.segs, offset, header_bytes)?;
+        for (buf, len) in used {
+            inner.rx.add_used(mem, buf.head, len as u32)?;
+        }
+        Ok(())
+    }
+
+    fn fail(&self, e: RingError) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            let (rx, tx) = (self.rx_index, self.tx_index);
+            GUEST_ERRORS.warn(|| format!("virtio-net: queues {rx}/{tx}: {e}: device needs reset"));
+            self.transport.mark_broken();
+            let inner = self.inner.lock();
+            if let Some((id, ctx)) = &inner.backend_handler {
+                let _ = ctx.set_interest(*id, Interest::NONE);
+            }
+        }
+    }
+}
+
+/// Reads up to `out.len()` bytes at offset `skip` of the segments; returns how many.
+fn read_at(
+    mem: &GuestMemoryMmap,
+    segs: &[(GuestAddress, usize)],
+    mut skip: usize,
+    out: &mut [u8],
+) -> usize {
+    let mut done = 0;
+    for &(addr, len) in segs {
+        if done == out.len() {
+            break;
+        }
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(out.len() - done);
+        if mem
+            .read_slice(&mut out[done..done + n], addr.unchecked_add(skip as u64))
+            .is_err()
+        {
+            break;
+        }
+        done += n;
+        skip = 0;
+    }
+    done
+}
+
+/// Writes `data` at offset `skip` of the segments.
+fn write_at(
+    mem: &GuestMemoryMmap,
+    segs: &[(GuestAddress, usize)],
+    mut skip: usize,
+    data: &[u8],
+) -> Result<(), RingError> {
+    let mut done = 0;
+    for &(addr, len) in segs {
+        if done == data.len() {
+            break;
+        }
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(data.len() - done);
+        mem.write_slice(&data[done..done + n], addr.unchecked_add(skip as u64))
+            .map_err(|e| RingError::Chain(format!("receive buffer: {e}")))?;
+        done += n;
+        skip = 0;
+    }
+    if done < data.len() {
+        return Err(RingError::Chain("receive buffer shorter than the header".into()));
+    }
+    Ok(())
+}
+
+/// The control queue (QEMU's `virtio_net_handle_ctrl`).
+struct CtrlQueue {
+    index: u16,
+    queue: Mutex<Queue>,
+    mem: Arc<GuestMemoryMmap>,
+    transport: Arc<dyn VirtioTransport>,
+    shared: Arc<Shared>,
+    pairs: Vec<Arc<QueuePair>>,
+    broken: AtomicBool,
+}
+
+impl CtrlQueue {
+    fn serve(&self) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = self.serve_all() {
+            if !self.broken.swap(true, Ordering::AcqRel) {
+                let index = self.index;
+                GUEST_ERRORS.warn(|| {
+                    format!("virtio-net: control queue {index}: {e}: device needs reset")
+                });
+                self.transport.mark_broken();
+            }
+        }
+    }
+
+    fn serve_all(&self) -> Result<(), RingError> {
+        let mem = &*self.mem;
+        let mut queue = self.queue.lock();
+        let mut served = false;
+        loop {
+            queue.disable_notification(mem)?;
+            while let Some(chain) = queue.iter(Arc::clone(&self.mem))?.next() {
+                let head = chain.head_index();
+                let mut reader = chain
+                    .clone()
+                    .reader(mem)
+                    .map_err(|e| RingError::Chain(e.to_string()))?;
+                let mut writer = chain
+                    .writer(mem)
+                    .map_err(|e| RingError::Chain(e.to_string()))?;
+                if writer.available_bytes() < 1 || reader.available_bytes() < 2 {
+                    return Err(RingError::Chain("virtio-net ctrl missing headers".into()));
+                }
+                let mut command = vec![0u8; reader.available_bytes().min(64 * 1024)];
+                reader
+                    .read_exact(&mut command)
+                    .map_err(|e| RingError::Chain(e.to_string()))?;
+                let ack = self.command(command[0], command[1], &command[2..]);
+                // The ack is the last device-writable byte.
+                let skip = writer.available_bytes() - 1;
+                let mut sink = vec![0u8; skip];
+                writer
+                    .write_all(&sink)
+                    .and_then(|()| writer.write_all(&[ack]))
+                    .map_err(|e| RingError::Chain(e.to_string()))?;
+                sink.clear();
+                queue.add_used(mem, head, (skip + 1) as u32)?;
+                served = true;
+            }
+            if !queue.enable_notification(mem)? {
+                break;
+            }
+        }
+        if served && queue.needs_notification(mem)? {
+            self.transport.signal_used_queue(self.index);
+        }
+        Ok(())
+    }
+
+    fn command(&self, class: u8, cmd: u8, data: &[u8]) -> u8 {
+        let ok = match class {
+            ctrl::RX => self.rx_mode(cmd, data),
+            ctrl::MAC => self.mac(cmd, data),
+            ctrl::VLAN => self.vlan(cmd, data),
+            ctrl::ANNOUNCE if cmd == ctrl::ANNOUNCE_ACK => {
+                self.shared.status.fetch_and(!S_ANNOUNCE, Ordering::AcqRel);
+                true
+            }
+            ctrl::MQ if cmd == ctrl::MQ_VQ_PAIRS_SET => data.len() >= 2 && {
+                let pairs = u16::from_le_bytes([data[0], data[1]]);
+                pairs >= 1 && usize::from(pairs) <= self.pairs.len().max(1)
+            },
+            ctrl::GUEST_OFFLOADS if cmd == ctrl::GUEST_OFFLOADS_SET => {
+                self.guest_offloads(data)
+            }
+            _ => false,
+        };
+        if ok {
+            ctrl::OK
+        } else {
+            ctrl::ERR
+        }
+    }
+
+    fn rx_mode(&self, cmd: u8, data: &[u8]) -> bool {
+        let Some(&on) = data.first() else {
+            return false;
+        };
+        let on = on != 0;
+        {
+            let mut f = self.shared.filter.lock();
+            let slot = match cmd {
+                ctrl::RX_PROMISC => &mut f.promisc,
+                ctrl::RX_ALLMULTI => &mut f.allmulti,
+                ctrl::RX_ALLUNI => &mut f.alluni,
+                ctrl::RX_NOMULTI => &mut f.nomulti,
+                ctrl::RX_NOUNI => &mut f.nouni,
+                ctrl::RX_NOBCAST => &mut f.nobcast,
+                _ => return false,
+            };
+            *slot = on;
+        }
+        self.shared.filter_changed();
+        true
+    }
+
+    fn mac(&self, cmd: u8, data: &[u8]) -> bool {
+        match cmd {
+            ctrl::MAC_ADDR_SET => {
+                let Ok(mac) = <[u8; 6]>::try_from(data.get(..6).unwrap_or_default()) else {
+                    return false;
+                };
+                *self.shared.mac.lock() = mac;
+            }
+            ctrl::MAC_TABLE_SET => {
+                let Some((uni, rest)) = mac_list(data) else {
+                    return false;
+                };
+                let Some((multi, rest)) = mac_list(rest) else {
+                    return false;
+                };
+                if !rest.is_empty() {
+                    return false;
+                }
+                let mut f = self.shared.filter.lock();
+                f.uni_overflow = uni.len() > MAC_TABLE_ENTRIES;
+                f.multi_overflow = multi.len() > MAC_TABLE_ENTRIES;
+                f.uni = if f.uni_overflow { Vec::new() } else { uni };
+                f.multi = if f.multi_overflow { Vec::new() } else { multi };
+            }
+            _ => return false,
+        }
+        self.shared.filter_changed();
+        true
+    }
+
+    fn vlan(&self, cmd: u8, data: &[u8]) -> bool {
+        let Some(vid) = data.get(..2).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))) else {
+            return false;
+        };
+        if vid >= MAX_VLAN {
+            return false;
+        }
+        {
+            let mut f = self.shared.filter.lock();
+            match cmd {
+                ctrl::VLAN_ADD => f.vlans[vid >> 5] |= 1 << (vid & 0x1f),
+                ctrl::VLAN_DEL => f.vlans[vid >> 5] &= !(1 << (vid & 0x1f)),
+                _ => return false,
+            }
+        }
+        self.shared.filter_changed();
+        true
+    }
+
+    fn guest_offloads(&self, data: &[u8]) -> bool {
+        let Some(bytes) = data.get(..8) else {
+            return false;
+        };
+        let wanted = u64::from_le_bytes(bytes.try_into().unwrap_or_default());
+        let negotiated = *self.shared.features.lock();
+        let allowed = bit(nf::GUEST_CSUM)
+            | bit(nf::GUEST_TSO4)
+            | bit(nf::GUEST_TSO6)
+            | bit(nf::GUEST_ECN)
+            | bit(nf::GUEST_UFO);
+        if negotiated & bit(nf::CTRL_GUEST_OFFLOADS) == 0 || wanted & !(negotiated & allowed) != 0 {
+            return false;
+        }
+        self.shared.netdev.set_offload(offloads(wanted)).is_ok()
+    }
+}
+
+/// A `virtio_net_ctrl_mac` list: a 32-bit count and that many addresses.
+fn mac_list(data: &[u8]) -> Option<(Vec<[u8; 6]>, &[u8])> {
+    let count = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let bytes = count.checked_mul(6)?;
+    let list = data.get(4..4 + bytes)?;
+    let macs = list
+        .chunks_exact(6)
+        .map(|c| <[u8; 6]>::try_from(c).unwrap_or_default())
+        .collect();
+    Some((macs, &data[4 + bytes..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_length_follows_the_features() {
+        assert_eq!(header_len(0), 10);
+        assert_eq!(header_len(bit(nf::MRG_RXBUF)), 12);
+        assert_eq!(header_len(bit(feature::VERSION_1)), 12);
+    }
+
+    #[test]
+    fn mac_lists_parse_and_refuse_short_data() {
+        let mut data = 2u32.to_le_bytes().to_vec();
+        data.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        data.extend_from_slice(&0u32.to_le_bytes());
+        let (uni, rest) = mac_list(&data).unwrap();
+        assert_eq!(uni, vec![[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]);
+        let (multi, rest) = mac_list(rest).unwrap();
+        assert!(multi.is_empty() && rest.is_empty());
+        assert!(mac_list(&u32::MAX.to_le_bytes()).is_none());
+        assert!(mac_list(&[1, 0]).is_none());
+    }
+
+    #[test]
+    fn macs_print_as_qemu_prints_them() {
+        assert_eq!(format_mac(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]), "52:54:00:12:34:56");
+    }
+}

@@ -1,0 +1,349 @@
+//! `virtio-net-pci` (QEMU's `hw/virtio/virtio-net-pci.c`): a virtio network card on the
+//! virtio-pci transport, with QEMU's properties (`netdev`, `mac`, `mq`, the feature
+//! switches, queue sizes). The seed's
+//! `-device virtio-net-pci,netdev=hostnet0,id=net0,mac=fa:16:3e:d1:2d:99,bus=pci.0,addr=0x3`
+//! is accepted as written.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use qom::{type_init, Prop};
+
+use crate::core::iothread::iothread_context;
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
+use crate::net::virtio_net::{net_feature as nf, VirtioNet, VirtioNetConf};
+use crate::pci::pci::PciDeviceImpl;
+use crate::virtio::virtio::{bit, device_id, feature, VirtioDevice};
+use crate::virtio::virtio_pci::{VirtioPciImpl, VirtioPciProxy, PCI_VENDOR_ID_REDHAT_QUMRANET};
+
+/// QEMU's `TYPE_VIRTIO_NET_PCI`.
+pub const TYPE_VIRTIO_NET_PCI: &str = "virtio-net-pci";
+
+/// QEMU's `VIRTQUEUE_MAX_SIZE`.
+const VIRTQUEUE_MAX_SIZE: u16 = 1024;
+/// QEMU's `VIRTIO_NET_RX_QUEUE_MIN_SIZE` / `TX`.
+const QUEUE_MIN_SIZE: u16 = 256;
+/// QEMU's `VIRTIO_QUEUE_MAX / 2 - 1`: queue pairs one device can have.
+const MAX_QUEUE_PAIRS: usize = 1024 / 2 - 1;
+
+/// NICs given the default MAC so far (QEMU's `qemu_macaddr_default_if_unset` index).
+static DEFAULT_MACS: AtomicU8 = AtomicU8::new(0);
+
+/// QEMU's `VirtIONetPCI` with the `virtio-net-device` properties it aliases.
+#[derive(qom::Object)]
+#[qom(name = TYPE_VIRTIO_NET_PCI)]
+pub struct VirtioNetPci {
+    #[parent]
+    parent: VirtioPciProxy,
+    #[property(desc = "ID of a netdev to use as a backend")]
+    netdev: Prop<Option<String>>,
+    #[property(desc = "Ethernet 6-byte MAC Address, example: 52:54:00:12:34:56")]
+    mac: Prop<Option<String>>,
+    #[property(default = false, desc = "Several queue pairs (as many as the backend's queues)")]
+    mq: Prop<bool>,
+    #[property(default = 256, desc = "Size of each receive queue")]
+    rx_queue_size: Prop<u16>,
+    #[property(default = 256, desc = "Size of each transmit queue")]
+    tx_queue_size: Prop<u16>,
+    #[property(default = 0, desc = "MTU the device advertises (0: none)")]
+    host_mtu: Prop<u16>,
+    #[property(default = true, desc = "Take frames with partial checksums")]
+    csum: Prop<bool>,
+    #[property(default = true, desc = "Hand the guest frames with partial checksums")]
+    guest_csum: Prop<bool>,
+    #[property(default = true, desc = "Segmentation offloads (both ways)")]
+    gso: Prop<bool>,
+    #[property(default = true, desc = "Guest takes TCPv4 segments")]
+    guest_tso4: Prop<bool>,
+    #[property(default = true, desc = "Guest takes TCPv6 segments")]
+    guest_tso6: Prop<bool>,
+    #[property(default = true, desc = "Guest takes TSO with ECN")]
+    guest_ecn: Prop<bool>,
+    #[property(default = false, desc = "Guest takes UFO fragments (off: hosts no longer do UFO)")]
+    guest_ufo: Prop<bool>,
+    #[property(default = true, desc = "Guest sends gratuitous packets when asked")]
+    guest_announce: Prop<bool>,
+    #[property(default = true, desc = "Device takes TCPv4 segments")]
+    host_tso4: Prop<bool>,
+    #[property(default = true, desc = "Device takes TCPv6 segments")]
+    host_tso6: Prop<bool>,
+    #[property(default = true, desc = "Device takes TSO with ECN")]
+    host_ecn: Prop<bool>,
+    #[property(default = false, desc = "Device takes UFO fragments")]
+    host_ufo: Prop<bool>,
+    #[property(default = true, desc = "Mergeable receive buffers")]
+    mrg_rxbuf: Prop<bool>,
+    #[property(default = true, desc = "Link status in the configuration")]
+    status: Prop<bool>,
+    #[property(default = true, desc = "Control queue")]
+    ctrl_vq: Prop<bool>,
+    #[property(default = true, desc = "Receive modes on the control queue")]
+    ctrl_rx: Prop<bool>,
+    #[property(default = true, desc = "VLAN filter on the control queue")]
+    ctrl_vlan: Prop<bool>,
+    #[property(default = true, desc = "Extra receive modes on the control queue")]
+    ctrl_rx_extra: Prop<bool>,
+    #[property(default = true, desc = "Set the MAC address on the control queue")]
+    ctrl_mac_addr: Prop<bool>,
+    #[property(default = true, desc = "Switch guest offloads on the control queue")]
+    ctrl_guest_offloads: Prop<bool>,
+    #[property(default = true, desc = "Indirect descriptors")]
+    indirect_desc: Prop<bool>,
+    #[property(default = true, desc = "Notification suppression by event index")]
+    event_idx: Prop<bool>,
+    #[property(desc = "ID of the iothread serving the queues (default: the main loop)")]
+    iothread: Prop<Option<String>>,
+    #[property(default = -1, desc = "Boot order of the card (firmware)")]
+    bootindex: Prop<i32>,
+    #[property(desc = "Option ROM file (firmware network boot)")]
+    romfile: Prop<Option<String>>,
+    #[property(default = -1, desc = "Link speed in Mbit/s reported to the guest (-1: unknown)")]
+    speed: Prop<i32>,
+    #[property(desc = "Link duplex reported to the guest (half or full)")]
+    duplex: Prop<Option<String>>,
+    #[property(default = false, desc = "Failover primary/standby pairing")]
+    failover: Prop<bool>,
+    #[property(desc = "Transmit mechanism (QEMU: bh or timer; both mean the I/O thread here)")]
+    tx: Prop<Option<String>>,
+}
+
+type_init!(VirtioNetPci);
+
+/// Errors of `virtio-net-pci`'s properties, in QEMU's words.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioNetError {
+    /// `netdev=` names no backend.
+    #[error("Property 'virtio-net-pci.netdev' can't find value '{0}'")]
+    NetdevNotFound(String),
+    /// `netdev=` has a NIC already.
+    #[error("Property 'virtio-net-pci.netdev' can't take value '{0}', it's in use")]
+    NetdevInUse(String),
+    /// A MAC that does not parse.
+    #[error("Property 'virtio-net-pci.mac' doesn't take value '{0}'")]
+    Mac(String),
+    /// A queue size out of range.
+    #[error("Invalid {which}_queue_size (= {size}), must be a power of 2 between {QUEUE_MIN_SIZE} and {VIRTQUEUE_MAX_SIZE}.")]
+    QueueSize {
+        /// `rx` or `tx`.
+        which: &'static str,
+        /// Its value.
+        size: u16,
+    },
+    /// Too many backend queues.
+    #[error("Invalid number of queue pairs (= {0}). Must be a positive integer less than {MAX_QUEUE_PAIRS}.")]
+    QueuePairs(usize),
+    /// `iothread=` names no iothread.
+    #[error("Property 'virtio-net-pci.iothread' can't find value '{0}'")]
+    IothreadNotFound(String),
+    /// The main loop could not start.
+    #[error("cannot start the main event loop: {0}")]
+    NoEventLoop(String),
+    /// `duplex=` other than half/full.
+    #[error("'duplex' must be 'half' or 'full'")]
+    Duplex,
+    /// `tx=` other than bh/timer.
+    #[error("Parameter 'tx' expects 'timer' or 'bh'")]
+    Tx,
+}
+
+/// Parses `52:54:00:12:34:56` (QEMU's `qdev_prop_macaddr`; `-` also separates).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = text.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (slot, part) in mac.iter_mut().zip(parts) {
+        if part.is_empty() || part.len() > 2 {
+            return None;
+        }
+        *slot = u8::from_str_radix(part, 16).ok()?;
+    }
+    Some(mac)
+}
+
+impl DeviceImpl for VirtioNetPci {
+    const CATEGORY: DeviceCategory = DeviceCategory::Network;
+    const DESCRIPTION: Option<&'static str> = Some("Virtio network device (PCI)");
+}
+
+impl PciDeviceImpl for VirtioNetPci {
+    const VENDOR_ID: u16 = PCI_VENDOR_ID_REDHAT_QUMRANET;
+    /// Transitional virtio-net; a modern-only device presents 0x1041.
+    const DEVICE_ID: u16 = 0x1000;
+    /// Network controller, Ethernet (QEMU's `PCI_CLASS_NETWORK_ETHERNET`).
+    const CLASS_ID: u16 = 0x0200;
+    const SUBSYSTEM_VENDOR_ID: u16 = PCI_VENDOR_ID_REDHAT_QUMRANET;
+    const SUBSYSTEM_ID: u16 = device_id::NET;
+    const INTERRUPT_PIN: u8 = 1;
+}
+
+impl VirtioPciImpl for VirtioNetPci {
+    /// QEMU's `virtio_net_device_realize`: checks the properties, claims the backend.
+    fn create_virtio_device(&self, ctx: &DeviceContext) -> Result<Arc<dyn VirtioDevice>, RealizeError> {
+        let services = ctx.machine()?;
+        let context = match self.iothread.get() {
+            Some(id) => iothread_context(&id)
+                .ok_or(VirtioNetError::IothreadNotFound(id))
+                .map_err(RealizeError::device)?,
+            None => services
+                .try_main_context()
+                .map_err(|e| RealizeError::device(VirtioNetError::NoEventLoop(e.to_string())))?,
+        };
+        let id = ctx.object().cast::<DeviceState>().and_then(DeviceState::id);
+        let path = ctx.object().canonical_path().unwrap_or_default();
+        let conf = self.conf(id, path, context).map_err(RealizeError::device)?;
+        let device: Arc<dyn VirtioDevice> = VirtioNet::new(conf);
+        Ok(device)
+    }
+
+    /// QEMU: two vectors per queue pair plus configuration and control with `mq=on`,
+    /// otherwise 3 (the control queue shares).
+    fn default_vectors(&self, device: &dyn VirtioDevice) -> u32 {
+        let queues = device.queue_max_sizes().len() as u32;
+        if self.mq.get() {
+            (queues & !1) + 2
+        } else {
+            3
+        }
+    }
+}
+
+impl VirtioNetPci {
+    fn host_features(&self) -> u64 {
+        let switches: [(&Prop<bool>, u32); 22] = [
+            (&self.csum, nf::CSUM),
+            (&self.guest_csum, nf::GUEST_CSUM),
+            (&self.guest_tso4, nf::GUEST_TSO4),
+            (&self.guest_tso6, nf::GUEST_TSO6),
+            (&self.guest_ecn, nf::GUEST_ECN),
+            (&self.guest_ufo, nf::GUEST_UFO),
+            (&self.guest_announce, nf::GUEST_ANNOUNCE),
+            (&self.host_tso4, nf::HOST_TSO4),
+            (&self.host_tso6, nf::HOST_TSO6),
+            (&self.host_ecn, nf::HOST_ECN),
+            (&self.host_ufo, nf::HOST_UFO),
+            (&self.mrg_rxbuf, nf::MRG_RXBUF),
+            (&self.status, nf::STATUS),
+            (&self.ctrl_vq, nf::CTRL_VQ),
+            (&self.ctrl_rx, nf::CTRL_RX),
+            (&self.ctrl_vlan, nf::CTRL_VLAN),
+            (&self.ctrl_rx_extra, nf::CTRL_RX_EXTRA),
+            (&self.ctrl_mac_addr, nf::CTRL_MAC_ADDR),
+            (&self.ctrl_guest_offloads, nf::CTRL_GUEST_OFFLOADS),
+            (&self.indirect_desc, feature::RING_INDIRECT_DESC),
+            (&self.event_idx, feature::RING_EVENT_IDX),
+            (&self.mq, nf::MQ),
+        ];
+        let mut features = switches
+            .iter()
+            .filter(|(p, _)| p.get())
+            .fold(0u64, |f, (_, b)| f | bit(*b));
+        if !self.gso.get() {
+            // QEMU's `gso=off` turns every segmentation offload off.
+            for b in [
+                nf::GUEST_TSO4,
+                nf::GUEST_TSO6,
+                nf::GUEST_ECN,
+                nf::GUEST_UFO,
+                nf::HOST_TSO4,
+                nf::HOST_TSO6,
+                nf::HOST_ECN,
+                nf::HOST_UFO,
+            ] {
+                features &= !bit(b);
+            }
+        }
+        if !self.csum.get() {
+            features &= !(bit(nf::HOST_TSO4) | bit(nf::HOST_TSO6) | bit(nf::HOST_ECN) | bit(nf::HOST_UFO));
+        }
+        if !self.guest_csum.get() {
+            features &=
+                !(bit(nf::GUEST_TSO4) | bit(nf::GUEST_TSO6) | bit(nf::GUEST_ECN) | bit(nf::GUEST_UFO));
+        }
+        features
+    }
+
+    fn conf(
+        &self,
+        id: Option<String>,
+        path: String,
+        context: Arc<crate::core::iothread::AioContext>,
+    ) -> Result<VirtioNetConf, VirtioNetError> {
+        for (which, size) in [("rx", self.rx_queue_size.get()), ("tx", self.tx_queue_size.get())] {
+            if !(QUEUE_MIN_SIZE..=VIRTQUEUE_MAX_SIZE).contains(&size) || !size.is_power_of_two() {
+                return Err(VirtioNetError::QueueSize { which, size });
+            }
+        }
+        if let Some(d) = self.duplex.get() {
+            if d != "half" && d != "full" {
+                return Err(VirtioNetError::Duplex);
+            }
+        }
+        if let Some(t) = self.tx.get() {
+            if t != "bh" && t != "timer" {
+                return Err(VirtioNetError::Tx);
+            }
+        }
+        let mac = match self.mac.get() {
+            Some(text) => parse_mac(&text).ok_or(VirtioNetError::Mac(text))?,
+            None => {
+                let index = DEFAULT_MACS.fetch_add(1, Ordering::Relaxed);
+                [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index)]
+            }
+        };
+        let name = id.unwrap_or_else(|| {
+            let taken: Vec<String> = crate::net::virtio_net::nics()
+                .iter()
+                .map(|n| n.name().to_string())
+                .collect();
+            (0..)
+                .map(|i| format!("{TYPE_VIRTIO_NET_PCI}.{i}"))
+                .find(|n| !taken.contains(n))
+                .unwrap_or_default()
+        });
+        // QEMU realizes a NIC without a backend (it drops what the guest sends); qomvm
+        // asks for one, as every real use has one.
+        let netdev_id = self.netdev.get().ok_or_else(|| {
+            VirtioNetError::NetdevNotFound(String::new())
+        })?;
+        if net::find_netdev(&netdev_id).is_none() {
+            return Err(VirtioNetError::NetdevNotFound(netdev_id));
+        }
+        let netdev = net::attach(&netdev_id, &name)
+            .map_err(|()| VirtioNetError::NetdevInUse(netdev_id.clone()))?;
+        let backend_queues = netdev.queues().len();
+        let queue_pairs = if self.mq.get() { backend_queues } else { 1 };
+        if queue_pairs == 0 || queue_pairs > MAX_QUEUE_PAIRS {
+            net::detach(&netdev_id);
+            return Err(VirtioNetError::QueuePairs(queue_pairs));
+        }
+        Ok(VirtioNetConf {
+            netdev,
+            netdev_id,
+            name,
+            path: format!("{path}/virtio-backend"),
+            mac,
+            host_features: self.host_features(),
+            queue_pairs: queue_pairs as u16,
+            rx_queue_size: self.rx_queue_size.get(),
+            tx_queue_size: self.tx_queue_size.get(),
+            mtu: self.host_mtu.get(),
+            context,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_as_qemu_parses_them() {
+        assert_eq!(parse_mac("fa:16:3e:d1:2d:99"), Some([0xfa, 0x16, 0x3e, 0xd1, 0x2d, 0x99]));
+        assert_eq!(parse_mac("52-54-00-12-34-56"), Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(parse_mac("52:54:00:12:34"), None);
+        assert_eq!(parse_mac("52:54:00:12:34:567"), None);
+        assert_eq!(parse_mac("zz:54:00:12:34:56"), None);
+    }
+}

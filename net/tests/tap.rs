@@ -1,0 +1,571 @@
+//! `-netdev tap` against real tap interfaces, each in a network namespace the test makes
+//! (`qomvm-tap-<pid>-<n>`: only its loopback and the tap; removed even when a test
+//! fails). Frames cross between `NetQueue::send`/`receive` and an `AF_PACKET` socket bound
+//! to the tap inside the namespace. Skipped, with the reason printed, when not root or
+//! without `/dev/net/tun` or `ip`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use net::tap::{self, flags};
+use net::{NetQueue, Netdev, Offloads};
+use vm_memory::VolatileSlice;
+
+/// An experimental ethertype (IEEE 802 local), so frames are ours and not IPv6 chatter.
+const ETHERTYPE: u16 = 0x88b5;
+
+/// Why the tests cannot run here, if they cannot.
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (tap interfaces and namespaces need CAP_NET_ADMIN)".into());
+    }
+    if !Path::new(tap::PATH_NET_TUN).exists() {
+        return Some(format!("no {}", tap::PATH_NET_TUN));
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("no `ip` command (iproute2)".into());
+    }
+    None
+}
+
+macro_rules! skip_unless_possible {
+    () => {
+        if let Some(why) = skip_reason() {
+            println!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+/// A network namespace of the test's own; deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "qomvm-tap-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Netns { name }
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets and taps it makes live there;
+    /// commands it spawns inherit it).
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = File::open(&path).expect("open the namespace");
+                // SAFETY: setns on this thread only, with a namespace file we hold.
+                let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(ret, 0, "setns: {}", io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// `ip ARGS` (in the calling thread's namespace).
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn opts(text: &str) -> Vec<(String, Option<String>)> {
+    text.split(',')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (kv.to_string(), None),
+        })
+        .collect()
+}
+
+fn frame(tag: u8, len: usize) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, tag]);
+    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    f.extend((0..len - 14).map(|i| (i as u8).wrapping_mul(7) ^ tag));
+    f
+}
+
+fn is_ours(data: &[u8]) -> bool {
+    data.len() >= 14 && data[12..14] == ETHERTYPE.to_be_bytes()
+}
+
+/// An `AF_PACKET` socket bound to interface `ifname` (of the calling thread's namespace).
+struct PacketSocket {
+    fd: OwnedFd,
+}
+
+impl PacketSocket {
+    fn bind(ifname: &str) -> PacketSocket {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket creation; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        // SAFETY: `fd` was just created and is owned here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(ifindex > 0, "no interface {ifname}");
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = ifindex as i32;
+        // SAFETY: `sa` is a sockaddr_ll of the size given.
+        let ret = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(ret, 0, "bind: {}", io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: SO_RCVTIMEO takes a timeval.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        PacketSocket { fd }
+    }
+
+    fn send(&self, data: &[u8]) {
+        // SAFETY: `data` is valid for reads of its length.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
+        assert_eq!(
+            n,
+            data.len() as isize,
+            "send: {}",
+            io::Error::last_os_error()
+        );
+    }
+
+    /// The next frame of ours the interface sees, within 5 s.
+    fn recv_ours(&self) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = vec![0u8; 70000];
+        while Instant::now() < deadline {
+            // SAFETY: `buf` is valid for writes of its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 && is_ours(&buf[..n as usize]) {
+                return buf[..n as usize].to_vec();
+            }
+        }
+        panic!("no frame of ours reached the packet socket");
+    }
+}
+
+fn wait_readable(fd: RawFd) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, 5000) };
+    assert_eq!(n, 1, "the tap never became readable");
+}
+
+/// Receives frames from the queue until one of ours arrives; returns it whole (with the
+/// header when the NIC uses one) .
+fn receive_ours(q: &dyn NetQueue, hdr_len: usize) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        wait_readable(q.rx_fd());
+        // Scattered over two buffers, as a guest's descriptors would be.
+        let mut a = vec![0u8; 7];
+        let mut b = vec![0u8; 70000];
+        let n = {
+            let bufs = [
+                VolatileSlice::from(&mut a[..]),
+                VolatileSlice::from(&mut b[..]),
+            ];
+            match q.receive(&bufs) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("receive: {e}"),
+            }
+        };
+        a.extend_from_slice(&b);
+        a.truncate(n);
+        if is_ours(&a[hdr_len.min(a.len())..]) {
+            return a;
+        }
+    }
+    panic!("no frame of ours came out of the tap");
+}
+
+fn send(q: &dyn NetQueue, data: &[u8]) -> usize {
+    let mut copy = data.to_vec();
+    let (x, y) = copy.split_at_mut(5);
+    let bufs = [VolatileSlice::from(x), VolatileSlice::from(y)];
+    q.send(&bufs).expect("send")
+}
+
+/// Both directions through queue `q` of a tap on interface `ifname`.
+fn exchange(q: &dyn NetQueue, ifname: &str, hdr_len: usize) {
+    let sock = PacketSocket::bind(ifname);
+    // Guest -> host.
+    let out = frame(1, 200);
+    let mut wire = vec![0u8; hdr_len];
+    wire.extend_from_slice(&out);
+    assert_eq!(send(q, &wire), wire.len());
+    assert_eq!(sock.recv_ours(), out);
+    // Host -> guest.
+    let inb = frame(2, 300);
+    sock.send(&inb);
+    let got = receive_ours(q, hdr_len);
+    assert_eq!(got.len(), hdr_len + inb.len());
+    assert_eq!(&got[hdr_len..], &inb[..]);
+    if hdr_len > 0 {
+        // virtio_net_hdr: flags, gso_type none (a plain frame).
+        assert_eq!(got[0], 0, "flags");
+        assert_eq!(got[1], 0, "gso_type");
+    }
+}
+
+#[test]
+fn tap_by_ifname_with_and_without_the_vnet_header() {
+    skip_unless_possible!();
+    let ns = Netns::new();
+    ns.run(|| {
+        let t = tap::tap_init("t0", &opts("ifname=qt0,script=no,downscript=no")).unwrap();
+        assert_eq!(t.info().info_str, "ifname=qt0,script=no,downscript=no");
+        assert_eq!(t.ifname(), "qt0");
+        assert!(t.has_vnet_hdr(), "the kernel offers IFF_VNET_HDR");
+        assert_eq!(t.queues().len(), 1);
+        assert!(t.vhost_files().is_empty());
+        ip(&["link", "set", "qt0", "up"]);
+        let q = t.queues().remove(0);
+        assert_eq!(q.tx_fd(), Some(q.rx_fd()));
+        assert!(q.tap_file().is_some());
+        // The NIC does not take the header yet: the tap hides it.
+        assert_eq!(t.max_frame_len(), tap::TAP_MAX_FRAME);
+        exchange(&*q, "qt0", 0);
+        // virtio 1.x's 12-byte header.
+        t.set_vnet_hdr_len(12).unwrap();
+        assert_eq!(
+            tap::tap_fd_get_vnet_hdr_len(q.tap_file().unwrap()).unwrap(),
+            12
+        );
+        assert_eq!(t.max_frame_len(), tap::TAP_MAX_FRAME + 12);
+        exchange(&*q, "qt0", 12);
+        t.set_vnet_hdr_len(10).unwrap();
+        exchange(&*q, "qt0", 10);
+        // Offloads as a guest accepts them (the kernel takes csum + TSO at least).
+        t.set_offload(Offloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+            ecn: false,
+            ufo: false,
+        })
+        .unwrap();
+        t.set_offload(Offloads::default()).unwrap();
+        assert!(t.set_vnet_hdr_len(11).is_err());
+        // Back to no header for the NIC.
+        t.set_vnet_hdr_len(0).unwrap();
+        exchange(&*q, "qt0", 0);
+    });
+}
+
+#[test]
+fn tap_with_vnet_hdr_off() {
+    skip_unless_possible!();
+    let ns = Netns::new();
+    ns.run(|| {
+        let t = tap::tap_init(
+            "t1",
+            &opts("ifname=qt1,script=no,downscript=no,vnet_hdr=off,sndbuf=1M,poll-us=50"),
+        )
+        .unwrap();
+        assert!(!t.has_vnet_hdr());
+        assert_eq!(t.host_vnet_hdr_len(), 0);
+        assert_eq!(
+            t.set_vnet_hdr_len(12).unwrap_err().kind(),
+            io::ErrorKind::Unsupported
+        );
+        let (_, f) = tap::tap_get_ifreq(t.tap_queues()[0].file()).unwrap();
+        assert_eq!(f & flags::IFF_VNET_HDR, 0);
+        ip(&["link", "set", "qt1", "up"]);
+        exchange(&*t.queues()[0], "qt1", 0);
+    });
+}
+
+/// Opens a tap the way a management stack does before handing it over.
+fn open_tap(name: &str, extra: i16) -> File {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(tap::PATH_NET_TUN)
+        .unwrap();
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: i16,
+        pad: [u8; 22],
+    }
+    let mut r = IfReq {
+        name: [0; 16],
+        flags: flags::IFF_NO_PI | extra,
+        pad: [0; 22],
+    };
+    r.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF with a struct ifreq.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), 0x4004_54ca, &mut r) };
+    assert_eq!(ret, 0, "TUNSETIFF: {}", io::Error::last_os_error());
+    file
+}
+
+#[test]
+fn tap_from_an_inherited_fd() {
+    skip_unless_possible!();
+    let ns = Netns::new();
+    ns.run(|| {
+        let fd = open_tap("qt2", flags::IFF_TAP | flags::IFF_VNET_HDR).into_raw_fd();
+        let t = tap::tap_init("t2", &opts(&format!("fd={fd}"))).unwrap();
+        assert_eq!(t.info().info_str, format!("fd={fd}"));
+        assert_eq!(t.ifname(), "qt2");
+        assert!(t.has_vnet_hdr());
+        // Non-blocking now.
+        // SAFETY: F_GETFL only reads the flags.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+        ip(&["link", "set", "qt2", "up"]);
+        let q = t.queues().remove(0);
+        // Nothing waiting: WouldBlock, not a hang.
+        let mut buf = [0u8; 64];
+        let none = q.receive(&[VolatileSlice::from(&mut buf[..])]);
+        if let Err(e) = none {
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        }
+        t.set_vnet_hdr_len(12).unwrap();
+        exchange(&*q, "qt2", 12);
+    });
+}
+
+#[test]
+fn multiqueue_taps_by_ifname_and_by_fds() {
+    skip_unless_possible!();
+    let ns = Netns::new();
+    ns.run(|| {
+        let t = tap::tap_init("t3", &opts("ifname=qt3,script=no,downscript=no,queues=2")).unwrap();
+        assert_eq!(t.queues().len(), 2);
+        assert_eq!(t.ifname(), "qt3");
+        for q in t.tap_queues() {
+            let (name, f) = tap::tap_get_ifreq(q.file()).unwrap();
+            assert_eq!(name, "qt3");
+            assert_ne!(f & flags::IFF_MULTI_QUEUE, 0);
+        }
+        let mq = flags::IFF_TAP | flags::IFF_VNET_HDR | flags::IFF_MULTI_QUEUE;
+        let a = open_tap("qt4", mq).into_raw_fd();
+        let b = open_tap("qt4", mq).into_raw_fd();
+        let t = tap::tap_init("t4", &opts(&format!("fds={a}:{b}"))).unwrap();
+        assert_eq!(t.queues().len(), 2);
+        assert_eq!(t.info().info_str, format!("fd={a}"));
+        ip(&["link", "set", "qt4", "up"]);
+        // The kernel spreads flows over the queues; guest -> host works on each.
+        let sock = PacketSocket::bind("qt4");
+        for q in t.queues() {
+            let f = frame(9, 100);
+            send(&*q, &f);
+            assert_eq!(sock.recv_ours(), f);
+        }
+        // vnet_hdr must agree across fds= (the flag is the interface's, so two interfaces
+        // are needed to disagree).
+        let c = open_tap("qt5", flags::IFF_TAP | flags::IFF_VNET_HDR).into_raw_fd();
+        let d = open_tap("qt6", flags::IFF_TAP).into_raw_fd();
+        let e = tap::tap_init("t5", &opts(&format!("fds={c}:{d}"))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vnet_hdr not consistent across given tap fds"
+        );
+    });
+}
+
+#[test]
+fn inherited_descriptors_that_are_not_taps_are_refused() {
+    skip_unless_possible!();
+    let ns = Netns::new();
+    ns.run(|| {
+        // A tun (layer 3) device.
+        let tun = open_tap("qtun0", flags::IFF_TUN);
+        let fd = tun.as_raw_fd();
+        let e = tap::tap_init("n", &opts(&format!("fd={fd}"))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("n: file descriptor {fd} is a tun device, not a tap")
+        );
+        // /dev/net/tun opened but never attached: QEMU's words for EBADFD.
+        let raw = File::options()
+            .read(true)
+            .write(true)
+            .open(tap::PATH_NET_TUN)
+            .unwrap();
+        let fd = raw.as_raw_fd();
+        let e = tap::tap_init("n", &opts(&format!("fd={fd}"))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("Unable to query TUNGETIFF on FD {fd}: File descriptor in bad state")
+        );
+        // The same descriptor twice in fds=.
+        let e = tap::tap_init("n", &opts(&format!("fds={fd}:{fd}"))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("n: file descriptor {fd} is given more than once")
+        );
+    });
+}
+
+#[test]
+fn scripts_run_with_the_interface_name() {
+    skip_unless_possible!();
+    let dir = std::env::temp_dir().join(format!("qomvm-tap-scripts-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("log");
+    let script = |name: &str, body: &str| {
+        let p = dir.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        p.display().to_string()
+    };
+    let up = script("up", &format!("echo \"up $1\" >> {}", log.display()));
+    let down = script("down", &format!("echo \"down $1\" >> {}", log.display()));
+    let ns = Netns::new();
+    ns.run(|| {
+        let t = tap::tap_init(
+            "s",
+            &opts(&format!("ifname=qs0,script={up},downscript={down}")),
+        )
+        .unwrap();
+        assert_eq!(
+            t.info().info_str,
+            format!("ifname=qs0,script={up},downscript={down}")
+        );
+        assert_eq!(fs::read_to_string(&log).unwrap(), "up qs0\n");
+        t.cleanup();
+        t.cleanup();
+        assert_eq!(fs::read_to_string(&log).unwrap(), "up qs0\ndown qs0\n");
+        // A failing script refuses the netdev, with the raw wait status as QEMU prints it.
+        let e =
+            tap::tap_init("s", &opts("ifname=qs1,script=/bin/false,downscript=no")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "network script /bin/false failed with status 256"
+        );
+        let e = tap::tap_init(
+            "s",
+            &opts("ifname=qs1,script=/nonexistent/qemu-ifup,downscript=no"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "network script /nonexistent/qemu-ifup failed with status 256"
+        );
+    });
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn vhost_options() {
+    skip_unless_possible!();
+    let ns = Netns::new();
+    ns.run(|| {
+        let e = tap::tap_init(
+            "v",
+            &opts("ifname=qv0,script=no,downscript=no,vhost=off,vhostfd=3"),
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "vhostfd(s)= is not valid without vhost");
+        // A vhostfd that is no vhost-net device.
+        let null = File::open("/dev/null").unwrap().into_raw_fd();
+        let e = tap::tap_init(
+            "v",
+            &opts(&format!(
+                "ifname=qv0,script=no,downscript=no,vhostfd={null}"
+            )),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vhost-net requested but could not be initialized"
+        );
+        if Path::new(tap::PATH_VHOST_NET).exists() {
+            let t =
+                tap::tap_init("v", &opts("ifname=qv1,script=no,downscript=no,vhost=on")).unwrap();
+            assert_eq!(t.vhost_files().len(), 1);
+            assert!(!t.vhost_requested());
+            let t = tap::tap_init(
+                "v",
+                &opts("ifname=qv2,script=no,downscript=no,queues=2,vhost=on,vhostforce=on"),
+            )
+            .unwrap();
+            assert_eq!(t.vhost_files().len(), 2);
+            assert!(t.vhost_requested());
+        } else {
+            println!("no {}: vhost=on refusals only", tap::PATH_VHOST_NET);
+            let e = tap::tap_init("v", &opts("ifname=qv1,script=no,downscript=no,vhost=on"))
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "vhost-net requested but could not be initialized"
+            );
+            let e = tap::tap_init(
+                "v",
+                &opts("ifname=qv1,script=no,downscript=no,vhostforce=on"),
+            )
+            .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "tap: open vhost char device failed: No such file or directory"
+            );
+        }
+    });
+}
