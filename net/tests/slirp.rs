@@ -577,6 +577,68 @@ fn a_guest_that_does_not_read_loses_the_newest_frames() {
     assert!(!g.readable(0));
 }
 
+/// An ICMPv6 router solicitation from the guest's link-local address to all routers.
+fn router_solicitation() -> Vec<u8> {
+    let src: std::net::Ipv6Addr = "fe80::5054:ff:fe12:3456".parse().unwrap();
+    let dst: std::net::Ipv6Addr = "ff02::2".parse().unwrap();
+    let mut icmp = vec![133, 0, 0, 0, 0, 0, 0, 0];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    let sum = checksum(&[&pseudo, &icmp]);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut ip6 = vec![0x60, 0, 0, 0];
+    ip6.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    ip6.extend_from_slice(&[58, 255]);
+    ip6.extend_from_slice(&src.octets());
+    ip6.extend_from_slice(&dst.octets());
+    ip6.extend_from_slice(&icmp);
+    eth([0x33, 0x33, 0, 0, 0, 2], 0x86dd, &ip6)
+}
+
+/// A router advertisement's first prefix information option: (length, prefix).
+fn parse_ra_prefix(f: &[u8]) -> Option<(u8, std::net::Ipv6Addr)> {
+    if f.len() < 14 + 40 + 16 || ethertype(f) != 0x86dd || f[14 + 6] != 58 {
+        return None;
+    }
+    let icmp = &f[14 + 40..];
+    if icmp[0] != 134 {
+        return None;
+    }
+    let mut opts = &icmp[16..];
+    while opts.len() >= 8 {
+        let len = usize::from(opts[1]) * 8;
+        if len == 0 || len > opts.len() {
+            return None;
+        }
+        if opts[0] == 3 && len == 32 {
+            let prefix: [u8; 16] = opts[16..32].try_into().ok()?;
+            return Some((opts[2], prefix.into()));
+        }
+        opts = &opts[len..];
+    }
+    None
+}
+
+#[test]
+fn a_router_solicitation_gets_the_ipv6_prefix() {
+    let g = Guest::new("ipv6-net=fd00:1234::/48");
+    g.send(&router_solicitation());
+    let ra = g
+        .wait_for(5, |f| parse_ra_prefix(f).is_some())
+        .expect("a router advertisement");
+    assert_eq!(
+        parse_ra_prefix(&ra),
+        Some((48, "fd00:1234::".parse().unwrap()))
+    );
+    // ipv4=on alone turns IPv6 off: no answer.
+    let g = Guest::new("ipv4=on");
+    g.send(&router_solicitation());
+    assert!(g.wait_for(1, |f| parse_ra_prefix(f).is_some()).is_none());
+}
+
 /// A small deterministic generator (xorshift), so a failure can be replayed.
 struct Rng(u64);
 
