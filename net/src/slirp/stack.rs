@@ -8,7 +8,7 @@
 //! Frames cross between that thread and the NIC's I/O thread through two bounded queues:
 //! - guest to slirp: [`SlirpQueue::send`] queues the frame and wakes the thread through an
 //!   eventfd; the thread hands each one to `slirp_input`. Sending never blocks: at
-//!   [`QUEUE_LEN`] frames the newest is dropped.
+//!   [`QUEUE_LEN`] frames (or [`QUEUE_BYTES`]) the newest is dropped.
 //! - slirp to guest: slirp's `send_packet` callback queues the frame; an eventfd, the
 //!   queue's [`NetQueue::rx_fd`], is readable exactly while the queue is not empty. When
 //!   the guest does not read, the newest frame is dropped at [`QUEUE_LEN`] frames, as
@@ -37,14 +37,18 @@ use crate::{NetError, NetQueue};
 /// Frames a queue holds before it drops the newest (QEMU's `nq_maxlen`).
 pub const QUEUE_LEN: usize = 10000;
 
+/// Bytes the guest-to-slirp queue holds before it drops the newest: a guest sending
+/// 64 KiB frames while the thread is busy must not pin 640 MB.
+pub const QUEUE_BYTES: usize = QUEUE_LEN * super::MAX_FRAME_LEN;
+
 /// State shared by the slirp thread and the NIC side.
 struct Shared {
     /// Frames for the guest.
     rx: Mutex<VecDeque<Vec<u8>>>,
     /// Readable while `rx` is not empty (written and drained under `rx`'s lock).
     rx_event: EventFd,
-    /// Frames from the guest, for `slirp_input`.
-    tx: Mutex<VecDeque<Vec<u8>>>,
+    /// Frames from the guest, for `slirp_input`, and their bytes.
+    tx: Mutex<(VecDeque<Vec<u8>>, usize)>,
     /// Wakes the slirp thread: frames in `tx`, or a command.
     wake: EventFd,
     /// Frames dropped because the guest did not read.
@@ -89,7 +93,7 @@ impl Stack {
         let shared = Arc::new(Shared {
             rx: Mutex::new(VecDeque::new()),
             rx_event: eventfd("receive")?,
-            tx: Mutex::new(VecDeque::new()),
+            tx: Mutex::new((VecDeque::new(), 0)),
             wake: eventfd("wake-up")?,
             rx_dropped: AtomicU64::new(0),
             tx_dropped: AtomicU64::new(0),
@@ -228,11 +232,13 @@ impl NetQueue for SlirpQueue {
         }
         {
             let mut tx = self.shared.tx.lock();
-            if tx.len() >= QUEUE_LEN {
+            let (frames, bytes) = &mut *tx;
+            if frames.len() >= QUEUE_LEN || *bytes + len > QUEUE_BYTES {
                 self.shared.tx_dropped.fetch_add(1, Ordering::Relaxed);
                 return Ok(len);
             }
-            tx.push_back(frame);
+            frames.push_back(frame);
+            *bytes += len;
         }
         self.shared.wake();
         Ok(len)
@@ -437,7 +443,7 @@ fn run(
                 Err(mpsc::TryRecvError::Disconnected) => return,
             }
         }
-        let frames = std::mem::take(&mut *shared.tx.lock());
+        let (frames, _) = std::mem::take(&mut *shared.tx.lock());
         for frame in frames {
             ctx.input(&frame);
         }
