@@ -14,11 +14,19 @@ const QUIT: &str = "{\"execute\":\"qmp_capabilities\"}\n\
 
 fn qomvm_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_qomvm"));
-    c.args(["-accel", "qtest", "-display", "none", "-nodefaults", "-qmp", "stdio"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.args([
+        "-accel",
+        "qtest",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-qmp",
+        "stdio",
+    ])
+    .args(args)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     c
 }
 
@@ -104,9 +112,15 @@ fn bad_network_options_are_one_line_errors() {
             &["-netdev", "tap,id=n0,fd=99"],
             "qomvm: -netdev tap,id=n0,fd=99: ",
         ),
-        (&["-netdev", "bogus,id=n0"], "Parameter 'type' does not accept value 'bogus'"),
+        (
+            &["-netdev", "bogus,id=n0"],
+            "Parameter 'type' does not accept value 'bogus'",
+        ),
         (&["-netdev", "tap"], "Parameter 'id' is missing"),
-        (&["-netdev", "tap,id=0bad"], "Parameter 'id' expects an identifier"),
+        (
+            &["-netdev", "tap,id=0bad"],
+            "Parameter 'id' expects an identifier",
+        ),
         (
             &["-device", "virtio-net-pci,netdev=nothere"],
             "Property 'virtio-net-pci.netdev' can't find value 'nothere'",
@@ -121,7 +135,11 @@ fn bad_network_options_are_one_line_errors() {
         let err = stderr(&out);
         assert!(!out.status.success(), "{args:?} must fail");
         assert!(err.contains(expect), "{args:?}: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
     }
 }
 
@@ -148,12 +166,14 @@ fn a_mac_that_does_not_parse_and_a_netdev_used_twice_are_refused() {
         ]
     });
     assert!(
-        stderr(&outs[0]).contains("Property 'virtio-net-pci.mac' doesn't take value '52:54:00:zz:00:01'"),
+        stderr(&outs[0])
+            .contains("Property 'virtio-net-pci.mac' doesn't take value '52:54:00:zz:00:01'"),
         "{}",
         stderr(&outs[0])
     );
     assert!(
-        stderr(&outs[1]).contains("Property 'virtio-net-pci.netdev' can't take value 'n0', it's in use"),
+        stderr(&outs[1])
+            .contains("Property 'virtio-net-pci.netdev' can't take value 'n0', it's in use"),
         "{}",
         stderr(&outs[1])
     );

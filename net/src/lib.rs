@@ -281,7 +281,10 @@ pub fn netdev_add(opts: &NetdevOpts) -> Result<(), NetError> {
 /// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
 fn check_id(id: &str) -> Result<(), NetError> {
     // `-nic`'s backends take ids in QEMU's reserved `__org.qemu.` namespace.
-    if id.strip_prefix("__org.qemu.").is_some_and(|rest| !rest.is_empty()) {
+    if id
+        .strip_prefix("__org.qemu.")
+        .is_some_and(|rest| !rest.is_empty())
+    {
         return Ok(());
     }
     let mut chars = id.chars();

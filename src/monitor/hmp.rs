@@ -98,6 +98,42 @@ const COMMANDS: &[HmpCommand] = &[
         },
     },
     HmpCommand {
+        names: "hostfwd_add",
+        params: "[netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport",
+        help: "redirect TCP or UDP connections from host to guest (requires -net user)",
+        run: |_, _, args, out| {
+            let (id, rule) = match args {
+                [rule] => (None, *rule),
+                [id, rule, ..] => (Some(*id), *rule),
+                [] => return Err(missing("arg1")),
+            };
+            if let Err(e) = ::net::slirp::hostfwd_add(id, rule) {
+                out.push_str(&e);
+                out.push('\n');
+            }
+            Ok(())
+        },
+    },
+    HmpCommand {
+        names: "hostfwd_remove",
+        params: "[netdev_id] [tcp|udp]:[hostaddr]:hostport",
+        help: "remove host-to-guest TCP or UDP redirection",
+        run: |_, _, args, out| {
+            let (id, rule) = match args {
+                [rule] => (None, *rule),
+                [id, rule, ..] => (Some(*id), *rule),
+                [] => return Err(missing("arg1")),
+            };
+            match ::net::slirp::hostfwd_remove(id, rule) {
+                Ok(text) | Err(text) => {
+                    out.push_str(&text);
+                    out.push('\n');
+                }
+            }
+            Ok(())
+        },
+    },
+    HmpCommand {
         names: "set_link",
         params: "name on|off",
         help: "change the link status of a network adapter",
@@ -208,6 +244,15 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         help: "show the network state",
         run: |_, _, _, out| {
             out.push_str(&crate::net::info_network());
+            Ok(())
+        },
+    },
+    HmpCommand {
+        names: "usernet",
+        params: "",
+        help: "show user network stack connection states",
+        run: |_, _, _, out| {
+            out.push_str(&::net::slirp::usernet_info());
             Ok(())
         },
     },
