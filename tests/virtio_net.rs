@@ -623,3 +623,70 @@ fn malformed_vnet_headers_and_frame_storms_on_a_real_tap() {
     d.dev.set_status(0);
     assert_eq!(d.dev.status(), 0);
 }
+
+/// `mq=on` over a multiqueue tap: two queue pairs and the control queue; the driver picks
+/// how many pairs it uses (VQ_PAIRS_SET), within what the device has.
+#[test]
+fn multiqueue_taps_give_queue_pairs_the_driver_enables() {
+    use test_support::netns::{skip_reason, Netns};
+    const F_MQ: u64 = 1 << 22;
+    if let Some(why) = skip_reason() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let ns = Netns::new("vnetmq");
+    ns.run(|| {
+        let opts: Vec<(String, Option<String>)> = [
+            ("type", "tap"),
+            ("id", "mqtap"),
+            ("ifname", "mqtap0"),
+            ("script", "no"),
+            ("downscript", "no"),
+            ("queues", "2"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+        .collect();
+        net::netdev_add(&opts).expect("a multiqueue tap");
+    });
+    let machine = pc_with_nic("mqtap", "net-mq", &[("mq", "on")]);
+    let dev = VirtioPciDevice::probe(&machine, DEVFN);
+    assert!(dev.device_features() & F_MQ != 0, "MQ offered");
+    assert_eq!(dev.device_config(8, 2), 2, "max_virtqueue_pairs");
+    assert_eq!(dev.num_queues(), 5, "two pairs and the control queue");
+    assert!(dev.negotiate(VERSION_1 | F_MAC | F_CTRL_VQ | F_MQ));
+    let rings: Vec<SplitRing> = (0..5u64)
+        .map(|i| SplitRing::new(RX_RING + i * 0x1_0000, 16))
+        .collect();
+    for (i, r) in rings.iter().enumerate() {
+        r.clear(&dev.mem);
+        dev.setup_queue(i as u16, r);
+    }
+    dev.driver_ok();
+    let mut d = Driver {
+        dev,
+        rx: SplitRing::new(RX_RING, 16),
+        tx: SplitRing::new(RX_RING + 0x1_0000, 16),
+        ctrl: None,
+        hdr_len: 12,
+    };
+    d.ctrl = Some(SplitRing::new(RX_RING + 4 * 0x1_0000, 16));
+    // The control queue is queue 4 here: send on it by hand.
+    let mem = d.dev.mem.clone();
+    let mut command = |pairs: u16| -> u8 {
+        let out = [4u8, 0, pairs as u8, (pairs >> 8) as u8];
+        mem.write_slice(&out, GuestAddress(CTRL_BUF)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(CTRL_BUF + 0x1000))
+            .unwrap();
+        let ctrl = d.ctrl.as_mut().unwrap();
+        ctrl.add_chain(&mem, &[(CTRL_BUF, 4, false), (CTRL_BUF + 0x1000, 1, true)]);
+        d.dev.notify(4);
+        assert_eq!(d.dev.wait_used(ctrl, 1, WAIT).len(), 1);
+        mem.read_obj(GuestAddress(CTRL_BUF + 0x1000)).unwrap()
+    };
+    assert_eq!(command(2), 0, "two pairs");
+    assert_eq!(command(1), 0, "back to one");
+    assert_eq!(command(3), 1, "more than the device has");
+    assert_eq!(command(0), 1, "none");
+    assert_eq!(d.dev.status() & NEEDS_RESET, 0);
+}

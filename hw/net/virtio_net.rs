@@ -26,6 +26,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
 };
 
+use crate::core::accel_ops::EventFd;
 use crate::core::iothread::{AioContext, AioHandlerId, Interest};
 use crate::core::qapi_event::{self, json, Value};
 use crate::virtio::virtio::{
@@ -433,8 +434,7 @@ impl VirtioNet {
                 r.transport.signal_config();
             }
             for pair in &r.pairs {
-                let pair = Arc::clone(pair);
-                self.context.run_sync(Box::new(move || pair.serve()));
+                pair.wake();
             }
         }
     }
@@ -624,6 +624,8 @@ impl VirtioDevice for VirtioNet {
                 continue;
             };
             let pair = Arc::new(QueuePair {
+                context: Arc::clone(&self.context),
+                rx_kick: Arc::clone(&rx.kick),
                 rx_index: rx.index,
                 tx_index: tx.index,
                 backend,
@@ -644,6 +646,7 @@ impl VirtioDevice for VirtioNet {
                     tx_blocked: None,
                     backend_handler: None,
                     interest: Interest::READ,
+                    enabled: false,
                 }),
             });
             for (kick, which) in [(rx.kick, Kick::Rx), (tx.kick, Kick::Tx)] {
@@ -657,18 +660,6 @@ impl VirtioDevice for VirtioNet {
                     Ok(id) => running.handlers.push(id),
                     Err(e) => return Err(fail(running, e.to_string())),
                 }
-            }
-            let p = Arc::clone(&pair);
-            let backend_fd = pair.backend.rx_fd();
-            match self
-                .context
-                .add_fd_with(backend_fd, Interest::READ, Box::new(move || p.serve()))
-            {
-                Ok(id) => {
-                    pair.inner.lock().backend_handler = Some((id, Arc::clone(&self.context)));
-                    running.handlers.push(id);
-                }
-                Err(e) => return Err(fail(running, e.to_string())),
             }
             running.pairs.push(pair);
         }
@@ -696,10 +687,21 @@ impl VirtioDevice for VirtioNet {
                 }
             }
         }
-        // Frames may be waiting already (and the driver's buffers too).
-        for pair in &running.pairs {
-            let p = Arc::clone(pair);
-            self.context.run_sync(Box::new(move || p.serve()));
+        // QEMU starts with one queue pair; the driver asks for more on the control queue
+        // (VQ_PAIRS_SET). Backend queues no pair serves are detached too.
+        for (i, q) in backend_queues.iter().enumerate().skip(running.pairs.len()) {
+            if let Err(e) = q.set_enabled(false) {
+                log::warn!("virtio-net: cannot detach backend queue {i}: {e}");
+            }
+        }
+        for (i, pair) in running.pairs.iter().enumerate() {
+            if let Err(e) = pair.set_enabled(i == 0) {
+                let reason = format!("cannot start backend queue {i}: {e}");
+                for pair in &running.pairs {
+                    pair.unwatch_backend();
+                }
+                return Err(fail(running, reason));
+            }
         }
         *self.running.lock() = Some(running);
         Ok(())
@@ -710,6 +712,9 @@ impl VirtioDevice for VirtioNet {
         if let Some(running) = running {
             for id in running.handlers {
                 self.context.remove_fd(id);
+            }
+            for pair in &running.pairs {
+                pair.unwatch_backend();
             }
         }
         // QEMU's virtio_net_reset.
@@ -751,10 +756,16 @@ struct PairInner {
     tx_blocked: Option<TxFrame>,
     backend_handler: Option<(AioHandlerId, Arc<AioContext>)>,
     interest: Interest,
+    /// The driver uses this pair (pair 0, or one of VQ_PAIRS_SET's).
+    enabled: bool,
 }
 
 /// One receive/transmit queue pair and its backend queue.
 struct QueuePair {
+    /// The loop serving the pair (and watching the backend while the pair is enabled).
+    context: Arc<AioContext>,
+    /// The driver's receive kick; signalled to have the loop serve the pair.
+    rx_kick: Arc<EventFd>,
     rx_index: u16,
     tx_index: u16,
     backend: Arc<dyn NetQueue>,
@@ -795,6 +806,51 @@ fn slices<'m>(
 }
 
 impl QueuePair {
+    /// Attaches or detaches the backend queue and starts or stops watching it (a
+    /// detached tap queue polls as an error, so it must leave the loop first).
+    fn set_enabled(self: &Arc<Self>, enabled: bool) -> io::Result<()> {
+        if enabled {
+            self.backend.set_enabled(true)?;
+            let p = Arc::clone(self);
+            let mut inner = self.inner.lock();
+            inner.enabled = true;
+            if inner.backend_handler.is_none() {
+                let id = self.context.add_fd_with(
+                    self.backend.rx_fd(),
+                    Interest::READ,
+                    Box::new(move || p.serve()),
+                )?;
+                inner.backend_handler = Some((id, Arc::clone(&self.context)));
+                inner.interest = Interest::READ;
+            }
+            drop(inner);
+            // Frames (and the driver's buffers) may be waiting already: a kick has the
+            // loop look, without waiting for it here (the caller may hold the
+            // transport's lock, which a running handler may need).
+            self.wake();
+            Ok(())
+        } else {
+            self.inner.lock().enabled = false;
+            self.unwatch_backend();
+            self.backend.set_enabled(false)
+        }
+    }
+
+    /// Has the loop serve the pair soon (through the receive queue's kick).
+    fn wake(&self) {
+        if let Err(e) = self.rx_kick.write(1) {
+            log::warn!("virtio-net: cannot wake queue pair {}: {e}", self.rx_index / 2);
+        }
+    }
+
+    /// Stops watching the backend; waits for a running handler (so not under `inner`).
+    fn unwatch_backend(&self) {
+        let handler = self.inner.lock().backend_handler.take();
+        if let Some((id, ctx)) = handler {
+            ctx.remove_fd(id);
+        }
+    }
+
     fn kicked(&self, which: Kick) {
         if let Kick::Rx = which {
             self.inner.lock().rx_starved = false;
@@ -809,6 +865,9 @@ impl QueuePair {
             return;
         }
         let mut inner = self.inner.lock();
+        if !inner.enabled {
+            return;
+        }
         let result = self
             .transmit(&mut inner)
             .and_then(|()| self.receive(&mut inner));
@@ -1197,10 +1256,7 @@ impl CtrlQueue {
                 self.shared.status.fetch_and(!S_ANNOUNCE, Ordering::AcqRel);
                 true
             }
-            ctrl::MQ if cmd == ctrl::MQ_VQ_PAIRS_SET => data.len() >= 2 && {
-                let pairs = u16::from_le_bytes([data[0], data[1]]);
-                pairs >= 1 && usize::from(pairs) <= self.pairs.len().max(1)
-            },
+            ctrl::MQ if cmd == ctrl::MQ_VQ_PAIRS_SET => self.set_queue_pairs(data),
             ctrl::GUEST_OFFLOADS if cmd == ctrl::GUEST_OFFLOADS_SET => {
                 self.guest_offloads(data)
             }
@@ -1211,6 +1267,23 @@ impl CtrlQueue {
         } else {
             ctrl::ERR
         }
+    }
+
+    /// QEMU's `virtio_net_handle_mq`: the driver uses the first `n` pairs.
+    fn set_queue_pairs(&self, data: &[u8]) -> bool {
+        let Some(n) = data.get(..2).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))) else {
+            return false;
+        };
+        if n < 1 || n > self.pairs.len() {
+            return false;
+        }
+        for (i, pair) in self.pairs.iter().enumerate() {
+            if let Err(e) = pair.set_enabled(i < n) {
+                GUEST_ERRORS.warn(|| format!("virtio-net: queue pair {i}: {e}"));
+                return false;
+            }
+        }
+        true
     }
 
     fn rx_mode(&self, cmd: u8, data: &[u8]) -> bool {

@@ -113,6 +113,12 @@ pub trait NetQueue: Send + Sync {
     fn tap_file(&self) -> Option<&File> {
         None
     }
+    /// Attaches or detaches the queue (a multiqueue tap's `TUNSETQUEUE`): the host
+    /// steers frames only to attached queues, so a NIC detaches those the driver does not
+    /// use. A NIC stops watching a detached queue's descriptor first.
+    fn set_enabled(&self, _enabled: bool) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What `info network` prints about a backend.

@@ -78,6 +78,10 @@ pub mod flags {
     pub const IFF_ONE_QUEUE: i16 = 0x2000;
     /// Frames carry a virtio-net header.
     pub const IFF_VNET_HDR: i16 = 0x4000;
+    /// `TUNSETQUEUE`: attach the queue.
+    pub const IFF_ATTACH_QUEUE: i16 = 0x0200;
+    /// `TUNSETQUEUE`: detach the queue.
+    pub const IFF_DETACH_QUEUE: i16 = 0x0400;
 }
 
 /// `TUNSETOFFLOAD` bits.
@@ -570,7 +574,31 @@ impl NetQueue for TapQueue {
     fn tap_file(&self) -> Option<&File> {
         Some(&self.file)
     }
+
+    /// QEMU's `tap_fd_enable`/`tap_fd_disable`; a single-queue tap refuses `TUNSETQUEUE`
+    /// (EINVAL), which is fine: it is always attached.
+    fn set_enabled(&self, enabled: bool) -> io::Result<()> {
+        let flag = if enabled {
+            flags::IFF_ATTACH_QUEUE
+        } else {
+            flags::IFF_DETACH_QUEUE
+        };
+        let mut req = IfReq::new("", flag);
+        // SAFETY: TUNSETQUEUE reads a struct ifreq, which `req` is.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &mut req) };
+        if ret < 0 {
+            let e = last_err();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
 }
+
+/// `TUNSETQUEUE` (`_IOW('T', 217, int)`).
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 
 /// A `-netdev tap` backend (QEMU's `TAPState`s of one netdev).
 pub struct Tap {
