@@ -27,7 +27,9 @@ use vm_memory::VolatileSlice;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
 
-use crate::{iovecs, parse_bool, NetError, NetQueue, Netdev, NetdevInfo, NetdevKind, Offloads};
+use crate::{
+    iovecs, parse_bool, strerror, NetError, NetQueue, Netdev, NetdevInfo, NetdevKind, Offloads,
+};
 
 /// The tun/tap clone device.
 pub const PATH_NET_TUN: &str = "/dev/net/tun";
@@ -255,7 +257,7 @@ fn tap_open(
     let mut features: libc::c_uint = 0;
     // SAFETY: TUNGETFEATURES writes one unsigned int, which `features` is.
     if unsafe { ioctl_with_mut_ref(&file, TUNGETFEATURES(), &mut features) } < 0 {
-        warn_report(&format!("TUNGETFEATURES failed: {}", last_err()));
+        warn_report(&format!("TUNGETFEATURES failed: {}", strerror(&last_err())));
         features = 0;
     }
     let has = |flag: i16| features & (flag as u16 as libc::c_uint) != 0;
@@ -766,7 +768,10 @@ fn init_vhost(
             }
             Err(e) => {
                 // QEMU 7.2 warns, then fails an assertion; newer QEMUs refuse the netdev.
-                warn_report(&format!("tap: open vhost char device failed: {e}"));
+                warn_report(&format!(
+                    "tap: open vhost char device failed: {}",
+                    strerror(&e)
+                ));
                 return Err(NetError::invalid(
                     "vhost-net requested but could not be initialized",
                 ));
@@ -776,7 +781,7 @@ fn init_vhost(
     // QEMU's vhost_net_init asks the device for its features (after SET_OWNER, which
     // the NIC's vhost start does here): a descriptor that is not vhost-net fails.
     if let Err(e) = vhost_get_features(&file) {
-        warn_report(&format!("vhost_get_features failed: {e}"));
+        warn_report(&format!("vhost_get_features failed: {}", strerror(&e)));
         return Err(NetError::invalid(
             "vhost-net requested but could not be initialized",
         ));
