@@ -14,6 +14,7 @@
 //! header says how many (`num_buffers`), the rest wait for the next frame.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -27,6 +28,7 @@ use vm_memory::{
 };
 
 use crate::core::accel_ops::EventFd;
+use crate::net::vhost_net::{vhost_net_get_features, VhostNet};
 use crate::core::iothread::{AioContext, AioHandlerId, Interest};
 use crate::core::qapi_event::{self, json, Value};
 use crate::virtio::virtio::{
@@ -156,6 +158,9 @@ pub struct VirtioNetConf {
     pub mtu: u16,
     /// Where the queues are served.
     pub context: Arc<AioContext>,
+    /// The kernel's vhost-net workers serving the queue pairs (`vhost=on`), one per
+    /// pair, with the features they support; `None` serves them here.
+    pub vhost: Option<(Vec<Arc<File>>, u64)>,
 }
 
 /// The receive filter the driver programs on the control queue (QEMU's `VirtIONet`
@@ -272,12 +277,15 @@ pub struct VirtioNet {
     mtu: u16,
     features: u64,
     context: Arc<AioContext>,
+    vhost: Vec<Arc<File>>,
     running: Mutex<Option<Running>>,
 }
 
 /// A running device: its queue pairs, its handlers, and its transport.
 struct Running {
     pairs: Vec<Arc<QueuePair>>,
+    /// Queue pairs the kernel serves (`vhost=on`); stopped when dropped.
+    vhost: Vec<VhostNet>,
     handlers: Vec<AioHandlerId>,
     transport: Arc<dyn VirtioTransport>,
 }
@@ -356,6 +364,14 @@ impl VirtioNet {
         if conf.mtu != 0 {
             features |= bit(nf::MTU);
         }
+        // QEMU's vhost_net_get_features: what the kernel's worker cannot do is not offered.
+        let vhost = match conf.vhost {
+            Some((files, vhost_features)) => {
+                features = vhost_net_get_features(vhost_features, features);
+                files
+            }
+            None => Vec::new(),
+        };
         if features & bit(nf::CTRL_VQ) == 0 {
             features &= !(bit(nf::CTRL_RX)
                 | bit(nf::CTRL_VLAN)
@@ -386,6 +402,7 @@ impl VirtioNet {
             mtu: conf.mtu,
             features,
             context: conf.context,
+            vhost,
             running: Mutex::new(None),
         });
         NICS.lock().push(Arc::downgrade(&dev));
@@ -602,6 +619,7 @@ impl VirtioDevice for VirtioNet {
         }
         let mut running = Running {
             pairs: Vec::new(),
+            vhost: Vec::new(),
             handlers: Vec::new(),
             transport: Arc::clone(&transport),
         };
@@ -623,6 +641,24 @@ impl VirtioDevice for VirtioNet {
             let Some(backend) = backend_queues.get(pair_index).cloned() else {
                 continue;
             };
+            if let Some(vhost_file) = self.vhost.get(pair_index) {
+                let Some(tap) = backend.tap_file() else {
+                    return Err(fail(running, "vhost needs a tap backend".into()));
+                };
+                match VhostNet::start(
+                    Arc::clone(vhost_file),
+                    tap,
+                    Arc::clone(&mem),
+                    vec![rx, tx],
+                    features,
+                    Arc::clone(&transport),
+                    Arc::clone(&self.context),
+                ) {
+                    Ok(v) => running.vhost.push(v),
+                    Err(e) => return Err(fail(running, format!("vhost-net: {e}"))),
+                }
+                continue;
+            }
             let pair = Arc::new(QueuePair {
                 context: Arc::clone(&self.context),
                 rx_kick: Arc::clone(&rx.kick),
@@ -673,6 +709,11 @@ impl VirtioDevice for VirtioNet {
                     transport: Arc::clone(&transport),
                     shared: Arc::clone(shared),
                     pairs: running.pairs.clone(),
+                    vhost_queues: backend_queues
+                        .iter()
+                        .take(running.vhost.len())
+                        .cloned()
+                        .collect(),
                     broken: AtomicBool::new(false),
                 });
                 let kick = q.kick;
@@ -689,9 +730,18 @@ impl VirtioDevice for VirtioNet {
         }
         // QEMU starts with one queue pair; the driver asks for more on the control queue
         // (VQ_PAIRS_SET). Backend queues no pair serves are detached too.
-        for (i, q) in backend_queues.iter().enumerate().skip(running.pairs.len()) {
+        for (i, q) in backend_queues
+            .iter()
+            .enumerate()
+            .skip(running.pairs.len() + running.vhost.len())
+        {
             if let Err(e) = q.set_enabled(false) {
                 log::warn!("virtio-net: cannot detach backend queue {i}: {e}");
+            }
+        }
+        for (i, q) in backend_queues.iter().enumerate().take(running.vhost.len()) {
+            if let Err(e) = q.set_enabled(i == 0) {
+                log::warn!("virtio-net: cannot set backend queue {i}: {e}");
             }
         }
         for (i, pair) in running.pairs.iter().enumerate() {
@@ -1184,6 +1234,8 @@ struct CtrlQueue {
     transport: Arc<dyn VirtioTransport>,
     shared: Arc<Shared>,
     pairs: Vec<Arc<QueuePair>>,
+    /// The backend queues of pairs the kernel serves (`vhost=on`).
+    vhost_queues: Vec<Arc<dyn NetQueue>>,
     broken: AtomicBool,
 }
 
@@ -1274,8 +1326,14 @@ impl CtrlQueue {
         let Some(n) = data.get(..2).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))) else {
             return false;
         };
-        if n < 1 || n > self.pairs.len() {
+        if n < 1 || n > self.pairs.len() + self.vhost_queues.len() {
             return false;
+        }
+        for (i, q) in self.vhost_queues.iter().enumerate() {
+            if let Err(e) = q.set_enabled(i < n) {
+                GUEST_ERRORS.warn(|| format!("virtio-net: queue pair {i}: {e}"));
+                return false;
+            }
         }
         for (i, pair) in self.pairs.iter().enumerate() {
             if let Err(e) = pair.set_enabled(i < n) {
