@@ -208,13 +208,19 @@ impl VirtioDevice for VirtioRng {
             )?);
             if let Some(fd) = &running.wait_fd {
                 let on_ready = running.clone();
-                let id = add(
+                match add(
                     fd.as_raw_fd(),
                     Interest::NONE,
                     Box::new(move || on_ready.source_ready()),
-                )?;
-                handlers.push(id);
-                running.state.lock().wait_id = Some(id);
+                ) {
+                    Ok(id) => {
+                        handlers.push(id);
+                        running.state.lock().wait_id = Some(id);
+                    }
+                    // A regular file: epoll refuses it, and reading it never waits.
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                    Err(e) => return Err(e),
+                }
             }
             Ok(())
         })();
