@@ -96,6 +96,8 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     let status = main_loop(&machine, &opts);
     monitor::monitor_cleanup();
     block::close_all();
+    // QEMU's net_cleanup: taps run their downscript, slirp threads end.
+    ::net::cleanup_all();
     Ok(status)
 }
 

@@ -178,3 +178,36 @@ fn a_mac_that_does_not_parse_and_a_netdev_used_twice_are_refused() {
         stderr(&outs[1])
     );
 }
+
+#[test]
+fn the_downscript_runs_when_qomvm_exits() {
+    skip_unless_possible!();
+    let dir = std::env::temp_dir().join(format!("qomvm-netcli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let up = dir.join("up.sh");
+    let down = dir.join("down.sh");
+    let log = dir.join("log");
+    for (path, word) in [(&up, "up"), (&down, "down")] {
+        std::fs::write(
+            path,
+            format!("#!/bin/sh\necho {word} $1 >> {}\n", log.display()),
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(path)
+            .status()
+            .unwrap();
+    }
+    let ns = Netns::new("netcli");
+    let netdev = format!(
+        "tap,id=n0,ifname=scripttap0,script={},downscript={}",
+        up.display(),
+        down.display()
+    );
+    let out = ns.run(|| run_with_quit(qomvm_cmd(&["-netdev", &netdev])));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(text, "up scripttap0\ndown scripttap0\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -247,6 +247,14 @@ pub fn remove_netdev(id: &str) -> bool {
     true
 }
 
+/// Removes every backend (QEMU's `net_cleanup` at exit).
+pub fn cleanup_all() {
+    let all = std::mem::take(&mut *NETDEVS.lock());
+    for entry in all {
+        entry.netdev.cleanup();
+    }
+}
+
 /// Options of one `-netdev`, split (`type` first as the implied key, `,,` unescaped).
 pub type NetdevOpts = [(String, Option<String>)];
 
