@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 
-use test_support::netns::{open_tap, skip_reason, Netns, IFF_VNET_HDR};
+use test_support::netns::{open_tap, skip_reason, Netns, IFF_TAP, IFF_VNET_HDR};
 
 const QUIT: &str = "{\"execute\":\"qmp_capabilities\"}\n\
 {\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info network\"}}\n\
@@ -55,7 +55,7 @@ fn the_seeds_tap_pair_is_accepted_with_an_inherited_descriptor() {
     skip_unless_possible!();
     let ns = Netns::new("netcli");
     let out = ns.run(|| {
-        let tap = open_tap("seedtap0", IFF_VNET_HDR).expect("open a tap");
+        let tap = open_tap("seedtap0", IFF_TAP | IFF_VNET_HDR);
         let fd = tap.as_raw_fd();
         let mut c = qomvm_cmd(&[
             "-netdev",

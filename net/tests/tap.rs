@@ -4,36 +4,25 @@
 //! to the tap inside the namespace. Skipped, with the reason printed, when not root or
 //! without `/dev/net/tun` or `ip`.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use net::tap::{self, flags};
 use net::{NetQueue, Netdev, Offloads};
 use vm_memory::VolatileSlice;
 
+#[path = "../../test-support/src/netns.rs"]
+#[allow(dead_code)]
+mod netns;
+use netns::{open_tap, skip_reason, Netns};
+
 /// An experimental ethertype (IEEE 802 local), so frames are ours and not IPv6 chatter.
 const ETHERTYPE: u16 = 0x88b5;
-
-/// Why the tests cannot run here, if they cannot.
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (tap interfaces and namespaces need CAP_NET_ADMIN)".into());
-    }
-    if !Path::new(tap::PATH_NET_TUN).exists() {
-        return Some(format!("no {}", tap::PATH_NET_TUN));
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("no `ip` command (iproute2)".into());
-    }
-    None
-}
 
 macro_rules! skip_unless_possible {
     () => {
@@ -42,57 +31,6 @@ macro_rules! skip_unless_possible {
             return;
         }
     };
-}
-
-/// A network namespace of the test's own; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "qomvm-tap-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Netns { name }
-    }
-
-    /// Runs `f` on a thread inside the namespace (sockets and taps it makes live there;
-    /// commands it spawns inherit it).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = File::open(&path).expect("open the namespace");
-                // SAFETY: setns on this thread only, with a namespace file we hold.
-                let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(ret, 0, "setns: {}", io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 /// `ip ARGS` (in the calling thread's namespace).
@@ -273,7 +211,7 @@ fn exchange(q: &dyn NetQueue, ifname: &str, hdr_len: usize) {
 #[test]
 fn tap_by_ifname_with_and_without_the_vnet_header() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let t = tap::tap_init("t0", &opts("ifname=qt0,script=no,downscript=no")).unwrap();
         assert_eq!(t.info().info_str, "ifname=qt0,script=no,downscript=no");
@@ -318,7 +256,7 @@ fn tap_by_ifname_with_and_without_the_vnet_header() {
 #[test]
 fn tap_with_vnet_hdr_off() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let t = tap::tap_init(
             "t1",
@@ -338,36 +276,10 @@ fn tap_with_vnet_hdr_off() {
     });
 }
 
-/// Opens a tap the way a management stack does before handing it over.
-fn open_tap(name: &str, extra: i16) -> File {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(tap::PATH_NET_TUN)
-        .unwrap();
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: i16,
-        pad: [u8; 22],
-    }
-    let mut r = IfReq {
-        name: [0; 16],
-        flags: flags::IFF_NO_PI | extra,
-        pad: [0; 22],
-    };
-    r.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF with a struct ifreq.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), 0x4004_54ca, &mut r) };
-    assert_eq!(ret, 0, "TUNSETIFF: {}", io::Error::last_os_error());
-    file
-}
-
 #[test]
 fn tap_from_an_inherited_fd() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let fd = open_tap("qt2", flags::IFF_TAP | flags::IFF_VNET_HDR).into_raw_fd();
         let t = tap::tap_init("t2", &opts(&format!("fd={fd}"))).unwrap();
@@ -394,7 +306,7 @@ fn tap_from_an_inherited_fd() {
 #[test]
 fn multiqueue_taps_by_ifname_and_by_fds() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let t = tap::tap_init("t3", &opts("ifname=qt3,script=no,downscript=no,queues=2")).unwrap();
         assert_eq!(t.queues().len(), 2);
@@ -433,7 +345,7 @@ fn multiqueue_taps_by_ifname_and_by_fds() {
 #[test]
 fn inherited_descriptors_that_are_not_taps_are_refused() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         // A tun (layer 3) device.
         let tun = open_tap("qtun0", flags::IFF_TUN);
@@ -478,7 +390,7 @@ fn scripts_run_with_the_interface_name() {
     };
     let up = script("up", &format!("echo \"up $1\" >> {}", log.display()));
     let down = script("down", &format!("echo \"down $1\" >> {}", log.display()));
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let t = tap::tap_init(
             "s",
@@ -516,7 +428,7 @@ fn scripts_run_with_the_interface_name() {
 #[test]
 fn vhost_options() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let e = tap::tap_init(
             "v",

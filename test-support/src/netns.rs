@@ -1,6 +1,7 @@
 //! Network namespaces a test makes for itself (only loopback and these namespaces are
 //! ever touched), and taps opened in them the way a management stack opens one before
-//! handing it to the VMM.
+//! handing it to the VMM. Std and libc only: `net/tests` includes this file by path (the
+//! `net` crate cannot depend on test-support, which depends on it through `hw`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -91,13 +92,22 @@ impl Drop for Netns {
     }
 }
 
-/// `IFF_TAP | IFF_NO_PI`.
-pub const TAP_FLAGS: i16 = 0x0002 | 0x1000;
+/// `IFF_TAP`.
+pub const IFF_TAP: i16 = 0x0002;
+/// `IFF_NO_PI`, always added.
+pub const IFF_NO_PI: i16 = 0x1000;
 /// `IFF_VNET_HDR`.
 pub const IFF_VNET_HDR: i16 = 0x4000;
 
-/// Opens tap `name` (in the calling thread's namespace) with `TUNSETIFF`.
-pub fn open_tap(name: &str, extra_flags: i16) -> io::Result<File> {
+/// Opens tun/tap `name` (in the calling thread's namespace) with `TUNSETIFF` and
+/// `flags | IFF_NO_PI` (`IFF_TAP`, `IFF_TUN`, `IFF_VNET_HDR`, `IFF_MULTI_QUEUE`...), the
+/// way a management stack opens one before handing it over.
+pub fn open_tap(name: &str, flags: i16) -> File {
+    try_open_tap(name, flags).unwrap_or_else(|e| panic!("TUNSETIFF {name}: {e}"))
+}
+
+/// [`open_tap`] that returns the error.
+pub fn try_open_tap(name: &str, flags: i16) -> io::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -111,7 +121,7 @@ pub fn open_tap(name: &str, extra_flags: i16) -> io::Result<File> {
     }
     let mut r = IfReq {
         name: [0; 16],
-        flags: TAP_FLAGS | extra_flags,
+        flags: IFF_NO_PI | flags,
         pad: [0; 22],
     };
     let len = name.len().min(15);
