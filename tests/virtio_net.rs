@@ -133,6 +133,12 @@ fn add_backend(id: &str, vnet_hdr: bool) -> UnixDatagram {
     theirs
 }
 
+/// Adds a `-netdev` (`type=...,id=...`) from a thread inside `ns`, so a tap it opens by
+/// name lives there.
+fn add_netdev_in(ns: &test_support::netns::Netns, opts: &str) {
+    ns.run(|| net::netdev_add(&net::parse_opts(opts)).expect(opts));
+}
+
 /// A pc machine on qtest with `virtio-net-pci,netdev=NETDEV,id=ID,mac=OUR_MAC,props...`.
 fn pc_with_nic(netdev: &str, id: &str, props: &[(&str, &str)]) -> ObjectRef {
     accel::init().expect("registrations are intact");
@@ -523,19 +529,10 @@ fn malformed_vnet_headers_and_frame_storms_on_a_real_tap() {
         return;
     }
     let ns = Netns::new("vnetfuzz");
-    ns.run(|| {
-        let opts: Vec<(String, Option<String>)> = [
-            ("type", "tap"),
-            ("id", "fuzztap"),
-            ("ifname", "fuzztap0"),
-            ("script", "no"),
-            ("downscript", "no"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), Some(v.to_string())))
-        .collect();
-        net::netdev_add(&opts).expect("a tap in the namespace");
-    });
+    add_netdev_in(
+        &ns,
+        "type=tap,id=fuzztap,ifname=fuzztap0,script=no,downscript=no",
+    );
     ns.ip(&["link", "set", "fuzztap0", "up"]);
     ns.ip(&["link", "set", "lo", "up"]);
     let machine = pc_with_nic("fuzztap", "net-fuzztap", &[]);
@@ -635,20 +632,10 @@ fn multiqueue_taps_give_queue_pairs_the_driver_enables() {
         return;
     }
     let ns = Netns::new("vnetmq");
-    ns.run(|| {
-        let opts: Vec<(String, Option<String>)> = [
-            ("type", "tap"),
-            ("id", "mqtap"),
-            ("ifname", "mqtap0"),
-            ("script", "no"),
-            ("downscript", "no"),
-            ("queues", "2"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), Some(v.to_string())))
-        .collect();
-        net::netdev_add(&opts).expect("a multiqueue tap");
-    });
+    add_netdev_in(
+        &ns,
+        "type=tap,id=mqtap,ifname=mqtap0,script=no,downscript=no,queues=2",
+    );
     let machine = pc_with_nic("mqtap", "net-mq", &[("mq", "on")]);
     let dev = VirtioPciDevice::probe(&machine, DEVFN);
     assert!(dev.device_features() & F_MQ != 0, "MQ offered");
@@ -705,20 +692,10 @@ fn vhost_net_moves_frames_both_ways() {
         return;
     }
     let ns = Netns::new("vnetvhost");
-    ns.run(|| {
-        let opts: Vec<(String, Option<String>)> = [
-            ("type", "tap"),
-            ("id", "vhosttap"),
-            ("ifname", "vhosttap0"),
-            ("script", "no"),
-            ("downscript", "no"),
-            ("vhost", "on"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), Some(v.to_string())))
-        .collect();
-        net::netdev_add(&opts).expect("a tap with vhost");
-    });
+    add_netdev_in(
+        &ns,
+        "type=tap,id=vhosttap,ifname=vhosttap0,script=no,downscript=no,vhost=on",
+    );
     ns.ip(&["link", "set", "vhosttap0", "up"]);
     ns.ip(&["addr", "add", "192.168.78.1/24", "dev", "vhosttap0"]);
     let machine = pc_with_nic("vhosttap", "net-vhost", &[]);

@@ -20,7 +20,7 @@ use crate::core::balloon::{Balloon, BalloonHandler};
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::timer::DeviceTimer;
 use crate::virtio::virtio::{
-    bit, device_id, drain_kick, feature, ActivateError, Activation, RateLimitedLog, RingError,
+    bit, device_id, drain_kick, feature, read_config_bytes, ActivateError, Activation, RateLimitedLog, RingError,
     VirtioDevice, VirtioTransport,
 };
 
@@ -330,14 +330,7 @@ impl VirtioDevice for VirtioBalloon {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config_bytes();
-        let size = self.config_size();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .map(|o| o + i)
-                .filter(|&at| at < size)
-                .map_or(0, |at| config[at]);
-        }
+        read_config_bytes(&config[..self.config_size()], offset, data);
     }
 
     /// QEMU's `virtio_balloon_set_config`: `actual` (and `poison_val`) are the driver's.

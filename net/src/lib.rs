@@ -311,6 +311,35 @@ fn check_id(id: &str) -> Result<(), NetError> {
     }
 }
 
+/// Splits `key=value,key,...` into pairs, `,,` standing for a literal comma (QemuOpts'
+/// syntax without an implied first key): HMP arguments and tests use it.
+pub fn parse_opts(text: &str) -> Vec<(String, Option<String>)> {
+    fn push(items: &mut Vec<(String, Option<String>)>, current: &mut String) {
+        if !current.is_empty() {
+            items.push(match current.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (current.clone(), None),
+            });
+        }
+        current.clear();
+    }
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != ',' {
+            current.push(c);
+        } else if chars.peek() == Some(&',') {
+            chars.next();
+            current.push(',');
+        } else {
+            push(&mut items, &mut current);
+        }
+    }
+    push(&mut items, &mut current);
+    items
+}
+
 /// QemuOpts' boolean: `on`/`off` (and `yes`/`no`, `true`/`false`).
 pub fn parse_bool(key: &str, value: Option<&str>) -> Result<bool, NetError> {
     match value.unwrap_or("on") {
@@ -335,6 +364,20 @@ pub fn iovecs(bufs: &[VolatileSlice<'_>]) -> Vec<libc::iovec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_split_with_escaped_commas() {
+        let o = parse_opts("type=user,hostfwd=tcp::1-:2,,x,restrict");
+        assert_eq!(
+            o,
+            vec![
+                ("type".into(), Some("user".into())),
+                ("hostfwd".into(), Some("tcp::1-:2,x".into())),
+                ("restrict".into(), None),
+            ]
+        );
+        assert!(parse_opts("").is_empty());
+    }
 
     #[test]
     fn ids_are_checked_as_qemu_does() {

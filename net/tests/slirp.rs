@@ -20,13 +20,7 @@ const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 
 fn opts(text: &str) -> Vec<(String, Option<String>)> {
-    text.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (kv.to_string(), None),
-        })
-        .collect()
+    net::parse_opts(text)
 }
 
 fn ip(a: [u8; 4]) -> Ipv4Addr {

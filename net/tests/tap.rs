@@ -44,12 +44,7 @@ fn ip(args: &[&str]) {
 }
 
 fn opts(text: &str) -> Vec<(String, Option<String>)> {
-    text.split(',')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (kv.to_string(), None),
-        })
-        .collect()
+    net::parse_opts(text)
 }
 
 fn frame(tag: u8, len: usize) -> Vec<u8> {

@@ -558,13 +558,7 @@ mod tests {
     use super::*;
 
     fn opts(text: &str) -> Vec<(String, Option<String>)> {
-        text.split(',')
-            .filter(|s| !s.is_empty())
-            .map(|kv| match kv.split_once('=') {
-                Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                None => (kv.to_string(), None),
-            })
-            .collect()
+        crate::parse_opts(text)
     }
 
     fn err(text: &str) -> String {
