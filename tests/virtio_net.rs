@@ -392,6 +392,19 @@ fn the_receive_filter_follows_the_control_queue() {
     let peer = add_backend("filt0", false);
     let machine = pc_with_nic("filt0", "net-filt", &[]);
     let mut d = start(&machine, VERSION_1 | F_MAC | F_CTRL_VQ | F_CTRL_RX);
+    static EVENTS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    hw::core::qapi_event::set_sink(Box::new(|name, data| {
+        let who = data.map(|d| d["name"].to_string()).unwrap_or_default();
+        EVENTS.lock().unwrap().push((name.to_string(), who));
+    }));
+    let filter_events = || {
+        EVENTS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, who)| n == "NIC_RX_FILTER_CHANGED" && who == "\"net-filt\"")
+            .count()
+    };
     let nic = find_nic("net-filt").expect("the NIC is listed");
     assert_eq!(
         nic.rx_filter_info()["promiscuous"],
@@ -399,7 +412,12 @@ fn the_receive_filter_follows_the_control_queue() {
         "promiscuous after reset"
     );
     assert_eq!(d.command(0, 0, &[0]), 0, "PROMISC off acked");
+    assert_eq!(d.command(0, 1, &[1]), 0, "ALLMULTI on acked");
+    assert_eq!(filter_events(), 1, "one event until the filter is queried");
     assert_eq!(nic.rx_filter_info()["promiscuous"], false);
+    assert_eq!(nic.rx_filter_info()["multicast"], "all");
+    assert_eq!(d.command(0, 1, &[0]), 0, "ALLMULTI off acked");
+    assert_eq!(filter_events(), 2, "query-rx-filter re-arms the event");
     assert_eq!(d.command(9, 9, &[]), 1, "unknown class refused");
     d.post_rx(4, 2048);
     // Another host's unicast is dropped; ours and broadcast arrive, in order.
