@@ -655,6 +655,7 @@ impl VirtioDevice for VirtioNet {
             let pair = Arc::new(QueuePair {
                 context: Arc::clone(&self.context),
                 rx_kick: Arc::clone(&rx.kick),
+                tx_kick: Arc::clone(&tx.kick),
                 rx_index: rx.index,
                 tx_index: tx.index,
                 backend,
@@ -809,6 +810,8 @@ struct QueuePair {
     context: Arc<AioContext>,
     /// The driver's receive kick; signalled to have the loop serve the pair.
     rx_kick: Arc<EventFd>,
+    /// The driver's transmit kick; signalled when a burst leaves frames in the ring.
+    tx_kick: Arc<EventFd>,
     rx_index: u16,
     tx_index: u16,
     backend: Arc<dyn NetQueue>,
@@ -994,8 +997,12 @@ impl QueuePair {
                 sent += 1;
             }
             if sent >= BURST {
-                // More may wait: a later wake-up (the kick stays pending) serves them.
-                inner.tx.enable_notification(mem)?;
+                // More may wait: kick ourselves, so the loop serves its other handlers
+                // first and then this queue again (the driver will not kick for frames
+                // it already queued).
+                if let Err(e) = self.tx_kick.write(1) {
+                    log::warn!("virtio-net: cannot requeue transmit work: {e}");
+                }
                 return Ok(());
             }
             if !inner.tx.enable_notification(mem)? {
