@@ -777,7 +777,7 @@ fn vhost_net_moves_frames_both_ways() {
 fn frames_queued_beyond_one_burst_and_a_full_backend_all_go_out() {
     let peer = add_backend("burst0", false);
     let machine = pc_with_nic("burst0", "net-burst", &[("tx_queue_size", "512")]);
-    let mut d = start(&machine, VERSION_1 | F_MAC);
+    let d = start(&machine, VERSION_1 | F_MAC);
     let mut tx = SplitRing::new(TX_RING, 512);
     tx.clear(&d.dev.mem);
     d.dev.setup_queue(1, &tx);
