@@ -147,7 +147,8 @@ fn help_request(opts: &Options) -> Result<Option<String>, OptionError> {
         }
     }
     for dev in &opts.devices {
-        let items = split_opts(&dev.value, Some("driver"));
+        let items =
+            crate::options::split_opts_or_json(&dev.value, "driver").map_err(|e| dev.error(e))?;
         let driver = items[0].1.clone().unwrap_or_default();
         if matches!(driver.as_str(), "help" | "?") {
             return Ok(Some(help::devices()));
@@ -437,7 +438,8 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
 
 /// QEMU's `qdev_device_add`.
 fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError> {
-    let items = split_opts(&located.value, Some("driver"));
+    let items = crate::options::split_opts_or_json(&located.value, "driver")
+        .map_err(|e| located.error(e))?;
     let driver = items[0].1.clone().unwrap_or_default();
     let class = device_type(&driver).map_err(|e| located.error(e))?;
     let dc = device_class(class).expect("device classes have a DeviceClass");

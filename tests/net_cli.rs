@@ -211,3 +211,27 @@ fn the_downscript_runs_when_qomvm_exits() {
     assert_eq!(text, "up scripttap0\ndown scripttap0\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn libvirts_json_netdev_and_device_are_accepted() {
+    skip_unless_possible!();
+    let ns = Netns::new("netcli");
+    let out = ns.run(|| {
+        run_with_quit(qomvm_cmd(&[
+            "-netdev",
+            r#"{"type":"tap","id":"hostnet0","ifname":"jsontap0","script":"no","downscript":"no","vhost":false}"#,
+            "-device",
+            r#"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"fa:16:3e:d1:2d:99","bus":"pci.0","addr":"0x3"}"#,
+        ]))
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("net0: index=0,type=nic,model=virtio-net-pci,macaddr=fa:16:3e:d1:2d:99"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hostnet0: index=0,type=tap,ifname=jsontap0"),
+        "{text}"
+    );
+}
