@@ -1,7 +1,8 @@
 //! `virtio-net-pci` on the pc board under the qtest accelerator, driven by the test's own
 //! virtio 1.x driver (test_support::virtio). The backend is a Unix datagram socket pair
 //! (one frame per datagram, the far end in the test), so every frame the device sends or
-//! receives is visible; tests with a real tap are in tests/net_tap.rs.
+//! receives is visible. The last tests use a real tap in a network namespace of their
+//! own (skipped where that is impossible); more tap tests are in net/tests/tap.rs.
 //!
 //! Covered: feature and configuration layout, transmit (with and without the vnet
 //! header), receive into mergeable and single buffers, waiting for buffers, the control
@@ -20,6 +21,7 @@ use hw::core::qdev::{qdev_new, qdev_realize, DeviceMethods};
 use hw::net::virtio_net::find_nic;
 use net::{NetQueue, Netdev, NetdevInfo, NetdevKind};
 use qom::ObjectRef;
+use test_support::netns::{skip_reason, Netns};
 use test_support::virtio::{SplitRing, VirtioPciDevice, DESC_NEXT, NEEDS_RESET};
 use vm_memory::{Bytes, GuestAddress, VolatileSlice};
 
@@ -136,7 +138,7 @@ fn add_backend(id: &str, vnet_hdr: bool) -> UnixDatagram {
 
 /// Adds a `-netdev` (`type=...,id=...`) from a thread inside `ns`, so a tap it opens by
 /// name lives there.
-fn add_netdev_in(ns: &test_support::netns::Netns, opts: &str) {
+fn add_netdev_in(ns: &Netns, opts: &str) {
     ns.run(|| net::netdev_add(&net::parse_opts(opts)).expect(opts));
 }
 
@@ -240,6 +242,22 @@ impl Driver {
         }
         self.dev.notify(0);
         addrs
+    }
+
+    /// Broadcasts pings (`ping -q -b ARGS... BROADCAST`) from inside `ns`, toward the tap
+    /// the NIC is on, and returns the receive buffers used by then (`n` of them at the
+    /// least). No one answers the pings: their exit status does not matter, the frames
+    /// the guest receives do.
+    fn receive_pings(
+        &mut self,
+        ns: &Netns,
+        args: &[&str],
+        broadcast: &str,
+        n: usize,
+    ) -> Vec<(u32, u32)> {
+        let ping = ns.exec(&[&["ping", "-q", "-b"], args, &[broadcast]].concat());
+        assert!(ping.status.code().is_some(), "ping ended: {ping:?}");
+        self.dev.wait_used(&mut self.rx, n, WAIT)
     }
 
     fn command(&mut self, class: u8, cmd: u8, data: &[u8]) -> u8 {
@@ -542,7 +560,6 @@ fn garbage_rings_never_panic_or_hang() {
 /// the device still moves frames afterwards.
 #[test]
 fn malformed_vnet_headers_and_frame_storms_on_a_real_tap() {
-    use test_support::netns::{skip_reason, Netns};
     if let Some(why) = skip_reason() {
         println!("SKIPPED: {why}");
         return;
@@ -592,50 +609,12 @@ fn malformed_vnet_headers_and_frame_storms_on_a_real_tap() {
     // and stops reading until the driver posts more (the host drops the rest).
     ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "fuzztap0"]);
     d.post_rx(2, 70_000);
-    let storm = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "ping",
-            "-q",
-            "-f",
-            "-c",
-            "3000",
-            "-b",
-            "192.168.77.255",
-        ])
-        .output()
-        .expect("run ping");
-    assert!(storm.status.code().is_some(), "ping ended");
-    assert_eq!(
-        d.dev.wait_used(&mut d.rx, 2, WAIT).len(),
-        2,
-        "the two buffers fill"
-    );
+    let storm = d.receive_pings(&ns, &["-f", "-c", "3000"], "192.168.77.255", 2);
+    assert_eq!(storm.len(), 2, "the two buffers fill");
     // Buffers posted after the storm are used: the device reads the tap again.
     d.post_rx(8, 70_000);
-    let more = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "ping",
-            "-q",
-            "-c",
-            "3",
-            "-i",
-            "0.01",
-            "-b",
-            "192.168.77.255",
-        ])
-        .output()
-        .expect("run ping");
-    assert!(more.status.code().is_some());
-    assert!(
-        !d.dev.wait_used(&mut d.rx, 1, WAIT).is_empty(),
-        "frames arrive after the storm"
-    );
+    let more = d.receive_pings(&ns, &["-c", "3", "-i", "0.01"], "192.168.77.255", 1);
+    assert!(!more.is_empty(), "frames arrive after the storm");
     d.dev.set_status(0);
     assert_eq!(d.dev.status(), 0);
 }
@@ -644,7 +623,6 @@ fn malformed_vnet_headers_and_frame_storms_on_a_real_tap() {
 /// how many pairs it uses (VQ_PAIRS_SET), within what the device has.
 #[test]
 fn multiqueue_taps_give_queue_pairs_the_driver_enables() {
-    use test_support::netns::{skip_reason, Netns};
     const F_MQ: u64 = 1 << 22;
     if let Some(why) = skip_reason() {
         println!("SKIPPED: {why}");
@@ -701,7 +679,6 @@ fn multiqueue_taps_give_queue_pairs_the_driver_enables() {
 /// frames cross both ways. Runs where /dev/vhost-net exists (the nested rig on PVM hosts).
 #[test]
 fn vhost_net_moves_frames_both_ways() {
-    use test_support::netns::{skip_reason, Netns};
     if let Some(why) = skip_reason() {
         println!("SKIPPED: {why}");
         return;
@@ -720,16 +697,7 @@ fn vhost_net_moves_frames_both_ways() {
     let machine = pc_with_nic("vhosttap", "net-vhost", &[]);
     let mut d = start(&machine, VERSION_1 | F_MAC | F_MRG_RXBUF);
     let rx_packets = || -> u64 {
-        let o = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                "cat",
-                "/sys/class/net/vhosttap0/statistics/rx_packets",
-            ])
-            .output()
-            .expect("read the tap's counters");
+        let o = ns.exec(&["cat", "/sys/class/net/vhosttap0/statistics/rx_packets"]);
         String::from_utf8_lossy(&o.stdout)
             .trim()
             .parse()
@@ -746,27 +714,8 @@ fn vhost_net_moves_frames_both_ways() {
         "the frame reached the tap through vhost"
     );
     d.post_rx(8, 2048);
-    let ping = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "ping",
-            "-q",
-            "-c",
-            "3",
-            "-i",
-            "0.05",
-            "-b",
-            "192.168.78.255",
-        ])
-        .output()
-        .expect("run ping");
-    assert!(ping.status.code().is_some());
-    assert!(
-        !d.dev.wait_used(&mut d.rx, 1, WAIT).is_empty(),
-        "host frames arrive through vhost"
-    );
+    let used = d.receive_pings(&ns, &["-c", "3", "-i", "0.05"], "192.168.78.255", 1);
+    assert!(!used.is_empty(), "host frames arrive through vhost");
     d.dev.set_status(0);
     assert_eq!(d.dev.status(), 0, "reset stops the vhost worker");
 }

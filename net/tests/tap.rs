@@ -6,7 +6,7 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -19,10 +19,7 @@ use vm_memory::VolatileSlice;
 #[path = "../../test-support/src/netns.rs"]
 #[allow(dead_code)]
 mod netns;
-use netns::{open_tap, skip_reason, Netns};
-
-/// An experimental ethertype (IEEE 802 local), so frames are ours and not IPv6 chatter.
-const ETHERTYPE: u16 = 0x88b5;
+use netns::{is_test_frame, open_tap, skip_reason, test_frame, Netns, PacketSocket};
 
 macro_rules! skip_unless_possible {
     () => {
@@ -47,93 +44,6 @@ fn opts(text: &str) -> Vec<(String, Option<String>)> {
     net::parse_opts(text)
 }
 
-fn frame(tag: u8, len: usize) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, tag]);
-    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    f.extend((0..len - 14).map(|i| (i as u8).wrapping_mul(7) ^ tag));
-    f
-}
-
-fn is_ours(data: &[u8]) -> bool {
-    data.len() >= 14 && data[12..14] == ETHERTYPE.to_be_bytes()
-}
-
-/// An `AF_PACKET` socket bound to interface `ifname` (of the calling thread's namespace).
-struct PacketSocket {
-    fd: OwnedFd,
-}
-
-impl PacketSocket {
-    fn bind(ifname: &str) -> PacketSocket {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket creation; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
-        // SAFETY: `fd` was just created and is owned here.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let name = std::ffi::CString::new(ifname).unwrap();
-        // SAFETY: a NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert!(ifindex > 0, "no interface {ifname}");
-        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = proto;
-        sa.sll_ifindex = ifindex as i32;
-        // SAFETY: `sa` is a sockaddr_ll of the size given.
-        let ret = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(ret, 0, "bind: {}", io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        // SAFETY: SO_RCVTIMEO takes a timeval.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        PacketSocket { fd }
-    }
-
-    fn send(&self, data: &[u8]) {
-        // SAFETY: `data` is valid for reads of its length.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
-        assert_eq!(
-            n,
-            data.len() as isize,
-            "send: {}",
-            io::Error::last_os_error()
-        );
-    }
-
-    /// The next frame of ours the interface sees, within 5 s.
-    fn recv_ours(&self) -> Vec<u8> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = vec![0u8; 70000];
-        while Instant::now() < deadline {
-            // SAFETY: `buf` is valid for writes of its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 && is_ours(&buf[..n as usize]) {
-                return buf[..n as usize].to_vec();
-            }
-        }
-        panic!("no frame of ours reached the packet socket");
-    }
-}
-
 fn wait_readable(fd: RawFd) {
     let mut p = libc::pollfd {
         fd,
@@ -145,9 +55,9 @@ fn wait_readable(fd: RawFd) {
     assert_eq!(n, 1, "the tap never became readable");
 }
 
-/// Receives frames from the queue until one of ours arrives; returns it whole (with the
+/// Receives frames from the queue until a test frame arrives; returns it whole (with the
 /// header when the NIC uses one) .
-fn receive_ours(q: &dyn NetQueue, hdr_len: usize) -> Vec<u8> {
+fn receive_test_frame(q: &dyn NetQueue, hdr_len: usize) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         wait_readable(q.rx_fd());
@@ -167,11 +77,11 @@ fn receive_ours(q: &dyn NetQueue, hdr_len: usize) -> Vec<u8> {
         };
         a.extend_from_slice(&b);
         a.truncate(n);
-        if is_ours(&a[hdr_len.min(a.len())..]) {
+        if is_test_frame(&a[hdr_len.min(a.len())..]) {
             return a;
         }
     }
-    panic!("no frame of ours came out of the tap");
+    panic!("no test frame came out of the tap");
 }
 
 fn send(q: &dyn NetQueue, data: &[u8]) -> usize {
@@ -185,15 +95,15 @@ fn send(q: &dyn NetQueue, data: &[u8]) -> usize {
 fn exchange(q: &dyn NetQueue, ifname: &str, hdr_len: usize) {
     let sock = PacketSocket::bind(ifname);
     // Guest -> host.
-    let out = frame(1, 200);
+    let out = test_frame(1, 200);
     let mut wire = vec![0u8; hdr_len];
     wire.extend_from_slice(&out);
     assert_eq!(send(q, &wire), wire.len());
-    assert_eq!(sock.recv_ours(), out);
+    assert_eq!(sock.recv_test_frame(), out);
     // Host -> guest.
-    let inb = frame(2, 300);
+    let inb = test_frame(2, 300);
     sock.send(&inb);
-    let got = receive_ours(q, hdr_len);
+    let got = receive_test_frame(q, hdr_len);
     assert_eq!(got.len(), hdr_len + inb.len());
     assert_eq!(&got[hdr_len..], &inb[..]);
     if hdr_len > 0 {
@@ -321,9 +231,9 @@ fn multiqueue_taps_by_ifname_and_by_fds() {
         // The kernel spreads flows over the queues; guest -> host works on each.
         let sock = PacketSocket::bind("qt4");
         for q in t.queues() {
-            let f = frame(9, 100);
+            let f = test_frame(9, 100);
             send(&*q, &f);
-            assert_eq!(sock.recv_ours(), f);
+            assert_eq!(sock.recv_test_frame(), f);
         }
         // vnet_hdr must agree across fds= (the flag is the interface's, so two interfaces
         // are needed to disagree).
