@@ -12,7 +12,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 KERNEL_META=linux-image-amd64
 # Bump when the L1 initramfs layout or its /init changes (forces a rebuild).
-L1_FORMAT=5
+L1_FORMAT=6
 # Modules for the L1 kernel, loaded in this order; built-in or absent ones are
 # skipped (what is needed is verified when L1 boots).
 L1_MODULES="irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev

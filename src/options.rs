@@ -197,6 +197,43 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
     Ok(opts)
 }
 
+/// [`split_opts`], or the members of a JSON object when `text` is one (`-device
+/// {"driver":...}` as libvirt writes it): `implied` comes first, booleans read `on`/`off`.
+pub fn split_opts_or_json(
+    text: &str,
+    implied: &str,
+) -> Result<Vec<(String, Option<String>)>, String> {
+    if !text.trim_start().starts_with('{') {
+        return Ok(split_opts(text, Some(implied)));
+    }
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let map = value
+        .as_object()
+        .ok_or_else(|| "Invalid parameter type, expected: object".to_string())?;
+    let mut items = Vec::with_capacity(map.len());
+    let mut first = None;
+    for (k, v) in map {
+        let text = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => {
+                return Err(format!(
+                    "Invalid parameter type for '{k}', expected: string"
+                ))
+            }
+        };
+        if k == implied {
+            first = Some((k.clone(), Some(text)));
+        } else {
+            items.push((k.clone(), Some(text)));
+        }
+    }
+    let first = first.ok_or_else(|| format!("Parameter '{implied}' is missing"))?;
+    items.insert(0, first);
+    Ok(items)
+}
+
 /// Splits a QEMU option string `a,b=c,d=e,,f` into `(key, value)` pairs; the first bare word
 /// gets `implied` as its key (`-device isa-serial,...` -> driver). `,,` is a literal comma.
 pub fn split_opts(text: &str, implied: Option<&str>) -> Vec<(String, Option<String>)> {

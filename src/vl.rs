@@ -96,6 +96,8 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     let status = main_loop(&machine, &opts);
     monitor::monitor_cleanup();
     block::close_all();
+    // QEMU's net_cleanup: taps run their downscript, slirp threads end.
+    ::net::cleanup_all();
     Ok(status)
 }
 
@@ -145,7 +147,8 @@ fn help_request(opts: &Options) -> Result<Option<String>, OptionError> {
         }
     }
     for dev in &opts.devices {
-        let items = split_opts(&dev.value, Some("driver"));
+        let items =
+            crate::options::split_opts_or_json(&dev.value, "driver").map_err(|e| dev.error(e))?;
         let driver = items[0].1.clone().unwrap_or_default();
         if matches!(driver.as_str(), "help" | "?") {
             return Ok(Some(help::devices()));
@@ -435,7 +438,8 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
 
 /// QEMU's `qdev_device_add`.
 fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError> {
-    let items = split_opts(&located.value, Some("driver"));
+    let items = crate::options::split_opts_or_json(&located.value, "driver")
+        .map_err(|e| located.error(e))?;
     let driver = items[0].1.clone().unwrap_or_default();
     let class = device_type(&driver).map_err(|e| located.error(e))?;
     let dc = device_class(class).expect("device classes have a DeviceClass");

@@ -19,7 +19,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::thread_pool::ThreadPool;
 use crate::virtio::virtio::{
-    bit, device_id, drain_kick, feature, ActivateError, Activation, RateLimitedLog, RingError,
+    bit, device_id, drain_kick, feature, read_config_bytes, ActivateError, Activation, RateLimitedLog, RingError,
     VirtioDevice, VirtioTransport,
 };
 
@@ -199,14 +199,7 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&self, offset: u64, data: &[u8]) {

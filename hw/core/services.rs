@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::core::accel_ops::{AccelOpsRef, RamBlock};
+use crate::core::balloon::Balloon;
 use crate::core::iothread::AioContext;
 use crate::core::memory::AddressSpace;
 use crate::core::runstate::{RunRequest, VmState};
@@ -44,6 +45,8 @@ pub struct MachineServices {
     /// `-smp`'s CPU count, for devices that size themselves per vCPU (virtio-blk's
     /// `num-queues`).
     cpus: AtomicU32,
+    /// The balloon device's slot (QEMU's `balloon_event_fn`).
+    balloon: Arc<Balloon>,
 }
 
 impl Default for MachineServices {
@@ -56,6 +59,7 @@ impl Default for MachineServices {
             vm,
             main_context: OnceLock::new(),
             cpus: AtomicU32::new(1),
+            balloon: Arc::default(),
         }
     }
 }
@@ -120,6 +124,17 @@ impl MachineServices {
             Ok(ctx) => ctx,
             Err(e) => panic!("cannot start the main event loop: {e}"),
         }
+    }
+
+    /// The machine's balloon: the device registers here, the monitors ask it.
+    pub fn balloon(&self) -> &Arc<Balloon> {
+        &self.balloon
+    }
+
+    /// The size of guest RAM in bytes (QEMU's `get_current_ram_size`).
+    pub fn ram_size(&self) -> u64 {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.ram().iter().map(|r| r.len()).sum()
     }
 
     /// Posts a run request: reset, shutdown, `isa-debug-exit`'s status.

@@ -14,6 +14,7 @@
 //! header says how many (`num_buffers`), the rest wait for the next frame.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -26,10 +27,12 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
 };
 
+use crate::core::accel_ops::EventFd;
+use crate::net::vhost_net::{vhost_net_get_features, VhostNet};
 use crate::core::iothread::{AioContext, AioHandlerId, Interest};
 use crate::core::qapi_event::{self, json, Value};
 use crate::virtio::virtio::{
-    bit, device_id, drain_kick, feature, ActivateError, Activation, RateLimitedLog, RingError,
+    bit, device_id, drain_kick, feature, read_config_bytes, ActivateError, Activation, RateLimitedLog, RingError,
     VirtioDevice, VirtioTransport,
 };
 
@@ -155,6 +158,9 @@ pub struct VirtioNetConf {
     pub mtu: u16,
     /// Where the queues are served.
     pub context: Arc<AioContext>,
+    /// The kernel's vhost-net workers serving the queue pairs (`vhost=on`), one per
+    /// pair, with the features they support; `None` serves them here.
+    pub vhost: Option<(Vec<Arc<File>>, u64)>,
 }
 
 /// The receive filter the driver programs on the control queue (QEMU's `VirtIONet`
@@ -271,12 +277,15 @@ pub struct VirtioNet {
     mtu: u16,
     features: u64,
     context: Arc<AioContext>,
+    vhost: Vec<Arc<File>>,
     running: Mutex<Option<Running>>,
 }
 
 /// A running device: its queue pairs, its handlers, and its transport.
 struct Running {
     pairs: Vec<Arc<QueuePair>>,
+    /// Queue pairs the kernel serves (`vhost=on`); stopped when dropped.
+    vhost: Vec<VhostNet>,
     handlers: Vec<AioHandlerId>,
     transport: Arc<dyn VirtioTransport>,
 }
@@ -355,6 +364,14 @@ impl VirtioNet {
         if conf.mtu != 0 {
             features |= bit(nf::MTU);
         }
+        // QEMU's vhost_net_get_features: what the kernel's worker cannot do is not offered.
+        let vhost = match conf.vhost {
+            Some((files, vhost_features)) => {
+                features = vhost_net_get_features(vhost_features, features);
+                files
+            }
+            None => Vec::new(),
+        };
         if features & bit(nf::CTRL_VQ) == 0 {
             features &= !(bit(nf::CTRL_RX)
                 | bit(nf::CTRL_VLAN)
@@ -385,6 +402,7 @@ impl VirtioNet {
             mtu: conf.mtu,
             features,
             context: conf.context,
+            vhost,
             running: Mutex::new(None),
         });
         NICS.lock().push(Arc::downgrade(&dev));
@@ -433,8 +451,7 @@ impl VirtioNet {
                 r.transport.signal_config();
             }
             for pair in &r.pairs {
-                let pair = Arc::clone(pair);
-                self.context.run_sync(Box::new(move || pair.serve()));
+                pair.wake();
             }
         }
     }
@@ -531,14 +548,7 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&self, offset: u64, data: &[u8]) {
@@ -602,6 +612,7 @@ impl VirtioDevice for VirtioNet {
         }
         let mut running = Running {
             pairs: Vec::new(),
+            vhost: Vec::new(),
             handlers: Vec::new(),
             transport: Arc::clone(&transport),
         };
@@ -623,7 +634,28 @@ impl VirtioDevice for VirtioNet {
             let Some(backend) = backend_queues.get(pair_index).cloned() else {
                 continue;
             };
+            if let Some(vhost_file) = self.vhost.get(pair_index) {
+                let Some(tap) = backend.tap_file() else {
+                    return Err(fail(running, "vhost needs a tap backend".into()));
+                };
+                match VhostNet::start(
+                    Arc::clone(vhost_file),
+                    tap,
+                    Arc::clone(&mem),
+                    vec![rx, tx],
+                    features,
+                    Arc::clone(&transport),
+                    Arc::clone(&self.context),
+                ) {
+                    Ok(v) => running.vhost.push(v),
+                    Err(e) => return Err(fail(running, format!("vhost-net: {e}"))),
+                }
+                continue;
+            }
             let pair = Arc::new(QueuePair {
+                context: Arc::clone(&self.context),
+                rx_kick: Arc::clone(&rx.kick),
+                tx_kick: Arc::clone(&tx.kick),
                 rx_index: rx.index,
                 tx_index: tx.index,
                 backend,
@@ -644,6 +676,7 @@ impl VirtioDevice for VirtioNet {
                     tx_blocked: None,
                     backend_handler: None,
                     interest: Interest::READ,
+                    enabled: false,
                 }),
             });
             for (kick, which) in [(rx.kick, Kick::Rx), (tx.kick, Kick::Tx)] {
@@ -658,18 +691,6 @@ impl VirtioDevice for VirtioNet {
                     Err(e) => return Err(fail(running, e.to_string())),
                 }
             }
-            let p = Arc::clone(&pair);
-            let backend_fd = pair.backend.rx_fd();
-            match self
-                .context
-                .add_fd_with(backend_fd, Interest::READ, Box::new(move || p.serve()))
-            {
-                Ok(id) => {
-                    pair.inner.lock().backend_handler = Some((id, Arc::clone(&self.context)));
-                    running.handlers.push(id);
-                }
-                Err(e) => return Err(fail(running, e.to_string())),
-            }
             running.pairs.push(pair);
         }
         if self.has_ctrl() {
@@ -682,6 +703,11 @@ impl VirtioDevice for VirtioNet {
                     transport: Arc::clone(&transport),
                     shared: Arc::clone(shared),
                     pairs: running.pairs.clone(),
+                    vhost_queues: backend_queues
+                        .iter()
+                        .take(running.vhost.len())
+                        .cloned()
+                        .collect(),
                     broken: AtomicBool::new(false),
                 });
                 let kick = q.kick;
@@ -696,10 +722,30 @@ impl VirtioDevice for VirtioNet {
                 }
             }
         }
-        // Frames may be waiting already (and the driver's buffers too).
-        for pair in &running.pairs {
-            let p = Arc::clone(pair);
-            self.context.run_sync(Box::new(move || p.serve()));
+        // QEMU starts with one queue pair; the driver asks for more on the control queue
+        // (VQ_PAIRS_SET). Backend queues no pair serves are detached too.
+        for (i, q) in backend_queues
+            .iter()
+            .enumerate()
+            .skip(running.pairs.len() + running.vhost.len())
+        {
+            if let Err(e) = q.set_enabled(false) {
+                log::warn!("virtio-net: cannot detach backend queue {i}: {e}");
+            }
+        }
+        for (i, q) in backend_queues.iter().enumerate().take(running.vhost.len()) {
+            if let Err(e) = q.set_enabled(i == 0) {
+                log::warn!("virtio-net: cannot set backend queue {i}: {e}");
+            }
+        }
+        for (i, pair) in running.pairs.iter().enumerate() {
+            if let Err(e) = pair.set_enabled(i == 0) {
+                let reason = format!("cannot start backend queue {i}: {e}");
+                for pair in &running.pairs {
+                    pair.unwatch_backend();
+                }
+                return Err(fail(running, reason));
+            }
         }
         *self.running.lock() = Some(running);
         Ok(())
@@ -710,6 +756,9 @@ impl VirtioDevice for VirtioNet {
         if let Some(running) = running {
             for id in running.handlers {
                 self.context.remove_fd(id);
+            }
+            for pair in &running.pairs {
+                pair.unwatch_backend();
             }
         }
         // QEMU's virtio_net_reset.
@@ -751,10 +800,18 @@ struct PairInner {
     tx_blocked: Option<TxFrame>,
     backend_handler: Option<(AioHandlerId, Arc<AioContext>)>,
     interest: Interest,
+    /// The driver uses this pair (pair 0, or one of VQ_PAIRS_SET's).
+    enabled: bool,
 }
 
 /// One receive/transmit queue pair and its backend queue.
 struct QueuePair {
+    /// The loop serving the pair (and watching the backend while the pair is enabled).
+    context: Arc<AioContext>,
+    /// The driver's receive kick; signalled to have the loop serve the pair.
+    rx_kick: Arc<EventFd>,
+    /// The driver's transmit kick; signalled when a burst leaves frames in the ring.
+    tx_kick: Arc<EventFd>,
     rx_index: u16,
     tx_index: u16,
     backend: Arc<dyn NetQueue>,
@@ -795,6 +852,51 @@ fn slices<'m>(
 }
 
 impl QueuePair {
+    /// Attaches or detaches the backend queue and starts or stops watching it (a
+    /// detached tap queue polls as an error, so it must leave the loop first).
+    fn set_enabled(self: &Arc<Self>, enabled: bool) -> io::Result<()> {
+        if enabled {
+            self.backend.set_enabled(true)?;
+            let p = Arc::clone(self);
+            let mut inner = self.inner.lock();
+            inner.enabled = true;
+            if inner.backend_handler.is_none() {
+                let id = self.context.add_fd_with(
+                    self.backend.rx_fd(),
+                    Interest::READ,
+                    Box::new(move || p.serve()),
+                )?;
+                inner.backend_handler = Some((id, Arc::clone(&self.context)));
+                inner.interest = Interest::READ;
+            }
+            drop(inner);
+            // Frames (and the driver's buffers) may be waiting already: a kick has the
+            // loop look, without waiting for it here (the caller may hold the
+            // transport's lock, which a running handler may need).
+            self.wake();
+            Ok(())
+        } else {
+            self.inner.lock().enabled = false;
+            self.unwatch_backend();
+            self.backend.set_enabled(false)
+        }
+    }
+
+    /// Has the loop serve the pair soon (through the receive queue's kick).
+    fn wake(&self) {
+        if let Err(e) = self.rx_kick.write(1) {
+            log::warn!("virtio-net: cannot wake queue pair {}: {e}", self.rx_index / 2);
+        }
+    }
+
+    /// Stops watching the backend; waits for a running handler (so not under `inner`).
+    fn unwatch_backend(&self) {
+        let handler = self.inner.lock().backend_handler.take();
+        if let Some((id, ctx)) = handler {
+            ctx.remove_fd(id);
+        }
+    }
+
     fn kicked(&self, which: Kick) {
         if let Kick::Rx = which {
             self.inner.lock().rx_starved = false;
@@ -809,6 +911,9 @@ impl QueuePair {
             return;
         }
         let mut inner = self.inner.lock();
+        if !inner.enabled {
+            return;
+        }
         let result = self
             .transmit(&mut inner)
             .and_then(|()| self.receive(&mut inner));
@@ -892,8 +997,12 @@ impl QueuePair {
                 sent += 1;
             }
             if sent >= BURST {
-                // More may wait: a later wake-up (the kick stays pending) serves them.
-                inner.tx.enable_notification(mem)?;
+                // More may wait: kick ourselves, so the loop serves its other handlers
+                // first and then this queue again (the driver will not kick for frames
+                // it already queued).
+                if let Err(e) = self.tx_kick.write(1) {
+                    log::warn!("virtio-net: cannot requeue transmit work: {e}");
+                }
                 return Ok(());
             }
             if !inner.tx.enable_notification(mem)? {
@@ -1125,6 +1234,8 @@ struct CtrlQueue {
     transport: Arc<dyn VirtioTransport>,
     shared: Arc<Shared>,
     pairs: Vec<Arc<QueuePair>>,
+    /// The backend queues of pairs the kernel serves (`vhost=on`).
+    vhost_queues: Vec<Arc<dyn NetQueue>>,
     broken: AtomicBool,
 }
 
@@ -1197,10 +1308,7 @@ impl CtrlQueue {
                 self.shared.status.fetch_and(!S_ANNOUNCE, Ordering::AcqRel);
                 true
             }
-            ctrl::MQ if cmd == ctrl::MQ_VQ_PAIRS_SET => data.len() >= 2 && {
-                let pairs = u16::from_le_bytes([data[0], data[1]]);
-                pairs >= 1 && usize::from(pairs) <= self.pairs.len().max(1)
-            },
+            ctrl::MQ if cmd == ctrl::MQ_VQ_PAIRS_SET => self.set_queue_pairs(data),
             ctrl::GUEST_OFFLOADS if cmd == ctrl::GUEST_OFFLOADS_SET => {
                 self.guest_offloads(data)
             }
@@ -1211,6 +1319,29 @@ impl CtrlQueue {
         } else {
             ctrl::ERR
         }
+    }
+
+    /// QEMU's `virtio_net_handle_mq`: the driver uses the first `n` pairs.
+    fn set_queue_pairs(&self, data: &[u8]) -> bool {
+        let Some(n) = data.get(..2).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))) else {
+            return false;
+        };
+        if n < 1 || n > self.pairs.len() + self.vhost_queues.len() {
+            return false;
+        }
+        for (i, q) in self.vhost_queues.iter().enumerate() {
+            if let Err(e) = q.set_enabled(i < n) {
+                GUEST_ERRORS.warn(|| format!("virtio-net: queue pair {i}: {e}"));
+                return false;
+            }
+        }
+        for (i, pair) in self.pairs.iter().enumerate() {
+            if let Err(e) = pair.set_enabled(i < n) {
+                GUEST_ERRORS.warn(|| format!("virtio-net: queue pair {i}: {e}"));
+                return false;
+            }
+        }
+        true
     }
 
     fn rx_mode(&self, cmd: u8, data: &[u8]) -> bool {

@@ -163,6 +163,19 @@ pub enum RingError {
     Chain(String),
 }
 
+/// Copies `data.len()` bytes of a device's configuration `config` from `offset`; bytes
+/// past its end read as zero (what `VirtioDevice::read_config` does for most devices).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Reads the eventfd's counter so a level-triggered loop does not spin on it.
 pub fn drain_kick(kick: &EventFd) {
     // Non-blocking eventfds: EAGAIN when nothing is pending, which is fine.

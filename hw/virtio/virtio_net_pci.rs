@@ -11,6 +11,7 @@ use qom::{type_init, Prop};
 
 use crate::core::iothread::iothread_context;
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
+use crate::net::vhost_net::vhost_features;
 use crate::net::virtio_net::{net_feature as nf, VirtioNet, VirtioNetConf};
 use crate::pci::pci::PciDeviceImpl;
 use crate::virtio::virtio::{bit, device_id, feature, VirtioDevice};
@@ -141,6 +142,9 @@ pub enum VirtioNetError {
     /// `duplex=` other than half/full.
     #[error("'duplex' must be 'half' or 'full'")]
     Duplex,
+    /// `vhostforce` and a vhost-net worker that does not answer.
+    #[error("vhost-net requested but could not be initialized: {0}")]
+    Vhost(String),
     /// `tx=` other than bh/timer.
     #[error("Parameter 'tx' expects 'timer' or 'bh'")]
     Tx,
@@ -318,7 +322,23 @@ impl VirtioNetPci {
             net::detach(&netdev_id);
             return Err(VirtioNetError::QueuePairs(queue_pairs));
         }
+        let vhost_files = netdev.vhost_files();
+        let vhost = match vhost_files.first() {
+            None => None,
+            Some(first) => match vhost_features(first) {
+                Ok(f) => Some((vhost_files.clone(), f)),
+                Err(e) if netdev.vhost_requested() => {
+                    net::detach(&netdev_id);
+                    return Err(VirtioNetError::Vhost(e.to_string()));
+                }
+                Err(e) => {
+                    eprintln!("qomvm: warning: vhost-net support is not available: {e}; falling back to userspace virtio");
+                    None
+                }
+            },
+        };
         Ok(VirtioNetConf {
+            vhost,
             netdev,
             netdev_id,
             name,

@@ -113,6 +113,12 @@ pub trait NetQueue: Send + Sync {
     fn tap_file(&self) -> Option<&File> {
         None
     }
+    /// Attaches or detaches the queue (a multiqueue tap's `TUNSETQUEUE`): the host
+    /// steers frames only to attached queues, so a NIC detaches those the driver does not
+    /// use. A NIC stops watching a detached queue's descriptor first.
+    fn set_enabled(&self, _enabled: bool) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What `info network` prints about a backend.
@@ -241,6 +247,14 @@ pub fn remove_netdev(id: &str) -> bool {
     true
 }
 
+/// Removes every backend (QEMU's `net_cleanup` at exit).
+pub fn cleanup_all() {
+    let all = std::mem::take(&mut *NETDEVS.lock());
+    for entry in all {
+        entry.netdev.cleanup();
+    }
+}
+
 /// Options of one `-netdev`, split (`type` first as the implied key, `,,` unescaped).
 pub type NetdevOpts = [(String, Option<String>)];
 
@@ -280,6 +294,13 @@ pub fn netdev_add(opts: &NetdevOpts) -> Result<(), NetError> {
 
 /// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
 fn check_id(id: &str) -> Result<(), NetError> {
+    // `-nic`'s backends take ids in QEMU's reserved `__org.qemu.` namespace.
+    if id
+        .strip_prefix("__org.qemu.")
+        .is_some_and(|rest| !rest.is_empty())
+    {
+        return Ok(());
+    }
     let mut chars = id.chars();
     let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
@@ -288,6 +309,35 @@ fn check_id(id: &str) -> Result<(), NetError> {
     } else {
         Err(NetError::invalid("Parameter 'id' expects an identifier"))
     }
+}
+
+/// Splits `key=value,key,...` into pairs, `,,` standing for a literal comma (QemuOpts'
+/// syntax without an implied first key): HMP arguments and tests use it.
+pub fn parse_opts(text: &str) -> Vec<(String, Option<String>)> {
+    fn push(items: &mut Vec<(String, Option<String>)>, current: &mut String) {
+        if !current.is_empty() {
+            items.push(match current.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (current.clone(), None),
+            });
+        }
+        current.clear();
+    }
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != ',' {
+            current.push(c);
+        } else if chars.peek() == Some(&',') {
+            chars.next();
+            current.push(',');
+        } else {
+            push(&mut items, &mut current);
+        }
+    }
+    push(&mut items, &mut current);
+    items
 }
 
 /// QemuOpts' boolean: `on`/`off` (and `yes`/`no`, `true`/`false`).
@@ -314,6 +364,20 @@ pub fn iovecs(bufs: &[VolatileSlice<'_>]) -> Vec<libc::iovec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_split_with_escaped_commas() {
+        let o = parse_opts("type=user,hostfwd=tcp::1-:2,,x,restrict");
+        assert_eq!(
+            o,
+            vec![
+                ("type".into(), Some("user".into())),
+                ("hostfwd".into(), Some("tcp::1-:2,x".into())),
+                ("restrict".into(), None),
+            ]
+        );
+        assert!(parse_opts("").is_empty());
+    }
 
     #[test]
     fn ids_are_checked_as_qemu_does() {

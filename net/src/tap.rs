@@ -27,7 +27,9 @@ use vm_memory::VolatileSlice;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
 
-use crate::{iovecs, parse_bool, NetError, NetQueue, Netdev, NetdevInfo, NetdevKind, Offloads};
+use crate::{
+    iovecs, parse_bool, strerror, NetError, NetQueue, Netdev, NetdevInfo, NetdevKind, Offloads,
+};
 
 /// The tun/tap clone device.
 pub const PATH_NET_TUN: &str = "/dev/net/tun";
@@ -78,6 +80,10 @@ pub mod flags {
     pub const IFF_ONE_QUEUE: i16 = 0x2000;
     /// Frames carry a virtio-net header.
     pub const IFF_VNET_HDR: i16 = 0x4000;
+    /// `TUNSETQUEUE`: attach the queue.
+    pub const IFF_ATTACH_QUEUE: i16 = 0x0200;
+    /// `TUNSETQUEUE`: detach the queue.
+    pub const IFF_DETACH_QUEUE: i16 = 0x0400;
 }
 
 /// `TUNSETOFFLOAD` bits.
@@ -251,7 +257,7 @@ fn tap_open(
     let mut features: libc::c_uint = 0;
     // SAFETY: TUNGETFEATURES writes one unsigned int, which `features` is.
     if unsafe { ioctl_with_mut_ref(&file, TUNGETFEATURES(), &mut features) } < 0 {
-        warn_report(&format!("TUNGETFEATURES failed: {}", last_err()));
+        warn_report(&format!("TUNGETFEATURES failed: {}", strerror(&last_err())));
         features = 0;
     }
     let has = |flag: i16| features & (flag as u16 as libc::c_uint) != 0;
@@ -570,7 +576,31 @@ impl NetQueue for TapQueue {
     fn tap_file(&self) -> Option<&File> {
         Some(&self.file)
     }
+
+    /// QEMU's `tap_fd_enable`/`tap_fd_disable`; a single-queue tap refuses `TUNSETQUEUE`
+    /// (EINVAL), which is fine: it is always attached.
+    fn set_enabled(&self, enabled: bool) -> io::Result<()> {
+        let flag = if enabled {
+            flags::IFF_ATTACH_QUEUE
+        } else {
+            flags::IFF_DETACH_QUEUE
+        };
+        let mut req = IfReq::new("", flag);
+        // SAFETY: TUNSETQUEUE reads a struct ifreq, which `req` is.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &mut req) };
+        if ret < 0 {
+            let e = last_err();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
 }
+
+/// `TUNSETQUEUE` (`_IOW('T', 217, int)`).
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 
 /// A `-netdev tap` backend (QEMU's `TAPState`s of one netdev).
 pub struct Tap {
@@ -738,7 +768,10 @@ fn init_vhost(
             }
             Err(e) => {
                 // QEMU 7.2 warns, then fails an assertion; newer QEMUs refuse the netdev.
-                warn_report(&format!("tap: open vhost char device failed: {e}"));
+                warn_report(&format!(
+                    "tap: open vhost char device failed: {}",
+                    strerror(&e)
+                ));
                 return Err(NetError::invalid(
                     "vhost-net requested but could not be initialized",
                 ));
@@ -748,7 +781,7 @@ fn init_vhost(
     // QEMU's vhost_net_init asks the device for its features (after SET_OWNER, which
     // the NIC's vhost start does here): a descriptor that is not vhost-net fails.
     if let Err(e) = vhost_get_features(&file) {
-        warn_report(&format!("vhost_get_features failed: {e}"));
+        warn_report(&format!("vhost_get_features failed: {}", strerror(&e)));
         return Err(NetError::invalid(
             "vhost-net requested but could not be initialized",
         ));
@@ -1008,13 +1041,7 @@ mod tests {
     use super::*;
 
     fn opts(text: &str) -> Vec<(String, Option<String>)> {
-        text.split(',')
-            .filter(|s| !s.is_empty())
-            .map(|kv| match kv.split_once('=') {
-                Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                None => (kv.to_string(), None),
-            })
-            .collect()
+        crate::parse_opts(text)
     }
 
     fn err(text: &str) -> String {

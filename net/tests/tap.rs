@@ -4,36 +4,22 @@
 //! to the tap inside the namespace. Skipped, with the reason printed, when not root or
 //! without `/dev/net/tun` or `ip`.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use net::tap::{self, flags};
 use net::{NetQueue, Netdev, Offloads};
 use vm_memory::VolatileSlice;
 
-/// An experimental ethertype (IEEE 802 local), so frames are ours and not IPv6 chatter.
-const ETHERTYPE: u16 = 0x88b5;
-
-/// Why the tests cannot run here, if they cannot.
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (tap interfaces and namespaces need CAP_NET_ADMIN)".into());
-    }
-    if !Path::new(tap::PATH_NET_TUN).exists() {
-        return Some(format!("no {}", tap::PATH_NET_TUN));
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("no `ip` command (iproute2)".into());
-    }
-    None
-}
+#[path = "../../test-support/src/netns.rs"]
+#[allow(dead_code)]
+mod netns;
+use netns::{is_test_frame, open_tap, skip_reason, test_frame, Netns, PacketSocket};
 
 macro_rules! skip_unless_possible {
     () => {
@@ -42,57 +28,6 @@ macro_rules! skip_unless_possible {
             return;
         }
     };
-}
-
-/// A network namespace of the test's own; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "qomvm-tap-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Netns { name }
-    }
-
-    /// Runs `f` on a thread inside the namespace (sockets and taps it makes live there;
-    /// commands it spawns inherit it).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = File::open(&path).expect("open the namespace");
-                // SAFETY: setns on this thread only, with a namespace file we hold.
-                let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(ret, 0, "setns: {}", io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 /// `ip ARGS` (in the calling thread's namespace).
@@ -106,99 +41,7 @@ fn ip(args: &[&str]) {
 }
 
 fn opts(text: &str) -> Vec<(String, Option<String>)> {
-    text.split(',')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (kv.to_string(), None),
-        })
-        .collect()
-}
-
-fn frame(tag: u8, len: usize) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, tag]);
-    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    f.extend((0..len - 14).map(|i| (i as u8).wrapping_mul(7) ^ tag));
-    f
-}
-
-fn is_ours(data: &[u8]) -> bool {
-    data.len() >= 14 && data[12..14] == ETHERTYPE.to_be_bytes()
-}
-
-/// An `AF_PACKET` socket bound to interface `ifname` (of the calling thread's namespace).
-struct PacketSocket {
-    fd: OwnedFd,
-}
-
-impl PacketSocket {
-    fn bind(ifname: &str) -> PacketSocket {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket creation; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
-        // SAFETY: `fd` was just created and is owned here.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let name = std::ffi::CString::new(ifname).unwrap();
-        // SAFETY: a NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert!(ifindex > 0, "no interface {ifname}");
-        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = proto;
-        sa.sll_ifindex = ifindex as i32;
-        // SAFETY: `sa` is a sockaddr_ll of the size given.
-        let ret = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(ret, 0, "bind: {}", io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        // SAFETY: SO_RCVTIMEO takes a timeval.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        PacketSocket { fd }
-    }
-
-    fn send(&self, data: &[u8]) {
-        // SAFETY: `data` is valid for reads of its length.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
-        assert_eq!(
-            n,
-            data.len() as isize,
-            "send: {}",
-            io::Error::last_os_error()
-        );
-    }
-
-    /// The next frame of ours the interface sees, within 5 s.
-    fn recv_ours(&self) -> Vec<u8> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = vec![0u8; 70000];
-        while Instant::now() < deadline {
-            // SAFETY: `buf` is valid for writes of its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 && is_ours(&buf[..n as usize]) {
-                return buf[..n as usize].to_vec();
-            }
-        }
-        panic!("no frame of ours reached the packet socket");
-    }
+    net::parse_opts(text)
 }
 
 fn wait_readable(fd: RawFd) {
@@ -212,9 +55,9 @@ fn wait_readable(fd: RawFd) {
     assert_eq!(n, 1, "the tap never became readable");
 }
 
-/// Receives frames from the queue until one of ours arrives; returns it whole (with the
+/// Receives frames from the queue until a test frame arrives; returns it whole (with the
 /// header when the NIC uses one) .
-fn receive_ours(q: &dyn NetQueue, hdr_len: usize) -> Vec<u8> {
+fn receive_test_frame(q: &dyn NetQueue, hdr_len: usize) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         wait_readable(q.rx_fd());
@@ -234,11 +77,11 @@ fn receive_ours(q: &dyn NetQueue, hdr_len: usize) -> Vec<u8> {
         };
         a.extend_from_slice(&b);
         a.truncate(n);
-        if is_ours(&a[hdr_len.min(a.len())..]) {
+        if is_test_frame(&a[hdr_len.min(a.len())..]) {
             return a;
         }
     }
-    panic!("no frame of ours came out of the tap");
+    panic!("no test frame came out of the tap");
 }
 
 fn send(q: &dyn NetQueue, data: &[u8]) -> usize {
@@ -252,15 +95,15 @@ fn send(q: &dyn NetQueue, data: &[u8]) -> usize {
 fn exchange(q: &dyn NetQueue, ifname: &str, hdr_len: usize) {
     let sock = PacketSocket::bind(ifname);
     // Guest -> host.
-    let out = frame(1, 200);
+    let out = test_frame(1, 200);
     let mut wire = vec![0u8; hdr_len];
     wire.extend_from_slice(&out);
     assert_eq!(send(q, &wire), wire.len());
-    assert_eq!(sock.recv_ours(), out);
+    assert_eq!(sock.recv_test_frame(), out);
     // Host -> guest.
-    let inb = frame(2, 300);
+    let inb = test_frame(2, 300);
     sock.send(&inb);
-    let got = receive_ours(q, hdr_len);
+    let got = receive_test_frame(q, hdr_len);
     assert_eq!(got.len(), hdr_len + inb.len());
     assert_eq!(&got[hdr_len..], &inb[..]);
     if hdr_len > 0 {
@@ -273,7 +116,7 @@ fn exchange(q: &dyn NetQueue, ifname: &str, hdr_len: usize) {
 #[test]
 fn tap_by_ifname_with_and_without_the_vnet_header() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let t = tap::tap_init("t0", &opts("ifname=qt0,script=no,downscript=no")).unwrap();
         assert_eq!(t.info().info_str, "ifname=qt0,script=no,downscript=no");
@@ -318,7 +161,7 @@ fn tap_by_ifname_with_and_without_the_vnet_header() {
 #[test]
 fn tap_with_vnet_hdr_off() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let t = tap::tap_init(
             "t1",
@@ -338,36 +181,10 @@ fn tap_with_vnet_hdr_off() {
     });
 }
 
-/// Opens a tap the way a management stack does before handing it over.
-fn open_tap(name: &str, extra: i16) -> File {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(tap::PATH_NET_TUN)
-        .unwrap();
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: i16,
-        pad: [u8; 22],
-    }
-    let mut r = IfReq {
-        name: [0; 16],
-        flags: flags::IFF_NO_PI | extra,
-        pad: [0; 22],
-    };
-    r.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF with a struct ifreq.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), 0x4004_54ca, &mut r) };
-    assert_eq!(ret, 0, "TUNSETIFF: {}", io::Error::last_os_error());
-    file
-}
-
 #[test]
 fn tap_from_an_inherited_fd() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let fd = open_tap("qt2", flags::IFF_TAP | flags::IFF_VNET_HDR).into_raw_fd();
         let t = tap::tap_init("t2", &opts(&format!("fd={fd}"))).unwrap();
@@ -394,7 +211,7 @@ fn tap_from_an_inherited_fd() {
 #[test]
 fn multiqueue_taps_by_ifname_and_by_fds() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let t = tap::tap_init("t3", &opts("ifname=qt3,script=no,downscript=no,queues=2")).unwrap();
         assert_eq!(t.queues().len(), 2);
@@ -414,9 +231,9 @@ fn multiqueue_taps_by_ifname_and_by_fds() {
         // The kernel spreads flows over the queues; guest -> host works on each.
         let sock = PacketSocket::bind("qt4");
         for q in t.queues() {
-            let f = frame(9, 100);
+            let f = test_frame(9, 100);
             send(&*q, &f);
-            assert_eq!(sock.recv_ours(), f);
+            assert_eq!(sock.recv_test_frame(), f);
         }
         // vnet_hdr must agree across fds= (the flag is the interface's, so two interfaces
         // are needed to disagree).
@@ -433,7 +250,7 @@ fn multiqueue_taps_by_ifname_and_by_fds() {
 #[test]
 fn inherited_descriptors_that_are_not_taps_are_refused() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         // A tun (layer 3) device.
         let tun = open_tap("qtun0", flags::IFF_TUN);
@@ -478,7 +295,7 @@ fn scripts_run_with_the_interface_name() {
     };
     let up = script("up", &format!("echo \"up $1\" >> {}", log.display()));
     let down = script("down", &format!("echo \"down $1\" >> {}", log.display()));
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let t = tap::tap_init(
             "s",
@@ -516,7 +333,7 @@ fn scripts_run_with_the_interface_name() {
 #[test]
 fn vhost_options() {
     skip_unless_possible!();
-    let ns = Netns::new();
+    let ns = Netns::new("tap");
     ns.run(|| {
         let e = tap::tap_init(
             "v",

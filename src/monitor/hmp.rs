@@ -61,6 +61,12 @@ impl HmpCommand {
 
 const COMMANDS: &[HmpCommand] = &[
     HmpCommand {
+        names: "balloon",
+        params: "target",
+        help: "request VM to change its memory allocation (in MB)",
+        run: balloon,
+    },
+    HmpCommand {
         names: "cont|c",
         params: "",
         help: "resume emulation",
@@ -95,6 +101,42 @@ const COMMANDS: &[HmpCommand] = &[
         run: |_, _, args, _| {
             let id = args.first().ok_or_else(|| missing("id"))?;
             crate::net::qmp_netdev_del(id).map_err(|_| QmpError::DeviceNotFound(id.to_string()))
+        },
+    },
+    HmpCommand {
+        names: "hostfwd_add",
+        params: "[netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport",
+        help: "redirect TCP or UDP connections from host to guest (requires -net user)",
+        run: |_, _, args, out| {
+            let (id, rule) = match args {
+                [rule] => (None, *rule),
+                [id, rule, ..] => (Some(*id), *rule),
+                [] => return Err(missing("arg1")),
+            };
+            if let Err(e) = ::net::slirp::hostfwd_add(id, rule) {
+                out.push_str(&e);
+                out.push('\n');
+            }
+            Ok(())
+        },
+    },
+    HmpCommand {
+        names: "hostfwd_remove",
+        params: "[netdev_id] [tcp|udp]:[hostaddr]:hostport",
+        help: "remove host-to-guest TCP or UDP redirection",
+        run: |_, _, args, out| {
+            let (id, rule) = match args {
+                [rule] => (None, *rule),
+                [id, rule, ..] => (Some(*id), *rule),
+                [] => return Err(missing("arg1")),
+            };
+            match ::net::slirp::hostfwd_remove(id, rule) {
+                Ok(text) | Err(text) => {
+                    out.push_str(&text);
+                    out.push('\n');
+                }
+            }
+            Ok(())
         },
     },
     HmpCommand {
@@ -185,6 +227,12 @@ const COMMANDS: &[HmpCommand] = &[
 
 const INFO_COMMANDS: &[HmpCommand] = &[
     HmpCommand {
+        names: "balloon",
+        params: "",
+        help: "show balloon information",
+        run: info_balloon,
+    },
+    HmpCommand {
         names: "block",
         params: "[-n] [device]",
         help: "show info of one block device or all block devices (-n: named nodes)",
@@ -208,6 +256,15 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         help: "show the network state",
         run: |_, _, _, out| {
             out.push_str(&crate::net::info_network());
+            Ok(())
+        },
+    },
+    HmpCommand {
+        names: "usernet",
+        params: "",
+        help: "show user network stack connection states",
+        run: |_, _, _, out| {
+            out.push_str(&::net::slirp::usernet_info());
             Ok(())
         },
     },
@@ -462,6 +519,52 @@ fn info_block(
             print_block_info(out, info["device"].as_str(), &info["inserted"]);
         }
     }
+    Ok(())
+}
+
+/// QEMU's `hmp_balloon`: the target in MiB.
+fn balloon(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let text = args.first().copied().unwrap_or("");
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => i64::from_str_radix(hex, 16),
+        None => text.parse::<i64>(),
+    };
+    let Ok(mib) = parsed else {
+        match text
+            .chars()
+            .find(|c| !c.is_ascii_alphanumeric() || c.is_ascii_alphabetic())
+        {
+            None => out.push_str("unexpected end of expression\n"),
+            Some(c) => {
+                let _ = writeln!(out, "invalid char '{c}' in expression");
+            }
+        }
+        out.push_str("Try \"help balloon\" for more information\n");
+        return Ok(());
+    };
+    let target = mib.checked_mul(1 << 20).unwrap_or(i64::MIN);
+    ctx.vm
+        .machine_state()
+        .services()
+        .balloon()
+        .set_target(target)?;
+    Ok(())
+}
+
+/// QEMU's `hmp_info_balloon`.
+fn info_balloon(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let actual = ctx.vm.machine_state().services().balloon().actual()?;
+    let _ = writeln!(out, "balloon: actual={}", actual >> 20);
     Ok(())
 }
 

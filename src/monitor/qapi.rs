@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 
+use hw::core::balloon::BalloonError;
 use hw::core::machine::{machine_state, MachineState};
 use hw::core::runstate::RunStateError;
 use qom::ObjectRef;
@@ -109,6 +110,9 @@ pub enum QmpError {
     /// A run-state change that was refused.
     #[error(transparent)]
     RunState(#[from] RunStateError),
+    /// A balloon command without a balloon, or with a bad target.
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
 }
 
 impl QmpError {
@@ -121,6 +125,7 @@ impl QmpError {
             QmpError::DeviceNotFound(_) | QmpError::Qom(qom::Error::PathNotFound(_)) => {
                 "DeviceNotFound"
             }
+            QmpError::Balloon(BalloonError::NotActivated) => "DeviceNotActive",
             _ => "GenericError",
         }
     }

@@ -140,6 +140,16 @@ pub const COMMANDS: &[QmpCommand] = &[
         },
     },
     QmpCommand {
+        name: "balloon",
+        args: &[Arg::required("value", ArgType::Int)],
+        run: qmp_balloon,
+    },
+    QmpCommand {
+        name: "query-balloon",
+        args: &[],
+        run: query_balloon,
+    },
+    QmpCommand {
         name: "object-add",
         args: &[
             Arg::required("qom-type", ArgType::Str),
@@ -371,7 +381,42 @@ fn qom_list(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError
 
 fn qom_get(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
     let obj = resolve(str_arg(args, "path"))?;
-    Ok(value_to_json(&obj.property_get(str_arg(args, "property"))?))
+    let property = str_arg(args, "property");
+    if property == "guest-stats" {
+        if let Some(stats) = guest_stats(&obj) {
+            return Ok(stats);
+        }
+    }
+    Ok(value_to_json(&obj.property_get(property)?))
+}
+
+/// QEMU's `balloon_stats_get_all`: the balloon's `guest-stats` structure, which QOM's
+/// scalar values cannot carry.
+fn guest_stats(obj: &qom::Object) -> Option<Value> {
+    let dev = obj.cast::<hw::virtio::virtio_balloon_pci::VirtioBalloonPci>()?;
+    let (stats, last_update) = dev.stats().guest_stats();
+    let stats: Map<String, Value> = stats
+        .into_iter()
+        .map(|(name, v)| (name.to_string(), v.into()))
+        .collect();
+    Some(json!({"stats": stats, "last-update": last_update}))
+}
+
+/// QEMU's `qmp_balloon`: `value` is the guest's target size in bytes.
+fn qmp_balloon(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let value = args.get("value").and_then(Value::as_i64).unwrap_or(0);
+    ctx.vm
+        .machine_state()
+        .services()
+        .balloon()
+        .set_target(value)?;
+    Ok(json!({}))
+}
+
+/// QEMU's `qmp_query_balloon`.
+fn query_balloon(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    let actual = ctx.vm.machine_state().services().balloon().actual()?;
+    Ok(json!({"actual": actual}))
 }
 
 fn qom_set(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {

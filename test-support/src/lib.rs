@@ -6,6 +6,7 @@
 pub mod elf;
 pub mod guest;
 pub mod irq_guest;
+pub mod netns;
 pub mod qtest;
 pub mod raw_kvm;
 pub mod virtio;

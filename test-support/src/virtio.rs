@@ -356,6 +356,11 @@ impl VirtioPciDevice {
         self.mmio.read(self.device + offset, size)
     }
 
+    /// Writes `size` bytes of the device configuration (the driver's fields).
+    pub fn write_device_config(&self, offset: u64, value: u64, size: u32) {
+        self.mmio.write(self.device + offset, value, size)
+    }
+
     /// Waits until `ring` has `n` new used entries (or `timeout` passes).
     pub fn wait_used(&self, ring: &mut SplitRing, n: usize, timeout: Duration) -> Vec<(u32, u32)> {
         let deadline = Instant::now() + timeout;

@@ -1,0 +1,237 @@
+//! `-netdev`/`-nic`/`-device virtio-net-pci` on qomvm's command line, as people and
+//! management stacks write them: the seed's inherited-descriptor pair, taps by name in a
+//! namespace the test makes, and QEMU's one-line errors for bad input.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+
+use test_support::netns::{open_tap, skip_reason, Netns, IFF_TAP, IFF_VNET_HDR};
+
+const QUIT: &str = "{\"execute\":\"qmp_capabilities\"}\n\
+{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info network\"}}\n\
+{\"execute\":\"quit\"}\n";
+
+fn qomvm_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_qomvm"));
+    c.args([
+        "-accel",
+        "qtest",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-qmp",
+        "stdio",
+    ])
+    .args(args)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    c
+}
+
+fn run_with_quit(mut c: Command) -> Output {
+    use std::io::Write;
+    let mut child = c.spawn().expect("start qomvm");
+    let _ = child.stdin.take().unwrap().write_all(QUIT.as_bytes());
+    child.wait_with_output().expect("qomvm ends")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+macro_rules! skip_unless_possible {
+    () => {
+        if let Some(why) = skip_reason() {
+            println!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+#[test]
+fn the_seeds_tap_pair_is_accepted_with_an_inherited_descriptor() {
+    skip_unless_possible!();
+    let ns = Netns::new("netcli");
+    let out = ns.run(|| {
+        let tap = open_tap("seedtap0", IFF_TAP | IFF_VNET_HDR);
+        let fd = tap.as_raw_fd();
+        let mut c = qomvm_cmd(&[
+            "-netdev",
+            "tap,fd=32,id=hostnet0",
+            "-device",
+            "virtio-net-pci,netdev=hostnet0,id=net0,mac=fa:16:3e:d1:2d:99,bus=pci.0,addr=0x3",
+        ]);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::dup2(fd, 32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        run_with_quit(c)
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("net0: index=0,type=nic,model=virtio-net-pci,macaddr=fa:16:3e:d1:2d:99"),
+        "{text}"
+    );
+    assert!(text.contains("hostnet0: index=0,type=tap,fd=32"), "{text}");
+}
+
+#[test]
+fn a_tap_by_name_and_a_nic_shorthand() {
+    skip_unless_possible!();
+    let ns = Netns::new("netcli");
+    let out = ns.run(|| {
+        run_with_quit(qomvm_cmd(&[
+            "-nic",
+            "tap,ifname=nictap0,script=no,downscript=no,mac=52:54:00:00:00:07",
+        ]))
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:07"),
+        "{text}"
+    );
+    assert!(
+        text.contains("__org.qemu.nic0: index=0,type=tap,ifname=nictap0,script=no,downscript=no"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_network_options_are_one_line_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["-netdev", "tap,id=n0,fd=99"],
+            "qomvm: -netdev tap,id=n0,fd=99: ",
+        ),
+        (
+            &["-netdev", "bogus,id=n0"],
+            "Parameter 'type' does not accept value 'bogus'",
+        ),
+        (&["-netdev", "tap"], "Parameter 'id' is missing"),
+        (
+            &["-netdev", "tap,id=0bad"],
+            "Parameter 'id' expects an identifier",
+        ),
+        (
+            &["-device", "virtio-net-pci,netdev=nothere"],
+            "Property 'virtio-net-pci.netdev' can't find value 'nothere'",
+        ),
+        (
+            &["-nic", "user,model=e1000"],
+            "Unsupported NIC model: e1000",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = run_with_quit(qomvm_cmd(args));
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_mac_that_does_not_parse_and_a_netdev_used_twice_are_refused() {
+    skip_unless_possible!();
+    let ns = Netns::new("netcli");
+    let outs = ns.run(|| {
+        [
+            run_with_quit(qomvm_cmd(&[
+                "-netdev",
+                "tap,id=n0,ifname=mactap0,script=no,downscript=no",
+                "-device",
+                "virtio-net-pci,netdev=n0,mac=52:54:00:zz:00:01",
+            ])),
+            run_with_quit(qomvm_cmd(&[
+                "-netdev",
+                "tap,id=n0,ifname=twotap0,script=no,downscript=no",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ])),
+        ]
+    });
+    assert!(
+        stderr(&outs[0])
+            .contains("Property 'virtio-net-pci.mac' doesn't take value '52:54:00:zz:00:01'"),
+        "{}",
+        stderr(&outs[0])
+    );
+    assert!(
+        stderr(&outs[1])
+            .contains("Property 'virtio-net-pci.netdev' can't take value 'n0', it's in use"),
+        "{}",
+        stderr(&outs[1])
+    );
+}
+
+#[test]
+fn the_downscript_runs_when_qomvm_exits() {
+    skip_unless_possible!();
+    let dir = std::env::temp_dir().join(format!("qomvm-netcli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let up = dir.join("up.sh");
+    let down = dir.join("down.sh");
+    let log = dir.join("log");
+    for (path, word) in [(&up, "up"), (&down, "down")] {
+        std::fs::write(
+            path,
+            format!("#!/bin/sh\necho {word} $1 >> {}\n", log.display()),
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(path)
+            .status()
+            .unwrap();
+    }
+    let ns = Netns::new("netcli");
+    let netdev = format!(
+        "tap,id=n0,ifname=scripttap0,script={},downscript={}",
+        up.display(),
+        down.display()
+    );
+    let out = ns.run(|| run_with_quit(qomvm_cmd(&["-netdev", &netdev])));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(text, "up scripttap0\ndown scripttap0\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn libvirts_json_netdev_and_device_are_accepted() {
+    skip_unless_possible!();
+    let ns = Netns::new("netcli");
+    let out = ns.run(|| {
+        run_with_quit(qomvm_cmd(&[
+            "-netdev",
+            r#"{"type":"tap","id":"hostnet0","ifname":"jsontap0","script":"no","downscript":"no","vhost":false}"#,
+            "-device",
+            r#"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"fa:16:3e:d1:2d:99","bus":"pci.0","addr":"0x3"}"#,
+        ]))
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("net0: index=0,type=nic,model=virtio-net-pci,macaddr=fa:16:3e:d1:2d:99"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hostnet0: index=0,type=tap,ifname=jsontap0"),
+        "{text}"
+    );
+}

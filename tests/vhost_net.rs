@@ -1,0 +1,209 @@
+//! `hw::net::vhost_net` against the host kernel's vhost-net, without a device model: a
+//! tap in a network namespace of the test's own, a guest's two rings (laid out by
+//! test_support::virtio's `SplitRing`) handed to [`VhostNet`], and an `AF_PACKET` socket
+//! on the tap to see and make the frames the worker moves. Skipped, with the reason
+//! printed, where /dev/vhost-net is missing (run it in scripts/nested-kvm.sh), when not
+//! root, or without /dev/net/tun or `ip`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hw::core::accel_ops::EventFd;
+use hw::core::iothread::AioContext;
+use hw::net::vhost_net::{vhost_features, vhost_net_get_features, VhostNet};
+use hw::virtio::virtio::{bit, feature, ActiveQueue, VirtioTransport};
+use test_support::netns::{
+    open_tap, skip_reason, test_frame, Netns, PacketSocket, IFF_TAP, IFF_VNET_HDR,
+};
+use test_support::virtio::SplitRing;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const SIZE: u16 = 16;
+const WAIT: Duration = Duration::from_secs(20);
+const TX_BUF: u64 = 0x4_0000;
+const RX_BUFS: u64 = 0x5_0000;
+
+/// Counts the interrupts the worker's call signals turn into.
+#[derive(Default)]
+struct Counting {
+    used: [AtomicU32; 2],
+}
+
+impl VirtioTransport for Counting {
+    fn signal_used_queue(&self, queue: u16) {
+        self.used[usize::from(queue)].fetch_add(1, Ordering::SeqCst);
+    }
+    fn signal_config(&self) {}
+    fn mark_broken(&self) {}
+}
+
+/// A cleared split ring at `base`, and queue `index` as the device model would hand it
+/// to vhost (addresses set, ready, its own kick).
+fn ring(mem: &GuestMemoryMmap, index: u16, base: u64) -> (SplitRing, ActiveQueue) {
+    let ring = SplitRing::new(base, SIZE);
+    ring.clear(mem);
+    let mut q = Queue::new(256).unwrap();
+    q.try_set_size(SIZE).unwrap();
+    q.try_set_desc_table_address(GuestAddress(ring.desc))
+        .unwrap();
+    q.try_set_avail_ring_address(GuestAddress(ring.avail))
+        .unwrap();
+    q.try_set_used_ring_address(GuestAddress(ring.used))
+        .unwrap();
+    q.set_ready(true);
+    assert!(q.is_valid(mem));
+    let active = ActiveQueue {
+        index,
+        queue: q,
+        kick: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+    };
+    (ring, active)
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The used entries of `ring` not seen yet, waiting for at least one.
+fn wait_used(mem: &GuestMemoryMmap, ring: &mut SplitRing, what: &str) -> Vec<(u32, u32)> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let used = ring.take_used(mem);
+        if !used.is_empty() {
+            return used;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A TX descriptor with a vnet header and a frame reaches an `AF_PACKET` socket on the
+/// tap; a frame sent there lands in a posted RX buffer, after a 12-byte header; each
+/// used buffer is signalled; stopping gives the rings back where the worker left them,
+/// and the same vhost-net file starts again.
+#[test]
+fn vhost_net_moves_frames_between_rings_and_a_tap() {
+    if let Some(why) = skip_reason() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    if !Path::new("/dev/vhost-net").exists() {
+        println!("SKIPPED: no /dev/vhost-net (run it in scripts/nested-kvm.sh)");
+        return;
+    }
+    let ns = Netns::new("vhost");
+    ns.run(|| in_namespace(&ns));
+}
+
+fn in_namespace(ns: &Netns) {
+    // No IPv6 chatter in the RX buffers.
+    for f in ["all", "default"] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{f}/disable_ipv6"), "1");
+    }
+    let tap = open_tap("qvh0", IFF_TAP | IFF_VNET_HDR);
+    // Non-blocking, as the tap backend leaves it.
+    // SAFETY: F_SETFL on a descriptor we own.
+    let ret = unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    assert_eq!(ret, 0);
+    ns.ip(&["link", "set", "qvh0", "up"]);
+    let sock = PacketSocket::bind("qvh0");
+
+    let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let (mut rx_ring, rx) = ring(&mem, 0, 0x1_0000);
+    let (mut tx_ring, tx) = ring(&mem, 1, 0x2_0000);
+    let rx_kick = Arc::clone(&rx.kick);
+    let tx_kick = Arc::clone(&tx.kick);
+    let transport = Arc::new(Counting::default());
+    let ctx = AioContext::new("vhost-test").unwrap();
+    let vhost: Arc<File> = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open("/dev/vhost-net")
+            .unwrap(),
+    );
+    let supported = vhost_features(&vhost).unwrap();
+    let features = vhost_net_get_features(supported, bit(feature::VERSION_1));
+    assert_ne!(
+        features & bit(feature::VERSION_1),
+        0,
+        "vhost-net has VERSION_1"
+    );
+    let mut net = VhostNet::start(
+        Arc::clone(&vhost),
+        &tap,
+        Arc::clone(&mem),
+        vec![rx, tx],
+        features,
+        transport.clone(),
+        Arc::clone(&ctx),
+    )
+    .unwrap();
+    assert!(net.is_running());
+
+    // TX: a 12-byte empty header, then the frame.
+    let frame = test_frame(1, 114);
+    let mut wire = vec![0u8; 12];
+    wire.extend_from_slice(&frame);
+    mem.write_slice(&wire, GuestAddress(TX_BUF)).unwrap();
+    tx_ring.add_chain(&mem, &[(TX_BUF, wire.len() as u32, false)]);
+    tx_kick.write(1).unwrap();
+    assert_eq!(sock.recv_test_frame(), frame);
+    let tx_used = wait_used(&mem, &mut tx_ring, "the TX buffer used");
+    assert_eq!(tx_used.len(), 1);
+    assert_eq!(tx_used[0].0, 0, "the TX head");
+    wait_for("the TX interrupt", || {
+        transport.used[1].load(Ordering::SeqCst) > 0
+    });
+
+    // RX: buffers first, then a frame on the interface.
+    for slot in 0..4u64 {
+        rx_ring.add_chain(&mem, &[(RX_BUFS + 0x1000 * slot, 2048, true)]);
+    }
+    rx_kick.write(1).unwrap();
+    let inbound = test_frame(2, 114);
+    sock.send(&inbound);
+    let mut rx_used = wait_used(&mem, &mut rx_ring, "an RX buffer used");
+    let found = rx_used.iter().any(|&(id, len)| {
+        let mut got = vec![0u8; len as usize];
+        mem.read_slice(&mut got, GuestAddress(RX_BUFS + 0x1000 * u64::from(id)))
+            .unwrap();
+        len as usize == 12 + inbound.len() && got[12..] == inbound[..]
+    });
+    assert!(
+        found,
+        "the frame landed in an RX buffer, after a 12-byte header"
+    );
+    wait_for("the RX interrupt", || {
+        transport.used[0].load(Ordering::SeqCst) > 0
+    });
+
+    net.stop().unwrap();
+    assert!(!net.is_running());
+    // Whatever else arrived before the stop.
+    rx_used.extend(rx_ring.take_used(&mem));
+    assert_eq!(net.queues()[1].queue.next_avail(), 1);
+    assert_eq!(net.queues()[1].queue.next_used(), 1);
+    assert_eq!(
+        usize::from(net.queues()[0].queue.next_used()),
+        rx_used.len()
+    );
+    net.stop().unwrap();
+    drop(net);
+    // Ownership was given up: the same file starts again.
+    let (_, rx) = ring(&mem, 0, 0x6_0000);
+    let (_, tx) = ring(&mem, 1, 0x7_0000);
+    let again = VhostNet::start(vhost, &tap, mem, vec![rx, tx], features, transport, ctx);
+    assert!(again.is_ok(), "restart: {:?}", again.err());
+}
