@@ -52,7 +52,8 @@ fn missing_in_qomvm(args: &[&str]) -> Option<String> {
 /// background (`-M pc -m $VM_MEM -smp 2`, console in NAME.log, `$VM_WRAP` before the VMM);
 /// `await NAME REGEX [S]` waits for a console line; `finish NAME` waits for the guest's
 /// power-off and prints the console (`NAME: ` before each line) and the VMM's status;
-/// `sum FILE|-` prints "BYTES SHA256"; `qmp SOCKET JSON...` prints each command's reply.
+/// `nc_ ADDR PORT` is busybox nc with a time limit; `sum FILE|-` prints "BYTES SHA256";
+/// `qmp SOCKET JSON...` prints each command's reply.
 const NET_PRELUDE: &str = r#"
 set -u
 mkdir -p "$QOMVM_WORK" && cd "$QOMVM_WORK" || exit 1
@@ -90,6 +91,10 @@ finish() {
     st=$?
     tr -d '\r' <"$1.log" | sed "s/^/$1: /"
     echo "host: $1: vmm exit status $st"
+}
+# A client connection, ended after 300 s if it stalls.
+nc_() {
+    timeout 300 "$B" nc "$@"
 }
 sum() {
     if [ "$1" = - ]; then
@@ -141,9 +146,9 @@ tap_scenario() {
         fi
     fi
     await "$name" 'listening on tcp port 5001' &&
-        { $B nc 192.168.76.2 5001 <h2g.bin >/dev/null || echo "host: $name: nc to port 5001 failed"; }
+        { nc_ 192.168.76.2 5001 <h2g.bin >/dev/null || echo "host: $name: nc to port 5001 failed"; }
     await "$name" 'listening on tcp port 5002' 300 &&
-        echo "host: $name: received $($B nc 192.168.76.2 5002 </dev/null | sum -)"
+        echo "host: $name: received $(nc_ 192.168.76.2 5002 </dev/null | sum -)"
     finish "$name"
     rm -f h2g.bin
 }
@@ -186,6 +191,14 @@ fn net_scenario(name: &str, script: &str, timeout_s: u32) -> Option<String> {
     );
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "scenario {name}:\n{out}");
+    // What the guest and the host saw, for the record (shown with --nocapture).
+    for l in out.lines().filter(|l| {
+        ["host: ", "net: ", "QOMVM-", "nettest: ", "rng: ", "mem: "]
+            .iter()
+            .any(|m| l.contains(m))
+    }) {
+        println!("{name}: {}", l.trim_end());
+    }
     Some(out)
 }
 
@@ -293,8 +306,8 @@ echo "host: tapfd: sending $(sum h2g.bin)"
 boot tapfd "qomvm.net=192.168.76.2/24 qomvm.nettest=ping:192.168.76.1,recv:5001,serve:5002:8" \
     -netdev "$netdev" -device virtio-net-pci,netdev=hostnet0,id=net0,mac=fa:16:3e:d1:2d:99,bus=pci.0,addr=0x3
 await tapfd '^(net: |QOMVM-NET-FAILED)' 200 && { $B ping -c 3 -W 5 192.168.76.2 >ping.log 2>&1 && echo "host: tapfd: ping 192.168.76.2 ok"; }
-await tapfd 'listening on tcp port 5001' && $B nc 192.168.76.2 5001 <h2g.bin >/dev/null
-await tapfd 'listening on tcp port 5002' && echo "host: tapfd: received $($B nc 192.168.76.2 5002 </dev/null | sum -)"
+await tapfd 'listening on tcp port 5001' && nc_ 192.168.76.2 5001 <h2g.bin >/dev/null
+await tapfd 'listening on tcp port 5002' && echo "host: tapfd: received $(nc_ 192.168.76.2 5002 </dev/null | sum -)"
 finish tapfd
 "#,
         600,
@@ -340,15 +353,16 @@ head -c 4194304 /dev/urandom >out.bin
 echo "host: user: serving $(sum out.bin)"
 # The namespace has only its loopback: these listen on 127.0.0.1 and nothing else.
 $B nc -l -p 6001 -e cat out.bin &
+out=$!
 $B nc -l -p 6002 -e sh -c 'cat >in.bin' &
 in=$!
 head -c 1048576 /dev/urandom >fwd.bin
 echo "host: user: forwarding $(sum fwd.bin)"
 boot user "qomvm.net=dhcp qomvm.nettest=ping:10.0.2.2,get:10.0.2.2:6001,put:10.0.2.2:6002:4,recv:5003" \
     -netdev user,id=u0,hostfwd=tcp:127.0.0.1:5555-:5003 -device virtio-net-pci,netdev=u0
-await user 'listening on tcp port 5003' 300 && $B nc 127.0.0.1 5555 <fwd.bin >/dev/null
+await user 'listening on tcp port 5003' 300 && nc_ 127.0.0.1 5555 <fwd.bin >/dev/null
 finish user
-kill $in 2>/dev/null
+kill $out $in 2>/dev/null
 [ -f in.bin ] && echo "host: user: received $(sum in.bin)"
 "#,
         600,
