@@ -156,6 +156,8 @@ tap_scenario() {
 
 /// Runs a network scenario (`script` after [`NET_PRELUDE`]) in a network namespace of its
 /// own; returns its output, or `None` (with the reason printed) where it cannot run.
+/// `timeout_s` must cover the VMM's own limit (400 s) and one stalled host connection
+/// (300 s), so that a stall inside the scenario is reported as such, not as the rig's.
 fn net_scenario(name: &str, script: &str, timeout_s: u32) -> Option<String> {
     let _one = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = match assets() {
@@ -210,12 +212,14 @@ fn line_after<'a>(out: &'a str, prefix: &str) -> Option<&'a str> {
 /// Checks a `tap_scenario` NAME: address and MAC, pings both ways, both transfers whole.
 fn check_tap_scenario(out: &str, name: &str, mib: u32) {
     let has = |line: &str| assert!(out.contains(line), "no '{line}':\n{out}");
-    has(&format!("{name}: net: eth0 192.168.76.2/24 52:54:00:12:34:56"));
+    has(&format!(
+        "{name}: net: eth0 192.168.76.2/24 52:54:00:12:34:56"
+    ));
     has(&format!("{name}: QOMVM-PING-OK 192.168.76.1"));
     has(&format!("host: {name}: ping 192.168.76.2 ok"));
     let bytes = u64::from(mib) << 20;
-    let sent = line_after(out, &format!("host: {name}: sending "))
-        .unwrap_or_else(|| panic!("{out}"));
+    let sent =
+        line_after(out, &format!("host: {name}: sending ")).unwrap_or_else(|| panic!("{out}"));
     assert!(sent.starts_with(&format!("{bytes} ")), "{out}");
     let got = line_after(out, &format!("{name}: QOMVM-RECV 5001 "))
         .unwrap_or_else(|| panic!("the guest received nothing:\n{out}"));
@@ -240,7 +244,7 @@ fn a_tap_carries_pings_both_ways_and_64_mib_each_way() {
             "tap_up qtap0 || exit 1\n\
              tap_scenario tap {MIB} -netdev tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost=off"
         ),
-        600,
+        800,
     ) else {
         return;
     };
@@ -258,7 +262,7 @@ fn a_tap_with_vhost_net_carries_pings_and_64_mib_each_way() {
              tap_up qtap0 || exit 1\n\
              tap_scenario vhost {MIB} -netdev tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost=on"
         ),
-        600,
+        800,
     ) else {
         return;
     };
@@ -310,7 +314,7 @@ await tapfd 'listening on tcp port 5001' && nc_ 192.168.76.2 5001 <h2g.bin >/dev
 await tapfd 'listening on tcp port 5002' && echo "host: tapfd: received $(nc_ 192.168.76.2 5002 </dev/null | sum -)"
 finish tapfd
 "#,
-        600,
+        800,
     ) else {
         return;
     };
@@ -323,11 +327,19 @@ finish tapfd
     has("tapfd: QOMVM-PING-OK 192.168.76.1");
     has("host: tapfd: ping 192.168.76.2 ok");
     let sent = line_after(&out, "host: tapfd: sending ").unwrap_or_else(|| panic!("{out}"));
-    assert_eq!(line_after(&out, "tapfd: QOMVM-RECV 5001 "), Some(sent), "{out}");
+    assert_eq!(
+        line_after(&out, "tapfd: QOMVM-RECV 5001 "),
+        Some(sent),
+        "{out}"
+    );
     let served = line_after(&out, "tapfd: nettest: serving ")
         .and_then(|l| l.strip_suffix(" on tcp port 5002"))
         .unwrap_or_else(|| panic!("{out}"));
-    assert_eq!(line_after(&out, "host: tapfd: received "), Some(served), "{out}");
+    assert_eq!(
+        line_after(&out, "host: tapfd: received "),
+        Some(served),
+        "{out}"
+    );
     has("host: tapfd: vmm exit status 0");
 }
 
@@ -365,7 +377,7 @@ finish user
 kill $out $in 2>/dev/null
 [ -f in.bin ] && echo "host: user: received $(sum in.bin)"
 "#,
-        600,
+        800,
     ) else {
         return;
     };
