@@ -655,14 +655,15 @@ nettest() {
         iperf3)
             command -v iperf3 >/dev/null ||
                 { echo "QOMVM-NETTEST-FAILED: no iperf3 here: it is on the disk image (rootfs.ext4); boot with qomvm.root=/dev/vdX"; continue; }
-            port=${3:-5201} i=0
-            while [ $i -lt "$2" ]; do
-                i=$((i + 1))
+            # (not i: tcp_listening counts with it)
+            port=${3:-5201} k=0
+            while [ $k -lt "$2" ]; do
+                k=$((k + 1))
                 iperf3 -s -1 -p "$port" >/tmp/iperf3.log 2>&1 &
                 pid=$!
                 if tcp_listening "$port"; then
-                    echo "nettest: iperf3 server $i listening on tcp port $port"
-                    wait $pid || { echo "QOMVM-NETTEST-FAILED: iperf3 server $i: $(tail -n1 /tmp/iperf3.log)"; break; }
+                    echo "nettest: iperf3 server $k listening on tcp port $port"
+                    wait $pid || { echo "QOMVM-NETTEST-FAILED: iperf3 server $k: $(tail -n1 /tmp/iperf3.log)"; break; }
                 else
                     kill $pid 2>/dev/null
                     echo "QOMVM-NETTEST-FAILED: iperf3 -s did not listen on port $port"
