@@ -194,7 +194,7 @@ try:
         sys.exit(j["error"])
     print("%.3f" % (j["end"]["sum_received"]["bits_per_second"] / 1e9))
 except (ValueError, KeyError) as e:
-    sys.exit("iperf3's JSON output is incomplete (%s)" % e)
+    sys.exit("iperf3's JSON output is incomplete or missing (%s; iperf3 ended by its time limit?)" % e)
 EOF
 
 # await CONSOLE REGEX PID: waits (up to 300 s) until CONSOLE shows REGEX while PID runs.
@@ -239,7 +239,9 @@ for vh in $vhosts; do
                 why="the guest's iperf3 server $n never listened"
                 break
             fi
-            "$iperf3" -c 192.168.76.2 -t "$time_s" -J "${opt[@]}" >"$work/$run-$dir.json" 2>&1 || true
+            # (a stalled transfer would keep iperf3 waiting for ever)
+            timeout -k 5 $((time_s + 60)) "$iperf3" -c 192.168.76.2 -t "$time_s" -J "${opt[@]}" \
+                >"$work/$run-$dir.json" 2>&1 || true
             if ! out=$("$PYTHON" -c "$PY_PARSE" "$work/$run-$dir.json" 2>&1); then
                 why="iperf3 $dir: $out"
                 break
