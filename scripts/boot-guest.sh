@@ -14,16 +14,27 @@
 # inside the nested-KVM rig (scripts/nested-kvm.sh), since a stock Linux guest needs a
 # hardware-style KVM; the rig shares target/guest-disk read-write so the disk persists.
 #
-# Usage: scripts/boot-guest.sh [--no-disk] [--qemu] [QOMVM OPTIONS...]   (e.g. -smp 4 -m 2G)
+# The guest has user networking (QEMU's default, libslirp; no root needed): a virtio-net-pci
+# NIC, `-nic user,model=virtio-net-pci,hostfwd=tcp::2222-:22`, configured by DHCP at boot
+# (qomvm.net=dhcp: 10.0.2.15, gateway 10.0.2.2, DNS 10.0.2.3), so the guest can ping the
+# gateway, wget/nc out, and a listener on the guest's port 22 is reached through the host's
+# port 2222 (the test guest has no sshd of its own; `nc -l -p 22 -e sh` in the guest answers
+# `nc localhost 2222` on the host). Inside the rig, "the host" is the rig's L1: it has no
+# network of its own, so the guest reaches only L1's loopback, and port 2222 is L1's.
+#
+# Usage: scripts/boot-guest.sh [--no-disk] [--no-net] [--qemu] [QOMVM OPTIONS...]
+#                                                             (e.g. -smp 4 -m 2G)
 #   --no-disk  no disk: the shell runs in the initramfs (nothing persists)
+#   --no-net   no network device
 #   --qemu     run the same command line with qemu-system-x86_64 -accel kvm instead of qomvm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-disk=1 vmm=qomvm
+disk=1 net=1 vmm=qomvm
 while [[ $# -gt 0 ]]; do
     case $1 in
         --no-disk) disk=0; shift ;;
+        --no-net) net=0; shift ;;
         --qemu) vmm=qemu; shift ;;
         *) break ;;
     esac
@@ -40,6 +51,12 @@ fi
 
 args=(-M pc -m 512 -smp 2 -nographic
     -kernel "$PWD/$assets/vmlinuz" -initrd "$PWD/$assets/initramfs.cpio.gz")
+append="console=ttyS0 quiet qomvm.shell=1"
+if [[ $net == 1 ]]; then
+    # shellcheck disable=SC2054 # the commas are QEMU's
+    args+=(-nic user,model=virtio-net-pci,hostfwd=tcp::2222-:22)
+    append+=" qomvm.net=dhcp"
+fi
 rig=(scripts/nested-kvm.sh --interactive --timeout 86400)
 if [[ $disk == 1 ]]; then
     command -v qemu-img >/dev/null || { echo "boot-guest: qemu-img not found (Debian package qemu-utils)" >&2; exit 1; }
@@ -58,12 +75,11 @@ if [[ $disk == 1 ]]; then
     fi
     # shellcheck disable=SC2054 # the commas are QEMU's
     args+=(-drive "file=$dir/disk.qcow2,if=none,id=disk0,format=qcow2,cache=none"
-        -device virtio-blk-pci,drive=disk0
-        -append "console=ttyS0 quiet qomvm.root=/dev/vda qomvm.shell=1")
+        -device virtio-blk-pci,drive=disk0)
+    append+=" qomvm.root=/dev/vda"
     rig+=(--rw "$dir")
-else
-    args+=(-append "console=ttyS0 quiet qomvm.shell=1")
 fi
+args+=(-append "$append")
 args+=("$@")
 
 if [[ -e /sys/module/kvm_pvm || ! -w /dev/kvm ]]; then

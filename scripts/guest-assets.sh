@@ -14,7 +14,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=6
+ASSETS_FORMAT=7
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -38,8 +38,11 @@ dpkg-deb; nothing is installed, no root needed for the build itself):
                             virtio modules (virtio_pci, virtio_blk, virtio_net,
                             virtio_rng, virtio_balloon and their dependencies)
   OUTDIR/rootfs.ext4        raw ext4 disk image (256 MiB, sparse): busybox, the
-                            same /init, the modules, and fio with the shared
-                            libraries it needs (from Debian's fio package)
+                            same /init, the modules, and fio and iperf3 with the
+                            shared libraries they need (from Debian's packages)
+  OUTDIR/host-tools/        the host's end of the network tests: busybox (nc,
+                            ping) and iperf3 (the guest's, run through the
+                            dynamic loader beside its libraries in lib/)
   OUTDIR/kernel-version     the kernel release used, e.g. 6.1.0-48-cloud-amd64
   OUTDIR/vmlinuz-generic    Debian generic kernel (linux-image-amd64), which
                             has /dev/port; same initramfs (the modules are the
@@ -92,6 +95,44 @@ and then, depending on the kernel command line:
                      prints QOMVM-WRITELOOP-BEGIN, then writes 1 MiB pieces
                      of random data over DEV with O_DIRECT, round and round,
                      until the VMM is stopped (for crash-consistency tests)
+  qomvm.net=dhcp|ADDR/PREFIX[,GW]
+                     (with any mode) brings the first network interface (eth0,
+                     virtio-net) up, by DHCP (busybox udhcpc) or with a fixed
+                     address and an optional default route, then prints
+                       net: eth0 10.0.2.15/24 52:54:00:12:34:56
+                       net: gw 10.0.2.2        (or "none")
+                       net: dns 10.0.2.3       (DHCP only)
+                     or QOMVM-NET-FAILED: <reason>
+  qomvm.nettest=STEP,STEP,...
+                     runs the steps in order (ADDR an IPv4 address, MIB a
+                     number of MiB, random data from /dev/urandom; every
+                     listening step prints "nettest: listening on tcp port
+                     PORT" once its socket is open, so the host may connect),
+                     then prints QOMVM-NETTEST-DONE and powers off:
+                       ping:ADDR      ping -c 3: QOMVM-PING-OK ADDR or
+                                      QOMVM-PING-FAILED ADDR: <reason>
+                       recv:PORT      accepts one TCP connection and reads it to
+                                      its end: QOMVM-RECV PORT BYTES SHA256
+                       serve:PORT:MIB prints "nettest: serving BYTES SHA256 on
+                                      tcp port PORT", sends MIB MiB to one
+                                      connection: QOMVM-SERVED PORT
+                       get:ADDR:PORT  connects, reads to the end:
+                                      QOMVM-GOT ADDR:PORT BYTES SHA256
+                       put:ADDR:PORT:MIB  connects, sends MIB MiB:
+                                      QOMVM-PUT ADDR:PORT BYTES SHA256
+                       rng            rng: current=<rng_current>
+                                      available=<rng_available, commas>
+                                      read=<bytes> <hex>  (32 bytes from
+                                      /dev/hwrng, 10 s at most)
+                       mem:N          N lines, one a second: mem: MemTotal=K
+                                      MemFree=K MemAvailable=K kB
+                       iperf3:N[:PORT]  iperf3 -s -1 N times (port 5201; needs
+                                      qomvm.root=, iperf3 is on the disk),
+                                      "nettest: iperf3 server I listening on
+                                      tcp port PORT" before each
+                       sleep:S        sleeps S seconds
+                     a step that cannot run prints QOMVM-NETTEST-FAILED: ...
+                     and the next one runs
   qomvm.fio=DEV      runs fio (from the disk image: needs qomvm.root=) on DEV
                      with O_DIRECT and libaio: job "seqwrite" (1 MiB sequential
                      writes, iodepth 4) then job "randread" (4 KiB random
@@ -175,7 +216,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -190,6 +231,8 @@ for arg in $(cat /proc/cmdline); do
         qomvm.fio=*) mode=fio modearg=${arg#*=} ;;
         qomvm.fio.runtime=*) fio_runtime=${arg#*=} ;;
         qomvm.fio.size=*) fio_size=${arg#*=} ;;
+        qomvm.net=*) net=${arg#*=} ;;
+        qomvm.nettest=*) mode=nettest modearg=${arg#*=} ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -257,6 +300,71 @@ done
 [ -n "$QOMVM_ROOT" ] && echo "root: $QOMVM_ROOT"
 # Interrupts of virtio devices: "PCI-MSI" (MSI-X) or "IO-APIC" (INTx) says how they come.
 awk '/virtio/ { $1 = $1; print "irq: " $0 }' /proc/interrupts
+
+# netif: the first network interface other than lo (virtio_net names it eth0).
+netif() {
+    for n in /sys/class/net/*; do
+        n=${n##*/}
+        [ "$n" != lo ] && [ -e "/sys/class/net/$n" ] && { echo "$n"; return 0; }
+    done
+    return 1
+}
+
+# netup dhcp|ADDR/PREFIX[,GW]: brings the first network interface up, by DHCP
+# (busybox udhcpc) or with a fixed address; prints "net: IFACE ADDR/PREFIX MAC",
+# "net: gw GW|none", "net: dns ADDR..." (DHCP only), or QOMVM-NET-FAILED: ...
+netup() {
+    i=0
+    until ifc=$(netif); do
+        i=$((i + 1))
+        [ $i -gt 100 ] && { echo "QOMVM-NET-FAILED: no network interface appeared"; return 1; }
+        sleep 0.1
+    done
+    ip link set lo up
+    ip link set "$ifc" up || { echo "QOMVM-NET-FAILED: ip link set $ifc up"; return 1; }
+    case $1 in
+    dhcp)
+        # udhcpc's event script: the lease's address, default route and DNS.
+        cat >/tmp/udhcpc.script <<'SCRIPT'
+#!/bin/sh
+case $1 in
+deconfig) ip -4 addr flush dev "$interface" ;;
+bound | renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    for r in $router; do ip route replace default via "$r" dev "$interface" && break; done
+    if [ -n "$dns" ]; then
+        for d in $dns; do echo "nameserver $d"; done >/etc/resolv.conf 2>/dev/null
+        echo "$dns" >/tmp/udhcpc.dns
+    fi
+    ;;
+esac
+SCRIPT
+        chmod 755 /tmp/udhcpc.script
+        if ! udhcpc -i "$ifc" -s /tmp/udhcpc.script -f -n -q -t 10 -T 2 >/tmp/udhcpc.log 2>&1; then
+            echo "QOMVM-NET-FAILED: no DHCP lease on $ifc: $(tail -n1 /tmp/udhcpc.log)"
+            return 1
+        fi
+        ;;
+    */*)
+        gw=${1#*,}
+        [ "$gw" = "$1" ] && gw=
+        ip addr add "${1%%,*}" dev "$ifc" || { echo "QOMVM-NET-FAILED: ip addr add ${1%%,*} dev $ifc"; return 1; }
+        if [ -n "$gw" ]; then
+            ip route add default via "$gw" || { echo "QOMVM-NET-FAILED: ip route add default via $gw"; return 1; }
+        fi
+        ;;
+    *)
+        echo "QOMVM-NET-FAILED: want qomvm.net=dhcp or qomvm.net=ADDR/PREFIX[,GW], got '$1'"
+        return 1
+        ;;
+    esac
+    echo "net: $ifc $(ip -4 -o addr show dev "$ifc" | awk '{ print $4; exit }') $(cat "/sys/class/net/$ifc/address")"
+    echo "net: gw $(ip route | awk '$1 == "default" { print $3; f = 1; exit } END { if (!f) print "none" }')"
+    [ -f /tmp/udhcpc.dns ] && echo "net: dns $(cat /tmp/udhcpc.dns)"
+    return 0
+}
+[ -n "$net" ] && netup "$net"
 
 # uptime_s: seconds since boot; elapsed T0 T1: T1 - T0 with one decimal.
 uptime_s() {
@@ -440,6 +548,136 @@ JOBS
     fi
 }
 
+# tcp_listening PORT: wait up to 10 s for a TCP listener on PORT.
+tcp_listening() {
+    i=0
+    until netstat -ltn 2>/dev/null | awk -v p=":$1" '$4 ~ p "$" { f = 1 } END { exit !f }'; do
+        i=$((i + 1))
+        [ $i -gt 200 ] && return 1
+        sleep 0.05
+    done
+}
+
+# sum_setup: counts what goes through /tmp/sum.fifo (tee's copy) into /tmp/sum.n;
+# sum_result prints "BYTES SHA256" once the stream ended (its sha256sum output
+# went to /tmp/sum.sha).
+sum_setup() {
+    rm -f /tmp/sum.fifo /tmp/sum.n /tmp/sum.sha
+    mkfifo /tmp/sum.fifo
+    wc -c </tmp/sum.fifo >/tmp/sum.n &
+    sum_pid=$!
+}
+sum_result() {
+    wait $sum_pid
+    echo "$(cat /tmp/sum.n 2>/dev/null) $(cut -d' ' -f1 /tmp/sum.sha 2>/dev/null)"
+}
+
+# make_data MIB: MIB MiB of random bytes in /tmp/net.data; prints "BYTES SHA256".
+make_data() {
+    head -c $(($1 * 1048576)) /dev/urandom >/tmp/net.data
+    echo "$(wc -c </tmp/net.data) $(sha256sum /tmp/net.data | cut -d' ' -f1)"
+}
+
+# nettest STEP,STEP,...: the network (and rng, balloon) scenario steps of
+# guest-assets.sh's usage, in order; then QOMVM-NETTEST-DONE.
+nettest() {
+    for step in $(echo "$1" | tr ',' ' '); do
+        # shellcheck disable=SC2046 # split on the colons
+        set -- $(echo "$step" | tr ':' ' ')
+        case $1 in
+        ping)
+            if ping -c 3 -W 3 "$2" >/tmp/ping.log 2>&1; then
+                echo "QOMVM-PING-OK $2"
+            else
+                echo "QOMVM-PING-FAILED $2: $(tail -n1 /tmp/ping.log)"
+            fi
+            ;;
+        recv)
+            sum_setup
+            nc -l -p "$2" -e /bin/sh -c 'tee /tmp/sum.fifo | sha256sum >/tmp/sum.sha' &
+            pid=$!
+            if tcp_listening "$2"; then
+                echo "nettest: listening on tcp port $2"
+                wait $pid
+                echo "QOMVM-RECV $2 $(sum_result)"
+            else
+                kill $pid $sum_pid 2>/dev/null
+                echo "QOMVM-NETTEST-FAILED: recv: nc did not listen on port $2"
+            fi
+            ;;
+        serve)
+            echo "nettest: serving $(make_data "$3") on tcp port $2"
+            nc -l -p "$2" -e cat /tmp/net.data &
+            pid=$!
+            if tcp_listening "$2"; then
+                echo "nettest: listening on tcp port $2"
+                wait $pid
+                echo "QOMVM-SERVED $2"
+            else
+                kill $pid 2>/dev/null
+                echo "QOMVM-NETTEST-FAILED: serve: nc did not listen on port $2"
+            fi
+            rm -f /tmp/net.data
+            ;;
+        get)
+            sum_setup
+            if nc -w 10 "$2" "$3" </dev/null | tee /tmp/sum.fifo | sha256sum >/tmp/sum.sha; then
+                echo "QOMVM-GOT $2:$3 $(sum_result)"
+            else
+                sum_result >/dev/null
+                echo "QOMVM-NETTEST-FAILED: get: nc $2 $3 failed"
+            fi
+            ;;
+        put)
+            d=$(make_data "$4")
+            echo "nettest: sending $d to $2:$3"
+            if nc -w 10 "$2" "$3" </tmp/net.data >/dev/null; then
+                echo "QOMVM-PUT $2:$3 $d"
+            else
+                echo "QOMVM-NETTEST-FAILED: put: nc $2 $3 failed"
+            fi
+            rm -f /tmp/net.data
+            ;;
+        rng)
+            h=/sys/devices/virtual/misc/hw_random
+            timeout 10 dd if=/dev/hwrng of=/tmp/rng bs=32 count=1 2>/dev/null
+            echo "rng: current=$(cat $h/rng_current 2>/dev/null) available=$(cat $h/rng_available 2>/dev/null | xargs | tr ' ' ',')" \
+                "read=$(wc -c </tmp/rng 2>/dev/null || echo 0) $(od -An -tx1 /tmp/rng 2>/dev/null | tr -d ' \n')"
+            ;;
+        mem)
+            i=0
+            while [ $i -lt "$2" ]; do
+                awk '/^(MemTotal|MemFree|MemAvailable):/ { sub(":", "", $1); s = s " " $1 "=" $2 } END { print "mem:" s " kB" }' /proc/meminfo
+                i=$((i + 1))
+                sleep 1
+            done
+            ;;
+        iperf3)
+            command -v iperf3 >/dev/null ||
+                { echo "QOMVM-NETTEST-FAILED: no iperf3 here: it is on the disk image (rootfs.ext4); boot with qomvm.root=/dev/vdX"; continue; }
+            # (not i: tcp_listening counts with it)
+            port=${3:-5201} k=0
+            while [ $k -lt "$2" ]; do
+                k=$((k + 1))
+                iperf3 -s -1 -p "$port" >/tmp/iperf3.log 2>&1 &
+                pid=$!
+                if tcp_listening "$port"; then
+                    echo "nettest: iperf3 server $k listening on tcp port $port"
+                    wait $pid || { echo "QOMVM-NETTEST-FAILED: iperf3 server $k: $(tail -n1 /tmp/iperf3.log)"; break; }
+                else
+                    kill $pid 2>/dev/null
+                    echo "QOMVM-NETTEST-FAILED: iperf3 -s did not listen on port $port"
+                    break
+                fi
+            done
+            ;;
+        sleep) sleep "$2" ;;
+        *) echo "QOMVM-NETTEST-FAILED: unknown step '$step'" ;;
+        esac
+    done
+    echo QOMVM-NETTEST-DONE
+}
+
 case $mode in
 shell)
     if [ -n "$QOMVM_ROOT" ]; then
@@ -456,6 +694,7 @@ readonlytest) readonlytest "$modearg"; off ;;
 discardtest) discardtest "$modearg"; off ;;
 writeloop) writeloop "$modearg"; off ;;
 fio) runfio "$modearg"; off ;;
+nettest) nettest "$modearg"; off ;;
 portfuzz)
     # Ports that are never written (inclusive ranges) and why:
     #   0x0020-0x0021  8259 PIC master, 0x00a0-0x00a1 slave: a random ICW2
@@ -751,7 +990,6 @@ add_program() {
         frontier+=(${graph[$1]:-})
         basename "$deb" >>"$work/used-debs"
     }
-    : >"$work/used-debs"
     _ap_fetch "$top"
     _ap_use "$top"
     mkdir -p "$root/$(dirname "$bin")"
@@ -798,7 +1036,8 @@ bbdeb=$(deb_fetch busybox-static)
 stamp=$OUTDIR/.guest-assets.inputs
 inputs="format=$ASSETS_FORMAT $(basename "$kdeb") $(basename "$gdeb") $(basename "$bbdeb")"
 uptodate=1
-for f in vmlinuz initramfs.cpio.gz rootfs.ext4 kernel-version vmlinuz-generic kernel-version-generic; do
+for f in vmlinuz initramfs.cpio.gz rootfs.ext4 kernel-version vmlinuz-generic kernel-version-generic \
+    host-tools/busybox host-tools/iperf3; do
     out=$OUTDIR/$f
     if [[ ! -s $out || $kdeb -nt $out || $gdeb -nt $out || $bbdeb -nt $out ||
         ${BASH_SOURCE[0]} -nt $out || $SCRIPT_DIR/lib/debian.sh -nt $out ]]; then
@@ -868,7 +1107,26 @@ cp -a "$root/lib" "$rootfs/"
 cp "$root/etc/qomvm-modules" "$rootfs/etc/"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$rootfs/etc/passwd"
 printf 'root:x:0:\n' >"$rootfs/etc/group"
+: >"$work/used-debs"
 add_program "$rootfs" fio usr/bin/fio
+# iperf3 (the network benchmark) goes to the disk image and, with its libraries,
+# to host-tools/ for the host's end of the measurement.
+add_program "$work/iperf3" iperf3 usr/bin/iperf3
+cp -a --remove-destination "$work/iperf3/." "$rootfs/"
+sort -u -o "$work/used-debs" "$work/used-debs"
+ht=$work/host-tools
+mkdir -p "$ht"
+cp "$bb" "$ht/busybox"
+cp -a "$work/iperf3/lib/x86_64-linux-gnu" "$ht/lib"
+cp "$work/iperf3/usr/bin/iperf3" "$ht/lib/iperf3"
+cat >"$ht/iperf3" <<'EOF'
+#!/bin/sh
+# The guest's iperf3 (Debian's, with its libraries from the same packages), run
+# on the host through the dynamic loader next to it.
+d=$(dirname "$(readlink -f "$0")")/lib
+exec "$d/ld-linux-x86-64.so.2" --library-path "$d" "$d/iperf3" "$@"
+EOF
+chmod 755 "$ht/iperf3"
 truncate -s "$ROOTFS_SIZE" "$work/rootfs.ext4"
 mkfs.ext4 -q -F -b 4096 -L qomvm-root -E root_owner=0:0 -d "$rootfs" "$work/rootfs.ext4" ||
     qomvm_die "mkfs.ext4 -d failed"
@@ -877,6 +1135,8 @@ install -m 644 "$vmlinuz" "$OUTDIR/vmlinuz.tmp" && mv -f "$OUTDIR/vmlinuz.tmp" "
 install -m 644 "$gvmlinuz" "$OUTDIR/vmlinuz-generic.tmp" &&
     mv -f "$OUTDIR/vmlinuz-generic.tmp" "$OUTDIR/vmlinuz-generic"
 mv -f "$work/initramfs.cpio.gz" "$OUTDIR/initramfs.cpio.gz"
+rm -rf "$OUTDIR/host-tools.tmp" && cp -a "$ht" "$OUTDIR/host-tools.tmp" &&
+    rm -rf "$OUTDIR/host-tools" && mv "$OUTDIR/host-tools.tmp" "$OUTDIR/host-tools"
 # (cp --sparse keeps the image's holes when $work is on another file system)
 cp --sparse=always "$work/rootfs.ext4" "$OUTDIR/rootfs.ext4.tmp" && mv -f "$OUTDIR/rootfs.ext4.tmp" "$OUTDIR/rootfs.ext4"
 printf '%s\n' "$kver" >"$OUTDIR/kernel-version"

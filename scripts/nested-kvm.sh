@@ -12,12 +12,12 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 KERNEL_META=linux-image-amd64
 # Bump when the L1 initramfs layout or its /init changes (forces a rebuild).
-L1_FORMAT=5
+L1_FORMAT=6
 # Modules for the L1 kernel, loaded in this order; built-in or absent ones are
 # skipped (what is needed is verified when L1 boots).
 L1_MODULES="irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
 virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p overlay
-virtio_console tun tap vhost_iotlb vhost vhost_net"
+virtio_console tun veth tap vhost_iotlb vhost vhost_net"
 # Loaded only for --scratch: a loop device and ext4 (crc32c for its checksums).
 L1_SCRATCH_MODULES="loop crc16 mbcache jbd2 crc32c_generic ext4"
 # Host environment variables passed to COMMAND (extended regex on the name).

@@ -1,0 +1,122 @@
+//! Shared by the tests that boot the Debian test guest (`linux_guest.rs`, `net_guest.rs`):
+//! the guest assets, and running a command on this host (hardware KVM) or inside the
+//! nested-KVM rig (`scripts/nested-kvm.sh`) where /dev/kvm is PVM or missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+/// One boot at a time: each one (or the L1 that hosts it) wants both cores.
+pub static BOOTS: Mutex<()> = Mutex::new(());
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The guest assets, built once per test run (cached across runs by the script).
+pub fn assets() -> Result<&'static PathBuf, String> {
+    static ASSETS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    ASSETS
+        .get_or_init(|| {
+            let dir = repo().join("target/guest-assets");
+            let out = Command::new(repo().join("scripts/guest-assets.sh"))
+                .arg(&dir)
+                .output()
+                .map_err(|e| format!("scripts/guest-assets.sh: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "scripts/guest-assets.sh failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(dir)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path_ {
+    Direct,
+    NestedRig,
+}
+
+pub fn kvm_path() -> Path_ {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if usable && !Path::new("/sys/module/kvm_pvm").exists() {
+        Path_::Direct
+    } else {
+        Path_::NestedRig
+    }
+}
+
+/// Runs `command` on this host (hardware KVM) or inside the rig (`rig_options` added, e.g.
+/// `--scratch`), with `envs` set; `timeout_s` bounds it in the rig (the command bounds
+/// itself). Returns its exit status and output.
+///
+/// The rig's L1 is a Linux guest of QEMU's TCG, which on rare runs stalls (the rig's own
+/// time limit then ends it; seen before COMMAND printed anything, and once after the guest
+/// had powered off), or ends under a running COMMAND without reporting its status (seen
+/// once, L1's QEMU exiting 0 mid-boot). Such a run says nothing about qomvm, so it is
+/// retried once (and the retry is reported).
+pub fn host_or_rig(
+    command: &[&str],
+    rig_options: &[&str],
+    envs: &[(&str, String)],
+    timeout_s: u32,
+) -> Output {
+    let path = kvm_path();
+    let run = || {
+        let mut cmd = match path {
+            Path_::Direct => Command::new(command[0]),
+            Path_::NestedRig => {
+                let mut c = Command::new(repo().join("scripts/nested-kvm.sh"));
+                // The rig's own limit only guards against a stalled L1.
+                c.args(["--smp", "2", "--mem", "7G", "--timeout"])
+                    .arg((timeout_s + 60).to_string())
+                    .args(rig_options)
+                    .args(["--", command[0]]);
+                c
+            }
+        };
+        cmd.args(&command[1..])
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("the command or the rig runs")
+    };
+    let first = run();
+    // The command runs under its own, shorter `timeout`, which reports through the rig:
+    // the rig's own time-out means L1 stopped answering, whatever was printed by then.
+    let rig_stalled = path == Path_::NestedRig
+        && first.status.code() == Some(124)
+        && String::from_utf8_lossy(&first.stderr).contains("nested-kvm: timed out");
+    let rig_died = path == Path_::NestedRig
+        && first.status.code() == Some(125)
+        && String::from_utf8_lossy(&first.stderr)
+            .contains("L1 ended without reporting COMMAND's exit status");
+    if rig_stalled || rig_died {
+        eprintln!(
+            "linux-boot: the rig's L1 {} ; retrying once",
+            if rig_stalled {
+                "stalled (the rig's time limit ended it)"
+            } else {
+                "ended without reporting qomvm's status"
+            }
+        );
+        return run();
+    }
+    first
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
