@@ -218,3 +218,44 @@ pub fn info_network() -> String {
     }
     out
 }
+
+/// QMP `announce-self` (QEMU's `qmp_announce_self`): `rounds` announcements by every NIC
+/// (or those in `interfaces`), the first now, the next after `initial` ms, each gap `step`
+/// ms longer up to `max`.
+pub fn qmp_announce_self(
+    initial: u64,
+    max: u64,
+    rounds: u64,
+    step: u64,
+    interfaces: Option<Vec<String>>,
+) {
+    let nics: Vec<_> = hw::net::virtio_net::nics()
+        .into_iter()
+        .filter(|n| {
+            interfaces
+                .as_ref()
+                .is_none_or(|names| names.iter().any(|i| i == n.name()))
+        })
+        .collect();
+    if rounds == 0 || nics.is_empty() {
+        return;
+    }
+    for nic in &nics {
+        nic.announce();
+    }
+    let spawned = std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            let mut delay = initial;
+            for _ in 1..rounds {
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+                for nic in &nics {
+                    nic.announce();
+                }
+                delay = (delay + step).min(max);
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("qomvm: warning: announce-self: cannot start its timer thread: {e}");
+    }
+}

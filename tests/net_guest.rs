@@ -28,26 +28,6 @@ fn vmm() -> String {
     }
 }
 
-/// Why qomvm cannot run `args` yet (a backend or device not built yet), found on the
-/// qtest accelerator without booting anything; `None` when it can, or under QEMU.
-fn missing_in_qomvm(args: &[&str]) -> Option<String> {
-    if vmm() == "qemu" {
-        return None;
-    }
-    let o = Command::new("/usr/bin/timeout")
-        .args(["5", env!("CARGO_BIN_EXE_qomvm")])
-        .args(["-M", "pc", "-accel", "qtest", "-display", "none"])
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("qomvm runs");
-    let err = String::from_utf8_lossy(&o.stderr);
-    let missing = err.contains("not built yet")
-        || err.contains("is not a valid device model name")
-        || err.contains("invalid object type");
-    missing.then(|| err.trim().to_string())
-}
-
 /// Shared by the scenarios. `boot NAME APPEND VMM-ARGS...` starts the guest in the
 /// background (`-M pc -m $VM_MEM -smp 2`, console in NAME.log, `$VM_WRAP` before the VMM);
 /// `await NAME REGEX [S]` waits for a console line; `finish NAME` waits for the guest's
@@ -368,15 +348,6 @@ finish tapfd
 /// listener.
 #[test]
 fn user_networking_gives_dhcp_outbound_tcp_and_hostfwd() {
-    if let Some(why) = missing_in_qomvm(&[
-        "-netdev",
-        "user,id=u0",
-        "-device",
-        "virtio-net-pci,netdev=u0",
-    ]) {
-        println!("skipped: qomvm cannot run -netdev user yet: {why}");
-        return;
-    }
     let Some(out) = net_scenario(
         "user",
         r#"
@@ -446,17 +417,6 @@ fn mem_lines(out: &str) -> Vec<(u64, u64)> {
 /// `balloon` asks for half of it, and `query-balloon` reports the new size.
 #[test]
 fn virtio_rng_feeds_hwrng_and_the_balloon_takes_half_the_memory() {
-    if let Some(why) = missing_in_qomvm(&[
-        "-object",
-        "rng-random,id=rng0,filename=/dev/urandom",
-        "-device",
-        "virtio-rng-pci,rng=rng0",
-        "-device",
-        "virtio-balloon-pci,id=balloon0",
-    ]) {
-        println!("skipped: qomvm cannot run virtio-rng-pci and virtio-balloon-pci yet: {why}");
-        return;
-    }
     let Some(out) = net_scenario(
         "rngballoon",
         r#"

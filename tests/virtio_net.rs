@@ -759,3 +759,32 @@ fn frames_queued_beyond_one_burst_and_a_full_backend_all_go_out() {
     }
     assert_eq!(d.dev.wait_used(&mut tx, N, WAIT).len(), N, "all completed");
 }
+
+/// `announce-self`: a driver that negotiated GUEST_ANNOUNCE is asked through the status
+/// (and acks on the control queue); otherwise qomvm sends a RARP for the NIC's MAC.
+#[test]
+fn announcements_go_through_the_driver_or_as_rarp() {
+    const F_GUEST_ANNOUNCE: u64 = 1 << 21;
+    let peer = add_backend("ann0", true);
+    let machine = pc_with_nic("ann0", "net-ann", &[]);
+    let mut d = start(
+        &machine,
+        VERSION_1 | F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE,
+    );
+    let nic = find_nic("net-ann").unwrap();
+    nic.announce();
+    assert_eq!(d.dev.device_config(6, 2) & 2, 2, "S_ANNOUNCE set");
+    assert_eq!(d.command(3, 0, &[]), 0, "ANNOUNCE_ACK");
+    assert_eq!(d.dev.device_config(6, 2) & 2, 0, "acked");
+    d.dev.set_status(0);
+    // Without GUEST_ANNOUNCE: a RARP after the 12-byte header the tap expects.
+    let d = start(&machine, VERSION_1 | F_MAC | F_MRG_RXBUF);
+    nic.announce();
+    let mut got = [0u8; 256];
+    let n = peer.recv(&mut got).expect("a RARP frame");
+    assert_eq!(n, 12 + 60);
+    assert_eq!(&got[12..18], &[0xff; 6], "broadcast");
+    assert_eq!(&got[18..24], &OUR_MAC);
+    assert_eq!(&got[24..26], &[0x80, 0x35], "RARP");
+    drop(d);
+}

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 use net::{NetQueue, Netdev, Offloads};
@@ -216,6 +216,9 @@ struct Shared {
     features: Mutex<u64>,
     /// The VLAN filter is on (CTRL_VLAN negotiated).
     vlan_filter: AtomicBool,
+    /// Header bytes the backend's first queue expects before a frame we send ourselves
+    /// (the vnet header length last set on a tap; 0 while it hides it).
+    backend_hdr: AtomicUsize,
 }
 
 impl Shared {
@@ -393,6 +396,7 @@ impl VirtioNet {
             rxfilter_notify: AtomicBool::new(true),
             features: Mutex::new(0),
             vlan_filter: AtomicBool::new(false),
+            backend_hdr: AtomicUsize::new(0),
         });
         let dev = Arc::new(VirtioNet {
             shared,
@@ -456,6 +460,32 @@ impl VirtioNet {
         }
     }
 
+    /// One round of QMP `announce-self` (QEMU's `virtio_net_announce` and
+    /// `qemu_announce_self_iter`): a driver that can announce (GUEST_ANNOUNCE) is asked
+    /// to, through the configuration's status; otherwise qomvm sends the RARP frame that
+    /// tells switches where the MAC address now is.
+    pub fn announce(&self) {
+        let features = *self.shared.features.lock();
+        let running = self.running.lock();
+        if let Some(r) = running.as_ref() {
+            if features & bit(nf::GUEST_ANNOUNCE) != 0 && features & bit(nf::CTRL_VQ) != 0 {
+                self.shared.status.fetch_or(S_ANNOUNCE, Ordering::AcqRel);
+                r.transport.signal_config();
+                return;
+            }
+        }
+        drop(running);
+        let Some(queue) = self.shared.netdev.queues().into_iter().next() else {
+            return;
+        };
+        let hdr = self.shared.backend_hdr.load(Ordering::Acquire);
+        let mut buf = vec![0u8; hdr];
+        buf.extend_from_slice(&rarp_frame(&self.mac()));
+        if let Err(e) = queue.send(&[VolatileSlice::from(&mut buf[..])]) {
+            log::debug!("virtio-net: announcement not sent: {e}");
+        }
+    }
+
     /// QMP `query-rx-filter`'s entry for this NIC (QEMU's `RxFilterInfo`); re-arms
     /// `NIC_RX_FILTER_CHANGED`.
     pub fn rx_filter_info(&self) -> Value {
@@ -502,6 +532,22 @@ impl VirtioNet {
     fn has_ctrl(&self) -> bool {
         self.features & bit(nf::CTRL_VQ) != 0
     }
+}
+
+/// QEMU's `announce_self_create`: a broadcast RARP request for `mac`, padded to 60 bytes.
+pub fn rarp_frame(mac: &[u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // ETH_P_RARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(mac);
+    f[32..38].copy_from_slice(mac);
+    f
 }
 
 /// `52:54:00:12:34:56`.
@@ -584,6 +630,7 @@ impl VirtioDevice for VirtioNet {
         let netdev = &shared.netdev;
         let vnet_hdr = netdev.has_vnet_hdr();
         if vnet_hdr {
+            shared.backend_hdr.store(hdr_len, Ordering::Release);
             netdev
                 .set_vnet_hdr_len(hdr_len)
                 .and_then(|()| netdev.set_offload(offloads(features)))

@@ -130,6 +130,50 @@ pub const COMMANDS: &[QmpCommand] = &[
         },
     },
     QmpCommand {
+        name: "announce-self",
+        args: &[
+            Arg::required("initial", ArgType::Int),
+            Arg::required("max", ArgType::Int),
+            Arg::required("rounds", ArgType::Int),
+            Arg::required("step", ArgType::Int),
+            Arg::optional("interfaces", ArgType::Any),
+            Arg::optional("id", ArgType::Str),
+        ],
+        run: |_, args| {
+            let num = |k: &str| args.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let interfaces = match args.get("interfaces") {
+                None => None,
+                Some(Value::Array(items)) => Some(
+                    items
+                        .iter()
+                        .map(|i| {
+                            i.as_str()
+                                .map(str::to_string)
+                                .ok_or(QmpError::InvalidParameterType {
+                                    name: "interfaces".into(),
+                                    expected: "string",
+                                })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                Some(_) => {
+                    return Err(QmpError::InvalidParameterType {
+                        name: "interfaces".into(),
+                        expected: "array",
+                    })
+                }
+            };
+            crate::net::qmp_announce_self(
+                num("initial"),
+                num("max"),
+                num("rounds"),
+                num("step"),
+                interfaces,
+            );
+            Ok(json!({}))
+        },
+    },
+    QmpCommand {
         name: "query-rx-filter",
         args: &[Arg::optional("name", ArgType::Str)],
         run: |_, args| {
