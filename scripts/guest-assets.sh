@@ -14,7 +14,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=7
+ASSETS_FORMAT=8
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -558,6 +558,18 @@ tcp_listening() {
     done
 }
 
+# tcp_drained PORT: waits (up to 10 minutes) until no TCP connection of PORT still has
+# data or its FIN to deliver. nc exits once the kernel has taken its data; a power-off
+# right after would lose what is still queued (seen with a slow VMM build in the rig).
+tcp_drained() {
+    drain_n=0
+    while netstat -tn 2>/dev/null | awk -v p=":$1" '($4 ~ p "$" || $5 ~ p "$") && ($3 != 0 || $6 == "FIN_WAIT1" || $6 == "CLOSING" || $6 == "LAST_ACK") { f = 1 } END { exit !f }'; do
+        drain_n=$((drain_n + 1))
+        [ $drain_n -gt 6000 ] && return 1
+        sleep 0.1
+    done
+}
+
 # sum_setup: counts what goes through /tmp/sum.fifo (tee's copy) into /tmp/sum.n;
 # sum_result prints "BYTES SHA256" once the stream ended (its sha256sum output
 # went to /tmp/sum.sha).
@@ -612,7 +624,11 @@ nettest() {
             if tcp_listening "$2"; then
                 echo "nettest: listening on tcp port $2"
                 wait $pid
-                echo "QOMVM-SERVED $2"
+                if tcp_drained "$2"; then
+                    echo "QOMVM-SERVED $2"
+                else
+                    echo "QOMVM-NETTEST-FAILED: serve: data still queued on port $2 after 10 minutes"
+                fi
             else
                 kill $pid 2>/dev/null
                 echo "QOMVM-NETTEST-FAILED: serve: nc did not listen on port $2"
@@ -631,7 +647,7 @@ nettest() {
         put)
             d=$(make_data "$4")
             echo "nettest: sending $d to $2:$3"
-            if nc -w 10 "$2" "$3" </tmp/net.data >/dev/null; then
+            if nc -w 10 "$2" "$3" </tmp/net.data >/dev/null && tcp_drained "$3"; then
                 echo "QOMVM-PUT $2:$3 $d"
             else
                 echo "QOMVM-NETTEST-FAILED: put: nc $2 $3 failed"
