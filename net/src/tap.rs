@@ -378,39 +378,10 @@ fn get_fds(text: &str) -> Vec<&str> {
     v
 }
 
-/// QemuOpts' `size` values (`sndbuf=`).
+/// QemuOpts' `size` values (`sndbuf=`), parsed as every other size is (`qom::parse_size`).
 fn parse_size(key: &str, value: &str) -> Result<u64, NetError> {
-    let err = || NetError::invalid(format!("Parameter '{key}' expects a size value"));
-    let t = value.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    let shift = match suffix {
-        "" | "b" | "B" => 0,
-        "k" | "K" => 10,
-        "m" | "M" => 20,
-        "g" | "G" => 30,
-        "t" | "T" => 40,
-        "p" | "P" => 50,
-        "e" | "E" => 60,
-        _ => return Err(err()),
-    };
-    if num.is_empty() {
-        return Err(err());
-    }
-    if num.contains('.') {
-        let v: f64 = num.parse().map_err(|_| err())?;
-        let bytes = v * (1u64 << shift) as f64;
-        if shift == 0 || !(0.0..18_446_744_073_709_551_616.0).contains(&bytes) {
-            return Err(err());
-        }
-        return Ok(bytes as u64);
-    }
-    num.parse::<u64>()
-        .ok()
-        .and_then(|v| v.checked_mul(1u64 << shift))
-        .ok_or_else(err)
+    qom::parse_size(value.trim())
+        .ok_or_else(|| NetError::invalid(format!("Parameter '{key}' expects a size value")))
 }
 
 /// QemuOpts' numbers as the options visitor reads a `uint32` (`queues=`, `poll-us=`).
