@@ -10,6 +10,8 @@ REPO=$(cd "$SCRIPT_DIR/.." && pwd)
 SELF=$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/lib/debian.sh disable=SC1091
 . "$SCRIPT_DIR/lib/debian.sh"
+# shellcheck source=scripts/lib/bench.sh disable=SC1091
+. "$SCRIPT_DIR/lib/bench.sh"
 
 MARKER=QOMVM-GUEST-READY
 APPEND="console=ttyS0 panic=-1 quiet"
@@ -114,36 +116,12 @@ PYTHON=$(command -v python3 || true)
 
 # ------------------------------------------------------------ preparation --
 
-if [[ $inside == 0 ]]; then
-    if [[ -z $qomvm_bin ]]; then
-        if [[ $build == 1 ]]; then
-            command -v cargo >/dev/null 2>&1 || qomvm_die "cargo not found (use --qomvm PATH or --no-build)"
-            qomvm_log "cargo build --release"
-            (cd "$REPO" && cargo build --release --quiet --bin qomvm) >&2 ||
-                qomvm_die "cargo build --release failed"
-        fi
-        qomvm_bin=$REPO/target/release/qomvm
-    fi
-    if [[ -z $assets ]]; then
-        assets=$REPO/target/guest-assets
-        "$SCRIPT_DIR/guest-assets.sh" "$assets" >&2 || qomvm_die "scripts/guest-assets.sh failed"
-    fi
-fi
-[[ -x $qomvm_bin ]] || qomvm_die "qomvm binary $qomvm_bin not found or not executable"
-qomvm_bin=$(cd "$(dirname "$qomvm_bin")" && pwd)/$(basename "$qomvm_bin")
-[[ -s $assets/vmlinuz && -s $assets/initramfs.cpio.gz ]] ||
-    qomvm_die "no vmlinuz/initramfs.cpio.gz in $assets (run scripts/guest-assets.sh DIR)"
-assets=$(cd "$assets" && pwd)
-
-kvm_usable() { [[ -c /dev/kvm && -r /dev/kvm && -w /dev/kvm ]] && : 2>/dev/null <>/dev/kvm; }
+# (inside the rig, --qomvm and --assets name what the outer run prepared)
+qomvm_bin=$(bench_qomvm_binary "$qomvm_bin" "$build") || exit 1
+assets=$(bench_assets "$assets" vmlinuz initramfs.cpio.gz) || exit 1
 
 if [[ $inside == 0 ]]; then
-    if [[ -d /sys/module/kvm_pvm ]] || ! kvm_usable; then
-        if [[ -d /sys/module/kvm_pvm ]]; then
-            why="nested rig under PVM (host /dev/kvm is kvm_pvm)"
-        else
-            why="nested rig (host has no usable /dev/kvm)"
-        fi
+    if why=$(bench_rig_reason); then
         qomvm_log "$why: running the whole benchmark inside one scripts/nested-kvm.sh run"
         nvmm=3
         [[ $with_qemu == 1 ]] || nvmm=1

@@ -11,6 +11,8 @@ REPO=$(cd "$SCRIPT_DIR/.." && pwd)
 SELF=$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/lib/debian.sh disable=SC1091
 . "$SCRIPT_DIR/lib/debian.sh"
+# shellcheck source=scripts/lib/bench.sh disable=SC1091
+. "$SCRIPT_DIR/lib/bench.sh"
 
 runtime=10
 size=512M
@@ -124,35 +126,18 @@ PYTHON=$(command -v python3 || true)
 [[ -n $PYTHON ]] || qomvm_die "python3 not found (install the Debian package python3)"
 qomvm_need_cmd qemu-img qemu-utils
 
-kvm_usable() { [[ -c /dev/kvm && -r /dev/kvm && -w /dev/kvm ]] && : 2>/dev/null <>/dev/kvm; }
 vm_timeout=$((2 * runtime + 300))
 
 # ------------------------------------------------------------ preparation --
 
 if [[ $inside == 0 ]]; then
     if [[ " $vmms " == *" qomvm "* ]]; then
-        if [[ -z $qomvm_bin ]]; then
-            if [[ $build == 1 ]]; then
-                command -v cargo >/dev/null 2>&1 || qomvm_die "cargo not found (use --qomvm PATH or --no-build)"
-                qomvm_log "cargo build --release"
-                (cd "$REPO" && cargo build --release --quiet --bin qomvm) >&2 ||
-                    qomvm_die "cargo build --release failed"
-            fi
-            qomvm_bin=$REPO/target/release/qomvm
-        fi
-        [[ -x $qomvm_bin ]] || qomvm_die "qomvm binary $qomvm_bin not found or not executable"
-        qomvm_bin=$(cd "$(dirname "$qomvm_bin")" && pwd)/$(basename "$qomvm_bin")
+        qomvm_bin=$(bench_qomvm_binary "$qomvm_bin" "$build") || exit 1
     fi
     if [[ " $vmms " == *" qemu "* ]]; then
         qomvm_need_cmd qemu-system-x86_64 qemu-system-x86
     fi
-    if [[ -z $assets ]]; then
-        assets=$REPO/target/guest-assets
-        "$SCRIPT_DIR/guest-assets.sh" "$assets" >&2 || qomvm_die "scripts/guest-assets.sh failed"
-    fi
-    [[ -s $assets/vmlinuz && -s $assets/initramfs.cpio.gz && -s $assets/rootfs.ext4 ]] ||
-        qomvm_die "no vmlinuz/initramfs.cpio.gz/rootfs.ext4 in $assets (run scripts/guest-assets.sh DIR)"
-    assets=$(cd "$assets" && pwd)
+    assets=$(bench_assets "$assets" vmlinuz initramfs.cpio.gz rootfs.ext4) || exit 1
 
     if [[ -z $workdir ]]; then
         workdir=$(mktemp -d "${TMPDIR:-/tmp}/qomvm-bench-fio.XXXXXX")
@@ -173,12 +158,7 @@ if [[ $inside == 0 ]]; then
     args=(--runtime "$runtime" --size "$size" --format "$format" -m "$mem" --smp "$smp"
         --assets "$assets" --only "$vmms" --workdir "$workdir")
     [[ -z $qomvm_bin ]] || args+=(--qomvm "$qomvm_bin")
-    if [[ -d /sys/module/kvm_pvm ]] || ! kvm_usable; then
-        if [[ -d /sys/module/kvm_pvm ]]; then
-            why="nested rig under PVM (host /dev/kvm is kvm_pvm)"
-        else
-            why="nested rig (host has no usable /dev/kvm)"
-        fi
+    if why=$(bench_rig_reason); then
         qomvm_log "$why: running both VMMs inside one scripts/nested-kvm.sh run"
         # The disk copies go to the rig's in-memory scratch file system (L1's
         # overlay refuses O_DIRECT, and a --rw share costs a host round trip per I/O).
