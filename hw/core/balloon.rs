@@ -89,13 +89,18 @@ impl Balloon {
         Ok(self.handler()?.actual())
     }
 
-    /// Adds a listener for the guest's changes (the monitor's `BALLOON_CHANGE`).
+    /// Adds an in-process listener for the guest's changes (monitor clients get the
+    /// `BALLOON_CHANGE` event without one).
     pub fn add_change_listener(&self, listener: BalloonChangeListener) {
         self.listeners.lock().push(listener);
     }
 
     /// The device reports a new `actual` (QEMU's `qapi_event_send_balloon_change`).
     pub fn changed(&self, actual: u64) {
+        crate::core::qapi_event::emit(
+            "BALLOON_CHANGE",
+            Some(crate::core::qapi_event::json!({ "actual": actual })),
+        );
         let listeners = self.listeners.lock().clone();
         for l in listeners {
             l(actual);

@@ -84,17 +84,6 @@ pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionErr
     if opts.start_paused {
         open_dispatch();
     }
-    // QEMU's `qapi_event_send_balloon_change`, when the guest changes `actual`.
-    vm.machine_state()
-        .services()
-        .balloon()
-        .add_change_listener(Arc::new(|actual| {
-            broadcast_event(&client::event_message(
-                "BALLOON_CHANGE",
-                Some(serde_json::json!({ "actual": actual })),
-            ))
-        }));
-
     let mut backends = Vec::new();
     for located in &opts.qmp {
         let backend = chardev::parse(&located.value).map_err(|e| located.error(e))?;
