@@ -175,11 +175,14 @@ fn net_scenario(name: &str, script: &str, timeout_s: u32) -> Option<String> {
         (o.status.code(), text(&o))
     };
     let (mut status, mut out) = run();
-    // A guest that stalled before its /init ran never touched the network: under the rig's
-    // TCG the kernel was seen stopping at "x86: Booting SMP configuration" (as
-    // linux_guest.rs's disk scenarios saw it stop elsewhere in early boot). Such a run says
-    // nothing about the network; it is retried once, and reported.
-    if out.contains("vmm exit status 124") && !out.contains("QOMVM-GUEST-READY") {
+    // A guest that stalled or triple-faulted before its /init ran never touched the network:
+    // under the rig's TCG the kernel was seen stopping at "x86: Booting SMP configuration"
+    // (as linux_guest.rs's disk scenarios saw it stop elsewhere in early boot), and once
+    // triple-faulting 9 s into boot. Such a run says nothing about the network; it is
+    // retried once, and reported.
+    let died_early =
+        out.contains("vmm exit status 124") || out.contains("triple fault (KVM_EXIT_SHUTDOWN)");
+    if died_early && !out.contains("QOMVM-GUEST-READY") {
         let tail: Vec<&str> = out
             .lines()
             .filter(|l| l.contains(": ["))
@@ -187,7 +190,7 @@ fn net_scenario(name: &str, script: &str, timeout_s: u32) -> Option<String> {
             .take(3)
             .collect();
         eprintln!(
-            "net-guest: scenario {name}: the guest stalled before /init ({tail:?}); retrying once"
+            "net-guest: scenario {name}: the guest stalled or faulted before /init ({tail:?}); retrying once"
         );
         (status, out) = run();
     }
