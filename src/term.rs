@@ -26,11 +26,6 @@ pub fn enter_raw_mode() {
             *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
         }
     }
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        restore();
-        default_hook(info);
-    }));
     install_signal_restore();
 }
 
@@ -62,8 +57,11 @@ extern "C" fn restore_and_die(signal: libc::c_int) {
     }
 }
 
+/// SIGQUIT keeps its default action (a core dump), with the terminal restored first;
+/// SIGTERM, SIGINT and SIGHUP are a shutdown (`signals.rs`), and a panic restores it
+/// through the panic hook (`main.rs`).
 fn install_signal_restore() {
-    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGINT] {
+    for signal in [libc::SIGQUIT] {
         // SAFETY: the handler only makes async-signal-safe calls.
         unsafe {
             libc::signal(signal, restore_and_die as *const () as libc::sighandler_t);

@@ -10,7 +10,7 @@ use hw::core::machine::{
 };
 use hw::core::qdev::{device_class, device_type, qdev_new, qdev_realize, DeviceMethods, QdevError};
 use hw::core::qdev_properties::register_global;
-use hw::core::runstate::{self, RunPolicy};
+use hw::core::runstate::{self, RunPolicy, RunRequest};
 use qom::{object_get_root, resolve_path, ObjectRef};
 
 use crate::help;
@@ -522,8 +522,17 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
         no_reboot: opts.no_reboot,
         no_shutdown: opts.no_shutdown,
     };
+    let killable = machine.clone();
+    crate::signals::on_termination(Box::new(move || {
+        if let Some(ms) = machine_state(&killable) {
+            ms.run_state().request(RunRequest::HostSignal);
+        }
+    }));
     loop {
         if let Some(request) = ms.run_state().wait(Some(Duration::from_secs(3600))) {
+            if request == RunRequest::HostSignal {
+                crate::signals::kill_report();
+            }
             if let Some(status) = runstate::main_loop_should_exit(ms, request, policy) {
                 return status;
             }

@@ -40,10 +40,12 @@ impl Vm {
             args.extend(["-accel", "qtest"]);
         }
         args.extend(extra);
+        let stderr = std::fs::File::create(dir.join("stderr")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
             .args(&args)
             .env("RUST_LOG", "off")
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("qomvm starts");
         Vm { child, dir, sock }
@@ -78,6 +80,11 @@ impl Vm {
         let mut c = self.client();
         assert_eq!(c.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
         c
+    }
+
+    /// What qomvm wrote to stderr so far.
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
     }
 
     fn wait_exit(&mut self) -> i32 {
@@ -415,6 +422,36 @@ fn quit_replies_reports_shutdown_and_exits_cleanly() {
 
 fn c_quit(c: &mut Client) {
     assert_eq!(c.cmd("quit", json!({})), json!({"return": {}}));
+}
+
+/// QEMU's `qemu_system_killed`: SIGTERM, SIGINT and SIGHUP each end the VM, even under
+/// `-no-shutdown`: clients see `SHUTDOWN` with reason `host-signal`, qomvm names the signal
+/// and its sender in QEMU's words, and exits with status 0.
+#[test]
+fn host_signals_shut_the_vm_down_cleanly() {
+    let me = std::env::args().next().unwrap();
+    for (signal, number) in [(libc::SIGTERM, 15), (libc::SIGINT, 2), (libc::SIGHUP, 1)] {
+        let mut vm = Vm::start(&["-M", "pc", "-no-shutdown"]);
+        let mut c = vm.negotiated();
+        // SAFETY: kill() with the pid of our own child.
+        assert_eq!(unsafe { libc::kill(vm.child.id() as i32, signal) }, 0);
+        let shutdown = c.event("SHUTDOWN");
+        assert_eq!(
+            shutdown["data"],
+            json!({"guest": false, "reason": "host-signal"}),
+            "signal {number}"
+        );
+        assert_eq!(vm.wait_exit(), 0, "signal {number}: {}", vm.stderr());
+        let line = format!(
+            "qomvm: terminating on signal {number} from pid {} ({me})",
+            std::process::id()
+        );
+        assert!(
+            vm.stderr().contains(&line),
+            "no '{line}' in:\n{}",
+            vm.stderr()
+        );
+    }
 }
 
 #[test]

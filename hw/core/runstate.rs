@@ -38,7 +38,7 @@ pub enum RunRequest {
     GuestReset,
     /// The guest reported a panic.
     GuestPanic,
-    /// The host asked to quit (monitor `quit`, Ctrl-A x, a signal).
+    /// The host asked to quit (monitor `quit`, Ctrl-A x).
     HostQuit,
     /// `isa-debug-exit`: the process exits with this status.
     DebugExit(i32),
@@ -46,6 +46,8 @@ pub enum RunRequest {
     GuestError,
     /// The monitor asked for a reset (`system_reset`).
     HostReset,
+    /// A host signal (SIGTERM, SIGINT, SIGHUP) ends the run, whatever the policy.
+    HostSignal,
 }
 
 /// The mailbox of run requests: vCPU threads and devices post, the main loop waits.
@@ -423,6 +425,12 @@ pub fn main_loop_should_exit(
             report_shutdown(ms, ShutdownCause::HostQmpQuit);
             return Some(0);
         }
+        // QEMU's qemu_system_killed forces the power-off action: -no-shutdown keeps the
+        // process for guest shutdowns only.
+        RunRequest::HostSignal => {
+            report_shutdown(ms, ShutdownCause::HostSignal);
+            return Some(0);
+        }
         RunRequest::GuestPanic => {
             report_shutdown(ms, ShutdownCause::GuestPanic);
             return Some(0);
@@ -521,6 +529,24 @@ mod tests {
         assert_eq!(
             *events.lock(),
             vec![VmEvent::Resume, VmEvent::Stop, VmEvent::Resume]
+        );
+    }
+
+    #[test]
+    fn a_host_signal_ends_the_run_even_under_no_shutdown() {
+        let (ms, _, events) = machine();
+        vm_start(&ms).unwrap();
+        let policy = RunPolicy {
+            no_reboot: true,
+            no_shutdown: true,
+        };
+        assert_eq!(
+            main_loop_should_exit(&ms, RunRequest::HostSignal, policy),
+            Some(0)
+        );
+        assert_eq!(
+            events.lock().last(),
+            Some(&VmEvent::Shutdown(ShutdownCause::HostSignal))
         );
     }
 
