@@ -16,6 +16,7 @@ SELF=$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")
 . "$SCRIPT_DIR/lib/bench.sh"
 
 time_s=10
+rounds=3
 mem=512
 smp=1
 qomvm_bin=
@@ -69,6 +70,8 @@ ahead.
 
 Options:
   --time S          seconds per iperf3 direction (default 10)
+  --rounds N        rounds of all runs, interleaved (default 3); the report gives
+                    medians and the ratio of each round
   -m MiB            guest RAM (default 512)
   --smp N           guest vCPUs (default 1: in the rig, whose L1 has 2 vCPUs for
                     the guest, iperf3 and vhost alike, a 2-vCPU QEMU guest stalled
@@ -90,6 +93,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
         --time) time_s=${2:?--time needs a value}; shift 2 ;;
+        --rounds) rounds=${2:?--rounds needs a value}; shift 2 ;;
         -m | --mem) mem=${2:?-m needs a value}; shift 2 ;;
         --smp) smp=${2:?--smp needs a value}; shift 2 ;;
         --qomvm) qomvm_bin=${2:?--qomvm needs a value}; shift 2 ;;
@@ -99,12 +103,13 @@ while [[ $# -gt 0 ]]; do
         --no-build) build=0; shift ;;
         # Internal: set when the script re-runs itself in its namespace (and the rig).
         --inside) inside=1; env_note=${2:?--inside needs a value}; shift 2 ;;
-        --time=* | --mem=* | --smp=* | --qomvm=* | --assets=* | --only=* | --vhost=*)
+        --time=* | --rounds=* | --mem=* | --smp=* | --qomvm=* | --assets=* | --only=* | --vhost=*)
             opt=${1%%=*}; set -- "$opt" "${1#*=}" "${@:2}" ;;
         *) usage >&2; qomvm_die "unknown argument $1" ;;
     esac
 done
 [[ $time_s =~ ^[1-9][0-9]*$ ]] || qomvm_die "--time wants a positive number of seconds, got '$time_s'"
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || qomvm_die "--rounds wants a positive number, got '$rounds'"
 [[ $mem =~ ^[1-9][0-9]*$ ]] || qomvm_die "-m wants a size in MiB (a number), got '$mem'"
 [[ $smp =~ ^[1-9][0-9]*$ ]] || qomvm_die "--smp wants a positive number, got '$smp'"
 case $vmms in
@@ -133,13 +138,13 @@ if [[ $inside == 0 ]]; then
     fi
     assets=$(bench_assets "$assets" vmlinuz initramfs.cpio.gz rootfs.ext4 host-tools/iperf3) || exit 1
 
-    args=(--time "$time_s" -m "$mem" --smp "$smp" --assets "$assets" --only "$vmms" --vhost "$vhosts")
+    args=(--time "$time_s" --rounds "$rounds" -m "$mem" --smp "$smp" --assets "$assets" --only "$vmms" --vhost "$vhosts")
     [[ -z $qomvm_bin ]] || args+=(--qomvm "$qomvm_bin")
     if why=$(bench_rig_reason); then
         qomvm_log "$why: running every VMM inside one scripts/nested-kvm.sh run"
         runs=$(($(wc -w <<<"$vmms") * $(wc -w <<<"$vhosts")))
         rc=0
-        "$SCRIPT_DIR/nested-kvm.sh" --timeout $((2 * runs * vm_timeout + 300)) -- \
+        "$SCRIPT_DIR/nested-kvm.sh" --timeout $((2 * rounds * runs * vm_timeout + 300)) -- \
             unshare -n "$SELF" --inside "$why" "${args[@]}" || rc=$?
         exit "$rc"
     fi
@@ -180,6 +185,34 @@ except (ValueError, KeyError) as e:
     sys.exit("iperf3's JSON output is incomplete or missing (%s; iperf3 ended by its time limit?)" % e)
 EOF
 
+# The report from the results file: per VMM, vhost setting and direction, the median of
+# the rounds; qomvm/QEMU as the median of each round's ratio, with the lowest and highest.
+read -r -d '' PY_REPORT <<'EOF' || true
+import statistics, sys
+path, vhosts, vmms, rounds = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), int(sys.argv[4])
+val = {}
+for line in open(path):
+    v, vh, r, d, g = line.split()
+    val[(v, vh, int(r), d)] = float(g)
+dirs = ["h2g", "g2h"]
+print("  %-22s %24s %24s" % ("Gbit/s, median (n)", "host->guest", "guest->host"))
+for vh in vhosts:
+    for v in vmms:
+        cells = []
+        for d in dirs:
+            xs = [val[(v, vh, r, d)] for r in range(1, rounds + 1) if (v, vh, r, d) in val]
+            cells.append("%.3f (%d)" % (statistics.median(xs), len(xs)) if xs else "- (0)")
+        print("  %-22s %24s %24s" % ("%s vhost=%s" % (v, vh), *cells))
+    if "qomvm" in vmms and "qemu" in vmms:
+        cells = []
+        for d in dirs:
+            rs = [val[("qomvm", vh, r, d)] / val[("qemu", vh, r, d)] for r in range(1, rounds + 1)
+                  if ("qomvm", vh, r, d) in val and val.get(("qemu", vh, r, d), 0) > 0]
+            cells.append("%.2f [%.2f-%.2f]" % (statistics.median(rs), min(rs), max(rs)) if rs else "-")
+        print("  %-22s %24s %24s" % ("qomvm/QEMU vhost=%s" % vh, *cells))
+print("  (n): rounds measured of %d; qomvm/QEMU: median of the rounds' ratios [lowest-highest]" % rounds)
+EOF
+
 # await CONSOLE REGEX PID: waits (up to 300 s) until CONSOLE shows REGEX while PID runs.
 await() {
     local i=0
@@ -191,12 +224,12 @@ await() {
     done
 }
 
-# measure VMM VHOST ATTEMPT: boots VMM with vhost=VHOST, runs iperf3 both ways, and
-# records partial[VMM-VHOST-h2g] and [...-g2h] (Gbit/s) for each direction measured, and
-# failed[VMM-VHOST] (why) on a failure, for which it returns non-zero.
+# measure VMM VHOST ROUND ATTEMPT: boots VMM with vhost=VHOST, runs iperf3 both ways, and
+# appends "VMM VHOST ROUND DIRECTION GBIT/S" to $results for each direction measured;
+# on a failure sets failed[VMM-VHOST-ROUND] (why) and returns non-zero.
 measure() {
-    local v=$1 vh=$2 attempt=$3
-    local run=$v-$vh con=$work/$v-$vh-$attempt.console
+    local v=$1 vh=$2 round=$3 attempt=$4
+    local run=$v-$vh con=$work/$v-$vh-$round-$attempt.console
     local -a cmd opt
     local pid why h2g g2h dir n out rc
     case $v in
@@ -208,11 +241,10 @@ measure() {
         ip link set qtap0 up; }; then
         qomvm_die "cannot make the tap qtap0"
     fi
-    qomvm_log "$run: $(printf '%q ' "${cmd[@]}")"
+    qomvm_log "$run (round $round): $(printf '%q ' "${cmd[@]}")"
     timeout -k 5 "$vm_timeout" "${cmd[@]}" </dev/null >"$con" 2>&1 &
     pid=$!
     why='' h2g='' g2h=''
-    unset "partial[$run-h2g]" "partial[$run-g2h]"
     for dir in h2g g2h; do
         n=1 opt=()
         [[ $dir == g2h ]] && n=2 opt=(-R)
@@ -222,47 +254,53 @@ measure() {
         fi
         # (a stalled transfer would keep iperf3 waiting for ever)
         timeout -k 5 $((time_s + 60)) "$iperf3" -c 192.168.76.2 -t "$time_s" -J "${opt[@]}" \
-            >"$work/$run-$dir.json" 2>&1 || true
-        if ! out=$("$PYTHON" -c "$PY_PARSE" "$work/$run-$dir.json" 2>&1); then
+            >"$work/$run-$round-$dir.json" 2>&1 || true
+        if ! out=$("$PYTHON" -c "$PY_PARSE" "$work/$run-$round-$dir.json" 2>&1); then
             why="iperf3 $dir: $out"
             break
         fi
         printf -v "$dir" '%s' "$out"
-        partial[$run-$dir]=$out
+        echo "$v $vh $round $dir $out" >>"$results"
     done
     [[ -z $why ]] || kill $pid 2>/dev/null || true
     rc=0
     wait $pid || rc=$?
     ip link del qtap0 2>/dev/null || true
     if [[ -z $why ]]; then
-        qomvm_log "$run: host->guest $h2g Gbit/s, guest->host $g2h Gbit/s (exit status $rc)"
+        qomvm_log "$run (round $round): host->guest $h2g Gbit/s, guest->host $g2h Gbit/s (exit status $rc)"
         return 0
     fi
-    failed[$run]="$why; exit status $rc"
-    qomvm_log "$run: FAILED ($why). Last console lines:"
+    failed[$run-$round]="$why; exit status $rc"
+    qomvm_log "$run (round $round): FAILED ($why). Last console lines:"
     tail -n 12 "$con" | tr -d '\r' | sed 's/^/    /' >&2
     return 1
 }
 
 cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
 qomvm_log "environment: $env_note; CPU: $cpu_model ($(nproc) CPUs)"
-declare -A failed retried partial
-for vh in $vhosts; do
-    if [[ $vh == on && ! -c /dev/vhost-net ]]; then
-        for v in $vmms; do failed[$v-$vh]="skipped: no /dev/vhost-net"; done
-        qomvm_log "vhost=on: skipped (no /dev/vhost-net here)"
-        continue
-    fi
-    for v in $vmms; do
-        run=$v-$vh
-        measure "$v" "$vh" 1 && continue
-        # In the rig (TCG L1) one TCP transfer was seen stalling for over a minute, with
-        # QEMU and with qomvm alike: a failed run is repeated once, on a fresh boot, and
-        # the first failure stays in the report.
-        qomvm_log "$run: repeating the run once"
-        retried[$run]=${failed[$run]}
-        unset "failed[$run]"
-        measure "$v" "$vh" 2 || true
+declare -A failed retried
+results=$work/results
+: >"$results"
+vhost_note=
+if [[ " $vhosts " == *" on "* && ! -c /dev/vhost-net ]]; then
+    qomvm_log "vhost=on: skipped (no /dev/vhost-net here)"
+    vhosts=${vhosts/on/}
+    vhost_note="vhost=on skipped: no /dev/vhost-net here"
+fi
+# Rounds interleave the VMMs, so that drift in the environment (the rig's TCG, other
+# load) reaches both; the report gives medians and each round's ratio.
+for ((round = 1; round <= rounds; round++)); do
+    for vh in $vhosts; do
+        for v in $vmms; do
+            measure "$v" "$vh" "$round" 1 && continue
+            # In the rig (TCG L1) one TCP transfer was seen stalling for over a minute,
+            # with QEMU and with qomvm alike: a failed run is repeated once, on a fresh
+            # boot, and the first failure stays in the report.
+            qomvm_log "$v-$vh (round $round): repeating the run once"
+            retried[$v-$vh-$round]=${failed[$v-$vh-$round]}
+            unset "failed[$v-$vh-$round]"
+            measure "$v" "$vh" "$round" 2 || true
+        done
     done
 done
 
@@ -281,30 +319,14 @@ echo "Guest: $(cat "$assets/kernel-version" 2>/dev/null || echo '?'), -m $mem -s
 [[ " $vmms " != *" qomvm "* ]] || echo "qomvm: $qomvm_bin"
 [[ " $vmms " != *" qemu "* ]] || echo "QEMU: $(qemu-system-x86_64 --version | head -n1)"
 echo
-printf '  %-18s %20s %20s\n' "VMM" "host->guest Gbit/s" "guest->host Gbit/s"
-for vh in $vhosts; do
-    for v in $vmms; do
-        printf '  %-18s %20s %20s\n' "$v vhost=$vh" "${partial[$v-$vh-h2g]:--}" "${partial[$v-$vh-g2h]:--}"
-    done
-    if [[ " $vmms " == *" qomvm "* && " $vmms " == *" qemu "* ]]; then
-        # A direction's ratio where both VMMs measured it (a failed run keeps the
-        # direction that completed).
-        awk -v qa="${partial[qomvm-$vh-h2g]:-}" -v qb="${partial[qomvm-$vh-g2h]:-}" \
-            -v ea="${partial[qemu-$vh-h2g]:-}" -v eb="${partial[qemu-$vh-g2h]:-}" -v vh="$vh" '
-            function ratio(q, e) { return (q != "" && e > 0) ? sprintf("%.2f", q / e) : "-" }
-            BEGIN { printf "  %-18s %20s %20s\n", "qomvm/QEMU vhost=" vh, ratio(qa, ea), ratio(qb, eb) }'
-    fi
-done
+"$PYTHON" -c "$PY_REPORT" "$results" "$vhosts" "$vmms" "$rounds"
+[[ -z $vhost_note ]] || echo "NOTE: $vhost_note"
 status=0
-for vh in $vhosts; do
-    for v in $vmms; do
-        if [[ -n ${retried[$v-$vh]:-} ]]; then
-            echo "NOTE: $v vhost=$vh: the first run failed (${retried[$v-$vh]}); the figures are the second run's"
-        fi
-        if [[ -n ${failed[$v-$vh]:-} ]]; then
-            echo "NOTE: $v vhost=$vh: ${failed[$v-$vh]}"
-            [[ ${failed[$v-$vh]} == skipped:* ]] || status=1
-        fi
-    done
+for key in "${!retried[@]}"; do
+    echo "NOTE: $key (VMM-vhost-round): the first run failed (${retried[$key]}); the figures are the repeat's"
+done
+for key in "${!failed[@]}"; do
+    echo "NOTE: $key (VMM-vhost-round): FAILED: ${failed[$key]}"
+    status=1
 done
 exit "$status"

@@ -29,6 +29,10 @@
 #   --qemu     run the same command line with qemu-system-x86_64 -accel kvm instead of qomvm
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC2034 # read by scripts/lib/debian.sh
+QOMVM_PROG=boot-guest
+# shellcheck source=scripts/lib/debian.sh disable=SC1091
+. scripts/lib/debian.sh
 
 disk=1 net=1 vmm=qomvm
 while [[ $# -gt 0 ]]; do
@@ -45,6 +49,7 @@ scripts/guest-assets.sh "$assets" >&2
 if [[ $vmm == qemu ]]; then
     bin=(qemu-system-x86_64 -accel kvm)
 else
+    qomvm_need_cargo .
     cargo build --release --quiet --bin qomvm
     bin=("$PWD/target/release/qomvm")
 fi

@@ -5,6 +5,11 @@
 # exit path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC2034 # read by scripts/lib/debian.sh
+QOMVM_PROG=drop-in
+# shellcheck source=scripts/lib/debian.sh disable=SC1091
+. scripts/lib/debian.sh
+qomvm_need_cargo .
 
 copy=hw/misc/drop-in-check.rs
 trap 'rm -f "$copy"' EXIT

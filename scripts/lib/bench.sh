@@ -14,7 +14,7 @@ bench_qomvm_binary() {
     local bin=$1 build=$2
     if [[ -z $bin ]]; then
         if [[ $build == 1 ]]; then
-            command -v cargo >/dev/null 2>&1 || qomvm_die "cargo not found (use --qomvm PATH or --no-build)"
+            qomvm_need_cargo "$REPO"
             qomvm_log "cargo build --release"
             (cd "$REPO" && cargo build --release --quiet --bin qomvm) >&2 ||
                 qomvm_die "cargo build --release failed"

@@ -48,6 +48,18 @@ qomvm_need_cmd() {
     qomvm_die "$cmd not found: install the Debian package $pkg"
 }
 
+# qomvm_need_cargo REPO: make sure cargo is there and at least as new as the
+# rust-version of REPO's Cargo.toml (Debian 12's own cargo, 1.63, is too old).
+qomvm_need_cargo() {
+    local need have
+    need=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' "$1/Cargo.toml" | head -n1)
+    command -v cargo >/dev/null 2>&1 ||
+        qomvm_die "cargo not found: qomvm needs Rust $need or newer (https://rustup.rs)"
+    have=$(cargo --version | awk '{print $2}')
+    [[ $(printf '%s\n%s\n' "$need" "${have%%-*}" | sort -V | head -n1) == "$need" ]] ||
+        qomvm_die "cargo $have is too old: qomvm needs Rust $need or newer (rustup update, or https://rustup.rs)"
+}
+
 # _qomvm_memo KEY CMD...: print CMD's output, remembered under KEY until apt's
 # package lists change (apt-cache takes ~0.6 s a call when apt keeps no
 # binary cache, which would make a no-op rerun slow).
