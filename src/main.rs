@@ -13,6 +13,10 @@ mod vl;
 
 fn main() {
     let _ = hw::core::machine::PROCESS_START.set(std::time::Instant::now());
+    // While qomvm has one thread: the tap scripts' launcher (outside the sandbox to come).
+    if let Err(e) = ::net::launcher::start() {
+        log::debug!("no script launcher ({e}): scripts start directly");
+    }
     // Before any thread starts, so that every thread inherits the blocked signals.
     signals::setup();
     panic_ends_the_process();

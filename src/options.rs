@@ -90,6 +90,8 @@ pub struct Options {
     pub monitor: Vec<Located>,
     /// `-S`: do not start the vCPUs until the monitor's `cont`.
     pub start_paused: bool,
+    /// `-sandbox`: the seccomp policy (on by default).
+    pub sandbox: Option<Located>,
     pub help: bool,
     pub version: bool,
 }
@@ -130,6 +132,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("qmp", Arity::Value),
     ("monitor", Arity::Value),
     ("S", Arity::Flag),
+    ("sandbox", Arity::Value),
     ("h", Arity::Flag),
     ("help", Arity::Flag),
     ("version", Arity::Flag),
@@ -189,6 +192,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "qmp" => opts.qmp.push(located),
             "monitor" => opts.monitor.push(located),
             "S" => opts.start_paused = true,
+            "sandbox" => opts.sandbox = Some(located),
             "h" | "help" => opts.help = true,
             "version" => opts.version = true,
             _ => unreachable!("every table entry is matched above"),

@@ -40,8 +40,9 @@ pub fn restore() {
     }
 }
 
-extern "C" fn restore_and_die(signal: libc::c_int) {
-    // Only async-signal-safe calls: tcsetattr, then re-raise with the default action.
+/// [`restore`] for signal handlers: only async-signal-safe calls (no waiting for the lock:
+/// a thread interrupted while holding it leaves the terminal as it is).
+pub fn restore_from_signal() {
     if let Ok(mut saved) = SAVED.try_lock() {
         if let Some(saved) = saved.take() {
             // SAFETY: as in `restore`; tcsetattr is async-signal-safe.
@@ -50,6 +51,11 @@ extern "C" fn restore_and_die(signal: libc::c_int) {
             }
         }
     }
+}
+
+extern "C" fn restore_and_die(signal: libc::c_int) {
+    // Only async-signal-safe calls: tcsetattr, then re-raise with the default action.
+    restore_from_signal();
     // SAFETY: restoring the default disposition and re-raising are async-signal-safe.
     unsafe {
         libc::signal(signal, libc::SIG_DFL);

@@ -11,6 +11,7 @@ use hw::core::machine::{
 use hw::core::qdev::{device_class, device_type, qdev_new, qdev_realize, DeviceMethods, QdevError};
 use hw::core::qdev_properties::register_global;
 use hw::core::runstate::{self, RunPolicy, RunRequest};
+use hw::core::sandbox::{parse_sandbox, SandboxPolicy};
 use qom::{object_get_root, resolve_path, ObjectRef};
 
 use crate::help;
@@ -28,6 +29,10 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
         println!("{}", help::version());
         return Ok(0);
     }
+    let sandbox = match &opts.sandbox {
+        Some(s) => parse_sandbox(&s.value).map_err(|e| s.error(e))?,
+        None => SandboxPolicy::default(),
+    };
     // module_call_init(MODULE_INIT_QOM), with the self-check that no registration was lost.
     accel::init().map_err(|e| OptionError::new("", e))?;
 
@@ -92,6 +97,14 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     if opts.nographic && opts.monitor.is_empty() {
         // -nographic muxes the human monitor with the serial console (QEMU's mon:stdio).
         crate::mux::set_console_monitor(monitor::console_monitor(&machine, &opts));
+    }
+    // QEMU's seccomp_start comes first thing; qomvm's allowlists are narrower, so they go
+    // on once the machine is built (images open, devices realized, sockets listening) and
+    // before the guest runs.
+    hw::core::sandbox::set_fatal_hook(crate::term::restore_from_signal);
+    hw::core::sandbox::install(sandbox).map_err(|e| OptionError::new("", e))?;
+    if sandbox.enabled && !sandbox.spawn {
+        ::net::launcher::deny_spawn();
     }
     let status = main_loop(&machine, &opts);
     monitor::monitor_cleanup();

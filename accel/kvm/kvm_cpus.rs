@@ -451,6 +451,9 @@ fn vcpu_thread(
                 }
             }
         }
+        // The vCPU list goes on before the first guest instruction after the sandbox is
+        // installed (one atomic load otherwise).
+        hw::core::sandbox::enter(hw::core::sandbox::ThreadKind::Vcpu);
         match run_once(&mut vcpu, &mut io, &mut memory, index) {
             Step::Continue => exit_pending = true,
             Step::Interrupted => {

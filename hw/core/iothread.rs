@@ -192,6 +192,9 @@ impl Shared {
                     break;
                 }
             };
+            // The event loop's list goes on before any handler runs once the sandbox is
+            // installed.
+            crate::core::sandbox::enter(crate::core::sandbox::ThreadKind::IoThread);
             for event in &events[..n] {
                 match event.data() {
                     WAKE => {

@@ -11,6 +11,7 @@
 //! Data moves between guest memory and the backend as [`VolatileSlice`]s: a tap reads and
 //! writes guest buffers with one `readv`/`writev`, no copy of ours.
 
+pub mod launcher;
 pub mod slirp;
 pub mod tap;
 

@@ -17,8 +17,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -322,10 +320,16 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// QEMU's `launch_script`: runs `script IFNAME` and waits; anything but exit status 0 is
 /// an error with the raw wait status, as QEMU prints it (256 for exit 1; a script that
 /// cannot be executed counts as exit 1, as QEMU's child `_exit(1)`s after `execv`).
+/// Scripts run through [`crate::launcher`], outside qomvm's sandbox.
 pub fn launch_script(script: &str, ifname: &str) -> Result<(), NetError> {
-    let status = match Command::new(script).arg(ifname).status() {
-        Ok(s) => s.into_raw(),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+    let status = match crate::launcher::run(script, &[ifname]) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::PermissionDenied
+            ) =>
+        {
             return Err(NetError::Io {
                 what: format!("could not launch network script {script}"),
                 source: e,
