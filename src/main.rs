@@ -7,6 +7,7 @@ mod mux;
 mod net;
 mod objects;
 mod options;
+mod qtest;
 mod signals;
 mod term;
 mod vl;

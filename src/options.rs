@@ -92,6 +92,10 @@ pub struct Options {
     pub start_paused: bool,
     /// `-sandbox`: the seccomp policy (on by default).
     pub sandbox: Option<Located>,
+    /// `-qtest`: the qtest protocol's character device.
+    pub qtest: Option<Located>,
+    /// `-qtest-log`: where the qtest conversation is logged.
+    pub qtest_log: Option<Located>,
     pub help: bool,
     pub version: bool,
 }
@@ -133,6 +137,8 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("monitor", Arity::Value),
     ("S", Arity::Flag),
     ("sandbox", Arity::Value),
+    ("qtest", Arity::Value),
+    ("qtest-log", Arity::Value),
     ("h", Arity::Flag),
     ("help", Arity::Flag),
     ("version", Arity::Flag),
@@ -193,6 +199,8 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "monitor" => opts.monitor.push(located),
             "S" => opts.start_paused = true,
             "sandbox" => opts.sandbox = Some(located),
+            "qtest" => opts.qtest = Some(located),
+            "qtest-log" => opts.qtest_log = Some(located),
             "h" | "help" => opts.help = true,
             "version" => opts.version = true,
             _ => unreachable!("every table entry is matched above"),

@@ -98,6 +98,10 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
         // -nographic muxes the human monitor with the serial console (QEMU's mon:stdio).
         crate::mux::set_console_monitor(monitor::console_monitor(&machine, &opts));
     }
+    if let Some(q) = &opts.qtest {
+        let log = opts.qtest_log.as_ref().map(|l| l.value.as_str());
+        crate::qtest::qtest_init(&q.value, log, &machine).map_err(|e| q.error(e))?;
+    }
     // QEMU's seccomp_start comes first thing; qomvm's allowlists are narrower, so they go
     // on once the machine is built (images open, devices realized, sockets listening) and
     // before the guest runs.
@@ -418,7 +422,9 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
         candidates = vec![("kvm".to_string(), "-enable-kvm".to_string())];
     }
     if candidates.is_empty() {
-        candidates.push(("kvm".to_string(), String::new()));
+        // A qtest driver wants no guest code to run, as QEMU's -qtest does.
+        let default = if opts.qtest.is_some() { "qtest" } else { "kvm" };
+        candidates.push((default.to_string(), String::new()));
     }
     let mut failures = Vec::new();
     for (name, location) in &candidates {

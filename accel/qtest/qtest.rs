@@ -15,13 +15,24 @@ use crate::accel_system::{AccelError, AccelImpl, AccelState};
 /// QEMU's `TYPE_QTEST_ACCEL`.
 pub const TYPE_QTEST_ACCEL: &str = "qtest-accel";
 
-/// The qtest accelerator's operations: no vCPU runs; interrupt levels are kept for tests.
+/// Told of every change of a GSI's level: `(gsi, level)`.
+pub type IrqListener = Box<dyn Fn(u32, bool) + Send + Sync>;
+
+/// The qtest accelerator's operations: no vCPU runs; interrupt levels are kept for tests,
+/// and changes go to the qtest protocol's interception (`irq_intercept_in ioapic`).
 #[derive(Default)]
 pub struct QtestOps {
     irq_levels: Mutex<Vec<bool>>,
+    listener: Mutex<Option<IrqListener>>,
 }
 
 impl QtestOps {
+    /// Reports every later change of a GSI's level to `listener` (one listener: a new one
+    /// replaces the old).
+    pub fn set_irq_listener(&self, listener: IrqListener) {
+        *self.listener.lock() = Some(listener);
+    }
+
     /// The level of GSI `gsi` as devices last set it.
     pub fn irq_level(&self, gsi: u32) -> bool {
         self.irq_levels
@@ -46,7 +57,14 @@ impl AccelOps for QtestOps {
         if levels.len() <= i {
             levels.resize(i + 1, false);
         }
+        let changed = levels[i] != level;
         levels[i] = level;
+        drop(levels);
+        if changed {
+            if let Some(listener) = &*self.listener.lock() {
+                listener(gsi, level);
+            }
+        }
     }
     fn set_pit_reinject(&self, _reinject: bool) -> Result<(), Error> {
         // No PIT runs under qtest; the policy has nothing to act on.
