@@ -10,7 +10,7 @@ use hw::core::machine::{
 };
 use hw::core::qdev::{device_class, device_type, qdev_new, qdev_realize, DeviceMethods, QdevError};
 use hw::core::qdev_properties::register_global;
-use hw::core::runstate::{self, RunPolicy};
+use hw::core::runstate;
 use qom::{object_get_root, resolve_path, ObjectRef};
 
 use crate::help;
@@ -221,7 +221,24 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
             return Err(display.error(format!("Display '{kind}' is not available")));
         }
     }
+    ms.vm_state().set_actions(run_actions(opts)?);
     Ok(machine)
+}
+
+/// QEMU's `runstate_action_parse` for every `-action` (and `-no-reboot`, `-no-shutdown`),
+/// in command-line order.
+fn run_actions(opts: &Options) -> Result<hw::core::runstate::RunActions, OptionError> {
+    let mut actions = hw::core::runstate::RunActions::default();
+    for located in &opts.actions {
+        for (key, value) in split_opts(&located.value, None) {
+            // A bare name means "on", as QemuOpts reads it (no action takes it).
+            let value = value.unwrap_or_else(|| "on".to_string());
+            actions
+                .set(&key, &value)
+                .map_err(|e| located.error(e))?;
+        }
+    }
+    Ok(actions)
 }
 
 fn find_cpu_type(model: &str) -> Option<&'static str> {
@@ -518,13 +535,9 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
         // Fails only without an accelerator, and then there is nothing to start.
         let _ = runstate::vm_start(ms);
     }
-    let policy = RunPolicy {
-        no_reboot: opts.no_reboot,
-        no_shutdown: opts.no_shutdown,
-    };
     loop {
         if let Some(request) = ms.run_state().wait(Some(Duration::from_secs(3600))) {
-            if let Some(status) = runstate::main_loop_should_exit(ms, request, policy) {
+            if let Some(status) = runstate::main_loop_should_exit(ms, request) {
                 return status;
             }
         }

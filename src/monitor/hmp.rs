@@ -222,6 +222,11 @@ const COMMANDS: &[HmpCommand] = &[
             ctx.deferred.set(Some(Deferred::Reset));
             Ok(())
         },
+    },    HmpCommand {
+        names: "system_wakeup",
+        params: "",
+        help: "wakeup guest from suspend",
+        run: |ctx, _, _, _| Ok(runstate::qmp_system_wakeup(ctx.vm.machine_state())?),
     },
 ];
 
