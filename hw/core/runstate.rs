@@ -789,8 +789,10 @@ pub fn qemu_system_wakeup(vm: &impl AsRef<VmState>) {
 
 /// QEMU's `qemu_system_guest_panicked` as the main loop runs it for
 /// [`RunRequest::GuestPanic`]: reports `GUEST_PANICKED` with what the panic action does,
-/// stops the vCPUs (status `guest-panicked`) unless the action is `none`, and says whether
-/// a shutdown (cause `guest-panic`) follows.
+/// stops the vCPUs (status `guest-panicked`, `STOP`) for a pause, and says whether a
+/// shutdown (cause `guest-panic`) follows. As in QEMU 7.2, a powering-off panic reports no
+/// `STOP`: the shutdown is handled first and ends the run (or, under `shutdown=pause`,
+/// stops the vCPUs with status `shutdown`).
 pub fn qemu_system_guest_panicked(vm: &impl AsRef<VmState>) -> bool {
     let vm = vm.as_ref();
     let actions = vm.actions();
@@ -806,7 +808,7 @@ pub fn qemu_system_guest_panicked(vm: &impl AsRef<VmState>) -> bool {
         let _transition = vm.status.lock();
         vm.emit(VmEvent::GuestPanicked(action));
     }
-    if action != GuestPanicAction::Run {
+    if action == GuestPanicAction::Pause {
         // Fails only without an accelerator, and then nothing runs.
         let _ = vm_stop(vm, RunStatus::GuestPanicked);
     }
@@ -1138,14 +1140,14 @@ mod tests {
                 RunStatus::GuestPanicked,
                 &[VmEvent::GuestPanicked(GuestPanicAction::Pause), VmEvent::Stop],
             ),
+            // QEMU 7.2: no STOP before the SHUTDOWN that ends the run.
             (
                 "shutdown",
                 "poweroff",
                 Some(0),
-                RunStatus::GuestPanicked,
+                RunStatus::Running,
                 &[
                     VmEvent::GuestPanicked(GuestPanicAction::Poweroff),
-                    VmEvent::Stop,
                     VmEvent::Shutdown(ShutdownCause::GuestPanic),
                 ],
             ),
@@ -1153,11 +1155,22 @@ mod tests {
                 "exit-failure",
                 "poweroff",
                 Some(1),
-                RunStatus::GuestPanicked,
+                RunStatus::Running,
                 &[
                     VmEvent::GuestPanicked(GuestPanicAction::Poweroff),
-                    VmEvent::Stop,
                     VmEvent::Shutdown(ShutdownCause::GuestPanic),
+                ],
+            ),
+            // exit-failure under -no-shutdown: the shutdown pauses.
+            (
+                "exit-failure",
+                "pause",
+                None,
+                RunStatus::Shutdown,
+                &[
+                    VmEvent::GuestPanicked(GuestPanicAction::Poweroff),
+                    VmEvent::Shutdown(ShutdownCause::GuestPanic),
+                    VmEvent::Stop,
                 ],
             ),
             (
