@@ -233,9 +233,7 @@ fn run_actions(opts: &Options) -> Result<hw::core::runstate::RunActions, OptionE
         for (key, value) in split_opts(&located.value, None) {
             // A bare name means "on", as QemuOpts reads it (no action takes it).
             let value = value.unwrap_or_else(|| "on".to_string());
-            actions
-                .set(&key, &value)
-                .map_err(|e| located.error(e))?;
+            actions.set(&key, &value).map_err(|e| located.error(e))?;
         }
     }
     Ok(actions)

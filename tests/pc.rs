@@ -174,7 +174,11 @@ fn pvpanic_pci_reports_a_panic_and_pvpanic_is_in_the_dsdt() {
     hw::core::machine::machine_creation_done(&m).unwrap();
 
     assert_eq!(config_read(&m, 5 << 3, 0, 4), 0x0011_1b36);
-    assert_eq!(config_read(&m, 5 << 3, 0x08, 4), 0x0880_0001, "class, revision 1");
+    assert_eq!(
+        config_read(&m, 5 << 3, 0x08, 4),
+        0x0880_0001,
+        "class, revision 1"
+    );
     let bar0 = config_read(&m, 5 << 3, 0x10, 4);
     assert_eq!(bar0 & 0xf, 0, "32-bit memory BAR");
     let ms = machine_state(&m).unwrap();

@@ -191,7 +191,16 @@ impl Vm {
         let sock = dir.join("qmp.sock");
         let qmp = format!("unix:{},server=on,wait=off", sock.display());
         let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
-            .args(["-M", "pc", "-accel", "kvm", "-m", "64M", "-S", "-nodefaults"])
+            .args([
+                "-M",
+                "pc",
+                "-accel",
+                "kvm",
+                "-m",
+                "64M",
+                "-S",
+                "-nodefaults",
+            ])
             .args(["-display", "none", "-serial", "stdio"])
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"])
             .args(["-qmp", &qmp, "-kernel"])
@@ -360,7 +369,9 @@ fn the_rtc_alarm_wakes_a_suspended_guest_at_its_waking_vector() {
     // WAK_STS (bit 15) and RTC_STS (bit 10): 0x21.
     assert_eq!(vm.wait_exit(), status(0x21));
     assert!(
-        !c.events.iter().any(|e| e["event"] == "RESET" || e["event"] == "STOP"),
+        !c.events
+            .iter()
+            .any(|e| e["event"] == "RESET" || e["event"] == "STOP"),
         "{:?}",
         c.events
     );
@@ -396,10 +407,16 @@ fn disable_s3_leaves_s3_out_of_the_dsdt() {
 /// Runs the pvpanic kernel under `extra` and returns the VM, a client with the
 /// `GUEST_PANICKED` event, and that event's data.
 fn panic_with(extra: &[&str]) -> (Vm, Client, Value) {
-    let vm = Vm::start(&pvpanic_kernel(), &[&["-device", "pvpanic"][..], extra].concat());
+    let vm = Vm::start(
+        &pvpanic_kernel(),
+        &[&["-device", "pvpanic"][..], extra].concat(),
+    );
     let mut c = vm.qmp();
     c.cmd("cont", json!({}));
-    assert_eq!(c.event("GUEST_CRASHLOADED")["data"], json!({"action": "run"}));
+    assert_eq!(
+        c.event("GUEST_CRASHLOADED")["data"],
+        json!({"action": "run"})
+    );
     let data = c.event("GUEST_PANICKED")["data"].clone();
     (vm, c, data)
 }
@@ -426,7 +443,10 @@ fn pvpanic_shutdown_and_exit_failure_end_the_run() {
         // QEMU 7.2's order: GUEST_PANICKED, then SHUTDOWN, no STOP.
         let next = c.recv();
         assert_eq!(next["event"], "SHUTDOWN", "{next}");
-        assert_eq!(next["data"], json!({"guest": true, "reason": "guest-panic"}));
+        assert_eq!(
+            next["data"],
+            json!({"guest": true, "reason": "guest-panic"})
+        );
         assert_eq!(vm.wait_exit(), code, "{action}");
     }
     // The default is panic=shutdown; -no-shutdown turns it into a pause.
@@ -461,6 +481,9 @@ fn pvpanic_none_lets_the_guest_go_on_and_set_action_changes_it() {
         json!({"return": {}})
     );
     c.cmd("cont", json!({}));
-    assert_eq!(c.event("GUEST_PANICKED")["data"], json!({"action": "pause"}));
+    assert_eq!(
+        c.event("GUEST_PANICKED")["data"],
+        json!({"action": "pause"})
+    );
     c.event("STOP");
 }

@@ -222,7 +222,8 @@ const COMMANDS: &[HmpCommand] = &[
             ctx.deferred.set(Some(Deferred::Reset));
             Ok(())
         },
-    },    HmpCommand {
+    },
+    HmpCommand {
         names: "system_wakeup",
         params: "",
         help: "wakeup guest from suspend",
