@@ -1132,7 +1132,9 @@ mod tests {
 
     #[test]
     fn each_panic_action_reports_and_acts_as_qemu() {
-        let cases: &[(&str, &str, Option<i32>, RunStatus, &[VmEvent])] = &[
+        /// `panic=`, `shutdown=`, the exit status, the status after, the events.
+        type Case<'a> = (&'a str, &'a str, Option<i32>, RunStatus, &'a [VmEvent]);
+        let cases: &[Case] = &[
             (
                 "pause",
                 "poweroff",
