@@ -289,7 +289,11 @@ impl Client {
     fn recv(&mut self) -> Value {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).expect("a QMP message");
-        assert!(n > 0, "qomvm closed the QMP connection");
+        assert!(
+            n > 0,
+            "qomvm closed the QMP connection; events before: {:?}",
+            self.events
+        );
         serde_json::from_str(&line).unwrap()
     }
 
