@@ -192,6 +192,10 @@ fn pvpanic_pci_reports_a_panic_and_pvpanic_is_in_the_dsdt() {
     io.write(0x506, 1, 1);
     assert_eq!(ms.run_state().take(), Some(RunRequest::GuestPanic));
 
+    // Firmware learns the ISA one's port and the sleep states from fw_cfg, as in QEMU.
+    let fw_cfg = hw::nvram::fw_cfg::fw_cfg_find(&m).unwrap();
+    assert!(fw_cfg.file_key("etc/pvpanic-port").is_some());
+    assert!(fw_cfg.file_key("etc/system-states").is_some());
     // The DSDT names the ISA one for Linux's driver: QEMU0001 with its port.
     let ram = ms.ram();
     let mut tables = vec![0u8; 0x10000];

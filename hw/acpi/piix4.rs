@@ -219,6 +219,15 @@ impl Piix4Pm {
     pub fn s4_val(&self) -> u8 {
         self.s4_val.get()
     }
+
+    /// QEMU's fw_cfg file `etc/system-states`, for firmware: one byte per S0..S5, the
+    /// SLP_TYP in the low bits and bit 7 set where the state is enabled.
+    pub fn system_states(&self) -> [u8; 6] {
+        let mut states = [128, 0, 0, 129, 128, 128];
+        states[3] = 1 | (u8::from(!self.s3_disabled()) << 7);
+        states[4] = self.s4_val() | (u8::from(!self.s4_disabled()) << 7);
+        states
+    }
 }
 
 impl DeviceImpl for Piix4Pm {
@@ -324,6 +333,7 @@ mod tests {
         pm.object().property_parse("s4_val", "5").unwrap();
         qdev_realize(pm.object(), Some(&bus)).unwrap();
         assert!(!pm.s3_disabled());
+        assert_eq!(pm.system_states(), [128, 0, 0, 129, 133, 128]);
         let io = services.system_io();
         let requests = services.vm().requests();
         // S3: SLP_TYP 1.

@@ -127,6 +127,15 @@ impl MachineImpl for PcI440fxMachine {
         if let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) {
             crate::pci::pci::pci_assign_bars(&bus);
         }
+        // QEMU's pvpanic-isa tells firmware its port.
+        if let (Some(port), Some(fw_cfg)) = (
+            self.isa_pvpanic_port(),
+            crate::nvram::fw_cfg::fw_cfg_find(&self.object()),
+        ) {
+            fw_cfg
+                .add_file("etc/pvpanic-port", port.to_le_bytes().to_vec())
+                .map_err(MachineError::board)?;
+        }
         self.acpi_setup()
     }
 
@@ -419,6 +428,14 @@ impl PcI440fxMachine {
             })
             .collect();
         fw_cfg.add_file("etc/e820", e820).map_err(MachineError::board)?;
+        if let Some(pm) = machine
+            .child("pm")
+            .and_then(Typed::<crate::acpi::piix4::Piix4Pm>::new)
+        {
+            fw_cfg
+                .add_file("etc/system-states", pm.system_states().to_vec())
+                .map_err(MachineError::board)?;
+        }
 
         self.load_kernel()
     }
