@@ -82,6 +82,9 @@ pub struct Options {
     pub nographic: bool,
     pub no_reboot: bool,
     pub no_shutdown: bool,
+    /// `-action`, `-no-reboot` and `-no-shutdown` in command-line order (QEMU turns the
+    /// last two into `-action reboot=shutdown` and `-action shutdown=pause`).
+    pub actions: Vec<Located>,
     pub nodefaults: bool,
     pub name: Option<Located>,
     /// `-qmp`: QMP monitors.
@@ -131,6 +134,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("nographic", Arity::Flag),
     ("no-reboot", Arity::Flag),
     ("no-shutdown", Arity::Flag),
+    ("action", Arity::Value),
     ("nodefaults", Arity::Flag),
     ("name", Arity::Value),
     ("qmp", Arity::Value),
@@ -191,8 +195,21 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "chardev" => opts.chardev.push(located),
             "display" => opts.display = Some(located),
             "nographic" => opts.nographic = true,
-            "no-reboot" => opts.no_reboot = true,
-            "no-shutdown" => opts.no_shutdown = true,
+            "no-reboot" => {
+                opts.no_reboot = true;
+                opts.actions.push(Located {
+                    option: "no-reboot",
+                    value: "reboot=shutdown".into(),
+                });
+            }
+            "no-shutdown" => {
+                opts.no_shutdown = true;
+                opts.actions.push(Located {
+                    option: "no-shutdown",
+                    value: "shutdown=pause".into(),
+                });
+            }
+            "action" => opts.actions.push(located),
             "nodefaults" => opts.nodefaults = true,
             "name" => opts.name = Some(located),
             "qmp" => opts.qmp.push(located),

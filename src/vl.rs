@@ -10,7 +10,7 @@ use hw::core::machine::{
 };
 use hw::core::qdev::{device_class, device_type, qdev_new, qdev_realize, DeviceMethods, QdevError};
 use hw::core::qdev_properties::register_global;
-use hw::core::runstate::{self, RunPolicy, RunRequest};
+use hw::core::runstate::{self, RunRequest};
 use hw::core::sandbox::{parse_sandbox, SandboxPolicy};
 use qom::{object_get_root, resolve_path, ObjectRef};
 
@@ -238,7 +238,22 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
             return Err(display.error(format!("Display '{kind}' is not available")));
         }
     }
+    ms.vm_state().set_actions(run_actions(opts)?);
     Ok(machine)
+}
+
+/// QEMU's `runstate_action_parse` for every `-action` (and `-no-reboot`, `-no-shutdown`),
+/// in command-line order.
+fn run_actions(opts: &Options) -> Result<hw::core::runstate::RunActions, OptionError> {
+    let mut actions = hw::core::runstate::RunActions::default();
+    for located in &opts.actions {
+        for (key, value) in split_opts(&located.value, None) {
+            // A bare name means "on", as QemuOpts reads it (no action takes it).
+            let value = value.unwrap_or_else(|| "on".to_string());
+            actions.set(&key, &value).map_err(|e| located.error(e))?;
+        }
+    }
+    Ok(actions)
 }
 
 fn find_cpu_type(model: &str) -> Option<&'static str> {
@@ -537,10 +552,6 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
         // Fails only without an accelerator, and then there is nothing to start.
         let _ = runstate::vm_start(ms);
     }
-    let policy = RunPolicy {
-        no_reboot: opts.no_reboot,
-        no_shutdown: opts.no_shutdown,
-    };
     let killable = machine.clone();
     crate::signals::on_termination(Box::new(move || {
         if let Some(ms) = machine_state(&killable) {
@@ -552,7 +563,7 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
             if request == RunRequest::HostSignal {
                 crate::signals::kill_report();
             }
-            if let Some(status) = runstate::main_loop_should_exit(ms, request, policy) {
+            if let Some(status) = runstate::main_loop_should_exit(ms, request) {
                 return status;
             }
         }

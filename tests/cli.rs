@@ -103,6 +103,9 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "none", "-accel", "qtest", "-cpu", "nosuch"], "qomvm: -cpu nosuch: unable to find CPU model 'nosuch'\n"),
         (&["-M", "none", "-accel", "qtest", "-global", "isa-debug-exit.iobase=x"], "qomvm: -global isa-debug-exit.iobase=x: Parameter 'iobase' expects a non-negative integer below 65536\n"),
         (&["-M", "none,accel=qtest", "-accel", "qtest"], "qomvm: The -accel and \"-machine accel=\" options are incompatible\n"),
+        (&["-M", "none", "-accel", "qtest", "-action", "panic=foo"], "qomvm: -action panic=foo: Parameter 'panic' does not accept value 'foo'\n"),
+        (&["-M", "none", "-accel", "qtest", "-action", "foo=bar"], "qomvm: -action foo=bar: Invalid parameter 'foo'\n"),
+        (&["-M", "none", "-accel", "qtest", "-action", "reboot=shutdown,shutdown=halt"], "qomvm: -action reboot=shutdown,shutdown=halt: Parameter 'shutdown' does not accept value 'halt'\n"),
     ];
     for (args, expected) in cases {
         let o = qomvm(args);

@@ -125,6 +125,9 @@ fn linux_boot_state_runs_on_kvm() {
             pci_hole: (2 << 20, 0xfec0_0000),
             pci_hole64: (1 << 32, 1 << 32),
             pirq_irqs: [10, 10, 11, 11],
+            s3: true,
+            s4: Some(2),
+            pvpanic_port: None,
         },
     )
     .unwrap();

@@ -159,6 +159,70 @@ fn ram_above_4g_is_mapped_and_cpus_follow_smp() {
 }
 
 #[test]
+fn pvpanic_pci_reports_a_panic_and_pvpanic_is_in_the_dsdt() {
+    let m = pc(128 << 20, 1);
+    let bus = m.child("i440fx").unwrap().child("pci.0").unwrap();
+    let dev = hw::core::qdev::qdev_new("pvpanic-pci").unwrap();
+    dev.property_parse("addr", "0x5").unwrap();
+    m.add_child("pvpanic-pci", &dev).unwrap();
+    hw::core::qdev::qdev_realize(&dev, Some(&bus)).unwrap();
+    let isa = m.child("piix3").unwrap().child("isa.0").unwrap();
+    let isa_dev = hw::core::qdev::qdev_new("pvpanic").unwrap();
+    isa_dev.property_parse("ioport", "0x506").unwrap();
+    m.add_child("pvpanic", &isa_dev).unwrap();
+    hw::core::qdev::qdev_realize(&isa_dev, Some(&isa)).unwrap();
+    hw::core::machine::machine_creation_done(&m).unwrap();
+
+    assert_eq!(config_read(&m, 5 << 3, 0, 4), 0x0011_1b36);
+    assert_eq!(
+        config_read(&m, 5 << 3, 0x08, 4),
+        0x0880_0001,
+        "class, revision 1"
+    );
+    let bar0 = config_read(&m, 5 << 3, 0x10, 4);
+    assert_eq!(bar0 & 0xf, 0, "32-bit memory BAR");
+    let ms = machine_state(&m).unwrap();
+    let mem = ms.system_memory().clone();
+    assert_eq!(mem.read(bar0, 1), 3, "supported events");
+    assert_eq!(ms.run_state().take(), None);
+    mem.write(bar0, 1, 1);
+    assert_eq!(ms.run_state().take(), Some(RunRequest::GuestPanic));
+    let io = ms.system_io().clone();
+    assert_eq!(io.read(0x506, 1), 3);
+    io.write(0x506, 1, 1);
+    assert_eq!(ms.run_state().take(), Some(RunRequest::GuestPanic));
+
+    // Firmware learns the ISA one's port and the sleep states from fw_cfg, as in QEMU.
+    let fw_cfg = hw::nvram::fw_cfg::fw_cfg_find(&m).unwrap();
+    assert!(fw_cfg.file_key("etc/pvpanic-port").is_some());
+    assert!(fw_cfg.file_key("etc/system-states").is_some());
+    // The DSDT names the ISA one for Linux's driver: QEMU0001 with its port.
+    let ram = ms.ram();
+    let mut tables = vec![0u8; 0x10000];
+    vm_memory::Bytes::read_slice(&*ram, &mut tables, vm_memory::GuestAddress(0xe0000)).unwrap();
+    assert!(tables.windows(8).any(|w| w == b"QEMU0001"));
+    assert!(tables
+        .windows(8)
+        .any(|w| w == [0x47, 0x01, 0x06, 0x05, 0x06, 0x05, 0x01, 0x01]));
+}
+
+#[test]
+fn pit_off_has_no_pit_device() {
+    let m = pc(128 << 20, 1);
+    assert!(m.child("i8254").is_some());
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
+    machine.property_parse("pit", "off").unwrap();
+    let ms = machine_state(&machine).unwrap();
+    ms.set_ram_size(16 << 20);
+    ms.set_smp(hw::core::machine::SmpConfig::default());
+    let qtest = accel::accel_find("qtest").unwrap();
+    accel::accel_init_machine(qtest, &machine).unwrap();
+    machine_run_board_init(&machine).unwrap();
+    assert!(machine.child("i8254").is_none());
+}
+
+#[test]
 fn pci_testdev_gets_its_bars_and_counts_test_writes() {
     let m = pc(128 << 20, 1);
     let bus = m.child("i440fx").unwrap().child("pci.0").unwrap();

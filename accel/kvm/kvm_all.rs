@@ -1,6 +1,6 @@
 //! The KVM accelerator (QEMU's `accel/kvm/kvm-all.c`): `kvm_init` opens `/dev/kvm`, checks
 //! the API and the capabilities qomvm relies on, creates the VM with its in-kernel irqchip
-//! and PIT, and maps guest RAM as memory slots. Its [`AccelOps`] start one thread per vCPU
+//! (the PIT comes later, from the board's `kvm-pit`), and maps guest RAM as memory slots. Its [`AccelOps`] start one thread per vCPU
 //! and route interrupts and eventfds (`kvm_irq.rs`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -116,12 +116,6 @@ impl KvmVm {
         vm.create_irq_chip()
             .map_err(|e| ioctl_error("KVM_CREATE_IRQCHIP", e))?;
         let irq = KvmIrq::new(&vm);
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit)
-            .map_err(|e| ioctl_error("KVM_CREATE_PIT2", e))?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| ioctl_error("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -175,7 +169,14 @@ impl AccelOps for KvmVm {
         }
     }
 
-    fn set_pit_reinject(&self, reinject: bool) -> Result<(), Error> {
+    fn create_in_kernel_pit(&self, reinject: bool) -> Result<(), Error> {
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.vm
+            .create_pit2(pit)
+            .map_err(|e| Error::other(ioctl_error("KVM_CREATE_PIT2", e)))?;
         // KVM_REINJECT_CONTROL, which kvm-ioctls does not wrap: _IO(KVMIO, 0x71).
         const KVM_REINJECT_CONTROL: libc::c_ulong = 0xae71;
         let control = kvm_bindings::kvm_reinject_control {

@@ -66,8 +66,8 @@ impl AccelOps for QtestOps {
             }
         }
     }
-    fn set_pit_reinject(&self, _reinject: bool) -> Result<(), Error> {
-        // No PIT runs under qtest; the policy has nothing to act on.
+    fn create_in_kernel_pit(&self, _reinject: bool) -> Result<(), Error> {
+        // qtest has no in-kernel devices: the PIT's QOM face exists, no timer runs.
         Ok(())
     }
     fn vm_start(&self) {}

@@ -1,17 +1,23 @@
 //! PIIX4 power management (QEMU's `hw/acpi/piix4.c`, `PIIX4_PM` at 00:01.3): the ACPI
 //! PM1a event and control registers and the PM timer at I/O base 0x600, the SCI on IRQ 9,
-//! the power button, and soft power-off (S5) through SLP_EN.
+//! the power button, and the sleep states through SLP_EN (QEMU's `acpi_pm1_cnt_write`):
+//! SLP_TYP 0 is soft off (S5), 1 is suspend to RAM (S3), `s4_val` is S4 (`SUSPEND_DISK`,
+//! then off). `disable_s3`/`disable_s4` only leave `\_S3`/`\_S4` out of the DSDT, as in
+//! QEMU (libvirt passes `-global PIIX4_PM.disable_s3=1`); a guest that writes the type
+//! anyway still sleeps. PM1_EN.RTC_EN lets the RTC alarm wake the machine; a wake-up
+//! latches WAK_STS and the status of its cause (QEMU's `acpi_notify_wakeup`).
 
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use qom::type_init;
+use qom::{type_init, Prop};
 
 use crate::core::irq::{GsiRouter, IrqLine};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
-use crate::core::runstate::RunRequest;
+use crate::core::log_limit::RateLimitedLog;
+use crate::core::runstate::{RunRequest, WakeupReason};
 use crate::core::services::MachineServices;
 use crate::pci::pci::{config, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
@@ -24,12 +30,23 @@ pub const SCI_IRQ: u32 = 9;
 
 /// PM1 status/enable bits.
 const PM1_TMR: u16 = 1 << 0;
+const PM1_GBL: u16 = 1 << 5;
 const PM1_PWRBTN: u16 = 1 << 8;
+const PM1_RTC: u16 = 1 << 10;
+/// PM1 status: the machine woke from a sleep state.
+const PM1_STS_WAK: u16 = 1 << 15;
+/// The events that raise the SCI when enabled (QEMU's `ACPI_BITMASK_PM1_COMMON_ENABLED`).
+const PM1_COMMON_ENABLED: u16 = PM1_TMR | PM1_GBL | PM1_PWRBTN | PM1_RTC;
 /// PM1 control bits.
 const PM1_CNT_SCI_EN: u16 = 1 << 0;
 const PM1_CNT_SLP_EN: u16 = 1 << 13;
 /// SLP_TYP value the DSDT's `\_S5` names (QEMU's PIIX4 uses 0 for soft off).
 pub const SLP_TYP_S5: u16 = 0;
+/// SLP_TYP value the DSDT's `\_S3` names (QEMU's: 1).
+pub const SLP_TYP_S3: u16 = 1;
+
+/// Guest misuse of the PM block, logged with a budget.
+static GUEST_ERRORS: RateLimitedLog = RateLimitedLog::new(5);
 /// The ACPI PM timer runs at 3.579545 MHz.
 const PM_TIMER_HZ: u128 = 3_579_545;
 
@@ -45,12 +62,13 @@ struct Pm {
     start: Instant,
     sci: IrqLine,
     machine: Weak<MachineServices>,
+    /// SLP_TYP of S4 (the `s4_val` property).
+    s4_val: u16,
 }
 
 impl Pm {
     fn update_sci(&self, regs: &PmRegs) {
-        self.sci
-            .set(regs.sts & regs.en & (PM1_PWRBTN | PM1_TMR) != 0);
+        self.sci.set(regs.sts & regs.en & PM1_COMMON_ENABLED != 0);
     }
 
     fn timer(&self) -> u32 {
@@ -81,22 +99,15 @@ impl MemoryRegionOps for Pm {
             // PM1_STS bits are write-one-to-clear; a dword write also sets PM1_EN.
             (0, 4) => {
                 regs.sts &= !(value as u16);
-                regs.en = (value >> 16) as u16;
+                self.write_en(&mut regs, (value >> 16) as u16);
             }
             (0, _) => regs.sts &= !(value as u16),
-            (2, _) => regs.en = value as u16,
+            (2, _) => self.write_en(&mut regs, value as u16),
             (4, _) => {
                 let cnt = value as u16;
                 regs.cnt = cnt & !PM1_CNT_SLP_EN;
                 if cnt & PM1_CNT_SLP_EN != 0 {
-                    let slp_typ = (cnt >> 10) & 7;
-                    if slp_typ == SLP_TYP_S5 {
-                        if let Some(machine) = self.machine.upgrade() {
-                            machine.request(RunRequest::GuestShutdown);
-                        }
-                    } else {
-                        log::warn!("PIIX4_PM: sleep type {slp_typ} is not supported; ignored");
-                    }
+                    self.sleep((cnt >> 10) & 7);
                 }
             }
             _ => {}
@@ -106,6 +117,57 @@ impl MemoryRegionOps for Pm {
 }
 
 impl Pm {
+    /// QEMU's `acpi_pm1_evt_write_en`: the RTC alarm may wake the machine while RTC_EN is
+    /// set.
+    fn write_en(&self, regs: &mut PmRegs, en: u16) {
+        regs.en = en;
+        if let Some(machine) = self.machine.upgrade() {
+            machine.vm().wakeup_enable(WakeupReason::Rtc, en & PM1_RTC != 0);
+        }
+    }
+
+    /// SLP_EN with sleep type `slp_typ` (QEMU's `acpi_pm1_cnt_write`).
+    fn sleep(&self, slp_typ: u16) {
+        let Some(machine) = self.machine.upgrade() else {
+            return;
+        };
+        match slp_typ {
+            SLP_TYP_S5 => machine.request(RunRequest::GuestShutdown),
+            SLP_TYP_S3 => machine.request(RunRequest::Suspend),
+            t if t == self.s4_val => {
+                crate::core::qapi_event::emit("SUSPEND_DISK", None);
+                machine.request(RunRequest::GuestShutdown);
+            }
+            _ => {
+                if GUEST_ERRORS.allow() {
+                    log::warn!("PIIX4_PM: SLP_EN with sleep type {slp_typ}, which no \\_Sx names; ignored");
+                }
+            }
+        }
+    }
+
+    /// QEMU's `acpi_notify_wakeup`: WAK_STS and the status of what woke the machine (for
+    /// a wake-up from the monitor, the power button's, as QEMU pretends).
+    fn wakeup(&self, reason: WakeupReason) {
+        let mut regs = self.regs.lock();
+        regs.sts |= PM1_STS_WAK
+            | match reason {
+                WakeupReason::Rtc => PM1_RTC,
+                WakeupReason::Other => PM1_PWRBTN,
+            };
+        self.update_sci(&regs);
+    }
+
+    /// QEMU's `piix4_pm_reset` of the PM1 registers: status and enables cleared (the RTC
+    /// alarm no longer wakes), SCI_EN kept set as there is no SMI handshake.
+    fn reset(&self) {
+        let mut regs = self.regs.lock();
+        regs.sts = 0;
+        self.write_en(&mut regs, 0);
+        regs.cnt = PM1_CNT_SCI_EN;
+        self.update_sci(&regs);
+    }
+
     /// QEMU's `acpi_pm1_evt_power_down`: latches the power button status and updates the
     /// SCI.
     fn power_button(&self) {
@@ -121,6 +183,12 @@ impl Pm {
 pub struct Piix4Pm {
     #[parent]
     parent: PciDevice,
+    #[property(default = 0, desc = "Leave \\_S3 (suspend to RAM) out of the DSDT")]
+    disable_s3: Prop<u8>,
+    #[property(default = 0, desc = "Leave \\_S4 (suspend to disk) out of the DSDT")]
+    disable_s4: Prop<u8>,
+    #[property(default = 2, desc = "SLP_TYP of S4")]
+    s4_val: Prop<u8>,
     pm: Mutex<Option<Arc<Pm>>>,
 }
 
@@ -136,12 +204,43 @@ impl Piix4Pm {
         pm.power_button();
         true
     }
+
+    /// Whether the DSDT leaves out `\_S3` (`disable_s3`).
+    pub fn s3_disabled(&self) -> bool {
+        self.disable_s3.get() != 0
+    }
+
+    /// Whether the DSDT leaves out `\_S4` (`disable_s4`).
+    pub fn s4_disabled(&self) -> bool {
+        self.disable_s4.get() != 0
+    }
+
+    /// SLP_TYP of S4 (`s4_val`).
+    pub fn s4_val(&self) -> u8 {
+        self.s4_val.get()
+    }
+
+    /// QEMU's fw_cfg file `etc/system-states`, for firmware: one byte per S0..S5, the
+    /// SLP_TYP in the low bits and bit 7 set where the state is enabled.
+    pub fn system_states(&self) -> [u8; 6] {
+        let mut states = [128, 0, 0, 129, 128, 128];
+        states[3] = 1 | (u8::from(!self.s3_disabled()) << 7);
+        states[4] = self.s4_val() | (u8::from(!self.s4_disabled()) << 7);
+        states
+    }
 }
 
 impl DeviceImpl for Piix4Pm {
     const DESCRIPTION: Option<&'static str> = Some("PM");
     const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
     const USER_CREATABLE: bool = false;
+
+    fn reset(&self) {
+        DeviceImpl::reset(&self.parent);
+        if let Some(pm) = self.pm.lock().clone() {
+            pm.reset();
+        }
+    }
 }
 
 impl PciDeviceImpl for Piix4Pm {
@@ -162,6 +261,7 @@ impl PciDeviceImpl for Piix4Pm {
             start: Instant::now(),
             sci: IrqLine::new(GsiRouter::new(services), SCI_IRQ),
             machine: Arc::downgrade(services),
+            s4_val: self.s4_val.get().into(),
         });
         // PMBA (0x40) and PMREGMISC (0x80) as firmware programs them.
         self.config_set(0x40, &u32::from(PM_IO_BASE | 1).to_le_bytes());
@@ -179,6 +279,16 @@ impl PciDeviceImpl for Piix4Pm {
                 pm.power_button();
             }
         }));
+        // The machine can sleep (QEMU's pc registers wake-up support whatever disable_s3
+        // says), and a wake-up shows in PM1_STS.
+        let waking: Weak<Pm> = Arc::downgrade(&pm);
+        services.vm().register_wakeup_support();
+        services.vm().add_wakeup_notifier(Arc::new(move |reason| {
+            if let Some(pm) = waking.upgrade() {
+                pm.wakeup(reason);
+            }
+        }));
+        pm.reset();
         Ok(())
     }
 }
@@ -211,5 +321,40 @@ mod tests {
             services.vm().requests().take(),
             Some(RunRequest::GuestShutdown)
         );
+    }
+
+    #[test]
+    fn sleep_types_and_wake_status() {
+        let services = Arc::new(MachineServices::default());
+        let host = qom::object_new(qom::TYPE_CONTAINER).unwrap();
+        let bus = qbus_new(TYPE_PCI_BUS, &host, "pci.0", &services).unwrap();
+        let pm = qdev_new_typed::<Piix4Pm>().unwrap();
+        pm.object().property_parse("addr", "01.3").unwrap();
+        pm.object().property_parse("s4_val", "5").unwrap();
+        qdev_realize(pm.object(), Some(&bus)).unwrap();
+        assert!(!pm.s3_disabled());
+        assert_eq!(pm.system_states(), [128, 0, 0, 129, 133, 128]);
+        let io = services.system_io();
+        let requests = services.vm().requests();
+        // S3: SLP_TYP 1.
+        io.write(0x604, (1 << 10) | 0x2001, 2);
+        assert_eq!(requests.take(), Some(RunRequest::Suspend));
+        assert_eq!(io.read(0x604, 2), (1 << 10) | 1, "SLP_EN reads as 0");
+        // S4 at s4_val, an unnamed type is ignored.
+        io.write(0x604, (5 << 10) | 0x2001, 2);
+        assert_eq!(requests.take(), Some(RunRequest::GuestShutdown));
+        io.write(0x604, (6 << 10) | 0x2001, 2);
+        assert_eq!(requests.take(), None);
+        // RTC_EN raises the SCI for RTC_STS, and a wake-up by the RTC latches both bits.
+        io.write(0x602, PM1_RTC.into(), 2);
+        let p = pm.pm.lock().clone().unwrap();
+        p.wakeup(WakeupReason::Rtc);
+        assert_eq!(io.read(0x600, 2), u64::from(PM1_STS_WAK | PM1_RTC));
+        io.write(0x600, 0xffff, 2);
+        assert_eq!(io.read(0x600, 2), 0, "write one to clear");
+        p.wakeup(WakeupReason::Other);
+        assert_eq!(io.read(0x600, 2), u64::from(PM1_STS_WAK | PM1_PWRBTN));
+        DeviceImpl::reset(&*pm);
+        assert_eq!(io.read(0x600, 4), 0, "status and enables cleared");
     }
 }

@@ -102,9 +102,11 @@ pub trait AccelOps: Send + Sync {
     fn create_vcpu_thread(&self, cpu: &ObjectRef) -> Result<(), Error>;
     /// Sets the level of interrupt controller input (GSI) `gsi` (QEMU's `kvm_set_irq`).
     fn set_irq(&self, gsi: u32, level: bool);
-    /// Whether the in-kernel PIT re-injects ticks the guest missed (`kvm-pit`'s
-    /// `lost_tick_policy`: delay re-injects, discard drops).
-    fn set_pit_reinject(&self, reinject: bool) -> Result<(), Error>;
+    /// Creates the in-kernel i8254 PIT (QEMU's `kvm_pit_realizefn`: `KVM_CREATE_PIT2`),
+    /// which then decodes ports 0x40-0x43 and 0x61 itself, and says whether it re-injects
+    /// ticks the guest missed (`kvm-pit`'s `lost_tick_policy`: delay re-injects, discard
+    /// drops). A machine without `kvm-pit` (`-machine pit=off`) has no PIT.
+    fn create_in_kernel_pit(&self, reinject: bool) -> Result<(), Error>;
     /// Lets every vCPU run (QEMU's `vm_start` -> `resume_all_vcpus`).
     fn vm_start(&self);
     /// Stops every vCPU outside guest mode and waits until they are (QEMU's

@@ -12,7 +12,12 @@
 //!   `KVM_RUN` and parked, then reports `STOP`;
 //! * [`vm_start`] resumes them (or starts them the first time) and reports `RESUME`;
 //! * [`qemu_system_reset`] resets the CPUs with the vCPUs paused and reports `RESET`;
-//! * [`main_loop_should_exit`] turns a [`RunRequest`] into events and an exit status.
+//! * [`qemu_system_suspend`] and [`qemu_system_wakeup`] put the guest to sleep (ACPI S3)
+//!   and wake it (the main loop runs them for [`RunRequest::Suspend`] and
+//!   [`RunRequest::Wakeup`]; [`qemu_system_wakeup_request`] is how the RTC alarm, the
+//!   power button and `system_wakeup` ask);
+//! * [`main_loop_should_exit`] turns a [`RunRequest`] into events and an exit status, as
+//!   the [`RunActions`] (`-action`, `-no-reboot`, `-no-shutdown`, `set-action`) say.
 //!
 //! Transitions are serialised by the status lock, which is held while the vCPUs pause, so
 //! two monitors racing `stop` and `cont` leave a status that matches the vCPUs, and events
@@ -46,51 +51,79 @@ pub enum RunRequest {
     GuestError,
     /// The monitor asked for a reset (`system_reset`).
     HostReset,
-    /// A host signal (SIGTERM, SIGINT, SIGHUP) ends the run, whatever the policy.
+    /// A host signal (SIGTERM, SIGINT, SIGHUP) ends the run, whatever the actions say.
     HostSignal,
+    /// The guest asked to sleep (ACPI S3: QEMU's `qemu_system_suspend_request`).
+    Suspend,
+    /// A wake-up was accepted while suspended ([`qemu_system_wakeup_request`]).
+    Wakeup,
+}
+
+impl RunRequest {
+    /// The order the main loop takes pending requests in (QEMU's `main_loop_should_exit`
+    /// checks suspend, shutdown, reset, wakeup in turn; a request that ends the run wins).
+    fn rank(self) -> u8 {
+        match self {
+            RunRequest::DebugExit(_)
+            | RunRequest::GuestError
+            | RunRequest::HostQuit
+            | RunRequest::HostSignal
+            | RunRequest::GuestShutdown => 0,
+            RunRequest::GuestPanic => 1,
+            RunRequest::GuestReset | RunRequest::HostReset => 2,
+            RunRequest::Suspend => 3,
+            RunRequest::Wakeup => 4,
+        }
+    }
 }
 
 /// The mailbox of run requests: vCPU threads and devices post, the main loop waits.
 #[derive(Default)]
 pub struct RunState {
-    pending: Mutex<Option<RunRequest>>,
+    pending: Mutex<Vec<RunRequest>>,
     posted: Condvar,
 }
 
 impl RunState {
-    /// Posts a request; a pending one that ends the run is not replaced by a later one.
+    /// Posts a request. The same request twice is one; a request that ends the run drops
+    /// pending resets (the run ends instead), and is itself never replaced.
     pub fn request(&self, request: RunRequest) {
         let mut pending = self.pending.lock();
-        match *pending {
-            Some(RunRequest::GuestReset | RunRequest::HostReset) | None => {
-                *pending = Some(request)
-            }
-            Some(_) => {}
+        if request.rank() == 0 {
+            pending.retain(|r| r.rank() != 2);
+        }
+        if !pending.contains(&request) {
+            pending.push(request);
         }
         self.posted.notify_all();
     }
 
-    /// Takes the pending request, if any.
+    /// Takes the most pressing pending request, if any (the first posted among equals).
     pub fn take(&self) -> Option<RunRequest> {
-        self.pending.lock().take()
+        Self::take_locked(&mut self.pending.lock())
+    }
+
+    fn take_locked(pending: &mut Vec<RunRequest>) -> Option<RunRequest> {
+        let index = (0..pending.len()).min_by_key(|&i| (pending[i].rank(), i))?;
+        Some(pending.remove(index))
     }
 
     /// Waits up to `timeout` for a request and takes it.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<RunRequest> {
         let mut pending = self.pending.lock();
-        if pending.is_none() {
+        if pending.is_empty() {
             match timeout {
                 Some(t) => {
                     self.posted.wait_for(&mut pending, t);
                 }
                 None => {
-                    while pending.is_none() {
+                    while pending.is_empty() {
                         self.posted.wait(&mut pending);
                     }
                 }
             }
         }
-        pending.take()
+        Self::take_locked(&mut pending)
     }
 }
 
@@ -110,6 +143,8 @@ pub enum RunStatus {
     InternalError,
     /// The guest reported a panic and was kept stopped.
     GuestPanicked,
+    /// The guest sleeps in ACPI S3 until a wake-up.
+    Suspended,
 }
 
 impl RunStatus {
@@ -122,6 +157,7 @@ impl RunStatus {
             RunStatus::Shutdown => "shutdown",
             RunStatus::InternalError => "internal-error",
             RunStatus::GuestPanicked => "guest-panicked",
+            RunStatus::Suspended => "suspended",
         }
     }
 
@@ -190,6 +226,53 @@ pub enum VmEvent {
     Shutdown(ShutdownCause),
     /// The power button was pressed.
     Powerdown,
+    /// The guest went to sleep (ACPI S3).
+    Suspend,
+    /// The guest woke up.
+    Wakeup,
+    /// The guest reported a panic (`GUEST_PANICKED`), and what is done about it.
+    GuestPanicked(GuestPanicAction),
+}
+
+/// QAPI's `GuestPanicAction`: what `GUEST_PANICKED` says happens next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestPanicAction {
+    /// The VM is stopped (`panic=pause`, or `panic=shutdown` with `shutdown=pause`).
+    Pause,
+    /// The VM is powered off (`panic=shutdown`, `panic=exit-failure`).
+    Poweroff,
+    /// The guest keeps running (`panic=none`).
+    Run,
+}
+
+impl GuestPanicAction {
+    /// The QAPI name (the event's `action`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestPanicAction::Pause => "pause",
+            GuestPanicAction::Poweroff => "poweroff",
+            GuestPanicAction::Run => "run",
+        }
+    }
+}
+
+/// QEMU's `WakeupReason`: what woke the guest (each one enabled or not by the hardware,
+/// QEMU's `qemu_system_wakeup_enable`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WakeupReason {
+    /// The RTC alarm (enabled by PM1_EN.RTC_EN).
+    Rtc,
+    /// Anything else: `system_wakeup`, the power button (always enabled).
+    Other,
+}
+
+impl WakeupReason {
+    fn bit(self) -> u32 {
+        match self {
+            WakeupReason::Rtc => 1 << 1,
+            WakeupReason::Other => 1 << 3,
+        }
+    }
 }
 
 /// Receives every [`VmEvent`]. Called with the status lock held, so that events keep the
@@ -200,13 +283,154 @@ pub type EventListener = Arc<dyn Fn(&VmEvent) + Send + Sync>;
 /// management device registers it.
 pub type PowerdownNotifier = Arc<dyn Fn() + Send + Sync>;
 
-/// What the start-up options say about the end of a run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RunPolicy {
-    /// `-no-reboot`: a reset ends the run.
-    pub no_reboot: bool,
-    /// `-no-shutdown`: a guest power-off stops the vCPUs instead of ending the run.
-    pub no_shutdown: bool,
+/// Runs when the guest goes to sleep, before `SUSPEND` (QEMU's suspend notifiers: the RTC
+/// leaves the firmware its S3 resume mark).
+pub type SuspendNotifier = Arc<dyn Fn() + Send + Sync>;
+
+/// Runs at wake-up, after the machine's reset and before the vCPUs run (QEMU's wakeup
+/// notifiers: ACPI PM latches the wake status bits).
+pub type WakeupNotifier = Arc<dyn Fn(WakeupReason) + Send + Sync>;
+
+macro_rules! action_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in QAPI order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The QAPI name.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            /// The value called `text`.
+            pub fn parse(text: &str) -> Option<$name> {
+                Self::ALL.iter().copied().find(|v| v.name() == text)
+            }
+        }
+    };
+}
+
+action_enum! {
+    /// QAPI's `RebootAction`: what a reset request does.
+    RebootAction {
+        /// Reset the machine.
+        Reset = "reset",
+        /// Turn it into a shutdown (`-no-reboot`).
+        Shutdown = "shutdown",
+    }
+}
+
+action_enum! {
+    /// QAPI's `ShutdownAction`: what a shutdown does.
+    ShutdownAction {
+        /// End the run.
+        Poweroff = "poweroff",
+        /// Stop the vCPUs and keep the process for the monitor (`-no-shutdown`).
+        Pause = "pause",
+    }
+}
+
+action_enum! {
+    /// QAPI's `PanicAction`: what a guest panic does.
+    PanicAction {
+        /// Stop the vCPUs (status `guest-panicked`).
+        Pause = "pause",
+        /// Shut down (exit status 0), or pause under `shutdown=pause`.
+        Shutdown = "shutdown",
+        /// Shut down with exit status 1.
+        ExitFailure = "exit-failure",
+        /// Only report it.
+        None = "none",
+    }
+}
+
+action_enum! {
+    /// QAPI's `WatchdogAction`: what an expired watchdog does (stored for `set-action`;
+    /// qomvm has no watchdog device yet).
+    WatchdogAction {
+        /// Reset the machine.
+        Reset = "reset",
+        /// Shut the guest down through ACPI.
+        Shutdown = "shutdown",
+        /// Power it off.
+        Poweroff = "poweroff",
+        /// Stop the vCPUs.
+        Pause = "pause",
+        /// Enter the debugger.
+        Debug = "debug",
+        /// Nothing.
+        None = "none",
+        /// Inject an NMI.
+        InjectNmi = "inject-nmi",
+    }
+}
+
+/// QEMU's `system/runstate-action.c`: what resets, shutdowns, panics and watchdogs do.
+/// `-no-reboot` is `reboot=shutdown`, `-no-shutdown` is `shutdown=pause`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunActions {
+    /// `reboot=`.
+    pub reboot: RebootAction,
+    /// `shutdown=`.
+    pub shutdown: ShutdownAction,
+    /// `panic=`.
+    pub panic: PanicAction,
+    /// `watchdog=`.
+    pub watchdog: WatchdogAction,
+}
+
+impl Default for RunActions {
+    /// QEMU's defaults.
+    fn default() -> Self {
+        RunActions {
+            reboot: RebootAction::Reset,
+            shutdown: ShutdownAction::Poweroff,
+            panic: PanicAction::Shutdown,
+            watchdog: WatchdogAction::Reset,
+        }
+    }
+}
+
+/// Why `-action`/`set-action` text was refused, in QEMU's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    /// A key that is not an action.
+    #[error("Invalid parameter '{0}'")]
+    InvalidParameter(String),
+    /// A value the action does not have.
+    #[error("Parameter '{name}' does not accept value '{value}'")]
+    InvalidValue {
+        /// The action.
+        name: String,
+        /// The value given.
+        value: String,
+    },
+}
+
+impl RunActions {
+    /// Sets action `name` (`reboot`, `shutdown`, `panic`, `watchdog`) to `value`.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), ActionError> {
+        let bad = || ActionError::InvalidValue {
+            name: name.to_string(),
+            value: value.to_string(),
+        };
+        match name {
+            "reboot" => self.reboot = RebootAction::parse(value).ok_or_else(bad)?,
+            "shutdown" => self.shutdown = ShutdownAction::parse(value).ok_or_else(bad)?,
+            "panic" => self.panic = PanicAction::parse(value).ok_or_else(bad)?,
+            "watchdog" => self.watchdog = WatchdogAction::parse(value).ok_or_else(bad)?,
+            _ => return Err(ActionError::InvalidParameter(name.to_string())),
+        }
+        Ok(())
+    }
 }
 
 /// Errors of run-state changes, in QEMU's words.
@@ -224,19 +448,56 @@ pub enum RunStateError {
     /// `system_powerdown` on a machine without a power button.
     #[error("machine has no ACPI power button: system_powerdown needs a machine with ACPI (e.g. pc)")]
     NoPowerButton,
+    /// `system_wakeup` while the guest does not sleep.
+    #[error("Unable to wake up: guest is not in suspended state")]
+    NotSuspended,
+    /// `system_wakeup` on a machine that cannot sleep (no ACPI PM).
+    #[error("wake-up from suspend is not supported by this guest")]
+    WakeupUnsupported,
 }
 
 /// Resets the machine's devices and CPUs (the machine registers it: QEMU's
 /// `qemu_devices_reset` + `MachineClass::reset`).
 pub type ResetHandler = Box<dyn Fn() + Send + Sync>;
 
-/// A machine's run status, event listeners, power-down notifiers, run-request mailbox and
-/// the accelerator that starts and stops its vCPUs.
+/// What wakes a suspended guest (QEMU's `wakeup_reason_mask`, `wakeup_reason`,
+/// `wakeup_suspend_enabled`).
+struct Wakeup {
+    /// Enabled reasons ([`WakeupReason::bit`]).
+    mask: u32,
+    /// The accepted wake-up the main loop has yet to carry out.
+    reason: Option<WakeupReason>,
+    /// Whether the machine can sleep at all (ACPI PM registered it).
+    supported: bool,
+}
+
+impl Default for Wakeup {
+    fn default() -> Self {
+        // QEMU starts with every reason enabled; ACPI PM disables the RTC's at reset until
+        // the guest enables it.
+        Wakeup {
+            mask: u32::MAX,
+            reason: None,
+            supported: false,
+        }
+    }
+}
+
+/// A machine's run status, event listeners, power-down, suspend and wake-up notifiers,
+/// run actions, run-request mailbox and the accelerator that starts and stops its vCPUs.
+///
+/// Lock order: `status` before `wakeup`, `actions` and the notifier lists; device locks may
+/// be taken under `status` (reset, notifiers), so a device never calls in here holding its
+/// own lock except for [`VmState::request`] and [`VmState::wakeup_enable`].
 #[derive(Default)]
 pub struct VmState {
     status: Mutex<RunStatus>,
     listeners: Mutex<Vec<EventListener>>,
     powerdown: Mutex<Vec<PowerdownNotifier>>,
+    suspend: Mutex<Vec<SuspendNotifier>>,
+    wakeup_notifiers: Mutex<Vec<WakeupNotifier>>,
+    wakeup: Mutex<Wakeup>,
+    actions: Mutex<RunActions>,
     requests: RunState,
     accel_ops: Arc<OnceLock<AccelOpsRef>>,
     reset: OnceLock<ResetHandler>,
@@ -309,6 +570,41 @@ impl VmState {
         !self.powerdown.lock().is_empty()
     }
 
+    /// Registers a suspend notifier (QEMU's `qemu_register_suspend_notifier`).
+    pub fn add_suspend_notifier(&self, notifier: SuspendNotifier) {
+        self.suspend.lock().push(notifier);
+    }
+
+    /// Registers a wake-up notifier (QEMU's `qemu_register_wakeup_notifier`).
+    pub fn add_wakeup_notifier(&self, notifier: WakeupNotifier) {
+        self.wakeup_notifiers.lock().push(notifier);
+    }
+
+    /// Says the machine can sleep and be woken (QEMU's `qemu_register_wakeup_support`).
+    pub fn register_wakeup_support(&self) {
+        self.wakeup.lock().supported = true;
+    }
+
+    /// Enables or disables a wake-up reason (QEMU's `qemu_system_wakeup_enable`).
+    pub fn wakeup_enable(&self, reason: WakeupReason, enabled: bool) {
+        let mut w = self.wakeup.lock();
+        if enabled {
+            w.mask |= reason.bit();
+        } else {
+            w.mask &= !reason.bit();
+        }
+    }
+
+    /// The run actions in force.
+    pub fn actions(&self) -> RunActions {
+        *self.actions.lock()
+    }
+
+    /// Changes the run actions (`-action`, `set-action`).
+    pub fn set_actions(&self, actions: RunActions) {
+        *self.actions.lock() = actions;
+    }
+
     fn emit(&self, event: VmEvent) {
         let listeners = self.listeners.lock().clone();
         for l in listeners {
@@ -340,7 +636,8 @@ pub fn vm_start(vm: &impl AsRef<VmState>) -> Result<(), RunStateError> {
     let vm = vm.as_ref();
     let mut current = vm.status.lock();
     match *current {
-        RunStatus::Running => return Ok(()),
+        // A sleeping guest is woken by a wake-up, not by `cont` (QEMU's `qmp_cont`).
+        RunStatus::Running | RunStatus::Suspended => return Ok(()),
         s if s.needs_reset() => return Err(RunStateError::NeedsReset),
         _ => {}
     }
@@ -385,9 +682,13 @@ pub fn qemu_system_reset(vm: &impl AsRef<VmState>, cause: ShutdownCause) {
 
 /// QEMU's `qemu_system_powerdown`: presses the power button and reports `POWERDOWN`. A
 /// machine without one (no ACPI, like `none`) refuses.
+///
+/// The power button is a wake source (ACPI's fixed power button event): pressed while the
+/// guest sleeps, it also wakes it, with the wake status of [`WakeupReason::Other`] (which
+/// ACPI PM reports as the power button). QEMU only latches the button there.
 pub fn qemu_system_powerdown(vm: &impl AsRef<VmState>) -> Result<(), RunStateError> {
     let vm = vm.as_ref();
-    let _transition = vm.status.lock();
+    let status = vm.status.lock();
     let notifiers = vm.powerdown.lock().clone();
     if notifiers.is_empty() {
         return Err(RunStateError::NoPowerButton);
@@ -396,7 +697,125 @@ pub fn qemu_system_powerdown(vm: &impl AsRef<VmState>) -> Result<(), RunStateErr
     for n in notifiers {
         n();
     }
+    if *status == RunStatus::Suspended {
+        accept_wakeup(vm, WakeupReason::Other);
+    }
     Ok(())
+}
+
+/// QEMU's `qemu_system_suspend`, run by the main loop for [`RunRequest::Suspend`]: stops
+/// the vCPUs, runs the suspend notifiers, sets `suspended` and reports `SUSPEND` (no
+/// `STOP`). A guest that sleeps already is left as it is.
+pub fn qemu_system_suspend(vm: &impl AsRef<VmState>) -> Result<(), RunStateError> {
+    let vm = vm.as_ref();
+    let mut current = vm.status.lock();
+    match *current {
+        RunStatus::Suspended => return Ok(()),
+        RunStatus::Running => vm
+            .accel_ops()
+            .ok_or(RunStateError::NoAccelerator)?
+            .pause_all(),
+        _ => {}
+    }
+    let notifiers = vm.suspend.lock().clone();
+    for n in notifiers {
+        n();
+    }
+    *current = RunStatus::Suspended;
+    vm.emit(VmEvent::Suspend);
+    Ok(())
+}
+
+/// QEMU's `qemu_system_wakeup_request`: a wake-up from `reason` (the RTC alarm, the
+/// monitor's `system_wakeup`). Refused unless the guest sleeps; ignored if the hardware
+/// has `reason` disabled; otherwise the main loop wakes the guest ([`qemu_system_wakeup`]).
+/// Callers must not hold a device lock a reset takes.
+pub fn qemu_system_wakeup_request(
+    vm: &impl AsRef<VmState>,
+    reason: WakeupReason,
+) -> Result<(), RunStateError> {
+    let vm = vm.as_ref();
+    let status = vm.status.lock();
+    if *status != RunStatus::Suspended {
+        return Err(RunStateError::NotSuspended);
+    }
+    accept_wakeup(vm, reason);
+    Ok(())
+}
+
+/// QEMU's `qmp_system_wakeup`.
+pub fn qmp_system_wakeup(vm: &impl AsRef<VmState>) -> Result<(), RunStateError> {
+    let vm = vm.as_ref();
+    if !vm.wakeup.lock().supported {
+        return Err(RunStateError::WakeupUnsupported);
+    }
+    qemu_system_wakeup_request(vm, WakeupReason::Other)
+}
+
+/// Records an enabled wake-up for the main loop; the status lock is held by the caller.
+fn accept_wakeup(vm: &VmState, reason: WakeupReason) {
+    let mut w = vm.wakeup.lock();
+    if w.mask & reason.bit() == 0 || w.reason.is_some() {
+        return;
+    }
+    w.reason = Some(reason);
+    drop(w);
+    vm.request(RunRequest::Wakeup);
+}
+
+/// QEMU's wake-up in `main_loop_should_exit`, for [`RunRequest::Wakeup`]: resets the
+/// machine with the vCPUs still stopped (no `RESET` event: QEMU's cause is "none"; the
+/// board takes its firmware's S3 resume path), runs the wake-up notifiers, lets the vCPUs
+/// run and reports `WAKEUP`.
+pub fn qemu_system_wakeup(vm: &impl AsRef<VmState>) {
+    let vm = vm.as_ref();
+    let mut current = vm.status.lock();
+    let Some(reason) = vm.wakeup.lock().reason.take() else {
+        return;
+    };
+    if *current != RunStatus::Suspended {
+        return;
+    }
+    if let Some(reset) = vm.reset.get() {
+        reset();
+    }
+    let notifiers = vm.wakeup_notifiers.lock().clone();
+    for n in notifiers {
+        n(reason);
+    }
+    if let Some(ops) = vm.accel_ops() {
+        ops.resume_all();
+    }
+    *current = RunStatus::Running;
+    vm.emit(VmEvent::Wakeup);
+}
+
+/// QEMU's `qemu_system_guest_panicked` as the main loop runs it for
+/// [`RunRequest::GuestPanic`]: reports `GUEST_PANICKED` with what the panic action does,
+/// stops the vCPUs (status `guest-panicked`, `STOP`) for a pause, and says whether a
+/// shutdown (cause `guest-panic`) follows. As in QEMU 7.2, a powering-off panic reports no
+/// `STOP`: the shutdown is handled first and ends the run (or, under `shutdown=pause`,
+/// stops the vCPUs with status `shutdown`).
+pub fn qemu_system_guest_panicked(vm: &impl AsRef<VmState>) -> bool {
+    let vm = vm.as_ref();
+    let actions = vm.actions();
+    let action = match actions.panic {
+        PanicAction::Pause => GuestPanicAction::Pause,
+        PanicAction::Shutdown if actions.shutdown == ShutdownAction::Pause => {
+            GuestPanicAction::Pause
+        }
+        PanicAction::Shutdown | PanicAction::ExitFailure => GuestPanicAction::Poweroff,
+        PanicAction::None => GuestPanicAction::Run,
+    };
+    {
+        let _transition = vm.status.lock();
+        vm.emit(VmEvent::GuestPanicked(action));
+    }
+    if action == GuestPanicAction::Pause {
+        // Fails only without an accelerator, and then nothing runs.
+        let _ = vm_stop(vm, RunStatus::GuestPanicked);
+    }
+    action == GuestPanicAction::Poweroff
 }
 
 /// Reports `SHUTDOWN` with `cause` (the main loop does, as the run ends).
@@ -406,13 +825,29 @@ pub fn report_shutdown(vm: &impl AsRef<VmState>, cause: ShutdownCause) {
     vm.emit(VmEvent::Shutdown(cause));
 }
 
-/// QEMU's `main_loop_should_exit` for one request: reports the events, resets or stops as
-/// the policy says, and returns the exit status when the run must end.
-pub fn main_loop_should_exit(
-    vm: &impl AsRef<VmState>,
-    request: RunRequest,
-    policy: RunPolicy,
-) -> Option<i32> {
+/// QEMU's shutdown in `main_loop_should_exit`: reports `SHUTDOWN` with `cause`, then ends
+/// the run (status 1 for a panic under `panic=exit-failure`) or, under `shutdown=pause`,
+/// stops the vCPUs and keeps the process for the monitor.
+fn system_shutdown(vm: &VmState, cause: ShutdownCause) -> Option<i32> {
+    report_shutdown(vm, cause);
+    let actions = vm.actions();
+    if actions.shutdown == ShutdownAction::Pause {
+        // `cont` is refused until a reset.
+        return match vm_stop(vm, RunStatus::Shutdown) {
+            Ok(()) => None,
+            Err(_) => Some(0),
+        };
+    }
+    if cause == ShutdownCause::GuestPanic && actions.panic == PanicAction::ExitFailure {
+        return Some(1);
+    }
+    Some(0)
+}
+
+/// QEMU's `main_loop_should_exit` for one request: reports the events, resets, stops,
+/// suspends or wakes as the run actions say, and returns the exit status when the run must
+/// end.
+pub fn main_loop_should_exit(vm: &impl AsRef<VmState>, request: RunRequest) -> Option<i32> {
     let ms = vm.as_ref();
     let reset_cause = match request {
         // isa-debug-exit ends the process at once, as QEMU's exit() does: no event.
@@ -432,27 +867,28 @@ pub fn main_loop_should_exit(
             return Some(0);
         }
         RunRequest::GuestPanic => {
-            report_shutdown(ms, ShutdownCause::GuestPanic);
-            return Some(0);
-        }
-        RunRequest::GuestShutdown => {
-            report_shutdown(ms, ShutdownCause::GuestShutdown);
-            if policy.no_shutdown {
-                // Keep the process for the monitor; the vCPUs stop, `cont` is refused until
-                // a reset.
-                if vm_stop(ms, RunStatus::Shutdown).is_err() {
-                    return Some(0);
-                }
-                return None;
+            if qemu_system_guest_panicked(ms) {
+                return system_shutdown(ms, ShutdownCause::GuestPanic);
             }
-            return Some(0);
+            return None;
+        }
+        RunRequest::GuestShutdown => return system_shutdown(ms, ShutdownCause::GuestShutdown),
+        RunRequest::Suspend => {
+            if qemu_system_suspend(ms).is_err() {
+                return Some(0);
+            }
+            return None;
+        }
+        RunRequest::Wakeup => {
+            qemu_system_wakeup(ms);
+            return None;
         }
         RunRequest::GuestReset => ShutdownCause::GuestReset,
         RunRequest::HostReset => ShutdownCause::HostQmpSystemReset,
     };
-    if policy.no_reboot {
-        report_shutdown(ms, reset_cause);
-        return Some(0);
+    // QEMU's `qemu_system_reset_request`: `reboot=shutdown` makes it a shutdown.
+    if ms.actions().reboot == RebootAction::Shutdown {
+        return system_shutdown(ms, reset_cause);
     }
     qemu_system_reset(ms, reset_cause);
     None
@@ -490,7 +926,7 @@ mod tests {
             self.resumed.fetch_add(1, Ordering::Relaxed);
         }
         fn reset_vcpus(&self) {}
-        fn set_pit_reinject(&self, _: bool) -> Result<(), qom::Error> {
+        fn create_in_kernel_pit(&self, _: bool) -> Result<(), qom::Error> {
             Ok(())
         }
         fn shutdown(&self) {}
@@ -536,14 +972,11 @@ mod tests {
     fn a_host_signal_ends_the_run_even_under_no_shutdown() {
         let (ms, _, events) = machine();
         vm_start(&ms).unwrap();
-        let policy = RunPolicy {
-            no_reboot: true,
-            no_shutdown: true,
-        };
-        assert_eq!(
-            main_loop_should_exit(&ms, RunRequest::HostSignal, policy),
-            Some(0)
-        );
+        let mut actions = RunActions::default();
+        actions.set("shutdown", "pause").unwrap();
+        actions.set("reboot", "shutdown").unwrap();
+        ms.set_actions(actions);
+        assert_eq!(main_loop_should_exit(&ms, RunRequest::HostSignal), Some(0));
         assert_eq!(
             events.lock().last(),
             Some(&VmEvent::Shutdown(ShutdownCause::HostSignal))
@@ -554,20 +987,13 @@ mod tests {
     fn a_powered_off_guest_needs_a_reset_before_cont() {
         let (ms, _, events) = machine();
         vm_start(&ms).unwrap();
-        let policy = RunPolicy {
-            no_reboot: false,
-            no_shutdown: true,
-        };
-        assert_eq!(
-            main_loop_should_exit(&ms, RunRequest::GuestShutdown, policy),
-            None
-        );
+        let mut actions = RunActions::default();
+        actions.set("shutdown", "pause").unwrap();
+        ms.set_actions(actions);
+        assert_eq!(main_loop_should_exit(&ms, RunRequest::GuestShutdown), None);
         assert_eq!(ms.status(), RunStatus::Shutdown);
         assert_eq!(vm_start(&ms), Err(RunStateError::NeedsReset));
-        assert_eq!(
-            main_loop_should_exit(&ms, RunRequest::HostReset, policy),
-            None
-        );
+        assert_eq!(main_loop_should_exit(&ms, RunRequest::HostReset), None);
         assert_eq!(ms.status(), RunStatus::Prelaunch);
         vm_start(&ms).unwrap();
         assert_eq!(
@@ -585,27 +1011,16 @@ mod tests {
     #[test]
     fn requests_end_the_run_with_qemus_causes() {
         let (ms, _, events) = machine();
-        let policy = RunPolicy::default();
         assert_eq!(
-            main_loop_should_exit(&ms, RunRequest::DebugExit(7), policy),
+            main_loop_should_exit(&ms, RunRequest::DebugExit(7)),
             Some(7)
         );
-        assert_eq!(
-            main_loop_should_exit(&ms, RunRequest::HostQuit, policy),
-            Some(0)
-        );
-        assert_eq!(
-            main_loop_should_exit(&ms, RunRequest::GuestReset, policy),
-            None
-        );
-        let no_reboot = RunPolicy {
-            no_reboot: true,
-            no_shutdown: false,
-        };
-        assert_eq!(
-            main_loop_should_exit(&ms, RunRequest::HostReset, no_reboot),
-            Some(0)
-        );
+        assert_eq!(main_loop_should_exit(&ms, RunRequest::HostQuit), Some(0));
+        assert_eq!(main_loop_should_exit(&ms, RunRequest::GuestReset), None);
+        let mut no_reboot = RunActions::default();
+        no_reboot.set("reboot", "shutdown").unwrap();
+        ms.set_actions(no_reboot);
+        assert_eq!(main_loop_should_exit(&ms, RunRequest::HostReset), Some(0));
         assert_eq!(
             *events.lock(),
             vec![
@@ -634,5 +1049,187 @@ mod tests {
         qemu_system_powerdown(&ms).unwrap();
         assert_eq!(pressed.load(Ordering::Relaxed), 1);
         assert_eq!(*events.lock(), vec![VmEvent::Powerdown]);
+    }
+
+    #[test]
+    fn requests_are_taken_by_priority_and_an_ending_one_drops_resets() {
+        let rs = RunState::default();
+        rs.request(RunRequest::Wakeup);
+        rs.request(RunRequest::GuestReset);
+        rs.request(RunRequest::Suspend);
+        rs.request(RunRequest::Suspend);
+        assert_eq!(rs.take(), Some(RunRequest::GuestReset));
+        rs.request(RunRequest::HostReset);
+        rs.request(RunRequest::GuestShutdown);
+        rs.request(RunRequest::HostQuit);
+        assert_eq!(rs.take(), Some(RunRequest::GuestShutdown));
+        assert_eq!(rs.take(), Some(RunRequest::HostQuit));
+        assert_eq!(rs.take(), Some(RunRequest::Suspend));
+        assert_eq!(rs.take(), Some(RunRequest::Wakeup));
+        assert_eq!(rs.take(), None);
+    }
+
+    #[test]
+    fn actions_parse_with_qemus_words() {
+        let mut a = RunActions::default();
+        assert_eq!(a.panic, PanicAction::Shutdown);
+        a.set("panic", "exit-failure").unwrap();
+        a.set("watchdog", "inject-nmi").unwrap();
+        assert_eq!(a.panic, PanicAction::ExitFailure);
+        assert_eq!(a.watchdog, WatchdogAction::InjectNmi);
+        assert_eq!(
+            a.set("panic", "foo").unwrap_err().to_string(),
+            "Parameter 'panic' does not accept value 'foo'"
+        );
+        assert_eq!(
+            a.set("foo", "bar").unwrap_err().to_string(),
+            "Invalid parameter 'foo'"
+        );
+    }
+
+    #[test]
+    fn suspend_then_an_enabled_wakeup_resets_and_resumes() {
+        let (ms, ops, events) = machine();
+        let resets = Arc::new(AtomicU32::new(0));
+        let r = resets.clone();
+        ms.set_reset_handler(Box::new(move || {
+            r.fetch_add(1, Ordering::Relaxed);
+        }));
+        let marks = Arc::new(Mutex::new(Vec::new()));
+        let m = marks.clone();
+        ms.add_suspend_notifier(Arc::new(move || m.lock().push("suspend")));
+        let m = marks.clone();
+        ms.add_wakeup_notifier(Arc::new(move |reason| {
+            assert_eq!(reason, WakeupReason::Rtc);
+            m.lock().push("wakeup");
+        }));
+        assert_eq!(qmp_system_wakeup(&ms), Err(RunStateError::WakeupUnsupported));
+        ms.register_wakeup_support();
+        assert_eq!(qmp_system_wakeup(&ms), Err(RunStateError::NotSuspended));
+        vm_start(&ms).unwrap();
+        assert_eq!(main_loop_should_exit(&ms, RunRequest::Suspend), None);
+        assert_eq!(ms.status(), RunStatus::Suspended);
+        assert_eq!(ops.paused.load(Ordering::Relaxed), 1);
+        // stop and cont leave a sleeping guest alone.
+        vm_stop(&ms, RunStatus::Paused).unwrap();
+        vm_start(&ms).unwrap();
+        assert_eq!(ms.status(), RunStatus::Suspended);
+        // A disabled reason is ignored.
+        ms.wakeup_enable(WakeupReason::Rtc, false);
+        qemu_system_wakeup_request(&ms, WakeupReason::Rtc).unwrap();
+        assert_eq!(ms.requests().take(), None);
+        ms.wakeup_enable(WakeupReason::Rtc, true);
+        qemu_system_wakeup_request(&ms, WakeupReason::Rtc).unwrap();
+        let request = ms.requests().take();
+        assert_eq!(request, Some(RunRequest::Wakeup));
+        assert_eq!(main_loop_should_exit(&ms, RunRequest::Wakeup), None);
+        assert_eq!(ms.status(), RunStatus::Running);
+        assert_eq!(resets.load(Ordering::Relaxed), 1);
+        assert_eq!(ops.resumed.load(Ordering::Relaxed), 1);
+        assert_eq!(*marks.lock(), vec!["suspend", "wakeup"]);
+        assert_eq!(
+            *events.lock(),
+            vec![VmEvent::Resume, VmEvent::Suspend, VmEvent::Wakeup]
+        );
+    }
+
+    #[test]
+    fn the_power_button_wakes_a_sleeping_guest() {
+        let (ms, _, events) = machine();
+        ms.add_powerdown_notifier(Arc::new(|| {}));
+        vm_start(&ms).unwrap();
+        main_loop_should_exit(&ms, RunRequest::Suspend);
+        qemu_system_powerdown(&ms).unwrap();
+        assert_eq!(ms.requests().take(), Some(RunRequest::Wakeup));
+        main_loop_should_exit(&ms, RunRequest::Wakeup);
+        assert_eq!(ms.status(), RunStatus::Running);
+        assert_eq!(
+            *events.lock(),
+            vec![
+                VmEvent::Resume,
+                VmEvent::Suspend,
+                VmEvent::Powerdown,
+                VmEvent::Wakeup
+            ]
+        );
+    }
+
+    #[test]
+    fn each_panic_action_reports_and_acts_as_qemu() {
+        /// `panic=`, `shutdown=`, the exit status, the status after, the events.
+        type Case<'a> = (&'a str, &'a str, Option<i32>, RunStatus, &'a [VmEvent]);
+        let cases: &[Case] = &[
+            (
+                "pause",
+                "poweroff",
+                None,
+                RunStatus::GuestPanicked,
+                &[VmEvent::GuestPanicked(GuestPanicAction::Pause), VmEvent::Stop],
+            ),
+            // QEMU 7.2: no STOP before the SHUTDOWN that ends the run.
+            (
+                "shutdown",
+                "poweroff",
+                Some(0),
+                RunStatus::Running,
+                &[
+                    VmEvent::GuestPanicked(GuestPanicAction::Poweroff),
+                    VmEvent::Shutdown(ShutdownCause::GuestPanic),
+                ],
+            ),
+            (
+                "exit-failure",
+                "poweroff",
+                Some(1),
+                RunStatus::Running,
+                &[
+                    VmEvent::GuestPanicked(GuestPanicAction::Poweroff),
+                    VmEvent::Shutdown(ShutdownCause::GuestPanic),
+                ],
+            ),
+            // exit-failure under -no-shutdown: the shutdown pauses.
+            (
+                "exit-failure",
+                "pause",
+                None,
+                RunStatus::Shutdown,
+                &[
+                    VmEvent::GuestPanicked(GuestPanicAction::Poweroff),
+                    VmEvent::Shutdown(ShutdownCause::GuestPanic),
+                    VmEvent::Stop,
+                ],
+            ),
+            (
+                "none",
+                "poweroff",
+                None,
+                RunStatus::Running,
+                &[VmEvent::GuestPanicked(GuestPanicAction::Run)],
+            ),
+            // -no-shutdown turns the default panic=shutdown into a pause.
+            (
+                "shutdown",
+                "pause",
+                None,
+                RunStatus::GuestPanicked,
+                &[VmEvent::GuestPanicked(GuestPanicAction::Pause), VmEvent::Stop],
+            ),
+        ];
+        for (panic, shutdown, exit, status, expected) in cases {
+            let (ms, _, events) = machine();
+            let mut actions = RunActions::default();
+            actions.set("panic", panic).unwrap();
+            actions.set("shutdown", shutdown).unwrap();
+            ms.set_actions(actions);
+            vm_start(&ms).unwrap();
+            events.lock().clear();
+            assert_eq!(
+                main_loop_should_exit(&ms, RunRequest::GuestPanic),
+                *exit,
+                "panic={panic}"
+            );
+            assert_eq!(ms.status(), *status, "panic={panic}");
+            assert_eq!(&*events.lock(), expected, "panic={panic}");
+        }
     }
 }

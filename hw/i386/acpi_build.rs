@@ -17,7 +17,14 @@
 //! set). No GPE block.
 //!
 //! Power off: `\_S5_` is `Package { 0, 0, 0, 0 }` (QEMU's value for PIIX4): Linux writes
-//! `SLP_TYP = 0 | SLP_EN (bit 13)` to PM1a_CNT. Reset: FADT reset register, I/O port 0xcf9,
+//! `SLP_TYP = 0 | SLP_EN (bit 13)` to PM1a_CNT. Sleep: `\_S3_` is `Package { 1, 1, 0, 0 }`
+//! and `\_S4_` `Package { s4_val, s4_val, 0, 0 }`, each unless PIIX4 PM's `disable_s3`/
+//! `disable_s4` says otherwise (QEMU's `build_dsdt`). Waking from S3, the board starts the
+//! boot CPU at the FACS's `firmware_waking_vector` ([`FACS_ADDR`] +
+//! [`FACS_WAKING_VECTOR`]), as SeaBIOS does.
+//!
+//! With an ISA `pvpanic`, `\_SB.PEVT` (`QEMU0001`, its port in `_CRS`) lets Linux's pvpanic
+//! driver find it (QEMU puts it under `\_SB.PCI0.ISA`, a scope this DSDT does not have). Reset: FADT reset register, I/O port 0xcf9,
 //! value 0x06.
 //!
 //! The DSDT declares the processors (`\_SB.Cxxx`, `ACPI0007`, `_UID` = CPU index, matching
@@ -60,6 +67,12 @@ pub const RESET_PORT: u16 = 0xcf9;
 pub const RESET_VALUE: u8 = 0x06;
 /// `SLP_TYP` of S5 in `\_S5_` (what Linux puts in PM1a_CNT bits 10..12 to power off).
 pub const S5_SLP_TYP: u8 = 0;
+/// `SLP_TYP` of S3 in `\_S3_`.
+pub const S3_SLP_TYP: u8 = 1;
+/// Where the FACS is.
+pub const FACS_ADDR: u64 = RSDP_ADDR + 0x40;
+/// Offset of `firmware_waking_vector` (32 bits) in the FACS.
+pub const FACS_WAKING_VECTOR: u64 = 12;
 
 const OEM_ID: [u8; 6] = *b"QOMVM ";
 const OEM_TABLE_ID: [u8; 8] = *b"QOMVMPC ";
@@ -85,6 +98,12 @@ pub struct AcpiConfig {
     /// The ISA IRQs PIIX3's PIRQA..PIRQD are routed to: INTx pin `p` (0 = INTA) of slot `s`
     /// uses PIRQ `(p + s) % 4`, the swizzle of QEMU's pc board.
     pub pirq_irqs: [u32; 4],
+    /// Whether `\_S3_` is declared (PIIX4 PM's `disable_s3` clear).
+    pub s3: bool,
+    /// `\_S4_`'s SLP_TYP, if declared (`s4_val`, unless `disable_s4`).
+    pub s4: Option<u8>,
+    /// The ISA `pvpanic` port, if the machine has one.
+    pub pvpanic_port: Option<u16>,
 }
 
 /// Why the tables could not be built.
@@ -188,12 +207,26 @@ fn build_pci_host_bridge(cfg: &AcpiConfig) -> Vec<u8> {
     aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&pci0]))
 }
 
-/// The DSDT: processors, the PCI host bridge and `\_S5_`.
+/// `\_SB.PEVT`, the ISA pvpanic device (QEMU's `build_pvpanic_isa_aml`, without the
+/// `RDPT`/`WRPT` methods no OS driver calls).
+fn build_pvpanic(port: u16) -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &"QEMU0001");
+    let io = IO::new(port, port, 1, 1);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&io]));
+    // Present, enabled, functioning; not shown in the UI.
+    let sta = Name::new(Path::new("_STA"), &0x0bu8);
+    let dev = Device::new(Path::new("PEVT"), vec![&hid, &crs, &sta]);
+    aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&dev]))
+}
+
+/// The DSDT: the sleep states, processors, the PCI host bridge and ISA devices.
 fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
-    let s5 = Name::new(
-        Path::new("_S5_"),
-        &Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP, &0u8, &0u8]),
-    );
+    let state = |name: &str, slp_typ: u8| {
+        aml_bytes(&Name::new(
+            Path::new(name),
+            &Package::new(vec![&slp_typ, &slp_typ, &0u8, &0u8]),
+        ))
+    };
     let hid = Name::new(Path::new("_HID"), &"ACPI0007");
     let uids: Vec<Name> = (0..cfg.cpus)
         .map(|i| Name::new(Path::new("_UID"), &i))
@@ -213,9 +246,18 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         cpus.iter().map(|d| d as &dyn Aml).collect(),
     );
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    dsdt.append_slice(&aml_bytes(&s5));
+    if cfg.s3 {
+        dsdt.append_slice(&state("_S3_", S3_SLP_TYP));
+    }
+    if let Some(s4) = cfg.s4 {
+        dsdt.append_slice(&state("_S4_", s4));
+    }
+    dsdt.append_slice(&state("_S5_", S5_SLP_TYP));
     dsdt.append_slice(&aml_bytes(&sb));
     dsdt.append_slice(&build_pci_host_bridge(cfg));
+    if let Some(port) = cfg.pvpanic_port {
+        dsdt.append_slice(&build_pvpanic(port));
+    }
     dsdt.as_slice().to_vec()
 }
 
@@ -332,7 +374,7 @@ pub fn build_acpi_tables(ram: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<u64,
         return Err(AcpiError::NoCpus);
     }
 
-    let facs_addr = RSDP_ADDR + 0x40;
+    let facs_addr = FACS_ADDR;
     let dsdt_addr = facs_addr + 0x40;
     let facs = aml_bytes(&FACS::new());
     let dsdt = build_dsdt(cfg);
@@ -394,6 +436,9 @@ mod tests {
             pci_hole: (0x0800_0000, 0xfec0_0000),
             pci_hole64: (0x1_0000_0000, 0x1_8000_0000),
             pirq_irqs: [10, 10, 11, 11],
+            s3: true,
+            s4: Some(2),
+            pvpanic_port: None,
         }
     }
 
@@ -625,6 +670,33 @@ mod tests {
             assert!(dsdt.windows(name.len()).any(|w| w == name));
         }
         assert!(!dsdt.windows(4).any(|w| w == b"C002"));
+        // \_S3_ = Package(4) { One, One, Zero, Zero }, \_S4_ with s4_val 2; no pvpanic.
+        let at = dsdt.windows(4).position(|w| w == b"_S3_").expect("_S3_");
+        assert_eq!(&dsdt[at + 4..at + 11], &[0x12, 0x06, 4, 1, 1, 0, 0]);
+        let at = dsdt.windows(4).position(|w| w == b"_S4_").expect("_S4_");
+        assert_eq!(&dsdt[at + 4..at + 13], &[0x12, 0x08, 4, 0x0a, 2, 0x0a, 2, 0, 0]);
+        assert!(!dsdt.windows(8).any(|w| w == b"QEMU0001"));
+    }
+
+    #[test]
+    fn disable_s3_and_s4_leave_them_out_and_pvpanic_is_described() {
+        let mem = ram();
+        let cfg = AcpiConfig {
+            s3: false,
+            s4: None,
+            pvpanic_port: Some(0x505),
+            ..config(1, 1)
+        };
+        build_acpi_tables(&mem, &cfg).unwrap();
+        let dsdt = walk(&mem).dsdt;
+        assert!(!dsdt.windows(4).any(|w| w == b"_S3_"));
+        assert!(!dsdt.windows(4).any(|w| w == b"_S4_"));
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert!(dsdt.windows(8).any(|w| w == b"QEMU0001"));
+        // IO(Decode16, 0x505, 0x505, 1, 1).
+        assert!(dsdt
+            .windows(8)
+            .any(|w| w == [0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
     }
 
     #[test]

@@ -67,9 +67,6 @@ impl X86MachineState {
     /// Refuses what the board cannot do (QEMU would build it).
     fn check_unsupported(&self) -> Result<(), MachineError> {
         let unsupported = |what: &str| Err(MachineError::Unsupported(what.to_string()));
-        if !self.pit.get() {
-            return unsupported("pit=off is not supported: KVM's in-kernel PIT is always created");
-        }
         let irqchip = self.kernel_irqchip.get();
         if irqchip != OnOffSplit::On {
             return unsupported(&format!(
@@ -108,6 +105,8 @@ impl MachineImpl for PcMachineState {}
 pub struct PcI440fxMachine {
     #[parent]
     parent: PcMachineState,
+    /// The RTC's CMOS, where the S3 resume mark is.
+    rtc: parking_lot::Mutex<Option<Arc<crate::rtc::mc146818rtc::Rtc>>>,
 }
 
 type_init!(PcI440fxMachine);
@@ -128,11 +127,24 @@ impl MachineImpl for PcI440fxMachine {
         if let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) {
             crate::pci::pci::pci_assign_bars(&bus);
         }
+        // QEMU's pvpanic-isa tells firmware its port.
+        if let (Some(port), Some(fw_cfg)) = (
+            self.isa_pvpanic_port(),
+            crate::nvram::fw_cfg::fw_cfg_find(&self.object()),
+        ) {
+            fw_cfg
+                .add_file("etc/pvpanic-port", port.to_le_bytes().to_vec())
+                .map_err(MachineError::board)?;
+        }
         self.acpi_setup()
     }
 
-    /// QEMU's `pc_machine_reset`: reload what firmware would load again.
+    /// QEMU's `pc_machine_reset`: reload what firmware would load again, or, waking from
+    /// S3, do what SeaBIOS's resume path does instead (see [`PcI440fxMachine::s3_resume`]).
     fn reset(&self) -> Result<(), MachineError> {
+        if self.s3_resume() {
+            return Ok(());
+        }
         self.load_kernel()?;
         self.acpi_setup()
     }
@@ -183,6 +195,41 @@ pub enum PcLoadError {
 
 
 impl PcI440fxMachine {
+    /// The firmware's S3 resume (SeaBIOS's `handle_resume`/`s3_resume`), as there is no
+    /// firmware yet: if CMOS byte 0x0f holds the resume mark 0xfe (the RTC sets it as the
+    /// guest goes to sleep), clear it and, if the guest put a waking vector in the FACS
+    /// (`firmware_waking_vector`), start CPU 0 there in real mode (CS = vector >> 4,
+    /// IP = vector & 0xf, the ACPI specification's real-mode entry) with RAM, the kernel and
+    /// the ACPI tables left as the guest had them. Returns `false` for a cold reset (no mark,
+    /// or no vector: SeaBIOS then boots normally).
+    fn s3_resume(&self) -> bool {
+        let Some(rtc) = self.rtc.lock().clone() else {
+            return false;
+        };
+        if rtc.get_memory(crate::rtc::mc146818rtc::CMOS_RESET_CODE)
+            != crate::rtc::mc146818rtc::CMOS_RESET_S3_RESUME
+        {
+            return false;
+        }
+        rtc.set_memory(crate::rtc::mc146818rtc::CMOS_RESET_CODE, 0);
+        if !self.acpi.get() {
+            return false;
+        }
+        use vm_memory::Bytes;
+        let vector: u32 = self
+            .ram()
+            .read_obj(vm_memory::GuestAddress(
+                crate::i386::acpi_build::FACS_ADDR + crate::i386::acpi_build::FACS_WAKING_VECTOR,
+            ))
+            .unwrap_or(0);
+        if vector == 0 {
+            log::info!("S3 resume: no waking vector set in the FACS; booting");
+            return false;
+        }
+        self.set_bsp_boot_state(real_mode_entry_state(vector));
+        true
+    }
+
     /// Loads `-kernel`/`-initrd`/`-append` into RAM and gives CPU 0 the entry state (QEMU's
     /// `x86_load_linux`, with the direct 64-bit entry instead of an option ROM). Runs at
     /// board init and again at each reset, since the guest may have overwritten RAM.
@@ -270,6 +317,10 @@ impl PcI440fxMachine {
         if !self.acpi.get() {
             return Ok(());
         }
+        let pm = self
+            .object()
+            .child("pm")
+            .and_then(Typed::<crate::acpi::piix4::Piix4Pm>::new);
         let (below_4g, above_4g) = pc_ram_split(self.ram_size());
         // The 64-bit window starts on the first GiB boundary above RAM, as QEMU's does.
         let hole64_start = ((1u64 << 32) + above_4g).next_multiple_of(1 << 30);
@@ -287,6 +338,9 @@ impl PcI440fxMachine {
             pci_hole: (below_4g, u64::from(crate::i386::acpi_build::IO_APIC_ADDR)),
             pci_hole64: (hole64_start, hole64_start + PCI_HOLE64_SIZE),
             pirq_irqs: crate::pci_host::i440fx::PIRQ_IRQS,
+            s3: pm.as_ref().is_some_and(|pm| !pm.s3_disabled()),
+            s4: pm.as_ref().filter(|pm| !pm.s4_disabled()).map(|pm| pm.s4_val()),
+            pvpanic_port: self.isa_pvpanic_port(),
         };
         let ram = self.ram();
         let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
@@ -300,6 +354,15 @@ impl PcI440fxMachine {
             })?;
         }
         Ok(())
+    }
+
+    /// The port of the ISA `pvpanic` on `isa.0`, if there is one.
+    fn isa_pvpanic_port(&self) -> Option<u16> {
+        let isa = self.object().child("piix3")?.child("isa.0")?;
+        crate::core::bus::bus_children(&isa)
+            .into_iter()
+            .find_map(Typed::<crate::misc::pvpanic_isa::PvPanicIsa>::new)
+            .map(|p| p.ioport())
     }
 
     /// QEMU's `pc_init1`.
@@ -323,7 +386,10 @@ impl PcI440fxMachine {
         board_device(&host, "i440fx-device", TYPE_I440FX_PCI_DEVICE, Bus::On(&pci_bus), &[("addr", "00.0")])?;
         let piix3 = board_device(&machine, "piix3", crate::isa::piix::TYPE_PIIX3, Bus::On(&pci_bus), &[("addr", "01.0")])?;
         let isa_bus = piix3.child("isa.0").ok_or(BoardError::MissingBus("piix3", "isa.0"))?;
-        board_device(&machine, "i8254", crate::timer::kvm_i8254::TYPE_KVM_PIT, Bus::On(&isa_bus), &[])?;
+        // QEMU's KVM pc: with pit=off there is no PIT at all (ports 0x40-0x43 float).
+        if self.pit.get() {
+            board_device(&machine, "i8254", crate::timer::kvm_i8254::TYPE_KVM_PIT, Bus::On(&isa_bus), &[])?;
+        }
         if self.acpi.get() {
             board_device(&machine, "pm", crate::acpi::piix4::TYPE_PIIX4_PM, Bus::On(&pci_bus), &[("addr", "01.3")])?;
         }
@@ -332,6 +398,7 @@ impl PcI440fxMachine {
         // ports for -serial.
         let rtc = crate::rtc::mc146818rtc::mc146818_rtc_init(&isa_bus, 2000)?;
         rtc.set_memory_size(below_4g, above_4g);
+        *self.rtc.lock() = Some(rtc.rtc().clone());
         board_device(&machine, "i8042", crate::input::pckbd::TYPE_I8042, Bus::On(&isa_bus), &[])?;
         for (index, backend) in self.serial_hds().into_iter().enumerate() {
             if let Some(backend) = backend {
@@ -361,9 +428,69 @@ impl PcI440fxMachine {
             })
             .collect();
         fw_cfg.add_file("etc/e820", e820).map_err(MachineError::board)?;
+        if let Some(pm) = machine
+            .child("pm")
+            .and_then(Typed::<crate::acpi::piix4::Piix4Pm>::new)
+        {
+            fw_cfg
+                .add_file("etc/system-states", pm.system_states().to_vec())
+                .map_err(MachineError::board)?;
+        }
 
         self.load_kernel()
     }
+}
+
+/// The state of a CPU entering real mode at `vector` (the ACPI waking vector's real-mode
+/// form: CS = vector >> 4, IP = vector & 0xf), otherwise as after INIT, with its local
+/// APIC enabled as the boot processor's.
+fn real_mode_entry_state(vector: u32) -> X86BootState {
+    use kvm_bindings::{kvm_dtable, kvm_segment, kvm_sregs};
+    let segment = |selector: u16, type_: u8| kvm_segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: 1,
+        s: 1,
+        ..Default::default()
+    };
+    let data = segment(0, 0x3);
+    let mut state = X86BootState::default();
+    state.regs.rip = u64::from(vector & 0xf);
+    state.regs.rflags = 0x2;
+    state.sregs = kvm_sregs {
+        cs: segment((vector >> 4) as u16, 0xb),
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        tr: kvm_segment {
+            limit: 0xffff,
+            type_: 0xb,
+            present: 1,
+            ..Default::default()
+        },
+        ldt: kvm_segment {
+            limit: 0xffff,
+            type_: 0x2,
+            present: 1,
+            ..Default::default()
+        },
+        gdt: kvm_dtable {
+            limit: 0xffff,
+            ..Default::default()
+        },
+        idt: kvm_dtable {
+            limit: 0xffff,
+            ..Default::default()
+        },
+        cr0: 0x6000_0010,
+        apic_base: 0xfee0_0900,
+        ..Default::default()
+    };
+    state
 }
 
 /// Where a board device plugs in: a bus, or none (it then takes the machine's services

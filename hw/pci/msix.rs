@@ -615,7 +615,7 @@ mod tests {
             Ok(())
         }
         fn set_irq(&self, _: u32, _: bool) {}
-        fn set_pit_reinject(&self, _: bool) -> Result<(), qom::Error> {
+        fn create_in_kernel_pit(&self, _: bool) -> Result<(), qom::Error> {
             Ok(())
         }
         fn vm_start(&self) {}

@@ -26,6 +26,8 @@ use parking_lot::{Condvar, Mutex};
 use qom::{type_init, ObjectRef, Prop, Typed};
 
 use crate::core::irq::IrqLine;
+use crate::core::runstate::{self, WakeupReason};
+use crate::core::services::MachineServices;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{
     qdev_new_typed, qdev_realize, DeviceCategory, DeviceContext, DeviceImpl, QdevError,
@@ -36,6 +38,11 @@ use crate::isa::isa_bus::{IsaDevice, ISA_NUM_IRQS};
 /// QEMU's `TYPE_MC146818_RTC`.
 pub const TYPE_MC146818_RTC: &str = "mc146818rtc";
 
+/// CMOS byte the firmware reads after a reset to tell a resume from a boot (the
+/// "shutdown status").
+pub const CMOS_RESET_CODE: u8 = 0x0f;
+/// [`CMOS_RESET_CODE`] value meaning "resume from S3" (set as the guest goes to sleep).
+pub const CMOS_RESET_S3_RESUME: u8 = 0xfe;
 /// Size of the CMOS memory, registers included.
 pub const CMOS_SIZE: usize = 128;
 
@@ -363,7 +370,10 @@ impl RtcState {
 
     /// Brings the flags of register C up to now: UF once a second passed, AF if the alarm
     /// time passed, PF if a period passed; IRQF and the line if an enabled one is set.
-    fn advance(&mut self) {
+    /// Returns whether the alarm went off with its interrupt enabled, which wakes a
+    /// sleeping machine (QEMU's `rtc_update_timer`).
+    fn advance(&mut self) -> bool {
+        let mut alarm = false;
         let now_sec = self.guest_secs();
         if !self.running() {
             self.last_sec = now_sec;
@@ -375,6 +385,7 @@ impl RtcState {
             if (1..=span).any(|i| self.alarm_matches((now_sec - span + i).rem_euclid(SECS_PER_DAY)))
             {
                 flags |= REG_C_AF;
+                alarm = self.reg(RTC_REG_B) & REG_B_AIE != 0;
             }
             self.cmos[RTC_REG_C as usize] |= flags;
             self.last_sec = now_sec;
@@ -393,6 +404,7 @@ impl RtcState {
             None => self.next_periodic = None,
         }
         self.update_irq();
+        alarm
     }
 
     /// IRQF and the line follow the flags of the enabled interrupts.
@@ -532,8 +544,8 @@ impl RtcState {
     /// QEMU's `rtc_reset_enter`: interrupts off and flags cleared; the time and CMOS stay
     /// (byte 0x0f keeps an S3 resume marker 0xfe).
     fn reset(&mut self) {
-        if self.cmos[0x0f] != 0xfe {
-            self.cmos[0x0f] = 0;
+        if self.cmos[CMOS_RESET_CODE as usize] != CMOS_RESET_S3_RESUME {
+            self.cmos[CMOS_RESET_CODE as usize] = 0;
         }
         self.cmos[RTC_REG_B as usize] &= !(REG_B_PIE | REG_B_AIE | REG_B_SQWE);
         self.cmos[RTC_REG_C as usize] &= !(REG_C_UF | REG_C_IRQF | REG_C_PF | REG_C_AF);
@@ -547,6 +559,8 @@ pub struct Rtc {
     state: Mutex<RtcState>,
     wake: Condvar,
     timer_started: AtomicBool,
+    /// The machine an alarm wakes from S3.
+    machine: std::sync::OnceLock<Weak<MachineServices>>,
 }
 
 impl Default for Rtc {
@@ -562,6 +576,7 @@ impl Rtc {
             state: Mutex::new(RtcState::new(clock)),
             wake: Condvar::new(),
             timer_started: AtomicBool::new(false),
+            machine: std::sync::OnceLock::new(),
         }
     }
 
@@ -643,6 +658,20 @@ impl Rtc {
         }
     }
 
+    /// The alarm went off with AIE set: wakes the machine if it sleeps and PM1_EN.RTC_EN
+    /// allows it (QEMU's `qemu_system_wakeup_request(QEMU_WAKEUP_REASON_RTC)`).
+    fn wake_machine(&self) {
+        if let Some(machine) = self.machine.get().and_then(Weak::upgrade) {
+            // Refused unless the guest sleeps, which is the common case: nothing to do.
+            let _ = runstate::qemu_system_wakeup_request(machine.vm(), WakeupReason::Rtc);
+        }
+    }
+
+    /// Sets the CMOS resume mark as the guest goes to sleep (QEMU's `rtc_notify_suspend`).
+    fn notify_suspend(&self) {
+        self.state.lock().cmos[CMOS_RESET_CODE as usize] = CMOS_RESET_S3_RESUME;
+    }
+
     /// Starts the interrupt thread once. It holds the RTC weakly and ends when the device
     /// is gone.
     fn start_timer(self: &Arc<Self>) {
@@ -662,7 +691,12 @@ impl Rtc {
 fn rtc_timer_thread(rtc: Weak<Rtc>) {
     while let Some(rtc) = rtc.upgrade() {
         let mut s = rtc.state.lock();
-        s.advance();
+        if s.advance() {
+            // Outside the RTC's lock: a wake-up resets the machine, RTC included.
+            drop(s);
+            rtc.wake_machine();
+            continue;
+        }
         let sleep = s
             .next_event_in()
             .unwrap_or(TIMER_MAX_SLEEP)
@@ -735,6 +769,14 @@ impl DeviceImpl for Mc146818Rtc {
         }
         self.rtc.set_base_year(self.base_year.get().into());
         self.rtc.set_irq(self.parent.irq(ctx, irq.into()));
+        let services = ctx.machine()?;
+        let _ = self.rtc.machine.set(Arc::downgrade(services));
+        let rtc = Arc::downgrade(&self.rtc);
+        services.vm().add_suspend_notifier(Arc::new(move || {
+            if let Some(rtc) = rtc.upgrade() {
+                rtc.notify_suspend();
+            }
+        }));
         let region = MemoryRegion::new_io("rtc", 2, Arc::new(RtcPort(self.rtc.clone())));
         self.register_ioport(ctx, region, self.iobase.get())
     }

@@ -1,6 +1,7 @@
 //! `kvm-pit` (QEMU's `hw/i386/kvm/i8254.c`): the i8254 timer lives in KVM, which handles
-//! ports 0x40-0x43 itself; this device is its QOM face, so that
-//! `-global kvm-pit.lost_tick_policy=discard` reaches it.
+//! ports 0x40-0x43 itself; this device creates it at realize (`KVM_CREATE_PIT2`) and is
+//! its QOM face, so that `-global kvm-pit.lost_tick_policy=discard` reaches it. A pc
+//! machine with `pit=off` does not create it, and then has no PIT at all.
 
 use qom::{type_init, Prop};
 
@@ -51,7 +52,7 @@ impl DeviceImpl for KvmPit {
     fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
         let reinject = self.lost_tick_policy.get() == LostTickPolicy::Delay;
         if let Some(ops) = ctx.machine()?.accel_ops() {
-            ops.set_pit_reinject(reinject)?;
+            ops.create_in_kernel_pit(reinject)?;
         }
         Ok(())
     }

@@ -232,6 +232,12 @@ pub fn vm_event_message(event: &VmEvent) -> Value {
             "SHUTDOWN",
             Some(json!({"guest": cause.is_guest(), "reason": cause.name()})),
         ),
+        VmEvent::Suspend => event_message("SUSPEND", None),
+        VmEvent::Wakeup => event_message("WAKEUP", None),
+        // pvpanic reports no panic information (QEMU's `info` member is left out).
+        VmEvent::GuestPanicked(action) => {
+            event_message("GUEST_PANICKED", Some(json!({"action": action.name()})))
+        }
     }
 }
 

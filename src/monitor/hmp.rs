@@ -223,6 +223,12 @@ const COMMANDS: &[HmpCommand] = &[
             Ok(())
         },
     },
+    HmpCommand {
+        names: "system_wakeup",
+        params: "",
+        help: "wakeup guest from suspend",
+        run: |ctx, _, _, _| Ok(runstate::qmp_system_wakeup(ctx.vm.machine_state())?),
+    },
 ];
 
 const INFO_COMMANDS: &[HmpCommand] = &[

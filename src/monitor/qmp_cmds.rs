@@ -268,6 +268,21 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: qmp_system_powerdown,
     },
     QmpCommand {
+        name: "system_wakeup",
+        args: &[],
+        run: qmp_system_wakeup,
+    },
+    QmpCommand {
+        name: "set-action",
+        args: &[
+            Arg::optional("reboot", ArgType::Str),
+            Arg::optional("shutdown", ArgType::Str),
+            Arg::optional("panic", ArgType::Str),
+            Arg::optional("watchdog", ArgType::Str),
+        ],
+        run: qmp_set_action,
+    },
+    QmpCommand {
         name: "quit",
         args: &[],
         run: qmp_quit,
@@ -599,6 +614,28 @@ fn qmp_system_reset(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, Q
 
 fn qmp_system_powerdown(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
     runstate::qemu_system_powerdown(ctx.vm.machine_state())?;
+    Ok(json!({}))
+}
+
+/// QEMU's `qmp_system_wakeup`.
+fn qmp_system_wakeup(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    runstate::qmp_system_wakeup(ctx.vm.machine_state())?;
+    Ok(json!({}))
+}
+
+/// QEMU's `qmp_set_action`: every value is checked before any is applied; `shutdown` last,
+/// as QEMU does.
+fn qmp_set_action(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let vm = ctx.vm.machine_state().vm_state();
+    let mut actions = vm.actions();
+    for name in ["reboot", "panic", "watchdog", "shutdown"] {
+        if let Some(value) = args.get(name).and_then(Value::as_str) {
+            actions
+                .set(name, value)
+                .map_err(|e| QmpError::BadInput(e.to_string()))?;
+        }
+    }
+    vm.set_actions(actions);
     Ok(json!({}))
 }
 
