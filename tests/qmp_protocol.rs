@@ -228,7 +228,8 @@ fn greeting_and_negotiation_are_qemus() {
     );
     assert_eq!(
         c.cmd("query-version", json!({})),
-        json!({"return": {"qemu": {"micro": 0, "minor": 1, "major": 0}, "package": "qomvm"}})
+        json!({"return": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+            "package": format!("qomvm {}", env!("CARGO_PKG_VERSION"))}})
     );
 }
 

@@ -117,17 +117,31 @@ impl FileBackend {
         if path.as_os_str().is_empty() {
             return Err(ChardevError::NoFilename);
         }
-        let mut options = OpenOptions::new();
-        options.create(true);
-        if append {
-            options.append(true);
-        } else {
-            options.write(true).truncate(true);
-        }
-        let file = options.open(path).map_err(|source| ChardevError::Open {
+        let open_error = |source| ChardevError::Open {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        // QEMU's qemu_open: /dev/fdset/N takes a descriptor the parent passed (-add-fd).
+        let fdset = path.to_str().and_then(crate::core::fdset::fdset_id);
+        let file = if let Some(set) = fdset {
+            let set = set.map_err(|e| open_error(std::io::Error::other(e)))?;
+            let flags = libc::O_WRONLY | if append { libc::O_APPEND } else { 0 };
+            let file = crate::core::fdset::fdset_open(set, flags)
+                .map_err(|e| open_error(std::io::Error::other(e)))?;
+            if !append {
+                file.set_len(0).map_err(open_error)?;
+            }
+            file
+        } else {
+            let mut options = OpenOptions::new();
+            options.create(true);
+            if append {
+                options.append(true);
+            } else {
+                options.write(true).truncate(true);
+            }
+            options.open(path).map_err(open_error)?
+        };
         Ok(FileBackend {
             file: Mutex::new(file),
             path: path.to_path_buf(),
