@@ -110,6 +110,8 @@ pub struct Options {
     pub add_fd: Vec<Located>,
     /// `-msg timestamp=on|off`.
     pub msg: Vec<Located>,
+    /// `-audiodev driver=none,id=ID` (also as JSON).
+    pub audiodev: Vec<Located>,
     /// `-S`: do not start the vCPUs until the monitor's `cont`.
     pub start_paused: bool,
     pub help: bool,
@@ -162,6 +164,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("boot", Arity::Value),
     ("add-fd", Arity::Value),
     ("msg", Arity::Value),
+    ("audiodev", Arity::Value),
     ("S", Arity::Flag),
     ("h", Arity::Flag),
     ("help", Arity::Flag),
@@ -306,6 +309,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "boot" => opts.boot.push(located),
             "add-fd" => opts.add_fd.push(located),
             "msg" => opts.msg.push(located),
+            "audiodev" => opts.audiodev.push(located),
             "S" => opts.start_paused = true,
             "h" | "help" => opts.help = true,
             "version" => opts.version = true,

@@ -184,7 +184,7 @@ fn on_off(key: &str, value: Option<&str>) -> Result<bool, HostOptionError> {
 }
 
 /// The options that shape the process, not the machine, checked and applied as QEMU does
-/// while parsing: `-name`, `-overcommit`, `-rtc`, `-boot`, `-msg`, `-uuid`; `-daemonize`'s
+/// while parsing: `-name`, `-overcommit`, `-rtc`, `-boot`, `-msg`, `-audiodev`, `-uuid`; `-daemonize`'s
 /// conflicts. `-no-user-config` and `-no-hpet` need nothing: qomvm reads no configuration
 /// file and has no HPET.
 fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
@@ -263,6 +263,32 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
                 _ => return Err(m.error(HostOptionError::InvalidParameter(key))),
             }
         }
+    }
+    // QEMU's audio_define: qomvm has no sound device, so the only backend is `none`,
+    // which discards what no device plays.
+    let mut audio_ids: Vec<String> = Vec::new();
+    for a in &opts.audiodev {
+        let items =
+            crate::options::split_opts_or_json(&a.value, "driver").map_err(|e| a.error(e))?;
+        let mut id = None;
+        for (key, value) in &items {
+            match (key.as_str(), value.as_deref()) {
+                ("driver", Some("none")) => {}
+                ("driver", v) => {
+                    let what = format!("audio driver '{}'", v.unwrap_or_default());
+                    return Err(a.error(HostOptionError::Unsupported(what)));
+                }
+                ("id", v) => id = v.map(str::to_string),
+                (k, _) if k.starts_with("in.") || k.starts_with("out.") => {}
+                ("timer-period", _) => {}
+                (k, _) => return Err(a.error(HostOptionError::InvalidParameter(k.to_string()))),
+            }
+        }
+        let id = id.ok_or_else(|| a.error("Parameter 'id' is missing"))?;
+        if audio_ids.contains(&id) {
+            return Err(a.error(format!("Duplicate ID '{id}' for audiodev")));
+        }
+        audio_ids.push(id);
     }
     if let Some(uuid) = &opts.uuid {
         uuid.value

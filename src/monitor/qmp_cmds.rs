@@ -59,8 +59,7 @@ pub const COMMANDS: &[QmpCommand] = &[
     QmpCommand {
         name: "query-migrate-capabilities",
         args: &[],
-        // qomvm cannot migrate: it has no migration capability to report.
-        run: |_, _| Ok(json!([])),
+        run: query_migrate_capabilities,
     },
     QmpCommand {
         name: "migrate-set-capabilities",
@@ -711,8 +710,26 @@ fn query_chardev(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpErr
     Ok(list.into())
 }
 
-/// QEMU's `qmp_migrate_set_capabilities`: qomvm's `MigrationCapability` enum is empty, so
-/// only an empty list is valid.
+/// The migration capabilities qomvm has (QEMU's `MigrationCapability`): only `events`,
+/// whether MIGRATION events are sent. qomvm cannot migrate, so none ever is; the setting
+/// is kept and reported as QEMU keeps it (libvirt turns it on for every domain).
+const MIGRATION_CAPABILITIES: &[&str] = &["events"];
+
+/// The state of each of [`MIGRATION_CAPABILITIES`].
+static MIGRATION_CAPABILITY_STATE: parking_lot::Mutex<[bool; 1]> = parking_lot::Mutex::new([false]);
+
+/// QEMU's `qmp_query_migrate_capabilities`.
+fn query_migrate_capabilities(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    let state = MIGRATION_CAPABILITY_STATE.lock();
+    Ok(MIGRATION_CAPABILITIES
+        .iter()
+        .zip(state.iter())
+        .map(|(name, on)| json!({"capability": name, "state": on}))
+        .collect())
+}
+
+/// QEMU's `qmp_migrate_set_capabilities`: a list of `{capability, state}`, checked whole
+/// before any is applied.
 fn migrate_set_capabilities(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
     let Some(list) = args.get("capabilities").and_then(Value::as_array) else {
         return Err(QmpError::InvalidParameterType {
@@ -720,15 +737,38 @@ fn migrate_set_capabilities(_: &CommandCtx, args: &Map<String, Value>) -> Result
             expected: "array",
         });
     };
-    if let Some(first) = list.first() {
-        let name = first
+    let mut changes = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let member = |name: &str| format!("capabilities[{i}].{name}");
+        let capability = item
             .get("capability")
-            .and_then(Value::as_str)
-            .ok_or_else(|| QmpError::MissingParameter("capabilities[0].capability".into()))?;
-        return Err(QmpError::InvalidEnumValue {
-            name: "capabilities[0].capability".into(),
-            value: name.into(),
-        });
+            .ok_or_else(|| QmpError::MissingParameter(member("capability")))?;
+        let capability = capability
+            .as_str()
+            .ok_or_else(|| QmpError::InvalidParameterType {
+                name: member("capability"),
+                expected: "string",
+            })?;
+        let index = MIGRATION_CAPABILITIES
+            .iter()
+            .position(|c| *c == capability)
+            .ok_or_else(|| QmpError::InvalidEnumValue {
+                name: member("capability"),
+                value: capability.into(),
+            })?;
+        let state = item
+            .get("state")
+            .ok_or_else(|| QmpError::MissingParameter(member("state")))?
+            .as_bool()
+            .ok_or_else(|| QmpError::InvalidParameterType {
+                name: member("state"),
+                expected: "boolean",
+            })?;
+        changes.push((index, state));
+    }
+    let mut current = MIGRATION_CAPABILITY_STATE.lock();
+    for (index, state) in changes {
+        current[index] = state;
     }
     Ok(json!({}))
 }
