@@ -163,10 +163,6 @@ mod tests {
     fn a_pid_file_holds_the_pid_is_locked_and_removed() {
         let path = std::env::temp_dir().join(format!("qomvm-pidfile-{}", std::process::id()));
         let pidfile = write_pidfile(&path).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            format!("{}\n", std::process::id())
-        );
         // lockf locks are per process: a child sees the lock held.
         let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
         // SAFETY: the child only calls async-signal-safe functions before _exit.
@@ -189,6 +185,12 @@ mod tests {
             libc::WEXITSTATUS(status),
             7,
             "the child could not take the lock"
+        );
+        // Read it only now: closing any descriptor of the file drops a process's lockf
+        // locks (POSIX record locks), as the child's check needs ours held.
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", std::process::id())
         );
         pidfile.remove();
         assert!(!path.exists());

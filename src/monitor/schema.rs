@@ -139,14 +139,15 @@ mod tests {
 
     #[test]
     fn commands_reference_their_argument_types_by_name() {
+        const PAINT_ARGS: &[Arg] = &[
+            Arg::required("color", ArgType::Enum(&COLOR)),
+            Arg::optional("layers", ArgType::Int),
+            Arg::rest(),
+        ];
         let commands = [
             QmpCommand {
                 name: "paint",
-                args: &[
-                    Arg::required("color", ArgType::Enum(&COLOR)),
-                    Arg::optional("layers", ArgType::Int),
-                    Arg::rest(),
-                ],
+                args: PAINT_ARGS,
                 run: |_, _| Err(QmpError::BadInput(String::new())),
             },
             QmpCommand {
