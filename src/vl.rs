@@ -139,7 +139,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     }
     if opts.nographic && opts.monitor.is_empty() {
         // -nographic muxes the human monitor with the serial console (QEMU's mon:stdio).
-        crate::mux::set_console_monitor(monitor::console_monitor(&machine, &opts));
+        crate::mux::set_console_monitor(monitor::console_monitor(&machine, opts));
     }
     let status = main_loop(&machine, opts);
     monitor::monitor_cleanup();

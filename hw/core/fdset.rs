@@ -67,15 +67,39 @@ pub fn fdset_add_fd(set: i64, fd: RawFd, opaque: Option<String>) -> Result<(), F
     Ok(())
 }
 
-/// The sets with their members (`query-fdsets`): set id, then (fd, opaque) pairs.
-pub fn fdset_list() -> Vec<(i64, Vec<(RawFd, Option<String>)>)> {
+/// A member of a set, as `query-fdsets` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdsetMember {
+    /// The descriptor.
+    pub fd: RawFd,
+    /// `opaque=`, the parent's note.
+    pub opaque: Option<String>,
+}
+
+/// A set and its members, in the order they were added.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdsetInfo {
+    /// `set=`.
+    pub id: i64,
+    /// Its descriptors.
+    pub fds: Vec<FdsetMember>,
+}
+
+/// The sets with their members (`query-fdsets`), in the order they were first added.
+pub fn fdset_list() -> Vec<FdsetInfo> {
     let sets = FDSETS.lock();
-    let mut out: Vec<(i64, Vec<(RawFd, Option<String>)>)> = Vec::new();
+    let mut out: Vec<FdsetInfo> = Vec::new();
     for e in sets.iter() {
-        let member = (e.fd.as_raw_fd(), e.opaque.clone());
-        match out.iter_mut().find(|(s, _)| *s == e.set) {
-            Some((_, fds)) => fds.push(member),
-            None => out.push((e.set, vec![member])),
+        let member = FdsetMember {
+            fd: e.fd.as_raw_fd(),
+            opaque: e.opaque.clone(),
+        };
+        match out.iter_mut().find(|s| s.id == e.set) {
+            Some(set) => set.fds.push(member),
+            None => out.push(FdsetInfo {
+                id: e.set,
+                fds: vec![member],
+            }),
         }
     }
     out
@@ -155,7 +179,7 @@ mod tests {
         assert_eq!(text, "start\nappended\n");
         assert!(fdset_list()
             .iter()
-            .any(|(s, fds)| *s == 77 && fds[0].1.as_deref() == Some("serial0-source")));
+            .any(|s| s.id == 77 && s.fds[0].opaque.as_deref() == Some("serial0-source")));
         assert_eq!(fdset_id("/dev/fdset/77").unwrap().unwrap(), 77);
         assert!(fdset_id("/tmp/x").is_none());
         let _ = std::fs::remove_file(path);

@@ -154,12 +154,10 @@ pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionErr
         let backend = opts
             .chardev
             .iter()
-            .find_map(|c| {
-                let id = split_opts(&c.value, Some("backend"))
+            .find(|c| {
+                split_opts(&c.value, Some("backend"))
                     .into_iter()
-                    .find(|(k, _)| k == "id")
-                    .and_then(|(_, v)| v);
-                (id.as_deref() == Some(mon.chardev.as_str())).then_some(c)
+                    .any(|(k, v)| k == "id" && v.as_deref() == Some(mon.chardev.as_str()))
             })
             .map(|c| {
                 chardev::parse_chardev_socket(&c.value)

@@ -52,6 +52,11 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: |ctx, _| Ok(json!({"UUID": ctx.vm.uuid.to_string()})),
     },
     QmpCommand {
+        name: "query-fdsets",
+        args: &[],
+        run: query_fdsets,
+    },
+    QmpCommand {
         name: "query-chardev",
         args: &[],
         run: query_chardev,
@@ -696,6 +701,24 @@ fn query_command_line_options(
         return Err(QmpError::BadInput(format!("invalid option name: {w}")));
     }
     Ok(list.into())
+}
+
+/// QEMU's `qmp_query_fdsets`: the descriptor sets of `-add-fd`.
+fn query_fdsets(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    Ok(hw::core::fdset::fdset_list()
+        .into_iter()
+        .map(|set| {
+            let fds: Vec<Value> = set
+                .fds
+                .into_iter()
+                .map(|m| match m.opaque {
+                    Some(opaque) => json!({"fd": m.fd, "opaque": opaque}),
+                    None => json!({"fd": m.fd}),
+                })
+                .collect();
+            json!({"fdset-id": set.id, "fds": fds})
+        })
+        .collect())
 }
 
 /// QEMU's `qmp_query_chardev`: every character backend, the monitors' sockets included.
