@@ -68,8 +68,14 @@ fn test_kernel() -> Vec<u8> {
     .build()
 }
 
-/// Why libvirt cannot be used here, if it cannot.
+/// Why libvirt cannot be used here, if it cannot. The set-up runs once for all tests of
+/// this binary (they run in parallel; two installs or two daemon starts would collide).
 fn libvirt_unusable() -> Option<String> {
+    static REASON: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    REASON.get_or_init(set_up_libvirt).clone()
+}
+
+fn set_up_libvirt() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root: libvirtd (qemu:///system) needs root".into());
