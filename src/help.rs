@@ -70,9 +70,9 @@ Display and character devices:
 -display none        no display (the only display qomvm has)
 -nographic           no graphical output; serial console on this terminal
 -serial dev          redirect the serial port to char device 'dev'
-                     (stdio, null, none, file:PATH)
+                     (stdio, null, none, pty, file:PATH)
 -chardev backend,id=id[,...]
-                     configure a character device (stdio, null, ringbuf,
+                     configure a character device (stdio, null, ringbuf, pty,
                      file,path=PATH[,append=on], or socket,path=PATH|fd=N,
                      server=on[,wait=off] for a -mon)
 

@@ -86,6 +86,10 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         }
         let (id, backend) =
             hw::core::chardev::parse_chardev_opts(&c.value).map_err(|e| c.error(e))?;
+        if let Some(path) = backend.filename().strip_prefix("pty:") {
+            // QEMU's char_pty_open tells where the terminal is.
+            qom::error_report!("char device redirected to {path} (label {id})");
+        }
         hw::core::chardev::chardev_add(&id, backend).map_err(|e| c.error(e))?;
     }
     // QEMU's configure_blockdev: images are opened (and locked) before the machine.
@@ -606,6 +610,16 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
     for (spec, location) in specs {
         let backend = hw::core::chardev::parse_serial_spec(&spec)
             .map_err(|e| OptionError::new(location.clone(), e))?;
+        if let Some(path) = backend
+            .as_ref()
+            .and_then(|b| b.filename().strip_prefix("pty:").map(str::to_string))
+        {
+            // QEMU labels the chardev of the n-th -serial serialN.
+            qom::error_report!(
+                "char device redirected to {path} (label serial{})",
+                hds.len()
+            );
+        }
         if opts.daemonize && backend.as_ref().is_some_and(|b| b.driver() == "stdio") {
             return Err(OptionError::new(
                 location,

@@ -166,6 +166,15 @@ impl Domain {
     /// The domain XML that works with qomvm (docs/libvirt.md): direct kernel boot, no USB
     /// controller, no balloon, no graphics or video, COM1 into a file.
     fn xml(&self, kernel: &Path) -> PathBuf {
+        let serial = format!(
+            "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+            self.serial().display()
+        );
+        self.xml_with_serial(kernel, &serial)
+    }
+
+    /// The same with COM1's `<serial>` (and any `<console>`) given.
+    fn xml_with_serial(&self, kernel: &Path, serial: &str) -> PathBuf {
         let xml = format!(
             "<domain type='kvm'>
   <name>{name}</name>
@@ -182,7 +191,7 @@ impl Domain {
   <devices>
     <emulator>{emulator}</emulator>
     <controller type='usb' model='none'/>
-    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+    {serial}
     <memballoon model='none'/>
   </devices>
 </domain>
@@ -190,7 +199,6 @@ impl Domain {
             name = self.name,
             kernel = kernel.display(),
             emulator = env!("CARGO_BIN_EXE_qomvm"),
-            serial = self.serial().display(),
         );
         let path = self.dir.join("domain.xml");
         std::fs::write(&path, xml).unwrap();
@@ -374,4 +382,50 @@ fn a_domain_runs_pauses_powers_off_and_is_listed_truthfully() {
     assert_eq!(listed_state(name).as_deref(), Some("shut off"));
     virsh_ok(&["undefine", name]);
     assert_eq!(listed_state(name), None);
+}
+
+#[test]
+fn a_pty_serial_port_is_the_domains_console() {
+    if let Some(reason) = libvirt_unusable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dom = Domain::new("pty");
+    let kernel = dom.dir.join("kernel.elf");
+    std::fs::write(&kernel, test_kernel()).unwrap();
+    let xml = dom.xml_with_serial(
+        &kernel,
+        "<serial type='pty'><target port='0'/></serial>\
+         <console type='pty'><target type='serial' port='0'/></console>",
+    );
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    // libvirt found the terminal through query-chardev's `pty:/dev/pts/N`.
+    let tty = virsh_ok(&["ttyconsole", &dom.name]).trim().to_string();
+    assert!(tty.starts_with("/dev/pts/"), "{tty}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader_tty = tty.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let Ok(mut f) = std::fs::File::open(&reader_tty) else {
+            return;
+        };
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(BANNER.len()).any(|w| w == BANNER.as_bytes()) {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+        "no banner on the domain's console {tty}"
+    );
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
 }

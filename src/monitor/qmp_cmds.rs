@@ -725,7 +725,10 @@ fn query_fdsets(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpErro
 fn query_chardev(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
     let mut list: Vec<Value> = hw::core::chardev::chardev_list()
         .into_iter()
-        .map(|(label, driver)| json!({"label": label, "filename": driver, "frontend-open": true}))
+        .filter_map(|(label, _)| {
+            let filename = hw::core::chardev::chardev_find(&label)?.filename();
+            Some(json!({"label": label, "filename": filename, "frontend-open": true}))
+        })
         .collect();
     list.extend(crate::monitor::chardev::monitor_chardevs().into_iter().map(
         |(label, filename)| json!({"label": label, "filename": filename, "frontend-open": true}),
