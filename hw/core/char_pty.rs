@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::core::chardev::{CharBackend, CharReceiver};
+/// Where input goes (`chardev::CharReceiver`, spelled out so that this file does not
+/// import `chardev`, which builds this backend).
+pub type PtyReceiver = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Errors of opening a pseudo-terminal.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +34,7 @@ fn last_error() -> PtyError {
 pub struct PtyBackend {
     master: File,
     path: PathBuf,
-    receiver: Arc<Mutex<Option<CharReceiver>>>,
+    receiver: Arc<Mutex<Option<PtyReceiver>>>,
 }
 
 impl std::fmt::Debug for PtyBackend {
@@ -169,22 +171,16 @@ impl NoCtty for std::fs::OpenOptions {
     }
 }
 
-impl CharBackend for PtyBackend {
-    fn write(&self, data: &[u8]) {
-        // Non-blocking: what does not fit (no reader, a full buffer) is lost.
+impl PtyBackend {
+    /// Sends output to the terminal. Non-blocking: what does not fit (no reader, a full
+    /// buffer) is lost.
+    pub fn write_out(&self, data: &[u8]) {
         let _ = (&self.master).write(data);
     }
 
-    fn set_receiver(&self, receiver: Option<CharReceiver>) {
+    /// Installs (or removes) the receiver of the terminal's input.
+    pub fn set_input_receiver(&self, receiver: Option<PtyReceiver>) {
         *self.receiver.lock() = receiver;
-    }
-
-    fn driver(&self) -> &'static str {
-        "pty"
-    }
-
-    fn filename(&self) -> String {
-        format!("pty:{}", self.path.display())
     }
 }
 
@@ -196,14 +192,13 @@ mod tests {
     fn a_pty_carries_output_to_its_slave_and_input_back() {
         let pty = PtyBackend::open().unwrap();
         assert!(pty.path().starts_with("/dev/pts"));
-        assert_eq!(pty.filename(), format!("pty:{}", pty.path().display()));
         // With no slave open, output is dropped without blocking.
         for _ in 0..1000 {
-            pty.write(&[b'x'; 64]);
+            pty.write_out(&[b'x'; 64]);
         }
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let tx = Mutex::new(tx);
-        pty.set_receiver(Some(Arc::new(move |b: &[u8]| {
+        pty.set_input_receiver(Some(Arc::new(move |b: &[u8]| {
             let _ = tx.lock().send(b.to_vec());
         })));
         let mut slave = std::fs::OpenOptions::new()

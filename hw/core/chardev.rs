@@ -350,6 +350,24 @@ impl CharBackend for Ringbuf {
     }
 }
 
+impl CharBackend for crate::core::char_pty::PtyBackend {
+    fn write(&self, data: &[u8]) {
+        self.write_out(data);
+    }
+
+    fn set_receiver(&self, receiver: Option<CharReceiver>) {
+        self.set_input_receiver(receiver);
+    }
+
+    fn driver(&self) -> &'static str {
+        "pty"
+    }
+
+    fn filename(&self) -> String {
+        format!("pty:{}", self.path().display())
+    }
+}
+
 /// The character backends by id (QEMU's `/chardevs` container), for `-chardev id=` and the
 /// `chardev` properties of frontends.
 static CHARDEVS: Mutex<Vec<(String, Arc<dyn CharBackend>)>> = Mutex::new(Vec::new());
