@@ -170,11 +170,16 @@ impl Domain {
             "<serial type='file'><source path='{}'/><target port='0'/></serial>",
             self.serial().display()
         );
-        self.xml_with_serial(kernel, &serial)
+        self.xml_with_devices(kernel, &serial, "<memballoon model='none'/>")
     }
 
     /// The same with COM1's `<serial>` (and any `<console>`) given.
     fn xml_with_serial(&self, kernel: &Path, serial: &str) -> PathBuf {
+        self.xml_with_devices(kernel, serial, "<memballoon model='none'/>")
+    }
+
+    /// The same with COM1's `<serial>` and other `<devices>` entries given.
+    fn xml_with_devices(&self, kernel: &Path, serial: &str, extra: &str) -> PathBuf {
         let xml = format!(
             "<domain type='kvm'>
   <name>{name}</name>
@@ -192,7 +197,7 @@ impl Domain {
     <emulator>{emulator}</emulator>
     <controller type='usb' model='none'/>
     {serial}
-    <memballoon model='none'/>
+    {extra}
   </devices>
 </domain>
 ",
@@ -426,6 +431,56 @@ fn a_pty_serial_port_is_the_domains_console() {
         rx.recv_timeout(Duration::from_secs(30)).is_ok(),
         "no banner on the domain's console {tty}"
     );
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
+
+#[test]
+fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
+    if let Some(reason) = libvirt_unusable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dom = Domain::new("disk");
+    let kernel = dom.dir.join("kernel.elf");
+    std::fs::write(&kernel, test_kernel()).unwrap();
+    let disk = dom.dir.join("disk.raw");
+    let disk_size: u64 = 8 << 20;
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(disk_size)
+        .unwrap();
+    let serial = format!(
+        "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+        dom.serial().display()
+    );
+    // libvirt writes -blockdev (JSON), -device virtio-blk-pci, virtio-balloon-pci, and
+    // -object rng-random with virtio-rng-pci for these.
+    let extra = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <memballoon model='virtio'/>\
+         <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>",
+        disk.display()
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let blocks = virsh_ok(&["domblklist", &dom.name]);
+    assert!(
+        blocks.contains(&format!("vda      {}", disk.display())),
+        "{blocks}"
+    );
+    // Statistics are found by the device's qdev path (query-block/query-blockstats).
+    let info = virsh_ok(&["domblkinfo", &dom.name, "vda"]);
+    assert!(
+        info.contains(&format!("Capacity:       {disk_size}")),
+        "{info}"
+    );
+    virsh_ok(&["domblkstat", &dom.name, "vda"]);
+    // The balloon reports the guest's size (64 MiB) through query-balloon.
+    let mem = virsh_ok(&["dommemstat", &dom.name]);
+    assert!(mem.contains("actual 65536"), "{mem}");
     virsh_ok(&["destroy", &dom.name]);
     assert_eq!(listed_state(&dom.name), None);
 }
