@@ -22,7 +22,11 @@ fn module_name(name: &str) -> String {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Read when the script runs, not when it was compiled: a build script binary reused
+    // from another checkout of the workspace (a shared or seeded target directory) would
+    // otherwise list that checkout's files.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = Path::new(&manifest_dir);
     println!("cargo:rerun-if-changed={}", root.display());
     let mut dirs: Vec<_> = fs::read_dir(root)
         .expect("hw/ is readable")

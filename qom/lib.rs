@@ -23,6 +23,7 @@ extern crate self as qom;
 mod class;
 mod container;
 mod error;
+pub mod error_report;
 mod object;
 pub mod object_interfaces;
 mod property;

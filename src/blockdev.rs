@@ -28,7 +28,7 @@ const DRIVE_KEYS: &[&str] = &[
 
 /// Prints QEMU's `warning:` line.
 fn warn(text: &str) {
-    eprintln!("qomvm: warning: {text}");
+    qom::error_report!("warning: {text}");
 }
 
 /// QemuOpts' boolean: `on`/`off` (and the historic `yes`/`no`, `true`/`false`).

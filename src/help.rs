@@ -25,7 +25,10 @@ Standard options:
 -smp [[cpus=]n][,maxcpus=maxcpus][,sockets=sockets][,cores=cores][,threads=threads]
                      set the number of initial CPUs to 'n' and the topology
 -m [size=]megs[M|G]  configure guest RAM (default 128M; no suffix means MiB)
--name string         set the name of the guest
+-name [guest=]name[,debug-threads=on|off][,process=name]
+                     set the name of the guest (and of the process)
+-uuid %08x-%04x-%04x-%04x-%012x
+                     specify machine UUID
 -device driver[,prop[=value][,...]]
                      add device (based on driver); '-device help' lists drivers,
                      '-device driver,help' lists a driver's properties
@@ -54,19 +57,38 @@ Block devices:
                      open a disk image as a block node
 -no-reboot           exit instead of rebooting
 -no-shutdown         stop before shutdown
+-rtc [base=utc][,clock=host][,driftfix=none]
+                     the RTC runs on the host's UTC clock (the only setting)
+-boot strict=on|off  accepted: qomvm boots only -kernel, without firmware
+-no-hpet             accepted: qomvm has no HPET
+-overcommit [mem-lock=on|off][,cpu-pm=off]
+                     mem-lock=on locks all of qomvm's memory (mlockall)
+-audiodev [driver=]none,id=id
+                     an audio backend that discards (qomvm has no sound device)
 
 Display and character devices:
 -display none        no display (the only display qomvm has)
 -nographic           no graphical output; serial console on this terminal
 -serial dev          redirect the serial port to char device 'dev'
-                     (stdio, null, none, file:PATH)
+                     (stdio, null, none, pty, file:PATH)
 -chardev backend,id=id[,...]
-                     configure a character device
+                     configure a character device (stdio, null, ringbuf, pty,
+                     file,path=PATH[,append=on], or socket,path=PATH|fd=N,
+                     server=on[,wait=off] for a -mon)
 
 Debug/Expert options:
 -qmp dev             QMP monitor on 'dev' (stdio, unix:PATH,server=on[,wait=off],
                      tcp:127.0.0.1:PORT,server=on[,wait=off])
 -monitor dev         human monitor on 'dev' (same backends as -qmp, or none)
+-mon chardev=id[,mode=control|readline]
+                     QMP (control) or human monitor on a socket chardev
+-add-fd fd=fd,set=set[,opaque=text]
+                     pass an inherited descriptor; /dev/fdset/set opens it
+-pidfile file        write the process id to 'file' (locked, removed at exit)
+-daemonize           detach once start-up has succeeded
+-no-user-config      accepted: qomvm reads no configuration files
+-msg timestamp=on|off
+                     prefix messages with a UTC timestamp
 -S                   freeze CPUs at startup (use 'cont' to start)
 
 Linux/Multiboot boot specific:

@@ -7,14 +7,37 @@ mod mux;
 mod net;
 mod objects;
 mod options;
+mod os_posix;
 mod qtest;
 mod signals;
 mod term;
+mod uuid;
 mod vl;
 
 fn main() {
     let _ = hw::core::machine::PROCESS_START.set(std::time::Instant::now());
-    // While qomvm has one thread: the tap scripts' launcher (outside the sandbox to come).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match options::parse(&args) {
+        Ok(opts) => opts,
+        Err(err) => {
+            qom::error_report!("{err}");
+            std::process::exit(1);
+        }
+    };
+    // -daemonize forks before any thread starts: a child keeps only the forking thread.
+    let daemon = if opts.daemonize && !opts.help && !opts.version {
+        match os_posix::os_daemonize() {
+            Ok(pipe) => Some(pipe),
+            Err(err) => {
+                qom::error_report!("{err}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        None
+    };
+    // While qomvm has one thread (and after -daemonize's fork, so that the daemon is its
+    // parent): the tap scripts' launcher, outside the sandbox to come.
     if let Err(e) = ::net::launcher::start() {
         log::debug!("no script launcher ({e}): scripts start directly");
     }
@@ -24,11 +47,10 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let code = match vl::qemu_main(&args) {
+    let code = match vl::qemu_main(opts, daemon) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("qomvm: {err}");
+            qom::error_report!("{err}");
             1
         }
     };
@@ -47,7 +69,7 @@ fn panic_ends_the_process() {
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
         term::restore();
-        eprintln!("qomvm: internal error: a panic ends the VM");
+        qom::error_report!("internal error: a panic ends the VM");
         std::process::exit(101);
     }));
 }

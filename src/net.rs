@@ -256,6 +256,6 @@ pub fn qmp_announce_self(
             }
         });
     if let Err(e) = spawned {
-        eprintln!("qomvm: warning: announce-self: cannot start its timer thread: {e}");
+        qom::error_report!("warning: announce-self: cannot start its timer thread: {e}");
     }
 }

@@ -91,6 +91,30 @@ pub struct Options {
     pub qmp: Vec<Located>,
     /// `-monitor`: human monitors.
     pub monitor: Vec<Located>,
+    /// `-mon chardev=ID,mode=control|readline`: a monitor on a `-chardev`.
+    pub mon: Vec<Located>,
+    /// `-no-user-config`: read no configuration files (qomvm reads none anyway).
+    pub no_user_config: bool,
+    /// `-pidfile PATH`.
+    pub pidfile: Option<Located>,
+    /// `-daemonize`: detach once start-up has succeeded.
+    pub daemonize: bool,
+    /// `-uuid`.
+    pub uuid: Option<Located>,
+    /// `-overcommit mem-lock=on|off,cpu-pm=on|off`.
+    pub overcommit: Vec<Located>,
+    /// `-rtc base=utc,clock=host,driftfix=none`.
+    pub rtc: Vec<Located>,
+    /// `-no-hpet` (qomvm has no HPET to leave out).
+    pub no_hpet: bool,
+    /// `-boot strict=on|off`.
+    pub boot: Vec<Located>,
+    /// `-add-fd fd=N,set=M[,opaque=S]`.
+    pub add_fd: Vec<Located>,
+    /// `-msg timestamp=on|off`.
+    pub msg: Vec<Located>,
+    /// `-audiodev driver=none,id=ID` (also as JSON).
+    pub audiodev: Vec<Located>,
     /// `-S`: do not start the vCPUs until the monitor's `cont`.
     pub start_paused: bool,
     /// `-sandbox`: the seccomp policy (on by default).
@@ -139,6 +163,18 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("name", Arity::Value),
     ("qmp", Arity::Value),
     ("monitor", Arity::Value),
+    ("mon", Arity::Value),
+    ("no-user-config", Arity::Flag),
+    ("pidfile", Arity::Value),
+    ("daemonize", Arity::Flag),
+    ("uuid", Arity::Value),
+    ("overcommit", Arity::Value),
+    ("rtc", Arity::Value),
+    ("no-hpet", Arity::Flag),
+    ("boot", Arity::Value),
+    ("add-fd", Arity::Value),
+    ("msg", Arity::Value),
+    ("audiodev", Arity::Value),
     ("S", Arity::Flag),
     ("sandbox", Arity::Value),
     ("qtest", Arity::Value),
@@ -146,6 +182,90 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("h", Arity::Flag),
     ("help", Arity::Flag),
     ("version", Arity::Flag),
+];
+
+/// The options `query-command-line-options` reports (QEMU lists its QemuOpts groups): each
+/// with the parameters qomvm's parser for it accepts and their QAPI `CommandLineParameterType`;
+/// an empty list means the option's parameters depend on what it creates (a device's, an
+/// object's properties), as QEMU reports `-device` and `-object`.
+pub const COMMAND_LINE_OPTIONS: &[(&str, &[(&str, &str)])] = &[
+    ("accel", &[("accel", "string")]),
+    (
+        "add-fd",
+        &[("fd", "number"), ("set", "number"), ("opaque", "string")],
+    ),
+    ("boot", &[("strict", "boolean")]),
+    (
+        "chardev",
+        &[
+            ("backend", "string"),
+            ("id", "string"),
+            ("path", "string"),
+            ("append", "boolean"),
+            ("size", "size"),
+            ("fd", "string"),
+            ("server", "boolean"),
+            ("wait", "boolean"),
+        ],
+    ),
+    ("device", &[]),
+    ("drive", &[]),
+    (
+        "global",
+        &[
+            ("driver", "string"),
+            ("property", "string"),
+            ("value", "string"),
+        ],
+    ),
+    ("machine", &[]),
+    (
+        "mon",
+        &[
+            ("chardev", "string"),
+            ("mode", "string"),
+            ("pretty", "boolean"),
+            ("id", "string"),
+        ],
+    ),
+    ("msg", &[("timestamp", "boolean")]),
+    ("name", &[("guest", "string"), ("debug-threads", "boolean")]),
+    ("netdev", &[]),
+    ("object", &[]),
+    (
+        "overcommit",
+        &[("mem-lock", "boolean"), ("cpu-pm", "boolean")],
+    ),
+    (
+        "rtc",
+        &[
+            ("base", "string"),
+            ("clock", "string"),
+            ("driftfix", "string"),
+        ],
+    ),
+    (
+        "sandbox",
+        &[
+            ("enable", "boolean"),
+            ("obsolete", "string"),
+            ("elevateprivileges", "string"),
+            ("spawn", "string"),
+            ("resourcecontrol", "string"),
+        ],
+    ),
+    (
+        "smp-opts",
+        &[
+            ("cpus", "number"),
+            ("sockets", "number"),
+            ("dies", "number"),
+            ("clusters", "number"),
+            ("cores", "number"),
+            ("threads", "number"),
+            ("maxcpus", "number"),
+        ],
+    ),
 ];
 
 pub fn parse(args: &[String]) -> Result<Options, OptionError> {
@@ -214,6 +334,18 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "name" => opts.name = Some(located),
             "qmp" => opts.qmp.push(located),
             "monitor" => opts.monitor.push(located),
+            "mon" => opts.mon.push(located),
+            "no-user-config" => opts.no_user_config = true,
+            "pidfile" => opts.pidfile = Some(located),
+            "daemonize" => opts.daemonize = true,
+            "uuid" => opts.uuid = Some(located),
+            "overcommit" => opts.overcommit.push(located),
+            "rtc" => opts.rtc.push(located),
+            "no-hpet" => opts.no_hpet = true,
+            "boot" => opts.boot.push(located),
+            "add-fd" => opts.add_fd.push(located),
+            "msg" => opts.msg.push(located),
+            "audiodev" => opts.audiodev.push(located),
             "S" => opts.start_paused = true,
             "sandbox" => opts.sandbox = Some(located),
             "qtest" => opts.qtest = Some(located),

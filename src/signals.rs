@@ -105,7 +105,7 @@ pub fn on_termination(request_shutdown: OnTermination) {
 /// QEMU's `qemu_kill_report`: says which signal ended the VM and who sent it.
 pub fn kill_report() {
     if let Some(k) = KILLED.get() {
-        eprintln!("qomvm: {}", report_line(*k, process_name(k.pid).as_deref()));
+        qom::error_report!("{}", report_line(*k, process_name(k.pid).as_deref()));
     }
 }
 

@@ -16,11 +16,11 @@ use qom::{object_get_root, resolve_path, ObjectRef};
 
 use crate::help;
 use crate::monitor;
-use crate::options::{self, split_opts, Located, OptionError, Options};
+use crate::options::{split_opts, Located, OptionError, Options};
+use crate::os_posix::DaemonPipe;
 
 /// Runs qomvm; returns the process's exit status.
-pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
-    let opts = options::parse(args)?;
+pub fn qemu_main(opts: Options, daemon: Option<DaemonPipe>) -> Result<i32, OptionError> {
     if opts.help {
         print!("{}", help::USAGE);
         return Ok(0);
@@ -29,6 +29,23 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
         println!("{}", help::version());
         return Ok(0);
     }
+    // QEMU's qemu_maybe_daemonize: the pid file names the daemon.
+    let pidfile = match &opts.pidfile {
+        Some(p) => Some(
+            crate::os_posix::write_pidfile(std::path::Path::new(&p.value))
+                .map_err(|e| OptionError::new("", e))?,
+        ),
+        None => None,
+    };
+    let result = qemu_init_and_run(&opts, daemon);
+    if let Some(pidfile) = pidfile {
+        pidfile.remove();
+    }
+    result
+}
+
+/// `qemu_init` then the main loop, with the pid file written.
+fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, OptionError> {
     let sandbox = match &opts.sandbox {
         Some(s) => parse_sandbox(&s.value).map_err(|e| s.error(e))?,
         None => SandboxPolicy::default(),
@@ -36,7 +53,7 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     // module_call_init(MODULE_INIT_QOM), with the self-check that no registration was lost.
     accel::init().map_err(|e| OptionError::new("", e))?;
 
-    if let Some(text) = help_request(&opts)? {
+    if let Some(text) = help_request(opts)? {
         print!("{text}");
         return Ok(0);
     }
@@ -53,9 +70,31 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
         }
     }
 
+    configure_host_options(opts)?;
+    // QEMU's parse_add_fd: descriptor sets exist before anything opens /dev/fdset/N.
+    for a in &opts.add_fd {
+        add_fd(a)?;
+    }
     for c in &opts.chardev {
+        // A socket chardev serves a monitor (`-mon chardev=ID`): monitor_init opens it.
+        if chardev_driver(&c.value) == "socket" {
+            let id = chardev_id(&c.value);
+            if !opts.mon.iter().any(|m| mon_chardev(&m.value) == id) {
+                return Err(c.error(
+                    "a socket chardev can only serve a monitor (-mon chardev=ID) in qomvm",
+                ));
+            }
+            continue;
+        }
+        if opts.daemonize && chardev_driver(&c.value) == "stdio" {
+            return Err(c.error("cannot use stdio with -daemonize"));
+        }
         let (id, backend) =
             hw::core::chardev::parse_chardev_opts(&c.value).map_err(|e| c.error(e))?;
+        if let Some(path) = backend.filename().strip_prefix("pty:") {
+            // QEMU's char_pty_open tells where the terminal is.
+            qom::error_report!("char device redirected to {path} (label {id})");
+        }
         hw::core::chardev::chardev_add(&id, backend).map_err(|e| c.error(e))?;
     }
     // QEMU's configure_blockdev: images are opened (and locked) before the machine.
@@ -83,9 +122,9 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
             crate::net::NicOption::Device(dev) => drive_devices.push(dev),
         }
     }
-    let machine = create_machine(&opts)?;
-    configure_serial(&opts, &machine)?;
-    configure_accelerators(&opts, &machine)?;
+    let machine = create_machine(opts)?;
+    configure_serial(opts, &machine)?;
+    configure_accelerators(opts, &machine)?;
     // Board errors (a kernel that does not load...) are not about one option: QEMU prints
     // them without a location.
     machine_run_board_init(&machine).map_err(|e| OptionError::new("", e))?;
@@ -93,10 +132,23 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
         device_add(&machine, dev)?;
     }
     hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;
-    monitor::monitor_init(&machine, &opts)?;
+    if let Some(uuid) = &opts.uuid {
+        // QEMU's fw_cfg_init: FW_CFG_UUID carries qemu_uuid.
+        let uuid: crate::uuid::Uuid = uuid.value.parse().map_err(|e| uuid.error(e))?;
+        if let Some(fw_cfg) = hw::nvram::fw_cfg::fw_cfg_find(&machine) {
+            fw_cfg
+                .add_bytes(hw::nvram::fw_cfg::FW_CFG_UUID, uuid.0.to_vec())
+                .map_err(|e| OptionError::new("", e))?;
+        }
+    }
+    monitor::monitor_init(&machine, opts)?;
+    // QEMU's os_setup_post: start-up is done; the waiting parent may exit.
+    if let Some(daemon) = daemon {
+        daemon.ready();
+    }
     if opts.nographic && opts.monitor.is_empty() {
         // -nographic muxes the human monitor with the serial console (QEMU's mon:stdio).
-        crate::mux::set_console_monitor(monitor::console_monitor(&machine, &opts));
+        crate::mux::set_console_monitor(monitor::console_monitor(&machine, opts));
     }
     if let Some(q) = &opts.qtest {
         let log = opts.qtest_log.as_ref().map(|l| l.value.as_str());
@@ -110,12 +162,218 @@ pub fn qemu_main(args: &[String]) -> Result<i32, OptionError> {
     if sandbox.enabled && !sandbox.spawn {
         ::net::launcher::deny_spawn();
     }
-    let status = main_loop(&machine, &opts);
+    let status = main_loop(&machine, opts);
     monitor::monitor_cleanup();
     block::close_all();
     // QEMU's net_cleanup: taps run their downscript, slirp threads end.
     ::net::cleanup_all();
     Ok(status)
+}
+
+/// Errors of the options that set up the host process rather than the machine.
+#[derive(Debug, thiserror::Error)]
+enum HostOptionError {
+    /// A key the option does not have.
+    #[error("Invalid parameter '{0}'")]
+    InvalidParameter(String),
+    /// A value that is not `on`/`off`.
+    #[error("Parameter '{0}' expects 'on' or 'off'")]
+    NotBool(String),
+    /// A QEMU setting qomvm does not implement.
+    #[error("{0} is not supported by qomvm")]
+    Unsupported(String),
+    /// `-overcommit mem-lock=on` failed.
+    #[error("locking memory failed: {0}")]
+    MemLock(std::io::Error),
+    /// A bad `-uuid`.
+    #[error(transparent)]
+    Uuid(#[from] crate::uuid::UuidError),
+    /// `-add-fd` with a bad `fd=`/`set=`.
+    #[error(transparent)]
+    Fdset(#[from] hw::core::fdset::FdsetError),
+    /// `-nographic` would put a default serial port or monitor on stdio.
+    #[error("-nographic cannot be used with -daemonize")]
+    NographicDaemon,
+}
+
+fn on_off(key: &str, value: Option<&str>) -> Result<bool, HostOptionError> {
+    match value {
+        None | Some("on" | "yes" | "true") => Ok(true),
+        Some("off" | "no" | "false") => Ok(false),
+        Some(_) => Err(HostOptionError::NotBool(key.to_string())),
+    }
+}
+
+/// The options that shape the process, not the machine, checked and applied as QEMU does
+/// while parsing: `-name`, `-overcommit`, `-rtc`, `-boot`, `-msg`, `-audiodev`, `-uuid`; `-daemonize`'s
+/// conflicts. `-no-user-config` and `-no-hpet` need nothing: qomvm reads no configuration
+/// file and has no HPET.
+fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
+    if let Some(name) = &opts.name {
+        for (key, value) in split_opts(&name.value, Some("guest")) {
+            match key.as_str() {
+                "guest" => {}
+                // qomvm names its threads (`CPU 0/KVM`) whether or not this is on.
+                "debug-threads" => {
+                    on_off(&key, value.as_deref()).map_err(|e| name.error(e))?;
+                }
+                "process" => set_process_name(value.as_deref().unwrap_or_default()),
+                _ => return Err(name.error(HostOptionError::InvalidParameter(key))),
+            }
+        }
+    }
+    for o in &opts.overcommit {
+        for (key, value) in split_opts(&o.value, None) {
+            let on = on_off(&key, value.as_deref()).map_err(|e| o.error(e))?;
+            match key.as_str() {
+                // QEMU's os_mlock: lock current and future memory, guest RAM included.
+                "mem-lock" if on => {
+                    // SAFETY: mlockall has no memory-safety preconditions.
+                    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } < 0 {
+                        let e = std::io::Error::last_os_error();
+                        return Err(o.error(HostOptionError::MemLock(e)));
+                    }
+                }
+                "cpu-pm" if on => {
+                    return Err(o.error(HostOptionError::Unsupported("cpu-pm=on".into())))
+                }
+                "mem-lock" | "cpu-pm" => {}
+                _ => return Err(o.error(HostOptionError::InvalidParameter(key))),
+            }
+        }
+    }
+    // The RTC runs on the host's UTC clock and discards lost ticks: QEMU's defaults.
+    for r in &opts.rtc {
+        for (key, value) in split_opts(&r.value, None) {
+            match (key.as_str(), value.as_deref()) {
+                ("base", Some("utc")) | ("clock", Some("host")) | ("driftfix", Some("none")) => {}
+                ("base" | "clock" | "driftfix", v) => {
+                    let setting = format!("{key}={}", v.unwrap_or_default());
+                    return Err(r.error(HostOptionError::Unsupported(setting)));
+                }
+                _ => return Err(r.error(HostOptionError::InvalidParameter(key))),
+            }
+        }
+    }
+    // qomvm boots only -kernel, with no firmware: there is no other boot device for
+    // strict=on to rule out, and no boot order or menu.
+    for b in &opts.boot {
+        for (key, value) in split_opts(&b.value, None) {
+            match key.as_str() {
+                "strict" => {
+                    on_off(&key, value.as_deref()).map_err(|e| b.error(e))?;
+                }
+                "order" | "once" | "menu" | "splash" | "splash-time" | "reboot-timeout" => {
+                    let what = format!("-boot {key} (qomvm has no firmware)");
+                    return Err(b.error(HostOptionError::Unsupported(what)));
+                }
+                _ => return Err(b.error(HostOptionError::InvalidParameter(key))),
+            }
+        }
+    }
+    for m in &opts.msg {
+        for (key, value) in split_opts(&m.value, None) {
+            let on = on_off(&key, value.as_deref()).map_err(|e| m.error(e))?;
+            match key.as_str() {
+                "timestamp" => qom::error_report::set_timestamps(on),
+                "guest-name" if on => {
+                    let what = "guest-name=on".to_string();
+                    return Err(m.error(HostOptionError::Unsupported(what)));
+                }
+                "guest-name" => {}
+                _ => return Err(m.error(HostOptionError::InvalidParameter(key))),
+            }
+        }
+    }
+    // QEMU's audio_define: qomvm has no sound device, so the only backend is `none`,
+    // which discards what no device plays.
+    let mut audio_ids: Vec<String> = Vec::new();
+    for a in &opts.audiodev {
+        let items =
+            crate::options::split_opts_or_json(&a.value, "driver").map_err(|e| a.error(e))?;
+        let mut id = None;
+        for (key, value) in &items {
+            match (key.as_str(), value.as_deref()) {
+                ("driver", Some("none")) => {}
+                ("driver", v) => {
+                    let what = format!("audio driver '{}'", v.unwrap_or_default());
+                    return Err(a.error(HostOptionError::Unsupported(what)));
+                }
+                ("id", v) => id = v.map(str::to_string),
+                (k, _) if k.starts_with("in.") || k.starts_with("out.") => {}
+                ("timer-period", _) => {}
+                (k, _) => return Err(a.error(HostOptionError::InvalidParameter(k.to_string()))),
+            }
+        }
+        let id = id.ok_or_else(|| a.error("Parameter 'id' is missing"))?;
+        if audio_ids.contains(&id) {
+            return Err(a.error(format!("Duplicate ID '{id}' for audiodev")));
+        }
+        audio_ids.push(id);
+    }
+    if let Some(uuid) = &opts.uuid {
+        uuid.value
+            .parse::<crate::uuid::Uuid>()
+            .map_err(|e| uuid.error(HostOptionError::from(e)))?;
+    }
+    if opts.daemonize && opts.nographic && !opts.nodefaults && opts.serial.is_empty() {
+        return Err(OptionError::new("", HostOptionError::NographicDaemon));
+    }
+    Ok(())
+}
+
+/// `-name process=NAME`: the process's name as `ps` shows it (QEMU's `os_set_proc_name`).
+fn set_process_name(name: &str) {
+    // The kernel keeps 15 bytes and a NUL.
+    let mut bytes: Vec<u8> = name.bytes().filter(|b| *b != 0).take(15).collect();
+    bytes.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr()) };
+}
+
+/// `-add-fd fd=N,set=M[,opaque=TEXT]` (QEMU's `parse_add_fd`).
+fn add_fd(located: &Located) -> Result<(), OptionError> {
+    let (mut fd, mut set, mut opaque) = (None, None, None);
+    for (key, value) in split_opts(&located.value, None) {
+        match key.as_str() {
+            "fd" => fd = value,
+            "set" => set = value,
+            "opaque" => opaque = value,
+            _ => return Err(located.error(HostOptionError::InvalidParameter(key))),
+        }
+    }
+    let fd = fd
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| located.error(hw::core::fdset::FdsetError::BadFd))?;
+    let set = set
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| located.error(hw::core::fdset::FdsetError::BadSet))?;
+    hw::core::fdset::fdset_add_fd(set, fd, opaque).map_err(|e| located.error(e))
+}
+
+/// The backend of a `-chardev` value.
+fn chardev_driver(text: &str) -> String {
+    split_opts(text, Some("backend"))
+        .into_iter()
+        .next()
+        .and_then(|(_, v)| v)
+        .unwrap_or_default()
+}
+
+/// The `id=` of a `-chardev` value.
+fn chardev_id(text: &str) -> Option<String> {
+    split_opts(text, Some("backend"))
+        .into_iter()
+        .find(|(k, _)| k == "id")
+        .and_then(|(_, v)| v)
+}
+
+/// The `chardev=` of a `-mon` value.
+fn mon_chardev(text: &str) -> Option<String> {
+    split_opts(text, Some("chardev"))
+        .into_iter()
+        .find(|(k, _)| k == "chardev")
+        .and_then(|(_, v)| v)
 }
 
 fn machine_location(opts: &Options) -> String {
@@ -364,7 +622,9 @@ fn parse_smp(text: &str) -> Result<SmpConfig, String> {
 /// terminal goes to raw mode.
 fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> {
     let specs: Vec<(String, String)> = if opts.serial.is_empty() {
-        if opts.nodefaults {
+        // A daemon has no terminal: QEMU's default (a graphical console) shows nothing
+        // without a display, and neither does qomvm's under -daemonize.
+        if opts.nodefaults || opts.daemonize {
             Vec::new()
         } else {
             vec![("stdio".to_string(), String::new())]
@@ -382,6 +642,22 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
     for (spec, location) in specs {
         let backend = hw::core::chardev::parse_serial_spec(&spec)
             .map_err(|e| OptionError::new(location.clone(), e))?;
+        if let Some(path) = backend
+            .as_ref()
+            .and_then(|b| b.filename().strip_prefix("pty:").map(str::to_string))
+        {
+            // QEMU labels the chardev of the n-th -serial serialN.
+            qom::error_report!(
+                "char device redirected to {path} (label serial{})",
+                hds.len()
+            );
+        }
+        if opts.daemonize && backend.as_ref().is_some_and(|b| b.driver() == "stdio") {
+            return Err(OptionError::new(
+                location,
+                "cannot use stdio with -daemonize",
+            ));
+        }
         let backend = match backend {
             Some(b) if opts.nographic && b.driver() == "stdio" => {
                 crate::term::enter_raw_mode();
@@ -453,7 +729,7 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
         match accel::accel_init_machine(class, machine) {
             Ok(_) => {
                 for f in failures {
-                    eprintln!("qomvm: {f}");
+                    qom::error_report!("{f}");
                 }
                 return Ok(());
             }
@@ -465,7 +741,7 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
         return Err(failures.remove(0));
     }
     for f in &failures {
-        eprintln!("qomvm: {f}");
+        qom::error_report!("{f}");
     }
     Err(OptionError::new("", accel::AccelError::NoneWorked))
 }

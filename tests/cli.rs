@@ -106,6 +106,19 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "none", "-accel", "qtest", "-action", "panic=foo"], "qomvm: -action panic=foo: Parameter 'panic' does not accept value 'foo'\n"),
         (&["-M", "none", "-accel", "qtest", "-action", "foo=bar"], "qomvm: -action foo=bar: Invalid parameter 'foo'\n"),
         (&["-M", "none", "-accel", "qtest", "-action", "reboot=shutdown,shutdown=halt"], "qomvm: -action reboot=shutdown,shutdown=halt: Parameter 'shutdown' does not accept value 'halt'\n"),
+        (&["-M", "none", "-accel", "qtest", "-uuid", "1234"], "qomvm: -uuid 1234: Fail to parse UUID string. Wrong format.\n"),
+        (&["-M", "none", "-accel", "qtest", "-rtc", "base=localtime"], "qomvm: -rtc base=localtime: base=localtime is not supported by qomvm\n"),
+        (&["-M", "none", "-accel", "qtest", "-rtc", "driftfix=slew"], "qomvm: -rtc driftfix=slew: driftfix=slew is not supported by qomvm\n"),
+        (&["-M", "none", "-accel", "qtest", "-overcommit", "cpu-pm=on"], "qomvm: -overcommit cpu-pm=on: cpu-pm=on is not supported by qomvm\n"),
+        (&["-M", "none", "-accel", "qtest", "-boot", "order=c"], "qomvm: -boot order=c: -boot order (qomvm has no firmware) is not supported by qomvm\n"),
+        (&["-M", "none", "-accel", "qtest", "-audiodev", "pa,id=a"], "qomvm: -audiodev pa,id=a: audio driver 'pa' is not supported by qomvm\n"),
+        (&["-M", "none", "-accel", "qtest", "-audiodev", "none"], "qomvm: -audiodev none: Parameter 'id' is missing\n"),
+        (&["-M", "none", "-accel", "qtest", "-add-fd", "fd=1,set=2"], "qomvm: -add-fd fd=1,set=2: fd is not valid or already in use\n"),
+        (&["-M", "none", "-accel", "qtest", "-name", "g,bogus=1"], "qomvm: -name g,bogus=1: Invalid parameter 'bogus'\n"),
+        (&["-M", "none", "-accel", "qtest", "-mon", "chardev=nosuch,mode=control"], "qomvm: -mon chardev=nosuch,mode=control: chardev \"nosuch\" not found\n"),
+        (&["-M", "none", "-accel", "qtest", "-chardev", "socket,id=s,path=/tmp/x,server=on"], "qomvm: -chardev socket,id=s,path=/tmp/x,server=on: a socket chardev can only serve a monitor (-mon chardev=ID) in qomvm\n"),
+        (&["-M", "none", "-accel", "qtest", "-chardev", "socket,id=m,fd=0,server=on", "-mon", "chardev=m"], "qomvm: -chardev socket,id=m,fd=0,server=on: Could not use file descriptor '0': not an open descriptor\n"),
+        (&["-daemonize", "-nographic", "-M", "none", "-accel", "qtest"], "qomvm: -nographic cannot be used with -daemonize\n"),
     ];
     for (args, expected) in cases {
         let o = qomvm(args);
@@ -285,4 +298,229 @@ fn object_errors_are_qemus() {
         stderr(&o),
         "qomvm: -object iothread,id=io0: Duplicate ID 'io0' for object\n"
     );
+}
+
+#[test]
+fn msg_timestamp_prefixes_messages_with_utc_time() {
+    let o = qomvm(&["-msg", "timestamp=on", "-M", "nosuch"]);
+    let err = stderr(&o);
+    // 2026-12-01T20:51:40.310363Z qomvm: -machine nosuch: ...
+    let (stamp, rest) = err.split_once(' ').unwrap();
+    assert_eq!(stamp.len(), 27, "{err}");
+    assert!(
+        stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+        "{err}"
+    );
+    assert!(
+        rest.starts_with("qomvm: -machine nosuch: unsupported machine type"),
+        "{err}"
+    );
+}
+
+/// The pid in `path`, once it is there.
+fn read_pid(path: &std::path::Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[test]
+fn daemonize_returns_once_the_vm_is_up_and_the_pid_file_names_the_daemon() {
+    let dir = std::env::temp_dir().join(format!("qomvm-cli-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("qomvm.pid");
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let o = qomvm(&[
+        "-M",
+        "none",
+        "-accel",
+        "qtest",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-daemonize",
+        "-pidfile",
+        pidfile.to_str().unwrap(),
+        "-qmp",
+        &qmp,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The parent returned after start-up: the pid file and the monitor are there already.
+    let pid = read_pid(&pidfile).expect("the pid file holds a pid");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(sock.exists(), "the monitor listens before the parent exits");
+    // A second instance with the same pid file fails in the parent, saying why.
+    let o = qomvm(&[
+        "-M",
+        "none",
+        "-accel",
+        "qtest",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-daemonize",
+        "-pidfile",
+        pidfile.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot create PID file: Cannot lock pid file"),
+        "{}",
+        stderr(&o)
+    );
+    // SIGTERM ends the daemon, which removes its pid file.
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pidfile.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!pidfile.exists(), "the daemon removed its pid file");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn daemonize_reports_a_start_up_error_in_the_parent() {
+    let o = qomvm(&[
+        "-daemonize",
+        "-M",
+        "nosuch",
+        "-accel",
+        "qtest",
+        "-nodefaults",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).starts_with("qomvm: -machine nosuch: unsupported machine type"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// One QMP exchange on `stream`: sends `request`, returns the first reply line (events
+/// are skipped).
+fn qmp_call(
+    stream: &mut std::io::BufReader<std::os::unix::net::UnixStream>,
+    request: &str,
+) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    stream.get_mut().write_all(request.as_bytes()).unwrap();
+    loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("event").is_none() {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn a_mon_on_a_socket_chardev_speaks_qmp_and_describes_its_schema() {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("qomvm-cli-mon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("mon.sock");
+    let chardev = format!(
+        "socket,id=charmonitor,path={},server=on,wait=off",
+        sock.display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args([
+            "-M",
+            "none",
+            "-accel",
+            "qtest",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+        ])
+        .args([
+            "-chardev",
+            &chardev,
+            "-mon",
+            "chardev=charmonitor,id=monitor,mode=control",
+        ])
+        .args([
+            "-uuid",
+            "b90ff907-E156-421f-9c83-8e73ed8f0924",
+            "-no-user-config",
+        ])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() > deadline => panic!("no monitor: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    };
+    let mut stream = std::io::BufReader::new(stream);
+    let mut greeting = String::new();
+    stream.read_line(&mut greeting).unwrap();
+    assert!(greeting.starts_with("{\"QMP\""), "{greeting}");
+    qmp_call(&mut stream, "{\"execute\":\"qmp_capabilities\"}\n");
+    let uuid = qmp_call(&mut stream, "{\"execute\":\"query-uuid\"}\n");
+    assert_eq!(
+        uuid["return"]["UUID"],
+        "b90ff907-e156-421f-9c83-8e73ed8f0924"
+    );
+    let chardevs = qmp_call(&mut stream, "{\"execute\":\"query-chardev\"}\n");
+    assert!(
+        chardevs["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["label"] == "charmonitor"),
+        "{chardevs}"
+    );
+    // The schema describes every command query-commands lists, with its arguments.
+    let commands = qmp_call(&mut stream, "{\"execute\":\"query-commands\"}\n");
+    let schema = qmp_call(&mut stream, "{\"execute\":\"query-qmp-schema\"}\n");
+    let schema = schema["return"].as_array().unwrap().clone();
+    let entry = |name: &str| schema.iter().find(|e| e["name"] == name).cloned();
+    for c in commands["return"].as_array().unwrap() {
+        let e = entry(c["name"].as_str().unwrap()).unwrap_or_else(|| panic!("{c} in the schema"));
+        assert_eq!(e["meta-type"], "command");
+        assert!(entry(e["arg-type"].as_str().unwrap()).is_some(), "{e}");
+    }
+    let qom_get = entry("qom-get").unwrap();
+    let args = entry(qom_get["arg-type"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        args["members"],
+        serde_json::json!([{"name": "path", "type": "str"}, {"name": "property", "type": "str"}])
+    );
+    assert_eq!(entry("SHUTDOWN").unwrap()["meta-type"], "event");
+    // Migration: only 'events', which libvirt turns on.
+    let set = qmp_call(
+        &mut stream,
+        "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":[{\"capability\":\"events\",\"state\":true}]}}\n",
+    );
+    assert_eq!(set["return"], serde_json::json!({}));
+    let caps = qmp_call(
+        &mut stream,
+        "{\"execute\":\"query-migrate-capabilities\"}\n",
+    );
+    assert_eq!(
+        caps["return"],
+        serde_json::json!([{"capability": "events", "state": true}])
+    );
+    let bad = qmp_call(
+        &mut stream,
+        "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":[{\"capability\":\"xbzrle\",\"state\":true}]}}\n",
+    );
+    assert_eq!(
+        bad["error"]["desc"],
+        "Parameter 'capabilities[0].capability' does not accept value 'xbzrle'"
+    );
+    let missing = qmp_call(
+        &mut stream,
+        "{\"execute\":\"qom-list-properties\",\"arguments\":{\"typename\":\"nosuch\"}}\n",
+    );
+    assert_eq!(missing["error"]["class"], "DeviceNotFound");
+    qmp_call(&mut stream, "{\"execute\":\"quit\"}\n");
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -33,7 +33,8 @@ async def run(binary, sock):
         await asyncio.sleep(0.05)
     await qmp.connect(sock)
     version = qmp.greeting.QMP.version
-    check(version["package"] == "qomvm", f"greeting package: {version}")
+    check(version["package"].startswith("qomvm "), f"greeting package: {version}")
+    check(version["qemu"]["major"] >= 4, f"greeting QEMU interface level: {version}")
     check("oob" in qmp.greeting.QMP.capabilities, "greeting offers oob")
 
     props = await qmp.execute("qom-list", {"path": "/machine"})

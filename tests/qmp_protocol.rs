@@ -193,9 +193,13 @@ fn greeting_and_negotiation_are_qemus() {
     let vm = Vm::start(&[]);
     let mut c = Client::new(vm.connect_raw());
     let greeting = c.recv_line();
+    // QEMU 7.2's interface level; qomvm's own version in `package`.
     assert_eq!(
         greeting,
-        "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 1, \"major\": 0}, \"package\": \"qomvm\"}, \"capabilities\": [\"oob\"]}}\r\n"
+        format!(
+            "{{\"QMP\": {{\"version\": {{\"qemu\": {{\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"package\": \"qomvm {}\"}}, \"capabilities\": [\"oob\"]}}}}\r\n",
+            env!("CARGO_PKG_VERSION")
+        )
     );
     assert_eq!(
         c.cmd("query-status", json!({})),
@@ -228,7 +232,8 @@ fn greeting_and_negotiation_are_qemus() {
     );
     assert_eq!(
         c.cmd("query-version", json!({})),
-        json!({"return": {"qemu": {"micro": 0, "minor": 1, "major": 0}, "package": "qomvm"}})
+        json!({"return": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+            "package": format!("qomvm {}", env!("CARGO_PKG_VERSION"))}})
     );
 }
 

@@ -418,7 +418,7 @@ fn vcpu_thread(
     let pristine = match x86::PristineState::capture(&vcpu) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("qomvm: CPU {index}: {e}");
+            qom::error_report!("CPU {index}: {e}");
             request(vm, RunRequest::GuestError);
             return;
         }
@@ -444,7 +444,7 @@ fn vcpu_thread(
                     }
                 }
                 if let Err(e) = x86::reset_vcpu(vm, cpu, &mut vcpu, &pristine) {
-                    eprintln!("qomvm: CPU {index}: {e}");
+                    qom::error_report!("CPU {index}: {e}");
                     request(vm, RunRequest::GuestError);
                     vm.vcpus.park_until_reset(index, &mut vcpu, seen_gen);
                     continue;
@@ -505,11 +505,11 @@ fn run_once(vcpu: &mut VcpuFd, io: &mut Dispatcher, memory: &mut Dispatcher, ind
         Ok(VcpuExit::Hlt) => {
             // With the in-kernel irqchip KVM handles HLT itself; a HLT exit means the
             // guest halted with nothing to wake it.
-            eprintln!("qomvm: CPU {index} halted with no interrupt source");
+            qom::error_report!("CPU {index} halted with no interrupt source");
             return Step::End(RunRequest::GuestShutdown);
         }
         Ok(VcpuExit::Shutdown) => {
-            eprintln!("qomvm: CPU {index}: triple fault (KVM_EXIT_SHUTDOWN)");
+            qom::error_report!("CPU {index}: triple fault (KVM_EXIT_SHUTDOWN)");
             eprint!("{}", x86::register_dump(vcpu));
             return Step::End(RunRequest::GuestError);
         }
@@ -521,7 +521,7 @@ fn run_once(vcpu: &mut VcpuFd, io: &mut Dispatcher, memory: &mut Dispatcher, ind
             });
         }
         Ok(VcpuExit::FailEntry(reason, cpu)) => {
-            eprintln!("qomvm: KVM: entry failed, hardware error 0x{reason:x} (cpu {cpu})");
+            qom::error_report!("KVM: entry failed, hardware error 0x{reason:x} (cpu {cpu})");
             eprint!("{}", x86::register_dump(vcpu));
             return Step::End(RunRequest::GuestError);
         }
@@ -530,15 +530,15 @@ fn run_once(vcpu: &mut VcpuFd, io: &mut Dispatcher, memory: &mut Dispatcher, ind
             // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
             // member KVM filled in.
             let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-            eprintln!("qomvm: KVM internal error. Suberror: {suberror}");
+            qom::error_report!("KVM internal error. Suberror: {suberror}");
             if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
-                eprintln!("qomvm: emulation failure");
+                qom::error_report!("emulation failure");
             }
             eprint!("{}", x86::register_dump(vcpu));
             return Step::End(RunRequest::GuestError);
         }
         Ok(other) => {
-            eprintln!("qomvm: CPU {index}: unhandled KVM exit {other:?}");
+            qom::error_report!("CPU {index}: unhandled KVM exit {other:?}");
             eprint!("{}", x86::register_dump(vcpu));
             return Step::End(RunRequest::GuestError);
         }
@@ -546,10 +546,7 @@ fn run_once(vcpu: &mut VcpuFd, io: &mut Dispatcher, memory: &mut Dispatcher, ind
             return Step::Interrupted
         }
         Err(e) => {
-            eprintln!(
-                "qomvm: CPU {index}: KVM_RUN failed: {}",
-                errno_text(e.errno())
-            );
+            qom::error_report!("CPU {index}: KVM_RUN failed: {}", errno_text(e.errno()));
             return Step::End(RunRequest::GuestError);
         }
     };

@@ -87,8 +87,8 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> CpuId {
             feature.name == "hypervisor" || supported_bit(feature.leaf, feature.reg, feature.bit);
         // One warning per feature per VM, not one per vCPU.
         if on && !supported_here && vm.warned_features.lock().insert(feature.name) {
-            eprintln!(
-                "qomvm: warning: host doesn't support requested feature: CPUID.{:02X}H:{}.{} [bit {}]",
+            qom::error_report!(
+                "warning: host doesn't support requested feature: CPUID.{:02X}H:{}.{} [bit {}]",
                 feature.leaf,
                 reg_name(feature.reg),
                 feature.name,
@@ -232,7 +232,7 @@ fn set_boot_msrs(vm: &KvmVm, vcpu: &VcpuFd) -> Result<(), KvmError> {
         .filter(|(index, _)| {
             let listed = vm.msr_index_list.contains(index);
             if !listed && WARNED_MSRS.lock().insert(*index) {
-                eprintln!("qomvm: warning: KVM does not list MSR 0x{index:x}; it is left unset");
+                qom::error_report!("warning: KVM does not list MSR 0x{index:x}; it is left unset");
             }
             listed
         })

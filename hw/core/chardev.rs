@@ -9,10 +9,11 @@
 //! stdin and the serial port, and how a filter can be added here without touching the
 //! stdin reader or the UART.
 //!
-//! Backends by `-serial` spelling ([`parse_serial_spec`]): `stdio`, `null`, `file:PATH`,
-//! `chardev:ID`, and `none` (no serial port). `-chardev` spellings
-//! ([`parse_chardev_opts`]): `stdio`, `null`, `file,path=P[,append=on]`,
-//! `ringbuf[,size=N]`, each with `id=ID`; they go into a registry by id
+//! Backends by `-serial` spelling ([`parse_serial_spec`]): `stdio`, `null`, `pty`,
+//! `file:PATH`, `chardev:ID`, and `none` (no serial port). `-chardev` spellings
+//! ([`parse_chardev_opts`]): `stdio`, `null`, `file,path=P[,append=on]` (`P` may be
+//! `/dev/fdset/N`, [`crate::core::fdset`]), `ringbuf[,size=N]`, `pty`
+//! ([`crate::core::char_pty`]), each with `id=ID`; they go into a registry by id
 //! ([`chardev_add`], [`chardev_find`]) that the `chardev` property of `isa-serial` reads.
 
 use std::collections::VecDeque;
@@ -41,8 +42,15 @@ pub trait CharBackend: Send + Sync {
         let _ = receiver;
     }
 
-    /// The driver name (`stdio`, `file`, `null`, `ringbuf`), as `info chardev` shows it.
+    /// The driver name (`stdio`, `file`, `null`, `ringbuf`, `pty`), as `info chardev`
+    /// shows it.
     fn driver(&self) -> &'static str;
+
+    /// QEMU's `filename` of the chardev (`query-chardev`): where it leads, e.g.
+    /// `pty:/dev/pts/3`, which libvirt reads to find a domain's console.
+    fn filename(&self) -> String {
+        self.driver().to_string()
+    }
 }
 
 /// Errors of creating and finding character backends, worded as QEMU words them.
@@ -68,6 +76,9 @@ pub enum ChardevError {
     /// A second stdio backend while one exists: stdin cannot be shared.
     #[error("cannot use stdio by multiple character devices")]
     StdioInUse,
+    /// A pseudo-terminal cannot be created.
+    #[error(transparent)]
+    Pty(#[from] crate::core::char_pty::PtyError),
     /// `-chardev` without `id=`.
     #[error("Parameter 'id' is missing")]
     MissingId,
@@ -117,17 +128,31 @@ impl FileBackend {
         if path.as_os_str().is_empty() {
             return Err(ChardevError::NoFilename);
         }
-        let mut options = OpenOptions::new();
-        options.create(true);
-        if append {
-            options.append(true);
-        } else {
-            options.write(true).truncate(true);
-        }
-        let file = options.open(path).map_err(|source| ChardevError::Open {
+        let open_error = |source| ChardevError::Open {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        // QEMU's qemu_open: /dev/fdset/N takes a descriptor the parent passed (-add-fd).
+        let fdset = path.to_str().and_then(crate::core::fdset::fdset_id);
+        let file = if let Some(set) = fdset {
+            let set = set.map_err(|e| open_error(std::io::Error::other(e)))?;
+            let flags = libc::O_WRONLY | if append { libc::O_APPEND } else { 0 };
+            let file = crate::core::fdset::fdset_open(set, flags)
+                .map_err(|e| open_error(std::io::Error::other(e)))?;
+            if !append {
+                file.set_len(0).map_err(open_error)?;
+            }
+            file
+        } else {
+            let mut options = OpenOptions::new();
+            options.create(true);
+            if append {
+                options.append(true);
+            } else {
+                options.write(true).truncate(true);
+            }
+            options.open(path).map_err(open_error)?
+        };
         Ok(FileBackend {
             file: Mutex::new(file),
             path: path.to_path_buf(),
@@ -325,6 +350,24 @@ impl CharBackend for Ringbuf {
     }
 }
 
+impl CharBackend for crate::core::char_pty::PtyBackend {
+    fn write(&self, data: &[u8]) {
+        self.write_out(data);
+    }
+
+    fn set_receiver(&self, receiver: Option<CharReceiver>) {
+        self.set_input_receiver(receiver);
+    }
+
+    fn driver(&self) -> &'static str {
+        "pty"
+    }
+
+    fn filename(&self) -> String {
+        format!("pty:{}", self.path().display())
+    }
+}
+
 /// The character backends by id (QEMU's `/chardevs` container), for `-chardev id=` and the
 /// `chardev` properties of frontends.
 static CHARDEVS: Mutex<Vec<(String, Arc<dyn CharBackend>)>> = Mutex::new(Vec::new());
@@ -369,7 +412,6 @@ pub fn chardev_list() -> Vec<(String, &'static str)> {
 /// valid char driver name".
 const QEMU_ONLY_DRIVERS: &[&str] = &[
     "vc",
-    "pty",
     "pipe",
     "tcp",
     "telnet",
@@ -403,7 +445,7 @@ fn unknown_driver(name: &str) -> ChardevError {
 }
 
 /// Parses a `-serial` value (QEMU's `qemu_chr_parse_compat` + `serial_parse`): `stdio`,
-/// `null`, `file:PATH`, `chardev:ID`, or `none`, which means no serial port (`Ok(None)`).
+/// `null`, `pty`, `file:PATH`, `chardev:ID`, or `none`, which means no serial port (`Ok(None)`).
 /// The caller prefixes the error with `-serial SPEC: `, as QEMU's location reporting does.
 pub fn parse_serial_spec(spec: &str) -> Result<Option<Arc<dyn CharBackend>>, ChardevError> {
     if spec == "none" {
@@ -420,6 +462,7 @@ pub fn parse_serial_spec(spec: &str) -> Result<Option<Arc<dyn CharBackend>>, Cha
     match spec {
         "stdio" => Ok(Some(Arc::new(StdioBackend::new()?))),
         "null" => Ok(Some(Arc::new(NullBackend))),
+        "pty" => Ok(Some(Arc::new(crate::core::char_pty::PtyBackend::open()?))),
         _ => {
             // `tcp:host:port`, `mon:stdio`: the driver is what precedes the first colon.
             let driver = spec.split_once(':').map_or(spec, |(d, _)| d);
@@ -452,7 +495,7 @@ fn parse_bool_opt(name: &str, value: Option<&str>) -> Result<bool, ChardevError>
 
 /// Parses a `-chardev DRIVER,id=ID[,...]` value into its id and a new backend (QEMU's
 /// `qemu_chr_new_from_opts`); register it with [`chardev_add`]. Drivers: `stdio`, `null`,
-/// `file` (`path=`, `append=on|off`), `ringbuf` (`size=`).
+/// `file` (`path=`, `append=on|off`), `ringbuf` (`size=`), `pty`.
 pub fn parse_chardev_opts(spec: &str) -> Result<(String, Arc<dyn CharBackend>), ChardevError> {
     let mut opts = split_opts(spec).into_iter();
     let driver = match opts.next() {
@@ -495,6 +538,7 @@ pub fn parse_chardev_opts(spec: &str) -> Result<(String, Arc<dyn CharBackend>), 
         "null" => Arc::new(NullBackend),
         "file" => Arc::new(FileBackend::open(path.unwrap_or_default(), append)?),
         "ringbuf" => Arc::new(Ringbuf::new(size)),
+        "pty" => Arc::new(crate::core::char_pty::PtyBackend::open()?),
         other => return Err(unknown_driver(other)),
     };
     Ok((id, backend))

@@ -286,7 +286,29 @@ impl MachineState {
     /// Allocates `size` bytes of guest RAM at `guest_addr` and maps it through the
     /// accelerator.
     pub fn add_ram(&self, guest_addr: u64, size: u64) -> Result<(), MachineError> {
-        Ok(self.services.add_ram(guest_addr, size)?)
+        self.services.add_ram(guest_addr, size)?;
+        // QEMU's ram_block_add: `dump-guest-core=off` keeps guest RAM out of qomvm's core
+        // dumps (MADV_DONTDUMP), `mem-merge=on` offers it to KSM (MADV_MERGEABLE). Both are
+        // advice: a kernel without KSM refuses the latter, which changes nothing else.
+        use vm_memory::{GuestAddress, GuestMemoryBackend};
+        let ram = self.services.ram();
+        if let (Ok(host), Ok(len)) = (
+            ram.get_host_address(GuestAddress(guest_addr)),
+            usize::try_from(size),
+        ) {
+            let advise = |advice| {
+                // SAFETY: [host, host + len) is the mapping add_ram just created; advice
+                // changes no contents.
+                unsafe { libc::madvise(host.cast(), len, advice) }
+            };
+            if !self.dump_guest_core.get() {
+                advise(libc::MADV_DONTDUMP);
+            }
+            if self.mem_merge.get() {
+                advise(libc::MADV_MERGEABLE);
+            }
+        }
+        Ok(())
     }
     /// The machine's CPUs, by index.
     pub fn cpus(&self) -> Vec<ObjectRef> {
@@ -356,7 +378,7 @@ fn machine_instance_init(obj: &Object) {
     ms.vm_state().set_reset_handler(Box::new(move || {
         if let Some(machine) = machine.upgrade() {
             if let Err(e) = reset_machine(&machine) {
-                eprintln!("qomvm: system reset: {e}");
+                qom::error_report!("system reset: {e}");
             }
         }
     }));

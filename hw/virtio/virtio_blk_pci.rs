@@ -140,7 +140,15 @@ impl VirtioPciImpl for VirtioBlkPci {
     fn create_virtio_device(&self, ctx: &DeviceContext) -> Result<Arc<dyn VirtioDevice>, RealizeError> {
         let services = ctx.machine()?;
         let conf = self
-            .conf(services, ctx.object().canonical_path())
+            // QEMU attaches the drive to the proxy's `virtio-backend` child, whose path
+            // query-block and query-blockstats report as `qdev` (libvirt finds a disk's
+            // statistics by it).
+            .conf(
+                services,
+                ctx.object()
+                    .canonical_path()
+                    .map(|p| format!("{p}/virtio-backend")),
+            )
             .map_err(RealizeError::device)?;
         Ok(Arc::new(VirtioBlk::new(conf)))
     }

@@ -332,7 +332,7 @@ impl VirtioNetPci {
                     return Err(VirtioNetError::Vhost(e.to_string()));
                 }
                 Err(e) => {
-                    eprintln!("qomvm: warning: vhost-net support is not available: {e}; falling back to userspace virtio");
+                    qom::error_report!("warning: vhost-net support is not available: {e}; falling back to userspace virtio");
                     None
                 }
             },

@@ -155,6 +155,19 @@ fn serve(fd: OwnedFd) -> ! {
         // SAFETY: setting a disposition to SIG_IGN.
         unsafe { libc::signal(signal, libc::SIG_IGN) };
     }
+    // Nothing of qomvm's but our socket and stdio stays open here: a descriptor whose
+    // other end someone watches for EOF (-daemonize's start-up pipe) must close with qomvm.
+    let keep = fd.as_raw_fd();
+    let inherited: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for other in inherited.into_iter().filter(|&n| n > 2 && n != keep) {
+        // SAFETY: closing descriptors this process inherited and will never use.
+        unsafe { libc::close(other) };
+    }
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
         let n = match recv(&fd, &mut buf) {

@@ -136,7 +136,7 @@ impl IfReq {
 
 /// Prints a warning as QEMU's `warn_report` does.
 fn warn_report(text: &str) {
-    eprintln!("qomvm: warning: {text}");
+    qom::error_report!("warning: {text}");
 }
 
 fn last_err() -> io::Error {
@@ -701,7 +701,7 @@ impl Netdev for Tap {
     fn cleanup(&self) {
         if let Some((script, ifname)) = self.down_script.lock().take() {
             if let Err(e) = launch_script(&script, &ifname) {
-                eprintln!("qomvm: {e}");
+                qom::error_report!("{e}");
             }
         }
     }

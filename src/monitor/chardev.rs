@@ -8,6 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -40,6 +41,14 @@ pub enum Backend {
         /// `wait=on`: start-up waits for the first client.
         wait: bool,
     },
+    /// A listening Unix socket inherited as descriptor `fd` (`-chardev socket,fd=N,server=on`,
+    /// as libvirt passes its monitor socket).
+    UnixFd {
+        /// The descriptor.
+        fd: RawFd,
+        /// `wait=on`: start-up waits for the first client.
+        wait: bool,
+    },
     /// `none`: no monitor.
     Null,
 }
@@ -67,6 +76,15 @@ pub enum ChardevError {
         "the monitor only listens on loopback addresses (127.0.0.1, ::1, localhost), not '{0}'"
     )]
     NotLoopback(String),
+    /// `fd=` that is not a number or not an open descriptor.
+    #[error("Could not use file descriptor '{0}': not an open descriptor")]
+    BadFd(String),
+    /// `fd=` naming a descriptor that is not a listening Unix socket.
+    #[error("file descriptor {0} is not a listening Unix socket")]
+    NotListeningSocket(RawFd),
+    /// `-chardev socket` with neither `path=` nor `fd=`, or both.
+    #[error("chardev: socket: exactly one of 'path' and 'fd' is required (qomvm listens on Unix sockets only)")]
+    SocketAddress,
     /// The socket could not be created.
     #[error("Failed to bind socket to {what}: {reason}")]
     Bind {
@@ -140,6 +158,103 @@ pub fn parse(spec: &str) -> Result<Backend, ChardevError> {
         addr: SocketAddr::new(ip, port),
         wait,
     })
+}
+
+/// Parses a `-chardev socket,...` that a `-mon` serves: `id=`, `path=P` or `fd=N` (an
+/// inherited listening socket), `server=on`, `wait=`. Returns the id and the backend.
+pub fn parse_chardev_socket(spec: &str) -> Result<(String, Backend), ChardevError> {
+    let mut items = split_opts(spec, Some("backend")).into_iter();
+    match items.next() {
+        Some((_, Some(kind))) if kind == "socket" => {}
+        _ => return Err(ChardevError::Unsupported(spec.to_string())),
+    }
+    let (mut id, mut path, mut fd) = (None, None, None);
+    let (mut server, mut wait) = (false, true);
+    for (key, value) in items {
+        match key.as_str() {
+            "id" => id = value,
+            "path" => path = value,
+            "fd" => fd = value,
+            "server" => server = parse_bool(&key, value)?,
+            "wait" => wait = parse_bool(&key, value)?,
+            "nowait" => wait = false,
+            _ => return Err(ChardevError::InvalidParameter(key)),
+        }
+    }
+    let id = id
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| ChardevError::InvalidParameter("id".into()))?;
+    if !server {
+        return Err(ChardevError::NotServer);
+    }
+    let backend = match (path, fd) {
+        (Some(path), None) => Backend::Unix {
+            path: PathBuf::from(path),
+            wait,
+        },
+        (None, Some(fd)) => Backend::UnixFd {
+            fd: inherited_listener(&fd)?,
+            wait,
+        },
+        _ => return Err(ChardevError::SocketAddress),
+    };
+    Ok((id, backend))
+}
+
+/// Checks that `text` names an open descriptor holding a listening Unix socket.
+fn inherited_listener(text: &str) -> Result<RawFd, ChardevError> {
+    let fd: RawFd = text
+        .parse()
+        .ok()
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| ChardevError::BadFd(text.to_string()))?;
+    // SAFETY: F_GETFD only reads the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(ChardevError::BadFd(text.to_string()));
+    }
+    // SAFETY: a zeroed sockaddr_storage with its length is what getsockname fills.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are valid for writes of the given size.
+    let named = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut len) } == 0;
+    let mut listening: libc::c_int = 0;
+    let mut optlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `listening` and `optlen` are valid for writes of the given size.
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut listening).cast(),
+            &mut optlen,
+        )
+    } == 0;
+    if !(named && got && listening != 0 && i32::from(addr.ss_family) == libc::AF_UNIX) {
+        return Err(ChardevError::NotListeningSocket(fd));
+    }
+    Ok(fd)
+}
+
+/// The monitors' character devices (label, QEMU's `filename` spelling), for
+/// `query-chardev`.
+static MONITOR_CHARDEVS: parking_lot::Mutex<Vec<(String, String)>> =
+    parking_lot::Mutex::new(Vec::new());
+
+/// Records a monitor's chardev for `query-chardev`.
+pub fn register_monitor_chardev(label: &str, backend: &Backend) {
+    let filename = match backend {
+        Backend::Stdio => "stdio".to_string(),
+        Backend::Unix { path, .. } => format!("unix:{},server=on", path.display()),
+        Backend::Tcp { addr, .. } => format!("tcp:{addr},server=on"),
+        Backend::UnixFd { .. } => "unix:,server=on".to_string(),
+        Backend::Null => return,
+    };
+    MONITOR_CHARDEVS.lock().push((label.to_string(), filename));
+}
+
+/// The monitors' chardevs (label, filename).
+pub fn monitor_chardevs() -> Vec<(String, String)> {
+    MONITOR_CHARDEVS.lock().clone()
 }
 
 /// One client's byte streams.
@@ -277,6 +392,17 @@ pub fn serve(name: &str, backend: &Backend, session: Session) -> Result<Listenin
                 unix_path: Some(path.clone()),
             })
         }
+        Backend::UnixFd { fd, wait } => {
+            // SAFETY: parse_chardev_socket checked that `fd` is an open listening socket;
+            // it was inherited for this monitor, which owns it from here on.
+            let listener = unsafe { UnixListener::from_raw_fd(*fd) };
+            // SAFETY: FD_CLOEXEC on a descriptor we own: children (tap scripts) must not
+            // inherit the monitor.
+            unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            let what = format!("fd {fd}");
+            listen(name, listener, "unix", &what, *wait, session)?;
+            Ok(Listening { unix_path: None })
+        }
         Backend::Tcp { addr, wait } => {
             let what = addr.to_string();
             let listener = TcpListener::bind(addr).map_err(|e| bind_error(&what, e))?;
@@ -305,8 +431,8 @@ fn listen<L: Listener>(
     session: Session,
 ) -> Result<(), ChardevError> {
     if wait {
-        eprintln!(
-            "qomvm: info: QEMU waiting for connection on: disconnected:{kind}:{what},server=on"
+        qom::error_report!(
+            "info: QEMU waiting for connection on: disconnected:{kind}:{what},server=on"
         );
         let stream = listener.accept_stream().map_err(|e| bind_error(what, e))?;
         if let Ok(conn) = connection::<L>(stream) {

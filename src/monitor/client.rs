@@ -209,6 +209,12 @@ fn timestamp() -> Value {
 /// The QMP form of an event: `{"event": NAME, "data": {...}, "timestamp": {...}}`
 /// (`data` only for events that have members).
 pub fn event_message(name: &str, data: Option<Value>) -> Value {
+    // query-qmp-schema describes the events of qapi::EVENTS: an event sent without being
+    // declared there is a bug of its sender.
+    debug_assert!(
+        crate::monitor::qapi::EVENTS.iter().any(|e| e.name == name),
+        "event {name} is not declared in qapi::EVENTS"
+    );
     let mut msg = Map::new();
     msg.insert("event".into(), name.into());
     if let Some(data) = data {

@@ -11,6 +11,7 @@
 //! * [`info`]: what both monitors report about the VM (status, KVM, CPUs, QOM values);
 //! * [`client`]: what every client shares: its output queue, the event registry, the
 //!   dispatch gate, deferred main-loop requests;
+//! * [`schema`]: `query-qmp-schema`, generated from the command and event tables;
 //! * [`qmp_cmds`]: the QMP commands;
 //! * [`qmp`]: the QMP session (greeting, capabilities negotiation, dispatch);
 //! * [`hmp`]: the HMP commands, callable from any front end ([`hmp::hmp_execute`]);
@@ -29,6 +30,7 @@ pub mod json;
 pub mod qapi;
 pub mod qmp;
 pub mod qmp_cmds;
+pub mod schema;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,7 +62,58 @@ fn vm_context(machine: &ObjectRef, opts: &Options) -> Arc<VmContext> {
     Arc::new(VmContext {
         machine: machine.clone(),
         name: guest_name(opts),
+        // vl checked -uuid before the machine was built.
+        uuid: opts
+            .uuid
+            .as_ref()
+            .and_then(|u| u.value.parse().ok())
+            .unwrap_or_default(),
         human_monitor: hmp::human_monitor_command,
+    })
+}
+
+/// A `-mon` option (QEMU's `monitor_parse_opts`): the chardev it serves and its mode.
+struct MonOption {
+    /// The `-chardev` id.
+    chardev: String,
+    /// `mode=control`: QMP; `readline` (the default): HMP.
+    control: bool,
+}
+
+/// Errors of `-mon`.
+#[derive(Debug, thiserror::Error)]
+enum MonError {
+    /// No `chardev=`.
+    #[error("Parameter 'chardev' is missing")]
+    MissingChardev,
+    /// A `mode` other than `control` and `readline`.
+    #[error("unknown monitor mode \"{0}\"")]
+    UnknownMode(String),
+    /// `pretty=on`: qomvm's QMP writes one message per line only.
+    #[error("pretty=on is not supported by qomvm")]
+    Pretty,
+    /// An unknown key.
+    #[error("Invalid parameter '{0}'")]
+    InvalidParameter(String),
+}
+
+fn parse_mon(text: &str) -> Result<MonOption, MonError> {
+    let mut chardev = None;
+    let mut control = false;
+    for (key, value) in split_opts(text, Some("chardev")) {
+        match (key.as_str(), value.as_deref()) {
+            ("chardev", Some(v)) => chardev = Some(v.to_string()),
+            ("mode", Some("control")) => control = true,
+            ("mode", Some("readline")) => control = false,
+            ("mode", v) => return Err(MonError::UnknownMode(v.unwrap_or_default().into())),
+            ("pretty", Some("on" | "yes" | "true") | None) => return Err(MonError::Pretty),
+            ("pretty", _) | ("id", _) => {}
+            (k, _) => return Err(MonError::InvalidParameter(k.into())),
+        }
+    }
+    Ok(MonOption {
+        chardev: chardev.ok_or(MonError::MissingChardev)?,
+        control,
     })
 }
 
@@ -85,25 +138,51 @@ pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionErr
         open_dispatch();
     }
     let mut backends = Vec::new();
+    // QEMU labels the chardevs of -qmp/-monitor shorthands compat_monitorN.
     for located in &opts.qmp {
         let backend = chardev::parse(&located.value).map_err(|e| located.error(e))?;
-        backends.push((located, backend, true));
+        let label = format!("compat_monitor{}", backends.len());
+        backends.push((located, label, backend, true));
     }
     for located in &opts.monitor {
         let backend = chardev::parse(&located.value).map_err(|e| located.error(e))?;
-        backends.push((located, backend, false));
+        let label = format!("compat_monitor{}", backends.len());
+        backends.push((located, label, backend, false));
+    }
+    for located in &opts.mon {
+        let mon = parse_mon(&located.value).map_err(|e| located.error(e))?;
+        let backend = opts
+            .chardev
+            .iter()
+            .find(|c| {
+                split_opts(&c.value, Some("backend"))
+                    .into_iter()
+                    .any(|(k, v)| k == "id" && v.as_deref() == Some(mon.chardev.as_str()))
+            })
+            .map(|c| {
+                chardev::parse_chardev_socket(&c.value)
+                    .map(|(_, b)| b)
+                    .map_err(|e| c.error(e))
+            })
+            .transpose()?
+            .ok_or_else(|| located.error(format!("chardev \"{}\" not found", mon.chardev)))?;
+        backends.push((located, mon.chardev, backend, mon.control));
     }
     let stdio_users = backends
         .iter()
-        .filter(|(_, b, _)| *b == chardev::Backend::Stdio)
+        .filter(|(_, _, b, _)| *b == chardev::Backend::Stdio)
         .count();
+    if opts.daemonize && stdio_users > 0 {
+        return Err(OptionError::new("", "cannot use stdio with -daemonize"));
+    }
     if stdio_users > 1 {
         return Err(OptionError::new(
             "",
             "cannot use stdio by multiple character devices",
         ));
     }
-    for (located, backend, is_qmp) in backends {
+    for (located, label, backend, is_qmp) in backends {
+        chardev::register_monitor_chardev(&label, &backend);
         let session: chardev::Session = if is_qmp {
             let vm = vm.clone();
             Arc::new(move |conn| qmp::run_session(&vm, conn))

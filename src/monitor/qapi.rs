@@ -25,6 +25,8 @@ pub struct VmContext {
     pub machine: ObjectRef,
     /// `-name`.
     pub name: Option<String>,
+    /// `-uuid` (all zeroes without it).
+    pub uuid: crate::uuid::Uuid,
     /// Runs `human-monitor-command`.
     pub human_monitor: HumanMonitorFn,
 }
@@ -122,9 +124,10 @@ impl QmpError {
             QmpError::CommandNotFound(_)
             | QmpError::NegotiationExpected
             | QmpError::AlreadyNegotiated => "CommandNotFound",
-            QmpError::DeviceNotFound(_) | QmpError::Qom(qom::Error::PathNotFound(_)) => {
-                "DeviceNotFound"
-            }
+            // QEMU's qom-list-properties reports an unknown class as DeviceNotFound too.
+            QmpError::DeviceNotFound(_)
+            | QmpError::ClassNotFound(_)
+            | QmpError::Qom(qom::Error::PathNotFound(_)) => "DeviceNotFound",
             QmpError::Balloon(BalloonError::NotActivated) => "DeviceNotActive",
             _ => "GenericError",
         }
@@ -147,8 +150,19 @@ pub enum ArgType {
     Int,
     /// `any`.
     Any,
-    /// A list of one of the enum's names (`['QMPCapability']`).
-    EnumList(&'static [&'static str]),
+    /// One of the enum's names.
+    Enum(&'static QapiEnum),
+    /// A list of the enum's names (`['QMPCapability']`).
+    EnumList(&'static QapiEnum),
+}
+
+/// A QAPI enum type: its name (for the schema) and its values.
+#[derive(Debug, PartialEq, Eq)]
+pub struct QapiEnum {
+    /// The type's name (`QMPCapability`).
+    pub name: &'static str,
+    /// Its values, in declaration order.
+    pub values: &'static [&'static str],
 }
 
 impl ArgType {
@@ -158,6 +172,7 @@ impl ArgType {
             ArgType::Bool => "boolean",
             ArgType::Int => "integer",
             ArgType::Any => "any",
+            ArgType::Enum(_) => "string",
             ArgType::EnumList(_) => "array",
         }
     }
@@ -203,6 +218,10 @@ impl Arg {
             required: false,
         }
     }
+    /// Whether this is [`Arg::rest`].
+    pub fn is_rest(&self) -> bool {
+        self.name == REST
+    }
 }
 
 /// What a command runs with.
@@ -236,6 +255,82 @@ pub struct QmpCommand {
     pub run: CommandFn,
 }
 
+/// The capabilities QMP knows (QEMU's `QMPCapability`).
+const CAPABILITIES: QapiEnum = QapiEnum {
+    name: "QMPCapability",
+    values: &["oob"],
+};
+
+/// `qmp_capabilities`' arguments (the session runs it; `qmp_cmds` lists it).
+pub const QMP_CAPABILITIES_ARGS: &[Arg] =
+    &[Arg::optional("enable", ArgType::EnumList(&CAPABILITIES))];
+
+/// A QMP event (QEMU's `{ 'event': ... }`): its name and its `data` members.
+pub struct QmpEvent {
+    /// The event's name.
+    pub name: &'static str,
+    /// Its data members.
+    pub data: &'static [Arg],
+}
+
+/// QEMU's `ShutdownCause`, the `reason` of `SHUTDOWN` and `RESET`: the causes qomvm has
+/// (`hw::core::runstate::ShutdownCause`), in QEMU's order.
+pub const SHUTDOWN_CAUSE: QapiEnum = QapiEnum {
+    name: "ShutdownCause",
+    values: &[
+        "host-error",
+        "host-qmp-quit",
+        "host-qmp-system-reset",
+        "host-signal",
+        "host-ui",
+        "guest-shutdown",
+        "guest-reset",
+        "guest-panic",
+    ],
+};
+
+/// Every event qomvm sends, as `query-qmp-schema` describes them; a message for an event
+/// not declared here is a bug (`client::event_message` checks in debug builds).
+pub const EVENTS: &[QmpEvent] = &[
+    QmpEvent {
+        name: "SHUTDOWN",
+        data: &[
+            Arg::required("guest", ArgType::Bool),
+            Arg::required("reason", ArgType::Enum(&SHUTDOWN_CAUSE)),
+        ],
+    },
+    QmpEvent {
+        name: "POWERDOWN",
+        data: &[],
+    },
+    QmpEvent {
+        name: "RESET",
+        data: &[
+            Arg::required("guest", ArgType::Bool),
+            Arg::required("reason", ArgType::Enum(&SHUTDOWN_CAUSE)),
+        ],
+    },
+    QmpEvent {
+        name: "STOP",
+        data: &[],
+    },
+    QmpEvent {
+        name: "RESUME",
+        data: &[],
+    },
+    QmpEvent {
+        name: "BALLOON_CHANGE",
+        data: &[Arg::required("actual", ArgType::Int)],
+    },
+    QmpEvent {
+        name: "NIC_RX_FILTER_CHANGED",
+        data: &[
+            Arg::optional("name", ArgType::Str),
+            Arg::required("path", ArgType::Str),
+        ],
+    },
+];
+
 /// QAPI's argument checks, in its order: the declared members (missing, wrong type), then
 /// anything undeclared.
 pub fn check_args(args: &Map<String, Value>, spec: &[Arg]) -> Result<(), QmpError> {
@@ -249,7 +344,18 @@ pub fn check_args(args: &Map<String, Value>, spec: &[Arg]) -> Result<(), QmpErro
                     ArgType::Bool => v.is_boolean(),
                     ArgType::Int => v.is_i64() || v.is_u64(),
                     ArgType::Any => true,
-                    ArgType::EnumList(names) => {
+                    ArgType::Enum(e) => match v.as_str() {
+                        Some(s) if e.values.contains(&s) => true,
+                        Some(s) => {
+                            return Err(QmpError::InvalidEnumValue {
+                                name: arg.name.into(),
+                                value: s.into(),
+                            })
+                        }
+                        None => false,
+                    },
+                    ArgType::EnumList(e) => {
+                        let names = e.values;
                         let Some(items) = v.as_array() else {
                             return Err(QmpError::InvalidParameterType {
                                 name: arg.name.into(),

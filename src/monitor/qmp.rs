@@ -18,12 +18,10 @@ use crate::monitor::chardev::Connection;
 use crate::monitor::client::{register_client, run_deferred, spawn_writer, wait_dispatch, Outbox};
 use crate::monitor::info::version_info;
 use crate::monitor::json::{self, Message, Splitter, MAX_MESSAGE};
-use crate::monitor::qapi::{check_args, Arg, ArgType, CommandCtx, Deferred, QmpError, VmContext};
+use crate::monitor::qapi::{
+    check_args, CommandCtx, Deferred, QmpError, VmContext, QMP_CAPABILITIES_ARGS,
+};
 use crate::monitor::qmp_cmds;
-
-/// The capabilities QMP knows (QEMU's `QMPCapability`).
-const CAPABILITIES: &[&str] = &["oob"];
-const QMP_CAPABILITIES_ARGS: &[Arg] = &[Arg::optional("enable", ArgType::EnumList(CAPABILITIES))];
 
 /// The greeting a client gets on connection.
 pub fn greeting(oob_offered: bool) -> Value {

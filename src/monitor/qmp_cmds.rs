@@ -14,13 +14,15 @@ use crate::monitor::info::{
     block_infos, block_stats, cpu_infos, iothread_infos, kvm_info, named_block_nodes, resolve,
     status_info, value_to_json, version_info,
 };
-use crate::monitor::qapi::{Arg, ArgType, CommandCtx, Deferred, QmpCommand, QmpError};
+use crate::monitor::qapi::{
+    Arg, ArgType, CommandCtx, Deferred, QmpCommand, QmpError, EVENTS, QMP_CAPABILITIES_ARGS,
+};
 
 /// Every command after negotiation, in `query-commands` order.
 pub const COMMANDS: &[QmpCommand] = &[
     QmpCommand {
         name: "qmp_capabilities",
-        args: &[],
+        args: QMP_CAPABILITIES_ARGS,
         // Handled by the session; listed here for query-commands.
         run: |_, _| Err(QmpError::AlreadyNegotiated),
     },
@@ -33,6 +35,68 @@ pub const COMMANDS: &[QmpCommand] = &[
         name: "query-commands",
         args: &[],
         run: query_commands,
+    },
+    QmpCommand {
+        name: "query-qmp-schema",
+        args: &[],
+        run: |_, _| Ok(crate::monitor::schema::introspect(COMMANDS, EVENTS)),
+    },
+    QmpCommand {
+        name: "query-command-line-options",
+        args: &[Arg::optional("option", ArgType::Str)],
+        run: query_command_line_options,
+    },
+    QmpCommand {
+        name: "query-uuid",
+        args: &[],
+        run: |ctx, _| Ok(json!({"UUID": ctx.vm.uuid.to_string()})),
+    },
+    QmpCommand {
+        name: "query-fdsets",
+        args: &[],
+        run: query_fdsets,
+    },
+    QmpCommand {
+        name: "query-chardev",
+        args: &[],
+        run: query_chardev,
+    },
+    QmpCommand {
+        name: "query-migrate-capabilities",
+        args: &[],
+        run: query_migrate_capabilities,
+    },
+    QmpCommand {
+        name: "migrate-set-capabilities",
+        args: &[Arg::required("capabilities", ArgType::Any)],
+        run: migrate_set_capabilities,
+    },
+    QmpCommand {
+        name: "query-tpm-models",
+        args: &[],
+        // No TPM front end exists.
+        run: |_, _| Ok(json!([])),
+    },
+    QmpCommand {
+        name: "query-tpm-types",
+        args: &[],
+        // No TPM backend exists.
+        run: |_, _| Ok(json!([])),
+    },
+    QmpCommand {
+        name: "query-sev-capabilities",
+        args: &[],
+        run: |_, _| Err(QmpError::BadInput("SEV is not available in qomvm".into())),
+    },
+    QmpCommand {
+        name: "query-sgx-capabilities",
+        args: &[],
+        run: |_, _| Err(QmpError::BadInput("SGX is not available in qomvm".into())),
+    },
+    QmpCommand {
+        name: "query-hotpluggable-cpus",
+        args: &[],
+        run: query_hotpluggable_cpus,
     },
     QmpCommand {
         name: "query-status",
@@ -650,6 +714,135 @@ fn human_monitor_command(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<
     let output = (ctx.vm.human_monitor)(ctx, cpu_index, str_arg(args, "command-line"))?;
     // The HMP monitor ends lines with CR LF, and so does its captured output.
     Ok(output.replace('\n', "\r\n").into())
+}
+
+/// QEMU's `qmp_query_command_line_options`: the options that take `key=value` lists, each
+/// with the parameters its parser knows (an empty list: any, as QEMU's `-device`).
+fn query_command_line_options(
+    _: &CommandCtx,
+    args: &Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let wanted = args.get("option").and_then(Value::as_str);
+    let list: Vec<Value> = crate::options::COMMAND_LINE_OPTIONS
+        .iter()
+        .filter(|(name, _)| wanted.is_none_or(|w| w == *name))
+        .map(|(name, params)| {
+            let parameters: Vec<Value> = params
+                .iter()
+                .map(|(p, ty)| json!({"name": p, "type": ty}))
+                .collect();
+            json!({"option": name, "parameters": parameters})
+        })
+        .collect();
+    if let (Some(w), true) = (wanted, list.is_empty()) {
+        return Err(QmpError::BadInput(format!("invalid option name: {w}")));
+    }
+    Ok(list.into())
+}
+
+/// QEMU's `qmp_query_fdsets`: the descriptor sets of `-add-fd`.
+fn query_fdsets(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    Ok(hw::core::fdset::fdset_list()
+        .into_iter()
+        .map(|set| {
+            let fds: Vec<Value> = set
+                .fds
+                .into_iter()
+                .map(|m| match m.opaque {
+                    Some(opaque) => json!({"fd": m.fd, "opaque": opaque}),
+                    None => json!({"fd": m.fd}),
+                })
+                .collect();
+            json!({"fdset-id": set.id, "fds": fds})
+        })
+        .collect())
+}
+
+/// QEMU's `qmp_query_chardev`: every character backend, the monitors' sockets included.
+fn query_chardev(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    let mut list: Vec<Value> = hw::core::chardev::chardev_list()
+        .into_iter()
+        .filter_map(|(label, _)| {
+            let filename = hw::core::chardev::chardev_find(&label)?.filename();
+            Some(json!({"label": label, "filename": filename, "frontend-open": true}))
+        })
+        .collect();
+    list.extend(crate::monitor::chardev::monitor_chardevs().into_iter().map(
+        |(label, filename)| json!({"label": label, "filename": filename, "frontend-open": true}),
+    ));
+    Ok(list.into())
+}
+
+/// The migration capabilities qomvm has (QEMU's `MigrationCapability`): only `events`,
+/// whether MIGRATION events are sent. qomvm cannot migrate, so none ever is; the setting
+/// is kept and reported as QEMU keeps it (libvirt turns it on for every domain).
+const MIGRATION_CAPABILITIES: &[&str] = &["events"];
+
+/// The state of each of [`MIGRATION_CAPABILITIES`].
+static MIGRATION_CAPABILITY_STATE: parking_lot::Mutex<[bool; 1]> = parking_lot::Mutex::new([false]);
+
+/// QEMU's `qmp_query_migrate_capabilities`.
+fn query_migrate_capabilities(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    let state = MIGRATION_CAPABILITY_STATE.lock();
+    Ok(MIGRATION_CAPABILITIES
+        .iter()
+        .zip(state.iter())
+        .map(|(name, on)| json!({"capability": name, "state": on}))
+        .collect())
+}
+
+/// QEMU's `qmp_migrate_set_capabilities`: a list of `{capability, state}`, checked whole
+/// before any is applied.
+fn migrate_set_capabilities(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let Some(list) = args.get("capabilities").and_then(Value::as_array) else {
+        return Err(QmpError::InvalidParameterType {
+            name: "capabilities".into(),
+            expected: "array",
+        });
+    };
+    let mut changes = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let member = |name: &str| format!("capabilities[{i}].{name}");
+        let capability = item
+            .get("capability")
+            .ok_or_else(|| QmpError::MissingParameter(member("capability")))?;
+        let capability = capability
+            .as_str()
+            .ok_or_else(|| QmpError::InvalidParameterType {
+                name: member("capability"),
+                expected: "string",
+            })?;
+        let index = MIGRATION_CAPABILITIES
+            .iter()
+            .position(|c| *c == capability)
+            .ok_or_else(|| QmpError::InvalidEnumValue {
+                name: member("capability"),
+                value: capability.into(),
+            })?;
+        let state = item
+            .get("state")
+            .ok_or_else(|| QmpError::MissingParameter(member("state")))?
+            .as_bool()
+            .ok_or_else(|| QmpError::InvalidParameterType {
+                name: member("state"),
+                expected: "boolean",
+            })?;
+        changes.push((index, state));
+    }
+    let mut current = MIGRATION_CAPABILITY_STATE.lock();
+    for (index, state) in changes {
+        current[index] = state;
+    }
+    Ok(json!({}))
+}
+
+/// QEMU's `qmp_query_hotpluggable_cpus`: qomvm's machines cannot hot-plug CPUs (their
+/// `query-machines` entries say `hotpluggable-cpus: false`), so it is QEMU's error for
+/// such a machine.
+fn query_hotpluggable_cpus(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    Err(QmpError::BadInput(
+        "The feature 'query-hotpluggable-cpus' is not enabled".into(),
+    ))
 }
 
 /// A network command's error as QMP reports it.

@@ -1,0 +1,486 @@
+//! Issue 14's acceptance: libvirt (Debian 12's 9.0, installed and started by
+//! `scripts/libvirt-setup.sh`) drives the `qomvm` binary through `virsh -c qemu:///system`:
+//! capability probing (`domcapabilities`), then a domain that boots a Multiboot test kernel
+//! built here, with its serial port in a file, through create, dominfo, suspend/resume,
+//! `qemu-monitor-command`, an ACPI shutdown, destroy, and define/start/undefine, checking
+//! `virsh list` at each step.
+//!
+//! Skipped, with the reason printed, where libvirt cannot run: not root (libvirtd is a
+//! system daemon), no usable `/dev/kvm`, or the setup script failing (no network for apt,
+//! no Debian). Every domain a test creates is destroyed and undefined on every path.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
+use test_support::guest::{Asm, Cond, EAX, ECX, ESI};
+use test_support::vm::kvm_unusable;
+
+const URI: &str = "qemu:///system";
+
+/// Where the kernel is loaded (vaddr = paddr) and where its data starts in the file.
+const LOAD: u32 = 0x10_0000;
+const DATA_OFF: usize = 0x400;
+const COM1: u16 = 0x3f8;
+/// PIIX4 PM's PM1a event block (status) and control register (hw/acpi/piix4.rs).
+const PM1_STS: u16 = 0x600;
+const PM1_CNT: u16 = 0x604;
+const PM1_PWRBTN_STS: u32 = 1 << 8;
+/// SLP_EN with SLP_TYP 0, the DSDT's `\_S5`: soft power-off.
+const PM1_CNT_S5: u32 = 1 << 13;
+const BANNER: &str = "qomvm libvirt test kernel: up\n";
+/// Port reads between two dots: each is a VM exit (about 10 us on PVM), so a dot every few
+/// milliseconds, enough to see the guest run or stop without flooding the file.
+const DELAY_READS: u32 = 500;
+
+/// A Multiboot kernel that prints [`BANNER`] on COM1, then a dot every [`DELAY_READS`]
+/// reads of PM1_STS; when a read shows the power button (`virsh shutdown` is QEMU's
+/// `system_powerdown`), it powers off through PM1_CNT, as an ACPI OS does.
+fn test_kernel() -> Vec<u8> {
+    let banner = LOAD + DATA_OFF as u32;
+    let mut a = Asm::flat32();
+    a.mov_imm(ESI, banner).mov_imm(ECX, BANNER.len() as u32);
+    let next = a.here();
+    a.mov_dx(COM1).lodsb().out_dx_al().loop_back(next);
+    let main = a.here();
+    let power_off = a.label();
+    a.mov_imm(ECX, DELAY_READS);
+    let poll = a.here();
+    a.mov_dx(PM1_STS)
+        .in_ax_dx()
+        .and_imm(EAX, PM1_PWRBTN_STS)
+        .jcc(Cond::Ne, power_off)
+        .loop_back(poll);
+    a.mov_dx(COM1).mov_al(b'.').out_dx_al().jmp(main);
+    a.bind(power_off);
+    a.mov_dx(PM1_CNT).mov_imm(EAX, PM1_CNT_S5).out_dx_ax();
+    a.hlt_loop();
+    Elf32Kernel {
+        vaddr: LOAD,
+        paddr: LOAD,
+        flags: PF_R | PF_W | PF_X,
+        bss: 0,
+        data_off: DATA_OFF,
+        code: &a.finish(),
+        data: BANNER.as_bytes(),
+    }
+    .build()
+}
+
+/// Why libvirt cannot be used here, if it cannot. The set-up runs once for all tests of
+/// this binary (they run in parallel; two installs or two daemon starts would collide).
+fn libvirt_unusable() -> Option<String> {
+    static REASON: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    REASON.get_or_init(set_up_libvirt).clone()
+}
+
+fn set_up_libvirt() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root: libvirtd (qemu:///system) needs root".into());
+    }
+    if let Some(reason) = kvm_unusable() {
+        return Some(reason);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/libvirt-setup.sh");
+    match Command::new(&script).output() {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!(
+            "libvirt cannot be installed or started: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run {}: {e}", script.display())),
+    }
+}
+
+/// `virsh -c qemu:///system ARGS`: status, stdout, stderr.
+fn virsh(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(URI)
+        .args(args)
+        .output()
+        .expect("virsh runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `virsh ARGS`, which must succeed; its stdout.
+fn virsh_ok(args: &[&str]) -> String {
+    let (ok, stdout, stderr) = virsh(args);
+    assert!(ok, "virsh {args:?} failed: {stderr}{stdout}");
+    stdout
+}
+
+/// The state `virsh list --all` shows for `name` (`running`, `paused`, `shut off`), or
+/// `None` if it is not listed.
+fn listed_state(name: &str) -> Option<String> {
+    virsh_ok(&["list", "--all"]).lines().find_map(|line| {
+        let mut cols = line.split_whitespace();
+        let _id = cols.next()?;
+        (cols.next()? == name).then(|| cols.collect::<Vec<_>>().join(" "))
+    })
+}
+
+/// Waits up to `timeout` for `cond`.
+fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// A domain name for this test run, destroyed and undefined when dropped (on success,
+/// failure and panic alike).
+struct Domain {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Domain {
+    fn new(test: &str) -> Self {
+        let name = format!("qomvm-test-{test}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let domain = Domain { name, dir };
+        domain.remove();
+        domain
+    }
+
+    fn serial(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    fn serial_len(&self) -> u64 {
+        std::fs::metadata(self.serial()).map_or(0, |m| m.len())
+    }
+
+    /// The domain XML that works with qomvm (docs/libvirt.md): direct kernel boot, no USB
+    /// controller, no balloon, no graphics or video, COM1 into a file.
+    fn xml(&self, kernel: &Path) -> PathBuf {
+        let serial = format!(
+            "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+            self.serial().display()
+        );
+        self.xml_with_devices(kernel, &serial, "<memballoon model='none'/>")
+    }
+
+    /// The same with COM1's `<serial>` (and any `<console>`) given.
+    fn xml_with_serial(&self, kernel: &Path, serial: &str) -> PathBuf {
+        self.xml_with_devices(kernel, serial, "<memballoon model='none'/>")
+    }
+
+    /// The same with COM1's `<serial>` and other `<devices>` entries given.
+    fn xml_with_devices(&self, kernel: &Path, serial: &str, extra: &str) -> PathBuf {
+        let xml = format!(
+            "<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <cmdline>libvirt test</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <controller type='usb' model='none'/>
+    {serial}
+    {extra}
+  </devices>
+</domain>
+",
+            name = self.name,
+            kernel = kernel.display(),
+            emulator = env!("CARGO_BIN_EXE_qomvm"),
+        );
+        let path = self.dir.join("domain.xml");
+        std::fs::write(&path, xml).unwrap();
+        path
+    }
+
+    /// Waits for the banner in the serial file: the guest runs.
+    fn expect_banner(&self) {
+        let seen = wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(self.serial()).is_ok_and(|s| s.starts_with(BANNER))
+        });
+        let text = std::fs::read_to_string(self.serial()).unwrap_or_default();
+        assert!(seen, "no banner on the serial port; it has {text:?}");
+    }
+
+    fn remove(&self) {
+        let _ = virsh(&["destroy", &self.name]);
+        let _ = virsh(&["undefine", &self.name]);
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        self.remove();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The machine `qomvm -machine help` marks as the default, as libvirt must report it.
+fn qomvm_default_machine() -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(["-machine", "help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.contains("(default)"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a default machine in {text}"))
+        .to_string()
+}
+
+/// The CPU models `qomvm -cpu help` lists (its "Available CPUs:" block).
+fn qomvm_cpu_models() -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(["-cpu", "help"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip_while(|l| !l.starts_with("Available CPUs:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("x86 ")
+                .unwrap_or(l)
+                .split_whitespace()
+                .next()
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn domcapabilities_probes_qomvm_and_reports_what_it_has() {
+    if let Some(reason) = libvirt_unusable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let caps = virsh_ok(&[
+        "domcapabilities",
+        "--emulatorbin",
+        env!("CARGO_BIN_EXE_qomvm"),
+        "--arch",
+        "x86_64",
+        "--virttype",
+        "kvm",
+    ]);
+    assert!(
+        caps.contains(&format!("<path>{}</path>", env!("CARGO_BIN_EXE_qomvm"))),
+        "{caps}"
+    );
+    // libvirt's default machine is qomvm's (by its full name, not the `pc` alias).
+    let machine = qomvm_default_machine();
+    assert!(
+        caps.contains(&format!("<machine>{machine}</machine>")),
+        "{machine} in {caps}"
+    );
+    // The custom CPU models are qomvm's (libvirt leaves out max and host, which are modes).
+    let custom = caps
+        .split("<mode name='custom'")
+        .nth(1)
+        .and_then(|s| s.split("</mode>").next())
+        .unwrap_or_else(|| panic!("a custom CPU mode in {caps}"));
+    let models = qomvm_cpu_models();
+    let listed: Vec<&str> = custom
+        .lines()
+        .filter_map(|l| l.trim().strip_suffix("</model>")?.rsplit('>').next())
+        .collect();
+    assert!(!listed.is_empty(), "{custom}");
+    for m in &listed {
+        assert!(
+            models.iter().any(|q| q == m),
+            "{m} is not a qomvm model: {models:?}"
+        );
+    }
+    // Devices: the RNG backends qomvm has, virtio disks, and no TPM.
+    assert!(caps.contains("<value>random</value>"), "{caps}");
+    assert!(caps.contains("<value>builtin</value>"), "{caps}");
+    assert!(caps.contains("<tpm supported='no'/>"), "{caps}");
+    assert!(caps.contains("<value>virtio</value>"), "{caps}");
+}
+
+#[test]
+fn a_domain_runs_pauses_powers_off_and_is_listed_truthfully() {
+    if let Some(reason) = libvirt_unusable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dom = Domain::new("life");
+    let kernel = dom.dir.join("kernel.elf");
+    std::fs::write(&kernel, test_kernel()).unwrap();
+    let xml = dom.xml(&kernel);
+    let xml = xml.to_str().unwrap();
+    let name = dom.name.as_str();
+
+    // create: the guest prints, virsh lists it running.
+    virsh_ok(&["create", xml]);
+    dom.expect_banner();
+    assert_eq!(listed_state(name).as_deref(), Some("running"));
+    let info = virsh_ok(&["dominfo", name]);
+    assert!(info.contains("running"), "{info}");
+    assert!(info.contains("Persistent:     no"), "{info}");
+
+    // suspend: the guest really stops (no output), resume: it goes on.
+    virsh_ok(&["suspend", name]);
+    assert_eq!(listed_state(name).as_deref(), Some("paused"));
+    let paused_at = dom.serial_len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        dom.serial_len(),
+        paused_at,
+        "the guest printed while paused"
+    );
+    virsh_ok(&["resume", name]);
+    assert_eq!(listed_state(name).as_deref(), Some("running"));
+    assert!(
+        wait_for(Duration::from_secs(10), || dom.serial_len() > paused_at),
+        "no output after resume"
+    );
+
+    // The human monitor through libvirt's QMP connection.
+    let tree = virsh_ok(&["qemu-monitor-command", "--hmp", name, "info qom-tree"]);
+    assert!(tree.contains("/machine ("), "{tree}");
+    assert!(tree.contains("/serial0 (isa-serial)"), "{tree}");
+
+    // shutdown: the ACPI power button; the guest powers off and the transient domain
+    // is gone.
+    virsh_ok(&["shutdown", name]);
+    assert!(
+        wait_for(Duration::from_secs(30), || listed_state(name).is_none()),
+        "the domain did not power off: {:?}",
+        listed_state(name)
+    );
+
+    // destroy of a running transient domain.
+    virsh_ok(&["create", xml]);
+    dom.expect_banner();
+    virsh_ok(&["destroy", name]);
+    assert_eq!(listed_state(name), None);
+
+    // define/start/destroy/undefine of a persistent one.
+    virsh_ok(&["define", xml]);
+    assert_eq!(listed_state(name).as_deref(), Some("shut off"));
+    let _ = std::fs::remove_file(dom.serial());
+    virsh_ok(&["start", name]);
+    dom.expect_banner();
+    assert_eq!(listed_state(name).as_deref(), Some("running"));
+    virsh_ok(&["destroy", name]);
+    assert_eq!(listed_state(name).as_deref(), Some("shut off"));
+    virsh_ok(&["undefine", name]);
+    assert_eq!(listed_state(name), None);
+}
+
+#[test]
+fn a_pty_serial_port_is_the_domains_console() {
+    if let Some(reason) = libvirt_unusable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dom = Domain::new("pty");
+    let kernel = dom.dir.join("kernel.elf");
+    std::fs::write(&kernel, test_kernel()).unwrap();
+    let xml = dom.xml_with_serial(
+        &kernel,
+        "<serial type='pty'><target port='0'/></serial>\
+         <console type='pty'><target type='serial' port='0'/></console>",
+    );
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    // libvirt found the terminal through query-chardev's `pty:/dev/pts/N`.
+    let tty = virsh_ok(&["ttyconsole", &dom.name]).trim().to_string();
+    assert!(tty.starts_with("/dev/pts/"), "{tty}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader_tty = tty.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let Ok(mut f) = std::fs::File::open(&reader_tty) else {
+            return;
+        };
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(BANNER.len()).any(|w| w == BANNER.as_bytes()) {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+        "no banner on the domain's console {tty}"
+    );
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
+
+#[test]
+fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
+    if let Some(reason) = libvirt_unusable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dom = Domain::new("disk");
+    let kernel = dom.dir.join("kernel.elf");
+    std::fs::write(&kernel, test_kernel()).unwrap();
+    let disk = dom.dir.join("disk.raw");
+    let disk_size: u64 = 8 << 20;
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(disk_size)
+        .unwrap();
+    let serial = format!(
+        "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+        dom.serial().display()
+    );
+    // libvirt writes -blockdev (JSON), -device virtio-blk-pci, virtio-balloon-pci, and
+    // -object rng-random with virtio-rng-pci for these.
+    let extra = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <memballoon model='virtio'/>\
+         <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>",
+        disk.display()
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let blocks = virsh_ok(&["domblklist", &dom.name]);
+    assert!(
+        blocks.contains(&format!("vda      {}", disk.display())),
+        "{blocks}"
+    );
+    // Statistics are found by the device's qdev path (query-block/query-blockstats).
+    let info = virsh_ok(&["domblkinfo", &dom.name, "vda"]);
+    assert!(
+        info.contains(&format!("Capacity:       {disk_size}")),
+        "{info}"
+    );
+    virsh_ok(&["domblkstat", &dom.name, "vda"]);
+    // The balloon reports the guest's size (64 MiB) through query-balloon.
+    let mem = virsh_ok(&["dommemstat", &dom.name]);
+    assert!(mem.contains("actual 65536"), "{mem}");
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
