@@ -107,6 +107,12 @@ impl DaemonPipe {
                 unsafe { libc::dup2(null.as_raw_fd(), fd) };
             }
         }
+        // The script launcher was forked with the starting terminal's descriptors: it
+        // lets them go too, or whoever waits for their end (the caller of -daemonize
+        // reading its output) would wait for ever.
+        if let Err(e) = ::net::launcher::detach_stdio() {
+            log::debug!("script launcher: {e}");
+        }
         let mut pipe = File::from(self.0);
         let _ = pipe.write_all(&[0]);
     }

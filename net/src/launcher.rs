@@ -68,6 +68,23 @@ pub fn deny_spawn() {
     SPAWN_DENIED.store(true, Ordering::Release);
 }
 
+/// The request that has the launcher put /dev/null on its stdin, stdout and stderr (a
+/// byte no program name starts with).
+const DETACH_STDIO: &[u8] = b"\x01";
+
+/// Has the launcher let go of the terminal it inherited (`-daemonize`'s `os_setup_post`
+/// does the same for qomvm); scripts started later get /dev/null, as a daemon's do.
+pub fn detach_stdio() -> io::Result<()> {
+    let Some(launcher) = LAUNCHER.get() else {
+        return Ok(());
+    };
+    let fd = launcher.lock().unwrap_or_else(|e| e.into_inner());
+    send(&fd, DETACH_STDIO)?;
+    let mut reply = [0u8; 5];
+    recv(&fd, &mut reply)?;
+    Ok(())
+}
+
 /// Runs `program args...` and waits: its raw wait status (0: exit status 0). The error of
 /// a program that could not be started, or `PermissionDenied` under `spawn=deny`.
 pub fn run(program: &str, args: &[&str]) -> io::Result<i32> {
@@ -174,6 +191,22 @@ fn serve(fd: OwnedFd) -> ! {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if &buf[..n] == DETACH_STDIO {
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                for std_fd in 0..=2 {
+                    // SAFETY: dup2 onto our own standard descriptors.
+                    unsafe { libc::dup2(null.as_raw_fd(), std_fd) };
+                }
+            }
+            if send(&fd, &[0u8; 5]).is_err() {
+                break;
+            }
+            continue;
+        }
         let mut parts = buf[..n]
             .split(|&b| b == 0)
             .filter(|p| !p.is_empty())

@@ -289,6 +289,12 @@ pub const SHUTDOWN_CAUSE: QapiEnum = QapiEnum {
     ],
 };
 
+/// QAPI's `GuestPanicAction`, the `action` of `GUEST_PANICKED` and `GUEST_CRASHLOADED`.
+pub const GUEST_PANIC_ACTION: QapiEnum = QapiEnum {
+    name: "GuestPanicAction",
+    values: &["pause", "poweroff", "run"],
+};
+
 /// Every event qomvm sends, as `query-qmp-schema` describes them; a message for an event
 /// not declared here is a bug (`client::event_message` checks in debug builds).
 pub const EVENTS: &[QmpEvent] = &[
@@ -317,6 +323,26 @@ pub const EVENTS: &[QmpEvent] = &[
     QmpEvent {
         name: "RESUME",
         data: &[],
+    },
+    QmpEvent {
+        name: "SUSPEND",
+        data: &[],
+    },
+    QmpEvent {
+        name: "SUSPEND_DISK",
+        data: &[],
+    },
+    QmpEvent {
+        name: "WAKEUP",
+        data: &[],
+    },
+    QmpEvent {
+        name: "GUEST_PANICKED",
+        data: &[Arg::required("action", ArgType::Enum(&GUEST_PANIC_ACTION))],
+    },
+    QmpEvent {
+        name: "GUEST_CRASHLOADED",
+        data: &[Arg::required("action", ArgType::Enum(&GUEST_PANIC_ACTION))],
     },
     QmpEvent {
         name: "BALLOON_CHANGE",
