@@ -187,16 +187,18 @@ pub fn cpus() -> String {
         let _ = writeln!(out, "x86 {name:<20}  {description}");
     }
     out.push_str("\nRecognized CPUID flags:\n");
-    let mut len = 0;
+    // Lines of at most 75 columns, two spaces in; QEMU ends the list with a blank line.
+    let mut line = String::new();
     for flag in feature_names() {
-        if len + flag.len() + 1 > 75 {
+        if !line.is_empty() && line.len() + flag.len() + 1 > 75 {
+            out.push_str(&line);
             out.push('\n');
-            len = 0;
+            line.clear();
         }
-        out.push_str(if len == 0 { "  " } else { " " });
-        out.push_str(flag);
-        len += flag.len() + 1;
+        line.push_str(if line.is_empty() { "  " } else { " " });
+        line.push_str(flag);
     }
-    out.push('\n');
+    out.push_str(&line);
+    out.push_str("\n\n");
     out
 }

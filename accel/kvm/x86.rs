@@ -108,6 +108,9 @@ pub fn filtered_features(
             granted.insert(name);
         }
     }
+    // In QEMU's order: word by word, bit by bit.
+    let position = |f: &Feature| FEATURE_WORDS.iter().position(|w| w.id == f.word.id);
+    missing.sort_by_key(|f| (position(f), f.bit));
     (granted, missing)
 }
 
@@ -184,7 +187,7 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<Cp
     // model's; for max/host that is KVM's bits minus what -feat took away.
     for word in FEATURE_WORDS {
         let mut value = 0;
-        for f in features().iter().filter(|f| std::ptr::eq(f.word, word)) {
+        for f in features().iter().filter(|f| f.word.id == word.id) {
             if granted.contains(f.name) {
                 value |= 1 << f.bit;
             }
@@ -218,8 +221,10 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<Cp
         }
     }
 
-    let level = cfg.identity.level.or(model.filter(|m| m.level != 0).map(|m| m.level));
-    let xlevel = cfg.identity.xlevel.or(model.filter(|m| m.xlevel != 0).map(|m| m.xlevel));
+    // A named model's limits (xlevel 0: no extended leaves, as on a Pentium III); max and
+    // host keep KVM's.
+    let level = cfg.identity.level.or(model.filter(|m| !m.passthrough()).map(|m| m.level));
+    let xlevel = cfg.identity.xlevel.or(model.filter(|m| !m.passthrough()).map(|m| m.xlevel));
     entries.retain(|e| {
         let f = e.function;
         let basic_ok = f >= 0x4000_0000 || level.is_none_or(|l| f <= l);

@@ -733,6 +733,21 @@ pub fn apply_cpu_options(cpu: &qom::Object, options: &str) -> Result<(), Error> 
     let mut plus = Vec::new();
     let mut minus = Vec::new();
     for item in options.split(',').filter(|s| !s.is_empty()) {
+        let bare = item.trim_start_matches(['+', '-']);
+        let bare = bare.split_once('=').map_or(bare, |(name, _)| name);
+        if let Some(&bare) = OS_CONTROLLED_BITS.iter().find(|b| **b == bare) {
+            // Older QEMU took these names (the seed command lines carry `+osxsave`); the
+            // guest's CR4 sets them and KVM computes them, so a request cannot change them.
+            // Warned once: the options are parsed again for each CPU.
+            static WARNED: Mutex<BTreeSet<&str>> = Mutex::new(BTreeSet::new());
+            if !WARNED.lock().insert(bare) {
+                continue;
+            }
+            eprintln!(
+                "qomvm: warning: CPUID feature '{bare}' follows the guest's CR4, not the CPU model; ignored"
+            );
+            continue;
+        }
         if let Some(feat) = item.strip_prefix('+') {
             plus.push(feat);
             continue;
@@ -752,6 +767,10 @@ pub fn apply_cpu_options(cpu: &qom::Object, options: &str) -> Result<(), Error> 
     }
     Ok(())
 }
+
+/// CPUID bits that mirror a CR4 bit the guest OS sets (leaf 1 ECX bit 27, leaf 7 ECX bit
+/// 4): QEMU leaves them unnamed.
+const OS_CONTROLLED_BITS: &[&str] = &["osxsave", "ospke"];
 
 /// QEMU's `feat2prop` and legacy names: the property a `-cpu` option name sets.
 fn property_name(name: &str) -> String {

@@ -21,7 +21,7 @@ pub struct FeatureWord {
 
 /// Every CPUID feature word QEMU names, in QEMU's order.
 #[rustfmt::skip]
-pub const FEATURE_WORDS: &[FeatureWord] = &[
+pub static FEATURE_WORDS: &[FeatureWord] = &[
     FeatureWord { id: "FEAT_1_EDX", leaf: 1, subleaf: None, reg: Reg::Edx, names: [
         "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce",
         "cx8", "apic", "", "sep", "mtrr", "pge", "mca", "cmov",
