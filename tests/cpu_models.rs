@@ -15,8 +15,8 @@ use std::process::{Command, Output, Stdio};
 use accel::kvm::x86::{feature_supported, host_supported_cpuid, CpuId};
 use hw::core::runstate::RunRequest;
 use hw::i386::x86_cpu::{feature_by_name, Feature, X86CpuModel};
-use test_support::{guest, require_kvm};
 use test_support::vm::{TestVm, EXIT_PORT, RECORD_PORT};
+use test_support::{guest, require_kvm};
 
 /// The seed 001_c0d96986192e56ac.txt's `-cpu`.
 const SEED_CPU: &str = "SandyBridge,+erms,+smep,+fsgsbase,+pdpe1gb,+rdrand,+f16c,+osxsave,\
@@ -35,14 +35,21 @@ impl GuestCpuid {
     }
     fn vendor(&self) -> String {
         let [_, ebx, ecx, edx] = self.regs(0, 0);
-        let bytes: Vec<u8> = [ebx, edx, ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        let bytes: Vec<u8> = [ebx, edx, ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
     fn family_model_stepping(&self) -> (u32, u32, u32) {
         let eax = self.regs(1, 0)[0];
         let base = (eax >> 8) & 0xf;
         let family = base + if base == 0xf { (eax >> 20) & 0xff } else { 0 };
-        (family, ((eax >> 4) & 0xf) | (((eax >> 16) & 0xf) << 4), eax & 0xf)
+        (
+            family,
+            ((eax >> 4) & 0xf) | (((eax >> 16) & 0xf) << 4),
+            eax & 0xf,
+        )
     }
     fn brand(&self) -> String {
         let bytes: Vec<u8> = (0x8000_0002..=0x8000_0004)
@@ -79,8 +86,18 @@ const QUERIES: &[(u32, u32)] = &[
 fn guest_cpuid(cpu: &str) -> GuestCpuid {
     let image = guest::cpuid_reporter(QUERIES, RECORD_PORT, EXIT_PORT, 0x15);
     let vm = TestVm::new(&image, 1, cpu);
-    assert_eq!(vm.run(), Some(RunRequest::DebugExit((0x15 << 1) | 1)), "{cpu}");
-    let words: Vec<u32> = vm.ports.log.lock().iter().map(|(_, v, _, _)| *v as u32).collect();
+    assert_eq!(
+        vm.run(),
+        Some(RunRequest::DebugExit((0x15 << 1) | 1)),
+        "{cpu}"
+    );
+    let words: Vec<u32> = vm
+        .ports
+        .log
+        .lock()
+        .iter()
+        .map(|(_, v, _, _)| *v as u32)
+        .collect();
     assert_eq!(words.len(), QUERIES.len() * 4, "{cpu}: {words:x?}");
     GuestCpuid(
         QUERIES
@@ -134,13 +151,38 @@ fn named_models_give_the_guest_their_vendor_family_model_and_features() {
     accel::init().unwrap();
     let mut lacks_checked = 0;
     for (name, vendor, fms, brand) in [
-        ("SandyBridge", "GenuineIntel", (6, 42, 1), "Intel Xeon E312xx (Sandy Bridge)"),
-        ("Skylake-Server-v4", "GenuineIntel", (6, 85, 4), "Intel Xeon Processor (Skylake, IBRS, no TSX)"),
+        (
+            "SandyBridge",
+            "GenuineIntel",
+            (6, 42, 1),
+            "Intel Xeon E312xx (Sandy Bridge)",
+        ),
+        (
+            "Skylake-Server-v4",
+            "GenuineIntel",
+            (6, 85, 4),
+            "Intel Xeon Processor (Skylake, IBRS, no TSX)",
+        ),
         ("EPYC", "AuthenticAMD", (23, 1, 2), "AMD EPYC Processor"),
-        ("Opteron_G1", "AuthenticAMD", (15, 6, 1), "AMD Opteron 240 (Gen 1 Class Opteron)"),
-        ("Conroe", "GenuineIntel", (6, 15, 3), "Intel Celeron_4x0 (Conroe/Merom Class Core 2)"),
+        (
+            "Opteron_G1",
+            "AuthenticAMD",
+            (15, 6, 1),
+            "AMD Opteron 240 (Gen 1 Class Opteron)",
+        ),
+        (
+            "Conroe",
+            "GenuineIntel",
+            (6, 15, 3),
+            "Intel Celeron_4x0 (Conroe/Merom Class Core 2)",
+        ),
         ("kvm64", "GenuineIntel", (15, 6, 1), "Common KVM processor"),
-        ("Dhyana", "HygonGenuine", (24, 0, 1), "Hygon Dhyana Processor"),
+        (
+            "Dhyana",
+            "HygonGenuine",
+            (24, 0, 1),
+            "Hygon Dhyana Processor",
+        ),
     ] {
         let seen = guest_cpuid(name);
         assert_eq!(seen.vendor(), vendor, "{name}");
@@ -157,14 +199,19 @@ fn named_models_give_the_guest_their_vendor_family_model_and_features() {
         }
     }
     // SandyBridge, Conroe, kvm64 lack 3dnowprefetch, which KVM offers everywhere.
-    assert!(lacks_checked >= 3, "{lacks_checked} models checked for a missing feature");
+    assert!(
+        lacks_checked >= 3,
+        "{lacks_checked} models checked for a missing feature"
+    );
 }
 
 #[test]
 fn vendor_family_model_and_model_id_options_override_the_model() {
     require_kvm!();
     accel::init().unwrap();
-    let seen = guest_cpuid("Opteron_G1,vendor=GenuineIntel,family=6,model=0x3a,stepping=9,model-id=Test CPU");
+    let seen = guest_cpuid(
+        "Opteron_G1,vendor=GenuineIntel,family=6,model=0x3a,stepping=9,model-id=Test CPU",
+    );
     assert_eq!(seen.vendor(), "GenuineIntel");
     assert_eq!(seen.family_model_stepping(), (6, 0x3a, 9));
     assert_eq!(seen.brand(), "Test CPU");
@@ -185,7 +232,11 @@ fn plus_and_minus_features_reach_the_guest() {
     // Both spellings: +f/-f and f=on/off, with `_` for `-`.
     for options in [
         format!("qemu64,+{},-{}", lacks.name, has.name),
-        format!("qemu64,{}=on,{}=off", lacks.name.replace('-', "_"), has.name),
+        format!(
+            "qemu64,{}=on,{}=off",
+            lacks.name.replace('-', "_"),
+            has.name
+        ),
     ] {
         let seen = guest_cpuid(&options);
         assert!(seen.has(lacks), "{options}: {} still off", lacks.name);
@@ -197,7 +248,11 @@ fn plus_and_minus_features_reach_the_guest() {
     // AMD models repeat leaf 1's EDX bits in 0x80000001 (QEMU's AMD aliases).
     let amd = guest_cpuid("Opteron_G1");
     assert!(amd.has(feature("fpu")));
-    assert_ne!(amd.regs(0x8000_0001, 0)[3] & 1, 0, "fpu alias in 0x80000001.EDX");
+    assert_ne!(
+        amd.regs(0x8000_0001, 0)[3] & 1,
+        0,
+        "fpu alias in 0x80000001.EDX"
+    );
 }
 
 fn qomvm(args: &[&str], stdin: &str) -> Output {
@@ -230,23 +285,51 @@ fn the_seeds_cpu_string_is_accepted_with_warnings_and_refused_with_enforce() {
         .filter_map(feature_by_name)
         .filter(|f| !feature_supported(host, f))
         .collect();
-    let args = ["-M", "pc", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio", "-cpu", SEED_CPU];
+    let args = [
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        "stdio",
+        "-cpu",
+        SEED_CPU,
+    ];
     let out = qomvm(&args, QMP_QUIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}: {stderr}", out.status);
     for f in &lacking {
-        let line = format!("qomvm: warning: host doesn't support requested feature: {}", f.describe());
+        let line = format!(
+            "qomvm: warning: host doesn't support requested feature: {}",
+            f.describe()
+        );
         assert!(stderr.contains(&line), "missing {line:?} in:\n{stderr}");
     }
     let enforced = format!("{SEED_CPU},enforce");
-    let args = ["-M", "pc", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio", "-cpu", &enforced];
+    let args = [
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        "stdio",
+        "-cpu",
+        &enforced,
+    ];
     let out = qomvm(&args, QMP_QUIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if lacking.is_empty() {
         assert!(out.status.success(), "{stderr}");
     } else {
         assert_eq!(out.status.code(), Some(1), "{stderr}");
-        assert!(stderr.contains("Host doesn't support requested features"), "{stderr}");
+        assert!(
+            stderr.contains("Host doesn't support requested features"),
+            "{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
@@ -259,7 +342,17 @@ fn enforce_refuses_one_missing_feature_and_check_off_is_silent() {
     // smx: KVM never offers it to guests.
     let smx = feature("smx");
     assert!(!feature_supported(host, smx));
-    let base = ["-M", "pc", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio", "-cpu"];
+    let base = [
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        "stdio",
+        "-cpu",
+    ];
     let run = |cpu: &str| {
         let mut args = base.to_vec();
         args.push(cpu);
@@ -268,14 +361,22 @@ fn enforce_refuses_one_missing_feature_and_check_off_is_silent() {
     let out = run("qemu64,+smx,enforce");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("warning: host doesn't support requested feature: CPUID.01H:ECX.smx [bit 6]"), "{stderr}");
+    assert!(
+        stderr
+            .contains("warning: host doesn't support requested feature: CPUID.01H:ECX.smx [bit 6]"),
+        "{stderr}"
+    );
     let out = run("qemu64,+smx,check=off");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("smx"), "{stderr}");
     // base asks for nothing, so enforce has nothing to refuse.
     let out = run("base,enforce");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn qmp_replies(commands: &[&str]) -> Vec<serde_json::Value> {
@@ -286,7 +387,11 @@ fn qmp_replies(commands: &[&str]) -> Vec<serde_json::Value> {
     }
     input.push_str("{\"execute\":\"quit\"}\n");
     let out = qomvm(&["-M", "none", "-display", "none", "-qmp", "stdio"], &input);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -329,7 +434,10 @@ fn cpu_model_expansion_answers_for_max_and_named_models() {
     assert_eq!(ibrs["props"]["spec-ctrl"], true);
     assert_eq!(ibrs["props"]["hle"], true);
     assert_eq!(replies[3]["error"]["desc"], "CPU model 'Nope' not found");
-    assert_eq!(replies[4]["error"]["desc"], "Parameter 'type' does not accept value 'partial'");
+    assert_eq!(
+        replies[4]["error"]["desc"],
+        "Parameter 'type' does not accept value 'partial'"
+    );
     let defs = replies[5]["return"].as_array().unwrap();
     let def = |name: &str| {
         defs.iter()
@@ -376,17 +484,29 @@ fn cpu_help_lists_models_and_flags_in_qemus_layout() {
     ] {
         assert!(lines.contains(&expected), "{expected:?} not in:\n{text}");
     }
-    let flags = text.split("\nRecognized CPUID flags:\n").nth(1).expect("flags section");
-    assert!(flags.ends_with("\n\n"), "QEMU ends the list with a blank line");
+    let flags = text
+        .split("\nRecognized CPUID flags:\n")
+        .nth(1)
+        .expect("flags section");
+    assert!(
+        flags.ends_with("\n\n"),
+        "QEMU ends the list with a blank line"
+    );
     for line in flags.lines().filter(|l| !l.is_empty()) {
         assert!(line.starts_with("  ") && line.len() <= 75, "{line:?}");
     }
     let names: Vec<&str> = flags.split_whitespace().collect();
-    for name in ["kvmclock", "kvm-pv-eoi", "sse4.1", "avx512-vp2intersect", "xcrypt", "perfmon-v2"] {
+    for name in [
+        "kvmclock",
+        "kvm-pv-eoi",
+        "sse4.1",
+        "avx512-vp2intersect",
+        "xcrypt",
+        "perfmon-v2",
+    ] {
         assert!(names.contains(&name), "{name}");
     }
     let mut sorted = names.clone();
     sorted.sort_unstable();
     assert_eq!(names, sorted);
 }
-

@@ -7,8 +7,7 @@ use std::sync::OnceLock;
 
 use hw::core::machine::{machine_state, SmpConfig};
 use hw::i386::x86_cpu::{
-    expand_features, feature_bits, features, Feature, IdentityOverrides, Reg, X86Cpu,
-    X86CpuModel,
+    expand_features, feature_bits, features, Feature, IdentityOverrides, Reg, X86Cpu, X86CpuModel,
 };
 use hw::i386::x86_cpu_features::{FeatureWord, FEATURE_WORDS};
 pub use kvm_bindings::CpuId;
@@ -223,8 +222,14 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<Cp
 
     // A named model's limits (xlevel 0: no extended leaves, as on a Pentium III); max and
     // host keep KVM's.
-    let level = cfg.identity.level.or(model.filter(|m| !m.passthrough()).map(|m| m.level));
-    let xlevel = cfg.identity.xlevel.or(model.filter(|m| !m.passthrough()).map(|m| m.xlevel));
+    let level = cfg
+        .identity
+        .level
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.level));
+    let xlevel = cfg
+        .identity
+        .xlevel
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.xlevel));
     entries.retain(|e| {
         let f = e.function;
         let basic_ok = f >= 0x4000_0000 || level.is_none_or(|l| f <= l);
@@ -247,9 +252,18 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<Cp
     } else {
         DEFAULT_PHYS_BITS
     };
-    let family = cfg.identity.family.or(model.filter(|m| !m.passthrough()).map(|m| m.family));
-    let model_number = cfg.identity.model.or(model.filter(|m| !m.passthrough()).map(|m| m.model));
-    let stepping = cfg.identity.stepping.or(model.filter(|m| !m.passthrough()).map(|m| m.stepping));
+    let family = cfg
+        .identity
+        .family
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.family));
+    let model_number = cfg
+        .identity
+        .model
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.model));
+    let stepping = cfg
+        .identity
+        .stepping
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.stepping));
     let model_id = cfg
         .identity
         .model_id
@@ -280,7 +294,8 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<Cp
                 let m = model_number.unwrap_or(old_model);
                 let s = stepping.unwrap_or(eax & 0xf);
                 if family.is_some() || model_number.is_some() || stepping.is_some() {
-                    let (base_family, ext_family) = if f > 0x0f { (0x0f, f - 0x0f) } else { (f, 0) };
+                    let (base_family, ext_family) =
+                        if f > 0x0f { (0x0f, f - 0x0f) } else { (f, 0) };
                     eax = (s & 0xf)
                         | ((m & 0xf) << 4)
                         | (base_family << 8)

@@ -58,9 +58,10 @@ pub fn query_cpu_definitions(_: &CommandCtx, _: &Map<String, Value>) -> Result<V
 
 /// The model's CPU object with the `props` of a `CpuModelInfo` applied.
 fn model_object(info: &Map<String, Value>) -> Result<(ObjectRef, &'static X86CpuModel), QmpError> {
-    let name = info.get("name").and_then(Value::as_str).ok_or_else(|| {
-        QmpError::MissingParameter("name".into())
-    })?;
+    let name = info
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| QmpError::MissingParameter("name".into()))?;
     let not_found = || QmpError::BadInput(format!("CPU model '{name}' not found"));
     let class = qom::object_class_by_name(&format!("{name}{X86_CPU_SUFFIX}"))
         .filter(|c| !c.is_abstract())
@@ -107,11 +108,22 @@ fn host_leaf(host: &CpuId, leaf: u32) -> Option<[u32; 4]> {
 fn host_identity(host: &CpuId) -> Map<String, Value> {
     let mut props = Map::new();
     if let Some([_, ebx, ecx, edx]) = host_leaf(host, 0) {
-        let bytes: Vec<u8> = [ebx, edx, ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
-        props.insert("vendor".into(), String::from_utf8_lossy(&bytes).into_owned().into());
+        let bytes: Vec<u8> = [ebx, edx, ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        props.insert(
+            "vendor".into(),
+            String::from_utf8_lossy(&bytes).into_owned().into(),
+        );
     }
     if let Some([eax, ..]) = host_leaf(host, 1) {
-        let family = ((eax >> 8) & 0xf) + if (eax >> 8) & 0xf == 0xf { (eax >> 20) & 0xff } else { 0 };
+        let family = ((eax >> 8) & 0xf)
+            + if (eax >> 8) & 0xf == 0xf {
+                (eax >> 20) & 0xff
+            } else {
+                0
+            };
         let model = ((eax >> 4) & 0xf) | (((eax >> 16) & 0xf) << 4);
         props.insert("family".into(), family.into());
         props.insert("model".into(), model.into());
@@ -180,8 +192,15 @@ pub fn query_cpu_model_expansion(
         "base"
     } else {
         for prop in [
-            "level", "xlevel", "phys-bits", "host-phys-bits", "l3-cache", "check", "enforce",
-            "migratable", "kvm",
+            "level",
+            "xlevel",
+            "phys-bits",
+            "host-phys-bits",
+            "l3-cache",
+            "check",
+            "enforce",
+            "migratable",
+            "kvm",
         ] {
             let value = cpu
                 .property_get(prop)

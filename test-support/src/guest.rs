@@ -226,7 +226,10 @@ pub fn cpuid_reporter(
     let mut a = Asm::real_mode(LOAD_ADDR);
     a.real_mode_prologue();
     for &(leaf, subleaf) in queries {
-        a.mov_imm(EAX, leaf).mov_imm(ECX, subleaf).cpuid().mov(EDI, EDX);
+        a.mov_imm(EAX, leaf)
+            .mov_imm(ECX, subleaf)
+            .cpuid()
+            .mov(EDI, EDX);
         a.mov_dx(report_port).out_dx_eax();
         for reg in [EBX, ECX, EDI] {
             a.mov(EAX, reg).out_dx_eax();
