@@ -376,7 +376,7 @@ fn query_cpus_fast(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, Qm
 }
 
 /// A JSON value for a property of `kind`, with the visitor's type errors.
-pub(crate) fn value_from_json(prop: &Property, v: &Value) -> Result<QomValue, QmpError> {
+fn value_from_json(prop: &Property, v: &Value) -> Result<QomValue, QmpError> {
     let wrong = |expected: &'static str| QmpError::InvalidParameterType {
         name: prop.name.to_string(),
         expected,
