@@ -168,6 +168,11 @@ impl ObjectClass {
         self.ty.info()
     }
 
+    /// The `class_data` of the type's record, if it is a `T` (QEMU's `class_init(oc, data)`).
+    pub fn class_data<T: std::any::Any>(&self) -> Option<&'static T> {
+        self.ty.info().class_data?.downcast_ref::<T>()
+    }
+
     /// Whether the type is abstract.
     pub fn is_abstract(&self) -> bool {
         self.ty.info().abstract_

@@ -45,7 +45,7 @@ pub use property::{
     parse_size, Getter, Property, PropertyAccessor, PropertyDefault, PropertyInfo, PropertyKind,
     Setter, StateAccessor, Value,
 };
-pub use type_info::{InstanceSpec, Location, TypeInfo};
+pub use type_info::{InstanceSpec, Location, TypeInfo, TypeRegistrar};
 pub use type_table::{
     object_class_by_name, object_class_foreach, object_class_get_list, type_table, TypeImpl,
     TypeTable, TypeTableError, TypeTableErrors,
@@ -71,7 +71,8 @@ pub const TYPE_INTERFACE: &str = "interface";
 ///
 /// Takes the fields of a [`TypeInfo`] (unnamed ones keep [`TypeInfo::DEFAULT`]) and records
 /// the source file and line of the registration, so that the type table's errors can point
-/// at it.
+/// at it. `type_init!(fn register)` submits a [`TypeRegistrar`] instead: a function that
+/// returns records computed from a table, each registered as if by its own `type_init!`.
 ///
 /// ```
 /// #[derive(Default)]
@@ -88,6 +89,14 @@ pub const TYPE_INTERFACE: &str = "interface";
 /// ```
 #[macro_export]
 macro_rules! type_init {
+    (fn $register:path) => {
+        $crate::inventory::submit! {
+            $crate::TypeRegistrar {
+                register: $register,
+                location: $crate::Location { file: file!(), line: line!() },
+            }
+        }
+    };
     ($ty:ty) => {
         $crate::inventory::submit! {
             $crate::typed::type_info::<$ty>($crate::Location { file: file!(), line: line!() })
@@ -113,6 +122,7 @@ macro_rules! type_init {
 }
 
 inventory::collect!(TypeInfo);
+inventory::collect!(TypeRegistrar);
 
 type_init! {
     name: TYPE_OBJECT,

@@ -893,3 +893,48 @@ fn racing_container_gets_agree_on_one_container() {
     assert!(got.iter().all(|c| Arc::ptr_eq(c, &got[0])));
     assert_eq!(root.children().len(), 1);
 }
+
+// ----- types registered from a table: one class_init, class data per type -----
+
+/// What each table-registered type's class carries.
+#[derive(Clone, Debug, PartialEq)]
+struct Breed {
+    legs: u32,
+}
+
+static BREEDS: [(&str, Breed); 2] = [
+    ("t-breed-a", Breed { legs: 3 }),
+    ("t-breed-b", Breed { legs: 5 }),
+];
+
+fn breed_class_init(class: &mut ObjectClass) {
+    let breed = class
+        .class_data::<Breed>()
+        .expect("table types carry their breed")
+        .clone();
+    class.insert(breed);
+}
+
+fn register_breeds() -> Vec<TypeInfo> {
+    BREEDS
+        .iter()
+        .map(|(name, breed)| TypeInfo {
+            name,
+            parent: Some(TYPE_OBJECT),
+            class_init: Some(breed_class_init),
+            class_data: Some(breed),
+            ..TypeInfo::DEFAULT
+        })
+        .collect()
+}
+type_init!(fn register_breeds);
+
+#[test]
+fn registrar_types_get_their_class_data_and_location() {
+    for (name, breed) in &BREEDS {
+        let class = crate::object_class_by_name(name).expect("registered by the registrar");
+        assert_eq!(class.get::<Breed>(), Some(breed));
+        assert!(class.type_info().location.file.ends_with("tests.rs"));
+    }
+    assert!(crate::object_class_by_name("t-breed-c").is_none());
+}

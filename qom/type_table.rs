@@ -339,7 +339,21 @@ static GLOBAL: OnceLock<Result<&'static TypeTable, TypeTableErrors>> = OnceLock:
 /// The process's type table, built from every `type_init!` linked into the binary on first
 /// use: this is `module_call_init(MODULE_INIT_QOM)`.
 pub fn type_table() -> Result<&'static TypeTable, Error> {
-    match GLOBAL.get_or_init(|| TypeTable::build(inventory::iter::<TypeInfo>)) {
+    match GLOBAL.get_or_init(|| {
+        // Records computed by registrars live as long as the table: leaked once, here.
+        let computed: &'static [TypeInfo] = Vec::leak(
+            inventory::iter::<crate::TypeRegistrar>
+                .into_iter()
+                .flat_map(|r| {
+                    (r.register)().into_iter().map(|info| TypeInfo {
+                        location: r.location,
+                        ..info
+                    })
+                })
+                .collect(),
+        );
+        TypeTable::build(inventory::iter::<TypeInfo>.into_iter().chain(computed))
+    }) {
         Ok(table) => Ok(table),
         Err(errors) => Err(Error::TypeTable(errors)),
     }

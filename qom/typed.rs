@@ -166,6 +166,7 @@ where
         instance_post_init: None,
         instance_finalize: None,
         interface_impls: T::INTERFACE_IMPLS,
+        class_data: None,
         location,
     }
 }

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use hw::core::cpu::{CpuClass, TYPE_CPU};
 use hw::core::machine::{machine_class, TYPE_MACHINE};
 use hw::core::qdev::{device_class, DeviceCategory, TYPE_DEVICE};
+use hw::i386::x86_cpu::{feature_names, ModelKind, X86CpuClass};
 use qom::{ObjectClass, PropertyKind};
 
 pub const USAGE: &str = "\
@@ -187,33 +188,39 @@ pub fn device_properties(class: &ObjectClass) -> String {
     out
 }
 
+/// `-cpu help` in QEMU's layout (`x86_cpu_list`): the models, table models first then
+/// the special ones, each by name; then the feature names, wrapped as `listflags` does.
 pub fn cpus() -> String {
     let mut out = String::from("Available CPUs:\n");
-    let flags: Vec<&str> = hw::i386::x86_cpu::FEATURES.iter().map(|f| f.name).collect();
-    for class in qom::object_class_get_list(Some(TYPE_CPU), false) {
-        let Some(cc) = class.get::<CpuClass>() else {
-            continue;
-        };
-        let _ = writeln!(
-            out,
-            "  {:<24} {}",
-            cc.model_name,
-            cc.model_description.unwrap_or("")
-        );
+    let mut models: Vec<(bool, &'static str, &'static str)> =
+        qom::object_class_get_list(Some(TYPE_CPU), false)
+            .into_iter()
+            .filter_map(|class| {
+                let cc = class.get::<CpuClass>()?;
+                let special = class
+                    .get::<X86CpuClass>()
+                    .and_then(|x| x.model)
+                    .is_some_and(|m| m.kind != ModelKind::Named);
+                Some((special, cc.model_name, cc.model_description.unwrap_or("")))
+            })
+            .collect();
+    models.sort();
+    for (_, name, description) in models {
+        let _ = writeln!(out, "x86 {name:<20}  {description}");
     }
-    // QEMU's layout: the flag names, wrapped, indented by two spaces.
     out.push_str("\nRecognized CPUID flags:\n");
-    let mut line = String::from(" ");
-    for flag in flags {
-        if line.len() + flag.len() + 1 > 76 {
+    // Lines of at most 75 columns, two spaces in; QEMU ends the list with a blank line.
+    let mut line = String::new();
+    for flag in feature_names() {
+        if !line.is_empty() && line.len() + flag.len() + 1 > 75 {
             out.push_str(&line);
             out.push('\n');
-            line = String::from(" ");
+            line.clear();
         }
-        line.push(' ');
+        line.push_str(if line.is_empty() { "  " } else { " " });
         line.push_str(flag);
     }
     out.push_str(&line);
-    out.push('\n');
+    out.push_str("\n\n");
     out
 }

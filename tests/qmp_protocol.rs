@@ -634,10 +634,18 @@ fn the_pc_board_has_cpus_and_a_power_button() {
         json!({"return": "qemu64-x86_64-cpu"})
     );
     let defs = c.cmd("query-cpu-definitions", json!({}))["return"].clone();
-    assert!(defs.as_array().unwrap().contains(&json!({
-        "name": "qemu64", "typename": "qemu64-x86_64-cpu", "static": false,
-        "migration-safe": true, "deprecated": false
-    })));
+    let qemu64 = defs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "qemu64")
+        .expect("qemu64 is listed");
+    assert_eq!(qemu64["typename"], "qemu64-x86_64-cpu");
+    assert_eq!(qemu64["alias-of"], "qemu64-v1");
+    assert_eq!(qemu64["static"], false);
+    assert_eq!(qemu64["migration-safe"], true);
+    assert_eq!(qemu64["deprecated"], false);
+    assert!(qemu64["unavailable-features"].is_array());
     assert_eq!(c.cmd("system_powerdown", json!({})), json!({"return": {}}));
     c.event("POWERDOWN");
     let hmp = |c: &mut Client, line: &str| {

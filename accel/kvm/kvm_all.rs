@@ -62,6 +62,9 @@ pub enum KvmError {
         /// `strerror` of the errno.
         reason: String,
     },
+    /// `enforce`: the host lacks features the CPU model asks for (each was warned about).
+    #[error("Host doesn't support requested features")]
+    MissingFeatures,
 }
 
 impl From<KvmError> for AccelError {

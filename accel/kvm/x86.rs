@@ -1,13 +1,21 @@
 //! x86 vCPU set-up under KVM (QEMU's `target/i386/kvm/kvm.c`: `kvm_arch_init_vcpu`,
 //! `kvm_put_msrs`) and QEMU's `info registers` dump.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 
 use hw::core::machine::{machine_state, SmpConfig};
-use hw::i386::x86_cpu::{Reg, X86Cpu, FEATURES};
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_segment, CpuId, Msrs};
-use kvm_ioctls::VcpuFd;
+use hw::i386::x86_cpu::{
+    expand_features, feature_bits, features, Feature, IdentityOverrides, Reg, X86Cpu, X86CpuModel,
+};
+use hw::i386::x86_cpu_features::{FeatureWord, FEATURE_WORDS};
+pub use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd};
 use qom::Object;
+
+use hw::core::os_error::errno_text;
 
 use crate::kvm::kvm_all::{ioctl_error, KvmError, KvmVm};
 
@@ -20,23 +28,14 @@ fn reg_mut(entry: &mut kvm_bindings::kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     }
 }
 
-fn reg_name(reg: Reg) -> &'static str {
+fn reg_of(entry: &kvm_bindings::kvm_cpuid_entry2, reg: Reg) -> u32 {
     match reg {
-        Reg::Eax => "EAX",
-        Reg::Ebx => "EBX",
-        Reg::Ecx => "ECX",
-        Reg::Edx => "EDX",
+        Reg::Eax => entry.eax,
+        Reg::Ebx => entry.ebx,
+        Reg::Ecx => entry.ecx,
+        Reg::Edx => entry.edx,
     }
 }
-
-/// Leaves whose feature bits a named model controls completely.
-const FEATURE_LEAVES: &[(u32, Reg)] = &[
-    (1, Reg::Ecx),
-    (1, Reg::Edx),
-    (7, Reg::Ebx),
-    (0x8000_0001, Reg::Ecx),
-    (0x8000_0001, Reg::Edx),
-];
 
 fn bits_for(n: u32) -> u32 {
     if n <= 1 {
@@ -46,98 +45,265 @@ fn bits_for(n: u32) -> u32 {
     }
 }
 
-/// QEMU's `x86_cpu_filter_features` + `cpu_x86_cpuid`: KVM's supported CPUID, filtered by
-/// the model and the command line, with the vCPU's identity and topology.
-pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> CpuId {
-    let mut cpuid = vm.supported_cpuid.clone();
-    let supported = vm.supported_cpuid.clone();
-    let x86 = cpu.downcast::<X86Cpu>();
-    let model = x86.and_then(X86Cpu::model);
-    let passthrough = model.is_none_or(|m| m.passthrough);
-    let overrides = x86.map(X86Cpu::feature_overrides).unwrap_or_default();
-    let supported_bit = |leaf: u32, reg: Reg, bit: u8| {
-        supported.as_slice().iter().any(|e| {
-            e.function == leaf && e.index == 0 && {
-                let mut e = *e;
-                *reg_mut(&mut e, reg) & (1 << bit) != 0
-            }
-        })
+/// The value of a feature word in a CPUID table (0 when the leaf is absent).
+fn word_value(cpuid: &CpuId, word: &FeatureWord) -> u32 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == word.leaf && e.index == word.subleaf.unwrap_or(0))
+        .map_or(0, |e| reg_of(e, word.reg))
+}
+
+/// Whether the accelerator can give the guest `feature`. The hypervisor bit is the VMM's
+/// to set, whatever KVM lists (QEMU sets it too).
+pub fn feature_supported(supported: &CpuId, feature: &Feature) -> bool {
+    feature.name == "hypervisor" || word_value(supported, feature.word) & (1 << feature.bit) != 0
+}
+
+/// KVM's supported CPUID of this host (`KVM_GET_SUPPORTED_CPUID` on `/dev/kvm`), for the
+/// monitor's model queries; read once.
+pub fn host_supported_cpuid() -> Result<&'static CpuId, KvmError> {
+    static HOST: OnceLock<Result<CpuId, String>> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let kvm = Kvm::new().map_err(|e| errno_text(e.errno()))?;
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| errno_text(e.errno()))
+    })
+    .as_ref()
+    .map_err(|reason| KvmError::Open(reason.clone()))
+}
+
+/// The features a CPU ends up with on this accelerator: a named model's requested
+/// features, or everything KVM supports for `max`/`host` (minus `-feat`), and the
+/// requested features the host lacks (QEMU's `x86_cpu_filter_features`).
+pub fn filtered_features(
+    model: Option<&X86CpuModel>,
+    overrides: &[(&'static str, bool)],
+    supported: &CpuId,
+) -> (BTreeSet<&'static str>, Vec<&'static Feature>) {
+    let requested = match model {
+        Some(m) if m.passthrough() => {
+            let all = features()
+                .iter()
+                .filter(|f| feature_supported(supported, f))
+                .map(|f| f.name)
+                .collect();
+            expand_features(all, overrides)
+        }
+        Some(m) => expand_features(m.features.clone(), overrides),
+        None => expand_features(BTreeSet::new(), overrides),
     };
-    for entry in cpuid.as_mut_slice() {
-        if !passthrough && entry.index == 0 {
-            for &(leaf, reg) in FEATURE_LEAVES {
-                if entry.function == leaf {
-                    *reg_mut(entry, reg) = 0;
+    let mut missing = Vec::new();
+    let mut granted = BTreeSet::new();
+    for name in requested {
+        let mut all_bits = true;
+        for f in feature_bits(name) {
+            if !feature_supported(supported, f) {
+                all_bits = false;
+                missing.push(f);
+            }
+        }
+        if all_bits {
+            granted.insert(name);
+        }
+    }
+    // In QEMU's order: word by word, bit by bit.
+    let position = |f: &Feature| FEATURE_WORDS.iter().position(|w| w.id == f.word.id);
+    missing.sort_by_key(|f| (position(f), f.bit));
+    (granted, missing)
+}
+
+/// Bits of leaf 1 EDX that AMD CPUs repeat in leaf 0x80000001 EDX (QEMU's
+/// `CPUID_EXT2_AMD_ALIASES`).
+const AMD_ALIASES: u32 = 0x0183_F3FF;
+
+/// A CPU's configuration as `build_cpuid` reads it.
+struct CpuConfig {
+    model: Option<&'static X86CpuModel>,
+    overrides: Vec<(&'static str, bool)>,
+    identity: IdentityOverrides,
+    vendor: Option<String>,
+    apic_id: u32,
+    phys_bits: u32,
+    host_phys_bits: bool,
+    l3_cache: bool,
+    check: bool,
+    enforce: bool,
+    kvm_leaves: bool,
+}
+
+impl CpuConfig {
+    fn of(cpu: &Object) -> Self {
+        let x86 = cpu.downcast::<X86Cpu>();
+        CpuConfig {
+            model: x86.and_then(X86Cpu::model),
+            overrides: x86.map(X86Cpu::feature_overrides).unwrap_or_default(),
+            identity: x86.map(X86Cpu::identity_overrides).unwrap_or_default(),
+            vendor: x86
+                .and_then(X86Cpu::effective_vendor)
+                .filter(|v| v.len() == 12),
+            apic_id: x86.map_or(0, X86Cpu::apic_id),
+            phys_bits: x86.map_or(0, X86Cpu::phys_bits),
+            host_phys_bits: x86.is_some_and(X86Cpu::host_phys_bits),
+            l3_cache: x86.is_none_or(X86Cpu::l3_cache),
+            check: x86.is_none_or(X86Cpu::check),
+            enforce: x86.is_some_and(X86Cpu::enforce),
+            kvm_leaves: x86.is_none_or(X86Cpu::kvm_leaves),
+        }
+    }
+}
+
+/// The guest physical address width when neither `phys-bits` nor `host-phys-bits` is
+/// given (QEMU's `TCG_PHYS_ADDR_BITS`, which its KVM named models use too).
+const DEFAULT_PHYS_BITS: u32 = 40;
+
+/// QEMU's `x86_cpu_filter_features` + `cpu_x86_cpuid`: KVM's supported CPUID, filtered by
+/// the model and the command line, with the vCPU's identity and topology. Features the
+/// host lacks are warned about (`check`) or refuse the CPU (`enforce`).
+pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<CpuId, KvmError> {
+    let supported = &vm.supported_cpuid;
+    let cfg = CpuConfig::of(cpu);
+    let model = cfg.model;
+    let passthrough = model.is_none_or(|m| m.passthrough());
+    let (granted, missing) = filtered_features(model, &cfg.overrides, supported);
+    if cfg.check || cfg.enforce {
+        for f in &missing {
+            // One warning per feature per VM, not one per vCPU.
+            if vm.warned_features.lock().insert(f.name) {
+                qom::error_report!(
+                    "warning: host doesn't support requested feature: {}",
+                    f.describe()
+                );
+            }
+        }
+    }
+    if cfg.enforce && !missing.is_empty() {
+        return Err(KvmError::MissingFeatures);
+    }
+
+    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = supported.as_slice().to_vec();
+    // Every named word takes exactly the granted bits: a named model's words are the
+    // model's; for max/host that is KVM's bits minus what -feat took away.
+    for word in FEATURE_WORDS {
+        let mut value = 0;
+        for f in features().iter().filter(|f| f.word.id == word.id) {
+            if granted.contains(f.name) {
+                value |= 1 << f.bit;
+            }
+        }
+        for entry in entries.iter_mut() {
+            if entry.function == word.leaf && entry.index == word.subleaf.unwrap_or(0) {
+                let r = reg_mut(entry, word.reg);
+                if passthrough {
+                    // Keep KVM's unnamed bits; named ones as granted.
+                    let named: u32 = word
+                        .names
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| !n.is_empty())
+                        .fold(0, |m, (bit, _)| m | (1 << bit));
+                    *r = (*r & !named) | value;
+                } else {
+                    *r = value;
                 }
             }
         }
     }
-    let mut wanted: Vec<(&'static hw::i386::x86_cpu::Feature, bool)> = Vec::new();
-    if let Some(m) = model.filter(|m| !m.passthrough) {
-        for name in m.features {
-            if let Some(f) = FEATURES.iter().find(|f| f.name == *name) {
-                wanted.push((f, true));
-            }
-        }
-    }
-    wanted.extend(overrides);
-    for (feature, on) in wanted {
-        // The hypervisor bit is the VMM's to set, whatever KVM lists (QEMU sets it too).
-        let supported_here =
-            feature.name == "hypervisor" || supported_bit(feature.leaf, feature.reg, feature.bit);
-        // One warning per feature per VM, not one per vCPU.
-        if on && !supported_here && vm.warned_features.lock().insert(feature.name) {
-            qom::error_report!(
-                "warning: host doesn't support requested feature: CPUID.{:02X}H:{}.{} [bit {}]",
-                feature.leaf,
-                reg_name(feature.reg),
-                feature.name,
-                feature.bit
-            );
-        }
-        for entry in cpuid.as_mut_slice() {
-            if entry.function == feature.leaf && entry.index == feature.subleaf {
-                let r = reg_mut(entry, feature.reg);
-                if on && supported_here {
-                    *r |= 1 << feature.bit;
-                } else if !on {
-                    *r &= !(1 << feature.bit);
-                }
-            }
+    let amd = cfg.vendor.as_deref() == Some("AuthenticAMD");
+    if amd && !passthrough {
+        let leaf1_edx = entries
+            .iter()
+            .find(|e| e.function == 1)
+            .map_or(0, |e| e.edx);
+        for e in entries.iter_mut().filter(|e| e.function == 0x8000_0001) {
+            e.edx |= leaf1_edx & AMD_ALIASES;
         }
     }
 
-    let vendor = x86
-        .and_then(X86Cpu::vendor)
-        .filter(|v| v.len() == 12)
-        .or_else(|| model.and_then(|m| m.vendor).map(str::to_string));
-    let apic_id = x86.map_or(0, X86Cpu::apic_id);
+    // A named model's limits (xlevel 0: no extended leaves, as on a Pentium III); max and
+    // host keep KVM's.
+    let level = cfg
+        .identity
+        .level
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.level));
+    let xlevel = cfg
+        .identity
+        .xlevel
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.xlevel));
+    entries.retain(|e| {
+        let f = e.function;
+        let basic_ok = f >= 0x4000_0000 || level.is_none_or(|l| f <= l);
+        let ext_ok = !(0x8000_0000..0xC000_0000).contains(&f) || xlevel.is_none_or(|x| f <= x);
+        // kvm=off: no KVM signature and no paravirtual leaves (QEMU's `expose_kvm`).
+        let kvm_ok = cfg.kvm_leaves || !(0x4000_0000..0x4000_0100).contains(&f);
+        // l3-cache=off: no L3 descriptor in leaf 4.
+        let l3_ok = cfg.l3_cache || !(f == 4 && (e.eax >> 5) & 7 == 3);
+        basic_ok && ext_ok && kvm_ok && l3_ok
+    });
+
+    let host_phys = entries
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(DEFAULT_PHYS_BITS, |e| e.eax & 0xff);
+    let phys_bits = if cfg.phys_bits != 0 {
+        cfg.phys_bits
+    } else if cfg.host_phys_bits || passthrough {
+        host_phys
+    } else {
+        DEFAULT_PHYS_BITS
+    };
+    let family = cfg
+        .identity
+        .family
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.family));
+    let model_number = cfg
+        .identity
+        .model
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.model));
+    let stepping = cfg
+        .identity
+        .stepping
+        .or(model.filter(|m| !m.passthrough()).map(|m| m.stepping));
+    let model_id = cfg
+        .identity
+        .model_id
+        .clone()
+        .or_else(|| model.and_then(|m| m.model_id).map(str::to_string));
     let threads_per_socket = smp.cores * smp.threads;
-    for entry in cpuid.as_mut_slice() {
+    for entry in entries.iter_mut() {
         match entry.function {
             0 | 0x8000_0000 => {
-                if let Some(v) = &vendor {
+                if let Some(v) = &cfg.vendor {
                     let b = v.as_bytes();
                     let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
                     entry.ebx = word(0);
                     entry.edx = word(4);
                     entry.ecx = word(8);
                 }
+                match (entry.function, level, xlevel) {
+                    (0, Some(l), _) => entry.eax = l,
+                    (0x8000_0000, _, Some(x)) => entry.eax = x,
+                    _ => {}
+                }
             }
             1 => {
-                if let Some(m) = model.filter(|m| !m.passthrough) {
-                    let (family, ext_family) = if m.family > 0x0f {
-                        (0x0f, m.family - 0x0f)
-                    } else {
-                        (m.family, 0)
-                    };
-                    entry.eax = m.stepping
-                        | ((m.model & 0xf) << 4)
-                        | (family << 8)
-                        | ((m.model >> 4) << 16)
-                        | (ext_family << 20);
+                let mut eax = entry.eax;
+                let old_family = ((eax >> 8) & 0xf) + ((eax >> 20) & 0xff);
+                let old_model = ((eax >> 4) & 0xf) | (((eax >> 16) & 0xf) << 4);
+                let f = family.unwrap_or(old_family);
+                let m = model_number.unwrap_or(old_model);
+                let s = stepping.unwrap_or(eax & 0xf);
+                if family.is_some() || model_number.is_some() || stepping.is_some() {
+                    let (base_family, ext_family) =
+                        if f > 0x0f { (0x0f, f - 0x0f) } else { (f, 0) };
+                    eax = (s & 0xf)
+                        | ((m & 0xf) << 4)
+                        | (base_family << 8)
+                        | (((m >> 4) & 0xf) << 16)
+                        | ((ext_family & 0xff) << 20);
                 }
-                entry.ebx = (apic_id << 24) | ((threads_per_socket & 0xff) << 16) | (8 << 8);
+                entry.eax = eax;
+                entry.ebx = (cfg.apic_id << 24) | ((threads_per_socket & 0xff) << 16) | (8 << 8);
                 if threads_per_socket > 1 {
                     entry.edx |= 1 << 28;
                 } else {
@@ -148,7 +314,7 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> CpuId {
                 entry.eax = (entry.eax & 0x3ff) | ((smp.cores.saturating_sub(1) & 0x3f) << 26);
             }
             0xb => {
-                entry.edx = apic_id;
+                entry.edx = cfg.apic_id;
                 match entry.index {
                     0 => {
                         entry.eax = bits_for(smp.threads);
@@ -168,7 +334,7 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> CpuId {
                 }
             }
             0x8000_0002..=0x8000_0004 => {
-                if let Some(id) = model.and_then(|m| m.model_id) {
+                if let Some(id) = &model_id {
                     let mut brand = [0u8; 48];
                     let n = id.len().min(47);
                     brand[..n].copy_from_slice(&id.as_bytes()[..n]);
@@ -187,10 +353,15 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> CpuId {
                     entry.edx = word(12);
                 }
             }
+            0x8000_0006 if !cfg.l3_cache => entry.edx = 0,
+            0x8000_0008 => entry.eax = (entry.eax & !0xff) | (phys_bits & 0xff),
             _ => {}
         }
     }
-    cpuid
+    CpuId::from_entries(&entries).map_err(|_| KvmError::Ioctl {
+        what: "KVM_SET_CPUID2",
+        reason: "too many CPUID entries".into(),
+    })
 }
 
 /// MSRs set for boot (as Firecracker and QEMU's reset do), limited to those KVM lists in
@@ -221,7 +392,7 @@ pub(crate) fn init_vcpu(vm: &KvmVm, cpu: &Object, vcpu: &mut VcpuFd) -> Result<(
         .upgrade()
         .and_then(|m| machine_state(&m).map(|ms| ms.smp()))
         .unwrap_or_default();
-    let cpuid = build_cpuid(vm, cpu, smp);
+    let cpuid = build_cpuid(vm, cpu, smp)?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| ioctl_error("KVM_SET_CPUID2", e))
 }

@@ -24,6 +24,7 @@
 
 pub mod chardev;
 pub mod client;
+pub mod cpu_model;
 pub mod hmp;
 pub mod info;
 pub mod json;

@@ -2,14 +2,13 @@
 //! `hw/core/machine-qmp-cmds.c`, `system/runstate.c`'s `qmp_*`). Replies have QEMU's
 //! member names; optional members are left out where QEMU leaves them out.
 
-use hw::core::cpu::{CpuClass, TYPE_CPU};
 use hw::core::machine::{machine_class, TYPE_MACHINE};
 use hw::core::qdev::TYPE_DEVICE;
 use hw::core::runstate::{self, RunStatus};
-use hw::i386::x86_cpu::X86CpuClass;
 use qom::{ObjectClass, Property, PropertyKind, Value as QomValue};
 use serde_json::{json, Map, Value};
 
+use crate::monitor::cpu_model::{query_cpu_definitions, query_cpu_model_expansion};
 use crate::monitor::info::{
     block_infos, block_stats, cpu_infos, iothread_infos, kvm_info, named_block_nodes, resolve,
     status_info, value_to_json, version_info,
@@ -132,6 +131,14 @@ pub const COMMANDS: &[QmpCommand] = &[
         name: "query-cpu-definitions",
         args: &[],
         run: query_cpu_definitions,
+    },
+    QmpCommand {
+        name: "query-cpu-model-expansion",
+        args: &[
+            Arg::required("type", ArgType::Str),
+            Arg::required("model", ArgType::Any),
+        ],
+        run: query_cpu_model_expansion,
     },
     QmpCommand {
         name: "query-block",
@@ -443,26 +450,6 @@ fn query_cpus_fast(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, Qm
                 "cpu-index": c.index,
                 "target": "x86_64",
             })
-        })
-        .collect())
-}
-
-fn query_cpu_definitions(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
-    Ok(qom::object_class_get_list(Some(TYPE_CPU), false)
-        .into_iter()
-        .filter_map(|class| {
-            let cc = class.get::<CpuClass>()?;
-            let passthrough = class
-                .get::<X86CpuClass>()
-                .and_then(|x| x.model)
-                .is_some_and(|m| m.passthrough);
-            Some(json!({
-                "name": cc.model_name,
-                "typename": class.name(),
-                "static": false,
-                "migration-safe": !passthrough,
-                "deprecated": false,
-            }))
         })
         .collect())
 }

@@ -208,6 +208,37 @@ pub fn smp_apic_id_reporter(
     a.into_image(Mode::Real, exit_port).0
 }
 
+/// A real-mode image that executes `cpuid` for each `(leaf, subleaf)` and writes EAX,
+/// EBX, ECX and EDX, in that order, as 32-bit `out`s to `report_port`, then
+/// `out exit_port, exit_code`: what a guest sees of its CPU model.
+///
+/// ```text
+///     mov eax, leaf; mov ecx, subleaf; cpuid; mov edi, edx
+///     mov dx, report_port; out dx, eax
+///     mov eax, ebx; out dx, eax; mov eax, ecx; out dx, eax; mov eax, edi; out dx, eax
+/// ```
+pub fn cpuid_reporter(
+    queries: &[(u32, u32)],
+    report_port: u16,
+    exit_port: u16,
+    exit_code: u8,
+) -> GuestImage {
+    let mut a = Asm::real_mode(LOAD_ADDR);
+    a.real_mode_prologue();
+    for &(leaf, subleaf) in queries {
+        a.mov_imm(EAX, leaf)
+            .mov_imm(ECX, subleaf)
+            .cpuid()
+            .mov(EDI, EDX);
+        a.mov_dx(report_port).out_dx_eax();
+        for reg in [EBX, ECX, EDI] {
+            a.mov(EAX, reg).out_dx_eax();
+        }
+    }
+    a.exit(exit_port, exit_code);
+    a.into_image(Mode::Real, exit_port).0
+}
+
 // ---------------------------------------------------------------------------
 // The assembler.
 

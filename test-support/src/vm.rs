@@ -78,8 +78,8 @@ pub struct TestVm {
 
 impl TestVm {
     /// A `none` machine on KVM with RAM, an ISA bus, `isa-debug-exit` at EXIT_PORT, recorders
-    /// at RECORD_PORT and MMIO_BASE, and `cpus` vCPUs of `model` starting in real mode at
-    /// the image's entry.
+    /// at RECORD_PORT and MMIO_BASE, and `cpus` vCPUs of `model` (with any `-cpu` options
+    /// after a comma) starting in real mode at the image's entry.
     pub fn new(image: &GuestImage, cpus: u32, model: &str) -> TestVm {
         let vm = TestVm::bare(cpus, model, 2 << 20);
         let ms = machine_state(&vm.machine).unwrap();
@@ -111,7 +111,10 @@ impl TestVm {
             max_cpus: cpus,
         });
         ms.set_ram_size(ram_size);
+        // `model` may carry -cpu options: `SandyBridge,+vmx`.
+        let (model, options) = model.split_once(',').unwrap_or((model, ""));
         ms.set_cpu_type(Some(format!("{model}-x86_64-cpu")));
+        ms.set_cpu_options(options.to_string());
         let kvm = accel::accel_find("kvm").unwrap();
         accel::accel_init_machine(kvm, &machine).expect("KVM initialises");
         ms.add_ram(0, ram_size).unwrap();

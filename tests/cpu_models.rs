@@ -1,0 +1,512 @@
+//! Issue 15's CPU acceptance: named x86 models, `-cpu` feature options and the CPU model
+//! queries, seen from inside KVM guests (which execute CPUID and report the registers
+//! through a port) and through the `qomvm` binary. KVM runs skip, saying why, where
+//! `/dev/kvm` is not usable.
+//!
+//! The host's KVM decides which features a guest can have (a PVM host offers fewer than
+//! its CPU has), so the tests ask it (`KVM_GET_SUPPORTED_CPUID`) which features to expect.
+//! Feature bits are checked in leaf 0x80000001: a PVM host shows guests its own bits of
+//! leaves 1 and 7 whatever `KVM_SET_CPUID2` says (a `qemu64` guest there reads the host's
+//! leaf 7), while every KVM takes leaf 0x80000001 from the VMM.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use accel::kvm::x86::{feature_supported, host_supported_cpuid, CpuId};
+use hw::core::runstate::RunRequest;
+use hw::i386::x86_cpu::{feature_by_name, Feature, X86CpuModel};
+use test_support::vm::{TestVm, EXIT_PORT, RECORD_PORT};
+use test_support::{guest, require_kvm};
+
+/// The seed 001_c0d96986192e56ac.txt's `-cpu`.
+const SEED_CPU: &str = "SandyBridge,+erms,+smep,+fsgsbase,+pdpe1gb,+rdrand,+f16c,+osxsave,\
++dca,+pcid,+pdcm,+xtpr,+tm2,+est,+smx,+vmx,+ds_cpl,+monitor,+dtes64,+pbe,+tm,+ht,+ss,+acpi,+ds,+vme";
+
+/// What a guest read from CPUID: `(leaf, subleaf) -> [eax, ebx, ecx, edx]`.
+struct GuestCpuid(Vec<((u32, u32), [u32; 4])>);
+
+impl GuestCpuid {
+    fn regs(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        self.0
+            .iter()
+            .find(|(q, _)| *q == (leaf, subleaf))
+            .map(|(_, r)| *r)
+            .unwrap_or_else(|| panic!("leaf {leaf:#x}.{subleaf} was not queried"))
+    }
+    fn vendor(&self) -> String {
+        let [_, ebx, ecx, edx] = self.regs(0, 0);
+        let bytes: Vec<u8> = [ebx, edx, ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+    fn family_model_stepping(&self) -> (u32, u32, u32) {
+        let eax = self.regs(1, 0)[0];
+        let base = (eax >> 8) & 0xf;
+        let family = base + if base == 0xf { (eax >> 20) & 0xff } else { 0 };
+        (
+            family,
+            ((eax >> 4) & 0xf) | (((eax >> 16) & 0xf) << 4),
+            eax & 0xf,
+        )
+    }
+    fn brand(&self) -> String {
+        let bytes: Vec<u8> = (0x8000_0002..=0x8000_0004)
+            .flat_map(|leaf| self.regs(leaf, 0))
+            .flat_map(u32::to_le_bytes)
+            .take_while(|&b| b != 0)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+    fn has(&self, feature: &Feature) -> bool {
+        let regs = self.regs(feature.leaf(), feature.subleaf());
+        let value = match feature.reg() {
+            hw::i386::x86_cpu::Reg::Eax => regs[0],
+            hw::i386::x86_cpu::Reg::Ebx => regs[1],
+            hw::i386::x86_cpu::Reg::Ecx => regs[2],
+            hw::i386::x86_cpu::Reg::Edx => regs[3],
+        };
+        value & (1 << feature.bit) != 0
+    }
+}
+
+const QUERIES: &[(u32, u32)] = &[
+    (0, 0),
+    (1, 0),
+    (7, 0),
+    (0x8000_0000, 0),
+    (0x8000_0001, 0),
+    (0x8000_0002, 0),
+    (0x8000_0003, 0),
+    (0x8000_0004, 0),
+];
+
+/// Runs a guest with `-cpu cpu` that reports [`QUERIES`].
+fn guest_cpuid(cpu: &str) -> GuestCpuid {
+    let image = guest::cpuid_reporter(QUERIES, RECORD_PORT, EXIT_PORT, 0x15);
+    let vm = TestVm::new(&image, 1, cpu);
+    assert_eq!(
+        vm.run(),
+        Some(RunRequest::DebugExit((0x15 << 1) | 1)),
+        "{cpu}"
+    );
+    let words: Vec<u32> = vm
+        .ports
+        .log
+        .lock()
+        .iter()
+        .map(|(_, v, _, _)| *v as u32)
+        .collect();
+    assert_eq!(words.len(), QUERIES.len() * 4, "{cpu}: {words:x?}");
+    GuestCpuid(
+        QUERIES
+            .iter()
+            .zip(words.chunks(4))
+            .map(|(q, r)| (*q, [r[0], r[1], r[2], r[3]]))
+            .collect(),
+    )
+}
+
+fn host() -> &'static CpuId {
+    host_supported_cpuid().expect("KVM answers KVM_GET_SUPPORTED_CPUID")
+}
+
+fn feature(name: &str) -> &'static Feature {
+    feature_by_name(name).unwrap_or_else(|| panic!("{name} is a feature"))
+}
+
+/// Where a model's feature bits are checked (see the module docs).
+fn checked(f: &Feature) -> bool {
+    f.leaf() == 0x8000_0001
+}
+
+/// The resolved model of a `-cpu` name.
+fn model(name: &str) -> &'static X86CpuModel {
+    qom::object_class_by_name(&format!("{name}-x86_64-cpu"))
+        .and_then(|c| c.get::<hw::i386::x86_cpu::X86CpuClass>()?.model)
+        .unwrap_or_else(|| panic!("{name} is a model"))
+}
+
+/// A feature the model has that the host can give, and one the host can give that the
+/// model lacks (if the host has one): the guest must see the first and not the second.
+fn has_and_lacks(m: &X86CpuModel) -> (&'static Feature, Option<&'static Feature>) {
+    let host = host();
+    let usable = |f: &&'static Feature| checked(f) && feature_supported(host, f);
+    let has = hw::i386::x86_cpu::features()
+        .iter()
+        .filter(usable)
+        .find(|f| m.features.contains(f.name))
+        .unwrap_or_else(|| panic!("{} has a feature this host supports", m.name));
+    let lacks = hw::i386::x86_cpu::features()
+        .iter()
+        .filter(usable)
+        .find(|f| !m.features.contains(f.name));
+    (has, lacks)
+}
+
+#[test]
+fn named_models_give_the_guest_their_vendor_family_model_and_features() {
+    require_kvm!();
+    accel::init().unwrap();
+    let mut lacks_checked = 0;
+    for (name, vendor, fms, brand) in [
+        (
+            "SandyBridge",
+            "GenuineIntel",
+            (6, 42, 1),
+            "Intel Xeon E312xx (Sandy Bridge)",
+        ),
+        (
+            "Skylake-Server-v4",
+            "GenuineIntel",
+            (6, 85, 4),
+            "Intel Xeon Processor (Skylake, IBRS, no TSX)",
+        ),
+        ("EPYC", "AuthenticAMD", (23, 1, 2), "AMD EPYC Processor"),
+        (
+            "Opteron_G1",
+            "AuthenticAMD",
+            (15, 6, 1),
+            "AMD Opteron 240 (Gen 1 Class Opteron)",
+        ),
+        (
+            "Conroe",
+            "GenuineIntel",
+            (6, 15, 3),
+            "Intel Celeron_4x0 (Conroe/Merom Class Core 2)",
+        ),
+        ("kvm64", "GenuineIntel", (15, 6, 1), "Common KVM processor"),
+        (
+            "Dhyana",
+            "HygonGenuine",
+            (24, 0, 1),
+            "Hygon Dhyana Processor",
+        ),
+    ] {
+        let seen = guest_cpuid(name);
+        assert_eq!(seen.vendor(), vendor, "{name}");
+        assert_eq!(seen.family_model_stepping(), fms, "{name}");
+        assert_eq!(seen.brand(), brand, "{name}");
+        let m = model(name);
+        assert_eq!(seen.regs(0, 0)[0], m.level, "{name}: level");
+        assert_eq!(seen.regs(0x8000_0000, 0)[0], m.xlevel, "{name}: xlevel");
+        let (has, lacks) = has_and_lacks(m);
+        assert!(seen.has(has), "{name}: the guest lacks {}", has.name);
+        if let Some(lacks) = lacks {
+            assert!(!seen.has(lacks), "{name}: the guest has {}", lacks.name);
+            lacks_checked += 1;
+        }
+    }
+    // SandyBridge, Conroe, kvm64 lack 3dnowprefetch, which KVM offers everywhere.
+    assert!(
+        lacks_checked >= 3,
+        "{lacks_checked} models checked for a missing feature"
+    );
+}
+
+#[test]
+fn vendor_family_model_and_model_id_options_override_the_model() {
+    require_kvm!();
+    accel::init().unwrap();
+    let seen = guest_cpuid(
+        "Opteron_G1,vendor=GenuineIntel,family=6,model=0x3a,stepping=9,model-id=Test CPU",
+    );
+    assert_eq!(seen.vendor(), "GenuineIntel");
+    assert_eq!(seen.family_model_stepping(), (6, 0x3a, 9));
+    assert_eq!(seen.brand(), "Test CPU");
+    let seen = guest_cpuid("qemu64,level=7,xlevel=0x80000004");
+    assert_eq!(seen.regs(0, 0)[0], 7);
+    assert_eq!(seen.regs(0x8000_0000, 0)[0], 0x8000_0004);
+}
+
+#[test]
+fn plus_and_minus_features_reach_the_guest() {
+    require_kvm!();
+    accel::init().unwrap();
+    let m = model("qemu64");
+    let (has, lacks) = has_and_lacks(m);
+    let lacks = lacks.expect("this host's KVM offers a feature qemu64 lacks (3dnowprefetch)");
+    let baseline = guest_cpuid("qemu64");
+    assert!(baseline.has(has) && !baseline.has(lacks));
+    // Both spellings: +f/-f and f=on/off, with `_` for `-`.
+    for options in [
+        format!("qemu64,+{},-{}", lacks.name, has.name),
+        format!(
+            "qemu64,{}=on,{}=off",
+            lacks.name.replace('-', "_"),
+            has.name
+        ),
+    ] {
+        let seen = guest_cpuid(&options);
+        assert!(seen.has(lacks), "{options}: {} still off", lacks.name);
+        assert!(!seen.has(has), "{options}: {} still on", has.name);
+    }
+    // -feat wins over +feat whatever the order, as in QEMU.
+    let seen = guest_cpuid(&format!("qemu64,-{0},+{0}", lacks.name));
+    assert!(!seen.has(lacks));
+    // AMD models repeat leaf 1's EDX bits in 0x80000001 (QEMU's AMD aliases).
+    let amd = guest_cpuid("Opteron_G1");
+    assert!(amd.has(feature("fpu")));
+    assert_ne!(
+        amd.regs(0x8000_0001, 0)[3] & 1,
+        0,
+        "fpu alias in 0x80000001.EDX"
+    );
+}
+
+fn qomvm(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qomvm runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+const QMP_QUIT: &str = "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n";
+
+#[test]
+fn the_seeds_cpu_string_is_accepted_with_warnings_and_refused_with_enforce() {
+    require_kvm!();
+    accel::init().unwrap();
+    let host = host();
+    let lacking: Vec<&Feature> = SEED_CPU
+        .split(',')
+        .filter_map(|o| o.strip_prefix('+'))
+        .filter_map(feature_by_name)
+        .filter(|f| !feature_supported(host, f))
+        .collect();
+    let args = [
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        "stdio",
+        "-cpu",
+        SEED_CPU,
+    ];
+    let out = qomvm(&args, QMP_QUIT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    for f in &lacking {
+        let line = format!(
+            "qomvm: warning: host doesn't support requested feature: {}",
+            f.describe()
+        );
+        assert!(stderr.contains(&line), "missing {line:?} in:\n{stderr}");
+    }
+    let enforced = format!("{SEED_CPU},enforce");
+    let args = [
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        "stdio",
+        "-cpu",
+        &enforced,
+    ];
+    let out = qomvm(&args, QMP_QUIT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if lacking.is_empty() {
+        assert!(out.status.success(), "{stderr}");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("Host doesn't support requested features"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn enforce_refuses_one_missing_feature_and_check_off_is_silent() {
+    require_kvm!();
+    accel::init().unwrap();
+    let host = host();
+    // smx: KVM never offers it to guests.
+    let smx = feature("smx");
+    assert!(!feature_supported(host, smx));
+    let base = [
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        "stdio",
+        "-cpu",
+    ];
+    let run = |cpu: &str| {
+        let mut args = base.to_vec();
+        args.push(cpu);
+        qomvm(&args, QMP_QUIT)
+    };
+    let out = run("qemu64,+smx,enforce");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains("warning: host doesn't support requested feature: CPUID.01H:ECX.smx [bit 6]"),
+        "{stderr}"
+    );
+    let out = run("qemu64,+smx,check=off");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("smx"), "{stderr}");
+    // base asks for nothing, so enforce has nothing to refuse.
+    let out = run("base,enforce");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qmp_replies(commands: &[&str]) -> Vec<serde_json::Value> {
+    let mut input = String::from("{\"execute\":\"qmp_capabilities\"}\n");
+    for c in commands {
+        input.push_str(c);
+        input.push('\n');
+    }
+    input.push_str("{\"execute\":\"quit\"}\n");
+    let out = qomvm(&["-M", "none", "-display", "none", "-qmp", "stdio"], &input);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("return").is_some() || v.get("error").is_some())
+        .skip(1)
+        .collect()
+}
+
+#[test]
+fn cpu_model_expansion_answers_for_max_and_named_models() {
+    require_kvm!();
+    accel::init().unwrap();
+    let replies = qmp_replies(&[
+        r#"{"execute":"query-cpu-model-expansion","arguments":{"type":"full","model":{"name":"max"}}}"#,
+        r#"{"execute":"query-cpu-model-expansion","arguments":{"type":"static","model":{"name":"Skylake-Server-v4","props":{"avx512f":false}}}}"#,
+        r#"{"execute":"query-cpu-model-expansion","arguments":{"type":"full","model":{"name":"Skylake-Server-IBRS"}}}"#,
+        r#"{"execute":"query-cpu-model-expansion","arguments":{"type":"full","model":{"name":"Nope"}}}"#,
+        r#"{"execute":"query-cpu-model-expansion","arguments":{"type":"partial","model":{"name":"max"}}}"#,
+        r#"{"execute":"query-cpu-definitions"}"#,
+    ]);
+    let host = host();
+    let max = &replies[0]["return"]["model"];
+    assert_eq!(max["name"], "max");
+    for f in hw::i386::x86_cpu::features() {
+        // A named bit is on for max exactly when KVM supports every bit of its name.
+        let all = hw::i386::x86_cpu::feature_bits(f.name).all(|b| feature_supported(host, b));
+        assert_eq!(max["props"][f.name], all, "max: {}", f.name);
+    }
+    let sky = &replies[1]["return"]["model"];
+    assert_eq!(sky["name"], "base");
+    assert_eq!(sky["props"]["family"], 6);
+    assert_eq!(sky["props"]["model"], 85);
+    assert_eq!(sky["props"]["vendor"], "GenuineIntel");
+    assert_eq!(sky["props"]["avx512f"], false);
+    assert_eq!(sky["props"]["avx512bw"], true);
+    assert_eq!(sky["props"]["hle"], false, "v3 and later have no TSX");
+    assert_eq!(sky["props"]["x2apic"], true, "KVM's default");
+    let ibrs = &replies[2]["return"]["model"];
+    assert_eq!(ibrs["name"], "Skylake-Server-IBRS");
+    assert_eq!(ibrs["props"]["spec-ctrl"], true);
+    assert_eq!(ibrs["props"]["hle"], true);
+    assert_eq!(replies[3]["error"]["desc"], "CPU model 'Nope' not found");
+    assert_eq!(
+        replies[4]["error"]["desc"],
+        "Parameter 'type' does not accept value 'partial'"
+    );
+    let defs = replies[5]["return"].as_array().unwrap();
+    let def = |name: &str| {
+        defs.iter()
+            .find(|d| d["name"] == name)
+            .unwrap_or_else(|| panic!("{name} listed"))
+    };
+    assert_eq!(def("Skylake-Server-IBRS")["alias-of"], "Skylake-Server-v2");
+    assert_eq!(def("Skylake-Server")["alias-of"], "Skylake-Server-v1");
+    assert_eq!(def("base")["static"], true);
+    assert_eq!(def("max")["migration-safe"], false);
+    assert_eq!(def("EPYC-v1")["typename"], "EPYC-v1-x86_64-cpu");
+    // unavailable-features: what SandyBridge asks for that KVM here cannot give.
+    let m = model("SandyBridge-v1");
+    let expected: Vec<&str> = hw::i386::x86_cpu::features()
+        .iter()
+        .filter(|f| m.features.contains(f.name) && !feature_supported(host, f))
+        .map(|f| f.name)
+        .collect();
+    let listed: Vec<&str> = def("SandyBridge-v1")["unavailable-features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(listed, expected);
+}
+
+#[test]
+fn cpu_help_lists_models_and_flags_in_qemus_layout() {
+    let out = qomvm(&["-cpu", "help"], "");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "Available CPUs:");
+    for expected in [
+        "x86 Skylake-Server        (alias configured by machine type)",
+        "x86 Skylake-Server-IBRS   (alias of Skylake-Server-v2)",
+        "x86 Skylake-Server-v1     Intel Xeon Processor (Skylake)",
+        "x86 Cascadelake-Server-v2  Intel Xeon Processor (Cascadelake) [ARCH_CAPABILITIES]",
+        "x86 EPYC-Rome-v1          AMD EPYC-Rome Processor",
+        "x86 Dhyana-v2             Hygon Dhyana Processor [XSAVES]",
+        "x86 486-v1                ",
+        "x86 max                   Enables all features supported by the accelerator in the current host",
+    ] {
+        assert!(lines.contains(&expected), "{expected:?} not in:\n{text}");
+    }
+    let flags = text
+        .split("\nRecognized CPUID flags:\n")
+        .nth(1)
+        .expect("flags section");
+    assert!(
+        flags.ends_with("\n\n"),
+        "QEMU ends the list with a blank line"
+    );
+    for line in flags.lines().filter(|l| !l.is_empty()) {
+        assert!(line.starts_with("  ") && line.len() <= 75, "{line:?}");
+    }
+    let names: Vec<&str> = flags.split_whitespace().collect();
+    for name in [
+        "kvmclock",
+        "kvm-pv-eoi",
+        "sse4.1",
+        "avx512-vp2intersect",
+        "xcrypt",
+        "perfmon-v2",
+    ] {
+        assert!(names.contains(&name), "{name}");
+    }
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert_eq!(names, sorted);
+}
