@@ -624,7 +624,15 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
     let specs: Vec<(String, String)> = if opts.serial.is_empty() {
         // A daemon has no terminal: QEMU's default (a graphical console) shows nothing
         // without a display, and neither does qomvm's under -daemonize.
-        if opts.nodefaults || opts.daemonize {
+        // Nor does it take stdio from a monitor or qtest that has it (QEMU's default serial
+        // is never stdio then either).
+        let stdio_taken = opts
+            .qmp
+            .iter()
+            .chain(&opts.monitor)
+            .chain(&opts.qtest)
+            .any(|l| l.value == "stdio" || l.value.starts_with("stdio,"));
+        if opts.nodefaults || opts.daemonize || stdio_taken {
             Vec::new()
         } else {
             vec![("stdio".to_string(), String::new())]
