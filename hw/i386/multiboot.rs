@@ -48,7 +48,7 @@
 //! keep their reset state and wait for INIT/SIPI.
 
 use crate::i386::e820::{pc_e820_table, E820Entry, E820Kind};
-use kvm_bindings::{kvm_dtable, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_dtable, kvm_segment};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::i386::x86_cpu::X86BootState;
@@ -436,46 +436,25 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
 
 /// The entry state (see the module docs).
 fn entry_state(entry: u32) -> X86BootState {
-    let mut state = X86BootState::default();
-    state.regs.rax = u64::from(MULTIBOOT_BOOTLOADER_MAGIC);
-    state.regs.rbx = MULTIBOOT_INFO_ADDR;
-    state.regs.rip = u64::from(entry);
-    state.regs.rsp = MULTIBOOT_INFO_ADDR;
-    state.regs.rflags = 0x2;
-    let data = flat_segment(MULTIBOOT_DATA_SELECTOR, 0x3);
-    state.sregs = kvm_sregs {
-        cs: flat_segment(MULTIBOOT_CODE_SELECTOR, 0xb),
-        ds: data,
-        es: data,
-        fs: data,
-        gs: data,
-        ss: data,
-        tr: kvm_segment {
-            limit: 0xffff,
-            type_: 0xb,
-            present: 1,
-            ..Default::default()
-        },
-        ldt: kvm_segment {
-            limit: 0xffff,
-            type_: 0x2,
-            present: 1,
-            ..Default::default()
-        },
-        gdt: kvm_dtable {
+    let mut state = X86BootState::with_segments(
+        flat_segment(MULTIBOOT_CODE_SELECTOR, 0xb),
+        flat_segment(MULTIBOOT_DATA_SELECTOR, 0x3),
+        kvm_dtable {
             base: MULTIBOOT_GDT_ADDR,
             limit: 3 * 8 - 1,
             ..Default::default()
         },
-        idt: kvm_dtable {
+        kvm_dtable {
             base: 0,
             limit: 0x3ff,
             ..Default::default()
         },
-        cr0: 0x11,
-        apic_base: 0xfee0_0900,
-        ..Default::default()
-    };
+        0x11,
+    );
+    state.regs.rax = u64::from(MULTIBOOT_BOOTLOADER_MAGIC);
+    state.regs.rbx = MULTIBOOT_INFO_ADDR;
+    state.regs.rip = u64::from(entry);
+    state.regs.rsp = MULTIBOOT_INFO_ADDR;
     state
 }
 

@@ -445,7 +445,7 @@ impl PcI440fxMachine {
 /// form: CS = vector >> 4, IP = vector & 0xf), otherwise as after INIT, with its local
 /// APIC enabled as the boot processor's.
 fn real_mode_entry_state(vector: u32) -> X86BootState {
-    use kvm_bindings::{kvm_dtable, kvm_segment, kvm_sregs};
+    use kvm_bindings::{kvm_dtable, kvm_segment};
     let segment = |selector: u16, type_: u8| kvm_segment {
         base: u64::from(selector) << 4,
         limit: 0xffff,
@@ -455,41 +455,18 @@ fn real_mode_entry_state(vector: u32) -> X86BootState {
         s: 1,
         ..Default::default()
     };
-    let data = segment(0, 0x3);
-    let mut state = X86BootState::default();
-    state.regs.rip = u64::from(vector & 0xf);
-    state.regs.rflags = 0x2;
-    state.sregs = kvm_sregs {
-        cs: segment((vector >> 4) as u16, 0xb),
-        ds: data,
-        es: data,
-        fs: data,
-        gs: data,
-        ss: data,
-        tr: kvm_segment {
-            limit: 0xffff,
-            type_: 0xb,
-            present: 1,
-            ..Default::default()
-        },
-        ldt: kvm_segment {
-            limit: 0xffff,
-            type_: 0x2,
-            present: 1,
-            ..Default::default()
-        },
-        gdt: kvm_dtable {
-            limit: 0xffff,
-            ..Default::default()
-        },
-        idt: kvm_dtable {
-            limit: 0xffff,
-            ..Default::default()
-        },
-        cr0: 0x6000_0010,
-        apic_base: 0xfee0_0900,
+    let real_mode_table = kvm_dtable {
+        limit: 0xffff,
         ..Default::default()
     };
+    let mut state = X86BootState::with_segments(
+        segment((vector >> 4) as u16, 0xb),
+        segment(0, 0x3),
+        real_mode_table,
+        real_mode_table,
+        0x6000_0010,
+    );
+    state.regs.rip = u64::from(vector & 0xf);
     state
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::LazyLock;
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 use parking_lot::Mutex;
 use qom::{
     type_init, ClassInitFor, Error, ObjectClass, ObjectRef, Prop, Property, PropertyKind,
@@ -344,6 +344,49 @@ pub struct X86BootState {
     pub regs: kvm_regs,
     /// Segments, control registers, descriptor tables.
     pub sregs: kvm_sregs,
+}
+
+impl X86BootState {
+    /// A loader's entry state: `code` in CS, `data` in DS, ES, FS, GS and SS, the reset
+    /// values of TR and LDT, the given descriptor tables and CR0, the local APIC enabled
+    /// as the boot processor's, RFLAGS with only its fixed bit; RIP and the rest of the
+    /// general registers are the caller's.
+    pub fn with_segments(
+        code: kvm_segment,
+        data: kvm_segment,
+        gdt: kvm_dtable,
+        idt: kvm_dtable,
+        cr0: u64,
+    ) -> Self {
+        let mut state = X86BootState::default();
+        state.regs.rflags = 0x2;
+        state.sregs = kvm_sregs {
+            cs: code,
+            ds: data,
+            es: data,
+            fs: data,
+            gs: data,
+            ss: data,
+            tr: kvm_segment {
+                limit: 0xffff,
+                type_: 0xb,
+                present: 1,
+                ..Default::default()
+            },
+            ldt: kvm_segment {
+                limit: 0xffff,
+                type_: 0x2,
+                present: 1,
+                ..Default::default()
+            },
+            gdt,
+            idt,
+            cr0,
+            apic_base: 0xfee0_0900,
+            ..Default::default()
+        };
+        state
+    }
 }
 
 /// Decimal or `0x` hex, as QEMU's integer properties take it.
