@@ -9,7 +9,7 @@ use hw::core::cpu::TYPE_CPU;
 use hw::i386::x86_cpu::{
     expand_features, feature_names, X86Cpu, X86CpuClass, X86CpuModel, X86_CPU_SUFFIX,
 };
-use qom::{ObjectClass, ObjectRef, Property, PropertyKind, Value as QomValue};
+use qom::{ObjectClass, ObjectRef};
 use serde_json::{json, Map, Value};
 
 use crate::monitor::qapi::{CommandCtx, QmpError};
@@ -55,22 +55,6 @@ pub fn query_cpu_definitions(_: &CommandCtx, _: &Map<String, Value>) -> Result<V
         .collect())
 }
 
-/// A `CpuModelInfo` property value: CPU properties are bools, integers and strings (QAPI's
-/// visitor errors for the wrong JSON type).
-fn prop_value(prop: &Property, v: &Value) -> Result<QomValue, QmpError> {
-    let wrong = |expected: &'static str| QmpError::InvalidParameterType {
-        name: prop.name.to_string(),
-        expected,
-    };
-    Ok(match prop.kind {
-        PropertyKind::Bool => QomValue::Bool(v.as_bool().ok_or_else(|| wrong("boolean"))?),
-        PropertyKind::Uint(_) | PropertyKind::Size => {
-            QomValue::Uint(v.as_u64().ok_or_else(|| wrong("uint64"))?)
-        }
-        PropertyKind::Int(_) => QomValue::Int(v.as_i64().ok_or_else(|| wrong("integer"))?),
-        _ => QomValue::Str(v.as_str().ok_or_else(|| wrong("string"))?.to_string()),
-    })
-}
 
 /// The model's CPU object with the `props` of a `CpuModelInfo` applied.
 fn model_object(info: &Map<String, Value>) -> Result<(ObjectRef, &'static X86CpuModel), QmpError> {
@@ -97,7 +81,7 @@ fn model_object(info: &Map<String, Value>) -> Result<(ObjectRef, &'static X86Cpu
                         .to_string(),
                     )
                 })?;
-                let value = prop_value(&prop, value)?;
+                let value = crate::monitor::qmp_cmds::value_from_json(&prop, value)?;
                 cpu.property_set(key, value)
                     .map_err(|e| QmpError::BadInput(e.to_string()))?;
             }

@@ -454,8 +454,9 @@ fn query_cpus_fast(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, Qm
         .collect())
 }
 
-/// A JSON value for a property of `kind`, with the visitor's type errors.
-fn value_from_json(prop: &Property, v: &Value) -> Result<QomValue, QmpError> {
+/// A JSON value for a property of `kind`, with the visitor's type errors (`qom-set`, and
+/// the properties of `query-cpu-model-expansion`'s models).
+pub(crate) fn value_from_json(prop: &Property, v: &Value) -> Result<QomValue, QmpError> {
     let wrong = |expected: &'static str| QmpError::InvalidParameterType {
         name: prop.name.to_string(),
         expected,
