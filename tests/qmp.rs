@@ -10,14 +10,14 @@ fn qemus_python_qmp_client_negotiates_and_drives_qomvm() {
         .output()
     {
         Err(e) => {
-            eprintln!("skipped: python3 not runnable: {e}");
+            test_support::skip::skip(format!("python3 not runnable: {e}"));
             return;
         }
         Ok(o) if !o.status.success() => {
-            eprintln!(
-                "skipped: the qemu.qmp package is missing (python3 -m pip install qemu.qmp): {}",
+            test_support::skip::skip(format!(
+                "the qemu.qmp package is missing (python3 -m pip install qemu.qmp): {}",
                 String::from_utf8_lossy(&o.stderr).trim()
-            );
+            ));
             return;
         }
         Ok(_) => "python3",
