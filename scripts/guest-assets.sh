@@ -14,7 +14,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=8
+ASSETS_FORMAT=9
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -59,7 +59,8 @@ switches to a disk if qomvm.root= asks for one, prints
   irq: 24: 0 12 PCI-MSI-edge virtio0-req.0  (one line per virtio interrupt, as
                                     /proc/interrupts shows it)
 and then, depending on the kernel command line:
-  (default)          powers off (poweroff -f)
+  (default)          powers off (prints QOMVM-POWEROFF, then poweroff -f; every
+                     mode below that "powers off" does the same)
   qomvm.shell=1      runs an interactive shell on the console; powers off
                      when it exits
   qomvm.reboot=1     prints QOMVM-REBOOTING and reboots (reboot -f)
@@ -209,6 +210,9 @@ fi
 off() {
     sync
     [ "$QOMVM_STAGE" = root ] && mount -o remount,ro / 2>/dev/null
+    # Tests require this line: a crash before it, or a power-off that fails after it
+    # (then the kernel panics: "Attempted to kill init"), is not a clean power-off.
+    echo QOMVM-POWEROFF
     poweroff -f
     # poweroff failed (no ACPI?): let init exit; with panic=-1 the kernel
     # reboots, and with -no-reboot QEMU then exits.

@@ -24,7 +24,7 @@ fn have_qemu_tools() -> bool {
             .is_ok_and(|o| o.status.success())
     });
     if !ok {
-        eprintln!("skipped: qemu-img and qemu-io (package qemu-utils) are needed");
+        test_support::skip::skip("qemu-img and qemu-io (package qemu-utils) are needed");
     }
     ok
 }
@@ -1250,7 +1250,7 @@ fn qemu_and_qomvm_exclude_each_other() {
         .output()
         .is_err()
     {
-        eprintln!("skipped: qemu-system-x86_64 (package qemu-system-x86) is not installed");
+        test_support::skip::skip("qemu-system-x86_64 (package qemu-system-x86) is not installed");
         return;
     }
     let dir = scratch();

@@ -163,7 +163,7 @@ fn a_guest_fault_ends_the_vm_with_a_register_dump() {
         .write(true)
         .open("/dev/kvm")
     {
-        eprintln!("skipping: /dev/kvm not usable: {e}");
+        test_support::skip::skip_kvm(format!("/dev/kvm not usable: {e}"));
         return;
     }
     // No firmware: the reset vector fetches code from unassigned MMIO, which KVM cannot
@@ -186,7 +186,9 @@ fn kvm_without_dev_kvm_fails_in_qemus_words() {
     // A private mount namespace with an empty /dev: /dev/kvm is missing there only.
     let probe = Command::new("unshare").args(["-m", "true"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipping: cannot create a mount namespace (needs root and util-linux unshare)");
+        test_support::skip::skip(
+            "cannot create a mount namespace (needs root and util-linux unshare)",
+        );
         return;
     }
     let script = format!(

@@ -17,7 +17,7 @@ fn kvm_ok() -> bool {
     match raw_kvm::kvm_usable() {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("skipping: /dev/kvm not usable: {e}");
+            test_support::skip::skip_kvm(format!("/dev/kvm not usable: {e}"));
             false
         }
     }
@@ -273,16 +273,15 @@ fn raw_loop_round_trip() {
     for mode in [Mode::Real, Mode::Protected32, Mode::Long64] {
         let image = build(mode, &[Op::Loop { port: 0x80 }], EXIT_PORT, 0);
         let mut l = RawLoop::new(&image, 0x80).expect("RawLoop");
-        l.run_exits(100).expect("warm-up");
-        let t = std::time::Instant::now();
-        l.run_exits(N.into()).expect("loop");
-        let per = t.elapsed() / N;
+        let limit = std::time::Duration::from_secs(30);
+        l.run_exits(100, limit).expect("warm-up");
+        let per = l.run_exits(N.into(), limit).expect("loop") / N;
         eprintln!("{mode:?}: raw KVM_RUN out-exit round trip {per:?} ({N} exits)");
     }
     // A loop on the wrong port is reported, not miscounted.
     let image = build(Mode::Real, &[Op::Loop { port: 0x81 }], EXIT_PORT, 0);
     let mut l = RawLoop::new(&image, 0x80).expect("RawLoop");
-    assert!(l.run_exits(1).is_err());
+    assert!(l.run_exits(1, std::time::Duration::from_secs(5)).is_err());
 }
 
 #[test]

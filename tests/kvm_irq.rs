@@ -29,11 +29,11 @@ fn accel(vm: &TestVm) -> Arc<dyn AccelOps> {
     machine_state(&vm.machine).unwrap().accel_ops().unwrap()
 }
 
-/// Returns from the test, saying why, if `$probe` (a `Result`) is an error.
+/// Returns from the test, reporting the skip, if `$probe` (a `Result`) is an error.
 macro_rules! require_ok {
     ($probe:expr, $what:expr) => {
         if let Err(e) = $probe {
-            eprintln!("skipping: {} refused: {e}", $what);
+            test_support::skip::skip(format!("{} refused by this KVM: {e}", $what));
             return;
         }
     };
@@ -242,7 +242,7 @@ fn an_msi_route_with_an_irqfd_and_signal_msi_reach_the_guest() {
         Ok(gsi) => gsi,
         Err(e) => {
             ops.shutdown();
-            eprintln!("skipping: MSI routes refused: {e}");
+            test_support::skip::skip(format!("MSI routes refused by this KVM: {e}"));
             return;
         }
     };
@@ -250,7 +250,7 @@ fn an_msi_route_with_an_irqfd_and_signal_msi_reach_the_guest() {
     let fd = eventfd();
     if let Err(e) = ops.add_irqfd(&fd, gsi) {
         ops.shutdown();
-        eprintln!("skipping: KVM_IRQFD refused: {e}");
+        test_support::skip::skip(format!("KVM_IRQFD refused by this KVM: {e}"));
         return;
     }
     fd.write(1).unwrap();
@@ -307,7 +307,7 @@ fn legacy_pins_follow_qemus_pc_routing_next_to_msi_routes() {
     // An MSI route in the table as well: the pins are committed again with it.
     if let Err(e) = ops.add_msi_route(msi(0x41)) {
         ops.shutdown();
-        eprintln!("skipping: MSI routes refused: {e}");
+        test_support::skip::skip(format!("MSI routes refused by this KVM: {e}"));
         return;
     }
     pulse(4);

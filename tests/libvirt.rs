@@ -271,7 +271,7 @@ fn qomvm_cpu_models() -> Vec<String> {
 #[test]
 fn domcapabilities_probes_qomvm_and_reports_what_it_has() {
     if let Some(reason) = libvirt_unusable() {
-        eprintln!("skipped: {reason}");
+        test_support::skip::skip(reason);
         return;
     }
     let caps = virsh_ok(&[
@@ -321,7 +321,7 @@ fn domcapabilities_probes_qomvm_and_reports_what_it_has() {
 #[test]
 fn a_domain_runs_pauses_powers_off_and_is_listed_truthfully() {
     if let Some(reason) = libvirt_unusable() {
-        eprintln!("skipped: {reason}");
+        test_support::skip::skip(reason);
         return;
     }
     let dom = Domain::new("life");
@@ -392,7 +392,7 @@ fn a_domain_runs_pauses_powers_off_and_is_listed_truthfully() {
 #[test]
 fn a_pty_serial_port_is_the_domains_console() {
     if let Some(reason) = libvirt_unusable() {
-        eprintln!("skipped: {reason}");
+        test_support::skip::skip(reason);
         return;
     }
     let dom = Domain::new("pty");
@@ -438,7 +438,7 @@ fn a_pty_serial_port_is_the_domains_console() {
 #[test]
 fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
     if let Some(reason) = libvirt_unusable() {
-        eprintln!("skipped: {reason}");
+        test_support::skip::skip(reason);
         return;
     }
     let dom = Domain::new("disk");

@@ -2,7 +2,7 @@
 //! an initrd, a command line and ACPI tables, runs from the 64-bit entry and checks what a
 //! kernel relies on (long mode, a stack, RSI pointing at the zero page with "HdrS", the RSDP
 //! pointer, the initrd and the command line), then reports through `isa-debug-exit`.
-//! Skipped, with the reason printed, where `/dev/kvm` is not usable.
+//! Skipped, and the skip reported (`test_support::skip`), where `/dev/kvm` is not usable.
 
 use std::path::PathBuf;
 
@@ -100,7 +100,7 @@ fn elf(code: &[u8], paddr: u64) -> Vec<u8> {
 #[test]
 fn linux_boot_state_runs_on_kvm() {
     if let Some(reason) = kvm_unusable() {
-        eprintln!("skipping: {reason}");
+        test_support::skip::skip_kvm(reason);
         return;
     }
     // A placeholder image: the loader's state replaces its start state.

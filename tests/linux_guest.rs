@@ -10,17 +10,22 @@
 use std::process::{Command, Output};
 
 mod guest_rig;
-use guest_rig::{assets, host_or_rig, kvm_path, repo, text, Path_, BOOTS};
+use guest_rig::{
+    assert_powered_off, assets, host_or_rig, kvm_path, repo, shutdowns, text, Path_, BOOTS,
+    SHUTDOWN_LOG,
+};
 
-/// Runs qomvm with `args` under `timeout timeout_s`, directly or through the rig; returns
-/// its exit status (124 if the timeout ended it) and output.
+/// Runs qomvm with `args` under `timeout timeout_s`, directly or through the rig, with its
+/// `SHUTDOWN` events in the log ([`SHUTDOWN_LOG`]); returns its exit status (124 if the
+/// timeout ended it) and output.
 fn qomvm(args: &[&str], timeout_s: u32) -> Output {
     let qomvm = env!("CARGO_BIN_EXE_qomvm");
     eprintln!("linux-boot: {:?}: qomvm {}", kvm_path(), args.join(" "));
     let timeout = timeout_s.to_string();
     let mut command = vec!["/usr/bin/timeout", &timeout, qomvm];
     command.extend(args);
-    host_or_rig(&command, &[], &[], timeout_s)
+    let (key, value) = SHUTDOWN_LOG;
+    host_or_rig(&command, &[], &[(key, value.to_string())], timeout_s)
 }
 
 /// Boots the guest with `-m mem -smp cpus` and extra kernel parameters; returns the output
@@ -119,6 +124,7 @@ fn check_boot(mem: &str, mem_bytes: u64, cpus: u32) {
         return;
     };
     assert!(out.contains("QOMVM-GUEST-READY"), "{out}");
+    assert_powered_off(&out, 1);
     assert!(out.contains(&format!("nproc: {cpus}")), "{out}");
     // The kernel keeps some memory for itself: MemTotal is a little below RAM.
     let total = mem_total_kib(&out) * 1024;
@@ -139,6 +145,7 @@ fn a_linux_guest_enumerates_the_pci_bus_through_acpi() {
         return;
     };
     assert!(out.contains("QOMVM-GUEST-READY"), "{out}");
+    assert_powered_off(&out, 1);
     assert!(out.contains("ACPI: PCI Root Bridge [PCI0]"), "{out}");
     for (addr, ids, what) in [
         ("00.0", "0x8086:0x1237", "i440FX host bridge"),
@@ -186,6 +193,7 @@ fn a_guest_writing_every_port_cannot_crash_qomvm() {
         return;
     };
     assert!(out.contains("QOMVM-PORTFUZZ-DONE"), "{out}");
+    assert_powered_off(&out, 1);
 }
 
 #[test]
@@ -194,6 +202,10 @@ fn a_guest_reboot_exits_zero_under_no_reboot() {
         return;
     };
     assert!(out.contains("QOMVM-REBOOTING"), "{out}");
+    assert!(!out.contains("Kernel panic"), "{out}");
+    // Exit status 0 like a power-off, but qomvm's exit cause says reset.
+    assert_eq!(shutdowns(&out, "guest-reset"), 1, "{out}");
+    assert_eq!(shutdowns(&out, "guest-shutdown"), 0, "{out}");
 }
 
 #[test]
@@ -203,6 +215,8 @@ fn a_kernel_panic_with_panic_minus_one_takes_the_reboot_path() {
     };
     assert!(out.contains("QOMVM-PANICKING"), "{out}");
     assert!(out.contains("Kernel panic"), "{out}");
+    assert_eq!(shutdowns(&out, "guest-reset"), 1, "{out}");
+    assert!(!out.contains("QOMVM-POWEROFF"), "{out}");
 }
 
 #[test]
@@ -337,6 +351,7 @@ fn disk_scenario(name: &str, script: &str, timeout_s: u32) -> String {
             repo().join("scripts").display().to_string(),
         ),
         ("QOMVM_WORK", work),
+        (SHUTDOWN_LOG.0, SHUTDOWN_LOG.1.to_string()),
     ];
     let script = format!("set -u; mkdir -p \"$QOMVM_WORK\" && cd \"$QOMVM_WORK\" || exit 1\n{DISK_PRELUDE}\n{script}");
     eprintln!("linux-boot: {:?}: disk scenario {name}", kvm_path());
@@ -412,6 +427,7 @@ qemu-io -r -f qcow2 -c 'read -P 0x33 64k 896k' top.qcow2 | grep -q '^read 917504
         400,
     );
     assert!(out.contains("host: qomvm exit status 0"), "{out}");
+    assert_powered_off(&out, 1);
     assert!(
         out.contains("pci: 0000:00:04.0 0x1af4:0x1001"),
         "virtio-blk-pci at 04.0:\n{out}"
@@ -454,6 +470,7 @@ qemu-img map --output=json d.qcow2 | tr -d ' ' | sed 's/^/host: map: /'
         400,
     );
     assert!(out.contains("blk: vda 16777216 ro=1"), "{out}");
+    assert_powered_off(&out, 2);
     assert!(out.contains("QOMVM-WRITE-REFUSED"), "{out}");
     assert!(out.contains("host: read-only image unchanged"), "{out}");
     assert!(out.contains("QOMVM-DISCARDTEST-OK"), "{out}");

@@ -1,7 +1,7 @@
 //! MSI-X (`hw/pci/msix.rs`) in a PCI device that owns it the way virtio-pci will: on real
 //! KVM its vectors reach a guest's IDT through an MSI route and an irqfd, masking holds
 //! them in the PBA and unmasking delivers them; on qtest notifications are dropped without
-//! harm. The KVM test is skipped, with the reason printed, where `/dev/kvm` is not usable.
+//! harm. The KVM test is skipped, and the skip reported (`test_support::skip`), where `/dev/kvm` is not usable.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -126,7 +126,7 @@ fn msix_vectors_reach_a_kvm_guest_and_masking_holds_them() {
     match probe {
         Ok(gsi) => ops.release_msi_route(gsi),
         Err(e) => {
-            eprintln!("skipping: MSI routes refused: {e}");
+            test_support::skip::skip(format!("MSI routes refused by this KVM: {e}"));
             return;
         }
     }

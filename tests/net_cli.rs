@@ -44,7 +44,7 @@ fn stderr(o: &Output) -> String {
 macro_rules! skip_unless_possible {
     () => {
         if let Some(why) = skip_reason() {
-            println!("SKIPPED: {why}");
+            test_support::skip::skip(why);
             return;
         }
     };

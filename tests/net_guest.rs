@@ -150,7 +150,7 @@ fn net_scenario(name: &str, script: &str, timeout_s: u32) -> Option<String> {
         Path_::Direct => {
             let unshare = Command::new("unshare").args(["-n", "true"]).output();
             if !unshare.is_ok_and(|o| o.status.success()) {
-                println!("skipped: {name} needs a network namespace of its own (unshare -n), which takes root here");
+                test_support::skip::skip(format!("{name} needs a network namespace of its own (unshare -n), which takes root here"));
                 return None;
             }
             let w = repo().join("target/net-guest-tests").join(name);
@@ -269,7 +269,7 @@ fn a_tap_with_vhost_net_carries_pings_and_64_mib_each_way() {
         return;
     };
     if out.contains("host: skipped: no /dev/vhost-net") {
-        println!("skipped: no /dev/vhost-net where the guest runs");
+        test_support::skip::skip("no /dev/vhost-net where the guest runs");
         return;
     }
     check_tap_scenario(&out, "vhost", MIB);
@@ -321,7 +321,9 @@ finish tapfd
         return;
     };
     if out.contains("host: skipped vhost: no /dev/vhost-net") {
-        println!("skipped the vhostfd= half: no /dev/vhost-net where the guest runs");
+        test_support::skip::skip(
+            "the vhostfd= half (the fd= half ran): no /dev/vhost-net where the guest runs",
+        );
     }
     let has = |line: &str| assert!(out.contains(line), "no '{line}':\n{out}");
     has("tapfd: net: eth0 192.168.76.2/24 fa:16:3e:d1:2d:99");

@@ -6,7 +6,6 @@ use hw::core::qdev::qdev_unrealize;
 use hw::misc::pc_testdev::*;
 use qom::ObjectRef;
 use test_support::qtest::{irq_level, machine_with_isa_bus, plug};
-use vm_memory::{Bytes, GuestAddress};
 
 /// A `none` machine on qtest with RAM, an ISA bus wired to the accelerator's GSIs, and a
 /// `pc-testdev`.
@@ -69,19 +68,6 @@ fn the_scratch_memory_returns_what_was_written() {
     assert_eq!(mem.read(PC_TESTDEV_IOMEM + 0xfffc, 1), 0xef);
     // Just past it: nothing.
     assert_eq!(mem.read(PC_TESTDEV_IOMEM + 0x10000, 1), 0xff);
-}
-
-#[test]
-fn flushing_a_page_leaves_ram_intact() {
-    let (machine, _dev) = machine_with_testdev();
-    let ms = machine_state(&machine).unwrap();
-    ms.ram().write_slice(b"kept", GuestAddress(0x5004)).unwrap();
-    ms.system_io().write(0xe4, 0x5004, 4);
-    // Outside RAM: ignored.
-    ms.system_io().write(0xe4, 0xf000_0000, 4);
-    let mut got = [0u8; 4];
-    ms.ram().read_slice(&mut got, GuestAddress(0x5004)).unwrap();
-    assert_eq!(&got, b"kept");
 }
 
 #[test]

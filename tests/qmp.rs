@@ -14,14 +14,14 @@ fn qemus_python_qmp_client_negotiates_and_drives_qomvm() {
         .output()
     {
         Err(e) => {
-            eprintln!("skipped: {python} not runnable: {e}");
+            test_support::skip::skip(format!("{python} not runnable: {e}"));
             return;
         }
         Ok(o) if !o.status.success() => {
-            eprintln!(
-                "skipped: {python} lacks the qemu.qmp package (python3 -m venv DIR; DIR/bin/pip install qemu.qmp; QOMVM_PYTHON=DIR/bin/python3): {}",
+            test_support::skip::skip(format!(
+                "{python} lacks the qemu.qmp package (python3 -m venv DIR; DIR/bin/pip install qemu.qmp; QOMVM_PYTHON=DIR/bin/python3): {}",
                 String::from_utf8_lossy(&o.stderr).trim()
-            );
+            ));
             return;
         }
         Ok(_) => python,

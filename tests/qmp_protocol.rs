@@ -854,7 +854,7 @@ fn on_kvm_cpus_report_their_vcpu_threads_and_registers() {
         .write(true)
         .open("/dev/kvm")
     {
-        eprintln!("skipping: /dev/kvm not usable: {e}");
+        test_support::skip::skip_kvm(format!("/dev/kvm not usable: {e}"));
         return;
     }
     // -S: the vCPU thread exists but runs no code (this machine has no firmware).

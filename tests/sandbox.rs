@@ -133,7 +133,7 @@ fn bad_sandbox_options_get_qemus_errors() {
 #[test]
 fn a_forbidden_call_ends_qomvm_naming_the_thread_and_the_call() {
     if !cfg!(debug_assertions) {
-        println!("skipped: QOMVM_SANDBOX_SELFTEST exists in debug builds only");
+        test_support::skip::skip("QOMVM_SANDBOX_SELFTEST exists in debug builds only");
         return;
     }
     let main = qomvm()
@@ -155,7 +155,7 @@ fn a_forbidden_call_ends_qomvm_naming_the_thread_and_the_call() {
         .write(true)
         .open("/dev/kvm");
     if let Err(e) = kvm {
-        println!("skipped: the vCPU case needs /dev/kvm ({e})");
+        test_support::skip::skip_kvm(format!("the vCPU case needs /dev/kvm ({e})"));
         return;
     }
     let vcpu = qomvm()

@@ -4,8 +4,8 @@
 //! The kernel checks what the loader handed it (magic, memory, command line, module),
 //! reads fw_cfg, exercises `pc-testdev` and `pci-testdev`, starts the APs with INIT/SIPI,
 //! prints a line on COM1 and exits through `isa-debug-exit` with 0, or with the number of
-//! the first check that failed (see [`CHECKS`]). The KVM runs are skipped, with the reason
-//! printed, where `/dev/kvm` is not usable.
+//! the first check that failed (see [`CHECKS`]). The KVM runs are skipped, and the skip
+//! reported (`test_support::skip`), where `/dev/kvm` is not usable.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -486,10 +486,10 @@ fn issue_args<'a>(kernel: &'a str, env: &'a str, smp: &'a str) -> Vec<&'a str> {
 }
 
 /// Builds the kernel for `spec` and runs it with the issue's command line and `-smp smp`;
-/// `None` when KVM is not usable (the reason is printed).
+/// `None` when KVM is not usable (the skip is reported).
 fn run_kernel(name: &str, spec: &Spec, smp: u8) -> Option<(i32, String, String)> {
     if let Some(reason) = kvm_unusable() {
-        eprintln!("skipping: {reason}");
+        test_support::skip::skip_kvm(reason);
         return None;
     }
     let dir = scratch_dir(name);
@@ -611,7 +611,7 @@ fn a_missing_kernel_is_a_one_line_error() {
     assert_eq!(o.status.code(), Some(1));
     assert!(o.stdout.is_empty());
     if let Some(reason) = kvm_unusable() {
-        eprintln!("skipping the plain (KVM) command line: {reason}");
+        test_support::skip::skip_kvm(format!("the plain (KVM) command line: {reason}"));
         return;
     }
     let (o, _) = qomvm(&["-kernel", "/nonexistent"], Duration::from_secs(60));

@@ -94,11 +94,11 @@ fn wait_used(mem: &GuestMemoryMmap, ring: &mut SplitRing, what: &str) -> Vec<(u3
 #[test]
 fn vhost_net_moves_frames_between_rings_and_a_tap() {
     if let Some(why) = skip_reason() {
-        println!("SKIPPED: {why}");
+        test_support::skip::skip(why);
         return;
     }
     if !Path::new("/dev/vhost-net").exists() {
-        println!("SKIPPED: no /dev/vhost-net (run it in scripts/nested-kvm.sh)");
+        test_support::skip::skip("no /dev/vhost-net (run it in scripts/nested-kvm.sh)");
         return;
     }
     let ns = Netns::new("vhost");

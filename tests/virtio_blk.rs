@@ -605,7 +605,7 @@ fn the_seeds_drive_and_device_pair_is_accepted() {
         ok.map(|s| s.success()).unwrap_or(false)
     };
     if !img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]) {
-        eprintln!("skipped: qemu-img (Debian qemu-utils) is not installed");
+        test_support::skip::skip("qemu-img (Debian qemu-utils) is not installed");
         return;
     }
     assert!(img(&[
@@ -662,7 +662,7 @@ fn queued_large_writes_allocating_qcow2_clusters_all_complete() {
         .args(["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "16M"])
         .status();
     if !created.map(|s| s.success()).unwrap_or(false) {
-        eprintln!("skipped: qemu-img (Debian qemu-utils) is not installed");
+        test_support::skip::skip("qemu-img (Debian qemu-utils) is not installed");
         return;
     }
     let mut opts = OpenOptions::new(&path);

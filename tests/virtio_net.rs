@@ -581,7 +581,7 @@ fn garbage_rings_never_panic_or_hang() {
 #[test]
 fn malformed_vnet_headers_and_frame_storms_on_a_real_tap() {
     if let Some(why) = skip_reason() {
-        println!("SKIPPED: {why}");
+        test_support::skip::skip(why);
         return;
     }
     let ns = quiet_netns("vnetfuzz");
@@ -645,7 +645,7 @@ fn malformed_vnet_headers_and_frame_storms_on_a_real_tap() {
 fn multiqueue_taps_give_queue_pairs_the_driver_enables() {
     const F_MQ: u64 = 1 << 22;
     if let Some(why) = skip_reason() {
-        println!("SKIPPED: {why}");
+        test_support::skip::skip(why);
         return;
     }
     let ns = quiet_netns("vnetmq");
@@ -700,11 +700,11 @@ fn multiqueue_taps_give_queue_pairs_the_driver_enables() {
 #[test]
 fn vhost_net_moves_frames_both_ways() {
     if let Some(why) = skip_reason() {
-        println!("SKIPPED: {why}");
+        test_support::skip::skip(why);
         return;
     }
     if !std::path::Path::new("/dev/vhost-net").exists() {
-        println!("SKIPPED: no /dev/vhost-net on this host (the nested rig has one)");
+        test_support::skip::skip("no /dev/vhost-net on this host (the nested rig has one)");
         return;
     }
     let ns = quiet_netns("vnetvhost");
@@ -817,7 +817,7 @@ fn a_sustained_flood_into_recycled_mergeable_buffers_never_stalls() {
     const RING: u16 = 256;
     const BUF: u32 = 1536;
     if let Some(why) = skip_reason() {
-        println!("SKIPPED: {why}");
+        test_support::skip::skip(why);
         return;
     }
     let ns = quiet_netns("vnetflood");

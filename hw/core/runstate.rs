@@ -818,9 +818,19 @@ pub fn qemu_system_guest_panicked(vm: &impl AsRef<VmState>) -> bool {
     action == GuestPanicAction::Poweroff
 }
 
-/// Reports `SHUTDOWN` with `cause` (the main loop does, as the run ends).
+/// Reports `SHUTDOWN` with `cause` (the main loop does, as the run ends). The event also
+/// goes to the log (target `runstate`, level info, with QMP's `reason` and `guest`), where a
+/// test without a QMP client tells a guest power-off from a reset under `-no-reboot`, which
+/// both exit 0 (`RUST_LOG=warn,runstate=info`; QEMU's trace point
+/// `qemu_system_shutdown_request` is the counterpart).
 pub fn report_shutdown(vm: &impl AsRef<VmState>, cause: ShutdownCause) {
     let vm = vm.as_ref();
+    log::info!(
+        target: "runstate",
+        "SHUTDOWN reason={} guest={}",
+        cause.name(),
+        cause.is_guest()
+    );
     let _transition = vm.status.lock();
     vm.emit(VmEvent::Shutdown(cause));
 }

@@ -4,26 +4,27 @@
 //!   writes bytes k..k+n of it (little-endian);
 //! * ports 0xe8-0xeb: the same register, accessed one byte at a time (QEMU's
 //!   `ioport_byte`: a wider access is split into byte accesses);
-//! * port 0xe4: "flush page": a 4-byte write of a guest-physical address. QEMU flips the
-//!   host mapping of that page to `PROT_NONE` and back so that KVM drops its mapping; that
-//!   window would fault any other thread touching the page, so qomvm only reads the page
-//!   back through the host mapping (proving it is RAM) and leaves KVM's mapping alone;
+//! * port 0xe4: "flush page": a write of a guest-physical address. QEMU
+//!   (`test_flush_page_write`) flips the host mapping of that page to `PROT_NONE` and back,
+//!   so that the kernel's MMU notifier makes KVM drop its mapping of the page; the guest's
+//!   next access refaults it, with the same contents. Nothing a guest can observe changes
+//!   (only the cost of that access, and under shadow paging when KVM re-sets accessed and
+//!   dirty bits), and the `PROT_NONE` window would make any other thread touching the page
+//!   (a device's I/O thread, vhost) fault, so qomvm accepts the write and does nothing;
 //! * ports 0x2000-0x2017: a byte write of v to 0x2000 + n sets ISA IRQ n to `v != 0`
 //!   (lines the ISA bus does not have are ignored);
 //! * 64 KiB of scratch memory at 0xff000000 in `system-memory`: reads return what was
 //!   written, at any size.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use qom::type_init;
-use vm_memory::{Bytes, GuestAddress};
 
 use crate::core::irq::IrqLine;
 use crate::core::memory::{AddressSpace, MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
-use crate::core::services::MachineServices;
 use crate::isa::isa_bus::IsaDevice;
 
 /// QEMU's `TYPE_TESTDEV`.
@@ -124,30 +125,16 @@ impl MemoryRegionOps for ScratchPort {
     }
 }
 
-/// QEMU's `test_flush_page_write`, without the `mprotect` (see the module docs).
-struct FlushPort {
-    machine: Weak<MachineServices>,
-}
+/// QEMU's `test_flush_page_write`, without the `mprotect` (see the module docs): the port
+/// is claimed, a write does nothing.
+struct FlushPort;
 
 impl MemoryRegionOps for FlushPort {
     fn read(&self, _offset: u64, _size: u32) -> u64 {
         0
     }
 
-    fn write(&self, _offset: u64, value: u64, size: u32) {
-        if size != 4 {
-            return;
-        }
-        let page = value & 0xffff_f000;
-        let Some(machine) = self.machine.upgrade() else {
-            return;
-        };
-        let ram = machine.ram();
-        let mut buf = vec![0u8; 4096];
-        if ram.read_slice(&mut buf, GuestAddress(page)).is_err() {
-            log::debug!("pc-testdev: flush of 0x{page:x}: not RAM");
-        }
-    }
+    fn write(&self, _offset: u64, _value: u64, _size: u32) {}
 }
 
 /// QEMU's `test_irq_line`: the device's ISA IRQ lines, taken at realize.
@@ -221,9 +208,7 @@ impl DeviceImpl for PcTestdev {
                 PC_TESTDEV_FLUSH,
                 4,
                 "pc-testdev-flush-page",
-                Arc::new(FlushPort {
-                    machine: Arc::downgrade(machine),
-                }),
+                Arc::new(FlushPort),
             ),
             (
                 PC_TESTDEV_IOPORT_BYTE,

@@ -1,8 +1,8 @@
 //! `-netdev tap` against real tap interfaces, each in a network namespace the test makes
 //! (`qomvm-tap-<pid>-<n>`: only its loopback and the tap; removed even when a test
 //! fails). Frames cross between `NetQueue::send`/`receive` and an `AF_PACKET` socket bound
-//! to the tap inside the namespace. Skipped, with the reason printed, when not root or
-//! without `/dev/net/tun` or `ip`.
+//! to the tap inside the namespace. Skipped, and the skip reported
+//! (`test-support/src/skip.rs`), when not root or without `/dev/net/tun` or `ip`.
 
 use std::fs::{self, File};
 use std::io;
@@ -20,11 +20,14 @@ use vm_memory::VolatileSlice;
 #[allow(dead_code)]
 mod netns;
 use netns::{is_test_frame, open_tap, skip_reason, test_frame, Netns, PacketSocket};
+#[path = "../../test-support/src/skip.rs"]
+#[allow(dead_code)]
+mod skip;
 
 macro_rules! skip_unless_possible {
     () => {
         if let Some(why) = skip_reason() {
-            println!("SKIPPED: {why}");
+            skip::skip(why);
             return;
         }
     };

@@ -55,7 +55,6 @@ pub fn query_cpu_definitions(_: &CommandCtx, _: &Map<String, Value>) -> Result<V
         .collect())
 }
 
-
 /// The model's CPU object with the `props` of a `CpuModelInfo` applied.
 fn model_object(info: &Map<String, Value>) -> Result<(ObjectRef, &'static X86CpuModel), QmpError> {
     let name = info

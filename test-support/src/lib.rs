@@ -1,7 +1,7 @@
 //! Helpers shared by qomvm's integration tests (`tests/*.rs`) and benches: hand-assembled
 //! x86 guests ([`guest`]) and Multiboot ELF kernels ([`elf`]), a raw KVM runner to compare
 //! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]), a guest
-//! that reports the interrupts it takes ([`irq_guest`]).
+//! that reports the interrupts it takes ([`irq_guest`]), skips made visible ([`skip`]).
 
 pub mod elf;
 pub mod guest;
@@ -9,5 +9,6 @@ pub mod irq_guest;
 pub mod netns;
 pub mod qtest;
 pub mod raw_kvm;
+pub mod skip;
 pub mod virtio;
 pub mod vm;

@@ -17,7 +17,10 @@
 //! back); `size` and `count` themselves are only in `kvm_run.io`, read here
 //! through `VcpuFd::get_kvm_run()` after the exit.
 use crate::guest::GuestImage;
-use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 /// Guest-physical address given to `KVM_SET_TSS_ADDR` (three pages, the
@@ -236,6 +239,17 @@ impl Drop for Ram {
     }
 }
 
+/// How a [`RawVm`] is set up beyond its RAM slot, so that a benchmark can give it the
+/// configuration of the qomvm VM it is compared with.
+#[derive(Clone, Default)]
+pub struct RawConfig {
+    /// `KVM_CREATE_IRQCHIP` and `KVM_CREATE_PIT2` (speaker dummy), as qomvm's `kvm_init`
+    /// does. With it a `hlt` no longer exits to user space.
+    pub irqchip: bool,
+    /// The vCPU's CPUID; `None`: KVM's supported CPUID with APIC ID 0.
+    pub cpuid: Option<CpuId>,
+}
+
 /// A VM with one vCPU and the image loaded, ready to run.
 pub struct RawVm {
     // Field order = drop order: vCPU, VM, then the RAM they map.
@@ -250,6 +264,15 @@ impl RawVm {
     /// bytes, vCPU 0 with KVM's supported CPUID) and loads `image` with the
     /// real-mode start state documented in `guest.rs`.
     pub fn new(image: &GuestImage, mem_size: usize) -> Result<Self, String> {
+        Self::with_config(image, mem_size, &RawConfig::default())
+    }
+
+    /// [`RawVm::new`] with the irqchip and CPUID `config` asks for.
+    pub fn with_config(
+        image: &GuestImage,
+        mem_size: usize,
+        config: &RawConfig,
+    ) -> Result<Self, String> {
         let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
         let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
         if std::env::var("NO_TSS").is_err() {
@@ -279,21 +302,37 @@ impl RawVm {
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
 
+        if config.irqchip {
+            vm.create_irq_chip()
+                .map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit)
+                .map_err(|e| format!("KVM_CREATE_PIT2: {e}"))?;
+        }
         let vcpu = vm
             .create_vcpu(0)
             .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
-        // KVM reports the APIC ID of whichever host CPU ran the ioctl;
-        // give vCPU 0 APIC ID 0 (leaf 1 EBX[31:24], leaves 0xb/0x1f EDX).
-        for e in cpuid.as_mut_slice() {
-            match e.function {
-                1 => e.ebx &= 0x00ff_ffff,
-                0xb | 0x1f => e.edx = 0,
-                _ => {}
+        let cpuid = match &config.cpuid {
+            Some(cpuid) => cpuid.clone(),
+            None => {
+                let mut cpuid = kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+                // KVM reports the APIC ID of whichever host CPU ran the ioctl;
+                // give vCPU 0 APIC ID 0 (leaf 1 EBX[31:24], leaves 0xb/0x1f EDX).
+                for e in cpuid.as_mut_slice() {
+                    match e.function {
+                        1 => e.ebx &= 0x00ff_ffff,
+                        0xb | 0x1f => e.edx = 0,
+                        _ => {}
+                    }
+                }
+                cpuid
             }
-        }
+        };
         vcpu.set_cpuid2(&cpuid)
             .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
 
@@ -478,34 +517,67 @@ impl RawLoop {
 
     /// A loop of `out` to `loop_port` (image built with [`crate::guest::Op::Loop`]).
     pub fn new(image: &GuestImage, loop_port: u16) -> Result<Self, String> {
-        Ok(RawLoop {
-            vm: RawVm::new(image, Self::MEM_SIZE)?,
-            target: LoopTarget::Port(loop_port),
-        })
+        Self::with_config(image, loop_port, Self::MEM_SIZE, &RawConfig::default())
     }
 
     /// A loop of MMIO writes to `addr` (image built with [`crate::guest::Op::MmioLoop`]).
     pub fn new_mmio(image: &GuestImage, addr: u64) -> Result<Self, String> {
+        Self::mmio_with_config(image, addr, Self::MEM_SIZE, &RawConfig::default())
+    }
+
+    /// [`RawLoop::new`] with `mem_size` bytes of RAM and `config`'s irqchip and CPUID.
+    pub fn with_config(
+        image: &GuestImage,
+        loop_port: u16,
+        mem_size: usize,
+        config: &RawConfig,
+    ) -> Result<Self, String> {
         Ok(RawLoop {
-            vm: RawVm::new(image, Self::MEM_SIZE)?,
+            vm: RawVm::with_config(image, mem_size, config)?,
+            target: LoopTarget::Port(loop_port),
+        })
+    }
+
+    /// [`RawLoop::new_mmio`] with `mem_size` bytes of RAM and `config`'s irqchip and CPUID.
+    pub fn mmio_with_config(
+        image: &GuestImage,
+        addr: u64,
+        mem_size: usize,
+        config: &RawConfig,
+    ) -> Result<Self, String> {
+        Ok(RawLoop {
+            vm: RawVm::with_config(image, mem_size, config)?,
             target: LoopTarget::Mmio(addr),
         })
     }
 
-    /// Runs until `n` exits to the loop's port or address have been handled.
-    /// Any other exit is an error. No allocation or logging per exit.
-    pub fn run_exits(&mut self, n: u64) -> Result<(), String> {
+    /// Runs until `n` exits to the loop's port or address have been handled and returns the
+    /// time they took. Any other exit is an error, and so is a run longer than `timeout` (the
+    /// vCPU is then kicked out of `KVM_RUN`). No allocation or logging per exit.
+    pub fn run_exits(
+        &mut self,
+        n: u64,
+        timeout: std::time::Duration,
+    ) -> Result<std::time::Duration, String> {
+        let watchdog = Watchdog::new(timeout);
         let mut done = 0;
         let target = self.target;
+        let start = std::time::Instant::now();
         while done < n {
             match (self.vm.vcpu.run(), target) {
                 (Ok(VcpuExit::IoOut(port, _)), LoopTarget::Port(p)) if port == p => done += 1,
                 (Ok(VcpuExit::MmioWrite(addr, _)), LoopTarget::Mmio(a)) if addr == a => done += 1,
                 (Ok(other), _) => return Err(format!("unexpected exit after {done}: {other:?}")),
-                (Err(e), _) if e.errno() == libc::EINTR => {}
+                (Err(e), _) if e.errno() == libc::EINTR => {
+                    if watchdog.fired() {
+                        return Err(format!("{done} of {n} exits in {timeout:?}"));
+                    }
+                }
                 (Err(e), _) => return Err(format!("KVM_RUN after {done} exits: {e}")),
             }
         }
-        Ok(())
+        let elapsed = start.elapsed();
+        drop(watchdog);
+        Ok(elapsed)
     }
 }

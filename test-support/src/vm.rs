@@ -28,12 +28,13 @@ pub const MMIO_BASE: u64 = 0xfe00_0000;
 /// What recorded reads return.
 pub const IN_VALUE: u32 = 0x5a5a_5a5a;
 
-/// Returns from the test, saying why, when /dev/kvm is not usable.
+/// Returns from the test, reporting the skip ([`crate::skip::skip_kvm`]: a failure where
+/// `.ci/run` found /dev/kvm usable), when /dev/kvm is not usable.
 #[macro_export]
 macro_rules! require_kvm {
     () => {
         if let Some(reason) = $crate::vm::kvm_unusable() {
-            eprintln!("skipping: {reason}");
+            $crate::skip::skip_kvm(reason);
             return;
         }
     };
@@ -87,12 +88,9 @@ impl TestVm {
             .write_slice(&image.bytes, GuestAddress(image.load_addr))
             .unwrap();
         for cpu in ms.cpus() {
-            let mut state = X86BootState::default();
-            state.regs.rip = image.entry;
-            state.regs.rflags = 2;
-            // KVM's reset segments, with CS moved from f000:fff0 to 0:entry.
-            state.sregs = reset_sregs();
-            cpu.downcast::<X86Cpu>().unwrap().set_boot_state(state);
+            cpu.downcast::<X86Cpu>()
+                .unwrap()
+                .set_boot_state(real_mode_boot_state(image));
         }
         vm
     }
@@ -166,6 +164,31 @@ impl TestVm {
         ops.shutdown();
         result
     }
+}
+
+/// The state a guest image starts in: real mode at its entry (KVM's reset segments, with CS
+/// moved from f000:fff0 to 0:entry), as [`crate::raw_kvm::RawVm`] starts it.
+pub fn real_mode_boot_state(image: &GuestImage) -> X86BootState {
+    let mut state = X86BootState::default();
+    state.regs.rip = image.entry;
+    state.regs.rflags = 2;
+    state.sregs = reset_sregs();
+    state
+}
+
+/// QEMU's `pc` machine (i440FX, PIIX3, PIIX4 PM, PIT, RTC, i8042, fw_cfg...) on the `accel`
+/// accelerator with `ram_size` bytes of RAM and one CPU, built as `qomvm -M pc` builds it
+/// (board init, then `machine_creation_done`), outside the process's `/machine`. No kernel:
+/// the caller loads its guest and sets CPU 0's boot state.
+pub fn pc_machine(accel: &str, ram_size: u64) -> ObjectRef {
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
+    machine_state(&machine).unwrap().set_ram_size(ram_size);
+    let accel = accel::accel_find(accel).unwrap();
+    accel::accel_init_machine(accel, &machine).expect("the accelerator initialises");
+    hw::core::machine::machine_run_board_init(&machine).unwrap();
+    hw::core::machine::machine_creation_done(&machine).unwrap();
+    machine
 }
 
 fn reset_sregs() -> kvm_bindings::kvm_sregs {

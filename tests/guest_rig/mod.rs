@@ -120,3 +120,41 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// The environment qomvm boots the guest with: its `SHUTDOWN` events go to the log
+/// (`hw/core/runstate.rs`, `report_shutdown`), so a test can tell a guest power-off from a
+/// reset under `-no-reboot` (both exit 0).
+#[allow(dead_code)] // linux_guest.rs uses it, net_guest.rs not yet
+pub const SHUTDOWN_LOG: (&str, &str) = ("RUST_LOG", "warn,runstate=info");
+
+/// How many times qomvm reported `SHUTDOWN` with `reason` (under [`SHUTDOWN_LOG`]).
+#[allow(dead_code)] // linux_guest.rs uses it, net_guest.rs not yet
+pub fn shutdowns(out: &str, reason: &str) -> usize {
+    let line = format!("SHUTDOWN reason={reason} ");
+    out.lines().filter(|l| l.contains(&line)).count()
+}
+
+/// Asserts that each of the `boots` boots in `out` ended in a clean power-off: the guest's
+/// /init printed QOMVM-POWEROFF right before `poweroff -f`, no kernel panicked (a failed
+/// power-off ends in "Kernel panic - not syncing: Attempted to kill init!", then, with
+/// `panic=-1`, a reset that `-no-reboot` also turns into exit status 0), and qomvm reported
+/// a guest shutdown each time and nothing else.
+#[allow(dead_code)] // linux_guest.rs uses it, net_guest.rs not yet
+pub fn assert_powered_off(out: &str, boots: usize) {
+    assert_eq!(
+        out.matches("QOMVM-POWEROFF").count(),
+        boots,
+        "the guest's power-off marker, once per boot:\n{out}"
+    );
+    assert!(!out.contains("Kernel panic"), "a kernel panicked:\n{out}");
+    assert_eq!(
+        shutdowns(out, "guest-shutdown"),
+        boots,
+        "qomvm's exit cause, a guest shutdown once per boot:\n{out}"
+    );
+    assert_eq!(
+        out.matches("SHUTDOWN reason=").count(),
+        boots,
+        "no other exit cause:\n{out}"
+    );
+}
