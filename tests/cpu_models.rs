@@ -183,13 +183,49 @@ fn named_models_give_the_guest_their_vendor_family_model_and_features() {
             (24, 0, 1),
             "Hygon Dhyana Processor",
         ),
+        (
+            "SapphireRapids",
+            "GenuineIntel",
+            (6, 143, 4),
+            "Intel Xeon Processor (SapphireRapids)",
+        ),
+        (
+            "GraniteRapids-v2",
+            "GenuineIntel",
+            (6, 173, 1),
+            "Intel Xeon Processor (GraniteRapids)",
+        ),
+        (
+            "SierraForest-v2",
+            "GenuineIntel",
+            (6, 175, 3),
+            "Intel Xeon Processor (SierraForest)",
+        ),
+        (
+            "EPYC-Genoa",
+            "AuthenticAMD",
+            (25, 17, 0),
+            "AMD EPYC-Genoa Processor",
+        ),
+        (
+            "EPYC-Rome-v4",
+            "AuthenticAMD",
+            (23, 49, 0),
+            "AMD EPYC-Rome-v4 Processor (no XSAVES)",
+        ),
     ] {
         let seen = guest_cpuid(name);
         assert_eq!(seen.vendor(), vendor, "{name}");
         assert_eq!(seen.family_model_stepping(), fms, "{name}");
         assert_eq!(seen.brand(), brand, "{name}");
         let m = model(name);
-        assert_eq!(seen.regs(0, 0)[0], m.level, "{name}: level");
+        // GraniteRapids-v2's AVX10 lives in leaf 0x24, which raises its level 0x20.
+        let level = if name == "GraniteRapids-v2" {
+            0x24
+        } else {
+            m.level
+        };
+        assert_eq!(seen.regs(0, 0)[0], level, "{name}: level");
         assert_eq!(seen.regs(0x8000_0000, 0)[0], m.xlevel, "{name}: xlevel");
         let (has, lacks) = has_and_lacks(m);
         assert!(seen.has(has), "{name}: the guest lacks {}", has.name);
@@ -198,6 +234,14 @@ fn named_models_give_the_guest_their_vendor_family_model_and_features() {
             lacks_checked += 1;
         }
     }
+    // A version that adds leaf-0x80000021 features raises the model's xlevel to reach them
+    // (QEMU's automatic minimum level), and the table's newer versions reach the guest.
+    let milan = guest_cpuid("EPYC-Milan-v2");
+    assert_eq!(milan.brand(), "AMD EPYC-Milan-v2 Processor");
+    assert_eq!(model("EPYC-Milan-v2").xlevel, 0x8000_001e);
+    assert_eq!(milan.regs(0x8000_0000, 0)[0], 0x8000_0021);
+    let epyc4 = guest_cpuid("EPYC-v4");
+    assert_eq!(epyc4.brand(), "AMD EPYC-v4 Processor");
     // SandyBridge, Conroe, kvm64 lack 3dnowprefetch, which KVM offers everywhere.
     assert!(
         lacks_checked >= 3,
@@ -449,6 +493,15 @@ fn cpu_model_expansion_answers_for_max_and_named_models() {
     assert_eq!(def("base")["static"], true);
     assert_eq!(def("max")["migration-safe"], false);
     assert_eq!(def("EPYC-v1")["typename"], "EPYC-v1-x86_64-cpu");
+    for name in [
+        "SapphireRapids-v3",
+        "GraniteRapids",
+        "EPYC-Genoa-v1",
+        "EPYC-v4",
+    ] {
+        assert_eq!(def(name)["typename"], format!("{name}-x86_64-cpu"));
+    }
+    assert_eq!(def("SapphireRapids")["alias-of"], "SapphireRapids-v1");
     // unavailable-features: what SandyBridge asks for that KVM here cannot give.
     let m = model("SandyBridge-v1");
     let expected: Vec<&str> = hw::i386::x86_cpu::features()
@@ -479,6 +532,15 @@ fn cpu_help_lists_models_and_flags_in_qemus_layout() {
         "x86 Cascadelake-Server-v2  Intel Xeon Processor (Cascadelake) [ARCH_CAPABILITIES]",
         "x86 EPYC-Rome-v1          AMD EPYC-Rome Processor",
         "x86 Dhyana-v2             Hygon Dhyana Processor [XSAVES]",
+        "x86 SapphireRapids        (alias configured by machine type)",
+        "x86 SapphireRapids-v3     Intel Xeon Processor (SapphireRapids)",
+        "x86 GraniteRapids-v2      Intel Xeon Processor (GraniteRapids)",
+        "x86 SierraForest-v2       Intel Xeon Processor (SierraForest)",
+        "x86 ClearwaterForest-v1   Intel Xeon Processor (ClearwaterForest)",
+        "x86 EPYC-Genoa-v1         AMD EPYC-Genoa Processor",
+        "x86 EPYC-Milan-v2         AMD EPYC-Milan-v2 Processor",
+        "x86 Icelake-Server-v7     Intel Xeon Processor (Icelake) [TSX, taa-no]",
+        "x86 EPYC-Rome-v4          AMD EPYC-Rome-v4 Processor (no XSAVES)",
         "x86 486-v1                ",
         "x86 max                   Enables all features supported by the accelerator in the current host",
     ] {

@@ -113,6 +113,24 @@ pub fn filtered_features(
     (granted, missing)
 }
 
+/// QEMU's `x86_cpu_adjust_feat_level` (with `full-cpuid-auto-level`): the lowest basic and
+/// extended limits that reach every leaf a requested feature lives in, so a model version
+/// that adds a leaf-0x80000021 feature (`EPYC-Milan-v2`) raises its `xlevel`.
+fn min_levels(model: &X86CpuModel, overrides: &[(&'static str, bool)]) -> (u32, u32) {
+    let requested = expand_features(model.features.clone(), overrides);
+    let mut level = 0;
+    let mut xlevel = 0;
+    for f in requested.iter().flat_map(|name| feature_bits(name)) {
+        let leaf = f.word.leaf;
+        if leaf >= 0x8000_0000 && leaf < 0xC000_0000 {
+            xlevel = xlevel.max(leaf);
+        } else if leaf < 0x4000_0000 {
+            level = level.max(leaf);
+        }
+    }
+    (level, xlevel)
+}
+
 /// Bits of leaf 1 EDX that AMD CPUs repeat in leaf 0x80000001 EDX (QEMU's
 /// `CPUID_EXT2_AMD_ALIASES`).
 const AMD_ALIASES: u32 = 0x0183_F3FF;
@@ -220,16 +238,18 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<Cp
         }
     }
 
-    // A named model's limits (xlevel 0: no extended leaves, as on a Pentium III); max and
-    // host keep KVM's.
-    let level = cfg
-        .identity
-        .level
-        .or(model.filter(|m| !m.passthrough()).map(|m| m.level));
-    let xlevel = cfg
-        .identity
-        .xlevel
-        .or(model.filter(|m| !m.passthrough()).map(|m| m.xlevel));
+    // A named model's limits (xlevel 0: no extended leaves, as on a Pentium III), raised to
+    // the leaves its requested features live in; max and host keep KVM's.
+    let (min_level, min_xlevel) = match model.filter(|m| !m.passthrough()) {
+        Some(m) => min_levels(m, &cfg.overrides),
+        None => (0, 0),
+    };
+    let level = cfg.identity.level.or(model
+        .filter(|m| !m.passthrough())
+        .map(|m| m.level.max(min_level)));
+    let xlevel = cfg.identity.xlevel.or(model
+        .filter(|m| !m.passthrough())
+        .map(|m| m.xlevel.max(min_xlevel)));
     entries.retain(|e| {
         let f = e.function;
         let basic_ok = f >= 0x4000_0000 || level.is_none_or(|l| f <= l);
