@@ -124,7 +124,7 @@ fn min_levels(model: &X86CpuModel, overrides: &[(&'static str, bool)]) -> (u32, 
     let mut xlevel = 0;
     for f in requested.iter().flat_map(|name| feature_bits(name)) {
         let leaf = f.word.leaf;
-        if leaf >= 0x8000_0000 && leaf < 0xC000_0000 {
+        if (0x8000_0000..0xC000_0000).contains(&leaf) {
             xlevel = xlevel.max(leaf);
         } else if leaf < 0x4000_0000 {
             level = level.max(leaf);
