@@ -10,6 +10,8 @@ pub mod qtest;
 
 /// The KVM accelerator (QEMU's `accel/kvm/`, `target/i386/kvm/`).
 pub mod kvm {
+    #[path = "hyperv.rs"]
+    pub mod hyperv;
     #[path = "kvm_all.rs"]
     pub mod kvm_all;
     #[path = "kvm_cpus.rs"]

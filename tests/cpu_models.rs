@@ -84,7 +84,12 @@ const QUERIES: &[(u32, u32)] = &[
 
 /// Runs a guest with `-cpu cpu` that reports [`QUERIES`].
 fn guest_cpuid(cpu: &str) -> GuestCpuid {
-    let image = guest::cpuid_reporter(QUERIES, RECORD_PORT, EXIT_PORT, 0x15);
+    guest_cpuid_of(cpu, QUERIES)
+}
+
+/// Runs a guest with `-cpu cpu` that reports `queries`.
+fn guest_cpuid_of(cpu: &str, queries: &[(u32, u32)]) -> GuestCpuid {
+    let image = guest::cpuid_reporter(queries, RECORD_PORT, EXIT_PORT, 0x15);
     let vm = TestVm::new(&image, 1, cpu);
     assert_eq!(
         vm.run(),
@@ -98,9 +103,9 @@ fn guest_cpuid(cpu: &str) -> GuestCpuid {
         .iter()
         .map(|(_, v, _, _)| *v as u32)
         .collect();
-    assert_eq!(words.len(), QUERIES.len() * 4, "{cpu}: {words:x?}");
+    assert_eq!(words.len(), queries.len() * 4, "{cpu}: {words:x?}");
     GuestCpuid(
-        QUERIES
+        queries
             .iter()
             .zip(words.chunks(4))
             .map(|(q, r)| (*q, [r[0], r[1], r[2], r[3]]))
@@ -183,13 +188,49 @@ fn named_models_give_the_guest_their_vendor_family_model_and_features() {
             (24, 0, 1),
             "Hygon Dhyana Processor",
         ),
+        (
+            "SapphireRapids",
+            "GenuineIntel",
+            (6, 143, 4),
+            "Intel Xeon Processor (SapphireRapids)",
+        ),
+        (
+            "GraniteRapids-v2",
+            "GenuineIntel",
+            (6, 173, 1),
+            "Intel Xeon Processor (GraniteRapids)",
+        ),
+        (
+            "SierraForest-v2",
+            "GenuineIntel",
+            (6, 175, 3),
+            "Intel Xeon Processor (SierraForest)",
+        ),
+        (
+            "EPYC-Genoa",
+            "AuthenticAMD",
+            (25, 17, 0),
+            "AMD EPYC-Genoa Processor",
+        ),
+        (
+            "EPYC-Rome-v4",
+            "AuthenticAMD",
+            (23, 49, 0),
+            "AMD EPYC-Rome-v4 Processor (no XSAVES)",
+        ),
     ] {
         let seen = guest_cpuid(name);
         assert_eq!(seen.vendor(), vendor, "{name}");
         assert_eq!(seen.family_model_stepping(), fms, "{name}");
         assert_eq!(seen.brand(), brand, "{name}");
         let m = model(name);
-        assert_eq!(seen.regs(0, 0)[0], m.level, "{name}: level");
+        // GraniteRapids-v2's AVX10 lives in leaf 0x24, which raises its level 0x20.
+        let level = if name == "GraniteRapids-v2" {
+            0x24
+        } else {
+            m.level
+        };
+        assert_eq!(seen.regs(0, 0)[0], level, "{name}: level");
         assert_eq!(seen.regs(0x8000_0000, 0)[0], m.xlevel, "{name}: xlevel");
         let (has, lacks) = has_and_lacks(m);
         assert!(seen.has(has), "{name}: the guest lacks {}", has.name);
@@ -198,6 +239,14 @@ fn named_models_give_the_guest_their_vendor_family_model_and_features() {
             lacks_checked += 1;
         }
     }
+    // A version that adds leaf-0x80000021 features raises the model's xlevel to reach them
+    // (QEMU's automatic minimum level), and the table's newer versions reach the guest.
+    let milan = guest_cpuid("EPYC-Milan-v2");
+    assert_eq!(milan.brand(), "AMD EPYC-Milan-v2 Processor");
+    assert_eq!(model("EPYC-Milan-v2").xlevel, 0x8000_001e);
+    assert_eq!(milan.regs(0x8000_0000, 0)[0], 0x8000_0021);
+    let epyc4 = guest_cpuid("EPYC-v4");
+    assert_eq!(epyc4.brand(), "AMD EPYC-v4 Processor");
     // SandyBridge, Conroe, kvm64 lack 3dnowprefetch, which KVM offers everywhere.
     assert!(
         lacks_checked >= 3,
@@ -449,6 +498,15 @@ fn cpu_model_expansion_answers_for_max_and_named_models() {
     assert_eq!(def("base")["static"], true);
     assert_eq!(def("max")["migration-safe"], false);
     assert_eq!(def("EPYC-v1")["typename"], "EPYC-v1-x86_64-cpu");
+    for name in [
+        "SapphireRapids-v3",
+        "GraniteRapids",
+        "EPYC-Genoa-v1",
+        "EPYC-v4",
+    ] {
+        assert_eq!(def(name)["typename"], format!("{name}-x86_64-cpu"));
+    }
+    assert_eq!(def("SapphireRapids")["alias-of"], "SapphireRapids-v1");
     // unavailable-features: what SandyBridge asks for that KVM here cannot give.
     let m = model("SandyBridge-v1");
     let expected: Vec<&str> = hw::i386::x86_cpu::features()
@@ -479,6 +537,15 @@ fn cpu_help_lists_models_and_flags_in_qemus_layout() {
         "x86 Cascadelake-Server-v2  Intel Xeon Processor (Cascadelake) [ARCH_CAPABILITIES]",
         "x86 EPYC-Rome-v1          AMD EPYC-Rome Processor",
         "x86 Dhyana-v2             Hygon Dhyana Processor [XSAVES]",
+        "x86 SapphireRapids        (alias configured by machine type)",
+        "x86 SapphireRapids-v3     Intel Xeon Processor (SapphireRapids)",
+        "x86 GraniteRapids-v2      Intel Xeon Processor (GraniteRapids)",
+        "x86 SierraForest-v2       Intel Xeon Processor (SierraForest)",
+        "x86 ClearwaterForest-v1   Intel Xeon Processor (ClearwaterForest)",
+        "x86 EPYC-Genoa-v1         AMD EPYC-Genoa Processor",
+        "x86 EPYC-Milan-v2         AMD EPYC-Milan-v2 Processor",
+        "x86 Icelake-Server-v7     Intel Xeon Processor (Icelake) [TSX, taa-no]",
+        "x86 EPYC-Rome-v4          AMD EPYC-Rome-v4 Processor (no XSAVES)",
         "x86 486-v1                ",
         "x86 max                   Enables all features supported by the accelerator in the current host",
     ] {
@@ -509,4 +576,114 @@ fn cpu_help_lists_models_and_flags_in_qemus_layout() {
     let mut sorted = names.clone();
     sorted.sort_unstable();
     assert_eq!(names, sorted);
+}
+
+/// The 12-character signature in EBX, ECX, EDX of a hypervisor leaf.
+fn signature(regs: [u32; 4]) -> String {
+    let bytes: Vec<u8> = regs[1..].iter().flat_map(|r| r.to_le_bytes()).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+const HV_QUERIES: &[(u32, u32)] = &[
+    (0x4000_0000, 0),
+    (0x4000_0003, 0),
+    (0x4000_0004, 0),
+    (0x4000_0100, 0),
+];
+
+#[test]
+fn hv_passthrough_is_accepted_and_the_kvm_leaves_follow_qemus_layout() {
+    require_kvm!();
+    accel::init().unwrap();
+    // Both spellings, as libvirt and test suites write them.
+    for cpu in ["host,hv_passthrough", "host,hv-passthrough=on"] {
+        let seen = guest_cpuid_of(cpu, HV_QUERIES);
+        if accel::kvm::hyperv::kernel_has_hyperv() {
+            // Hyper-V's leaves at 0x40000000, KVM's moved to 0x40000100.
+            assert_eq!(
+                seen.regs(0x4000_0000, 0)[0] & 0xffff_fff0,
+                0x4000_0000,
+                "{cpu}"
+            );
+            let sig = signature(seen.regs(0x4000_0100, 0));
+            assert_eq!(sig, "KVMKVMKVM\0\0\0", "{cpu}");
+            assert_eq!(seen.regs(0x4000_0100, 0)[0], 0x4000_0101, "{cpu}");
+            // Every enlightenment needs the hypercall page.
+            assert_ne!(seen.regs(0x4000_0003, 0)[0] & (1 << 5), 0, "{cpu}");
+        } else {
+            // No Hyper-V in this kernel: QEMU gives nothing, and KVM keeps 0x40000000.
+            let sig = signature(seen.regs(0x4000_0000, 0));
+            assert_eq!(sig, "KVMKVMKVM\0\0\0", "{cpu}");
+        }
+    }
+}
+
+#[test]
+fn hv_enlightenments_reach_the_guest_or_are_refused_in_qemus_words() {
+    require_kvm!();
+    accel::init().unwrap();
+    if accel::kvm::hyperv::kernel_has_hyperv() {
+        let seen = guest_cpuid_of("qemu64,hv-relaxed,hv_vapic,hv-spinlocks=0x1fff", HV_QUERIES);
+        let hv = seen.regs(0x4000_0000, 0);
+        assert_eq!(hv[0], 0x4000_0005);
+        assert_eq!(signature(hv), "Microsoft Hv");
+        let info = seen.regs(0x4000_0004, 0);
+        assert_eq!(info[0] & (1 << 5), 1 << 5, "relaxed timing recommended");
+        assert_eq!(
+            info[0] & (1 << 3),
+            1 << 3,
+            "APIC access recommended (hv-vapic)"
+        );
+        assert_eq!(info[1], 0x1fff, "spinlock retries");
+        assert_ne!(
+            seen.regs(0x4000_0003, 0)[0] & (1 << 4),
+            0,
+            "APIC access MSRs"
+        );
+        assert_eq!(signature(seen.regs(0x4000_0100, 0)), "KVMKVMKVM\0\0\0");
+    } else {
+        println!(
+            "this host's KVM has no KVM_CAP_HYPERV: guest Hyper-V leaves not checked, \
+             QEMU's refusals are"
+        );
+    }
+    let base = [
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        "stdio",
+        "-cpu",
+    ];
+    for (cpu, desc) in [
+        ("qemu64,hv-relaxed", "relaxed timing (hv-relaxed)"),
+        ("qemu64,hv_vapic", "virtual APIC (hv-vapic)"),
+        // QEMU's order: hv-time is checked first of these.
+        (
+            "qemu64,hv-stimer,hv-synic,hv-vpindex,hv-time",
+            "clocksources (hv-time)",
+        ),
+        (
+            "qemu64,hv-spinlocks=0x1fff",
+            "spinlock retries (hv-spinlocks)",
+        ),
+    ] {
+        let mut args = base.to_vec();
+        args.push(cpu);
+        let out = qomvm(&args, QMP_QUIT);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        if accel::kvm::hyperv::kernel_has_hyperv() {
+            // A kernel with Hyper-V may support these; the guest check above ran instead.
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{cpu}: {stderr}");
+        let expected = format!("Hyper-V {desc} is not supported by kernel");
+        assert!(stderr.contains(&expected), "{cpu}: {stderr}");
+        let line = stderr.lines().find(|l| l.contains(&expected)).unwrap();
+        assert!(line.ends_with(&expected), "{cpu}: {line}");
+    }
 }

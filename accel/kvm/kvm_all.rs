@@ -65,6 +65,9 @@ pub enum KvmError {
     /// `enforce`: the host lacks features the CPU model asks for (each was warned about).
     #[error("Host doesn't support requested features")]
     MissingFeatures,
+    /// The Hyper-V enlightenments asked for cannot be set up.
+    #[error(transparent)]
+    Hyperv(#[from] super::hyperv::HypervError),
 }
 
 impl From<KvmError> for AccelError {

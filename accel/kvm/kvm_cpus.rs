@@ -389,13 +389,13 @@ fn vcpu_thread(
         x86.set_thread_id(unsafe { libc::gettid() } as u32);
     }
     let apic_id = x86.map_or(index, X86Cpu::apic_id);
-    let mut vcpu = match vm
+    let (mut vcpu, hyperv) = match vm
         .vm
         .create_vcpu(apic_id.into())
         .map_err(|e| ioctl_error("KVM_CREATE_VCPU", e))
-        .and_then(|mut vcpu| x86::init_vcpu(vm, cpu, &mut vcpu).map(|()| vcpu))
+        .and_then(|mut vcpu| x86::init_vcpu(vm, cpu, &mut vcpu, index).map(|hv| (vcpu, hv)))
     {
-        Ok(vcpu) => vcpu,
+        Ok(created) => created,
         Err(e) => {
             let _ = created.send(Err(e));
             return;
@@ -415,7 +415,7 @@ fn vcpu_thread(
     drop(machine);
     let mut io = io_space.dispatcher();
     let mut memory = memory_space.dispatcher();
-    let pristine = match x86::PristineState::capture(&vcpu) {
+    let pristine = match x86::PristineState::capture(&vcpu, hyperv) {
         Ok(p) => p,
         Err(e) => {
             qom::error_report!("CPU {index}: {e}");
@@ -502,6 +502,10 @@ fn run_once(vcpu: &mut VcpuFd, io: &mut Dispatcher, memory: &mut Dispatcher, ind
             return Step::Continue;
         }
         Ok(VcpuExit::Intr) => return Step::Interrupted,
+        Ok(VcpuExit::Hyperv) => {
+            crate::kvm::hyperv::handle_exit(vcpu.get_kvm_run());
+            return Step::Continue;
+        }
         Ok(VcpuExit::Hlt) => {
             // With the in-kernel irqchip KVM handles HLT itself; a HLT exit means the
             // guest halted with nothing to wake it.

@@ -10,6 +10,8 @@ use hw::i386::x86_cpu::{
     expand_features, feature_bits, features, Feature, IdentityOverrides, Reg, X86Cpu, X86CpuModel,
 };
 use hw::i386::x86_cpu_features::{FeatureWord, FEATURE_WORDS};
+
+use super::hyperv::{self, HypervSetup};
 pub use kvm_bindings::CpuId;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
@@ -113,6 +115,24 @@ pub fn filtered_features(
     (granted, missing)
 }
 
+/// QEMU's `x86_cpu_adjust_feat_level` (with `full-cpuid-auto-level`): the lowest basic and
+/// extended limits that reach every leaf a requested feature lives in, so a model version
+/// that adds a leaf-0x80000021 feature (`EPYC-Milan-v2`) raises its `xlevel`.
+fn min_levels(model: &X86CpuModel, overrides: &[(&'static str, bool)]) -> (u32, u32) {
+    let requested = expand_features(model.features.clone(), overrides);
+    let mut level = 0;
+    let mut xlevel = 0;
+    for f in requested.iter().flat_map(|name| feature_bits(name)) {
+        let leaf = f.word.leaf;
+        if (0x8000_0000..0xC000_0000).contains(&leaf) {
+            xlevel = xlevel.max(leaf);
+        } else if leaf < 0x4000_0000 {
+            level = level.max(leaf);
+        }
+    }
+    (level, xlevel)
+}
+
 /// Bits of leaf 1 EDX that AMD CPUs repeat in leaf 0x80000001 EDX (QEMU's
 /// `CPUID_EXT2_AMD_ALIASES`).
 const AMD_ALIASES: u32 = 0x0183_F3FF;
@@ -160,7 +180,12 @@ const DEFAULT_PHYS_BITS: u32 = 40;
 /// QEMU's `x86_cpu_filter_features` + `cpu_x86_cpuid`: KVM's supported CPUID, filtered by
 /// the model and the command line, with the vCPU's identity and topology. Features the
 /// host lacks are warned about (`check`) or refuse the CPU (`enforce`).
-pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<CpuId, KvmError> {
+pub(crate) fn build_cpuid(
+    vm: &KvmVm,
+    cpu: &Object,
+    smp: SmpConfig,
+    hyperv: Option<&HypervSetup>,
+) -> Result<CpuId, KvmError> {
     let supported = &vm.supported_cpuid;
     let cfg = CpuConfig::of(cpu);
     let model = cfg.model;
@@ -220,16 +245,18 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<Cp
         }
     }
 
-    // A named model's limits (xlevel 0: no extended leaves, as on a Pentium III); max and
-    // host keep KVM's.
-    let level = cfg
-        .identity
-        .level
-        .or(model.filter(|m| !m.passthrough()).map(|m| m.level));
-    let xlevel = cfg
-        .identity
-        .xlevel
-        .or(model.filter(|m| !m.passthrough()).map(|m| m.xlevel));
+    // A named model's limits (xlevel 0: no extended leaves, as on a Pentium III), raised to
+    // the leaves its requested features live in; max and host keep KVM's.
+    let (min_level, min_xlevel) = match model.filter(|m| !m.passthrough()) {
+        Some(m) => min_levels(m, &cfg.overrides),
+        None => (0, 0),
+    };
+    let level = cfg.identity.level.or(model
+        .filter(|m| !m.passthrough())
+        .map(|m| m.level.max(min_level)));
+    let xlevel = cfg.identity.xlevel.or(model
+        .filter(|m| !m.passthrough())
+        .map(|m| m.xlevel.max(min_xlevel)));
     entries.retain(|e| {
         let f = e.function;
         let basic_ok = f >= 0x4000_0000 || level.is_none_or(|l| f <= l);
@@ -240,6 +267,9 @@ pub(crate) fn build_cpuid(vm: &KvmVm, cpu: &Object, smp: SmpConfig) -> Result<Cp
         let l3_ok = cfg.l3_cache || !(f == 4 && (e.eax >> 5) & 7 == 3);
         basic_ok && ext_ok && kvm_ok && l3_ok
     });
+    if let Some(setup) = hyperv {
+        hyperv::place_leaves(&mut entries, setup);
+    }
 
     let host_phys = entries
         .iter()
@@ -384,17 +414,38 @@ const BOOT_MSRS: &[(u32, u64)] = &[
 static WARNED_MSRS: parking_lot::Mutex<std::collections::BTreeSet<u32>> =
     parking_lot::Mutex::new(std::collections::BTreeSet::new());
 
-/// QEMU's `kvm_arch_init_vcpu`: CPUID. The rest of the vCPU's state is set by
+/// QEMU's `kvm_arch_init_vcpu`: the Hyper-V enlightenments (checked against the kernel),
+/// CPUID, and Hyper-V's per-vCPU set-up. The rest of the vCPU's state is set by
 /// [`reset_vcpu`], which runs before its first `KVM_RUN` and after each system reset.
-pub(crate) fn init_vcpu(vm: &KvmVm, cpu: &Object, vcpu: &mut VcpuFd) -> Result<(), KvmError> {
+/// Returns the Hyper-V configuration, which resets need.
+pub(crate) fn init_vcpu(
+    vm: &KvmVm,
+    cpu: &Object,
+    vcpu: &mut VcpuFd,
+    index: u32,
+) -> Result<Option<HypervSetup>, KvmError> {
     let smp = vm
         .machine
         .upgrade()
         .and_then(|m| machine_state(&m).map(|ms| ms.smp()))
         .unwrap_or_default();
-    let cpuid = build_cpuid(vm, cpu, smp)?;
+    let opts = cpu
+        .downcast::<X86Cpu>()
+        .map(X86Cpu::hyperv_options)
+        .unwrap_or_default();
+    let hyperv = if opts.requested() {
+        let host = hyperv::host_support(vcpu, &vm.msr_index_list)?;
+        hyperv::expand(&opts, host.as_ref())?
+    } else {
+        None
+    };
+    let cpuid = build_cpuid(vm, cpu, smp, hyperv.as_ref())?;
     vcpu.set_cpuid2(&cpuid)
-        .map_err(|e| ioctl_error("KVM_SET_CPUID2", e))
+        .map_err(|e| ioctl_error("KVM_SET_CPUID2", e))?;
+    if let Some(setup) = &hyperv {
+        hyperv::init_vcpu(vcpu, setup, index)?;
+    }
+    Ok(hyperv)
 }
 
 /// The CPUID `KVM_SET_CPUID2` gives `cpu` of a machine on KVM (what [`init_vcpu`] sets), or
@@ -465,11 +516,13 @@ pub(crate) struct PristineState {
     sregs: kvm_bindings::kvm_sregs,
     lapic: kvm_bindings::kvm_lapic_state,
     mp_state: kvm_bindings::kvm_mp_state,
+    hyperv: Option<HypervSetup>,
 }
 
 impl PristineState {
-    pub(crate) fn capture(vcpu: &VcpuFd) -> Result<Self, KvmError> {
+    pub(crate) fn capture(vcpu: &VcpuFd, hyperv: Option<HypervSetup>) -> Result<Self, KvmError> {
         Ok(PristineState {
+            hyperv,
             regs: vcpu
                 .get_regs()
                 .map_err(|e| ioctl_error("KVM_GET_REGS", e))?,
@@ -496,6 +549,9 @@ pub(crate) fn reset_vcpu(
     pristine: &PristineState,
 ) -> Result<(), KvmError> {
     set_boot_msrs(vm, vcpu)?;
+    if let Some(setup) = &pristine.hyperv {
+        hyperv::reset_msrs(vcpu, setup)?;
+    }
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,

@@ -17,6 +17,7 @@ use qom::{
 };
 
 use super::x86_cpu_features::{FeatureWord, FEATURE_ALIASES, FEATURE_WORDS};
+use super::x86_cpu_hyperv::{hv_feature, HypervOptions, HV_FEATURES};
 use super::x86_cpu_models::X86CpuModelEntry;
 use crate::core::cpu::{CpuClass, CpuImpl, CpuState};
 use crate::core::machine::SmpConfig;
@@ -441,6 +442,7 @@ pub struct X86Cpu {
     /// Features turned on or off on the command line, in order.
     overrides: Mutex<Vec<(&'static str, bool)>>,
     identity: Mutex<IdentityOverrides>,
+    hyperv: Mutex<HypervOptions>,
     boot: Mutex<Option<X86BootState>>,
     thread_id: AtomicU32,
 }
@@ -487,6 +489,10 @@ impl X86Cpu {
     /// `kvm=`: whether the guest sees the KVM leaves.
     pub fn kvm_leaves(&self) -> bool {
         self.kvm.get()
+    }
+    /// The Hyper-V enlightenments asked for (`hv-*`).
+    pub fn hyperv_options(&self) -> HypervOptions {
+        self.hyperv.lock().clone()
     }
     /// The identity values set on the command line.
     pub fn identity_overrides(&self) -> IdentityOverrides {
@@ -642,6 +648,38 @@ static FEATURE: StateAccessor<X86Cpu> = StateAccessor {
     }),
 };
 
+/// The Hyper-V properties (QEMU's `hv-*` in `x86_cpu_properties`): one bool per
+/// enlightenment, `hv-passthrough`, and `hv-spinlocks`.
+static HYPERV: StateAccessor<X86Cpu> = StateAccessor {
+    get: |cpu, prop| {
+        let hv = cpu.hyperv.lock();
+        match prop.name.as_ref() {
+            "hv-spinlocks" => Value::Uint(hv.spinlocks.into()),
+            "hv-passthrough" => Value::Bool(hv.passthrough),
+            name => Value::Bool(hv.features.contains(name)),
+        }
+    },
+    set: Some(|cpu, prop, value| {
+        let mut hv = cpu.hyperv.lock();
+        match (prop.name.as_ref(), value) {
+            // A 32-bit property: the value was range-checked when parsed.
+            ("hv-spinlocks", Value::Uint(v)) => hv.spinlocks = v as u32,
+            ("hv-passthrough", Value::Bool(on)) => hv.passthrough = on,
+            (name, Value::Bool(on)) => {
+                if let Some(f) = hv_feature(name) {
+                    if on {
+                        hv.features.insert(f.name);
+                    } else {
+                        hv.features.remove(f.name);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }),
+};
+
 /// The CPUID identity properties: reading gives the model's value unless set.
 static IDENTITY: StateAccessor<X86Cpu> = StateAccessor {
     get: |cpu, prop| {
@@ -707,6 +745,21 @@ fn x86_cpu_base_class_init(class: &mut ObjectClass) {
             &FEATURE,
         ));
     }
+    for f in HV_FEATURES {
+        class.add_property(Property::state(f.name, PropertyKind::Bool, f.desc, &HYPERV));
+    }
+    class.add_property(Property::state(
+        "hv-passthrough",
+        PropertyKind::Bool,
+        "Every Hyper-V enlightenment the kernel supports",
+        &HYPERV,
+    ));
+    class.add_property(Property::state(
+        "hv-spinlocks",
+        PropertyKind::Uint(32),
+        "Hyper-V spinlock retries before notifying the hypervisor",
+        &HYPERV,
+    ));
 }
 
 /// The class of a model type: the x86 CPU class with its model (QEMU's
@@ -821,6 +874,7 @@ fn property_name(name: &str) -> String {
         return feature.to_string();
     }
     match name.replace('_', "-").as_str() {
+        hv if hv.starts_with("hv-") => hv.into(),
         "model-id" => "model-id".into(),
         "phys-bits" => "phys-bits".into(),
         "host-phys-bits" => "host-phys-bits".into(),

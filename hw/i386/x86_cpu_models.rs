@@ -7,6 +7,12 @@
 //! `X86CPUVersionDefinition::props` do; `Skylake-Server` is an alias of the version the
 //! machine picks (version 1 on `pc`, as QEMU's `default_cpu_version`), `Skylake-Server-IBRS`
 //! an alias of a fixed version.
+//!
+//! Only CPUID feature words are modelled: what QEMU's entries set in its MSR-based words
+//! (`FEAT_ARCH_CAPABILITIES`' `rdctl-no`, `mds-no`, `sbdr-ssdp-no`...,
+//! `FEAT_CORE_CAPABILITY`, the `vmx-*` controls), `avx10-version` and the cache-info
+//! tables are left out, so a version made only of those (`SapphireRapids-v2`) lists no
+//! properties.
 
 use qom::{ObjectClass, TypeInfo};
 

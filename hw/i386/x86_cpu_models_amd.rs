@@ -49,6 +49,36 @@ pub const MODELS: &[X86CpuDefinition] = &[
             X86CpuVersion { version: 1, alias: None, note: None, props: &[] },
             X86CpuVersion { version: 2, alias: Some("EPYC-IBPB"), note: None, props: &[("ibpb", "on"), ("model-id", "AMD EPYC Processor (with IBPB)")] },
             X86CpuVersion { version: 3, alias: None, note: None, props: &[("clzero", "on"), ("perfctr-core", "on"), ("xsaveerptr", "on"), ("xsaves", "on"), ("model-id", "AMD EPYC Processor")] },
+            X86CpuVersion { version: 4, alias: None, note: None, props: &[("model-id", "AMD EPYC-v4 Processor")] },
+        ],
+    },
+    X86CpuDefinition {
+        name: "EPYC-Genoa",
+        vendor: "AuthenticAMD",
+        family: 25,
+        model: 17,
+        stepping: 0,
+        level: 0xd,
+        xlevel: 0x80000022,
+        model_id: "AMD EPYC-Genoa Processor",
+        features: &[
+            "3dnowprefetch", "abm", "adx", "aes", "amd-psfd", "amd-ssbd", "amd-stibp", "apic",
+            "arat", "auto-ibrs", "avx", "avx2", "avx512-bf16", "avx512-vpopcntdq", "avx512bitalg",
+            "avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512ifma", "avx512vbmi",
+            "avx512vbmi2", "avx512vl", "avx512vnni", "bmi1", "bmi2", "clflush", "clflushopt",
+            "clwb", "clzero", "cmov", "cr8legacy", "cx16", "cx8", "de", "erms", "f16c", "fma",
+            "fpu", "fsgsbase", "fsrm", "fxsr", "fxsr-opt", "gfni", "hypervisor", "ibpb", "ibrs",
+            "invpcid", "la57", "lahf-lm", "lfence-always-serializing", "lm", "mca", "mce",
+            "misalignsse", "mmx", "mmxext", "monitor", "movbe", "msr", "mtrr", "no-nested-data-bp",
+            "npt", "nrip-save", "null-sel-clr-base", "nx", "osvw", "pae", "pat", "pcid",
+            "pclmulqdq", "pdpe1gb", "perfctr-core", "pge", "pku", "pni", "popcnt", "pse", "pse36",
+            "rdpid", "rdrand", "rdseed", "rdtscp", "sep", "sha-ni", "smap", "smep", "sse", "sse2",
+            "sse4.1", "sse4.2", "sse4a", "ssse3", "stibp-always-on", "svm", "svme-addr-chk",
+            "syscall", "topoext", "tsc", "umip", "vaes", "vme", "vnmi", "vpclmulqdq", "wbnoinvd",
+            "xgetbv1", "xsave", "xsavec", "xsaveerptr", "xsaveopt", "xsaves",
+        ],
+        versions: &[
+            X86CpuVersion { version: 1, alias: None, note: None, props: &[] },
         ],
     },
     X86CpuDefinition {
@@ -75,6 +105,7 @@ pub const MODELS: &[X86CpuDefinition] = &[
         ],
         versions: &[
             X86CpuVersion { version: 1, alias: None, note: None, props: &[] },
+            X86CpuVersion { version: 2, alias: None, note: None, props: &[("model-id", "AMD EPYC-Milan-v2 Processor"), ("vaes", "on"), ("vpclmulqdq", "on"), ("stibp-always-on", "on"), ("amd-psfd", "on"), ("no-nested-data-bp", "on"), ("lfence-always-serializing", "on"), ("null-sel-clr-base", "on")] },
         ],
     },
     X86CpuDefinition {
@@ -101,6 +132,8 @@ pub const MODELS: &[X86CpuDefinition] = &[
         versions: &[
             X86CpuVersion { version: 1, alias: None, note: None, props: &[] },
             X86CpuVersion { version: 2, alias: None, note: None, props: &[("amd-ssbd", "on"), ("ibrs", "on")] },
+            X86CpuVersion { version: 3, alias: None, note: None, props: &[("model-id", "AMD EPYC-Rome-v3 Processor")] },
+            X86CpuVersion { version: 4, alias: None, note: None, props: &[("model-id", "AMD EPYC-Rome-v4 Processor (no XSAVES)"), ("xsaves", "off")] },
         ],
     },
     X86CpuDefinition {
