@@ -450,12 +450,13 @@ pub(crate) fn init_vcpu(
 
 /// The CPUID `KVM_SET_CPUID2` gives `cpu` of a machine on KVM (what [`init_vcpu`] sets), or
 /// `None` when the machine is not on KVM or its CPU cannot run here (`enforce`). For
-/// benchmarks that build a raw KVM VM configured like qomvm's.
+/// benchmarks that build a raw KVM VM configured like qomvm's (no Hyper-V leaves: their
+/// CPU asks for none).
 pub fn vcpu_cpuid(machine: &Object, cpu: &Object) -> Option<CpuId> {
     let ms = machine_state(machine)?;
     let ops = ms.accel_ops()?;
     let vm = ops.as_any().downcast_ref::<KvmVm>()?;
-    build_cpuid(vm, cpu, ms.smp()).ok()
+    build_cpuid(vm, cpu, ms.smp(), None).ok()
 }
 
 fn set_boot_msrs(vm: &KvmVm, vcpu: &VcpuFd) -> Result<(), KvmError> {
