@@ -80,7 +80,7 @@ fn model_object(info: &Map<String, Value>) -> Result<(ObjectRef, &'static X86Cpu
                         .to_string(),
                     )
                 })?;
-                let value = crate::monitor::qmp_cmds::value_from_json(&prop, value)?;
+                let value = crate::monitor::info::value_from_json(&prop, value)?;
                 cpu.property_set(key, value)
                     .map_err(|e| QmpError::BadInput(e.to_string()))?;
             }

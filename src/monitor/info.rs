@@ -5,7 +5,7 @@
 use hw::core::cpu::CpuState;
 use hw::core::runstate::RunStatus;
 use hw::i386::x86_cpu::X86Cpu;
-use qom::{object_get_root, resolve_path, Value as QomValue};
+use qom::{object_get_root, resolve_path, Property, PropertyKind, Value as QomValue};
 use serde_json::{json, Value};
 
 use crate::monitor::qapi::{CommandCtx, QmpError};
@@ -401,4 +401,31 @@ pub fn named_block_nodes() -> Vec<Value> {
         }
     }
     nodes
+}
+
+/// A JSON value for a property of `kind`, with the visitor's type errors (`qom-set`, and
+/// the properties of `query-cpu-model-expansion`'s models).
+pub(crate) fn value_from_json(prop: &Property, v: &Value) -> Result<QomValue, QmpError> {
+    let wrong = |expected: &'static str| QmpError::InvalidParameterType {
+        name: prop.name.to_string(),
+        expected,
+    };
+    Ok(match prop.kind {
+        PropertyKind::Bool => QomValue::Bool(v.as_bool().ok_or_else(|| wrong("boolean"))?),
+        PropertyKind::Uint(_) | PropertyKind::Size => {
+            QomValue::Uint(v.as_u64().ok_or_else(|| wrong("uint64"))?)
+        }
+        PropertyKind::Int(_) => QomValue::Int(v.as_i64().ok_or_else(|| wrong("integer"))?),
+        PropertyKind::Str | PropertyKind::Enum(..) | PropertyKind::Child(_) => {
+            QomValue::Str(v.as_str().ok_or_else(|| wrong("string"))?.to_string())
+        }
+        PropertyKind::Link(_) => {
+            let path = v.as_str().ok_or_else(|| wrong("string"))?;
+            if path.is_empty() {
+                QomValue::Link(None)
+            } else {
+                QomValue::Link(Some(resolve(path)?))
+            }
+        }
+    })
 }

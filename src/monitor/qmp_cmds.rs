@@ -5,13 +5,13 @@
 use hw::core::machine::{machine_class, TYPE_MACHINE};
 use hw::core::qdev::TYPE_DEVICE;
 use hw::core::runstate::{self, RunStatus};
-use qom::{ObjectClass, Property, PropertyKind, Value as QomValue};
+use qom::{ObjectClass, Property};
 use serde_json::{json, Map, Value};
 
 use crate::monitor::cpu_model::{query_cpu_definitions, query_cpu_model_expansion};
 use crate::monitor::info::{
     block_infos, block_stats, cpu_infos, iothread_infos, kvm_info, named_block_nodes, resolve,
-    status_info, value_to_json, version_info,
+    status_info, value_from_json, value_to_json, version_info,
 };
 use crate::monitor::qapi::{
     Arg, ArgType, CommandCtx, Deferred, QmpCommand, QmpError, EVENTS, QMP_CAPABILITIES_ARGS,
@@ -452,33 +452,6 @@ fn query_cpus_fast(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, Qm
             })
         })
         .collect())
-}
-
-/// A JSON value for a property of `kind`, with the visitor's type errors (`qom-set`, and
-/// the properties of `query-cpu-model-expansion`'s models).
-pub(crate) fn value_from_json(prop: &Property, v: &Value) -> Result<QomValue, QmpError> {
-    let wrong = |expected: &'static str| QmpError::InvalidParameterType {
-        name: prop.name.to_string(),
-        expected,
-    };
-    Ok(match prop.kind {
-        PropertyKind::Bool => QomValue::Bool(v.as_bool().ok_or_else(|| wrong("boolean"))?),
-        PropertyKind::Uint(_) | PropertyKind::Size => {
-            QomValue::Uint(v.as_u64().ok_or_else(|| wrong("uint64"))?)
-        }
-        PropertyKind::Int(_) => QomValue::Int(v.as_i64().ok_or_else(|| wrong("integer"))?),
-        PropertyKind::Str | PropertyKind::Enum(..) | PropertyKind::Child(_) => {
-            QomValue::Str(v.as_str().ok_or_else(|| wrong("string"))?.to_string())
-        }
-        PropertyKind::Link(_) => {
-            let path = v.as_str().ok_or_else(|| wrong("string"))?;
-            if path.is_empty() {
-                QomValue::Link(None)
-            } else {
-                QomValue::Link(Some(resolve(path)?))
-            }
-        }
-    })
 }
 
 fn qom_list(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
