@@ -4,6 +4,7 @@
 //! that reports the interrupts it takes ([`irq_guest`]).
 
 pub mod elf;
+pub mod fuzz;
 pub mod guest;
 pub mod irq_guest;
 pub mod netns;
