@@ -49,6 +49,8 @@ struct Qtest {
     dir: std::path::PathBuf,
     /// The requests of the current case, printed when it fails.
     log: Vec<String>,
+    case: u64,
+    seed: u64,
 }
 
 impl Qtest {
@@ -116,6 +118,8 @@ impl Qtest {
             writer: stream,
             dir,
             log: Vec::new(),
+            case: 0,
+            seed: 0,
         }
     }
 
@@ -138,10 +142,24 @@ impl Qtest {
 
     fn fail(&mut self, why: &str) -> ! {
         let status = self.child.try_wait().ok().flatten();
+        // By hand: QOMVM_FUZZ_STACKS=FILE writes every qomvm thread's stack there (gdb) on
+        // a failure, which is what a hang needs.
+        if let Ok(file) = std::env::var("QOMVM_FUZZ_STACKS") {
+            let pid = self.child.id().to_string();
+            if let Ok(out) = std::fs::File::create(file) {
+                let _ = Command::new("gdb")
+                    .args(["-p", &pid, "-batch", "-ex", "thread apply all bt"])
+                    .stdout(out)
+                    .status();
+            }
+        }
         let _ = self.child.kill();
         let tail = self.log.len().saturating_sub(60);
         panic!(
-            "{why} (qomvm exit status: {status:?}); the case's last requests:\n{}",
+            "case {} (seed {:#x}): {why} (qomvm exit status: {status:?}); the case's last \
+             requests:\n{}",
+            self.case,
+            self.seed,
             self.log[tail..].join("\n")
         );
     }
@@ -169,15 +187,13 @@ impl Qtest {
     }
 
     /// qomvm answers and has not exited.
-    fn check_alive(&mut self, case: u64, seed: u64) {
+    fn check_alive(&mut self) {
         let reply = self.cmd("endianness".into());
         if reply != "OK little" {
-            self.fail(&format!("case {case} (seed {seed}): endianness: {reply}"));
+            self.fail(&format!("endianness: {reply}"));
         }
         if let Ok(Some(status)) = self.child.try_wait() {
-            self.fail(&format!(
-                "case {case} (seed {seed}): qomvm exited: {status}"
-            ));
+            self.fail(&format!("qomvm exited: {status}"));
         }
     }
 }
@@ -476,6 +492,7 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
     let run = FuzzRun::from_env(0x1951_0005, 1500);
     let started = Instant::now();
     let mut qt = Qtest::start();
+    qt.seed = run.seed;
     let functions = program_bars(&mut qt);
     let names: Vec<String> = functions
         .iter()
@@ -502,6 +519,7 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
     for case in run.cases() {
         let mut rng = run.rng_for(case);
         qt.log.clear();
+        qt.case = case;
         // Some cases program the BARs again: a machine reset or random configuration
         // writes may have moved or disabled them.
         let functions = if rng.one_in(25) {
@@ -518,7 +536,7 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
         for _ in 0..32 {
             random_access(&mut qt, &mut rng, &functions);
         }
-        qt.check_alive(case, run.seed);
+        qt.check_alive();
         cases += 1;
     }
     // SIGTERM ends the VM as QEMU does, with status 0.
