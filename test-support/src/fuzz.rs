@@ -143,3 +143,87 @@ impl FuzzRun {
         Rng::new(self.seed ^ case.wrapping_mul(0x1000_0000_01b3).rotate_left(17))
     }
 }
+
+/// How a run of qomvm on fuzzed options ended.
+#[derive(Debug)]
+pub struct QuitRun {
+    /// The exit status (`None`: killed by a signal, or still running at the bound).
+    pub status: Option<i32>,
+    pub stderr: String,
+    /// Still running at the bound (then killed).
+    pub hung: bool,
+}
+
+impl QuitRun {
+    /// A run ends well if the VM started and quit (status 0) or the options were refused
+    /// with QEMU's one-line error (status 1, the first line `qomvm: ...`, perhaps with
+    /// QEMU's hint after it: `Use -machine help...`); a panic (101), a
+    /// signal, any other status or a hang is a bug. `what` names the input in the message.
+    pub fn check(&self, what: &str) {
+        let first = self.stderr.lines().find(|l| !l.trim().is_empty());
+        let fine = !self.hung
+            && !self.stderr.contains("panicked")
+            && match self.status {
+                Some(0) => true,
+                Some(1) => first.is_some_and(|l| l.starts_with("qomvm: ")),
+                _ => false,
+            };
+        assert!(
+            fine,
+            "{what}: status {:?}{}, stderr:\n{}",
+            self.status,
+            if self.hung {
+                " (hung: killed at the bound)"
+            } else {
+                ""
+            },
+            self.stderr
+        );
+    }
+}
+
+/// Runs qomvm with `args` in `dir` and a QMP monitor on stdio that asks it to quit at once,
+/// so a VM that starts ends by itself; kills it after `bound`.
+pub fn run_qomvm_until_quit(
+    qomvm: &str,
+    args: &[std::ffi::OsString],
+    dir: &std::path::Path,
+    bound: std::time::Duration,
+) -> QuitRun {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let stderr_path = dir.join("stderr");
+    let stderr_file = std::fs::File::create(&stderr_path).unwrap();
+    let mut child = Command::new(qomvm)
+        .args(args)
+        .args(["-qmp", "stdio"])
+        .current_dir(dir)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(stderr_file)
+        .spawn()
+        .unwrap();
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
+    }
+    let deadline = std::time::Instant::now() + bound;
+    let mut hung = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            hung = true;
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    QuitRun {
+        status: status.code(),
+        stderr: String::from_utf8_lossy(&std::fs::read(&stderr_path).unwrap_or_default())
+            .into_owned(),
+        hung,
+    }
+}
