@@ -1,7 +1,8 @@
 //! What the fuzz tests (`tests/fuzz_*.rs`) share: a seeded generator and the bounds of a
 //! run. `cargo test` runs each fuzzer with its fixed seed and number of cases; by hand,
 //! `QOMVM_FUZZ_SEED=N` changes the seed and `QOMVM_FUZZ_ITERATIONS=N` the number of cases
-//! (`0`: for ever, until a case fails or the run is interrupted).
+//! (`0`: for ever, until a case fails or the run is interrupted); `QOMVM_FUZZ_FIRST_CASE=N`
+//! starts at case N.
 
 /// xorshift64*: small, fast and the same sequence on every host for a seed.
 #[derive(Clone, Debug)]
@@ -110,6 +111,9 @@ pub struct FuzzRun {
     pub seed: u64,
     /// `None`: for ever.
     pub iterations: Option<u64>,
+    /// The first case (`QOMVM_FUZZ_FIRST_CASE`): a failing case of a fuzzer whose cases
+    /// are independent (command line, loaders) replays alone.
+    pub first_case: u64,
 }
 
 impl FuzzRun {
@@ -128,13 +132,20 @@ impl FuzzRun {
             Some(n) => Some(n),
             None => Some(default_iterations),
         };
-        FuzzRun { seed, iterations }
+        let first_case = var("QOMVM_FUZZ_FIRST_CASE").unwrap_or(0);
+        FuzzRun {
+            seed,
+            iterations,
+            first_case,
+        }
     }
 
-    /// The case numbers to run: `0..iterations`, or every number.
+    /// The case numbers to run: `iterations` of them from the first, or every number.
     pub fn cases(&self) -> impl Iterator<Item = u64> {
-        let end = self.iterations.unwrap_or(u64::MAX);
-        0..end
+        let end = self
+            .iterations
+            .map_or(u64::MAX, |n| self.first_case.saturating_add(n));
+        self.first_case..end
     }
 
     /// The generator of case `case`: each case has its own, so a failing case can be
