@@ -180,7 +180,7 @@ fn mutate_qcow2(rng: &mut Rng, image: &[u8]) -> Vec<u8> {
 
 #[test]
 fn mutated_kernels_firmware_and_images_load_or_fail_in_one_line() {
-    let run = FuzzRun::from_env(0x1951_01d5, 400);
+    let run = FuzzRun::from_env(0x1951_01d5, 600);
     let started = Instant::now();
     let dir = std::env::temp_dir().join(format!("qomvm-fuzz-loaders-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

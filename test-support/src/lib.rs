@@ -5,6 +5,7 @@
 
 pub mod elf;
 pub mod fuzz;
+pub mod fuzz_qtest;
 pub mod guest;
 pub mod irq_guest;
 pub mod netns;
