@@ -217,6 +217,15 @@ fn corrupt_qcow2_metadata_is_refused_at_open() {
         .err()
         .expect("refused");
     assert!(err.to_string().ends_with("L1 table is too small"), "{err}");
+    // No refcount block for the header's cluster.
+    bytes[table..table + 16].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let err = open(&path, Format::Qcow2, false).err().expect("refused");
+    assert!(
+        err.to_string()
+            .ends_with("no refcount block for clusters in use (reftable index: 0x0)"),
+        "{err}"
+    );
     // No refcount table at all (QEMU refuses it in qcow2_open).
     bytes[56..60].copy_from_slice(&0u32.to_be_bytes());
     std::fs::write(&path, &bytes).unwrap();

@@ -61,7 +61,7 @@ fn l1_coverage(path: &Path) -> io::Result<(u64, Vec<bool>)> {
 fn check_refcount_table(path: &Path) -> io::Result<()> {
     let file = StdFile::open(path)?;
     let file_len = file.metadata()?.len();
-    let mut header = [0u8; 64];
+    let mut header = [0u8; 104];
     file.read_exact_at(&mut header, 0)?;
     let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().unwrap_or_default());
     let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap_or_default());
@@ -84,9 +84,20 @@ fn check_refcount_table(path: &Path) -> io::Result<()> {
     }
     let mut table = vec![0u8; table_len as usize];
     file.read_exact_at(&mut table, table_offset)?;
+    // The clusters one refcount block covers (refcount_order is 4, 16-bit counts, before
+    // version 3).
+    let refcount_order = if be32(4) >= 3 { be32(96).min(6) } else { 4 };
+    let block_covers = cluster_size * 8 >> refcount_order;
+    let blocks_in_use = file_len.div_ceil(cluster_size).div_ceil(block_covers);
     for (index, entry) in table.chunks_exact(8).enumerate() {
         let offset = u64::from_be_bytes(entry.try_into().unwrap_or_default()) & !0x1ff;
         if offset == 0 {
+            // The clusters of the file (the header first) have counts: their blocks exist.
+            if (index as u64) < blocks_in_use {
+                return Err(corrupt(format!(
+                    "qcow2 refcount table: no refcount block for clusters in use (reftable index: {index:#x})"
+                )));
+            }
             continue;
         }
         if offset.saturating_add(cluster_size) > file_len {
