@@ -35,7 +35,7 @@ impl Qtest {
         let sock = dir.join("qtest.sock");
         let listener = UnixListener::bind(&sock).unwrap();
         let extra = args(&dir);
-        let child = Command::new(qomvm)
+        let mut child = Command::new(qomvm)
             .args([
                 "-M",
                 "pc",
@@ -63,6 +63,9 @@ impl Qtest {
             match listener.accept() {
                 Ok((stream, _)) => break stream,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("qomvm exited ({status}) before connecting");
+                    }
                     assert!(Instant::now() < deadline, "qomvm never connected");
                     std::thread::sleep(Duration::from_millis(20));
                 }
