@@ -319,11 +319,10 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
         cases += 1;
     }
     // SIGTERM ends the VM as QEMU does, with status 0.
+    let pid = qt.child.id() as i32;
     // SAFETY: kill(2) of our own child, which has not been waited for.
-    assert_eq!(
-        unsafe { libc::kill(qt.child.id() as i32, libc::SIGTERM) },
-        0
-    );
+    let killed = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(killed, 0);
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = qt.child.try_wait().unwrap() {

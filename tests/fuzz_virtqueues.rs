@@ -61,7 +61,7 @@ fn hostile_len(rng: &mut Rng) -> u32 {
 /// The descriptor table of a queue of `size` entries and the indirect table, for one
 /// kind of hostile chain; the chain's head is descriptor 0.
 fn hostile_ring(rng: &mut Rng, size: u16) -> (&'static str, Vec<Desc>, Vec<Desc>) {
-    let mut table = vec![(BUFFERS, 512, NEXT * 0, 0); usize::from(size)];
+    let mut table: Vec<Desc> = vec![(BUFFERS, 512, 0, 0); usize::from(size)];
     let mut indirect = Vec::new();
     let buffer = |rng: &mut Rng| BUFFERS + rng.below(0x1_0000);
     let kind = match rng.below(9) {
@@ -87,7 +87,7 @@ fn hostile_ring(rng: &mut Rng, size: u16) -> (&'static str, Vec<Desc>, Vec<Desc>
                 indirect.push((
                     TABLES + 16 * (level + 1),
                     16,
-                    INDIRECT | NEXT * rng.below(2) as u16,
+                    INDIRECT | (NEXT * rng.below(2) as u16),
                     0,
                 ));
             }

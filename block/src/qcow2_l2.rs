@@ -87,7 +87,7 @@ fn check_refcount_table(path: &Path) -> io::Result<()> {
     // The clusters one refcount block covers (refcount_order is 4, 16-bit counts, before
     // version 3).
     let refcount_order = if be32(4) >= 3 { be32(96).min(6) } else { 4 };
-    let block_covers = cluster_size * 8 >> refcount_order;
+    let block_covers = (cluster_size * 8) >> refcount_order;
     let blocks_in_use = file_len.div_ceil(cluster_size).div_ceil(block_covers);
     for (index, entry) in table.chunks_exact(8).enumerate() {
         let offset = u64::from_be_bytes(entry.try_into().unwrap_or_default()) & !0x1ff;
