@@ -431,8 +431,8 @@ impl RtcState {
         let mut next: Option<i64> = None;
         if b & (REG_B_UIE | REG_B_AIE) != 0 && self.running() {
             let guest_ns = self.host_ns().saturating_add(self.offset);
-            let boundary = (guest_ns.div_euclid(NANOS_PER_SEC) + 1) * NANOS_PER_SEC;
-            next = Some(boundary - guest_ns);
+            // The next second's boundary, without overflow near the end of time.
+            next = Some(NANOS_PER_SEC - guest_ns.rem_euclid(NANOS_PER_SEC));
         }
         if let Some(p) = self.next_periodic {
             let in_ns = (p - self.host_ns()).max(0);
@@ -888,6 +888,12 @@ mod tests {
             }
             now.fetch_add(NANOS_PER_SEC, Ordering::SeqCst);
             let _ = read(&rtc, RTC_SECONDS);
+            // Update and alarm interrupts plan the next second from that time.
+            write(&rtc, RTC_REG_B, REG_B_24H | REG_B_DM | REG_B_UIE | REG_B_AIE);
+            let _ = read(&rtc, RTC_REG_C);
+            // At the end of time (the fuzzer's guest got there), too.
+            rtc.state.lock().offset = i64::MAX;
+            assert!(rtc.state.lock().next_event_in().is_some());
             write(&rtc, RTC_CENTURY, 0);
             let _ = read(&rtc, RTC_YEAR);
         }
