@@ -16,8 +16,9 @@ mod vl;
 
 fn main() {
     let _ = hw::core::machine::PROCESS_START.set(std::time::Instant::now());
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let opts = match options::parse(&args) {
+    let opts = match options::args_from_os(std::env::args_os().skip(1))
+        .and_then(|args| options::parse(&args))
+    {
         Ok(opts) => opts,
         Err(err) => {
             qom::error_report!("{err}");

@@ -268,6 +268,23 @@ pub const COMMAND_LINE_OPTIONS: &[(&str, &[(&str, &str)])] = &[
     ),
 ];
 
+/// The arguments as text: qomvm's options and file names are parsed as UTF-8, so an
+/// argument that is not is refused in one line (`std::env::args` would panic on it).
+pub fn args_from_os(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Result<Vec<String>, OptionError> {
+    args.into_iter()
+        .map(|arg| {
+            arg.into_string().map_err(|arg| {
+                OptionError::new(
+                    "",
+                    format!("argument '{}' is not valid UTF-8", arg.to_string_lossy()),
+                )
+            })
+        })
+        .collect()
+}
+
 pub fn parse(args: &[String]) -> Result<Options, OptionError> {
     let mut opts = Options::default();
     let mut it = args.iter();
@@ -418,6 +435,22 @@ mod tests {
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Found by `tests/fuzz_cli.rs`: a non-UTF-8 argument made `std::env::args` panic.
+    #[test]
+    fn an_argument_that_is_not_utf8_is_a_one_line_error() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = std::ffi::OsString::from_vec(b"id=c0\x93".to_vec());
+        let err = args_from_os([std::ffi::OsString::from("-chardev"), bad]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "argument 'id=c0\u{fffd}' is not valid UTF-8"
+        );
+        assert_eq!(
+            args_from_os([std::ffi::OsString::from("-M")]).unwrap(),
+            vec!["-M".to_string()]
+        );
     }
 
     #[test]

@@ -842,6 +842,7 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
             ms.run_state().request(RunRequest::HostSignal);
         }
     }));
+    hw::core::panic_selftest::panic_if_asked("main");
     loop {
         if let Some(request) = ms.run_state().wait(Some(Duration::from_secs(3600))) {
             if request == RunRequest::HostSignal {

@@ -185,6 +185,64 @@ fn read_only_refuses_writes() {
     assert_eq!(buf, [0xab; 512]);
 }
 
+/// The error of an open that must fail.
+fn refused(opened: Result<BlockBackend, BlockError>) -> BlockError {
+    match opened {
+        Ok(_) => panic!("the image was opened"),
+        Err(e) => e,
+    }
+}
+
+/// Found by `tests/fuzz_loaders.rs`: a refcount table naming refcount blocks beyond the
+/// end of the image, or none, made imago allocate a block for the block for the block...
+/// until the stack overflowed; a size beyond the L1 table's reach made the open write L2
+/// tables for ever. Such images are refused at open, as QEMU refuses them.
+#[test]
+fn corrupt_qcow2_metadata_is_refused_at_open() {
+    if !have_qemu_tools() {
+        return;
+    }
+    let dir = scratch();
+    let path = image(&dir, "reftable.qcow2", "qcow2");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let table = u64::from_be_bytes(bytes[48..56].try_into().unwrap()) as usize;
+    bytes[table..table + 8].copy_from_slice(&0x0200_0000u64.to_be_bytes());
+    bytes[table + 8..table + 16].copy_from_slice(&(1u64 << 56).to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = refused(open(&path, Format::Qcow2, false));
+    assert!(
+        err.to_string().ends_with(
+            "Refblock at 0x2000000 is beyond the end of the image (reftable index: 0x0)"
+        ),
+        "{err}"
+    );
+    // A size the L1 table does not cover (QEMU refuses it in qcow2_open): the L2 tables
+    // qomvm adds at open would have filled the host's disk.
+    let mut huge = std::fs::read(image(&dir, "size.qcow2", "qcow2")).unwrap();
+    huge[24..32].copy_from_slice(&0xffff_ffff_0000u64.to_be_bytes());
+    std::fs::write(dir.join("size.qcow2"), &huge).unwrap();
+    let err = refused(open(&dir.join("size.qcow2"), Format::Qcow2, false));
+    assert!(err.to_string().ends_with("L1 table is too small"), "{err}");
+    // No refcount block for the header's cluster.
+    bytes[table..table + 16].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let err = refused(open(&path, Format::Qcow2, false));
+    assert!(
+        err.to_string()
+            .ends_with("no refcount block for clusters in use (reftable index: 0x0)"),
+        "{err}"
+    );
+    // No refcount table at all (QEMU refuses it in qcow2_open).
+    bytes[56..60].copy_from_slice(&0u32.to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = refused(open(&path, Format::Qcow2, false));
+    assert!(
+        err.to_string()
+            .ends_with("Image does not contain a reference count table"),
+        "{err}"
+    );
+}
+
 /// A qomvm holding `drive` open, waiting on `-qmp stdio` (killed on drop).
 struct Holder(Child);
 

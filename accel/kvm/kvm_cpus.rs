@@ -438,6 +438,7 @@ fn vcpu_thread(
             Wake::Reset => {
                 exit_pending = false;
                 if seen_gen == 1 && index == 0 {
+                    hw::core::panic_selftest::panic_if_asked("vcpu");
                     if let Some(start) = hw::core::machine::PROCESS_START.get() {
                         // scripts/bench-boot.sh reads this line (RUST_LOG=boot=info).
                         log::info!(target: "boot", "first KVM_RUN {:.1} ms after process start", start.elapsed().as_secs_f64() * 1e3);

@@ -182,6 +182,7 @@ impl Shared {
     /// The loop: wait, run handlers of readable descriptors, run bottom halves, until a
     /// stop is asked for.
     fn run(&self) {
+        crate::core::panic_selftest::panic_if_asked("iothread");
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {

@@ -190,6 +190,7 @@ pub fn install(policy: SandboxPolicy) -> Result<(), SandboxError> {
         return Ok(());
     }
     install_sigsys_reporter()?;
+    fix_malloc_arena_limit();
     let no_clone3 = clone3_enosys_filter()?;
     let process = build(ThreadKind::Process, &policy)?;
     for filter in [&no_clone3, &process] {
@@ -201,6 +202,23 @@ pub fn install(policy: SandboxPolicy) -> Result<(), SandboxError> {
     INSTALLED.store(true, Ordering::Release);
     self_test(ThreadKind::Process);
     Ok(())
+}
+
+/// glibc's malloc reads `/sys/devices/system/cpu/online` (`get_nprocs`) the first time a
+/// thread needs a ninth arena, to compute its arena limit: under the vCPU or event loop
+/// list that `openat` is forbidden, so the first allocation of a thread started by such a
+/// thread (a block worker) ended qomvm. Setting the limit glibc would compute (8 arenas per
+/// CPU on 64-bit hosts) before the filters go on means it is never computed later.
+fn fix_malloc_arena_limit() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let limit = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
+    // SAFETY: mallopt only sets a tunable of the allocator; any positive value is valid.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, limit)
+    };
+    #[cfg(not(target_env = "gnu"))]
+    let _ = limit;
 }
 
 /// Debug builds only: with `QOMVM_SANDBOX_SELFTEST=process|vcpu` set, the first thread of

@@ -266,7 +266,9 @@ impl RtcState {
     }
 
     fn guest_secs(&self) -> i64 {
-        (self.host_ns() + self.offset).div_euclid(NANOS_PER_SEC)
+        self.host_ns()
+            .saturating_add(self.offset)
+            .div_euclid(NANOS_PER_SEC)
     }
 
     /// QEMU's `rtc_set_cmos`: the time registers from a time.
@@ -327,7 +329,8 @@ impl RtcState {
     /// QEMU's `rtc_set_time`: the clock from the registers (the guest set the time).
     fn set_time(&mut self) {
         let guest = self.get_time().to_secs().saturating_mul(NANOS_PER_SEC);
-        self.offset = guest - self.host_ns();
+        // Saturating: a guest may write any year and century (found by the device fuzzer).
+        self.offset = guest.saturating_sub(self.host_ns());
         self.last_sec = self.guest_secs();
     }
 
@@ -427,9 +430,9 @@ impl RtcState {
         let b = self.reg(RTC_REG_B);
         let mut next: Option<i64> = None;
         if b & (REG_B_UIE | REG_B_AIE) != 0 && self.running() {
-            let guest_ns = self.host_ns() + self.offset;
-            let boundary = (guest_ns.div_euclid(NANOS_PER_SEC) + 1) * NANOS_PER_SEC;
-            next = Some(boundary - guest_ns);
+            let guest_ns = self.host_ns().saturating_add(self.offset);
+            // The next second's boundary, without overflow near the end of time.
+            next = Some(NANOS_PER_SEC - guest_ns.rem_euclid(NANOS_PER_SEC));
         }
         if let Some(p) = self.next_periodic {
             let in_ns = (p - self.host_ns()).max(0);
@@ -871,6 +874,29 @@ mod tests {
     fn write(rtc: &Arc<Rtc>, reg: u8, val: u8) {
         rtc.write_port(0, reg);
         rtc.write_port(1, val);
+    }
+
+    /// Found by `tests/fuzz_devices.rs`: the guest setting a time far from the host's
+    /// overflowed the clock offset (a panic ends qomvm).
+    #[test]
+    fn any_year_and_century_the_guest_writes_keep_the_clock_going() {
+        for host in [-9_000_000_000, 0, T0, 9_000_000_000] {
+            let (rtc, now) = rtc_at(host);
+            write(&rtc, RTC_REG_B, REG_B_24H | REG_B_DM);
+            for (reg, val) in [(RTC_CENTURY, 0xff), (RTC_YEAR, 0xff), (RTC_MONTH, 0)] {
+                write(&rtc, reg, val);
+            }
+            now.fetch_add(NANOS_PER_SEC, Ordering::SeqCst);
+            let _ = read(&rtc, RTC_SECONDS);
+            // Update and alarm interrupts plan the next second from that time.
+            write(&rtc, RTC_REG_B, REG_B_24H | REG_B_DM | REG_B_UIE | REG_B_AIE);
+            let _ = read(&rtc, RTC_REG_C);
+            // At the end of time (the fuzzer's guest got there), too.
+            rtc.state.lock().offset = i64::MAX;
+            assert!(rtc.state.lock().next_event_in().is_some());
+            write(&rtc, RTC_CENTURY, 0);
+            let _ = read(&rtc, RTC_YEAR);
+        }
     }
 
     #[test]

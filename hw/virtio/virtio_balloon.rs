@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::core::balloon::{Balloon, BalloonHandler};
 use crate::core::iothread::{AioContext, AioHandlerId};
@@ -484,8 +484,19 @@ impl Running {
             let head = chain.head_index();
             let mut reader =
                 Reader::new(mem, chain).map_err(|e| RingError::Chain(e.to_string()))?;
+            // A buffer names each guest page at most once, so a longer one is malformed:
+            // without this bound one descriptor of guest RAM full of frame numbers made
+            // millions of madvise calls while the driver's reset waited for the handler.
+            let frames = (reader.available_bytes() / 4) as u64;
+            let guest_pages: u64 = mem.iter().map(|r| r.len() / PAGE).sum();
+            if frames > guest_pages {
+                return Err(RingError::Chain(format!(
+                    "a buffer of {frames} frame numbers, more than the guest's {guest_pages} pages"
+                )));
+            }
             let mut buf = [0u8; PFN_CHUNK];
-            // Consecutive frames are advised together: one system call per run.
+            // Consecutive frames are advised together: one system call per run; a frame
+            // already in the run (repeated) is not advised again.
             let mut run: Option<(u64, u64)> = None;
             loop {
                 let n = reader.available_bytes().min(PFN_CHUNK) & !3;
@@ -499,6 +510,7 @@ impl Running {
                     let pa = u64::from(u32::from_le_bytes([pfn[0], pfn[1], pfn[2], pfn[3]])) << PFN_SHIFT;
                     match run {
                         Some((start, len)) if start + len == pa => run = Some((start, len + PAGE)),
+                        Some((start, len)) if (start..start + len).contains(&pa) => {}
                         Some((start, len)) => {
                             self.advise(start, len, advice);
                             run = Some((pa, PAGE));

@@ -4,6 +4,8 @@
 //! that reports the interrupts it takes ([`irq_guest`]), skips made visible ([`skip`]).
 
 pub mod elf;
+pub mod fuzz;
+pub mod fuzz_qtest;
 pub mod guest;
 pub mod irq_guest;
 pub mod netns;

@@ -1,0 +1,340 @@
+//! Device fuzzing over QEMU's qtest protocol (issue 19, item 5; QEMU's `generic-fuzz` is
+//! the idea): a pc machine with a selection of devices plugged, their BARs programmed, then
+//! random port, MMIO, PCI configuration and DMA-triggering sequences (virtqueues of random
+//! descriptors, then a kick). After each case qomvm must still answer within a bound and
+//! not have exited; at the end SIGTERM must end it with status 0.
+//!
+//! `QOMVM_FUZZ_SEED=N` and `QOMVM_FUZZ_ITERATIONS=N` (0: for ever) run it by hand.
+
+use std::time::{Duration, Instant};
+
+use test_support::fuzz::{FuzzRun, Rng};
+use test_support::fuzz_qtest::{hex, program_bars, PciFunction, Qtest};
+
+/// Guest RAM (`-m 64`).
+const RAM_SIZE: u64 = 64 << 20;
+/// Where the DMA sequences put their rings and buffers.
+const RING_AREA: u64 = 0x10_0000;
+const BUFFER_AREA: u64 = 0x20_0000;
+const BUFFER_AREA_SIZE: u64 = 0x1_0000;
+
+/// Ports of the pc board's own devices, where random accesses are worth more.
+const BOARD_PORTS: &[(u16, u16)] = &[
+    (0x20, 2),
+    (0x40, 4),
+    (0x60, 1),
+    (0x64, 1),
+    (0x70, 2),
+    (0x80, 1),
+    (0x92, 1),
+    (0xa0, 2),
+    (0xe0, 0x10),
+    (0x2f8, 8),
+    (0x3f8, 8),
+    (0x4d0, 2),
+    (0x505, 1),
+    (0x510, 12),
+    (0x600, 0x40),
+    (0xb000, 0x40),
+    (0xcf8, 8),
+];
+
+fn random_port(rng: &mut Rng, functions: &[PciFunction]) -> u16 {
+    match rng.below(4) {
+        0 => rng.below(0x1_0000) as u16,
+        1 => {
+            let (base, len) = *rng.pick(BOARD_PORTS);
+            base + rng.below(u64::from(len)) as u16
+        }
+        _ => {
+            let io: Vec<_> = functions
+                .iter()
+                .flat_map(|f| f.bars.iter().filter(|b| b.0))
+                .collect();
+            if io.is_empty() {
+                return rng.below(0x1_0000) as u16;
+            }
+            let (_, base, size) = **rng.pick(&io);
+            (base + rng.below(size)) as u16
+        }
+    }
+}
+
+fn random_mmio_address(rng: &mut Rng, functions: &[PciFunction]) -> u64 {
+    match rng.below(6) {
+        // The PCI hole, the I/O APIC, HPET, the local APIC and the BIOS.
+        0 => 0xe000_0000 + rng.below(0x2000_0000),
+        1 => *rng.pick(&[0xfec0_0000, 0xfed0_0000, 0xfee0_0000, 0xfffc_0000]) + rng.below(0x400),
+        2 => rng.below(RAM_SIZE),
+        _ => {
+            let mem: Vec<_> = functions
+                .iter()
+                .flat_map(|f| f.bars.iter().filter(|b| !b.0))
+                .collect();
+            if mem.is_empty() {
+                return 0xe000_0000 + rng.below(0x1000_0000);
+            }
+            let (_, base, size) = **rng.pick(&mem);
+            base + rng.below(size)
+        }
+    }
+}
+
+/// A virtqueue of random descriptors behind a legacy virtio device, then a kick: the
+/// device's DMA path on a hostile ring (chains out of range, loops, indirect tables, zero
+/// and huge lengths, random request headers in the buffers).
+fn dma_sequence(qt: &mut Qtest, rng: &mut Rng, io: u16) {
+    // Buffers full of random bytes: request headers, frames, anything.
+    let data = rng.bytes(4096);
+    let at = BUFFER_AREA + rng.below(BUFFER_AREA_SIZE / 4096) * 4096;
+    qt.cmd(format!("write {at:#x} {:#x} {}", data.len(), hex(&data)));
+
+    let queue = rng.below(4) as u16;
+    qt.cmd(format!("outw {:#x} {queue:#x}", io + 0x0e));
+    let size = qt.value(format!("inw {:#x}", io + 0x0c)) as u64;
+    if size == 0 || size > 1024 {
+        return;
+    }
+    let ring = RING_AREA + rng.below(8) * 0x1_0000;
+    let mut descriptors = Vec::with_capacity(16 * size as usize);
+    for _ in 0..size {
+        let addr = match rng.below(8) {
+            0 => rng.interesting_u64(),
+            1 => RAM_SIZE - rng.below(64),
+            _ => BUFFER_AREA + rng.below(BUFFER_AREA_SIZE),
+        };
+        let len = match rng.below(6) {
+            0 => 0,
+            1 => rng.interesting_u64() as u32,
+            _ => rng.below(4096) as u32,
+        };
+        // NEXT, WRITE, INDIRECT in any mix.
+        let flags = rng.below(8) as u16;
+        let next = if rng.one_in(8) {
+            rng.next_u32() as u16
+        } else {
+            rng.below(size) as u16
+        };
+        descriptors.extend_from_slice(&addr.to_le_bytes());
+        descriptors.extend_from_slice(&len.to_le_bytes());
+        descriptors.extend_from_slice(&flags.to_le_bytes());
+        descriptors.extend_from_slice(&next.to_le_bytes());
+    }
+    qt.cmd(format!(
+        "write {ring:#x} {:#x} {}",
+        descriptors.len(),
+        hex(&descriptors)
+    ));
+    // The available ring: flags, idx, then heads.
+    let avail = ring + 16 * size;
+    let idx: u16 = if rng.one_in(6) {
+        rng.next_u32() as u16
+    } else {
+        1 + rng.below(size.min(8)) as u16
+    };
+    let mut ring_bytes = vec![0u8, 0];
+    ring_bytes.extend_from_slice(&idx.to_le_bytes());
+    for _ in 0..size.min(8) {
+        let head = if rng.one_in(8) {
+            rng.next_u32() as u16
+        } else {
+            rng.below(size) as u16
+        };
+        ring_bytes.extend_from_slice(&head.to_le_bytes());
+    }
+    qt.cmd(format!(
+        "write {avail:#x} {:#x} {}",
+        ring_bytes.len(),
+        hex(&ring_bytes)
+    ));
+
+    if rng.one_in(4) {
+        // Start from a reset device now and then.
+        qt.cmd(format!("outb {:#x} 0", io + 0x12));
+    }
+    qt.cmd(format!("outb {:#x} 3", io + 0x12));
+    let features = qt.value(format!("inl {:#x}", io)) as u32;
+    let wanted = if rng.one_in(4) {
+        rng.next_u32()
+    } else {
+        features & rng.next_u32()
+    };
+    qt.cmd(format!("outl {:#x} {wanted:#x}", io + 0x04));
+    qt.cmd(format!("outl {:#x} {:#x}", io + 0x08, ring >> 12));
+    qt.cmd(format!("outb {:#x} 7", io + 0x12));
+    for _ in 0..=rng.below(3) {
+        qt.cmd(format!("outw {:#x} {queue:#x}", io + 0x10));
+    }
+    // The ISR (read clears it), and sometimes the device's status after the kick.
+    qt.cmd(format!("inb {:#x}", io + 0x13));
+    if rng.one_in(2) {
+        qt.cmd(format!("inb {:#x}", io + 0x12));
+    }
+}
+
+fn random_access(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
+    const OUT: [&str; 3] = ["outb", "outw", "outl"];
+    const IN: [&str; 3] = ["inb", "inw", "inl"];
+    const WRITE: [&str; 4] = ["writeb", "writew", "writel", "writeq"];
+    const READ: [&str; 4] = ["readb", "readw", "readl", "readq"];
+    match rng.below(20) {
+        0..=4 => {
+            let port = random_port(rng, functions);
+            let value = rng.interesting_u64() as u32;
+            qt.cmd(format!("{} {port:#x} {value:#x}", rng.pick(&OUT)));
+        }
+        5..=7 => {
+            let port = random_port(rng, functions);
+            qt.cmd(format!("{} {port:#x}", rng.pick(&IN)));
+        }
+        8..=11 => {
+            let addr = random_mmio_address(rng, functions);
+            let value = rng.interesting_u64();
+            let op = rng.pick(&WRITE);
+            let value = match *op {
+                "writeb" => value & 0xff,
+                "writew" => value & 0xffff,
+                "writel" => value & 0xffff_ffff,
+                _ => value,
+            };
+            qt.cmd(format!("{op} {addr:#x} {value:#x}"));
+        }
+        12..=13 => {
+            let addr = random_mmio_address(rng, functions);
+            qt.cmd(format!("{} {addr:#x}", rng.pick(&READ)));
+        }
+        14..=16 => {
+            // PCI configuration: mostly the functions that exist, any register (BARs,
+            // command, capabilities: MSI-X, virtio's), any width.
+            let devfn = if rng.one_in(8) || functions.is_empty() {
+                rng.below(256) as u32
+            } else {
+                rng.pick(functions).devfn
+            };
+            let reg = rng.below(256) as u32;
+            qt.cmd(format!("outl 0xcf8 {:#x}", Qtest::pci_address(devfn, reg)));
+            let port = 0xcfc + (reg & 3);
+            let value = rng.interesting_u64() as u32;
+            if rng.one_in(3) {
+                qt.cmd(format!("{} {port:#x}", rng.pick(&IN)));
+            } else {
+                qt.cmd(format!("{} {port:#x} {value:#x}", rng.pick(&OUT)));
+            }
+        }
+        17 => {
+            let ns = rng.below(10_000_000);
+            qt.cmd(format!("clock_step {ns}"));
+        }
+        _ => {
+            let virtio: Vec<u16> = functions
+                .iter()
+                .filter_map(|f| f.virtio_legacy_io())
+                .collect();
+            if !virtio.is_empty() {
+                let io = *rng.pick(&virtio);
+                dma_sequence(qt, rng, io);
+            }
+        }
+    }
+}
+
+#[test]
+fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
+    let run = FuzzRun::from_env(0x1951_0005, 1500);
+    let started = Instant::now();
+    let mut qt = Qtest::start(env!("CARGO_BIN_EXE_qomvm"), "qomvm-fuzz-devices", |dir| {
+        std::fs::write(dir.join("disk.raw"), vec![0u8; 1 << 20]).unwrap();
+        [
+            "-drive",
+            "file=disk.raw,format=raw,if=none,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0",
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+            "-device",
+            "virtio-rng-pci",
+            "-device",
+            "virtio-balloon-pci",
+            "-device",
+            "pvpanic",
+            "-device",
+            "pvpanic-pci",
+            "-device",
+            "pc-testdev",
+            "-device",
+            "pci-testdev",
+            "-device",
+            "scratch",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    qt.seed = run.seed;
+    let functions = program_bars(&mut qt);
+    let names: Vec<String> = functions
+        .iter()
+        .map(|f| {
+            format!(
+                "{:02x}.{} {:08x}",
+                f.devfn >> 3,
+                f.devfn & 7,
+                f.vendor_device
+            )
+        })
+        .collect();
+    // The plugged devices are there: virtio-blk, -net, -balloon, -rng (legacy ids), and
+    // their BARs have addresses.
+    for device in [0x1001_1af4u32, 0x1000_1af4, 0x1002_1af4, 0x1005_1af4] {
+        assert!(
+            functions
+                .iter()
+                .any(|f| f.vendor_device == device && !f.bars.is_empty()),
+            "{device:08x} not found: {names:?}"
+        );
+    }
+    let mut cases = 0;
+    for case in run.cases() {
+        let mut rng = run.rng_for(case);
+        qt.log.clear();
+        qt.case = case;
+        // Some cases program the BARs again: a machine reset or random configuration
+        // writes may have moved or disabled them.
+        let functions = if rng.one_in(25) {
+            program_bars(&mut qt)
+        } else {
+            functions
+                .iter()
+                .map(|f| PciFunction {
+                    bars: f.bars.clone(),
+                    ..*f
+                })
+                .collect()
+        };
+        for _ in 0..32 {
+            random_access(&mut qt, &mut rng, &functions);
+        }
+        qt.check_alive();
+        cases += 1;
+    }
+    // SIGTERM ends the VM as QEMU does, with status 0.
+    let pid = qt.child.id() as i32;
+    // SAFETY: kill(2) of our own child, which has not been waited for.
+    let killed = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(killed, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = qt.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "qomvm ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "SIGTERM after the fuzzing");
+    println!(
+        "{cases} cases (seed {:#x}) in {:.1} s on {names:?}",
+        run.seed,
+        started.elapsed().as_secs_f64()
+    );
+}
