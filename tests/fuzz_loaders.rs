@@ -187,7 +187,7 @@ fn mutated_kernels_firmware_and_images_load_or_fail_in_one_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let qcow2 = qcow2_image(&dir);
     if qcow2.is_none() {
-        println!("skipped: the qcow2 cases need qemu-img");
+        test_support::skip::skip("the qcow2 cases need qemu-img");
     }
     let kernels: [(&str, Vec<u8>, usize); 4] = [
         ("bzImage", bzimage(0x4000), 0x280),

@@ -48,7 +48,7 @@ fn assert_panic_ended_qomvm(thread_kind: &str, args: &[&str]) {
 
 fn debug_build() -> bool {
     if !cfg!(debug_assertions) {
-        println!("skipped: QOMVM_PANIC_SELFTEST exists in debug builds only");
+        test_support::skip::skip("QOMVM_PANIC_SELFTEST exists in debug builds only");
     }
     cfg!(debug_assertions)
 }
@@ -89,7 +89,7 @@ fn a_panic_on_a_vcpu_ends_qomvm_with_101() {
         .write(true)
         .open("/dev/kvm")
     {
-        println!("skipped: the vCPU case needs /dev/kvm ({e})");
+        test_support::skip::skip_kvm(format!("the vCPU case needs /dev/kvm ({e})"));
         return;
     }
     assert_panic_ended_qomvm(
