@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use hw::i386::x86_cpu::X86BootState;
-use kvm_bindings::{kvm_dtable, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_dtable, kvm_segment};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::guest::{Asm, EAX, ESP};
@@ -114,44 +114,23 @@ fn flat32_state(entry: u64) -> X86BootState {
         g: 1,
         ..Default::default()
     };
-    let data = flat(0x10, 0x3);
-    let mut state = X86BootState::default();
-    state.regs.rip = entry;
-    state.regs.rsp = STACK_TOP;
-    state.regs.rflags = 0x2;
-    state.sregs = kvm_sregs {
-        cs: flat(0x08, 0xb),
-        ds: data,
-        es: data,
-        fs: data,
-        gs: data,
-        ss: data,
-        tr: kvm_segment {
-            limit: 0xffff,
-            type_: 0xb,
-            present: 1,
-            ..Default::default()
-        },
-        ldt: kvm_segment {
-            limit: 0xffff,
-            type_: 0x2,
-            present: 1,
-            ..Default::default()
-        },
-        gdt: kvm_dtable {
+    let mut state = X86BootState::with_segments(
+        flat(0x08, 0xb),
+        flat(0x10, 0x3),
+        kvm_dtable {
             base: GDT_ADDR,
             limit: 3 * 8 - 1,
             ..Default::default()
         },
-        idt: kvm_dtable {
+        kvm_dtable {
             base: IDT_ADDR,
             limit: 256 * 8 - 1,
             ..Default::default()
         },
-        cr0: 0x11,
-        apic_base: 0xfee0_0900,
-        ..Default::default()
-    };
+        0x11,
+    );
+    state.regs.rip = entry;
+    state.regs.rsp = STACK_TOP;
     state
 }
 
