@@ -45,6 +45,9 @@ struct SetState {
     /// Bumped by each system reset; a vCPU that has not seen the current one resets itself
     /// before it runs. It starts at 1 so the first run goes through the reset path too.
     reset_gen: u64,
+    /// vCPUs that have reset themselves for `reset_gen`: none runs the guest again until
+    /// all have (see [`VcpuSet::reset_finished`]).
+    resets_done: usize,
     /// Threads waiting outside `KVM_RUN` (in Created or Paused mode).
     parked: usize,
     /// Threads alive.
@@ -64,6 +67,7 @@ impl Default for SetState {
         SetState {
             mode: Mode::Created,
             reset_gen: 1,
+            resets_done: 0,
             parked: 0,
             alive: 0,
             work: Vec::new(),
@@ -216,7 +220,26 @@ impl VcpuSet {
 
     /// Marks every vCPU for reset; they reset when they next run. Call while paused.
     pub(crate) fn reset(&self) {
-        self.state.lock().reset_gen += 1;
+        let mut st = self.state.lock();
+        st.reset_gen += 1;
+        st.resets_done = 0;
+    }
+
+    /// Called by a vCPU thread once its vCPU is reset for `gen`; with `wait`, returns when
+    /// every vCPU is (or the mode changed). QEMU resets all CPUs before any runs again: an
+    /// AP reset after the BSP already sent it INIT/SIPI would lose them, and the guest
+    /// would wait for a CPU that never comes.
+    fn reset_finished(&self, index: u32, vcpu: &mut VcpuFd, gen: u64, wait: bool) {
+        let mut st = self.state.lock();
+        if st.reset_gen != gen {
+            return;
+        }
+        st.resets_done += 1;
+        self.changed.notify_all();
+        while wait && st.reset_gen == gen && st.mode == Mode::Running && st.resets_done < st.alive {
+            self.run_work_locked(&mut st, index, vcpu);
+            self.changed.wait(&mut st);
+        }
     }
 
     /// Called by a vCPU thread between runs: returns when it may run (after a reset if one
@@ -447,9 +470,13 @@ fn vcpu_thread(
                 if let Err(e) = x86::reset_vcpu(vm, cpu, &mut vcpu, &pristine) {
                     qom::error_report!("CPU {index}: {e}");
                     request(vm, RunRequest::GuestError);
+                    vm.vcpus.reset_finished(index, &mut vcpu, seen_gen, false);
                     vm.vcpus.park_until_reset(index, &mut vcpu, seen_gen);
                     continue;
                 }
+                vm.vcpus.reset_finished(index, &mut vcpu, seen_gen, true);
+                // Paused or stopped while waiting for the others: ask again.
+                continue;
             }
         }
         // The vCPU list goes on before the first guest instruction after the sandbox is
