@@ -51,11 +51,29 @@ boot() {
         set -- "$QOMVM_VMM" "$@"
     fi
     # shellcheck disable=SC2086 # VM_WRAP is a command prefix
-    timeout 400 $VM_WRAP "$@" -M pc -m "$VM_MEM" -smp 2 -nographic -no-reboot \
+    timeout 600 $VM_WRAP "$@" -M pc -m "$VM_MEM" -smp 2 -nographic -no-reboot \
         -kernel "$QOMVM_ASSETS/vmlinuz" -initrd "$QOMVM_ASSETS/initramfs.cpio.gz" \
         -append "console=ttyS0 panic=-1 $append" >"$name.log" 2>&1 </dev/null &
     vm=$!
     echo "host: $name: $VM_WRAP $*"
+    # Shortly before the limit, where every VMM thread is (a hung guest is most often a
+    # vCPU or I/O thread waiting on something): kept in the report.
+    (
+        exec >/dev/null 2>&1
+        sleep 590
+        threads "$vm" >"$name.threads"
+    ) &
+    watchdog=$!
+}
+# threads PID: each thread of PID's child (the VMM under `timeout`): name, state, the
+# system call it is in, and its kernel stack where readable.
+threads() {
+    for p in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        for t in /proc/"$p"/task/*; do
+            echo "host: thread $(cat "$t/comm") state=$(cut -d' ' -f3 "$t/stat") wchan=$(cat "$t/wchan") syscall=$(cut -d' ' -f1-2 "$t/syscall")"
+            sed 's/^/host:     /' "$t/stack" 2>/dev/null | head -12
+        done
+    done
 }
 await() {
     i=0
@@ -69,7 +87,10 @@ await() {
 finish() {
     wait $vm
     st=$?
+    pkill -P $watchdog 2>/dev/null
+    kill $watchdog 2>/dev/null
     tr -d '\r' <"$1.log" | sed "s/^/$1: /"
+    [ -s "$1.threads" ] && cat "$1.threads"
     echo "host: $1: vmm exit status $st"
 }
 # A client connection, ended after 300 s if it stalls.
@@ -136,7 +157,7 @@ tap_scenario() {
 
 /// Runs a network scenario (`script` after [`NET_PRELUDE`]) in a network namespace of its
 /// own; returns its output, or `None` (with the reason printed) where it cannot run.
-/// `timeout_s` must cover the VMM's own limit (400 s) and one stalled host connection
+/// `timeout_s` must cover the VMM's own limit (600 s) and one stalled host connection
 /// (300 s), so that a stall inside the scenario is reported as such, not as the rig's.
 fn net_scenario(name: &str, script: &str, timeout_s: u32) -> Option<String> {
     let _one = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,17 +201,29 @@ fn net_scenario(name: &str, script: &str, timeout_s: u32) -> Option<String> {
     // (as linux_guest.rs's disk scenarios saw it stop elsewhere in early boot), and once
     // triple-faulting 9 s into boot. Such a run says nothing about the network; it is
     // retried once, and reported.
-    let died_early =
-        out.contains("vmm exit status 124") || out.contains("triple fault (KVM_EXIT_SHUTDOWN)");
-    if died_early && !out.contains("QOMVM-GUEST-READY") {
+    let stalled = out.contains("vmm exit status 124");
+    let faulted = out.contains("triple fault (KVM_EXIT_SHUTDOWN)");
+    let early = (stalled || faulted) && !out.contains("QOMVM-GUEST-READY");
+    // In the rig a guest has also triple-faulted in the middle of a transfer (CI, the user
+    // scenario, which passed on the next runs, as QEMU's did on the same rig), where QEMU's TCG emulates the
+    // SVM that L1's KVM runs it on. On AMD the state after a shutdown is the reset state
+    // (KVM re-initialises the VMCB), so the dump cannot say where: the run is retried once
+    // there, and its console kept in the report. On hardware KVM such a fault fails the test.
+    let rig_fault = faulted && kvm_path() == Path_::NestedRig;
+    if early || rig_fault {
         let tail: Vec<&str> = out
             .lines()
-            .filter(|l| l.contains(": ["))
+            .filter(|l| rig_fault || l.contains(": ["))
             .rev()
-            .take(3)
+            .take(if early { 3 } else { 40 })
             .collect();
         eprintln!(
-            "net-guest: scenario {name}: the guest stalled or faulted before /init ({tail:?}); retrying once"
+            "net-guest: scenario {name}: the guest {} ({tail:#?}); retrying once",
+            if early {
+                "stalled or faulted before /init"
+            } else {
+                "triple-faulted in the rig"
+            }
         );
         (status, out) = run();
     }
@@ -246,7 +279,7 @@ fn a_tap_carries_pings_both_ways_and_64_mib_each_way() {
             "tap_up qtap0 || exit 1\n\
              tap_scenario tap {MIB} -netdev tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost=off"
         ),
-        800,
+        1000,
     ) else {
         return;
     };
@@ -264,7 +297,7 @@ fn a_tap_with_vhost_net_carries_pings_and_64_mib_each_way() {
              tap_up qtap0 || exit 1\n\
              tap_scenario vhost {MIB} -netdev tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost=on"
         ),
-        800,
+        1000,
     ) else {
         return;
     };
@@ -316,7 +349,7 @@ await tapfd 'listening on tcp port 5001' && nc_ 192.168.76.2 5001 <h2g.bin >/dev
 await tapfd 'listening on tcp port 5002' && echo "host: tapfd: received $(nc_ 192.168.76.2 5002 </dev/null | sum -)"
 finish tapfd
 "#,
-        800,
+        1000,
     ) else {
         return;
     };
@@ -372,7 +405,7 @@ finish user
 kill $out $in 2>/dev/null
 [ -f in.bin ] && echo "host: user: received $(sum in.bin)"
 "#,
-        800,
+        1000,
     ) else {
         return;
     };
@@ -442,7 +475,7 @@ if await rb '^mem: '; then
 fi
 finish rb
 "#,
-        400,
+        700,
     ) else {
         return;
     };
