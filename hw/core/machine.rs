@@ -206,6 +206,14 @@ impl AsRef<VmState> for MachineState {
 }
 
 impl MachineState {
+    /// `-bios` (QEMU's `firmware` machine property).
+    pub fn firmware(&self) -> Option<String> {
+        self.firmware.get()
+    }
+    /// `-nographic` and `graphics=off` clear it.
+    pub fn graphics(&self) -> bool {
+        self.graphics.get()
+    }
     /// `-kernel`.
     pub fn kernel(&self) -> Option<String> {
         self.kernel.get()
@@ -286,7 +294,17 @@ impl MachineState {
     /// Allocates `size` bytes of guest RAM at `guest_addr` and maps it through the
     /// accelerator.
     pub fn add_ram(&self, guest_addr: u64, size: u64) -> Result<(), MachineError> {
-        self.services.add_ram(guest_addr, size)?;
+        self.add_ram_except(guest_addr, size, None)
+    }
+    /// [`MachineState::add_ram`] with `hole` left out of the accelerator's mapping (see
+    /// [`MachineServices::add_ram_except`]).
+    pub fn add_ram_except(
+        &self,
+        guest_addr: u64,
+        size: u64,
+        hole: Option<std::ops::Range<u64>>,
+    ) -> Result<(), MachineError> {
+        self.services.add_ram_except(guest_addr, size, hole)?;
         // QEMU's ram_block_add: `dump-guest-core=off` keeps guest RAM out of qomvm's core
         // dumps (MADV_DONTDUMP), `mem-merge=on` offers it to KSM (MADV_MERGEABLE). Both are
         // advice: a kernel without KSM refuses the latter, which changes nothing else.
