@@ -306,6 +306,75 @@ fn seabios_boots_a_virtio_blk_disk_through_its_boot_sector() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A boot sector that scans 0xe0000-0xfffff in 16-byte steps for "RSD PTR ", prints the
+/// RSDP's OEM ID (6 bytes at offset 9) on COM1 if it finds one, then powers off.
+fn rsdp_scan_disk() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xba, 0xf8, 0x03,             // 00 mov dx, 0x3f8
+        0xbb, 0x00, 0xe0,             // 03 mov bx, 0xe000
+        0x8e, 0xc3,                   // 06 mov es, bx
+        0x26, 0x66, 0x81, 0x3e, 0x00, 0x00, b'R', b'S', b'D', b' ', // 08 cmp dword es:[0], "RSD "
+        0x75, 0x0c,                   // 12 jne 0x20
+        0x26, 0x66, 0x81, 0x3e, 0x04, 0x00, b'P', b'T', b'R', b' ', // 14 cmp dword es:[4], "PTR "
+        0x74, 0x05,                   // 1e je 0x25
+        0x43,                         // 20 inc bx
+        0x75, 0xe3,                   // 21 jnz 0x06 (until bx wraps past 0xffff)
+        0xeb, 0x0c,                   // 23 jmp 0x31
+        0xbe, 0x09, 0x00,             // 25 mov si, 9
+        0xb9, 0x06, 0x00,             // 28 mov cx, 6
+        0x26, 0xac,                   // 2b lodsb (es:si)
+        0xee,                         // 2d out dx, al
+        0xe2, 0xfb,                   // 2e loop 0x2b
+        0x90,                         // 30 nop
+        0xba, 0x04, 0x06,             // 31 mov dx, 0x604
+        0xb8, 0x00, 0x20,             // 34 mov ax, 0x2000
+        0xef,                         // 37 out dx, ax
+        0xf4,                         // 38 hlt
+        0xeb, 0xfd,                   // 39 jmp 0x38
+    ];
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..code.len()].copy_from_slice(code);
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk
+}
+
+/// The RSDP SeaBIOS leaves in the F segment is qomvm's (OEM "QOMVM "), placed through
+/// `etc/table-loader`, not the "BOCHS " tables SeaBIOS builds itself without one.
+#[test]
+fn seabios_places_qomvms_acpi_tables_through_the_loader() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("rsdp");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, rsdp_scan_disk()).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let mut vm = Running::start(&[
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=1",
+    ]);
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    // SeaBIOS's console may flush the end of "Booting from Hard Disk...\r\n" into the
+    // sector's output.
+    let text = vm.text().replace(['.', '\r', '\n'], "");
+    assert!(text.ends_with("Booting from Hard DiskQOMVM "), "{text:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Firmware files the ROM cannot hold fail before any guest code runs: no KVM needed.
 #[test]
 fn bad_firmware_files_get_one_line_errors() {

@@ -143,6 +143,9 @@ impl MachineImpl for PcI440fxMachine {
                 .add_file("etc/pvpanic-port", port.to_le_bytes().to_vec())
                 .map_err(MachineError::board)?;
         }
+        if self.boots_firmware() {
+            return self.firmware_acpi_setup();
+        }
         self.acpi_setup()
     }
 
@@ -158,12 +161,6 @@ impl MachineImpl for PcI440fxMachine {
             return Ok(());
         }
         self.load_kernel()?;
-        if self.boots_firmware() {
-            // Until the tables go through the firmware's linker/loader (etc/table-loader),
-            // SeaBIOS boots without QEMU's ACPI tables: writing them into RAM as for a
-            // kernel would put them where the firmware allocates its own memory.
-            return Ok(());
-        }
         self.acpi_setup()
     }
 }
@@ -403,11 +400,52 @@ impl PcI440fxMachine {
         }
     }
 
+    /// QEMU's `acpi_setup` for firmware: the tables go to fw_cfg with the linker/loader
+    /// commands that let the firmware place them in memory it reserves.
+    fn firmware_acpi_setup(&self) -> Result<(), MachineError> {
+        if !self.acpi.get() {
+            return Ok(());
+        }
+        let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) else {
+            return Ok(());
+        };
+        let fw = crate::i386::acpi_build::build_firmware_acpi_tables(&self.acpi_config())
+            .map_err(|e| MachineError::board(PcLoadError::Acpi(e)))?;
+        use crate::i386::acpi_build::{ACPI_BUILD_LOADER_FILE, ACPI_BUILD_RSDP_FILE, ACPI_BUILD_TABLE_FILE};
+        fw_cfg
+            .add_file(ACPI_BUILD_TABLE_FILE, fw.tables)
+            .map_err(MachineError::board)?;
+        fw_cfg
+            .add_file(ACPI_BUILD_RSDP_FILE, fw.rsdp)
+            .map_err(MachineError::board)?;
+        fw_cfg
+            .add_file(ACPI_BUILD_LOADER_FILE, fw.loader)
+            .map_err(MachineError::board)?;
+        Ok(())
+    }
+
     /// Builds the ACPI tables for the CPUs present, and tells a loaded Linux where they are.
     fn acpi_setup(&self) -> Result<(), MachineError> {
         if !self.acpi.get() {
             return Ok(());
         }
+        let cfg = self.acpi_config();
+        let ram = self.ram();
+        let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
+            .map_err(|e| MachineError::board(PcLoadError::Acpi(e)))?;
+        if let Some(kernel) = self.kernel() {
+            crate::i386::x86_linux::set_acpi_rsdp_addr(&ram, rsdp).map_err(|source| {
+                MachineError::board(PcLoadError::Kernel {
+                    path: kernel,
+                    source,
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    /// What the ACPI tables describe: the CPUs present, the PM block, the PCI windows.
+    fn acpi_config(&self) -> crate::i386::acpi_build::AcpiConfig {
         let pm = self
             .object()
             .child("pm")
@@ -421,7 +459,7 @@ impl PcI440fxMachine {
             .filter_map(Typed::<X86Cpu>::new)
             .map(|cpu| cpu.apic_id())
             .collect();
-        let cfg = crate::i386::acpi_build::AcpiConfig {
+        crate::i386::acpi_build::AcpiConfig {
             cpus: apic_ids.len() as u32,
             apic_ids,
             pm_io_base: crate::acpi::piix4::PM_IO_BASE,
@@ -432,19 +470,7 @@ impl PcI440fxMachine {
             s3: pm.as_ref().is_some_and(|pm| !pm.s3_disabled()),
             s4: pm.as_ref().filter(|pm| !pm.s4_disabled()).map(|pm| pm.s4_val()),
             pvpanic_port: self.isa_pvpanic_port(),
-        };
-        let ram = self.ram();
-        let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
-            .map_err(|e| MachineError::board(PcLoadError::Acpi(e)))?;
-        if let Some(kernel) = self.kernel() {
-            crate::i386::x86_linux::set_acpi_rsdp_addr(&ram, rsdp).map_err(|source| {
-                MachineError::board(PcLoadError::Kernel {
-                    path: kernel,
-                    source,
-                })
-            })?;
         }
-        Ok(())
     }
 
     /// The port of the ISA `pvpanic` on `isa.0`, if there is one.
