@@ -306,6 +306,48 @@ fn seabios_boots_a_virtio_blk_disk_through_its_boot_sector() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `bootindex` reaches SeaBIOS as the `bootorder` file: with a blank disk in the first
+/// slot, the boot sector on the second one boots only because its bootindex is lower (by
+/// slot order SeaBIOS tries the blank one: "Boot failed: not a bootable disk").
+#[test]
+fn bootindex_orders_the_disks_seabios_tries() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("bootorder");
+    let blank = dir.join("blank.img");
+    let disk = dir.join("disk.img");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&disk, boot_sector_disk()).unwrap();
+    let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
+    let d1 = format!("file={},if=none,id=d1,format=raw", disk.display());
+    let mut vm = Running::start(&[
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-drive",
+        &d0,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=2",
+        "-drive",
+        &d1,
+        "-device",
+        "virtio-blk-pci,drive=d1,bootindex=1",
+    ]);
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    let text = vm.text();
+    assert!(text.contains("SECTOR-RAN"), "{text:?}");
+    assert!(!text.contains("Boot failed"), "{text:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A boot sector that scans 0xe0000-0xfffff in 16-byte steps for "RSD PTR ", prints the
 /// RSDP's OEM ID (6 bytes at offset 9) on COM1 if it finds one, then powers off.
 fn rsdp_scan_disk() -> Vec<u8> {

@@ -144,6 +144,11 @@ impl MachineImpl for PcI440fxMachine {
                 .map_err(MachineError::board)?;
         }
         if self.boots_firmware() {
+            if let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) {
+                fw_cfg
+                    .add_file("bootorder", self.boot_order())
+                    .map_err(MachineError::board)?;
+            }
             return self.firmware_acpi_setup();
         }
         self.acpi_setup()
@@ -387,10 +392,36 @@ impl PcI440fxMachine {
         // QEMU's boot-fail-wait: -1 (never reboot), as without -boot reboot-timeout.
         fw_cfg.add_file("etc/boot-fail-wait", (-1i32).to_le_bytes().to_vec())?;
         fw_cfg.add_file("etc/boot-menu-wait", 0u16.to_le_bytes().to_vec())?;
-        // No bootindex yet: SeaBIOS's default order (floppy, CD-ROM, disk) then applies.
-        fw_cfg.add_file("bootorder", Vec::new())?;
         fw_cfg.add_file("etc/e820", firmware_e820(below_4g, above_4g))?;
         Ok(())
+    }
+
+    /// QEMU's `get_boot_devices_list`: the `bootorder` file, the OpenFirmware paths of the
+    /// devices with a `bootindex`, lowest first, one a line, NUL-terminated. SeaBIOS
+    /// matches them by prefix against the devices it finds ("/pci@i0cf8/*@2"); without
+    /// one, its CMOS order applies.
+    fn boot_order(&self) -> Vec<u8> {
+        let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) else {
+            return Vec::new();
+        };
+        let mut entries: Vec<(i32, String)> = crate::pci::pci::pci_bus_devices(&bus)
+            .into_iter()
+            .filter_map(|(devfn, dev)| {
+                let index: i32 = dev.object().property_print("bootindex").ok()?.parse().ok()?;
+                (index >= 0).then(|| (index, pci_fw_dev_path(devfn, &dev)))
+            })
+            .collect();
+        entries.sort();
+        let mut list = entries
+            .into_iter()
+            .map(|(_, path)| path)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .into_bytes();
+        if !list.is_empty() {
+            list.push(0);
+        }
+        list
     }
 
     /// Only CPU 0 gets the loader's state: the APs wait for the guest's INIT/SIPI.
@@ -619,6 +650,29 @@ fn real_mode_entry_state(vector: u32) -> X86BootState {
     );
     state.regs.rip = u64::from(vector & 0xf);
     state
+}
+
+/// QEMU's `pcibus_get_fw_dev_path` under the i440FX (`/pci@i0cf8`): the class's
+/// OpenFirmware name (`pci_dev_fw_name`), `@slot[,function]`, and for a virtio disk its
+/// `disk@0,0`.
+fn pci_fw_dev_path(devfn: u8, dev: &crate::pci::pci::PciDevice) -> String {
+    let class = dev.read_config(0x0a, 2) as u16;
+    let name = match class {
+        0x0100 => "scsi".to_string(),
+        0x0101 => "ide".to_string(),
+        0x0106 => "sata".to_string(),
+        0x0200 => "ethernet".to_string(),
+        _ => format!("pci{:x},{:x}", dev.read_config(0, 2), dev.read_config(2, 2)),
+    };
+    let (slot, function) = (devfn >> 3, devfn & 7);
+    let mut path = format!("/pci@i0cf8/{name}@{slot:x}");
+    if function != 0 {
+        path.push_str(&format!(",{function:x}"));
+    }
+    if dev.object().type_name() == "virtio-blk-pci" {
+        path.push_str("/disk@0,0");
+    }
+    path
 }
 
 /// The architectural reset state of the boot processor (QEMU's `x86_cpu_reset`): real
