@@ -859,6 +859,7 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
             if let Some(status) = runstate::main_loop_should_exit(ms, request) {
                 return status;
             }
+            ms.run_state().handled();
         }
     }
 }

@@ -348,6 +348,85 @@ fn bootindex_orders_the_disks_seabios_tries() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A boot sector that prints "R" on COM1 and resets the machine through port 0xcf9.
+fn reboot_disk() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xba, 0xf8, 0x03, // 00 mov dx, 0x3f8
+        0xb0, b'R',       // 03 mov al, 'R'
+        0xee,             // 05 out dx, al
+        0xba, 0xf9, 0x0c, // 06 mov dx, 0xcf9
+        0xb0, 0x06,       // 09 mov al, 6 (full reset)
+        0xee,             // 0b out dx, al
+        0xf4,             // 0c hlt
+        0xeb, 0xfd,       // 0d jmp 0x0c
+    ];
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..code.len()].copy_from_slice(code);
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk
+}
+
+/// A guest reset goes through the firmware again (SeaBIOS's reboot path, which restores
+/// its shadow copy through the PAM and resets once more, then its POST), and `-no-reboot`
+/// turns the guest's reset into an exit with status 0.
+#[test]
+fn guest_reset_reenters_the_firmware() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("reboot");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, reboot_disk()).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let base = [
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=1",
+    ];
+    let mut vm = Running::start(&base);
+    let start = Instant::now();
+    while vm.text().matches("SeaBIOS (version").count() < 2 {
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "no second boot within {BOOT_TIMEOUT:?}; console: {:?}",
+            vm.text()
+        );
+        assert!(
+            vm.child.try_wait().unwrap().is_none(),
+            "qomvm exited; console: {:?}",
+            vm.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(vm.text().contains('R'), "{:?}", vm.text());
+    drop(vm);
+
+    let mut args = base.to_vec();
+    args.push("-no-reboot");
+    let mut vm = Running::start(&args);
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    assert_eq!(
+        vm.text().matches("SeaBIOS (version").count(),
+        1,
+        "{:?}",
+        vm.text()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A boot sector that scans 0xe0000-0xfffff in 16-byte steps for "RSD PTR ", prints the
 /// RSDP's OEM ID (6 bytes at offset 9) on COM1 if it finds one, then powers off.
 fn rsdp_scan_disk() -> Vec<u8> {

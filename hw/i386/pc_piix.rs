@@ -158,8 +158,18 @@ impl MachineImpl for PcI440fxMachine {
     /// S3, do what SeaBIOS's resume path does instead (see [`PcI440fxMachine::s3_resume`]).
     fn reset(&self) -> Result<(), MachineError> {
         if self.boots_firmware() {
-            // The firmware resumes from S3 and builds its tables itself: every CPU goes
-            // back to the reset vector.
+            // The firmware resumes from S3 and places its tables itself: every CPU goes
+            // back to the reset vector, and the PCI functions come back with decoding off
+            // and their BARs cleared for the firmware to assign again (QEMU's
+            // `pci_do_device_reset`).
+            if let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) {
+                for (_, dev) in crate::pci::pci::pci_bus_devices(&bus) {
+                    dev.write_config(crate::pci::pci::config::COMMAND, 0, 2);
+                    for bar in 0..crate::pci::pci::PCI_NUM_BARS {
+                        dev.write_config(crate::pci::pci::config::BAR0 + 4 * bar, 0, 4);
+                    }
+                }
+            }
             return self.load_kernel();
         }
         if self.s3_resume() {
