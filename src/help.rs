@@ -60,7 +60,7 @@ Block devices:
 -no-shutdown         stop before shutdown
 -rtc [base=utc][,clock=host][,driftfix=none]
                      the RTC runs on the host's UTC clock (the only setting)
--boot strict=on|off  accepted: SeaBIOS reads no boot order from qomvm yet
+-boot strict=on|off  strict=on: the firmware boots only from bootindex devices
 -no-hpet             accepted: qomvm has no HPET
 -overcommit [mem-lock=on|off][,cpu-pm=off]
                      mem-lock=on locks all of qomvm's memory (mlockall)

@@ -255,8 +255,8 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
             }
         }
     }
-    // The firmware gets no boot order, menu or reboot timeout from qomvm yet (issue 13):
-    // strict=on has nothing to restrict.
+    // strict= reaches the firmware (machine_config: `HALT` in bootorder); the boot order,
+    // menu and reboot timeout do not yet (issue 13).
     for b in &opts.boot {
         for (key, value) in split_opts(&b.value, None) {
             match key.as_str() {
@@ -474,6 +474,13 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
             machine
                 .property_parse(prop, &l.value)
                 .map_err(|e| l.error(e))?;
+        }
+    }
+    for b in &opts.boot {
+        for (key, value) in split_opts(&b.value, None) {
+            if key == "strict" {
+                ms.set_boot_strict(on_off(&key, value.as_deref()).map_err(|e| b.error(e))?);
+            }
         }
     }
     // QEMU's -nographic turns the machine's graphics off (firmware then prints on serial).

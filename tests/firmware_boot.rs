@@ -348,6 +348,48 @@ fn bootindex_orders_the_disks_seabios_tries() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `-boot strict=on` ends `bootorder` with `HALT`: SeaBIOS tries only the bootindex
+/// devices (the blank disk), not its floppy default as well.
+#[test]
+fn boot_strict_limits_seabios_to_the_bootindex_devices() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("strict");
+    let blank = dir.join("blank.img");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
+    for (strict, floppy) in [("off", true), ("on", false)] {
+        let boot = format!("strict={strict}");
+        let mut vm = Running::start(&[
+            "-M",
+            "pc",
+            "-accel",
+            "kvm",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-boot",
+            &boot,
+            "-drive",
+            &d0,
+            "-device",
+            "virtio-blk-pci,drive=d0,bootindex=1",
+        ]);
+        vm.wait_for(&["Boot failed: not a bootable disk", "No bootable device."]);
+        let text = vm.text();
+        assert_eq!(
+            text.contains("Booting from Floppy"),
+            floppy,
+            "strict={strict}: {text:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A boot sector that prints "R" on COM1 and resets the machine through port 0xcf9.
 fn reboot_disk() -> Vec<u8> {
     #[rustfmt::skip]

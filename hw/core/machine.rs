@@ -185,6 +185,8 @@ pub struct MachineState {
     #[property(default = false, desc = "Set on/off to enable/disable usb")]
     usb: Prop<bool>,
     ram_size: AtomicU64,
+    /// `-boot strict=on`: the firmware boots only from the `bootindex` devices.
+    boot_strict: std::sync::atomic::AtomicBool,
     smp: Mutex<SmpConfig>,
     cpu_type: Mutex<Option<String>>,
     cpu_options: Mutex<String>,
@@ -229,6 +231,14 @@ impl MachineState {
     /// Guest RAM in bytes (`-m`).
     pub fn ram_size(&self) -> u64 {
         self.ram_size.load(Ordering::Relaxed)
+    }
+    /// `-boot strict=on` (QEMU's `boot_strict`).
+    pub fn boot_strict(&self) -> bool {
+        self.boot_strict.load(Ordering::Relaxed)
+    }
+    /// Sets `-boot strict=`.
+    pub fn set_boot_strict(&self, strict: bool) {
+        self.boot_strict.store(strict, Ordering::Relaxed);
     }
     /// Sets guest RAM (`-m`), before board init.
     pub fn set_ram_size(&self, bytes: u64) {

@@ -407,9 +407,9 @@ impl PcI440fxMachine {
     }
 
     /// QEMU's `get_boot_devices_list`: the `bootorder` file, the OpenFirmware paths of the
-    /// devices with a `bootindex`, lowest first, one a line, NUL-terminated. SeaBIOS
-    /// matches them by prefix against the devices it finds ("/pci@i0cf8/*@2"); without
-    /// one, its CMOS order applies.
+    /// devices with a `bootindex`, lowest first, one a line, NUL-terminated, and `HALT`
+    /// last under `-boot strict=on`. SeaBIOS matches them by prefix against the devices
+    /// it finds ("/pci@i0cf8/*@2"); without one, its CMOS order applies.
     fn boot_order(&self) -> Vec<u8> {
         let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) else {
             return Vec::new();
@@ -422,12 +422,11 @@ impl PcI440fxMachine {
             })
             .collect();
         entries.sort();
-        let mut list = entries
-            .into_iter()
-            .map(|(_, path)| path)
-            .collect::<Vec<_>>()
-            .join("\n")
-            .into_bytes();
+        let mut paths: Vec<String> = entries.into_iter().map(|(_, path)| path).collect();
+        if self.boot_strict() {
+            paths.push("HALT".to_string());
+        }
+        let mut list = paths.join("\n").into_bytes();
         if !list.is_empty() {
             list.push(0);
         }

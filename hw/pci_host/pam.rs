@@ -211,11 +211,6 @@ impl Pam {
             }
         }
     }
-
-    /// The segments' modes (for tests and `info mtree`-like reports).
-    pub fn modes(&self) -> Vec<PamMode> {
-        self.state.segments.lock().iter().map(|s| s.mode).collect()
-    }
 }
 
 impl PamState {
