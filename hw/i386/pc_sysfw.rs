@@ -119,9 +119,15 @@ impl FirmwareRom {
         u64::from_le_bytes(buf) & all_ones(size)
     }
 
+    /// The image offset shown at guest address `addr` of the `isa-bios` copy: the copy
+    /// is the image's last 128 KiB (or all of a smaller one).
+    fn isa_offset(&self, addr: u64) -> u64 {
+        addr - self.isa_bios_base() + (self.size - self.size.min(ISA_BIOS_MAX))
+    }
+
     /// Reads the `isa-bios` copy at guest address `addr` (below 1 MiB).
     pub fn read_isa(&self, addr: u64, size: u32) -> u64 {
-        self.read(addr - self.isa_bios_base() + (self.size - self.size.min(ISA_BIOS_MAX)), size)
+        self.read(self.isa_offset(addr), size)
     }
 }
 
@@ -130,6 +136,18 @@ fn all_ones(size: u32) -> u64 {
         u64::MAX
     } else {
         (1u64 << (size * 8)) - 1
+    }
+}
+
+impl crate::pci_host::pam::IsaBios for FirmwareRom {
+    fn base(&self) -> u64 {
+        self.isa_bios_base()
+    }
+    fn host_addr(&self, addr: u64) -> u64 {
+        self.host_addr(self.isa_offset(addr))
+    }
+    fn read(&self, addr: u64, size: u32) -> u64 {
+        self.read_isa(addr, size)
     }
 }
 

@@ -17,7 +17,17 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::core::accel_ops::{AccelOpsRef, RamBlock, SlotId};
 use crate::core::memory::{MemoryError, MemoryRegion, MemoryRegionOps};
 use crate::core::services::MachineServices;
-use crate::i386::pc_sysfw::FirmwareRom;
+
+/// What the PCI bus shows at the top of 0xc0000-0xfffff in PAM mode 0: the board's
+/// firmware copy (QEMU's `isa-bios`), from [`IsaBios::base`] to 1 MiB.
+pub trait IsaBios: Send + Sync {
+    /// Its first address (0xe0000 for a firmware of 128 KiB or more).
+    fn base(&self) -> u64;
+    /// The host address of its byte at guest address `addr`, for the accelerator's slots.
+    fn host_addr(&self, addr: u64) -> u64;
+    /// Reads `size` bytes (up to 8) at guest address `addr`, little-endian.
+    fn read(&self, addr: u64, size: u32) -> u64;
+}
 
 /// First address the PAM decodes.
 pub const PAM_START: u64 = 0xc_0000;
@@ -96,7 +106,7 @@ struct Segment {
 
 struct PamState {
     ram: Arc<GuestMemoryMmap>,
-    rom: Arc<FirmwareRom>,
+    rom: Arc<dyn IsaBios>,
     segments: Mutex<Vec<Segment>>,
 }
 
@@ -126,7 +136,7 @@ pub enum PamError {
 impl Pam {
     /// Maps the 13 segments in their reset mode (all PCI: the CPU sees the ROM's copy)
     /// and the `pam` region that serves what the slots do not.
-    pub fn new(services: &MachineServices, rom: Arc<FirmwareRom>) -> Result<Self, PamError> {
+    pub fn new(services: &MachineServices, rom: Arc<dyn IsaBios>) -> Result<Self, PamError> {
         let ram = services.ram();
         ram.get_host_address(GuestAddress(PAM_END - 1))
             .map_err(|_| PamError::NoShadowRam)?;
@@ -169,13 +179,11 @@ impl Pam {
                 size,
                 host_addr: host as u64,
             }
-        } else if start >= self.state.rom.isa_bios_base() {
-            let rom = &self.state.rom;
-            let offset = rom.size() - (PAM_END - rom.isa_bios_base()) + (start - rom.isa_bios_base());
+        } else if start >= self.state.rom.base() {
             RamBlock {
                 guest_addr: start,
                 size,
-                host_addr: rom.host_addr(offset),
+                host_addr: self.state.rom.host_addr(start),
             }
         } else {
             // An empty PCI bus: no slot, the `pam` region reads all ones.
@@ -231,8 +239,8 @@ impl MemoryRegionOps for PamState {
             let len = (size as usize).min(8);
             let _ = self.ram.read_slice(&mut buf[..len], GuestAddress(addr));
             u64::from_le_bytes(buf)
-        } else if addr >= self.rom.isa_bios_base() {
-            self.rom.read_isa(addr, size)
+        } else if addr >= self.rom.base() {
+            self.rom.read(addr, size)
         } else {
             u64::MAX >> (64 - 8 * size.min(8))
         }
