@@ -60,7 +60,7 @@ Block devices:
 -no-shutdown         stop before shutdown
 -rtc [base=utc][,clock=host][,driftfix=none]
                      the RTC runs on the host's UTC clock (the only setting)
--boot strict=on|off  accepted: qomvm boots only -kernel, without firmware
+-boot strict=on|off  strict=on: the firmware boots only from bootindex devices
 -no-hpet             accepted: qomvm has no HPET
 -overcommit [mem-lock=on|off][,cpu-pm=off]
                      mem-lock=on locks all of qomvm's memory (mlockall)
@@ -93,6 +93,7 @@ Debug/Expert options:
 -S                   freeze CPUs at startup (use 'cont' to start)
 
 Linux/Multiboot boot specific:
+-bios file           set the filename for the BIOS (default: SeaBIOS's bios-256k.bin)
 -kernel bzImage      use 'bzImage' as kernel image
 -append cmdline      use 'cmdline' as kernel command line
 -initrd file         use 'file' as initial ram disk

@@ -255,8 +255,8 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
             }
         }
     }
-    // qomvm boots only -kernel, with no firmware: there is no other boot device for
-    // strict=on to rule out, and no boot order or menu.
+    // strict= reaches the firmware (machine_config: `HALT` in bootorder); the boot order,
+    // menu and reboot timeout do not yet (issue 13).
     for b in &opts.boot {
         for (key, value) in split_opts(&b.value, None) {
             match key.as_str() {
@@ -264,7 +264,8 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
                     on_off(&key, value.as_deref()).map_err(|e| b.error(e))?;
                 }
                 "order" | "once" | "menu" | "splash" | "splash-time" | "reboot-timeout" => {
-                    let what = format!("-boot {key} (qomvm has no firmware)");
+                    let what =
+                        format!("-boot {key} (the firmware's boot settings are not passed yet)");
                     return Err(b.error(HostOptionError::Unsupported(what)));
                 }
                 _ => return Err(b.error(HostOptionError::InvalidParameter(key))),
@@ -465,6 +466,7 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     }
     for (located, prop) in [
         (&opts.kernel, "kernel"),
+        (&opts.bios, "firmware"),
         (&opts.initrd, "initrd"),
         (&opts.append, "append"),
     ] {
@@ -473,6 +475,19 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
                 .property_parse(prop, &l.value)
                 .map_err(|e| l.error(e))?;
         }
+    }
+    for b in &opts.boot {
+        for (key, value) in split_opts(&b.value, None) {
+            if key == "strict" {
+                ms.set_boot_strict(on_off(&key, value.as_deref()).map_err(|e| b.error(e))?);
+            }
+        }
+    }
+    // QEMU's -nographic turns the machine's graphics off (firmware then prints on serial).
+    if opts.nographic {
+        machine
+            .property_parse("graphics", "off")
+            .map_err(|e| OptionError::new("-nographic", e))?;
     }
     if let Some(cpu) = &opts.cpu {
         let (model, options) = cpu.value.split_once(',').unwrap_or((&cpu.value, ""));
@@ -851,6 +866,7 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
             if let Some(status) = runstate::main_loop_should_exit(ms, request) {
                 return status;
             }
+            ms.run_state().handled();
         }
     }
 }

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use hw::core::accel_ops::{
-    AccelIrqError, AccelOps, CpuDumpError, EventFd, IoEventAddr, MsiMessage, RamBlock,
+    AccelIrqError, AccelOps, CpuDumpError, EventFd, IoEventAddr, MsiMessage, RamBlock, SlotId,
 };
 use hw::core::machine::MachineState;
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -89,6 +89,11 @@ pub struct KvmVm {
     pub(crate) supported_cpuid: CpuId,
     pub(crate) msr_index_list: Vec<u32>,
     next_slot: AtomicU32,
+    /// Slots [`AccelOps::unmap_slot`] gave back, reused before new numbers: the PAM
+    /// registers move shadow RAM slots at every firmware boot.
+    free_slots: parking_lot::Mutex<Vec<u32>>,
+    /// `KVM_CAP_READONLY_MEM`: ROM and write-protected shadow RAM need it.
+    readonly_mem: bool,
     pub(crate) machine: WeakObjectRef,
     pub(crate) vcpus: VcpuSet,
     /// GSI routing, irqfd and ioeventfd (`kvm_irq.rs`).
@@ -111,6 +116,7 @@ impl KvmVm {
                 return Err(KvmError::MissingCap(name));
             }
         }
+        let readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
         let vm = kvm
             .create_vm()
             .map_err(|e| ioctl_error("KVM_CREATE_VM", e))?;
@@ -135,6 +141,8 @@ impl KvmVm {
             supported_cpuid,
             msr_index_list,
             next_slot: AtomicU32::new(0),
+            free_slots: parking_lot::Mutex::new(Vec::new()),
+            readonly_mem,
             machine: machine.downgrade(),
             vcpus: VcpuSet::default(),
             irq,
@@ -163,6 +171,46 @@ impl AccelOps for KvmVm {
         // rest of the process (RAM is never unmapped), so KVM never sees freed memory.
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(|e| Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))
+    }
+
+    fn map_slot(&self, block: RamBlock, readonly: bool) -> Result<SlotId, Error> {
+        if readonly && !self.readonly_mem {
+            return Err(Error::other(KvmError::MissingCap("KVM_CAP_READONLY_MEM")));
+        }
+        let slot = self
+            .free_slots
+            .lock()
+            .pop()
+            .unwrap_or_else(|| self.next_slot.fetch_add(1, Ordering::Relaxed));
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if readonly { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: block.guest_addr,
+            memory_size: block.size,
+            userspace_addr: block.host_addr,
+        };
+        // SAFETY: the host range belongs to memory the machine owns for the rest of the
+        // process (ROM and RAM are never freed, only unmapped from the guest).
+        match unsafe { self.vm.set_user_memory_region(region) } {
+            Ok(()) => Ok(SlotId(slot)),
+            Err(e) => {
+                self.free_slots.lock().push(slot);
+                Err(Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))
+            }
+        }
+    }
+
+    fn unmap_slot(&self, slot: SlotId) -> Result<(), Error> {
+        // A slot of size 0 deletes it.
+        let region = kvm_userspace_memory_region {
+            slot: slot.0,
+            ..Default::default()
+        };
+        // SAFETY: deleting a slot gives KVM no host memory to access.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))?;
+        self.free_slots.lock().push(slot.0);
+        Ok(())
     }
 
     fn create_vcpu_thread(&self, cpu: &ObjectRef) -> Result<(), Error> {

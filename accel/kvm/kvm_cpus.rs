@@ -433,6 +433,7 @@ fn vcpu_thread(
     let Some(ms) = machine_state(&machine) else {
         return;
     };
+    let ending = ms.run_state().ending_flag();
     let io_space = ms.system_io().clone();
     let memory_space = ms.system_memory().clone();
     drop(machine);
@@ -483,7 +484,18 @@ fn vcpu_thread(
         // installed (one atomic load otherwise).
         hw::core::sandbox::enter(hw::core::sandbox::ThreadKind::Vcpu);
         match run_once(&mut vcpu, &mut io, &mut memory, index) {
-            Step::Continue => exit_pending = true,
+            Step::Continue => {
+                exit_pending = true;
+                if ending.load(Ordering::Acquire) {
+                    // This exit (or another vCPU's) asked for a reset: stay out of the
+                    // guest until the main loop pauses the vCPUs for it or is done with
+                    // it, as QEMU's vCPUs wait for the BQL.
+                    while ending.load(Ordering::Acquire) && vm.vcpus.running.load(Ordering::Acquire)
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
             Step::Interrupted => {
                 vcpu.set_kvm_immediate_exit(0);
                 exit_pending = false;

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use hw::core::accel_ops::{AccelOps, CpuDumpError, RamBlock};
+use hw::core::accel_ops::{AccelOps, CpuDumpError, RamBlock, SlotId};
 use hw::core::machine::MachineState;
 use parking_lot::Mutex;
 use qom::{type_init, Error, ObjectRef};
@@ -45,6 +45,13 @@ impl QtestOps {
 
 impl AccelOps for QtestOps {
     fn map_ram(&self, _block: RamBlock) -> Result<(), Error> {
+        Ok(())
+    }
+    // No guest code runs: the address space's regions serve qtest's accesses.
+    fn map_slot(&self, _block: RamBlock, _readonly: bool) -> Result<SlotId, Error> {
+        Ok(SlotId(0))
+    }
+    fn unmap_slot(&self, _slot: SlotId) -> Result<(), Error> {
         Ok(())
     }
     fn create_vcpu_thread(&self, _cpu: &ObjectRef) -> Result<(), Error> {

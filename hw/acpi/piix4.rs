@@ -266,6 +266,10 @@ impl PciDeviceImpl for Piix4Pm {
         // PMBA (0x40) and PMREGMISC (0x80) as firmware programs them.
         self.config_set(0x40, &u32::from(PM_IO_BASE | 1).to_le_bytes());
         self.config_set(0x80, &[1]);
+        // DEVACTB's APMC_EN (bit 25, byte 0x5b bit 1): QEMU's piix4_reset marks SMM as
+        // already set up when the machine has none, so SeaBIOS does not raise an SMI
+        // and wait forever for an SMM handler to answer on port 0xb3.
+        self.config_set(0x5b, &[0x02]);
         self.config_set(config::INTERRUPT_LINE, &[SCI_IRQ as u8]);
         services.system_io().map(
             PM_IO_BASE.into(),

@@ -21,6 +21,15 @@ pub struct RamBlock {
     pub host_addr: u64,
 }
 
+/// A memory slot mapped with [`AccelOps::map_slot`], to move or remove later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotId(pub u32);
+
+/// An accelerator without removable or read-only memory slots.
+#[derive(Debug, thiserror::Error)]
+#[error("the {0} accelerator cannot map firmware memory")]
+pub struct NoSlots(&'static str);
+
 /// Why a CPU's registers cannot be shown (`info registers`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CpuDumpError {
@@ -96,6 +105,17 @@ pub enum AccelIrqError {
 pub trait AccelOps: Send + Sync {
     /// Maps a RAM block into the guest (QEMU's `kvm_region_add`).
     fn map_ram(&self, block: RamBlock) -> Result<(), Error>;
+    /// Maps host memory into the guest as a slot that can be removed again, read-only if
+    /// `readonly` (the guest's writes then exit as MMIO to the address space's regions):
+    /// firmware ROM and the i440FX's shadow RAM, whose mappings the guest switches
+    /// through the PAM registers (QEMU's KVM memory listener on ROM and alias regions).
+    fn map_slot(&self, _block: RamBlock, _readonly: bool) -> Result<SlotId, Error> {
+        Err(Error::other(NoSlots(self.name())))
+    }
+    /// Removes a slot [`AccelOps::map_slot`] made; its guest range then exits as MMIO.
+    fn unmap_slot(&self, _slot: SlotId) -> Result<(), Error> {
+        Err(Error::other(NoSlots(self.name())))
+    }
     /// Creates the thread that runs `cpu` and waits until it reports created (QEMU's
     /// `create_vcpu_thread`, `qemu_init_vcpu`). The vCPU does not run guest code until
     /// [`AccelOps::vm_start`].

@@ -185,6 +185,8 @@ pub struct MachineState {
     #[property(default = false, desc = "Set on/off to enable/disable usb")]
     usb: Prop<bool>,
     ram_size: AtomicU64,
+    /// `-boot strict=on`: the firmware boots only from the `bootindex` devices.
+    boot_strict: std::sync::atomic::AtomicBool,
     smp: Mutex<SmpConfig>,
     cpu_type: Mutex<Option<String>>,
     cpu_options: Mutex<String>,
@@ -206,6 +208,14 @@ impl AsRef<VmState> for MachineState {
 }
 
 impl MachineState {
+    /// `-bios` (QEMU's `firmware` machine property).
+    pub fn firmware(&self) -> Option<String> {
+        self.firmware.get()
+    }
+    /// `-nographic` and `graphics=off` clear it.
+    pub fn graphics(&self) -> bool {
+        self.graphics.get()
+    }
     /// `-kernel`.
     pub fn kernel(&self) -> Option<String> {
         self.kernel.get()
@@ -221,6 +231,14 @@ impl MachineState {
     /// Guest RAM in bytes (`-m`).
     pub fn ram_size(&self) -> u64 {
         self.ram_size.load(Ordering::Relaxed)
+    }
+    /// `-boot strict=on` (QEMU's `boot_strict`).
+    pub fn boot_strict(&self) -> bool {
+        self.boot_strict.load(Ordering::Relaxed)
+    }
+    /// Sets `-boot strict=`.
+    pub fn set_boot_strict(&self, strict: bool) {
+        self.boot_strict.store(strict, Ordering::Relaxed);
     }
     /// Sets guest RAM (`-m`), before board init.
     pub fn set_ram_size(&self, bytes: u64) {
@@ -286,7 +304,17 @@ impl MachineState {
     /// Allocates `size` bytes of guest RAM at `guest_addr` and maps it through the
     /// accelerator.
     pub fn add_ram(&self, guest_addr: u64, size: u64) -> Result<(), MachineError> {
-        self.services.add_ram(guest_addr, size)?;
+        self.add_ram_except(guest_addr, size, None)
+    }
+    /// [`MachineState::add_ram`] with `hole` left out of the accelerator's mapping (see
+    /// [`MachineServices::add_ram_except`]).
+    pub fn add_ram_except(
+        &self,
+        guest_addr: u64,
+        size: u64,
+        hole: Option<std::ops::Range<u64>>,
+    ) -> Result<(), MachineError> {
+        self.services.add_ram_except(guest_addr, size, hole)?;
         // QEMU's ram_block_add: `dump-guest-core=off` keeps guest RAM out of qomvm's core
         // dumps (MADV_DONTDUMP), `mem-merge=on` offers it to KSM (MADV_MERGEABLE). Both are
         // advice: a kernel without KSM refuses the latter, which changes nothing else.

@@ -82,6 +82,11 @@ impl RunRequest {
 pub struct RunState {
     pending: Mutex<Vec<RunRequest>>,
     posted: Condvar,
+    /// Set from a reset request until the reset is done (or the main loop is otherwise
+    /// finished with it): a vCPU whose I/O asked for it does not re-enter the guest
+    /// meanwhile (QEMU's `exit_request`). Firmware follows its reset write with more
+    /// reset attempts and finally `int3`, which must not run.
+    ending: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RunState {
@@ -95,7 +100,25 @@ impl RunState {
         if !pending.contains(&request) {
             pending.push(request);
         }
+        if request.rank() == 2 {
+            self.ending.store(true, std::sync::atomic::Ordering::Release);
+        }
         self.posted.notify_all();
+    }
+
+    /// The main loop is done with the requests it took (a reset happened, or the action
+    /// was something else), so vCPUs waiting on [`RunState::ending_flag`] may go on.
+    pub fn handled(&self) {
+        let pending = self.pending.lock();
+        if !pending.iter().any(|r| r.rank() == 2) {
+            self.ending.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The flag a vCPU thread checks after an exit: set while a reset is requested and
+    /// not yet done.
+    pub fn ending_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.ending.clone()
     }
 
     /// Takes the most pressing pending request, if any (the first posted among equals).
@@ -670,6 +693,7 @@ pub fn qemu_system_reset(vm: &impl AsRef<VmState>, cause: ShutdownCause) {
     if let Some(reset) = vm.reset.get() {
         reset();
     }
+    vm.requests.handled();
     vm.emit(VmEvent::Reset(cause));
     if running {
         if let Some(ops) = &ops {

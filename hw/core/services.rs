@@ -151,6 +151,18 @@ impl MachineServices {
     /// Allocates `size` bytes of guest RAM at `guest_addr` and maps it through the
     /// accelerator (QEMU's `memory_region_add_subregion` of a RAM region).
     pub fn add_ram(&self, guest_addr: u64, size: u64) -> Result<(), RamError> {
+        self.add_ram_except(guest_addr, size, None)
+    }
+
+    /// [`MachineServices::add_ram`], leaving the guest addresses in `hole` out of the
+    /// accelerator's mapping: the i440FX's shadow RAM below 1 MiB is mapped segment by
+    /// segment as the PAM registers say (see `pci_host::pam`).
+    pub fn add_ram_except(
+        &self,
+        guest_addr: u64,
+        size: u64,
+        hole: Option<std::ops::Range<u64>>,
+    ) -> Result<(), RamError> {
         let ops = self.accel_ops().ok_or(RamError::NoAccelerator)?;
         let len = usize::try_from(size).map_err(|_| RamError::TooLarge(size))?;
         let region = GuestRegionMmap::from_range(GuestAddress(guest_addr), len, None)
@@ -161,11 +173,20 @@ impl MachineServices {
             .insert_region(Arc::new(region))
             .map_err(|e| RamError::Allocation(e.to_string()))?;
         self.ram.store(Arc::new(next));
-        ops.map_ram(RamBlock {
-            guest_addr,
-            size,
-            host_addr,
-        })?;
+        let end = guest_addr + size;
+        let pieces = match hole {
+            Some(h) if h.start >= guest_addr && h.end <= end => {
+                vec![(guest_addr, h.start), (h.end, end)]
+            }
+            _ => vec![(guest_addr, end)],
+        };
+        for (start, stop) in pieces.into_iter().filter(|(a, b)| a < b) {
+            ops.map_ram(RamBlock {
+                guest_addr: start,
+                size: stop - start,
+                host_addr: host_addr + (start - guest_addr),
+            })?;
+        }
         Ok(())
     }
 }

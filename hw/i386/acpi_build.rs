@@ -128,6 +128,9 @@ pub enum AcpiError {
         /// Bytes available.
         room: u64,
     },
+    /// The firmware's linker/loader commands could not be encoded.
+    #[error(transparent)]
+    Loader(#[from] crate::acpi::bios_linker_loader::LoaderError),
     /// A write to guest RAM failed (no RAM at the table area).
     #[error("cannot write the ACPI {table} to guest memory at {addr:#x}: {reason}")]
     GuestMemory {
@@ -414,6 +417,88 @@ pub fn build_acpi_tables(ram: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<u64,
     Ok(RSDP_ADDR)
 }
 
+/// fw_cfg file of the tables firmware places (QEMU's `ACPI_BUILD_TABLE_FILE`).
+pub const ACPI_BUILD_TABLE_FILE: &str = "etc/acpi/tables";
+/// fw_cfg file of the RSDP (QEMU's `ACPI_BUILD_RSDP_FILE`).
+pub const ACPI_BUILD_RSDP_FILE: &str = "etc/acpi/rsdp";
+/// fw_cfg file of the linker/loader commands (QEMU's `ACPI_BUILD_LOADER_FILE`).
+pub const ACPI_BUILD_LOADER_FILE: &str = "etc/table-loader";
+
+/// The tables for firmware to place (QEMU's `acpi_build` into `AcpiBuildTables`): the
+/// same tables as [`build_acpi_tables`] writes for direct boot, with every pointer an
+/// offset into [`ACPI_BUILD_TABLE_FILE`] that the loader commands relocate.
+#[derive(Debug)]
+pub struct FirmwareAcpiTables {
+    /// `etc/acpi/tables`: FACS, DSDT, FADT, MADT, XSDT.
+    pub tables: Vec<u8>,
+    /// `etc/acpi/rsdp`.
+    pub rsdp: Vec<u8>,
+    /// `etc/table-loader`.
+    pub loader: Vec<u8>,
+}
+
+/// Builds the tables for firmware's linker/loader (SeaBIOS allocates `etc/acpi/tables`
+/// in high memory and the RSDP in the F segment, then patches and checksums them).
+pub fn build_firmware_acpi_tables(cfg: &AcpiConfig) -> Result<FirmwareAcpiTables, AcpiError> {
+    use crate::acpi::bios_linker_loader::{AllocZone, BiosLinker};
+    if cfg.apic_ids.len() != cfg.cpus as usize {
+        return Err(AcpiError::CpuCountMismatch {
+            cpus: cfg.cpus,
+            apic_ids: cfg.apic_ids.len(),
+        });
+    }
+    if cfg.cpus == 0 {
+        return Err(AcpiError::NoCpus);
+    }
+    const TABLES: &str = ACPI_BUILD_TABLE_FILE;
+    const RSDP: &str = ACPI_BUILD_RSDP_FILE;
+    // The FACS first: the blob is allocated 64-byte aligned, as the FACS must be.
+    let facs_offset = 0u64;
+    let mut tables = aml_bytes(&FACS::new());
+    let place = |tables: &mut Vec<u8>, table: &[u8]| {
+        tables.resize(tables.len().next_multiple_of(16), 0);
+        let offset = tables.len() as u64;
+        tables.extend_from_slice(table);
+        offset
+    };
+    let dsdt_offset = place(&mut tables, &build_dsdt(cfg));
+    let fadt = build_fadt(cfg, facs_offset, dsdt_offset);
+    let fadt_len = fadt.len() as u32;
+    let fadt_offset = place(&mut tables, &fadt);
+    let madt_offset = place(&mut tables, &build_madt(cfg));
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_offset);
+    xsdt.add_entry(madt_offset);
+    let xsdt = aml_bytes(&xsdt);
+    let xsdt_len = xsdt.len() as u32;
+    let xsdt_offset = place(&mut tables, &xsdt);
+    let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_offset));
+
+    let mut linker = BiosLinker::default();
+    linker.alloc(TABLES, 64, AllocZone::High)?;
+    let fadt_at = fadt_offset as u32;
+    // FADT: FIRMWARE_CTRL (36), DSDT (40), X_DSDT (140).
+    linker.add_pointer(TABLES, fadt_at + 36, 4, TABLES)?;
+    linker.add_pointer(TABLES, fadt_at + 40, 4, TABLES)?;
+    linker.add_pointer(TABLES, fadt_at + 140, 8, TABLES)?;
+    linker.add_checksum(TABLES, fadt_at, fadt_len, fadt_at + 9)?;
+    let xsdt_at = xsdt_offset as u32;
+    linker.add_pointer(TABLES, xsdt_at + 36, 8, TABLES)?;
+    linker.add_pointer(TABLES, xsdt_at + 44, 8, TABLES)?;
+    linker.add_checksum(TABLES, xsdt_at, xsdt_len, xsdt_at + 9)?;
+    // The RSDP: found by scanning the F segment, pointing at the XSDT; its checksum
+    // covers the first 20 bytes, its extended checksum all 36.
+    linker.alloc(RSDP, 16, AllocZone::Fseg)?;
+    linker.add_pointer(RSDP, 24, 8, TABLES)?;
+    linker.add_checksum(RSDP, 0, 20, 8)?;
+    linker.add_checksum(RSDP, 0, 36, 32)?;
+    Ok(FirmwareAcpiTables {
+        tables,
+        rsdp,
+        loader: linker.into_bytes(),
+    })
+}
+
 fn align16(addr: u64) -> u64 {
     addr.next_multiple_of(16)
 }
@@ -525,6 +610,71 @@ mod tests {
         }
         assert_eq!(o, madt.len());
         out
+    }
+
+    /// Runs `etc/table-loader` as SeaBIOS's `romfile_loader_execute` does, placing the
+    /// RSDP at 0xe0000 and the tables at 0xe1000, and writes the result into `mem`.
+    fn run_loader(mem: &GuestMemoryMmap, fw: &FirmwareAcpiTables) {
+        let name = |b: &[u8]| {
+            let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+            String::from_utf8(b[..end].to_vec()).unwrap()
+        };
+        let mut files: std::collections::BTreeMap<String, (u64, Vec<u8>)> = Default::default();
+        for cmd in fw.loader.chunks(128) {
+            match u32_at(cmd, 0) {
+                1 => {
+                    let file = name(&cmd[4..60]);
+                    let (base, data) = match file.as_str() {
+                        ACPI_BUILD_TABLE_FILE => (0xe1000, fw.tables.clone()),
+                        ACPI_BUILD_RSDP_FILE => (0xe0000, fw.rsdp.clone()),
+                        other => panic!("allocate of unknown file {other}"),
+                    };
+                    assert_eq!(base % u64::from(u32_at(cmd, 60)), 0);
+                    files.insert(file, (base, data));
+                }
+                2 => {
+                    let src_base = files[&name(&cmd[60..116])].0;
+                    let (offset, size) = (u32_at(cmd, 116) as usize, cmd[120] as usize);
+                    let dst = &mut files.get_mut(&name(&cmd[4..60])).unwrap().1;
+                    let mut value = [0u8; 8];
+                    value[..size].copy_from_slice(&dst[offset..offset + size]);
+                    let patched = u64::from_le_bytes(value) + src_base;
+                    dst[offset..offset + size].copy_from_slice(&patched.to_le_bytes()[..size]);
+                }
+                3 => {
+                    let data = &mut files.get_mut(&name(&cmd[4..60])).unwrap().1;
+                    let (at, start, len) = (
+                        u32_at(cmd, 60) as usize,
+                        u32_at(cmd, 64) as usize,
+                        u32_at(cmd, 68) as usize,
+                    );
+                    let s = sum(&data[start..start + len]);
+                    data[at] = data[at].wrapping_sub(s);
+                }
+                other => panic!("unknown loader command {other}"),
+            }
+        }
+        for (base, data) in files.values() {
+            mem.write_slice(data, GuestAddress(*base)).unwrap();
+        }
+    }
+
+    #[test]
+    fn firmware_places_the_same_tables_through_the_loader() {
+        let cfg = config(4, 3);
+        let direct = ram();
+        build_acpi_tables(&direct, &cfg).unwrap();
+        let expected = walk(&direct);
+        let mem = ram();
+        let fw = build_firmware_acpi_tables(&cfg).unwrap();
+        run_loader(&mem, &fw);
+        assert_eq!(find_rsdp(&mem), 0xe0000);
+        let t = walk(&mem);
+        assert_eq!(t.madt, expected.madt);
+        assert_eq!(t.dsdt, expected.dsdt);
+        assert_eq!(&t.facs[..4], b"FACS");
+        assert_eq!(u32_at(&t.fadt, 36), 0xe1000, "FACS first, 64-byte aligned");
+        assert_eq!(&t.fadt[10..16], b"QOMVM ");
     }
 
     #[test]

@@ -107,6 +107,9 @@ pub struct PcI440fxMachine {
     parent: PcMachineState,
     /// The RTC's CMOS, where the S3 resume mark is.
     rtc: parking_lot::Mutex<Option<Arc<crate::rtc::mc146818rtc::Rtc>>>,
+    /// Set when the machine boots firmware (no `-kernel`): the firmware then owns the
+    /// ACPI tables and the S3 resume path, and the BSP starts at the reset vector.
+    firmware_boot: std::sync::atomic::AtomicBool,
 }
 
 type_init!(PcI440fxMachine);
@@ -124,8 +127,12 @@ impl MachineImpl for PcI440fxMachine {
 
     /// QEMU's `pc_machine_done`: what firmware would do before the guest runs.
     fn machine_done(&self) -> Result<(), MachineError> {
-        if let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) {
-            crate::pci::pci::pci_assign_bars(&bus);
+        // Firmware enumerates the bus and assigns the BARs itself (sizing them with
+        // decoding off); BARs already decoding would map over the ROM as it sizes them.
+        if !self.boots_firmware() {
+            if let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) {
+                crate::pci::pci::pci_assign_bars(&bus);
+            }
         }
         // QEMU's pvpanic-isa tells firmware its port.
         if let (Some(port), Some(fw_cfg)) = (
@@ -136,12 +143,35 @@ impl MachineImpl for PcI440fxMachine {
                 .add_file("etc/pvpanic-port", port.to_le_bytes().to_vec())
                 .map_err(MachineError::board)?;
         }
+        if self.boots_firmware() {
+            if let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) {
+                fw_cfg
+                    .add_file("bootorder", self.boot_order())
+                    .map_err(MachineError::board)?;
+            }
+            return self.firmware_acpi_setup();
+        }
         self.acpi_setup()
     }
 
     /// QEMU's `pc_machine_reset`: reload what firmware would load again, or, waking from
     /// S3, do what SeaBIOS's resume path does instead (see [`PcI440fxMachine::s3_resume`]).
     fn reset(&self) -> Result<(), MachineError> {
+        if self.boots_firmware() {
+            // The firmware resumes from S3 and places its tables itself: every CPU goes
+            // back to the reset vector, and the PCI functions come back with decoding off
+            // and their BARs cleared for the firmware to assign again (QEMU's
+            // `pci_do_device_reset`).
+            if let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) {
+                for (_, dev) in crate::pci::pci::pci_bus_devices(&bus) {
+                    dev.write_config(crate::pci::pci::config::COMMAND, 0, 2);
+                    for bar in 0..crate::pci::pci::PCI_NUM_BARS {
+                        dev.write_config(crate::pci::pci::config::BAR0 + 4 * bar, 0, 4);
+                    }
+                }
+            }
+            return self.load_kernel();
+        }
         if self.s3_resume() {
             return Ok(());
         }
@@ -191,6 +221,15 @@ pub enum PcLoadError {
     /// The ACPI tables could not be built.
     #[error("ACPI tables: {0}")]
     Acpi(#[from] crate::i386::acpi_build::AcpiError),
+    /// The firmware image could not be loaded.
+    #[error(transparent)]
+    Firmware(#[from] crate::i386::pc_sysfw::FirmwareError),
+    /// The i440FX's shadow RAM could not be set up.
+    #[error(transparent)]
+    Pam(#[from] crate::pci_host::pam::PamError),
+    /// `-kernel` through the firmware needs its linuxboot option ROM.
+    #[error("-kernel with -bios is not supported yet")]
+    KernelWithBios,
 }
 
 
@@ -237,6 +276,11 @@ impl PcI440fxMachine {
         let initrd = self.initrd().unwrap_or_default();
         let append = self.append().unwrap_or_default();
         let Some(kernel) = self.kernel() else {
+            if self.boots_firmware() {
+                // QEMU's x86_cpu_reset: the BSP fetches its first instruction at
+                // 0xfffffff0, in the firmware's ROM.
+                self.set_bsp_boot_state(reset_vector_state());
+            }
             if !initrd.is_empty() {
                 return Err(MachineError::board(PcLoadError::NeedsKernel("initrd")));
             }
@@ -305,6 +349,90 @@ impl PcI440fxMachine {
         Ok(())
     }
 
+    fn boots_firmware(&self) -> bool {
+        self.firmware_boot.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The firmware to boot, if the machine boots firmware: without `-kernel`, `-bios` or
+    /// the default SeaBIOS image. `-kernel` and `-bios` together would need the
+    /// firmware's linuxboot option ROM.
+    ///
+    /// Under qtest no guest code runs, so without `-bios` nothing would execute the
+    /// default firmware: those machines keep the plain layout (RAM to 1 MiB, BARs
+    /// assigned by the board) that the device tests drive, and need no SeaBIOS installed.
+    fn firmware_path(&self) -> Result<Option<std::path::PathBuf>, PcLoadError> {
+        let qtest = self.accel_ops().is_some_and(|a| a.name() == "qtest");
+        match (self.kernel(), self.firmware()) {
+            (Some(_), Some(_)) => Err(PcLoadError::KernelWithBios),
+            (Some(_), None) => Ok(None),
+            (None, None) if qtest => Ok(None),
+            (None, bios) => Ok(Some(crate::i386::pc_sysfw::find_firmware(bios.as_deref())?)),
+        }
+    }
+
+    /// What QEMU's `pc_cmos_init` stores for the firmware beyond the memory sizes: the
+    /// CPU count, the equipment byte and the boot order (QEMU's default "cad": disk,
+    /// floppy, CD-ROM, with the floppy boot signature check on).
+    fn firmware_cmos(&self, rtc: &crate::rtc::mc146818rtc::Rtc) {
+        rtc.set_memory(0x5f, (self.smp().cpus.saturating_sub(1)) as u8);
+        // FPU present, PS/2 mouse installed.
+        rtc.set_memory(0x14, 0x02 | 0x04);
+        // Boot devices: 1 floppy, 2 hard disk, 3 CD-ROM.
+        rtc.set_memory(0x3d, (1 << 4) | 2);
+        rtc.set_memory(0x38, 3 << 4);
+    }
+
+    /// The fw_cfg items SeaBIOS reads (QEMU's `fw_cfg_arch_create`, `pc_machine_done`).
+    fn firmware_fw_cfg(
+        &self,
+        fw_cfg: &crate::nvram::fw_cfg::FwCfgIo,
+        below_4g: u64,
+        above_4g: u64,
+    ) -> Result<(), crate::nvram::fw_cfg::FwCfgError> {
+        use crate::nvram::fw_cfg::{FW_CFG_BOOT_MENU, FW_CFG_IRQ0_OVERRIDE, FW_CFG_NOGRAPHIC, FW_CFG_NUMA};
+        // Under -nographic SeaBIOS then adds etc/sercon-port = 0x3f8 itself and prints on
+        // COM1 (paravirt.c: qemu_cfg_init), as it does under QEMU, which sets no such file.
+        fw_cfg.add_i16(FW_CFG_NOGRAPHIC, u16::from(!self.graphics()))?;
+        fw_cfg.add_i16(FW_CFG_BOOT_MENU, 0)?;
+        // The in-kernel IOAPIC has the PIT on pin 2 (interrupt source override 0 -> 2).
+        fw_cfg.add_i32(FW_CFG_IRQ0_OVERRIDE, 1)?;
+        // No NUMA nodes: the node count, then one node word per CPU.
+        let cpus = self.smp().max_cpus as usize;
+        fw_cfg.add_bytes(FW_CFG_NUMA, vec![0u8; 8 * (1 + cpus)])?;
+        // QEMU's boot-fail-wait: -1 (never reboot), as without -boot reboot-timeout.
+        fw_cfg.add_file("etc/boot-fail-wait", (-1i32).to_le_bytes().to_vec())?;
+        fw_cfg.add_file("etc/boot-menu-wait", 0u16.to_le_bytes().to_vec())?;
+        fw_cfg.add_file("etc/e820", firmware_e820(below_4g, above_4g))?;
+        Ok(())
+    }
+
+    /// QEMU's `get_boot_devices_list`: the `bootorder` file, the OpenFirmware paths of the
+    /// devices with a `bootindex`, lowest first, one a line, NUL-terminated, and `HALT`
+    /// last under `-boot strict=on`. SeaBIOS matches them by prefix against the devices
+    /// it finds ("/pci@i0cf8/*@2"); without one, its CMOS order applies.
+    fn boot_order(&self) -> Vec<u8> {
+        let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) else {
+            return Vec::new();
+        };
+        let mut entries: Vec<(i32, String)> = crate::pci::pci::pci_bus_devices(&bus)
+            .into_iter()
+            .filter_map(|(devfn, dev)| {
+                let index: i32 = dev.object().property_print("bootindex").ok()?.parse().ok()?;
+                (index >= 0).then(|| (index, pci_fw_dev_path(devfn, &dev)))
+            })
+            .collect();
+        entries.sort();
+        let mut paths: Vec<String> = entries.into_iter().map(|(_, path)| path).collect();
+        if self.boot_strict() {
+            paths.push("HALT".to_string());
+        }
+        let mut list = paths.join("\n").into_bytes();
+        if !list.is_empty() {
+            list.push(0);
+        }
+        list
+    }
+
     /// Only CPU 0 gets the loader's state: the APs wait for the guest's INIT/SIPI.
     fn set_bsp_boot_state(&self, state: X86BootState) {
         if let Some(bsp) = self.cpus().into_iter().next().and_then(Typed::<X86Cpu>::new) {
@@ -312,11 +440,52 @@ impl PcI440fxMachine {
         }
     }
 
+    /// QEMU's `acpi_setup` for firmware: the tables go to fw_cfg with the linker/loader
+    /// commands that let the firmware place them in memory it reserves.
+    fn firmware_acpi_setup(&self) -> Result<(), MachineError> {
+        if !self.acpi.get() {
+            return Ok(());
+        }
+        let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) else {
+            return Ok(());
+        };
+        let fw = crate::i386::acpi_build::build_firmware_acpi_tables(&self.acpi_config())
+            .map_err(|e| MachineError::board(PcLoadError::Acpi(e)))?;
+        use crate::i386::acpi_build::{ACPI_BUILD_LOADER_FILE, ACPI_BUILD_RSDP_FILE, ACPI_BUILD_TABLE_FILE};
+        fw_cfg
+            .add_file(ACPI_BUILD_TABLE_FILE, fw.tables)
+            .map_err(MachineError::board)?;
+        fw_cfg
+            .add_file(ACPI_BUILD_RSDP_FILE, fw.rsdp)
+            .map_err(MachineError::board)?;
+        fw_cfg
+            .add_file(ACPI_BUILD_LOADER_FILE, fw.loader)
+            .map_err(MachineError::board)?;
+        Ok(())
+    }
+
     /// Builds the ACPI tables for the CPUs present, and tells a loaded Linux where they are.
     fn acpi_setup(&self) -> Result<(), MachineError> {
         if !self.acpi.get() {
             return Ok(());
         }
+        let cfg = self.acpi_config();
+        let ram = self.ram();
+        let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
+            .map_err(|e| MachineError::board(PcLoadError::Acpi(e)))?;
+        if let Some(kernel) = self.kernel() {
+            crate::i386::x86_linux::set_acpi_rsdp_addr(&ram, rsdp).map_err(|source| {
+                MachineError::board(PcLoadError::Kernel {
+                    path: kernel,
+                    source,
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    /// What the ACPI tables describe: the CPUs present, the PM block, the PCI windows.
+    fn acpi_config(&self) -> crate::i386::acpi_build::AcpiConfig {
         let pm = self
             .object()
             .child("pm")
@@ -330,7 +499,7 @@ impl PcI440fxMachine {
             .filter_map(Typed::<X86Cpu>::new)
             .map(|cpu| cpu.apic_id())
             .collect();
-        let cfg = crate::i386::acpi_build::AcpiConfig {
+        crate::i386::acpi_build::AcpiConfig {
             cpus: apic_ids.len() as u32,
             apic_ids,
             pm_io_base: crate::acpi::piix4::PM_IO_BASE,
@@ -341,19 +510,7 @@ impl PcI440fxMachine {
             s3: pm.as_ref().is_some_and(|pm| !pm.s3_disabled()),
             s4: pm.as_ref().filter(|pm| !pm.s4_disabled()).map(|pm| pm.s4_val()),
             pvpanic_port: self.isa_pvpanic_port(),
-        };
-        let ram = self.ram();
-        let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
-            .map_err(|e| MachineError::board(PcLoadError::Acpi(e)))?;
-        if let Some(kernel) = self.kernel() {
-            crate::i386::x86_linux::set_acpi_rsdp_addr(&ram, rsdp).map_err(|source| {
-                MachineError::board(PcLoadError::Kernel {
-                    path: kernel,
-                    source,
-                })
-            })?;
         }
-        Ok(())
     }
 
     /// The port of the ISA `pvpanic` on `isa.0`, if there is one.
@@ -372,9 +529,26 @@ impl PcI440fxMachine {
         let services = self.services();
 
         machine_create_cpus(self).map_err(MachineError::board)?;
+        let firmware = self.firmware_path().map_err(MachineError::board)?;
+        self.firmware_boot
+            .store(firmware.is_some(), std::sync::atomic::Ordering::Relaxed);
 
         let (below_4g, above_4g) = pc_ram_split(self.ram_size());
-        self.add_ram(0, below_4g)?;
+        if firmware.is_some() {
+            if below_4g < crate::pci_host::pam::PAM_END {
+                return Err(MachineError::board(PcLoadError::Pam(
+                    crate::pci_host::pam::PamError::NoShadowRam,
+                )));
+            }
+            // The PAM maps 0xc0000-0xfffff segment by segment.
+            self.add_ram_except(
+                0,
+                below_4g,
+                Some(crate::pci_host::pam::PAM_START..crate::pci_host::pam::PAM_END),
+            )?;
+        } else {
+            self.add_ram(0, below_4g)?;
+        }
         if above_4g > 0 {
             self.add_ram(1 << 32, above_4g)?;
         }
@@ -383,7 +557,16 @@ impl PcI440fxMachine {
 
         let host = board_device(&machine, "i440fx", TYPE_I440FX_PCI_HOST_BRIDGE, Bus::None(services), &[])?;
         let pci_bus = host.child("pci.0").ok_or(BoardError::MissingBus("i440fx", "pci.0"))?;
-        board_device(&host, "i440fx-device", TYPE_I440FX_PCI_DEVICE, Bus::On(&pci_bus), &[("addr", "00.0")])?;
+        let i440fx = board_device(&host, "i440fx-device", TYPE_I440FX_PCI_DEVICE, Bus::On(&pci_bus), &[("addr", "00.0")])?;
+        if let Some(path) = &firmware {
+            let board = |e: PcLoadError| MachineError::board(e);
+            let rom = crate::i386::pc_sysfw::pc_system_firmware_init(services, path)
+                .map_err(|e| board(e.into()))?;
+            let pam = crate::pci_host::pam::Pam::new(services, rom).map_err(|e| board(e.into()))?;
+            if let Some(i440fx) = i440fx.cast::<crate::pci_host::i440fx::I440fx>() {
+                i440fx.set_pam(pam);
+            }
+        }
         let piix3 = board_device(&machine, "piix3", crate::isa::piix::TYPE_PIIX3, Bus::On(&pci_bus), &[("addr", "01.0")])?;
         let isa_bus = piix3.child("isa.0").ok_or(BoardError::MissingBus("piix3", "isa.0"))?;
         // QEMU's KVM pc: with pit=off there is no PIT at all (ports 0x40-0x43 float).
@@ -398,6 +581,9 @@ impl PcI440fxMachine {
         // ports for -serial.
         let rtc = crate::rtc::mc146818rtc::mc146818_rtc_init(&isa_bus, 2000)?;
         rtc.set_memory_size(below_4g, above_4g);
+        if firmware.is_some() {
+            self.firmware_cmos(rtc.rtc());
+        }
         *self.rtc.lock() = Some(rtc.rtc().clone());
         board_device(&machine, "i8042", crate::input::pckbd::TYPE_I8042, Bus::On(&isa_bus), &[])?;
         for (index, backend) in self.serial_hds().into_iter().enumerate() {
@@ -427,7 +613,12 @@ impl PcI440fxMachine {
                 entry
             })
             .collect();
-        fw_cfg.add_file("etc/e820", e820).map_err(MachineError::board)?;
+        if firmware.is_some() {
+            self.firmware_fw_cfg(&fw_cfg, below_4g, above_4g)
+                .map_err(MachineError::board)?;
+        } else {
+            fw_cfg.add_file("etc/e820", e820).map_err(MachineError::board)?;
+        }
         if let Some(pm) = machine
             .child("pm")
             .and_then(Typed::<crate::acpi::piix4::Piix4Pm>::new)
@@ -468,6 +659,66 @@ fn real_mode_entry_state(vector: u32) -> X86BootState {
     );
     state.regs.rip = u64::from(vector & 0xf);
     state
+}
+
+/// QEMU's `pcibus_get_fw_dev_path` under the i440FX (`/pci@i0cf8`): the class's
+/// OpenFirmware name (`pci_dev_fw_name`), `@slot[,function]`, and for a virtio disk its
+/// `disk@0,0`.
+fn pci_fw_dev_path(devfn: u8, dev: &crate::pci::pci::PciDevice) -> String {
+    let class = dev.read_config(0x0a, 2) as u16;
+    let name = match class {
+        0x0100 => "scsi".to_string(),
+        0x0101 => "ide".to_string(),
+        0x0106 => "sata".to_string(),
+        0x0200 => "ethernet".to_string(),
+        _ => format!("pci{:x},{:x}", dev.read_config(0, 2), dev.read_config(2, 2)),
+    };
+    let (slot, function) = (devfn >> 3, devfn & 7);
+    let mut path = format!("/pci@i0cf8/{name}@{slot:x}");
+    if function != 0 {
+        path.push_str(&format!(",{function:x}"));
+    }
+    if dev.object().type_name() == "virtio-blk-pci" {
+        path.push_str("/disk@0,0");
+    }
+    path
+}
+
+/// The architectural reset state of the boot processor (QEMU's `x86_cpu_reset`): real
+/// mode with CS = 0xf000 based at 0xffff0000 and IP = 0xfff0, so the first fetch is at
+/// 0xfffffff0, the firmware's reset vector; the local APIC enabled as the BSP's.
+fn reset_vector_state() -> X86BootState {
+    let mut state = real_mode_entry_state(0);
+    state.sregs.cs.selector = 0xf000;
+    state.sregs.cs.base = 0xffff_0000;
+    state.regs.rip = 0xfff0;
+    state
+}
+
+/// QEMU's `etc/e820` for firmware (`e820_add_entry` in `pc_memory_init` and the KVM
+/// identity map's reservation): RAM as one range below 4 GiB, one above, in QEMU's packed
+/// layout (address, length, type), 20 bytes each. The firmware carves out its own areas.
+fn firmware_e820(below_4g: u64, above_4g: u64) -> Vec<u8> {
+    use crate::i386::e820::{E820Entry, E820Kind};
+    let mut table = vec![E820Entry {
+        addr: 0,
+        size: below_4g,
+        kind: E820Kind::Ram,
+    }];
+    table.extend(
+        pc_e820_table(below_4g, above_4g)
+            .into_iter()
+            .filter(|e| e.addr >= 1 << 32 || (e.kind != E820Kind::Ram && e.addr >= below_4g)),
+    );
+    table
+        .iter()
+        .flat_map(|e| {
+            let mut entry = e.addr.to_le_bytes().to_vec();
+            entry.extend_from_slice(&e.size.to_le_bytes());
+            entry.extend_from_slice(&(e.kind as u32).to_le_bytes());
+            entry
+        })
+        .collect()
 }
 
 /// Where a board device plugs in: a bus, or none (it then takes the machine's services

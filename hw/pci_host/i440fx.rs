@@ -179,6 +179,9 @@ impl DeviceImpl for I440fxHost {
 pub struct I440fx {
     #[parent]
     parent: PciDevice,
+    /// The shadow RAM switch, when the board boots firmware (direct kernel boot leaves
+    /// 0xc0000-0xfffff plain RAM).
+    pam: std::sync::OnceLock<crate::pci_host::pam::Pam>,
 }
 
 type_init!(I440fx);
@@ -194,6 +197,36 @@ impl PciDeviceImpl for I440fx {
     const DEVICE_ID: u16 = 0x1237;
     const REVISION: u8 = 0x02;
     const CLASS_ID: u16 = 0x0600;
+
+    fn pci_realize(&self, _ctx: &DeviceContext) -> Result<(), RealizeError> {
+        use crate::pci_host::pam::{I440FX_PAM, I440FX_PAM_SIZE};
+        for reg in I440FX_PAM..I440FX_PAM + I440FX_PAM_SIZE {
+            self.parent.config_set_wmask(reg, 0xff);
+        }
+        Ok(())
+    }
+
+    /// QEMU's `i440fx_write_config`: a PAM register write remaps shadow RAM.
+    fn config_write(&self, addr: usize, _val: u32, len: usize) {
+        use crate::pci_host::pam::{I440FX_PAM, I440FX_PAM_SIZE};
+        let Some(pam) = self.pam.get() else {
+            return;
+        };
+        if addr + len <= I440FX_PAM || addr >= I440FX_PAM + I440FX_PAM_SIZE {
+            return;
+        }
+        let regs: [u8; I440FX_PAM_SIZE] =
+            std::array::from_fn(|i| self.parent.read_config(I440FX_PAM + i, 1) as u8);
+        pam.update(&regs);
+    }
+}
+
+impl I440fx {
+    /// Hands the function the PAM that its registers 0x59-0x5f drive (the board does, when
+    /// it boots firmware). The registers' current values apply at once.
+    pub fn set_pam(&self, pam: crate::pci_host::pam::Pam) {
+        let _ = self.pam.set(pam);
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,625 @@
+//! Firmware boot (issue 13): without `-kernel` the pc board maps `-bios` (default:
+//! SeaBIOS's `bios-256k.bin`) at the top of 4 GiB and its last 128 KiB below 1 MiB, the
+//! BSP starts at the reset vector, and the i440FX's PAM registers switch 0xc0000-0xfffff
+//! between that ROM and shadow RAM.
+//!
+//! - a hand-made 64 KiB ROM walks the PAM modes of the 0xf0000 segment (0: ROM, 2: read
+//!   ROM / write RAM while copying itself, 3: RAM, 1: read-only RAM) and prints what it
+//!   reads back on COM1;
+//! - SeaBIOS prints its banner on the serial console under `-nographic` and reports no
+//!   bootable device;
+//! - SeaBIOS boots a raw disk on `virtio-blk-pci,bootindex=1` whose MBR prints a marker
+//!   and powers off;
+//! - bad firmware files and `-kernel` with `-bios` get one-line errors, never a panic.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Debian's SeaBIOS, which the default firmware boot needs.
+const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+
+/// PVM runs real mode through KVM's emulator: generous, as the host may be busy.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qomvm-fw-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn qomvm_output(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(args)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .output()
+        .expect("qomvm runs")
+}
+
+/// A qomvm whose stdout (the serial console) is collected as it comes; killed on drop.
+struct Running {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+            .args(args)
+            .env("RUST_LOG", "off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("qomvm starts");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Running { child, out }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until every one of `wanted` shows on the console; panics with what did show.
+    fn wait_for(&mut self, wanted: &[&str]) {
+        let start = Instant::now();
+        loop {
+            let text = self.text();
+            if wanted.iter().all(|w| text.contains(w)) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the reader thread drain what is left.
+                std::thread::sleep(Duration::from_millis(200));
+                let text = self.text();
+                assert!(
+                    wanted.iter().all(|w| text.contains(w)),
+                    "qomvm exited ({status}) before printing {wanted:?}; console: {text:?}"
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < BOOT_TIMEOUT,
+                "no {wanted:?} within {BOOT_TIMEOUT:?}; console: {text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for qomvm to exit on its own; returns its exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(200));
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < BOOT_TIMEOUT,
+                "qomvm still running after {BOOT_TIMEOUT:?}; console: {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kvm_or_skip() -> bool {
+    if let Some(reason) = test_support::vm::kvm_unusable() {
+        test_support::skip::skip_kvm(reason);
+        return false;
+    }
+    true
+}
+
+fn seabios_or_skip() -> bool {
+    if !Path::new(SEABIOS).is_file() {
+        test_support::skip::skip(format!("{SEABIOS} is missing (Debian package 'seabios')"));
+        return false;
+    }
+    true
+}
+
+/// A 64 KiB ROM. The reset vector jumps to f000:0000, the copy of the ROM's start that
+/// PAM mode 0 shows at 0xf0000. The code then, for the 0xf0000 segment (PAM register 0x59,
+/// high nibble): writes 'X' to f000:0100 and prints the byte read back (the ROM's 'A': the
+/// write went to the bus); sets mode 2 and copies its first 512 bytes onto themselves
+/// (reads from ROM, writes to RAM); sets mode 3 and writes and prints 'X' (RAM); sets
+/// mode 1, writes 'Y' and prints the byte (still 'X': read-only RAM); then powers off
+/// through PIIX4's PM1a_CNT (SLP_TYP 0 = S5, SLP_EN). So the console reads "AXX".
+fn pam_walk_rom() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xb8, 0x00, 0xf0,             // 00 mov ax, 0xf000
+        0x8e, 0xd8,                   // 03 mov ds, ax
+        0x8e, 0xc0,                   // 05 mov es, ax
+        0xba, 0xf8, 0x03,             // 07 mov dx, 0x3f8
+        0xc6, 0x06, 0x00, 0x01, b'X', // 0a mov byte [0x100], 'X'
+        0xa0, 0x00, 0x01,             // 0f mov al, [0x100]
+        0xee,                         // 12 out dx, al
+        0xb3, 0x20,                   // 13 mov bl, 0x20 (mode 2)
+        0xe8, 0x2f, 0x00,             // 15 call setpam
+        0x31, 0xf6,                   // 18 xor si, si
+        0x31, 0xff,                   // 1a xor di, di
+        0xb9, 0x00, 0x02,             // 1c mov cx, 0x200
+        0xf3, 0xa4,                   // 1f rep movsb
+        0xb3, 0x30,                   // 21 mov bl, 0x30 (mode 3)
+        0xe8, 0x21, 0x00,             // 23 call setpam
+        0xc6, 0x06, 0x00, 0x01, b'X', // 26 mov byte [0x100], 'X'
+        0xa0, 0x00, 0x01,             // 2b mov al, [0x100]
+        0xee,                         // 2e out dx, al
+        0xb3, 0x10,                   // 2f mov bl, 0x10 (mode 1)
+        0xe8, 0x13, 0x00,             // 31 call setpam
+        0xc6, 0x06, 0x00, 0x01, b'Y', // 34 mov byte [0x100], 'Y'
+        0xa0, 0x00, 0x01,             // 39 mov al, [0x100]
+        0xee,                         // 3c out dx, al
+        0xba, 0x04, 0x06,             // 3d mov dx, 0x604
+        0xb8, 0x00, 0x20,             // 40 mov ax, 0x2000
+        0xef,                         // 43 out dx, ax
+        0xf4,                         // 44 hlt
+        0xeb, 0xfd,                   // 45 jmp 0x44
+        // setpam: i440FX (00:00.0) register 0x59 = bl
+        0x66, 0xb8, 0x58, 0x00, 0x00, 0x80, // 47 mov eax, 0x80000058
+        0xba, 0xf8, 0x0c,             // 4d mov dx, 0xcf8
+        0x66, 0xef,                   // 50 out dx, eax
+        0xba, 0xfd, 0x0c,             // 52 mov dx, 0xcfd
+        0x88, 0xd8,                   // 55 mov al, bl
+        0xee,                         // 57 out dx, al
+        0xba, 0xf8, 0x03,             // 58 mov dx, 0x3f8
+        0xc3,                         // 5b ret
+    ];
+    let mut rom = vec![0xf4u8; 64 << 10];
+    rom[..code.len()].copy_from_slice(code);
+    rom[0x100] = b'A';
+    // The reset vector (0xfffffff0): jmp far f000:0000.
+    rom[0xfff0..0xfff5].copy_from_slice(&[0xea, 0x00, 0x00, 0x00, 0xf0]);
+    rom
+}
+
+#[test]
+fn a_rom_sees_the_pam_modes_of_the_bios_segment() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = temp_dir("pam");
+    let rom = dir.join("pam.bin");
+    std::fs::write(&rom, pam_walk_rom()).unwrap();
+    let mut vm = Running::start(&[
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-bios",
+        rom.to_str().unwrap(),
+    ]);
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    assert_eq!(vm.text(), "AXX");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn seabios_prints_its_banner_on_the_serial_console() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let mut vm = Running::start(&[
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ]);
+    vm.wait_for(&["SeaBIOS (version", "No bootable device."]);
+}
+
+/// A boot sector: prints "BOOT-SECTOR-RAN" on COM1, then powers off (PM1a_CNT S5).
+fn boot_sector_disk() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0x31, 0xc0,       // 00 xor ax, ax
+        0x8e, 0xd8,       // 02 mov ds, ax
+        0xbe, 0x1c, 0x7c, // 04 mov si, 0x7c1c (the message)
+        0xba, 0xf8, 0x03, // 07 mov dx, 0x3f8
+        0xac,             // 0a lodsb
+        0x84, 0xc0,       // 0b test al, al
+        0x74, 0x03,       // 0d jz 0x12
+        0xee,             // 0f out dx, al
+        0xeb, 0xf8,       // 10 jmp 0x0a
+        0xba, 0x04, 0x06, // 12 mov dx, 0x604
+        0xb8, 0x00, 0x20, // 15 mov ax, 0x2000
+        0xef,             // 18 out dx, ax
+        0xf4,             // 19 hlt
+        0xeb, 0xfd,       // 1a jmp 0x19
+    ];
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..code.len()].copy_from_slice(code);
+    let message = b"BOOT-SECTOR-RAN\r\n\0";
+    disk[0x1c..0x1c + message.len()].copy_from_slice(message);
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk
+}
+
+#[test]
+fn seabios_boots_a_virtio_blk_disk_through_its_boot_sector() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("disk");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, boot_sector_disk()).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let mut vm = Running::start(&[
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=1",
+    ]);
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    let text = vm.text();
+    assert!(text.contains("SeaBIOS (version"), "{text:?}");
+    // SeaBIOS's serial console flushes its own "Booting from Hard Disk..." lazily, so
+    // the sector's first bytes may interleave with it.
+    assert!(text.contains("SECTOR-RAN"), "{text:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `bootindex` reaches SeaBIOS as the `bootorder` file: with a blank disk in the first
+/// slot, the boot sector on the second one boots only because its bootindex is lower (by
+/// slot order SeaBIOS tries the blank one: "Boot failed: not a bootable disk").
+#[test]
+fn bootindex_orders_the_disks_seabios_tries() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("bootorder");
+    let blank = dir.join("blank.img");
+    let disk = dir.join("disk.img");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&disk, boot_sector_disk()).unwrap();
+    let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
+    let d1 = format!("file={},if=none,id=d1,format=raw", disk.display());
+    let mut vm = Running::start(&[
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-drive",
+        &d0,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=2",
+        "-drive",
+        &d1,
+        "-device",
+        "virtio-blk-pci,drive=d1,bootindex=1",
+    ]);
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    let text = vm.text();
+    assert!(text.contains("SECTOR-RAN"), "{text:?}");
+    assert!(!text.contains("Boot failed"), "{text:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `-boot strict=on` ends `bootorder` with `HALT`: SeaBIOS tries only the bootindex
+/// devices (the blank disk), not its floppy default as well.
+#[test]
+fn boot_strict_limits_seabios_to_the_bootindex_devices() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("strict");
+    let blank = dir.join("blank.img");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
+    for (strict, floppy) in [("off", true), ("on", false)] {
+        let boot = format!("strict={strict}");
+        let mut vm = Running::start(&[
+            "-M",
+            "pc",
+            "-accel",
+            "kvm",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-boot",
+            &boot,
+            "-drive",
+            &d0,
+            "-device",
+            "virtio-blk-pci,drive=d0,bootindex=1",
+        ]);
+        vm.wait_for(&["Boot failed: not a bootable disk", "No bootable device."]);
+        let text = vm.text();
+        assert_eq!(
+            text.contains("Booting from Floppy"),
+            floppy,
+            "strict={strict}: {text:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A boot sector that prints "R" on COM1 and resets the machine through port 0xcf9.
+fn reboot_disk() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xba, 0xf8, 0x03, // 00 mov dx, 0x3f8
+        0xb0, b'R',       // 03 mov al, 'R'
+        0xee,             // 05 out dx, al
+        0xba, 0xf9, 0x0c, // 06 mov dx, 0xcf9
+        0xb0, 0x06,       // 09 mov al, 6 (full reset)
+        0xee,             // 0b out dx, al
+        0xf4,             // 0c hlt
+        0xeb, 0xfd,       // 0d jmp 0x0c
+    ];
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..code.len()].copy_from_slice(code);
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk
+}
+
+/// A guest reset goes through the firmware again (SeaBIOS's reboot path, which restores
+/// its shadow copy through the PAM and resets once more, then its POST), and `-no-reboot`
+/// turns the guest's reset into an exit with status 0.
+#[test]
+fn guest_reset_reenters_the_firmware() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("reboot");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, reboot_disk()).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let base = [
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=1",
+    ];
+    let mut vm = Running::start(&base);
+    let start = Instant::now();
+    while vm.text().matches("SeaBIOS (version").count() < 2 {
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "no second boot within {BOOT_TIMEOUT:?}; console: {:?}",
+            vm.text()
+        );
+        assert!(
+            vm.child.try_wait().unwrap().is_none(),
+            "qomvm exited; console: {:?}",
+            vm.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(vm.text().contains('R'), "{:?}", vm.text());
+    drop(vm);
+
+    let mut args = base.to_vec();
+    args.push("-no-reboot");
+    let mut vm = Running::start(&args);
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    assert_eq!(
+        vm.text().matches("SeaBIOS (version").count(),
+        1,
+        "{:?}",
+        vm.text()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A boot sector that scans 0xe0000-0xfffff in 16-byte steps for "RSD PTR ", prints the
+/// RSDP's OEM ID (6 bytes at offset 9) on COM1 if it finds one, then powers off.
+fn rsdp_scan_disk() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xba, 0xf8, 0x03,             // 00 mov dx, 0x3f8
+        0xbb, 0x00, 0xe0,             // 03 mov bx, 0xe000
+        0x8e, 0xc3,                   // 06 mov es, bx
+        0x26, 0x66, 0x81, 0x3e, 0x00, 0x00, b'R', b'S', b'D', b' ', // 08 cmp dword es:[0], "RSD "
+        0x75, 0x0c,                   // 12 jne 0x20
+        0x26, 0x66, 0x81, 0x3e, 0x04, 0x00, b'P', b'T', b'R', b' ', // 14 cmp dword es:[4], "PTR "
+        0x74, 0x05,                   // 1e je 0x25
+        0x43,                         // 20 inc bx
+        0x75, 0xe3,                   // 21 jnz 0x06 (until bx wraps past 0xffff)
+        0xeb, 0x0c,                   // 23 jmp 0x31
+        0xbe, 0x09, 0x00,             // 25 mov si, 9
+        0xb9, 0x06, 0x00,             // 28 mov cx, 6
+        0x26, 0xac,                   // 2b lodsb (es:si)
+        0xee,                         // 2d out dx, al
+        0xe2, 0xfb,                   // 2e loop 0x2b
+        0x90,                         // 30 nop
+        0xba, 0x04, 0x06,             // 31 mov dx, 0x604
+        0xb8, 0x00, 0x20,             // 34 mov ax, 0x2000
+        0xef,                         // 37 out dx, ax
+        0xf4,                         // 38 hlt
+        0xeb, 0xfd,                   // 39 jmp 0x38
+    ];
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..code.len()].copy_from_slice(code);
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk
+}
+
+/// The RSDP SeaBIOS leaves in the F segment is qomvm's (OEM "QOMVM "), placed through
+/// `etc/table-loader`, not the "BOCHS " tables SeaBIOS builds itself without one.
+#[test]
+fn seabios_places_qomvms_acpi_tables_through_the_loader() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("rsdp");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, rsdp_scan_disk()).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let mut vm = Running::start(&[
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=1",
+    ]);
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    // SeaBIOS's console may flush the end of "Booting from Hard Disk...\r\n" into the
+    // sector's output.
+    let text = vm.text().replace(['.', '\r', '\n'], "");
+    assert!(text.ends_with("Booting from Hard DiskQOMVM "), "{text:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Firmware files the ROM cannot hold fail before any guest code runs: no KVM needed.
+#[test]
+fn bad_firmware_files_get_one_line_errors() {
+    let dir = temp_dir("bad");
+    let cases: [(&str, u64, &str); 3] = [
+        ("empty.bin", 0, "the file is empty"),
+        (
+            "truncated.bin",
+            (256 << 10) - 4096,
+            "is not a multiple of 64 KiB",
+        ),
+        ("huge.bin", 17 << 20, "larger than the 16 MiB ROM window"),
+    ];
+    for (name, size, why) in cases {
+        let path = dir.join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(size).unwrap();
+        let o = qomvm_output(&[
+            "-M",
+            "pc",
+            "-accel",
+            "qtest",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-bios",
+            path.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.starts_with(&format!(
+                "qomvm: could not load PC BIOS '{}': ",
+                path.display()
+            )),
+            "{name}: {err}"
+        );
+        assert!(err.contains(why), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+    }
+    let missing = dir.join("missing.bin");
+    let o = qomvm_output(&[
+        "-M",
+        "pc",
+        "-accel",
+        "qtest",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-bios",
+        missing.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "qomvm: could not load PC BIOS '{}': No such file or directory\n",
+            missing.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn kernel_with_bios_is_refused() {
+    let o = qomvm_output(&[
+        "-M",
+        "pc",
+        "-accel",
+        "qtest",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-bios",
+        "bios-256k.bin",
+        "-kernel",
+        "/nonexistent/vmlinuz",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "qomvm: -kernel with -bios is not supported yet\n"
+    );
+}
