@@ -204,27 +204,34 @@ fn net_scenario(name: &str, script: &str, timeout_s: u32) -> Option<String> {
     let stalled = out.contains("vmm exit status 124");
     let faulted = out.contains("triple fault (KVM_EXIT_SHUTDOWN)");
     let early = (stalled || faulted) && !out.contains("QOMVM-GUEST-READY");
-    // In the rig a guest has also triple-faulted in the middle of a transfer (CI, the user
-    // scenario, which passed on the next runs, as QEMU's did on the same rig), where QEMU's TCG emulates the
-    // SVM that L1's KVM runs it on. On AMD the state after a shutdown is the reset state
-    // (KVM re-initialises the VMCB), so the dump cannot say where: the run is retried once
-    // there, and its console kept in the report. On hardware KVM such a fault fails the test.
-    let rig_fault = faulted && kvm_path() == Path_::NestedRig;
-    if early || rig_fault {
+    // In the rig, where QEMU's TCG emulates the SVM that L1's KVM runs the guest on, a guest
+    // has also triple-faulted in the middle of a transfer (CI, the user scenario), and once
+    // in 24 runs of the user scenario one vCPU stopped answering (RCU stalls, no NMI
+    // backtrace) while the other ran on; the runs before and after passed, as QEMU's did.
+    // On AMD the state after a shutdown is the reset state (KVM re-initialises the VMCB), so
+    // a dump cannot say where. Such a run is retried once there, and what it showed (the
+    // console's end, where each VMM thread was) goes to the report and `.ci/run`'s summary.
+    // On hardware KVM a fault or stall after /init fails the test.
+    let rig_failure = (stalled || faulted) && kvm_path() == Path_::NestedRig;
+    if early || rig_failure {
+        let threads: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("host: thread ") || l.contains("host:     "))
+            .take(160)
+            .collect();
         let tail: Vec<&str> = out
             .lines()
-            .filter(|l| rig_fault || l.contains(": ["))
+            .filter(|l| l.contains(": [") || l.contains("QOMVM-"))
             .rev()
-            .take(if early { 3 } else { 40 })
+            .take(if early { 3 } else { 12 })
             .collect();
-        eprintln!(
-            "net-guest: scenario {name}: the guest {} ({tail:#?}); retrying once",
-            if early {
-                "stalled or faulted before /init"
-            } else {
-                "triple-faulted in the rig"
-            }
-        );
+        let what = match (early, faulted) {
+            (true, _) => "the guest stalled or faulted before /init",
+            (false, true) => "the guest triple-faulted in the rig",
+            (false, false) => "the guest stopped making progress in the rig",
+        };
+        let evidence: Vec<&str> = tail.iter().rev().chain(threads.iter()).copied().collect();
+        test_support::skip::retried(format!("scenario {name}: {what}; retrying once"), &evidence);
         (status, out) = run();
     }
     assert_eq!(status, Some(0), "scenario {name}:\n{out}");

@@ -2,7 +2,7 @@
 //! ...)` and `LOG_UNIMP`, with a budget): a guest that misuses a device in a loop gets a few
 //! lines a second and a count of the rest, never a flooded log or a slowed VMM.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -11,11 +11,15 @@ use parking_lot::Mutex;
 pub const DEFAULT_LINES_PER_SECOND: u32 = 10;
 
 /// A log budget: at most `per_second` lines a second; the suppressed ones are counted and
-/// reported when the next second's first line goes out.
+/// reported when the next second's first line goes out, at the level of the most severe
+/// of them (lines a default log level hides do not surface as a count either: firmware
+/// probing absent ports is routine).
 pub struct RateLimitedLog {
     per_second: u32,
     window: Mutex<(Option<Instant>, u32)>,
     suppressed: AtomicU64,
+    /// Whether a suppressed line was a warning.
+    suppressed_warning: AtomicBool,
 }
 
 impl Default for RateLimitedLog {
@@ -31,18 +35,28 @@ impl RateLimitedLog {
             per_second,
             window: Mutex::new((None, 0)),
             suppressed: AtomicU64::new(0),
+            suppressed_warning: AtomicBool::new(false),
         }
     }
 
-    /// Whether one more line fits this second's budget; counts it as suppressed if not.
+    /// Whether one more warning fits this second's budget; counts it as suppressed if not.
     #[cold]
     pub fn allow(&self) -> bool {
+        self.allow_at(log::Level::Warn)
+    }
+
+    /// Whether one more line at `level` fits this second's budget; counts it as suppressed
+    /// if not.
+    fn allow_at(&self, level: log::Level) -> bool {
         let mut window = self.window.lock();
         let now = Instant::now();
         match window.0 {
             Some(start) if now.duration_since(start) < Duration::from_secs(1) => {
                 if window.1 >= self.per_second {
                     self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    if level <= log::Level::Warn {
+                        self.suppressed_warning.store(true, Ordering::Relaxed);
+                    }
                     return false;
                 }
                 window.1 += 1;
@@ -50,8 +64,13 @@ impl RateLimitedLog {
             _ => {
                 *window = (Some(now), 1);
                 let n = self.suppressed.swap(0, Ordering::Relaxed);
+                let level = if self.suppressed_warning.swap(false, Ordering::Relaxed) {
+                    log::Level::Warn
+                } else {
+                    log::Level::Info
+                };
                 if n > 0 {
-                    log::warn!("{n} more guest-caused messages were not logged");
+                    log::log!(level, "{n} more guest-caused messages were not logged");
                 }
             }
         }
@@ -69,7 +88,7 @@ impl RateLimitedLog {
     /// Logs `message()` at info level if the budget allows.
     #[cold]
     pub fn info(&self, message: impl FnOnce() -> String) {
-        if self.allow() {
+        if self.allow_at(log::Level::Info) {
             log::info!("{}", message());
         }
     }

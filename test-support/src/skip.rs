@@ -48,6 +48,23 @@ pub fn skip(reason: impl std::fmt::Display) {
     }
 }
 
+/// Reports that the calling test ran its scenario a second time, and why (a fault of the
+/// nested rig, not of qomvm, as far as the test can tell): on stderr and, as
+/// `RETRIED binary::test: what` followed by `evidence` (indented), in the skip log, so
+/// `.ci/run`'s summary shows every retry even when the second run passed.
+pub fn retried(what: impl std::fmt::Display, evidence: &[&str]) {
+    let mut line = format!("RETRIED {}: {what}", current_test());
+    for e in evidence {
+        line.push_str("\n    ");
+        line.push_str(e.trim_end());
+    }
+    eprintln!("{line}");
+    let log = std::env::var_os(SKIP_LOG_ENV).filter(|p| !p.is_empty());
+    if let Err(e) = record(log.as_deref().map(std::path::Path::new), &line) {
+        panic!("{line}; and the retry could not be recorded in the {SKIP_LOG_ENV} file: {e}");
+    }
+}
+
 /// Appends `line` to `log`, if there is one, in one write with `O_APPEND`, so that the lines
 /// of tests running in parallel do not mix.
 fn record(log: Option<&std::path::Path>, line: &str) -> std::io::Result<()> {
