@@ -21,6 +21,29 @@ use std::time::{Duration, Instant};
 /// Debian's SeaBIOS, which the default firmware boot needs.
 const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
 
+/// A pc on KVM booting its default firmware, serial console on stdout.
+const FIRMWARE_VM: [&str; 10] = [
+    "-M",
+    "pc",
+    "-accel",
+    "kvm",
+    "-m",
+    "128",
+    "-nodefaults",
+    "-nographic",
+    "-serial",
+    "stdio",
+];
+
+/// `FIRMWARE_VM` and `extra`.
+fn firmware_vm<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    FIRMWARE_VM
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect()
+}
+
 /// PVM runs real mode through KVM's emulator: generous, as the host may be busy.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -37,6 +60,21 @@ fn qomvm_output(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("qomvm runs")
+}
+
+/// A pc on the qtest accelerator (nothing runs: its set-up errors show) with `extra`.
+fn qtest_pc(extra: &[&str]) -> Output {
+    let base = [
+        "-M",
+        "pc",
+        "-accel",
+        "qtest",
+        "-nodefaults",
+        "-display",
+        "none",
+    ];
+    let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+    qomvm_output(&args)
 }
 
 /// A qomvm whose stdout (the serial console) is collected as it comes; killed on drop.
@@ -229,19 +267,21 @@ fn seabios_prints_its_banner_on_the_serial_console() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let mut vm = Running::start(&[
-        "-M",
-        "pc",
-        "-accel",
-        "kvm",
-        "-m",
-        "128",
-        "-nodefaults",
-        "-nographic",
-        "-serial",
-        "stdio",
-    ]);
+    let mut vm = Running::start(&FIRMWARE_VM);
     vm.wait_for(&["SeaBIOS (version", "No bootable device."]);
+}
+
+/// A 1 MiB raw disk whose MBR is `code` (loaded at 0x7c00) with `data` at its offset and
+/// the boot signature.
+fn mbr_disk(code: &[u8], data: Option<(usize, &[u8])>) -> Vec<u8> {
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..code.len()].copy_from_slice(code);
+    if let Some((at, bytes)) = data {
+        disk[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk
 }
 
 /// A boot sector: prints "BOOT-SECTOR-RAN" on COM1, then powers off (PM1a_CNT S5).
@@ -263,13 +303,7 @@ fn boot_sector_disk() -> Vec<u8> {
         0xf4,             // 19 hlt
         0xeb, 0xfd,       // 1a jmp 0x19
     ];
-    let mut disk = vec![0u8; 1 << 20];
-    disk[..code.len()].copy_from_slice(code);
-    let message = b"BOOT-SECTOR-RAN\r\n\0";
-    disk[0x1c..0x1c + message.len()].copy_from_slice(message);
-    disk[510] = 0x55;
-    disk[511] = 0xaa;
-    disk
+    mbr_disk(code, Some((0x1c, b"BOOT-SECTOR-RAN\r\n\0")))
 }
 
 #[test]
@@ -281,22 +315,12 @@ fn seabios_boots_a_virtio_blk_disk_through_its_boot_sector() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, boot_sector_disk()).unwrap();
     let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let mut vm = Running::start(&[
-        "-M",
-        "pc",
-        "-accel",
-        "kvm",
-        "-m",
-        "128",
-        "-nodefaults",
-        "-nographic",
-        "-serial",
-        "stdio",
+    let mut vm = Running::start(&firmware_vm(&[
         "-drive",
         &drive,
         "-device",
         "virtio-blk-pci,drive=d0,bootindex=1",
-    ]);
+    ]));
     assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
     let text = vm.text();
     assert!(text.contains("SeaBIOS (version"), "{text:?}");
@@ -321,17 +345,7 @@ fn bootindex_orders_the_disks_seabios_tries() {
     std::fs::write(&disk, boot_sector_disk()).unwrap();
     let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
     let d1 = format!("file={},if=none,id=d1,format=raw", disk.display());
-    let mut vm = Running::start(&[
-        "-M",
-        "pc",
-        "-accel",
-        "kvm",
-        "-m",
-        "128",
-        "-nodefaults",
-        "-nographic",
-        "-serial",
-        "stdio",
+    let mut vm = Running::start(&firmware_vm(&[
         "-drive",
         &d0,
         "-device",
@@ -340,7 +354,7 @@ fn bootindex_orders_the_disks_seabios_tries() {
         &d1,
         "-device",
         "virtio-blk-pci,drive=d1,bootindex=1",
-    ]);
+    ]));
     assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
     let text = vm.text();
     assert!(text.contains("SECTOR-RAN"), "{text:?}");
@@ -361,24 +375,14 @@ fn boot_strict_limits_seabios_to_the_bootindex_devices() {
     let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
     for (strict, floppy) in [("off", true), ("on", false)] {
         let boot = format!("strict={strict}");
-        let mut vm = Running::start(&[
-            "-M",
-            "pc",
-            "-accel",
-            "kvm",
-            "-m",
-            "128",
-            "-nodefaults",
-            "-nographic",
-            "-serial",
-            "stdio",
+        let mut vm = Running::start(&firmware_vm(&[
             "-boot",
             &boot,
             "-drive",
             &d0,
             "-device",
             "virtio-blk-pci,drive=d0,bootindex=1",
-        ]);
+        ]));
         vm.wait_for(&["Boot failed: not a bootable disk", "No bootable device."]);
         let text = vm.text();
         assert_eq!(
@@ -403,11 +407,7 @@ fn reboot_disk() -> Vec<u8> {
         0xf4,             // 0c hlt
         0xeb, 0xfd,       // 0d jmp 0x0c
     ];
-    let mut disk = vec![0u8; 1 << 20];
-    disk[..code.len()].copy_from_slice(code);
-    disk[510] = 0x55;
-    disk[511] = 0xaa;
-    disk
+    mbr_disk(code, None)
 }
 
 /// A guest reset goes through the firmware again (SeaBIOS's reboot path, which restores
@@ -422,22 +422,12 @@ fn guest_reset_reenters_the_firmware() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, reboot_disk()).unwrap();
     let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let base = [
-        "-M",
-        "pc",
-        "-accel",
-        "kvm",
-        "-m",
-        "128",
-        "-nodefaults",
-        "-nographic",
-        "-serial",
-        "stdio",
+    let base = firmware_vm(&[
         "-drive",
         &drive,
         "-device",
         "virtio-blk-pci,drive=d0,bootindex=1",
-    ];
+    ]);
     let mut vm = Running::start(&base);
     let start = Instant::now();
     while vm.text().matches("SeaBIOS (version").count() < 2 {
@@ -456,7 +446,7 @@ fn guest_reset_reenters_the_firmware() {
     assert!(vm.text().contains('R'), "{:?}", vm.text());
     drop(vm);
 
-    let mut args = base.to_vec();
+    let mut args = base.clone();
     args.push("-no-reboot");
     let mut vm = Running::start(&args);
     assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
@@ -496,11 +486,7 @@ fn rsdp_scan_disk() -> Vec<u8> {
         0xf4,                         // 38 hlt
         0xeb, 0xfd,                   // 39 jmp 0x38
     ];
-    let mut disk = vec![0u8; 1 << 20];
-    disk[..code.len()].copy_from_slice(code);
-    disk[510] = 0x55;
-    disk[511] = 0xaa;
-    disk
+    mbr_disk(code, None)
 }
 
 /// The RSDP SeaBIOS leaves in the F segment is qomvm's (OEM "QOMVM "), placed through
@@ -514,22 +500,12 @@ fn seabios_places_qomvms_acpi_tables_through_the_loader() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, rsdp_scan_disk()).unwrap();
     let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let mut vm = Running::start(&[
-        "-M",
-        "pc",
-        "-accel",
-        "kvm",
-        "-m",
-        "128",
-        "-nodefaults",
-        "-nographic",
-        "-serial",
-        "stdio",
+    let mut vm = Running::start(&firmware_vm(&[
         "-drive",
         &drive,
         "-device",
         "virtio-blk-pci,drive=d0,bootindex=1",
-    ]);
+    ]));
     assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
     // SeaBIOS's console may flush the end of "Booting from Hard Disk...\r\n" into the
     // sector's output.
@@ -555,17 +531,7 @@ fn bad_firmware_files_get_one_line_errors() {
         let path = dir.join(name);
         let file = std::fs::File::create(&path).unwrap();
         file.set_len(size).unwrap();
-        let o = qomvm_output(&[
-            "-M",
-            "pc",
-            "-accel",
-            "qtest",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-bios",
-            path.to_str().unwrap(),
-        ]);
+        let o = qtest_pc(&["-bios", path.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{name}: {err}");
         assert!(
@@ -579,17 +545,7 @@ fn bad_firmware_files_get_one_line_errors() {
         assert_eq!(err.lines().count(), 1, "{name}: {err}");
     }
     let missing = dir.join("missing.bin");
-    let o = qomvm_output(&[
-        "-M",
-        "pc",
-        "-accel",
-        "qtest",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-bios",
-        missing.to_str().unwrap(),
-    ]);
+    let o = qtest_pc(&["-bios", missing.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(
@@ -604,19 +560,7 @@ fn bad_firmware_files_get_one_line_errors() {
 
 #[test]
 fn kernel_with_bios_is_refused() {
-    let o = qomvm_output(&[
-        "-M",
-        "pc",
-        "-accel",
-        "qtest",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-bios",
-        "bios-256k.bin",
-        "-kernel",
-        "/nonexistent/vmlinuz",
-    ]);
+    let o = qtest_pc(&["-bios", "bios-256k.bin", "-kernel", "/nonexistent/vmlinuz"]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),
