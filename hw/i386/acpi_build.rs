@@ -364,18 +364,26 @@ fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
     madt.as_slice().to_vec()
 }
 
+impl AcpiConfig {
+    /// One APIC ID per CPU, and at least one CPU.
+    fn check(&self) -> Result<(), AcpiError> {
+        if self.apic_ids.len() != self.cpus as usize {
+            return Err(AcpiError::CpuCountMismatch {
+                cpus: self.cpus,
+                apic_ids: self.apic_ids.len(),
+            });
+        }
+        if self.cpus == 0 {
+            return Err(AcpiError::NoCpus);
+        }
+        Ok(())
+    }
+}
+
 /// Builds the pc machine's ACPI tables into `ram` at [`ACPI_TABLES_START`] and returns the
 /// RSDP's address ([`RSDP_ADDR`]).
 pub fn build_acpi_tables(ram: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
-    if cfg.apic_ids.len() != cfg.cpus as usize {
-        return Err(AcpiError::CpuCountMismatch {
-            cpus: cfg.cpus,
-            apic_ids: cfg.apic_ids.len(),
-        });
-    }
-    if cfg.cpus == 0 {
-        return Err(AcpiError::NoCpus);
-    }
+    cfg.check()?;
 
     let facs_addr = FACS_ADDR;
     let dsdt_addr = facs_addr + 0x40;
@@ -441,15 +449,7 @@ pub struct FirmwareAcpiTables {
 /// in high memory and the RSDP in the F segment, then patches and checksums them).
 pub fn build_firmware_acpi_tables(cfg: &AcpiConfig) -> Result<FirmwareAcpiTables, AcpiError> {
     use crate::acpi::bios_linker_loader::{AllocZone, BiosLinker};
-    if cfg.apic_ids.len() != cfg.cpus as usize {
-        return Err(AcpiError::CpuCountMismatch {
-            cpus: cfg.cpus,
-            apic_ids: cfg.apic_ids.len(),
-        });
-    }
-    if cfg.cpus == 0 {
-        return Err(AcpiError::NoCpus);
-    }
+    cfg.check()?;
     const TABLES: &str = ACPI_BUILD_TABLE_FILE;
     const RSDP: &str = ACPI_BUILD_RSDP_FILE;
     // The FACS first: the blob is allocated 64-byte aligned, as the FACS must be.
