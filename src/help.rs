@@ -60,7 +60,12 @@ Block devices:
 -no-shutdown         stop before shutdown
 -rtc [base=utc][,clock=host][,driftfix=none]
                      the RTC runs on the host's UTC clock (the only setting)
--boot strict=on|off  strict=on: the firmware boots only from bootindex devices
+-boot [order=drives][,once=drives][,menu=on|off][,splash=file][,splash-time=ms]
+      [,reboot-timeout=ms][,strict=on|off]
+                     the firmware's boot order (a floppy, c disk, d CD-ROM, n network),
+                     for the first boot only with once=; its menu and splash; ms before
+                     it reboots when nothing boots (-1: never); strict=on: only the
+                     bootindex devices
 -no-hpet             accepted: qomvm has no HPET
 -overcommit [mem-lock=on|off][,cpu-pm=off]
                      mem-lock=on locks all of qomvm's memory (mlockall)

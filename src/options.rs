@@ -197,7 +197,18 @@ pub const COMMAND_LINE_OPTIONS: &[(&str, &[(&str, &str)])] = &[
         "add-fd",
         &[("fd", "number"), ("set", "number"), ("opaque", "string")],
     ),
-    ("boot", &[("strict", "boolean")]),
+    (
+        "boot-opts",
+        &[
+            ("order", "string"),
+            ("once", "string"),
+            ("menu", "boolean"),
+            ("splash", "string"),
+            ("splash-time", "number"),
+            ("reboot-timeout", "number"),
+            ("strict", "boolean"),
+        ],
+    ),
     (
         "chardev",
         &[

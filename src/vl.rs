@@ -196,6 +196,40 @@ enum HostOptionError {
     NographicDaemon,
 }
 
+/// `-boot [order=]DEVICES,once=,menu=,splash=,splash-time=,reboot-timeout=,strict=` (QEMU
+/// merges repeated `-boot`s, the later value of a key winning), checked in QEMU's words.
+fn boot_config(opts: &Options) -> Result<hw::core::machine::BootConfig, OptionError> {
+    let mut config = hw::core::machine::BootConfig::default();
+    for b in &opts.boot {
+        for (key, value) in split_opts(&b.value, Some("order")) {
+            let bool_value = |v: Option<&str>| {
+                on_off(&format!("boot.{key}"), v).map_err(|e| OptionError::new("", e))
+            };
+            let int_value = |v: Option<&str>| {
+                v.unwrap_or_default().parse::<i64>().map_err(|_| {
+                    OptionError::new("", format!("Parameter 'boot.{key}' expects integer"))
+                })
+            };
+            let v = value.as_deref();
+            match key.as_str() {
+                "order" => config.order = Some(v.unwrap_or_default().to_string()),
+                "once" => config.once = Some(v.unwrap_or_default().to_string()),
+                "menu" => config.menu = Some(bool_value(v)?),
+                "strict" => config.strict = bool_value(v)?,
+                "splash" => config.splash = Some(v.unwrap_or_default().to_string()),
+                "splash-time" => config.splash_time = Some(int_value(v)?),
+                "reboot-timeout" => config.reboot_timeout = Some(int_value(v)?),
+                _ => {
+                    let e = format!("Parameter 'boot.{key}' is unexpected");
+                    return Err(OptionError::new("", e));
+                }
+            }
+        }
+    }
+    config.validate().map_err(|e| OptionError::new("", e))?;
+    Ok(config)
+}
+
 fn on_off(key: &str, value: Option<&str>) -> Result<bool, HostOptionError> {
     match value {
         None | Some("on" | "yes" | "true") => Ok(true),
@@ -255,23 +289,8 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
             }
         }
     }
-    // strict= reaches the firmware (machine_config: `HALT` in bootorder); the boot order,
-    // menu and reboot timeout do not yet (issue 13).
-    for b in &opts.boot {
-        for (key, value) in split_opts(&b.value, None) {
-            match key.as_str() {
-                "strict" => {
-                    on_off(&key, value.as_deref()).map_err(|e| b.error(e))?;
-                }
-                "order" | "once" | "menu" | "splash" | "splash-time" | "reboot-timeout" => {
-                    let what =
-                        format!("-boot {key} (the firmware's boot settings are not passed yet)");
-                    return Err(b.error(HostOptionError::Unsupported(what)));
-                }
-                _ => return Err(b.error(HostOptionError::InvalidParameter(key))),
-            }
-        }
-    }
+    // -boot is checked here, before anything is built; the board tells its firmware.
+    boot_config(opts)?;
     for m in &opts.msg {
         for (key, value) in split_opts(&m.value, None) {
             let on = on_off(&key, value.as_deref()).map_err(|e| m.error(e))?;
@@ -476,13 +495,7 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
                 .map_err(|e| l.error(e))?;
         }
     }
-    for b in &opts.boot {
-        for (key, value) in split_opts(&b.value, None) {
-            if key == "strict" {
-                ms.set_boot_strict(on_off(&key, value.as_deref()).map_err(|e| b.error(e))?);
-            }
-        }
-    }
+    ms.set_boot_config(boot_config(opts)?);
     // QEMU's -nographic turns the machine's graphics off (firmware then prints on serial).
     if opts.nographic {
         machine

@@ -110,7 +110,7 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "none", "-accel", "qtest", "-rtc", "base=localtime"], "qomvm: -rtc base=localtime: base=localtime is not supported by qomvm\n"),
         (&["-M", "none", "-accel", "qtest", "-rtc", "driftfix=slew"], "qomvm: -rtc driftfix=slew: driftfix=slew is not supported by qomvm\n"),
         (&["-M", "none", "-accel", "qtest", "-overcommit", "cpu-pm=on"], "qomvm: -overcommit cpu-pm=on: cpu-pm=on is not supported by qomvm\n"),
-        (&["-M", "none", "-accel", "qtest", "-boot", "order=c"], "qomvm: -boot order=c: -boot order (the firmware's boot settings are not passed yet) is not supported by qomvm\n"),
+        (&["-M", "none", "-accel", "qtest", "-boot", "order=cc"], "qomvm: Boot device 'c' was given twice\n"),
         (&["-M", "none", "-accel", "qtest", "-audiodev", "pa,id=a"], "qomvm: -audiodev pa,id=a: audio driver 'pa' is not supported by qomvm\n"),
         (&["-M", "none", "-accel", "qtest", "-audiodev", "none"], "qomvm: -audiodev none: Parameter 'id' is missing\n"),
         (&["-M", "none", "-accel", "qtest", "-add-fd", "fd=1,set=2"], "qomvm: -add-fd fd=1,set=2: fd is not valid or already in use\n"),

@@ -567,3 +567,140 @@ fn kernel_with_bios_is_refused() {
         "qomvm: -kernel with -bios is not supported yet\n"
     );
 }
+
+/// A boot sector that prints "#" and CMOS byte 0x3d (the first two boot devices) as two
+/// letters ('A' + nibble, high first) on COM1, then resets the machine through 0xcf9.
+fn cmos_boot_order_disk() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xb0, b'#',       // 00 mov al, '#'
+        0xba, 0xf8, 0x03, // 02 mov dx, 0x3f8
+        0xee,             // 05 out dx, al
+        0xb0, 0x3d,       // 06 mov al, 0x3d
+        0xe6, 0x70,       // 08 out 0x70, al
+        0xe4, 0x71,       // 0a in al, 0x71
+        0x88, 0xc4,       // 0c mov ah, al
+        0xc0, 0xe8, 0x04, // 0e shr al, 4
+        0x04, b'A',       // 11 add al, 'A'
+        0xee,             // 13 out dx, al
+        0x88, 0xe0,       // 14 mov al, ah
+        0x24, 0x0f,       // 16 and al, 0xf
+        0x04, b'A',       // 18 add al, 'A'
+        0xee,             // 1a out dx, al
+        0xb0, b'\n',      // 1b mov al, '\n'
+        0xee,             // 1d out dx, al
+        0xba, 0xf9, 0x0c, // 1e mov dx, 0xcf9
+        0xb0, 0x06,       // 21 mov al, 6 (full reset)
+        0xee,             // 23 out dx, al
+        0xf4,             // 24 hlt
+        0xeb, 0xfd,       // 25 jmp 0x24
+    ];
+    mbr_disk(code, None)
+}
+
+/// `-boot once=a,order=d`: the first boot sees floppy first in the CMOS (0x3d = 0x01,
+/// "#AB"), and after the guest's reset the order is back to `order=` (CD-ROM, 0x03,
+/// "#AD"), as QEMU's `restore_boot_order` does.
+#[test]
+fn boot_once_lasts_until_the_first_reset() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("once");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, cmos_boot_order_disk()).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let vm = Running::start(&firmware_vm(&[
+        "-boot",
+        "once=a,order=d",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=1",
+    ]));
+    // What each boot printed: SeaBIOS flushes the end of "Booting from Hard Disk...\r\n"
+    // lazily, so its dots and line end may follow the '#'.
+    let boots = |text: &str| -> Vec<String> {
+        text.split('#')
+            .skip(1)
+            .map(|b| {
+                b.chars()
+                    .filter(|c| ('A'..='P').contains(c))
+                    .take(2)
+                    .collect()
+            })
+            .filter(|b: &String| b.len() == 2)
+            .collect()
+    };
+    let start = Instant::now();
+    while boots(&vm.text()).len() < 2 {
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "no second boot within {BOOT_TIMEOUT:?}; console: {:?}",
+            vm.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = vm.text();
+    assert_eq!(boots(&text)[..2], ["AB", "AD"], "{text:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `menu=on` makes SeaBIOS offer its menu (waiting `splash-time` ms), `reboot-timeout`
+/// makes it reboot when nothing boots (which `-no-reboot` turns into an exit); without
+/// them it neither offers a menu nor reboots.
+#[test]
+fn boot_menu_and_reboot_timeout_reach_seabios() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let mut vm = Running::start(&firmware_vm(&[
+        "-boot",
+        "menu=on,splash-time=100,reboot-timeout=0",
+        "-no-reboot",
+    ]));
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    let text = vm.text();
+    assert!(text.contains("Press ESC for boot menu."), "{text:?}");
+    assert!(
+        text.contains("No bootable device.  Retrying in 0 seconds."),
+        "{text:?}"
+    );
+    let mut vm = Running::start(&FIRMWARE_VM);
+    vm.wait_for(&["No bootable device."]);
+    assert!(!vm.text().contains("Press ESC"), "{:?}", vm.text());
+    assert!(!vm.text().contains("Retrying"), "{:?}", vm.text());
+}
+
+/// `-boot`'s values get QEMU's one-line errors.
+#[test]
+fn bad_boot_options_get_qemus_errors() {
+    for (boot, error) in [
+        ("order=z", "Invalid boot device 'z'"),
+        ("order=cc", "Boot device 'c' was given twice"),
+        ("order=abcd", "Too many boot devices for PC"),
+        ("once=e", "Invalid boot device for PC: 'e'"),
+        (
+            "splash-time=70000",
+            "splash-time is invalid,it should be a value between 0 and 65535",
+        ),
+        (
+            "reboot-timeout=-2",
+            "reboot timeout is invalid,it should be a value between -1 and 65535",
+        ),
+        (
+            "reboot-timeout=abc",
+            "Parameter 'boot.reboot-timeout' expects integer",
+        ),
+        ("menu=maybe", "Parameter 'boot.menu' expects 'on' or 'off'"),
+        ("foo=1", "Parameter 'boot.foo' is unexpected"),
+    ] {
+        let o = qtest_pc(&["-boot", boot]);
+        assert_eq!(o.status.code(), Some(1), "-boot {boot}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr),
+            format!("qomvm: {error}\n"),
+            "-boot {boot}"
+        );
+    }
+}

@@ -185,8 +185,8 @@ pub struct MachineState {
     #[property(default = false, desc = "Set on/off to enable/disable usb")]
     usb: Prop<bool>,
     ram_size: AtomicU64,
-    /// `-boot strict=on`: the firmware boots only from the `bootindex` devices.
-    boot_strict: std::sync::atomic::AtomicBool,
+    /// `-boot`: what the firmware is told about booting.
+    boot: Mutex<BootConfig>,
     smp: Mutex<SmpConfig>,
     cpu_type: Mutex<Option<String>>,
     cpu_options: Mutex<String>,
@@ -194,6 +194,77 @@ pub struct MachineState {
     cpus: Mutex<Vec<ObjectRef>>,
     serial_hds: Mutex<Vec<Option<Arc<dyn CharBackend>>>>,
     services: Arc<MachineServices>,
+}
+
+/// `-boot` (QEMU's `BootConfiguration`): checked where it is parsed, read by boards when
+/// they tell their firmware.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BootConfig {
+    /// `order=`: boot device letters (a-b floppy, c-f disk, d CD-ROM, n-p network).
+    pub order: Option<String>,
+    /// `once=`: the order for the first boot only; a reset restores `order`.
+    pub once: Option<String>,
+    /// `menu=on|off`: the firmware offers its boot menu.
+    pub menu: Option<bool>,
+    /// `splash=`: a JPEG or BMP the firmware shows while it waits for the menu key.
+    pub splash: Option<String>,
+    /// `splash-time=`: how long the menu (and splash) waits, in ms (0-65535).
+    pub splash_time: Option<i64>,
+    /// `reboot-timeout=`: ms before the firmware reboots after finding nothing to boot
+    /// (-1: never; up to 65535).
+    pub reboot_timeout: Option<i64>,
+    /// `strict=on`: only the `bootindex` devices are tried.
+    pub strict: bool,
+}
+
+/// Errors of `-boot`'s values, in QEMU's words.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BootConfigError {
+    /// A letter outside a-p.
+    #[error("Invalid boot device '{0}'")]
+    InvalidDevice(char),
+    /// A letter given twice.
+    #[error("Boot device '{0}' was given twice")]
+    Twice(char),
+    /// `splash-time` outside 0-65535.
+    #[error("splash-time is invalid,it should be a value between 0 and 65535")]
+    SplashTime,
+    /// `reboot-timeout` outside -1-65535.
+    #[error("reboot timeout is invalid,it should be a value between -1 and 65535")]
+    RebootTimeout,
+}
+
+impl BootConfig {
+    /// QEMU's `validate_bootdevices`: letters a-p, each at most once (what a board can
+    /// boot from is the board's call).
+    pub fn validate_devices(devices: &str) -> Result<(), BootConfigError> {
+        let mut seen = 0u32;
+        for c in devices.chars() {
+            if !c.is_ascii_lowercase() || c > 'p' {
+                return Err(BootConfigError::InvalidDevice(c));
+            }
+            let bit = 1 << (c as u32 - 'a' as u32);
+            if seen & bit != 0 {
+                return Err(BootConfigError::Twice(c));
+            }
+            seen |= bit;
+        }
+        Ok(())
+    }
+
+    /// The checks QEMU makes of the whole configuration (the timeouts' ranges).
+    pub fn validate(&self) -> Result<(), BootConfigError> {
+        for devices in [&self.order, &self.once].into_iter().flatten() {
+            Self::validate_devices(devices)?;
+        }
+        if self.splash_time.is_some_and(|t| !(0..=0xffff).contains(&t)) {
+            return Err(BootConfigError::SplashTime);
+        }
+        if self.reboot_timeout.is_some_and(|t| !(-1..=0xffff).contains(&t)) {
+            return Err(BootConfigError::RebootTimeout);
+        }
+        Ok(())
+    }
 }
 
 type_init!(MachineState {
@@ -234,11 +305,15 @@ impl MachineState {
     }
     /// `-boot strict=on` (QEMU's `boot_strict`).
     pub fn boot_strict(&self) -> bool {
-        self.boot_strict.load(Ordering::Relaxed)
+        self.boot.lock().strict
     }
-    /// Sets `-boot strict=`.
-    pub fn set_boot_strict(&self, strict: bool) {
-        self.boot_strict.store(strict, Ordering::Relaxed);
+    /// `-boot`, as given.
+    pub fn boot_config(&self) -> BootConfig {
+        self.boot.lock().clone()
+    }
+    /// Sets `-boot`, before board init.
+    pub fn set_boot_config(&self, config: BootConfig) {
+        *self.boot.lock() = config;
     }
     /// Sets guest RAM (`-m`), before board init.
     pub fn set_ram_size(&self, bytes: u64) {

@@ -110,6 +110,9 @@ pub struct PcI440fxMachine {
     /// Set when the machine boots firmware (no `-kernel`): the firmware then owns the
     /// ACPI tables and the S3 resume path, and the BSP starts at the reset vector.
     firmware_boot: std::sync::atomic::AtomicBool,
+    /// `-boot once=` is in the CMOS: the next reset puts `order=` back (QEMU's
+    /// `restore_boot_order`).
+    boot_once_pending: std::sync::atomic::AtomicBool,
 }
 
 type_init!(PcI440fxMachine);
@@ -157,6 +160,11 @@ impl MachineImpl for PcI440fxMachine {
     /// QEMU's `pc_machine_reset`: reload what firmware would load again, or, waking from
     /// S3, do what SeaBIOS's resume path does instead (see [`PcI440fxMachine::s3_resume`]).
     fn reset(&self) -> Result<(), MachineError> {
+        if self.boot_once_pending.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            if let Some(rtc) = self.rtc.lock().clone() {
+                set_boot_dev(&rtc, &self.boot_order_letters(false)).map_err(MachineError::board)?;
+            }
+        }
         if self.boots_firmware() {
             // The firmware resumes from S3 and places its tables itself: every CPU goes
             // back to the reset vector, and the PCI functions come back with decoding off
@@ -370,16 +378,20 @@ impl PcI440fxMachine {
         }
     }
 
-    /// What QEMU's `pc_cmos_init` stores for the firmware beyond the memory sizes: the
-    /// CPU count, the equipment byte and the boot order (QEMU's default "cad": disk,
-    /// floppy, CD-ROM, with the floppy boot signature check on).
+    /// What QEMU's `pc_cmos_init` stores for the firmware beyond the memory sizes and the
+    /// boot order: the CPU count and the equipment byte.
     fn firmware_cmos(&self, rtc: &crate::rtc::mc146818rtc::Rtc) {
         rtc.set_memory(0x5f, (self.smp().cpus.saturating_sub(1)) as u8);
         // FPU present, PS/2 mouse installed.
         rtc.set_memory(0x14, 0x02 | 0x04);
-        // Boot devices: 1 floppy, 2 hard disk, 3 CD-ROM.
-        rtc.set_memory(0x3d, (1 << 4) | 2);
-        rtc.set_memory(0x38, 3 << 4);
+    }
+
+    /// The boot device letters: `once=` (if `first_boot` and given), else `order=`, else
+    /// the pc's default "cad" (disk, floppy, CD-ROM).
+    fn boot_order_letters(&self, first_boot: bool) -> String {
+        let boot = self.boot_config();
+        let once = boot.once.filter(|_| first_boot);
+        once.or(boot.order).unwrap_or_else(|| "cad".to_string())
     }
 
     /// The fw_cfg items SeaBIOS reads (QEMU's `fw_cfg_arch_create`, `pc_machine_done`).
@@ -393,15 +405,30 @@ impl PcI440fxMachine {
         // Under -nographic SeaBIOS then adds etc/sercon-port = 0x3f8 itself and prints on
         // COM1 (paravirt.c: qemu_cfg_init), as it does under QEMU, which sets no such file.
         fw_cfg.add_i16(FW_CFG_NOGRAPHIC, u16::from(!self.graphics()))?;
-        fw_cfg.add_i16(FW_CFG_BOOT_MENU, 0)?;
+        let boot = self.boot_config();
+        fw_cfg.add_i16(FW_CFG_BOOT_MENU, u16::from(boot.menu == Some(true)))?;
         // The in-kernel IOAPIC has the PIT on pin 2 (interrupt source override 0 -> 2).
         fw_cfg.add_i32(FW_CFG_IRQ0_OVERRIDE, 1)?;
         // No NUMA nodes: the node count, then one node word per CPU.
         let cpus = self.smp().max_cpus as usize;
         fw_cfg.add_bytes(FW_CFG_NUMA, vec![0u8; 8 * (1 + cpus)])?;
-        // QEMU's boot-fail-wait: -1 (never reboot), as without -boot reboot-timeout.
-        fw_cfg.add_file("etc/boot-fail-wait", (-1i32).to_le_bytes().to_vec())?;
-        fw_cfg.add_file("etc/boot-menu-wait", 0u16.to_le_bytes().to_vec())?;
+        // QEMU's fw_cfg_reboot: ms before SeaBIOS reboots when nothing boots, -1 never.
+        let reboot_timeout = boot.reboot_timeout.unwrap_or(-1) as i32;
+        fw_cfg.add_file("etc/boot-fail-wait", reboot_timeout.to_le_bytes().to_vec())?;
+        // QEMU's fw_cfg_bootsplash: the menu's wait only when given (SeaBIOS's default is
+        // 2.5 s), and the splash picture under the name its format asks for.
+        if let Some(ms) = boot.splash_time {
+            fw_cfg.add_file("etc/boot-menu-wait", (ms as u16).to_le_bytes().to_vec())?;
+        }
+        if let Some(path) = &boot.splash {
+            match boot_splash(path) {
+                Ok((name, data)) => {
+                    fw_cfg.add_file(name, data)?;
+                }
+                // QEMU reports it and boots on without a splash.
+                Err(e) => qom::error_report!("{e}"),
+            }
+        }
         fw_cfg.add_file("etc/e820", firmware_e820(below_4g, above_4g))?;
         Ok(())
     }
@@ -581,6 +608,11 @@ impl PcI440fxMachine {
         // ports for -serial.
         let rtc = crate::rtc::mc146818rtc::mc146818_rtc_init(&isa_bus, 2000)?;
         rtc.set_memory_size(below_4g, above_4g);
+        // The boot order is checked and stored whatever boots, as QEMU's pc_cmos_init does:
+        // `-boot once=` (until the first reset), else `order=`, else "cad".
+        let once = self.boot_config().once.is_some();
+        set_boot_dev(rtc.rtc(), &self.boot_order_letters(once)).map_err(MachineError::board)?;
+        self.boot_once_pending.store(once, std::sync::atomic::Ordering::Release);
         if firmware.is_some() {
             self.firmware_cmos(rtc.rtc());
         }
@@ -765,4 +797,69 @@ fn board_device(
     };
     qdev_realize(&dev, bus)?;
     Ok(dev)
+}
+
+/// Errors of the pc's boot device letters (QEMU's `set_boot_dev`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BootDevError {
+    /// More than the CMOS holds.
+    #[error("Too many boot devices for PC")]
+    TooMany,
+    /// A letter the pc's firmware has no device class for.
+    #[error("Invalid boot device for PC: '{0}'")]
+    Invalid(char),
+}
+
+/// QEMU's `set_boot_dev`: up to three devices as CMOS nibbles (1 floppy, 2 disk, 3
+/// CD-ROM, 4 network) in 0x3d and 0x38, with the floppy boot signature check on.
+fn set_boot_dev(rtc: &crate::rtc::mc146818rtc::Rtc, devices: &str) -> Result<(), BootDevError> {
+    let nibbles = boot_dev_nibbles(devices)?;
+    rtc.set_memory(0x3d, (nibbles[1] << 4) | nibbles[0]);
+    rtc.set_memory(0x38, nibbles[2] << 4);
+    Ok(())
+}
+
+fn boot_dev_nibbles(devices: &str) -> Result<[u8; 3], BootDevError> {
+    if devices.chars().count() > 3 {
+        return Err(BootDevError::TooMany);
+    }
+    let mut nibbles = [0u8; 3];
+    for (nibble, c) in nibbles.iter_mut().zip(devices.chars()) {
+        *nibble = match c {
+            'a' | 'b' => 1,
+            'c' => 2,
+            'd' => 3,
+            'n' => 4,
+            _ => return Err(BootDevError::Invalid(c)),
+        };
+    }
+    Ok(nibbles)
+}
+
+/// `-boot splash=FILE` for the firmware: `bootsplash.jpg` or `bootsplash.bmp` by the
+/// file's signature (QEMU's `fw_cfg_bootsplash`), or why not, in QEMU's words.
+fn boot_splash(path: &str) -> Result<(&'static str, Vec<u8>), String> {
+    let data = std::fs::read(path).map_err(|_| format!("failed to find file '{path}'"))?;
+    match data.get(..2) {
+        Some([0xff, 0xd8]) => Ok(("bootsplash.jpg", data)),
+        Some(b"BM") => Ok(("bootsplash.bmp", data)),
+        Some(head) => Err(format!(
+            "'{path}' not jpeg/bmp file,head:0x{:x}",
+            u16::from_be_bytes([head[0], head[1]])
+        )),
+        None => Err(format!("failed to read splash file '{path}'")),
+    }
+}
+
+#[cfg(test)]
+mod boot_dev_tests {
+    use super::*;
+
+    #[test]
+    fn boot_letters_become_qemus_cmos_nibbles() {
+        assert_eq!(boot_dev_nibbles("cad"), Ok([2, 1, 3]));
+        assert_eq!(boot_dev_nibbles("n"), Ok([4, 0, 0]));
+        assert_eq!(boot_dev_nibbles("abcd"), Err(BootDevError::TooMany));
+        assert_eq!(boot_dev_nibbles("e"), Err(BootDevError::Invalid('e')));
+    }
 }
