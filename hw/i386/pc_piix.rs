@@ -636,15 +636,7 @@ impl PcI440fxMachine {
         fw_cfg
             .add_i16(crate::nvram::fw_cfg::FW_CFG_MAX_CPUS, (max_apic_id + 1) as u16)
             .map_err(MachineError::board)?;
-        let e820: Vec<u8> = pc_e820_table(below_4g, above_4g)
-            .iter()
-            .flat_map(|e| {
-                let mut entry = e.addr.to_le_bytes().to_vec();
-                entry.extend_from_slice(&e.size.to_le_bytes());
-                entry.extend_from_slice(&(e.kind as u32).to_le_bytes());
-                entry
-            })
-            .collect();
+        let e820 = e820_bytes(&pc_e820_table(below_4g, above_4g));
         if firmware.is_some() {
             self.firmware_fw_cfg(&fw_cfg, below_4g, above_4g)
                 .map_err(MachineError::board)?;
@@ -742,15 +734,7 @@ fn firmware_e820(below_4g: u64, above_4g: u64) -> Vec<u8> {
             .into_iter()
             .filter(|e| e.addr >= 1 << 32 || (e.kind != E820Kind::Ram && e.addr >= below_4g)),
     );
-    table
-        .iter()
-        .flat_map(|e| {
-            let mut entry = e.addr.to_le_bytes().to_vec();
-            entry.extend_from_slice(&e.size.to_le_bytes());
-            entry.extend_from_slice(&(e.kind as u32).to_le_bytes());
-            entry
-        })
-        .collect()
+    e820_bytes(&table)
 }
 
 /// Where a board device plugs in: a bus, or none (it then takes the machine's services
@@ -862,4 +846,18 @@ mod boot_dev_tests {
         assert_eq!(boot_dev_nibbles("abcd"), Err(BootDevError::TooMany));
         assert_eq!(boot_dev_nibbles("e"), Err(BootDevError::Invalid('e')));
     }
+}
+
+/// E820 entries as fw_cfg carries them (QEMU's `struct e820_entry`: address, length, type,
+/// little-endian).
+fn e820_bytes(entries: &[crate::i386::e820::E820Entry]) -> Vec<u8> {
+    entries
+        .iter()
+        .flat_map(|e| {
+            let mut entry = e.addr.to_le_bytes().to_vec();
+            entry.extend_from_slice(&e.size.to_le_bytes());
+            entry.extend_from_slice(&(e.kind as u32).to_le_bytes());
+            entry
+        })
+        .collect()
 }
