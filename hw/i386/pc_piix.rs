@@ -835,19 +835,6 @@ fn boot_splash(path: &str) -> Result<(&'static str, Vec<u8>), String> {
     }
 }
 
-#[cfg(test)]
-mod boot_dev_tests {
-    use super::*;
-
-    #[test]
-    fn boot_letters_become_qemus_cmos_nibbles() {
-        assert_eq!(boot_dev_nibbles("cad"), Ok([2, 1, 3]));
-        assert_eq!(boot_dev_nibbles("n"), Ok([4, 0, 0]));
-        assert_eq!(boot_dev_nibbles("abcd"), Err(BootDevError::TooMany));
-        assert_eq!(boot_dev_nibbles("e"), Err(BootDevError::Invalid('e')));
-    }
-}
-
 /// E820 entries as fw_cfg carries them (QEMU's `struct e820_entry`: address, length, type,
 /// little-endian).
 fn e820_bytes(entries: &[crate::i386::e820::E820Entry]) -> Vec<u8> {
@@ -860,4 +847,17 @@ fn e820_bytes(entries: &[crate::i386::e820::E820Entry]) -> Vec<u8> {
             entry
         })
         .collect()
+}
+
+#[cfg(test)]
+mod boot_dev_tests {
+    use super::*;
+
+    #[test]
+    fn boot_letters_become_qemus_cmos_nibbles() {
+        assert_eq!(boot_dev_nibbles("cad"), Ok([2, 1, 3]));
+        assert_eq!(boot_dev_nibbles("n"), Ok([4, 0, 0]));
+        assert_eq!(boot_dev_nibbles("abcd"), Err(BootDevError::TooMany));
+        assert_eq!(boot_dev_nibbles("e"), Err(BootDevError::Invalid('e')));
+    }
 }
