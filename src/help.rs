@@ -30,6 +30,27 @@ Standard options:
                      set the name of the guest (and of the process)
 -uuid %08x-%04x-%04x-%04x-%012x
                      specify machine UUID
+-smbios file=binary
+                     load SMBIOS entry from binary file
+-smbios type=0[,vendor=str][,version=str][,date=str][,release=%d.%d][,uefi=on|off]
+                     specify SMBIOS type 0 fields
+-smbios type=1[,manufacturer=str][,product=str][,version=str][,serial=str]
+              [,uuid=uuid][,sku=str][,family=str]
+                     specify SMBIOS type 1 fields
+-smbios type=2[,manufacturer=str][,product=str][,version=str][,serial=str]
+              [,asset=str][,location=str]
+                     specify SMBIOS type 2 fields
+-smbios type=3[,manufacturer=str][,version=str][,serial=str][,asset=str][,sku=str]
+                     specify SMBIOS type 3 fields
+-smbios type=4[,sock_pfx=str][,manufacturer=str][,version=str][,serial=str]
+              [,asset=str][,part=str][,max-speed=%d][,current-speed=%d]
+              [,processor-id=%d]
+                     specify SMBIOS type 4 fields
+-smbios type=11[,value=str][,path=filename]
+                     specify SMBIOS type 11 fields
+-smbios type=17[,loc_pfx=str][,bank=str][,manufacturer=str][,serial=str]
+              [,asset=str][,part=str][,speed=%d]
+                     specify SMBIOS type 17 fields
 -device driver[,prop[=value][,...]]
                      add device (based on driver); '-device help' lists drivers,
                      '-device driver,help' lists a driver's properties

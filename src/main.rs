@@ -11,7 +11,7 @@ mod os_posix;
 mod qtest;
 mod signals;
 mod term;
-mod uuid;
+
 mod vl;
 
 fn main() {

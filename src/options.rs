@@ -111,6 +111,8 @@ pub struct Options {
     pub no_hpet: bool,
     /// `-boot strict=on|off`.
     pub boot: Vec<Located>,
+    /// `-smbios`, in order.
+    pub smbios: Vec<Located>,
     /// `-add-fd fd=N,set=M[,opaque=S]`.
     pub add_fd: Vec<Located>,
     /// `-msg timestamp=on|off`.
@@ -175,6 +177,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("rtc", Arity::Value),
     ("no-hpet", Arity::Flag),
     ("boot", Arity::Value),
+    ("smbios", Arity::Value),
     ("add-fd", Arity::Value),
     ("msg", Arity::Value),
     ("audiodev", Arity::Value),
@@ -250,6 +253,7 @@ pub const COMMAND_LINE_OPTIONS: &[(&str, &[(&str, &str)])] = &[
         "overcommit",
         &[("mem-lock", "boolean"), ("cpu-pm", "boolean")],
     ),
+    ("smbios", &[]),
     (
         "rtc",
         &[
@@ -375,6 +379,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "rtc" => opts.rtc.push(located),
             "no-hpet" => opts.no_hpet = true,
             "boot" => opts.boot.push(located),
+            "smbios" => opts.smbios.push(located),
             "add-fd" => opts.add_fd.push(located),
             "msg" => opts.msg.push(located),
             "audiodev" => opts.audiodev.push(located),

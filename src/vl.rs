@@ -132,9 +132,8 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         device_add(&machine, dev)?;
     }
     hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;
-    if let Some(uuid) = &opts.uuid {
+    if let Some(uuid) = vm_uuid(opts)? {
         // QEMU's fw_cfg_init: FW_CFG_UUID carries qemu_uuid.
-        let uuid: crate::uuid::Uuid = uuid.value.parse().map_err(|e| uuid.error(e))?;
         if let Some(fw_cfg) = hw::nvram::fw_cfg::fw_cfg_find(&machine) {
             fw_cfg
                 .add_bytes(hw::nvram::fw_cfg::FW_CFG_UUID, uuid.0.to_vec())
@@ -187,7 +186,7 @@ enum HostOptionError {
     MemLock(std::io::Error),
     /// A bad `-uuid`.
     #[error(transparent)]
-    Uuid(#[from] crate::uuid::UuidError),
+    Uuid(#[from] hw::core::uuid::UuidError),
     /// `-add-fd` with a bad `fd=`/`set=`.
     #[error(transparent)]
     Fdset(#[from] hw::core::fdset::FdsetError),
@@ -331,15 +330,34 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
         }
         audio_ids.push(id);
     }
-    if let Some(uuid) = &opts.uuid {
-        uuid.value
-            .parse::<crate::uuid::Uuid>()
-            .map_err(|e| uuid.error(HostOptionError::from(e)))?;
-    }
+    vm_uuid(opts)?;
     if opts.daemonize && opts.nographic && !opts.nodefaults && opts.serial.is_empty() {
         return Err(OptionError::new("", HostOptionError::NographicDaemon));
     }
     Ok(())
+}
+
+/// The VM's UUID (QEMU's `qemu_uuid`): `-smbios type=1,uuid=` if given, else `-uuid`. Every
+/// `-smbios` is checked here, where its errors can name it.
+pub fn vm_uuid(opts: &Options) -> Result<Option<hw::core::uuid::Uuid>, OptionError> {
+    let mut uuid = match &opts.uuid {
+        Some(u) => Some(
+            u.value
+                .parse::<hw::core::uuid::Uuid>()
+                .map_err(|e| u.error(HostOptionError::from(e)))?,
+        ),
+        None => None,
+    };
+    let mut smbios = hw::smbios::smbios::SmbiosConfig::default();
+    for located in &opts.smbios {
+        smbios
+            .add_option(&located.value)
+            .map_err(|e| located.error(e))?;
+    }
+    if let Some(u) = smbios.uuid() {
+        uuid = Some(u);
+    }
+    Ok(uuid)
 }
 
 /// `-name process=NAME`: the process's name as `ps` shows it (QEMU's `os_set_proc_name`).
@@ -496,6 +514,8 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
         }
     }
     ms.set_boot_config(boot_config(opts)?);
+    ms.set_uuid(vm_uuid(opts)?);
+    ms.set_smbios_options(opts.smbios.iter().map(|l| l.value.clone()).collect());
     // QEMU's -nographic turns the machine's graphics off (firmware then prints on serial).
     if opts.nographic {
         machine

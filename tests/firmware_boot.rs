@@ -704,3 +704,73 @@ fn bad_boot_options_get_qemus_errors() {
         );
     }
 }
+
+/// A boot sector that prints "PARKED" on COM1 and halts with interrupts off, leaving
+/// memory as the firmware left it.
+fn parked_disk() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0x31, 0xc0,       // 00 xor ax, ax
+        0x8e, 0xd8,       // 02 mov ds, ax
+        0xbe, 0x16, 0x7c, // 04 mov si, 0x7c16 (the message)
+        0xba, 0xf8, 0x03, // 07 mov dx, 0x3f8
+        0xac,             // 0a lodsb
+        0x84, 0xc0,       // 0b test al, al
+        0x74, 0x03,       // 0d jz 0x12
+        0xee,             // 0f out dx, al
+        0xeb, 0xf8,       // 10 jmp 0x0a
+        0xfa,             // 12 cli
+        0xf4,             // 13 hlt
+        0xeb, 0xfd,       // 14 jmp 0x13
+    ];
+    mbr_disk(code, Some((0x16, b"PARKED\r\n\0")))
+}
+
+/// SeaBIOS installs qomvm's SMBIOS tables (`etc/smbios/*`): the guest finds the anchor in
+/// the F segment, the UUID and strings `-uuid`/`-smbios` gave, and the type 0 structure
+/// SeaBIOS adds itself when the tables have none.
+#[test]
+fn seabios_installs_the_smbios_tables_from_fw_cfg() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("smbios");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, parked_disk()).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let uuid = "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6";
+    let mut vm = Running::start(&firmware_vm(&[
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=1",
+        "-uuid",
+        uuid,
+        "-smbios",
+        "type=1,serial=FW-SERIAL",
+        "-smbios",
+        "type=11,value=qomvm.reboot=once",
+        "-qmp",
+        &qmp_arg,
+    ]));
+    // SeaBIOS's serial console may still flush "Booting from Hard Disk..." into it.
+    vm.wait_for(&["ARKED"]);
+    let mut qmp = test_support::qmp::QmpClient::connect(&sock);
+    let segment = qmp.read_guest(&dir, 0xf0000, 0x10000);
+    let (_, addr, len, count) =
+        test_support::smbios::find_anchor(&segment).expect("SeaBIOS's _SM_ anchor");
+    let tables = test_support::smbios::structures(&qmp.read_guest(&dir, addr.into(), len.into()));
+    assert_eq!(tables.len(), usize::from(count));
+    let t0 = tables.iter().find(|s| s.ty == 0).expect("SeaBIOS's type 0");
+    assert_eq!(t0.string_at(4), Some("SeaBIOS"));
+    let t1 = tables.iter().find(|s| s.ty == 1).expect("a type 1");
+    assert_eq!(t1.string_at(4), Some("QEMU"));
+    assert_eq!(t1.string_at(7), Some("FW-SERIAL"));
+    assert_eq!(test_support::smbios::uuid_text(&t1.formatted[8..24]), uuid);
+    let t11 = tables.iter().find(|s| s.ty == 11).expect("a type 11");
+    assert_eq!(t11.strings, ["qomvm.reboot=once"]);
+    drop(vm);
+    let _ = std::fs::remove_dir_all(dir);
+}

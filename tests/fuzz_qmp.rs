@@ -242,7 +242,14 @@ impl Schema {
             if map.contains_key(&member_name) || (optional && rng.one_in(2)) || rng.one_in(20) {
                 continue;
             }
-            let value = self.value(rng, member["type"].as_str().unwrap_or_default(), depth + 1);
+            let value = if member_name == "filename" {
+                // Files a command writes (pmemsave) stay in the scratch directory: qomvm
+                // may run as root, and a random "/x" would land in /.
+                let names = ["out.bin", "disk.raw", "missing/out.bin", "", "/dev/null"];
+                Value::String(rng.pick(&names).to_string())
+            } else {
+                self.value(rng, member["type"].as_str().unwrap_or_default(), depth + 1)
+            };
             map.insert(member_name, value);
         }
         if rng.one_in(10) {

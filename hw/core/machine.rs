@@ -187,6 +187,11 @@ pub struct MachineState {
     ram_size: AtomicU64,
     /// `-boot`: what the firmware is told about booting.
     boot: Mutex<BootConfig>,
+    /// `-uuid` (QEMU's `qemu_uuid`), or `-smbios type=1,uuid=`.
+    uuid: Mutex<Option<crate::core::uuid::Uuid>>,
+    /// The `-smbios` option strings, in order (checked where they are parsed; boards build
+    /// their tables from them).
+    smbios: Mutex<Vec<String>>,
     smp: Mutex<SmpConfig>,
     cpu_type: Mutex<Option<String>>,
     cpu_options: Mutex<String>,
@@ -314,6 +319,22 @@ impl MachineState {
     /// Sets `-boot`, before board init.
     pub fn set_boot_config(&self, config: BootConfig) {
         *self.boot.lock() = config;
+    }
+    /// The VM's UUID, if one was given.
+    pub fn uuid(&self) -> Option<crate::core::uuid::Uuid> {
+        *self.uuid.lock()
+    }
+    /// Sets the VM's UUID, before board init.
+    pub fn set_uuid(&self, uuid: Option<crate::core::uuid::Uuid>) {
+        *self.uuid.lock() = uuid;
+    }
+    /// The `-smbios` options, in order.
+    pub fn smbios_options(&self) -> Vec<String> {
+        self.smbios.lock().clone()
+    }
+    /// Sets the `-smbios` options, before board init.
+    pub fn set_smbios_options(&self, options: Vec<String>) {
+        *self.smbios.lock() = options;
     }
     /// Sets guest RAM (`-m`), before board init.
     pub fn set_ram_size(&self, bytes: u64) {

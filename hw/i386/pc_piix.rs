@@ -99,6 +99,10 @@ type_init!(PcMachineState);
 
 impl MachineImpl for PcMachineState {}
 
+/// Where a directly booted kernel finds the SMBIOS anchor (the F segment's start, above
+/// the ACPI tables' E segment).
+const SMBIOS_ANCHOR_ADDR: u64 = 0xf0000;
+
 /// `pc-i440fx-10.0` (`pc`): the default machine.
 #[derive(qom::Object)]
 #[qom(name = TYPE_PC_I440FX_MACHINE)]
@@ -146,6 +150,7 @@ impl MachineImpl for PcI440fxMachine {
                 .add_file("etc/pvpanic-port", port.to_le_bytes().to_vec())
                 .map_err(MachineError::board)?;
         }
+        self.smbios_setup()?;
         if self.boots_firmware() {
             if let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) {
                 fw_cfg
@@ -229,6 +234,12 @@ pub enum PcLoadError {
     /// The ACPI tables could not be built.
     #[error("ACPI tables: {0}")]
     Acpi(#[from] crate::i386::acpi_build::AcpiError),
+    /// The SMBIOS tables do not fit between their anchor and 1 MiB.
+    #[error("SMBIOS tables too large ({0} bytes) for the F segment")]
+    SmbiosTooLarge(usize),
+    /// The SMBIOS tables could not be written to guest RAM.
+    #[error("SMBIOS tables: {0}")]
+    SmbiosWrite(String),
     /// The firmware image could not be loaded.
     #[error(transparent)]
     Firmware(#[from] crate::i386::pc_sysfw::FirmwareError),
@@ -465,6 +476,65 @@ impl PcI440fxMachine {
         if let Some(bsp) = self.cpus().into_iter().next().and_then(Typed::<X86Cpu>::new) {
             bsp.set_boot_state(state);
         }
+    }
+
+    /// QEMU's `fw_cfg_build_smbios`: firmware gets the SMBIOS tables and their anchor
+    /// through fw_cfg and places them itself; a kernel booted directly finds the anchor in
+    /// the F segment (reserved in its e820 map), with the tables right after it.
+    fn smbios_setup(&self) -> Result<(), MachineError> {
+        use crate::smbios::smbios::{SmbiosConfig, SmbiosMachine};
+        let options = self.smbios_options();
+        let config = SmbiosConfig::from_options(options.iter().map(String::as_str))
+            .map_err(MachineError::board)?;
+        let (below_4g, above_4g) = pc_ram_split(self.ram_size());
+        let mut memory_areas = vec![(0, below_4g)];
+        if above_4g > 0 {
+            memory_areas.push((1 << 32, above_4g));
+        }
+        let smp = self.smp();
+        let cpuid = self
+            .cpus()
+            .into_iter()
+            .find_map(Typed::<X86Cpu>::new)
+            .map(|cpu| cpu.cpuid_version_and_features())
+            .unwrap_or_default();
+        let machine = SmbiosMachine {
+            manufacturer: "QEMU".into(),
+            product: <Self as MachineImpl>::DESC.into(),
+            version: TYPE_PC_I440FX_MACHINE
+                .trim_end_matches(crate::core::machine::TYPE_MACHINE_SUFFIX)
+                .into(),
+            uuid: self.uuid(),
+            sockets: smp.sockets,
+            cores: smp.cores,
+            threads: smp.threads,
+            cpuid,
+            ram_size: self.ram_size(),
+            memory_areas,
+        };
+        let tables = config.build(&machine).map_err(MachineError::board)?;
+        if self.boots_firmware() {
+            if let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) {
+                fw_cfg
+                    .add_file("etc/smbios/smbios-tables", tables.tables.clone())
+                    .map_err(MachineError::board)?;
+                fw_cfg
+                    .add_file("etc/smbios/smbios-anchor", tables.anchor(0))
+                    .map_err(MachineError::board)?;
+            }
+            return Ok(());
+        }
+        // The anchor on a 16-byte boundary (Linux scans in 16-byte steps), the tables after it.
+        let table_addr = SMBIOS_ANCHOR_ADDR + 0x20;
+        if table_addr + tables.tables.len() as u64 > 0x10_0000 {
+            return Err(MachineError::board(PcLoadError::SmbiosTooLarge(tables.tables.len())));
+        }
+        let ram = self.ram();
+        use vm_memory::{Bytes, GuestAddress};
+        ram.write_slice(&tables.anchor(table_addr as u32), GuestAddress(SMBIOS_ANCHOR_ADDR))
+            .and_then(|()| ram.write_slice(&tables.tables, GuestAddress(table_addr)))
+            .map_err(|e| MachineError::board(PcLoadError::SmbiosWrite(e.to_string())))?;
+        Ok(())
     }
 
     /// QEMU's `acpi_setup` for firmware: the tables go to fw_cfg with the linker/loader

@@ -538,6 +538,40 @@ impl X86Cpu {
             .map(|(_, on)| *on);
         forced.unwrap_or_else(|| self.model().is_some_and(|m| m.features.contains(feature)))
     }
+    /// CPUID leaf 1's EAX (family, model, stepping) and EDX (feature bits), as SMBIOS's
+    /// processor ID carries them (QEMU's `smbios_set_cpuid`, from the first CPU): the
+    /// model's with the command line's overrides, or for `host` and `max` the host's.
+    pub fn cpuid_version_and_features(&self) -> (u32, u32) {
+        let model = self.model();
+        if model.is_none_or(|m| matches!(m.kind, ModelKind::Host | ModelKind::Max)) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let leaf1 = std::arch::x86_64::__cpuid(1);
+                return (leaf1.eax, leaf1.edx);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            return (0, 0);
+        }
+        let ids = self.identity_overrides();
+        let m = model.expect("checked above");
+        let family = ids.family.unwrap_or(m.family);
+        let model_number = ids.model.unwrap_or(m.model);
+        let stepping = ids.stepping.unwrap_or(m.stepping);
+        // QEMU's x86_cpuid_version_set_family/_model/_stepping.
+        let mut version = (stepping & 0xf) | (model_number & 0xf) << 4 | (model_number >> 4 & 0xf) << 16;
+        version |= if family > 0x0f {
+            0xf00 | (family - 0x0f) << 20
+        } else {
+            family << 8
+        };
+        let edx = self
+            .requested_features()
+            .into_iter()
+            .flat_map(feature_bits)
+            .filter(|f| f.leaf() == 1 && f.reg() == Reg::Edx)
+            .fold(0u32, |acc, f| acc | 1 << f.bit);
+        (version, edx)
+    }
     /// The features a named model plus the overrides ask for, with QEMU's
     /// `feature_dependencies` applied.
     pub fn requested_features(&self) -> BTreeSet<&'static str> {

@@ -63,11 +63,9 @@ fn vm_context(machine: &ObjectRef, opts: &Options) -> Arc<VmContext> {
     Arc::new(VmContext {
         machine: machine.clone(),
         name: guest_name(opts),
-        // vl checked -uuid before the machine was built.
-        uuid: opts
-            .uuid
-            .as_ref()
-            .and_then(|u| u.value.parse().ok())
+        // -uuid or -smbios type=1,uuid=, as vl resolved it.
+        uuid: hw::core::machine::machine_state(machine)
+            .and_then(|ms| ms.uuid())
             .unwrap_or_default(),
         human_monitor: hmp::human_monitor_command,
     })

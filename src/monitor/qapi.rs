@@ -26,7 +26,7 @@ pub struct VmContext {
     /// `-name`.
     pub name: Option<String>,
     /// `-uuid` (all zeroes without it).
-    pub uuid: crate::uuid::Uuid,
+    pub uuid: hw::core::uuid::Uuid,
     /// Runs `human-monitor-command`.
     pub human_monitor: HumanMonitorFn,
 }
@@ -115,6 +115,9 @@ pub enum QmpError {
     /// A balloon command without a balloon, or with a bad target.
     #[error(transparent)]
     Balloon(#[from] BalloonError),
+    /// A command that failed, in QEMU's words (a `GenericError`).
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl QmpError {

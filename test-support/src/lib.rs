@@ -1,7 +1,8 @@
 //! Helpers shared by qomvm's integration tests (`tests/*.rs`) and benches: hand-assembled
 //! x86 guests ([`guest`]) and Multiboot ELF kernels ([`elf`]), a raw KVM runner to compare
 //! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]), a guest
-//! that reports the interrupts it takes ([`irq_guest`]), skips made visible ([`skip`]).
+//! that reports the interrupts it takes ([`irq_guest`]), skips made visible ([`skip`]), a QMP
+//! client ([`qmp`]) and an SMBIOS reader ([`smbios`]).
 
 pub mod elf;
 pub mod fuzz;
@@ -9,8 +10,10 @@ pub mod fuzz_qtest;
 pub mod guest;
 pub mod irq_guest;
 pub mod netns;
+pub mod qmp;
 pub mod qtest;
 pub mod raw_kvm;
 pub mod skip;
+pub mod smbios;
 pub mod virtio;
 pub mod vm;
