@@ -14,7 +14,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=9
+ASSETS_FORMAT=10
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -55,6 +55,13 @@ switches to a disk if qomvm.root= asks for one, prints
   nproc: N
   MemTotal: NNN kB
   pci: 0000:00:01.0 0x8086:0x7000   (one line per PCI function the kernel found)
+  acpi: rsdp 0x00000000000F5A60     (from the kernel's "ACPI: RSDP" line, or
+                                    "acpi: rsdp none")
+  acpi: tables APIC DSDT FACP FACS  (the files in /sys/firmware/acpi/tables,
+                                    sorted, or "acpi: tables none")
+  dmi: uuid U serial S vendor V     (/sys/class/dmi/id's product_uuid,
+                                    product_serial, sys_vendor: blanks inside a
+                                    value as _, "-" when missing or empty)
   blk: vda 268435456 ro=0           (one line per disk: name, bytes, read-only)
   irq: 24: 0 12 PCI-MSI-edge virtio0-req.0  (one line per virtio interrupt, as
                                     /proc/interrupts shows it)
@@ -64,6 +71,11 @@ and then, depending on the kernel command line:
   qomvm.shell=1      runs an interactive shell on the console; powers off
                      when it exits
   qomvm.reboot=1     prints QOMVM-REBOOTING and reboots (reboot -f)
+  qomvm.reboot=once  (needs qomvm.root= on a writable disk) when the disk has
+                     no /var/lib/qomvm/rebooted: creates it, prints "boot: 1"
+                     and QOMVM-REBOOTING, reboots; when it has: removes it,
+                     prints "boot: 2", powers off. Without a writable root:
+                     QOMVM-REBOOT-FAILED: ..., powers off
   qomvm.panic=1      prints QOMVM-PANICKING and crashes the kernel (sysrq c)
   qomvm.portfuzz=1   writes random bytes to every I/O port 0..0xffff except
                      the console UART and the ports that reset or power off
@@ -226,6 +238,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.shell=1) mode=shell ;;
         qomvm.portfuzz=1) mode=portfuzz ;;
         qomvm.reboot=1) mode=reboot ;;
+        qomvm.reboot=once) mode=rebootonce ;;
         qomvm.panic=1) mode=panic ;;
         qomvm.root=*) root=${arg#*=} ;;
         qomvm.disktest=*) mode=disktest modearg=${arg#*=} ;;
@@ -298,6 +311,22 @@ awk '/^MemTotal:/ { print "MemTotal: " $2 " kB" }' /proc/meminfo
 for dev in /sys/bus/pci/devices/*; do
     [ -e "$dev/vendor" ] && echo "pci: ${dev##*/} $(cat "$dev/vendor"):$(cat "$dev/device")"
 done
+# The firmware's tables: the RSDP's address as the kernel found it, the ACPI
+# tables (files; not the data/ and dynamic/ directories) and SMBIOS type 1.
+rsdp=$(dmesg | sed -n 's/.*ACPI: RSDP \(0x[0-9A-Fa-f]*\).*/\1/p' | head -n1)
+echo "acpi: rsdp ${rsdp:-none}"
+tables=
+for t in /sys/firmware/acpi/tables/*; do
+    [ -f "$t" ] && tables="$tables${tables:+ }${t##*/}"
+done
+echo "acpi: tables ${tables:-none}"
+# dmi_id FILE: /sys/class/dmi/id/FILE trimmed, inner blanks as _, "-" when
+# missing or empty.
+dmi_id() {
+    v=$(sed 's/^[[:space:]]*//; s/[[:space:]]*$//; s/[[:space:]][[:space:]]*/_/g' "/sys/class/dmi/id/$1" 2>/dev/null)
+    echo "${v:--}"
+}
+echo "dmi: uuid $(dmi_id product_uuid) serial $(dmi_id product_serial) vendor $(dmi_id sys_vendor)"
 for b in /sys/block/*; do
     [ -e "$b/size" ] && echo "blk: ${b##*/} $(($(cat "$b/size") * 512)) ro=$(cat "$b/ro")"
 done
@@ -773,6 +802,29 @@ reboot)
     echo QOMVM-REBOOTING
     sync
     reboot -f
+    ;;
+rebootonce)
+    # The first boot leaves a mark on the disk and reboots; the second removes it
+    # and powers off.
+    mark=/var/lib/qomvm/rebooted
+    if [ "$QOMVM_STAGE" != root ] || [ "${QOMVM_ROOT##* }" != rw ]; then
+        echo "QOMVM-REBOOT-FAILED: qomvm.reboot=once needs qomvm.root= on a writable disk"
+    elif [ -e $mark ]; then
+        echo "boot: 2"
+        rm -f $mark
+    else
+        echo "boot: 1"
+        if mkdir -p ${mark%/*} && : >$mark; then
+            sync
+            mount -o remount,ro / 2>/dev/null
+            echo QOMVM-REBOOTING
+            reboot -f
+            sleep 1
+            exit 1
+        fi
+        echo "QOMVM-REBOOT-FAILED: cannot create $mark"
+    fi
+    off
     ;;
 panic)
     echo QOMVM-PANICKING
