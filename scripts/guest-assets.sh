@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the test guest for qomvm from Debian packages: the Debian cloud kernel,
-# a busybox initramfs with the kernel's virtio modules, and an ext4 disk image
-# with busybox and fio. See usage() below and docs/testing-without-kvm.md.
+# a busybox initramfs with the kernel's virtio modules, an ext4 disk image
+# with busybox and fio, and a disk that the firmware boots through GRUB. See
+# usage() below and docs/testing-without-kvm.md.
 set -euo pipefail
 
 QOMVM_PROG=guest-assets
@@ -14,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=9
+ASSETS_FORMAT=10
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -24,6 +25,9 @@ virtio_blk virtio_net virtio_rng virtio_balloon"
 # The disk image's size (a sparse file; its content is about 85 MB, mostly
 # fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
 ROOTFS_SIZE=256M
+# The boot disk's size (sparse): 1 MiB for the MBR and GRUB's core.img, then
+# partition 1 with the same files as rootfs.ext4 plus /boot.
+BOOTDISK_SIZE=256M
 
 usage() {
     cat <<'EOF'
@@ -40,6 +44,14 @@ dpkg-deb; nothing is installed, no root needed for the build itself):
   OUTDIR/rootfs.ext4        raw ext4 disk image (256 MiB, sparse): busybox, the
                             same /init, the modules, and fio and iperf3 with the
                             shared libraries they need (from Debian's packages)
+  OUTDIR/boot-disk.qcow2    a disk that the firmware boots (no -kernel): an
+                            MBR with GRUB's boot.img, GRUB's core.img (from
+                            grub-pc-bin, made by grub-common's grub-mkimage)
+                            in the gap before partition 1, which starts at
+                            1 MiB (type 0x83, bootable) and holds the ext4 of
+                            rootfs.ext4 plus /boot: vmlinuz, initramfs.cpio.gz,
+                            grub/i386-pc/ (GRUB's modules), grub/grub.cfg
+                            (256 MiB; see "The boot disk" below)
   OUTDIR/host-tools/        the host's end of the network tests: busybox (nc,
                             ping) and iperf3 (the guest's, run through the
                             dynamic loader beside its libraries in lib/)
@@ -55,6 +67,13 @@ switches to a disk if qomvm.root= asks for one, prints
   nproc: N
   MemTotal: NNN kB
   pci: 0000:00:01.0 0x8086:0x7000   (one line per PCI function the kernel found)
+  acpi: rsdp 0x00000000000F5A60     (from the kernel's "ACPI: RSDP" line, or
+                                    "acpi: rsdp none")
+  acpi: tables APIC DSDT FACP FACS  (the files in /sys/firmware/acpi/tables,
+                                    sorted, or "acpi: tables none")
+  dmi: uuid U serial S vendor V     (/sys/class/dmi/id's product_uuid,
+                                    product_serial, sys_vendor: blanks inside a
+                                    value as _, "-" when missing or empty)
   blk: vda 268435456 ro=0           (one line per disk: name, bytes, read-only)
   irq: 24: 0 12 PCI-MSI-edge virtio0-req.0  (one line per virtio interrupt, as
                                     /proc/interrupts shows it)
@@ -64,6 +83,11 @@ and then, depending on the kernel command line:
   qomvm.shell=1      runs an interactive shell on the console; powers off
                      when it exits
   qomvm.reboot=1     prints QOMVM-REBOOTING and reboots (reboot -f)
+  qomvm.reboot=once  (needs qomvm.root= on a writable disk) when the disk has
+                     no /var/lib/qomvm/rebooted: creates it, prints "boot: 1"
+                     and QOMVM-REBOOTING, reboots; when it has: removes it,
+                     prints "boot: 2", powers off. Without a writable root:
+                     QOMVM-REBOOT-FAILED: ..., powers off
   qomvm.panic=1      prints QOMVM-PANICKING and crashes the kernel (sysrq c)
   qomvm.portfuzz=1   writes random bytes to every I/O port 0..0xffff except
                      the console UART and the ports that reset or power off
@@ -156,6 +180,19 @@ md5 printed is that of all pieces in order. Check with
 mismatch), or write the same pieces into a copy of the original image with
 "write -P" and qemu-img compare it with IMAGE.
 
+The boot disk (boot-disk.qcow2): SeaBIOS (or any PC BIOS) loads boot.img from
+sector 0, which loads core.img from sector 1 (biosdisk, part_msdos and ext2
+built in, prefix (hd0,msdos1)/boot/grub), which reads /boot/grub/grub.cfg: a
+serial console (COM1, 115200), timeout 1 s, one entry that boots
+  /boot/vmlinuz console=ttyS0 panic=-1 qomvm.root=/dev/vda1 ARGS
+with /boot/initramfs.cpio.gz. ARGS is the SMBIOS OEM string (type 11; with
+several, the last), e.g. QEMU's
+  -smbios type=11,value='qomvm.reboot=once qomvm.net=dhcp'
+(a comma inside the value is written ",,"), else qomvm.shell=1; GRUB then
+prints "error: no structure matched the given options." (no type 11 table).
+GRUB prints "QOMVM-GRUB: booting with ARGS" before it loads the kernel. The
+disk's root is /dev/vda1 when it is the guest's first virtio-blk disk.
+
 portfuzz writes through /dev/port when the kernel has it (vmlinuz-generic),
 else with a tiny iopl helper (the cloud kernel lacks CONFIG_DEVPORT). The
 helper's user-space port I/O faults inside scripts/nested-kvm.sh (a QEMU TCG
@@ -184,6 +221,7 @@ qomvm_need_cmd dpkg-deb dpkg
 qomvm_need_cmd gzip gzip
 qomvm_need_cmd readelf binutils
 qomvm_need_cmd mkfs.ext4 e2fsprogs
+qomvm_need_cmd qemu-img qemu-utils
 
 mkdir -p "$OUTDIR" || qomvm_die "cannot create $OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -226,6 +264,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.shell=1) mode=shell ;;
         qomvm.portfuzz=1) mode=portfuzz ;;
         qomvm.reboot=1) mode=reboot ;;
+        qomvm.reboot=once) mode=rebootonce ;;
         qomvm.panic=1) mode=panic ;;
         qomvm.root=*) root=${arg#*=} ;;
         qomvm.disktest=*) mode=disktest modearg=${arg#*=} ;;
@@ -298,6 +337,22 @@ awk '/^MemTotal:/ { print "MemTotal: " $2 " kB" }' /proc/meminfo
 for dev in /sys/bus/pci/devices/*; do
     [ -e "$dev/vendor" ] && echo "pci: ${dev##*/} $(cat "$dev/vendor"):$(cat "$dev/device")"
 done
+# The firmware's tables: the RSDP's address as the kernel found it, the ACPI
+# tables (files; not the data/ and dynamic/ directories) and SMBIOS type 1.
+rsdp=$(dmesg | sed -n 's/.*ACPI: RSDP \(0x[0-9A-Fa-f]*\).*/\1/p' | head -n1)
+echo "acpi: rsdp ${rsdp:-none}"
+tables=
+for t in /sys/firmware/acpi/tables/*; do
+    [ -f "$t" ] && tables="$tables${tables:+ }${t##*/}"
+done
+echo "acpi: tables ${tables:-none}"
+# dmi_id FILE: /sys/class/dmi/id/FILE trimmed, inner blanks as _, "-" when
+# missing or empty.
+dmi_id() {
+    v=$(sed 's/^[[:space:]]*//; s/[[:space:]]*$//; s/[[:space:]][[:space:]]*/_/g' "/sys/class/dmi/id/$1" 2>/dev/null)
+    echo "${v:--}"
+}
+echo "dmi: uuid $(dmi_id product_uuid) serial $(dmi_id product_serial) vendor $(dmi_id sys_vendor)"
 for b in /sys/block/*; do
     [ -e "$b/size" ] && echo "blk: ${b##*/} $(($(cat "$b/size") * 512)) ro=$(cat "$b/ro")"
 done
@@ -774,6 +829,29 @@ reboot)
     sync
     reboot -f
     ;;
+rebootonce)
+    # The first boot leaves a mark on the disk and reboots; the second removes it
+    # and powers off.
+    mark=/var/lib/qomvm/rebooted
+    if [ "$QOMVM_STAGE" != root ] || [ "${QOMVM_ROOT##* }" != rw ]; then
+        echo "QOMVM-REBOOT-FAILED: qomvm.reboot=once needs qomvm.root= on a writable disk"
+    elif [ -e $mark ]; then
+        echo "boot: 2"
+        rm -f $mark
+    else
+        echo "boot: 1"
+        if mkdir -p ${mark%/*} && : >$mark; then
+            sync
+            mount -o remount,ro / 2>/dev/null
+            echo QOMVM-REBOOTING
+            reboot -f
+            sleep 1
+            exit 1
+        fi
+        echo "QOMVM-REBOOT-FAILED: cannot create $mark"
+    fi
+    off
+    ;;
 panic)
     echo QOMVM-PANICKING
     # With panic=-1 the kernel reboots at once; under -no-reboot the VMM exits.
@@ -1044,22 +1122,163 @@ add_program() {
     qomvm_log "$bin: $(wc -l <"$work/used-debs") packages, $(du -sk "$lib" | cut -f1) KiB of libraries"
 }
 
+# grub_tool DIR NAME: the path of GRUB's host tool NAME, extracted from
+# grub-common into DIR, after checking that it runs here (it links a few shared
+# libraries of the host: liblzma, libdevmapper...).
+grub_tool() {
+    local bin=$1/usr/bin/$2 so pkg missing=
+    [[ -x $bin ]] || qomvm_die "no usr/bin/$2 in $(basename "$gcdeb")"
+    "$bin" --version >/dev/null 2>&1 && { printf '%s\n' "$bin"; return 0; }
+    for so in $(ldd "$bin" 2>/dev/null | awk '/not found/ { print $1 }'); do
+        # Debian names a library's package after its soname: libfoo.so.1 is in
+        # libfoo1, libfoo3.so.3 in libfoo3-3.
+        pkg=${so%%.so*}
+        if [[ $pkg == *[0-9] ]]; then pkg+=-${so#*.so.}; else pkg+=${so#*.so.}; fi
+        missing+=" $so (Debian package $pkg)"
+    done
+    [[ -n $missing ]] &&
+        qomvm_die "$2 from Debian's grub-common ($(basename "$gcdeb")) cannot run here: it needs${missing}; install that, or build on Debian 12"
+    qomvm_die "$2 from Debian's grub-common ($(basename "$gcdeb")) cannot run here: $("$bin" --version 2>&1 | tail -n1)"
+}
+
+# le32 N: N as 4 little-endian bytes, in hex.
+le32() {
+    printf '%02x%02x%02x%02x' $(($1 & 255)) $(($1 >> 8 & 255)) $(($1 >> 16 & 255)) $(($1 >> 24 & 255))
+}
+
+# chs LBA: LBA's cylinder/head/sector bytes in an MBR partition entry (255 heads,
+# 63 sectors a track, as fdisk assumes; 1023/254/63 past cylinder 1023), in hex.
+chs() {
+    local c=$(($1 / (255 * 63))) h=$(($1 / 63 % 255)) s=$(($1 % 63 + 1))
+    [[ $c -le 1023 ]] || { c=1023 h=254 s=63; }
+    printf '%02x%02x%02x' "$h" $((s | ((c >> 8) << 6))) $((c & 255))
+}
+
+# put_bytes FILE OFFSET HEX: write the bytes HEX at OFFSET of FILE.
+put_bytes() {
+    # shellcheck disable=SC2001 # needs sed's back-reference
+    printf '%b' "$(sed 's/../\\x&/g' <<<"$3")" |
+        dd of="$1" bs=1 seek="$2" conv=notrunc status=none || qomvm_die "writing $1 at $2 failed"
+}
+
+# le_at FILE OFFSET BYTES: the unsigned little-endian number at OFFSET of FILE.
+le_at() {
+    od -An -t "u$3" -j "$2" -N "$3" --endian=little "$1" | tr -d ' '
+}
+
+# write_grub_cfg FILE: the boot disk's /boot/grub/grub.cfg.
+write_grub_cfg() {
+    cat >"$1" <<'EOF'
+# qomvm test guest boot disk (generated by scripts/guest-assets.sh; its usage()
+# says more).
+serial --unit=0 --speed=115200
+terminal_input serial
+terminal_output serial
+set timeout=1
+set default=0
+
+# The guest's qomvm.* switches: SMBIOS type 11 (OEM strings, -smbios
+# type=11,value=...). Offset 4 of that structure is its string count, so
+# --get-string 4 gives the last (with one, the only) string. Without a type 11
+# table the command fails (and says so) and the default stays.
+set qomvm_args=qomvm.shell=1
+insmod smbios
+smbios --type 11 --get-string 4 --set qomvm_args
+
+menuentry 'Debian GNU/Linux (qomvm test guest)' {
+    echo "QOMVM-GRUB: booting with $qomvm_args"
+    linux /boot/vmlinuz console=ttyS0 panic=-1 qomvm.root=/dev/vda1 $qomvm_args
+    initrd /boot/initramfs.cpio.gz
+}
+EOF
+}
+
+# build_boot_disk ROOTFS OUT: the firmware-bootable raw disk OUT from the root
+# tree ROOTFS (with /boot filled in), laid out as grub-install does it on an
+# MBR disk, with neither a loop device nor a mount.
+build_boot_disk() {
+    local tree=$1 out=$2 g=$work/grub mods core start=2048 size sectors blocks n
+    mods=$g/usr/lib/grub/i386-pc
+    core=$work/core.img
+    deb_extract "$gpcdeb" "$g" './usr/lib/grub/i386-pc/*'
+    deb_extract "$gcdeb" "$g" ./usr/bin/grub-mkimage ./usr/bin/grub-fstest ./usr/bin/grub-script-check
+    [[ -s $mods/boot.img && -s $mods/diskboot.img && -s $mods/kernel.img ]] ||
+        qomvm_die "no usr/lib/grub/i386-pc/{boot,diskboot,kernel}.img in $(basename "$gpcdeb")"
+    local mkimage fstest scriptcheck
+    mkimage=$(grub_tool "$g" grub-mkimage)
+    fstest=$(grub_tool "$g" grub-fstest)
+    scriptcheck=$(grub_tool "$g" grub-script-check)
+
+    mkdir -p "$tree/boot/grub/i386-pc"
+    cp "$mods"/*.mod "$mods"/*.lst "$tree/boot/grub/i386-pc/"
+    write_grub_cfg "$tree/boot/grub/grub.cfg"
+    "$scriptcheck" "$tree/boot/grub/grub.cfg" || qomvm_die "grub-script-check rejects the generated grub.cfg"
+
+    "$mkimage" -O i386-pc -d "$mods" -p '(hd0,msdos1)/boot/grub' -o "$core" biosdisk part_msdos ext2 ||
+        qomvm_die "grub-mkimage failed"
+    # boot.img loads core.img's first sector (diskboot.img) from its kernel_sector
+    # (0x5c, 1 unless patched), diskboot.img the rest from its blocklist at its end:
+    # start 2, a length that grub-mkimage fills in, segment 0x820. That is where
+    # the core.img goes, so no patching, as long as it fits before the partition.
+    n=$((($(stat -c %s "$core") + 511) / 512))
+    [[ $n -lt $start ]] || qomvm_die "core.img has $n sectors: more than the $((start - 1)) before partition 1"
+    [[ $(le_at "$mods/boot.img" $((0x5c)) 8) == 1 ]] ||
+        qomvm_die "boot.img's kernel sector is $(le_at "$mods/boot.img" $((0x5c)) 8), expected 1"
+    [[ $(le_at "$core" $((0x1f4)) 8) == 2 && $(le_at "$core" $((0x1fc)) 2) == $((n - 1)) &&
+        $(le_at "$core" $((0x1fe)) 2) == $((0x820)) ]] ||
+        qomvm_die "core.img's blocklist is not 2+$((n - 1)) at 0x820"
+
+    size=$(numfmt --from=iec "$BOOTDISK_SIZE")
+    sectors=$((size / 512 - start))
+    blocks=$((sectors / 8))
+    rm -f "$out"
+    truncate -s "$size" "$out"
+    # The ext4 of partition 1, written at its offset. GRUB 2.06 reads the
+    # incompat features filetype, extent, flex_bg, meta_bg, 64bit and encrypt
+    # (Debian's also metadata_csum_seed) and ignores the compat and ro_compat
+    # ones (has_journal, metadata_csum, orphan_file...): turn off the others
+    # in case mke2fs.conf enables them. grub-fstest checks the result below.
+    mkfs.ext4 -q -F -b 4096 -L qomvm-root -O ^metadata_csum_seed,^inline_data,^large_dir,^ea_inode,^casefold \
+        -E offset=$((start * 512)),root_owner=0:0 -d "$tree" "$out" "$blocks" ||
+        qomvm_die "mkfs.ext4 -E offset=$((start * 512)) -d failed"
+    # Sector 0: boot.img's code (440 bytes), a disk signature ("qomv"), one partition
+    # (bootable, type 0x83, from LBA start to the end), 0x55 0xaa.
+    dd if="$mods/boot.img" of="$out" bs=440 count=1 conv=notrunc status=none || qomvm_die "writing boot.img failed"
+    put_bytes "$out" 440 716f6d760000
+    put_bytes "$out" 446 "80$(chs "$start")83$(chs $((start + blocks * 8 - 1)))$(le32 "$start")$(le32 $((blocks * 8)))"
+    put_bytes "$out" 462 "$(printf '%096d' 0)55aa"
+    # Sectors 1..n: core.img.
+    dd if="$core" of="$out" bs=512 seek=1 conv=notrunc status=none || qomvm_die "writing core.img failed"
+
+    # GRUB's own ext2 driver (grub-fstest, same source as ext2.mod) reads it back.
+    local f
+    for f in boot/vmlinuz boot/initramfs.cpio.gz boot/grub/grub.cfg boot/grub/i386-pc/normal.mod init; do
+        "$fstest" "$out" cmp "(loop0,msdos1)/$f" "$tree/$f" >/dev/null ||
+            qomvm_die "GRUB's ext2 driver (grub-fstest) cannot read /$f back from the boot disk"
+    done
+    qomvm_log "boot disk: core.img $n sectors, partition 1 at LBA $start, $blocks 4 KiB blocks"
+}
+
 kpkg=$(deb_kernel_package "$KERNEL_META")
 gpkg=$(deb_kernel_package "$GENERIC_META")
 qomvm_lock "$QOMVM_CACHE/.lock"
 kdeb=$(deb_fetch "$kpkg")
 gdeb=$(deb_fetch "$gpkg")
 bbdeb=$(deb_fetch busybox-static)
+gpcdeb=$(deb_fetch grub-pc-bin)
+gcdeb=$(deb_fetch grub-common)
 
-# The stamp: line 1 the format and the kernel and busybox .debs, line 2 the
+# The stamp: line 1 the format and the kernel, busybox and GRUB .debs, line 2 the
 # .debs the disk image's programs came from (fio and its libraries).
 stamp=$OUTDIR/.guest-assets.inputs
 inputs="format=$ASSETS_FORMAT $(basename "$kdeb") $(basename "$gdeb") $(basename "$bbdeb")"
+inputs+=" $(basename "$gpcdeb") $(basename "$gcdeb")"
 uptodate=1
-for f in vmlinuz initramfs.cpio.gz rootfs.ext4 kernel-version vmlinuz-generic kernel-version-generic \
-    host-tools/busybox host-tools/iperf3; do
+for f in vmlinuz initramfs.cpio.gz rootfs.ext4 boot-disk.qcow2 kernel-version vmlinuz-generic \
+    kernel-version-generic host-tools/busybox host-tools/iperf3; do
     out=$OUTDIR/$f
     if [[ ! -s $out || $kdeb -nt $out || $gdeb -nt $out || $bbdeb -nt $out ||
+        $gpcdeb -nt $out || $gcdeb -nt $out ||
         ${BASH_SOURCE[0]} -nt $out || $SCRIPT_DIR/lib/debian.sh -nt $out ]]; then
         uptodate=0
     fi
@@ -1151,6 +1370,14 @@ truncate -s "$ROOTFS_SIZE" "$work/rootfs.ext4"
 mkfs.ext4 -q -F -b 4096 -L qomvm-root -E root_owner=0:0 -d "$rootfs" "$work/rootfs.ext4" ||
     qomvm_die "mkfs.ext4 -d failed"
 
+# The boot disk: the same tree plus /boot (kernel, initramfs, GRUB).
+mkdir -p "$rootfs/boot"
+install -m 644 "$vmlinuz" "$rootfs/boot/vmlinuz"
+install -m 644 "$work/initramfs.cpio.gz" "$rootfs/boot/initramfs.cpio.gz"
+build_boot_disk "$rootfs" "$work/boot-disk.raw"
+qemu-img convert -q -O qcow2 "$work/boot-disk.raw" "$work/boot-disk.qcow2" ||
+    qomvm_die "qemu-img convert -O qcow2 of the boot disk failed"
+
 install -m 644 "$vmlinuz" "$OUTDIR/vmlinuz.tmp" && mv -f "$OUTDIR/vmlinuz.tmp" "$OUTDIR/vmlinuz"
 install -m 644 "$gvmlinuz" "$OUTDIR/vmlinuz-generic.tmp" &&
     mv -f "$OUTDIR/vmlinuz-generic.tmp" "$OUTDIR/vmlinuz-generic"
@@ -1159,7 +1386,8 @@ rm -rf "$OUTDIR/host-tools.tmp" && cp -a "$ht" "$OUTDIR/host-tools.tmp" &&
     rm -rf "$OUTDIR/host-tools" && mv "$OUTDIR/host-tools.tmp" "$OUTDIR/host-tools"
 # (cp --sparse keeps the image's holes when $work is on another file system)
 cp --sparse=always "$work/rootfs.ext4" "$OUTDIR/rootfs.ext4.tmp" && mv -f "$OUTDIR/rootfs.ext4.tmp" "$OUTDIR/rootfs.ext4"
+cp "$work/boot-disk.qcow2" "$OUTDIR/boot-disk.qcow2.tmp" && mv -f "$OUTDIR/boot-disk.qcow2.tmp" "$OUTDIR/boot-disk.qcow2"
 printf '%s\n' "$kver" >"$OUTDIR/kernel-version"
 printf '%s\n' "$gkver" >"$OUTDIR/kernel-version-generic"
 printf '%s\n%s\n' "$inputs" "$(tr '\n' ' ' <"$work/used-debs" | sed 's/ $//')" >"$stamp"
-qomvm_log "built $OUTDIR: vmlinuz ($kver), vmlinuz-generic ($gkver), initramfs.cpio.gz, rootfs.ext4"
+qomvm_log "built $OUTDIR: vmlinuz ($kver), vmlinuz-generic ($gkver), initramfs.cpio.gz, rootfs.ext4, boot-disk.qcow2"
