@@ -31,6 +31,7 @@ assets=
 build=1
 with_qemu=1
 inside=0
+firmware=0
 env_note=
 rig_smp=2
 
@@ -57,6 +58,13 @@ VMMs (same kernel, initrd, -m, -smp and
 The QEMU ones are skipped when qemu-system-x86_64 is not installed; a VMM
 whose first boot fails is reported and left out of the remaining rounds.
 
+With --firmware the guest is the GRUB disk image instead (guest-assets.sh's
+boot-disk.qcow2, a fresh qcow2 overlay per boot): SeaBIOS, GRUB, the same
+kernel and /init, "-smbios type=11,value=quiet" for GRUB's kernel command
+line, and no -kernel; the VMMs are qomvm -M pc and qemu-pc (same -drive and
+-device virtio-blk-pci,bootindex=1), and "ready" then counts firmware and
+boot loader too.
+
 Boots run one at a time, round-robin over the VMMs (so drift hits all of them
 alike); warm-up rounds are discarded. The output is a table of medians with
 ratios against qomvm (e.g. qemu-pc/qomvm), the per-boot figures, and the
@@ -80,6 +88,7 @@ Options:
                     brought up to date with scripts/guest-assets.sh)
   --no-build        do not run cargo build
   --no-qemu         benchmark qomvm only
+  --firmware        boot the disk image through SeaBIOS and GRUB (see above)
   -h, --help        this text
 
 Needs python3 (timestamps and wait4); QEMU is optional.
@@ -98,6 +107,7 @@ while [[ $# -gt 0 ]]; do
         --assets) assets=${2:?--assets needs a value}; shift 2 ;;
         --no-build) build=0; shift ;;
         --no-qemu) with_qemu=0; shift ;;
+        --firmware) firmware=1; shift ;;
         # Internal: set when the script re-runs itself inside the nested rig.
         --inside) inside=1; env_note=${2:?--inside needs a value}; shift 2 ;;
         --runs=* | --warmup=* | --mem=* | --smp=* | --boot-timeout=* | --qomvm=* | --assets=*)
@@ -118,17 +128,24 @@ PYTHON=$(command -v python3 || true)
 
 # (inside the rig, --qomvm and --assets name what the outer run prepared)
 qomvm_bin=$(bench_qomvm_binary "$qomvm_bin" "$build") || exit 1
-assets=$(bench_assets "$assets" vmlinuz initramfs.cpio.gz) || exit 1
+if [[ $firmware == 1 ]]; then
+    assets=$(bench_assets "$assets" boot-disk.qcow2) || exit 1
+    qomvm_need_cmd qemu-img qemu-utils
+else
+    assets=$(bench_assets "$assets" vmlinuz initramfs.cpio.gz) || exit 1
+fi
 
 if [[ $inside == 0 ]]; then
     if why=$(bench_rig_reason); then
         qomvm_log "$why: running the whole benchmark inside one scripts/nested-kvm.sh run"
         nvmm=3
+        [[ $firmware == 0 ]] || nvmm=2
         [[ $with_qemu == 1 ]] || nvmm=1
         rig_timeout=$(((runs + warmup) * nvmm * boot_timeout + 300))
         args=(--inside "$why" --runs "$runs" --warmup "$warmup" -m "$mem" --smp "$smp"
             --boot-timeout "$boot_timeout" --qomvm "$qomvm_bin" --assets "$assets")
         [[ $with_qemu == 1 ]] || args+=(--no-qemu)
+        [[ $firmware == 0 ]] || args+=(--firmware)
         exec "$SCRIPT_DIR/nested-kvm.sh" --smp "$rig_smp" --timeout "$rig_timeout" -- "$SELF" "${args[@]}"
     fi
     env_note="direct (hardware KVM)"
@@ -220,20 +237,30 @@ EOF
 work=$(mktemp -d "${TMPDIR:-/tmp}/qomvm-bench-boot.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 # Local copies: inside the rig this keeps the 9p share out of the boots.
-cp "$assets/vmlinuz" "$assets/initramfs.cpio.gz" "$work/"
 kver=$(cat "$assets/kernel-version" 2>/dev/null || echo unknown)
-
-common=(-m "$mem" -smp "$smp" -nographic -no-reboot
-    -kernel "$work/vmlinuz" -initrd "$work/initramfs.cpio.gz" -append "$APPEND")
+if [[ $firmware == 1 ]]; then
+    cp --sparse=always "$assets/boot-disk.qcow2" "$work/"
+    # @OVERLAY@: boot() makes a fresh overlay of the image for each boot.
+    common=(-m "$mem" -smp "$smp" -nographic -no-reboot
+        -drive "file=@OVERLAY@,if=none,id=d0,format=qcow2"
+        -device virtio-blk-pci,drive=d0,bootindex=1 -smbios type=11,value=quiet)
+else
+    cp "$assets/vmlinuz" "$assets/initramfs.cpio.gz" "$work/"
+    common=(-m "$mem" -smp "$smp" -nographic -no-reboot
+        -kernel "$work/vmlinuz" -initrd "$work/initramfs.cpio.gz" -append "$APPEND")
+fi
 vmms=(qomvm)
 declare -A cmdline
 cmdline[qomvm]="$(printf '%q ' "$qomvm_bin" -M pc "${common[@]}")"
 qemu=$(command -v qemu-system-x86_64 || true)
 if [[ $with_qemu == 1 ]]; then
     if [[ -n $qemu ]]; then
-        vmms+=(qemu-pc qemu-microvm)
+        vmms+=(qemu-pc)
         cmdline[qemu-pc]="$(printf '%q ' "$qemu" -M pc -accel kvm "${common[@]}")"
-        cmdline[qemu-microvm]="$(printf '%q ' "$qemu" -M "$MICROVM_MACHINE" -accel kvm "${common[@]}")"
+        if [[ $firmware == 0 ]]; then
+            vmms+=(qemu-microvm)
+            cmdline[qemu-microvm]="$(printf '%q ' "$qemu" -M "$MICROVM_MACHINE" -accel kvm "${common[@]}")"
+        fi
     else
         qomvm_log "qemu-system-x86_64 not installed (Debian package qemu-system-x86): QEMU skipped"
     fi
@@ -246,6 +273,12 @@ boot() {
     local con=$work/$vmm.$round.console err=$work/$vmm.$round.stderr
     local -a cmd
     eval "cmd=(${cmdline[$vmm]})"
+    if [[ $firmware == 1 ]]; then
+        local overlay=$work/$vmm.$round.qcow2
+        qemu-img create -q -f qcow2 -b "$work/boot-disk.qcow2" -F qcow2 "$overlay" ||
+            qomvm_die "qemu-img create of the overlay failed"
+        cmd=("${cmd[@]//@OVERLAY@/$overlay}")
+    fi
     if [[ $vmm == qomvm ]]; then
         cmd=(env RUST_LOG=boot=info "${cmd[@]}")
     fi
@@ -306,7 +339,11 @@ else
     echo "  CPU: $cpu_model, $ncpu CPUs,$virt"
 fi
 echo "  Kernel $(uname -r); /dev/kvm from $(awk '$1 ~ /^kvm_(amd|intel|pvm)$/ {print $1}' /proc/modules | head -n1)"
-echo "Guest: $kver + busybox initramfs, -m $mem -smp $smp -append \"$APPEND\" -nographic -no-reboot"
+if [[ $firmware == 1 ]]; then
+    echo "Guest: boot-disk.qcow2 (SeaBIOS, GRUB, $kver, the busybox initramfs, root on vda1), -m $mem -smp $smp -nographic -no-reboot"
+else
+    echo "Guest: $kver + busybox initramfs, -m $mem -smp $smp -append \"$APPEND\" -nographic -no-reboot"
+fi
 rev=
 if [[ $qomvm_bin == "$REPO/target/release/qomvm" ]]; then
     rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || true)

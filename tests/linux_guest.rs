@@ -558,3 +558,88 @@ qemu-img info --output=json target.qcow2 | grep -o '"actual-size": [0-9]*' | sed
         "nothing was written before the kill:\n{out}"
     );
 }
+
+/// Issue 13: the Debian disk image of `scripts/guest-assets.sh` (GRUB on an MBR disk, the
+/// kernel and root file system on its ext4 partition) boots with no `-kernel`, as the
+/// issue's command line has it: SeaBIOS's banner and GRUB on the serial console, the
+/// guest's /init; its `reboot` goes through SeaBIOS and GRUB again, its `poweroff` ends
+/// qomvm with status 0. The kernel sees the ACPI tables SeaBIOS placed (RSDP in the F
+/// segment), the SMBIOS UUID and serial qomvm gave, and the same PCI functions as a direct
+/// boot of the same machine.
+#[test]
+fn the_debian_disk_image_boots_through_seabios_and_grub() {
+    let uuid = "6a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    let out = disk_scenario(
+        "firmware",
+        &format!(
+            r#"
+qemu-img create -q -f qcow2 -b "$QOMVM_ASSETS/boot-disk.qcow2" -F qcow2 disk.qcow2
+echo "host: firmware boot"
+timeout 600 "$QOMVM_BIN" -M pc -m 512 -smp 2 -nographic \
+    -drive file=disk.qcow2,if=none,id=d0,format=qcow2 -device virtio-blk-pci,drive=d0,bootindex=1 \
+    -uuid {uuid} -smbios type=1,serial=RIG-SERIAL -smbios type=11,value=qomvm.reboot=once
+echo "host: qomvm exit status $?"
+qemu-img check -q disk.qcow2 && echo "host: qemu-img check clean"
+echo "host: direct boot"
+boot "qomvm.root=/dev/vda1" \
+    -drive file=disk.qcow2,if=none,id=d0,format=qcow2 -device virtio-blk-pci,drive=d0,bootindex=1
+"#
+        ),
+        1500,
+    );
+    let (firmware, direct) = out
+        .split_once("host: direct boot")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(firmware.contains("host: qomvm exit status 0"), "{out}");
+    assert_eq!(
+        firmware.matches("SeaBIOS (version").count(),
+        2,
+        "two firmware boots:\n{out}"
+    );
+    assert_eq!(
+        firmware
+            .matches("Debian GNU/Linux (qomvm test guest)")
+            .count(),
+        2,
+        "GRUB's menu on both boots:\n{out}"
+    );
+    for marker in ["boot: 1", "QOMVM-REBOOTING", "boot: 2", "QOMVM-POWEROFF"] {
+        assert!(firmware.contains(marker), "no {marker}:\n{out}");
+    }
+    assert_eq!(shutdowns(firmware, "guest-reset"), 1, "{out}");
+    assert_eq!(shutdowns(firmware, "guest-shutdown"), 1, "{out}");
+    assert!(!out.contains("Kernel panic"), "{out}");
+    assert!(out.contains("host: qemu-img check clean"), "{out}");
+    // SeaBIOS placed the tables: the RSDP in the F segment (a direct boot has it at
+    // 0xe0000, where qomvm writes it).
+    let rsdp = line_after(firmware, "acpi: rsdp 0x").unwrap_or_else(|| panic!("{out}"));
+    let rsdp = u64::from_str_radix(rsdp, 16).unwrap_or_else(|_| panic!("{out}"));
+    assert!(
+        (0xf0000..0x100000).contains(&rsdp),
+        "RSDP at {rsdp:#x}:\n{out}"
+    );
+    let tables = line_after(firmware, "acpi: tables ").unwrap_or_else(|| panic!("{out}"));
+    for t in ["APIC", "DSDT", "FACP"] {
+        assert!(
+            tables.split(' ').any(|x| x == t),
+            "no {t} in {tables}:\n{out}"
+        );
+    }
+    let dmi = line_after(firmware, "dmi: uuid ").unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        dmi.starts_with(&format!("{uuid} serial RIG-SERIAL vendor QEMU")),
+        "{dmi}"
+    );
+    // The same PCI functions, found through the firmware's BARs and routing.
+    let pci = |part: &str| -> Vec<String> {
+        part.lines()
+            .filter(|l| l.trim_start().starts_with("pci: "))
+            .map(|l| l.trim().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    };
+    assert!(!pci(direct).is_empty(), "{out}");
+    assert_eq!(pci(firmware), pci(direct), "{out}");
+    assert!(direct.contains("host: qomvm exit status 0"), "{out}");
+}
