@@ -18,6 +18,8 @@ pub mod kvm {
     pub mod kvm_cpus;
     #[path = "kvm_irq.rs"]
     pub mod kvm_irq;
+    #[path = "kvm_state.rs"]
+    pub mod kvm_state;
     #[path = "x86.rs"]
     pub mod x86;
 }

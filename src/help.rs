@@ -117,6 +117,17 @@ Debug/Expert options:
 -msg timestamp=on|off
                      prefix messages with a UTC timestamp
 -S                   freeze CPUs at startup (use 'cont' to start)
+-incoming unix:socketpath
+                     prepare for incoming migration, listen on a unix socket
+-incoming tcp:[host]:port
+                     prepare for incoming migration, listen on a TCP port
+-incoming file:filename
+                     prepare for incoming migration, read the stream from a file
+-incoming exec:cmdline
+                     accept incoming migration on given file descriptor
+                     or from given external command
+-incoming defer
+                     wait for the URI to be specified via migrate_incoming
 
 Linux/Multiboot boot specific:
 -bios file           set the filename for the BIOS (default: SeaBIOS's bios-256k.bin)

@@ -2,6 +2,7 @@
 
 mod blockdev;
 mod help;
+mod migration;
 mod monitor;
 mod mux;
 mod net;

@@ -119,6 +119,8 @@ pub struct Options {
     pub msg: Vec<Located>,
     /// `-audiodev driver=none,id=ID` (also as JSON).
     pub audiodev: Vec<Located>,
+    /// `-incoming URI|defer`: wait for a migration stream instead of booting.
+    pub incoming: Option<Located>,
     /// `-S`: do not start the vCPUs until the monitor's `cont`.
     pub start_paused: bool,
     /// `-sandbox`: the seccomp policy (on by default).
@@ -182,6 +184,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("msg", Arity::Value),
     ("audiodev", Arity::Value),
     ("S", Arity::Flag),
+    ("incoming", Arity::Value),
     ("sandbox", Arity::Value),
     ("qtest", Arity::Value),
     ("qtest-log", Arity::Value),
@@ -384,6 +387,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "msg" => opts.msg.push(located),
             "audiodev" => opts.audiodev.push(located),
             "S" => opts.start_paused = true,
+            "incoming" => opts.incoming = Some(located),
             "sandbox" => opts.sandbox = Some(located),
             "qtest" => opts.qtest = Some(located),
             "qtest-log" => opts.qtest_log = Some(located),

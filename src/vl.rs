@@ -141,6 +141,10 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         }
     }
     monitor::monitor_init(&machine, opts)?;
+    if let Some(incoming) = &opts.incoming {
+        crate::migration::incoming_at_startup(&machine, &incoming.value, !opts.start_paused)
+            .map_err(|e| incoming.error(e))?;
+    }
     // QEMU's os_setup_post: start-up is done; the waiting parent may exit.
     if let Some(daemon) = daemon {
         daemon.ready();
@@ -880,7 +884,8 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
     let ms = machine_state(machine).expect("machines have a MachineState");
     let mc = machine_class(machine.class()).expect("machines have a MachineClass");
     log::debug!("machine '{}' running", mc.name);
-    if !opts.start_paused {
+    // A migration's destination starts once the stream is in (`crate::migration`).
+    if !opts.start_paused && opts.incoming.is_none() {
         // Fails only without an accelerator, and then there is nothing to start.
         let _ = runstate::vm_start(ms);
     }

@@ -12,10 +12,8 @@
 //!   and powers off;
 //! - bad firmware files and `-kernel` with `-bios` get one-line errors, never a panic.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Debian's SeaBIOS, which the default firmware boot needs.
@@ -77,90 +75,12 @@ fn qtest_pc(extra: &[&str]) -> Output {
     qomvm_output(&args)
 }
 
-/// A qomvm whose stdout (the serial console) is collected as it comes; killed on drop.
-struct Running {
-    child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-}
+/// A qomvm on KVM whose serial console (stdout) the test watches.
+type Running = test_support::console::ConsoleVm;
 
-impl Running {
-    fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
-            .args(args)
-            .env("RUST_LOG", "off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("qomvm starts");
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let mut stdout = child.stdout.take().unwrap();
-        let sink = out.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Running { child, out }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    /// Waits until every one of `wanted` shows on the console; panics with what did show.
-    fn wait_for(&mut self, wanted: &[&str]) {
-        let start = Instant::now();
-        loop {
-            let text = self.text();
-            if wanted.iter().all(|w| text.contains(w)) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                // Let the reader thread drain what is left.
-                std::thread::sleep(Duration::from_millis(200));
-                let text = self.text();
-                assert!(
-                    wanted.iter().all(|w| text.contains(w)),
-                    "qomvm exited ({status}) before printing {wanted:?}; console: {text:?}"
-                );
-                return;
-            }
-            assert!(
-                start.elapsed() < BOOT_TIMEOUT,
-                "no {wanted:?} within {BOOT_TIMEOUT:?}; console: {text:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits for qomvm to exit on its own; returns its exit code.
-    fn wait_exit(&mut self) -> Option<i32> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(200));
-                return status.code();
-            }
-            assert!(
-                start.elapsed() < BOOT_TIMEOUT,
-                "qomvm still running after {BOOT_TIMEOUT:?}; console: {:?}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts qomvm with `args`, waiting up to [`BOOT_TIMEOUT`] for what a test expects.
+fn start_vm(args: &[&str]) -> Running {
+    Running::start(env!("CARGO_BIN_EXE_qomvm"), args, BOOT_TIMEOUT)
 }
 
 fn kvm_or_skip() -> bool {
@@ -243,7 +163,7 @@ fn a_rom_sees_the_pam_modes_of_the_bios_segment() {
     let dir = temp_dir("pam");
     let rom = dir.join("pam.bin");
     std::fs::write(&rom, pam_walk_rom()).unwrap();
-    let mut vm = Running::start(&[
+    let mut vm = start_vm(&[
         "-M",
         "pc",
         "-accel",
@@ -267,7 +187,7 @@ fn seabios_prints_its_banner_on_the_serial_console() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let mut vm = Running::start(&FIRMWARE_VM);
+    let mut vm = start_vm(&FIRMWARE_VM);
     vm.wait_for(&["SeaBIOS (version", "No bootable device."]);
 }
 
@@ -315,7 +235,7 @@ fn seabios_boots_a_virtio_blk_disk_through_its_boot_sector() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, boot_sector_disk()).unwrap();
     let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let mut vm = Running::start(&firmware_vm(&[
+    let mut vm = start_vm(&firmware_vm(&[
         "-drive",
         &drive,
         "-device",
@@ -345,7 +265,7 @@ fn bootindex_orders_the_disks_seabios_tries() {
     std::fs::write(&disk, boot_sector_disk()).unwrap();
     let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
     let d1 = format!("file={},if=none,id=d1,format=raw", disk.display());
-    let mut vm = Running::start(&firmware_vm(&[
+    let mut vm = start_vm(&firmware_vm(&[
         "-drive",
         &d0,
         "-device",
@@ -375,7 +295,7 @@ fn boot_strict_limits_seabios_to_the_bootindex_devices() {
     let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
     for (strict, floppy) in [("off", true), ("on", false)] {
         let boot = format!("strict={strict}");
-        let mut vm = Running::start(&firmware_vm(&[
+        let mut vm = start_vm(&firmware_vm(&[
             "-boot",
             &boot,
             "-drive",
@@ -428,7 +348,7 @@ fn guest_reset_reenters_the_firmware() {
         "-device",
         "virtio-blk-pci,drive=d0,bootindex=1",
     ]);
-    let mut vm = Running::start(&base);
+    let mut vm = start_vm(&base);
     let start = Instant::now();
     while vm.text().matches("SeaBIOS (version").count() < 2 {
         assert!(
@@ -448,7 +368,7 @@ fn guest_reset_reenters_the_firmware() {
 
     let mut args = base.clone();
     args.push("-no-reboot");
-    let mut vm = Running::start(&args);
+    let mut vm = start_vm(&args);
     assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
     assert_eq!(
         vm.text().matches("SeaBIOS (version").count(),
@@ -500,7 +420,7 @@ fn seabios_places_qomvms_acpi_tables_through_the_loader() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, rsdp_scan_disk()).unwrap();
     let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let mut vm = Running::start(&firmware_vm(&[
+    let mut vm = start_vm(&firmware_vm(&[
         "-drive",
         &drive,
         "-device",
@@ -610,7 +530,7 @@ fn boot_once_lasts_until_the_first_reset() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, cmos_boot_order_disk()).unwrap();
     let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let vm = Running::start(&firmware_vm(&[
+    let vm = start_vm(&firmware_vm(&[
         "-boot",
         "once=a,order=d",
         "-drive",
@@ -654,7 +574,7 @@ fn boot_menu_and_reboot_timeout_reach_seabios() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let mut vm = Running::start(&firmware_vm(&[
+    let mut vm = start_vm(&firmware_vm(&[
         "-boot",
         "menu=on,splash-time=100,reboot-timeout=0",
         "-no-reboot",
@@ -666,7 +586,7 @@ fn boot_menu_and_reboot_timeout_reach_seabios() {
         text.contains("No bootable device.  Retrying in 0 seconds."),
         "{text:?}"
     );
-    let mut vm = Running::start(&FIRMWARE_VM);
+    let mut vm = start_vm(&FIRMWARE_VM);
     vm.wait_for(&["No bootable device."]);
     assert!(!vm.text().contains("Press ESC"), "{:?}", vm.text());
     assert!(!vm.text().contains("Retrying"), "{:?}", vm.text());
@@ -741,7 +661,7 @@ fn seabios_installs_the_smbios_tables_from_fw_cfg() {
     let sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
     let uuid = "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6";
-    let mut vm = Running::start(&firmware_vm(&[
+    let mut vm = start_vm(&firmware_vm(&[
         "-drive",
         &drive,
         "-device",

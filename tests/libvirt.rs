@@ -5,6 +5,9 @@
 //! `qemu-monitor-command`, an ACPI shutdown, destroy, and define/start/undefine, checking
 //! `virsh list` at each step.
 //!
+//! Then a Linux domain (the Debian test guest, with a virtio disk and virtio network)
+//! boots under libvirt, inside the nested rig where `/dev/kvm` is PVM.
+//!
 //! Skipped, with the reason printed, where libvirt cannot run: not root (libvirtd is a
 //! system daemon), no usable `/dev/kvm`, or the setup script failing (no network for apt,
 //! no Debian). Every domain a test creates is destroyed and undefined on every path.
@@ -12,6 +15,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+#[allow(dead_code)] // what the Linux-domain test needs of the rig helpers
+mod guest_rig;
 
 use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
 use test_support::guest::{Asm, Cond, EAX, ECX, ESI};
@@ -484,3 +490,117 @@ fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
     virsh_ok(&["destroy", &dom.name]);
     assert_eq!(listed_state(&dom.name), None);
 }
+
+/// Issue 14: a Linux domain with a virtio disk (a qcow2 overlay of the test guest's root
+/// file system) and virtio network (`<interface type='user'>`) boots under libvirt to its
+/// init marker, gets an address by DHCP, pings the gateway and powers off; libvirt then
+/// lists it no more. Where `/dev/kvm` is PVM, libvirtd runs inside the nested rig (set up
+/// there by `scripts/libvirt-setup.sh`), on L1's KVM.
+#[test]
+fn a_linux_domain_with_virtio_disk_and_network_boots_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let _one = guest_rig::BOOTS.lock().unwrap_or_else(|e| e.into_inner());
+    let assets = match guest_rig::assets() {
+        Ok(d) => d,
+        Err(e) => panic!("guest assets: {e}"),
+    };
+    let work = match guest_rig::kvm_path() {
+        guest_rig::Path_::NestedRig => "/tmp/qomvm-libvirt-linux".to_string(),
+        guest_rig::Path_::Direct => std::env::temp_dir()
+            .join(format!("qomvm-libvirt-linux-{}", std::process::id()))
+            .display()
+            .to_string(),
+    };
+    let envs = [
+        ("QOMVM_BIN", env!("CARGO_BIN_EXE_qomvm").to_string()),
+        ("QOMVM_ASSETS", assets.display().to_string()),
+        (
+            "QOMVM_SCRIPTS",
+            guest_rig::repo().join("scripts").display().to_string(),
+        ),
+        ("QOMVM_WORK", work),
+    ];
+    let out = guest_rig::host_or_rig(&["/bin/sh", "-c", LINUX_DOMAIN_SCRIPT], &[], &envs, 900);
+    let text = guest_rig::text(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for line in [
+        "host: domain created",
+        "QOMVM-GUEST-READY",
+        "root: /dev/vda rw",
+        "net: eth0 10.0.2.15/24 52:54:00:4c:56:01",
+        "QOMVM-PING-OK 10.0.2.2",
+        "QOMVM-POWEROFF",
+        "host: the domain is gone",
+    ] {
+        assert!(text.contains(line), "no '{line}':\n{text}");
+    }
+    assert!(
+        text.contains("pci: 0000:00:") && text.contains(" 0x1af4:0x1000"),
+        "no virtio-net-pci function:\n{text}"
+    );
+}
+
+/// Run by the test above, on this host or in the rig: sets libvirt up, creates the domain,
+/// waits for it to end, prints its serial log and libvirt's view.
+const LINUX_DOMAIN_SCRIPT: &str = r#"
+set -u
+rm -rf "$QOMVM_WORK" && mkdir -p "$QOMVM_WORK" && cd "$QOMVM_WORK" || exit 1
+"$QOMVM_SCRIPTS/libvirt-setup.sh" >setup.log 2>&1 || { echo "host: libvirt-setup.sh failed"; cat setup.log; exit 1; }
+name=qomvm-test-linux-$$
+qemu-img create -q -f qcow2 -b "$QOMVM_ASSETS/rootfs.ext4" -F raw disk.qcow2 || exit 1
+cat >domain.xml <<EOF
+<domain type='kvm'>
+  <name>$name</name>
+  <memory unit='MiB'>512</memory>
+  <vcpu>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$QOMVM_ASSETS/vmlinuz</kernel>
+    <initrd>$QOMVM_ASSETS/initramfs.cpio.gz</initrd>
+    <cmdline>console=ttyS0 panic=-1 qomvm.root=/dev/vda qomvm.net=dhcp qomvm.nettest=ping:10.0.2.2</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <emulator>$QOMVM_BIN</emulator>
+    <controller type='usb' model='none'/>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$QOMVM_WORK/disk.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='user'>
+      <mac address='52:54:00:4c:56:01'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'><source path='$QOMVM_WORK/serial.log'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+EOF
+if ! virsh -c qemu:///system create domain.xml; then
+    echo "host: virsh create failed"
+    tail -n 30 "/var/log/libvirt/qemu/$name.log" 2>/dev/null
+    exit 1
+fi
+echo "host: domain created"
+i=0
+while virsh -c qemu:///system domstate "$name" >/dev/null 2>&1; do
+    i=$((i + 1))
+    if [ $i -gt 1500 ]; then
+        echo "host: the domain still runs after 750 s"
+        virsh -c qemu:///system destroy "$name"
+        break
+    fi
+    sleep 0.5
+done
+tr -d '\r' <serial.log
+virsh -c qemu:///system list --all --name | grep -qx "$name" || echo "host: the domain is gone"
+echo "host: libvirt's log of the domain:"
+tail -n 5 "/var/log/libvirt/qemu/$name.log" 2>/dev/null | sed 's/^/host:   /'
+"#;

@@ -3,6 +3,7 @@
 //! (the PIT comes later, from the board's `kvm-pit`), and maps guest RAM as memory slots. Its [`AccelOps`] start one thread per vCPU
 //! and route interrupts and eventfds (`kvm_irq.rs`).
 
+use hw::core::vmstate::{VmStateError, VmStateSection};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -98,6 +99,11 @@ pub struct KvmVm {
     pub(crate) vcpus: VcpuSet,
     /// GSI routing, irqfd and ioeventfd (`kvm_irq.rs`).
     irq: KvmIrq,
+    /// Whether `KVM_CREATE_PIT2` made a PIT (its state is then saved with the VM's).
+    has_pit: std::sync::atomic::AtomicBool,
+    /// CPU states loaded for a migration, taken by each vCPU at its next reset.
+    pub(crate) incoming_cpu_state:
+        parking_lot::Mutex<std::collections::BTreeMap<u32, hw::core::vmstate::VmStateSection>>,
     /// CPUID features already warned about (QEMU warns once).
     pub(crate) warned_features: parking_lot::Mutex<std::collections::BTreeSet<&'static str>>,
     this: Weak<KvmVm>,
@@ -147,6 +153,8 @@ impl KvmVm {
             vcpus: VcpuSet::default(),
             irq,
             warned_features: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
+            has_pit: std::sync::atomic::AtomicBool::new(false),
+            incoming_cpu_state: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             this: this.clone(),
         }))
     }
@@ -248,6 +256,7 @@ impl AccelOps for KvmVm {
                 reason: errno_text(errno),
             }));
         }
+        self.has_pit.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -283,6 +292,34 @@ impl AccelOps for KvmVm {
                 |vcpu| crate::kvm::x86::register_dump(vcpu),
             )
             .ok_or(CpuDumpError::Timeout(index, TIMEOUT_MS))
+    }
+
+    fn save_cpu_state(&self, index: u32) -> Result<VmStateSection, VmStateError> {
+        const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+        if !self.vcpus.has_thread(index) {
+            return Err(VmStateError::Host(format!("CPU {index} has no thread")));
+        }
+        let msrs = self.msr_index_list.clone();
+        self.vcpus
+            .run_on_cpu(index, TIMEOUT, move |vcpu| {
+                crate::kvm::kvm_state::save_cpu_state(vcpu, &msrs)
+            })
+            .ok_or_else(|| {
+                VmStateError::Host(format!("CPU {index} did not answer within {TIMEOUT:?}"))
+            })?
+    }
+
+    fn load_cpu_state(&self, index: u32, state: VmStateSection) -> Result<(), VmStateError> {
+        self.incoming_cpu_state.lock().insert(index, state);
+        Ok(())
+    }
+
+    fn save_vm_state(&self) -> Result<VmStateSection, VmStateError> {
+        crate::kvm::kvm_state::save_vm_state(&self.vm, self.has_pit.load(Ordering::Relaxed))
+    }
+
+    fn load_vm_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        crate::kvm::kvm_state::load_vm_state(&self.vm, self.has_pit.load(Ordering::Relaxed), state)
     }
 
     fn send_msi(&self, msg: MsiMessage) -> Result<(), AccelIrqError> {

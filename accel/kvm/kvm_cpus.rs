@@ -468,7 +468,18 @@ fn vcpu_thread(
                         log::info!(target: "boot", "first KVM_RUN {:.1} ms after process start", start.elapsed().as_secs_f64() * 1e3);
                     }
                 }
-                if let Err(e) = x86::reset_vcpu(vm, cpu, &mut vcpu, &pristine) {
+                // A migration's destination: the saved state replaces the reset one.
+                let incoming = vm.incoming_cpu_state.lock().remove(&index);
+                let reset =
+                    x86::reset_vcpu(vm, cpu, &mut vcpu, &pristine).and_then(|()| match incoming {
+                        Some(state) => crate::kvm::kvm_state::load_cpu_state(&vcpu, &state)
+                            .map_err(|e| KvmError::Ioctl {
+                                what: "loading the migrated CPU state",
+                                reason: e.to_string(),
+                            }),
+                        None => Ok(()),
+                    });
+                if let Err(e) = reset {
                     qom::error_report!("CPU {index}: {e}");
                     request(vm, RunRequest::GuestError);
                     vm.vcpus.reset_finished(index, &mut vcpu, seen_gen, false);

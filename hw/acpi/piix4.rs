@@ -7,6 +7,7 @@
 //! anyway still sleeps. PM1_EN.RTC_EN lets the RTC alarm wake the machine; a wake-up
 //! latches WAK_STS and the status of its cause (QEMU's `acpi_notify_wakeup`).
 
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -59,7 +60,9 @@ struct PmRegs {
 /// The PM register block.
 struct Pm {
     regs: Mutex<PmRegs>,
-    start: Instant,
+    /// When the PM timer read 0 (moved back on a migration's destination so the timer
+    /// goes on from where it was).
+    start: Mutex<Instant>,
     sci: IrqLine,
     machine: Weak<MachineServices>,
     /// SLP_TYP of S4 (the `s4_val` property).
@@ -72,7 +75,7 @@ impl Pm {
     }
 
     fn timer(&self) -> u32 {
-        let ticks = self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
+        let ticks = self.start.lock().elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
         (ticks & 0x00ff_ffff) as u32
     }
 }
@@ -241,6 +244,36 @@ impl DeviceImpl for Piix4Pm {
             pm.reset();
         }
     }
+
+    /// QEMU's `vmstate_acpi`: the configuration space, PM1 status/enable/control and the
+    /// PM timer's age.
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        let mut s = VmStateSection::new(1);
+        self.parent.save_pci_state(&mut s);
+        let pm = self.pm.lock().clone().ok_or_else(|| VmStateError::Host("PIIX4_PM is not realized".into()))?;
+        let regs = pm.regs.lock();
+        s.put("pm1_sts", regs.sts);
+        s.put("pm1_en", regs.en);
+        s.put("pm1_cnt", regs.cnt);
+        s.put("timer_ns", pm.start.lock().elapsed().as_nanos() as u64);
+        Ok(s)
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        state.check_version(1, 1)?;
+        self.parent.load_pci_state(state)?;
+        let pm = self.pm.lock().clone().ok_or_else(|| VmStateError::Host("PIIX4_PM is not realized".into()))?;
+        let timer_ns: u64 = state.get("timer_ns")?;
+        let mut regs = pm.regs.lock();
+        regs.sts = state.get("pm1_sts")?;
+        regs.en = state.get("pm1_en")?;
+        regs.cnt = state.get("pm1_cnt")?;
+        *pm.start.lock() = Instant::now()
+            .checked_sub(std::time::Duration::from_nanos(timer_ns))
+            .unwrap_or_else(Instant::now);
+        pm.update_sci(&regs);
+        Ok(())
+    }
 }
 
 impl PciDeviceImpl for Piix4Pm {
@@ -258,7 +291,7 @@ impl PciDeviceImpl for Piix4Pm {
                 // No SMI handshake exists without firmware: the machine starts in ACPI mode.
                 cnt: PM1_CNT_SCI_EN,
             }),
-            start: Instant::now(),
+            start: Mutex::new(Instant::now()),
             sci: IrqLine::new(GsiRouter::new(services), SCI_IRQ),
             machine: Arc::downgrade(services),
             s4_val: self.s4_val.get().into(),

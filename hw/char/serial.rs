@@ -22,6 +22,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 use crate::core::chardev::{chardev_find, CharBackend};
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::IrqLine;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{
@@ -186,6 +187,51 @@ impl SerialPort {
         inner.pending.clear();
         inner.dropped_input = false;
         inner.update_irq();
+    }
+
+    /// QEMU's `vmstate_serial`: the registers, the FIFO, the input not yet in it.
+    fn save_state(&self) -> VmStateSection {
+        let inner = self.inner.lock();
+        let st = inner.uart.state();
+        VmStateSection::new(1)
+            .with("dll", st.baud_divisor_low)
+            .with("dlm", st.baud_divisor_high)
+            .with("ier", st.interrupt_enable)
+            .with("iir", st.interrupt_identification)
+            .with("lcr", st.line_control)
+            .with("lsr", st.line_status)
+            .with("mcr", st.modem_control)
+            .with("msr", st.modem_status)
+            .with("scr", st.scratch)
+            .with_bytes("fifo", &st.in_buffer)
+            .with_bytes("pending", &inner.pending.iter().copied().collect::<Vec<u8>>())
+    }
+
+    fn load_state(&self, s: &VmStateSection) -> Result<(), VmStateError> {
+        s.check_version(1, 1)?;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.get("dll")?,
+            baud_divisor_high: s.get("dlm")?,
+            interrupt_enable: s.get("ier")?,
+            interrupt_identification: s.get("iir")?,
+            line_control: s.get("lcr")?,
+            line_status: s.get("lsr")?,
+            modem_control: s.get("mcr")?,
+            modem_status: s.get("msr")?,
+            scratch: s.get("scr")?,
+            in_buffer: s.get_bytes("fifo")?,
+        };
+        let pending = s.get_bytes("pending")?;
+        let mut inner = self.inner.lock();
+        let writer = BackendWriter(inner.uart.writer().0.clone());
+        inner.uart = Serial::from_state(&state, LevelFromRegisters, NoEvents, writer)
+            .map_err(|e| VmStateError::BadField {
+                field: "fifo".into(),
+                reason: format!("{e:?}"),
+            })?;
+        inner.pending = pending.into();
+        inner.update_irq();
+        Ok(())
     }
 
     fn read_byte(inner: &mut SerialInner, offset: u64) -> u8 {
@@ -433,6 +479,14 @@ impl DeviceImpl for IsaSerial {
 
     fn reset(&self) {
         self.port.reset();
+    }
+
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        Ok(self.port.save_state())
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        self.port.load_state(state)
     }
 }
 

@@ -5,6 +5,7 @@
 //! this trait; the accelerator chosen by `configure_accelerators` installs its
 //! implementation in the machine.
 
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use std::sync::Arc;
 
 use qom::{Error, ObjectRef};
@@ -178,6 +179,26 @@ pub trait AccelOps: Send + Sync {
     /// Undoes [`AccelOps::add_ioeventfd`].
     fn remove_ioeventfd(&self, _at: IoEventAddr, _fd: &EventFd) -> Result<(), AccelIrqError> {
         Err(self.irq_unsupported("ioeventfd"))
+    }
+    /// CPU `index`'s state for a snapshot or migration (registers, MSRs, local APIC,
+    /// pending events), read on its thread; call with the vCPUs paused.
+    fn save_cpu_state(&self, _index: u32) -> Result<VmStateSection, VmStateError> {
+        Err(VmStateError::Unmigratable(format!("{} CPU", self.name())))
+    }
+    /// Gives CPU `index` a saved state: the vCPU takes it instead of its reset state when
+    /// it next goes through reset, which on a migration's destination is before its first
+    /// instruction.
+    fn load_cpu_state(&self, _index: u32, _state: VmStateSection) -> Result<(), VmStateError> {
+        Err(VmStateError::Unmigratable(format!("{} CPU", self.name())))
+    }
+    /// The accelerator's own VM state (in-kernel interrupt controllers, PIT, clock); call
+    /// with the vCPUs paused.
+    fn save_vm_state(&self) -> Result<VmStateSection, VmStateError> {
+        Err(VmStateError::Unmigratable(self.name().to_string()))
+    }
+    /// Loads [`AccelOps::save_vm_state`]'s section, before the vCPUs first run.
+    fn load_vm_state(&self, _state: &VmStateSection) -> Result<(), VmStateError> {
+        Err(VmStateError::Unmigratable(self.name().to_string()))
     }
     /// The accelerator's name for [`AccelIrqError::Unsupported`] (`kvm`, `qtest`).
     fn name(&self) -> &'static str {

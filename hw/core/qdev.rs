@@ -16,6 +16,7 @@ use qom::{
     ObjectClass, ObjectRef, ObjectType, Property, PropertyKind, Value, WeakObjectRef,
 };
 
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::bus::BusState;
 use crate::core::memory::MemoryError;
 use crate::core::services::MachineServices;
@@ -105,6 +106,9 @@ pub trait DeviceImpl: ObjectType<Parent: DeviceParent> {
     const HOTPLUGGABLE: bool = <Self::Parent as DeviceParent>::HOTPLUGGABLE;
     /// The bus type it plugs into.
     const BUS_TYPE: Option<&'static str> = <Self::Parent as DeviceParent>::BUS_TYPE;
+    /// The device holds no state a migration must carry (none at all, or all of it in the
+    /// accelerator): the default save/load move an empty section. Not inherited either.
+    const STATELESS: bool = false;
 
     /// QEMU's `DeviceClass::realize`: sets the device up with what `ctx` hands it.
     fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
@@ -117,6 +121,24 @@ pub trait DeviceImpl: ObjectType<Parent: DeviceParent> {
     /// QEMU's legacy `DeviceClass::reset`: back to the power-on state.
     fn reset(&self) {
         self.parent_state().parent_reset()
+    }
+    /// QEMU's `DeviceClass::vmsd`, saving: the device's state for a snapshot or a
+    /// migration, taken with the vCPUs paused. Not inherited: a type that was never taught
+    /// what it holds blocks migration (QEMU's unmigratable devices) instead of moving
+    /// without its own state; a subclass saves its parent's fields itself.
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        if Self::STATELESS {
+            return Ok(VmStateSection::new(1));
+        }
+        Err(VmStateError::Unmigratable(Self::TYPE_NAME.to_string()))
+    }
+    /// Loading: puts back what [`DeviceImpl::save_state`] saved (on the destination, after
+    /// realize and before the vCPUs first run).
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        if Self::STATELESS {
+            return state.check_version(1, 1);
+        }
+        Err(VmStateError::Unmigratable(Self::TYPE_NAME.to_string()))
     }
 }
 
@@ -179,6 +201,10 @@ pub trait Device: Send + Sync {
     fn unrealize(&self, ctx: &DeviceContext);
     /// [`DeviceImpl::reset`].
     fn reset(&self);
+    /// [`DeviceImpl::save_state`].
+    fn save_state(&self) -> Result<VmStateSection, VmStateError>;
+    /// [`DeviceImpl::load_state`].
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError>;
 }
 
 impl<T: DeviceImpl> Device for T {
@@ -190,6 +216,12 @@ impl<T: DeviceImpl> Device for T {
     }
     fn reset(&self) {
         DeviceImpl::reset(self)
+    }
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        DeviceImpl::save_state(self)
+    }
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        DeviceImpl::load_state(self, state)
     }
 }
 

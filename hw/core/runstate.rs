@@ -168,6 +168,12 @@ pub enum RunStatus {
     GuestPanicked,
     /// The guest sleeps in ACPI S3 until a wake-up.
     Suspended,
+    /// A migration's destination, waiting for or loading the stream.
+    InMigrate,
+    /// A migration's source, stopped for the final copy.
+    FinishMigrate,
+    /// A migration's source after it completed (the guest now runs elsewhere).
+    PostMigrate,
 }
 
 impl RunStatus {
@@ -181,6 +187,9 @@ impl RunStatus {
             RunStatus::InternalError => "internal-error",
             RunStatus::GuestPanicked => "guest-panicked",
             RunStatus::Suspended => "suspended",
+            RunStatus::InMigrate => "inmigrate",
+            RunStatus::FinishMigrate => "finish-migrate",
+            RunStatus::PostMigrate => "postmigrate",
         }
     }
 
@@ -573,6 +582,12 @@ impl VmState {
         *self.status.lock()
     }
 
+    /// QEMU's `runstate_set` for the migration states: sets `status` without touching the
+    /// vCPUs (a destination waits in `inmigrate`, a source ends in `postmigrate`).
+    pub fn set_migration_status(&self, status: RunStatus) {
+        *self.status.lock() = status;
+    }
+
     /// Whether the vCPUs are running (`query-status`'s `running`).
     pub fn is_running(&self) -> bool {
         self.status() == RunStatus::Running
@@ -665,7 +680,7 @@ pub fn vm_start(vm: &impl AsRef<VmState>) -> Result<(), RunStateError> {
         _ => {}
     }
     let ops = vm.accel_ops().ok_or(RunStateError::NoAccelerator)?;
-    if *current == RunStatus::Prelaunch {
+    if matches!(*current, RunStatus::Prelaunch | RunStatus::InMigrate) {
         ops.vm_start();
     } else {
         ops.resume_all();

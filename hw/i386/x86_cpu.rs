@@ -632,6 +632,8 @@ enum X86CpuError {
 }
 
 impl DeviceImpl for X86Cpu {
+    // Registers, MSRs and LAPIC travel in the accelerator's CPU sections.
+    const STATELESS: bool = true;
     const DESCRIPTION: Option<&'static str> = Some("x86 CPU");
 
     fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {

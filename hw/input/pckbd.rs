@@ -18,6 +18,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 use qom::{type_init, Prop};
 
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::IrqLine;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
@@ -274,10 +275,61 @@ impl Ps2Mouse {
 }
 
 /// Where the byte in the output buffer came from.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Source {
     Kbd,
     Mouse,
+}
+
+impl KbdState {
+    /// QEMU's `vmstate_kbd` with the PS/2 devices' `vmstate_ps2_keyboard`/`_mouse`.
+    fn save_state(&self) -> VmStateSection {
+        let (k, m) = (&self.kbd, &self.mouse);
+        VmStateSection::new(1)
+            .with("mode", self.mode)
+            .with("status", self.status)
+            .with("outport", self.outport)
+            .with("write_cmd", self.write_cmd)
+            .with("ob", self.ob)
+            .with("obdata", self.obdata)
+            .with("ctrl", self.ctrl.iter().copied().collect::<Vec<_>>())
+            .with_bytes("kbd_queue", &k.queue.iter().copied().collect::<Vec<u8>>())
+            .with("kbd_arg_cmd", k.arg_cmd)
+            .with("kbd_scan_enabled", k.scan_enabled)
+            .with("kbd_scancode_set", k.scancode_set)
+            .with_bytes("mouse_queue", &m.queue.iter().copied().collect::<Vec<u8>>())
+            .with("mouse_arg_cmd", m.arg_cmd)
+            .with("mouse_enabled", m.enabled)
+            .with("mouse_sample_rate", m.sample_rate)
+            .with("mouse_resolution", m.resolution)
+            .with("mouse_scaling_2to1", m.scaling_2to1)
+            .with("mouse_remote", m.remote)
+    }
+
+    fn load_state(&mut self, s: &VmStateSection) -> Result<(), VmStateError> {
+        s.check_version(1, 1)?;
+        let ctrl: Vec<(u8, Source)> = s.get("ctrl")?;
+        self.mode = s.get("mode")?;
+        self.status = s.get("status")?;
+        self.outport = s.get("outport")?;
+        self.write_cmd = s.get("write_cmd")?;
+        self.ob = s.get("ob")?;
+        self.obdata = s.get("obdata")?;
+        self.ctrl = ctrl.into();
+        self.kbd.queue = s.get_bytes("kbd_queue")?.into();
+        self.kbd.arg_cmd = s.get("kbd_arg_cmd")?;
+        self.kbd.scan_enabled = s.get("kbd_scan_enabled")?;
+        self.kbd.scancode_set = s.get("kbd_scancode_set")?;
+        self.mouse.queue = s.get_bytes("mouse_queue")?.into();
+        self.mouse.arg_cmd = s.get("mouse_arg_cmd")?;
+        self.mouse.enabled = s.get("mouse_enabled")?;
+        self.mouse.sample_rate = s.get("mouse_sample_rate")?;
+        self.mouse.resolution = s.get("mouse_resolution")?;
+        self.mouse.scaling_2to1 = s.get("mouse_scaling_2to1")?;
+        self.mouse.remote = s.get("mouse_remote")?;
+        self.update_irq();
+        Ok(())
+    }
 }
 
 struct KbdState {
@@ -683,6 +735,14 @@ impl DeviceImpl for I8042 {
 
     fn reset(&self) {
         self.ctrl.reset();
+    }
+
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        Ok(self.ctrl.state.lock().save_state())
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        self.ctrl.state.lock().load_state(state)
     }
 }
 

@@ -2,6 +2,7 @@
 //! the ISA bus, whose IRQs reach the interrupt controller, and the reset control register at
 //! port 0xcf9.
 
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use std::sync::{Arc, Weak};
 
 use qom::type_init;
@@ -50,6 +51,19 @@ impl DeviceImpl for Piix3 {
     const DESCRIPTION: Option<&'static str> = Some("ISA bridge");
     const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
     const USER_CREATABLE: bool = false;
+
+    /// The configuration space: the reset control register keeps nothing, and the ISA
+    /// interrupt levels live in the accelerator's interrupt controllers.
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        let mut s = VmStateSection::new(1);
+        self.parent.save_pci_state(&mut s);
+        Ok(s)
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        state.check_version(1, 1)?;
+        self.parent.load_pci_state(state)
+    }
 }
 
 impl PciDeviceImpl for Piix3 {

@@ -55,6 +55,8 @@ impl MemoryRegionOps for DebugExitPort {
 struct NoPorts;
 
 impl DeviceImpl for DebugExit {
+    // A write ends the process: nothing to keep.
+    const STATELESS: bool = true;
     const CATEGORY: DeviceCategory = DeviceCategory::Misc;
 
     fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {

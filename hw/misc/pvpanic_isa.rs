@@ -36,6 +36,8 @@ impl PvPanicIsa {
 }
 
 impl DeviceImpl for PvPanicIsa {
+    // Its register reports events and keeps nothing.
+    const STATELESS: bool = true;
     const CATEGORY: DeviceCategory = DeviceCategory::Misc;
 
     fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {

@@ -41,6 +41,7 @@ use parking_lot::Mutex;
 use qom::{type_init, Error, Object, Prop, Typed};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::machine::MachineState;
 use crate::core::memory::{AddressSpace, MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{
@@ -519,6 +520,25 @@ impl DeviceImpl for FwCfgIo {
             io.unmap(&region);
         }
         DeviceImpl::unrealize(&self.parent, ctx);
+    }
+
+    /// QEMU's `vmstate_fw_cfg`: the selected item, the read offset, the DMA address being
+    /// written (the items themselves come from the configuration, the same on both sides).
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        let inner = self.inner.lock();
+        Ok(VmStateSection::new(1)
+            .with("cur_entry", inner.cur_entry)
+            .with("cur_offset", inner.cur_offset)
+            .with("dma_addr", inner.dma_addr))
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        state.check_version(1, 1)?;
+        let mut inner = self.inner.lock();
+        inner.cur_entry = state.get("cur_entry")?;
+        inner.cur_offset = state.get("cur_offset")?;
+        inner.dma_addr = state.get("dma_addr")?;
+        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@ use qom::{
 };
 
 use crate::core::bus::BusState;
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::{IrqHandler, IrqLine};
 use crate::core::memory::{AddressSpace, MemoryRegion};
 use crate::core::qdev::{
@@ -739,6 +740,32 @@ impl PciDevice {
     /// The device's INTx pin, for handlers that interrupt from other threads.
     pub fn intx(&self) -> Arc<IntxPin> {
         self.intx.clone()
+    }
+
+    /// QEMU's `vmstate_pci_device`: the configuration space and the INTx level, as fields
+    /// of the device's own section.
+    pub fn save_pci_state(&self, section: &mut VmStateSection) {
+        section.put_bytes("pci_config", &self.config.lock().bytes);
+        section.put("pci_irq_level", self.intx.state.lock().1);
+    }
+
+    /// Loads [`PciDevice::save_pci_state`]'s fields: the configuration space (the BARs are
+    /// re-mapped from it), then the INTx level.
+    pub fn load_pci_state(&self, section: &VmStateSection) -> Result<(), VmStateError> {
+        let bytes: [u8; 256] = section.get_array("pci_config")?;
+        let level: bool = section.get("pci_irq_level")?;
+        let saved_ids = &bytes[..4];
+        let ids = self.config.lock().bytes[..4].to_vec();
+        if saved_ids != ids.as_slice() {
+            return Err(VmStateError::Mismatch(format!(
+                "PCI vendor/device {:02x?} in the stream, {:02x?} here",
+                saved_ids, ids
+            )));
+        }
+        self.config.lock().bytes = bytes;
+        self.update_mappings();
+        self.intx.set(level);
+        Ok(())
     }
 }
 

@@ -3,6 +3,8 @@
 //! `i440FX` host bridge function at 00:00.0 (8086:1237).
 
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use std::sync::Arc;
 
 use qom::{type_init, WeakObjectRef};
@@ -171,6 +173,20 @@ impl DeviceImpl for I440fxHost {
         services.system_io().map(0xcfc, data)?;
         Ok(())
     }
+
+    /// The configuration address register (0xcf8); the PIRQ counts follow from the
+    /// devices' INTx levels, which they load themselves.
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        Ok(VmStateSection::new(1).with("config_address", self.regs.config_address.load(Ordering::Relaxed)))
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        state.check_version(1, 1)?;
+        self.regs
+            .config_address
+            .store(state.get("config_address")?, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// QEMU's `PCII440FXState`: the host bridge's PCI function.
@@ -190,6 +206,20 @@ impl DeviceImpl for I440fx {
     const DESCRIPTION: Option<&'static str> = Some("Host bridge");
     const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
     const USER_CREATABLE: bool = false;
+
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        let mut s = VmStateSection::new(1);
+        self.parent.save_pci_state(&mut s);
+        Ok(s)
+    }
+
+    /// The configuration space, then the shadow RAM mapping its PAM registers select.
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        state.check_version(1, 1)?;
+        self.parent.load_pci_state(state)?;
+        self.apply_pam();
+        Ok(())
+    }
 }
 
 impl PciDeviceImpl for I440fx {
@@ -209,19 +239,23 @@ impl PciDeviceImpl for I440fx {
     /// QEMU's `i440fx_write_config`: a PAM register write remaps shadow RAM.
     fn config_write(&self, addr: usize, _val: u32, len: usize) {
         use crate::pci_host::pam::{I440FX_PAM, I440FX_PAM_SIZE};
-        let Some(pam) = self.pam.get() else {
-            return;
-        };
-        if addr + len <= I440FX_PAM || addr >= I440FX_PAM + I440FX_PAM_SIZE {
-            return;
+        if addr + len > I440FX_PAM && addr < I440FX_PAM + I440FX_PAM_SIZE {
+            self.apply_pam();
         }
-        let regs: [u8; I440FX_PAM_SIZE] =
-            std::array::from_fn(|i| self.parent.read_config(I440FX_PAM + i, 1) as u8);
-        pam.update(&regs);
     }
 }
 
 impl I440fx {
+    /// Re-applies the PAM registers 0x59-0x5f to the memory map.
+    fn apply_pam(&self) {
+        use crate::pci_host::pam::{I440FX_PAM, I440FX_PAM_SIZE};
+        if let Some(pam) = self.pam.get() {
+            let regs: [u8; I440FX_PAM_SIZE] =
+                std::array::from_fn(|i| self.parent.read_config(I440FX_PAM + i, 1) as u8);
+            pam.update(&regs);
+        }
+    }
+
     /// Hands the function the PAM that its registers 0x59-0x5f drive (the board does, when
     /// it boots firmware). The registers' current values apply at once.
     pub fn set_pam(&self, pam: crate::pci_host::pam::Pam) {

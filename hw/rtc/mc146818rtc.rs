@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Condvar, Mutex};
 use qom::{type_init, ObjectRef, Prop, Typed};
 
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::IrqLine;
 use crate::core::runstate::{self, WakeupReason};
 use crate::core::services::MachineServices;
@@ -634,6 +635,43 @@ impl Rtc {
         self.state.lock().reset();
     }
 
+    /// QEMU's `vmstate_rtc`: CMOS memory, the index, the guest clock's offset from the
+    /// host's, the flags' progress, the periodic timer (relative to now) and the IRQ level.
+    pub fn save_state(&self) -> VmStateSection {
+        let s = self.state.lock();
+        let now = s.host_ns();
+        VmStateSection::new(1)
+            .with_bytes("cmos", &s.cmos)
+            .with("index", s.index)
+            .with("offset_ns", s.offset)
+            .with("last_sec", s.last_sec)
+            .with("periodic_in_ns", s.next_periodic.map(|t| t.saturating_sub(now)))
+            .with("irq_level", s.level)
+    }
+
+    /// Loads [`Rtc::save_state`]'s section; the interrupt thread picks the timers up.
+    pub fn load_state(self: &Arc<Self>, state: &VmStateSection) -> Result<(), VmStateError> {
+        state.check_version(1, 1)?;
+        let cmos: [u8; CMOS_SIZE] = state.get_array("cmos")?;
+        let periodic: Option<i64> = state.get("periodic_in_ns")?;
+        let mut s = self.state.lock();
+        s.cmos = cmos;
+        s.index = state.get("index")?;
+        s.offset = state.get("offset_ns")?;
+        s.last_sec = state.get("last_sec")?;
+        let now = s.host_ns();
+        s.next_periodic = periodic.map(|p| now.saturating_add(p));
+        s.level = !state.get::<bool>("irq_level")?;
+        s.update_irq();
+        let wants_timer = s.next_event_in().is_some();
+        drop(s);
+        if wants_timer {
+            self.start_timer();
+        }
+        self.wake.notify_all();
+        Ok(())
+    }
+
     /// Reads port `offset` (0 index, 1 data).
     pub fn read_port(&self, offset: u64) -> u8 {
         if offset & 1 == 0 {
@@ -786,6 +824,14 @@ impl DeviceImpl for Mc146818Rtc {
 
     fn reset(&self) {
         self.rtc.reset();
+    }
+
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        Ok(self.rtc.save_state())
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        self.rtc.load_state(state)
     }
 }
 

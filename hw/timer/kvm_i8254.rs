@@ -46,6 +46,8 @@ impl KvmPit {
 }
 
 impl DeviceImpl for KvmPit {
+    // The PIT's state is KVM's, saved with the accelerator's VM section.
+    const STATELESS: bool = true;
     const CATEGORY: DeviceCategory = DeviceCategory::Misc;
     const USER_CREATABLE: bool = false;
 

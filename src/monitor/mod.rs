@@ -133,7 +133,8 @@ pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionErr
     hw::core::qapi_event::set_sink(Box::new(|name, data| {
         broadcast_event(&client::event_message(name, data))
     }));
-    if opts.start_paused {
+    // With -S, or waiting for a migration stream, the vCPUs do not start first.
+    if opts.start_paused || opts.incoming.is_some() {
         open_dispatch();
     }
     let mut backends = Vec::new();

@@ -115,6 +115,9 @@ pub enum QmpError {
     /// A balloon command without a balloon, or with a bad target.
     #[error(transparent)]
     Balloon(#[from] BalloonError),
+    /// `migrate`/`migrate-incoming` refused.
+    #[error(transparent)]
+    Migrate(#[from] crate::migration::MigrateError),
     /// A command that failed, in QEMU's words (a `GenericError`).
     #[error("{0}")]
     Failed(String),
@@ -276,6 +279,12 @@ pub struct QmpEvent {
     pub data: &'static [Arg],
 }
 
+/// QEMU's `MigrationStatus`, the `status` of `MIGRATION`.
+pub const MIGRATION_STATUS: QapiEnum = QapiEnum {
+    name: "MigrationStatus",
+    values: crate::migration::MIGRATION_STATUS_VALUES,
+};
+
 /// QEMU's `ShutdownCause`, the `reason` of `SHUTDOWN` and `RESET`: the causes qomvm has
 /// (`hw::core::runstate::ShutdownCause`), in QEMU's order.
 pub const SHUTDOWN_CAUSE: QapiEnum = QapiEnum {
@@ -322,6 +331,10 @@ pub const EVENTS: &[QmpEvent] = &[
     QmpEvent {
         name: "STOP",
         data: &[],
+    },
+    QmpEvent {
+        name: "MIGRATION",
+        data: &[Arg::required("status", ArgType::Enum(&MIGRATION_STATUS))],
     },
     QmpEvent {
         name: "RESUME",

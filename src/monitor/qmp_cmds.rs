@@ -71,6 +71,52 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: migrate_set_capabilities,
     },
     QmpCommand {
+        name: "migrate",
+        args: &[
+            Arg::required("uri", ArgType::Str),
+            Arg::optional("blk", ArgType::Bool),
+            Arg::optional("inc", ArgType::Bool),
+            Arg::optional("detach", ArgType::Bool),
+            Arg::optional("resume", ArgType::Bool),
+        ],
+        run: qmp_migrate,
+    },
+    QmpCommand {
+        name: "migrate-incoming",
+        args: &[Arg::required("uri", ArgType::Str)],
+        run: qmp_migrate_incoming,
+    },
+    QmpCommand {
+        name: "query-migrate",
+        args: &[],
+        run: |_, _| Ok(crate::migration::query()),
+    },
+    QmpCommand {
+        name: "migrate_cancel",
+        args: &[],
+        run: |_, _| {
+            crate::migration::cancel();
+            Ok(json!({}))
+        },
+    },
+    QmpCommand {
+        name: "query-migrate-parameters",
+        args: &[],
+        run: |_, _| Ok(crate::migration::parameters()),
+    },
+    QmpCommand {
+        name: "migrate-set-parameters",
+        args: &[
+            Arg::optional("downtime-limit", ArgType::Int),
+            Arg::optional("max-bandwidth", ArgType::Int),
+            Arg::optional("multifd-channels", ArgType::Int),
+        ],
+        run: |_, args| {
+            crate::migration::set_parameters(args).map_err(QmpError::Failed)?;
+            Ok(json!({}))
+        },
+    },
+    QmpCommand {
         name: "query-tpm-models",
         args: &[],
         // No TPM front end exists.
@@ -776,22 +822,36 @@ fn query_chardev(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpErr
     Ok(list.into())
 }
 
-/// The migration capabilities qomvm has (QEMU's `MigrationCapability`): only `events`,
-/// whether MIGRATION events are sent. qomvm cannot migrate, so none ever is; the setting
-/// is kept and reported as QEMU keeps it (libvirt turns it on for every domain).
-const MIGRATION_CAPABILITIES: &[&str] = &["events"];
+/// QEMU's `qmp_migrate`: checks the VM can move, then sends it from a thread
+/// (`crate::migration`).
+fn qmp_migrate(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    for unsupported in ["blk", "inc", "resume"] {
+        if args.get(unsupported).and_then(Value::as_bool) == Some(true) {
+            return Err(QmpError::Failed(format!(
+                "Parameter '{unsupported}' is not supported by qomvm's migration"
+            )));
+        }
+    }
+    let uri = args.get("uri").and_then(Value::as_str).unwrap_or_default();
+    crate::migration::migrate(&ctx.vm.machine, uri)?;
+    Ok(json!({}))
+}
 
-/// The state of each of [`MIGRATION_CAPABILITIES`].
-static MIGRATION_CAPABILITY_STATE: parking_lot::Mutex<[bool; 1]> = parking_lot::Mutex::new([false]);
+/// QEMU's `qmp_migrate_incoming`, after `-incoming defer`.
+fn qmp_migrate_incoming(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let uri = args.get("uri").and_then(Value::as_str).unwrap_or_default();
+    crate::migration::migrate_incoming(&ctx.vm.machine, uri)?;
+    Ok(json!({}))
+}
+
+/// The migration capabilities qomvm has (QEMU's `MigrationCapability`): only `events`,
+/// whether MIGRATION events are sent (libvirt turns it on for every domain).
+const MIGRATION_CAPABILITIES: &[&str] = &["events"];
 
 /// QEMU's `qmp_query_migrate_capabilities`.
 fn query_migrate_capabilities(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
-    let state = MIGRATION_CAPABILITY_STATE.lock();
-    Ok(MIGRATION_CAPABILITIES
-        .iter()
-        .zip(state.iter())
-        .map(|(name, on)| json!({"capability": name, "state": on}))
-        .collect())
+    let on = crate::migration::EVENTS.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(json!([{"capability": MIGRATION_CAPABILITIES[0], "state": on}]))
 }
 
 /// QEMU's `qmp_migrate_set_capabilities`: a list of `{capability, state}`, checked whole
@@ -832,9 +892,8 @@ fn migrate_set_capabilities(_: &CommandCtx, args: &Map<String, Value>) -> Result
             })?;
         changes.push((index, state));
     }
-    let mut current = MIGRATION_CAPABILITY_STATE.lock();
-    for (index, state) in changes {
-        current[index] = state;
+    for (_, state) in changes {
+        crate::migration::EVENTS.store(state, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(json!({}))
 }

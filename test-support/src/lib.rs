@@ -4,6 +4,7 @@
 //! that reports the interrupts it takes ([`irq_guest`]), skips made visible ([`skip`]), a QMP
 //! client ([`qmp`]) and an SMBIOS reader ([`smbios`]).
 
+pub mod console;
 pub mod elf;
 pub mod fuzz;
 pub mod fuzz_qtest;

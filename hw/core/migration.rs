@@ -1,0 +1,402 @@
+//! The migration stream (QEMU's `migration/savevm.c` and `ram.c`, in qomvm's own format):
+//! what a paused VM is, written to any byte sink (a socket, a file, a pipe) and read back
+//! into a freshly built VM of the same configuration.
+//!
+//! The stream is a magic line, then records of `tag, length (u64 LE), payload`:
+//! - `CONFIG` (JSON): the machine type, the RAM ranges, the CPU count and every device
+//!   that has state, by QOM path and type. The destination compares it with its own
+//!   machine first and names the first difference.
+//! - `RAM` (binary, any number): pages as `address | ZERO` (8 bytes) for a page of zeroes,
+//!   or `address` then its 4096 bytes.
+//! - `STATE` (JSON): the accelerator's VM section, one section per CPU, one per device.
+//! - `END`.
+//!
+//! Every section carries a version and named fields (`crate::core::vmstate`).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use qom::ObjectRef;
+use serde_json::{json, Value};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::core::machine::machine_state;
+use crate::core::qdev::{device_impl, DeviceMethods};
+use crate::core::vmstate::{VmStateError, VmStateSection};
+
+/// The stream's first bytes.
+pub const MAGIC: &[u8; 16] = b"QOMVM-MIGRATE-1\n";
+const TAG_CONFIG: u8 = 1;
+const TAG_RAM: u8 = 2;
+const TAG_STATE: u8 = 3;
+const TAG_END: u8 = 4;
+/// The page size of the RAM records.
+pub const PAGE_SIZE: u64 = 4096;
+/// Marks a zero page in a RAM record's address word.
+const ZERO_PAGE: u64 = 1;
+/// Pages per RAM record.
+const PAGES_PER_RECORD: u64 = 256;
+/// The largest record a destination accepts (a RAM record of data pages, with room).
+const MAX_RECORD: u64 = PAGES_PER_RECORD * (PAGE_SIZE + 8) + 4096;
+
+/// Why a VM could not be saved or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// A device or the accelerator cannot be migrated.
+    #[error(transparent)]
+    State(#[from] VmStateError),
+    /// A device's section did not load.
+    #[error("error while loading state for instance 0x0 of device '{path}': {source}")]
+    Device {
+        /// The device's QOM path.
+        path: String,
+        /// Why.
+        source: VmStateError,
+    },
+    /// The stream and this VM's configuration differ.
+    #[error("{0}. Make sure that your current VM setup matches your saved VM setup")]
+    Mismatch(String),
+    /// Not a qomvm migration stream, or a damaged one.
+    #[error("invalid migration stream: {0}")]
+    Stream(String),
+    /// The channel failed.
+    #[error("{0}")]
+    Io(String),
+    /// Cancelled by `migrate_cancel`.
+    #[error("migration was cancelled")]
+    Cancelled,
+}
+
+impl From<std::io::Error> for MigrationError {
+    fn from(e: std::io::Error) -> Self {
+        MigrationError::Io(crate::core::os_error::strerror(&e))
+    }
+}
+
+/// What a save moved, for `query-migrate`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    /// Bytes written to the channel.
+    pub transferred: u64,
+    /// Pages sent with their data.
+    pub normal_pages: u64,
+    /// Pages sent as zero pages.
+    pub zero_pages: u64,
+    /// Guest RAM in bytes.
+    pub total_ram: u64,
+}
+
+/// The devices under `machine` that are realized, by canonical path (CPUs included: their
+/// registers travel in the accelerator's CPU sections, their device sections are empty).
+fn devices(machine: &ObjectRef) -> Vec<(String, ObjectRef)> {
+    fn walk(obj: &ObjectRef, out: &mut Vec<(String, ObjectRef)>) {
+        for (_, child) in obj.children() {
+            if device_impl(&child).is_some() && child.is_realized() {
+                if let Some(path) = child.canonical_path() {
+                    out.push((path, child.clone()));
+                }
+            }
+            walk(&child, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(machine, &mut out);
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
+/// Every device's section, or the first device that cannot be migrated (QEMU's
+/// migration blockers, checked before anything is sent).
+pub fn device_states(machine: &ObjectRef) -> Result<BTreeMap<String, (String, VmStateSection)>, MigrationError> {
+    let mut out = BTreeMap::new();
+    for (path, dev) in devices(machine) {
+        let Some(imp) = device_impl(&dev) else { continue };
+        let section = imp.save_state()?;
+        out.insert(path, (dev.type_name().to_string(), section));
+    }
+    Ok(out)
+}
+
+/// Fails with the first thing that blocks migrating `machine`: a device that cannot move,
+/// or an accelerator without migration support.
+pub fn check_migratable(machine: &ObjectRef) -> Result<(), MigrationError> {
+    device_states(machine)?;
+    let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
+    if let Some(ops) = ms.accel_ops() {
+        ops.save_vm_state()?;
+    }
+    Ok(())
+}
+
+fn ram_ranges(machine: &ObjectRef) -> Vec<(u64, u64)> {
+    let Some(ms) = machine_state(machine) else {
+        return Vec::new();
+    };
+    ms.ram()
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect()
+}
+
+fn config(machine: &ObjectRef, devices: &BTreeMap<String, (String, VmStateSection)>) -> Value {
+    let cpus = machine_state(machine).map_or(0, |ms| ms.cpus().len());
+    json!({
+        "machine": machine.type_name(),
+        "ram": ram_ranges(machine),
+        "cpus": cpus,
+        "devices": devices.iter().map(|(p, (t, _))| json!({"path": p, "type": t})).collect::<Vec<_>>(),
+    })
+}
+
+fn write_record(w: &mut impl Write, tag: u8, payload: &[u8]) -> Result<u64, MigrationError> {
+    w.write_all(&[tag])?;
+    w.write_all(&(payload.len() as u64).to_le_bytes())?;
+    w.write_all(payload)?;
+    Ok(9 + payload.len() as u64)
+}
+
+/// Sends the pages of `ranges` (all of guest RAM, or the dirty part of it) in RAM records.
+pub fn send_pages(
+    machine: &ObjectRef,
+    pages: impl Iterator<Item = u64>,
+    w: &mut impl Write,
+    progress: &mut Progress,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(), MigrationError> {
+    let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
+    let ram = ms.ram();
+    let mut record = Vec::with_capacity((PAGES_PER_RECORD * (PAGE_SIZE + 8)) as usize);
+    let mut in_record = 0;
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for addr in pages {
+        ram.read_slice(&mut page, GuestAddress(addr))
+            .map_err(|e| MigrationError::Stream(format!("reading guest page {addr:#x}: {e}")))?;
+        if page.iter().all(|&b| b == 0) {
+            record.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
+            progress.zero_pages += 1;
+        } else {
+            record.extend_from_slice(&addr.to_le_bytes());
+            record.extend_from_slice(&page);
+            progress.normal_pages += 1;
+        }
+        in_record += 1;
+        if in_record == PAGES_PER_RECORD {
+            if cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            progress.transferred += write_record(w, TAG_RAM, &record)?;
+            record.clear();
+            in_record = 0;
+        }
+    }
+    if in_record > 0 {
+        progress.transferred += write_record(w, TAG_RAM, &record)?;
+    }
+    Ok(())
+}
+
+/// Every page of guest RAM.
+pub fn all_pages(machine: &ObjectRef) -> impl Iterator<Item = u64> {
+    ram_ranges(machine)
+        .into_iter()
+        .flat_map(|(start, len)| (0..len / PAGE_SIZE).map(move |i| start + i * PAGE_SIZE))
+}
+
+/// The start of a stream: magic and configuration. Checks that every device can move.
+pub fn send_header(machine: &ObjectRef, w: &mut impl Write, progress: &mut Progress) -> Result<(), MigrationError> {
+    let devices = device_states(machine)?;
+    w.write_all(MAGIC)?;
+    progress.transferred += MAGIC.len() as u64;
+    let config = config(machine, &devices).to_string();
+    progress.transferred += write_record(w, TAG_CONFIG, config.as_bytes())?;
+    progress.total_ram = ram_ranges(machine).iter().map(|r| r.1).sum();
+    Ok(())
+}
+
+/// The end of a stream, with the VM paused: the accelerator's, the CPUs' and the devices'
+/// sections, then `END`.
+pub fn send_state(machine: &ObjectRef, w: &mut impl Write, progress: &mut Progress) -> Result<(), MigrationError> {
+    let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
+    let ops = ms
+        .accel_ops()
+        .ok_or_else(|| MigrationError::Stream("no accelerator".into()))?;
+    let accel = ops.save_vm_state()?;
+    let cpus = (0..ms.cpus().len() as u32)
+        .map(|i| ops.save_cpu_state(i).map(|s| s.to_json()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let devices: serde_json::Map<String, Value> = device_states(machine)?
+        .into_iter()
+        .map(|(path, (_, section))| (path, section.to_json()))
+        .collect();
+    let state = json!({"accel": accel.to_json(), "cpus": cpus, "devices": devices}).to_string();
+    progress.transferred += write_record(w, TAG_STATE, state.as_bytes())?;
+    progress.transferred += write_record(w, TAG_END, &[])?;
+    w.flush()?;
+    Ok(())
+}
+
+/// A whole stream of a paused VM: configuration, all RAM, state.
+pub fn save_vm(machine: &ObjectRef, w: &mut impl Write, progress: &mut Progress) -> Result<(), MigrationError> {
+    send_header(machine, w, progress)?;
+    send_pages(machine, all_pages(machine), w, progress, &|| false)?;
+    send_state(machine, w, progress)
+}
+
+fn read_record(r: &mut impl Read) -> Result<(u8, Vec<u8>), MigrationError> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            MigrationError::Stream("the stream ended early".into())
+        } else {
+            e.into()
+        }
+    })?;
+    let len = u64::from_le_bytes(head[1..9].try_into().expect("8 bytes"));
+    if len > MAX_RECORD {
+        return Err(MigrationError::Stream(format!("a record of {len} bytes")));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)
+        .map_err(|_| MigrationError::Stream("the stream ended inside a record".into()))?;
+    Ok((head[0], payload))
+}
+
+/// Compares the stream's configuration with `machine`'s, naming the first difference.
+fn check_config(machine: &ObjectRef, theirs: &Value) -> Result<(), MigrationError> {
+    let devices = device_states(machine)?;
+    let ours = config(machine, &devices);
+    let mismatch = |s: String| Err(MigrationError::Mismatch(s));
+    if theirs["machine"] != ours["machine"] {
+        return mismatch(format!(
+            "Machine type mismatch: the stream has {}, this VM is {}",
+            theirs["machine"], ours["machine"]
+        ));
+    }
+    if theirs["ram"] != ours["ram"] {
+        let size = |v: &Value| -> u64 {
+            v.as_array()
+                .map(|a| a.iter().filter_map(|r| r[1].as_u64()).sum())
+                .unwrap_or(0)
+        };
+        return mismatch(format!(
+            "Length mismatch: guest RAM: {:#x} in != {:#x}",
+            size(&theirs["ram"]),
+            size(&ours["ram"])
+        ));
+    }
+    if theirs["cpus"] != ours["cpus"] {
+        return mismatch(format!(
+            "CPU count mismatch: the stream has {}, this VM has {}",
+            theirs["cpus"], ours["cpus"]
+        ));
+    }
+    let list = |v: &Value| -> BTreeMap<String, String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|d| {
+                        (
+                            d["path"].as_str().unwrap_or_default().to_string(),
+                            d["type"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (theirs, ours) = (list(&theirs["devices"]), list(&ours["devices"]));
+    if let Some((path, ty)) = theirs.iter().find(|(p, _)| !ours.contains_key(*p)) {
+        return mismatch(format!("Unknown savevm section '{path}' ({ty}): this VM has no such device"));
+    }
+    if let Some((path, ty)) = ours.iter().find(|(p, _)| !theirs.contains_key(*p)) {
+        return mismatch(format!("Device '{path}' ({ty}) is not in the stream"));
+    }
+    if let Some((path, ty)) = theirs.iter().find(|(p, t)| ours.get(*p) != Some(t)) {
+        return mismatch(format!(
+            "Device '{path}' is {} here but {ty} in the stream",
+            ours[path]
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a whole stream into `machine` (built with the same configuration, not started):
+/// RAM, then the accelerator's, the devices' and the CPUs' state. Returns the bytes read.
+pub fn load_vm(machine: &ObjectRef, r: &mut impl Read) -> Result<u64, MigrationError> {
+    let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
+    let mut magic = [0u8; 16];
+    r.read_exact(&mut magic)
+        .map_err(|_| MigrationError::Stream("no stream header".into()))?;
+    if &magic != MAGIC {
+        return Err(MigrationError::Stream("not a qomvm migration stream".into()));
+    }
+    let mut read = MAGIC.len() as u64;
+    let ram = ms.ram();
+    let mut configured = false;
+    loop {
+        let (tag, payload) = read_record(r)?;
+        read += 9 + payload.len() as u64;
+        match tag {
+            TAG_CONFIG => {
+                let config: Value = serde_json::from_slice(&payload)
+                    .map_err(|e| MigrationError::Stream(format!("configuration: {e}")))?;
+                check_config(machine, &config)?;
+                configured = true;
+            }
+            TAG_RAM if configured => {
+                let mut at = 0;
+                while at + 8 <= payload.len() {
+                    let word = u64::from_le_bytes(payload[at..at + 8].try_into().expect("8 bytes"));
+                    at += 8;
+                    let addr = word & !(PAGE_SIZE - 1);
+                    let bad = |e: String| MigrationError::Stream(format!("page {addr:#x}: {e}"));
+                    if word & ZERO_PAGE != 0 {
+                        let zeroes = [0u8; PAGE_SIZE as usize];
+                        ram.write_slice(&zeroes, GuestAddress(addr)).map_err(|e| bad(e.to_string()))?;
+                    } else {
+                        let data = payload
+                            .get(at..at + PAGE_SIZE as usize)
+                            .ok_or_else(|| bad("truncated".into()))?;
+                        ram.write_slice(data, GuestAddress(addr)).map_err(|e| bad(e.to_string()))?;
+                        at += PAGE_SIZE as usize;
+                    }
+                }
+            }
+            TAG_STATE if configured => {
+                let state: Value = serde_json::from_slice(&payload)
+                    .map_err(|e| MigrationError::Stream(format!("state: {e}")))?;
+                load_state(machine, &state)?;
+            }
+            TAG_END if configured => return Ok(read),
+            _ => return Err(MigrationError::Stream(format!("unexpected record {tag}"))),
+        }
+    }
+}
+
+fn load_state(machine: &ObjectRef, state: &Value) -> Result<(), MigrationError> {
+    let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
+    let ops = ms
+        .accel_ops()
+        .ok_or_else(|| MigrationError::Stream("no accelerator".into()))?;
+    let section = |v: &Value| VmStateSection::from_json(v).map_err(MigrationError::from);
+    ops.load_vm_state(&section(&state["accel"])?)?;
+    let saved_devices = state["devices"]
+        .as_object()
+        .ok_or_else(|| MigrationError::Stream("no device states".into()))?;
+    for (path, dev) in devices(machine) {
+        let saved = saved_devices
+            .get(&path)
+            .ok_or_else(|| MigrationError::Mismatch(format!("Device '{path}' is not in the stream")))?;
+        let imp = device_impl(&dev).expect("listed devices are devices");
+        imp.load_state(&section(saved)?)
+            .map_err(|source| MigrationError::Device { path: path.clone(), source })?;
+    }
+    let cpus = state["cpus"]
+        .as_array()
+        .ok_or_else(|| MigrationError::Stream("no CPU states".into()))?;
+    for (i, cpu) in cpus.iter().enumerate() {
+        ops.load_cpu_state(i as u32, section(cpu)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,536 @@
+//! Migration and snapshots (QEMU's `migration/migration.c`): QMP's `migrate` sends the VM
+//! over a channel (`unix:`, `tcp:`, `file:`, `exec:`), `-incoming` (or `-incoming defer`
+//! plus `migrate-incoming`) receives it into a freshly built VM of the same configuration,
+//! `query-migrate` reports progress, `migrate_cancel` stops a migration, and `MIGRATION`
+//! events report each status change when the `events` capability is on.
+//!
+//! The source stops the guest, writes the stream (`hw::core::migration`: configuration, all
+//! of RAM with zero pages as such, then the accelerator's, the CPUs' and the devices'
+//! state) and stays paused in `postmigrate`, or resumes the guest if the migration failed.
+//! The destination loads the stream before its vCPUs first run, then starts the guest
+//! unless `-S` was given. A mismatched configuration or a device that cannot move is an
+//! error naming it.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use hw::core::machine::machine_state;
+use hw::core::migration::{self as stream, MigrationError, Progress};
+use hw::core::runstate::{self, RunStatus};
+use parking_lot::Mutex;
+use qom::ObjectRef;
+use serde_json::{json, Value};
+
+/// QEMU's `MigrationStatus` values qomvm goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationStatus {
+    /// No migration yet.
+    None,
+    /// Opening the channel.
+    Setup,
+    /// Sending or receiving.
+    Active,
+    /// Done.
+    Completed,
+    /// Failed (`error-desc` says why).
+    Failed,
+    /// `migrate_cancel` was asked.
+    Cancelling,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl MigrationStatus {
+    /// The QAPI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationStatus::None => "none",
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Active => "active",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::Cancelling => "cancelling",
+            MigrationStatus::Cancelled => "cancelled",
+        }
+    }
+
+    fn in_progress(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Cancelling
+        )
+    }
+}
+
+/// QEMU's `MigrationStatus` enum, for the schema.
+pub const MIGRATION_STATUS_VALUES: &[&str] = &[
+    "none",
+    "setup",
+    "cancelling",
+    "cancelled",
+    "active",
+    "postcopy-active",
+    "postcopy-paused",
+    "postcopy-recover",
+    "completed",
+    "failed",
+    "colo",
+    "pre-switchover",
+    "device",
+    "wait-unplug",
+];
+
+/// One migration (outgoing or incoming) and its figures.
+struct State {
+    status: MigrationStatus,
+    progress: Progress,
+    started: Option<Instant>,
+    setup_ms: u64,
+    total_ms: Option<u64>,
+    downtime_ms: Option<u64>,
+    error: Option<String>,
+    /// `-incoming defer`: `migrate-incoming` may be run (once).
+    deferred_incoming: bool,
+    /// The destination starts the guest once loaded (no `-S`).
+    autostart: bool,
+}
+
+/// `migrate-set-parameters`' values (QEMU's defaults).
+#[derive(Clone, Copy, Debug)]
+struct Parameters {
+    downtime_limit_ms: u64,
+    max_bandwidth: u64,
+    multifd_channels: u64,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    status: MigrationStatus::None,
+    progress: Progress {
+        transferred: 0,
+        normal_pages: 0,
+        zero_pages: 0,
+        total_ram: 0,
+    },
+    started: None,
+    setup_ms: 0,
+    total_ms: None,
+    downtime_ms: None,
+    error: None,
+    deferred_incoming: false,
+    autostart: true,
+});
+
+static PARAMETERS: Mutex<Parameters> = Mutex::new(Parameters {
+    downtime_limit_ms: 300,
+    max_bandwidth: 128 << 20,
+    multifd_channels: 2,
+});
+
+/// Set by `migrate_cancel`: the sending thread stops at its next write.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Whether `MIGRATION` events are sent (the `events` capability).
+pub static EVENTS: AtomicBool = AtomicBool::new(false);
+
+/// Why `migrate` or `migrate-incoming` was refused at once.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Another migration is in progress.
+    #[error("There's a migration process in progress")]
+    InProgress,
+    /// A scheme qomvm does not know.
+    #[error("unknown migration protocol: {0}")]
+    UnknownProtocol(String),
+    /// Something blocks migrating this VM.
+    #[error(transparent)]
+    Blocked(#[from] MigrationError),
+    /// `migrate-incoming` without `-incoming defer`.
+    #[error("'-incoming' was not specified on the command line")]
+    NotDeferred,
+    /// The channel could not be opened.
+    #[error("{0}")]
+    Channel(String),
+}
+
+fn set_status(status: MigrationStatus) {
+    STATE.lock().status = status;
+    if EVENTS.load(Ordering::Relaxed) {
+        hw::core::qapi_event::emit("MIGRATION", Some(json!({"status": status.name()})));
+    }
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+/// Opens the sending end of `uri`.
+fn open_outgoing(uri: &str) -> Result<Box<dyn Write + Send>, MigrateError> {
+    let (scheme, rest) = uri
+        .split_once(':')
+        .ok_or_else(|| MigrateError::UnknownProtocol(uri.into()))?;
+    let failed = |what: String, e: std::io::Error| {
+        MigrateError::Channel(format!("{what}: {}", hw::core::os_error::strerror(&e)))
+    };
+    Ok(match scheme {
+        "unix" => Box::new(
+            UnixStream::connect(rest)
+                .map_err(|e| failed(format!("Failed to connect to '{rest}'"), e))?,
+        ),
+        "tcp" => Box::new(
+            TcpStream::connect(rest)
+                .map_err(|e| failed(format!("Failed to connect to '{rest}'"), e))?,
+        ),
+        "file" => Box::new(
+            std::fs::File::create(rest)
+                .map_err(|e| failed(format!("Could not open '{rest}'"), e))?,
+        ),
+        "exec" => {
+            let child = Command::new("/bin/sh")
+                .args(["-c", rest])
+                .stdin(Stdio::piped())
+                .spawn()
+                .map_err(|e| failed(format!("Failed to run '{rest}'"), e))?;
+            Box::new(child.stdin.expect("piped"))
+        }
+        _ => return Err(MigrateError::UnknownProtocol(uri.into())),
+    })
+}
+
+/// The receiving end of `uri`, set up at once (so the source can connect as soon as
+/// qomvm is up); `accept` waits for the source.
+enum Incoming {
+    Unix(UnixListener, String),
+    Tcp(TcpListener),
+    Reader(Box<dyn Read + Send>),
+}
+
+impl Incoming {
+    fn open(uri: &str) -> Result<Incoming, MigrateError> {
+        let (scheme, rest) = uri
+            .split_once(':')
+            .ok_or_else(|| MigrateError::UnknownProtocol(uri.into()))?;
+        let failed = |what: String, e: std::io::Error| {
+            MigrateError::Channel(format!("{what}: {}", hw::core::os_error::strerror(&e)))
+        };
+        Ok(match scheme {
+            "unix" => {
+                let _ = std::fs::remove_file(rest);
+                let l = UnixListener::bind(rest)
+                    .map_err(|e| failed(format!("Failed to bind socket '{rest}'"), e))?;
+                Incoming::Unix(l, rest.to_string())
+            }
+            "tcp" => Incoming::Tcp(
+                TcpListener::bind(rest)
+                    .map_err(|e| failed(format!("Failed to bind socket '{rest}'"), e))?,
+            ),
+            "file" => Incoming::Reader(Box::new(
+                std::fs::File::open(rest)
+                    .map_err(|e| failed(format!("Could not open '{rest}'"), e))?,
+            )),
+            "exec" => {
+                let child = Command::new("/bin/sh")
+                    .args(["-c", rest])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| failed(format!("Failed to run '{rest}'"), e))?;
+                Incoming::Reader(Box::new(child.stdout.expect("piped")))
+            }
+            _ => return Err(MigrateError::UnknownProtocol(uri.into())),
+        })
+    }
+
+    fn accept(self) -> std::io::Result<Box<dyn Read + Send>> {
+        Ok(match self {
+            Incoming::Unix(l, path) => {
+                let (s, _) = l.accept()?;
+                let _ = std::fs::remove_file(path);
+                Box::new(s)
+            }
+            Incoming::Tcp(l) => Box::new(l.accept()?.0),
+            Incoming::Reader(r) => r,
+        })
+    }
+}
+
+/// A writer that `migrate_cancel` stops.
+struct Cancellable<W>(W);
+
+impl<W: Write> Write for Cancellable<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if CANCEL.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("migration was cancelled"));
+        }
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// QMP `migrate`: checks that the VM can move, then sends it from a thread.
+pub fn migrate(machine: &ObjectRef, uri: &str) -> Result<(), MigrateError> {
+    {
+        let st = STATE.lock();
+        if st.status.in_progress() {
+            return Err(MigrateError::InProgress);
+        }
+    }
+    stream::check_migratable(machine)?;
+    let started = Instant::now();
+    {
+        let mut st = STATE.lock();
+        st.progress = Progress::default();
+        st.started = Some(started);
+        st.total_ms = None;
+        st.downtime_ms = None;
+        st.error = None;
+    }
+    CANCEL.store(false, Ordering::Relaxed);
+    set_status(MigrationStatus::Setup);
+    let channel = match open_outgoing(uri) {
+        Ok(c) => c,
+        Err(e) => {
+            STATE.lock().error = Some(e.to_string());
+            set_status(MigrationStatus::Failed);
+            return Err(e);
+        }
+    };
+    let machine = machine.clone();
+    std::thread::Builder::new()
+        .name("live_migration".into())
+        .spawn(move || outgoing(&machine, channel, started))
+        .map_err(|e| MigrateError::Channel(e.to_string()))?;
+    Ok(())
+}
+
+fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instant) {
+    let Some(ms) = machine_state(machine) else {
+        return;
+    };
+    STATE.lock().setup_ms = elapsed_ms(started);
+    set_status(MigrationStatus::Active);
+    let was_running = ms.services().vm().is_running();
+    let stop = Instant::now();
+    let result = runstate::vm_stop(ms, RunStatus::FinishMigrate)
+        .map_err(|e| MigrationError::Io(e.to_string()))
+        .and_then(|()| {
+            ms.services()
+                .vm()
+                .set_migration_status(RunStatus::FinishMigrate);
+            let mut w = BufWriter::with_capacity(1 << 20, Cancellable(channel));
+            let mut progress = Progress::default();
+            let r = stream::save_vm(machine, &mut w, &mut progress);
+            STATE.lock().progress = progress;
+            r
+        });
+    let mut st_error = None;
+    match result {
+        Ok(()) => {
+            ms.services()
+                .vm()
+                .set_migration_status(RunStatus::PostMigrate);
+            let mut st = STATE.lock();
+            st.downtime_ms = Some(elapsed_ms(stop));
+            st.total_ms = Some(elapsed_ms(started));
+            drop(st);
+            set_status(MigrationStatus::Completed);
+        }
+        Err(e) => {
+            let cancelled = CANCEL.load(Ordering::Relaxed);
+            // QEMU resumes a source whose migration failed.
+            if was_running {
+                ms.services().vm().set_migration_status(RunStatus::Paused);
+                let _ = runstate::vm_start(ms);
+            }
+            STATE.lock().total_ms = Some(elapsed_ms(started));
+            if cancelled {
+                set_status(MigrationStatus::Cancelled);
+            } else {
+                st_error = Some(e.to_string());
+            }
+        }
+    }
+    if let Some(e) = st_error {
+        log::warn!("migration failed: {e}");
+        STATE.lock().error = Some(e);
+        set_status(MigrationStatus::Failed);
+    }
+}
+
+/// `-incoming URI` (at start-up, `autostart` without `-S`): the VM waits in `inmigrate`
+/// and the stream is read from a thread. `-incoming defer` only marks the VM as waiting.
+pub fn incoming_at_startup(
+    machine: &ObjectRef,
+    uri: &str,
+    autostart: bool,
+) -> Result<(), MigrateError> {
+    let ms = machine_state(machine).expect("machines have a MachineState");
+    ms.services()
+        .vm()
+        .set_migration_status(RunStatus::InMigrate);
+    STATE.lock().autostart = autostart;
+    if uri == "defer" {
+        STATE.lock().deferred_incoming = true;
+        return Ok(());
+    }
+    start_incoming(machine, uri)
+}
+
+/// QMP `migrate-incoming`, after `-incoming defer`.
+pub fn migrate_incoming(machine: &ObjectRef, uri: &str) -> Result<(), MigrateError> {
+    {
+        let mut st = STATE.lock();
+        if !st.deferred_incoming {
+            return Err(MigrateError::NotDeferred);
+        }
+        st.deferred_incoming = false;
+    }
+    start_incoming(machine, uri)
+}
+
+fn start_incoming(machine: &ObjectRef, uri: &str) -> Result<(), MigrateError> {
+    let channel = Incoming::open(uri)?;
+    {
+        let mut st = STATE.lock();
+        st.started = Some(Instant::now());
+        st.error = None;
+    }
+    set_status(MigrationStatus::Setup);
+    let machine = machine.clone();
+    std::thread::Builder::new()
+        .name("incoming_migration".into())
+        .spawn(move || incoming(&machine, channel))
+        .map_err(|e| MigrateError::Channel(e.to_string()))?;
+    Ok(())
+}
+
+fn incoming(machine: &ObjectRef, channel: Incoming) {
+    let Some(ms) = machine_state(machine) else {
+        return;
+    };
+    let result = channel
+        .accept()
+        .map_err(MigrationError::from)
+        .and_then(|r| {
+            set_status(MigrationStatus::Active);
+            stream::load_vm(machine, &mut BufReader::with_capacity(1 << 20, r))
+        });
+    match result {
+        Ok(bytes) => {
+            {
+                let mut st = STATE.lock();
+                st.progress.transferred = bytes;
+                st.total_ms = st.started.map(elapsed_ms);
+            }
+            set_status(MigrationStatus::Completed);
+            ms.services().vm().set_migration_status(RunStatus::Paused);
+            if STATE.lock().autostart {
+                ms.services()
+                    .vm()
+                    .set_migration_status(RunStatus::InMigrate);
+                let _ = runstate::vm_start(ms);
+            }
+        }
+        Err(e) => {
+            // QEMU's process_incoming_migration_co: the destination cannot run a guest
+            // it only half loaded.
+            qom::error_report!("load of migration failed: {e}");
+            set_status(MigrationStatus::Failed);
+            std::process::exit(1);
+        }
+    }
+}
+
+/// QMP `migrate_cancel`.
+pub fn cancel() {
+    if STATE.lock().status.in_progress() {
+        CANCEL.store(true, Ordering::Relaxed);
+        set_status(MigrationStatus::Cancelling);
+    }
+}
+
+/// QMP `query-migrate` (QEMU's `MigrationInfo`): nothing before the first migration.
+pub fn query() -> Value {
+    let st = STATE.lock();
+    if st.status == MigrationStatus::None {
+        return json!({});
+    }
+    let mut info = json!({"status": st.status.name()});
+    let p = st.progress;
+    let total = st
+        .total_ms
+        .or_else(|| st.started.map(elapsed_ms))
+        .unwrap_or(0);
+    let sent_pages = p.normal_pages + p.zero_pages;
+    let remaining = p.total_ram.saturating_sub(sent_pages * stream::PAGE_SIZE);
+    let mbps = if total > 0 {
+        p.transferred as f64 * 8.0 / 1e6 / (total as f64 / 1000.0)
+    } else {
+        0.0
+    };
+    info["total-time"] = json!(total);
+    info["setup-time"] = json!(st.setup_ms);
+    if let Some(d) = st.downtime_ms {
+        info["downtime"] = json!(d);
+    }
+    info["ram"] = json!({
+        "transferred": p.transferred,
+        "remaining": if st.status == MigrationStatus::Completed { 0 } else { remaining },
+        "total": p.total_ram,
+        "duplicate": p.zero_pages,
+        "normal": p.normal_pages,
+        "normal-bytes": p.normal_pages * stream::PAGE_SIZE,
+        "dirty-sync-count": 1,
+        "mbps": mbps,
+        "page-size": stream::PAGE_SIZE,
+        "dirty-pages-rate": 0,
+    });
+    if let Some(e) = &st.error {
+        info["error-desc"] = json!(e);
+    }
+    info
+}
+
+/// QMP `query-migrate-parameters`.
+pub fn parameters() -> Value {
+    let p = *PARAMETERS.lock();
+    json!({
+        "downtime-limit": p.downtime_limit_ms,
+        "max-bandwidth": p.max_bandwidth,
+        "multifd-channels": p.multifd_channels,
+    })
+}
+
+/// QMP `migrate-set-parameters`: the values qomvm keeps (others are refused by the
+/// command's argument list).
+pub fn set_parameters(args: &serde_json::Map<String, Value>) -> Result<(), String> {
+    let mut p = PARAMETERS.lock();
+    let mut next = *p;
+    if let Some(v) = args.get("downtime-limit").and_then(Value::as_i64) {
+        if !(0..=2_000_000).contains(&v) {
+            return Err(
+                "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000 seconds"
+                    .into(),
+            );
+        }
+        next.downtime_limit_ms = v as u64;
+    }
+    if let Some(v) = args.get("max-bandwidth").and_then(Value::as_i64) {
+        if v < 0 {
+            return Err("Parameter 'max_bandwidth' expects an integer in the range of 0 to 18446744073709551615 bytes/second".into());
+        }
+        next.max_bandwidth = v as u64;
+    }
+    if let Some(v) = args.get("multifd-channels").and_then(Value::as_i64) {
+        if !(1..=255).contains(&v) {
+            return Err("Parameter 'multifd-channels' expects a value between 1 and 255".into());
+        }
+        next.multifd_channels = v as u64;
+    }
+    *p = next;
+    Ok(())
+}

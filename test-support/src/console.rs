@@ -1,0 +1,110 @@
+//! A qomvm process whose stdout (the serial console under `-serial stdio`) is collected as
+//! it comes, for tests that watch a guest print; killed when dropped.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct ConsoleVm {
+    pub child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    timeout: Duration,
+}
+
+impl ConsoleVm {
+    /// Starts `qomvm` with `args` (stdin closed, stderr inherited); waits at most
+    /// `timeout` in [`ConsoleVm::wait_for`] and [`ConsoleVm::wait_exit`].
+    pub fn start(qomvm: &str, args: &[&str], timeout: Duration) -> ConsoleVm {
+        let mut child = Command::new(qomvm)
+            .args(args)
+            .env("RUST_LOG", "off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("qomvm starts");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        ConsoleVm {
+            child,
+            out,
+            timeout,
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `done` holds for the console text; panics with the text on a timeout or
+    /// if qomvm exits first.
+    pub fn wait_until(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let start = Instant::now();
+        loop {
+            let text = self.text();
+            if done(&text) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the reader thread drain what is left.
+                std::thread::sleep(Duration::from_millis(200));
+                let text = self.text();
+                assert!(
+                    done(&text),
+                    "qomvm exited ({status}) before {what}; console: {text:?}"
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < self.timeout,
+                "no {what} within {:?}; console: {text:?}",
+                self.timeout
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every one of `wanted` shows on the console.
+    pub fn wait_for(&mut self, wanted: &[&str]) {
+        self.wait_until(&format!("{wanted:?}"), |text| {
+            wanted.iter().all(|w| text.contains(w))
+        });
+    }
+
+    /// Waits for qomvm to exit on its own; returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(200));
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < self.timeout,
+                "qomvm still running after {:?}; console: {:?}",
+                self.timeout,
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ConsoleVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

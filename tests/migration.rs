@@ -1,0 +1,408 @@
+//! Issue 18: snapshot, restore and migration between qomvm processes, on KVM.
+//!
+//! The guest is a Multiboot kernel built here: it fills 16 KiB and one dword of each of
+//! 1024 pages spread over 4 MiB with known values, keeps their sum in a register, and
+//! forever bumps one word of each area by its counter, recomputes the full sum and prints
+//! `COUNTER ok` (8 hex digits) on COM1, or `COUNTER BAD` if the memory no longer adds up.
+//! A migrated guest must go on printing the next counter, without a gap or a repeat, and
+//! `ok`: registers, RAM, the UART and the rest moved intact.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use test_support::console::ConsoleVm;
+use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
+use test_support::guest::{Asm, Cond, EAX, EBX, ECX, EDI, EDX, ESI};
+use test_support::qmp::QmpClient;
+
+const LOAD: u32 = 0x10_0000;
+const COM1: u16 = 0x3f8;
+/// The dense area: 4096 dwords.
+const DENSE: u32 = 0x30_0000;
+const DENSE_DWORDS: u32 = 4096;
+/// The sparse area: one dword at the start of each of 1024 pages.
+const SPARSE: u32 = 0x80_0000;
+const SPARSE_PAGES: u32 = 1024;
+/// PVM runs the guest's kernel code through KVM's emulator: generous.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn migration_kernel() -> Vec<u8> {
+    let mut a = Asm::flat32();
+    // EBX: the running sum; EBP: the counter.
+    a.xor(EBX, EBX)
+        .mov_imm(EDI, DENSE)
+        .mov_imm(EAX, 0x1234_5678);
+    a.mov_imm(ECX, DENSE_DWORDS);
+    let fill = a.here();
+    a.store(EDI, 0, EAX)
+        .emit(&[0x01, 0xc3]) // add ebx, eax
+        .add_imm(EAX, 0x9e37_79b1)
+        .add_imm(EDI, 4)
+        .loop_back(fill);
+    a.mov_imm(EDI, SPARSE).mov_imm(ECX, SPARSE_PAGES);
+    let fill_sparse = a.here();
+    a.store(EDI, 0, EAX)
+        .emit(&[0x01, 0xc3]) // add ebx, eax
+        .add_imm(EAX, 0x7f4a_7c15)
+        .add_imm(EDI, 4096)
+        .loop_back(fill_sparse);
+    a.emit(&[0x31, 0xed]); // xor ebp, ebp
+    let main = a.here();
+    a.emit(&[0x45]); // inc ebp
+                     // DENSE[n % 4096] += n; SPARSE page (n % 1024) += n; the sum grows by 2n.
+    a.emit(&[0x89, 0xef]) // mov edi, ebp
+        .and_imm(EDI, DENSE_DWORDS - 1)
+        .emit(&[0xc1, 0xe7, 0x02]) // shl edi, 2
+        .add_imm(EDI, DENSE)
+        .emit(&[0x01, 0x2f]) // add [edi], ebp
+        .emit(&[0x01, 0xeb]); // add ebx, ebp
+    a.emit(&[0x89, 0xef]) // mov edi, ebp
+        .and_imm(EDI, SPARSE_PAGES - 1)
+        .emit(&[0xc1, 0xe7, 0x0c]) // shl edi, 12
+        .add_imm(EDI, SPARSE)
+        .emit(&[0x01, 0x2f]) // add [edi], ebp
+        .emit(&[0x01, 0xeb]); // add ebx, ebp
+                              // EDX: the sum of the memory, now.
+    a.xor(EDX, EDX)
+        .mov_imm(ESI, DENSE)
+        .mov_imm(ECX, DENSE_DWORDS);
+    let sum = a.here();
+    a.emit(&[0x03, 0x16]) // add edx, [esi]
+        .add_imm(ESI, 4)
+        .loop_back(sum);
+    a.mov_imm(ESI, SPARSE).mov_imm(ECX, SPARSE_PAGES);
+    let sum_sparse = a.here();
+    a.emit(&[0x03, 0x16]) // add edx, [esi]
+        .add_imm(ESI, 4096)
+        .loop_back(sum_sparse);
+    // The counter in hex (`mov dx, port` below clobbers EDX: the sum waits in EDI).
+    a.mov(EDI, EDX);
+    a.emit(&[0x89, 0xee]) // mov esi, ebp
+        .mov_imm(ECX, 8);
+    let digit = a.here();
+    let decimal = a.label();
+    a.emit(&[0xc1, 0xc6, 0x04]) // rol esi, 4
+        .mov(EAX, ESI)
+        .and_imm(EAX, 0xf)
+        .cmp_imm(EAX, 10)
+        .jcc_short(Cond::B, decimal)
+        .add_imm(EAX, u32::from(b'a' - b'0' - 10));
+    a.bind(decimal);
+    a.add_imm(EAX, u32::from(b'0'))
+        .mov_dx(COM1)
+        .out_dx_al()
+        .loop_back(digit);
+    let bad = a.label();
+    a.cmp(EDI, EBX).jcc(Cond::Ne, bad);
+    for &b in b" ok\n" {
+        a.mov_al(b).out_dx_al();
+    }
+    a.jmp(main);
+    a.bind(bad);
+    for &b in b" BAD\n" {
+        a.mov_al(b).out_dx_al();
+    }
+    a.jmp(main);
+    Elf32Kernel {
+        vaddr: LOAD,
+        paddr: LOAD,
+        flags: PF_R | PF_W | PF_X,
+        bss: 0,
+        data_off: 0x400,
+        code: &a.finish(),
+        data: &[],
+    }
+    .build()
+}
+
+fn kvm_or_skip() -> bool {
+    if let Some(reason) = test_support::vm::kvm_unusable() {
+        test_support::skip::skip_kvm(reason);
+        return false;
+    }
+    true
+}
+
+/// A scratch directory with the kernel in it.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qomvm-mig-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("kernel.elf"), migration_kernel()).unwrap();
+    dir
+}
+
+/// The counters printed, in order, with whether each line said `ok`.
+fn counters(text: &str) -> Vec<(u32, bool)> {
+    text.lines()
+        .filter_map(|l| {
+            let (n, verdict) = l.trim().split_once(' ')?;
+            Some((u32::from_str_radix(n, 16).ok()?, verdict == "ok"))
+        })
+        .collect()
+}
+
+/// Checks that `text` counts 1, 2, 3... with every line `ok`, and returns the last.
+fn check_counting(text: &str) -> u32 {
+    let seen = counters(text);
+    assert!(!seen.is_empty(), "nothing counted: {text:?}");
+    for (i, (n, ok)) in seen.iter().enumerate() {
+        assert_eq!(*n, i as u32 + 1, "a gap or a repeat at line {i}: {text:?}");
+        assert!(ok, "the memory sum broke at {n:#x}: {text:?}");
+    }
+    seen.last().unwrap().0
+}
+
+/// A VM of the test machine (`-M pc -m 32`, COM1 on stdout, QMP on `qmp.sock` in `dir`
+/// under `name`), with `extra` arguments.
+fn vm(dir: &Path, name: &str, extra: &[&str]) -> (ConsoleVm, PathBuf) {
+    let sock = dir.join(format!("{name}.qmp"));
+    let kernel = dir.join("kernel.elf");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let mut args = vec![
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-kernel",
+        kernel.to_str().unwrap(),
+        "-qmp",
+        &qmp,
+    ];
+    args.extend_from_slice(extra);
+    (
+        ConsoleVm::start(env!("CARGO_BIN_EXE_qomvm"), &args, TIMEOUT),
+        sock,
+    )
+}
+
+fn wait_lines(vm: &mut ConsoleVm, n: usize) {
+    vm.wait_until(&format!("{n} counter lines"), |t| counters(t).len() >= n);
+}
+
+/// Polls `query-migrate` until it leaves setup/active; returns the last answer.
+fn wait_migration(qmp: &mut QmpClient) -> Value {
+    let start = Instant::now();
+    loop {
+        let info = qmp.execute("query-migrate", json!({}));
+        let status = info["return"]["status"].as_str().unwrap_or("").to_string();
+        if !matches!(status.as_str(), "setup" | "active" | "cancelling") {
+            return info;
+        }
+        assert!(start.elapsed() < TIMEOUT, "migration still {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status(qmp: &mut QmpClient) -> String {
+    qmp.execute("query-status", json!({}))["return"]["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Migrates a running guest from one qomvm to another through `uri` (the destination
+/// listening with `-incoming uri`), and checks it goes on counting there.
+fn migrate_between_processes(name: &str, uri: &str) {
+    let dir = scratch(name);
+    let (mut src, src_sock) = vm(&dir, "src", &[]);
+    let (mut dst, dst_sock) = vm(&dir, "dst", &["-incoming", uri]);
+    let mut src_qmp = QmpClient::connect(&src_sock);
+    let mut dst_qmp = QmpClient::connect(&dst_sock);
+    assert_eq!(status(&mut dst_qmp), "inmigrate");
+    wait_lines(&mut src, 5);
+    let caps = json!({"capabilities": [{"capability": "events", "state": true}]});
+    assert_eq!(
+        src_qmp.execute("migrate-set-capabilities", caps),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        src_qmp.execute("migrate", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    let info = wait_migration(&mut src_qmp);
+    assert_eq!(info["return"]["status"], "completed", "{info}");
+    assert!(
+        info["return"]["ram"]["total"].as_u64() >= Some(32 << 20),
+        "{info}"
+    );
+    assert!(info["return"]["downtime"].as_u64().is_some(), "{info}");
+    assert_eq!(status(&mut src_qmp), "postmigrate");
+    let events: Vec<String> = src_qmp
+        .events
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .map(|e| e["data"]["status"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(events, ["setup", "active", "completed"]);
+    // The source stopped: what it printed is final.
+    let before = src.text();
+    let last_src = check_counting(&before);
+    wait_lines(&mut dst, 5);
+    assert_eq!(status(&mut dst_qmp), "running");
+    let all = format!("{before}{}", dst.text());
+    let last = check_counting(&all);
+    assert!(
+        last > last_src + 3,
+        "the destination did not go on: {all:?}"
+    );
+    let _ = src_qmp.execute("quit", json!({}));
+    let _ = dst_qmp.execute("quit", json!({}));
+    assert_eq!(src.wait_exit(), Some(0));
+    assert_eq!(dst.wait_exit(), Some(0));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_running_guest_moves_over_a_unix_socket() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("qomvm-mig-sock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    migrate_between_processes("unix", &format!("unix:{}", dir.join("mig.sock").display()));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_running_guest_moves_over_tcp() {
+    if !kvm_or_skip() {
+        return;
+    }
+    // A free port on loopback (the destination binds it again at once).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    migrate_between_processes("tcp", &format!("tcp:127.0.0.1:{port}"));
+}
+
+/// `migrate` to `file:` (what `virsh save` does), then a new process restores it with
+/// `-incoming file:` and the guest goes on.
+#[test]
+fn a_guest_saved_to_a_file_is_restored_in_a_new_process() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = scratch("file");
+    let image = dir.join("guest.state");
+    let uri = format!("file:{}", image.display());
+    let (mut src, src_sock) = vm(&dir, "src", &[]);
+    let mut qmp = QmpClient::connect(&src_sock);
+    wait_lines(&mut src, 3);
+    assert_eq!(
+        qmp.execute("migrate", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    assert_eq!(wait_migration(&mut qmp)["return"]["status"], "completed");
+    let saved = src.text();
+    let _ = qmp.execute("quit", json!({}));
+    src.wait_exit();
+    drop(src);
+    let last_saved = check_counting(&saved);
+    // Zero pages go as 8 bytes: the 32 MiB guest's file holds little more than the 4 MiB
+    // of pages it wrote.
+    let size = std::fs::metadata(&image).unwrap().len();
+    assert!(
+        (4 << 20..8 << 20).contains(&size),
+        "state file of {size} bytes"
+    );
+    let (mut dst, _) = vm(&dir, "dst", &["-incoming", &uri]);
+    dst.wait_until("counting after the restore", |t| {
+        counters(t).last().is_some_and(|(n, _)| *n > last_saved + 3)
+    });
+    check_counting(&format!("{saved}{}", dst.text()));
+    drop(dst);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Restoring into a different machine fails with one line naming the difference, and
+/// a device that cannot move blocks `migrate` up front.
+#[test]
+fn mismatched_restores_and_unmigratable_devices_are_refused() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = scratch("mismatch");
+    let image = dir.join("guest.state");
+    let uri = format!("file:{}", image.display());
+    let (mut src, src_sock) = vm(&dir, "src", &["-device", "isa-debug-exit"]);
+    let mut qmp = QmpClient::connect(&src_sock);
+    wait_lines(&mut src, 2);
+    assert_eq!(
+        qmp.execute("migrate", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    assert_eq!(wait_migration(&mut qmp)["return"]["status"], "completed");
+    let _ = qmp.execute("quit", json!({}));
+    drop(src);
+    let kernel = dir.join("kernel.elf");
+    let restore = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+            .args([
+                "-M",
+                "pc",
+                "-accel",
+                "kvm",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
+            .args(["-serial", "null", "-kernel", kernel.to_str().unwrap()])
+            .args(["-incoming", &uri])
+            .args(extra)
+            .env("RUST_LOG", "off")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        // Host warnings aside (PVM lacks CPUID bits the CPU model asks for).
+        let errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.starts_with("qomvm: warning:"))
+            .map(str::to_string)
+            .collect();
+        (out.status.code(), errors.join("\n"))
+    };
+    let (code, stderr) = restore(&["-m", "64", "-device", "isa-debug-exit"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with("qomvm: load of migration failed: Length mismatch: guest RAM: 0x2000000 in != 0x4000000"),
+        "{stderr}"
+    );
+    let (code, stderr) = restore(&["-m", "32"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains(
+            "Unknown savevm section '/machine/peripheral-anon/device[0]' (isa-debug-exit)"
+        ),
+        "{stderr}"
+    );
+
+    // A device never taught to migrate blocks it before anything is sent.
+    let (mut rng, rng_sock) = vm(&dir, "rng", &["-device", "virtio-rng-pci"]);
+    let mut qmp = QmpClient::connect(&rng_sock);
+    wait_lines(&mut rng, 1);
+    let reply = qmp.execute(
+        "migrate",
+        json!({"uri": format!("file:{}", dir.join("rng.state").display())}),
+    );
+    assert_eq!(
+        reply["error"]["desc"], "State blocked by non-migratable device 'virtio-rng-pci'",
+        "{reply}"
+    );
+    assert_eq!(status(&mut qmp), "running");
+    drop(rng);
+    let _ = std::fs::remove_dir_all(dir);
+}
