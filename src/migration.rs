@@ -114,6 +114,8 @@ static STATE: Mutex<State> = Mutex::new(State {
         normal_pages: 0,
         zero_pages: 0,
         total_ram: 0,
+        remaining: 0,
+        passes: 0,
     },
     started: None,
     setup_ms: 0,
@@ -307,6 +309,10 @@ pub fn migrate(machine: &ObjectRef, uri: &str) -> Result<(), MigrateError> {
     Ok(())
 }
 
+/// Passes over the dirty log before the guest is stopped whatever remains (QEMU's
+/// default has no cap but throttles the guest; qomvm stops it).
+const MAX_PASSES: u64 = 30;
+
 fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instant) {
     let Some(ms) = machine_state(machine) else {
         return;
@@ -314,28 +320,23 @@ fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instan
     STATE.lock().setup_ms = elapsed_ms(started);
     set_status(MigrationStatus::Active);
     let was_running = ms.services().vm().is_running();
-    let stop = Instant::now();
-    let result = runstate::vm_stop(ms, RunStatus::FinishMigrate)
-        .map_err(|e| MigrationError::Io(e.to_string()))
-        .and_then(|()| {
-            ms.services()
-                .vm()
-                .set_migration_status(RunStatus::FinishMigrate);
-            let mut w = BufWriter::with_capacity(1 << 20, Cancellable(channel));
-            let mut progress = Progress::default();
-            let r = stream::save_vm(machine, &mut w, &mut progress);
-            STATE.lock().progress = progress;
-            r
-        });
+    let mut w = BufWriter::with_capacity(1 << 20, Cancellable(channel));
+    let result = send(machine, &mut w, was_running);
+    let ops = ms.accel_ops();
+    if let Some(ops) = &ops {
+        let _ = ops.set_dirty_log(false);
+    }
+    ms.services().dirty_tracker().set_active(false);
     let mut st_error = None;
     match result {
-        Ok(()) => {
+        Ok(stopped) => {
             ms.services()
                 .vm()
                 .set_migration_status(RunStatus::PostMigrate);
             let mut st = STATE.lock();
-            st.downtime_ms = Some(elapsed_ms(stop));
+            st.downtime_ms = Some(elapsed_ms(stopped));
             st.total_ms = Some(elapsed_ms(started));
+            st.progress.remaining = 0;
             drop(st);
             set_status(MigrationStatus::Completed);
         }
@@ -359,6 +360,82 @@ fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instan
         STATE.lock().error = Some(e);
         set_status(MigrationStatus::Failed);
     }
+}
+
+/// Pre-copy (QEMU's `migration_iteration_run`): with the guest running, all of RAM, then
+/// the pages written meanwhile, pass after pass, until what is left would go within
+/// `downtime-limit` at the rate of the last pass (or after [`MAX_PASSES`]); then the guest
+/// stops, and the last dirty pages and the device state go. A paused guest goes in one
+/// pass. Returns when the guest stopped.
+fn send(machine: &ObjectRef, w: &mut impl Write, live: bool) -> Result<Instant, MigrationError> {
+    let ms =
+        machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
+    let ops = ms
+        .accel_ops()
+        .ok_or_else(|| MigrationError::Stream("no accelerator".into()))?;
+    let tracker = ms.services().dirty_tracker().clone();
+    let mut progress = Progress::default();
+    let cancelled = || CANCEL.load(Ordering::Relaxed);
+    stream::send_header(machine, w, &mut progress)?;
+    if live {
+        ops.set_dirty_log(true)?;
+        tracker.set_active(true);
+        ops.dirty_pages()?;
+    }
+    let mut pending: Vec<u64> = Vec::new();
+    let mut pass_started = Instant::now();
+    let mut sent_before = progress.transferred;
+    stream::send_pages(
+        machine,
+        stream::all_pages(machine),
+        w,
+        &mut progress,
+        &cancelled,
+    )?;
+    progress.passes = 1;
+    STATE.lock().progress = progress;
+    if live {
+        loop {
+            let rate = (progress.transferred - sent_before) as f64
+                / pass_started.elapsed().as_secs_f64().max(1e-3);
+            pending = ops.dirty_pages()?;
+            pending.extend(tracker.take());
+            pending.sort_unstable();
+            pending.dedup();
+            progress.remaining = pending.len() as u64 * stream::PAGE_SIZE;
+            STATE.lock().progress = progress;
+            let limit_s = PARAMETERS.lock().downtime_limit_ms as f64 / 1000.0;
+            if progress.remaining as f64 / rate <= limit_s || progress.passes >= MAX_PASSES {
+                break;
+            }
+            progress.passes += 1;
+            if EVENTS.load(Ordering::Relaxed) {
+                hw::core::qapi_event::emit(
+                    "MIGRATION_PASS",
+                    Some(json!({"pass": progress.passes})),
+                );
+            }
+            pass_started = Instant::now();
+            sent_before = progress.transferred;
+            stream::send_pages(machine, pending.drain(..), w, &mut progress, &cancelled)?;
+        }
+    }
+    let stopped = Instant::now();
+    runstate::vm_stop(ms, RunStatus::FinishMigrate)
+        .map_err(|e| MigrationError::Io(e.to_string()))?;
+    ms.services()
+        .vm()
+        .set_migration_status(RunStatus::FinishMigrate);
+    if live {
+        pending.extend(ops.dirty_pages()?);
+        pending.extend(tracker.take());
+        pending.sort_unstable();
+        pending.dedup();
+        stream::send_pages(machine, pending.into_iter(), w, &mut progress, &cancelled)?;
+    }
+    stream::send_state(machine, w, &mut progress)?;
+    STATE.lock().progress = progress;
+    Ok(stopped)
 }
 
 /// `-incoming URI` (at start-up, `autostart` without `-S`): the VM waits in `inmigrate`
@@ -466,7 +543,11 @@ pub fn query() -> Value {
         .or_else(|| st.started.map(elapsed_ms))
         .unwrap_or(0);
     let sent_pages = p.normal_pages + p.zero_pages;
-    let remaining = p.total_ram.saturating_sub(sent_pages * stream::PAGE_SIZE);
+    let remaining = if p.passes == 0 {
+        p.total_ram.saturating_sub(sent_pages * stream::PAGE_SIZE)
+    } else {
+        p.remaining
+    };
     let mbps = if total > 0 {
         p.transferred as f64 * 8.0 / 1e6 / (total as f64 / 1000.0)
     } else {
@@ -484,7 +565,7 @@ pub fn query() -> Value {
         "duplicate": p.zero_pages,
         "normal": p.normal_pages,
         "normal-bytes": p.normal_pages * stream::PAGE_SIZE,
-        "dirty-sync-count": 1,
+        "dirty-sync-count": p.passes,
         "mbps": mbps,
         "page-size": stream::PAGE_SIZE,
         "dirty-pages-rate": 0,

@@ -236,6 +236,12 @@ fn migrate_between_processes(name: &str, uri: &str) {
         "{info}"
     );
     assert!(info["return"]["downtime"].as_u64().is_some(), "{info}");
+    // Pre-copy: all of RAM while the guest ran, then at least one look at the dirty log.
+    assert!(
+        info["return"]["ram"]["dirty-sync-count"].as_u64() >= Some(1),
+        "{info}"
+    );
+    eprintln!("migration {name}: {}", info["return"]);
     assert_eq!(status(&mut src_qmp), "postmigrate");
     let events: Vec<String> = src_qmp
         .events

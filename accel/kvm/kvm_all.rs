@@ -12,8 +12,8 @@ use hw::core::accel_ops::{
 };
 use hw::core::machine::MachineState;
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use qom::{type_init, Error, ObjectRef, WeakObjectRef};
@@ -99,6 +99,10 @@ pub struct KvmVm {
     pub(crate) vcpus: VcpuSet,
     /// GSI routing, irqfd and ioeventfd (`kvm_irq.rs`).
     irq: KvmIrq,
+    /// Every memory slot as KVM has it (dirty logging re-registers them with the flag).
+    slots: parking_lot::Mutex<std::collections::BTreeMap<u32, kvm_userspace_memory_region>>,
+    /// Dirty logging is on: slots added meanwhile get the flag too.
+    dirty_logging: std::sync::atomic::AtomicBool,
     /// Whether `KVM_CREATE_PIT2` made a PIT (its state is then saved with the VM's).
     has_pit: std::sync::atomic::AtomicBool,
     /// CPU states loaded for a migration, taken by each vCPU at its next reset.
@@ -154,9 +158,20 @@ impl KvmVm {
             irq,
             warned_features: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             has_pit: std::sync::atomic::AtomicBool::new(false),
+            slots: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+            dirty_logging: std::sync::atomic::AtomicBool::new(false),
             incoming_cpu_state: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             this: this.clone(),
         }))
+    }
+
+    /// The dirty-logging flag for a writable slot made now.
+    fn log_flag(&self) -> u32 {
+        if self.dirty_logging.load(Ordering::Relaxed) {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        }
     }
 
     /// A strong reference to this VM (vCPU threads hold one).
@@ -170,7 +185,7 @@ impl AccelOps for KvmVm {
         let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
         let region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: self.log_flag(),
             guest_phys_addr: block.guest_addr,
             memory_size: block.size,
             userspace_addr: block.host_addr,
@@ -178,7 +193,9 @@ impl AccelOps for KvmVm {
         // SAFETY: the host range belongs to a guest memory region the machine owns for the
         // rest of the process (RAM is never unmapped), so KVM never sees freed memory.
         unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|e| Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))
+            .map_err(|e| Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))?;
+        self.slots.lock().insert(slot, region);
+        Ok(())
     }
 
     fn map_slot(&self, block: RamBlock, readonly: bool) -> Result<SlotId, Error> {
@@ -192,7 +209,11 @@ impl AccelOps for KvmVm {
             .unwrap_or_else(|| self.next_slot.fetch_add(1, Ordering::Relaxed));
         let region = kvm_userspace_memory_region {
             slot,
-            flags: if readonly { KVM_MEM_READONLY } else { 0 },
+            flags: if readonly {
+                KVM_MEM_READONLY
+            } else {
+                self.log_flag()
+            },
             guest_phys_addr: block.guest_addr,
             memory_size: block.size,
             userspace_addr: block.host_addr,
@@ -200,7 +221,10 @@ impl AccelOps for KvmVm {
         // SAFETY: the host range belongs to memory the machine owns for the rest of the
         // process (ROM and RAM are never freed, only unmapped from the guest).
         match unsafe { self.vm.set_user_memory_region(region) } {
-            Ok(()) => Ok(SlotId(slot)),
+            Ok(()) => {
+                self.slots.lock().insert(slot, region);
+                Ok(SlotId(slot))
+            }
             Err(e) => {
                 self.free_slots.lock().push(slot);
                 Err(Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))
@@ -218,6 +242,7 @@ impl AccelOps for KvmVm {
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(|e| Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))?;
         self.free_slots.lock().push(slot.0);
+        self.slots.lock().remove(&slot.0);
         Ok(())
     }
 
@@ -312,6 +337,51 @@ impl AccelOps for KvmVm {
     fn load_cpu_state(&self, index: u32, state: VmStateSection) -> Result<(), VmStateError> {
         self.incoming_cpu_state.lock().insert(index, state);
         Ok(())
+    }
+
+    fn set_dirty_log(&self, on: bool) -> Result<(), VmStateError> {
+        let mut slots = self.slots.lock();
+        self.dirty_logging.store(on, Ordering::Relaxed);
+        for region in slots.values_mut() {
+            if region.flags & KVM_MEM_READONLY != 0 {
+                continue;
+            }
+            region.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+            // SAFETY: the same host memory as the slot already has; only the flag changes.
+            unsafe { self.vm.set_user_memory_region(*region) }.map_err(|e| {
+                VmStateError::Host(format!(
+                    "KVM_SET_USER_MEMORY_REGION: {}",
+                    errno_text(e.errno())
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn dirty_pages(&self) -> Result<Vec<u64>, VmStateError> {
+        let slots = self.slots.lock();
+        let mut pages = Vec::new();
+        for (slot, region) in slots.iter() {
+            if region.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
+                continue;
+            }
+            let bitmap = self
+                .vm
+                .get_dirty_log(*slot, region.memory_size as usize)
+                .map_err(|e| {
+                    VmStateError::Host(format!("KVM_GET_DIRTY_LOG: {}", errno_text(e.errno())))
+                })?;
+            for (word_index, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    let page = word_index as u64 * 64 + bit;
+                    pages.push(region.guest_phys_addr + page * 4096);
+                }
+            }
+        }
+        Ok(pages)
     }
 
     fn save_vm_state(&self) -> Result<VmStateSection, VmStateError> {

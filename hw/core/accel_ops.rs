@@ -191,6 +191,16 @@ pub trait AccelOps: Send + Sync {
     fn load_cpu_state(&self, _index: u32, _state: VmStateSection) -> Result<(), VmStateError> {
         Err(VmStateError::Unmigratable(format!("{} CPU", self.name())))
     }
+    /// Turns the logging of guest writes to RAM on or off (QEMU's `log_global_start`):
+    /// while on, [`AccelOps::dirty_pages`] says which pages the vCPUs wrote.
+    fn set_dirty_log(&self, _on: bool) -> Result<(), VmStateError> {
+        Err(VmStateError::Unmigratable(format!("{} dirty logging", self.name())))
+    }
+    /// The guest-physical addresses of the pages written since the last call (or since
+    /// logging started), and clears the log.
+    fn dirty_pages(&self) -> Result<Vec<u64>, VmStateError> {
+        Err(VmStateError::Unmigratable(format!("{} dirty logging", self.name())))
+    }
     /// The accelerator's own VM state (in-kernel interrupt controllers, PIT, clock); call
     /// with the vCPUs paused.
     fn save_vm_state(&self) -> Result<VmStateSection, VmStateError> {

@@ -73,6 +73,43 @@ impl From<std::io::Error> for MigrationError {
     }
 }
 
+/// Guest pages the VMM writes itself (device DMA) while a migration tracks them; KVM's
+/// dirty log covers the vCPUs' writes only.
+#[derive(Debug, Default)]
+pub struct DirtyTracker {
+    active: std::sync::atomic::AtomicBool,
+    pages: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
+}
+
+impl DirtyTracker {
+    /// Starts (clearing what was recorded) or stops recording.
+    pub fn set_active(&self, on: bool) {
+        self.pages.lock().clear();
+        self.active.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Records a write of `len` bytes at guest address `addr` (one atomic load when no
+    /// migration runs).
+    pub fn mark(&self, addr: u64, len: u64) {
+        if !self.active.load(std::sync::atomic::Ordering::SeqCst) || len == 0 {
+            return;
+        }
+        let first = addr & !(PAGE_SIZE - 1);
+        let last = addr.saturating_add(len - 1) & !(PAGE_SIZE - 1);
+        let mut pages = self.pages.lock();
+        let mut page = first;
+        while page <= last {
+            pages.insert(page);
+            page += PAGE_SIZE;
+        }
+    }
+
+    /// The pages written since the last call.
+    pub fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.pages.lock()).into_iter().collect()
+    }
+}
+
 /// What a save moved, for `query-migrate`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
@@ -84,6 +121,10 @@ pub struct Progress {
     pub zero_pages: u64,
     /// Guest RAM in bytes.
     pub total_ram: u64,
+    /// Bytes of RAM still to send (dirty since the last pass).
+    pub remaining: u64,
+    /// Passes over the dirty log so far (QEMU's `dirty-sync-count`).
+    pub passes: u64,
 }
 
 /// The devices under `machine` that are realized, by canonical path (CPUs included: their

@@ -47,6 +47,8 @@ pub struct MachineServices {
     cpus: AtomicU32,
     /// The balloon device's slot (QEMU's `balloon_event_fn`).
     balloon: Arc<Balloon>,
+    /// Guest RAM the VMM itself writes while a migration runs.
+    dirty: Arc<crate::core::migration::DirtyTracker>,
 }
 
 impl Default for MachineServices {
@@ -60,6 +62,7 @@ impl Default for MachineServices {
             main_context: OnceLock::new(),
             cpus: AtomicU32::new(1),
             balloon: Arc::default(),
+            dirty: Arc::default(),
         }
     }
 }
@@ -84,6 +87,13 @@ impl MachineServices {
     /// Guest RAM as mapped so far, for loaders and devices that read or write it.
     pub fn ram(&self) -> Arc<GuestMemoryMmap> {
         self.ram.load_full()
+    }
+
+    /// Where devices that write guest RAM themselves (DMA: fw_cfg, the PAM's write-through)
+    /// record what they wrote, so a running migration sends it again: KVM's dirty log
+    /// sees only the vCPUs' writes.
+    pub fn dirty_tracker(&self) -> &Arc<crate::core::migration::DirtyTracker> {
+        &self.dirty
     }
 
     /// The number of vCPUs the machine starts with (`-smp`).

@@ -273,10 +273,12 @@ impl FwCfgInner {
         self.entries.insert(FW_CFG_FILE_DIR, dir.into());
     }
 
-    /// QEMU's `fw_cfg_dma_transfer`, on the `FWCfgDmaAccess` at `self.dma_addr`.
-    fn dma_transfer<M: Bytes<GuestAddress>>(&mut self, ram: &M) {
+    /// QEMU's `fw_cfg_dma_transfer`, on the `FWCfgDmaAccess` at `self.dma_addr`; `wrote`
+    /// hears of the guest RAM it writes.
+    fn dma_transfer<M: Bytes<GuestAddress>>(&mut self, ram: &M, wrote: &dyn Fn(u64, u64)) {
         let desc_addr = std::mem::take(&mut self.dma_addr);
         let control_addr = GuestAddress(desc_addr);
+        wrote(desc_addr, 4);
         let mut desc = [0u8; FW_CFG_DMA_ACCESS_SIZE as usize];
         if ram.read_slice(&mut desc, control_addr).is_err() {
             let _ = ram.write_slice(&FW_CFG_DMA_CTL_ERROR.to_be_bytes(), control_addr);
@@ -290,6 +292,9 @@ impl FwCfgInner {
 
         if control & FW_CFG_DMA_CTL_SELECT != 0 {
             self.select((control >> 16) as u16);
+        }
+        if control & FW_CFG_DMA_CTL_READ != 0 {
+            wrote(address, u64::from(length));
         }
         let (read, write) = if control & FW_CFG_DMA_CTL_READ != 0 {
             (true, false)
@@ -406,7 +411,10 @@ struct FwCfgDmaPort {
 impl FwCfgDmaPort {
     fn transfer(&self, inner: &mut FwCfgInner) {
         match self.machine.upgrade() {
-            Some(machine) => inner.dma_transfer(&*machine.ram()),
+            Some(machine) => {
+                let tracker = machine.dirty_tracker();
+                inner.dma_transfer(&*machine.ram(), &|addr, len| tracker.mark(addr, len))
+            }
             None => inner.dma_addr = 0,
         }
     }
@@ -697,7 +705,7 @@ mod tests {
         desc.extend_from_slice(&addr.to_be_bytes());
         ram.write_slice(&desc, GuestAddress(0x100)).unwrap();
         inner.dma_addr = 0x100;
-        inner.dma_transfer(ram);
+        inner.dma_transfer(ram, &|_, _| {});
         let mut status = [0u8; 4];
         ram.read_slice(&mut status, GuestAddress(0x100)).unwrap();
         u32::from_be_bytes(status)
@@ -723,7 +731,7 @@ mod tests {
         assert_eq!(dma(&ram, &mut inner, ctl, 4, 0xfff0_0000), FW_CFG_DMA_CTL_ERROR);
         // A descriptor outside RAM: nothing to write the status to, nothing happens.
         inner.dma_addr = 0x1_0000_0000;
-        inner.dma_transfer(&ram);
+        inner.dma_transfer(&ram, &|_, _| {});
         assert_eq!(inner.dma_addr, 0);
     }
 

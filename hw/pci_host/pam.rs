@@ -106,6 +106,8 @@ struct Segment {
 
 struct PamState {
     ram: Arc<GuestMemoryMmap>,
+    /// Writes through the `pam` region bypass KVM's dirty log.
+    dirty: Arc<crate::core::migration::DirtyTracker>,
     rom: Arc<dyn IsaBios>,
     segments: Mutex<Vec<Segment>>,
 }
@@ -143,6 +145,7 @@ impl Pam {
         let accel = services.accel_ops().ok_or(PamError::NoAccelerator)?.clone();
         let state = Arc::new(PamState {
             ram,
+            dirty: services.dirty_tracker().clone(),
             rom,
             segments: Mutex::new(Vec::new()),
         });
@@ -253,6 +256,7 @@ impl MemoryRegionOps for PamState {
             let _ = self
                 .ram
                 .write_slice(&value.to_le_bytes()[..len], GuestAddress(addr));
+            self.dirty.mark(addr, len as u64);
         }
         // Otherwise the write goes to the PCI bus, where nothing decodes it (ROM).
     }

@@ -337,6 +337,10 @@ pub const EVENTS: &[QmpEvent] = &[
         data: &[Arg::required("status", ArgType::Enum(&MIGRATION_STATUS))],
     },
     QmpEvent {
+        name: "MIGRATION_PASS",
+        data: &[Arg::required("pass", ArgType::Int)],
+    },
+    QmpEvent {
         name: "RESUME",
         data: &[],
     },
