@@ -190,6 +190,7 @@ fn open_outgoing(uri: &str) -> Result<Box<dyn Write + Send>, MigrateError> {
             std::fs::File::create(rest)
                 .map_err(|e| failed(format!("Could not open '{rest}'"), e))?,
         ),
+        "fd" => Box::new(inherited_fd(rest)?),
         "exec" => {
             let child = Command::new("/bin/sh")
                 .args(["-c", rest])
@@ -200,6 +201,28 @@ fn open_outgoing(uri: &str) -> Result<Box<dyn Write + Send>, MigrateError> {
         }
         _ => return Err(MigrateError::UnknownProtocol(uri.into())),
     })
+}
+
+/// `fd:N`: a descriptor the caller left open for qomvm (as libvirt passes a saved
+/// image). Taken over (duplicated, so the number may be reused).
+fn inherited_fd(text: &str) -> Result<std::fs::File, MigrateError> {
+    use std::os::fd::{AsFd, BorrowedFd};
+    let fd: i32 = text.parse().map_err(|_| {
+        MigrateError::Channel(format!("File descriptor named '{text}' has not been found"))
+    })?;
+    // SAFETY: fcntl(F_GETFD) only asks whether `fd` is open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(MigrateError::Channel(format!(
+            "File descriptor named '{text}' has not been found"
+        )));
+    }
+    // SAFETY: `fd` is open (checked above) and stays open while the borrow lives; the
+    // owned copy is a new descriptor.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let owned = borrowed.as_fd().try_clone_to_owned().map_err(|e| {
+        MigrateError::Channel(format!("fd:{fd}: {}", hw::core::os_error::strerror(&e)))
+    })?;
+    Ok(std::fs::File::from(owned))
 }
 
 /// The receiving end of `uri`, set up at once (so the source can connect as soon as
@@ -233,6 +256,7 @@ impl Incoming {
                 std::fs::File::open(rest)
                     .map_err(|e| failed(format!("Could not open '{rest}'"), e))?,
             )),
+            "fd" => Incoming::Reader(Box::new(inherited_fd(rest)?)),
             "exec" => {
                 let child = Command::new("/bin/sh")
                     .args(["-c", rest])

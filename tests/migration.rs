@@ -212,10 +212,12 @@ fn status(qmp: &mut QmpClient) -> String {
 
 /// Migrates a running guest from one qomvm to another through `uri` (the destination
 /// listening with `-incoming uri`), and checks it goes on counting there.
-fn migrate_between_processes(name: &str, uri: &str) {
+fn migrate_between_processes(name: &str, uri: &str, extra: &[&str]) {
     let dir = scratch(name);
-    let (mut src, src_sock) = vm(&dir, "src", &[]);
-    let (mut dst, dst_sock) = vm(&dir, "dst", &["-incoming", uri]);
+    let (mut src, src_sock) = vm(&dir, "src", extra);
+    let mut dst_args = vec!["-incoming", uri];
+    dst_args.extend_from_slice(extra);
+    let (mut dst, dst_sock) = vm(&dir, "dst", &dst_args);
     let mut src_qmp = QmpClient::connect(&src_sock);
     let mut dst_qmp = QmpClient::connect(&dst_sock);
     assert_eq!(status(&mut dst_qmp), "inmigrate");
@@ -275,10 +277,15 @@ fn a_running_guest_moves_over_a_unix_socket() {
     }
     let dir = std::env::temp_dir().join(format!("qomvm-mig-sock-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    migrate_between_processes("unix", &format!("unix:{}", dir.join("mig.sock").display()));
+    migrate_between_processes(
+        "unix",
+        &format!("unix:{}", dir.join("mig.sock").display()),
+        &[],
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Over TCP on loopback, both ends under `-sandbox on`.
 #[test]
 fn a_running_guest_moves_over_tcp() {
     if !kvm_or_skip() {
@@ -290,7 +297,8 @@ fn a_running_guest_moves_over_tcp() {
         .local_addr()
         .unwrap()
         .port();
-    migrate_between_processes("tcp", &format!("tcp:127.0.0.1:{port}"));
+    // Under the seccomp sandbox, as libvirt starts its guests.
+    migrate_between_processes("tcp", &format!("tcp:127.0.0.1:{port}"), &["-sandbox", "on"]);
 }
 
 /// `migrate` to `file:` (what `virsh save` does), then a new process restores it with
@@ -329,6 +337,25 @@ fn a_guest_saved_to_a_file_is_restored_in_a_new_process() {
     });
     check_counting(&format!("{saved}{}", dst.text()));
     drop(dst);
+    // The same image as a descriptor the caller leaves open (as libvirt's restore passes
+    // it): `-incoming fd:3`.
+    let kernel = dir.join("kernel.elf");
+    let script = format!(
+        "exec \"$0\" -M pc -accel kvm -m 32 -nodefaults -display none -serial stdio \
+         -kernel '{}' -incoming fd:3 3<'{}'",
+        kernel.display(),
+        image.display()
+    );
+    let mut fd_restore = ConsoleVm::start(
+        "/bin/sh",
+        &["-c", &script, env!("CARGO_BIN_EXE_qomvm")],
+        TIMEOUT,
+    );
+    fd_restore.wait_until("counting after the fd: restore", |t| {
+        counters(t).last().is_some_and(|(n, _)| *n > last_saved + 3)
+    });
+    check_counting(&format!("{saved}{}", fd_restore.text()));
+    drop(fd_restore);
     let _ = std::fs::remove_dir_all(dir);
 }
 
