@@ -169,8 +169,11 @@ fn elapsed_ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
+/// Takes the descriptor a monitor client named with `getfd` (`fd:NAME`).
+pub type NamedFds<'a> = &'a dyn Fn(&str) -> Option<std::os::fd::OwnedFd>;
+
 /// Opens the sending end of `uri`.
-fn open_outgoing(uri: &str) -> Result<Box<dyn Write + Send>, MigrateError> {
+fn open_outgoing(uri: &str, named: NamedFds) -> Result<Box<dyn Write + Send>, MigrateError> {
     let (scheme, rest) = uri
         .split_once(':')
         .ok_or_else(|| MigrateError::UnknownProtocol(uri.into()))?;
@@ -190,7 +193,7 @@ fn open_outgoing(uri: &str) -> Result<Box<dyn Write + Send>, MigrateError> {
             std::fs::File::create(rest)
                 .map_err(|e| failed(format!("Could not open '{rest}'"), e))?,
         ),
-        "fd" => Box::new(inherited_fd(rest)?),
+        "fd" => Box::new(fd_channel(rest, named)?),
         "exec" => {
             let child = Command::new("/bin/sh")
                 .args(["-c", rest])
@@ -203,8 +206,19 @@ fn open_outgoing(uri: &str) -> Result<Box<dyn Write + Send>, MigrateError> {
     })
 }
 
-/// `fd:N`: a descriptor the caller left open for qomvm (as libvirt passes a saved
-/// image). Taken over (duplicated, so the number may be reused).
+/// `fd:NAME` (a descriptor `getfd` named, as libvirt's `virsh save` passes its file) or
+/// `fd:N` (one the caller left open, as libvirt's restore passes it).
+fn fd_channel(text: &str, named: NamedFds) -> Result<std::fs::File, MigrateError> {
+    if !text.starts_with(|c: char| c.is_ascii_digit()) {
+        return named(text).map(std::fs::File::from).ok_or_else(|| {
+            MigrateError::Channel(format!("File descriptor named '{text}' has not been found"))
+        });
+    }
+    inherited_fd(text)
+}
+
+/// `fd:N`: a descriptor the caller left open for qomvm. Taken over (duplicated, so the
+/// number may be reused).
 fn inherited_fd(text: &str) -> Result<std::fs::File, MigrateError> {
     use std::os::fd::{AsFd, BorrowedFd};
     let fd: i32 = text.parse().map_err(|_| {
@@ -234,7 +248,7 @@ enum Incoming {
 }
 
 impl Incoming {
-    fn open(uri: &str) -> Result<Incoming, MigrateError> {
+    fn open(uri: &str, named: NamedFds) -> Result<Incoming, MigrateError> {
         let (scheme, rest) = uri
             .split_once(':')
             .ok_or_else(|| MigrateError::UnknownProtocol(uri.into()))?;
@@ -256,7 +270,7 @@ impl Incoming {
                 std::fs::File::open(rest)
                     .map_err(|e| failed(format!("Could not open '{rest}'"), e))?,
             )),
-            "fd" => Incoming::Reader(Box::new(inherited_fd(rest)?)),
+            "fd" => Incoming::Reader(Box::new(fd_channel(rest, named)?)),
             "exec" => {
                 let child = Command::new("/bin/sh")
                     .args(["-c", rest])
@@ -298,7 +312,7 @@ impl<W: Write> Write for Cancellable<W> {
 }
 
 /// QMP `migrate`: checks that the VM can move, then sends it from a thread.
-pub fn migrate(machine: &ObjectRef, uri: &str) -> Result<(), MigrateError> {
+pub fn migrate(machine: &ObjectRef, uri: &str, named: NamedFds) -> Result<(), MigrateError> {
     {
         let st = STATE.lock();
         if st.status.in_progress() {
@@ -317,7 +331,7 @@ pub fn migrate(machine: &ObjectRef, uri: &str) -> Result<(), MigrateError> {
     }
     CANCEL.store(false, Ordering::Relaxed);
     set_status(MigrationStatus::Setup);
-    let channel = match open_outgoing(uri) {
+    let channel = match open_outgoing(uri, named) {
         Ok(c) => c,
         Err(e) => {
             STATE.lock().error = Some(e.to_string());
@@ -478,11 +492,15 @@ pub fn incoming_at_startup(
         STATE.lock().deferred_incoming = true;
         return Ok(());
     }
-    start_incoming(machine, uri)
+    start_incoming(machine, uri, &|_| None)
 }
 
 /// QMP `migrate-incoming`, after `-incoming defer`.
-pub fn migrate_incoming(machine: &ObjectRef, uri: &str) -> Result<(), MigrateError> {
+pub fn migrate_incoming(
+    machine: &ObjectRef,
+    uri: &str,
+    named: NamedFds,
+) -> Result<(), MigrateError> {
     {
         let mut st = STATE.lock();
         if !st.deferred_incoming {
@@ -490,11 +508,11 @@ pub fn migrate_incoming(machine: &ObjectRef, uri: &str) -> Result<(), MigrateErr
         }
         st.deferred_incoming = false;
     }
-    start_incoming(machine, uri)
+    start_incoming(machine, uri, named)
 }
 
-fn start_incoming(machine: &ObjectRef, uri: &str) -> Result<(), MigrateError> {
-    let channel = Incoming::open(uri)?;
+fn start_incoming(machine: &ObjectRef, uri: &str, named: NamedFds) -> Result<(), MigrateError> {
+    let channel = Incoming::open(uri, named)?;
     {
         let mut st = STATE.lock();
         st.started = Some(Instant::now());

@@ -146,6 +146,7 @@ pub fn qtest_init(spec: &str, log: Option<&str>, machine: &ObjectRef) -> Result<
                 let _ = shutdown_handle.shutdown(std::net::Shutdown::Both);
             }),
             is_socket: true,
+            fds: None,
         };
         std::thread::Builder::new()
             .name("qtest".into())

@@ -604,3 +604,42 @@ virsh -c qemu:///system list --all --name | grep -qx "$name" || echo "host: the 
 echo "host: libvirt's log of the domain:"
 tail -n 5 "/var/log/libvirt/qemu/$name.log" 2>/dev/null | sed 's/^/host:   /'
 "#;
+
+/// Issue 18: `virsh save` stops the guest and writes it to a file through qomvm's
+/// migration (`getfd` with the file passed over QMP, then `migrate` to `fd:NAME`);
+/// `virsh restore` starts a new qomvm with `-incoming defer` and the file as an inherited
+/// descriptor, and the guest goes on where it was.
+#[test]
+fn virsh_save_and_restore_move_a_domain_through_a_file() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("save");
+    let kernel = dom.dir.join("kernel.elf");
+    std::fs::write(&kernel, test_kernel()).unwrap();
+    let xml = dom.xml(&kernel);
+    let name = dom.name.as_str();
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let image = dom.dir.join("domain.save");
+    virsh_ok(&["save", name, image.to_str().unwrap()]);
+    assert_eq!(listed_state(name), None, "saved domains are not running");
+    assert!(std::fs::metadata(&image).is_ok_and(|m| m.len() > 0));
+    virsh_ok(&["restore", image.to_str().unwrap()]);
+    assert_eq!(listed_state(name).as_deref(), Some("running"));
+    // libvirt opens the serial file anew for the restored process.
+    assert!(
+        wait_for(Duration::from_secs(30), || dom.serial_len() > 10),
+        "the restored guest prints nothing"
+    );
+    // The restored guest is the saved one, going on with its dots: a guest that booted
+    // anew would print its banner first. It still answers the power button.
+    let text = std::fs::read_to_string(dom.serial()).unwrap_or_default();
+    assert!(!text.contains(BANNER) && text.starts_with('.'), "{text:?}");
+    virsh_ok(&["shutdown", name]);
+    assert!(
+        wait_for(Duration::from_secs(30), || listed_state(name).is_none()),
+        "the restored domain did not power off"
+    );
+}

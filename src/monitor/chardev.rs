@@ -267,6 +267,8 @@ pub struct Connection {
     pub shutdown: Arc<dyn Fn() + Send + Sync>,
     /// Whether the backend is a socket (QMP offers `oob` on sockets only, as QEMU does).
     pub is_socket: bool,
+    /// Descriptors the client passed (Unix sockets only), for `getfd`.
+    pub fds: Option<crate::monitor::fds::FdQueue>,
 }
 
 /// Runs a monitor's sessions: `session` is called once per connection, on a thread of its
@@ -286,6 +288,12 @@ trait Listener: Send + 'static {
     fn shutdown(stream: &Self::Stream);
     /// Sets up an accepted `stream`.
     fn configure(_stream: &Self::Stream) {}
+    /// The reading half of `stream`, and where descriptors the client passes go.
+    fn reader(
+        stream: Self::Stream,
+    ) -> (Box<dyn Read + Send>, Option<crate::monitor::fds::FdQueue>) {
+        (Box::new(stream), None)
+    }
 }
 
 impl Listener for UnixListener {
@@ -299,6 +307,13 @@ impl Listener for UnixListener {
     }
     fn shutdown(stream: &UnixStream) {
         let _ = stream.shutdown(Shutdown::Both);
+    }
+    fn reader(stream: UnixStream) -> (Box<dyn Read + Send>, Option<crate::monitor::fds::FdQueue>) {
+        let fds = crate::monitor::fds::FdQueue::default();
+        (
+            Box::new(crate::monitor::fds::ScmReader::new(stream, fds.clone())),
+            Some(fds),
+        )
     }
 }
 
@@ -322,13 +337,14 @@ impl Listener for TcpListener {
 /// The [`Connection`] of an accepted socket.
 fn connection<L: Listener>(stream: L::Stream) -> io::Result<Connection> {
     L::configure(&stream);
-    let reader = L::clone_stream(&stream)?;
+    let (reader, fds) = L::reader(L::clone_stream(&stream)?);
     let closer = L::clone_stream(&stream)?;
     Ok(Connection {
-        reader: Box::new(reader),
+        reader,
         writer: Box::new(stream),
         shutdown: Arc::new(move || L::shutdown(&closer)),
         is_socket: true,
+        fds,
     })
 }
 
@@ -373,6 +389,7 @@ pub fn serve(name: &str, backend: &Backend, session: Session) -> Result<Listenin
                 // stdin cannot be unblocked; the process's exit ends the session.
                 shutdown: Arc::new(|| {}),
                 is_socket: false,
+                fds: None,
             };
             spawn_session(&name, &session, conn);
             Ok(Listening { unix_path: None })

@@ -25,6 +25,7 @@
 pub mod chardev;
 pub mod client;
 pub mod cpu_model;
+pub mod fds;
 pub mod hmp;
 pub mod info;
 pub mod json;

@@ -236,6 +236,8 @@ pub struct CommandCtx<'a> {
     pub vm: &'a VmContext,
     /// An action for after the reply (`quit`).
     pub deferred: Cell<Option<Deferred>>,
+    /// Descriptors the client passed and `getfd` may name (QMP on a Unix socket).
+    pub fds: Option<crate::monitor::fds::FdQueue>,
 }
 
 impl<'a> CommandCtx<'a> {
@@ -244,6 +246,7 @@ impl<'a> CommandCtx<'a> {
         CommandCtx {
             vm,
             deferred: Cell::new(None),
+            fds: None,
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct QmpSession<'a> {
     /// Whether `oob` is offered (sockets) and enabled.
     oob_offered: bool,
     oob_enabled: bool,
+    /// The descriptors the client passed, for `getfd`.
+    fds: Option<crate::monitor::fds::FdQueue>,
 }
 
 /// A reply and what to do once it is sent.
@@ -55,7 +57,14 @@ impl<'a> QmpSession<'a> {
             negotiated: false,
             oob_offered,
             oob_enabled: false,
+            fds: None,
         }
+    }
+
+    /// Lets `getfd` name the descriptors the client passes on `fds`.
+    pub fn with_fds(mut self, fds: Option<crate::monitor::fds::FdQueue>) -> Self {
+        self.fds = fds;
+        self
     }
 
     /// Whether `qmp_capabilities` has succeeded.
@@ -97,7 +106,8 @@ impl<'a> QmpSession<'a> {
     /// Handles one parsed request (QEMU's `qmp_dispatch`).
     pub fn handle_request(&mut self, request: &Value) -> Reply {
         let id = request.as_object().and_then(|o| o.get("id")).cloned();
-        let ctx = CommandCtx::new(self.vm);
+        let mut ctx = CommandCtx::new(self.vm);
+        ctx.fds = self.fds.clone();
         let result = self.dispatch(&ctx, request);
         let mut rsp = Map::new();
         match result {
@@ -213,13 +223,14 @@ pub fn run_session(vm: &Arc<VmContext>, conn: Connection) {
         writer,
         shutdown,
         is_socket,
+        fds,
     } = conn;
     let outbox = Outbox::new(shutdown);
     spawn_writer("QMP", &outbox, writer);
     register_client(&outbox);
     outbox.send(format!("{}\r\n", json::to_string(&greeting(is_socket))));
 
-    let mut session = QmpSession::new(vm, is_socket);
+    let mut session = QmpSession::new(vm, is_socket).with_fds(fds);
     let mut splitter = Splitter::new();
     let mut buf = vec![0u8; 64 << 10];
     'read: loop {

@@ -82,6 +82,30 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: qmp_migrate,
     },
     QmpCommand {
+        name: "getfd",
+        args: &[Arg::required("fdname", ArgType::Str)],
+        run: |ctx, args| {
+            let name = args
+                .get("fdname")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            crate::monitor::fds::getfd(ctx.fds.as_ref(), name).map_err(QmpError::Failed)?;
+            Ok(json!({}))
+        },
+    },
+    QmpCommand {
+        name: "closefd",
+        args: &[Arg::required("fdname", ArgType::Str)],
+        run: |_, args| {
+            let name = args
+                .get("fdname")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            crate::monitor::fds::closefd(name).map_err(QmpError::Failed)?;
+            Ok(json!({}))
+        },
+    },
+    QmpCommand {
         name: "migrate-incoming",
         args: &[Arg::required("uri", ArgType::Str)],
         run: qmp_migrate_incoming,
@@ -833,14 +857,14 @@ fn qmp_migrate(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qmp
         }
     }
     let uri = args.get("uri").and_then(Value::as_str).unwrap_or_default();
-    crate::migration::migrate(&ctx.vm.machine, uri)?;
+    crate::migration::migrate(&ctx.vm.machine, uri, &crate::monitor::fds::take)?;
     Ok(json!({}))
 }
 
 /// QEMU's `qmp_migrate_incoming`, after `-incoming defer`.
 fn qmp_migrate_incoming(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
     let uri = args.get("uri").and_then(Value::as_str).unwrap_or_default();
-    crate::migration::migrate_incoming(&ctx.vm.machine, uri)?;
+    crate::migration::migrate_incoming(&ctx.vm.machine, uri, &crate::monitor::fds::take)?;
     Ok(json!({}))
 }
 
