@@ -172,11 +172,23 @@ fn elapsed_ms(since: Instant) -> u64 {
 /// Takes the descriptor a monitor client named with `getfd` (`fd:NAME`).
 pub type NamedFds<'a> = &'a dyn Fn(&str) -> Option<std::os::fd::OwnedFd>;
 
+/// `exec:` runs a shell, which qomvm's seccomp sandbox (inherited across `execve`) would
+/// kill at its first call outside qomvm's list: refused clearly instead.
+fn check_exec(scheme: &str) -> Result<(), MigrateError> {
+    if scheme == "exec" && hw::core::sandbox::is_installed() {
+        return Err(MigrateError::Channel(
+            "exec: migration runs a command, which qomvm's sandbox would kill: use -sandbox off, or a unix:, tcp:, file: or fd: channel".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Opens the sending end of `uri`.
 fn open_outgoing(uri: &str, named: NamedFds) -> Result<Box<dyn Write + Send>, MigrateError> {
     let (scheme, rest) = uri
         .split_once(':')
         .ok_or_else(|| MigrateError::UnknownProtocol(uri.into()))?;
+    check_exec(scheme)?;
     let failed = |what: String, e: std::io::Error| {
         MigrateError::Channel(format!("{what}: {}", hw::core::os_error::strerror(&e)))
     };
@@ -252,6 +264,7 @@ impl Incoming {
         let (scheme, rest) = uri
             .split_once(':')
             .ok_or_else(|| MigrateError::UnknownProtocol(uri.into()))?;
+        check_exec(scheme)?;
         let failed = |what: String, e: std::io::Error| {
             MigrateError::Channel(format!("{what}: {}", hw::core::os_error::strerror(&e)))
         };
@@ -360,8 +373,10 @@ fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instan
     let was_running = ms.services().vm().is_running();
     let mut w = BufWriter::with_capacity(1 << 20, Cancellable(channel));
     let result = send(machine, &mut w, was_running);
-    let ops = ms.accel_ops();
-    if let Some(ops) = &ops {
+    // Measured before the slots lose their logging flag (slow for big slots on some
+    // hosts), which the guest, now stopped or elsewhere, does not wait for.
+    let done = Instant::now();
+    if let Some(ops) = ms.accel_ops() {
         let _ = ops.set_dirty_log(false);
     }
     ms.services().dirty_tracker().set_active(false);
@@ -372,8 +387,8 @@ fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instan
                 .vm()
                 .set_migration_status(RunStatus::PostMigrate);
             let mut st = STATE.lock();
-            st.downtime_ms = Some(elapsed_ms(stopped));
-            st.total_ms = Some(elapsed_ms(started));
+            st.downtime_ms = Some(done.duration_since(stopped).as_millis() as u64);
+            st.total_ms = Some(done.duration_since(started).as_millis() as u64);
             st.progress.remaining = 0;
             drop(st);
             set_status(MigrationStatus::Completed);
@@ -464,14 +479,18 @@ fn send(machine: &ObjectRef, w: &mut impl Write, live: bool) -> Result<Instant, 
     ms.services()
         .vm()
         .set_migration_status(RunStatus::FinishMigrate);
+    log::debug!(target: "migration", "stopped after {} passes in {:?}", progress.passes, stopped.elapsed());
     if live {
         pending.extend(ops.dirty_pages()?);
         pending.extend(tracker.take());
         pending.sort_unstable();
         pending.dedup();
+        log::debug!(target: "migration", "{} last pages at {:?}", pending.len(), stopped.elapsed());
         stream::send_pages(machine, pending.into_iter(), w, &mut progress, &cancelled)?;
     }
+    log::debug!(target: "migration", "state at {:?}", stopped.elapsed());
     stream::send_state(machine, w, &mut progress)?;
+    log::debug!(target: "migration", "done at {:?}", stopped.elapsed());
     STATE.lock().progress = progress;
     Ok(stopped)
 }

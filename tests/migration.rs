@@ -1,11 +1,9 @@
 //! Issue 18: snapshot, restore and migration between qomvm processes, on KVM.
 //!
-//! The guest is a Multiboot kernel built here: it fills 16 KiB and one dword of each of
-//! 1024 pages spread over 4 MiB with known values, keeps their sum in a register, and
-//! forever bumps one word of each area by its counter, recomputes the full sum and prints
-//! `COUNTER ok` (8 hex digits) on COM1, or `COUNTER BAD` if the memory no longer adds up.
-//! A migrated guest must go on printing the next counter, without a gap or a repeat, and
-//! `ok`: registers, RAM, the UART and the rest moved intact.
+//! The guest is `test_support::migration_guest`'s Multiboot kernel: it prints `COUNTER ok`
+//! for each turn of a loop that writes memory and checks its sum. A migrated guest must go
+//! on printing the next counter, without a gap or a repeat, and `ok`: registers, RAM, the
+//! UART and the rest moved intact.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,109 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use test_support::console::ConsoleVm;
-use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
-use test_support::guest::{Asm, Cond, EAX, EBX, ECX, EDI, EDX, ESI};
+use test_support::migration_guest::migration_kernel;
 use test_support::qmp::QmpClient;
 
-const LOAD: u32 = 0x10_0000;
-const COM1: u16 = 0x3f8;
-/// The dense area: 4096 dwords.
-const DENSE: u32 = 0x30_0000;
-const DENSE_DWORDS: u32 = 4096;
-/// The sparse area: one dword at the start of each of 1024 pages.
-const SPARSE: u32 = 0x80_0000;
-const SPARSE_PAGES: u32 = 1024;
 /// PVM runs the guest's kernel code through KVM's emulator: generous.
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn migration_kernel() -> Vec<u8> {
-    let mut a = Asm::flat32();
-    // EBX: the running sum; EBP: the counter.
-    a.xor(EBX, EBX)
-        .mov_imm(EDI, DENSE)
-        .mov_imm(EAX, 0x1234_5678);
-    a.mov_imm(ECX, DENSE_DWORDS);
-    let fill = a.here();
-    a.store(EDI, 0, EAX)
-        .emit(&[0x01, 0xc3]) // add ebx, eax
-        .add_imm(EAX, 0x9e37_79b1)
-        .add_imm(EDI, 4)
-        .loop_back(fill);
-    a.mov_imm(EDI, SPARSE).mov_imm(ECX, SPARSE_PAGES);
-    let fill_sparse = a.here();
-    a.store(EDI, 0, EAX)
-        .emit(&[0x01, 0xc3]) // add ebx, eax
-        .add_imm(EAX, 0x7f4a_7c15)
-        .add_imm(EDI, 4096)
-        .loop_back(fill_sparse);
-    a.emit(&[0x31, 0xed]); // xor ebp, ebp
-    let main = a.here();
-    a.emit(&[0x45]); // inc ebp
-                     // DENSE[n % 4096] += n; SPARSE page (n % 1024) += n; the sum grows by 2n.
-    a.emit(&[0x89, 0xef]) // mov edi, ebp
-        .and_imm(EDI, DENSE_DWORDS - 1)
-        .emit(&[0xc1, 0xe7, 0x02]) // shl edi, 2
-        .add_imm(EDI, DENSE)
-        .emit(&[0x01, 0x2f]) // add [edi], ebp
-        .emit(&[0x01, 0xeb]); // add ebx, ebp
-    a.emit(&[0x89, 0xef]) // mov edi, ebp
-        .and_imm(EDI, SPARSE_PAGES - 1)
-        .emit(&[0xc1, 0xe7, 0x0c]) // shl edi, 12
-        .add_imm(EDI, SPARSE)
-        .emit(&[0x01, 0x2f]) // add [edi], ebp
-        .emit(&[0x01, 0xeb]); // add ebx, ebp
-                              // EDX: the sum of the memory, now.
-    a.xor(EDX, EDX)
-        .mov_imm(ESI, DENSE)
-        .mov_imm(ECX, DENSE_DWORDS);
-    let sum = a.here();
-    a.emit(&[0x03, 0x16]) // add edx, [esi]
-        .add_imm(ESI, 4)
-        .loop_back(sum);
-    a.mov_imm(ESI, SPARSE).mov_imm(ECX, SPARSE_PAGES);
-    let sum_sparse = a.here();
-    a.emit(&[0x03, 0x16]) // add edx, [esi]
-        .add_imm(ESI, 4096)
-        .loop_back(sum_sparse);
-    // The counter in hex (`mov dx, port` below clobbers EDX: the sum waits in EDI).
-    a.mov(EDI, EDX);
-    a.emit(&[0x89, 0xee]) // mov esi, ebp
-        .mov_imm(ECX, 8);
-    let digit = a.here();
-    let decimal = a.label();
-    a.emit(&[0xc1, 0xc6, 0x04]) // rol esi, 4
-        .mov(EAX, ESI)
-        .and_imm(EAX, 0xf)
-        .cmp_imm(EAX, 10)
-        .jcc_short(Cond::B, decimal)
-        .add_imm(EAX, u32::from(b'a' - b'0' - 10));
-    a.bind(decimal);
-    a.add_imm(EAX, u32::from(b'0'))
-        .mov_dx(COM1)
-        .out_dx_al()
-        .loop_back(digit);
-    let bad = a.label();
-    a.cmp(EDI, EBX).jcc(Cond::Ne, bad);
-    for &b in b" ok\n" {
-        a.mov_al(b).out_dx_al();
-    }
-    a.jmp(main);
-    a.bind(bad);
-    for &b in b" BAD\n" {
-        a.mov_al(b).out_dx_al();
-    }
-    a.jmp(main);
-    Elf32Kernel {
-        vaddr: LOAD,
-        paddr: LOAD,
-        flags: PF_R | PF_W | PF_X,
-        bss: 0,
-        data_off: 0x400,
-        code: &a.finish(),
-        data: &[],
-    }
-    .build()
-}
 
 fn kvm_or_skip() -> bool {
     if let Some(reason) = test_support::vm::kvm_unusable() {

@@ -303,6 +303,83 @@ fn read_record(r: &mut impl Read) -> Result<(u8, Vec<u8>), MigrationError> {
     Ok((head[0], payload))
 }
 
+/// Loads one RAM record. A zero page is written only where the destination's page is not
+/// zero already: pages the host never touched (most of a fresh VM's RAM, found with one
+/// `mincore` per record) are skipped without reading them, which would make the host
+/// fault each one in (QEMU's `ram_handle_zero` checks too).
+fn load_pages(ram: &vm_memory::GuestMemoryMmap, payload: &[u8]) -> Result<(), MigrationError> {
+    let mut zero_pages = Vec::new();
+    let mut at = 0;
+    while at + 8 <= payload.len() {
+        let word = u64::from_le_bytes(payload[at..at + 8].try_into().expect("8 bytes"));
+        at += 8;
+        let addr = word & !(PAGE_SIZE - 1);
+        let bad = |e: String| MigrationError::Stream(format!("page {addr:#x}: {e}"));
+        if word & ZERO_PAGE != 0 {
+            zero_pages.push(addr);
+        } else {
+            let data = payload
+                .get(at..at + PAGE_SIZE as usize)
+                .ok_or_else(|| bad("truncated".into()))?;
+            ram.write_slice(data, GuestAddress(addr))
+                .map_err(|e| bad(e.to_string()))?;
+            at += PAGE_SIZE as usize;
+        }
+    }
+    let resident = resident_pages(ram, &zero_pages);
+    for (i, &addr) in zero_pages.iter().enumerate() {
+        if resident.as_ref().is_some_and(|r| !r[i]) {
+            continue;
+        }
+        let bad = |e: String| MigrationError::Stream(format!("page {addr:#x}: {e}"));
+        let mut current = [0u8; PAGE_SIZE as usize];
+        ram.read_slice(&mut current, GuestAddress(addr))
+            .map_err(|e| bad(e.to_string()))?;
+        if current.iter().any(|&b| b != 0) {
+            ram.write_slice(&[0u8; PAGE_SIZE as usize], GuestAddress(addr))
+                .map_err(|e| bad(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether each of `pages` (ascending guest addresses) is resident on the host, by one
+/// `mincore` over their span; `None` when the span leaves one host mapping, is large, or
+/// is file-backed.
+fn resident_pages(ram: &vm_memory::GuestMemoryMmap, pages: &[u64]) -> Option<Vec<bool>> {
+    let (&first, &last) = (pages.first()?, pages.last()?);
+    let span = ((last - first) / PAGE_SIZE + 1) as usize;
+    if last < first || span > 4 * PAGES_PER_RECORD as usize {
+        return None;
+    }
+    // Only anonymous memory reads as zeroes where it was never touched; a file's page
+    // that is not in the page cache still has its data.
+    if ram.find_region(GuestAddress(first))?.file_offset().is_some() {
+        return None;
+    }
+    let start = ram.get_host_address(GuestAddress(first)).ok()?;
+    let end = ram.get_host_address(GuestAddress(last)).ok()?;
+    if end as usize - start as usize != (span - 1) * PAGE_SIZE as usize {
+        return None;
+    }
+    let mut vec = vec![0u8; span];
+    // SAFETY: [start, start + span pages) is one mapping of guest RAM (checked above:
+    // both ends translate and are as far apart as in the guest), and `vec` has a byte
+    // per page.
+    let ret = unsafe {
+        libc::mincore(start.cast(), span * PAGE_SIZE as usize, vec.as_mut_ptr())
+    };
+    if ret != 0 {
+        return None;
+    }
+    Some(
+        pages
+            .iter()
+            .map(|&p| vec[((p - first) / PAGE_SIZE) as usize] & 1 != 0)
+            .collect(),
+    )
+}
+
 /// Compares the stream's configuration with `machine`'s, naming the first difference.
 fn check_config(machine: &ObjectRef, theirs: &Value) -> Result<(), MigrationError> {
     let devices = device_states(machine)?;
@@ -385,25 +462,7 @@ pub fn load_vm(machine: &ObjectRef, r: &mut impl Read) -> Result<u64, MigrationE
                 check_config(machine, &config)?;
                 configured = true;
             }
-            TAG_RAM if configured => {
-                let mut at = 0;
-                while at + 8 <= payload.len() {
-                    let word = u64::from_le_bytes(payload[at..at + 8].try_into().expect("8 bytes"));
-                    at += 8;
-                    let addr = word & !(PAGE_SIZE - 1);
-                    let bad = |e: String| MigrationError::Stream(format!("page {addr:#x}: {e}"));
-                    if word & ZERO_PAGE != 0 {
-                        let zeroes = [0u8; PAGE_SIZE as usize];
-                        ram.write_slice(&zeroes, GuestAddress(addr)).map_err(|e| bad(e.to_string()))?;
-                    } else {
-                        let data = payload
-                            .get(at..at + PAGE_SIZE as usize)
-                            .ok_or_else(|| bad("truncated".into()))?;
-                        ram.write_slice(data, GuestAddress(addr)).map_err(|e| bad(e.to_string()))?;
-                        at += PAGE_SIZE as usize;
-                    }
-                }
-            }
+            TAG_RAM if configured => load_pages(&ram, &payload)?,
             TAG_STATE if configured => {
                 let state: Value = serde_json::from_slice(&payload)
                     .map_err(|e| MigrationError::Stream(format!("state: {e}")))?;

@@ -351,6 +351,8 @@ const BLOCK_IO: &[i64] = &[
 
 /// What the main loop and the monitors add: files, sockets, processes' own data.
 const PROCESS: &[i64] = &[
+    // A migration's destination skips guest pages the host never touched.
+    libc::SYS_mincore,
     libc::SYS_open,
     libc::SYS_openat,
     libc::SYS_stat,

@@ -18,7 +18,10 @@ impl ConsoleVm {
     pub fn start(qomvm: &str, args: &[&str], timeout: Duration) -> ConsoleVm {
         let mut child = Command::new(qomvm)
             .args(args)
-            .env("RUST_LOG", "off")
+            .env(
+                "RUST_LOG",
+                std::env::var("QOMVM_CONSOLE_LOG").unwrap_or_else(|_| "off".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -10,6 +10,7 @@ pub mod fuzz;
 pub mod fuzz_qtest;
 pub mod guest;
 pub mod irq_guest;
+pub mod migration_guest;
 pub mod netns;
 pub mod qmp;
 pub mod qtest;

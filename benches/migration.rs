@@ -1,0 +1,300 @@
+//! Migration (issue 18): what moving a running guest costs, qomvm against QEMU on the same
+//! guest in the same run (`test_support::migration_guest`'s counting kernel, 512 MiB, the
+//! `pc` machine on KVM, `-nodefaults`, COM1 on a pipe).
+//!
+//! - `downtime`: a live migration between two processes over a Unix socket; the sample is
+//!   the `downtime` the source's `query-migrate` reports (the guest's stop to the end of
+//!   the stream). Target: <= 50 ms.
+//! - `restore`: a guest saved with `migrate` to `exec:cat > FILE`; the sample is from
+//!   spawning the destination (`-incoming exec:cat FILE`) to `query-status` answering
+//!   `running`, polled
+//!   every millisecond (process start-up, loading, first instruction). Target: <= 10 ms to
+//!   the first instruction once loading is lazy (not yet: the stream is read whole).
+//!
+//! At the end the medians and the ratios qomvm/QEMU are printed. QEMU is left out (with the
+//! reason printed) when `qemu-system-x86_64` is missing or cannot run the guest; without a
+//! usable /dev/kvm nothing runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use test_support::console::ConsoleVm;
+use test_support::qmp::QmpClient;
+use test_support::{migration_guest, skip, vm};
+
+const MEM: &str = "512";
+/// Guest code runs through KVM's emulator on PVM hosts, and QEMU boots through SeaBIOS.
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Vmm {
+    Qomvm,
+    Qemu,
+}
+
+impl Vmm {
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::Qomvm => "qomvm",
+            Vmm::Qemu => "qemu",
+        }
+    }
+    /// The arguments that turn the VMM's seccomp sandbox off (qomvm's is on by default).
+    fn unsandboxed(self) -> &'static [&'static str] {
+        match self {
+            Vmm::Qomvm => &["-sandbox", "off"],
+            Vmm::Qemu => &[],
+        }
+    }
+    fn binary(self) -> &'static str {
+        match self {
+            Vmm::Qomvm => env!("CARGO_BIN_EXE_qomvm"),
+            Vmm::Qemu => "qemu-system-x86_64",
+        }
+    }
+}
+
+/// Samples per (VMM, measurement), in milliseconds.
+static SAMPLES: Mutex<Vec<(Vmm, &'static str, f64)>> = Mutex::new(Vec::new());
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(what: &str) -> Scratch {
+        let dir =
+            std::env::temp_dir().join(format!("qomvm-bench-mig-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("kernel.elf"), migration_guest::migration_kernel()).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A guest of `vmm` with QMP on `NAME.qmp` in `dir`, plus `extra`.
+fn start(vmm: Vmm, dir: &Path, name: &str, extra: &[&str]) -> (ConsoleVm, QmpClient) {
+    let sock = dir.join(format!("{name}.qmp"));
+    let kernel = dir.join("kernel.elf");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let mut args = vec![
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        MEM,
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-kernel",
+        kernel.to_str().unwrap(),
+        "-qmp",
+        &qmp,
+    ];
+    args.extend_from_slice(extra);
+    let console = ConsoleVm::start(vmm.binary(), &args, TIMEOUT);
+    let qmp = QmpClient::connect(&sock);
+    (console, qmp)
+}
+
+fn wait_completed(qmp: &mut QmpClient) -> Value {
+    let start = Instant::now();
+    loop {
+        let info = qmp.execute("query-migrate", json!({}));
+        match info["return"]["status"].as_str() {
+            Some("completed") => return info["return"].clone(),
+            Some("failed") | Some("cancelled") => panic!("migration failed: {info}"),
+            _ => {}
+        }
+        assert!(start.elapsed() < TIMEOUT, "migration never completed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn counting(vm: &mut ConsoleVm) {
+    vm.wait_until("the guest counting", |t| t.matches(" ok").count() >= 2);
+}
+
+/// One live migration; returns the downtime the source reports, in ms.
+fn downtime_once(vmm: Vmm) -> f64 {
+    let scratch = Scratch::new("live");
+    let uri = format!("unix:{}", scratch.0.join("mig.sock").display());
+    let (mut src, mut src_qmp) = start(vmm, &scratch.0, "src", &[]);
+    let (mut dst, mut dst_qmp) = start(vmm, &scratch.0, "dst", &["-incoming", &uri]);
+    counting(&mut src);
+    assert_eq!(
+        src_qmp.execute("migrate", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    let info = wait_completed(&mut src_qmp);
+    let before = dst.text().len();
+    dst.wait_until("the destination counting", |t| {
+        t[before.min(t.len())..].contains(" ok")
+    });
+    let _ = dst_qmp.execute("quit", json!({}));
+    let _ = src_qmp.execute("quit", json!({}));
+    info["downtime"].as_f64().expect("a downtime")
+}
+
+/// One restore from a file; returns spawn-to-running in ms.
+fn restore_once(vmm: Vmm) -> f64 {
+    let scratch = Scratch::new("restore");
+    let image = scratch.0.join("guest.state");
+    // Through `cat`, as QEMU 7.2 has no `file:` (libvirt's save goes through a pipe too);
+    // qomvm without its sandbox, which would not let `cat` run (QEMU has none by default).
+    let save = format!("exec:cat > '{}'", image.display());
+    let uri = format!("exec:cat '{}'", image.display());
+    {
+        let (mut src, mut qmp) = start(vmm, &scratch.0, "src", vmm.unsandboxed());
+        counting(&mut src);
+        assert_eq!(
+            qmp.execute("migrate", json!({"uri": save})),
+            json!({"return": {}})
+        );
+        wait_completed(&mut qmp);
+        let _ = qmp.execute("quit", json!({}));
+        src.wait_exit();
+    }
+    let sock = scratch.0.join("dst.qmp");
+    let kernel = scratch.0.join("kernel.elf");
+    let spawned = Instant::now();
+    let mut child: Child = Command::new(vmm.binary())
+        .args([
+            "-M",
+            "pc",
+            "-accel",
+            "kvm",
+            "-m",
+            MEM,
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args([
+            "-serial",
+            "null",
+            "-kernel",
+            kernel.to_str().unwrap(),
+            "-incoming",
+            &uri,
+        ])
+        .args(vmm.unsandboxed())
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the VMM starts");
+    let mut qmp = QmpClient::connect(&sock);
+    let running = loop {
+        let status = qmp.execute("query-status", json!({}));
+        if status["return"]["status"] == "running" {
+            break spawned.elapsed();
+        }
+        assert!(
+            spawned.elapsed() < TIMEOUT,
+            "the restored guest never ran: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let _ = qmp.execute("quit", json!({}));
+    let _ = child.wait();
+    running.as_secs_f64() * 1e3
+}
+
+/// Whether QEMU is here and can run and migrate the guest (it is the baseline).
+fn qemu_usable() -> Result<(), String> {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map_err(|_| {
+            "qemu-system-x86_64 (Debian package qemu-system-x86) is not installed".to_string()
+        })
+        .map(drop)
+}
+
+fn bench(c: &mut Criterion) {
+    if let Some(reason) = vm::kvm_unusable() {
+        skip::skip_kvm(reason);
+        return;
+    }
+    let mut vmms = vec![Vmm::Qomvm];
+    match qemu_usable() {
+        Ok(()) => vmms.push(Vmm::Qemu),
+        Err(reason) => skip::skip(format!("the QEMU baseline: {reason}")),
+    }
+    let mut group = c.benchmark_group("migration");
+    group.sample_size(10).warm_up_time(Duration::from_millis(1));
+    for &vmm in &vmms {
+        for (what, once) in [
+            ("downtime", downtime_once as fn(Vmm) -> f64),
+            ("restore", restore_once),
+        ] {
+            group.bench_function(format!("{what}/{}", vmm.name()), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let ms = once(vmm);
+                        SAMPLES.lock().push((vmm, what, ms));
+                        total += Duration::from_secs_f64(ms / 1e3);
+                    }
+                    total
+                })
+            });
+        }
+    }
+    group.finish();
+    report();
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+fn report() {
+    let samples = SAMPLES.lock().clone();
+    println!(
+        "\nmigration: medians of {} samples (ms), 512 MiB guest",
+        samples.len()
+    );
+    for what in ["downtime", "restore"] {
+        let of = |vmm: Vmm| {
+            median(
+                samples
+                    .iter()
+                    .filter(|s| s.0 == vmm && s.1 == what)
+                    .map(|s| s.2)
+                    .collect(),
+            )
+        };
+        let (ours, qemu) = (of(Vmm::Qomvm), of(Vmm::Qemu));
+        let ratio = match (ours, qemu) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        println!(
+            "  {what:9} qomvm {:>9} qemu {:>9} qomvm/qemu {ratio}",
+            ours.map_or("-".into(), |v| format!("{v:.1}")),
+            qemu.map_or("-".into(), |v| format!("{v:.1}")),
+        );
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
