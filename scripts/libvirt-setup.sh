@@ -6,7 +6,8 @@
 #   scripts/libvirt-setup.sh --stop   stop the daemons this script started
 #
 # Configuration: libvirtd runs QEMU-like emulators as root (user/group "root" in
-# /etc/libvirt/qemu.conf), since /dev/kvm is root-only here, and logs its QEMU driver
+# /etc/libvirt/qemu.conf), since /dev/kvm is root-only here (and, with
+# QOMVM_LIBVIRT_NAMESPACES=off, without a private /dev per domain), and logs its QEMU driver
 # (log_filters "1:qemu") to /var/log/libvirt/libvirtd.log, where the probe and each
 # domain's QMP conversation can be read. The daemons' pids are kept in
 # /run/qomvm-libvirt/, so --stop ends only what this script started.
@@ -72,6 +73,11 @@ set_conf() {
 }
 set_conf /etc/libvirt/qemu.conf user '"root"'
 set_conf /etc/libvirt/qemu.conf group '"root"'
+# QOMVM_LIBVIRT_NAMESPACES=off: no private /dev for each domain (inside the nested rig,
+# whose L1 sees the host's root through 9p, libvirt's copy of /dev lacks L1's /dev/kvm).
+if [[ ${QOMVM_LIBVIRT_NAMESPACES:-} == off ]]; then
+    set_conf /etc/libvirt/qemu.conf namespaces '[]'
+fi
 set_conf /etc/libvirt/libvirtd.conf log_filters '"1:qemu 1:libvirt 4:object 4:json 4:event 4:util"'
 set_conf /etc/libvirt/libvirtd.conf log_outputs '"1:file:/var/log/libvirt/libvirtd.log"'
 

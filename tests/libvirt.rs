@@ -514,6 +514,11 @@ fn a_linux_domain_with_virtio_disk_and_network_boots_under_libvirt() {
             .display()
             .to_string(),
     };
+    // In the rig, libvirt's private /dev of each domain would lack L1's /dev/kvm.
+    let namespaces = match guest_rig::kvm_path() {
+        guest_rig::Path_::NestedRig => "off",
+        guest_rig::Path_::Direct => "on",
+    };
     let envs = [
         ("QOMVM_BIN", env!("CARGO_BIN_EXE_qomvm").to_string()),
         ("QOMVM_ASSETS", assets.display().to_string()),
@@ -522,6 +527,7 @@ fn a_linux_domain_with_virtio_disk_and_network_boots_under_libvirt() {
             guest_rig::repo().join("scripts").display().to_string(),
         ),
         ("QOMVM_WORK", work),
+        ("QOMVM_LIBVIRT_NAMESPACES", namespaces.to_string()),
     ];
     let out = guest_rig::host_or_rig(&["/bin/sh", "-c", LINUX_DOMAIN_SCRIPT], &[], &envs, 900);
     let text = guest_rig::text(&out);

@@ -145,6 +145,13 @@ fn migrate_between_processes(name: &str, uri: &str, extra: &[&str]) {
     );
     eprintln!("migration {name}: {}", info["return"]);
     assert_eq!(status(&mut src_qmp), "postmigrate");
+    let hmp = src_qmp.execute(
+        "human-monitor-command",
+        json!({"command-line": "info migrate"}),
+    );
+    let hmp = hmp["return"].as_str().unwrap_or_default().to_string();
+    assert!(hmp.starts_with("Migration status: completed\n"), "{hmp}");
+    assert!(hmp.contains("\ntotal ram: 32768 kbytes\n"), "{hmp}");
     let events: Vec<String> = src_qmp
         .events
         .iter()

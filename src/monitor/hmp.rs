@@ -140,6 +140,29 @@ const COMMANDS: &[HmpCommand] = &[
         },
     },
     HmpCommand {
+        names: "migrate",
+        params: "[-d] uri",
+        help: "migrate to URI (using -d to not wait for completion)",
+        run: |ctx, _, args, _| {
+            // The command returns at once either way (QEMU's -d).
+            let uri = args
+                .iter()
+                .find(|a| **a != "-d")
+                .ok_or_else(|| missing("uri"))?;
+            crate::migration::migrate(&ctx.vm.machine, uri, &crate::monitor::fds::take)?;
+            Ok(())
+        },
+    },
+    HmpCommand {
+        names: "migrate_cancel",
+        params: "",
+        help: "cancel the current VM migration",
+        run: |_, _, _, _| {
+            crate::migration::cancel();
+            Ok(())
+        },
+    },
+    HmpCommand {
         names: "set_link",
         params: "name on|off",
         help: "change the link status of a network adapter",
@@ -291,6 +314,12 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         params: "",
         help: "show memory tree",
         run: info_mtree,
+    },
+    HmpCommand {
+        names: "migrate",
+        params: "",
+        help: "show migration status",
+        run: info_migrate,
     },
     HmpCommand {
         names: "name",
@@ -559,6 +588,56 @@ fn balloon(
         .services()
         .balloon()
         .set_target(target)?;
+    Ok(())
+}
+
+/// QEMU's `hmp_info_migrate`: the status and the RAM figures of `query-migrate`.
+fn info_migrate(
+    _: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let info = crate::migration::query();
+    let Some(status) = info["status"].as_str() else {
+        return Ok(());
+    };
+    let _ = writeln!(out, "Migration status: {status}");
+    let ms = |key: &str| info[key].as_u64();
+    if let Some(t) = ms("total-time") {
+        let _ = writeln!(out, "total time: {t} ms");
+    }
+    if let Some(d) = ms("downtime") {
+        let _ = writeln!(out, "downtime: {d} ms");
+    }
+    if let Some(s) = ms("setup-time") {
+        let _ = writeln!(out, "setup: {s} ms");
+    }
+    let ram = &info["ram"];
+    let kib = |key: &str| ram[key].as_u64().unwrap_or(0) >> 10;
+    let _ = writeln!(out, "transferred ram: {} kbytes", kib("transferred"));
+    let _ = writeln!(
+        out,
+        "throughput: {:.2} mbps",
+        ram["mbps"].as_f64().unwrap_or(0.0)
+    );
+    let _ = writeln!(out, "remaining ram: {} kbytes", kib("remaining"));
+    let _ = writeln!(out, "total ram: {} kbytes", kib("total"));
+    let _ = writeln!(
+        out,
+        "duplicate: {} pages",
+        ram["duplicate"].as_u64().unwrap_or(0)
+    );
+    let _ = writeln!(out, "normal: {} pages", ram["normal"].as_u64().unwrap_or(0));
+    let _ = writeln!(out, "normal bytes: {} kbytes", kib("normal-bytes"));
+    let _ = writeln!(
+        out,
+        "dirty sync count: {}",
+        ram["dirty-sync-count"].as_u64().unwrap_or(0)
+    );
+    if let Some(e) = info["error-desc"].as_str() {
+        let _ = writeln!(out, "error description: {e}");
+    }
     Ok(())
 }
 
