@@ -31,7 +31,7 @@ const TAG_RAM: u8 = 2;
 const TAG_STATE: u8 = 3;
 const TAG_END: u8 = 4;
 /// The page size of the RAM records.
-pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SIZE: u64 = crate::core::dirty_log::PAGE_SIZE;
 /// Marks a zero page in a RAM record's address word.
 const ZERO_PAGE: u64 = 1;
 /// Pages per RAM record.
@@ -70,43 +70,6 @@ pub enum MigrationError {
 impl From<std::io::Error> for MigrationError {
     fn from(e: std::io::Error) -> Self {
         MigrationError::Io(crate::core::os_error::strerror(&e))
-    }
-}
-
-/// Guest pages the VMM writes itself (device DMA) while a migration tracks them; KVM's
-/// dirty log covers the vCPUs' writes only.
-#[derive(Debug, Default)]
-pub struct DirtyTracker {
-    active: std::sync::atomic::AtomicBool,
-    pages: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
-}
-
-impl DirtyTracker {
-    /// Starts (clearing what was recorded) or stops recording.
-    pub fn set_active(&self, on: bool) {
-        self.pages.lock().clear();
-        self.active.store(on, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Records a write of `len` bytes at guest address `addr` (one atomic load when no
-    /// migration runs).
-    pub fn mark(&self, addr: u64, len: u64) {
-        if !self.active.load(std::sync::atomic::Ordering::SeqCst) || len == 0 {
-            return;
-        }
-        let first = addr & !(PAGE_SIZE - 1);
-        let last = addr.saturating_add(len - 1) & !(PAGE_SIZE - 1);
-        let mut pages = self.pages.lock();
-        let mut page = first;
-        while page <= last {
-            pages.insert(page);
-            page += PAGE_SIZE;
-        }
-    }
-
-    /// The pages written since the last call.
-    pub fn take(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.pages.lock()).into_iter().collect()
     }
 }
 

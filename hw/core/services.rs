@@ -48,7 +48,7 @@ pub struct MachineServices {
     /// The balloon device's slot (QEMU's `balloon_event_fn`).
     balloon: Arc<Balloon>,
     /// Guest RAM the VMM itself writes while a migration runs.
-    dirty: Arc<crate::core::migration::DirtyTracker>,
+    dirty: Arc<crate::core::dirty_log::DirtyTracker>,
 }
 
 impl Default for MachineServices {
@@ -92,7 +92,7 @@ impl MachineServices {
     /// Where devices that write guest RAM themselves (DMA: fw_cfg, the PAM's write-through)
     /// record what they wrote, so a running migration sends it again: KVM's dirty log
     /// sees only the vCPUs' writes.
-    pub fn dirty_tracker(&self) -> &Arc<crate::core::migration::DirtyTracker> {
+    pub fn dirty_tracker(&self) -> &Arc<crate::core::dirty_log::DirtyTracker> {
         &self.dirty
     }
 

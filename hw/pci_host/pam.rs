@@ -107,7 +107,7 @@ struct Segment {
 struct PamState {
     ram: Arc<GuestMemoryMmap>,
     /// Writes through the `pam` region bypass KVM's dirty log.
-    dirty: Arc<crate::core::migration::DirtyTracker>,
+    dirty: Arc<crate::core::dirty_log::DirtyTracker>,
     rom: Arc<dyn IsaBios>,
     segments: Mutex<Vec<Segment>>,
 }
