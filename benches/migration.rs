@@ -109,17 +109,9 @@ fn start(vmm: Vmm, dir: &Path, name: &str, extra: &[&str]) -> (ConsoleVm, QmpCli
 }
 
 fn wait_completed(qmp: &mut QmpClient) -> Value {
-    let start = Instant::now();
-    loop {
-        let info = qmp.execute("query-migrate", json!({}));
-        match info["return"]["status"].as_str() {
-            Some("completed") => return info["return"].clone(),
-            Some("failed") | Some("cancelled") => panic!("migration failed: {info}"),
-            _ => {}
-        }
-        assert!(start.elapsed() < TIMEOUT, "migration never completed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let info = qmp.wait_migration(TIMEOUT);
+    assert_eq!(info["return"]["status"], "completed", "{info}");
+    info["return"].clone()
 }
 
 fn counting(vm: &mut ConsoleVm) {

@@ -51,6 +51,16 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A scratch directory `name` holding `image` as a raw disk, and the `-drive` (id `d0`)
+/// that opens it.
+fn scratch_disk(name: &str, image: Vec<u8>) -> (PathBuf, String) {
+    let dir = temp_dir(name);
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, image).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    (dir, drive)
+}
+
 fn qomvm_output(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qomvm"))
         .args(args)
@@ -231,10 +241,7 @@ fn seabios_boots_a_virtio_blk_disk_through_its_boot_sector() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let dir = temp_dir("disk");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, boot_sector_disk()).unwrap();
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let (dir, drive) = scratch_disk("disk", boot_sector_disk());
     let mut vm = start_vm(&firmware_vm(&[
         "-drive",
         &drive,
@@ -338,10 +345,7 @@ fn guest_reset_reenters_the_firmware() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let dir = temp_dir("reboot");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, reboot_disk()).unwrap();
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let (dir, drive) = scratch_disk("reboot", reboot_disk());
     let base = firmware_vm(&[
         "-drive",
         &drive,
@@ -416,10 +420,7 @@ fn seabios_places_qomvms_acpi_tables_through_the_loader() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let dir = temp_dir("rsdp");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, rsdp_scan_disk()).unwrap();
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let (dir, drive) = scratch_disk("rsdp", rsdp_scan_disk());
     let mut vm = start_vm(&firmware_vm(&[
         "-drive",
         &drive,
@@ -526,10 +527,7 @@ fn boot_once_lasts_until_the_first_reset() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let dir = temp_dir("once");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, cmos_boot_order_disk()).unwrap();
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let (dir, drive) = scratch_disk("once", cmos_boot_order_disk());
     let vm = start_vm(&firmware_vm(&[
         "-boot",
         "once=a,order=d",
@@ -654,10 +652,7 @@ fn seabios_installs_the_smbios_tables_from_fw_cfg() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let dir = temp_dir("smbios");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, parked_disk()).unwrap();
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let (dir, drive) = scratch_disk("smbios", parked_disk());
     let sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
     let uuid = "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6";

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use test_support::console::ConsoleVm;
@@ -89,18 +89,8 @@ fn wait_lines(vm: &mut ConsoleVm, n: usize) {
     vm.wait_until(&format!("{n} counter lines"), |t| counters(t).len() >= n);
 }
 
-/// Polls `query-migrate` until it leaves setup/active; returns the last answer.
 fn wait_migration(qmp: &mut QmpClient) -> Value {
-    let start = Instant::now();
-    loop {
-        let info = qmp.execute("query-migrate", json!({}));
-        let status = info["return"]["status"].as_str().unwrap_or("").to_string();
-        if !matches!(status.as_str(), "setup" | "active" | "cancelling") {
-            return info;
-        }
-        assert!(start.elapsed() < TIMEOUT, "migration still {status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    qmp.wait_migration(TIMEOUT)
 }
 
 fn status(qmp: &mut QmpClient) -> String {
@@ -149,7 +139,10 @@ fn migrate_between_processes(name: &str, uri: &str, extra: &[&str]) {
         "human-monitor-command",
         json!({"command-line": "info migrate"}),
     );
-    let hmp = hmp["return"].as_str().unwrap_or_default().to_string();
+    let hmp = hmp["return"]
+        .as_str()
+        .unwrap_or_default()
+        .replace("\r\n", "\n");
     assert!(hmp.starts_with("Migration status: completed\n"), "{hmp}");
     assert!(hmp.contains("\ntotal ram: 32768 kbytes\n"), "{hmp}");
     let events: Vec<String> = src_qmp

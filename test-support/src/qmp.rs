@@ -82,6 +82,24 @@ impl QmpClient {
         }
     }
 
+    /// Polls `query-migrate` every 5 ms until the migration leaves setup/active/cancelling
+    /// (at most `timeout`); returns the last `query-migrate` reply.
+    pub fn wait_migration(&mut self, timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let info = self.execute("query-migrate", json!({}));
+            let status = info["return"]["status"].as_str().unwrap_or("").to_string();
+            if !matches!(status.as_str(), "setup" | "active" | "cancelling") {
+                return info;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "migration still {status} after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// `pmemsave` of `size` bytes at guest-physical `addr`, read back through a file in
     /// `dir`.
     pub fn read_guest(&mut self, dir: &Path, addr: u64, size: usize) -> Vec<u8> {
