@@ -183,15 +183,23 @@ fn check_exec(scheme: &str) -> Result<(), MigrateError> {
     Ok(())
 }
 
-/// Opens the sending end of `uri`.
-fn open_outgoing(uri: &str, named: NamedFds) -> Result<Box<dyn Write + Send>, MigrateError> {
+/// `SCHEME:REST` of a migration URI, `exec:` checked against the sandbox.
+fn split_uri(uri: &str) -> Result<(&str, &str), MigrateError> {
     let (scheme, rest) = uri
         .split_once(':')
         .ok_or_else(|| MigrateError::UnknownProtocol(uri.into()))?;
     check_exec(scheme)?;
-    let failed = |what: String, e: std::io::Error| {
-        MigrateError::Channel(format!("{what}: {}", hw::core::os_error::strerror(&e)))
-    };
+    Ok((scheme, rest))
+}
+
+/// A channel error: what failed, and the host's words for why.
+fn failed(what: String, e: std::io::Error) -> MigrateError {
+    MigrateError::Channel(format!("{what}: {}", hw::core::os_error::strerror(&e)))
+}
+
+/// Opens the sending end of `uri`.
+fn open_outgoing(uri: &str, named: NamedFds) -> Result<Box<dyn Write + Send>, MigrateError> {
+    let (scheme, rest) = split_uri(uri)?;
     Ok(match scheme {
         "unix" => Box::new(
             UnixStream::connect(rest)
@@ -261,13 +269,7 @@ enum Incoming {
 
 impl Incoming {
     fn open(uri: &str, named: NamedFds) -> Result<Incoming, MigrateError> {
-        let (scheme, rest) = uri
-            .split_once(':')
-            .ok_or_else(|| MigrateError::UnknownProtocol(uri.into()))?;
-        check_exec(scheme)?;
-        let failed = |what: String, e: std::io::Error| {
-            MigrateError::Channel(format!("{what}: {}", hw::core::os_error::strerror(&e)))
-        };
+        let (scheme, rest) = split_uri(uri)?;
         Ok(match scheme {
             "unix" => {
                 let _ = std::fs::remove_file(rest);

@@ -183,6 +183,9 @@ impl KvmVm {
 impl AccelOps for KvmVm {
     fn map_ram(&self, block: RamBlock) -> Result<(), Error> {
         let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        // Under the slot table's lock, so a concurrent set_dirty_log sees this slot or
+        // this slot sees its flag.
+        let mut slots = self.slots.lock();
         let region = kvm_userspace_memory_region {
             slot,
             flags: self.log_flag(),
@@ -194,7 +197,7 @@ impl AccelOps for KvmVm {
         // rest of the process (RAM is never unmapped), so KVM never sees freed memory.
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(|e| Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))?;
-        self.slots.lock().insert(slot, region);
+        slots.insert(slot, region);
         Ok(())
     }
 
@@ -207,6 +210,8 @@ impl AccelOps for KvmVm {
             .lock()
             .pop()
             .unwrap_or_else(|| self.next_slot.fetch_add(1, Ordering::Relaxed));
+        // As in map_ram: the flag is read under the slot table's lock.
+        let mut slots = self.slots.lock();
         let region = kvm_userspace_memory_region {
             slot,
             flags: if readonly {
@@ -222,7 +227,7 @@ impl AccelOps for KvmVm {
         // process (ROM and RAM are never freed, only unmapped from the guest).
         match unsafe { self.vm.set_user_memory_region(region) } {
             Ok(()) => {
-                self.slots.lock().insert(slot, region);
+                slots.insert(slot, region);
                 Ok(SlotId(slot))
             }
             Err(e) => {
