@@ -12,7 +12,7 @@ mod qcow2_l2;
 use std::fs::File as StdFile;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,7 +24,9 @@ use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate, Stora
 use parking_lot::{Mutex, RwLock};
 use vm_memory::VolatileSlice;
 
-use lock::{ImageLock, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED};
+use lock::{
+    ImageLock, PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
+};
 
 /// A block-layer error, with QEMU's wording.
 #[derive(Debug, thiserror::Error)]
@@ -381,6 +383,10 @@ fn top_perms(format: Format, read_only: bool) -> (u32, u32) {
     (perm, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED)
 }
 
+/// An inactive image claims no permission and shares all: the active side goes on
+/// writing (QEMU's `bdrv_inactivate_recurse` drops the permissions).
+const INACTIVE_PERMS: (u32, u32) = (0, PERM_ALL);
+
 /// QEMU's `bdrv_default_perms_for_cow`: a backing file is read, and others may read it or
 /// write without changing it.
 const BACKING_PERMS: (u32, u32) = (
@@ -610,7 +616,11 @@ pub struct BlockBackend {
     info: ImageInfo,
     /// imago's access; discard needs it exclusively.
     access: RwLock<FormatAccess<File>>,
-    locks: Vec<ImageLock>,
+    locks: Mutex<Vec<ImageLock>>,
+    /// QEMU's `BDRV_O_INACTIVE`: opened for a migration's destination, or handed over by
+    /// its source. The image is open read-only and its locks claim nothing, so the other
+    /// side keeps writing; [`BlockBackend::activate`] takes it over.
+    inactive: AtomicBool,
     acct: Mutex<Acct>,
     /// The device using it (QEMU's `blk_attach_dev`), by its id or QOM path.
     attached: Mutex<Option<String>>,
@@ -628,6 +638,28 @@ impl std::fmt::Debug for BlockBackend {
 
 /// QEMU's automatic node names, `#block123`.
 static NODE_COUNTER: AtomicU32 = AtomicU32::new(1);
+
+/// Whether images open inactive now (QEMU's `BDRV_O_INACTIVE` while in `inmigrate`).
+static OPEN_INACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// Images opened from now on open inactive (`on`: the VM waits for an incoming
+/// migration), or active again.
+pub fn set_open_inactive(on: bool) {
+    OPEN_INACTIVE.store(on, Ordering::SeqCst);
+}
+
+/// QEMU's `bdrv_activate_all`: every inactive image is taken over (reopened with its
+/// locks), and images opened later are active. The first failure is returned.
+pub fn activate_all() -> Result<(), BlockError> {
+    set_open_inactive(false);
+    backends().iter().try_for_each(|b| b.activate())
+}
+
+/// QEMU's `bdrv_inactivate_all`, at the end of an outgoing migration: every image is
+/// flushed and gives up its write locks, so the destination can take it over.
+pub fn inactivate_all() -> Result<(), BlockError> {
+    backends().iter().try_for_each(|b| b.inactivate())
+}
 
 /// A fresh automatic node name.
 pub fn auto_node_name() -> String {
@@ -656,7 +688,7 @@ impl BlockBackend {
         let Some(name) = opts.file_ref.clone() else {
             return Self::open_image_node(id, node_name, opts, warn, None);
         };
-        let (index, file) = take_file_node(&name, node_name)?;
+        let (index, mut file) = take_file_node(&name, node_name)?;
         if file.opts.read_only && !opts.read_only {
             put_back(index, file);
             return Err(BlockError::ReadOnly);
@@ -673,7 +705,7 @@ impl BlockBackend {
         opts.file_node_name = Some(file.node_name.clone());
         // The format node locks the file through the file node's own open file
         // description, so the file is never unlocked in between.
-        let lock = match file.locks.first().map(ImageLock::try_clone) {
+        let lock = match file.locks.get_mut().first().map(ImageLock::try_clone) {
             Some(Ok(lock)) => Some(lock),
             Some(Err(e)) => {
                 put_back(index, file);
@@ -686,7 +718,7 @@ impl BlockBackend {
             Err(e) => {
                 // Back to the file node's own permissions, and back in the table.
                 let (perm, shared) = top_perms(Format::Raw, file.opts.read_only);
-                if let Some(lock) = file.locks.first() {
+                if let Some(lock) = file.locks.get_mut().first() {
                     if let Err(e) = lock.update(&file.opts.filename, perm, shared) {
                         log::warn!("node '{name}' keeps other locks: {e}");
                     }
@@ -724,14 +756,20 @@ impl BlockBackend {
                 (f, f == Format::Raw)
             }
         };
+        let inactive = OPEN_INACTIVE.load(Ordering::SeqCst);
         let storage = StorageOpenOptions::new()
-            .write(!opts.read_only)
+            .write(!opts.read_only && !inactive)
             .direct(opts.cache.direct());
+        let perms = if inactive {
+            INACTIVE_PERMS
+        } else {
+            top_perms(format, opts.read_only)
+        };
         let image = open_image(
             &path,
             format,
             &storage,
-            top_perms(format, opts.read_only),
+            perms,
             (
                 node_name.to_string(),
                 opts.file_node_name.clone().unwrap_or_else(auto_node_name),
@@ -750,7 +788,8 @@ impl BlockBackend {
             probed_raw,
             info: image.info,
             access: RwLock::new(image.access),
-            locks: image.locks,
+            locks: Mutex::new(image.locks),
+            inactive: AtomicBool::new(inactive),
             acct: Mutex::new(Acct::default()),
             attached: Mutex::new(None),
         })
@@ -899,7 +938,8 @@ impl BlockBackend {
     }
 
     fn check_writable(&self) -> Result<(), BlockError> {
-        if self.opts.read_only {
+        // An inactive image is the other side's (a migration's): it must not change here.
+        if self.opts.read_only || self.is_inactive() {
             return Err(BlockError::ReadOnly);
         }
         Ok(())
@@ -1029,13 +1069,72 @@ impl BlockBackend {
         })
     }
 
+    /// Whether the image is inactive (see [`set_open_inactive`]).
+    pub fn is_inactive(&self) -> bool {
+        self.inactive.load(Ordering::SeqCst)
+    }
+
+    /// QEMU's `bdrv_activate`: takes an inactive image over. It is opened again, on the
+    /// same locked file description, with the permissions of an active one: metadata
+    /// cached at the inactive open may predate the other side's last writes.
+    pub fn activate(&self) -> Result<(), BlockError> {
+        if !self.inactive.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let top_lock = self
+            .locks
+            .lock()
+            .first()
+            .map(ImageLock::try_clone)
+            .transpose()
+            .map_err(BlockError::Io)?;
+        let storage = StorageOpenOptions::new()
+            .write(!self.opts.read_only)
+            .direct(self.opts.cache.direct());
+        // A `backing=NODE` chain is opened again from the image's header: the same files,
+        // read-only, so nothing cached there can be stale.
+        let backing = match &self.opts.backing {
+            BackingOption::Node(_) => BackingOption::FromImage,
+            other => other.clone(),
+        };
+        let image = open_image(
+            &self.opts.filename,
+            self.info.format,
+            &storage,
+            top_perms(self.info.format, self.opts.read_only),
+            (self.node_name.clone(), self.info.file_node_name.clone()),
+            &backing,
+            top_lock,
+        )?;
+        *self.access.write() = image.access;
+        *self.locks.lock() = image.locks;
+        self.inactive.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// QEMU's `bdrv_inactivate`: at the end of an outgoing migration, with the guest
+    /// stopped, the image is flushed and its locks claim nothing any more, so the
+    /// destination can activate it. [`BlockBackend::activate`] undoes it (a failed
+    /// migration, `cont` after one).
+    pub fn inactivate(&self) -> Result<(), BlockError> {
+        if self.inactive.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.flush_image()?;
+        if let Some(lock) = self.locks.lock().first() {
+            lock.update(&self.opts.filename, INACTIVE_PERMS.0, INACTIVE_PERMS.1)?;
+        }
+        self.inactive.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Writes cached data and metadata to stable storage, unless `cache=unsafe`.
     pub fn flush(&self) -> Result<(), BlockError> {
         self.accounted(IoType::Flush, 0, 0, || self.flush_image())
     }
 
     fn flush_image(&self) -> Result<(), BlockError> {
-        if self.opts.cache.no_flush() || self.opts.read_only {
+        if self.opts.cache.no_flush() || self.opts.read_only || self.is_inactive() {
             return Ok(());
         }
         self.access.read().flush()?;
@@ -1199,9 +1298,9 @@ fn take_file_node(name: &str, new_user: &str) -> Result<(usize, BlockBackend), B
 /// backing image of `new_user`. Its top file's locks become a backing file's (read,
 /// shared with writers that keep the data).
 fn take_node_for_backing(name: &str, new_user: &str) -> Result<OpenedImage, BlockError> {
-    let (index, node) = take_node(name, new_user, "backing")?;
+    let (index, mut node) = take_node(name, new_user, "backing")?;
     // In place, on the same open file description: never unlocked in between.
-    if let Some(lock) = node.locks.first() {
+    if let Some(lock) = node.locks.get_mut().first() {
         if let Err(e) = lock.update(&node.opts.filename, BACKING_PERMS.0, BACKING_PERMS.1) {
             put_back(index, node);
             return Err(e);
@@ -1218,7 +1317,7 @@ fn take_node_for_backing(name: &str, new_user: &str) -> Result<OpenedImage, Bloc
     Ok(OpenedImage {
         access: access.into_inner(),
         info,
-        locks,
+        locks: locks.into_inner(),
     })
 }
 
