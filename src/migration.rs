@@ -397,7 +397,10 @@ fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instan
         }
         Err(e) => {
             let cancelled = CANCEL.load(Ordering::Relaxed);
-            // QEMU resumes a source whose migration failed.
+            // QEMU resumes a source whose migration failed, its images taken back.
+            if let Err(e) = block::activate_all() {
+                log::error!("migration failed and the images cannot be taken back: {e}");
+            }
             if was_running {
                 ms.services().vm().set_migration_status(RunStatus::Paused);
                 let _ = runstate::vm_start(ms);
@@ -490,6 +493,9 @@ fn send(machine: &ObjectRef, w: &mut impl Write, live: bool) -> Result<Instant, 
         log::debug!(target: "migration", "{} last pages at {:?}", pending.len(), stopped.elapsed());
         stream::send_pages(machine, pending.into_iter(), w, &mut progress, &cancelled)?;
     }
+    // QEMU's migration_completion: the images go to the destination before the state does,
+    // so it cannot take them over while this side still writes.
+    block::inactivate_all().map_err(|e| MigrationError::Io(e.to_string()))?;
     log::debug!(target: "migration", "state at {:?}", stopped.elapsed());
     stream::send_state(machine, w, &mut progress)?;
     log::debug!(target: "migration", "done at {:?}", stopped.elapsed());
@@ -558,6 +564,11 @@ fn incoming(machine: &ObjectRef, channel: Incoming) {
         .and_then(|r| {
             set_status(MigrationStatus::Active);
             stream::load_vm(machine, &mut BufReader::with_capacity(1 << 20, r))
+        })
+        .and_then(|bytes| {
+            // QEMU's process_incoming_migration_bh: the source gave the images up.
+            block::activate_all().map_err(|e| MigrationError::Io(e.to_string()))?;
+            Ok(bytes)
         });
     match result {
         Ok(bytes) => {
@@ -574,6 +585,10 @@ fn incoming(machine: &ObjectRef, channel: Incoming) {
                     .set_migration_status(RunStatus::InMigrate);
                 let _ = runstate::vm_start(ms);
             }
+            // QEMU's process_incoming_migration_bh: the NICs tell the network where they
+            // are now (the guest announces itself where it can, else RARP frames), with
+            // QEMU's default announce parameters.
+            crate::net::qmp_announce_self(50, 550, 5, 100, None);
         }
         Err(e) => {
             // QEMU's process_incoming_migration_co: the destination cannot run a guest

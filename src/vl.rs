@@ -97,7 +97,9 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         }
         hw::core::chardev::chardev_add(&id, backend).map_err(|e| c.error(e))?;
     }
-    // QEMU's configure_blockdev: images are opened (and locked) before the machine.
+    // QEMU's configure_blockdev: images are opened (and locked) before the machine; a
+    // migration's destination opens them inactive, as the source still writes them.
+    block::set_open_inactive(opts.incoming.is_some());
     for b in &opts.blockdevs {
         crate::blockdev::blockdev_add(b)?;
     }
@@ -123,6 +125,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         }
     }
     let machine = create_machine(opts)?;
+    register_block_flush(&machine);
     configure_serial(opts, &machine)?;
     configure_accelerators(opts, &machine)?;
     // Board errors (a kernel that does not load...) are not about one option: QEMU prints
@@ -907,4 +910,25 @@ fn main_loop(machine: &ObjectRef, opts: &Options) -> i32 {
             ms.run_state().handled();
         }
     }
+}
+
+/// QEMU's `do_vm_stop` flushes every image once the devices went quiet (their handlers run
+/// at higher priorities), so a stopped or migrating VM's writes are on storage.
+fn register_block_flush(machine: &ObjectRef) {
+    let Some(ms) = hw::core::machine::machine_state(machine) else {
+        return;
+    };
+    ms.services().vm().add_change_handler(
+        0,
+        std::sync::Arc::new(|running, _| {
+            if running {
+                return;
+            }
+            for b in block::backends() {
+                if let Err(e) = b.flush() {
+                    log::warn!("flushing '{}' at the VM's stop failed: {e}", b.node_name());
+                }
+            }
+        }),
+    );
 }

@@ -185,6 +185,58 @@ fn a_running_guest_moves_over_a_unix_socket() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// With virtio devices: virtio-rng-pci, and virtio-blk-pci on a qcow2 image both
+/// processes open (the destination inactive until the source hands it over, as on shared
+/// storage). The image is consistent afterwards and only the destination holds it.
+#[test]
+fn virtio_devices_move_with_a_counting_guest() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let have_qemu_img = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_qemu_img {
+        test_support::skip::skip("qemu-img (package qemu-utils) is needed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("qomvm-mig-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.qcow2");
+    let made = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+            "16M",
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let drive = format!("file={},if=none,id=d0,format=qcow2", image.display());
+    migrate_between_processes(
+        "virtio",
+        &format!("unix:{}", dir.join("mig.sock").display()),
+        &[
+            "-device",
+            "virtio-rng-pci",
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=d0",
+        ],
+    );
+    let check = Command::new("qemu-img")
+        .args(["check", "-q", image.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Over TCP on loopback, both ends under `-sandbox on`.
 #[test]
 fn a_running_guest_moves_over_tcp() {
@@ -323,19 +375,28 @@ fn mismatched_restores_and_unmigratable_devices_are_refused() {
         "{stderr}"
     );
 
-    // A device never taught to migrate blocks it before anything is sent.
-    let (mut rng, rng_sock) = vm(&dir, "rng", &["-device", "virtio-rng-pci"]);
-    let mut qmp = QmpClient::connect(&rng_sock);
-    wait_lines(&mut rng, 1);
+    // A device not yet taught to migrate blocks it before anything is sent.
+    let (mut net, net_sock) = vm(
+        &dir,
+        "net",
+        &[
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ],
+    );
+    let mut qmp = QmpClient::connect(&net_sock);
+    wait_lines(&mut net, 1);
     let reply = qmp.execute(
         "migrate",
-        json!({"uri": format!("file:{}", dir.join("rng.state").display())}),
+        json!({"uri": format!("file:{}", dir.join("net.state").display())}),
     );
     assert_eq!(
-        reply["error"]["desc"], "State blocked by non-migratable device 'virtio-rng-pci'",
+        reply["error"]["desc"], "State blocked by non-migratable device 'virtio-net-pci'",
         "{reply}"
     );
     assert_eq!(status(&mut qmp), "running");
-    drop(rng);
+    drop(net);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -16,11 +16,13 @@ use parking_lot::{Condvar, Mutex};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
+use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::thread_pool::ThreadPool;
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::virtio::virtio::{
-    bit, device_id, drain_kick, feature, read_config_bytes, ActivateError, Activation, RateLimitedLog, RingError,
-    VirtioDevice, VirtioTransport,
+    bit, device_id, drain_kick, feature, mark_chain_written, read_config_bytes, ActivateError, Activation,
+    QueuePosition, RateLimitedLog, RingError, VirtioDevice, VirtioTransport,
 };
 
 /// Feature bits (virtio 1.2, 5.2.3).
@@ -101,6 +103,8 @@ pub struct VirtioBlk {
     /// QEMU's `aio=threads` pool: requests wait on the disk here, several at a time.
     pool: ThreadPool,
     in_flight: Arc<InFlight>,
+    /// The queues while the device runs: parking reads where they stand.
+    workers: Mutex<Vec<Arc<QueueWorker>>>,
 }
 
 impl VirtioBlk {
@@ -138,7 +142,21 @@ impl VirtioBlk {
             handlers: Mutex::new(Vec::new()),
             pool: ThreadPool::new("worker", POOL_THREADS),
             in_flight: Arc::new(InFlight::default()),
+            workers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Removes the kick handlers (waiting for one that runs, and the request it serves
+    /// itself), then waits for the requests on the pool: every popped request has its
+    /// used entry. Returns the queues that ran.
+    fn stop(&self) -> Vec<Arc<QueueWorker>> {
+        let handlers = std::mem::take(&mut *self.handlers.lock());
+        for id in handlers {
+            self.conf.context.remove_fd(id);
+        }
+        // QEMU's blk_drain: requests already on the pool finish before the rings go.
+        self.in_flight.drain();
+        std::mem::take(&mut *self.workers.lock())
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
@@ -217,6 +235,7 @@ impl VirtioDevice for VirtioBlk {
             queues,
             transport,
             features,
+            dirty,
         } = activation;
         let mut handlers = self.handlers.lock();
         for q in queues {
@@ -225,6 +244,7 @@ impl VirtioDevice for VirtioBlk {
                 index: q.index,
                 queue: Mutex::new(q.queue),
                 mem: mem.clone(),
+                dirty: dirty.clone(),
                 transport: transport.clone(),
                 broken: AtomicBool::new(false),
                 requests: Requests {
@@ -240,6 +260,7 @@ impl VirtioDevice for VirtioBlk {
                 on_pool: AtomicUsize::new(0),
                 deferred: AtomicUsize::new(0),
             });
+            self.workers.lock().push(worker.clone());
             let handler = Box::new(move || {
                 drain_kick(&kick);
                 worker.kick();
@@ -260,14 +281,51 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn reset(&self) {
-        let handlers = std::mem::take(&mut *self.handlers.lock());
-        for id in handlers {
-            self.conf.context.remove_fd(id);
-        }
-        // QEMU's blk_drain: requests already on the pool finish before the rings go.
-        self.in_flight.drain();
+        self.stop();
         self.writeback
             .store(self.conf.backend.options().cache.writeback(), Ordering::Relaxed);
+    }
+
+    /// Requests are drained, not carried: each popped one completes before the device
+    /// stops (QEMU keeps a list only for `werror=stop`, which this device lacks). The
+    /// driver's `writeback` choice stays.
+    fn park(&self) -> Option<Vec<QueuePosition>> {
+        let workers = self.stop();
+        Some(
+            workers
+                .iter()
+                .map(|w| QueuePosition::of(w.index, &w.queue.lock(), 0))
+                .collect(),
+        )
+    }
+
+    /// The driver's write-cache choice; the image's size and the queue count must be the
+    /// same on both sides (a guest would see its disk change under it).
+    fn save_device(&self, section: &mut VmStateSection) -> Result<(), VmStateError> {
+        section.put("blk.writeback", self.writeback.load(Ordering::Relaxed));
+        section.put("blk.capacity", self.conf.backend.size());
+        section.put("blk.num_queues", self.conf.num_queues);
+        Ok(())
+    }
+
+    fn load_device(&self, section: &VmStateSection) -> Result<(), VmStateError> {
+        let capacity: u64 = section.get("blk.capacity")?;
+        if capacity != self.conf.backend.size() {
+            return Err(VmStateError::Mismatch(format!(
+                "virtio-blk: disk of {capacity} bytes saved, this one has {}",
+                self.conf.backend.size()
+            )));
+        }
+        let queues: u16 = section.get("blk.num_queues")?;
+        if queues != self.conf.num_queues {
+            return Err(VmStateError::Mismatch(format!(
+                "virtio-blk: {queues} queues saved, this device has {}",
+                self.conf.num_queues
+            )));
+        }
+        self.writeback
+            .store(section.get("blk.writeback")?, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -364,6 +422,7 @@ struct QueueWorker {
     index: u16,
     queue: Mutex<Queue>,
     mem: Arc<GuestMemoryMmap>,
+    dirty: Arc<DirtyTracker>,
     transport: Arc<dyn VirtioTransport>,
     broken: AtomicBool,
     requests: Requests,
@@ -458,7 +517,10 @@ impl QueueWorker {
             return;
         }
         let head = chain.head_index();
-        match self.requests.serve(&self.mem, chain) {
+        let written = chain.clone();
+        let served = self.requests.serve(&self.mem, chain);
+        mark_chain_written(&self.dirty, &written);
+        match served {
             Ok(len) => self.complete(head, len, pooled),
             Err(e) => self.fail(e),
         }

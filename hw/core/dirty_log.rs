@@ -21,6 +21,11 @@ impl DirtyTracker {
         self.active.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Whether a migration tracks writes now (devices skip the bookkeeping otherwise).
+    pub fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Records a write of `len` bytes at guest address `addr` (one atomic load when no
     /// migration runs).
     pub fn mark(&self, addr: u64, len: u64) {

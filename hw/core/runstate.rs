@@ -492,6 +492,16 @@ pub enum RunStateError {
 /// `qemu_devices_reset` + `MachineClass::reset`).
 pub type ResetHandler = Box<dyn Fn() + Send + Sync>;
 
+/// Called when the vCPUs stop (`false`) or are about to run (`true`), with the status the
+/// machine enters (QEMU's `VMChangeStateHandler`): devices that do I/O of their own go
+/// quiet at a stop, so a paused or migrating VM writes no guest memory, and resume at a
+/// start.
+pub type ChangeHandler = Arc<dyn Fn(bool, RunStatus) + Send + Sync>;
+
+/// Names a registered [`ChangeHandler`] for [`VmState::remove_change_handler`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeHandlerId(u64);
+
 /// What wakes a suspended guest (QEMU's `wakeup_reason_mask`, `wakeup_reason`,
 /// `wakeup_suspend_enabled`).
 struct Wakeup {
@@ -519,8 +529,10 @@ impl Default for Wakeup {
 /// run actions, run-request mailbox and the accelerator that starts and stops its vCPUs.
 ///
 /// Lock order: `status` before `wakeup`, `actions` and the notifier lists; device locks may
-/// be taken under `status` (reset, notifiers), so a device never calls in here holding its
-/// own lock except for [`VmState::request`] and [`VmState::wakeup_enable`].
+/// be taken under `status` (reset, notifiers, change handlers), so a device never calls in
+/// here holding its own lock except for [`VmState::request`] and
+/// [`VmState::wakeup_enable`]. Change handlers run under `status` and may wait for I/O
+/// threads: an I/O handler never takes `status`.
 #[derive(Default)]
 pub struct VmState {
     status: Mutex<RunStatus>,
@@ -533,6 +545,15 @@ pub struct VmState {
     requests: RunState,
     accel_ops: Arc<OnceLock<AccelOpsRef>>,
     reset: OnceLock<ResetHandler>,
+    change_handlers: Mutex<ChangeHandlers>,
+}
+
+/// The run-state change handlers, ordered by priority (QEMU's `vm_change_state_head`).
+#[derive(Default)]
+struct ChangeHandlers {
+    next_id: u64,
+    /// `(priority, id, handler)`, sorted by priority, then registration.
+    list: Vec<(i32, ChangeHandlerId, ChangeHandler)>,
 }
 
 impl AsRef<VmState> for VmState {
@@ -643,6 +664,41 @@ impl VmState {
         *self.actions.lock() = actions;
     }
 
+    /// Registers a run-state change handler (QEMU's
+    /// `qemu_add_vm_change_state_handler_prio`): at a stop, handlers run highest priority
+    /// first; at a start, lowest first, so a device that depends on another (a disk flush
+    /// after the disk's device went quiet) takes a lower priority.
+    pub fn add_change_handler(&self, priority: i32, handler: ChangeHandler) -> ChangeHandlerId {
+        let mut handlers = self.change_handlers.lock();
+        let id = ChangeHandlerId(handlers.next_id);
+        handlers.next_id += 1;
+        let at = handlers.list.partition_point(|(p, _, _)| *p <= priority);
+        handlers.list.insert(at, (priority, id, handler));
+        id
+    }
+
+    /// Removes a change handler (a device that goes away).
+    pub fn remove_change_handler(&self, id: ChangeHandlerId) {
+        self.change_handlers.lock().list.retain(|(_, i, _)| *i != id);
+    }
+
+    /// Runs the change handlers in QEMU's order for `running`.
+    fn run_change_handlers(&self, running: bool, status: RunStatus) {
+        let mut handlers: Vec<ChangeHandler> = self
+            .change_handlers
+            .lock()
+            .list
+            .iter()
+            .map(|(_, _, h)| h.clone())
+            .collect();
+        if !running {
+            handlers.reverse();
+        }
+        for h in handlers {
+            h(running, status);
+        }
+    }
+
     fn emit(&self, event: VmEvent) {
         let listeners = self.listeners.lock().clone();
         for l in listeners {
@@ -662,6 +718,7 @@ pub fn vm_stop(vm: &impl AsRef<VmState>, status: RunStatus) -> Result<(), RunSta
     }
     let ops = vm.accel_ops().ok_or(RunStateError::NoAccelerator)?;
     ops.pause_all();
+    vm.run_change_handlers(false, status);
     *current = status;
     vm.emit(VmEvent::Stop);
     Ok(())
@@ -680,6 +737,8 @@ pub fn vm_start(vm: &impl AsRef<VmState>) -> Result<(), RunStateError> {
         _ => {}
     }
     let ops = vm.accel_ops().ok_or(RunStateError::NoAccelerator)?;
+    // QEMU's vm_prepare_start: devices resume before the vCPUs do.
+    vm.run_change_handlers(true, RunStatus::Running);
     if matches!(*current, RunStatus::Prelaunch | RunStatus::InMigrate) {
         ops.vm_start();
     } else {
@@ -1014,6 +1073,44 @@ mod tests {
         assert_eq!(
             *events.lock(),
             vec![VmEvent::Resume, VmEvent::Stop, VmEvent::Resume]
+        );
+    }
+
+    #[test]
+    fn change_handlers_run_by_priority_at_stop_and_start_only() {
+        let (ms, _, _) = machine();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let handler = |name: &'static str| {
+            let calls = calls.clone();
+            Arc::new(move |running: bool, status: RunStatus| calls.lock().push((name, running, status)))
+                as ChangeHandler
+        };
+        ms.add_change_handler(0, handler("flush"));
+        let dev = ms.add_change_handler(10, handler("device"));
+        ms.add_change_handler(10, handler("device2"));
+        // A stop before the start runs nothing.
+        vm_stop(&ms, RunStatus::Paused).unwrap();
+        assert!(calls.lock().is_empty());
+        vm_start(&ms).unwrap();
+        vm_stop(&ms, RunStatus::FinishMigrate).unwrap();
+        use RunStatus::{FinishMigrate, Running};
+        assert_eq!(
+            std::mem::take(&mut *calls.lock()),
+            vec![
+                ("flush", true, Running),
+                ("device", true, Running),
+                ("device2", true, Running),
+                ("device2", false, FinishMigrate),
+                ("device", false, FinishMigrate),
+                ("flush", false, FinishMigrate),
+            ]
+        );
+        ms.remove_change_handler(dev);
+        vm_start(&ms).unwrap();
+        vm_start(&ms).unwrap();
+        assert_eq!(
+            *calls.lock(),
+            vec![("flush", true, Running), ("device2", true, Running)]
         );
     }
 

@@ -28,12 +28,14 @@ use vm_memory::{
 };
 
 use crate::core::accel_ops::EventFd;
-use crate::net::vhost_net::{vhost_net_get_features, VhostNet};
+use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId, Interest};
 use crate::core::qapi_event::{self, json, Value};
+use crate::core::vmstate::{VmStateError, VmStateSection};
+use crate::net::vhost_net::{vhost_net_get_features, VhostNet};
 use crate::virtio::virtio::{
-    bit, device_id, drain_kick, feature, read_config_bytes, ActivateError, Activation, RateLimitedLog, RingError,
-    VirtioDevice, VirtioTransport,
+    bit, device_id, drain_kick, feature, mark_chain_written, read_config_bytes, ActivateError, Activation,
+    QueuePosition, RateLimitedLog, RingError, VirtioDevice, VirtioTransport,
 };
 
 /// Feature bits (virtio 1.2, 5.1.3).
@@ -165,7 +167,7 @@ pub struct VirtioNetConf {
 
 /// The receive filter the driver programs on the control queue (QEMU's `VirtIONet`
 /// `promisc`, `allmulti`, ..., `mac_table`, `vlans`).
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct RxFilter {
     promisc: bool,
     allmulti: bool,
@@ -219,6 +221,9 @@ struct Shared {
     /// Header bytes the backend's first queue expects before a frame we send ourselves
     /// (the vnet header length last set on a tap; 0 while it hides it).
     backend_hdr: AtomicUsize,
+    /// The receive offloads the driver chose with CTRL_GUEST_OFFLOADS_SET (QEMU's
+    /// `curr_guest_offloads`); `None`: those its features imply.
+    guest_offloads: Mutex<Option<u64>>,
 }
 
 impl Shared {
@@ -282,11 +287,15 @@ pub struct VirtioNet {
     context: Arc<AioContext>,
     vhost: Vec<Arc<File>>,
     running: Mutex<Option<Running>>,
+    /// The queue pairs the driver used when the device stopped with the VM (QEMU's
+    /// `curr_queue_pairs`): the next activation enables as many.
+    resume_pairs: Mutex<Option<u16>>,
 }
 
 /// A running device: its queue pairs, its handlers, and its transport.
 struct Running {
     pairs: Vec<Arc<QueuePair>>,
+    ctrl: Option<Arc<CtrlQueue>>,
     /// Queue pairs the kernel serves (`vhost=on`); stopped when dropped.
     vhost: Vec<VhostNet>,
     handlers: Vec<AioHandlerId>,
@@ -397,6 +406,7 @@ impl VirtioNet {
             features: Mutex::new(0),
             vlan_filter: AtomicBool::new(false),
             backend_hdr: AtomicUsize::new(0),
+            guest_offloads: Mutex::new(None),
         });
         let dev = Arc::new(VirtioNet {
             shared,
@@ -408,6 +418,7 @@ impl VirtioNet {
             context: conf.context,
             vhost,
             running: Mutex::new(None),
+            resume_pairs: Mutex::new(None),
         });
         NICS.lock().push(Arc::downgrade(&dev));
         dev
@@ -620,6 +631,7 @@ impl VirtioDevice for VirtioNet {
             queues,
             transport,
             features,
+            dirty,
         } = activation;
         let shared = &self.shared;
         *shared.features.lock() = features;
@@ -631,9 +643,11 @@ impl VirtioDevice for VirtioNet {
         let vnet_hdr = netdev.has_vnet_hdr();
         if vnet_hdr {
             shared.backend_hdr.store(hdr_len, Ordering::Release);
+            // A device resumed after a stop keeps the offloads its driver chose.
+            let guest_offloads = shared.guest_offloads.lock().unwrap_or(features);
             netdev
                 .set_vnet_hdr_len(hdr_len)
-                .and_then(|()| netdev.set_offload(offloads(features)))
+                .and_then(|()| netdev.set_offload(offloads(guest_offloads)))
                 .map_err(|e| ActivateError::Io {
                     device: "virtio-net",
                     reason: format!("cannot configure the backend's vnet header: {e}"),
@@ -659,6 +673,7 @@ impl VirtioDevice for VirtioNet {
         }
         let mut running = Running {
             pairs: Vec::new(),
+            ctrl: None,
             vhost: Vec::new(),
             handlers: Vec::new(),
             transport: Arc::clone(&transport),
@@ -707,6 +722,7 @@ impl VirtioDevice for VirtioNet {
                 tx_index: tx.index,
                 backend,
                 mem: Arc::clone(&mem),
+                dirty: Arc::clone(&dirty),
                 transport: Arc::clone(&transport),
                 shared: Arc::clone(shared),
                 hdr_len,
@@ -747,6 +763,7 @@ impl VirtioDevice for VirtioNet {
                     index: q.index,
                     queue: Mutex::new(q.queue),
                     mem: Arc::clone(&mem),
+                    dirty: Arc::clone(&dirty),
                     transport: Arc::clone(&transport),
                     shared: Arc::clone(shared),
                     pairs: running.pairs.clone(),
@@ -757,6 +774,7 @@ impl VirtioDevice for VirtioNet {
                         .collect(),
                     broken: AtomicBool::new(false),
                 });
+                running.ctrl = Some(Arc::clone(&ctrl));
                 let kick = q.kick;
                 let fd = kick.as_raw_fd();
                 let handler = Box::new(move || {
@@ -770,7 +788,9 @@ impl VirtioDevice for VirtioNet {
             }
         }
         // QEMU starts with one queue pair; the driver asks for more on the control queue
-        // (VQ_PAIRS_SET). Backend queues no pair serves are detached too.
+        // (VQ_PAIRS_SET), and a device resumed after a stop keeps what it had. Backend
+        // queues no pair serves are detached too.
+        let enabled_pairs = usize::from(self.resume_pairs.lock().take().unwrap_or(1));
         for (i, q) in backend_queues
             .iter()
             .enumerate()
@@ -781,12 +801,12 @@ impl VirtioDevice for VirtioNet {
             }
         }
         for (i, q) in backend_queues.iter().enumerate().take(running.vhost.len()) {
-            if let Err(e) = q.set_enabled(i == 0) {
+            if let Err(e) = q.set_enabled(i < enabled_pairs) {
                 log::warn!("virtio-net: cannot set backend queue {i}: {e}");
             }
         }
         for (i, pair) in running.pairs.iter().enumerate() {
-            if let Err(e) = pair.set_enabled(i == 0) {
+            if let Err(e) = pair.set_enabled(i < enabled_pairs) {
                 let reason = format!("cannot start backend queue {i}: {e}");
                 for pair in &running.pairs {
                     pair.unwatch_backend();
@@ -799,21 +819,94 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn reset(&self) {
-        let running = self.running.lock().take();
-        if let Some(running) = running {
-            for id in running.handlers {
-                self.context.remove_fd(id);
-            }
-            for pair in &running.pairs {
-                pair.unwatch_backend();
-            }
-        }
+        self.stop();
         // QEMU's virtio_net_reset.
         *self.shared.filter.lock() = RxFilter::reset();
         *self.shared.features.lock() = 0;
+        *self.shared.guest_offloads.lock() = None;
+        *self.resume_pairs.lock() = None;
         self.shared
             .status
             .fetch_and(!S_ANNOUNCE, Ordering::AcqRel);
+    }
+
+    /// The pairs stop serving (their handlers removed, the backend no longer watched;
+    /// the tap stays attached, as in QEMU). Receive buffers taken but not filled and a
+    /// frame the backend has not taken yet are the last ones popped: they are given
+    /// back. The kernel's vhost workers cannot stop this way yet: such a device keeps
+    /// running and blocks migration.
+    fn park(&self) -> Option<Vec<QueuePosition>> {
+        if !self.vhost.is_empty() {
+            return None;
+        }
+        let running = self.stop()?;
+        let mut positions = Vec::new();
+        let mut enabled = 0u16;
+        for pair in &running.pairs {
+            let inner = pair.inner.lock();
+            let pending = inner.pending.len() as u16;
+            positions.push(QueuePosition::of(pair.rx_index, &inner.rx, pending));
+            let blocked = u16::from(inner.tx_blocked.is_some());
+            positions.push(QueuePosition::of(pair.tx_index, &inner.tx, blocked));
+            enabled += u16::from(inner.enabled);
+        }
+        if let Some(ctrl) = &running.ctrl {
+            positions.push(QueuePosition::of(ctrl.index, &ctrl.queue.lock(), 0));
+        }
+        *self.resume_pairs.lock() = Some(enabled.max(1));
+        Some(positions)
+    }
+
+    /// QEMU's `vmstate_virtio_net_device`: the MAC, the status (link, announce), the
+    /// receive filter, the pairs in use and the offloads the driver chose.
+    fn save_device(&self, section: &mut VmStateSection) -> Result<(), VmStateError> {
+        if !self.vhost.is_empty() {
+            return Err(VmStateError::Unmigratable(
+                "virtio-net with vhost=on does not support migration yet".into(),
+            ));
+        }
+        let shared = &self.shared;
+        section.put("net.mac", self.mac());
+        section.put("net.status", shared.status.load(Ordering::Acquire));
+        section.put("net.link_up", self.link_up());
+        section.put("net.filter", &*shared.filter.lock());
+        section.put("net.queue_pairs", *self.resume_pairs.lock());
+        section.put("net.guest_offloads", *shared.guest_offloads.lock());
+        Ok(())
+    }
+
+    fn load_device(&self, section: &VmStateSection) -> Result<(), VmStateError> {
+        let pairs: Option<u16> = section.get("net.queue_pairs")?;
+        if pairs.is_some_and(|n| n > self.conf_queue_pairs) {
+            return Err(VmStateError::Mismatch(format!(
+                "virtio-net: {} queue pairs in use, this device has {}",
+                pairs.unwrap_or_default(),
+                self.conf_queue_pairs
+            )));
+        }
+        let shared = &self.shared;
+        *shared.mac.lock() = section.get("net.mac")?;
+        shared.status.store(section.get("net.status")?, Ordering::Release);
+        shared.link_up.store(section.get("net.link_up")?, Ordering::Release);
+        *shared.filter.lock() = section.get("net.filter")?;
+        *shared.guest_offloads.lock() = section.get("net.guest_offloads")?;
+        *self.resume_pairs.lock() = pairs;
+        Ok(())
+    }
+}
+
+impl VirtioNet {
+    /// Removes the handlers (waiting for running ones) and stops watching the backends;
+    /// returns what ran.
+    fn stop(&self) -> Option<Running> {
+        let running = self.running.lock().take()?;
+        for id in &running.handlers {
+            self.context.remove_fd(*id);
+        }
+        for pair in &running.pairs {
+            pair.unwatch_backend();
+        }
+        Some(running)
     }
 }
 
@@ -863,6 +956,8 @@ struct QueuePair {
     tx_index: u16,
     backend: Arc<dyn NetQueue>,
     mem: Arc<GuestMemoryMmap>,
+    /// The receive path's writes into guest buffers are recorded here.
+    dirty: Arc<DirtyTracker>,
     transport: Arc<dyn VirtioTransport>,
     shared: Arc<Shared>,
     hdr_len: usize,
@@ -1150,6 +1245,9 @@ impl QueuePair {
                 }
             };
             let total = n + skip;
+            // The frame (and the header `deliver` writes over its start) is in guest
+            // memory now, even one the filter refuses.
+            mark_segs(&self.dirty, &room, total);
             // The frame is in the guest's buffers; whether the guest gets it is the
             // filter's call (a refused frame leaves the buffers pending for the next).
             let mut head_bytes = [0u8; 16];
@@ -1216,6 +1314,21 @@ impl QueuePair {
     }
 }
 
+/// Records that the first `len` bytes of `segs` were written, for a running migration.
+fn mark_segs(dirty: &DirtyTracker, segs: &[(GuestAddress, usize)], mut len: usize) {
+    if !dirty.is_active() {
+        return;
+    }
+    for &(addr, seg_len) in segs {
+        if len == 0 {
+            break;
+        }
+        let n = seg_len.min(len);
+        dirty.mark(addr.0, n as u64);
+        len -= n;
+    }
+}
+
 /// Reads up to `out.len()` bytes at offset `skip` of the segments; returns how many.
 fn read_at(
     mem: &GuestMemoryMmap,
@@ -1278,6 +1391,7 @@ struct CtrlQueue {
     index: u16,
     queue: Mutex<Queue>,
     mem: Arc<GuestMemoryMmap>,
+    dirty: Arc<DirtyTracker>,
     transport: Arc<dyn VirtioTransport>,
     shared: Arc<Shared>,
     pairs: Vec<Arc<QueuePair>>,
@@ -1310,6 +1424,7 @@ impl CtrlQueue {
             queue.disable_notification(mem)?;
             while let Some(chain) = queue.iter(Arc::clone(&self.mem))?.next() {
                 let head = chain.head_index();
+                let written = chain.clone();
                 let mut reader = chain
                     .clone()
                     .reader(mem)
@@ -1333,6 +1448,7 @@ impl CtrlQueue {
                     .and_then(|()| writer.write_all(&[ack]))
                     .map_err(|e| RingError::Chain(e.to_string()))?;
                 sink.clear();
+                mark_chain_written(&self.dirty, &written);
                 queue.add_used(mem, head, (skip + 1) as u32)?;
                 served = true;
             }
@@ -1476,7 +1592,11 @@ impl CtrlQueue {
         if negotiated & bit(nf::CTRL_GUEST_OFFLOADS) == 0 || wanted & !(negotiated & allowed) != 0 {
             return false;
         }
-        self.shared.netdev.set_offload(offloads(wanted)).is_ok()
+        let applied = self.shared.netdev.set_offload(offloads(wanted)).is_ok();
+        if applied {
+            *self.shared.guest_offloads.lock() = Some(wanted);
+        }
+        applied
     }
 }
 

@@ -28,6 +28,7 @@ use crate::core::accel_ops::{AccelIrqError, AccelOps, AccelOpsRef, EventFd, MsiM
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::RealizeError;
 use crate::core::services::MachineServices;
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::pci::pci::{BarKind, PciDevice, PCI_NUM_BARS};
 
 /// Capability ID of MSI-X (`PCI_CAP_ID_MSIX`).
@@ -366,6 +367,51 @@ impl Msix {
             let control = dev.read_config(pos, 1) as u8;
             dev.config_set(pos, &[control & !(MSIX_ENABLE_MASK | MSIX_MASKALL_MASK)]);
         }
+    }
+
+    /// QEMU's `msix_save`: the table and the pending bits (message control travels with
+    /// the configuration space).
+    pub fn save_state(&self, s: &mut VmStateSection) {
+        let st = self.state.lock();
+        let table: Vec<u32> = st.table.iter().flatten().copied().collect();
+        s.put("msix_table", table);
+        s.put("msix_pba", &st.pba);
+    }
+
+    /// QEMU's `msix_load`, after the configuration space is loaded: the table and pending
+    /// bits, enable and function mask from the loaded message control, and a route and
+    /// irqfd for every vector now unmasked.
+    pub fn load_state(&self, s: &VmStateSection) -> Result<(), VmStateError> {
+        let table: Vec<u32> = s.get("msix_table")?;
+        let pba: Vec<u64> = s.get("msix_pba")?;
+        let n = usize::from(self.nvectors);
+        if table.len() != 4 * n || pba.len() != n.div_ceil(64) {
+            return Err(VmStateError::Mismatch(format!(
+                "{}: {} MSI-X vectors saved, the device has {n}",
+                self.name,
+                table.len() / 4
+            )));
+        }
+        let device = self.device.upgrade();
+        let control = device
+            .as_deref()
+            .and_then(|o| o.cast::<PciDevice>())
+            .map_or(0, |dev| dev.read_config(self.cap + MSIX_CONTROL_OFFSET, 1) as u8);
+        let mut st = self.state.lock();
+        self.release_routes(&mut st);
+        for (entry, saved) in st.table.iter_mut().zip(table.chunks_exact(4)) {
+            entry.copy_from_slice(saved);
+        }
+        st.pba = pba;
+        st.enabled = control & MSIX_ENABLE_MASK != 0;
+        st.mask_all = control & MSIX_MASKALL_MASK != 0;
+        self.enabled.store(st.enabled, Ordering::Release);
+        if st.enabled {
+            for v in 0..n {
+                self.update_vector(&mut st, v);
+            }
+        }
+        Ok(())
     }
 
     // ----- delivery -----

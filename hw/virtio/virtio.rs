@@ -9,10 +9,12 @@
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use crate::core::accel_ops::EventFd;
+use crate::core::dirty_log::DirtyTracker;
+use crate::core::vmstate::{VmStateError, VmStateSection};
 pub use crate::core::log_limit::RateLimitedLog;
 
 /// Device status bits (virtio 1.2, 2.1).
@@ -97,6 +99,37 @@ pub struct Activation {
     pub transport: Arc<dyn VirtioTransport>,
     /// The features the driver accepted.
     pub features: u64,
+    /// Where the device records the guest memory it writes (buffers it fills), so a
+    /// running migration sends those pages again.
+    pub dirty: Arc<DirtyTracker>,
+}
+
+/// Where a ring stands when its device has stopped with nothing in flight: the next
+/// available entry to pop and the next used entry to write (equal, as nothing is
+/// popped and unfinished). A stopped device continues from here, in this process or on a
+/// migration's destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    /// The queue's index.
+    pub index: u16,
+    /// The avail-ring index of the next request.
+    pub next_avail: u16,
+    /// The used-ring index of the next completion.
+    pub next_used: u16,
+}
+
+impl QueuePosition {
+    /// Where `queue` (number `index`) stands, its popped but unused entries (`unused`, the
+    /// most recently popped ones) given back: the next run pops them again, as QEMU's
+    /// `virtqueue_rewind` does.
+    pub fn of(index: u16, queue: &Queue, unused: u16) -> Self {
+        use virtio_queue::QueueT;
+        QueuePosition {
+            index,
+            next_avail: queue.next_avail().wrapping_sub(unused),
+            next_used: queue.next_used(),
+        }
+    }
 }
 
 /// Why a device could not start.
@@ -141,6 +174,47 @@ pub trait VirtioDevice: Send + Sync {
     /// Stops processing (driver reset or device unplug). When it returns, no handler of
     /// the device runs and the queues are dropped.
     fn reset(&self);
+    /// The VM stops (QEMU's `virtio_vmstate_change`): finishes or gives back every
+    /// request, stops processing and returns where each active queue stands, keeping its
+    /// own state; the transport activates it again from there when the VM runs. `None`:
+    /// the device cannot stop this way and keeps running (it cannot migrate either).
+    fn park(&self) -> Option<Vec<QueuePosition>> {
+        None
+    }
+    /// The device's own state for a migration (its part of QEMU's `virtio_save`), put in
+    /// the device's section. The default: the device cannot migrate.
+    fn save_device(&self, _section: &mut VmStateSection) -> Result<(), VmStateError> {
+        Err(VmStateError::Unmigratable(format!(
+            "{} does not support migration yet",
+            self.name()
+        )))
+    }
+    /// Loads what [`VirtioDevice::save_device`] saved, into a device that is not
+    /// running; the next activation uses it.
+    fn load_device(&self, _section: &VmStateSection) -> Result<(), VmStateError> {
+        Err(VmStateError::Unmigratable(format!(
+            "{} does not support migration yet",
+            self.name()
+        )))
+    }
+}
+
+/// Records that the device wrote the buffers of `chain` that the driver made writable
+/// (all of them: marking more than was written costs a resend, missing a page a wrong
+/// guest), for a running migration (QEMU's `dma_memory_unmap` with `access_len`).
+pub fn mark_chain_written<M>(dirty: &DirtyTracker, chain: &DescriptorChain<M>)
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    if !dirty.is_active() {
+        return;
+    }
+    for desc in chain.clone() {
+        if desc.is_write_only() {
+            dirty.mark(desc.addr().0, u64::from(desc.len()));
+        }
+    }
 }
 
 /// The low 32 feature bits a legacy driver sees, or bits 32..63 for select 1.

@@ -17,11 +17,13 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::core::balloon::{Balloon, BalloonHandler};
+use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::timer::DeviceTimer;
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::virtio::virtio::{
-    bit, device_id, drain_kick, feature, read_config_bytes, ActivateError, Activation, RateLimitedLog, RingError,
-    VirtioDevice, VirtioTransport,
+    bit, device_id, drain_kick, feature, read_config_bytes, ActivateError, Activation, QueuePosition,
+    RateLimitedLog, RingError, VirtioDevice, VirtioTransport,
 };
 
 /// Feature bits (virtio 1.2, 5.5.3).
@@ -235,6 +237,8 @@ pub struct VirtioBalloon {
     shared: Arc<Shared>,
     timer: Arc<DeviceTimer>,
     handlers: Mutex<Vec<AioHandlerId>>,
+    /// The device while it runs: parking reads its rings from here.
+    running: Mutex<Option<Arc<Running>>>,
 }
 
 /// Why a balloon cannot be realized, in QEMU's words.
@@ -271,7 +275,17 @@ impl VirtioBalloon {
             shared,
             timer,
             handlers: Mutex::new(Vec::new()),
+            running: Mutex::new(None),
         }))
+    }
+
+    /// Removes the handlers (waiting for one that runs) and returns the device that ran.
+    fn stop(&self) -> Option<Arc<Running>> {
+        let handlers = std::mem::take(&mut *self.handlers.lock());
+        for id in handlers {
+            self.conf.context.remove_fd(id);
+        }
+        self.running.lock().take()
     }
 
     fn config_bytes(&self) -> [u8; 16] {
@@ -361,6 +375,7 @@ impl VirtioDevice for VirtioBalloon {
             queues,
             transport,
             features,
+            dirty,
         } = activation;
         let mut rings: [Option<Queue>; 3] = [None, None, None];
         let mut kicks = Vec::new();
@@ -372,6 +387,7 @@ impl VirtioDevice for VirtioBalloon {
         }
         let running = Arc::new(Running {
             mem,
+            dirty,
             transport: transport.clone(),
             stats_negotiated: features & bit(balloon_feature::STATS_VQ) != 0,
             stats: self.conf.stats.clone(),
@@ -411,6 +427,7 @@ impl VirtioDevice for VirtioBalloon {
                 reason: e.to_string(),
             });
         }
+        *self.running.lock() = Some(running);
         Ok(())
     }
 
@@ -418,17 +435,51 @@ impl VirtioDevice for VirtioBalloon {
     /// balloon's size stays as the last driver left it.
     fn reset(&self) {
         *self.shared.transport.lock() = None;
-        let handlers = std::mem::take(&mut *self.handlers.lock());
-        for id in handlers {
-            self.conf.context.remove_fd(id);
-        }
+        self.stop();
         self.shared.config.lock().poison_val = 0;
+    }
+
+    /// Inflate and deflate buffers are used as they are popped; the stats buffer the
+    /// device holds is given back (QEMU's `virtqueue_rewind` in its save), and the next
+    /// run pops it again. Config interrupts (a new target) still reach the driver.
+    fn park(&self) -> Option<Vec<QueuePosition>> {
+        let running = self.stop()?;
+        let st = running.state.lock();
+        let positions = st
+            .rings
+            .iter()
+            .enumerate()
+            .filter_map(|(index, ring)| {
+                let held = u16::from(index == usize::from(STATS) && st.stats_elem.is_some());
+                ring.as_ref().map(|q| QueuePosition::of(index as u16, q, held))
+            })
+            .collect();
+        Some(positions)
+    }
+
+    /// QEMU's `vmstate_virtio_balloon_device`: the target, the size the driver reports
+    /// and the poison value.
+    fn save_device(&self, section: &mut VmStateSection) -> Result<(), VmStateError> {
+        let c = self.shared.config.lock();
+        section.put("balloon.num_pages", c.num_pages);
+        section.put("balloon.actual", c.actual);
+        section.put("balloon.poison_val", c.poison_val);
+        Ok(())
+    }
+
+    fn load_device(&self, section: &VmStateSection) -> Result<(), VmStateError> {
+        let mut c = self.shared.config.lock();
+        c.num_pages = section.get("balloon.num_pages")?;
+        c.actual = section.get("balloon.actual")?;
+        c.poison_val = section.get("balloon.poison_val")?;
+        Ok(())
     }
 }
 
 /// The device while the driver runs it; its handlers run on the device's event loop.
 struct Running {
     mem: Arc<GuestMemoryMmap>,
+    dirty: Arc<DirtyTracker>,
     transport: Arc<dyn VirtioTransport>,
     stats_negotiated: bool,
     stats: Arc<BalloonStats>,
@@ -546,6 +597,11 @@ impl Running {
                 // contents is what the balloon protocol allows: they read back as zeros.
                 // WILLNEED only reads ahead.
                 let ret = unsafe { libc::madvise(ptr.cast(), size, advice) };
+                if advice == libc::MADV_DONTNEED {
+                    // The pages now read as zeros with no write KVM could log: a
+                    // migration's destination must not keep its older copy.
+                    self.dirty.mark(pa, len);
+                }
                 if ret != 0 {
                     let e = std::io::Error::last_os_error();
                     GUEST_ERRORS.warn(|| format!("virtio-balloon: madvise at 0x{pa:x}: {e}"));

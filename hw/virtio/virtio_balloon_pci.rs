@@ -9,6 +9,7 @@ use std::sync::Arc;
 use qom::{type_init, ClassInitFor, ObjectClass, Prop, Property, PropertyKind, StateAccessor, Value};
 
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::pci::pci::PciDeviceImpl;
 use crate::virtio::virtio::{device_id, VirtioDevice};
 use crate::virtio::virtio_balloon::{BalloonStats, VirtioBalloon, VirtioBalloonConf};
@@ -71,6 +72,15 @@ fn virtio_balloon_pci_class_init(class: &mut ObjectClass) {
 impl DeviceImpl for VirtioBalloonPci {
     const CATEGORY: DeviceCategory = DeviceCategory::Misc;
     const DESCRIPTION: Option<&'static str> = Some("Virtio balloon (PCI)");
+
+    /// The transport's and the device's state (see `VirtioPciProxy::save_virtio_state`).
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        self.parent.save_virtio_state()
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        self.parent.load_virtio_state(state)
+    }
 }
 
 impl PciDeviceImpl for VirtioBalloonPci {

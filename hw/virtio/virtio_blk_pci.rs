@@ -11,6 +11,7 @@ use qom::{type_init, Prop, Size};
 use crate::block::virtio_blk::{VirtioBlk, VirtioBlkConf};
 use crate::core::iothread::iothread_context;
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::services::MachineServices;
 use crate::pci::pci::PciDeviceImpl;
 use crate::virtio::virtio::{device_id, VirtioDevice};
@@ -122,6 +123,15 @@ fn block_size(name: &'static str, value: u64) -> Result<u32, VirtioBlkError> {
 impl DeviceImpl for VirtioBlkPci {
     const CATEGORY: DeviceCategory = DeviceCategory::Storage;
     const DESCRIPTION: Option<&'static str> = Some("Virtio block device (PCI)");
+
+    /// The transport's and the device's state (see `VirtioPciProxy::save_virtio_state`).
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        self.parent.save_virtio_state()
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        self.parent.load_virtio_state(state)
+    }
 }
 
 impl PciDeviceImpl for VirtioBlkPci {

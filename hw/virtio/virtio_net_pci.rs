@@ -11,6 +11,7 @@ use qom::{type_init, Prop};
 
 use crate::core::iothread::iothread_context;
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::net::vhost_net::vhost_features;
 use crate::net::virtio_net::{net_feature as nf, VirtioNet, VirtioNetConf};
 use crate::pci::pci::PciDeviceImpl;
@@ -169,6 +170,15 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 impl DeviceImpl for VirtioNetPci {
     const CATEGORY: DeviceCategory = DeviceCategory::Network;
     const DESCRIPTION: Option<&'static str> = Some("Virtio network device (PCI)");
+
+    /// The transport's and the device's state (see `VirtioPciProxy::save_virtio_state`).
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        self.parent.save_virtio_state()
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        self.parent.load_virtio_state(state)
+    }
 }
 
 impl PciDeviceImpl for VirtioNetPci {

@@ -17,10 +17,12 @@ use std::sync::{Arc, OnceLock, Weak};
 use parking_lot::Mutex;
 use qom::{type_init, ClassInitFor, ImplCast, Object, ObjectClass, Prop};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::core::memory::{MemoryRegion, MemoryRegionOps, RegionEventFd};
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
+use crate::core::runstate::ChangeHandlerId;
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::qdev_properties::OnOffAuto;
 use crate::core::services::MachineServices;
 use crate::pci::msix::Msix;
@@ -28,8 +30,8 @@ use crate::pci::pci::{
     pci_device_class_use_ops_of, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE,
 };
 use crate::virtio::virtio::{
-    bit, feature, feature_word, status, ActiveQueue, Activation, RateLimitedLog, VirtioDevice,
-    VirtioTransport, VIRTIO_NO_VECTOR,
+    bit, feature, feature_word, status, ActiveQueue, Activation, QueuePosition, RateLimitedLog,
+    VirtioDevice, VirtioTransport, VIRTIO_NO_VECTOR,
 };
 
 use crate::core::accel_ops::EventFd;
@@ -194,6 +196,8 @@ pub struct VirtioPciProxy {
     #[property(default = true, desc = "Use ioeventfd for queue notifications")]
     ioeventfd: Prop<bool>,
     transport: OnceLock<Arc<VirtioPciTransport>>,
+    /// Parks the device at a VM stop and resumes it at a start.
+    change_handler: OnceLock<ChangeHandlerId>,
 }
 
 type_init!(VirtioPciProxy {
@@ -220,6 +224,9 @@ impl DeviceImpl for VirtioPciProxy {
     fn unrealize(&self, ctx: &DeviceContext) {
         if let Some(t) = self.transport.get() {
             t.device.reset();
+        }
+        if let (Some(id), Ok(services)) = (self.change_handler.get(), ctx.machine()) {
+            services.vm().remove_change_handler(*id);
         }
         DeviceImpl::unrealize(&self.parent, ctx);
     }
@@ -325,6 +332,22 @@ impl PciDeviceImpl for VirtioPciProxy {
             self.register_bar(MODERN_BAR, BarKind::Mem32, region)?;
             self.add_modern_capabilities(device.config_size() as u32)?;
         }
+        // QEMU's virtio_vmstate_change: a stopped VM's devices touch no guest memory, and
+        // a migration's destination starts its devices from the loaded rings.
+        let weak = Arc::downgrade(&transport);
+        let handler = services.vm().add_change_handler(
+            CHANGE_HANDLER_PRIORITY,
+            Arc::new(move |running, _| {
+                if let Some(t) = weak.upgrade() {
+                    if running {
+                        t.resume();
+                    } else {
+                        t.park();
+                    }
+                }
+            }),
+        );
+        let _ = self.change_handler.set(handler);
         let _ = self.transport.set(transport);
         Ok(())
     }
@@ -365,10 +388,126 @@ impl VirtioPciProxy {
     pub fn device_status(&self) -> Option<u8> {
         self.transport.get().map(|t| t.state.lock().status)
     }
+
+    fn realized_transport(&self) -> Result<&Arc<VirtioPciTransport>, VmStateError> {
+        self.transport
+            .get()
+            .ok_or_else(|| VmStateError::Host("virtio-pci device is not realized".into()))
+    }
+
+    /// What every virtio-pci device migrates (QEMU's `virtio_save` with
+    /// `virtio_pci_save_config`/`save_queue`): the configuration space, MSI-X, the
+    /// transport's registers, the queues with where a parked device stopped, then the
+    /// device's own state. The subtypes' `save_state` call it.
+    pub fn save_virtio_state(&self) -> Result<VmStateSection, VmStateError> {
+        let t = self.realized_transport()?;
+        let mut s = VmStateSection::new(1);
+        // The device's blocker first: a running device that cannot migrate says so, by
+        // its type's name as QEMU's blockers do.
+        t.device.save_device(&mut s).map_err(|e| match e {
+            VmStateError::Unmigratable(why) => {
+                log::debug!("{}: {why}", t.name);
+                VmStateError::Unmigratable(t.name.to_string())
+            }
+            other => other,
+        })?;
+        self.parent.save_pci_state(&mut s);
+        if let Some(msix) = &t.msix {
+            msix.save_state(&mut s);
+        }
+        let st = t.state.lock();
+        s.put("status", st.status);
+        s.put("driver_features", st.driver_features);
+        s.put("device_feature_select", st.device_feature_select);
+        s.put("driver_feature_select", st.driver_feature_select);
+        s.put("queue_select", st.queue_select);
+        s.put("config_generation", st.config_generation);
+        s.put("queues", &st.queues);
+        s.put("positions", &st.parked);
+        s.put("isr", t.isr.load(Ordering::Acquire));
+        s.put("config_vector", t.config_vector.load(Ordering::Acquire));
+        let vectors: Vec<u16> = t.queue_vectors.iter().map(|v| v.load(Ordering::Acquire)).collect();
+        s.put("queue_vectors", vectors);
+        Ok(s)
+    }
+
+    /// Loads what [`VirtioPciProxy::save_virtio_state`] saved into a device that has not
+    /// run (a migration's destination). The device stays parked until the VM starts. A
+    /// saved configuration this device cannot have (other queues, features it does not
+    /// offer, vectors it lacks) is a mismatch, as in QEMU's `virtio_load`.
+    pub fn load_virtio_state(&self, s: &VmStateSection) -> Result<(), VmStateError> {
+        s.check_version(1, 1)?;
+        let t = self.realized_transport()?;
+        let name = t.name;
+        let mismatch = |what: String| VmStateError::Mismatch(format!("{name}: {what}"));
+        let queues: Vec<QueueConfig> = s.get("queues")?;
+        let status: u8 = s.get("status")?;
+        let driver_features: u64 = s.get("driver_features")?;
+        let parked: Option<Vec<QueuePosition>> = s.get("positions")?;
+        let config_vector: u16 = s.get("config_vector")?;
+        let queue_vectors: Vec<u16> = s.get("queue_vectors")?;
+        {
+            let st = t.state.lock();
+            if queues.len() != st.queues.len() || queue_vectors.len() != st.queues.len() {
+                return Err(mismatch(format!(
+                    "{} queues saved, the device has {}",
+                    queues.len(),
+                    st.queues.len()
+                )));
+            }
+            for (i, (saved, ours)) in queues.iter().zip(&st.queues).enumerate() {
+                if saved.max_size != ours.max_size || saved.size > ours.max_size {
+                    return Err(mismatch(format!(
+                        "queue {i}: size {} of {} saved, the device's maximum is {}",
+                        saved.size, saved.max_size, ours.max_size
+                    )));
+                }
+            }
+        }
+        let unsupported = driver_features & !t.offered_features();
+        if unsupported != 0 {
+            return Err(mismatch(format!("Features 0x{unsupported:x} unsupported")));
+        }
+        let count = t.msix.as_ref().map_or(0, |m| m.vector_count());
+        for v in queue_vectors.iter().chain(std::iter::once(&config_vector)) {
+            if *v != VIRTIO_NO_VECTOR && *v >= count {
+                return Err(mismatch(format!("vector {v} saved, the device has {count}")));
+            }
+        }
+        if status & status::DRIVER_OK != 0 && status & status::DEVICE_NEEDS_RESET == 0 && parked.is_none() {
+            return Err(mismatch("saved while it was running".into()));
+        }
+        self.parent.load_pci_state(s)?;
+        if let Some(msix) = &t.msix {
+            msix.load_state(s)?;
+        }
+        t.device.reset();
+        t.device.load_device(s)?;
+        let mut st = t.state.lock();
+        st.status = status;
+        st.driver_features = driver_features;
+        st.device_feature_select = s.get("device_feature_select")?;
+        st.driver_feature_select = s.get("driver_feature_select")?;
+        st.queue_select = s.get("queue_select")?;
+        st.config_generation = s.get("config_generation")?;
+        st.queues = queues;
+        st.active = false;
+        st.parked = parked;
+        t.isr.store(s.get("isr")?, Ordering::Release);
+        t.config_vector.store(config_vector, Ordering::Release);
+        for (slot, v) in t.queue_vectors.iter().zip(queue_vectors) {
+            slot.store(v, Ordering::Release);
+        }
+        Ok(())
+    }
 }
 
+/// Where virtio-pci devices' run-state handlers run: above the block layer's flush
+/// (priority 0), which must come after the disks' devices went quiet.
+const CHANGE_HANDLER_PRIORITY: i32 = 10;
+
 /// One queue's registers as the driver programs them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct QueueConfig {
     max_size: u16,
     size: u16,
@@ -402,6 +541,9 @@ struct TransportState {
     queues: Vec<QueueConfig>,
     /// Whether the device runs (`DRIVER_OK` reached and activation succeeded).
     active: bool,
+    /// A device stopped with the VM: where its queues stand, to continue from at the
+    /// next start (here, or on a migration's destination).
+    parked: Option<Vec<QueuePosition>>,
 }
 
 impl TransportState {
@@ -415,6 +557,7 @@ impl TransportState {
             queue_select: 0,
             queues: sizes.iter().map(|&s| QueueConfig::new(s)).collect(),
             active: false,
+            parked: None,
         }
     }
 
@@ -530,12 +673,14 @@ impl VirtioPciTransport {
         }
         st.status = value | (old & status::DEVICE_NEEDS_RESET);
         if value & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0 && !st.active {
-            self.activate(&mut st);
+            st.parked = None;
+            self.activate(&mut st, &[]);
         }
     }
 
-    /// `DRIVER_OK`: hands the configured queues to the device.
-    fn activate(&self, st: &mut TransportState) {
+    /// `DRIVER_OK`, or a VM start after a stop: hands the configured queues to the device,
+    /// each from its `positions` entry if it has one, else from the start.
+    fn activate(&self, st: &mut TransportState, positions: &[QueuePosition]) {
         let Some(services) = self.services.upgrade() else {
             return;
         };
@@ -556,11 +701,18 @@ impl VirtioPciTransport {
                 queue.try_set_avail_ring_address(GuestAddress(q.avail))?;
                 queue.try_set_used_ring_address(GuestAddress(q.used))?;
                 queue.set_event_idx(features & bit(feature::RING_EVENT_IDX) != 0);
+                if let Some(p) = positions.iter().find(|p| usize::from(p.index) == index) {
+                    queue.set_next_avail(p.next_avail);
+                    queue.set_next_used(p.next_used);
+                }
                 queue.set_ready(true);
                 Ok(queue)
             })();
+            let resumed_ok = |queue: &Queue| {
+                positions.is_empty() || self.check_resumed_ring(index, queue, &mem)
+            };
             match built {
-                Ok(queue) if queue.is_valid(&*mem) => queues.push(ActiveQueue {
+                Ok(queue) if queue.is_valid(&*mem) && resumed_ok(&queue) => queues.push(ActiveQueue {
                     index: index as u16,
                     queue,
                     kick: self.kicks[index].clone(),
@@ -585,6 +737,7 @@ impl VirtioPciTransport {
             queues,
             transport: this,
             features,
+            dirty: services.dirty_tracker().clone(),
         };
         match self.device.activate(activation) {
             Ok(()) => st.active = true,
@@ -592,6 +745,92 @@ impl VirtioPciTransport {
                 log::error!("{}: {e}", self.name);
                 self.mark_broken_locked(st);
             }
+        }
+    }
+
+    /// QEMU's `virtio_load` checks of a ring resumed from saved positions: the driver has
+    /// at most a ring's worth of requests beyond them, and the used index in guest memory
+    /// is the one the device last wrote. A ring failing them is broken.
+    fn check_resumed_ring(&self, index: usize, queue: &Queue, mem: &vm_memory::GuestMemoryMmap) -> bool {
+        let avail = queue.avail_idx(mem, Ordering::Acquire).map(|i| i.0);
+        let used = mem
+            .read_obj::<u16>(GuestAddress(queue.used_ring().wrapping_add(2)))
+            .map(u16::from_le);
+        match (avail, used) {
+            (Ok(avail), Ok(used)) => {
+                let outstanding = avail.wrapping_sub(queue.next_avail());
+                if outstanding > queue.size() {
+                    self.guest_errors.warn(|| {
+                        format!(
+                            "{}: queue {index}: {outstanding} requests outstanding on a ring of {}",
+                            self.name,
+                            queue.size()
+                        )
+                    });
+                    return false;
+                }
+                if used != queue.next_used() {
+                    // A device write that escaped dirty tracking; guest memory is what the
+                    // driver sees, so it wins.
+                    log::warn!(
+                        "{}: queue {index}: used index {used} in guest memory, {} saved",
+                        self.name,
+                        queue.next_used()
+                    );
+                    debug_assert_eq!(used, queue.next_used(), "used index lost in migration");
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The VM stops: the device finishes its requests and stops, and the used rings it
+    /// wrote are sent again by a running migration. A device that cannot stop keeps running.
+    fn park(&self) {
+        // Not under `state`: the device's I/O handlers, which park waits for, may take it
+        // (`mark_broken`). vCPUs are stopped, so no driver write races with this.
+        if !self.state.lock().active {
+            return;
+        }
+        let Some(positions) = self.device.park() else {
+            return;
+        };
+        let mut st = self.state.lock();
+        if let Some(services) = self.services.upgrade() {
+            let dirty = services.dirty_tracker();
+            for p in &positions {
+                if let Some(q) = st.queues.get(usize::from(p.index)) {
+                    // flags, idx, the ring and avail_event.
+                    dirty.mark(q.used, 6 + 8 * u64::from(q.size));
+                }
+            }
+        }
+        st.active = false;
+        st.parked = Some(positions);
+    }
+
+    /// The VM starts: a parked device continues from where its queues stood. Its eventfds
+    /// may have missed kicks and the driver an interrupt (a fresh destination has neither),
+    /// so each queue is kicked and interrupted once; both are harmless when spurious.
+    fn resume(&self) {
+        let mut st = self.state.lock();
+        let Some(positions) = st.parked.take() else {
+            return;
+        };
+        if st.status & status::DRIVER_OK == 0 || st.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        self.activate(&mut st, &positions);
+        if !st.active {
+            return;
+        }
+        drop(st);
+        for p in &positions {
+            if let Some(kick) = self.kicks.get(usize::from(p.index)) {
+                let _ = kick.write(1);
+            }
+            self.signal_used_queue(p.index);
         }
     }
 

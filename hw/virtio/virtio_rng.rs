@@ -19,11 +19,13 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backends::rng::EntropySource;
+use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId, Interest};
 use crate::core::timer::DeviceTimer;
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::virtio::virtio::{
-    bit, device_id, drain_kick, feature, ActivateError, Activation, RateLimitedLog, RingError,
-    VirtioDevice, VirtioTransport,
+    bit, device_id, drain_kick, feature, mark_chain_written, ActivateError, Activation,
+    QueuePosition, RateLimitedLog, RingError, VirtioDevice, VirtioTransport,
 };
 
 /// QEMU's queue size for virtio-rng.
@@ -90,6 +92,21 @@ impl RateLimit {
     pub fn period_over(&mut self) {
         self.activate_timer = true;
     }
+
+    /// What is left of this period's quota, exactly (for migration).
+    pub fn remaining(&self) -> i64 {
+        self.quota_remaining
+    }
+
+    /// Sets what is left of this period's quota (a migration's destination).
+    pub fn set_remaining(&mut self, remaining: i64) {
+        self.quota_remaining = remaining.min(self.max_bytes);
+    }
+
+    /// Whether a period runs (its timer armed by a request).
+    pub fn period_running(&self) -> bool {
+        !self.activate_timer
+    }
 }
 
 /// Guest errors of every virtio-rng device share one log budget.
@@ -103,6 +120,8 @@ pub struct VirtioRng {
     rate: Arc<Mutex<RateLimit>>,
     timer: Arc<DeviceTimer>,
     handlers: Mutex<Vec<AioHandlerId>>,
+    /// The running device, while activated: parking reads its ring from here.
+    running: Mutex<Option<Arc<Running>>>,
 }
 
 impl VirtioRng {
@@ -113,7 +132,18 @@ impl VirtioRng {
             conf,
             timer: Arc::new(DeviceTimer::new()?),
             handlers: Mutex::new(Vec::new()),
+            running: Mutex::new(None),
         })
+    }
+
+    /// Removes the I/O handlers (waiting for one that runs) and returns the device that
+    /// ran, if it did.
+    fn stop(&self) -> Option<Arc<Running>> {
+        let handlers = std::mem::take(&mut *self.handlers.lock());
+        for id in handlers {
+            self.conf.context.remove_fd(id);
+        }
+        self.running.lock().take()
     }
 }
 
@@ -150,6 +180,7 @@ impl VirtioDevice for VirtioRng {
             mem,
             queues,
             transport,
+            dirty,
             ..
         } = activation;
         let Some(q) = queues.into_iter().find(|q| q.index == 0) else {
@@ -172,6 +203,7 @@ impl VirtioDevice for VirtioRng {
         };
         let running = Arc::new(Running {
             mem,
+            dirty,
             transport,
             source: self.conf.source.clone(),
             period: Duration::from_millis(self.conf.period_ms.into()),
@@ -229,20 +261,52 @@ impl VirtioDevice for VirtioRng {
             self.reset();
             return Err(io_error(e));
         }
+        *self.running.lock() = Some(running);
         Ok(())
     }
 
     fn reset(&self) {
-        let handlers = std::mem::take(&mut *self.handlers.lock());
-        for id in handlers {
-            self.conf.context.remove_fd(id);
+        self.stop();
+    }
+
+    /// Every buffer is filled or given back as it is popped (`fill`), so nothing is in
+    /// flight once the handlers are gone. The rate limit's period goes on: its timer
+    /// refills the quota when the device runs again.
+    fn park(&self) -> Option<Vec<QueuePosition>> {
+        let running = self.stop()?;
+        let st = running.state.lock();
+        Some(vec![QueuePosition::of(0, &st.queue, 0)])
+    }
+
+    /// What is left of the period's quota and whether a period runs (QEMU restarts the
+    /// bucket instead, which lets a guest draw up to twice `max-bytes` across a migration).
+    fn save_device(&self, section: &mut VmStateSection) -> Result<(), VmStateError> {
+        let rate = self.rate.lock();
+        section.put("rng.quota_remaining", rate.remaining());
+        section.put("rng.period_running", rate.period_running());
+        Ok(())
+    }
+
+    fn load_device(&self, section: &VmStateSection) -> Result<(), VmStateError> {
+        let quota: i64 = section.get("rng.quota_remaining")?;
+        let period_running: bool = section.get("rng.period_running")?;
+        let mut rate = self.rate.lock();
+        rate.set_remaining(quota);
+        if period_running {
+            // The period's remaining time is not known here: a whole one, the stricter.
+            rate.start_request();
+            if let Err(e) = self.timer.arm(Duration::from_millis(self.conf.period_ms.into())) {
+                return Err(VmStateError::Host(format!("virtio-rng: cannot arm its timer: {e}")));
+            }
         }
+        Ok(())
     }
 }
 
 /// The device while the driver runs it. Its handlers run on the device's event loop.
 struct Running {
     mem: Arc<GuestMemoryMmap>,
+    dirty: Arc<DirtyTracker>,
     transport: Arc<dyn VirtioTransport>,
     source: Arc<dyn EntropySource>,
     period: Duration,
@@ -364,6 +428,7 @@ impl Running {
                 return Ok(Stop::Empty);
             };
             let head = chain.head_index();
+            let written = chain.clone();
             let mut writer = match Writer::new(mem, chain) {
                 Ok(w) => w,
                 Err(e) => {
@@ -396,7 +461,9 @@ impl Running {
                         return Ok(Stop::Source);
                     }
                 }
-                if writer.write_all(&st.buf[..got]).is_err() {
+                let wrote = writer.write_all(&st.buf[..got]);
+                mark_chain_written(&self.dirty, &written);
+                if wrote.is_err() {
                     self.fail(st, RingError::Chain("cannot write the buffer".into()));
                     return Ok(Stop::Source);
                 }

@@ -9,6 +9,7 @@ use qom::{type_init, Prop};
 use crate::backends::rng::{EntropySource, RngBackend};
 use crate::backends::rng_builtin::TYPE_RNG_BUILTIN;
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::pci::pci::PciDeviceImpl;
 use crate::virtio::virtio::{device_id, VirtioDevice};
 use crate::virtio::virtio_pci::{VirtioPciImpl, VirtioPciProxy, PCI_VENDOR_ID_REDHAT_QUMRANET};
@@ -60,6 +61,15 @@ pub enum VirtioRngError {
 impl DeviceImpl for VirtioRngPci {
     const CATEGORY: DeviceCategory = DeviceCategory::Misc;
     const DESCRIPTION: Option<&'static str> = Some("Virtio RNG (PCI)");
+
+    /// The transport's and the device's state (see `VirtioPciProxy::save_virtio_state`).
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        self.parent.save_virtio_state()
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        self.parent.load_virtio_state(state)
+    }
 }
 
 impl PciDeviceImpl for VirtioRngPci {

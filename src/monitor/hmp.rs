@@ -70,7 +70,7 @@ const COMMANDS: &[HmpCommand] = &[
         names: "cont|c",
         params: "",
         help: "resume emulation",
-        run: |ctx, _, _, _| Ok(runstate::vm_start(ctx.vm.machine_state())?),
+        run: |ctx, _, _, _| super::qmp_cmds::qmp_cont(ctx, &Default::default()).map(drop),
     },
     HmpCommand {
         names: "help|?",

@@ -739,7 +739,10 @@ fn qmp_stop(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError>
     Ok(json!({}))
 }
 
-fn qmp_cont(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+/// QEMU's `qmp_cont`: after a completed outgoing migration the images were handed to the
+/// destination; they are taken back before the guest runs here again.
+pub(crate) fn qmp_cont(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    block::activate_all().map_err(|e| QmpError::BadInput(e.to_string()))?;
     runstate::vm_start(ctx.vm.machine_state())?;
     Ok(json!({}))
 }
