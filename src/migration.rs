@@ -197,10 +197,28 @@ fn failed(what: String, e: std::io::Error) -> MigrateError {
     MigrateError::Channel(format!("{what}: {}", hw::core::os_error::strerror(&e)))
 }
 
+/// The sending end of a migration, and for `file:` the file itself, whose RAM goes at
+/// fixed offsets ([`stream::MappedRam`]) so a restore can map it.
+struct Outgoing {
+    channel: Box<dyn Write + Send>,
+    mapped: Option<std::fs::File>,
+}
+
 /// Opens the sending end of `uri`.
-fn open_outgoing(uri: &str, named: NamedFds) -> Result<Box<dyn Write + Send>, MigrateError> {
+fn open_outgoing(uri: &str, named: NamedFds) -> Result<Outgoing, MigrateError> {
     let (scheme, rest) = split_uri(uri)?;
-    Ok(match scheme {
+    if scheme == "file" {
+        let file = std::fs::File::create(rest)
+            .map_err(|e| failed(format!("Could not open '{rest}'"), e))?;
+        let mapped = file
+            .try_clone()
+            .map_err(|e| failed(format!("Could not open '{rest}'"), e))?;
+        return Ok(Outgoing {
+            channel: Box::new(file),
+            mapped: Some(mapped),
+        });
+    }
+    let channel: Box<dyn Write + Send> = match scheme {
         "unix" => Box::new(
             UnixStream::connect(rest)
                 .map_err(|e| failed(format!("Failed to connect to '{rest}'"), e))?,
@@ -208,10 +226,6 @@ fn open_outgoing(uri: &str, named: NamedFds) -> Result<Box<dyn Write + Send>, Mi
         "tcp" => Box::new(
             TcpStream::connect(rest)
                 .map_err(|e| failed(format!("Failed to connect to '{rest}'"), e))?,
-        ),
-        "file" => Box::new(
-            std::fs::File::create(rest)
-                .map_err(|e| failed(format!("Could not open '{rest}'"), e))?,
         ),
         "fd" => Box::new(fd_channel(rest, named)?),
         "exec" => {
@@ -223,6 +237,10 @@ fn open_outgoing(uri: &str, named: NamedFds) -> Result<Box<dyn Write + Send>, Mi
             Box::new(child.stdin.expect("piped"))
         }
         _ => return Err(MigrateError::UnknownProtocol(uri.into())),
+    };
+    Ok(Outgoing {
+        channel,
+        mapped: None,
     })
 }
 
@@ -264,7 +282,16 @@ fn inherited_fd(text: &str) -> Result<std::fs::File, MigrateError> {
 enum Incoming {
     Unix(UnixListener, String),
     Tcp(TcpListener),
+    /// A regular file (`file:`, or `fd:` naming one): read without a buffer, so a mapped
+    /// RAM area can be mapped and skipped.
+    File(std::fs::File),
     Reader(Box<dyn Read + Send>),
+}
+
+/// What a migration's destination reads: a stream, or a file.
+enum IncomingChannel {
+    Stream(Box<dyn Read + Send>),
+    File(std::fs::File),
 }
 
 impl Incoming {
@@ -281,11 +308,18 @@ impl Incoming {
                 TcpListener::bind(rest)
                     .map_err(|e| failed(format!("Failed to bind socket '{rest}'"), e))?,
             ),
-            "file" => Incoming::Reader(Box::new(
+            "file" => Incoming::File(
                 std::fs::File::open(rest)
                     .map_err(|e| failed(format!("Could not open '{rest}'"), e))?,
-            )),
-            "fd" => Incoming::Reader(Box::new(fd_channel(rest, named)?)),
+            ),
+            "fd" => {
+                let file = fd_channel(rest, named)?;
+                if file.metadata().is_ok_and(|m| m.is_file()) {
+                    Incoming::File(file)
+                } else {
+                    Incoming::Reader(Box::new(file))
+                }
+            }
             "exec" => {
                 let child = Command::new("/bin/sh")
                     .args(["-c", rest])
@@ -298,15 +332,16 @@ impl Incoming {
         })
     }
 
-    fn accept(self) -> std::io::Result<Box<dyn Read + Send>> {
+    fn accept(self) -> std::io::Result<IncomingChannel> {
         Ok(match self {
             Incoming::Unix(l, path) => {
                 let (s, _) = l.accept()?;
                 let _ = std::fs::remove_file(path);
-                Box::new(s)
+                IncomingChannel::Stream(Box::new(s))
             }
-            Incoming::Tcp(l) => Box::new(l.accept()?.0),
-            Incoming::Reader(r) => r,
+            Incoming::Tcp(l) => IncomingChannel::Stream(Box::new(l.accept()?.0)),
+            Incoming::File(f) => IncomingChannel::File(f),
+            Incoming::Reader(r) => IncomingChannel::Stream(r),
         })
     }
 }
@@ -357,7 +392,7 @@ pub fn migrate(machine: &ObjectRef, uri: &str, named: NamedFds) -> Result<(), Mi
     let machine = machine.clone();
     std::thread::Builder::new()
         .name("live_migration".into())
-        .spawn(move || outgoing(&machine, channel, started))
+        .spawn(move || outgoing(&machine, channel.channel, channel.mapped, started))
         .map_err(|e| MigrateError::Channel(e.to_string()))?;
     Ok(())
 }
@@ -366,7 +401,12 @@ pub fn migrate(machine: &ObjectRef, uri: &str, named: NamedFds) -> Result<(), Mi
 /// default has no cap but throttles the guest; qomvm stops it).
 const MAX_PASSES: u64 = 30;
 
-fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instant) {
+fn outgoing(
+    machine: &ObjectRef,
+    channel: Box<dyn Write + Send>,
+    mapped: Option<std::fs::File>,
+    started: Instant,
+) {
     let Some(ms) = machine_state(machine) else {
         return;
     };
@@ -374,7 +414,7 @@ fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instan
     set_status(MigrationStatus::Active);
     let was_running = ms.services().vm().is_running();
     let mut w = BufWriter::with_capacity(1 << 20, Cancellable(channel));
-    let result = send(machine, &mut w, was_running);
+    let result = send(machine, &mut w, was_running, mapped);
     // Measured before the slots lose their logging flag (slow for big slots on some
     // hosts), which the guest, now stopped or elsewhere, does not wait for.
     let done = Instant::now();
@@ -425,7 +465,12 @@ fn outgoing(machine: &ObjectRef, channel: Box<dyn Write + Send>, started: Instan
 /// `downtime-limit` at the rate of the last pass (or after [`MAX_PASSES`]); then the guest
 /// stops, and the last dirty pages and the device state go. A paused guest goes in one
 /// pass. Returns when the guest stopped.
-fn send(machine: &ObjectRef, w: &mut impl Write, live: bool) -> Result<Instant, MigrationError> {
+fn send(
+    machine: &ObjectRef,
+    w: &mut impl Write,
+    live: bool,
+    mapped: Option<std::fs::File>,
+) -> Result<Instant, MigrationError> {
     let ms =
         machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
     let ops = ms
@@ -435,6 +480,11 @@ fn send(machine: &ObjectRef, w: &mut impl Write, live: bool) -> Result<Instant, 
     let mut progress = Progress::default();
     let cancelled = || CANCEL.load(Ordering::Relaxed);
     stream::send_header(machine, w, &mut progress)?;
+    let mapped = match mapped {
+        Some(file) => Some(stream::MappedRam::begin(machine, file, w, &mut progress)?),
+        None => None,
+    };
+    let mapped = mapped.as_ref();
     if live {
         ops.set_dirty_log(true)?;
         tracker.set_active(true);
@@ -443,11 +493,13 @@ fn send(machine: &ObjectRef, w: &mut impl Write, live: bool) -> Result<Instant, 
     let mut pending: Vec<u64> = Vec::new();
     let mut pass_started = Instant::now();
     let mut sent_before = progress.transferred;
-    stream::send_pages(
+    send_ram(
         machine,
+        mapped,
         stream::all_pages(machine),
         w,
         &mut progress,
+        true,
         &cancelled,
     )?;
     progress.passes = 1;
@@ -475,7 +527,15 @@ fn send(machine: &ObjectRef, w: &mut impl Write, live: bool) -> Result<Instant, 
             }
             pass_started = Instant::now();
             sent_before = progress.transferred;
-            stream::send_pages(machine, pending.drain(..), w, &mut progress, &cancelled)?;
+            send_ram(
+                machine,
+                mapped,
+                pending.drain(..),
+                w,
+                &mut progress,
+                false,
+                &cancelled,
+            )?;
         }
     }
     let stopped = Instant::now();
@@ -491,16 +551,43 @@ fn send(machine: &ObjectRef, w: &mut impl Write, live: bool) -> Result<Instant, 
         pending.sort_unstable();
         pending.dedup();
         log::debug!(target: "migration", "{} last pages at {:?}", pending.len(), stopped.elapsed());
-        stream::send_pages(machine, pending.into_iter(), w, &mut progress, &cancelled)?;
+        send_ram(
+            machine,
+            mapped,
+            pending.into_iter(),
+            w,
+            &mut progress,
+            false,
+            &cancelled,
+        )?;
     }
     // QEMU's migration_completion: the images go to the destination before the state does,
     // so it cannot take them over while this side still writes.
     block::inactivate_all().map_err(|e| MigrationError::Io(e.to_string()))?;
+    if let Some(m) = mapped {
+        m.finish(w)?;
+    }
     log::debug!(target: "migration", "state at {:?}", stopped.elapsed());
     stream::send_state(machine, w, &mut progress)?;
     log::debug!(target: "migration", "done at {:?}", stopped.elapsed());
     STATE.lock().progress = progress;
     Ok(stopped)
+}
+
+/// Sends `pages` in the stream, or writes them at their places of a mapped file.
+fn send_ram(
+    machine: &ObjectRef,
+    mapped: Option<&stream::MappedRam>,
+    pages: impl Iterator<Item = u64>,
+    w: &mut impl Write,
+    progress: &mut Progress,
+    first_pass: bool,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(), MigrationError> {
+    match mapped {
+        Some(m) => m.send_pages(machine, pages, progress, first_pass, cancelled),
+        None => stream::send_pages(machine, pages, w, progress, cancelled),
+    }
 }
 
 /// `-incoming URI` (at start-up, `autostart` without `-S`): the VM waits in `inmigrate`
@@ -563,7 +650,12 @@ fn incoming(machine: &ObjectRef, channel: Incoming) {
         .map_err(MigrationError::from)
         .and_then(|r| {
             set_status(MigrationStatus::Active);
-            stream::load_vm(machine, &mut BufReader::with_capacity(1 << 20, r))
+            match r {
+                IncomingChannel::Stream(r) => {
+                    stream::load_vm(machine, &mut BufReader::with_capacity(1 << 20, r), None)
+                }
+                IncomingChannel::File(f) => stream::load_vm(machine, &mut &f, Some(&f)),
+            }
         })
         .and_then(|bytes| {
             // QEMU's process_incoming_migration_bh: the source gave the images up.

@@ -252,7 +252,7 @@ fn virtio_devices_go_on_with_their_rings_on_the_destination() {
     assert!(src_backend.is_inactive());
 
     let (dst, dst_backend) = destination("dst0", &image);
-    load_vm(&dst, &mut stream.as_slice()).unwrap();
+    load_vm(&dst, &mut stream.as_slice(), None).unwrap();
     block::set_open_inactive(false);
     dst_backend.activate().unwrap();
     assert!(!dst_backend.is_inactive());
@@ -365,7 +365,7 @@ fn a_destination_that_differs_refuses_the_stream() {
     let other = temp_image("other.raw", 2 << 20);
     let (dst, _) = destination("diff1", &other);
     block::set_open_inactive(false);
-    let err = load_vm(&dst, &mut stream.as_slice()).unwrap_err();
+    let err = load_vm(&dst, &mut stream.as_slice(), None).unwrap_err();
     assert!(matches!(err, MigrationError::Device { .. }), "{err}");
     assert!(
         err.to_string()

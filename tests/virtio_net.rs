@@ -933,7 +933,7 @@ fn a_migrated_nic_keeps_its_rings_filter_and_mac() {
     save_vm(&src, &mut stream, &mut Progress::default()).unwrap();
 
     let dst = pc_with_nic("mig-dst", "net-mig", &[]);
-    load_vm(&dst, &mut stream.as_slice()).unwrap();
+    load_vm(&dst, &mut stream.as_slice(), None).unwrap();
     vm_start(machine_state(&dst).unwrap()).unwrap();
     d.dev = VirtioPciDevice::probe(&dst, DEVFN);
     let nic = find_nic("mig-dst").expect("the destination's NIC");

@@ -30,6 +30,12 @@ const TAG_CONFIG: u8 = 1;
 const TAG_RAM: u8 = 2;
 const TAG_STATE: u8 = 3;
 const TAG_END: u8 = 4;
+/// RAM kept at a fixed place of a file, each page at its own offset (QEMU's `mapped-ram`):
+/// the payload says where; the state follows it there.
+const TAG_MAPPED_RAM: u8 = 5;
+/// Where a mapped RAM area starts in its file: a multiple of this, so any host page size
+/// (and 2 MiB huge pages) can map it.
+const MAPPED_RAM_ALIGN: u64 = 2 << 20;
 /// The page size of the RAM records.
 pub const PAGE_SIZE: u64 = crate::core::dirty_log::PAGE_SIZE;
 /// Marks a zero page in a RAM record's address word.
@@ -200,6 +206,98 @@ pub fn send_pages(
     Ok(())
 }
 
+/// Guest RAM written into a file at fixed offsets (a `file:` migration, what `virsh save`
+/// with a path or a snapshot writes): each page of RAM range `i` at `base` plus the
+/// lengths of the ranges before it. Zero pages of the first pass are holes; pages
+/// written again in later passes overwrite their place. A restore maps the area instead
+/// of reading it (see [`load_vm`]), so it costs nothing per page until the guest
+/// touches one.
+pub struct MappedRam {
+    file: std::fs::File,
+    base: u64,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl MappedRam {
+    /// Starts the area after the stream so far (`w`, on `file`'s open file description):
+    /// a record saying where it is, then a hole as large as guest RAM.
+    pub fn begin(
+        machine: &ObjectRef,
+        file: std::fs::File,
+        w: &mut impl Write,
+        progress: &mut Progress,
+    ) -> Result<MappedRam, MigrationError> {
+        let ranges = ram_ranges(machine);
+        let size: u64 = ranges.iter().map(|r| r.1).sum();
+        // The record is a few dozen bytes: the area starts at the next boundary past it.
+        let base = (progress.transferred + 4096).next_multiple_of(MAPPED_RAM_ALIGN);
+        let payload = json!({"base": base, "size": size}).to_string();
+        progress.transferred += write_record(w, TAG_MAPPED_RAM, payload.as_bytes())?;
+        w.flush()?;
+        file.set_len(base + size)?;
+        Ok(MappedRam { file, base, ranges })
+    }
+
+    /// Where guest page `addr` goes in the file.
+    fn offset_of(&self, addr: u64) -> Option<u64> {
+        let mut offset = self.base;
+        for &(start, len) in &self.ranges {
+            if (start..start + len).contains(&addr) {
+                return Some(offset + (addr - start));
+            }
+            offset += len;
+        }
+        None
+    }
+
+    /// Writes `pages` at their places. `first_pass`: the area is a hole, so zero pages
+    /// are left out.
+    pub fn send_pages(
+        &self,
+        machine: &ObjectRef,
+        pages: impl Iterator<Item = u64>,
+        progress: &mut Progress,
+        first_pass: bool,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), MigrationError> {
+        use std::os::unix::fs::FileExt;
+        let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
+        let ram = ms.ram();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for (i, addr) in pages.enumerate() {
+            if i % PAGES_PER_RECORD as usize == 0 && cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            ram.read_slice(&mut page, GuestAddress(addr))
+                .map_err(|e| MigrationError::Stream(format!("reading guest page {addr:#x}: {e}")))?;
+            let zero = page.iter().all(|&b| b == 0);
+            if zero {
+                progress.zero_pages += 1;
+                if first_pass {
+                    continue;
+                }
+            } else {
+                progress.normal_pages += 1;
+            }
+            let at = self
+                .offset_of(addr)
+                .ok_or_else(|| MigrationError::Stream(format!("page {addr:#x} is not guest RAM")))?;
+            self.file.write_all_at(&page, at)?;
+            progress.transferred += PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    /// Ends the area: what `w` writes next (the state) goes after it.
+    pub fn finish(&self, w: &mut impl Write) -> Result<(), MigrationError> {
+        use std::io::Seek;
+        w.flush()?;
+        let size: u64 = self.ranges.iter().map(|r| r.1).sum();
+        (&self.file).seek(std::io::SeekFrom::Start(self.base + size))?;
+        Ok(())
+    }
+}
+
 /// Every page of guest RAM.
 pub fn all_pages(machine: &ObjectRef) -> impl Iterator<Item = u64> {
     ram_ranges(machine)
@@ -264,6 +362,65 @@ fn read_record(r: &mut impl Read) -> Result<(u8, Vec<u8>), MigrationError> {
     r.read_exact(&mut payload)
         .map_err(|_| MigrationError::Stream("the stream ended inside a record".into()))?;
     Ok((head[0], payload))
+}
+
+/// Maps a [`MappedRam`] area of `file` over guest RAM: anonymous RAM is replaced by a
+/// private (copy-on-write) mapping of the file at the same host address, which the KVM
+/// slots and vhost tables already name; RAM backed by a file of its own (shared memory
+/// backends) keeps its mapping and gets the data copied.
+fn map_ram(
+    ram: &vm_memory::GuestMemoryMmap,
+    file: &std::fs::File,
+    base: u64,
+    size: u64,
+) -> Result<(), MigrationError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let total: u64 = ram.iter().map(|r| r.len()).sum();
+    if size != total {
+        return Err(MigrationError::Mismatch(format!(
+            "Length mismatch: guest RAM: {size:#x} in != {total:#x}"
+        )));
+    }
+    let end = base
+        .checked_add(size)
+        .ok_or_else(|| MigrationError::Stream("mapped RAM past the end of the file".into()))?;
+    if file.metadata()?.len() < end || !base.is_multiple_of(PAGE_SIZE) {
+        return Err(MigrationError::Stream("the file is shorter than its guest RAM".into()));
+    }
+    let mut offset = base;
+    for region in ram.iter() {
+        let len = region.len();
+        let host = ram
+            .get_host_address(region.start_addr())
+            .map_err(|e| MigrationError::Stream(format!("guest RAM: {e}")))?;
+        if region.file_offset().is_some() {
+            // SAFETY: `host` is the start of this region's mapping of `len` bytes, which
+            // `ram` keeps mapped; nothing else writes guest RAM while a stream loads.
+            let dest = unsafe { std::slice::from_raw_parts_mut(host, len as usize) };
+            file.read_exact_at(dest, offset)?;
+        } else {
+            // SAFETY: replaces exactly this region's anonymous mapping (page-aligned, `len`
+            // bytes, kept by `ram`) with a private mapping of the file, readable and
+            // writable as before; `offset` is page-aligned (checked above, `len` are
+            // whole pages).
+            let p = unsafe {
+                libc::mmap(
+                    host.cast(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED,
+                    file.as_raw_fd(),
+                    offset as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error().into());
+            }
+        }
+        offset += len;
+    }
+    Ok(())
 }
 
 /// Loads one RAM record. A zero page is written only where the destination's page is not
@@ -404,7 +561,10 @@ fn check_config(machine: &ObjectRef, theirs: &Value) -> Result<(), MigrationErro
 
 /// Reads a whole stream into `machine` (built with the same configuration, not started):
 /// RAM, then the accelerator's, the devices' and the CPUs' state. Returns the bytes read.
-pub fn load_vm(machine: &ObjectRef, r: &mut impl Read) -> Result<u64, MigrationError> {
+/// `file`: the stream is this file, read through `r` without a buffer; then a mapped RAM
+/// area ([`MappedRam`]) is mapped into guest RAM copy-on-write, not read: pages come from
+/// the file as the guest first touches them.
+pub fn load_vm(machine: &ObjectRef, r: &mut impl Read, file: Option<&std::fs::File>) -> Result<u64, MigrationError> {
     let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
     let mut magic = [0u8; 16];
     r.read_exact(&mut magic)
@@ -426,6 +586,21 @@ pub fn load_vm(machine: &ObjectRef, r: &mut impl Read) -> Result<u64, MigrationE
                 configured = true;
             }
             TAG_RAM if configured => load_pages(&ram, &payload)?,
+            TAG_MAPPED_RAM if configured => {
+                let file = file.ok_or_else(|| {
+                    MigrationError::Stream("this stream keeps guest RAM in a file: restore it from a file".into())
+                })?;
+                let area: Value = serde_json::from_slice(&payload)
+                    .map_err(|e| MigrationError::Stream(format!("mapped RAM: {e}")))?;
+                let (Some(base), Some(size)) = (area["base"].as_u64(), area["size"].as_u64()) else {
+                    return Err(MigrationError::Stream("mapped RAM: no base or size".into()));
+                };
+                map_ram(&ram, file, base, size)?;
+                use std::io::Seek;
+                let mut f = file;
+                f.seek(std::io::SeekFrom::Start(base + size))?;
+                read = base + size;
+            }
             TAG_STATE if configured => {
                 let state: Value = serde_json::from_slice(&payload)
                     .map_err(|e| MigrationError::Stream(format!("state: {e}")))?;
