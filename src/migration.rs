@@ -16,7 +16,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hw::core::machine::machine_state;
 use hw::core::migration::{self as stream, MigrationError, Progress};
@@ -493,6 +493,7 @@ fn send(
     let mut pending: Vec<u64> = Vec::new();
     let mut pass_started = Instant::now();
     let mut sent_before = progress.transferred;
+    let mut throttle = Throttle::new(PARAMETERS.lock().max_bandwidth);
     send_ram(
         machine,
         mapped,
@@ -500,6 +501,7 @@ fn send(
         w,
         &mut progress,
         true,
+        Some(&mut throttle),
         &cancelled,
     )?;
     progress.passes = 1;
@@ -527,6 +529,7 @@ fn send(
             }
             pass_started = Instant::now();
             sent_before = progress.transferred;
+            throttle.limit = PARAMETERS.lock().max_bandwidth;
             send_ram(
                 machine,
                 mapped,
@@ -534,6 +537,7 @@ fn send(
                 w,
                 &mut progress,
                 false,
+                Some(&mut throttle),
                 &cancelled,
             )?;
         }
@@ -558,6 +562,7 @@ fn send(
             w,
             &mut progress,
             false,
+            None,
             &cancelled,
         )?;
     }
@@ -574,7 +579,49 @@ fn send(
     Ok(stopped)
 }
 
-/// Sends `pages` in the stream, or writes them at their places of a mapped file.
+/// QEMU's rate limit of a migration (`max-bandwidth`), in windows of at least 100 ms: the
+/// sender sleeps until what it sent in the window was due at the limit. The last pass,
+/// with the guest stopped, is not limited (QEMU's `migration_completion`).
+struct Throttle {
+    /// Bytes a second; 0: no limit.
+    limit: u64,
+    window: Instant,
+    sent: u64,
+}
+
+impl Throttle {
+    const WINDOW: Duration = Duration::from_millis(100);
+
+    fn new(limit: u64) -> Self {
+        Throttle {
+            limit,
+            window: Instant::now(),
+            sent: 0,
+        }
+    }
+
+    /// Counts `bytes` sent; waits until they were due at the limit's rate (a chunk larger
+    /// than a window's budget waits for as many windows).
+    fn account(&mut self, bytes: u64) {
+        if self.limit == 0 {
+            return;
+        }
+        self.sent += bytes;
+        let due = Duration::from_secs_f64(self.sent as f64 / self.limit as f64);
+        let elapsed = self.window.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+        if self.window.elapsed() >= Self::WINDOW {
+            self.window = Instant::now();
+            self.sent = 0;
+        }
+    }
+}
+
+/// Sends `pages` in the stream, or writes them at their places of a mapped file, at
+/// most as fast as `throttle` allows (`None`: as fast as possible).
+#[allow(clippy::too_many_arguments)]
 fn send_ram(
     machine: &ObjectRef,
     mapped: Option<&stream::MappedRam>,
@@ -582,12 +629,24 @@ fn send_ram(
     w: &mut impl Write,
     progress: &mut Progress,
     first_pass: bool,
+    mut throttle: Option<&mut Throttle>,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<(), MigrationError> {
-    match mapped {
-        Some(m) => m.send_pages(machine, pages, progress, first_pass, cancelled),
-        None => stream::send_pages(machine, pages, w, progress, cancelled),
+    /// Pages between two looks at the rate limit: 4 MiB at most.
+    const CHUNK: usize = 1024;
+    let mut pages = pages.peekable();
+    while pages.peek().is_some() {
+        let chunk = pages.by_ref().take(CHUNK);
+        let before = progress.transferred;
+        match mapped {
+            Some(m) => m.send_pages(machine, chunk, progress, first_pass, cancelled)?,
+            None => stream::send_pages(machine, chunk, w, progress, cancelled)?,
+        }
+        if let Some(t) = throttle.as_deref_mut() {
+            t.account(progress.transferred - before);
+        }
     }
+    Ok(())
 }
 
 /// `-incoming URI` (at start-up, `autostart` without `-S`): the VM waits in `inmigrate`

@@ -156,7 +156,11 @@ pub(crate) fn load_cpu_state(vcpu: &VcpuFd, s: &VmStateSection) -> Result<(), Vm
     vcpu.set_regs(&regs).map_err(|e| host("KVM_SET_REGS", e))?;
     // SAFETY: the kvm_xsave was saved by KVM_GET_XSAVE of the same size; KVM checks it.
     unsafe { vcpu.set_xsave(&xsave) }.map_err(|e| host("KVM_SET_XSAVE", e))?;
-    vcpu.set_xcrs(&xcrs).map_err(|e| host("KVM_SET_XCRS", e))?;
+    // A host without XSAVE reports no XCRs and refuses to set any (QEMU checks
+    // KVM_CAP_XCRS): nothing to put back then.
+    if xcrs.nr_xcrs > 0 {
+        vcpu.set_xcrs(&xcrs).map_err(|e| host("KVM_SET_XCRS", e))?;
+    }
     vcpu.set_sregs(&sregs)
         .map_err(|e| host("KVM_SET_SREGS", e))?;
     // One at a time: an MSR this host's KVM does not take is named, not half-applied.

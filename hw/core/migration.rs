@@ -178,32 +178,97 @@ pub fn send_pages(
     let ram = ms.ram();
     let mut record = Vec::with_capacity((PAGES_PER_RECORD * (PAGE_SIZE + 8)) as usize);
     let mut in_record = 0;
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    for addr in pages {
-        ram.read_slice(&mut page, GuestAddress(addr))
-            .map_err(|e| MigrationError::Stream(format!("reading guest page {addr:#x}: {e}")))?;
-        if page.iter().all(|&b| b == 0) {
-            record.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
-            progress.zero_pages += 1;
-        } else {
-            record.extend_from_slice(&addr.to_le_bytes());
-            record.extend_from_slice(&page);
-            progress.normal_pages += 1;
+    for_each_page(&ram, pages, cancelled, |addr, data| {
+        match data {
+            None => {
+                record.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
+                progress.zero_pages += 1;
+            }
+            Some(page) => {
+                record.extend_from_slice(&addr.to_le_bytes());
+                record.extend_from_slice(page);
+                progress.normal_pages += 1;
+            }
         }
         in_record += 1;
         if in_record == PAGES_PER_RECORD {
-            if cancelled() {
-                return Err(MigrationError::Cancelled);
-            }
             progress.transferred += write_record(w, TAG_RAM, &record)?;
             record.clear();
             in_record = 0;
         }
-    }
+        Ok(())
+    })?;
     if in_record > 0 {
         progress.transferred += write_record(w, TAG_RAM, &record)?;
     }
     Ok(())
+}
+
+/// Calls `f` with each of `pages` and its contents, `None` for a zero page, a record's
+/// worth at a time (checking `cancelled` between). A page of anonymous RAM the host never
+/// populated is known to be zero without reading it (see [`unpopulated_pages`]): reading
+/// would make the host map it, a fault per page, which is most of an idle guest's
+/// migration otherwise.
+fn for_each_page(
+    ram: &vm_memory::GuestMemoryMmap,
+    pages: impl Iterator<Item = u64>,
+    cancelled: &dyn Fn() -> bool,
+    mut f: impl FnMut(u64, Option<&[u8]>) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    let mut pages = pages.peekable();
+    let mut chunk = Vec::with_capacity(PAGES_PER_RECORD as usize);
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    while pages.peek().is_some() {
+        if cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        chunk.clear();
+        chunk.extend(pages.by_ref().take(PAGES_PER_RECORD as usize));
+        let untouched = unpopulated_pages(ram, &chunk);
+        for (i, &addr) in chunk.iter().enumerate() {
+            if untouched.as_ref().is_some_and(|u| u[i]) {
+                f(addr, None)?;
+                continue;
+            }
+            ram.read_slice(&mut page, GuestAddress(addr))
+                .map_err(|e| MigrationError::Stream(format!("reading guest page {addr:#x}: {e}")))?;
+            if page.iter().all(|&b| b == 0) {
+                f(addr, None)?;
+            } else {
+                f(addr, Some(&page))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `/proc/self/pagemap`, once; `None` where it cannot be opened (a sandbox), and pages
+/// are then read.
+static PAGEMAP: std::sync::LazyLock<Option<std::fs::File>> =
+    std::sync::LazyLock::new(|| std::fs::File::open("/proc/self/pagemap").ok());
+
+/// Whether each of `pages` (ascending) is anonymous RAM the host has neither populated
+/// nor swapped out, so it reads as zero: one `/proc/self/pagemap` read over their span
+/// (bit 63: present, bit 62: swapped). `None` when not known that way (see
+/// [`host_span`], or no pagemap).
+fn unpopulated_pages(ram: &vm_memory::GuestMemoryMmap, pages: &[u64]) -> Option<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    let (start, span) = host_span(ram, pages)?;
+    let pagemap = PAGEMAP.as_ref()?;
+    let mut entries = vec![0u8; span * 8];
+    let at = (start as u64 / PAGE_SIZE) * 8;
+    pagemap.read_exact_at(&mut entries, at).ok()?;
+    let first = pages[0];
+    Some(
+        pages
+            .iter()
+            .map(|&p| {
+                let i = ((p - first) / PAGE_SIZE) as usize * 8;
+                let e = u64::from_le_bytes(entries[i..i + 8].try_into().expect("8 bytes"));
+                e & (3 << 62) == 0
+            })
+            .collect(),
+    )
 }
 
 /// Guest RAM written into a file at fixed offsets (a `file:` migration, what `virsh save`
@@ -263,29 +328,24 @@ impl MappedRam {
         use std::os::unix::fs::FileExt;
         let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
         let ram = ms.ram();
-        let mut page = vec![0u8; PAGE_SIZE as usize];
-        for (i, addr) in pages.enumerate() {
-            if i % PAGES_PER_RECORD as usize == 0 && cancelled() {
-                return Err(MigrationError::Cancelled);
-            }
-            ram.read_slice(&mut page, GuestAddress(addr))
-                .map_err(|e| MigrationError::Stream(format!("reading guest page {addr:#x}: {e}")))?;
-            let zero = page.iter().all(|&b| b == 0);
-            if zero {
-                progress.zero_pages += 1;
-                if first_pass {
-                    continue;
+        let zeros = vec![0u8; PAGE_SIZE as usize];
+        for_each_page(&ram, pages, cancelled, |addr, data| {
+            match data {
+                None => {
+                    progress.zero_pages += 1;
+                    if first_pass {
+                        return Ok(());
+                    }
                 }
-            } else {
-                progress.normal_pages += 1;
+                Some(_) => progress.normal_pages += 1,
             }
             let at = self
                 .offset_of(addr)
                 .ok_or_else(|| MigrationError::Stream(format!("page {addr:#x} is not guest RAM")))?;
-            self.file.write_all_at(&page, at)?;
+            self.file.write_all_at(data.unwrap_or(&zeros), at)?;
             progress.transferred += PAGE_SIZE;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Ends the area: what `w` writes next (the state) goes after it.
@@ -463,17 +523,20 @@ fn load_pages(ram: &vm_memory::GuestMemoryMmap, payload: &[u8]) -> Result<(), Mi
     Ok(())
 }
 
-/// Whether each of `pages` (ascending guest addresses) is resident on the host, by one
-/// `mincore` over their span; `None` when the span leaves one host mapping, is large, or
-/// is file-backed.
-fn resident_pages(ram: &vm_memory::GuestMemoryMmap, pages: &[u64]) -> Option<Vec<bool>> {
+/// Where `pages` (ascending guest addresses) lie in one anonymous host mapping: its host
+/// address and the span in pages. `None` when the span leaves one mapping, is large (a
+/// sparse list of dirty pages), or is file-backed: only anonymous memory reads as zeroes
+/// where it was never touched; a file's page that is not in the page cache still has its
+/// data.
+fn host_span(ram: &vm_memory::GuestMemoryMmap, pages: &[u64]) -> Option<(*mut u8, usize)> {
     let (&first, &last) = (pages.first()?, pages.last()?);
-    let span = ((last - first) / PAGE_SIZE + 1) as usize;
-    if last < first || span > 4 * PAGES_PER_RECORD as usize {
+    if last < first {
         return None;
     }
-    // Only anonymous memory reads as zeroes where it was never touched; a file's page
-    // that is not in the page cache still has its data.
+    let span = ((last - first) / PAGE_SIZE + 1) as usize;
+    if span > 4 * PAGES_PER_RECORD as usize {
+        return None;
+    }
     if ram.find_region(GuestAddress(first))?.file_offset().is_some() {
         return None;
     }
@@ -482,6 +545,14 @@ fn resident_pages(ram: &vm_memory::GuestMemoryMmap, pages: &[u64]) -> Option<Vec
     if end as usize - start as usize != (span - 1) * PAGE_SIZE as usize {
         return None;
     }
+    Some((start, span))
+}
+
+/// Whether each of `pages` (ascending guest addresses) is resident on the host, by one
+/// `mincore` over their span; `None` where [`host_span`] says so.
+fn resident_pages(ram: &vm_memory::GuestMemoryMmap, pages: &[u64]) -> Option<Vec<bool>> {
+    let (start, span) = host_span(ram, pages)?;
+    let first = pages[0];
     let mut vec = vec![0u8; span];
     // SAFETY: [start, start + span pages) is one mapping of guest RAM (checked above:
     // both ends translate and are as far apart as in the guest), and `vec` has a byte
