@@ -230,9 +230,16 @@ fn for_each_page(
                 f(addr, None)?;
                 continue;
             }
-            ram.read_slice(&mut page, GuestAddress(addr))
+            let host = ram
+                .get_host_address(GuestAddress(addr))
                 .map_err(|e| MigrationError::Stream(format!("reading guest page {addr:#x}: {e}")))?;
-            if page.iter().all(|&b| b == 0) {
+            // SAFETY: RAM regions are whole pages, so the page at `host` lies in one
+            // mapping, which `ram` keeps; `page` is a page long. A vCPU may write the page
+            // meanwhile (as in QEMU's save_normal_page): the dirty log then has it sent
+            // again. One memcpy and one memcmp, not byte loops (a debug build in the
+            // nested rig ran pre-copy 30 times slower than QEMU with them).
+            unsafe { std::ptr::copy_nonoverlapping(host, page.as_mut_ptr(), PAGE_SIZE as usize) };
+            if page[..] == ZEROS[..] {
                 f(addr, None)?;
             } else {
                 f(addr, Some(&page))?;
@@ -241,6 +248,9 @@ fn for_each_page(
     }
     Ok(())
 }
+
+/// A zero page to compare with.
+static ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
 /// `/proc/self/pagemap`, once; `None` where it cannot be opened (a sandbox), and pages
 /// are then read.
