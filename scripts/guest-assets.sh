@@ -120,6 +120,20 @@ and then, depending on the kernel command line:
                      prints QOMVM-WRITELOOP-BEGIN, then writes 1 MiB pieces
                      of random data over DEV with O_DIRECT, round and round,
                      until the VMM is stopped (for crash-consistency tests)
+  qomvm.migtest=DEV:GENS:PORT:HOST
+                     (for migration tests; with qomvm.net=) mounts the ext4 on
+                     DEV at /mnt, receives one TCP connection on PORT into
+                     /mnt/recv.bin in the background ("migtest: listening on
+                     tcp port PORT" once listening), then for each generation
+                     G of GENS writes 1 MiB of random data to /mnt/genG with
+                     fsync, drops the page cache, checks every generation so
+                     far against its SHA-256, pings HOST once and prints
+                       QOMVM-MIGTEST G ok|FAILED ping=ok|lost [reason]
+                     then waits for the connection to end (10 min at most):
+                       QOMVM-MIGTEST-RECV BYTES SHA256
+                     unmounts and prints QOMVM-MIGTEST-OK (every generation
+                     ok, at most one ping lost) or QOMVM-MIGTEST-FAILED:
+                     <reason>; powers off
   qomvm.net=dhcp|ADDR/PREFIX[,GW]
                      (with any mode) brings the first network interface (eth0,
                      virtio-net) up, by DHCP (busybox udhcpc) or with a fixed
@@ -276,6 +290,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.fio.size=*) fio_size=${arg#*=} ;;
         qomvm.net=*) net=${arg#*=} ;;
         qomvm.nettest=*) mode=nettest modearg=${arg#*=} ;;
+        qomvm.migtest=*) mode=migtest modearg=${arg#*=} ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -643,6 +658,74 @@ sum_result() {
     echo "$(cat /tmp/sum.n 2>/dev/null) $(cut -d' ' -f1 /tmp/sum.sha 2>/dev/null)"
 }
 
+# migtest DEV:GENS:PORT:HOST (see usage): disk and network work that must carry on
+# through a live migration without a gap.
+migtest() {
+    # shellcheck disable=SC2046 # split on the colons
+    set -- $(echo "$1" | tr ':' ' ')
+    dev=$1 gens=$2 port=$3 host=$4
+    case $gens in
+        '' | *[!0-9]*) echo "QOMVM-MIGTEST-FAILED: want qomvm.migtest=DEV:GENS:PORT:HOST"; return ;;
+    esac
+    wait_dev "$dev" || { echo "QOMVM-MIGTEST-FAILED: $dev not found"; return; }
+    mkdir -p /mnt
+    mount -t ext4 "$dev" /mnt || { echo "QOMVM-MIGTEST-FAILED: mounting $dev failed"; return; }
+    nc -l -p "$port" -e /bin/sh -c 'cat >/mnt/recv.bin' &
+    recv_pid=$!
+    if ! tcp_listening "$port"; then
+        kill $recv_pid 2>/dev/null
+        umount /mnt
+        echo "QOMVM-MIGTEST-FAILED: nc did not listen on port $port"
+        return
+    fi
+    echo "migtest: listening on tcp port $port"
+    bad=0 lost=0 g=1
+    while [ $g -le "$gens" ]; do
+        why=
+        dd if=/dev/urandom of=/mnt/gen$g bs=1048576 count=1 conv=fsync 2>/tmp/dd.err ||
+            why="writing gen$g: $(lasterr /tmp/dd.err)"
+        sha256sum </mnt/gen$g | cut -d' ' -f1 >/mnt/gen$g.sha
+        sync
+        # Read back from the disk, not from the page cache.
+        echo 3 >/proc/sys/vm/drop_caches
+        k=1
+        while [ $k -le $g ] && [ -z "$why" ]; do
+            [ "$(sha256sum </mnt/gen$k | cut -d' ' -f1)" = "$(cat /mnt/gen$k.sha)" ] ||
+                why="gen$k reads back wrong"
+            k=$((k + 1))
+        done
+        ping=ok
+        ping -c 1 -W 3 "$host" >/dev/null 2>&1 || { ping=lost; lost=$((lost + 1)); }
+        if [ -z "$why" ]; then
+            echo "QOMVM-MIGTEST $g ok ping=$ping"
+        else
+            bad=$((bad + 1))
+            echo "QOMVM-MIGTEST $g FAILED ping=$ping $why"
+        fi
+        g=$((g + 1))
+    done
+    i=0
+    while kill -0 $recv_pid 2>/dev/null && [ $i -lt 6000 ]; do
+        i=$((i + 1))
+        sleep 0.1
+    done
+    if kill -0 $recv_pid 2>/dev/null; then
+        kill $recv_pid
+        why="the transfer did not end"
+    else
+        echo "QOMVM-MIGTEST-RECV $(wc -c </mnt/recv.bin) $(sha256sum </mnt/recv.bin | cut -d' ' -f1)"
+        why=
+    fi
+    umount /mnt || why="${why:-umount /mnt failed}"
+    [ $bad -eq 0 ] || why="${why:-$bad generations failed}"
+    [ $lost -le 1 ] || why="${why:-$lost pings lost}"
+    if [ -z "$why" ]; then
+        echo QOMVM-MIGTEST-OK
+    else
+        echo "QOMVM-MIGTEST-FAILED: $why"
+    fi
+}
+
 # make_data MIB: MIB MiB of random bytes in /tmp/net.data; prints "BYTES SHA256".
 make_data() {
     head -c $(($1 * 1048576)) /dev/urandom >/tmp/net.data
@@ -770,6 +853,7 @@ discardtest) discardtest "$modearg"; off ;;
 writeloop) writeloop "$modearg"; off ;;
 fio) runfio "$modearg"; off ;;
 nettest) nettest "$modearg"; off ;;
+migtest) migtest "$modearg"; off ;;
 portfuzz)
     # Ports that are never written (inclusive ranges) and why:
     #   0x0020-0x0021  8259 PIC master, 0x00a0-0x00a1 slave: a random ICW2
