@@ -49,6 +49,8 @@ pub struct MachineServices {
     balloon: Arc<Balloon>,
     /// Guest RAM the VMM itself writes while a migration runs.
     dirty: Arc<crate::core::dirty_log::DirtyTracker>,
+    /// The display devices' graphic consoles.
+    consoles: crate::core::console::ConsoleList,
 }
 
 impl Default for MachineServices {
@@ -63,6 +65,7 @@ impl Default for MachineServices {
             cpus: AtomicU32::new(1),
             balloon: Arc::default(),
             dirty: Arc::default(),
+            consoles: Default::default(),
         }
     }
 }
@@ -96,6 +99,10 @@ impl MachineServices {
         &self.dirty
     }
 
+    /// The graphic consoles of the machine's display devices (QEMU's console list).
+    pub fn consoles(&self) -> &crate::core::console::ConsoleList {
+        &self.consoles
+    }
     /// The number of vCPUs the machine starts with (`-smp`).
     pub fn cpu_count(&self) -> u32 {
         self.cpus.load(Ordering::Relaxed)
