@@ -12,6 +12,7 @@ mod os_posix;
 mod qtest;
 mod signals;
 mod term;
+mod ui;
 
 mod vl;
 
