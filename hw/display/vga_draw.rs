@@ -19,25 +19,6 @@ const MAX_TEXT_CELLS: u32 = 160 * 100;
 /// nothing shows 256 MiB images.
 const MAX_PIXELS: u64 = 1 << 26;
 
-/// What the display last showed (QEMU's `last_scr_width`/`last_scr_height`): a blanked
-/// VGA shows black at that size. A console starts at 640x480, as QEMU's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DisplayState {
-    /// Width of the last surface.
-    pub width: u32,
-    /// Height of the last surface.
-    pub height: u32,
-}
-
-impl Default for DisplayState {
-    fn default() -> Self {
-        DisplayState {
-            width: 640,
-            height: 480,
-        }
-    }
-}
-
 /// QEMU's `c6_to_8`: a 6-bit DAC value widened to 8 bits.
 fn c6_to_8(v: u8) -> u8 {
     let v = v & 0x3f;
@@ -418,7 +399,8 @@ fn draw_graphic(r: &VgaRegs, vram: &Vram) -> Surface {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::display::vga::{Vram, VgaCommon};
+    use crate::core::memory::MemoryRegionOps;
+    use crate::display::vga::{VbePorts, VgaCommon, VgaIoPorts, VgaLowMem, Vram};
 
     fn vga() -> std::sync::Arc<VgaCommon> {
         VgaCommon::new(Vram::new(1 << 20).unwrap())
@@ -571,5 +553,39 @@ mod tests {
         assert_eq!((s.width, s.height), (640, 480));
         assert_eq!(s.row(0)[0], 0x0000ff);
         assert_eq!(s.row(0)[1], 0);
+    }
+
+    #[test]
+    fn any_value_at_any_port_or_address_is_harmless() {
+        let v = vga();
+        let mut x = 0x1234_5678u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let ports = VgaIoPorts(v.clone());
+        let vbe_ports = VbePorts(v.clone());
+        let lowmem = VgaLowMem(v.clone());
+        for _ in 0..200_000 {
+            let r = next();
+            let size = [1, 2, 4][(r % 3) as usize];
+            let value = u64::from(next());
+            match r % 5 {
+                0 => ports.write(u64::from(next() % 0x30), value, size),
+                1 => {
+                    ports.read(u64::from(next() % 0x30), size);
+                }
+                2 => vbe_ports.write(u64::from(next() % 3), value, size),
+                3 => lowmem.write(u64::from(next() % 0x20000), value, size),
+                _ => {
+                    lowmem.read(u64::from(next() % 0x20000), size);
+                }
+            }
+            if r % 1000 == 0 {
+                render(&v);
+            }
+        }
     }
 }

@@ -275,10 +275,10 @@ pub struct PciDevice {
     parent: DeviceState,
     #[property(desc = "Option ROM image: a file name searched in the firmware directories, or a path (empty: none)")]
     romfile: Prop<Option<String>>,
-    #[property(default = 1, desc = "Expose the option ROM through the ROM BAR (0: hand it to the firmware through fw_cfg)")]
-    rombar: Prop<u32>,
     #[property(default = u32::MAX, desc = "ROM BAR size in bytes (all ones: the image's, rounded up to a power of two)")]
     romsize: Prop<u32>,
+    #[property(default = 1, desc = "Expose the option ROM through the ROM BAR (0: hand it to the firmware through fw_cfg)")]
+    rombar: Prop<u32>,
     /// slot << 3 | function: as `addr=` gives it, or as realize takes it.
     devfn: Mutex<Option<u8>>,
     config: Mutex<ConfigSpace>,
@@ -339,7 +339,7 @@ static PCI_ADDR: StateAccessor<PciDevice> = StateAccessor {
 /// The abstract `pci-device` class: the device class and the `addr` property every PCI
 /// device has.
 fn pci_device_base_class_init(class: &mut ObjectClass) {
-    <PciDevice as ClassInitFor<PciDevice>>::class_init(class);
+    // `addr` first, then the ROM properties, in QEMU's order (`info qtree` shows it).
     device_class_add_property(
         class,
         Property::state(
@@ -349,6 +349,7 @@ fn pci_device_base_class_init(class: &mut ObjectClass) {
             &PCI_ADDR,
         ),
     );
+    <PciDevice as ClassInitFor<PciDevice>>::class_init(class);
 }
 
 /// Computes the INTx line of a device being realized on the bus (the host bridge's
