@@ -616,11 +616,8 @@ impl VgaRegs {
     pub fn vbe_write_data(&mut self, val: u16, vbe_size: u64) -> u64 {
         let index = usize::from(self.vbe_index);
         match index {
-            vbe::INDEX_ID => {
-                if (0xb0c0..=0xb0c5).contains(&val) {
-                    self.vbe_regs[index] = val;
-                }
-            }
+            vbe::INDEX_ID if (0xb0c0..=0xb0c5).contains(&val) => self.vbe_regs[index] = val,
+            vbe::INDEX_ID => {}
             vbe::INDEX_XRES
             | vbe::INDEX_YRES
             | vbe::INDEX_BPP
