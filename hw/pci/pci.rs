@@ -593,10 +593,13 @@ impl DeviceImpl for PciDevice {
         if romsize != u32::MAX && !romsize.is_power_of_two() {
             return Err(RealizeError::device(PciError::RomSizeNotPowerOfTwo(romsize)));
         }
+        // The ROM first (QEMU loads it after the device's realize): a missing file then
+        // fails before the device has claimed anything.
+        self.add_option_rom(pc.romfile, pc.class_id)?;
         if let Some(pci) = pc.pci.and_then(|cast| cast(dev)) {
             pci.pci_realize(ctx)?;
         }
-        self.add_option_rom(pc.romfile, pc.class_id)
+        Ok(())
     }
 
     fn unrealize(&self, ctx: &DeviceContext) {
