@@ -9,7 +9,8 @@
 //!   VBE 32 bpp framebuffer written through BAR 0 and dumped as PNG;
 //! - on KVM: SeaBIOS runs the VGA BIOS from the ROM BAR and its banner and "No bootable
 //!   device." are read back from a screendump (cells matched against the BIOS's font),
-//!   with `-device VGA` and with the default VGA of `-M pc`;
+//!   with `-device VGA`, with the default VGA of `-M pc`, and with `rombar=0` (the VGA
+//!   BIOS then comes through fw_cfg's `vgaroms/`);
 //! - the command line: `-vga` types and errors, the default VGA and what turns it off,
 //!   `romfile=` errors, screendump errors.
 
@@ -881,4 +882,9 @@ fn seabios_shows_its_banner_on_device_vga() {
 #[test]
 fn seabios_shows_its_banner_on_the_default_vga() {
     seabios_banner_on_the_screen("kvm-default", &[]);
+}
+
+#[test]
+fn seabios_runs_the_vga_bios_from_fw_cfg_under_rombar_0() {
+    seabios_banner_on_the_screen("kvm-rombar0", &["-nodefaults", "-device", "VGA,rombar=0"]);
 }
