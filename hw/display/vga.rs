@@ -19,6 +19,7 @@ use vm_memory::{Bytes, VolatileMemory};
 
 use crate::core::log_limit::RateLimitedLog;
 use crate::core::memory::MemoryRegionOps;
+use crate::core::vmstate::{VmStateError, VmStateSection};
 
 /// VBE register indices (QEMU's `VBE_DISPI_INDEX_*`).
 pub mod vbe {
@@ -160,6 +161,10 @@ const GR_MASK: [u8; 16] = [
 const ST01_DISP_ENABLE: u8 = 0x01;
 const ST01_V_RETRACE: u8 = 0x08;
 
+/// The unit in which video memory travels in a migration: only pages that are not all
+/// zeroes go.
+pub const VRAM_PAGE_SIZE: u64 = 4096;
+
 /// `mask16[n]`: each of the four plane bytes all ones where bit `plane` of `n` is set.
 pub fn plane_mask(n: u8) -> u32 {
     (0..4).fold(0u32, |m, p| if n & (1 << p) != 0 { m | (0xff << (8 * p)) } else { m })
@@ -248,6 +253,66 @@ impl Vram {
             }
             done += n;
             at = 0;
+        }
+    }
+
+    /// The pages of [`VRAM_PAGE_SIZE`] bytes that hold anything but zeroes: their indices
+    /// and their bytes, one after another. A text screen is a few pages of 16 MiB.
+    pub fn nonzero_pages(&self) -> (Vec<u32>, Vec<u8>) {
+        let mut pages = Vec::new();
+        let mut data = Vec::new();
+        let mut page = vec![0u8; VRAM_PAGE_SIZE as usize];
+        for index in 0..self.size / VRAM_PAGE_SIZE {
+            let at = index * VRAM_PAGE_SIZE;
+            if self.slice().read_slice(&mut page, at as usize).is_err() {
+                continue;
+            }
+            if page.iter().any(|&b| b != 0) {
+                pages.push(index as u32);
+                data.extend_from_slice(&page);
+            }
+        }
+        (pages, data)
+    }
+
+    /// Makes video memory `pages` (indices) with `data` (their bytes, one after another)
+    /// and zeroes elsewhere. Refuses, changing nothing, pages outside video memory or data
+    /// of another length.
+    pub fn load_pages(&self, pages: &[u32], data: &[u8]) -> Result<(), String> {
+        let count = self.size / VRAM_PAGE_SIZE;
+        if let Some(bad) = pages.iter().find(|&&p| u64::from(p) >= count) {
+            return Err(format!("page {bad} is outside {count} pages of video memory"));
+        }
+        if data.len() as u64 != pages.len() as u64 * VRAM_PAGE_SIZE {
+            return Err(format!(
+                "{} bytes for {} pages of {VRAM_PAGE_SIZE} bytes",
+                data.len(),
+                pages.len()
+            ));
+        }
+        self.zero_all();
+        for (index, bytes) in pages.iter().zip(data.chunks_exact(VRAM_PAGE_SIZE as usize)) {
+            let at = u64::from(*index) * VRAM_PAGE_SIZE;
+            let _ = self.slice().write_slice(bytes, at as usize);
+        }
+        Ok(())
+    }
+
+    /// Zeroes all of video memory: the host gets the pages back (`MADV_DONTNEED` on the
+    /// private anonymous mapping reads back as zeroes, and the accelerator's slot over it
+    /// follows), else they are written with zeroes.
+    fn zero_all(&self) {
+        // SAFETY: the range is exactly this region's own anonymous private mapping, which
+        // lives as long as `self`; dropping its pages only makes them read as zeroes.
+        let r = unsafe {
+            libc::madvise(
+                self.region.as_ptr().cast(),
+                self.region.size(),
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            self.clear(self.size);
         }
     }
 
@@ -849,6 +914,116 @@ impl VgaCommon {
     pub fn guest_error(&self, what: impl FnOnce() -> String) {
         self.log.warn(what);
     }
+
+    /// QEMU's `vmstate_vga_common` (with its endianness subsection) and the `vga.vram`
+    /// RAM block, as fields of the device's section: every register, the DAC and its
+    /// palette, the latch, the VBE registers, and video memory as its pages that are not
+    /// all zeroes (`vram_pages`, their indices, and `vram`, their bytes).
+    ///
+    /// Video memory goes here, in the downtime: it is not pre-copied with guest RAM yet
+    /// (KVM's dirty log on the framebuffer slot would allow it). The guest writes the
+    /// framebuffer straight through BAR 0's slot, but a migration's last save runs with
+    /// the vCPUs stopped, so what is saved then is consistent.
+    pub fn save_state(&self, s: &mut VmStateSection) {
+        let r = self.regs.lock().clone();
+        s.put("latch", r.latch);
+        s.put("sr_index", r.sr_index);
+        s.put_bytes("sr", &r.sr);
+        s.put_bytes("sr_vbe", &r.sr_vbe);
+        s.put("gr_index", r.gr_index);
+        s.put_bytes("gr", &r.gr);
+        s.put("ar_index", r.ar_index);
+        s.put_bytes("ar", &r.ar);
+        s.put("ar_flip_flop", r.ar_flip_flop);
+        s.put("cr_index", r.cr_index);
+        s.put_bytes("cr", &r.cr);
+        s.put("msr", r.msr);
+        s.put("fcr", r.fcr);
+        s.put("st00", r.st00);
+        s.put("st01", r.st01);
+        s.put("dac_state", r.dac_state);
+        s.put("dac_sub_index", r.dac_sub_index);
+        s.put("dac_read_index", r.dac_read_index);
+        s.put("dac_write_index", r.dac_write_index);
+        s.put_bytes("dac_cache", &r.dac_cache);
+        s.put("dac_8bit", r.dac_8bit);
+        s.put_bytes("palette", &r.palette);
+        s.put("bank_offset", r.bank_offset);
+        s.put("vbe_index", r.vbe_index);
+        s.put("vbe_regs", r.vbe_regs);
+        s.put("vbe_start_addr", r.vbe_start_addr);
+        s.put("vbe_line_offset", r.vbe_line_offset);
+        s.put("big_endian_fb", r.big_endian_fb);
+        s.put("vram_size", self.vram.size());
+        let (pages, data) = self.vram.nonzero_pages();
+        s.put("vram_pages", pages);
+        s.put_bytes("vram", &data);
+    }
+
+    /// Loads what [`VgaCommon::save_state`] saved (QEMU's `vga_common_post_load` after
+    /// it): video memory of another size is a mismatch; values the registers cannot hold
+    /// are bad fields; nothing changes unless everything loads. The VBE mode is brought
+    /// back through `vbe_fixup_regs` and `vbe_update_vgaregs`, so the display and the
+    /// framebuffer show what they showed on the source.
+    pub fn load_state(&self, s: &VmStateSection) -> Result<(), VmStateError> {
+        let size: u64 = s.get("vram_size")?;
+        if size != self.vram.size() {
+            return Err(VmStateError::Mismatch(format!(
+                "VGA: {} MiB of video memory in the stream, {} MiB here (vgamem_mb)",
+                size >> 20,
+                self.vram.size() >> 20
+            )));
+        }
+        let bad = |field: &str, reason: String| VmStateError::BadField {
+            field: field.to_string(),
+            reason,
+        };
+        let mut r = VgaRegs::reset(size);
+        r.latch = s.get("latch")?;
+        r.sr_index = s.get("sr_index")?;
+        r.sr = s.get_array("sr")?;
+        r.sr_vbe = s.get_array("sr_vbe")?;
+        r.gr_index = s.get("gr_index")?;
+        r.gr = s.get_array("gr")?;
+        r.ar_index = s.get("ar_index")?;
+        r.ar = s.get_array("ar")?;
+        r.ar_flip_flop = s.get("ar_flip_flop")?;
+        r.cr_index = s.get("cr_index")?;
+        r.cr = s.get_array("cr")?;
+        r.msr = s.get("msr")?;
+        r.fcr = s.get("fcr")?;
+        r.st00 = s.get("st00")?;
+        r.st01 = s.get("st01")?;
+        r.dac_state = s.get("dac_state")?;
+        r.dac_sub_index = s.get("dac_sub_index")?;
+        if r.dac_sub_index > 2 {
+            return Err(bad("dac_sub_index", format!("{} is not a colour component (0-2)", r.dac_sub_index)));
+        }
+        r.dac_read_index = s.get("dac_read_index")?;
+        r.dac_write_index = s.get("dac_write_index")?;
+        r.dac_cache = s.get_array("dac_cache")?;
+        r.dac_8bit = s.get("dac_8bit")?;
+        r.palette = s.get_array("palette")?;
+        r.bank_offset = s.get("bank_offset")?;
+        if u64::from(r.bank_offset) >= size {
+            return Err(bad("bank_offset", format!("{:#x} is past the video memory", r.bank_offset)));
+        }
+        r.vbe_index = s.get("vbe_index")?;
+        r.vbe_regs = s.get("vbe_regs")?;
+        r.vbe_start_addr = s.get("vbe_start_addr")?;
+        r.vbe_line_offset = s.get("vbe_line_offset")?;
+        r.big_endian_fb = s.get("big_endian_fb")?;
+        let pages: Vec<u32> = s.get("vram_pages")?;
+        let data = s.get_bytes("vram")?;
+        // A saved mode is one the fix-up produced: doing it again changes nothing, and a
+        // damaged stream cannot leave a mode that does not fit.
+        r.vbe_fixup_regs(size);
+        r.vbe_update_vgaregs();
+        self.vram.load_pages(&pages, &data).map_err(|reason| bad("vram", reason))?;
+        *self.regs.lock() = r;
+        *self.display.lock() = Default::default();
+        Ok(())
+    }
 }
 
 /// Ports 0x3b0-0x3df (QEMU's `vga_portio_list`): accesses of 2 or 4 bytes go to
@@ -1161,6 +1336,99 @@ mod tests {
         set(vbe::INDEX_ENABLE, vbe::GETCAPS);
         assert_eq!(v.vbe_read(vbe::INDEX_XRES as u16), vbe::MAX_XRES);
         assert_eq!(v.vbe_read(vbe::INDEX_BPP as u16), 32);
+    }
+
+    /// A VGA with some of everything: palette entries, a half-written DAC triplet, a
+    /// latch, text in planes 0/1, and a VBE mode with a display offset.
+    fn busy_vga() -> Arc<VgaCommon> {
+        let v = vga();
+        outb(&v, 0x3c2, 0x67);
+        outb(&v, 0x3c8, 7);
+        for c in [10, 20, 30, 40] {
+            outb(&v, 0x3c9, c);
+        }
+        outb(&v, 0x3d4, crtc::CURSOR_LO as u8);
+        outb(&v, 0x3d5, 0x50);
+        {
+            let mut r = v.regs.lock();
+            r.latch = 0x1234_5678;
+            r.gr[gfx::MODE] = 0x10;
+            r.gr[gfx::MISC] = 0x0e;
+            r.sr[seq::PLANE_WRITE] = 0x03;
+            r.mem_writeb(&v.vram, 0x18000, b'Q');
+            r.mem_writeb(&v.vram, 0x18001, 0x1e);
+        }
+        v.vram.write_u8(0xf_0000, 0x99);
+        v.vbe_write(vbe::INDEX_XRES as u16, 320);
+        v.vbe_write(vbe::INDEX_YRES as u16, 200);
+        v.vbe_write(vbe::INDEX_BPP as u16, 32);
+        v.vbe_write(vbe::INDEX_ENABLE as u16, vbe::ENABLED | vbe::NOCLEARMEM | vbe::DAC_8BIT);
+        v.vbe_write(vbe::INDEX_Y_OFFSET as u16, 2);
+        v
+    }
+
+    #[test]
+    fn registers_palette_and_video_memory_move_in_a_section() {
+        let src = busy_vga();
+        let mut s = VmStateSection::new(1);
+        src.save_state(&mut s);
+        let pages: Vec<u32> = s.get("vram_pages").unwrap();
+        assert_eq!(pages, [0, 0xf_0000 / 4096], "only the pages with data");
+        assert_eq!(s.get_bytes("vram").unwrap().len(), 2 * 4096);
+        // Through the stream's JSON, into a VGA whose memory holds something else.
+        let s = VmStateSection::from_json(&s.to_json()).unwrap();
+        let dst = vga();
+        dst.vram.write_u8(0x8_0000, 0x77);
+        dst.load_state(&s).unwrap();
+        let (a, b) = (src.regs.lock().clone(), dst.regs.lock().clone());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert_eq!(dst.vram.read_u8(0x8_0000), 0, "memory not in the stream is zero");
+        assert_eq!(dst.vram.read_u8(0xf_0000), 0x99);
+        assert_eq!(dst.vram.read_u8(0), b'Q');
+        assert_eq!(dst.vram.read_u8(1), 0x1e);
+        assert_eq!(dst.vbe_read(vbe::INDEX_Y_OFFSET as u16), 2);
+        assert_eq!(dst.regs.lock().vbe_start_addr, 2 * 320);
+        // The DAC goes on with the triplet it was in the middle of.
+        outb(&dst, 0x3c9, 50);
+        outb(&dst, 0x3c9, 60);
+        assert_eq!(dst.regs.lock().palette[8 * 3..9 * 3], [40, 50, 60]);
+    }
+
+    #[test]
+    fn a_section_that_does_not_fit_is_refused_and_changes_nothing() {
+        let mut s = VmStateSection::new(1);
+        busy_vga().save_state(&mut s);
+        let other = VgaCommon::new(Vram::new(2 << 20).unwrap());
+        assert_eq!(
+            other.load_state(&s).unwrap_err().to_string(),
+            "VGA: 1 MiB of video memory in the stream, 2 MiB here (vgamem_mb)"
+        );
+        let dst = vga();
+        dst.vram.write_u8(5, 5);
+        let broken = |field: &str, value: serde_json::Value| {
+            let mut bad = s.clone();
+            bad.fields.insert(field.to_string(), value);
+            bad
+        };
+        for (field, value) in [
+            ("dac_sub_index", serde_json::json!(3)),
+            ("bank_offset", serde_json::json!(1 << 20)),
+            ("vram_pages", serde_json::json!([0, 256])),
+            ("vram_pages", serde_json::json!([0])),
+            ("sr", serde_json::json!("00")),
+            ("cr", serde_json::json!(7)),
+        ] {
+            let err = dst.load_state(&broken(field, value.clone())).unwrap_err();
+            assert!(matches!(err, VmStateError::BadField { .. }), "{field}={value}: {err}");
+            assert_eq!(dst.vram.read_u8(5), 5, "{field}={value} changed memory");
+            assert!(!dst.regs.lock().vbe_enabled(), "{field}={value} changed registers");
+        }
+        let mut missing = s.clone();
+        missing.fields.remove("palette");
+        assert_eq!(
+            dst.load_state(&missing),
+            Err(VmStateError::MissingField("palette".into()))
+        );
     }
 
     #[test]

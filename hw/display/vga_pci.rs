@@ -11,9 +11,9 @@
 //!   QEMU 7.2 puts at 0x000 (`edid=on`) is not there yet: 0x000-0x3ff reads all ones;
 //! - the expansion ROM BAR: `romfile`, by default SeaBIOS's `vgabios-stdvga.bin`.
 //!
-//! One graphic console shows it (QMP/HMP `screendump`). The device does not migrate: its
-//! video memory is not part of the migration stream yet, so `save_state` keeps the
-//! default refusal ("State blocked by non-migratable device").
+//! One graphic console shows it (QMP/HMP `screendump`). It migrates as QEMU's `vga`
+//! section with `vga.vram` does: its PCI configuration, the VGA's registers and video
+//! memory (`VgaCommon::save_state`), in one versioned section.
 
 use std::sync::{Arc, OnceLock};
 
@@ -23,6 +23,7 @@ use qom::{type_init, Prop};
 use crate::core::console::{GraphicHwOps, QemuConsole, Surface};
 use crate::core::memory::{AddressSpace, MemoryError, MemoryRegion, MemoryRegionOps, RamBacking};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::display::vga::{
     VbePorts, VgaCommon, VgaIoPorts, VgaLowMem, Vram, VramOps, VBE_DISPI_IOPORT_INDEX,
     VBE_IO_SIZE, VGA_IO_BASE, VGA_IO_SIZE, VGA_LOWMEM_BASE, VGA_LOWMEM_SIZE,
@@ -92,7 +93,48 @@ impl DeviceImpl for PciVga {
         }
         DeviceImpl::reset(&self.parent);
     }
+
+    /// QEMU's `vmstate_vga_pci` (the PCI device and `vmstate_vga_common`) with video
+    /// memory, plus the BAR layout the properties chose, which the destination must share.
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        let vga = self.realized_vga()?;
+        let mut s = VmStateSection::new(VGA_STATE_VERSION);
+        self.parent.save_pci_state(&mut s);
+        s.put("mmio", self.mmio.get());
+        s.put("qemu_extended_regs", self.qemu_extended_regs.get());
+        vga.save_state(&mut s);
+        Ok(s)
+    }
+
+    /// Loads [`PciVga`]'s section on a destination (before its vCPUs first run): the
+    /// VGA's state and video memory, then the configuration space, which maps BAR 0 (and
+    /// with it the framebuffer's accelerator slot over the loaded memory) where the
+    /// source had it.
+    fn load_state(&self, s: &VmStateSection) -> Result<(), VmStateError> {
+        s.check_version(VGA_STATE_VERSION, VGA_STATE_VERSION)?;
+        let vga = self.realized_vga()?;
+        for (field, ours) in [
+            ("mmio", self.mmio.get()),
+            ("qemu_extended_regs", self.qemu_extended_regs.get()),
+        ] {
+            let theirs: bool = s.get(field)?;
+            if theirs != ours {
+                let onoff = |b: bool| if b { "on" } else { "off" };
+                let property = field.replace('_', "-");
+                return Err(VmStateError::Mismatch(format!(
+                    "VGA: {property}={} in the stream, {property}={} here",
+                    onoff(theirs),
+                    onoff(ours)
+                )));
+            }
+        }
+        vga.load_state(s)?;
+        self.parent.load_pci_state(s)
+    }
 }
+
+/// The layout of [`PciVga`]'s section.
+const VGA_STATE_VERSION: u32 = 1;
 
 impl PciDeviceImpl for PciVga {
     const VENDOR_ID: u16 = PCI_VENDOR_ID_QEMU;
@@ -178,6 +220,12 @@ impl PciVga {
     /// The VGA's state, once realized.
     pub fn vga(&self) -> Option<&Arc<VgaCommon>> {
         self.vga.get()
+    }
+
+    fn realized_vga(&self) -> Result<&Arc<VgaCommon>, VmStateError> {
+        self.vga
+            .get()
+            .ok_or_else(|| VmStateError::Host(format!("{TYPE_PCI_VGA} is not realized")))
     }
 }
 
