@@ -51,6 +51,8 @@ pub struct MachineServices {
     dirty: Arc<crate::core::dirty_log::DirtyTracker>,
     /// The display devices' graphic consoles.
     consoles: crate::core::console::ConsoleList,
+    /// The input devices, for host keyboard and pointer events.
+    input: crate::core::input::InputHandlers,
 }
 
 impl Default for MachineServices {
@@ -66,6 +68,7 @@ impl Default for MachineServices {
             balloon: Arc::default(),
             dirty: Arc::default(),
             consoles: Default::default(),
+            input: Default::default(),
         }
     }
 }
@@ -102,6 +105,11 @@ impl MachineServices {
     /// The graphic consoles of the machine's display devices (QEMU's console list).
     pub fn consoles(&self) -> &crate::core::console::ConsoleList {
         &self.consoles
+    }
+
+    /// The machine's keyboard and mouse, for host input (QEMU's input handlers).
+    pub fn input(&self) -> &crate::core::input::InputHandlers {
+        &self.input
     }
     /// The number of vCPUs the machine starts with (`-smp`).
     pub fn cpu_count(&self) -> u32 {
