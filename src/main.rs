@@ -15,6 +15,7 @@ mod term;
 mod ui;
 
 mod vl;
+mod vnc;
 
 fn main() {
     let _ = hw::core::machine::PROCESS_START.set(std::time::Instant::now());

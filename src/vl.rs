@@ -136,6 +136,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         device_add(&machine, dev)?;
     }
     hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;
+    start_vnc(opts, &machine)?;
     if let Some(uuid) = vm_uuid(opts)? {
         // QEMU's fw_cfg_init: FW_CFG_UUID carries qemu_uuid.
         if let Some(fw_cfg) = hw::nvram::fw_cfg::fw_cfg_find(&machine) {
@@ -175,6 +176,30 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     // QEMU's net_cleanup: taps run their downscript, slirp threads end.
     ::net::cleanup_all();
     Ok(status)
+}
+
+/// `-vnc` (the last one) or `-display vnc=...` (QEMU's `vnc_parse` and
+/// `vnc_display_open`): the server starts listening once the machine's displays exist.
+fn start_vnc(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> {
+    let (located, text) = match (&opts.vnc, &opts.display) {
+        (Some(v), _) => (v, v.value.as_str()),
+        (None, Some(d)) => match d.value.strip_prefix("vnc=") {
+            Some(rest) => (d, rest),
+            None => return Ok(()),
+        },
+        (None, None) => return Ok(()),
+    };
+    let config = crate::vnc::parse_vnc_option(text).map_err(|e| located.error(e))?;
+    let guest_name = opts.name.as_ref().and_then(|n| {
+        split_opts(&n.value, Some("guest"))
+            .into_iter()
+            .find(|(k, _)| k == "guest")
+            .and_then(|(_, v)| v)
+    });
+    let title = guest_name.map(|g| format!("QEMU ({g})"));
+    let ms = machine_state(machine).expect("machines have a MachineState");
+    crate::vnc::vnc_display_init(ms.services(), config.as_ref(), title.as_deref())
+        .map_err(|e| located.error(e))
 }
 
 /// Errors of the options that set up the host process rather than the machine.
@@ -566,7 +591,7 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     }
     if let Some(display) = &opts.display {
         let kind = display.value.split(',').next().unwrap_or_default();
-        if kind != "none" {
+        if kind != "none" && !kind.starts_with("vnc=") {
             return Err(display.error(format!("Display '{kind}' is not available")));
         }
     }

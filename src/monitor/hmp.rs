@@ -358,6 +358,15 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         run: info_status,
     },
     HmpCommand {
+        names: "vnc",
+        params: "",
+        help: "show the vnc server status",
+        run: |_, _, _, out| {
+            crate::vnc::info_vnc(out);
+            Ok(())
+        },
+    },
+    HmpCommand {
         names: "version",
         params: "",
         help: "show the version of QEMU",

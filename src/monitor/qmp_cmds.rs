@@ -438,6 +438,11 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: qmp_pmemsave,
     },
     QmpCommand {
+        name: "query-vnc",
+        args: &[],
+        run: |_, _| Ok(crate::vnc::query_vnc()),
+    },
+    QmpCommand {
         name: "screendump",
         args: &[
             Arg::required("filename", ArgType::Str),
