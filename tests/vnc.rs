@@ -455,6 +455,12 @@ fn clients_see_the_screendump_then_the_changes_then_a_new_size() {
     assert!(raw.s.read(&mut byte).is_err(), "an update without a change");
     raw.s.set_read_timeout(Some(WAIT)).unwrap();
 
+    // A client that does not follow size changes keeps its 320x200.
+    let mut fixed = Client::connect(vm.port);
+    fixed.set_encodings(&[0]);
+    fixed.request(false);
+    fixed.update();
+
     // A new mode: the desktop-size rectangle, then all of the new screen.
     vm.vbe_mode(200, 120);
     vm.paint(200, (0, 0, 200, 120), |x, y| picture(y, x));
@@ -484,7 +490,30 @@ fn clients_see_the_screendump_then_the_changes_then_a_new_size() {
         raw.request(true);
     }
     assert_eq!((raw.width, raw.height), (200, 120));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        fixed.request(true);
+        let rects = fixed.update();
+        assert!(
+            rects
+                .iter()
+                .all(|r| r.encoding == 0 && r.x + r.w <= 200 && r.y + r.h <= 120),
+            "{rects:?}"
+        );
+        let seen: Vec<u32> = (0..120)
+            .flat_map(|y| fixed.fb[y * 320..y * 320 + 200].to_vec())
+            .collect();
+        if seen == dump {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fixed-size client never got the new mode"
+        );
+    }
+    assert_eq!((fixed.width, fixed.height), (320, 200));
     drop(raw);
+    drop(fixed);
     drop(zrle);
     drop(small);
     let _ = std::fs::remove_dir_all(&vm.dir);
@@ -896,5 +925,64 @@ fn vncsnapshot_sees_the_screendump() {
         .sum();
     let mean = diff as f64 / (f64::from(w * h) * 3.0);
     assert!(mean < 4.0, "mean difference {mean}");
+    let _ = std::fs::remove_dir_all(&vm.dir);
+}
+
+/// Whatever a client sends (a bad version, bad security type, unknown messages, absurd
+/// formats and lengths, random bytes), only its own connection ends; the server goes on.
+#[test]
+fn garbage_from_clients_ends_only_their_connections() {
+    if !vga_or_skip() {
+        return;
+    }
+    let mut vm = Vm::start("vnc-garbage");
+    let send = |port: u16, bytes: &[u8], handshake: bool| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut sink = [0u8; 64];
+        let _ = s.read(&mut sink);
+        if handshake {
+            let _ = s.write_all(b"RFB 003.008\n\x01\x01");
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = s.read(&mut sink);
+        }
+        let _ = s.write_all(bytes);
+        // The server closes (or keeps waiting for more of a message): either way, no crash.
+        let _ = s.read(&mut sink);
+    };
+    send(vm.port, b"GET / HTTP/1.1\r\n\r\n", false);
+    send(vm.port, b"RFB 003.008\n\x02", false);
+    send(vm.port, &[7, 1, 2, 3], true);
+    send(
+        vm.port,
+        &[
+            0, 0, 0, 0, 24, 24, 0, 0, 0, 0, 0, 0, 0, 0, 99, 0, 0, 0, 0, 0,
+        ],
+        true,
+    );
+    send(vm.port, &[6, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff], true);
+    send(
+        vm.port,
+        &[3, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        true,
+    );
+    let mut x = 0x2545_f491u32;
+    for _ in 0..20 {
+        let bytes: Vec<u8> = (0..64)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        send(vm.port, &bytes, true);
+    }
+    let mut c = Client::connect(vm.port);
+    c.set_encodings(&[16]);
+    c.request(false);
+    c.update();
+    vm.qt.check_alive();
     let _ = std::fs::remove_dir_all(&vm.dir);
 }

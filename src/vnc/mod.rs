@@ -465,8 +465,10 @@ struct Client {
     zrle_encoder: ZrleEncoder,
     /// The update the client asked for and has not had: incremental, and where.
     pending: Option<(bool, Rect)>,
-    /// What the client has on its screen.
+    /// What the client has on its screen (at the server's size then).
     shown: Option<Surface>,
+    /// The size the client's screen has.
+    client_size: (u32, u32),
     last_refresh: Instant,
     input: input::ClientInput,
 }
@@ -486,6 +488,7 @@ impl Client {
             zrle_encoder: ZrleEncoder::default(),
             pending: None,
             shown: None,
+            client_size: (0, 0),
             last_refresh: Instant::now(),
         }
     }
@@ -546,7 +549,9 @@ impl Client {
         init.extend_from_slice(&(self.server.name.len() as u32).to_be_bytes());
         init.extend_from_slice(self.server.name.as_bytes());
         self.stream.write_all(&init)?;
-        self.shown = Some(Surface::new(surface.width, surface.height));
+        // Nothing shown yet: the first update is whole, incremental or not.
+        self.shown = None;
+        self.client_size = (surface.width, surface.height);
         self.server.event("VNC_INITIALIZED", &self.handle.peer);
         loop {
             let wait = match self.pending {
@@ -678,12 +683,7 @@ impl Client {
             rects += 1;
             self.ext_key_acked = true;
         }
-        let resized = self
-            .shown
-            .as_ref()
-            .is_some_and(|s| (s.width, s.height) != (surface.width, surface.height));
-        let mut full = !incremental || self.shown.is_none();
-        if resized && self.desktop_size {
+        if self.client_size != (surface.width, surface.height) && self.desktop_size {
             Rect {
                 x: 0,
                 y: 0,
@@ -692,27 +692,29 @@ impl Client {
             }
             .header(&mut out, encoding::DESKTOP_SIZE);
             rects += 1;
-            full = true;
+            self.client_size = (surface.width, surface.height);
         }
-        // The client's idea of the screen's size bounds what it gets.
-        let (cw, ch) = match (&self.shown, resized && !self.desktop_size) {
-            (Some(s), true) => (s.width.min(surface.width), s.height.min(surface.height)),
-            _ => (surface.width, surface.height),
-        };
-        let mut changed = Vec::new();
-        if full {
-            if let Some(r) = (if incremental {
-                full_rect(cw, ch)
-            } else {
-                asked
-            })
-            .clip(cw, ch)
-            {
-                changed.push(r);
+        // What the client can show: its screen's size, which without the desktop-size
+        // pseudo-encoding stays the one it was told at the start.
+        let (cw, ch) = (
+            surface.width.min(self.client_size.0),
+            surface.height.min(self.client_size.1),
+        );
+        let same_size = self
+            .shown
+            .as_ref()
+            .is_some_and(|s| (s.width, s.height) == (surface.width, surface.height));
+        let changed = match (&self.shown, incremental && same_size) {
+            (Some(shown), true) => changed_tiles(shown, &surface, cw, ch),
+            _ => {
+                let wanted = if incremental {
+                    full_rect(cw, ch)
+                } else {
+                    asked
+                };
+                wanted.clip(cw, ch).into_iter().collect()
             }
-        } else if let Some(shown) = &self.shown {
-            changed = changed_tiles(shown, &surface, cw, ch);
-        }
+        };
         if changed.is_empty() && rects == 0 {
             return Ok(());
         }
@@ -723,13 +725,13 @@ impl Client {
                 rfb::encode_raw(&mut out, &surface, *r, &self.pf);
             }
         }
-        rects += changed.len() as u16;
+        rects = rects.saturating_add(u16::try_from(changed.len()).unwrap_or(u16::MAX));
         out[2..4].copy_from_slice(&rects.to_be_bytes());
         // Outside every lock: a client that does not read stalls here alone.
         self.stream.write_all(&out)?;
         self.shown = match self.shown.take() {
             // A part asked for again: the rest of the client's screen is as it was.
-            Some(mut shown) if !incremental && !resized => {
+            Some(mut shown) if !incremental && same_size => {
                 for r in &changed {
                     copy_rect(&mut shown, &surface, *r);
                 }
