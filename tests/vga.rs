@@ -1213,3 +1213,82 @@ fn a_text_screen_is_the_same_after_migrate_and_incoming() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dst_dir);
 }
+
+/// Issue 17: a key typed over VNC reaches the guest. SeaBIOS with `-boot menu=on` shows
+/// "Press ESC for boot menu."; Escape sent by a VNC client (keysym 0xff1b through QEMU's
+/// en-us keymap, the i8042 translating it to set 1, SeaBIOS's PS/2 keyboard driver, which
+/// it sets up because the DSDT describes the keyboard) opens the menu.
+#[test]
+fn escape_typed_over_vnc_opens_seabios_boot_menu() {
+    use std::io::{Read, Write};
+    if !kvm_or_skip() {
+        return;
+    }
+    if !Path::new(SEABIOS).is_file() || !Path::new("/usr/share/qemu/keymaps/en-us").exists() {
+        test_support::skip::skip(
+            "SeaBIOS and QEMU's keymaps are needed (seabios, qemu-system-data)",
+        );
+        return;
+    }
+    let Some(rom) = vgabios_or_skip() else { return };
+    let font = rom_font(&rom);
+    let dir = scratch("vnc-esc");
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let mut child = Command::new(QOMVM)
+        .args(["-M", "pc", "-accel", "kvm", "-m", "128", "-display", "none"])
+        .args(["-serial", "null", "-boot", "menu=on,splash-time=60000"])
+        .args(["-vnc", "127.0.0.1:0,to=99", "-qmp", &qmp_arg])
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut qmp = QmpClient::connect(&sock);
+    let port: u16 = qmp.execute("query-vnc", json!({}))["return"]["service"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let dump = dir.join("screen.ppm");
+    let mut screen = |qmp: &mut QmpClient| {
+        let reply = qmp.execute("screendump", json!({"filename": dump.to_str().unwrap()}));
+        assert_eq!(reply, json!({"return": {}}));
+        Image::read_ppm(&dump).text(&font, [0, 0, 0])
+    };
+    let wait_for =
+        |qmp: &mut QmpClient, screen: &mut dyn FnMut(&mut QmpClient) -> Vec<String>, line: &str| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let lines = screen(qmp);
+                if lines.iter().any(|l| l == line) {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no '{line}' on {lines:#?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+    wait_for(&mut qmp, &mut screen, "Press ESC for boot menu.");
+    let mut vnc = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    vnc.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 12];
+    vnc.read_exact(&mut buf).unwrap();
+    vnc.write_all(b"RFB 003.008\n").unwrap();
+    vnc.read_exact(&mut buf[..2]).unwrap();
+    vnc.write_all(&[1]).unwrap();
+    vnc.read_exact(&mut buf[..4]).unwrap();
+    vnc.write_all(&[1]).unwrap();
+    let mut init = [0u8; 24];
+    vnc.read_exact(&mut init).unwrap();
+    let mut name = vec![0u8; u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize];
+    vnc.read_exact(&mut name).unwrap();
+    for down in [1u8, 0] {
+        vnc.write_all(&[4, down, 0, 0, 0, 0, 0xff, 0x1b]).unwrap();
+    }
+    wait_for(&mut qmp, &mut screen, "Select boot device:");
+    let _ = qmp.execute("quit", json!({}));
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

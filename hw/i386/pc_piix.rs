@@ -631,6 +631,8 @@ impl PcI440fxMachine {
             s3: pm.as_ref().is_some_and(|pm| !pm.s3_disabled()),
             s4: pm.as_ref().filter(|pm| !pm.s4_disabled()).map(|pm| pm.s4_val()),
             pvpanic_port: self.isa_pvpanic_port(),
+            // The board always has one (QEMU's `i8042` machine property is not here).
+            i8042: true,
         }
     }
 

@@ -640,6 +640,13 @@ impl crate::core::input::KeyboardHandler for KbdController {
     /// when the controller translates set 2 (what PC firmware and Linux choose).
     fn key(&self, qnum: u16, down: bool) {
         let mut s = self.state.lock();
+        log::debug!(
+            "i8042: key 0x{qnum:x} {}, scanning {}, set {}, mode 0x{:x}",
+            if down { "down" } else { "up" },
+            s.kbd.scan_enabled,
+            s.kbd.scancode_set,
+            s.mode
+        );
         if !s.kbd.scan_enabled {
             return;
         }
