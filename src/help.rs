@@ -94,7 +94,13 @@ Block devices:
                      an audio backend that discards (qomvm has no sound device)
 
 Display and character devices:
--display none        no display (the only display qomvm has)
+-display none        no window (qomvm has none)
+-display vnc=[host]:display[,...]
+                     the same as -vnc
+-vga std|none        the display device (-M pc: std unless -nodefaults)
+-vnc [host]:display[,to=L][,share=allow-exclusive|force-shared|ignore]
+                     a VNC server on port 5900+display (the first free one up to
+                     5900+L with to=); -vnc none: no server
 -nographic           no graphical output; serial console on this terminal
 -serial dev          redirect the serial port to char device 'dev'
                      (stdio, null, none, pty, file:PATH)

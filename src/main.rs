@@ -12,8 +12,10 @@ mod os_posix;
 mod qtest;
 mod signals;
 mod term;
+mod ui;
 
 mod vl;
+mod vnc;
 
 fn main() {
     let _ = hw::core::machine::PROCESS_START.set(std::time::Instant::now());

@@ -514,6 +514,7 @@ fn send(
             pending.extend(tracker.take());
             pending.sort_unstable();
             pending.dedup();
+            stream::retain_ram_pages(machine, &mut pending);
             progress.remaining = pending.len() as u64 * stream::PAGE_SIZE;
             STATE.lock().progress = progress;
             let limit_s = PARAMETERS.lock().downtime_limit_ms as f64 / 1000.0;
@@ -554,6 +555,7 @@ fn send(
         pending.extend(tracker.take());
         pending.sort_unstable();
         pending.dedup();
+        stream::retain_ram_pages(machine, &mut pending);
         log::debug!(target: "migration", "{} last pages at {:?}", pending.len(), stopped.elapsed());
         send_ram(
             machine,

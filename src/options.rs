@@ -81,6 +81,10 @@ pub struct Options {
     pub serial: Vec<Located>,
     pub chardev: Vec<Located>,
     pub display: Option<Located>,
+    /// `-vnc`: the last one given.
+    pub vnc: Option<Located>,
+    /// `-vga TYPE`: the last one given.
+    pub vga: Option<Located>,
     pub nographic: bool,
     pub no_reboot: bool,
     pub no_shutdown: bool,
@@ -162,6 +166,8 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("serial", Arity::Value),
     ("chardev", Arity::Value),
     ("display", Arity::Value),
+    ("vnc", Arity::Value),
+    ("vga", Arity::Value),
     ("nographic", Arity::Flag),
     ("no-reboot", Arity::Flag),
     ("no-shutdown", Arity::Flag),
@@ -353,6 +359,8 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "serial" => opts.serial.push(located),
             "chardev" => opts.chardev.push(located),
             "display" => opts.display = Some(located),
+            "vnc" => opts.vnc = Some(located),
+            "vga" => opts.vga = Some(located),
             "nographic" => opts.nographic = true,
             "no-reboot" => {
                 opts.no_reboot = true;

@@ -380,7 +380,7 @@ impl Server {
         while done < out.len() {
             let a = addr.wrapping_add(done as u64);
             let left = out.len() - done;
-            let n = match ram_span(&ram, a, left) {
+            let n = match ram_span(&ram, mmio, a, left) {
                 Some(n) => {
                     if ram
                         .read_slice(&mut out[done..done + n], GuestAddress(a))
@@ -410,7 +410,7 @@ impl Server {
         while done < data.len() {
             let a = addr.wrapping_add(done as u64);
             let left = data.len() - done;
-            let n = match ram_span(&ram, a, left) {
+            let n = match ram_span(&ram, mmio, a, left) {
                 Some(n) => {
                     let _ = ram.write_slice(&data[done..done + n], GuestAddress(a));
                     n
@@ -426,11 +426,25 @@ impl Server {
     }
 }
 
-/// How many of `len` bytes at `addr` are in one RAM region, if `addr` is RAM.
-fn ram_span(ram: &vm_memory::GuestMemoryMmap, addr: u64, len: usize) -> Option<usize> {
+/// How many of `len` bytes at `addr` are in one RAM region, if `addr` is RAM and no
+/// device region is mapped over it (the VGA window below 1 MiB is the VGA's, not RAM's).
+fn ram_span(
+    ram: &vm_memory::GuestMemoryMmap,
+    mmio: &AddressSpace,
+    addr: u64,
+    len: usize,
+) -> Option<usize> {
+    let next_mmio = match mmio.mapping_at(addr) {
+        Ok(_) => return None,
+        Err(next) => next,
+    };
     let region = ram.find_region(GuestAddress(addr))?;
     let offset = addr - region.start_addr().0;
-    Some(len.min((region.len() - offset) as usize))
+    let mut n = len.min((region.len() - offset) as usize);
+    if let Some(next) = next_mmio {
+        n = n.min(usize::try_from(next - addr).unwrap_or(usize::MAX));
+    }
+    Some(n)
 }
 
 /// The size of the next device access: the largest of 8, 4, 2, 1 that `addr` is aligned

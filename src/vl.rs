@@ -126,6 +126,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     }
     let machine = create_machine(opts)?;
     register_block_flush(&machine);
+    select_vgahw(opts, &machine)?;
     configure_serial(opts, &machine)?;
     configure_accelerators(opts, &machine)?;
     // Board errors (a kernel that does not load...) are not about one option: QEMU prints
@@ -135,6 +136,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         device_add(&machine, dev)?;
     }
     hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;
+    start_vnc(opts, &machine)?;
     if let Some(uuid) = vm_uuid(opts)? {
         // QEMU's fw_cfg_init: FW_CFG_UUID carries qemu_uuid.
         if let Some(fw_cfg) = hw::nvram::fw_cfg::fw_cfg_find(&machine) {
@@ -174,6 +176,30 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     // QEMU's net_cleanup: taps run their downscript, slirp threads end.
     ::net::cleanup_all();
     Ok(status)
+}
+
+/// `-vnc` (the last one) or `-display vnc=...` (QEMU's `vnc_parse` and
+/// `vnc_display_open`): the server starts listening once the machine's displays exist.
+fn start_vnc(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> {
+    let (located, text) = match (&opts.vnc, &opts.display) {
+        (Some(v), _) => (v, v.value.as_str()),
+        (None, Some(d)) => match d.value.strip_prefix("vnc=") {
+            Some(rest) => (d, rest),
+            None => return Ok(()),
+        },
+        (None, None) => return Ok(()),
+    };
+    let config = crate::vnc::parse_vnc_option(text).map_err(|e| located.error(e))?;
+    let guest_name = opts.name.as_ref().and_then(|n| {
+        split_opts(&n.value, Some("guest"))
+            .into_iter()
+            .find(|(k, _)| k == "guest")
+            .and_then(|(_, v)| v)
+    });
+    let title = guest_name.map(|g| format!("QEMU ({g})"));
+    let ms = machine_state(machine).expect("machines have a MachineState");
+    crate::vnc::vnc_display_init(ms.services(), config.as_ref(), title.as_deref())
+        .map_err(|e| located.error(e))
 }
 
 /// Errors of the options that set up the host process rather than the machine.
@@ -466,6 +492,24 @@ fn help_request(opts: &Options) -> Result<Option<String>, OptionError> {
             return Ok(Some(help::cpus()));
         }
     }
+    if opts.vga.as_ref().is_some_and(|v| v.value == "help") {
+        let class = find_machine(machine_type.as_deref())
+            .map_err(|e| OptionError::new(machine_location(opts), e))?;
+        let default = machine_class(class).and_then(|mc| mc.default_display);
+        let mut text = String::new();
+        for t in VGA_INTERFACES
+            .iter()
+            .filter(|t| t.driver.is_some() || t.opt_name == "none")
+        {
+            let mark = if default == Some(t.opt_name) {
+                " (default)"
+            } else {
+                ""
+            };
+            text.push_str(&format!("{:<20} {}{mark}\n", t.opt_name, t.name));
+        }
+        return Ok(Some(text));
+    }
     for dev in &opts.devices {
         let items =
             crate::options::split_opts_or_json(&dev.value, "driver").map_err(|e| dev.error(e))?;
@@ -547,12 +591,139 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     }
     if let Some(display) = &opts.display {
         let kind = display.value.split(',').next().unwrap_or_default();
-        if kind != "none" {
+        if kind != "none" && !kind.starts_with("vnc=") {
             return Err(display.error(format!("Display '{kind}' is not available")));
         }
     }
     ms.vm_state().set_actions(run_actions(opts)?);
     Ok(machine)
+}
+
+/// One `-vga` type (QEMU's `VGAInterfaceInfo`): its option name, its name in messages,
+/// and the device qomvm creates for it, `None` where qomvm has no such device.
+struct VgaInterface {
+    opt_name: &'static str,
+    name: &'static str,
+    driver: Option<&'static str>,
+}
+
+/// QEMU's `vga_interfaces`, in its order.
+const VGA_INTERFACES: &[VgaInterface] = &[
+    VgaInterface {
+        opt_name: "none",
+        name: "no graphic card",
+        driver: None,
+    },
+    VgaInterface {
+        opt_name: "std",
+        name: "standard VGA",
+        driver: Some("VGA"),
+    },
+    VgaInterface {
+        opt_name: "cirrus",
+        name: "Cirrus VGA",
+        driver: None,
+    },
+    VgaInterface {
+        opt_name: "vmware",
+        name: "VMWare SVGA",
+        driver: None,
+    },
+    VgaInterface {
+        opt_name: "xenfb",
+        name: "Xen paravirtualized framebuffer",
+        driver: None,
+    },
+    VgaInterface {
+        opt_name: "qxl",
+        name: "QXL VGA",
+        driver: None,
+    },
+    VgaInterface {
+        opt_name: "tcx",
+        name: "TCX framebuffer",
+        driver: None,
+    },
+    VgaInterface {
+        opt_name: "cg3",
+        name: "CG3 framebuffer",
+        driver: None,
+    },
+    VgaInterface {
+        opt_name: "virtio",
+        name: "Virtio VGA",
+        driver: None,
+    },
+];
+
+/// Display devices whose `-device` turns the default VGA off (QEMU's `default_list`
+/// entries for `default_vga`).
+const VGA_DEVICE_DRIVERS: &[&str] = &[
+    "VGA",
+    "isa-vga",
+    "cirrus-vga",
+    "isa-cirrus-vga",
+    "vmware-svga",
+    "qxl-vga",
+    "virtio-vga",
+    "virtio-vga-gl",
+    "ati-vga",
+    "vhost-user-vga",
+];
+
+/// QEMU's `select_vgahw` with its defaults: `-vga TYPE` (the last one), else the
+/// machine's default display unless `-nodefaults` or a display `-device` (QEMU 7.2 keeps
+/// it under `-nographic` and `-display none`). Sets the device the board creates.
+fn select_vgahw(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> {
+    let ms = machine_state(machine).expect("machines have a MachineState");
+    let default_display = machine_class(machine.class()).and_then(|mc| mc.default_display);
+    let chosen = match &opts.vga {
+        Some(located) => Some(located.value.as_str()),
+        None => {
+            let display_device = opts.devices.iter().any(|d| {
+                crate::options::split_opts_or_json(&d.value, "driver")
+                    .ok()
+                    .and_then(|items| items.into_iter().next())
+                    .and_then(|(_, v)| v)
+                    .is_some_and(|driver| VGA_DEVICE_DRIVERS.contains(&driver.as_str()))
+            });
+            (!opts.nodefaults && !display_device)
+                .then_some(default_display)
+                .flatten()
+        }
+    };
+    let Some(text) = chosen else {
+        ms.set_vga_interface(None);
+        return Ok(());
+    };
+    // QEMU reports these without the option's location.
+    let error = |message: String| OptionError::new("", message);
+    let unknown = || error(format!("unknown vga type: {text}"));
+    // QEMU matches the type as a prefix, then reads `,retrace=` options.
+    let t = VGA_INTERFACES
+        .iter()
+        .find(|t| text.starts_with(t.opt_name))
+        .ok_or_else(unknown)?;
+    if t.opt_name != "none" && t.driver.is_none() {
+        return Err(error(format!("{} not available", t.name)));
+    }
+    let mut rest = &text[t.opt_name.len()..];
+    while !rest.is_empty() {
+        let Some(after) = rest.strip_prefix(",retrace=") else {
+            return Err(unknown());
+        };
+        if let Some(r) = after.strip_prefix("dumb") {
+            rest = r;
+        } else if after.starts_with("precise") {
+            return Err(error(
+                "-vga retrace=precise is not supported by qomvm (retrace=dumb is)".into(),
+            ));
+        } else {
+            return Err(unknown());
+        }
+    }
+    ms.set_vga_interface(t.driver);
+    Ok(())
 }
 
 /// QEMU's `runstate_action_parse` for every `-action` (and `-no-reboot`, `-no-shutdown`),

@@ -128,6 +128,7 @@ fn linux_boot_state_runs_on_kvm() {
             s3: true,
             s4: Some(2),
             pvpanic_port: None,
+            i8042: true,
         },
     )
     .unwrap();

@@ -46,6 +46,9 @@ pub struct MachineClass {
     pub default_cpu_type: Option<&'static str>,
     /// RAM when `-m` is not given.
     pub default_ram_size: u64,
+    /// The `-vga` type the machine gets unless told otherwise (QEMU's
+    /// `default_display`: `std` on `pc`), `None` for none.
+    pub default_display: Option<&'static str>,
     /// The machine's methods, as a trait object.
     machine: Option<qom::ImplCast<dyn Machine>>,
 }
@@ -66,6 +69,8 @@ pub trait MachineImpl: ObjectType {
     const DEFAULT_CPU_TYPE: Option<&'static str> = None;
     /// RAM when `-m` is not given (QEMU's default, 128 MiB).
     const DEFAULT_RAM_SIZE: u64 = 128 << 20;
+    /// The `-vga` type when none is given (QEMU's `default_display`).
+    const DEFAULT_DISPLAY: Option<&'static str> = None;
 
     /// Builds the board (QEMU's `MachineClass::init`, `pc_init1` for `pc`).
     fn init(&self) -> Result<(), MachineError> {
@@ -125,6 +130,7 @@ impl<T: MachineImpl> ClassInitFor<T> for MachineState {
             min_cpus: T::MIN_CPUS,
             default_cpu_type: T::DEFAULT_CPU_TYPE,
             default_ram_size: T::DEFAULT_RAM_SIZE,
+            default_display: T::DEFAULT_DISPLAY,
             machine: Some(as_machine::<T>),
         });
     }
@@ -198,6 +204,9 @@ pub struct MachineState {
     accel: Mutex<Option<ObjectRef>>,
     cpus: Mutex<Vec<ObjectRef>>,
     serial_hds: Mutex<Vec<Option<Arc<dyn CharBackend>>>>,
+    /// The display device the board creates (QEMU's `vga_interface_type`, from `-vga` or
+    /// the machine's default display): a device type name, or none.
+    vga_interface: Mutex<Option<&'static str>>,
     services: Arc<MachineServices>,
 }
 
@@ -447,6 +456,17 @@ impl MachineState {
     pub fn serial_hds(&self) -> Vec<Option<Arc<dyn CharBackend>>> {
         self.serial_hds.lock().clone()
     }
+    /// The display device the board creates, if any.
+    pub fn vga_interface(&self) -> Option<&'static str> {
+        *self.vga_interface.lock()
+    }
+
+    /// Sets the display device the board creates (`-vga`, or the default display unless
+    /// `-nodefaults` or a `-device` of a display device).
+    pub fn set_vga_interface(&self, driver: Option<&'static str>) {
+        *self.vga_interface.lock() = driver;
+    }
+
     /// Sets the `-serial` backends, before board init.
     pub fn set_serial_hds(&self, hds: Vec<Option<Arc<dyn CharBackend>>>) {
         *self.serial_hds.lock() = hds;
@@ -483,6 +503,7 @@ fn machine_base_class_init(class: &mut ObjectClass) {
         min_cpus: 1,
         default_cpu_type: None,
         default_ram_size: 128 << 20,
+        default_display: None,
         machine: None,
     });
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-use crate::core::accel_ops::{AccelOpsRef, EventFd, IoEventAddr, IoEventSpace};
+use crate::core::accel_ops::{AccelOpsRef, EventFd, IoEventAddr, IoEventSpace, RamBlock, SlotId};
 use crate::core::log_limit::RateLimitedLog;
 
 /// A device's handlers for accesses to one of its regions (QEMU's `MemoryRegionOps`).
@@ -43,12 +43,24 @@ pub struct RegionEventFd {
     pub fd: Arc<EventFd>,
 }
 
+/// Host memory behind a region, which the accelerator maps straight into the guest where
+/// it can (QEMU's `memory_region_init_ram` for a device: a framebuffer): the guest's
+/// accesses then never leave it. The region's handlers serve the same memory where it
+/// cannot (qtest) or before it is mapped.
+pub struct RamBacking {
+    /// Host address of the memory.
+    pub host_addr: u64,
+    /// What keeps the memory alive: the region holds it as long as it may be mapped.
+    pub owner: Arc<dyn std::any::Any + Send + Sync>,
+}
+
 /// A named range of guest addresses served by a device.
 pub struct MemoryRegion {
     name: String,
     size: u64,
     ops: Arc<dyn MemoryRegionOps>,
     eventfds: Vec<RegionEventFd>,
+    ram: Option<RamBacking>,
 }
 
 impl MemoryRegion {
@@ -70,6 +82,24 @@ impl MemoryRegion {
             size,
             ops,
             eventfds,
+            ram: None,
+        })
+    }
+
+    /// A region backed by `size` bytes of host memory (`ram`), mapped into the guest
+    /// directly where the accelerator can; `ops` must read and write that same memory.
+    pub fn new_ram_device(
+        name: impl Into<String>,
+        size: u64,
+        ops: Arc<dyn MemoryRegionOps>,
+        ram: RamBacking,
+    ) -> Arc<Self> {
+        Arc::new(MemoryRegion {
+            name: name.into(),
+            size,
+            ops,
+            eventfds: Vec::new(),
+            ram: Some(ram),
         })
     }
 
@@ -289,6 +319,8 @@ pub struct AddressSpace {
     /// The accelerator that registers mapped regions' ioeventfds (QEMU's KVM memory
     /// listener's `eventfd_add`); empty until one is installed.
     accel: Arc<OnceLock<AccelOpsRef>>,
+    /// The accelerator's slots of RAM-backed regions mapped here: region, slot.
+    slots: Mutex<Vec<(Arc<MemoryRegion>, SlotId)>>,
 }
 
 impl fmt::Debug for AddressSpace {
@@ -319,6 +351,7 @@ impl AddressSpace {
             update: Mutex::new(()),
             unassigned: UnassignedLog::new(),
             accel: Arc::new(OnceLock::new()),
+            slots: Mutex::new(Vec::new()),
         }
     }
 
@@ -359,6 +392,43 @@ impl AddressSpace {
                 log::debug!("{}: '{}' at 0x{:x}: {err}", self.name, region.name, at.addr);
             }
         }
+    }
+
+    /// Maps a RAM-backed region's memory into the guest at `base` through the
+    /// accelerator (QEMU's KVM memory listener's `region_add` of a RAM region). Refused
+    /// (qtest, an address KVM will not take): the region's handlers serve it.
+    fn add_slot(&self, base: u64, region: &Arc<MemoryRegion>) {
+        let (Some(ram), Some(accel)) = (&region.ram, self.accel.get()) else {
+            return;
+        };
+        if self.io_event_space() != IoEventSpace::Mmio {
+            return;
+        }
+        let block = RamBlock {
+            guest_addr: base,
+            size: region.size,
+            host_addr: ram.host_addr,
+        };
+        match accel.map_slot(block, false) {
+            Ok(slot) => self.slots.lock().push((region.clone(), slot)),
+            Err(e) => log::debug!("{}: '{}' at 0x{base:x} stays MMIO: {e}", self.name, region.name),
+        }
+    }
+
+    /// Undoes [`AddressSpace::add_slot`] for every mapping of `region`.
+    fn remove_slots(&self, region: &Arc<MemoryRegion>) {
+        let Some(accel) = self.accel.get() else {
+            return;
+        };
+        self.slots.lock().retain(|(r, slot)| {
+            if !Arc::ptr_eq(r, region) {
+                return true;
+            }
+            if let Err(e) = accel.unmap_slot(*slot) {
+                log::warn!("{}: '{}': {e}", self.name, region.name);
+            }
+            false
+        });
     }
 
     /// QEMU's `system-io`: 64 KiB of ports.
@@ -413,6 +483,7 @@ impl AddressSpace {
         let mut ranges = current.ranges.clone();
         let at = ranges.partition_point(|r| r.start < base);
         self.update_eventfds(base, &region, true);
+        self.add_slot(base, &region);
         ranges.insert(
             at,
             FlatRange {
@@ -432,8 +503,22 @@ impl AddressSpace {
         for r in ranges.iter().filter(|r| Arc::ptr_eq(&r.region, region)) {
             self.update_eventfds(r.start, region, false);
         }
+        self.remove_slots(region);
         ranges.retain(|r| !Arc::ptr_eq(&r.region, region));
         self.view.store(Arc::new(FlatView::from_ranges(ranges)));
+    }
+
+    /// Whether a region is mapped at `addr`: `Ok(last)` with the region's last address
+    /// if so, else `Err(next)` with the first mapped address above `addr`, if any. Callers
+    /// that reach RAM directly (qtest) let regions mapped over RAM win, as the guest sees
+    /// them (the VGA window).
+    pub fn mapping_at(&self, addr: u64) -> Result<u64, Option<u64>> {
+        let view = self.view.load();
+        if let Some(r) = view.lookup(addr) {
+            return Ok(r.last);
+        }
+        let i = view.starts.partition_point(|&start| start <= addr);
+        Err(view.starts.get(i).copied())
     }
 
     /// The current flat view (for `info mtree`).

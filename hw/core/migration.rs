@@ -44,6 +44,10 @@ const ZERO_PAGE: u64 = 1;
 const PAGES_PER_RECORD: u64 = 256;
 /// The largest record a destination accepts (a RAM record of data pages, with room).
 const MAX_RECORD: u64 = PAGES_PER_RECORD * (PAGE_SIZE + 8) + 4096;
+/// The largest state record: device sections can carry device memory (a VGA's video
+/// memory, up to 512 MiB, as hex), so more room; the payload is read as it arrives, so a
+/// damaged length costs no more memory than the stream really holds.
+const MAX_STATE_RECORD: u64 = 2 << 30;
 
 /// Why a VM could not be saved or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +151,18 @@ fn ram_ranges(machine: &ObjectRef) -> Vec<(u64, u64)> {
         .iter()
         .map(|r| (r.start_addr().raw_value(), r.len()))
         .collect()
+}
+
+/// Keeps the pages of `pages` that are guest RAM. The accelerator's dirty log covers every
+/// writable slot, device memory mapped into the guest too (a VGA's framebuffer BAR); that
+/// memory travels in its device's section, not in RAM records.
+pub fn retain_ram_pages(machine: &ObjectRef, pages: &mut Vec<u64>) {
+    let ranges = ram_ranges(machine);
+    pages.retain(|page| {
+        ranges
+            .iter()
+            .any(|&(start, len)| (start..start + len).contains(page))
+    });
 }
 
 fn config(machine: &ObjectRef, devices: &BTreeMap<String, (String, VmStateSection)>) -> Value {
@@ -425,12 +441,20 @@ fn read_record(r: &mut impl Read) -> Result<(u8, Vec<u8>), MigrationError> {
         }
     })?;
     let len = u64::from_le_bytes(head[1..9].try_into().expect("8 bytes"));
-    if len > MAX_RECORD {
+    let max = if head[0] == TAG_STATE {
+        MAX_STATE_RECORD
+    } else {
+        MAX_RECORD
+    };
+    if len > max {
         return Err(MigrationError::Stream(format!("a record of {len} bytes")));
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)
-        .map_err(|_| MigrationError::Stream("the stream ended inside a record".into()))?;
+    let mut payload = Vec::with_capacity(len.min(MAX_RECORD) as usize);
+    let ended = || MigrationError::Stream("the stream ended inside a record".into());
+    r.take(len).read_to_end(&mut payload).map_err(|_| ended())?;
+    if payload.len() as u64 != len {
+        return Err(ended());
+    }
     Ok((head[0], payload))
 }
 

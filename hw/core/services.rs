@@ -49,6 +49,10 @@ pub struct MachineServices {
     balloon: Arc<Balloon>,
     /// Guest RAM the VMM itself writes while a migration runs.
     dirty: Arc<crate::core::dirty_log::DirtyTracker>,
+    /// The display devices' graphic consoles.
+    consoles: crate::core::console::ConsoleList,
+    /// The input devices, for host keyboard and pointer events.
+    input: crate::core::input::InputHandlers,
 }
 
 impl Default for MachineServices {
@@ -63,6 +67,8 @@ impl Default for MachineServices {
             cpus: AtomicU32::new(1),
             balloon: Arc::default(),
             dirty: Arc::default(),
+            consoles: Default::default(),
+            input: Default::default(),
         }
     }
 }
@@ -96,6 +102,15 @@ impl MachineServices {
         &self.dirty
     }
 
+    /// The graphic consoles of the machine's display devices (QEMU's console list).
+    pub fn consoles(&self) -> &crate::core::console::ConsoleList {
+        &self.consoles
+    }
+
+    /// The machine's keyboard and mouse, for host input (QEMU's input handlers).
+    pub fn input(&self) -> &crate::core::input::InputHandlers {
+        &self.input
+    }
     /// The number of vCPUs the machine starts with (`-smp`).
     pub fn cpu_count(&self) -> u32 {
         self.cpus.load(Ordering::Relaxed)

@@ -88,9 +88,15 @@ impl VmStateSection {
         self
     }
 
-    /// Sets field `name` to `bytes`, as hex.
+    /// Sets field `name` to `bytes`, as hex. Blobs can be megabytes (a VGA's video
+    /// memory, saved while the guest is stopped), so this is a table lookup per byte.
     pub fn put_bytes(&mut self, name: &str, bytes: &[u8]) {
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            hex.push(char::from(DIGITS[usize::from(b >> 4)]));
+            hex.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        }
         self.fields.insert(name.to_string(), Value::String(hex));
     }
 
@@ -106,19 +112,29 @@ impl VmStateSection {
         })
     }
 
-    /// Field `name`, written by [`VmStateSection::put_bytes`].
+    /// Field `name`, written by [`VmStateSection::put_bytes`]. Anything but pairs of hex
+    /// digits is a bad field (read without copying the text first).
     pub fn get_bytes(&self, name: &str) -> Result<Vec<u8>, VmStateError> {
-        let text: String = self.get(name)?;
         let bad = |reason: &str| VmStateError::BadField {
             field: name.to_string(),
             reason: reason.to_string(),
         };
+        let text = self
+            .fields
+            .get(name)
+            .ok_or_else(|| VmStateError::MissingField(name.to_string()))?
+            .as_str()
+            .ok_or_else(|| bad("not a string of hex digits"))?
+            .as_bytes();
         if !text.len().is_multiple_of(2) {
             return Err(bad("odd number of hex digits"));
         }
-        (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| bad("not hex")))
+        let nibble = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
+        text.chunks_exact(2)
+            .map(|pair| match (nibble(pair[0]), nibble(pair[1])) {
+                (Some(hi), Some(lo)) => Ok((hi << 4) | lo),
+                _ => Err(bad("not hex")),
+            })
             .collect()
     }
 
@@ -208,6 +224,22 @@ mod tests {
             Err(VmStateError::MissingField("ier".into()))
         );
         assert!(back.get::<u8>("cmos").is_err());
+        // Not hex, a character of several bytes where a digit should be, not a string:
+        // errors, never a panic.
+        let mut bad = VmStateSection::new(1);
+        bad.put("a", "0g");
+        bad.put("b", "0\u{e9}1");
+        bad.put("c", 12);
+        for field in ["a", "b", "c"] {
+            assert!(
+                matches!(bad.get_bytes(field), Err(VmStateError::BadField { .. })),
+                "{field}"
+            );
+        }
+        let all: Vec<u8> = (0..=255).collect();
+        let s = VmStateSection::new(1).with_bytes("all", &all);
+        assert_eq!(s.fields["all"].as_str().unwrap().len(), 512);
+        assert_eq!(s.get_bytes("all"), Ok(all));
         assert!(back.check_version(1, 2).is_ok());
         assert_eq!(
             back.check_version(3, 4).unwrap_err().to_string(),

@@ -33,8 +33,10 @@
 //! VGA window and the 32- and 64-bit PCI holes; its `_PRT` routes INTA..INTD of every slot
 //! to the GSI of the PIIX3 PIRQ line it is swizzled to, and the MADT makes those GSIs level
 //! triggered, active high (QEMU's overrides for IRQs 5, 9, 10, 11), so Linux scans PCI and
-//! routes its interrupts. There are no ISA devices: Linux probes the legacy ports itself
-//! (8250 UARTs, i8042 because the FADT's IA-PC boot flags say one exists, the CMOS RTC).
+//! routes its interrupts. Of the ISA devices only the i8042's keyboard (`\_SB.KBD_`,
+//! `PNP0303`) and mouse (`\_SB.MOU_`, `PNP0F13`) are described: SeaBIOS drives a PS/2
+//! keyboard only when the DSDT has one. Linux probes the other legacy ports itself (8250
+//! UARTs, the CMOS RTC).
 
 use acpi_tables::aml::{
     AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, Name, Package,
@@ -104,6 +106,8 @@ pub struct AcpiConfig {
     pub s4: Option<u8>,
     /// The ISA `pvpanic` port, if the machine has one.
     pub pvpanic_port: Option<u16>,
+    /// Whether the machine has an i8042 (its keyboard and mouse are then described).
+    pub i8042: bool,
 }
 
 /// Why the tables could not be built.
@@ -222,6 +226,41 @@ fn build_pvpanic(port: u16) -> Vec<u8> {
     aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&dev]))
 }
 
+/// A small IRQ descriptor without flags (ACPI's `IRQNoFlags`: edge triggered, active
+/// high), as QEMU describes the i8042's interrupts; `acpi_tables` has only the extended
+/// form.
+struct IrqNoFlags(u8);
+
+impl Aml for IrqNoFlags {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        // Small resource item 0x04 (IRQ), 2 bytes: the IRQ mask.
+        sink.byte(0x22);
+        sink.word(1u16 << (self.0 & 15));
+    }
+}
+
+/// `\_SB.KBD_` (`PNP0303`: ports 0x60 and 0x64, IRQ 1) and `\_SB.MOU_` (`PNP0F13`: IRQ
+/// 12), the i8042's keyboard and mouse (QEMU's `i8042_build_aml`, under `\_SB.PCI0.ISA`
+/// there). SeaBIOS sets its PS/2 keyboard up only when the DSDT has a `PNP0303`, and
+/// Linux's i8042 driver finds the controller through them.
+fn build_i8042() -> Vec<u8> {
+    let sta = Name::new(Path::new("_STA"), &0x0fu8);
+    let kbd_hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0303"));
+    let data = IO::new(0x60, 0x60, 1, 1);
+    let cmd = IO::new(0x64, 0x64, 1, 1);
+    let irq1 = IrqNoFlags(1);
+    let kbd_crs = Name::new(
+        Path::new("_CRS"),
+        &ResourceTemplate::new(vec![&data, &cmd, &irq1]),
+    );
+    let kbd = Device::new(Path::new("KBD_"), vec![&kbd_hid, &sta, &kbd_crs]);
+    let mou_hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0F13"));
+    let irq12 = IrqNoFlags(12);
+    let mou_crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&irq12]));
+    let mou = Device::new(Path::new("MOU_"), vec![&mou_hid, &sta, &mou_crs]);
+    aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&kbd, &mou]))
+}
+
 /// The DSDT: the sleep states, processors, the PCI host bridge and ISA devices.
 fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let state = |name: &str, slp_typ: u8| {
@@ -260,6 +299,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     dsdt.append_slice(&build_pci_host_bridge(cfg));
     if let Some(port) = cfg.pvpanic_port {
         dsdt.append_slice(&build_pvpanic(port));
+    }
+    if cfg.i8042 {
+        dsdt.append_slice(&build_i8042());
     }
     dsdt.as_slice().to_vec()
 }
@@ -524,6 +566,7 @@ mod tests {
             s3: true,
             s4: Some(2),
             pvpanic_port: None,
+            i8042: true,
         }
     }
 
@@ -847,6 +890,31 @@ mod tests {
         assert!(dsdt
             .windows(8)
             .any(|w| w == [0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
+    }
+
+    #[test]
+    fn the_i8042_keyboard_and_mouse_are_described() {
+        let mem = ram();
+        build_acpi_tables(&mem, &AcpiConfig { i8042: false, ..config(1, 1) }).unwrap();
+        let has = |dsdt: &[u8], needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(&walk(&mem).dsdt, b"KBD_"));
+        build_acpi_tables(&mem, &config(1, 1)).unwrap();
+        let dsdt = walk(&mem).dsdt;
+        for name in [&b"KBD_"[..], b"MOU_"] {
+            assert!(has(&dsdt, name));
+        }
+        // EISAID("PNP0303") and ("PNP0F13") as DWordConsts.
+        assert!(has(&dsdt, &[0x0c, 0x41, 0xd0, 0x03, 0x03]), "PNP0303");
+        assert!(has(&dsdt, &[0x0c, 0x41, 0xd0, 0x0f, 0x13]), "PNP0F13");
+        // IO(Decode16, 0x60, 0x60, 1, 1), IO(0x64), IRQNoFlags() {1}; IRQNoFlags() {12}.
+        assert!(has(
+            &dsdt,
+            &[
+                0x47, 0x01, 0x60, 0x00, 0x60, 0x00, 0x01, 0x01, 0x47, 0x01, 0x64, 0x00, 0x64,
+                0x00, 0x01, 0x01, 0x22, 0x02, 0x00
+            ]
+        ));
+        assert!(has(&dsdt, &[0x22, 0x00, 0x10, 0x79]), "IRQ 12, then the end tag");
     }
 
     #[test]

@@ -127,6 +127,9 @@ impl MachineImpl for PcI440fxMachine {
     const IS_DEFAULT: bool = true;
     const MAX_CPUS: u32 = 255;
     const DEFAULT_CPU_TYPE: Option<&'static str> = Some("qemu64-x86_64-cpu");
+    /// QEMU's pc: the std VGA unless `-vga`, `-nodefaults` or a display `-device` says
+    /// otherwise.
+    const DEFAULT_DISPLAY: Option<&'static str> = Some("std");
 
     fn init(&self) -> Result<(), MachineError> {
         self.pc_init1()
@@ -151,6 +154,7 @@ impl MachineImpl for PcI440fxMachine {
                 .map_err(MachineError::board)?;
         }
         self.smbios_setup()?;
+        self.option_roms_to_fw_cfg()?;
         if self.boots_firmware() {
             if let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) {
                 fw_cfg
@@ -181,6 +185,7 @@ impl MachineImpl for PcI440fxMachine {
                     for bar in 0..crate::pci::pci::PCI_NUM_BARS {
                         dev.write_config(crate::pci::pci::config::BAR0 + 4 * bar, 0, 4);
                     }
+                    dev.write_config(crate::pci::pci::config::ROM_ADDRESS, 0, 4);
                 }
             }
             return self.load_kernel();
@@ -253,6 +258,25 @@ pub enum PcLoadError {
 
 
 impl PcI440fxMachine {
+    /// QEMU's `rom_add_vga`/`rom_add_option` for PCI devices with `rombar=0`: their
+    /// option ROMs go to the firmware as fw_cfg files (`vgaroms/...`, `genroms/...`).
+    fn option_roms_to_fw_cfg(&self) -> Result<(), MachineError> {
+        let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) else {
+            return Ok(());
+        };
+        let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) else {
+            return Ok(());
+        };
+        for (_, dev) in crate::pci::pci::pci_bus_devices(&bus) {
+            if let Some(rom) = dev.fw_cfg_rom() {
+                fw_cfg
+                    .add_file(&rom.name, rom.data.to_vec())
+                    .map_err(MachineError::board)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The firmware's S3 resume (SeaBIOS's `handle_resume`/`s3_resume`), as there is no
     /// firmware yet: if CMOS byte 0x0f holds the resume mark 0xfe (the RTC sets it as the
     /// guest goes to sleep), clear it and, if the guest put a waking vector in the FACS
@@ -607,6 +631,8 @@ impl PcI440fxMachine {
             s3: pm.as_ref().is_some_and(|pm| !pm.s3_disabled()),
             s4: pm.as_ref().filter(|pm| !pm.s4_disabled()).map(|pm| pm.s4_val()),
             pvpanic_port: self.isa_pvpanic_port(),
+            // The board always has one (QEMU's `i8042` machine property is not here).
+            i8042: true,
         }
     }
 
@@ -637,14 +663,15 @@ impl PcI440fxMachine {
                     crate::pci_host::pam::PamError::NoShadowRam,
                 )));
             }
-            // The PAM maps 0xc0000-0xfffff segment by segment.
+            // The PAM maps 0xc0000-0xfffff segment by segment; 0xa0000-0xbffff is the
+            // PCI bus's (the VGA window), as the i440FX decodes it with SMRAM closed.
             self.add_ram_except(
                 0,
                 below_4g,
-                Some(crate::pci_host::pam::PAM_START..crate::pci_host::pam::PAM_END),
+                Some(VGA_WINDOW.start..crate::pci_host::pam::PAM_END),
             )?;
         } else {
-            self.add_ram(0, below_4g)?;
+            self.add_ram_except(0, below_4g, Some(VGA_WINDOW))?;
         }
         if above_4g > 0 {
             self.add_ram(1 << 32, above_4g)?;
@@ -672,6 +699,13 @@ impl PcI440fxMachine {
         }
         if self.acpi.get() {
             board_device(&machine, "pm", crate::acpi::piix4::TYPE_PIIX4_PM, Bus::On(&pci_bus), &[("addr", "01.3")])?;
+        }
+        // QEMU's pc_vga_init: the `-vga` device, on the first free slot (00:02.0).
+        if let Some(driver) = self.vga_interface() {
+            let unattached = machine
+                .child("unattached")
+                .ok_or(BoardError::MissingBus("machine", "unattached"))?;
+            board_device(&unattached, "device[*]", driver, Bus::On(&pci_bus), &[])?;
         }
 
         // pc_basic_device_init: RTC with the CMOS memory size, keyboard controller, serial
@@ -725,6 +759,10 @@ impl PcI440fxMachine {
         self.load_kernel()
     }
 }
+
+/// The legacy VGA window: never RAM to the guest (QEMU's i440FX sends it to the PCI bus
+/// while SMRAM is closed), so a VGA's memory (or nothing: all ones) answers there.
+const VGA_WINDOW: std::ops::Range<u64> = 0xa_0000..0xc_0000;
 
 /// The state of a CPU entering real mode at `vector` (the ACPI waking vector's real-mode
 /// form: CS = vector >> 4, IP = vector & 0xf), otherwise as after INIT, with its local

@@ -16,9 +16,6 @@ use crate::core::services::MachineServices;
 /// QEMU's default firmware for the PC: SeaBIOS built for 256 KiB.
 pub const DEFAULT_BIOS: &str = "bios-256k.bin";
 
-/// Where Debian's `seabios` package (first) and QEMU's own data directory put it.
-const FIRMWARE_DIRS: &[&str] = &["/usr/share/seabios", "/usr/share/qemu"];
-
 /// The largest image: the 16 MiB below 4 GiB that the PC decodes as firmware.
 pub const MAX_BIOS_SIZE: u64 = 16 << 20;
 
@@ -165,12 +162,8 @@ impl MemoryRegionOps for RomOps {
 /// The image `-bios` names, or the default one searched where Debian installs it. A name
 /// without a slash is also searched there, as QEMU searches its data directories.
 pub fn find_firmware(bios: Option<&str>) -> Result<PathBuf, FirmwareError> {
-    let search = |name: &str| {
-        FIRMWARE_DIRS
-            .iter()
-            .map(|dir| Path::new(dir).join(name))
-            .find(|p| p.is_file())
-    };
+    // Debian's `seabios` package (first) and QEMU's own data directory.
+    let search = crate::core::datadir::find_data_file;
     match bios {
         None => search(DEFAULT_BIOS).ok_or(FirmwareError::DefaultMissing),
         Some(name) if !name.contains('/') && !Path::new(name).exists() => {

@@ -4,8 +4,10 @@
 //! What it is for here: Linux's i8042 and atkbd/psmouse drivers probe it at boot and find a
 //! working controller, keyboard and mouse; and the guest resets the machine through it
 //! (command 0xFE, or clearing bit 0 of the output port), which becomes a `GuestReset`
-//! request. No keys are ever pressed: there is no host input path yet
-//! ([`KbdController::put_kbd_byte`] is where one would feed scancodes).
+//! request. Host input (the VNC server) reaches the keyboard and the mouse through the
+//! machine's input handlers (`crate::core::input`): keys become scancodes of the set the
+//! guest chose (set 1 where the controller translates, QEMU's `ps2_put_keycode`), pointer
+//! motion becomes standard 3-byte packets while the guest has reporting on.
 //!
 //! Ports: 0x60 data, 0x64 status (read) / command (write). IRQ 1 is raised while the output
 //! buffer holds keyboard data or a controller reply, IRQ 12 while it holds mouse data, each
@@ -562,6 +564,166 @@ impl KbdState {
     }
 }
 
+/// Scancode set 2's code for set 1 code `code` (`extended`: after `0xe0`), for a keyboard
+/// the controller does not translate (the inverse of the i8042's translation table).
+fn set1_to_set2(code: u8, extended: bool) -> Option<u8> {
+    if extended {
+        return Some(match code {
+            0x10 => 0x15, // previous track
+            0x19 => 0x4d, // next track
+            0x1c => 0x5a, // keypad Enter
+            0x1d => 0x14, // right Ctrl
+            0x20 => 0x23, // mute
+            0x21 => 0x2b, // calculator
+            0x22 => 0x34, // play/pause
+            0x24 => 0x3b, // stop
+            0x2a => 0x12, // fake left Shift (Print Screen)
+            0x2e => 0x21, // volume down
+            0x30 => 0x32, // volume up
+            0x32 => 0x3a, // WWW home
+            0x35 => 0x4a, // keypad /
+            0x37 => 0x7c, // Print Screen
+            0x38 => 0x11, // right Alt
+            0x47 => 0x6c, // Home
+            0x48 => 0x75, // Up
+            0x49 => 0x7d, // Page Up
+            0x4b => 0x6b, // Left
+            0x4d => 0x74, // Right
+            0x4f => 0x69, // End
+            0x50 => 0x72, // Down
+            0x51 => 0x7a, // Page Down
+            0x52 => 0x70, // Insert
+            0x53 => 0x71, // Delete
+            0x5b => 0x1f, // left Windows
+            0x5c => 0x27, // right Windows
+            0x5d => 0x2f, // Menu
+            0x5e => 0x37, // Power
+            0x5f => 0x3f, // Sleep
+            0x63 => 0x5e, // Wake
+            _ => return None,
+        });
+    }
+    const TABLE: [u8; 0x59] = [
+        0x00, 0x76, 0x16, 0x1e, 0x26, 0x25, 0x2e, 0x36, // 00-07: Esc, 1-6
+        0x3d, 0x3e, 0x46, 0x45, 0x4e, 0x55, 0x66, 0x0d, // 08-0f: 7-0, -, =, BS, Tab
+        0x15, 0x1d, 0x24, 0x2d, 0x2c, 0x35, 0x3c, 0x43, // 10-17: Q-I
+        0x44, 0x4d, 0x54, 0x5b, 0x5a, 0x14, 0x1c, 0x1b, // 18-1f: O, P, [, ], Enter, Ctrl, A, S
+        0x23, 0x2b, 0x34, 0x33, 0x3b, 0x42, 0x4b, 0x4c, // 20-27: D-L, ;
+        0x52, 0x0e, 0x12, 0x5d, 0x1a, 0x22, 0x21, 0x2a, // 28-2f: ', `, LShift, \, Z-V
+        0x32, 0x31, 0x3a, 0x41, 0x49, 0x4a, 0x59, 0x7c, // 30-37: B-M, ",", ".", /, RShift, KP*
+        0x11, 0x29, 0x58, 0x05, 0x06, 0x04, 0x0c, 0x03, // 38-3f: Alt, Space, Caps, F1-F5
+        0x0b, 0x83, 0x0a, 0x01, 0x09, 0x77, 0x7e, 0x6c, // 40-47: F6-F10, NumLock, Scroll, KP7
+        0x75, 0x7d, 0x7b, 0x6b, 0x73, 0x74, 0x79, 0x69, // 48-4f: KP8, KP9, KP-, KP4-6, KP+, KP1
+        0x72, 0x7a, 0x70, 0x71, 0x84, 0x00, 0x61, 0x78, // 50-57: KP2, KP3, KP0, KP., SysRq, -, <>, F11
+        0x07, // 58: F12
+    ];
+    match code {
+        0x70 => Some(0x13), // Katakana/Hiragana
+        0x73 => Some(0x51), // Ro
+        0x79 => Some(0x64), // Henkan
+        0x7b => Some(0x67), // Muhenkan
+        0x7d => Some(0x6a), // Yen
+        0x7e => Some(0x6d), // keypad , (Brazil)
+        _ => TABLE.get(usize::from(code)).copied().filter(|c| *c != 0),
+    }
+}
+
+/// Set 1's Pause: a make sequence and no break (Ctrl+NumLock with an `0xe1` prefix).
+const PAUSE_SET1: [u8; 6] = [0xe1, 0x1d, 0x45, 0xe1, 0x9d, 0xc5];
+/// Set 2's Pause.
+const PAUSE_SET2: [u8; 8] = [0xe1, 0x14, 0x77, 0xe1, 0xf0, 0x14, 0xf0, 0x77];
+/// QEMU's key number of Pause.
+const QNUM_PAUSE: u16 = 0xc6;
+
+impl crate::core::input::KeyboardHandler for KbdController {
+    /// QEMU's `ps2_keyboard_event`: the key in the keyboard's scancode set, or in set 1
+    /// when the controller translates set 2 (what PC firmware and Linux choose).
+    fn key(&self, qnum: u16, down: bool) {
+        let mut s = self.state.lock();
+        log::debug!(
+            "i8042: key 0x{qnum:x} {}, scanning {}, set {}, mode 0x{:x}",
+            if down { "down" } else { "up" },
+            s.kbd.scan_enabled,
+            s.kbd.scancode_set,
+            s.mode
+        );
+        if !s.kbd.scan_enabled {
+            return;
+        }
+        let set1 = s.kbd.scancode_set == 1
+            || (s.kbd.scancode_set == 2 && s.mode & KBD_MODE_KCC != 0);
+        let code = (qnum & 0x7f) as u8;
+        let extended = qnum & 0x80 != 0;
+        let mut bytes: Vec<u8> = Vec::with_capacity(8);
+        if qnum == QNUM_PAUSE {
+            if down {
+                bytes.extend_from_slice(if set1 { &PAUSE_SET1 } else { &PAUSE_SET2 });
+            }
+        } else if qnum > 0xff {
+            log::debug!("i8042: key number 0x{qnum:x} has no scancode");
+            return;
+        } else if set1 {
+            if extended {
+                bytes.push(0xe0);
+            }
+            bytes.push(if down { code } else { code | 0x80 });
+        } else {
+            // Sets 2 and 3 (which qomvm's keyboard sends as set 2).
+            let Some(code2) = set1_to_set2(code, extended) else {
+                log::debug!("i8042: key number 0x{qnum:x} has no set 2 scancode");
+                return;
+            };
+            if extended {
+                bytes.push(0xe0);
+            }
+            if !down {
+                bytes.push(0xf0);
+            }
+            bytes.push(code2);
+        }
+        push(&mut s.kbd.queue, &bytes);
+        s.update_irq();
+    }
+}
+
+impl crate::core::input::MouseHandler for KbdController {
+    /// QEMU's `ps2_mouse_event` + `ps2_mouse_send_packet`: while reporting is on (stream
+    /// mode), standard 3-byte packets of at most 127 counts each way, y growing upwards;
+    /// the wheel is dropped (the mouse is a plain one, ID 0).
+    fn motion(&self, dx: i32, dy: i32, _dz: i32, buttons: u8) {
+        use crate::core::input::button;
+        let mut s = self.state.lock();
+        if !s.mouse.enabled || s.mouse.remote {
+            return;
+        }
+        let b = (if buttons & button::LEFT != 0 { 1 } else { 0 })
+            | (if buttons & button::RIGHT != 0 { 2 } else { 0 })
+            | (if buttons & button::MIDDLE != 0 { 4 } else { 0 });
+        let (mut dx, mut dy) = (dx, -dy);
+        loop {
+            let x = dx.clamp(-127, 127);
+            let y = dy.clamp(-127, 127);
+            let mut head = 0x08 | b;
+            if x < 0 {
+                head |= 0x10;
+            }
+            if y < 0 {
+                head |= 0x20;
+            }
+            if s.mouse.queue.len() + 3 > PS2_QUEUE_SIZE {
+                break;
+            }
+            push(&mut s.mouse.queue, &[head, x as u8, y as u8]);
+            dx -= x;
+            dy -= y;
+            if dx == 0 && dy == 0 {
+                break;
+            }
+        }
+        s.update_irq();
+    }
+}
+
 /// What the controller does when the guest pulls the CPU reset line.
 pub type ResetHook = Arc<dyn Fn() + Send + Sync>;
 
@@ -716,6 +878,9 @@ impl DeviceImpl for I8042 {
                 machine.request(RunRequest::GuestReset);
             }
         })));
+        let input = ctx.machine()?.input();
+        input.register_keyboard(self.ctrl.clone());
+        input.register_mouse(self.ctrl.clone());
         self.ctrl.set_irqs(
             self.irq(ctx, kbd_irq.into()),
             self.irq(ctx, mouse_irq.into()),
@@ -800,6 +965,60 @@ mod tests {
 
     fn data(replies: &[(u8, u8)]) -> Vec<u8> {
         replies.iter().map(|r| r.1).collect()
+    }
+
+    #[test]
+    fn host_keys_become_the_scancodes_of_the_guests_set() {
+        use crate::core::input::KeyboardHandler;
+        let (ctrl, pins, _) = controller();
+        // Translated (the command byte's bit 6): set 1, extended keys with 0xe0.
+        command(&ctrl, KBD_CCMD_WRITE_MODE, Some(0x61));
+        ctrl.key(0x1e, true);
+        assert!(pins.0.lock()[1], "IRQ 1 for a key");
+        ctrl.key(0x1e, false);
+        ctrl.key(0xc8, true);
+        ctrl.key(0xc8, false);
+        ctrl.key(QNUM_PAUSE, true);
+        ctrl.key(QNUM_PAUSE, false);
+        let mut want = vec![0x1e, 0x9e, 0xe0, 0x48, 0xe0, 0xc8];
+        want.extend_from_slice(&PAUSE_SET1);
+        assert_eq!(data(&drain(&ctrl)), want);
+        // Untranslated set 2: 0xf0 before a break.
+        command(&ctrl, KBD_CCMD_WRITE_MODE, Some(0x21));
+        ctrl.key(0x1e, true);
+        ctrl.key(0x1e, false);
+        ctrl.key(0x9d, true);
+        ctrl.key(0x9d, false);
+        ctrl.key(0x7f, true); // no set 2 code: nothing
+        assert_eq!(
+            data(&drain(&ctrl)),
+            [0x1c, 0xf0, 0x1c, 0xe0, 0x14, 0xe0, 0xf0, 0x14]
+        );
+        // A keyboard the guest disabled (0xf5) sends nothing.
+        ctrl.write_port(true, 0xf5);
+        assert_eq!(data(&drain(&ctrl)), [PS2_ACK]);
+        ctrl.key(0x1e, true);
+        assert!(drain(&ctrl).is_empty());
+    }
+
+    #[test]
+    fn host_pointer_motion_becomes_ps2_packets_once_enabled() {
+        use crate::core::input::{button, MouseHandler};
+        let (ctrl, pins, _) = controller();
+        ctrl.motion(5, 5, 0, 0);
+        assert!(drain(&ctrl).is_empty(), "reporting is off after reset");
+        command(&ctrl, KBD_CCMD_WRITE_MOUSE, Some(0xf4));
+        ctrl.motion(3, -4, 0, button::LEFT | button::RIGHT);
+        assert!(pins.0.lock()[12], "IRQ 12 for mouse data");
+        let replies = drain(&ctrl);
+        assert!(replies.iter().all(|r| r.0 & KBD_STAT_MOUSE_OBF != 0));
+        assert_eq!(data(&replies), [0x0b, 3, 4]);
+        // Large moves go as several packets of at most 127 counts.
+        ctrl.motion(-200, 0, 0, 0);
+        assert_eq!(
+            data(&drain(&ctrl)),
+            [0x18, (-127i8) as u8, 0, 0x18, (-73i8) as u8, 0]
+        );
     }
 
     #[test]

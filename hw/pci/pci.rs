@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use qom::{
-    type_init, ClassInitFor, Error, Object, ObjectClass, Property, PropertyKind, StateAccessor,
+    type_init, ClassInitFor, Error, Object, ObjectClass, Prop, Property, PropertyKind, StateAccessor,
     Typed, Value, WeakObjectRef,
 };
 
 use crate::core::bus::BusState;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::{IrqHandler, IrqLine};
-use crate::core::memory::{AddressSpace, MemoryRegion};
+use crate::core::memory::{AddressSpace, MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{
     device_class_add_property, device_class_init, DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError,
 };
@@ -72,12 +72,20 @@ pub mod config {
     pub const COMMAND_MEMORY: u16 = 0x2;
     /// Command: bus master enable.
     pub const COMMAND_MASTER: u16 = 0x4;
+    /// Expansion ROM base address (bit 0: decoding enabled).
+    pub const ROM_ADDRESS: usize = 0x30;
+    /// Expansion ROM base address: the enable bit.
+    pub const ROM_ADDRESS_ENABLE: u32 = 0x1;
     /// Header type bit: multi-function device.
     pub const HEADER_MULTI_FUNCTION: u8 = 0x80;
 }
 
 /// Number of BARs of a type 0 header.
 pub const PCI_NUM_BARS: usize = 6;
+/// QEMU's `PCI_ROM_SLOT`: the expansion ROM's region, after the six BARs.
+pub const PCI_ROM_SLOT: usize = 6;
+/// BARs and the expansion ROM.
+pub const PCI_NUM_REGIONS: usize = 7;
 
 /// What a BAR decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +94,24 @@ pub enum BarKind {
     Io,
     /// 32-bit memory.
     Mem32,
+    /// 32-bit prefetchable memory (QEMU's `PCI_BASE_ADDRESS_MEM_PREFETCH`): a framebuffer.
+    Mem32Prefetch,
+}
+
+impl BarKind {
+    /// Whether the BAR decodes memory (not ports).
+    pub fn is_memory(self) -> bool {
+        self != BarKind::Io
+    }
+}
+
+/// The configuration-space offset of region `index` (a BAR, or the expansion ROM).
+fn region_offset(index: usize) -> usize {
+    if index == PCI_ROM_SLOT {
+        config::ROM_ADDRESS
+    } else {
+        config::BAR0 + 4 * index
+    }
 }
 
 /// QEMU's `PCIDeviceClass`: the header a PCI device type presents, derived from its
@@ -110,6 +136,9 @@ pub struct PciDeviceClass {
     pub multifunction: bool,
     /// INTx pin used (0 none, 1 INTA .. 4 INTD).
     pub interrupt_pin: u8,
+    /// The option ROM the device carries unless `romfile=` says otherwise (QEMU's
+    /// `PCIDeviceClass::romfile`), a name searched in the data directories.
+    pub romfile: Option<&'static str>,
     /// The device's PCI methods, as a trait object.
     pci: Option<PciDeviceCast>,
 }
@@ -137,6 +166,8 @@ pub trait PciDeviceImpl: DeviceImpl {
     const MULTIFUNCTION: bool = false;
     /// INTx pin used (0 none, 1 INTA .. 4 INTD).
     const INTERRUPT_PIN: u8 = 0;
+    /// The default option ROM (QEMU's `PCIDeviceClass::romfile`).
+    const ROMFILE: Option<&'static str> = None;
 
     /// QEMU's `PCIDeviceClass::realize`: the device's own realize, run once it has a devfn
     /// and its configuration header is set up.
@@ -201,6 +232,7 @@ impl<T: PciDeviceImpl> ClassInitFor<T> for PciDevice {
             subsystem_id: T::SUBSYSTEM_ID,
             multifunction: T::MULTIFUNCTION,
             interrupt_pin: T::INTERRUPT_PIN,
+            romfile: T::ROMFILE,
             pci: Some(as_pci_device::<T>),
         });
     }
@@ -234,17 +266,36 @@ impl Default for ConfigSpace {
     }
 }
 
-/// QEMU's `PCIDevice`: configuration space, write mask, BARs and the INTx line.
+/// QEMU's `PCIDevice`: configuration space, write mask, BARs, the option ROM and the INTx
+/// line.
 #[derive(qom::Object)]
 #[qom(name = TYPE_PCI_DEVICE, abstract, class_level)]
 pub struct PciDevice {
     #[parent]
     parent: DeviceState,
+    #[property(desc = "Option ROM image: a file name searched in the firmware directories, or a path (empty: none)")]
+    romfile: Prop<Option<String>>,
+    #[property(default = u32::MAX, desc = "ROM BAR size in bytes (all ones: the image's, rounded up to a power of two)")]
+    romsize: Prop<u32>,
+    #[property(default = 1, desc = "Expose the option ROM through the ROM BAR (0: hand it to the firmware through fw_cfg)")]
+    rombar: Prop<u32>,
     /// slot << 3 | function: as `addr=` gives it, or as realize takes it.
     devfn: Mutex<Option<u8>>,
     config: Mutex<ConfigSpace>,
-    bars: Mutex<[Option<Bar>; PCI_NUM_BARS]>,
+    bars: Mutex<[Option<Bar>; PCI_NUM_REGIONS]>,
+    /// An option ROM for the firmware's fw_cfg (`rombar=0`), which the board publishes.
+    fw_cfg_rom: Mutex<Option<FwCfgRom>>,
     intx: Arc<IntxPin>,
+}
+
+/// An option ROM handed to the firmware as a fw_cfg file instead of a ROM BAR (QEMU's
+/// `rom_add_vga`/`rom_add_option` for `rombar=0`).
+#[derive(Clone, Debug)]
+pub struct FwCfgRom {
+    /// The fw_cfg file name: `vgaroms/NAME` for a display controller, else `genroms/NAME`.
+    pub name: String,
+    /// The image.
+    pub data: Arc<[u8]>,
 }
 
 /// A device's INTx pin: the line the host bridge routed it to and the level the device
@@ -288,7 +339,7 @@ static PCI_ADDR: StateAccessor<PciDevice> = StateAccessor {
 /// The abstract `pci-device` class: the device class and the `addr` property every PCI
 /// device has.
 fn pci_device_base_class_init(class: &mut ObjectClass) {
-    <PciDevice as ClassInitFor<PciDevice>>::class_init(class);
+    // `addr` first, then the ROM properties, in QEMU's order (`info qtree` shows it).
     device_class_add_property(
         class,
         Property::state(
@@ -298,6 +349,7 @@ fn pci_device_base_class_init(class: &mut ObjectClass) {
             &PCI_ADDR,
         ),
     );
+    <PciDevice as ClassInitFor<PciDevice>>::class_init(class);
 }
 
 /// Computes the INTx line of a device being realized on the bus (the host bridge's
@@ -398,6 +450,28 @@ pub enum PciError {
         /// Its size.
         size: usize,
     },
+    /// `romfile=` names nothing readable.
+    #[error("failed to find romfile \"{0}\"")]
+    RomNotFound(String),
+    /// `romfile=` names an empty file.
+    #[error("romfile \"{0}\" is empty")]
+    RomEmpty(String),
+    /// `romfile=` names a file of more than 2 GiB.
+    #[error("romfile \"{0}\" too large (size cannot exceed 2 GiB)")]
+    RomTooLarge(String),
+    /// `romfile=` larger than `romsize=`.
+    #[error("romfile \"{file}\" ({size} bytes) is too large for ROM size {romsize}")]
+    RomSize {
+        /// The image.
+        file: String,
+        /// Its size.
+        size: u64,
+        /// `romsize=`.
+        romsize: u32,
+    },
+    /// `romsize=` not a power of two.
+    #[error("ROM size {0} is not a power of two")]
+    RomSizeNotPowerOfTwo(u32),
     /// A BAR whose size is not a power of two.
     #[error("PCI BAR {bar} of '{driver}': size 0x{size:x} is not a power of two")]
     BarSize {
@@ -515,6 +589,13 @@ impl DeviceImpl for PciDevice {
                 self.intx.connect(route(bus, self, pc.interrupt_pin));
             }
         }
+        let romsize = self.romsize.get();
+        if romsize != u32::MAX && !romsize.is_power_of_two() {
+            return Err(RealizeError::device(PciError::RomSizeNotPowerOfTwo(romsize)));
+        }
+        // The ROM first (QEMU loads it after the device's realize): a missing file then
+        // fails before the device has claimed anything.
+        self.add_option_rom(pc.romfile, pc.class_id)?;
         if let Some(pci) = pc.pci.and_then(|cast| cast(dev)) {
             pci.pci_realize(ctx)?;
         }
@@ -579,10 +660,12 @@ impl PciDevice {
                 size,
             }));
         }
-        let offset = config::BAR0 + 4 * index;
+        let offset = region_offset(index);
         let (flags, mask) = match kind {
+            _ if index == PCI_ROM_SLOT => (0x0u32, (!(size as u32 - 1) & !0x7ff) | config::ROM_ADDRESS_ENABLE),
             BarKind::Io => (0x1u32, !(size as u32 - 1) & !0x3),
             BarKind::Mem32 => (0x0u32, !(size as u32 - 1) & !0xf),
+            BarKind::Mem32Prefetch => (0x8u32, !(size as u32 - 1) & !0xf),
         };
         {
             let mut space = self.config.lock();
@@ -597,17 +680,91 @@ impl PciDevice {
         Ok(())
     }
 
-    /// The address BAR `index` decodes now (from the configuration space).
+    /// The address BAR `index` (or the expansion ROM, [`PCI_ROM_SLOT`]) decodes now (from
+    /// the configuration space).
     pub fn bar_address(&self, index: usize) -> Option<u64> {
         let bars = self.bars.lock();
         let bar = bars.get(index)?.as_ref()?;
-        let offset = config::BAR0 + 4 * index;
-        let c = &self.config.lock().bytes;
-        let raw = u32::from_le_bytes([c[offset], c[offset + 1], c[offset + 2], c[offset + 3]]);
+        let raw = self.raw_region(index);
         Some(u64::from(match bar.kind {
+            _ if index == PCI_ROM_SLOT => raw & !0x7ff,
             BarKind::Io => raw & !0x3,
-            BarKind::Mem32 => raw & !0xf,
+            BarKind::Mem32 | BarKind::Mem32Prefetch => raw & !0xf,
         }))
+    }
+
+    /// The raw configuration dword of region `index`.
+    fn raw_region(&self, index: usize) -> u32 {
+        let offset = region_offset(index);
+        let c = &self.config.lock().bytes;
+        u32::from_le_bytes([c[offset], c[offset + 1], c[offset + 2], c[offset + 3]])
+    }
+
+    /// The size of region `index`, if the device has it.
+    pub fn bar_size(&self, index: usize) -> Option<u64> {
+        let bars = self.bars.lock();
+        Some(bars.get(index)?.as_ref()?.region.size())
+    }
+
+    /// QEMU's `pci_add_option_rom`: loads `romfile=` (or the class's default ROM) into the
+    /// expansion ROM BAR, or with `rombar=0` keeps it for the firmware's fw_cfg.
+    fn add_option_rom(&self, class_rom: Option<&'static str>, class_id: u16) -> Result<(), RealizeError> {
+        let file = match self.romfile.get() {
+            Some(file) => file,
+            None => match class_rom {
+                Some(file) => file.to_string(),
+                None => return Ok(()),
+            },
+        };
+        let is_default_rom = self.romfile.get().is_none();
+        if file.is_empty() {
+            return Ok(());
+        }
+        let path = crate::core::datadir::resolve_data_file(&file);
+        let size = std::fs::metadata(&path)
+            .ok()
+            .filter(|m| !m.is_dir())
+            .map(|m| m.len())
+            .ok_or_else(|| RealizeError::device(PciError::RomNotFound(file.clone())))?;
+        if size == 0 {
+            return Err(RealizeError::device(PciError::RomEmpty(file)));
+        }
+        if size > 2 << 30 {
+            return Err(RealizeError::device(PciError::RomTooLarge(file)));
+        }
+        let romsize = self.romsize.get();
+        let bar_size = if romsize != u32::MAX {
+            if size > u64::from(romsize) {
+                return Err(RealizeError::device(PciError::RomSize { file, size, romsize }));
+            }
+            u64::from(romsize)
+        } else {
+            size.next_power_of_two()
+        };
+        let mut data = std::fs::read(&path)
+            .map_err(|_| RealizeError::device(PciError::RomNotFound(file.clone())))?;
+        if is_default_rom {
+            let (vendor, device) = (self.read_config(config::VENDOR_ID, 2), self.read_config(config::DEVICE_ID, 2));
+            patch_rom_ids(&mut data, vendor as u16, device as u16);
+        }
+        if self.rombar.get() == 0 {
+            let base = path.file_name().map_or(file.clone(), |n| n.to_string_lossy().into_owned());
+            let dir = if class_id == 0x0300 { "vgaroms" } else { "genroms" };
+            *self.fw_cfg_rom.lock() = Some(FwCfgRom {
+                name: format!("{dir}/{base}"),
+                data: data.into(),
+            });
+            return Ok(());
+        }
+        data.resize(bar_size as usize, 0xff);
+        let name = format!("{}.rom", self.type_name());
+        let region = MemoryRegion::new_io(name, bar_size, Arc::new(RomBar(data.into())));
+        self.register_bar(PCI_ROM_SLOT, BarKind::Mem32, region)
+    }
+
+    /// The option ROM the firmware should find in fw_cfg (`rombar=0`), if any.
+    pub fn fw_cfg_rom(&self) -> Option<FwCfgRom> {
+        self.fw_cfg_rom.lock().clone()
     }
 
     /// Re-maps the BARs after a configuration change (QEMU's `pci_update_mappings`).
@@ -620,17 +777,21 @@ impl PciDevice {
             let c = &self.config.lock().bytes;
             u16::from_le_bytes([c[config::COMMAND], c[config::COMMAND + 1]])
         };
-        for index in 0..PCI_NUM_BARS {
+        for index in 0..PCI_NUM_REGIONS {
             let Some(addr) = self.bar_address(index) else {
                 continue;
             };
+            let rom_enabled =
+                index != PCI_ROM_SLOT || self.raw_region(index) & config::ROM_ADDRESS_ENABLE != 0;
             let mut bars = self.bars.lock();
             let Some(bar) = bars[index].as_mut() else {
                 continue;
             };
             let (enabled, space) = match bar.kind {
                 BarKind::Io => (command & config::COMMAND_IO != 0, &io),
-                BarKind::Mem32 => (command & config::COMMAND_MEMORY != 0, &memory),
+                BarKind::Mem32 | BarKind::Mem32Prefetch => {
+                    (command & config::COMMAND_MEMORY != 0 && rom_enabled, &memory)
+                }
             };
             let size = bar.region.size();
             // An address of 0, or one whose range wraps or is the sizing pattern, is unmapped.
@@ -683,7 +844,8 @@ impl PciDevice {
                 c[a] = (c[a] & !w[a]) | (byte & w[a]);
             }
         }
-        let touches_bars = addr < config::BAR0 + 4 * PCI_NUM_BARS && addr + len > config::COMMAND;
+        let touches_bars = (addr < config::BAR0 + 4 * PCI_NUM_BARS && addr + len > config::COMMAND)
+            || (addr < config::ROM_ADDRESS + 4 && addr + len > config::ROM_ADDRESS);
         if touches_bars {
             self.update_mappings();
         }
@@ -769,18 +931,75 @@ impl PciDevice {
     }
 }
 
+/// The expansion ROM's contents (QEMU's `pdev->rom`, a ROM region): reads return the
+/// image (padded with 0xff to the BAR's size), writes are dropped.
+struct RomBar(Arc<[u8]>);
+
+impl MemoryRegionOps for RomBar {
+    fn read(&self, offset: u64, size: u32) -> u64 {
+        let mut bytes = [0xffu8; 8];
+        for (i, b) in bytes.iter_mut().enumerate().take(size.min(8) as usize) {
+            if let Some(v) = usize::try_from(offset + i as u64).ok().and_then(|o| self.0.get(o)) {
+                *b = *v;
+            }
+        }
+        let value = u64::from_le_bytes(bytes);
+        if size >= 8 {
+            value
+        } else {
+            value & ((1u64 << (8 * size)) - 1)
+        }
+    }
+    fn write(&self, _offset: u64, _value: u64, _size: u32) {}
+}
+
+/// QEMU's `pci_patch_ids`: a default option ROM's PCI data structure ("PCIR") is made to
+/// name the device's vendor and device IDs, and byte 6 (the etherboot checksum byte) is
+/// adjusted so the image's byte sum does not change. Anything that is not a valid ROM
+/// (no 0x55aa signature, no PCIR inside the image) is left alone.
+fn patch_rom_ids(rom: &mut [u8], vendor: u16, device: u16) {
+    if rom.len() < 0x1a || rom[0] != 0x55 || rom[1] != 0xaa {
+        return;
+    }
+    let pcir = usize::from(u16::from_le_bytes([rom[0x18], rom[0x19]]));
+    if pcir + 8 >= rom.len() || &rom[pcir..pcir + 4] != b"PCIR" {
+        return;
+    }
+    for (at, id) in [(pcir + 4, vendor), (pcir + 6, device)] {
+        let old = u16::from_le_bytes([rom[at], rom[at + 1]]);
+        if old == id {
+            continue;
+        }
+        let [o0, o1] = old.to_le_bytes();
+        let [n0, n1] = id.to_le_bytes();
+        rom[6] = rom[6]
+            .wrapping_add(o0)
+            .wrapping_add(o1)
+            .wrapping_sub(n0)
+            .wrapping_sub(n1);
+        rom[at..at + 2].copy_from_slice(&id.to_le_bytes());
+    }
+}
+
 /// Where firmware would place BARs: I/O from 0xc000, 32-bit memory from 0xfe000000 (both
-/// in the PCI holes of the pc machine).
+/// in the PCI holes of the pc machine); BARs of 1 MiB and more (framebuffers) go below
+/// 0xfe000000, each naturally aligned, down to 0xe0000000, the lowest the pc's RAM below
+/// 4 GiB ends.
 const BAR_IO_BASE: u64 = 0xc000;
 const BAR_IO_LIMIT: u64 = 0x1_0000;
 const BAR_MEM_BASE: u64 = 0xfe00_0000;
 const BAR_MEM_LIMIT: u64 = 0xfec0_0000;
+const BAR_LARGE_MEM_FLOOR: u64 = 0xe000_0000;
+const BAR_LARGE: u64 = 1 << 20;
 
 /// Assigns every BAR on `bus` an address and enables decoding, as firmware does before
-/// the guest starts (test kernels do not program BARs; Linux keeps what it finds).
+/// the guest starts (test kernels do not program BARs; Linux keeps what it finds). An
+/// expansion ROM gets an address with its decoding left off, as firmware leaves it after
+/// running it.
 pub fn pci_assign_bars(bus: &Object) {
     let mut next_io = BAR_IO_BASE;
     let mut next_mem = BAR_MEM_BASE;
+    let mut large_top = BAR_MEM_BASE;
     for (_, dev) in pci_bus_devices(bus) {
         let sizes: Vec<(usize, BarKind, u64)> = dev
             .bars
@@ -794,26 +1013,100 @@ pub fn pci_assign_bars(bus: &Object) {
         }
         let mut command = 0u16;
         for (index, kind, size) in sizes {
-            let (next, limit, flag) = match kind {
-                BarKind::Io => (&mut next_io, BAR_IO_LIMIT, config::COMMAND_IO),
-                BarKind::Mem32 => (&mut next_mem, BAR_MEM_LIMIT, config::COMMAND_MEMORY),
-            };
             let size = size.max(if kind == BarKind::Io { 4 } else { 16 });
-            let addr = next.next_multiple_of(size);
-            if addr + size > limit {
+            let addr = if kind == BarKind::Io {
+                let addr = next_io.next_multiple_of(size);
+                (addr + size <= BAR_IO_LIMIT).then(|| {
+                    next_io = addr + size;
+                    addr
+                })
+            } else if size >= BAR_LARGE {
+                let addr = large_top.saturating_sub(size) & !(size - 1);
+                (addr >= BAR_LARGE_MEM_FLOOR).then(|| {
+                    large_top = addr;
+                    addr
+                })
+            } else {
+                let addr = next_mem.next_multiple_of(size);
+                (addr + size <= BAR_MEM_LIMIT).then(|| {
+                    next_mem = addr + size;
+                    addr
+                })
+            };
+            let Some(addr) = addr else {
                 log::warn!(
                     "{}: no room for BAR {index} (0x{size:x} bytes)",
                     dev.object().type_name()
                 );
                 continue;
-            }
-            *next = addr + size;
-            let offset = config::BAR0 + 4 * index;
-            let flags = dev.read_config(offset, 4) & if kind == BarKind::Io { 0x3 } else { 0xf };
+            };
+            let offset = region_offset(index);
+            let flags = match kind {
+                _ if index == PCI_ROM_SLOT => 0,
+                BarKind::Io => dev.read_config(offset, 4) & 0x3,
+                _ => dev.read_config(offset, 4) & 0xf,
+            };
             dev.config_set(offset, &(addr as u32 | flags).to_le_bytes());
-            command |= flag;
+            command |= if kind == BarKind::Io {
+                config::COMMAND_IO
+            } else {
+                config::COMMAND_MEMORY
+            };
         }
         let current = dev.read_config(config::COMMAND, 2) as u16;
         dev.write_config(config::COMMAND, u32::from(current | command), 2);
+    }
+}
+
+#[cfg(test)]
+mod rom_tests {
+    use super::*;
+
+    fn rom_with_pcir(vendor: u16, device: u16) -> Vec<u8> {
+        let mut rom = vec![0u8; 512];
+        rom[0] = 0x55;
+        rom[1] = 0xaa;
+        rom[0x18] = 0x40;
+        rom[0x40..0x44].copy_from_slice(b"PCIR");
+        rom[0x44..0x46].copy_from_slice(&vendor.to_le_bytes());
+        rom[0x46..0x48].copy_from_slice(&device.to_le_bytes());
+        rom[6] = 0x33;
+        rom
+    }
+
+    fn sum(rom: &[u8]) -> u8 {
+        rom.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    #[test]
+    fn default_roms_name_the_device_and_keep_their_checksum() {
+        let mut rom = rom_with_pcir(0x1013, 0x00b8);
+        let before = sum(&rom);
+        patch_rom_ids(&mut rom, 0x1234, 0x1111);
+        assert_eq!(&rom[0x44..0x48], &[0x34, 0x12, 0x11, 0x11]);
+        assert_eq!(sum(&rom), before);
+    }
+
+    #[test]
+    fn images_without_a_pci_header_are_left_alone() {
+        let mut rom = vec![0u8; 64];
+        patch_rom_ids(&mut rom, 1, 2);
+        assert!(rom.iter().all(|b| *b == 0));
+        let mut rom = rom_with_pcir(1, 2);
+        rom[0x18] = 0xff;
+        rom[0x19] = 0x01;
+        let copy = rom.clone();
+        patch_rom_ids(&mut rom, 3, 4);
+        assert_eq!(rom, copy, "PCIR offset outside the image");
+    }
+
+    #[test]
+    fn the_rom_bar_reads_the_image_and_all_ones_past_it() {
+        let rom = RomBar(vec![0x55, 0xaa, 0x10].into());
+        assert_eq!(rom.read(0, 2), 0xaa55);
+        assert_eq!(rom.read(1, 4), 0xffff_10aa);
+        assert_eq!(rom.read(u64::MAX, 1), 0xff);
+        rom.write(0, 0, 1);
+        assert_eq!(rom.read(0, 1), 0x55);
     }
 }

@@ -85,6 +85,12 @@ const COMMANDS: &[HmpCommand] = &[
         run: info,
     },
     HmpCommand {
+        names: "screendump",
+        params: "filename [-f format] [device [head]]",
+        help: "save screen from head 'head' of display device 'device'in specified format 'format' as image 'filename'.Currently only 'png' and 'ppm' formats are supported.",
+        run: screendump,
+    },
+    HmpCommand {
         names: "netdev_add",
         params: "[user|tap],id=str[,prop=value][,...]",
         help: "add host network device",
@@ -352,6 +358,15 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         run: info_status,
     },
     HmpCommand {
+        names: "vnc",
+        params: "",
+        help: "show the vnc server status",
+        run: |_, _, _, out| {
+            crate::vnc::info_vnc(out);
+            Ok(())
+        },
+    },
+    HmpCommand {
         names: "version",
         params: "",
         help: "show the version of QEMU",
@@ -394,6 +409,50 @@ pub fn hmp_execute(ctx: &CommandCtx, hmp: &mut HmpState, line: &str) -> String {
         }
     }
     out
+}
+
+/// QEMU's `hmp_screendump`: `filename [-f format] [device [head]]`.
+fn screendump(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    _: &mut String,
+) -> Result<(), QmpError> {
+    let mut format = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if *arg == "-f" {
+            format = Some(*it.next().ok_or_else(|| missing("format"))?);
+        } else {
+            rest.push(*arg);
+        }
+    }
+    let filename = rest.first().ok_or_else(|| missing("filename"))?;
+    if let Some(f) = format.filter(|f| !crate::ui::IMAGE_FORMATS.contains(f)) {
+        return Err(QmpError::InvalidEnumValue {
+            name: "format".into(),
+            value: f.to_string(),
+        });
+    }
+    let head = match rest.get(2) {
+        Some(h) => Some(
+            h.parse::<i64>()
+                .map_err(|_| QmpError::BadInput(format!("'{h}' is not a number")))?,
+        ),
+        None => None,
+    };
+    crate::ui::screendump(
+        ctx.vm.machine_state(),
+        filename,
+        rest.get(1).copied(),
+        head,
+        format,
+    )
+    .map_err(|e| match e {
+        crate::ui::ScreendumpError::DeviceNotFound(id) => QmpError::DeviceNotFound(id),
+        other => QmpError::Failed(other.to_string()),
+    })
 }
 
 fn help_lines(prefix: &str, list: &[HmpCommand], only: Option<&str>, out: &mut String) {

@@ -310,6 +310,12 @@ pub const GUEST_PANIC_ACTION: QapiEnum = QapiEnum {
     values: &["pause", "poweroff", "run"],
 };
 
+/// The VNC events' members: QAPI's `VncServerInfo` and `VncBasicInfo` (or `VncClientInfo`).
+const VNC_EVENT_DATA: &[Arg] = &[
+    Arg::required("server", ArgType::Any),
+    Arg::required("client", ArgType::Any),
+];
+
 /// Every event qomvm sends, as `query-qmp-schema` describes them; a message for an event
 /// not declared here is a bug (`client::event_message` checks in debug builds).
 pub const EVENTS: &[QmpEvent] = &[
@@ -342,6 +348,18 @@ pub const EVENTS: &[QmpEvent] = &[
     QmpEvent {
         name: "MIGRATION_PASS",
         data: &[Arg::required("pass", ArgType::Int)],
+    },
+    QmpEvent {
+        name: "VNC_CONNECTED",
+        data: VNC_EVENT_DATA,
+    },
+    QmpEvent {
+        name: "VNC_INITIALIZED",
+        data: VNC_EVENT_DATA,
+    },
+    QmpEvent {
+        name: "VNC_DISCONNECTED",
+        data: VNC_EVENT_DATA,
     },
     QmpEvent {
         name: "RESUME",

@@ -438,6 +438,21 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: qmp_pmemsave,
     },
     QmpCommand {
+        name: "query-vnc",
+        args: &[],
+        run: |_, _| Ok(crate::vnc::query_vnc()),
+    },
+    QmpCommand {
+        name: "screendump",
+        args: &[
+            Arg::required("filename", ArgType::Str),
+            Arg::optional("device", ArgType::Str),
+            Arg::optional("head", ArgType::Int),
+            Arg::optional("format", ArgType::Enum(&IMAGE_FORMAT)),
+        ],
+        run: qmp_screendump,
+    },
+    QmpCommand {
         name: "human-monitor-command",
         args: &[
             Arg::required("command-line", ArgType::Str),
@@ -595,6 +610,31 @@ fn qmp_pmemsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qm
         at += n as u64;
         left -= n as u64;
     }
+    Ok(json!({}))
+}
+
+/// QAPI's `ImageFormat`.
+pub const IMAGE_FORMAT: crate::monitor::qapi::QapiEnum = crate::monitor::qapi::QapiEnum {
+    name: "ImageFormat",
+    values: crate::ui::IMAGE_FORMATS,
+};
+
+/// QEMU's `qmp_screendump`.
+fn qmp_screendump(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let device = args.get("device").and_then(Value::as_str);
+    let head = args.get("head").and_then(Value::as_i64);
+    let format = args.get("format").and_then(Value::as_str);
+    crate::ui::screendump(
+        ctx.vm.machine_state(),
+        str_arg(args, "filename"),
+        device,
+        head,
+        format,
+    )
+    .map_err(|e| match e {
+        crate::ui::ScreendumpError::DeviceNotFound(id) => QmpError::DeviceNotFound(id),
+        other => QmpError::Failed(other.to_string()),
+    })?;
     Ok(json!({}))
 }
 

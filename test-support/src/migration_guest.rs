@@ -12,12 +12,56 @@ const DENSE_DWORDS: u32 = 4096;
 const SPARSE: u32 = 0x80_0000;
 const SPARSE_PAGES: u32 = 1024;
 
+/// Where the VGA guest keeps its framebuffer's address.
+const FB_BASE_VAR: u32 = 0x2f_f000;
+/// The framebuffer area: one dword at the start of each of 1024 pages (4 MiB).
+const FB_PAGES: u32 = 1024;
+
 /// The counting guest: fills 16 KiB and one dword of each of 1024 pages spread over 4 MiB
 /// with known values, keeps their sum in a register, and forever bumps one word of each
 /// area by its counter, recomputes the full sum and prints `COUNTER ok` (8 hex digits) on
 /// COM1, or `COUNTER BAD` if the memory no longer adds up. Needs 16 MiB of RAM.
 pub fn migration_kernel() -> Vec<u8> {
+    counting_kernel(false)
+}
+
+/// The counting guest with a third area in video memory: the std VGA's framebuffer at
+/// 00:02.0 (BAR 0, which the guest reads from PCI configuration space and enables), one
+/// dword of each of its first 1024 pages. Its writes go straight to video memory through
+/// the accelerator, during a migration's passes too; a destination whose video memory
+/// differs from the source's prints `BAD`. Without a framebuffer there it prints
+/// `no framebuffer` and halts.
+pub fn vga_migration_kernel() -> Vec<u8> {
+    counting_kernel(true)
+}
+
+fn counting_kernel(framebuffer: bool) -> Vec<u8> {
     let mut a = Asm::flat32();
+    if framebuffer {
+        // The VGA's BAR 0 by configuration mechanism #1; memory decoding on.
+        let found = a.label();
+        a.mov_imm(EAX, 0x8000_1010)
+            .mov_dx(0xcf8)
+            .out_dx_eax()
+            .mov_dx(0xcfc)
+            .in_eax_dx()
+            .and_imm(EAX, 0xffff_fff0)
+            .store_abs(FB_BASE_VAR, EAX)
+            .cmp_imm(EAX, 0)
+            .jcc(Cond::Ne, found)
+            .mov_dx(COM1);
+        for &b in b"no framebuffer\n" {
+            a.mov_al(b).out_dx_al();
+        }
+        a.hlt_loop();
+        a.bind(found);
+        a.mov_imm(EAX, 0x8000_1004)
+            .mov_dx(0xcf8)
+            .out_dx_eax()
+            .mov_dx(0xcfc)
+            .mov_imm(EAX, 0x3)
+            .out_dx_eax();
+    }
     // EBX: the running sum; EBP: the counter.
     a.xor(EBX, EBX)
         .mov_imm(EDI, DENSE)
@@ -36,6 +80,15 @@ pub fn migration_kernel() -> Vec<u8> {
         .add_imm(EAX, 0x7f4a_7c15)
         .add_imm(EDI, 4096)
         .loop_back(fill_sparse);
+    if framebuffer {
+        a.load_abs(EDI, FB_BASE_VAR).mov_imm(ECX, FB_PAGES);
+        let fill_fb = a.here();
+        a.store(EDI, 0, EAX)
+            .emit(&[0x01, 0xc3]) // add ebx, eax
+            .add_imm(EAX, 0x2545_f491)
+            .add_imm(EDI, 4096)
+            .loop_back(fill_fb);
+    }
     a.emit(&[0x31, 0xed]); // xor ebp, ebp
     let main = a.here();
     a.emit(&[0x45]); // inc ebp
@@ -52,7 +105,17 @@ pub fn migration_kernel() -> Vec<u8> {
         .add_imm(EDI, SPARSE)
         .emit(&[0x01, 0x2f]) // add [edi], ebp
         .emit(&[0x01, 0xeb]); // add ebx, ebp
-                              // EDX: the sum of the memory, now.
+    if framebuffer {
+        // Framebuffer page (n % 1024) += n.
+        a.emit(&[0x89, 0xef]) // mov edi, ebp
+            .and_imm(EDI, FB_PAGES - 1)
+            .emit(&[0xc1, 0xe7, 0x0c]) // shl edi, 12
+            .load_abs(ESI, FB_BASE_VAR)
+            .emit(&[0x01, 0xf7]) // add edi, esi
+            .emit(&[0x01, 0x2f]) // add [edi], ebp
+            .emit(&[0x01, 0xeb]); // add ebx, ebp
+    }
+    // EDX: the sum of the memory, now.
     a.xor(EDX, EDX)
         .mov_imm(ESI, DENSE)
         .mov_imm(ECX, DENSE_DWORDS);
@@ -65,6 +128,13 @@ pub fn migration_kernel() -> Vec<u8> {
     a.emit(&[0x03, 0x16]) // add edx, [esi]
         .add_imm(ESI, 4096)
         .loop_back(sum_sparse);
+    if framebuffer {
+        a.load_abs(ESI, FB_BASE_VAR).mov_imm(ECX, FB_PAGES);
+        let sum_fb = a.here();
+        a.emit(&[0x03, 0x16]) // add edx, [esi]
+            .add_imm(ESI, 4096)
+            .loop_back(sum_fb);
+    }
     // The counter in hex (`mov dx, port` below clobbers EDX: the sum waits in EDI).
     a.mov(EDI, EDX);
     a.emit(&[0x89, 0xee]) // mov esi, ebp

@@ -1,0 +1,339 @@
+//! `VGA` (QEMU's `hw/display/vga-pci.c`, docs/specs/standard-vga.rst): the standard VGA
+//! on PCI, 1234:1111, class 0300. It claims the legacy VGA ports (0x3b0-0x3df), the Bochs
+//! VBE ports (0x1ce-0x1d0) and the 0xa0000-0xbffff window (`vga.rs`), and has
+//!
+//! - BAR 0: video memory (`vgamem_mb`, 16 MiB by default), 32-bit prefetchable memory,
+//!   mapped straight into the guest where the accelerator can (the linear framebuffer);
+//! - BAR 2 (`mmio=on`): 4 KiB of registers: the VGA ports 0x3c0-0x3df at 0x400 (16-bit
+//!   writes set an index and its data at once), the VBE registers at 0x500 (register `n`
+//!   at `0x500 + 2n`), and with `qemu-extended-regs=on` QEMU's extended registers at 0x600
+//!   (size, and framebuffer byte order at 0x604; the revision is then 2). The EDID blob
+//!   QEMU 7.2 puts at 0x000 (`edid=on`) is not there yet: 0x000-0x3ff reads all ones;
+//! - the expansion ROM BAR: `romfile`, by default SeaBIOS's `vgabios-stdvga.bin`.
+//!
+//! One graphic console shows it (QMP/HMP `screendump`). It migrates as QEMU's `vga`
+//! section with `vga.vram` does: its PCI configuration, the VGA's registers and video
+//! memory (`VgaCommon::save_state`), in one versioned section.
+
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+use qom::{type_init, Prop};
+
+use crate::core::console::{GraphicHwOps, QemuConsole, Surface};
+use crate::core::memory::{AddressSpace, MemoryError, MemoryRegion, MemoryRegionOps, RamBacking};
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::vmstate::{VmStateError, VmStateSection};
+use crate::display::vga::{
+    VbePorts, VgaCommon, VgaIoPorts, VgaLowMem, Vram, VramOps, VBE_DISPI_IOPORT_INDEX,
+    VBE_IO_SIZE, VGA_IO_BASE, VGA_IO_SIZE, VGA_LOWMEM_BASE, VGA_LOWMEM_SIZE,
+};
+use crate::pci::pci::{BarKind, PciDevice, PciDeviceImpl};
+
+/// QEMU's `TYPE_VGA` name of the std VGA.
+pub const TYPE_PCI_VGA: &str = "VGA";
+
+/// QEMU's `PCI_VENDOR_ID_QEMU`.
+pub const PCI_VENDOR_ID_QEMU: u16 = 0x1234;
+/// QEMU's `PCI_DEVICE_ID_QEMU_VGA`.
+pub const PCI_DEVICE_ID_QEMU_VGA: u16 = 0x1111;
+/// QEMU's `PCI_CLASS_DISPLAY_VGA`.
+pub const PCI_CLASS_DISPLAY_VGA: u16 = 0x0300;
+
+/// The MMIO BAR's size and layout (QEMU's `PCI_VGA_*`).
+const PCI_VGA_MMIO_SIZE: u64 = 0x1000;
+const PCI_VGA_IOPORT_OFFSET: u64 = 0x400;
+const PCI_VGA_IOPORT_SIZE: u64 = 0x20;
+const PCI_VGA_BOCHS_OFFSET: u64 = 0x500;
+const PCI_VGA_BOCHS_SIZE: u64 = 0x0b * 2;
+const PCI_VGA_QEXT_OFFSET: u64 = 0x600;
+const PCI_VGA_QEXT_SIZE: u64 = 8;
+const PCI_VGA_QEXT_LITTLE_ENDIAN: u32 = 0x1e1e_1e1e;
+const PCI_VGA_QEXT_BIG_ENDIAN: u32 = 0xbebe_bebe;
+
+/// QEMU's `PCIVGAState` with the std VGA's properties.
+#[derive(qom::Object)]
+#[qom(name = TYPE_PCI_VGA)]
+pub struct PciVga {
+    #[parent]
+    parent: PciDevice,
+    /// Clamped to 1-512 and rounded up to a power of two, as QEMU's `vga_common_init`.
+    #[property(name = "vgamem_mb", default = 16, desc = "Video memory in MiB")]
+    vgamem_mb: Prop<u32>,
+    #[property(default = true, desc = "on/off")]
+    mmio: Prop<bool>,
+    #[property(name = "qemu-extended-regs", default = true, desc = "on/off")]
+    qemu_extended_regs: Prop<bool>,
+    vga: OnceLock<Arc<VgaCommon>>,
+    console: Mutex<Option<Arc<QemuConsole>>>,
+    /// The legacy regions this device claimed, to give back at unrealize.
+    legacy: Mutex<Vec<(Arc<AddressSpace>, Arc<MemoryRegion>)>>,
+}
+
+type_init!(PciVga);
+
+impl DeviceImpl for PciVga {
+    const CATEGORY: DeviceCategory = DeviceCategory::Display;
+    const HOTPLUGGABLE: bool = false;
+
+    fn unrealize(&self, ctx: &DeviceContext) {
+        for (space, region) in self.legacy.lock().drain(..) {
+            space.unmap(&region);
+        }
+        if let (Some(console), Ok(services)) = (self.console.lock().take(), ctx.machine()) {
+            services.consoles().remove(&console);
+        }
+        DeviceImpl::unrealize(&self.parent, ctx);
+    }
+
+    /// QEMU's `vga_reset`: the registers back to their power-on values.
+    fn reset(&self) {
+        if let Some(vga) = self.vga.get() {
+            vga.reset();
+        }
+        DeviceImpl::reset(&self.parent);
+    }
+
+    /// QEMU's `vmstate_vga_pci` (the PCI device and `vmstate_vga_common`) with video
+    /// memory, plus the BAR layout the properties chose, which the destination must share.
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        let vga = self.realized_vga()?;
+        let mut s = VmStateSection::new(VGA_STATE_VERSION);
+        self.parent.save_pci_state(&mut s);
+        s.put("mmio", self.mmio.get());
+        s.put("qemu_extended_regs", self.qemu_extended_regs.get());
+        vga.save_state(&mut s);
+        Ok(s)
+    }
+
+    /// Loads [`PciVga`]'s section on a destination (before its vCPUs first run): the
+    /// VGA's state and video memory, then the configuration space, which maps BAR 0 (and
+    /// with it the framebuffer's accelerator slot over the loaded memory) where the
+    /// source had it.
+    fn load_state(&self, s: &VmStateSection) -> Result<(), VmStateError> {
+        s.check_version(VGA_STATE_VERSION, VGA_STATE_VERSION)?;
+        let vga = self.realized_vga()?;
+        for (field, ours) in [
+            ("mmio", self.mmio.get()),
+            ("qemu_extended_regs", self.qemu_extended_regs.get()),
+        ] {
+            let theirs: bool = s.get(field)?;
+            if theirs != ours {
+                let onoff = |b: bool| if b { "on" } else { "off" };
+                let property = field.replace('_', "-");
+                return Err(VmStateError::Mismatch(format!(
+                    "VGA: {property}={} in the stream, {property}={} here",
+                    onoff(theirs),
+                    onoff(ours)
+                )));
+            }
+        }
+        vga.load_state(s)?;
+        self.parent.load_pci_state(s)
+    }
+}
+
+/// The layout of [`PciVga`]'s section.
+const VGA_STATE_VERSION: u32 = 1;
+
+impl PciDeviceImpl for PciVga {
+    const VENDOR_ID: u16 = PCI_VENDOR_ID_QEMU;
+    const DEVICE_ID: u16 = PCI_DEVICE_ID_QEMU_VGA;
+    const CLASS_ID: u16 = PCI_CLASS_DISPLAY_VGA;
+    /// QEMU's default subsystem IDs (`pci_set_default_subsystem_id`).
+    const SUBSYSTEM_VENDOR_ID: u16 = 0x1af4;
+    const SUBSYSTEM_ID: u16 = 0x1100;
+    const ROMFILE: Option<&'static str> = Some("vgabios-stdvga.bin");
+
+    /// QEMU's `pci_std_vga_realize`.
+    fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+        let services = ctx.machine()?;
+        let mb = self.vgamem_mb.get().clamp(1, 512).next_power_of_two();
+        let vram = Vram::new(u64::from(mb) << 20).map_err(RealizeError::device)?;
+        let vga = VgaCommon::new(vram.clone());
+        let _ = self.vga.set(vga.clone());
+
+        // The legacy VGA ports and window. A second VGA finds them taken (QEMU lets the
+        // later one shadow the first; here the first keeps them) and works through its
+        // BARs only.
+        let legacy = [
+            (
+                services.system_io(),
+                u64::from(VGA_IO_BASE),
+                MemoryRegion::new_io("vga", VGA_IO_SIZE, Arc::new(VgaIoPorts(vga.clone()))),
+            ),
+            (
+                services.system_io(),
+                u64::from(VBE_DISPI_IOPORT_INDEX),
+                MemoryRegion::new_io("vbe", VBE_IO_SIZE, Arc::new(VbePorts(vga.clone()))),
+            ),
+            (
+                services.system_memory(),
+                VGA_LOWMEM_BASE,
+                MemoryRegion::new_io("vga-lowmem", VGA_LOWMEM_SIZE, Arc::new(VgaLowMem(vga.clone()))),
+            ),
+        ];
+        for (space, base, region) in legacy {
+            match space.map(base, region.clone()) {
+                Ok(()) => self.legacy.lock().push((space.clone(), region)),
+                Err(e @ MemoryError::Overlap { .. }) => {
+                    log::warn!("{TYPE_PCI_VGA}: legacy VGA resources taken, BARs only: {e}")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        let fb = MemoryRegion::new_ram_device(
+            "vga.vram",
+            vram.size(),
+            Arc::new(VramOps(vram.clone())),
+            RamBacking {
+                host_addr: vram.host_addr(),
+                owner: vram.clone(),
+            },
+        );
+        self.register_bar(0, BarKind::Mem32Prefetch, fb)?;
+        if self.mmio.get() {
+            let qext = self.qemu_extended_regs.get();
+            if qext {
+                self.config_set(crate::pci::pci::config::REVISION, &[2]);
+            }
+            let mmio = MemoryRegion::new_io(
+                "vga.mmio",
+                PCI_VGA_MMIO_SIZE,
+                Arc::new(VgaMmio {
+                    vga: vga.clone(),
+                    qext,
+                }),
+            );
+            self.register_bar(2, BarKind::Mem32, mmio)?;
+        }
+        let console = services
+            .consoles()
+            .add(ctx.object(), 0, Arc::new(VgaConsole(vga)));
+        *self.console.lock() = Some(console);
+        Ok(())
+    }
+}
+
+impl PciVga {
+    /// The VGA's state, once realized.
+    pub fn vga(&self) -> Option<&Arc<VgaCommon>> {
+        self.vga.get()
+    }
+
+    fn realized_vga(&self) -> Result<&Arc<VgaCommon>, VmStateError> {
+        self.vga
+            .get()
+            .ok_or_else(|| VmStateError::Host(format!("{TYPE_PCI_VGA} is not realized")))
+    }
+}
+
+/// The console's view of the VGA.
+struct VgaConsole(Arc<VgaCommon>);
+
+impl GraphicHwOps for VgaConsole {
+    fn gfx_update(&self) -> Surface {
+        crate::display::vga_draw::render(&self.0)
+    }
+}
+
+/// BAR 2 (QEMU's `vga.mmio` with its subregions).
+struct VgaMmio {
+    vga: Arc<VgaCommon>,
+    qext: bool,
+}
+
+impl VgaMmio {
+    /// Reads the VBE register at byte `offset` of the bochs window.
+    fn bochs_read(&self, offset: u64) -> u16 {
+        self.vga.vbe_read((offset >> 1) as u16)
+    }
+}
+
+impl MemoryRegionOps for VgaMmio {
+    fn read(&self, offset: u64, size: u32) -> u64 {
+        let size = size.min(4);
+        let ones = (1u64 << (8 * size)) - 1;
+        if (PCI_VGA_IOPORT_OFFSET..PCI_VGA_IOPORT_OFFSET + PCI_VGA_IOPORT_SIZE).contains(&offset) {
+            let mut regs = self.vga.regs.lock();
+            (0..u64::from(size)).fold(0, |v, i| {
+                let port = 0x3c0 + (offset - PCI_VGA_IOPORT_OFFSET + i);
+                let byte = if port < 0x3e0 {
+                    regs.ioport_read(port as u16)
+                } else {
+                    0xff
+                };
+                v | (u64::from(byte) << (8 * i))
+            })
+        } else if (PCI_VGA_BOCHS_OFFSET..PCI_VGA_BOCHS_OFFSET + PCI_VGA_BOCHS_SIZE).contains(&offset) {
+            // 16-bit registers; narrower and wider reads take their bytes.
+            let rel = offset - PCI_VGA_BOCHS_OFFSET;
+            (0..u64::from(size)).fold(0, |v, i| {
+                let at = rel + i;
+                let byte = if at < PCI_VGA_BOCHS_SIZE {
+                    (self.bochs_read(at & !1) >> (8 * (at & 1))) as u8
+                } else {
+                    0xff
+                };
+                v | (u64::from(byte) << (8 * i))
+            })
+        } else if self.qext
+            && (PCI_VGA_QEXT_OFFSET..PCI_VGA_QEXT_OFFSET + PCI_VGA_QEXT_SIZE).contains(&offset)
+        {
+            if size != 4 {
+                self.vga.guest_error(|| format!("VGA: {size}-byte read of extended register 0x{offset:x}"));
+                return ones;
+            }
+            match offset - PCI_VGA_QEXT_OFFSET {
+                0 => PCI_VGA_QEXT_SIZE,
+                4 => u64::from(if self.vga.regs.lock().big_endian_fb {
+                    PCI_VGA_QEXT_BIG_ENDIAN
+                } else {
+                    PCI_VGA_QEXT_LITTLE_ENDIAN
+                }),
+                _ => 0,
+            }
+        } else {
+            ones
+        }
+    }
+
+    fn write(&self, offset: u64, value: u64, size: u32) {
+        let size = size.min(4);
+        if (PCI_VGA_IOPORT_OFFSET..PCI_VGA_IOPORT_OFFSET + PCI_VGA_IOPORT_SIZE).contains(&offset) {
+            // Bytes in little-endian order: an index and its data in one write.
+            let mut regs = self.vga.regs.lock();
+            for i in 0..u64::from(size) {
+                let port = 0x3c0 + (offset - PCI_VGA_IOPORT_OFFSET + i);
+                if port < 0x3e0 {
+                    regs.ioport_write(port as u16, (value >> (8 * i)) as u8);
+                }
+            }
+        } else if (PCI_VGA_BOCHS_OFFSET..PCI_VGA_BOCHS_OFFSET + PCI_VGA_BOCHS_SIZE).contains(&offset) {
+            let rel = offset - PCI_VGA_BOCHS_OFFSET;
+            if size == 1 {
+                // As QEMU widens a byte write to the 16-bit register.
+                let shift = 8 * (rel & 1);
+                self.vga.vbe_write((rel >> 1) as u16, ((value & 0xff) << shift) as u16);
+                return;
+            }
+            for i in (0..u64::from(size)).step_by(2) {
+                if rel + i < PCI_VGA_BOCHS_SIZE {
+                    self.vga
+                        .vbe_write(((rel + i) >> 1) as u16, (value >> (8 * i)) as u16);
+                }
+            }
+        } else if self.qext && offset == PCI_VGA_QEXT_OFFSET + 4 && size == 4 {
+            match value as u32 {
+                PCI_VGA_QEXT_BIG_ENDIAN => self.vga.regs.lock().big_endian_fb = true,
+                PCI_VGA_QEXT_LITTLE_ENDIAN => self.vga.regs.lock().big_endian_fb = false,
+                _ => {}
+            }
+        } else {
+            self.vga.guest_error(|| {
+                format!("VGA: write of 0x{value:x} ({size} bytes) to MMIO BAR offset 0x{offset:x}, dropped")
+            });
+        }
+    }
+}
