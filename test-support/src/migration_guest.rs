@@ -163,16 +163,7 @@ fn counting_kernel(framebuffer: bool) -> Vec<u8> {
         a.mov_al(b).out_dx_al();
     }
     a.jmp(main);
-    Elf32Kernel {
-        vaddr: LOAD,
-        paddr: LOAD,
-        flags: PF_R | PF_W | PF_X,
-        bss: 0,
-        data_off: 0x400,
-        code: &a.finish(),
-        data: &[],
-    }
-    .build()
+    elf(a)
 }
 
 /// The idle guest: prints `idle` on COM1, then halts for good (interrupts off), writing
@@ -184,13 +175,18 @@ pub fn idle_kernel() -> Vec<u8> {
         a.mov_al(b).out_dx_al();
     }
     a.hlt_loop();
+    elf(a)
+}
+
+/// The Multiboot ELF of `code`, loaded and entered at 1 MiB.
+fn elf(code: Asm) -> Vec<u8> {
     Elf32Kernel {
         vaddr: LOAD,
         paddr: LOAD,
         flags: PF_R | PF_W | PF_X,
         bss: 0,
         data_off: 0x400,
-        code: &a.finish(),
+        code: &code.finish(),
         data: &[],
     }
     .build()
