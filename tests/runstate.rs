@@ -124,6 +124,53 @@ fn concurrent_stop_and_cont_leave_a_status_that_matches_the_vcpus() {
     ms.accel_ops().unwrap().shutdown();
 }
 
+/// CPU time (user + system) the kernel has charged to the vCPU threads of `ms`, from
+/// `/proc/self/task/TID/stat` (fields 14 and 15, in clock ticks).
+fn vcpu_cpu_time(ms: &hw::core::machine::MachineState) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    let mut ticks = 0;
+    for cpu in ms.cpus() {
+        let tid = cpu
+            .downcast::<hw::i386::x86_cpu::X86Cpu>()
+            .unwrap()
+            .thread_id();
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // The command name (field 2) is in parentheses and may hold spaces: count after it.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    Duration::from_millis(ticks * 1000 / ticks_per_s)
+}
+
+#[test]
+fn waiting_vcpus_take_no_cpu_time() {
+    require_kvm!();
+    let image = guest::build(Mode::Real, &[Op::Loop { port: RECORD_PORT }], EXIT_PORT, 0);
+    let vm = TestVm::new(&image, 4, "qemu64");
+    let ms = machine_state(&vm.machine).unwrap();
+    // Waiting vCPUs sleep: 4 of them once woke each other at every parking, which kept
+    // about 70% of a host CPU busy before the guest ever ran (or while it was stopped).
+    let idle_for = |what: &str| {
+        let before = vcpu_cpu_time(ms);
+        std::thread::sleep(Duration::from_millis(500));
+        let spent = vcpu_cpu_time(ms) - before;
+        assert!(
+            spent < Duration::from_millis(100),
+            "vCPUs {what} took {spent:?} of CPU time in 500 ms"
+        );
+    };
+    idle_for("waiting for the first start");
+    runstate::vm_start(ms).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vm.ports.count.load(Ordering::Relaxed) < 100 {
+        assert!(Instant::now() < deadline, "the guest made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    runstate::vm_stop(ms, RunStatus::Paused).unwrap();
+    idle_for("stopped");
+    ms.accel_ops().unwrap().shutdown();
+}
 fn qtest_machine(type_name: &str) -> qom::ObjectRef {
     accel::init().expect("registrations are intact");
     let machine = qom::object_new(type_name).unwrap();

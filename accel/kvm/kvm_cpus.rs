@@ -84,14 +84,23 @@ enum Wake {
 }
 
 /// The vCPU threads of one VM and the mode they run in (QEMU's `all_vcpus_paused` and
-/// friends, with a condition variable instead of polling).
+/// friends, with condition variables instead of polling).
+///
+/// Two condition variables, so that a vCPU parking wakes only the one waiting for all to
+/// park: with one, every parked vCPU woke at each other's parking and parked again,
+/// waking the rest, and waiting vCPUs took a CPU between them (70% of a host CPU with
+/// `-S -smp 2`; at start-up the storm slowed the creation of every further vCPU).
 #[derive(Default)]
 pub struct VcpuSet {
     /// `true` while the mode is Running: the vCPUs' per-exit check, a single atomic load,
     /// so the hot path shares no lock.
     running: AtomicBool,
     state: Mutex<SetState>,
-    changed: Condvar,
+    /// What the vCPU threads wait for: a mode change, queued work, the last vCPU of a
+    /// reset pass, a thread ending.
+    wake: Condvar,
+    /// What [`VcpuSet::pause`] waits for: a vCPU parking, a thread ending, a mode change.
+    parked_changed: Condvar,
     threads: Mutex<Vec<VcpuThread>>,
     next_work: AtomicU64,
 }
@@ -104,7 +113,8 @@ impl VcpuSet {
         }
         st.mode = mode;
         self.running.store(mode == Mode::Running, Ordering::Release);
-        self.changed.notify_all();
+        self.wake.notify_all();
+        self.parked_changed.notify_all();
     }
 
     pub(crate) fn start(&self) {
@@ -121,7 +131,7 @@ impl VcpuSet {
         self.kick_all();
         let mut st = self.state.lock();
         while st.mode == Mode::Paused && st.parked < st.alive {
-            self.changed.wait(&mut st);
+            self.parked_changed.wait(&mut st);
         }
     }
 
@@ -131,7 +141,8 @@ impl VcpuSet {
             let mut st = self.state.lock();
             st.mode = Mode::Stopping;
             self.running.store(false, Ordering::Release);
-            self.changed.notify_all();
+            self.wake.notify_all();
+            self.parked_changed.notify_all();
         }
         self.kick_all();
         let handles: Vec<_> = self
@@ -164,7 +175,7 @@ impl VcpuSet {
                 let _ = tx.send(f(vcpu));
             });
             st.work.push((id, index, work));
-            self.changed.notify_all();
+            self.wake.notify_all();
         }
         self.kick(|t| t.index == index);
         let result = rx.recv_timeout(timeout).ok();
@@ -235,10 +246,12 @@ impl VcpuSet {
             return;
         }
         st.resets_done += 1;
-        self.changed.notify_all();
+        if st.resets_done >= st.alive {
+            self.wake.notify_all();
+        }
         while wait && st.reset_gen == gen && st.mode == Mode::Running && st.resets_done < st.alive {
             self.run_work_locked(&mut st, index, vcpu);
-            self.changed.wait(&mut st);
+            self.wake.wait(&mut st);
         }
     }
 
@@ -262,8 +275,8 @@ impl VcpuSet {
                 Mode::Stopping => return Wake::Stop,
                 Mode::Created | Mode::Paused => {
                     st.parked += 1;
-                    self.changed.notify_all();
-                    self.changed.wait(&mut st);
+                    self.parked_changed.notify_all();
+                    self.wake.wait(&mut st);
                     st.parked -= 1;
                 }
             }
@@ -276,13 +289,13 @@ impl VcpuSet {
     fn park_until_reset(&self, index: u32, vcpu: &mut VcpuFd, seen_gen: u64) {
         let mut st = self.state.lock();
         st.parked += 1;
-        self.changed.notify_all();
+        self.parked_changed.notify_all();
         loop {
             self.run_work_locked(&mut st, index, vcpu);
             if st.mode == Mode::Stopping || st.reset_gen != seen_gen {
                 break;
             }
-            self.changed.wait(&mut st);
+            self.wake.wait(&mut st);
         }
         st.parked -= 1;
     }
@@ -294,7 +307,8 @@ impl VcpuSet {
     fn thread_ended(&self) {
         let mut st = self.state.lock();
         st.alive -= 1;
-        self.changed.notify_all();
+        self.wake.notify_all();
+        self.parked_changed.notify_all();
     }
 }
 
