@@ -32,11 +32,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hw::core::machine::machine_state;
-use hw::core::memory::AddressSpace;
 use hw::core::services::MachineServices;
 use parking_lot::Mutex;
 use qom::ObjectRef;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::monitor::chardev::{self, Backend, Connection};
 
@@ -232,14 +230,15 @@ impl Server {
             "writeb" | "writew" | "writel" | "writeq" => {
                 let (addr, value) = (num(1)?, num(2)?);
                 let size = access_size(words[0], 5)? as usize;
-                self.write_memory(addr, &value.to_le_bytes()[..size]);
+                self.services
+                    .write_physical(addr, &value.to_le_bytes()[..size]);
                 Ok("OK\n".into())
             }
             "readb" | "readw" | "readl" | "readq" => {
                 let addr = num(1)?;
                 let size = access_size(words[0], 4)? as usize;
                 let mut bytes = [0u8; 8];
-                self.read_memory(addr, &mut bytes[..size]);
+                self.services.read_physical(addr, &mut bytes[..size]);
                 Ok(format!("OK 0x{:016x}\n", u64::from_le_bytes(bytes)))
             }
             "read" | "b64read" => {
@@ -248,7 +247,7 @@ impl Server {
                     return Err("a read of 0 bytes".into());
                 }
                 let mut data = vec![0u8; len];
-                self.read_memory(addr, &mut data);
+                self.services.read_physical(addr, &mut data);
                 Ok(if words[0] == "read" {
                     let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
                     format!("OK 0x{hex}\n")
@@ -273,7 +272,7 @@ impl Server {
                         }
                     })
                     .collect();
-                self.write_memory(addr, &data);
+                self.services.write_physical(addr, &data);
                 Ok("OK\n".into())
             }
             "b64write" => {
@@ -284,13 +283,13 @@ impl Server {
                 }
                 let mut data = base64_decode(text).ok_or("invalid base64 data")?;
                 data.resize(len, 0);
-                self.write_memory(addr, &data);
+                self.services.write_physical(addr, &data);
                 Ok("OK\n".into())
             }
             "memset" => {
                 let (addr, len, value) = (num(1)?, transfer_len(num(2)?)?, num(3)?);
                 if len > 0 {
-                    self.write_memory(addr, &vec![value as u8; len]);
+                    self.services.write_physical(addr, &vec![value as u8; len]);
                 }
                 Ok("OK\n".into())
             }
@@ -371,89 +370,6 @@ impl Server {
             )
         }
     }
-
-    /// Reads guest-physical memory as the first CPU would.
-    fn read_memory(&self, addr: u64, out: &mut [u8]) {
-        let ram = self.services.ram();
-        let mmio = self.services.system_memory();
-        let mut done = 0usize;
-        while done < out.len() {
-            let a = addr.wrapping_add(done as u64);
-            let left = out.len() - done;
-            let n = match ram_span(&ram, mmio, a, left) {
-                Some(n) => {
-                    if ram
-                        .read_slice(&mut out[done..done + n], GuestAddress(a))
-                        .is_err()
-                    {
-                        out[done..done + n].fill(0xff);
-                    }
-                    n
-                }
-                None => {
-                    let n = mmio_chunk(a, left);
-                    let mut bytes = [0u8; 8];
-                    mmio.read_bytes(a, &mut bytes[..n]);
-                    out[done..done + n].copy_from_slice(&bytes[..n]);
-                    n
-                }
-            };
-            done += n;
-        }
-    }
-
-    /// Writes guest-physical memory as the first CPU would.
-    fn write_memory(&self, addr: u64, data: &[u8]) {
-        let ram = self.services.ram();
-        let mmio: &Arc<AddressSpace> = self.services.system_memory();
-        let mut done = 0usize;
-        while done < data.len() {
-            let a = addr.wrapping_add(done as u64);
-            let left = data.len() - done;
-            let n = match ram_span(&ram, mmio, a, left) {
-                Some(n) => {
-                    let _ = ram.write_slice(&data[done..done + n], GuestAddress(a));
-                    n
-                }
-                None => {
-                    let n = mmio_chunk(a, left);
-                    mmio.write_bytes(a, &data[done..done + n]);
-                    n
-                }
-            };
-            done += n;
-        }
-    }
-}
-
-/// How many of `len` bytes at `addr` are in one RAM region, if `addr` is RAM and no
-/// device region is mapped over it (the VGA window below 1 MiB is the VGA's, not RAM's).
-fn ram_span(
-    ram: &vm_memory::GuestMemoryMmap,
-    mmio: &AddressSpace,
-    addr: u64,
-    len: usize,
-) -> Option<usize> {
-    let next_mmio = match mmio.mapping_at(addr) {
-        Ok(_) => return None,
-        Err(next) => next,
-    };
-    let region = ram.find_region(GuestAddress(addr))?;
-    let offset = addr - region.start_addr().0;
-    let mut n = len.min((region.len() - offset) as usize);
-    if let Some(next) = next_mmio {
-        n = n.min(usize::try_from(next - addr).unwrap_or(usize::MAX));
-    }
-    Some(n)
-}
-
-/// The size of the next device access: the largest of 8, 4, 2, 1 that `addr` is aligned
-/// to and that `left` covers (QEMU's `memory_access_size`, for devices that take any).
-fn mmio_chunk(addr: u64, left: usize) -> usize {
-    [8usize, 4, 2, 1]
-        .into_iter()
-        .find(|&n| n <= left && addr.is_multiple_of(n as u64))
-        .unwrap_or(1)
 }
 
 /// The access size a command's letter at `index` names (`b`, `w`, `l`, `q`).
@@ -571,13 +487,5 @@ mod tests {
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64_encode(b"fo"), "Zm8=");
         assert!(base64_decode("Zm9v!").is_none());
-    }
-
-    #[test]
-    fn device_accesses_are_split_by_alignment() {
-        assert_eq!(mmio_chunk(0x1000, 16), 8);
-        assert_eq!(mmio_chunk(0x1004, 16), 4);
-        assert_eq!(mmio_chunk(0x1001, 16), 1);
-        assert_eq!(mmio_chunk(0x1000, 3), 2);
     }
 }

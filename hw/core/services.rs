@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::core::accel_ops::{AccelOpsRef, RamBlock};
 use crate::core::balloon::Balloon;
@@ -93,6 +95,61 @@ impl MachineServices {
     /// Guest RAM as mapped so far, for loaders and devices that read or write it.
     pub fn ram(&self) -> Arc<GuestMemoryMmap> {
         self.ram.load_full()
+    }
+
+    /// Reads guest-physical memory as the first CPU would (QEMU's
+    /// `cpu_physical_memory_read`): RAM directly, a device region mapped over RAM (the VGA
+    /// window) or elsewhere through its handlers, in the widest accesses the alignment
+    /// allows; nothing mapped reads as all ones.
+    pub fn read_physical(&self, addr: u64, out: &mut [u8]) {
+        let ram = self.ram();
+        let mut done = 0usize;
+        while done < out.len() {
+            let a = addr.wrapping_add(done as u64);
+            let left = out.len() - done;
+            let n = match ram_span(&ram, &self.system_memory, a, left) {
+                Some(n) => {
+                    if ram
+                        .read_slice(&mut out[done..done + n], GuestAddress(a))
+                        .is_err()
+                    {
+                        out[done..done + n].fill(0xff);
+                    }
+                    n
+                }
+                None => {
+                    let n = device_access_size(a, left);
+                    let mut bytes = [0u8; 8];
+                    self.system_memory.read_bytes(a, &mut bytes[..n]);
+                    out[done..done + n].copy_from_slice(&bytes[..n]);
+                    n
+                }
+            };
+            done += n;
+        }
+    }
+
+    /// Writes guest-physical memory as the first CPU would (QEMU's
+    /// `cpu_physical_memory_write`; see [`Self::read_physical`]).
+    pub fn write_physical(&self, addr: u64, data: &[u8]) {
+        let ram = self.ram();
+        let mut done = 0usize;
+        while done < data.len() {
+            let a = addr.wrapping_add(done as u64);
+            let left = data.len() - done;
+            let n = match ram_span(&ram, &self.system_memory, a, left) {
+                Some(n) => {
+                    let _ = ram.write_slice(&data[done..done + n], GuestAddress(a));
+                    n
+                }
+                None => {
+                    let n = device_access_size(a, left);
+                    self.system_memory.write_bytes(a, &data[done..done + n]);
+                    n
+                }
+            };
+            done += n;
+        }
     }
 
     /// Where devices that write guest RAM themselves (DMA: fw_cfg, the PAM's write-through)
@@ -216,8 +273,41 @@ impl MachineServices {
     }
 }
 
+/// How many of `len` bytes at `addr` are in one RAM region, if `addr` is RAM and no
+/// device region is mapped over it (the VGA window below 1 MiB is the VGA's, not RAM's).
+fn ram_span(ram: &GuestMemoryMmap, mmio: &AddressSpace, addr: u64, len: usize) -> Option<usize> {
+    let next_mmio = match mmio.mapping_at(addr) {
+        Ok(_) => return None,
+        Err(next) => next,
+    };
+    let region = ram.find_region(GuestAddress(addr))?;
+    let offset = addr - region.start_addr().0;
+    let mut n = len.min((region.len() - offset) as usize);
+    if let Some(next) = next_mmio {
+        n = n.min(usize::try_from(next - addr).unwrap_or(usize::MAX));
+    }
+    Some(n)
+}
+
+/// The size of the next device access: the largest of 8, 4, 2, 1 that `addr` is aligned
+/// to and that `left` covers (QEMU's `memory_access_size`, for devices that take any).
+fn device_access_size(addr: u64, left: usize) -> usize {
+    [8usize, 4, 2, 1]
+        .into_iter()
+        .find(|&n| n <= left && addr.is_multiple_of(n as u64))
+        .unwrap_or(1)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn device_accesses_are_split_by_alignment() {
+        assert_eq!(super::device_access_size(0x1000, 16), 8);
+        assert_eq!(super::device_access_size(0x1004, 16), 4);
+        assert_eq!(super::device_access_size(0x1001, 16), 1);
+        assert_eq!(super::device_access_size(0x1000, 3), 2);
+    }
+
     use super::*;
 
     #[test]

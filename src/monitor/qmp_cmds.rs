@@ -581,16 +581,17 @@ fn guest_stats(obj: &qom::Object) -> Option<Value> {
 }
 
 /// QEMU's `qmp_pmemsave`: `size` bytes of guest-physical memory from `val` into a file
-/// (what libvirt's `virDomainMemoryPeek` reads). Only RAM can be saved; a range that leaves
-/// it is refused as QEMU's `memsave` refuses one.
+/// (what libvirt's `virDomainMemoryPeek` reads). As QEMU's `cpu_physical_memory_read`, the
+/// bytes come as the first CPU would read them (`MachineServices::read_physical`): the VGA
+/// window's text, not the RAM under it.
 fn qmp_pmemsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
-    use vm_memory::{Bytes, GuestAddress};
     let addr = args.get("val").and_then(Value::as_i64).unwrap_or(0);
     let size = args.get("size").and_then(Value::as_i64).unwrap_or(0);
     let filename = args.get("filename").and_then(Value::as_str).unwrap_or("");
-    let invalid = || QmpError::Failed(format!("Invalid addr 0x{addr:016x}/size {size} specified"));
-    if addr < 0 || size < 0 {
-        return Err(invalid());
+    if addr < 0 || size < 0 || (addr as u64).checked_add(size as u64).is_none() {
+        return Err(QmpError::Failed(format!(
+            "Invalid addr 0x{addr:016x}/size {size} specified"
+        )));
     }
     let mut file = std::fs::File::create(filename).map_err(|e| {
         QmpError::Failed(format!(
@@ -598,13 +599,12 @@ fn qmp_pmemsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qm
             hw::core::os_error::strerror(&e)
         ))
     })?;
-    let ram = ctx.vm.machine_state().ram();
+    let services = ctx.vm.machine_state().services();
     let mut buf = vec![0u8; 64 << 10];
     let (mut at, mut left) = (addr as u64, size as u64);
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        ram.read_slice(&mut buf[..n], GuestAddress(at))
-            .map_err(|_| invalid())?;
+        services.read_physical(at, &mut buf[..n]);
         std::io::Write::write_all(&mut file, &buf[..n])
             .map_err(|_| QmpError::Failed("An IO error has occurred".into()))?;
         at += n as u64;
