@@ -14,7 +14,7 @@ SELF=$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")
 . "$SCRIPT_DIR/lib/bench.sh"
 
 MARKER=QOMVM-GUEST-READY
-APPEND="console=ttyS0 panic=-1 quiet"
+APPEND="console=ttyS0 panic=-1 quiet qomvm.timeline=1"
 # microvm as QEMU's docs/system/i386/microvm.rst trims it (no option ROMs, no
 # legacy PIT/PIC/RTC), keeping the ISA serial port for console=ttyS0. With the
 # default rtc=on the Debian cloud kernel's rtc_cmos probe fails after a
@@ -232,6 +232,57 @@ for v in order:
                                            for r in rows[v])))
 EOF
 
+# timeline TIMELINE: the guest's phases side by side. TIMELINE lines: "VMM NAME SECONDS"
+# (NAME a milestone of /init's qomvm.timeline=1 lines, in the guest kernel's clock, or
+# "before-kernel": host time from the spawn to that clock's start).
+read -r -d '' PY_TIMELINE <<'EOF' || true
+import statistics, sys
+order, vmms, at = [], [], {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) != 3:
+        continue
+    vmm, name, t = f[0], f[1], float(f[2])
+    if vmm not in vmms:
+        vmms.append(vmm)
+    if name not in order:
+        order.append(name)
+    at.setdefault((vmm, name), []).append(t)
+def med(vmm, name):
+    v = at.get((vmm, name))
+    return statistics.median(v) if v else None
+# Milestones in the order of the first VMM's boot (by time), "before-kernel" first.
+first = vmms[0]
+order.sort(key=lambda n: (n != "before-kernel", med(first, n) if med(first, n) is not None else 1e9))
+print("Guest timeline (medians, seconds): 'at' is the guest kernel's clock when the phase ended")
+print("(printk time stamps; 'before-kernel' is host time from the spawn to that clock's start:")
+print("VMM start-up, firmware, boot loader, decompression); 'phase' is the time since the previous")
+print("milestone; the ratio is qomvm's phase over the other VMM's (<1: qomvm is faster there).")
+head = "  %-17s" % "milestone" + "".join("%19s" % (v + " at/phase") for v in vmms)
+others = [v for v in vmms if v != "qomvm"]
+if "qomvm" in vmms:
+    head += "".join("%16s" % ("qomvm/" + v) for v in others)
+print(head)
+prev = {v: 0.0 for v in vmms}
+for name in order:
+    row = "  %-17s" % name
+    phase = {}
+    for v in vmms:
+        t = med(v, name)
+        if t is None:
+            row += "%19s" % "-"
+            continue
+        phase[v] = t if name == "before-kernel" else t - prev[v]
+        if name != "before-kernel":
+            prev[v] = t
+        row += "%19s" % ("%.3f/%.3f" % (t, phase[v]))
+    if "qomvm" in vmms:
+        for v in others:
+            a, b = phase.get("qomvm"), phase.get(v)
+            row += "%16s" % ("-" if a is None or not b or b <= 0 else "%.2f" % (a / b))
+    print(row)
+EOF
+
 # ----------------------------------------------------------- the benchmark --
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/qomvm-bench-boot.XXXXXX")
@@ -243,7 +294,7 @@ if [[ $firmware == 1 ]]; then
     # @OVERLAY@: boot() makes a fresh overlay of the image for each boot.
     common=(-m "$mem" -smp "$smp" -nographic -no-reboot
         -drive "file=@OVERLAY@,if=none,id=d0,format=qcow2"
-        -device virtio-blk-pci,drive=d0,bootindex=1 -smbios type=11,value=quiet)
+        -device virtio-blk-pci,drive=d0,bootindex=1 -smbios "type=11,value=quiet qomvm.timeline=1")
 else
     cp "$assets/vmlinuz" "$assets/initramfs.cpio.gz" "$work/"
     common=(-m "$mem" -smp "$smp" -nographic -no-reboot
@@ -304,6 +355,13 @@ boot() {
     qomvm_log "$vmm $label: ready $ready ms, exit $exit_ms ms, peak RSS $((rss / 1024)) MiB$extra"
     if ((round >= warmup)); then
         echo "$vmm $ready $exit_ms $rss $kvmrun" >>"$work/results"
+        # The guest's own phases; "ready" (the kernel's clock at the marker) also gives
+        # the time before that clock started.
+        tr -d '\r' <"$con" | sed -n "s/^timeline: \([a-z-]*\) \([0-9.]*\)$/$vmm \1 \2/p" >>"$work/timeline"
+        local up
+        up=$(tr -d '\r' <"$con" | sed -n 's/^timeline: ready \([0-9.]*\)$/\1/p' | head -n1)
+        [[ -z $up ]] || awk -v r="$ready" -v u="$up" -v v="$vmm" \
+            'BEGIN { printf "%s before-kernel %.3f\n", v, r / 1000 - u }' >>"$work/timeline"
     fi
 }
 
@@ -358,6 +416,10 @@ done
 echo
 if [[ -s $work/results ]]; then
     "$PYTHON" -c "$PY_SUMMARY" "$work/results"
+    if [[ -s $work/timeline ]]; then
+        echo
+        "$PYTHON" -c "$PY_TIMELINE" "$work/timeline"
+    fi
 else
     echo "No successful boots."
 fi

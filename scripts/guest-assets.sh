@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=10
+ASSETS_FORMAT=11
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -77,6 +77,10 @@ switches to a disk if qomvm.root= asks for one, prints
   blk: vda 268435456 ro=0           (one line per disk: name, bytes, read-only)
   irq: 24: 0 12 PCI-MSI-edge virtio0-req.0  (one line per virtio interrupt, as
                                     /proc/interrupts shows it)
+  timeline: acpi 0.412345           (only with qomvm.timeline=1: the kernel's
+                                    clock when each boot phase ended, from
+                                    dmesg, then "timeline: ready S", the clock
+                                    at QOMVM-GUEST-READY)
 and then, depending on the kernel command line:
   (default)          powers off (prints QOMVM-POWEROFF, then poweroff -f; every
                      mode below that "powers off" does the same)
@@ -272,7 +276,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -291,6 +295,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.net=*) net=${arg#*=} ;;
         qomvm.nettest=*) mode=nettest modearg=${arg#*=} ;;
         qomvm.migtest=*) mode=migtest modearg=${arg#*=} ;;
+        qomvm.timeline=1) timeline=1 ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -346,6 +351,8 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$root" ]; then
     echo "QOMVM-ROOT-FAILED: $why; staying in the initramfs"
 fi
 
+# The guest's clock at the marker (a shell builtin: no process started before it).
+read -r ready_uptime _ </proc/uptime
 echo QOMVM-GUEST-READY
 echo "nproc: $(nproc)"
 awk '/^MemTotal:/ { print "MemTotal: " $2 " kB" }' /proc/meminfo
@@ -374,6 +381,27 @@ done
 [ -n "$QOMVM_ROOT" ] && echo "root: $QOMVM_ROOT"
 # Interrupts of virtio devices: "PCI-MSI" (MSI-X) or "IO-APIC" (INTx) says how they come.
 awk '/virtio/ { $1 = $1; print "irq: " $0 }' /proc/interrupts
+# qomvm.timeline=1: when the boot's phases ended, by the kernel's clock (printk's time
+# stamps, which "quiet" keeps out of the console but not out of dmesg): the first line
+# of each milestone, "timeline: NAME SECONDS", then the clock at the marker.
+if [ -n "$timeline" ]; then
+    dmesg | awk '
+        function at(name) {
+            if (!(name in seen)) { seen[name] = 1; t = $0; sub(/^\[ */, "", t); sub(/\].*/, "", t); print "timeline: " name " " t }
+        }
+        /Memory: [0-9]+K\/[0-9]+K available/ { at("early-setup") }
+        /tsc: (Detected|Fast TSC calibration|Using PIT calibration)/ { at("tsc-known") }
+        /Calibrating delay|lpj=/ { at("delay-loop") }
+        /smp: Brought up/ { at("cpus-up") }
+        /ACPI: Interpreter enabled/ { at("acpi") }
+        /PCI host bridge to bus/ { at("pci-scan") }
+        /clocksource: Switched to clocksource/ { at("clocksource") }
+        /Serial: 8250\/16550 driver/ { at("serial-driver") }
+        /Freeing unused kernel image/ { at("kernel-init-done") }
+        /Run \/init as init process/ { at("run-init") }
+    '
+    echo "timeline: ready $ready_uptime"
+fi
 
 # netif: the first network interface other than lo (virtio_net names it eth0).
 netif() {
