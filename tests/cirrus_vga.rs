@@ -349,7 +349,7 @@ fn linux_style_32_and_16_bpp_modes_dump_as_written() {
     // RGB565 (SR07 0x17, HDR 0xc1), 32x16, 64 bytes a line.
     linux_mode_set(&mut qt, &m, 32, 16, 0x17, 0xc1, 64);
     let rgb565 =
-        |x: u64, y: u64| ((x & 0x1f) << 11 | (y * 4 & 0x3f) << 5 | ((x + y) & 0x1f)) as u16;
+        |x: u64, y: u64| (((x & 0x1f) << 11) | (((y * 4) & 0x3f) << 5) | ((x + y) & 0x1f)) as u16;
     for y in 0..16u64 {
         let line: Vec<u8> = (0..32u64)
             .flat_map(|x| rgb565(x, y).to_le_bytes())
