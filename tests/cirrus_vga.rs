@@ -468,35 +468,43 @@ fn a_blit_copies_a_rectangle_and_out_of_range_blits_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The seed command line pair, as it is.
+/// The seed command line pair, as it is, on the `pc` with its defaults (the
+/// display `-device` replaces the default VGA) and with `-nodefaults`.
 #[test]
 fn the_seed_pair_is_accepted_verbatim() {
     if rom_or_skip().is_none() {
         return;
     }
-    if std::net::TcpListener::bind(("127.0.0.1", 5912)).is_err() {
-        test_support::skip::skip("port 5912 (VNC display 12) is taken on this host");
-        return;
+    let seed = [
+        "-vnc",
+        "127.0.0.1:12",
+        "-device",
+        "cirrus-vga,id=video0,bus=pci.0,addr=0x2",
+    ];
+    for defaults in [&[][..], &["-nodefaults"][..]] {
+        if std::net::TcpListener::bind(("127.0.0.1", 5912)).is_err() {
+            test_support::skip::skip("port 5912 (VNC display 12) is taken on this host");
+            return;
+        }
+        let args: Vec<&str> = defaults.iter().chain(seed.iter()).copied().collect();
+        let (mut qt, mut qmp, dir) = qtest_with_qmp("cirrus-seed", &args);
+        assert_eq!(qt.pci_read32(2 << 3, 0), 0x00b8_1013, "{args:?}");
+        let functions = program_bars(&mut qt);
+        assert!(
+            functions.iter().all(|f| f.vendor_device != 0x1111_1234),
+            "no std VGA beside it: {args:?}"
+        );
+        let vnc = qmp.execute("query-vnc", json!({}));
+        assert_eq!(vnc["return"]["service"], "5912", "{vnc}");
+        let reply = qmp.execute(
+            "screendump",
+            json!({"filename": dir.join("x.ppm").to_str().unwrap(), "device": "video0"}),
+        );
+        assert_eq!(reply, json!({"return": {}}));
+        assert_eq!(qmp.execute("quit", json!({})), json!({"return": {}}));
+        drop(qt);
+        let _ = std::fs::remove_dir_all(&dir);
     }
-    let (mut qt, mut qmp, dir) = qtest_with_qmp(
-        "cirrus-seed",
-        &[
-            "-nodefaults",
-            "-vnc",
-            "127.0.0.1:12",
-            "-device",
-            "cirrus-vga,id=video0,bus=pci.0,addr=0x2",
-        ],
-    );
-    assert_eq!(qt.pci_read32(2 << 3, 0), 0x00b8_1013);
-    let vnc = qmp.execute("query-vnc", json!({}));
-    assert_eq!(vnc["return"]["service"], "5912", "{vnc}");
-    let reply = qmp.execute(
-        "screendump",
-        json!({"filename": dir.join("x.ppm").to_str().unwrap(), "device": "video0"}),
-    );
-    assert_eq!(reply, json!({"return": {}}));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
