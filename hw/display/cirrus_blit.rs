@@ -493,7 +493,6 @@ impl Engine<'_> {
 
     /// Runs `height` lines of `operation` from `dst`, the source from `src_base` (QEMU's
     /// rop functions; a pattern's first line is still `b.src_addr`'s low bits).
-    #[allow(clippy::too_many_arguments)]
     fn run(&self, b: &Blit, operation: Operation, src: Source<'_>, src_base: u32, dst: u32, height: u32) {
         let d = Dest {
             vram: self.vram,
