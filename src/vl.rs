@@ -631,7 +631,7 @@ const VGA_INTERFACES: &[VgaInterface] = &[
     VgaInterface {
         opt_name: "cirrus",
         name: "Cirrus VGA",
-        driver: None,
+        driver: Some("cirrus-vga"),
     },
     VgaInterface {
         opt_name: "vmware",

@@ -444,6 +444,13 @@ impl VgaRegs {
         }
     }
 
+    /// Whether the VGA ignores port `addr` now: not one of its ports, or of the register
+    /// set (mono or color) the miscellaneous output register does not select (QEMU's
+    /// `vga_ioport_invalid`).
+    pub fn ignores_port(&self, addr: u16) -> bool {
+        !is_vga_port(addr) || self.port_inactive(addr)
+    }
+
     /// Whether port `addr` is of the other (mono or color) register set than the one
     /// the miscellaneous output register selects.
     fn port_inactive(&self, addr: u16) -> bool {

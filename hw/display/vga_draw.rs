@@ -20,13 +20,14 @@ const MAX_TEXT_CELLS: u32 = 160 * 100;
 const MAX_PIXELS: u64 = 1 << 26;
 
 /// QEMU's `c6_to_8`: a 6-bit DAC value widened to 8 bits.
-fn c6_to_8(v: u8) -> u8 {
+pub fn c6_to_8(v: u8) -> u8 {
     let v = v & 0x3f;
     let b = v & 1;
     (v << 2) | (b << 1) | b
 }
 
-fn rgb(r: u8, g: u8, b: u8) -> u32 {
+/// A surface pixel (0xRRGGBB).
+pub fn rgb(r: u8, g: u8, b: u8) -> u32 {
     (u32::from(r) << 16) | (u32::from(g) << 8) | u32::from(b)
 }
 
@@ -65,39 +66,93 @@ fn palette256(r: &VgaRegs) -> Vec<u32> {
         .collect()
 }
 
-/// QEMU's `vga_get_offsets`: bytes per line, start address (in dwords), line compare.
-fn offsets(r: &VgaRegs) -> (u32, u32, u32) {
-    if r.vbe_enabled() {
-        (r.vbe_line_offset, r.vbe_start_addr, 65535)
-    } else {
-        let line_offset = u32::from(r.cr[crtc::OFFSET]) << 3;
-        let start = u32::from(r.cr[crtc::START_LO]) | (u32::from(r.cr[crtc::START_HI]) << 8);
-        let line_compare = u32::from(r.cr[crtc::LINE_COMPARE])
-            | ((u32::from(r.cr[crtc::OVERFLOW]) & 0x10) << 4)
-            | ((u32::from(r.cr[crtc::MAX_SCAN]) & 0x40) << 3);
-        (line_offset, start, line_compare)
+/// What a VGA with extensions changes in the drawing (QEMU's `VGACommonState` hooks
+/// `get_bpp`, `get_params`, `get_resolution` and `cursor_draw_line`): the std VGA answers
+/// from its VBE registers ([`StdVgaDraw`]), the Cirrus from its extended registers.
+pub trait DrawHooks {
+    /// Bits per pixel of the graphic modes with shift control 2 and up; 0 for the VGA's
+    /// 256-colour mode (each pixel twice).
+    fn bpp(&self, r: &VgaRegs) -> u32;
+    /// Bytes per line, start address (in dwords), line compare.
+    fn offsets(&self, r: &VgaRegs) -> (u32, u32, u32);
+    /// Width and height in pixels of the graphic modes.
+    fn resolution(&self, r: &VgaRegs) -> (u32, u32);
+    /// Draws a hardware cursor over scan line `y` (already drawn in `line`).
+    fn draw_cursor_line(&self, _vram: &Vram, _y: u32, _line: &mut [u32]) {}
+}
+
+/// The std VGA's answers: VBE modes, else the VGA registers.
+pub struct StdVgaDraw;
+
+impl DrawHooks for StdVgaDraw {
+    fn bpp(&self, r: &VgaRegs) -> u32 {
+        if r.vbe_enabled() {
+            u32::from(r.vbe_regs[vbe::INDEX_BPP])
+        } else {
+            0
+        }
+    }
+
+    /// QEMU's `vga_get_params`.
+    fn offsets(&self, r: &VgaRegs) -> (u32, u32, u32) {
+        if r.vbe_enabled() {
+            (r.vbe_line_offset, r.vbe_start_addr, 65535)
+        } else {
+            vga_offsets(r)
+        }
+    }
+
+    /// QEMU's `vga_get_resolution`.
+    fn resolution(&self, r: &VgaRegs) -> (u32, u32) {
+        if r.vbe_enabled() {
+            (
+                u32::from(r.vbe_regs[vbe::INDEX_XRES]),
+                u32::from(r.vbe_regs[vbe::INDEX_YRES]),
+            )
+        } else {
+            ((u32::from(r.cr[crtc::H_DISP]) + 1) * 8, vertical_display_end(r))
+        }
     }
 }
 
+/// The VGA registers' bytes per line, start address (in dwords) and line compare.
+pub fn vga_offsets(r: &VgaRegs) -> (u32, u32, u32) {
+    let line_offset = u32::from(r.cr[crtc::OFFSET]) << 3;
+    let start = u32::from(r.cr[crtc::START_LO]) | (u32::from(r.cr[crtc::START_HI]) << 8);
+    (line_offset, start, line_compare(r))
+}
+
+/// The line compare value from CR18 and its overflow bits.
+pub fn line_compare(r: &VgaRegs) -> u32 {
+    u32::from(r.cr[crtc::LINE_COMPARE])
+        | ((u32::from(r.cr[crtc::OVERFLOW]) & 0x10) << 4)
+        | ((u32::from(r.cr[crtc::MAX_SCAN]) & 0x40) << 3)
+}
+
 /// The vertical display end + 1 from CR12 and the overflow bits.
-fn vertical_display_end(r: &VgaRegs) -> u32 {
+pub fn vertical_display_end(r: &VgaRegs) -> u32 {
     (u32::from(r.cr[crtc::V_DISP_END])
         | ((u32::from(r.cr[crtc::OVERFLOW]) & 0x02) << 7)
         | ((u32::from(r.cr[crtc::OVERFLOW]) & 0x40) << 3))
         + 1
 }
 
-/// Renders the VGA as it would show now (QEMU's `vga_update_display`, always a full
+/// Renders the std VGA as it would show now (QEMU's `vga_update_display`, always a full
 /// update).
 pub fn render(vga: &VgaCommon) -> Surface {
+    render_with(vga, &StdVgaDraw)
+}
+
+/// Renders a VGA whose extensions `hooks` describe.
+pub fn render_with(vga: &VgaCommon, hooks: &dyn DrawHooks) -> Surface {
     let regs = vga.regs.lock().clone();
     let mut display = vga.display.lock();
     let drawn = if regs.ar_index & att::PAS == 0 {
         None
     } else if regs.gr[gfx::MISC] & 0x01 == 0 {
-        draw_text(&regs, &vga.vram)
+        draw_text(&regs, &vga.vram, hooks)
     } else {
-        Some(draw_graphic(&regs, &vga.vram))
+        Some(draw_graphic(&regs, &vga.vram, hooks))
     };
     match drawn {
         Some(surface) => {
@@ -110,14 +165,14 @@ pub fn render(vga: &VgaCommon) -> Surface {
 }
 
 /// QEMU's `vga_draw_text`.
-fn draw_text(r: &VgaRegs, vram: &Vram) -> Option<Surface> {
+fn draw_text(r: &VgaRegs, vram: &Vram, hooks: &dyn DrawHooks) -> Option<Surface> {
     let map = r.sr(seq::CHARACTER_MAP);
     let font_offset = |select: u8| u64::from(select) * 8192 * 4 + 2;
     let font_bases = [
         font_offset(((map >> 4) & 1) | ((map << 1) & 6)),
         font_offset(((map >> 5) & 1) | ((map >> 1) & 6)),
     ];
-    let (line_offset, start_addr, line_compare) = offsets(r);
+    let (line_offset, start_addr, line_compare) = hooks.offsets(r);
     let cheight = u32::from(r.cr[crtc::MAX_SCAN] & 0x1f) + 1;
     let clock = r.sr(seq::CLOCK_MODE);
     let cw: u32 = if clock & 0x08 != 0 {
@@ -312,16 +367,9 @@ fn draw_line(
 }
 
 /// QEMU's `vga_draw_graphic`.
-fn draw_graphic(r: &VgaRegs, vram: &Vram) -> Surface {
-    let (line_offset, start_addr, line_compare) = offsets(r);
-    let (width, mut height) = if r.vbe_enabled() {
-        (
-            u32::from(r.vbe_regs[vbe::INDEX_XRES]),
-            u32::from(r.vbe_regs[vbe::INDEX_YRES]),
-        )
-    } else {
-        ((u32::from(r.cr[crtc::H_DISP]) + 1) * 8, vertical_display_end(r))
-    };
+fn draw_graphic(r: &VgaRegs, vram: &Vram, hooks: &dyn DrawHooks) -> Surface {
+    let (line_offset, start_addr, line_compare) = hooks.offsets(r);
+    let (width, mut height) = hooks.resolution(r);
     let shift_control = (r.gr[gfx::MODE] >> 5) & 3;
     let double_scan = u32::from(r.cr[crtc::MAX_SCAN] >> 7);
     let multi_scan = if shift_control != 1 {
@@ -330,11 +378,7 @@ fn draw_graphic(r: &VgaRegs, vram: &Vram) -> Surface {
         double_scan
     };
     let half_clock = r.sr(seq::CLOCK_MODE) & 0x08 != 0;
-    let depth = if r.vbe_enabled() {
-        r.vbe_regs[vbe::INDEX_BPP]
-    } else {
-        0
-    };
+    let depth = hooks.bpp(r);
     let format = match shift_control {
         0 => LineFormat::Planar { doubled: half_clock },
         1 => LineFormat::Cga { doubled: half_clock },
@@ -378,6 +422,7 @@ fn draw_graphic(r: &VgaRegs, vram: &Vram) -> Surface {
         line.clear();
         draw_line(format, r, &data, width, &pal16, &pal256, &mut line);
         line.resize(disp_width as usize, 0);
+        hooks.draw_cursor_line(vram, y, &mut line);
         surface.row_mut(y).copy_from_slice(&line);
         if multi_run == 0 {
             let mask = u64::from((cr_mode & 3) ^ 3);
