@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use hw::core::console::Surface;
+use hw::core::console::{ConsoleUpdate, Surface};
 use hw::core::services::MachineServices;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -618,7 +618,10 @@ struct Client {
     /// The update the client asked for and has not had: incremental, and where.
     pending: Option<(bool, Rect)>,
     /// What the client has on its screen (at the server's size then).
-    shown: Option<Surface>,
+    shown: Option<Arc<Surface>>,
+    /// The console's generation `shown` is up to date with, outside the rows changed
+    /// since.
+    generation: Option<u64>,
     /// The size the client's screen has.
     client_size: (u32, u32),
     last_refresh: Instant,
@@ -640,6 +643,7 @@ impl Client {
             zrle_encoder: ZrleEncoder::default(),
             pending: None,
             shown: None,
+            generation: None,
             client_size: (0, 0),
             last_refresh: Instant::now(),
         }
@@ -674,7 +678,7 @@ impl Client {
         if !shared {
             self.server.make_exclusive(self.handle.id);
         }
-        let surface = self.render()?;
+        let surface = self.render(None).surface;
         let mut init = Vec::new();
         init.extend_from_slice(&(surface.width as u16).to_be_bytes());
         init.extend_from_slice(&(surface.height as u16).to_be_bytes());
@@ -851,15 +855,22 @@ impl Client {
         Ok(())
     }
 
-    /// The first console's picture; a machine without a display device shows a black
-    /// 640x480 screen (QEMU shows a text console there).
-    fn render(&self) -> Result<Surface, ClientError> {
-        Ok(self
-            .server
-            .services
-            .consoles()
-            .first()
-            .map_or_else(|| Surface::new(640, 480), |c| c.update()))
+    /// The first console's picture and the rows changed since generation `since`; a
+    /// machine without a display device shows a black 640x480 screen (QEMU shows a text
+    /// console there).
+    fn render(&self, since: Option<u64>) -> ConsoleUpdate {
+        match self.server.services.consoles().first() {
+            Some(console) => console.refresh(since),
+            None => ConsoleUpdate {
+                surface: Arc::new(Surface::new(640, 480)),
+                generation: 0,
+                changed_rows: if since.is_some() {
+                    Vec::new()
+                } else {
+                    std::iter::once(0..480).collect()
+                },
+            },
+        }
     }
 
     /// Answers the pending update request with what changed (or everything asked for).
@@ -867,7 +878,12 @@ impl Client {
         let Some((incremental, asked)) = self.pending else {
             return Ok(());
         };
-        let surface = self.render()?;
+        let since = self.shown.as_ref().and(self.generation);
+        let ConsoleUpdate {
+            surface,
+            generation,
+            changed_rows,
+        } = self.render(since);
         let mut out = vec![0u8, 0, 0, 0];
         let mut rects: u16 = 0;
         if self.ext_key_events && !self.ext_key_acked {
@@ -903,7 +919,8 @@ impl Client {
             .as_ref()
             .is_some_and(|s| (s.width, s.height) == (surface.width, surface.height));
         let changed = match (&self.shown, incremental && same_size) {
-            (Some(shown), true) => changed_tiles(shown, &surface, cw, ch),
+            // Only the rows the console says changed are compared.
+            (Some(shown), true) => changed_tiles(shown, &surface, cw, ch, &changed_rows),
             _ => {
                 let wanted = if incremental {
                     full_rect(cw, ch)
@@ -914,6 +931,11 @@ impl Client {
             }
         };
         if changed.is_empty() && rects == 0 {
+            if incremental && same_size {
+                // Nothing differs in the changed rows: the client is up to date.
+                self.shown = Some(surface);
+                self.generation = Some(generation);
+            }
             return Ok(());
         }
         for r in &changed {
@@ -928,14 +950,19 @@ impl Client {
         // Outside every lock: a client that does not read stalls here alone.
         self.stream.write_all(&out)?;
         self.shown = match self.shown.take() {
-            // A part asked for again: the rest of the client's screen is as it was.
+            // A part asked for again: the rest of the client's screen is as it was, so
+            // the generation stays, and rows changed since are compared next time.
             Some(mut shown) if !incremental && same_size => {
+                let picture = Arc::make_mut(&mut shown);
                 for r in &changed {
-                    copy_rect(&mut shown, &surface, *r);
+                    copy_rect(picture, &surface, *r);
                 }
                 Some(shown)
             }
-            _ => Some(surface),
+            _ => {
+                self.generation = Some(generation);
+                Some(surface)
+            }
         };
         self.pending = None;
         Ok(())
@@ -960,13 +987,23 @@ fn full_rect(width: u32, height: u32) -> Rect {
 }
 
 /// The tiles of `now` (within `width` x `height`) that differ from `before`, each row of
-/// tiles merged into runs.
-fn changed_tiles(before: &Surface, now: &Surface, width: u32, height: u32) -> Vec<Rect> {
+/// tiles merged into runs; only tiles across `rows` (the rows that may have changed) are
+/// compared.
+fn changed_tiles(
+    before: &Surface,
+    now: &Surface,
+    width: u32,
+    height: u32,
+    rows: &[std::ops::Range<u32>],
+) -> Vec<Rect> {
     let mut rects = Vec::new();
     let width = width.min(before.width);
     let height = height.min(before.height);
     for ty in (0..height).step_by(TILE as usize) {
         let th = TILE.min(height - ty);
+        if !rows.iter().any(|r| r.start < ty + th && ty < r.end) {
+            continue;
+        }
         let mut run: Option<(u32, u32)> = None;
         for tx in (0..width).step_by(TILE as usize) {
             let tw = TILE.min(width - tx);
@@ -1039,6 +1076,8 @@ fn readable(stream: &TcpStream, timeout: Duration) -> std::io::Result<bool> {
 }
 
 #[cfg(test)]
+// Row ranges are what is compared here, one range as often as several.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 
@@ -1123,7 +1162,7 @@ mod tests {
         now.row_mut(5)[130] = 1;
         now.row_mut(90)[10] = 1;
         assert_eq!(
-            changed_tiles(&before, &now, 200, 100),
+            changed_tiles(&before, &now, 200, 100, &[0..100]),
             [
                 Rect {
                     x: 64,
@@ -1139,5 +1178,8 @@ mod tests {
                 }
             ]
         );
+        // Rows the console says did not change are not looked at.
+        assert_eq!(changed_tiles(&before, &now, 200, 100, &[64..70]).len(), 1);
+        assert!(changed_tiles(&before, &now, 200, 100, &[]).is_empty());
     }
 }
