@@ -1312,3 +1312,116 @@ fn escape_typed_over_vnc_opens_seabios_boot_menu() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// On KVM the framebuffer's slot logs the vCPUs' writes for the display (QEMU's
+/// `DIRTY_MEMORY_VGA`) beside a migration's log: a guest that writes one pixel on line
+/// 100 and one on line 300 of a 640x480x32 VBE screen makes the console redraw only the
+/// lines of those two pages, and the migration's dirty pages have both too, whichever of
+/// the two reads KVM's log first. An idle screen redraws nothing.
+#[test]
+fn guest_writes_redraw_only_their_lines_on_kvm() {
+    use test_support::guest::{self, Mode, Op};
+    use vm_memory::{Bytes, GuestAddress};
+    if !kvm_or_skip() {
+        return;
+    }
+    let line = |y: u64| LOCAL_FB + y * 2560 + 40;
+    let image = guest::build(
+        Mode::Protected32,
+        &[
+            Op::MmioWriteL {
+                addr: line(100) as u32,
+                value: 0x00ff_00ff,
+            },
+            Op::MmioWriteL {
+                addr: line(300) as u32,
+                value: 0x0000_ff00,
+            },
+        ],
+        test_support::vm::EXIT_PORT,
+        0,
+    );
+    use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
+    let ms = machine_state(&machine).unwrap();
+    ms.set_ram_size(64 << 20);
+    accel::accel_init_machine(accel::accel_find("kvm").unwrap(), &machine).unwrap();
+    machine_run_board_init(&machine).unwrap();
+    let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
+    let vga = hw::core::qdev::qdev_new("VGA").unwrap();
+    vga.property_parse("addr", "02.0").unwrap();
+    machine
+        .child("peripheral-anon")
+        .unwrap()
+        .add_child("device[*]", &vga)
+        .unwrap();
+    hw::core::qdev::qdev_realize(&vga, Some(&bus)).unwrap();
+    machine_creation_done(&machine).unwrap();
+    let config = test_support::virtio::PciConfig::new(&machine, 2 << 3);
+    config.write(0x10, LOCAL_FB as u32, 4);
+    config.write(0x04, 0x3, 2);
+    let io = ms.system_io().clone();
+    for (index, value) in [(4u64, 0u64), (1, 640), (2, 480), (3, 32), (4, 0x41)] {
+        io.write(0x1ce, index, 2);
+        io.write(0x1cf, value, 2);
+    }
+    io.write(0x3c0, 0x20, 1);
+    ms.ram()
+        .write_slice(&image.bytes, GuestAddress(image.load_addr))
+        .unwrap();
+    ms.cpus()[0]
+        .downcast::<hw::i386::x86_cpu::X86Cpu>()
+        .unwrap()
+        .set_boot_state(test_support::vm::real_mode_boot_state(&image));
+
+    let console = ms.services().consoles().first().expect("a console");
+    let first = console.refresh(None);
+    assert_eq!((first.surface.width, first.surface.height), (640, 480));
+    // Idle: nothing is redrawn, nothing reported.
+    let idle = console.rows_redrawn();
+    let again = console.refresh(Some(first.generation));
+    assert!(again.changed_rows.is_empty());
+    assert_eq!(console.rows_redrawn(), idle);
+
+    let ops = ms.accel_ops().unwrap().clone();
+    ops.set_dirty_log(true).unwrap();
+    ops.dirty_pages().unwrap();
+    hw::core::runstate::vm_start(ms).unwrap();
+    let pages = [line(100) & !0xfff, line(300) & !0xfff];
+    let mut rows = std::collections::BTreeSet::new();
+    let mut migrated = std::collections::BTreeSet::new();
+    let mut generation = again.generation;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // The display and the migration take turns reading: neither takes the other's pages.
+    let seen_by_both = |rows: &std::collections::BTreeSet<u32>,
+                        migrated: &std::collections::BTreeSet<u64>| {
+        rows.contains(&100) && rows.contains(&300) && pages.iter().all(|p| migrated.contains(p))
+    };
+    while !seen_by_both(&rows, &migrated) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows {rows:?}, migrated {:x?}",
+            migrated
+                .iter()
+                .filter(|p| **p >= LOCAL_FB)
+                .collect::<Vec<_>>()
+        );
+        let update = console.refresh(Some(generation));
+        generation = update.generation;
+        rows.extend(update.changed_rows.into_iter().flatten());
+        migrated.extend(ops.dirty_pages().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Only the lines of the two pages written: 99-100 and 299-300.
+    assert!(
+        rows.iter().all(|y| [99, 100, 299, 300].contains(y)),
+        "{rows:?}"
+    );
+    assert!(console.rows_redrawn() - idle <= 4);
+    let screen = console.update();
+    assert_eq!(screen.row(100)[10], 0x00ff_00ff);
+    assert_eq!(screen.row(300)[10], 0x0000_ff00);
+    ops.set_dirty_log(false).unwrap();
+    ops.shutdown();
+}

@@ -10,7 +10,11 @@
 //!   i8042 as set 1 (translated) or set 2 scancodes, and pointer motion as PS/2 packets;
 //! - `query-vnc`, HMP `info vnc`, the `VNC_*` events, `-vnc`'s and `-display vnc=`'s
 //!   syntax (the seed's `-vnc 127.0.0.1:12`) and its errors;
-//! - Debian's `vncsnapshot` (a real client) takes a picture that matches the screendump.
+//! - Debian's `vncsnapshot` (a real client) takes a picture that matches the screendump;
+//! - VNC Authentication (`password=on` and QMP `set_password`, as libvirt does it,
+//!   `password-secret=`): the right password sees the screen, a wrong one, none set yet
+//!   or an expired one get a failed SecurityResult with its reason; the monitor's errors
+//!   are QEMU's; `vncsnapshot -passwd` gets in.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -47,15 +51,22 @@ struct Vm {
 
 impl Vm {
     fn start(name: &str) -> Vm {
+        Vm::start_with(name, "", &[])
+    }
+
+    /// With `vnc_extra` appended to `-vnc`'s value and `extra` arguments.
+    fn start_with(name: &str, vnc_extra: &str, extra: &[&str]) -> Vm {
         let mut dir = PathBuf::new();
         let mut qt = Qtest::start(QOMVM, name, |d| {
             dir = d.to_path_buf();
-            vec![
+            let mut args = vec![
                 "-qmp".into(),
                 format!("unix:{},server=on,wait=off", d.join("qmp.sock").display()),
                 "-vnc".into(),
-                "127.0.0.1:0,to=99".into(),
-            ]
+                format!("127.0.0.1:0,to=99{vnc_extra}"),
+            ];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            args
         });
         let mut qmp = QmpClient::connect(&dir.join("qmp.sock"));
         let info = qmp.execute("query-vnc", json!({}));
@@ -157,8 +168,42 @@ struct Client {
     zlib: Decompress,
 }
 
+/// What a VNC Authentication client sends back: the challenge, DES-encrypted with the
+/// password's first 8 bytes, each byte's bits reversed (d3des's key order).
+fn vnc_auth_response(password: &[u8], challenge: &[u8]) -> Vec<u8> {
+    let mut key = [0u8; 8];
+    for (k, p) in key.iter_mut().zip(password) {
+        *k = p.reverse_bits();
+    }
+    des_ecb(key, challenge)
+}
+
+fn des_ecb(key: [u8; 8], data: &[u8]) -> Vec<u8> {
+    use des::cipher::{BlockCipherEncrypt, KeyInit};
+    let cipher = des::Des::new(&key.into());
+    data.chunks_exact(8)
+        .flat_map(|b| {
+            let mut block = <[u8; 8]>::try_from(b).unwrap().into();
+            cipher.encrypt_block(&mut block);
+            <[u8; 8]>::from(block)
+        })
+        .collect()
+}
+
+/// A refused VNC Authentication: the SecurityResult and RFB 3.8's reason.
+#[derive(Debug, PartialEq, Eq)]
+struct Refused {
+    result: u32,
+    reason: String,
+}
+
 impl Client {
     fn connect(port: u16) -> Client {
+        Client::try_connect(port, None).unwrap()
+    }
+
+    /// The handshake, with VNC Authentication when `password` is given.
+    fn try_connect(port: u16, password: Option<&[u8]>) -> Result<Client, Refused> {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         let mut version = [0u8; 12];
@@ -167,11 +212,35 @@ impl Client {
         s.write_all(b"RFB 003.008\n").unwrap();
         let mut types = [0u8; 2];
         s.read_exact(&mut types).unwrap();
-        assert_eq!(types, [1, 1], "one security type, None");
-        s.write_all(&[1]).unwrap();
+        match password {
+            None => {
+                assert_eq!(types, [1, 1], "one security type, None");
+                s.write_all(&[1]).unwrap();
+            }
+            Some(password) => {
+                assert_eq!(types, [1, 2], "one security type, VNC Authentication");
+                s.write_all(&[2]).unwrap();
+                let mut challenge = [0u8; 16];
+                s.read_exact(&mut challenge).unwrap();
+                s.write_all(&vnc_auth_response(password, &challenge))
+                    .unwrap();
+            }
+        }
         let mut result = [0u8; 4];
         s.read_exact(&mut result).unwrap();
-        assert_eq!(result, [0; 4]);
+        let result = u32::from_be_bytes(result);
+        if result != 0 {
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            let mut reason = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut reason).unwrap();
+            // Then the server closes.
+            assert_eq!(s.read(&mut [0u8; 1]).unwrap_or(0), 0);
+            return Err(Refused {
+                result,
+                reason: String::from_utf8(reason).unwrap(),
+            });
+        }
         s.write_all(&[1]).unwrap(); // shared
         let mut init = [0u8; 24];
         s.read_exact(&mut init).unwrap();
@@ -185,7 +254,7 @@ impl Client {
         let len = u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize;
         let mut name = vec![0u8; len];
         s.read_exact(&mut name).unwrap();
-        Client {
+        Ok(Client {
             s,
             width,
             height,
@@ -193,7 +262,7 @@ impl Client {
             fb: vec![0; (width * height) as usize],
             bpp16: false,
             zlib: Decompress::new(true),
-        }
+        })
     }
 
     fn set_encodings(&mut self, encodings: &[i32]) {
@@ -839,8 +908,16 @@ fn vnc_options_and_their_errors() {
         ),
         (&["-vnc", ":1,frob=on"], "qomvm: -vnc :1,frob=on: Invalid parameter 'frob'"),
         (
-            &["-vnc", ":1,password=on"],
-            "qomvm: -vnc :1,password=on: VNC 'password' is not supported by qomvm",
+            &["-vnc", ":1,sasl=on"],
+            "qomvm: -vnc :1,sasl=on: VNC 'sasl' is not supported by qomvm",
+        ),
+        (
+            &["-vnc", ":1,password=on,password-secret=s0"],
+            "qomvm: -vnc :1,password=on,password-secret=s0: 'password' flag is redundant with 'password-secret'",
+        ),
+        (
+            &["-vnc", "127.0.0.1:0,to=99,password-secret=s0"],
+            "qomvm: -vnc 127.0.0.1:0,to=99,password-secret=s0: No secret with id 's0'",
         ),
         (
             &["-display", "vnc=:x"],
@@ -984,5 +1061,270 @@ fn garbage_from_clients_ends_only_their_connections() {
     c.request(false);
     c.update();
     vm.qt.check_alive();
+    let _ = std::fs::remove_dir_all(&vm.dir);
+}
+
+/// libvirt's way: `-vnc 127.0.0.1:0,password=on`, then QMP `set_password`. Until then
+/// nobody gets in; then the right password sees the screen and a wrong one is refused with
+/// RFB 3.8's reason; `expire_password` ends it; the monitor's answers are QEMU 7.2's.
+#[test]
+fn vnc_authentication_with_set_password() {
+    if !vga_or_skip() {
+        return;
+    }
+    let mut vm = Vm::start_with("vnc-auth", ",password=on", &[]);
+    vm.vbe_mode(64, 48);
+    vm.paint(64, (0, 0, 64, 48), picture);
+    let info = vm.qmp.execute("query-vnc", json!({}));
+    assert_eq!(info["return"]["auth"], "vnc", "{info}");
+    let failed = Err(Refused {
+        result: 1,
+        reason: "Authentication failed".into(),
+    });
+    // No password yet: every attempt fails, even the empty one.
+    assert_eq!(Client::try_connect(vm.port, Some(b"")).map(|_| ()), failed);
+    assert_eq!(
+        vm.qmp.execute(
+            "set_password",
+            json!({"protocol": "vnc", "password": "s3cret-and-more"})
+        ),
+        json!({"return": {}})
+    );
+    // Only the first 8 bytes count, as in every VNC server.
+    let mut c = Client::try_connect(vm.port, Some(b"s3cret-a")).unwrap();
+    c.request(false);
+    c.update();
+    let (_, _, dump) = vm.screendump();
+    assert_eq!(c.fb, dump);
+    assert_eq!(
+        Client::try_connect(vm.port, Some(b"s3cret")).map(|_| ()),
+        failed
+    );
+    // RFB 3.3: the server names the type, the result has no reason.
+    let mut s = TcpStream::connect(("127.0.0.1", vm.port)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).unwrap();
+    s.write_all(b"RFB 003.003\n").unwrap();
+    let mut head = [0u8; 20];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[..4], 2u32.to_be_bytes());
+    s.write_all(&vnc_auth_response(b"s3cret-and-more", &head[4..]))
+        .unwrap();
+    let mut result = [0u8; 4];
+    s.read_exact(&mut result).unwrap();
+    assert_eq!(result, [0; 4]);
+    drop(s);
+
+    // Expiry: now, never, in the future, in the past.
+    for (time, works) in [
+        ("now", false),
+        ("never", true),
+        ("+3600", true),
+        ("1", false),
+    ] {
+        assert_eq!(
+            vm.qmp
+                .execute("expire_password", json!({"protocol": "vnc", "time": time})),
+            json!({"return": {}})
+        );
+        let got = Client::try_connect(vm.port, Some(b"s3cret-and-more")).map(|_| ());
+        assert_eq!(got.is_ok(), works, "{time}: {got:?}");
+    }
+    let reply = vm.qmp.execute(
+        "expire_password",
+        json!({"protocol": "vnc", "time": "soon"}),
+    );
+    assert_eq!(
+        reply["error"]["desc"],
+        "Parameter 'time' doesn't take value 'soon'"
+    );
+    // HMP: set_password and expire_password; a new password works at once.
+    let hmp = |vm: &mut Vm, line: &str| {
+        vm.qmp
+            .execute("human-monitor-command", json!({"command-line": line}))["return"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(hmp(&mut vm, "expire_password vnc never"), "");
+    assert_eq!(hmp(&mut vm, "set_password vnc hmp-pw"), "");
+    assert!(Client::try_connect(vm.port, Some(b"hmp-pw")).is_ok());
+    assert_eq!(
+        hmp(&mut vm, "set_password vnc x fail"),
+        "Error: Invalid parameter 'connected'\r\n"
+    );
+    assert_eq!(
+        vm.qmp
+            .execute("change-vnc-password", json!({"password": "changed"})),
+        json!({"return": {}})
+    );
+    assert!(Client::try_connect(vm.port, Some(b"changed")).is_ok());
+    assert_eq!(
+        Client::try_connect(vm.port, Some(b"hmp-pw")).map(|_| ()),
+        failed
+    );
+    // QEMU 7.2's refusals.
+    let reply = vm.qmp.execute(
+        "set_password",
+        json!({"protocol": "vnc", "password": "x", "connected": "disconnect"}),
+    );
+    assert_eq!(
+        reply["error"],
+        json!({"class": "GenericError", "desc": "Invalid parameter 'connected'"})
+    );
+    let reply = vm.qmp.execute(
+        "set_password",
+        json!({"protocol": "spice", "password": "x"}),
+    );
+    assert_eq!(
+        reply["error"],
+        json!({"class": "DeviceNotActive", "desc": "SPICE is not in use"})
+    );
+    let reply = vm.qmp.execute(
+        "set_password",
+        json!({"protocol": "vnc", "password": "x", "display": "nope"}),
+    );
+    assert_eq!(reply["error"]["desc"], "Could not set password");
+    let reply = vm
+        .qmp
+        .execute("set_password", json!({"protocol": "rdp", "password": "x"}));
+    assert_eq!(
+        reply["error"]["desc"],
+        "Parameter 'protocol' does not accept value 'rdp'"
+    );
+    assert!(hmp(&mut vm, "info vnc").contains("Auth: vnc (Sub: none)"));
+    vm.qt.check_alive();
+    let _ = std::fs::remove_dir_all(&vm.dir);
+}
+
+/// Without `password=on` there is nothing to set: QEMU's "Could not set password", and on
+/// a human monitor its hint first.
+#[test]
+fn set_password_without_password_auth_is_refused() {
+    if !vga_or_skip() {
+        return;
+    }
+    let mut vm = Vm::start("vnc-no-auth");
+    let reply = vm
+        .qmp
+        .execute("set_password", json!({"protocol": "vnc", "password": "x"}));
+    assert_eq!(
+        reply["error"],
+        json!({"class": "GenericError", "desc": "Could not set password"})
+    );
+    let reply = vm
+        .qmp
+        .execute("change-vnc-password", json!({"password": "x"}));
+    assert_eq!(reply["error"]["desc"], "Could not set password");
+    let out = vm.qmp.execute(
+        "human-monitor-command",
+        json!({"command-line": "set_password vnc x"}),
+    );
+    assert_eq!(
+        out["return"],
+        "If you want use passwords please enable password auth using '-vnc ${dpy},password'.\r\nError: Could not set password\r\n"
+    );
+    // Expiry is accepted (QEMU sets it whatever the auth), and clients still need none.
+    assert_eq!(
+        vm.qmp
+            .execute("expire_password", json!({"protocol": "vnc", "time": "now"})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        vm.qmp.execute("query-vnc", json!({}))["return"]["auth"],
+        "none"
+    );
+    let mut c = Client::connect(vm.port);
+    c.request(false);
+    c.update();
+    let _ = std::fs::remove_dir_all(&vm.dir);
+}
+
+/// `password-secret=` takes the password from a `secret` object, and is password=on.
+#[test]
+fn password_secret_sets_the_password() {
+    if !vga_or_skip() {
+        return;
+    }
+    let mut vm = Vm::start_with(
+        "vnc-secret",
+        ",password-secret=vncsec0",
+        // "from-secret" in base64.
+        &[
+            "-object",
+            "secret,id=vncsec0,data=ZnJvbS1zZWNyZXQ=,format=base64",
+        ],
+    );
+    assert_eq!(
+        vm.qmp.execute("query-vnc", json!({}))["return"]["auth"],
+        "vnc"
+    );
+    let mut c = Client::try_connect(vm.port, Some(b"from-secret")).unwrap();
+    c.request(false);
+    c.update();
+    assert!(Client::try_connect(vm.port, Some(b"other")).is_err());
+    let _ = std::fs::remove_dir_all(&vm.dir);
+}
+
+/// `vncsnapshot -passwd FILE`: the file is vncpasswd's, the password DES-encrypted with
+/// the fixed key 23 82 107 6 35 78 88 7 (bits reversed, as d3des takes keys).
+#[test]
+fn vncsnapshot_authenticates_with_a_password_file() {
+    if !vga_or_skip() || !snapshot_tools() {
+        return;
+    }
+    let mut vm = Vm::start_with("vnc-snapshot-auth", ",password=on", &[]);
+    vm.vbe_mode(160, 100);
+    vm.paint(160, (0, 0, 160, 100), |x, _| {
+        if x < 80 {
+            0x00ff_0000
+        } else {
+            0x0000_00ff
+        }
+    });
+    assert_eq!(
+        vm.qmp.execute(
+            "set_password",
+            json!({"protocol": "vnc", "password": "snap-pw", "connected": "keep"})
+        ),
+        json!({"return": {}})
+    );
+    let fixed = [23u8, 82, 107, 6, 35, 78, 88, 7].map(u8::reverse_bits);
+    let mut plain = [0u8; 8];
+    plain[..7].copy_from_slice(b"snap-pw");
+    let passwd = vm.dir.join("passwd");
+    std::fs::write(&passwd, des_ecb(fixed, &plain)).unwrap();
+    let jpeg = vm.dir.join("snap.jpg");
+    let display = format!("127.0.0.1::{}", vm.port);
+    let snapshot = |passwd: &Path| {
+        Command::new("vncsnapshot")
+            .args(["-quiet", "-passwd", passwd.to_str().unwrap()])
+            .args([&display, jpeg.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+    };
+    assert!(snapshot(&passwd).success(), "vncsnapshot failed");
+    let ppm = vm.dir.join("snap.ppm");
+    let status = Command::new("djpeg")
+        .arg(&jpeg)
+        .stdout(std::fs::File::create(&ppm).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (w, h, snap) = read_ppm(&ppm);
+    assert_eq!((w, h), (160, 100));
+    let red = snap[(50 * 160 + 20) as usize];
+    let blue = snap[(50 * 160 + 140) as usize];
+    assert!(red >> 16 > 0xe0 && red & 0xff < 0x20, "{red:06x}");
+    assert!(blue & 0xff > 0xe0 && blue >> 16 < 0x20, "{blue:06x}");
+    // A wrong password file: no picture.
+    let mut wrong = [0u8; 8];
+    wrong[..5].copy_from_slice(b"wrong");
+    std::fs::write(&passwd, des_ecb(fixed, &wrong)).unwrap();
+    assert!(!snapshot(&passwd).success());
     let _ = std::fs::remove_dir_all(&vm.dir);
 }

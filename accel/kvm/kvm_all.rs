@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use hw::core::accel_ops::{
-    AccelIrqError, AccelOps, CpuDumpError, EventFd, IoEventAddr, MsiMessage, RamBlock, SlotId,
+    AccelIrqError, AccelOps, CpuDumpError, DisplayLogError, EventFd, IoEventAddr, MsiMessage,
+    RamBlock, SlotId,
 };
 use hw::core::machine::MachineState;
 use kvm_bindings::{
@@ -103,6 +104,14 @@ pub struct KvmVm {
     slots: parking_lot::Mutex<std::collections::BTreeMap<u32, kvm_userspace_memory_region>>,
     /// Dirty logging is on: slots added meanwhile get the flag too.
     dirty_logging: std::sync::atomic::AtomicBool,
+    /// Host memory a display wants the vCPUs' writes to (video memory), with the pages
+    /// written that the display has not taken yet. Lock order: `slots`, then this, then
+    /// `migration_dirty`.
+    display_logs: parking_lot::Mutex<Vec<DisplayLog>>,
+    /// Pages a display's read of KVM's log found while a migration logs too: KVM clears
+    /// its log when read, so each reader keeps the other's share (QEMU's per-client
+    /// bitmaps).
+    migration_dirty: parking_lot::Mutex<Vec<u64>>,
     /// Whether `KVM_CREATE_PIT2` made a PIT (its state is then saved with the VM's).
     has_pit: std::sync::atomic::AtomicBool,
     /// CPU states loaded for a migration, taken by each vCPU at its next reset.
@@ -160,18 +169,53 @@ impl KvmVm {
             has_pit: std::sync::atomic::AtomicBool::new(false),
             slots: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             dirty_logging: std::sync::atomic::AtomicBool::new(false),
+            display_logs: parking_lot::Mutex::new(Vec::new()),
+            migration_dirty: parking_lot::Mutex::new(Vec::new()),
             incoming_cpu_state: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             this: this.clone(),
         }))
     }
 
-    /// The dirty-logging flag for a writable slot made now.
-    fn log_flag(&self) -> u32 {
-        if self.dirty_logging.load(Ordering::Relaxed) {
+    /// The dirty-logging flag for a writable slot over host memory `[host, host + size)`:
+    /// on while a migration logs, or when a display's memory is in it.
+    fn log_flag(&self, host: u64, size: u64, displays: &[DisplayLog]) -> u32 {
+        if self.dirty_logging.load(Ordering::Relaxed)
+            || displays.iter().any(|d| d.overlaps(host, size))
+        {
             KVM_MEM_LOG_DIRTY_PAGES
         } else {
             0
         }
+    }
+
+    /// Reads and clears KVM's log of `slot`, handing each written page to the displays
+    /// whose memory it is and, while a migration logs, to `migration`.
+    fn sync_slot(
+        &self,
+        slot: u32,
+        region: &kvm_userspace_memory_region,
+        displays: &mut [DisplayLog],
+        mut migration: Option<&mut Vec<u64>>,
+    ) -> Result<(), String> {
+        let bitmap = self
+            .vm
+            .get_dirty_log(slot, region.memory_size as usize)
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG: {}", errno_text(e.errno())))?;
+        for (word_index, word) in bitmap.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let offset = (word_index as u64 * 64 + bit) * PAGE_SIZE;
+                if let Some(pages) = migration.as_deref_mut() {
+                    pages.push(region.guest_phys_addr + offset);
+                }
+                for display in displays.iter_mut() {
+                    display.mark(region.userspace_addr + offset);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A strong reference to this VM (vCPU threads hold one).
@@ -188,7 +232,7 @@ impl AccelOps for KvmVm {
         let mut slots = self.slots.lock();
         let region = kvm_userspace_memory_region {
             slot,
-            flags: self.log_flag(),
+            flags: self.log_flag(block.host_addr, block.size, &self.display_logs.lock()),
             guest_phys_addr: block.guest_addr,
             memory_size: block.size,
             userspace_addr: block.host_addr,
@@ -217,7 +261,7 @@ impl AccelOps for KvmVm {
             flags: if readonly {
                 KVM_MEM_READONLY
             } else {
-                self.log_flag()
+                self.log_flag(block.host_addr, block.size, &self.display_logs.lock())
             },
             guest_phys_addr: block.guest_addr,
             memory_size: block.size,
@@ -238,6 +282,24 @@ impl AccelOps for KvmVm {
     }
 
     fn unmap_slot(&self, slot: SlotId) -> Result<(), Error> {
+        // What the vCPUs wrote there last goes to its readers before the log goes.
+        let mut slots = self.slots.lock();
+        if let Some(old) = slots
+            .get(&slot.0)
+            .filter(|r| r.flags & KVM_MEM_LOG_DIRTY_PAGES != 0)
+        {
+            let mut displays = self.display_logs.lock();
+            let mut migration = self.migration_dirty.lock();
+            let logging = self.dirty_logging.load(Ordering::Relaxed);
+            if let Err(e) = self.sync_slot(
+                slot.0,
+                old,
+                &mut displays,
+                logging.then_some(&mut *migration),
+            ) {
+                log::warn!("slot {}: {e}", slot.0);
+            }
+        }
         // A slot of size 0 deletes it.
         let region = kvm_userspace_memory_region {
             slot: slot.0,
@@ -247,7 +309,7 @@ impl AccelOps for KvmVm {
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(|e| Error::other(ioctl_error("KVM_SET_USER_MEMORY_REGION", e)))?;
         self.free_slots.lock().push(slot.0);
-        self.slots.lock().remove(&slot.0);
+        slots.remove(&slot.0);
         Ok(())
     }
 
@@ -346,12 +408,19 @@ impl AccelOps for KvmVm {
 
     fn set_dirty_log(&self, on: bool) -> Result<(), VmStateError> {
         let mut slots = self.slots.lock();
+        let displays = self.display_logs.lock();
         self.dirty_logging.store(on, Ordering::Relaxed);
+        self.migration_dirty.lock().clear();
         for region in slots.values_mut() {
             if region.flags & KVM_MEM_READONLY != 0 {
                 continue;
             }
-            region.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+            // A display's slot keeps logging (and its log) whatever the migration does.
+            let flags = self.log_flag(region.userspace_addr, region.memory_size, &displays);
+            if flags == region.flags {
+                continue;
+            }
+            region.flags = flags;
             // SAFETY: the same host memory as the slot already has; only the flag changes.
             unsafe { self.vm.set_user_memory_region(*region) }.map_err(|e| {
                 VmStateError::Host(format!(
@@ -365,28 +434,72 @@ impl AccelOps for KvmVm {
 
     fn dirty_pages(&self) -> Result<Vec<u64>, VmStateError> {
         let slots = self.slots.lock();
-        let mut pages = Vec::new();
+        let mut displays = self.display_logs.lock();
+        let mut pages = std::mem::take(&mut *self.migration_dirty.lock());
         for (slot, region) in slots.iter() {
             if region.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
                 continue;
             }
-            let bitmap = self
-                .vm
-                .get_dirty_log(*slot, region.memory_size as usize)
-                .map_err(|e| {
-                    VmStateError::Host(format!("KVM_GET_DIRTY_LOG: {}", errno_text(e.errno())))
-                })?;
-            for (word_index, word) in bitmap.iter().enumerate() {
-                let mut bits = *word;
-                while bits != 0 {
-                    let bit = bits.trailing_zeros() as u64;
-                    bits &= bits - 1;
-                    let page = word_index as u64 * 64 + bit;
-                    pages.push(region.guest_phys_addr + page * 4096);
-                }
-            }
+            self.sync_slot(*slot, region, &mut displays, Some(&mut pages))
+                .map_err(VmStateError::Host)?;
         }
+        // A page a display's read found may have been written again since.
+        pages.sort_unstable();
+        pages.dedup();
         Ok(pages)
+    }
+
+    fn log_display_memory(&self, host_addr: u64, size: u64) -> Result<(), DisplayLogError> {
+        let mut slots = self.slots.lock();
+        let mut displays = self.display_logs.lock();
+        if displays
+            .iter()
+            .any(|d| d.host_addr == host_addr && d.size == size)
+        {
+            return Ok(());
+        }
+        displays.push(DisplayLog::new(host_addr, size));
+        for region in slots.values_mut() {
+            let flags = self.log_flag(region.userspace_addr, region.memory_size, &displays);
+            if region.flags & KVM_MEM_READONLY != 0 || flags == region.flags {
+                continue;
+            }
+            region.flags = flags;
+            // SAFETY: the same host memory as the slot already has; only the flag changes.
+            unsafe { self.vm.set_user_memory_region(*region) }.map_err(|e| {
+                DisplayLogError::Host(format!(
+                    "KVM_SET_USER_MEMORY_REGION: {}",
+                    errno_text(e.errno())
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn display_dirty_pages(&self, host_addr: u64, size: u64) -> Result<Vec<u64>, DisplayLogError> {
+        let slots = self.slots.lock();
+        let mut displays = self.display_logs.lock();
+        let mut migration = self.migration_dirty.lock();
+        let logging = self.dirty_logging.load(Ordering::Relaxed);
+        for (slot, region) in slots.iter() {
+            let over_display = host_addr < region.userspace_addr + region.memory_size
+                && region.userspace_addr < host_addr + size;
+            if region.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 || !over_display {
+                continue;
+            }
+            self.sync_slot(
+                *slot,
+                region,
+                &mut displays,
+                logging.then_some(&mut *migration),
+            )
+            .map_err(DisplayLogError::Host)?;
+        }
+        let display = displays
+            .iter_mut()
+            .find(|d| d.host_addr == host_addr && d.size == size)
+            .ok_or_else(|| DisplayLogError::Host("the display's memory is not logged".into()))?;
+        Ok(display.take())
     }
 
     fn save_vm_state(&self) -> Result<VmStateSection, VmStateError> {
@@ -454,5 +567,54 @@ impl AccelImpl for KvmAccel {
         machine
             .set_accel_ops(vm)
             .map_err(|e| AccelError::Other(Box::new(e)))
+    }
+}
+
+/// KVM's page, the unit of its dirty log.
+const PAGE_SIZE: u64 = 4096;
+
+/// A display's memory and the pages of it the vCPUs wrote (QEMU's `DIRTY_MEMORY_VGA`
+/// bitmap).
+#[derive(Debug)]
+struct DisplayLog {
+    host_addr: u64,
+    size: u64,
+    /// One bit per page.
+    dirty: Vec<u64>,
+}
+
+impl DisplayLog {
+    fn new(host_addr: u64, size: u64) -> DisplayLog {
+        DisplayLog {
+            host_addr,
+            size,
+            dirty: vec![0; size.div_ceil(PAGE_SIZE).div_ceil(64) as usize],
+        }
+    }
+
+    fn overlaps(&self, host: u64, size: u64) -> bool {
+        host < self.host_addr + self.size && self.host_addr < host + size
+    }
+
+    /// Notes a write to the page at host address `host`, if it is this display's.
+    fn mark(&mut self, host: u64) {
+        if (self.host_addr..self.host_addr + self.size).contains(&host) {
+            let page = (host - self.host_addr) / PAGE_SIZE;
+            self.dirty[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    /// The written pages' offsets; clears them.
+    fn take(&mut self) -> Vec<u64> {
+        let mut offsets = Vec::new();
+        for (i, word) in self.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let bit = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                offsets.push((i as u64 * 64 + bit) * PAGE_SIZE);
+            }
+        }
+        offsets
     }
 }

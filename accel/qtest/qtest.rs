@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use hw::core::accel_ops::{AccelOps, CpuDumpError, RamBlock, SlotId};
+use hw::core::accel_ops::{AccelOps, CpuDumpError, DisplayLogError, RamBlock, SlotId};
 use hw::core::machine::MachineState;
 use hw::core::vmstate::{VmStateError, VmStateSection};
 use parking_lot::Mutex;
@@ -104,6 +104,17 @@ impl AccelOps for QtestOps {
         Ok(())
     }
     fn dirty_pages(&self) -> Result<Vec<u64>, VmStateError> {
+        Ok(Vec::new())
+    }
+    // No vCPU writes memory: every write goes through the devices, which track their own.
+    fn log_display_memory(&self, _host_addr: u64, _size: u64) -> Result<(), DisplayLogError> {
+        Ok(())
+    }
+    fn display_dirty_pages(
+        &self,
+        _host_addr: u64,
+        _size: u64,
+    ) -> Result<Vec<u64>, DisplayLogError> {
         Ok(Vec::new())
     }
     fn save_vm_state(&self) -> Result<VmStateSection, VmStateError> {

@@ -201,6 +201,19 @@ pub trait AccelOps: Send + Sync {
     fn dirty_pages(&self) -> Result<Vec<u64>, VmStateError> {
         Err(VmStateError::Unmigratable(format!("{} dirty logging", self.name())))
     }
+    /// Logs the vCPUs' writes to the host memory `[host_addr, host_addr + size)` for a
+    /// display, in every slot over it now or later, whatever a migration does with the
+    /// log (QEMU's `memory_region_set_log(mr, true, DIRTY_MEMORY_VGA)`).
+    fn log_display_memory(&self, _host_addr: u64, _size: u64) -> Result<(), DisplayLogError> {
+        Err(DisplayLogError::Unsupported(self.name()))
+    }
+    /// The offsets from `host_addr` of the pages of memory logged with
+    /// [`AccelOps::log_display_memory`] that the vCPUs wrote since the last call (QEMU's
+    /// `memory_region_snapshot_and_clear_dirty` for `DIRTY_MEMORY_VGA`). A migration's
+    /// [`AccelOps::dirty_pages`] does not take these from the display, nor the other way.
+    fn display_dirty_pages(&self, _host_addr: u64, _size: u64) -> Result<Vec<u64>, DisplayLogError> {
+        Err(DisplayLogError::Unsupported(self.name()))
+    }
     /// The accelerator's own VM state (in-kernel interrupt controllers, PIT, clock); call
     /// with the vCPUs paused.
     fn save_vm_state(&self) -> Result<VmStateSection, VmStateError> {
@@ -223,6 +236,17 @@ pub trait AccelOps: Send + Sync {
     }
     /// The accelerator as `Any`, for tests that look at a particular accelerator's state.
     fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Why a display's memory cannot be dirty-logged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DisplayLogError {
+    /// The accelerator has no dirty log.
+    #[error("the {0} accelerator cannot log a display's writes")]
+    Unsupported(&'static str),
+    /// The host refused.
+    #[error("{0}")]
+    Host(String),
 }
 
 /// A shared handle to the accelerator's operations.

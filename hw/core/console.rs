@@ -1,8 +1,15 @@
 //! Graphic consoles (QEMU's `ui/console.c`: `graphic_console_init`, `QemuConsole`,
 //! `DisplaySurface`, `qemu_console_lookup_by_index`/`_by_device`): a display device
-//! registers one console per head with the machine; monitors (`screendump`) and, later,
-//! the VNC server ask a console for its current picture.
+//! registers one console per head with the machine; monitors (`screendump`) and the VNC
+//! server ask a console for its current picture.
+//!
+//! A console keeps the last picture and, per row, the generation in which it last
+//! changed (QEMU's `dpy_gfx_update` rectangles, as rows): a device that knows what
+//! changed redraws only that ([`GraphicHwOps::gfx_refresh`]), and each viewer asks what
+//! changed since the generation it has, so several viewers share one render.
 
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -74,11 +81,46 @@ impl Surface {
     }
 }
 
-/// What a display device does for its console (QEMU's `GraphicHwOps::gfx_update`): the
-/// picture it shows now.
+/// What a refresh changed in a console's picture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Redraw {
+    /// Nothing.
+    Nothing,
+    /// Everything (a new mode, palette or start address: QEMU's `full_update`).
+    Full,
+    /// These rows only.
+    Rows(Vec<Range<u32>>),
+}
+
+/// What a display device does for its console (QEMU's `GraphicHwOps::gfx_update`).
 pub trait GraphicHwOps: Send + Sync {
     /// Renders the device's current picture.
     fn gfx_update(&self) -> Surface;
+
+    /// Brings `surface` (the picture of the previous call) up to date and says what
+    /// changed; a device without dirty tracking renders it all.
+    fn gfx_refresh(&self, surface: &mut Arc<Surface>) -> Redraw {
+        *surface = Arc::new(self.gfx_update());
+        Redraw::Full
+    }
+}
+
+/// A console's picture and what changed in it (see [`QemuConsole::refresh`]).
+#[derive(Clone, Debug)]
+pub struct ConsoleUpdate {
+    /// The picture now; unchanged pixels are shared with earlier updates.
+    pub surface: Arc<Surface>,
+    /// Its generation, to ask about the next changes.
+    pub generation: u64,
+    /// The rows that changed since the generation asked about (all rows if none was).
+    pub changed_rows: Vec<Range<u32>>,
+}
+
+/// The last picture and each row's generation.
+struct ConsoleState {
+    surface: Arc<Surface>,
+    generation: u64,
+    row_generation: Vec<u64>,
 }
 
 /// A graphic console: one head of a display device (QEMU's `QemuConsole`).
@@ -87,6 +129,10 @@ pub struct QemuConsole {
     head: u32,
     device: WeakObjectRef,
     hw: Arc<dyn GraphicHwOps>,
+    /// Held across a render, so viewers refreshing at once render once each in turn.
+    state: Mutex<ConsoleState>,
+    /// Rows the device reported redrawn, in all (tests: an idle screen redraws none).
+    rows_redrawn: AtomicU64,
 }
 
 impl QemuConsole {
@@ -107,7 +153,60 @@ impl QemuConsole {
 
     /// The picture now (QEMU's `graphic_hw_update` then `qemu_console_surface`).
     pub fn update(&self) -> Surface {
-        self.hw.gfx_update()
+        (*self.refresh(None).surface).clone()
+    }
+
+    /// Refreshes the picture and says which rows changed since generation `since` (all of
+    /// them for `None`, or when the size changed).
+    pub fn refresh(&self, since: Option<u64>) -> ConsoleUpdate {
+        let mut state = self.state.lock();
+        let before = (state.surface.width, state.surface.height);
+        let mut redraw = self.hw.gfx_refresh(&mut state.surface);
+        let (width, height) = (state.surface.width, state.surface.height);
+        if (width, height) != before || state.row_generation.len() != height as usize {
+            redraw = Redraw::Full;
+            state.row_generation = vec![0; height as usize];
+        }
+        let redrawn = match &redraw {
+            Redraw::Nothing => 0,
+            Redraw::Full => u64::from(height),
+            Redraw::Rows(rows) => rows.iter().map(|r| u64::from(r.end - r.start)).sum(),
+        };
+        if redraw != Redraw::Nothing {
+            state.generation += 1;
+            let generation = state.generation;
+            match redraw {
+                Redraw::Rows(rows) => {
+                    for r in rows {
+                        let end = r.end.min(height) as usize;
+                        let start = (r.start as usize).min(end);
+                        state.row_generation[start..end].fill(generation);
+                    }
+                }
+                _ => state.row_generation.fill(generation),
+            }
+        }
+        self.rows_redrawn.fetch_add(redrawn, Ordering::Relaxed);
+        let mut changed_rows: Vec<Range<u32>> = Vec::new();
+        for (y, g) in state.row_generation.iter().enumerate() {
+            if since.is_none_or(|s| *g > s) {
+                let y = y as u32;
+                match changed_rows.last_mut() {
+                    Some(last) if last.end == y => last.end = y + 1,
+                    _ => changed_rows.push(y..y + 1),
+                }
+            }
+        }
+        ConsoleUpdate {
+            surface: state.surface.clone(),
+            generation: state.generation,
+            changed_rows,
+        }
+    }
+
+    /// Rows the device redrew so far, in all refreshes.
+    pub fn rows_redrawn(&self) -> u64 {
+        self.rows_redrawn.load(Ordering::Relaxed)
     }
 }
 
@@ -127,6 +226,12 @@ impl ConsoleList {
             head,
             device: device.downgrade(),
             hw,
+            state: Mutex::new(ConsoleState {
+                surface: Arc::new(Surface::new(0, 0)),
+                generation: 0,
+                row_generation: Vec::new(),
+            }),
+            rows_redrawn: AtomicU64::new(0),
         });
         *next += 1;
         self.consoles.lock().push(console.clone());
@@ -159,6 +264,8 @@ impl ConsoleList {
 }
 
 #[cfg(test)]
+// Row ranges are what is compared here, one range as often as several.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 
@@ -177,5 +284,39 @@ mod tests {
         s.put_glyph_row(36, 0, 0xff, 8, false, 3, 3);
         s.put_glyph_row(0, 5, 0xff, 8, false, 3, 3);
         assert_eq!(s.row(0)[39], 3);
+    }
+
+    /// A device that reports the rows it is told to.
+    struct Scripted(Mutex<Vec<Redraw>>);
+
+    impl GraphicHwOps for Scripted {
+        fn gfx_update(&self) -> Surface {
+            Surface::new(4, 10)
+        }
+        fn gfx_refresh(&self, surface: &mut Arc<Surface>) -> Redraw {
+            if surface.width == 0 {
+                *surface = Arc::new(self.gfx_update());
+            }
+            self.0.lock().remove(0)
+        }
+    }
+
+    #[test]
+    fn viewers_see_the_rows_changed_since_their_generation() {
+        let list = ConsoleList::default();
+        let device = qom::object_new("container").unwrap();
+        let script = vec![Redraw::Full, Redraw::Rows(vec![2..4]), Redraw::Nothing, Redraw::Rows(vec![7..8])];
+        let console = list.add(&device, 0, Arc::new(Scripted(Mutex::new(script))));
+        let first = console.refresh(None);
+        assert_eq!(first.changed_rows, [0..10]);
+        let second = console.refresh(Some(first.generation));
+        assert_eq!(second.changed_rows, [2..4]);
+        // Nothing new: a viewer that has the last generation sees no change, an older one
+        // still sees what it missed.
+        let third = console.refresh(Some(second.generation));
+        assert!(third.changed_rows.is_empty());
+        let fourth = console.refresh(Some(first.generation));
+        assert_eq!(fourth.changed_rows, [2..4, 7..8]);
+        assert_eq!(console.rows_redrawn(), 10 + 2 + 1);
     }
 }

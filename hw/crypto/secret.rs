@@ -95,6 +95,43 @@ impl Secret {
     }
 }
 
+/// Why `password-secret=ID` and the like cannot use a secret, in QEMU's words
+/// (`qcrypto_secret_lookup`, `qcrypto_secret_lookup_as_utf8`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretLookupError {
+    /// No object of that id under `/objects`.
+    #[error("No secret with id '{0}'")]
+    NotFound(String),
+    /// An object of another type.
+    #[error("Object with id '{0}' is not a secret")]
+    NotASecret(String),
+    /// A secret that is not (yet) loaded.
+    #[error("Secret with id '{0}' has no data")]
+    NoData(String),
+    /// Bytes that are not text.
+    #[error("Data from secret {0} is not valid UTF-8")]
+    NotUtf8(String),
+}
+
+/// QEMU's `qcrypto_secret_lookup`: the value of the `secret` object `id`.
+pub fn qcrypto_secret_lookup(id: &str) -> Result<Vec<u8>, SecretLookupError> {
+    let obj = qom::object_get_objects_root()
+        .child(id)
+        .ok_or_else(|| SecretLookupError::NotFound(id.to_string()))?;
+    let secret = obj
+        .downcast::<Secret>()
+        .ok_or_else(|| SecretLookupError::NotASecret(id.to_string()))?;
+    secret
+        .value()
+        .ok_or_else(|| SecretLookupError::NoData(id.to_string()))
+}
+
+/// QEMU's `qcrypto_secret_lookup_as_utf8`.
+pub fn qcrypto_secret_lookup_as_utf8(id: &str) -> Result<String, SecretLookupError> {
+    String::from_utf8(qcrypto_secret_lookup(id)?)
+        .map_err(|_| SecretLookupError::NotUtf8(id.to_string()))
+}
+
 /// Standard base64 (RFC 4648, padded), as glib's `g_base64_decode` accepts it; ASCII
 /// whitespace is skipped.
 fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {

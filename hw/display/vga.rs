@@ -161,8 +161,8 @@ const GR_MASK: [u8; 16] = [
 const ST01_DISP_ENABLE: u8 = 0x01;
 const ST01_V_RETRACE: u8 = 0x08;
 
-/// The unit in which video memory travels in a migration: only pages that are not all
-/// zeroes go.
+/// The unit in which video memory travels in a migration (only pages that are not all
+/// zeroes go) and of its dirty tracking (the accelerator's page).
 pub const VRAM_PAGE_SIZE: u64 = 4096;
 
 /// `mask16[n]`: each of the four plane bytes all ones where bit `plane` of `n` is set.
@@ -176,6 +176,10 @@ pub fn plane_mask(n: u8) -> u32 {
 pub struct Vram {
     region: vm_memory::MmapRegion<()>,
     size: u64,
+    /// Pages the VMM wrote (the legacy window, the BAR's handlers where no slot maps it,
+    /// clears and loads), one bit per [`VRAM_PAGE_SIZE`]: QEMU's `DIRTY_MEMORY_VGA` for
+    /// writes the accelerator's dirty log cannot see.
+    vmm_dirty: Box<[std::sync::atomic::AtomicU64]>,
 }
 
 /// Why video memory cannot be allocated.
@@ -192,7 +196,33 @@ impl Vram {
         let err = |reason: String| VramError { size, reason };
         let len = usize::try_from(size).map_err(|e| err(e.to_string()))?;
         let region = vm_memory::MmapRegion::<()>::new(len).map_err(|e| err(e.to_string()))?;
-        Ok(Arc::new(Vram { region, size }))
+        let words = size.div_ceil(VRAM_PAGE_SIZE).div_ceil(64) as usize;
+        let vmm_dirty = (0..words).map(|_| Default::default()).collect();
+        Ok(Arc::new(Vram {
+            region,
+            size,
+            vmm_dirty,
+        }))
+    }
+
+    /// Records that the VMM wrote `len` bytes at `offset` (QEMU's
+    /// `memory_region_set_dirty`).
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.size {
+            return;
+        }
+        let last = (offset + len - 1).min(self.size - 1) / VRAM_PAGE_SIZE;
+        for page in offset / VRAM_PAGE_SIZE..=last {
+            self.vmm_dirty[(page / 64) as usize]
+                .fetch_or(1 << (page % 64), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Moves the VMM's dirty bits into `bitmap` (one bit per page, ORed) and clears them.
+    pub fn take_dirty(&self, bitmap: &mut [u64]) {
+        for (word, out) in self.vmm_dirty.iter().zip(bitmap.iter_mut()) {
+            *out |= word.swap(0, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Size in bytes.
@@ -235,8 +265,10 @@ impl Vram {
     }
 
     fn write_obj<T: vm_memory::ByteValued>(&self, offset: u64, value: T) {
-        if let Ok(offset) = usize::try_from(offset) {
-            let _ = self.slice().write_obj(value, offset);
+        if let Ok(at) = usize::try_from(offset) {
+            if self.slice().write_obj(value, at).is_ok() {
+                self.mark_dirty(offset, std::mem::size_of::<T>() as u64);
+            }
         }
     }
 
@@ -291,6 +323,7 @@ impl Vram {
             ));
         }
         self.zero_all();
+        self.mark_dirty(0, self.size);
         for (index, bytes) in pages.iter().zip(data.chunks_exact(VRAM_PAGE_SIZE as usize)) {
             let at = u64::from(*index) * VRAM_PAGE_SIZE;
             let _ = self.slice().write_slice(bytes, at as usize);
@@ -319,6 +352,7 @@ impl Vram {
     /// Zeroes `len` bytes from 0 (a VBE mode set without `NOCLEARMEM`).
     pub fn clear(&self, len: u64) {
         let len = len.min(self.size) as usize;
+        self.mark_dirty(0, len as u64);
         let zeroes = vec![0u8; 64 << 10];
         let mut at = 0;
         while at < len {

@@ -5,13 +5,22 @@
 //! modes, the 256-colour mode 13h, and VBE framebuffers of 8, 15, 16, 24 and 32 bits per
 //! pixel (either byte order).
 //!
-//! Each render reads the registers once and video memory line by line; it keeps no
-//! dirty state, so it costs the whole screen (the VNC server to come will want KVM's
-//! dirty log of the framebuffer). Unlike QEMU, the text cursor does not blink: it is
-//! drawn whenever it is on, so a screendump does not depend on the moment.
+//! Each render reads the registers once and video memory line by line. [`render`] draws
+//! everything; [`refresh`] (the console's) keeps the last picture and redraws only the
+//! scan lines whose video memory pages were written since (QEMU's `DIRTY_MEMORY_VGA`):
+//! the vCPUs' writes from the accelerator's dirty log, the VMM's from [`Vram`]'s own
+//! bits. A new mode, palette, start address or line length redraws all (QEMU's
+//! `full_update`); a text screen is redrawn whole when any page was written. Unlike QEMU,
+//! the text cursor does not blink: it is drawn whenever it is on, so a screendump does not
+//! depend on the moment.
 
-use crate::core::console::Surface;
-use crate::display::vga::{att, crtc, gfx, plane_mask, seq, vbe, VgaCommon, VgaRegs, Vram};
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::core::console::{Redraw, Surface};
+use crate::display::vga::{
+    att, crtc, gfx, plane_mask, seq, vbe, VgaCommon, VgaRegs, Vram, VRAM_PAGE_SIZE,
+};
 
 /// QEMU's `CH_ATTR_SIZE`: text screens of more cells are not drawn.
 const MAX_TEXT_CELLS: u32 = 160 * 100;
@@ -162,6 +171,130 @@ pub fn render_with(vga: &VgaCommon, hooks: &dyn DrawHooks) -> Surface {
         }
         None => Surface::new(display.width, display.height),
     }
+}
+
+/// What a picture was drawn from; when it changes everything is redrawn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum FrameKey {
+    /// Black, at the last size.
+    Blank(u32, u32),
+    /// A text screen: the registers it depends on.
+    Text(Vec<u8>),
+    /// A graphic mode's layout and palette.
+    Graphic(GraphicLayout),
+}
+
+/// What [`refresh`] keeps between calls (QEMU's `last_*` fields of `VGACommonState`).
+#[derive(Debug, Default)]
+pub struct RenderCache {
+    key: Option<FrameKey>,
+    /// Scan lines drawn by [`refresh`] so far (an idle screen draws none).
+    pub lines_drawn: u64,
+}
+
+/// The registers a text screen is drawn from (not the indices, the DAC's state or the
+/// status the guest polls, which change nothing on the screen).
+fn text_key(r: &VgaRegs) -> Vec<u8> {
+    let mut key = Vec::with_capacity(512 + r.palette.len());
+    key.extend_from_slice(&r.cr);
+    key.extend_from_slice(&r.ar);
+    key.extend_from_slice(&r.gr);
+    key.extend_from_slice(&r.sr);
+    key.extend_from_slice(&r.sr_vbe);
+    key.extend_from_slice(&r.palette);
+    key.extend_from_slice(&[r.msr, u8::from(r.dac_8bit)]);
+    key
+}
+
+/// Brings `surface` (what the previous call returned) up to date. `guest_writes` are the
+/// offsets of the video memory pages the vCPUs wrote since the previous call (the
+/// accelerator's dirty log), `None` when the accelerator cannot say: then all is redrawn.
+pub fn refresh(
+    vga: &VgaCommon,
+    cache: &mut RenderCache,
+    guest_writes: Option<&[u64]>,
+    surface: &mut Arc<Surface>,
+) -> Redraw {
+    let regs = vga.regs.lock().clone();
+    let pages = vga.vram.size().div_ceil(VRAM_PAGE_SIZE);
+    let mut dirty = vec![0u64; pages.div_ceil(64) as usize];
+    vga.vram.take_dirty(&mut dirty);
+    for offset in guest_writes.unwrap_or_default() {
+        let page = offset / VRAM_PAGE_SIZE;
+        if page < pages {
+            dirty[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+    let any_dirty = guest_writes.is_none() || dirty.iter().any(|w| *w != 0);
+    let graphic = regs.ar_index & att::PAS != 0 && regs.gr[gfx::MISC] & 0x01 != 0;
+    if graphic {
+        let layout = graphic_layout(&regs, &StdVgaDraw);
+        let key = Some(FrameKey::Graphic(layout.clone()));
+        let same_size = (surface.width, surface.height) == (layout.disp_width, layout.height);
+        let mut display = vga.display.lock();
+        (display.width, display.height) = (layout.disp_width, layout.height);
+        if cache.key == key && same_size && guest_writes.is_some() {
+            if !any_dirty {
+                return Redraw::Nothing;
+            }
+            let size = vga.vram.size();
+            let target = Arc::make_mut(surface);
+            let rows = draw_graphic_lines(&regs, &vga.vram, &StdVgaDraw, &layout, target, |addr, len| {
+                touches_dirty_page(&dirty, size, addr, len)
+            });
+            cache.lines_drawn += rows.iter().map(|r| u64::from(r.end - r.start)).sum::<u64>();
+            return if rows.is_empty() {
+                Redraw::Nothing
+            } else {
+                Redraw::Rows(rows)
+            };
+        }
+        let mut fresh = Surface::new(layout.disp_width, layout.height);
+        draw_graphic_lines(&regs, &vga.vram, &StdVgaDraw, &layout, &mut fresh, |_, _| true);
+        cache.lines_drawn += u64::from(layout.height);
+        cache.key = key;
+        *surface = Arc::new(fresh);
+        return Redraw::Full;
+    }
+    if regs.ar_index & att::PAS != 0 {
+        let key = Some(FrameKey::Text(text_key(&regs)));
+        if cache.key == key && !any_dirty {
+            return Redraw::Nothing;
+        }
+        if let Some(text) = draw_text(&regs, &vga.vram, &StdVgaDraw) {
+            let mut display = vga.display.lock();
+            (display.width, display.height) = (text.width, text.height);
+            cache.lines_drawn += u64::from(text.height);
+            cache.key = key;
+            *surface = Arc::new(text);
+            return Redraw::Full;
+        }
+    }
+    let display = *vga.display.lock();
+    let key = Some(FrameKey::Blank(display.width, display.height));
+    if cache.key == key && (surface.width, surface.height) == (display.width, display.height) {
+        return Redraw::Nothing;
+    }
+    cache.key = key;
+    *surface = Arc::new(Surface::new(display.width, display.height));
+    Redraw::Full
+}
+
+/// Whether `len` bytes of video memory (of `size` bytes) from `addr`, wrapping at its
+/// end, touch a page set in `dirty`.
+fn touches_dirty_page(dirty: &[u64], size: u64, addr: u64, len: usize) -> bool {
+    let mut at = addr & (size - 1);
+    let mut left = len as u64;
+    while left > 0 {
+        let page = at / VRAM_PAGE_SIZE;
+        if dirty[(page / 64) as usize] & (1 << (page % 64)) != 0 {
+            return true;
+        }
+        let step = (VRAM_PAGE_SIZE - at % VRAM_PAGE_SIZE).min(left);
+        left -= step;
+        at = (at + step) & (size - 1);
+    }
+    false
 }
 
 /// QEMU's `vga_draw_text`.
@@ -366,8 +499,29 @@ fn draw_line(
     let _ = width;
 }
 
-/// QEMU's `vga_draw_graphic`.
-fn draw_graphic(r: &VgaRegs, vram: &Vram, hooks: &dyn DrawHooks) -> Surface {
+/// How a graphic mode lays video memory out on the screen, and its colours: what
+/// [`refresh`] compares to decide on a full redraw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct GraphicLayout {
+    line_offset: u32,
+    start_addr: u32,
+    line_compare: u32,
+    /// Pixels a line of memory holds.
+    width: u32,
+    /// Pixels shown per line (twice `width` for half-clock modes).
+    disp_width: u32,
+    height: u32,
+    multi_scan: u32,
+    format: LineFormat,
+    cr_mode: u8,
+    plane_enable: u8,
+    big_endian: bool,
+    pal16: [u32; 16],
+    pal256: Vec<u32>,
+}
+
+/// QEMU's `vga_draw_graphic` up to its line loop, with the extensions `hooks` describe.
+fn graphic_layout(r: &VgaRegs, hooks: &dyn DrawHooks) -> GraphicLayout {
     let (line_offset, start_addr, line_compare) = hooks.offsets(r);
     let (width, mut height) = hooks.resolution(r);
     let shift_control = (r.gr[gfx::MODE] >> 5) & 3;
@@ -399,16 +553,56 @@ fn draw_graphic(r: &VgaRegs, vram: &Vram, hooks: &dyn DrawHooks) -> Surface {
     if u64::from(disp_width) * u64::from(height) > MAX_PIXELS {
         height = (MAX_PIXELS / u64::from(disp_width.max(1))) as u32;
     }
-    let pal16 = palette16(r);
-    let pal256 = palette256(r);
-    let mut surface = Surface::new(disp_width, height);
-    let mut data = vec![0u8; format.bytes(width)];
-    let mut line = Vec::with_capacity(disp_width as usize);
-    let cr_mode = r.cr[crtc::MODE];
-    let mut addr1 = u64::from(start_addr) * 4;
+    // Direct colour does not go through the palettes: leaving them out spares a full
+    // redraw when the guest programs the DAC.
+    let paletted = !matches!(
+        format,
+        LineFormat::Rgb15 | LineFormat::Rgb16 | LineFormat::Rgb24 | LineFormat::Rgb32
+    );
+    GraphicLayout {
+        line_offset,
+        start_addr,
+        line_compare,
+        width,
+        disp_width,
+        height,
+        multi_scan,
+        format,
+        cr_mode: r.cr[crtc::MODE],
+        plane_enable: r.ar[att::PLANE_ENABLE],
+        big_endian: r.big_endian_fb,
+        pal16: if paletted { palette16(r) } else { [0; 16] },
+        pal256: if paletted { palette256(r) } else { Vec::new() },
+    }
+}
+
+/// QEMU's `vga_draw_graphic`: the whole screen into a new surface.
+fn draw_graphic(r: &VgaRegs, vram: &Vram, hooks: &dyn DrawHooks) -> Surface {
+    let layout = graphic_layout(r, hooks);
+    let mut surface = Surface::new(layout.disp_width, layout.height);
+    draw_graphic_lines(r, vram, hooks, &layout, &mut surface, |_, _| true);
+    surface
+}
+
+/// QEMU's `vga_draw_graphic` line loop: draws into `surface` (of the layout's size) the
+/// lines for which `wanted(address, bytes)` of their video memory says so; returns the
+/// rows drawn.
+fn draw_graphic_lines(
+    r: &VgaRegs,
+    vram: &Vram,
+    hooks: &dyn DrawHooks,
+    layout: &GraphicLayout,
+    surface: &mut Surface,
+    mut wanted: impl FnMut(u64, usize) -> bool,
+) -> Vec<Range<u32>> {
+    let mut drawn: Vec<Range<u32>> = Vec::new();
+    let mut data = vec![0u8; layout.format.bytes(layout.width)];
+    let mut line = Vec::with_capacity(layout.disp_width as usize);
+    let cr_mode = layout.cr_mode;
+    let mut addr1 = u64::from(layout.start_addr) * 4;
     let mut y1 = 0u64;
-    let mut multi_run = multi_scan;
-    for y in 0..height {
+    let mut multi_run = layout.multi_scan;
+    for y in 0..layout.height {
         let mut addr = addr1;
         if cr_mode & 1 == 0 {
             // CGA compatibility: scan line bit 0 in address bit 13 (or 15).
@@ -418,30 +612,46 @@ fn draw_graphic(r: &VgaRegs, vram: &Vram, hooks: &dyn DrawHooks) -> Surface {
         if cr_mode & 2 == 0 {
             addr = (addr & !0x8000) | ((y1 & 2) << 14);
         }
-        vram.read_wrapping(addr, &mut data);
-        line.clear();
-        draw_line(format, r, &data, width, &pal16, &pal256, &mut line);
-        line.resize(disp_width as usize, 0);
-        hooks.draw_cursor_line(vram, y, &mut line);
-        surface.row_mut(y).copy_from_slice(&line);
+        if wanted(addr, data.len()) {
+            vram.read_wrapping(addr, &mut data);
+            line.clear();
+            draw_line(
+                layout.format,
+                r,
+                &data,
+                layout.width,
+                &layout.pal16,
+                &layout.pal256,
+                &mut line,
+            );
+            line.resize(layout.disp_width as usize, 0);
+            hooks.draw_cursor_line(vram, y, &mut line);
+            surface.row_mut(y).copy_from_slice(&line);
+            match drawn.last_mut() {
+                Some(last) if last.end == y => last.end = y + 1,
+                _ => drawn.push(y..y + 1),
+            }
+        }
         if multi_run == 0 {
             let mask = u64::from((cr_mode & 3) ^ 3);
             if (y1 & mask) == mask {
-                addr1 += u64::from(line_offset);
+                addr1 += u64::from(layout.line_offset);
             }
             y1 += 1;
-            multi_run = multi_scan;
+            multi_run = layout.multi_scan;
         } else {
             multi_run -= 1;
         }
-        if y == line_compare {
+        if y == layout.line_compare {
             addr1 = 0;
         }
     }
-    surface
+    drawn
 }
 
 #[cfg(test)]
+// Row ranges are what is compared here, one range as often as several.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use crate::core::memory::MemoryRegionOps;
@@ -541,6 +751,74 @@ mod tests {
             assert_eq!(s.row(3)[2], expect, "{bpp} bpp");
             assert_eq!(s.row(3)[1], 0, "{bpp} bpp");
         }
+    }
+
+    /// A 640x480 32 bpp VBE mode.
+    fn vbe_640x480(v: &VgaCommon) {
+        v.vbe_write(vbe::INDEX_XRES as u16, 640);
+        v.vbe_write(vbe::INDEX_YRES as u16, 480);
+        v.vbe_write(vbe::INDEX_BPP as u16, 32);
+        v.vbe_write(vbe::INDEX_ENABLE as u16, vbe::ENABLED);
+        v.regs.lock().ar_index = att::PAS;
+    }
+
+    #[test]
+    fn an_idle_screen_redraws_nothing_and_a_write_its_lines() {
+        let v = VgaCommon::new(Vram::new(4 << 20).unwrap());
+        vbe_640x480(&v);
+        let mut cache = RenderCache::default();
+        let mut surface = Arc::new(Surface::new(0, 0));
+        assert_eq!(refresh(&v, &mut cache, Some(&[]), &mut surface), Redraw::Full);
+        assert_eq!(cache.lines_drawn, 480);
+        // Idle: no line drawn, however often.
+        for _ in 0..3 {
+            assert_eq!(refresh(&v, &mut cache, Some(&[]), &mut surface), Redraw::Nothing);
+        }
+        assert_eq!(cache.lines_drawn, 480);
+        // The VMM writes a pixel of line 100 (2560 bytes a line): its page holds the end
+        // of line 99 too.
+        v.vram.write_u32(100 * 2560 + 40, 0x00ab_cdef);
+        assert_eq!(
+            refresh(&v, &mut cache, Some(&[]), &mut surface),
+            Redraw::Rows(vec![99..101])
+        );
+        assert_eq!(cache.lines_drawn, 482);
+        assert_eq!(surface.row(100)[10], 0x00ab_cdef);
+        // A vCPU's write, as the accelerator's log reports it: the page at 0x40000.
+        assert_eq!(
+            refresh(&v, &mut cache, Some(&[0x40000]), &mut surface),
+            Redraw::Rows(vec![102..104])
+        );
+        // Without a log everything is drawn; a new start address too.
+        assert_eq!(refresh(&v, &mut cache, None, &mut surface), Redraw::Full);
+        v.vbe_write(vbe::INDEX_Y_OFFSET as u16, 1);
+        assert_eq!(refresh(&v, &mut cache, Some(&[]), &mut surface), Redraw::Full);
+        assert_eq!(*surface, render(&v));
+    }
+
+    #[test]
+    fn an_idle_text_screen_redraws_nothing() {
+        let v = vga();
+        {
+            let mut r = v.regs.lock();
+            r.ar_index = att::PAS;
+            r.cr[crtc::H_DISP] = 79;
+            r.cr[crtc::V_DISP_END] = 0x8f;
+            r.cr[crtc::OVERFLOW] = 0x1f;
+            r.cr[crtc::MAX_SCAN] = 15;
+            r.cr[crtc::OFFSET] = 40;
+        }
+        let mut cache = RenderCache::default();
+        let mut surface = Arc::new(Surface::new(0, 0));
+        assert_eq!(refresh(&v, &mut cache, Some(&[]), &mut surface), Redraw::Full);
+        let drawn = cache.lines_drawn;
+        assert_eq!(refresh(&v, &mut cache, Some(&[]), &mut surface), Redraw::Nothing);
+        // The guest polls the status register: nothing on the screen changes.
+        v.regs.lock().ioport_read(0x3da);
+        assert_eq!(refresh(&v, &mut cache, Some(&[]), &mut surface), Redraw::Nothing);
+        assert_eq!(cache.lines_drawn, drawn);
+        v.vram.write_u8(0, b'A');
+        assert_eq!(refresh(&v, &mut cache, Some(&[]), &mut surface), Redraw::Full);
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!   QEMU 7.2 puts at 0x000 (`edid=on`) is not there yet: 0x000-0x3ff reads all ones;
 //! - the expansion ROM BAR: `romfile`, by default SeaBIOS's `vgabios-stdvga.bin`.
 //!
-//! One graphic console shows it (QMP/HMP `screendump`). It migrates as QEMU's `vga`
+//! One graphic console shows it (QMP/HMP `screendump`, the VNC server), redrawing only
+//! the lines whose video memory the accelerator's dirty log or the VMM says were written
+//! (`vga_draw::refresh`). It migrates as QEMU's `vga`
 //! section with `vga.vram` does: its PCI configuration, the VGA's registers and video
 //! memory (`VgaCommon::save_state`), in one versioned section.
 
@@ -210,7 +212,7 @@ impl PciDeviceImpl for PciVga {
         }
         let console = services
             .consoles()
-            .add(ctx.object(), 0, Arc::new(VgaConsole(vga)));
+            .add(ctx.object(), 0, Arc::new(VgaConsole::new(vga, services)));
         *self.console.lock() = Some(console);
         Ok(())
     }
@@ -230,11 +232,60 @@ impl PciVga {
 }
 
 /// The console's view of the VGA.
-struct VgaConsole(Arc<VgaCommon>);
+struct VgaConsole {
+    vga: Arc<VgaCommon>,
+    /// For the accelerator's dirty log (weak: the machine owns its consoles).
+    services: std::sync::Weak<crate::core::services::MachineServices>,
+    /// Whether the accelerator logs the vCPUs' writes to video memory; asked once.
+    logged: std::sync::OnceLock<bool>,
+    cache: Mutex<crate::display::vga_draw::RenderCache>,
+}
+
+impl VgaConsole {
+    fn new(vga: Arc<VgaCommon>, services: &Arc<crate::core::services::MachineServices>) -> Self {
+        VgaConsole {
+            vga,
+            services: Arc::downgrade(services),
+            logged: std::sync::OnceLock::new(),
+            cache: Mutex::new(Default::default()),
+        }
+    }
+
+    /// The video memory pages the vCPUs wrote since the last call, from the
+    /// accelerator's dirty log; `None` when it has none (then all is redrawn).
+    fn guest_writes(&self) -> Option<Vec<u64>> {
+        let services = self.services.upgrade()?;
+        let ops = services.accel_ops()?;
+        let (host, size) = (self.vga.vram.host_addr(), self.vga.vram.size());
+        let logged = *self.logged.get_or_init(|| match ops.log_display_memory(host, size) {
+            Ok(()) => true,
+            Err(e) => {
+                log::info!("{TYPE_PCI_VGA}: whole-screen refreshes: {e}");
+                false
+            }
+        });
+        if !logged {
+            return None;
+        }
+        match ops.display_dirty_pages(host, size) {
+            Ok(pages) => Some(pages),
+            Err(e) => {
+                self.vga.guest_error(|| format!("{TYPE_PCI_VGA}: dirty log: {e}"));
+                None
+            }
+        }
+    }
+}
 
 impl GraphicHwOps for VgaConsole {
     fn gfx_update(&self) -> Surface {
-        crate::display::vga_draw::render(&self.0)
+        crate::display::vga_draw::render(&self.vga)
+    }
+
+    fn gfx_refresh(&self, surface: &mut Arc<Surface>) -> crate::core::console::Redraw {
+        let mut cache = self.cache.lock();
+        let writes = self.guest_writes();
+        crate::display::vga_draw::refresh(&self.vga, &mut cache, writes.as_deref(), surface)
     }
 }
 

@@ -91,6 +91,18 @@ const COMMANDS: &[HmpCommand] = &[
         run: screendump,
     },
     HmpCommand {
+        names: "set_password",
+        params: "protocol password [-d display] [action-if-connected]",
+        help: "set spice/vnc password",
+        run: set_password,
+    },
+    HmpCommand {
+        names: "expire_password",
+        params: "protocol time [-d display]",
+        help: "set spice/vnc password expire-time",
+        run: expire_password,
+    },
+    HmpCommand {
         names: "netdev_add",
         params: "[user|tap],id=str[,prop=value][,...]",
         help: "add host network device",
@@ -1072,6 +1084,81 @@ fn qom_list(
         let _ = writeln!(out, "{} ({})", p.name, p.kind.type_name());
     }
     Ok(())
+}
+
+/// Splits `-d DISPLAY` out of an HMP command's words (QEMU's `display:-dV`).
+fn display_flag<'a>(args: &[&'a str]) -> Result<(Option<&'a str>, Vec<&'a str>), QmpError> {
+    let mut display = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if *arg == "-d" {
+            display = Some(*it.next().ok_or_else(|| missing("display"))?);
+        } else {
+            rest.push(*arg);
+        }
+    }
+    Ok((display, rest))
+}
+
+/// QEMU's `qapi_enum_parse` for an HMP word.
+fn hmp_enum(value: &str, values: &[&str]) -> Result<(), QmpError> {
+    if values.contains(&value) {
+        Ok(())
+    } else {
+        Err(QmpError::Failed(format!("Invalid parameter '{value}'")))
+    }
+}
+
+/// QEMU's `hmp_set_password`: `set_password vnc PASSWORD [-d DISPLAY] [keep|fail|disconnect]`.
+fn set_password(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let (display, rest) = display_flag(args)?;
+    let protocol = *rest.first().ok_or_else(|| missing("protocol"))?;
+    let password = *rest.get(1).ok_or_else(|| missing("password"))?;
+    let mut qmp_args = serde_json::Map::new();
+    if let Some(connected) = rest.get(2) {
+        hmp_enum(connected, qmp_cmds::SET_PASSWORD_ACTION.values)?;
+        qmp_args.insert("connected".into(), (*connected).into());
+    }
+    hmp_enum(protocol, qmp_cmds::DISPLAY_PROTOCOL.values)?;
+    qmp_args.insert("protocol".into(), protocol.into());
+    qmp_args.insert("password".into(), password.into());
+    if let Some(d) = display {
+        qmp_args.insert("display".into(), d.into());
+    }
+    // QEMU's vnc_display_password prints a hint on a human monitor before the error.
+    if protocol == "vnc"
+        && qmp_args.get("connected").is_none_or(|c| c == "keep")
+        && crate::vnc::password_auth_enabled(display) == Some(false)
+    {
+        let _ = writeln!(out, "{}", crate::vnc::PASSWORD_HINT);
+    }
+    qmp_cmds::qmp_set_password(ctx, &qmp_args).map(drop)
+}
+
+/// QEMU's `hmp_expire_password`: `expire_password vnc TIME [-d DISPLAY]`.
+fn expire_password(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    _: &mut String,
+) -> Result<(), QmpError> {
+    let (display, rest) = display_flag(args)?;
+    let protocol = *rest.first().ok_or_else(|| missing("protocol"))?;
+    let time = *rest.get(1).ok_or_else(|| missing("time"))?;
+    hmp_enum(protocol, qmp_cmds::DISPLAY_PROTOCOL.values)?;
+    let mut qmp_args = serde_json::Map::new();
+    qmp_args.insert("protocol".into(), protocol.into());
+    qmp_args.insert("time".into(), time.into());
+    if let Some(d) = display {
+        qmp_args.insert("display".into(), d.into());
+    }
+    qmp_cmds::qmp_expire_password(ctx, &qmp_args).map(drop)
 }
 
 fn missing(name: &str) -> QmpError {

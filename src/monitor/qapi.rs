@@ -121,6 +121,12 @@ pub enum QmpError {
     /// A command that failed, in QEMU's words (a `GenericError`).
     #[error("{0}")]
     Failed(String),
+    /// A feature qomvm has not started, or does not have (`SPICE is not in use`).
+    #[error("{0}")]
+    NotActive(&'static str),
+    /// An argument's value the command refuses (QEMU's `QERR_INVALID_PARAMETER`).
+    #[error("Invalid parameter '{0}'")]
+    InvalidParameter(&'static str),
 }
 
 impl QmpError {
@@ -134,7 +140,9 @@ impl QmpError {
             QmpError::DeviceNotFound(_)
             | QmpError::ClassNotFound(_)
             | QmpError::Qom(qom::Error::PathNotFound(_)) => "DeviceNotFound",
-            QmpError::Balloon(BalloonError::NotActivated) => "DeviceNotActive",
+            QmpError::Balloon(BalloonError::NotActivated) | QmpError::NotActive(_) => {
+                "DeviceNotActive"
+            }
             _ => "GenericError",
         }
     }

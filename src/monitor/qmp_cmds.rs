@@ -443,6 +443,34 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: |_, _| Ok(crate::vnc::query_vnc()),
     },
     QmpCommand {
+        name: "set_password",
+        args: &[
+            Arg::required("protocol", ArgType::Enum(&DISPLAY_PROTOCOL)),
+            Arg::required("password", ArgType::Str),
+            Arg::optional("connected", ArgType::Enum(&SET_PASSWORD_ACTION)),
+            Arg::optional("display", ArgType::Str),
+        ],
+        run: qmp_set_password,
+    },
+    QmpCommand {
+        name: "expire_password",
+        args: &[
+            Arg::required("protocol", ArgType::Enum(&DISPLAY_PROTOCOL)),
+            Arg::required("time", ArgType::Str),
+            Arg::optional("display", ArgType::Str),
+        ],
+        run: qmp_expire_password,
+    },
+    QmpCommand {
+        name: "change-vnc-password",
+        args: &[Arg::required("password", ArgType::Str)],
+        run: |_, args| {
+            crate::vnc::vnc_display_password(None, str_arg(args, "password"))
+                .map_err(|e| QmpError::Failed(e.to_string()))?;
+            Ok(json!({}))
+        },
+    },
+    QmpCommand {
         name: "screendump",
         args: &[
             Arg::required("filename", ArgType::Str),
@@ -610,6 +638,47 @@ fn qmp_pmemsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qm
         at += n as u64;
         left -= n as u64;
     }
+    Ok(json!({}))
+}
+
+/// QAPI's `DisplayProtocol`.
+pub const DISPLAY_PROTOCOL: crate::monitor::qapi::QapiEnum = crate::monitor::qapi::QapiEnum {
+    name: "DisplayProtocol",
+    values: &["vnc", "spice"],
+};
+
+/// QAPI's `SetPasswordAction`.
+pub const SET_PASSWORD_ACTION: crate::monitor::qapi::QapiEnum = crate::monitor::qapi::QapiEnum {
+    name: "SetPasswordAction",
+    values: &["keep", "fail", "disconnect"],
+};
+
+/// QEMU's `qmp_set_password` (7.2): VNC takes `connected=keep` only; there is no SPICE.
+pub fn qmp_set_password(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    if str_arg(args, "protocol") == "spice" {
+        return Err(QmpError::NotActive("SPICE is not in use"));
+    }
+    let connected = args.get("connected").and_then(Value::as_str);
+    if connected.is_some_and(|c| c != "keep") {
+        return Err(QmpError::InvalidParameter("connected"));
+    }
+    let display = args.get("display").and_then(Value::as_str);
+    crate::vnc::vnc_display_password(display, str_arg(args, "password"))
+        .map_err(|e| QmpError::Failed(e.to_string()))?;
+    Ok(json!({}))
+}
+
+/// QEMU's `qmp_expire_password`: `now`, `never`, `+SECONDS` or seconds since the epoch.
+pub fn qmp_expire_password(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let time = str_arg(args, "time");
+    let when = crate::vnc::auth::parse_expire_time(time, crate::vnc::auth::now_secs())
+        .ok_or_else(|| QmpError::Failed(format!("Parameter 'time' doesn't take value '{time}'")))?;
+    if str_arg(args, "protocol") == "spice" {
+        return Err(QmpError::NotActive("SPICE is not in use"));
+    }
+    let display = args.get("display").and_then(Value::as_str);
+    crate::vnc::vnc_display_pw_expire(display, when)
+        .map_err(|e| QmpError::Failed(e.to_string()))?;
     Ok(json!({}))
 }
 

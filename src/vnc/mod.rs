@@ -1,7 +1,8 @@
 //! The VNC server (QEMU's `ui/vnc.c`): `-vnc HOST:DISPLAY[,to=N]` (or `-display vnc=...`)
 //! listens on port 5900 + DISPLAY (the first free one up to 5900 + N with `to=`) and
-//! serves the first graphic console over RFB 3.8 (3.3 and 3.7 clients too) without
-//! authentication: raw and ZRLE rectangles, the desktop-size pseudo-encoding, keyboard and
+//! serves the first graphic console over RFB 3.8 (3.3 and 3.7 clients too), without
+//! authentication or with VNC Authentication (`password=on`, `password-secret=ID`, the
+//! password set with QMP `set_password`; `auth.rs`): raw and ZRLE rectangles, the desktop-size pseudo-encoding, keyboard and
 //! pointer input into the machine's input devices (`input.rs`), QEMU's extended key
 //! events.
 //!
@@ -14,6 +15,7 @@
 //! `query-vnc`, HMP `info vnc` and the `VNC_CONNECTED`, `VNC_INITIALIZED` and
 //! `VNC_DISCONNECTED` events say who is connected.
 
+pub mod auth;
 pub mod input;
 pub mod keymap;
 pub mod keysyms;
@@ -26,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use hw::core::console::Surface;
+use hw::core::console::{ConsoleUpdate, Surface};
 use hw::core::services::MachineServices;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -55,6 +57,12 @@ pub struct VncConfig {
     pub last_port: u16,
     /// The sharing policy (QEMU's `share=`).
     pub share: SharePolicy,
+    /// `password=on`: VNC Authentication, refused until a password is set.
+    pub password: bool,
+    /// `password-secret=ID`: VNC Authentication with the `secret` object ID's value.
+    pub password_secret: Option<String>,
+    /// The display's name for the monitor's `display` arguments (QEMU's `id=`).
+    pub id: String,
 }
 
 /// QEMU's `VncSharePolicy`.
@@ -91,6 +99,9 @@ pub enum VncOptionError {
     /// QEMU features qomvm does not have.
     #[error("VNC {0} is not supported by qomvm")]
     Unsupported(String),
+    /// Both `password` and `password-secret`.
+    #[error("'password' flag is redundant with 'password-secret'")]
+    PasswordRedundant,
 }
 
 /// Why the server could not start.
@@ -111,6 +122,56 @@ pub enum VncError {
     /// The listener thread cannot be started.
     #[error("Failed to start VNC server: {0}")]
     Thread(std::io::Error),
+    /// `password-secret=` names no usable secret.
+    #[error(transparent)]
+    Secret(#[from] hw::crypto::secret::SecretLookupError),
+}
+
+/// Why `set_password` or `expire_password` did nothing, in QEMU's words.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PasswordError {
+    /// No display of that id (or no `-vnc` at all).
+    #[error("Could not set password")]
+    NoDisplay,
+    /// The display was started without `password=on` (QEMU also prints
+    /// [`PASSWORD_HINT`] on a human monitor).
+    #[error("Could not set password")]
+    NotEnabled,
+    /// `expire_password` on no display.
+    #[error("Could not set password expire time")]
+    NoDisplayToExpire,
+}
+
+/// What QEMU's human monitor prints before "Could not set password" on a display without
+/// password authentication.
+pub const PASSWORD_HINT: &str =
+    "If you want use passwords please enable password auth using '-vnc ${dpy},password'.";
+
+/// The security types of RFC 6143 7.1.2 that qomvm offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthType {
+    /// 1: None.
+    None,
+    /// 2: VNC Authentication.
+    Vnc,
+}
+
+impl AuthType {
+    /// The wire value.
+    fn number(self) -> u8 {
+        match self {
+            AuthType::None => 1,
+            AuthType::Vnc => 2,
+        }
+    }
+
+    /// QEMU's `vnc_auth_name`, as `query-vnc` and `info vnc` show it.
+    fn name(self) -> &'static str {
+        match self {
+            AuthType::None => "none",
+            AuthType::Vnc => "vnc",
+        }
+    }
 }
 
 /// Parses `-vnc`'s value (or `-display vnc=`'s): `[HOST]:DISPLAY[,to=N][,share=...]`
@@ -144,8 +205,12 @@ pub fn parse_vnc_option(text: &str) -> Result<Option<VncConfig>, VncOptionError>
             port,
             last_port: port,
             share: SharePolicy::AllowExclusive,
+            password: false,
+            password_secret: None,
+            id: "default".into(),
         })
     };
+    let mut password_given = false;
     for item in options {
         let (key, value) = match item.split_once('=') {
             Some((k, v)) => (k, Some(v)),
@@ -185,16 +250,47 @@ pub fn parse_vnc_option(text: &str) -> Result<Option<VncConfig>, VncOptionError>
             "ipv4" | "ipv6" => {
                 on_off(value)?;
             }
-            "password" | "sasl" | "tls-creds" | "websocket" | "reverse" | "tls-authz"
-            | "sasl-authz" => {
+            "password" => {
+                password_given = true;
+                let on = on_off(value)?;
+                if let Some(c) = config.as_mut() {
+                    c.password = on;
+                }
+            }
+            "password-secret" => {
+                let id = value
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| bad("a secret's id"))?;
+                if let Some(c) = config.as_mut() {
+                    c.password_secret = Some(id.to_string());
+                }
+            }
+            "id" => {
+                let id = value
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| bad("an id"))?;
+                if let Some(c) = config.as_mut() {
+                    c.id = id.to_string();
+                }
+            }
+            "sasl" | "tls-creds" | "websocket" | "reverse" | "tls-authz" | "sasl-authz" => {
                 if on_off(value).unwrap_or(true) {
                     return Err(VncOptionError::Unsupported(format!("'{key}'")));
                 }
             }
             // Accepted as QEMU takes them; they change nothing qomvm does.
-            "lossy" | "non-adaptive" | "lock-key-sync" | "key-delay-ms" | "id" | "display"
+            "lossy" | "non-adaptive" | "lock-key-sync" | "key-delay-ms" | "display"
             | "connections" => {}
             _ => return Err(VncOptionError::InvalidParameter(key.to_string())),
+        }
+    }
+    if let Some(c) = config.as_mut() {
+        if c.password_secret.is_some() {
+            // QEMU's vnc_display_open: the secret implies the flag, and both is an error.
+            if password_given {
+                return Err(VncOptionError::PasswordRedundant);
+            }
+            c.password = true;
         }
     }
     Ok(config)
@@ -217,6 +313,13 @@ pub struct VncServer {
     clients: Mutex<Vec<Arc<ClientHandle>>>,
     next_id: AtomicU64,
     name: String,
+    /// The display's id (QEMU's `id=`, `default` unless given).
+    id: String,
+    /// What clients must do before they see the screen.
+    auth: AuthType,
+    /// The password and its expiry, read by every authenticating client and written by
+    /// the monitor.
+    password: Mutex<auth::PasswordState>,
 }
 
 static SERVER: OnceLock<Arc<VncServer>> = OnceLock::new();
@@ -237,9 +340,22 @@ pub fn vnc_display_init(
             clients: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
             name,
+            id: "default".into(),
+            auth: AuthType::None,
+            password: Mutex::new(auth::PasswordState::new(None)),
         };
         let _ = SERVER.set(Arc::new(server));
         return Ok(());
+    };
+    // QEMU's vnc_display_open reads the secret once, when the display opens.
+    let password = match &config.password_secret {
+        Some(id) => Some(hw::crypto::secret::qcrypto_secret_lookup_as_utf8(id)?.into_bytes()),
+        None => None,
+    };
+    let auth = if config.password {
+        AuthType::Vnc
+    } else {
+        AuthType::None
     };
     let host = if config.host.is_empty() {
         "0.0.0.0"
@@ -270,6 +386,9 @@ pub fn vnc_display_init(
         clients: Mutex::new(Vec::new()),
         next_id: AtomicU64::new(0),
         name,
+        id: config.id.clone(),
+        auth,
+        password: Mutex::new(auth::PasswordState::new(password)),
     });
     let _ = SERVER.set(server.clone());
     std::thread::Builder::new()
@@ -297,7 +416,7 @@ pub fn query_vnc() -> Value {
     let map = info.as_object_mut().expect("an object");
     map.remove("websocket");
     map.insert("enabled".into(), json!(true));
-    map.insert("auth".into(), json!("none"));
+    map.insert("auth".into(), json!(server.auth.name()));
     map.insert("clients".into(), Value::Array(clients));
     let mut ordered = serde_json::Map::new();
     for key in ["enabled", "host", "family", "service", "auth", "clients"] {
@@ -325,7 +444,7 @@ pub fn info_vnc(out: &mut String) {
                 local.port(),
                 family_of(&local)
             );
-            out.push_str("    Auth: none (Sub: none)\n");
+            let _ = writeln!(out, "    Auth: {} (Sub: none)", server.auth.name());
         }
         None => out.push_str("  not started\n"),
     }
@@ -339,6 +458,36 @@ pub fn info_vnc(out: &mut String) {
         );
         out.push_str("    x509_dname: none\n    sasl_username: none\n");
     }
+}
+
+/// The display `id` names, or the first (QEMU's `vnc_display_find`).
+fn find_display(id: Option<&str>) -> Option<&'static Arc<VncServer>> {
+    SERVER.get().filter(|s| id.is_none_or(|id| id == s.id))
+}
+
+/// Whether the display `id` names (or the first) asks for a password; `None` without
+/// one.
+pub fn password_auth_enabled(display: Option<&str>) -> Option<bool> {
+    find_display(display).map(|s| s.auth == AuthType::Vnc)
+}
+
+/// QEMU's `vnc_display_password` (QMP `set_password`, `change-vnc-password`): the new
+/// password for clients that authenticate from now on; connected clients stay.
+pub fn vnc_display_password(display: Option<&str>, password: &str) -> Result<(), PasswordError> {
+    let server = find_display(display).ok_or(PasswordError::NoDisplay)?;
+    if server.auth == AuthType::None {
+        return Err(PasswordError::NotEnabled);
+    }
+    server.password.lock().set(password.as_bytes());
+    Ok(())
+}
+
+/// QEMU's `vnc_display_pw_expire` (QMP `expire_password`): after `when` (seconds since
+/// the epoch, [`auth::NEVER`] for never) every authentication fails.
+pub fn vnc_display_pw_expire(display: Option<&str>, when: i64) -> Result<(), PasswordError> {
+    let server = find_display(display).ok_or(PasswordError::NoDisplayToExpire)?;
+    server.password.lock().expire_at(when);
+    Ok(())
 }
 
 fn host_of(addr: &SocketAddr) -> String {
@@ -368,7 +517,7 @@ impl VncServer {
     fn server_info(&self) -> Value {
         let mut info = self.local.as_ref().map_or_else(|| json!({}), basic_info);
         if let Some(map) = info.as_object_mut() {
-            map.insert("auth".into(), json!("none"));
+            map.insert("auth".into(), json!(self.auth.name()));
         }
         info
     }
@@ -450,6 +599,9 @@ enum ClientError {
     /// The client said something RFB does not allow.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// VNC Authentication failed (the client was told).
+    #[error("authentication failed: {0}")]
+    Auth(#[from] auth::AuthFailure),
 }
 
 /// One connection's state (QEMU's `VncState`).
@@ -466,7 +618,10 @@ struct Client {
     /// The update the client asked for and has not had: incremental, and where.
     pending: Option<(bool, Rect)>,
     /// What the client has on its screen (at the server's size then).
-    shown: Option<Surface>,
+    shown: Option<Arc<Surface>>,
+    /// The console's generation `shown` is up to date with, outside the rows changed
+    /// since.
+    generation: Option<u64>,
     /// The size the client's screen has.
     client_size: (u32, u32),
     last_refresh: Instant,
@@ -488,6 +643,7 @@ impl Client {
             zrle_encoder: ZrleEncoder::default(),
             pending: None,
             shown: None,
+            generation: None,
             client_size: (0, 0),
             last_refresh: Instant::now(),
         }
@@ -517,31 +673,12 @@ impl Client {
                 String::from_utf8_lossy(&version)
             ))
         })?;
-        if minor >= 7 {
-            // One security type: None.
-            self.stream.write_all(&[1, 1])?;
-            let chosen = self.read_u8()?;
-            if chosen != 1 {
-                if minor >= 8 {
-                    let reason = b"Unsupported security type";
-                    let mut msg = 1u32.to_be_bytes().to_vec();
-                    msg.extend_from_slice(&(reason.len() as u32).to_be_bytes());
-                    msg.extend_from_slice(reason);
-                    self.stream.write_all(&msg)?;
-                }
-                return Err(Self::protocol(format!("security type {chosen}")));
-            }
-            if minor >= 8 {
-                self.stream.write_all(&0u32.to_be_bytes())?;
-            }
-        } else {
-            self.stream.write_all(&1u32.to_be_bytes())?;
-        }
+        self.security(minor)?;
         let shared = self.read_u8()? != 0;
         if !shared {
             self.server.make_exclusive(self.handle.id);
         }
-        let surface = self.render()?;
+        let surface = self.render(None).surface;
         let mut init = Vec::new();
         init.extend_from_slice(&(surface.width as u16).to_be_bytes());
         init.extend_from_slice(&(surface.height as u16).to_be_bytes());
@@ -566,6 +703,71 @@ impl Client {
                 self.update()?;
             }
         }
+    }
+
+    /// Security negotiation (RFC 6143 7.1.2, 7.1.3, 7.2; QEMU's `protocol_client_auth`):
+    /// the one type the display has, then its authentication and the result.
+    fn security(&mut self, minor: u32) -> Result<(), ClientError> {
+        let auth = self.server.auth;
+        if minor >= 7 {
+            self.stream.write_all(&[1, auth.number()])?;
+            let chosen = self.read_u8()?;
+            if chosen != auth.number() {
+                if minor >= 8 {
+                    self.security_failed(minor, "Unsupported security type")?;
+                }
+                return Err(Self::protocol(format!("security type {chosen}")));
+            }
+        } else {
+            // 3.3: the server decides.
+            self.stream
+                .write_all(&u32::from(auth.number()).to_be_bytes())?;
+        }
+        match auth {
+            AuthType::None => {
+                // RFB 3.8 reports the result of None too; 3.3 and 3.7 go straight on.
+                if minor >= 8 {
+                    self.stream.write_all(&0u32.to_be_bytes())?;
+                }
+                Ok(())
+            }
+            AuthType::Vnc => {
+                let challenge = auth::random_challenge()?;
+                self.stream.write_all(&challenge)?;
+                let response: [u8; auth::CHALLENGE_SIZE] = self
+                    .read_exact(auth::CHALLENGE_SIZE)?
+                    .try_into()
+                    .expect("16 bytes");
+                // The lock is held for the comparison only, never across a read or write.
+                let verdict =
+                    self.server
+                        .password
+                        .lock()
+                        .check(&challenge, &response, auth::now_secs());
+                match verdict {
+                    Ok(()) => {
+                        self.stream.write_all(&0u32.to_be_bytes())?;
+                        Ok(())
+                    }
+                    Err(failure) => {
+                        self.security_failed(minor, "Authentication failed")?;
+                        Err(failure.into())
+                    }
+                }
+            }
+        }
+    }
+
+    /// A failed SecurityResult; RFB 3.8 adds the reason (QEMU's `authentication_failed`,
+    /// whose string, unlike RFC 6143's, also carries its C terminator: left out here).
+    fn security_failed(&mut self, minor: u32, reason: &str) -> Result<(), ClientError> {
+        let mut msg = 1u32.to_be_bytes().to_vec();
+        if minor >= 8 {
+            msg.extend_from_slice(&(reason.len() as u32).to_be_bytes());
+            msg.extend_from_slice(reason.as_bytes());
+        }
+        self.stream.write_all(&msg)?;
+        Ok(())
     }
 
     /// One client message (RFC 6143 7.5 and QEMU's message 255).
@@ -653,15 +855,22 @@ impl Client {
         Ok(())
     }
 
-    /// The first console's picture; a machine without a display device shows a black
-    /// 640x480 screen (QEMU shows a text console there).
-    fn render(&self) -> Result<Surface, ClientError> {
-        Ok(self
-            .server
-            .services
-            .consoles()
-            .first()
-            .map_or_else(|| Surface::new(640, 480), |c| c.update()))
+    /// The first console's picture and the rows changed since generation `since`; a
+    /// machine without a display device shows a black 640x480 screen (QEMU shows a text
+    /// console there).
+    fn render(&self, since: Option<u64>) -> ConsoleUpdate {
+        match self.server.services.consoles().first() {
+            Some(console) => console.refresh(since),
+            None => ConsoleUpdate {
+                surface: Arc::new(Surface::new(640, 480)),
+                generation: 0,
+                changed_rows: if since.is_some() {
+                    Vec::new()
+                } else {
+                    std::iter::once(0..480).collect()
+                },
+            },
+        }
     }
 
     /// Answers the pending update request with what changed (or everything asked for).
@@ -669,7 +878,12 @@ impl Client {
         let Some((incremental, asked)) = self.pending else {
             return Ok(());
         };
-        let surface = self.render()?;
+        let since = self.shown.as_ref().and(self.generation);
+        let ConsoleUpdate {
+            surface,
+            generation,
+            changed_rows,
+        } = self.render(since);
         let mut out = vec![0u8, 0, 0, 0];
         let mut rects: u16 = 0;
         if self.ext_key_events && !self.ext_key_acked {
@@ -705,7 +919,8 @@ impl Client {
             .as_ref()
             .is_some_and(|s| (s.width, s.height) == (surface.width, surface.height));
         let changed = match (&self.shown, incremental && same_size) {
-            (Some(shown), true) => changed_tiles(shown, &surface, cw, ch),
+            // Only the rows the console says changed are compared.
+            (Some(shown), true) => changed_tiles(shown, &surface, cw, ch, &changed_rows),
             _ => {
                 let wanted = if incremental {
                     full_rect(cw, ch)
@@ -716,6 +931,11 @@ impl Client {
             }
         };
         if changed.is_empty() && rects == 0 {
+            if incremental && same_size {
+                // Nothing differs in the changed rows: the client is up to date.
+                self.shown = Some(surface);
+                self.generation = Some(generation);
+            }
             return Ok(());
         }
         for r in &changed {
@@ -730,14 +950,19 @@ impl Client {
         // Outside every lock: a client that does not read stalls here alone.
         self.stream.write_all(&out)?;
         self.shown = match self.shown.take() {
-            // A part asked for again: the rest of the client's screen is as it was.
+            // A part asked for again: the rest of the client's screen is as it was, so
+            // the generation stays, and rows changed since are compared next time.
             Some(mut shown) if !incremental && same_size => {
+                let picture = Arc::make_mut(&mut shown);
                 for r in &changed {
-                    copy_rect(&mut shown, &surface, *r);
+                    copy_rect(picture, &surface, *r);
                 }
                 Some(shown)
             }
-            _ => Some(surface),
+            _ => {
+                self.generation = Some(generation);
+                Some(surface)
+            }
         };
         self.pending = None;
         Ok(())
@@ -762,13 +987,23 @@ fn full_rect(width: u32, height: u32) -> Rect {
 }
 
 /// The tiles of `now` (within `width` x `height`) that differ from `before`, each row of
-/// tiles merged into runs.
-fn changed_tiles(before: &Surface, now: &Surface, width: u32, height: u32) -> Vec<Rect> {
+/// tiles merged into runs; only tiles across `rows` (the rows that may have changed) are
+/// compared.
+fn changed_tiles(
+    before: &Surface,
+    now: &Surface,
+    width: u32,
+    height: u32,
+    rows: &[std::ops::Range<u32>],
+) -> Vec<Rect> {
     let mut rects = Vec::new();
     let width = width.min(before.width);
     let height = height.min(before.height);
     for ty in (0..height).step_by(TILE as usize) {
         let th = TILE.min(height - ty);
+        if !rows.iter().any(|r| r.start < ty + th && ty < r.end) {
+            continue;
+        }
         let mut run: Option<(u32, u32)> = None;
         for tx in (0..width).step_by(TILE as usize) {
             let tw = TILE.min(width - tx);
@@ -841,6 +1076,8 @@ fn readable(stream: &TcpStream, timeout: Duration) -> std::io::Result<bool> {
 }
 
 #[cfg(test)]
+// Row ranges are what is compared here, one range as often as several.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 
@@ -873,11 +1110,37 @@ mod tests {
             parse_vnc_option(":1,frob=2"),
             Err(VncOptionError::InvalidParameter("frob".into()))
         );
+        let c = parse_vnc_option("127.0.0.1:0,password=on")
+            .unwrap()
+            .unwrap();
+        assert!(c.password && c.password_secret.is_none());
+        let c = parse_vnc_option(":1,password").unwrap().unwrap();
+        assert!(c.password);
+        assert!(
+            !parse_vnc_option(":1,password=off")
+                .unwrap()
+                .unwrap()
+                .password
+        );
+        let c = parse_vnc_option(":1,password-secret=vncsec0,id=vnc1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.password, c.password_secret.as_deref(), c.id.as_str()),
+            (true, Some("vncsec0"), "vnc1")
+        );
+        assert_eq!(
+            parse_vnc_option(":1,password=on,password-secret=s"),
+            Err(VncOptionError::PasswordRedundant)
+        );
         assert!(matches!(
-            parse_vnc_option(":1,password=on"),
+            parse_vnc_option(":1,password=maybe"),
+            Err(VncOptionError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse_vnc_option(":1,sasl=on"),
             Err(VncOptionError::Unsupported(_))
         ));
-        assert!(parse_vnc_option(":1,password=off").is_ok());
         assert!(parse_vnc_option(":70000").is_err());
     }
 
@@ -899,7 +1162,7 @@ mod tests {
         now.row_mut(5)[130] = 1;
         now.row_mut(90)[10] = 1;
         assert_eq!(
-            changed_tiles(&before, &now, 200, 100),
+            changed_tiles(&before, &now, 200, 100, &[0..100]),
             [
                 Rect {
                     x: 64,
@@ -915,5 +1178,8 @@ mod tests {
                 }
             ]
         );
+        // Rows the console says did not change are not looked at.
+        assert_eq!(changed_tiles(&before, &now, 200, 100, &[64..70]).len(), 1);
+        assert!(changed_tiles(&before, &now, 200, 100, &[]).is_empty());
     }
 }
