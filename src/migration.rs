@@ -527,7 +527,7 @@ fn outgoing(
     if let Some(ops) = ms.accel_ops() {
         let _ = ops.set_dirty_log(false);
     }
-    ms.services().dirty_tracker().set_active(false);
+    let _ = ms.services().dirty_tracker().set_active(false);
     let mut st_error = None;
     match result {
         Ok(stopped) => {
@@ -607,7 +607,9 @@ fn send(
 
     if live {
         ops.set_dirty_log(true)?;
-        tracker.set_active(true);
+        tracker
+            .set_active(true)
+            .map_err(|e| MigrationError::Io(e.to_string()))?;
         ops.dirty_pages()?;
     }
     let mut pending: Vec<u64> = Vec::new();
