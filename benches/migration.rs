@@ -7,6 +7,9 @@
 //!   the stream). Target: <= 50 ms. `total` is the same migrations' `total-time`.
 //! - `downtime-idle`, `total-idle`: the same with a guest that halts after one line and
 //!   writes nothing.
+//! - `downtime-multifd`, `total-multifd`: the counting guest's live migration with the
+//!   `multifd` capability on both sides and 4 channels (the destination under
+//!   `-incoming defer`, then `migrate-incoming`, as libvirt does it).
 //! - `restore`: a guest saved with `migrate` to `exec:cat > FILE`; the sample is from
 //!   spawning the destination (`-incoming exec:cat FILE`) to `query-status` answering
 //!   `running`, polled
@@ -141,13 +144,42 @@ fn counting(vm: &mut ConsoleVm) {
     vm.wait_until("the guest counting", |t| t.matches(" ok").count() >= 2);
 }
 
-/// One live migration of `guest` between two processes over a Unix socket; returns the
-/// downtime and the total time the source reports, in ms.
-fn live_once(vmm: Vmm, guest: Guest) -> (f64, f64) {
+/// Channels of the multifd rows.
+const MULTIFD_CHANNELS: u64 = 4;
+
+/// Turns `multifd` on with [`MULTIFD_CHANNELS`] channels.
+fn enable_multifd(qmp: &mut QmpClient) {
+    let caps = json!({"capabilities": [{"capability": "multifd", "state": true}]});
+    assert_eq!(
+        qmp.execute("migrate-set-capabilities", caps),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        qmp.execute(
+            "migrate-set-parameters",
+            json!({"multifd-channels": MULTIFD_CHANNELS})
+        ),
+        json!({"return": {}})
+    );
+}
+
+/// One live migration of `guest` between two processes over a Unix socket (with
+/// `multifd` on both sides if asked); returns the downtime and the total time the source
+/// reports, in ms.
+fn live_once(vmm: Vmm, guest: Guest, multifd: bool) -> (f64, f64) {
     let scratch = Scratch::with("live", guest);
     let uri = format!("unix:{}", scratch.0.join("mig.sock").display());
     let (mut src, mut src_qmp) = start(vmm, &scratch.0, "src", &[]);
-    let (mut dst, mut dst_qmp) = start(vmm, &scratch.0, "dst", &["-incoming", &uri]);
+    let incoming = if multifd { "defer" } else { uri.as_str() };
+    let (mut dst, mut dst_qmp) = start(vmm, &scratch.0, "dst", &["-incoming", incoming]);
+    if multifd {
+        enable_multifd(&mut dst_qmp);
+        assert_eq!(
+            dst_qmp.execute("migrate-incoming", json!({"uri": uri})),
+            json!({"return": {}})
+        );
+        enable_multifd(&mut src_qmp);
+    }
     match guest {
         Guest::Writing => counting(&mut src),
         Guest::Idle => src.wait_until("the guest's line", |t| t.contains("idle")),
@@ -190,15 +222,22 @@ fn live_once(vmm: Vmm, guest: Guest) -> (f64, f64) {
 
 /// A live migration of the counting guest; records its total time too.
 fn downtime_writing_once(vmm: Vmm) -> f64 {
-    let (downtime, total) = live_once(vmm, Guest::Writing);
+    let (downtime, total) = live_once(vmm, Guest::Writing, false);
     SAMPLES.lock().push((vmm, "total", total));
     downtime
 }
 
 /// A live migration of the idle guest; records its total time too.
 fn downtime_idle_once(vmm: Vmm) -> f64 {
-    let (downtime, total) = live_once(vmm, Guest::Idle);
+    let (downtime, total) = live_once(vmm, Guest::Idle, false);
     SAMPLES.lock().push((vmm, "total-idle", total));
+    downtime
+}
+
+/// A live migration of the counting guest with `multifd`; records its total time too.
+fn downtime_multifd_once(vmm: Vmm) -> f64 {
+    let (downtime, total) = live_once(vmm, Guest::Writing, true);
+    SAMPLES.lock().push((vmm, "total-multifd", total));
     downtime
 }
 
@@ -309,6 +348,7 @@ fn bench(c: &mut Criterion) {
         for (what, once) in [
             ("downtime", downtime_writing_once as fn(Vmm) -> f64),
             ("downtime-idle", downtime_idle_once),
+            ("downtime-multifd", downtime_multifd_once),
             ("restore", restore_once),
             ("restore-file", restore_file_once),
         ] {
@@ -351,6 +391,8 @@ fn report() {
         "total",
         "downtime-idle",
         "total-idle",
+        "downtime-multifd",
+        "total-multifd",
         "restore",
         "restore-file",
     ] {
@@ -369,7 +411,7 @@ fn report() {
             _ => "-".into(),
         };
         println!(
-            "  {what:12} qomvm {:>9} qemu {:>9} qomvm/qemu {ratio}",
+            "  {what:16} qomvm {:>9} qemu {:>9} qomvm/qemu {ratio}",
             ours.map_or("-".into(), |v| format!("{v:.1}")),
             qemu.map_or("-".into(), |v| format!("{v:.1}")),
         );

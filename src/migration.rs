@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hw::core::machine::machine_state;
-use hw::core::migration::{self as stream, MigrationError, Progress};
+use hw::core::migration::{self as stream, MigrationError, MultifdConfig, Progress};
+use hw::core::multifd::{self, Socket};
 use hw::core::runstate::{self, RunStatus};
 use parking_lot::Mutex;
 use qom::ObjectRef;
@@ -97,6 +98,11 @@ struct State {
     deferred_incoming: bool,
     /// The destination starts the guest once loaded (no `-S`).
     autostart: bool,
+    /// The migration is this VM's incoming one.
+    incoming: bool,
+    /// The incoming channel's URI is a socket (`unix:`, `tcp:`), over which multifd can
+    /// run (QEMU's `migrate_multi_channels_is_allowed`); `None` before it is known.
+    incoming_multichannel: Option<bool>,
 }
 
 /// `migrate-set-parameters`' values (QEMU's defaults).
@@ -124,6 +130,8 @@ static STATE: Mutex<State> = Mutex::new(State {
     error: None,
     deferred_incoming: false,
     autostart: true,
+    incoming: false,
+    incoming_multichannel: None,
 });
 
 static PARAMETERS: Mutex<Parameters> = Mutex::new(Parameters {
@@ -137,6 +145,59 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 
 /// Whether `MIGRATION` events are sent (the `events` capability).
 pub static EVENTS: AtomicBool = AtomicBool::new(false);
+
+/// Whether RAM goes over `multifd-channels` more connections (the `multifd` capability).
+static MULTIFD: AtomicBool = AtomicBool::new(false);
+
+/// The migration capabilities qomvm has (QEMU's `MigrationCapability`): `events`
+/// (libvirt turns it on for every domain) and `multifd`.
+pub const CAPABILITIES: &[&str] = &["events", "multifd"];
+
+fn capability_flag(name: &str) -> Option<&'static AtomicBool> {
+    match name {
+        "events" => Some(&EVENTS),
+        "multifd" => Some(&MULTIFD),
+        _ => None,
+    }
+}
+
+/// QMP `query-migrate-capabilities`.
+pub fn capabilities() -> Value {
+    CAPABILITIES
+        .iter()
+        .map(|&c| {
+            let on = capability_flag(c).is_some_and(|f| f.load(Ordering::Relaxed));
+            json!({"capability": c, "state": on})
+        })
+        .collect()
+}
+
+/// QMP `migrate-set-capabilities` (QEMU's `qmp_migrate_set_capabilities` and
+/// `migrate_caps_check`): `changes` are names from [`CAPABILITIES`], applied together
+/// or not at all.
+pub fn set_capabilities(changes: &[(&str, bool)]) -> Result<(), MigrateError> {
+    let st = STATE.lock();
+    // A destination may still set them while it listens (before a source connected).
+    let listening = st.incoming && st.status == MigrationStatus::Setup;
+    if st.status.in_progress() && !listening {
+        return Err(MigrateError::InProgress);
+    }
+    let multifd = changes.iter().any(|&(c, on)| c == "multifd" && on);
+    if multifd && st.incoming_multichannel == Some(false) {
+        return Err(MigrateError::MultifdProtocol);
+    }
+    drop(st);
+    for &(name, on) in changes {
+        if let Some(flag) = capability_flag(name) {
+            flag.store(on, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// Sockets of the running migration, which `migrate_cancel` shuts down so that no read
+/// or write stays blocked.
+static CANCEL_SOCKETS: Mutex<Vec<Socket>> = Mutex::new(Vec::new());
 
 /// Why `migrate` or `migrate-incoming` was refused at once.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +217,22 @@ pub enum MigrateError {
     /// The channel could not be opened.
     #[error("{0}")]
     Channel(String),
+    /// `multifd` with a URI that is not a socket (QEMU 7.2's `multifd_save_setup`).
+    #[error("multifd is not supported by current protocol")]
+    MultifdProtocol,
+}
+
+/// Whether multifd can run over URIs of `scheme` (QEMU's `uri_supports_multi_channels`).
+fn multichannel(scheme: &str) -> bool {
+    matches!(scheme, "unix" | "tcp")
+}
+
+/// Connects to `unix:`/`tcp:` address `rest`.
+fn connect(scheme: &str, rest: &str) -> std::io::Result<Socket> {
+    Ok(match scheme {
+        "unix" => Socket::Unix(UnixStream::connect(rest)?),
+        _ => Socket::Tcp(TcpStream::connect(rest)?),
+    })
 }
 
 fn set_status(status: MigrationStatus) {
@@ -202,6 +279,8 @@ fn failed(what: String, e: std::io::Error) -> MigrateError {
 struct Outgoing {
     channel: Box<dyn Write + Send>,
     mapped: Option<std::fs::File>,
+    /// A `unix:`/`tcp:` channel's scheme and address, where multifd channels connect too.
+    address: Option<(String, String)>,
 }
 
 /// Opens the sending end of `uri`.
@@ -216,17 +295,22 @@ fn open_outgoing(uri: &str, named: NamedFds) -> Result<Outgoing, MigrateError> {
         return Ok(Outgoing {
             channel: Box::new(file),
             mapped: Some(mapped),
+            address: None,
+        });
+    }
+    if multichannel(scheme) {
+        let socket = connect(scheme, rest)
+            .map_err(|e| failed(format!("Failed to connect to '{rest}'"), e))?;
+        if let Ok(clone) = socket.try_clone() {
+            CANCEL_SOCKETS.lock().push(clone);
+        }
+        return Ok(Outgoing {
+            channel: Box::new(socket),
+            mapped: None,
+            address: Some((scheme.to_string(), rest.to_string())),
         });
     }
     let channel: Box<dyn Write + Send> = match scheme {
-        "unix" => Box::new(
-            UnixStream::connect(rest)
-                .map_err(|e| failed(format!("Failed to connect to '{rest}'"), e))?,
-        ),
-        "tcp" => Box::new(
-            TcpStream::connect(rest)
-                .map_err(|e| failed(format!("Failed to connect to '{rest}'"), e))?,
-        ),
         "fd" => Box::new(fd_channel(rest, named)?),
         "exec" => {
             let child = Command::new("/bin/sh")
@@ -241,6 +325,7 @@ fn open_outgoing(uri: &str, named: NamedFds) -> Result<Outgoing, MigrateError> {
     Ok(Outgoing {
         channel,
         mapped: None,
+        address: None,
     })
 }
 
@@ -369,10 +454,21 @@ pub fn migrate(machine: &ObjectRef, uri: &str, named: NamedFds) -> Result<(), Mi
             return Err(MigrateError::InProgress);
         }
     }
+    // QEMU 7.2 fails such a migration at its setup; refused before it starts here.
+    let multifd_channels = if MULTIFD.load(Ordering::Relaxed) {
+        let scheme = uri.split_once(':').map_or("", |(s, _)| s);
+        if !multichannel(scheme) {
+            return Err(MigrateError::MultifdProtocol);
+        }
+        Some(PARAMETERS.lock().multifd_channels as u8)
+    } else {
+        None
+    };
     stream::check_migratable(machine)?;
     let started = Instant::now();
     {
         let mut st = STATE.lock();
+        st.incoming = false;
         st.progress = Progress::default();
         st.started = Some(started);
         st.total_ms = None;
@@ -392,7 +488,7 @@ pub fn migrate(machine: &ObjectRef, uri: &str, named: NamedFds) -> Result<(), Mi
     let machine = machine.clone();
     std::thread::Builder::new()
         .name("live_migration".into())
-        .spawn(move || outgoing(&machine, channel.channel, channel.mapped, started))
+        .spawn(move || outgoing(&machine, channel, multifd_channels, started))
         .map_err(|e| MigrateError::Channel(e.to_string()))?;
     Ok(())
 }
@@ -403,8 +499,8 @@ const MAX_PASSES: u64 = 30;
 
 fn outgoing(
     machine: &ObjectRef,
-    channel: Box<dyn Write + Send>,
-    mapped: Option<std::fs::File>,
+    channel: Outgoing,
+    multifd_channels: Option<u8>,
     started: Instant,
 ) {
     let Some(ms) = machine_state(machine) else {
@@ -413,15 +509,25 @@ fn outgoing(
     STATE.lock().setup_ms = elapsed_ms(started);
     set_status(MigrationStatus::Active);
     let was_running = ms.services().vm().is_running();
-    let mut w = BufWriter::with_capacity(1 << 20, Cancellable(channel));
-    let result = send(machine, &mut w, was_running, mapped);
+    let mut w = BufWriter::with_capacity(1 << 20, Cancellable(channel.channel));
+    let multifd = channel
+        .address
+        .zip(multifd_channels)
+        .map(|((scheme, address), channels)| OutgoingMultifd {
+            scheme,
+            address,
+            channels,
+        });
+    let result = send(machine, &mut w, was_running, channel.mapped, multifd);
+    drop(w);
+    CANCEL_SOCKETS.lock().clear();
     // Measured before the slots lose their logging flag (slow for big slots on some
     // hosts), which the guest, now stopped or elsewhere, does not wait for.
     let done = Instant::now();
     if let Some(ops) = ms.accel_ops() {
         let _ = ops.set_dirty_log(false);
     }
-    ms.services().dirty_tracker().set_active(false);
+    let _ = ms.services().dirty_tracker().set_active(false);
     let mut st_error = None;
     match result {
         Ok(stopped) => {
@@ -470,6 +576,7 @@ fn send(
     w: &mut impl Write,
     live: bool,
     mapped: Option<std::fs::File>,
+    multifd: Option<OutgoingMultifd>,
 ) -> Result<Instant, MigrationError> {
     let ms =
         machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
@@ -479,15 +586,30 @@ fn send(
     let tracker = ms.services().dirty_tracker().clone();
     let mut progress = Progress::default();
     let cancelled = || CANCEL.load(Ordering::Relaxed);
-    stream::send_header(machine, w, &mut progress)?;
+    let config = multifd.as_ref().map(|m| MultifdConfig {
+        channels: m.channels,
+        uuid: random_uuid(),
+    });
+    stream::send_header(machine, w, &mut progress, config)?;
+    let mut sender = match (&multifd, config) {
+        (Some(m), Some(config)) => {
+            // The destination reads the configuration before it accepts the channels.
+            w.flush()?;
+            Some(m.connect(ms.ram(), config, &mut progress)?)
+        }
+        _ => None,
+    };
     let mapped = match mapped {
         Some(file) => Some(stream::MappedRam::begin(machine, file, w, &mut progress)?),
         None => None,
     };
     let mapped = mapped.as_ref();
+
     if live {
         ops.set_dirty_log(true)?;
-        tracker.set_active(true);
+        tracker
+            .set_active(true)
+            .map_err(|e| MigrationError::Io(e.to_string()))?;
         ops.dirty_pages()?;
     }
     let mut pending: Vec<u64> = Vec::new();
@@ -496,7 +618,7 @@ fn send(
     let mut throttle = Throttle::new(PARAMETERS.lock().max_bandwidth);
     send_ram(
         machine,
-        mapped,
+        RamSink::of(&sender, mapped),
         stream::all_pages(machine),
         w,
         &mut progress,
@@ -504,6 +626,9 @@ fn send(
         Some(&mut throttle),
         &cancelled,
     )?;
+    if let Some(s) = &mut sender {
+        s.sync(w, &mut progress, &cancelled)?;
+    }
     progress.passes = 1;
     STATE.lock().progress = progress;
     if live {
@@ -533,7 +658,7 @@ fn send(
             throttle.limit = PARAMETERS.lock().max_bandwidth;
             send_ram(
                 machine,
-                mapped,
+                RamSink::of(&sender, mapped),
                 pending.drain(..),
                 w,
                 &mut progress,
@@ -541,6 +666,9 @@ fn send(
                 Some(&mut throttle),
                 &cancelled,
             )?;
+            if let Some(s) = &mut sender {
+                s.sync(w, &mut progress, &cancelled)?;
+            }
         }
     }
     let stopped = Instant::now();
@@ -559,7 +687,7 @@ fn send(
         log::debug!(target: "migration", "{} last pages at {:?}", pending.len(), stopped.elapsed());
         send_ram(
             machine,
-            mapped,
+            RamSink::of(&sender, mapped),
             pending.into_iter(),
             w,
             &mut progress,
@@ -567,6 +695,15 @@ fn send(
             None,
             &cancelled,
         )?;
+    }
+    // Every channel is flushed before the state goes (QEMU's multifd sync in
+    // ram_save_complete), and closed.
+    if let Some(mut s) = sender {
+        // A paused guest went in one pass, whose sync is behind already.
+        if live {
+            s.sync(w, &mut progress, &cancelled)?;
+        }
+        s.finish(&mut progress)?;
     }
     // QEMU's migration_completion: the images go to the destination before the state does,
     // so it cannot take them over while this side still writes.
@@ -621,12 +758,85 @@ impl Throttle {
     }
 }
 
-/// Sends `pages` in the stream, or writes them at their places of a mapped file, at
-/// most as fast as `throttle` allows (`None`: as fast as possible).
+/// Where a pass's pages go.
+enum RamSink<'a> {
+    /// RAM records in the stream.
+    Stream,
+    /// Their places in a `file:` (mapped-ram).
+    Mapped(&'a stream::MappedRam),
+    /// The multifd channels.
+    Multifd(&'a multifd::Sender),
+}
+
+impl<'a> RamSink<'a> {
+    fn of(sender: &'a Option<multifd::Sender>, mapped: Option<&'a stream::MappedRam>) -> Self {
+        match (sender, mapped) {
+            (Some(s), _) => RamSink::Multifd(s),
+            (None, Some(m)) => RamSink::Mapped(m),
+            (None, None) => RamSink::Stream,
+        }
+    }
+}
+
+/// The source's multifd channels to be: `channels` more connections to `address`.
+struct OutgoingMultifd {
+    scheme: String,
+    address: String,
+    channels: u8,
+}
+
+impl OutgoingMultifd {
+    /// Connects the channels (each sends its header) and starts their threads.
+    fn connect(
+        &self,
+        ram: std::sync::Arc<vm_memory::GuestMemoryMmap>,
+        config: MultifdConfig,
+        progress: &mut Progress,
+    ) -> Result<multifd::Sender, MigrationError> {
+        let mut sockets = Vec::with_capacity(self.channels as usize);
+        for id in 0..self.channels {
+            let socket = connect(&self.scheme, &self.address).map_err(|e| {
+                MigrationError::Multifd(format!(
+                    "multifd: channel {id}: Failed to connect to '{}': {}",
+                    self.address,
+                    hw::core::os_error::strerror(&e)
+                ))
+            })?;
+            if let Ok(clone) = socket.try_clone() {
+                CANCEL_SOCKETS.lock().push(clone);
+            }
+            sockets.push(socket);
+        }
+        multifd::Sender::start(ram, sockets, config.uuid, progress)
+    }
+}
+
+/// A UUID for one migration, which its multifd channels carry so the destination knows
+/// them (random, version 4).
+fn random_uuid() -> hw::core::uuid::Uuid {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Uniqueness only guards against a stray connection: the time will do.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    hw::core::uuid::Uuid(bytes)
+}
+
+/// Sends `pages` in the stream, over the multifd channels, or writes them at their
+/// places of a mapped file, at most as fast as `throttle` allows (`None`: as fast as
+/// possible).
 #[allow(clippy::too_many_arguments)]
 fn send_ram(
     machine: &ObjectRef,
-    mapped: Option<&stream::MappedRam>,
+    sink: RamSink,
     pages: impl Iterator<Item = u64>,
     w: &mut impl Write,
     progress: &mut Progress,
@@ -640,9 +850,10 @@ fn send_ram(
     while pages.peek().is_some() {
         let chunk = pages.by_ref().take(CHUNK);
         let before = progress.transferred;
-        match mapped {
-            Some(m) => m.send_pages(machine, chunk, progress, first_pass, cancelled)?,
-            None => stream::send_pages(machine, chunk, w, progress, cancelled)?,
+        match sink {
+            RamSink::Mapped(m) => m.send_pages(machine, chunk, progress, first_pass, cancelled)?,
+            RamSink::Multifd(s) => s.send_pages(chunk, progress, cancelled)?,
+            RamSink::Stream => stream::send_pages(machine, chunk, w, progress, cancelled)?,
         }
         if let Some(t) = throttle.as_deref_mut() {
             t.account(progress.transferred - before);
@@ -683,15 +894,23 @@ pub fn migrate_incoming(
         }
         st.deferred_incoming = false;
     }
-    start_incoming(machine, uri, named)
+    // QEMU's qmp_migrate_incoming: a URI that failed may be followed by another.
+    start_incoming(machine, uri, named).inspect_err(|_| STATE.lock().deferred_incoming = true)
 }
 
 fn start_incoming(machine: &ObjectRef, uri: &str, named: NamedFds) -> Result<(), MigrateError> {
+    let socket = multichannel(uri.split_once(':').map_or("", |(s, _)| s));
+    // QEMU 7.2's multifd_load_setup.
+    if MULTIFD.load(Ordering::Relaxed) && !socket {
+        return Err(MigrateError::MultifdProtocol);
+    }
     let channel = Incoming::open(uri, named)?;
     {
         let mut st = STATE.lock();
         st.started = Some(Instant::now());
         st.error = None;
+        st.incoming = true;
+        st.incoming_multichannel = Some(socket);
     }
     set_status(MigrationStatus::Setup);
     let machine = machine.clone();
@@ -706,23 +925,21 @@ fn incoming(machine: &ObjectRef, channel: Incoming) {
     let Some(ms) = machine_state(machine) else {
         return;
     };
-    let result = channel
-        .accept()
-        .map_err(MigrationError::from)
-        .and_then(|r| {
-            set_status(MigrationStatus::Active);
-            match r {
-                IncomingChannel::Stream(r) => {
-                    stream::load_vm(machine, &mut BufReader::with_capacity(1 << 20, r), None)
-                }
-                IncomingChannel::File(f) => stream::load_vm(machine, &mut &f, Some(&f)),
-            }
-        })
-        .and_then(|bytes| {
-            // QEMU's process_incoming_migration_bh: the source gave the images up.
-            block::activate_all().map_err(|e| MigrationError::Io(e.to_string()))?;
-            Ok(bytes)
-        });
+    let result = match channel {
+        // The capability is read when the source connects (QEMU's migration_incoming_setup).
+        Incoming::Unix(l, path) if MULTIFD.load(Ordering::Relaxed) => {
+            incoming_multifd(machine, Listener::Unix(l, path))
+        }
+        Incoming::Tcp(l) if MULTIFD.load(Ordering::Relaxed) => {
+            incoming_multifd(machine, Listener::Tcp(l))
+        }
+        channel => incoming_single(machine, channel),
+    };
+    let result = result.and_then(|bytes| {
+        // QEMU's process_incoming_migration_bh: the source gave the images up.
+        block::activate_all().map_err(|e| MigrationError::Io(e.to_string()))?;
+        Ok(bytes)
+    });
     match result {
         Ok(bytes) => {
             {
@@ -753,11 +970,232 @@ fn incoming(machine: &ObjectRef, channel: Incoming) {
     }
 }
 
+/// An incoming migration over one channel.
+fn incoming_single(machine: &ObjectRef, channel: Incoming) -> Result<u64, MigrationError> {
+    channel
+        .accept()
+        .map_err(MigrationError::from)
+        .and_then(|r| {
+            set_status(MigrationStatus::Active);
+            match r {
+                IncomingChannel::Stream(r) => {
+                    stream::load_vm(machine, &mut BufReader::with_capacity(1 << 20, r), None)
+                }
+                IncomingChannel::File(f) => stream::load_vm(machine, &mut &f, Some(&f)),
+            }
+        })
+}
+
+/// An incoming migration with the `multifd` capability: the main channel, then the
+/// channels its configuration names.
+fn incoming_multifd(machine: &ObjectRef, listener: Listener) -> Result<u64, MigrationError> {
+    let ms =
+        machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
+    let mut acceptor = ChannelAcceptor {
+        listener: Some(listener),
+        early: Vec::new(),
+        ram: ms.ram(),
+        main: None,
+        receiver: None,
+    };
+    let (first, main) = acceptor.accept_main()?;
+    acceptor.main = main.try_clone().ok();
+    set_status(MigrationStatus::Active);
+    let mut r = BufReader::with_capacity(1 << 20, std::io::Read::chain(&first[..], main));
+    let result = stream::load_vm_multifd(machine, &mut r, None, Some(&mut acceptor));
+    // A channel's failure shut the main stream down: its error is the cause.
+    match (result, acceptor.receiver.as_ref().and_then(|r| r.error())) {
+        (Err(_), Some(channel_error)) => Err(MigrationError::Multifd(channel_error)),
+        (result, _) => result,
+    }
+}
+
+/// A `unix:` or `tcp:` destination's listening socket.
+enum Listener {
+    Unix(UnixListener, String),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// The next connection, waiting at most `timeout` (`None`: as long as it takes).
+    fn accept(&self, timeout: Option<Duration>) -> Result<Socket, MigrationError> {
+        use std::os::fd::AsRawFd;
+        if let Some(timeout) = timeout {
+            let fd = match self {
+                Listener::Unix(l, _) => l.as_raw_fd(),
+                Listener::Tcp(l) => l.as_raw_fd(),
+            };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd, for the length given.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n == 0 {
+                return Err(MigrationError::Multifd(format!(
+                    "multifd: the source did not connect all its channels within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            if n < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+        }
+        Ok(match self {
+            Listener::Unix(l, _) => Socket::Unix(l.accept()?.0),
+            Listener::Tcp(l) => Socket::Tcp(l.accept()?.0),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// How long a connection may take to say what it is.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the source may take to connect its channels once its configuration is read.
+const CHANNELS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The first bytes of a new connection, read within [`HANDSHAKE_TIMEOUT`].
+fn first_bytes(socket: &mut Socket) -> Result<[u8; 4], MigrationError> {
+    let mut first = [0u8; 4];
+    socket.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    socket.read_exact(&mut first).map_err(|e| {
+        MigrationError::Multifd(format!(
+            "multifd: a new connection: {}",
+            hw::core::os_error::strerror(&e)
+        ))
+    })?;
+    Ok(first)
+}
+
+/// Puts a channel of this migration (its `init` checked against `config`) in its slot.
+fn place(
+    channels: &mut [Option<Socket>],
+    config: MultifdConfig,
+    init: multifd::ChannelInit,
+    socket: Socket,
+) -> Result<(), MigrationError> {
+    if init.uuid != config.uuid {
+        return Err(MigrationError::Multifd(format!(
+            "multifd: received uuid '{}' and expected uuid '{}' for channel {}",
+            init.uuid, config.uuid, init.id
+        )));
+    }
+    let count = channels.len();
+    let slot = channels.get_mut(init.id as usize).ok_or_else(|| {
+        MigrationError::Multifd(format!(
+            "multifd: received channel id {} is greater than number of channels {count}",
+            init.id
+        ))
+    })?;
+    if slot.is_some() {
+        return Err(MigrationError::Multifd(format!(
+            "multifd: channel {} connected twice",
+            init.id
+        )));
+    }
+    *slot = Some(socket);
+    Ok(())
+}
+
+/// The destination's side of multifd: sorts the connections into the main channel and
+/// the multifd channels (by their first bytes, whatever order they come in), checks the
+/// channels belong to this migration and runs their receiver.
+struct ChannelAcceptor {
+    listener: Option<Listener>,
+    /// Channels that connected before the main channel.
+    early: Vec<(multifd::ChannelInit, Socket)>,
+    ram: std::sync::Arc<vm_memory::GuestMemoryMmap>,
+    main: Option<Socket>,
+    receiver: Option<multifd::Receiver>,
+}
+
+impl ChannelAcceptor {
+    /// Waits for the source's main channel; returns it with its first bytes.
+    fn accept_main(&mut self) -> Result<([u8; 4], Socket), MigrationError> {
+        let listener = self.listener.as_ref().expect("listening");
+        loop {
+            let mut socket = listener.accept(None)?;
+            let first = first_bytes(&mut socket)?;
+            if multifd::is_channel(&first) {
+                let init = multifd::ChannelInit::read(first, &mut socket)?;
+                if self.early.len() >= 255 {
+                    return Err(MigrationError::Multifd(
+                        "multifd: more than 255 channels before the main one".into(),
+                    ));
+                }
+                self.early.push((init, socket));
+                continue;
+            }
+            socket.set_read_timeout(None)?;
+            return Ok((first, socket));
+        }
+    }
+}
+
+impl stream::IncomingMultifd for ChannelAcceptor {
+    fn start(&mut self, config: MultifdConfig) -> Result<(), MigrationError> {
+        let count = config.channels as usize;
+        let mut channels: Vec<Option<Socket>> = (0..count).map(|_| None).collect();
+        for (init, socket) in std::mem::take(&mut self.early) {
+            place(&mut channels, config, init, socket)?;
+        }
+        let deadline = Instant::now() + CHANNELS_TIMEOUT;
+        let listener = self.listener.as_ref().expect("listening");
+        let mut waiting = count - channels.iter().filter(|c| c.is_some()).count();
+        while waiting > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut socket = listener.accept(Some(left.max(Duration::from_millis(1))))?;
+            let first = first_bytes(&mut socket)?;
+            if !multifd::is_channel(&first) {
+                return Err(MigrationError::Multifd(
+                    "multifd: a second main channel connected".into(),
+                ));
+            }
+            let init = multifd::ChannelInit::read(first, &mut socket)?;
+            socket.set_read_timeout(None)?;
+            place(&mut channels, config, init, socket)?;
+            waiting -= 1;
+        }
+        // Every channel is here: the socket can go.
+        self.listener = None;
+        let sockets = channels.into_iter().map(|c| c.expect("placed")).collect();
+        let main = self.main.take();
+        self.receiver = Some(multifd::Receiver::start(self.ram.clone(), sockets, main)?);
+        Ok(())
+    }
+
+    fn sync(&mut self, n: u64) -> Result<(), MigrationError> {
+        match &self.receiver {
+            Some(r) => r.sync(n),
+            None => Err(MigrationError::Stream(
+                "a multifd sync without channels".into(),
+            )),
+        }
+    }
+
+    fn finish(&mut self) -> u64 {
+        self.receiver.as_mut().map_or(0, |r| r.finish())
+    }
+}
+
 /// QMP `migrate_cancel`.
 pub fn cancel() {
     if STATE.lock().status.in_progress() {
         CANCEL.store(true, Ordering::Relaxed);
         set_status(MigrationStatus::Cancelling);
+        // A write blocked on a full socket would not look at CANCEL.
+        for s in CANCEL_SOCKETS.lock().iter() {
+            s.shutdown();
+        }
     }
 }
 

@@ -466,3 +466,333 @@ fn max_bandwidth_limits_the_rate() {
     let _ = qmp.execute("quit", json!({}));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Sets `multifd` (and `events`) and `multifd-channels` on a side of a migration.
+fn enable_multifd(qmp: &mut QmpClient, channels: u64) {
+    let caps = json!({"capabilities": [
+        {"capability": "events", "state": true},
+        {"capability": "multifd", "state": true},
+    ]});
+    assert_eq!(
+        qmp.execute("migrate-set-capabilities", caps),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        qmp.execute(
+            "migrate-set-parameters",
+            json!({"multifd-channels": channels})
+        ),
+        json!({"return": {}})
+    );
+}
+
+/// Migrates the running counting guest with `multifd` on both sides (the destination
+/// under `-incoming defer`, as libvirt starts it) over `channels` more connections to
+/// `uri`; checks it goes on counting and both sides count the same bytes. `passes`: at
+/// least that many pre-copy passes (a downtime limit of 0 keeps the source passing while
+/// the guest writes anything), each ended by a sync of the channels.
+fn migrate_with_multifd(name: &str, uri: &str, channels: u64, passes: u64, extra: &[&str]) {
+    let dir = scratch(name);
+    let (mut src, src_sock) = vm(&dir, "src", extra);
+    let mut dst_args = vec!["-incoming", "defer"];
+    dst_args.extend_from_slice(extra);
+    let (mut dst, dst_sock) = vm(&dir, "dst", &dst_args);
+    let mut src_qmp = QmpClient::connect(&src_sock);
+    let mut dst_qmp = QmpClient::connect(&dst_sock);
+    enable_multifd(&mut dst_qmp, channels);
+    assert_eq!(
+        dst_qmp.execute("migrate-incoming", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    wait_lines(&mut src, 5);
+    enable_multifd(&mut src_qmp, channels);
+    let caps = src_qmp.execute("query-migrate-capabilities", json!({}));
+    assert_eq!(
+        caps["return"],
+        json!([
+            {"capability": "events", "state": true},
+            {"capability": "multifd", "state": true},
+        ])
+    );
+    assert_eq!(
+        src_qmp.execute("query-migrate-parameters", json!({}))["return"]["multifd-channels"],
+        channels
+    );
+    if passes > 1 {
+        assert_eq!(
+            src_qmp.execute("migrate-set-parameters", json!({"downtime-limit": 0})),
+            json!({"return": {}})
+        );
+    }
+    assert_eq!(
+        src_qmp.execute("migrate", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    let info = wait_migration(&mut src_qmp);
+    eprintln!("multifd migration {name}: {}", info["return"]);
+    assert_eq!(info["return"]["status"], "completed", "{info}");
+    let ram = &info["return"]["ram"];
+    // The guest wrote 4 MiB: those pages went, with their data, over the channels.
+    let normal_bytes = ram["normal-bytes"].as_u64().unwrap_or(0);
+    assert!(normal_bytes >= 4 << 20, "{info}");
+    let transferred = ram["transferred"].as_u64().unwrap_or(0);
+    assert!(transferred > normal_bytes, "{info}");
+    assert!(ram["dirty-sync-count"].as_u64() >= Some(passes), "{info}");
+    assert_eq!(status(&mut src_qmp), "postmigrate");
+    let before = src.text();
+    let last_src = check_counting(&before);
+    wait_lines(&mut dst, 5);
+    let all = format!("{before}{}", dst.text());
+    dst.wait_until("the destination counting on", |t| {
+        counters(&format!("{before}{t}"))
+            .last()
+            .is_some_and(|(n, _)| *n > last_src + 3)
+    });
+    check_counting(&all);
+    assert_eq!(status(&mut dst_qmp), "running");
+    // Every byte the source counted, over the main channel and the others, arrived.
+    let dst_info = dst_qmp.execute("query-migrate", json!({}));
+    assert_eq!(dst_info["return"]["status"], "completed", "{dst_info}");
+    assert_eq!(
+        dst_info["return"]["ram"]["transferred"], transferred,
+        "source {info}, destination {dst_info}"
+    );
+    let _ = src_qmp.execute("quit", json!({}));
+    let _ = dst_qmp.execute("quit", json!({}));
+    assert_eq!(src.wait_exit(), Some(0));
+    assert_eq!(dst.wait_exit(), Some(0));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `multifd` with 4 channels over a Unix socket, then over TCP under `-sandbox on` with
+/// passes until nothing is dirty: a page the guest rewrote is sent again, maybe over
+/// another channel, and the destination must never apply the older copy last (the sums
+/// would break).
+#[test]
+fn a_running_guest_moves_with_multifd() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("qomvm-mig-multifd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    migrate_with_multifd(
+        "multifd-unix",
+        &format!("unix:{}", dir.join("mig.sock").display()),
+        4,
+        1,
+        &[],
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    migrate_with_multifd(
+        "multifd-tcp",
+        &format!("tcp:127.0.0.1:{port}"),
+        4,
+        2,
+        &["-sandbox", "on"],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A destination process (stderr kept) for a refused migration: QMP on `dst.qmp`.
+fn refusing_destination(dir: &Path, incoming: &str) -> std::process::Child {
+    let kernel = dir.join("kernel.elf");
+    let qmp = format!("unix:{},server=on,wait=off", dir.join("dst.qmp").display());
+    Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(["-M", "pc", "-accel", "kvm", "-m", "32", "-nodefaults"])
+        .args(["-display", "none", "-serial", "null"])
+        .args(["-kernel", kernel.to_str().unwrap(), "-qmp", &qmp])
+        .args(["-incoming", incoming])
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The destination's error lines (host warnings aside), once it exited with 1.
+fn refusal(mut child: std::process::Child) -> String {
+    let out = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("qomvm: warning:"))
+        .collect();
+    assert_eq!(out.code(), Some(1), "{stderr}");
+    assert_eq!(errors.len(), 1, "one line: {stderr}");
+    errors[0].to_string()
+}
+
+/// A source whose migration failed resumes its guest, which goes on counting.
+fn resumed(src: &mut ConsoleVm, qmp: &mut QmpClient, info: &Value) {
+    assert_eq!(info["return"]["status"], "failed", "{info}");
+    assert!(info["return"]["error-desc"].is_string(), "{info}");
+    assert_eq!(status(qmp), "running");
+    let n = counters(&src.text()).len();
+    wait_lines(src, n + 2);
+    check_counting(&src.text());
+}
+
+/// One side with `multifd` and the other without: the destination refuses with one line
+/// that says so, and the source's migration fails with its guest running on.
+#[test]
+fn multifd_on_one_side_only_is_refused() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = scratch("multifd-refused");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (mut src, src_sock) = vm(&dir, "src", &[]);
+    let mut qmp = QmpClient::connect(&src_sock);
+    wait_lines(&mut src, 2);
+
+    // The source with multifd, the destination without.
+    let dst = refusing_destination(&dir, &uri);
+    let sock = dir.join("dst.qmp");
+    let mut dst_qmp = QmpClient::connect(&sock);
+    assert_eq!(status(&mut dst_qmp), "inmigrate");
+    enable_multifd(&mut qmp, 4);
+    assert_eq!(
+        qmp.execute("migrate", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    let info = wait_migration(&mut qmp);
+    let line = refusal(dst);
+    assert_eq!(
+        line,
+        "qomvm: load of migration failed: multifd: the source sends RAM over 4 multifd channels, but the capability 'multifd' is off here: enable it with migrate-set-capabilities before migrate-incoming"
+    );
+    resumed(&mut src, &mut qmp, &info);
+
+    // The destination with multifd, the source without.
+    let dst = refusing_destination(&dir, "defer");
+    let mut dst_qmp = QmpClient::connect(&sock);
+    enable_multifd(&mut dst_qmp, 4);
+    assert_eq!(
+        dst_qmp.execute("migrate-incoming", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    let caps = json!({"capabilities": [{"capability": "multifd", "state": false}]});
+    assert_eq!(
+        qmp.execute("migrate-set-capabilities", caps),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        qmp.execute("migrate", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    let info = wait_migration(&mut qmp);
+    let line = refusal(dst);
+    assert_eq!(
+        line,
+        "qomvm: load of migration failed: multifd: the capability 'multifd' is on here, but the source sends RAM without it: enable it on both sides or on neither"
+    );
+    resumed(&mut src, &mut qmp, &info);
+    let _ = qmp.execute("quit", json!({}));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `multifd` needs a socket (QEMU 7.2's words for the others), and capabilities do not
+/// change while a migration runs.
+#[test]
+fn multifd_capability_errors() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = scratch("multifd-errors");
+    let (mut src, src_sock) = vm(&dir, "src", &[]);
+    let mut qmp = QmpClient::connect(&src_sock);
+    wait_lines(&mut src, 1);
+    enable_multifd(&mut qmp, 2);
+    for uri in [
+        format!("file:{}", dir.join("state").display()),
+        "exec:cat > /dev/null".to_string(),
+        "fd:nosuchfd".to_string(),
+    ] {
+        let reply = qmp.execute("migrate", json!({"uri": uri}));
+        assert_eq!(
+            reply["error"]["desc"], "multifd is not supported by current protocol",
+            "{uri}: {reply}"
+        );
+    }
+    assert_eq!(status(&mut qmp), "running");
+    let reply = qmp.execute("migrate-set-parameters", json!({"multifd-channels": 0}));
+    assert_eq!(
+        reply["error"]["desc"], "Parameter 'multifd-channels' expects a value between 1 and 255",
+        "{reply}"
+    );
+    let reply = qmp.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifdd", "state": true}]}),
+    );
+    assert!(
+        reply["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("multifdd")),
+        "{reply}"
+    );
+
+    // While a (slow) migration runs, capabilities stay as they are.
+    let off = json!({"capabilities": [{"capability": "multifd", "state": false}]});
+    assert_eq!(
+        qmp.execute("migrate-set-capabilities", off.clone()),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 1 << 20})),
+        json!({"return": {}})
+    );
+    let uri = format!("file:{}", dir.join("slow.state").display());
+    assert_eq!(
+        qmp.execute("migrate", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    let reply = qmp.execute("migrate-set-capabilities", off);
+    assert_eq!(
+        reply["error"]["desc"], "There's a migration process in progress",
+        "{reply}"
+    );
+    assert_eq!(
+        qmp.execute("migrate_cancel", json!({})),
+        json!({"return": {}})
+    );
+    let info = wait_migration(&mut qmp);
+    assert_eq!(info["return"]["status"], "cancelled", "{info}");
+    assert_eq!(status(&mut qmp), "running");
+    let _ = qmp.execute("quit", json!({}));
+    drop(src);
+
+    // A destination: multifd needs a socket to listen on.
+    let (_dst, dst_sock) = vm(&dir, "dst", &["-incoming", "defer"]);
+    let mut dst_qmp = QmpClient::connect(&dst_sock);
+    enable_multifd(&mut dst_qmp, 2);
+    let reply = dst_qmp.execute(
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", dir.join("state").display())}),
+    );
+    assert_eq!(
+        reply["error"]["desc"], "multifd is not supported by current protocol",
+        "{reply}"
+    );
+    // A failed URI leaves `migrate-incoming` to be run again.
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    assert_eq!(
+        dst_qmp.execute("migrate-incoming", json!({"uri": uri})),
+        json!({"return": {}})
+    );
+    // Listening, before a source connected: still settable.
+    assert_eq!(
+        dst_qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": false}]})
+        ),
+        json!({"return": {}})
+    );
+    let _ = dst_qmp.execute("quit", json!({}));
+    let _ = std::fs::remove_dir_all(dir);
+}

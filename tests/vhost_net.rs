@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hw::core::accel_ops::EventFd;
+use hw::core::dirty_log::DirtyTracker;
 use hw::core::iothread::AioContext;
 use hw::net::vhost_net::{vhost_features, vhost_net_get_features, VhostNet};
 use hw::virtio::virtio::{bit, feature, ActiveQueue, VirtioTransport};
@@ -48,6 +49,12 @@ impl VirtioTransport for Counting {
 fn ring(mem: &GuestMemoryMmap, index: u16, base: u64) -> (SplitRing, ActiveQueue) {
     let ring = SplitRing::new(base, SIZE);
     ring.clear(mem);
+    let active = active_queue(mem, index, &ring);
+    (ring, active)
+}
+
+/// Queue `index` over `ring` as it stands in `mem`, as the device model hands it to vhost.
+fn active_queue(mem: &GuestMemoryMmap, index: u16, ring: &SplitRing) -> ActiveQueue {
     let mut q = Queue::new(256).unwrap();
     q.try_set_size(SIZE).unwrap();
     q.try_set_desc_table_address(GuestAddress(ring.desc))
@@ -58,12 +65,11 @@ fn ring(mem: &GuestMemoryMmap, index: u16, base: u64) -> (SplitRing, ActiveQueue
         .unwrap();
     q.set_ready(true);
     assert!(q.is_valid(mem));
-    let active = ActiveQueue {
+    ActiveQueue {
         index,
         queue: q,
         kick: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
-    };
-    (ring, active)
+    }
 }
 
 fn wait_for(what: &str, cond: impl Fn() -> bool) {
@@ -148,6 +154,7 @@ fn in_namespace(ns: &Netns) {
         features,
         transport.clone(),
         Arc::clone(&ctx),
+        Arc::new(DirtyTracker::default()),
     )
     .unwrap();
     assert!(net.is_running());
@@ -204,6 +211,176 @@ fn in_namespace(ns: &Netns) {
     // Ownership was given up: the same file starts again.
     let (_, rx) = ring(&mem, 0, 0x6_0000);
     let (_, tx) = ring(&mem, 1, 0x7_0000);
-    let again = VhostNet::start(vhost, &tap, mem, vec![rx, tx], features, transport, ctx);
+    let again = VhostNet::start(
+        vhost,
+        &tap,
+        mem,
+        vec![rx, tx],
+        features,
+        transport,
+        ctx,
+        Arc::new(DirtyTracker::default()),
+    );
     assert!(again.is_ok(), "restart: {:?}", again.err());
+}
+
+/// Issue 18: while a migration tracks memory the worker logs its writes
+/// (`VHOST_SET_LOG_BASE`, `VHOST_F_LOG_ALL`, `VHOST_VRING_F_LOG`): a frame received into a
+/// guest buffer marks that buffer's page and the used ring's page, and a sent frame the
+/// transmit ring's used page. A stop hands over the log's last bits and the rings'
+/// positions (`VHOST_GET_VRING_BASE`); a worker started from them (as on a destination)
+/// goes on at the next buffer, logging at once while the tracking lasts, and stops
+/// logging with it.
+#[test]
+fn vhost_net_logs_its_writes_while_a_migration_tracks_them() {
+    if let Some(why) = skip_reason() {
+        test_support::skip::skip(why);
+        return;
+    }
+    if !Path::new("/dev/vhost-net").exists() {
+        test_support::skip::skip("no /dev/vhost-net (run it in scripts/nested-kvm.sh)");
+        return;
+    }
+    let ns = Netns::new("vhostlog");
+    ns.run(|| logging_in_namespace(&ns));
+}
+
+fn logging_in_namespace(ns: &Netns) {
+    for f in ["all", "default"] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{f}/disable_ipv6"), "1");
+    }
+    let tap = open_tap("qvhlog0", IFF_TAP | IFF_VNET_HDR);
+    // SAFETY: F_SETFL on a descriptor we own.
+    let ret = unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    assert_eq!(ret, 0);
+    ns.ip(&["link", "set", "qvhlog0", "up"]);
+    let sock = PacketSocket::bind("qvhlog0");
+
+    let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let (mut rx_ring, rx) = ring(&mem, 0, 0x1_0000);
+    let (mut tx_ring, tx) = ring(&mem, 1, 0x2_0000);
+    let rx_kick = Arc::clone(&rx.kick);
+    let tx_kick = Arc::clone(&tx.kick);
+    let transport = Arc::new(Counting::default());
+    let ctx = AioContext::new("vhost-log-test").unwrap();
+    let vhost: Arc<File> = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open("/dev/vhost-net")
+            .unwrap(),
+    );
+    let supported = vhost_features(&vhost).unwrap();
+    assert_ne!(supported & (1 << 26), 0, "vhost-net offers VHOST_F_LOG_ALL");
+    let features = vhost_net_get_features(supported, bit(feature::VERSION_1));
+    let tracker = Arc::new(DirtyTracker::default());
+    let mut net = VhostNet::start(
+        Arc::clone(&vhost),
+        &tap,
+        Arc::clone(&mem),
+        vec![rx, tx],
+        features,
+        transport.clone(),
+        Arc::clone(&ctx),
+        Arc::clone(&tracker),
+    )
+    .unwrap();
+    assert!(!net.log().is_logging());
+    tracker.set_active(true).unwrap();
+    assert!(net.log().is_logging());
+    assert!(tracker.take().is_empty(), "nothing written yet");
+    let page = |a: u64| a & !0xfff;
+
+    // RX: the buffer the frame lands in, and the used ring.
+    for slot in 0..4u64 {
+        rx_ring.add_chain(&mem, &[(RX_BUFS + 0x1000 * slot, 2048, true)]);
+    }
+    rx_kick.write(1).unwrap();
+    sock.send(&test_frame(2, 114));
+    let rx_used = wait_used(&mem, &mut rx_ring, "an RX buffer used");
+    let dirty = tracker.take();
+    for &(id, _) in &rx_used {
+        let buffer = RX_BUFS + 0x1000 * u64::from(id);
+        assert!(
+            dirty.contains(&buffer),
+            "buffer {id} at {buffer:#x} is dirty: {dirty:x?}"
+        );
+    }
+    assert!(
+        dirty.contains(&page(rx_ring.used)),
+        "the RX used ring is dirty: {dirty:x?}"
+    );
+    // Read and cleared.
+    assert!(tracker.take().is_empty());
+
+    // TX: the used ring only (the worker reads the buffer).
+    let frame = test_frame(1, 114);
+    let mut wire = vec![0u8; 12];
+    wire.extend_from_slice(&frame);
+    mem.write_slice(&wire, GuestAddress(TX_BUF)).unwrap();
+    tx_ring.add_chain(&mem, &[(TX_BUF, wire.len() as u32, false)]);
+    tx_kick.write(1).unwrap();
+    assert_eq!(sock.recv_test_frame(), frame);
+    wait_used(&mem, &mut tx_ring, "the TX buffer used");
+    let dirty = tracker.take();
+    assert!(
+        dirty.contains(&page(tx_ring.used)),
+        "the TX used ring is dirty: {dirty:x?}"
+    );
+    assert!(!dirty.contains(&page(TX_BUF)), "a read buffer is not dirty");
+
+    // The stop: a last frame's pages reach the tracker with the stop, not a later sync.
+    sock.send(&test_frame(3, 114));
+    let mut more = wait_used(&mem, &mut rx_ring, "a second RX buffer used");
+    net.stop().unwrap();
+    assert!(!net.log().is_logging());
+    more.extend(rx_ring.take_used(&mem));
+    let dirty = tracker.take();
+    let id = more.last().unwrap().0;
+    let buffer = RX_BUFS + 0x1000 * u64::from(id);
+    assert!(
+        dirty.contains(&buffer),
+        "buffer {id} is dirty after the stop: {dirty:x?}"
+    );
+    let rx_next = net.queues()[0].queue.next_avail();
+    let tx_next = net.queues()[1].queue.next_avail();
+    assert_eq!(tx_next, 1);
+    assert_eq!(usize::from(rx_next), rx_used.len() + more.len());
+    assert_eq!(net.queues()[0].queue.next_used(), rx_next);
+    drop(net);
+
+    // A worker started from the positions (a destination's, or a failed migration's
+    // resume) logs at once and takes the next buffer.
+    let mut rx = active_queue(&mem, 0, &rx_ring);
+    let mut tx = active_queue(&mem, 1, &tx_ring);
+    rx.queue.set_next_avail(rx_next);
+    rx.queue.set_next_used(rx_next);
+    tx.queue.set_next_avail(tx_next);
+    tx.queue.set_next_used(tx_next);
+    let rx_kick = Arc::clone(&rx.kick);
+    let net = VhostNet::start(
+        vhost,
+        &tap,
+        Arc::clone(&mem),
+        vec![rx, tx],
+        features,
+        transport,
+        ctx,
+        Arc::clone(&tracker),
+    )
+    .unwrap();
+    assert!(
+        net.log().is_logging(),
+        "started during tracking: logging at once"
+    );
+    rx_kick.write(1).unwrap();
+    sock.send(&test_frame(4, 114));
+    let used = wait_used(&mem, &mut rx_ring, "an RX buffer used after the restart");
+    assert_eq!(u32::from(rx_next), used[0].0, "the next posted buffer");
+    assert!(tracker
+        .take()
+        .contains(&(RX_BUFS + 0x1000 * u64::from(rx_next))));
+    tracker.set_active(false).unwrap();
+    assert!(!net.log().is_logging());
 }

@@ -318,14 +318,14 @@ fn device_writes_during_a_migration_are_in_its_dirty_pages() {
     vm_start(ms).unwrap();
     let mut driver = Driver::start(&src);
     let tracker = ms.services().dirty_tracker().clone();
-    tracker.set_active(true);
+    tracker.set_active(true).unwrap();
     driver.blk_request(0, 0);
     driver.rng_request();
     driver.inflate(BALLOONED);
     let during: Vec<u64> = tracker.take();
     vm_stop(ms, RunStatus::FinishMigrate).unwrap();
     let at_stop = tracker.take();
-    tracker.set_active(false);
+    tracker.set_active(false).unwrap();
     let page = |a: u64| a & !0xfff;
     for (what, addr) in [
         ("read data", DATA),

@@ -957,3 +957,73 @@ fn a_migrated_nic_keeps_its_rings_filter_and_mac() {
     assert_eq!(dst_peer.recv(&mut got).unwrap(), 62);
     assert_eq!(&got[..62], &frame([0xff; 6], 62, 6)[..]);
 }
+
+/// Issue 18 with `vhost=on`: while a migration tracks memory, the frames the kernel's
+/// worker writes into guest buffers, and its used ring, are in the dirty pages; the VM's
+/// stop parks the worker (its rings' positions from `VHOST_GET_VRING_BASE`), and on the
+/// destination's own tap and worker frames go both ways with the used indices
+/// continuing. Runs where /dev/vhost-net exists (the nested rig on PVM hosts).
+#[test]
+fn a_migrated_vhost_nic_logs_its_writes_and_keeps_its_rings() {
+    use hw::core::migration::{load_vm, save_vm, Progress};
+    use hw::core::runstate::{vm_start, vm_stop, RunStatus};
+    if let Some(why) = skip_reason() {
+        test_support::skip::skip(why);
+        return;
+    }
+    if !std::path::Path::new("/dev/vhost-net").exists() {
+        test_support::skip::skip("no /dev/vhost-net on this host (the nested rig has one)");
+        return;
+    }
+    let ns = quiet_netns("vnetvhostmig");
+    for (id, ifname) in [("vhostmigsrc", "vhostmig0"), ("vhostmigdst", "vhostmig1")] {
+        add_netdev_in(
+            &ns,
+            &format!("type=tap,id={id},ifname={ifname},script=no,downscript=no,vhost=on"),
+        );
+        ns.ip(&["link", "set", ifname, "up"]);
+    }
+    let src = pc_with_nic("vhostmigsrc", "net-vhostmig", &[]);
+    let src_ms = machine_state(&src).unwrap();
+    vm_start(src_ms).unwrap();
+    let mut d = start(&src, VERSION_1 | F_MAC | F_MRG_RXBUF);
+    let tracker = src_ms.services().dirty_tracker().clone();
+    tracker.set_active(true).unwrap();
+    let posted = d.post_rx(4, 2048);
+    let used = d.receive_injected(&ns, "vhostmig0", 1, 100, 1);
+    let dirty = tracker.take();
+    let page = |a: u64| a & !0xfff;
+    let buffer = posted[used[0].0 as usize];
+    assert!(
+        dirty.contains(&page(buffer)),
+        "the buffer at {buffer:#x} is dirty: {dirty:x?}"
+    );
+    assert!(
+        dirty.contains(&page(d.rx.used)),
+        "the used ring at {:#x} is dirty: {dirty:x?}",
+        d.rx.used
+    );
+    d.transmit(&frame([0xff; 6], 60, 1));
+
+    vm_stop(src_ms, RunStatus::FinishMigrate).unwrap();
+    // Parked: a frame for the guest stays in the source's tap.
+    inject(&ns, "vhostmig0", 1, 101);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        d.rx.take_used(&d.dev.mem).is_empty(),
+        "a stopped vhost worker received"
+    );
+    let mut stream = Vec::new();
+    save_vm(&src, &mut stream, &mut Progress::default()).unwrap();
+    tracker.set_active(false).unwrap();
+
+    let dst = pc_with_nic("vhostmigdst", "net-vhostmig", &[]);
+    load_vm(&dst, &mut stream.as_slice(), None).unwrap();
+    vm_start(machine_state(&dst).unwrap()).unwrap();
+    d.dev = VirtioPciDevice::probe(&dst, DEVFN);
+    // The next buffer the driver posted on the source takes the destination's frame.
+    let used = d.receive_injected(&ns, "vhostmig1", 1, 102, 1);
+    assert_eq!(used, vec![(1, 102 + 12)], "buffers at {posted:x?}");
+    // The transmit ring goes on from where the source's worker left it.
+    d.transmit(&frame([0xff; 6], 62, 2));
+}

@@ -10,6 +10,9 @@
 //!   or `address` then its 4096 bytes.
 //! - `STATE` (JSON): the accelerator's VM section, one section per CPU, one per device.
 //! - `END`.
+//! - With multifd (`crate::core::multifd`), RAM goes over the other channels and the
+//!   configuration names them (`multifd`: the channel count and the migration's UUID);
+//!   `MULTIFD_SYNC` (a u64, the sync's number) ends each pre-copy pass.
 //!
 //! Every section carries a version and named fields (`crate::core::vmstate`).
 
@@ -36,6 +39,9 @@ const TAG_MAPPED_RAM: u8 = 5;
 /// Where a mapped RAM area starts in its file: a multiple of this, so any host page size
 /// (and 2 MiB huge pages) can map it.
 const MAPPED_RAM_ALIGN: u64 = 2 << 20;
+/// The end of a pass over the multifd channels (QEMU's `RAM_SAVE_FLAG_MULTIFD_FLUSH`): the
+/// destination applies every channel's pages up to here before it goes on.
+const TAG_MULTIFD_SYNC: u8 = 6;
 /// The page size of the RAM records.
 pub const PAGE_SIZE: u64 = crate::core::dirty_log::PAGE_SIZE;
 /// Marks a zero page in a RAM record's address word.
@@ -75,6 +81,9 @@ pub enum MigrationError {
     /// Cancelled by `migrate_cancel`.
     #[error("migration was cancelled")]
     Cancelled,
+    /// The multifd channels failed, or the two sides disagree on them.
+    #[error("{0}")]
+    Multifd(String),
 }
 
 impl From<std::io::Error> for MigrationError {
@@ -175,6 +184,47 @@ fn config(machine: &ObjectRef, devices: &BTreeMap<String, (String, VmStateSectio
     })
 }
 
+/// The multifd channels a stream's RAM goes over, as its configuration record names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MultifdConfig {
+    /// How many (`multifd-channels`).
+    pub channels: u8,
+    /// The migration's UUID, which each channel's header repeats.
+    pub uuid: crate::core::uuid::Uuid,
+}
+
+impl MultifdConfig {
+    fn to_json(self) -> Value {
+        json!({"channels": self.channels, "uuid": self.uuid.to_string()})
+    }
+
+    fn from_json(v: &Value) -> Result<MultifdConfig, MigrationError> {
+        let bad = || MigrationError::Stream(format!("multifd configuration {v}"));
+        let channels = v["channels"]
+            .as_u64()
+            .filter(|n| (1..=255).contains(n))
+            .ok_or_else(bad)? as u8;
+        let uuid = v["uuid"].as_str().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+        Ok(MultifdConfig { channels, uuid })
+    }
+}
+
+/// The destination's multifd channels (`src/migration.rs` accepts them; QEMU's
+/// `multifd_load_setup` and `multifd_recv_sync_main`).
+pub trait IncomingMultifd {
+    /// The configuration record names the channels: accept them and start receiving.
+    fn start(&mut self, config: MultifdConfig) -> Result<(), MigrationError>;
+    /// The main stream's sync `n`: every channel's pages before it are applied first.
+    fn sync(&mut self, n: u64) -> Result<(), MigrationError>;
+    /// The end, after the last sync: the channels close; returns the bytes they carried.
+    fn finish(&mut self) -> u64;
+}
+
+/// Writes the record that ends a pass over the multifd channels: sync `n`.
+pub fn write_multifd_sync(w: &mut impl Write, n: u64) -> Result<u64, MigrationError> {
+    write_record(w, TAG_MULTIFD_SYNC, &n.to_le_bytes())
+}
+
 fn write_record(w: &mut impl Write, tag: u8, payload: &[u8]) -> Result<u64, MigrationError> {
     w.write_all(&[tag])?;
     w.write_all(&(payload.len() as u64).to_le_bytes())?;
@@ -225,7 +275,7 @@ pub fn send_pages(
 /// populated is known to be zero without reading it (see [`unpopulated_pages`]): reading
 /// would make the host map it, a fault per page, which is most of an idle guest's
 /// migration otherwise.
-fn for_each_page(
+pub(crate) fn for_each_page(
     ram: &vm_memory::GuestMemoryMmap,
     pages: impl Iterator<Item = u64>,
     cancelled: &dyn Fn() -> bool,
@@ -391,12 +441,22 @@ pub fn all_pages(machine: &ObjectRef) -> impl Iterator<Item = u64> {
         .flat_map(|(start, len)| (0..len / PAGE_SIZE).map(move |i| start + i * PAGE_SIZE))
 }
 
-/// The start of a stream: magic and configuration. Checks that every device can move.
-pub fn send_header(machine: &ObjectRef, w: &mut impl Write, progress: &mut Progress) -> Result<(), MigrationError> {
+/// The start of a stream: magic and configuration (naming the `multifd` channels RAM
+/// goes over, if any). Checks that every device can move.
+pub fn send_header(
+    machine: &ObjectRef,
+    w: &mut impl Write,
+    progress: &mut Progress,
+    multifd: Option<MultifdConfig>,
+) -> Result<(), MigrationError> {
     let devices = device_states(machine)?;
     w.write_all(MAGIC)?;
     progress.transferred += MAGIC.len() as u64;
-    let config = config(machine, &devices).to_string();
+    let mut config = config(machine, &devices);
+    if let Some(m) = multifd {
+        config["multifd"] = m.to_json();
+    }
+    let config = config.to_string();
     progress.transferred += write_record(w, TAG_CONFIG, config.as_bytes())?;
     progress.total_ram = ram_ranges(machine).iter().map(|r| r.1).sum();
     Ok(())
@@ -426,7 +486,7 @@ pub fn send_state(machine: &ObjectRef, w: &mut impl Write, progress: &mut Progre
 
 /// A whole stream of a paused VM: configuration, all RAM, state.
 pub fn save_vm(machine: &ObjectRef, w: &mut impl Write, progress: &mut Progress) -> Result<(), MigrationError> {
-    send_header(machine, w, progress)?;
+    send_header(machine, w, progress, None)?;
     send_pages(machine, all_pages(machine), w, progress, &|| false)?;
     send_state(machine, w, progress)
 }
@@ -540,7 +600,16 @@ fn load_pages(ram: &vm_memory::GuestMemoryMmap, payload: &[u8]) -> Result<(), Mi
             at += PAGE_SIZE as usize;
         }
     }
-    let resident = resident_pages(ram, &zero_pages);
+    load_zero_pages(ram, &zero_pages)
+}
+
+/// Makes `zero_pages` (ascending guest addresses) read as zeros, writing only those that
+/// are not zero already (see [`load_pages`]).
+pub(crate) fn load_zero_pages(
+    ram: &vm_memory::GuestMemoryMmap,
+    zero_pages: &[u64],
+) -> Result<(), MigrationError> {
+    let resident = resident_pages(ram, zero_pages);
     for (i, &addr) in zero_pages.iter().enumerate() {
         if resident.as_ref().is_some_and(|r| !r[i]) {
             continue;
@@ -670,6 +739,17 @@ fn check_config(machine: &ObjectRef, theirs: &Value) -> Result<(), MigrationErro
 /// area ([`MappedRam`]) is mapped into guest RAM copy-on-write, not read: pages come from
 /// the file as the guest first touches them.
 pub fn load_vm(machine: &ObjectRef, r: &mut impl Read, file: Option<&std::fs::File>) -> Result<u64, MigrationError> {
+    load_vm_multifd(machine, r, file, None)
+}
+
+/// [`load_vm`] where the `multifd` capability is on: the configuration record must name
+/// channels, which `multifd` accepts, and RAM comes over them.
+pub fn load_vm_multifd(
+    machine: &ObjectRef,
+    r: &mut impl Read,
+    file: Option<&std::fs::File>,
+    mut multifd: Option<&mut dyn IncomingMultifd>,
+) -> Result<u64, MigrationError> {
     let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
     let mut magic = [0u8; 16];
     r.read_exact(&mut magic)
@@ -680,6 +760,9 @@ pub fn load_vm(machine: &ObjectRef, r: &mut impl Read, file: Option<&std::fs::Fi
     let mut read = MAGIC.len() as u64;
     let ram = ms.ram();
     let mut configured = false;
+    // Whether RAM comes over multifd channels, and whether the last record was their sync.
+    let mut channels = false;
+    let mut synced = false;
     loop {
         let (tag, payload) = read_record(r)?;
         read += 9 + payload.len() as u64;
@@ -689,8 +772,37 @@ pub fn load_vm(machine: &ObjectRef, r: &mut impl Read, file: Option<&std::fs::Fi
                     .map_err(|e| MigrationError::Stream(format!("configuration: {e}")))?;
                 check_config(machine, &config)?;
                 configured = true;
+                match (config.get("multifd"), multifd.as_deref_mut()) {
+                    (Some(m), Some(incoming)) => {
+                        incoming.start(MultifdConfig::from_json(m)?)?;
+                        channels = true;
+                    }
+                    (Some(m), None) => {
+                        return Err(MigrationError::Multifd(format!(
+                            "multifd: the source sends RAM over {} multifd channels, but the capability 'multifd' is off here: enable it with migrate-set-capabilities before migrate-incoming",
+                            m["channels"]
+                        )))
+                    }
+                    (None, Some(_)) => {
+                        return Err(MigrationError::Multifd(
+                            "multifd: the capability 'multifd' is on here, but the source sends RAM without it: enable it on both sides or on neither".into(),
+                        ))
+                    }
+                    (None, None) => {}
+                }
             }
-            TAG_RAM if configured => load_pages(&ram, &payload)?,
+            TAG_RAM if configured && !channels => load_pages(&ram, &payload)?,
+            TAG_MULTIFD_SYNC if channels => {
+                let n: [u8; 8] = payload
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| MigrationError::Stream("a multifd sync record".into()))?;
+                if let Some(incoming) = multifd.as_deref_mut() {
+                    incoming.sync(u64::from_le_bytes(n))?;
+                }
+                synced = true;
+                continue;
+            }
             TAG_MAPPED_RAM if configured => {
                 let file = file.ok_or_else(|| {
                     MigrationError::Stream("this stream keeps guest RAM in a file: restore it from a file".into())
@@ -707,6 +819,17 @@ pub fn load_vm(machine: &ObjectRef, r: &mut impl Read, file: Option<&std::fs::Fi
                 read = base + size;
             }
             TAG_STATE if configured => {
+                if channels {
+                    if !synced {
+                        return Err(MigrationError::Stream(
+                            "the device state came before the last multifd sync".into(),
+                        ));
+                    }
+                    // No channel writes guest RAM once the devices load.
+                    if let Some(incoming) = multifd.as_deref_mut() {
+                        read += incoming.finish();
+                    }
+                }
                 let state: Value = serde_json::from_slice(&payload)
                     .map_err(|e| MigrationError::Stream(format!("state: {e}")))?;
                 load_state(machine, &state)?;
@@ -714,6 +837,7 @@ pub fn load_vm(machine: &ObjectRef, r: &mut impl Read, file: Option<&std::fs::Fi
             TAG_END if configured => return Ok(read),
             _ => return Err(MigrationError::Stream(format!("unexpected record {tag}"))),
         }
+        synced = false;
     }
 }
 

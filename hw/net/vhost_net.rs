@@ -15,6 +15,14 @@
 //! QEMU's `vhost_net_ack_features` does; for a tap without the header, vhost adds and
 //! strips it (the bit is set).
 //!
+//! During a migration's pre-copy the worker logs what it writes (QEMU's `vhost_log_*`,
+//! `vhost_dev_set_log`): a bitmap of one bit per 4 KiB guest page (`VHOST_SET_LOG_BASE`),
+//! `VHOST_F_LOG_ALL` acked, each ring's used ring logged (`VHOST_VRING_F_LOG`); the
+//! migration reads and clears it at each dirty-page sync ([`DirtySource`]). At a stop
+//! (the VM's, a migration's last) the rings' positions are read back
+//! (`VHOST_GET_VRING_BASE`) and the log synced one last time; the next start, here or on
+//! a destination, sets them (`VHOST_SET_VRING_BASE`).
+//!
 //! Built on the rust-vmm `vhost` crate (`vhost-kern`), whose blanket `VhostBackend`
 //! implementation serves any [`VhostKernBackend`]: ours wraps the file we are given
 //! rather than opening `/dev/vhost-net`, so inherited `vhostfd=` descriptors work.
@@ -22,10 +30,13 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
+use parking_lot::Mutex;
 use vhost::vhost_kern::vhost_binding::{
-    vhost_vring_file, VHOST_GET_FEATURES, VHOST_NET_SET_BACKEND,
+    vhost_vring_file, VHOST_F_LOG_ALL, VHOST_GET_FEATURES, VHOST_NET_SET_BACKEND,
+    VHOST_VRING_F_LOG,
 };
 use vhost::vhost_kern::VhostKernBackend;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -36,6 +47,7 @@ use vm_memory::{
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 
 use crate::core::accel_ops::EventFd;
+use crate::core::dirty_log::{DirtySource, DirtySourceError, DirtyTracker, PAGE_SIZE};
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::virtio::virtio::{bit, feature, ActiveQueue, VirtioTransport};
 
@@ -134,6 +146,9 @@ pub enum VhostNetError {
     /// Not a queue pair: receive and transmit rings are needed, in that order.
     #[error("vhost-net serves one queue pair (2 rings), not {0}")]
     Rings(usize),
+    /// A migration tracks dirty pages and the worker cannot log its writes.
+    #[error("{0}")]
+    Log(String),
 }
 
 fn vh<T>(op: &'static str, r: vhost::Result<T>) -> Result<T, VhostNetError> {
@@ -176,10 +191,155 @@ impl Handle {
     }
 }
 
+/// Guest pages covered by one word of the log (QEMU's `VHOST_LOG_CHUNK` in pages).
+const PAGES_PER_LOG_WORD: u64 = 64;
+
+/// The worker's dirty log (QEMU's `struct vhost_log` and `vhost_dev_set_log`): a
+/// [`DirtySource`] of the machine's tracker while the worker runs.
+pub struct VhostLog {
+    handle: Handle,
+    dirty: Arc<DirtyTracker>,
+    inner: Mutex<LogInner>,
+}
+
+#[derive(Default)]
+struct LogInner {
+    /// The worker is programmed (between `start` and `stop`): the ioctls make sense.
+    running: bool,
+    /// The features acked at start, without `VHOST_F_LOG_ALL`.
+    acked: u64,
+    /// Each ring's addresses as programmed, without the log flag.
+    rings: Vec<VringConfigData>,
+    /// The bitmap the kernel writes (a bit per page from guest address 0), while logging.
+    log: Option<Box<[AtomicU64]>>,
+    /// Earlier bitmaps: the kernel may hold their address until its next `SET_LOG_BASE`
+    /// or `RESET_OWNER`, so they live as long as the worker's file could use them.
+    retired: Vec<Box<[AtomicU64]>>,
+}
+
+impl std::fmt::Debug for VhostLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock();
+        f.debug_struct("VhostLog")
+            .field("running", &inner.running)
+            .field("logging", &inner.log.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostLog {
+    /// Whether the worker logs its writes now.
+    pub fn is_logging(&self) -> bool {
+        self.inner.lock().log.is_some()
+    }
+
+    /// The words the log needs: up to the end of guest RAM (QEMU's
+    /// `vhost_get_log_size`; used rings lie in RAM).
+    fn words(&self) -> usize {
+        let end = self
+            .handle
+            .mem
+            .iter()
+            .map(|r| r.start_addr().raw_value() + r.len())
+            .max()
+            .unwrap_or(0);
+        end.div_ceil(PAGE_SIZE * PAGES_PER_LOG_WORD) as usize
+    }
+
+    /// Turns logging on or off (QEMU's `vhost_dev_set_log`): the features with or without
+    /// `VHOST_F_LOG_ALL`, then each ring's addresses with or without `VHOST_VRING_F_LOG`
+    /// (the used ring's guest address as where its writes are logged).
+    fn set_logging(&self, inner: &LogInner, on: bool) -> Result<(), VhostNetError> {
+        let h = &self.handle;
+        let features = if on {
+            inner.acked | bit(VHOST_F_LOG_ALL)
+        } else {
+            inner.acked
+        };
+        vh("vhost_set_features", h.set_features(features))?;
+        for (i, ring) in inner.rings.iter().enumerate() {
+            let mut config = *ring;
+            if on {
+                config.flags |= 1 << VHOST_VRING_F_LOG;
+                config.log_addr = Some(ring.used_ring_addr);
+            }
+            vh("vhost_set_vring_addr", h.set_vring_addr(i, &config))?;
+        }
+        Ok(())
+    }
+
+    /// Reads and clears every word, reporting each set bit's page.
+    fn drain(log: &[AtomicU64], mark: &mut dyn FnMut(u64)) {
+        for (i, word) in log.iter().enumerate() {
+            // The kernel sets bits atomically: a swap loses none.
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let b = u64::from(bits.trailing_zeros());
+                mark((i as u64 * PAGES_PER_LOG_WORD + b) * PAGE_SIZE);
+                bits &= bits - 1;
+            }
+        }
+    }
+
+    /// The worker stops: the log's last bits go to the tracker, logging ends.
+    fn worker_stopped(&self) {
+        let mut inner = self.inner.lock();
+        if let Some(log) = inner.log.take() {
+            Self::drain(&log, &mut |page| self.dirty.mark(page, PAGE_SIZE));
+            inner.retired.push(log);
+        }
+        inner.running = false;
+    }
+}
+
+impl DirtySource for VhostLog {
+    fn start(&self) -> Result<(), DirtySourceError> {
+        let mut inner = self.inner.lock();
+        if !inner.running || inner.log.is_some() {
+            return Ok(());
+        }
+        let log: Box<[AtomicU64]> = (0..self.words()).map(|_| AtomicU64::new(0)).collect();
+        let fail = |e: VhostNetError| DirtySourceError(format!("vhost-net: {e}"));
+        vh(
+            "vhost_set_log_base",
+            self.handle.set_log_base(log.as_ptr() as u64, None),
+        )
+        .map_err(fail)?;
+        if let Err(e) = self.set_logging(&inner, true) {
+            let _ = self.set_logging(&inner, false);
+            inner.retired.push(log);
+            return Err(fail(e));
+        }
+        inner.log = Some(log);
+        Ok(())
+    }
+
+    fn sync(&self, mark: &mut dyn FnMut(u64)) {
+        let inner = self.inner.lock();
+        if let Some(log) = &inner.log {
+            Self::drain(log, mark);
+        }
+    }
+
+    fn stop(&self) {
+        let mut inner = self.inner.lock();
+        let Some(log) = inner.log.take() else {
+            return;
+        };
+        if inner.running {
+            if let Err(e) = self.set_logging(&inner, false) {
+                log::error!("vhost-net: stopping the dirty log: {e}");
+            }
+        }
+        inner.retired.push(log);
+    }
+}
+
 /// One queue pair served by the kernel's vhost-net (QEMU's `struct vhost_net` of a
 /// started device). Stopped by [`VhostNet::stop`] or on drop.
 pub struct VhostNet {
     handle: Handle,
+    log: Arc<VhostLog>,
     queues: Vec<ActiveQueue>,
     /// The worker's used-buffer signals, one per ring; kept open while handlers run.
     calls: Vec<Arc<EventFd>>,
@@ -202,8 +362,11 @@ impl VhostNet {
     /// QEMU's `vhost_net_init` + `vhost_net_start_one`: takes ownership of the worker
     /// (`SET_OWNER`), acks `features` (masked to the worker's kernel bits, with
     /// `VHOST_NET_F_VIRTIO_NET_HDR` only when the tap lacks the header), maps guest
-    /// memory, programs both rings (`rx`, `tx` in `queues`) with their kicks and our call
-    /// eventfds, then attaches the tap. On an error everything done is undone.
+    /// memory, programs both rings (`rx`, `tx` in `queues`, each from its `next_avail`)
+    /// with their kicks and our call eventfds, then attaches the tap. Its dirty log joins
+    /// `dirty`'s sources, logging at once if a migration tracks now. On an error
+    /// everything done is undone.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         vhost: Arc<File>,
         tap: &File,
@@ -212,14 +375,24 @@ impl VhostNet {
         features: u64,
         transport: Arc<dyn VirtioTransport>,
         ctx: Arc<AioContext>,
+        dirty: Arc<DirtyTracker>,
     ) -> Result<VhostNet, VhostNetError> {
         if queues.len() != 2 {
             return Err(VhostNetError::Rings(queues.len()));
         }
-        let handle = Handle { file: vhost, mem };
+        let handle = Handle {
+            file: Arc::clone(&vhost),
+            mem: Arc::clone(&mem),
+        };
         vh("vhost_set_owner", handle.set_owner())?;
+        let log = Arc::new(VhostLog {
+            handle: Handle { file: vhost, mem },
+            dirty: Arc::clone(&dirty),
+            inner: Mutex::new(LogInner::default()),
+        });
         let mut this = VhostNet {
             handle,
+            log,
             queues,
             calls: Vec::new(),
             handlers: Vec::new(),
@@ -229,7 +402,17 @@ impl VhostNet {
         // From here on, Drop undoes what was done (reset_owner releases it all).
         this.program(tap, features, &transport)?;
         this.running = true;
+        this.log.inner.lock().running = true;
+        let source: Weak<dyn DirtySource> = Arc::downgrade(&this.log) as Weak<dyn DirtySource>;
+        dirty
+            .add_source(source)
+            .map_err(|e| VhostNetError::Log(e.to_string()))?;
         Ok(this)
+    }
+
+    /// The worker's dirty log.
+    pub fn log(&self) -> &Arc<VhostLog> {
+        &self.log
     }
 
     fn program(
@@ -256,6 +439,7 @@ impl VhostNet {
             acked |= bit(VHOST_NET_F_VIRTIO_NET_HDR) & supported;
         }
         vh("vhost_set_features", h.set_features(acked))?;
+        self.log.inner.lock().acked = acked;
 
         let regions: Vec<VhostUserMemoryRegionInfo> = self
             .handle
@@ -285,6 +469,7 @@ impl VhostNet {
                 log_addr: None,
             };
             vh("vhost_set_vring_addr", h.set_vring_addr(i, &config))?;
+            self.log.inner.lock().rings.push(config);
             vh("vhost_set_vring_kick", h.set_vring_kick(i, &aq.kick))?;
             let call = Arc::new(
                 EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
@@ -333,7 +518,8 @@ impl VhostNet {
     }
 
     /// QEMU's `vhost_net_stop_one`: detaches the tap, reads each ring's position back
-    /// (`GET_VRING_BASE`, so a later userspace or vhost start resumes there), removes
+    /// (`GET_VRING_BASE`, so a later userspace or vhost start resumes there), hands the
+    /// dirty log's last bits to the tracker (QEMU's `vhost_log_put` with sync), removes
     /// the call handlers and gives up ownership (`RESET_OWNER`), so the same vhost file
     /// can be started again. Idempotent.
     pub fn stop(&mut self) -> Result<(), VhostNetError> {
@@ -364,6 +550,8 @@ impl VhostNet {
                 }
             }
         }
+        // The worker no longer writes: what it logged is complete.
+        self.log.worker_stopped();
         for id in self.handlers.drain(..) {
             self.ctx.remove_fd(id);
         }

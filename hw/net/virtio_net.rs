@@ -224,6 +224,8 @@ struct Shared {
     /// The receive offloads the driver chose with CTRL_GUEST_OFFLOADS_SET (QEMU's
     /// `curr_guest_offloads`); `None`: those its features imply.
     guest_offloads: Mutex<Option<u64>>,
+    /// The vhost-served queue pairs the driver uses (pair 0, or VQ_PAIRS_SET's count).
+    vhost_pairs: std::sync::atomic::AtomicU16,
 }
 
 impl Shared {
@@ -407,6 +409,7 @@ impl VirtioNet {
             vlan_filter: AtomicBool::new(false),
             backend_hdr: AtomicUsize::new(0),
             guest_offloads: Mutex::new(None),
+            vhost_pairs: std::sync::atomic::AtomicU16::new(1),
         });
         let dev = Arc::new(VirtioNet {
             shared,
@@ -708,6 +711,7 @@ impl VirtioDevice for VirtioNet {
                     features,
                     Arc::clone(&transport),
                     Arc::clone(&self.context),
+                    Arc::clone(&dirty),
                 ) {
                     Ok(v) => running.vhost.push(v),
                     Err(e) => return Err(fail(running, format!("vhost-net: {e}"))),
@@ -805,6 +809,10 @@ impl VirtioDevice for VirtioNet {
                 log::warn!("virtio-net: cannot set backend queue {i}: {e}");
             }
         }
+        shared.vhost_pairs.store(
+            enabled_pairs.min(running.vhost.len()).max(1) as u16,
+            Ordering::Release,
+        );
         for (i, pair) in running.pairs.iter().enumerate() {
             if let Err(e) = pair.set_enabled(i < enabled_pairs) {
                 let reason = format!("cannot start backend queue {i}: {e}");
@@ -833,15 +841,24 @@ impl VirtioDevice for VirtioNet {
     /// The pairs stop serving (their handlers removed, the backend no longer watched;
     /// the tap stays attached, as in QEMU). Receive buffers taken but not filled and a
     /// frame the backend has not taken yet are the last ones popped: they are given
-    /// back. The kernel's vhost workers cannot stop this way yet: such a device keeps
-    /// running and blocks migration.
+    /// back. Pairs the kernel serves (`vhost=on`) stop there (QEMU's
+    /// `vhost_net_stop`): each ring's position comes back from `VHOST_GET_VRING_BASE`
+    /// (the worker gives back nothing half-done) and its dirty log is synced a last time.
     fn park(&self) -> Option<Vec<QueuePosition>> {
-        if !self.vhost.is_empty() {
-            return None;
-        }
-        let running = self.stop()?;
+        let mut running = self.stop()?;
         let mut positions = Vec::new();
         let mut enabled = 0u16;
+        for vhost in &mut running.vhost {
+            if let Err(e) = vhost.stop() {
+                log::error!("virtio-net: stopping vhost-net: {e}");
+            }
+            for aq in vhost.queues() {
+                positions.push(QueuePosition::of(aq.index, &aq.queue, 0));
+            }
+        }
+        if !running.vhost.is_empty() {
+            enabled = self.shared.vhost_pairs.load(Ordering::Acquire);
+        }
         for pair in &running.pairs {
             let inner = pair.inner.lock();
             let pending = inner.pending.len() as u16;
@@ -860,11 +877,6 @@ impl VirtioDevice for VirtioNet {
     /// QEMU's `vmstate_virtio_net_device`: the MAC, the status (link, announce), the
     /// receive filter, the pairs in use and the offloads the driver chose.
     fn save_device(&self, section: &mut VmStateSection) -> Result<(), VmStateError> {
-        if !self.vhost.is_empty() {
-            return Err(VmStateError::Unmigratable(
-                "virtio-net with vhost=on does not support migration yet".into(),
-            ));
-        }
         let shared = &self.shared;
         section.put("net.mac", self.mac());
         section.put("net.status", shared.status.load(Ordering::Acquire));
@@ -1497,6 +1509,10 @@ impl CtrlQueue {
                 GUEST_ERRORS.warn(|| format!("virtio-net: queue pair {i}: {e}"));
                 return false;
             }
+        }
+        if !self.vhost_queues.is_empty() {
+            let pairs = n.min(self.vhost_queues.len()) as u16;
+            self.shared.vhost_pairs.store(pairs, Ordering::Release);
         }
         for (i, pair) in self.pairs.iter().enumerate() {
             if let Err(e) = pair.set_enabled(i < n) {

@@ -980,14 +980,9 @@ fn qmp_migrate_incoming(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<V
     Ok(json!({}))
 }
 
-/// The migration capabilities qomvm has (QEMU's `MigrationCapability`): only `events`,
-/// whether MIGRATION events are sent (libvirt turns it on for every domain).
-const MIGRATION_CAPABILITIES: &[&str] = &["events"];
-
 /// QEMU's `qmp_query_migrate_capabilities`.
 fn query_migrate_capabilities(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
-    let on = crate::migration::EVENTS.load(std::sync::atomic::Ordering::Relaxed);
-    Ok(json!([{"capability": MIGRATION_CAPABILITIES[0], "state": on}]))
+    Ok(crate::migration::capabilities())
 }
 
 /// QEMU's `qmp_migrate_set_capabilities`: a list of `{capability, state}`, checked whole
@@ -1011,9 +1006,10 @@ fn migrate_set_capabilities(_: &CommandCtx, args: &Map<String, Value>) -> Result
                 name: member("capability"),
                 expected: "string",
             })?;
-        let index = MIGRATION_CAPABILITIES
+        let capability = crate::migration::CAPABILITIES
             .iter()
-            .position(|c| *c == capability)
+            .copied()
+            .find(|c| *c == capability)
             .ok_or_else(|| QmpError::InvalidEnumValue {
                 name: member("capability"),
                 value: capability.into(),
@@ -1026,11 +1022,9 @@ fn migrate_set_capabilities(_: &CommandCtx, args: &Map<String, Value>) -> Result
                 name: member("state"),
                 expected: "boolean",
             })?;
-        changes.push((index, state));
+        changes.push((capability, state));
     }
-    for (_, state) in changes {
-        crate::migration::EVENTS.store(state, std::sync::atomic::Ordering::Relaxed);
-    }
+    crate::migration::set_capabilities(&changes)?;
     Ok(json!({}))
 }
 
