@@ -1425,3 +1425,135 @@ fn guest_writes_redraw_only_their_lines_on_kvm() {
     ops.set_dirty_log(false).unwrap();
     ops.shutdown();
 }
+
+/// A 64-bit ELF kernel whose code checks the zero page's `screen_info` (RSI points at
+/// it) for 80x25 colour VGA text and writes `VGA-TEXT-OK` to the text memory's second
+/// row, or `BAD`
+/// when the screen information is not that; then halts.
+fn text_screen_kernel() -> Vec<u8> {
+    const ENTRY: u64 = 0x10_0000;
+    let mut c: Vec<u8> = Vec::new();
+    let mut bad_jumps = Vec::new();
+    // cmp byte [rsi+OFFSET], VALUE; jne bad (rel32): mode 3, 80 columns, 25 lines, isVGA.
+    for (offset, value) in [(0x06u8, 3u8), (0x07, 80), (0x0e, 25), (0x0f, 1)] {
+        c.extend_from_slice(&[0x80, 0x7e, offset, value, 0x0f, 0x85, 0, 0, 0, 0]);
+        bad_jumps.push(c.len() - 4);
+    }
+    let write = |c: &mut Vec<u8>, text: &[u8]| {
+        for (i, ch) in text.iter().enumerate() {
+            // mov word [0xb8000 + 160 + 2i], 0x0700 | ch: the second row (the first has
+            // the cursor, where the BIOS leaves it)
+            c.extend_from_slice(&[0x66, 0xc7, 0x04, 0x25]);
+            c.extend_from_slice(&(0xb80a0u32 + 2 * i as u32).to_le_bytes());
+            c.extend_from_slice(&[*ch, 0x07]);
+        }
+        // hlt; jmp back to it
+        c.extend_from_slice(&[0xf4, 0xeb, 0xfd]);
+    };
+    write(&mut c, b"VGA-TEXT-OK");
+    let bad = c.len();
+    write(&mut c, b"BAD");
+    for at in bad_jumps {
+        let rel = (bad - (at + 4)) as u32;
+        c[at..at + 4].copy_from_slice(&rel.to_le_bytes());
+    }
+    let mut e = vec![0u8; 0x1000];
+    e[0..4].copy_from_slice(b"\x7fELF");
+    e[4] = 2; // ELFCLASS64
+    e[5] = 1; // little endian
+    e[6] = 1;
+    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    e[20..24].copy_from_slice(&1u32.to_le_bytes());
+    e[24..32].copy_from_slice(&ENTRY.to_le_bytes());
+    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    e[52..54].copy_from_slice(&64u16.to_le_bytes());
+    e[54..56].copy_from_slice(&56u16.to_le_bytes());
+    e[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = &mut e[64..120];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
+    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
+    ph[16..24].copy_from_slice(&ENTRY.to_le_bytes());
+    ph[24..32].copy_from_slice(&ENTRY.to_le_bytes());
+    ph[32..40].copy_from_slice(&(c.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(c.len() as u64).to_le_bytes());
+    e.extend_from_slice(&c);
+    e
+}
+
+/// Without firmware, qomvm does for `-kernel` what SeaBIOS and the VGA BIOS do for QEMU's:
+/// the display in 80x25 text mode with the VGA BIOS's font, and the zero page saying so
+/// (else Linux's VGA console stays off). The kernel's text shows in the screendump.
+fn a_direct_kernel_boot_finds_vga_text(name: &str, display: &[&str]) {
+    if !kvm_or_skip() {
+        return;
+    }
+    let Some(rom) = vgabios_or_skip() else { return };
+    let font = rom_font(&rom);
+    let dir = scratch(name);
+    let kernel = dir.join("kernel.elf");
+    std::fs::write(&kernel, text_screen_kernel()).unwrap();
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let mut args = vec!["-M", "pc", "-accel", "kvm", "-m", "64", "-display", "none"];
+    args.extend_from_slice(display);
+    args.extend_from_slice(&["-kernel", kernel.to_str().unwrap(), "-qmp", &qmp_arg]);
+    let mut child = Command::new(QOMVM)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut qmp = QmpClient::connect(&sock);
+    let dump = dir.join("screen.ppm");
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        let reply = qmp.execute("screendump", json!({"filename": dump.to_str().unwrap()}));
+        assert_eq!(reply, json!({"return": {}}));
+        let image = Image::read_ppm(&dump);
+        assert_eq!(
+            (image.width, image.height),
+            (720, 400),
+            "80x25 text, 9x16 cells"
+        );
+        lines = image.text(&font, [0, 0, 0]);
+        if !lines[1].is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = qmp.execute("quit", json!({}));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        lines[1],
+        "VGA-TEXT-OK",
+        "screen: {lines:#?}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first row holds only the cursor (drawn over a blank cell: no glyph matches it).
+    assert!(
+        lines[0] == "?" && lines[2..].iter().all(|l| l.is_empty()),
+        "a blank screen besides: {lines:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_direct_kernel_boot_finds_the_std_vga_in_text_mode() {
+    a_direct_kernel_boot_finds_vga_text("direct-std", &[]);
+}
+
+#[test]
+fn a_direct_kernel_boot_finds_the_cirrus_vga_in_text_mode() {
+    a_direct_kernel_boot_finds_vga_text(
+        "direct-cirrus",
+        &[
+            "-vga",
+            "none",
+            "-device",
+            "cirrus-vga,id=video0,bus=pci.0,addr=0x2",
+        ],
+    );
+}

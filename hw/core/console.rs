@@ -97,6 +97,14 @@ pub trait GraphicHwOps: Send + Sync {
     /// Renders the device's current picture.
     fn gfx_update(&self) -> Surface;
 
+    /// Puts the display in the 80x25 colour text mode a VGA BIOS leaves, with `font` (256
+    /// glyphs of 16 rows), as firmware would before a kernel starts (the board does it in
+    /// the firmware's place under a direct kernel boot); false where the display has no
+    /// such mode.
+    fn set_bios_text_mode(&self, _font: &[u8]) -> bool {
+        false
+    }
+
     /// Brings `surface` (the picture of the previous call) up to date and says what
     /// changed; a device without dirty tracking renders it all.
     fn gfx_refresh(&self, surface: &mut Arc<Surface>) -> Redraw {
@@ -149,6 +157,11 @@ impl QemuConsole {
     /// The device it belongs to, while it exists.
     pub fn device(&self) -> Option<ObjectRef> {
         self.device.upgrade()
+    }
+
+    /// See [`GraphicHwOps::set_bios_text_mode`].
+    pub fn set_bios_text_mode(&self, font: &[u8]) -> bool {
+        self.hw.set_bios_text_mode(font)
     }
 
     /// The picture now (QEMU's `graphic_hw_update` then `qemu_console_surface`).

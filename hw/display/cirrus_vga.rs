@@ -1087,6 +1087,11 @@ impl MemoryRegionOps for CirrusMmio {
 struct CirrusConsole(Arc<CirrusVga>);
 
 impl GraphicHwOps for CirrusConsole {
+    fn set_bios_text_mode(&self, font: &[u8]) -> bool {
+        self.0.vga.set_bios_text_mode(font);
+        true
+    }
+
     fn gfx_update(&self) -> Surface {
         self.0.render()
     }

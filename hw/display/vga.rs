@@ -869,6 +869,24 @@ impl VgaRegs {
     }
 }
 
+/// The 8x16 font a VGA BIOS carries (SeaBIOS's `vgabios-*.bin` do): 256 glyphs of 16
+/// rows, found by its 'A' and checked by the blank space and the full block (0xdb) every
+/// such font has.
+pub fn vga_bios_font(rom: &[u8]) -> Option<&[u8]> {
+    const GLYPH_A: [u8; 16] = [
+        0, 0, 0x10, 0x38, 0x6c, 0xc6, 0xc6, 0xfe, 0xc6, 0xc6, 0xc6, 0xc6, 0, 0, 0, 0,
+    ];
+    let glyph = |font: &[u8], ch: usize| font[ch * 16..ch * 16 + 16].to_vec();
+    rom.windows(16)
+        .enumerate()
+        .filter(|(_, w)| *w == GLYPH_A)
+        .filter_map(|(at, _)| {
+            let base = at.checked_sub(0x41 * 16)?;
+            rom.get(base..base + 256 * 16)
+        })
+        .find(|font| glyph(font, 0x20) == [0; 16] && glyph(font, 0xdb) == [0xff; 16])
+}
+
 /// Whether QEMU's VGA decodes port `addr` (QEMU's `vga_portio_list`: 0x3b4-0x3b5, 0x3ba,
 /// 0x3c0-0x3cf, 0x3d4-0x3d5, 0x3da); the rest of 0x3b0-0x3df is not the VGA's.
 pub fn is_vga_port(addr: u16) -> bool {
@@ -927,6 +945,79 @@ impl VgaCommon {
     pub fn reset(&self) {
         *self.regs.lock() = VgaRegs::reset(self.vram.size());
         *self.display.lock() = Default::default();
+    }
+
+    /// Leaves the VGA as its BIOS leaves it after setting mode 3 (80x25 colour text, 9x16
+    /// cells): the registers of that mode, `font` (256 glyphs of 16 rows) in plane 2, a
+    /// blank screen of light grey on black and the cursor at the top left. A kernel booted
+    /// without firmware then finds the text screen that QEMU's `-kernel` (SeaBIOS and the
+    /// VGA BIOS) leaves it.
+    pub fn set_bios_text_mode(&self, font: &[u8]) {
+        let mut r = self.regs.lock();
+        let mut out = |port: u16, value: u8| r.ioport_write(port, value);
+        // Sequencer, then the CRTC (unlocked first), graphics controller, attribute
+        // controller (its flip-flop reset by reading input status 1), as the BIOS's mode
+        // table has them.
+        out(0x3c2, 0x67);
+        for (i, v) in [0x03u8, 0x00, 0x03, 0x00, 0x02].into_iter().enumerate() {
+            out(0x3c4, i as u8);
+            out(0x3c5, v);
+        }
+        out(0x3d4, 0x11);
+        out(0x3d5, 0x0e);
+        const CRTC: [u8; 25] = [
+            0x5f, 0x4f, 0x50, 0x82, 0x55, 0x81, 0xbf, 0x1f, 0x00, 0x4f, 0x0d, 0x0e, 0x00, 0x00,
+            0x00, 0x00, 0x9c, 0x8e, 0x8f, 0x28, 0x1f, 0x96, 0xb9, 0xa3, 0xff,
+        ];
+        for (i, v) in CRTC.into_iter().enumerate() {
+            out(0x3d4, i as u8);
+            out(0x3d5, v);
+        }
+        for (i, v) in [0u8, 0, 0, 0, 0, 0x10, 0x0e, 0x0f, 0xff].into_iter().enumerate() {
+            out(0x3ce, i as u8);
+            out(0x3cf, v);
+        }
+        const ATTR: [u8; 21] = [
+            0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x14, 0x07, 0x38, 0x39, 0x3a, 0x3b, 0x3c, 0x3d,
+            0x3e, 0x3f, 0x0c, 0x00, 0x0f, 0x08, 0x00,
+        ];
+        r.ioport_read(0x3da);
+        let mut out = |port: u16, value: u8| r.ioport_write(port, value);
+        for (i, v) in ATTR.into_iter().enumerate() {
+            out(0x3c0, i as u8);
+            out(0x3c0, v);
+        }
+        // The EGA palette in the first 64 DAC entries (6-bit components).
+        out(0x3c8, 0);
+        for i in 0u8..64 {
+            let c = |hi: u8, lo: u8| ((i >> hi) & 1) * 0x2a + ((i >> lo) & 1) * 0x15;
+            for v in [c(2, 5), c(1, 4), c(0, 3)] {
+                out(0x3c9, v);
+            }
+        }
+        out(0x3c0, 0x20);
+        // The font into plane 2 (glyphs 32 bytes apart), through the window mapped at
+        // 0xa0000 as the BIOS does it, then back to odd/even text access at 0xb8000.
+        for (port, index, value) in [(0x3c4, 2, 0x04), (0x3c4, 4, 0x07), (0x3ce, 4, 0x02), (0x3ce, 5, 0x00), (0x3ce, 6, 0x04)] {
+            out(port, index);
+            out(port + 1, value);
+        }
+        for (glyph, rows) in font.chunks_exact(16).take(256).enumerate() {
+            for (row, bits) in rows.iter().enumerate() {
+                r.mem_writeb(&self.vram, (glyph * 32 + row) as u64, *bits);
+            }
+        }
+        let mut out = |port: u16, value: u8| r.ioport_write(port, value);
+        for (port, index, value) in [(0x3c4, 2, 0x03), (0x3c4, 4, 0x02), (0x3ce, 4, 0x00), (0x3ce, 5, 0x10), (0x3ce, 6, 0x0e)] {
+            out(port, index);
+            out(port + 1, value);
+        }
+        // A blank screen: space, light grey on black, over all 32 KiB of text memory.
+        const TEXT_WINDOW: u64 = 0x18000;
+        for cell in 0..0x4000u64 {
+            r.mem_writeb(&self.vram, TEXT_WINDOW + cell * 2, b' ');
+            r.mem_writeb(&self.vram, TEXT_WINDOW + cell * 2 + 1, 0x07);
+        }
     }
 
     /// Writes VBE data register `index` (the bochs interface of the MMIO BAR).

@@ -278,6 +278,11 @@ impl VgaConsole {
 }
 
 impl GraphicHwOps for VgaConsole {
+    fn set_bios_text_mode(&self, font: &[u8]) -> bool {
+        self.vga.set_bios_text_mode(font);
+        true
+    }
+
     fn gfx_update(&self) -> Surface {
         crate::display::vga_draw::render(&self.vga)
     }

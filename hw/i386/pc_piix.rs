@@ -117,6 +117,9 @@ pub struct PcI440fxMachine {
     /// `-boot once=` is in the CMOS: the next reset puts `order=` back (QEMU's
     /// `restore_boot_order`).
     boot_once_pending: std::sync::atomic::AtomicBool,
+    /// A Linux kernel was loaded directly (`-kernel`, not Multiboot): its zero page is in
+    /// RAM for the board to complete once the devices exist.
+    direct_linux: std::sync::atomic::AtomicBool,
 }
 
 type_init!(PcI440fxMachine);
@@ -155,6 +158,8 @@ impl MachineImpl for PcI440fxMachine {
         }
         self.smbios_setup()?;
         self.option_roms_to_fw_cfg()?;
+        // The displays exist now (`-device` ones too).
+        self.set_up_text_console()?;
         if self.boots_firmware() {
             if let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) {
                 fw_cfg
@@ -388,8 +393,40 @@ impl PcI440fxMachine {
                 source,
             })
         })?;
+        self.direct_linux
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.set_up_text_console()?;
         self.set_bsp_boot_state(state);
         Ok(())
+    }
+
+    /// Does what SeaBIOS and the VGA BIOS have done when QEMU's `-kernel` starts a Linux
+    /// kernel: the first display in 80x25 text mode with the VGA BIOS's font (found in the
+    /// display's option ROM), and the zero page saying so. Nothing where there is no such
+    /// display or font (or before the devices exist): the kernel then has no VGA console,
+    /// as without a VGA BIOS.
+    fn set_up_text_console(&self) -> Result<(), MachineError> {
+        if !self.direct_linux.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let Some(console) = self.services().consoles().first() else {
+            return Ok(());
+        };
+        let rom = console
+            .device()
+            .and_then(|d| d.cast::<crate::pci::pci::PciDevice>().and_then(|p| p.option_rom()));
+        let Some(font) = rom.as_deref().and_then(crate::display::vga::vga_bios_font) else {
+            return Ok(());
+        };
+        if !console.set_bios_text_mode(font) {
+            return Ok(());
+        }
+        crate::i386::x86_linux::set_vga_text_screen(&self.ram()).map_err(|source| {
+            MachineError::board(PcLoadError::Kernel {
+                path: self.kernel().unwrap_or_default(),
+                source,
+            })
+        })
     }
 
     fn boots_firmware(&self) -> bool {

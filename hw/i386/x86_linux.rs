@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::loader::bootparam::{
-    boot_e820_entry, boot_params, setup_header, CAN_USE_HEAP, E820_MAX_ENTRIES_ZEROPAGE,
+    boot_e820_entry, boot_params, screen_info, setup_header, CAN_USE_HEAP, E820_MAX_ENTRIES_ZEROPAGE,
     LOADED_HIGH, XLF_KERNEL_64,
 };
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
@@ -269,6 +269,33 @@ pub fn set_acpi_rsdp_addr(ram: &GuestMemoryMmap, rsdp: u64) -> Result<(), LinuxL
         ZERO_PAGE_ADDR + ACPI_RSDP_ADDR_OFFSET,
         &rsdp.to_le_bytes(),
     )
+}
+
+/// Tells the kernel it starts on an 80x25 colour VGA text screen, the cursor at the top
+/// left (`boot_params.screen_info`, which the kernel's real-mode setup fills from the
+/// BIOS when firmware boots it): without it the kernel's VGA console stays off. Call
+/// after [`load_linux`], once the display is in that mode.
+pub fn set_vga_text_screen(ram: &GuestMemoryMmap) -> Result<(), LinuxLoadError> {
+    let info = screen_info {
+        orig_video_mode: 3,
+        orig_video_cols: 80,
+        orig_video_lines: 25,
+        // `isVGA` and an EGA BX that is not 0x10 (int 10h AH=12h: colour, 256 KiB) are
+        // what make vgacon take a VGA rather than a CGA.
+        orig_video_isVGA: 1,
+        orig_video_ega_bx: 0x0003,
+        orig_video_points: 16,
+        ..Default::default()
+    };
+    let mut params: boot_params = ram
+        .read_obj(GuestAddress(ZERO_PAGE_ADDR))
+        .map_err(|e| LinuxLoadError::GuestMemory {
+            what: "the zero page",
+            addr: ZERO_PAGE_ADDR,
+            reason: e.to_string(),
+        })?;
+    params.screen_info = info;
+    write(ram, "the screen information", ZERO_PAGE_ADDR, params.as_slice())
 }
 
 /// End of the RAM range that holds the kernel (the one containing 1 MiB), capped at 4 GiB;

@@ -285,6 +285,9 @@ pub struct PciDevice {
     bars: Mutex<[Option<Bar>; PCI_NUM_REGIONS]>,
     /// An option ROM for the firmware's fw_cfg (`rombar=0`), which the board publishes.
     fw_cfg_rom: Mutex<Option<FwCfgRom>>,
+    /// The option ROM's image as loaded (ROM BAR or fw_cfg), for what the board does in
+    /// the firmware's place (the VGA BIOS's font under a direct kernel boot).
+    option_rom: Mutex<Option<Arc<[u8]>>>,
     intx: Arc<IntxPin>,
 }
 
@@ -747,6 +750,7 @@ impl PciDevice {
             let (vendor, device) = (self.read_config(config::VENDOR_ID, 2), self.read_config(config::DEVICE_ID, 2));
             patch_rom_ids(&mut data, vendor as u16, device as u16);
         }
+        *self.option_rom.lock() = Some(Arc::from(&data[..]));
         if self.rombar.get() == 0 {
             let base = path.file_name().map_or(file.clone(), |n| n.to_string_lossy().into_owned());
             let dir = if class_id == 0x0300 { "vgaroms" } else { "genroms" };
@@ -760,6 +764,11 @@ impl PciDevice {
         let name = format!("{}.rom", self.type_name());
         let region = MemoryRegion::new_io(name, bar_size, Arc::new(RomBar(data.into())));
         self.register_bar(PCI_ROM_SLOT, BarKind::Mem32, region)
+    }
+
+    /// The option ROM's image (`romfile=` or the class's), wherever it went, if any.
+    pub fn option_rom(&self) -> Option<Arc<[u8]>> {
+        self.option_rom.lock().clone()
     }
 
     /// The option ROM the firmware should find in fw_cfg (`rombar=0`), if any.
