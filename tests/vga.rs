@@ -1499,7 +1499,7 @@ fn a_direct_kernel_boot_finds_vga_text(name: &str, display: &[&str]) {
     let mut args = vec!["-M", "pc", "-accel", "kvm", "-m", "64", "-display", "none"];
     args.extend_from_slice(display);
     args.extend_from_slice(&["-kernel", kernel.to_str().unwrap(), "-qmp", &qmp_arg]);
-    let mut child = Command::new(QOMVM)
+    let child = Command::new(QOMVM)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
