@@ -70,33 +70,6 @@ fn kernel_code() -> Vec<u8> {
     c
 }
 
-/// An ELF64 executable with one PT_LOAD of `code` at `paddr`, entered at its start.
-fn elf(code: &[u8], paddr: u64) -> Vec<u8> {
-    let mut e = vec![0u8; 0x1000];
-    e[0..4].copy_from_slice(b"\x7fELF");
-    e[4] = 2; // ELFCLASS64
-    e[5] = 1; // little endian
-    e[6] = 1;
-    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    e[20..24].copy_from_slice(&1u32.to_le_bytes());
-    e[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
-    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    e[52..54].copy_from_slice(&64u16.to_le_bytes());
-    e[54..56].copy_from_slice(&56u16.to_le_bytes());
-    e[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = &mut e[64..120];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
-    ph[16..24].copy_from_slice(&paddr.to_le_bytes());
-    ph[24..32].copy_from_slice(&paddr.to_le_bytes());
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    e.extend_from_slice(code);
-    e
-}
-
 #[test]
 fn linux_boot_state_runs_on_kvm() {
     if let Some(reason) = kvm_unusable() {
@@ -110,7 +83,10 @@ fn linux_boot_state_runs_on_kvm() {
     let ram = ms.ram();
     // TestVm has 2 MiB of RAM.
     let e820 = pc_e820_table(2 << 20, 0);
-    let kernel = TempFile::new("vmlinux", &elf(&kernel_code(), 0x10_0000));
+    let kernel = TempFile::new(
+        "vmlinux",
+        &test_support::elf::elf64_exec(&kernel_code(), 0x10_0000),
+    );
     let mut initrd_data = vec![0u8; 4096];
     initrd_data[0] = 0x10;
     let initrd = TempFile::new("initrd", &initrd_data);

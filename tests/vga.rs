@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use test_support::fuzz_qtest::{hex, program_bars, PciFunction, Qtest};
 use test_support::qmp::QmpClient;
+use test_support::vga_text::{rom_font, Image};
 
 const QOMVM: &str = env!("CARGO_BIN_EXE_qomvm");
 const VGABIOS: &str = "/usr/share/seabios/vgabios-stdvga.bin";
@@ -37,93 +38,6 @@ fn vgabios_or_skip() -> Option<Vec<u8>> {
             test_support::skip::skip(format!("{VGABIOS} is missing (Debian package 'seabios')"));
             None
         }
-    }
-}
-
-/// The VGA BIOS's 8x16 font (256 glyphs of 16 rows), found by its 'A'.
-fn rom_font(rom: &[u8]) -> Vec<u8> {
-    let a = [
-        0, 0, 0x10, 0x38, 0x6c, 0xc6, 0xc6, 0xfe, 0xc6, 0xc6, 0xc6, 0xc6, 0, 0, 0, 0,
-    ];
-    let at = rom
-        .windows(16)
-        .position(|w| w == a)
-        .expect("the VGA BIOS carries an 8x16 font");
-    let base = at - 0x41 * 16;
-    rom[base..base + 256 * 16].to_vec()
-}
-
-/// A decoded PPM: width, height, RGB bytes.
-struct Image {
-    width: usize,
-    height: usize,
-    rgb: Vec<u8>,
-}
-
-impl Image {
-    fn read_ppm(path: &Path) -> Image {
-        let data = std::fs::read(path).unwrap();
-        let mut fields = Vec::new();
-        let mut at = 0;
-        while fields.len() < 4 {
-            while data[at].is_ascii_whitespace() {
-                at += 1;
-            }
-            let start = at;
-            while !data[at].is_ascii_whitespace() {
-                at += 1;
-            }
-            fields.push(String::from_utf8(data[start..at].to_vec()).unwrap());
-        }
-        assert_eq!(fields[0], "P6");
-        assert_eq!(fields[3], "255");
-        let (width, height) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
-        let rgb = data[at + 1..].to_vec();
-        assert_eq!(rgb.len(), width * height * 3, "PPM size");
-        Image { width, height, rgb }
-    }
-
-    fn pixel(&self, x: usize, y: usize) -> [u8; 3] {
-        let i = (y * self.width + x) * 3;
-        [self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]]
-    }
-
-    /// Reads a 9x16-cell text screen by matching each cell's first 8 columns (set where
-    /// not the background `bg`) against the font; '?' where nothing matches.
-    fn text(&self, font: &[u8], bg: [u8; 3]) -> Vec<String> {
-        let mut glyphs = std::collections::HashMap::new();
-        // Printable ASCII wins where glyphs coincide (space and 0x00, 0xff).
-        for ch in (0u8..=255).rev() {
-            glyphs.insert(
-                font[usize::from(ch) * 16..usize::from(ch) * 16 + 16].to_vec(),
-                ch,
-            );
-        }
-        for ch in 0x20u8..0x7f {
-            glyphs.insert(
-                font[usize::from(ch) * 16..usize::from(ch) * 16 + 16].to_vec(),
-                ch,
-            );
-        }
-        (0..self.height / 16)
-            .map(|row| {
-                (0..self.width / 9)
-                    .map(|col| {
-                        let cell: Vec<u8> = (0..16)
-                            .map(|line| {
-                                (0..8).fold(0u8, |bits, x| {
-                                    let lit = self.pixel(col * 9 + x, row * 16 + line) != bg;
-                                    bits | (u8::from(lit) << (7 - x))
-                                })
-                            })
-                            .collect();
-                        glyphs.get(&cell).map_or('?', |c| char::from(*c))
-                    })
-                    .collect::<String>()
-                    .trim_end()
-                    .to_string()
-            })
-            .collect()
     }
 }
 
@@ -1457,29 +1371,7 @@ fn text_screen_kernel() -> Vec<u8> {
         let rel = (bad - (at + 4)) as u32;
         c[at..at + 4].copy_from_slice(&rel.to_le_bytes());
     }
-    let mut e = vec![0u8; 0x1000];
-    e[0..4].copy_from_slice(b"\x7fELF");
-    e[4] = 2; // ELFCLASS64
-    e[5] = 1; // little endian
-    e[6] = 1;
-    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    e[20..24].copy_from_slice(&1u32.to_le_bytes());
-    e[24..32].copy_from_slice(&ENTRY.to_le_bytes());
-    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    e[52..54].copy_from_slice(&64u16.to_le_bytes());
-    e[54..56].copy_from_slice(&56u16.to_le_bytes());
-    e[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = &mut e[64..120];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
-    ph[16..24].copy_from_slice(&ENTRY.to_le_bytes());
-    ph[24..32].copy_from_slice(&ENTRY.to_le_bytes());
-    ph[32..40].copy_from_slice(&(c.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&(c.len() as u64).to_le_bytes());
-    e.extend_from_slice(&c);
-    e
+    test_support::elf::elf64_exec(&c, ENTRY)
 }
 
 /// Without firmware, qomvm does for `-kernel` what SeaBIOS and the VGA BIOS do for QEMU's:

@@ -2,7 +2,8 @@
 //! x86 guests ([`guest`]) and Multiboot ELF kernels ([`elf`]), a raw KVM runner to compare
 //! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]), a guest
 //! that reports the interrupts it takes ([`irq_guest`]), skips made visible ([`skip`]), a QMP
-//! client ([`qmp`]) and an SMBIOS reader ([`smbios`]).
+//! client ([`qmp`]), an SMBIOS reader ([`smbios`]) and a VGA text-screen reader
+//! ([`vga_text`]).
 
 pub mod console;
 pub mod elf;
@@ -17,5 +18,6 @@ pub mod qtest;
 pub mod raw_kvm;
 pub mod skip;
 pub mod smbios;
+pub mod vga_text;
 pub mod virtio;
 pub mod vm;
