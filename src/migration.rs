@@ -122,6 +122,7 @@ static STATE: Mutex<State> = Mutex::new(State {
         total_ram: 0,
         remaining: 0,
         passes: 0,
+        dirty_pages_rate: 0,
     },
     started: None,
     setup_ms: 0,
@@ -612,6 +613,8 @@ fn send(
             .map_err(|e| MigrationError::Io(e.to_string()))?;
         ops.dirty_pages()?;
     }
+    // When the dirty log was last read: the dirty-page rate counts from there.
+    let mut last_sync = Instant::now();
     let mut pending: Vec<u64> = Vec::new();
     let mut pass_started = Instant::now();
     let mut sent_before = progress.transferred;
@@ -640,6 +643,9 @@ fn send(
             pending.sort_unstable();
             pending.dedup();
             stream::retain_ram_pages(machine, &mut pending);
+            let period = last_sync.elapsed().as_secs_f64().max(1e-3);
+            last_sync = Instant::now();
+            progress.dirty_pages_rate = (pending.len() as f64 / period) as u64;
             progress.remaining = pending.len() as u64 * stream::PAGE_SIZE;
             STATE.lock().progress = progress;
             let limit_s = PARAMETERS.lock().downtime_limit_ms as f64 / 1000.0;
@@ -1237,7 +1243,7 @@ pub fn query() -> Value {
         "dirty-sync-count": p.passes,
         "mbps": mbps,
         "page-size": stream::PAGE_SIZE,
-        "dirty-pages-rate": 0,
+        "dirty-pages-rate": p.dirty_pages_rate,
     });
     if let Some(e) = &st.error {
         info["error-desc"] = json!(e);

@@ -429,7 +429,8 @@ fn mismatched_restores_and_unmigratable_devices_are_refused() {
 
 /// `migrate-set-parameters max-bandwidth` limits the rate: the counting guest's 4 MiB of
 /// written pages at 8 MiB/s take at least 400 ms (unlimited, tens of ms), and
-/// `query-migrate-parameters` reports the value.
+/// `query-migrate-parameters` reports the value; `query-migrate` the rate at which the
+/// guest dirtied pages meanwhile.
 #[test]
 fn max_bandwidth_limits_the_rate() {
     if !kvm_or_skip() {
@@ -463,6 +464,12 @@ fn max_bandwidth_limits_the_rate() {
         total >= 400,
         "{transferred} bytes in {total} ms at 8 MiB/s: {info}"
     );
+    // The guest kept counting (writing its memory) through the half-second first pass:
+    // the read of the dirty log after it found pages, at a rate query-migrate reports.
+    let rate = info["return"]["ram"]["dirty-pages-rate"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(rate > 0, "dirty-pages-rate: {info}");
     let _ = qmp.execute("quit", json!({}));
     let _ = std::fs::remove_dir_all(dir);
 }

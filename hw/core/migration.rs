@@ -107,6 +107,9 @@ pub struct Progress {
     pub remaining: u64,
     /// Passes over the dirty log so far (QEMU's `dirty-sync-count`).
     pub passes: u64,
+    /// Pages the guest (and the VMM's own writers) dirtied per second between the last
+    /// two reads of the dirty log (QEMU's `dirty-pages-rate`).
+    pub dirty_pages_rate: u64,
 }
 
 /// The devices under `machine` that are realized, by canonical path (CPUs included: their
