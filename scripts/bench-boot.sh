@@ -258,10 +258,10 @@ print("Guest timeline (medians, seconds): 'at' is the guest kernel's clock when 
 print("(printk time stamps; 'before-kernel' is host time from the spawn to that clock's start:")
 print("VMM start-up, firmware, boot loader, decompression); 'phase' is the time since the previous")
 print("milestone; the ratio is qomvm's phase over the other VMM's (<1: qomvm is faster there).")
-head = "  %-17s" % "milestone" + "".join("%19s" % (v + " at/phase") for v in vmms)
+head = "  %-17s" % "milestone" + "".join("%24s" % (v + " at/phase") for v in vmms)
 others = [v for v in vmms if v != "qomvm"]
 if "qomvm" in vmms:
-    head += "".join("%16s" % ("qomvm/" + v) for v in others)
+    head += "".join("%21s" % ("qomvm/" + v) for v in others)
 print(head)
 prev = {v: 0.0 for v in vmms}
 for name in order:
@@ -270,16 +270,16 @@ for name in order:
     for v in vmms:
         t = med(v, name)
         if t is None:
-            row += "%19s" % "-"
+            row += "%24s" % "-"
             continue
         phase[v] = t if name == "before-kernel" else t - prev[v]
         if name != "before-kernel":
             prev[v] = t
-        row += "%19s" % ("%.3f/%.3f" % (t, phase[v]))
+        row += "%24s" % ("%.3f/%.3f" % (t, phase[v]))
     if "qomvm" in vmms:
         for v in others:
             a, b = phase.get("qomvm"), phase.get(v)
-            row += "%16s" % ("-" if a is None or not b or b <= 0 else "%.2f" % (a / b))
+            row += "%21s" % ("-" if a is None or not b or b <= 0 else "%.2f" % (a / b))
     print(row)
 EOF
 

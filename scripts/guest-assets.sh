@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=11
+ASSETS_FORMAT=12
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -79,8 +79,8 @@ switches to a disk if qomvm.root= asks for one, prints
                                     /proc/interrupts shows it)
   timeline: acpi 0.412345           (only with qomvm.timeline=1: the kernel's
                                     clock when each boot phase ended, from
-                                    dmesg, then "timeline: ready S", the clock
-                                    at QOMVM-GUEST-READY)
+                                    dmesg; "timeline: ready S" is the line
+                                    /init logs right before the marker)
 and then, depending on the kernel command line:
   (default)          powers off (prints QOMVM-POWEROFF, then poweroff -f; every
                      mode below that "powers off" does the same)
@@ -351,8 +351,9 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$root" ]; then
     echo "QOMVM-ROOT-FAILED: $why; staying in the initramfs"
 fi
 
-# The guest's clock at the marker (a shell builtin: no process started before it).
-read -r ready_uptime _ </proc/uptime
+# qomvm.timeline=1: the marker's moment in the kernel log, on printk's clock (a shell
+# builtin: no process started before it).
+[ -n "$timeline" ] && echo "<6>qomvm: ready" >/dev/kmsg
 echo QOMVM-GUEST-READY
 echo "nproc: $(nproc)"
 awk '/^MemTotal:/ { print "MemTotal: " $2 " kB" }' /proc/meminfo
@@ -383,7 +384,7 @@ done
 awk '/virtio/ { $1 = $1; print "irq: " $0 }' /proc/interrupts
 # qomvm.timeline=1: when the boot's phases ended, by the kernel's clock (printk's time
 # stamps, which "quiet" keeps out of the console but not out of dmesg): the first line
-# of each milestone, "timeline: NAME SECONDS", then the clock at the marker.
+# of each milestone, "timeline: NAME SECONDS", the marker's own line ("ready") last.
 if [ -n "$timeline" ]; then
     dmesg | awk '
         function at(name) {
@@ -399,8 +400,8 @@ if [ -n "$timeline" ]; then
         /Serial: 8250\/16550 driver/ { at("serial-driver") }
         /Freeing unused kernel image/ { at("kernel-init-done") }
         /Run \/init as init process/ { at("run-init") }
+        /qomvm: ready$/ { at("ready") }
     '
-    echo "timeline: ready $ready_uptime"
 fi
 
 # netif: the first network interface other than lo (virtio_net names it eth0).
