@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde_json::json;
 use test_support::fuzz_qtest::{hex, program_bars, PciFunction, Qtest};
 use test_support::qmp::QmpClient;
+use test_support::vga_text::Image;
 
 const QOMVM: &str = env!("CARGO_BIN_EXE_qomvm");
 const VGABIOS_CIRRUS: &str = "/usr/share/seabios/vgabios-cirrus.bin";
@@ -169,41 +170,6 @@ fn linux_mode_set(
     m.crt(qt, 0x1d, 0);
     // Unblank, as the driver does with outb(0x20, 0x3c0).
     outb(qt, 0x3c0, 0x20);
-}
-
-/// A decoded PPM.
-struct Image {
-    width: usize,
-    height: usize,
-    rgb: Vec<u8>,
-}
-
-impl Image {
-    fn read_ppm(path: &Path) -> Image {
-        let data = std::fs::read(path).unwrap();
-        let mut fields = Vec::new();
-        let mut at = 0;
-        while fields.len() < 4 {
-            while data[at].is_ascii_whitespace() {
-                at += 1;
-            }
-            let start = at;
-            while !data[at].is_ascii_whitespace() {
-                at += 1;
-            }
-            fields.push(String::from_utf8(data[start..at].to_vec()).unwrap());
-        }
-        assert_eq!(fields[0], "P6");
-        let (width, height) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
-        let rgb = data[at + 1..].to_vec();
-        assert_eq!(rgb.len(), width * height * 3, "PPM size");
-        Image { width, height, rgb }
-    }
-
-    fn pixel(&self, x: usize, y: usize) -> [u8; 3] {
-        let i = (y * self.width + x) * 3;
-        [self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]]
-    }
 }
 
 fn screendump(qmp: &mut QmpClient, dir: &Path, name: &str) -> Image {

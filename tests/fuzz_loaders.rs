@@ -43,33 +43,6 @@ fn bzimage(payload: usize) -> Vec<u8> {
     f
 }
 
-/// An x86-64 ELF with one PT_LOAD segment at `paddr`.
-fn elf64(paddr: u64) -> Vec<u8> {
-    let mut e = vec![0u8; 0x1000];
-    e[0..4].copy_from_slice(b"\x7fELF");
-    e[4] = 2; // ELFCLASS64
-    e[5] = 1; // little endian
-    e[6] = 1;
-    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    e[20..24].copy_from_slice(&1u32.to_le_bytes());
-    e[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
-    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    e[52..54].copy_from_slice(&64u16.to_le_bytes());
-    e[54..56].copy_from_slice(&56u16.to_le_bytes());
-    e[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = &mut e[64..120];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
-    ph[16..24].copy_from_slice(&paddr.to_le_bytes());
-    ph[24..32].copy_from_slice(&paddr.to_le_bytes());
-    ph[32..40].copy_from_slice(&(CODE.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&0x1000u64.to_le_bytes());
-    e.extend_from_slice(CODE);
-    e
-}
-
 /// A Multiboot v1 ELF32 kernel (`test_support::elf`).
 fn multiboot_elf() -> Vec<u8> {
     Elf32Kernel {
@@ -191,7 +164,7 @@ fn mutated_kernels_firmware_and_images_load_or_fail_in_one_line() {
     }
     let kernels: [(&str, Vec<u8>, usize); 4] = [
         ("bzImage", bzimage(0x4000), 0x280),
-        ("ELF64", elf64(0x20_0000), 120),
+        ("ELF64", test_support::elf::elf64_exec(CODE, 0x20_0000), 120),
         ("Multiboot ELF32", multiboot_elf(), 0x200),
         ("Multiboot a.out", multiboot_aout(), 48),
     ];
