@@ -37,22 +37,8 @@ fn rom_or_skip() -> Option<Vec<u8>> {
         }
     }
 }
-
-/// qomvm on qtest with a QMP socket, `extra` options.
 fn qtest_with_qmp(name: &str, extra: &[&str]) -> (Qtest, QmpClient, PathBuf) {
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    let mut dir = PathBuf::new();
-    let qt = Qtest::start(QOMVM, name, |d| {
-        dir = d.to_path_buf();
-        let mut args = vec![
-            "-qmp".to_string(),
-            format!("unix:{},server=on,wait=off", d.join("qmp.sock").display()),
-        ];
-        args.extend(extra);
-        args
-    });
-    let qmp = QmpClient::connect(&dir.join("qmp.sock"));
-    (qt, qmp, dir)
+    Qtest::start_with_qmp(QOMVM, name, extra)
 }
 
 fn outb(qt: &mut Qtest, port: u16, value: u8) {

@@ -47,22 +47,8 @@ fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
-
-/// qomvm on qtest with a QMP socket in the scratch directory; `extra` options.
 fn qtest_with_qmp(name: &str, extra: &[&str]) -> (Qtest, QmpClient, PathBuf) {
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    let mut dir = PathBuf::new();
-    let qt = Qtest::start(QOMVM, name, |d| {
-        dir = d.to_path_buf();
-        let mut args = vec![
-            "-qmp".to_string(),
-            format!("unix:{},server=on,wait=off", d.join("qmp.sock").display()),
-        ];
-        args.extend(extra);
-        args
-    });
-    let qmp = QmpClient::connect(&dir.join("qmp.sock"));
-    (qt, qmp, dir)
+    Qtest::start_with_qmp(QOMVM, name, extra)
 }
 
 /// What the tests reach the VGA through: a qomvm process over qtest, or a machine in

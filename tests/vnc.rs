@@ -56,19 +56,10 @@ impl Vm {
 
     /// With `vnc_extra` appended to `-vnc`'s value and `extra` arguments.
     fn start_with(name: &str, vnc_extra: &str, extra: &[&str]) -> Vm {
-        let mut dir = PathBuf::new();
-        let mut qt = Qtest::start(QOMVM, name, |d| {
-            dir = d.to_path_buf();
-            let mut args = vec![
-                "-qmp".into(),
-                format!("unix:{},server=on,wait=off", d.join("qmp.sock").display()),
-                "-vnc".into(),
-                format!("127.0.0.1:0,to=99{vnc_extra}"),
-            ];
-            args.extend(extra.iter().map(|a| a.to_string()));
-            args
-        });
-        let mut qmp = QmpClient::connect(&dir.join("qmp.sock"));
+        let vnc = format!("127.0.0.1:0,to=99{vnc_extra}");
+        let mut args = vec!["-vnc", vnc.as_str()];
+        args.extend_from_slice(extra);
+        let (mut qt, mut qmp, dir) = Qtest::start_with_qmp(QOMVM, name, &args);
         let info = qmp.execute("query-vnc", json!({}));
         assert_eq!(info["return"]["enabled"], true, "{info}");
         let port: u16 = info["return"]["service"].as_str().unwrap().parse().unwrap();

@@ -24,6 +24,27 @@ pub struct Qtest {
 }
 
 impl Qtest {
+    /// [`Qtest::start`] with a QMP socket in the scratch directory and `extra` arguments:
+    /// the machine, a client on its QMP socket, and the directory.
+    pub fn start_with_qmp(
+        qomvm: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> (Qtest, crate::qmp::QmpClient, std::path::PathBuf) {
+        let mut dir = std::path::PathBuf::new();
+        let qt = Qtest::start(qomvm, name, |d| {
+            dir = d.to_path_buf();
+            let mut args = vec![
+                "-qmp".to_string(),
+                format!("unix:{},server=on,wait=off", d.join("qmp.sock").display()),
+            ];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            args
+        });
+        let qmp = crate::qmp::QmpClient::connect(&dir.join("qmp.sock"));
+        (qt, qmp, dir)
+    }
+
     /// Starts `qomvm` on `-M pc -m 64` with `-qtest` on a socket of a fresh scratch
     /// directory `name`, a guest power-off or panic pausing it (a fuzzer may ask for
     /// either, and both are a VM's ordinary life), plus the arguments `args` returns for
