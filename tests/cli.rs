@@ -493,7 +493,7 @@ fn a_mon_on_a_socket_chardev_speaks_qmp_and_describes_its_schema() {
         serde_json::json!([{"name": "path", "type": "str"}, {"name": "property", "type": "str"}])
     );
     assert_eq!(entry("SHUTDOWN").unwrap()["meta-type"], "event");
-    // Migration: only 'events', which libvirt turns on.
+    // Migration: 'events', which libvirt turns on, and 'multifd', off unless asked for.
     let set = qmp_call(
         &mut stream,
         "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":[{\"capability\":\"events\",\"state\":true}]}}\n",
@@ -505,7 +505,10 @@ fn a_mon_on_a_socket_chardev_speaks_qmp_and_describes_its_schema() {
     );
     assert_eq!(
         caps["return"],
-        serde_json::json!([{"capability": "events", "state": true}])
+        serde_json::json!([
+            {"capability": "events", "state": true},
+            {"capability": "multifd", "state": false},
+        ])
     );
     let bad = qmp_call(
         &mut stream,
