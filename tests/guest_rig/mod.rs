@@ -180,3 +180,28 @@ pub fn assert_powered_off(out: &str, boots: usize) {
         "no other exit cause:\n{out}"
     );
 }
+
+/// For a test that needs the kernel's vhost-net, which PVM hosts lack and the rig's L1
+/// has: where /dev/vhost-net is missing and Linux guests go through the rig, runs this
+/// test binary's test `name` inside the rig and checks that it ran and passed there, then
+/// returns true (the caller returns). False where the test belongs here: /dev/vhost-net
+/// exists (inside the rig too), or this host has hardware KVM (then it skips, saying why).
+#[allow(dead_code)] // the vhost tests use it, the guest tests not
+pub fn ran_in_rig_for_vhost(name: &str) -> bool {
+    if Path::new("/dev/vhost-net").exists() || kvm_path() == Path_::Direct {
+        return false;
+    }
+    let _one = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let exe = exe.to_str().expect("a UTF-8 path");
+    let command = [exe, "--exact", name, "--nocapture", "--test-threads", "1"];
+    eprintln!("{name}: no /dev/vhost-net here: running it in the nested rig");
+    let o = host_or_rig(&command, &[], &[("QOMVM_SKIP_LOG", String::new())], 600);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{name} in the rig:\n{out}");
+    assert!(
+        out.contains("test result: ok. 1 passed") && !out.contains("SKIPPED"),
+        "{name} ran and passed in the rig:\n{out}"
+    );
+    true
+}
