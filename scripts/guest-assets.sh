@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=12
+ASSETS_FORMAT=13
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -392,6 +392,8 @@ if [ -n "$timeline" ]; then
         }
         /Memory: [0-9]+K\/[0-9]+K available/ { at("early-setup") }
         /tsc: (Detected|Fast TSC calibration|Using PIT calibration)/ { at("tsc-known") }
+        /Console: colour/ { at("console") }
+        /APIC: Switch to symmetric I\/O mode/ { at("ioapic-setup") }
         /Calibrating delay|lpj=/ { at("delay-loop") }
         /smp: Brought up/ { at("cpus-up") }
         /ACPI: Interpreter enabled/ { at("acpi") }
