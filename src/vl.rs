@@ -145,20 +145,14 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
                 .map_err(|e| OptionError::new("", e))?;
         }
     }
-    // QEMU's runstate is `inmigrate` from the start under -incoming: a monitor client that
-    // connects at once must not see `prelaunch`.
-    if opts.incoming.is_some() {
-        if let Some(ms) = hw::core::machine::machine_state(&machine) {
-            ms.services()
-                .vm()
-                .set_migration_status(runstate::RunStatus::InMigrate);
-        }
-    }
-    monitor::monitor_init(&machine, opts)?;
+    // Before the monitors: under -incoming the runstate is `inmigrate` from the start and
+    // `-incoming defer` already waits for `migrate-incoming`, so a client that connects at
+    // once sees neither `prelaunch` nor "'-incoming' was not specified".
     if let Some(incoming) = &opts.incoming {
         crate::migration::incoming_at_startup(&machine, &incoming.value, !opts.start_paused)
             .map_err(|e| incoming.error(e))?;
     }
+    monitor::monitor_init(&machine, opts)?;
     // QEMU's os_setup_post: start-up is done; the waiting parent may exit.
     if let Some(daemon) = daemon {
         daemon.ready();
