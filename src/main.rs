@@ -1,5 +1,6 @@
 //! The `qomvm` binary: QEMU's `main` -> `qemu_init` -> main loop, in `vl.rs`.
 
+mod audio;
 mod blockdev;
 mod help;
 mod migration;

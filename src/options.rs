@@ -293,6 +293,27 @@ pub const COMMAND_LINE_OPTIONS: &[(&str, &[(&str, &str)])] = &[
             ("maxcpus", "number"),
         ],
     ),
+    // QEMU's qemu_vnc_opts, less what qomvm refuses (`sasl`, `tls-creds`, `websocket`,
+    // `reverse`, the authz objects, `power-control`, `head`).
+    (
+        "vnc",
+        &[
+            ("vnc", "string"),
+            ("to", "number"),
+            ("share", "string"),
+            ("ipv4", "boolean"),
+            ("ipv6", "boolean"),
+            ("password", "boolean"),
+            ("password-secret", "string"),
+            ("audiodev", "string"),
+            ("lossy", "boolean"),
+            ("non-adaptive", "boolean"),
+            ("lock-key-sync", "boolean"),
+            ("key-delay-ms", "number"),
+            ("display", "string"),
+            ("connections", "number"),
+        ],
+    ),
 ];
 
 /// The arguments as text: qomvm's options and file names are parsed as UTF-8, so an

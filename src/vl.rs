@@ -62,6 +62,15 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         register_global(&g.value).map_err(|e| g.error(e))?;
     }
 
+    // QEMU's audio_parse_option prints the drivers and exits while parsing.
+    if opts
+        .audiodev
+        .iter()
+        .any(|a| crate::audio::is_help_option(&a.value))
+    {
+        print!("{}", crate::audio::audio_help());
+        return Ok(0);
+    }
     // QEMU's qemu_create_early_backends: user-creatable objects (iothreads), then chardevs.
     for o in &opts.objects {
         if let Some(text) = crate::objects::object_option(o)? {
@@ -340,32 +349,14 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
             }
         }
     }
-    // QEMU's audio_define: qomvm has no sound device, so the only backend is `none`,
-    // which discards what no device plays.
-    let mut audio_ids: Vec<String> = Vec::new();
+    // QEMU's audio_parse_option (while parsing) and audio_init_audiodevs (with the early
+    // backends): every -audiodev checked, then the backends created; `none` is the only
+    // one qomvm has (it has no sound device), which displays' `audiodev=` may name.
+    let mut audiodevs = Vec::with_capacity(opts.audiodev.len());
     for a in &opts.audiodev {
-        let items =
-            crate::options::split_opts_or_json(&a.value, "driver").map_err(|e| a.error(e))?;
-        let mut id = None;
-        for (key, value) in &items {
-            match (key.as_str(), value.as_deref()) {
-                ("driver", Some("none")) => {}
-                ("driver", v) => {
-                    let what = format!("audio driver '{}'", v.unwrap_or_default());
-                    return Err(a.error(HostOptionError::Unsupported(what)));
-                }
-                ("id", v) => id = v.map(str::to_string),
-                (k, _) if k.starts_with("in.") || k.starts_with("out.") => {}
-                ("timer-period", _) => {}
-                (k, _) => return Err(a.error(HostOptionError::InvalidParameter(k.to_string()))),
-            }
-        }
-        let id = id.ok_or_else(|| a.error("Parameter 'id' is missing"))?;
-        if audio_ids.contains(&id) {
-            return Err(a.error(format!("Duplicate ID '{id}' for audiodev")));
-        }
-        audio_ids.push(id);
+        audiodevs.push(crate::audio::audio_parse_option(&a.value).map_err(|e| a.error(e))?);
     }
+    crate::audio::audio_init_audiodevs(&audiodevs).map_err(|(i, e)| opts.audiodev[i].error(e))?;
     vm_uuid(opts)?;
     if opts.daemonize && opts.nographic && !opts.nodefaults && opts.serial.is_empty() {
         return Err(OptionError::new("", HostOptionError::NographicDaemon));

@@ -5,6 +5,10 @@
 //! `qemu-monitor-command`, an ACPI shutdown, destroy, and define/start/undefine, checking
 //! `virsh list` at each step.
 //!
+//! Domains with `<graphics type='vnc'>` (a password) and `<video>` `cirrus` or `vga`:
+//! `domdisplay`, HMP `info vnc`, `virsh screenshot` and `vncsnapshot` with the password
+//! (a wrong one refused) see the same 80x25 text screen.
+//!
 //! Then a Linux domain (the Debian test guest, with a virtio disk and virtio network)
 //! boots under libvirt, inside the nested rig where `/dev/kvm` is PVM.
 //!
@@ -21,7 +25,9 @@ mod guest_rig;
 
 use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
 use test_support::guest::{Asm, Cond, EAX, ECX, ESI};
+use test_support::vga_text::{mean_difference, rom_font, Image};
 use test_support::vm::kvm_unusable;
+use test_support::vnc::vncpasswd_file;
 
 const URI: &str = "qemu:///system";
 
@@ -36,6 +42,8 @@ const PM1_PWRBTN_STS: u32 = 1 << 8;
 /// SLP_EN with SLP_TYP 0, the DSDT's `\_S5`: soft power-off.
 const PM1_CNT_S5: u32 = 1 << 13;
 const BANNER: &str = "qomvm libvirt test kernel: up\n";
+/// The VNC password of the display tests' `<graphics>`.
+const VNC_SECRET: &str = "SECRET";
 /// Port reads between two dots: each is a VM exit (about 10 us on PVM), so a dot every few
 /// milliseconds, enough to see the guest run or stop without flooding the file.
 const DELAY_READS: u32 = 500;
@@ -170,7 +178,8 @@ impl Domain {
     }
 
     /// The domain XML that works with qomvm (docs/libvirt.md): direct kernel boot, no USB
-    /// controller, no balloon, no graphics or video, COM1 into a file.
+    /// controller, no balloon, no graphics or video (libvirt then passes `-display
+    /// none`), COM1 into a file.
     fn xml(&self, kernel: &Path) -> PathBuf {
         let serial = format!(
             "<serial type='file'><source path='{}'/><target port='0'/></serial>",
@@ -322,6 +331,22 @@ fn domcapabilities_probes_qomvm_and_reports_what_it_has() {
     assert!(caps.contains("<value>builtin</value>"), "{caps}");
     assert!(caps.contains("<tpm supported='no'/>"), "{caps}");
     assert!(caps.contains("<value>virtio</value>"), "{caps}");
+    // Displays: VNC graphics, the std VGA and cirrus-vga (and no video at all).
+    let section = |tag: &str| {
+        caps.split(&format!("<{tag} supported='yes'>"))
+            .nth(1)
+            .and_then(|s| s.split(&format!("</{tag}>")).next())
+            .unwrap_or_else(|| panic!("a supported <{tag}> in {caps}"))
+            .to_string()
+    };
+    assert!(section("graphics").contains("<value>vnc</value>"), "{caps}");
+    let video = section("video");
+    for model in ["vga", "cirrus", "none"] {
+        assert!(
+            video.contains(&format!("<value>{model}</value>")),
+            "{video}"
+        );
+    }
 }
 
 #[test]
@@ -648,4 +673,212 @@ fn virsh_save_and_restore_move_a_domain_through_a_file() {
         wait_for(Duration::from_secs(30), || listed_state(name).is_none()),
         "the restored domain did not power off"
     );
+}
+
+/// Debian's `vncsnapshot` and `djpeg` (packages vncsnapshot, libjpeg-turbo-progs).
+fn snapshot_tools() -> Option<String> {
+    let have = |tool: &str| {
+        Command::new(tool)
+            .arg("-h")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok()
+    };
+    (!have("vncsnapshot") || !have("djpeg")).then(|| {
+        "vncsnapshot and djpeg are needed (packages vncsnapshot, libjpeg-turbo-progs)".into()
+    })
+}
+
+/// A picture `virsh screenshot` wrote: PNG (libvirt asks for it when `screendump` takes
+/// a `format`) or PPM, decoded.
+fn read_screenshot(path: &Path) -> Image {
+    let data = std::fs::read(path).unwrap();
+    if !data.starts_with(b"\x89PNG\r\n\x1a\n") {
+        assert!(
+            data.starts_with(b"P6"),
+            "neither PNG nor PPM: {:?}",
+            &data[..8]
+        );
+        return Image::read_ppm(path);
+    }
+    let mut reader = png::Decoder::new(std::io::Cursor::new(data))
+        .read_info()
+        .unwrap();
+    let mut rgb = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut rgb).unwrap();
+    assert_eq!(
+        (info.color_type, info.bit_depth),
+        (png::ColorType::Rgb, png::BitDepth::Eight)
+    );
+    rgb.truncate(info.buffer_size());
+    Image {
+        width: info.width as usize,
+        height: info.height as usize,
+        rgb,
+    }
+}
+
+/// What the display tests' kernel writes on the screen's second row.
+const SCREEN_TEXT: &str = "QOMVM-VNC-SCREEN";
+
+/// A 64-bit kernel for direct Linux boot (the board then leaves the display in 80x25
+/// text mode, as QEMU's VGA BIOS does): it prints [`BANNER`] on COM1, writes
+/// [`SCREEN_TEXT`] into the text memory's second row (the first holds the cursor), and
+/// halts.
+fn text_screen_kernel() -> Vec<u8> {
+    let mut c: Vec<u8> = Vec::new();
+    for ch in BANNER.bytes() {
+        // mov dx, COM1; mov al, ch; out dx, al
+        c.extend_from_slice(&[0x66, 0xba]);
+        c.extend_from_slice(&COM1.to_le_bytes());
+        c.extend_from_slice(&[0xb0, ch, 0xee]);
+    }
+    for (i, ch) in SCREEN_TEXT.bytes().enumerate() {
+        // mov word [0xb8000 + 160 + 2i], 0x0700 | ch: light grey on black
+        c.extend_from_slice(&[0x66, 0xc7, 0x04, 0x25]);
+        c.extend_from_slice(&(0xb80a0u32 + 2 * i as u32).to_le_bytes());
+        c.extend_from_slice(&[ch, 0x07]);
+    }
+    // hlt; jmp back to it
+    c.extend_from_slice(&[0xf4, 0xeb, 0xfd]);
+    test_support::elf::elf64_exec(&c, u64::from(LOAD))
+}
+
+/// `<graphics type='vnc'>` with a password and `<video>` of `model`: libvirt writes
+/// `-audiodev` (driver `none`), `-vnc 127.0.0.1:N,password=on,audiodev=...`, the video
+/// `-device` and sets the password with QMP `set_password` once qomvm runs. Then
+/// `domdisplay` and HMP `info vnc` name the same port; `virsh screenshot` is a picture of
+/// the display's size, and `vncsnapshot` with a vncpasswd file of the password sees the
+/// same picture, while a wrong password is refused.
+fn a_domain_with_a_vnc_display(model: &str, vgabios: &str) {
+    if let Some(reason) = libvirt_unusable().or_else(snapshot_tools) {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let Ok(rom) = std::fs::read(vgabios) else {
+        test_support::skip::skip(format!("{vgabios} is missing (Debian package 'seabios')"));
+        return;
+    };
+    let dom = Domain::new(&format!("vnc-{model}"));
+    let kernel = dom.dir.join("kernel.elf");
+    std::fs::write(&kernel, text_screen_kernel()).unwrap();
+    let serial = format!(
+        "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+        dom.serial().display()
+    );
+    let extra = format!(
+        "<memballoon model='none'/>\
+         <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1' passwd='{VNC_SECRET}'/>\
+         <video><model type='{model}'/></video>"
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
+    let name = dom.name.as_str();
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log")).unwrap();
+    let device = if model == "vga" { "VGA" } else { "cirrus-vga" };
+    assert!(
+        log.contains(&format!("-device {device},id=video0")),
+        "{log}"
+    );
+    // The display's audio backend: qomvm's `none` (it has no sound device).
+    assert!(
+        log.contains(r#"-audiodev '{"id":"audio1","driver":"none"}'"#),
+        "{log}"
+    );
+    assert!(log.contains(",password=on,audiodev=audio1"), "{log}");
+
+    // domdisplay: vnc://127.0.0.1:DISPLAY; the human monitor's `info vnc` agrees.
+    let display = virsh_ok(&["domdisplay", name]).trim().to_string();
+    let number: u16 = display
+        .strip_prefix("vnc://127.0.0.1:")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("domdisplay says {display:?}"));
+    let port = 5900 + number;
+    let info = virsh_ok(&["qemu-monitor-command", "--hmp", name, "info vnc"]);
+    assert!(
+        info.contains(&format!("Server: 127.0.0.1:{port} (ipv4)")),
+        "{display} against {info}"
+    );
+    assert!(info.contains("Auth: vnc"), "{info}");
+
+    // virsh screenshot: the 80x25 text screen (9x16 cells), with the kernel's text in
+    // the VGA BIOS's font.
+    let shot = dom.dir.join("screenshot");
+    let font = rom_font(&rom);
+    let mut lines = Vec::new();
+    let mut picture = None;
+    for _ in 0..50 {
+        let said = virsh_ok(&["screenshot", name, shot.to_str().unwrap()]);
+        assert!(said.contains("Screenshot saved to"), "{said}");
+        let image = read_screenshot(&shot);
+        assert_eq!((image.width, image.height), (720, 400), "80x25 text");
+        lines = image.text(&font, [0, 0, 0]);
+        picture = Some(image);
+        if lines[1] == SCREEN_TEXT {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(lines[1], SCREEN_TEXT, "{lines:#?}");
+    let picture = picture.unwrap();
+
+    // vncsnapshot with the password's vncpasswd file sees the same picture.
+    let passwd = dom.dir.join("passwd");
+    let jpeg = dom.dir.join("snap.jpg");
+    let snapshot = |password: &[u8]| {
+        std::fs::write(&passwd, vncpasswd_file(password)).unwrap();
+        let _ = std::fs::remove_file(&jpeg);
+        // coreutils' timeout: vncsnapshot waits for ever for a screen that is not blank.
+        Command::new("timeout")
+            .args([
+                "60",
+                "vncsnapshot",
+                "-quiet",
+                "-quality",
+                "95",
+                "-passwd",
+                passwd.to_str().unwrap(),
+            ])
+            .arg(format!("127.0.0.1::{port}"))
+            .arg(&jpeg)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = snapshot(VNC_SECRET.as_bytes());
+    assert!(out.status.success(), "vncsnapshot: {out:?}");
+    let ppm = dom.dir.join("snap.ppm");
+    let status = Command::new("djpeg")
+        .arg(&jpeg)
+        .stdout(std::fs::File::create(&ppm).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let snap = Image::read_ppm(&ppm);
+    assert_eq!(
+        (snap.width, snap.height),
+        (picture.width, picture.height),
+        "vncsnapshot's picture against virsh screenshot's"
+    );
+    let diff = mean_difference(&snap, &picture);
+    assert!(diff < 4.0, "mean difference {diff}");
+    // A wrong password: refused, no picture.
+    let out = snapshot(b"WRONG");
+    assert!(!out.status.success(), "a wrong password got in");
+    assert!(!jpeg.exists());
+
+    virsh_ok(&["destroy", name]);
+    assert_eq!(listed_state(name), None);
+}
+
+#[test]
+fn a_domain_with_vnc_and_cirrus_video_shows_its_screen() {
+    a_domain_with_a_vnc_display("cirrus", "/usr/share/seabios/vgabios-cirrus.bin");
+}
+
+#[test]
+fn a_domain_with_vnc_and_vga_video_shows_its_screen() {
+    a_domain_with_a_vnc_display("vga", "/usr/share/seabios/vgabios-stdvga.bin");
 }

@@ -26,6 +26,7 @@ use flate2::{Decompress, FlushDecompress};
 use serde_json::json;
 use test_support::fuzz_qtest::{hex, program_bars, Qtest};
 use test_support::qmp::QmpClient;
+use test_support::vnc::{vnc_auth_response, vncpasswd_file};
 
 const QOMVM: &str = env!("CARGO_BIN_EXE_qomvm");
 const VGABIOS: &str = "/usr/share/seabios/vgabios-stdvga.bin";
@@ -157,28 +158,6 @@ struct Client {
     fb: Vec<u32>,
     bpp16: bool,
     zlib: Decompress,
-}
-
-/// What a VNC Authentication client sends back: the challenge, DES-encrypted with the
-/// password's first 8 bytes, each byte's bits reversed (d3des's key order).
-fn vnc_auth_response(password: &[u8], challenge: &[u8]) -> Vec<u8> {
-    let mut key = [0u8; 8];
-    for (k, p) in key.iter_mut().zip(password) {
-        *k = p.reverse_bits();
-    }
-    des_ecb(key, challenge)
-}
-
-fn des_ecb(key: [u8; 8], data: &[u8]) -> Vec<u8> {
-    use des::cipher::{BlockCipherEncrypt, KeyInit};
-    let cipher = des::Des::new(&key.into());
-    data.chunks_exact(8)
-        .flat_map(|b| {
-            let mut block = <[u8; 8]>::try_from(b).unwrap().into();
-            cipher.encrypt_block(&mut block);
-            <[u8; 8]>::from(block)
-        })
-        .collect()
 }
 
 /// A refused VNC Authentication: the SecurityResult and RFB 3.8's reason.
@@ -1258,8 +1237,7 @@ fn password_secret_sets_the_password() {
     let _ = std::fs::remove_dir_all(&vm.dir);
 }
 
-/// `vncsnapshot -passwd FILE`: the file is vncpasswd's, the password DES-encrypted with
-/// the fixed key 23 82 107 6 35 78 88 7 (bits reversed, as d3des takes keys).
+/// `vncsnapshot -passwd FILE`: the file is vncpasswd's (`test_support::vnc::vncpasswd_file`).
 #[test]
 fn vncsnapshot_authenticates_with_a_password_file() {
     if !vga_or_skip() || !snapshot_tools() {
@@ -1281,11 +1259,8 @@ fn vncsnapshot_authenticates_with_a_password_file() {
         ),
         json!({"return": {}})
     );
-    let fixed = [23u8, 82, 107, 6, 35, 78, 88, 7].map(u8::reverse_bits);
-    let mut plain = [0u8; 8];
-    plain[..7].copy_from_slice(b"snap-pw");
     let passwd = vm.dir.join("passwd");
-    std::fs::write(&passwd, des_ecb(fixed, &plain)).unwrap();
+    std::fs::write(&passwd, vncpasswd_file(b"snap-pw")).unwrap();
     let jpeg = vm.dir.join("snap.jpg");
     let display = format!("127.0.0.1::{}", vm.port);
     let snapshot = |passwd: &Path| {
@@ -1313,9 +1288,7 @@ fn vncsnapshot_authenticates_with_a_password_file() {
     assert!(red >> 16 > 0xe0 && red & 0xff < 0x20, "{red:06x}");
     assert!(blue & 0xff > 0xe0 && blue >> 16 < 0x20, "{blue:06x}");
     // A wrong password file: no picture.
-    let mut wrong = [0u8; 8];
-    wrong[..5].copy_from_slice(b"wrong");
-    std::fs::write(&passwd, des_ecb(fixed, &wrong)).unwrap();
+    std::fs::write(&passwd, vncpasswd_file(b"wrong")).unwrap();
     assert!(!snapshot(&passwd).success());
     let _ = std::fs::remove_dir_all(&vm.dir);
 }

@@ -102,6 +102,9 @@ pub enum VncOptionError {
     /// Both `password` and `password-secret`.
     #[error("'password' flag is redundant with 'password-secret'")]
     PasswordRedundant,
+    /// `audiodev=` names no `-audiodev`.
+    #[error("Audiodev '{0}' not found")]
+    AudiodevNotFound(String),
 }
 
 /// Why the server could not start.
@@ -271,6 +274,15 @@ pub fn parse_vnc_option(text: &str) -> Result<Option<VncConfig>, VncOptionError>
                     .ok_or_else(|| bad("an id"))?;
                 if let Some(c) = config.as_mut() {
                     c.id = id.to_string();
+                }
+            }
+            // The backend for QEMU's audio pseudo-encoding, which qomvm's server does not
+            // offer (clients that ask get no audio messages); it must exist, as in QEMU's
+            // vnc_display_open, even for `-vnc none`.
+            "audiodev" => {
+                let id = value.unwrap_or("on");
+                if crate::audio::audio_state_by_name(id).is_none() {
+                    return Err(VncOptionError::AudiodevNotFound(id.to_string()));
                 }
             }
             "sasl" | "tls-creds" | "websocket" | "reverse" | "tls-authz" | "sasl-authz" => {
@@ -1133,6 +1145,14 @@ mod tests {
             parse_vnc_option(":1,password=on,password-secret=s"),
             Err(VncOptionError::PasswordRedundant)
         );
+        // libvirt's `-vnc 127.0.0.1:0,audiodev=audio1`: the backend must exist.
+        assert_eq!(
+            parse_vnc_option("none,audiodev=vnc-test-audio"),
+            Err(VncOptionError::AudiodevNotFound("vnc-test-audio".into()))
+        );
+        let dev = crate::audio::audio_parse_option("none,id=vnc-test-audio").unwrap();
+        crate::audio::audio_init_audiodevs(&[dev]).unwrap();
+        assert!(parse_vnc_option(":1,password=on,audiodev=vnc-test-audio").is_ok());
         assert!(matches!(
             parse_vnc_option(":1,password=maybe"),
             Err(VncOptionError::BadValue { .. })

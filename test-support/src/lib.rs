@@ -2,8 +2,8 @@
 //! x86 guests ([`guest`]) and Multiboot ELF kernels ([`elf`]), a raw KVM runner to compare
 //! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]), a guest
 //! that reports the interrupts it takes ([`irq_guest`]), skips made visible ([`skip`]), a QMP
-//! client ([`qmp`]), an SMBIOS reader ([`smbios`]) and a VGA text-screen reader
-//! ([`vga_text`]).
+//! client ([`qmp`]), an SMBIOS reader ([`smbios`]), a VGA text-screen reader
+//! ([`vga_text`]) and VNC Authentication's DES for clients and password files ([`vnc`]).
 
 pub mod console;
 pub mod elf;
@@ -21,3 +21,4 @@ pub mod smbios;
 pub mod vga_text;
 pub mod virtio;
 pub mod vm;
+pub mod vnc;
