@@ -1363,7 +1363,7 @@ fn text_screen_kernel() -> Vec<u8> {
 /// Without firmware, qomvm does for `-kernel` what SeaBIOS and the VGA BIOS do for QEMU's:
 /// the display in 80x25 text mode with the VGA BIOS's font, and the zero page saying so
 /// (else Linux's VGA console stays off). The kernel's text shows in the screendump.
-fn a_direct_kernel_boot_finds_vga_text(name: &str, display: &[&str]) {
+fn a_direct_kernel_boot_finds_vga_text(name: &str, display: &[&str], image: Vec<u8>) {
     if !kvm_or_skip() {
         return;
     }
@@ -1371,7 +1371,7 @@ fn a_direct_kernel_boot_finds_vga_text(name: &str, display: &[&str]) {
     let font = rom_font(&rom);
     let dir = scratch(name);
     let kernel = dir.join("kernel.elf");
-    std::fs::write(&kernel, text_screen_kernel()).unwrap();
+    std::fs::write(&kernel, image).unwrap();
     let sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
     let mut args = vec!["-M", "pc", "-accel", "kvm", "-m", "64", "-display", "none"];
@@ -1420,7 +1420,7 @@ fn a_direct_kernel_boot_finds_vga_text(name: &str, display: &[&str]) {
 
 #[test]
 fn a_direct_kernel_boot_finds_the_std_vga_in_text_mode() {
-    a_direct_kernel_boot_finds_vga_text("direct-std", &[]);
+    a_direct_kernel_boot_finds_vga_text("direct-std", &[], text_screen_kernel());
 }
 
 #[test]
@@ -1433,5 +1433,37 @@ fn a_direct_kernel_boot_finds_the_cirrus_vga_in_text_mode() {
             "-device",
             "cirrus-vga,id=video0,bus=pci.0,addr=0x2",
         ],
+        text_screen_kernel(),
     );
+}
+
+/// A Multiboot kernel (32-bit protected mode, no zero page) that writes `VGA-TEXT-OK` to
+/// the text memory's second row and halts.
+fn multiboot_text_kernel() -> Vec<u8> {
+    use test_support::elf::{Elf32Kernel, PF_R, PF_W, PF_X};
+    let mut code: Vec<u8> = Vec::new();
+    for (i, ch) in b"VGA-TEXT-OK".iter().enumerate() {
+        // mov word [0xb80a0 + 2i], 0x0700 | ch
+        code.extend_from_slice(&[0x66, 0xc7, 0x05]);
+        code.extend_from_slice(&(0xb80a0u32 + 2 * i as u32).to_le_bytes());
+        code.extend_from_slice(&[*ch, 0x07]);
+    }
+    // hlt; jmp back to it
+    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]);
+    Elf32Kernel {
+        vaddr: 0x10_0000,
+        paddr: 0x10_0000,
+        flags: PF_R | PF_W | PF_X,
+        bss: 0,
+        data_off: 0x200,
+        code: &code,
+        data: b"",
+    }
+    .build()
+}
+
+/// QEMU's VGA BIOS sets text mode for every `-kernel`, Multiboot ones too.
+#[test]
+fn a_multiboot_kernel_finds_the_vga_in_text_mode() {
+    a_direct_kernel_boot_finds_vga_text("direct-multiboot", &[], multiboot_text_kernel());
 }

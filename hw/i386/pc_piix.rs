@@ -117,8 +117,10 @@ pub struct PcI440fxMachine {
     /// `-boot once=` is in the CMOS: the next reset puts `order=` back (QEMU's
     /// `restore_boot_order`).
     boot_once_pending: std::sync::atomic::AtomicBool,
-    /// A Linux kernel was loaded directly (`-kernel`, not Multiboot): its zero page is in
-    /// RAM for the board to complete once the devices exist.
+    /// A kernel was loaded directly (`-kernel`, Linux or Multiboot): the board sets up
+    /// the text screen the firmware would have, once the devices exist.
+    direct_kernel: std::sync::atomic::AtomicBool,
+    /// That kernel is Linux: its zero page is in RAM, to say the screen is there.
     direct_linux: std::sync::atomic::AtomicBool,
 }
 
@@ -376,6 +378,9 @@ impl PcI440fxMachine {
                     source,
                 })
             })?;
+            self.direct_kernel
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.set_up_text_console()?;
             self.set_bsp_boot_state(state);
             return Ok(());
         }
@@ -393,6 +398,8 @@ impl PcI440fxMachine {
                 source,
             })
         })?;
+        self.direct_kernel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.direct_linux
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.set_up_text_console()?;
@@ -400,13 +407,13 @@ impl PcI440fxMachine {
         Ok(())
     }
 
-    /// Does what SeaBIOS and the VGA BIOS have done when QEMU's `-kernel` starts a Linux
-    /// kernel: the first display in 80x25 text mode with the VGA BIOS's font (found in the
-    /// display's option ROM), and the zero page saying so. Nothing where there is no such
-    /// display or font (or before the devices exist): the kernel then has no VGA console,
-    /// as without a VGA BIOS.
+    /// Does what SeaBIOS and the VGA BIOS have done when QEMU's `-kernel` starts a kernel
+    /// (Linux or Multiboot): the first display in 80x25 text mode with the VGA BIOS's font
+    /// (found in the display's option ROM), and for Linux the zero page saying so. Nothing
+    /// where there is no such display or font (or before the devices exist): the kernel
+    /// then has no VGA console, as without a VGA BIOS.
     fn set_up_text_console(&self) -> Result<(), MachineError> {
-        if !self.direct_linux.load(std::sync::atomic::Ordering::Relaxed) {
+        if !self.direct_kernel.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         let Some(console) = self.services().consoles().first() else {
@@ -418,7 +425,9 @@ impl PcI440fxMachine {
         let Some(font) = rom.as_deref().and_then(crate::display::vga::vga_bios_font) else {
             return Ok(());
         };
-        if !console.set_bios_text_mode(font) {
+        if !console.set_bios_text_mode(font)
+            || !self.direct_linux.load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Ok(());
         }
         crate::i386::x86_linux::set_vga_text_screen(&self.ram()).map_err(|source| {
