@@ -1397,7 +1397,8 @@ fn a_direct_kernel_boot_finds_vga_text(name: &str, display: &[&str], image: Vec<
             "80x25 text, 9x16 cells"
         );
         lines = image.text(&font, [0, 0, 0]);
-        if !lines[1].is_empty() {
+        // The kernel writes a character at a time: wait for the whole line.
+        if lines[1] == "VGA-TEXT-OK" || lines[1] == "BAD" {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
