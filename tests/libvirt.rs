@@ -633,6 +633,9 @@ done
 tr -d '\r' <serial.log
 virsh -c qemu:///system list --all --name | grep -qx "$name" || echo "host: the domain is gone"
 echo "host: libvirt's log of the domain:"
+# qomvm's own words on how the guest ended (a triple fault in the rig is the rig's, and
+# the rig harness retries on it), then the log's last lines.
+grep -h "triple fault" "/var/log/libvirt/qemu/$name.log" 2>/dev/null | sed 's/^/host:   /'
 tail -n 5 "/var/log/libvirt/qemu/$name.log" 2>/dev/null | sed 's/^/host:   /'
 "#;
 
