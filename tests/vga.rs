@@ -741,6 +741,35 @@ fn kvm_or_skip() -> bool {
     true
 }
 
+/// The 80x25 text screen as `screendump` shows it (read with `font`), taken every 100 ms
+/// until `done` says so or `tries` run out: the last one.
+fn text_screen_until(
+    qmp: &mut QmpClient,
+    dir: &Path,
+    font: &[u8],
+    tries: u32,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let dump = dir.join("screen.ppm");
+    let mut lines = Vec::new();
+    for _ in 0..tries {
+        let reply = qmp.execute("screendump", json!({"filename": dump.to_str().unwrap()}));
+        assert_eq!(reply, json!({"return": {}}));
+        let image = Image::read_ppm(&dump);
+        assert_eq!(
+            (image.width, image.height),
+            (720, 400),
+            "80x25 text, 9x16 cells"
+        );
+        lines = image.text(font, [0, 0, 0]);
+        if done(&lines) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lines
+}
+
 /// SeaBIOS boots with the VGA given by `display` on KVM until it finds nothing to boot;
 /// the screendump shows its banner, read cell by cell with the VGA BIOS's font.
 fn seabios_banner_on_the_screen(name: &str, display: &[&str]) {
@@ -772,24 +801,10 @@ fn seabios_banner_on_the_screen(name: &str, display: &[&str]) {
     let mut vm = test_support::console::ConsoleVm::start(QOMVM, &args, Duration::from_secs(120));
     vm.wait_for(&["No bootable device."]);
     let mut qmp = QmpClient::connect(&sock);
-    let dump = dir.join("screen.ppm");
-    let mut lines = Vec::new();
     // The VGA BIOS may still be drawing what the serial console already shows.
-    for _ in 0..50 {
-        let reply = qmp.execute("screendump", json!({"filename": dump.to_str().unwrap()}));
-        assert_eq!(reply, json!({"return": {}}));
-        let image = Image::read_ppm(&dump);
-        assert_eq!(
-            (image.width, image.height),
-            (720, 400),
-            "80x25 text, 9x16 cells"
-        );
-        lines = image.text(&font, [0, 0, 0]);
-        if lines.iter().any(|l| l.contains("No bootable device.")) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let lines = text_screen_until(&mut qmp, &dir, &font, 50, |lines| {
+        lines.iter().any(|l| l.contains("No bootable device."))
+    });
     assert!(
         lines[0].starts_with("SeaBIOS (version "),
         "screen: {lines:#?}"
@@ -1385,24 +1400,10 @@ fn a_direct_kernel_boot_finds_vga_text(name: &str, display: &[&str], image: Vec<
         .spawn()
         .unwrap();
     let mut qmp = QmpClient::connect(&sock);
-    let dump = dir.join("screen.ppm");
-    let mut lines = Vec::new();
-    for _ in 0..100 {
-        let reply = qmp.execute("screendump", json!({"filename": dump.to_str().unwrap()}));
-        assert_eq!(reply, json!({"return": {}}));
-        let image = Image::read_ppm(&dump);
-        assert_eq!(
-            (image.width, image.height),
-            (720, 400),
-            "80x25 text, 9x16 cells"
-        );
-        lines = image.text(&font, [0, 0, 0]);
-        // The kernel writes a character at a time: wait for the whole line.
-        if lines[1] == "VGA-TEXT-OK" || lines[1] == "BAD" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // The kernel writes a character at a time: wait for the whole line.
+    let lines = text_screen_until(&mut qmp, &dir, &font, 100, |lines| {
+        lines[1] == "VGA-TEXT-OK" || lines[1] == "BAD"
+    });
     let _ = qmp.execute("quit", json!({}));
     let out = child.wait_with_output().unwrap();
     assert_eq!(
