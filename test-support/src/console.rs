@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 pub struct ConsoleVm {
     pub child: Child,
     out: Arc<Mutex<Vec<u8>>>,
+    /// The thread copying stdout into `out`; joined once qomvm has exited, so that
+    /// [`ConsoleVm::wait_exit`] returns with everything qomvm printed collected.
+    reader: Option<std::thread::JoinHandle<()>>,
     timeout: Duration,
 }
 
@@ -30,7 +33,7 @@ impl ConsoleVm {
         let out = Arc::new(Mutex::new(Vec::new()));
         let mut stdout = child.stdout.take().unwrap();
         let sink = out.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = stdout.read(&mut buf) {
                 if n == 0 {
@@ -42,6 +45,7 @@ impl ConsoleVm {
         ConsoleVm {
             child,
             out,
+            reader: Some(reader),
             timeout,
         }
     }
@@ -86,12 +90,23 @@ impl ConsoleVm {
         });
     }
 
-    /// Waits for qomvm to exit on its own; returns its exit code.
+    /// Waits for qomvm to exit on its own; returns its exit code. Afterwards
+    /// [`ConsoleVm::text`] holds all it printed.
     pub fn wait_exit(&mut self) -> Option<i32> {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(200));
+                // qomvm's end closed the pipe (unless a child it left holds it: then
+                // give the reader a moment rather than wait for that child).
+                if let Some(reader) = self.reader.take() {
+                    let joined = Instant::now();
+                    while !reader.is_finished() && joined.elapsed() < Duration::from_secs(2) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if reader.is_finished() {
+                        let _ = reader.join();
+                    }
+                }
                 return status.code();
             }
             assert!(
