@@ -14,6 +14,8 @@ pub mod kvm {
     pub mod hyperv;
     #[path = "kvm_all.rs"]
     pub mod kvm_all;
+    #[path = "kvm_coalesced.rs"]
+    pub mod kvm_coalesced;
     #[path = "kvm_cpus.rs"]
     pub mod kvm_cpus;
     #[path = "kvm_irq.rs"]

@@ -297,3 +297,117 @@ fn a_system_reset_restarts_every_vcpu_from_its_start_state() {
     let log = vm.ports.log.lock().clone();
     assert!(log.iter().all(|e| *e == (0, 0x42, 1, true)), "{log:?}");
 }
+
+/// Writes as regions saw them: (region's tag, offset, value), in order.
+type WriteLog = std::sync::Arc<parking_lot::Mutex<Vec<(&'static str, u64, u64)>>>;
+
+/// Logs writes with the region they hit, in the order the regions see them.
+struct TaggedLog {
+    tag: &'static str,
+    log: WriteLog,
+}
+
+impl hw::core::memory::MemoryRegionOps for TaggedLog {
+    fn read(&self, _offset: u64, _size: u32) -> u64 {
+        0
+    }
+    fn write(&self, offset: u64, value: u64, _size: u32) {
+        self.log.lock().push((self.tag, offset, value));
+    }
+}
+
+/// Coalesced MMIO and PIO (as the VGA window and the RTC's index port use them): the
+/// guest's writes there do not exit, reach the regions in the guest's order before the
+/// next access the VMM handles, and a flush from outside the vCPUs hands over the rest.
+#[test]
+fn coalesced_writes_arrive_in_order_at_the_next_exit_or_flush() {
+    use hw::core::memory::MemoryRegion;
+    require_kvm!();
+    const COALESCED_MMIO: u64 = MMIO_BASE + 0x1000;
+    const COALESCED_PORT: u16 = RECORD_PORT + 0x10;
+    let log = WriteLog::default();
+    let region = |tag| {
+        std::sync::Arc::new(TaggedLog {
+            tag,
+            log: log.clone(),
+        })
+    };
+    let image = guest::build(
+        Mode::Protected32,
+        &[
+            Op::MmioWriteL {
+                addr: COALESCED_MMIO as u32,
+                value: 0xa,
+            },
+            Op::OutB {
+                port: COALESCED_PORT,
+                value: 0xb,
+            },
+            Op::MmioWriteL {
+                addr: COALESCED_MMIO as u32 + 4,
+                value: 0xc,
+            },
+            // Exits: the three before it must be there first.
+            Op::MmioWriteL {
+                addr: MMIO_BASE as u32,
+                value: 0xd,
+            },
+            Op::MmioWriteL {
+                addr: COALESCED_MMIO as u32 + 8,
+                value: 0xe,
+            },
+            Op::Spin,
+        ],
+        EXIT_PORT,
+        0,
+    );
+    let vm = TestVm::new(&image, 1, "qemu64");
+    let ms = machine_state(&vm.machine).unwrap();
+    ms.system_memory()
+        .map(
+            COALESCED_MMIO,
+            MemoryRegion::new_io_coalesced("coalesced-mmio", 0x10, region("mmio"), 0..0x10),
+        )
+        .unwrap();
+    ms.system_io()
+        .map(
+            COALESCED_PORT.into(),
+            MemoryRegion::new_io_coalesced("coalesced-pio", 1, region("pio"), 0..1),
+        )
+        .unwrap();
+    let ops = ms.accel_ops().unwrap().clone();
+    // The guest never ends: its vCPU is stopped however the test ends.
+    struct StopVcpus(hw::core::accel_ops::AccelOpsRef);
+    impl Drop for StopVcpus {
+        fn drop(&mut self) {
+            self.0.shutdown();
+        }
+    }
+    let _stop = StopVcpus(ops.clone());
+    ops.vm_start();
+    // The plain write (the recorder at MMIO_BASE) exits; the three buffered before it were
+    // handed over first, on the same thread.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let seen_at_exit = loop {
+        if vm.mmio.count.load(Ordering::Acquire) > 0 {
+            break log.lock().clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit for the plain write"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(
+        seen_at_exit.starts_with(&[("mmio", 0, 0xa), ("pio", 0, 0xb), ("mmio", 4, 0xc)]),
+        "{seen_at_exit:?}"
+    );
+    assert_eq!(*vm.mmio.log.lock(), [(0, 0xd, 4, true)]);
+    // The guest spins without exiting: its last write waits in the ring.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before_flush = log.lock().clone();
+    assert_eq!(before_flush.len(), 3, "{before_flush:?}");
+    ops.flush_coalesced_io();
+    let after_flush = log.lock().clone();
+    assert_eq!(after_flush[3..], [("mmio", 8, 0xe)], "{after_flush:?}");
+}

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use hw::core::accel_ops::{
-    AccelIrqError, AccelOps, CpuDumpError, DisplayLogError, EventFd, IoEventAddr, MsiMessage,
-    RamBlock, SlotId,
+    AccelIrqError, AccelOps, CpuDumpError, DisplayLogError, EventFd, IoEventAddr, IoEventSpace,
+    MsiMessage, RamBlock, SlotId,
 };
 use hw::core::machine::MachineState;
 use kvm_bindings::{
@@ -114,6 +114,12 @@ pub struct KvmVm {
     migration_dirty: parking_lot::Mutex<Vec<u64>>,
     /// Whether `KVM_CREATE_PIT2` made a PIT (its state is then saved with the VM's).
     has_pit: std::sync::atomic::AtomicBool,
+    /// `KVM_CAP_COALESCED_MMIO`: the ring's page offset in a vCPU's mapping, 0 without.
+    coalesced_page: u32,
+    /// `KVM_CAP_COALESCED_PIO`: ports can be coalesced too.
+    coalesced_pio: bool,
+    /// The ring of coalesced writes, mapped by the first vCPU created.
+    pub(crate) coalesced_ring: std::sync::OnceLock<crate::kvm::kvm_coalesced::CoalescedRing>,
     /// CPU states loaded for a migration, taken by each vCPU at its next reset.
     pub(crate) incoming_cpu_state:
         parking_lot::Mutex<std::collections::BTreeMap<u32, hw::core::vmstate::VmStateSection>>,
@@ -136,6 +142,9 @@ impl KvmVm {
             }
         }
         let readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
+        let coalesced_page =
+            u32::try_from(kvm.check_extension_int(Cap::CoalescedMmio)).unwrap_or(0);
+        let coalesced_pio = coalesced_page != 0 && kvm.check_extension(Cap::CoalescedPio);
         let vm = kvm
             .create_vm()
             .map_err(|e| ioctl_error("KVM_CREATE_VM", e))?;
@@ -172,6 +181,9 @@ impl KvmVm {
             display_logs: parking_lot::Mutex::new(Vec::new()),
             migration_dirty: parking_lot::Mutex::new(Vec::new()),
             incoming_cpu_state: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+            coalesced_page,
+            coalesced_pio,
+            coalesced_ring: std::sync::OnceLock::new(),
             this: this.clone(),
         }))
     }
@@ -218,9 +230,64 @@ impl KvmVm {
         Ok(())
     }
 
+    /// Maps the ring of coalesced writes through `vcpu`, the first time a vCPU is created.
+    pub(crate) fn map_coalesced_ring(&self, vcpu: &kvm_ioctls::VcpuFd) -> Result<(), KvmError> {
+        if self.coalesced_page == 0 || self.coalesced_ring.get().is_some() {
+            return Ok(());
+        }
+        let ring = crate::kvm::kvm_coalesced::CoalescedRing::map(vcpu, self.coalesced_page)
+            .map_err(|e| KvmError::Ioctl {
+                what: "mapping the coalesced MMIO ring",
+                reason: e.to_string(),
+            })?;
+        // Another vCPU's mapping won: this one is unmapped when dropped.
+        let _ = self.coalesced_ring.set(ring);
+        Ok(())
+    }
+
     /// A strong reference to this VM (vCPU threads hold one).
     pub(crate) fn arc(&self) -> Arc<KvmVm> {
         self.this.upgrade().expect("a VM in use is alive")
+    }
+}
+
+impl KvmVm {
+    /// `KVM_(UN)REGISTER_COALESCED_MMIO` of `len` bytes at `addr`.
+    fn coalesced_zone(
+        &self,
+        space: IoEventSpace,
+        addr: u64,
+        len: u64,
+        add: bool,
+    ) -> Result<(), AccelIrqError> {
+        let unsupported = |what| AccelIrqError::Unsupported { accel: "kvm", what };
+        if self.coalesced_page == 0 {
+            return Err(unsupported("coalesced MMIO"));
+        }
+        let at = match space {
+            IoEventSpace::Pio if !self.coalesced_pio => return Err(unsupported("coalesced PIO")),
+            IoEventSpace::Pio => kvm_ioctls::IoEventAddress::Pio(addr),
+            IoEventSpace::Mmio => kvm_ioctls::IoEventAddress::Mmio(addr),
+        };
+        let size = u32::try_from(len).map_err(|_| AccelIrqError::Failed {
+            what: "KVM_REGISTER_COALESCED_MMIO",
+            reason: format!("{len} bytes is too large a zone"),
+        })?;
+        let (what, result) = if add {
+            (
+                "KVM_REGISTER_COALESCED_MMIO",
+                self.vm.register_coalesced_mmio(at, size),
+            )
+        } else {
+            (
+                "KVM_UNREGISTER_COALESCED_MMIO",
+                self.vm.unregister_coalesced_mmio(at, size),
+            )
+        };
+        result.map_err(|e| AccelIrqError::Failed {
+            what,
+            reason: errno_text(e.errno()),
+        })
     }
 }
 
@@ -540,6 +607,44 @@ impl AccelOps for KvmVm {
 
     fn remove_ioeventfd(&self, at: IoEventAddr, fd: &EventFd) -> Result<(), AccelIrqError> {
         self.irq.ioeventfd(&self.vm, at, fd, false)
+    }
+
+    fn add_coalesced_io(
+        &self,
+        space: IoEventSpace,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), AccelIrqError> {
+        self.coalesced_zone(space, addr, len, true)
+    }
+
+    fn remove_coalesced_io(
+        &self,
+        space: IoEventSpace,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), AccelIrqError> {
+        self.coalesced_zone(space, addr, len, false)
+    }
+
+    fn flush_coalesced_io(&self) {
+        let Some(ring) = self.coalesced_ring.get().filter(|r| r.pending()) else {
+            return;
+        };
+        let Some(machine) = self.machine.upgrade() else {
+            return;
+        };
+        let Some(ms) = hw::core::machine::machine_state(&machine) else {
+            return;
+        };
+        let (io, memory) = (ms.system_io(), ms.system_memory());
+        ring.drain(|pio, addr, data| {
+            if pio {
+                io.write_bytes(addr, data);
+            } else {
+                memory.write_bytes(addr, data);
+            }
+        });
     }
 
     fn name(&self) -> &'static str {

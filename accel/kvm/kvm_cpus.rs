@@ -24,6 +24,7 @@ use parking_lot::{Condvar, Mutex};
 use qom::ObjectRef;
 
 use crate::kvm::kvm_all::{errno_text, ioctl_error, KvmError, KvmVm};
+use crate::kvm::kvm_coalesced::CoalescedRing;
 use crate::kvm::x86;
 
 /// What the vCPUs are allowed to do.
@@ -430,6 +431,7 @@ fn vcpu_thread(
         .vm
         .create_vcpu(apic_id.into())
         .map_err(|e| ioctl_error("KVM_CREATE_VCPU", e))
+        .and_then(|vcpu| vm.map_coalesced_ring(&vcpu).map(|()| vcpu))
         .and_then(|mut vcpu| x86::init_vcpu(vm, cpu, &mut vcpu, index).map(|hv| (vcpu, hv)))
     {
         Ok(created) => created,
@@ -453,6 +455,7 @@ fn vcpu_thread(
     drop(machine);
     let mut io = io_space.dispatcher();
     let mut memory = memory_space.dispatcher();
+    let coalesced = vm.coalesced_ring.get();
     let pristine = match x86::PristineState::capture(&vcpu, hyperv) {
         Ok(p) => p,
         Err(e) => {
@@ -469,6 +472,9 @@ fn vcpu_thread(
             // with immediate_exit so no guest code runs, before parking: whoever acts on a
             // paused vCPU (reset, register reads) must not see it mid-instruction.
             complete_pending_exit(&mut vcpu);
+            if let Some(ring) = coalesced.filter(|r| r.pending()) {
+                drain_coalesced(ring, &mut io, &mut memory);
+            }
         }
         match vm.vcpus.wait_runnable(index, &mut vcpu, &mut seen_gen) {
             Wake::Stop => break,
@@ -508,7 +514,7 @@ fn vcpu_thread(
         // The vCPU list goes on before the first guest instruction after the sandbox is
         // installed (one atomic load otherwise).
         hw::core::sandbox::enter(hw::core::sandbox::ThreadKind::Vcpu);
-        match run_once(&mut vcpu, &mut io, &mut memory, index) {
+        match run_once(&mut vcpu, &mut io, &mut memory, coalesced, index) {
             Step::Continue => {
                 exit_pending = true;
                 if ending.load(Ordering::Acquire) {
@@ -536,6 +542,17 @@ fn vcpu_thread(
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
 }
 
+#[cold]
+fn drain_coalesced(ring: &CoalescedRing, io: &mut Dispatcher, memory: &mut Dispatcher) {
+    ring.drain(|pio, addr, data| {
+        if pio {
+            io.write_bytes(addr, data);
+        } else {
+            memory.write_bytes(addr, data);
+        }
+    });
+}
+
 fn complete_pending_exit(vcpu: &mut VcpuFd) {
     vcpu.set_kvm_immediate_exit(1);
     match vcpu.run() {
@@ -555,8 +572,19 @@ fn request(vm: &KvmVm, req: RunRequest) {
 
 /// One `KVM_RUN` and the handling of its exit (QEMU's `kvm_cpu_exec`).
 #[inline]
-fn run_once(vcpu: &mut VcpuFd, io: &mut Dispatcher, memory: &mut Dispatcher, index: u32) -> Step {
-    let is_io = match vcpu.run() {
+fn run_once(
+    vcpu: &mut VcpuFd,
+    io: &mut Dispatcher,
+    memory: &mut Dispatcher,
+    coalesced: Option<&CoalescedRing>,
+    index: u32,
+) -> Step {
+    let exit = vcpu.run();
+    // The guest's buffered writes happened before whatever made it exit.
+    if let Some(ring) = coalesced.filter(|r| r.pending()) {
+        drain_coalesced(ring, io, memory);
+    }
+    let is_io = match exit {
         Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => true,
         Ok(VcpuExit::MmioRead(addr, data)) => {
             memory.read_bytes(addr, data);

@@ -180,6 +180,33 @@ pub trait AccelOps: Send + Sync {
     fn remove_ioeventfd(&self, _at: IoEventAddr, _fd: &EventFd) -> Result<(), AccelIrqError> {
         Err(self.irq_unsupported("ioeventfd"))
     }
+    /// Lets the accelerator buffer the guest's writes to `len` bytes at `addr` instead of
+    /// exiting for each (QEMU's coalesced MMIO and PIO, `memory_region_set_coalescing`):
+    /// they reach the address space's regions in order, before the next access the VMM
+    /// handles and whenever [`AccelOps::flush_coalesced_io`] runs. For regions whose
+    /// writes only store data a later access or a display refresh looks at (VGA memory,
+    /// the RTC's index port). A refusal only costs speed.
+    fn add_coalesced_io(
+        &self,
+        _space: IoEventSpace,
+        _addr: u64,
+        _len: u64,
+    ) -> Result<(), AccelIrqError> {
+        Err(self.irq_unsupported("coalesced I/O"))
+    }
+    /// Undoes [`AccelOps::add_coalesced_io`] (what is buffered stays in order).
+    fn remove_coalesced_io(
+        &self,
+        _space: IoEventSpace,
+        _addr: u64,
+        _len: u64,
+    ) -> Result<(), AccelIrqError> {
+        Err(self.irq_unsupported("coalesced I/O"))
+    }
+    /// Hands the buffered writes to the address spaces' regions now (QEMU's
+    /// `qemu_flush_coalesced_mmio_buffer`), for a reader outside the vCPUs: a display
+    /// about to draw video memory.
+    fn flush_coalesced_io(&self) {}
     /// CPU `index`'s state for a snapshot or migration (registers, MSRs, local APIC,
     /// pending events), read on its thread; call with the vCPUs paused.
     fn save_cpu_state(&self, _index: u32) -> Result<VmStateSection, VmStateError> {

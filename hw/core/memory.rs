@@ -61,6 +61,8 @@ pub struct MemoryRegion {
     ops: Arc<dyn MemoryRegionOps>,
     eventfds: Vec<RegionEventFd>,
     ram: Option<RamBacking>,
+    /// Offsets whose writes the accelerator may buffer (QEMU's coalesced MMIO).
+    coalesced: Option<std::ops::Range<u64>>,
 }
 
 impl MemoryRegion {
@@ -83,6 +85,27 @@ impl MemoryRegion {
             ops,
             eventfds,
             ram: None,
+            coalesced: None,
+        })
+    }
+
+    /// A region whose writes to the offsets `coalesced` the accelerator may buffer and
+    /// hand to `ops` later, in order (QEMU's `memory_region_add_coalescing`): for memory
+    /// and registers whose writes have no effect until read back or drawn (VGA memory,
+    /// an index register). The vCPUs hand them over before any access they exit for.
+    pub fn new_io_coalesced(
+        name: impl Into<String>,
+        size: u64,
+        ops: Arc<dyn MemoryRegionOps>,
+        coalesced: std::ops::Range<u64>,
+    ) -> Arc<Self> {
+        Arc::new(MemoryRegion {
+            name: name.into(),
+            size,
+            ops,
+            eventfds: Vec::new(),
+            ram: None,
+            coalesced: Some(coalesced.start.min(size)..coalesced.end.min(size)),
         })
     }
 
@@ -100,6 +123,7 @@ impl MemoryRegion {
             ops,
             eventfds: Vec::new(),
             ram: Some(ram),
+            coalesced: None,
         })
     }
 
@@ -394,6 +418,26 @@ impl AddressSpace {
         }
     }
 
+    /// Adds or removes the accelerator's buffering of the writes to `region`'s coalesced
+    /// offsets when mapped at `base`. A refusal only costs speed.
+    fn update_coalescing(&self, base: u64, region: &MemoryRegion, add: bool) {
+        let (Some(range), Some(accel)) = (&region.coalesced, self.accel.get()) else {
+            return;
+        };
+        if range.is_empty() {
+            return;
+        }
+        let (addr, len) = (base + range.start, range.end - range.start);
+        let result = if add {
+            accel.add_coalesced_io(self.io_event_space(), addr, len)
+        } else {
+            accel.remove_coalesced_io(self.io_event_space(), addr, len)
+        };
+        if let Err(err) = result {
+            log::debug!("{}: '{}' at 0x{addr:x}: {err}", self.name, region.name);
+        }
+    }
+
     /// Maps a RAM-backed region's memory into the guest at `base` through the
     /// accelerator (QEMU's KVM memory listener's `region_add` of a RAM region). Refused
     /// (qtest, an address KVM will not take): the region's handlers serve it.
@@ -483,6 +527,7 @@ impl AddressSpace {
         let mut ranges = current.ranges.clone();
         let at = ranges.partition_point(|r| r.start < base);
         self.update_eventfds(base, &region, true);
+        self.update_coalescing(base, &region, true);
         self.add_slot(base, &region);
         ranges.insert(
             at,
@@ -502,6 +547,7 @@ impl AddressSpace {
         let mut ranges = self.view.load().ranges.clone();
         for r in ranges.iter().filter(|r| Arc::ptr_eq(&r.region, region)) {
             self.update_eventfds(r.start, region, false);
+            self.update_coalescing(r.start, region, false);
         }
         self.remove_slots(region);
         ranges.retain(|r| !Arc::ptr_eq(&r.region, region));

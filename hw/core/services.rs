@@ -102,6 +102,8 @@ impl MachineServices {
     /// window) or elsewhere through its handlers, in the widest accesses the alignment
     /// allows; nothing mapped reads as all ones.
     pub fn read_physical(&self, addr: u64, out: &mut [u8]) {
+        // Device memory shows the guest's writes the accelerator still buffers.
+        self.flush_coalesced_io();
         let ram = self.ram();
         let mut done = 0usize;
         while done < out.len() {
@@ -132,6 +134,8 @@ impl MachineServices {
     /// Writes guest-physical memory as the first CPU would (QEMU's
     /// `cpu_physical_memory_write`; see [`Self::read_physical`]).
     pub fn write_physical(&self, addr: u64, data: &[u8]) {
+        // The guest's buffered writes came first.
+        self.flush_coalesced_io();
         let ram = self.ram();
         let mut done = 0usize;
         while done < data.len() {
@@ -228,6 +232,14 @@ impl MachineServices {
     #[inline]
     pub fn accel_ops(&self) -> Option<&AccelOpsRef> {
         self.vm.accel_ops()
+    }
+
+    /// Hands the guest's buffered (coalesced) writes to the devices now, for a display
+    /// about to draw what they wrote (see [`AccelOps::flush_coalesced_io`]).
+    pub fn flush_coalesced_io(&self) {
+        if let Some(ops) = self.accel_ops() {
+            ops.flush_coalesced_io();
+        }
     }
 
     /// Allocates `size` bytes of guest RAM at `guest_addr` and maps it through the

@@ -954,10 +954,12 @@ impl PciDeviceImpl for PciCirrusVga {
             (
                 services.system_memory(),
                 VGA_LOWMEM_BASE,
-                MemoryRegion::new_io(
+                // Buffered writes, as QEMU's (`memory_region_set_coalescing`).
+                MemoryRegion::new_io_coalesced(
                     "cirrus-low-memory",
                     VGA_LOWMEM_SIZE,
                     Arc::new(CirrusLowMem(cirrus.clone())),
+                    0..VGA_LOWMEM_SIZE,
                 ),
             ),
         ];
@@ -980,7 +982,10 @@ impl PciDeviceImpl for PciCirrusVga {
         self.register_bar(1, BarKind::Mem32, mmio)?;
         let console = services
             .consoles()
-            .add(ctx.object(), 0, Arc::new(CirrusConsole(cirrus)));
+            .add(ctx.object(), 0, Arc::new(CirrusConsole {
+                cirrus,
+                services: Arc::downgrade(services),
+            }));
         *self.console.lock() = Some(console);
         Ok(())
     }
@@ -1084,16 +1089,23 @@ impl MemoryRegionOps for CirrusMmio {
 }
 
 /// The console's view of the Cirrus.
-struct CirrusConsole(Arc<CirrusVga>);
+struct CirrusConsole {
+    cirrus: Arc<CirrusVga>,
+    /// To apply the guest's buffered writes to the window before drawing.
+    services: std::sync::Weak<crate::core::services::MachineServices>,
+}
 
 impl GraphicHwOps for CirrusConsole {
     fn set_bios_text_mode(&self, font: &[u8]) -> bool {
-        self.0.vga.set_bios_text_mode(font);
+        self.cirrus.vga.set_bios_text_mode(font);
         true
     }
 
     fn gfx_update(&self) -> Surface {
-        self.0.render()
+        if let Some(services) = self.services.upgrade() {
+            services.flush_coalesced_io();
+        }
+        self.cirrus.render()
     }
 }
 

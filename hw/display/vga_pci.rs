@@ -172,7 +172,13 @@ impl PciDeviceImpl for PciVga {
             (
                 services.system_memory(),
                 VGA_LOWMEM_BASE,
-                MemoryRegion::new_io("vga-lowmem", VGA_LOWMEM_SIZE, Arc::new(VgaLowMem(vga.clone()))),
+                // Its writes only store into video memory: buffered, as QEMU's are.
+                MemoryRegion::new_io_coalesced(
+                    "vga-lowmem",
+                    VGA_LOWMEM_SIZE,
+                    Arc::new(VgaLowMem(vga.clone())),
+                    0..VGA_LOWMEM_SIZE,
+                ),
             ),
         ];
         for (space, base, region) in legacy {
@@ -255,6 +261,7 @@ impl VgaConsole {
     /// accelerator's dirty log; `None` when it has none (then all is redrawn).
     fn guest_writes(&self) -> Option<Vec<u64>> {
         let services = self.services.upgrade()?;
+        services.flush_coalesced_io();
         let ops = services.accel_ops()?;
         let (host, size) = (self.vga.vram.host_addr(), self.vga.vram.size());
         let logged = *self.logged.get_or_init(|| match ops.log_display_memory(host, size) {
@@ -284,6 +291,9 @@ impl GraphicHwOps for VgaConsole {
     }
 
     fn gfx_update(&self) -> Surface {
+        if let Some(services) = self.services.upgrade() {
+            services.flush_coalesced_io();
+        }
         crate::display::vga_draw::render(&self.vga)
     }
 

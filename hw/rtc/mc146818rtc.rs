@@ -818,7 +818,9 @@ impl DeviceImpl for Mc146818Rtc {
                 rtc.notify_suspend();
             }
         }));
-        let region = MemoryRegion::new_io("rtc", 2, Arc::new(RtcPort(self.rtc.clone())));
+        // Index writes only select a register for the next data access, which flushes
+        // them: buffered, as QEMU's (coalesced PIO).
+        let region = MemoryRegion::new_io_coalesced("rtc", 2, Arc::new(RtcPort(self.rtc.clone())), 0..1);
         self.register_ioport(ctx, region, self.iobase.get())
     }
 

@@ -112,6 +112,8 @@ pub enum Op {
     MmioLoop { addr: u32 },
     /// `hlt` (continues with the next op if the vCPU is woken up).
     Hlt,
+    /// `1: jmp 1b`: runs on without ever exiting (ops after it are unreachable).
+    Spin,
     /// `lidt [zero_idtr]; ud2`: #UD cannot be delivered (IDT limit 0),
     /// neither can the #GP nor the #DF, so the CPU shuts down.
     ///
@@ -1084,6 +1086,10 @@ impl Asm {
             }
             Op::Hlt => {
                 self.emit(&[0xf4]);
+            }
+            Op::Spin => {
+                let top = self.here();
+                self.jmp_short(top);
             }
             Op::TripleFault => {
                 let idtr = self.zero_idtr();
