@@ -158,10 +158,16 @@ kvm_usable || qomvm_die "/dev/kvm is not usable here"
 # stdout to a pipe it reads (copied to CONSOLE) and stderr to STDERR; prints
 # "READY_MS EXIT_MS MAXRSS_KIB STATUS" (READY_MS "-" if MARKER never came,
 # STATUS the exit code or -SIGNAL). Times count from just before the spawn.
+# CONSOLE.host gets "NAME SECONDS" for each of the console milestones below
+# that showed up (what the firmware and the boot loader print before the
+# kernel's clock starts), in host time from the spawn.
 read -r -d '' PY_RUN <<'EOF' || true
 import os, select, subprocess, sys, time
 timeout, marker, console, errf = float(sys.argv[1]), sys.argv[2].encode(), sys.argv[3], sys.argv[4]
 cmd = sys.argv[6:]
+milestones = [("firmware-banner", b"SeaBIOS (version"), ("boot-device", b"Booting from "),
+              ("loader-boots-linux", b"QOMVM-GRUB: booting")]
+seen = {}
 with open(console, "wb") as con, open(errf, "wb") as err:
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
@@ -178,10 +184,17 @@ with open(console, "wb") as con, open(errf, "wb") as err:
         if not data:
             break
         if ready is None:
-            if marker in tail + data:
-                ready = time.monotonic()
-            tail = (tail + data)[-len(marker):]
+            now, window = time.monotonic(), tail + data
+            for name, text in milestones:
+                if name not in seen and text in window:
+                    seen[name] = now - t0
+            if marker in window:
+                ready = now
+            tail = window[-64:]
         con.write(data)
+with open(console + ".host", "w") as host:
+    for name, t in seen.items():
+        host.write("%s %.3f\n" % (name, t))
     _, status, ru = os.wait4(p.pid, 0)
     t_exit = time.monotonic()
 code = os.waitstatus_to_exitcode(status)
@@ -232,11 +245,14 @@ for v in order:
                                            for r in rows[v])))
 EOF
 
-# timeline TIMELINE: the guest's phases side by side. TIMELINE lines: "VMM NAME SECONDS"
-# (NAME a milestone of /init's qomvm.timeline=1 lines, in the guest kernel's clock, or
-# "before-kernel": host time from the spawn to that clock's start).
+# timeline TIMELINE [host]: the guest's phases side by side. TIMELINE lines: "VMM NAME
+# SECONDS" (NAME a milestone of /init's qomvm.timeline=1 lines, in the guest kernel's
+# clock, or "before-kernel": host time from the spawn to that clock's start). With
+# "host", the milestones are console lines in host time from the spawn (PY_RUN's
+# CONSOLE.host, then "kernel-clock-starts" and "ready").
 read -r -d '' PY_TIMELINE <<'EOF' || true
 import statistics, sys
+host = sys.argv[2:] == ["host"]
 order, vmms, at = [], [], {}
 for line in open(sys.argv[1]):
     f = line.split()
@@ -254,10 +270,16 @@ def med(vmm, name):
 # Milestones in the order of the first VMM's boot (by time), "before-kernel" first.
 first = vmms[0]
 order.sort(key=lambda n: (n != "before-kernel", med(first, n) if med(first, n) is not None else 1e9))
-print("Guest timeline (medians, seconds): 'at' is the guest kernel's clock when the phase ended")
-print("(printk time stamps; 'before-kernel' is host time from the spawn to that clock's start:")
-print("VMM start-up, firmware, boot loader, decompression); 'phase' is the time since the previous")
-print("milestone; the ratio is qomvm's phase over the other VMM's (<1: qomvm is faster there).")
+if host:
+    print("Before the kernel (medians, seconds): 'at' is host time from the spawn to a line on the")
+    print("console (SeaBIOS's banner, its boot message, the boot loader's last line before Linux),")
+    print("to the start of the guest kernel's clock (see below) and to the ready marker; 'phase' is")
+    print("the time since the previous one; the ratio is qomvm's phase over the other VMM's.")
+else:
+    print("Guest timeline (medians, seconds): 'at' is the guest kernel's clock when the phase ended")
+    print("(printk time stamps; 'before-kernel' is host time from the spawn to that clock's start:")
+    print("VMM start-up, firmware, boot loader, decompression); 'phase' is the time since the previous")
+    print("milestone; the ratio is qomvm's phase over the other VMM's (<1: qomvm is faster there).")
 head = "  %-17s" % "milestone" + "".join("%24s" % (v + " at/phase") for v in vmms)
 others = [v for v in vmms if v != "qomvm"]
 if "qomvm" in vmms:
@@ -362,6 +384,14 @@ boot() {
         up=$(tr -d '\r' <"$con" | sed -n 's/^timeline: ready \([0-9.]*\)$/\1/p' | head -n1)
         [[ -z $up ]] || awk -v r="$ready" -v u="$up" -v v="$vmm" \
             'BEGIN { printf "%s before-kernel %.3f\n", v, r / 1000 - u }' >>"$work/timeline"
+        # The console's milestones before the kernel, in host time.
+        if [[ -s $con.host ]]; then
+            sed "s/^/$vmm /" "$con.host" >>"$work/host-timeline"
+            [[ -z $up ]] || awk -v r="$ready" -v u="$up" -v v="$vmm" \
+                'BEGIN { printf "%s kernel-clock-starts %.3f\n", v, r / 1000 - u }' >>"$work/host-timeline"
+            awk -v r="$ready" -v v="$vmm" 'BEGIN { printf "%s ready %.3f\n", v, r / 1000 }' \
+                >>"$work/host-timeline"
+        fi
     fi
 }
 
@@ -416,6 +446,10 @@ done
 echo
 if [[ -s $work/results ]]; then
     "$PYTHON" -c "$PY_SUMMARY" "$work/results"
+    if [[ -s $work/host-timeline ]]; then
+        echo
+        "$PYTHON" -c "$PY_TIMELINE" "$work/host-timeline" host
+    fi
     if [[ -s $work/timeline ]]; then
         echo
         "$PYTHON" -c "$PY_TIMELINE" "$work/timeline"
