@@ -36,7 +36,7 @@ use parking_lot::Mutex;
 use qom::{type_init, Prop};
 
 use crate::core::console::{GraphicHwOps, QemuConsole, Surface};
-use crate::core::memory::{AddressSpace, MemoryError, MemoryRegion, MemoryRegionOps};
+use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::display::cirrus_blit::{Blit, BlitRegs, Engine, Started, SystemToVideo};
@@ -865,7 +865,7 @@ pub struct PciCirrusVga {
     cirrus: OnceLock<Arc<CirrusVga>>,
     console: Mutex<Option<Arc<QemuConsole>>>,
     /// The legacy regions this device claimed, to give back at unrealize.
-    legacy: Mutex<Vec<(Arc<AddressSpace>, Arc<MemoryRegion>)>>,
+    legacy: crate::display::vga::LegacyVgaResources,
 }
 
 type_init!(PciCirrusVga);
@@ -879,9 +879,7 @@ impl DeviceImpl for PciCirrusVga {
     const HOTPLUGGABLE: bool = false;
 
     fn unrealize(&self, ctx: &DeviceContext) {
-        for (space, region) in self.legacy.lock().drain(..) {
-            space.unmap(&region);
-        }
+        self.legacy.release();
         if let (Some(console), Ok(services)) = (self.console.lock().take(), ctx.machine()) {
             services.consoles().remove(&console);
         }
@@ -947,12 +945,12 @@ impl PciDeviceImpl for PciCirrusVga {
         // them taken and works through its BARs).
         let legacy = [
             (
-                services.system_io(),
+                services.system_io().clone(),
                 u64::from(VGA_IO_BASE),
                 MemoryRegion::new_io("cirrus-io", VGA_IO_SIZE, Arc::new(CirrusIo(cirrus.clone()))),
             ),
             (
-                services.system_memory(),
+                services.system_memory().clone(),
                 VGA_LOWMEM_BASE,
                 // Buffered writes, as QEMU's (`memory_region_set_coalescing`).
                 MemoryRegion::new_io_coalesced(
@@ -963,15 +961,7 @@ impl PciDeviceImpl for PciCirrusVga {
                 ),
             ),
         ];
-        for (space, base, region) in legacy {
-            match space.map(base, region.clone()) {
-                Ok(()) => self.legacy.lock().push((space.clone(), region)),
-                Err(e @ MemoryError::Overlap { .. }) => {
-                    log::warn!("{TYPE_CIRRUS_VGA}: legacy VGA resources taken, BARs only: {e}")
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.legacy.claim(TYPE_CIRRUS_VGA, legacy)?;
         let linear = MemoryRegion::new_io(
             "cirrus-pci-bar0",
             LINEAR_BAR_SIZE,

@@ -1214,6 +1214,49 @@ impl MemoryRegionOps for VbePorts {
     }
 }
 
+/// The legacy VGA ports and window a PCI VGA claims (`vga-pci.c`, `cirrus_vga.c`), held
+/// to give back at unrealize. A second VGA finds them taken (QEMU lets the later one
+/// shadow the first; here the first keeps them) and works through its BARs only.
+#[derive(Default)]
+pub struct LegacyVgaResources(
+    Mutex<Vec<(Arc<crate::core::memory::AddressSpace>, Arc<crate::core::memory::MemoryRegion>)>>,
+);
+
+impl LegacyVgaResources {
+    /// Maps each `(space, base, region)`; one already taken is left to its owner (with a
+    /// warning naming `device`), any other failure is returned.
+    pub fn claim(
+        &self,
+        device: &str,
+        regions: impl IntoIterator<
+            Item = (
+                Arc<crate::core::memory::AddressSpace>,
+                u64,
+                Arc<crate::core::memory::MemoryRegion>,
+            ),
+        >,
+    ) -> Result<(), crate::core::memory::MemoryError> {
+        use crate::core::memory::MemoryError;
+        for (space, base, region) in regions {
+            match space.map(base, region.clone()) {
+                Ok(()) => self.0.lock().push((space, region)),
+                Err(e @ MemoryError::Overlap { .. }) => {
+                    log::warn!("{device}: legacy VGA resources taken, BARs only: {e}")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps what [`LegacyVgaResources::claim`] mapped.
+    pub fn release(&self) {
+        for (space, region) in self.0.lock().drain(..) {
+            space.unmap(&region);
+        }
+    }
+}
+
 /// The legacy memory window, 0xa0000-0xbffff (QEMU's `vga-lowmem`): wider accesses are
 /// split into bytes, lowest address first.
 pub struct VgaLowMem(pub Arc<VgaCommon>);

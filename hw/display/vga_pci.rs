@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use qom::{type_init, Prop};
 
 use crate::core::console::{GraphicHwOps, QemuConsole, Surface};
-use crate::core::memory::{AddressSpace, MemoryError, MemoryRegion, MemoryRegionOps, RamBacking};
+use crate::core::memory::{MemoryRegion, MemoryRegionOps, RamBacking};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::display::vga::{
@@ -69,7 +69,7 @@ pub struct PciVga {
     vga: OnceLock<Arc<VgaCommon>>,
     console: Mutex<Option<Arc<QemuConsole>>>,
     /// The legacy regions this device claimed, to give back at unrealize.
-    legacy: Mutex<Vec<(Arc<AddressSpace>, Arc<MemoryRegion>)>>,
+    legacy: crate::display::vga::LegacyVgaResources,
 }
 
 type_init!(PciVga);
@@ -79,9 +79,7 @@ impl DeviceImpl for PciVga {
     const HOTPLUGGABLE: bool = false;
 
     fn unrealize(&self, ctx: &DeviceContext) {
-        for (space, region) in self.legacy.lock().drain(..) {
-            space.unmap(&region);
-        }
+        self.legacy.release();
         if let (Some(console), Ok(services)) = (self.console.lock().take(), ctx.machine()) {
             services.consoles().remove(&console);
         }
@@ -155,22 +153,20 @@ impl PciDeviceImpl for PciVga {
         let vga = VgaCommon::new(vram.clone());
         let _ = self.vga.set(vga.clone());
 
-        // The legacy VGA ports and window. A second VGA finds them taken (QEMU lets the
-        // later one shadow the first; here the first keeps them) and works through its
-        // BARs only.
+        // The legacy VGA ports and window (see LegacyVgaResources).
         let legacy = [
             (
-                services.system_io(),
+                services.system_io().clone(),
                 u64::from(VGA_IO_BASE),
                 MemoryRegion::new_io("vga", VGA_IO_SIZE, Arc::new(VgaIoPorts(vga.clone()))),
             ),
             (
-                services.system_io(),
+                services.system_io().clone(),
                 u64::from(VBE_DISPI_IOPORT_INDEX),
                 MemoryRegion::new_io("vbe", VBE_IO_SIZE, Arc::new(VbePorts(vga.clone()))),
             ),
             (
-                services.system_memory(),
+                services.system_memory().clone(),
                 VGA_LOWMEM_BASE,
                 // Its writes only store into video memory: buffered, as QEMU's are.
                 MemoryRegion::new_io_coalesced(
@@ -181,15 +177,7 @@ impl PciDeviceImpl for PciVga {
                 ),
             ),
         ];
-        for (space, base, region) in legacy {
-            match space.map(base, region.clone()) {
-                Ok(()) => self.legacy.lock().push((space.clone(), region)),
-                Err(e @ MemoryError::Overlap { .. }) => {
-                    log::warn!("{TYPE_PCI_VGA}: legacy VGA resources taken, BARs only: {e}")
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.legacy.claim(TYPE_PCI_VGA, legacy)?;
 
         let fb = MemoryRegion::new_ram_device(
             "vga.vram",
