@@ -80,13 +80,21 @@ impl MemoryRegion {
         eventfds: Vec<RegionEventFd>,
     ) -> Arc<Self> {
         Arc::new(MemoryRegion {
-            name: name.into(),
+            eventfds,
+            ..Self::plain(name.into(), size, ops)
+        })
+    }
+
+    /// The fields of a region with nothing but handlers.
+    fn plain(name: String, size: u64, ops: Arc<dyn MemoryRegionOps>) -> MemoryRegion {
+        MemoryRegion {
+            name,
             size,
             ops,
-            eventfds,
+            eventfds: Vec::new(),
             ram: None,
             coalesced: None,
-        })
+        }
     }
 
     /// A region whose writes to the offsets `coalesced` the accelerator may buffer and
@@ -100,12 +108,8 @@ impl MemoryRegion {
         coalesced: std::ops::Range<u64>,
     ) -> Arc<Self> {
         Arc::new(MemoryRegion {
-            name: name.into(),
-            size,
-            ops,
-            eventfds: Vec::new(),
-            ram: None,
             coalesced: Some(coalesced.start.min(size)..coalesced.end.min(size)),
+            ..Self::plain(name.into(), size, ops)
         })
     }
 
@@ -118,12 +122,8 @@ impl MemoryRegion {
         ram: RamBacking,
     ) -> Arc<Self> {
         Arc::new(MemoryRegion {
-            name: name.into(),
-            size,
-            ops,
-            eventfds: Vec::new(),
             ram: Some(ram),
-            coalesced: None,
+            ..Self::plain(name.into(), size, ops)
         })
     }
 
