@@ -59,6 +59,9 @@ pub const MULTIBOOT_HEADER_MAGIC: u32 = 0x1bad_b002;
 pub const MULTIBOOT_BOOTLOADER_MAGIC: u32 = 0x2bad_b002;
 /// The header must end within this many bytes of the file's start.
 pub const MULTIBOOT_SEARCH: usize = 8192;
+/// How much of a kernel file [`is_multiboot`] needs: the search area and a header at its
+/// end with every field.
+pub const MULTIBOOT_HEADER_AREA: u64 = MULTIBOOT_SEARCH as u64 + 48;
 /// Header flag: modules must be page-aligned (they always are here).
 pub const MULTIBOOT_PAGE_ALIGN: u32 = 1 << 0;
 /// Header flag: the kernel wants memory information (always given).

@@ -341,14 +341,23 @@ impl PcI440fxMachine {
         };
         let (below_4g, above_4g) = pc_ram_split(self.ram_size());
         let e820 = pc_e820_table(below_4g, above_4g);
-        let bytes = std::fs::read(&kernel).map_err(|e| {
+        let file_error = |e: std::io::Error| {
             MachineError::board(PcLoadError::KernelFile {
                 path: kernel.clone(),
                 reason: crate::core::os_error::strerror(&e),
             })
-        })?;
-        // QEMU tries Multiboot first, then Linux.
-        if crate::i386::multiboot::is_multiboot(&bytes) {
+        };
+        // QEMU tries Multiboot first, then Linux. The Multiboot header is in the first
+        // 8 KiB: only a Multiboot kernel is read whole here (a Linux loader reads its own).
+        let mut head = Vec::new();
+        {
+            use std::io::Read;
+            std::fs::File::open(&kernel)
+                .and_then(|f| f.take(crate::i386::multiboot::MULTIBOOT_HEADER_AREA).read_to_end(&mut head))
+                .map_err(file_error)?;
+        }
+        if crate::i386::multiboot::is_multiboot(&head) {
+            let bytes = std::fs::read(&kernel).map_err(file_error)?;
             let mut modules = Vec::new();
             for (path, cmdline) in crate::i386::multiboot::multiboot_split_initrd(&initrd) {
                 let data = std::fs::read(&path).map_err(|e| {
