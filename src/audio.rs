@@ -298,7 +298,7 @@ impl Visitor {
         let wide = match map.get(key) {
             None => return Ok(None),
             Some(Value::String(s)) if self.keyval => {
-                strtou64(s).ok_or_else(|| AudioError::Value {
+                crate::options::strtou64(s).ok_or_else(|| AudioError::Value {
                     name: format!("{prefix}{key}"),
                     what: "integer",
                 })?
@@ -356,30 +356,6 @@ impl Visitor {
         }
         Ok(())
     }
-}
-
-/// QEMU's `qemu_strtou64` with base 0 over the whole text: decimal, `0x` hex, `0` octal;
-/// a leading `-` negates modulo 2^64 (as strtoull does).
-fn strtou64(text: &str) -> Option<u64> {
-    let (negative, digits) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text.strip_prefix('+').unwrap_or(text)),
-    };
-    let value = if let Some(hex) = digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        u64::from_str_radix(hex, 16).ok()?
-    } else if digits.len() > 1 && digits.starts_with('0') {
-        u64::from_str_radix(&digits[1..], 8).ok()?
-    } else {
-        digits.parse::<u64>().ok()?
-    };
-    Some(if negative {
-        value.wrapping_neg()
-    } else {
-        value
-    })
 }
 
 #[cfg(test)]

@@ -482,6 +482,30 @@ pub fn split_opts(text: &str, implied: Option<&str>) -> Vec<(String, Option<Stri
     items
 }
 
+/// QEMU's `qemu_strtou64` with base 0 over the whole text: decimal, `0x` hex, `0` octal;
+/// a leading `-` negates modulo 2^64 (as strtoull does).
+pub(crate) fn strtou64(text: &str) -> Option<u64> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let value = if let Some(hex) = digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        u64::from_str_radix(hex, 16).ok()?
+    } else if digits.len() > 1 && digits.starts_with('0') {
+        u64::from_str_radix(&digits[1..], 8).ok()?
+    } else {
+        digits.parse::<u64>().ok()?
+    };
+    Some(if negative {
+        value.wrapping_neg()
+    } else {
+        value
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,7 +213,7 @@ impl Server {
         };
         let num = |i: usize| -> Result<u64, String> {
             let w = arg(i)?;
-            parse_number(w).ok_or_else(|| format!("'{w}' is not a number"))
+            crate::options::strtou64(w).ok_or_else(|| format!("'{w}' is not a number"))
         };
         let io = self.services.system_io();
         match words[0] {
@@ -399,30 +399,6 @@ fn transfer_len(len: u64) -> Result<usize, String> {
     Ok(len as usize)
 }
 
-/// C's `strtoul(text, NULL, 0)` over the whole word: `0x` hex, leading `0` octal, else
-/// decimal; a leading `-` negates modulo 2^64 as strtoul does.
-fn parse_number(text: &str) -> Option<u64> {
-    let (negative, digits) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text.strip_prefix('+').unwrap_or(text)),
-    };
-    let value = if let Some(hex) = digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        u64::from_str_radix(hex, 16).ok()?
-    } else if digits.len() > 1 && digits.starts_with('0') {
-        u64::from_str_radix(&digits[1..], 8).ok()?
-    } else {
-        digits.parse().ok()?
-    };
-    Some(if negative {
-        value.wrapping_neg()
-    } else {
-        value
-    })
-}
-
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 fn base64_encode(data: &[u8]) -> String {
@@ -470,13 +446,13 @@ mod tests {
 
     #[test]
     fn numbers_read_as_strtoul_reads_them() {
-        assert_eq!(parse_number("0x3f8"), Some(0x3f8));
-        assert_eq!(parse_number("010"), Some(8));
-        assert_eq!(parse_number("0"), Some(0));
-        assert_eq!(parse_number("42"), Some(42));
-        assert_eq!(parse_number("-1"), Some(u64::MAX));
-        assert_eq!(parse_number("0xg"), None);
-        assert_eq!(parse_number(""), None);
+        assert_eq!(crate::options::strtou64("0x3f8"), Some(0x3f8));
+        assert_eq!(crate::options::strtou64("010"), Some(8));
+        assert_eq!(crate::options::strtou64("0"), Some(0));
+        assert_eq!(crate::options::strtou64("42"), Some(42));
+        assert_eq!(crate::options::strtou64("-1"), Some(u64::MAX));
+        assert_eq!(crate::options::strtou64("0xg"), None);
+        assert_eq!(crate::options::strtou64(""), None);
     }
 
     #[test]
