@@ -48,6 +48,9 @@ pub enum AudioError {
     /// `key` without `=value` in the dotted-key form.
     #[error("Expected '=' after parameter '{0}'")]
     NoValue(String),
+    /// Dotted keys that do not nest (`out=5,out.frequency=8000`).
+    #[error("{0}")]
+    Keyval(String),
     /// Text that is not JSON though it starts like it.
     #[error("JSON parse error, {0}")]
     Json(String),
@@ -182,31 +185,19 @@ pub fn audio_state_by_name(name: &str) -> Option<AudioState> {
 /// QEMU's `keyval_parse` for `-audiodev`: `driver` implied for a first bare word, dotted
 /// keys nested, values strings; a repeated key keeps the last value.
 fn keyval_parse(text: &str) -> Result<Map<String, Value>, AudioError> {
-    let mut root = Map::new();
+    let mut pairs = Vec::new();
     for (i, item) in hw::core::qemu_opts::split_commas(text)
         .into_iter()
         .enumerate()
     {
-        let (key, value) = match item.split_once('=') {
+        pairs.push(match item.split_once('=') {
             Some((k, v)) => (k.to_string(), v.to_string()),
             None if i == 0 => ("driver".to_string(), item),
             None => return Err(AudioError::NoValue(item)),
-        };
-        let mut parts: Vec<&str> = key.split('.').collect();
-        let last = parts.pop().unwrap_or_default();
-        let mut node = &mut root;
-        for part in parts {
-            let entry = node
-                .entry(part.to_string())
-                .or_insert_with(|| Value::Object(Map::new()));
-            node = entry.as_object_mut().ok_or_else(|| AudioError::Type {
-                name: part.to_string(),
-                expected: "object",
-            })?;
-        }
-        node.insert(last.to_string(), Value::String(value));
+        });
     }
-    Ok(root)
+    crate::options::keyval_nest(pairs, crate::options::RepeatedKey::LastWins)
+        .map_err(AudioError::Keyval)
 }
 
 /// The first member of `map` outside `known`.
@@ -398,6 +389,10 @@ mod tests {
             (
                 "none,id=a,out=5",
                 "Invalid parameter type for 'out', expected: object",
+            ),
+            (
+                "none,id=a,out=5,out.frequency=8000",
+                "Parameters 'out.*' conflict with parameter 'out'",
             ),
             (
                 "none,id=a,out.frequency=abc",

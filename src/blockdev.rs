@@ -7,7 +7,7 @@ use block::{
 };
 use serde_json::{Map, Value};
 
-use crate::options::{split_opts, Located, OptionError};
+use crate::options::{keyval_nest, split_opts, Located, OptionError, RepeatedKey};
 
 /// The `-drive` keys qomvm knows (QEMU's `qemu_common_drive_opts` and `qemu_legacy_drive_opts`
 /// that apply).
@@ -156,28 +156,14 @@ fn blockdev_args(text: &str) -> Result<Map<String, Value>, String> {
             Err(e) => Err(format!("JSON parse error, {e}")),
         };
     }
-    let mut root = Map::new();
+    let mut pairs = Vec::new();
     for (key, value) in split_opts(text, None) {
-        let Some(value) = value else {
-            return Err(format!("Expected '=' after parameter '{key}'"));
-        };
-        let mut parts: Vec<&str> = key.split('.').collect();
-        let last = parts.pop().unwrap_or_default();
-        let mut node = &mut root;
-        for part in parts {
-            let entry = node
-                .entry(part.to_string())
-                .or_insert_with(|| Value::Object(Map::new()));
-            node = entry
-                .as_object_mut()
-                .ok_or_else(|| format!("Parameters '{part}.*' conflict with parameter '{part}'"))?;
+        match value {
+            Some(value) => pairs.push((key, value)),
+            None => return Err(format!("Expected '=' after parameter '{key}'")),
         }
-        if node.contains_key(last) {
-            return Err(format!("Parameter '{key}' appears more than once"));
-        }
-        node.insert(last.to_string(), Value::String(value));
     }
-    Ok(root)
+    keyval_nest(pairs, RepeatedKey::Refused)
 }
 
 /// A member as a string, whichever form it came in.

@@ -482,6 +482,52 @@ pub fn split_opts(text: &str, implied: Option<&str>) -> Vec<(String, Option<Stri
     items
 }
 
+/// What [`keyval_nest`] does with a key given twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RepeatedKey {
+    /// The last value counts (QEMU's `keyval_parse`).
+    LastWins,
+    /// "Parameter 'KEY' appears more than once".
+    Refused,
+}
+
+/// QEMU's `keyval_parse` nesting: dotted keys (`file.driver=file`) become nested objects,
+/// every value a string; a key that is both a value and an object is refused in QEMU's
+/// words.
+pub(crate) fn keyval_nest(
+    pairs: impl IntoIterator<Item = (String, String)>,
+    repeated: RepeatedKey,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    use serde_json::{Map, Value};
+    let conflict = |path: &str| format!("Parameters '{path}.*' conflict with parameter '{path}'");
+    let mut root = Map::new();
+    for (key, value) in pairs {
+        let (parents, last) = match key.rsplit_once('.') {
+            Some((parents, last)) => (Some(parents), last),
+            None => (None, key.as_str()),
+        };
+        let mut node = &mut root;
+        let mut path_len = 0;
+        for part in parents.into_iter().flat_map(|p| p.split('.')) {
+            path_len += part.len() + usize::from(path_len > 0);
+            node = node
+                .entry(part.to_string())
+                .or_insert_with(|| Value::Object(Map::new()))
+                .as_object_mut()
+                .ok_or_else(|| conflict(&key[..path_len]))?;
+        }
+        match node.get(last) {
+            Some(Value::Object(_)) => return Err(conflict(&key)),
+            Some(_) if repeated == RepeatedKey::Refused => {
+                return Err(format!("Parameter '{key}' appears more than once"))
+            }
+            _ => {}
+        }
+        node.insert(last.to_string(), Value::String(value));
+    }
+    Ok(root)
+}
+
 /// QEMU's `qemu_strtou64` with base 0 over the whole text: decimal, `0x` hex, `0` octal;
 /// a leading `-` negates modulo 2^64 (as strtoull does).
 pub(crate) fn strtou64(text: &str) -> Option<u64> {
@@ -512,6 +558,48 @@ mod tests {
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn keyval_nest_nests_dotted_keys_and_refuses_conflicts_in_qemus_words() {
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let map = keyval_nest(
+            pairs(&[("a.b.c", "1"), ("a.b.d", "2"), ("a.e", "3"), ("f", "4")]),
+            RepeatedKey::Refused,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::Value::Object(map),
+            serde_json::json!({"a": {"b": {"c": "1", "d": "2"}, "e": "3"}, "f": "4"})
+        );
+        for (list, message) in [
+            (
+                &[("a.b", "1"), ("a.b.c", "2")][..],
+                "Parameters 'a.b.*' conflict with parameter 'a.b'",
+            ),
+            (
+                &[("a.b.c", "1"), ("a.b", "2")][..],
+                "Parameters 'a.b.*' conflict with parameter 'a.b'",
+            ),
+            (
+                &[("x", "1"), ("x", "2")][..],
+                "Parameter 'x' appears more than once",
+            ),
+        ] {
+            assert_eq!(
+                keyval_nest(pairs(list), RepeatedKey::Refused).unwrap_err(),
+                message
+            );
+        }
+        let last = keyval_nest(pairs(&[("x.y", "1"), ("x.y", "2")]), RepeatedKey::LastWins);
+        assert_eq!(
+            serde_json::Value::Object(last.unwrap()),
+            serde_json::json!({"x": {"y": "2"}})
+        );
     }
 
     /// Found by `tests/fuzz_cli.rs`: a non-UTF-8 argument made `std::env::args` panic.
