@@ -1155,7 +1155,7 @@ fn a_text_screen_is_the_same_after_migrate_and_incoming() {
 /// it sets up because the DSDT describes the keyboard) opens the menu.
 #[test]
 fn escape_typed_over_vnc_opens_seabios_boot_menu() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     if !kvm_or_skip() {
         return;
     }
@@ -1208,17 +1208,7 @@ fn escape_typed_over_vnc_opens_seabios_boot_menu() {
     wait_for(&mut qmp, &mut screen, "Press ESC for boot menu.");
     let mut vnc = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     vnc.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut buf = [0u8; 12];
-    vnc.read_exact(&mut buf).unwrap();
-    vnc.write_all(b"RFB 003.008\n").unwrap();
-    vnc.read_exact(&mut buf[..2]).unwrap();
-    vnc.write_all(&[1]).unwrap();
-    vnc.read_exact(&mut buf[..4]).unwrap();
-    vnc.write_all(&[1]).unwrap();
-    let mut init = [0u8; 24];
-    vnc.read_exact(&mut init).unwrap();
-    let mut name = vec![0u8; u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize];
-    vnc.read_exact(&mut name).unwrap();
+    test_support::vnc::rfb_handshake(&mut vnc, None).unwrap();
     for down in [1u8, 0] {
         vnc.write_all(&[4, down, 0, 0, 0, 0, 0xff, 0x1b]).unwrap();
     }

@@ -26,7 +26,7 @@ use flate2::{Decompress, FlushDecompress};
 use serde_json::json;
 use test_support::fuzz_qtest::{hex, program_bars, Qtest};
 use test_support::qmp::QmpClient;
-use test_support::vnc::{vnc_auth_response, vncpasswd_file};
+use test_support::vnc::{rfb_handshake, vnc_auth_response, vncpasswd_file, Refused};
 
 const QOMVM: &str = env!("CARGO_BIN_EXE_qomvm");
 const VGABIOS: &str = "/usr/share/seabios/vgabios-stdvga.bin";
@@ -160,13 +160,6 @@ struct Client {
     zlib: Decompress,
 }
 
-/// A refused VNC Authentication: the SecurityResult and RFB 3.8's reason.
-#[derive(Debug, PartialEq, Eq)]
-struct Refused {
-    result: u32,
-    reason: String,
-}
-
 impl Client {
     fn connect(port: u16) -> Client {
         Client::try_connect(port, None).unwrap()
@@ -176,59 +169,18 @@ impl Client {
     fn try_connect(port: u16, password: Option<&[u8]>) -> Result<Client, Refused> {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
-        let mut version = [0u8; 12];
-        s.read_exact(&mut version).unwrap();
-        assert_eq!(&version, b"RFB 003.008\n");
-        s.write_all(b"RFB 003.008\n").unwrap();
-        let mut types = [0u8; 2];
-        s.read_exact(&mut types).unwrap();
-        match password {
-            None => {
-                assert_eq!(types, [1, 1], "one security type, None");
-                s.write_all(&[1]).unwrap();
-            }
-            Some(password) => {
-                assert_eq!(types, [1, 2], "one security type, VNC Authentication");
-                s.write_all(&[2]).unwrap();
-                let mut challenge = [0u8; 16];
-                s.read_exact(&mut challenge).unwrap();
-                s.write_all(&vnc_auth_response(password, &challenge))
-                    .unwrap();
-            }
-        }
-        let mut result = [0u8; 4];
-        s.read_exact(&mut result).unwrap();
-        let result = u32::from_be_bytes(result);
-        if result != 0 {
-            let mut len = [0u8; 4];
-            s.read_exact(&mut len).unwrap();
-            let mut reason = vec![0u8; u32::from_be_bytes(len) as usize];
-            s.read_exact(&mut reason).unwrap();
-            // Then the server closes.
-            assert_eq!(s.read(&mut [0u8; 1]).unwrap_or(0), 0);
-            return Err(Refused {
-                result,
-                reason: String::from_utf8(reason).unwrap(),
-            });
-        }
-        s.write_all(&[1]).unwrap(); // shared
-        let mut init = [0u8; 24];
-        s.read_exact(&mut init).unwrap();
-        let width = u32::from(u16::from_be_bytes([init[0], init[1]]));
-        let height = u32::from(u16::from_be_bytes([init[2], init[3]]));
+        let init = rfb_handshake(&mut s, password)?;
+        let (width, height) = (init.width, init.height);
         assert_eq!(
-            &init[4..8],
-            &[32, 24, 0, 1],
+            init.format,
+            [32, 24, 0, 1],
             "32 bpp, depth 24, little-endian, true colour"
         );
-        let len = u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize;
-        let mut name = vec![0u8; len];
-        s.read_exact(&mut name).unwrap();
         Ok(Client {
             s,
             width,
             height,
-            name: String::from_utf8(name).unwrap(),
+            name: init.name,
             fb: vec![0; (width * height) as usize],
             bpp16: false,
             zlib: Decompress::new(true),

@@ -57,3 +57,76 @@ mod tests {
         );
     }
 }
+
+/// What the server's ServerInit said.
+#[derive(Debug)]
+pub struct ServerInit {
+    pub width: u32,
+    pub height: u32,
+    /// PIXEL_FORMAT's first four bytes: bits per pixel, depth, big-endian, true colour.
+    pub format: [u8; 4],
+    pub name: String,
+}
+
+/// A refused VNC Authentication: the SecurityResult and RFB 3.8's reason.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub result: u32,
+    pub reason: String,
+}
+
+/// The client's half of an RFB 3.8 handshake on `s` (RFC 6143 7.1-7.3), shared: security
+/// type None, or VNC Authentication with `password`; the server must offer exactly that
+/// one type. Panics on anything else a test does not expect.
+pub fn rfb_handshake<S: std::io::Read + std::io::Write>(
+    s: &mut S,
+    password: Option<&[u8]>,
+) -> Result<ServerInit, Refused> {
+    let mut version = [0u8; 12];
+    s.read_exact(&mut version).unwrap();
+    assert_eq!(&version, b"RFB 003.008\n");
+    s.write_all(b"RFB 003.008\n").unwrap();
+    let mut types = [0u8; 2];
+    s.read_exact(&mut types).unwrap();
+    match password {
+        None => {
+            assert_eq!(types, [1, 1], "one security type, None");
+            s.write_all(&[1]).unwrap();
+        }
+        Some(password) => {
+            assert_eq!(types, [1, 2], "one security type, VNC Authentication");
+            s.write_all(&[2]).unwrap();
+            let mut challenge = [0u8; 16];
+            s.read_exact(&mut challenge).unwrap();
+            s.write_all(&vnc_auth_response(password, &challenge))
+                .unwrap();
+        }
+    }
+    let mut result = [0u8; 4];
+    s.read_exact(&mut result).unwrap();
+    let result = u32::from_be_bytes(result);
+    if result != 0 {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut reason = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut reason).unwrap();
+        // Then the server closes.
+        assert_eq!(s.read(&mut [0u8; 1]).unwrap_or(0), 0);
+        return Err(Refused {
+            result,
+            reason: String::from_utf8(reason).unwrap(),
+        });
+    }
+    s.write_all(&[1]).unwrap(); // shared
+    let mut init = [0u8; 24];
+    s.read_exact(&mut init).unwrap();
+    let len = u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize;
+    let mut name = vec![0u8; len];
+    s.read_exact(&mut name).unwrap();
+    Ok(ServerInit {
+        width: u32::from(u16::from_be_bytes([init[0], init[1]])),
+        height: u32::from(u16::from_be_bytes([init[2], init[3]])),
+        format: init[4..8].try_into().unwrap(),
+        name: String::from_utf8(name).unwrap(),
+    })
+}
