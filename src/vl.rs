@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use hw::core::bus::find_bus_by_type;
+use hw::core::machine::startup_phase;
 use hw::core::machine::{
     find_machine, machine_class, machine_run_board_init, machine_state, SmpConfig,
 };
@@ -52,6 +53,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     };
     // module_call_init(MODULE_INIT_QOM), with the self-check that no registration was lost.
     accel::init().map_err(|e| OptionError::new("", e))?;
+    startup_phase("type table");
 
     if let Some(text) = help_request(opts)? {
         print!("{text}");
@@ -133,18 +135,24 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
             crate::net::NicOption::Device(dev) => drive_devices.push(dev),
         }
     }
+    startup_phase("backends");
     let machine = create_machine(opts)?;
+    startup_phase("machine object");
     register_block_flush(&machine);
     select_vgahw(opts, &machine)?;
     configure_serial(opts, &machine)?;
     configure_accelerators(opts, &machine)?;
+    startup_phase("accelerator");
     // Board errors (a kernel that does not load...) are not about one option: QEMU prints
     // them without a location.
     machine_run_board_init(&machine).map_err(|e| OptionError::new("", e))?;
+    startup_phase("board");
     for dev in drive_devices.iter().chain(&opts.devices) {
         device_add(&machine, dev)?;
     }
+    startup_phase("devices");
     hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;
+    startup_phase("creation done");
     start_vnc(opts, &machine)?;
     if let Some(uuid) = vm_uuid(opts)? {
         // QEMU's fw_cfg_init: FW_CFG_UUID carries qemu_uuid.
@@ -162,6 +170,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
             .map_err(|e| incoming.error(e))?;
     }
     monitor::monitor_init(&machine, opts)?;
+    startup_phase("monitors");
     // QEMU's os_setup_post: start-up is done; the waiting parent may exit.
     if let Some(daemon) = daemon {
         daemon.ready();
@@ -182,6 +191,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     if sandbox.enabled && !sandbox.spawn {
         ::net::launcher::deny_spawn();
     }
+    startup_phase("sandbox");
     let status = main_loop(&machine, opts);
     monitor::monitor_cleanup();
     block::close_all();

@@ -21,6 +21,14 @@ use crate::core::services::{MachineServices, RamError};
 /// When the process started, as `main` recorded it: boot-time figures are measured from it.
 pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
+/// Logs (`RUST_LOG=boot=debug`) that start-up finished `phase`, with the time since
+/// [`PROCESS_START`]: where the time to the first `KVM_RUN` goes.
+pub fn startup_phase(phase: &str) {
+    if let Some(start) = PROCESS_START.get() {
+        log::debug!(target: "boot", "{phase} done {:.2} ms after process start", start.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
 /// QEMU's `TYPE_MACHINE`.
 pub const TYPE_MACHINE: &str = "machine";
 /// Suffix of every machine type name (`pc-i440fx-9.2-machine`).
