@@ -99,7 +99,10 @@ pub struct KvmVm {
     pub(crate) machine: WeakObjectRef,
     pub(crate) vcpus: VcpuSet,
     /// GSI routing, irqfd and ioeventfd (`kvm_irq.rs`).
-    irq: KvmIrq,
+    /// The in-kernel irqchip's routing, once [`KvmVm::irqchip`] created it.
+    irq: std::sync::OnceLock<KvmIrq>,
+    /// Held while the irqchip is created, so that only one thread creates it.
+    irqchip_creation: parking_lot::Mutex<()>,
     /// Every memory slot as KVM has it (dirty logging re-registers them with the flag).
     slots: parking_lot::Mutex<std::collections::BTreeMap<u32, kvm_userspace_memory_region>>,
     /// Dirty logging is on: slots added meanwhile get the flag too.
@@ -153,9 +156,6 @@ impl KvmVm {
             .map_err(|e| ioctl_error("KVM_SET_IDENTITY_MAP_ADDR", e))?;
         vm.set_tss_address(TSS_ADDR)
             .map_err(|e| ioctl_error("KVM_SET_TSS_ADDR", e))?;
-        vm.create_irq_chip()
-            .map_err(|e| ioctl_error("KVM_CREATE_IRQCHIP", e))?;
-        let irq = KvmIrq::new(&vm);
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| ioctl_error("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -173,7 +173,8 @@ impl KvmVm {
             readonly_mem,
             machine: machine.downgrade(),
             vcpus: VcpuSet::default(),
-            irq,
+            irq: std::sync::OnceLock::new(),
+            irqchip_creation: parking_lot::Mutex::new(()),
             warned_features: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             has_pit: std::sync::atomic::AtomicBool::new(false),
             slots: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
@@ -186,6 +187,37 @@ impl KvmVm {
             coalesced_ring: std::sync::OnceLock::new(),
             this: this.clone(),
         }))
+    }
+
+    /// The in-kernel irqchip (PIC, IOAPIC, LAPICs) and its pc routing table, created on
+    /// first use (QEMU creates it in `kvm_init`): creating it registers devices on KVM's
+    /// I/O buses, and a memory slot changed within a few milliseconds of such a
+    /// registration waits that long for the grace period it started (about 5 ms measured on
+    /// PVM, every time). Boards map their RAM and ROMs before they create vCPUs, and the
+    /// first vCPU (or PIT, or interrupt) creates the irqchip after them.
+    pub(crate) fn irqchip(&self) -> Result<&KvmIrq, KvmError> {
+        if let Some(irq) = self.irq.get() {
+            return Ok(irq);
+        }
+        let _creating = self.irqchip_creation.lock();
+        if let Some(irq) = self.irq.get() {
+            return Ok(irq);
+        }
+        self.vm
+            .create_irq_chip()
+            .map_err(|e| ioctl_error("KVM_CREATE_IRQCHIP", e))?;
+        Ok(self.irq.get_or_init(|| KvmIrq::new(&self.vm)))
+    }
+
+    /// [`KvmVm::irqchip`] for the interrupt paths, with their error type.
+    fn irq(&self) -> Result<&KvmIrq, AccelIrqError> {
+        self.irqchip().map_err(|e| match e {
+            KvmError::Ioctl { what, reason } => AccelIrqError::Failed { what, reason },
+            other => AccelIrqError::Failed {
+                what: "KVM_CREATE_IRQCHIP",
+                reason: other.to_string(),
+            },
+        })
     }
 
     /// The dirty-logging flag for a writable slot over host memory `[host, host + size)`:
@@ -385,6 +417,10 @@ impl AccelOps for KvmVm {
     }
 
     fn set_irq(&self, gsi: u32, level: bool) {
+        if let Err(e) = self.irqchip() {
+            log::warn!("KVM_IRQ_LINE {gsi}: {e}");
+            return;
+        }
         if let Err(e) = self.vm.set_irq_line(gsi, level) {
             log::warn!("KVM_IRQ_LINE {gsi}: {}", errno_text(e.errno()));
         }
@@ -395,6 +431,7 @@ impl AccelOps for KvmVm {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
+        self.irqchip().map_err(Error::other)?;
         self.vm
             .create_pit2(pit)
             .map_err(|e| Error::other(ioctl_error("KVM_CREATE_PIT2", e)))?;
@@ -570,43 +607,49 @@ impl AccelOps for KvmVm {
     }
 
     fn save_vm_state(&self) -> Result<VmStateSection, VmStateError> {
+        self.irqchip()
+            .map_err(|e| VmStateError::Host(e.to_string()))?;
         crate::kvm::kvm_state::save_vm_state(&self.vm, self.has_pit.load(Ordering::Relaxed))
     }
 
     fn load_vm_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        self.irqchip()
+            .map_err(|e| VmStateError::Host(e.to_string()))?;
         crate::kvm::kvm_state::load_vm_state(&self.vm, self.has_pit.load(Ordering::Relaxed), state)
     }
 
     fn send_msi(&self, msg: MsiMessage) -> Result<(), AccelIrqError> {
-        self.irq.send_msi(&self.vm, msg)
+        self.irq()?.send_msi(&self.vm, msg)
     }
 
     fn add_msi_route(&self, msg: MsiMessage) -> Result<u32, AccelIrqError> {
-        self.irq.add_msi_route(&self.vm, msg)
+        self.irq()?.add_msi_route(&self.vm, msg)
     }
 
     fn update_msi_route(&self, gsi: u32, msg: MsiMessage) -> Result<(), AccelIrqError> {
-        self.irq.update_msi_route(&self.vm, gsi, msg)
+        self.irq()?.update_msi_route(&self.vm, gsi, msg)
     }
 
     fn release_msi_route(&self, gsi: u32) {
-        self.irq.release_msi_route(&self.vm, gsi);
+        if let Some(irq) = self.irq.get() {
+            irq.release_msi_route(&self.vm, gsi);
+        }
     }
 
     fn add_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), AccelIrqError> {
-        self.irq.irqfd(&self.vm, fd, gsi, true)
+        self.irq()?.irqfd(&self.vm, fd, gsi, true)
     }
 
     fn remove_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), AccelIrqError> {
-        self.irq.irqfd(&self.vm, fd, gsi, false)
+        self.irq()?.irqfd(&self.vm, fd, gsi, false)
     }
 
     fn add_ioeventfd(&self, at: IoEventAddr, fd: &EventFd) -> Result<(), AccelIrqError> {
-        self.irq.ioeventfd(&self.vm, at, fd, true)
+        self.irq()?.ioeventfd(&self.vm, at, fd, true)
     }
 
     fn remove_ioeventfd(&self, at: IoEventAddr, fd: &EventFd) -> Result<(), AccelIrqError> {
-        self.irq.ioeventfd(&self.vm, at, fd, false)
+        self.irq()?.ioeventfd(&self.vm, at, fd, false)
     }
 
     fn add_coalesced_io(

@@ -428,9 +428,12 @@ fn vcpu_thread(
     }
     let apic_id = x86.map_or(index, X86Cpu::apic_id);
     let (mut vcpu, hyperv) = match vm
-        .vm
-        .create_vcpu(apic_id.into())
-        .map_err(|e| ioctl_error("KVM_CREATE_VCPU", e))
+        .irqchip()
+        .and_then(|_| {
+            vm.vm
+                .create_vcpu(apic_id.into())
+                .map_err(|e| ioctl_error("KVM_CREATE_VCPU", e))
+        })
         .and_then(|vcpu| vm.map_coalesced_ring(&vcpu).map(|()| vcpu))
         .and_then(|mut vcpu| x86::init_vcpu(vm, cpu, &mut vcpu, index).map(|hv| (vcpu, hv)))
     {

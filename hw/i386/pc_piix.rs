@@ -706,7 +706,6 @@ impl PcI440fxMachine {
         let machine = self.object();
         let services = self.services();
 
-        machine_create_cpus(self).map_err(MachineError::board)?;
         let firmware = self.firmware_path().map_err(MachineError::board)?;
         self.firmware_boot
             .store(firmware.is_some(), std::sync::atomic::Ordering::Relaxed);
@@ -746,6 +745,10 @@ impl PcI440fxMachine {
                 i440fx.set_pam(pam);
             }
         }
+        // The CPUs come after the memory map (QEMU's pc_init1 creates them first): on KVM
+        // the first vCPU creates the in-kernel irqchip, after which changing a memory slot
+        // costs milliseconds for a while (see accel/kvm's `KvmVm::irqchip`).
+        machine_create_cpus(self).map_err(MachineError::board)?;
         let piix3 = board_device(&machine, "piix3", crate::isa::piix::TYPE_PIIX3, Bus::On(&pci_bus), &[("addr", "01.0")])?;
         let isa_bus = piix3.child("isa.0").ok_or(BoardError::MissingBus("piix3", "isa.0"))?;
         // QEMU's KVM pc: with pit=off there is no PIT at all (ports 0x40-0x43 float).
