@@ -51,6 +51,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         Some(s) => parse_sandbox(&s.value).map_err(|e| s.error(e))?,
         None => SandboxPolicy::default(),
     };
+    hw::core::sandbox::prepare(sandbox);
     // module_call_init(MODULE_INIT_QOM), with the self-check that no registration was lost.
     accel::init().map_err(|e| OptionError::new("", e))?;
     startup_phase("type table");

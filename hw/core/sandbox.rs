@@ -162,8 +162,58 @@ pub enum ThreadKind {
     IoThread,
 }
 
-/// The installed policy; `enter` does nothing until it is set.
-static POLICY: OnceLock<SandboxPolicy> = OnceLock::new();
+/// The installed policy's filters; `enter` does nothing until they are set.
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+/// [`prepare`]'s compilation, for [`install`] to take.
+static PREPARED: std::sync::Mutex<Option<Prepared>> = std::sync::Mutex::new(None);
+
+/// A policy's filters, compiled: seccompiler's compilation is most of the sandbox's
+/// cost, so it is done once, off the path to the guest's first instruction ([`prepare`]).
+struct Filters {
+    clone3: BpfProgram,
+    process: BpfProgram,
+    vcpu: BpfProgram,
+    iothread: BpfProgram,
+}
+
+impl Filters {
+    fn compile(policy: &SandboxPolicy) -> Result<Filters, SandboxError> {
+        Ok(Filters {
+            clone3: clone3_enosys_filter()?,
+            process: build(ThreadKind::Process, policy)?,
+            vcpu: build(ThreadKind::Vcpu, policy)?,
+            iothread: build(ThreadKind::IoThread, policy)?,
+        })
+    }
+
+    fn thread(&self, kind: ThreadKind) -> &BpfProgram {
+        match kind {
+            ThreadKind::Process => &self.process,
+            ThreadKind::Vcpu => &self.vcpu,
+            ThreadKind::IoThread => &self.iothread,
+        }
+    }
+}
+
+/// A compilation under way for a policy.
+struct Prepared {
+    policy: SandboxPolicy,
+    compiling: std::thread::JoinHandle<Result<Filters, SandboxError>>,
+}
+
+/// Starts compiling `policy`'s filters on a thread of their own, while the machine is
+/// built; [`install`] takes them. Nothing to do for `-sandbox off`.
+pub fn prepare(policy: SandboxPolicy) {
+    if !policy.enabled {
+        return;
+    }
+    let compiling = std::thread::Builder::new()
+        .name("sandbox-compile".into())
+        .spawn(move || Filters::compile(&policy));
+    if let Ok(compiling) = compiling {
+        *PREPARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared { policy, compiling });
+    }
+}
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// A function the SIGSYS handler calls before exiting (the terminal's restore); it must
 /// be async-signal-safe. Stored as an address so the handler reads it with one load.
@@ -191,13 +241,19 @@ pub fn install(policy: SandboxPolicy) -> Result<(), SandboxError> {
     }
     install_sigsys_reporter()?;
     fix_malloc_arena_limit();
-    let no_clone3 = clone3_enosys_filter()?;
-    let process = build(ThreadKind::Process, &policy)?;
-    for filter in [&no_clone3, &process] {
+    let prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let filters = match prepared {
+        Some(p) if p.policy == policy => p
+            .compiling
+            .join()
+            .unwrap_or_else(|_| Filters::compile(&policy))?,
+        _ => Filters::compile(&policy)?,
+    };
+    for filter in [&filters.clone3, &filters.process] {
         seccompiler::apply_filter_all_threads(filter)
             .map_err(|e| SandboxError::Install(e.to_string()))?;
     }
-    let _ = POLICY.set(policy);
+    let _ = FILTERS.set(filters);
     APPLIED.with(|a| a.set(true));
     INSTALLED.store(true, Ordering::Release);
     self_test(ThreadKind::Process);
@@ -260,16 +316,11 @@ pub fn enter(kind: ThreadKind) {
     if kind == ThreadKind::Process {
         return; // installed on every thread already
     }
-    let Some(policy) = POLICY.get() else { return };
-    match build(kind, policy) {
-        Ok(filter) => {
-            if let Err(e) = seccompiler::apply_filter(&filter) {
-                log::error!("sandbox: cannot add the {kind:?} filter: {e}");
-            }
-            self_test(kind);
-        }
-        Err(e) => log::error!("sandbox: {e}"),
+    let Some(filters) = FILTERS.get() else { return };
+    if let Err(e) = seccompiler::apply_filter(filters.thread(kind)) {
+        log::error!("sandbox: cannot add the {kind:?} filter: {e}");
     }
+    self_test(kind);
 }
 
 // ----- the lists -----
