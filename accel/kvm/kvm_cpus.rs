@@ -401,11 +401,35 @@ pub(crate) fn start_vcpu_thread(vm: &Arc<KvmVm>, cpu: &ObjectRef) -> Result<(), 
         pthread,
         handle: Some(handle),
     });
-    match created_rx.recv() {
+    if let Some(pending) = vm.vcpus_in_parallel.lock().as_mut() {
+        pending.push((index, created_rx));
+        return Ok(());
+    }
+    wait_created(index, &created_rx)
+}
+
+/// Waits for vCPU `index`'s thread to report created.
+fn wait_created(
+    index: u32,
+    created: &mpsc::Receiver<Result<(), KvmError>>,
+) -> Result<(), VcpuError> {
+    match created.recv() {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(VcpuError::Setup { index, source }),
         Err(_) => Err(VcpuError::Lost(index)),
     }
+}
+
+/// [`AccelOps::wait_vcpus_created`]: every vCPU started in parallel mode, in index order.
+pub(crate) fn wait_vcpus_created(vm: &KvmVm) -> Result<(), VcpuError> {
+    let pending = vm.vcpus_in_parallel.lock().take().unwrap_or_default();
+    let mut first_error = None;
+    for (index, created) in &pending {
+        if let Err(e) = wait_created(*index, created) {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// What one `KVM_RUN` led to.

@@ -186,7 +186,7 @@ pub(crate) fn build_cpuid(
     smp: SmpConfig,
     hyperv: Option<&HypervSetup>,
 ) -> Result<CpuId, KvmError> {
-    let supported = &vm.supported_cpuid;
+    let supported = vm.supported_cpuid()?;
     let cfg = CpuConfig::of(cpu);
     let model = cfg.model;
     let passthrough = model.is_none_or(|m| m.passthrough());

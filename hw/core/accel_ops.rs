@@ -121,6 +121,15 @@ pub trait AccelOps: Send + Sync {
     /// `create_vcpu_thread`, `qemu_init_vcpu`). The vCPU does not run guest code until
     /// [`AccelOps::vm_start`].
     fn create_vcpu_thread(&self, cpu: &ObjectRef) -> Result<(), Error>;
+    /// From now until [`AccelOps::wait_vcpus_created`], [`AccelOps::create_vcpu_thread`]
+    /// returns once the thread is started, without waiting for its report: the board's
+    /// CPUs set themselves up in parallel (each vCPU costs a dozen ioctls).
+    fn create_vcpus_in_parallel(&self) {}
+    /// Waits for every vCPU started since [`AccelOps::create_vcpus_in_parallel`] to report
+    /// created, and ends that mode; the failure of the lowest CPU index, if any.
+    fn wait_vcpus_created(&self) -> Result<(), Error> {
+        Ok(())
+    }
     /// Sets the level of interrupt controller input (GSI) `gsi` (QEMU's `kvm_set_irq`).
     fn set_irq(&self, gsi: u32, level: bool);
     /// Creates the in-kernel i8254 PIT (QEMU's `kvm_pit_realizefn`: `KVM_CREATE_PIT2`),

@@ -151,7 +151,11 @@ pub fn machine_create_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
     let options = ms.cpu_options();
     let smp = ms.smp();
     let unattached = qom::container_get(&ms.object(), "unattached");
-    for index in 0..smp.cpus {
+    let accel = ms.accel_ops();
+    if let Some(accel) = &accel {
+        accel.create_vcpus_in_parallel();
+    }
+    let created = (0..smp.cpus).try_for_each(|index| -> Result<(), CpuCreateError> {
         let cpu = qdev_new(&cpu_type)?;
         if let Some(state) = cpu.downcast::<CpuState>() {
             state.set_index(index);
@@ -164,6 +168,10 @@ pub fn machine_create_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
         unattached.add_child("device[*]", &cpu)?;
         qdev_realize(&cpu, None)?;
         ms.add_cpu(cpu);
-    }
-    Ok(())
+        Ok(())
+    });
+    // Even after a failure: the threads started so far are waited for.
+    let waited = accel.map_or(Ok(()), |accel| accel.wait_vcpus_created());
+    created?;
+    Ok(waited?)
 }
