@@ -702,6 +702,8 @@ impl PcI440fxMachine {
 
     /// QEMU's `pc_init1`.
     fn pc_init1(&self) -> Result<(), MachineError> {
+        use crate::core::machine::startup_phase as hw_startup_phase;
+        hw_startup_phase("board start");
         self.check_unsupported()?;
         let machine = self.object();
         let services = self.services();
@@ -748,7 +750,9 @@ impl PcI440fxMachine {
         // The CPUs come after the memory map (QEMU's pc_init1 creates them first): on KVM
         // the first vCPU creates the in-kernel irqchip, after which changing a memory slot
         // costs milliseconds for a while (see accel/kvm's `KvmVm::irqchip`).
+        hw_startup_phase("board memory");
         machine_create_cpus(self).map_err(MachineError::board)?;
+        hw_startup_phase("board cpus");
         let piix3 = board_device(&machine, "piix3", crate::isa::piix::TYPE_PIIX3, Bus::On(&pci_bus), &[("addr", "01.0")])?;
         let isa_bus = piix3.child("isa.0").ok_or(BoardError::MissingBus("piix3", "isa.0"))?;
         // QEMU's KVM pc: with pit=off there is no PIT at all (ports 0x40-0x43 float).
