@@ -85,6 +85,9 @@ pub(crate) fn ioctl_error(what: &'static str, e: kvm_ioctls::Error) -> KvmError 
     }
 }
 
+/// A vCPU started in parallel mode: its index and the channel its thread reports on.
+pub(crate) type StartedVcpu = (u32, std::sync::mpsc::Receiver<Result<(), KvmError>>);
+
 /// The VM: QEMU's `KVMState`.
 pub struct KvmVm {
     pub(crate) vm: VmFd,
@@ -104,8 +107,7 @@ pub struct KvmVm {
     pub(crate) vcpus: VcpuSet,
     /// While the board creates its CPUs in parallel: the vCPUs started, with the channel
     /// each reports on.
-    pub(crate) vcpus_in_parallel:
-        parking_lot::Mutex<Option<Vec<(u32, std::sync::mpsc::Receiver<Result<(), KvmError>>)>>>,
+    pub(crate) vcpus_in_parallel: parking_lot::Mutex<Option<Vec<StartedVcpu>>>,
     /// GSI routing, irqfd and ioeventfd (`kvm_irq.rs`).
     /// The in-kernel irqchip's routing, once [`KvmVm::irqchip`] created it.
     irq: std::sync::OnceLock<KvmIrq>,
