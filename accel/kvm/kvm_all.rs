@@ -93,9 +93,7 @@ pub struct KvmVm {
     pub(crate) vm: VmFd,
     /// `KVM_GET_SUPPORTED_CPUID`, read on a thread of its own from VM creation on (it
     /// takes about 0.7 ms on PVM); see [`KvmVm::supported_cpuid`].
-    supported_cpuid: std::sync::OnceLock<Result<CpuId, String>>,
-    supported_cpuid_reader:
-        parking_lot::Mutex<Option<std::thread::JoinHandle<Result<CpuId, String>>>>,
+    supported_cpuid: hw::core::deferred::Deferred<Result<CpuId, String>>,
     pub(crate) msr_index_list: Vec<u32>,
     next_slot: AtomicU32,
     /// Slots [`AccelOps::unmap_slot`] gave back, reused before new numbers: the PAM
@@ -172,20 +170,17 @@ impl KvmVm {
             .as_slice()
             .to_vec();
         // While the board is built; the first vCPU waits for it.
-        let supported_cpuid_reader = std::thread::Builder::new()
-            .name("kvm-cpuid".into())
-            .spawn(move || {
-                kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                    .map_err(|e| errno_text(e.errno()))
-            })
-            .map_err(|e| KvmError::Ioctl {
-                what: "KVM_GET_SUPPORTED_CPUID",
-                reason: e.to_string(),
-            })?;
+        let supported_cpuid = hw::core::deferred::Deferred::spawn("kvm-cpuid", move || {
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| errno_text(e.errno()))
+        })
+        .map_err(|e| KvmError::Ioctl {
+            what: "KVM_GET_SUPPORTED_CPUID",
+            reason: e.to_string(),
+        })?;
         Ok(Arc::new_cyclic(|this| KvmVm {
             vm,
-            supported_cpuid: std::sync::OnceLock::new(),
-            supported_cpuid_reader: parking_lot::Mutex::new(Some(supported_cpuid_reader)),
+            supported_cpuid,
             msr_index_list,
             next_slot: AtomicU32::new(0),
             free_slots: parking_lot::Mutex::new(Vec::new()),
@@ -212,18 +207,15 @@ impl KvmVm {
     /// What KVM can give a guest's CPUID (`KVM_GET_SUPPORTED_CPUID`), once its reader
     /// thread has it.
     pub(crate) fn supported_cpuid(&self) -> Result<&CpuId, KvmError> {
-        let result =
-            self.supported_cpuid
-                .get_or_init(|| match self.supported_cpuid_reader.lock().take() {
-                    Some(reader) => reader
-                        .join()
-                        .unwrap_or_else(|_| Err("its reader thread panicked".into())),
-                    None => Err("its reader thread is gone".into()),
-                });
-        result.as_ref().map_err(|reason| KvmError::Ioctl {
+        let error = |reason: &str| KvmError::Ioctl {
             what: "KVM_GET_SUPPORTED_CPUID",
-            reason: reason.clone(),
-        })
+            reason: reason.to_string(),
+        };
+        match self.supported_cpuid.get() {
+            Some(Ok(cpuid)) => Ok(cpuid),
+            Some(Err(reason)) => Err(error(reason)),
+            None => Err(error("its reader thread panicked")),
+        }
     }
 
     /// The in-kernel irqchip (PIC, IOAPIC, LAPICs) and its pc routing table, created on

@@ -167,8 +167,9 @@ static FILTERS: OnceLock<Filters> = OnceLock::new();
 /// [`prepare`]'s compilation, for [`install`] to take.
 static PREPARED: std::sync::Mutex<Option<Prepared>> = std::sync::Mutex::new(None);
 
-/// A policy's filters, compiled: seccompiler's compilation is most of the sandbox's
-/// cost, so it is done once, off the path to the guest's first instruction ([`prepare`]).
+/// A policy's filters, compiled once, off the path to the guest's first instruction
+/// ([`prepare`]); applying them stays on it (about 0.55 ms of the kernel's on PVM for the
+/// process list).
 struct Filters {
     clone3: BpfProgram,
     process: BpfProgram,
@@ -198,7 +199,7 @@ impl Filters {
 /// A compilation under way for a policy.
 struct Prepared {
     policy: SandboxPolicy,
-    compiling: std::thread::JoinHandle<Result<Filters, SandboxError>>,
+    compiling: crate::core::deferred::Deferred<Result<Filters, SandboxError>>,
 }
 
 /// Starts compiling `policy`'s filters on a thread of their own, while the machine is
@@ -207,9 +208,8 @@ pub fn prepare(policy: SandboxPolicy) {
     if !policy.enabled {
         return;
     }
-    let compiling = std::thread::Builder::new()
-        .name("sandbox-compile".into())
-        .spawn(move || Filters::compile(&policy));
+    let compiling =
+        crate::core::deferred::Deferred::spawn("sandbox-compile", move || Filters::compile(&policy));
     if let Ok(compiling) = compiling {
         *PREPARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared { policy, compiling });
     }
@@ -245,8 +245,8 @@ pub fn install(policy: SandboxPolicy) -> Result<(), SandboxError> {
     let filters = match prepared {
         Some(p) if p.policy == policy => p
             .compiling
-            .join()
-            .unwrap_or_else(|_| Filters::compile(&policy))?,
+            .into_inner()
+            .unwrap_or_else(|| Filters::compile(&policy))?,
         _ => Filters::compile(&policy)?,
     };
     for filter in [&filters.clone3, &filters.process] {
