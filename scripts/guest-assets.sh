@@ -676,17 +676,19 @@ tcp_drained() {
 }
 
 # sum_setup: counts what goes through /tmp/sum.fifo (tee's copy) into /tmp/sum.n;
-# sum_result prints "BYTES SHA256" once the stream ended (its sha256sum output
-# went to /tmp/sum.sha).
+# sum_wait waits for that count and sets sum_line to "BYTES SHA256" (the stream's
+# sha256sum output went to /tmp/sum.sha). It must run in this shell, not in a $(...):
+# a subshell cannot wait for the counter, so it read /tmp/sum.n before wc wrote it
+# (CI saw "QOMVM-GOT 10.0.2.2:6001  <sha>", the count missing).
 sum_setup() {
     rm -f /tmp/sum.fifo /tmp/sum.n /tmp/sum.sha
     mkfifo /tmp/sum.fifo
     wc -c </tmp/sum.fifo >/tmp/sum.n &
     sum_pid=$!
 }
-sum_result() {
+sum_wait() {
     wait $sum_pid
-    echo "$(cat /tmp/sum.n 2>/dev/null) $(cut -d' ' -f1 /tmp/sum.sha 2>/dev/null)"
+    sum_line="$(cat /tmp/sum.n 2>/dev/null) $(cut -d' ' -f1 /tmp/sum.sha 2>/dev/null)"
 }
 
 # migtest DEV:GENS:PORT:HOST (see usage): disk and network work that must carry on
@@ -784,7 +786,8 @@ nettest() {
             if tcp_listening "$2"; then
                 echo "nettest: listening on tcp port $2"
                 wait $pid
-                echo "QOMVM-RECV $2 $(sum_result)"
+                sum_wait
+                echo "QOMVM-RECV $2 $sum_line"
             else
                 kill $pid $sum_pid 2>/dev/null
                 echo "QOMVM-NETTEST-FAILED: recv: nc did not listen on port $2"
@@ -811,9 +814,10 @@ nettest() {
         get)
             sum_setup
             if nc -w 10 "$2" "$3" </dev/null | tee /tmp/sum.fifo | sha256sum >/tmp/sum.sha; then
-                echo "QOMVM-GOT $2:$3 $(sum_result)"
+                sum_wait
+                echo "QOMVM-GOT $2:$3 $sum_line"
             else
-                sum_result >/dev/null
+                sum_wait
                 echo "QOMVM-NETTEST-FAILED: get: nc $2 $3 failed"
             fi
             ;;

@@ -425,8 +425,9 @@ qemu=(qemu-system-x86_64
     -accel tcg,thread=multi -M "$machine" -cpu "$cpu" -smp "$smp" -m "$mem"
     -nodefaults -no-user-config -display none -no-reboot
     -kernel "$l1dir/kernel" -initrd "$tmp/initrd"
-    -append "console=ttyS0 quiet loglevel=0 panic=-1 rdinit=/init 8250.nr_uarts=1 tsc=reliable"
+    -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init 8250.nr_uarts=1 tsc=reliable"
     -chardev "file,id=con,path=$tmp/console.log" -serial chardev:con
+    -d cpu_reset -D "$tmp/resets.log"
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap
     "${virtfs_rw[@]}"
     -device virtio-serial-pci,id=vser
@@ -499,7 +500,12 @@ qpid=
 status=$(tr -dc '0-9' <"$tmp/status" 2>/dev/null || true)
 if [[ -z $status ]]; then
     show_logs
-    qomvm_log "L1 ended without reporting COMMAND's exit status (qemu exit status $qrc)"
+    # Under -no-reboot, L1 resetting (a panic with panic=-1, or a triple fault of QEMU's
+    # TCG, which -d cpu_reset logs) ends QEMU with status 0.
+    why=
+    grep -q 'Triple fault' "$tmp/resets.log" 2>/dev/null && why=", L1's CPU triple-faulted"
+    grep -q 'Kernel panic' "$tmp/console.log" 2>/dev/null && why=", L1's kernel panicked"
+    qomvm_log "L1 ended without reporting COMMAND's exit status (qemu exit status $qrc$why)"
     exit 125
 fi
 if [[ $status == 125 ]] && grep -q 'qomvm-l1: FATAL' "$tmp/console.log" 2>/dev/null; then

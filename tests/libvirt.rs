@@ -591,7 +591,7 @@ cat >domain.xml <<EOF
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>$QOMVM_ASSETS/vmlinuz</kernel>
     <initrd>$QOMVM_ASSETS/initramfs.cpio.gz</initrd>
-    <cmdline>console=ttyS0 panic=-1 qomvm.root=/dev/vda qomvm.net=dhcp qomvm.nettest=ping:10.0.2.2</cmdline>
+    <cmdline>console=ttyS0 panic=-1 quiet qomvm.root=/dev/vda qomvm.net=dhcp qomvm.nettest=ping:10.0.2.2</cmdline>
   </os>
   <features><acpi/></features>
   <clock offset='utc'/>

@@ -387,7 +387,9 @@ fn disk_scenario(name: &str, script: &str, timeout_s: u32) -> String {
 /// Shared by the disk scenarios: `boot EXTRA_APPEND QOMVM_ARGS...` boots the test guest
 /// (its console on stdout) and reports qomvm's exit status, booting a second time if the
 /// first boot timed out before the guest's /init (see [`disk_scenario`]); `$cache` is
-/// `none` where O_DIRECT works, else `writeback`.
+/// `none` where O_DIRECT works, else `writeback`. The kernel boots `quiet` (warnings and
+/// panics still print): these scenarios test disks, and a boot's info lines cost ~12 s on
+/// the rig's serial port; the boot tests above keep them.
 const DISK_PRELUDE: &str = r#"
 cache=none
 dd if=/dev/zero of=.odirect bs=4096 count=1 oflag=direct 2>/dev/null || cache=writeback
@@ -397,7 +399,7 @@ boot() {
     for attempt in 1 2; do
         { timeout 240 "$QOMVM_BIN" -M pc -m 256 -smp 2 -nographic -no-reboot \
             -kernel "$QOMVM_ASSETS/vmlinuz" -initrd "$QOMVM_ASSETS/initramfs.cpio.gz" \
-            -append "console=ttyS0 panic=-1 $append" "$@"
+            -append "console=ttyS0 panic=-1 quiet $append" "$@"
           echo $? >.boot.rc; } 2>&1 | tee .boot.log
         rc=$(cat .boot.rc)
         if [ "$rc" = 124 ] && [ $attempt = 1 ] && ! grep -q QOMVM-GUEST-READY .boot.log; then
@@ -530,7 +532,7 @@ qemu-img create -q -f qcow2 target.qcow2 256M
 # No `timeout` wrapper: SIGKILL must reach qomvm itself (the wait below is bounded).
 "$QOMVM_BIN" -M pc -m 256 -smp 2 -nographic -no-reboot \
     -kernel "$QOMVM_ASSETS/vmlinuz" -initrd "$QOMVM_ASSETS/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 qomvm.writeloop=/dev/vda" \
+    -append "console=ttyS0 panic=-1 quiet qomvm.writeloop=/dev/vda" \
     -drive file=target.qcow2,if=none,id=t,format=qcow2,cache=$cache -device virtio-blk-pci,drive=t,addr=0x4 \
     >console.log 2>&1 &
 pid=$!

@@ -29,7 +29,9 @@ fn vmm() -> String {
 }
 
 /// Shared by the scenarios. `boot NAME APPEND VMM-ARGS...` starts the guest in the
-/// background (`-M pc -m $VM_MEM -smp 2`, console in NAME.log, `$VM_WRAP` before the VMM);
+/// background (`-M pc -m $VM_MEM -smp 2`, console in NAME.log, `$VM_WRAP` before the VMM;
+/// the kernel boots `quiet`: its info lines cost ~12 s a boot on the rig's serial port, and
+/// its warnings, oopses and panics still print);
 /// `await NAME REGEX [S]` waits for a console line; `finish NAME` waits for the guest's
 /// power-off and prints the console (`NAME: ` before each line) and the VMM's status;
 /// `nc_ ADDR PORT` is busybox nc with a time limit; `sum FILE|-` prints "BYTES SHA256";
@@ -53,7 +55,7 @@ boot() {
     # shellcheck disable=SC2086 # VM_WRAP is a command prefix
     timeout 600 $VM_WRAP "$@" -M pc -m "$VM_MEM" -smp 2 -nographic -no-reboot \
         -kernel "$QOMVM_ASSETS/vmlinuz" -initrd "$QOMVM_ASSETS/initramfs.cpio.gz" \
-        -append "console=ttyS0 panic=-1 $append" >"$name.log" 2>&1 </dev/null &
+        -append "console=ttyS0 panic=-1 quiet $append" >"$name.log" 2>&1 </dev/null &
     vm=$!
     echo "host: $name: $VM_WRAP $*"
     # Shortly before the limit, where every VMM thread is (a hung guest is most often a
