@@ -32,6 +32,7 @@ build=1
 with_qemu=1
 inside=0
 firmware=0
+kernel_file=vmlinuz
 env_note=
 rig_smp=2
 
@@ -89,6 +90,10 @@ Options:
   --no-build        do not run cargo build
   --no-qemu         benchmark qomvm only
   --firmware        boot the disk image through SeaBIOS and GRUB (see above)
+  --vmlinux         -kernel the uncompressed ELF kernel (guest-assets.sh's vmlinux,
+                    the payload of the same vmlinuz) instead of the bzImage, for
+                    every VMM: qomvm enters its 64-bit entry point, QEMU its PVH
+                    note; neither runs the kernel's decompressor
   -h, --help        this text
 
 Needs python3 (timestamps and wait4); QEMU is optional.
@@ -108,6 +113,7 @@ while [[ $# -gt 0 ]]; do
         --no-build) build=0; shift ;;
         --no-qemu) with_qemu=0; shift ;;
         --firmware) firmware=1; shift ;;
+        --vmlinux) kernel_file=vmlinux; shift ;;
         # Internal: set when the script re-runs itself inside the nested rig.
         --inside) inside=1; env_note=${2:?--inside needs a value}; shift 2 ;;
         --runs=* | --warmup=* | --mem=* | --smp=* | --boot-timeout=* | --qomvm=* | --assets=*)
@@ -129,10 +135,11 @@ PYTHON=$(command -v python3 || true)
 # (inside the rig, --qomvm and --assets name what the outer run prepared)
 qomvm_bin=$(bench_qomvm_binary "$qomvm_bin" "$build") || exit 1
 if [[ $firmware == 1 ]]; then
+    [[ $kernel_file == vmlinuz ]] || qomvm_die "--vmlinux and --firmware do not go together"
     assets=$(bench_assets "$assets" boot-disk.qcow2) || exit 1
     qomvm_need_cmd qemu-img qemu-utils
 else
-    assets=$(bench_assets "$assets" vmlinuz initramfs.cpio.gz) || exit 1
+    assets=$(bench_assets "$assets" "$kernel_file" initramfs.cpio.gz) || exit 1
 fi
 
 if [[ $inside == 0 ]]; then
@@ -146,6 +153,7 @@ if [[ $inside == 0 ]]; then
             --boot-timeout "$boot_timeout" --qomvm "$qomvm_bin" --assets "$assets")
         [[ $with_qemu == 1 ]] || args+=(--no-qemu)
         [[ $firmware == 0 ]] || args+=(--firmware)
+        [[ $kernel_file == vmlinuz ]] || args+=(--vmlinux)
         exec "$SCRIPT_DIR/nested-kvm.sh" --smp "$rig_smp" --timeout "$rig_timeout" -- "$SELF" "${args[@]}"
     fi
     env_note="direct (hardware KVM)"
@@ -318,9 +326,9 @@ if [[ $firmware == 1 ]]; then
         -drive "file=@OVERLAY@,if=none,id=d0,format=qcow2"
         -device virtio-blk-pci,drive=d0,bootindex=1 -smbios "type=11,value=quiet qomvm.timeline=1")
 else
-    cp "$assets/vmlinuz" "$assets/initramfs.cpio.gz" "$work/"
+    cp "$assets/$kernel_file" "$assets/initramfs.cpio.gz" "$work/"
     common=(-m "$mem" -smp "$smp" -nographic -no-reboot
-        -kernel "$work/vmlinuz" -initrd "$work/initramfs.cpio.gz" -append "$APPEND")
+        -kernel "$work/$kernel_file" -initrd "$work/initramfs.cpio.gz" -append "$APPEND")
 fi
 vmms=(qomvm)
 declare -A cmdline
@@ -430,7 +438,7 @@ echo "  Kernel $(uname -r); /dev/kvm from $(awk '$1 ~ /^kvm_(amd|intel|pvm)$/ {p
 if [[ $firmware == 1 ]]; then
     echo "Guest: boot-disk.qcow2 (SeaBIOS, GRUB, $kver, the busybox initramfs, root on vda1), -m $mem -smp $smp -nographic -no-reboot"
 else
-    echo "Guest: $kver + busybox initramfs, -m $mem -smp $smp -append \"$APPEND\" -nographic -no-reboot"
+    echo "Guest: $kver ($kernel_file) + busybox initramfs, -m $mem -smp $smp -append \"$APPEND\" -nographic -no-reboot"
 fi
 rev=
 if [[ $qomvm_bin == "$REPO/target/release/qomvm" ]]; then
