@@ -92,8 +92,8 @@ Options:
   --firmware        boot the disk image through SeaBIOS and GRUB (see above)
   --vmlinux         -kernel the uncompressed ELF kernel (guest-assets.sh's vmlinux,
                     the payload of the same vmlinuz) instead of the bzImage, for
-                    every VMM: qomvm enters its 64-bit entry point, QEMU its PVH
-                    note; neither runs the kernel's decompressor
+                    every VMM, entered through its PVH note (QEMU: through
+                    firmware); no guest runs the kernel's decompressor
   -h, --help        this text
 
 Needs python3 (timestamps and wait4); QEMU is optional.

@@ -1081,37 +1081,6 @@ write_portout() {
 }
 
 
-# extract_vmlinux BZIMAGE OUT: the uncompressed ELF kernel inside a bzImage (its payload,
-# which the boot protocol header locates: payload_offset at 0x248 and payload_length at
-# 0x24c, from the protected-mode code after the setup sectors), so a VMM can enter the
-# kernel without running its decompressor (seconds of guest time under the nested rig).
-extract_vmlinux() {
-    local setup_sects offset length start magic
-    setup_sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$1" | tr -d ' ')
-    offset=$(od -An -tu4 -j $((0x248)) -N4 "$1" | tr -d ' ')
-    length=$(od -An -tu4 -j $((0x24c)) -N4 "$1" | tr -d ' ')
-    [[ $setup_sects =~ ^[0-9]+$ && $offset =~ ^[0-9]+$ && $length =~ ^[1-9][0-9]*$ ]] ||
-        qomvm_die "$1: no bzImage payload in its header"
-    ((setup_sects > 0)) || setup_sects=4
-    start=$(((setup_sects + 1) * 512 + offset))
-    magic=$(od -An -tx1 -j "$start" -N6 "$1" | tr -d ' ')
-    # The payload ends with the uncompressed size (4 bytes), which some tools call
-    # trailing garbage: their status is not the test, the ELF header is.
-    tail -c +$((start + 1)) "$1" | head -c "$length" >"$work/payload"
-    case $magic in
-        1f8b*) gzip -dc <"$work/payload" >"$2" 2>/dev/null || true ;;
-        fd377a585a00) qomvm_need_cmd xz xz-utils; xz -dc <"$work/payload" >"$2" 2>/dev/null || true ;;
-        5d0000*) qomvm_need_cmd xz xz-utils; xz --format=lzma -dc <"$work/payload" >"$2" 2>/dev/null || true ;;
-        28b52ffd*) qomvm_need_cmd zstd zstd; zstd -qdc <"$work/payload" >"$2" 2>/dev/null || true ;;
-        02214c18*) qomvm_need_cmd lz4 lz4; lz4 -qdc <"$work/payload" >"$2" 2>/dev/null || true ;;
-        425a68*) qomvm_need_cmd bzip2 bzip2; bzip2 -dc <"$work/payload" >"$2" 2>/dev/null || true ;;
-        *) qomvm_die "$1: payload compressed in an unknown format (magic $magic)" ;;
-    esac
-    rm -f "$work/payload"
-    [[ $(od -An -tx1 -N4 "$2" | tr -d ' ') == 7f454c46 ]] ||
-        qomvm_die "$1: its payload did not decompress to an ELF kernel"
-}
-
 # copy_module KO DEST: copy a kernel module, decompressing .ko.xz/.gz/.zst to .ko.
 copy_module() {
     case $1 in
@@ -1531,7 +1500,8 @@ qemu-img convert -q -O qcow2 "$work/boot-disk.raw" "$work/boot-disk.qcow2" ||
     qomvm_die "qemu-img convert -O qcow2 of the boot disk failed"
 
 install -m 644 "$vmlinuz" "$OUTDIR/vmlinuz.tmp" && mv -f "$OUTDIR/vmlinuz.tmp" "$OUTDIR/vmlinuz"
-extract_vmlinux "$vmlinuz" "$OUTDIR/vmlinux.tmp" && mv -f "$OUTDIR/vmlinux.tmp" "$OUTDIR/vmlinux"
+qomvm_extract_vmlinux "$vmlinuz" "$OUTDIR/vmlinux.tmp" || qomvm_die "could not take the vmlinux out of $vmlinuz"
+mv -f "$OUTDIR/vmlinux.tmp" "$OUTDIR/vmlinux"
 install -m 644 "$gvmlinuz" "$OUTDIR/vmlinuz-generic.tmp" &&
     mv -f "$OUTDIR/vmlinuz-generic.tmp" "$OUTDIR/vmlinuz-generic"
 mv -f "$work/initramfs.cpio.gz" "$OUTDIR/initramfs.cpio.gz"

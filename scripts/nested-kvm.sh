@@ -232,21 +232,6 @@ EOF
     chmod 755 "$1"
 }
 
-# Extracts the uncompressed vmlinux ELF from an xz-compressed bzImage (what
-# the kernel's scripts/extract-vmlinux does for xz).
-extract_vmlinux() {
-    local bz=$1 out=$2 off
-    while IFS=: read -r off _; do
-        # (xz stops reading after the stream: no pipe, or tail's SIGPIPE fails it)
-        if xz -dc --single-stream < <(tail -c +$((off + 1)) "$bz") >"$out" 2>/dev/null &&
-            [[ $(head -c 4 "$out" | od -An -tx1 | tr -d ' \n') == 7f454c46 ]]; then
-            return 0
-        fi
-    done < <(LC_ALL=C grep -aboP '\xfd7zXZ\x00' "$bz")
-    rm -f "$out"
-    return 1
-}
-
 # True when the vmlinux ELF has the Xen PVH entry note
 # (name "Xen", type 18 = XEN_ELFNOTE_PHYS32_ENTRY) that QEMU boots directly.
 has_pvh_note() {
@@ -264,7 +249,7 @@ build_l1() { # build_l1 DIR KDEB BBDEB
     f=$(find "$work/k/boot" -name 'vmlinuz-*' | head -n1)
     [[ -n $f ]] || qomvm_die "no boot/vmlinuz-* in $(basename "$kdeb")"
     kver=${f##*/vmlinuz-}
-    if extract_vmlinux "$f" "$work/vmlinux" && has_pvh_note "$work/vmlinux"; then
+    if qomvm_extract_vmlinux "$f" "$work/vmlinux" && has_pvh_note "$work/vmlinux"; then
         mv "$work/vmlinux" "$work/kernel"
         echo vmlinux-pvh >"$work/kernel-kind"
     else

@@ -3,6 +3,10 @@
 //! real-mode setup code: the kernel (bzImage or ELF `vmlinux`) is loaded with linux-loader,
 //! the zero page, command line, initrd, GDT and identity page tables are written to guest
 //! RAM, and the returned [`X86BootState`] starts the boot CPU at the 64-bit entry point.
+//! An ELF kernel with a PVH note (Xen's `PHYS32_ENTRY`, which Linux has with `CONFIG_PVH`)
+//! is entered through it instead, as QEMU does: 32-bit protected mode, paging off, EBX the
+//! `hvm_start_info` (command line, initrd as module 0, memory map, RSDP) in the zero page's
+//! place; PVH has no screen information, so such a kernel starts without its VGA console.
 //!
 //! Guest memory used (all below 1 MiB except the kernel and the initrd):
 //!
@@ -10,7 +14,7 @@
 //! | --- | --- |
 //! | `0x500..0x520` | GDT: null, code64 (`0x08`), data (`0x10`), TSS (`0x18`) |
 //! | `0x520..0x528` | IDT (empty; the kernel installs its own) |
-//! | `0x7000..0x8000` | zero page (`struct boot_params`), passed in RSI |
+//! | `0x7000..0x8000` | zero page (`struct boot_params`), passed in RSI; or PVH's start info (`0x7000`), module list (`0x7040`), memory map (`0x7080..`), passed in EBX |
 //! | `0x8000..0x8ff0` | boot stack (RSP = RBP = `0x8ff0`) |
 //! | `0x9000`, `0xa000`, `0xb000` | PML4, PDPT, PD: identity map of the first GiB, 2 MiB pages |
 //! | `0x20000..` | command line, NUL-terminated |
@@ -27,6 +31,10 @@ use linux_loader::loader::bootparam::{
     boot_e820_entry, boot_params, screen_info, setup_header, CAN_USE_HEAP, E820_MAX_ENTRIES_ZEROPAGE,
     LOADED_HIGH, XLF_KERNEL_64,
 };
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -176,6 +184,8 @@ struct LoadedKernel {
     cmdline_max: u32,
     /// Highest address the initrd may occupy.
     initrd_addr_max: u32,
+    /// An ELF kernel's PVH entry point (its `XEN_ELFNOTE_PHYS32_ENTRY` note).
+    pvh_entry: Option<u64>,
 }
 
 /// Loads `kernel` (and `initrd`) into `ram` for a direct 64-bit boot with `cmdline` and the
@@ -183,7 +193,8 @@ struct LoadedKernel {
 ///
 /// bzImages must support the 64-bit boot protocol (2.12+, `XLF_KERNEL_64`); they are
 /// entered at load address + 0x200. ELF `vmlinux` files are loaded at their physical
-/// addresses and entered at `e_entry` (its PVH note, if any, is not used).
+/// addresses and entered through their PVH note if they have one (see the module docs),
+/// else at `e_entry` in 64-bit mode with a zero page.
 ///
 /// Only the boot CPU gets this state; the others wait for INIT/SIPI. To hand Linux the
 /// RSDP directly (boot protocol 2.14), call [`set_acpi_rsdp_addr`] afterwards.
@@ -232,6 +243,10 @@ pub fn load_linux(
         Some(path) => load_initrd(ram, path, &loaded, ram_top)?,
         None => (0, 0),
     };
+    if let Some(entry) = loaded.pvh_entry {
+        write_pvh_start_info(ram, e820, ramdisk_image, ramdisk_size)?;
+        return Ok(pvh_boot_state(entry));
+    }
 
     let hdr = setup_header {
         type_of_loader: 0xff,
@@ -263,6 +278,14 @@ pub fn load_linux(
 /// Stores the ACPI RSDP address in the zero page (`boot_params.acpi_rsdp_addr`, boot protocol
 /// 2.14), so Linux need not scan the BIOS area. Call after [`load_linux`].
 pub fn set_acpi_rsdp_addr(ram: &GuestMemoryMmap, rsdp: u64) -> Result<(), LinuxLoadError> {
+    if booted_through_pvh(ram) {
+        return write(
+            ram,
+            "the RSDP address",
+            PVH_START_INFO_ADDR + PVH_RSDP_PADDR_OFFSET,
+            &rsdp.to_le_bytes(),
+        );
+    }
     write(
         ram,
         "the RSDP address",
@@ -276,6 +299,10 @@ pub fn set_acpi_rsdp_addr(ram: &GuestMemoryMmap, rsdp: u64) -> Result<(), LinuxL
 /// BIOS when firmware boots it): without it the kernel's VGA console stays off. Call
 /// after [`load_linux`], once the display is in that mode.
 pub fn set_vga_text_screen(ram: &GuestMemoryMmap) -> Result<(), LinuxLoadError> {
+    // PVH has no screen information: the kernel starts on its dummy console, as on QEMU.
+    if booted_through_pvh(ram) {
+        return Ok(());
+    }
     let info = screen_info {
         orig_video_mode: 3,
         orig_video_cols: 80,
@@ -415,6 +442,7 @@ fn load_bzimage(
         } else {
             OLD_INITRD_ADDR_MAX
         },
+        pvh_entry: None,
     })
 }
 
@@ -502,12 +530,17 @@ fn load_elf(
         kernel_alignment: 0x0100_0000,
         ..Default::default()
     };
+    let pvh_entry = match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) => Some(entry.0),
+        _ => None,
+    };
     Ok(LoadedKernel {
         entry: result.kernel_load.0,
         initrd_floor: result.kernel_end,
         hdr,
         cmdline_max: ELF_CMDLINE_MAX,
         initrd_addr_max: ELF_INITRD_ADDR_MAX,
+        pvh_entry,
     })
 }
 
@@ -630,6 +663,100 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 /// `IA32_APIC_BASE`: the default base, enabled, bootstrap processor.
 const APIC_BASE_BSP: u64 = 0xfee0_0000 | (1 << 11) | (1 << 8);
+
+/// PVH's `hvm_start_info`, in the page the zero page takes otherwise: one or the other is
+/// written, told apart by the start info's magic (which a zero page never starts with: its
+/// first bytes are the cursor position and a memory size in KiB, written as zero).
+const PVH_START_INFO_ADDR: u64 = ZERO_PAGE_ADDR;
+/// The initrd's `hvm_modlist_entry`.
+const PVH_MODLIST_ADDR: u64 = ZERO_PAGE_ADDR + 0x40;
+/// The memory map (`hvm_memmap_table_entry`s, at most E820_MAX_ENTRIES_ZEROPAGE of them,
+/// ending below the boot stack).
+const PVH_MEMMAP_ADDR: u64 = ZERO_PAGE_ADDR + 0x80;
+/// `hvm_start_info.rsdp_paddr`.
+const PVH_RSDP_PADDR_OFFSET: u64 = 32;
+/// `XEN_HVM_START_MAGIC_VALUE`.
+const PVH_START_MAGIC: u32 = 0x336e_c578;
+
+fn booted_through_pvh(ram: &GuestMemoryMmap) -> bool {
+    matches!(ram.read_obj::<u32>(GuestAddress(PVH_START_INFO_ADDR)), Ok(PVH_START_MAGIC))
+}
+
+/// Writes the PVH start info (QEMU's pvh.bin does this from fw_cfg): version 1 with the
+/// command line, the initrd as module 0, and the E820 map; the RSDP comes with
+/// [`set_acpi_rsdp_addr`].
+fn write_pvh_start_info(
+    ram: &GuestMemoryMmap,
+    e820: &[E820Entry],
+    initrd_addr: u32,
+    initrd_size: u32,
+) -> Result<(), LinuxLoadError> {
+    let memmap: Vec<u8> = e820
+        .iter()
+        .flat_map(|e| {
+            hvm_memmap_table_entry {
+                addr: e.addr,
+                size: e.size,
+                type_: e.kind as u32,
+                reserved: 0,
+            }
+            .as_slice()
+            .to_vec()
+        })
+        .collect();
+    write(ram, "the PVH memory map", PVH_MEMMAP_ADDR, &memmap)?;
+    let nr_modules = u32::from(initrd_size != 0);
+    if nr_modules != 0 {
+        let module = hvm_modlist_entry {
+            paddr: u64::from(initrd_addr),
+            size: u64::from(initrd_size),
+            ..Default::default()
+        };
+        write(ram, "the PVH module list", PVH_MODLIST_ADDR, module.as_slice())?;
+    }
+    let info = hvm_start_info {
+        magic: PVH_START_MAGIC,
+        version: 1,
+        flags: 0,
+        nr_modules,
+        modlist_paddr: if nr_modules != 0 { PVH_MODLIST_ADDR } else { 0 },
+        cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr: 0,
+        memmap_paddr: PVH_MEMMAP_ADDR,
+        memmap_entries: e820.len() as u32,
+        reserved: 0,
+    };
+    write(ram, "the PVH start info", PVH_START_INFO_ADDR, info.as_slice())?;
+    let gdt: Vec<u8> = PVH_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
+    write(ram, "the GDT", BOOT_GDT_ADDR, &gdt)
+}
+
+/// The GDT of the PVH entry: as [`GDT`] with 32-bit code.
+const PVH_GDT: [u64; 4] = [
+    0,
+    // code32: present, DPL 0, execute/read, accessed, D/B, G.
+    gdt_entry(0xc09b, 0, 0xfffff),
+    GDT[2],
+    GDT[3],
+];
+
+/// The boot CPU's registers for the PVH entry at `entry`: 32-bit protected mode with flat
+/// segments, paging off, EBX the start info's address (the PVH boot ABI).
+fn pvh_boot_state(entry: u64) -> X86BootState {
+    let mut state = boot_state(entry);
+    state.sregs.cs = segment_from_gdt(PVH_GDT[1], 1);
+    state.sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    state.sregs.cr3 = 0;
+    state.sregs.cr4 = 0;
+    state.sregs.efer = 0;
+    state.regs = kvm_regs {
+        rip: entry,
+        rbx: PVH_START_INFO_ADDR,
+        rflags: 2,
+        ..Default::default()
+    };
+    state
+}
 
 /// The boot CPU's registers for the 64-bit entry at `entry`.
 fn boot_state(entry: u64) -> X86BootState {
@@ -896,9 +1023,9 @@ mod tests {
         assert_eq!({ zero_page(&mem).acpi_rsdp_addr }, 0xe0000);
     }
 
-    #[test]
-    fn elf_kernel_gets_a_synthesized_header() {
-        // ELF64 header, one PT_LOAD at 16 MiB (file offset 0x1000), entry at its start.
+    /// An ELF64 kernel: one PT_LOAD at 16 MiB (file offset 0x1000, `hlt`s), entry at its
+    /// start; with `pvh_entry`, also a PT_NOTE holding Xen's PHYS32_ENTRY note.
+    fn test_elf(pvh_entry: Option<u32>) -> Vec<u8> {
         let mut elf = vec![0u8; 0x1000];
         elf[0..4].copy_from_slice(b"\x7fELF");
         elf[4] = 2; // ELFCLASS64
@@ -921,6 +1048,56 @@ mod tests {
         elf[ph + 32..ph + 40].copy_from_slice(&0x100u64.to_le_bytes()); // p_filesz
         elf[ph + 40..ph + 48].copy_from_slice(&0x2000u64.to_le_bytes()); // p_memsz
         elf.extend_from_slice(&[0xf4; 0x100]); // hlt
+        if let Some(entry) = pvh_entry {
+            elf[56..58].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
+            let ph = 64 + 56;
+            elf[ph..ph + 4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+            elf[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes()); // p_offset
+            elf[ph + 32..ph + 40].copy_from_slice(&16u64.to_le_bytes()); // p_filesz
+            let note = 0x800;
+            elf[note..note + 4].copy_from_slice(&4u32.to_le_bytes()); // n_namesz
+            elf[note + 4..note + 8].copy_from_slice(&4u32.to_le_bytes()); // n_descsz
+            elf[note + 8..note + 12].copy_from_slice(&18u32.to_le_bytes()); // PHYS32_ENTRY
+            elf[note + 12..note + 16].copy_from_slice(b"Xen\0");
+            elf[note + 16..note + 20].copy_from_slice(&entry.to_le_bytes());
+        }
+        elf
+    }
+
+    #[test]
+    fn elf_kernel_with_a_pvh_note_is_entered_through_pvh() {
+        let kernel = TempFile::new(&test_elf(Some(0x100_0040)));
+        let (mem, e820) = ram(64 * MIB);
+        let initrd = TempFile::new(&[1; 100]);
+        let state = load_linux(&mem, &kernel.0, Some(&initrd.0), "quiet", &e820).unwrap();
+        // 32-bit protected mode, paging off, EBX the start info.
+        assert_eq!(state.regs.rip, 0x100_0040);
+        assert_eq!(state.regs.rbx, PVH_START_INFO_ADDR);
+        assert_eq!(state.sregs.cr0, X86_CR0_PE | X86_CR0_ET);
+        assert_eq!((state.sregs.efer, state.sregs.cs.l, state.sregs.cs.db), (0, 0, 1));
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_START_INFO_ADDR)).unwrap();
+        assert_eq!((info.magic, info.version), (PVH_START_MAGIC, 1));
+        assert_eq!(info.cmdline_paddr, CMDLINE_ADDR);
+        assert_eq!(info.memmap_entries as usize, e820.len());
+        let last: hvm_memmap_table_entry = mem
+            .read_obj(GuestAddress(PVH_MEMMAP_ADDR + 24 * (e820.len() as u64 - 1)))
+            .unwrap();
+        let want = e820.last().unwrap();
+        assert_eq!((last.addr, last.size, last.type_), (want.addr, want.size, want.kind as u32));
+        assert_eq!(info.nr_modules, 1);
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!(module.size, 100);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(module.paddr)).unwrap(), 1);
+        // The RSDP goes into the start info; no screen information is written over it.
+        set_acpi_rsdp_addr(&mem, 0xe_0000).unwrap();
+        set_vga_text_screen(&mem).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_START_INFO_ADDR)).unwrap();
+        assert_eq!((info.magic, info.rsdp_paddr), (PVH_START_MAGIC, 0xe_0000));
+    }
+
+    #[test]
+    fn elf_kernel_gets_a_synthesized_header() {
+        let elf = test_elf(None);
         let kernel = TempFile::new(&elf);
         let (mem, e820) = ram(64 * MIB);
         let initrd = TempFile::new(&[1; 100]);
