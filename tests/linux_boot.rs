@@ -90,7 +90,8 @@ fn linux_boot_state_runs_on_kvm() {
     let mut initrd_data = vec![0u8; 4096];
     initrd_data[0] = 0x10;
     let initrd = TempFile::new("initrd", &initrd_data);
-    let state = load_linux(&ram, &kernel.0, Some(&initrd.0), "A console=ttyS0", &e820).unwrap();
+    let loaded = load_linux(&ram, &kernel.0, Some(&initrd.0), "A console=ttyS0", &e820).unwrap();
+    let state = loaded.state;
     let rsdp = build_acpi_tables(
         &ram,
         &AcpiConfig {
@@ -108,7 +109,7 @@ fn linux_boot_state_runs_on_kvm() {
         },
     )
     .unwrap();
-    set_acpi_rsdp_addr(&ram, rsdp).unwrap();
+    set_acpi_rsdp_addr(&ram, loaded.entry, rsdp).unwrap();
     let cpu = &ms.cpus()[0];
     cpu.downcast::<X86Cpu>().unwrap().set_boot_state(state);
 

@@ -120,8 +120,9 @@ pub struct PcI440fxMachine {
     /// A kernel was loaded directly (`-kernel`, Linux or Multiboot): the board sets up
     /// the text screen the firmware would have, once the devices exist.
     direct_kernel: std::sync::atomic::AtomicBool,
-    /// That kernel is Linux: its zero page is in RAM, to say the screen is there.
-    direct_linux: std::sync::atomic::AtomicBool,
+    /// That kernel is Linux, entered so: where the RSDP goes, and whether a zero page can
+    /// say the screen is there.
+    linux_entry: std::sync::OnceLock<crate::i386::x86_linux::LinuxEntry>,
 }
 
 type_init!(PcI440fxMachine);
@@ -394,7 +395,7 @@ impl PcI440fxMachine {
             return Ok(());
         }
         let initrd_path = (!initrd.is_empty()).then(|| std::path::Path::new(initrd.as_str()));
-        let state = crate::i386::x86_linux::load_linux(
+        let loaded = crate::i386::x86_linux::load_linux(
             &self.ram(),
             std::path::Path::new(&kernel),
             initrd_path,
@@ -409,10 +410,10 @@ impl PcI440fxMachine {
         })?;
         self.direct_kernel
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.direct_linux
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // (set once: the board loads the kernel once, at init)
+        let _ = self.linux_entry.set(loaded.entry);
         self.set_up_text_console()?;
-        self.set_bsp_boot_state(state);
+        self.set_bsp_boot_state(loaded.state);
         Ok(())
     }
 
@@ -435,7 +436,7 @@ impl PcI440fxMachine {
             return Ok(());
         };
         if !console.set_bios_text_mode(font)
-            || !self.direct_linux.load(std::sync::atomic::Ordering::Relaxed)
+            || self.linux_entry.get() != Some(&crate::i386::x86_linux::LinuxEntry::ZeroPage)
         {
             return Ok(());
         }
@@ -649,8 +650,8 @@ impl PcI440fxMachine {
         let ram = self.ram();
         let rsdp = crate::i386::acpi_build::build_acpi_tables(&ram, &cfg)
             .map_err(|e| MachineError::board(PcLoadError::Acpi(e)))?;
-        if let Some(kernel) = self.kernel() {
-            crate::i386::x86_linux::set_acpi_rsdp_addr(&ram, rsdp).map_err(|source| {
+        if let (Some(kernel), Some(&entry)) = (self.kernel(), self.linux_entry.get()) {
+            crate::i386::x86_linux::set_acpi_rsdp_addr(&ram, entry, rsdp).map_err(|source| {
                 MachineError::board(PcLoadError::Kernel {
                     path: kernel,
                     source,

@@ -188,6 +188,24 @@ struct LoadedKernel {
     pvh_entry: Option<u64>,
 }
 
+/// How a loaded Linux is entered, which says where later boot information goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinuxEntry {
+    /// The 64-bit entry with a zero page (`struct boot_params`) at [`ZERO_PAGE_ADDR`].
+    ZeroPage,
+    /// The PVH entry with `hvm_start_info` at [`ZERO_PAGE_ADDR`].
+    Pvh,
+}
+
+/// A loaded Linux kernel: the boot CPU's start state and how it is entered.
+#[derive(Debug)]
+pub struct LoadedLinux {
+    /// The boot CPU's registers.
+    pub state: X86BootState,
+    /// The boot protocol.
+    pub entry: LinuxEntry,
+}
+
 /// Loads `kernel` (and `initrd`) into `ram` for a direct 64-bit boot with `cmdline` and the
 /// E820 map `e820`, and returns the boot CPU's start state (QEMU's `x86_load_linux`).
 ///
@@ -197,14 +215,15 @@ struct LoadedKernel {
 /// else at `e_entry` in 64-bit mode with a zero page.
 ///
 /// Only the boot CPU gets this state; the others wait for INIT/SIPI. To hand Linux the
-/// RSDP directly (boot protocol 2.14), call [`set_acpi_rsdp_addr`] afterwards.
+/// RSDP directly (boot protocol 2.14, or PVH's start info), call [`set_acpi_rsdp_addr`]
+/// afterwards.
 pub fn load_linux(
     ram: &GuestMemoryMmap,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
     e820: &[E820Entry],
-) -> Result<X86BootState, LinuxLoadError> {
+) -> Result<LoadedLinux, LinuxLoadError> {
     if e820.len() > E820_MAX_ENTRIES_ZEROPAGE {
         return Err(LinuxLoadError::TooManyE820Entries(e820.len()));
     }
@@ -245,7 +264,10 @@ pub fn load_linux(
     };
     if let Some(entry) = loaded.pvh_entry {
         write_pvh_start_info(ram, e820, ramdisk_image, ramdisk_size)?;
-        return Ok(pvh_boot_state(entry));
+        return Ok(LoadedLinux {
+            state: pvh_boot_state(entry),
+            entry: LinuxEntry::Pvh,
+        });
     }
 
     let hdr = setup_header {
@@ -272,37 +294,34 @@ pub fn load_linux(
     write(ram, "the zero page", ZERO_PAGE_ADDR, params.as_slice())?;
 
     setup_long_mode_tables(ram)?;
-    Ok(boot_state(loaded.entry))
+    Ok(LoadedLinux {
+        state: boot_state(loaded.entry),
+        entry: LinuxEntry::ZeroPage,
+    })
 }
 
 /// Stores the ACPI RSDP address in the zero page (`boot_params.acpi_rsdp_addr`, boot protocol
-/// 2.14), so Linux need not scan the BIOS area. Call after [`load_linux`].
-pub fn set_acpi_rsdp_addr(ram: &GuestMemoryMmap, rsdp: u64) -> Result<(), LinuxLoadError> {
-    if booted_through_pvh(ram) {
-        return write(
-            ram,
-            "the RSDP address",
-            PVH_START_INFO_ADDR + PVH_RSDP_PADDR_OFFSET,
-            &rsdp.to_le_bytes(),
-        );
-    }
-    write(
-        ram,
-        "the RSDP address",
-        ZERO_PAGE_ADDR + ACPI_RSDP_ADDR_OFFSET,
-        &rsdp.to_le_bytes(),
-    )
+/// 2.14) or PVH's start info (`rsdp_paddr`), so Linux need not scan the BIOS area. Call after
+/// [`load_linux`], with the entry it returned.
+pub fn set_acpi_rsdp_addr(
+    ram: &GuestMemoryMmap,
+    entry: LinuxEntry,
+    rsdp: u64,
+) -> Result<(), LinuxLoadError> {
+    let addr = match entry {
+        LinuxEntry::ZeroPage => ZERO_PAGE_ADDR + ACPI_RSDP_ADDR_OFFSET,
+        LinuxEntry::Pvh => PVH_START_INFO_ADDR + PVH_RSDP_PADDR_OFFSET,
+    };
+    write(ram, "the RSDP address", addr, &rsdp.to_le_bytes())
 }
 
 /// Tells the kernel it starts on an 80x25 colour VGA text screen, the cursor at the top
 /// left (`boot_params.screen_info`, which the kernel's real-mode setup fills from the
 /// BIOS when firmware boots it): without it the kernel's VGA console stays off. Call
-/// after [`load_linux`], once the display is in that mode.
+/// after [`load_linux`] for a [`LinuxEntry::ZeroPage`] kernel, once the display is in that
+/// mode (PVH has no screen information: such a kernel starts on its dummy console, as on
+/// QEMU).
 pub fn set_vga_text_screen(ram: &GuestMemoryMmap) -> Result<(), LinuxLoadError> {
-    // PVH has no screen information: the kernel starts on its dummy console, as on QEMU.
-    if booted_through_pvh(ram) {
-        return Ok(());
-    }
     let info = screen_info {
         orig_video_mode: 3,
         orig_video_cols: 80,
@@ -664,9 +683,7 @@ const EFER_LMA: u64 = 1 << 10;
 /// `IA32_APIC_BASE`: the default base, enabled, bootstrap processor.
 const APIC_BASE_BSP: u64 = 0xfee0_0000 | (1 << 11) | (1 << 8);
 
-/// PVH's `hvm_start_info`, in the page the zero page takes otherwise: one or the other is
-/// written, told apart by the start info's magic (which a zero page never starts with: its
-/// first bytes are the cursor position and a memory size in KiB, written as zero).
+/// PVH's `hvm_start_info`, in the page the zero page takes otherwise.
 const PVH_START_INFO_ADDR: u64 = ZERO_PAGE_ADDR;
 /// The initrd's `hvm_modlist_entry`.
 const PVH_MODLIST_ADDR: u64 = ZERO_PAGE_ADDR + 0x40;
@@ -677,10 +694,6 @@ const PVH_MEMMAP_ADDR: u64 = ZERO_PAGE_ADDR + 0x80;
 const PVH_RSDP_PADDR_OFFSET: u64 = 32;
 /// `XEN_HVM_START_MAGIC_VALUE`.
 const PVH_START_MAGIC: u32 = 0x336e_c578;
-
-fn booted_through_pvh(ram: &GuestMemoryMmap) -> bool {
-    matches!(ram.read_obj::<u32>(GuestAddress(PVH_START_INFO_ADDR)), Ok(PVH_START_MAGIC))
-}
 
 /// Writes the PVH start info (QEMU's pvh.bin does this from fw_cfg): version 1 with the
 /// command line, the initrd as module 0, and the E820 map; the RSDP comes with
@@ -918,7 +931,9 @@ mod tests {
         let initrd_data: Vec<u8> = (0..10_000u32).map(|i| (i % 13) as u8).collect();
         let initrd = TempFile::new(&initrd_data);
         let cmdline = "console=ttyS0 root=/dev/vda rw";
-        let state = load_linux(&mem, &kernel.0, Some(&initrd.0), cmdline, &e820).unwrap();
+        let state = load_linux(&mem, &kernel.0, Some(&initrd.0), cmdline, &e820)
+            .unwrap()
+            .state;
 
         // The protected-mode code at 1 MiB.
         let mut loaded = vec![0u8; fake.payload.len()];
@@ -1019,7 +1034,7 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(CMDLINE_ADDR)).unwrap(), 0);
         assert_eq!({ hdr.ramdisk_size }, 5000);
 
-        set_acpi_rsdp_addr(&mem, 0xe0000).unwrap();
+        set_acpi_rsdp_addr(&mem, LinuxEntry::ZeroPage, 0xe0000).unwrap();
         assert_eq!({ zero_page(&mem).acpi_rsdp_addr }, 0xe0000);
     }
 
@@ -1069,7 +1084,9 @@ mod tests {
         let kernel = TempFile::new(&test_elf(Some(0x100_0040)));
         let (mem, e820) = ram(64 * MIB);
         let initrd = TempFile::new(&[1; 100]);
-        let state = load_linux(&mem, &kernel.0, Some(&initrd.0), "quiet", &e820).unwrap();
+        let loaded = load_linux(&mem, &kernel.0, Some(&initrd.0), "quiet", &e820).unwrap();
+        assert_eq!(loaded.entry, LinuxEntry::Pvh);
+        let state = loaded.state;
         // 32-bit protected mode, paging off, EBX the start info.
         assert_eq!(state.regs.rip, 0x100_0040);
         assert_eq!(state.regs.rbx, PVH_START_INFO_ADDR);
@@ -1088,9 +1105,8 @@ mod tests {
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!(module.size, 100);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(module.paddr)).unwrap(), 1);
-        // The RSDP goes into the start info; no screen information is written over it.
-        set_acpi_rsdp_addr(&mem, 0xe_0000).unwrap();
-        set_vga_text_screen(&mem).unwrap();
+        // The RSDP goes into the start info.
+        set_acpi_rsdp_addr(&mem, LinuxEntry::Pvh, 0xe_0000).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_START_INFO_ADDR)).unwrap();
         assert_eq!((info.magic, info.rsdp_paddr), (PVH_START_MAGIC, 0xe_0000));
     }
@@ -1101,7 +1117,9 @@ mod tests {
         let kernel = TempFile::new(&elf);
         let (mem, e820) = ram(64 * MIB);
         let initrd = TempFile::new(&[1; 100]);
-        let state = load_linux(&mem, &kernel.0, Some(&initrd.0), "quiet", &e820).unwrap();
+        let loaded = load_linux(&mem, &kernel.0, Some(&initrd.0), "quiet", &e820).unwrap();
+        assert_eq!(loaded.entry, LinuxEntry::ZeroPage);
+        let state = loaded.state;
         assert_eq!(state.regs.rip, 0x100_0000);
         assert_eq!(state.regs.rsi, ZERO_PAGE_ADDR);
         assert_eq!(
