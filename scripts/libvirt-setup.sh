@@ -105,9 +105,10 @@ start_daemon() {
 start_daemon virtlogd
 start_daemon libvirtd
 
-# libvirtd accepts connections once its socket exists.
+# libvirtd accepts connections once its socket exists. (`virsh uri`, not `version`: the
+# latter fails with "Cannot find suitable emulator" where no qemu-system-* is installed.)
 for _ in $(seq 100); do
-    virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
+    virsh -c qemu:///system uri >/dev/null 2>&1 && exit 0
     sleep 0.2
 done
 die "libvirtd does not answer on qemu:///system"

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use qom::{
-    type_init, ClassInitFor, Error, Object, ObjectClass, Prop, Property, PropertyKind, StateAccessor,
+    type_init, ClassInitFor, Error, Object, ObjectClass, Prop, Property, PropertyKind, PropertyType,
+    StateAccessor,
     Typed, Value, WeakObjectRef,
 };
 
@@ -266,6 +267,38 @@ impl Default for ConfigSpace {
     }
 }
 
+/// `romfile=`: QEMU tells an unset property (the class's ROM) from an empty one (no ROM).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RomFile {
+    /// Not given: the device class's ROM, if it has one.
+    #[default]
+    ClassDefault,
+    /// `romfile=` (empty): no option ROM.
+    NoRom,
+    /// A file name searched in the firmware directories, or a path.
+    File(String),
+}
+
+impl PropertyType for RomFile {
+    const KIND: PropertyKind = PropertyKind::Str;
+    fn to_value(&self) -> Value {
+        match self {
+            RomFile::File(file) => Value::Str(file.clone()),
+            RomFile::ClassDefault | RomFile::NoRom => Value::Str(String::new()),
+        }
+    }
+    fn from_value(value: Value) -> Option<Self> {
+        match value {
+            Value::Str(s) if s.is_empty() => Some(RomFile::NoRom),
+            Value::Str(s) => Some(RomFile::File(s)),
+            _ => None,
+        }
+    }
+    fn default_value(&self) -> Option<Value> {
+        None
+    }
+}
+
 /// QEMU's `PCIDevice`: configuration space, write mask, BARs, the option ROM and the INTx
 /// line.
 #[derive(qom::Object)]
@@ -274,7 +307,7 @@ pub struct PciDevice {
     #[parent]
     parent: DeviceState,
     #[property(desc = "Option ROM image: a file name searched in the firmware directories, or a path (empty: none)")]
-    romfile: Prop<Option<String>>,
+    romfile: Prop<RomFile>,
     #[property(default = u32::MAX, desc = "ROM BAR size in bytes (all ones: the image's, rounded up to a power of two)")]
     romsize: Prop<u32>,
     #[property(default = 1, desc = "Expose the option ROM through the ROM BAR (0: hand it to the firmware through fw_cfg)")]
@@ -712,17 +745,14 @@ impl PciDevice {
     /// QEMU's `pci_add_option_rom`: loads `romfile=` (or the class's default ROM) into the
     /// expansion ROM BAR, or with `rombar=0` keeps it for the firmware's fw_cfg.
     fn add_option_rom(&self, class_rom: Option<&'static str>, class_id: u16) -> Result<(), RealizeError> {
-        let file = match self.romfile.get() {
-            Some(file) => file,
-            None => match class_rom {
-                Some(file) => file.to_string(),
+        let (file, is_default_rom) = match self.romfile.get() {
+            RomFile::File(file) => (file, false),
+            RomFile::NoRom => return Ok(()),
+            RomFile::ClassDefault => match class_rom {
+                Some(file) => (file.to_string(), true),
                 None => return Ok(()),
             },
         };
-        let is_default_rom = self.romfile.get().is_none();
-        if file.is_empty() {
-            return Ok(());
-        }
         let path = crate::core::datadir::resolve_data_file(&file);
         let size = std::fs::metadata(&path)
             .ok()
