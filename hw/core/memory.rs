@@ -61,6 +61,9 @@ pub struct MemoryRegion {
     ops: Arc<dyn MemoryRegionOps>,
     eventfds: Vec<RegionEventFd>,
     ram: Option<RamBacking>,
+    /// The backing is ROM: the accelerator maps it read-only and the guest's writes go to
+    /// the handlers (which drop them).
+    readonly: bool,
     /// Offsets whose writes the accelerator may buffer (QEMU's coalesced MMIO).
     coalesced: Option<std::ops::Range<u64>>,
 }
@@ -93,6 +96,7 @@ impl MemoryRegion {
             ops,
             eventfds: Vec::new(),
             ram: None,
+            readonly: false,
             coalesced: None,
         }
     }
@@ -123,6 +127,22 @@ impl MemoryRegion {
     ) -> Arc<Self> {
         Arc::new(MemoryRegion {
             ram: Some(ram),
+            ..Self::plain(name.into(), size, ops)
+        })
+    }
+
+    /// A ROM backed by `size` bytes of host memory (`ram`), mapped into the guest read-only
+    /// where the accelerator can (QEMU's `memory_region_init_rom`): the guest's reads never
+    /// leave it, its writes reach `ops`, which must read that same memory and drop writes.
+    pub fn new_rom_device(
+        name: impl Into<String>,
+        size: u64,
+        ops: Arc<dyn MemoryRegionOps>,
+        ram: RamBacking,
+    ) -> Arc<Self> {
+        Arc::new(MemoryRegion {
+            ram: Some(ram),
+            readonly: true,
             ..Self::plain(name.into(), size, ops)
         })
     }
@@ -439,8 +459,9 @@ impl AddressSpace {
     }
 
     /// Maps a RAM-backed region's memory into the guest at `base` through the
-    /// accelerator (QEMU's KVM memory listener's `region_add` of a RAM region). Refused
-    /// (qtest, an address KVM will not take): the region's handlers serve it.
+    /// accelerator (QEMU's KVM memory listener's `region_add` of a RAM region), read-only
+    /// for a ROM. Refused (qtest, an address or size KVM will not take): the region's
+    /// handlers serve it.
     fn add_slot(&self, base: u64, region: &Arc<MemoryRegion>) {
         let (Some(ram), Some(accel)) = (&region.ram, self.accel.get()) else {
             return;
@@ -453,7 +474,7 @@ impl AddressSpace {
             size: region.size,
             host_addr: ram.host_addr,
         };
-        match accel.map_slot(block, false) {
+        match accel.map_slot(block, region.readonly) {
             Ok(slot) => self.slots.lock().push((region.clone(), slot)),
             Err(e) => log::debug!("{}: '{}' at 0x{base:x} stays MMIO: {e}", self.name, region.name),
         }

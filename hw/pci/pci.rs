@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use vm_memory::{Bytes, VolatileMemory};
 use qom::{
     type_init, ClassInitFor, Error, Object, ObjectClass, Prop, Property, PropertyKind, PropertyType,
     StateAccessor,
@@ -14,7 +15,7 @@ use qom::{
 use crate::core::bus::BusState;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::{IrqHandler, IrqLine};
-use crate::core::memory::{AddressSpace, MemoryRegion, MemoryRegionOps};
+use crate::core::memory::{AddressSpace, MemoryRegion, MemoryRegionOps, RamBacking};
 use crate::core::qdev::{
     device_class_add_property, device_class_init, DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError,
 };
@@ -495,6 +496,14 @@ pub enum PciError {
     /// `romfile=` names a file of more than 2 GiB.
     #[error("romfile \"{0}\" too large (size cannot exceed 2 GiB)")]
     RomTooLarge(String),
+    /// No host memory for the ROM BAR.
+    #[error("romfile \"{file}\": cannot allocate the ROM: {reason}")]
+    RomAllocation {
+        /// `romfile=`.
+        file: String,
+        /// Why.
+        reason: String,
+    },
     /// `romfile=` larger than `romsize=`.
     #[error("romfile \"{file}\" ({size} bytes) is too large for ROM size {romsize}")]
     RomSize {
@@ -790,9 +799,14 @@ impl PciDevice {
             });
             return Ok(());
         }
-        data.resize(bar_size as usize, 0xff);
         let name = format!("{}.rom", self.type_name());
-        let region = MemoryRegion::new_io(name, bar_size, Arc::new(RomBar(data.into())));
+        let rom = RomBar::new(&data, bar_size)
+            .map_err(|e| RealizeError::device(PciError::RomAllocation { file, reason: e.to_string() }))?;
+        let backing = RamBacking {
+            host_addr: rom.host_addr(),
+            owner: rom.clone(),
+        };
+        let region = MemoryRegion::new_rom_device(name, bar_size, rom, backing);
         self.register_bar(PCI_ROM_SLOT, BarKind::Mem32, region)
     }
 
@@ -970,17 +984,35 @@ impl PciDevice {
     }
 }
 
-/// The expansion ROM's contents (QEMU's `pdev->rom`, a ROM region): reads return the
-/// image (padded with 0xff to the BAR's size), writes are dropped.
-struct RomBar(Arc<[u8]>);
+/// The expansion ROM's contents (QEMU's `pdev->rom`, a ROM region): the image padded with
+/// 0xff to the BAR's size, in host memory the accelerator maps into the guest read-only, so
+/// the firmware copying the ROM out (a read per dword) does not exit for each read. The
+/// handlers serve the same bytes where it cannot, and drop writes.
+struct RomBar(vm_memory::MmapRegion<()>);
+
+impl RomBar {
+    fn new(image: &[u8], bar_size: u64) -> Result<Arc<RomBar>, vm_memory::mmap::MmapRegionError> {
+        let len = usize::try_from(bar_size).unwrap_or(usize::MAX);
+        let region = vm_memory::MmapRegion::<()>::new(len)?;
+        let mut padded = image[..image.len().min(len)].to_vec();
+        padded.resize(len, 0xff);
+        // `padded` is exactly as long as the mapping just made.
+        region.as_volatile_slice().copy_from(&padded);
+        Ok(Arc::new(RomBar(region)))
+    }
+
+    fn host_addr(&self) -> u64 {
+        self.0.as_ptr() as u64
+    }
+}
 
 impl MemoryRegionOps for RomBar {
     fn read(&self, offset: u64, size: u32) -> u64 {
         let mut bytes = [0xffu8; 8];
-        for (i, b) in bytes.iter_mut().enumerate().take(size.min(8) as usize) {
-            if let Some(v) = usize::try_from(offset + i as u64).ok().and_then(|o| self.0.get(o)) {
-                *b = *v;
-            }
+        let n = size.min(8) as usize;
+        if let Ok(offset) = usize::try_from(offset) {
+            // Past the end: the bytes stay all ones.
+            let _ = self.0.as_volatile_slice().read_slice(&mut bytes[..n], offset);
         }
         let value = u64::from_le_bytes(bytes);
         if size >= 8 {
@@ -1141,10 +1173,17 @@ mod rom_tests {
 
     #[test]
     fn the_rom_bar_reads_the_image_and_all_ones_past_it() {
-        let rom = RomBar(vec![0x55, 0xaa, 0x10].into());
+        let rom = RomBar::new(&[0x55, 0xaa, 0x10], 4096).unwrap();
         assert_eq!(rom.read(0, 2), 0xaa55);
         assert_eq!(rom.read(1, 4), 0xffff_10aa);
+        assert_eq!(rom.read(4092, 4), 0xffff_ffff);
+        assert_eq!(rom.read(4096, 1), 0xff);
         assert_eq!(rom.read(u64::MAX, 1), 0xff);
+        // The accelerator maps this memory: it holds the padded image too.
+        // SAFETY: 4096 bytes of the ROM's own mapping, alive as long as `rom`.
+        let mapped = unsafe { std::slice::from_raw_parts(rom.host_addr() as *const u8, 4096) };
+        assert_eq!(&mapped[..4], &[0x55, 0xaa, 0x10, 0xff]);
+        assert!(mapped[3..].iter().all(|b| *b == 0xff));
         rom.write(0, 0, 1);
         assert_eq!(rom.read(0, 1), 0x55);
     }
