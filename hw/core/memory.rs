@@ -125,10 +125,7 @@ impl MemoryRegion {
         ops: Arc<dyn MemoryRegionOps>,
         ram: RamBacking,
     ) -> Arc<Self> {
-        Arc::new(MemoryRegion {
-            ram: Some(ram),
-            ..Self::plain(name.into(), size, ops)
-        })
+        Arc::new(Self::backed(name.into(), size, ops, ram, false))
     }
 
     /// A ROM backed by `size` bytes of host memory (`ram`), mapped into the guest read-only
@@ -140,11 +137,21 @@ impl MemoryRegion {
         ops: Arc<dyn MemoryRegionOps>,
         ram: RamBacking,
     ) -> Arc<Self> {
-        Arc::new(MemoryRegion {
+        Arc::new(Self::backed(name.into(), size, ops, ram, true))
+    }
+
+    fn backed(
+        name: String,
+        size: u64,
+        ops: Arc<dyn MemoryRegionOps>,
+        ram: RamBacking,
+        readonly: bool,
+    ) -> MemoryRegion {
+        MemoryRegion {
             ram: Some(ram),
-            readonly: true,
-            ..Self::plain(name.into(), size, ops)
-        })
+            readonly,
+            ..Self::plain(name, size, ops)
+        }
     }
 
     /// The region's ioeventfds.
