@@ -1011,8 +1011,9 @@ impl MemoryRegionOps for RomBar {
         let mut bytes = [0xffu8; 8];
         let n = size.min(8) as usize;
         if let Ok(offset) = usize::try_from(offset) {
-            // Past the end: the bytes stay all ones.
-            let _ = self.0.as_volatile_slice().read_slice(&mut bytes[..n], offset);
+            // The part inside the BAR; bytes past its end stay all ones.
+            let inside = self.0.size().saturating_sub(offset).min(n);
+            let _ = self.0.as_volatile_slice().read_slice(&mut bytes[..inside], offset);
         }
         let value = u64::from_le_bytes(bytes);
         if size >= 8 {
@@ -1177,6 +1178,8 @@ mod rom_tests {
         assert_eq!(rom.read(0, 2), 0xaa55);
         assert_eq!(rom.read(1, 4), 0xffff_10aa);
         assert_eq!(rom.read(4092, 4), 0xffff_ffff);
+        let full = RomBar::new(&[0x11, 0x22, 0x33, 0x44], 4).unwrap();
+        assert_eq!(full.read(2, 4), 0xffff_4433, "a read across the end keeps its inside bytes");
         assert_eq!(rom.read(4096, 1), 0xff);
         assert_eq!(rom.read(u64::MAX, 1), 0xff);
         // The accelerator maps this memory: it holds the padded image too.
