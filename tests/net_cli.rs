@@ -235,3 +235,28 @@ fn libvirts_json_netdev_and_device_are_accepted() {
         "{text}"
     );
 }
+
+/// `romfile=` is PCI's on virtio-net-pci too: a ROM that is not there is QEMU's error, an
+/// empty one means no ROM (what libvirt writes for `<rom enabled='no'/>`).
+#[test]
+fn the_nics_romfile_is_the_pci_option_rom() {
+    let missing = run_with_quit(qomvm_cmd(&[
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0,romfile=/nonexistent.bin",
+    ]));
+    assert!(!missing.status.success(), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("failed to find romfile \"/nonexistent.bin\""),
+        "{}",
+        stderr(&missing)
+    );
+    let none = run_with_quit(qomvm_cmd(&[
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0,romfile=",
+    ]));
+    assert!(none.status.success(), "{}", stderr(&none));
+}

@@ -97,8 +97,6 @@ pub struct VirtioNetPci {
     iothread: Prop<Option<String>>,
     #[property(default = -1, desc = "Boot order of the card (firmware)")]
     bootindex: Prop<i32>,
-    #[property(desc = "Option ROM file (firmware network boot)")]
-    romfile: Prop<Option<String>>,
     #[property(default = -1, desc = "Link speed in Mbit/s reported to the guest (-1: unknown)")]
     speed: Prop<i32>,
     #[property(desc = "Link duplex reported to the guest (half or full)")]
