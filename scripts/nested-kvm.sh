@@ -50,7 +50,9 @@ QOMVM_* variables.
 COMMAND's stdout and stderr (merged) are streamed to this script's stdout;
 L1's own console goes to a log that is shown only on failure. The exit status
 is COMMAND's. Other statuses:
-  124  --timeout expired (L1 is killed)
+  124  --timeout expired, or L1 stalled: its console showed no sign of life
+       (init prints one every 10 s) for 180 s, or its kernel reported RCU
+       stalls (L1 is killed)
   125  the rig failed: bad usage, a missing tool or package, or L1 did not
        boot/mount (its console log is printed)
   130/143  interrupted by SIGINT/SIGTERM (L1 is killed)
@@ -140,6 +142,9 @@ mount -t devtmpfs devtmpfs /dev
 
 say() { read -r up _ </proc/uptime; echo "qomvm-l1: [$up] $*"; }
 say "init started"
+# A sign of life every 10 s: the host tells a stalled L1 (QEMU's TCG has been seen to
+# stop running it for good) from one that is only slow, and ends it early.
+( while sleep 10; do echo "qomvm-l1: alive"; done ) &
 st_dev=
 finish() { # finish STATUS: report STATUS to the host and power off
     say "exit status $1"
@@ -453,8 +458,8 @@ fi
 
 show_logs() {
     {
-        echo "---- L1 console ($tmp/console.log, last 60 lines) ----"
-        tail -n 60 "$tmp/console.log" 2>/dev/null || true
+        echo "---- L1 console ($tmp/console.log, last 60 lines but signs of life) ----"
+        grep -v '^qomvm-l1: alive' "$tmp/console.log" 2>/dev/null | tail -n 60 || true
         if [[ -s $tmp/qemu.log ]]; then
             echo "---- qemu stderr ----"
             tail -n 20 "$tmp/qemu.log"
@@ -465,7 +470,33 @@ show_logs() {
 
 now_us() { printf '%s\n' "${EPOCHREALTIME//[!0-9]/}"; }
 deadline=$(($(now_us) + timeout * 1000000))
+# L1's console grows at least every 10 s once init runs (its sign of life), and L1's
+# kernel reaches init well within this: longer silence is a stalled L1.
+stall_s=180
+console_size=-1
+last_checked_size=-1
+console_changed=$(now_us)
 while kill -0 "$qpid" 2>/dev/null; do
+    size=$(stat -c %s "$tmp/console.log" 2>/dev/null || echo 0)
+    if ((size != console_size)); then
+        console_size=$size
+        console_changed=$(now_us)
+    elif (($(now_us) - console_changed >= stall_s * 1000000)); then
+        stop_l1
+        show_logs
+        qomvm_log "timed out: L1 stalled, no sign of life on its console for $stall_s s (L1 killed)"
+        exit 124
+    fi
+    # L1's kernel saw one of its CPUs stop taking timer ticks: seen with a nested guest's
+    # vCPU that TCG then never let go of; L1 does not recover (COMMAND's own limits stop
+    # with it), so waiting for --timeout only wastes it.
+    if ((size != last_checked_size)) && grep -qs 'rcu: INFO: .* detected stalls on CPUs' "$tmp/console.log"; then
+        stop_l1
+        show_logs
+        qomvm_log "timed out: L1 stalled, its kernel reports RCU stalls (L1 killed)"
+        exit 124
+    fi
+    last_checked_size=$size
     if (($(now_us) >= deadline)); then
         stop_l1
         if ! grep -q 'qomvm-l1: .* running command' "$tmp/console.log" 2>/dev/null; then
