@@ -69,7 +69,30 @@ fn open(path: &Path, format: Format, read_only: bool) -> Result<BlockBackend, Bl
     let mut opts = OpenOptions::new(path);
     opts.format = Some(format);
     opts.read_only = read_only;
-    BlockBackend::open("d0", "#test", opts, |w| panic!("unexpected warning {w}"))
+    unlocked(|| {
+        BlockBackend::open("d0", "#test", opts.clone(), |w| {
+            panic!("unexpected warning {w}")
+        })
+    })
+}
+
+/// Opens with `open`, again for up to two seconds while the image reads as locked. The
+/// tests of this file run on parallel threads, several spawn `qemu-img`, and a child
+/// forked before a backend was dropped holds the image's lock (an open file description
+/// shared with this process) until its `exec` closes it: a reopen right after a drop can
+/// meet that child's lock (CI saw it once). No test here expects a lock conflict.
+fn unlocked(
+    mut open: impl FnMut() -> Result<BlockBackend, BlockError>,
+) -> Result<BlockBackend, BlockError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match open() {
+            Err(BlockError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
 }
 
 #[test]
@@ -648,8 +671,10 @@ fn open_with(
     let mut opts = OpenOptions::new(path);
     opts.format = Some(format);
     f(&mut opts);
-    BlockBackend::open("", &block::auto_node_name(), opts, |w| {
-        panic!("unexpected warning {w}")
+    unlocked(|| {
+        BlockBackend::open("", &block::auto_node_name(), opts.clone(), |w| {
+            panic!("unexpected warning {w}")
+        })
     })
 }
 
@@ -732,7 +757,8 @@ fn io_accounting_counts_requests_as_qemu_does() {
     assert!(matches!(ro.discard(0, 512), Err(BlockError::ReadOnly)));
     assert_eq!((ro.stats().wr.invalid, ro.stats().unmap.invalid), (1, 1));
     drop(ro);
-    let probed = BlockBackend::open("", "#probed", OpenOptions::new(&path), |_| {}).unwrap();
+    let probed =
+        unlocked(|| BlockBackend::open("", "#probed", OpenOptions::new(&path), |_| {})).unwrap();
     let mut magic = vec![0u8; 512];
     magic[..4].copy_from_slice(b"QFI\xfb");
     assert!(probed.write_at(&magic, 0).is_err());
