@@ -144,7 +144,7 @@ say() { read -r up _ </proc/uptime; echo "qomvm-l1: [$up] $*"; }
 say "init started"
 # A sign of life every 10 s: the host tells a stalled L1 (QEMU's TCG has been seen to
 # stop running it for good) from one that is only slow, and ends it early.
-( while sleep 10; do echo "qomvm-l1: alive"; done ) &
+( while sleep 10; do say alive; done ) &
 st_dev=
 finish() { # finish STATUS: report STATUS to the host and power off
     say "exit status $1"
@@ -459,7 +459,10 @@ fi
 show_logs() {
     {
         echo "---- L1 console ($tmp/console.log, last 60 lines but signs of life) ----"
-        grep -v '^qomvm-l1: alive' "$tmp/console.log" 2>/dev/null | tail -n 60 || true
+        # (The serial console ends its lines with CR LF.)
+        grep -v '^qomvm-l1: \[[0-9.]*\] alive' "$tmp/console.log" 2>/dev/null | tail -n 60 || true
+        grep '^qomvm-l1: \[[0-9.]*\] alive' "$tmp/console.log" 2>/dev/null | tail -n 1 |
+            tr -d '\r' | sed 's/ alive$/ last sign of life/' || true
         if [[ -s $tmp/qemu.log ]]; then
             echo "---- qemu stderr ----"
             tail -n 20 "$tmp/qemu.log"
