@@ -411,3 +411,69 @@ fn coalesced_writes_arrive_in_order_at_the_next_exit_or_flush() {
     let after_flush = log.lock().clone();
     assert_eq!(after_flush[3..], [("mmio", 8, 0xe)], "{after_flush:?}");
 }
+
+/// A vCPU with the in-kernel irqchip whose CPUID offers the TSC-deadline timer; `None`
+/// where this KVM does not offer it.
+fn tsc_deadline_vcpu(kvm: &kvm_ioctls::Kvm) -> Option<(kvm_ioctls::VmFd, kvm_ioctls::VcpuFd)> {
+    const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .expect("KVM_GET_SUPPORTED_CPUID");
+    let leaf1 = cpuid.as_slice().iter().find(|e| e.function == 1)?;
+    if leaf1.ecx & CPUID_1_ECX_TSC_DEADLINE == 0 {
+        return None;
+    }
+    vcpu.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
+    Some((vm, vcpu))
+}
+
+fn read_msr(vcpu: &kvm_ioctls::VcpuFd, index: u32) -> u64 {
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(vcpu.get_msrs(&mut msrs).unwrap(), 1, "MSR {index:#x}");
+    msrs.as_slice()[0].data
+}
+
+/// A migrated CPU keeps its armed TSC-deadline timer: the deadline goes back in after the
+/// local APIC has its timer mode (KVM drops a deadline written before).
+#[test]
+fn an_armed_tsc_deadline_moves_with_the_cpu() {
+    use accel::kvm::kvm_state::{load_cpu_state, save_cpu_state};
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+    const LAPIC_LVTT: usize = 0x320;
+    const LVTT_TSC_DEADLINE: u32 = 2 << 17;
+    require_kvm!();
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let Some((_src_vm, src)) = tsc_deadline_vcpu(&kvm) else {
+        test_support::skip::skip("this host's KVM offers no TSC-deadline timer");
+        return;
+    };
+    let mut lapic = src.get_lapic().unwrap();
+    for (i, b) in (LVTT_TSC_DEADLINE | 0xec).to_le_bytes().iter().enumerate() {
+        lapic.regs[LAPIC_LVTT + i] = *b as _;
+    }
+    src.set_lapic(&lapic).unwrap();
+    // An hour ahead at any plausible TSC rate: it does not fire during the test.
+    let deadline = read_msr(&src, MSR_IA32_TSC) + (1 << 44);
+    let entry = kvm_bindings::kvm_msr_entry {
+        index: MSR_IA32_TSC_DEADLINE,
+        data: deadline,
+        ..Default::default()
+    };
+    let armed = src.set_msrs(&kvm_bindings::Msrs::from_entries(&[entry]).unwrap());
+    assert_eq!(armed.unwrap(), 1);
+    assert_eq!(read_msr(&src, MSR_IA32_TSC_DEADLINE), deadline);
+
+    let index_list = kvm.get_msr_index_list().unwrap();
+    let saved = save_cpu_state(&src, index_list.as_slice()).unwrap();
+    let (_dst_vm, dst) = tsc_deadline_vcpu(&kvm).expect("a second vCPU like the first");
+    load_cpu_state(&dst, &saved).unwrap();
+    assert_eq!(read_msr(&dst, MSR_IA32_TSC_DEADLINE), deadline);
+}

@@ -69,7 +69,7 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Vec<(u32, u64)> {
 }
 
 /// CPU state as KVM holds it, read on the vCPU's thread while it is paused.
-pub(crate) fn save_cpu_state(
+pub fn save_cpu_state(
     vcpu: &VcpuFd,
     msr_index_list: &[u32],
 ) -> Result<VmStateSection, VmStateError> {
@@ -128,7 +128,7 @@ pub(crate) fn save_cpu_state(
 /// Puts a saved CPU state back, in QEMU's order (`kvm_arch_put_registers`): registers,
 /// XSAVE, XCRs, system registers, MSRs, MP state, local APIC, the TSC deadline, events,
 /// debug registers.
-pub(crate) fn load_cpu_state(vcpu: &VcpuFd, s: &VmStateSection) -> Result<(), VmStateError> {
+pub fn load_cpu_state(vcpu: &VcpuFd, s: &VmStateSection) -> Result<(), VmStateError> {
     s.check_version(1, CPU_STATE_VERSION)?;
     let regs: kvm_regs = get_pod(s, "regs")?;
     let sregs: kvm_sregs = get_pod(s, "sregs")?;
@@ -262,79 +262,4 @@ pub(crate) fn load_vm_state(
     };
     vm.set_clock(&clock).map_err(|e| host("KVM_SET_CLOCK", e))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kvm_ioctls::Kvm;
-
-    const LAPIC_LVTT: usize = 0x320;
-    const LVTT_TSC_DEADLINE: u32 = 2 << 17;
-    const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
-
-    /// A VM with the in-kernel irqchip and one vCPU whose CPUID offers the TSC-deadline
-    /// timer, or `None` (with the reason printed) where KVM cannot make one.
-    fn vcpu(kvm: &Kvm) -> Option<(VmFd, VcpuFd)> {
-        let vm = kvm.create_vm().ok()?;
-        vm.create_irq_chip().ok()?;
-        let vcpu = vm.create_vcpu(0).ok()?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .ok()?;
-        let leaf1 = cpuid.as_mut_slice().iter_mut().find(|e| e.function == 1)?;
-        if leaf1.ecx & CPUID_1_ECX_TSC_DEADLINE == 0 {
-            println!("skipped: this KVM offers no TSC-deadline timer");
-            return None;
-        }
-        vcpu.set_cpuid2(&cpuid).ok()?;
-        Some((vm, vcpu))
-    }
-
-    fn msr(vcpu: &VcpuFd, index: u32) -> u64 {
-        read_msrs(vcpu, &[index])
-            .first()
-            .map(|&(_, v)| v)
-            .unwrap_or_else(|| panic!("MSR {index:#x} unreadable"))
-    }
-
-    /// An armed TSC-deadline timer survives a save and load: the deadline goes in after
-    /// the APIC has its timer mode back.
-    #[test]
-    fn an_armed_tsc_deadline_moves_with_the_cpu() {
-        let Ok(kvm) = Kvm::new() else {
-            println!("skipped: /dev/kvm cannot be opened");
-            return;
-        };
-        let Some((_src_vm, src)) = vcpu(&kvm) else {
-            println!("skipped: KVM refused the test vCPU");
-            return;
-        };
-        let mut lapic = src.get_lapic().unwrap();
-        let lvtt = LVTT_TSC_DEADLINE | 0xec;
-        for (i, b) in lvtt.to_le_bytes().iter().enumerate() {
-            lapic.regs[LAPIC_LVTT + i] = *b as _;
-        }
-        src.set_lapic(&lapic).unwrap();
-        // An hour ahead at any plausible TSC rate: it does not fire during the test.
-        let deadline = msr(&src, MSR_IA32_TSC) + (1 << 44);
-        put_msrs(
-            &src,
-            vec![kvm_msr_entry {
-                index: MSR_IA32_TSC_DEADLINE,
-                data: deadline,
-                ..Default::default()
-            }],
-        )
-        .unwrap();
-        assert_eq!(msr(&src, MSR_IA32_TSC_DEADLINE), deadline);
-
-        let index_list = kvm.get_msr_index_list().unwrap();
-        let saved = save_cpu_state(&src, index_list.as_slice()).unwrap();
-        let Some((_dst_vm, dst)) = vcpu(&kvm) else {
-            panic!("a second test vCPU was refused");
-        };
-        load_cpu_state(&dst, &saved).unwrap();
-        assert_eq!(msr(&dst, MSR_IA32_TSC_DEADLINE), deadline);
-    }
 }
