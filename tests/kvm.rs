@@ -3,7 +3,7 @@
 //! way QEMU starts them. Skipped, with the reason printed, where `/dev/kvm` is not usable.
 //!
 //! Each test builds its own machine (not the process's `/machine`), so tests run side by
-//! side in one process.
+//! side in one process. The last test checks a migration's CPU state on bare KVM vCPUs.
 
 use std::sync::atomic::Ordering;
 
