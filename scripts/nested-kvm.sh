@@ -477,29 +477,27 @@ deadline=$(($(now_us) + timeout * 1000000))
 # kernel reaches init well within this: longer silence is a stalled L1.
 stall_s=180
 console_size=-1
-last_checked_size=-1
 console_changed=$(now_us)
 while kill -0 "$qpid" 2>/dev/null; do
     size=$(stat -c %s "$tmp/console.log" 2>/dev/null || echo 0)
     if ((size != console_size)); then
         console_size=$size
         console_changed=$(now_us)
+        # L1's kernel saw one of its CPUs stop taking timer ticks: seen with a nested
+        # guest's vCPU that TCG then never let go of; L1 does not recover (COMMAND's own
+        # limits stop with it), so waiting for --timeout only wastes it.
+        if grep -qs 'rcu: INFO: .* detected stalls on CPUs' "$tmp/console.log"; then
+            stop_l1
+            show_logs
+            qomvm_log "timed out: L1 stalled, its kernel reports RCU stalls (L1 killed)"
+            exit 124
+        fi
     elif (($(now_us) - console_changed >= stall_s * 1000000)); then
         stop_l1
         show_logs
         qomvm_log "timed out: L1 stalled, no sign of life on its console for $stall_s s (L1 killed)"
         exit 124
     fi
-    # L1's kernel saw one of its CPUs stop taking timer ticks: seen with a nested guest's
-    # vCPU that TCG then never let go of; L1 does not recover (COMMAND's own limits stop
-    # with it), so waiting for --timeout only wastes it.
-    if ((size != last_checked_size)) && grep -qs 'rcu: INFO: .* detected stalls on CPUs' "$tmp/console.log"; then
-        stop_l1
-        show_logs
-        qomvm_log "timed out: L1 stalled, its kernel reports RCU stalls (L1 killed)"
-        exit 124
-    fi
-    last_checked_size=$size
     if (($(now_us) >= deadline)); then
         stop_l1
         if ! grep -q 'qomvm-l1: .* running command' "$tmp/console.log" 2>/dev/null; then

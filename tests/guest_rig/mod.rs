@@ -60,8 +60,9 @@ pub fn kvm_path() -> Path_ {
 ///
 /// The rig's L1 is a Linux guest of QEMU's TCG, which on rare runs stalls (the rig ends it
 /// after 3 minutes without a sign of life on L1's console, or at its own time limit; seen
-/// before COMMAND printed anything, and once after the guest had powered off), or ends under a running COMMAND without reporting its status (seen
-/// once, L1's QEMU exiting 0 mid-boot). Such a run says nothing about qomvm, so it is
+/// before COMMAND printed anything, and once after the guest had powered off), or ends
+/// under a running COMMAND without reporting its status (seen once, L1's QEMU exiting 0
+/// mid-boot). Such a run says nothing about qomvm, so it is
 /// retried (up to three times, each retry reported).
 pub fn host_or_rig(
     command: &[&str],
