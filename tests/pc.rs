@@ -148,6 +148,31 @@ fn ram_above_4g_is_mapped_and_cpus_follow_smp() {
     let ram = ms.ram();
     let regions: Vec<(u64, u64)> = ram.iter().map(|r| (r.start_addr().0, r.len())).collect();
     assert_eq!(regions, [(0, 3 << 30), (1 << 32, 2 << 30)]);
+    // As QEMU maps RAM: each 2 MiB page of guest memory on a 2 MiB page of host memory
+    // (huge pages can back it), and advised so.
+    for r in ram.iter() {
+        assert_eq!(
+            r.as_ptr() as usize % (2 << 20),
+            0,
+            "RAM at {:#x}",
+            r.start_addr().0
+        );
+    }
+    // (A kernel built without transparent huge pages refuses the advice.)
+    if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let host = ram.iter().nth(1).unwrap().as_ptr() as usize;
+        let flags = smaps
+            .split_inclusive("VmFlags:")
+            .zip(smaps.split("VmFlags:").skip(1))
+            .find(|(head, _)| head.contains(&format!("\n{host:x}-")))
+            .map(|(_, flags)| flags.lines().next().unwrap_or(""))
+            .expect("the RAM mapping in smaps");
+        assert!(
+            flags.split_whitespace().any(|f| f == "hg"),
+            "VmFlags:{flags}"
+        );
+    }
     assert_eq!(ms.cpus().len(), 4);
     let apic_ids: Vec<u64> = ms
         .cpus()

@@ -428,9 +428,10 @@ impl MachineState {
         hole: Option<std::ops::Range<u64>>,
     ) -> Result<(), MachineError> {
         self.services.add_ram_except(guest_addr, size, hole)?;
-        // QEMU's ram_block_add: `dump-guest-core=off` keeps guest RAM out of qomvm's core
-        // dumps (MADV_DONTDUMP), `mem-merge=on` offers it to KSM (MADV_MERGEABLE). Both are
-        // advice: a kernel without KSM refuses the latter, which changes nothing else.
+        // QEMU's ram_block_add: huge pages (MADV_HUGEPAGE), `dump-guest-core=off` keeps
+        // guest RAM out of qomvm's core dumps (MADV_DONTDUMP), `mem-merge=on` offers it to
+        // KSM (MADV_MERGEABLE). All advice: a kernel without THP or KSM refuses it, which
+        // changes nothing else.
         use vm_memory::{GuestAddress, GuestMemoryBackend};
         let ram = self.services.ram();
         if let (Ok(host), Ok(len)) = (
@@ -442,6 +443,8 @@ impl MachineState {
                 // changes no contents.
                 unsafe { libc::madvise(host.cast(), len, advice) }
             };
+            // Transparent huge pages where the host offers them (QEMU_MADV_HUGEPAGE).
+            advise(libc::MADV_HUGEPAGE);
             if !self.dump_guest_core.get() {
                 advise(libc::MADV_DONTDUMP);
             }

@@ -55,6 +55,91 @@ pub struct MachineServices {
     consoles: crate::core::console::ConsoleList,
     /// The input devices, for host keyboard and pointer events.
     input: crate::core::input::InputHandlers,
+    /// Guest RAM mapped at 2 MiB-aligned host addresses, unmapped with the machine.
+    aligned_ram: parking_lot::Mutex<Vec<AlignedRam>>,
+}
+
+/// Host memory alignment of guest RAM (QEMU's `QEMU_VMALLOC_ALIGN` on x86-64): a 2 MiB
+/// page of guest-physical memory then sits on a 2 MiB page of host memory, so
+/// transparent huge pages can back it and KVM can map it with large pages.
+const RAM_HOST_ALIGN: usize = 2 << 20;
+
+/// An aligned RAM mapping (see [`map_aligned_ram`]): the region does not own it (vm-memory
+/// unmaps only mappings it made), so this does, once nothing else holds the region.
+struct AlignedRam {
+    region: Arc<GuestRegionMmap>,
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: `addr`/`len` name a mapping only this value unmaps; nothing in it is tied to a
+// thread.
+unsafe impl Send for AlignedRam {}
+
+impl Drop for AlignedRam {
+    fn drop(&mut self) {
+        // Still in use elsewhere (a device thread outliving its machine): left mapped.
+        if Arc::strong_count(&self.region) == 1 {
+            // SAFETY: the last reference to the region is ours, so nothing can reach the
+            // memory any more; the range is the mapping map_aligned_ram made.
+            unsafe { libc::munmap(self.addr, self.len) };
+        }
+    }
+}
+
+/// Maps `len` bytes of anonymous memory for guest RAM at a [`RAM_HOST_ALIGN`]-aligned
+/// host address (QEMU's `qemu_ram_mmap`), without reserving swap: untouched RAM costs
+/// nothing.
+fn map_aligned_ram(guest_addr: u64, len: usize) -> Result<AlignedRam, RamError> {
+    let total = len
+        .checked_add(RAM_HOST_ALIGN)
+        .ok_or(RamError::TooLarge(len as u64))?;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh mapping at an address the kernel picks; nothing else is affected.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), total, prot, flags, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(RamError::Allocation(std::io::Error::last_os_error().to_string()));
+    }
+    let start = base as usize;
+    let aligned = start.next_multiple_of(RAM_HOST_ALIGN);
+    let (head, tail) = (aligned - start, start + total - (aligned + len));
+    // SAFETY: both ranges are the parts of the fresh mapping outside [aligned, +len).
+    unsafe {
+        if head > 0 {
+            libc::munmap(base, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+    }
+    let addr = aligned as *mut libc::c_void;
+    // SAFETY: [aligned, aligned + len) is mapped read-write above and stays mapped until
+    // the AlignedRam returned (its only owner) is dropped with nothing else holding it.
+    let mapping = unsafe {
+        vm_memory::mmap::MmapRegionBuilder::new(len)
+            .with_mmap_prot(prot)
+            .with_mmap_flags(flags)
+            .with_raw_mmap_pointer(addr.cast())
+            .build()
+    };
+    let unmap = || {
+        // SAFETY: the aligned mapping made above, which nothing refers to on this path.
+        unsafe { libc::munmap(addr, len) };
+    };
+    let mapping = mapping.map_err(|e| {
+        unmap();
+        RamError::Allocation(e.to_string())
+    })?;
+    let Some(region) = GuestRegionMmap::new(mapping, GuestAddress(guest_addr)) else {
+        unmap();
+        return Err(RamError::TooLarge(len as u64));
+    };
+    Ok(AlignedRam {
+        region: Arc::new(region),
+        addr,
+        len,
+    })
 }
 
 impl Default for MachineServices {
@@ -71,6 +156,7 @@ impl Default for MachineServices {
             dirty: Arc::default(),
             consoles: Default::default(),
             input: Default::default(),
+            aligned_ram: Default::default(),
         }
     }
 }
@@ -259,12 +345,20 @@ impl MachineServices {
     ) -> Result<(), RamError> {
         let ops = self.accel_ops().ok_or(RamError::NoAccelerator)?;
         let len = usize::try_from(size).map_err(|_| RamError::TooLarge(size))?;
-        let region = GuestRegionMmap::from_range(GuestAddress(guest_addr), len, None)
-            .map_err(|e| RamError::Allocation(e.to_string()))?;
+        let region = if len >= RAM_HOST_ALIGN {
+            let ram = map_aligned_ram(guest_addr, len)?;
+            let region = ram.region.clone();
+            self.aligned_ram.lock().push(ram);
+            region
+        } else {
+            let region = GuestRegionMmap::from_range(GuestAddress(guest_addr), len, None)
+                .map_err(|e| RamError::Allocation(e.to_string()))?;
+            Arc::new(region)
+        };
         let host_addr = region.as_ptr() as u64;
         let next = self
             .ram()
-            .insert_region(Arc::new(region))
+            .insert_region(region)
             .map_err(|e| RamError::Allocation(e.to_string()))?;
         self.ram.store(Arc::new(next));
         let end = guest_addr + size;
