@@ -10,14 +10,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hw::core::accel_ops::EventFd;
 use hw::core::dirty_log::DirtyTracker;
 use hw::core::iothread::AioContext;
 use hw::net::vhost_net::{vhost_features, vhost_net_get_features, VhostNet};
-use hw::virtio::virtio::{bit, feature, ActiveQueue, VirtioTransport};
+use hw::virtio::virtio::{bit, feature, ActiveQueue, IrqfdSink, VirtioTransport};
 use test_support::netns::{
     open_tap, skip_reason, test_frame, Netns, PacketSocket, IFF_TAP, IFF_VNET_HDR,
 };
@@ -33,10 +33,12 @@ const WAIT: Duration = Duration::from_secs(20);
 const TX_BUF: u64 = 0x4_0000;
 const RX_BUFS: u64 = 0x5_0000;
 
-/// Counts the interrupts the worker's call signals turn into.
+/// Counts the interrupts the worker's call signals turn into, and keeps the irqfd sinks
+/// the worker's owner gives it (the test plays MSI-X, handing it eventfds).
 #[derive(Default)]
 struct Counting {
     used: [AtomicU32; 2],
+    sinks: Mutex<[Option<IrqfdSink>; 2]>,
 }
 
 impl VirtioTransport for Counting {
@@ -45,6 +47,9 @@ impl VirtioTransport for Counting {
     }
     fn signal_config(&self) {}
     fn mark_broken(&self) {}
+    fn set_queue_irqfd_sink(&self, queue: u16, sink: Option<IrqfdSink>) {
+        self.sinks.lock().unwrap()[usize::from(queue)] = sink;
+    }
 }
 
 /// A cleared split ring at `base`, and queue `index` as the device model would hand it
@@ -202,12 +207,51 @@ fn in_namespace(ns: &Netns) {
         transport.used[0].load(Ordering::SeqCst) > 0
     });
 
+    // The transmit ring's vector unmasked: its signals go to the vector's irqfd, with no
+    // hop through qomvm; masked again, back through signal_used_queue.
+    let tx_sink = transport.sinks.lock().unwrap()[1]
+        .clone()
+        .expect("the worker's owner offered the TX ring an irqfd sink");
+    let irqfd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let mut sent: u8 = 0;
+    let mut send = |tx_ring: &mut SplitRing| {
+        sent += 1;
+        let frame = test_frame(10 + sent, 114);
+        let mut wire = vec![0u8; 12];
+        wire.extend_from_slice(&frame);
+        mem.write_slice(&wire, GuestAddress(TX_BUF)).unwrap();
+        tx_ring.add_chain(&mem, &[(TX_BUF, wire.len() as u32, false)]);
+        tx_kick.write(1).unwrap();
+        assert_eq!(sock.recv_test_frame(), frame);
+        wait_used(&mem, tx_ring, "the TX buffer used");
+    };
+    tx_sink(Some(&irqfd));
+    let before = transport.used[1].load(Ordering::SeqCst);
+    send(&mut tx_ring);
+    wait_for("the TX signal on the irqfd", || irqfd.read().is_ok());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        transport.used[1].load(Ordering::SeqCst),
+        before,
+        "nothing through qomvm"
+    );
+    tx_sink(None);
+    send(&mut tx_ring);
+    wait_for("the TX interrupt through qomvm again", || {
+        transport.used[1].load(Ordering::SeqCst) > before
+    });
+    assert!(irqfd.read().is_err(), "nothing on the irqfd once masked");
+
     net.stop().unwrap();
+    assert!(
+        transport.sinks.lock().unwrap().iter().all(Option::is_none),
+        "a stopped worker takes its sinks back"
+    );
     assert!(!net.is_running());
     // Whatever else arrived before the stop.
     rx_used.extend(rx_ring.take_used(&mem));
-    assert_eq!(net.queues()[1].queue.next_avail(), 1);
-    assert_eq!(net.queues()[1].queue.next_used(), 1);
+    assert_eq!(net.queues()[1].queue.next_avail(), 3);
+    assert_eq!(net.queues()[1].queue.next_used(), 3);
     assert_eq!(
         usize::from(net.queues()[0].queue.next_used()),
         rx_used.len()

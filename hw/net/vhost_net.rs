@@ -6,8 +6,11 @@
 //! its tap file (`NetQueue::tap_file`), guest memory and the two rings (receive, then
 //! transmit). The driver's notifications reach the worker directly: a ring's `kick`
 //! (the ioeventfd the transport registered) is the vring kick. The worker's "used"
-//! signals arrive on an eventfd of ours, which an [`AioContext`] handler turns into the
-//! transport's interrupt (no irqfd yet).
+//! signals go, like QEMU's with irqfd, straight to KVM: while the ring's MSI-X vector is
+//! unmasked the worker writes the vector's irqfd eventfd (the transport hands it over,
+//! `VirtioTransport::set_queue_irqfd_sink`); otherwise (masked, INTx, no irqfd) they arrive
+//! on an eventfd of ours, which an [`AioContext`] handler turns into the transport's
+//! interrupt (pending while masked).
 //!
 //! The tap, opened with `IFF_VNET_HDR`, carries the virtio-net header itself: the header
 //! length the features imply (12 bytes with `VERSION_1` or `MRG_RXBUF`, else 10) is set
@@ -345,6 +348,8 @@ pub struct VhostNet {
     calls: Vec<Arc<EventFd>>,
     handlers: Vec<AioHandlerId>,
     ctx: Arc<AioContext>,
+    /// The transport, while it may call our rings' irqfd sinks.
+    transport: Option<Arc<dyn VirtioTransport>>,
     running: bool,
 }
 
@@ -397,6 +402,7 @@ impl VhostNet {
             calls: Vec::new(),
             handlers: Vec::new(),
             ctx,
+            transport: None,
             running: false,
         };
         // From here on, Drop undoes what was done (reset_owner releases it all).
@@ -501,6 +507,25 @@ impl VhostNet {
             self.calls.push(call);
             self.handlers.push(id);
         }
+        // From now on the transport may move each ring's signals to its vector's irqfd
+        // and back (QEMU's vhost_virtqueue_mask).
+        self.transport = Some(Arc::clone(transport));
+        for (i, (aq, own)) in self.queues.iter().zip(&self.calls).enumerate() {
+            let ring = Handle {
+                file: Arc::clone(&self.handle.file),
+                mem: Arc::clone(&self.handle.mem),
+            };
+            let own = Arc::clone(own);
+            transport.set_queue_irqfd_sink(
+                aq.index,
+                Some(Arc::new(move |irqfd: Option<&Arc<EventFd>>| {
+                    let call = irqfd.unwrap_or(&own);
+                    if let Err(e) = ring.set_vring_call(i, call) {
+                        log::error!("vhost-net: ring {i}: VHOST_SET_VRING_CALL: {e}");
+                    }
+                })),
+            );
+        }
         for i in 0..self.queues.len() {
             vh("vhost_net_set_backend", h.set_backend(i, Some(tap.as_raw_fd())))?;
         }
@@ -532,6 +557,12 @@ impl VhostNet {
                 first_err.get_or_insert(e);
             }
         };
+        // No more switches of the rings' call eventfds (this waits for one in progress).
+        if let Some(transport) = self.transport.take() {
+            for aq in &self.queues {
+                transport.set_queue_irqfd_sink(aq.index, None);
+            }
+        }
         let h = &self.handle;
         for i in 0..self.queues.len() {
             note(vh("vhost_net_set_backend", h.set_backend(i, None)));

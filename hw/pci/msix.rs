@@ -14,8 +14,11 @@
 //! accelerator has no routes or irqfds, vectors go through `send_msi`; where it cannot
 //! inject MSIs at all (qtest) they are dropped, logged at most a few times a second.
 //!
-//! Lock order: `Msix::state`, then a vector's gate (`Msix::gates`); the device's
-//! configuration space is never locked while `state` is held.
+//! An owner that lets a kernel worker raise vectors itself (virtio-pci for vhost) sets a
+//! [`VectorListener`]: it hears of each vector's irqfd eventfd as it comes and goes.
+//!
+//! Lock order: `Msix::state`, then a vector's gate (`Msix::gates`), then whatever the
+//! listener locks; the device's configuration space is never locked while `state` is held.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -69,6 +72,13 @@ pub enum MsixError {
     #[error("MSI-X: there is no BAR {0} (a PCI device has BARs 0 to 5)")]
     Bar(u8),
 }
+
+/// Told, with the MSI-X lock held, each time a vector's direct path changes (QEMU's
+/// vector use/release notifiers, `msix_set_vector_notifiers`): `Some(fd)` once a write of
+/// `fd` raises the vector (enabled, unmasked, routed: the irqfd eventfd `notify` writes),
+/// `None` once it does not (masked, disabled, reset, refused: notifications must go
+/// through [`Msix::notify`], which keeps them pending while masked).
+pub type VectorListener = Box<dyn Fn(u16, Option<&Arc<EventFd>>) + Send + Sync>;
 
 /// A vector's MSI route and the irqfd that raises it.
 struct Route {
@@ -169,6 +179,8 @@ pub struct Msix {
     /// Per vector, the eventfd whose irqfd delivers it while it is enabled and unmasked:
     /// `notify`'s whole path. Written under `state`.
     gates: Box<[RwLock<Option<Arc<EventFd>>>]>,
+    /// The owner's listener to gate changes, if it set one.
+    listener: OnceLock<VectorListener>,
     state: Mutex<MsixState>,
     log: RateLimitedLog,
 }
@@ -247,6 +259,7 @@ impl Msix {
             accel: services.vm().accel_slot(),
             enabled: AtomicBool::new(false),
             gates: (0..nvectors).map(|_| RwLock::new(None)).collect(),
+            listener: OnceLock::new(),
             state: Mutex::new(MsixState::new(nvectors)),
             log: RateLimitedLog::default(),
         });
@@ -292,6 +305,22 @@ impl Msix {
     pub fn is_pending(&self, vector: u16) -> bool {
         let v = usize::from(vector);
         v < usize::from(self.nvectors) && self.state.lock().pending(v)
+    }
+
+    /// Sets the owner's [`VectorListener`]; there is one per `Msix`, so a second is
+    /// refused (`false`). Vectors already delivered directly are not replayed: the owner
+    /// reads them with [`Msix::with_vector_gates`].
+    pub fn set_vector_listener(&self, listener: VectorListener) -> bool {
+        self.listener.set(listener).is_ok()
+    }
+
+    /// Calls `f` with the MSI-X lock held and a lookup of each vector's direct path (what
+    /// the listener was last told; `None` for vectors the device does not have), so an
+    /// owner can bring something in line with a vector without a listener call
+    /// interleaving.
+    pub fn with_vector_gates<R>(&self, f: impl FnOnce(&dyn Fn(u16) -> Option<Arc<EventFd>>) -> R) -> R {
+        let _st = self.state.lock();
+        f(&|v| self.gates.get(usize::from(v)).and_then(|g| g.read().clone()))
     }
 
     /// QEMU's `msix_notify`: raises `vector`. A masked vector (by itself or the function)
@@ -460,14 +489,33 @@ impl Msix {
     /// irqfd goes unused.
     fn update_vector(&self, st: &mut MsixState, v: usize) {
         if st.is_masked(v) {
-            *self.gates[v].write() = None;
+            self.set_gate(st, v, None);
             return;
         }
         let fd = self.route(st, v);
-        *self.gates[v].write() = fd;
+        self.set_gate(st, v, fd);
         if st.pending(v) {
             st.set_pending(v, false);
             self.deliver(st, v);
+        }
+    }
+
+    /// Sets vector `v`'s gate (`st`: the caller holds the lock) and tells the listener
+    /// when the eventfd changed.
+    fn set_gate(&self, _st: &mut MsixState, v: usize, fd: Option<Arc<EventFd>>) {
+        let changed = {
+            let mut gate = self.gates[v].write();
+            let changed = match (&*gate, &fd) {
+                (Some(old), Some(new)) => !Arc::ptr_eq(old, new),
+                (old, new) => old.is_some() != new.is_some(),
+            };
+            *gate = fd.clone();
+            changed
+        };
+        if changed {
+            if let Some(listener) = self.listener.get() {
+                listener(v as u16, fd.as_ref());
+            }
         }
     }
 
@@ -543,7 +591,8 @@ impl Msix {
     /// Removes vector `v`'s irqfd and route (QEMU's `kvm_irqchip_remove_irqfd_notifier_gsi`
     /// + `kvm_irqchip_release_virq`).
     fn release_route(&self, st: &mut MsixState, v: usize) {
-        *self.gates[v].write() = None;
+        // The listener hears first, so nothing writes the eventfd once its irqfd is gone.
+        self.set_gate(st, v, None);
         let Some(route) = st.routes[v].take() else {
             return;
         };
@@ -1115,5 +1164,70 @@ mod tests {
             let gsi = ops.gsi_of(msg(0x40 + v)).unwrap();
             assert_eq!(ops.fired(gsi), 1000);
         }
+    }
+
+    /// What a listener heard, in order: each vector and the eventfd it was told.
+    type Heard = Arc<Mutex<Vec<(u16, Option<Arc<EventFd>>)>>>;
+
+    fn listen(r: &Rig) -> Heard {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let log = heard.clone();
+        assert!(r.msix.set_vector_listener(Box::new(move |v, fd| log.lock().push((v, fd.cloned())))));
+        assert!(!r.msix.set_vector_listener(Box::new(|_, _| {})), "one listener per Msix");
+        heard
+    }
+
+    #[test]
+    fn the_listener_hears_each_vector_gain_and_lose_its_irqfd() {
+        let ops = Arc::new(RecordingOps::default());
+        let r = rig(ops.clone(), 4);
+        let heard = listen(&r);
+        r.program(2, msg(0x42));
+        r.set_control(PCI_MSIX_FLAGS_ENABLE);
+        assert!(heard.lock().is_empty(), "every vector still masked");
+        r.set_masked(2, false);
+        let gsi = ops.gsi_of(msg(0x42)).unwrap();
+        let fd = {
+            let mut h = heard.lock();
+            assert_eq!(h.len(), 1);
+            let (v, fd) = h.pop().unwrap();
+            assert_eq!(v, 2);
+            fd.expect("an eventfd for the unmasked vector")
+        };
+        // Writing it is what KVM reads as the vector's irqfd.
+        fd.write(1).unwrap();
+        assert_eq!(ops.fired(gsi), 1);
+        assert_eq!(r.msix.with_vector_gates(|gate| gate(2)).map(|g| Arc::ptr_eq(&g, &fd)), Some(true));
+        assert!(r.msix.with_vector_gates(|gate| gate(1).is_none() && gate(0xffff).is_none()));
+        // A new message keeps the route's eventfd: nothing to hear.
+        r.program(2, msg(0x52));
+        assert!(heard.lock().is_empty());
+        // Masked (by the vector, then the function), disabled: told at once, each time
+        // it changes.
+        let by_vector: [&dyn Fn(bool); 2] = [
+            &|masked| r.set_masked(2, masked),
+            &|masked| {
+                let all = if masked { PCI_MSIX_FLAGS_MASKALL } else { 0 };
+                r.set_control(PCI_MSIX_FLAGS_ENABLE | all)
+            },
+        ];
+        for mask in by_vector {
+            let (change, back) = (|| mask(true), || mask(false));
+            change();
+            assert!(matches!(heard.lock().as_slice(), [(2, None)]));
+            heard.lock().clear();
+            r.msix.notify(2);
+            assert!(r.msix.is_pending(2), "what the worker signals meanwhile waits");
+            back();
+            let h = std::mem::take(&mut *heard.lock());
+            assert!(matches!(h.as_slice(), [(2, Some(again))] if Arc::ptr_eq(again, &fd)));
+            assert!(!r.msix.is_pending(2));
+        }
+        r.set_control(0);
+        assert!(matches!(heard.lock().as_slice(), [(2, None)]));
+        heard.lock().clear();
+        // Reset and dropping the Msix release routes that are already unused: silence.
+        r.msix.reset();
+        assert!(heard.lock().is_empty());
     }
 }

@@ -77,7 +77,21 @@ pub trait VirtioTransport: Send + Sync {
     /// The device cannot go on: sets `DEVICE_NEEDS_RESET` and tells the driver. The
     /// device stops processing until the driver resets it.
     fn mark_broken(&self);
+    /// Offers `queue`'s interrupt as an eventfd a kernel worker can write itself (QEMU's
+    /// guest notifiers with irqfd, as vhost uses them): `sink` is called with `Some(fd)`
+    /// while a write of `fd` raises the queue's interrupt as `signal_used_queue` would,
+    /// and with `None` while it does not (the worker's signals must then come through
+    /// `signal_used_queue`); once when set, then at each change, until it is replaced or
+    /// cleared (`None`). Calls are serialised; clearing waits for one in progress. A
+    /// transport without such a path never calls it (this default).
+    fn set_queue_irqfd_sink(&self, queue: u16, sink: Option<IrqfdSink>) {
+        let _ = (queue, sink);
+    }
 }
+
+/// What [`VirtioTransport::set_queue_irqfd_sink`] calls with a queue's direct interrupt
+/// eventfd, or `None`.
+pub type IrqfdSink = Arc<dyn Fn(Option<&Arc<EventFd>>) + Send + Sync>;
 
 /// A ring the driver configured, handed to the device at activation.
 pub struct ActiveQueue {

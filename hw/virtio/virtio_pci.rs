@@ -30,6 +30,7 @@ use crate::pci::pci::{
     pci_device_class_use_ops_of, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE,
 };
 use crate::virtio::virtio::{
+    IrqfdSink,
     bit, feature, feature_word, status, ActiveQueue, Activation, QueuePosition, RateLimitedLog,
     VirtioDevice, VirtioTransport, VIRTIO_NO_VECTOR,
 };
@@ -294,9 +295,18 @@ impl PciDeviceImpl for VirtioPciProxy {
             queue_vectors: queue_sizes.iter().map(|_| AtomicU16::new(VIRTIO_NO_VECTOR)).collect(),
             config_vector: AtomicU16::new(VIRTIO_NO_VECTOR),
             isr: AtomicU8::new(0),
+            irqfd_sinks: Mutex::new(vec![None; queue_sizes.len()]),
             kicks,
             guest_errors: RateLimitedLog::default(),
         });
+        if let Some(msix) = &msix {
+            let this = Arc::downgrade(&transport);
+            msix.set_vector_listener(Box::new(move |vector, fd| {
+                if let Some(t) = this.upgrade() {
+                    t.vector_gate_changed(vector, fd);
+                }
+            }));
+        }
         let use_ioeventfd = self.ioeventfd.get();
         if legacy {
             let size = (legacy::CONFIG_MSIX + device.config_size() as u64).next_power_of_two();
@@ -498,6 +508,8 @@ impl VirtioPciProxy {
         for (slot, v) in t.queue_vectors.iter().zip(queue_vectors) {
             slot.store(v, Ordering::Release);
         }
+        drop(st);
+        t.refresh_irqfd_sinks();
         Ok(())
     }
 }
@@ -581,6 +593,9 @@ pub struct VirtioPciTransport {
     config_vector: AtomicU16,
     isr: AtomicU8,
     kicks: Vec<Arc<EventFd>>,
+    /// Per queue, the device's sink for the queue's direct interrupt path (vhost's call
+    /// eventfd). Locked after `Msix::state`, never before it.
+    irqfd_sinks: Mutex<Vec<Option<IrqfdSink>>>,
     guest_errors: RateLimitedLog,
 }
 
@@ -653,6 +668,8 @@ impl VirtioPciTransport {
         self.config_vector.store(VIRTIO_NO_VECTOR, Ordering::Release);
         self.isr.store(0, Ordering::Release);
         self.intx.set(false);
+        drop(st);
+        self.refresh_irqfd_sinks();
     }
 
     fn set_status(&self, value: u8) {
@@ -852,6 +869,44 @@ impl VirtioPciTransport {
         vector
     }
 
+    /// Queue `queue`'s MSI-X vector is now `vector` (the caller holds no lock of ours).
+    fn set_queue_vector(&self, queue: usize, vector: u16) {
+        if let Some(v) = self.queue_vectors.get(queue) {
+            self.set_vector(v, vector);
+            self.refresh_irqfd_sink(queue);
+        }
+    }
+
+    /// Tells every queue's sink its vector's current direct path.
+    fn refresh_irqfd_sinks(&self) {
+        for queue in 0..self.queue_vectors.len() {
+            self.refresh_irqfd_sink(queue);
+        }
+    }
+
+    /// Tells queue `queue`'s sink, if it has one, its vector's current direct path.
+    fn refresh_irqfd_sink(&self, queue: usize) {
+        let Some(msix) = &self.msix else { return };
+        msix.with_vector_gates(|gate| {
+            let sinks = self.irqfd_sinks.lock();
+            if let (Some(Some(sink)), Some(v)) = (sinks.get(queue), self.queue_vectors.get(queue)) {
+                sink(gate(v.load(Ordering::Acquire)).as_ref());
+            }
+        });
+    }
+
+    /// The MSI-X listener: `vector`'s direct path changed, so the queues on it follow.
+    fn vector_gate_changed(&self, vector: u16, fd: Option<&Arc<EventFd>>) {
+        let sinks = self.irqfd_sinks.lock();
+        for (sink, v) in sinks.iter().zip(&self.queue_vectors) {
+            if let Some(sink) = sink {
+                if v.load(Ordering::Acquire) == vector {
+                    sink(fd);
+                }
+            }
+        }
+    }
+
     fn common_read(&self, offset: u64, size: u32) -> u64 {
         let mut st = self.state.lock();
         let value: u64 = match offset {
@@ -931,9 +986,8 @@ impl VirtioPciTransport {
                 let select = usize::from(st.queue_select);
                 let active = st.active;
                 if offset == common::QUEUE_MSIX_VECTOR {
-                    if let Some(v) = self.queue_vectors.get(select) {
-                        self.set_vector(v, value as u16);
-                    }
+                    drop(st);
+                    self.set_queue_vector(select, value as u16);
                     return;
                 }
                 let Some(q) = st.selected() else {
@@ -1031,9 +1085,7 @@ impl VirtioPciTransport {
             }
             legacy::MSI_QUEUE_VECTOR => {
                 let select = usize::from(self.state.lock().queue_select);
-                if let Some(v) = self.queue_vectors.get(select) {
-                    self.set_vector(v, value as u16);
-                }
+                self.set_queue_vector(select, value as u16);
             }
             legacy::GUEST_FEATURES => {
                 let mut st = self.state.lock();
@@ -1092,6 +1144,17 @@ impl VirtioTransport for VirtioPciTransport {
     fn mark_broken(&self) {
         let mut st = self.state.lock();
         self.mark_broken_locked(&mut st);
+    }
+
+    fn set_queue_irqfd_sink(&self, queue: u16, sink: Option<IrqfdSink>) {
+        let queue = usize::from(queue);
+        let set = sink.is_some();
+        if let Some(slot) = self.irqfd_sinks.lock().get_mut(queue) {
+            *slot = sink;
+        }
+        if set {
+            self.refresh_irqfd_sink(queue);
+        }
     }
 }
 
