@@ -671,7 +671,7 @@ impl Drop for Msix {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use qom::ObjectRef;
@@ -685,7 +685,7 @@ mod tests {
     /// An accelerator that records MSI routes, irqfds and injected MSIs; it can refuse
     /// routes (like KVM without `KVM_CAP_IRQ_ROUTING`) or MSIs too (like qtest).
     #[derive(Default)]
-    struct RecordingOps {
+    pub(crate) struct RecordingOps {
         refuse_routes: bool,
         refuse_msi: bool,
         state: parking_lot::Mutex<Recorded>,
@@ -778,12 +778,12 @@ mod tests {
 
     impl RecordingOps {
         /// The GSI routed to `msg`, if one is.
-        fn gsi_of(&self, msg: MsiMessage) -> Option<u32> {
+        pub(crate) fn gsi_of(&self, msg: MsiMessage) -> Option<u32> {
             let st = self.state.lock();
             st.routes.iter().find(|(_, m)| **m == msg).map(|(g, _)| *g)
         }
         /// How many times `gsi`'s irqfd was signalled since the last look.
-        fn fired(&self, gsi: u32) -> u64 {
+        pub(crate) fn fired(&self, gsi: u32) -> u64 {
             let st = self.state.lock();
             st.irqfds.get(&gsi).map_or(0, |fd| fd.read().unwrap_or(0))
         }

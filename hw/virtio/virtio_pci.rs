@@ -1201,3 +1201,108 @@ impl MemoryRegionOps for ModernBar {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::accel_ops::MsiMessage;
+    use crate::core::bus::qbus_new;
+    use crate::core::qdev::{qdev_new, qdev_realize};
+    use crate::pci::msix::tests::RecordingOps;
+    use crate::pci::msix::{PCI_MSIX_ENTRY_SIZE, PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_ENABLE};
+    use crate::pci::pci::{pci_assign_bars, TYPE_PCI_BUS};
+    use std::os::fd::AsRawFd;
+
+    /// What the queue's sink was told, in order (`Some`: the eventfd's raw descriptor).
+    type Told = Arc<Mutex<Vec<Option<i32>>>>;
+
+    /// A queue's direct interrupt path follows both its vector's mask and the guest's
+    /// choice of vector: a sink hears the vector's irqfd eventfd (the one KVM reads) once
+    /// the queue is on an unmasked vector, `None` when the vector is masked or the queue
+    /// moves to a masked one or to none, and nothing once cleared.
+    #[test]
+    fn a_queues_irqfd_sink_follows_its_vector() {
+        let ops = Arc::new(RecordingOps::default());
+        let services = Arc::new(MachineServices::default());
+        services.vm().set_accel_ops(ops.clone()).unwrap();
+        let parent = qom::object_new(qom::TYPE_CONTAINER).unwrap();
+        let bus = qbus_new(TYPE_PCI_BUS, &parent, "pci.0", &services).unwrap();
+        let dev = qdev_new("virtio-rng-pci").unwrap();
+        dev.property_parse("disable-legacy", "on").unwrap();
+        qdev_realize(&dev, Some(&bus)).unwrap();
+        pci_assign_bars(&bus);
+        let proxy = dev.cast::<VirtioPciProxy>().unwrap();
+        let t = Arc::clone(proxy.transport.get().unwrap());
+        let msix = Arc::clone(t.msix.as_ref().unwrap());
+        let pci = dev.cast::<PciDevice>().unwrap();
+        let mem = services.system_memory();
+        let table = pci.bar_address(MSIX_BAR.into()).unwrap();
+        let common = pci.bar_address(MODERN_BAR).unwrap() + COMMON_OFFSET;
+        let set_masked = |v: u64, masked: bool| {
+            mem.write(table + v * PCI_MSIX_ENTRY_SIZE + 12, u64::from(masked), 4);
+        };
+        let set_queue_vector = |v: u16| {
+            mem.write(common + common::QUEUE_SELECT, 0, 2);
+            mem.write(common + common::QUEUE_MSIX_VECTOR, u64::from(v), 2);
+        };
+        for v in 0..2u64 {
+            mem.write(table + v * PCI_MSIX_ENTRY_SIZE, 0xfee0_0000, 8);
+            mem.write(table + v * PCI_MSIX_ENTRY_SIZE + 8, 0x40 + v, 4);
+        }
+        let control = msix.capability() + PCI_MSIX_FLAGS;
+        pci.write_config(control, u32::from(PCI_MSIX_FLAGS_ENABLE), 2);
+        msix.config_write(control, u32::from(PCI_MSIX_FLAGS_ENABLE), 2);
+
+        let told: Told = Arc::default();
+        let log = Arc::clone(&told);
+        t.set_queue_irqfd_sink(
+            0,
+            Some(Arc::new(move |fd: Option<&Arc<EventFd>>| {
+                log.lock().push(fd.map(|f| f.as_raw_fd()))
+            })),
+        );
+        let take = || std::mem::take(&mut *told.lock());
+        assert_eq!(take(), [None], "told at once: no vector yet");
+        set_masked(1, false);
+        assert_eq!(take(), [], "vector 1 is not the queue's yet");
+        set_queue_vector(1);
+        let told_fd = take();
+        let [Some(fd)] = told_fd[..] else {
+            panic!("{told_fd:?}")
+        };
+        // The eventfd is vector 1's irqfd: a write raises its MSI.
+        let gsi = ops
+            .gsi_of(MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x41,
+            })
+            .unwrap();
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to an eventfd the transport keeps open.
+        assert_eq!(unsafe { libc::write(fd, one.as_ptr().cast(), 8) }, 8);
+        assert_eq!(ops.fired(gsi), 1);
+        set_masked(1, true);
+        assert_eq!(take(), [None]);
+        set_masked(1, false);
+        assert_eq!(take(), [Some(fd)]);
+        // To a masked vector, to none, and back.
+        set_queue_vector(0);
+        assert_eq!(take(), [None]);
+        set_queue_vector(VIRTIO_NO_VECTOR);
+        assert_eq!(take(), [None]);
+        set_queue_vector(1);
+        assert_eq!(take(), [Some(fd)]);
+        // MSI-X off: INTx, through signal_used_queue.
+        pci.write_config(control, 0, 2);
+        msix.config_write(control, 0, 2);
+        assert_eq!(take(), [None]);
+        pci.write_config(control, u32::from(PCI_MSIX_FLAGS_ENABLE), 2);
+        msix.config_write(control, u32::from(PCI_MSIX_FLAGS_ENABLE), 2);
+        assert_eq!(take().len(), 1);
+        // Cleared: silence.
+        t.set_queue_irqfd_sink(0, None);
+        set_masked(1, true);
+        set_queue_vector(0);
+        assert_eq!(take(), []);
+    }
+}
