@@ -176,6 +176,11 @@ and then, depending on the kernel command line:
                                       "nettest: iperf3 server I listening on
                                       tcp port PORT" before each
                        sleep:S        sleeps S seconds
+                       irqmove        from here to the end, moves the virtio
+                                      queues' IRQs between CPUs 0 and 1 ten
+                                      times a second (each move masks and
+                                      rewrites the MSI-X vector), then
+                                      QOMVM-IRQMOVE moves=N
                      a step that cannot run prints QOMVM-NETTEST-FAILED: ...
                      and the next one runs
   qomvm.fio=DEV      runs fio (from the disk image: needs qomvm.root=) on DEV
@@ -770,6 +775,7 @@ make_data() {
 # nettest STEP,STEP,...: the network (and rng, balloon) scenario steps of
 # guest-assets.sh's usage, in order; then QOMVM-NETTEST-DONE.
 nettest() {
+    irqmove_pid=
     for step in $(echo "$1" | tr ',' ' '); do
         # shellcheck disable=SC2046 # split on the colons
         set -- $(echo "$step" | tr ':' ' ')
@@ -867,9 +873,35 @@ nettest() {
             done
             ;;
         sleep) sleep "$2" ;;
+        irqmove)
+            irqs=$(awk -F: '/virtio[0-9]+-(input|output)/ { gsub(/ /, "", $1); print $1 }' /proc/interrupts | xargs)
+            if [ -z "$irqs" ] || [ ! -d /sys/devices/system/cpu/cpu1 ]; then
+                echo "QOMVM-NETTEST-FAILED: irqmove: no virtio queue IRQs, or one CPU"
+                continue
+            fi
+            rm -f /tmp/irqmove.stop
+            (
+                n=0 cpu=1
+                while [ ! -e /tmp/irqmove.stop ]; do
+                    for q in $irqs; do
+                        echo $cpu >"/proc/irq/$q/smp_affinity_list" 2>/dev/null && n=$((n + 1))
+                    done
+                    echo $n >/tmp/irqmove.count
+                    cpu=$((1 - cpu))
+                    sleep 0.1
+                done
+            ) &
+            irqmove_pid=$!
+            echo "nettest: moving IRQs $irqs between CPUs 0 and 1"
+            ;;
         *) echo "QOMVM-NETTEST-FAILED: unknown step '$step'" ;;
         esac
     done
+    if [ -n "$irqmove_pid" ]; then
+        touch /tmp/irqmove.stop
+        wait "$irqmove_pid"
+        echo "QOMVM-IRQMOVE moves=$(cat /tmp/irqmove.count 2>/dev/null || echo 0)"
+    fi
     echo QOMVM-NETTEST-DONE
 }
 
