@@ -52,7 +52,7 @@ L1's own console goes to a log that is shown only on failure. The exit status
 is COMMAND's. Other statuses:
   124  --timeout expired, or L1 stalled: its console showed no sign of life
        (init prints one every 10 s) for 180 s, or its kernel reported RCU
-       stalls (L1 is killed)
+       stalls or a CPU soft-locked for a minute (L1 is killed)
   125  the rig failed: bad usage, a missing tool or package, or L1 did not
        boot/mount (its console log is printed)
   130/143  interrupted by SIGINT/SIGTERM (L1 is killed)
@@ -483,13 +483,20 @@ while kill -0 "$qpid" 2>/dev/null; do
     if ((size != console_size)); then
         console_size=$size
         console_changed=$(now_us)
-        # L1's kernel saw one of its CPUs stop taking timer ticks: seen with a nested
-        # guest's vCPU that TCG then never let go of; L1 does not recover (COMMAND's own
-        # limits stop with it), so waiting for --timeout only wastes it.
+        # L1's kernel saw one of its CPUs stop taking timer ticks, or stuck in a nested
+        # guest's vCPU for a minute: seen when TCG never let go of that vCPU again; L1
+        # does not recover (COMMAND's own limits stop with it, and its heartbeat may go
+        # on, on the other CPU), so waiting for --timeout only wastes it.
         if grep -qs 'rcu: INFO: .* detected stalls on CPUs' "$tmp/console.log"; then
             stop_l1
             show_logs
             qomvm_log "timed out: L1 stalled, its kernel reports RCU stalls (L1 killed)"
+            exit 124
+        fi
+        if grep -Eqs 'soft lockup - CPU#[0-9]+ stuck for ([6-9][0-9]|[1-9][0-9]{2,})s' "$tmp/console.log"; then
+            stop_l1
+            show_logs
+            qomvm_log "timed out: L1 stalled, its kernel reports a CPU stuck for a minute (L1 killed)"
             exit 124
         fi
     elif (($(now_us) - console_changed >= stall_s * 1000000)); then
