@@ -101,6 +101,25 @@ fn wait_used(mem: &GuestMemoryMmap, ring: &mut SplitRing, what: &str) -> Vec<(u3
     }
 }
 
+/// Sends test frame `tag` through the TX ring (after an empty 12-byte vnet header), checks
+/// it reaches `sock`, and returns the ring's new used entries.
+fn transmit(
+    mem: &GuestMemoryMmap,
+    ring: &mut SplitRing,
+    kick: &EventFd,
+    sock: &PacketSocket,
+    tag: u8,
+) -> Vec<(u32, u32)> {
+    let frame = test_frame(tag, 114);
+    let mut wire = vec![0u8; 12];
+    wire.extend_from_slice(&frame);
+    mem.write_slice(&wire, GuestAddress(TX_BUF)).unwrap();
+    ring.add_chain(mem, &[(TX_BUF, wire.len() as u32, false)]);
+    kick.write(1).unwrap();
+    assert_eq!(sock.recv_test_frame(), frame);
+    wait_used(mem, ring, "the TX buffer used")
+}
+
 /// A TX descriptor with a vnet header and a frame reaches an `AF_PACKET` socket on the
 /// tap; a frame sent there lands in a posted RX buffer, after a 12-byte header; each
 /// used buffer is signalled; stopping gives the rings back where the worker left them,
@@ -170,15 +189,7 @@ fn in_namespace(ns: &Netns) {
     .unwrap();
     assert!(net.is_running());
 
-    // TX: a 12-byte empty header, then the frame.
-    let frame = test_frame(1, 114);
-    let mut wire = vec![0u8; 12];
-    wire.extend_from_slice(&frame);
-    mem.write_slice(&wire, GuestAddress(TX_BUF)).unwrap();
-    tx_ring.add_chain(&mem, &[(TX_BUF, wire.len() as u32, false)]);
-    tx_kick.write(1).unwrap();
-    assert_eq!(sock.recv_test_frame(), frame);
-    let tx_used = wait_used(&mem, &mut tx_ring, "the TX buffer used");
+    let tx_used = transmit(&mem, &mut tx_ring, &tx_kick, &sock, 1);
     assert_eq!(tx_used.len(), 1);
     assert_eq!(tx_used[0].0, 0, "the TX head");
     wait_for("the TX interrupt", || {
@@ -213,21 +224,9 @@ fn in_namespace(ns: &Netns) {
         .clone()
         .expect("the worker's owner offered the TX ring an irqfd sink");
     let irqfd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    let mut sent: u8 = 0;
-    let mut send = |tx_ring: &mut SplitRing| {
-        sent += 1;
-        let frame = test_frame(10 + sent, 114);
-        let mut wire = vec![0u8; 12];
-        wire.extend_from_slice(&frame);
-        mem.write_slice(&wire, GuestAddress(TX_BUF)).unwrap();
-        tx_ring.add_chain(&mem, &[(TX_BUF, wire.len() as u32, false)]);
-        tx_kick.write(1).unwrap();
-        assert_eq!(sock.recv_test_frame(), frame);
-        wait_used(&mem, tx_ring, "the TX buffer used");
-    };
     tx_sink(Some(&irqfd));
     let before = transport.used[1].load(Ordering::SeqCst);
-    send(&mut tx_ring);
+    transmit(&mem, &mut tx_ring, &tx_kick, &sock, 11);
     wait_for("the TX signal on the irqfd", || irqfd.read().is_ok());
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
@@ -236,7 +235,7 @@ fn in_namespace(ns: &Netns) {
         "nothing through qomvm"
     );
     tx_sink(None);
-    send(&mut tx_ring);
+    transmit(&mem, &mut tx_ring, &tx_kick, &sock, 12);
     wait_for("the TX interrupt through qomvm again", || {
         transport.used[1].load(Ordering::SeqCst) > before
     });
