@@ -487,7 +487,7 @@ while kill -0 "$qpid" 2>/dev/null; do
         # guest's vCPU for a minute: seen when TCG never let go of that vCPU again; L1
         # does not recover (COMMAND's own limits stop with it, and its heartbeat may go
         # on, on the other CPU), so waiting for --timeout only wastes it.
-        if grep -qs 'rcu: INFO: .* detected stalls on CPUs' "$tmp/console.log"; then
+        if grep -Eqs 'rcu: INFO: .* (detected stalls on CPUs|self-detected stall on CPU)' "$tmp/console.log"; then
             stop_l1
             show_logs
             qomvm_log "timed out: L1 stalled, its kernel reports RCU stalls (L1 killed)"
