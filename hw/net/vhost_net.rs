@@ -52,6 +52,7 @@ use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 use crate::core::accel_ops::EventFd;
 use crate::core::dirty_log::{DirtySource, DirtySourceError, DirtyTracker, PAGE_SIZE};
 use crate::core::iothread::{AioContext, AioHandlerId};
+use crate::core::log_limit::RateLimitedLog;
 use crate::virtio::virtio::{bit, feature, ActiveQueue, VirtioTransport};
 
 /// `VHOST_NET_F_VIRTIO_NET_HDR`: vhost adds and strips the virtio-net header itself.
@@ -159,6 +160,7 @@ fn vh<T>(op: &'static str, r: vhost::Result<T>) -> Result<T, VhostNetError> {
 }
 
 /// The vhost crate's kernel backend over a file we were handed.
+#[derive(Clone)]
 struct Handle {
     file: Arc<File>,
     mem: Arc<GuestMemoryMmap>,
@@ -385,13 +387,10 @@ impl VhostNet {
         if queues.len() != 2 {
             return Err(VhostNetError::Rings(queues.len()));
         }
-        let handle = Handle {
-            file: Arc::clone(&vhost),
-            mem: Arc::clone(&mem),
-        };
+        let handle = Handle { file: vhost, mem };
         vh("vhost_set_owner", handle.set_owner())?;
         let log = Arc::new(VhostLog {
-            handle: Handle { file: vhost, mem },
+            handle: handle.clone(),
             dirty: Arc::clone(&dirty),
             inner: Mutex::new(LogInner::default()),
         });
@@ -510,18 +509,16 @@ impl VhostNet {
         // From now on the transport may move each ring's signals to its vector's irqfd
         // and back (QEMU's vhost_virtqueue_mask).
         self.transport = Some(Arc::clone(transport));
+        // The guest drives these switches (each MSI-X mask and unmask): a failing ioctl
+        // is logged at most a few times a second.
+        let errors = Arc::new(RateLimitedLog::default());
         for (i, (aq, own)) in self.queues.iter().zip(&self.calls).enumerate() {
-            let ring = Handle {
-                file: Arc::clone(&self.handle.file),
-                mem: Arc::clone(&self.handle.mem),
-            };
-            let own = Arc::clone(own);
+            let (ring, own, errors) = (self.handle.clone(), Arc::clone(own), Arc::clone(&errors));
             transport.set_queue_irqfd_sink(
                 aq.index,
                 Some(Arc::new(move |irqfd: Option<&Arc<EventFd>>| {
-                    let call = irqfd.unwrap_or(&own);
-                    if let Err(e) = ring.set_vring_call(i, call) {
-                        log::error!("vhost-net: ring {i}: VHOST_SET_VRING_CALL: {e}");
+                    if let Err(e) = ring.set_vring_call(i, irqfd.unwrap_or(&own)) {
+                        errors.warn(|| format!("vhost-net: ring {i}: VHOST_SET_VRING_CALL: {e}"));
                     }
                 })),
             );

@@ -30,9 +30,8 @@ use crate::pci::pci::{
     pci_device_class_use_ops_of, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE,
 };
 use crate::virtio::virtio::{
-    IrqfdSink,
-    bit, feature, feature_word, status, ActiveQueue, Activation, QueuePosition, RateLimitedLog,
-    VirtioDevice, VirtioTransport, VIRTIO_NO_VECTOR,
+    bit, feature, feature_word, status, ActiveQueue, Activation, IrqfdSink, QueuePosition,
+    RateLimitedLog, VirtioDevice, VirtioTransport, VIRTIO_NO_VECTOR,
 };
 
 use crate::core::accel_ops::EventFd;
