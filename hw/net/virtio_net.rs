@@ -1235,6 +1235,7 @@ impl QueuePair {
         let mem = &*self.mem;
         let mut delivered = 0usize;
         let mut bufs = Vec::new();
+        let mut room: Vec<(GuestAddress, usize)> = Vec::new();
         for _ in 0..BURST {
             if !self.refill(inner)? {
                 inner.rx_starved = true;
@@ -1242,11 +1243,12 @@ impl QueuePair {
             }
             bufs.clear();
             let skip = if self.vnet_hdr { 0 } else { self.hdr_len };
-            let room: Vec<(GuestAddress, usize)> = if self.mrg {
-                inner.pending.iter().flat_map(|b| b.segs.iter().copied()).collect()
+            room.clear();
+            if self.mrg {
+                room.extend(inner.pending.iter().flat_map(|b| b.segs.iter().copied()));
             } else {
-                inner.pending[0].segs.clone()
-            };
+                room.extend_from_slice(&inner.pending[0].segs);
+            }
             slices(mem, &room, skip, &mut bufs)?;
             let n = match self.backend.receive(&bufs) {
                 Ok(n) => n,
