@@ -145,14 +145,21 @@ pub enum CpuCreateError {
 
 /// QEMU's `x86_cpus_init`/`cpu_create` loop: creates and realizes the `-smp` CPUs of the
 /// machine, each under `/machine/unattached`, placed in the topology and with the `-cpu`
-/// options.
+/// options, and waits until every vCPU is set up.
 pub fn machine_create_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
+    machine_start_cpus(ms)?;
+    machine_wait_cpus_created(ms)
+}
+
+/// [`machine_create_cpus`] without the wait: the vCPUs set themselves up (a dozen ioctls
+/// each) while the board goes on with its devices; [`machine_wait_cpus_created`] (which
+/// `machine_creation_done` calls) collects them, before anything runs.
+pub fn machine_start_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
     let cpu_type = ms.cpu_type().ok_or(CpuCreateError::NoCpuType)?;
     let options = ms.cpu_options();
     let smp = ms.smp();
     let unattached = qom::container_get(&ms.object(), "unattached");
-    let accel = ms.accel_ops();
-    if let Some(accel) = &accel {
+    if let Some(accel) = ms.accel_ops() {
         accel.create_vcpus_in_parallel();
     }
     let created = (0..smp.cpus).try_for_each(|index| -> Result<(), CpuCreateError> {
@@ -170,8 +177,18 @@ pub fn machine_create_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
         ms.add_cpu(cpu);
         Ok(())
     });
-    // Even after a failure: the threads started so far are waited for.
-    let waited = accel.map_or(Ok(()), |accel| accel.wait_vcpus_created());
-    created?;
-    Ok(waited?)
+    if created.is_err() {
+        // The threads started so far are waited for: the creation's error is the one told.
+        let _ = machine_wait_cpus_created(ms);
+    }
+    created
+}
+
+/// Waits for the vCPUs [`machine_start_cpus`] started to report set up; the failure of
+/// the lowest CPU index, if any. Nothing to do when none is pending.
+pub fn machine_wait_cpus_created(ms: &MachineState) -> Result<(), CpuCreateError> {
+    match ms.accel_ops() {
+        Some(accel) => Ok(accel.wait_vcpus_created()?),
+        None => Ok(()),
+    }
 }

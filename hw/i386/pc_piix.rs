@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use qom::{type_init, ObjectRef, Prop, Typed};
 
-use crate::core::cpu::machine_create_cpus;
+use crate::core::cpu::machine_start_cpus;
 use crate::core::machine::{MachineError, MachineImpl, MachineState};
 use crate::core::qdev::{qdev_new, qdev_realize, QdevError};
 use crate::core::services::MachineServices;
@@ -752,7 +752,9 @@ impl PcI440fxMachine {
         // the first vCPU creates the in-kernel irqchip, after which changing a memory slot
         // costs milliseconds for a while (see accel/kvm's `KvmVm::irqchip`).
         hw_startup_phase("board memory");
-        machine_create_cpus(self).map_err(MachineError::board)?;
+        // The vCPUs set themselves up while the devices are made; `machine_creation_done`
+        // waits for them. Whatever needs the in-kernel irqchip creates it or waits for it.
+        machine_start_cpus(self).map_err(MachineError::board)?;
         hw_startup_phase("board cpus");
         let piix3 = board_device(&machine, "piix3", crate::isa::piix::TYPE_PIIX3, Bus::On(&pci_bus), &[("addr", "01.0")])?;
         let isa_bus = piix3.child("isa.0").ok_or(BoardError::MissingBus("piix3", "isa.0"))?;
