@@ -152,8 +152,8 @@ pub fn machine_create_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
 }
 
 /// [`machine_create_cpus`] without the wait: the vCPUs set themselves up (a dozen ioctls
-/// each) while the board goes on with its devices; [`machine_wait_cpus_created`] (which
-/// `machine_creation_done` calls) collects them, before anything runs.
+/// each) while the board goes on with its devices; `machine_creation_done` waits for them
+/// (as [`machine_wait_cpus_created`] does), before anything runs.
 pub fn machine_start_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
     let cpu_type = ms.cpu_type().ok_or(CpuCreateError::NoCpuType)?;
     let options = ms.cpu_options();

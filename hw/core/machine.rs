@@ -675,9 +675,10 @@ pub fn reset_machine(machine: &ObjectRef) -> Result<(), MachineError> {
 /// QEMU's `qdev_machine_creation_done`: runs the board's `machine_done` once every device
 /// exists.
 pub fn machine_creation_done(machine: &ObjectRef) -> Result<(), MachineError> {
-    // The board's vCPUs set themselves up while its devices were made.
-    if let Some(ms) = machine_state(machine) {
-        crate::core::cpu::machine_wait_cpus_created(ms).map_err(MachineError::board)?;
+    // The board's vCPUs set themselves up while its devices were made (the accelerator
+    // holds the ones `machine_start_cpus` left to wait for).
+    if let Some(accel) = machine_state(machine).and_then(MachineState::accel_ops) {
+        accel.wait_vcpus_created().map_err(MachineError::board)?;
     }
     match machine_impl(machine) {
         Some(m) => m.machine_done(),
