@@ -476,6 +476,13 @@ deadline=$(($(now_us) + timeout * 1000000))
 # L1's console grows at least every 10 s once init runs (its sign of life), and L1's
 # kernel reaches init well within this: longer silence is a stalled L1.
 stall_s=180
+# Ends the run as a stall (status 124): L1 killed, its logs shown, REASON told.
+l1_stalled() {
+    stop_l1
+    show_logs
+    qomvm_log "timed out: L1 stalled, $1 (L1 killed)"
+    exit 124
+}
 console_size=-1
 console_changed=$(now_us)
 while kill -0 "$qpid" 2>/dev/null; do
@@ -488,22 +495,13 @@ while kill -0 "$qpid" 2>/dev/null; do
         # does not recover (COMMAND's own limits stop with it, and its heartbeat may go
         # on, on the other CPU), so waiting for --timeout only wastes it.
         if grep -Eqs 'rcu: INFO: .* (detected stalls on CPUs|self-detected stall on CPU)' "$tmp/console.log"; then
-            stop_l1
-            show_logs
-            qomvm_log "timed out: L1 stalled, its kernel reports RCU stalls (L1 killed)"
-            exit 124
+            l1_stalled "its kernel reports RCU stalls"
         fi
         if grep -Eqs 'soft lockup - CPU#[0-9]+ stuck for ([6-9][0-9]|[1-9][0-9]{2,})s' "$tmp/console.log"; then
-            stop_l1
-            show_logs
-            qomvm_log "timed out: L1 stalled, its kernel reports a CPU stuck for a minute (L1 killed)"
-            exit 124
+            l1_stalled "its kernel reports a CPU stuck for a minute"
         fi
     elif (($(now_us) - console_changed >= stall_s * 1000000)); then
-        stop_l1
-        show_logs
-        qomvm_log "timed out: L1 stalled, no sign of life on its console for $stall_s s (L1 killed)"
-        exit 124
+        l1_stalled "no sign of life on its console for $stall_s s"
     fi
     if (($(now_us) >= deadline)); then
         stop_l1
