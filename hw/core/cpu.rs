@@ -148,12 +148,12 @@ pub enum CpuCreateError {
 /// options, and waits until every vCPU is set up.
 pub fn machine_create_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
     machine_start_cpus(ms)?;
-    machine_wait_cpus_created(ms)
+    Ok(ms.wait_cpus_created()?)
 }
 
 /// [`machine_create_cpus`] without the wait: the vCPUs set themselves up (a dozen ioctls
 /// each) while the board goes on with its devices; `machine_creation_done` waits for them
-/// (as [`machine_wait_cpus_created`] does), before anything runs.
+/// ([`MachineState::wait_cpus_created`]), before anything runs.
 pub fn machine_start_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
     let cpu_type = ms.cpu_type().ok_or(CpuCreateError::NoCpuType)?;
     let options = ms.cpu_options();
@@ -179,16 +179,7 @@ pub fn machine_start_cpus(ms: &MachineState) -> Result<(), CpuCreateError> {
     });
     if created.is_err() {
         // The threads started so far are waited for: the creation's error is the one told.
-        let _ = machine_wait_cpus_created(ms);
+        let _ = ms.wait_cpus_created();
     }
     created
-}
-
-/// Waits for the vCPUs [`machine_start_cpus`] started to report set up; the failure of
-/// the lowest CPU index, if any. Nothing to do when none is pending.
-pub fn machine_wait_cpus_created(ms: &MachineState) -> Result<(), CpuCreateError> {
-    match ms.accel_ops() {
-        Some(accel) => Ok(accel.wait_vcpus_created()?),
-        None => Ok(()),
-    }
 }

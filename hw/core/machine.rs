@@ -454,6 +454,13 @@ impl MachineState {
         }
         Ok(())
     }
+    /// Waits for the vCPUs `machine_start_cpus` left setting themselves up to report
+    /// created; the failure of the lowest CPU index, if any. Nothing to do when none is
+    /// pending or no accelerator is initialised.
+    pub fn wait_cpus_created(&self) -> Result<(), qom::Error> {
+        self.accel_ops()
+            .map_or(Ok(()), |accel| accel.wait_vcpus_created())
+    }
     /// The machine's CPUs, by index.
     pub fn cpus(&self) -> Vec<ObjectRef> {
         self.cpus.lock().clone()
@@ -675,10 +682,9 @@ pub fn reset_machine(machine: &ObjectRef) -> Result<(), MachineError> {
 /// QEMU's `qdev_machine_creation_done`: runs the board's `machine_done` once every device
 /// exists.
 pub fn machine_creation_done(machine: &ObjectRef) -> Result<(), MachineError> {
-    // The board's vCPUs set themselves up while its devices were made (the accelerator
-    // holds the ones `machine_start_cpus` left to wait for).
-    if let Some(accel) = machine_state(machine).and_then(MachineState::accel_ops) {
-        accel.wait_vcpus_created().map_err(MachineError::board)?;
+    // The board's vCPUs set themselves up while its devices were made.
+    if let Some(ms) = machine_state(machine) {
+        ms.wait_cpus_created().map_err(MachineError::board)?;
     }
     match machine_impl(machine) {
         Some(m) => m.machine_done(),
