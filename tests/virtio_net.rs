@@ -786,6 +786,50 @@ fn frames_queued_beyond_one_burst_and_a_full_backend_all_go_out() {
     assert_eq!(d.dev.wait_used(&mut tx, N, WAIT).len(), N, "all completed");
 }
 
+/// `tx=timer` (libvirt's `<driver txmode='timer'/>`): a kick holds the frames for
+/// `x-txtimer` nanoseconds, and a second kick while they wait sends them at once.
+#[test]
+fn tx_timer_holds_frames_until_it_fires_or_a_second_kick() {
+    let no_frame_within = |peer: &UnixDatagram, wait: Duration| {
+        peer.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 256];
+        let early = peer.recv(&mut buf);
+        peer.set_read_timeout(Some(WAIT)).unwrap();
+        assert!(
+            early.is_err(),
+            "the frame went out before the timer: {early:?}"
+        );
+    };
+    for (id, txtimer, second_kick) in [("txt0", "400000000", false), ("txt1", "4000000000", true)] {
+        let peer = add_backend(id, false);
+        let machine = pc_with_nic(
+            id,
+            &format!("net-{id}"),
+            &[("tx", "timer"), ("x-txtimer", txtimer)],
+        );
+        let mut d = start(&machine, VERSION_1 | F_MAC);
+        let mut buf = vec![0u8; 12];
+        buf.extend_from_slice(&frame([0xff; 6], 60, 9));
+        d.dev.mem.write_slice(&buf, GuestAddress(TX_BUF)).unwrap();
+        d.tx.add_chain(&d.dev.mem, &[(TX_BUF, buf.len() as u32, false)]);
+        d.dev.notify(1);
+        no_frame_within(&peer, Duration::from_millis(200));
+        if second_kick {
+            // Well before the 4 s timer could.
+            peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            d.dev.notify(1);
+        }
+        let mut got = [0u8; 256];
+        let n = peer.recv(&mut got).expect("the held frame goes out");
+        assert_eq!(&got[..n], &buf[12..], "{id}");
+        assert_eq!(
+            d.dev.wait_used(&mut d.tx, 1, WAIT).len(),
+            1,
+            "{id}: completed"
+        );
+    }
+}
+
 /// `announce-self`: a driver that negotiated GUEST_ANNOUNCE is asked through the status
 /// (and acks on the control queue); otherwise qomvm sends a RARP for the NIC's MAC.
 #[test]

@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
+use std::time::{Duration, Instant};
 
 use net::{NetQueue, Netdev, Offloads};
 use parking_lot::Mutex;
@@ -31,6 +32,7 @@ use crate::core::accel_ops::EventFd;
 use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId, Interest};
 use crate::core::qapi_event::{self, json, Value};
+use crate::core::timer::DeviceTimer;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::net::vhost_net::{vhost_net_get_features, VhostNet};
 use crate::virtio::virtio::{
@@ -132,6 +134,19 @@ const MAX_PLAIN_FRAME: usize = 1518;
 const MAX_GSO_FRAME: usize = 65550;
 /// Frames moved per wake-up before the loop serves other handlers.
 const BURST: usize = 256;
+/// QEMU's `TX_TIMER_INTERVAL`: `x-txtimer`'s default, in nanoseconds.
+pub const TX_TIMER_INTERVAL_NS: u32 = 150_000;
+/// How long a transmit kick may wait while frames stream in (see [`TxMode::Bh`]).
+const STREAM_TX_DELAY: Duration = Duration::from_micros(500);
+/// The receive rate window, and the bytes per window above which frames "stream in"
+/// (32 KiB per millisecond: 256 Mbit/s).
+const STREAM_WINDOW: Duration = Duration::from_millis(5);
+const STREAM_BYTES: usize = 160 << 10;
+/// Received frames smaller than this (ACKs, requests) count for no stream.
+const STREAM_FRAME_MIN: usize = 1024;
+/// After a hold ran out with data held (not only ACKs: the peer may have been waiting
+/// for it, as in request/response traffic), kicks go at once for this long.
+const STREAM_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Guest errors of every virtio-net device share one log budget.
 static GUEST_ERRORS: LazyLock<RateLimitedLog> = LazyLock::new(RateLimitedLog::default);
@@ -163,6 +178,22 @@ pub struct VirtioNetConf {
     /// The kernel's vhost-net workers serving the queue pairs (`vhost=on`), one per
     /// pair, with the features they support; `None` serves them here.
     pub vhost: Option<(Vec<Arc<File>>, u64)>,
+    /// When a transmit kick is served (`tx=`, `x-txtimer`).
+    pub tx_mode: TxMode,
+}
+
+/// When the frames a transmit kick announces go out (QEMU's `tx=` property).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxMode {
+    /// `tx=bh`, the default: at once, as QEMU's bottom half runs at once on an idle
+    /// loop. While frames stream in, QEMU's loop is busy copying them and the bottom
+    /// half waits, so the guest's ACKs pile up and go out in one kick; qomvm's receive
+    /// path leaves its loop idle, so it waits on purpose, [`STREAM_TX_DELAY`] (see
+    /// [`StreamHold`]: request/response traffic does not wait).
+    Bh,
+    /// `tx=timer`: a kick arms a timer of `x-txtimer` and turns kicks off; the frames go
+    /// out when it fires, or at once on a further kick (QEMU's `virtio_net_handle_tx_timer`).
+    Timer(Duration),
 }
 
 /// The receive filter the driver programs on the control queue (QEMU's `VirtIONet`
@@ -289,6 +320,7 @@ pub struct VirtioNet {
     context: Arc<AioContext>,
     vhost: Vec<Arc<File>>,
     running: Mutex<Option<Running>>,
+    tx_mode: TxMode,
     /// The queue pairs the driver used when the device stopped with the VM (QEMU's
     /// `curr_queue_pairs`): the next activation enables as many.
     resume_pairs: Mutex<Option<u16>>,
@@ -421,6 +453,7 @@ impl VirtioNet {
             context: conf.context,
             vhost,
             running: Mutex::new(None),
+            tx_mode: conf.tx_mode,
             resume_pairs: Mutex::new(None),
         });
         NICS.lock().push(Arc::downgrade(&dev));
@@ -718,6 +751,10 @@ impl VirtioDevice for VirtioNet {
                 }
                 continue;
             }
+            let tx_timer = match DeviceTimer::new() {
+                Ok(t) => t,
+                Err(e) => return Err(fail(running, format!("cannot create the transmit timer: {e}"))),
+            };
             let pair = Arc::new(QueuePair {
                 context: Arc::clone(&self.context),
                 rx_kick: Arc::clone(&rx.kick),
@@ -733,6 +770,8 @@ impl VirtioDevice for VirtioNet {
                 vnet_hdr,
                 mrg,
                 rx_need,
+                tx_mode: self.tx_mode,
+                tx_timer,
                 broken: AtomicBool::new(false),
                 inner: Mutex::new(PairInner {
                     rx: rx.queue,
@@ -744,6 +783,9 @@ impl VirtioDevice for VirtioNet {
                     backend_handler: None,
                     interest: Interest::READ,
                     enabled: false,
+                    tx_waiting: false,
+                    tx_hold_ran_out: false,
+                    stream_hold: StreamHold::default(),
                 }),
             });
             for (kick, which) in [(rx.kick, Kick::Rx), (tx.kick, Kick::Tx)] {
@@ -757,6 +799,12 @@ impl VirtioDevice for VirtioNet {
                     Ok(id) => running.handlers.push(id),
                     Err(e) => return Err(fail(running, e.to_string())),
                 }
+            }
+            let p = Arc::clone(&pair);
+            let timer = Box::new(move || p.tx_timer_expired());
+            match self.context.add_fd(pair.tx_timer.as_raw_fd(), timer) {
+                Ok(id) => running.handlers.push(id),
+                Err(e) => return Err(fail(running, e.to_string())),
             }
             running.pairs.push(pair);
         }
@@ -954,6 +1002,77 @@ struct PairInner {
     interest: Interest,
     /// The driver uses this pair (pair 0, or one of VQ_PAIRS_SET's).
     enabled: bool,
+    /// A transmit kick waits for the timer (or the next receive pass): the driver's
+    /// kicks are off meanwhile (QEMU's `tx_waiting`).
+    tx_waiting: bool,
+    /// The next transmit pass flushes a `tx=bh` hold that ran out: it looks for data.
+    tx_hold_ran_out: bool,
+    /// Whether `tx=bh` holds a kick.
+    stream_hold: StreamHold,
+}
+
+/// `tx=bh`'s choice: hold a transmit kick while frames stream in, unless a recent hold
+/// ran out with data in it: a stream's ACKs may wait (TCP delays its own ACKs far
+/// longer), but data may be what the peer waits for before it sends more.
+#[derive(Default)]
+struct StreamHold {
+    rate: ReceiveRate,
+    off_until: Option<Instant>,
+}
+
+impl StreamHold {
+    /// `bytes` of frames of [`STREAM_FRAME_MIN`] or more came in at `now`.
+    fn received(&mut self, now: Instant, bytes: usize) {
+        self.rate.add(now, bytes);
+    }
+
+    /// How long a kick at `now` is held (`None`: not at all).
+    fn hold(&mut self, now: Instant) -> Option<Duration> {
+        let backing_off = self.off_until.is_some_and(|until| now < until);
+        (!backing_off && self.rate.streaming(now)).then_some(STREAM_TX_DELAY)
+    }
+
+    /// A hold ran out and held data.
+    fn held_back_data(&mut self, now: Instant) {
+        self.off_until = Some(now + STREAM_BACKOFF);
+    }
+}
+
+/// Whether frames stream in: the bytes received per [`STREAM_WINDOW`], judged over the
+/// window running and the one before it.
+#[derive(Default)]
+struct ReceiveRate {
+    window_start: Option<Instant>,
+    bytes: usize,
+    /// The last full window reached [`STREAM_BYTES`].
+    streaming: bool,
+}
+
+impl ReceiveRate {
+    fn roll(&mut self, now: Instant) {
+        let Some(start) = self.window_start else {
+            self.window_start = Some(now);
+            return;
+        };
+        let age = now.saturating_duration_since(start);
+        if age < STREAM_WINDOW {
+            return;
+        }
+        // A window ended: it decides, unless nothing came for a whole window since.
+        self.streaming = age < 2 * STREAM_WINDOW && self.bytes >= STREAM_BYTES;
+        self.window_start = Some(now);
+        self.bytes = 0;
+    }
+
+    fn add(&mut self, now: Instant, bytes: usize) {
+        self.roll(now);
+        self.bytes += bytes;
+    }
+
+    fn streaming(&mut self, now: Instant) -> bool {
+        self.roll(now);
+        self.streaming || self.bytes >= STREAM_BYTES
+    }
 }
 
 /// One receive/transmit queue pair and its backend queue.
@@ -978,6 +1097,9 @@ struct QueuePair {
     mrg: bool,
     /// Buffer bytes a frame may need.
     rx_need: usize,
+    tx_mode: TxMode,
+    /// Fires a transmit kick that waits (registered on `context`).
+    tx_timer: DeviceTimer,
     broken: AtomicBool,
     inner: Mutex<PairInner>,
 }
@@ -1052,8 +1174,62 @@ impl QueuePair {
     }
 
     fn kicked(&self, which: Kick) {
-        if let Kick::Rx = which {
-            self.inner.lock().rx_starved = false;
+        match which {
+            Kick::Rx => self.inner.lock().rx_starved = false,
+            Kick::Tx => {
+                let mut inner = self.inner.lock();
+                if inner.tx_waiting {
+                    // Kicks are off while frames wait, so this one is the driver's own
+                    // hurry (or ours after a full burst): go now, as QEMU's timer mode.
+                    inner.tx_waiting = false;
+                    self.disarm_tx_timer();
+                } else if let Some(delay) = self.tx_delay(&mut inner) {
+                    if !inner.enabled || self.broken.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if let Err(e) = inner.tx.disable_notification(&*self.mem) {
+                        drop(inner);
+                        return self.fail(e.into());
+                    }
+                    match self.tx_timer.arm(delay) {
+                        Ok(()) => {
+                            inner.tx_waiting = true;
+                            return;
+                        }
+                        Err(e) => log::warn!("virtio-net: cannot arm the transmit timer: {e}"),
+                    }
+                }
+            }
+        }
+        self.serve();
+    }
+
+    /// How long a transmit kick waits (`None`: not at all).
+    fn tx_delay(&self, inner: &mut PairInner) -> Option<Duration> {
+        match self.tx_mode {
+            TxMode::Timer(delay) => Some(delay),
+            TxMode::Bh => inner.stream_hold.hold(Instant::now()),
+        }
+    }
+
+    fn disarm_tx_timer(&self) {
+        if let Err(e) = self.tx_timer.disarm() {
+            log::warn!("virtio-net: cannot disarm the transmit timer: {e}");
+        }
+    }
+
+    /// QEMU's `virtio_net_tx_timer`: the waiting frames go out (and kicks come back on).
+    fn tx_timer_expired(&self) {
+        if !self.tx_timer.take_expired() {
+            return;
+        }
+        {
+            let mut inner = self.inner.lock();
+            if !inner.tx_waiting {
+                return;
+            }
+            inner.tx_waiting = false;
+            inner.tx_hold_ran_out = self.tx_mode == TxMode::Bh;
         }
         self.serve();
     }
@@ -1068,9 +1244,12 @@ impl QueuePair {
         if !inner.enabled {
             return;
         }
-        let result = self
-            .transmit(&mut inner)
-            .and_then(|()| self.receive(&mut inner));
+        let result = if inner.tx_waiting {
+            Ok(())
+        } else {
+            self.transmit(&mut inner)
+        };
+        let result = result.and_then(|()| self.receive(&mut inner));
         if let Err(e) = result {
             drop(inner);
             return self.fail(e);
@@ -1095,6 +1274,7 @@ impl QueuePair {
     fn transmit(&self, inner: &mut PairInner) -> Result<(), RingError> {
         let mem = &*self.mem;
         let mut sent = 0usize;
+        let mut look_for_data = std::mem::take(&mut inner.tx_hold_ran_out);
         if let Some(frame) = inner.tx_blocked.take() {
             match self.send(&frame) {
                 Ok(()) => self.complete_tx(inner, frame.head)?,
@@ -1130,6 +1310,10 @@ impl QueuePair {
                     return Err(RingError::Chain(format!(
                         "virtio-net header incorrect: {total} bytes"
                     )));
+                }
+                if look_for_data && carries_data(mem, &segs, self.hdr_len) {
+                    inner.stream_hold.held_back_data(Instant::now());
+                    look_for_data = false;
                 }
                 let frame = TxFrame { head, segs };
                 if !self.shared.link_up.load(Ordering::Acquire) {
@@ -1234,6 +1418,7 @@ impl QueuePair {
         }
         let mem = &*self.mem;
         let mut delivered = 0usize;
+        let mut stream_bytes = 0usize;
         let mut bufs = Vec::new();
         let mut room: Vec<(GuestAddress, usize)> = Vec::new();
         for _ in 0..BURST {
@@ -1271,9 +1456,15 @@ impl QueuePair {
             }
             self.deliver(inner, total)?;
             delivered += 1;
+            if total >= STREAM_FRAME_MIN {
+                stream_bytes += total;
+            }
         }
-        if delivered > 0 && inner.rx.needs_notification(mem)? {
-            self.transport.signal_used_queue(self.rx_index);
+        if delivered > 0 {
+            inner.stream_hold.received(Instant::now(), stream_bytes);
+            if inner.rx.needs_notification(mem)? {
+                self.transport.signal_used_queue(self.rx_index);
+            }
         }
         Ok(())
     }
@@ -1370,6 +1561,39 @@ fn read_at(
         skip = 0;
     }
     done
+}
+
+/// Whether a transmitted frame (vnet header of `hdr_len` first) is more than a TCP
+/// segment without payload (an ACK); unreadable frames count as data.
+fn carries_data(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], hdr_len: usize) -> bool {
+    const TCP: u8 = 6;
+    let mut head = [0u8; 14 + 4 + 60 + 60];
+    let len = read_at(mem, segs, hdr_len, &mut head);
+    let head = &head[..len];
+    let be16 = |at: usize| head.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+    let mut l3 = 14;
+    let mut ethertype = be16(12);
+    if ethertype == Some(0x8100) {
+        l3 += 4;
+        ethertype = be16(16);
+    }
+    // (IP header length, the IP packet's length, the protocol after the IP header)
+    let ip = match ethertype {
+        Some(0x0800) => head.get(l3).zip(be16(l3 + 2)).zip(head.get(l3 + 9)).map(
+            |((&vihl, total), &proto)| (usize::from(vihl & 0xf) * 4, total, proto),
+        ),
+        Some(0x86dd) => be16(l3 + 4)
+            .zip(head.get(l3 + 6))
+            .map(|(payload, &next)| (40, 40 + payload, next)),
+        _ => None,
+    };
+    let Some((ip_hdr, ip_len, TCP)) = ip else {
+        return true;
+    };
+    match head.get(l3 + ip_hdr + 12) {
+        Some(&doff) => ip_len != ip_hdr + usize::from(doff >> 4) * 4,
+        None => true,
+    }
 }
 
 /// Writes `data` at offset `skip` of the segments.
@@ -1633,6 +1857,92 @@ fn mac_list(data: &[u8]) -> Option<(Vec<[u8; 6]>, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_receive_stream_is_a_rate_that_lasts_and_ends_when_frames_stop() {
+        let t0 = Instant::now();
+        // In windows.
+        let win = |n: u64| t0 + STREAM_WINDOW * n as u32;
+        let mut rate = ReceiveRate::default();
+        assert!(!rate.streaming(t0), "nothing received");
+        // Request/response: a few frames per window never stream.
+        for i in 0..20 {
+            rate.add(win(i), STREAM_BYTES / 4);
+            assert!(!rate.streaming(win(i)), "window {i}");
+        }
+        // A window's worth of bytes streams at once, and for the next window too.
+        rate.add(win(20), STREAM_BYTES / 2);
+        assert!(!rate.streaming(win(20)));
+        rate.add(win(20), STREAM_BYTES / 2);
+        assert!(rate.streaming(win(20)));
+        assert!(rate.streaming(win(21)), "the last full window decides");
+        // A quiet window after it ends the stream; so does a long gap.
+        assert!(!rate.streaming(win(22)));
+        rate.add(win(30), STREAM_BYTES);
+        assert!(rate.streaming(win(30)));
+        assert!(!rate.streaming(win(33)), "nothing for two windows");
+    }
+
+    #[test]
+    fn transmit_kicks_are_held_in_a_stream_and_not_for_a_waiting_peer() {
+        let t0 = Instant::now();
+        let us = |n: u64| t0 + Duration::from_micros(n);
+        let mut hold = StreamHold::default();
+        hold.received(t0, 1500);
+        assert_eq!(hold.hold(t0), None, "a small frame is no stream");
+        hold.received(us(100), STREAM_BYTES);
+        assert_eq!(hold.hold(us(200)), Some(STREAM_TX_DELAY), "held in a stream");
+        // A hold ran out with data in it: the peer may wait for the guest.
+        hold.held_back_data(us(700));
+        hold.received(us(800), STREAM_BYTES);
+        assert_eq!(hold.hold(us(900)), None, "backing off");
+        let later = 700 + STREAM_BACKOFF.as_micros() as u64;
+        hold.received(us(later), STREAM_BYTES);
+        assert_eq!(hold.hold(us(later + 10)), Some(STREAM_TX_DELAY), "held again");
+    }
+
+    #[test]
+    fn only_tcp_segments_without_payload_are_no_data() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let frame = |vlan: bool, l3: &[u8]| {
+            let mut f = vec![0u8; 12 + 12];
+            if vlan {
+                f.extend_from_slice(&[0x81, 0, 0, 5]);
+            }
+            f.extend_from_slice(l3);
+            mem.write_slice(&f, GuestAddress(0)).unwrap();
+            carries_data(&mem, &[(GuestAddress(0), f.len())], 12)
+        };
+        let tcp = |payload: usize| {
+            let mut t = vec![0u8; 20 + payload];
+            t[12] = 5 << 4;
+            t
+        };
+        let v4 = |proto: u8, l4: &[u8]| {
+            let mut p = vec![0x08, 0x00, 0x45, 0, 0, 0, 0, 0, 0, 0, 64, proto];
+            p.extend_from_slice(&[0; 10]);
+            let total = (20 + l4.len()) as u16;
+            p[4..6].copy_from_slice(&total.to_be_bytes());
+            p.extend_from_slice(l4);
+            p
+        };
+        let v6 = |l4: &[u8]| {
+            let mut p = vec![0x86, 0xdd, 0x60, 0, 0, 0];
+            p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            p.extend_from_slice(&[6, 64]);
+            p.extend_from_slice(&[0; 32]);
+            p.extend_from_slice(l4);
+            p
+        };
+        assert!(!frame(false, &v4(6, &tcp(0))), "IPv4 ACK");
+        assert!(!frame(true, &v4(6, &tcp(0))), "tagged IPv4 ACK");
+        assert!(!frame(false, &v6(&tcp(0))), "IPv6 ACK");
+        assert!(frame(false, &v4(6, &tcp(1))), "IPv4 TCP with a byte");
+        assert!(frame(false, &v6(&tcp(100))), "IPv6 TCP with payload");
+        assert!(frame(false, &v4(17, &[0; 8])), "UDP");
+        assert!(frame(false, &[0x08, 0x06, 0, 1]), "ARP");
+        assert!(frame(false, &[0x08]), "truncated");
+    }
 
     #[test]
     fn header_length_follows_the_features() {

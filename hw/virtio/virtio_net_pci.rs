@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use qom::{type_init, Prop};
 
@@ -13,7 +14,7 @@ use crate::core::iothread::iothread_context;
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::net::vhost_net::vhost_features;
-use crate::net::virtio_net::{net_feature as nf, VirtioNet, VirtioNetConf};
+use crate::net::virtio_net::{net_feature as nf, TxMode, VirtioNet, VirtioNetConf, TX_TIMER_INTERVAL_NS};
 use crate::pci::pci::PciDeviceImpl;
 use crate::virtio::virtio::{bit, device_id, feature, VirtioDevice};
 use crate::virtio::virtio_pci::{VirtioPciImpl, VirtioPciProxy, PCI_VENDOR_ID_REDHAT_QUMRANET};
@@ -103,8 +104,10 @@ pub struct VirtioNetPci {
     duplex: Prop<Option<String>>,
     #[property(default = false, desc = "Failover primary/standby pairing")]
     failover: Prop<bool>,
-    #[property(desc = "Transmit mechanism (QEMU: bh or timer; both mean the I/O thread here)")]
+    #[property(desc = "Transmit mechanism: bh (at once; held while frames stream in) or timer (x-txtimer after a kick)")]
     tx: Prop<Option<String>>,
+    #[property(name = "x-txtimer", default = TX_TIMER_INTERVAL_NS, desc = "How long tx=timer holds a kick, in nanoseconds")]
+    x_txtimer: Prop<u32>,
 }
 
 type_init!(VirtioNetPci);
@@ -292,11 +295,11 @@ impl VirtioNetPci {
                 return Err(VirtioNetError::Duplex);
             }
         }
-        if let Some(t) = self.tx.get() {
-            if t != "bh" && t != "timer" {
-                return Err(VirtioNetError::Tx);
-            }
-        }
+        let tx_mode = match self.tx.get().as_deref() {
+            None | Some("bh") => TxMode::Bh,
+            Some("timer") => TxMode::Timer(Duration::from_nanos(self.x_txtimer.get().into())),
+            Some(_) => return Err(VirtioNetError::Tx),
+        };
         let mac = match self.mac.get() {
             Some(text) => parse_mac(&text).ok_or(VirtioNetError::Mac(text))?,
             None => {
@@ -358,6 +361,7 @@ impl VirtioNetPci {
             tx_queue_size: self.tx_queue_size.get(),
             mtu: self.host_mtu.get(),
             context,
+            tx_mode,
         })
     }
 }
