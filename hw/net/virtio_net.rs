@@ -1002,8 +1002,8 @@ struct PairInner {
     interest: Interest,
     /// The driver uses this pair (pair 0, or one of VQ_PAIRS_SET's).
     enabled: bool,
-    /// A transmit kick waits for the timer (or the next receive pass): the driver's
-    /// kicks are off meanwhile (QEMU's `tx_waiting`).
+    /// A transmit kick waits for the timer (or a further kick): the driver's kicks are
+    /// off meanwhile (QEMU's `tx_waiting`).
     tx_waiting: bool,
     /// The next transmit pass flushes a `tx=bh` hold that ran out: it looks for data.
     tx_hold_ran_out: bool,
