@@ -60,7 +60,7 @@ fn main() {
         }
     };
     term::restore();
-    std::process::exit(code);
+    os_posix::exit(code);
 }
 
 /// Panic policy: a panic on any thread (vCPU, I/O, monitor) ends qomvm, after the usual
@@ -75,6 +75,6 @@ fn panic_ends_the_process() {
         default_hook(info);
         term::restore();
         qom::error_report!("internal error: a panic ends the VM");
-        std::process::exit(101);
+        os_posix::exit(101);
     }));
 }

@@ -971,7 +971,7 @@ fn incoming(machine: &ObjectRef, channel: Incoming) {
             // it only half loaded.
             qom::error_report!("load of migration failed: {e}");
             set_status(MigrationStatus::Failed);
-            std::process::exit(1);
+            crate::os_posix::exit(1);
         }
     }
 }

@@ -118,6 +118,26 @@ impl DaemonPipe {
     }
 }
 
+/// The pid file of this process, held until exit: every way out ([`exit`]) removes it, as
+/// QEMU's exit notifier `qemu_unlink_pidfile` does (a SIGTERM that comes while start-up
+/// finishes ends the process before the main loop returns).
+static PIDFILE: std::sync::Mutex<Option<PidFile>> = std::sync::Mutex::new(None);
+
+/// Holds `pidfile` until the process exits.
+pub fn hold_pidfile(pidfile: PidFile) {
+    *PIDFILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(pidfile);
+}
+
+/// QEMU's exit notifiers, then `exit(code)`: the only way qomvm ends once the pid file
+/// is written.
+pub fn exit(code: i32) -> ! {
+    let held = PIDFILE.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(pidfile) = held {
+        pidfile.remove();
+    }
+    std::process::exit(code)
+}
+
 /// A pid file this process wrote and holds locked; removed at exit ([`PidFile::remove`]).
 pub struct PidFile {
     path: PathBuf,

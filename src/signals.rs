@@ -87,7 +87,7 @@ fn killed(k: Killed) {
             // Still starting: no guest state to save.
             kill_report();
             crate::term::restore();
-            std::process::exit(0);
+            crate::os_posix::exit(0);
         }
     }
 }

@@ -30,19 +30,14 @@ pub fn qemu_main(opts: Options, daemon: Option<DaemonPipe>) -> Result<i32, Optio
         println!("{}", help::version());
         return Ok(0);
     }
-    // QEMU's qemu_maybe_daemonize: the pid file names the daemon.
-    let pidfile = match &opts.pidfile {
-        Some(p) => Some(
-            crate::os_posix::write_pidfile(std::path::Path::new(&p.value))
-                .map_err(|e| OptionError::new("", e))?,
-        ),
-        None => None,
-    };
-    let result = qemu_init_and_run(&opts, daemon);
-    if let Some(pidfile) = pidfile {
-        pidfile.remove();
+    // QEMU's qemu_maybe_daemonize: the pid file names the daemon; `os_posix::exit`
+    // removes it.
+    if let Some(p) = &opts.pidfile {
+        let pidfile = crate::os_posix::write_pidfile(std::path::Path::new(&p.value))
+            .map_err(|e| OptionError::new("", e))?;
+        crate::os_posix::hold_pidfile(pidfile);
     }
-    result
+    qemu_init_and_run(&opts, daemon)
 }
 
 /// `qemu_init` then the main loop, with the pid file written.
