@@ -322,7 +322,7 @@ fn scripts_run_with_the_interface_name() {
         );
         let e = tap::tap_init(
             "s",
-            &opts("ifname=qs1,script=/nonexistent/qemu-ifup,downscript=no"),
+            &opts("ifname=qs2,script=/nonexistent/qemu-ifup,downscript=no"),
         )
         .unwrap_err();
         assert_eq!(
@@ -333,6 +333,9 @@ fn scripts_run_with_the_interface_name() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+// Every tap_init in a test names a tap of its own: a tap whose netdev failed is closed,
+// but a child forked meanwhile by another test (its `ip` or a script) holds a copy of the
+// descriptor until it execs, and the same name would then be busy (EBUSY).
 #[test]
 fn vhost_options() {
     skip_unless_possible!();
@@ -349,7 +352,7 @@ fn vhost_options() {
         let e = tap::tap_init(
             "v",
             &opts(&format!(
-                "ifname=qv0,script=no,downscript=no,vhostfd={null}"
+                "ifname=qv3,script=no,downscript=no,vhostfd={null}"
             )),
         )
         .unwrap_err();
@@ -379,7 +382,7 @@ fn vhost_options() {
             );
             let e = tap::tap_init(
                 "v",
-                &opts("ifname=qv1,script=no,downscript=no,vhostforce=on"),
+                &opts("ifname=qv4,script=no,downscript=no,vhostforce=on"),
             )
             .unwrap_err();
             assert_eq!(
