@@ -381,8 +381,7 @@ pub(crate) fn start_vcpu_thread(vm: &Arc<KvmVm>, cpu: &ObjectRef) -> Result<(), 
     let thread_vm = vm.clone();
     let thread_cpu = cpu.clone();
     vm.vcpus.thread_started();
-    let handle = std::thread::Builder::new()
-        .name(format!("CPU {index}/KVM"))
+    let handle = hw::core::thread::builder(format!("CPU {index}/KVM"))
         .spawn(move || {
             vcpu_thread(&thread_vm, &thread_cpu, index, created_tx);
             thread_vm.vcpus.thread_ended();

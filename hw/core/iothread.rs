@@ -275,8 +275,7 @@ impl AioContext {
         });
         let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         let looper = Arc::clone(&shared);
-        let join = thread::Builder::new()
-            .name(name.to_string())
+        let join = crate::core::thread::builder(name)
             .spawn(move || {
                 // SAFETY: gettid has no preconditions.
                 let _ = tid_tx.send(unsafe { libc::gettid() });

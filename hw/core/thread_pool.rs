@@ -66,8 +66,7 @@ impl ThreadPool {
         }
         state.threads += 1;
         let inner = Arc::downgrade(&self.inner);
-        let spawned = std::thread::Builder::new()
-            .name(self.inner.name.clone())
+        let spawned = crate::core::thread::builder(self.inner.name.clone())
             .spawn(move || worker(inner));
         if let Err(e) = spawned {
             state.threads -= 1;
