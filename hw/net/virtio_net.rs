@@ -779,6 +779,8 @@ impl VirtioDevice for VirtioNet {
                     pending: VecDeque::new(),
                     pending_bytes: 0,
                     rx_starved: false,
+                    bounce: Vec::new(),
+                    held: None,
                     tx_blocked: None,
                     backend_handler: None,
                     interest: Interest::READ,
@@ -976,6 +978,16 @@ enum Kick {
     Tx,
 }
 
+/// What [`QueuePair::receive_low`] found.
+enum LowRoom {
+    /// A frame of this many bytes (as the backend wrote it) that fits the buffers taken.
+    Fits(usize),
+    /// A frame the buffers taken cannot hold: it waits for the driver's next buffers.
+    Held,
+    /// The backend has no frame (or failed to read one).
+    NoFrame,
+}
+
 /// A receive buffer taken from the ring: its head and its guest segments.
 struct RxBuf {
     head: u16,
@@ -997,6 +1009,11 @@ struct PairInner {
     pending_bytes: usize,
     /// The ring ran out: wait for the driver's kick before reading the backend.
     rx_starved: bool,
+    /// Where a frame is read when the ring holds less than a largest frame
+    /// ([`QueuePair::receive`]); empty until first needed.
+    bounce: Vec<u8>,
+    /// The bytes of `bounce` that hold a frame the ring had no room for yet.
+    held: Option<usize>,
     tx_blocked: Option<TxFrame>,
     backend_handler: Option<(AioHandlerId, Arc<AioContext>)>,
     interest: Interest,
@@ -1421,26 +1438,46 @@ impl QueuePair {
         let mut stream_bytes = 0usize;
         let mut bufs = Vec::new();
         let mut room: Vec<(GuestAddress, usize)> = Vec::new();
+        let skip = if self.vnet_hdr { 0 } else { self.hdr_len };
         for _ in 0..BURST {
-            if !self.refill(inner)? {
+            let room_for_any = self.refill(inner)?;
+            if inner.pending.is_empty() {
                 inner.rx_starved = true;
                 break;
             }
-            bufs.clear();
-            let skip = if self.vnet_hdr { 0 } else { self.hdr_len };
             room.clear();
             if self.mrg {
                 room.extend(inner.pending.iter().flat_map(|b| b.segs.iter().copied()));
             } else {
                 room.extend_from_slice(&inner.pending[0].segs);
             }
-            slices(mem, &room, skip, &mut bufs)?;
-            let n = match self.backend.receive(&bufs) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    GUEST_ERRORS.warn(|| format!("virtio-net: receive failed: {e}"));
-                    break;
+            let n = if room_for_any && inner.held.is_none() {
+                // Straight into the guest's buffers.
+                bufs.clear();
+                slices(mem, &room, skip, &mut bufs)?;
+                match self.backend.receive(&bufs) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        GUEST_ERRORS.warn(|| format!("virtio-net: receive failed: {e}"));
+                        break;
+                    }
+                }
+            } else {
+                // Mergeable buffers, fewer than a largest frame needs: as QEMU, read the
+                // frame first and place it if it fits, so that the ring is used to its
+                // end rather than left with room for most frames while the driver is
+                // asked for more.
+                match self.receive_low(inner, skip) {
+                    LowRoom::Fits(n) => {
+                        write_at(mem, &room, skip, &inner.bounce[..n])?;
+                        n
+                    }
+                    LowRoom::Held => {
+                        inner.rx_starved = true;
+                        break;
+                    }
+                    LowRoom::NoFrame => break,
                 }
             };
             let total = n + skip;
@@ -1467,6 +1504,37 @@ impl QueuePair {
             }
         }
         Ok(())
+    }
+
+    /// A frame for a ring with less room than a largest frame (mergeable buffers only):
+    /// the held one or the backend's next, read into the bounce buffer, and whether it
+    /// fits the buffers taken (if not, it is held until the driver adds more).
+    fn receive_low(&self, inner: &mut PairInner, skip: usize) -> LowRoom {
+        if !self.mrg {
+            return LowRoom::Held;
+        }
+        let n = match inner.held.take() {
+            Some(n) => n,
+            None => {
+                if inner.bounce.len() < self.rx_need {
+                    inner.bounce.resize(self.rx_need, 0);
+                }
+                let bounce = VolatileSlice::from(&mut inner.bounce[..]);
+                match self.backend.receive(&[bounce]) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return LowRoom::NoFrame,
+                    Err(e) => {
+                        GUEST_ERRORS.warn(|| format!("virtio-net: receive failed: {e}"));
+                        return LowRoom::NoFrame;
+                    }
+                }
+            }
+        };
+        if n + skip > inner.pending_bytes {
+            inner.held = Some(n);
+            return LowRoom::Held;
+        }
+        LowRoom::Fits(n)
     }
 
     /// Puts a received frame of `total` bytes (header included) in the used ring: the
