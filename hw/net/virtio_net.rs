@@ -1010,7 +1010,7 @@ struct PairInner {
     /// The ring ran out: wait for the driver's kick before reading the backend.
     rx_starved: bool,
     /// Where a frame is read when the ring holds less than a largest frame
-    /// ([`QueuePair::receive`]); empty until first needed.
+    /// ([`QueuePair::receive_low`]); empty until first needed.
     bounce: Vec<u8>,
     /// The bytes of `bounce` that hold a frame the ring had no room for yet.
     held: Option<usize>,
