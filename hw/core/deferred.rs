@@ -17,9 +17,9 @@ impl<T: Send + 'static> Deferred<T> {
         name: &str,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> std::io::Result<Deferred<T>> {
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(work)?;
+        // The thread stack size of the vCPUs (which start after these end): glibc hands a
+        // finished thread's stack to a later thread that asks for up to 4x less.
+        let thread = crate::core::thread::builder(name).spawn(work)?;
         Ok(Deferred {
             value: OnceLock::new(),
             thread: Mutex::new(Some(thread)),
