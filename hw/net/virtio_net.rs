@@ -1455,13 +1455,9 @@ impl QueuePair {
                 // Straight into the guest's buffers.
                 bufs.clear();
                 slices(mem, &room, skip, &mut bufs)?;
-                match self.backend.receive(&bufs) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        GUEST_ERRORS.warn(|| format!("virtio-net: receive failed: {e}"));
-                        break;
-                    }
+                match self.read_frame(&bufs) {
+                    Some(n) => n,
+                    None => break,
                 }
             } else {
                 // Mergeable buffers, fewer than a largest frame needs: as QEMU, read the
@@ -1506,6 +1502,19 @@ impl QueuePair {
         Ok(())
     }
 
+    /// The backend's next frame into `bufs`: its length, or `None` if there is none (or
+    /// the read failed, which is logged).
+    fn read_frame(&self, bufs: &[VolatileSlice<'_>]) -> Option<usize> {
+        match self.backend.receive(bufs) {
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => {
+                GUEST_ERRORS.warn(|| format!("virtio-net: receive failed: {e}"));
+                None
+            }
+        }
+    }
+
     /// A frame for a ring with less room than a largest frame (mergeable buffers only):
     /// the held one or the backend's next, read into the bounce buffer, and whether it
     /// fits the buffers taken (if not, it is held until the driver adds more).
@@ -1519,14 +1528,9 @@ impl QueuePair {
                 if inner.bounce.len() < self.rx_need {
                     inner.bounce.resize(self.rx_need, 0);
                 }
-                let bounce = VolatileSlice::from(&mut inner.bounce[..]);
-                match self.backend.receive(&[bounce]) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return LowRoom::NoFrame,
-                    Err(e) => {
-                        GUEST_ERRORS.warn(|| format!("virtio-net: receive failed: {e}"));
-                        return LowRoom::NoFrame;
-                    }
+                match self.read_frame(&[VolatileSlice::from(&mut inner.bounce[..])]) {
+                    Some(n) => n,
+                    None => return LowRoom::NoFrame,
                 }
             }
         };
