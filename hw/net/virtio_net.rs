@@ -37,7 +37,7 @@ use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::net::vhost_net::{vhost_net_get_features, VhostNet};
 use crate::virtio::virtio::{
     bit, device_id, drain_kick, feature, mark_chain_written, read_config_bytes, ActivateError, Activation,
-    QueuePosition, RateLimitedLog, RingError, VirtioDevice, VirtioTransport,
+    QueuePosition, RateLimitedLog, RingError, UsedGroups, VirtioDevice, VirtioTransport,
 };
 
 /// Feature bits (virtio 1.2, 5.1.3).
@@ -774,6 +774,7 @@ impl VirtioDevice for VirtioNet {
                 tx_timer,
                 broken: AtomicBool::new(false),
                 inner: Mutex::new(PairInner {
+                    rx_used: UsedGroups::new(&rx.queue),
                     rx: rx.queue,
                     tx: tx.queue,
                     pending: VecDeque::new(),
@@ -1003,6 +1004,8 @@ struct TxFrame {
 
 struct PairInner {
     rx: Queue,
+    /// The receive ring's used side: a frame's buffers reach the driver together.
+    rx_used: UsedGroups,
     tx: Queue,
     /// Receive buffers taken from the ring, in ring order.
     pending: VecDeque<RxBuf>,
@@ -1495,7 +1498,7 @@ impl QueuePair {
         }
         if delivered > 0 {
             inner.stream_hold.received(Instant::now(), stream_bytes);
-            if inner.rx.needs_notification(mem)? {
+            if inner.rx_used.needs_notification(&inner.rx, mem)? {
                 self.transport.signal_used_queue(self.rx_index);
             }
         }
@@ -1572,9 +1575,8 @@ impl QueuePair {
         };
         let offset = if self.vnet_hdr { 10 } else { 0 };
         write_at(mem, &first.segs, offset, header_bytes)?;
-        for (buf, len) in used {
-            inner.rx.add_used(mem, buf.head, len as u32)?;
-        }
+        let elems: Vec<(u16, u32)> = used.iter().map(|(buf, len)| (buf.head, *len as u32)).collect();
+        inner.rx_used.add(&mut inner.rx, mem, &elems)?;
         Ok(())
     }
 

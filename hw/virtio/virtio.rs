@@ -7,15 +7,100 @@
 //! eventfd the driver's notifications signal, and a [`VirtioTransport`] to interrupt the
 //! driver through. Devices process rings on an I/O thread, never on a vCPU thread.
 
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::core::accel_ops::EventFd;
 use crate::core::dirty_log::DirtyTracker;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 pub use crate::core::log_limit::RateLimitedLog;
+
+/// A used ring whose elements go to the driver in groups it must see whole: a mergeable
+/// receive frame's buffers, whose first says how many follow (the driver takes them all
+/// as soon as it sees the first, and drops the frame if any is missing). `Queue::add_used`
+/// publishes each element on its own; this writes a group's elements, then moves the used
+/// index once, as QEMU's `virtqueue_fill` and `virtqueue_flush` do. A queue used through it
+/// takes its notification decisions from it too ([`UsedGroups::needs_notification`]),
+/// since `Queue::needs_notification` counts only what `add_used` added.
+#[derive(Debug)]
+pub struct UsedGroups {
+    /// The used index when the driver was last considered for an interrupt.
+    signalled: Wrapping<u16>,
+}
+
+impl UsedGroups {
+    /// Starts at `queue`'s used index.
+    pub fn new(queue: &Queue) -> Self {
+        UsedGroups {
+            signalled: Wrapping(queue.next_used()),
+        }
+    }
+
+    /// Adds `elems` (descriptor head, bytes written) to the used ring and makes them
+    /// visible to the driver with one store of the used index.
+    pub fn add<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        elems: &[(u16, u32)],
+    ) -> Result<(), virtio_queue::Error> {
+        let size = queue.size();
+        let used_ring = GuestAddress(queue.used_ring());
+        let start = Wrapping(queue.next_used());
+        for (i, &(head, len)) in elems.iter().enumerate() {
+            if head >= size {
+                return Err(virtio_queue::Error::InvalidDescriptorIndex);
+            }
+            let slot = (start + Wrapping(i as u16)).0 % size;
+            let addr = used_ring
+                .checked_add(4 + 8 * u64::from(slot))
+                .ok_or(virtio_queue::Error::AddressOverflow)?;
+            // virtq_used_elem: the head's id and the length, little-endian u32s.
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            mem.write_slice(&elem, addr)
+                .map_err(virtio_queue::Error::GuestMemory)?;
+        }
+        let end = start + Wrapping(elems.len() as u16);
+        queue.set_next_used(end.0);
+        // Release: the elements are in place before the driver can see the index.
+        let idx_addr = used_ring
+            .checked_add(2)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        mem.store(u16::to_le(end.0), idx_addr, Ordering::Release)
+            .map_err(virtio_queue::Error::GuestMemory)
+    }
+
+    /// Whether the driver wants an interrupt for what was added since the last call: with
+    /// `VIRTIO_RING_F_EVENT_IDX`, when the used index passed the driver's `used_event`
+    /// (the kernel's `vring_need_event`); always without it, as `Queue::needs_notification`.
+    pub fn needs_notification<M: GuestMemory>(
+        &mut self,
+        queue: &Queue,
+        mem: &M,
+    ) -> Result<bool, virtio_queue::Error> {
+        // The used index is stored before `used_event` is read (the driver does the reverse).
+        fence(Ordering::SeqCst);
+        let new = Wrapping(queue.next_used());
+        let old = std::mem::replace(&mut self.signalled, new);
+        if !queue.event_idx_enabled() {
+            return Ok(true);
+        }
+        let used_event_addr = GuestAddress(queue.avail_ring())
+            .checked_add(4 + 2 * u64::from(queue.size()))
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let used_event = Wrapping(u16::from_le(
+            mem.load(used_event_addr, Ordering::Relaxed)
+                .map_err(virtio_queue::Error::GuestMemory)?,
+        ));
+        Ok(new - used_event - Wrapping(1) < new - old)
+    }
+}
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -280,5 +365,57 @@ mod tests {
         assert_eq!(feature_word(f, 0), (1 << 29) | 1);
         assert_eq!(feature_word(f, 1), 1);
         assert_eq!(feature_word(f, 2), 0);
+    }
+
+    /// A 16-entry ring at 0 (descriptors), 0x1000 (available), 0x2000 (used).
+    fn ring(event_idx: bool) -> (GuestMemoryMmap, Queue) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(0), Some(0));
+        q.set_avail_ring_address(Some(0x1000), Some(0));
+        q.set_used_ring_address(Some(0x2000), Some(0));
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        (mem, q)
+    }
+
+    fn set_used_event(mem: &GuestMemoryMmap, value: u16) {
+        mem.write_obj(value, GuestAddress(0x1000 + 4 + 2 * 16)).unwrap();
+    }
+
+    #[test]
+    fn a_group_is_published_with_one_index_and_notifies_past_used_event() {
+        let (mem, mut q) = ring(true);
+        let mut used = UsedGroups::new(&q);
+        set_used_event(&mem, 1);
+        used.add(&mut q, &mem, &[(3, 100), (4, 200), (5, 50)]).unwrap();
+        let idx: u16 = mem.read_obj(GuestAddress(0x2002)).unwrap();
+        assert_eq!((idx, q.next_used()), (3, 3));
+        let second: [u32; 2] = mem.read_obj(GuestAddress(0x2004 + 8)).unwrap();
+        assert_eq!(second, [4, 200]);
+        assert!(used.needs_notification(&q, &mem).unwrap(), "0..3 passed used_event 1");
+        used.add(&mut q, &mem, &[(6, 10)]).unwrap();
+        assert!(!used.needs_notification(&q, &mem).unwrap(), "3..4 did not pass it");
+        set_used_event(&mem, 5);
+        used.add(&mut q, &mem, &[(7, 10)]).unwrap();
+        assert!(!used.needs_notification(&q, &mem).unwrap(), "4..5 did not reach 6");
+        used.add(&mut q, &mem, &[(8, 10), (9, 10)]).unwrap();
+        assert!(used.needs_notification(&q, &mem).unwrap(), "5..7 passed 5");
+        assert!(
+            used.add(&mut q, &mem, &[(16, 1)]).is_err(),
+            "a head beyond the ring is refused"
+        );
+    }
+
+    #[test]
+    fn without_event_idx_every_check_notifies_and_indices_wrap() {
+        let (mem, mut q) = ring(false);
+        q.set_next_used(u16::MAX);
+        let mut used = UsedGroups::new(&q);
+        used.add(&mut q, &mem, &[(1, 1), (2, 2)]).unwrap();
+        assert_eq!(q.next_used(), 1);
+        let at_slot_0: [u32; 2] = mem.read_obj(GuestAddress(0x2004)).unwrap();
+        assert_eq!(at_slot_0, [2, 2], "index 0xffff is slot 15, index 0 slot 0");
+        assert!(used.needs_notification(&q, &mem).unwrap());
     }
 }
