@@ -1550,7 +1550,9 @@ impl QueuePair {
     fn deliver(&self, inner: &mut PairInner, total: usize) -> Result<(), RingError> {
         let mem = &*self.mem;
         let mut left = total;
-        let mut used = Vec::new();
+        // (head, bytes written) of each buffer the frame filled, and the first's segments.
+        let mut used: Vec<(u16, u32)> = Vec::new();
+        let mut first_segs = Vec::new();
         while left > 0 || used.is_empty() {
             let Some(buf) = inner.pending.pop_front() else {
                 break;
@@ -1558,12 +1560,17 @@ impl QueuePair {
             inner.pending_bytes -= buf.len;
             let len = left.min(buf.len);
             left -= len;
-            used.push((buf, len));
+            if used.is_empty() {
+                first_segs = buf.segs;
+            }
+            used.push((buf.head, len as u32));
             if !self.mrg {
                 break;
             }
         }
-        let first = &used[0].0;
+        if used.is_empty() {
+            return Ok(());
+        }
         let mut header = [0u8; HDR_LEN_MRG];
         let header_bytes = if self.vnet_hdr {
             // The backend wrote the first ten bytes; only `num_buffers` is ours.
@@ -1574,9 +1581,8 @@ impl QueuePair {
             &header[..self.hdr_len]
         };
         let offset = if self.vnet_hdr { 10 } else { 0 };
-        write_at(mem, &first.segs, offset, header_bytes)?;
-        let elems: Vec<(u16, u32)> = used.iter().map(|(buf, len)| (buf.head, *len as u32)).collect();
-        inner.rx_used.add(&mut inner.rx, mem, &elems)?;
+        write_at(mem, &first_segs, offset, header_bytes)?;
+        inner.rx_used.add(&mut inner.rx, mem, &used)?;
         Ok(())
     }
 
