@@ -639,7 +639,7 @@ fn run_once(
         }
         Ok(VcpuExit::Shutdown) => {
             qom::error_report!("CPU {index}: triple fault (KVM_EXIT_SHUTDOWN)");
-            eprint!("{}", x86::register_dump(vcpu));
+            eprint!("{}", x86::shutdown_register_dump(vcpu));
             return Step::End(RunRequest::GuestError);
         }
         Ok(VcpuExit::SystemEvent(kind, _)) => {

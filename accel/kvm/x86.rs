@@ -605,6 +605,32 @@ fn segment_line(out: &mut String, name: &str, s: &kvm_segment, long: bool) {
     }
 }
 
+/// The register dump for a triple fault. On AMD, KVM puts the vCPU through INIT before it
+/// reports `KVM_EXIT_SHUTDOWN` (the VMCB is undefined after a shutdown intercept), so what
+/// it returns is the reset state, not the faulting one: say so rather than let a reader
+/// chase a fault at the reset vector.
+pub(crate) fn shutdown_register_dump(vcpu: &VcpuFd) -> String {
+    let mut dump = register_dump(vcpu);
+    let reinitialised = matches!(
+        (vcpu.get_regs(), vcpu.get_sregs()),
+        (Ok(r), Ok(s)) if at_reset_vector(&r, &s)
+    );
+    if reinitialised {
+        dump.push_str(
+            "(KVM re-initialised the vCPU when it reported the shutdown, as it does on AMD: \
+             these are its INIT registers, not the faulting ones)\n",
+        );
+    }
+    dump
+}
+
+/// Whether the vCPU is at the reset vector as INIT leaves it (CS f000 based at
+/// 0xffff0000, IP 0xfff0): a guest's own code cannot be there with that CS base, which only
+/// a reset or INIT loads.
+fn at_reset_vector(regs: &kvm_bindings::kvm_regs, sregs: &kvm_bindings::kvm_sregs) -> bool {
+    regs.rip == 0xfff0 && sregs.cs.selector == 0xf000 && sregs.cs.base == 0xffff_0000
+}
+
 /// The vCPU's registers in the layout of QEMU's `info registers` (`x86_cpu_dump_state`).
 pub(crate) fn register_dump(vcpu: &VcpuFd) -> String {
     let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
@@ -696,4 +722,35 @@ pub(crate) fn register_dump(vcpu: &VcpuFd) -> String {
     }
     let _ = writeln!(out, "EFER={:016x}", s.efer);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(
+        rip: u64,
+        selector: u16,
+        base: u64,
+    ) -> (kvm_bindings::kvm_regs, kvm_bindings::kvm_sregs) {
+        let regs = kvm_bindings::kvm_regs {
+            rip,
+            ..Default::default()
+        };
+        let mut sregs = kvm_bindings::kvm_sregs::default();
+        sregs.cs.selector = selector;
+        sregs.cs.base = base;
+        (regs, sregs)
+    }
+
+    #[test]
+    fn only_the_init_state_counts_as_the_reset_vector() {
+        let (r, s) = state(0xfff0, 0xf000, 0xffff_0000);
+        assert!(at_reset_vector(&r, &s));
+        // A far jump to f000:fff0 loads the real-mode base, not the reset one.
+        let (r, s) = state(0xfff0, 0xf000, 0xf_0000);
+        assert!(!at_reset_vector(&r, &s));
+        let (r, s) = state(0xfff1, 0xf000, 0xffff_0000);
+        assert!(!at_reset_vector(&r, &s));
+    }
 }

@@ -117,11 +117,7 @@ pub fn host_or_rig(
         // ends its VMM: with `-smp 2` the rig's guests have been seen to stall (RCU
         // warnings, output stopping mid-line) under QEMU as the VMM too. The same scenario
         // passes on its rerun; a guest that hangs every time still fails.
-        let guest_hung = path == Path_::NestedRig
-            && text(&out).lines().any(|l| {
-                l.contains("qomvm: terminating on signal 15 from pid")
-                    && l.trim_end().ends_with("(timeout)")
-            });
+        let guest_hung = path == Path_::NestedRig && text(&out).lines().any(ended_by_timeout);
         if !rig_stalled && !rig_died && !guest_faulted && !guest_hung {
             break;
         }
@@ -146,6 +142,40 @@ pub fn host_or_rig(
         out = run();
     }
     out
+}
+
+/// Whether `line` is qomvm's report of being ended by `timeout`: the process is named
+/// as it was started, `(timeout)` or `(/usr/bin/timeout)`.
+fn ended_by_timeout(line: &str) -> bool {
+    let Some(rest) = line
+        .trim_end()
+        .split("qomvm: terminating on signal 15 from pid ")
+        .nth(1)
+    else {
+        return false;
+    };
+    rest.rsplit_once('(')
+        .and_then(|(_, name)| name.strip_suffix(')'))
+        .is_some_and(|name| name.rsplit('/').next() == Some("timeout"))
+}
+
+#[test]
+fn a_vmm_ended_by_timeout_is_recognised_however_timeout_was_named() {
+    for line in [
+        "qomvm: terminating on signal 15 from pid 138 (/usr/bin/timeout)",
+        "qomvm: terminating on signal 15 from pid 7 (timeout)",
+        "[   5.3] kprobes: optimized qomvm: terminating on signal 15 from pid 7 (timeout)\r",
+    ] {
+        assert!(ended_by_timeout(line), "{line}");
+    }
+    for line in [
+        "qomvm: terminating on signal 15 from pid 139 (/bin/bash)",
+        "qomvm: terminating on signal 2 from pid 7 (timeout)",
+        "qomvm: terminating on signal 15 from pid 7 (mytimeout)",
+        "[    5.1] timeout)",
+    ] {
+        assert!(!ended_by_timeout(line), "{line}");
+    }
 }
 
 pub fn text(o: &Output) -> String {
