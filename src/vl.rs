@@ -777,7 +777,7 @@ fn parse_ram_size(text: &str) -> Result<u64, String> {
 }
 
 /// `-smp [cpus=]n[,sockets=s][,cores=c][,threads=t][,maxcpus=m]` with QEMU's rules for the
-/// values left out (sockets preferred).
+/// values left out (cores preferred, as for QEMU's machine types since 6.2).
 fn parse_smp(text: &str) -> Result<SmpConfig, String> {
     let mut cpus = None;
     let mut sockets = None;
@@ -804,26 +804,33 @@ fn parse_smp(text: &str) -> Result<SmpConfig, String> {
             other => return Err(format!("Invalid parameter '{other}'")),
         }
     }
-    let threads = threads.unwrap_or(1);
-    let (sockets, cores) = match (sockets, cores) {
-        (Some(s), Some(c)) => (s, c),
-        (Some(s), None) => {
-            let total = maxcpus.or(cpus).unwrap_or(s * threads);
-            (s, (total / (s * threads)).max(1))
-        }
-        (None, Some(c)) => {
-            let total = maxcpus.or(cpus).unwrap_or(c * threads);
-            ((total / (c * threads)).max(1), c)
-        }
-        (None, None) => {
-            let total = maxcpus.or(cpus).unwrap_or(1);
-            ((total / threads).max(1), 1)
-        }
+    // QEMU's smp_parse for machines since 6.2: cores are preferred over sockets for the
+    // values left out, threads are worked out last.
+    let (sockets, cores, threads) = match maxcpus.or(cpus) {
+        None => (
+            sockets.unwrap_or(1),
+            cores.unwrap_or(1),
+            threads.unwrap_or(1),
+        ),
+        Some(total) => match (sockets, cores, threads) {
+            (s, None, t) => {
+                let (s, t) = (s.unwrap_or(1), t.unwrap_or(1));
+                (s, total / s.saturating_mul(t), t)
+            }
+            (None, Some(c), t) => {
+                let t = t.unwrap_or(1);
+                (total / c.saturating_mul(t), c, t)
+            }
+            (Some(s), Some(c), t) => (s, c, t.unwrap_or(total / s.saturating_mul(c))),
+        },
     };
-    let product = sockets * cores * threads;
-    let max_cpus = maxcpus.unwrap_or(product);
+    // In 64 bits: the product of three u32 values a user typed may not fit in 32.
+    let product = u64::from(sockets) * u64::from(cores) * u64::from(threads);
+    let max_cpus = maxcpus
+        .or(cpus)
+        .unwrap_or(u32::try_from(product).unwrap_or(u32::MAX));
     let cpus = cpus.unwrap_or(max_cpus);
-    if product != max_cpus {
+    if product != u64::from(max_cpus) {
         return Err(format!(
             "Invalid CPU topology: product of the hierarchy must match maxcpus: sockets ({sockets}) * cores ({cores}) * threads ({threads}) != maxcpus ({max_cpus})"
         ));
@@ -1102,4 +1109,52 @@ fn register_block_flush(machine: &ObjectRef) {
             }
         }),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_smp;
+
+    fn topology(text: &str) -> (u32, u32, u32, u32, u32) {
+        let s = parse_smp(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        (s.cpus, s.sockets, s.cores, s.threads, s.max_cpus)
+    }
+
+    #[test]
+    fn smp_fills_in_cores_first_as_qemu_machines_since_6_2() {
+        assert_eq!(topology("4"), (4, 1, 4, 1, 4));
+        assert_eq!(topology("8,sockets=2"), (8, 2, 4, 1, 8));
+        assert_eq!(topology("8,cores=2"), (8, 4, 2, 1, 8));
+        assert_eq!(topology("8,threads=2"), (8, 1, 4, 2, 8));
+        assert_eq!(topology("8,sockets=2,cores=2"), (8, 2, 2, 2, 8));
+        assert_eq!(topology("sockets=2"), (2, 2, 1, 1, 2));
+        assert_eq!(topology("4,maxcpus=8"), (4, 1, 8, 1, 8));
+        assert_eq!(
+            topology("cpus=2,sockets=2,cores=1,threads=1"),
+            (2, 2, 1, 1, 2)
+        );
+        // No overflow on values whose product does not fit in 32 bits.
+        assert!(parse_smp("sockets=65536,cores=65536").is_err());
+        assert!(parse_smp("4,sockets=65536,threads=65536").is_err());
+    }
+
+    #[test]
+    fn smp_that_does_not_add_up_is_refused_in_qemus_words() {
+        for (text, error) in [
+            (
+                "4,sockets=3,cores=2,maxcpus=4",
+                "Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (3) * cores (2) * threads (0) != maxcpus (4)",
+            ),
+            (
+                "2,sockets=4",
+                "Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (4) * cores (0) * threads (1) != maxcpus (2)",
+            ),
+            (
+                "8,maxcpus=4",
+                "Invalid CPU topology: maxcpus must be equal to or greater than smp: sockets (1) * cores (4) * threads (1) == maxcpus (4) < smp_cpus (8)",
+            ),
+        ] {
+            assert_eq!(parse_smp(text).err().as_deref(), Some(error), "{text}");
+        }
+    }
 }

@@ -99,7 +99,7 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "none", "-accel", "qtest", "-device", "isa-debug-exit"], "qomvm: -device isa-debug-exit: No 'ISA' bus found for device 'isa-debug-exit'\n"),
         (&["-M", "none", "-accel", "qtest", "-smp", "2"], "qomvm: Invalid SMP CPUs 2. The max CPUs supported by machine 'none' is 1\n"),
         (&["-M", "none", "-accel", "qtest", "-m", "lots"], "qomvm: -m lots: invalid RAM size 'lots'\n"),
-        (&["-M", "none", "-accel", "qtest", "-smp", "4,sockets=3,cores=2,maxcpus=4"], "qomvm: -smp 4,sockets=3,cores=2,maxcpus=4: Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (3) * cores (2) * threads (1) != maxcpus (4)\n"),
+        (&["-M", "none", "-accel", "qtest", "-smp", "4,sockets=3,cores=2,maxcpus=4"], "qomvm: -smp 4,sockets=3,cores=2,maxcpus=4: Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (3) * cores (2) * threads (0) != maxcpus (4)\n"),
         (&["-M", "none", "-accel", "qtest", "-cpu", "nosuch"], "qomvm: -cpu nosuch: unable to find CPU model 'nosuch'\n"),
         (&["-M", "none", "-accel", "qtest", "-global", "isa-debug-exit.iobase=x"], "qomvm: -global isa-debug-exit.iobase=x: Parameter 'iobase' expects a non-negative integer below 65536\n"),
         (&["-M", "none,accel=qtest", "-accel", "qtest"], "qomvm: The -accel and \"-machine accel=\" options are incompatible\n"),

@@ -687,3 +687,36 @@ fn hv_enlightenments_reach_the_guest_or_are_refused_in_qemus_words() {
         assert!(line.ends_with(&expected), "{cpu}: {line}");
     }
 }
+
+/// CPUID `leaf`'s registers as qomvm gives CPU 0 of a `cpus`-core package of `cpu`.
+fn package_cpuid(cpus: u32, cpu: &str, leaf: u32) -> [u32; 4] {
+    let vm = TestVm::bare(cpus, cpu, 2 << 20);
+    let ms = hw::core::machine::machine_state(&vm.machine).unwrap();
+    let cpu0 = ms.cpus()[0].clone();
+    let cpuid = accel::kvm::x86::vcpu_cpuid(&vm.machine, &cpu0).expect("on KVM");
+    let e = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == leaf && e.index == 0)
+        .unwrap_or_else(|| panic!("{cpu}: no leaf {leaf:#x}"));
+    [e.eax, e.ebx, e.ecx, e.edx]
+}
+
+#[test]
+fn the_package_topology_is_the_guests_not_the_hosts() {
+    require_kvm!();
+    // 4 cores: leaf 1 counts 4 logical processors; 0x8000_0008 says 4 threads in a
+    // package whose APIC IDs use 2 bits; the AMD-vendor qemu64 sets CmpLegacy so Linux
+    // counts them as cores (QEMU's cpu_x86_cpuid).
+    assert_eq!((package_cpuid(4, "qemu64", 1)[1] >> 16) & 0xff, 4);
+    assert_eq!(package_cpuid(4, "qemu64", 0x8000_0008)[2], (2 << 12) | 3);
+    assert_ne!(package_cpuid(4, "qemu64", 0x8000_0001)[2] & (1 << 1), 0);
+    // Not for Intel, whose Linux code would then drop the thread count.
+    assert_eq!(
+        package_cpuid(4, "qemu64,vendor=GenuineIntel", 0x8000_0001)[2] & (1 << 1),
+        0
+    );
+    // One CPU: no count, whatever the host's package has.
+    assert_eq!(package_cpuid(1, "qemu64", 0x8000_0008)[2], 0);
+    assert_eq!(package_cpuid(1, "qemu64", 0x8000_0001)[2] & (1 << 1), 0);
+}

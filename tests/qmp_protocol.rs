@@ -626,7 +626,8 @@ fn the_pc_board_has_cpus_and_a_power_button() {
     assert_eq!(cpus[1]["target"], "x86_64");
     assert_eq!(
         cpus[1]["props"],
-        json!({"core-id": 0, "thread-id": 0, "socket-id": 1})
+        // QEMU 7.2 -M pc -smp 2: two cores of one socket.
+        json!({"core-id": 1, "thread-id": 0, "socket-id": 0})
     );
     let path = cpus[1]["qom-path"].as_str().unwrap().to_string();
     assert_eq!(

@@ -300,6 +300,13 @@ pub(crate) fn build_cpuid(
         .clone()
         .or_else(|| model.and_then(|m| m.model_id).map(str::to_string));
     let threads_per_socket = smp.cores * smp.threads;
+    let intel = match &cfg.vendor {
+        Some(v) => v == "GenuineIntel",
+        None => entries
+            .iter()
+            .find(|e| e.function == 0)
+            .is_some_and(|e| (e.ebx, e.edx, e.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)),
+    };
     for entry in entries.iter_mut() {
         match entry.function {
             0 | 0x8000_0000 => {
@@ -383,8 +390,19 @@ pub(crate) fn build_cpuid(
                     entry.edx = word(12);
                 }
             }
+            // Linux takes a non-Intel package's core count from 0x8000_0008 and, without
+            // CmpLegacy, reads leaf 1's logical count as threads: both describe this
+            // topology, not the host's (QEMU's cpu_x86_cpuid).
+            0x8000_0001 if threads_per_socket > 1 && !intel => entry.ecx |= 1 << 1,
             0x8000_0006 if !cfg.l3_cache => entry.edx = 0,
-            0x8000_0008 => entry.eax = (entry.eax & !0xff) | (phys_bits & 0xff),
+            0x8000_0008 => {
+                entry.eax = (entry.eax & !0xff) | (phys_bits & 0xff);
+                entry.ecx = if threads_per_socket > 1 {
+                    ((bits_for(smp.threads) + bits_for(smp.cores)) << 12) | (threads_per_socket - 1)
+                } else {
+                    0
+                };
+            }
             _ => {}
         }
     }
