@@ -124,6 +124,12 @@ fn check_boot(mem: &str, mem_bytes: u64, cpus: u32) -> Option<String> {
     assert!(out.contains("QOMVM-GUEST-READY"), "{out}");
     assert_powered_off(&out, 1);
     assert!(out.contains(&format!("nproc: {cpus}")), "{out}");
+    // MTRRs on (write-back by default, as firmware leaves them), so the kernel sets up
+    // PAT with write-combining rather than turning PAT off with the MTRRs.
+    assert!(
+        out.contains("x86/PAT: Configuration [0-7]: WB  WC  UC- UC  WB  WP  UC- WT"),
+        "{out}"
+    );
     // The kernel keeps some memory for itself: MemTotal is a little below RAM.
     let total = mem_total_kib(&out) * 1024;
     assert!(

@@ -415,18 +415,23 @@ pub(crate) fn build_cpuid(
 /// MSRs set for boot (as Firecracker and QEMU's reset do), limited to those KVM lists in
 /// `KVM_GET_MSR_INDEX_LIST`: hosts differ, and QEMU aborts on a missing one.
 const BOOT_MSRS: &[(u32, u64)] = &[
-    (0x174, 0),             // IA32_SYSENTER_CS
-    (0x175, 0),             // IA32_SYSENTER_ESP
-    (0x176, 0),             // IA32_SYSENTER_EIP
-    (0xc000_0081, 0),       // STAR
-    (0xc000_0082, 0),       // LSTAR
-    (0xc000_0083, 0),       // CSTAR
-    (0xc000_0084, 0),       // SYSCALL_MASK
-    (0xc000_0102, 0),       // KERNEL_GS_BASE
-    (0x10, 0),              // TSC
-    (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
-    (0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
+    (0x174, 0),       // IA32_SYSENTER_CS
+    (0x175, 0),       // IA32_SYSENTER_ESP
+    (0x176, 0),       // IA32_SYSENTER_EIP
+    (0xc000_0081, 0), // STAR
+    (0xc000_0082, 0), // LSTAR
+    (0xc000_0083, 0), // CSTAR
+    (0xc000_0084, 0), // SYSCALL_MASK
+    (0xc000_0102, 0), // KERNEL_GS_BASE
+    (0x10, 0),        // TSC
+    (0x1a0, 1),       // IA32_MISC_ENABLE: fast strings
 ];
+
+/// MTRRdefType: MTRRs enabled, write-back by default, as firmware leaves them (SeaBIOS,
+/// Cloud Hypervisor's boot state). A guest that finds them off also turns off PAT, so
+/// it has no write-combining mappings. KVM emulates the MTRRs for every vCPU but leaves
+/// them out of `KVM_GET_MSR_INDEX_LIST`; QEMU sets them when CPUID offers MTRRs.
+const MTRR_DEF_TYPE: (u32, u64) = (0x2ff, (1 << 11) | 6);
 
 /// MSRs already warned about: one warning per MSR, not per vCPU.
 static WARNED_MSRS: parking_lot::Mutex<std::collections::BTreeSet<u32>> =
@@ -478,6 +483,13 @@ pub fn vcpu_cpuid(machine: &Object, cpu: &Object) -> Option<CpuId> {
 }
 
 fn set_boot_msrs(vm: &KvmVm, vcpu: &VcpuFd) -> Result<(), KvmError> {
+    let has_mtrr = vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .is_ok_and(|c| {
+            c.as_slice()
+                .iter()
+                .any(|e| e.function == 1 && e.edx & (1 << 12) != 0)
+        });
     let entries: Vec<kvm_msr_entry> = BOOT_MSRS
         .iter()
         .filter(|(index, _)| {
@@ -487,6 +499,7 @@ fn set_boot_msrs(vm: &KvmVm, vcpu: &VcpuFd) -> Result<(), KvmError> {
             }
             listed
         })
+        .chain(has_mtrr.then_some(&MTRR_DEF_TYPE))
         .map(|&(index, data)| kvm_msr_entry {
             index,
             data,
