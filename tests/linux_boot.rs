@@ -106,6 +106,8 @@ fn linux_boot_state_runs_on_kvm() {
             s4: Some(2),
             pvpanic_port: None,
             i8042: true,
+            rtc: Some((0x70, 8)),
+            serial_ports: vec![Some((0x3f8, 4))],
         },
     )
     .unwrap();

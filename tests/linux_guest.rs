@@ -124,6 +124,18 @@ fn check_boot(mem: &str, mem_bytes: u64, cpus: u32) -> Option<String> {
     assert!(out.contains("QOMVM-GUEST-READY"), "{out}");
     assert_powered_off(&out, 1);
     assert!(out.contains(&format!("nproc: {cpus}")), "{out}");
+    // The DSDT describes the RTC and COM1, so Linux binds both as PNP devices (`00:0n`)
+    // rather than probing the legacy ports itself.
+    assert!(
+        out.lines()
+            .any(|l| l.contains("rtc_cmos 00:") && l.contains("registered as rtc0")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains(" 00:0") && l.contains(": ttyS0 at I/O 0x3f8 (irq = 4")),
+        "{out}"
+    );
     // MTRRs on (write-back by default, as firmware leaves them), so the kernel sets up
     // PAT with write-combining rather than turning PAT off with the MTRRs.
     assert!(

@@ -349,6 +349,20 @@ impl IsaSerial {
         attach_backend(&self.port, backend);
     }
 
+    /// The COM index, first port and ISA IRQ the port was realized with (what the
+    /// board's ACPI tables describe); `None` before realize.
+    pub fn com_port(&self) -> Option<(u32, u16, u8)> {
+        if !self.is_realized() {
+            return None;
+        }
+        let config = self.config.lock();
+        Some((
+            config.index?,
+            u16::try_from(config.iobase()).ok()?,
+            u8::try_from(config.irq()).ok()?,
+        ))
+    }
+
     /// The lowest COM index no other realized `isa-serial` on the device's bus has (QEMU
     /// counts ports process-wide; per bus keeps machines independent).
     fn free_index(&self, ctx: &DeviceContext) -> Result<u32, RealizeError> {

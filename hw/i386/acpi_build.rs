@@ -33,10 +33,12 @@
 //! VGA window and the 32- and 64-bit PCI holes; its `_PRT` routes INTA..INTD of every slot
 //! to the GSI of the PIIX3 PIRQ line it is swizzled to, and the MADT makes those GSIs level
 //! triggered, active high (QEMU's overrides for IRQs 5, 9, 10, 11), so Linux scans PCI and
-//! routes its interrupts. Of the ISA devices only the i8042's keyboard (`\_SB.KBD_`,
-//! `PNP0303`) and mouse (`\_SB.MOU_`, `PNP0F13`) are described: SeaBIOS drives a PS/2
-//! keyboard only when the DSDT has one. Linux probes the other legacy ports itself (8250
-//! UARTs, the CMOS RTC).
+//! routes its interrupts. The ISA devices are described as QEMU's `build_aml` hooks do
+//! (directly under `\_SB`, as this DSDT has no `PCI0.ISA` scope): the i8042's keyboard
+//! (`\_SB.KBD_`, `PNP0303`) and mouse (`\_SB.MOU_`, `PNP0F13`; SeaBIOS drives a PS/2
+//! keyboard only when the DSDT has one), the CMOS RTC (`\_SB.RTC_`, `PNP0B00`) and each
+//! ISA serial port (`\_SB.COMn`, `PNP0501`), which OSes that do not probe legacy ports
+//! (Windows) need.
 
 use acpi_tables::aml::{
     AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, Name, Package,
@@ -108,6 +110,10 @@ pub struct AcpiConfig {
     pub pvpanic_port: Option<u16>,
     /// Whether the machine has an i8042 (its keyboard and mouse are then described).
     pub i8042: bool,
+    /// The CMOS RTC's first port and ISA IRQ, if the machine has one.
+    pub rtc: Option<(u16, u8)>,
+    /// The ISA serial ports' first ports and ISA IRQs, by COM index (0 = COM1).
+    pub serial_ports: Vec<Option<(u16, u8)>>,
 }
 
 /// Why the tables could not be built.
@@ -226,6 +232,41 @@ fn build_pvpanic(port: u16) -> Vec<u8> {
     aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&dev]))
 }
 
+/// `\_SB.RTC_` (`PNP0B00`), the CMOS RTC (QEMU's `rtc_build_aml`: eight ports claimed,
+/// as on PC chipsets, though only the first two answer; IRQ 8). Linux's rtc_cmos then
+/// binds to it as a PNP device.
+fn build_rtc(base: u16, irq: u8) -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0B00"));
+    let io = IO::new(base, base, 1, 8);
+    let irq = IrqNoFlags(irq);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&io, &irq]));
+    let dev = Device::new(Path::new("RTC_"), vec![&hid, &crs]);
+    aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&dev]))
+}
+
+/// `\_SB.COMn` (`PNP0501`, `_UID` n) for each ISA serial port (QEMU's
+/// `serial_isa_build_aml`): how OSes that do not probe legacy ports (Windows) find them.
+fn build_serial_ports(ports: &[Option<(u16, u8)>]) -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
+    let sta = Name::new(Path::new("_STA"), &0x0fu8);
+    let mut out = Vec::new();
+    for (index, (base, irq)) in ports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.map(|p| (i, p)))
+    {
+        let number = index as u8 + 1;
+        let uid = Name::new(Path::new("_UID"), &number);
+        let io = IO::new(base, base, 0, 8);
+        let irq = IrqNoFlags(irq);
+        let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&io, &irq]));
+        let name = format!("COM{number}");
+        let dev = Device::new(Path::new(&name), vec![&hid, &uid, &sta, &crs]);
+        out.extend(aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&dev])));
+    }
+    out
+}
+
 /// A small IRQ descriptor without flags (ACPI's `IRQNoFlags`: edge triggered, active
 /// high), as QEMU describes the i8042's interrupts; `acpi_tables` has only the extended
 /// form.
@@ -303,6 +344,10 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     if cfg.i8042 {
         dsdt.append_slice(&build_i8042());
     }
+    if let Some((base, irq)) = cfg.rtc {
+        dsdt.append_slice(&build_rtc(base, irq));
+    }
+    dsdt.append_slice(&build_serial_ports(&cfg.serial_ports));
     dsdt.as_slice().to_vec()
 }
 
@@ -567,6 +612,8 @@ mod tests {
             s4: Some(2),
             pvpanic_port: None,
             i8042: true,
+            rtc: Some((0x70, 8)),
+            serial_ports: vec![Some((0x3f8, 4)), None, Some((0x3e8, 4))],
         }
     }
 
@@ -890,6 +937,41 @@ mod tests {
         assert!(dsdt
             .windows(8)
             .any(|w| w == [0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
+    }
+
+    #[test]
+    fn the_rtc_and_the_serial_ports_are_described() {
+        let mem = ram();
+        let has = |dsdt: &[u8], needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        build_acpi_tables(
+            &mem,
+            &AcpiConfig {
+                rtc: None,
+                serial_ports: Vec::new(),
+                ..config(1, 1)
+            },
+        )
+        .unwrap();
+        let dsdt = walk(&mem).dsdt;
+        assert!(!has(&dsdt, b"RTC_") && !has(&dsdt, b"COM"));
+        build_acpi_tables(&mem, &config(1, 1)).unwrap();
+        let dsdt = walk(&mem).dsdt;
+        // EISAID("PNP0B00"); IO(Decode16, 0x70, 0x70, 1, 8), IRQNoFlags() {8}.
+        assert!(has(&dsdt, &[0x0c, 0x41, 0xd0, 0x0b, 0x00]), "PNP0B00");
+        assert!(has(
+            &dsdt,
+            &[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x08, 0x22, 0x00, 0x01]
+        ));
+        // COM1 and COM3 (the config has no COM2), each PNP0501 with its _UID and ports.
+        assert!(has(&dsdt, &[0x0c, 0x41, 0xd0, 0x05, 0x01]), "PNP0501");
+        assert!(has(&dsdt, b"COM1") && has(&dsdt, b"COM3") && !has(&dsdt, b"COM2"));
+        // _UID 3: NameOp "_UID" BytePrefix 3.
+        assert!(has(&dsdt, &[0x08, b'_', b'U', b'I', b'D', 0x0a, 0x03]));
+        // IO(Decode16, 0x3f8, 0x3f8, 0, 8), IRQNoFlags() {4}.
+        assert!(has(
+            &dsdt,
+            &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x00, 0x08, 0x22, 0x10, 0x00]
+        ));
     }
 
     #[test]

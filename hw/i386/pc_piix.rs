@@ -689,13 +689,44 @@ impl PcI440fxMachine {
             pvpanic_port: self.isa_pvpanic_port(),
             // The board always has one (QEMU's `i8042` machine property is not here).
             i8042: true,
+            rtc: self
+                .isa_devices()
+                .into_iter()
+                .find_map(Typed::<crate::rtc::mc146818rtc::Mc146818Rtc>::new)
+                .map(|rtc| rtc.resources()),
+            serial_ports: self.isa_serial_ports(),
         }
+    }
+
+    /// The devices on `isa.0`.
+    fn isa_devices(&self) -> Vec<ObjectRef> {
+        self.object()
+            .child("piix3")
+            .and_then(|piix3| piix3.child("isa.0"))
+            .map(|isa| crate::core::bus::bus_children(&isa))
+            .unwrap_or_default()
+    }
+
+    /// The realized `isa-serial` ports' first ports and IRQs, by COM index.
+    fn isa_serial_ports(&self) -> Vec<Option<(u16, u8)>> {
+        let mut ports = Vec::new();
+        for (index, base, irq) in self
+            .isa_devices()
+            .into_iter()
+            .filter_map(|d| Typed::<crate::char::serial::IsaSerial>::new(d)?.com_port())
+        {
+            let index = index as usize;
+            if ports.len() <= index {
+                ports.resize(index + 1, None);
+            }
+            ports[index] = Some((base, irq));
+        }
+        ports
     }
 
     /// The port of the ISA `pvpanic` on `isa.0`, if there is one.
     fn isa_pvpanic_port(&self) -> Option<u16> {
-        let isa = self.object().child("piix3")?.child("isa.0")?;
-        crate::core::bus::bus_children(&isa)
+        self.isa_devices()
             .into_iter()
             .find_map(Typed::<crate::misc::pvpanic_isa::PvPanicIsa>::new)
             .map(|p| p.ioport())

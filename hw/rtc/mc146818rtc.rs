@@ -800,6 +800,13 @@ pub enum RtcError {
     BadIrq,
 }
 
+impl Mc146818Rtc {
+    /// The first port and ISA IRQ (what the board's ACPI tables describe).
+    pub fn resources(&self) -> (u16, u8) {
+        (self.iobase.get(), self.irq.get())
+    }
+}
+
 impl DeviceImpl for Mc146818Rtc {
     const CATEGORY: DeviceCategory = DeviceCategory::Misc;
 
