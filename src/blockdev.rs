@@ -64,7 +64,9 @@ pub fn drive_add(located: &Located, index: usize) -> Result<Option<Located>, Opt
     let err = |m: String| located.error(m);
     let mut file = None;
     let mut format = None;
-    let mut interface = "none".to_string();
+    // QEMU's default interface for the pc board (and `none`) is IDE, which qomvm lacks: a
+    // -drive without `if=` is refused rather than left unattached without a word.
+    let mut interface = None;
     let mut id = None;
     let mut addr = None;
     let mut opts = OpenOptions::new("");
@@ -81,7 +83,7 @@ pub fn drive_add(located: &Located, index: usize) -> Result<Option<Located>, Opt
                         .ok_or_else(|| err(format!("Unknown driver '{value}'")))?,
                 )
             }
-            "if" => interface = value,
+            "if" => interface = Some(value),
             "id" => id = Some(value),
             "addr" => addr = Some(value),
             "cache" => {
@@ -107,6 +109,13 @@ pub fn drive_add(located: &Located, index: usize) -> Result<Option<Located>, Opt
             _ => {}
         }
     }
+    let Some(interface) = interface else {
+        return Err(err(
+            "machine type does not support if=ide,bus=0,unit=0 (qomvm has no IDE controller: \
+             use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)"
+                .to_string(),
+        ));
+    };
     match interface.as_str() {
         "none" | "virtio" => {}
         "ide" | "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "xen" => {

@@ -158,6 +158,13 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("append", Arity::Value),
     ("device", Arity::Value),
     ("drive", Arity::Value),
+    ("hda", Arity::Value),
+    ("hdb", Arity::Value),
+    ("hdc", Arity::Value),
+    ("hdd", Arity::Value),
+    ("cdrom", Arity::Value),
+    ("fda", Arity::Value),
+    ("fdb", Arity::Value),
     ("blockdev", Arity::Value),
     ("object", Arity::Value),
     ("netdev", Arity::Value),
@@ -372,6 +379,26 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "append" => opts.append = Some(located),
             "device" => opts.devices.push(located),
             "drive" => opts.drives.push(located),
+            // QEMU's shorthands for IDE and floppy drives (`drive_add(IF_DEFAULT, ...)`):
+            // refused with what to use instead, rather than as unknown options.
+            "hda" | "hdb" | "hdc" | "hdd" => {
+                let hint = format!(
+                    "use -drive file={},if=virtio",
+                    located.value.replace(',', ",,")
+                );
+                return Err(located.error(format!(
+                    "IDE disks are not supported (qomvm has no IDE controller): {hint}"
+                )));
+            }
+            "cdrom" => {
+                return Err(located.error(
+                    "CD-ROM drives are not supported (qomvm has no IDE or SCSI controller)",
+                ))
+            }
+            "fda" | "fdb" => {
+                return Err(located
+                    .error("floppy disks are not supported (qomvm has no floppy controller)"))
+            }
             "blockdev" => opts.blockdevs.push(located),
             "object" => opts.objects.push(located),
             "netdev" => opts.netdevs.push(located),

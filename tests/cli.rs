@@ -92,6 +92,12 @@ fn unknown_device_is_a_one_line_error() {
 fn bad_options_are_one_line_errors() {
     let cases: &[(&[&str], &str)] = &[
         (&["-bogus"], "qomvm: -bogus: invalid option\n"),
+        // QEMU's IDE/floppy shorthands and its default -drive interface: refused with what
+        // to use, not taken as unknown options or left unattached.
+        (&["-hda", "a,b.img"], "qomvm: -hda a,b.img: IDE disks are not supported (qomvm has no IDE controller): use -drive file=a,,b.img,if=virtio\n"),
+        (&["-cdrom", "x.iso"], "qomvm: -cdrom x.iso: CD-ROM drives are not supported (qomvm has no IDE or SCSI controller)\n"),
+        (&["-fda", "f.img"], "qomvm: -fda f.img: floppy disks are not supported (qomvm has no floppy controller)\n"),
+        (&["-drive", "file=/nonexistent.img"], "qomvm: -drive file=/nonexistent.img: machine type does not support if=ide,bus=0,unit=0 (qomvm has no IDE controller: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)\n"),
         (&["-m"], "qomvm: -m: requires an argument\n"),
         (&["-M", "nosuch"], "qomvm: -machine nosuch: unsupported machine type 'nosuch'\nUse -machine help to list supported machines\n"),
         (&["-M", "none,foo=1", "-accel", "qtest"], "qomvm: -machine none,foo=1: Property 'none-machine.foo' not found\n"),
