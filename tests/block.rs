@@ -467,7 +467,15 @@ fn query_block_and_info_block() {
     )
     .unwrap();
     let mut lines = BufReader::new(holder.0.stdout.take().unwrap()).lines();
-    let mut next = || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
+    // Replies in order; events (RESUME, when the machine starts after the greeting) skipped.
+    let mut next = || -> Value {
+        loop {
+            let v: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    };
     assert_eq!(next()["return"], serde_json::json!({}));
     let blocks = next()["return"].clone();
     let b = &blocks[0];
