@@ -57,16 +57,49 @@ fn parse_aio(value: &str) -> Option<AioMode> {
     }
 }
 
-/// QEMU's `drive_new` for one `-drive`: opens the image and adds the backend. For
+/// The `-drive`s placed so far, by interface and unit (QEMU's `drive_get`), to find a
+/// drive's first free unit and its default id.
+#[derive(Default)]
+pub struct DriveTable {
+    units: Vec<(String, u32)>,
+}
+
+impl DriveTable {
+    fn contains(&self, interface: &str, unit: u32) -> bool {
+        self.units.iter().any(|(i, u)| i == interface && *u == unit)
+    }
+    /// The first unit of `interface` no drive uses (QEMU's loop in `drive_new`).
+    fn first_free_unit(&self, interface: &str) -> u32 {
+        (0..)
+            .find(|&unit| !self.contains(interface, unit))
+            .expect("fewer than 2^32 drives")
+    }
+}
+
+/// Drives per bus of an interface (QEMU's `if_max_devs`): 2 for IDE's master and slave,
+/// unlimited (0) for the others that qomvm knows.
+fn max_devs(interface: &str) -> u32 {
+    if interface == "ide" {
+        2
+    } else {
+        0
+    }
+}
+
+/// QEMU's `drive_new` for one `-drive`: opens the image and adds the backend. A drive
+/// without `if=` gets the machine's `default_interface` (QEMU's `block_default_type`). For
 /// `if=virtio` it returns the `-device` QEMU adds for the drive (`virtio-blk-pci`), to be
 /// created with the other devices.
-pub fn drive_add(located: &Located, index: usize) -> Result<Option<Located>, OptionError> {
+pub fn drive_add(
+    located: &Located,
+    default_interface: &str,
+    drives: &mut DriveTable,
+) -> Result<Option<Located>, OptionError> {
     let err = |m: String| located.error(m);
     let mut file = None;
     let mut format = None;
-    // QEMU's default interface for the pc board (and `none`) is IDE, which qomvm lacks: a
-    // -drive without `if=` is refused rather than left unattached without a word.
     let mut interface = None;
+    let mut index = None;
     let mut id = None;
     let mut addr = None;
     let mut opts = OpenOptions::new("");
@@ -105,17 +138,34 @@ pub fn drive_add(located: &Located, index: usize) -> Result<Option<Located>, Opt
             }
             "media" if value == "disk" => {}
             "media" => return Err(err(format!("'{value}' invalid media"))),
-            // "index": only meaningful with an interface, refused below.
+            "index" => {
+                index = Some(
+                    value
+                        .parse::<u32>()
+                        .map_err(|_| err("Parameter 'index' expects a number".to_string()))?,
+                )
+            }
             _ => {}
         }
     }
-    let Some(interface) = interface else {
-        return Err(err(
-            "machine type does not support if=ide,bus=0,unit=0 (qomvm has no IDE controller: \
-             use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)"
-                .to_string(),
-        ));
+    let explicit_interface = interface.is_some();
+    let interface = interface.unwrap_or_else(|| default_interface.to_string());
+    // QEMU's bus and unit: from `index=` (IDE has two units per bus), else the first free
+    // unit of the interface.
+    let max_devs = max_devs(&interface);
+    let (bus, unit) = match index {
+        Some(index) if max_devs > 0 => (index / max_devs, index % max_devs),
+        Some(index) => (0, index),
+        None => (0, drives.first_free_unit(&interface)),
     };
+    if !explicit_interface && interface == "ide" {
+        // The pc board's default is IDE, which qomvm lacks: refused rather than opening an
+        // image no device uses.
+        return Err(err(format!(
+            "machine type does not support if=ide,bus={bus},unit={unit} (qomvm has no IDE \
+             controller: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)"
+        )));
+    }
     match interface.as_str() {
         "none" | "virtio" => {}
         "ide" | "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "xen" => {
@@ -131,8 +181,14 @@ pub fn drive_add(located: &Located, index: usize) -> Result<Option<Located>, Opt
     let Some(file) = file else {
         return Err(err("an empty drive (no file=) is not supported".to_string()));
     };
-    // QEMU names unnamed drives after their interface and index (`none0`, `virtio1`).
-    let id = id.unwrap_or_else(|| format!("{interface}{index}"));
+    if drives.contains(&interface, unit) {
+        let index = index.unwrap_or(unit);
+        return Err(err(format!(
+            "drive with bus={bus}, unit={unit} (index={index}) exists"
+        )));
+    }
+    // QEMU names unnamed drives after their interface and unit (`none0`, `virtio1`).
+    let id = id.unwrap_or_else(|| format!("{interface}{unit}"));
     if block::name_in_use(&id) {
         return Err(err(format!("Duplicate ID '{id}' for drive")));
     }
@@ -141,6 +197,7 @@ pub fn drive_add(located: &Located, index: usize) -> Result<Option<Located>, Opt
     let backend = BlockBackend::open(&id, &block::auto_node_name(), opts, warn)
         .map_err(|e| err(e.to_string()))?;
     block::add_backend(backend).map_err(|e| err(e.to_string()))?;
+    drives.units.push((interface.clone(), unit));
     if interface != "virtio" {
         return Ok(None);
     }

@@ -68,10 +68,10 @@ Block devices:
 -drive file=PATH,if=none|virtio[,format=raw|qcow2][,id=ID][,readonly=on|off]
        [,cache=none|writeback|writethrough|directsync|unsafe]
        [,discard=ignore|unmap][,detect-zeroes=off|on|unmap]
-       [,aio=threads|native|io_uring][,addr=SLOT (if=virtio)]
+       [,aio=threads|native|io_uring][,index=UNIT][,addr=SLOT (if=virtio)]
                      open a disk image: if=virtio adds its virtio-blk-pci, if=none
-                     leaves it for -device ...,drive=ID (no IDE: if= is required,
-                     and -hda/-cdrom/-fda are refused)
+                     leaves it for -device ...,drive=ID (no IDE: on pc if= is
+                     required, and -hda/-cdrom/-fda/-pflash are refused)
 -blockdev driver=file,node-name=N,filename=PATH[,aio=...][,cache.direct=on|off]
 -blockdev driver=qcow2|raw,node-name=N,file.driver=file,file.filename=PATH
           [,discard=ignore|unmap][,detect-zeroes=off|on|unmap][,read-only=on|off]

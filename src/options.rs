@@ -165,6 +165,9 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("cdrom", Arity::Value),
     ("fda", Arity::Value),
     ("fdb", Arity::Value),
+    ("pflash", Arity::Value),
+    ("mtdblock", Arity::Value),
+    ("sd", Arity::Value),
     ("blockdev", Arity::Value),
     ("object", Arity::Value),
     ("netdev", Arity::Value),
@@ -398,6 +401,18 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "fda" | "fdb" => {
                 return Err(located
                     .error("floppy disks are not supported (qomvm has no floppy controller)"))
+            }
+            "pflash" => {
+                return Err(located.error(
+                    "flash drives are not supported (qomvm has no pflash device): load firmware with -bios",
+                ))
+            }
+            // QEMU's pc has neither: drive_new's words.
+            "mtdblock" | "sd" => {
+                let interface = if located.option == "sd" { "sd" } else { "mtd" };
+                return Err(located.error(format!(
+                    "machine type does not support if={interface},bus=0,unit=0"
+                )));
             }
             "blockdev" => opts.blockdevs.push(located),
             "object" => opts.objects.push(located),

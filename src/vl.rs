@@ -110,9 +110,20 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     for b in &opts.blockdevs {
         crate::blockdev::blockdev_add(b)?;
     }
+    // QEMU's configure_blockdev runs with the machine class selected: a -drive without
+    // `if=` takes the board's interface. An unknown -M is reported by create_machine.
+    let default_interface = find_machine(machine_opts(opts).0.as_deref())
+        .ok()
+        .and_then(machine_class)
+        .map_or("none", |mc| mc.block_default_type);
     let mut drive_devices = Vec::new();
-    for (index, d) in opts.drives.iter().enumerate() {
-        drive_devices.extend(crate::blockdev::drive_add(d, index)?);
+    let mut drive_table = crate::blockdev::DriveTable::default();
+    for d in &opts.drives {
+        drive_devices.extend(crate::blockdev::drive_add(
+            d,
+            default_interface,
+            &mut drive_table,
+        )?);
     }
     // QEMU's net_init_clients: backends before the cards that use them.
     for n in &opts.netdevs {
@@ -550,7 +561,8 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
         ms.set_ram_size(parse_ram_size(&m.value).map_err(|e| m.error(e))?);
     }
     if let Some(smp) = &opts.smp {
-        ms.set_smp(parse_smp(&smp.value).map_err(|e| smp.error(e))?);
+        let dies_supported = machine_class(machine.class()).is_some_and(|mc| mc.smp_dies_supported);
+        ms.set_smp(parse_smp(&smp.value, dies_supported).map_err(|e| smp.error(e))?);
     }
     for (located, prop) in [
         (&opts.kernel, "kernel"),
@@ -777,8 +789,10 @@ fn parse_ram_size(text: &str) -> Result<u64, String> {
 }
 
 /// `-smp [cpus=]n[,sockets=s][,cores=c][,threads=t][,maxcpus=m]` with QEMU's rules for the
-/// values left out (cores preferred, as for QEMU's machine types since 6.2).
-fn parse_smp(text: &str) -> Result<SmpConfig, String> {
+/// values left out (cores preferred, as for QEMU's machine types since 6.2). A machine
+/// with `dies_supported` (pc) names dies in its errors, as QEMU's do; qomvm's CPUs have one
+/// die per socket and one cluster per die.
+fn parse_smp(text: &str, dies_supported: bool) -> Result<SmpConfig, String> {
     let mut cpus = None;
     let mut sockets = None;
     let mut cores = None;
@@ -801,6 +815,11 @@ fn parse_smp(text: &str) -> Result<SmpConfig, String> {
             "threads" => threads = Some(v),
             "maxcpus" => maxcpus = Some(v),
             "dies" | "clusters" if v == 1 => {}
+            "dies" | "clusters" => {
+                return Err(format!(
+                    "{key} not supported by this machine's CPU topology"
+                ))
+            }
             other => return Err(format!("Invalid parameter '{other}'")),
         }
     }
@@ -830,14 +849,17 @@ fn parse_smp(text: &str) -> Result<SmpConfig, String> {
         .or(cpus)
         .unwrap_or(u32::try_from(product).unwrap_or(u32::MAX));
     let cpus = cpus.unwrap_or(max_cpus);
+    // QEMU's cpu_hierarchy_to_string.
+    let dies = if dies_supported { " * dies (1)" } else { "" };
+    let hierarchy = format!("sockets ({sockets}){dies} * cores ({cores}) * threads ({threads})");
     if product != u64::from(max_cpus) {
         return Err(format!(
-            "Invalid CPU topology: product of the hierarchy must match maxcpus: sockets ({sockets}) * cores ({cores}) * threads ({threads}) != maxcpus ({max_cpus})"
+            "Invalid CPU topology: product of the hierarchy must match maxcpus: {hierarchy} != maxcpus ({max_cpus})"
         ));
     }
     if cpus > max_cpus {
         return Err(format!(
-            "Invalid CPU topology: maxcpus must be equal to or greater than smp: sockets ({sockets}) * cores ({cores}) * threads ({threads}) == maxcpus ({max_cpus}) < smp_cpus ({cpus})"
+            "Invalid CPU topology: maxcpus must be equal to or greater than smp: {hierarchy} == maxcpus ({max_cpus}) < smp_cpus ({cpus})"
         ));
     }
     Ok(SmpConfig {
@@ -1116,7 +1138,7 @@ mod tests {
     use super::parse_smp;
 
     fn topology(text: &str) -> (u32, u32, u32, u32, u32) {
-        let s = parse_smp(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let s = parse_smp(text, true).unwrap_or_else(|e| panic!("{text}: {e}"));
         (s.cpus, s.sockets, s.cores, s.threads, s.max_cpus)
     }
 
@@ -1134,8 +1156,8 @@ mod tests {
             (2, 2, 1, 1, 2)
         );
         // No overflow on values whose product does not fit in 32 bits.
-        assert!(parse_smp("sockets=65536,cores=65536").is_err());
-        assert!(parse_smp("4,sockets=65536,threads=65536").is_err());
+        assert!(parse_smp("sockets=65536,cores=65536", true).is_err());
+        assert!(parse_smp("4,sockets=65536,threads=65536", true).is_err());
     }
 
     #[test]
@@ -1154,7 +1176,17 @@ mod tests {
                 "Invalid CPU topology: maxcpus must be equal to or greater than smp: sockets (1) * cores (4) * threads (1) == maxcpus (4) < smp_cpus (8)",
             ),
         ] {
-            assert_eq!(parse_smp(text).err().as_deref(), Some(error), "{text}");
+            assert_eq!(parse_smp(text, false).err().as_deref(), Some(error), "{text}");
         }
+        // pc's hierarchy has dies (QEMU's smp_props.dies_supported), one per socket here.
+        assert_eq!(
+            parse_smp("2,sockets=4", true).err().as_deref(),
+            Some("Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (4) * dies (1) * cores (0) * threads (1) != maxcpus (2)")
+        );
+        assert_eq!(
+            parse_smp("4,dies=2", true).err().as_deref(),
+            Some("dies not supported by this machine's CPU topology")
+        );
+        assert!(parse_smp("4,dies=1,clusters=1", true).is_ok());
     }
 }

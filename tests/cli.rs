@@ -97,7 +97,14 @@ fn bad_options_are_one_line_errors() {
         (&["-hda", "a,b.img"], "qomvm: -hda a,b.img: IDE disks are not supported (qomvm has no IDE controller): use -drive file=a,,b.img,if=virtio\n"),
         (&["-cdrom", "x.iso"], "qomvm: -cdrom x.iso: CD-ROM drives are not supported (qomvm has no IDE or SCSI controller)\n"),
         (&["-fda", "f.img"], "qomvm: -fda f.img: floppy disks are not supported (qomvm has no floppy controller)\n"),
+        (&["-pflash", "OVMF.fd"], "qomvm: -pflash OVMF.fd: flash drives are not supported (qomvm has no pflash device): load firmware with -bios\n"),
+        (&["-sd", "card.img"], "qomvm: -sd card.img: machine type does not support if=sd,bus=0,unit=0\n"),
         (&["-drive", "file=/nonexistent.img"], "qomvm: -drive file=/nonexistent.img: machine type does not support if=ide,bus=0,unit=0 (qomvm has no IDE controller: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)\n"),
+        // IDE has two units per bus: index=3 is the secondary slave.
+        (&["-drive", "file=/nonexistent.img,index=3"], "qomvm: -drive file=/nonexistent.img,index=3: machine type does not support if=ide,bus=1,unit=1 (qomvm has no IDE controller: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)\n"),
+        // Only pc defaults to IDE: on `none` the drive is if=none, so the image is opened.
+        (&["-M", "none", "-drive", "file=/nonexistent.img"], "qomvm: -drive file=/nonexistent.img: Could not open '/nonexistent.img': No such file or directory\n"),
+        (&["-drive", "file=x.img,if=none,index=x"], "qomvm: -drive file=x.img,if=none,index=x: Parameter 'index' expects a number\n"),
         (&["-m"], "qomvm: -m: requires an argument\n"),
         (&["-M", "nosuch"], "qomvm: -machine nosuch: unsupported machine type 'nosuch'\nUse -machine help to list supported machines\n"),
         (&["-M", "none,foo=1", "-accel", "qtest"], "qomvm: -machine none,foo=1: Property 'none-machine.foo' not found\n"),
@@ -106,6 +113,9 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "none", "-accel", "qtest", "-smp", "2"], "qomvm: Invalid SMP CPUs 2. The max CPUs supported by machine 'none' is 1\n"),
         (&["-M", "none", "-accel", "qtest", "-m", "lots"], "qomvm: -m lots: invalid RAM size 'lots'\n"),
         (&["-M", "none", "-accel", "qtest", "-smp", "4,sockets=3,cores=2,maxcpus=4"], "qomvm: -smp 4,sockets=3,cores=2,maxcpus=4: Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (3) * cores (2) * threads (0) != maxcpus (4)\n"),
+        // pc's hierarchy names dies (QEMU's dies_supported).
+        (&["-M", "pc", "-accel", "qtest", "-smp", "2,sockets=4"], "qomvm: -smp 2,sockets=4: Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (4) * dies (1) * cores (0) * threads (1) != maxcpus (2)\n"),
+        (&["-M", "pc", "-accel", "qtest", "-smp", "4,dies=2"], "qomvm: -smp 4,dies=2: dies not supported by this machine's CPU topology\n"),
         (&["-M", "none", "-accel", "qtest", "-cpu", "nosuch"], "qomvm: -cpu nosuch: unable to find CPU model 'nosuch'\n"),
         (&["-M", "none", "-accel", "qtest", "-global", "isa-debug-exit.iobase=x"], "qomvm: -global isa-debug-exit.iobase=x: Parameter 'iobase' expects a non-negative integer below 65536\n"),
         (&["-M", "none,accel=qtest", "-accel", "qtest"], "qomvm: The -accel and \"-machine accel=\" options are incompatible\n"),
@@ -540,4 +550,60 @@ fn a_mon_on_a_socket_chardev_speaks_qmp_and_describes_its_schema() {
     qmp_call(&mut stream, "{\"execute\":\"quit\"}\n");
     assert!(child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// QEMU's `drive_new`: a drive takes its interface's first free unit, names itself after it
+/// (`none0`, `none1`) and may not take a unit another drive has.
+#[test]
+fn drives_take_free_units_and_refuse_taken_ones() {
+    let dir = std::env::temp_dir().join(format!("qomvm-cli-drive-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let images: Vec<String> = ["a.raw", "b.raw"]
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
+            path.to_str().unwrap().to_string()
+        })
+        .collect();
+    let first = format!("file={},format=raw,if=none,index=1", images[0]);
+    let taken = format!("file={},format=raw,if=none,index=1", images[1]);
+    let o = qomvm(&["-M", "none", "-drive", &first, "-drive", &taken]);
+    assert_eq!(
+        stderr(&o),
+        format!("qomvm: -drive {taken}: drive with bus=0, unit=1 (index=1) exists\n")
+    );
+    // Unit 1 is taken, so the unnamed drive is unit 0, `none0`, and -device finds it.
+    let unnamed = format!("file={},format=raw,if=none", images[1]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args([
+            "-M", "pc", "-accel", "qtest", "-display", "none", "-monitor", "stdio",
+        ])
+        .args(["-drive", &first, "-drive", &unnamed])
+        .args(["-device", "virtio-blk-pci,drive=none0,id=vd0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"info block none0\nquit\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("none0 (#block") && out.contains(&images[1]),
+        "{out}"
+    );
+    // As in QEMU, the user of the backend is the proxy's inner virtio-blk-device.
+    assert!(
+        out.contains("    Attached to:      /machine/peripheral/vd0/virtio-backend\r\n"),
+        "{out}"
+    );
 }

@@ -57,6 +57,11 @@ pub struct MachineClass {
     /// The `-vga` type the machine gets unless told otherwise (QEMU's
     /// `default_display`: `std` on `pc`), `None` for none.
     pub default_display: Option<&'static str>,
+    /// The `-drive` interface when `if=` is not given (QEMU's `block_default_type`:
+    /// `ide` on `pc`, `none` elsewhere).
+    pub block_default_type: &'static str,
+    /// Whether `-smp` names dies (QEMU's `smp_props.dies_supported`: `pc` does).
+    pub smp_dies_supported: bool,
     /// The machine's methods, as a trait object.
     machine: Option<qom::ImplCast<dyn Machine>>,
 }
@@ -79,6 +84,10 @@ pub trait MachineImpl: ObjectType {
     const DEFAULT_RAM_SIZE: u64 = 128 << 20;
     /// The `-vga` type when none is given (QEMU's `default_display`).
     const DEFAULT_DISPLAY: Option<&'static str> = None;
+    /// The `-drive` interface when `if=` is not given (QEMU's `block_default_type`).
+    const BLOCK_DEFAULT_TYPE: &'static str = "none";
+    /// Whether `-smp` names dies (QEMU's `smp_props.dies_supported`).
+    const SMP_DIES_SUPPORTED: bool = false;
 
     /// Builds the board (QEMU's `MachineClass::init`, `pc_init1` for `pc`).
     fn init(&self) -> Result<(), MachineError> {
@@ -139,6 +148,8 @@ impl<T: MachineImpl> ClassInitFor<T> for MachineState {
             default_cpu_type: T::DEFAULT_CPU_TYPE,
             default_ram_size: T::DEFAULT_RAM_SIZE,
             default_display: T::DEFAULT_DISPLAY,
+            block_default_type: T::BLOCK_DEFAULT_TYPE,
+            smp_dies_supported: T::SMP_DIES_SUPPORTED,
             machine: Some(as_machine::<T>),
         });
     }
@@ -522,6 +533,8 @@ fn machine_base_class_init(class: &mut ObjectClass) {
         default_cpu_type: None,
         default_ram_size: 128 << 20,
         default_display: None,
+        block_default_type: "none",
+        smp_dies_supported: false,
         machine: None,
     });
 }

@@ -136,6 +136,8 @@ impl MachineImpl for PcI440fxMachine {
     /// QEMU's pc: the std VGA unless `-vga`, `-nodefaults` or a display `-device` says
     /// otherwise.
     const DEFAULT_DISPLAY: Option<&'static str> = Some("std");
+    const BLOCK_DEFAULT_TYPE: &'static str = "ide";
+    const SMP_DIES_SUPPORTED: bool = true;
 
     fn init(&self) -> Result<(), MachineError> {
         self.pc_init1()

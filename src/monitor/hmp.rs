@@ -545,10 +545,15 @@ fn info_cpus(
     Ok(())
 }
 
-/// QEMU's `print_block_info`: `ID (node): FILE (drv[, read-only])`, then the details.
-fn print_block_info(out: &mut String, device: Option<&str>, inserted: &serde_json::Value) {
+/// QEMU's `print_block_info`: `ID (node): FILE (drv[, read-only])`, the device using a
+/// backend (`info` is query-block's entry, absent for `-n`), then the details.
+fn print_block_info(
+    out: &mut String,
+    info: Option<&serde_json::Value>,
+    inserted: &serde_json::Value,
+) {
     let node = inserted["node-name"].as_str().unwrap_or_default();
-    match device {
+    match info.and_then(|i| i["device"].as_str()) {
         Some(id) => {
             let _ = write!(out, "{id} ({node})");
         }
@@ -565,6 +570,9 @@ fn print_block_info(out: &mut String, device: Option<&str>, inserted: &serde_jso
             ""
         }
     );
+    if let Some(qdev) = info.and_then(|i| i["qdev"].as_str()) {
+        let _ = writeln!(out, "    Attached to:      {qdev}");
+    }
     let cache = &inserted["cache"];
     let _ = writeln!(
         out,
@@ -622,7 +630,7 @@ fn info_block(
     for info in crate::monitor::info::block_infos() {
         if device.is_none_or(|d| info["device"] == d) {
             sep(out);
-            print_block_info(out, info["device"].as_str(), &info["inserted"]);
+            print_block_info(out, Some(&info), &info["inserted"]);
         }
     }
     Ok(())
