@@ -36,6 +36,38 @@ fn port_bases(machine: &ObjectRef) -> Vec<(u64, String)> {
         .collect()
 }
 
+// ----- isa-debugcon -----
+
+#[test]
+fn debugcon_prints_byte_writes_and_reads_back_its_value() {
+    let (machine, bus) = machine_with_isa_bus();
+    let ring = Arc::new(Ringbuf::default());
+    chardev_add("char-devices-debugcon", ring.clone()).unwrap();
+    plug(
+        &machine,
+        &bus,
+        "isa-debugcon",
+        &[("iobase", "0x402"), ("chardev", "char-devices-debugcon")],
+    );
+    let io = ms(&machine).system_io().clone();
+    for b in b"SeaBIOS" {
+        io.write(0x402, u64::from(*b), 1);
+    }
+    // As in QEMU, only byte accesses are valid: a wider write prints nothing.
+    io.write(0x402, 0x4142_4344, 4);
+    assert_eq!(ring.contents(), b"SeaBIOS");
+    // Firmware detects the port by reading back 0xe9.
+    assert_eq!(io.read(0x402, 1), 0xe9);
+    assert_eq!(
+        plug_err(&machine, &bus, "isa-debugcon", &[]),
+        "Can't create debugcon device, empty char device"
+    );
+    assert_eq!(
+        plug_err(&machine, &bus, "isa-debugcon", &[("chardev", "nosuch")]),
+        "Property 'isa-debugcon.chardev' can't find value 'nosuch'"
+    );
+}
+
 // ----- isa-serial -----
 
 #[test]
