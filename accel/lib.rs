@@ -10,6 +10,8 @@ pub mod qtest;
 
 /// The KVM accelerator (QEMU's `accel/kvm/`, `target/i386/kvm/`).
 pub mod kvm {
+    #[path = "cpuid_cache.rs"]
+    pub(crate) mod cpuid_cache;
     #[path = "hyperv.rs"]
     pub mod hyperv;
     #[path = "kvm_all.rs"]

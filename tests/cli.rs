@@ -113,6 +113,8 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "none", "-accel", "qtest", "-smp", "2"], "qomvm: Invalid SMP CPUs 2. The max CPUs supported by machine 'none' is 1\n"),
         (&["-M", "none", "-accel", "qtest", "-m", "lots"], "qomvm: -m lots: invalid RAM size 'lots'\n"),
         (&["-M", "none", "-accel", "qtest", "-smp", "4,sockets=3,cores=2,maxcpus=4"], "qomvm: -smp 4,sockets=3,cores=2,maxcpus=4: Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (3) * cores (2) * threads (0) != maxcpus (4)\n"),
+        // QEMU has host-cache-info on host and max only.
+        (&["-M", "pc", "-accel", "qtest", "-cpu", "qemu64,host-cache-info=on"], "qomvm: -cpu qemu64,host-cache-info=on: Property 'qemu64-x86_64-cpu.host-cache-info' not found\n"),
         // pc's hierarchy names dies (QEMU's dies_supported).
         (&["-M", "pc", "-accel", "qtest", "-smp", "2,sockets=4"], "qomvm: -smp 2,sockets=4: Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (4) * dies (1) * cores (0) * threads (1) != maxcpus (2)\n"),
         (&["-M", "pc", "-accel", "qtest", "-smp", "4,dies=2"], "qomvm: -smp 4,dies=2: dies not supported by this machine's CPU topology\n"),

@@ -11,6 +11,7 @@ use hw::i386::x86_cpu::{
 };
 use hw::i386::x86_cpu_features::{FeatureWord, FEATURE_WORDS};
 
+use super::cpuid_cache;
 use super::hyperv::{self, HypervSetup};
 pub use kvm_bindings::CpuId;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES};
@@ -75,6 +76,10 @@ pub fn host_supported_cpuid() -> Result<&'static CpuId, KvmError> {
     .map_err(|reason| KvmError::Open(reason.clone()))
 }
 
+/// Features whose value a migration cannot carry to another host (QEMU's
+/// `unmigratable_flags`): the TSC's invariance belongs to the host's clock.
+const UNMIGRATABLE: &[&str] = &["invtsc"];
+
 /// The features a CPU ends up with on this accelerator: a named model's requested
 /// features, or everything KVM supports for `max`/`host` (minus `-feat`), and the
 /// requested features the host lacks (QEMU's `x86_cpu_filter_features`).
@@ -85,9 +90,11 @@ pub fn filtered_features(
 ) -> (BTreeSet<&'static str>, Vec<&'static Feature>) {
     let requested = match model {
         Some(m) if m.passthrough() => {
+            // What a migration can keep (QEMU's `migratable=on`, the default); `+invtsc`
+            // or `migratable=off` adds it back.
             let all = features()
                 .iter()
-                .filter(|f| feature_supported(supported, f))
+                .filter(|f| feature_supported(supported, f) && !UNMIGRATABLE.contains(&f.name))
                 .map(|f| f.name)
                 .collect();
             expand_features(all, overrides)
@@ -147,6 +154,8 @@ struct CpuConfig {
     phys_bits: u32,
     host_phys_bits: bool,
     l3_cache: bool,
+    host_cache_info: bool,
+    migratable: bool,
     check: bool,
     enforce: bool,
     kvm_leaves: bool,
@@ -159,13 +168,16 @@ impl CpuConfig {
             model: x86.and_then(X86Cpu::model),
             overrides: x86.map(X86Cpu::feature_overrides).unwrap_or_default(),
             identity: x86.map(X86Cpu::identity_overrides).unwrap_or_default(),
-            vendor: x86
-                .and_then(X86Cpu::effective_vendor)
-                .filter(|v| v.len() == 12),
+            // Under KVM a model keeps the host's vendor unless `vendor=` is given (QEMU's
+            // host_cpu_instance_init): guests use SYSENTER or SYSCALL in compatibility
+            // mode by vendor, and the host's CPU only runs its own vendor's.
+            vendor: x86.and_then(X86Cpu::vendor).filter(|v| v.len() == 12),
             apic_id: x86.map_or(0, X86Cpu::apic_id),
             phys_bits: x86.map_or(0, X86Cpu::phys_bits),
             host_phys_bits: x86.is_some_and(X86Cpu::host_phys_bits),
             l3_cache: x86.is_none_or(X86Cpu::l3_cache),
+            host_cache_info: x86.is_some_and(X86Cpu::host_cache_info),
+            migratable: x86.is_none_or(X86Cpu::migratable),
             check: x86.is_none_or(X86Cpu::check),
             enforce: x86.is_some_and(X86Cpu::enforce),
             kvm_leaves: x86.is_none_or(X86Cpu::kvm_leaves),
@@ -190,7 +202,15 @@ pub(crate) fn build_cpuid(
     let cfg = CpuConfig::of(cpu);
     let model = cfg.model;
     let passthrough = model.is_none_or(|m| m.passthrough());
-    let (granted, missing) = filtered_features(model, &cfg.overrides, supported);
+    let (mut granted, missing) = filtered_features(model, &cfg.overrides, supported);
+    if passthrough && !cfg.migratable {
+        for name in UNMIGRATABLE {
+            let off = cfg.overrides.contains(&(*name, false));
+            if !off && feature_bits(name).all(|f| feature_supported(supported, f)) {
+                granted.insert(name);
+            }
+        }
+    }
     if cfg.check || cfg.enforce {
         for f in &missing {
             // One warning per feature per VM, not one per vCPU.
@@ -234,7 +254,8 @@ pub(crate) fn build_cpuid(
             }
         }
     }
-    let amd = cfg.vendor.as_deref() == Some("AuthenticAMD");
+    let vendor = guest_vendor(&cfg, &entries);
+    let amd = vendor == *b"AuthenticAMD";
     if amd && !passthrough {
         let leaf1_edx = entries
             .iter()
@@ -263,7 +284,7 @@ pub(crate) fn build_cpuid(
         let ext_ok = !(0x8000_0000..0xC000_0000).contains(&f) || xlevel.is_none_or(|x| f <= x);
         // kvm=off: no KVM signature and no paravirtual leaves (QEMU's `expose_kvm`).
         let kvm_ok = cfg.kvm_leaves || !(0x4000_0000..0x4000_0100).contains(&f);
-        // l3-cache=off: no L3 descriptor in leaf 4.
+        // l3-cache=off: no L3 descriptor in the host's leaf 4 (host-cache-info=on).
         let l3_ok = cfg.l3_cache || !(f == 4 && (e.eax >> 5) & 7 == 3);
         basic_ok && ext_ok && kvm_ok && l3_ok
     });
@@ -298,25 +319,23 @@ pub(crate) fn build_cpuid(
         .identity
         .model_id
         .clone()
-        .or_else(|| model.and_then(|m| m.model_id).map(str::to_string));
+        .or_else(|| model.and_then(|m| m.model_id).map(str::to_string))
+        // host and max show the host's brand (QEMU's host_cpu_max_instance_init), which
+        // KVM does not always report.
+        .or_else(|| passthrough.then(host_brand).flatten());
     let threads_per_socket = smp.cores * smp.threads;
-    let intel = match &cfg.vendor {
-        Some(v) => v == "GenuineIntel",
-        None => entries
-            .iter()
-            .find(|e| e.function == 0)
-            .is_some_and(|e| (e.ebx, e.edx, e.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)),
-    };
+    let intel = vendor == *b"GenuineIntel";
+    let la57 = granted.contains("la57");
     for entry in entries.iter_mut() {
         match entry.function {
+            // 0x80000000 repeats the vendor, as QEMU's does (KVM gives zeros on Intel).
             0 | 0x8000_0000 => {
-                if let Some(v) = &cfg.vendor {
-                    let b = v.as_bytes();
-                    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-                    entry.ebx = word(0);
-                    entry.edx = word(4);
-                    entry.ecx = word(8);
-                }
+                let word = |i: usize| {
+                    u32::from_le_bytes([vendor[i], vendor[i + 1], vendor[i + 2], vendor[i + 3]])
+                };
+                entry.ebx = word(0);
+                entry.edx = word(4);
+                entry.ecx = word(8);
                 match (entry.function, level, xlevel) {
                     (0, Some(l), _) => entry.eax = l,
                     (0x8000_0000, _, Some(x)) => entry.eax = x,
@@ -340,35 +359,21 @@ pub(crate) fn build_cpuid(
                         | ((ext_family & 0xff) << 20);
                 }
                 entry.eax = eax;
-                entry.ebx = (cfg.apic_id << 24) | ((threads_per_socket & 0xff) << 16) | (8 << 8);
+                // The logical processor count only for more than one (QEMU's rule).
+                entry.ebx = (cfg.apic_id << 24) | (8 << 8);
                 if threads_per_socket > 1 {
+                    entry.ebx |= (threads_per_socket & 0xff) << 16;
                     entry.edx |= 1 << 28;
                 } else {
                     entry.edx &= !(1 << 28);
                 }
             }
-            4 => {
-                entry.eax = (entry.eax & 0x3ff) | ((smp.cores.saturating_sub(1) & 0x3f) << 26);
-            }
-            0xb => {
-                entry.edx = cfg.apic_id;
-                match entry.index {
-                    0 => {
-                        entry.eax = bits_for(smp.threads);
-                        entry.ebx = smp.threads;
-                        entry.ecx = 1 << 8;
-                    }
-                    1 => {
-                        entry.eax = bits_for(smp.threads) + bits_for(smp.cores);
-                        entry.ebx = threads_per_socket;
-                        entry.ecx = (2 << 8) | 1;
-                    }
-                    i => {
-                        entry.eax = 0;
-                        entry.ebx = 0;
-                        entry.ecx = i;
-                    }
-                }
+            // The highest subleaf of leaf 7 a named model's features use (QEMU's
+            // cpuid_level_func7), not the host's.
+            7 if entry.index == 0 && !passthrough => entry.eax = leaf7_max_subleaf(&granted),
+            // Host's cache leaves (host-cache-info=on): the host's package, never passed on.
+            4 if entry.eax & 0x1f != 0 => {
+                entry.eax = (entry.eax & 0x3ff_ffff) | ((smp.cores.saturating_sub(1) & 0x3f) << 26);
             }
             0x8000_0002..=0x8000_0004 => {
                 if let Some(id) = &model_id {
@@ -396,7 +401,8 @@ pub(crate) fn build_cpuid(
             0x8000_0001 if threads_per_socket > 1 && !intel => entry.ecx |= 1 << 1,
             0x8000_0006 if !cfg.l3_cache => entry.edx = 0,
             0x8000_0008 => {
-                entry.eax = (entry.eax & !0xff) | (phys_bits & 0xff);
+                // Linear address bits follow la57, not the host (QEMU's rule).
+                entry.eax = (phys_bits & 0xff) | (if la57 { 57 } else { 48 } << 8);
                 entry.ecx = if threads_per_socket > 1 {
                     ((bits_for(smp.threads) + bits_for(smp.cores)) << 12) | (threads_per_socket - 1)
                 } else {
@@ -406,10 +412,186 @@ pub(crate) fn build_cpuid(
             _ => {}
         }
     }
+    set_topology_and_cache_leaves(&mut entries, &cfg, smp, model, amd);
     CpuId::from_entries(&entries).map_err(|_| KvmError::Ioctl {
         what: "KVM_SET_CPUID2",
         reason: "too many CPUID entries".into(),
     })
+}
+
+/// The leaves QEMU builds itself rather than take from KVM: the extended topology (leaf
+/// 0xB: SMT and core levels; 0x1F, the die level, only for more than one die, which
+/// qomvm does not make), the caches (QEMU's fixed ones unless `host-cache-info=on`), and
+/// 0x80000001 EAX, the leaf-1 signature.
+fn set_topology_and_cache_leaves(
+    entries: &mut Vec<kvm_bindings::kvm_cpuid_entry2>,
+    cfg: &CpuConfig,
+    smp: SmpConfig,
+    model: Option<&X86CpuModel>,
+    amd: bool,
+) {
+    let level = entries
+        .iter()
+        .find(|e| e.function == 0)
+        .map_or(0, |e| e.eax);
+    let xlevel = entries
+        .iter()
+        .find(|e| e.function == 0x8000_0000)
+        .map_or(0, |e| e.eax);
+    let leaf1_eax = entries
+        .iter()
+        .find(|e| e.function == 1)
+        .map_or(0, |e| e.eax);
+    for e in entries.iter_mut().filter(|e| e.function == 0x8000_0001) {
+        e.eax = leaf1_eax;
+    }
+    let topo = cpuid_cache::CacheTopology {
+        cores: smp.cores,
+        threads: smp.threads,
+        package_bits: bits_for(smp.threads) + bits_for(smp.cores),
+    };
+    // QEMU gives EPYC-class models their own cache tables (`cache_info`); qomvm does not
+    // have them yet, so those models keep KVM's (the host's) cache leaves.
+    let model_caches =
+        model.is_some_and(|m| m.name.starts_with("EPYC") || m.name.starts_with("Dhyana"));
+    let legacy_caches = !cfg.host_cache_info && !model_caches;
+    let mut built = Vec::new();
+    if level >= 0xb {
+        built.extend(extended_topology(cfg.apic_id, smp));
+    }
+    if xlevel >= 0x8000_001e {
+        built.push(amd_topology(cfg.apic_id, smp));
+    }
+    // QEMU's x-vendor-cpuid-only (on since 6.1): AMD guests get no leaves 2 and 4, unless
+    // they are the host's (host-cache-info=on).
+    let intel_leaves = legacy_caches || (amd && !cfg.host_cache_info);
+    if intel_leaves && level >= 2 {
+        built.push(if amd {
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 2,
+                ..Default::default()
+            }
+        } else {
+            cpuid_cache::leaf_2(cfg.l3_cache)
+        });
+    }
+    if intel_leaves && level >= 4 && !amd {
+        built.extend(cpuid_cache::leaf_4(topo, cfg.l3_cache));
+    }
+    if legacy_caches {
+        if xlevel >= 0x8000_0005 {
+            built.push(cpuid_cache::leaf_8000_0005());
+        }
+        if xlevel >= 0x8000_0006 {
+            built.push(cpuid_cache::leaf_8000_0006(cfg.l3_cache));
+        }
+        if xlevel >= 0x8000_001d {
+            built.extend(cpuid_cache::leaf_8000_001d(topo, cfg.l3_cache));
+        }
+    }
+    // Leaf 7's subleaves past the highest its EAX announces are not given (QEMU's
+    // kvm_arch_init_vcpu lists only those).
+    let leaf7_max = entries
+        .iter()
+        .find(|e| e.function == 7 && e.index == 0)
+        .map_or(0, |e| e.eax);
+    entries.retain(|e| e.function != 7 || e.index <= leaf7_max);
+    // MONITOR/MWAIT (QEMU's `cpu->mwait` without cpu-pm): line sizes unknown,
+    // interrupts break MWAIT and MWAIT's extensions are enumerated.
+    for e in entries.iter_mut().filter(|e| e.function == 5) {
+        (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 3, 0);
+    }
+    let replaced = |f: u32| {
+        f == 0xb
+            || f == 0x1f
+            || f == 0x8000_001e
+            || (intel_leaves && matches!(f, 2 | 4))
+            || (legacy_caches && matches!(f, 0x8000_0005 | 0x8000_0006 | 0x8000_001d))
+    };
+    entries.retain(|e| !replaced(e.function));
+    entries.extend(built);
+}
+
+/// The highest leaf-7 subleaf holding one of `granted`.
+fn leaf7_max_subleaf(granted: &BTreeSet<&'static str>) -> u32 {
+    features()
+        .iter()
+        .filter(|f| f.leaf() == 7 && granted.contains(f.name))
+        .map(|f| f.subleaf())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The host's brand string, from the `cpuid` instruction.
+fn host_brand() -> Option<String> {
+    let bytes: Vec<u8> = (0x8000_0002u32..=0x8000_0004)
+        .flat_map(|leaf| {
+            let r = std::arch::x86_64::__cpuid(leaf);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        })
+        .flat_map(u32::to_le_bytes)
+        .take_while(|&b| b != 0)
+        .collect();
+    let brand = String::from_utf8_lossy(&bytes).into_owned();
+    (!brand.is_empty()).then_some(brand)
+}
+
+/// Leaf 0x8000001E for one vCPU (QEMU's `encode_topo_cpuid8000001e`, one node per
+/// package): its APIC ID, threads per core and core ID, and its package.
+fn amd_topology(apic_id: u32, smp: SmpConfig) -> kvm_bindings::kvm_cpuid_entry2 {
+    let smt_bits = bits_for(smp.threads);
+    let core_bits = bits_for(smp.cores);
+    let core_id = (apic_id >> smt_bits) & ((1 << core_bits) - 1);
+    let package_id = apic_id >> (smt_bits + core_bits);
+    kvm_bindings::kvm_cpuid_entry2 {
+        function: 0x8000_001e,
+        eax: apic_id,
+        ebx: ((smp.threads.max(1) - 1) << 8) | core_id,
+        ecx: package_id << 2,
+        ..Default::default()
+    }
+}
+
+/// Leaf 0xB for one vCPU (QEMU's case 0xB): the SMT level, the core level, then an invalid
+/// level that ends the list.
+fn extended_topology(apic_id: u32, smp: SmpConfig) -> [kvm_bindings::kvm_cpuid_entry2; 3] {
+    let level = |index: u32, shift: u32, count: u32, kind: u32| kvm_bindings::kvm_cpuid_entry2 {
+        function: 0xb,
+        index,
+        flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+        eax: shift,
+        ebx: count & 0xffff,
+        ecx: index | (kind << 8),
+        edx: apic_id,
+        ..Default::default()
+    };
+    let smt_bits = bits_for(smp.threads);
+    [
+        level(0, smt_bits, smp.threads, 1),
+        level(
+            1,
+            smt_bits + bits_for(smp.cores),
+            smp.cores * smp.threads,
+            2,
+        ),
+        level(2, 0, 0, 0),
+    ]
+}
+
+/// The vendor the guest sees: leaf 0's, as `vendor=` set it or KVM gave it.
+fn guest_vendor(cfg: &CpuConfig, entries: &[kvm_bindings::kvm_cpuid_entry2]) -> [u8; 12] {
+    let mut vendor = [0u8; 12];
+    match &cfg.vendor {
+        Some(v) => vendor.copy_from_slice(&v.as_bytes()[..12]),
+        None => {
+            if let Some(e) = entries.iter().find(|e| e.function == 0) {
+                vendor[..4].copy_from_slice(&e.ebx.to_le_bytes());
+                vendor[4..8].copy_from_slice(&e.edx.to_le_bytes());
+                vendor[8..].copy_from_slice(&e.ecx.to_le_bytes());
+            }
+        }
+    }
+    vendor
 }
 
 /// MSRs set for boot (as Firecracker and QEMU's reset do), limited to those KVM lists in

@@ -430,6 +430,8 @@ pub struct X86Cpu {
     host_phys_bits: Prop<bool>,
     #[property(name = "l3-cache", default = true, desc = "Show an L3 cache in CPUID")]
     l3_cache: Prop<bool>,
+    #[property(name = "host-cache-info", default = false, desc = "Show the host's caches in CPUID")]
+    host_cache_info: Prop<bool>,
     #[property(default = true, desc = "Warn about requested features the host lacks")]
     check: Prop<bool>,
     #[property(default = false, desc = "Refuse to start when the host lacks a requested feature")]
@@ -456,7 +458,9 @@ impl X86Cpu {
     pub fn vendor(&self) -> Option<String> {
         self.vendor.get()
     }
-    /// The vendor the guest sees: `vendor=`, else the model's (`None`: the host's).
+    /// The model's vendor unless `vendor=` is given (`None`: the host's). Under KVM a
+    /// guest sees the host's vendor unless `vendor=` is given, as with QEMU's
+    /// `host_cpu_instance_init`.
     pub fn effective_vendor(&self) -> Option<String> {
         self.vendor
             .get()
@@ -473,6 +477,10 @@ impl X86Cpu {
     /// `l3-cache=`.
     pub fn l3_cache(&self) -> bool {
         self.l3_cache.get()
+    }
+    /// `host-cache-info=`: the host's cache leaves instead of QEMU's fixed ones.
+    pub fn host_cache_info(&self) -> bool {
+        self.host_cache_info.get()
     }
     /// `check=`: warn about requested features the host lacks.
     pub fn check(&self) -> bool {
@@ -890,6 +898,17 @@ pub fn apply_cpu_options(cpu: &qom::Object, options: &str) -> Result<(), Error> 
         }
         let (name, value) = item.split_once('=').unwrap_or((item, "on"));
         let name = property_name(name);
+        // QEMU has host-cache-info on host and max only.
+        let passthrough = cpu
+            .downcast::<X86Cpu>()
+            .and_then(X86Cpu::model)
+            .is_none_or(|m| m.passthrough());
+        if name == "host-cache-info" && !passthrough {
+            return Err(Error::PropertyNotFound {
+                type_name: cpu.type_name().to_string(),
+                name,
+            });
+        }
         cpu.property_parse(&name, value)?;
     }
     for (feats, value) in [(plus, "on"), (minus, "off")] {
@@ -915,6 +934,7 @@ fn property_name(name: &str) -> String {
         "phys-bits" => "phys-bits".into(),
         "host-phys-bits" => "host-phys-bits".into(),
         "l3-cache" => "l3-cache".into(),
+        "host-cache-info" => "host-cache-info".into(),
         _ => name.to_string(),
     }
 }

@@ -196,6 +196,7 @@ pub fn query_cpu_model_expansion(
             "phys-bits",
             "host-phys-bits",
             "l3-cache",
+            "host-cache-info",
             "check",
             "enforce",
             "migratable",
