@@ -479,9 +479,11 @@ fn cpu_model_expansion_answers_for_max_and_named_models() {
     assert_eq!(max["name"], "max");
     for f in hw::i386::x86_cpu::features() {
         // A named bit is on for max exactly when KVM supports every bit of its name, and
-        // a migration can keep it (not invtsc: QEMU's migratable=on).
+        // a migration can keep it (not invtsc: QEMU's migratable=on), except topoext,
+        // which max never turns on by itself (QEMU's no_autoenable_flags).
         let all = hw::i386::x86_cpu::feature_bits(f.name).all(|b| feature_supported(host, b))
-            && f.name != "invtsc";
+            && f.name != "invtsc"
+            && f.name != "topoext";
         assert_eq!(max["props"][f.name], all, "max: {}", f.name);
     }
     let sky = &replies[1]["return"]["model"];
@@ -759,6 +761,11 @@ const COMPARED: &[(u32, u32)] = &[
     (0x8000_0005, 0),
     (0x8000_0006, 0),
     (0x8000_0008, 0),
+    (0x8000_001d, 0),
+    (0x8000_001d, 1),
+    (0x8000_001d, 2),
+    (0x8000_001d, 3),
+    (0x8000_001d, 4),
     (0x8000_001e, 0),
 ];
 
@@ -845,8 +852,8 @@ fn firmware_cpuid(
 
 /// What a guest reads from the leaves QEMU builds itself (identity, topology, caches,
 /// address sizes) is what it reads under QEMU 7.2 on the same KVM, for Intel and AMD
-/// vendors, SMT, a model whose basic leaves end at 5, and `host`. QEMU's EPYC models have
-/// cache tables of their own that qomvm lacks, so they are not compared.
+/// vendors, SMT, a model whose basic leaves end at 5, `host`, and the EPYC generations with
+/// caches of their own.
 #[test]
 fn the_leaves_qemu_computes_match_qemus() {
     require_kvm!();
@@ -873,6 +880,11 @@ fn the_leaves_qemu_computes_match_qemus() {
         ("Conroe", "2"),
         ("host", "4,threads=2"),
         ("host,host-cache-info=on", "2"),
+        // QEMU 7.2's EPYC generations, with their own caches and TOPOEXT.
+        ("EPYC", "4,threads=2"),
+        ("EPYC-Rome,vendor=AuthenticAMD", "8,sockets=2"),
+        ("EPYC-Milan", "2"),
+        ("Dhyana", "2"),
     ] {
         let theirs = match firmware_cpuid(&qemu, cpu, smp, &dir) {
             Ok(regs) => regs,

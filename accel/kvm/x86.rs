@@ -80,6 +80,11 @@ pub fn host_supported_cpuid() -> Result<&'static CpuId, KvmError> {
 /// `unmigratable_flags`): the TSC's invariance belongs to the host's clock.
 const UNMIGRATABLE: &[&str] = &["invtsc"];
 
+/// Features a model may have whatever KVM reports (QEMU's kvm_arch_get_supported_cpuid:
+/// TOPOEXT only describes leaves the VMM builds), which `max`/`host` never turn on by
+/// themselves (its `no_autoenable_flags`).
+const VMM_PROVIDED: &[&str] = &["topoext"];
+
 /// The features a CPU ends up with on this accelerator: a named model's requested
 /// features, or everything KVM supports for `max`/`host` (minus `-feat`), and the
 /// requested features the host lacks (QEMU's `x86_cpu_filter_features`).
@@ -94,7 +99,11 @@ pub fn filtered_features(
             // or `migratable=off` adds it back.
             let all = features()
                 .iter()
-                .filter(|f| feature_supported(supported, f) && !UNMIGRATABLE.contains(&f.name))
+                .filter(|f| {
+                    feature_supported(supported, f)
+                        && !UNMIGRATABLE.contains(&f.name)
+                        && !VMM_PROVIDED.contains(&f.name)
+                })
                 .map(|f| f.name)
                 .collect();
             expand_features(all, overrides)
@@ -107,7 +116,7 @@ pub fn filtered_features(
     for name in requested {
         let mut all_bits = true;
         for f in feature_bits(name) {
-            if !feature_supported(supported, f) {
+            if !feature_supported(supported, f) && !VMM_PROVIDED.contains(&f.name) {
                 all_bits = false;
                 missing.push(f);
             }
@@ -450,11 +459,9 @@ fn set_topology_and_cache_leaves(
         threads: smp.threads,
         package_bits: bits_for(smp.threads) + bits_for(smp.cores),
     };
-    // QEMU gives EPYC-class models their own cache tables (`cache_info`); qomvm does not
-    // have them yet, so those models keep KVM's (the host's) cache leaves.
-    let model_caches =
-        model.is_some_and(|m| m.name.starts_with("EPYC") || m.name.starts_with("Dhyana"));
-    let legacy_caches = !cfg.host_cache_info && !model_caches;
+    // QEMU's caches (the model's own or its legacy ones) unless host-cache-info=on.
+    let own_caches = !cfg.host_cache_info;
+    let caches = cpuid_cache::cache_set(model.and_then(|m| m.cache));
     let mut built = Vec::new();
     if level >= 0xb {
         built.extend(extended_topology(cfg.apic_id, smp));
@@ -462,31 +469,29 @@ fn set_topology_and_cache_leaves(
     if xlevel >= 0x8000_001e {
         built.push(amd_topology(cfg.apic_id, smp));
     }
-    // QEMU's x-vendor-cpuid-only (on since 6.1): AMD guests get no leaves 2 and 4, unless
-    // they are the host's (host-cache-info=on).
-    let intel_leaves = legacy_caches || (amd && !cfg.host_cache_info);
-    if intel_leaves && level >= 2 {
-        built.push(if amd {
-            kvm_bindings::kvm_cpuid_entry2 {
-                function: 2,
-                ..Default::default()
-            }
-        } else {
-            cpuid_cache::leaf_2(cfg.l3_cache)
-        });
-    }
-    if intel_leaves && level >= 4 && !amd {
-        built.extend(cpuid_cache::leaf_4(topo, cfg.l3_cache));
-    }
-    if legacy_caches {
+    if own_caches {
+        // QEMU's x-vendor-cpuid-only (on since 6.1): AMD guests get no leaves 2 and 4.
+        if level >= 2 {
+            built.push(if amd {
+                kvm_bindings::kvm_cpuid_entry2 {
+                    function: 2,
+                    ..Default::default()
+                }
+            } else {
+                cpuid_cache::leaf_2(caches, cfg.l3_cache)
+            });
+        }
+        if level >= 4 && !amd {
+            built.extend(cpuid_cache::leaf_4(caches, topo, cfg.l3_cache));
+        }
         if xlevel >= 0x8000_0005 {
-            built.push(cpuid_cache::leaf_8000_0005());
+            built.push(cpuid_cache::leaf_8000_0005(caches));
         }
         if xlevel >= 0x8000_0006 {
-            built.push(cpuid_cache::leaf_8000_0006(cfg.l3_cache));
+            built.push(cpuid_cache::leaf_8000_0006(caches, cfg.l3_cache));
         }
         if xlevel >= 0x8000_001d {
-            built.extend(cpuid_cache::leaf_8000_001d(topo, cfg.l3_cache));
+            built.extend(cpuid_cache::leaf_8000_001d(caches, topo, cfg.l3_cache));
         }
     }
     // Leaf 7's subleaves past the highest its EAX announces are not given (QEMU's
@@ -505,8 +510,7 @@ fn set_topology_and_cache_leaves(
         f == 0xb
             || f == 0x1f
             || f == 0x8000_001e
-            || (intel_leaves && matches!(f, 2 | 4))
-            || (legacy_caches && matches!(f, 0x8000_0005 | 0x8000_0006 | 0x8000_001d))
+            || (own_caches && matches!(f, 2 | 4 | 0x8000_0005 | 0x8000_0006 | 0x8000_001d))
     };
     entries.retain(|e| !replaced(e.function));
     entries.extend(built);

@@ -18,7 +18,7 @@ use qom::{
 
 use super::x86_cpu_features::{FeatureWord, FEATURE_ALIASES, FEATURE_WORDS};
 use super::x86_cpu_hyperv::{hv_feature, HypervOptions, HV_FEATURES};
-use super::x86_cpu_models::X86CpuModelEntry;
+use super::x86_cpu_models::{model_cache, ModelCache, X86CpuModelEntry};
 use crate::core::cpu::{CpuClass, CpuImpl, CpuState};
 use crate::core::machine::SmpConfig;
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
@@ -174,6 +174,8 @@ pub struct X86CpuModel {
     pub alias_of: Option<&'static str>,
     /// An unversioned name whose version the machine picks.
     pub machine_alias: bool,
+    /// The model's own caches, if it has them (else QEMU's legacy ones).
+    pub cache: Option<ModelCache>,
 }
 
 /// What QEMU's KVM adds to every named model (`kvm_default_props`): paravirtual clocks and
@@ -233,6 +235,7 @@ impl X86CpuModel {
             features: BTreeSet::new(),
             alias_of: None,
             machine_alias: false,
+            cache: None,
         }
     }
 
@@ -254,6 +257,7 @@ impl X86CpuModel {
             features: def.features.iter().copied().collect(),
             alias_of: entry.alias_of,
             machine_alias: entry.machine_alias,
+            cache: model_cache(def.name, entry.version),
         };
         let mut note = None;
         for version in def.versions.iter().take_while(|v| v.version <= entry.version) {

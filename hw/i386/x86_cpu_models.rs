@@ -58,6 +58,48 @@ pub struct X86CpuVersion {
     pub props: &'static [(&'static str, &'static str)],
 }
 
+/// A model's own cache description (QEMU's `CPUCaches` of a definition or version); models
+/// without one show QEMU's fixed "legacy" caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelCache {
+    /// `epyc_cache_info` (EPYC, Dhyana).
+    Epyc,
+    /// `epyc_v4_cache_info`: EPYC's without complex L3 indexing.
+    EpycV4,
+    /// `epyc_rome_cache_info`.
+    EpycRome,
+    /// `epyc_rome_v3_cache_info`.
+    EpycRomeV3,
+    /// `epyc_milan_cache_info`.
+    EpycMilan,
+    /// `epyc_milan_v2_cache_info`.
+    EpycMilanV2,
+    /// `epyc_genoa_cache_info`.
+    EpycGenoa,
+}
+
+/// Which models and versions bring their own caches: `(model, first version, caches)`; a
+/// later version keeps an earlier one's (QEMU's `x86_cpu_get_versioned_cache_info`).
+const MODEL_CACHES: &[(&str, u32, ModelCache)] = &[
+    ("EPYC", 1, ModelCache::Epyc),
+    ("EPYC", 4, ModelCache::EpycV4),
+    ("EPYC-Rome", 1, ModelCache::EpycRome),
+    ("EPYC-Rome", 3, ModelCache::EpycRomeV3),
+    ("EPYC-Milan", 1, ModelCache::EpycMilan),
+    ("EPYC-Milan", 2, ModelCache::EpycMilanV2),
+    ("EPYC-Genoa", 1, ModelCache::EpycGenoa),
+    ("Dhyana", 1, ModelCache::Epyc),
+];
+
+/// The caches version `version` of model `name` describes, if its own.
+pub fn model_cache(name: &str, version: u32) -> Option<ModelCache> {
+    MODEL_CACHES
+        .iter()
+        .filter(|(model, first, _)| *model == name && *first <= version)
+        .map(|(_, _, cache)| *cache)
+        .next_back()
+}
+
 /// Which table entry a registered model type instantiates (its `class_data`).
 #[derive(Debug)]
 pub struct X86CpuModelEntry {
