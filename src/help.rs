@@ -106,6 +106,9 @@ Display and character devices:
 -nographic           no graphical output; serial console on this terminal
 -serial dev          redirect the serial port to char device 'dev'
                      (stdio, null, none, pty, file:PATH)
+-debugcon dev        redirect the debug console to char device 'dev'
+                     (an isa-debugcon at port 0xe9: SeaBIOS's log with -global
+                     isa-debugcon.iobase=0x402)
 -chardev backend,id=id[,...]
                      configure a character device (stdio, null, ringbuf, pty,
                      file,path=PATH[,append=on], or socket,path=PATH|fd=N,

@@ -79,6 +79,8 @@ pub struct Options {
     pub nics: Vec<Located>,
     pub globals: Vec<Located>,
     pub serial: Vec<Located>,
+    /// `-debugcon` (each; QEMU allows one).
+    pub debugcon: Vec<Located>,
     pub chardev: Vec<Located>,
     pub display: Option<Located>,
     /// `-vnc`: the last one given.
@@ -174,6 +176,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("nic", Arity::Value),
     ("global", Arity::Value),
     ("serial", Arity::Value),
+    ("debugcon", Arity::Value),
     ("chardev", Arity::Value),
     ("display", Arity::Value),
     ("vnc", Arity::Value),
@@ -420,6 +423,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "nic" => opts.nics.push(located),
             "global" => opts.globals.push(located),
             "serial" => opts.serial.push(located),
+            "debugcon" => opts.debugcon.push(located),
             "chardev" => opts.chardev.push(located),
             "display" => opts.display = Some(located),
             "vnc" => opts.vnc = Some(located),

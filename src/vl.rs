@@ -117,6 +117,9 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         .and_then(machine_class)
         .map_or("none", |mc| mc.block_default_type);
     let mut drive_devices = Vec::new();
+    for d in &opts.debugcon {
+        drive_devices.push(debugcon_device(d)?);
+    }
     let mut drive_table = crate::blockdev::DriveTable::default();
     for d in &opts.drives {
         drive_devices.extend(crate::blockdev::drive_add(
@@ -205,6 +208,21 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     // QEMU's net_cleanup: taps run their downscript, slirp threads end.
     ::net::cleanup_all();
     Ok(status)
+}
+
+/// QEMU's `debugcon_parse`: chardev `debugcon` from a `-serial`-style spec, and the
+/// `isa-debugcon` device (id `debugcon`) that prints to it.
+fn debugcon_device(located: &Located) -> Result<Located, OptionError> {
+    let invalid = || located.error(format!("invalid character backend '{}'", located.value));
+    let backend = hw::core::chardev::parse_serial_spec(&located.value)
+        .ok()
+        .flatten()
+        .ok_or_else(invalid)?;
+    hw::core::chardev::chardev_add("debugcon", backend).map_err(|_| invalid())?;
+    Ok(Located {
+        option: "device",
+        value: "isa-debugcon,chardev=debugcon,id=debugcon".to_string(),
+    })
 }
 
 /// `-vnc` (the last one) or `-display vnc=...` (QEMU's `vnc_parse` and

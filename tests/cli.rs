@@ -97,6 +97,8 @@ fn bad_options_are_one_line_errors() {
         (&["-hda", "a,b.img"], "qomvm: -hda a,b.img: IDE disks are not supported (qomvm has no IDE controller): use -drive file=a,,b.img,if=virtio\n"),
         (&["-cdrom", "x.iso"], "qomvm: -cdrom x.iso: CD-ROM drives are not supported (qomvm has no IDE or SCSI controller)\n"),
         (&["-fda", "f.img"], "qomvm: -fda f.img: floppy disks are not supported (qomvm has no floppy controller)\n"),
+        (&["-debugcon", "foo:bar"], "qomvm: -debugcon foo:bar: invalid character backend 'foo:bar'\n"),
+        (&["-debugcon", "null", "-debugcon", "null"], "qomvm: -debugcon null: invalid character backend 'null'\n"),
         (&["-pflash", "OVMF.fd"], "qomvm: -pflash OVMF.fd: flash drives are not supported (qomvm has no pflash device): load firmware with -bios\n"),
         (&["-sd", "card.img"], "qomvm: -sd card.img: machine type does not support if=sd,bus=0,unit=0\n"),
         (&["-drive", "file=/nonexistent.img"], "qomvm: -drive file=/nonexistent.img: machine type does not support if=ide,bus=0,unit=0 (qomvm has no IDE controller: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)\n"),
@@ -608,4 +610,37 @@ fn drives_take_free_units_and_refuse_taken_ones() {
         out.contains("    Attached to:      /machine/peripheral/vd0/virtio-backend\r\n"),
         "{out}"
     );
+}
+
+/// `-debugcon file:PATH` (QEMU's debugcon_parse): an isa-debugcon at port 0xe9 whose bytes
+/// go to the file; a guest's `outl` there prints its low byte, as under QEMU with KVM.
+#[test]
+fn debugcon_writes_the_guests_bytes_to_its_backend() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = std::env::temp_dir().join(format!("qomvm-cli-debugcon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("debug.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args([
+            "-M", "pc", "-accel", "qtest", "-display", "none", "-qtest", "stdio",
+        ])
+        .arg("-debugcon")
+        .arg(format!("file:{}", log.display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"outb 0xe9 0x51\noutl 0xe9 0x4d4f5145\ninb 0xe9\n")
+        .unwrap();
+    let mut replies = BufReader::new(child.stdout.take().unwrap()).lines();
+    let replies: Vec<String> = (0..3).map(|_| replies.next().unwrap().unwrap()).collect();
+    child.kill().ok();
+    child.wait().ok();
+    let written = std::fs::read(&log).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(replies, ["OK", "OK", "OK 0x00e9"]);
+    assert_eq!(written, b"QE");
 }

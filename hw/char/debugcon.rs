@@ -37,20 +37,16 @@ struct DebugconPort {
 }
 
 impl MemoryRegionOps for DebugconPort {
-    // QEMU's debugcon_ops accept 1-byte accesses only: wider ones are dropped by its memory
-    // core, so a guest's `outl` prints nothing, here as there.
+    // The port takes byte accesses only; QEMU splits a wider port access into bytes at
+    // successive ports, so an `outl` prints its low byte and an `inl` reads the readback
+    // byte with the unassigned ports' 0xff above it.
     fn read(&self, _offset: u64, size: u32) -> u64 {
-        if size == 1 {
-            self.readback.into()
-        } else {
-            u64::MAX >> (64 - 8 * size.min(8))
-        }
+        let mask = u64::MAX >> (64 - 8 * size.clamp(1, 8));
+        (u64::MAX << 8 | u64::from(self.readback)) & mask
     }
 
-    fn write(&self, _offset: u64, value: u64, size: u32) {
-        if size == 1 {
-            self.backend.write(&[value as u8]);
-        }
+    fn write(&self, _offset: u64, value: u64, _size: u32) {
+        self.backend.write(&[value as u8]);
     }
 }
 
