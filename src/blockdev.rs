@@ -58,7 +58,8 @@ fn parse_aio(value: &str) -> Option<AioMode> {
 }
 
 /// The `-drive`s placed so far, by interface and unit (QEMU's `drive_get`), to find a
-/// drive's first free unit and its default id.
+/// drive's first free unit and its default id. Only `none` and `virtio` drives are placed,
+/// and those have no buses (QEMU's `if_max_devs` 0): a unit names a drive.
 #[derive(Default)]
 pub struct DriveTable {
     units: Vec<(String, u32)>,

@@ -833,6 +833,10 @@ fn parse_smp(text: &str, dies_supported: bool) -> Result<SmpConfig, String> {
             "threads" => threads = Some(v),
             "maxcpus" => maxcpus = Some(v),
             "dies" | "clusters" if v == 1 => {}
+            // QEMU's pc takes more dies; qomvm's CPUs have one per socket.
+            "dies" if dies_supported => {
+                return Err(format!("dies={v}: qomvm supports one die per socket"))
+            }
             "dies" | "clusters" => {
                 return Err(format!(
                     "{key} not supported by this machine's CPU topology"
@@ -1203,6 +1207,10 @@ mod tests {
         );
         assert_eq!(
             parse_smp("4,dies=2", true).err().as_deref(),
+            Some("dies=2: qomvm supports one die per socket")
+        );
+        assert_eq!(
+            parse_smp("4,dies=2", false).err().as_deref(),
             Some("dies not supported by this machine's CPU topology")
         );
         assert!(parse_smp("4,dies=1,clusters=1", true).is_ok());

@@ -119,7 +119,7 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "pc", "-accel", "qtest", "-cpu", "qemu64,host-cache-info=on"], "qomvm: -cpu qemu64,host-cache-info=on: Property 'qemu64-x86_64-cpu.host-cache-info' not found\n"),
         // pc's hierarchy names dies (QEMU's dies_supported).
         (&["-M", "pc", "-accel", "qtest", "-smp", "2,sockets=4"], "qomvm: -smp 2,sockets=4: Invalid CPU topology: product of the hierarchy must match maxcpus: sockets (4) * dies (1) * cores (0) * threads (1) != maxcpus (2)\n"),
-        (&["-M", "pc", "-accel", "qtest", "-smp", "4,dies=2"], "qomvm: -smp 4,dies=2: dies not supported by this machine's CPU topology\n"),
+        (&["-M", "pc", "-accel", "qtest", "-smp", "4,dies=2"], "qomvm: -smp 4,dies=2: dies=2: qomvm supports one die per socket\n"),
         (&["-M", "none", "-accel", "qtest", "-cpu", "nosuch"], "qomvm: -cpu nosuch: unable to find CPU model 'nosuch'\n"),
         (&["-M", "none", "-accel", "qtest", "-global", "isa-debug-exit.iobase=x"], "qomvm: -global isa-debug-exit.iobase=x: Parameter 'iobase' expects a non-negative integer below 65536\n"),
         (&["-M", "none,accel=qtest", "-accel", "qtest"], "qomvm: The -accel and \"-machine accel=\" options are incompatible\n"),

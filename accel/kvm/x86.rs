@@ -91,6 +91,7 @@ const VMM_PROVIDED: &[&str] = &["topoext"];
 pub fn filtered_features(
     model: Option<&X86CpuModel>,
     overrides: &[(&'static str, bool)],
+    migratable: bool,
     supported: &CpuId,
 ) -> (BTreeSet<&'static str>, Vec<&'static Feature>) {
     let requested = match model {
@@ -101,7 +102,7 @@ pub fn filtered_features(
                 .iter()
                 .filter(|f| {
                     feature_supported(supported, f)
-                        && !UNMIGRATABLE.contains(&f.name)
+                        && (!migratable || !UNMIGRATABLE.contains(&f.name))
                         && !VMM_PROVIDED.contains(&f.name)
                 })
                 .map(|f| f.name)
@@ -211,15 +212,7 @@ pub(crate) fn build_cpuid(
     let cfg = CpuConfig::of(cpu);
     let model = cfg.model;
     let passthrough = model.is_none_or(|m| m.passthrough());
-    let (mut granted, missing) = filtered_features(model, &cfg.overrides, supported);
-    if passthrough && !cfg.migratable {
-        for name in UNMIGRATABLE {
-            let off = cfg.overrides.contains(&(*name, false));
-            if !off && feature_bits(name).all(|f| feature_supported(supported, f)) {
-                granted.insert(name);
-            }
-        }
-    }
+    let (granted, missing) = filtered_features(model, &cfg.overrides, cfg.migratable, supported);
     if cfg.check || cfg.enforce {
         for f in &missing {
             // One warning per feature per VM, not one per vCPU.
@@ -265,13 +258,15 @@ pub(crate) fn build_cpuid(
     }
     let vendor = guest_vendor(&cfg, &entries);
     let amd = vendor == *b"AuthenticAMD";
-    if amd && !passthrough {
+    // AMD's 0x80000001 EDX repeats leaf 1's bits (QEMU's realize, after filtering, for every
+    // model with an AMD vendor, host and max included).
+    if amd {
         let leaf1_edx = entries
             .iter()
             .find(|e| e.function == 1)
             .map_or(0, |e| e.edx);
         for e in entries.iter_mut().filter(|e| e.function == 0x8000_0001) {
-            e.edx |= leaf1_edx & AMD_ALIASES;
+            e.edx = (e.edx & !AMD_ALIASES) | (leaf1_edx & AMD_ALIASES);
         }
     }
 
@@ -293,9 +288,7 @@ pub(crate) fn build_cpuid(
         let ext_ok = !(0x8000_0000..0xC000_0000).contains(&f) || xlevel.is_none_or(|x| f <= x);
         // kvm=off: no KVM signature and no paravirtual leaves (QEMU's `expose_kvm`).
         let kvm_ok = cfg.kvm_leaves || !(0x4000_0000..0x4000_0100).contains(&f);
-        // l3-cache=off: no L3 descriptor in the host's leaf 4 (host-cache-info=on).
-        let l3_ok = cfg.l3_cache || !(f == 4 && (e.eax >> 5) & 7 == 3);
-        basic_ok && ext_ok && kvm_ok && l3_ok
+        basic_ok && ext_ok && kvm_ok
     });
     if let Some(setup) = hyperv {
         hyperv::place_leaves(&mut entries, setup);
@@ -335,6 +328,14 @@ pub(crate) fn build_cpuid(
     let threads_per_socket = smp.cores * smp.threads;
     let intel = vendor == *b"GenuineIntel";
     let la57 = granted.contains("la57");
+    let long_mode = granted.contains("lm");
+    // Leaf 7's subleaf count follows the features asked for, before the host filtered
+    // them (QEMU's cpuid_level_func7 from x86_cpu_expand_features).
+    let requested: BTreeSet<&'static str> = granted
+        .iter()
+        .copied()
+        .chain(missing.iter().map(|f| f.name))
+        .collect();
     for entry in entries.iter_mut() {
         match entry.function {
             // 0x80000000 repeats the vendor, as QEMU's does (KVM gives zeros on Intel).
@@ -379,7 +380,7 @@ pub(crate) fn build_cpuid(
             }
             // The highest subleaf of leaf 7 a named model's features use (QEMU's
             // cpuid_level_func7), not the host's.
-            7 if entry.index == 0 && !passthrough => entry.eax = leaf7_max_subleaf(&granted),
+            7 if entry.index == 0 => entry.eax = leaf7_max_subleaf(&requested),
             // Host's cache leaves (host-cache-info=on): the host's package, never passed on.
             4 if entry.eax & 0x1f != 0 => {
                 entry.eax = (entry.eax & 0x3ff_ffff) | ((smp.cores.saturating_sub(1) & 0x3f) << 26);
@@ -408,10 +409,14 @@ pub(crate) fn build_cpuid(
             // CmpLegacy, reads leaf 1's logical count as threads: both describe this
             // topology, not the host's (QEMU's cpu_x86_cpuid).
             0x8000_0001 if threads_per_socket > 1 && !intel => entry.ecx |= 1 << 1,
-            0x8000_0006 if !cfg.l3_cache => entry.edx = 0,
             0x8000_0008 => {
-                // Linear address bits follow la57, not the host (QEMU's rule).
-                entry.eax = (phys_bits & 0xff) | (if la57 { 57 } else { 48 } << 8);
+                // Linear address bits follow lm and la57, not the host (QEMU's rule).
+                let virt_bits = match (long_mode, la57) {
+                    (false, _) => 0,
+                    (true, false) => 48,
+                    (true, true) => 57,
+                };
+                entry.eax = (phys_bits & 0xff) | (virt_bits << 8);
                 entry.ecx = if threads_per_socket > 1 {
                     ((bits_for(smp.threads) + bits_for(smp.cores)) << 12) | (threads_per_socket - 1)
                 } else {
@@ -452,7 +457,8 @@ fn set_topology_and_cache_leaves(
         .find(|e| e.function == 1)
         .map_or(0, |e| e.eax);
     for e in entries.iter_mut().filter(|e| e.function == 0x8000_0001) {
-        e.eax = leaf1_eax;
+        // No brand ID or package type (an AMD host's KVM passes its own).
+        (e.eax, e.ebx) = (leaf1_eax, 0);
     }
     let topo = cpuid_cache::CacheTopology {
         cores: smp.cores,
@@ -491,7 +497,7 @@ fn set_topology_and_cache_leaves(
             built.push(cpuid_cache::leaf_8000_0006(caches, cfg.l3_cache));
         }
         if xlevel >= 0x8000_001d {
-            built.extend(cpuid_cache::leaf_8000_001d(caches, topo, cfg.l3_cache));
+            built.extend(cpuid_cache::leaf_8000_001d(caches, topo));
         }
     }
     // Leaf 7's subleaves past the highest its EAX announces are not given (QEMU's
@@ -516,11 +522,11 @@ fn set_topology_and_cache_leaves(
     entries.extend(built);
 }
 
-/// The highest leaf-7 subleaf holding one of `granted`.
-fn leaf7_max_subleaf(granted: &BTreeSet<&'static str>) -> u32 {
+/// The highest leaf-7 subleaf holding one of `features`.
+fn leaf7_max_subleaf(features_on: &BTreeSet<&'static str>) -> u32 {
     features()
         .iter()
-        .filter(|f| f.leaf() == 7 && granted.contains(f.name))
+        .filter(|f| f.leaf() == 7 && features_on.contains(f.name))
         .map(|f| f.subleaf())
         .max()
         .unwrap_or(0)
@@ -551,7 +557,8 @@ fn amd_topology(apic_id: u32, smp: SmpConfig) -> kvm_bindings::kvm_cpuid_entry2 
         function: 0x8000_001e,
         eax: apic_id,
         ebx: ((smp.threads.max(1) - 1) << 8) | core_id,
-        ecx: package_id << 2,
+        // One die per package: the node ID is the package's (QEMU 5.0 and later).
+        ecx: package_id & 0xff,
         ..Default::default()
     }
 }
@@ -944,6 +951,27 @@ pub(crate) fn register_dump(vcpu: &VcpuFd) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Leaves 0xB and 0x8000001E of the last CPU of `-smp 8,sockets=2,threads=2` (APIC ID
+    /// 7: thread 1 of core 1 of package 1), as QEMU 7.2's cpu_x86_cpuid gives them.
+    #[test]
+    fn topology_leaves_locate_a_cpu_in_its_package() {
+        let smp = SmpConfig {
+            cpus: 8,
+            sockets: 2,
+            cores: 2,
+            threads: 2,
+            max_cpus: 8,
+        };
+        let apic_id = hw::i386::x86_cpu::apic_id_from_index(7, 2, 2);
+        assert_eq!(apic_id, 7);
+        let amd = amd_topology(apic_id, smp);
+        assert_eq!([amd.eax, amd.ebx, amd.ecx, amd.edx], [7, 0x101, 1, 0]);
+        let [smt, core, end] = extended_topology(apic_id, smp);
+        assert_eq!([smt.eax, smt.ebx, smt.ecx, smt.edx], [1, 2, 0x100, 7]);
+        assert_eq!([core.eax, core.ebx, core.ecx, core.edx], [2, 4, 0x201, 7]);
+        assert_eq!([end.eax, end.ebx, end.ecx, end.edx], [0, 0, 2, 7]);
+    }
 
     fn state(
         rip: u64,

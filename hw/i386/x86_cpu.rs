@@ -462,9 +462,9 @@ impl X86Cpu {
     pub fn vendor(&self) -> Option<String> {
         self.vendor.get()
     }
-    /// The model's vendor unless `vendor=` is given (`None`: the host's). Under KVM a
-    /// guest sees the host's vendor unless `vendor=` is given, as with QEMU's
-    /// `host_cpu_instance_init`.
+    /// `vendor=`, else the model's (`None`: the host's): the vendor without KVM. Under KVM
+    /// a named model shows the host's unless `vendor=` is given (QEMU's
+    /// `host_cpu_instance_init`; accel/kvm/x86.rs and the model expansion do that).
     pub fn effective_vendor(&self) -> Option<String> {
         self.vendor
             .get()

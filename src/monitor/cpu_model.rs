@@ -21,7 +21,7 @@ fn x86_model(class: &ObjectClass) -> Option<&'static X86CpuModel> {
 /// What a named model asks for that this host's KVM cannot give, once per name, in
 /// feature-word order (QEMU's `x86_cpu_class_check_missing_features`).
 fn unavailable_features(model: &X86CpuModel, host: &CpuId) -> Vec<&'static str> {
-    let (_, missing) = filtered_features(Some(model), &[], host);
+    let (_, missing) = filtered_features(Some(model), &[], true, host);
     let mut seen = BTreeSet::new();
     missing
         .into_iter()
@@ -142,7 +142,7 @@ fn host_identity(host: &CpuId) -> Map<String, Value> {
 
 /// `query-cpu-model-expansion`.
 pub fn query_cpu_model_expansion(
-    _: &CommandCtx,
+    ctx: &CommandCtx,
     args: &Map<String, Value>,
 ) -> Result<Value, QmpError> {
     let kind = args.get("type").and_then(Value::as_str).unwrap_or_default();
@@ -170,7 +170,7 @@ pub fn query_cpu_model_expansion(
     let enabled: BTreeSet<&'static str> = if model.passthrough() {
         let host = host_supported_cpuid().map_err(|e| QmpError::BadInput(e.to_string()))?;
         props.extend(host_identity(host));
-        let (granted, _) = filtered_features(Some(model), &overrides, host);
+        let (granted, _) = filtered_features(Some(model), &overrides, x86.migratable(), host);
         granted
     } else {
         for name in ["vendor", "family", "model", "stepping", "model-id"] {
@@ -179,8 +179,29 @@ pub fn query_cpu_model_expansion(
                 .map_err(|e| QmpError::BadInput(e.to_string()))?;
             props.insert(name.into(), crate::monitor::info::value_to_json(&value));
         }
-        if let Some(vendor) = x86.effective_vendor() {
-            props.insert("vendor".into(), vendor.into());
+        // Under KVM a model takes the host's vendor unless vendor= is given (QEMU's
+        // host_cpu_instance_init); other accelerators keep the model's.
+        let on_kvm = ctx
+            .vm
+            .machine_state()
+            .accel_ops()
+            .is_some_and(|ops| ops.name() == "kvm");
+        let host_vendor = on_kvm
+            .then(host_supported_cpuid)
+            .and_then(Result::ok)
+            .and_then(|host| host_identity(host).remove("vendor"));
+        match (x86.vendor(), host_vendor) {
+            (Some(vendor), _) => {
+                props.insert("vendor".into(), vendor.into());
+            }
+            (None, Some(host)) => {
+                props.insert("vendor".into(), host);
+            }
+            (None, None) => {
+                if let Some(vendor) = x86.effective_vendor() {
+                    props.insert("vendor".into(), vendor.into());
+                }
+            }
         }
         expand_features(model.features.clone(), &overrides)
     };
@@ -196,7 +217,6 @@ pub fn query_cpu_model_expansion(
             "phys-bits",
             "host-phys-bits",
             "l3-cache",
-            "host-cache-info",
             "check",
             "enforce",
             "migratable",
@@ -208,6 +228,14 @@ pub fn query_cpu_model_expansion(
             props.insert(prop.into(), crate::monitor::info::value_to_json(&value));
         }
         if model.passthrough() {
+            // QEMU has host-cache-info on host and max only.
+            let value = cpu
+                .property_get("host-cache-info")
+                .map_err(|e| QmpError::BadInput(e.to_string()))?;
+            props.insert(
+                "host-cache-info".into(),
+                crate::monitor::info::value_to_json(&value),
+            );
             let host = host_supported_cpuid().map_err(|e| QmpError::BadInput(e.to_string()))?;
             for (prop, leaf) in [("level", 0), ("xlevel", 0x8000_0000)] {
                 if let Some([eax, ..]) = host_leaf(host, leaf) {
