@@ -81,8 +81,9 @@ Block devices:
                      open a disk image as a block node
 -no-reboot           exit instead of rebooting
 -no-shutdown         stop before shutdown
--rtc [base=utc][,clock=host][,driftfix=none]
-                     the RTC runs on the host's UTC clock (the only setting)
+-rtc [base=utc][,clock=host][,driftfix=none|slew]
+                     the RTC runs on the host's UTC clock; driftfix=slew re-injects
+                     the periodic ticks a guest missed (libvirt's catchup)
 -boot [order=drives][,once=drives][,menu=on|off][,splash=file][,splash-time=ms]
       [,reboot-timeout=ms][,strict=on|off]
                      the firmware's boot order (a floppy, c disk, d CD-ROM, n network),

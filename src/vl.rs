@@ -355,11 +355,20 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
             }
         }
     }
-    // The RTC runs on the host's UTC clock and discards lost ticks: QEMU's defaults.
+    // The RTC runs on the host's UTC clock and discards lost ticks (QEMU's defaults), or
+    // catches up with them under driftfix=slew (libvirt's tickpolicy='catchup').
     for r in &opts.rtc {
         for (key, value) in split_opts(&r.value, None) {
             match (key.as_str(), value.as_deref()) {
                 ("base", Some("utc")) | ("clock", Some("host")) | ("driftfix", Some("none")) => {}
+                ("driftfix", Some("slew")) => {
+                    // QEMU's configure_rtc: a global for the RTC.
+                    hw::core::qdev_properties::register_global("mc146818rtc.lost_tick_policy=slew")
+                        .map_err(|e| r.error(e))?;
+                }
+                ("driftfix", Some(other)) => {
+                    return Err(r.error(format!("invalid option value '{other}'")));
+                }
                 ("base" | "clock" | "driftfix", v) => {
                     let setting = format!("{key}={}", v.unwrap_or_default());
                     return Err(r.error(HostOptionError::Unsupported(setting)));

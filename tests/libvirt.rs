@@ -179,7 +179,8 @@ impl Domain {
 
     /// The domain XML that works with qomvm (docs/libvirt.md): direct kernel boot, no USB
     /// controller, no balloon, no graphics or video (libvirt then passes `-display
-    /// none`), COM1 into a file.
+    /// none`), COM1 into a file, and OpenStack's timers (PIT delay, RTC catchup, no HPET:
+    /// `-global kvm-pit.lost_tick_policy=delay`, `-rtc base=utc,driftfix=slew`).
     fn xml(&self, kernel: &Path) -> PathBuf {
         let serial = format!(
             "<serial type='file'><source path='{}'/><target port='0'/></serial>",
@@ -206,7 +207,11 @@ impl Domain {
     <cmdline>libvirt test</cmdline>
   </os>
   <features><acpi/></features>
-  <clock offset='utc'/>
+  <clock offset='utc'>
+    <timer name='pit' tickpolicy='delay'/>
+    <timer name='rtc' tickpolicy='catchup'/>
+    <timer name='hpet' present='no'/>
+  </clock>
   <on_poweroff>destroy</on_poweroff>
   <devices>
     <emulator>{emulator}</emulator>

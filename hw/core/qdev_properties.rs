@@ -74,6 +74,18 @@ pub(crate) fn apply_globals(obj: &Object) -> Result<(), Error> {
 }
 
 qom::qom_enum! {
+    /// QAPI's `LostTickPolicy`: what a timer device does with the ticks a guest missed.
+    pub enum LostTickPolicy("LostTickPolicy") {
+        /// Drop them.
+        Discard = "discard",
+        /// Re-inject them, one per tick, late.
+        Delay = "delay",
+        /// Re-inject them faster until the guest caught up.
+        Slew = "slew",
+    }
+}
+
+qom::qom_enum! {
     /// QAPI's `OnOffAuto`.
     pub enum OnOffAuto("OnOffAuto") {
         /// On.

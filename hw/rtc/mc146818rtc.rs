@@ -27,6 +27,7 @@ use qom::{type_init, ObjectRef, Prop, Typed};
 
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::IrqLine;
+use crate::core::qdev_properties::LostTickPolicy;
 use crate::core::runstate::{self, WakeupReason};
 use crate::core::services::MachineServices;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
@@ -46,6 +47,9 @@ pub const CMOS_RESET_CODE: u8 = 0x0f;
 pub const CMOS_RESET_S3_RESUME: u8 = 0xfe;
 /// Size of the CMOS memory, registers included.
 pub const CMOS_SIZE: usize = 128;
+/// Owed periodic ticks re-injected on register C reads between two ticks (QEMU's
+/// `RTC_REINJECT_ON_ACK_COUNT`).
+const REINJECT_ON_ACK: u32 = 20;
 
 // Register indexes.
 /// Seconds.
@@ -208,6 +212,15 @@ struct RtcState {
     last_sec: i64,
     /// Host time of the next periodic tick while PIE is set.
     next_periodic: Option<i64>,
+    /// `lost_tick_policy=slew`: periodic ticks the guest missed are re-injected.
+    slew: bool,
+    /// Missed periodic ticks still to re-inject (QEMU's `irq_coalesced`).
+    coalesced: u32,
+    /// Re-injections on register C reads since the last tick (QEMU's
+    /// `irq_reinject_on_ack_count`).
+    reinjected_on_ack: u32,
+    /// Host time of the next catch-up tick while ticks are owed.
+    next_catch_up: Option<i64>,
     irq: IrqLine,
     level: bool,
 }
@@ -222,6 +235,10 @@ impl RtcState {
             clock,
             last_sec: 0,
             next_periodic: None,
+            slew: false,
+            coalesced: 0,
+            reinjected_on_ack: 0,
+            next_catch_up: None,
             irq: IrqLine::disconnected(),
             level: false,
         };
@@ -399,16 +416,83 @@ impl RtcState {
                 let now = self.host_ns();
                 let next = *self.next_periodic.get_or_insert(now + period);
                 if now >= next {
-                    self.cmos[RTC_REG_C as usize] |= REG_C_PF;
-                    // Missed ticks are one interrupt (QEMU's lost_tick_policy=discard).
-                    let missed = (now - next) / period + 1;
-                    self.next_periodic = Some(next + missed * period);
+                    let ticks = (now - next) / period + 1;
+                    self.next_periodic = Some(next + ticks * period);
+                    if self.slew {
+                        self.slewed_ticks(ticks, period, now);
+                    } else {
+                        // Missed ticks are one interrupt (lost_tick_policy=discard).
+                        self.cmos[RTC_REG_C as usize] |= REG_C_PF;
+                    }
+                }
+                if self.slew {
+                    self.catch_up(period, now);
                 }
             }
-            None => self.next_periodic = None,
+            None => {
+                self.next_periodic = None;
+                self.coalesced = 0;
+                self.next_catch_up = None;
+            }
         }
         self.update_irq();
         alarm
+    }
+
+    /// `ticks` periodic ticks came due under `lost_tick_policy=slew` (QEMU's
+    /// `rtc_periodic_timer`): one interrupts unless the guest has not taken the last one
+    /// yet (the line is still up: KVM would report it coalesced); the rest are owed.
+    fn slewed_ticks(&mut self, ticks: i64, period: i64, now: i64) {
+        self.reinjected_on_ack = 0;
+        let delivered = !self.level;
+        self.cmos[RTC_REG_C as usize] |= REG_C_PF;
+        let owed = u32::try_from(ticks - i64::from(delivered)).unwrap_or(u32::MAX);
+        if owed > 0 {
+            self.coalesced = self.coalesced.saturating_add(owed);
+            self.plan_catch_up(period, now);
+        }
+    }
+
+    /// The next catch-up tick: a period split in 2 to 8 as more ticks are owed (QEMU's
+    /// `rtc_coalesced_timer_update`).
+    fn plan_catch_up(&mut self, period: i64, now: i64) {
+        self.next_catch_up = (self.coalesced > 0)
+            .then(|| now + period / (i64::from(self.coalesced.min(7)) + 1));
+    }
+
+    /// Delivers an owed tick when the catch-up timer is due and the guest took the last
+    /// interrupt (QEMU's `rtc_coalesced_timer`).
+    fn catch_up(&mut self, period: i64, now: i64) {
+        let Some(due) = self.next_catch_up else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        if self.coalesced > 0 && !self.level {
+            self.cmos[RTC_REG_C as usize] |= REG_C_PF;
+            self.coalesced -= 1;
+        }
+        self.plan_catch_up(period, now);
+    }
+
+    /// Register C was read (the guest took the interrupt): an owed tick interrupts again at
+    /// once, up to [`REINJECT_ON_ACK`] times between two ticks (QEMU's read of register C
+    /// under slew).
+    fn reinject_on_ack(&mut self) {
+        if self.coalesced == 0
+            || self.reg(RTC_REG_B) & REG_B_PIE == 0
+            || self.reinjected_on_ack >= REINJECT_ON_ACK
+        {
+            return;
+        }
+        self.reinjected_on_ack += 1;
+        self.cmos[RTC_REG_C as usize] |= REG_C_PF;
+        self.coalesced -= 1;
+        if let Some(period) = self.periodic_period_ns() {
+            let now = self.host_ns();
+            self.plan_catch_up(period, now);
+        }
     }
 
     /// IRQF and the line follow the flags of the enabled interrupts.
@@ -435,7 +519,7 @@ impl RtcState {
             // The next second's boundary, without overflow near the end of time.
             next = Some(NANOS_PER_SEC - guest_ns.rem_euclid(NANOS_PER_SEC));
         }
-        if let Some(p) = self.next_periodic {
+        for p in [self.next_periodic, self.next_catch_up].into_iter().flatten() {
             let in_ns = (p - self.host_ns()).max(0);
             next = Some(next.map_or(in_ns, |n| n.min(in_ns)));
         }
@@ -457,6 +541,10 @@ impl RtcState {
                 let c = self.reg(RTC_REG_C);
                 self.cmos[RTC_REG_C as usize] = 0;
                 self.update_irq();
+                if self.slew {
+                    self.reinject_on_ack();
+                    self.update_irq();
+                }
                 c
             }
             _ => self.reg(index),
@@ -503,7 +591,13 @@ impl RtcState {
                     self.update_time();
                 }
                 // UIP is read-only.
+                let old_period = self.periodic_period_ns();
                 self.cmos[RTC_REG_A as usize] = data & 0x7f;
+                // Owed ticks keep their time at a new rate (QEMU's periodic_timer_update).
+                if let (Some(old), Some(new)) = (old_period, self.periodic_period_ns()) {
+                    let owed = i64::from(self.coalesced) * old / new;
+                    self.coalesced = u32::try_from(owed).unwrap_or(u32::MAX);
+                }
                 if !was_running && self.running() {
                     self.set_time();
                 }
@@ -554,6 +648,9 @@ impl RtcState {
         self.cmos[RTC_REG_B as usize] &= !(REG_B_PIE | REG_B_AIE | REG_B_SQWE);
         self.cmos[RTC_REG_C as usize] &= !(REG_C_UF | REG_C_IRQF | REG_C_PF | REG_C_AF);
         self.next_periodic = None;
+        self.coalesced = 0;
+        self.reinjected_on_ack = 0;
+        self.next_catch_up = None;
         self.update_irq();
     }
 }
@@ -600,6 +697,16 @@ impl Rtc {
         s.irq.set(level);
     }
 
+    /// `lost_tick_policy=slew` (on) or `discard` (off).
+    pub fn set_slew(&self, slew: bool) {
+        self.state.lock().slew = slew;
+    }
+
+    /// Periodic ticks owed to the guest under `lost_tick_policy=slew`.
+    pub fn coalesced_ticks(&self) -> u32 {
+        self.state.lock().coalesced
+    }
+
     /// Replaces the clock (tests).
     pub fn set_clock(&self, clock: RtcClock) {
         let mut s = self.state.lock();
@@ -640,18 +747,22 @@ impl Rtc {
     pub fn save_state(&self) -> VmStateSection {
         let s = self.state.lock();
         let now = s.host_ns();
-        VmStateSection::new(1)
+        VmStateSection::new(2)
             .with_bytes("cmos", &s.cmos)
             .with("index", s.index)
             .with("offset_ns", s.offset)
             .with("last_sec", s.last_sec)
             .with("periodic_in_ns", s.next_periodic.map(|t| t.saturating_sub(now)))
             .with("irq_level", s.level)
+            // Version 2.
+            .with("irq_coalesced", s.coalesced)
+            .with("reinjected_on_ack", s.reinjected_on_ack)
+            .with("catch_up_in_ns", s.next_catch_up.map(|t| t.saturating_sub(now)))
     }
 
     /// Loads [`Rtc::save_state`]'s section; the interrupt thread picks the timers up.
     pub fn load_state(self: &Arc<Self>, state: &VmStateSection) -> Result<(), VmStateError> {
-        state.check_version(1, 1)?;
+        state.check_version(1, 2)?;
         let cmos: [u8; CMOS_SIZE] = state.get_array("cmos")?;
         let periodic: Option<i64> = state.get("periodic_in_ns")?;
         let mut s = self.state.lock();
@@ -661,6 +772,13 @@ impl Rtc {
         s.last_sec = state.get("last_sec")?;
         let now = s.host_ns();
         s.next_periodic = periodic.map(|p| now.saturating_add(p));
+        // Version 2 added the slew policy's owed ticks.
+        if state.version >= 2 {
+            s.coalesced = state.get("irq_coalesced")?;
+            s.reinjected_on_ack = state.get("reinjected_on_ack")?;
+            let catch_up: Option<i64> = state.get("catch_up_in_ns")?;
+            s.next_catch_up = catch_up.map(|c| now.saturating_add(c));
+        }
         s.level = !state.get::<bool>("irq_level")?;
         s.update_irq();
         let wants_timer = s.next_event_in().is_some();
@@ -787,6 +905,11 @@ pub struct Mc146818Rtc {
     iobase: Prop<u16>,
     #[property(default = 8, desc = "ISA IRQ")]
     irq: Prop<u8>,
+    #[property(
+        default = "discard",
+        desc = "Missed periodic ticks: dropped (discard) or caught up with (slew)"
+    )]
+    lost_tick_policy: Prop<LostTickPolicy>,
     rtc: Arc<Rtc>,
 }
 
@@ -795,6 +918,9 @@ type_init!(Mc146818Rtc);
 /// Errors of `mc146818rtc`.
 #[derive(Debug, thiserror::Error)]
 pub enum RtcError {
+    /// `lost_tick_policy=delay` (QEMU's RTC drops or slews, never delays).
+    #[error("Invalid lost tick policy.")]
+    LostTickPolicy,
     /// `irq` past the ISA bus's lines.
     #[error("Maximum value for \"irq\" is: {}", ISA_NUM_IRQS - 1)]
     BadIrq,
@@ -814,6 +940,11 @@ impl DeviceImpl for Mc146818Rtc {
         let irq = self.irq.get();
         if usize::from(irq) >= ISA_NUM_IRQS {
             return Err(RealizeError::device(RtcError::BadIrq));
+        }
+        match self.lost_tick_policy.get() {
+            LostTickPolicy::Discard => self.rtc.set_slew(false),
+            LostTickPolicy::Slew => self.rtc.set_slew(true),
+            LostTickPolicy::Delay => return Err(RealizeError::device(RtcError::LostTickPolicy)),
         }
         self.rtc.set_base_year(self.base_year.get().into());
         self.rtc.set_irq(self.parent.irq(ctx, irq.into()));
@@ -1107,6 +1238,66 @@ mod tests {
         }
         assert_ne!(read(&rtc, RTC_REG_C) & (REG_C_IRQF | REG_C_UF), 0);
         write(&rtc, RTC_REG_B, REG_B_24H);
+    }
+
+    /// 1024 Hz, register A's reset rate.
+    const PERIOD_1024HZ: i64 = NANOS_PER_SEC / 1024;
+
+    /// An RTC at 1024 Hz with PIE, its line on a pin.
+    fn periodic_rtc(slew: bool) -> (Arc<Rtc>, Arc<AtomicI64>, Arc<Pin>) {
+        let (rtc, now) = rtc_at(T0);
+        rtc.set_slew(slew);
+        let pin = Arc::new(Pin::default());
+        rtc.set_irq(IrqLine::new(pin.clone(), 8));
+        write(&rtc, RTC_REG_B, REG_B_24H | REG_B_PIE);
+        (rtc, now, pin)
+    }
+
+    /// Ticks that came while the guest had not taken the last interrupt (the line still
+    /// up) are owed under slew and re-injected as the guest reads register C, as QEMU's
+    /// RTC with `-rtc driftfix=slew` does; under discard they are gone.
+    #[test]
+    fn slew_reinjects_the_ticks_a_guest_missed_on_ack() {
+        for slew in [false, true] {
+            let (rtc, now, pin) = periodic_rtc(slew);
+            now.fetch_add(PERIOD_1024HZ + 1, Ordering::SeqCst);
+            // Four more ticks before the guest looks.
+            now.fetch_add(4 * PERIOD_1024HZ, Ordering::SeqCst);
+            assert_eq!(read(&rtc, RTC_REG_C), REG_C_IRQF | REG_C_PF, "slew {slew}");
+            assert_eq!(rtc.coalesced_ticks(), if slew { 3 } else { 0 });
+            assert_eq!(*pin.0.lock(), slew, "an owed tick interrupts at once");
+            let mut taken = 1;
+            while read(&rtc, RTC_REG_C) & REG_C_PF != 0 {
+                taken += 1;
+            }
+            assert_eq!(taken, if slew { 5 } else { 1 }, "slew {slew}");
+            assert!(!*pin.0.lock());
+            write(&rtc, RTC_REG_B, REG_B_24H);
+        }
+    }
+
+    /// Past QEMU's 20 re-injections between two ticks, owed ticks come from the catch-up
+    /// timer, which splits a period in up to 8 while the line is down.
+    #[test]
+    fn slew_catches_up_on_a_faster_timer_past_the_ack_limit() {
+        let (rtc, now, pin) = periodic_rtc(true);
+        now.fetch_add(PERIOD_1024HZ + 1, Ordering::SeqCst);
+        now.fetch_add(30 * PERIOD_1024HZ, Ordering::SeqCst);
+        let mut taken = 0;
+        while read(&rtc, RTC_REG_C) & REG_C_PF != 0 {
+            taken += 1;
+        }
+        // The tick that interrupted, then 20 re-injections.
+        assert_eq!(taken, 21);
+        assert_eq!(rtc.coalesced_ticks(), 10);
+        assert!(!*pin.0.lock());
+        now.fetch_add(PERIOD_1024HZ / 8 + 1, Ordering::SeqCst);
+        assert_eq!(read(&rtc, RTC_REG_C) & REG_C_PF, REG_C_PF);
+        assert_eq!(rtc.coalesced_ticks(), 9);
+        // Turning the periodic interrupt off forgets what is owed.
+        write(&rtc, RTC_REG_B, REG_B_24H);
+        read(&rtc, RTC_REG_C);
+        assert_eq!(rtc.coalesced_ticks(), 0);
     }
 
     #[test]

@@ -11,15 +11,11 @@ use crate::isa::isa_bus::IsaDevice;
 /// QEMU's `TYPE_KVM_I8254`.
 pub const TYPE_KVM_PIT: &str = "kvm-pit";
 
-qom::qom_enum! {
-    /// QAPI's `LostTickPolicy`, with the two values QEMU's kvm-pit accepts.
-    pub enum LostTickPolicy("LostTickPolicy") {
-        /// Re-inject the ticks the guest missed.
-        Delay = "delay",
-        /// Drop the ticks the guest missed.
-        Discard = "discard",
-    }
-}
+pub use crate::core::qdev_properties::LostTickPolicy;
+
+#[derive(Debug, thiserror::Error)]
+#[error("Lost tick policy not supported.")]
+struct UnsupportedPolicy;
 
 /// QEMU's `KVMPITState`.
 #[derive(qom::Object)]
@@ -52,7 +48,12 @@ impl DeviceImpl for KvmPit {
     const USER_CREATABLE: bool = false;
 
     fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
-        let reinject = self.lost_tick_policy.get() == LostTickPolicy::Delay;
+        let reinject = match self.lost_tick_policy.get() {
+            LostTickPolicy::Delay => true,
+            LostTickPolicy::Discard => false,
+            // KVM's PIT re-injects one tick per tick or drops them: no catching up.
+            LostTickPolicy::Slew => return Err(RealizeError::device(UnsupportedPolicy)),
+        };
         if let Some(ops) = ctx.machine()?.accel_ops() {
             ops.create_in_kernel_pit(reinject)?;
         }
