@@ -614,6 +614,21 @@ fn drives_take_free_units_and_refuse_taken_ones() {
     );
 }
 
+/// A `pc` on the qtest accelerator with `extra` options, its qtest protocol on the
+/// child's stdin and stdout.
+fn qtest_on_stdio(extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args([
+            "-M", "pc", "-accel", "qtest", "-display", "none", "-qtest", "stdio",
+        ])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// `-debugcon file:PATH` (QEMU's debugcon_parse): an isa-debugcon at port 0xe9 whose bytes
 /// go to the file; a guest's `outl` there prints its low byte, as under QEMU with KVM.
 #[test]
@@ -622,17 +637,8 @@ fn debugcon_writes_the_guests_bytes_to_its_backend() {
     let dir = std::env::temp_dir().join(format!("qomvm-cli-debugcon-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("debug.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
-        .args([
-            "-M", "pc", "-accel", "qtest", "-display", "none", "-qtest", "stdio",
-        ])
-        .arg("-debugcon")
-        .arg(format!("file:{}", log.display()))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let debugcon = format!("file:{}", log.display());
+    let mut child = qtest_on_stdio(&["-debugcon", &debugcon]);
     let mut stdin = child.stdin.take().unwrap();
     stdin
         .write_all(b"outb 0xe9 0x51\noutl 0xe9 0x4d4f5145\ninb 0xe9\n")
@@ -655,16 +661,7 @@ fn rtc_driftfix_slew_gives_back_the_ticks_a_guest_missed() {
     use std::io::{BufRead, BufReader, Write};
     let mut taken = Vec::new();
     for rtc in ["base=utc", "base=utc,driftfix=slew"] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
-            .args([
-                "-M", "pc", "-accel", "qtest", "-display", "none", "-qtest", "stdio",
-            ])
-            .args(["-rtc", rtc])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = qtest_on_stdio(&["-rtc", rtc]);
         let mut stdin = child.stdin.take().unwrap();
         let mut replies = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut qtest = |cmd: &str| {
