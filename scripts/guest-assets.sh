@@ -15,13 +15,16 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=13
+ASSETS_FORMAT=14
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
 # in, so the disk image needs no file system module.
 GUEST_MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 virtio_blk virtio_net virtio_rng virtio_balloon"
+# The IDE drivers (PIIX3 IDE, disks, CD-ROMs), carried too but loaded only with
+# qomvm.ata=1: probing the IDE ports costs every other boot time on the rig.
+ATA_MODULES="ata_piix sd_mod sr_mod"
 # The disk image's size (a sparse file; its content is about 85 MB, mostly
 # fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
 ROOTFS_SIZE=256M
@@ -283,7 +286,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -303,6 +306,8 @@ for arg in $(cat /proc/cmdline); do
         qomvm.nettest=*) mode=nettest modearg=${arg#*=} ;;
         qomvm.migtest=*) mode=migtest modearg=${arg#*=} ;;
         qomvm.timeline=1) timeline=1 ;;
+        qomvm.ata=1) ata=1 ;;
+        qomvm.cdsum=*) cdsum=${arg#*=} ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -326,8 +331,23 @@ if [ "$QOMVM_STAGE" != root ] && [ -f /etc/qomvm-modules ]; then
         while read -r m; do
             insmod "/lib/modules/$kver/$m" || echo "qomvm: insmod $m failed"
         done </etc/qomvm-modules
+        # qomvm.ata=1: the IDE drivers too.
+        if [ -n "$ata" ] && [ -f /etc/qomvm-modules-ata ]; then
+            while read -r m; do
+                insmod "/lib/modules/$kver/$m" || echo "qomvm: insmod $m failed"
+            done </etc/qomvm-modules-ata
+        fi
     else
         echo "qomvm: no modules for kernel $kver in this initramfs; virtio devices stay unbound"
+    fi
+fi
+
+# qomvm.cdsum=DEV: the MD5 of a CD's whole medium, read through the block device.
+if [ "$QOMVM_STAGE" != root ] && [ -n "$cdsum" ]; then
+    if wait_dev "$cdsum"; then
+        echo "cdsum: $(md5sum <"$cdsum" | cut -d' ' -f1) $(blockdev --getsize64 "$cdsum")"
+    else
+        echo "cdsum: $cdsum did not appear"
     fi
 fi
 
@@ -1139,7 +1159,7 @@ guest_modules() {
         name=${name%%.ko*}
         path[${name//-/_}]=${p#./}
     done < <(dpkg-deb -c "$kdeb" | awk '{ print $6 }' | grep -E "^\./lib/modules/$kver/.*\.ko(\.(xz|gz|zst))?$")
-    read -r -a todo <<<"${GUEST_MODULES//$'\n'/ }"
+    read -r -a todo <<<"${GUEST_MODULES//$'\n'/ } $ATA_MODULES"
     mkdir -p "$x" "$root/lib/modules/$kver" "$root/etc"
     while [[ ${#todo[@]} -gt 0 ]]; do
         m=${todo[0]}
@@ -1172,10 +1192,19 @@ guest_modules() {
     }
     read -r -a todo <<<"${GUEST_MODULES//$'\n'/ }"
     for m in "${todo[@]}"; do _gm_visit "$m"; done
+    local base=${#order[@]} i
+    # The IDE modules' load order after the others': what they need beyond them.
+    for m in $ATA_MODULES; do _gm_visit "$m"; done
     : >"$root/etc/qomvm-modules"
+    : >"$root/etc/qomvm-modules-ata"
     : >"$root/lib/modules/$kver/modules.dep"
-    for m in "${order[@]}"; do
-        echo "${path[$m]}" >>"$root/etc/qomvm-modules"
+    for i in "${!order[@]}"; do
+        m=${order[$i]}
+        if [[ $i -lt $base ]]; then
+            echo "${path[$m]}" >>"$root/etc/qomvm-modules"
+        else
+            echo "${path[$m]}" >>"$root/etc/qomvm-modules-ata"
+        fi
         {
             printf '%s:' "${path[$m]}"
             for d in ${deps[$m]}; do [[ ${state[$d]} == builtin ]] || printf ' %s' "${path[$d]}"; done

@@ -57,24 +57,48 @@ fn parse_aio(value: &str) -> Option<AioMode> {
     }
 }
 
-/// The `-drive`s placed so far, by interface and unit (QEMU's `drive_get`), to find a
-/// drive's first free unit and its default id. Only `none` and `virtio` drives are placed,
-/// and those have no buses (QEMU's `if_max_devs` 0): a unit names a drive.
+/// The `-drive`s placed so far, by interface and index (QEMU's `drive_get`), to find a
+/// drive's first free unit and its default id. An index is `bus * max_devs + unit` for
+/// interfaces with buses (IDE), the unit for those without (`none`, `virtio`).
 #[derive(Default)]
 pub struct DriveTable {
     units: Vec<(String, u32)>,
 }
 
 impl DriveTable {
-    fn contains(&self, interface: &str, unit: u32) -> bool {
-        self.units.iter().any(|(i, u)| i == interface && *u == unit)
+    fn contains(&self, interface: &str, index: u32) -> bool {
+        self.units
+            .iter()
+            .any(|(i, u)| i == interface && *u == index)
     }
-    /// The first unit of `interface` no drive uses (QEMU's loop in `drive_new`).
-    fn first_free_unit(&self, interface: &str) -> u32 {
+    /// The first index of `interface` no drive uses (QEMU's loop in `drive_new`).
+    fn first_free_index(&self, interface: &str) -> u32 {
         (0..)
-            .find(|&unit| !self.contains(interface, unit))
+            .find(|&index| !self.contains(interface, index))
             .expect("fewer than 2^32 drives")
     }
+}
+
+/// What a `-hda`...`-cdrom` shorthand stands for (QEMU's `drive_add` with `HD_OPTS` or
+/// `CDROM_OPTS`); any other option's value as given.
+fn drive_text(located: &Located) -> String {
+    let index = match located.option {
+        "hda" => 0,
+        "hdb" => 1,
+        "hdc" => 2,
+        "hdd" => 3,
+        "cdrom" => 2,
+        _ => return located.value.clone(),
+    };
+    let media = if located.option == "cdrom" {
+        "cdrom"
+    } else {
+        "disk"
+    };
+    format!(
+        "file={},index={index},media={media}",
+        located.value.replace(',', ",,")
+    )
 }
 
 /// Drives per bus of an interface (QEMU's `if_max_devs`): 2 for IDE's master and slave,
@@ -87,13 +111,16 @@ fn max_devs(interface: &str) -> u32 {
     }
 }
 
-/// QEMU's `drive_new` for one `-drive`: opens the image and adds the backend. A drive
-/// without `if=` gets the machine's `default_interface` (QEMU's `block_default_type`). For
-/// `if=virtio` it returns the `-device` QEMU adds for the drive (`virtio-blk-pci`), to be
-/// created with the other devices.
+/// QEMU's `drive_new` for one `-drive` (or `-hda`...`-cdrom`): opens the image and adds
+/// the backend. A drive without `if=` gets the machine's `default_interface` (QEMU's
+/// `block_default_type`); `if=ide` drives go on the board's `ide_buses`. For `if=virtio`
+/// and `if=ide` it returns the `-device` QEMU adds
+/// for the drive (`virtio-blk-pci`; `ide-hd` or `ide-cd` on `ide.BUS`), to be created with
+/// the other devices.
 pub fn drive_add(
     located: &Located,
     default_interface: &str,
+    ide_buses: u32,
     drives: &mut DriveTable,
 ) -> Result<Option<Located>, OptionError> {
     let err = |m: String| located.error(m);
@@ -103,8 +130,9 @@ pub fn drive_add(
     let mut index = None;
     let mut id = None;
     let mut addr = None;
+    let mut cdrom = false;
     let mut opts = OpenOptions::new("");
-    for (key, value) in split_opts(&located.value, Some("file")) {
+    for (key, value) in split_opts(&drive_text(located), Some("file")) {
         if !DRIVE_KEYS.contains(&key.as_str()) {
             return Err(err(format!("Invalid parameter '{key}'")));
         }
@@ -137,8 +165,7 @@ pub fn drive_add(
                 opts.detect_zeroes = DetectZeroes::from_name(&value)
                     .ok_or_else(|| err(format!("invalid parameter value: {value}")))?
             }
-            "media" if value == "disk" => {}
-            "media" => return Err(err(format!("'{value}' invalid media"))),
+            "media" if value == "disk" || value == "cdrom" => cdrom = value == "cdrom",
             "index" => {
                 index = Some(
                     value
@@ -149,61 +176,86 @@ pub fn drive_add(
             _ => {}
         }
     }
-    let explicit_interface = interface.is_some();
     let interface = interface.unwrap_or_else(|| default_interface.to_string());
-    // QEMU's bus and unit: from `index=` (IDE has two units per bus), else the first free
-    // unit of the interface.
-    let max_devs = max_devs(&interface);
-    let (bus, unit) = match index {
-        Some(index) if max_devs > 0 => (index / max_devs, index % max_devs),
-        Some(index) => (0, index),
-        None => (0, drives.first_free_unit(&interface)),
-    };
-    if !explicit_interface && interface == "ide" {
-        // The pc board's default is IDE, which qomvm lacks: refused rather than opening an
-        // image no device uses.
-        return Err(err(format!(
-            "machine type does not support if=ide,bus={bus},unit={unit} (qomvm has no IDE \
-             controller: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)"
-        )));
-    }
     match interface.as_str() {
-        "none" | "virtio" => {}
-        "ide" | "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "xen" => {
+        "none" | "virtio" | "ide" => {}
+        "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "xen" => {
             return Err(err(format!(
-                "if={interface} is not available: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID"
+                "if={interface} is not available: use if=virtio or if=ide, or if=none with -device virtio-blk-pci,drive=ID"
             )))
         }
         other => return Err(err(format!("unsupported bus type '{other}'"))),
     }
+    // QEMU's bus and unit: from `index=` (IDE has two units per bus), else the first free
+    // index of the interface.
+    let max_devs = max_devs(&interface);
+    let index = index.unwrap_or_else(|| drives.first_free_index(&interface));
+    let (bus, unit) = match (index.checked_div(max_devs), index.checked_rem(max_devs)) {
+        (Some(bus), Some(unit)) => (bus, unit),
+        _ => (0, index),
+    };
+    // QEMU's drive_check_orphaned: no controller of the board takes the drive.
+    if interface == "ide" && bus >= ide_buses {
+        return Err(err(format!(
+            "machine type does not support if=ide,bus={bus},unit={unit}"
+        )));
+    }
     if addr.is_some() && interface != "virtio" {
         return Err(err("addr is not supported by this bus type".to_string()));
     }
-    let Some(file) = file else {
-        return Err(err("an empty drive (no file=) is not supported".to_string()));
-    };
-    if drives.contains(&interface, unit) {
-        let index = index.unwrap_or(unit);
+    if cdrom && interface != "ide" && interface != "none" {
+        return Err(err(format!(
+            "media=cdrom is not supported by if={interface}"
+        )));
+    }
+    if drives.contains(&interface, index) {
         return Err(err(format!(
             "drive with bus={bus}, unit={unit} (index={index}) exists"
         )));
     }
-    // QEMU names unnamed drives after their interface and unit (`none0`, `virtio1`).
-    let id = id.unwrap_or_else(|| format!("{interface}{unit}"));
+    // QEMU names unnamed drives after their interface, bus, medium and unit (`none0`,
+    // `virtio1`, `ide1-cd0`).
+    let id = id.unwrap_or_else(|| match interface.as_str() {
+        "ide" => format!("ide{bus}-{}{unit}", if cdrom { "cd" } else { "hd" }),
+        _ => format!("{interface}{unit}"),
+    });
+    let device = match interface.as_str() {
+        "ide" => Some(format!(
+            "{},bus=ide.{bus},unit={unit}",
+            if cdrom { "ide-cd" } else { "ide-hd" }
+        )),
+        "virtio" => Some("virtio-blk-pci".to_string()),
+        _ => None,
+    };
+    drives.units.push((interface.clone(), index));
+    let Some(file) = file else {
+        // An IDE CD drive without a medium (QEMU's empty drive); other drives need one.
+        return match (cdrom, device) {
+            (true, Some(device)) if interface == "ide" => Ok(Some(Located {
+                option: "device",
+                value: device,
+            })),
+            _ => Err(err("an empty drive (no file=) is not supported".to_string())),
+        };
+    };
     if block::name_in_use(&id) {
         return Err(err(format!("Duplicate ID '{id}' for drive")));
     }
     opts.filename = file.into();
     opts.format = format;
+    // A CD is read-only whatever the drive says (QEMU's drive_new for media=cdrom).
+    if cdrom {
+        opts.read_only = true;
+    }
     let backend = BlockBackend::open(&id, &block::auto_node_name(), opts, warn)
         .map_err(|e| err(e.to_string()))?;
-    block::add_backend(backend).map_err(|e| err(e.to_string()))?;
-    drives.units.push((interface.clone(), unit));
-    if interface != "virtio" {
+    let backend = block::add_backend(backend).map_err(|e| err(e.to_string()))?;
+    let Some(mut device) = device else {
         return Ok(None);
-    }
-    // QEMU's drive_new: an if=virtio drive gets its `-device virtio-blk-pci,drive=ID`.
-    let mut device = format!("virtio-blk-pci,drive={}", id.replace(',', ",,"));
+    };
+    backend.set_auto_connected();
+    // QEMU's drive_new and pci_ide_create_devs: the drive's device.
+    device.push_str(&format!(",drive={}", id.replace(',', ",,")));
     if let Some(addr) = addr {
         device.push_str(&format!(",addr={}", addr.replace(',', ",,")));
     }

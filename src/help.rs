@@ -65,13 +65,17 @@ Standard options:
                             [,poll-shrink=N][,aio-max-batch=N]
 
 Block devices:
--drive file=PATH,if=none|virtio[,format=raw|qcow2][,id=ID][,readonly=on|off]
-       [,cache=none|writeback|writethrough|directsync|unsafe]
+-drive file=PATH,if=none|virtio|ide[,format=raw|qcow2][,id=ID][,readonly=on|off]
+       [,media=disk|cdrom][,cache=none|writeback|writethrough|directsync|unsafe]
        [,discard=ignore|unmap][,detect-zeroes=off|on|unmap]
-       [,aio=threads|native|io_uring][,index=UNIT][,addr=SLOT (if=virtio)]
-                     open a disk image: if=virtio adds its virtio-blk-pci, if=none
-                     leaves it for -device ...,drive=ID (no IDE: on pc if= is
-                     required, and -hda/-cdrom/-fda/-pflash are refused)
+       [,aio=threads|native|io_uring][,index=INDEX][,addr=SLOT (if=virtio)]
+                     open a disk image: if=virtio adds its virtio-blk-pci, if=ide
+                     (pc's default) its ide-hd or ide-cd (media=cdrom) on
+                     ide.(INDEX/2) unit INDEX%2, if=none leaves it for
+                     -device ...,drive=ID
+-hda/-hdb/-hdc/-hdd FILE
+                     IDE disk at index 0/1/2/3 (a bare FILE is -hda)
+-cdrom FILE          IDE CD-ROM at index 2 (ide.1 master)
 -blockdev driver=file,node-name=N,filename=PATH[,aio=...][,cache.direct=on|off]
 -blockdev driver=qcow2|raw,node-name=N,file.driver=file,file.filename=PATH
           [,discard=ignore|unmap][,detect-zeroes=off|on|unmap][,read-only=on|off]

@@ -351,11 +351,12 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let Some(name) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
-            // QEMU treats a bare argument as the first IDE disk (-hda); qomvm has no IDE.
-            return Err(OptionError::new(
-                "",
-                format!("{arg}: a bare disk image (-hda) is not supported; use -drive file={arg},if=none"),
-            ));
+            // QEMU treats a bare argument as the first disk (-hda).
+            opts.drives.push(Located {
+                option: "hda",
+                value: arg.clone(),
+            });
+            continue;
         };
         let &(option, arity) = OPTIONS
             .iter()
@@ -385,22 +386,9 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "append" => opts.append = Some(located),
             "device" => opts.devices.push(located),
             "drive" => opts.drives.push(located),
-            // QEMU's shorthands for IDE and floppy drives (`drive_add(IF_DEFAULT, ...)`):
-            // refused with what to use instead, rather than as unknown options.
-            "hda" | "hdb" | "hdc" | "hdd" => {
-                let hint = format!(
-                    "use -drive file={},if=virtio",
-                    located.value.replace(',', ",,")
-                );
-                return Err(located.error(format!(
-                    "IDE disks are not supported (qomvm has no IDE controller): {hint}"
-                )));
-            }
-            "cdrom" => {
-                return Err(located.error(
-                    "CD-ROM drives are not supported (qomvm has no IDE or SCSI controller)",
-                ))
-            }
+            // QEMU's shorthands for IDE drives (`drive_add(IF_DEFAULT, index, file, ...)`):
+            // -drive's work, in their own words (see `blockdev::drive_add`).
+            "hda" | "hdb" | "hdc" | "hdd" | "cdrom" => opts.drives.push(located),
             "fda" | "fdb" => {
                 return Err(located
                     .error("floppy disks are not supported (qomvm has no floppy controller)"))

@@ -112,10 +112,11 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     }
     // QEMU's configure_blockdev runs with the machine class selected: a -drive without
     // `if=` takes the board's interface. An unknown -M is reported by create_machine.
-    let default_interface = find_machine(machine_opts(opts).0.as_deref())
+    let class = find_machine(machine_opts(opts).0.as_deref())
         .ok()
-        .and_then(machine_class)
-        .map_or("none", |mc| mc.block_default_type);
+        .and_then(machine_class);
+    let default_interface = class.map_or("none", |mc| mc.block_default_type);
+    let ide_buses = class.map_or(0, |mc| mc.ide_buses);
     let mut drive_devices = Vec::new();
     for d in &opts.debugcon {
         drive_devices.push(debugcon_device(d)?);
@@ -125,6 +126,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         drive_devices.extend(crate::blockdev::drive_add(
             d,
             default_interface,
+            ide_buses,
             &mut drive_table,
         )?);
     }

@@ -622,7 +622,7 @@ fn bad_drive_options_are_one_line_errors() {
         ),
         (
             vec!["-drive".into(), format!("file={f},format=raw,if=ide")],
-            "if=ide is not available: use if=virtio".into(),
+            "machine type does not support if=ide,bus=0,unit=0".into(),
         ),
         (
             vec!["-drive".into(), format!("file={missing},if=none")],
@@ -649,9 +649,10 @@ fn bad_drive_options_are_one_line_errors() {
             ],
             "Parameter 'bogus' is unexpected".into(),
         ),
+        // A bare argument is -hda (on -M none a drive of no device).
         (
-            vec![f.clone()],
-            "a bare disk image (-hda) is not supported".into(),
+            vec![missing.clone()],
+            format!("Could not open '{missing}': No such file or directory"),
         ),
     ];
     for (args, expected) in cases {

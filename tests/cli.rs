@@ -92,20 +92,20 @@ fn unknown_device_is_a_one_line_error() {
 fn bad_options_are_one_line_errors() {
     let cases: &[(&[&str], &str)] = &[
         (&["-bogus"], "qomvm: -bogus: invalid option\n"),
-        // QEMU's IDE/floppy shorthands and its default -drive interface: refused with what
-        // to use, not taken as unknown options or left unattached.
-        (&["-hda", "a,b.img"], "qomvm: -hda a,b.img: IDE disks are not supported (qomvm has no IDE controller): use -drive file=a,,b.img,if=virtio\n"),
-        (&["-cdrom", "x.iso"], "qomvm: -cdrom x.iso: CD-ROM drives are not supported (qomvm has no IDE or SCSI controller)\n"),
+        // QEMU's IDE shorthands and its default -drive interface (IDE on pc) open the
+        // image as QEMU does; the floppy shorthands are refused with what to use.
+        (&["-hda", "/nonexistent,a.img"], "qomvm: -hda /nonexistent,a.img: Could not open '/nonexistent,a.img': No such file or directory\n"),
+        (&["-cdrom", "/nonexistent.iso"], "qomvm: -cdrom /nonexistent.iso: Could not open '/nonexistent.iso': No such file or directory\n"),
         (&["-fda", "f.img"], "qomvm: -fda f.img: floppy disks are not supported (qomvm has no floppy controller)\n"),
         (&["-debugcon", "foo:bar"], "qomvm: -debugcon foo:bar: invalid character backend 'foo:bar'\n"),
         (&["-debugcon", "null", "-debugcon", "null"], "qomvm: -debugcon null: invalid character backend 'null'\n"),
         (&["-pflash", "OVMF.fd"], "qomvm: -pflash OVMF.fd: flash drives are not supported (qomvm has no pflash device): load firmware with -bios\n"),
         (&["-sd", "card.img"], "qomvm: -sd card.img: machine type does not support if=sd,bus=0,unit=0\n"),
-        (&["-drive", "file=/nonexistent.img"], "qomvm: -drive file=/nonexistent.img: machine type does not support if=ide,bus=0,unit=0 (qomvm has no IDE controller: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)\n"),
-        // IDE has two units per bus: index=3 is the secondary slave.
-        (&["-drive", "file=/nonexistent.img,index=3"], "qomvm: -drive file=/nonexistent.img,index=3: machine type does not support if=ide,bus=1,unit=1 (qomvm has no IDE controller: use if=virtio, or if=none with -device virtio-blk-pci,drive=ID)\n"),
-        // Only pc defaults to IDE: on `none` the drive is if=none, so the image is opened.
-        (&["-M", "none", "-drive", "file=/nonexistent.img"], "qomvm: -drive file=/nonexistent.img: Could not open '/nonexistent.img': No such file or directory\n"),
+        (&["-drive", "file=/nonexistent.img"], "qomvm: -drive file=/nonexistent.img: Could not open '/nonexistent.img': No such file or directory\n"),
+        // IDE has two units per bus and pc two buses: index=4 would be a third bus.
+        (&["-drive", "file=/nonexistent.img,index=4"], "qomvm: -drive file=/nonexistent.img,index=4: machine type does not support if=ide,bus=2,unit=0\n"),
+        // Only pc has IDE: on `none` an explicit if=ide has no bus.
+        (&["-M", "none", "-drive", "file=/nonexistent.img,if=ide"], "qomvm: -drive file=/nonexistent.img,if=ide: machine type does not support if=ide,bus=0,unit=0\n"),
         (&["-drive", "file=x.img,if=none,index=x"], "qomvm: -drive file=x.img,if=none,index=x: Parameter 'index' expects a number\n"),
         (&["-m"], "qomvm: -m: requires an argument\n"),
         (&["-M", "nosuch"], "qomvm: -machine nosuch: unsupported machine type 'nosuch'\nUse -machine help to list supported machines\n"),

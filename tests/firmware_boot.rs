@@ -12,44 +12,12 @@
 //!   and powers off;
 //! - bad firmware files and `-kernel` with `-bios` get one-line errors, never a panic.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Debian's SeaBIOS, which the default firmware boot needs.
-const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
-
-/// A pc on KVM booting its default firmware, serial console on stdout.
-const FIRMWARE_VM: [&str; 10] = [
-    "-M",
-    "pc",
-    "-accel",
-    "kvm",
-    "-m",
-    "128",
-    "-nodefaults",
-    "-nographic",
-    "-serial",
-    "stdio",
-];
-
-/// `FIRMWARE_VM` and `extra`.
-fn firmware_vm<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    FIRMWARE_VM
-        .iter()
-        .copied()
-        .chain(extra.iter().copied())
-        .collect()
-}
-
-/// PVM runs real mode through KVM's emulator: generous, as the host may be busy.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qomvm-fw-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod firmware;
+use firmware::*;
 
 /// A scratch directory `name` holding `image` as a raw disk, and the `-drive` (id `d0`)
 /// that opens it.
@@ -83,30 +51,6 @@ fn qtest_pc(extra: &[&str]) -> Output {
     ];
     let args: Vec<&str> = base.iter().chain(extra).copied().collect();
     qomvm_output(&args)
-}
-
-/// A qomvm on KVM whose serial console (stdout) the test watches.
-type Running = test_support::console::ConsoleVm;
-
-/// Starts qomvm with `args`, waiting up to [`BOOT_TIMEOUT`] for what a test expects.
-fn start_vm(args: &[&str]) -> Running {
-    Running::start(env!("CARGO_BIN_EXE_qomvm"), args, BOOT_TIMEOUT)
-}
-
-fn kvm_or_skip() -> bool {
-    if let Some(reason) = test_support::vm::kvm_unusable() {
-        test_support::skip::skip_kvm(reason);
-        return false;
-    }
-    true
-}
-
-fn seabios_or_skip() -> bool {
-    if !Path::new(SEABIOS).is_file() {
-        test_support::skip::skip(format!("{SEABIOS} is missing (Debian package 'seabios')"));
-        return false;
-    }
-    true
 }
 
 /// A 64 KiB ROM. The reset vector jumps to f000:0000, the copy of the ROM's start that

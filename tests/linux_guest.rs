@@ -494,6 +494,43 @@ qemu-io -r -f qcow2 -c 'read -P 0x33 64k 896k' top.qcow2 | grep -q '^read 917504
     }
 }
 
+/// IDE as QEMU's pc has it: Linux's ata_piix drives the PIIX3's IDE function (legacy
+/// ports, IRQs 14 and 15, bus-master DMA) with a qcow2 disk from `-drive if=ide` and a CD
+/// from `-cdrom`. The guest writes a pattern through /dev/sda with O_DIRECT and reads it
+/// back (the host finds it with qemu-io and a clean `qemu-img check`), and reads the whole
+/// CD through /dev/sr0 (ATAPI READ(10)), which must hash as the host's file does.
+#[test]
+fn a_guest_uses_an_ide_disk_and_cd_through_ata_piix() {
+    let out = disk_scenario(
+        "ide",
+        r#"
+qemu-img create -q -f qcow2 disk.qcow2 32M
+awk 'BEGIN { for (i = 0; i < 3 * 65536; i++) printf "%031d\n", i }' >cd.iso
+echo "host: cd $(md5sum <cd.iso | cut -d' ' -f1) $(wc -c <cd.iso)"
+boot "qomvm.ata=1 qomvm.cdsum=/dev/sr0 qomvm.disktest=/dev/sda:5" \
+    -drive file=disk.qcow2,format=qcow2,if=ide,cache=$cache -cdrom cd.iso
+"$QOMVM_SCRIPTS/disktest-check.sh" -f qcow2 disk.qcow2 5 2>&1 | sed 's/^/host: /'
+qemu-img check -q disk.qcow2 && echo "host: qemu-img check clean"
+"#,
+        400,
+    );
+    assert!(out.contains("host: qomvm exit status 0"), "{out}");
+    assert_powered_off(&out, 1);
+    assert!(
+        out.contains("pci: 0000:00:01.1 0x8086:0x7010"),
+        "piix3-ide at 01.1:\n{out}"
+    );
+    assert!(out.contains("blk: sda 33554432 ro=0"), "{out}");
+    assert!(out.contains("blk: sr0 6291456 ro=1"), "{out}");
+    let cd = line_after(&out, "host: cd ").unwrap_or_else(|| panic!("{out}"));
+    let guest_cd = line_after(&out, "cdsum: ").unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(guest_cd, cd, "the CD as the guest read it:\n{out}");
+    let guest_md5 = line_after(&out, "QOMVM-DISKTEST-OK ").unwrap_or_else(|| panic!("{out}"));
+    let host_md5 = line_after(&out, "host: disktest-check: OK ").unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(guest_md5, host_md5, "{out}");
+    assert!(out.contains("host: qemu-img check clean"), "{out}");
+}
+
 /// Issue 11: a read-only drive refuses the guest's writes (and the image keeps its bytes);
 /// `discard=unmap` frees the qcow2 clusters the guest discards.
 #[test]

@@ -261,7 +261,8 @@ fn pci_testdev_gets_its_bars_and_counts_test_writes() {
     let bar0 = config_read(&m, 4 << 3, 0x10, 4);
     let bar1 = config_read(&m, 4 << 3, 0x14, 4);
     assert_eq!(bar0, 0xfe00_0000, "memory BAR assigned");
-    assert_eq!(bar1, 0xc001, "I/O BAR assigned (bit 0: I/O)");
+    // 0xc000 went to piix3-ide's bus-master BAR (00:01.1), before 00:04.0's.
+    assert_eq!(bar1, 0xc101, "I/O BAR assigned (bit 0: I/O)");
     assert_eq!(config_read(&m, 4 << 3, 0x04, 2) & 3, 3, "decoding enabled");
 
     let ms = machine_state(&m).unwrap();
@@ -284,10 +285,10 @@ fn pci_testdev_gets_its_bars_and_counts_test_writes() {
     );
     // The I/O BAR works the same way.
     let io = ms.system_io().clone();
-    io.write(0xc000, 0, 1);
-    let offset = io.read(0xc004, 4);
-    io.write(0xc000 + offset, 0, 4);
-    assert_eq!(io.read(0xc00c, 4), 1);
+    io.write(0xc100, 0, 1);
+    let offset = io.read(0xc104, 4);
+    io.write(0xc100 + offset, 0, 4);
+    assert_eq!(io.read(0xc10c, 4), 1);
 
     // The guest can move a BAR: the old address stops decoding.
     config_write(&m, 4 << 3, 0x10, 0xfe10_0000, 4);

@@ -427,7 +427,7 @@ fn a_drive_serves_one_device_only() {
     let err = qdev_realize(&dev, Some(&bus)).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "Property 'virtio-blk-device.drive' can't take value 'vblk-once', it's in use"
+        "Drive 'vblk-once' is already in use by another device"
     );
 }
 
@@ -587,7 +587,7 @@ fn bad_virtio_blk_options_get_qemus_errors() {
     ]);
     assert_eq!(status, Some(1));
     assert!(
-        stderr.contains("can't take value 'd0', it's in use"),
+        stderr.contains("Drive 'd0' is already in use by another device"),
         "{stderr}"
     );
 }

@@ -624,6 +624,8 @@ pub struct BlockBackend {
     acct: Mutex<Acct>,
     /// The device using it (QEMU's `blk_attach_dev`), by its id or QOM path.
     attached: Mutex<Option<String>>,
+    /// A `-drive` with an interface (`if=ide`, `if=virtio`) made its device itself.
+    auto_connected: AtomicBool,
 }
 
 impl std::fmt::Debug for BlockBackend {
@@ -792,6 +794,7 @@ impl BlockBackend {
             inactive: AtomicBool::new(inactive),
             acct: Mutex::new(Acct::default()),
             attached: Mutex::new(None),
+            auto_connected: AtomicBool::new(false),
         })
     }
 
@@ -844,13 +847,25 @@ impl BlockBackend {
             } else {
                 &self.id
             };
+            let why = if self.auto_connected.load(Ordering::Relaxed) {
+                "because it has been automatically connected to another device (did you need 'if=none' in the drive options?)"
+            } else {
+                "by another device"
+            };
             return Err(BlockError::Invalid(format!(
-                "Drive '{name}' is already in use by another device"
+                "Drive '{name}' is already in use {why}"
             )));
         }
         *attached = Some(qdev.to_string());
         Ok(())
     }
+    /// Marks the backend as a `-drive` whose interface made its device (QEMU's legacy
+    /// `DriveInfo` with a type other than `IF_NONE`): another device's claim is refused
+    /// with a hint.
+    pub fn set_auto_connected(&self) {
+        self.auto_connected.store(true, Ordering::Relaxed);
+    }
+
     /// QEMU's `blk_detach_dev` (at unrealize).
     pub fn detach_dev(&self) {
         *self.attached.lock() = None;

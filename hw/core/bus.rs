@@ -71,13 +71,15 @@ pub fn bus_children(bus: &Object) -> Vec<ObjectRef> {
         .unwrap_or_default()
 }
 
-/// Finds the first bus of type `bus_type` under `root`, depth first in tree order (QEMU's
-/// `qbus_find_recursive` for `-device` without `bus=`).
+/// Finds the bus of type `bus_type` under `root` for a `-device` without `bus=` (QEMU's
+/// `qbus_find_recursive`): depth first, newest child first, as QEMU's lists keep them (a
+/// device's buses, devices on a bus). Of the PIIX3's `ide.0` and `ide.1` it is `ide.1`.
 pub fn find_bus_by_type(root: &ObjectRef, bus_type: &str) -> Option<ObjectRef> {
     if root.is_a(bus_type) {
         return Some(root.clone());
     }
     root.children()
         .into_iter()
+        .rev()
         .find_map(|(_, child)| find_bus_by_type(&child, bus_type))
 }

@@ -60,6 +60,9 @@ pub struct MachineClass {
     /// The `-drive` interface when `if=` is not given (QEMU's `block_default_type`:
     /// `ide` on `pc`, `none` elsewhere).
     pub block_default_type: &'static str,
+    /// The IDE buses the board builds, which `-drive if=ide` drives go on (QEMU's
+    /// `MAX_IDE_BUS` on boards with an IDE controller).
+    pub ide_buses: u32,
     /// Whether `-smp` names dies (QEMU's `smp_props.dies_supported`: `pc` does).
     pub smp_dies_supported: bool,
     /// The machine's methods, as a trait object.
@@ -86,6 +89,8 @@ pub trait MachineImpl: ObjectType {
     const DEFAULT_DISPLAY: Option<&'static str> = None;
     /// The `-drive` interface when `if=` is not given (QEMU's `block_default_type`).
     const BLOCK_DEFAULT_TYPE: &'static str = "none";
+    /// See [`MachineClass::ide_buses`].
+    const IDE_BUSES: u32 = 0;
     /// Whether `-smp` names dies (QEMU's `smp_props.dies_supported`).
     const SMP_DIES_SUPPORTED: bool = false;
 
@@ -149,6 +154,7 @@ impl<T: MachineImpl> ClassInitFor<T> for MachineState {
             default_ram_size: T::DEFAULT_RAM_SIZE,
             default_display: T::DEFAULT_DISPLAY,
             block_default_type: T::BLOCK_DEFAULT_TYPE,
+            ide_buses: T::IDE_BUSES,
             smp_dies_supported: T::SMP_DIES_SUPPORTED,
             machine: Some(as_machine::<T>),
         });
@@ -534,6 +540,7 @@ fn machine_base_class_init(class: &mut ObjectClass) {
         default_ram_size: 128 << 20,
         default_display: None,
         block_default_type: "none",
+        ide_buses: 0,
         smp_dies_supported: false,
         machine: None,
     });

@@ -137,6 +137,8 @@ impl MachineImpl for PcI440fxMachine {
     /// otherwise.
     const DEFAULT_DISPLAY: Option<&'static str> = Some("std");
     const BLOCK_DEFAULT_TYPE: &'static str = "ide";
+    /// piix3-ide's `ide.0` and `ide.1`.
+    const IDE_BUSES: u32 = 2;
     const SMP_DIES_SUPPORTED: bool = true;
 
     fn init(&self) -> Result<(), MachineError> {
@@ -536,9 +538,20 @@ impl PcI440fxMachine {
         };
         let mut entries: Vec<(i32, String)> = crate::pci::pci::pci_bus_devices(&bus)
             .into_iter()
-            .filter_map(|(devfn, dev)| {
-                let index: i32 = dev.object().property_print("bootindex").ok()?.parse().ok()?;
-                (index >= 0).then(|| (index, pci_fw_dev_path(devfn, &dev)))
+            .flat_map(|(devfn, dev)| {
+                let path = pci_fw_dev_path(devfn, &dev);
+                // Devices with a boot index: the PCI function itself, or the drives on
+                // its buses (an IDE controller's `drive@0/disk@1`).
+                let drives = dev.object().children().into_iter().flat_map(|(_, bus)| {
+                    crate::core::bus::bus_children(&bus).into_iter().filter_map(|drive| {
+                        let ide = drive.downcast::<crate::ide::ide_dev::IdeDevice>()?;
+                        Some((bootindex(&drive)?, format!("{path}/{}", ide.fw_dev_path()?)))
+                    })
+                });
+                bootindex(dev.object())
+                    .map(|index| (index, path.clone()))
+                    .into_iter()
+                    .chain(drives.collect::<Vec<_>>())
             })
             .collect();
         entries.sort();
@@ -791,6 +804,11 @@ impl PcI440fxMachine {
         hw_startup_phase("board cpus");
         let piix3 = board_device(&machine, "piix3", crate::isa::piix::TYPE_PIIX3, Bus::On(&pci_bus), &[("addr", "01.0")])?;
         let isa_bus = piix3.child("isa.0").ok_or(BoardError::MissingBus("piix3", "isa.0"))?;
+        // pc_init1: the PIIX3's IDE function, whose buses take the -drive if=ide drives.
+        let unattached = machine
+            .child("unattached")
+            .ok_or(BoardError::MissingBus("machine", "unattached"))?;
+        board_device(&unattached, "device[*]", crate::ide::piix::TYPE_PIIX3_IDE, Bus::On(&pci_bus), &[("addr", "01.1")])?;
         // QEMU's KVM pc: with pit=off there is no PIT at all (ports 0x40-0x43 float).
         if self.pit.get() {
             board_device(&machine, "i8254", crate::timer::kvm_i8254::TYPE_KVM_PIT, Bus::On(&isa_bus), &[])?;
@@ -800,9 +818,6 @@ impl PcI440fxMachine {
         }
         // QEMU's pc_vga_init: the `-vga` device, on the first free slot (00:02.0).
         if let Some(driver) = self.vga_interface() {
-            let unattached = machine
-                .child("unattached")
-                .ok_or(BoardError::MissingBus("machine", "unattached"))?;
             board_device(&unattached, "device[*]", driver, Bus::On(&pci_bus), &[])?;
         }
 
@@ -856,6 +871,12 @@ impl PcI440fxMachine {
 
         self.load_kernel()
     }
+}
+
+/// A device's `bootindex`, if it has one set.
+fn bootindex(dev: &qom::Object) -> Option<i32> {
+    let index: i32 = dev.property_print("bootindex").ok()?.parse().ok()?;
+    (index >= 0).then_some(index)
 }
 
 /// The legacy VGA window: never RAM to the guest (QEMU's i440FX sends it to the PCI bus

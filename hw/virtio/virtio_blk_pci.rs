@@ -70,8 +70,8 @@ pub enum VirtioBlkError {
     /// `drive=` names no block backend.
     #[error("Property 'virtio-blk-device.drive' can't find value '{0}'")]
     DriveNotFound(String),
-    /// `drive=` is attached to another device.
-    #[error("Property 'virtio-blk-device.drive' can't take value '{0}', it's in use")]
+    /// `drive=` is attached to another device (the block layer's words, QEMU 7.2's).
+    #[error("{0}")]
     DriveInUse(String),
     /// `iothread=` names no iothread.
     #[error("Property 'virtio-blk-device.iothread' can't find value '{0}'")]
@@ -205,8 +205,8 @@ impl VirtioBlkPci {
                 .try_main_context()
                 .map_err(|e| VirtioBlkError::NoEventLoop(e.to_string()))?,
         };
-        if backend.attach_dev(&path.unwrap_or_default()).is_err() {
-            return Err(VirtioBlkError::DriveInUse(drive));
+        if let Err(e) = backend.attach_dev(&path.unwrap_or_default()) {
+            return Err(VirtioBlkError::DriveInUse(e.to_string()));
         }
         Ok(VirtioBlkConf {
             backend,
