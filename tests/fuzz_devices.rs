@@ -1,7 +1,7 @@
 //! Device fuzzing over QEMU's qtest protocol (issue 19, item 5; QEMU's `generic-fuzz` is
 //! the idea): a pc machine with a selection of devices plugged, their BARs programmed, then
 //! random port, MMIO, PCI configuration and DMA-triggering sequences (virtqueues of random
-//! descriptors, then a kick). After each case qomvm must still answer within a bound and
+//! descriptors, then a kick; IDE commands over random PRD tables). After each case qomvm must still answer within a bound and
 //! not have exited; at the end SIGTERM must end it with status 0.
 //!
 //! `QOMVM_FUZZ_SEED=N` and `QOMVM_FUZZ_ITERATIONS=N` (0: for ever) run it by hand.
@@ -37,6 +37,11 @@ const BOARD_PORTS: &[(u16, u16)] = &[
     (0x600, 0x40),
     (0xb000, 0x40),
     (0xcf8, 8),
+    // The PIIX3 IDE channels' command blocks and control ports.
+    (0x170, 8),
+    (0x1f0, 8),
+    (0x376, 1),
+    (0x3f6, 1),
 ];
 
 fn random_port(rng: &mut Rng, functions: &[PciFunction]) -> u16 {
@@ -172,6 +177,92 @@ fn dma_sequence(qt: &mut Qtest, rng: &mut Rng, io: u16) {
     }
 }
 
+/// The IDE commands worth sending most: reads and writes by PIO and DMA (28 and 48
+/// bits), IDENTIFY, PACKET, flush, SET FEATURES, diagnostics, resets.
+const IDE_COMMANDS: &[u8] = &[
+    0x20, 0x24, 0x30, 0x34, 0xc4, 0xc5, 0xc6, 0xc8, 0xca, 0x25, 0x35, 0xec, 0xa1, 0xa0, 0xe7, 0xef,
+    0x90, 0x08, 0xf8, 0x27, 0x40,
+];
+
+/// A command on a random IDE channel and drive with a random task file, a PRD table of
+/// random entries (addresses anywhere, lengths of any size, the end marker or not), the
+/// bus master started either way, and for PACKET a random command packet; then a burst
+/// of data port reads or writes.
+fn ide_sequence(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
+    let Some(bm) = functions
+        .iter()
+        .find(|f| f.vendor_device == 0x7010_8086)
+        .and_then(|f| f.bars.iter().find(|b| b.0))
+        .map(|b| b.1 as u16)
+    else {
+        return;
+    };
+    let secondary = rng.one_in(2);
+    let (cmd, bm) = if secondary {
+        (0x170u16, bm + 8)
+    } else {
+        (0x1f0, bm)
+    };
+    let mut prd = Vec::new();
+    for i in 0..=rng.below(6) {
+        let addr = match rng.below(4) {
+            0 => rng.interesting_u64() as u32,
+            _ => (BUFFER_AREA + rng.below(BUFFER_AREA_SIZE)) as u32,
+        };
+        prd.extend_from_slice(&addr.to_le_bytes());
+        prd.extend_from_slice(&(rng.next_u32() as u16).to_le_bytes());
+        let eot: u16 = if i == 5 || rng.one_in(3) { 0x8000 } else { 0 };
+        prd.extend_from_slice(&eot.to_le_bytes());
+    }
+    let table = RING_AREA + rng.below(16) * 8;
+    qt.cmd(format!("write {table:#x} {:#x} {}", prd.len(), hex(&prd)));
+    qt.cmd(format!("outl {:#x} {table:#x}", bm + 4));
+    qt.cmd(format!("outb {:#x} {:#x}", cmd + 6, rng.below(256)));
+    for reg in 1..=5 {
+        for _ in 0..=rng.below(2) {
+            qt.cmd(format!("outb {:#x} {:#x}", cmd + reg, rng.below(256)));
+        }
+    }
+    let start_first = rng.one_in(2);
+    let direction = if rng.one_in(2) { 0x09 } else { 0x01 };
+    if start_first {
+        qt.cmd(format!("outb {bm:#x} {direction:#x}"));
+    }
+    let command = if rng.one_in(8) {
+        rng.below(256) as u8
+    } else {
+        *rng.pick(IDE_COMMANDS)
+    };
+    qt.cmd(format!("outb {:#x} {command:#x}", cmd + 7));
+    if !start_first {
+        qt.cmd(format!("outb {bm:#x} {direction:#x}"));
+    }
+    if command == 0xa0 || rng.one_in(3) {
+        let packet = rng.bytes(12);
+        for pair in packet.chunks(2) {
+            let word = u16::from_le_bytes([pair[0], pair[1]]);
+            qt.cmd(format!("outw {cmd:#x} {word:#x}"));
+        }
+    }
+    for _ in 0..rng.below(64) {
+        if rng.one_in(2) {
+            qt.cmd(format!("inw {cmd:#x}"));
+        } else {
+            qt.cmd(format!("outl {cmd:#x} {:#x}", rng.next_u32()));
+        }
+    }
+    qt.cmd(format!("inb {:#x}", bm + 2));
+    if rng.one_in(4) {
+        // A software reset now and then, possibly with a transfer in flight.
+        let ctrl = if secondary { 0x376 } else { 0x3f6 };
+        qt.cmd(format!("outb {ctrl:#x} 0x04"));
+        qt.cmd(format!("outb {ctrl:#x} 0x00"));
+    }
+    if rng.one_in(2) {
+        qt.cmd(format!("outb {bm:#x} 0"));
+    }
+}
+
 fn random_access(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
     const OUT: [&str; 3] = ["outb", "outw", "outl"];
     const IN: [&str; 3] = ["inb", "inw", "inl"];
@@ -225,6 +316,7 @@ fn random_access(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
             let ns = rng.below(10_000_000);
             qt.cmd(format!("clock_step {ns}"));
         }
+        18 if rng.one_in(2) => ide_sequence(qt, rng, functions),
         _ => {
             let virtio: Vec<u16> = functions
                 .iter()
@@ -244,6 +336,8 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
     let started = Instant::now();
     let mut qt = Qtest::start(env!("CARGO_BIN_EXE_qomvm"), "qomvm-fuzz-devices", |dir| {
         std::fs::write(dir.join("disk.raw"), vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(dir.join("ide.raw"), vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(dir.join("cd.raw"), vec![0u8; 1 << 20]).unwrap();
         [
             "-drive",
             "file=disk.raw,format=raw,if=none,id=d0",
@@ -267,6 +361,11 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "pci-testdev",
             "-device",
             "scratch",
+            // IDE: a disk on the primary channel, a CD on the secondary.
+            "-drive",
+            "file=ide.raw,format=raw,if=ide,index=0",
+            "-drive",
+            "file=cd.raw,format=raw,if=ide,index=2,media=cdrom",
         ]
         .map(String::from)
         .to_vec()

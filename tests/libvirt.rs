@@ -521,6 +521,82 @@ fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
     assert_eq!(listed_state(&dom.name), None);
 }
 
+/// IDE as libvirt writes it for `<target bus='ide'/>` on pc: a disk (`hda`), a CD with
+/// its image (`hdc`) and an empty CD drive (`hdd`) become `-blockdev` nodes and
+/// `-device ide-hd`/`ide-cd` on `ide.0`/`ide.1` with libvirt's ids; libvirt lists them, finds
+/// the disk's size and statistics by its qdev id, and query-block shows the CDs removable
+/// (the empty one by its device, as QEMU's anonymous backend).
+#[test]
+fn ide_disks_and_cdroms_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("ide");
+    let kernel = dom.dir.join("kernel.elf");
+    std::fs::write(&kernel, test_kernel()).unwrap();
+    let disk = dom.dir.join("disk.raw");
+    let disk_size: u64 = 8 << 20;
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(disk_size)
+        .unwrap();
+    let iso = dom.dir.join("cd.iso");
+    std::fs::write(&iso, vec![0x43; 1 << 20]).unwrap();
+    let serial = format!(
+        "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+        dom.serial().display()
+    );
+    let extra = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='hda' bus='ide'/></disk>\
+         <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='hdc' bus='ide'/><readonly/></disk>\
+         <disk type='file' device='cdrom'><target dev='hdd' bus='ide'/><readonly/></disk>\
+         <memballoon model='none'/>",
+        disk.display(),
+        iso.display()
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let blocks = virsh_ok(&["domblklist", &dom.name]);
+    for line in [
+        format!("hda      {}", disk.display()),
+        format!("hdc      {}", iso.display()),
+        "hdd      -".to_string(),
+    ] {
+        assert!(blocks.contains(&line), "no '{line}': {blocks}");
+    }
+    let info = virsh_ok(&["domblkinfo", &dom.name, "hda"]);
+    assert!(
+        info.contains(&format!("Capacity:       {disk_size}")),
+        "{info}"
+    );
+    virsh_ok(&["domblkstat", &dom.name, "hda"]);
+    let reply = virsh_ok(&[
+        "qemu-monitor-command",
+        &dom.name,
+        r#"{"execute":"query-block"}"#,
+    ]);
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let cd = reply["return"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["qdev"] == "ide0-1-0").cloned())
+        .unwrap_or_else(|| panic!("no ide0-1-0: {reply}"));
+    assert_eq!(cd["removable"], true, "{cd}");
+    assert_eq!(cd["inserted"]["ro"], true, "{cd}");
+    // The empty drive is there by its device, with no medium.
+    let empty = reply["return"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["qdev"] == "ide0-1-1").cloned())
+        .unwrap_or_else(|| panic!("no ide0-1-1: {reply}"));
+    assert_eq!(empty["removable"], true, "{empty}");
+    assert!(empty.get("inserted").is_none(), "{empty}");
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
+
 /// Issue 14: a Linux domain with a virtio disk (a qcow2 overlay of the test guest's root
 /// file system) and virtio network (`<interface type='user'>`) boots under libvirt to its
 /// init marker, gets an address by DHCP, pings the gateway and powers off; libvirt then

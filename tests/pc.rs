@@ -263,6 +263,8 @@ fn pci_testdev_gets_its_bars_and_counts_test_writes() {
     assert_eq!(bar0, 0xfe00_0000, "memory BAR assigned");
     // 0xc000 went to piix3-ide's bus-master BAR (00:01.1), before 00:04.0's.
     assert_eq!(bar1, 0xc101, "I/O BAR assigned (bit 0: I/O)");
+    // And both IDE channels decode, as SeaBIOS leaves them (Linux's ata_piix needs it).
+    assert_eq!(config_read(&m, 1 << 3 | 1, 0x40, 4), 0x8000_8000, "IDETIM");
     assert_eq!(config_read(&m, 4 << 3, 0x04, 2) & 3, 3, "decoding enabled");
 
     let ms = machine_state(&m).unwrap();

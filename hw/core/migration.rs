@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::core::machine::machine_state;
-use crate::core::qdev::{device_impl, DeviceMethods};
+use crate::core::qdev::device_impl;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 
 /// The stream's first bytes.
@@ -115,21 +115,7 @@ pub struct Progress {
 /// The devices under `machine` that are realized, by canonical path (CPUs included: their
 /// registers travel in the accelerator's CPU sections, their device sections are empty).
 fn devices(machine: &ObjectRef) -> Vec<(String, ObjectRef)> {
-    fn walk(obj: &ObjectRef, out: &mut Vec<(String, ObjectRef)>) {
-        for (_, child) in obj.children() {
-            if device_impl(&child).is_some() && child.is_realized() {
-                if let Some(path) = child.canonical_path() {
-                    out.push((path, child.clone()));
-                }
-            }
-            walk(&child, out);
-        }
-    }
-    let mut out = Vec::new();
-    walk(machine, &mut out);
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out.dedup_by(|a, b| a.0 == b.0);
-    out
+    crate::core::qdev::qdev_realized_devices(machine)
 }
 
 /// Every device's section, or the first device that cannot be migrated (QEMU's

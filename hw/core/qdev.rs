@@ -679,6 +679,26 @@ pub fn qdev_realize(dev: &ObjectRef, bus: Option<&ObjectRef>) -> Result<(), Qdev
     Ok(result?)
 }
 
+/// The realized devices under `root`, by canonical path, sorted (QEMU's
+/// `qdev_walk_children` from the machine).
+pub fn qdev_realized_devices(root: &ObjectRef) -> Vec<(String, ObjectRef)> {
+    fn walk(obj: &ObjectRef, out: &mut Vec<(String, ObjectRef)>) {
+        for (_, child) in obj.children() {
+            if device_impl(&child).is_some() && child.is_realized() {
+                if let Some(path) = child.canonical_path() {
+                    out.push((path, child.clone()));
+                }
+            }
+            walk(&child, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, &mut out);
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
 /// QEMU's `qdev_unrealize`.
 pub fn qdev_unrealize(dev: &Object) {
     device_unrealize(dev);

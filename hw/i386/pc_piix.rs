@@ -152,6 +152,11 @@ impl MachineImpl for PcI440fxMachine {
         if !self.boots_firmware() {
             if let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) {
                 crate::pci::pci::pci_assign_bars(&bus);
+                for (_, dev) in crate::pci::pci::pci_bus_devices(&bus) {
+                    if let Some(ide) = dev.object().cast::<crate::ide::piix::Piix3Ide>() {
+                        ide.firmware_setup();
+                    }
+                }
             }
         }
         // QEMU's pvpanic-isa tells firmware its port.

@@ -12,6 +12,7 @@
 //! for the worker; completions of commands issued before a reset are dropped.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use block::BlockBackend;
@@ -364,6 +365,9 @@ struct WorkQueue {
 /// QEMU's `IDEBus` as the controller sees it: registers, drives, the worker.
 pub struct IdeChannel {
     state: Mutex<ChannelState>,
+    /// The controller's PCI command register allows bus mastering: without it DMA
+    /// reaches no memory.
+    bus_master: AtomicBool,
     irq_line: Mutex<IrqLine>,
     machine: Mutex<Weak<MachineServices>>,
     queue: Mutex<WorkQueue>,
@@ -376,6 +380,7 @@ pub struct IdeChannel {
 impl Default for IdeChannel {
     fn default() -> Self {
         IdeChannel {
+            bus_master: AtomicBool::new(false),
             state: Mutex::new(ChannelState {
                 drives: Default::default(),
                 info: Default::default(),
@@ -414,6 +419,11 @@ impl IdeChannel {
         Ok(())
     }
 
+    /// Whether the controller may master the bus (its PCI command register's bit 2).
+    pub fn set_bus_master(&self, on: bool) {
+        self.bus_master.store(on, Ordering::Release);
+    }
+
     /// Ends the worker once its queue is empty.
     pub fn stop(&self) {
         self.queue.lock().stopping = true;
@@ -443,6 +453,14 @@ impl IdeChannel {
             self.drain();
             self.state.lock().info[unit] = None;
         }
+    }
+
+    /// A CD drive's tray: (locked by the guest, open).
+    pub fn tray(&self, unit: usize) -> (bool, bool) {
+        let st = self.state.lock();
+        st.drives
+            .get(unit)
+            .map_or((false, false), |d| (d.tray_locked, d.tray_open))
     }
 
     /// The units that have a drive.
@@ -776,8 +794,10 @@ impl IdeChannel {
     fn dma_job(&self, st: &ChannelState, op: DmaOp) -> Job {
         let prd = st.bm.prd;
         let backend = st.info[op.unit].as_ref().and_then(|i| i.backend.clone());
+        let bus_master = self.bus_master.load(Ordering::Acquire);
         Job::new(move |machine| {
-            let result = match (machine.upgrade(), backend) {
+            let machine = machine.upgrade().filter(|_| bus_master);
+            let result = match (machine, backend) {
                 (Some(machine), Some(backend)) => dma_transfer(&machine, &backend, prd, &op),
                 (Some(machine), None) if matches!(op.dir, DmaDir::Reply(_)) => {
                     dma_transfer(&machine, &Arc::new(NoMedium), prd, &op)

@@ -52,6 +52,8 @@ pub struct IdeDevice {
     /// Where the drive was plugged, once realized.
     placed: OnceLock<(Arc<IdeChannel>, usize, u32)>,
     backend: OnceLock<Arc<BlockBackend>>,
+    /// The drive is an `ide-cd`.
+    is_cd: OnceLock<bool>,
 }
 
 type_init!(IdeDevice);
@@ -152,8 +154,13 @@ impl IdeDevice {
         let sectors = backend.as_ref().map_or(0, |b| b.size() / 512);
         let chs = chs.unwrap_or_else(|| guess_geometry(sectors));
         if let Some(backend) = &backend {
-            let path = ctx.object().canonical_path().unwrap_or_default();
-            if let Err(e) = backend.attach_dev(&path) {
+            // QEMU's blk_get_attached_dev_id: the device's id, else its QOM path.
+            let qdev = self
+                .parent
+                .id()
+                .or_else(|| ctx.object().canonical_path())
+                .unwrap_or_default();
+            if let Err(e) = backend.attach_dev(&qdev) {
                 return Err(err(IdeDeviceError::DriveInUse(e.to_string())));
             }
             let _ = self.backend.set(backend.clone());
@@ -192,8 +199,22 @@ impl IdeDevice {
             return Err(err(IdeDeviceError::UnitInUse(unit)));
         }
         self.unit.set(unit);
+        let _ = self.is_cd.set(kind == DriveKind::Cd);
         let _ = self.placed.set((channel, unit as usize, bus_id));
         Ok(())
+    }
+
+    /// A CD drive's tray as query-block reports it: (locked, open); `None` for a disk.
+    pub fn tray(&self) -> Option<(bool, bool)> {
+        let (channel, unit, _) = self.placed.get()?;
+        self.is_cd.get().copied().filter(|&cd| cd)?;
+        Some(channel.tray(*unit))
+    }
+
+    /// A CD drive without a medium: QEMU's anonymous, empty block backend, which
+    /// query-block lists by the device.
+    pub fn is_empty_cd(&self) -> bool {
+        self.is_cd.get().is_some_and(|&cd| cd) && self.backend.get().is_none()
     }
 
     /// QEMU's firmware path of the drive below its controller: `drive@BUS/disk@UNIT`,

@@ -13,7 +13,9 @@ use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::ide::core::{CommandBlockPorts, ControlPort, IdeBus, IdeChannel, TYPE_IDE_BUS};
-use crate::pci::pci::{BarKind, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
+use crate::pci::pci::{
+    config, BarKind, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE,
+};
 
 /// QEMU's `TYPE_PIIX3_IDE`.
 pub const TYPE_PIIX3_IDE: &str = "piix3-ide";
@@ -39,6 +41,15 @@ pub struct Piix3Ide {
 type_init!(Piix3Ide);
 
 impl Piix3Ide {
+    /// What firmware does to the function before an OS runs (SeaBIOS's `piix_ide_setup`):
+    /// both channels' decoding on (IDETIM bit 15), without which Linux's ata_piix takes
+    /// the ports for disabled. The board calls it when it boots a kernel directly.
+    pub fn firmware_setup(&self) {
+        for reg in [0x40, 0x42] {
+            self.parent.write_config(reg, 0x8000, 2);
+        }
+    }
+
     /// The two channels, once realized.
     pub fn channels(&self) -> Option<&[Arc<IdeChannel>; 2]> {
         self.channels.get()
@@ -81,6 +92,7 @@ impl DeviceImpl for Piix3Ide {
             }
         }
         DeviceImpl::reset(&self.parent);
+        self.update_bus_master();
     }
 
     fn unrealize(&self, ctx: &DeviceContext) {
@@ -113,7 +125,20 @@ impl DeviceImpl for Piix3Ide {
                 ch.load(state, &format!("bus{i}"))?;
             }
         }
+        self.update_bus_master();
         Ok(())
+    }
+}
+
+impl Piix3Ide {
+    /// Tells the channels whether the command register lets the function master the bus.
+    fn update_bus_master(&self) {
+        let command = self.parent.read_config(config::COMMAND, 2) as u16;
+        if let Some(channels) = self.channels.get() {
+            for ch in channels {
+                ch.set_bus_master(command & config::COMMAND_MASTER != 0);
+            }
+        }
     }
 }
 
@@ -125,7 +150,7 @@ impl PciDeviceImpl for Piix3Ide {
     fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
         let services = ctx.machine()?;
         // Programming interface: both channels in legacy (compatibility) mode, bus master.
-        self.parent.config_set(crate::pci::pci::config::PROG_IF, &[0x80]);
+        self.parent.config_set(config::PROG_IF, &[0x80]);
         for reg in TIMING_REGS {
             self.parent.config_set_wmask(reg, 0xff);
         }
@@ -152,6 +177,10 @@ impl PciDeviceImpl for Piix3Ide {
         self.register_bar(4, BarKind::Io, bmdma)?;
         let _ = self.channels.set(channels);
         Ok(())
+    }
+
+    fn config_write(&self, _addr: usize, _val: u32, _len: usize) {
+        self.update_bus_master();
     }
 }
 

@@ -193,18 +193,56 @@ fn inserted_info(backend: &block::BlockBackend) -> Value {
 }
 
 /// `query-block`: every named backend (`-drive`); a `-blockdev` node has a backend only
-/// once a device uses it. `qdev` is left out while no device holds the drive.
+/// once a device uses it. `qdev` is left out while no device holds the drive. CD drives
+/// without a medium come last, by their device (QEMU's anonymous empty backends).
 pub fn block_infos() -> Vec<Value> {
+    let mut infos = backend_infos();
+    if let Ok(machine) = resolve_path(&object_get_root(), "/machine") {
+        for (path, dev) in hw::core::qdev::qdev_realized_devices(&machine) {
+            let Some(ide) = dev.downcast::<hw::ide::ide_dev::IdeDevice>() else {
+                continue;
+            };
+            if !ide.is_empty_cd() {
+                continue;
+            }
+            let (locked, open) = ide.tray().unwrap_or_default();
+            infos.push(json!({
+                "device": "",
+                "qdev": hw::core::qdev::DeviceMethods::device_id(&*dev).unwrap_or(path),
+                "locked": locked,
+                "removable": true,
+                "tray_open": open,
+            }));
+        }
+    }
+    infos
+}
+
+/// query-block's entries of the block backends.
+fn backend_infos() -> Vec<Value> {
     block::backends()
         .iter()
         .filter(|b| has_blk(b))
         .map(|b| {
             let mut v = json!({"device": b.id()});
+            // A CD drive's medium is removable: its tray and the guest's lock show.
+            let mut tray = None;
             if let Some(qdev) = b.attached_dev() {
+                // An id (`ide0-1-0`) names a device under /machine/peripheral.
+                let path = match qdev.starts_with('/') {
+                    true => qdev.clone(),
+                    false => format!("/machine/peripheral/{qdev}"),
+                };
+                tray = resolve_path(&object_get_root(), &path)
+                    .ok()
+                    .and_then(|dev| dev.downcast::<hw::ide::ide_dev::IdeDevice>()?.tray());
                 v["qdev"] = qdev.into();
             }
-            v["locked"] = false.into();
-            v["removable"] = false.into();
+            v["locked"] = tray.is_some_and(|(locked, _)| locked).into();
+            v["removable"] = tray.is_some().into();
+            if let Some((_, open)) = tray {
+                v["tray_open"] = open.into();
+            }
             v["inserted"] = inserted_info(b);
             v
         })

@@ -1,0 +1,365 @@
+//! The PIIX3 IDE function driven register by register over QEMU's qtest protocol (the idea
+//! of QEMU's `tests/qtest/ide-test.c`): bus-master DMA reads and writes of an `-hda` image
+//! through a PRD table in guest memory, LBA48 PIO, the bus master's rules (no memory
+//! without bus mastering, a PRD table too short for the command), an ATAPI INQUIRY and
+//! READ(10) of a `-cdrom`, and `query-block` of both drives.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use test_support::fuzz_qtest::{hex, Qtest};
+use test_support::qmp::QmpClient;
+
+/// 00:01.1.
+const IDE_DEVFN: u32 = 1 << 3 | 1;
+/// Where the test puts BAR 4 (the bus-master registers).
+const BMDMA: u16 = 0xc000;
+/// The primary channel's command block and control port.
+const CMD: u16 = 0x1f0;
+const CTRL: u16 = 0x3f6;
+/// The secondary channel's (the `-cdrom`).
+const CMD2: u16 = 0x170;
+/// A PRD table and the buffers in guest memory.
+const PRD: u64 = 0x1000;
+const BUF: u64 = 0x10_0000;
+
+/// Status bits.
+const BSY: u64 = 0x80;
+const DRDY: u64 = 0x40;
+const DRQ: u64 = 0x08;
+const ERR: u64 = 0x01;
+/// Bus-master status bits.
+const BM_ACTIVE: u64 = 0x01;
+const BM_INT: u64 = 0x04;
+
+/// Sector `lba`'s contents in the test's images: its number in every 8 bytes.
+fn sector(lba: u64) -> Vec<u8> {
+    (0..64).flat_map(|_| lba.to_le_bytes()).collect()
+}
+
+struct Ide {
+    qt: Qtest,
+    /// The scratch directory: the images and the QMP socket.
+    dir: PathBuf,
+}
+
+impl Ide {
+    /// A pc with a 4 MiB raw disk as `-hda` (sectors as [`sector`] says) and a 1 MiB CD as
+    /// `-cdrom` (each 2048-byte block filled with its number's low byte), BAR 4 at
+    /// [`BMDMA`] and the function's I/O decoding on.
+    fn start(name: &str, bus_master: bool) -> Ide {
+        let mut scratch = PathBuf::new();
+        let mut qt = Qtest::start(env!("CARGO_BIN_EXE_qomvm"), name, |dir| {
+            scratch = dir.to_path_buf();
+            let disk: Vec<u8> = (0..8192).flat_map(sector).collect();
+            std::fs::write(dir.join("disk.raw"), disk).unwrap();
+            let cd: Vec<u8> = (0..512u32).flat_map(|b| vec![b as u8; 2048]).collect();
+            std::fs::write(dir.join("cd.iso"), cd).unwrap();
+            let qmp = format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display());
+            [
+                "-drive",
+                "file=disk.raw,format=raw,if=ide,index=0",
+                "-drive",
+                "file=cd.iso,format=raw,if=ide,index=2,media=cdrom",
+                "-qmp",
+                &qmp,
+            ]
+            .map(String::from)
+            .to_vec()
+        });
+        qt.pci_write32(IDE_DEVFN, 0x20, u32::from(BMDMA) | 1);
+        let command = if bus_master { 0x5 } else { 0x1 };
+        qt.pci_write32(IDE_DEVFN, 0x04, command);
+        Ide { qt, dir: scratch }
+    }
+
+    fn outb(&mut self, port: u16, value: u64) {
+        self.qt.cmd(format!("outb {port:#x} {value:#x}"));
+    }
+
+    fn inb(&mut self, port: u16) -> u64 {
+        self.qt.value(format!("inb {port:#x}"))
+    }
+
+    fn write_mem(&mut self, addr: u64, bytes: &[u8]) {
+        self.qt
+            .cmd(format!("write {addr:#x} {:#x} {}", bytes.len(), hex(bytes)));
+    }
+
+    fn read_mem(&mut self, addr: u64, len: usize) -> Vec<u8> {
+        let reply = self.qt.cmd(format!("read {addr:#x} {len:#x}"));
+        let digits = reply.strip_prefix("OK 0x").expect("a read's reply");
+        (0..len)
+            .map(|i| u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// One PRD entry per `(address, bytes)`, the last marked end of table, for the
+    /// primary channel's bus master.
+    fn prd_table(&mut self, entries: &[(u64, u32)]) {
+        self.prd_table_for(BMDMA, entries);
+    }
+
+    /// [`Ide::prd_table`] for the bus master at `bm` (the secondary's is 8 bytes on).
+    fn prd_table_for(&mut self, bm: u16, entries: &[(u64, u32)]) {
+        let mut table = Vec::new();
+        for (i, &(addr, len)) in entries.iter().enumerate() {
+            table.extend_from_slice(&(addr as u32).to_le_bytes());
+            table.extend_from_slice(&(len as u16).to_le_bytes());
+            let eot: u16 = if i + 1 == entries.len() { 0x8000 } else { 0 };
+            table.extend_from_slice(&eot.to_le_bytes());
+        }
+        self.write_mem(PRD, &table);
+        self.qt.cmd(format!("outl {bm:#x} 0"));
+        self.qt.cmd(format!("outl {:#x} {PRD:#x}", bm + 4));
+    }
+
+    /// Programs an LBA28 command on the primary master.
+    fn lba28(&mut self, lba: u64, count: u64, command: u64) {
+        self.outb(CMD + 6, 0xe0 | (lba >> 24 & 0xf));
+        self.outb(CMD + 2, count);
+        self.outb(CMD + 3, lba & 0xff);
+        self.outb(CMD + 4, lba >> 8 & 0xff);
+        self.outb(CMD + 5, lba >> 16 & 0xff);
+        self.outb(CMD + 7, command);
+    }
+
+    /// Waits until `port`'s value has none of `busy` set; returns it.
+    fn wait_clear(&mut self, port: u16, busy: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.inb(port);
+            if v & busy == 0 {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "port {port:#x} stays {v:#x}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Starts the bus master (`to_memory`: a disk read) and waits for the command to end.
+    fn run_dma(&mut self, to_memory: bool) -> (u64, u64) {
+        self.outb(BMDMA, if to_memory { 0x09 } else { 0x01 });
+        let status = self.wait_clear(CTRL, BSY);
+        let bm = self.inb(BMDMA + 2);
+        self.outb(BMDMA, 0);
+        (status, bm)
+    }
+}
+
+#[test]
+fn dma_reads_and_writes_go_through_the_prd_table() {
+    let mut ide = Ide::start("qomvm-ide-dma", true);
+    // READ DMA of sectors 100-103 into two regions of guest memory.
+    ide.prd_table(&[(BUF, 1024), (BUF + 0x8000, 1024)]);
+    ide.lba28(100, 4, 0xc8);
+    let (status, bm) = ide.run_dma(true);
+    assert_eq!(status & (DRDY | DRQ | ERR), DRDY, "status {status:#x}");
+    assert_eq!(bm & (BM_ACTIVE | BM_INT), BM_INT, "bus master {bm:#x}");
+    let want: Vec<u8> = (100..104).flat_map(sector).collect();
+    let mut got = ide.read_mem(BUF, 1024);
+    got.extend(ide.read_mem(BUF + 0x8000, 1024));
+    assert!(got == want, "sectors 100-103 as read: {:x?}...", &got[..16]);
+    // The interrupt's bit clears when written back; reading status acknowledges.
+    ide.outb(BMDMA + 2, BM_INT);
+    assert_eq!(ide.inb(BMDMA + 2) & BM_INT, 0);
+    assert_eq!(ide.inb(CMD + 7) & (DRDY | ERR), DRDY);
+    // The task file points at the last sector moved.
+    assert_eq!(ide.inb(CMD + 3), 103);
+
+    // WRITE DMA of a pattern to sectors 200-201, read back by READ DMA.
+    let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 3) as u8).collect();
+    ide.write_mem(BUF, &pattern);
+    ide.prd_table(&[(BUF, 1024)]);
+    ide.lba28(200, 2, 0xca);
+    let (status, _) = ide.run_dma(false);
+    assert_eq!(status & (DRDY | ERR), DRDY, "status {status:#x}");
+    ide.write_mem(BUF + 0x4000, &[0; 1024]);
+    ide.prd_table(&[(BUF + 0x4000, 1024)]);
+    ide.lba28(200, 2, 0xc8);
+    ide.run_dma(true);
+    assert!(
+        ide.read_mem(BUF + 0x4000, 1024) == pattern,
+        "sectors 200-201 differ"
+    );
+
+    // A PRD table shorter than the command: the engine stops, no interrupt, no data.
+    ide.outb(BMDMA + 2, BM_INT);
+    ide.write_mem(BUF, &[0xee; 512]);
+    ide.prd_table(&[(BUF, 512)]);
+    ide.lba28(300, 4, 0xc8);
+    let (_, bm) = ide.run_dma(true);
+    assert_eq!(bm & (BM_ACTIVE | BM_INT), 0, "bus master {bm:#x}");
+    assert!(
+        ide.read_mem(BUF, 512) == [0xee; 512],
+        "the short table moved data"
+    );
+
+    // A command past the disk's end aborts.
+    ide.lba28(8190, 4, 0xc8);
+    assert_eq!(ide.inb(CMD + 7) & ERR, ERR);
+    assert_eq!(ide.inb(CMD + 1), 0x04, "ABRT");
+}
+
+#[test]
+fn without_bus_mastering_dma_reaches_no_memory() {
+    let mut ide = Ide::start("qomvm-ide-nomaster", false);
+    ide.write_mem(BUF, &[0x5a; 512]);
+    ide.prd_table(&[(BUF, 512)]);
+    ide.lba28(1, 1, 0xc8);
+    let (status, _) = ide.run_dma(true);
+    assert_eq!(status & ERR, ERR, "status {status:#x}");
+    assert!(
+        ide.read_mem(BUF, 512) == [0x5a; 512],
+        "DMA without bus mastering"
+    );
+}
+
+#[test]
+fn lba48_pio_reads_and_identify_describe_the_disk() {
+    let mut ide = Ide::start("qomvm-ide-pio", true);
+    ide.outb(CMD + 6, 0xa0);
+    ide.outb(CMD + 7, 0xec);
+    ide.wait_clear(CTRL, BSY);
+    let words: Vec<u64> = (0..256)
+        .map(|_| ide.qt.value(format!("inw {CMD:#x}")))
+        .collect();
+    assert_eq!(words[0], 0x0040);
+    // 4 MiB: 8192 sectors in LBA28 and LBA48 words.
+    assert_eq!((words[60], words[61]), (8192, 0));
+    assert_eq!((words[100], words[101]), (8192, 0));
+    let model: Vec<u8> = words[27..47]
+        .iter()
+        .flat_map(|w| (*w as u16).to_be_bytes())
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&model).trim_end(), "QEMU HARDDISK");
+
+    // READ SECTORS EXT: high-order bytes first, then the low ones.
+    ide.outb(CMD + 6, 0x40);
+    for (reg, high, low) in [(2, 0, 2), (3, 0, 0x10), (4, 0, 0x1f), (5, 0, 0)] {
+        ide.outb(CMD + reg, high);
+        ide.outb(CMD + reg, low);
+    }
+    ide.outb(CMD + 7, 0x24);
+    for lba in [0x1f10u64, 0x1f11] {
+        let status = ide.wait_clear(CTRL, BSY);
+        assert_eq!(status & (DRQ | ERR), DRQ, "status {status:#x}");
+        let data: Vec<u8> = (0..128)
+            .flat_map(|_| (ide.qt.value(format!("inl {CMD:#x}")) as u32).to_le_bytes())
+            .collect();
+        assert!(
+            data == sector(lba),
+            "sector {lba:#x}: {:x?}...",
+            &data[..16]
+        );
+    }
+    assert_eq!(ide.inb(CMD + 7) & (DRQ | BSY), 0);
+}
+
+/// Sends an ATAPI packet on the secondary master by PIO; returns the reply.
+fn atapi_pio(ide: &mut Ide, packet: [u8; 12]) -> (u64, Vec<u8>) {
+    ide.outb(CMD2 + 6, 0xa0);
+    ide.outb(CMD2 + 1, 0);
+    ide.outb(CMD2 + 4, 0x00);
+    ide.outb(CMD2 + 5, 0x80);
+    ide.outb(CMD2 + 7, 0xa0);
+    for pair in packet.chunks(2) {
+        let word = u16::from_le_bytes([pair[0], pair[1]]);
+        ide.qt.cmd(format!("outw {CMD2:#x} {word:#x}"));
+    }
+    let mut reply = Vec::new();
+    loop {
+        let status = ide.wait_clear(0x376, BSY);
+        if status & DRQ == 0 {
+            return (status, reply);
+        }
+        let n = ide.inb(CMD2 + 5) << 8 | ide.inb(CMD2 + 4);
+        for _ in 0..n.div_ceil(2) {
+            let w = ide.qt.value(format!("inw {CMD2:#x}")) as u16;
+            reply.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+#[test]
+fn the_cdrom_answers_atapi_packets() {
+    let mut ide = Ide::start("qomvm-ide-atapi", true);
+    // The ATAPI signature.
+    assert_eq!((ide.inb(CMD2 + 4), ide.inb(CMD2 + 5)), (0x14, 0xeb));
+    let (status, inquiry) = atapi_pio(&mut ide, [0x12, 0, 0, 0, 36, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(status & ERR, 0);
+    assert_eq!(inquiry[0], 5, "a CD-ROM");
+    assert_eq!(&inquiry[16..28], b"QEMU DVD-ROM");
+    let (_, capacity) = atapi_pio(&mut ide, [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        capacity,
+        [0, 0, 1, 0xff, 0, 0, 8, 0],
+        "last block 511, 2048 bytes"
+    );
+    // READ(10) of blocks 7-9 by PIO, in pieces of at most the 0x8000-byte count.
+    let (status, data) = atapi_pio(&mut ide, [0x28, 0, 0, 0, 0, 7, 0, 0, 3, 0, 0, 0]);
+    assert_eq!(status & ERR, 0);
+    let want: Vec<u8> = (7..10u8).flat_map(|b| vec![b; 2048]).collect();
+    assert!(
+        data == want,
+        "PIO READ(10): {} bytes, {:x?}...",
+        data.len(),
+        &data[..data.len().min(16)]
+    );
+    // The same by DMA, through the secondary channel's bus master.
+    ide.prd_table_for(BMDMA + 8, &[(BUF, 6144)]);
+    ide.outb(CMD2 + 6, 0xa0);
+    ide.outb(CMD2 + 1, 1);
+    ide.outb(CMD2 + 7, 0xa0);
+    for pair in [0x28u8, 0, 0, 0, 0, 20, 0, 0, 3, 0, 0, 0].chunks(2) {
+        let word = u16::from_le_bytes([pair[0], pair[1]]);
+        ide.qt.cmd(format!("outw {CMD2:#x} {word:#x}"));
+    }
+    ide.outb(BMDMA + 8, 0x09);
+    let status = ide.wait_clear(0x376, BSY);
+    assert_eq!(status & (ERR | DRQ), 0, "status {status:#x}");
+    let want: Vec<u8> = (20..23u8).flat_map(|b| vec![b; 2048]).collect();
+    let got = ide.read_mem(BUF, 6144);
+    assert!(got == want, "DMA READ(10): {:x?}...", &got[..16]);
+    // Past the medium: CHECK CONDITION, ILLEGAL REQUEST.
+    let (status, _) = atapi_pio(&mut ide, [0x28, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0]);
+    assert_eq!(status & ERR, ERR);
+    assert_eq!(ide.inb(CMD2 + 1) >> 4, 5);
+}
+
+#[test]
+fn query_block_lists_the_disk_and_the_removable_cd() {
+    let mut ide = Ide::start("qomvm-ide-qmp", true);
+    let mut qmp = QmpClient::connect(&ide.dir.join("qmp.sock"));
+    let blocks = qmp.execute("query-block", json!({}));
+    let find = |id: &str| {
+        blocks["return"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["device"] == id).cloned())
+            .unwrap_or_else(|| panic!("no {id}: {blocks}"))
+    };
+    let hd = find("ide0-hd0");
+    assert_eq!(hd["removable"], false, "{hd}");
+    assert_eq!(hd["inserted"]["ro"], false, "{hd}");
+    let cd = find("ide1-cd0");
+    assert_eq!(cd["removable"], true, "{cd}");
+    assert_eq!(cd["locked"], false, "{cd}");
+    assert_eq!(cd["tray_open"], false, "{cd}");
+    assert_eq!(cd["inserted"]["ro"], true, "{cd}");
+    assert!(
+        cd["qdev"]
+            .as_str()
+            .is_some_and(|q| q.starts_with("/machine/")),
+        "{cd}"
+    );
+    // PREVENT MEDIUM REMOVAL shows as locked.
+    let (status, _) = atapi_pio(&mut ide, [0x1e, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(status & ERR, 0);
+    let blocks = qmp.execute("query-block", json!({}));
+    let cd = blocks["return"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["device"] == "ide1-cd0").cloned())
+        .unwrap();
+    assert_eq!(cd["locked"], true, "{cd}");
+}
