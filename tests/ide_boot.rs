@@ -25,7 +25,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -565,6 +565,17 @@ fn seabios_boots_an_el_torito_cd_on_drive_media_cdrom() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A scratch directory `name` with a bootable CD (`cd.iso`, printing [`CD_READ_LINE`]) and
+/// a bootable disk (`disk.img`, printing [`SMALL_READ_LINE`]).
+fn bootable_cd_and_disk(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    let cd = dir.join("cd.iso");
+    let disk = dir.join("disk.img");
+    el_torito_cd(&cd);
+    small_read_disk(&disk);
+    (dir, cd, disk)
+}
+
 /// `-device ide-cd,bootindex=1` boots before a bootable disk, although without bootindex
 /// the pc's default order ("cad") tries the disk first. Without `bus=`, QEMU puts the CD on
 /// ide.1 (the bus qdev finds first: the one created last), as its master; the disk is
@@ -575,11 +586,7 @@ fn bootindex_puts_an_ide_cd_before_the_disk() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let dir = temp_dir("bootindex");
-    let cd = dir.join("cd.iso");
-    let disk = dir.join("disk.img");
-    el_torito_cd(&cd);
-    small_read_disk(&disk);
+    let (dir, cd, disk) = bootable_cd_and_disk("bootindex");
     let cd_drive = format!(
         "file={},if=none,id=cd0,format=raw,readonly=on",
         cd.display()
@@ -607,11 +614,7 @@ fn boot_order_chooses_between_hda_and_cdrom() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let dir = temp_dir("order");
-    let cd = dir.join("cd.iso");
-    let disk = dir.join("disk.img");
-    el_torito_cd(&cd);
-    small_read_disk(&disk);
+    let (dir, cd, disk) = bootable_cd_and_disk("order");
     let both = ["-hda", path_str(&disk), "-cdrom", path_str(&cd)];
 
     let text = boot_to_poweroff(&[&both[..], &["-boot", "order=c"]].concat());

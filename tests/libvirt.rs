@@ -182,11 +182,24 @@ impl Domain {
     /// none`), COM1 into a file, and OpenStack's timers (PIT delay, RTC catchup, no HPET:
     /// `-global kvm-pit.lost_tick_policy=delay`, `-rtc base=utc,driftfix=slew`).
     fn xml(&self, kernel: &Path) -> PathBuf {
-        let serial = format!(
+        self.xml_with_devices(kernel, &self.serial_xml(), "<memballoon model='none'/>")
+    }
+
+    /// The test kernel and a sparse raw disk of `size` bytes in the domain's directory.
+    fn kernel_and_disk(&self, size: u64) -> (PathBuf, PathBuf) {
+        let kernel = self.dir.join("kernel.elf");
+        std::fs::write(&kernel, test_kernel()).unwrap();
+        let disk = self.dir.join("disk.raw");
+        std::fs::File::create(&disk).unwrap().set_len(size).unwrap();
+        (kernel, disk)
+    }
+
+    /// COM1 into the domain's serial file.
+    fn serial_xml(&self) -> String {
+        format!(
             "<serial type='file'><source path='{}'/><target port='0'/></serial>",
             self.serial().display()
-        );
-        self.xml_with_devices(kernel, &serial, "<memballoon model='none'/>")
+        )
     }
 
     /// The same with COM1's `<serial>` (and any `<console>`) given.
@@ -478,18 +491,9 @@ fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
         return;
     }
     let dom = Domain::new("disk");
-    let kernel = dom.dir.join("kernel.elf");
-    std::fs::write(&kernel, test_kernel()).unwrap();
-    let disk = dom.dir.join("disk.raw");
     let disk_size: u64 = 8 << 20;
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(disk_size)
-        .unwrap();
-    let serial = format!(
-        "<serial type='file'><source path='{}'/><target port='0'/></serial>",
-        dom.serial().display()
-    );
+    let (kernel, disk) = dom.kernel_and_disk(disk_size);
+    let serial = dom.serial_xml();
     // libvirt writes -blockdev (JSON), -device virtio-blk-pci, virtio-balloon-pci, and
     // -object rng-random with virtio-rng-pci for these.
     let extra = format!(
@@ -533,20 +537,11 @@ fn ide_disks_and_cdroms_under_libvirt() {
         return;
     }
     let dom = Domain::new("ide");
-    let kernel = dom.dir.join("kernel.elf");
-    std::fs::write(&kernel, test_kernel()).unwrap();
-    let disk = dom.dir.join("disk.raw");
     let disk_size: u64 = 8 << 20;
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(disk_size)
-        .unwrap();
+    let (kernel, disk) = dom.kernel_and_disk(disk_size);
     let iso = dom.dir.join("cd.iso");
     std::fs::write(&iso, vec![0x43; 1 << 20]).unwrap();
-    let serial = format!(
-        "<serial type='file'><source path='{}'/><target port='0'/></serial>",
-        dom.serial().display()
-    );
+    let serial = dom.serial_xml();
     let extra = format!(
         "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
          <source file='{}'/><target dev='hda' bus='ide'/></disk>\
@@ -847,10 +842,7 @@ fn a_domain_with_a_vnc_display(model: &str, vgabios: &str) {
     let dom = Domain::new(&format!("vnc-{model}"));
     let kernel = dom.dir.join("kernel.elf");
     std::fs::write(&kernel, text_screen_kernel()).unwrap();
-    let serial = format!(
-        "<serial type='file'><source path='{}'/><target port='0'/></serial>",
-        dom.serial().display()
-    );
+    let serial = dom.serial_xml();
     let extra = format!(
         "<memballoon model='none'/>\
          <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1' passwd='{VNC_SECRET}'/>\

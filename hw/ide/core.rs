@@ -870,6 +870,13 @@ impl IdeChannel {
         if saved.unit >= UNITS || saved.dma_pending.as_ref().is_some_and(|op| op.unit >= UNITS) {
             return Err(bad("no such unit"));
         }
+        let reply_len_differs = |op: &DmaOp| match &op.dir {
+            DmaDir::Reply(data) => data.len() as u64 != op.len,
+            _ => false,
+        };
+        if saved.dma_pending.as_ref().is_some_and(reply_len_differs) {
+            return Err(bad("a DMA reply of the wrong length"));
+        }
         let mut st = self.state.lock();
         st.generation += 1;
         st.drives = saved.drives;
@@ -896,7 +903,13 @@ impl IdeChannel {
     fn exec_cmd(&self, st: &mut ChannelState, cmd: u8) -> Option<Job> {
         let unit = st.unit;
         let Some(kind) = st.unit_kind(unit) else {
-            // Commands to an absent drive go nowhere.
+            // An absent master beside a slave answers as QEMU's empty IDEState does: every
+            // command aborts (a driver's IDENTIFY gets its answer at once, not a timeout);
+            // commands to an absent slave go nowhere.
+            if unit == 0 && st.info[1].is_some() {
+                st.abort(unit);
+                st.set_irq();
+            }
             return None;
         };
         let tf = &st.drives[unit].tf;
