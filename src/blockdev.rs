@@ -166,6 +166,7 @@ pub fn drive_add(
                     .ok_or_else(|| err(format!("invalid parameter value: {value}")))?
             }
             "media" if value == "disk" || value == "cdrom" => cdrom = value == "cdrom",
+            "media" => return Err(err(format!("'{value}' invalid media"))),
             "index" => {
                 index = Some(
                     value

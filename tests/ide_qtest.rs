@@ -353,6 +353,17 @@ fn query_block_lists_the_disk_and_the_removable_cd() {
             .is_some_and(|q| q.starts_with("/machine/")),
         "{cd}"
     );
+    // HMP shows the tray as QEMU does.
+    let info = qmp.execute(
+        "human-monitor-command",
+        json!({"command-line": "info block ide1-cd0"}),
+    );
+    let text = info["return"].as_str().unwrap_or_default();
+    assert!(text.starts_with("ide1-cd0 (#block"), "{text}");
+    assert!(
+        text.contains("    Removable device: not locked, tray closed\r\n"),
+        "{text}"
+    );
     // PREVENT MEDIUM REMOVAL shows as locked.
     let (status, _) = atapi_pio(&mut ide, [0x1e, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!(status & ERR, 0);
@@ -362,4 +373,76 @@ fn query_block_lists_the_disk_and_the_removable_cd() {
         .and_then(|b| b.iter().find(|b| b["device"] == "ide1-cd0").cloned())
         .unwrap();
     assert_eq!(cd["locked"], true, "{cd}");
+}
+
+/// A software reset ends whatever the drives were doing: a PIO write half way through its
+/// second block takes no more data, a DMA command waiting for the bus master never runs,
+/// and the disk answers the next command. A CD's DEVICE RESET ends its PIO reply the same.
+#[test]
+fn resets_cancel_transfers_in_progress() {
+    let mut ide = Ide::start("qomvm-ide-reset", true);
+    ide.lba28(10, 2, 0x30);
+    for _ in 0..256 + 100 {
+        ide.wait_clear(CTRL, BSY);
+        ide.qt.cmd(format!("outw {CMD:#x} 0x1234"));
+    }
+    ide.outb(CTRL, 0x04);
+    ide.outb(CTRL, 0x00);
+    assert_eq!(ide.wait_clear(CTRL, BSY) & (DRQ | ERR), 0);
+    assert_eq!(ide.inb(CMD + 1), 0x01, "the diagnostic's code");
+    for _ in 0..200 {
+        ide.qt.cmd(format!("outw {CMD:#x} 0x5678"));
+    }
+    assert_eq!(ide.inb(CMD + 7) & DRQ, 0);
+
+    // READ DMA issued, then the reset, then the bus master started: nothing moves.
+    ide.write_mem(BUF, &[0x77; 512]);
+    ide.prd_table(&[(BUF, 512)]);
+    ide.lba28(5, 1, 0xc8);
+    ide.outb(CTRL, 0x04);
+    ide.outb(CTRL, 0x00);
+    ide.outb(BMDMA + 2, BM_INT);
+    ide.outb(BMDMA, 0x09);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(ide.inb(BMDMA + 2) & BM_INT, 0);
+    assert!(
+        ide.read_mem(BUF, 512) == [0x77; 512],
+        "a cancelled DMA moved data"
+    );
+    ide.outb(BMDMA, 0);
+
+    // The disk works on: the first block was written, the second not.
+    ide.prd_table(&[(BUF, 1024)]);
+    ide.lba28(10, 2, 0xc8);
+    let (status, _) = ide.run_dma(true);
+    assert_eq!(status & (DRDY | ERR), DRDY, "status {status:#x}");
+    let data = ide.read_mem(BUF, 1024);
+    assert!(data[..512].chunks(2).all(|w| w == [0x34, 0x12]), "block 10");
+    assert!(data[512..] == sector(11), "block 11 was written after all");
+
+    // The CD: READ(10) of 3 blocks by PIO, a few words read, then DEVICE RESET.
+    ide.outb(CMD2 + 6, 0xa0);
+    ide.outb(CMD2 + 1, 0);
+    ide.outb(CMD2 + 4, 0x00);
+    ide.outb(CMD2 + 5, 0x08);
+    ide.outb(CMD2 + 7, 0xa0);
+    for pair in [0x28u8, 0, 0, 0, 0, 7, 0, 0, 3, 0, 0, 0].chunks(2) {
+        let word = u16::from_le_bytes([pair[0], pair[1]]);
+        ide.qt.cmd(format!("outw {CMD2:#x} {word:#x}"));
+    }
+    ide.wait_clear(0x376, BSY);
+    for _ in 0..10 {
+        ide.qt.cmd(format!("inw {CMD2:#x}"));
+    }
+    ide.outb(CMD2 + 7, 0x08);
+    assert_eq!(ide.inb(CMD2 + 7), 0, "an ATAPI drive after DEVICE RESET");
+    assert_eq!((ide.inb(CMD2 + 4), ide.inb(CMD2 + 5)), (0x14, 0xeb));
+    assert_eq!(
+        ide.qt.value(format!("inw {CMD2:#x}")),
+        0,
+        "no data after the reset"
+    );
+    let (status, inquiry) = atapi_pio(&mut ide, [0x12, 0, 0, 0, 36, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(status & ERR, 0);
+    assert_eq!(inquiry.len(), 36);
 }

@@ -228,7 +228,7 @@ fn load_blocks(st: &mut ChannelState, unit: usize) -> Option<Job> {
     let blocks = d.packet_left.div_ceil(BLOCK).min(PIO_READ_BLOCKS);
     let lba = d.cd_lba;
     d.tf.status = status::DRDY | status::DSC | status::BSY;
-    Some(Job::new(move |_| {
+    Some(Job::new(unit, move |_| {
         let mut data = vec![0u8; (blocks * BLOCK) as usize];
         let ok = backend.is_some_and(|b| b.read_at(&mut data, lba * BLOCK).is_ok());
         Box::new(move |st: &mut ChannelState| {
@@ -395,7 +395,7 @@ fn packet_command(
         // READ TOC/PMA/ATIP: formatted TOC and session info.
         0x43 => {
             let msf = p[1] & 2 != 0;
-            let format = p[9] >> 6 | p[2] & 0xf;
+            let format = p[9] >> 6;
             let address = |lba: u64| -> [u8; 4] {
                 if msf {
                     let [m, s, f] = lba_to_msf(lba);
@@ -415,7 +415,8 @@ fn packet_command(
                         b.extend_from_slice(&[0, 0x14, 1, 0]);
                         b.extend_from_slice(&address(0));
                     }
-                    b.extend_from_slice(&[0, 0x14, 0xaa, 0]);
+                    // The lead-out (QEMU's cdrom_read_toc: ADR 1, control 6).
+                    b.extend_from_slice(&[0, 0x16, 0xaa, 0]);
                     b.extend_from_slice(&address(total));
                 }
                 1 => {
@@ -522,16 +523,18 @@ fn packet_command(
             b[2] = 0x70;
             match page {
                 0x01 => b.extend_from_slice(&[0x01, 0x06, 0, 5, 0, 0, 0, 0]),
+                // Capabilities: 18 bytes after the page header, 28 with the mode header
+                // (QEMU's cmd_mode_sense).
                 0x2a => {
                     let locked = u8::from(st.drives[unit].tray_locked) << 1;
-                    b.extend_from_slice(&[0x2a, 28 - 2, 0x3b, 0x00, 0x71, 3 << 5]);
+                    b.extend_from_slice(&[0x2a, 18, 0x3b, 0x00, 0x71, 3 << 5]);
                     b.push(1 | 1 << 3 | 1 << 5 | locked);
                     b.push(0);
                     b.extend_from_slice(&704u16.to_be_bytes()); // 4x
                     b.extend_from_slice(&[0, 2]);
                     b.extend_from_slice(&512u16.to_be_bytes());
                     b.extend_from_slice(&704u16.to_be_bytes());
-                    b.extend_from_slice(&[0; 6]);
+                    b.extend_from_slice(&[0; 4]);
                 }
                 _ => return invalid_field(st),
             }

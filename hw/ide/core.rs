@@ -69,6 +69,8 @@ const BM_STATUS_CAPABLE: u8 = 0x60;
 
 /// ATA's sector.
 pub(crate) const SECTOR_SIZE: u64 = 512;
+/// The transfer mode IDENTIFY shows selected at power-on: Ultra DMA 5 (QEMU's).
+const DEFAULT_XFER_MODE: u8 = 0x45;
 /// Sectors per DRQ block of READ/WRITE MULTIPLE (QEMU's `MAX_MULT_SECTORS`).
 const MAX_MULT_SECTORS: u8 = 16;
 /// Descriptors read from one PRD table at most (a 4 KiB page of them, as QEMU).
@@ -264,8 +266,8 @@ pub(crate) struct ChannelState {
     /// The interrupt as the channel wants it, and as it was last driven.
     pub irq: bool,
     irq_driven: bool,
-    /// Bumped by resets: completions of commands issued before are dropped.
-    generation: u64,
+    /// Per drive, bumped by its resets: completions of commands issued before are dropped.
+    generation: [u64; UNITS],
 }
 
 /// The channel's part of the machine's state, as saved.
@@ -343,14 +345,21 @@ type Completion = Box<dyn FnOnce(&mut ChannelState) -> Option<Job> + Send>;
 /// The I/O of a job: given the machine (for DMA), returns how to complete the command.
 type JobIo = Box<dyn FnOnce(&Weak<MachineServices>) -> Completion + Send>;
 
-/// One command's I/O, run without the channel's lock.
+/// One command's I/O, run without the channel's lock, for the drive at `unit`.
 pub(crate) struct Job {
+    unit: usize,
     run: JobIo,
 }
 
 impl Job {
-    pub fn new(run: impl FnOnce(&Weak<MachineServices>) -> Completion + Send + 'static) -> Self {
-        Job { run: Box::new(run) }
+    pub fn new(
+        unit: usize,
+        run: impl FnOnce(&Weak<MachineServices>) -> Completion + Send + 'static,
+    ) -> Self {
+        Job {
+            unit,
+            run: Box::new(run),
+        }
     }
 }
 
@@ -390,7 +399,7 @@ impl Default for IdeChannel {
                 dma_pending: None,
                 irq: false,
                 irq_driven: false,
-                generation: 0,
+                generation: [0; UNITS],
             }),
             irq_line: Mutex::new(IrqLine::default()),
             machine: Mutex::new(Weak::new()),
@@ -441,6 +450,7 @@ impl IdeChannel {
         st.info[unit] = Some(info);
         drive_reset(&mut st, unit);
         st.drives[unit].write_cache = write_cache;
+        st.drives[unit].xfer_mode = DEFAULT_XFER_MODE;
         if kind == DriveKind::Hd {
             st.drives[unit].tf.status = status::DRDY | status::DSC;
         }
@@ -469,9 +479,10 @@ impl IdeChannel {
         [st.info[0].is_some(), st.info[1].is_some()]
     }
 
-    /// Queues `job`, tagged with the current reset generation.
+    /// Queues `job`, tagged with its drive's current reset generation.
     fn submit(&self, st: &ChannelState, job: Job) {
-        self.queue.lock().jobs.push_back((st.generation, job));
+        let generation = st.generation[job.unit];
+        self.queue.lock().jobs.push_back((generation, job));
         self.work.notify_one();
     }
 
@@ -542,6 +553,9 @@ impl IdeChannel {
 
     /// A write of command block register `reg`.
     pub fn ioport_write(&self, reg: u64, value: u8) {
+        if reg == 7 && value == 0x08 && self.device_reset() {
+            return;
+        }
         self.with_state(|st| {
             match reg {
                 1..=5 => {
@@ -584,11 +598,15 @@ impl IdeChannel {
         self.with_state(|st| {
             let unit = st.unit;
             let d = &mut st.drives[unit];
-            // Data moves only while DRQ is set, out of a window the device filled.
-            if d.tf.status & status::DRQ == 0 || d.end_op == EndTransfer::WriteBlock {
+            let size = size as usize;
+            // Data moves only while DRQ is set and the device is not busy, out of a window
+            // the device filled, and never past its end (QEMU's ide_data_readw/readl).
+            if d.tf.status & (status::DRQ | status::BSY) != status::DRQ
+                || matches!(d.end_op, EndTransfer::WriteBlock | EndTransfer::Packet)
+                || d.pos + size > d.end
+            {
                 return (0, None);
             }
-            let size = size as usize;
             let mut value = 0u64;
             for i in 0..size {
                 if let Some(b) = d.buffer.get(d.pos + i) {
@@ -610,8 +628,9 @@ impl IdeChannel {
         self.with_state(|st| {
             let unit = st.unit;
             let d = &mut st.drives[unit];
-            if d.tf.status & status::DRQ == 0
+            if d.tf.status & (status::DRQ | status::BSY) != status::DRQ
                 || !matches!(d.end_op, EndTransfer::WriteBlock | EndTransfer::Packet)
+                || d.pos + size as usize > d.end
             {
                 return ((), None);
             }
@@ -674,6 +693,34 @@ impl IdeChannel {
         }
     }
 
+    /// DEVICE RESET, if the selected drive is a CD (QEMU's `cmd_device_reset`): its
+    /// transfer is cancelled (waited for) and it starts over, BSY or not.
+    fn device_reset(&self) -> bool {
+        let unit = {
+            let mut st = self.state.lock();
+            let unit = st.unit;
+            if st.unit_kind(unit) != Some(DriveKind::Cd) {
+                return false;
+            }
+            st.ctrl &= !CTRL_HOB;
+            st.irq = false;
+            st.generation[unit] += 1;
+            if st.dma_pending.as_ref().is_some_and(|op| op.unit == unit) {
+                st.dma_pending = None;
+            }
+            st.transfer_stop(unit);
+            st.drives[unit].tf.status |= status::BSY;
+            unit
+        };
+        self.drain();
+        let mut st = self.state.lock();
+        drive_reset(&mut st, unit);
+        st.drives[unit].tf.status = 0;
+        st.drives[unit].tf.error = 0x01;
+        self.sync_irq(&mut st);
+        true
+    }
+
     // ----- the control block (base2) -----
 
     /// Alternate status: the status without acknowledging the interrupt.
@@ -693,9 +740,12 @@ impl IdeChannel {
             let reset = st.ctrl & CTRL_SRST == 0 && value & CTRL_SRST != 0;
             st.ctrl = value;
             if reset {
-                st.generation += 1;
-                for d in &mut st.drives {
-                    d.tf.status |= status::BSY;
+                // From here on nothing moves: no data window, no DMA to start, BSY.
+                st.dma_pending = None;
+                for unit in 0..UNITS {
+                    st.generation[unit] += 1;
+                    st.transfer_stop(unit);
+                    st.drives[unit].tf.status |= status::BSY;
                 }
             }
             reset
@@ -708,11 +758,14 @@ impl IdeChannel {
             st.bm.status &= !BM_STATUS_ACTIVE;
             for unit in 0..UNITS {
                 drive_reset(&mut st, unit);
-                // QEMU's ide_perform_srst: the diagnostic's result.
+                // QEMU's ide_perform_srst: the diagnostic's result; a disk interrupts.
                 let cd = st.unit_kind(unit) == Some(DriveKind::Cd);
                 let tf = &mut st.drives[unit].tf;
                 tf.status = if cd { 0 } else { status::DRDY | status::DSC };
                 tf.error = 0x01;
+                if st.unit_kind(unit) == Some(DriveKind::Hd) {
+                    st.set_irq();
+                }
             }
             self.sync_irq(&mut st);
         }
@@ -795,7 +848,7 @@ impl IdeChannel {
         let prd = st.bm.prd;
         let backend = st.info[op.unit].as_ref().and_then(|i| i.backend.clone());
         let bus_master = self.bus_master.load(Ordering::Acquire);
-        Job::new(move |machine| {
+        Job::new(op.unit, move |machine| {
             let machine = machine.upgrade().filter(|_| bus_master);
             let result = match (machine, backend) {
                 (Some(machine), Some(backend)) => dma_transfer(&machine, &backend, prd, &op),
@@ -817,7 +870,11 @@ impl IdeChannel {
     pub fn reset(&self) {
         {
             let mut st = self.state.lock();
-            st.generation += 1;
+            st.dma_pending = None;
+            for unit in 0..UNITS {
+                st.generation[unit] += 1;
+                st.transfer_stop(unit);
+            }
         }
         self.drain();
         let mut st = self.state.lock();
@@ -829,8 +886,7 @@ impl IdeChannel {
         for unit in 0..UNITS {
             drive_reset(&mut st, unit);
             st.drives[unit].write_cache = st.info[unit].as_ref().is_some_and(|i| i.write_cache);
-            st.drives[unit].xfer_mode = 0;
-            st.drives[unit].tray_locked = false;
+            st.drives[unit].xfer_mode = DEFAULT_XFER_MODE;
         }
         self.sync_irq(&mut st);
     }
@@ -856,17 +912,32 @@ impl IdeChannel {
     /// Puts back what [`IdeChannel::save`] saved, checked: a stream cannot point the
     /// data window outside its buffer or select a unit that does not exist.
     pub fn load(&self, section: &VmStateSection, prefix: &str) -> Result<(), VmStateError> {
+        self.drain();
         let mut saved: SavedChannel = section.get(prefix)?;
         let bad = |reason: &str| VmStateError::BadField {
             field: prefix.to_string(),
             reason: reason.to_string(),
         };
+        let st = self.state.lock();
         for (i, d) in saved.drives.iter_mut().enumerate() {
             d.buffer = section.get_bytes(&format!("{prefix}.buffer{i}"))?;
             if d.pos > d.end || d.end > d.buffer.len() {
                 return Err(bad("data window outside the buffer"));
             }
+            // A sector command in progress stays within the medium, in whole blocks.
+            let sectors = st.info[i].as_ref().map_or(0, |info| info.sectors());
+            let in_medium = d.lba.checked_add(d.remaining).is_some_and(|end| end <= sectors);
+            let block_ok = (1..=u64::from(MAX_MULT_SECTORS)).contains(&d.block);
+            if d.remaining > 0 && !(in_medium && block_ok) {
+                return Err(bad("a sector command outside the medium"));
+            }
+            let cd_blocks = sectors / 4;
+            let cd_end = d.cd_lba.checked_add(d.packet_left.div_ceil(2048));
+            if d.cd_reading && cd_end.is_none_or(|end| end > cd_blocks) {
+                return Err(bad("a CD read outside the medium"));
+            }
         }
+        drop(st);
         if saved.unit >= UNITS || saved.dma_pending.as_ref().is_some_and(|op| op.unit >= UNITS) {
             return Err(bad("no such unit"));
         }
@@ -878,7 +949,9 @@ impl IdeChannel {
             return Err(bad("a DMA reply of the wrong length"));
         }
         let mut st = self.state.lock();
-        st.generation += 1;
+        for generation in &mut st.generation {
+            *generation += 1;
+        }
         st.drives = saved.drives;
         st.unit = saved.unit;
         st.ctrl = saved.ctrl;
@@ -918,18 +991,14 @@ impl IdeChannel {
             return None;
         }
         let hd = kind == DriveKind::Hd;
+        st.drives[unit].tf.error = 0;
         match cmd {
-            // DEVICE RESET (ATAPI).
-            0x08 if !hd => {
-                drive_reset(st, unit);
-                st.drives[unit].tf.status = 0;
-                st.drives[unit].tf.error = 0x01;
-                None
-            }
+            // DEVICE RESET of an ATAPI drive is [`IdeChannel::device_reset`]'s.
+            0x08 if !hd => None,
             // RECALIBRATE, SEEK, and the power management commands: nothing to do.
             0x10..=0x1f | 0x70..=0x7f | 0xe0..=0xe3 if hd => self.complete(st, unit),
             // CHECK POWER MODE: active.
-            0xe5 => {
+            0xe5 if hd => {
                 st.drives[unit].tf.nsector = 0xff;
                 self.complete(st, unit)
             }
@@ -995,11 +1064,13 @@ impl IdeChannel {
             }
             // INITIALIZE DEVICE PARAMETERS: translation is the BIOS's business.
             0x91 if hd => self.complete(st, unit),
+            // FLUSH CACHE on a CD: nothing to write back.
+            0xe7 if !hd => self.complete(st, unit),
             // FLUSH CACHE (EXT).
             0xe7 | 0xea if hd => {
                 st.drives[unit].tf.status = status::DRDY | status::DSC | status::BSY;
                 let backend = st.info[unit].as_ref().and_then(|i| i.backend.clone());
-                Some(Job::new(move |_| {
+                Some(Job::new(unit, move |_| {
                     let ok = backend.is_none_or(|b| b.flush().is_ok());
                     Box::new(move |st: &mut ChannelState| {
                         if ok {
@@ -1051,12 +1122,22 @@ impl IdeChannel {
                 st.receive_start(unit, PACKET_SIZE, EndTransfer::Packet);
                 None
             }
-            // EXECUTE DEVICE DIAGNOSTIC.
+            // EXECUTE DEVICE DIAGNOSTIC (a CD does not interrupt: ATAPI devices never set
+            // DRDY here).
             0x90 => {
                 set_signature(st, unit);
                 let d = &mut st.drives[unit];
                 d.tf.status = if hd { status::DRDY | status::DSC } else { 0 };
                 d.tf.error = 0x01;
+                if hd {
+                    st.set_irq();
+                }
+                None
+            }
+            // READ SECTORS to a CD: its signature, then the abort (ATA-4 asks for both).
+            0x20 | 0x21 => {
+                set_signature(st, unit);
+                st.abort(unit);
                 st.set_irq();
                 None
             }
@@ -1335,8 +1416,9 @@ fn dma_complete(st: &mut ChannelState, op: &DmaOp, result: Result<bool, DmaError
     }
 }
 
-/// The worker thread: runs jobs, then completes them under the lock unless a reset came
-/// in between.
+/// The worker thread: runs jobs, then completes them under the lock unless their drive was
+/// reset in between. A job that panics (a bug) is logged and its command aborted, so that
+/// nobody waits for it for ever.
 fn worker(channel: Weak<IdeChannel>) {
     loop {
         let Some(ch) = channel.upgrade() else { return };
@@ -1354,15 +1436,23 @@ fn worker(channel: Weak<IdeChannel>) {
                 ch.work.wait(&mut q);
             }
         };
+        let unit = job.unit;
         let machine = ch.machine.lock().clone();
-        let complete = (job.run)(&machine);
-        {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let complete = (job.run)(&machine);
             let mut st = ch.state.lock();
-            if st.generation == generation {
+            if st.generation[unit] == generation {
                 if let Some(next) = complete(&mut st) {
                     ch.submit(&st, next);
                 }
             }
+            ch.sync_irq(&mut st);
+        }));
+        if outcome.is_err() {
+            log::error!("ide: a transfer failed unexpectedly; its command is aborted");
+            let mut st = ch.state.lock();
+            st.abort(unit);
+            st.set_irq();
             ch.sync_irq(&mut st);
         }
         let mut q = ch.queue.lock();
@@ -1380,7 +1470,7 @@ fn sector_read(st: &mut ChannelState, unit: usize) -> Option<Job> {
     let n = d.remaining.min(d.block);
     let lba = d.lba;
     d.tf.status = status::DRDY | status::DSC | status::BSY;
-    Some(Job::new(move |_| {
+    Some(Job::new(unit, move |_| {
         let mut data = vec![0u8; (n * SECTOR_SIZE) as usize];
         let ok = backend.read_at(&mut data, lba * SECTOR_SIZE).is_ok();
         Box::new(move |st: &mut ChannelState| {
@@ -1404,9 +1494,14 @@ fn block_done(st: &mut ChannelState, unit: usize, n: u64, ok: bool) -> bool {
         return false;
     }
     let d = &mut st.drives[unit];
-    d.lba += n;
-    d.remaining -= n;
-    set_sector(d, d.lba - 1);
+    let (Some(remaining), Some(lba)) = (d.remaining.checked_sub(n), d.lba.checked_add(n)) else {
+        st.abort(unit);
+        st.set_irq();
+        return false;
+    };
+    d.lba = lba;
+    d.remaining = remaining;
+    set_sector(d, lba.saturating_sub(1));
     d.tf.status = status::DRDY | status::DSC;
     true
 }
@@ -1418,7 +1513,7 @@ fn sector_write(st: &mut ChannelState, unit: usize, data: Vec<u8>) -> Job {
     let lba = d.lba;
     let n = data.len() as u64 / SECTOR_SIZE;
     let write_through = !d.write_cache;
-    Job::new(move |_| {
+    Job::new(unit, move |_| {
         let ok = backend.is_some_and(|b| {
             b.write_at(&data, lba * SECTOR_SIZE).is_ok() && (!write_through || b.flush().is_ok())
         });
@@ -1500,13 +1595,13 @@ pub(crate) fn set_signature(st: &mut ChannelState, unit: usize) {
 /// QEMU's `ide_reset` of one drive.
 fn drive_reset(st: &mut ChannelState, unit: usize) {
     let d = &mut st.drives[unit];
-    let keep = (d.write_cache, d.xfer_mode, d.tray_locked, d.tray_open);
+    // The write cache setting and transfer mode survive; the tray is closed and unlocked
+    // (QEMU's ide_reset).
+    let keep = (d.write_cache, d.xfer_mode);
     *d = DriveState {
         mult_sectors: MAX_MULT_SECTORS,
         write_cache: keep.0,
         xfer_mode: keep.1,
-        tray_locked: keep.2,
-        tray_open: keep.3,
         ..DriveState::default()
     };
     d.tf.select = DEV_ALWAYS_ON;
@@ -1592,9 +1687,7 @@ fn identify(st: &ChannelState, unit: usize) -> Vec<u8> {
         *word = (sectors >> (16 * i)) as u16;
     }
     let exp = (info.physical_block_size / SECTOR_SIZE as u32).max(1).trailing_zeros() as u16;
-    if exp > 0 {
-        w[106] = 0x6000 | exp;
-    }
+    w[106] = 0x6000 | exp;
     if info.wwn != 0 {
         for (i, word) in w[108..112].iter_mut().enumerate() {
             *word = (info.wwn >> (48 - 16 * i)) as u16;

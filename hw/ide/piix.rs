@@ -11,6 +11,7 @@ use crate::core::bus::qbus_new;
 use crate::core::irq::{GsiRouter, IrqLine};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::runstate::ChangeHandlerId;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::ide::core::{CommandBlockPorts, ControlPort, IdeBus, IdeChannel, TYPE_IDE_BUS};
 use crate::pci::pci::{
@@ -26,6 +27,10 @@ const CHANNELS: [(u16, u16, u32); 2] = [(0x1f0, 0x3f6, 14), (0x170, 0x376, 15)];
 /// Bytes of BAR 4: eight bus-master registers per channel.
 const BMDMA_SIZE: u64 = 16;
 
+/// Where the channels' run-state handler runs: above the block layer's flush (priority 0),
+/// which must come after the disks' devices went quiet (as virtio-pci's).
+const CHANGE_HANDLER_PRIORITY: i32 = 10;
+
 /// The IDE timing registers a driver programs (IDETIM, SIDETIM): kept, not acted on.
 const TIMING_REGS: std::ops::Range<usize> = 0x40..0x48;
 
@@ -36,6 +41,8 @@ pub struct Piix3Ide {
     #[parent]
     parent: PciDevice,
     channels: OnceLock<[Arc<IdeChannel>; 2]>,
+    /// Finishes the transfers when the VM stops (see `pci_realize`).
+    change_handler: OnceLock<ChangeHandlerId>,
 }
 
 type_init!(Piix3Ide);
@@ -96,6 +103,9 @@ impl DeviceImpl for Piix3Ide {
     }
 
     fn unrealize(&self, ctx: &DeviceContext) {
+        if let (Some(id), Ok(services)) = (self.change_handler.get(), ctx.machine()) {
+            services.vm().remove_change_handler(*id);
+        }
         if let Some(channels) = self.channels.get() {
             for ch in channels {
                 ch.stop();
@@ -175,6 +185,21 @@ impl PciDeviceImpl for Piix3Ide {
         }
         let bmdma = MemoryRegion::new_io("piix-bmdma-container", BMDMA_SIZE, Arc::new(BmdmaPorts(channels.clone())));
         self.register_bar(4, BarKind::Io, bmdma)?;
+        // QEMU's do_vm_stop drains all block I/O: a stopped VM's disks touch no guest
+        // memory and no image, so a migration's last RAM pass and the images' hand-over
+        // see every transfer done (the vCPUs, which start them, are stopped already).
+        let stopping = channels.clone();
+        let handler = services.vm().add_change_handler(
+            CHANGE_HANDLER_PRIORITY,
+            Arc::new(move |running, _| {
+                if !running {
+                    for ch in &stopping {
+                        ch.drain();
+                    }
+                }
+            }),
+        );
+        let _ = self.change_handler.set(handler);
         let _ = self.channels.set(channels);
         Ok(())
     }

@@ -546,7 +546,8 @@ fn info_cpus(
 }
 
 /// QEMU's `print_block_info`: `ID (node): FILE (drv[, read-only])`, the device using a
-/// backend (`info` is query-block's entry, absent for `-n`), then the details.
+/// backend (`info` is query-block's entry, absent for `-n`), a removable medium's tray,
+/// then the details; a drive without a medium is `ID: [not inserted]`.
 fn print_block_info(
     out: &mut String,
     info: Option<&serde_json::Value>,
@@ -554,11 +555,40 @@ fn print_block_info(
 ) {
     let node = inserted["node-name"].as_str().unwrap_or_default();
     match info.and_then(|i| i["device"].as_str()) {
+        Some(id) if inserted.is_null() => {
+            let _ = writeln!(out, "{id}: [not inserted]");
+        }
         Some(id) => {
             let _ = write!(out, "{id} ({node})");
         }
         None => out.push_str(node),
     }
+    if !inserted.is_null() {
+        print_inserted_line(out, inserted);
+    }
+    if let Some(qdev) = info.and_then(|i| i["qdev"].as_str()) {
+        let _ = writeln!(out, "    Attached to:      {qdev}");
+    }
+    if let Some(info) = info.filter(|i| i["removable"] == true) {
+        let _ = writeln!(
+            out,
+            "    Removable device: {}locked, tray {}",
+            if info["locked"] == true { "" } else { "not " },
+            if info["tray_open"] == true {
+                "open"
+            } else {
+                "closed"
+            }
+        );
+    }
+    if inserted.is_null() {
+        return;
+    }
+    print_block_details(out, inserted);
+}
+
+/// The `: FILE (drv[, read-only])` of a drive with a medium.
+fn print_inserted_line(out: &mut String, inserted: &serde_json::Value) {
     let _ = writeln!(
         out,
         ": {} ({}{})",
@@ -570,9 +600,10 @@ fn print_block_info(
             ""
         }
     );
-    if let Some(qdev) = info.and_then(|i| i["qdev"].as_str()) {
-        let _ = writeln!(out, "    Attached to:      {qdev}");
-    }
+}
+
+/// The cache mode, backing file and the rest of a medium's lines.
+fn print_block_details(out: &mut String, inserted: &serde_json::Value) {
     let cache = &inserted["cache"];
     let _ = writeln!(
         out,
