@@ -714,6 +714,10 @@ impl IdeChannel {
         };
         self.drain();
         let mut st = self.state.lock();
+        // A cancelled DMA leaves the engine idle (QEMU's ide_set_inactive).
+        if st.dma_pending.is_none() {
+            st.bm.status &= !BM_STATUS_ACTIVE;
+        }
         drive_reset(&mut st, unit);
         st.drives[unit].tf.status = 0;
         st.drives[unit].tf.error = 0x01;
