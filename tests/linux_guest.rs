@@ -11,21 +11,27 @@ use std::process::{Command, Output};
 
 mod guest_rig;
 use guest_rig::{
-    assert_powered_off, assets, host_or_rig, kvm_path, repo, shutdowns, text, Path_, BOOTS,
-    SHUTDOWN_LOG,
+    assert_powered_off, assets, host_or_rig, host_or_rig_ending, kvm_path, repo, shutdowns, text,
+    Ending, Path_, BOOTS, SHUTDOWN_LOG,
 };
 
 /// Runs qomvm with `args` under `timeout timeout_s`, directly or through the rig, with its
 /// `SHUTDOWN` events in the log ([`SHUTDOWN_LOG`]); returns its exit status (124 if the
-/// timeout ended it) and output.
-fn qomvm(args: &[&str], timeout_s: u32) -> Output {
+/// timeout ended it) and output. `ending` says whether the timeout is how it should end.
+fn qomvm(args: &[&str], timeout_s: u32, ending: Ending) -> Output {
     let qomvm = env!("CARGO_BIN_EXE_qomvm");
     eprintln!("linux-boot: {:?}: qomvm {}", kvm_path(), args.join(" "));
     let timeout = timeout_s.to_string();
     let mut command = vec!["/usr/bin/timeout", &timeout, qomvm];
     command.extend(args);
     let (key, value) = SHUTDOWN_LOG;
-    host_or_rig(&command, &[], &[(key, value.to_string())], timeout_s)
+    host_or_rig_ending(
+        &command,
+        &[],
+        &[(key, value.to_string())],
+        timeout_s,
+        ending,
+    )
 }
 
 /// Boots the guest with `-m mem -smp cpus` and extra kernel parameters; returns the output
@@ -106,7 +112,13 @@ fn boot_with(b: Boot) -> Option<String> {
         &append,
     ]);
     args.extend(extra_args);
-    let o = qomvm(&args, timeout_s);
+    // A guest expected to outlive the timeout (one that reboots for ever) is no stall.
+    let ending = if expect_status == 124 {
+        Ending::ByTimeout
+    } else {
+        Ending::Itself
+    };
+    let o = qomvm(&args, timeout_s, ending);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(expect_status), "qomvm output:\n{out}");
     Some(out)
