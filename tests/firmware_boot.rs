@@ -13,7 +13,6 @@
 //! - bad firmware files and `-kernel` with `-bios` get one-line errors, never a panic.
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod firmware;
@@ -27,30 +26,6 @@ fn scratch_disk(name: &str, image: Vec<u8>) -> (PathBuf, String) {
     std::fs::write(&disk, image).unwrap();
     let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
     (dir, drive)
-}
-
-fn qomvm_output(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qomvm"))
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::null())
-        .output()
-        .expect("qomvm runs")
-}
-
-/// A pc on the qtest accelerator (nothing runs: its set-up errors show) with `extra`.
-fn qtest_pc(extra: &[&str]) -> Output {
-    let base = [
-        "-M",
-        "pc",
-        "-accel",
-        "qtest",
-        "-nodefaults",
-        "-display",
-        "none",
-    ];
-    let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-    qomvm_output(&args)
 }
 
 /// A 64 KiB ROM. The reset vector jumps to f000:0000, the copy of the ROM's start that
@@ -396,9 +371,8 @@ fn bad_firmware_files_get_one_line_errors() {
         let path = dir.join(name);
         let file = std::fs::File::create(&path).unwrap();
         file.set_len(size).unwrap();
-        let o = qtest_pc(&["-bios", path.to_str().unwrap()]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        let (status, err) = qtest_pc(&["-bios", path.to_str().unwrap()]);
+        assert_eq!(status, Some(1), "{name}: {err}");
         assert!(
             err.starts_with(&format!(
                 "qomvm: could not load PC BIOS '{}': ",
@@ -410,9 +384,8 @@ fn bad_firmware_files_get_one_line_errors() {
         assert_eq!(err.lines().count(), 1, "{name}: {err}");
     }
     let missing = dir.join("missing.bin");
-    let o = qtest_pc(&["-bios", missing.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    let (status, err) = qtest_pc(&["-bios", missing.to_str().unwrap()]);
+    assert_eq!(status, Some(1), "{err}");
     assert_eq!(
         err,
         format!(
@@ -425,12 +398,9 @@ fn bad_firmware_files_get_one_line_errors() {
 
 #[test]
 fn kernel_with_bios_is_refused() {
-    let o = qtest_pc(&["-bios", "bios-256k.bin", "-kernel", "/nonexistent/vmlinuz"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&o.stderr),
-        "qomvm: -kernel with -bios is not supported yet\n"
-    );
+    let (status, err) = qtest_pc(&["-bios", "bios-256k.bin", "-kernel", "/nonexistent/vmlinuz"]);
+    assert_eq!(status, Some(1));
+    assert_eq!(err, "qomvm: -kernel with -bios is not supported yet\n");
 }
 
 /// A boot sector that prints "#" and CMOS byte 0x3d (the first two boot devices) as two
@@ -557,13 +527,9 @@ fn bad_boot_options_get_qemus_errors() {
         ("menu=maybe", "Parameter 'boot.menu' expects 'on' or 'off'"),
         ("foo=1", "Parameter 'boot.foo' is unexpected"),
     ] {
-        let o = qtest_pc(&["-boot", boot]);
-        assert_eq!(o.status.code(), Some(1), "-boot {boot}");
-        assert_eq!(
-            String::from_utf8_lossy(&o.stderr),
-            format!("qomvm: {error}\n"),
-            "-boot {boot}"
-        );
+        let (status, err) = qtest_pc(&["-boot", boot]);
+        assert_eq!(status, Some(1), "-boot {boot}");
+        assert_eq!(err, format!("qomvm: {error}\n"), "-boot {boot}");
     }
 }
 

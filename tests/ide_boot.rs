@@ -23,17 +23,11 @@
 //! The images are sparse files: a 128 GiB disk costs a few blocks.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 mod firmware;
 use firmware::*;
-
-/// How long a configuration error may take: qomvm refuses it before any guest code runs.
-const ERROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("a UTF-8 temporary path")
@@ -625,50 +619,6 @@ fn boot_order_chooses_between_hda_and_cdrom() {
     assert!(text.contains(CD_READ_LINE), "-boot d: {text:?}");
     assert!(!text.contains("HD-BOOTED"), "-boot d: {text:?}");
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// Runs a pc on qtest (nothing runs: only set-up errors show) with `extra`; returns its exit
-/// code and stderr. Kills it and fails if it is still running after [`ERROR_TIMEOUT`]: the
-/// configuration was accepted.
-fn qtest_pc(extra: &[&str]) -> (Option<i32>, String) {
-    let base = [
-        "-M",
-        "pc",
-        "-accel",
-        "qtest",
-        "-nodefaults",
-        "-display",
-        "none",
-    ];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
-        .args(base)
-        .args(extra)
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qomvm runs");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > ERROR_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{extra:?} was accepted: qomvm still runs after {ERROR_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code(), err)
 }
 
 /// QEMU 7.2's errors for IDE configurations it refuses (`qemu-system-x86_64` prints them

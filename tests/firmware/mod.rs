@@ -3,8 +3,10 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Debian's SeaBIOS, which the default firmware boot needs.
 pub const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
@@ -63,4 +65,51 @@ pub fn seabios_or_skip() -> bool {
         return false;
     }
     true
+}
+
+/// How long a configuration error may take: qomvm refuses it before any guest code runs.
+pub const ERROR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a pc on qtest (nothing runs: only set-up errors show) with `extra`; returns its exit
+/// code and stderr. Kills it and fails if it is still running after [`ERROR_TIMEOUT`]: the
+/// configuration was accepted.
+pub fn qtest_pc(extra: &[&str]) -> (Option<i32>, String) {
+    let base = [
+        "-M",
+        "pc",
+        "-accel",
+        "qtest",
+        "-nodefaults",
+        "-display",
+        "none",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args(base)
+        .args(extra)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qomvm runs");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > ERROR_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{extra:?} was accepted: qomvm still runs after {ERROR_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code(), err)
 }
