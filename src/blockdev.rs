@@ -229,19 +229,26 @@ pub fn drive_add(
         _ => None,
     };
     drives.units.push((interface.clone(), index));
-    let Some(file) = file else {
-        // An IDE CD drive without a medium (QEMU's empty drive); other drives need one.
-        return match (cdrom, device) {
-            (true, Some(device)) if interface == "ide" => Ok(Some(Located {
-                option: "device",
-                value: device,
-            })),
-            _ => Err(err("an empty drive (no file=) is not supported".to_string())),
-        };
-    };
     if block::name_in_use(&id) {
         return Err(err(format!("Duplicate ID '{id}' for drive")));
     }
+    let Some(file) = file else {
+        // A CD drive without a medium (QEMU's drive without a root node), named so that
+        // `eject`/`blockdev-change-medium device=ID` find it; other drives need one.
+        if !cdrom {
+            return Err(err("an empty drive (no file=) is not supported".to_string()));
+        }
+        block::add_empty_drive(&id, None).map_err(|e| err(e.to_string()))?;
+        let Some(mut device) = device else {
+            return Ok(None);
+        };
+        block::set_empty_drive_auto_connected(&id);
+        device.push_str(&format!(",drive={}", id.replace(',', ",,")));
+        return Ok(Some(Located {
+            option: "device",
+            value: device,
+        }));
+    };
     opts.filename = file.into();
     opts.format = format;
     // A CD is read-only whatever the drive says (QEMU's drive_new for media=cdrom).
@@ -250,6 +257,7 @@ pub fn drive_add(
     }
     let backend = BlockBackend::open(&id, &block::auto_node_name(), opts, warn)
         .map_err(|e| err(e.to_string()))?;
+    backend.set_blk_owned();
     let backend = block::add_backend(backend).map_err(|e| err(e.to_string()))?;
     let Some(mut device) = device else {
         return Ok(None);
@@ -342,8 +350,16 @@ fn node_common(
     prefix: &str,
     opts: &mut OpenOptions,
 ) -> Result<(), String> {
-    if let Some(ro) = bool_member(map, prefix, "read-only")? {
-        opts.read_only = ro;
+    match bool_member(map, prefix, "read-only")? {
+        Some(ro) => opts.read_only = ro,
+        // libvirt opens every file node so: read-only until a parent writes.
+        None if map.get("driver").and_then(Value::as_str) == Some("file")
+            && bool_member(map, prefix, "auto-read-only")? == Some(true) =>
+        {
+            opts.read_only = true;
+            opts.auto_read_only = true;
+        }
+        None => {}
     }
     if let Some(cache) = map.get("cache") {
         let Value::Object(cache) = cache else {
@@ -442,22 +458,37 @@ fn file_node(map: &Map<String, Value>, prefix: &str, opts: &mut OpenOptions) -> 
 /// an inline `file` node or a reference to a `file` node (`file=NODE`); a qcow2 node
 /// takes `backing=NODE` or `"backing": null`.
 pub fn blockdev_add(located: &Located) -> Result<(), OptionError> {
-    let err = |m: String| located.error(m);
-    let map = blockdev_args(&located.value).map_err(err)?;
-    let driver = str_member(&map, "", "driver")
+    let map = blockdev_args(&located.value).map_err(|m| located.error(m))?;
+    blockdev_add_map(&map).map_err(|m| located.error(m))
+}
+
+/// QEMU's `bdrv_assign_node_name` checks: a drive's name, then a node's.
+fn check_node_name(name: &str) -> Result<(), String> {
+    if block::is_drive_name(name) {
+        return Err(format!("node-name={name} is conflicting with a device id"));
+    }
+    if block::name_in_use(name) {
+        return Err(format!("Duplicate nodes with node-name='{name}'"));
+    }
+    Ok(())
+}
+
+/// QMP's `blockdev-add` (and `-blockdev`'s parsed argument): opens the node `map`
+/// describes and adds it to the block layer's table.
+pub fn blockdev_add_map(map: &Map<String, Value>) -> Result<(), String> {
+    let err = |m: String| m;
+    let driver = str_member(map, "", "driver")
         .map_err(err)?
         .ok_or_else(|| err("Parameter 'driver' is missing".into()))?;
-    let node_name = str_member(&map, "", "node-name")
+    let node_name = str_member(map, "", "node-name")
         .map_err(err)?
         .ok_or_else(|| err("'node-name' must be specified for the root node".into()))?;
-    if block::name_in_use(&node_name) {
-        return Err(err(format!("Duplicate nodes with node-name='{node_name}'")));
-    }
+    check_node_name(&node_name)?;
     let mut opts = OpenOptions::new("");
-    node_common(&map, "", &mut opts).map_err(err)?;
+    node_common(map, "", &mut opts).map_err(err)?;
     match driver.as_str() {
         "file" => {
-            file_node(&map, "", &mut opts).map_err(err)?;
+            file_node(map, "", &mut opts).map_err(err)?;
             opts.format = Some(Format::Raw);
             opts.protocol_only = true;
         }
@@ -467,8 +498,8 @@ pub fn blockdev_add(located: &Located) -> Result<(), OptionError> {
             } else {
                 &["file"]
             };
-            check_keys(&map, "", extra).map_err(err)?;
-            opts.backing = backing_member(&map).map_err(err)?;
+            check_keys(map, "", extra).map_err(err)?;
+            opts.backing = backing_member(map).map_err(err)?;
             opts.format = Format::from_name(&driver);
             match map.get("file") {
                 None => return Err(err("Parameter 'file' is missing".into())),
@@ -485,9 +516,10 @@ pub fn blockdev_add(located: &Located) -> Result<(), OptionError> {
                     file_node_common(file, &mut opts).map_err(err)?;
                     let file_name = str_member(file, "file.", "node-name").map_err(err)?;
                     if let Some(name) = &file_name {
-                        if *name == node_name || block::name_in_use(name) {
+                        if *name == node_name {
                             return Err(err(format!("Duplicate nodes with node-name='{name}'")));
                         }
+                        check_node_name(name)?;
                     }
                     opts.file_node_name = file_name;
                 }
@@ -506,9 +538,32 @@ pub fn blockdev_add(located: &Located) -> Result<(), OptionError> {
             )))
         }
     }
-    let backend = BlockBackend::open("", &node_name, opts, warn).map_err(|e| err(e.to_string()))?;
-    block::add_backend(backend).map_err(|e| err(e.to_string()))?;
+    let backend = BlockBackend::open("", &node_name, opts, warn).map_err(|e| e.to_string())?;
+    block::add_backend(backend).map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// `blockdev-change-medium`'s new medium (QEMU's `bdrv_open` of `filename` with the
+/// drive's flags): `format` or probed, read-only or not, owned by the drive.
+pub fn open_medium(
+    filename: &str,
+    format: Option<&str>,
+    read_only: bool,
+    detect_zeroes: DetectZeroes,
+) -> Result<BlockBackend, String> {
+    let mut opts = OpenOptions::new(filename);
+    opts.format = match format {
+        Some(name) => {
+            Some(Format::from_name(name).ok_or_else(|| format!("Unknown driver '{name}'"))?)
+        }
+        None => None,
+    };
+    opts.read_only = read_only;
+    opts.detect_zeroes = detect_zeroes;
+    let medium =
+        BlockBackend::open("", &block::auto_node_name(), opts, warn).map_err(|e| e.to_string())?;
+    medium.set_blk_owned();
+    Ok(medium)
 }
 
 #[cfg(test)]

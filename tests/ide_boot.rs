@@ -724,6 +724,39 @@ fn bad_ide_configurations_get_qemus_errors() {
             "Drive 'ide0-hd0' is already in use because it has been automatically connected \
              to another device (did you need 'if=none' in the drive options?)",
         ),
+        // A disk needs a medium; an empty CD drive has one device.
+        (
+            vec![
+                "-drive",
+                "if=none,id=e0,media=cdrom",
+                "-device",
+                "ide-hd,drive=e0",
+            ],
+            "ide-hd,drive=e0",
+            "Device needs media, but drive is empty",
+        ),
+        (
+            vec![
+                "-drive",
+                "if=none,id=e0,media=cdrom",
+                "-device",
+                "virtio-blk-pci,drive=e0",
+            ],
+            "virtio-blk-pci,drive=e0",
+            "Device needs media, but drive is empty",
+        ),
+        (
+            vec![
+                "-drive",
+                "if=none,id=e0,media=cdrom",
+                "-device",
+                "ide-cd,drive=e0",
+                "-device",
+                "ide-cd,drive=e0",
+            ],
+            "ide-cd,drive=e0",
+            "Drive 'e0' is already in use by another device",
+        ),
         (
             vec!["-drive", &a_none, "-device", "ide-hd,drive=nope"],
             "ide-hd,drive=nope",
@@ -774,7 +807,7 @@ fn bad_ide_configurations_get_qemus_errors() {
         let (code, err) = qtest_pc(&args);
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(code, Some(1), "{args:?}: {err}");
-        let option = if option_value.starts_with("ide-") {
+        let option = if option_value.starts_with("ide-") || option_value.starts_with("virtio-") {
             "-device"
         } else {
             "-drive"

@@ -446,3 +446,367 @@ fn resets_cancel_transfers_in_progress() {
     assert_eq!(status & ERR, 0);
     assert_eq!(inquiry.len(), 36);
 }
+
+/// The QMP command's error text, or `None` if it succeeded.
+fn qmp_error(qmp: &mut QmpClient, name: &str, args: serde_json::Value) -> Option<String> {
+    let reply = qmp.execute(name, args);
+    if reply.get("return").is_some() {
+        return None;
+    }
+    Some(
+        reply["error"]["desc"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+/// Runs `name`, which must succeed.
+fn qmp_ok(qmp: &mut QmpClient, name: &str, args: serde_json::Value) {
+    assert_eq!(qmp_error(qmp, name, args.clone()), None, "{name} {args}");
+}
+
+/// query-block's entry of `device`.
+fn block_info(qmp: &mut QmpClient, device: &str) -> serde_json::Value {
+    let blocks = qmp.execute("query-block", json!({}));
+    blocks["return"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["device"] == device).cloned())
+        .unwrap_or_else(|| panic!("no {device}: {blocks}"))
+}
+
+/// The `DEVICE_TRAY_MOVED` events so far (as `tray-open` values), taken from the client.
+fn tray_moves(qmp: &mut QmpClient) -> Vec<bool> {
+    // An answered command delivers the events sent before it.
+    qmp.execute("query-status", json!({}));
+    let moves = qmp
+        .events
+        .iter()
+        .filter(|e| e["event"] == "DEVICE_TRAY_MOVED")
+        .map(|e| e["data"]["tray-open"].as_bool().unwrap())
+        .collect();
+    qmp.events.clear();
+    moves
+}
+
+/// The sense key and additional sense code REQUEST SENSE reports.
+fn request_sense(ide: &mut Ide) -> (u8, u8) {
+    let (_, sense) = atapi_pio(ide, [0x03, 0, 0, 0, 18, 0, 0, 0, 0, 0, 0, 0]);
+    (sense[2], sense[12])
+}
+
+/// GET EVENT STATUS NOTIFICATION's media event: (event code, media status).
+fn media_event(ide: &mut Ide) -> (u8, u8) {
+    let (_, e) = atapi_pio(ide, [0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0, 0, 0]);
+    (e[4], e[5])
+}
+
+/// Block `lba` of the CD by READ(10), once the drive is ready.
+fn read_cd_block(ide: &mut Ide, lba: u8) -> Vec<u8> {
+    let (status, data) = atapi_pio(ide, [0x28, 0, 0, 0, 0, lba, 0, 0, 1, 0, 0, 0]);
+    assert_eq!(status & ERR, 0, "READ(10) of block {lba}");
+    data
+}
+
+#[test]
+fn the_cd_changes_as_qemus_does_through_eject_and_the_blockdev_medium_commands() {
+    let mut ide = Ide::start("qomvm-ide-media", true);
+    let other: Vec<u8> = (0..256u32)
+        .flat_map(|b| vec![0x80 | b as u8; 2048])
+        .collect();
+    std::fs::write(ide.dir.join("other.iso"), other).unwrap();
+    let mut qmp = QmpClient::connect(&ide.dir.join("qmp.sock"));
+    let qdev = block_info(&mut qmp, "ide1-cd0")["qdev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Names that are wrong in QEMU's ways.
+    let both = json!({"device": "ide1-cd0", "id": qdev});
+    assert_eq!(
+        qmp_error(&mut qmp, "eject", both).as_deref(),
+        Some("Need exactly one of 'device' and 'id'")
+    );
+    assert_eq!(
+        qmp_error(&mut qmp, "eject", json!({"device": "nope"})).as_deref(),
+        Some("Device 'nope' not found")
+    );
+    assert_eq!(
+        qmp_error(&mut qmp, "eject", json!({"device": "ide0-hd0"})).as_deref(),
+        Some("Device 'ide0-hd0' is not removable")
+    );
+    assert_eq!(
+        qmp_error(&mut qmp, "blockdev-remove-medium", json!({"id": qdev})),
+        Some(format!("Tray of device '{qdev}' is not open"))
+    );
+
+    // The guest locks the medium in: eject asks it to let go, and only force opens it.
+    let (status, _) = atapi_pio(&mut ide, [0x1e, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(status & ERR, 0);
+    assert_eq!(
+        qmp_error(&mut qmp, "eject", json!({"device": "ide1-cd0"})).as_deref(),
+        Some("Device 'ide1-cd0' is locked and force was not specified, wait for tray to open and try again")
+    );
+    assert_eq!(
+        media_event(&mut ide),
+        (1, 2),
+        "eject requested, medium present"
+    );
+    assert_eq!(media_event(&mut ide), (0, 2), "reported once");
+    assert_eq!(tray_moves(&mut qmp), Vec::<bool>::new());
+    qmp_ok(
+        &mut qmp,
+        "eject",
+        json!({"device": "ide1-cd0", "force": true}),
+    );
+    assert_eq!(tray_moves(&mut qmp), [true]);
+    let cd = block_info(&mut qmp, "ide1-cd0");
+    assert_eq!(
+        (&cd["tray_open"], &cd["locked"]),
+        (&json!(true), &json!(false))
+    );
+    assert!(cd.get("inserted").is_none(), "{cd}");
+    let (status, _) = atapi_pio(&mut ide, [0; 12]);
+    assert_eq!(status & ERR, ERR);
+    assert_eq!(
+        request_sense(&mut ide),
+        (2, 0x3a),
+        "NOT READY, medium not present"
+    );
+    assert_eq!(media_event(&mut ide), (0, 1), "tray open");
+
+    // libvirt's way: a node of its own, inserted into the open tray, which then closes.
+    qmp_ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "other", "read-only": true,
+               "file": {"driver": "file", "filename": ide.dir.join("other.iso")}}),
+    );
+    assert_eq!(
+        qmp_error(
+            &mut qmp,
+            "blockdev-insert-medium",
+            json!({"id": qdev, "node-name": "none"})
+        )
+        .as_deref(),
+        Some("Node 'none' not found")
+    );
+    qmp_ok(
+        &mut qmp,
+        "blockdev-insert-medium",
+        json!({"id": qdev, "node-name": "other"}),
+    );
+    assert_eq!(
+        qmp_error(
+            &mut qmp,
+            "blockdev-insert-medium",
+            json!({"id": qdev, "node-name": "other"})
+        )
+        .as_deref(),
+        Some("Node 'other' is already in use")
+    );
+    qmp_ok(&mut qmp, "blockdev-close-tray", json!({"id": qdev}));
+    assert_eq!(tray_moves(&mut qmp), [false]);
+    let cd = block_info(&mut qmp, "ide1-cd0");
+    assert_eq!(cd["inserted"]["node-name"], "other", "{cd}");
+    assert_eq!(
+        cd["inserted"]["file"],
+        ide.dir.join("other.iso").to_str().unwrap(),
+        "{cd}"
+    );
+    assert_eq!(
+        qmp_error(&mut qmp, "blockdev-del", json!({"node-name": "other"})).as_deref(),
+        Some("Node other is in use")
+    );
+
+    // The guest sees the change: a new-media event, then "not present" and "may have
+    // changed" before its commands run again (QEMU's cdrom_changed).
+    assert_eq!(media_event(&mut ide), (2, 2), "new medium");
+    let (status, _) = atapi_pio(&mut ide, [0; 12]);
+    assert_eq!(status & ERR, ERR);
+    assert_eq!(request_sense(&mut ide), (2, 0x3a));
+    let (status, _) = atapi_pio(&mut ide, [0; 12]);
+    assert_eq!(status & ERR, ERR);
+    assert_eq!(
+        request_sense(&mut ide),
+        (6, 0x28),
+        "UNIT ATTENTION, medium changed"
+    );
+    assert_eq!(read_cd_block(&mut ide, 3), vec![0x83; 2048]);
+    let (_, capacity) = atapi_pio(&mut ide, [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(capacity[..4], [0, 0, 0, 0xff], "last block 255");
+
+    // blockdev-change-medium: the first image again, the monitor's node given back.
+    let first = ide.dir.join("cd.iso");
+    qmp_ok(
+        &mut qmp,
+        "blockdev-change-medium",
+        json!({"device": "ide1-cd0", "filename": first, "format": "raw"}),
+    );
+    assert_eq!(tray_moves(&mut qmp), [true, false]);
+    let cd = block_info(&mut qmp, "ide1-cd0");
+    assert_eq!(cd["inserted"]["ro"], true, "a CD stays read-only: {cd}");
+    assert!(
+        cd["inserted"]["node-name"]
+            .as_str()
+            .unwrap()
+            .starts_with("#block"),
+        "{cd}"
+    );
+    atapi_pio(&mut ide, [0; 12]);
+    atapi_pio(&mut ide, [0; 12]);
+    // A unit attention holds every other command until REQUEST SENSE reports it.
+    let (status, _) = atapi_pio(&mut ide, [0x28, 0, 0, 0, 0, 5, 0, 0, 1, 0, 0, 0]);
+    assert_eq!((status & ERR, ide.inb(CMD2 + 1)), (ERR, 0x60 | 0x20));
+    assert_eq!(request_sense(&mut ide), (6, 0x28));
+    assert_eq!(read_cd_block(&mut ide, 5), vec![5; 2048]);
+    qmp_ok(&mut qmp, "blockdev-del", json!({"node-name": "other"}));
+    assert_eq!(
+        qmp_error(&mut qmp, "blockdev-del", json!({"node-name": "other"})).as_deref(),
+        Some("Failed to find node with node-name='other'")
+    );
+    let missing = ide.dir.join("missing.iso");
+    assert_eq!(
+        qmp_error(
+            &mut qmp,
+            "blockdev-change-medium",
+            json!({"device": "ide1-cd0", "filename": missing, "format": "raw"})
+        ),
+        Some(format!(
+            "Could not open '{}': No such file or directory",
+            missing.display()
+        ))
+    );
+    assert_eq!(
+        tray_moves(&mut qmp),
+        Vec::<bool>::new(),
+        "a failed open moves nothing"
+    );
+
+    // The guest's own eject (START STOP UNIT) moves the tray with the medium in it.
+    let (status, _) = atapi_pio(&mut ide, [0x1b, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(status & ERR, 0);
+    assert_eq!(tray_moves(&mut qmp), [true]);
+    let cd = block_info(&mut qmp, "ide1-cd0");
+    assert_eq!(cd["tray_open"], true, "{cd}");
+    assert!(cd.get("inserted").is_some(), "{cd}");
+
+    // HMP's eject and change.
+    let hmp = |qmp: &mut QmpClient, line: &str| {
+        let r = qmp.execute("human-monitor-command", json!({"command-line": line}));
+        r["return"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(hmp(&mut qmp, "eject ide1-cd0"), "");
+    assert!(block_info(&mut qmp, "ide1-cd0").get("inserted").is_none());
+    let line = format!(
+        "change ide1-cd0 {} raw",
+        ide.dir.join("other.iso").display()
+    );
+    assert_eq!(hmp(&mut qmp, &line), "");
+    assert!(block_info(&mut qmp, "ide1-cd0").get("inserted").is_some());
+    assert_eq!(tray_moves(&mut qmp), [false]);
+}
+
+#[test]
+fn empty_cd_drives_are_named_and_take_a_medium() {
+    let mut scratch = PathBuf::new();
+    let _qt = Qtest::start(env!("CARGO_BIN_EXE_qomvm"), "qomvm-ide-empty-cd", |dir| {
+        scratch = dir.to_path_buf();
+        std::fs::write(dir.join("cd.iso"), vec![7u8; 4 * 2048]).unwrap();
+        let qmp = format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display());
+        [
+            "-drive",
+            "if=ide,index=2,media=cdrom",
+            "-drive",
+            "if=none,id=cd9,media=cdrom",
+            "-device",
+            "ide-cd,drive=cd9,bus=ide.1,unit=1,id=cdrom9",
+            "-qmp",
+            &qmp,
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let mut qmp = QmpClient::connect(&scratch.join("qmp.sock"));
+    for (device, qdev) in [("ide1-cd0", None), ("cd9", Some("cdrom9"))] {
+        let cd = block_info(&mut qmp, device);
+        assert!(cd.get("inserted").is_none(), "{cd}");
+        assert_eq!(cd["removable"], true, "{cd}");
+        if let Some(qdev) = qdev {
+            assert_eq!(cd["qdev"], qdev, "{cd}");
+        }
+        qmp_ok(
+            &mut qmp,
+            "blockdev-change-medium",
+            json!({"device": device, "filename": scratch.join("cd.iso"), "format": "raw"}),
+        );
+        let cd = block_info(&mut qmp, device);
+        assert_eq!(cd["inserted"]["image"]["virtual-size"], 4 * 2048, "{cd}");
+    }
+    assert_eq!(qmp_error(&mut qmp, "eject", json!({"id": "cdrom9"})), None);
+    assert!(block_info(&mut qmp, "cd9").get("inserted").is_none());
+}
+
+#[test]
+fn nodes_added_at_run_time_are_deleted_as_qemu_deletes_them() {
+    let ide = Ide::start("qomvm-ide-blockdev-del", true);
+    let mut qmp = QmpClient::connect(&ide.dir.join("qmp.sock"));
+    let iso = ide.dir.join("cd.iso");
+    // libvirt's pair: a file node opened with auto-read-only, a format node over it.
+    qmp_ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "file", "filename": iso, "node-name": "f1", "auto-read-only": true}),
+    );
+    qmp_ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "fmt1", "read-only": true, "file": "f1"}),
+    );
+    assert_eq!(
+        qmp_error(
+            &mut qmp,
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "fmt1", "file": "f1"})
+        )
+        .as_deref(),
+        Some("Duplicate nodes with node-name='fmt1'")
+    );
+    assert_eq!(
+        qmp_error(
+            &mut qmp,
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "ide1-cd0", "filename": iso})
+        )
+        .as_deref(),
+        Some("node-name=ide1-cd0 is conflicting with a device id")
+    );
+    assert_eq!(
+        qmp_error(&mut qmp, "blockdev-del", json!({"node-name": "f1"})).as_deref(),
+        Some("Block device f1 is in use")
+    );
+    let names = |qmp: &mut QmpClient| -> Vec<String> {
+        let nodes = qmp.execute("query-named-block-nodes", json!({}));
+        nodes["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node-name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(names(&mut qmp).contains(&"fmt1".to_string()));
+    // Deleting the format node gives the file node back, which then goes too.
+    qmp_ok(&mut qmp, "blockdev-del", json!({"node-name": "fmt1"}));
+    let after = names(&mut qmp);
+    assert!(!after.contains(&"fmt1".to_string()), "{after:?}");
+    assert!(after.contains(&"f1".to_string()), "{after:?}");
+    qmp_ok(&mut qmp, "blockdev-del", json!({"node-name": "f1"}));
+    assert!(!names(&mut qmp).contains(&"f1".to_string()));
+    // A -drive's node is the drive's.
+    let hd = block_info(&mut qmp, "ide0-hd0");
+    let hd_node = hd["inserted"]["node-name"].as_str().unwrap().to_string();
+    assert_eq!(
+        qmp_error(&mut qmp, "blockdev-del", json!({"node-name": hd_node})),
+        Some(format!("Node {hd_node} is in use"))
+    );
+}

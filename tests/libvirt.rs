@@ -588,6 +588,60 @@ fn ide_disks_and_cdroms_under_libvirt() {
         .unwrap_or_else(|| panic!("no ide0-1-1: {reply}"));
     assert_eq!(empty["removable"], true, "{empty}");
     assert!(empty.get("inserted").is_none(), "{empty}");
+    // libvirt's change-media: open the tray, take the medium out, delete its nodes, add
+    // the new ones, put them in, close the tray.
+    let iso2 = dom.dir.join("cd2.iso");
+    std::fs::write(&iso2, vec![0x44; 2 << 20]).unwrap();
+    let iso2 = iso2.to_str().unwrap();
+    virsh_ok(&["change-media", &dom.name, "hdd", iso2, "--insert"]);
+    virsh_ok(&["change-media", &dom.name, "hdc", "--eject"]);
+    let blocks = virsh_ok(&["domblklist", &dom.name]);
+    for line in ["hdc      -".to_string(), format!("hdd      {iso2}")] {
+        assert!(blocks.contains(&line), "no '{line}': {blocks}");
+    }
+    virsh_ok(&["change-media", &dom.name, "hdc", iso2, "--update"]);
+    virsh_ok(&[
+        "change-media",
+        &dom.name,
+        "hdd",
+        iso.to_str().unwrap(),
+        "--update",
+    ]);
+    let reply = virsh_ok(&[
+        "qemu-monitor-command",
+        &dom.name,
+        r#"{"execute":"query-block"}"#,
+    ]);
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let media = [
+        ("ide0-1-0", iso2, 2u64 << 20),
+        ("ide0-1-1", iso.to_str().unwrap(), 1 << 20),
+    ];
+    for (qdev, file, size) in media {
+        let cd = reply["return"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["qdev"] == qdev).cloned())
+            .unwrap_or_else(|| panic!("no {qdev}: {reply}"));
+        assert_eq!(cd["tray_open"], false, "{cd}");
+        assert_eq!(cd["inserted"]["image"]["virtual-size"], size, "{cd}");
+        assert_eq!(cd["inserted"]["image"]["filename"], file, "{cd}");
+    }
+    // The old media's nodes are gone: each image has its format and file node once.
+    let nodes = virsh_ok(&[
+        "qemu-monitor-command",
+        &dom.name,
+        r#"{"execute":"query-named-block-nodes"}"#,
+    ]);
+    let nodes: serde_json::Value = serde_json::from_str(&nodes).unwrap();
+    for file in [iso.to_str().unwrap(), iso2] {
+        let count = nodes["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["file"] == file)
+            .count();
+        assert_eq!(count, 2, "nodes of {file}: {nodes}");
+    }
     virsh_ok(&["destroy", &dom.name]);
     assert_eq!(listed_state(&dom.name), None);
 }

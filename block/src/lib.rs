@@ -277,6 +277,10 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// `readonly=on`.
     pub read_only: bool,
+    /// `auto-read-only=on` on a `driver=file` node without `read-only`: it opens read-only,
+    /// and a format node over it that writes opens it for writing (QEMU's file-posix
+    /// takes the write permission only when a parent asks for it).
+    pub auto_read_only: bool,
     /// `cache=`.
     pub cache: CacheMode,
     /// `discard=`.
@@ -305,6 +309,7 @@ impl OpenOptions {
             filename: filename.into(),
             format: None,
             read_only: false,
+            auto_read_only: false,
             cache: CacheMode::default(),
             discard: DiscardMode::default(),
             aio: AioMode::default(),
@@ -607,7 +612,9 @@ impl Acct {
 /// Requests are synchronous, on the calling thread (a device's I/O thread), and counted
 /// as QEMU's `block_acct_*` count them.
 pub struct BlockBackend {
-    id: String,
+    /// QEMU's `BlockBackend` name: the `-drive` id, or the name of the CD drive's backend
+    /// the node is the medium of; empty for a `-blockdev` node of its own.
+    id: RwLock<String>,
     node_name: String,
     opts: OpenOptions,
     /// Raw was guessed, not asked for: writes to sector 0 may not make it look like another
@@ -626,12 +633,18 @@ pub struct BlockBackend {
     attached: Mutex<Option<String>>,
     /// A `-drive` with an interface (`if=ide`, `if=virtio`) made its device itself.
     auto_connected: AtomicBool,
+    /// Owned by the device's backend rather than the monitor (QEMU: a BDS opened by
+    /// `blockdev-change-medium`): removing the medium closes it.
+    blk_owned: AtomicBool,
+    /// The `driver=file` node a `file=NODE` reference took, as it was opened: deleting
+    /// this node (`blockdev-del`) gives it back.
+    taken_file: Option<Box<(String, OpenOptions)>>,
 }
 
 impl std::fmt::Debug for BlockBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlockBackend")
-            .field("id", &self.id)
+            .field("id", &*self.id.read())
             .field("node_name", &self.node_name)
             .field("opts", &self.opts)
             .finish_non_exhaustive()
@@ -691,7 +704,7 @@ impl BlockBackend {
             return Self::open_image_node(id, node_name, opts, warn, None);
         };
         let (index, mut file) = take_file_node(&name, node_name)?;
-        if file.opts.read_only && !opts.read_only {
+        if file.opts.read_only && !opts.read_only && !file.opts.auto_read_only {
             put_back(index, file);
             return Err(BlockError::ReadOnly);
         }
@@ -716,7 +729,12 @@ impl BlockBackend {
             None => None,
         };
         match Self::open_image_node(id, node_name, opts, warn, lock) {
-            Ok(backend) => Ok(backend),
+            Ok(mut backend) => {
+                let mut taken = file.opts.clone();
+                taken.file_node_name = None;
+                backend.taken_file = Some(Box::new((file.node_name.clone(), taken)));
+                Ok(backend)
+            }
             Err(e) => {
                 // Back to the file node's own permissions, and back in the table.
                 let (perm, shared) = top_perms(Format::Raw, file.opts.read_only);
@@ -780,7 +798,7 @@ impl BlockBackend {
             top_lock,
         )?;
         Ok(BlockBackend {
-            id: id.to_string(),
+            id: RwLock::new(id.to_string()),
             node_name: node_name.to_string(),
             opts: OpenOptions {
                 format: Some(format),
@@ -795,12 +813,26 @@ impl BlockBackend {
             acct: Mutex::new(Acct::default()),
             attached: Mutex::new(None),
             auto_connected: AtomicBool::new(false),
+            blk_owned: AtomicBool::new(false),
+            taken_file: None,
         })
     }
 
     /// The backend's name (`-drive id=`); empty for a `-blockdev` node.
-    pub fn id(&self) -> &str {
-        &self.id
+    pub fn id(&self) -> String {
+        self.id.read().clone()
+    }
+
+    /// Whether the backend is named `name` (never an empty name).
+    fn has_id(&self, name: &str) -> bool {
+        let id = self.id.read();
+        !id.is_empty() && *id == name
+    }
+
+    /// Names the node after the drive it is the medium of (QEMU's `blk_insert_bs` into a
+    /// named backend), or takes the name away again (`""`).
+    pub fn set_id(&self, name: &str) {
+        *self.id.write() = name.to_string();
     }
     /// The root node's name.
     pub fn node_name(&self) -> &str {
@@ -842,22 +874,27 @@ impl BlockBackend {
     pub fn attach_dev(&self, qdev: &str) -> Result<(), BlockError> {
         let mut attached = self.attached.lock();
         if attached.is_some() {
-            let name = if self.id.is_empty() {
-                &self.node_name
-            } else {
-                &self.id
-            };
-            let why = if self.auto_connected.load(Ordering::Relaxed) {
-                "because it has been automatically connected to another device (did you need 'if=none' in the drive options?)"
-            } else {
-                "by another device"
-            };
-            return Err(BlockError::Invalid(format!(
-                "Drive '{name}' is already in use {why}"
-            )));
+            let id = self.id();
+            let name = if id.is_empty() { &self.node_name } else { &id };
+            return Err(drive_in_use(
+                name,
+                self.auto_connected.load(Ordering::Relaxed),
+            ));
         }
         *attached = Some(qdev.to_string());
         Ok(())
+    }
+
+    /// Marks the backend as its device's own medium (QEMU's BDS that only the device's
+    /// `BlockBackend` holds): taking it out closes it.
+    pub fn set_blk_owned(&self) {
+        self.blk_owned.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether taking the medium out closes it: a `-drive`'s image, or one opened for the
+    /// device (`blockdev-change-medium`); a `-blockdev` node stays for `blockdev-del`.
+    pub fn is_blk_owned(&self) -> bool {
+        self.blk_owned.load(Ordering::Relaxed)
     }
     /// Marks the backend as a `-drive` whose interface made its device (QEMU's legacy
     /// `DriveInfo` with a type other than `IF_NONE`): another device's claim is refused
@@ -1161,13 +1198,160 @@ impl BlockBackend {
 /// `graph_bdrv_states`).
 static BACKENDS: Mutex<Vec<Arc<BlockBackend>>> = Mutex::new(Vec::new());
 
+/// QEMU's `blk_attach_dev` refusal: the drive `name` has a device (`auto`: the one its
+/// `-drive` interface made).
+fn drive_in_use(name: &str, auto: bool) -> BlockError {
+    let why = if auto {
+        "because it has been automatically connected to another device (did you need 'if=none' in the drive options?)"
+    } else {
+        "by another device"
+    };
+    BlockError::Invalid(format!("Drive '{name}' is already in use {why}"))
+}
+
+/// A named backend without a medium (QEMU's `BlockBackend` whose root is NULL): a
+/// `-drive if=none,id=cd0,media=cdrom` without `file=`, or a CD drive's `-drive` once its
+/// medium was taken out.
+struct EmptyDrive {
+    name: String,
+    /// The device using it.
+    attached: Option<String>,
+    auto_connected: bool,
+}
+
+static EMPTY_DRIVES: Mutex<Vec<EmptyDrive>> = Mutex::new(Vec::new());
+
+/// Adds the empty drive `name`, held by device `qdev` if given; a name in use is QEMU's
+/// duplicate error.
+pub fn add_empty_drive(name: &str, qdev: Option<&str>) -> Result<(), BlockError> {
+    if name_in_use(name) {
+        return Err(BlockError::Invalid(format!(
+            "Duplicate ID '{name}' for drive"
+        )));
+    }
+    EMPTY_DRIVES.lock().push(EmptyDrive {
+        name: name.to_string(),
+        attached: qdev.map(str::to_string),
+        auto_connected: false,
+    });
+    Ok(())
+}
+
+/// Marks the empty drive `name` as made by its `-drive` interface (see
+/// [`BlockBackend::set_auto_connected`]).
+pub fn set_empty_drive_auto_connected(name: &str) {
+    if let Some(d) = EMPTY_DRIVES.lock().iter_mut().find(|d| d.name == name) {
+        d.auto_connected = true;
+    }
+}
+
+/// Device `qdev` takes the empty drive `name`: `None` if there is no such drive, the
+/// block layer's refusal if another device has it.
+pub fn attach_empty_drive(name: &str, qdev: &str) -> Option<Result<(), BlockError>> {
+    let mut all = EMPTY_DRIVES.lock();
+    let d = all.iter_mut().find(|d| d.name == name)?;
+    if d.attached.is_some() {
+        return Some(Err(drive_in_use(name, d.auto_connected)));
+    }
+    d.attached = Some(qdev.to_string());
+    Some(Ok(()))
+}
+
+/// The empty drive `name` gets a medium (or its device goes): the name leaves the table
+/// of empty drives.
+pub fn remove_empty_drive(name: &str) {
+    EMPTY_DRIVES.lock().retain(|d| d.name != name);
+}
+
+/// Whether `name` names a drive (QEMU's `blk_by_name`): a `-drive`, or the drive a
+/// medium is in, or a drive without a medium.
+pub fn is_drive_name(name: &str) -> bool {
+    BACKENDS.lock().iter().any(|b| b.has_id(name)) || is_empty_drive(name)
+}
+
+/// Whether `name` is a drive without a medium.
+pub fn is_empty_drive(name: &str) -> bool {
+    EMPTY_DRIVES.lock().iter().any(|d| d.name == name)
+}
+
+/// The empty drives without a device (a device reports its own), by name.
+pub fn unattached_empty_drives() -> Vec<String> {
+    EMPTY_DRIVES
+        .lock()
+        .iter()
+        .filter(|d| d.attached.is_none())
+        .map(|d| d.name.clone())
+        .collect()
+}
+
+/// Takes `backend` out of the table (a medium its device owned was removed): the image
+/// closes when the last user lets go of it.
+pub fn remove_backend(backend: &Arc<BlockBackend>) {
+    BACKENDS.lock().retain(|b| !Arc::ptr_eq(b, backend));
+}
+
+/// `blockdev-del`'s refusals, in QEMU's words.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// No node of that name.
+    #[error("Failed to find node with node-name='{0}'")]
+    NotFound(String),
+    /// A device uses it, or it is a `-drive`'s.
+    #[error("Node {0} is in use")]
+    HasBackend(String),
+    /// Another node uses it as its child.
+    #[error("Block device {0} is in use")]
+    Referenced(String),
+    /// Giving back the file node the deleted node had taken failed.
+    #[error("Could not give back node '{0}': {1}")]
+    GiveBack(String, BlockError),
+}
+
+/// QEMU's `qmp_blockdev_del`: deletes the monitor's node `name` and the inline nodes under
+/// it; a `driver=file` node it took by reference (`file=NODE`) is a node of its own again.
+pub fn delete_node(name: &str) -> Result<(), DeleteError> {
+    let node = {
+        let mut all = BACKENDS.lock();
+        let Some(i) = all.iter().position(|b| b.node_name == name) else {
+            if child_user(&all, name).is_some() {
+                return Err(DeleteError::Referenced(name.to_string()));
+            }
+            return Err(DeleteError::NotFound(name.to_string()));
+        };
+        let b = &all[i];
+        if !b.id.read().is_empty() || b.attached_dev().is_some() || Arc::strong_count(b) > 1 {
+            return Err(DeleteError::HasBackend(name.to_string()));
+        }
+        all.remove(i)
+    };
+    let Ok(node) = Arc::try_unwrap(node) else {
+        return Err(DeleteError::HasBackend(name.to_string()));
+    };
+    if let Err(e) = node.flush_image() {
+        log::warn!("flushing '{name}' failed: {e}");
+    }
+    let taken = node.taken_file.clone();
+    // The image's file and locks close before its file node opens it again.
+    drop(node);
+    if let Some(taken) = taken {
+        let (file_name, opts) = *taken;
+        let file = BlockBackend::open("", &file_name, opts, |_| {})
+            .map_err(|e| DeleteError::GiveBack(file_name.clone(), e))?;
+        add_backend(file).map_err(|e| DeleteError::GiveBack(file_name, e))?;
+    }
+    Ok(())
+}
+
 /// Adds an opened backend to the table; a duplicate id or node name is QEMU's error.
 pub fn add_backend(backend: BlockBackend) -> Result<Arc<BlockBackend>, BlockError> {
     let mut all = BACKENDS.lock();
-    if !backend.id.is_empty() && all.iter().any(|b| b.id == backend.id) {
+    let empty_names = EMPTY_DRIVES.lock();
+    let id = backend.id();
+    if !id.is_empty()
+        && (all.iter().any(|b| b.has_id(&id)) || empty_names.iter().any(|d| d.name == id))
+    {
         return Err(BlockError::Invalid(format!(
-            "Duplicate ID '{}' for drive",
-            backend.id
+            "Duplicate ID '{id}' for drive"
         )));
     }
     if let Some(name) = node_names(&backend)
@@ -1178,6 +1362,15 @@ pub fn add_backend(backend: BlockBackend) -> Result<Arc<BlockBackend>, BlockErro
             "Duplicate nodes with node-name='{name}'"
         )));
     }
+    if let Some(name) = node_names(&backend)
+        .into_iter()
+        .find(|n| empty_names.iter().any(|d| d.name == *n))
+    {
+        return Err(BlockError::Invalid(format!(
+            "node-name={name} is conflicting with a device id"
+        )));
+    }
+    drop(empty_names);
     let backend = Arc::new(backend);
     all.push(Arc::clone(&backend));
     Ok(backend)
@@ -1204,7 +1397,8 @@ pub fn name_in_use(name: &str) -> bool {
     BACKENDS
         .lock()
         .iter()
-        .any(|b| (!b.id.is_empty() && b.id == name) || node_names(b).iter().any(|n| n == name))
+        .any(|b| b.has_id(name) || node_names(b).iter().any(|n| n == name))
+        || EMPTY_DRIVES.lock().iter().any(|d| d.name == name)
 }
 
 /// Every backend, in creation order.
@@ -1217,7 +1411,7 @@ pub fn find_backend(name: &str) -> Option<Arc<BlockBackend>> {
     BACKENDS
         .lock()
         .iter()
-        .find(|b| (!b.id.is_empty() && b.id == name) || b.node_name == name)
+        .find(|b| b.has_id(name) || b.node_name == name)
         .cloned()
 }
 
@@ -1260,7 +1454,7 @@ fn take_node(
     let mut all = BACKENDS.lock();
     let Some(i) = all
         .iter()
-        .position(|b| b.node_name == name || (!b.id.is_empty() && b.id == name))
+        .position(|b| b.node_name == name || b.has_id(name))
     else {
         return Err(match child_user(&all, name) {
             Some((user, user_role, perms)) => BlockError::Conflict(Box::new(PermissionConflict {
@@ -1275,7 +1469,10 @@ fn take_node(
         });
     };
     // A -drive's root, or a node a device holds, stays where it is.
-    if !all[i].id.is_empty() || Arc::strong_count(&all[i]) > 1 || all[i].attached_dev().is_some() {
+    if !all[i].id.read().is_empty()
+        || Arc::strong_count(&all[i]) > 1
+        || all[i].attached_dev().is_some()
+    {
         return Err(BlockError::InUse(name.to_string()));
     }
     let node = all.remove(i);

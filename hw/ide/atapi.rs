@@ -48,6 +48,16 @@ const PIO_READ_BLOCKS: u64 = 16;
 /// Media larger than 80 minutes of CD are DVDs.
 const CD_MAX_BLOCKS: u64 = 80 * 60 * 75;
 
+/// GET EVENT STATUS NOTIFICATION's media event codes and status bits.
+const MEC_NO_CHANGE: u8 = 0;
+const MEC_EJECT_REQUESTED: u8 = 1;
+const MEC_NEW_MEDIA: u8 = 2;
+const MS_TRAY_OPEN: u8 = 1;
+const MS_MEDIA_PRESENT: u8 = 2;
+
+/// The error register's "media changed" bit.
+const MC_ERR: u8 = 0x20;
+
 /// Interrupt reason bits in the sector count register.
 const REASON_CD: u8 = 0x01;
 const REASON_IO: u8 = 0x02;
@@ -66,6 +76,7 @@ mod asc {
     pub const LOGICAL_BLOCK_OOR: u8 = 0x21;
     pub const INV_FIELD_IN_CMD_PACKET: u8 = 0x24;
     pub const SAVING_PARAMETERS_NOT_SUPPORTED: u8 = 0x39;
+    pub const MEDIUM_MAY_HAVE_CHANGED: u8 = 0x28;
     pub const MEDIUM_NOT_PRESENT: u8 = 0x3a;
     pub const MEDIUM_REMOVAL_PREVENTED: u8 = 0x53;
 }
@@ -283,6 +294,22 @@ fn read_blocks(
     load_blocks(st, unit)
 }
 
+/// Whether a command runs while a unit attention is pending (QEMU's `ALLOW_UA`):
+/// REQUEST SENSE, INQUIRY, GET CONFIGURATION, GET EVENT STATUS NOTIFICATION.
+fn allowed_under_unit_attention(cmd: u8) -> bool {
+    matches!(cmd, 0x03 | 0x12 | 0x46 | 0x4a)
+}
+
+/// QEMU's `ide_atapi_cmd_check_status`: CHECK CONDITION for a pending unit attention.
+fn check_status(st: &mut ChannelState, unit: usize) {
+    st.transfer_stop(unit);
+    let tf = &mut st.drives[unit].tf;
+    tf.error = MC_ERR | sense::UNIT_ATTENTION << 4;
+    tf.status = status::ERR;
+    tf.nsector = 0;
+    st.set_irq();
+}
+
 /// Whether a command needs a medium (QEMU's `CHECK_READY`).
 fn needs_medium(cmd: u8) -> bool {
     matches!(cmd, 0x00 | 0x25 | 0x28 | 0xa8 | 0xbe | 0x2b | 0x43 | 0x51 | 0x42)
@@ -300,6 +327,29 @@ fn packet_command(
     p[..n].copy_from_slice(&packet[..n]);
     let cmd = p[0];
     let blocks = medium_blocks(st, unit);
+    if !allowed_under_unit_attention(cmd) {
+        let d = &mut st.drives[unit];
+        if d.sense_key == sense::UNIT_ATTENTION {
+            check_status(st, unit);
+            return None;
+        }
+        // A changed medium shows as gone, then as new, to guests that do not poll for
+        // media events (QEMU's ide_atapi_cmd).
+        if blocks.is_some() && d.cdrom_changed != 0 {
+            let first = d.cdrom_changed == 1;
+            d.cdrom_changed = if first { 2 } else { 0 };
+            match first {
+                true => command_error(st, unit, sense::NOT_READY, asc::MEDIUM_NOT_PRESENT),
+                false => command_error(
+                    st,
+                    unit,
+                    sense::UNIT_ATTENTION,
+                    asc::MEDIUM_MAY_HAVE_CHANGED,
+                ),
+            }
+            return None;
+        }
+    }
     if needs_medium(cmd) && blocks.is_none() {
         command_error(st, unit, sense::NOT_READY, asc::MEDIUM_NOT_PRESENT);
         return None;
@@ -354,12 +404,21 @@ fn packet_command(
         0x1b => {
             let (start, eject) = (p[4] & 1 != 0, p[4] & 2 != 0);
             if eject {
+                let inserted = st.info[unit].as_ref().is_some_and(|i| i.backend.is_some());
                 let d = &mut st.drives[unit];
-                if !start && d.tray_locked {
-                    command_error(st, unit, sense::NOT_READY, asc::MEDIUM_REMOVAL_PREVENTED);
+                if !start && !d.tray_open && d.tray_locked {
+                    let key = if inserted {
+                        sense::NOT_READY
+                    } else {
+                        sense::ILLEGAL_REQUEST
+                    };
+                    command_error(st, unit, key, asc::MEDIUM_REMOVAL_PREVENTED);
                     return None;
                 }
-                d.tray_open = !start;
+                if d.tray_open == start {
+                    d.tray_open = !start;
+                    st.tray_moves.push((unit, !start));
+                }
             }
             reply(ch, st, unit, Vec::new(), 0)
         }
@@ -478,10 +537,27 @@ fn packet_command(
             let mut b = vec![0u8; 4];
             b[3] = 0x10;
             if p[4] & 0x10 != 0 {
+                // QEMU's event_status_media: a new medium, else an eject request, is
+                // reported once, while the tray is closed.
                 b[2] = 0x04;
-                let present = u8::from(blocks.is_some()) << 1;
-                let open = u8::from(st.drives[unit].tray_open);
-                b.extend_from_slice(&[0, present | open, 0, 0]);
+                let inserted = st.info[unit].as_ref().is_some_and(|i| i.backend.is_some());
+                let d = &mut st.drives[unit];
+                let media_status = match (d.tray_open, inserted) {
+                    (true, _) => MS_TRAY_OPEN,
+                    (false, true) => MS_MEDIA_PRESENT,
+                    (false, false) => 0,
+                };
+                let mut event = MEC_NO_CHANGE;
+                if !d.tray_open {
+                    if d.new_media {
+                        event = MEC_NEW_MEDIA;
+                        d.new_media = false;
+                    } else if d.eject_request {
+                        event = MEC_EJECT_REQUESTED;
+                        d.eject_request = false;
+                    }
+                }
+                b.extend_from_slice(&[event, media_status, 0, 0]);
             } else {
                 b[2] = 0x80; // no event available
             }

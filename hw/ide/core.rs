@@ -116,6 +116,7 @@ fn packet_device(st: &ChannelState, unit: usize) -> Option<&'static dyn PacketDe
 }
 
 /// A drive as its device configured it (QEMU's `IDEState` fields set by `ide_init_drive`).
+#[derive(Clone)]
 pub struct DriveInfo {
     /// Disk or CD.
     pub kind: DriveKind,
@@ -123,6 +124,10 @@ pub struct DriveInfo {
     pub(crate) packet: Option<&'static dyn PacketDevice>,
     /// The image; `None` for a CD drive without a medium.
     pub backend: Option<Arc<BlockBackend>>,
+    /// The backend's name, for `DEVICE_TRAY_MOVED`.
+    pub blk_name: String,
+    /// The device's id (or QOM path), for `DEVICE_TRAY_MOVED`.
+    pub qdev_id: String,
     /// IDENTIFY's serial number (20 characters).
     pub serial: String,
     /// IDENTIFY's model (40 characters).
@@ -219,6 +224,15 @@ pub(crate) struct DriveState {
     /// ATAPI: PREVENT MEDIUM REMOVAL, and the tray's state.
     pub tray_locked: bool,
     pub tray_open: bool,
+    /// ATAPI: the medium changed (QEMU's `cdrom_changed`): the next command that needs
+    /// one fails with "medium not present" (1), then "medium may have changed" (2).
+    #[serde(default)]
+    pub cdrom_changed: u8,
+    /// ATAPI: GET EVENT STATUS NOTIFICATION's media events not yet reported.
+    #[serde(default)]
+    pub new_media: bool,
+    #[serde(default)]
+    pub eject_request: bool,
 }
 
 /// A DMA command waiting for (or running on) the bus master.
@@ -268,6 +282,8 @@ pub(crate) struct ChannelState {
     irq_driven: bool,
     /// Per drive, bumped by its resets: completions of commands issued before are dropped.
     generation: [u64; UNITS],
+    /// Trays the guest moved (unit, open), announced once the lock is released.
+    pub tray_moves: Vec<(usize, bool)>,
 }
 
 /// The channel's part of the machine's state, as saved.
@@ -400,6 +416,7 @@ impl Default for IdeChannel {
                 irq: false,
                 irq_driven: false,
                 generation: [0; UNITS],
+                tray_moves: Vec::new(),
             }),
             irq_line: Mutex::new(IrqLine::default()),
             machine: Mutex::new(Weak::new()),
@@ -473,6 +490,49 @@ impl IdeChannel {
             .map_or((false, false), |d| (d.tray_locked, d.tray_open))
     }
 
+    /// Puts `medium` into the drive at `unit`, or takes its medium out (`None`), once
+    /// the commands in flight are done (QEMU drains the backend around `blk_insert_bs`
+    /// and `blk_remove_bs`).
+    pub fn set_medium(&self, unit: usize, medium: Option<Arc<BlockBackend>>) {
+        self.drain();
+        let mut st = self.state.lock();
+        if let Some(info) = st.info.get_mut(unit).and_then(Option::as_mut) {
+            let mut changed = DriveInfo::clone(info);
+            changed.backend = medium;
+            *info = Arc::new(changed);
+        }
+    }
+
+    /// QEMU's `ide_cd_change_cb`: the tray closes on the medium (`load`) or opens; the
+    /// guest learns of it from its next commands and from GET EVENT STATUS NOTIFICATION.
+    pub fn change_media(&self, unit: usize, load: bool) {
+        let mut st = self.state.lock();
+        let Some(d) = st.drives.get_mut(unit) else {
+            return;
+        };
+        d.tray_open = !load;
+        d.cdrom_changed = 1;
+        d.new_media = true;
+        d.eject_request = false;
+        st.set_irq();
+        self.sync_irq(&mut st);
+    }
+
+    /// QEMU's `ide_cd_eject_request_cb`: the guest is asked to let the medium go; `force`
+    /// unlocks the tray.
+    pub fn eject_request(&self, unit: usize, force: bool) {
+        let mut st = self.state.lock();
+        let Some(d) = st.drives.get_mut(unit) else {
+            return;
+        };
+        d.eject_request = true;
+        if force {
+            d.tray_locked = false;
+        }
+        st.set_irq();
+        self.sync_irq(&mut st);
+    }
+
     /// The units that have a drive.
     pub fn units_taken(&self) -> [bool; UNITS] {
         let st = self.state.lock();
@@ -515,6 +575,7 @@ impl IdeChannel {
             self.submit(&st, job);
         }
         self.sync_irq(&mut st);
+        announce_tray_moves(st);
         r
     }
 
@@ -1451,6 +1512,7 @@ fn worker(channel: Weak<IdeChannel>) {
                 }
             }
             ch.sync_irq(&mut st);
+            announce_tray_moves(st);
         }));
         if outcome.is_err() {
             log::error!("ide: a transfer failed unexpectedly; its command is aborted");
@@ -1596,16 +1658,37 @@ pub(crate) fn set_signature(st: &mut ChannelState, unit: usize) {
     };
 }
 
+/// Sends `DEVICE_TRAY_MOVED` for the trays the guest moved, after the channel's lock is
+/// released (the monitor's clients may be asking the channel at the same time).
+fn announce_tray_moves(mut st: parking_lot::MutexGuard<'_, ChannelState>) {
+    if st.tray_moves.is_empty() {
+        return;
+    }
+    let moves: Vec<_> = std::mem::take(&mut st.tray_moves)
+        .into_iter()
+        .filter_map(|(unit, open)| {
+            let info = st.info.get(unit)?.as_ref()?;
+            Some((info.blk_name.clone(), info.qdev_id.clone(), open))
+        })
+        .collect();
+    drop(st);
+    for (blk_name, qdev, open) in moves {
+        crate::core::removable_media::tray_moved(&blk_name, &qdev, open);
+    }
+}
+
 /// QEMU's `ide_reset` of one drive.
 fn drive_reset(st: &mut ChannelState, unit: usize) {
     let d = &mut st.drives[unit];
     // The write cache setting and transfer mode survive; the tray is closed and unlocked
     // (QEMU's ide_reset).
-    let keep = (d.write_cache, d.xfer_mode);
+    let keep = (d.write_cache, d.xfer_mode, d.new_media, d.eject_request);
     *d = DriveState {
         mult_sectors: MAX_MULT_SECTORS,
         write_cache: keep.0,
         xfer_mode: keep.1,
+        new_media: keep.2,
+        eject_request: keep.3,
         ..DriveState::default()
     };
     d.tf.select = DEV_ALWAYS_ON;
@@ -1799,6 +1882,8 @@ pub(crate) mod tests {
             kind: DriveKind::Hd,
             packet: None,
             backend,
+            blk_name: String::new(),
+            qdev_id: "/machine/unattached/device[0]".into(),
             serial: "QM00001".into(),
             model: "QEMU HARDDISK".into(),
             version: "2.5+".into(),

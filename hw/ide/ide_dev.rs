@@ -6,12 +6,14 @@
 
 use std::sync::{Arc, OnceLock};
 
-use block::BlockBackend;
+use block::{BlockBackend, BlockError};
+use parking_lot::Mutex;
 use qom::{type_init, Prop, Size};
 
 use crate::core::qdev_properties::OnOffAuto;
 
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
+use crate::core::removable_media::RemovableMedia;
 use crate::ide::core::{DriveInfo, DriveKind, IdeBus, IdeChannel, TYPE_IDE_BUS, UNITS};
 
 /// QEMU's `TYPE_IDE_DEVICE`.
@@ -51,7 +53,12 @@ pub struct IdeDevice {
     share_rw: Prop<bool>,
     /// Where the drive was plugged, once realized.
     placed: OnceLock<(Arc<IdeChannel>, usize, u32)>,
-    backend: OnceLock<Arc<BlockBackend>>,
+    /// The medium (a CD drive's changes; `None`: none in).
+    medium: Mutex<Option<Arc<BlockBackend>>>,
+    /// The backend's name (QEMU's `blk_name`: the `-drive` id; empty for a `-blockdev`
+    /// node or no drive) and the device's id or QOM path, fixed at realize.
+    blk_name: OnceLock<String>,
+    qdev_id: OnceLock<String>,
     /// The drive is an `ide-cd`.
     is_cd: OnceLock<bool>,
 }
@@ -66,8 +73,11 @@ impl DeviceImpl for IdeDevice {
         if let Some((channel, unit, _)) = self.placed.get() {
             channel.detach(*unit);
         }
-        if let Some(backend) = self.backend.get() {
+        if let Some(backend) = self.medium.lock().take() {
             backend.detach_dev();
+        }
+        if let Some(name) = self.blk_name.get().filter(|n| !n.is_empty()) {
+            block::remove_empty_drive(name);
         }
         DeviceImpl::unrealize(&self.parent, ctx);
     }
@@ -88,6 +98,9 @@ pub enum IdeDeviceError {
     /// `drive=` names no block backend.
     #[error("Property '{0}.drive' can't find value '{1}'")]
     DriveNotFound(&'static str, String),
+    /// A disk on a drive without a medium.
+    #[error("Device needs media, but drive is empty")]
+    NoMedium,
     /// `drive=` is attached to another device (the block layer's words).
     #[error("{0}")]
     DriveInUse(String),
@@ -133,11 +146,20 @@ impl IdeDevice {
             return Err(err(IdeDeviceError::UnitInUse(unit)));
         }
         let type_name = ctx.type_name();
-        let backend = match self.drive.get() {
-            Some(name) => Some(
-                block::find_backend(&name)
-                    .ok_or_else(|| err(IdeDeviceError::DriveNotFound(type_name, name)))?,
-            ),
+        let drive = self.drive.get();
+        let backend = match &drive {
+            Some(name) => match block::find_backend(name) {
+                Some(backend) => Some(backend),
+                // An empty CD drive's backend (`-drive if=none,media=cdrom`).
+                None if kind == DriveKind::Cd && block::is_empty_drive(name) => None,
+                None if block::is_empty_drive(name) => return Err(err(IdeDeviceError::NoMedium)),
+                None => {
+                    return Err(err(IdeDeviceError::DriveNotFound(
+                        type_name,
+                        name.clone(),
+                    )))
+                }
+            },
             None if kind == DriveKind::Hd => return Err(err(IdeDeviceError::NoDrive)),
             None => None,
         };
@@ -153,18 +175,36 @@ impl IdeDevice {
         }
         let sectors = backend.as_ref().map_or(0, |b| b.size() / 512);
         let chs = chs.unwrap_or_else(|| guess_geometry(sectors));
-        if let Some(backend) = &backend {
-            // QEMU's blk_get_attached_dev_id: the device's id, else its QOM path.
-            let qdev = self
-                .parent
-                .id()
-                .or_else(|| ctx.object().canonical_path())
-                .unwrap_or_default();
-            if let Err(e) = backend.attach_dev(&qdev) {
-                return Err(err(IdeDeviceError::DriveInUse(e.to_string())));
+        // QEMU's blk_get_attached_dev_id: the device's id, else its QOM path.
+        let qdev = self
+            .parent
+            .id()
+            .or_else(|| ctx.object().canonical_path())
+            .unwrap_or_default();
+        let blk_name = match (&backend, &drive) {
+            (Some(backend), _) => {
+                if let Err(e) = backend.attach_dev(&qdev) {
+                    return Err(err(IdeDeviceError::DriveInUse(e.to_string())));
+                }
+                *self.medium.lock() = Some(backend.clone());
+                backend.id()
             }
-            let _ = self.backend.set(backend.clone());
-        }
+            (None, Some(name)) => {
+                match block::attach_empty_drive(name, &qdev) {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => return Err(err(IdeDeviceError::DriveInUse(e.to_string()))),
+                    // A node name, not a drive's (no backend without a medium).
+                    None => {
+                        return Err(err(IdeDeviceError::DriveNotFound(
+                            type_name,
+                            name.clone(),
+                        )))
+                    }
+                }
+                name.clone()
+            }
+            (None, None) => String::new(),
+        };
         let bus_id = bus.bus_id();
         let write_cache = match self.write_cache.get() {
             OnOffAuto::On => true,
@@ -182,6 +222,8 @@ impl IdeDevice {
                 DriveKind::Hd => None,
             },
             backend,
+            blk_name: blk_name.clone(),
+            qdev_id: qdev.clone(),
             // QEMU numbers the controller's four drive slots QM00001..QM00004.
             serial: self
                 .serial
@@ -199,6 +241,8 @@ impl IdeDevice {
             return Err(err(IdeDeviceError::UnitInUse(unit)));
         }
         self.unit.set(unit);
+        let _ = self.blk_name.set(blk_name);
+        let _ = self.qdev_id.set(qdev);
         let _ = self.is_cd.set(kind == DriveKind::Cd);
         let _ = self.placed.set((channel, unit as usize, bus_id));
         Ok(())
@@ -211,10 +255,9 @@ impl IdeDevice {
         Some(channel.tray(*unit))
     }
 
-    /// A CD drive without a medium: QEMU's anonymous, empty block backend, which
-    /// query-block lists by the device.
-    pub fn is_empty_cd(&self) -> bool {
-        self.is_cd.get().is_some_and(|&cd| cd) && self.backend.get().is_none()
+    /// The backend's name (`-drive id=`; empty for QEMU's anonymous backend).
+    pub fn blk_name(&self) -> String {
+        self.blk_name.get().cloned().unwrap_or_default()
     }
 
     /// QEMU's firmware path of the drive below its controller: `drive@BUS/disk@UNIT`,
@@ -273,9 +316,9 @@ impl DeviceImpl for IdeHd {
     }
 }
 
-/// QEMU's `IDEDrive` as `ide-cd`.
+/// QEMU's `IDEDrive` as `ide-cd`: its medium changes (QEMU's `ide_cd_block_ops`).
 #[derive(qom::Object)]
-#[qom(name = TYPE_IDE_CD)]
+#[qom(name = TYPE_IDE_CD, implements = [dyn RemovableMedia])]
 pub struct IdeCd {
     #[parent]
     parent: IdeDevice,
@@ -289,6 +332,86 @@ impl DeviceImpl for IdeCd {
 
     fn realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
         self.parent.realize_drive(ctx, DriveKind::Cd, None, 0)
+    }
+}
+
+impl RemovableMedia for IdeCd {
+    fn blk_name(&self) -> String {
+        self.parent.blk_name()
+    }
+
+    fn qdev_id(&self) -> String {
+        self.parent.qdev_id.get().cloned().unwrap_or_default()
+    }
+
+    fn has_tray(&self) -> bool {
+        true
+    }
+
+    fn is_tray_open(&self) -> bool {
+        self.parent.tray().is_some_and(|(_, open)| open)
+    }
+
+    fn is_medium_locked(&self) -> bool {
+        self.parent.tray().is_some_and(|(locked, _)| locked)
+    }
+
+    fn eject_request(&self, force: bool) {
+        if let Some((channel, unit, _)) = self.parent.placed.get() {
+            channel.eject_request(*unit, force);
+        }
+    }
+
+    fn change_media_cb(&self, load: bool) {
+        if let Some((channel, unit, _)) = self.parent.placed.get() {
+            channel.change_media(*unit, load);
+        }
+    }
+
+    fn medium(&self) -> Option<Arc<BlockBackend>> {
+        self.parent.medium.lock().clone()
+    }
+
+    fn remove_medium(&self) -> Option<Arc<BlockBackend>> {
+        let mut medium = self.parent.medium.lock();
+        let old = medium.take()?;
+        if let Some((channel, unit, _)) = self.parent.placed.get() {
+            channel.set_medium(*unit, None);
+        }
+        old.detach_dev();
+        // A medium the drive owned closes; a -blockdev node goes back to the monitor,
+        // nameless. The drive's name stays the drive's.
+        if old.is_blk_owned() {
+            block::remove_backend(&old);
+        }
+        old.set_id("");
+        let name = self.blk_name();
+        if !name.is_empty() {
+            if let Err(e) = block::add_empty_drive(&name, Some(&self.qdev_id())) {
+                log::warn!("ide-cd: drive '{name}' lost its name: {e}");
+            }
+        }
+        Some(old)
+    }
+
+    fn insert_medium(&self, new: Arc<BlockBackend>) -> Result<(), BlockError> {
+        let mut medium = self.parent.medium.lock();
+        if medium.is_some() {
+            return Err(BlockError::Invalid(
+                "There already is a medium in the device".to_string(),
+            ));
+        }
+        new.attach_dev(&self.qdev_id())?;
+        let name = self.blk_name();
+        if !name.is_empty() {
+            block::remove_empty_drive(&name);
+            new.set_id(&name);
+        }
+        if let Some((channel, unit, _)) = self.parent.placed.get() {
+            channel.set_medium(*unit, Some(new.clone()));
+        }
+        *medium = Some(new);
+        Ok(())
     }
 }
 

@@ -70,6 +70,9 @@ pub enum VirtioBlkError {
     /// `drive=` names no block backend.
     #[error("Property 'virtio-blk-device.drive' can't find value '{0}'")]
     DriveNotFound(String),
+    /// `drive=` names a drive without a medium.
+    #[error("Device needs media, but drive is empty")]
+    NoMedium,
     /// `drive=` is attached to another device (the block layer's words, QEMU 7.2's).
     #[error("{0}")]
     DriveInUse(String),
@@ -174,8 +177,10 @@ impl VirtioBlkPci {
             return Err(VirtioBlkError::Scsi);
         }
         let drive = self.drive.get().ok_or(VirtioBlkError::NoDrive)?;
-        let backend =
-            block::find_backend(&drive).ok_or_else(|| VirtioBlkError::DriveNotFound(drive.clone()))?;
+        let backend = block::find_backend(&drive).ok_or_else(|| match block::is_empty_drive(&drive) {
+            true => VirtioBlkError::NoMedium,
+            false => VirtioBlkError::DriveNotFound(drive.clone()),
+        })?;
         let num_queues = match self.num_queues.get() {
             AUTO_NUM_QUEUES => services
                 .cpu_count()

@@ -73,6 +73,48 @@ const COMMANDS: &[HmpCommand] = &[
         run: |ctx, _, _, _| super::qmp_cmds::qmp_cont(ctx, &Default::default()).map(drop),
     },
     HmpCommand {
+        names: "change",
+        params: "device [-f] filename [format [read-only-mode]]",
+        help: "change a removable medium, optional format, use -f to force the operation",
+        run: |_, _, args, _| {
+            let mut args: Vec<&str> = args.to_vec();
+            args.retain(|a| *a != "-f");
+            let device = args.first().ok_or_else(|| missing("device"))?;
+            let filename = args.get(1).ok_or_else(|| missing("target"))?;
+            let mut qmp_args = serde_json::Map::new();
+            qmp_args.insert("device".into(), (*device).into());
+            qmp_args.insert("filename".into(), (*filename).into());
+            if let Some(format) = args.get(2) {
+                qmp_args.insert("format".into(), (*format).into());
+            }
+            if let Some(mode) = args.get(3) {
+                if !super::qmp_block::READ_ONLY_MODE.values.contains(mode) {
+                    return Err(QmpError::BadInput(format!(
+                        "Parameter 'read-only-mode' does not accept value '{mode}'"
+                    )));
+                }
+                qmp_args.insert("read-only-mode".into(), (*mode).into());
+            }
+            super::qmp_block::qmp_blockdev_change_medium(&qmp_args).map(drop)
+        },
+    },
+    HmpCommand {
+        names: "eject",
+        params: "[-f] device",
+        help: "eject a removable medium (use -f to force it)",
+        run: |_, _, args, _| {
+            let force = args.contains(&"-f");
+            let device = args
+                .iter()
+                .find(|a| **a != "-f")
+                .ok_or_else(|| missing("device"))?;
+            let mut qmp_args = serde_json::Map::new();
+            qmp_args.insert("device".into(), (*device).into());
+            qmp_args.insert("force".into(), force.into());
+            super::qmp_block::qmp_eject(&qmp_args).map(drop)
+        },
+    },
+    HmpCommand {
         names: "help|?",
         params: "[cmd]",
         help: "show the help",

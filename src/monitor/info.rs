@@ -3,6 +3,7 @@
 //! version, run status, KVM, the CPUs, QOM paths and property values.
 
 use hw::core::cpu::CpuState;
+use hw::core::removable_media::RemovableMedia;
 use hw::core::runstate::RunStatus;
 use hw::i386::x86_cpu::X86Cpu;
 use qom::{object_get_root, resolve_path, Property, PropertyKind, Value as QomValue};
@@ -192,61 +193,88 @@ fn inserted_info(backend: &block::BlockBackend) -> Value {
     )
 }
 
-/// `query-block`: every named backend (`-drive`); a `-blockdev` node has a backend only
-/// once a device uses it. `qdev` is left out while no device holds the drive. CD drives
-/// without a medium come last, by their device (QEMU's anonymous empty backends).
-pub fn block_infos() -> Vec<Value> {
-    let mut infos = backend_infos();
-    if let Ok(machine) = resolve_path(&object_get_root(), "/machine") {
-        for (path, dev) in hw::core::qdev::qdev_realized_devices(&machine) {
-            let Some(ide) = dev.downcast::<hw::ide::ide_dev::IdeDevice>() else {
-                continue;
-            };
-            if !ide.is_empty_cd() {
-                continue;
-            }
-            let (locked, open) = ide.tray().unwrap_or_default();
-            infos.push(json!({
-                "device": "",
-                "qdev": hw::core::qdev::DeviceMethods::device_id(&*dev).unwrap_or(path),
-                "locked": locked,
-                "removable": true,
-                "tray_open": open,
-            }));
-        }
-    }
-    infos
+/// The realized devices with removable media (CD drives), by their QOM path.
+pub fn removable_devices() -> Vec<(String, qom::ObjectRef)> {
+    let Ok(machine) = resolve_path(&object_get_root(), "/machine") else {
+        return Vec::new();
+    };
+    hw::core::qdev::qdev_realized_devices(&machine)
+        .into_iter()
+        .filter(|(_, dev)| dev.interface::<dyn RemovableMedia>().is_some())
+        .collect()
 }
 
-/// query-block's entries of the block backends.
-fn backend_infos() -> Vec<Value> {
-    block::backends()
-        .iter()
-        .filter(|b| has_blk(b))
-        .map(|b| {
-            let mut v = json!({"device": b.id()});
-            // A CD drive's medium is removable: its tray and the guest's lock show.
-            let mut tray = None;
-            if let Some(qdev) = b.attached_dev() {
-                // An id (`ide0-1-0`) names a device under /machine/peripheral.
-                let path = match qdev.starts_with('/') {
-                    true => qdev.clone(),
-                    false => format!("/machine/peripheral/{qdev}"),
-                };
-                tray = resolve_path(&object_get_root(), &path)
-                    .ok()
-                    .and_then(|dev| dev.downcast::<hw::ide::ide_dev::IdeDevice>()?.tray());
-                v["qdev"] = qdev.into();
+/// The device `qdev` (an id, under /machine/peripheral, or a QOM path) names.
+pub fn device_by_qdev(qdev: &str) -> Option<qom::ObjectRef> {
+    let path = match qdev.starts_with('/') {
+        true => qdev.to_string(),
+        false => format!("/machine/peripheral/{qdev}"),
+    };
+    resolve_path(&object_get_root(), &path).ok()
+}
+
+/// The device with removable media that uses `b`, if any.
+fn removable_user(b: &block::BlockBackend) -> Option<qom::ObjectRef> {
+    let dev = device_by_qdev(&b.attached_dev()?)?;
+    dev.interface::<dyn RemovableMedia>()?;
+    Some(dev)
+}
+
+/// query-block's entry of a drive with removable media: its tray, the guest's lock and
+/// the medium, if one is in.
+fn removable_info(media: &dyn RemovableMedia) -> Value {
+    let mut v = json!({
+        "device": media.blk_name(),
+        "qdev": media.qdev_id(),
+        "locked": media.is_medium_locked(),
+        "removable": true,
+    });
+    if media.has_tray() {
+        v["tray_open"] = media.is_tray_open().into();
+    }
+    if let Some(medium) = media.medium() {
+        v["inserted"] = inserted_info(&medium);
+    }
+    v
+}
+
+/// `query-block`: every backend QEMU would have, in creation order: each `-drive`, each
+/// `-blockdev` node a device uses, then CD drives without a medium (by their device) and
+/// named drives without a medium or device.
+pub fn block_infos() -> Vec<Value> {
+    let mut infos = Vec::new();
+    let mut listed = Vec::new();
+    for b in block::backends().iter().filter(|b| has_blk(b)) {
+        if let Some(dev) = removable_user(b) {
+            if let Some(media) = dev.interface::<dyn RemovableMedia>() {
+                infos.push(removable_info(media));
+                listed.push(dev.clone());
             }
-            v["locked"] = tray.is_some_and(|(locked, _)| locked).into();
-            v["removable"] = tray.is_some().into();
-            if let Some((_, open)) = tray {
-                v["tray_open"] = open.into();
-            }
-            v["inserted"] = inserted_info(b);
-            v
-        })
-        .collect()
+            continue;
+        }
+        let mut v = json!({"device": b.id()});
+        let qdev = b.attached_dev();
+        if let Some(qdev) = &qdev {
+            v["qdev"] = qdev.clone().into();
+        }
+        // A backend without a device takes any medium (QEMU's blk_dev_has_removable_media).
+        v["locked"] = false.into();
+        v["removable"] = qdev.is_none().into();
+        v["inserted"] = inserted_info(b);
+        infos.push(v);
+    }
+    for (_, dev) in removable_devices() {
+        if listed.iter().any(|l| std::ptr::eq(&**l, &*dev)) {
+            continue;
+        }
+        if let Some(media) = dev.interface::<dyn RemovableMedia>() {
+            infos.push(removable_info(media));
+        }
+    }
+    for name in block::unattached_empty_drives() {
+        infos.push(json!({"device": name, "locked": false, "removable": true}));
+    }
+    infos
 }
 
 /// Whether QEMU would have a `BlockBackend` for it: a `-drive`, or a node a device uses.

@@ -31,6 +31,7 @@ pub mod info;
 pub mod json;
 pub mod qapi;
 pub mod qmp;
+pub mod qmp_block;
 pub mod qmp_cmds;
 pub mod schema;
 

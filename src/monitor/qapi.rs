@@ -398,6 +398,14 @@ pub const EVENTS: &[QmpEvent] = &[
         data: &[Arg::required("actual", ArgType::Int)],
     },
     QmpEvent {
+        name: "DEVICE_TRAY_MOVED",
+        data: &[
+            Arg::required("device", ArgType::Str),
+            Arg::required("id", ArgType::Str),
+            Arg::required("tray-open", ArgType::Bool),
+        ],
+    },
+    QmpEvent {
         name: "NIC_RX_FILTER_CHANGED",
         data: &[
             Arg::optional("name", ArgType::Str),

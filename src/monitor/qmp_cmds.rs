@@ -16,6 +16,7 @@ use crate::monitor::info::{
 use crate::monitor::qapi::{
     Arg, ArgType, CommandCtx, Deferred, QmpCommand, QmpError, EVENTS, QMP_CAPABILITIES_ARGS,
 };
+use crate::monitor::qmp_block;
 
 /// Every command after negotiation, in `query-commands` order.
 pub const COMMANDS: &[QmpCommand] = &[
@@ -230,6 +231,70 @@ pub const COMMANDS: &[QmpCommand] = &[
                 .unwrap_or(false);
             Ok(block_stats(nodes).into())
         },
+    },
+    QmpCommand {
+        name: "blockdev-add",
+        args: &[
+            Arg::required("driver", ArgType::Str),
+            Arg::optional("node-name", ArgType::Str),
+            Arg::rest(),
+        ],
+        run: |_, args| qmp_block::qmp_blockdev_add(args),
+    },
+    QmpCommand {
+        name: "blockdev-del",
+        args: &[Arg::required("node-name", ArgType::Str)],
+        run: |_, args| qmp_block::qmp_blockdev_del(args),
+    },
+    QmpCommand {
+        name: "eject",
+        args: &[
+            Arg::optional("device", ArgType::Str),
+            Arg::optional("id", ArgType::Str),
+            Arg::optional("force", ArgType::Bool),
+        ],
+        run: |_, args| qmp_block::qmp_eject(args),
+    },
+    QmpCommand {
+        name: "blockdev-open-tray",
+        args: &[
+            Arg::optional("device", ArgType::Str),
+            Arg::optional("id", ArgType::Str),
+            Arg::optional("force", ArgType::Bool),
+        ],
+        run: |_, args| qmp_block::qmp_blockdev_open_tray(args),
+    },
+    QmpCommand {
+        name: "blockdev-close-tray",
+        args: &[
+            Arg::optional("device", ArgType::Str),
+            Arg::optional("id", ArgType::Str),
+        ],
+        run: |_, args| qmp_block::qmp_blockdev_close_tray(args),
+    },
+    QmpCommand {
+        name: "blockdev-remove-medium",
+        args: &[Arg::required("id", ArgType::Str)],
+        run: |_, args| qmp_block::qmp_blockdev_remove_medium(args),
+    },
+    QmpCommand {
+        name: "blockdev-insert-medium",
+        args: &[
+            Arg::required("id", ArgType::Str),
+            Arg::required("node-name", ArgType::Str),
+        ],
+        run: |_, args| qmp_block::qmp_blockdev_insert_medium(args),
+    },
+    QmpCommand {
+        name: "blockdev-change-medium",
+        args: &[
+            Arg::optional("device", ArgType::Str),
+            Arg::optional("id", ArgType::Str),
+            Arg::required("filename", ArgType::Str),
+            Arg::optional("format", ArgType::Str),
+            Arg::optional("read-only-mode", ArgType::Enum(&qmp_block::READ_ONLY_MODE)),
+        ],
+        run: |_, args| qmp_block::qmp_blockdev_change_medium(args),
     },
     QmpCommand {
         name: "query-iothreads",

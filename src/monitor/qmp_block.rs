@@ -1,0 +1,309 @@
+//! Removable media and block nodes at run time (QEMU's `block/qapi-sysemu.c` and
+//! `blockdev.c`): `eject`, `blockdev-open-tray`, `blockdev-close-tray`,
+//! `blockdev-remove-medium`, `blockdev-insert-medium`, `blockdev-change-medium`,
+//! `blockdev-add` and `blockdev-del`, with QEMU's errors. libvirt's `change-media` is
+//! open-tray, remove-medium, `blockdev-del`, `blockdev-add`, insert-medium, close-tray.
+
+use std::sync::Arc;
+
+use block::{BlockBackend, DetectZeroes};
+use hw::core::removable_media::{change_media, RemovableMedia};
+use serde_json::{json, Map, Value};
+
+use crate::monitor::info::{device_by_qdev, removable_devices};
+use crate::monitor::qapi::{QapiEnum, QmpError};
+
+/// QEMU's `BlockdevChangeReadOnlyMode`.
+pub const READ_ONLY_MODE: QapiEnum = QapiEnum {
+    name: "BlockdevChangeReadOnlyMode",
+    values: &["retain", "read-only", "read-write"],
+};
+
+/// The backend a command names (QEMU's `qmp_get_blk`).
+enum Blk {
+    /// A device with removable media.
+    Removable(qom::ObjectRef),
+    /// A device's drive that has no removable medium (a disk).
+    Fixed,
+    /// A named backend without a device (`-drive if=none`), with its medium if it has one.
+    Deviceless(String, Option<Arc<BlockBackend>>),
+}
+
+impl Blk {
+    fn media(&self) -> Option<&dyn RemovableMedia> {
+        match self {
+            Blk::Removable(dev) => dev.interface::<dyn RemovableMedia>(),
+            _ => None,
+        }
+    }
+}
+
+fn failed(text: String) -> QmpError {
+    QmpError::Failed(text)
+}
+
+fn str_arg<'a>(args: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
+    args.get(name).and_then(Value::as_str)
+}
+
+fn bool_arg(args: &Map<String, Value>, name: &str) -> bool {
+    args.get(name).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// QEMU's `qmp_get_blk`: the backend `device` names, or the one of the device `id`
+/// names; exactly one of them. Returns it with the name errors quote.
+fn get_blk(device: Option<&str>, id: Option<&str>) -> Result<(Blk, String), QmpError> {
+    match (device, id) {
+        (Some(_), Some(_)) | (None, None) => {
+            Err(failed("Need exactly one of 'device' and 'id'".into()))
+        }
+        (None, Some(id)) => {
+            let dev = device_by_qdev(id).ok_or_else(|| QmpError::DeviceNotFound(id.into()))?;
+            if dev.interface::<dyn RemovableMedia>().is_some() {
+                return Ok((Blk::Removable(dev), id.to_string()));
+            }
+            let path = dev.canonical_path().unwrap_or_default();
+            let has_drive = block::backends()
+                .iter()
+                .any(|b| b.attached_dev().is_some_and(|q| q == id || q == path));
+            if !has_drive {
+                return Err(failed("Device does not have a block device backend".into()));
+            }
+            Ok((Blk::Fixed, id.to_string()))
+        }
+        (Some(name), None) => {
+            if !name.is_empty() {
+                for (_, dev) in removable_devices() {
+                    let named = dev
+                        .interface::<dyn RemovableMedia>()
+                        .is_some_and(|m| m.blk_name() == name);
+                    if named {
+                        return Ok((Blk::Removable(dev), name.to_string()));
+                    }
+                }
+                if let Some(b) = block::backends().into_iter().find(|b| b.id() == name) {
+                    let blk = match b.attached_dev() {
+                        Some(_) => Blk::Fixed,
+                        None => Blk::Deviceless(name.to_string(), Some(b)),
+                    };
+                    return Ok((blk, name.to_string()));
+                }
+                if block::unattached_empty_drives().iter().any(|d| d == name) {
+                    return Ok((Blk::Deviceless(name.to_string(), None), name.to_string()));
+                }
+            }
+            Err(QmpError::DeviceNotFound(name.to_string()))
+        }
+    }
+}
+
+/// How [`do_open_tray`] ended when it did not fail outright.
+enum TrayOutcome {
+    /// Open (or no tray to open).
+    Open,
+    /// The drive has no tray (QEMU's -ENOSYS, "Device '...' does not have a tray",
+    /// which every caller ignores).
+    NoTray,
+    /// The guest was asked to open it (QEMU's -EINPROGRESS).
+    Asked(QmpError),
+}
+
+/// QEMU's `do_open_tray`.
+fn do_open_tray(blk: &Blk, name: &str, force: bool) -> Result<TrayOutcome, QmpError> {
+    let Some(media) = blk.media() else {
+        return match blk {
+            Blk::Fixed => Err(failed(format!("Device '{name}' is not removable"))),
+            _ => Ok(TrayOutcome::NoTray),
+        };
+    };
+    if !media.has_tray() {
+        return Ok(TrayOutcome::NoTray);
+    }
+    if media.is_tray_open() {
+        return Ok(TrayOutcome::Open);
+    }
+    let locked = media.is_medium_locked();
+    if locked {
+        media.eject_request(force);
+    }
+    if !locked || force {
+        change_media(media, false);
+    }
+    if locked && !force {
+        return Ok(TrayOutcome::Asked(failed(format!(
+            "Device '{name}' is locked and force was not specified, wait for tray to open and try again"
+        ))));
+    }
+    Ok(TrayOutcome::Open)
+}
+
+/// `blockdev-open-tray`.
+pub fn qmp_blockdev_open_tray(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let (blk, name) = get_blk(str_arg(args, "device"), str_arg(args, "id"))?;
+    // Neither a missing tray nor a request to the guest is an error here.
+    do_open_tray(&blk, &name, bool_arg(args, "force"))?;
+    Ok(json!({}))
+}
+
+/// `blockdev-close-tray`.
+pub fn qmp_blockdev_close_tray(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let (blk, name) = get_blk(str_arg(args, "device"), str_arg(args, "id"))?;
+    close_tray(&blk, &name)?;
+    Ok(json!({}))
+}
+
+fn close_tray(blk: &Blk, name: &str) -> Result<(), QmpError> {
+    if matches!(blk, Blk::Fixed) {
+        return Err(failed(format!("Device '{name}' is not removable")));
+    }
+    // Drives without a tray ignore it.
+    if let Some(media) = blk.media().filter(|m| m.has_tray() && m.is_tray_open()) {
+        change_media(media, true);
+    }
+    Ok(())
+}
+
+/// QEMU's `blockdev_remove_medium`: the medium leaves the drive (closed if the drive
+/// owned it, back to the monitor if it was a `-blockdev` node).
+fn remove_medium(blk: &Blk, name: &str) -> Result<(), QmpError> {
+    match blk {
+        Blk::Fixed => Err(failed(format!("Device '{name}' is not removable"))),
+        Blk::Removable(_) => {
+            let media = blk.media().expect("a removable device");
+            if media.has_tray() && !media.is_tray_open() {
+                return Err(failed(format!("Tray of device '{name}' is not open")));
+            }
+            media.remove_medium();
+            if !media.has_tray() {
+                change_media(media, false);
+            }
+            Ok(())
+        }
+        Blk::Deviceless(drive, medium) => {
+            let Some(medium) = medium else {
+                return Ok(());
+            };
+            if medium.is_blk_owned() {
+                block::remove_backend(medium);
+            }
+            medium.set_id("");
+            block::add_empty_drive(drive, None).map_err(|e| failed(e.to_string()))
+        }
+    }
+}
+
+/// `blockdev-remove-medium`.
+pub fn qmp_blockdev_remove_medium(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let (blk, name) = get_blk(None, str_arg(args, "id"))?;
+    remove_medium(&blk, &name)?;
+    Ok(json!({}))
+}
+
+/// QEMU's `qmp_blockdev_insert_anon_medium`.
+fn insert_medium(blk: &Blk, medium: Arc<BlockBackend>) -> Result<(), QmpError> {
+    match blk {
+        Blk::Fixed => Err(failed("Device is not removable".into())),
+        Blk::Removable(_) => {
+            let media = blk.media().expect("a removable device");
+            if media.has_tray() && !media.is_tray_open() {
+                return Err(failed("Tray of the device is not open".into()));
+            }
+            if media.medium().is_some() {
+                return Err(failed("There already is a medium in the device".into()));
+            }
+            media
+                .insert_medium(medium)
+                .map_err(|e| failed(e.to_string()))?;
+            if !media.has_tray() {
+                change_media(media, true);
+            }
+            Ok(())
+        }
+        Blk::Deviceless(_, Some(_)) => {
+            Err(failed("There already is a medium in the device".into()))
+        }
+        Blk::Deviceless(drive, None) => {
+            block::remove_empty_drive(drive);
+            medium.set_id(drive);
+            Ok(())
+        }
+    }
+}
+
+/// `blockdev-insert-medium`: the `-blockdev`/`blockdev-add` node `node-name` goes in.
+pub fn qmp_blockdev_insert_medium(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let (blk, _) = get_blk(None, str_arg(args, "id"))?;
+    let node_name = str_arg(args, "node-name").unwrap_or_default();
+    let node = block::backends()
+        .into_iter()
+        .find(|b| b.node_name() == node_name)
+        .ok_or_else(|| failed(format!("Node '{node_name}' not found")))?;
+    if !node.id().is_empty() || node.attached_dev().is_some() {
+        return Err(failed(format!("Node '{node_name}' is already in use")));
+    }
+    insert_medium(&blk, node)?;
+    Ok(json!({}))
+}
+
+/// `blockdev-change-medium`: opens `filename`, then opens the tray, swaps the medium and
+/// closes the tray.
+pub fn qmp_blockdev_change_medium(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let (device, id) = (str_arg(args, "device"), str_arg(args, "id"));
+    let (blk, name) = get_blk(device, id)?;
+    let current = match &blk {
+        Blk::Removable(_) => blk.media().and_then(|m| m.medium()),
+        Blk::Deviceless(_, medium) => medium.clone(),
+        Blk::Fixed => None,
+    };
+    // QEMU's root state: the medium's flags; a drive without one opens read-only.
+    let read_only = match str_arg(args, "read-only-mode").unwrap_or("retain") {
+        "read-only" => true,
+        "read-write" => false,
+        _ => current.as_ref().is_none_or(|m| m.is_read_only()),
+    };
+    let detect_zeroes = match current.as_ref().map(|m| m.options().detect_zeroes) {
+        Some(DetectZeroes::Off) | None => DetectZeroes::Off,
+        Some(_) => DetectZeroes::On,
+    };
+    let filename = str_arg(args, "filename").unwrap_or_default();
+    let medium =
+        crate::blockdev::open_medium(filename, str_arg(args, "format"), read_only, detect_zeroes)
+            .map_err(failed)?;
+    match do_open_tray(&blk, &name, false)? {
+        TrayOutcome::Asked(e) => return Err(e),
+        TrayOutcome::Open | TrayOutcome::NoTray => {}
+    }
+    remove_medium(&blk, &name)?;
+    let medium = block::add_backend(medium).map_err(|e| failed(e.to_string()))?;
+    if let Err(e) = insert_medium(&blk, medium.clone()) {
+        block::remove_backend(&medium);
+        return Err(e);
+    }
+    close_tray(&blk, &name)?;
+    Ok(json!({}))
+}
+
+/// `eject`: opens the tray (`force`: even if the guest locked it) and takes the medium
+/// out.
+pub fn qmp_eject(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let (blk, name) = get_blk(str_arg(args, "device"), str_arg(args, "id"))?;
+    match do_open_tray(&blk, &name, bool_arg(args, "force"))? {
+        TrayOutcome::Asked(e) => return Err(e),
+        TrayOutcome::Open | TrayOutcome::NoTray => {}
+    }
+    remove_medium(&blk, &name)?;
+    Ok(json!({}))
+}
+
+/// `blockdev-add` at run time: the same node `-blockdev` makes.
+pub fn qmp_blockdev_add(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    crate::blockdev::blockdev_add_map(args).map_err(failed)?;
+    Ok(json!({}))
+}
+
+/// `blockdev-del`.
+pub fn qmp_blockdev_del(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let node_name = str_arg(args, "node-name").unwrap_or_default();
+    block::delete_node(node_name).map_err(|e| failed(e.to_string()))?;
+    Ok(json!({}))
+}
