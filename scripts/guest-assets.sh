@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=14
+ASSETS_FORMAT=15
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -286,7 +286,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -308,6 +308,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.timeline=1) timeline=1 ;;
         qomvm.ata=1) ata=1 ;;
         qomvm.cdsum=*) cdsum=${arg#*=} ;;
+        qomvm.cdchange=*) cdchange=${arg#*=} ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -349,6 +350,30 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$cdsum" ]; then
     else
         echo "cdsum: $cdsum did not appear"
     fi
+fi
+
+# qomvm.cdchange=N (with qomvm.cdsum=DEV): N times, wait up to 60 s for the medium to
+# change (each open of the device makes sr check for a media change) and print the new
+# one's MD5 and size, or "cdsum: none" while no medium is in.
+if [ "$QOMVM_STAGE" != root ] && [ -n "$cdsum" ] && [ -n "$cdchange" ]; then
+    last=$(blockdev --getsize64 "$cdsum" 2>/dev/null || echo none)
+    n=0
+    while [ $n -lt "$cdchange" ]; do
+        i=0
+        now=$last
+        while [ "$now" = "$last" ] && [ $i -lt 120 ]; do
+            sleep 0.5
+            now=$(blockdev --getsize64 "$cdsum" 2>/dev/null || echo none)
+            i=$((i + 1))
+        done
+        if [ "$now" = none ]; then
+            echo "cdsum: none"
+        else
+            echo "cdsum: $(md5sum <"$cdsum" | cut -d' ' -f1) $now"
+        fi
+        last=$now
+        n=$((n + 1))
+    done
 fi
 
 # qomvm.root=DEV: continue from DEV's /init.

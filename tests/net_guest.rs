@@ -648,3 +648,50 @@ sed 's/^/host: fsck: /' fsck.log
     has("host: migrate: qemu-img check ok");
     has("host: migrate: e2fsck exit status 0");
 }
+
+/// A CD changed through QMP while the guest runs (the `ide-cd` media commands): the guest's
+/// `sr` driver reads the first medium, finds the drive empty after `eject`, and reads the
+/// medium `blockdev-change-medium` put in, each checked against the host's MD5.
+#[test]
+fn a_guest_reads_the_cd_that_qmp_puts_in() {
+    let Some(out) = net_scenario(
+        "cdchange",
+        r#"
+awk 'BEGIN { for (i = 0; i < 65536; i++) printf "%031d\n", i }' >a.iso
+awk 'BEGIN { for (i = 0; i < 3 * 65536; i++) printf "%031x\n", i }' >b.iso
+for f in a b; do echo "host: $f.iso $(md5sum <$f.iso | cut -d' ' -f1) $(wc -c <$f.iso)"; done
+boot cd "qomvm.ata=1 qomvm.cdsum=/dev/sr0 qomvm.cdchange=2" -cdrom a.iso \
+    -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
+if await cd '^cdsum: ' 300; then
+    qmp qmp.sock '{"execute": "eject", "arguments": {"device": "ide1-cd0"}}' \
+        | sed 's/^/host: eject: /'
+    if await cd '^cdsum: none' 120; then
+        qmp qmp.sock "{\"execute\": \"blockdev-change-medium\", \"arguments\": {\"device\": \"ide1-cd0\", \"filename\": \"$PWD/b.iso\", \"format\": \"raw\"}}" \
+            | sed 's/^/host: change: /'
+    fi
+fi
+finish cd
+"#,
+        700,
+    ) else {
+        return;
+    };
+    let host = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("host: {name} ")))
+            .unwrap_or_else(|| panic!("no {name}:\n{out}"))
+            .to_string()
+    };
+    let seen: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once("cd: cdsum: ").map(|(_, s)| s.trim()))
+        .collect();
+    assert_eq!(
+        seen,
+        [host("a.iso").as_str(), "none", host("b.iso").as_str()],
+        "the media as the guest read them:\n{out}"
+    );
+    assert!(out.contains(r#"host: eject: {"return":{}}"#), "{out}");
+    assert!(out.contains(r#"host: change: {"return":{}}"#), "{out}");
+    assert!(out.contains("host: cd: vmm exit status 0"), "{out}");
+}
