@@ -8,20 +8,41 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 static TIMESTAMPS: AtomicBool = AtomicBool::new(false);
 
+thread_local! {
+    /// The command-line option being acted on (QEMU's `loc_push`), for messages printed
+    /// meanwhile.
+    static LOCATION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with `location` (`-serial unix:/p,server=on`) before every message this thread
+/// prints meanwhile, as QEMU's messages carry the option they come from.
+pub fn with_location<R>(location: &str, f: impl FnOnce() -> R) -> R {
+    let outer = LOCATION.with(|l| l.replace(Some(location.to_string())));
+    let r = f();
+    LOCATION.with(|l| *l.borrow_mut() = outer);
+    r
+}
+
 /// `-msg timestamp=on|off`.
 pub fn set_timestamps(on: bool) {
     TIMESTAMPS.store(on, Ordering::Relaxed);
 }
 
-/// What precedes a message: `[TIMESTAMP ]qomvm: `.
+/// What precedes a message: `[TIMESTAMP ]qomvm: [LOCATION: ]`.
 pub fn prefix() -> String {
+    let location = LOCATION
+        .with(|l| l.borrow().as_ref().map(|l| format!("{l}: ")))
+        .unwrap_or_default();
     if !TIMESTAMPS.load(Ordering::Relaxed) {
-        return "qomvm: ".to_string();
+        return format!("qomvm: {location}");
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    format!("{} qomvm: ", iso8601(now.as_secs(), now.subsec_micros()))
+    format!(
+        "{} qomvm: {location}",
+        iso8601(now.as_secs(), now.subsec_micros())
+    )
 }
 
 /// `2026-12-01T20:51:40.310363Z` for `secs` since the epoch (QEMU's

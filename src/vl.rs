@@ -83,21 +83,21 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         add_fd(a)?;
     }
     for c in &opts.chardev {
-        // A socket chardev serves a monitor (`-mon chardev=ID`): monitor_init opens it.
+        // A socket chardev a monitor uses (`-mon chardev=ID`) is opened by monitor_init,
+        // which serves many clients; any other is a device's (`-serial chardev:ID`).
         if chardev_driver(&c.value) == "socket" {
             let id = chardev_id(&c.value);
-            if !opts.mon.iter().any(|m| mon_chardev(&m.value) == id) {
-                return Err(c.error(
-                    "a socket chardev can only serve a monitor (-mon chardev=ID) in qomvm",
-                ));
+            if opts.mon.iter().any(|m| mon_chardev(&m.value) == id) {
+                continue;
             }
-            continue;
         }
         if opts.daemonize && chardev_driver(&c.value) == "stdio" {
             return Err(c.error("cannot use stdio with -daemonize"));
         }
-        let (id, backend) =
-            hw::core::chardev::parse_chardev_opts(&c.value).map_err(|e| c.error(e))?;
+        let (id, backend) = qom::error_report::with_location(&c.location(), || {
+            hw::core::chardev::parse_chardev_opts(&c.value)
+        })
+        .map_err(|e| c.error(e))?;
         if let Some(path) = backend.filename().strip_prefix("pty:") {
             // QEMU's char_pty_open tells where the terminal is.
             qom::error_report!("char device redirected to {path} (label {id})");
@@ -936,8 +936,10 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
     }
     let mut hds = Vec::new();
     for (spec, location) in specs {
-        let backend = hw::core::chardev::parse_serial_spec(&spec)
-            .map_err(|e| OptionError::new(location.clone(), e))?;
+        let backend = qom::error_report::with_location(&location, || {
+            hw::core::chardev::parse_serial_spec(&spec)
+        })
+        .map_err(|e| OptionError::new(location.clone(), e))?;
         if let Some(path) = backend
             .as_ref()
             .and_then(|b| b.filename().strip_prefix("pty:").map(str::to_string))
@@ -953,6 +955,13 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
                 location,
                 "cannot use stdio with -daemonize",
             ));
+        }
+        // QEMU's serial_parse names the chardev it makes serialN (query-chardev lists it);
+        // `chardev:ID` uses an existing one.
+        if let Some(b) = backend.as_ref().filter(|_| !spec.starts_with("chardev:")) {
+            let label = format!("serial{}", hds.len());
+            hw::core::chardev::chardev_add(&label, b.clone())
+                .map_err(|e| OptionError::new(location.clone(), e))?;
         }
         let backend = match backend {
             Some(b) if opts.nographic && b.driver() == "stdio" => {

@@ -140,7 +140,9 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "none", "-accel", "qtest", "-add-fd", "fd=1,set=2"], "qomvm: -add-fd fd=1,set=2: fd is not valid or already in use\n"),
         (&["-M", "none", "-accel", "qtest", "-name", "g,bogus=1"], "qomvm: -name g,bogus=1: Invalid parameter 'bogus'\n"),
         (&["-M", "none", "-accel", "qtest", "-mon", "chardev=nosuch,mode=control"], "qomvm: -mon chardev=nosuch,mode=control: chardev \"nosuch\" not found\n"),
-        (&["-M", "none", "-accel", "qtest", "-chardev", "socket,id=s,path=/tmp/x,server=on"], "qomvm: -chardev socket,id=s,path=/tmp/x,server=on: a socket chardev can only serve a monitor (-mon chardev=ID) in qomvm\n"),
+        (&["-M", "none", "-accel", "qtest", "-chardev", "socket,id=s,path=/nonexistent/x"], "qomvm: -chardev socket,id=s,path=/nonexistent/x: Failed to connect to '/nonexistent/x': No such file or directory\n"),
+        (&["-M", "none", "-accel", "qtest", "-chardev", "socket,id=s,path=/nonexistent/x,server=on,wait=off"], "qomvm: -chardev socket,id=s,path=/nonexistent/x,server=on,wait=off: Failed to bind socket to /nonexistent/x: No such file or directory\n"),
+        (&["-M", "none", "-accel", "qtest", "-serial", "tcp:127.0.0.1:1"], "qomvm: -serial tcp:127.0.0.1:1: Failed to connect to '127.0.0.1:1': Connection refused\n"),
         (&["-M", "none", "-accel", "qtest", "-chardev", "socket,id=m,fd=0,server=on", "-mon", "chardev=m"], "qomvm: -chardev socket,id=m,fd=0,server=on: Could not use file descriptor '0': not an open descriptor\n"),
         (&["-daemonize", "-nographic", "-M", "none", "-accel", "qtest"], "qomvm: -nographic cannot be used with -daemonize\n"),
     ];

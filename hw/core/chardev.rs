@@ -91,6 +91,31 @@ pub enum ChardevError {
     /// A `-chardev` option the driver does not have.
     #[error("Invalid parameter '{0}'")]
     InvalidParameter(String),
+    /// `fd=` that is not a number or not an open descriptor.
+    #[error("Could not use file descriptor '{0}': not an open descriptor")]
+    BadFd(String),
+    /// `fd=` naming a descriptor that is not a listening Unix socket.
+    #[error("file descriptor {0} is not a listening Unix socket")]
+    NotListeningSocket(std::os::fd::RawFd),
+    /// `-chardev socket` with no address, or more than one.
+    #[error("chardev: socket: exactly one of 'path', 'host'/'port' and 'fd' is required")]
+    SocketAddress,
+    /// A server socket could not be made.
+    #[error("Failed to bind socket to {what}: {reason}")]
+    Bind {
+        /// The path or address.
+        what: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// A client socket could not connect.
+    #[error("Failed to connect to '{what}': {reason}")]
+    Connect {
+        /// The path or address.
+        what: String,
+        /// The OS error.
+        reason: String,
+    },
     /// A `-chardev` option value that does not parse.
     #[error("Parameter '{name}' expects {expected}")]
     InvalidValue {
@@ -413,13 +438,10 @@ pub fn chardev_list() -> Vec<(String, &'static str)> {
 const QEMU_ONLY_DRIVERS: &[&str] = &[
     "vc",
     "pipe",
-    "tcp",
     "telnet",
     "websocket",
-    "unix",
     "udp",
     "mon",
-    "socket",
     "serial",
     "tty",
     "parallel",
@@ -459,6 +481,13 @@ pub fn parse_serial_spec(spec: &str) -> Result<Option<Arc<dyn CharBackend>>, Cha
             .map(Some)
             .ok_or_else(|| ChardevError::NotFound(id.to_string()));
     }
+    if let Some((kind @ ("unix" | "tcp"), rest)) = spec.split_once(':') {
+        let items = std::iter::once(("addr".to_string(), Some(first_opt(rest))))
+            .chain(split_opts(rest).into_iter().skip(1))
+            .collect();
+        let socket = crate::core::char_socket::parse_shorthand(kind, items)?;
+        return Ok(Some(crate::core::char_socket::SocketBackend::open(socket)?));
+    }
     match spec {
         "stdio" => Ok(Some(Arc::new(StdioBackend::new()?))),
         "null" => Ok(Some(Arc::new(NullBackend))),
@@ -469,6 +498,14 @@ pub fn parse_serial_spec(spec: &str) -> Result<Option<Arc<dyn CharBackend>>, Cha
             Err(unknown_driver(driver))
         }
     }
+}
+
+/// The first item of an option string, whole (a path or address may hold `=`).
+fn first_opt(spec: &str) -> String {
+    crate::core::qemu_opts::split_commas(spec)
+        .into_iter()
+        .next()
+        .unwrap_or_default()
 }
 
 /// Splits `a=b,c=d` into pairs; `,,` is a literal comma, as in QEMU's option syntax.
@@ -482,7 +519,8 @@ fn split_opts(spec: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
-fn parse_bool_opt(name: &str, value: Option<&str>) -> Result<bool, ChardevError> {
+/// QemuOpts' boolean (a bare key means `on`).
+pub(crate) fn parse_bool_opt(name: &str, value: Option<&str>) -> Result<bool, ChardevError> {
     match value {
         None | Some("on") | Some("yes") | Some("true") => Ok(true),
         Some("off") | Some("no") | Some("false") => Ok(false),
@@ -503,6 +541,17 @@ pub fn parse_chardev_opts(spec: &str) -> Result<(String, Arc<dyn CharBackend>), 
         Some((key, Some(value))) if key == "backend" => value,
         _ => return Err(ChardevError::InvalidParameter(spec.to_string())),
     };
+    if driver == "socket" {
+        let (ids, rest): (Vec<_>, Vec<_>) = opts.partition(|(k, _)| k == "id");
+        let id = ids
+            .into_iter()
+            .last()
+            .and_then(|(_, v)| v)
+            .filter(|i| !i.is_empty())
+            .ok_or(ChardevError::MissingId)?;
+        let socket = crate::core::char_socket::parse_chardev(rest)?;
+        return Ok((id, crate::core::char_socket::SocketBackend::open(socket)?));
+    }
     let mut id = None;
     let mut path = None;
     let mut append = false;
@@ -561,8 +610,12 @@ mod tests {
         assert_eq!(parse_serial_spec("null").unwrap().unwrap().driver(), "null");
         assert_eq!(err("foo"), "'foo' is not a valid char driver name");
         assert_eq!(
-            err("tcp:localhost:4444"),
-            "char driver 'tcp' is not supported by qomvm"
+            err("tcp:127.0.0.1:1"),
+            "Failed to connect to '127.0.0.1:1': Connection refused"
+        );
+        assert_eq!(
+            err("udp:127.0.0.1:4444"),
+            "char driver 'udp' is not supported by qomvm"
         );
         assert_eq!(
             err("mon:stdio"),

@@ -9,11 +9,12 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use hw::core::char_socket::{self, SocketSpec, SocketTarget};
 
 use crate::options::split_opts;
 
@@ -62,45 +63,14 @@ pub enum ChardevError {
     /// A socket without `server=on`: qomvm does not connect out.
     #[error("only server sockets are supported: add server=on")]
     NotServer,
-    /// An option the backend does not know.
-    #[error("Invalid parameter '{0}'")]
-    InvalidParameter(String),
-    /// `on`/`off` expected.
-    #[error("Parameter '{0}' expects 'on' or 'off'")]
-    NotBool(String),
-    /// `tcp:` without a usable host and port.
-    #[error("address '{0}' is not HOST:PORT")]
-    BadAddress(String),
     /// A TCP address that is not loopback.
     #[error(
         "the monitor only listens on loopback addresses (127.0.0.1, ::1, localhost), not '{0}'"
     )]
     NotLoopback(String),
-    /// `fd=` that is not a number or not an open descriptor.
-    #[error("Could not use file descriptor '{0}': not an open descriptor")]
-    BadFd(String),
-    /// `fd=` naming a descriptor that is not a listening Unix socket.
-    #[error("file descriptor {0} is not a listening Unix socket")]
-    NotListeningSocket(RawFd),
-    /// `-chardev socket` with neither `path=` nor `fd=`, or both.
-    #[error("chardev: socket: exactly one of 'path' and 'fd' is required (qomvm listens on Unix sockets only)")]
-    SocketAddress,
-    /// The socket could not be created.
-    #[error("Failed to bind socket to {what}: {reason}")]
-    Bind {
-        /// The path or address.
-        what: String,
-        /// The OS error.
-        reason: String,
-    },
-}
-
-fn parse_bool(key: &str, value: Option<String>) -> Result<bool, ChardevError> {
-    match value.as_deref() {
-        None | Some("on" | "yes" | "true") => Ok(true),
-        Some("off" | "no" | "false") => Ok(false),
-        Some(_) => Err(ChardevError::NotBool(key.to_string())),
-    }
+    /// The socket's options, as the socket chardev parses them, or its bind.
+    #[error(transparent)]
+    Socket(#[from] hw::core::chardev::ChardevError),
 }
 
 /// Parses the `-qmp`/`-monitor` argument.
@@ -117,122 +87,57 @@ pub fn parse(spec: &str) -> Result<Backend, ChardevError> {
     if !matches!(kind, "unix" | "tcp") {
         return Err(ChardevError::Unsupported(spec.to_string()));
     }
-    let items = split_opts(rest, Some("path"));
-    let target = items[0].1.clone().unwrap_or_default();
-    let mut server = false;
-    let mut wait = true;
-    for (key, value) in items.into_iter().skip(1) {
-        match key.as_str() {
-            "server" => server = parse_bool(&key, value)?,
-            "wait" => wait = parse_bool(&key, value)?,
-            "nowait" => wait = false,
-            _ => return Err(ChardevError::InvalidParameter(key)),
-        }
-    }
-    if !server {
-        return Err(ChardevError::NotServer);
-    }
-    if kind == "unix" {
-        return Ok(Backend::Unix {
-            path: PathBuf::from(target),
-            wait,
-        });
-    }
-    let (host, port) = target
-        .rsplit_once(':')
-        .ok_or_else(|| ChardevError::BadAddress(target.clone()))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| ChardevError::BadAddress(target.clone()))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let ip = match host {
-        "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        _ => host
-            .parse::<IpAddr>()
-            .map_err(|_| ChardevError::NotLoopback(host.to_string()))?,
-    };
-    if !ip.is_loopback() {
-        return Err(ChardevError::NotLoopback(host.to_string()));
-    }
-    Ok(Backend::Tcp {
-        addr: SocketAddr::new(ip, port),
-        wait,
-    })
+    monitor_backend(char_socket::parse_shorthand(
+        kind,
+        split_opts(rest, Some("path")),
+    )?)
 }
 
-/// Parses a `-chardev socket,...` that a `-mon` serves: `id=`, `path=P` or `fd=N` (an
-/// inherited listening socket), `server=on`, `wait=`. Returns the id and the backend.
+/// Parses a `-chardev socket,...` that a `-mon` serves: `id=`, `path=P`, `host=`+`port=`
+/// or `fd=N` (an inherited listening socket), `server=on`, `wait=`. Returns the id and the
+/// backend.
 pub fn parse_chardev_socket(spec: &str) -> Result<(String, Backend), ChardevError> {
     let mut items = split_opts(spec, Some("backend")).into_iter();
     match items.next() {
         Some((_, Some(kind))) if kind == "socket" => {}
         _ => return Err(ChardevError::Unsupported(spec.to_string())),
     }
-    let (mut id, mut path, mut fd) = (None, None, None);
-    let (mut server, mut wait) = (false, true);
-    for (key, value) in items {
-        match key.as_str() {
-            "id" => id = value,
-            "path" => path = value,
-            "fd" => fd = value,
-            "server" => server = parse_bool(&key, value)?,
-            "wait" => wait = parse_bool(&key, value)?,
-            "nowait" => wait = false,
-            _ => return Err(ChardevError::InvalidParameter(key)),
-        }
-    }
-    let id = id
+    let (ids, rest): (Vec<_>, Vec<_>) = items.partition(|(k, _)| k == "id");
+    let id = ids
+        .into_iter()
+        .last()
+        .and_then(|(_, v)| v)
         .filter(|i| !i.is_empty())
-        .ok_or_else(|| ChardevError::InvalidParameter("id".into()))?;
-    if !server {
-        return Err(ChardevError::NotServer);
-    }
-    let backend = match (path, fd) {
-        (Some(path), None) => Backend::Unix {
-            path: PathBuf::from(path),
-            wait,
-        },
-        (None, Some(fd)) => Backend::UnixFd {
-            fd: inherited_listener(&fd)?,
-            wait,
-        },
-        _ => return Err(ChardevError::SocketAddress),
-    };
-    Ok((id, backend))
+        .ok_or(hw::core::chardev::ChardevError::MissingId)?;
+    Ok((id, monitor_backend(char_socket::parse_chardev(rest)?)?))
 }
 
-/// Checks that `text` names an open descriptor holding a listening Unix socket.
-fn inherited_listener(text: &str) -> Result<RawFd, ChardevError> {
-    let fd: RawFd = text
-        .parse()
-        .ok()
-        .filter(|fd| *fd > 2)
-        .ok_or_else(|| ChardevError::BadFd(text.to_string()))?;
-    // SAFETY: F_GETFD only reads the descriptor table.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(ChardevError::BadFd(text.to_string()));
+/// A socket a monitor may serve: a server, on a Unix socket or a loopback address (the
+/// monitor has no authentication).
+fn monitor_backend(spec: SocketSpec) -> Result<Backend, ChardevError> {
+    if !spec.server {
+        return Err(ChardevError::NotServer);
     }
-    // SAFETY: a zeroed sockaddr_storage with its length is what getsockname fills.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `addr` and `len` are valid for writes of the given size.
-    let named = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut len) } == 0;
-    let mut listening: libc::c_int = 0;
-    let mut optlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `listening` and `optlen` are valid for writes of the given size.
-    let got = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&raw mut listening).cast(),
-            &mut optlen,
-        )
-    } == 0;
-    if !(named && got && listening != 0 && i32::from(addr.ss_family) == libc::AF_UNIX) {
-        return Err(ChardevError::NotListeningSocket(fd));
-    }
-    Ok(fd)
+    let wait = spec.wait;
+    Ok(match spec.target {
+        SocketTarget::Unix(path) => Backend::Unix { path, wait },
+        SocketTarget::Fd(fd) => Backend::UnixFd { fd, wait },
+        SocketTarget::Tcp(host, port) => {
+            let ip = match host.as_str() {
+                "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                _ => host
+                    .parse::<IpAddr>()
+                    .map_err(|_| ChardevError::NotLoopback(host.clone()))?,
+            };
+            if !ip.is_loopback() {
+                return Err(ChardevError::NotLoopback(host));
+            }
+            Backend::Tcp {
+                addr: SocketAddr::new(ip, port),
+                wait,
+            }
+        }
+    })
 }
 
 /// The monitors' character devices (label, QEMU's `filename` spelling), for
@@ -395,15 +300,8 @@ pub fn serve(name: &str, backend: &Backend, session: Session) -> Result<Listenin
             Ok(Listening { unix_path: None })
         }
         Backend::Unix { path, wait } => {
-            // A socket left behind by an earlier run is replaced, as QEMU does; any other
-            // file is not touched.
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if meta.file_type().is_socket() {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
             let what = path.display().to_string();
-            let listener = UnixListener::bind(path).map_err(|e| bind_error(&what, e))?;
+            let listener = char_socket::bind_unix(path)?;
             listen(name, listener, "unix", &what, *wait, session)?;
             Ok(Listening {
                 unix_path: Some(path.clone()),
@@ -430,10 +328,7 @@ pub fn serve(name: &str, backend: &Backend, session: Session) -> Result<Listenin
 }
 
 fn bind_error(what: &str, e: io::Error) -> ChardevError {
-    ChardevError::Bind {
-        what: what.to_string(),
-        reason: e.to_string(),
-    }
+    char_socket::bind_error(what, &e).into()
 }
 
 /// Serves a bound socket (`kind` `unix` or `tcp`, `what` its path or address):
@@ -523,7 +418,9 @@ mod tests {
         assert!(matches!(parse("vc"), Err(ChardevError::Unsupported(_))));
         assert!(matches!(
             parse("unix:/tmp/q,server=on,bogus=1"),
-            Err(ChardevError::InvalidParameter(_))
+            Err(ChardevError::Socket(
+                hw::core::chardev::ChardevError::InvalidParameter(_)
+            ))
         ));
     }
 }

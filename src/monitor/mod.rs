@@ -193,7 +193,10 @@ pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionErr
             Arc::new(move |conn| hmp::run_session(&vm, conn))
         };
         let name = if is_qmp { "QMP" } else { "HMP" };
-        let listening = chardev::serve(name, &backend, session).map_err(|e| located.error(e))?;
+        let listening = qom::error_report::with_location(&located.location(), || {
+            chardev::serve(name, &backend, session)
+        })
+        .map_err(|e| located.error(e))?;
         if let Some(path) = listening.unix_path {
             SOCKET_PATHS.lock().push(path);
         }
