@@ -464,6 +464,13 @@ pub fn blockdev_add(located: &Located) -> Result<(), OptionError> {
 
 /// QEMU's `bdrv_assign_node_name` checks: a drive's name, then a node's.
 fn check_node_name(name: &str) -> Result<(), String> {
+    if !qom::object_interfaces::id_wellformed(name) {
+        return Err(format!("Invalid node-name: '{name}'"));
+    }
+    // QEMU's node_name[32], with its NUL.
+    if name.len() >= 32 {
+        return Err("Node name too long".to_string());
+    }
     if block::is_drive_name(name) {
         return Err(format!("node-name={name} is conflicting with a device id"));
     }

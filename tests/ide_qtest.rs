@@ -657,7 +657,9 @@ fn the_cd_changes_as_qemus_does_through_eject_and_the_blockdev_medium_commands()
     atapi_pio(&mut ide, [0; 12]);
     // A unit attention holds every other command until REQUEST SENSE reports it.
     let (status, _) = atapi_pio(&mut ide, [0x28, 0, 0, 0, 0, 5, 0, 0, 1, 0, 0, 0]);
-    assert_eq!((status & ERR, ide.inb(CMD2 + 1)), (ERR, 0x60 | 0x20));
+    // The error register: UNIT ATTENTION (6) in the sense key bits, which hold QEMU's MC_ERR
+    // (0x20) too.
+    assert_eq!((status & ERR, ide.inb(CMD2 + 1)), (ERR, 0x60));
     assert_eq!(request_sense(&mut ide), (6, 0x28));
     assert_eq!(read_cd_block(&mut ide, 5), vec![5; 2048]);
     qmp_ok(&mut qmp, "blockdev-del", json!({"node-name": "other"}));
@@ -721,6 +723,8 @@ fn empty_cd_drives_are_named_and_take_a_medium() {
             "if=none,id=cd9,media=cdrom",
             "-device",
             "ide-cd,drive=cd9,bus=ide.1,unit=1,id=cdrom9",
+            "-drive",
+            "if=none,id=loose,file=cd.iso,format=raw,readonly=on",
             "-qmp",
             &qmp,
         ]
@@ -745,6 +749,40 @@ fn empty_cd_drives_are_named_and_take_a_medium() {
     }
     assert_eq!(qmp_error(&mut qmp, "eject", json!({"id": "cdrom9"})), None);
     assert!(block_info(&mut qmp, "cd9").get("inserted").is_none());
+    // A drive without a device takes a new medium, again and again.
+    std::fs::write(scratch.join("big.iso"), vec![8u8; 8 * 2048]).unwrap();
+    for (file, size) in [("big.iso", 8 * 2048), ("cd.iso", 4 * 2048)] {
+        qmp_ok(
+            &mut qmp,
+            "blockdev-change-medium",
+            json!({"device": "loose", "filename": scratch.join(file), "format": "raw"}),
+        );
+        let loose = block_info(&mut qmp, "loose");
+        assert_eq!(loose["inserted"]["image"]["virtual-size"], size, "{loose}");
+    }
+    qmp_ok(&mut qmp, "eject", json!({"device": "loose"}));
+    assert!(block_info(&mut qmp, "loose").get("inserted").is_none());
+    // What is not a drive, or not an image.
+    assert_eq!(
+        qmp_error(&mut qmp, "eject", json!({"id": "/machine"})).as_deref(),
+        Some("/machine is not a hotpluggable device")
+    );
+    assert_eq!(
+        qmp_error(
+            &mut qmp,
+            "blockdev-change-medium",
+            json!({"device": "cd9", "filename": scratch, "format": "raw"})
+        ),
+        Some(format!(
+            "'file' driver requires '{}' to be a regular file",
+            scratch.display()
+        ))
+    );
+    let r = qmp.execute(
+        "human-monitor-command",
+        json!({"command-line": "change cd9 cd.iso raw bogus"}),
+    );
+    assert_eq!(r["return"], "Error: invalid parameter value: bogus\r\n");
 }
 
 #[test]
@@ -802,6 +840,69 @@ fn nodes_added_at_run_time_are_deleted_as_qemu_deletes_them() {
     assert!(after.contains(&"f1".to_string()), "{after:?}");
     qmp_ok(&mut qmp, "blockdev-del", json!({"node-name": "f1"}));
     assert!(!names(&mut qmp).contains(&"f1".to_string()));
+    // QEMU's node names.
+    for (name, error) in [
+        ("#block1".to_string(), "Invalid node-name: '#block1'"),
+        (String::new(), "Invalid node-name: ''"),
+        ("a/b".to_string(), "Invalid node-name: 'a/b'"),
+        ("n".repeat(32), "Node name too long"),
+    ] {
+        let args = json!({"driver": "file", "filename": iso, "node-name": name});
+        assert_eq!(
+            qmp_error(&mut qmp, "blockdev-add", args).as_deref(),
+            Some(error)
+        );
+    }
+    // The file node comes back on the descriptor it had, whatever became of the path.
+    qmp_ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "file", "filename": iso, "node-name": "f2", "read-only": true}),
+    );
+    qmp_ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "fmt2", "read-only": true, "file": "f2"}),
+    );
+    let moved = ide.dir.join("moved.iso");
+    std::fs::rename(&iso, &moved).unwrap();
+    qmp_ok(&mut qmp, "blockdev-del", json!({"node-name": "fmt2"}));
+    assert!(names(&mut qmp).contains(&"f2".to_string()));
+    qmp_ok(&mut qmp, "blockdev-del", json!({"node-name": "f2"}));
+    std::fs::rename(&moved, &iso).unwrap();
+    // A backing node the top took is a node of its own again when the top goes.
+    let base = ide.dir.join("base.raw");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    qmp_ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "base", "read-only": true,
+               "file": {"driver": "file", "filename": base, "node-name": "base-file"}}),
+    );
+    let top = ide.dir.join("top.qcow2");
+    match std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .status()
+    {
+        Ok(made) if made.success() => {
+            qmp_ok(
+                &mut qmp,
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "top", "backing": "base",
+                       "file": {"driver": "file", "filename": top}}),
+            );
+            assert_eq!(
+                qmp_error(&mut qmp, "blockdev-del", json!({"node-name": "base"})).as_deref(),
+                Some("Block device base is in use")
+            );
+            qmp_ok(&mut qmp, "blockdev-del", json!({"node-name": "top"}));
+            assert!(names(&mut qmp).contains(&"base".to_string()));
+        }
+        other => test_support::skip::skip(format!("qemu-img create: {other:?}")),
+    }
+    qmp_ok(&mut qmp, "blockdev-del", json!({"node-name": "base"}));
     // A -drive's node is the drive's.
     let hd = block_info(&mut qmp, "ide0-hd0");
     let hd_node = hd["inserted"]["node-name"].as_str().unwrap().to_string();

@@ -372,6 +372,8 @@ struct OpenedImage {
     access: FormatAccess<File>,
     info: ImageInfo,
     locks: Vec<ImageLock>,
+    /// A `backing=NODE` node this image took: its name and how to open it again.
+    taken_backing: Option<(String, OpenOptions)>,
 }
 
 /// QEMU's permissions for a guest device's image (`blkconf_apply_backend_options`), and
@@ -449,6 +451,7 @@ fn open_image(
                 access,
                 info,
                 locks,
+                taken_backing: None,
             })
         }
         Format::Qcow2 => {
@@ -493,7 +496,11 @@ fn open_image(
             };
             let mut full_backing_filename = None;
             let mut backing_info = None;
-            if let Some(below) = below {
+            let mut taken_backing = None;
+            if let Some(mut below) = below {
+                if matches!(backing, BackingOption::Node(_)) {
+                    taken_backing = below.taken_backing.take();
+                }
                 locks.extend(below.locks);
                 qcow2.set_backing(Some(below.access));
                 full_backing_filename = Some(below.info.filename.clone());
@@ -521,6 +528,7 @@ fn open_image(
                 access,
                 info,
                 locks,
+                taken_backing,
             })
         }
     }
@@ -636,9 +644,12 @@ pub struct BlockBackend {
     /// Owned by the device's backend rather than the monitor (QEMU: a BDS opened by
     /// `blockdev-change-medium`): removing the medium closes it.
     blk_owned: AtomicBool,
-    /// The `driver=file` node a `file=NODE` reference took, as it was opened: deleting
-    /// this node (`blockdev-del`) gives it back.
-    taken_file: Option<Box<(String, OpenOptions)>>,
+    /// The `driver=file` node a `file=NODE` reference took, whole (its descriptor holds
+    /// the image's locks): deleting this node (`blockdev-del`) gives it back.
+    taken_file: Mutex<Option<Box<BlockBackend>>>,
+    /// A node a `backing=NODE` reference took, as it was opened (its image became this
+    /// node's backing chain): deleting this node opens it again under its name.
+    taken_backing: Mutex<Option<Box<(String, OpenOptions)>>>,
 }
 
 impl std::fmt::Debug for BlockBackend {
@@ -729,10 +740,8 @@ impl BlockBackend {
             None => None,
         };
         match Self::open_image_node(id, node_name, opts, warn, lock) {
-            Ok(mut backend) => {
-                let mut taken = file.opts.clone();
-                taken.file_node_name = None;
-                backend.taken_file = Some(Box::new((file.node_name.clone(), taken)));
+            Ok(backend) => {
+                *backend.taken_file.lock() = Some(Box::new(file));
                 Ok(backend)
             }
             Err(e) => {
@@ -758,7 +767,14 @@ impl BlockBackend {
     ) -> Result<BlockBackend, BlockError> {
         let path = opts.filename.clone();
         // QEMU opens the file before locking it, so a missing file is reported as such.
-        std::fs::metadata(&path).map_err(|e| BlockError::open(&path, e))?;
+        let meta = std::fs::metadata(&path).map_err(|e| BlockError::open(&path, e))?;
+        // QEMU's file driver (its host_device driver, for block devices, qomvm lacks).
+        if !meta.is_file() {
+            return Err(BlockError::Invalid(format!(
+                "'file' driver requires '{}' to be a regular file",
+                path.display()
+            )));
+        }
         // QEMU's raw_open_common: native AIO needs O_DIRECT.
         if opts.aio == AioMode::Native && !opts.cache.direct() {
             return Err(BlockError::AioNativeNeedsDirect);
@@ -814,7 +830,8 @@ impl BlockBackend {
             attached: Mutex::new(None),
             auto_connected: AtomicBool::new(false),
             blk_owned: AtomicBool::new(false),
-            taken_file: None,
+            taken_file: Mutex::new(None),
+            taken_backing: Mutex::new(image.taken_backing.map(Box::new)),
         })
     }
 
@@ -1308,7 +1325,9 @@ pub enum DeleteError {
 }
 
 /// QEMU's `qmp_blockdev_del`: deletes the monitor's node `name` and the inline nodes under
-/// it; a `driver=file` node it took by reference (`file=NODE`) is a node of its own again.
+/// it; a node it took by reference (`file=NODE`, `backing=NODE`) is a node of its own
+/// again. A node no drive or device uses is deleted even while a request still holds
+/// it: the image closes when that lets go.
 pub fn delete_node(name: &str) -> Result<(), DeleteError> {
     let node = {
         let mut all = BACKENDS.lock();
@@ -1319,25 +1338,33 @@ pub fn delete_node(name: &str) -> Result<(), DeleteError> {
             return Err(DeleteError::NotFound(name.to_string()));
         };
         let b = &all[i];
-        if !b.id.read().is_empty() || b.attached_dev().is_some() || Arc::strong_count(b) > 1 {
+        if !b.id.read().is_empty() || b.attached_dev().is_some() {
             return Err(DeleteError::HasBackend(name.to_string()));
         }
         all.remove(i)
     };
-    let Ok(node) = Arc::try_unwrap(node) else {
-        return Err(DeleteError::HasBackend(name.to_string()));
-    };
     if let Err(e) = node.flush_image() {
         log::warn!("flushing '{name}' failed: {e}");
     }
-    let taken = node.taken_file.clone();
-    // The image's file and locks close before its file node opens it again.
+    if let Some(file) = node.taken_file.lock().take() {
+        // Back to the file node's own permissions, on the descriptor that held the locks
+        // all along.
+        let (perm, shared) = top_perms(Format::Raw, file.opts.read_only);
+        if let Some(lock) = file.locks.lock().first() {
+            if let Err(e) = lock.update(&file.opts.filename, perm, shared) {
+                log::warn!("node '{}' keeps other locks: {e}", file.node_name);
+            }
+        }
+        BACKENDS.lock().push(Arc::new(*file));
+    }
+    let backing = node.taken_backing.lock().take();
+    // The chain's files and locks close before the backing node opens them again.
     drop(node);
-    if let Some(taken) = taken {
-        let (file_name, opts) = *taken;
-        let file = BlockBackend::open("", &file_name, opts, |_| {})
-            .map_err(|e| DeleteError::GiveBack(file_name.clone(), e))?;
-        add_backend(file).map_err(|e| DeleteError::GiveBack(file_name, e))?;
+    if let Some(backing) = backing {
+        let (backing_name, opts) = *backing;
+        let reopened = BlockBackend::open("", &backing_name, opts, |_| {})
+            .map_err(|e| DeleteError::GiveBack(backing_name.clone(), e))?;
+        add_backend(reopened).map_err(|e| DeleteError::GiveBack(backing_name, e))?;
     }
     Ok(())
 }
@@ -1518,6 +1545,10 @@ fn take_node_for_backing(name: &str, new_user: &str) -> Result<OpenedImage, Bloc
             return Err(e);
         }
     }
+    // To open it again when its user goes: from its file, under its node names (a file
+    // node it had taken by reference comes back as its inline file node).
+    let mut reopen = node.opts.clone();
+    reopen.file_ref = None;
     let BlockBackend {
         node_name,
         mut info,
@@ -1525,11 +1556,12 @@ fn take_node_for_backing(name: &str, new_user: &str) -> Result<OpenedImage, Bloc
         locks,
         ..
     } = node;
-    info.node_name = node_name;
+    info.node_name = node_name.clone();
     Ok(OpenedImage {
         access: access.into_inner(),
         info,
         locks: locks.into_inner(),
+        taken_backing: Some((node_name, reopen)),
     })
 }
 

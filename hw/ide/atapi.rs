@@ -36,8 +36,7 @@ impl PacketDevice for Atapi {
         if ok {
             command_ok(st, unit);
         } else {
-            // Unrecovered read error.
-            command_error(st, unit, sense::MEDIUM_ERROR, 0x11);
+            io_error(st, unit);
         }
     }
 }
@@ -65,7 +64,6 @@ const REASON_IO: u8 = 0x02;
 /// Sense keys.
 mod sense {
     pub const NOT_READY: u8 = 0x02;
-    pub const MEDIUM_ERROR: u8 = 0x03;
     pub const ILLEGAL_REQUEST: u8 = 0x05;
     pub const UNIT_ATTENTION: u8 = 0x06;
 }
@@ -97,6 +95,17 @@ fn be32(b: &[u8]) -> u64 {
 fn lba_to_msf(lba: u64) -> [u8; 3] {
     let lba = lba + 150;
     [(lba / (60 * 75)) as u8, (lba / 75 % 60) as u8, (lba % 75) as u8]
+}
+
+/// QEMU's `ide_atapi_io_error`: a read failed, because the medium went (NOT READY) or
+/// past its end (ILLEGAL REQUEST, as QEMU reports any other error).
+fn io_error(st: &mut ChannelState, unit: usize) {
+    let has_medium = st.info[unit].as_ref().is_some_and(|i| i.backend.is_some());
+    if has_medium {
+        command_error(st, unit, sense::ILLEGAL_REQUEST, asc::LOGICAL_BLOCK_OOR);
+    } else {
+        command_error(st, unit, sense::NOT_READY, asc::MEDIUM_NOT_PRESENT);
+    }
 }
 
 /// QEMU's `ide_atapi_cmd_ok`: the command ended well (the caller raises the interrupt).
@@ -244,7 +253,7 @@ fn load_blocks(st: &mut ChannelState, unit: usize) -> Option<Job> {
         let ok = backend.is_some_and(|b| b.read_at(&mut data, lba * BLOCK).is_ok());
         Box::new(move |st: &mut ChannelState| {
             if !ok {
-                command_error(st, unit, sense::MEDIUM_ERROR, 0x11);
+                io_error(st, unit);
                 return None;
             }
             let d = &mut st.drives[unit];
@@ -403,7 +412,8 @@ fn packet_command(
         // START STOP UNIT: eject or load.
         0x1b => {
             let (start, eject) = (p[4] & 1 != 0, p[4] & 2 != 0);
-            if eject {
+            // A power condition: no load or eject (QEMU's cmd_start_stop_unit).
+            if eject && p[4] & 0xf0 == 0 {
                 let inserted = st.info[unit].as_ref().is_some_and(|i| i.backend.is_some());
                 let d = &mut st.drives[unit];
                 if !start && !d.tray_open && d.tray_locked {
@@ -561,7 +571,8 @@ fn packet_command(
             } else {
                 b[2] = 0x80; // no event available
             }
-            let len = (b.len() - 2) as u16;
+            // The event data's length, after the 4-byte header.
+            let len = (b.len() - 4) as u16;
             b[0..2].copy_from_slice(&len.to_be_bytes());
             reply(ch, st, unit, b, be16(&p[7..9]))
         }

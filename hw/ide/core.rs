@@ -490,17 +490,20 @@ impl IdeChannel {
             .map_or((false, false), |d| (d.tray_locked, d.tray_open))
     }
 
-    /// Puts `medium` into the drive at `unit`, or takes its medium out (`None`), once
-    /// the commands in flight are done (QEMU drains the backend around `blk_insert_bs`
-    /// and `blk_remove_bs`).
+    /// Puts `medium` into the drive at `unit`, or takes its medium out (`None`); returns
+    /// once the commands in flight are done (QEMU drains the backend around
+    /// `blk_insert_bs` and `blk_remove_bs`).
     pub fn set_medium(&self, unit: usize, medium: Option<Arc<BlockBackend>>) {
-        self.drain();
-        let mut st = self.state.lock();
-        if let Some(info) = st.info.get_mut(unit).and_then(Option::as_mut) {
-            let mut changed = DriveInfo::clone(info);
-            changed.backend = medium;
-            *info = Arc::new(changed);
+        {
+            let mut st = self.state.lock();
+            if let Some(info) = st.info.get_mut(unit).and_then(Option::as_mut) {
+                let mut changed = DriveInfo::clone(info);
+                changed.backend = medium;
+                *info = Arc::new(changed);
+            }
         }
+        // Commands queued before the swap finish on the old medium before it goes.
+        self.drain();
     }
 
     /// QEMU's `ide_cd_change_cb`: the tray closes on the medium (`load`) or opens; the

@@ -90,7 +90,7 @@ const COMMANDS: &[HmpCommand] = &[
             if let Some(mode) = args.get(3) {
                 if !super::qmp_block::READ_ONLY_MODE.values.contains(mode) {
                     return Err(QmpError::BadInput(format!(
-                        "Parameter 'read-only-mode' does not accept value '{mode}'"
+                        "invalid parameter value: {mode}"
                     )));
                 }
                 qmp_args.insert("read-only-mode".into(), (*mode).into());

@@ -59,6 +59,9 @@ fn get_blk(device: Option<&str>, id: Option<&str>) -> Result<(Blk, String), QmpE
         }
         (None, Some(id)) => {
             let dev = device_by_qdev(id).ok_or_else(|| QmpError::DeviceNotFound(id.into()))?;
+            if !dev.is_a(hw::core::qdev::TYPE_DEVICE) {
+                return Err(failed(format!("{id} is not a hotpluggable device")));
+            }
             if dev.interface::<dyn RemovableMedia>().is_some() {
                 return Ok((Blk::Removable(dev), id.to_string()));
             }
@@ -269,18 +272,23 @@ pub fn qmp_blockdev_change_medium(args: &Map<String, Value>) -> Result<Value, Qm
     let medium =
         crate::blockdev::open_medium(filename, str_arg(args, "format"), read_only, detect_zeroes)
             .map_err(failed)?;
-    match do_open_tray(&blk, &name, false)? {
-        TrayOutcome::Asked(e) => return Err(e),
-        TrayOutcome::Open | TrayOutcome::NoTray => {}
-    }
-    remove_medium(&blk, &name)?;
+    // In the table before anything moves: a name clash fails with the old medium in.
     let medium = block::add_backend(medium).map_err(|e| failed(e.to_string()))?;
-    if let Err(e) = insert_medium(&blk, medium.clone()) {
+    let swapped = (|| {
+        match do_open_tray(&blk, &name, false)? {
+            TrayOutcome::Asked(e) => return Err(e),
+            TrayOutcome::Open | TrayOutcome::NoTray => {}
+        }
+        remove_medium(&blk, &name)?;
+        // What the drive holds now (a drive without a device was looked up with its medium).
+        let (blk, _) = get_blk(device, id)?;
+        insert_medium(&blk, medium.clone())?;
+        close_tray(&blk, &name)
+    })();
+    if swapped.is_err() {
         block::remove_backend(&medium);
-        return Err(e);
     }
-    close_tray(&blk, &name)?;
-    Ok(json!({}))
+    swapped.map(|()| json!({}))
 }
 
 /// `eject`: opens the tray (`force`: even if the guest locked it) and takes the medium
