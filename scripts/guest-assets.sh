@@ -15,13 +15,13 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=15
+ASSETS_FORMAT=16
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
 # in, so the disk image needs no file system module.
 GUEST_MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-virtio_blk virtio_net virtio_rng virtio_balloon"
+virtio_blk virtio_net virtio_rng virtio_balloon virtio_console"
 # The IDE drivers (PIIX3 IDE, disks, CD-ROMs), carried too but loaded only with
 # qomvm.ata=1: probing the IDE ports costs every other boot time on the rig.
 ATA_MODULES="ata_piix sd_mod sr_mod"
@@ -45,7 +45,8 @@ dpkg-deb; nothing is installed, no root needed for the build itself):
                             vmlinuz's payload): entered without its decompressor
   OUTDIR/initramfs.cpio.gz  busybox-static initramfs with the cloud kernel's
                             virtio modules (virtio_pci, virtio_blk, virtio_net,
-                            virtio_rng, virtio_balloon and their dependencies)
+                            virtio_rng, virtio_balloon, virtio_console and their
+                            dependencies)
   OUTDIR/rootfs.ext4        raw ext4 disk image (256 MiB, sparse): busybox, the
                             same /init, the modules, and fio and iperf3 with the
                             shared libraries they need (from Debian's packages)
@@ -286,7 +287,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -309,6 +310,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.ata=1) ata=1 ;;
         qomvm.cdsum=*) cdsum=${arg#*=} ;;
         qomvm.cdchange=*) cdchange=${arg#*=} ;;
+        qomvm.vport=*) vport=${arg#*=} ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -374,6 +376,35 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$cdsum" ] && [ -n "$cdchange" ]; then
         last=$now
         n=$((n + 1))
     done
+fi
+
+# qomvm.vport=NAME: the virtio-serial port named NAME (as a guest agent finds its
+# channel, by /sys/class/virtio-ports/*/name; there is no udev for the
+# /dev/virtio-ports/NAME link): says hello on it, which waits for the host side to
+# open, then prints the line the host answers.
+if [ "$QOMVM_STAGE" != root ] && [ -n "$vport" ]; then
+    dev= i=0
+    while [ -z "$dev" ] && [ $i -lt 200 ]; do
+        for p in /sys/class/virtio-ports/*; do
+            [ "$(cat "$p/name" 2>/dev/null)" = "$vport" ] && dev=/dev/${p##*/}
+        done
+        [ -n "$dev" ] && [ -c "$dev" ] && break
+        dev=
+        i=$((i + 1))
+        sleep 0.05
+    done
+    if [ -z "$dev" ]; then
+        echo "vport: no port named $vport; ports:" /sys/class/virtio-ports/*
+        for p in /sys/class/virtio-ports/*/name; do echo "vport: $p: $(cat "$p" 2>&1)"; done
+        dmesg | grep -i -E 'virtio|vport|hvc' | tail -n 20 | sed 's/^/vport: dmesg: /'
+    else
+        echo "vport: $dev is $vport"
+        exec 3<>"$dev"
+        echo "QOMVM-VPORT-HELLO" >&3
+        read -r line <&3
+        echo "vport: got $line"
+        exec 3>&-
+    fi
 fi
 
 # qomvm.root=DEV: continue from DEV's /init.

@@ -530,6 +530,44 @@ fn a_unix_socket_serial_port_carries_the_guests_output() {
     assert_eq!(listed_state(&dom.name), None);
 }
 
+/// A guest agent channel (`<channel type='unix'>` with a virtio target): libvirt's
+/// `virtio-serial-pci`, socket chardev and `virtserialport` start; with no agent in the
+/// test kernel, libvirt reports the agent as not connected (it follows the port's state
+/// through `VSERPORT_CHANGE`).
+#[test]
+fn a_guest_agent_channel_starts_and_reports_no_agent() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("agent");
+    let (kernel, _) = dom.kernel_and_disk(1 << 20);
+    let serial = dom.serial_xml();
+    let xml = dom.xml_with_devices(
+        &kernel,
+        &serial,
+        "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+         <memballoon model='none'/>",
+    );
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let reply = virsh_ok(&[
+        "qemu-monitor-command",
+        &dom.name,
+        r#"{"execute":"query-chardev"}"#,
+    ]);
+    assert!(reply.contains("charchannel0"), "{reply}");
+    let (ok, _, err) = virsh(&[
+        "qemu-agent-command",
+        &dom.name,
+        r#"{"execute":"guest-ping"}"#,
+    ]);
+    assert!(!ok, "an agent answered in a kernel that has none");
+    assert!(err.contains("QEMU guest agent is not connected"), "{err}");
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
+
 #[test]
 fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
     if let Some(reason) = libvirt_unusable() {

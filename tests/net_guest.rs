@@ -695,3 +695,82 @@ finish cd
     assert!(out.contains(r#"host: change: {"return":{}}"#), "{out}");
     assert!(out.contains("host: cd: vmm exit status 0"), "{out}");
 }
+
+/// A guest agent's channel as libvirt makes it (`virtio-serial-pci`, a `virtserialport`
+/// named `org.qemu.guest_agent.0` over a socket chardev): the guest finds the port by its
+/// name and writes to it, the host reads that from the socket and answers, the guest reads
+/// the answer; QMP's `VSERPORT_CHANGE` reports the guest opening the port.
+#[test]
+fn a_guest_talks_to_the_host_over_a_virtio_serial_port() {
+    let Some(out) = net_scenario(
+        "vport",
+        r#"
+boot vp "qomvm.vport=org.qemu.guest_agent.0" \
+    -device virtio-serial-pci,id=virtio-serial0 \
+    -chardev "socket,id=charchannel0,path=$PWD/agent.sock,server=on,wait=off" \
+    -device virtserialport,bus=virtio-serial0.0,nr=1,chardev=charchannel0,id=channel0,name=org.qemu.guest_agent.0 \
+    -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
+"$PY" - "$PWD/agent.sock" "$PWD/qmp.sock" <<'PYEOF' | sed 's/^/host: /'
+import json, socket, sys, time
+# On the monitor before the guest is up: events are not kept for later clients.
+deadline = time.time() + 60
+while True:
+    try:
+        qmp = socket.socket(socket.AF_UNIX)
+        qmp.connect(sys.argv[2])
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.05)
+qmp.settimeout(300)
+q = qmp.makefile("rw")
+q.readline()
+q.write('{"execute": "qmp_capabilities"}\n')
+q.flush()
+q.readline()
+def port_event():
+    while True:
+        m = json.loads(q.readline())
+        if m.get("event") == "VSERPORT_CHANGE":
+            return json.dumps(m["data"], sort_keys=True)
+# The guest opens the port, then writes to it (which waits for this side).
+print("event: " + port_event())
+agent = socket.socket(socket.AF_UNIX)
+agent.connect(sys.argv[1])
+agent.settimeout(120)
+f = agent.makefile("rwb")
+print("agent read: " + f.readline().decode().strip())
+f.write(b"HOST-ANSWER\n")
+f.flush()
+print("event: " + port_event())
+PYEOF
+finish vp
+"#,
+        700,
+    ) else {
+        return;
+    };
+    assert!(
+        out.contains("host: agent read: QOMVM-VPORT-HELLO"),
+        "the guest's line on the socket:\n{out}"
+    );
+    assert!(
+        out.contains("vp: vport: got HOST-ANSWER"),
+        "the host's line in the guest:\n{out}"
+    );
+    let events: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("host: event: "))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            r#"{"id": "channel0", "open": true}"#,
+            r#"{"id": "channel0", "open": false}"#
+        ],
+        "VSERPORT_CHANGE as the guest opens and closes the port:\n{out}"
+    );
+    assert!(out.contains("pci: 0000:00:"), "{out}");
+    assert!(out.contains("host: vp: vmm exit status 0"), "{out}");
+}

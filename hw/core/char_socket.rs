@@ -10,6 +10,7 @@
 //! goes to the frontend's receiver from the connection's reader thread. The monitor's own
 //! sockets (`src/monitor/chardev.rs`) share the parsing and the inherited-descriptor check.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{FromRawFd, RawFd};
@@ -18,9 +19,67 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
-use crate::core::chardev::{parse_bool_opt, CharBackend, CharReceiver, ChardevError};
+use crate::core::log_limit::RateLimitedLog;
+
+/// Where input goes (`chardev::CharReceiver`, spelled out so that this file does not
+/// import `chardev`, which opens sockets through it).
+pub type Receiver = Arc<dyn Fn(&[u8]) + Send + Sync>;
+/// What hears the peer come (`true`) and go (`chardev::OpenNotifier`).
+pub type Notifier = Arc<dyn Fn(bool) + Send + Sync>;
+
+/// Errors of socket chardevs, in QEMU's words.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// An option the socket does not take.
+    #[error("Invalid parameter '{0}'")]
+    InvalidParameter(String),
+    /// An option value that does not parse.
+    #[error("Parameter '{name}' expects {expected}")]
+    InvalidValue {
+        /// The option.
+        name: String,
+        /// What it accepts.
+        expected: &'static str,
+    },
+    /// `fd=` that is not a number or not an open descriptor.
+    #[error("Could not use file descriptor '{0}': not an open descriptor")]
+    BadFd(String),
+    /// `fd=` naming a descriptor that is not a listening Unix socket.
+    #[error("file descriptor {0} is not a listening Unix socket")]
+    NotListeningSocket(RawFd),
+    /// No address, or more than one.
+    #[error("chardev: socket: exactly one of 'path', 'host'/'port' and 'fd' is required")]
+    SocketAddress,
+    /// A server socket could not be made.
+    #[error("Failed to bind socket to {what}: {reason}")]
+    Bind {
+        /// The path or address.
+        what: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// A client socket could not connect.
+    #[error("Failed to connect to '{what}': {reason}")]
+    Connect {
+        /// The path or address.
+        what: String,
+        /// The OS error.
+        reason: String,
+    },
+}
+
+/// QemuOpts' boolean.
+fn parse_bool_opt(key: &str, value: Option<&str>) -> Result<bool, SocketError> {
+    crate::core::qemu_opts::parse_on_off(value).ok_or_else(|| SocketError::InvalidValue {
+        name: key.to_string(),
+        expected: "'on' or 'off'",
+    })
+}
+
+/// Output dropped for a peer that does not read, logged at a limited rate.
+static DROPPED: std::sync::LazyLock<RateLimitedLog> = std::sync::LazyLock::new(RateLimitedLog::default);
 
 /// Where a socket chardev listens or connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,7 +119,7 @@ impl SocketSpec {
 
 /// The flags every spelling takes: `server`, `wait` (`nowait`), `nodelay`. Returns
 /// whether `key` was one of them.
-fn apply_flag(spec: &mut SocketSpec, key: &str, value: Option<&str>) -> Result<bool, ChardevError> {
+fn apply_flag(spec: &mut SocketSpec, key: &str, value: Option<&str>) -> Result<bool, SocketError> {
     match key {
         "server" => spec.server = parse_bool_opt(key, value)?,
         "wait" => spec.wait = parse_bool_opt(key, value)?,
@@ -71,8 +130,8 @@ fn apply_flag(spec: &mut SocketSpec, key: &str, value: Option<&str>) -> Result<b
     Ok(true)
 }
 
-fn bad_address(text: &str) -> ChardevError {
-    ChardevError::InvalidValue {
+fn bad_address(text: &str) -> SocketError {
+    SocketError::InvalidValue {
         name: text.to_string(),
         expected: "HOST:PORT",
     }
@@ -83,7 +142,7 @@ fn bad_address(text: &str) -> ChardevError {
 pub fn parse_shorthand(
     kind: &str,
     items: Vec<(String, Option<String>)>,
-) -> Result<SocketSpec, ChardevError> {
+) -> Result<SocketSpec, SocketError> {
     let mut items = items.into_iter();
     let address = items.next().and_then(|(_, v)| v).unwrap_or_default();
     let target = match kind {
@@ -94,7 +153,7 @@ pub fn parse_shorthand(
             let host = host.trim_start_matches('[').trim_end_matches(']');
             SocketTarget::Tcp(host.to_string(), port)
         }
-        other => return Err(ChardevError::UnknownDriver(other.to_string())),
+        other => return Err(SocketError::InvalidParameter(other.to_string())),
     };
     let mut spec = SocketSpec {
         target,
@@ -104,7 +163,7 @@ pub fn parse_shorthand(
     };
     for (key, value) in items {
         if !apply_flag(&mut spec, &key, value.as_deref())? {
-            return Err(ChardevError::InvalidParameter(key));
+            return Err(SocketError::InvalidParameter(key));
         }
     }
     Ok(spec)
@@ -112,7 +171,7 @@ pub fn parse_shorthand(
 
 /// `-chardev socket`'s options after the backend name, `id=` already taken out:
 /// `path=`, `host=`+`port=` or `fd=`, and the flags.
-pub fn parse_chardev(items: Vec<(String, Option<String>)>) -> Result<SocketSpec, ChardevError> {
+pub fn parse_chardev(items: Vec<(String, Option<String>)>) -> Result<SocketSpec, SocketError> {
     let (mut path, mut host, mut port, mut fd) = (None, None, None, None);
     let mut spec = SocketSpec {
         target: SocketTarget::Fd(-1),
@@ -130,34 +189,34 @@ pub fn parse_chardev(items: Vec<(String, Option<String>)>) -> Result<SocketSpec,
             "port" => port = value,
             "fd" => fd = value,
             // QEMU's telnet and TLS wrappers are not there.
-            _ => return Err(ChardevError::InvalidParameter(key)),
+            _ => return Err(SocketError::InvalidParameter(key)),
         }
     }
     spec.target = match (path, host, port, fd) {
         (Some(path), None, None, None) => SocketTarget::Unix(PathBuf::from(path)),
         (None, host, Some(port), None) => SocketTarget::Tcp(
             host.unwrap_or_default(),
-            port.parse().map_err(|_| ChardevError::InvalidValue {
+            port.parse().map_err(|_| SocketError::InvalidValue {
                 name: "port".into(),
                 expected: "a port number",
             })?,
         ),
         (None, None, None, Some(fd)) => SocketTarget::Fd(inherited_listener(&fd)?),
-        _ => return Err(ChardevError::SocketAddress),
+        _ => return Err(SocketError::SocketAddress),
     };
     Ok(spec)
 }
 
 /// Checks that `text` names an open descriptor holding a listening Unix socket (`fd=`).
-pub fn inherited_listener(text: &str) -> Result<RawFd, ChardevError> {
+pub fn inherited_listener(text: &str) -> Result<RawFd, SocketError> {
     let fd: RawFd = text
         .parse()
         .ok()
         .filter(|fd| *fd > 2)
-        .ok_or_else(|| ChardevError::BadFd(text.to_string()))?;
+        .ok_or_else(|| SocketError::BadFd(text.to_string()))?;
     // SAFETY: F_GETFD only reads the descriptor table.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(ChardevError::BadFd(text.to_string()));
+        return Err(SocketError::BadFd(text.to_string()));
     }
     // SAFETY: a zeroed sockaddr_storage with its length is what getsockname fills.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -177,14 +236,14 @@ pub fn inherited_listener(text: &str) -> Result<RawFd, ChardevError> {
         )
     } == 0;
     if !(named && got && listening != 0 && i32::from(addr.ss_family) == libc::AF_UNIX) {
-        return Err(ChardevError::NotListeningSocket(fd));
+        return Err(SocketError::NotListeningSocket(fd));
     }
     Ok(fd)
 }
 
 /// Binds the Unix socket `path`, replacing a socket an earlier run left there (never
 /// another kind of file), as QEMU does.
-pub fn bind_unix(path: &std::path::Path) -> Result<UnixListener, ChardevError> {
+pub fn bind_unix(path: &std::path::Path) -> Result<UnixListener, SocketError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
             let _ = std::fs::remove_file(path);
@@ -194,8 +253,8 @@ pub fn bind_unix(path: &std::path::Path) -> Result<UnixListener, ChardevError> {
 }
 
 /// QEMU's `Failed to bind socket` error.
-pub fn bind_error(what: &str, e: &io::Error) -> ChardevError {
-    ChardevError::Bind {
+pub fn bind_error(what: &str, e: &io::Error) -> SocketError {
+    SocketError::Bind {
         what: what.to_string(),
         reason: crate::core::os_error::strerror(e),
     }
@@ -263,24 +322,53 @@ impl Listener {
     }
 }
 
+/// Output waiting for the writer thread; past this, output is dropped (a peer that
+/// stopped reading must not stall the frontend, a vCPU or an event loop).
+const OUTPUT_MAX: usize = 1 << 20;
+
 /// The socket chardev.
 pub struct SocketBackend {
     spec: SocketSpec,
-    receiver: Mutex<Option<CharReceiver>>,
+    receiver: Mutex<Option<Receiver>>,
+    notifier: Mutex<Option<Notifier>>,
     /// The connected client (server) or server (client); `None` while there is none.
     peer: Mutex<Option<Stream>>,
+    /// Output for the peer, written by the writer thread.
+    output: Mutex<Output>,
+    output_ready: Condvar,
+    /// `query-chardev`'s `frontend-open`.
+    frontend_open: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct Output {
+    bytes: VecDeque<u8>,
+    closed: bool,
+}
+
+impl Drop for SocketBackend {
+    fn drop(&mut self) {
+        self.output.lock().closed = true;
+        self.output_ready.notify_all();
+    }
 }
 
 impl SocketBackend {
     /// Listens (waiting for the first client with `wait=on`) or connects, and starts the
     /// thread that reads the connection and, for a server, accepts the next one.
-    pub fn open(spec: SocketSpec) -> Result<Arc<SocketBackend>, ChardevError> {
+    pub fn open(spec: SocketSpec) -> Result<Arc<SocketBackend>, SocketError> {
         let backend = Arc::new(SocketBackend {
             spec: spec.clone(),
             receiver: Mutex::new(None),
+            notifier: Mutex::new(None),
             peer: Mutex::new(None),
+            output: Mutex::new(Output::default()),
+            output_ready: Condvar::new(),
+            frontend_open: std::sync::atomic::AtomicBool::new(true),
         });
         let weak = Arc::downgrade(&backend);
+        let writer = weak.clone();
+        spawn("the writer", move || write_output(&writer))?;
         let what = match &spec.target {
             SocketTarget::Unix(path) => path.display().to_string(),
             SocketTarget::Tcp(host, port) => format!("{host}:{port}"),
@@ -294,14 +382,14 @@ impl SocketBackend {
                         let _ = s.set_nodelay(spec.nodelay);
                     })
                     .map(Stream::Tcp),
-                SocketTarget::Fd(_) => return Err(ChardevError::SocketAddress),
+                SocketTarget::Fd(_) => return Err(SocketError::SocketAddress),
             }
-            .map_err(|e| ChardevError::Connect {
+            .map_err(|e| SocketError::Connect {
                 what: what.clone(),
                 reason: crate::core::os_error::strerror(&e),
             })?;
             let reader = stream.try_clone().map_err(|e| bind_error(&what, &e))?;
-            *backend.peer.lock() = Some(stream);
+            backend.connected(stream);
             spawn(&what, move || {
                 serve_connection(&weak, reader);
             })?;
@@ -364,7 +452,7 @@ impl SocketBackend {
                         continue;
                     }
                 };
-                *backend.peer.lock() = Some(stream);
+                backend.connected(stream);
                 drop(backend);
                 if !serve_connection(&weak, reader) {
                     return;
@@ -375,8 +463,8 @@ impl SocketBackend {
     }
 }
 
-/// Starts the thread that serves the socket.
-fn spawn(what: &str, f: impl FnOnce() + Send + 'static) -> Result<(), ChardevError> {
+/// Starts a thread of the socket's.
+fn spawn(what: &str, f: impl FnOnce() + Send + 'static) -> Result<(), SocketError> {
     std::thread::Builder::new()
         .name("chardev socket".into())
         .spawn(move || {
@@ -406,33 +494,123 @@ fn serve_connection(backend: &Weak<SocketBackend>, mut reader: Stream) -> bool {
     let Some(b) = backend.upgrade() else {
         return false;
     };
-    if let Some(peer) = b.peer.lock().take() {
-        peer.shutdown();
-    }
+    b.disconnected();
     true
 }
 
-impl CharBackend for SocketBackend {
-    fn write(&self, data: &[u8]) {
-        let mut peer = self.peer.lock();
-        let failed = peer.as_mut().is_some_and(|s| s.write_all(data).is_err());
-        if failed {
-            // The peer is gone: the reader thread sees it too and moves on.
-            if let Some(s) = peer.take() {
-                s.shutdown();
+/// The writer thread: hands queued output to the peer, blocking here rather than in
+/// the frontend.
+fn write_output(backend: &Weak<SocketBackend>) {
+    loop {
+        let Some(b) = backend.upgrade() else {
+            return;
+        };
+        let chunk: Vec<u8> = {
+            let mut out = b.output.lock();
+            while out.bytes.is_empty() && !out.closed {
+                // Wakes now and then so a dropped backend ends the thread.
+                if b.output_ready
+                    .wait_for(&mut out, std::time::Duration::from_millis(500))
+                    .timed_out()
+                {
+                    break;
+                }
+            }
+            if out.closed {
+                return;
+            }
+            let n = out.bytes.len().min(64 * 1024);
+            out.bytes.drain(..n).collect()
+        };
+        if chunk.is_empty() {
+            continue;
+        }
+        let stream = b.peer.lock().as_ref().and_then(|s| s.try_clone().ok());
+        // Not kept across the write: the backend may go meanwhile.
+        drop(b);
+        if let Some(mut stream) = stream {
+            if stream.write_all(&chunk).is_err() {
+                // The peer is gone: its reader sees it too and moves on.
+                stream.shutdown();
             }
         }
     }
+}
 
-    fn set_receiver(&self, receiver: Option<CharReceiver>) {
+impl SocketBackend {
+    /// A peer connected: the frontend hears of it.
+    fn connected(&self, stream: Stream) {
+        *self.peer.lock() = Some(stream);
+        let notifier = self.notifier.lock().clone();
+        if let Some(notifier) = notifier {
+            notifier(true);
+        }
+    }
+
+    /// The peer left: its unsent output goes, and the frontend hears of it.
+    fn disconnected(&self) {
+        if let Some(peer) = self.peer.lock().take() {
+            peer.shutdown();
+        }
+        self.output.lock().bytes.clear();
+        let notifier = self.notifier.lock().clone();
+        if let Some(notifier) = notifier {
+            notifier(false);
+        }
+    }
+}
+
+/// What `chardev` makes the socket's `CharBackend` of.
+impl SocketBackend {
+    /// Queues `data` for the peer (dropped without one).
+    pub fn write(&self, data: &[u8]) {
+        // Without a peer the bytes go nowhere, as QEMU's tcp_chr_write drops them.
+        if self.peer.lock().is_none() {
+            return;
+        }
+        let mut out = self.output.lock();
+        if out.bytes.len() + data.len() > OUTPUT_MAX {
+            DROPPED.warn(|| {
+                format!(
+                    "chardev socket {}: the peer does not read; output dropped",
+                    self.spec.describe()
+                )
+            });
+            return;
+        }
+        out.bytes.extend(data);
+        drop(out);
+        self.output_ready.notify_one();
+    }
+
+    /// Installs the frontend's receiver.
+    pub fn set_receiver(&self, receiver: Option<Receiver>) {
         *self.receiver.lock() = receiver;
     }
 
-    fn driver(&self) -> &'static str {
-        "socket"
+    /// Whether a peer is connected.
+    pub fn is_open(&self) -> bool {
+        self.peer.lock().is_some()
     }
 
-    fn filename(&self) -> String {
+    /// Installs what hears the peer come and go.
+    pub fn set_open_notifier(&self, notifier: Option<Notifier>) {
+        *self.notifier.lock() = notifier;
+    }
+
+    /// `query-chardev`'s `frontend-open`.
+    pub fn frontend_open(&self) -> bool {
+        self.frontend_open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The frontend opened or closed the socket.
+    pub fn set_frontend_open(&self, open: bool) {
+        self.frontend_open
+            .store(open, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// QEMU's `filename`: the address, `disconnected:` before it without a peer.
+    pub fn filename(&self) -> String {
         match self.peer.lock().as_ref() {
             None => format!("disconnected:{}", self.spec.describe()),
             Some(s) => match s.peer() {
@@ -475,15 +653,15 @@ mod tests {
         assert_eq!(spec.target, SocketTarget::Tcp("127.0.0.1".into(), 7));
         assert!(matches!(
             parse_chardev(items("path=/a,port=7")),
-            Err(ChardevError::SocketAddress)
+            Err(SocketError::SocketAddress)
         ));
         assert!(matches!(
             parse_chardev(items("fd=1")),
-            Err(ChardevError::BadFd(_))
+            Err(SocketError::BadFd(_))
         ));
         assert!(matches!(
             parse_chardev(items("path=/a,telnet=on")),
-            Err(ChardevError::InvalidParameter(_))
+            Err(SocketError::InvalidParameter(_))
         ));
     }
 

@@ -29,6 +29,9 @@ use parking_lot::Mutex;
 /// thread (stdio's reader thread), with the bytes in the order they arrived.
 pub type CharReceiver = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
+/// What a frontend installs to hear a backend open (`true`) or close.
+pub type OpenNotifier = Arc<dyn Fn(bool) + Send + Sync>;
+
 /// A character backend (QEMU's `Chardev`): a sink for the frontend's output and, for the
 /// backends that have one, a source of input.
 pub trait CharBackend: Send + Sync {
@@ -40,6 +43,31 @@ pub trait CharBackend: Send + Sync {
     /// Backends without input ignore it.
     fn set_receiver(&self, receiver: Option<CharReceiver>) {
         let _ = receiver;
+    }
+
+    /// Whether the backend is open (QEMU's `be_open`): a socket while a peer is
+    /// connected; the others always.
+    fn is_open(&self) -> bool {
+        true
+    }
+
+    /// Installs (or with `None` removes) what is told when the backend opens or closes
+    /// (QEMU's `CHR_EVENT_OPENED`/`CLOSED`). Backends that never change ignore it.
+    fn set_open_notifier(&self, notifier: Option<OpenNotifier>) {
+        let _ = notifier;
+    }
+
+    /// Whether the frontend has the backend open (QEMU's `fe_open`, `query-chardev`'s
+    /// `frontend-open`): a virtio serial port while the guest has it open; other
+    /// frontends always.
+    fn frontend_open(&self) -> bool {
+        true
+    }
+
+    /// The frontend opened or closed the backend (QEMU's `qemu_chr_fe_set_open`).
+    /// Backends that do not report it ignore it.
+    fn set_frontend_open(&self, open: bool) {
+        let _ = open;
     }
 
     /// The driver name (`stdio`, `file`, `null`, `ringbuf`, `pty`), as `info chardev`
@@ -91,31 +119,9 @@ pub enum ChardevError {
     /// A `-chardev` option the driver does not have.
     #[error("Invalid parameter '{0}'")]
     InvalidParameter(String),
-    /// `fd=` that is not a number or not an open descriptor.
-    #[error("Could not use file descriptor '{0}': not an open descriptor")]
-    BadFd(String),
-    /// `fd=` naming a descriptor that is not a listening Unix socket.
-    #[error("file descriptor {0} is not a listening Unix socket")]
-    NotListeningSocket(std::os::fd::RawFd),
-    /// `-chardev socket` with no address, or more than one.
-    #[error("chardev: socket: exactly one of 'path', 'host'/'port' and 'fd' is required")]
-    SocketAddress,
-    /// A server socket could not be made.
-    #[error("Failed to bind socket to {what}: {reason}")]
-    Bind {
-        /// The path or address.
-        what: String,
-        /// The OS error.
-        reason: String,
-    },
-    /// A client socket could not connect.
-    #[error("Failed to connect to '{what}': {reason}")]
-    Connect {
-        /// The path or address.
-        what: String,
-        /// The OS error.
-        reason: String,
-    },
+    /// A socket chardev's options, or its socket.
+    #[error(transparent)]
+    Socket(#[from] crate::core::char_socket::SocketError),
     /// A `-chardev` option value that does not parse.
     #[error("Parameter '{name}' expects {expected}")]
     InvalidValue {
@@ -375,6 +381,40 @@ impl CharBackend for Ringbuf {
     }
 }
 
+impl CharBackend for crate::core::char_socket::SocketBackend {
+    fn write(&self, data: &[u8]) {
+        crate::core::char_socket::SocketBackend::write(self, data);
+    }
+
+    fn set_receiver(&self, receiver: Option<CharReceiver>) {
+        crate::core::char_socket::SocketBackend::set_receiver(self, receiver);
+    }
+
+    fn is_open(&self) -> bool {
+        crate::core::char_socket::SocketBackend::is_open(self)
+    }
+
+    fn set_open_notifier(&self, notifier: Option<OpenNotifier>) {
+        crate::core::char_socket::SocketBackend::set_open_notifier(self, notifier);
+    }
+
+    fn frontend_open(&self) -> bool {
+        crate::core::char_socket::SocketBackend::frontend_open(self)
+    }
+
+    fn set_frontend_open(&self, open: bool) {
+        crate::core::char_socket::SocketBackend::set_frontend_open(self, open);
+    }
+
+    fn driver(&self) -> &'static str {
+        "socket"
+    }
+
+    fn filename(&self) -> String {
+        crate::core::char_socket::SocketBackend::filename(self)
+    }
+}
+
 impl CharBackend for crate::core::char_pty::PtyBackend {
     fn write(&self, data: &[u8]) {
         self.write_out(data);
@@ -520,15 +560,11 @@ fn split_opts(spec: &str) -> Vec<(String, Option<String>)> {
 }
 
 /// QemuOpts' boolean (a bare key means `on`).
-pub(crate) fn parse_bool_opt(name: &str, value: Option<&str>) -> Result<bool, ChardevError> {
-    match value {
-        None | Some("on") | Some("yes") | Some("true") => Ok(true),
-        Some("off") | Some("no") | Some("false") => Ok(false),
-        Some(_) => Err(ChardevError::InvalidValue {
-            name: name.to_string(),
-            expected: "'on' or 'off'",
-        }),
-    }
+fn parse_bool_opt(name: &str, value: Option<&str>) -> Result<bool, ChardevError> {
+    crate::core::qemu_opts::parse_on_off(value).ok_or_else(|| ChardevError::InvalidValue {
+        name: name.to_string(),
+        expected: "'on' or 'off'",
+    })
 }
 
 /// Parses a `-chardev DRIVER,id=ID[,...]` value into its id and a new backend (QEMU's

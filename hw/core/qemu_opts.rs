@@ -23,6 +23,16 @@ pub fn split_commas(text: &str) -> Vec<String> {
     items
 }
 
+/// QemuOpts' boolean: `on`/`yes`/`true` or `off`/`no`/`false`, a bare key (`None`)
+/// meaning `on`; anything else is `None`.
+pub fn parse_on_off(value: Option<&str>) -> Option<bool> {
+    match value {
+        None | Some("on" | "yes" | "true") => Some(true),
+        Some("off" | "no" | "false") => Some(false),
+        Some(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -33,3 +43,4 @@ mod tests {
         assert_eq!(split_commas(""), [""]);
     }
 }
+

@@ -143,6 +143,8 @@ pub mod device_id {
     pub const NET: u16 = 1;
     /// Block device.
     pub const BLOCK: u16 = 2;
+    /// Console (virtio-serial).
+    pub const CONSOLE: u16 = 3;
     /// Entropy source.
     pub const RNG: u16 = 4;
     /// Memory balloon.

@@ -70,7 +70,10 @@ pub enum ChardevError {
     NotLoopback(String),
     /// The socket's options, as the socket chardev parses them, or its bind.
     #[error(transparent)]
-    Socket(#[from] hw::core::chardev::ChardevError),
+    Socket(#[from] hw::core::char_socket::SocketError),
+    /// `-chardev socket` without `id=`.
+    #[error("Parameter 'id' is missing")]
+    MissingId,
 }
 
 /// Parses the `-qmp`/`-monitor` argument.
@@ -108,7 +111,7 @@ pub fn parse_chardev_socket(spec: &str) -> Result<(String, Backend), ChardevErro
         .last()
         .and_then(|(_, v)| v)
         .filter(|i| !i.is_empty())
-        .ok_or(hw::core::chardev::ChardevError::MissingId)?;
+        .ok_or(ChardevError::MissingId)?;
     Ok((id, monitor_backend(char_socket::parse_chardev(rest)?)?))
 }
 
@@ -419,7 +422,7 @@ mod tests {
         assert!(matches!(
             parse("unix:/tmp/q,server=on,bogus=1"),
             Err(ChardevError::Socket(
-                hw::core::chardev::ChardevError::InvalidParameter(_)
+                hw::core::char_socket::SocketError::InvalidParameter(_)
             ))
         ));
     }

@@ -398,6 +398,13 @@ pub const EVENTS: &[QmpEvent] = &[
         data: &[Arg::required("actual", ArgType::Int)],
     },
     QmpEvent {
+        name: "VSERPORT_CHANGE",
+        data: &[
+            Arg::required("id", ArgType::Str),
+            Arg::required("open", ArgType::Bool),
+        ],
+    },
+    QmpEvent {
         name: "DEVICE_TRAY_MOVED",
         data: &[
             Arg::required("device", ArgType::Str),

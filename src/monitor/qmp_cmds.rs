@@ -1013,8 +1013,12 @@ fn query_chardev(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpErr
     let mut list: Vec<Value> = hw::core::chardev::chardev_list()
         .into_iter()
         .filter_map(|(label, _)| {
-            let filename = hw::core::chardev::chardev_find(&label)?.filename();
-            Some(json!({"label": label, "filename": filename, "frontend-open": true}))
+            let chardev = hw::core::chardev::chardev_find(&label)?;
+            Some(json!({
+                "label": label,
+                "filename": chardev.filename(),
+                "frontend-open": chardev.frontend_open(),
+            }))
         })
         .collect();
     list.extend(crate::monitor::chardev::monitor_chardevs().into_iter().map(
