@@ -182,6 +182,16 @@ fn hostile_virtqueues_leave_every_virtio_device_resettable() {
                 "virtio-rng-pci",
                 "-device",
                 "virtio-balloon-pci",
+                "-chardev",
+                "ringbuf,id=vcon",
+                "-chardev",
+                "ringbuf,id=vport",
+                "-device",
+                "virtio-serial-pci,id=vs0",
+                "-device",
+                "virtconsole,chardev=vcon",
+                "-device",
+                "virtserialport,chardev=vport,name=fuzz",
             ]
             .map(String::from)
             .to_vec()
@@ -192,7 +202,7 @@ fn hostile_virtqueues_leave_every_virtio_device_resettable() {
         .iter()
         .filter_map(|f| f.virtio_legacy_io().map(|io| (f.vendor_device >> 16, io)))
         .collect();
-    assert_eq!(devices.len(), 4, "four virtio devices: {devices:?}");
+    assert_eq!(devices.len(), 5, "five virtio devices: {devices:?}");
     let mut kinds = std::collections::BTreeMap::<&str, u32>::new();
     for case in run.cases() {
         let mut rng = run.rng_for(case);
@@ -205,7 +215,8 @@ fn hostile_virtqueues_leave_every_virtio_device_resettable() {
         qt.cmd(format!("outb {:#x} 3", io + 0x12));
         let features = qt.value(format!("inl {io:#x}"));
         qt.cmd(format!("outl {:#x} {features:#x}", io + 0x04));
-        let queue = rng.below(3) as u16;
+        // Up to the fourth queue: virtio-serial's control queue from the guest.
+        let queue = rng.below(4) as u16;
         qt.cmd(format!("outw {:#x} {queue:#x}", io + 0x0e));
         let size = qt.value(format!("inw {:#x}", io + 0x0c)) as u16;
         if size == 0 {
