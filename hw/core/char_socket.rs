@@ -169,6 +169,16 @@ pub fn parse_shorthand(
     Ok(spec)
 }
 
+/// A `-chardev`'s `id=` (the last one given; `None` if none or empty) and its other
+/// options.
+pub fn split_id(
+    items: impl IntoIterator<Item = (String, Option<String>)>,
+) -> (Option<String>, Vec<(String, Option<String>)>) {
+    let (ids, rest): (Vec<_>, Vec<_>) = items.into_iter().partition(|(k, _)| k == "id");
+    let id = ids.into_iter().last().and_then(|(_, v)| v).filter(|i| !i.is_empty());
+    (id, rest)
+}
+
 /// `-chardev socket`'s options after the backend name, `id=` already taken out:
 /// `path=`, `host=`+`port=` or `fd=`, and the flags.
 pub fn parse_chardev(items: Vec<(String, Option<String>)>) -> Result<SocketSpec, SocketError> {

@@ -578,13 +578,8 @@ pub fn parse_chardev_opts(spec: &str) -> Result<(String, Arc<dyn CharBackend>), 
         _ => return Err(ChardevError::InvalidParameter(spec.to_string())),
     };
     if driver == "socket" {
-        let (ids, rest): (Vec<_>, Vec<_>) = opts.partition(|(k, _)| k == "id");
-        let id = ids
-            .into_iter()
-            .last()
-            .and_then(|(_, v)| v)
-            .filter(|i| !i.is_empty())
-            .ok_or(ChardevError::MissingId)?;
+        let (id, rest) = crate::core::char_socket::split_id(opts);
+        let id = id.ok_or(ChardevError::MissingId)?;
         let socket = crate::core::char_socket::parse_chardev(rest)?;
         return Ok((id, crate::core::char_socket::SocketBackend::open(socket)?));
     }

@@ -105,13 +105,8 @@ pub fn parse_chardev_socket(spec: &str) -> Result<(String, Backend), ChardevErro
         Some((_, Some(kind))) if kind == "socket" => {}
         _ => return Err(ChardevError::Unsupported(spec.to_string())),
     }
-    let (ids, rest): (Vec<_>, Vec<_>) = items.partition(|(k, _)| k == "id");
-    let id = ids
-        .into_iter()
-        .last()
-        .and_then(|(_, v)| v)
-        .filter(|i| !i.is_empty())
-        .ok_or(ChardevError::MissingId)?;
+    let (id, rest) = char_socket::split_id(items);
+    let id = id.ok_or(ChardevError::MissingId)?;
     Ok((id, monitor_backend(char_socket::parse_chardev(rest)?)?))
 }
 
