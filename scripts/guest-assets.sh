@@ -404,6 +404,9 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$vport" ]; then
         read -r line <&3
         echo "vport: got $line"
         exec 3>&-
+        # The host's monitor sends at most one VSERPORT_CHANGE a second: the close's
+        # goes out before the power-off.
+        sleep 2
     fi
 fi
 

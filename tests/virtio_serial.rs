@@ -370,7 +370,7 @@ fn a_guest_agent_channel_and_a_console_work_as_on_qemu() {
     });
     assert!(events.lock().unwrap().contains(&("con0".into(), true)));
     assert!(agent.frontend_open());
-    // Output to the agent's port without a host side is dropped.
+    // Output to the agent's port without a host side is taken and goes nowhere.
     s.write(5, b"lost");
     // The host connects: PORT_OPEN, then bytes both ways.
     let mut host = UnixStream::connect(&sock).unwrap();
@@ -390,7 +390,46 @@ fn a_guest_agent_channel_and_a_console_work_as_on_qemu() {
     // The console's output goes to its chardev.
     s.write(1, b"login: ");
     assert_eq!(console.take(), b"login: ");
-    // The host leaves: PORT_OPEN 0.
+    // A host that does not read: the guest's output waits in its queue (QEMU throttles
+    // a serial port) and none of it is lost. Three chains of 600 KiB: the first fits the
+    // chardev's empty queue, the others wait until the host reads.
+    let chain: Vec<u8> = (0..600 * 1024u32).map(|i| (i % 251) as u8).collect();
+    for k in 0..3u64 {
+        let at = 0x80_0000 + k * 0x10_0000;
+        s.dev.mem.write_slice(&chain, GuestAddress(at)).unwrap();
+        s.post(5, &[(at, chain.len() as u32, false)]);
+    }
+    let taken = s
+        .dev
+        .wait_used(&mut s.rings[5], 3, Duration::from_millis(500));
+    assert!(
+        taken.len() < 3,
+        "all three chains taken by a host that reads nothing"
+    );
+    let mut all = vec![0u8; 3 * chain.len()];
+    host.read_exact(&mut all).unwrap();
+    for k in 0..3 {
+        assert!(
+            all[k * chain.len()..(k + 1) * chain.len()] == chain[..],
+            "chain {k} arrived whole"
+        );
+    }
+    let rest = s.dev.wait_used(&mut s.rings[5], 3 - taken.len(), WAIT);
+    assert_eq!(taken.len() + rest.len(), 3, "the held chains were taken");
+    // The host leaves: PORT_OPEN 0; what it sent and the guest did not take goes with it.
+    host.write_all(b"stale").unwrap();
+    drop(host);
+    let msgs = s.recv_ctrl(1);
+    assert_eq!((msgs[0].0, msgs[0].1, msgs[0].2), (1, PORT_OPEN, 0));
+    let mut host = UnixStream::connect(&sock).unwrap();
+    let msgs = s.recv_ctrl(1);
+    assert_eq!((msgs[0].0, msgs[0].1, msgs[0].2), (1, PORT_OPEN, 1));
+    host.write_all(b"fresh").unwrap();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        got.extend(s.read(4));
+    }
+    assert_eq!(got, b"fresh");
     drop(host);
     let msgs = s.recv_ctrl(1);
     assert_eq!((msgs[0].0, msgs[0].1, msgs[0].2), (1, PORT_OPEN, 0));
@@ -402,6 +441,10 @@ fn a_guest_agent_channel_and_a_console_work_as_on_qemu() {
 
     // A control chain the device cannot read breaks the device, without a panic.
     let mut s = Serial::start(&machine, VERSION_1 | F_MULTIPORT);
+    // (The console's emergency write: a character, never a 0.)
+    s.dev.write_device_config(8, 0, 4);
+    s.dev.write_device_config(8, u64::from(b'E'), 4);
+    assert_eq!(console.take(), b"E");
     s.rings[3].write_desc(&s.dev.mem, 0, 0x7fff_f000_0000, 8, 0, 0);
     s.rings[3].publish(&s.dev.mem, 0);
     s.dev.notify(3);
@@ -479,4 +522,60 @@ fn without_multiport_port_0_is_a_plain_console() {
         .unwrap_err(),
         "Maximum number of serial ports not specified"
     );
+}
+
+/// Input that waits when the driver starts, and a broken ring of the port it goes to: the
+/// device notices on its event loop, not in the transport's DRIVER_OK (which holds the
+/// transport's lock that marking the device broken takes).
+#[test]
+fn a_broken_ring_found_at_driver_ok_does_not_hang_it() {
+    let console = Arc::new(Ringbuf::default());
+    chardev_add("vs-early", console.clone()).unwrap();
+    let machine = pc_machine();
+    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
+    plug(
+        &machine,
+        "virtio-serial-pci",
+        "vs4",
+        &pci,
+        &[("addr", "05.0")],
+    )
+    .unwrap();
+    let bus = machine
+        .child("peripheral")
+        .unwrap()
+        .child("vs4")
+        .unwrap()
+        .child("vs4.0")
+        .unwrap();
+    plug(
+        &machine,
+        "virtconsole",
+        "early",
+        &bus,
+        &[("chardev", "vs-early")],
+    )
+    .unwrap();
+    machine_creation_done(&machine).unwrap();
+    console.inject(b"typed before the driver");
+    let dev = VirtioPciDevice::probe(&machine, DEVFN);
+    assert!(dev.negotiate(VERSION_1));
+    let mut rings: Vec<SplitRing> = (0..2u64)
+        .map(|i| SplitRing::new(RING_BASE + i * RING_STEP, 16))
+        .collect();
+    for (i, ring) in rings.iter().enumerate() {
+        ring.clear(&dev.mem);
+        dev.setup_queue(i as u16, ring);
+    }
+    rings[0].publish_raw_idx(&dev.mem, 1000);
+    // On another thread, so that a hang fails the test instead of stalling it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let status = std::thread::spawn(move || {
+        dev.driver_ok();
+        let _ = tx.send(());
+        dev
+    });
+    assert!(rx.recv_timeout(WAIT).is_ok(), "DRIVER_OK hung");
+    let dev = status.join().unwrap();
+    wait_for("NEEDS_RESET", || dev.status() & NEEDS_RESET != 0);
 }

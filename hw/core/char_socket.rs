@@ -28,6 +28,8 @@ use crate::core::log_limit::RateLimitedLog;
 pub type Receiver = Arc<dyn Fn(&[u8]) + Send + Sync>;
 /// What hears the peer come (`true`) and go (`chardev::OpenNotifier`).
 pub type Notifier = Arc<dyn Fn(bool) + Send + Sync>;
+/// What hears that output can be queued again (`chardev::RoomNotifier`).
+pub type RoomNotifier = Arc<dyn Fn() + Send + Sync>;
 
 /// Errors of socket chardevs, in QEMU's words.
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +343,7 @@ pub struct SocketBackend {
     spec: SocketSpec,
     receiver: Mutex<Option<Receiver>>,
     notifier: Mutex<Option<Notifier>>,
+    room_notifier: Mutex<Option<RoomNotifier>>,
     /// The connected client (server) or server (client); `None` while there is none.
     peer: Mutex<Option<Stream>>,
     /// Output for the peer, written by the writer thread.
@@ -354,6 +357,8 @@ pub struct SocketBackend {
 struct Output {
     bytes: VecDeque<u8>,
     closed: bool,
+    /// Bumped at each disconnection: a chunk taken for one peer never goes to the next.
+    generation: u64,
 }
 
 impl Drop for SocketBackend {
@@ -371,6 +376,7 @@ impl SocketBackend {
             spec: spec.clone(),
             receiver: Mutex::new(None),
             notifier: Mutex::new(None),
+            room_notifier: Mutex::new(None),
             peer: Mutex::new(None),
             output: Mutex::new(Output::default()),
             output_ready: Condvar::new(),
@@ -515,7 +521,7 @@ fn write_output(backend: &Weak<SocketBackend>) {
         let Some(b) = backend.upgrade() else {
             return;
         };
-        let chunk: Vec<u8> = {
+        let (chunk, generation): (Vec<u8>, u64) = {
             let mut out = b.output.lock();
             while out.bytes.is_empty() && !out.closed {
                 // Wakes now and then so a dropped backend ends the thread.
@@ -530,12 +536,21 @@ fn write_output(backend: &Weak<SocketBackend>) {
                 return;
             }
             let n = out.bytes.len().min(64 * 1024);
-            out.bytes.drain(..n).collect()
+            (out.bytes.drain(..n).collect(), out.generation)
         };
         if chunk.is_empty() {
             continue;
         }
-        let stream = b.peer.lock().as_ref().and_then(|s| s.try_clone().ok());
+        let stream = {
+            let peer = b.peer.lock();
+            // The peer the chunk was queued for, if it is still there.
+            if b.output.lock().generation == generation {
+                peer.as_ref().and_then(|s| s.try_clone().ok())
+            } else {
+                None
+            }
+        };
+        let room_notifier = b.room_notifier.lock().clone();
         // Not kept across the write: the backend may go meanwhile.
         drop(b);
         if let Some(mut stream) = stream {
@@ -543,6 +558,9 @@ fn write_output(backend: &Weak<SocketBackend>) {
                 // The peer is gone: its reader sees it too and moves on.
                 stream.shutdown();
             }
+        }
+        if let Some(notify) = room_notifier {
+            notify();
         }
     }
 }
@@ -559,10 +577,16 @@ impl SocketBackend {
 
     /// The peer left: its unsent output goes, and the frontend hears of it.
     fn disconnected(&self) {
-        if let Some(peer) = self.peer.lock().take() {
+        let mut peer = self.peer.lock();
+        if let Some(peer) = peer.take() {
             peer.shutdown();
         }
-        self.output.lock().bytes.clear();
+        {
+            let mut out = self.output.lock();
+            out.bytes.clear();
+            out.generation += 1;
+        }
+        drop(peer);
         let notifier = self.notifier.lock().clone();
         if let Some(notifier) = notifier {
             notifier(false);
@@ -579,7 +603,8 @@ impl SocketBackend {
             return;
         }
         let mut out = self.output.lock();
-        if out.bytes.len() + data.len() > OUTPUT_MAX {
+        // A write always fits an empty queue.
+        if !out.bytes.is_empty() && out.bytes.len() + data.len() > OUTPUT_MAX {
             DROPPED.warn(|| {
                 format!(
                     "chardev socket {}: the peer does not read; output dropped",
@@ -596,6 +621,21 @@ impl SocketBackend {
     /// Installs the frontend's receiver.
     pub fn set_receiver(&self, receiver: Option<Receiver>) {
         *self.receiver.lock() = receiver;
+    }
+
+    /// Bytes a write queues now without dropping (any, while the queue is empty).
+    pub fn write_room(&self) -> usize {
+        let out = self.output.lock();
+        if out.bytes.is_empty() {
+            usize::MAX
+        } else {
+            OUTPUT_MAX.saturating_sub(out.bytes.len())
+        }
+    }
+
+    /// Installs what hears that output can be queued again.
+    pub fn set_room_notifier(&self, notifier: Option<RoomNotifier>) {
+        *self.room_notifier.lock() = notifier;
     }
 
     /// Whether a peer is connected.

@@ -32,6 +32,9 @@ pub type CharReceiver = Arc<dyn Fn(&[u8]) + Send + Sync>;
 /// What a frontend installs to hear a backend open (`true`) or close.
 pub type OpenNotifier = Arc<dyn Fn(bool) + Send + Sync>;
 
+/// What a frontend installs to hear that a backend can take output again.
+pub type RoomNotifier = Arc<dyn Fn() + Send + Sync>;
+
 /// A character backend (QEMU's `Chardev`): a sink for the frontend's output and, for the
 /// backends that have one, a source of input.
 pub trait CharBackend: Send + Sync {
@@ -54,6 +57,17 @@ pub trait CharBackend: Send + Sync {
     /// Installs (or with `None` removes) what is told when the backend opens or closes
     /// (QEMU's `CHR_EVENT_OPENED`/`CLOSED`). Backends that never change ignore it.
     fn set_open_notifier(&self, notifier: Option<OpenNotifier>) {
+        let _ = notifier;
+    }
+
+    /// Bytes the backend takes now without dropping any (`usize::MAX`: any write).
+    fn write_room(&self) -> usize {
+        usize::MAX
+    }
+
+    /// Installs (or with `None` removes) what is told when a backend that had no room
+    /// has some again. Backends that always have room ignore it.
+    fn set_room_notifier(&self, notifier: Option<RoomNotifier>) {
         let _ = notifier;
     }
 
@@ -396,6 +410,14 @@ impl CharBackend for crate::core::char_socket::SocketBackend {
 
     fn set_open_notifier(&self, notifier: Option<OpenNotifier>) {
         crate::core::char_socket::SocketBackend::set_open_notifier(self, notifier);
+    }
+
+    fn write_room(&self) -> usize {
+        crate::core::char_socket::SocketBackend::write_room(self)
+    }
+
+    fn set_room_notifier(&self, notifier: Option<RoomNotifier>) {
+        crate::core::char_socket::SocketBackend::set_room_notifier(self, notifier);
     }
 
     fn frontend_open(&self) -> bool {

@@ -25,6 +25,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use crate::core::bus::BusState;
+use crate::core::accel_ops::EventFd;
 use crate::core::chardev::CharBackend;
 use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId, Interest};
@@ -113,6 +114,10 @@ pub struct SerialPort {
 struct PortState {
     guest_connected: bool,
     host_connected: bool,
+    /// The host side as the guest was last told it (`None`: not yet, since its reset).
+    announced: Option<bool>,
+    /// Output waits for the chardev to take more.
+    throttled: bool,
     /// Input not yet in the guest's buffers.
     pending: VecDeque<u8>,
 }
@@ -232,9 +237,6 @@ pub struct VirtioSerial {
     device_ready: AtomicBool,
     handlers: Mutex<Vec<AioHandlerId>>,
     running: Mutex<Option<Arc<Running>>>,
-    /// Host-side states saved by a migration, announced at the next activation if the
-    /// chardev's state differs by then.
-    loaded_host_connected: Mutex<BTreeMap<u32, bool>>,
     /// Control messages not yet sent when the device stopped.
     parked_control: Mutex<VecDeque<Vec<u8>>>,
 }
@@ -251,7 +253,6 @@ impl VirtioSerial {
             device_ready: AtomicBool::new(false),
             handlers: Mutex::new(Vec::new()),
             running: Mutex::new(None),
-            loaded_host_connected: Mutex::new(BTreeMap::new()),
             parked_control: Mutex::new(VecDeque::new()),
         })
     }
@@ -309,6 +310,13 @@ impl VirtioSerial {
                         dev.host_open(&port, open);
                     }
                 })));
+                let weak = Arc::downgrade(self);
+                let target = Arc::downgrade(&port);
+                chardev.set_room_notifier(Some(Arc::new(move || {
+                    if let (Some(dev), Some(port)) = (weak.upgrade(), target.upgrade()) {
+                        dev.host_room(&port);
+                    }
+                })));
                 // A peer that came between the port's making and the notifier.
                 self.host_open(&port, chardev.is_open());
             }
@@ -328,6 +336,7 @@ impl VirtioSerial {
         if let Some(chardev) = &port.chardev {
             chardev.set_receiver(None);
             chardev.set_open_notifier(None);
+            chardev.set_room_notifier(None);
         }
         if let Some(name) = &port.name {
             PORT_NAMES.lock().retain(|n| n != name);
@@ -342,8 +351,8 @@ impl VirtioSerial {
         self.running.lock().clone()
     }
 
-    /// Bytes from a port's chardev (its reader thread): kept in the port, then put in the
-    /// guest's buffers. Waits while the port holds [`PENDING_MAX`] bytes.
+    /// Bytes from a port's chardev (its reader thread): kept in the port; the event loop
+    /// puts them in the guest's buffers. Waits while the port holds [`PENDING_MAX`] bytes.
     fn host_input(&self, port: &Arc<SerialPort>, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             {
@@ -359,37 +368,62 @@ impl VirtioSerial {
                 bytes = &bytes[n..];
             }
             if let Some(running) = self.running() {
-                running.fill_port(port);
+                running.wake(rx_queue(port.id));
             }
         }
     }
 
-    /// The chardev's peer came or went (QEMU's `virtio_serial_open`/`_close`).
+    /// The chardev's peer came or went (QEMU's `virtio_serial_open`/`_close`): what the
+    /// old peer sent and the guest did not take goes with it.
     fn host_open(&self, port: &Arc<SerialPort>, open: bool) {
-        let changed = {
+        {
             let mut st = port.state.lock();
-            std::mem::replace(&mut st.host_connected, open) != open
-        };
-        if changed {
-            self.send_control(port.id, event::PORT_OPEN, u16::from(open), &[]);
+            st.host_connected = open;
+            if !open {
+                st.pending.clear();
+                st.throttled = false;
+            }
         }
+        port.room.notify_all();
+        self.announce_host(port);
+    }
+
+    /// The chardev can take output again: a held transmit queue goes on.
+    fn host_room(&self, port: &SerialPort) {
+        if port.state.lock().throttled {
+            if let Some(running) = self.running() {
+                running.wake(rx_queue(port.id) + 1);
+            }
+        }
+    }
+
+    /// Tells the guest the port's host side, if it last heard otherwise (QEMU sends
+    /// PORT_OPEN as the chardev opens and closes; a change while the device stood still
+    /// is sent when it runs again).
+    fn announce_host(&self, port: &SerialPort) {
+        if !self.device_ready.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(running) = self.running().filter(|r| r.multiport) else {
+            return;
+        };
+        let open = {
+            let mut st = port.state.lock();
+            if st.announced == Some(st.host_connected) {
+                return;
+            }
+            st.announced = Some(st.host_connected);
+            st.host_connected
+        };
+        running.queue_control(control_msg(port.id, event::PORT_OPEN, u16::from(open), &[]));
     }
 
     /// Queues a control message for the guest (QEMU's `send_control_event`): only with
     /// `MULTIPORT`, sent when the guest has a buffer for it.
     fn send_control(&self, id: u32, event: u16, value: u16, extra: &[u8]) {
-        let Some(running) = self.running() else {
-            return;
-        };
-        if !running.multiport {
-            return;
+        if let Some(running) = self.running().filter(|r| r.multiport) {
+            running.queue_control(control_msg(id, event, value, extra));
         }
-        let mut msg = Vec::with_capacity(8 + extra.len());
-        msg.extend_from_slice(&id.to_le_bytes());
-        msg.extend_from_slice(&event.to_le_bytes());
-        msg.extend_from_slice(&value.to_le_bytes());
-        msg.extend_from_slice(extra);
-        running.queue_control(msg);
     }
 
     /// A control message from the guest (QEMU's `handle_control_message`).
@@ -431,7 +465,13 @@ impl VirtioSerial {
                     bytes.push(0);
                     self.send_control(id, event::PORT_NAME, 1, &bytes);
                 }
-                if port.state.lock().host_connected {
+                // The guest takes a port as closed until told: PORT_OPEN only if open.
+                let open = {
+                    let mut st = port.state.lock();
+                    st.announced = Some(st.host_connected);
+                    st.host_connected
+                };
+                if open {
                     self.send_control(id, event::PORT_OPEN, 1, &[]);
                 }
             }
@@ -439,7 +479,7 @@ impl VirtioSerial {
                 port.set_guest_connected(value != 0);
                 if value != 0 {
                     if let Some(running) = self.running() {
-                        running.fill_port(&port);
+                        running.wake(rx_queue(id));
                     }
                 }
             }
@@ -447,7 +487,8 @@ impl VirtioSerial {
         }
     }
 
-    /// Removes the handlers, and the running device.
+    /// Removes the handlers (waiting for one that runs), and the running device: no ring
+    /// is touched after this returns.
     fn stop(&self) -> Option<Arc<Running>> {
         let handlers = std::mem::take(&mut *self.handlers.lock());
         for id in handlers {
@@ -455,6 +496,16 @@ impl VirtioSerial {
         }
         self.running.lock().take()
     }
+}
+
+/// A control message: port id, event, value, then `extra`.
+fn control_msg(id: u32, event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(8 + extra.len());
+    msg.extend_from_slice(&id.to_le_bytes());
+    msg.extend_from_slice(&event.to_le_bytes());
+    msg.extend_from_slice(&value.to_le_bytes());
+    msg.extend_from_slice(extra);
+    msg
 }
 
 impl VirtioDevice for VirtioSerial {
@@ -500,19 +551,25 @@ impl VirtioDevice for VirtioSerial {
         read_config_bytes(&config, offset, data);
     }
 
-    /// The emergency write register: one byte out of port 0's chardev (QEMU's
-    /// `set_config`), before the driver is up.
+    /// The emergency write register: a character out of the first console whose host side
+    /// is open (QEMU's `set_config`), before the driver is up.
     fn write_config(&self, offset: u64, data: &[u8]) {
-        if !self.emergency_write || offset != 8 || data.is_empty() {
+        if !self.emergency_write || offset != 8 || data.first().is_none_or(|&c| c == 0) {
             return;
         }
-        if let Some(port) = self.port(0) {
-            if let Some(chardev) = port.chardev.as_ref().filter(|_| port.state.lock().host_connected) {
-                chardev.write(&data[..1]);
-            }
+        let console = self
+            .ports
+            .lock()
+            .values()
+            .find(|p| p.is_console && p.state.lock().host_connected)
+            .cloned();
+        if let Some(chardev) = console.and_then(|p| p.chardev.clone()) {
+            chardev.write(&data[..1]);
         }
     }
 
+    /// Starts the handlers; the rings themselves are first touched on the event loop
+    /// (the transport holds its lock here, which a ring error would take again).
     fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
         let Activation {
             mem,
@@ -522,13 +579,14 @@ impl VirtioDevice for VirtioSerial {
             dirty,
         } = activation;
         let multiport = features & bit(console_feature::MULTIPORT) != 0;
-        let kicks: Vec<(u16, Arc<crate::core::accel_ops::EventFd>)> =
+        let kicks: BTreeMap<u16, Arc<EventFd>> =
             queues.iter().map(|q| (q.index, q.kick.clone())).collect();
         let running = Arc::new(Running {
             mem,
             dirty,
             transport,
             multiport,
+            kicks: kicks.clone(),
             state: Mutex::new(RunState {
                 queues: queues.into_iter().map(|q| (q.index, q.queue)).collect(),
                 broken: false,
@@ -537,9 +595,10 @@ impl VirtioDevice for VirtioSerial {
         });
         let mut handlers = self.handlers.lock();
         let result = (|| -> io::Result<()> {
-            for (index, kick) in kicks {
+            for (&index, kick) in &kicks {
                 let on_kick = running.clone();
                 let device = self.me.clone();
+                let kick = kick.clone();
                 let kick_fd = kick.as_raw_fd();
                 handlers.push(self.context.add_fd_with(
                     kick_fd,
@@ -552,15 +611,14 @@ impl VirtioDevice for VirtioSerial {
             }
             Ok(())
         })();
+        drop(handlers);
         if let Err(e) = result {
-            drop(handlers);
             self.stop();
             return Err(ActivateError::Io {
                 device: "virtio-serial",
                 reason: e.to_string(),
             });
         }
-        drop(handlers);
         *self.running.lock() = Some(running.clone());
         // A guest without MULTIPORT cannot say it opened port 0: it is open once the driver
         // is up (QEMU's set_status).
@@ -569,36 +627,38 @@ impl VirtioDevice for VirtioSerial {
                 port.set_guest_connected(true);
             }
         }
-        // A migration's destination: the host side may have changed meanwhile.
-        let loaded = std::mem::take(&mut *self.loaded_host_connected.lock());
-        for (id, was) in loaded {
-            if let Some(port) = self.port(id) {
-                let now = port.state.lock().host_connected;
-                if now != was {
-                    self.send_control(id, event::PORT_OPEN, u16::from(now), &[]);
-                }
-            }
-        }
-        running.flush_control();
+        // Host sides that changed while the device stood still, control messages kept,
+        // input that waited: all on the event loop.
         let ports: Vec<Arc<SerialPort>> = self.ports.lock().values().cloned().collect();
-        for port in ports {
-            running.fill_port(&port);
+        for port in &ports {
+            self.announce_host(port);
+            running.wake(rx_queue(port.id));
+            running.wake(rx_queue(port.id) + 1);
         }
+        running.wake(CONTROL_RX);
         Ok(())
     }
 
-    /// QEMU's `vser_reset` and `guest_reset`: the guest's side of every port closes.
+    /// QEMU's `vser_reset` and `guest_reset`: the guest's side of every port closes, and
+    /// what it was told is forgotten.
     fn reset(&self) {
         self.stop();
         self.device_ready.store(false, Ordering::SeqCst);
+        self.parked_control.lock().clear();
         let ports: Vec<Arc<SerialPort>> = self.ports.lock().values().cloned().collect();
         for port in ports {
+            {
+                let mut st = port.state.lock();
+                st.announced = None;
+                st.throttled = false;
+            }
             port.set_guest_connected(false);
         }
     }
 
-    /// Every buffer is used as it is popped, so nothing is in flight once the handlers
-    /// are gone; control messages not yet sent are kept for the next run.
+    /// Every buffer is used as it is popped (a held one is given back), so nothing is in
+    /// flight once the handlers are gone; control messages not yet sent are kept for the
+    /// next run.
     fn park(&self) -> Option<Vec<QueuePosition>> {
         let running = self.stop()?;
         let st = running.state.lock();
@@ -611,17 +671,18 @@ impl VirtioDevice for VirtioSerial {
         Some(positions)
     }
 
-    /// Whether the guest is up and each port's two sides (QEMU saves the same, less
-    /// the ports' own numbering, which both sides' command lines give).
+    /// Whether the guest is up, each port's two sides as the guest knows them, and the
+    /// control messages not yet sent (QEMU saves the same, less the ports' numbering,
+    /// which both sides' command lines give).
     fn save_device(&self, section: &mut VmStateSection) -> Result<(), VmStateError> {
         section.put("serial.device_ready", self.device_ready.load(Ordering::SeqCst));
-        let ports: Vec<(u32, bool, bool)> = self
+        let ports: Vec<(u32, bool, Option<bool>)> = self
             .ports
             .lock()
             .values()
             .map(|p| {
                 let st = p.state.lock();
-                (p.id, st.guest_connected, st.host_connected)
+                (p.id, st.guest_connected, st.announced)
             })
             .collect();
         section.put("serial.ports", ports);
@@ -630,27 +691,32 @@ impl VirtioDevice for VirtioSerial {
         Ok(())
     }
 
+    /// QEMU's `virtio_serial_load_device` and its post-load: the guest's sides are
+    /// reported again (VSERPORT_CHANGE, frontend-open), and a host side that differs from
+    /// what the guest knew is announced when the device runs.
     fn load_device(&self, section: &VmStateSection) -> Result<(), VmStateError> {
         let ready: bool = section.get("serial.device_ready")?;
-        let ports: Vec<(u32, bool, bool)> = section.get("serial.ports")?;
+        let ports: Vec<(u32, bool, Option<bool>)> = section.get("serial.ports")?;
         let control: Vec<Vec<u8>> = section.get("serial.control_out")?;
         if control.len() > CONTROL_PENDING_MAX || control.iter().any(|m| m.len() > CONTROL_MAX) {
             return Err(VmStateError::Mismatch(
                 "virtio-serial: too many or too long control messages".into(),
             ));
         }
-        let mut loaded = BTreeMap::new();
-        for (id, guest, host) in ports {
+        let mut loaded = Vec::new();
+        for (id, guest, announced) in ports {
             let Some(port) = self.port(id) else {
                 return Err(VmStateError::Mismatch(format!(
                     "virtio-serial: port {id} is not on this side's command line"
                 )));
             };
-            port.state.lock().guest_connected = guest;
-            loaded.insert(id, host);
+            loaded.push((port, guest, announced));
+        }
+        for (port, guest, announced) in loaded {
+            port.state.lock().announced = announced;
+            port.set_guest_connected(guest);
         }
         self.device_ready.store(ready, Ordering::SeqCst);
-        *self.loaded_host_connected.lock() = loaded;
         *self.parked_control.lock() = control.into();
         Ok(())
     }
@@ -672,12 +738,18 @@ fn pop(
     }
 }
 
-/// The device while the driver runs it.
+/// Most bytes of one chain of output taken whole (Linux writes at most 32 KiB a chain);
+/// the rest of a longer one is dropped.
+const OUTPUT_CHAIN_MAX: usize = 1 << 20;
+
+/// The device while the driver runs it. Its rings are served only by its handlers on the
+/// event loop; other threads wake them through the queues' eventfds.
 struct Running {
     mem: Arc<GuestMemoryMmap>,
     dirty: Arc<DirtyTracker>,
     transport: Arc<dyn VirtioTransport>,
     multiport: bool,
+    kicks: BTreeMap<u16, Arc<EventFd>>,
     state: Mutex<RunState>,
 }
 
@@ -689,7 +761,14 @@ struct RunState {
 }
 
 impl Running {
-    /// The driver notified queue `index`.
+    /// Runs queue `index`'s handler on the event loop.
+    fn wake(&self, index: u16) {
+        if let Some(kick) = self.kicks.get(&index) {
+            let _ = kick.write(1);
+        }
+    }
+
+    /// Queue `index` was notified (by the driver, or woken).
     fn kicked(&self, index: u16, device: &Weak<VirtioSerial>) {
         let Some(device) = device.upgrade() else {
             return;
@@ -732,16 +811,22 @@ impl Running {
         }
     }
 
+    /// Queues a control message; a port's PORT_OPEN replaces one not yet sent (only its
+    /// last state matters), so a peer coming and going cannot fill the queue.
     fn queue_control(&self, msg: Vec<u8>) {
         {
             let mut st = self.state.lock();
+            if msg.get(4..6) == Some(&event::PORT_OPEN.to_le_bytes()[..]) {
+                st.control_out
+                    .retain(|m| m.get(..6) != msg.get(..6));
+            }
             if st.control_out.len() >= CONTROL_PENDING_MAX {
                 GUEST_ERRORS.warn(|| "virtio-serial: the guest takes no control messages; one dropped".into());
                 return;
             }
             st.control_out.push_back(msg);
         }
-        self.flush_control();
+        self.wake(CONTROL_RX);
     }
 
     /// Puts waiting control messages in the guest's control buffers.
@@ -861,7 +946,9 @@ impl Running {
     }
 
     /// The guest's output on port `id`: to its chardev while the host side is open,
-    /// otherwise dropped (QEMU's `handle_output` discards it).
+    /// otherwise dropped (QEMU's `handle_output`). A serial port's chardev that cannot
+    /// take a chain now holds the queue until it can (QEMU's throttling); a console's
+    /// output goes whatever the chardev does with it.
     fn flush_output(&self, device: &VirtioSerial, id: u32) {
         let index = rx_queue(id) + 1;
         let port = device.port(id);
@@ -870,7 +957,6 @@ impl Running {
             return;
         }
         let mut used = false;
-        let mut buf = [0u8; 4096];
         let result = (|| -> Result<(), RingError> {
             let Some(q) = st.queues.get_mut(&index) else {
                 return Ok(());
@@ -881,16 +967,25 @@ impl Running {
                 let sink = port
                     .as_ref()
                     .filter(|p| p.state.lock().host_connected)
-                    .and_then(|p| p.chardev.clone());
-                loop {
-                    let n = reader.available_bytes().min(buf.len());
-                    if n == 0 {
-                        break;
+                    .and_then(|p| Some((p, p.chardev.clone()?)));
+                if let Some((p, chardev)) = sink {
+                    let len = reader.available_bytes();
+                    if !p.is_console && len > chardev.write_room() {
+                        q.go_to_previous_position();
+                        p.state.lock().throttled = true;
+                        // Room may have come meanwhile: look again then.
+                        if len <= chardev.write_room() {
+                            self.wake(index);
+                        }
+                        return Ok(());
                     }
-                    reader.read_exact(&mut buf[..n]).map_err(|e| RingError::Chain(e.to_string()))?;
-                    if let Some(sink) = &sink {
-                        sink.write(&buf[..n]);
+                    p.state.lock().throttled = false;
+                    let mut data = vec![0u8; len.min(OUTPUT_CHAIN_MAX)];
+                    reader.read_exact(&mut data).map_err(|e| RingError::Chain(e.to_string()))?;
+                    if len > OUTPUT_CHAIN_MAX {
+                        GUEST_ERRORS.warn(|| format!("virtio-serial: port {id}: a chain of {len} bytes cut to {OUTPUT_CHAIN_MAX}"));
                     }
+                    chardev.write(&data);
                 }
                 q.add_used(&*self.mem, head, 0)?;
                 used = true;

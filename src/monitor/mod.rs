@@ -132,8 +132,9 @@ pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionErr
             }
             broadcast_event(&vm_event_message(e))
         }));
-    hw::core::qapi_event::set_sink(Box::new(|name, data| {
-        broadcast_event(&client::event_message(name, data))
+    hw::core::qapi_event::set_sink(Box::new(|name, data| match throttle_key(name, &data) {
+        Some(key) => throttled_event(name, key, data),
+        None => broadcast_event(&client::event_message(name, data)),
     }));
     // With -S, or waiting for a migration stream, the vCPUs do not start first.
     if opts.start_paused || opts.incoming.is_some() {
@@ -234,4 +235,75 @@ pub fn console_monitor(machine: &ObjectRef, opts: &Options) -> ConsoleMonitor {
         }
         output
     })
+}
+
+/// QEMU's `monitor_qapi_event_conf`: events a guest can cause at any rate go out at most
+/// once a second per key; within the second the latest one waits and goes at its end.
+const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The key an event is throttled by, if it is (`VSERPORT_CHANGE`: its port's id).
+fn throttle_key(name: &str, data: &Option<serde_json::Value>) -> Option<String> {
+    match name {
+        "VSERPORT_CHANGE" => Some(
+            data.as_ref()
+                .and_then(|d| d["id"].as_str())
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        _ => None,
+    }
+}
+
+#[derive(Default)]
+struct ThrottleSlot {
+    last: Option<std::time::Instant>,
+    /// The event waiting for the period's end.
+    pending: Option<Option<serde_json::Value>>,
+}
+
+static THROTTLED: parking_lot::Mutex<std::collections::BTreeMap<(String, String), ThrottleSlot>> =
+    parking_lot::Mutex::new(std::collections::BTreeMap::new());
+
+fn throttled_event(name: &str, key: String, data: Option<serde_json::Value>) {
+    let now = std::time::Instant::now();
+    let slot_key = (name.to_string(), key);
+    let mut all = THROTTLED.lock();
+    let slot = all.entry(slot_key.clone()).or_default();
+    let due = slot
+        .last
+        .is_none_or(|last| now.duration_since(last) >= THROTTLE_PERIOD);
+    if due && slot.pending.is_none() {
+        slot.last = Some(now);
+        drop(all);
+        broadcast_event(&client::event_message(name, data));
+        return;
+    }
+    let scheduled = slot.pending.is_some();
+    slot.pending = Some(data);
+    if scheduled {
+        return;
+    }
+    let wait = slot.last.map_or(std::time::Duration::ZERO, |last| {
+        THROTTLE_PERIOD.saturating_sub(now.duration_since(last))
+    });
+    drop(all);
+    let spawned = std::thread::Builder::new()
+        .name("event throttle".into())
+        .spawn(move || {
+            std::thread::sleep(wait);
+            let data = {
+                let mut all = THROTTLED.lock();
+                let Some(slot) = all.get_mut(&slot_key) else {
+                    return;
+                };
+                slot.last = Some(std::time::Instant::now());
+                slot.pending.take()
+            };
+            if let Some(data) = data {
+                broadcast_event(&client::event_message(&slot_key.0, data));
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot delay a {name} event: {e}");
+    }
 }
