@@ -895,17 +895,28 @@ fn the_leaves_qemu_computes_match_qemus() {
         ("EPYC-Milan", "2"),
         ("Dhyana", "2"),
     ] {
-        let theirs = match firmware_cpuid(&qemu, cpu, smp, &dir) {
-            Ok(regs) => regs,
-            // Only the first run may find that QEMU cannot use this KVM; a later failure
-            // is a failure.
-            Err(why) if cpu == "qemu64" => {
-                test_support::skip::skip(format!("QEMU cannot run a KVM guest here: {why}"));
-                std::fs::remove_dir_all(&dir).ok();
-                return;
-            }
-            Err(why) => panic!("QEMU, -cpu {cpu}: {why}"),
-        };
+        let theirs =
+            match firmware_cpuid(&qemu, cpu, smp, &dir) {
+                Ok(regs) => regs,
+                // Only the first run may find that QEMU cannot use this KVM; a later failure
+                // is a failure.
+                Err(why) if cpu == "qemu64" => {
+                    test_support::skip::skip(format!("QEMU cannot run a KVM guest here: {why}"));
+                    std::fs::remove_dir_all(&dir).ok();
+                    return;
+                }
+                // QEMU 7.2 gives -cpu host the host's IA32_ARCH_CAPABILITIES and aborts where
+                // the host's KVM refuses to set it (seen on a PVM host): QEMU's limit, not a
+                // difference to find; the other models are still compared.
+                Err(why) if cpu.starts_with("host") && why.contains("failed to set MSR") => {
+                    test_support::skip::skip(format!(
+                    "QEMU cannot run -cpu {cpu} on this KVM, so its leaves are not compared: {}",
+                    why.lines().find(|l| l.contains("failed to set MSR")).unwrap_or(&why)
+                ));
+                    continue;
+                }
+                Err(why) => panic!("QEMU, -cpu {cpu}: {why}"),
+            };
         let ours = firmware_cpuid(&qomvm, cpu, smp, &dir).unwrap();
         assert_eq!(theirs.len(), COMPARED.len(), "QEMU, -cpu {cpu}");
         assert_eq!(ours.len(), COMPARED.len(), "qomvm, -cpu {cpu}");
