@@ -133,8 +133,8 @@ pub fn monitor_init(machine: &ObjectRef, opts: &Options) -> Result<(), OptionErr
             broadcast_event(&vm_event_message(e))
         }));
     hw::core::qapi_event::set_sink(Box::new(|name, data| match throttle_key(name, &data) {
-        Some(key) => throttled_event(name, key, data),
-        None => broadcast_event(&client::event_message(name, data)),
+        Some(key) => throttled_event(name, key, data, send_event),
+        None => send_event(name, data),
     }));
     // With -S, or waiting for a migration stream, the vCPUs do not start first.
     if opts.start_paused || opts.incoming.is_some() {
@@ -241,9 +241,11 @@ pub fn console_monitor(machine: &ObjectRef, opts: &Options) -> ConsoleMonitor {
 /// once a second per key; within the second the latest one waits and goes at its end.
 const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The key an event is throttled by, if it is (`VSERPORT_CHANGE`: its port's id).
+/// The key an event is throttled by, if it is (`VSERPORT_CHANGE`: its port's id;
+/// `BALLOON_CHANGE`: one for the machine).
 fn throttle_key(name: &str, data: &Option<serde_json::Value>) -> Option<String> {
     match name {
+        "BALLOON_CHANGE" => Some(String::new()),
         "VSERPORT_CHANGE" => Some(
             data.as_ref()
                 .and_then(|d| d["id"].as_str())
@@ -264,7 +266,19 @@ struct ThrottleSlot {
 static THROTTLED: parking_lot::Mutex<std::collections::BTreeMap<(String, String), ThrottleSlot>> =
     parking_lot::Mutex::new(std::collections::BTreeMap::new());
 
-fn throttled_event(name: &str, key: String, data: Option<serde_json::Value>) {
+/// Sends a device's event to every QMP client.
+fn send_event(name: &str, data: Option<serde_json::Value>) {
+    broadcast_event(&client::event_message(name, data))
+}
+
+/// Sends event `name` (throttled by `key`) through `send` now, or at the end of its
+/// period.
+fn throttled_event(
+    name: &str,
+    key: String,
+    data: Option<serde_json::Value>,
+    send: fn(&str, Option<serde_json::Value>),
+) {
     let now = std::time::Instant::now();
     let slot_key = (name.to_string(), key);
     let mut all = THROTTLED.lock();
@@ -275,7 +289,7 @@ fn throttled_event(name: &str, key: String, data: Option<serde_json::Value>) {
     if due && slot.pending.is_none() {
         slot.last = Some(now);
         drop(all);
-        broadcast_event(&client::event_message(name, data));
+        send(name, data);
         return;
     }
     let scheduled = slot.pending.is_some();
@@ -300,10 +314,47 @@ fn throttled_event(name: &str, key: String, data: Option<serde_json::Value>) {
                 slot.pending.take()
             };
             if let Some(data) = data {
-                broadcast_event(&client::event_message(&slot_key.0, data));
+                send(&slot_key.0, data);
             }
         });
     if let Err(e) = spawned {
         log::warn!("cannot delay a {name} event: {e}");
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    static SENT: parking_lot::Mutex<Vec<serde_json::Value>> = parking_lot::Mutex::new(Vec::new());
+
+    fn collect(_: &str, data: Option<serde_json::Value>) {
+        SENT.lock().push(data.unwrap_or_default());
+    }
+
+    #[test]
+    fn a_burst_sends_its_first_event_now_and_its_last_at_the_seconds_end() {
+        let port = |id: &str, open: bool| Some(serde_json::json!({"id": id, "open": open}));
+        for (id, open) in [("a", true), ("a", false), ("a", true), ("b", true)] {
+            let data = port(id, open);
+            let key = throttle_key("VSERPORT_CHANGE", &data).unwrap();
+            throttled_event("TEST_THROTTLE", key, data, collect);
+        }
+        // Port a's first and port b's (another key) at once; a's last two wait.
+        assert_eq!(
+            *SENT.lock(),
+            [port("a", true).unwrap(), port("b", true).unwrap()]
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while SENT.lock().len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the held event never went"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Only the latest of the held ones.
+        assert_eq!(SENT.lock()[2..], [port("a", true).unwrap()]);
     }
 }
