@@ -86,6 +86,20 @@ fn plug(
     Ok(dev)
 }
 
+/// Plugs `virtio-serial-pci,id=ID,props...` into the machine's PCI bus; returns its port
+/// bus, `ID.0`.
+fn serial_bus(machine: &ObjectRef, id: &str, props: &[(&str, &str)]) -> ObjectRef {
+    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
+    plug(machine, "virtio-serial-pci", id, &pci, props).unwrap();
+    machine
+        .child("peripheral")
+        .unwrap()
+        .child(id)
+        .unwrap()
+        .child(&format!("{id}.0"))
+        .unwrap()
+}
+
 struct Serial {
     /// The driver kicks as Linux does: with `EVENT_IDX`, only past the device's
     /// `avail_event`.
@@ -248,22 +262,7 @@ fn a_guest_agent_channel_and_a_console_work_as_on_qemu() {
     chardev_add("vs-agent", agent.clone() as Arc<dyn CharBackend>).unwrap();
 
     let machine = pc_machine();
-    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    plug(
-        &machine,
-        "virtio-serial-pci",
-        "vs0",
-        &pci,
-        &[("addr", "05.0"), ("max_ports", "4")],
-    )
-    .unwrap();
-    let bus = machine
-        .child("peripheral")
-        .unwrap()
-        .child("vs0")
-        .unwrap()
-        .child("vs0.0")
-        .unwrap();
+    let bus = serial_bus(&machine, "vs0", &[("addr", "05.0"), ("max_ports", "4")]);
     plug(
         &machine,
         "virtconsole",
@@ -458,21 +457,7 @@ fn without_multiport_port_0_is_a_plain_console() {
     chardev_add("vs-plain", console.clone()).unwrap();
     let machine = pc_machine();
     let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    plug(
-        &machine,
-        "virtio-serial-pci",
-        "vs1",
-        &pci,
-        &[("addr", "05.0")],
-    )
-    .unwrap();
-    let bus = machine
-        .child("peripheral")
-        .unwrap()
-        .child("vs1")
-        .unwrap()
-        .child("vs1.0")
-        .unwrap();
+    let bus = serial_bus(&machine, "vs1", &[("addr", "05.0")]);
     plug(
         &machine,
         "virtconsole",
@@ -492,21 +477,7 @@ fn without_multiport_port_0_is_a_plain_console() {
     }
     assert_eq!(got, b"typed");
     // Number 0 is a console's.
-    plug(
-        &machine,
-        "virtio-serial-pci",
-        "vs3",
-        &pci,
-        &[("addr", "07.0")],
-    )
-    .unwrap();
-    let bus3 = machine
-        .child("peripheral")
-        .unwrap()
-        .child("vs3")
-        .unwrap()
-        .child("vs3.0")
-        .unwrap();
+    let bus3 = serial_bus(&machine, "vs3", &[("addr", "07.0")]);
     assert_eq!(
         plug(&machine, "virtserialport", "p0", &bus3, &[("nr", "0")]).unwrap_err(),
         "Port number 0 on virtio-serial devices reserved for virtconsole devices for backward compatibility."
@@ -532,22 +503,7 @@ fn a_broken_ring_found_at_driver_ok_does_not_hang_it() {
     let console = Arc::new(Ringbuf::default());
     chardev_add("vs-early", console.clone()).unwrap();
     let machine = pc_machine();
-    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    plug(
-        &machine,
-        "virtio-serial-pci",
-        "vs4",
-        &pci,
-        &[("addr", "05.0")],
-    )
-    .unwrap();
-    let bus = machine
-        .child("peripheral")
-        .unwrap()
-        .child("vs4")
-        .unwrap()
-        .child("vs4.0")
-        .unwrap();
+    let bus = serial_bus(&machine, "vs4", &[("addr", "05.0")]);
     plug(
         &machine,
         "virtconsole",
