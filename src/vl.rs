@@ -1051,40 +1051,57 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
     Err(OptionError::new("", accel::AccelError::NoneWorked))
 }
 
-/// QEMU's `qdev_device_add`.
+/// `-device`: QEMU's `qdev_device_add` with the option's location on errors.
 fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError> {
     let items = crate::options::split_opts_or_json(&located.value, "driver")
         .map_err(|e| located.error(e))?;
-    let driver = items[0].1.clone().unwrap_or_default();
-    let class = device_type(&driver).map_err(|e| located.error(e))?;
+    qdev_device_add(machine, items, false).map_err(|e| located.error(e))?;
+    Ok(())
+}
+
+/// QEMU's `qdev_device_add`: creates the device `items` describe (`driver` first, then
+/// `id`, `bus` and properties), names it, and realizes it on its bus. `hotplug`: the
+/// machine is running (`device_add`), so the bus and the type must take hotplugged
+/// devices, and the bus's hotplug handler tells the guest.
+pub fn qdev_device_add(
+    machine: &ObjectRef,
+    items: Vec<(String, Option<String>)>,
+    hotplug: bool,
+) -> Result<ObjectRef, QdevError> {
+    let mut items = items.into_iter();
+    let driver = items.next().and_then(|(_, v)| v).unwrap_or_default();
+    let class = device_type(&driver)?;
     let dc = device_class(class).expect("device classes have a DeviceClass");
     let mut id = None;
     let mut bus_name = None;
     let mut props = Vec::new();
-    for (key, value) in items.into_iter().skip(1) {
+    for (key, value) in items {
         match key.as_str() {
             "id" => id = value,
             "bus" => bus_name = value,
             _ => props.push((key, value.unwrap_or_else(|| "on".to_string()))),
         }
     }
-    let bus = match (bus_name, dc.bus_type) {
-        (Some(name), _) => Some(
-            resolve_path(machine, &name)
-                .map_err(|_| located.error(QdevError::BusNotFound(name.clone())))?,
-        ),
-        (None, Some(bus_type)) => Some(find_bus_by_type(machine, bus_type).ok_or_else(|| {
-            located.error(QdevError::NoBus {
-                bus_type,
-                driver: driver.clone(),
-            })
-        })?),
-        (None, None) => None,
-    };
-    let dev = qdev_new(&driver).map_err(|e| located.error(e))?;
+    let bus =
+        match (bus_name, dc.bus_type) {
+            (Some(name), _) => Some(
+                resolve_path(&object_get_root(), &name)
+                    .map_err(|_| QdevError::BusNotFound(name.clone()))?,
+            ),
+            (None, Some(bus_type)) => Some(find_bus_by_type(machine, bus_type).ok_or_else(
+                || QdevError::NoBus {
+                    bus_type,
+                    driver: driver.clone(),
+                },
+            )?),
+            (None, None) => None,
+        };
+    if hotplug {
+        hw::core::qdev::qdev_hotplug_allowed(&driver, bus.as_deref())?;
+    }
+    let dev = qdev_new(&driver)?;
     for (key, value) in props {
-        dev.property_parse(&key, &value)
-            .map_err(|e| located.error(e))?;
+        dev.property_parse(&key, &value)?;
     }
     match &id {
         Some(id) => {
@@ -1092,35 +1109,32 @@ fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError>
                 .child("peripheral")
                 .expect("machines have /peripheral");
             if peripheral.child(id).is_some() {
-                return Err(located.error(QdevError::DuplicateId(id.clone())));
+                return Err(QdevError::DuplicateId(id.clone()));
             }
-            peripheral
-                .add_child(id, &dev)
-                .map_err(|e| located.error(e))?;
+            peripheral.add_child(id, &dev)?;
             dev.set_device_id(Some(id.clone()));
         }
         None => {
             let anon = machine
                 .child("peripheral-anon")
                 .expect("machines have /peripheral-anon");
-            anon.add_child("device[*]", &dev)
-                .map_err(|e| located.error(e))?;
+            anon.add_child("device[*]", &dev)?;
         }
+    }
+    let state = dev.downcast::<hw::core::qdev::DeviceState>();
+    if let Some(state) = state {
+        state.set_hotplugged(hotplug);
     }
     // A device on no bus takes the machine's services from the machine (QEMU's sysbus
     // devices reach them as globals).
-    if let (None, Some(state), Some(ms)) = (
-        &bus,
-        dev.downcast::<hw::core::qdev::DeviceState>(),
-        machine_state(machine),
-    ) {
+    if let (None, Some(state), Some(ms)) = (&bus, state, machine_state(machine)) {
         state.set_services(ms.services());
     }
     if let Err(e) = qdev_realize(&dev, bus.as_ref()) {
         dev.unparent();
-        return Err(located.error(e));
+        return Err(e);
     }
-    Ok(())
+    Ok(dev)
 }
 
 /// Starts the vCPUs (unless `-S`), then waits for run requests and turns them into events

@@ -108,6 +108,8 @@ fn linux_boot_state_runs_on_kvm() {
             i8042: true,
             rtc: Some((0x70, 8)),
             serial_ports: vec![Some((0x3f8, 4))],
+            gpe0_blk: None,
+            pci_hotplug: None,
         },
     )
     .unwrap();

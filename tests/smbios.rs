@@ -91,26 +91,6 @@ fn a_directly_booted_guest_finds_the_tables_in_the_f_segment() {
     );
 }
 
-/// Reads fw_cfg file `name` through the selector and data ports, as firmware does.
-fn fw_cfg_file(qt: &mut Qtest, name: &str) -> Option<Vec<u8>> {
-    let read_bytes = |qt: &mut Qtest, key: u16, n: usize| -> Vec<u8> {
-        qt.cmd(format!("outw 0x510 {key:#x}"));
-        (0..n).map(|_| qt.value("inb 0x511".into()) as u8).collect()
-    };
-    let count = u32::from_be_bytes(read_bytes(qt, 0x19, 4).try_into().unwrap()) as usize;
-    let dir = read_bytes(qt, 0x19, 4 + 64 * count);
-    let (key, size) = dir[4..].chunks(64).find_map(|e| {
-        let file = String::from_utf8_lossy(&e[8..])
-            .trim_end_matches('\0')
-            .to_string();
-        (file == name).then(|| {
-            let size = u32::from_be_bytes(e[0..4].try_into().unwrap()) as usize;
-            (u16::from_be_bytes([e[4], e[5]]), size)
-        })
-    })?;
-    Some(read_bytes(qt, key, size))
-}
-
 /// Firmware boot: the tables and an anchor without an address (the firmware places them)
 /// as fw_cfg files; nothing in the F segment (that is the firmware's).
 #[test]
@@ -125,7 +105,9 @@ fn firmware_gets_the_tables_and_anchor_through_fw_cfg() {
         args.extend(["-bios".to_string(), seabios.to_string()]);
         args
     });
-    let anchor = fw_cfg_file(&mut qt, "etc/smbios/smbios-anchor").expect("the anchor file");
+    let anchor = qt
+        .fw_cfg_file("etc/smbios/smbios-anchor")
+        .expect("the anchor file");
     assert_eq!(anchor.len(), 31);
     assert_eq!(&anchor[..4], b"_SM_");
     assert_eq!(
@@ -133,7 +115,9 @@ fn firmware_gets_the_tables_and_anchor_through_fw_cfg() {
         &[0; 4],
         "the firmware fills in the address"
     );
-    let tables = fw_cfg_file(&mut qt, "etc/smbios/smbios-tables").expect("the tables file");
+    let tables = qt
+        .fw_cfg_file("etc/smbios/smbios-tables")
+        .expect("the tables file");
     assert_eq!(
         u16::from_le_bytes([anchor[0x16], anchor[0x17]]) as usize,
         tables.len()

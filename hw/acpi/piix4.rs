@@ -6,6 +6,10 @@
 //! QEMU (libvirt passes `-global PIIX4_PM.disable_s3=1`); a guest that writes the type
 //! anyway still sleeps. PM1_EN.RTC_EN lets the RTC alarm wake the machine; a wake-up
 //! latches WAK_STS and the status of its cause (QEMU's `acpi_notify_wakeup`).
+//!
+//! It is also the PCI bus's hotplug handler (QEMU's `acpi-root-pci-hotplug`): the GPE0
+//! block at 0xafe0 and ACPI PCI hotplug ([`crate::acpi::pcihp`]) tell the guest of devices
+//! plugged in and asked out while it runs.
 
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use std::sync::{Arc, Weak};
@@ -14,6 +18,9 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use qom::{type_init, Prop};
 
+use crate::acpi::pcihp::{AcpiPciHp, ACPI_PCIHP_ADDR, ACPI_PCIHP_SIZE};
+use crate::core::bus::BusState;
+use crate::core::hotplug::{HotplugError, HotplugHandler};
 use crate::core::irq::{GsiRouter, IrqLine};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
@@ -28,6 +35,10 @@ pub const TYPE_PIIX4_PM: &str = "PIIX4_PM";
 pub const PM_IO_BASE: u16 = 0x600;
 /// The SCI's ISA IRQ.
 pub const SCI_IRQ: u32 = 9;
+/// The GPE0 block (QEMU's `GPE_BASE`): two bytes of status, two of enable.
+pub const GPE0_BASE: u16 = 0xafe0;
+/// Its length (QEMU's `GPE_LEN`).
+pub const GPE0_LEN: u8 = 4;
 
 /// PM1 status/enable bits.
 const PM1_TMR: u16 = 1 << 0;
@@ -55,6 +66,9 @@ struct PmRegs {
     sts: u16,
     en: u16,
     cnt: u16,
+    /// GPE0 status (write one to clear) and enable, a bit per event.
+    gpe_sts: u16,
+    gpe_en: u16,
 }
 
 /// The PM register block.
@@ -70,8 +84,18 @@ struct Pm {
 }
 
 impl Pm {
+    /// QEMU's `acpi_update_sci`: a PM1 event or a GPE0 event, each enabled.
     fn update_sci(&self, regs: &PmRegs) {
-        self.sci.set(regs.sts & regs.en & PM1_COMMON_ENABLED != 0);
+        self.sci.set(
+            regs.sts & regs.en & PM1_COMMON_ENABLED != 0 || regs.gpe_sts & regs.gpe_en != 0,
+        );
+    }
+
+    /// QEMU's `acpi_send_gpe_event`: latches GPE0 status `bits`.
+    fn gpe_event(&self, bits: u16) {
+        let mut regs = self.regs.lock();
+        regs.gpe_sts |= bits;
+        self.update_sci(&regs);
     }
 
     fn timer(&self) -> u32 {
@@ -168,6 +192,8 @@ impl Pm {
         regs.sts = 0;
         self.write_en(&mut regs, 0);
         regs.cnt = PM1_CNT_SCI_EN;
+        regs.gpe_sts = 0;
+        regs.gpe_en = 0;
         self.update_sci(&regs);
     }
 
@@ -180,9 +206,40 @@ impl Pm {
     }
 }
 
+/// The GPE0 block's registers (QEMU's `acpi_gpe_ioport_readb`/`writeb`), a byte at a
+/// time: status bytes first, then enable bytes.
+struct Gpe0(Arc<Pm>);
+
+impl MemoryRegionOps for Gpe0 {
+    fn read(&self, offset: u64, size: u32) -> u64 {
+        let regs = self.0.regs.lock();
+        let bytes = [regs.gpe_sts.to_le_bytes(), regs.gpe_en.to_le_bytes()].concat();
+        (0..size.min(8) as usize)
+            .map(|i| bytes.get(offset as usize + i).copied().unwrap_or(0))
+            .rev()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(b))
+    }
+
+    fn write(&self, offset: u64, value: u64, size: u32) {
+        let mut regs = self.0.regs.lock();
+        for i in 0..u64::from(size.min(8)) {
+            let byte = (value >> (8 * i)) as u8;
+            match offset + i {
+                n @ 0..=1 => regs.gpe_sts &= !(u16::from(byte) << (8 * n)),
+                n @ 2..=3 => {
+                    let shift = 8 * (n - 2);
+                    regs.gpe_en = (regs.gpe_en & !(0xff << shift)) | (u16::from(byte) << shift);
+                }
+                _ => {}
+            }
+        }
+        self.0.update_sci(&regs);
+    }
+}
+
 /// QEMU's `PIIX4PMState`: the register block, once realized.
 #[derive(qom::Object)]
-#[qom(name = TYPE_PIIX4_PM, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE])]
+#[qom(name = TYPE_PIIX4_PM, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE], implements = [dyn HotplugHandler])]
 pub struct Piix4Pm {
     #[parent]
     parent: PciDevice,
@@ -192,7 +249,12 @@ pub struct Piix4Pm {
     disable_s4: Prop<u8>,
     #[property(default = 2, desc = "SLP_TYP of S4")]
     s4_val: Prop<u8>,
+    #[property(name = "acpi-root-pci-hotplug", default = true, desc = "ACPI hotplug of devices on the root PCI bus")]
+    root_pci_hotplug: Prop<bool>,
+    #[property(name = "acpi-pci-hotplug-with-bridge-support", default = true, desc = "ACPI hotplug behind PCI bridges (the machine has none)")]
+    bridge_pci_hotplug: Prop<bool>,
     pm: Mutex<Option<Arc<Pm>>>,
+    pcihp: Mutex<Option<Arc<AcpiPciHp>>>,
 }
 
 type_init!(Piix4Pm);
@@ -218,6 +280,17 @@ impl Piix4Pm {
         self.disable_s4.get() != 0
     }
 
+    /// Whether devices on the root PCI bus can be plugged in and out while the guest
+    /// runs (`acpi-root-pci-hotplug`): the DSDT then describes the slots.
+    pub fn root_pci_hotplug(&self) -> bool {
+        self.root_pci_hotplug.get()
+    }
+
+    /// Whether the guest was asked to eject `dev` and has not yet.
+    pub fn unplug_pending(&self, dev: &qom::Object) -> bool {
+        self.pcihp.lock().as_ref().is_some_and(|hp| hp.unplug_pending(dev))
+    }
+
     /// SLP_TYP of S4 (`s4_val`).
     pub fn s4_val(&self) -> u8 {
         self.s4_val.get()
@@ -237,18 +310,23 @@ impl DeviceImpl for Piix4Pm {
     const DESCRIPTION: Option<&'static str> = Some("PM");
     const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
     const USER_CREATABLE: bool = false;
+    const HOTPLUGGABLE: bool = false;
 
     fn reset(&self) {
         DeviceImpl::reset(&self.parent);
         if let Some(pm) = self.pm.lock().clone() {
             pm.reset();
         }
+        let pcihp = self.pcihp.lock().clone();
+        if let Some(hp) = pcihp {
+            hp.reset();
+        }
     }
 
     /// QEMU's `vmstate_acpi`: the configuration space, PM1 status/enable/control and the
     /// PM timer's age.
     fn save_state(&self) -> Result<VmStateSection, VmStateError> {
-        let mut s = VmStateSection::new(1);
+        let mut s = VmStateSection::new(2);
         self.parent.save_pci_state(&mut s);
         let pm = self.pm.lock().clone().ok_or_else(|| VmStateError::Host("PIIX4_PM is not realized".into()))?;
         let regs = pm.regs.lock();
@@ -256,11 +334,17 @@ impl DeviceImpl for Piix4Pm {
         s.put("pm1_en", regs.en);
         s.put("pm1_cnt", regs.cnt);
         s.put("timer_ns", pm.start.lock().elapsed().as_nanos() as u64);
+        s.put("gpe_sts", regs.gpe_sts);
+        s.put("gpe_en", regs.gpe_en);
+        drop(regs);
+        if let Some(hp) = self.pcihp.lock().as_ref() {
+            hp.save_state(&mut s);
+        }
         Ok(s)
     }
 
     fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
-        state.check_version(1, 1)?;
+        state.check_version(2, 2)?;
         self.parent.load_pci_state(state)?;
         let pm = self.pm.lock().clone().ok_or_else(|| VmStateError::Host("PIIX4_PM is not realized".into()))?;
         let timer_ns: u64 = state.get("timer_ns")?;
@@ -268,6 +352,11 @@ impl DeviceImpl for Piix4Pm {
         regs.sts = state.get("pm1_sts")?;
         regs.en = state.get("pm1_en")?;
         regs.cnt = state.get("pm1_cnt")?;
+        regs.gpe_sts = state.get("gpe_sts")?;
+        regs.gpe_en = state.get("gpe_en")?;
+        if let Some(hp) = self.pcihp.lock().as_ref() {
+            hp.load_state(state)?;
+        }
         *pm.start.lock() = Instant::now()
             .checked_sub(std::time::Duration::from_nanos(timer_ns))
             .unwrap_or_else(Instant::now);
@@ -290,6 +379,8 @@ impl PciDeviceImpl for Piix4Pm {
                 en: 0,
                 // No SMI handshake exists without firmware: the machine starts in ACPI mode.
                 cnt: PM1_CNT_SCI_EN,
+                gpe_sts: 0,
+                gpe_en: 0,
             }),
             start: Mutex::new(Instant::now()),
             sci: IrqLine::new(GsiRouter::new(services), SCI_IRQ),
@@ -308,7 +399,32 @@ impl PciDeviceImpl for Piix4Pm {
             PM_IO_BASE.into(),
             MemoryRegion::new_io("acpi-pm", 0x40, pm.clone()),
         )?;
+        services.system_io().map(
+            GPE0_BASE.into(),
+            MemoryRegion::new_io("acpi-gpe0", GPE0_LEN.into(), Arc::new(Gpe0(pm.clone()))),
+        )?;
         *self.pm.lock() = Some(pm.clone());
+        // QEMU's piix4_pm_realize with `acpi-root-pci-hotplug`: the PM block plugs devices
+        // into its own bus.
+        if let (true, Some(bus)) = (self.root_pci_hotplug.get(), ctx.bus()) {
+            let events: Weak<Pm> = Arc::downgrade(&pm);
+            let pcihp = AcpiPciHp::new(
+                bus,
+                Box::new(move |bits| {
+                    if let Some(pm) = events.upgrade() {
+                        pm.gpe_event(bits);
+                    }
+                }),
+            );
+            services.system_io().map(
+                ACPI_PCIHP_ADDR.into(),
+                MemoryRegion::new_io("acpi-pci-hotplug", ACPI_PCIHP_SIZE, pcihp.clone()),
+            )?;
+            *self.pcihp.lock() = Some(pcihp);
+            if let Some(bus_state) = bus.downcast::<BusState>() {
+                bus_state.set_hotplug_handler(Some(ctx.object()));
+            }
+        }
         // The power button is the machine's powerdown notifier (`system_powerdown`).
         let button: Weak<Pm> = Arc::downgrade(&pm);
         services.vm().add_powerdown_notifier(Arc::new(move || {
@@ -327,6 +443,37 @@ impl PciDeviceImpl for Piix4Pm {
         }));
         pm.reset();
         Ok(())
+    }
+}
+
+/// QEMU's `piix4_device_plug_cb` and `piix4_device_unplug_request_cb` for PCI devices.
+impl HotplugHandler for Piix4Pm {
+    fn plug(&self, dev: &qom::Object, hotplugged: bool) -> Result<(), HotplugError> {
+        let pcihp = self.pcihp.lock().clone();
+        match pcihp {
+            Some(hp) if dev.cast::<PciDevice>().is_some() => {
+                hp.plug(dev, hotplugged);
+                Ok(())
+            }
+            _ => Err(HotplugError::Unsupported(format!(
+                "acpi: device plug request for not supported device type: {}",
+                dev.type_name()
+            ))),
+        }
+    }
+
+    fn unplug_request(&self, dev: &qom::Object) -> Result<(), HotplugError> {
+        let pcihp = self.pcihp.lock().clone();
+        match pcihp {
+            Some(hp) if dev.cast::<PciDevice>().is_some() => {
+                hp.unplug_request(dev);
+                Ok(())
+            }
+            _ => Err(HotplugError::Unsupported(format!(
+                "acpi: device unplug request for not supported device type: {}",
+                dev.type_name()
+            ))),
+        }
     }
 }
 

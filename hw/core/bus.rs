@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
-use qom::{type_init, Object, ObjectBase, ObjectRef};
+use qom::{type_init, Object, ObjectBase, ObjectRef, WeakObjectRef};
 
 use crate::core::services::MachineServices;
 
@@ -20,6 +20,8 @@ pub struct BusState {
     parent: ObjectBase,
     children: Mutex<Vec<ObjectRef>>,
     services: OnceLock<Arc<MachineServices>>,
+    /// QEMU's `hotplug_handler` link: who plugs devices in while the machine runs.
+    hotplug_handler: Mutex<Option<WeakObjectRef>>,
 }
 
 type_init!(BusState);
@@ -33,6 +35,22 @@ impl BusState {
     /// The devices plugged in, in plug order.
     pub fn children(&self) -> Vec<ObjectRef> {
         self.children.lock().clone()
+    }
+
+    /// QEMU's `qbus_set_hotplug_handler`: `handler` implements
+    /// [`HotplugHandler`](crate::core::hotplug::HotplugHandler).
+    pub fn set_hotplug_handler(&self, handler: Option<&ObjectRef>) {
+        *self.hotplug_handler.lock() = handler.map(|h| h.downgrade());
+    }
+
+    /// The bus's hotplug handler, if it has one.
+    pub fn hotplug_handler(&self) -> Option<ObjectRef> {
+        self.hotplug_handler.lock().as_ref()?.upgrade()
+    }
+
+    /// QEMU's `qbus_is_hotpluggable`.
+    pub fn is_hotpluggable(&self) -> bool {
+        self.hotplug_handler().is_some()
     }
 }
 

@@ -18,6 +18,7 @@ use qom::{
 
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::bus::BusState;
+use crate::core::hotplug::{HotplugError, HotplugHandler};
 use crate::core::memory::MemoryError;
 use crate::core::services::MachineServices;
 
@@ -369,6 +370,8 @@ pub struct DeviceState {
     services: OnceLock<Arc<MachineServices>>,
     /// A `-global` that could not be applied at creation; realize reports it.
     global_error: Mutex<Option<Error>>,
+    /// Plugged in while the machine ran (QEMU's `DeviceState::hotplugged`).
+    hotplugged: AtomicBool,
 }
 
 type_init!(DeviceState {
@@ -398,6 +401,17 @@ impl DeviceState {
     /// before realize (QEMU's busless devices reach the machine through globals).
     pub fn set_services(&self, services: &Arc<MachineServices>) {
         let _ = self.services.set(services.clone());
+    }
+
+    /// Whether the device was plugged in while the machine ran.
+    pub fn is_hotplugged(&self) -> bool {
+        self.hotplugged.load(Ordering::Acquire)
+    }
+
+    /// Marks the device as plugged in while the machine runs (before its realize; QEMU's
+    /// `qdev_device_add` once the machine is ready).
+    pub fn set_hotplugged(&self, hotplugged: bool) {
+        self.hotplugged.store(hotplugged, Ordering::Release);
     }
 }
 
@@ -517,7 +531,21 @@ fn device_realize(obj: &Object) -> Result<(), Error> {
             })?;
     }
     st.realized.store(true, Ordering::Release);
+    // QEMU's `hotplug_handler_plug` after realize: the bus's handler learns of every
+    // device, and tells the guest of those plugged in while it runs.
+    if let Some(handler) = st.parent_bus().and_then(|bus| bus_hotplug_handler(&bus)) {
+        if let Some(hotplug) = handler.interface::<dyn HotplugHandler>() {
+            if let Err(e) = hotplug.plug(obj, st.is_hotplugged()) {
+                device_unrealize(obj);
+                return Err(Error::other(e));
+            }
+        }
+    }
     Ok(())
+}
+
+fn bus_hotplug_handler(bus: &Object) -> Option<ObjectRef> {
+    bus.downcast::<BusState>()?.hotplug_handler()
 }
 
 fn device_unrealize(obj: &Object) {
@@ -533,6 +561,14 @@ fn device_unrealize(obj: &Object) {
 }
 
 fn device_unparent(obj: &Object) {
+    // QEMU's `device_unparent`: the devices on this device's buses go first.
+    for (_, child) in obj.children() {
+        if child.downcast::<BusState>().is_some() {
+            for dev in crate::core::bus::bus_children(&child) {
+                dev.unparent();
+            }
+        }
+    }
     device_unrealize(obj);
     if let Some(bus) = obj.parent_bus() {
         crate::core::bus::bus_remove_child(&bus, obj);
@@ -628,6 +664,18 @@ pub enum QdevError {
     /// A QOM error (property values, realize failures).
     #[error(transparent)]
     Qom(#[from] Error),
+    /// Hot(un)plug on a bus without a hotplug handler (QEMU's `QERR_BUS_NO_HOTPLUG`).
+    #[error("Bus '{0}' does not support hotplugging")]
+    BusNoHotplug(String),
+    /// Hot(un)plug of a type that cannot be (QEMU's `QERR_DEVICE_NO_HOTPLUG`).
+    #[error("Device '{0}' does not support hotplugging")]
+    DeviceNoHotplug(String),
+    /// Hotplug of a device on no bus: only the machine could take it, and it does not.
+    #[error("Device '{0}' can not be hotplugged on this machine")]
+    MachineNoHotplug(String),
+    /// The handler refused.
+    #[error(transparent)]
+    Hotplug(#[from] HotplugError),
 }
 
 /// QEMU's `qdev_new`: a new, unrealized device of type `name`.
@@ -702,6 +750,62 @@ pub fn qdev_realized_devices(root: &ObjectRef) -> Vec<(String, ObjectRef)> {
 /// QEMU's `qdev_unrealize`.
 pub fn qdev_unrealize(dev: &Object) {
     device_unrealize(dev);
+}
+
+/// The name a bus goes by in messages (`pci.0`).
+fn bus_name(bus: &Object) -> String {
+    bus.name_in_parent().map_or_else(String::new, |n| n.to_string())
+}
+
+/// QEMU's `qdev_unplug` (`device_del`): checks that `dev` may go, then asks its bus's
+/// hotplug handler to take it out. The device stays until the guest lets it go, then
+/// [`qdev_unplug_complete`] removes it.
+pub fn qdev_unplug(dev: &Object) -> Result<(), QdevError> {
+    let bus = dev.parent_bus();
+    let handler = bus.as_deref().and_then(bus_hotplug_handler);
+    if let (Some(bus), None) = (&bus, &handler) {
+        return Err(QdevError::BusNoHotplug(bus_name(bus)));
+    }
+    if !device_class(dev.class()).is_some_and(|dc| dc.hotpluggable) {
+        return Err(QdevError::DeviceNoHotplug(dev.type_name().to_string()));
+    }
+    let Some(handler) = handler else {
+        return Err(QdevError::DeviceNoHotplug(dev.type_name().to_string()));
+    };
+    let hotplug = handler
+        .interface::<dyn HotplugHandler>()
+        .ok_or_else(|| QdevError::DeviceNoHotplug(dev.type_name().to_string()))?;
+    Ok(hotplug.unplug_request(dev)?)
+}
+
+/// Whether a device may be plugged into `bus` while the machine runs (QEMU's checks in
+/// `qdev_device_add` once the machine is ready): the bus has a hotplug handler and the
+/// type is hotpluggable.
+pub fn qdev_hotplug_allowed(driver: &str, bus: Option<&Object>) -> Result<(), QdevError> {
+    let Some(bus) = bus else {
+        return Err(QdevError::MachineNoHotplug(driver.to_string()));
+    };
+    if bus_hotplug_handler(bus).is_none() {
+        return Err(QdevError::BusNoHotplug(bus_name(bus)));
+    }
+    let class = qom::object_class_by_name(driver);
+    if !class.and_then(device_class).is_some_and(|dc| dc.hotpluggable) {
+        return Err(QdevError::DeviceNoHotplug(driver.to_string()));
+    }
+    Ok(())
+}
+
+/// QEMU's `object_unparent` of an unplugged device and its `DEVICE_DELETED` event: the
+/// guest let `dev` go (or the machine reset with the request pending).
+pub fn qdev_unplug_complete(dev: &Object) {
+    let path = dev.canonical_path();
+    let id = dev.device_id();
+    dev.unparent();
+    let mut data = crate::core::qapi_event::json!({ "path": path.unwrap_or_default() });
+    if let Some(id) = id {
+        data["device"] = id.into();
+    }
+    crate::core::qapi_event::emit("DEVICE_DELETED", Some(data));
 }
 
 /// Whether `name` names a device type users can create, with its class.

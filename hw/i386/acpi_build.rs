@@ -41,8 +41,10 @@
 //! (Windows) need.
 
 use acpi_tables::aml::{
-    AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, Name, Package,
-    Path, ResourceTemplate, Scope, IO,
+    Acquire, AddressSpace as AmlAddressSpace, AddressSpaceCacheable, And, Arg, Device, EISAName,
+    Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Method, MethodCall,
+    Mutex as AmlMutex, Name, Notify, OpRegion, OpRegionSpace, Package, Path, Release,
+    ResourceTemplate, Return, Scope, ShiftLeft, Store, IO, ZERO,
 };
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -114,6 +116,11 @@ pub struct AcpiConfig {
     pub rtc: Option<(u16, u8)>,
     /// The ISA serial ports' first ports and ISA IRQs, by COM index (0 = COM1).
     pub serial_ports: Vec<Option<(u16, u8)>>,
+    /// The GPE0 block's port and length, if the PM device has one.
+    pub gpe0_blk: Option<(u16, u8)>,
+    /// ACPI PCI hotplug of the root bus (`acpi-root-pci-hotplug`): the register block's
+    /// port and the slots described as hotpluggable (a bit per slot), or `None`.
+    pub pci_hotplug: Option<(u16, u32)>,
 }
 
 /// Why the tables could not be built.
@@ -151,6 +158,15 @@ pub enum AcpiError {
         /// vm-memory's error.
         reason: String,
     },
+}
+
+/// AML already encoded, to sit among other terms.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
 }
 
 fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
@@ -218,6 +234,124 @@ fn build_pci_host_bridge(cfg: &AcpiConfig) -> Vec<u8> {
     );
     let pci0 = Device::new(Path::new("PCI0"), vec![&hid, &adr, &uid, &crs, &prt]);
     aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&pci0]))
+}
+
+/// ACPI PCI hotplug of the root bus (QEMU's `build_piix4_pci_hotplug` and the slots of
+/// `build_append_pci_bus_devices`): in `\_SB.PCI0`, the register block at `base`, `PCEJ`
+/// (eject a slot), a device `Sxx` with `_SUN` and `_EJ0` per hotpluggable slot, `DVNT`
+/// (notify the slots whose bits are set) and `PCNT` (device check for PCIU, eject request
+/// for PCID); `\_GPE._E01` runs `PCNT` when the block raises GPE0 bit 1.
+fn build_pci_hotplug(base: u16, slots: u32) -> Vec<u8> {
+    let dword_field = |region: &str, names: &[&str]| {
+        Field::new(
+            Path::new(region),
+            FieldAccessType::DWord,
+            FieldLockRule::NoLock,
+            FieldUpdateRule::WriteAsZeroes,
+            names
+                .iter()
+                .map(|n| FieldEntry::Named(n.as_bytes().try_into().expect("4-byte names"), 32))
+                .collect(),
+        )
+    };
+    let (up_port, ej_port, sel_port) = (u32::from(base), u32::from(base) + 8, u32::from(base) + 0x10);
+    let pcst = OpRegion::new(Path::new("PCST"), OpRegionSpace::SystemIO, &up_port, &8u8);
+    let pcst_fields = dword_field("PCST", &["PCIU", "PCID"]);
+    let sej = OpRegion::new(Path::new("SEJ_"), OpRegionSpace::SystemIO, &ej_port, &4u8);
+    let sej_fields = dword_field("SEJ_", &["B0EJ"]);
+    let bnmr = OpRegion::new(Path::new("BNMR"), OpRegionSpace::SystemIO, &sel_port, &4u8);
+    let bnmr_fields = dword_field("BNMR", &["BNUM"]);
+    let blck = AmlMutex::new(Path::new("BLCK"), 0);
+    let pcej = RawAml(aml_bytes(&Method::new(
+        Path::new("PCEJ"),
+        2,
+        false,
+        vec![
+            &Acquire::new(Path::new("BLCK"), 0xffff),
+            &Store::new(&Path::new("BNUM"), &Arg(0)),
+            &Store::new(&Path::new("B0EJ"), &ShiftLeft::new(&ZERO, &1u8, &Arg(1))),
+            &Release::new(Path::new("BLCK")),
+            &Return::new(&0u8),
+        ],
+    )));
+    let bsel = Name::new(Path::new("BSEL"), &crate::acpi::pcihp::ROOT_BSEL);
+    let slot_list: Vec<u32> = (0..32).filter(|s| slots & (1 << s) != 0).collect();
+    let names: Vec<String> = slot_list
+        .iter()
+        .map(|slot| format!("S{:02X}_", slot << 3))
+        .collect();
+    let suns: Vec<Name> = slot_list
+        .iter()
+        .map(|slot| Name::new(Path::new("_SUN"), slot))
+        .collect();
+    let adrs: Vec<Name> = slot_list
+        .iter()
+        .map(|slot| Name::new(Path::new("_ADR"), &(slot << 16)))
+        .collect();
+    let ej0 = RawAml(aml_bytes(&Method::new(
+        Path::new("_EJ0"),
+        1,
+        false,
+        vec![&MethodCall::new(
+            Path::new("PCEJ"),
+            vec![&Path::new("BSEL"), &Path::new("_SUN")],
+        )],
+    )));
+    let devices: Vec<Device> = (0..slot_list.len())
+        .map(|i| Device::new(Path::new(&names[i]), vec![&suns[i], &adrs[i], &ej0]))
+        .collect();
+    let masks: Vec<u32> = slot_list.iter().map(|slot| 1 << slot).collect();
+    let tests: Vec<And> = masks.iter().map(|m| And::new(&ZERO, &Arg(0), m)).collect();
+    let paths: Vec<Path> = names.iter().map(|n| Path::new(n)).collect();
+    let notifies: Vec<Notify> = paths.iter().map(|p| Notify::new(p, &Arg(1))).collect();
+    let ifs: Vec<If> = (0..slot_list.len())
+        .map(|i| If::new(&tests[i], vec![&notifies[i]]))
+        .collect();
+    let dvnt = Method::new(
+        Path::new("DVNT"),
+        2,
+        false,
+        ifs.iter().map(|i| i as &dyn Aml).collect(),
+    );
+    let pcnt = RawAml(aml_bytes(&Method::new(
+        Path::new("PCNT"),
+        0,
+        false,
+        vec![
+            &Store::new(&Path::new("BNUM"), &Path::new("BSEL")),
+            &MethodCall::new(Path::new("DVNT"), vec![&Path::new("PCIU"), &1u8]),
+            &MethodCall::new(Path::new("DVNT"), vec![&Path::new("PCID"), &3u8]),
+        ],
+    )));
+    let mut children: Vec<&dyn Aml> = vec![
+        &pcst,
+        &pcst_fields,
+        &sej,
+        &sej_fields,
+        &bnmr,
+        &bnmr_fields,
+        &blck,
+        &pcej,
+        &bsel,
+    ];
+    children.extend(devices.iter().map(|d| d as &dyn Aml));
+    children.push(&dvnt);
+    children.push(&pcnt);
+    let mut out = aml_bytes(&Scope::new(Path::new("\\_SB_.PCI0"), children));
+    out.extend(aml_bytes(&Scope::new(
+        Path::new("\\_GPE"),
+        vec![&Method::new(
+            Path::new("_E01"),
+            0,
+            false,
+            vec![
+                &Acquire::new(Path::new("\\_SB_.PCI0.BLCK"), 0xffff),
+                &MethodCall::new(Path::new("\\_SB_.PCI0.PCNT"), vec![]),
+                &Release::new(Path::new("\\_SB_.PCI0.BLCK")),
+            ],
+        )],
+    )));
+    out
 }
 
 /// `\_SB.PEVT`, the ISA pvpanic device (QEMU's `build_pvpanic_isa_aml`, without the
@@ -338,6 +472,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     dsdt.append_slice(&state("_S5_", S5_SLP_TYP));
     dsdt.append_slice(&aml_bytes(&sb));
     dsdt.append_slice(&build_pci_host_bridge(cfg));
+    if let Some((base, slots)) = cfg.pci_hotplug {
+        dsdt.append_slice(&build_pci_hotplug(base, slots));
+    }
     if let Some(port) = cfg.pvpanic_port {
         dsdt.append_slice(&build_pvpanic(port));
     }
@@ -386,6 +523,11 @@ fn build_fadt(cfg: &AcpiConfig, facs: u64, dsdt: u64) -> Vec<u8> {
     fadt.x_pm1a_evt_blk = io(32, AccessSize::Undefined, base);
     fadt.x_pm1a_cnt_blk = io(16, AccessSize::Undefined, base + 4);
     fadt.x_pm_tmr_blk = io(32, AccessSize::Undefined, base + 8);
+    if let Some((gpe0, len)) = cfg.gpe0_blk {
+        fadt.gpe0_blk = u32::from(gpe0).into();
+        fadt.gpe0_blk_len = len;
+        fadt.x_gpe0_blk = io(len * 8, AccessSize::Undefined, u64::from(gpe0));
+    }
     aml_bytes(&fadt.finalize())
 }
 
@@ -614,6 +756,8 @@ mod tests {
             i8042: true,
             rtc: Some((0x70, 8)),
             serial_ports: vec![Some((0x3f8, 4)), None, Some((0x3e8, 4))],
+            gpe0_blk: Some((0xafe0, 4)),
+            pci_hotplug: Some((0xae00, !0b111)),
         }
     }
 
@@ -916,6 +1060,30 @@ mod tests {
         let at = dsdt.windows(4).position(|w| w == b"_S4_").expect("_S4_");
         assert_eq!(&dsdt[at + 4..at + 13], &[0x12, 0x08, 4, 0x0a, 2, 0x0a, 2, 0, 0]);
         assert!(!dsdt.windows(8).any(|w| w == b"QEMU0001"));
+    }
+
+    #[test]
+    fn pci_hotplug_slots_and_the_gpe0_block_are_described_only_when_on() {
+        let has = |dsdt: &[u8], name: &[u8]| dsdt.windows(name.len()).any(|w| w == name);
+        let mem = ram();
+        build_acpi_tables(&mem, &config(1, 1)).unwrap();
+        let tables = walk(&mem);
+        for name in [&b"PCEJ"[..], b"PCNT", b"DVNT", b"_E01", b"B0EJ", b"S18_", b"SF8_"] {
+            assert!(has(&tables.dsdt, name), "{}", String::from_utf8_lossy(name));
+        }
+        // Slots 0..2 (host bridge, PIIX3, VGA) are left out.
+        for name in [&b"S00_"[..], b"S08_", b"S10_"] {
+            assert!(!has(&tables.dsdt, name), "{}", String::from_utf8_lossy(name));
+        }
+        assert_eq!(u32_at(&tables.fadt, 80), 0xafe0, "GPE0_BLK");
+        assert_eq!(tables.fadt[92], 4, "GPE0_BLK_LEN");
+
+        let mem = ram();
+        let off = AcpiConfig { pci_hotplug: None, gpe0_blk: None, ..config(1, 1) };
+        build_acpi_tables(&mem, &off).unwrap();
+        let tables = walk(&mem);
+        assert!(!has(&tables.dsdt, b"PCEJ") && !has(&tables.dsdt, b"_E01"));
+        assert_eq!(u32_at(&tables.fadt, 80), 0);
     }
 
     #[test]

@@ -715,7 +715,30 @@ impl PcI440fxMachine {
                 .find_map(Typed::<crate::rtc::mc146818rtc::Mc146818Rtc>::new)
                 .map(|rtc| rtc.resources()),
             serial_ports: self.isa_serial_ports(),
+            gpe0_blk: pm.is_some().then_some((
+                crate::acpi::piix4::GPE0_BASE,
+                crate::acpi::piix4::GPE0_LEN,
+            )),
+            pci_hotplug: pm
+                .as_ref()
+                .filter(|pm| pm.root_pci_hotplug())
+                .map(|_| (crate::acpi::pcihp::ACPI_PCIHP_ADDR, self.pci_hotplug_slots())),
         }
+    }
+
+    /// The root bus's slots the DSDT describes as hotpluggable: all but those holding a
+    /// device that cannot be unplugged (QEMU's `build_append_pci_bus_devices`).
+    fn pci_hotplug_slots(&self) -> u32 {
+        let Some(bus) = self.object().child("i440fx").and_then(|h| h.child("pci.0")) else {
+            return 0;
+        };
+        crate::pci::pci::pci_bus_devices(&bus)
+            .into_iter()
+            .filter(|(_, dev)| {
+                !crate::core::qdev::device_class(dev.object().class())
+                    .is_some_and(|dc| dc.hotpluggable)
+            })
+            .fold(u32::MAX, |slots, (devfn, _)| slots & !(1 << (devfn >> 3)))
     }
 
     /// The devices on `isa.0`.

@@ -91,6 +91,7 @@ impl DeviceImpl for Piix3Ide {
     const DESCRIPTION: Option<&'static str> = Some("IDE controller of the PIIX3 (legacy ports)");
     const CATEGORY: DeviceCategory = DeviceCategory::Storage;
     const USER_CREATABLE: bool = false;
+    const HOTPLUGGABLE: bool = false;
 
     fn reset(&self) {
         if let Some(channels) = self.channels.get() {

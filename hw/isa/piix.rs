@@ -51,6 +51,7 @@ impl DeviceImpl for Piix3 {
     const DESCRIPTION: Option<&'static str> = Some("ISA bridge");
     const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
     const USER_CREATABLE: bool = false;
+    const HOTPLUGGABLE: bool = false;
 
     /// The configuration space: the reset control register keeps nothing, and the ISA
     /// interrupt levels live in the accelerator's interrupt controllers.

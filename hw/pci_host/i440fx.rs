@@ -206,6 +206,7 @@ impl DeviceImpl for I440fx {
     const DESCRIPTION: Option<&'static str> = Some("Host bridge");
     const CATEGORY: DeviceCategory = DeviceCategory::Bridge;
     const USER_CREATABLE: bool = false;
+    const HOTPLUGGABLE: bool = false;
 
     fn save_state(&self) -> Result<VmStateSection, VmStateError> {
         let mut s = VmStateSection::new(1);

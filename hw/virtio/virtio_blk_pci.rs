@@ -135,6 +135,19 @@ impl DeviceImpl for VirtioBlkPci {
     fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
         self.parent.load_virtio_state(state)
     }
+
+    /// QEMU's `virtio_blk_device_unrealize` with `blockdev_mark_auto_del`: a `-drive`
+    /// (or `drive_add`) goes with its device; a `-blockdev` node stays for `blockdev-del`.
+    fn unrealize(&self, ctx: &DeviceContext) {
+        DeviceImpl::unrealize(&self.parent, ctx);
+        let Some(backend) = self.drive.get().and_then(|name| block::find_backend(&name)) else {
+            return;
+        };
+        backend.detach_dev();
+        if backend.is_blk_owned() {
+            block::remove_backend(&backend);
+        }
+    }
 }
 
 impl PciDeviceImpl for VirtioBlkPci {

@@ -145,6 +145,27 @@ const COMMANDS: &[HmpCommand] = &[
         run: expire_password,
     },
     HmpCommand {
+        names: "device_add",
+        params: "driver[,prop=value][,...]",
+        help: "add device, like -device on the command line",
+        run: |ctx, _, args, _| {
+            let text = args.join(" ");
+            let items = crate::options::split_opts_or_json(&text, "driver")
+                .map_err(|e| QmpError::BadInput(e.to_string()))?;
+            crate::monitor::qmp_device::device_add(&ctx.vm.machine, items)?;
+            Ok(())
+        },
+    },
+    HmpCommand {
+        names: "device_del",
+        params: "device",
+        help: "remove device",
+        run: |ctx, _, args, _| {
+            let id = args.first().ok_or_else(|| missing("id"))?;
+            crate::monitor::qmp_device::device_del(&ctx.vm.machine, id)
+        },
+    },
+    HmpCommand {
         names: "netdev_add",
         params: "[user|tap],id=str[,prop=value][,...]",
         help: "add host network device",

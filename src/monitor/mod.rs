@@ -33,6 +33,7 @@ pub mod qapi;
 pub mod qmp;
 pub mod qmp_block;
 pub mod qmp_cmds;
+pub mod qmp_device;
 pub mod schema;
 
 use std::path::PathBuf;

@@ -405,6 +405,13 @@ pub const EVENTS: &[QmpEvent] = &[
         ],
     },
     QmpEvent {
+        name: "DEVICE_DELETED",
+        data: &[
+            Arg::optional("device", ArgType::Str),
+            Arg::required("path", ArgType::Str),
+        ],
+    },
+    QmpEvent {
         name: "DEVICE_TRAY_MOVED",
         data: &[
             Arg::required("device", ArgType::Str),

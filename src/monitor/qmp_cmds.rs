@@ -302,6 +302,21 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: |_, _| Ok(iothread_infos().into()),
     },
     QmpCommand {
+        name: "device_add",
+        args: &[
+            Arg::required("driver", ArgType::Str),
+            Arg::optional("bus", ArgType::Str),
+            Arg::optional("id", ArgType::Str),
+            Arg::rest(),
+        ],
+        run: crate::monitor::qmp_device::qmp_device_add,
+    },
+    QmpCommand {
+        name: "device_del",
+        args: &[Arg::required("id", ArgType::Str)],
+        run: crate::monitor::qmp_device::qmp_device_del,
+    },
+    QmpCommand {
         name: "netdev_add",
         args: &[
             Arg::required("type", ArgType::Str),
@@ -692,6 +707,11 @@ fn qmp_pmemsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qm
             hw::core::os_error::strerror(&e)
         ))
     })?;
+    // More than the file system can take would fail at ENOSPC anyway; failing first keeps
+    // a huge request (8 PiB) from filling the host's disk and holding the monitor.
+    if (size as u64) > free_bytes(&file) {
+        return Err(QmpError::Failed("An IO error has occurred".into()));
+    }
     let services = ctx.vm.machine_state().services();
     let mut buf = vec![0u8; 64 << 10];
     let (mut at, mut left) = (addr as u64, size as u64);
@@ -704,6 +724,19 @@ fn qmp_pmemsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qm
         left -= n as u64;
     }
     Ok(json!({}))
+}
+
+/// The bytes an unprivileged writer may still put on `file`'s file system.
+fn free_bytes(file: &std::fs::File) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: fstatvfs fills `st` for a valid descriptor; it is read only on success.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return u64::MAX;
+    }
+    // SAFETY: initialised by the successful call above.
+    let st = unsafe { st.assume_init() };
+    u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize))
 }
 
 /// QAPI's `DisplayProtocol`.

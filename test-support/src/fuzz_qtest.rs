@@ -155,6 +155,26 @@ impl Qtest {
             .unwrap_or_else(|| self.fail(&format!("{request}: {reply}")))
     }
 
+    /// Reads fw_cfg file `name` through the selector and data ports, as firmware does.
+    pub fn fw_cfg_file(&mut self, name: &str) -> Option<Vec<u8>> {
+        let read_bytes = |qt: &mut Qtest, key: u16, n: usize| -> Vec<u8> {
+            qt.cmd(format!("outw 0x510 {key:#x}"));
+            (0..n).map(|_| qt.value("inb 0x511".into()) as u8).collect()
+        };
+        let count = u32::from_be_bytes(read_bytes(self, 0x19, 4).try_into().unwrap()) as usize;
+        let dir = read_bytes(self, 0x19, 4 + 64 * count);
+        let (key, size) = dir[4..].chunks(64).find_map(|e| {
+            let file = String::from_utf8_lossy(&e[8..])
+                .trim_end_matches('\0')
+                .to_string();
+            (file == name).then(|| {
+                let size = u32::from_be_bytes(e[0..4].try_into().unwrap()) as usize;
+                (u16::from_be_bytes([e[4], e[5]]), size)
+            })
+        })?;
+        Some(read_bytes(self, key, size))
+    }
+
     pub fn pci_address(devfn: u32, reg: u32) -> u32 {
         0x8000_0000 | (devfn << 8) | (reg & 0xfc)
     }
