@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=16
+ASSETS_FORMAT=17
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -287,7 +287,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -311,6 +311,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.cdsum=*) cdsum=${arg#*=} ;;
         qomvm.cdchange=*) cdchange=${arg#*=} ;;
         qomvm.vport=*) vport=${arg#*=} ;;
+        qomvm.hotplug=*) hotplug=${arg#*=} ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -407,6 +408,29 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$vport" ]; then
         # The host's monitor sends at most one VSERPORT_CHANGE a second: the close's
         # goes out before the power-off.
         sleep 2
+    fi
+fi
+
+# qomvm.hotplug=DEV: the PCI slots the kernel's ACPI hotplug driver found (from the
+# DSDT), then up to 300 s for DEV to be plugged in (device_add): its MD5 and size; then up
+# to 300 s for it to go (device_del: the kernel lets the device go and ejects the slot).
+if [ "$QOMVM_STAGE" != root ] && [ -n "$hotplug" ]; then
+    echo "hotplug: slots $(ls /sys/bus/pci/slots 2>/dev/null | sort -n | tr '\n' ' ')"
+    echo "hotplug: waiting for $hotplug"
+    i=0
+    while [ ! -b "$hotplug" ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ -b "$hotplug" ]; then
+        echo "hotplug: $hotplug $(md5sum <"$hotplug" | cut -d' ' -f1) $(blockdev --getsize64 "$hotplug")"
+        i=0
+        while [ -b "$hotplug" ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+        if [ -b "$hotplug" ]; then
+            echo "hotplug: $hotplug still there"
+        else
+            echo "hotplug: $hotplug gone"
+        fi
+    else
+        echo "hotplug: $hotplug did not appear"
+        dmesg | grep -i -E 'pci|acpiphp|virtio' | tail -n 20 | sed 's/^/hotplug: dmesg: /'
     fi
 fi
 

@@ -609,6 +609,80 @@ fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
     assert_eq!(listed_state(&dom.name), None);
 }
 
+/// Hotplug as libvirt drives it: `attach-disk` (`blockdev-add`, then `device_add
+/// virtio-blk-pci` at the PCI address libvirt picked) and `attach-device` of a virtio NIC
+/// on user networking (`netdev_add`, `device_add`). Detaching asks the guest
+/// (`device_del`); the test kernel never answers, so the devices stay, as with QEMU, until
+/// a reset ejects what was asked out. libvirt, told by `DEVICE_DELETED`, then drops them
+/// from the domain and deletes their backends.
+#[test]
+fn a_disk_and_a_nic_are_hotplugged_and_unplugged_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("hotplug");
+    let (kernel, _) = dom.kernel_and_disk(1 << 20);
+    let xml = dom.xml(&kernel);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+
+    let disk = dom.dir.join("hot.raw");
+    std::fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
+    let disk = disk.to_str().unwrap();
+    virsh_ok(&["attach-disk", &dom.name, disk, "vdb", "--targetbus", "virtio", "--live"]);
+    let blocks = virsh_ok(&["domblklist", &dom.name]);
+    assert!(blocks.contains(&format!("vdb      {disk}")), "{blocks}");
+    let info = virsh_ok(&["domblkinfo", &dom.name, "vdb"]);
+    assert!(info.contains("Capacity:       4194304"), "{info}");
+    let nic = dom.dir.join("nic.xml");
+    std::fs::write(
+        &nic,
+        "<interface type='user'><mac address='52:54:00:aa:bb:cc'/><model type='virtio'/></interface>",
+    )
+    .unwrap();
+    virsh_ok(&["attach-device", &dom.name, nic.to_str().unwrap(), "--live"]);
+    assert!(virsh_ok(&["domiflist", &dom.name]).contains("52:54:00:aa:bb:cc"));
+    let peripheral = || {
+        virsh_ok(&[
+            "qemu-monitor-command",
+            &dom.name,
+            r#"{"execute":"qom-list","arguments":{"path":"/machine/peripheral"}}"#,
+        ])
+    };
+    let devices = peripheral();
+    assert!(devices.contains("\"virtio-disk1\"") && devices.contains("\"net0\""), "{devices}");
+
+    // Asked out: libvirt waits for the guest, which never answers.
+    let (ok, out, err) = virsh(&["detach-disk", &dom.name, "vdb", "--live"]);
+    assert!(ok, "detach-disk: {out} {err}");
+    let (ok, out, err) = virsh(&["detach-device", &dom.name, nic.to_str().unwrap(), "--live"]);
+    assert!(ok, "detach-device: {out} {err}");
+    assert!(virsh_ok(&["domblklist", &dom.name]).contains("vdb"), "still there until ejected");
+    // A reset ejects them; libvirt hears DEVICE_DELETED and lets them go.
+    virsh_ok(&["reset", &dom.name]);
+    let gone = wait_for(Duration::from_secs(20), || {
+        !virsh_ok(&["domblklist", &dom.name]).contains("vdb")
+            && !virsh_ok(&["domiflist", &dom.name]).contains("52:54:00:aa:bb:cc")
+    });
+    assert!(
+        gone,
+        "libvirt still lists the devices: {} {}",
+        virsh_ok(&["domblklist", &dom.name]),
+        virsh_ok(&["domiflist", &dom.name])
+    );
+    let devices = peripheral();
+    assert!(!devices.contains("\"virtio-disk1\"") && !devices.contains("\"net0\""), "{devices}");
+    // libvirt deleted the disk's nodes (blockdev-del) once the device was gone.
+    let nodes = virsh_ok(&[
+        "qemu-monitor-command",
+        &dom.name,
+        r#"{"execute":"query-named-block-nodes"}"#,
+    ]);
+    assert!(!nodes.contains(disk), "{nodes}");
+    virsh_ok(&["destroy", &dom.name]);
+}
+
 /// IDE as libvirt writes it for `<target bus='ide'/>` on pc: a disk (`hda`), a CD with
 /// its image (`hdc`) and an empty CD drive (`hdd`) become `-blockdev` nodes and
 /// `-device ide-hd`/`ide-cd` on `ide.0`/`ide.1` with libvirt's ids; libvirt lists them, finds

@@ -696,6 +696,76 @@ finish cd
     assert!(out.contains("host: cd: vmm exit status 0"), "{out}");
 }
 
+/// PCI hotplug as libvirt does it (`blockdev-add`, `device_add virtio-blk-pci`, later
+/// `device_del`): Linux's ACPI hotplug driver found the DSDT's slots, binds virtio-blk to
+/// the new disk when `_E01` tells it of the slot, reads what the host wrote, and, asked to
+/// let it go, removes it and ejects the slot, after which the device is gone from the
+/// machine and its node free for `blockdev-del`.
+#[test]
+fn a_hotplugged_disk_reaches_the_guest_and_leaves_when_asked() {
+    let Some(out) = net_scenario(
+        "hotplug",
+        r#"
+head -c 3145728 /dev/urandom >hot.img
+echo "host: hot.img $(md5sum <hot.img | cut -d' ' -f1) $(wc -c <hot.img)"
+boot hp "qomvm.hotplug=/dev/vda" -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
+if await hp '^hotplug: waiting' 300; then
+    qmp qmp.sock \
+        "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": \"raw\", \"node-name\": \"hot0\", \"file\": {\"driver\": \"file\", \"filename\": \"$PWD/hot.img\"}}}" \
+        '{"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "drive": "hot0", "id": "vd1"}}' \
+        | sed 's/^/host: add: /'
+    if await hp '^hotplug: /dev/vda ' 200; then
+        qmp qmp.sock '{"execute": "device_del", "arguments": {"id": "vd1"}}' | sed 's/^/host: del: /'
+        if await hp '^hotplug: /dev/vda (gone|still)' 400; then
+            # The kernel ejects the slot right after it let the disk go.
+            i=0
+            until qmp qmp.sock '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}' \
+                    | grep -qv '"vd1"' || [ $i -gt 100 ]; do
+                sleep 0.1
+                i=$((i + 1))
+            done
+            qmp qmp.sock '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}' \
+                '{"execute": "blockdev-del", "arguments": {"node-name": "hot0"}}' \
+                | sed 's/^/host: after: /'
+        fi
+    fi
+fi
+finish hp
+"#,
+        1500,
+    ) else {
+        return;
+    };
+    let host_img = out
+        .lines()
+        .find_map(|l| l.strip_prefix("host: hot.img "))
+        .unwrap_or_else(|| panic!("no image line:\n{out}"));
+    let slots = out
+        .lines()
+        .find_map(|l| l.split_once("hp: hotplug: slots ").map(|(_, s)| s.trim().to_string()))
+        .unwrap_or_else(|| panic!("no slots line:\n{out}"));
+    assert!(
+        slots.split_whitespace().any(|s| s == "5"),
+        "the kernel's ACPI hotplug driver registered no slot 5 (slots: {slots}):\n{out}"
+    );
+    assert!(
+        out.contains(&format!("hp: hotplug: /dev/vda {host_img}")),
+        "the guest did not read the hotplugged disk ({host_img}):\n{out}"
+    );
+    assert_eq!(
+        out.matches(r#"host: add: {"return":{}}"#).count(),
+        2,
+        "blockdev-add and device_add:\n{out}"
+    );
+    assert!(out.contains(r#"host: del: {"return":{}}"#), "{out}");
+    assert!(out.contains("hp: hotplug: /dev/vda gone"), "{out}");
+    let after: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("host: after: ")).collect();
+    assert_eq!(after.len(), 2, "{out}");
+    assert!(!after[0].contains("\"vd1\""), "vd1 is still in the machine:\n{out}");
+    assert_eq!(after[1], r#"{"return":{}}"#, "blockdev-del of the freed node:\n{out}");
+    assert!(out.contains("host: hp: vmm exit status 0"), "{out}");
+}
+
 /// A guest agent's channel as libvirt makes it (`virtio-serial-pci`, a `virtserialport`
 /// named `org.qemu.guest_agent.0` over a socket chardev): the guest finds the port by its
 /// name and writes to it, the host reads that from the socket and answers, the guest reads
