@@ -413,7 +413,8 @@ fi
 
 # qomvm.hotplug=DEV: the PCI slots the kernel's ACPI hotplug driver found (from the
 # DSDT), then up to 300 s for DEV to be plugged in (device_add): its MD5 and size; then up
-# to 300 s for it to go (device_del: the kernel lets the device go and ejects the slot).
+# to 300 s for it to go (device_del: the kernel lets the device go and ejects the slot),
+# then up to 300 s more for the host to look and quit.
 if [ "$QOMVM_STAGE" != root ] && [ -n "$hotplug" ]; then
     echo "hotplug: slots $(ls /sys/bus/pci/slots 2>/dev/null | sort -n | tr '\n' ' ')"
     echo "hotplug: waiting for $hotplug"
@@ -427,6 +428,8 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$hotplug" ]; then
             echo "hotplug: $hotplug still there"
         else
             echo "hotplug: $hotplug gone"
+            # The host looks at the machine now, then quits it (QMP `quit`).
+            sleep 300
         fi
     else
         echo "hotplug: $hotplug did not appear"

@@ -1193,6 +1193,11 @@ impl stream::IncomingMultifd for ChannelAcceptor {
     }
 }
 
+/// QEMU's `migration_is_idle`: no outgoing migration is under way.
+pub fn is_idle() -> bool {
+    !STATE.lock().status.in_progress()
+}
+
 /// QMP `migrate_cancel`.
 pub fn cancel() {
     if STATE.lock().status.in_progress() {

@@ -628,9 +628,20 @@ fn a_disk_and_a_nic_are_hotplugged_and_unplugged_under_libvirt() {
     dom.expect_banner();
 
     let disk = dom.dir.join("hot.raw");
-    std::fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
     let disk = disk.to_str().unwrap();
-    virsh_ok(&["attach-disk", &dom.name, disk, "vdb", "--targetbus", "virtio", "--live"]);
+    virsh_ok(&[
+        "attach-disk",
+        &dom.name,
+        disk,
+        "vdb",
+        "--targetbus",
+        "virtio",
+        "--live",
+    ]);
     let blocks = virsh_ok(&["domblklist", &dom.name]);
     assert!(blocks.contains(&format!("vdb      {disk}")), "{blocks}");
     let info = virsh_ok(&["domblkinfo", &dom.name, "vdb"]);
@@ -651,14 +662,20 @@ fn a_disk_and_a_nic_are_hotplugged_and_unplugged_under_libvirt() {
         ])
     };
     let devices = peripheral();
-    assert!(devices.contains("\"virtio-disk1\"") && devices.contains("\"net0\""), "{devices}");
+    assert!(
+        devices.contains("\"virtio-disk1\"") && devices.contains("\"net0\""),
+        "{devices}"
+    );
 
     // Asked out: libvirt waits for the guest, which never answers.
     let (ok, out, err) = virsh(&["detach-disk", &dom.name, "vdb", "--live"]);
     assert!(ok, "detach-disk: {out} {err}");
     let (ok, out, err) = virsh(&["detach-device", &dom.name, nic.to_str().unwrap(), "--live"]);
     assert!(ok, "detach-device: {out} {err}");
-    assert!(virsh_ok(&["domblklist", &dom.name]).contains("vdb"), "still there until ejected");
+    assert!(
+        virsh_ok(&["domblklist", &dom.name]).contains("vdb"),
+        "still there until ejected"
+    );
     // A reset ejects them; libvirt hears DEVICE_DELETED and lets them go.
     virsh_ok(&["reset", &dom.name]);
     let gone = wait_for(Duration::from_secs(20), || {
@@ -672,7 +689,10 @@ fn a_disk_and_a_nic_are_hotplugged_and_unplugged_under_libvirt() {
         virsh_ok(&["domiflist", &dom.name])
     );
     let devices = peripheral();
-    assert!(!devices.contains("\"virtio-disk1\"") && !devices.contains("\"net0\""), "{devices}");
+    assert!(
+        !devices.contains("\"virtio-disk1\"") && !devices.contains("\"net0\""),
+        "{devices}"
+    );
     // libvirt deleted the disk's nodes (blockdev-del) once the device was gone.
     let nodes = virsh_ok(&[
         "qemu-monitor-command",

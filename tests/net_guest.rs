@@ -727,6 +727,7 @@ if await hp '^hotplug: waiting' 300; then
             qmp qmp.sock '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}' \
                 '{"execute": "blockdev-del", "arguments": {"node-name": "hot0"}}' \
                 | sed 's/^/host: after: /'
+            qmp qmp.sock '{"execute": "quit"}' >/dev/null
         fi
     fi
 fi
@@ -742,7 +743,10 @@ finish hp
         .unwrap_or_else(|| panic!("no image line:\n{out}"));
     let slots = out
         .lines()
-        .find_map(|l| l.split_once("hp: hotplug: slots ").map(|(_, s)| s.trim().to_string()))
+        .find_map(|l| {
+            l.split_once("hp: hotplug: slots ")
+                .map(|(_, s)| s.trim().to_string())
+        })
         .unwrap_or_else(|| panic!("no slots line:\n{out}"));
     assert!(
         slots.split_whitespace().any(|s| s == "5"),
@@ -759,10 +763,19 @@ finish hp
     );
     assert!(out.contains(r#"host: del: {"return":{}}"#), "{out}");
     assert!(out.contains("hp: hotplug: /dev/vda gone"), "{out}");
-    let after: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("host: after: ")).collect();
+    let after: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("host: after: "))
+        .collect();
     assert_eq!(after.len(), 2, "{out}");
-    assert!(!after[0].contains("\"vd1\""), "vd1 is still in the machine:\n{out}");
-    assert_eq!(after[1], r#"{"return":{}}"#, "blockdev-del of the freed node:\n{out}");
+    assert!(
+        !after[0].contains("\"vd1\""),
+        "vd1 is still in the machine:\n{out}"
+    );
+    assert_eq!(
+        after[1], r#"{"return":{}}"#,
+        "blockdev-del of the freed node:\n{out}"
+    );
     assert!(out.contains("host: hp: vmm exit status 0"), "{out}");
 }
 

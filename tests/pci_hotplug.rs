@@ -135,6 +135,34 @@ fn a_hotplugged_disk_is_announced_asked_out_and_gone_once_the_guest_ejects_it() 
     outw(&mut qt, GPE0_STS, GPE_PCI_HOTPLUG);
     assert_eq!(inw(&mut qt, GPE0_STS), 0);
     assert!(peripheral(&mut qmp).contains(&"vd1".to_string()));
+    // query-pci and `info pci` list it, its BARs not yet programmed (the guest does that).
+    let pci = qmp.execute("query-pci", json!({}));
+    let dev = pci["return"][0]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["slot"] == 5)
+        .unwrap_or_else(|| panic!("no slot 5: {pci}"))
+        .clone();
+    assert_eq!(dev["qdev_id"], "vd1");
+    assert_eq!(
+        dev["id"],
+        json!({"vendor": 0x1af4, "device": 0x1001, "subsystem-vendor": 0x1af4, "subsystem": 2})
+    );
+    assert_eq!(
+        dev["class_info"],
+        json!({"class": 0x0100, "desc": "SCSI controller"})
+    );
+    assert_eq!(dev["regions"][0]["address"], u64::MAX, "{dev}");
+    let info = qmp.execute("human-monitor-command", json!({"command-line": "info pci"}));
+    let info = info["return"].as_str().unwrap().replace("\r\n", "\n");
+    assert!(
+        info.contains(
+            "  Bus  0, device   5, function 0:\n    SCSI controller: PCI device 1af4:1001\n"
+        ),
+        "{info}"
+    );
+    assert!(info.contains("      id \"vd1\"\n"), "{info}");
 
     // Asked out: the device stays until the guest ejects it, a second request asks again.
     assert_eq!(
@@ -221,6 +249,9 @@ fn a_reset_removes_what_the_guest_did_not_eject_and_a_nic_gives_back_its_netdev(
     );
     let deleted = wait_event(&mut qmp, "DEVICE_DELETED");
     assert_eq!(deleted["device"], "nic1");
+    // The NIC itself is gone, not only unplugged: no one holds it any more.
+    let filters = qmp.execute("query-rx-filter", json!({}));
+    assert_eq!(filters, json!({"return": []}), "the NIC is still somewhere");
     assert_eq!(qt.pci_read32(slot << 3, 0), u32::MAX);
     assert_eq!(inl(&mut qt, PCID), 0);
     // The netdev is free for another NIC.
@@ -391,4 +422,43 @@ fn the_dsdt_describes_the_hotplug_slots_and_the_gpe_handler() {
     let gpe0_blk = u32::from_le_bytes(tables[fadt_at + 80..fadt_at + 84].try_into().unwrap());
     assert_eq!(gpe0_blk, 0xafe0);
     assert_eq!(tables[fadt_at + 92], 4, "GPE0_BLK_LEN");
+}
+
+#[test]
+fn no_device_comes_or_goes_while_a_migration_runs() {
+    let (mut qt, mut qmp, dir) = start(
+        "qomvm-pcihp-migrating",
+        &["-device", "virtio-rng-pci,id=rng0"],
+    );
+    // A destination that accepts and never reads: the migration stays active.
+    let sock = dir.join("dest.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let reply = qmp.execute(
+        "migrate",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    assert_eq!(reply, json!({"return": {}}));
+    let (_conn, _) = listener.accept().unwrap();
+    let status = qmp.execute("query-migrate", json!({}))["return"]["status"].clone();
+    assert!(status == "active" || status == "setup", "{status}");
+    let reply = qmp.execute(
+        "device_add",
+        json!({"driver": "virtio-rng-pci", "id": "rng1"}),
+    );
+    assert_eq!(error_text(&reply), "device_add not allowed while migrating");
+    let reply = qmp.execute("device_del", json!({"id": "rng0"}));
+    assert_eq!(error_text(&reply), "device_del not allowed while migrating");
+    assert_eq!(inl(&mut qt, PCIU) | inl(&mut qt, PCID), 0);
+    assert_eq!(
+        qmp.execute("migrate_cancel", json!({})),
+        json!({"return": {}})
+    );
+    let done = qmp.wait_migration(Duration::from_secs(20));
+    assert_eq!(done["return"]["status"], "cancelled", "{done}");
+    let reply = qmp.execute(
+        "device_add",
+        json!({"driver": "virtio-rng-pci", "id": "rng1"}),
+    );
+    assert_eq!(reply, json!({"return": {}}), "after the migration");
+    qt.check_alive();
 }

@@ -734,3 +734,45 @@ fn queued_large_writes(drive: &str, iothread: &str) {
         }
     }
 }
+
+/// Whether this process has `path` open.
+fn has_open(path: &std::path::Path) -> bool {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|target| target == path)
+}
+
+/// A disk the guest used, then ejected through ACPI PCI hotplug (PCID, then B0EJ as the
+/// DSDT's `PCEJ` writes it): the device, its rings' handlers and its requests let go of
+/// the image, so that once the drive is gone too nothing holds the file open.
+#[test]
+fn an_ejected_disk_lets_go_of_its_image() {
+    let path = temp_image("ejected.raw", 1 << 20);
+    let backend = add_drive("ejected", &path, false);
+    let m = pc_with_disk("ejected", &[]);
+    let (dev, mut ring) = start(&m, VERSION_1);
+    assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true), (0, 513));
+    drop(dev);
+    assert!(has_open(&path), "the image is open while the disk is in");
+    let bus = m.child("i440fx").unwrap().child("pci.0").unwrap();
+    let disk = hw::pci::pci::pci_find_device(&bus, DEVFN as u8).expect("the disk");
+    hw::core::qdev::qdev_unplug(disk.object()).unwrap();
+    drop(disk);
+    let io = machine_state(&m).unwrap().services().system_io().clone();
+    assert_eq!(io.read(0xae04, 4), 1 << 4, "PCID names slot 4");
+    io.write(0xae10, 0, 4);
+    io.write(0xae08, 1 << 4, 4);
+    assert!(
+        hw::pci::pci::pci_find_device(&bus, DEVFN as u8).is_none(),
+        "the slot is empty"
+    );
+    assert_eq!(backend.attached_dev(), None, "the drive is free");
+    block::remove_backend(&backend);
+    drop(backend);
+    assert!(
+        !has_open(&path),
+        "qomvm still holds {} open after the eject",
+        path.display()
+    );
+}

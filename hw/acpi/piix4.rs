@@ -370,6 +370,8 @@ impl PciDeviceImpl for Piix4Pm {
     const DEVICE_ID: u16 = 0x7113;
     const REVISION: u8 = 0x03;
     const CLASS_ID: u16 = 0x0680;
+    /// QEMU's piix4_pm_realize: pin A (the SCI is wired to IRQ 9, not through INTx).
+    const INTERRUPT_PIN: u8 = 1;
 
     fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
         let services = ctx.machine()?;

@@ -89,6 +89,11 @@ pub const PCI_ROM_SLOT: usize = 6;
 /// BARs and the expansion ROM.
 pub const PCI_NUM_REGIONS: usize = 7;
 
+/// QEMU's default subsystem vendor (`PCI_SUBVENDOR_ID_REDHAT_QUMRANET`).
+const PCI_SUBVENDOR_ID_REDHAT_QUMRANET: u16 = 0x1af4;
+/// QEMU's default subsystem (`PCI_SUBDEVICE_ID_QEMU`).
+const PCI_SUBDEVICE_ID_QEMU: u16 = 0x1100;
+
 /// What a BAR decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BarKind {
@@ -617,10 +622,16 @@ impl DeviceImpl for PciDevice {
             } else {
                 0
             };
+            // A type that names no subsystem gets QEMU's (`pci_set_default_subsystem_id`:
+            // Red Hat, QEMU).
+            let (sub_vendor, sub_id) = match (pc.subsystem_vendor_id, pc.subsystem_id) {
+                (0, 0) => (PCI_SUBVENDOR_ID_REDHAT_QUMRANET, PCI_SUBDEVICE_ID_QEMU),
+                ids => ids,
+            };
             c[config::SUBSYSTEM_VENDOR_ID..config::SUBSYSTEM_VENDOR_ID + 2]
-                .copy_from_slice(&pc.subsystem_vendor_id.to_le_bytes());
+                .copy_from_slice(&sub_vendor.to_le_bytes());
             c[config::SUBSYSTEM_ID..config::SUBSYSTEM_ID + 2]
-                .copy_from_slice(&pc.subsystem_id.to_le_bytes());
+                .copy_from_slice(&sub_id.to_le_bytes());
             c[config::INTERRUPT_PIN] = pc.interrupt_pin;
             // The guest may change the command register's I/O, memory, bus-master and
             // interrupt-disable bits, and the interrupt line.
@@ -743,6 +754,17 @@ impl PciDevice {
         let offset = region_offset(index);
         let c = &self.config.lock().bytes;
         u32::from_le_bytes([c[offset], c[offset + 1], c[offset + 2], c[offset + 3]])
+    }
+
+    /// The regions the device has, with where each is mapped now (QEMU's
+    /// `qmp_query_pci_regions`): `(index, kind, mapped address, size)`.
+    pub fn regions(&self) -> Vec<(usize, BarKind, Option<u64>, u64)> {
+        self.bars
+            .lock()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.as_ref().map(|b| (i, b.kind, b.mapped_at, b.region.size())))
+            .collect()
     }
 
     /// The size of region `index`, if the device has it.

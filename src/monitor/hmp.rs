@@ -370,6 +370,15 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         },
     },
     HmpCommand {
+        names: "pci",
+        params: "",
+        help: "show PCI info",
+        run: |ctx, _, _, out| {
+            crate::monitor::qmp_pci::info_pci(&ctx.vm.machine, out);
+            Ok(())
+        },
+    },
+    HmpCommand {
         names: "usernet",
         params: "",
         help: "show user network stack connection states",

@@ -34,6 +34,7 @@ pub mod qmp;
 pub mod qmp_block;
 pub mod qmp_cmds;
 pub mod qmp_device;
+pub mod qmp_pci;
 pub mod schema;
 
 use std::path::PathBuf;

@@ -410,6 +410,11 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: qmp_balloon,
     },
     QmpCommand {
+        name: "query-pci",
+        args: &[],
+        run: |ctx, _| Ok(crate::monitor::qmp_pci::query_pci(&ctx.vm.machine)),
+    },
+    QmpCommand {
         name: "query-balloon",
         args: &[],
         run: query_balloon,
@@ -736,7 +741,7 @@ fn free_bytes(file: &std::fs::File) -> u64 {
     }
     // SAFETY: initialised by the successful call above.
     let st = unsafe { st.assume_init() };
-    u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize))
+    st.f_bavail.saturating_mul(st.f_frsize)
 }
 
 /// QAPI's `DisplayProtocol`.

@@ -45,6 +45,11 @@ pub fn device_add(
     machine: &ObjectRef,
     items: Vec<(String, Option<String>)>,
 ) -> Result<ObjectRef, QmpError> {
+    if !crate::migration::is_idle() {
+        return Err(QmpError::Failed(
+            "device_add not allowed while migrating".into(),
+        ));
+    }
     crate::vl::qdev_device_add(machine, items, true).map_err(qdev_error)
 }
 
@@ -73,6 +78,11 @@ fn find_device(machine: &ObjectRef, id: &str) -> Result<ObjectRef, QmpError> {
 /// Asks the guest to let device `id` go.
 pub fn device_del(machine: &ObjectRef, id: &str) -> Result<(), QmpError> {
     let dev = find_device(machine, id)?;
+    if !crate::migration::is_idle() {
+        return Err(QmpError::Failed(
+            "device_del not allowed while migrating".into(),
+        ));
+    }
     qdev_unplug(&dev).map_err(qdev_error)
 }
 
