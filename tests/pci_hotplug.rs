@@ -462,3 +462,74 @@ fn no_device_comes_or_goes_while_a_migration_runs() {
     assert_eq!(reply, json!({"return": {}}), "after the migration");
     qt.check_alive();
 }
+
+/// libvirt's channel hotplug: a `virtserialport` on a running `virtio-serial-pci`'s bus,
+/// taken out at once by `device_del` (no guest involved); ejecting the controller takes
+/// its remaining ports with it, each with its `DEVICE_DELETED`.
+#[test]
+fn serial_ports_come_and_go_with_device_add_and_device_del() {
+    let (mut qt, mut qmp, _dir) = start(
+        "qomvm-pcihp-vserport",
+        &[
+            "-device",
+            "virtio-serial-pci,id=vs,addr=0x6",
+            "-chardev",
+            "ringbuf,id=c1",
+            "-chardev",
+            "ringbuf,id=c2",
+        ],
+    );
+    let reply = qmp.execute(
+        "device_add",
+        json!({"driver": "virtserialport", "bus": "vs.0", "chardev": "c1", "id": "p1",
+               "name": "org.qemu.guest_agent.0"}),
+    );
+    assert_eq!(reply, json!({"return": {}}));
+    assert_eq!(inl(&mut qt, PCIU), 0, "a port is no PCI slot");
+    assert_eq!(
+        qmp.execute("device_del", json!({"id": "p1"})),
+        json!({"return": {}})
+    );
+    let deleted = wait_event(&mut qmp, "DEVICE_DELETED");
+    assert_eq!(
+        deleted,
+        json!({"device": "p1", "path": "/machine/peripheral/p1"})
+    );
+    // The name and number are free again.
+    for id in ["p2", "p3"] {
+        let chardev = if id == "p2" { "c1" } else { "c2" };
+        let reply = qmp.execute(
+            "device_add",
+            json!({"driver": "virtserialport", "bus": "vs.0", "chardev": chardev, "id": id,
+                   "nr": if id == "p2" { 1 } else { 2 }}),
+        );
+        assert_eq!(reply, json!({"return": {}}), "{id}");
+    }
+    assert_eq!(
+        qmp.execute("device_del", json!({"id": "vs"})),
+        json!({"return": {}})
+    );
+    outl(&mut qt, B0EJ, 1 << 6);
+    let mut gone: Vec<String> = (0..3)
+        .map(|_| {
+            wait_event(&mut qmp, "DEVICE_DELETED")["device"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    gone.sort();
+    assert_eq!(gone, ["p2", "p3", "vs"]);
+    // Their chardevs are free for a new controller's ports.
+    let reply = qmp.execute(
+        "device_add",
+        json!({"driver": "virtio-serial-pci", "id": "vs2"}),
+    );
+    assert_eq!(reply, json!({"return": {}}));
+    let reply = qmp.execute(
+        "device_add",
+        json!({"driver": "virtserialport", "bus": "vs2.0", "chardev": "c1", "id": "p4"}),
+    );
+    assert_eq!(reply, json!({"return": {}}));
+    qt.check_alive();
+}

@@ -34,6 +34,7 @@ const BUF: u64 = 0x40_0000;
 /// Control events.
 const DEVICE_READY: u16 = 0;
 const PORT_ADD: u16 = 1;
+const PORT_REMOVE: u16 = 2;
 const PORT_READY: u16 = 3;
 const CONSOLE_PORT: u16 = 4;
 const PORT_OPEN: u16 = 6;
@@ -534,4 +535,53 @@ fn a_broken_ring_found_at_driver_ok_does_not_hang_it() {
     assert!(rx.recv_timeout(WAIT).is_ok(), "DRIVER_OK hung");
     let dev = status.join().unwrap();
     wait_for("NEEDS_RESET", || dev.status() & NEEDS_RESET != 0);
+}
+
+/// Ports plugged in and out while the guest runs (libvirt's channel hotplug:
+/// `device_add virtserialport` on the device's bus, `device_del`): the guest hears
+/// `PORT_ADD`, then `PORT_REMOVE` at once (the bus's handler takes a port out without
+/// asking), and the port number is free again.
+#[test]
+fn ports_come_and_go_while_the_guest_runs() {
+    let machine = pc_machine();
+    let bus = serial_bus(&machine, "vs2", &[("addr", "05.0"), ("max_ports", "4")]);
+    machine_creation_done(&machine).unwrap();
+    let mut s = Serial::start(&machine, VERSION_1 | F_MULTIPORT);
+    s.send_ctrl(0, DEVICE_READY, 1);
+    assert!(s.no_ctrl(), "no ports yet");
+    let hot = |id: &str| {
+        chardev_add(&format!("{id}-chr"), Arc::new(Ringbuf::default())).unwrap();
+        let dev = qdev_new("virtserialport").unwrap();
+        dev.property_parse("nr", "1").unwrap();
+        dev.property_parse("chardev", &format!("{id}-chr")).unwrap();
+        dev.set_device_id(Some(id.to_string()));
+        dev.downcast::<hw::core::qdev::DeviceState>()
+            .unwrap()
+            .set_hotplugged(true);
+        qom::container_get(&machine, "peripheral")
+            .add_child(id, &dev)
+            .unwrap();
+        qdev_realize(&dev, Some(&bus)).unwrap();
+        dev
+    };
+    // PORT_ADD, then PORT_OPEN: its chardev has a host side already.
+    let added = |s: &mut Serial| {
+        let msgs: Vec<(u32, u16, u16)> = s
+            .recv_ctrl(2)
+            .into_iter()
+            .map(|(i, e, v, _)| (i, e, v))
+            .collect();
+        assert_eq!(msgs, [(1, PORT_ADD, 1), (1, PORT_OPEN, 1)]);
+    };
+    let port = hot("hp1");
+    added(&mut s);
+    hw::core::qdev::qdev_unplug(&port).unwrap();
+    assert!(!port.is_realized(), "a port goes at once");
+    assert!(machine.child("peripheral").unwrap().child("hp1").is_none());
+    let msgs = s.recv_ctrl(1);
+    assert_eq!((msgs[0].0, msgs[0].1, msgs[0].2), (1, PORT_REMOVE, 1));
+    assert!(s.no_ctrl());
+    // Number 1 is free for the next port.
+    hot("hp2");
+    added(&mut s);
 }

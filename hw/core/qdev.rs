@@ -798,14 +798,30 @@ pub fn qdev_hotplug_allowed(driver: &str, bus: Option<&Object>) -> Result<(), Qd
 /// QEMU's `object_unparent` of an unplugged device and its `DEVICE_DELETED` event: the
 /// guest let `dev` go (or the machine reset with the request pending).
 pub fn qdev_unplug_complete(dev: &Object) {
-    let path = dev.canonical_path();
-    let id = dev.device_id();
-    dev.unparent();
-    let mut data = crate::core::qapi_event::json!({ "path": path.unwrap_or_default() });
-    if let Some(id) = id {
-        data["device"] = id.into();
+    // The devices on its buses go with it, first, each with its event (a virtio-serial
+    // controller's ports).
+    fn gone(dev: &Object, out: &mut Vec<(Option<String>, Option<String>)>) {
+        for (_, child) in dev.children() {
+            if child.downcast::<BusState>().is_some() {
+                for plugged in crate::core::bus::bus_children(&child) {
+                    gone(&plugged, out);
+                }
+            }
+        }
+        if dev.is_realized() {
+            out.push((dev.canonical_path(), dev.device_id()));
+        }
     }
-    crate::core::qapi_event::emit("DEVICE_DELETED", Some(data));
+    let mut events = Vec::new();
+    gone(dev, &mut events);
+    dev.unparent();
+    for (path, id) in events {
+        let mut data = crate::core::qapi_event::json!({ "path": path.unwrap_or_default() });
+        if let Some(id) = id {
+            data["device"] = id.into();
+        }
+        crate::core::qapi_event::emit("DEVICE_DELETED", Some(data));
+    }
 }
 
 /// Whether `name` names a device type users can create, with its class.

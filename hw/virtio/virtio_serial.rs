@@ -51,6 +51,7 @@ pub mod console_feature {
 mod event {
     pub const DEVICE_READY: u16 = 0;
     pub const DEVICE_ADD: u16 = 1;
+    pub const DEVICE_REMOVE: u16 = 2;
     pub const PORT_READY: u16 = 3;
     pub const CONSOLE_PORT: u16 = 4;
     pub const PORT_OPEN: u16 = 6;
@@ -293,6 +294,10 @@ impl VirtioSerial {
             PORT_NAMES.lock().push(name.clone());
         }
         self.ports.lock().insert(port.id, port.clone());
+        // PORT_ADD first: a guest drops messages about ports it does not know.
+        if self.device_ready.load(Ordering::SeqCst) {
+            self.send_control(port.id, event::DEVICE_ADD, 1, &[]);
+        }
         if let Some(chardev) = &port.chardev {
             let weak = Arc::downgrade(self);
             let target = Arc::downgrade(&port);
@@ -321,9 +326,6 @@ impl VirtioSerial {
                 self.host_open(&port, chardev.is_open());
             }
         }
-        if self.device_ready.load(Ordering::SeqCst) {
-            self.send_control(port.id, event::DEVICE_ADD, 1, &[]);
-        }
     }
 
     /// Unplugs the port numbered `id`.
@@ -340,6 +342,14 @@ impl VirtioSerial {
         }
         if let Some(name) = &port.name {
             PORT_NAMES.lock().retain(|n| n != name);
+        }
+        // QEMU's remove_port: what the guest still queued for the port is dropped (its
+        // queue's handler finds no port), and a guest that is up hears it went.
+        if let Some(running) = self.running() {
+            running.wake(rx_queue(id) + 1);
+        }
+        if self.device_ready.load(Ordering::SeqCst) {
+            self.send_control(id, event::DEVICE_REMOVE, 1, &[]);
         }
     }
 

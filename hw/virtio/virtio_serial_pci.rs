@@ -10,7 +10,8 @@ use std::sync::{Arc, OnceLock};
 use qom::{type_init, Prop};
 
 use crate::core::bus::qbus_new;
-use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::hotplug::{HotplugError, HotplugHandler};
+use crate::core::qdev::{qdev_unplug_complete, DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::pci::pci::PciDeviceImpl;
 use crate::virtio::virtio::{device_id, VirtioDevice};
@@ -22,7 +23,7 @@ pub const TYPE_VIRTIO_SERIAL_PCI: &str = "virtio-serial-pci";
 
 /// QEMU's `VirtIOSerialPCI` with the `virtio-serial-device` properties it aliases.
 #[derive(qom::Object)]
-#[qom(name = TYPE_VIRTIO_SERIAL_PCI)]
+#[qom(name = TYPE_VIRTIO_SERIAL_PCI, implements = [dyn HotplugHandler])]
 pub struct VirtioSerialPci {
     #[parent]
     parent: VirtioPciProxy,
@@ -69,6 +70,20 @@ impl DeviceImpl for VirtioSerialPci {
     }
 }
 
+/// QEMU's `virtser_port_device_plug` and `qdev_simple_device_unplug_cb`: a port's realize
+/// already announced it (`PORT_ADD`); unplugging one removes it at once (`PORT_REMOVE`).
+impl HotplugHandler for VirtioSerialPci {
+    /// Only ports plug into the bus (its type says so).
+    fn plug(&self, _dev: &qom::Object, _hotplugged: bool) -> Result<(), HotplugError> {
+        Ok(())
+    }
+
+    fn unplug_request(&self, dev: &qom::Object) -> Result<(), HotplugError> {
+        qdev_unplug_complete(dev);
+        Ok(())
+    }
+}
+
 impl PciDeviceImpl for VirtioSerialPci {
     const VENDOR_ID: u16 = PCI_VENDOR_ID_REDHAT_QUMRANET;
     /// Transitional virtio console (QEMU's `PCI_DEVICE_ID_VIRTIO_CONSOLE`).
@@ -105,6 +120,11 @@ impl VirtioPciImpl for VirtioSerialPci {
             .map_err(|e| internal(e.to_string()))?;
         if let Some(bus) = bus.downcast::<VirtioSerialBus>() {
             bus.set_serial(&serial);
+        }
+        // QEMU's virtio_serial_device_realize: the device plugs ports into its own bus,
+        // while the guest runs too.
+        if let Some(bus) = bus.downcast::<crate::core::bus::BusState>() {
+            bus.set_hotplug_handler(Some(ctx.object()));
         }
         let _ = self.serial.set(serial.clone());
         Ok(serial)
