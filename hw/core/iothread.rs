@@ -366,6 +366,14 @@ impl AioContext {
         drop(handler);
     }
 
+    /// Removes every handler in `handlers` and empties it (a device stopping its queues):
+    /// when this returns none of them runs.
+    pub fn remove_fds(&self, handlers: &parking_lot::Mutex<Vec<AioHandlerId>>) {
+        for id in std::mem::take(&mut *handlers.lock()) {
+            self.remove_fd(id);
+        }
+    }
+
     /// Runs `f` on the loop thread and waits until it has run (QEMU's
     /// `aio_wait_bh_oneshot`); runs it inline if called on the loop thread, or once the
     /// loop has ended. A panic in `f` is resumed in the caller.

@@ -281,10 +281,7 @@ impl VirtioBalloon {
 
     /// Removes the handlers (waiting for one that runs) and returns the device that ran.
     fn stop(&self) -> Option<Arc<Running>> {
-        let handlers = std::mem::take(&mut *self.handlers.lock());
-        for id in handlers {
-            self.conf.context.remove_fd(id);
-        }
+        self.conf.context.remove_fds(&self.handlers);
         self.running.lock().take()
     }
 

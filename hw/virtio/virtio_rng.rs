@@ -139,10 +139,7 @@ impl VirtioRng {
     /// Removes the I/O handlers (waiting for one that runs) and returns the device that
     /// ran, if it did.
     fn stop(&self) -> Option<Arc<Running>> {
-        let handlers = std::mem::take(&mut *self.handlers.lock());
-        for id in handlers {
-            self.conf.context.remove_fd(id);
-        }
+        self.conf.context.remove_fds(&self.handlers);
         self.running.lock().take()
     }
 }

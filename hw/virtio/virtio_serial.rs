@@ -500,10 +500,7 @@ impl VirtioSerial {
     /// Removes the handlers (waiting for one that runs), and the running device: no ring
     /// is touched after this returns.
     fn stop(&self) -> Option<Arc<Running>> {
-        let handlers = std::mem::take(&mut *self.handlers.lock());
-        for id in handlers {
-            self.context.remove_fd(id);
-        }
+        self.context.remove_fds(&self.handlers);
         self.running.lock().take()
     }
 }
