@@ -94,15 +94,15 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         if opts.daemonize && chardev_driver(&c.value) == "stdio" {
             return Err(c.error("cannot use stdio with -daemonize"));
         }
-        let (id, backend) = qom::error_report::with_location(&c.location(), || {
+        let chardev = qom::error_report::with_location(&c.location(), || {
             hw::core::chardev::parse_chardev_opts(&c.value)
         })
         .map_err(|e| c.error(e))?;
-        if let Some(path) = backend.filename().strip_prefix("pty:") {
+        if let Some(path) = chardev.backend.filename().strip_prefix("pty:") {
             // QEMU's char_pty_open tells where the terminal is.
-            qom::error_report!("char device redirected to {path} (label {id})");
+            qom::error_report!("char device redirected to {path} (label {})", chardev.id);
         }
-        hw::core::chardev::chardev_add(&id, backend).map_err(|e| c.error(e))?;
+        chardev.register().map_err(|e| c.error(e))?;
     }
     // QEMU's configure_blockdev: images are opened (and locked) before the machine; a
     // migration's destination opens them inactive, as the source still writes them.
@@ -962,6 +962,8 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
             let label = format!("serial{}", hds.len());
             hw::core::chardev::chardev_add(&label, b.clone())
                 .map_err(|e| OptionError::new(location.clone(), e))?;
+            // The serial port below is its frontend.
+            let _ = hw::core::chardev::chardev_claim(&label);
         }
         let backend = match backend {
             Some(b) if opts.nographic && b.driver() == "stdio" => {
@@ -1055,7 +1057,10 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
 fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError> {
     let items = crate::options::split_opts_or_json(&located.value, "driver")
         .map_err(|e| located.error(e))?;
-    qdev_device_add(machine, items, false).map_err(|e| located.error(e))?;
+    qdev_device_add(machine, items, false).map_err(|e| match e {
+        QdevError::BadId => located.error(format!("{e}\n{}", qom::object_interfaces::ID_HINT)),
+        e => located.error(e),
+    })?;
     Ok(())
 }
 
@@ -1077,7 +1082,15 @@ pub fn qdev_device_add(
     let mut props = Vec::new();
     for (key, value) in items {
         match key.as_str() {
-            "id" => id = value,
+            "id" => {
+                if !value
+                    .as_deref()
+                    .is_some_and(qom::object_interfaces::id_wellformed)
+                {
+                    return Err(QdevError::BadId);
+                }
+                id = value
+            }
             "bus" => bus_name = value,
             _ => props.push((key, value.unwrap_or_else(|| "on".to_string()))),
         }

@@ -623,9 +623,53 @@ fn a_disk_and_a_nic_are_hotplugged_and_unplugged_under_libvirt() {
     }
     let dom = Domain::new("hotplug");
     let (kernel, _) = dom.kernel_and_disk(1 << 20);
-    let xml = dom.xml(&kernel);
+    let xml = dom.xml_with_devices(
+        &kernel,
+        &dom.serial_xml(),
+        "<memballoon model='none'/><controller type='virtio-serial' index='0'/>",
+    );
     virsh_ok(&["create", xml.to_str().unwrap()]);
     dom.expect_banner();
+
+    // A guest agent channel: chardev-add of its socket, then a virtserialport; detaching
+    // it takes it out at once (no guest involved), and libvirt removes the chardev.
+    let channel = dom.dir.join("channel.xml");
+    std::fs::write(
+        &channel,
+        "<channel type='unix'><source mode='bind'/>\
+         <target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+    )
+    .unwrap();
+    virsh_ok(&[
+        "attach-device",
+        &dom.name,
+        channel.to_str().unwrap(),
+        "--live",
+    ]);
+    let chardevs = || {
+        virsh_ok(&[
+            "qemu-monitor-command",
+            &dom.name,
+            r#"{"execute":"query-chardev"}"#,
+        ])
+    };
+    assert!(chardevs().contains("charchannel0"), "{}", chardevs());
+    let (ok, out, err) = virsh(&["domfsinfo", &dom.name]);
+    assert!(
+        !ok && err.contains("QEMU guest agent is not connected"),
+        "{out} {err}"
+    );
+    let live = virsh_ok(&["dumpxml", &dom.name]);
+    assert!(live.contains("<alias name='channel0'/>"), "{live}");
+    virsh_ok(&["detach-device-alias", &dom.name, "channel0", "--live"]);
+    let gone = wait_for(Duration::from_secs(10), || {
+        !chardevs().contains("charchannel0")
+    });
+    assert!(
+        gone,
+        "libvirt did not remove the channel's chardev: {}",
+        chardevs()
+    );
 
     let disk = dom.dir.join("hot.raw");
     std::fs::File::create(&disk)

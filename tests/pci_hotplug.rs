@@ -287,6 +287,13 @@ fn what_cannot_be_plugged_or_unplugged_is_refused_in_qemus_words() {
             "Duplicate ID 'rng0' for device",
         ),
         (
+            json!({"driver": "virtio-rng-pci", "addr": "6.1"}),
+            "PCI: slot 6 function 0 already occupied by virtio-rng-pci, new func virtio-rng-pci cannot be exposed to guest.",
+        ),
+        (json!({"driver": "virtio-rng-pci", "id": "a/b"}), "Parameter 'id' expects an identifier"),
+        (json!({"driver": "virtio-rng-pci", "id": ""}), "Parameter 'id' expects an identifier"),
+        (json!({"driver": "virtio-rng-pci", "id": "device[*]"}), "Parameter 'id' expects an identifier"),
+        (
             json!({"driver": "virtio-rng-pci", "addr": "6"}),
             "PCI: slot 6 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci",
         ),
@@ -531,5 +538,116 @@ fn serial_ports_come_and_go_with_device_add_and_device_del() {
         json!({"driver": "virtserialport", "bus": "vs2.0", "chardev": "c1", "id": "p4"}),
     );
     assert_eq!(reply, json!({"return": {}}));
+    qt.check_alive();
+}
+
+/// libvirt's channel hotplug: `chardev-add` (a Unix socket server), then the port on it;
+/// the chardev is busy while the port has it and one frontend at a time; `chardev-add`'s
+/// other backends and refusals.
+#[test]
+fn chardevs_are_added_and_removed_at_run_time() {
+    let (mut qt, mut qmp, dir) = start(
+        "qomvm-pcihp-chardev",
+        &["-device", "virtio-serial-pci,id=vs"],
+    );
+    let sock = dir.join("agent.sock");
+    let reply = qmp.execute(
+        "chardev-add",
+        json!({"id": "charchannel1", "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": sock.display().to_string()}},
+            "server": true, "wait": false}}}),
+    );
+    assert_eq!(reply, json!({"return": {}}));
+    let chardevs = qmp.execute("query-chardev", json!({}));
+    let listed = chardevs["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["label"] == "charchannel1")
+        .unwrap_or_else(|| panic!("not listed: {chardevs}"))
+        .clone();
+    assert_eq!(listed["frontend-open"], false);
+    let _client = std::os::unix::net::UnixStream::connect(&sock).expect("the server listens");
+    let port = json!({"driver": "virtserialport", "bus": "vs.0", "chardev": "charchannel1",
+                      "id": "channel1", "name": "org.qemu.guest_agent.1"});
+    assert_eq!(qmp.execute("device_add", port), json!({"return": {}}));
+    let again = json!({"driver": "virtserialport", "bus": "vs.0", "chardev": "charchannel1", "id": "channel2"});
+    assert_eq!(
+        error_text(&qmp.execute("device_add", again)),
+        "Property 'virtserialport.chardev' can't take value 'charchannel1': Device 'charchannel1' is in use"
+    );
+    assert_eq!(
+        error_text(&qmp.execute("chardev-remove", json!({"id": "charchannel1"}))),
+        "Chardev 'charchannel1' is busy"
+    );
+    assert_eq!(
+        qmp.execute("device_del", json!({"id": "channel1"})),
+        json!({"return": {}})
+    );
+    wait_event(&mut qmp, "DEVICE_DELETED");
+    assert_eq!(
+        qmp.execute("chardev-remove", json!({"id": "charchannel1"})),
+        json!({"return": {}})
+    );
+    let reply = qmp.execute("chardev-remove", json!({"id": "charchannel1"}));
+    assert_eq!(reply["error"]["class"], "DeviceNotFound");
+    assert_eq!(error_text(&reply), "Chardev 'charchannel1' not found");
+
+    // A pseudo-terminal says where it is.
+    let reply = qmp.execute(
+        "chardev-add",
+        json!({"id": "pty0", "backend": {"type": "pty", "data": {}}}),
+    );
+    let pty = reply["return"]["pty"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"))
+        .to_string();
+    assert!(
+        pty.starts_with("/dev/pts/") && Path::new(&pty).exists(),
+        "{pty}"
+    );
+    let log = dir.join("out.log");
+    let reply = qmp.execute(
+        "chardev-add",
+        json!({"id": "file0", "backend": {"type": "file", "data": {"out": log.display().to_string()}}}),
+    );
+    assert_eq!(reply, json!({"return": {}}));
+    assert!(log.exists());
+    for (args, want) in [
+        (
+            json!({"id": "pty0", "backend": {"type": "null", "data": {}}}),
+            "attempt to add duplicate property 'pty0' to object (type 'container')",
+        ),
+        (
+            json!({"id": "r0", "backend": {"type": "ringbuf", "data": {"size": 3}}}),
+            "ringbuf size must be power of two",
+        ),
+        (
+            json!({"id": "x0", "backend": {"type": "spicevmc", "data": {}}}),
+            "Parameter 'type' does not accept value 'spicevmc'",
+        ),
+        (
+            json!({"id": "s0", "backend": {"type": "socket", "data": {
+                "addr": {"type": "fd", "data": {"str": "nosuch"}}}}}),
+            "File descriptor named 'nosuch' has not been found",
+        ),
+    ] {
+        assert_eq!(
+            error_text(&qmp.execute("chardev-add", args.clone())),
+            want,
+            "{args}"
+        );
+    }
+    // HMP spells them as -chardev does.
+    let reply = qmp.execute(
+        "human-monitor-command",
+        json!({"command-line": "chardev-add null,id=n9"}),
+    );
+    assert_eq!(reply, json!({"return": ""}));
+    let reply = qmp.execute(
+        "human-monitor-command",
+        json!({"command-line": "chardev-remove n9"}),
+    );
+    assert_eq!(reply, json!({"return": ""}));
     qt.check_alive();
 }

@@ -776,3 +776,62 @@ fn an_ejected_disk_lets_go_of_its_image() {
         path.display()
     );
 }
+
+/// A vCPU keeps the view of the address spaces it last dispatched through (so a dispatch
+/// touches no shared counter): the ejected disk lives on in it until the vCPU refreshes,
+/// which a KVM vCPU does when the eject kicks it out of KVM_RUN (QEMU's RCU grace
+/// period). Here the "vCPU" is a dispatcher of the test's own.
+#[test]
+fn a_vcpus_old_view_keeps_an_ejected_disk_until_it_refreshes() {
+    let path = temp_image("ejected-view.raw", 1 << 20);
+    let backend = add_drive("ejected-view", &path, false);
+    let m = pc_with_disk("ejected-view", &[]);
+    let (dev, mut ring) = start(&m, VERSION_1);
+    assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true), (0, 513));
+    drop(dev);
+    let services = machine_state(&m).unwrap().services().clone();
+    let memory = services.system_memory().clone();
+    let mut vcpu = memory.dispatcher();
+    vcpu.read(0xfee0_0000, 4);
+    let bus = m.child("i440fx").unwrap().child("pci.0").unwrap();
+    let disk = hw::pci::pci::pci_find_device(&bus, DEVFN as u8).expect("the disk");
+    hw::core::qdev::qdev_unplug(disk.object()).unwrap();
+    drop(disk);
+    let io = services.system_io().clone();
+    io.write(0xae10, 0, 4);
+    io.write(0xae08, 1 << 4, 4);
+    block::remove_backend(&backend);
+    drop(backend);
+    assert!(has_open(&path), "the vCPU's old view still holds the disk");
+    vcpu.refresh();
+    assert!(!has_open(&path), "a refreshed view lets the disk go");
+}
+
+/// An ejected device does not hold its shared interrupt line up (QEMU's
+/// `pci_device_deassert_intx` at unrealize): a completion it raised and the driver never
+/// acknowledged goes with it.
+#[test]
+fn an_ejected_disk_lowers_its_intx() {
+    let path = temp_image("ejected-intx.raw", 1 << 20);
+    let _backend = add_drive("ejected-intx", &path, false);
+    let m = pc_with_disk("ejected-intx", &[]);
+    let (dev, mut ring) = start(&m, VERSION_1);
+    assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true), (0, 513));
+    drop(dev);
+    // Slot 4, pin A: PIRQA, ISA IRQ 10.
+    assert!(
+        test_support::qtest::irq_level(&m, 10),
+        "the completion raised INTx"
+    );
+    let bus = m.child("i440fx").unwrap().child("pci.0").unwrap();
+    let disk = hw::pci::pci::pci_find_device(&bus, DEVFN as u8).expect("the disk");
+    hw::core::qdev::qdev_unplug(disk.object()).unwrap();
+    drop(disk);
+    let io = machine_state(&m).unwrap().services().system_io().clone();
+    io.write(0xae08, 1 << 4, 4);
+    assert!(hw::pci::pci::pci_find_device(&bus, DEVFN as u8).is_none());
+    assert!(
+        !test_support::qtest::irq_level(&m, 10),
+        "IRQ 10 stays up after its device went"
+    );
+}

@@ -509,6 +509,11 @@ impl AccelOps for KvmVm {
         self.vcpus.reset();
     }
 
+    /// A kick makes each vCPU leave KVM_RUN, and an interrupted vCPU refreshes its views.
+    fn refresh_vcpu_views(&self) {
+        self.vcpus.kick_all();
+    }
+
     fn shutdown(&self) {
         self.vcpus.stop();
     }

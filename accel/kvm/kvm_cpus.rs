@@ -213,7 +213,7 @@ impl VcpuSet {
         }
     }
 
-    fn kick_all(&self) {
+    pub(crate) fn kick_all(&self) {
         self.kick(|_| true);
     }
 
@@ -562,6 +562,10 @@ fn vcpu_thread(
             Step::Interrupted => {
                 vcpu.set_kvm_immediate_exit(0);
                 exit_pending = false;
+                // A kick may mean the address spaces changed: let go of old views (and of
+                // the devices they hold).
+                io.refresh();
+                memory.refresh();
                 // A kick may have come with work (`info registers`).
                 vm.vcpus.run_work(index, &mut vcpu);
             }

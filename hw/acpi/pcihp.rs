@@ -103,8 +103,9 @@ impl AcpiPciHp {
     }
 
     /// QEMU's `acpi_pcihp_device_unplug_request_cb`: asks the guest to eject the slot.
-    /// Asking again sends the event again (a guest that booted after the first request
-    /// cleared it).
+    /// Asking again sends the event again, as QEMU 8.0 does (`pending_deleted_expires_ms`;
+    /// 7.2 refused a second `device_del`): a guest that booted after the first request
+    /// cleared it, and only another event makes it look.
     pub fn unplug_request(&self, dev: &Object) {
         let Some(slot) = slot_of(dev) else { return };
         self.status.lock().down |= 1 << slot;

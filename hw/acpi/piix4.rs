@@ -344,7 +344,8 @@ impl DeviceImpl for Piix4Pm {
     }
 
     fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
-        state.check_version(2, 2)?;
+        // Version 1 (before the GPE0 block and PCI hotplug) loads with both idle.
+        state.check_version(1, 2)?;
         self.parent.load_pci_state(state)?;
         let pm = self.pm.lock().clone().ok_or_else(|| VmStateError::Host("PIIX4_PM is not realized".into()))?;
         let timer_ns: u64 = state.get("timer_ns")?;
@@ -352,10 +353,15 @@ impl DeviceImpl for Piix4Pm {
         regs.sts = state.get("pm1_sts")?;
         regs.en = state.get("pm1_en")?;
         regs.cnt = state.get("pm1_cnt")?;
-        regs.gpe_sts = state.get("gpe_sts")?;
-        regs.gpe_en = state.get("gpe_en")?;
-        if let Some(hp) = self.pcihp.lock().as_ref() {
-            hp.load_state(state)?;
+        if state.version >= 2 {
+            regs.gpe_sts = state.get("gpe_sts")?;
+            regs.gpe_en = state.get("gpe_en")?;
+            if let Some(hp) = self.pcihp.lock().as_ref() {
+                hp.load_state(state)?;
+            }
+        } else {
+            regs.gpe_sts = 0;
+            regs.gpe_en = 0;
         }
         *pm.start.lock() = Instant::now()
             .checked_sub(std::time::Duration::from_nanos(timer_ns))
@@ -507,6 +513,36 @@ mod tests {
             services.vm().requests().take(),
             Some(RunRequest::GuestShutdown)
         );
+    }
+
+    #[test]
+    fn the_gpe0_block_raises_the_sci_and_migrates_with_the_hotplug_state() {
+        let services = Arc::new(MachineServices::default());
+        let host = qom::object_new(qom::TYPE_CONTAINER).unwrap();
+        let bus = qbus_new(TYPE_PCI_BUS, &host, "pci.0", &services).unwrap();
+        let pm = qdev_new_typed::<Piix4Pm>().unwrap();
+        pm.object().property_parse("addr", "01.3").unwrap();
+        qdev_realize(pm.object(), Some(&bus)).unwrap();
+        let io = services.system_io();
+        io.write(u64::from(GPE0_BASE) + 2, 0x2, 1);
+        pm.pm.lock().clone().unwrap().gpe_event(0x2);
+        assert_eq!(io.read(GPE0_BASE.into(), 2), 0x2);
+        assert_eq!(io.read(u64::from(GPE0_BASE) + 2, 2), 0x2, "GPE0_EN reads back");
+        let saved = pm.save_state().unwrap();
+        assert_eq!(saved.version, 2);
+        // Write one to clear.
+        io.write(GPE0_BASE.into(), 0x2, 1);
+        assert_eq!(io.read(GPE0_BASE.into(), 2), 0);
+        pm.load_state(&saved).unwrap();
+        assert_eq!(io.read(GPE0_BASE.into(), 2), 0x2, "the pending event came back");
+        // A stream from before the GPE0 block loads with it idle.
+        let mut old = saved.clone();
+        old.version = 1;
+        for field in ["gpe_sts", "gpe_en", "pcihp_up", "pcihp_down", "pcihp_select"] {
+            old.fields.remove(field);
+        }
+        pm.load_state(&old).unwrap();
+        assert_eq!(io.read(GPE0_BASE.into(), 2), 0);
     }
 
     #[test]

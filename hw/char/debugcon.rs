@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use qom::{type_init, Prop};
 
-use crate::core::chardev::{chardev_find, CharBackend};
+use crate::core::chardev::{chardev_claim, CharBackend, ChardevError};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::isa::isa_bus::IsaDevice;
@@ -56,6 +56,8 @@ enum DebugconError {
     NoChardev,
     #[error("Property '{TYPE_ISA_DEBUGCON}.chardev' can't find value '{0}'")]
     ChardevNotFound(String),
+    #[error("Property '{TYPE_ISA_DEBUGCON}.chardev' can't take value '{0}': Device '{0}' is in use")]
+    ChardevInUse(String),
     #[error("Property '{TYPE_ISA_DEBUGCON}.iobase': port {0:#x} is not an I/O port")]
     BadIobase(u32),
 }
@@ -70,8 +72,12 @@ impl DeviceImpl for IsaDebugcon {
             .chardev
             .get()
             .ok_or(RealizeError::device(DebugconError::NoChardev))?;
-        let backend = chardev_find(&id)
-            .ok_or_else(|| RealizeError::device(DebugconError::ChardevNotFound(id)))?;
+        let backend = chardev_claim(&id).map_err(|e| {
+            RealizeError::device(match e {
+                ChardevError::InUse(_) => DebugconError::ChardevInUse(id),
+                _ => DebugconError::ChardevNotFound(id),
+            })
+        })?;
         let iobase = self.iobase.get();
         let iobase = u16::try_from(iobase)
             .map_err(|_| RealizeError::device(DebugconError::BadIobase(iobase)))?;

@@ -21,7 +21,7 @@ use qom::{
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
-use crate::core::chardev::{chardev_find, CharBackend};
+use crate::core::chardev::{chardev_claim, CharBackend, ChardevError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::IrqLine;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
@@ -453,6 +453,9 @@ pub enum SerialError {
     /// `chardev=` naming no registered backend.
     #[error("Property '{TYPE_ISA_SERIAL}.chardev' can't find value '{0}'")]
     ChardevNotFound(String),
+    /// `chardev=` naming a backend another device has.
+    #[error("Property '{TYPE_ISA_SERIAL}.chardev' can't take value '{0}': Device '{0}' is in use")]
+    ChardevInUse(String),
 }
 
 impl DeviceImpl for IsaSerial {
@@ -482,8 +485,12 @@ impl DeviceImpl for IsaSerial {
             return Err(RealizeError::device(SerialError::BadIrq(irq)));
         }
         if let Some(chardev) = self.chardev.get() {
-            let backend = chardev_find(&chardev)
-                .ok_or_else(|| RealizeError::device(SerialError::ChardevNotFound(chardev)))?;
+            let backend = chardev_claim(&chardev).map_err(|e| {
+                RealizeError::device(match e {
+                    ChardevError::InUse(_) => SerialError::ChardevInUse(chardev),
+                    _ => SerialError::ChardevNotFound(chardev),
+                })
+            })?;
             attach_backend(&self.port, Some(backend));
         }
         self.port.set_irq(self.irq(ctx, irq as usize));

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use qom::{type_init, Prop};
 
-use crate::core::chardev::chardev_find;
+use crate::core::chardev::{chardev_claim, chardev_release, ChardevError};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
 use crate::virtio::virtio_serial::{PortError, SerialPort, VirtioSerial, VirtioSerialBus, TYPE_VIRTIO_SERIAL_BUS};
 
@@ -42,6 +42,9 @@ pub enum VirtioConsoleError {
     /// `chardev=` naming no chardev.
     #[error("Property '{0}.chardev' can't find value '{1}'")]
     ChardevNotFound(&'static str, String),
+    /// `chardev=` naming a chardev another device has.
+    #[error("Property '{0}.chardev' can't take value '{1}': Device '{1}' is in use")]
+    ChardevInUse(&'static str, String),
     /// The bus's rules.
     #[error(transparent)]
     Port(#[from] PortError),
@@ -54,6 +57,9 @@ impl DeviceImpl for VirtioSerialPort {
     fn unrealize(&self, ctx: &DeviceContext) {
         if let Some((serial, port)) = self.plugged.get() {
             serial.remove_port(port.id);
+            if let (Some(id), Some(chardev)) = (self.chardev.get(), &port.chardev) {
+                chardev_release(id.as_str(), chardev);
+            }
         }
         DeviceImpl::unrealize(&self.parent, ctx);
     }
@@ -72,8 +78,11 @@ impl VirtioSerialPort {
             .assign_id(self.nr.get(), is_console, name.as_deref())
             .map_err(|e| err(VirtioConsoleError::Port(e)))?;
         let chardev = match self.chardev.get() {
-            Some(c) => Some(chardev_find(&c).ok_or_else(|| {
-                err(VirtioConsoleError::ChardevNotFound(ctx.type_name(), c))
+            Some(c) => Some(chardev_claim(&c).map_err(|e| {
+                err(match e {
+                    ChardevError::InUse(_) => VirtioConsoleError::ChardevInUse(ctx.type_name(), c),
+                    _ => VirtioConsoleError::ChardevNotFound(ctx.type_name(), c),
+                })
             })?),
             None => None,
         };

@@ -149,6 +149,10 @@ pub trait AccelOps: Send + Sync {
     fn reset_vcpus(&self);
     /// Ends every vCPU thread and waits for them (at exit).
     fn shutdown(&self);
+    /// Makes every vCPU let go of the address-space views it keeps between exits (QEMU's
+    /// RCU grace period): after a device is unplugged, nothing of it stays alive in a vCPU
+    /// that happens not to exit. Does not wait.
+    fn refresh_vcpu_views(&self) {}
     /// CPU `index`'s registers in QEMU's `info registers` layout, read on the CPU's own
     /// thread between two runs (QEMU's `run_on_cpu` + `cpu_dump_state`).
     fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {

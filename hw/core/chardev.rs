@@ -144,6 +144,9 @@ pub enum ChardevError {
         /// What it accepts.
         expected: &'static str,
     },
+    /// A second frontend for a chardev that is not a mux (QEMU's `qemu_chr_fe_init`).
+    #[error("Device '{0}' is in use")]
+    InUse(String),
 }
 
 /// QEMU's `null` chardev: output is discarded, there is never input.
@@ -455,17 +458,36 @@ impl CharBackend for crate::core::char_pty::PtyBackend {
     }
 }
 
+/// A registered backend: its id, whether it takes several frontends (`mux=on`), and how
+/// many it has.
+struct Registered {
+    id: String,
+    backend: Arc<dyn CharBackend>,
+    mux: bool,
+    frontends: usize,
+}
+
 /// The character backends by id (QEMU's `/chardevs` container), for `-chardev id=` and the
 /// `chardev` properties of frontends.
-static CHARDEVS: Mutex<Vec<(String, Arc<dyn CharBackend>)>> = Mutex::new(Vec::new());
+static CHARDEVS: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
 
 /// Registers `backend` under `id` (QEMU's `qemu_chardev_add`).
 pub fn chardev_add(id: &str, backend: Arc<dyn CharBackend>) -> Result<(), ChardevError> {
+    chardev_add_mux(id, backend, false)
+}
+
+/// [`chardev_add`] of a backend that may have several frontends (`mux=on`).
+pub fn chardev_add_mux(id: &str, backend: Arc<dyn CharBackend>, mux: bool) -> Result<(), ChardevError> {
     let mut chardevs = CHARDEVS.lock();
-    if chardevs.iter().any(|(i, _)| i == id) {
+    if chardevs.iter().any(|c| c.id == id) {
         return Err(ChardevError::DuplicateId(id.to_string()));
     }
-    chardevs.push((id.to_string(), backend));
+    chardevs.push(Registered {
+        id: id.to_string(),
+        backend,
+        mux,
+        frontends: 0,
+    });
     Ok(())
 }
 
@@ -474,16 +496,50 @@ pub fn chardev_find(id: &str) -> Option<Arc<dyn CharBackend>> {
     CHARDEVS
         .lock()
         .iter()
-        .find(|(i, _)| i == id)
-        .map(|(_, b)| b.clone())
+        .find(|c| c.id == id)
+        .map(|c| c.backend.clone())
+}
+
+/// A device takes `id` as its backend (QEMU's `qemu_chr_fe_init`): one frontend per
+/// chardev unless it is a mux. Give it back with [`chardev_release`].
+pub fn chardev_claim(id: &str) -> Result<Arc<dyn CharBackend>, ChardevError> {
+    let mut chardevs = CHARDEVS.lock();
+    let c = chardevs
+        .iter_mut()
+        .find(|c| c.id == id)
+        .ok_or_else(|| ChardevError::NotFound(id.to_string()))?;
+    if c.frontends > 0 && !c.mux {
+        return Err(ChardevError::InUse(id.to_string()));
+    }
+    c.frontends += 1;
+    Ok(c.backend.clone())
+}
+
+/// A frontend of `backend` (registered under `id`) let it go (QEMU's `qemu_chr_fe_deinit`).
+pub fn chardev_release(id: &str, backend: &Arc<dyn CharBackend>) {
+    let mut chardevs = CHARDEVS.lock();
+    if let Some(c) = chardevs
+        .iter_mut()
+        .find(|c| c.id == id && Arc::ptr_eq(&c.backend, backend))
+    {
+        c.frontends = c.frontends.saturating_sub(1);
+    }
+}
+
+/// Whether a frontend uses `id` (QEMU's `qemu_chr_is_busy`).
+pub fn chardev_is_busy(id: &str) -> bool {
+    CHARDEVS
+        .lock()
+        .iter()
+        .any(|c| c.id == id && c.frontends > 0)
 }
 
 /// Unregisters `id` (QEMU's `chardev-remove`); the backend lives on while a frontend holds
 /// it.
 pub fn chardev_remove(id: &str) -> Option<Arc<dyn CharBackend>> {
     let mut chardevs = CHARDEVS.lock();
-    let i = chardevs.iter().position(|(i, _)| i == id)?;
-    Some(chardevs.remove(i).1)
+    let i = chardevs.iter().position(|c| c.id == id)?;
+    Some(chardevs.remove(i).backend)
 }
 
 /// The registered ids with their drivers, in registration order (`info chardev`).
@@ -491,7 +547,7 @@ pub fn chardev_list() -> Vec<(String, &'static str)> {
     CHARDEVS
         .lock()
         .iter()
-        .map(|(i, b)| (i.clone(), b.driver()))
+        .map(|c| (c.id.clone(), c.backend.driver()))
         .collect()
 }
 
@@ -589,10 +645,28 @@ fn parse_bool_opt(name: &str, value: Option<&str>) -> Result<bool, ChardevError>
     })
 }
 
-/// Parses a `-chardev DRIVER,id=ID[,...]` value into its id and a new backend (QEMU's
-/// `qemu_chr_new_from_opts`); register it with [`chardev_add`]. Drivers: `stdio`, `null`,
-/// `file` (`path=`, `append=on|off`), `ringbuf` (`size=`), `pty`.
-pub fn parse_chardev_opts(spec: &str) -> Result<(String, Arc<dyn CharBackend>), ChardevError> {
+/// A `-chardev` made: its id, the backend, and whether it takes several frontends.
+pub struct NewChardev {
+    /// `id=`.
+    pub id: String,
+    /// The backend.
+    pub backend: Arc<dyn CharBackend>,
+    /// `mux=on`: several frontends share it (qomvm does not multiplex their input: the
+    /// last to attach receives it).
+    pub mux: bool,
+}
+
+impl NewChardev {
+    /// Registers it ([`chardev_add_mux`]).
+    pub fn register(self) -> Result<(), ChardevError> {
+        chardev_add_mux(&self.id, self.backend, self.mux)
+    }
+}
+
+/// Parses a `-chardev DRIVER,id=ID[,...]` value into a new backend (QEMU's
+/// `qemu_chr_new_from_opts`); register it with [`NewChardev::register`]. Drivers: `stdio`,
+/// `null`, `file` (`path=`, `append=on|off`), `ringbuf` (`size=`), `pty`, `socket`.
+pub fn parse_chardev_opts(spec: &str) -> Result<NewChardev, ChardevError> {
     let mut opts = split_opts(spec).into_iter();
     let driver = match opts.next() {
         Some((key, None)) => key,
@@ -603,9 +677,14 @@ pub fn parse_chardev_opts(spec: &str) -> Result<(String, Arc<dyn CharBackend>), 
         let (id, rest) = crate::core::char_socket::split_id(opts);
         let id = id.ok_or(ChardevError::MissingId)?;
         let socket = crate::core::char_socket::parse_chardev(rest)?;
-        return Ok((id, crate::core::char_socket::SocketBackend::open(socket)?));
+        return Ok(NewChardev {
+            id,
+            backend: crate::core::char_socket::SocketBackend::open(socket)?,
+            mux: false,
+        });
     }
     let mut id = None;
+    let mut mux = false;
     let mut path = None;
     let mut append = false;
     let mut size = RINGBUF_DEFAULT_SIZE;
@@ -625,8 +704,9 @@ pub fn parse_chardev_opts(spec: &str) -> Result<(String, Arc<dyn CharBackend>), 
                         expected: "a power of two",
                     })?;
             }
+            ("mux", _) => mux = parse_bool_opt("mux", value.as_deref())?,
             // QEMU's options for every backend that mean nothing without a terminal or log.
-            ("mux", _) | ("signal", "stdio") | ("logfile", _) | ("logappend", _) => {
+            ("signal", "stdio") | ("logfile", _) | ("logappend", _) => {
                 log::warn!("-chardev {driver}: option '{key}' is ignored by qomvm");
             }
             _ => return Err(ChardevError::InvalidParameter(key)),
@@ -643,7 +723,7 @@ pub fn parse_chardev_opts(spec: &str) -> Result<(String, Arc<dyn CharBackend>), 
         "pty" => Arc::new(crate::core::char_pty::PtyBackend::open()?),
         other => return Err(unknown_driver(other)),
     };
-    Ok((id, backend))
+    Ok(NewChardev { id, backend, mux })
 }
 
 #[cfg(test)]
@@ -709,7 +789,7 @@ mod tests {
         backend.write(b"world");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello world");
         drop(backend);
-        let (id, appending) =
+        let NewChardev { id, backend: appending, .. } =
             parse_chardev_opts(&format!("file,id=f0,path={},append=on", path.display())).unwrap();
         assert_eq!(id, "f0");
         appending.write(b"!");
@@ -719,7 +799,7 @@ mod tests {
 
     #[test]
     fn chardev_opts_and_the_registry() {
-        let (id, backend) = parse_chardev_opts("ringbuf,id=test-ring,size=16").unwrap();
+        let NewChardev { id, backend, .. } = parse_chardev_opts("ringbuf,id=test-ring,size=16").unwrap();
         assert_eq!(backend.driver(), "ringbuf");
         chardev_add(&id, backend).unwrap();
         assert_eq!(

@@ -303,6 +303,12 @@ pub struct Dispatcher<'a> {
 }
 
 impl Dispatcher<'_> {
+    /// Takes the current view if the space changed, letting go of the one kept (and of
+    /// the regions only it still held).
+    pub fn refresh(&mut self) {
+        self.view.load();
+    }
+
     /// Dispatches a read (see [`AddressSpace::read`]).
     #[inline]
     pub fn read(&mut self, addr: u64, size: u32) -> u64 {

@@ -661,6 +661,9 @@ pub enum QdevError {
     /// `id=` already in use.
     #[error("Duplicate ID '{0}' for device")]
     DuplicateId(String),
+    /// `id=` that is not an identifier (QEMU's `id_wellformed`).
+    #[error("Parameter 'id' expects an identifier")]
+    BadId,
     /// A QOM error (property values, realize failures).
     #[error(transparent)]
     Qom(#[from] Error),
@@ -814,7 +817,15 @@ pub fn qdev_unplug_complete(dev: &Object) {
     }
     let mut events = Vec::new();
     gone(dev, &mut events);
+    let services = dev
+        .downcast::<DeviceState>()
+        .zip(dev.to_ref())
+        .and_then(|(st, this)| device_context(&this, st).machine.clone());
     dev.unparent();
+    // The vCPUs' views of the address spaces still hold its regions until they exit.
+    if let Some(accel) = services.as_ref().and_then(|s| s.accel_ops()) {
+        accel.refresh_vcpu_views();
+    }
     for (path, id) in events {
         let mut data = crate::core::qapi_event::json!({ "path": path.unwrap_or_default() });
         if let Some(id) = id {

@@ -361,6 +361,14 @@ impl IntxPin {
     fn connect(&self, line: IrqLine) {
         self.state.lock().0 = line;
     }
+
+    /// Lowers the pin and cuts it from its line (QEMU's `pci_device_deassert_intx` at
+    /// unrealize): an unplugged device holds no shared interrupt up, and later calls go
+    /// nowhere.
+    fn disconnect(&self) {
+        self.set(false);
+        self.state.lock().0 = IrqLine::disconnected();
+    }
 }
 
 type_init!(PciDevice {
@@ -479,6 +487,17 @@ pub enum PciError {
     /// No free slot.
     #[error("PCI: no slot/function available for {0}, all in use")]
     BusFull(String),
+    /// A hotplugged function of a slot whose function 0 is there: the guest would never
+    /// see it (QEMU's `do_pci_register_device`).
+    #[error("PCI: slot {slot} function 0 already occupied by {function0}, new func {driver} cannot be exposed to guest.")]
+    Function0Occupied {
+        /// Slot.
+        slot: u8,
+        /// Function 0's type.
+        function0: String,
+        /// The new device's type.
+        driver: String,
+    },
     /// A malformed `addr=`.
     #[error("Parameter 'addr' expects a PCI address 'slot[.function]', got '{0}'")]
     BadAddr(String),
@@ -594,6 +613,21 @@ impl DeviceImpl for PciDevice {
                             other,
                         }));
                     }
+                    let hotplugged = dev
+                        .downcast::<crate::core::qdev::DeviceState>()
+                        .is_some_and(|st| st.is_hotplugged());
+                    if hotplugged && devfn & 7 != 0 {
+                        if let Some((_, f0)) = devices.iter().find(|(d, _)| *d == devfn & !7) {
+                            let function0 = f0
+                                .upgrade()
+                                .map_or("?".into(), |o| o.type_name().to_string());
+                            return Err(RealizeError::device(PciError::Function0Occupied {
+                                slot: devfn >> 3,
+                                function0,
+                                driver: driver.into(),
+                            }));
+                        }
+                    }
                     devfn
                 }
                 None => (0u8..32)
@@ -659,6 +693,7 @@ impl DeviceImpl for PciDevice {
     }
 
     fn unrealize(&self, ctx: &DeviceContext) {
+        self.intx.disconnect();
         let bus = ctx.bus_state::<PciBus>().ok();
         let spaces = bus.and_then(PciBus::spaces);
         for bar in self.bars.lock().iter_mut().flatten() {

@@ -11,7 +11,7 @@
 //! A subtype (`virtio-blk-pci`) implements [`VirtioPciImpl`] to build its
 //! [`VirtioDevice`] from its properties at realize.
 
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
@@ -221,14 +221,25 @@ impl DeviceImpl for VirtioPciProxy {
         DeviceImpl::reset(&self.parent);
     }
 
+    /// The BARs go first, then the transport stops for good: a vCPU that still reaches it
+    /// through an old view of the address spaces cannot start the device again.
     fn unrealize(&self, ctx: &DeviceContext) {
-        if let Some(t) = self.transport.get() {
-            t.device.reset();
-        }
         if let (Some(id), Ok(services)) = (self.change_handler.get(), ctx.machine()) {
             services.vm().remove_change_handler(*id);
         }
         DeviceImpl::unrealize(&self.parent, ctx);
+        if let Some(t) = self.transport.get() {
+            // Under the transport's lock: a status write in progress finishes (and its
+            // activation is undone by the reset below); none starts the device after.
+            {
+                let _st = t.state.lock();
+                t.unplugged.store(true, Ordering::SeqCst);
+            }
+            t.reset();
+            if let Some(msix) = &t.msix {
+                msix.reset();
+            }
+        }
     }
 }
 
@@ -283,6 +294,7 @@ impl PciDeviceImpl for VirtioPciProxy {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let transport = Arc::new_cyclic(|this| VirtioPciTransport {
+            unplugged: AtomicBool::new(false),
             this: this.clone(),
             name: ctx.type_name(),
             device: device.clone(),
@@ -579,6 +591,8 @@ impl TransportState {
 
 /// The transport's state, shared by the BAR handlers and the device's interrupts.
 pub struct VirtioPciTransport {
+    /// The device was unplugged: the driver can no longer start it.
+    unplugged: AtomicBool,
     this: Weak<VirtioPciTransport>,
     name: &'static str,
     device: Arc<dyn VirtioDevice>,
@@ -677,6 +691,9 @@ impl VirtioPciTransport {
             return;
         }
         let mut st = self.state.lock();
+        if self.unplugged.load(Ordering::SeqCst) {
+            return;
+        }
         let old = st.status;
         let mut value = value;
         if self.modern && value & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {

@@ -103,7 +103,8 @@ pub struct SerialPort {
     pub is_console: bool,
     /// The device's id, for `VSERPORT_CHANGE`.
     pub qdev_id: Option<String>,
-    chardev: Option<Arc<dyn CharBackend>>,
+    /// Its backend, if it has one.
+    pub chardev: Option<Arc<dyn CharBackend>>,
     state: Mutex<PortState>,
     /// Signalled when input was taken, for a reader waiting for room.
     room: Condvar,

@@ -145,6 +145,21 @@ const COMMANDS: &[HmpCommand] = &[
         run: expire_password,
     },
     HmpCommand {
+        names: "chardev-add",
+        params: "args",
+        help: "add chardev",
+        run: |_, _, args, _| crate::monitor::qmp_char::hmp_chardev_add(&args.join(" ")),
+    },
+    HmpCommand {
+        names: "chardev-remove",
+        params: "id",
+        help: "remove chardev",
+        run: |_, _, args, _| {
+            let id = args.first().ok_or_else(|| missing("id"))?;
+            crate::monitor::qmp_char::remove(id)
+        },
+    },
+    HmpCommand {
         names: "device_add",
         params: "driver[,prop=value][,...]",
         help: "add device, like -device on the command line",

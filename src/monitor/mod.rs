@@ -32,6 +32,7 @@ pub mod json;
 pub mod qapi;
 pub mod qmp;
 pub mod qmp_block;
+pub mod qmp_char;
 pub mod qmp_cmds;
 pub mod qmp_device;
 pub mod qmp_pci;

@@ -302,6 +302,19 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: |_, _| Ok(iothread_infos().into()),
     },
     QmpCommand {
+        name: "chardev-add",
+        args: &[
+            Arg::required("id", ArgType::Str),
+            Arg::required("backend", ArgType::Any),
+        ],
+        run: crate::monitor::qmp_char::qmp_chardev_add,
+    },
+    QmpCommand {
+        name: "chardev-remove",
+        args: &[Arg::required("id", ArgType::Str)],
+        run: crate::monitor::qmp_char::qmp_chardev_remove,
+    },
+    QmpCommand {
         name: "device_add",
         args: &[
             Arg::required("driver", ArgType::Str),
@@ -1055,7 +1068,8 @@ fn query_chardev(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpErr
             Some(json!({
                 "label": label,
                 "filename": chardev.filename(),
-                "frontend-open": chardev.frontend_open(),
+                // QEMU: false without a frontend.
+                "frontend-open": chardev.frontend_open() && hw::core::chardev::chardev_is_busy(&label),
             }))
         })
         .collect();
