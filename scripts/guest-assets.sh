@@ -287,7 +287,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -312,6 +312,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.cdchange=*) cdchange=${arg#*=} ;;
         qomvm.vport=*) vport=${arg#*=} ;;
         qomvm.hotplug=*) hotplug=${arg#*=} ;;
+        qomvm.hotnic=1) hotnic=1 ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -411,30 +412,36 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$vport" ]; then
     fi
 fi
 
-# qomvm.hotplug=DEV: the PCI slots the kernel's ACPI hotplug driver found (from the
-# DSDT), then up to 300 s for DEV to be plugged in (device_add): its MD5 and size; then up
-# to 300 s for it to go (device_del: the kernel lets the device go and ejects the slot),
-# then up to 300 s more for the host to look and quit.
+# qomvm.hotplug=DEV[:N]: the PCI slots the kernel's ACPI hotplug driver found (from the
+# DSDT), then N times (1 by default): up to 300 s for DEV to be plugged in (device_add),
+# its MD5 and size; up to 300 s for it to go (device_del: the kernel lets the device go
+# and ejects the slot). Then up to 300 s more for the host to look and quit.
 if [ "$QOMVM_STAGE" != root ] && [ -n "$hotplug" ]; then
+    hpdev=${hotplug%%:*} hpn=1
+    [ "$hpdev" != "$hotplug" ] && hpn=${hotplug#*:}
     echo "hotplug: slots $(ls /sys/bus/pci/slots 2>/dev/null | sort -n | tr '\n' ' ')"
-    echo "hotplug: waiting for $hotplug"
-    i=0
-    while [ ! -b "$hotplug" ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
-    if [ -b "$hotplug" ]; then
-        echo "hotplug: $hotplug $(md5sum <"$hotplug" | cut -d' ' -f1) $(blockdev --getsize64 "$hotplug")"
+    n=0
+    while [ $n -lt "$hpn" ]; do
+        n=$((n + 1))
+        echo "hotplug: waiting for $hpdev ($n)"
         i=0
-        while [ -b "$hotplug" ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
-        if [ -b "$hotplug" ]; then
-            echo "hotplug: $hotplug still there"
-        else
-            echo "hotplug: $hotplug gone"
-            # The host looks at the machine now, then quits it (QMP `quit`).
-            sleep 300
+        while [ ! -b "$hpdev" ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+        if [ ! -b "$hpdev" ]; then
+            echo "hotplug: $hpdev did not appear"
+            dmesg | grep -i -E 'pci|acpiphp|virtio' | tail -n 20 | sed 's/^/hotplug: dmesg: /'
+            break
         fi
-    else
-        echo "hotplug: $hotplug did not appear"
-        dmesg | grep -i -E 'pci|acpiphp|virtio' | tail -n 20 | sed 's/^/hotplug: dmesg: /'
-    fi
+        echo "hotplug: $hpdev $(md5sum <"$hpdev" | cut -d' ' -f1) $(blockdev --getsize64 "$hpdev")"
+        i=0
+        while [ -b "$hpdev" ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+        if [ -b "$hpdev" ]; then
+            echo "hotplug: $hpdev still there"
+            break
+        fi
+        echo "hotplug: $hpdev gone ($n)"
+    done
+    # The host looks at the machine now, then quits it (QMP `quit`).
+    sleep 300
 fi
 
 # qomvm.root=DEV: continue from DEV's /init.
@@ -583,6 +590,28 @@ SCRIPT
     return 0
 }
 [ -n "$net" ] && netup "$net"
+
+# qomvm.hotnic=1: up to 300 s for a network interface to be plugged in (netdev_add,
+# device_add), which then gets its address by DHCP ("net: ..." lines); then up to 300 s
+# for it to go (device_del), and up to 300 s more for the host to look and quit.
+if [ "$QOMVM_STAGE" != root ] && [ -n "$hotnic" ]; then
+    echo "hotnic: waiting"
+    i=0
+    until netif >/dev/null || [ $i -ge 3000 ]; do sleep 0.1; i=$((i + 1)); done
+    if ifc=$(netif); then
+        netup dhcp
+        i=0
+        while [ -e "/sys/class/net/$ifc" ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+        if [ -e "/sys/class/net/$ifc" ]; then
+            echo "hotnic: $ifc still there"
+        else
+            echo "hotnic: $ifc gone"
+        fi
+    else
+        echo "hotnic: no interface appeared"
+    fi
+    sleep 300
+fi
 
 # uptime_s: seconds since boot; elapsed T0 T1: T1 - T0 with one decimal.
 uptime_s() {

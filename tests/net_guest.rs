@@ -697,10 +697,11 @@ finish cd
 }
 
 /// PCI hotplug as libvirt does it (`blockdev-add`, `device_add virtio-blk-pci`, later
-/// `device_del`): Linux's ACPI hotplug driver found the DSDT's slots, binds virtio-blk to
-/// the new disk when `_E01` tells it of the slot, reads what the host wrote, and, asked to
-/// let it go, removes it and ejects the slot, after which the device is gone from the
-/// machine and its node free for `blockdev-del`.
+/// `device_del`), twice with the same node, id and slot (libvirt's detach and re-attach):
+/// Linux's ACPI hotplug driver found the DSDT's slots, binds virtio-blk to the new disk
+/// when `_E01` tells it of the slot, reads what the host wrote, and, asked to let it go,
+/// removes it and ejects the slot, after which the device is gone from the machine and its
+/// node free for `blockdev-del`.
 #[test]
 fn a_hotplugged_disk_reaches_the_guest_and_leaves_when_asked() {
     let Some(out) = net_scenario(
@@ -708,28 +709,39 @@ fn a_hotplugged_disk_reaches_the_guest_and_leaves_when_asked() {
         r#"
 head -c 3145728 /dev/urandom >hot.img
 echo "host: hot.img $(md5sum <hot.img | cut -d' ' -f1) $(wc -c <hot.img)"
-boot hp "qomvm.hotplug=/dev/vda" -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
+# await_n NAME REGEX N S: the N-th matching console line, within S seconds.
+await_n() {
+    i=0
+    until [ "$(grep -cE "$2" "$1.log")" -ge "$3" ]; do
+        kill -0 $vm 2>/dev/null || { echo "host: $1: the VMM ended before '$2' ($3)"; return 1; }
+        i=$((i + 1))
+        [ $i -gt $(($4 * 10)) ] && { echo "host: $1: no '$2' ($3) after $4 s"; return 1; }
+        sleep 0.1
+    done
+}
+boot hp "qomvm.hotplug=/dev/vda:2" -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
 if await hp '^hotplug: waiting' 300; then
     qmp qmp.sock \
         "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": \"raw\", \"node-name\": \"hot0\", \"file\": {\"driver\": \"file\", \"filename\": \"$PWD/hot.img\"}}}" \
-        '{"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "drive": "hot0", "id": "vd1"}}' \
         | sed 's/^/host: add: /'
-    if await hp '^hotplug: /dev/vda ' 200; then
-        qmp qmp.sock '{"execute": "device_del", "arguments": {"id": "vd1"}}' | sed 's/^/host: del: /'
-        if await hp '^hotplug: /dev/vda (gone|still)' 400; then
-            # The kernel ejects the slot right after it let the disk go.
-            i=0
-            until qmp qmp.sock '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}' \
-                    | grep -qv '"vd1"' || [ $i -gt 100 ]; do
-                sleep 0.1
-                i=$((i + 1))
-            done
-            qmp qmp.sock '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}' \
-                '{"execute": "blockdev-del", "arguments": {"node-name": "hot0"}}' \
-                | sed 's/^/host: after: /'
-            qmp qmp.sock '{"execute": "quit"}' >/dev/null
-        fi
-    fi
+    for n in 1 2; do
+        qmp qmp.sock '{"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "drive": "hot0", "id": "vd1", "addr": "0x5"}}' \
+            | sed "s/^/host: add $n: /"
+        await_n hp '^hotplug: /dev/vda [0-9a-f]' $n 200 || break
+        qmp qmp.sock '{"execute": "device_del", "arguments": {"id": "vd1"}}' | sed "s/^/host: del $n: /"
+        await_n hp '^hotplug: /dev/vda (gone|still)' $n 400 || break
+        # The kernel ejects the slot right after it let the disk go.
+        i=0
+        until qmp qmp.sock '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}' \
+                | grep -qv '"vd1"' || [ $i -gt 100 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+    done
+    qmp qmp.sock '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}' \
+        '{"execute": "blockdev-del", "arguments": {"node-name": "hot0"}}' \
+        | sed 's/^/host: after: /'
+    qmp qmp.sock '{"execute": "quit"}' >/dev/null
 fi
 finish hp
 "#,
@@ -752,17 +764,30 @@ finish hp
         slots.split_whitespace().any(|s| s == "5"),
         "the kernel's ACPI hotplug driver registered no slot 5 (slots: {slots}):\n{out}"
     );
-    assert!(
-        out.contains(&format!("hp: hotplug: /dev/vda {host_img}")),
-        "the guest did not read the hotplugged disk ({host_img}):\n{out}"
-    );
     assert_eq!(
-        out.matches(r#"host: add: {"return":{}}"#).count(),
+        out.matches(&format!("hp: hotplug: /dev/vda {host_img}"))
+            .count(),
         2,
-        "blockdev-add and device_add:\n{out}"
+        "the guest did not read the hotplugged disk twice ({host_img}):\n{out}"
     );
-    assert!(out.contains(r#"host: del: {"return":{}}"#), "{out}");
-    assert!(out.contains("hp: hotplug: /dev/vda gone"), "{out}");
+    assert!(
+        out.contains(r#"host: add: {"return":{}}"#),
+        "blockdev-add:\n{out}"
+    );
+    for n in 1..=2 {
+        assert!(
+            out.contains(&format!(r#"host: add {n}: {{"return":{{}}}}"#)),
+            "device_add {n}:\n{out}"
+        );
+        assert!(
+            out.contains(&format!(r#"host: del {n}: {{"return":{{}}}}"#)),
+            "device_del {n}:\n{out}"
+        );
+        assert!(
+            out.contains(&format!("hp: hotplug: /dev/vda gone ({n})")),
+            "{out}"
+        );
+    }
     let after: Vec<&str> = out
         .lines()
         .filter_map(|l| l.strip_prefix("host: after: "))
@@ -777,6 +802,58 @@ finish hp
         "blockdev-del of the freed node:\n{out}"
     );
     assert!(out.contains("host: hp: vmm exit status 0"), "{out}");
+}
+
+/// A NIC plugged in as libvirt's `attach-interface` does it (`netdev_add user`, then
+/// `device_add virtio-net-pci`): the guest's virtio_net binds it and gets 10.0.2.15 from
+/// the user network's DHCP server; `device_del` takes it away, and the netdev is free for
+/// `netdev_del`.
+#[test]
+fn a_hotplugged_nic_gets_an_address_and_leaves_when_asked() {
+    let Some(out) = net_scenario(
+        "hotnic",
+        r#"
+boot hn "qomvm.hotnic=1" -nic none -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
+if await hn '^hotnic: waiting' 300; then
+    qmp qmp.sock '{"execute": "netdev_add", "arguments": {"type": "user", "id": "hostnet1"}}' \
+        '{"execute": "device_add", "arguments": {"driver": "virtio-net-pci", "netdev": "hostnet1", "id": "net1", "mac": "52:54:00:aa:bb:01"}}' \
+        | sed 's/^/host: add: /'
+    if await hn '^(net: gw|QOMVM-NET-FAILED|hotnic: no)' 300; then
+        qmp qmp.sock '{"execute": "device_del", "arguments": {"id": "net1"}}' | sed 's/^/host: del: /'
+        if await hn '^hotnic: .* (gone|still there)' 400; then
+            i=0
+            until qmp qmp.sock '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}' \
+                    | grep -qv '"net1"' || [ $i -gt 100 ]; do
+                sleep 0.1
+                i=$((i + 1))
+            done
+            qmp qmp.sock '{"execute": "netdev_del", "arguments": {"id": "hostnet1"}}' | sed 's/^/host: after: /'
+        fi
+    fi
+    qmp qmp.sock '{"execute": "quit"}' >/dev/null
+fi
+finish hn
+"#,
+        1500,
+    ) else {
+        return;
+    };
+    assert_eq!(
+        out.matches(r#"host: add: {"return":{}}"#).count(),
+        2,
+        "netdev_add and device_add:\n{out}"
+    );
+    assert!(
+        out.contains("hn: net: eth0 10.0.2.15/24 52:54:00:aa:bb:01"),
+        "no DHCP lease:\n{out}"
+    );
+    assert!(out.contains(r#"host: del: {"return":{}}"#), "{out}");
+    assert!(out.contains("hn: hotnic: eth0 gone"), "{out}");
+    assert!(
+        out.contains(r#"host: after: {"return":{}}"#),
+        "netdev_del after the NIC went:\n{out}"
+    );
+    assert!(out.contains("host: hn: vmm exit status 0"), "{out}");
 }
 
 /// A guest agent's channel as libvirt makes it (`virtio-serial-pci`, a `virtserialport`

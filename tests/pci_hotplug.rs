@@ -295,7 +295,7 @@ fn what_cannot_be_plugged_or_unplugged_is_refused_in_qemus_words() {
         (json!({"driver": "virtio-rng-pci", "id": "device[*]"}), "Parameter 'id' expects an identifier"),
         (
             json!({"driver": "virtio-rng-pci", "addr": "6"}),
-            "PCI: slot 6 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci",
+            "PCI: slot 6 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci,id=rng0",
         ),
         (
             json!({"driver": "virtio-blk-pci", "drive": "nosuch"}),
@@ -338,6 +338,18 @@ fn what_cannot_be_plugged_or_unplugged_is_refused_in_qemus_words() {
     );
     assert_eq!(reply, json!({"return": ""}));
     assert_eq!(inl(&mut qt, PCID), 1 << 7);
+    // `device_add help` lists what -device help lists; DRIVER,help its properties.
+    let hmp = |qmp: &mut QmpClient, line: &str| {
+        let reply = qmp.execute("human-monitor-command", json!({"command-line": line}));
+        reply["return"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{line}: {reply}"))
+            .to_string()
+    };
+    let listing = hmp(&mut qmp, "device_add help");
+    assert!(listing.contains("name \"virtio-blk-pci\""), "{listing}");
+    let props = hmp(&mut qmp, "device_add virtio-rng-pci,help");
+    assert!(props.contains("max-bytes"), "{props}");
     qt.check_alive();
 }
 

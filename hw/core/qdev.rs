@@ -531,6 +531,13 @@ fn device_realize(obj: &Object) -> Result<(), Error> {
             })?;
     }
     st.realized.store(true, Ordering::Release);
+    // QEMU's device_set_realized: a device plugged into a running machine starts from
+    // its reset state, as the others did at the machine's reset.
+    if st.is_hotplugged() {
+        if let Some(dev) = device_impl(obj) {
+            dev.reset();
+        }
+    }
     // QEMU's `hotplug_handler_plug` after realize: the bus's handler learns of every
     // device, and tells the guest of those plugged in while it runs.
     if let Some(handler) = st.parent_bus().and_then(|bus| bus_hotplug_handler(&bus)) {

@@ -17,7 +17,8 @@ use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::{IrqHandler, IrqLine};
 use crate::core::memory::{AddressSpace, MemoryRegion, MemoryRegionOps, RamBacking};
 use crate::core::qdev::{
-    device_class_add_property, device_class_init, DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError,
+    device_class_add_property, device_class_init, DeviceCategory, DeviceContext, DeviceImpl, DeviceMethods, DeviceState,
+    RealizeError,
 };
 
 /// QEMU's `TYPE_PCI_BUS`.
@@ -603,9 +604,11 @@ impl DeviceImpl for PciDevice {
             let devfn = match requested {
                 Some(devfn) => {
                     if let Some((_, other)) = devices.iter().find(|(d, _)| *d == devfn) {
-                        let other = other
-                            .upgrade()
-                            .map_or("?".into(), |o| o.type_name().to_string());
+                        // QEMU names the other device's type and id ("(null)" without).
+                        let other = other.upgrade().map_or("?".into(), |o| {
+                            let id = o.device_id().unwrap_or_else(|| "(null)".into());
+                            format!("{},id={id}", o.type_name())
+                        });
                         return Err(RealizeError::device(PciError::SlotInUse {
                             slot: devfn >> 3,
                             function: devfn & 7,

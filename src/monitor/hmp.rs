@@ -163,10 +163,22 @@ const COMMANDS: &[HmpCommand] = &[
         names: "device_add",
         params: "driver[,prop=value][,...]",
         help: "add device, like -device on the command line",
-        run: |ctx, _, args, _| {
+        run: |ctx, _, args, out| {
             let text = args.join(" ");
             let items = crate::options::split_opts_or_json(&text, "driver")
                 .map_err(|e| QmpError::BadInput(e.to_string()))?;
+            // QEMU's qdev_device_help: `device_add help`, `device_add DRIVER,help`.
+            let driver = items.first().and_then(|(_, v)| v.clone()).unwrap_or_default();
+            if matches!(driver.as_str(), "help" | "?") {
+                out.push_str(&crate::help::devices());
+                return Ok(());
+            }
+            if items.iter().skip(1).any(|(k, _)| k == "help" || k == "?") {
+                let class = hw::core::qdev::device_type(&driver)
+                    .map_err(|e| QmpError::Failed(e.to_string()))?;
+                out.push_str(&crate::help::device_properties(class));
+                return Ok(());
+            }
             crate::monitor::qmp_device::device_add(&ctx.vm.machine, items)?;
             Ok(())
         },
