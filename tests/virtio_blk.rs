@@ -743,23 +743,25 @@ fn has_open(path: &std::path::Path) -> bool {
         .any(|target| target == path)
 }
 
-/// A disk the guest used, then ejected through ACPI PCI hotplug (PCID, then B0EJ as the
-/// DSDT's `PCEJ` writes it): the device, its rings' handlers and its requests let go of
-/// the image, so that once the drive is gone too nothing holds the file open.
-#[test]
-fn an_ejected_disk_lets_go_of_its_image() {
-    let path = temp_image("ejected.raw", 1 << 20);
-    let backend = add_drive("ejected", &path, false);
-    let m = pc_with_disk("ejected", &[]);
+/// A pc with a disk on drive `name` (an image of its own) that the test's driver used
+/// once: the image's path, the drive and the machine.
+fn used_disk(name: &str) -> (PathBuf, Arc<BlockBackend>, ObjectRef) {
+    let path = temp_image(&format!("{name}.raw"), 1 << 20);
+    let backend = add_drive(name, &path, false);
+    let m = pc_with_disk(name, &[]);
     let (dev, mut ring) = start(&m, VERSION_1);
     assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true), (0, 513));
-    drop(dev);
-    assert!(has_open(&path), "the image is open while the disk is in");
+    (path, backend, m)
+}
+
+/// `device_del` of the disk at 04.0, then the guest's answer as the DSDT's `PCEJ(0, 4)`
+/// writes it (BNUM, then B0EJ).
+fn eject_slot_4(m: &ObjectRef) {
     let bus = m.child("i440fx").unwrap().child("pci.0").unwrap();
     let disk = hw::pci::pci::pci_find_device(&bus, DEVFN as u8).expect("the disk");
     hw::core::qdev::qdev_unplug(disk.object()).unwrap();
     drop(disk);
-    let io = machine_state(&m).unwrap().services().system_io().clone();
+    let io = machine_state(m).unwrap().services().system_io().clone();
     assert_eq!(io.read(0xae04, 4), 1 << 4, "PCID names slot 4");
     io.write(0xae10, 0, 4);
     io.write(0xae08, 1 << 4, 4);
@@ -767,6 +769,16 @@ fn an_ejected_disk_lets_go_of_its_image() {
         hw::pci::pci::pci_find_device(&bus, DEVFN as u8).is_none(),
         "the slot is empty"
     );
+}
+
+/// A disk the guest used, then ejected through ACPI PCI hotplug: the device, its rings'
+/// handlers and its requests let go of the image, so that once the drive is gone too
+/// nothing holds the file open.
+#[test]
+fn an_ejected_disk_lets_go_of_its_image() {
+    let (path, backend, m) = used_disk("ejected");
+    assert!(has_open(&path), "the image is open while the disk is in");
+    eject_slot_4(&m);
     assert_eq!(backend.attached_dev(), None, "the drive is free");
     block::remove_backend(&backend);
     drop(backend);
@@ -783,23 +795,15 @@ fn an_ejected_disk_lets_go_of_its_image() {
 /// period). Here the "vCPU" is a dispatcher of the test's own.
 #[test]
 fn a_vcpus_old_view_keeps_an_ejected_disk_until_it_refreshes() {
-    let path = temp_image("ejected-view.raw", 1 << 20);
-    let backend = add_drive("ejected-view", &path, false);
-    let m = pc_with_disk("ejected-view", &[]);
-    let (dev, mut ring) = start(&m, VERSION_1);
-    assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true), (0, 513));
-    drop(dev);
-    let services = machine_state(&m).unwrap().services().clone();
-    let memory = services.system_memory().clone();
+    let (path, backend, m) = used_disk("ejected-view");
+    let memory = machine_state(&m)
+        .unwrap()
+        .services()
+        .system_memory()
+        .clone();
     let mut vcpu = memory.dispatcher();
     vcpu.read(0xfee0_0000, 4);
-    let bus = m.child("i440fx").unwrap().child("pci.0").unwrap();
-    let disk = hw::pci::pci::pci_find_device(&bus, DEVFN as u8).expect("the disk");
-    hw::core::qdev::qdev_unplug(disk.object()).unwrap();
-    drop(disk);
-    let io = services.system_io().clone();
-    io.write(0xae10, 0, 4);
-    io.write(0xae08, 1 << 4, 4);
+    eject_slot_4(&m);
     block::remove_backend(&backend);
     drop(backend);
     assert!(has_open(&path), "the vCPU's old view still holds the disk");
@@ -812,24 +816,13 @@ fn a_vcpus_old_view_keeps_an_ejected_disk_until_it_refreshes() {
 /// acknowledged goes with it.
 #[test]
 fn an_ejected_disk_lowers_its_intx() {
-    let path = temp_image("ejected-intx.raw", 1 << 20);
-    let _backend = add_drive("ejected-intx", &path, false);
-    let m = pc_with_disk("ejected-intx", &[]);
-    let (dev, mut ring) = start(&m, VERSION_1);
-    assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true), (0, 513));
-    drop(dev);
+    let (_path, _backend, m) = used_disk("ejected-intx");
     // Slot 4, pin A: PIRQA, ISA IRQ 10.
     assert!(
         test_support::qtest::irq_level(&m, 10),
         "the completion raised INTx"
     );
-    let bus = m.child("i440fx").unwrap().child("pci.0").unwrap();
-    let disk = hw::pci::pci::pci_find_device(&bus, DEVFN as u8).expect("the disk");
-    hw::core::qdev::qdev_unplug(disk.object()).unwrap();
-    drop(disk);
-    let io = machine_state(&m).unwrap().services().system_io().clone();
-    io.write(0xae08, 1 << 4, 4);
-    assert!(hw::pci::pci::pci_find_device(&bus, DEVFN as u8).is_none());
+    eject_slot_4(&m);
     assert!(
         !test_support::qtest::irq_level(&m, 10),
         "IRQ 10 stays up after its device went"
