@@ -515,14 +515,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_gpe0_block_raises_the_sci_and_migrates_with_the_hotplug_state() {
+    /// A PIIX4_PM realized at 01.3 of a bus of its own with `props`: the services it
+    /// maps into, the device, and its bus.
+    fn realized_pm(props: &[(&str, &str)]) -> (Arc<MachineServices>, qom::Typed<Piix4Pm>, qom::ObjectRef) {
         let services = Arc::new(MachineServices::default());
         let host = qom::object_new(qom::TYPE_CONTAINER).unwrap();
         let bus = qbus_new(TYPE_PCI_BUS, &host, "pci.0", &services).unwrap();
         let pm = qdev_new_typed::<Piix4Pm>().unwrap();
         pm.object().property_parse("addr", "01.3").unwrap();
+        for (k, v) in props {
+            pm.object().property_parse(k, v).unwrap();
+        }
         qdev_realize(pm.object(), Some(&bus)).unwrap();
+        (services, pm, bus)
+    }
+
+    #[test]
+    fn the_gpe0_block_raises_the_sci_and_migrates_with_the_hotplug_state() {
+        let (services, pm, _bus) = realized_pm(&[]);
         let io = services.system_io();
         io.write(u64::from(GPE0_BASE) + 2, 0x2, 1);
         pm.pm.lock().clone().unwrap().gpe_event(0x2);
@@ -547,13 +557,7 @@ mod tests {
 
     #[test]
     fn sleep_types_and_wake_status() {
-        let services = Arc::new(MachineServices::default());
-        let host = qom::object_new(qom::TYPE_CONTAINER).unwrap();
-        let bus = qbus_new(TYPE_PCI_BUS, &host, "pci.0", &services).unwrap();
-        let pm = qdev_new_typed::<Piix4Pm>().unwrap();
-        pm.object().property_parse("addr", "01.3").unwrap();
-        pm.object().property_parse("s4_val", "5").unwrap();
-        qdev_realize(pm.object(), Some(&bus)).unwrap();
+        let (services, pm, _bus) = realized_pm(&[("s4_val", "5")]);
         assert!(!pm.s3_disabled());
         assert_eq!(pm.system_states(), [128, 0, 0, 129, 133, 128]);
         let io = services.system_io();
