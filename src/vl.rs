@@ -958,11 +958,14 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
         }
         // QEMU's serial_parse names the chardev it makes serialN (query-chardev lists it);
         // `chardev:ID` uses an existing one.
-        if let Some(b) = backend.as_ref().filter(|_| !spec.starts_with("chardev:")) {
+        // Either way the serial port below is its frontend.
+        if let Some(id) = spec.strip_prefix("chardev:") {
+            hw::core::chardev::chardev_claim(id)
+                .map_err(|e| OptionError::new(location.clone(), e))?;
+        } else if let Some(b) = &backend {
             let label = format!("serial{}", hds.len());
             hw::core::chardev::chardev_add(&label, b.clone())
                 .map_err(|e| OptionError::new(location.clone(), e))?;
-            // The serial port below is its frontend.
             let _ = hw::core::chardev::chardev_claim(&label);
         }
         let backend = match backend {

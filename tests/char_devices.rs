@@ -173,7 +173,7 @@ fn serial_chardev_property_names_a_registered_backend() {
     assert!(ring.has_receiver());
     assert_eq!(
         plug_err(&machine, &bus, "isa-serial", &[("chardev", "nosuch")]),
-        "Property 'isa-serial.chardev' can't find value 'nosuch'"
+        "Property 'serial.chardev' can't find value 'nosuch'"
     );
 }
 

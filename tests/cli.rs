@@ -112,6 +112,7 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "none,foo=1", "-accel", "qtest"], "qomvm: -machine none,foo=1: Property 'none-machine.foo' not found\n"),
         (&["-M", "none", "-accel", "nosuch"], "qomvm: -accel nosuch: invalid accelerator nosuch\n"),
         (&["-M", "none", "-accel", "qtest", "-device", "isa-debug-exit"], "qomvm: -device isa-debug-exit: No 'ISA' bus found for device 'isa-debug-exit'\n"),
+        (&["-accel", "qtest", "-chardev", "null,id=c", "-serial", "chardev:c", "-device", "isa-serial,chardev=c"], "qomvm: -device isa-serial,chardev=c: Property 'serial.chardev' can't take value 'c': Device 'c' is in use\n"),
         (&["-accel", "qtest", "-device", "virtio-rng-pci,id=a/b"], "qomvm: -device virtio-rng-pci,id=a/b: Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n"),
         (&["-M", "none", "-accel", "qtest", "-smp", "2"], "qomvm: Invalid SMP CPUs 2. The max CPUs supported by machine 'none' is 1\n"),
         (&["-M", "none", "-accel", "qtest", "-m", "lots"], "qomvm: -m lots: invalid RAM size 'lots'\n"),

@@ -602,9 +602,20 @@ fn chardevs_are_added_and_removed_at_run_time() {
         json!({"return": {}})
     );
     let reply = qmp.execute("chardev-remove", json!({"id": "charchannel1"}));
-    assert_eq!(reply["error"]["class"], "DeviceNotFound");
+    assert_eq!(reply["error"]["class"], "GenericError");
     assert_eq!(error_text(&reply), "Chardev 'charchannel1' not found");
 
+    // The monitor's own chardev is busy, and its id taken.
+    let reply = qmp.execute("chardev-remove", json!({"id": "compat_monitor0"}));
+    assert_eq!(error_text(&reply), "Chardev 'compat_monitor0' is busy");
+    let reply = qmp.execute(
+        "chardev-add",
+        json!({"id": "compat_monitor0", "backend": {"type": "null", "data": {}}}),
+    );
+    assert_eq!(
+        error_text(&reply),
+        "attempt to add duplicate property 'compat_monitor0' to object (type 'container')"
+    );
     // A pseudo-terminal says where it is.
     let reply = qmp.execute(
         "chardev-add",

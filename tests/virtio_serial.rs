@@ -585,3 +585,54 @@ fn ports_come_and_go_while_the_guest_runs() {
     hot("hp2");
     added(&mut s);
 }
+
+/// A port plugged in and another taken out while the VM is paused: the guest hears of
+/// both when it runs again (QEMU writes control messages whatever the run state).
+#[test]
+fn ports_plugged_while_paused_are_announced_on_resume() {
+    use hw::core::runstate::{vm_start, vm_stop, RunStatus};
+    let machine = pc_machine();
+    let bus = serial_bus(&machine, "vs3", &[("addr", "05.0"), ("max_ports", "4")]);
+    chardev_add("vs3-c0", Arc::new(Ringbuf::default())).unwrap();
+    let first = plug(
+        &machine,
+        "virtserialport",
+        "vs3p0",
+        &bus,
+        &[("nr", "1"), ("chardev", "vs3-c0")],
+    )
+    .unwrap();
+    machine_creation_done(&machine).unwrap();
+    let ms = machine_state(&machine).unwrap();
+    vm_start(ms).unwrap();
+    let mut s = Serial::start(&machine, VERSION_1 | F_MULTIPORT);
+    s.send_ctrl(0, DEVICE_READY, 1);
+    let msgs = s.recv_ctrl(1);
+    assert_eq!((msgs[0].0, msgs[0].1), (1, PORT_ADD));
+    vm_stop(ms, RunStatus::Paused).unwrap();
+    chardev_add("vs3-c1", Arc::new(Ringbuf::default())).unwrap();
+    let dev = qdev_new("virtserialport").unwrap();
+    dev.property_parse("nr", "2").unwrap();
+    dev.property_parse("chardev", "vs3-c1").unwrap();
+    dev.set_device_id(Some("vs3p1".into()));
+    dev.downcast::<hw::core::qdev::DeviceState>()
+        .unwrap()
+        .set_hotplugged(true);
+    qom::container_get(&machine, "peripheral")
+        .add_child("vs3p1", &dev)
+        .unwrap();
+    qdev_realize(&dev, Some(&bus)).unwrap();
+    hw::core::qdev::qdev_unplug(&first).unwrap();
+    vm_start(ms).unwrap();
+    let msgs: Vec<(u32, u16, u16)> = s
+        .recv_ctrl(3)
+        .into_iter()
+        .map(|(i, e, v, _)| (i, e, v))
+        .collect();
+    // What waited, in order; then the new port's host side, announced as the device
+    // starts again.
+    assert_eq!(
+        msgs,
+        [(2, PORT_ADD, 1), (1, PORT_REMOVE, 1), (2, PORT_OPEN, 1)]
+    );
+}

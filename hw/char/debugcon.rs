@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use qom::{type_init, Prop};
 
-use crate::core::chardev::{chardev_claim, CharBackend, ChardevError};
+use crate::core::chardev::{chardev_claim, chardev_release, CharBackend, ChardevError};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::isa::isa_bus::IsaDevice;
@@ -72,21 +72,23 @@ impl DeviceImpl for IsaDebugcon {
             .chardev
             .get()
             .ok_or(RealizeError::device(DebugconError::NoChardev))?;
-        let backend = chardev_claim(&id).map_err(|e| {
-            RealizeError::device(match e {
-                ChardevError::InUse(_) => DebugconError::ChardevInUse(id),
-                _ => DebugconError::ChardevNotFound(id),
-            })
-        })?;
         let iobase = self.iobase.get();
         let iobase = u16::try_from(iobase)
             .map_err(|_| RealizeError::device(DebugconError::BadIobase(iobase)))?;
+        let backend = chardev_claim(&id).map_err(|e| {
+            RealizeError::device(match e {
+                ChardevError::InUse(_) => DebugconError::ChardevInUse(id.clone()),
+                _ => DebugconError::ChardevNotFound(id.clone()),
+            })
+        })?;
         let port = Arc::new(DebugconPort {
-            backend,
+            backend: backend.clone(),
             // QEMU's readback is a uint32 property read back through a 1-byte access.
             readback: self.readback.get() as u8,
         });
         let region = MemoryRegion::new_io(TYPE_ISA_DEBUGCON, 1, port);
-        self.register_ioport(ctx, region, iobase)
+        self.register_ioport(ctx, region, iobase).inspect_err(|_| {
+            chardev_release(&id, &backend);
+        })
     }
 }

@@ -21,7 +21,7 @@ use qom::{
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
-use crate::core::chardev::{chardev_claim, CharBackend, ChardevError};
+use crate::core::chardev::{chardev_claim, chardev_release, CharBackend, ChardevError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::IrqLine;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
@@ -451,10 +451,11 @@ pub enum SerialError {
     #[error("isa-serial: IRQ {0} is invalid (the ISA bus has {ISA_NUM_IRQS})")]
     BadIrq(u32),
     /// `chardev=` naming no registered backend.
-    #[error("Property '{TYPE_ISA_SERIAL}.chardev' can't find value '{0}'")]
+    // QEMU's isa-serial forwards `chardev` to its inner `serial`, which names itself.
+    #[error("Property 'serial.chardev' can't find value '{0}'")]
     ChardevNotFound(String),
     /// `chardev=` naming a backend another device has.
-    #[error("Property '{TYPE_ISA_SERIAL}.chardev' can't take value '{0}': Device '{0}' is in use")]
+    #[error("Property 'serial.chardev' can't take value '{0}': Device '{0}' is in use")]
     ChardevInUse(String),
 }
 
@@ -484,18 +485,27 @@ impl DeviceImpl for IsaSerial {
         if irq as usize >= ISA_NUM_IRQS {
             return Err(RealizeError::device(SerialError::BadIrq(irq)));
         }
-        if let Some(chardev) = self.chardev.get() {
-            let backend = chardev_claim(&chardev).map_err(|e| {
-                RealizeError::device(match e {
-                    ChardevError::InUse(_) => SerialError::ChardevInUse(chardev),
-                    _ => SerialError::ChardevNotFound(chardev),
-                })
-            })?;
-            attach_backend(&self.port, Some(backend));
-        }
+        let claimed = match self.chardev.get() {
+            Some(chardev) => {
+                let backend = chardev_claim(&chardev).map_err(|e| {
+                    RealizeError::device(match e {
+                        ChardevError::InUse(_) => SerialError::ChardevInUse(chardev.clone()),
+                        _ => SerialError::ChardevNotFound(chardev.clone()),
+                    })
+                })?;
+                attach_backend(&self.port, Some(backend.clone()));
+                Some((chardev, backend))
+            }
+            None => None,
+        };
         self.port.set_irq(self.irq(ctx, irq as usize));
         let region = MemoryRegion::new_io("serial", SERIAL_REGION_SIZE, self.port.clone());
-        self.register_ioport(ctx, region, iobase)
+        self.register_ioport(ctx, region, iobase).inspect_err(|_| {
+            if let Some((id, backend)) = &claimed {
+                attach_backend(&self.port, None);
+                chardev_release(id, backend);
+            }
+        })
     }
 
     fn reset(&self) {

@@ -534,6 +534,20 @@ pub fn chardev_is_busy(id: &str) -> bool {
         .any(|c| c.id == id && c.frontends > 0)
 }
 
+/// Unregisters `id` if no frontend uses it (QEMU's `qmp_chardev_remove`), in one step: a
+/// device cannot claim it in between.
+pub fn chardev_remove_idle(id: &str) -> Result<Arc<dyn CharBackend>, ChardevError> {
+    let mut chardevs = CHARDEVS.lock();
+    let i = chardevs
+        .iter()
+        .position(|c| c.id == id)
+        .ok_or_else(|| ChardevError::NotFound(id.to_string()))?;
+    if chardevs[i].frontends > 0 {
+        return Err(ChardevError::InUse(id.to_string()));
+    }
+    Ok(chardevs.remove(i).backend)
+}
+
 /// Unregisters `id` (QEMU's `chardev-remove`); the backend lives on while a frontend holds
 /// it.
 pub fn chardev_remove(id: &str) -> Option<Arc<dyn CharBackend>> {

@@ -367,8 +367,13 @@ impl IntxPin {
     /// unrealize): an unplugged device holds no shared interrupt up, and later calls go
     /// nowhere.
     fn disconnect(&self) {
-        self.set(false);
-        self.state.lock().0 = IrqLine::disconnected();
+        // One lock: a completion racing the unplug cannot raise the line in between.
+        let mut state = self.state.lock();
+        if state.1 {
+            state.1 = false;
+            state.0.set(false);
+        }
+        state.0 = IrqLine::disconnected();
     }
 }
 

@@ -239,8 +239,11 @@ pub struct VirtioSerial {
     device_ready: AtomicBool,
     handlers: Mutex<Vec<AioHandlerId>>,
     running: Mutex<Option<Arc<Running>>>,
-    /// Control messages not yet sent when the device stopped.
+    /// Control messages not yet sent when the device stopped, and those made while it
+    /// stood still (a port plugged into a paused VM).
     parked_control: Mutex<VecDeque<Vec<u8>>>,
+    /// The stopped device had negotiated `MULTIPORT` (control messages are kept for it).
+    parked_multiport: AtomicBool,
 }
 
 impl VirtioSerial {
@@ -256,6 +259,7 @@ impl VirtioSerial {
             handlers: Mutex::new(Vec::new()),
             running: Mutex::new(None),
             parked_control: Mutex::new(VecDeque::new()),
+            parked_multiport: AtomicBool::new(false),
         })
     }
 
@@ -432,8 +436,20 @@ impl VirtioSerial {
     /// Queues a control message for the guest (QEMU's `send_control_event`): only with
     /// `MULTIPORT`, sent when the guest has a buffer for it.
     fn send_control(&self, id: u32, event: u16, value: u16, extra: &[u8]) {
-        if let Some(running) = self.running().filter(|r| r.multiport) {
-            running.queue_control(control_msg(id, event, value, extra));
+        match self.running() {
+            Some(running) if running.multiport => {
+                running.queue_control(control_msg(id, event, value, extra));
+            }
+            Some(_) => {}
+            // Stopped with the VM: kept for its next run, as QEMU writes them whatever
+            // the run state.
+            None if self.parked_multiport.load(Ordering::SeqCst) => {
+                let mut parked = self.parked_control.lock();
+                if parked.len() < CONTROL_PENDING_MAX {
+                    parked.push_back(control_msg(id, event, value, extra));
+                }
+            }
+            None => {}
         }
     }
 
@@ -637,13 +653,16 @@ impl VirtioDevice for VirtioSerial {
         }
         // Host sides that changed while the device stood still, control messages kept,
         // input that waited: all on the event loop.
+        self.parked_multiport.store(false, Ordering::SeqCst);
         let ports: Vec<Arc<SerialPort>> = self.ports.lock().values().cloned().collect();
         for port in &ports {
             self.announce_host(port);
-            running.wake(rx_queue(port.id));
-            running.wake(rx_queue(port.id) + 1);
         }
-        running.wake(CONTROL_RX);
+        // Every queue: the ports' input and output that waited, and what the guest left
+        // for a port unplugged meanwhile (its handler drops it).
+        for &index in kicks.keys() {
+            running.wake(index);
+        }
         Ok(())
     }
 
@@ -652,6 +671,7 @@ impl VirtioDevice for VirtioSerial {
     fn reset(&self) {
         self.stop();
         self.device_ready.store(false, Ordering::SeqCst);
+        self.parked_multiport.store(false, Ordering::SeqCst);
         self.parked_control.lock().clear();
         let ports: Vec<Arc<SerialPort>> = self.ports.lock().values().cloned().collect();
         for port in ports {
@@ -675,7 +695,12 @@ impl VirtioDevice for VirtioSerial {
             .iter()
             .map(|(&index, q)| QueuePosition::of(index, q, 0))
             .collect();
-        *self.parked_control.lock() = st.control_out.clone();
+        // Messages made between the stop and here follow the ones not yet sent.
+        let mut parked = self.parked_control.lock();
+        let later: Vec<Vec<u8>> = parked.drain(..).collect();
+        parked.extend(st.control_out.iter().cloned());
+        parked.extend(later);
+        self.parked_multiport.store(running.multiport, Ordering::SeqCst);
         Some(positions)
     }
 

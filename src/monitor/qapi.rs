@@ -98,10 +98,7 @@ pub enum QmpError {
     /// A class that does not exist.
     #[error("Class '{0}' not found")]
     ClassNotFound(String),
-    /// Something else that does not exist, in the command's words (`Chardev 'x' not
-    /// found`), of class `DeviceNotFound`.
-    #[error("{0}")]
-    NotFound(String),
+
     /// An argument that names the wrong kind of type.
     #[error("Parameter '{name}' expects {expected}")]
     WrongType {
@@ -143,7 +140,6 @@ impl QmpError {
             // QEMU's qom-list-properties reports an unknown class as DeviceNotFound too.
             QmpError::DeviceNotFound(_)
             | QmpError::ClassNotFound(_)
-            | QmpError::NotFound(_)
             | QmpError::Qom(qom::Error::PathNotFound(_)) => "DeviceNotFound",
             QmpError::Balloon(BalloonError::NotActivated) | QmpError::NotActive(_) => {
                 "DeviceNotActive"

@@ -4,13 +4,13 @@
 //! The `ChardevBackend` union of QAPI: `null`, `ringbuf`/`memory`, `file`, `pty`, `socket`
 //! (`unix`, `inet` or an `fd` the client passed with `getfd`).
 
-use std::os::fd::IntoRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use hw::core::char_socket::{SocketBackend, SocketSpec, SocketTarget};
 use hw::core::chardev::{
-    chardev_add, chardev_find, chardev_is_busy, chardev_remove, CharBackend, FileBackend,
+    chardev_add, chardev_find, chardev_remove_idle, CharBackend, ChardevError, FileBackend,
     NullBackend, Ringbuf,
 };
 use serde_json::{json, Map, Value};
@@ -143,7 +143,6 @@ fn open_backend(backend: &Map<String, Value>) -> Result<Arc<dyn CharBackend>, Qm
                     )));
                 }
             }
-            let target = socket_target(object(data.get("addr"), "addr")?)?;
             // QAPI's defaults for chardev-add: a server that does not wait.
             let server = boolean(data, "server")?.unwrap_or(true);
             if boolean(data, "wait")?.unwrap_or(false) {
@@ -153,13 +152,27 @@ fn open_backend(backend: &Map<String, Value>) -> Result<Arc<dyn CharBackend>, Qm
                         .into(),
                 ));
             }
+            let nodelay = boolean(data, "nodelay")?.unwrap_or(false);
+            // Last: a descriptor taken from the monitor is the backend's from here on.
+            let target = socket_target(object(data.get("addr"), "addr")?)?;
+            let passed = match target {
+                SocketTarget::Fd(fd) => Some(fd),
+                _ => None,
+            };
             let spec = SocketSpec {
                 target,
                 server,
                 wait: false,
-                nodelay: boolean(data, "nodelay")?.unwrap_or(false),
+                nodelay,
             };
-            SocketBackend::open(spec).map_err(|e| failed(&e))?
+            SocketBackend::open(spec).map_err(|e| {
+                if let Some(fd) = passed {
+                    // SAFETY: the descriptor was taken from the monitor's table above and
+                    // nothing else owns it now that the backend refused it.
+                    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+                }
+                failed(&e)
+            })?
         }
         other => {
             return Err(QmpError::InvalidEnumValue {
@@ -174,7 +187,7 @@ fn open_backend(backend: &Map<String, Value>) -> Result<Arc<dyn CharBackend>, Qm
 pub fn qmp_chardev_add(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
     let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
     let backend = object(args.get("backend"), "backend")?;
-    if chardev_find(id).is_some() {
+    if chardev_find(id).is_some() || is_monitor_chardev(id) {
         return Err(QmpError::Failed(format!(
             "attempt to add duplicate property '{id}' to object (type 'container')"
         )));
@@ -196,30 +209,36 @@ pub fn qmp_chardev_remove(_: &CommandCtx, args: &Map<String, Value>) -> Result<V
 
 /// HMP's `chardev-add`: the argument is `-chardev`'s.
 pub fn hmp_chardev_add(spec: &str) -> Result<(), QmpError> {
+    // The id before the backend opens: a duplicate must not truncate a file or take over
+    // a socket's path.
+    let id = crate::options::split_opts(spec, None)
+        .into_iter()
+        .find(|(k, _)| k == "id")
+        .and_then(|(_, v)| v);
+    if let Some(id) = id.filter(|id| chardev_find(id).is_some() || is_monitor_chardev(id)) {
+        return Err(QmpError::Failed(format!("Duplicate ID '{id}' for chardev")));
+    }
     let chardev =
         hw::core::chardev::parse_chardev_opts(spec).map_err(|e| QmpError::Failed(e.to_string()))?;
-    if chardev_find(&chardev.id).is_some() {
-        return Err(QmpError::Failed(format!(
-            "Duplicate ID '{}' for chardev",
-            chardev.id
-        )));
-    }
     chardev
         .register()
         .map_err(|e| QmpError::Failed(e.to_string()))
 }
 
+/// A monitor's socket (`-mon chardev=ID`), which the monitor holds, not the registry.
+fn is_monitor_chardev(id: &str) -> bool {
+    crate::monitor::chardev::monitor_chardevs()
+        .iter()
+        .any(|(label, _)| label == id)
+}
+
 /// Removes chardev `id`: only one no device and no monitor uses.
 pub fn remove(id: &str) -> Result<(), QmpError> {
-    if chardev_find(id).is_none() {
-        return Err(QmpError::NotFound(format!("Chardev '{id}' not found")));
-    }
-    let monitor = crate::monitor::chardev::monitor_chardevs()
-        .iter()
-        .any(|(label, _)| label == id);
-    if monitor || chardev_is_busy(id) {
+    if is_monitor_chardev(id) {
         return Err(QmpError::Failed(format!("Chardev '{id}' is busy")));
     }
-    chardev_remove(id);
-    Ok(())
+    chardev_remove_idle(id).map(drop).map_err(|e| match e {
+        ChardevError::NotFound(_) => QmpError::Failed(format!("Chardev '{id}' not found")),
+        _ => QmpError::Failed(format!("Chardev '{id}' is busy")),
+    })
 }
