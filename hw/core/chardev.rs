@@ -500,14 +500,20 @@ pub fn chardev_find(id: &str) -> Option<Arc<dyn CharBackend>> {
         .map(|c| c.backend.clone())
 }
 
+/// Where `id` is in the registry.
+fn registered_at(chardevs: &[Registered], id: &str) -> Result<usize, ChardevError> {
+    chardevs
+        .iter()
+        .position(|c| c.id == id)
+        .ok_or_else(|| ChardevError::NotFound(id.to_string()))
+}
+
 /// A device takes `id` as its backend (QEMU's `qemu_chr_fe_init`): one frontend per
 /// chardev unless it is a mux. Give it back with [`chardev_release`].
 pub fn chardev_claim(id: &str) -> Result<Arc<dyn CharBackend>, ChardevError> {
     let mut chardevs = CHARDEVS.lock();
-    let c = chardevs
-        .iter_mut()
-        .find(|c| c.id == id)
-        .ok_or_else(|| ChardevError::NotFound(id.to_string()))?;
+    let i = registered_at(&chardevs, id)?;
+    let c = &mut chardevs[i];
     if c.frontends > 0 && !c.mux {
         return Err(ChardevError::InUse(id.to_string()));
     }
@@ -538,10 +544,7 @@ pub fn chardev_is_busy(id: &str) -> bool {
 /// device cannot claim it in between.
 pub fn chardev_remove_idle(id: &str) -> Result<Arc<dyn CharBackend>, ChardevError> {
     let mut chardevs = CHARDEVS.lock();
-    let i = chardevs
-        .iter()
-        .position(|c| c.id == id)
-        .ok_or_else(|| ChardevError::NotFound(id.to_string()))?;
+    let i = registered_at(&chardevs, id)?;
     if chardevs[i].frontends > 0 {
         return Err(ChardevError::InUse(id.to_string()));
     }
@@ -776,6 +779,34 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn a_chardev_has_one_frontend_unless_it_is_a_mux() {
+        chardev_add("claim-one", Arc::new(NullBackend)).unwrap();
+        let backend = chardev_claim("claim-one").unwrap();
+        assert!(chardev_is_busy("claim-one"));
+        assert_eq!(
+            chardev_claim("claim-one").err().unwrap().to_string(),
+            "Device 'claim-one' is in use"
+        );
+        assert_eq!(
+            chardev_remove_idle("claim-one").err().unwrap().to_string(),
+            "Device 'claim-one' is in use"
+        );
+        chardev_release("claim-one", &backend);
+        assert!(!chardev_is_busy("claim-one"));
+        assert!(chardev_remove_idle("claim-one").is_ok());
+        assert!(matches!(chardev_claim("claim-one"), Err(ChardevError::NotFound(_))));
+        let NewChardev { id, backend, mux } = parse_chardev_opts("null,id=claim-mux,mux=on").unwrap();
+        assert!(mux);
+        chardev_add_mux(&id, backend, mux).unwrap();
+        let (a, b) = (chardev_claim("claim-mux").unwrap(), chardev_claim("claim-mux").unwrap());
+        chardev_release("claim-mux", &a);
+        assert!(chardev_is_busy("claim-mux"), "one frontend is left");
+        chardev_release("claim-mux", &b);
+        assert!(!chardev_is_busy("claim-mux"));
+        chardev_remove("claim-mux");
     }
 
     #[test]
