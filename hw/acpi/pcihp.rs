@@ -88,6 +88,8 @@ impl AcpiPciHp {
 
     /// QEMU's `acpi_pcihp_device_plug_cb`: a device plugged while the machine runs sets
     /// its slot's PCIU bit; one created with the machine is found by the guest at boot.
+    /// A device that can never go takes its slot out of PCRM here too: the board's own
+    /// devices come after the PM block, before any reset.
     pub fn plug(&self, dev: &Object, hotplugged: bool) {
         let Some(slot) = slot_of(dev) else { return };
         let mut status = self.status.lock();
@@ -110,11 +112,6 @@ impl AcpiPciHp {
         let Some(slot) = slot_of(dev) else { return };
         self.status.lock().down |= 1 << slot;
         (self.send_event)(ACPI_PCI_HOTPLUG_STATUS);
-    }
-
-    /// Whether the guest was asked to eject `dev`'s slot and has not yet.
-    pub fn unplug_pending(&self, dev: &Object) -> bool {
-        slot_of(dev).is_some_and(|slot| self.status.lock().down & (1 << slot) != 0)
     }
 
     /// QEMU's `acpi_pcihp_eject_slot`: removes the hotpluggable devices of the lowest slot

@@ -286,11 +286,6 @@ impl Piix4Pm {
         self.root_pci_hotplug.get()
     }
 
-    /// Whether the guest was asked to eject `dev` and has not yet.
-    pub fn unplug_pending(&self, dev: &qom::Object) -> bool {
-        self.pcihp.lock().as_ref().is_some_and(|hp| hp.unplug_pending(dev))
-    }
-
     /// SLP_TYP of S4 (`s4_val`).
     pub fn s4_val(&self) -> u8 {
         self.s4_val.get()
