@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=17
+ASSETS_FORMAT=18
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -373,7 +373,11 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$cdsum" ] && [ -n "$cdchange" ]; then
         if [ "$now" = none ]; then
             echo "cdsum: none"
         else
-            echo "cdsum: $(md5sum <"$cdsum" | cut -d' ' -f1) $now"
+            # The size seen first can be the old medium's: sr revalidates the capacity
+            # when the device is opened, so read it again after md5sum did.
+            sum=$(md5sum <"$cdsum" | cut -d' ' -f1)
+            now=$(blockdev --getsize64 "$cdsum" 2>/dev/null || echo none)
+            echo "cdsum: $sum $now"
         fi
         last=$now
         n=$((n + 1))
