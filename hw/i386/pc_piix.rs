@@ -549,8 +549,12 @@ impl PcI440fxMachine {
                 // its buses (an IDE controller's `drive@0/disk@1`).
                 let drives = dev.object().children().into_iter().flat_map(|(_, bus)| {
                     crate::core::bus::bus_children(&bus).into_iter().filter_map(|drive| {
-                        let ide = drive.downcast::<crate::ide::ide_dev::IdeDevice>()?;
-                        Some((bootindex(&drive)?, format!("{path}/{}", ide.fw_dev_path()?)))
+                        let below = if let Some(ide) = drive.downcast::<crate::ide::ide_dev::IdeDevice>() {
+                            ide.fw_dev_path()?
+                        } else {
+                            drive.downcast::<crate::scsi::scsi_disk::ScsiHd>()?.fw_dev_path()?
+                        };
+                        Some((bootindex(&drive)?, format!("{path}/{below}")))
                     })
                 });
                 bootindex(dev.object())
@@ -942,7 +946,7 @@ fn real_mode_entry_state(vector: u32) -> X86BootState {
 
 /// QEMU's `pcibus_get_fw_dev_path` under the i440FX (`/pci@i0cf8`): the class's
 /// OpenFirmware name (`pci_dev_fw_name`), `@slot[,function]`, and for a virtio disk its
-/// `disk@0,0`.
+/// `disk@0,0` (a SCSI disk's `channel@0/disk@T,L` follows its adapter's path).
 fn pci_fw_dev_path(devfn: u8, dev: &crate::pci::pci::PciDevice) -> String {
     let class = dev.read_config(0x0a, 2) as u16;
     let name = match class {

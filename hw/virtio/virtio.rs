@@ -149,6 +149,8 @@ pub mod device_id {
     pub const RNG: u16 = 4;
     /// Memory balloon.
     pub const BALLOON: u16 = 5;
+    /// SCSI host adapter.
+    pub const SCSI: u16 = 8;
 }
 
 /// QEMU's `VIRTIO_NO_VECTOR`: an interrupt that goes nowhere.

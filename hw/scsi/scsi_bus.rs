@@ -1,0 +1,478 @@
+//! The SCSI bus (QEMU's `hw/scsi/scsi-bus.c`): where a host adapter's logical units plug
+//! in (`-device scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=0`), their addressing, the
+//! commands a target answers for a LUN it does not have (INQUIRY, REPORT LUNS), and the
+//! sense data every unit reports errors with.
+//!
+//! A host adapter (virtio-scsi) hands a command to [`ScsiLuns::execute`] with the data
+//! buffers of its request; a logical unit ([`ScsiLogicalUnit`]) runs it to the end on the
+//! adapter's I/O thread and returns its status.
+
+use std::io::{Read, Write};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::RwLock;
+use qom::{type_init, Prop};
+
+use crate::core::bus::BusState;
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
+
+/// QEMU's `TYPE_SCSI_BUS`.
+pub const TYPE_SCSI_BUS: &str = "SCSI";
+/// QEMU's `TYPE_SCSI_DEVICE`, the abstract logical unit.
+pub const TYPE_SCSI_DEVICE: &str = "scsi-device";
+
+/// SCSI status bytes (SAM-5).
+pub mod status {
+    /// The command completed.
+    pub const GOOD: u8 = 0x00;
+    /// The command failed: the sense data says why.
+    pub const CHECK_CONDITION: u8 = 0x02;
+}
+
+/// Sense data: key, additional sense code and qualifier (QEMU's `SCSISense`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sense {
+    /// Sense key.
+    pub key: u8,
+    /// Additional sense code.
+    pub asc: u8,
+    /// Additional sense code qualifier.
+    pub ascq: u8,
+}
+
+impl Sense {
+    /// No error.
+    pub const NO_SENSE: Sense = Sense::new(0x00, 0x00, 0x00);
+    /// Illegal request, invalid command operation code.
+    pub const INVALID_OPCODE: Sense = Sense::new(0x05, 0x20, 0x00);
+    /// Illegal request, LBA out of range.
+    pub const LBA_OUT_OF_RANGE: Sense = Sense::new(0x05, 0x21, 0x00);
+    /// Illegal request, invalid field in CDB.
+    pub const INVALID_FIELD: Sense = Sense::new(0x05, 0x24, 0x00);
+    /// Illegal request, logical unit not supported.
+    pub const LUN_NOT_SUPPORTED: Sense = Sense::new(0x05, 0x25, 0x00);
+    /// Illegal request, invalid field in parameter list.
+    pub const INVALID_PARAM: Sense = Sense::new(0x05, 0x26, 0x00);
+    /// Illegal request, parameter list length error.
+    pub const INVALID_PARAM_LEN: Sense = Sense::new(0x05, 0x1a, 0x00);
+    /// Data protect, write protected.
+    pub const WRITE_PROTECTED: Sense = Sense::new(0x07, 0x27, 0x00);
+    /// Data protect, space allocation failed (the host's disk is full).
+    pub const SPACE_ALLOC_FAILED: Sense = Sense::new(0x07, 0x27, 0x07);
+    /// Aborted command, I/O process terminated (QEMU's `IO_ERROR`).
+    pub const IO_ERROR: Sense = Sense::new(0x0b, 0x00, 0x06);
+    /// Hardware error, internal target failure.
+    pub const TARGET_FAILURE: Sense = Sense::new(0x04, 0x44, 0x00);
+    /// Unit attention, power on, reset or bus device reset occurred.
+    pub const RESET: Sense = Sense::new(0x06, 0x29, 0x00);
+    /// Unit attention, reported LUNs data has changed.
+    pub const REPORTED_LUNS_CHANGED: Sense = Sense::new(0x06, 0x3f, 0x0e);
+
+    /// A sense of `key`, `asc`, `ascq`.
+    pub const fn new(key: u8, asc: u8, ascq: u8) -> Self {
+        Sense { key, asc, ascq }
+    }
+
+    /// Fixed-format sense data (SPC-4 4.5.3), 18 bytes.
+    pub fn fixed(&self) -> [u8; 18] {
+        let mut b = [0u8; 18];
+        b[0] = 0x70;
+        b[2] = self.key;
+        b[7] = 10;
+        b[12] = self.asc;
+        b[13] = self.ascq;
+        b
+    }
+}
+
+/// How a command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScsiOutcome {
+    /// GOOD, with this many bytes sent to the initiator.
+    Good {
+        /// Bytes of data-in transferred.
+        data_in: usize,
+    },
+    /// CHECK CONDITION with this sense.
+    Check(Sense),
+    /// The command needs more data buffer than the request brought, or data the other
+    /// way: it did not run (virtio-scsi's `OVERRUN`).
+    Overrun,
+}
+
+/// The data buffers of one command: what the initiator sends (`data_out`) and where the
+/// unit's reply goes (`data_in`), each with its size.
+pub struct ScsiData<'a> {
+    /// The data-out buffer.
+    pub data_out: &'a mut dyn Read,
+    /// Its bytes.
+    pub data_out_len: usize,
+    /// The data-in buffer.
+    pub data_in: &'a mut dyn Write,
+    /// Its bytes.
+    pub data_in_len: usize,
+}
+
+impl ScsiData<'_> {
+    /// Sends a reply limited to `allocation` bytes (the CDB's allocation length): an
+    /// allocation beyond the data-in buffer is an overrun, as QEMU's transfer check has it.
+    pub fn reply(&mut self, reply: &[u8], allocation: usize) -> ScsiOutcome {
+        if allocation > self.data_in_len || (allocation > 0 && self.data_out_len > 0) {
+            return ScsiOutcome::Overrun;
+        }
+        let n = reply.len().min(allocation);
+        match self.data_in.write_all(&reply[..n]) {
+            Ok(()) => ScsiOutcome::Good { data_in: n },
+            Err(_) => ScsiOutcome::Check(Sense::TARGET_FAILURE),
+        }
+    }
+
+    /// Reads the `len`-byte parameter list of a command (MODE SELECT, UNMAP).
+    pub fn parameters(&mut self, len: usize) -> Result<Vec<u8>, ScsiOutcome> {
+        if len > self.data_out_len || (len > 0 && self.data_in_len > 0) {
+            return Err(ScsiOutcome::Overrun);
+        }
+        let mut buf = vec![0u8; len];
+        self.data_out
+            .read_exact(&mut buf)
+            .map_err(|_| ScsiOutcome::Check(Sense::TARGET_FAILURE))?;
+        Ok(buf)
+    }
+}
+
+/// A logical unit (QEMU's `SCSIDeviceClass`): runs commands addressed to it.
+pub trait ScsiLogicalUnit: Send + Sync {
+    /// Runs the command `cdb` to its end.
+    fn execute(&self, cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome;
+    /// A LUN, target or bus reset.
+    fn reset(&self) {}
+    /// The unit's peripheral device type (INQUIRY byte 0), for REPORT LUNS's siblings.
+    fn device_type(&self) -> u8;
+}
+
+/// An address on the bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ScsiAddress {
+    /// Channel.
+    pub channel: u32,
+    /// Target (`scsi-id`).
+    pub target: u32,
+    /// Logical unit number.
+    pub lun: u32,
+}
+
+/// What a host adapter can address (QEMU's `SCSIBusInfo`).
+#[derive(Clone, Copy, Debug)]
+pub struct ScsiBusInfo {
+    /// Highest channel.
+    pub max_channel: u32,
+    /// Highest target.
+    pub max_target: u32,
+    /// Highest LUN.
+    pub max_lun: u32,
+}
+
+/// The logical units of one bus, shared by the bus (which plugs them) and its adapter
+/// (which addresses them).
+#[derive(Default)]
+pub struct ScsiLuns {
+    /// Each unit with its address and its device's id (or type), by address.
+    units: RwLock<Vec<(ScsiAddress, String, Arc<dyn ScsiLogicalUnit>)>>,
+}
+
+/// How an adapter's command was dispatched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    /// No unit answers at that target (virtio-scsi's `BAD_TARGET`).
+    NoTarget,
+    /// The target (a unit of it, or its own emulation for an absent LUN) ran it.
+    Done(ScsiOutcome),
+}
+
+/// REPORT LUNS (SPC-4 6.33).
+const REPORT_LUNS: u8 = 0xa0;
+const INQUIRY: u8 = 0x12;
+const REQUEST_SENSE: u8 = 0x03;
+/// Peripheral qualifier 3, type 0x1f: no unit at this LUN.
+const TYPE_NO_LUN: u8 = 0x7f;
+
+impl ScsiLuns {
+    /// The unit at `addr`.
+    pub fn find(&self, addr: ScsiAddress) -> Option<Arc<dyn ScsiLogicalUnit>> {
+        self.units
+            .read()
+            .iter()
+            .find(|(a, _, _)| *a == addr)
+            .map(|(_, _, u)| u.clone())
+    }
+
+    /// Whether any unit answers at `channel`:`target`.
+    pub fn has_target(&self, channel: u32, target: u32) -> bool {
+        self.units
+            .read()
+            .iter()
+            .any(|(a, _, _)| a.channel == channel && a.target == target)
+    }
+
+    fn is_used(&self, addr: ScsiAddress) -> bool {
+        self.owner(addr).is_some()
+    }
+
+    /// The id (or type) of the device at `addr`.
+    fn owner(&self, addr: ScsiAddress) -> Option<String> {
+        self.units
+            .read()
+            .iter()
+            .find(|(a, _, _)| *a == addr)
+            .map(|(_, owner, _)| owner.clone())
+    }
+
+    fn insert(&self, addr: ScsiAddress, owner: String, unit: Arc<dyn ScsiLogicalUnit>) {
+        let mut units = self.units.write();
+        units.push((addr, owner, unit));
+        units.sort_by_key(|(a, _, _)| *a);
+    }
+
+    fn remove(&self, addr: ScsiAddress) {
+        self.units.write().retain(|(a, _, _)| *a != addr);
+    }
+
+    /// The units of one target (an I_T nexus reset).
+    pub fn reset_target(&self, channel: u32, target: u32) {
+        let units: Vec<_> = self
+            .units
+            .read()
+            .iter()
+            .filter(|(a, _, _)| a.channel == channel && a.target == target)
+            .map(|(_, _, u)| u.clone())
+            .collect();
+        for unit in units {
+            unit.reset();
+        }
+    }
+
+    /// Every unit, for a bus reset.
+    pub fn reset_all(&self) {
+        let units: Vec<_> = self.units.read().iter().map(|(_, _, u)| u.clone()).collect();
+        for unit in units {
+            unit.reset();
+        }
+    }
+
+    /// Runs `cdb` for `addr`: its unit if there is one; else the target's own answers
+    /// for an absent LUN (QEMU's `scsi_target_emulate_*`) if the target has other units.
+    pub fn execute(&self, addr: ScsiAddress, cdb: &[u8], data: &mut ScsiData<'_>) -> Dispatch {
+        if let Some(unit) = self.find(addr) {
+            if cdb.first() == Some(&REPORT_LUNS) {
+                return Dispatch::Done(self.report_luns(addr, cdb, data));
+            }
+            return Dispatch::Done(unit.execute(cdb, data));
+        }
+        if !self.has_target(addr.channel, addr.target) {
+            return Dispatch::NoTarget;
+        }
+        Dispatch::Done(match cdb.first() {
+            Some(&REPORT_LUNS) => self.report_luns(addr, cdb, data),
+            Some(&INQUIRY) => absent_lun_inquiry(cdb, data),
+            Some(&REQUEST_SENSE) => {
+                let allocation = cdb.get(4).copied().unwrap_or(0).into();
+                data.reply(&Sense::LUN_NOT_SUPPORTED.fixed(), allocation)
+            }
+            _ => ScsiOutcome::Check(Sense::LUN_NOT_SUPPORTED),
+        })
+    }
+
+    /// The LUNs of `addr`'s target (QEMU's `scsi_target_emulate_report_luns`): LUN 0 is
+    /// always listed, as the well-known unit initiators start from.
+    fn report_luns(&self, addr: ScsiAddress, cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome {
+        if cdb.len() < 12 {
+            return ScsiOutcome::Check(Sense::INVALID_FIELD);
+        }
+        let allocation = u32::from_be_bytes([cdb[6], cdb[7], cdb[8], cdb[9]]) as usize;
+        // SELECT REPORT 0-2 (all LUNs, well-known ones, both); at least the header fits.
+        if cdb[2] > 2 || allocation < 16 {
+            return ScsiOutcome::Check(Sense::INVALID_FIELD);
+        }
+        let mut luns: Vec<u32> = self
+            .units
+            .read()
+            .iter()
+            .filter(|(a, _, _)| a.channel == addr.channel && a.target == addr.target)
+            .map(|(a, _, _)| a.lun)
+            .collect();
+        if !luns.contains(&0) {
+            luns.insert(0, 0);
+        }
+        let mut reply = Vec::with_capacity(8 + 8 * luns.len());
+        reply.extend_from_slice(&((8 * luns.len()) as u32).to_be_bytes());
+        reply.extend_from_slice(&[0; 4]);
+        for lun in luns {
+            let mut entry = [0u8; 8];
+            if lun < 256 {
+                entry[1] = lun as u8;
+            } else {
+                // Flat space addressing.
+                entry[0] = 0x40 | ((lun >> 8) & 0x3f) as u8;
+                entry[1] = lun as u8;
+            }
+            reply.extend_from_slice(&entry);
+        }
+        data.reply(&reply, allocation)
+    }
+}
+
+/// INQUIRY of a LUN the target lacks: standard data saying nothing is there.
+fn absent_lun_inquiry(cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome {
+    if cdb.len() < 6 {
+        return ScsiOutcome::Check(Sense::INVALID_FIELD);
+    }
+    let allocation = usize::from(u16::from_be_bytes([cdb[3], cdb[4]]));
+    if cdb[1] & 1 != 0 {
+        // Vital product data of a LUN that is not there.
+        return ScsiOutcome::Check(Sense::INVALID_FIELD);
+    }
+    let mut reply = [0u8; 36];
+    reply[0] = TYPE_NO_LUN;
+    reply[2] = 5;
+    reply[3] = 2 | 0x10;
+    reply[4] = 36 - 5;
+    reply[8..16].copy_from_slice(b"QEMU    ");
+    reply[16..32].copy_from_slice(b"QEMU TARGET     ");
+    data.reply(&reply, allocation)
+}
+
+/// QEMU's `SCSIBus`: a host adapter's bus (`<id>.0`), with its units.
+#[derive(qom::Object)]
+#[qom(name = TYPE_SCSI_BUS)]
+pub struct ScsiBus {
+    #[parent]
+    parent: BusState,
+    adapter: OnceLock<(ScsiBusInfo, Arc<ScsiLuns>)>,
+}
+
+type_init!(ScsiBus);
+
+impl ScsiBus {
+    /// Connects the bus to its adapter's limits and unit table (at the adapter's realize).
+    pub fn set_adapter(&self, info: ScsiBusInfo, luns: &Arc<ScsiLuns>) {
+        let _ = self.adapter.set((info, luns.clone()));
+    }
+}
+
+/// Errors of a unit's address, in QEMU's words.
+#[derive(Debug, thiserror::Error)]
+pub enum ScsiBusError {
+    /// `channel=` beyond the adapter's.
+    #[error("bad scsi channel id: {0}")]
+    BadChannel(u32),
+    /// `scsi-id=` beyond the adapter's.
+    #[error("bad scsi device id: {0}")]
+    BadTarget(i32),
+    /// `lun=` beyond the adapter's.
+    #[error("bad scsi device lun: {0}")]
+    BadLun(i32),
+    /// No `scsi-id=` and every target has that LUN.
+    #[error("no free target")]
+    NoFreeTarget,
+    /// No `lun=` and the target's LUNs are all used.
+    #[error("no free lun")]
+    NoFreeLun,
+    /// The address is taken.
+    #[error("lun already used by '{0}'")]
+    LunInUse(String),
+    /// The bus has no adapter behind it.
+    #[error("SCSI bus without an adapter")]
+    NoAdapter,
+}
+
+/// QEMU's `SCSIDevice`: a logical unit's address on its bus. Its subclasses make the unit
+/// and plug it with [`ScsiDevice::plug_unit`].
+#[derive(qom::Object)]
+#[qom(name = TYPE_SCSI_DEVICE, abstract)]
+pub struct ScsiDevice {
+    #[parent]
+    parent: DeviceState,
+    #[property(default = 0u32, desc = "Channel of the unit")]
+    channel: Prop<u32>,
+    #[property(name = "scsi-id", default = -1, desc = "Target of the unit (default: the first free one)")]
+    scsi_id: Prop<i32>,
+    #[property(default = -1, desc = "Logical unit number (default: the first free one)")]
+    lun: Prop<i32>,
+    plugged: OnceLock<(Arc<ScsiLuns>, ScsiAddress)>,
+}
+
+type_init!(ScsiDevice);
+
+impl DeviceImpl for ScsiDevice {
+    const BUS_TYPE: Option<&'static str> = Some(TYPE_SCSI_BUS);
+    const CATEGORY: DeviceCategory = DeviceCategory::Storage;
+
+    fn unrealize(&self, ctx: &DeviceContext) {
+        if let Some((luns, addr)) = self.plugged.get() {
+            luns.remove(*addr);
+        }
+        DeviceImpl::unrealize(&self.parent, ctx);
+    }
+}
+
+impl ScsiDevice {
+    /// QEMU's `scsi_qdev_realize`: resolves the address (the first free target, or LUN,
+    /// where none was given) and plugs `unit` there.
+    pub fn plug_unit(
+        &self,
+        ctx: &DeviceContext,
+        unit: Arc<dyn ScsiLogicalUnit>,
+    ) -> Result<ScsiAddress, RealizeError> {
+        let err = RealizeError::device;
+        let bus: &ScsiBus = ctx.bus_state()?;
+        let (info, luns) = bus.adapter.get().ok_or_else(|| err(ScsiBusError::NoAdapter))?;
+        let channel = self.channel.get();
+        if channel > info.max_channel {
+            return Err(err(ScsiBusError::BadChannel(channel)));
+        }
+        let (id, lun) = (self.scsi_id.get(), self.lun.get());
+        if id != -1 && (id < 0 || id as u32 > info.max_target) {
+            return Err(err(ScsiBusError::BadTarget(id)));
+        }
+        if lun != -1 && (lun < 0 || lun as u32 > info.max_lun) {
+            return Err(err(ScsiBusError::BadLun(lun)));
+        }
+        let at = |target: u32, lun: u32| ScsiAddress { channel, target, lun };
+        let addr = match (id, lun) {
+            (-1, lun) => {
+                let lun = lun.max(0) as u32;
+                let target = (0..=info.max_target)
+                    .find(|&t| !luns.is_used(at(t, lun)))
+                    .ok_or_else(|| err(ScsiBusError::NoFreeTarget))?;
+                at(target, lun)
+            }
+            (id, -1) => {
+                let lun = (0..=info.max_lun)
+                    .find(|&l| !luns.is_used(at(id as u32, l)))
+                    .ok_or_else(|| err(ScsiBusError::NoFreeLun))?;
+                at(id as u32, lun)
+            }
+            (id, lun) => at(id as u32, lun as u32),
+        };
+        if let Some(owner) = luns.owner(addr) {
+            return Err(err(ScsiBusError::LunInUse(owner)));
+        }
+        let name = self.parent.id().unwrap_or_else(|| ctx.type_name().to_string());
+        luns.insert(addr, name, unit);
+        self.scsi_id.set(addr.target as i32);
+        self.lun.set(addr.lun as i32);
+        let _ = self.plugged.set((luns.clone(), addr));
+        Ok(addr)
+    }
+
+    /// The unit's address, once plugged.
+    pub fn address(&self) -> Option<ScsiAddress> {
+        self.plugged.get().map(|(_, a)| *a)
+    }
+
+    /// QEMU's `scsibus_get_fw_dev_path`: `channel@C/disk@T,L` under the adapter's path.
+    pub fn fw_dev_path(&self, name: &str) -> Option<String> {
+        let a = self.address()?;
+        Some(format!("channel@{:x}/{name}@{:x},{:x}", a.channel, a.target, a.lun))
+    }
+}

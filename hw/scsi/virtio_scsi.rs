@@ -1,0 +1,610 @@
+//! The virtio SCSI host adapter (QEMU's `hw/scsi/virtio-scsi.c`): its request queues
+//! carry SCSI commands to the logical units on its bus (`scsi-hd`), its control queue
+//! task management and asynchronous-notification requests, and its event queue tells
+//! the driver of units plugged in or taken out while it runs (`VIRTIO_SCSI_F_HOTPLUG`).
+//!
+//! Queues are served on the adapter's event loop (an `-object iothread` or the main
+//! loop), each command run to its end before the next: nothing is ever in flight when a
+//! handler returns, so task management finds no task to abort and a reset or a migration
+//! only has to remove the handlers.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+use crate::core::dirty_log::DirtyTracker;
+use crate::core::iothread::{AioContext, AioHandlerId};
+use crate::core::vmstate::{VmStateError, VmStateSection};
+use crate::scsi::scsi_bus::{Dispatch, ScsiAddress, ScsiBusInfo, ScsiData, ScsiLuns, ScsiOutcome};
+use crate::virtio::virtio::{
+    bit, device_id, drain_kick, feature, mark_chain_written, read_config_bytes, ActivateError, Activation,
+    QueuePosition, RateLimitedLog, RingError, VirtioDevice, VirtioTransport,
+};
+
+/// Feature bits (virtio 1.2, 5.6.3).
+const F_HOTPLUG: u32 = 1;
+
+/// The adapter's addressing (QEMU's `virtio_scsi_scsi_info`).
+pub const BUS_INFO: ScsiBusInfo = ScsiBusInfo {
+    max_channel: 0,
+    max_target: 255,
+    max_lun: 16383,
+};
+
+/// Queue indices: control, event, then the request queues.
+const CONTROL: u16 = 0;
+const EVENT: u16 = 1;
+const FIRST_REQUEST: u16 = 2;
+
+/// The driver's defaults for the sizes it may change in the configuration.
+const SENSE_SIZE: u32 = 96;
+const CDB_SIZE: u32 = 32;
+/// The event structure: event, lun, reason.
+const EVENT_SIZE: u32 = 16;
+/// `struct virtio_scsi_config`.
+const CONFIG_SIZE: usize = 0x24;
+
+/// Request header without its CDB: lun, tag, task attribute, priority, crn.
+const REQ_HEADER: usize = 8 + 8 + 3;
+/// Response header without its sense: sense_len, resid, status_qualifier, status, response.
+const RESP_HEADER: usize = 4 + 4 + 2 + 1 + 1;
+
+/// Response codes (virtio 1.2, 5.6.6.1).
+mod response {
+    pub const OK: u8 = 0;
+    pub const OVERRUN: u8 = 1;
+    pub const BAD_TARGET: u8 = 3;
+    pub const FUNCTION_REJECTED: u8 = 11;
+    pub const INCORRECT_LUN: u8 = 12;
+}
+
+/// Control request types and task management functions.
+mod ctrl {
+    pub const TMF: u32 = 0;
+    pub const AN_QUERY: u32 = 1;
+    pub const AN_SUBSCRIBE: u32 = 2;
+    pub const ABORT_TASK: u32 = 0;
+    pub const ABORT_TASK_SET: u32 = 1;
+    pub const CLEAR_ACA: u32 = 2;
+    pub const CLEAR_TASK_SET: u32 = 3;
+    pub const I_T_NEXUS_RESET: u32 = 4;
+    pub const LOGICAL_UNIT_RESET: u32 = 5;
+    pub const QUERY_TASK: u32 = 6;
+    pub const QUERY_TASK_SET: u32 = 7;
+}
+
+/// Events (virtio 1.2, 5.6.6.3).
+mod event {
+    pub const NO_EVENT: u32 = 0;
+    pub const TRANSPORT_RESET: u32 = 1;
+    pub const EVENTS_MISSED: u32 = 0x8000_0000;
+    pub const REASON_RESCAN: u32 = 1;
+    pub const REASON_REMOVED: u32 = 2;
+}
+
+/// How the transport configured the adapter (its properties, resolved).
+pub struct VirtioScsiConf {
+    /// Request queues.
+    pub num_queues: u16,
+    /// Each queue's maximum size.
+    pub queue_size: u16,
+    /// Largest transfer in 512-byte sectors the driver should send.
+    pub max_sectors: u32,
+    /// Commands the driver may queue per LUN.
+    pub cmd_per_lun: u32,
+    /// Offer `VIRTIO_SCSI_F_HOTPLUG`.
+    pub hotplug: bool,
+    /// Where requests are served.
+    pub context: Arc<AioContext>,
+}
+
+/// QEMU's `VirtIOSCSI`.
+pub struct VirtioScsi {
+    conf: VirtioScsiConf,
+    luns: Arc<ScsiLuns>,
+    /// The driver-writable `sense_size` and `cdb_size`.
+    sizes: Mutex<(u32, u32)>,
+    handlers: Mutex<Vec<AioHandlerId>>,
+    running: Mutex<Option<Arc<Running>>>,
+}
+
+/// Guest errors of every virtio-scsi adapter share one log budget.
+static GUEST_ERRORS: std::sync::LazyLock<RateLimitedLog> = std::sync::LazyLock::new(RateLimitedLog::default);
+
+type Chain = DescriptorChain<Arc<GuestMemoryMmap>>;
+
+fn chain_error(e: impl std::fmt::Display) -> RingError {
+    RingError::Chain(e.to_string())
+}
+
+impl VirtioScsi {
+    /// An adapter over `conf`, addressing the units in `luns`.
+    pub fn new(conf: VirtioScsiConf, luns: Arc<ScsiLuns>) -> Self {
+        VirtioScsi {
+            conf,
+            luns,
+            sizes: Mutex::new((SENSE_SIZE, CDB_SIZE)),
+            handlers: Mutex::new(Vec::new()),
+            running: Mutex::new(None),
+        }
+    }
+
+    /// The units on the adapter's bus.
+    pub fn luns(&self) -> &Arc<ScsiLuns> {
+        &self.luns
+    }
+
+    fn stop(&self) -> Option<Arc<Running>> {
+        self.conf.context.remove_fds(&self.handlers);
+        self.running.lock().take()
+    }
+
+    fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
+        let c = &self.conf;
+        let (sense_size, cdb_size) = *self.sizes.lock();
+        let mut b = [0u8; CONFIG_SIZE];
+        b[0x00..0x04].copy_from_slice(&u32::from(c.num_queues).to_le_bytes());
+        // seg_max as QEMU's seg_max_adjust sets it.
+        b[0x04..0x08].copy_from_slice(&u32::from(c.queue_size.saturating_sub(2)).to_le_bytes());
+        b[0x08..0x0c].copy_from_slice(&c.max_sectors.to_le_bytes());
+        b[0x0c..0x10].copy_from_slice(&c.cmd_per_lun.to_le_bytes());
+        b[0x10..0x14].copy_from_slice(&EVENT_SIZE.to_le_bytes());
+        b[0x14..0x18].copy_from_slice(&sense_size.to_le_bytes());
+        b[0x18..0x1c].copy_from_slice(&cdb_size.to_le_bytes());
+        b[0x1c..0x1e].copy_from_slice(&(BUS_INFO.max_channel as u16).to_le_bytes());
+        b[0x1e..0x20].copy_from_slice(&(BUS_INFO.max_target as u16).to_le_bytes());
+        b[0x20..0x24].copy_from_slice(&BUS_INFO.max_lun.to_le_bytes());
+        b
+    }
+
+    /// Tells a running driver that the unit at `addr` was plugged in (`removed`: taken
+    /// out), as QEMU's `virtio_scsi_push_event` with `TRANSPORT_RESET`. A driver that
+    /// did not take `VIRTIO_SCSI_F_HOTPLUG`, or none, learns of it at its next scan.
+    pub fn notify_hotplug(&self, addr: ScsiAddress, removed: bool) {
+        let Some(running) = self.running.lock().clone() else {
+            return;
+        };
+        if running.features & bit(F_HOTPLUG) == 0 {
+            return;
+        }
+        let reason = if removed { event::REASON_REMOVED } else { event::REASON_RESCAN };
+        running.push_event(event::TRANSPORT_RESET, Some(addr), reason);
+    }
+}
+
+impl VirtioDevice for VirtioScsi {
+    fn device_type(&self) -> u16 {
+        device_id::SCSI
+    }
+
+    fn name(&self) -> &'static str {
+        "virtio-scsi"
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.conf.queue_size; usize::from(FIRST_REQUEST + self.conf.num_queues)]
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut features = bit(feature::RING_INDIRECT_DESC)
+            | bit(feature::RING_EVENT_IDX)
+            | bit(feature::NOTIFY_ON_EMPTY)
+            | bit(feature::ANY_LAYOUT);
+        if self.conf.hotplug {
+            features |= bit(F_HOTPLUG);
+        }
+        features
+    }
+
+    fn config_size(&self) -> usize {
+        CONFIG_SIZE
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_bytes(), offset, data);
+    }
+
+    /// `sense_size` and `cdb_size` are the driver's to set; values beyond what the
+    /// request layout can carry (QEMU's limits: 65535 and 255) are ignored.
+    fn write_config(&self, offset: u64, data: &[u8]) {
+        let mut config = self.config_bytes();
+        let Some(end) = (offset as usize).checked_add(data.len()) else {
+            return;
+        };
+        if offset < 0x14 || end > 0x1c {
+            return;
+        }
+        config[offset as usize..end].copy_from_slice(data);
+        let le = |at: usize| u32::from_le_bytes([config[at], config[at + 1], config[at + 2], config[at + 3]]);
+        let (sense_size, cdb_size) = (le(0x14), le(0x18));
+        if sense_size < 65536 && cdb_size < 256 {
+            *self.sizes.lock() = (sense_size, cdb_size);
+        }
+    }
+
+    fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            mem,
+            queues,
+            transport,
+            features,
+            dirty,
+        } = activation;
+        let (sense_size, cdb_size) = *self.sizes.lock();
+        let mut kicks = Vec::new();
+        let mut event_queue = None;
+        let mut served = Vec::new();
+        for q in queues {
+            kicks.push((q.index, q.kick.clone()));
+            match q.index {
+                EVENT => event_queue = Some(q.queue),
+                index => served.push((index, Mutex::new(q.queue))),
+            }
+        }
+        let running = Arc::new(Running {
+            mem,
+            dirty,
+            transport,
+            features,
+            luns: self.luns.clone(),
+            sense_size: sense_size as usize,
+            cdb_size: cdb_size as usize,
+            queues: served,
+            events: Mutex::new(EventQueue {
+                queue: event_queue,
+                dropped: false,
+            }),
+            broken: AtomicBool::new(false),
+        });
+        *self.running.lock() = Some(running.clone());
+        let mut handlers = self.handlers.lock();
+        for (index, kick) in kicks {
+            let on_kick = running.clone();
+            let fd = kick.as_raw_fd();
+            let handler = Box::new(move || {
+                drain_kick(&kick);
+                on_kick.process(index);
+            });
+            match self.conf.context.add_fd(fd, handler) {
+                Ok(id) => handlers.push(id),
+                Err(e) => {
+                    drop(handlers);
+                    self.reset();
+                    return Err(ActivateError::Io {
+                        device: "virtio-scsi",
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's `virtio_scsi_reset`: the queues stop, the units are reset, the driver's
+    /// sizes go back to their defaults.
+    fn reset(&self) {
+        self.stop();
+        self.luns.reset_all();
+        *self.sizes.lock() = (SENSE_SIZE, CDB_SIZE);
+    }
+
+    /// Every command completes in its handler, so nothing is in flight once they are
+    /// removed; the event queue keeps its buffers where the driver put them.
+    fn park(&self) -> Option<Vec<QueuePosition>> {
+        let running = self.stop()?;
+        let mut positions: Vec<QueuePosition> = running
+            .queues
+            .iter()
+            .map(|(index, q)| QueuePosition::of(*index, &q.lock(), 0))
+            .collect();
+        if let Some(q) = &running.events.lock().queue {
+            positions.push(QueuePosition::of(EVENT, q, 0));
+        }
+        positions.sort_by_key(|p| p.index);
+        Some(positions)
+    }
+
+    fn save_device(&self, section: &mut VmStateSection) -> Result<(), VmStateError> {
+        let (sense_size, cdb_size) = *self.sizes.lock();
+        section.put("scsi.sense_size", sense_size);
+        section.put("scsi.cdb_size", cdb_size);
+        section.put("scsi.num_queues", self.conf.num_queues);
+        Ok(())
+    }
+
+    fn load_device(&self, section: &VmStateSection) -> Result<(), VmStateError> {
+        let queues: u16 = section.get("scsi.num_queues")?;
+        if queues != self.conf.num_queues {
+            return Err(VmStateError::Mismatch(format!(
+                "virtio-scsi: {queues} request queues saved, this device has {}",
+                self.conf.num_queues
+            )));
+        }
+        *self.sizes.lock() = (section.get("scsi.sense_size")?, section.get("scsi.cdb_size")?);
+        Ok(())
+    }
+}
+
+/// The event queue: its ring, and whether an event found no buffer (the driver is then
+/// told `EVENTS_MISSED` and rescans).
+struct EventQueue {
+    queue: Option<Queue>,
+    dropped: bool,
+}
+
+/// The adapter while the driver runs it. Its handlers run on the adapter's event loop.
+struct Running {
+    mem: Arc<GuestMemoryMmap>,
+    dirty: Arc<DirtyTracker>,
+    transport: Arc<dyn VirtioTransport>,
+    features: u64,
+    luns: Arc<ScsiLuns>,
+    sense_size: usize,
+    cdb_size: usize,
+    /// The control and request queues, by index.
+    queues: Vec<(u16, Mutex<Queue>)>,
+    events: Mutex<EventQueue>,
+    broken: AtomicBool,
+}
+
+/// A virtio LUN field as an address: `None` for one that names no unit on this bus
+/// (QEMU's `virtio_scsi_device_get`).
+fn decode_lun(lun: &[u8; 8]) -> Option<ScsiAddress> {
+    if lun[0] != 1 || (lun[2] != 0 && !(0x40..0x80).contains(&lun[2])) {
+        return None;
+    }
+    Some(ScsiAddress {
+        channel: 0,
+        target: u32::from(lun[1]),
+        lun: ((u32::from(lun[2]) << 8) | u32::from(lun[3])) & 0x3fff,
+    })
+}
+
+fn encode_lun(addr: ScsiAddress) -> [u8; 8] {
+    let mut lun = [0u8; 8];
+    lun[0] = 1;
+    lun[1] = addr.target as u8;
+    lun[2] = ((addr.lun >> 8) as u8) | 0x40;
+    lun[3] = addr.lun as u8;
+    lun
+}
+
+impl Running {
+    /// A kick of queue `index`: serves every available chain, then interrupts once.
+    fn process(&self, index: u16) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        if index == EVENT {
+            // Buffers arrived: an event that found none can be reported as missed now.
+            if self.events.lock().dropped {
+                self.push_event(event::NO_EVENT, None, 0);
+            }
+            return;
+        }
+        let Some((_, queue)) = self.queues.iter().find(|(i, _)| *i == index) else {
+            return;
+        };
+        let mut queue = queue.lock();
+        let result = (|| -> Result<bool, RingError> {
+            let mem = &*self.mem;
+            let mut any = false;
+            loop {
+                queue.disable_notification(mem)?;
+                while let Some(chain) = queue.iter(self.mem.clone())?.next() {
+                    let head = chain.head_index();
+                    let written = chain.clone();
+                    let len = if index == CONTROL {
+                        self.control(chain)?
+                    } else {
+                        self.command(chain)?
+                    };
+                    mark_chain_written(&self.dirty, &written);
+                    queue.add_used(mem, head, len)?;
+                    any = true;
+                }
+                if !queue.enable_notification(mem)? {
+                    break;
+                }
+            }
+            Ok(any && queue.needs_notification(mem)?)
+        })();
+        drop(queue);
+        match result {
+            Ok(true) => self.transport.signal_used_queue(index),
+            Ok(false) => {}
+            Err(e) => self.fail(index, e),
+        }
+    }
+
+    fn fail(&self, index: u16, e: RingError) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            GUEST_ERRORS.warn(|| format!("virtio-scsi: queue {index}: {e}: device needs reset"));
+            self.transport.mark_broken();
+        }
+    }
+
+    /// One command request; returns the bytes written into the chain.
+    fn command(&self, chain: Chain) -> Result<u32, RingError> {
+        let mem = &*self.mem;
+        let mut reader = Reader::new(mem, chain.clone()).map_err(chain_error)?;
+        let mut writer = Writer::new(mem, chain).map_err(chain_error)?;
+        let req_size = REQ_HEADER + self.cdb_size;
+        let resp_size = RESP_HEADER + self.sense_size;
+        if reader.available_bytes() < req_size || writer.available_bytes() < resp_size {
+            return Err(chain_error("bad request or response size"));
+        }
+        let mut header = vec![0u8; req_size];
+        reader.read_exact(&mut header).map_err(chain_error)?;
+        let mut data_in = writer.split_at(resp_size).map_err(chain_error)?;
+        let mut resp = vec![0u8; resp_size];
+        let lun: [u8; 8] = header[..8].try_into().unwrap_or_default();
+        let cdb = &header[REQ_HEADER..];
+        let data_in_len = data_in.available_bytes();
+        let data_out_len = reader.available_bytes();
+        let dispatch = match decode_lun(&lun) {
+            None => Dispatch::NoTarget,
+            Some(addr) => {
+                let mut data = ScsiData {
+                    data_out: &mut reader,
+                    data_out_len,
+                    data_in: &mut data_in,
+                    data_in_len,
+                };
+                self.luns.execute(addr, cdb, &mut data)
+            }
+        };
+        let resid = if data_in_len > 0 {
+            data_in.available_bytes()
+        } else {
+            reader.available_bytes()
+        };
+        match dispatch {
+            Dispatch::NoTarget => resp[11] = response::BAD_TARGET,
+            Dispatch::Done(ScsiOutcome::Overrun) => resp[11] = response::OVERRUN,
+            Dispatch::Done(ScsiOutcome::Good { .. }) => {
+                resp[4..8].copy_from_slice(&(resid as u32).to_le_bytes());
+                resp[10] = crate::scsi::scsi_bus::status::GOOD;
+                resp[11] = response::OK;
+            }
+            Dispatch::Done(ScsiOutcome::Check(sense)) => {
+                let fixed = sense.fixed();
+                let n = fixed.len().min(self.sense_size);
+                resp[0..4].copy_from_slice(&(n as u32).to_le_bytes());
+                resp[4..8].copy_from_slice(&(resid as u32).to_le_bytes());
+                resp[10] = crate::scsi::scsi_bus::status::CHECK_CONDITION;
+                resp[11] = response::OK;
+                resp[RESP_HEADER..RESP_HEADER + n].copy_from_slice(&fixed[..n]);
+            }
+        }
+        writer.write_all(&resp).map_err(chain_error)?;
+        Ok((resp_size + data_in_len - data_in.available_bytes()) as u32)
+    }
+
+    /// One control request (QEMU's `virtio_scsi_handle_ctrl_req`).
+    fn control(&self, chain: Chain) -> Result<u32, RingError> {
+        let mem = &*self.mem;
+        let mut reader = Reader::new(mem, chain.clone()).map_err(chain_error)?;
+        let mut writer = Writer::new(mem, chain).map_err(chain_error)?;
+        let mut kind = [0u8; 4];
+        reader.read_exact(&mut kind).map_err(|_| chain_error("control request without a type"))?;
+        match u32::from_le_bytes(kind) {
+            ctrl::TMF => {
+                // subtype, lun, tag; the response is one byte.
+                let mut req = [0u8; 20];
+                reader.read_exact(&mut req).map_err(|_| chain_error("short task management request"))?;
+                let subtype = u32::from_le_bytes(req[0..4].try_into().unwrap_or_default());
+                let lun: [u8; 8] = req[4..12].try_into().unwrap_or_default();
+                let code = self.task_management(subtype, &lun);
+                writer.write_all(&[code]).map_err(|_| chain_error("no room for the response"))?;
+                Ok(1)
+            }
+            ctrl::AN_QUERY | ctrl::AN_SUBSCRIBE => {
+                // lun, event_requested; answers event_actual (none) and the response.
+                let mut req = [0u8; 12];
+                reader.read_exact(&mut req).map_err(|_| chain_error("short notification request"))?;
+                writer
+                    .write_all(&[0, 0, 0, 0, response::OK])
+                    .map_err(|_| chain_error("no room for the response"))?;
+                Ok(5)
+            }
+            other => Err(chain_error(format!("unknown control request type {other}"))),
+        }
+    }
+
+    /// A task management function. Commands run to their end in their handler, so there
+    /// is never a task to abort: the aborts complete at once.
+    fn task_management(&self, subtype: u32, lun: &[u8; 8]) -> u8 {
+        let Some(addr) = decode_lun(lun) else {
+            return response::BAD_TARGET;
+        };
+        if !self.luns.has_target(addr.channel, addr.target) {
+            return response::BAD_TARGET;
+        }
+        let unit = self.luns.find(addr);
+        match subtype {
+            ctrl::ABORT_TASK | ctrl::ABORT_TASK_SET | ctrl::CLEAR_TASK_SET | ctrl::CLEAR_ACA
+            | ctrl::QUERY_TASK | ctrl::QUERY_TASK_SET => {
+                if unit.is_none() {
+                    response::INCORRECT_LUN
+                } else {
+                    response::OK
+                }
+            }
+            ctrl::LOGICAL_UNIT_RESET => match unit {
+                Some(unit) => {
+                    unit.reset();
+                    response::OK
+                }
+                None => response::INCORRECT_LUN,
+            },
+            ctrl::I_T_NEXUS_RESET => {
+                self.luns.reset_target(addr.channel, addr.target);
+                response::OK
+            }
+            _ => response::FUNCTION_REJECTED,
+        }
+    }
+
+    /// Puts an event in the driver's next event buffer, or records that one was missed.
+    fn push_event(&self, kind: u32, addr: Option<ScsiAddress>, reason: u32) {
+        let mem = &*self.mem;
+        let mut events = self.events.lock();
+        let events = &mut *events;
+        let Some(queue) = events.queue.as_mut() else {
+            return;
+        };
+        let result = (|| -> Result<bool, RingError> {
+            let Some(chain) = queue.pop_descriptor_chain(self.mem.clone()) else {
+                events.dropped = true;
+                return Ok(false);
+            };
+            let head = chain.head_index();
+            let written = chain.clone();
+            let mut writer = Writer::new(mem, chain).map_err(chain_error)?;
+            let missed = if std::mem::take(&mut events.dropped) { event::EVENTS_MISSED } else { 0 };
+            let mut ev = [0u8; EVENT_SIZE as usize];
+            ev[0..4].copy_from_slice(&(kind | missed).to_le_bytes());
+            if let Some(addr) = addr {
+                ev[4..12].copy_from_slice(&encode_lun(addr));
+            }
+            ev[12..16].copy_from_slice(&reason.to_le_bytes());
+            writer
+                .write_all(&ev)
+                .map_err(|_| chain_error("event buffer too small"))?;
+            mark_chain_written(&self.dirty, &written);
+            queue.add_used(mem, head, EVENT_SIZE)?;
+            Ok(queue.needs_notification(mem)?)
+        })();
+        match result {
+            Ok(true) => self.transport.signal_used_queue(EVENT),
+            Ok(false) => {}
+            Err(e) => self.fail(EVENT, e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luns_round_trip_through_the_virtio_format() {
+        for (target, lun) in [(0, 0), (3, 1), (255, 16383)] {
+            let addr = ScsiAddress { channel: 0, target, lun };
+            assert_eq!(decode_lun(&encode_lun(addr)), Some(addr));
+        }
+        assert_eq!(decode_lun(&[0, 0, 0, 0, 0, 0, 0, 0]), None, "lun[0] must be 1");
+        assert_eq!(decode_lun(&[1, 0, 0x80, 0, 0, 0, 0, 0]), None, "extended addressing");
+        assert_eq!(
+            decode_lun(&[1, 2, 0, 5, 0, 0, 0, 0]),
+            Some(ScsiAddress { channel: 0, target: 2, lun: 5 }),
+            "peripheral addressing of a LUN below 256"
+        );
+    }
+}

@@ -1,0 +1,706 @@
+//! `virtio-scsi-pci` with `scsi-hd` units on the pc board under the qtest accelerator,
+//! driven by the test's own virtio 1.x driver (test_support::virtio): the adapter's
+//! identity and configuration, SCSI commands against a real image file (checked with
+//! `qemu-img` where it is installed), addressing of absent targets and LUNs, task
+//! management, units plugged and unplugged while the driver runs (events), QEMU's
+//! errors for bad options, and rings full of garbage, which must never panic or hang.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use block::{BlockBackend, Format, OpenOptions};
+use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::qdev::{qdev_new, qdev_realize, DeviceMethods};
+use qom::ObjectRef;
+use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
+use vm_memory::{Bytes, GuestAddress};
+
+const VERSION_1: u64 = 1 << 32;
+const F_HOTPLUG: u64 = 1 << 1;
+const F_INDIRECT: u64 = 1 << 28;
+const F_EVENT_IDX: u64 = 1 << 29;
+
+const WAIT: Duration = Duration::from_secs(10);
+const DEVFN: u32 = 5 << 3;
+
+/// Guest addresses the test lays things out at.
+const RINGS: u64 = 0x10_0000;
+const REQ: u64 = 0x20_0000;
+const RESP: u64 = 0x20_1000;
+const EVENTS: u64 = 0x20_2000;
+const DATA: u64 = 0x21_0000;
+
+const REQ_SIZE: u32 = 19 + 32;
+const RESP_SIZE: u32 = 12 + 96;
+
+/// Response codes.
+const S_OK: u8 = 0;
+const S_OVERRUN: u8 = 1;
+const S_BAD_TARGET: u8 = 3;
+const S_INCORRECT_LUN: u8 = 12;
+/// SCSI status.
+const GOOD: u8 = 0;
+const CHECK_CONDITION: u8 = 2;
+
+fn temp_image(name: &str, size: u64) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qomvm-virtio-scsi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(size).unwrap();
+    path
+}
+
+/// Opens `path` as drive `id` (as `-drive if=none,id=ID,format=raw`).
+fn add_drive(id: &str, path: &std::path::Path, read_only: bool) -> Arc<BlockBackend> {
+    let mut opts = OpenOptions::new(path);
+    opts.format = Some(Format::Raw);
+    opts.read_only = read_only;
+    opts.discard = block::DiscardMode::Unmap;
+    let backend = BlockBackend::open(id, &block::auto_node_name(), opts, |_| {}).unwrap();
+    block::add_backend(backend).unwrap()
+}
+
+/// A pc machine on qtest with `virtio-scsi-pci,id=ID` at 05.0 and a `scsi-hd` for each
+/// (drive, props); the machine is not yet done (more can be plugged).
+fn pc_with_adapter(id: &str, disks: &[(&str, &[(&str, &str)])]) -> ObjectRef {
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
+    machine_state(&machine).unwrap().set_ram_size(128 << 20);
+    let qtest = accel::accel_find("qtest").unwrap();
+    accel::accel_init_machine(qtest, &machine).unwrap();
+    machine_run_board_init(&machine).unwrap();
+    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
+    let hba = qdev_new("virtio-scsi-pci").unwrap();
+    hba.property_parse("addr", "05.0").unwrap();
+    hba.set_device_id(Some(id.to_string()));
+    qom::container_get(&machine, "peripheral")
+        .add_child(id, &hba)
+        .unwrap();
+    qdev_realize(&hba, Some(&pci)).unwrap();
+    for (drive, props) in disks {
+        plug_disk(&machine, id, drive, props).unwrap();
+    }
+    machine
+}
+
+fn plug_disk(
+    machine: &ObjectRef,
+    hba: &str,
+    drive: &str,
+    props: &[(&str, &str)],
+) -> Result<ObjectRef, hw::core::qdev::QdevError> {
+    let bus = machine
+        .child("peripheral")
+        .unwrap()
+        .child(hba)
+        .unwrap()
+        .child(&format!("{hba}.0"))
+        .unwrap();
+    let dev = qdev_new("scsi-hd").unwrap();
+    dev.property_parse("drive", drive).unwrap();
+    for (k, v) in props {
+        match *k {
+            "id" => dev.set_device_id(Some(v.to_string())),
+            _ => dev.property_parse(k, v).unwrap(),
+        }
+    }
+    machine
+        .child("peripheral-anon")
+        .unwrap()
+        .add_child("device[*]", &dev)
+        .unwrap();
+    qdev_realize(&dev, Some(&bus))?;
+    Ok(dev)
+}
+
+/// A driver with the control, event and one request queue running (16 entries each).
+struct Driver {
+    dev: VirtioPciDevice,
+    ctrl: SplitRing,
+    event: SplitRing,
+    req: SplitRing,
+    /// Event buffers given so far: buffer N is descriptor N % 16, at EVENTS + 16 * that.
+    events_posted: u64,
+}
+
+impl Driver {
+    fn start(machine: &ObjectRef, features: u64) -> Driver {
+        let dev = VirtioPciDevice::probe(machine, DEVFN);
+        assert!(
+            dev.negotiate(features),
+            "FEATURES_OK refused for {features:#x}"
+        );
+        let rings: Vec<SplitRing> = (0..3)
+            .map(|i| SplitRing::new(RINGS + i * 0x1_0000, 16))
+            .collect();
+        for (i, ring) in rings.iter().enumerate() {
+            ring.clear(&dev.mem);
+            dev.setup_queue(i as u16, ring);
+        }
+        dev.driver_ok();
+        let mut rings = rings.into_iter();
+        let (ctrl, event, req) = (
+            rings.next().unwrap(),
+            rings.next().unwrap(),
+            rings.next().unwrap(),
+        );
+        Driver {
+            dev,
+            ctrl,
+            event,
+            req,
+            events_posted: 0,
+        }
+    }
+
+    /// Runs `cdb` on `lun` (virtio format) with `out` as data-out and a data-in buffer of
+    /// `in_len` bytes: returns the response header fields and the data-in bytes written.
+    fn command(&mut self, lun: [u8; 8], cdb: &[u8], out: &[u8], in_len: u32) -> Reply {
+        let mem = &self.dev.mem;
+        let mut req = vec![0u8; REQ_SIZE as usize];
+        req[..8].copy_from_slice(&lun);
+        req[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
+        req[19..19 + cdb.len()].copy_from_slice(cdb);
+        mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        mem.write_slice(&[0xffu8; RESP_SIZE as usize], GuestAddress(RESP))
+            .unwrap();
+        let mut bufs = vec![(REQ, REQ_SIZE, false)];
+        if !out.is_empty() {
+            mem.write_slice(out, GuestAddress(DATA)).unwrap();
+            bufs.push((DATA, out.len() as u32, false));
+        }
+        bufs.push((RESP, RESP_SIZE, true));
+        if in_len > 0 {
+            mem.write_slice(&vec![0u8; in_len as usize], GuestAddress(DATA))
+                .unwrap();
+            bufs.push((DATA, in_len, true));
+        }
+        let head = self.req.add_chain(mem, &bufs);
+        self.dev.notify(2);
+        let used = self.dev.wait_used(&mut self.req, 1, WAIT);
+        assert_eq!(used.len(), 1, "command {cdb:02x?} was not completed");
+        assert_eq!(used[0].0, u32::from(head));
+        let mut resp = vec![0u8; RESP_SIZE as usize];
+        mem.read_slice(&mut resp, GuestAddress(RESP)).unwrap();
+        let data_len = used[0].1 - RESP_SIZE;
+        let mut data = vec![0u8; data_len as usize];
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        let le32 = |at: usize| u32::from_le_bytes(resp[at..at + 4].try_into().unwrap());
+        Reply {
+            sense: resp[12..12 + le32(0) as usize].to_vec(),
+            resid: le32(4),
+            status: resp[10],
+            response: resp[11],
+            data,
+        }
+    }
+
+    /// A task management function on `lun`: its response byte.
+    fn tmf(&mut self, subtype: u32, lun: [u8; 8]) -> u8 {
+        let mem = &self.dev.mem;
+        let mut req = [0u8; 32];
+        req[4..8].copy_from_slice(&subtype.to_le_bytes());
+        req[8..16].copy_from_slice(&lun);
+        mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(RESP)).unwrap();
+        self.ctrl
+            .add_chain(mem, &[(REQ, 32, false), (RESP, 1, true)]);
+        self.dev.notify(0);
+        let used = self.dev.wait_used(&mut self.ctrl, 1, WAIT);
+        assert_eq!(used.len(), 1, "the TMF was not completed");
+        mem.read_obj(GuestAddress(RESP)).unwrap()
+    }
+
+    /// Gives the event queue `n` buffers of 16 bytes.
+    fn post_event_buffers(&mut self, n: u64) {
+        for _ in 0..n {
+            let at = EVENTS + 16 * (self.events_posted % 16);
+            self.event.add_chain(&self.dev.mem, &[(at, 16, true)]);
+            self.events_posted += 1;
+        }
+        self.dev.notify(1);
+    }
+
+    /// The next event within `wait`: (event, lun, reason).
+    fn next_event(&mut self, wait: Duration) -> Option<(u32, [u8; 8], u32)> {
+        let used = self.dev.wait_used(&mut self.event, 1, wait);
+        let (head, len) = *used.first()?;
+        assert_eq!(len, 16);
+        let mut ev = [0u8; 16];
+        self.dev
+            .mem
+            .read_slice(&mut ev, GuestAddress(EVENTS + 16 * u64::from(head)))
+            .unwrap();
+        Some((
+            u32::from_le_bytes(ev[0..4].try_into().unwrap()),
+            ev[4..12].try_into().unwrap(),
+            u32::from_le_bytes(ev[12..16].try_into().unwrap()),
+        ))
+    }
+}
+
+struct Reply {
+    sense: Vec<u8>,
+    resid: u32,
+    status: u8,
+    response: u8,
+    data: Vec<u8>,
+}
+
+impl Reply {
+    fn good(&self) -> &Self {
+        assert_eq!(
+            (self.response, self.status),
+            (S_OK, GOOD),
+            "sense {:02x?}",
+            self.sense
+        );
+        self
+    }
+
+    /// Key, ASC, ASCQ of a CHECK CONDITION.
+    fn check(&self) -> (u8, u8, u8) {
+        assert_eq!((self.response, self.status), (S_OK, CHECK_CONDITION));
+        assert_eq!(self.sense[0], 0x70, "fixed-format sense");
+        (self.sense[2], self.sense[12], self.sense[13])
+    }
+}
+
+fn lun(target: u8, lun: u16) -> [u8; 8] {
+    [1, target, 0x40 | (lun >> 8) as u8, lun as u8, 0, 0, 0, 0]
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+fn rw10(op: u8, lba: u32, blocks: u16) -> Vec<u8> {
+    let mut cdb = vec![op, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+    cdb
+}
+
+#[test]
+fn the_adapter_presents_virtio_scsi_ids_and_configuration() {
+    let path = temp_image("ids.raw", 1 << 20);
+    add_drive("vscsi-ids", &path, false);
+    let m = pc_with_adapter("scsi-ids", &[("vscsi-ids", &[])]);
+    machine_creation_done(&m).unwrap();
+    let dev = VirtioPciDevice::probe(&m, DEVFN);
+    assert_eq!(
+        dev.config.read(0, 4),
+        0x1004_1af4,
+        "transitional virtio-scsi"
+    );
+    assert_eq!(dev.config.read(0x2c, 4), 0x0008_1af4, "subsystem: SCSI");
+    assert_eq!(dev.config.read(0x0a, 2), 0x0100, "SCSI storage class");
+    let features = dev.device_features();
+    for f in [VERSION_1, F_HOTPLUG, F_INDIRECT, F_EVENT_IDX] {
+        assert_ne!(features & f, 0, "feature {f:#x} missing from {features:#x}");
+    }
+    assert_eq!(
+        dev.num_queues(),
+        3,
+        "control, event and one request queue per vCPU"
+    );
+    let cfg = |offset, size| dev.device_config(offset, size);
+    assert_eq!(cfg(0x00, 4), 1, "num_queues");
+    assert_eq!(cfg(0x10, 4), 16, "event_info_size");
+    assert_eq!(cfg(0x14, 4), 96, "sense_size");
+    assert_eq!(cfg(0x18, 4), 32, "cdb_size");
+    assert_eq!(
+        (cfg(0x1c, 2), cfg(0x1e, 2), cfg(0x20, 4)),
+        (0, 255, 16383),
+        "max channel, target, lun"
+    );
+    // The bus is the adapter's id and ".0", with the unit placed at 0:0.
+    let disk = m
+        .child("peripheral-anon")
+        .unwrap()
+        .child("device[0]")
+        .unwrap();
+    assert_eq!(disk.property_print("scsi-id").unwrap(), "0");
+    assert_eq!(disk.property_print("lun").unwrap(), "0");
+}
+
+#[test]
+fn commands_reach_the_image_and_come_back() {
+    let path = temp_image("rw.raw", 4 << 20);
+    add_drive("vscsi-rw", &path, false);
+    let m = pc_with_adapter(
+        "scsi-rw",
+        &[("vscsi-rw", &[("serial", "QOMVM-SCSI-1"), ("scsi-id", "2")])],
+    );
+    machine_creation_done(&m).unwrap();
+    let mut d = Driver::start(&m, VERSION_1 | F_HOTPLUG);
+    let disk = lun(2, 0);
+
+    let r = d.command(disk, &[0x12, 0, 0, 0, 96, 0], &[], 96);
+    r.good();
+    assert_eq!(r.data.len(), 36, "standard INQUIRY data");
+    assert_eq!((r.data[0], r.data[2]), (0, 5), "a disk, SPC-3");
+    assert_eq!(&r.data[8..32], b"QEMU    QEMU HARDDISK   ");
+    assert_eq!(r.resid, 96 - 36);
+    let serial = d.command(disk, &[0x12, 1, 0x80, 0, 64, 0], &[], 64);
+    assert_eq!(
+        &serial.good().data[4..],
+        b"QOMVM-SCSI-1",
+        "unit serial number page"
+    );
+
+    let cap = d.command(disk, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(
+        cap.good().data,
+        [0, 0, 0x1f, 0xff, 0, 0, 2, 0],
+        "last LBA 8191, 512-byte blocks"
+    );
+    let mut rc16 = [0u8; 16];
+    rc16[0] = 0x9e;
+    rc16[1] = 0x10;
+    rc16[13] = 32;
+    let cap16 = d.command(disk, &rc16, &[], 32);
+    assert_eq!(
+        &cap16.good().data[..12],
+        &[0, 0, 0, 0, 0, 0, 0x1f, 0xff, 0, 0, 2, 0]
+    );
+    assert_eq!(cap16.data[14] & 0x80, 0x80, "thin provisioning (UNMAP)");
+
+    // WRITE(10) of 16 blocks at LBA 100, in the image; READ(10) gives them back.
+    let data = pattern(8192, 0x5a);
+    d.command(disk, &rw10(0x2a, 100, 16), &data, 0).good();
+    let on_disk = std::fs::read(&path).unwrap();
+    assert!(
+        on_disk[100 * 512..100 * 512 + 8192] == data[..],
+        "the image holds the write"
+    );
+    let back = d.command(disk, &rw10(0x28, 100, 16), &[], 8192);
+    assert!(
+        back.good().data == data,
+        "READ(10) returns what was written"
+    );
+    d.command(disk, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0)
+        .good();
+
+    // Beyond the end, a buffer too small, an unknown opcode.
+    assert_eq!(
+        d.command(disk, &rw10(0x28, 8190, 4), &[], 2048).check(),
+        (5, 0x21, 0)
+    );
+    assert_eq!(
+        d.command(disk, &rw10(0x28, 0, 4), &[], 512).response,
+        S_OVERRUN
+    );
+    assert_eq!(
+        d.command(disk, &[0xc7, 0, 0, 0, 0, 0], &[], 0).check(),
+        (5, 0x20, 0)
+    );
+
+    // MODE SENSE(6) of the caching page: write cache on (the drive's writeback);
+    // MODE SELECT(6) switches it off, as `sd`'s cache_type attribute does.
+    let cache = d.command(disk, &[0x1a, 0x08, 0x08, 0, 64, 0], &[], 64);
+    let page = &cache.good().data[4..];
+    assert_eq!((page[0], page[1], page[2] & 0x04), (0x08, 0x12, 0x04));
+    let mut select = vec![0u8; 4];
+    select.extend_from_slice(&[0x08, 0x12]);
+    select.extend_from_slice(&[0u8; 0x12]);
+    d.command(disk, &[0x15, 0x10, 0, 0, select.len() as u8, 0], &select, 0)
+        .good();
+    let cache = d.command(disk, &[0x1a, 0x08, 0x08, 0, 64, 0], &[], 64);
+    assert_eq!(cache.good().data[4 + 2] & 0x04, 0, "WCE off");
+
+    // UNMAP of the written blocks (`discard=unmap`): the image lets go of them, and they
+    // read back as zeroes.
+    use std::os::unix::fs::MetadataExt;
+    let allocated = || std::fs::metadata(&path).unwrap().blocks();
+    let before = allocated();
+    let mut unmap = vec![0u8; 24];
+    unmap[0..2].copy_from_slice(&22u16.to_be_bytes());
+    unmap[2..4].copy_from_slice(&16u16.to_be_bytes());
+    unmap[8..16].copy_from_slice(&96u64.to_be_bytes());
+    unmap[16..20].copy_from_slice(&24u32.to_be_bytes());
+    d.command(disk, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &unmap, 0)
+        .good();
+    assert!(
+        allocated() < before,
+        "UNMAP punched the image ({before} -> {} blocks)",
+        allocated()
+    );
+    let back = d.command(disk, &rw10(0x28, 100, 16), &[], 8192);
+    assert!(
+        back.good().data.iter().all(|&b| b == 0),
+        "unmapped blocks read zero"
+    );
+    // WRITE SAME(16) repeats one block; with NDOB it writes zeroes without data.
+    let mut same = [0u8; 16];
+    same[0] = 0x93;
+    same[2..10].copy_from_slice(&200u64.to_be_bytes());
+    same[10..14].copy_from_slice(&4u32.to_be_bytes());
+    d.command(disk, &same, &[0xabu8; 512], 0).good();
+    let back = d.command(disk, &rw10(0x28, 200, 4), &[], 2048);
+    assert!(
+        back.good().data.iter().all(|&b| b == 0xab),
+        "the block four times"
+    );
+    same[1] = 0x01;
+    d.command(disk, &same, &[], 0).good();
+    let back = d.command(disk, &rw10(0x28, 200, 4), &[], 2048);
+    assert!(back.good().data.iter().all(|&b| b == 0), "NDOB: zeroes");
+
+    // REPORT LUNS lists LUN 0; an absent LUN of the target is answered by the target,
+    // an absent target by the adapter.
+    let mut report = [0u8; 12];
+    report[0] = 0xa0;
+    report[9] = 64;
+    let luns = d.command(disk, &report, &[], 64);
+    assert_eq!(
+        &luns.good().data[..16],
+        &[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+    let absent = d.command(lun(2, 3), &[0x12, 0, 0, 0, 36, 0], &[], 36);
+    assert_eq!(absent.good().data[0], 0x7f, "no unit at LUN 3");
+    assert_eq!(
+        d.command(lun(2, 3), &[0, 0, 0, 0, 0, 0], &[], 0).check(),
+        (5, 0x25, 0)
+    );
+    assert_eq!(
+        d.command(lun(7, 0), &[0, 0, 0, 0, 0, 0], &[], 0).response,
+        S_BAD_TARGET
+    );
+    assert_eq!(
+        d.command([0; 8], &[0, 0, 0, 0, 0, 0], &[], 0).response,
+        S_BAD_TARGET
+    );
+
+    // Task management: a LUN reset (the cache is back on), an absent LUN and target.
+    assert_eq!(d.tmf(5, disk), S_OK);
+    let cache = d.command(disk, &[0x1a, 0x08, 0x08, 0, 64, 0], &[], 64);
+    assert_eq!(
+        cache.good().data[4 + 2] & 0x04,
+        0x04,
+        "WCE as configured after a reset"
+    );
+    assert_eq!(d.tmf(0, lun(2, 9)), S_INCORRECT_LUN);
+    assert_eq!(d.tmf(5, lun(9, 0)), S_BAD_TARGET);
+}
+
+#[test]
+fn a_read_only_drive_refuses_writes_with_data_protect() {
+    let path = temp_image("ro.raw", 1 << 20);
+    add_drive("vscsi-ro", &path, true);
+    let m = pc_with_adapter("scsi-ro", &[("vscsi-ro", &[])]);
+    machine_creation_done(&m).unwrap();
+    let mut d = Driver::start(&m, VERSION_1);
+    assert_eq!(
+        d.command(lun(0, 0), &rw10(0x2a, 0, 1), &[1u8; 512], 0)
+            .check(),
+        (7, 0x27, 0)
+    );
+    let sense = d.command(lun(0, 0), &[0x1a, 0x08, 0x3f, 0, 255, 0], &[], 255);
+    assert_eq!(
+        sense.good().data[2] & 0x80,
+        0x80,
+        "MODE SENSE says write-protected"
+    );
+}
+
+/// libvirt's disk hotplug on a SCSI controller: `device_add scsi-hd` on the adapter's bus
+/// while the driver runs; the driver hears of the new unit on the event queue, reaches
+/// it, and hears of it again when `device_del` takes it out (at once), after which its
+/// target is gone and the image is let go.
+#[test]
+fn units_plugged_and_unplugged_are_announced_on_the_event_queue() {
+    let path = temp_image("hot.raw", 1 << 20);
+    add_drive("vscsi-base", &temp_image("base.raw", 1 << 20), false);
+    add_drive("vscsi-hot", &path, false);
+    let m = pc_with_adapter("scsi-hot", &[("vscsi-base", &[])]);
+    machine_creation_done(&m).unwrap();
+    let mut d = Driver::start(&m, VERSION_1 | F_HOTPLUG);
+    d.post_event_buffers(4);
+    assert!(
+        d.next_event(Duration::from_millis(300)).is_none(),
+        "no event without a change"
+    );
+
+    let hot = plug_hot(&m, "vscsi-hot", &[("scsi-id", "0"), ("lun", "5")], "hot0");
+    assert_eq!(
+        d.next_event(WAIT),
+        Some((1, lun(0, 5), 1)),
+        "TRANSPORT_RESET, RESCAN of 0:5"
+    );
+    let cap = d.command(lun(0, 5), &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(&cap.good().data[..4], &[0, 0, 0x07, 0xff]);
+    let mut report = [0u8; 12];
+    report[0] = 0xa0;
+    report[9] = 64;
+    let luns = d.command(lun(0, 0), &report, &[], 64);
+    assert_eq!(&luns.good().data[..4], &[0, 0, 0, 16], "LUNs 0 and 5");
+    assert_eq!(&luns.data[16..18], &[0, 5]);
+
+    hw::core::qdev::qdev_unplug(&hot).unwrap();
+    assert!(!hot.is_realized(), "a SCSI unit goes at once");
+    assert_eq!(
+        d.next_event(WAIT),
+        Some((1, lun(0, 5), 2)),
+        "TRANSPORT_RESET, REMOVED of 0:5"
+    );
+    assert_eq!(
+        d.command(lun(0, 5), &[0, 0, 0, 0, 0, 0], &[], 0).check(),
+        (5, 0x25, 0)
+    );
+    assert!(
+        block::find_backend("vscsi-hot").is_some(),
+        "a node added on its own stays"
+    );
+    // The drive is free for the next unit: plugged and unplugged it takes the last
+    // two buffers.
+    let again = plug_hot(&m, "vscsi-hot", &[("scsi-id", "1")], "hot1");
+    assert_eq!(d.next_event(WAIT), Some((1, lun(1, 0), 1)));
+    hw::core::qdev::qdev_unplug(&again).unwrap();
+    assert_eq!(d.next_event(WAIT), Some((1, lun(1, 0), 2)));
+    // With no buffer left an event is lost; the next buffer tells the driver so
+    // (EVENTS_MISSED), and it rescans.
+    plug_hot(&m, "vscsi-hot", &[("scsi-id", "1")], "hot2");
+    assert!(d.next_event(Duration::from_millis(300)).is_none());
+    d.post_event_buffers(1);
+    assert_eq!(
+        d.next_event(WAIT),
+        Some((0x8000_0000, [0; 8], 0)),
+        "EVENTS_MISSED"
+    );
+    d.command(lun(1, 0), &[0, 0, 0, 0, 0, 0], &[], 0).good();
+}
+
+/// `device_add scsi-hd,drive=DRIVE,PROPS,id=ID` on `scsi-hot.0` while running.
+fn plug_hot(m: &ObjectRef, drive: &str, props: &[(&str, &str)], id: &str) -> ObjectRef {
+    let bus = m
+        .child("peripheral")
+        .unwrap()
+        .child("scsi-hot")
+        .unwrap()
+        .child("scsi-hot.0")
+        .unwrap();
+    let dev = qdev_new("scsi-hd").unwrap();
+    dev.property_parse("drive", drive).unwrap();
+    for (k, v) in props {
+        dev.property_parse(k, v).unwrap();
+    }
+    dev.set_device_id(Some(id.into()));
+    dev.downcast::<hw::core::qdev::DeviceState>()
+        .unwrap()
+        .set_hotplugged(true);
+    qom::container_get(m, "peripheral")
+        .add_child(id, &dev)
+        .unwrap();
+    qdev_realize(&dev, Some(&bus)).unwrap();
+    dev
+}
+
+#[test]
+fn two_units_at_one_address_and_addresses_beyond_the_adapter_are_refused() {
+    let a = temp_image("a.raw", 1 << 20);
+    let b = temp_image("b.raw", 1 << 20);
+    add_drive("vscsi-a", &a, false);
+    add_drive("vscsi-b", &b, false);
+    let m = pc_with_adapter(
+        "scsi-addr",
+        &[("vscsi-a", &[("scsi-id", "3"), ("id", "first")])],
+    );
+    let err = |props: &[(&str, &str)]| {
+        plug_disk(&m, "scsi-addr", "vscsi-b", props)
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        err(&[("scsi-id", "3"), ("lun", "0")]),
+        "lun already used by 'first'"
+    );
+    assert_eq!(err(&[("scsi-id", "256")]), "bad scsi device id: 256");
+    assert_eq!(err(&[("lun", "16384")]), "bad scsi device lun: 16384");
+    assert_eq!(err(&[("channel", "1")]), "bad scsi channel id: 1");
+    // Without scsi-id, the first free target.
+    let dev = plug_disk(&m, "scsi-addr", "vscsi-b", &[]).unwrap();
+    assert_eq!(dev.property_print("scsi-id").unwrap(), "0");
+}
+
+#[test]
+fn rings_full_of_garbage_never_panic_and_a_reset_recovers() {
+    let path = temp_image("fuzz.raw", 1 << 20);
+    add_drive("vscsi-fuzz", &path, false);
+    let m = pc_with_adapter("scsi-fuzz", &[("vscsi-fuzz", &[])]);
+    machine_creation_done(&m).unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut broken = 0;
+    for round in 0..150 {
+        let mut d = Driver::start(&m, VERSION_1 | F_HOTPLUG | F_INDIRECT | F_EVENT_IDX);
+        let queue = (round % 3) as u16;
+        let ring = match queue {
+            0 => &mut d.ctrl,
+            1 => &mut d.event,
+            _ => &mut d.req,
+        };
+        for i in 0..ring.size {
+            let addr = match next() % 4 {
+                0 => next(),
+                1 => REQ + (next() % 0x100),
+                2 => DATA,
+                _ => (128 << 20) - (next() % 0x2000),
+            };
+            let len = match next() % 4 {
+                0 => next() as u32,
+                1 => REQ_SIZE,
+                2 => (next() % 0x10000) as u32,
+                _ => 0,
+            };
+            ring.write_desc(
+                &d.dev.mem,
+                i,
+                addr,
+                len,
+                (next() % 8) as u16,
+                (next() % 20) as u16,
+            );
+        }
+        // CDBs and LUNs the descriptors may point at.
+        let mut req = [0u8; 64];
+        req[0] = 1;
+        for b in &mut req[8..] {
+            *b = next() as u8;
+        }
+        req[19] = [0x28, 0x2a, 0x12, 0x1a, 0x42, 0x93, 0xa0][(next() % 7) as usize];
+        d.dev.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        for _ in 0..(next() % 8) {
+            ring.publish(&d.dev.mem, (next() % 24) as u16);
+        }
+        if round % 5 == 0 {
+            ring.publish_raw_idx(&d.dev.mem, next() as u16);
+        }
+        d.dev.notify(queue);
+        std::thread::sleep(Duration::from_millis(2));
+        if d.dev.status() & NEEDS_RESET != 0 {
+            broken += 1;
+        }
+    }
+    assert!(broken > 0, "garbage rings never marked the device broken");
+    // After a reset, a well-formed ring works again.
+    let mut d = Driver::start(&m, VERSION_1);
+    assert_eq!(d.dev.status() & NEEDS_RESET, 0);
+    let data = pattern(512, 7);
+    d.command(lun(0, 0), &rw10(0x2a, 1, 1), &data, 0).good();
+    assert!(
+        d.command(lun(0, 0), &rw10(0x28, 1, 1), &[], 512)
+            .good()
+            .data
+            == data
+    );
+}
