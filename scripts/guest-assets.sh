@@ -22,9 +22,10 @@ ASSETS_FORMAT=18
 # in, so the disk image needs no file system module.
 GUEST_MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 virtio_blk virtio_net virtio_rng virtio_balloon virtio_console"
-# The IDE drivers (PIIX3 IDE, disks, CD-ROMs), carried too but loaded only with
-# qomvm.ata=1: probing the IDE ports costs every other boot time on the rig.
-ATA_MODULES="ata_piix sd_mod sr_mod"
+# The SCSI-layer drivers: IDE (PIIX3 IDE, disks, CD-ROMs) and virtio-scsi, carried
+# too but loaded only with qomvm.ata=1: probing the IDE ports costs every other boot
+# time on the rig.
+ATA_MODULES="ata_piix sd_mod sr_mod virtio_scsi"
 # The disk image's size (a sparse file; its content is about 85 MB, mostly
 # fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
 ROOTFS_SIZE=256M
@@ -336,7 +337,7 @@ if [ "$QOMVM_STAGE" != root ] && [ -f /etc/qomvm-modules ]; then
         while read -r m; do
             insmod "/lib/modules/$kver/$m" || echo "qomvm: insmod $m failed"
         done </etc/qomvm-modules
-        # qomvm.ata=1: the IDE drivers too.
+        # qomvm.ata=1: the IDE and virtio-scsi drivers too.
         if [ -n "$ata" ] && [ -f /etc/qomvm-modules-ata ]; then
             while read -r m; do
                 insmod "/lib/modules/$kver/$m" || echo "qomvm: insmod $m failed"

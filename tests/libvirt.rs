@@ -609,6 +609,70 @@ fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
     assert_eq!(listed_state(&dom.name), None);
 }
 
+/// A SCSI disk as libvirt writes one (`<controller type='scsi' model='virtio-scsi'>`,
+/// `<disk bus='scsi'>`: `-device virtio-scsi-pci`, `-blockdev`, `-device scsi-hd` on
+/// `scsi0.0` with channel, target and LUN): the domain starts, libvirt finds the disk's
+/// statistics by its device, and `attach-disk`/`detach-disk` of a second SCSI disk plug
+/// it into the running adapter and take it out at once.
+#[test]
+fn scsi_disks_start_and_hotplug_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("scsi");
+    let disk_size: u64 = 8 << 20;
+    let (kernel, disk) = dom.kernel_and_disk(disk_size);
+    let extra = format!(
+        "<controller type='scsi' index='0' model='virtio-scsi'/>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='sda' bus='scsi'/></disk>",
+        disk.display()
+    );
+    let xml = dom.xml_with_devices(&kernel, &dom.serial_xml(), &extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let blocks = virsh_ok(&["domblklist", &dom.name]);
+    assert!(
+        blocks.contains(&format!("sda      {}", disk.display())),
+        "{blocks}"
+    );
+    let info = virsh_ok(&["domblkinfo", &dom.name, "sda"]);
+    assert!(
+        info.contains(&format!("Capacity:       {disk_size}")),
+        "{info}"
+    );
+    virsh_ok(&["domblkstat", &dom.name, "sda"]);
+
+    let hot = dom.dir.join("hot-scsi.raw");
+    std::fs::File::create(&hot)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let hot = hot.to_str().unwrap();
+    virsh_ok(&[
+        "attach-disk",
+        &dom.name,
+        hot,
+        "sdb",
+        "--targetbus",
+        "scsi",
+        "--live",
+    ]);
+    let blocks = virsh_ok(&["domblklist", &dom.name]);
+    assert!(blocks.contains(&format!("sdb      {hot}")), "{blocks}");
+    let qtree = virsh_ok(&["qemu-monitor-command", &dom.name, "--hmp", "info qtree"]);
+    assert!(qtree.contains("scsi-hd"), "{qtree}");
+    // A SCSI unit goes at once: libvirt hears DEVICE_DELETED and drops it.
+    virsh_ok(&["detach-disk", &dom.name, "sdb", "--live"]);
+    let gone = wait_for(Duration::from_secs(10), || {
+        !virsh_ok(&["domblklist", &dom.name]).contains("sdb")
+    });
+    assert!(gone, "{}", virsh_ok(&["domblklist", &dom.name]));
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
+
 /// Hotplug as libvirt drives it: `attach-disk` (`blockdev-add`, then `device_add
 /// virtio-blk-pci` at the PCI address libvirt picked) and `attach-device` of a virtio NIC
 /// on user networking (`netdev_add`, `device_add`). Detaching asks the guest

@@ -543,6 +543,39 @@ qemu-img check -q disk.qcow2 && echo "host: qemu-img check clean"
     assert!(out.contains("host: qemu-img check clean"), "{out}");
 }
 
+/// SCSI disks as libvirt writes them for `<controller type='scsi' model='virtio-scsi'>`
+/// and `<disk bus='scsi'>`: Linux's virtio_scsi finds the adapter, scans its bus and
+/// `sd` binds the qcow2 disk at 0:0:0; the guest writes a pattern through /dev/sda with
+/// O_DIRECT and reads it back, and the host finds it with qemu-io and a clean
+/// `qemu-img check`.
+#[test]
+fn a_guest_writes_and_reads_a_disk_through_virtio_scsi() {
+    let out = disk_scenario(
+        "virtio-scsi",
+        r#"
+qemu-img create -q -f qcow2 disk.qcow2 32M
+boot "qomvm.ata=1 qomvm.disktest=/dev/sda:3" \
+    -device virtio-scsi-pci,id=scsi0,bus=pci.0,addr=0x5 \
+    -drive file=disk.qcow2,format=qcow2,if=none,id=drive-scsi0-0-0-0,cache=$cache \
+    -device scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=0,drive=drive-scsi0-0-0-0,id=scsi0-0-0-0,bootindex=1
+"$QOMVM_SCRIPTS/disktest-check.sh" -f qcow2 disk.qcow2 3 2>&1 | sed 's/^/host: /'
+qemu-img check -q disk.qcow2 && echo "host: qemu-img check clean"
+"#,
+        400,
+    );
+    assert!(out.contains("host: qomvm exit status 0"), "{out}");
+    assert_powered_off(&out, 1);
+    assert!(
+        out.contains("pci: 0000:00:05.0 0x1af4:0x1004"),
+        "virtio-scsi-pci at 05.0:\n{out}"
+    );
+    assert!(out.contains("blk: sda 33554432 ro=0"), "{out}");
+    let guest_md5 = line_after(&out, "QOMVM-DISKTEST-OK ").unwrap_or_else(|| panic!("{out}"));
+    let host_md5 = line_after(&out, "host: disktest-check: OK ").unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(guest_md5, host_md5, "{out}");
+    assert!(out.contains("host: qemu-img check clean"), "{out}");
+}
+
 /// Issue 11: a read-only drive refuses the guest's writes (and the image keeps its bytes);
 /// `discard=unmap` frees the qcow2 clusters the guest discards.
 #[test]

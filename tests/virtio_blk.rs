@@ -507,38 +507,8 @@ fn rings_full_of_garbage_never_panic_and_a_reset_recovers() {
     assert!(back == data, "the data read back differs");
 }
 
-/// Runs the qomvm binary on qtest with `-qmp stdio`, quitting through QMP once it is up;
-/// returns its exit status and stderr.
 fn qomvm(args: &[&str]) -> (Option<i32>, String) {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qomvm"))
-        .args([
-            "-M",
-            "pc",
-            "-accel",
-            "qtest",
-            "-display",
-            "none",
-            "-nodefaults",
-        ])
-        .args(args)
-        .args(["-S", "-qmp", "stdio"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A qomvm that refused its options has exited: the write may fail, which is fine.
-    let _ = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    test_support::qtest::qomvm_pc_quit(env!("CARGO_BIN_EXE_qomvm"), args)
 }
 
 #[test]

@@ -704,3 +704,56 @@ fn rings_full_of_garbage_never_panic_and_a_reset_recovers() {
             == data
     );
 }
+
+#[test]
+fn bad_virtio_scsi_options_get_qemus_errors() {
+    let run = |args: &[&str]| test_support::qtest::qomvm_pc_quit(env!("CARGO_BIN_EXE_qomvm"), args);
+    let path = temp_image("cli.raw", 1 << 20);
+    let drive = format!("file={},if=none,id=d0,format=raw", path.display());
+    let hba = "virtio-scsi-pci,id=scsi0";
+    for (devices, error) in [
+        (&["scsi-hd,drive=d0"][..], "-device scsi-hd,drive=d0: No 'SCSI' bus found for device 'scsi-hd'"),
+        (&[hba, "scsi-hd"], "-device scsi-hd: drive property not set"),
+        (
+            &[hba, "scsi-hd,drive=nope"],
+            "-device scsi-hd,drive=nope: Property 'scsi-hd.drive' can't find value 'nope'",
+        ),
+        (&[hba, "scsi-hd,drive=d0,scsi-id=300"], "-device scsi-hd,drive=d0,scsi-id=300: bad scsi device id: 300"),
+        (
+            &[hba, "scsi-hd,drive=d0,logical_block_size=1000"],
+            "-device scsi-hd,drive=d0,logical_block_size=1000: Property scsi-hd.logical_block_size doesn't take value 1000 (must be a power of 2 between 512 and 32768)",
+        ),
+        (
+            &["virtio-scsi-pci,num_queues=0"],
+            "-device virtio-scsi-pci,num_queues=0: Invalid number of queues (= 0), must be a positive integer less than 1022.",
+        ),
+        (
+            &["virtio-scsi-pci,iothread=io9"],
+            "-device virtio-scsi-pci,iothread=io9: Property 'virtio-scsi-device.iothread' can't find value 'io9'",
+        ),
+    ] {
+        let mut args = vec!["-drive", &drive];
+        for d in devices {
+            args.extend(["-device", d]);
+        }
+        let (status, stderr) = run(&args);
+        assert_eq!(status, Some(1), "{devices:?}: {stderr}");
+        assert_eq!(stderr, format!("qomvm: {error}\n"));
+    }
+    // libvirt's pair, and two disks on one adapter at the next free targets.
+    let second = temp_image("cli2.raw", 1 << 20);
+    let drive2 = format!("file={},if=none,id=d1,format=raw", second.display());
+    let (status, stderr) = run(&[
+        "-drive",
+        &drive,
+        "-drive",
+        &drive2,
+        "-device",
+        "virtio-scsi-pci,id=scsi0,bus=pci.0,addr=0x5",
+        "-device",
+        "scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=0,drive=d0,id=scsi0-0-0-0,bootindex=1",
+        "-device",
+        "scsi-hd,drive=d1",
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+}

@@ -146,8 +146,6 @@ pub trait ScsiLogicalUnit: Send + Sync {
     fn execute(&self, cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome;
     /// A LUN, target or bus reset.
     fn reset(&self) {}
-    /// The unit's peripheral device type (INQUIRY byte 0), for REPORT LUNS's siblings.
-    fn device_type(&self) -> u8;
 }
 
 /// An address on the bus.
@@ -176,8 +174,15 @@ pub struct ScsiBusInfo {
 /// (which addresses them).
 #[derive(Default)]
 pub struct ScsiLuns {
-    /// Each unit with its address and its device's id (or type), by address.
-    units: RwLock<Vec<(ScsiAddress, String, Arc<dyn ScsiLogicalUnit>)>>,
+    /// By address.
+    units: RwLock<Vec<PluggedUnit>>,
+}
+
+/// A unit on the bus: its address, its device's id (or type), the unit.
+struct PluggedUnit {
+    addr: ScsiAddress,
+    owner: String,
+    unit: Arc<dyn ScsiLogicalUnit>,
 }
 
 /// How an adapter's command was dispatched.
@@ -202,8 +207,8 @@ impl ScsiLuns {
         self.units
             .read()
             .iter()
-            .find(|(a, _, _)| *a == addr)
-            .map(|(_, _, u)| u.clone())
+            .find(|p| p.addr == addr)
+            .map(|p| p.unit.clone())
     }
 
     /// Whether any unit answers at `channel`:`target`.
@@ -211,7 +216,7 @@ impl ScsiLuns {
         self.units
             .read()
             .iter()
-            .any(|(a, _, _)| a.channel == channel && a.target == target)
+            .any(|p| p.addr.channel == channel && p.addr.target == target)
     }
 
     fn is_used(&self, addr: ScsiAddress) -> bool {
@@ -223,18 +228,18 @@ impl ScsiLuns {
         self.units
             .read()
             .iter()
-            .find(|(a, _, _)| *a == addr)
-            .map(|(_, owner, _)| owner.clone())
+            .find(|p| p.addr == addr)
+            .map(|p| p.owner.clone())
     }
 
     fn insert(&self, addr: ScsiAddress, owner: String, unit: Arc<dyn ScsiLogicalUnit>) {
         let mut units = self.units.write();
-        units.push((addr, owner, unit));
-        units.sort_by_key(|(a, _, _)| *a);
+        units.push(PluggedUnit { addr, owner, unit });
+        units.sort_by_key(|p| p.addr);
     }
 
     fn remove(&self, addr: ScsiAddress) {
-        self.units.write().retain(|(a, _, _)| *a != addr);
+        self.units.write().retain(|p| p.addr != addr);
     }
 
     /// The units of one target (an I_T nexus reset).
@@ -243,8 +248,8 @@ impl ScsiLuns {
             .units
             .read()
             .iter()
-            .filter(|(a, _, _)| a.channel == channel && a.target == target)
-            .map(|(_, _, u)| u.clone())
+            .filter(|p| p.addr.channel == channel && p.addr.target == target)
+            .map(|p| p.unit.clone())
             .collect();
         for unit in units {
             unit.reset();
@@ -253,7 +258,7 @@ impl ScsiLuns {
 
     /// Every unit, for a bus reset.
     pub fn reset_all(&self) {
-        let units: Vec<_> = self.units.read().iter().map(|(_, _, u)| u.clone()).collect();
+        let units: Vec<_> = self.units.read().iter().map(|p| p.unit.clone()).collect();
         for unit in units {
             unit.reset();
         }
@@ -297,8 +302,8 @@ impl ScsiLuns {
             .units
             .read()
             .iter()
-            .filter(|(a, _, _)| a.channel == addr.channel && a.target == addr.target)
-            .map(|(a, _, _)| a.lun)
+            .filter(|p| p.addr.channel == addr.channel && p.addr.target == addr.target)
+            .map(|p| p.addr.lun)
             .collect();
         if !luns.contains(&0) {
             luns.insert(0, 0);

@@ -5,6 +5,7 @@
 //! CACHE, UNMAP and WRITE SAME. libvirt writes it as
 //! `-device scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=0,drive=libvirt-1-format,id=scsi0-0-0-0`.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -20,6 +21,25 @@ pub const TYPE_SCSI_HD: &str = "scsi-hd";
 
 /// Bytes moved between the request's buffers and the image at a time.
 const BOUNCE_BYTES: usize = 256 * 1024;
+
+thread_local! {
+    /// Each thread's buffer between a request and the image. Kept, not freed after each
+    /// request: glibc trimming a thread arena's heap after a large free reads
+    /// `/proc/sys/vm/overcommit_memory` once, an `openat` the event loop's sandbox forbids.
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's bounce buffer, at least `len` bytes (at most
+/// [`BOUNCE_BYTES`]).
+fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    BOUNCE.with_borrow_mut(|bounce| {
+        let len = len.min(BOUNCE_BYTES);
+        if bounce.len() < len {
+            bounce.resize(BOUNCE_BYTES, 0);
+        }
+        f(&mut bounce[..len])
+    })
+}
 /// QEMU's `DEFAULT_DISCARD_GRANULARITY`.
 const DEFAULT_DISCARD_GRANULARITY: u64 = 4096;
 /// QEMU's `SCSI_WRITE_SAME_MAX`: the most bytes one WRITE SAME writes.
@@ -198,20 +218,21 @@ impl ScsiDisk {
         if len > data.data_in_len as u64 || data.data_out_len > 0 {
             return ScsiOutcome::Overrun;
         }
-        let mut buf = vec![0u8; (len as usize).min(BOUNCE_BYTES)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(BOUNCE_BYTES as u64) as usize;
-            if let Err(e) = self.conf.backend.read_at(&mut buf[..n], offset + done) {
-                log::debug!("scsi-hd: read at {}: {e}", offset + done);
-                return ScsiOutcome::Check(sense_of(&e));
+        with_bounce(len as usize, |buf| {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                if let Err(e) = self.conf.backend.read_at(&mut buf[..n], offset + done) {
+                    log::debug!("scsi-hd: read at {}: {e}", offset + done);
+                    return ScsiOutcome::Check(sense_of(&e));
+                }
+                if data.data_in.write_all(&buf[..n]).is_err() {
+                    return ScsiOutcome::Check(Sense::TARGET_FAILURE);
+                }
+                done += n as u64;
             }
-            if data.data_in.write_all(&buf[..n]).is_err() {
-                return ScsiOutcome::Check(Sense::TARGET_FAILURE);
-            }
-            done += n as u64;
-        }
-        ScsiOutcome::Good { data_in: len as usize }
+            ScsiOutcome::Good { data_in: len as usize }
+        })
     }
 
     fn write(&self, cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome {
@@ -228,18 +249,23 @@ impl ScsiDisk {
         if self.conf.backend.is_read_only() {
             return ScsiOutcome::Check(Sense::WRITE_PROTECTED);
         }
-        let mut buf = vec![0u8; (len as usize).min(BOUNCE_BYTES)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(BOUNCE_BYTES as u64) as usize;
-            if data.data_out.read_exact(&mut buf[..n]).is_err() {
-                return ScsiOutcome::Check(Sense::TARGET_FAILURE);
+        let written = with_bounce(len as usize, |buf| {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                if data.data_out.read_exact(&mut buf[..n]).is_err() {
+                    return Err(ScsiOutcome::Check(Sense::TARGET_FAILURE));
+                }
+                if let Err(e) = self.conf.backend.write_at(&buf[..n], offset + done) {
+                    log::debug!("scsi-hd: write at {}: {e}", offset + done);
+                    return Err(ScsiOutcome::Check(sense_of(&e)));
+                }
+                done += n as u64;
             }
-            if let Err(e) = self.conf.backend.write_at(&buf[..n], offset + done) {
-                log::debug!("scsi-hd: write at {}: {e}", offset + done);
-                return ScsiOutcome::Check(sense_of(&e));
-            }
-            done += n as u64;
+            Ok(())
+        });
+        if let Err(outcome) = written {
+            return outcome;
         }
         // FUA (byte 1 bit 3 of the 10-, 12- and 16-byte forms) or no write cache.
         let fua = cdb[0] != op::WRITE_6 && cdb[1] & 0x08 != 0;
@@ -355,11 +381,25 @@ impl ScsiDisk {
             // Unmapping to non-zero data, or more than QEMU repeats a block for.
             return ScsiOutcome::Check(Sense::INVALID_FIELD);
         }
-        let repeated = block.repeat(blocks as usize);
-        if let Err(e) = self.conf.backend.write_at(&repeated, offset) {
-            return ScsiOutcome::Check(sense_of(&e));
+        // The block repeated over the bounce buffer (a whole number of blocks), written
+        // piece by piece.
+        let result = with_bounce(len as usize, |buf| {
+            let usable = buf.len() - buf.len() % block.len();
+            for piece in buf[..usable].chunks_exact_mut(block.len()) {
+                piece.copy_from_slice(&block);
+            }
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(usable as u64) as usize;
+                self.conf.backend.write_at(&buf[..n], offset + done)?;
+                done += n as u64;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => ScsiOutcome::Good { data_in: 0 },
+            Err(e) => ScsiOutcome::Check(sense_of(&e)),
         }
-        ScsiOutcome::Good { data_in: 0 }
     }
 
     fn inquiry(&self, cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome {
@@ -676,10 +716,6 @@ impl ScsiLogicalUnit for ScsiDisk {
     /// A reset puts the write cache back as configured.
     fn reset(&self) {
         self.write_cache.store(self.conf.write_cache, Ordering::Relaxed);
-    }
-
-    fn device_type(&self) -> u8 {
-        TYPE_DISK
     }
 }
 

@@ -63,3 +63,37 @@ pub fn irq_level(machine: &ObjectRef, gsi: u32) -> bool {
         .expect("the qtest accelerator")
         .irq_level(gsi)
 }
+
+/// Runs the qomvm binary `bin` as `-M pc -accel qtest -display none -nodefaults ARGS -S
+/// -qmp stdio`, quitting through QMP once it is up: returns its exit status and stderr
+/// (a qomvm that refused its options has exited with its one-line error).
+pub fn qomvm_pc_quit(bin: &str, args: &[&str]) -> (Option<i32>, String) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin)
+        .args([
+            "-M",
+            "pc",
+            "-accel",
+            "qtest",
+            "-display",
+            "none",
+            "-nodefaults",
+        ])
+        .args(args)
+        .args(["-S", "-qmp", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qomvm runs");
+    // A qomvm that refused its options has exited: the write may fail, which is fine.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
+    }
+    let out = child.wait_with_output().expect("qomvm ends");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
