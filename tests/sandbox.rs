@@ -173,3 +173,48 @@ fn a_forbidden_call_ends_qomvm_naming_the_thread_and_the_call() {
         "{out:?}"
     );
 }
+
+/// A vCPU thread that allocates and frees large blocks after the sandbox is on (as an
+/// event loop's device may): glibc trims the thread's heap, whose first time reads
+/// `/proc/sys/vm/overcommit_memory` (forbidden there) unless qomvm made it happen before
+/// the filters went on.
+#[test]
+fn large_frees_on_a_vcpu_thread_do_not_end_qomvm() {
+    if !cfg!(debug_assertions) {
+        test_support::skip::skip("QOMVM_SANDBOX_SELFTEST exists in debug builds only");
+        return;
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        test_support::skip::skip_kvm(format!("a vCPU thread needs /dev/kvm ({e})"));
+        return;
+    }
+    let mut child = qomvm()
+        .args([
+            "-M", "pc", "-accel", "kvm", "-display", "none", "-m", "64", "-qmp", "stdio",
+        ])
+        .env("QOMVM_SANDBOX_SELFTEST", "heaptrim")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Time for the vCPU to start and run its self-test.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    use std::io::Write as _;
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
+    let out = wait_output(child);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

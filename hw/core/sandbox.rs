@@ -208,8 +208,11 @@ pub fn prepare(policy: SandboxPolicy) {
     if !policy.enabled {
         return;
     }
-    let compiling =
-        crate::core::deferred::Deferred::spawn("sandbox-compile", move || Filters::compile(&policy));
+    let compiling = crate::core::deferred::Deferred::spawn("sandbox-compile", move || {
+        let filters = Filters::compile(&policy);
+        prime_heap_trim();
+        filters
+    });
     if let Ok(compiling) = compiling {
         *PREPARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared { policy, compiling });
     }
@@ -247,7 +250,14 @@ pub fn install(policy: SandboxPolicy) -> Result<(), SandboxError> {
             .compiling
             .into_inner()
             .unwrap_or_else(|| Filters::compile(&policy))?,
-        _ => Filters::compile(&policy)?,
+        _ => {
+            // A thread of its own: the priming needs a heap other than the main arena.
+            let _ = std::thread::Builder::new()
+                .name("sandbox-prime".into())
+                .spawn(prime_heap_trim)
+                .map(|t| t.join());
+            Filters::compile(&policy)?
+        }
     };
     for filter in [&filters.clone3, &filters.process] {
         seccompiler::apply_filter_all_threads(filter)
@@ -277,6 +287,20 @@ fn fix_malloc_arena_limit() {
     let _ = limit;
 }
 
+/// glibc reads `/proc/sys/vm/overcommit_memory` the first time it shrinks the heap of a
+/// thread's arena (`shrink_heap`, after a large free), and caches the answer for the
+/// process. Under the event loop's and vCPU's lists `openat` is forbidden, so the first
+/// large free on such a thread ended qomvm (a virtio-scsi disk's bounce buffer did). Made
+/// to happen here, on a thread of its own before the filters go on: 64 KiB blocks (below
+/// any mmap threshold, above the size that makes `free` consider trimming) adding up to
+/// 4 MiB (above any trim threshold at start-up), never touched, freed newest first.
+fn prime_heap_trim() {
+    let blocks: Vec<Vec<u8>> = (0..64).map(|_| Vec::with_capacity(64 * 1024)).collect();
+    for block in blocks.into_iter().rev() {
+        drop(std::hint::black_box(block));
+    }
+}
+
 /// The CPUs this thread may run on, as glibc counts them for its arena limit
 /// (`__get_nprocs_sched`): one `sched_getaffinity`. (`available_parallelism` also reads
 /// the cgroup's files, 0.16 ms on the path to the guest's first instruction.)
@@ -292,9 +316,10 @@ fn scheduler_cpus() -> usize {
     usize::try_from(unsafe { libc::CPU_COUNT(&set) }).map_or(1, |n| n.max(1))
 }
 
-/// Debug builds only: with `QOMVM_SANDBOX_SELFTEST=process|vcpu` set, the first thread of
-/// that kind makes a call its list forbids once the sandbox is on, so tests can see the
-/// report and the exit.
+/// Debug builds only: with `QOMVM_SANDBOX_SELFTEST=process|vcpu|iothread` set, the first
+/// thread of that kind makes a call its list forbids once the sandbox is on, so tests can
+/// see the report and the exit; with `heaptrim`, every vCPU and event loop allocates and
+/// frees large blocks, which must not end qomvm.
 fn self_test(kind: ThreadKind) {
     if !cfg!(debug_assertions) {
         return;
@@ -308,6 +333,14 @@ fn self_test(kind: ThreadKind) {
         ThreadKind::Vcpu => "vcpu",
         ThreadKind::IoThread => "iothread",
     };
+    if wanted == "heaptrim" && kind != ThreadKind::Process {
+        // Large blocks allocated and freed on a vCPU or an event loop: glibc trims the
+        // thread's heap, which must not need a forbidden call (see `prime_heap_trim`).
+        let blocks: Vec<Vec<u8>> = (0..256).map(|_| Vec::with_capacity(64 * 1024)).collect();
+        for block in blocks.into_iter().rev() {
+            drop(std::hint::black_box(block));
+        }
+    }
     if wanted == name {
         // ptrace is on no list; openat is not on the vCPU list.
         let nr = if kind == ThreadKind::Process {

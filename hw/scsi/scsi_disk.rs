@@ -23,9 +23,8 @@ pub const TYPE_SCSI_HD: &str = "scsi-hd";
 const BOUNCE_BYTES: usize = 256 * 1024;
 
 thread_local! {
-    /// Each thread's buffer between a request and the image. Kept, not freed after each
-    /// request: glibc trimming a thread arena's heap after a large free reads
-    /// `/proc/sys/vm/overcommit_memory` once, an `openat` the event loop's sandbox forbids.
+    /// Each thread's buffer between a request and the image, kept for the next request
+    /// (no allocation and trim of a large block per command).
     static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 

@@ -68,9 +68,15 @@ pub fn irq_level(machine: &ObjectRef, gsi: u32) -> bool {
 /// -qmp stdio`, quitting through QMP once it is up: returns its exit status and stderr
 /// (a qomvm that refused its options has exited with its one-line error).
 pub fn qomvm_pc_quit(bin: &str, args: &[&str]) -> (Option<i32>, String) {
+    qomvm_pc_quit_env(bin, args, &[])
+}
+
+/// [`qomvm_pc_quit`] with `envs` set.
+pub fn qomvm_pc_quit_env(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) {
     use std::io::Write as _;
     use std::process::{Command, Stdio};
     let mut child = Command::new(bin)
+        .envs(envs.iter().copied())
         .args([
             "-M",
             "pc",
