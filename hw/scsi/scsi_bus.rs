@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
+use vm_memory::VolatileSlice;
 use qom::{type_init, Prop};
 
 use crate::core::bus::BusState;
@@ -88,10 +89,11 @@ impl Sense {
 /// How a command ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScsiOutcome {
-    /// GOOD, with this many bytes sent to the initiator.
+    /// GOOD, with this many bytes moved: sent to the initiator (data-in) or taken from
+    /// it (data-out).
     Good {
-        /// Bytes of data-in transferred.
-        data_in: usize,
+        /// Bytes transferred.
+        transferred: usize,
     },
     /// CHECK CONDITION with this sense.
     Check(Sense),
@@ -101,7 +103,8 @@ pub enum ScsiOutcome {
 }
 
 /// The data buffers of one command: what the initiator sends (`data_out`) and where the
-/// unit's reply goes (`data_in`), each with its size.
+/// unit's reply goes (`data_in`), each with its size, and the same as slices of guest
+/// memory where the adapter has them (a disk moves its data there with no copy).
 pub struct ScsiData<'a> {
     /// The data-out buffer.
     pub data_out: &'a mut dyn Read,
@@ -111,6 +114,10 @@ pub struct ScsiData<'a> {
     pub data_in: &'a mut dyn Write,
     /// Its bytes.
     pub data_in_len: usize,
+    /// `data_out` as guest memory, unread.
+    pub guest_out: Option<Vec<VolatileSlice<'a>>>,
+    /// `data_in` as guest memory, unwritten.
+    pub guest_in: Option<Vec<VolatileSlice<'a>>>,
 }
 
 impl ScsiData<'_> {
@@ -122,7 +129,7 @@ impl ScsiData<'_> {
         }
         let n = reply.len().min(allocation);
         match self.data_in.write_all(&reply[..n]) {
-            Ok(()) => ScsiOutcome::Good { data_in: n },
+            Ok(()) => ScsiOutcome::Good { transferred: n },
             Err(_) => ScsiOutcome::Check(Sense::TARGET_FAILURE),
         }
     }
@@ -138,6 +145,20 @@ impl ScsiData<'_> {
             .map_err(|_| ScsiOutcome::Check(Sense::TARGET_FAILURE))?;
         Ok(buf)
     }
+}
+
+/// The first `len` bytes of `slices`, or `None` if they hold fewer.
+pub fn first_bytes<'m>(slices: &[VolatileSlice<'m>], mut len: usize) -> Option<Vec<VolatileSlice<'m>>> {
+    let mut out = Vec::new();
+    for s in slices {
+        if len == 0 {
+            break;
+        }
+        let n = s.len().min(len);
+        out.push(s.subslice(0, n).ok()?);
+        len -= n;
+    }
+    (len == 0).then_some(out)
 }
 
 /// A logical unit (QEMU's `SCSIDeviceClass`): runs commands addressed to it.

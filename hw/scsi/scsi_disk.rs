@@ -14,7 +14,8 @@ use qom::{type_init, Prop, Size};
 
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
 use crate::core::qdev_properties::OnOffAuto;
-use crate::scsi::scsi_bus::{ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense};
+use crate::scsi::scsi_bus::{first_bytes, ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense};
+
 
 /// QEMU's `TYPE_SCSI_HD`.
 pub const TYPE_SCSI_HD: &str = "scsi-hd";
@@ -217,6 +218,16 @@ impl ScsiDisk {
         if len > data.data_in_len as u64 || data.data_out_len > 0 {
             return ScsiOutcome::Overrun;
         }
+        // Straight into the initiator's buffers where they are guest memory.
+        if let Some(sg) = data.guest_in.as_deref().and_then(|sg| first_bytes(sg, len as usize)) {
+            return match self.conf.backend.readv_guest(&sg, offset) {
+                Ok(()) => ScsiOutcome::Good { transferred: len as usize },
+                Err(e) => {
+                    log::debug!("scsi-hd: read at {offset}: {e}");
+                    ScsiOutcome::Check(sense_of(&e))
+                }
+            };
+        }
         with_bounce(len as usize, |buf| {
             let mut done = 0u64;
             while done < len {
@@ -230,7 +241,7 @@ impl ScsiDisk {
                 }
                 done += n as u64;
             }
-            ScsiOutcome::Good { data_in: len as usize }
+            ScsiOutcome::Good { transferred: len as usize }
         })
     }
 
@@ -248,7 +259,31 @@ impl ScsiDisk {
         if self.conf.backend.is_read_only() {
             return ScsiOutcome::Check(Sense::WRITE_PROTECTED);
         }
-        let written = with_bounce(len as usize, |buf| {
+        let written = match data.guest_out.as_deref().and_then(|sg| first_bytes(sg, len as usize)) {
+            // Straight from the initiator's buffers where they are guest memory.
+            Some(sg) => self.conf.backend.writev_guest(&sg, offset).map_err(|e| {
+                log::debug!("scsi-hd: write at {offset}: {e}");
+                ScsiOutcome::Check(sense_of(&e))
+            }),
+            None => self.write_bounced(offset, len, data),
+        };
+        if let Err(outcome) = written {
+            return outcome;
+        }
+        // FUA (byte 1 bit 3 of the 10-, 12- and 16-byte forms) or no write cache.
+        let fua = cdb[0] != op::WRITE_6 && cdb[1] & 0x08 != 0;
+        if fua || !self.write_cache.load(Ordering::Relaxed) {
+            return match self.flush() {
+                ScsiOutcome::Good { .. } => ScsiOutcome::Good { transferred: len as usize },
+                failed => failed,
+            };
+        }
+        ScsiOutcome::Good { transferred: len as usize }
+    }
+
+    /// A write's data through the bounce buffer.
+    fn write_bounced(&self, offset: u64, len: u64, data: &mut ScsiData<'_>) -> Result<(), ScsiOutcome> {
+        with_bounce(len as usize, |buf| {
             let mut done = 0u64;
             while done < len {
                 let n = (len - done).min(buf.len() as u64) as usize;
@@ -262,16 +297,7 @@ impl ScsiDisk {
                 done += n as u64;
             }
             Ok(())
-        });
-        if let Err(outcome) = written {
-            return outcome;
-        }
-        // FUA (byte 1 bit 3 of the 10-, 12- and 16-byte forms) or no write cache.
-        let fua = cdb[0] != op::WRITE_6 && cdb[1] & 0x08 != 0;
-        if fua || !self.write_cache.load(Ordering::Relaxed) {
-            return self.flush();
-        }
-        ScsiOutcome::Good { data_in: 0 }
+        })
     }
 
     fn verify(&self, cdb: &[u8]) -> ScsiOutcome {
@@ -283,14 +309,14 @@ impl ScsiDisk {
             return ScsiOutcome::Check(Sense::INVALID_FIELD);
         };
         match self.range(IoType::Read, lba, blocks) {
-            Ok(_) => ScsiOutcome::Good { data_in: 0 },
+            Ok(_) => ScsiOutcome::Good { transferred: 0 },
             Err(outcome) => outcome,
         }
     }
 
     fn flush(&self) -> ScsiOutcome {
         match self.conf.backend.flush() {
-            Ok(()) => ScsiOutcome::Good { data_in: 0 },
+            Ok(()) => ScsiOutcome::Good { transferred: 0 },
             Err(e) => {
                 log::debug!("scsi-hd: flush: {e}");
                 ScsiOutcome::Check(sense_of(&e))
@@ -316,7 +342,7 @@ impl ScsiDisk {
         }
         let len = be16(cdb, 7) as usize;
         if len == 0 {
-            return ScsiOutcome::Good { data_in: 0 };
+            return ScsiOutcome::Good { transferred: 0 };
         }
         let list = match data.parameters(len) {
             Ok(list) => list,
@@ -336,7 +362,7 @@ impl ScsiDisk {
                 return outcome;
             }
         }
-        ScsiOutcome::Good { data_in: 0 }
+        ScsiOutcome::Good { transferred: list.len() }
     }
 
     /// WRITE SAME(10/16): unmaps with UNMAP, writes zeroes with NDOB or a zero block,
@@ -354,6 +380,7 @@ impl ScsiDisk {
         }
         let unmap = cdb[1] & 0x08 != 0;
         let ndob = cdb[0] == op::WRITE_SAME_16 && cdb[1] & 0x01 != 0;
+        let taken = if ndob { 0 } else { self.conf.block_size as usize };
         let block = if ndob {
             vec![0u8; self.conf.block_size as usize]
         } else {
@@ -372,7 +399,7 @@ impl ScsiDisk {
                 self.conf.backend.write_zeroes(offset, len)
             };
             return match result {
-                Ok(()) => ScsiOutcome::Good { data_in: 0 },
+                Ok(()) => ScsiOutcome::Good { transferred: taken },
                 Err(e) => ScsiOutcome::Check(sense_of(&e)),
             };
         }
@@ -396,7 +423,7 @@ impl ScsiDisk {
             Ok(())
         });
         match result {
-            Ok(()) => ScsiOutcome::Good { data_in: 0 },
+            Ok(()) => ScsiOutcome::Good { transferred: taken },
             Err(e) => ScsiOutcome::Check(sense_of(&e)),
         }
     }
@@ -647,7 +674,7 @@ impl ScsiDisk {
         let header = if ten { 8 } else { 4 };
         if list.len() < header {
             return if list.is_empty() {
-                ScsiOutcome::Good { data_in: 0 }
+                ScsiOutcome::Good { transferred: 0 }
             } else {
                 ScsiOutcome::Check(Sense::INVALID_PARAM_LEN)
             };
@@ -677,7 +704,7 @@ impl ScsiDisk {
             }
             self.write_cache.store(wce, Ordering::Relaxed);
         }
-        ScsiOutcome::Good { data_in: 0 }
+        ScsiOutcome::Good { transferred: list.len() }
     }
 }
 
@@ -692,7 +719,7 @@ impl ScsiLogicalUnit for ScsiDisk {
         }
         match opcode {
             op::TEST_UNIT_READY | op::REZERO_UNIT | op::SEEK_6 | op::SEEK_10 | op::START_STOP
-            | op::ALLOW_MEDIUM_REMOVAL => ScsiOutcome::Good { data_in: 0 },
+            | op::ALLOW_MEDIUM_REMOVAL => ScsiOutcome::Good { transferred: 0 },
             op::REQUEST_SENSE => data.reply(&Sense::NO_SENSE.fixed(), usize::from(cdb[4])),
             op::INQUIRY => self.inquiry(cdb, data),
             op::READ_CAPACITY_10 => self.read_capacity_10(data),
@@ -915,6 +942,72 @@ mod tests {
         c16[10..14].copy_from_slice(&3u32.to_be_bytes());
         assert_eq!(lba_and_blocks(&c16), Some((1 << 40, 3)));
         assert_eq!(lba_and_blocks(&c16[..10]), None, "a torn 16-byte CDB");
+    }
+
+    /// A disk on a fresh raw image, with its data moved through the bounce buffer (no
+    /// guest memory, as when a request's buffer spans two memory regions).
+    fn disk(name: &str, size: u64) -> ScsiDisk {
+        let dir = std::env::temp_dir().join(format!("qomvm-scsi-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        let mut opts = block::OpenOptions::new(&path);
+        opts.format = Some(block::Format::Raw);
+        let backend = Arc::new(BlockBackend::open(name, &block::auto_node_name(), opts, |_| {}).unwrap());
+        ScsiDisk::new(ScsiDiskConf {
+            backend,
+            serial: None,
+            vendor: "QEMU".into(),
+            product: "QEMU HARDDISK".into(),
+            version: "2.5+".into(),
+            device_id: String::new(),
+            wwn: 0,
+            removable: false,
+            block_size: 512,
+            physical_block_size: 512,
+            discard_granularity: 4096,
+            write_cache: true,
+            rotation_rate: 0,
+            dpofua: true,
+        })
+    }
+
+    fn run(disk: &ScsiDisk, cdb: &[u8], out: &[u8], in_len: usize) -> (ScsiOutcome, Vec<u8>) {
+        let mut reader = out;
+        let mut written = Vec::new();
+        let mut data = ScsiData {
+            data_out: &mut reader,
+            data_out_len: out.len(),
+            data_in: &mut written,
+            data_in_len: in_len,
+            guest_out: None,
+            guest_in: None,
+        };
+        (disk.execute(cdb, &mut data), written)
+    }
+
+    #[test]
+    fn data_goes_through_the_bounce_buffer_in_pieces() {
+        // 600 KiB: three pieces of the 256 KiB buffer.
+        let d = disk("bounce.raw", 4 << 20);
+        let data: Vec<u8> = (0..600 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+        let blocks = (data.len() / 512) as u16;
+        let mut write = [op::WRITE_10, 0, 0, 0, 0, 8, 0, 0, 0, 0];
+        write[7..9].copy_from_slice(&blocks.to_be_bytes());
+        assert_eq!(run(&d, &write, &data, 0).0, ScsiOutcome::Good { transferred: data.len() });
+        let mut read = write;
+        read[0] = op::READ_10;
+        let (outcome, back) = run(&d, &read, &[], data.len());
+        assert_eq!(outcome, ScsiOutcome::Good { transferred: data.len() });
+        assert!(back == data, "the data read back differs");
+        // WRITE SAME(10) of one block over 1000 blocks (more than the buffer holds).
+        let mut same = [op::WRITE_SAME_10, 0, 0, 0, 0, 8, 0, 0, 0, 0];
+        same[7..9].copy_from_slice(&1000u16.to_be_bytes());
+        assert_eq!(run(&d, &same, &[0x5a; 512], 0).0, ScsiOutcome::Good { transferred: 512 });
+        let mut read = [op::READ_10, 0, 0, 0, 0, 8, 0, 0, 0, 0];
+        read[7..9].copy_from_slice(&1000u16.to_be_bytes());
+        let (_, back) = run(&d, &read, &[], 1000 * 512);
+        assert!(back.iter().all(|&b| b == 0x5a), "WRITE SAME repeated the block");
     }
 
     #[test]

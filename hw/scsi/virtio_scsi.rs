@@ -22,7 +22,7 @@ use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::scsi::scsi_bus::{Dispatch, ScsiAddress, ScsiBusInfo, ScsiData, ScsiLuns, ScsiOutcome};
 use crate::virtio::virtio::{
-    bit, device_id, drain_kick, feature, mark_chain_written, read_config_bytes, ActivateError, Activation,
+    bit, chain_slices, device_id, drain_kick, feature, mark_chain_written, read_config_bytes, ActivateError, Activation,
     QueuePosition, RateLimitedLog, RingError, VirtioDevice, VirtioTransport,
 };
 
@@ -432,17 +432,18 @@ impl Running {
     /// One command request; returns the bytes written into the chain.
     fn command(&self, chain: Chain) -> Result<u32, RingError> {
         let mem = &*self.mem;
-        let mut reader = Reader::new(mem, chain.clone()).map_err(chain_error)?;
-        let mut writer = Writer::new(mem, chain).map_err(chain_error)?;
         let req_size = REQ_HEADER + self.cdb_size;
         let resp_size = RESP_HEADER + self.sense_size;
+        let guest_out = chain_slices(mem, &chain, false, req_size);
+        let guest_in = chain_slices(mem, &chain, true, resp_size);
+        let mut reader = Reader::new(mem, chain.clone()).map_err(chain_error)?;
+        let mut writer = Writer::new(mem, chain).map_err(chain_error)?;
         if reader.available_bytes() < req_size || writer.available_bytes() < resp_size {
             return Err(chain_error("bad request or response size"));
         }
         let mut header = vec![0u8; req_size];
         reader.read_exact(&mut header).map_err(chain_error)?;
         let mut data_in = writer.split_at(resp_size).map_err(chain_error)?;
-        let mut resp = vec![0u8; resp_size];
         let lun: [u8; 8] = header[..8].try_into().unwrap_or_default();
         let cdb = &header[REQ_HEADER..];
         let data_in_len = data_in.available_bytes();
@@ -455,20 +456,25 @@ impl Running {
                     data_out_len,
                     data_in: &mut data_in,
                     data_in_len,
+                    guest_out,
+                    guest_in,
                 };
                 self.luns.execute(addr, cdb, &mut data)
             }
         };
-        let resid = if data_in_len > 0 {
-            data_in.available_bytes()
-        } else {
-            reader.available_bytes()
-        };
+        // The buffer the command's data went through, and what of it was not used.
+        let buffer = if data_in_len > 0 { data_in_len } else { data_out_len };
+        let mut resp = vec![0u8; resp_size];
+        let mut sent = 0;
         match dispatch {
             Dispatch::NoTarget => resp[11] = response::BAD_TARGET,
             Dispatch::Done(ScsiOutcome::Overrun) => resp[11] = response::OVERRUN,
-            Dispatch::Done(ScsiOutcome::Good { .. }) => {
-                resp[4..8].copy_from_slice(&(resid as u32).to_le_bytes());
+            Dispatch::Done(ScsiOutcome::Good { transferred }) => {
+                let transferred = transferred.min(buffer);
+                if data_in_len > 0 {
+                    sent = transferred;
+                }
+                resp[4..8].copy_from_slice(&((buffer - transferred) as u32).to_le_bytes());
                 resp[10] = crate::scsi::scsi_bus::status::GOOD;
                 resp[11] = response::OK;
             }
@@ -476,14 +482,14 @@ impl Running {
                 let fixed = sense.fixed();
                 let n = fixed.len().min(self.sense_size);
                 resp[0..4].copy_from_slice(&(n as u32).to_le_bytes());
-                resp[4..8].copy_from_slice(&(resid as u32).to_le_bytes());
+                resp[4..8].copy_from_slice(&(buffer as u32).to_le_bytes());
                 resp[10] = crate::scsi::scsi_bus::status::CHECK_CONDITION;
                 resp[11] = response::OK;
                 resp[RESP_HEADER..RESP_HEADER + n].copy_from_slice(&fixed[..n]);
             }
         }
         writer.write_all(&resp).map_err(chain_error)?;
-        Ok((resp_size + data_in_len - data_in.available_bytes()) as u32)
+        Ok((resp_size + sent) as u32)
     }
 
     /// One control request (QEMU's `virtio_scsi_handle_ctrl_req`).

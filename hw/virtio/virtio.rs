@@ -12,7 +12,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use crate::core::accel_ops::EventFd;
 use crate::core::dirty_log::DirtyTracker;
@@ -318,6 +318,30 @@ where
             dirty.mark(desc.addr().0, u64::from(desc.len()));
         }
     }
+}
+
+/// The buffers of `chain` the device writes (`writable`) or reads, as slices of guest
+/// memory, without their first `skip` bytes (a request's header or response): a device
+/// moves data between them and an image with no copy. `None` when a buffer spans two
+/// memory regions or lies outside guest memory (the caller copies through a buffer then).
+pub fn chain_slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    chain: &DescriptorChain<Arc<GuestMemoryMmap>>,
+    writable: bool,
+    mut skip: usize,
+) -> Option<Vec<VolatileSlice<'m>>> {
+    let mut slices = Vec::new();
+    for desc in chain.clone().filter(|d| d.is_write_only() == writable) {
+        let len = desc.len() as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let addr = desc.addr().checked_add(skip as u64)?;
+        slices.push(mem.get_slice(addr, len - skip).ok()?);
+        skip = 0;
+    }
+    (skip == 0).then_some(slices)
 }
 
 /// The low 32 feature bits a legacy driver sees, or bits 32..63 for select 1.
