@@ -5,6 +5,7 @@
 //! are 2048 bytes; replies go out by PIO in pieces the driver's byte count allows, or by
 //! bus-master DMA.
 
+use crate::block::cdrom::{self, media_event, CD_BLOCK};
 use crate::ide::core::{
     put_string, status, words_to_bytes, xfer_selected, ChannelState, DmaDir, DmaOp, EndTransfer,
     IdeChannel, Job, PacketDevice, PACKET_SIZE,
@@ -41,18 +42,9 @@ impl PacketDevice for Atapi {
     }
 }
 /// A CD block.
-const BLOCK: u64 = 2048;
+const BLOCK: u64 = CD_BLOCK;
 /// Blocks loaded per piece of a PIO read.
 const PIO_READ_BLOCKS: u64 = 16;
-/// Media larger than 80 minutes of CD are DVDs.
-const CD_MAX_BLOCKS: u64 = 80 * 60 * 75;
-
-/// GET EVENT STATUS NOTIFICATION's media event codes and status bits.
-const MEC_NO_CHANGE: u8 = 0;
-const MEC_EJECT_REQUESTED: u8 = 1;
-const MEC_NEW_MEDIA: u8 = 2;
-const MS_TRAY_OPEN: u8 = 1;
-const MS_MEDIA_PRESENT: u8 = 2;
 
 /// The error register's "media changed" bit.
 const MC_ERR: u8 = 0x20;
@@ -79,22 +71,12 @@ mod asc {
     pub const MEDIUM_REMOVAL_PREVENTED: u8 = 0x53;
 }
 
-/// MMC profiles.
-const PROFILE_CD_ROM: u16 = 0x08;
-const PROFILE_DVD_ROM: u16 = 0x10;
-
 fn be16(b: &[u8]) -> usize {
     usize::from(u16::from_be_bytes([b[0], b[1]]))
 }
 
 fn be32(b: &[u8]) -> u64 {
     u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-}
-
-/// A block address as minutes, seconds and frames (with the 2-second pregap).
-fn lba_to_msf(lba: u64) -> [u8; 3] {
-    let lba = lba + 150;
-    [(lba / (60 * 75)) as u8, (lba / 75 % 60) as u8, (lba % 75) as u8]
 }
 
 /// QEMU's `ide_atapi_io_error`: a read failed, because the medium went (NOT READY) or
@@ -462,81 +444,13 @@ fn packet_command(
             }
         }
         // READ TOC/PMA/ATIP: formatted TOC and session info.
-        0x43 => {
-            let msf = p[1] & 2 != 0;
-            let format = p[9] >> 6;
-            let address = |lba: u64| -> [u8; 4] {
-                if msf {
-                    let [m, s, f] = lba_to_msf(lba);
-                    [0, m, s, f]
-                } else {
-                    (lba as u32).to_be_bytes()
-                }
-            };
-            let mut b = vec![0u8, 0, 1, 1];
-            match format {
-                0 => {
-                    let start = p[6];
-                    if start > 1 && start != 0xaa {
-                        return invalid_field(st);
-                    }
-                    if start <= 1 {
-                        b.extend_from_slice(&[0, 0x14, 1, 0]);
-                        b.extend_from_slice(&address(0));
-                    }
-                    // The lead-out (QEMU's cdrom_read_toc: ADR 1, control 6).
-                    b.extend_from_slice(&[0, 0x16, 0xaa, 0]);
-                    b.extend_from_slice(&address(total));
-                }
-                1 => {
-                    b.extend_from_slice(&[0, 0x14, 1, 0]);
-                    b.extend_from_slice(&address(0));
-                }
-                _ => return invalid_field(st),
-            }
-            let len = (b.len() - 2) as u16;
-            b[0..2].copy_from_slice(&len.to_be_bytes());
-            reply(ch, st, unit, b, be16(&p[7..9]))
-        }
+        0x43 => match cdrom::read_toc(total, p[9] >> 6, p[1] & 2 != 0, p[6]) {
+            Some(b) => reply(ch, st, unit, b, be16(&p[7..9])),
+            None => invalid_field(st),
+        },
         // GET CONFIGURATION: profile list, core, removable medium.
         0x46 => {
-            let current = match blocks {
-                None => 0,
-                Some(n) if n > CD_MAX_BLOCKS => PROFILE_DVD_ROM,
-                Some(_) => PROFILE_CD_ROM,
-            };
-            let rt = p[1] & 3;
-            let start = be16(&p[2..4]) as u16;
-            let mut b = vec![0u8; 8];
-            b[6..8].copy_from_slice(&current.to_be_bytes());
-            let mut features: Vec<(u16, Vec<u8>)> = Vec::new();
-            let mut profiles = Vec::new();
-            for profile in [PROFILE_DVD_ROM, PROFILE_CD_ROM] {
-                profiles.extend_from_slice(&profile.to_be_bytes());
-                profiles.extend_from_slice(&[u8::from(profile == current), 0]);
-            }
-            features.push((0x0000, profiles));
-            // Core: ATAPI interface.
-            features.push((0x0001, vec![0, 0, 0, 2, 0, 0, 0, 0]));
-            // Removable medium: tray, eject, lock.
-            features.push((0x0003, vec![0x29, 0, 0, 0]));
-            for (code, data) in features {
-                let wanted = match rt {
-                    2 => code == start,
-                    _ => code >= start,
-                };
-                if !wanted {
-                    continue;
-                }
-                b.extend_from_slice(&code.to_be_bytes());
-                // Version (core: 1), persistent and current.
-                let version = if code == 0x0001 { 1 << 2 } else { 0 };
-                b.push(version | 0x03);
-                b.push(data.len() as u8);
-                b.extend_from_slice(&data);
-            }
-            let len = (b.len() - 4) as u32;
-            b[0..4].copy_from_slice(&len.to_be_bytes());
+            let b = cdrom::configuration(blocks, cdrom::Interface::Atapi, p[1] & 3, be16(&p[2..4]) as u16);
             reply(ch, st, unit, b, be16(&p[7..9]))
         }
         // GET EVENT STATUS NOTIFICATION (polled): the media class.
@@ -544,36 +458,21 @@ fn packet_command(
             if p[1] & 1 == 0 {
                 return invalid_field(st);
             }
-            let mut b = vec![0u8; 4];
-            b[3] = 0x10;
-            if p[4] & 0x10 != 0 {
-                // QEMU's event_status_media: a new medium, else an eject request, is
-                // reported once, while the tray is closed.
-                b[2] = 0x04;
-                let inserted = st.info[unit].as_ref().is_some_and(|i| i.backend.is_some());
-                let d = &mut st.drives[unit];
-                let media_status = match (d.tray_open, inserted) {
-                    (true, _) => MS_TRAY_OPEN,
-                    (false, true) => MS_MEDIA_PRESENT,
-                    (false, false) => 0,
-                };
-                let mut event = MEC_NO_CHANGE;
-                if !d.tray_open {
-                    if d.new_media {
-                        event = MEC_NEW_MEDIA;
-                        d.new_media = false;
-                    } else if d.eject_request {
-                        event = MEC_EJECT_REQUESTED;
-                        d.eject_request = false;
-                    }
+            let inserted = st.info[unit].as_ref().is_some_and(|i| i.backend.is_some());
+            let d = &mut st.drives[unit];
+            // QEMU's event_status_media: a new medium, else an eject request, is reported
+            // once, while the tray is closed.
+            let mut event = media_event::NO_CHANGE;
+            if p[4] & 0x10 != 0 && !d.tray_open {
+                if d.new_media {
+                    event = media_event::NEW_MEDIA;
+                    d.new_media = false;
+                } else if d.eject_request {
+                    event = media_event::EJECT_REQUESTED;
+                    d.eject_request = false;
                 }
-                b.extend_from_slice(&[event, media_status, 0, 0]);
-            } else {
-                b[2] = 0x80; // no event available
             }
-            // The event data's length, after the 4-byte header.
-            let len = (b.len() - 4) as u16;
-            b[0..2].copy_from_slice(&len.to_be_bytes());
+            let b = cdrom::event_status(p[4], event, d.tray_open, inserted);
             reply(ch, st, unit, b, be16(&p[7..9]))
         }
         // READ DISC INFORMATION: one finalized session of one track.
@@ -581,15 +480,7 @@ fn packet_command(
             if p[1] & 7 != 0 {
                 return invalid_field(st);
             }
-            let mut b = vec![0u8; 34];
-            b[1] = 32;
-            b[2] = 0x0e;
-            b[3] = 1;
-            b[4] = 1;
-            b[5] = 1;
-            b[6] = 1;
-            b[7] = 0x20;
-            reply(ch, st, unit, b, be16(&p[7..9]))
+            reply(ch, st, unit, cdrom::disc_information(), be16(&p[7..9]))
         }
         // MODE SENSE(10): error recovery and capabilities pages, current values only.
         0x5a => {
@@ -609,20 +500,10 @@ fn packet_command(
             let mut b = vec![0u8; 8];
             b[2] = 0x70;
             match page {
-                0x01 => b.extend_from_slice(&[0x01, 0x06, 0, 5, 0, 0, 0, 0]),
+                0x01 => b.extend_from_slice(&cdrom::error_recovery_page()),
                 // Capabilities: 18 bytes after the page header, 28 with the mode header
                 // (QEMU's cmd_mode_sense).
-                0x2a => {
-                    let locked = u8::from(st.drives[unit].tray_locked) << 1;
-                    b.extend_from_slice(&[0x2a, 18, 0x3b, 0x00, 0x71, 3 << 5]);
-                    b.push(1 | 1 << 3 | 1 << 5 | locked);
-                    b.push(0);
-                    b.extend_from_slice(&704u16.to_be_bytes()); // 4x
-                    b.extend_from_slice(&[0, 2]);
-                    b.extend_from_slice(&512u16.to_be_bytes());
-                    b.extend_from_slice(&704u16.to_be_bytes());
-                    b.extend_from_slice(&[0; 4]);
-                }
+                0x2a => b.extend_from_slice(&cdrom::capabilities_page(st.drives[unit].tray_locked)),
                 _ => return invalid_field(st),
             }
             let len = (b.len() - 2) as u16;
@@ -648,7 +529,8 @@ mod tests {
 
     use super::*;
     use crate::ide::core::tests::hd_info;
-    use crate::ide::core::{DriveKind, IdeChannel};
+    use crate::block::cdrom::{self, media_event, CD_BLOCK};
+use crate::ide::core::{DriveKind, IdeChannel};
 
     fn cd_channel() -> Arc<IdeChannel> {
         let mut info = hd_info(None);
