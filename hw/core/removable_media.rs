@@ -66,3 +66,31 @@ pub fn tray_moved(blk_name: &str, qdev: &str, open: bool) {
         Some(json!({"device": blk_name, "id": qdev, "tray-open": open})),
     );
 }
+
+/// The block layer's side of taking `old` out of the drive named `blk_name` of device
+/// `qdev` (QEMU's `blk_remove_bs`): the device lets go of it; a medium the drive owned
+/// closes, a `-blockdev` node goes back to the monitor, nameless; the drive's name stays
+/// the drive's, as an empty drive.
+pub fn release_medium(old: &Arc<BlockBackend>, blk_name: &str, qdev: &str) {
+    old.detach_dev();
+    if old.is_blk_owned() {
+        block::remove_backend(old);
+    }
+    old.set_id("");
+    if !blk_name.is_empty() {
+        if let Err(e) = block::add_empty_drive(blk_name, Some(qdev)) {
+            log::warn!("{qdev}: drive '{blk_name}' lost its name: {e}");
+        }
+    }
+}
+
+/// The block layer's side of putting `new` into the drive named `blk_name` of device
+/// `qdev` (QEMU's `blk_insert_bs`): the device uses it, and it takes the drive's name.
+pub fn claim_medium(new: &Arc<BlockBackend>, blk_name: &str, qdev: &str) -> Result<(), BlockError> {
+    new.attach_dev(qdev)?;
+    if !blk_name.is_empty() {
+        block::remove_empty_drive(blk_name);
+        new.set_id(blk_name);
+    }
+    Ok(())
+}

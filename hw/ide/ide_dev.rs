@@ -378,19 +378,7 @@ impl RemovableMedia for IdeCd {
         if let Some((channel, unit, _)) = self.parent.placed.get() {
             channel.set_medium(*unit, None);
         }
-        old.detach_dev();
-        // A medium the drive owned closes; a -blockdev node goes back to the monitor,
-        // nameless. The drive's name stays the drive's.
-        if old.is_blk_owned() {
-            block::remove_backend(&old);
-        }
-        old.set_id("");
-        let name = self.blk_name();
-        if !name.is_empty() {
-            if let Err(e) = block::add_empty_drive(&name, Some(&self.qdev_id())) {
-                log::warn!("ide-cd: drive '{name}' lost its name: {e}");
-            }
-        }
+        crate::core::removable_media::release_medium(&old, &self.blk_name(), &self.qdev_id());
         Some(old)
     }
 
@@ -401,12 +389,7 @@ impl RemovableMedia for IdeCd {
                 "There already is a medium in the device".to_string(),
             ));
         }
-        new.attach_dev(&self.qdev_id())?;
-        let name = self.blk_name();
-        if !name.is_empty() {
-            block::remove_empty_drive(&name);
-            new.set_id(&name);
-        }
+        crate::core::removable_media::claim_medium(&new, &self.blk_name(), &self.qdev_id())?;
         if let Some((channel, unit, _)) = self.parent.placed.get() {
             channel.set_medium(*unit, Some(new.clone()));
         }

@@ -161,6 +161,138 @@ pub fn first_bytes<'m>(slices: &[VolatileSlice<'m>], mut len: usize) -> Option<V
     (len == 0).then_some(out)
 }
 
+/// What a unit says about itself: INQUIRY's standard data and its identification pages
+/// (QEMU's `scsi_disk_emulate_inquiry` and VPD pages 0x80 and 0x83).
+#[derive(Clone, Debug)]
+pub struct UnitIdentity {
+    /// Peripheral device type (0 disk, 5 CD/DVD).
+    pub device_type: u8,
+    /// Removable medium bit.
+    pub removable: bool,
+    /// Vendor, product and revision.
+    pub vendor: String,
+    /// Product.
+    pub product: String,
+    /// Revision.
+    pub version: String,
+    /// Unit serial number (VPD page 0x80), if any.
+    pub serial: Option<String>,
+    /// Device identification (VPD page 0x83), empty for none.
+    pub device_id: String,
+    /// NAA world wide name, 0 for none.
+    pub wwn: u64,
+}
+
+impl UnitIdentity {
+    /// INQUIRY: the standard data, or with EVPD the page `cdb[2]`: 0x00 lists this
+    /// identity's pages and `more`, 0x80 and 0x83 come from here, the others from
+    /// `page(code)` (the unit's own pages).
+    pub fn inquiry(
+        &self,
+        cdb: &[u8],
+        data: &mut ScsiData<'_>,
+        more: &[u8],
+        page: impl Fn(u8) -> Option<Vec<u8>>,
+    ) -> ScsiOutcome {
+        if cdb.len() < 6 {
+            return ScsiOutcome::Check(Sense::INVALID_FIELD);
+        }
+        let allocation = usize::from(u16::from_be_bytes([cdb[3], cdb[4]]));
+        if cdb[1] & 1 != 0 {
+            let code = cdb[2];
+            let body = match code {
+                0x00 => {
+                    let mut pages = vec![0x00];
+                    if self.serial.is_some() {
+                        pages.push(0x80);
+                    }
+                    pages.push(0x83);
+                    pages.extend_from_slice(more);
+                    Some(pages)
+                }
+                0x80 => self.serial.as_ref().map(|s| s.as_bytes()[..s.len().min(36)].to_vec()),
+                0x83 => Some(self.device_identification()),
+                _ if more.contains(&code) => page(code),
+                _ => None,
+            };
+            let Some(body) = body else {
+                return ScsiOutcome::Check(Sense::INVALID_FIELD);
+            };
+            let mut reply = vec![self.device_type, code];
+            reply.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            reply.extend_from_slice(&body);
+            return data.reply(&reply, allocation);
+        }
+        if cdb[2] != 0 {
+            // A page code without EVPD.
+            return ScsiOutcome::Check(Sense::INVALID_FIELD);
+        }
+        let mut reply = [b' '; 36];
+        reply[..8].fill(0);
+        reply[0] = self.device_type;
+        reply[1] = if self.removable { 0x80 } else { 0 };
+        // SPC-3, response data format 2 with HiSup, command queueing.
+        reply[2] = 5;
+        reply[3] = 0x02 | 0x10;
+        reply[4] = 36 - 5;
+        reply[7] = 0x10 | 0x02;
+        let put = |dst: &mut [u8], s: &str| {
+            let n = s.len().min(dst.len());
+            dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+        };
+        put(&mut reply[8..16], &self.vendor);
+        put(&mut reply[16..32], &self.product);
+        put(&mut reply[32..36], &self.version);
+        data.reply(&reply, allocation)
+    }
+
+    /// VPD page 0x83's designators.
+    fn device_identification(&self) -> Vec<u8> {
+        let mut ids = Vec::new();
+        let id = &self.device_id.as_bytes()[..self.device_id.len().min(255 - 8)];
+        if !id.is_empty() {
+            // ASCII, vendor specific, associated with the LUN.
+            ids.extend_from_slice(&[0x02, 0x00, 0x00, id.len() as u8]);
+            ids.extend_from_slice(id);
+        }
+        if self.wwn != 0 {
+            // Binary, NAA.
+            ids.extend_from_slice(&[0x01, 0x03, 0x00, 0x08]);
+            ids.extend_from_slice(&self.wwn.to_be_bytes());
+        }
+        ids
+    }
+}
+
+/// A MODE SENSE(6) or (10) reply: the header with the device-specific parameter, the
+/// block descriptor (empty for none) and the pages.
+pub fn mode_sense_reply(ten: bool, dev_specific: u8, descriptor: &[u8], pages: &[u8]) -> Vec<u8> {
+    let mut reply = if ten {
+        vec![0, 0, 0, dev_specific, 0, 0, 0, descriptor.len() as u8]
+    } else {
+        vec![0, 0, dev_specific, descriptor.len() as u8]
+    };
+    reply.extend_from_slice(descriptor);
+    reply.extend_from_slice(pages);
+    if ten {
+        let len = (reply.len() - 2) as u16;
+        reply[0..2].copy_from_slice(&len.to_be_bytes());
+    } else {
+        reply[0] = (reply.len() - 1).min(255) as u8;
+    }
+    reply
+}
+
+/// A mode parameter block descriptor for `blocks` blocks of `block_size` bytes (0
+/// blocks where the count does not fit).
+pub fn block_descriptor(blocks: u64, block_size: u32) -> [u8; 8] {
+    let n = if blocks > 0xff_ffff { 0 } else { blocks as u32 };
+    let mut d = [0u8; 8];
+    d[0..4].copy_from_slice(&n.to_be_bytes());
+    d[4..8].copy_from_slice(&block_size.to_be_bytes());
+    d
+}
+
 /// A logical unit (QEMU's `SCSIDeviceClass`): runs commands addressed to it.
 pub trait ScsiLogicalUnit: Send + Sync {
     /// Runs the command `cdb` to its end.

@@ -14,7 +14,10 @@ use qom::{type_init, Prop, Size};
 
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
 use crate::core::qdev_properties::OnOffAuto;
-use crate::scsi::scsi_bus::{first_bytes, ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense};
+use crate::scsi::scsi_bus::{
+    block_descriptor, first_bytes, mode_sense_reply, ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense,
+    UnitIdentity,
+};
 
 
 /// QEMU's `TYPE_SCSI_HD`.
@@ -97,20 +100,8 @@ const MODE_PAGE_ALL: u8 = 0x3f;
 pub struct ScsiDiskConf {
     /// The drive.
     pub backend: Arc<BlockBackend>,
-    /// Unit serial number (VPD page 0x80), if any.
-    pub serial: Option<String>,
-    /// INQUIRY's vendor, product and revision.
-    pub vendor: String,
-    /// INQUIRY's product.
-    pub product: String,
-    /// INQUIRY's revision.
-    pub version: String,
-    /// Device identification (VPD page 0x83).
-    pub device_id: String,
-    /// NAA world wide name, 0 for none.
-    pub wwn: u64,
-    /// Removable medium bit.
-    pub removable: bool,
+    /// INQUIRY's answers.
+    pub identity: UnitIdentity,
     /// Logical block size.
     pub block_size: u32,
     /// Physical block size.
@@ -429,71 +420,16 @@ impl ScsiDisk {
     }
 
     fn inquiry(&self, cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome {
-        if cdb.len() < 6 {
-            return ScsiOutcome::Check(Sense::INVALID_FIELD);
-        }
-        let allocation = be16(cdb, 3) as usize;
-        if cdb[1] & 1 != 0 {
-            return match self.vpd_page(cdb[2]) {
-                Some(page) => data.reply(&page, allocation),
-                None => ScsiOutcome::Check(Sense::INVALID_FIELD),
-            };
-        }
-        if cdb[2] != 0 {
-            // A page code without EVPD.
-            return ScsiOutcome::Check(Sense::INVALID_FIELD);
-        }
-        let c = &self.conf;
-        let mut reply = [b' '; 36];
-        reply[..8].fill(0);
-        reply[0] = TYPE_DISK;
-        reply[1] = if c.removable { 0x80 } else { 0 };
-        // SPC-3, response data format 2 with HiSup, command queueing.
-        reply[2] = 5;
-        reply[3] = 0x02 | 0x10;
-        reply[4] = 36 - 5;
-        reply[7] = 0x10 | 0x02;
-        let put = |dst: &mut [u8], s: &str| {
-            let n = s.len().min(dst.len());
-            dst[..n].copy_from_slice(&s.as_bytes()[..n]);
-        };
-        put(&mut reply[8..16], &c.vendor);
-        put(&mut reply[16..32], &c.product);
-        put(&mut reply[32..36], &c.version);
-        data.reply(&reply, allocation)
+        self.conf
+            .identity
+            .inquiry(cdb, data, &[0xb0, 0xb1, 0xb2], |page| self.vpd_page(page))
     }
 
-    /// Vital product data pages (QEMU's `scsi_disk_emulate_vpd_page`).
+    /// The disk's own vital product data pages, their bodies (QEMU's
+    /// `scsi_disk_emulate_vpd_page`).
     fn vpd_page(&self, page: u8) -> Option<Vec<u8>> {
         let c = &self.conf;
         let body: Vec<u8> = match page {
-            0x00 => {
-                let mut pages = vec![0x00];
-                if c.serial.is_some() {
-                    pages.push(0x80);
-                }
-                pages.extend_from_slice(&[0x83, 0xb0, 0xb1, 0xb2]);
-                pages
-            }
-            0x80 => {
-                let serial = c.serial.as_ref()?;
-                serial.as_bytes()[..serial.len().min(36)].to_vec()
-            }
-            0x83 => {
-                let mut ids = Vec::new();
-                let id = &c.device_id.as_bytes()[..c.device_id.len().min(255 - 8)];
-                if !id.is_empty() {
-                    // ASCII, vendor specific, associated with the LUN.
-                    ids.extend_from_slice(&[0x02, 0x00, 0x00, id.len() as u8]);
-                    ids.extend_from_slice(id);
-                }
-                if c.wwn != 0 {
-                    // Binary, NAA.
-                    ids.extend_from_slice(&[0x01, 0x03, 0x00, 0x08]);
-                    ids.extend_from_slice(&c.wwn.to_be_bytes());
-                }
-                ids
-            }
             0xb0 => {
                 let mut b = vec![0u8; 0x3c];
                 let bs = u64::from(c.block_size);
@@ -524,10 +460,7 @@ impl ScsiDisk {
             }
             _ => return None,
         };
-        let mut reply = vec![TYPE_DISK, page];
-        reply.extend_from_slice(&(body.len() as u16).to_be_bytes());
-        reply.extend_from_slice(&body);
-        Some(reply)
+        Some(body)
     }
 
     fn read_capacity_10(&self, data: &mut ScsiData<'_>) -> ScsiOutcome {
@@ -632,27 +565,9 @@ impl ScsiDisk {
         if self.conf.dpofua {
             dev_specific |= 0x10;
         }
-        let mut descriptor = Vec::new();
-        if !dbd {
-            let blocks = self.blocks();
-            let n = if blocks > 0xff_ffff { 0 } else { blocks as u32 };
-            descriptor.extend_from_slice(&n.to_be_bytes());
-            descriptor.extend_from_slice(&self.conf.block_size.to_be_bytes());
-        }
-        let mut reply = if ten {
-            vec![0, 0, 0, dev_specific, 0, 0, 0, descriptor.len() as u8]
-        } else {
-            vec![0, 0, dev_specific, descriptor.len() as u8]
-        };
-        reply.extend_from_slice(&descriptor);
-        reply.extend_from_slice(&pages);
-        if ten {
-            let len = (reply.len() - 2) as u16;
-            reply[0..2].copy_from_slice(&len.to_be_bytes());
-        } else {
-            reply[0] = (reply.len() - 1).min(255) as u8;
-        }
-        data.reply(&reply, allocation)
+        let descriptor = block_descriptor(self.blocks(), self.conf.block_size);
+        let descriptor: &[u8] = if dbd { &[] } else { &descriptor };
+        data.reply(&mode_sense_reply(ten, dev_specific, descriptor, &pages), allocation)
     }
 
     /// MODE SELECT: takes the caching page's WCE; other pages must be as MODE SENSE
@@ -902,13 +817,16 @@ impl ScsiHd {
         let _ = ctx;
         Ok(ScsiDiskConf {
             backend,
-            serial,
-            vendor: self.vendor.get().unwrap_or_else(|| "QEMU".to_string()),
-            product: self.product.get().unwrap_or_else(|| "QEMU HARDDISK".to_string()),
-            version: self.ver.get().unwrap_or_else(|| "2.5+".to_string()),
-            device_id,
-            wwn: self.wwn.get(),
-            removable: self.removable.get(),
+            identity: UnitIdentity {
+                device_type: TYPE_DISK,
+                removable: self.removable.get(),
+                vendor: self.vendor.get().unwrap_or_else(|| "QEMU".to_string()),
+                product: self.product.get().unwrap_or_else(|| "QEMU HARDDISK".to_string()),
+                version: self.ver.get().unwrap_or_else(|| "2.5+".to_string()),
+                serial,
+                device_id,
+                wwn: self.wwn.get(),
+            },
             block_size: logical,
             physical_block_size: physical,
             discard_granularity,
@@ -956,13 +874,16 @@ mod tests {
         let backend = Arc::new(BlockBackend::open(name, &block::auto_node_name(), opts, |_| {}).unwrap());
         ScsiDisk::new(ScsiDiskConf {
             backend,
-            serial: None,
-            vendor: "QEMU".into(),
-            product: "QEMU HARDDISK".into(),
-            version: "2.5+".into(),
-            device_id: String::new(),
-            wwn: 0,
-            removable: false,
+            identity: UnitIdentity {
+                device_type: TYPE_DISK,
+                removable: false,
+                vendor: "QEMU".into(),
+                product: "QEMU HARDDISK".into(),
+                version: "2.5+".into(),
+                serial: None,
+                device_id: String::new(),
+                wwn: 0,
+            },
             block_size: 512,
             physical_block_size: 512,
             discard_granularity: 4096,
