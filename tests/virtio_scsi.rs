@@ -91,6 +91,17 @@ fn plug_disk(
     drive: &str,
     props: &[(&str, &str)],
 ) -> Result<ObjectRef, hw::core::qdev::QdevError> {
+    plug_unit(machine, hba, "scsi-hd", Some(drive), props)
+}
+
+/// A `DRIVER,drive=DRIVE,PROPS` unit on the adapter `hba`'s bus.
+fn plug_unit(
+    machine: &ObjectRef,
+    hba: &str,
+    driver: &str,
+    drive: Option<&str>,
+    props: &[(&str, &str)],
+) -> Result<ObjectRef, hw::core::qdev::QdevError> {
     let bus = machine
         .child("peripheral")
         .unwrap()
@@ -98,8 +109,10 @@ fn plug_disk(
         .unwrap()
         .child(&format!("{hba}.0"))
         .unwrap();
-    let dev = qdev_new("scsi-hd").unwrap();
-    dev.property_parse("drive", drive).unwrap();
+    let dev = qdev_new(driver).unwrap();
+    if let Some(drive) = drive {
+        dev.property_parse("drive", drive).unwrap();
+    }
     for (k, v) in props {
         match *k {
             "id" => dev.set_device_id(Some(v.to_string())),
@@ -711,6 +724,17 @@ fn bad_virtio_scsi_options_get_qemus_errors() {
     let path = temp_image("cli.raw", 1 << 20);
     let drive = format!("file={},if=none,id=d0,format=raw", path.display());
     let hba = "virtio-scsi-pci,id=scsi0";
+    let (status, stderr) = run(&[
+        "-drive",
+        "if=none,id=cd0,media=cdrom",
+        "-device",
+        hba,
+        "-device",
+        "scsi-cd,drive=cd0",
+        "-device",
+        "scsi-cd",
+    ]);
+    assert_eq!(status, Some(0), "empty CD drives: {stderr}");
     for (devices, error) in [
         (&["scsi-hd,drive=d0"][..], "-device scsi-hd,drive=d0: No 'SCSI' bus found for device 'scsi-hd'"),
         (&[hba, "scsi-hd"], "-device scsi-hd: drive property not set"),
@@ -756,4 +780,135 @@ fn bad_virtio_scsi_options_get_qemus_errors() {
         "scsi-hd,drive=d1",
     ]);
     assert_eq!(status, Some(0), "{stderr}");
+}
+
+/// `scsi-cd` as libvirt writes it for `<disk device='cdrom' bus='scsi'>`: a read-only,
+/// removable unit of 2048-byte blocks with a tray. The guest reads the ISO's bytes, the
+/// TOC and the drive's features; locks the tray so its eject is refused; opens it. The
+/// host's medium change (what QMP `eject` and `blockdev-change-medium` do) shows as QEMU
+/// shows it: "no medium", then "medium may have changed", and a media event.
+#[test]
+fn a_scsi_cd_reads_its_medium_and_sees_it_change() {
+    use hw::core::removable_media::{change_media, RemovableMedia};
+    let iso: Vec<u8> = (0..64 * 2048)
+        .map(|i| (i / 2048) as u8 ^ (i as u8))
+        .collect();
+    let path = temp_image("cd.iso", 0);
+    std::fs::write(&path, &iso).unwrap();
+    add_drive("vscsi-cd", &path, true);
+    let m = pc_with_adapter("scsi-cd", &[]);
+    let cd = plug_unit(&m, "scsi-cd", "scsi-cd", Some("vscsi-cd"), &[("id", "cd0")]).unwrap();
+    machine_creation_done(&m).unwrap();
+    let mut d = Driver::start(&m, VERSION_1);
+    let at = lun(0, 0);
+
+    let inq = d.command(at, &[0x12, 0, 0, 0, 36, 0], &[], 36);
+    assert_eq!(
+        (inq.good().data[0], inq.data[1]),
+        (5, 0x80),
+        "a removable CD/DVD drive"
+    );
+    assert_eq!(&inq.data[16..27], b"QEMU CD-ROM");
+    // The machine's reset is reported once, then the drive is ready.
+    assert_eq!(
+        d.command(at, &[0, 0, 0, 0, 0, 0], &[], 0).check(),
+        (6, 0x29, 0),
+        "power on, reset"
+    );
+    d.command(at, &[0, 0, 0, 0, 0, 0], &[], 0).good();
+    let cap = d.command(at, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(
+        cap.good().data,
+        [0, 0, 0, 63, 0, 0, 8, 0],
+        "64 blocks of 2048 bytes"
+    );
+    let back = d.command(at, &rw10(0x28, 10, 2), &[], 4096);
+    assert!(
+        back.good().data[..] == iso[10 * 2048..12 * 2048],
+        "READ(10) of blocks 10-11"
+    );
+    assert_eq!(
+        d.command(at, &rw10(0x28, 63, 2), &[], 4096).check(),
+        (5, 0x21, 0)
+    );
+    assert_eq!(
+        d.command(at, &rw10(0x2a, 0, 1), &[0; 2048], 0).check(),
+        (5, 0x20, 0),
+        "no WRITE"
+    );
+    let toc = d.command(at, &[0x43, 0, 0, 0, 0, 0, 0, 0, 64, 0], &[], 64);
+    assert_eq!(
+        &toc.good().data[..4],
+        &[0, 18, 1, 1],
+        "one track and the lead-out"
+    );
+    assert_eq!(
+        &toc.data[16..20],
+        &[0, 0, 0, 64],
+        "the lead-out at block 64"
+    );
+    let config = d.command(at, &[0x46, 0, 0, 0, 0, 0, 0, 0, 64, 0], &[], 64);
+    assert_eq!(
+        &config.good().data[6..8],
+        &[0, 8],
+        "current profile: CD-ROM"
+    );
+    let caps = d.command(at, &[0x5a, 0x08, 0x2a, 0, 0, 0, 0, 0, 64, 0], &[], 64);
+    assert_eq!(caps.good().data[8], 0x2a, "the capabilities page");
+
+    // Locked, the tray stays shut; unlocked, it opens and the drive is empty.
+    d.command(at, &[0x1e, 0, 0, 0, 1, 0], &[], 0).good();
+    assert!(cd
+        .interface::<dyn RemovableMedia>()
+        .unwrap()
+        .is_medium_locked());
+    assert_eq!(
+        d.command(at, &[0x1b, 0, 0, 0, 2, 0], &[], 0).check(),
+        (5, 0x53, 2)
+    );
+    d.command(at, &[0x1e, 0, 0, 0, 0, 0], &[], 0).good();
+    d.command(at, &[0x1b, 0, 0, 0, 2, 0], &[], 0).good();
+    let media = cd.interface::<dyn RemovableMedia>().unwrap();
+    assert!(media.is_tray_open());
+    assert_eq!(
+        d.command(at, &[0, 0, 0, 0, 0, 0], &[], 0).check(),
+        (2, 0x3a, 0)
+    );
+    d.command(at, &[0x1b, 0, 0, 0, 3, 0], &[], 0).good();
+    d.command(at, &[0, 0, 0, 0, 0, 0], &[], 0).good();
+
+    // The host takes the medium out and puts another in (blockdev-change-medium).
+    let second: Vec<u8> = vec![0x77; 8 * 2048];
+    let path2 = temp_image("cd2.iso", 0);
+    std::fs::write(&path2, &second).unwrap();
+    change_media(media, false);
+    let old = media.remove_medium().expect("a medium was in");
+    assert!(!media.is_medium_locked());
+    drop(old);
+    let mut opts = OpenOptions::new(&path2);
+    opts.format = Some(Format::Raw);
+    opts.read_only = true;
+    let new = Arc::new(BlockBackend::open("", &block::auto_node_name(), opts, |_| {}).unwrap());
+    media.insert_medium(new).unwrap();
+    change_media(media, true);
+    assert_eq!(
+        d.command(at, &[0, 0, 0, 0, 0, 0], &[], 0).check(),
+        (6, 0x3a, 0),
+        "no medium"
+    );
+    assert_eq!(
+        d.command(at, &[0, 0, 0, 0, 0, 0], &[], 0).check(),
+        (6, 0x28, 0),
+        "medium may have changed"
+    );
+    let event = d.command(at, &[0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0], &[], 8);
+    assert_eq!(&event.good().data[4..6], &[2, 2], "new media, present");
+    let cap = d.command(at, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(
+        &cap.good().data[..4],
+        &[0, 0, 0, 7],
+        "the new medium's 8 blocks"
+    );
+    let back = d.command(at, &rw10(0x28, 0, 8), &[], 8 * 2048);
+    assert!(back.good().data == second);
 }

@@ -552,7 +552,7 @@ impl PcI440fxMachine {
                         let below = if let Some(ide) = drive.downcast::<crate::ide::ide_dev::IdeDevice>() {
                             ide.fw_dev_path()?
                         } else {
-                            drive.downcast::<crate::scsi::scsi_disk::ScsiHd>()?.fw_dev_path()?
+                            drive.downcast::<crate::scsi::scsi_bus::ScsiDevice>()?.fw_dev_path("disk")?
                         };
                         Some((bootindex(&drive)?, format!("{path}/{below}")))
                     })

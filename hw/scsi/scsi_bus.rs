@@ -7,6 +7,7 @@
 //! buffers of its request; a logical unit ([`ScsiLogicalUnit`]) runs it to the end on the
 //! adapter's I/O thread and returns its status.
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::sync::{Arc, OnceLock};
 
@@ -161,6 +162,26 @@ pub fn first_bytes<'m>(slices: &[VolatileSlice<'m>], mut len: usize) -> Option<V
     (len == 0).then_some(out)
 }
 
+/// Bytes moved between the request's buffers and the image at a time.
+pub const BOUNCE_BYTES: usize = 256 * 1024;
+
+thread_local! {
+    /// Each thread's buffer between a request and the image, kept for the next request
+    /// (no allocation and trim of a large block per command).
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's bounce buffer, at least `len` bytes (at most
+/// [`BOUNCE_BYTES`]).
+pub fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    BOUNCE.with_borrow_mut(|bounce| {
+        let len = len.min(BOUNCE_BYTES);
+        if bounce.len() < len {
+            bounce.resize(BOUNCE_BYTES, 0);
+        }
+        f(&mut bounce[..len])
+    })
+}
 /// What a unit says about itself: INQUIRY's standard data and its identification pages
 /// (QEMU's `scsi_disk_emulate_inquiry` and VPD pages 0x80 and 0x83).
 #[derive(Clone, Debug)]

@@ -5,7 +5,6 @@
 //! CACHE, UNMAP and WRITE SAME. libvirt writes it as
 //! `-device scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=0,drive=libvirt-1-format,id=scsi0-0-0-0`.
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -15,7 +14,7 @@ use qom::{type_init, Prop, Size};
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
 use crate::core::qdev_properties::OnOffAuto;
 use crate::scsi::scsi_bus::{
-    block_descriptor, first_bytes, mode_sense_reply, ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense,
+    block_descriptor, first_bytes, mode_sense_reply, with_bounce, ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense,
     UnitIdentity,
 };
 
@@ -23,26 +22,6 @@ use crate::scsi::scsi_bus::{
 /// QEMU's `TYPE_SCSI_HD`.
 pub const TYPE_SCSI_HD: &str = "scsi-hd";
 
-/// Bytes moved between the request's buffers and the image at a time.
-const BOUNCE_BYTES: usize = 256 * 1024;
-
-thread_local! {
-    /// Each thread's buffer between a request and the image, kept for the next request
-    /// (no allocation and trim of a large block per command).
-    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with this thread's bounce buffer, at least `len` bytes (at most
-/// [`BOUNCE_BYTES`]).
-fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    BOUNCE.with_borrow_mut(|bounce| {
-        let len = len.min(BOUNCE_BYTES);
-        if bounce.len() < len {
-            bounce.resize(BOUNCE_BYTES, 0);
-        }
-        f(&mut bounce[..len])
-    })
-}
 /// QEMU's `DEFAULT_DISCARD_GRANULARITY`.
 const DEFAULT_DISCARD_GRANULARITY: u64 = 4096;
 /// QEMU's `SCSI_WRITE_SAME_MAX`: the most bytes one WRITE SAME writes.
@@ -836,10 +815,6 @@ impl ScsiHd {
         })
     }
 
-    /// QEMU's firmware path of the disk below its adapter, once plugged.
-    pub fn fw_dev_path(&self) -> Option<String> {
-        self.parent.fw_dev_path("disk")
-    }
 }
 
 #[cfg(test)]
