@@ -529,7 +529,6 @@ mod tests {
 
     use super::*;
     use crate::ide::core::tests::hd_info;
-    use crate::block::cdrom::{self, media_event, CD_BLOCK};
 use crate::ide::core::{DriveKind, IdeChannel};
 
     fn cd_channel() -> Arc<IdeChannel> {
