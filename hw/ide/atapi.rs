@@ -529,7 +529,7 @@ mod tests {
 
     use super::*;
     use crate::ide::core::tests::hd_info;
-use crate::ide::core::{DriveKind, IdeChannel};
+    use crate::ide::core::{DriveKind, IdeChannel};
 
     fn cd_channel() -> Arc<IdeChannel> {
         let mut info = hd_info(None);
