@@ -281,8 +281,15 @@ impl Reply {
     }
 }
 
+/// A LUN as Linux's virtio_scsi writes it: peripheral addressing below 256, flat space
+/// addressing from there.
 fn lun(target: u8, lun: u16) -> [u8; 8] {
-    [1, target, 0x40 | (lun >> 8) as u8, lun as u8, 0, 0, 0, 0]
+    let flat = if lun >= 256 {
+        0x40 | (lun >> 8) as u8
+    } else {
+        0
+    };
+    [1, target, flat, lun as u8, 0, 0, 0, 0]
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -489,13 +496,43 @@ fn commands_reach_the_image_and_come_back() {
         S_BAD_TARGET
     );
 
-    // Task management: a LUN reset (the cache is back on), an absent LUN and target.
+    // Task management: a LUN reset (the guest's cache choice stays, as in QEMU), an
+    // absent LUN and target.
     assert_eq!(d.tmf(5, disk), S_OK);
     let cache = d.command(disk, &[0x1a, 0x08, 0x08, 0, 64, 0], &[], 64);
     assert_eq!(
         cache.good().data[4 + 2] & 0x04,
-        0x04,
-        "WCE as configured after a reset"
+        0,
+        "WCE still off after a LUN reset"
+    );
+    // The choice moves with the machine: a second one loads the disk's state.
+    let state = hw::core::qdev::device_impl(
+        &m.child("peripheral-anon")
+            .unwrap()
+            .child("device[0]")
+            .unwrap(),
+    )
+    .unwrap()
+    .save_state()
+    .unwrap();
+    add_drive("vscsi-rw2", &temp_image("rw2.raw", 4 << 20), false);
+    let m2 = pc_with_adapter("scsi-rw2", &[("vscsi-rw2", &[("scsi-id", "2")])]);
+    let disk2 = m2
+        .child("peripheral-anon")
+        .unwrap()
+        .child("device[0]")
+        .unwrap();
+    hw::core::qdev::device_impl(&disk2)
+        .unwrap()
+        .load_state(&state)
+        .unwrap();
+    machine_creation_done(&m2).unwrap();
+    let mut d2 = Driver::start(&m2, VERSION_1);
+    let cache = d2.command(disk, &[0x1a, 0x08, 0x08, 0, 64, 0], &[], 64);
+    assert_eq!(
+        cache.good().data[4 + 2] & 0x04,
+        0,
+        "WCE off on the destination"
     );
     assert_eq!(d.tmf(0, lun(2, 9)), S_INCORRECT_LUN);
     assert_eq!(d.tmf(5, lun(9, 0)), S_BAD_TARGET);
@@ -530,9 +567,10 @@ fn units_plugged_and_unplugged_are_announced_on_the_event_queue() {
     let path = temp_image("hot.raw", 1 << 20);
     add_drive("vscsi-base", &temp_image("base.raw", 1 << 20), false);
     add_drive("vscsi-hot", &path, false);
+    add_drive("vscsi-paused", &temp_image("paused.raw", 1 << 20), false);
     let m = pc_with_adapter("scsi-hot", &[("vscsi-base", &[])]);
     machine_creation_done(&m).unwrap();
-    let mut d = Driver::start(&m, VERSION_1 | F_HOTPLUG);
+    let mut d = Driver::start(&m, VERSION_1 | F_HOTPLUG | F_EVENT_IDX);
     d.post_event_buffers(4);
     assert!(
         d.next_event(Duration::from_millis(300)).is_none(),
@@ -545,6 +583,13 @@ fn units_plugged_and_unplugged_are_announced_on_the_event_queue() {
         Some((1, lun(0, 5), 1)),
         "TRANSPORT_RESET, RESCAN of 0:5"
     );
+    // With event index the device asks for a kick at the next buffer it has not taken.
+    let avail_event: u16 = d
+        .dev
+        .mem
+        .read_obj(GuestAddress(d.event.used + 4 + 8 * u64::from(d.event.size)))
+        .unwrap();
+    assert_eq!(avail_event, 1, "avail_event follows the buffers taken");
     let cap = d.command(lun(0, 5), &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
     assert_eq!(&cap.good().data[..4], &[0, 0, 0x07, 0xff]);
     let mut report = [0u8; 12];
@@ -586,6 +631,25 @@ fn units_plugged_and_unplugged_are_announced_on_the_event_queue() {
         "EVENTS_MISSED"
     );
     d.command(lun(1, 0), &[0, 0, 0, 0, 0, 0], &[], 0).good();
+
+    // A unit plugged while the VM is paused: the driver hears of it (as missed events)
+    // when the VM runs again.
+    use hw::core::runstate::{vm_start, vm_stop, RunStatus};
+    let ms = machine_state(&m).unwrap();
+    vm_start(ms).unwrap();
+    d.post_event_buffers(2);
+    vm_stop(ms, RunStatus::Paused).unwrap();
+    plug_hot(&m, "vscsi-paused", &[("scsi-id", "3")], "hot3");
+    assert!(
+        d.next_event(Duration::from_millis(300)).is_none(),
+        "nothing while paused"
+    );
+    vm_start(ms).unwrap();
+    assert_eq!(
+        d.next_event(WAIT),
+        Some((0x8000_0000, [0; 8], 0)),
+        "EVENTS_MISSED on resume"
+    );
 }
 
 /// `device_add scsi-hd,drive=DRIVE,PROPS,id=ID` on `scsi-hot.0` while running.

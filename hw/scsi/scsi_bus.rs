@@ -350,6 +350,8 @@ pub struct ScsiBusInfo {
 pub struct ScsiLuns {
     /// By address.
     units: RwLock<Vec<PluggedUnit>>,
+    /// Waits until no command of the adapter runs (its event loop's pass ends).
+    drain: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// A unit on the bus: its address, its device's id (or type), the unit.
@@ -412,8 +414,18 @@ impl ScsiLuns {
         units.sort_by_key(|p| p.addr);
     }
 
+    /// Takes the unit at `addr` off the bus; when this returns no command runs on it
+    /// (its device may let its backend go).
     fn remove(&self, addr: ScsiAddress) {
         self.units.write().retain(|p| p.addr != addr);
+        if let Some(drain) = self.drain.get() {
+            drain();
+        }
+    }
+
+    /// How the adapter waits for the commands it runs (set once, at its realize).
+    pub fn set_drain(&self, drain: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.drain.set(drain);
     }
 
     /// The units of one target (an I_T nexus reset).

@@ -15,6 +15,7 @@ use qom::{type_init, Prop};
 
 use crate::block::cdrom::{self, media_event, CD_BLOCK};
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::removable_media::{claim_medium, release_medium, tray_moved, RemovableMedia};
 use crate::scsi::scsi_bus::{
     block_descriptor, first_bytes, mode_sense_reply, with_bounce, ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense,
@@ -426,7 +427,11 @@ impl DeviceImpl for ScsiCd {
             vendor: self.vendor.get().unwrap_or_else(|| "QEMU".to_string()),
             product: self.product.get().unwrap_or_else(|| "QEMU CD-ROM".to_string()),
             version: self.ver.get().unwrap_or_else(|| "2.5+".to_string()),
-            device_id: self.device_id.get().or_else(|| serial.clone()).unwrap_or_else(|| blk_name.clone()),
+            device_id: self
+                .device_id
+                .get()
+                .or_else(|| serial.as_ref().map(|s| s.chars().take(20).collect()))
+                .unwrap_or_else(|| blk_name.clone()),
             serial,
             wwn: self.wwn.get(),
         };
@@ -440,6 +445,36 @@ impl DeviceImpl for ScsiCd {
             return Err(e);
         }
         let _ = self.unit.set(unit);
+        Ok(())
+    }
+
+    /// The tray, the lock and what the guest is yet to be told (QEMU's
+    /// `vmstate_scsi_disk_state` with its tray subsection).
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        let mut section = VmStateSection::new(1);
+        if let Some(u) = self.unit.get() {
+            let st = u.state.lock();
+            section.put("tray_open", st.tray_open);
+            section.put("tray_locked", st.tray_locked);
+            section.put("media_changed", st.media_changed);
+            section.put("media_event", st.media_event);
+            section.put("eject_request", st.eject_request);
+            section.put("unit_attention", st.unit_attention.map(|s| [s.key, s.asc, s.ascq]));
+        }
+        Ok(section)
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        state.check_version(1, 1)?;
+        let Some(u) = self.unit.get() else { return Ok(()) };
+        let ua: Option<[u8; 3]> = state.get("unit_attention")?;
+        let mut st = u.state.lock();
+        st.tray_open = state.get("tray_open")?;
+        st.tray_locked = state.get("tray_locked")?;
+        st.media_changed = state.get("media_changed")?;
+        st.media_event = state.get("media_event")?;
+        st.eject_request = state.get("eject_request")?;
+        st.unit_attention = ua.map(|[key, asc, ascq]| Sense::new(key, asc, ascq));
         Ok(())
     }
 

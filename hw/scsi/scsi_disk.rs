@@ -12,6 +12,7 @@ use block::{BlockBackend, BlockError, IoType};
 use qom::{type_init, Prop, Size};
 
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
+use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::qdev_properties::OnOffAuto;
 use crate::scsi::scsi_bus::{
     block_descriptor, first_bytes, mode_sense_reply, with_bounce, ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense,
@@ -338,7 +339,8 @@ impl ScsiDisk {
     /// WRITE SAME(10/16): unmaps with UNMAP, writes zeroes with NDOB or a zero block,
     /// else repeats the one block sent.
     fn write_same(&self, cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome {
-        let Some((lba, blocks)) = lba_and_blocks(cdb) else {
+        // No blocks would mean "to the end of the disk", which VPD page 0xb0's WSNZ refuses.
+        let Some((lba, blocks)) = lba_and_blocks(cdb).filter(|&(_, n)| n > 0) else {
             return ScsiOutcome::Check(Sense::INVALID_FIELD);
         };
         let (offset, len) = match self.range(IoType::Write, lba, blocks) {
@@ -422,6 +424,8 @@ impl ScsiDisk {
                     b[20..24].copy_from_slice(&(u32::MAX).to_be_bytes());
                     b[24..28].copy_from_slice(&unmap_blocks.to_be_bytes());
                 }
+                // WSNZ: a WRITE SAME of 0 blocks (to the end of the disk) is refused.
+                b[0] = 0x01;
                 // Maximum write same length.
                 b[32..40].copy_from_slice(&(WRITE_SAME_MAX / bs).to_be_bytes());
                 b
@@ -633,10 +637,6 @@ impl ScsiLogicalUnit for ScsiDisk {
         }
     }
 
-    /// A reset puts the write cache back as configured.
-    fn reset(&self) {
-        self.write_cache.store(self.conf.write_cache, Ordering::Relaxed);
-    }
 }
 
 /// QEMU's `scsi-hd`.
@@ -678,6 +678,7 @@ pub struct ScsiHd {
     #[property(name = "share-rw", default = false, desc = "Let other users write the image")]
     share_rw: Prop<bool>,
     backend: OnceLock<Arc<BlockBackend>>,
+    unit: OnceLock<Arc<ScsiDisk>>,
 }
 
 type_init!(ScsiHd);
@@ -741,11 +742,30 @@ impl DeviceImpl for ScsiHd {
         backend
             .attach_dev(&qdev)
             .map_err(|e| RealizeError::device(ScsiDiskError::DriveInUse(e.to_string())))?;
-        if let Err(e) = self.parent.plug_unit(ctx, Arc::new(ScsiDisk::new(conf))) {
+        let unit = Arc::new(ScsiDisk::new(conf));
+        if let Err(e) = self.parent.plug_unit(ctx, unit.clone()) {
             backend.detach_dev();
             return Err(e);
         }
         let _ = self.backend.set(backend);
+        let _ = self.unit.set(unit);
+        Ok(())
+    }
+
+    /// The guest's write cache choice (MODE SELECT), as QEMU keeps it in its backend.
+    fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        let mut section = VmStateSection::new(1);
+        let wce = self.unit.get().is_none_or(|u| u.write_cache.load(Ordering::Relaxed));
+        section.put("wce", wce);
+        Ok(section)
+    }
+
+    fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+        state.check_version(1, 1)?;
+        let wce: bool = state.get("wce")?;
+        if let Some(u) = self.unit.get() {
+            u.write_cache.store(wce, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -787,11 +807,12 @@ impl ScsiHd {
             OnOffAuto::Auto => backend.options().cache.writeback(),
         };
         let serial = self.serial.get();
-        // QEMU's default device identification: the serial, else the drive's name.
+        // QEMU's default device identification: the serial (its first 20 bytes), else
+        // the drive's name.
         let device_id = self
             .device_id
             .get()
-            .or_else(|| serial.clone())
+            .or_else(|| serial.as_ref().map(|s| s.chars().take(20).collect()))
             .unwrap_or_else(|| backend.id());
         let _ = ctx;
         Ok(ScsiDiskConf {

@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
+use crate::core::accel_ops::EventFd;
 use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::vmstate::{VmStateError, VmStateSection};
@@ -70,7 +71,6 @@ mod ctrl {
     pub const AN_SUBSCRIBE: u32 = 2;
     pub const ABORT_TASK: u32 = 0;
     pub const ABORT_TASK_SET: u32 = 1;
-    pub const CLEAR_ACA: u32 = 2;
     pub const CLEAR_TASK_SET: u32 = 3;
     pub const I_T_NEXUS_RESET: u32 = 4;
     pub const LOGICAL_UNIT_RESET: u32 = 5;
@@ -111,6 +111,12 @@ pub struct VirtioScsi {
     sizes: Mutex<(u32, u32)>,
     handlers: Mutex<Vec<AioHandlerId>>,
     running: Mutex<Option<Arc<Running>>>,
+    /// An event found no buffer, or came while the device was stopped: the driver is
+    /// told `EVENTS_MISSED` with the next event or buffer (kept across a stop and a
+    /// migration).
+    events_dropped: Arc<AtomicBool>,
+    /// The features of a driver whose device is stopped (parked), not reset.
+    parked_features: Mutex<Option<u64>>,
 }
 
 /// Guest errors of every virtio-scsi adapter share one log budget.
@@ -131,6 +137,8 @@ impl VirtioScsi {
             sizes: Mutex::new((SENSE_SIZE, CDB_SIZE)),
             handlers: Mutex::new(Vec::new()),
             running: Mutex::new(None),
+            events_dropped: Arc::new(AtomicBool::new(false)),
+            parked_features: Mutex::new(None),
         }
     }
 
@@ -167,6 +175,10 @@ impl VirtioScsi {
     /// did not take `VIRTIO_SCSI_F_HOTPLUG`, or none, learns of it at its next scan.
     pub fn notify_hotplug(&self, addr: ScsiAddress, removed: bool) {
         let Some(running) = self.running.lock().clone() else {
+            // A stopped device's driver hears of it as a missed event when it runs again.
+            if self.parked_features.lock().is_some_and(|f| f & bit(F_HOTPLUG) != 0) {
+                self.events_dropped.store(true, Ordering::Release);
+            }
             return;
         };
         if running.features & bit(F_HOTPLUG) == 0 {
@@ -243,7 +255,11 @@ impl VirtioDevice for VirtioScsi {
             kicks.push((q.index, q.kick.clone()));
             match q.index {
                 EVENT => event_queue = Some(q.queue),
-                index => served.push((index, Mutex::new(q.queue))),
+                index => served.push(ServedQueue {
+                    index,
+                    queue: Mutex::new(q.queue),
+                    kick: q.kick.clone(),
+                }),
             }
         }
         let running = Arc::new(Running {
@@ -255,10 +271,8 @@ impl VirtioDevice for VirtioScsi {
             sense_size: sense_size as usize,
             cdb_size: cdb_size as usize,
             queues: served,
-            events: Mutex::new(EventQueue {
-                queue: event_queue,
-                dropped: false,
-            }),
+            events: Mutex::new(event_queue),
+            events_dropped: self.events_dropped.clone(),
             broken: AtomicBool::new(false),
         });
         *self.running.lock() = Some(running.clone());
@@ -282,27 +296,36 @@ impl VirtioDevice for VirtioScsi {
                 }
             }
         }
+        drop(handlers);
+        *self.parked_features.lock() = None;
+        // What was missed while the device was stopped.
+        if running.events_dropped.load(Ordering::Acquire) && features & bit(F_HOTPLUG) != 0 {
+            running.push_event(event::NO_EVENT, None, 0);
+        }
         Ok(())
     }
 
     /// QEMU's `virtio_scsi_reset`: the queues stop, the units are reset, the driver's
-    /// sizes go back to their defaults.
+    /// sizes go back to their defaults, missed events are forgotten.
     fn reset(&self) {
         self.stop();
         self.luns.reset_all();
         *self.sizes.lock() = (SENSE_SIZE, CDB_SIZE);
+        *self.parked_features.lock() = None;
+        self.events_dropped.store(false, Ordering::Release);
     }
 
     /// Every command completes in its handler, so nothing is in flight once they are
     /// removed; the event queue keeps its buffers where the driver put them.
     fn park(&self) -> Option<Vec<QueuePosition>> {
         let running = self.stop()?;
+        *self.parked_features.lock() = Some(running.features);
         let mut positions: Vec<QueuePosition> = running
             .queues
             .iter()
-            .map(|(index, q)| QueuePosition::of(*index, &q.lock(), 0))
+            .map(|q| QueuePosition::of(q.index, &q.queue.lock(), 0))
             .collect();
-        if let Some(q) = &running.events.lock().queue {
+        if let Some(q) = &*running.events.lock() {
             positions.push(QueuePosition::of(EVENT, q, 0));
         }
         positions.sort_by_key(|p| p.index);
@@ -314,6 +337,7 @@ impl VirtioDevice for VirtioScsi {
         section.put("scsi.sense_size", sense_size);
         section.put("scsi.cdb_size", cdb_size);
         section.put("scsi.num_queues", self.conf.num_queues);
+        section.put("scsi.events_dropped", self.events_dropped.load(Ordering::Acquire));
         Ok(())
     }
 
@@ -325,17 +349,31 @@ impl VirtioDevice for VirtioScsi {
                 self.conf.num_queues
             )));
         }
-        *self.sizes.lock() = (section.get("scsi.sense_size")?, section.get("scsi.cdb_size")?);
+        let (sense_size, cdb_size): (u32, u32) = (section.get("scsi.sense_size")?, section.get("scsi.cdb_size")?);
+        if sense_size >= 65536 || cdb_size >= 256 {
+            return Err(VmStateError::Mismatch(format!(
+                "virtio-scsi: sense size {sense_size} or CDB size {cdb_size} out of range"
+            )));
+        }
+        *self.sizes.lock() = (sense_size, cdb_size);
+        self.events_dropped
+            .store(section.get("scsi.events_dropped")?, Ordering::Release);
         Ok(())
     }
 }
 
-/// The event queue: its ring, and whether an event found no buffer (the driver is then
-/// told `EVENTS_MISSED` and rescans).
-struct EventQueue {
-    queue: Option<Queue>,
-    dropped: bool,
+/// A control or request queue.
+struct ServedQueue {
+    index: u16,
+    queue: Mutex<Queue>,
+    /// The driver's notifications; the handler signals it itself to come back for more.
+    kick: Arc<EventFd>,
 }
+
+/// Commands a handler serves before it lets the event loop's other handlers run: the
+/// commands run to their end here, so a guest that keeps its ring full must not keep the
+/// loop (shared with other devices by default) to itself.
+const COMMANDS_PER_PASS: usize = 64;
 
 /// The adapter while the driver runs it. Its handlers run on the adapter's event loop.
 struct Running {
@@ -346,9 +384,12 @@ struct Running {
     luns: Arc<ScsiLuns>,
     sense_size: usize,
     cdb_size: usize,
-    /// The control and request queues, by index.
-    queues: Vec<(u16, Mutex<Queue>)>,
-    events: Mutex<EventQueue>,
+    /// The control and request queues.
+    queues: Vec<ServedQueue>,
+    /// The event queue, if the driver enabled it.
+    events: Mutex<Option<Queue>>,
+    /// Shared with the device (see `VirtioScsi::events_dropped`).
+    events_dropped: Arc<AtomicBool>,
     broken: AtomicBool,
 }
 
@@ -365,11 +406,15 @@ fn decode_lun(lun: &[u8; 8]) -> Option<ScsiAddress> {
     })
 }
 
+/// The address as an event's LUN field: as REPORT LUNS lists it (flat space addressing
+/// only from LUN 256), which is how Linux looks the unit up.
 fn encode_lun(addr: ScsiAddress) -> [u8; 8] {
     let mut lun = [0u8; 8];
     lun[0] = 1;
     lun[1] = addr.target as u8;
-    lun[2] = ((addr.lun >> 8) as u8) | 0x40;
+    if addr.lun >= 256 {
+        lun[2] = ((addr.lun >> 8) as u8) | 0x40;
+    }
     lun[3] = addr.lun as u8;
     lun
 }
@@ -382,18 +427,19 @@ impl Running {
         }
         if index == EVENT {
             // Buffers arrived: an event that found none can be reported as missed now.
-            if self.events.lock().dropped {
+            if self.events_dropped.load(Ordering::Acquire) {
                 self.push_event(event::NO_EVENT, None, 0);
             }
             return;
         }
-        let Some((_, queue)) = self.queues.iter().find(|(i, _)| *i == index) else {
+        let Some(served) = self.queues.iter().find(|q| q.index == index) else {
             return;
         };
-        let mut queue = queue.lock();
+        let mut queue = served.queue.lock();
+        let mut more = false;
         let result = (|| -> Result<bool, RingError> {
             let mem = &*self.mem;
-            let mut any = false;
+            let mut done = 0;
             loop {
                 queue.disable_notification(mem)?;
                 while let Some(chain) = queue.iter(self.mem.clone())?.next() {
@@ -406,19 +452,27 @@ impl Running {
                     };
                     mark_chain_written(&self.dirty, &written);
                     queue.add_used(mem, head, len)?;
-                    any = true;
+                    done += 1;
+                    if done == COMMANDS_PER_PASS {
+                        more = true;
+                        return Ok(queue.needs_notification(mem)?);
+                    }
                 }
                 if !queue.enable_notification(mem)? {
                     break;
                 }
             }
-            Ok(any && queue.needs_notification(mem)?)
+            Ok(done > 0 && queue.needs_notification(mem)?)
         })();
         drop(queue);
         match result {
             Ok(true) => self.transport.signal_used_queue(index),
             Ok(false) => {}
-            Err(e) => self.fail(index, e),
+            Err(e) => return self.fail(index, e),
+        }
+        if more {
+            // The rest on the loop's next pass.
+            let _ = served.kick.write(1);
         }
     }
 
@@ -519,7 +573,8 @@ impl Running {
                     .map_err(|_| chain_error("no room for the response"))?;
                 Ok(5)
             }
-            other => Err(chain_error(format!("unknown control request type {other}"))),
+            // Completed with no answer, as QEMU does.
+            _ => Ok(0),
         }
     }
 
@@ -534,8 +589,8 @@ impl Running {
         }
         let unit = self.luns.find(addr);
         match subtype {
-            ctrl::ABORT_TASK | ctrl::ABORT_TASK_SET | ctrl::CLEAR_TASK_SET | ctrl::CLEAR_ACA
-            | ctrl::QUERY_TASK | ctrl::QUERY_TASK_SET => {
+            ctrl::ABORT_TASK | ctrl::ABORT_TASK_SET | ctrl::CLEAR_TASK_SET | ctrl::QUERY_TASK
+            | ctrl::QUERY_TASK_SET => {
                 if unit.is_none() {
                     response::INCORRECT_LUN
                 } else {
@@ -561,19 +616,26 @@ impl Running {
     fn push_event(&self, kind: u32, addr: Option<ScsiAddress>, reason: u32) {
         let mem = &*self.mem;
         let mut events = self.events.lock();
-        let events = &mut *events;
-        let Some(queue) = events.queue.as_mut() else {
+        let Some(queue) = events.as_mut() else {
+            self.events_dropped.store(true, Ordering::Release);
             return;
         };
         let result = (|| -> Result<bool, RingError> {
-            let Some(chain) = queue.pop_descriptor_chain(self.mem.clone()) else {
-                events.dropped = true;
+            let chain = queue.pop_descriptor_chain(self.mem.clone());
+            // A kick for the next buffers: with event index, `avail_event` follows the
+            // entries taken (a driver kicks only past it).
+            queue.enable_notification(mem)?;
+            let Some(chain) = chain else {
+                self.events_dropped.store(true, Ordering::Release);
                 return Ok(false);
             };
             let head = chain.head_index();
             let written = chain.clone();
             let mut writer = Writer::new(mem, chain).map_err(chain_error)?;
-            let missed = if std::mem::take(&mut events.dropped) { event::EVENTS_MISSED } else { 0 };
+            let missed = match self.events_dropped.swap(false, Ordering::AcqRel) {
+                true => event::EVENTS_MISSED,
+                false => 0,
+            };
             let mut ev = [0u8; EVENT_SIZE as usize];
             ev[0..4].copy_from_slice(&(kind | missed).to_le_bytes());
             if let Some(addr) = addr {
@@ -587,6 +649,7 @@ impl Running {
             queue.add_used(mem, head, EVENT_SIZE)?;
             Ok(queue.needs_notification(mem)?)
         })();
+        drop(events);
         match result {
             Ok(true) => self.transport.signal_used_queue(EVENT),
             Ok(false) => {}
@@ -605,6 +668,10 @@ mod tests {
             let addr = ScsiAddress { channel: 0, target, lun };
             assert_eq!(decode_lun(&encode_lun(addr)), Some(addr));
         }
+        let low = encode_lun(ScsiAddress { channel: 0, target: 2, lun: 5 });
+        assert_eq!(low, [1, 2, 0, 5, 0, 0, 0, 0], "peripheral addressing below LUN 256, as Linux reads it");
+        let high = encode_lun(ScsiAddress { channel: 0, target: 2, lun: 300 });
+        assert_eq!(high, [1, 2, 0x41, 0x2c, 0, 0, 0, 0], "flat space addressing from LUN 256");
         assert_eq!(decode_lun(&[0, 0, 0, 0, 0, 0, 0, 0]), None, "lun[0] must be 1");
         assert_eq!(decode_lun(&[1, 0, 0x80, 0, 0, 0, 0, 0]), None, "extended addressing");
         assert_eq!(
