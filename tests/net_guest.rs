@@ -654,26 +654,46 @@ sed 's/^/host: fsck: /' fsck.log
 /// medium `blockdev-change-medium` put in, each checked against the host's MD5.
 #[test]
 fn a_guest_reads_the_cd_that_qmp_puts_in() {
-    let Some(out) = net_scenario(
-        "cdchange",
+    cd_medium_change("cdchange", "-cdrom a.iso", r#""device": "ide1-cd0""#);
+}
+
+/// The same with a `scsi-cd` on virtio-scsi (libvirt's `<disk device='cdrom' bus='scsi'>`),
+/// addressed by its device id: Linux's `sr` over `virtio_scsi` sees "no medium", then the
+/// new one ("medium may have changed").
+#[test]
+fn a_guest_reads_the_scsi_cd_that_qmp_puts_in() {
+    cd_medium_change(
+        "scsicd",
+        "-device virtio-scsi-pci,id=scsi0 -drive if=none,id=cd0,media=cdrom,format=raw,file=a.iso \
+         -device scsi-cd,bus=scsi0.0,drive=cd0,id=cd0dev",
+        r#""id": "cd0dev""#,
+    );
+}
+
+/// Boots the guest with `drive` (QEMU options holding a.iso as a CD), ejects the medium
+/// through QMP naming the drive as `target` (`"device": ...` or `"id": ...`), then puts
+/// b.iso in; the guest must read a.iso, no medium, then b.iso.
+fn cd_medium_change(name: &str, drive: &str, target: &str) {
+    let script = format!(
         r#"
-awk 'BEGIN { for (i = 0; i < 65536; i++) printf "%031d\n", i }' >a.iso
-awk 'BEGIN { for (i = 0; i < 3 * 65536; i++) printf "%031x\n", i }' >b.iso
+awk 'BEGIN {{ for (i = 0; i < 65536; i++) printf "%031d\n", i }}' >a.iso
+awk 'BEGIN {{ for (i = 0; i < 3 * 65536; i++) printf "%031x\n", i }}' >b.iso
 for f in a b; do echo "host: $f.iso $(md5sum <$f.iso | cut -d' ' -f1) $(wc -c <$f.iso)"; done
-boot cd "qomvm.ata=1 qomvm.cdsum=/dev/sr0 qomvm.cdchange=2" -cdrom a.iso \
+boot cd "qomvm.ata=1 qomvm.cdsum=/dev/sr0 qomvm.cdchange=2" {drive} \
     -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
 if await cd '^cdsum: ' 300; then
-    qmp qmp.sock '{"execute": "eject", "arguments": {"device": "ide1-cd0"}}' \
+    qmp qmp.sock '{{"execute": "eject", "arguments": {{{target}}}}}' \
         | sed 's/^/host: eject: /'
     if await cd '^cdsum: none' 120; then
-        qmp qmp.sock "{\"execute\": \"blockdev-change-medium\", \"arguments\": {\"device\": \"ide1-cd0\", \"filename\": \"$PWD/b.iso\", \"format\": \"raw\"}}" \
+        qmp qmp.sock "{{\"execute\": \"blockdev-change-medium\", \"arguments\": {{{target_escaped}, \"filename\": \"$PWD/b.iso\", \"format\": \"raw\"}}}}" \
             | sed 's/^/host: change: /'
     fi
 fi
 finish cd
 "#,
-        700,
-    ) else {
+        target_escaped = target.replace('"', "\\\""),
+    );
+    let Some(out) = net_scenario(name, &script, 700) else {
         return;
     };
     let host = |name: &str| {
