@@ -612,8 +612,9 @@ fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
 /// A SCSI disk as libvirt writes one (`<controller type='scsi' model='virtio-scsi'>`,
 /// `<disk bus='scsi'>`: `-device virtio-scsi-pci`, `-blockdev`, `-device scsi-hd` on
 /// `scsi0.0` with channel, target and LUN): the domain starts, libvirt finds the disk's
-/// statistics by its device, and `attach-disk`/`detach-disk` of a second SCSI disk plug
-/// it into the running adapter and take it out at once.
+/// statistics by its device, a SCSI CD's medium changes (`change-media`), and
+/// `attach-disk`/`detach-disk` of a second SCSI disk plug it into the running adapter and
+/// take it out at once.
 #[test]
 fn scsi_disks_start_and_hotplug_under_libvirt() {
     if let Some(reason) = libvirt_unusable() {
@@ -623,11 +624,16 @@ fn scsi_disks_start_and_hotplug_under_libvirt() {
     let dom = Domain::new("scsi");
     let disk_size: u64 = 8 << 20;
     let (kernel, disk) = dom.kernel_and_disk(disk_size);
+    let iso = dom.dir.join("scsi.iso");
+    std::fs::write(&iso, vec![0x33; 1 << 20]).unwrap();
     let extra = format!(
         "<controller type='scsi' index='0' model='virtio-scsi'/>\
          <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
-         <source file='{}'/><target dev='sda' bus='scsi'/></disk>",
-        disk.display()
+         <source file='{}'/><target dev='sda' bus='scsi'/></disk>\
+         <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='sdc' bus='scsi'/><readonly/></disk>",
+        disk.display(),
+        iso.display()
     );
     let xml = dom.xml_with_devices(&kernel, &dom.serial_xml(), &extra);
     virsh_ok(&["create", xml.to_str().unwrap()]);
@@ -643,6 +649,16 @@ fn scsi_disks_start_and_hotplug_under_libvirt() {
         "{info}"
     );
     virsh_ok(&["domblkstat", &dom.name, "sda"]);
+    // The SCSI CD's medium changes as an IDE one's does (tray, remove, insert).
+    assert!(
+        blocks.contains(&format!("sdc      {}", iso.display())),
+        "{blocks}"
+    );
+    virsh_ok(&["change-media", &dom.name, "sdc", "--eject"]);
+    assert!(virsh_ok(&["domblklist", &dom.name]).contains("sdc      -"));
+    let iso = iso.to_str().unwrap();
+    virsh_ok(&["change-media", &dom.name, "sdc", iso, "--insert"]);
+    assert!(virsh_ok(&["domblklist", &dom.name]).contains(&format!("sdc      {iso}")));
 
     let hot = dom.dir.join("hot-scsi.raw");
     std::fs::File::create(&hot)
