@@ -11,16 +11,17 @@ use std::sync::{Arc, OnceLock};
 
 use block::{BlockBackend, BlockError, IoType};
 use parking_lot::Mutex;
-use qom::{type_init, Prop};
+use qom::type_init;
 
 use crate::block::cdrom::{self, media_event, CD_BLOCK};
 use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::removable_media::{claim_medium, release_medium, tray_moved, RemovableMedia};
 use crate::scsi::scsi_bus::{
-    block_descriptor, first_bytes, mode_sense_reply, with_bounce, ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense,
+    block_descriptor, first_bytes, mode_sense_reply, with_bounce, ScsiData, ScsiLogicalUnit, ScsiOutcome, Sense,
     UnitIdentity,
 };
+use crate::scsi::scsi_disk::ScsiDiskBase;
 
 /// QEMU's `TYPE_SCSI_CD`.
 pub const TYPE_SCSI_CD: &str = "scsi-cd";
@@ -360,23 +361,7 @@ impl ScsiLogicalUnit for ScsiCdUnit {
 #[qom(name = TYPE_SCSI_CD, implements = [dyn RemovableMedia])]
 pub struct ScsiCd {
     #[parent]
-    parent: ScsiDevice,
-    #[property(desc = "Node name or ID of a block device to use as a backend (none: an empty drive)")]
-    drive: Prop<Option<String>>,
-    #[property(default = -1, desc = "Boot order of the drive (firmware)")]
-    bootindex: Prop<i32>,
-    #[property(desc = "Unit serial number (VPD page 0x80)")]
-    serial: Prop<Option<String>>,
-    #[property(desc = "Vendor INQUIRY reports")]
-    vendor: Prop<Option<String>>,
-    #[property(desc = "Product INQUIRY reports")]
-    product: Prop<Option<String>>,
-    #[property(desc = "Revision INQUIRY reports")]
-    ver: Prop<Option<String>>,
-    #[property(desc = "Device identification (VPD page 0x83; default: the serial or the drive)")]
-    device_id: Prop<Option<String>>,
-    #[property(default = 0u64, desc = "World wide name (NAA)")]
-    wwn: Prop<u64>,
+    parent: ScsiDiskBase,
     unit: OnceLock<Arc<ScsiCdUnit>>,
 }
 
@@ -404,7 +389,7 @@ impl DeviceImpl for ScsiCd {
             .id()
             .or_else(|| ctx.object().canonical_path())
             .unwrap_or_default();
-        let drive = self.drive.get();
+        let drive = self.parent.drive();
         let (medium, blk_name) = match &drive {
             Some(name) => match block::find_backend(name) {
                 Some(backend) => {
@@ -420,21 +405,7 @@ impl DeviceImpl for ScsiCd {
             },
             None => (None, String::new()),
         };
-        let serial = self.serial.get();
-        let identity = UnitIdentity {
-            device_type: TYPE_ROM,
-            removable: true,
-            vendor: self.vendor.get().unwrap_or_else(|| "QEMU".to_string()),
-            product: self.product.get().unwrap_or_else(|| "QEMU CD-ROM".to_string()),
-            version: self.ver.get().unwrap_or_else(|| "2.5+".to_string()),
-            device_id: self
-                .device_id
-                .get()
-                .or_else(|| serial.as_ref().map(|s| s.chars().take(20).collect()))
-                .unwrap_or_else(|| blk_name.clone()),
-            serial,
-            wwn: self.wwn.get(),
-        };
+        let identity = self.parent.identity(TYPE_ROM, true, "QEMU CD-ROM", &blk_name);
         let unit = Arc::new(ScsiCdUnit::new(identity, blk_name.clone(), qdev, medium.clone()));
         if let Err(e) = self.parent.plug_unit(ctx, unit.clone()) {
             match &medium {

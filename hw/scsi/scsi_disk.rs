@@ -639,15 +639,19 @@ impl ScsiLogicalUnit for ScsiDisk {
 
 }
 
-/// QEMU's `scsi-hd`.
+/// QEMU's `TYPE_SCSI_DISK_BASE`, the abstract parent of `scsi-hd` and `scsi-cd`.
+pub const TYPE_SCSI_DISK_BASE: &str = "scsi-disk-base";
+
+/// QEMU's `SCSIDiskState` properties every SCSI disk or CD takes
+/// (`DEFINE_SCSI_DISK_PROPERTIES`).
 #[derive(qom::Object)]
-#[qom(name = TYPE_SCSI_HD)]
-pub struct ScsiHd {
+#[qom(name = TYPE_SCSI_DISK_BASE, abstract)]
+pub struct ScsiDiskBase {
     #[parent]
     parent: ScsiDevice,
     #[property(desc = "Node name or ID of a block device to use as a backend")]
     drive: Prop<Option<String>>,
-    #[property(default = -1, desc = "Boot order of the disk (firmware)")]
+    #[property(default = -1, desc = "Boot order of the unit (firmware)")]
     bootindex: Prop<i32>,
     #[property(desc = "Unit serial number (VPD page 0x80)")]
     serial: Prop<Option<String>>,
@@ -661,6 +665,47 @@ pub struct ScsiHd {
     device_id: Prop<Option<String>>,
     #[property(default = 0u64, desc = "World wide name (NAA)")]
     wwn: Prop<u64>,
+}
+
+type_init!(ScsiDiskBase);
+
+impl DeviceImpl for ScsiDiskBase {}
+
+impl ScsiDiskBase {
+    /// `drive=`.
+    pub fn drive(&self) -> Option<String> {
+        self.drive.get()
+    }
+
+    /// What the unit answers INQUIRY with: the properties, else QEMU's defaults (vendor
+    /// `QEMU`, `default_product`, revision `2.5+`; the device identification from the
+    /// serial's first 20 bytes, else the drive's name `blk_name`).
+    pub fn identity(&self, device_type: u8, removable: bool, default_product: &str, blk_name: &str) -> UnitIdentity {
+        let serial = self.serial.get();
+        let device_id = self
+            .device_id
+            .get()
+            .or_else(|| serial.as_ref().map(|s| s.chars().take(20).collect()))
+            .unwrap_or_else(|| blk_name.to_string());
+        UnitIdentity {
+            device_type,
+            removable,
+            vendor: self.vendor.get().unwrap_or_else(|| "QEMU".to_string()),
+            product: self.product.get().unwrap_or_else(|| default_product.to_string()),
+            version: self.ver.get().unwrap_or_else(|| "2.5+".to_string()),
+            serial,
+            device_id,
+            wwn: self.wwn.get(),
+        }
+    }
+}
+
+/// QEMU's `scsi-hd`.
+#[derive(qom::Object)]
+#[qom(name = TYPE_SCSI_HD)]
+pub struct ScsiHd {
+    #[parent]
+    parent: ScsiDiskBase,
     #[property(default = false, desc = "Report a removable medium")]
     removable: Prop<bool>,
     #[property(default = true, desc = "Support DPO and FUA")]
@@ -783,7 +828,7 @@ impl DeviceImpl for ScsiHd {
 
 impl ScsiHd {
     fn conf(&self, ctx: &DeviceContext) -> Result<ScsiDiskConf, ScsiDiskError> {
-        let drive = self.drive.get().ok_or(ScsiDiskError::NoDrive)?;
+        let drive = self.parent.drive().ok_or(ScsiDiskError::NoDrive)?;
         let backend = block::find_backend(&drive).ok_or_else(|| match block::is_empty_drive(&drive) {
             true => ScsiDiskError::NoMedium,
             false => ScsiDiskError::DriveNotFound(drive.clone()),
@@ -806,27 +851,13 @@ impl ScsiHd {
             OnOffAuto::Off => false,
             OnOffAuto::Auto => backend.options().cache.writeback(),
         };
-        let serial = self.serial.get();
-        // QEMU's default device identification: the serial (its first 20 bytes), else
-        // the drive's name.
-        let device_id = self
-            .device_id
-            .get()
-            .or_else(|| serial.as_ref().map(|s| s.chars().take(20).collect()))
-            .unwrap_or_else(|| backend.id());
         let _ = ctx;
+        let identity = self
+            .parent
+            .identity(TYPE_DISK, self.removable.get(), "QEMU HARDDISK", &backend.id());
         Ok(ScsiDiskConf {
             backend,
-            identity: UnitIdentity {
-                device_type: TYPE_DISK,
-                removable: self.removable.get(),
-                vendor: self.vendor.get().unwrap_or_else(|| "QEMU".to_string()),
-                product: self.product.get().unwrap_or_else(|| "QEMU HARDDISK".to_string()),
-                version: self.ver.get().unwrap_or_else(|| "2.5+".to_string()),
-                serial,
-                device_id,
-                wwn: self.wwn.get(),
-            },
+            identity,
             block_size: logical,
             physical_block_size: physical,
             discard_granularity,
