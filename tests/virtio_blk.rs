@@ -40,21 +40,12 @@ const DATA: u64 = 0x21_0000;
 const STATUS: u64 = 0x30_0000;
 
 fn temp_image(name: &str, size: u64) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qomvm-virtio-blk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    let f = std::fs::File::create(&path).unwrap();
-    f.set_len(size).unwrap();
-    path
+    test_support::drives::temp_image("virtio-blk", name, size)
 }
 
 /// Opens `path` as drive `id` (as `-drive if=none,id=ID,format=raw`).
 fn add_drive(id: &str, path: &std::path::Path, read_only: bool) -> Arc<BlockBackend> {
-    let mut opts = OpenOptions::new(path);
-    opts.format = Some(Format::Raw);
-    opts.read_only = read_only;
-    let backend = BlockBackend::open(id, &block::auto_node_name(), opts, |_| {}).unwrap();
-    block::add_backend(backend).unwrap()
+    test_support::drives::add_raw_drive(id, path, read_only, false)
 }
 
 /// A pc machine on qtest with `virtio-blk-pci,drive=DRIVE,props...` at 04.0.

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use block::{BlockBackend, Format, OpenOptions};
+use block::BlockBackend;
 use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
 use hw::core::migration::{load_vm, save_vm, MigrationError, Progress};
 use hw::core::qdev::{qdev_new, qdev_realize};
@@ -50,21 +50,13 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn temp_image(name: &str, size: u64) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qomvm-virtio-mig-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    let f = std::fs::File::create(&path).unwrap();
-    f.set_len(size).unwrap();
-    path
+    test_support::drives::temp_image("virtio-mig", name, size)
 }
 
 /// Opens `path` as drive `id` (as `-drive if=none,id=ID,format=raw`); inactive while the
 /// block layer opens images for a migration's destination.
 fn add_drive(id: &str, path: &Path) -> Arc<BlockBackend> {
-    let mut opts = OpenOptions::new(path);
-    opts.format = Some(Format::Raw);
-    let backend = BlockBackend::open(id, &block::auto_node_name(), opts, |_| {}).unwrap();
-    block::add_backend(backend).unwrap()
+    test_support::drives::add_raw_drive(id, path, false, false)
 }
 
 /// A pc machine on qtest (128 MiB) with virtio-blk-pci on `drive` at 04.0,

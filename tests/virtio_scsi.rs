@@ -44,22 +44,12 @@ const GOOD: u8 = 0;
 const CHECK_CONDITION: u8 = 2;
 
 fn temp_image(name: &str, size: u64) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qomvm-virtio-scsi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    let f = std::fs::File::create(&path).unwrap();
-    f.set_len(size).unwrap();
-    path
+    test_support::drives::temp_image("virtio-scsi", name, size)
 }
 
-/// Opens `path` as drive `id` (as `-drive if=none,id=ID,format=raw`).
+/// Opens `path` as drive `id` (as `-drive if=none,id=ID,format=raw,discard=unmap`).
 fn add_drive(id: &str, path: &std::path::Path, read_only: bool) -> Arc<BlockBackend> {
-    let mut opts = OpenOptions::new(path);
-    opts.format = Some(Format::Raw);
-    opts.read_only = read_only;
-    opts.discard = block::DiscardMode::Unmap;
-    let backend = BlockBackend::open(id, &block::auto_node_name(), opts, |_| {}).unwrap();
-    block::add_backend(backend).unwrap()
+    test_support::drives::add_raw_drive(id, path, read_only, true)
 }
 
 /// A pc machine on qtest with `virtio-scsi-pci,id=ID` at 05.0 and a `scsi-hd` for each

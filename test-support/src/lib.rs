@@ -6,6 +6,7 @@
 //! ([`vga_text`]) and VNC Authentication's DES for clients and password files ([`vnc`]).
 
 pub mod console;
+pub mod drives;
 pub mod elf;
 pub mod fuzz;
 pub mod fuzz_qtest;
