@@ -208,6 +208,41 @@ fn bootindex_orders_the_disks_seabios_tries() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A disk on virtio-scsi (`scsi-hd` on `virtio-scsi-pci`, as OpenStack's
+/// `hw_disk_bus=scsi` images have it) boots through SeaBIOS's virtio-scsi driver, ahead of
+/// a blank virtio-blk disk in an earlier slot: its `bootindex` reaches SeaBIOS as the
+/// adapter's path and the unit's `channel@0/disk@T,L`.
+#[test]
+fn seabios_boots_a_scsi_disk_by_its_bootindex() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("scsiboot");
+    let blank = dir.join("blank.img");
+    let disk = dir.join("disk.img");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&disk, boot_sector_disk()).unwrap();
+    let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
+    let d1 = format!("file={},if=none,id=d1,format=raw", disk.display());
+    let mut vm = start_vm(&firmware_vm(&[
+        "-drive",
+        &d0,
+        "-device",
+        "virtio-blk-pci,drive=d0,bootindex=2",
+        "-device",
+        "virtio-scsi-pci,id=scsi0",
+        "-drive",
+        &d1,
+        "-device",
+        "scsi-hd,bus=scsi0.0,scsi-id=3,lun=0,drive=d1,bootindex=1",
+    ]));
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    let text = vm.text();
+    assert!(text.contains("SECTOR-RAN"), "{text:?}");
+    assert!(!text.contains("Boot failed"), "{text:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `-boot strict=on` ends `bootorder` with `HALT`: SeaBIOS tries only the bootindex
 /// devices (the blank disk), not its floppy default as well.
 #[test]
