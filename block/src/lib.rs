@@ -1030,18 +1030,25 @@ impl BlockBackend {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         let len = buf.len() as u64;
         self.accounted(IoType::Write, offset, len, || {
-            self.check_writable()?;
-            self.check_range(offset, len)?;
-            if self.probed_raw && offset == 0 && buf.len() >= 4 && buf[..4] == QCOW2_MAGIC {
-                return Err(BlockError::Io(io::Error::from_raw_os_error(libc::EPERM)));
-            }
-            if self.opts.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
-                self.zeroes(offset, len)?;
-            } else {
-                self.access.read().write(buf, offset)?;
-            }
+            self.write_checked(buf, offset)?;
             self.write_done()
         })
+    }
+
+    /// [`BlockBackend::write_at`]'s write, neither accounted nor flushed.
+    fn write_checked(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
+        let len = buf.len() as u64;
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if self.probed_raw && offset == 0 && buf.len() >= 4 && buf[..4] == QCOW2_MAGIC {
+            return Err(BlockError::Io(io::Error::from_raw_os_error(libc::EPERM)));
+        }
+        if self.opts.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
+            self.zeroes(offset, len)?;
+        } else {
+            self.access.read().write(buf, offset)?;
+        }
+        Ok(())
     }
 
     /// Reads into guest memory, `bufs` in order, from `offset` (a device's scatter-gather
@@ -1063,30 +1070,34 @@ impl BlockBackend {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         if self.opts.detect_zeroes != DetectZeroes::Off || (self.probed_raw && offset == 0) {
             // Copied in pieces: a guest's request (descriptors may repeat the same memory)
-            // costs time, never its size in memory.
+            // costs time, never its size in memory. One request for the statistics and
+            // a write-through cache.
             const PIECE: usize = 1 << 20;
-            self.check_range(offset, len)?;
-            let mut data = vec![0u8; (len as usize).min(PIECE)];
-            let (mut filled, mut written) = (0usize, 0u64);
-            for b in bufs {
-                let mut from = 0;
-                while from < b.len() {
-                    let n = (b.len() - from).min(data.len() - filled);
-                    b.subslice(from, n)
-                        .map_err(|e| BlockError::Io(io::Error::other(e.to_string())))?
-                        .copy_to(&mut data[filled..filled + n]);
-                    (from, filled) = (from + n, filled + n);
-                    if filled == data.len() {
-                        self.write_at(&data, offset + written)?;
-                        written += filled as u64;
-                        filled = 0;
+            return self.accounted(IoType::Write, offset, len, || {
+                self.check_writable()?;
+                self.check_range(offset, len)?;
+                let mut data = vec![0u8; (len as usize).min(PIECE)];
+                let (mut filled, mut written) = (0usize, 0u64);
+                for b in bufs {
+                    let mut from = 0;
+                    while from < b.len() {
+                        let n = (b.len() - from).min(data.len() - filled);
+                        b.subslice(from, n)
+                            .map_err(|e| BlockError::Io(io::Error::other(e.to_string())))?
+                            .copy_to(&mut data[filled..filled + n]);
+                        (from, filled) = (from + n, filled + n);
+                        if filled == data.len() {
+                            self.write_checked(&data, offset + written)?;
+                            written += filled as u64;
+                            filled = 0;
+                        }
                     }
                 }
-            }
-            if filled > 0 {
-                self.write_at(&data[..filled], offset + written)?;
-            }
-            return Ok(());
+                if filled > 0 {
+                    self.write_checked(&data[..filled], offset + written)?;
+                }
+                self.write_done()
+            });
         }
         self.accounted(IoType::Write, offset, len, || {
             self.check_writable()?;
@@ -1290,6 +1301,13 @@ pub fn attach_empty_drive(name: &str, qdev: &str) -> Option<Result<(), BlockErro
     }
     d.attached = Some(qdev.to_string());
     Some(Ok(()))
+}
+
+/// The device using the empty drive `name` could not be made: the drive is free again.
+pub fn detach_empty_drive(name: &str) {
+    if let Some(d) = EMPTY_DRIVES.lock().iter_mut().find(|d| d.name == name) {
+        d.attached = None;
+    }
 }
 
 /// The empty drive `name` gets a medium (or its device goes): the name leaves the table
@@ -1604,10 +1622,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("qomvm-block-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("dz.raw");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(8 << 20)
-            .unwrap();
+        // Non-zero everywhere: a piece not written would show.
+        std::fs::write(&path, vec![0xeeu8; 8 << 20]).unwrap();
         let mut opts = OpenOptions::new(&path);
         opts.format = Some(Format::Raw);
         opts.detect_zeroes = DetectZeroes::On;
@@ -1627,9 +1643,20 @@ mod tests {
         let mut back = vec![0u8; expected.len()];
         backend.read_at(&mut back, 4096).unwrap();
         assert!(back == expected, "the data read back differs");
+        assert_eq!(
+            backend.stats().wr.operations,
+            1,
+            "one request, whatever its pieces"
+        );
         assert!(
             backend.writev_guest(&slices, (8 << 20) - 4096).is_err(),
             "past the end: refused before anything is written"
+        );
+        let mut tail = vec![0u8; 4096];
+        backend.read_at(&mut tail, (8 << 20) - 4096).unwrap();
+        assert!(
+            tail.iter().all(|&b| b == 0xee),
+            "the refused request wrote nothing"
         );
     }
 }

@@ -667,3 +667,21 @@ impl ScsiDevice {
         Some(format!("channel@{:x}/{name}@{:x},{:x}", a.channel, a.target, a.lun))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_cuts_inside_a_slice_and_refuses_too_few() {
+        let mut a = [1u8; 10];
+        let mut b = [2u8; 10];
+        let slices = [VolatileSlice::from(&mut a[..]), VolatileSlice::from(&mut b[..])];
+        let cut = first_bytes(&slices, 15).unwrap();
+        let lens: Vec<usize> = cut.iter().map(|s| s.len()).collect();
+        assert_eq!(lens, [10, 5]);
+        assert_eq!(first_bytes(&slices, 10).unwrap().len(), 1, "a whole first slice");
+        assert!(first_bytes(&slices, 21).is_none());
+        assert!(first_bytes(&slices, 0).unwrap().is_empty());
+    }
+}

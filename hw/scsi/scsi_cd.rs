@@ -18,7 +18,7 @@ use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::removable_media::{claim_medium, release_medium, tray_moved, RemovableMedia};
 use crate::scsi::scsi_bus::{
-    block_descriptor, first_bytes, mode_sense_reply, with_bounce, ScsiData, ScsiLogicalUnit, ScsiOutcome, Sense,
+    first_bytes, mode_sense_reply, with_bounce, ScsiData, ScsiLogicalUnit, ScsiOutcome, Sense,
     UnitIdentity,
 };
 use crate::scsi::scsi_disk::ScsiDiskBase;
@@ -222,12 +222,8 @@ impl ScsiCdUnit {
                 None => return ScsiOutcome::Check(Sense::INVALID_FIELD),
             },
         };
-        let descriptor = Self::blocks(st).map(|n| block_descriptor(n, CD_BLOCK as u32));
-        let descriptor: &[u8] = match (&descriptor, cdb[1] & 0x08 != 0) {
-            (Some(d), false) => d,
-            _ => &[],
-        };
-        data.reply(&mode_sense_reply(ten, 0, descriptor, &pages), allocation)
+        // MMC drives have no block descriptors (QEMU sets DBD for them).
+        data.reply(&mode_sense_reply(ten, 0, &[], &pages), allocation)
     }
 
     /// START STOP UNIT with LOEJ: the guest opens or closes the tray, unless it locked it.
@@ -348,10 +344,11 @@ impl ScsiLogicalUnit for ScsiCdUnit {
     }
 
     /// A reset reports itself to the next command (QEMU's `scsi_disk_reset`: a unit
-    /// attention), and unlocks the tray.
+    /// attention), and unlocks and closes the tray.
     fn reset(&self) {
         let mut st = self.state.lock();
         st.tray_locked = false;
+        st.tray_open = false;
         st.unit_attention = Some(Sense::RESET);
     }
 }
@@ -410,7 +407,7 @@ impl DeviceImpl for ScsiCd {
         if let Err(e) = self.parent.plug_unit(ctx, unit.clone()) {
             match &medium {
                 Some(m) => m.detach_dev(),
-                None if !blk_name.is_empty() => block::remove_empty_drive(&blk_name),
+                None if !blk_name.is_empty() => block::detach_empty_drive(&blk_name),
                 None => {}
             }
             return Err(e);
@@ -457,6 +454,9 @@ impl DeviceImpl for ScsiCd {
             medium.detach_dev();
             if medium.is_blk_owned() {
                 block::remove_backend(&medium);
+            } else if medium.id() == unit.blk_name {
+                // A node the monitor put in took the drive's name: it goes back nameless.
+                medium.set_id("");
             }
         }
         if !unit.blk_name.is_empty() {

@@ -251,7 +251,11 @@ impl VirtioDevice for VirtioScsi {
         let mut kicks = Vec::new();
         let mut event_queue = None;
         let mut served = Vec::new();
+        let mut event_kick = None;
         for q in queues {
+            if q.index == EVENT {
+                event_kick = Some(q.kick.clone());
+            }
             kicks.push((q.index, q.kick.clone()));
             match q.index {
                 EVENT => event_queue = Some(q.queue),
@@ -298,9 +302,13 @@ impl VirtioDevice for VirtioScsi {
         }
         drop(handlers);
         *self.parked_features.lock() = None;
-        // What was missed while the device was stopped.
-        if running.events_dropped.load(Ordering::Acquire) && features & bit(F_HOTPLUG) != 0 {
-            running.push_event(event::NO_EVENT, None, 0);
+        // What was missed while the device was stopped goes out from the event queue's
+        // handler on the loop: not here, under the transport's lock, which a broken ring
+        // would take again to mark the device.
+        if running.events_dropped.load(Ordering::Acquire) {
+            if let Some(kick) = &event_kick {
+                let _ = kick.write(1);
+            }
         }
         Ok(())
     }
