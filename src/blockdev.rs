@@ -180,7 +180,13 @@ pub fn drive_add(
     let interface = interface.unwrap_or_else(|| default_interface.to_string());
     match interface.as_str() {
         "none" | "virtio" | "ide" => {}
-        "scsi" | "floppy" | "pflash" | "mtd" | "sd" | "xen" => {
+        // QEMU's if=scsi makes an LSI 53C895A adapter, which qomvm does not have.
+        "scsi" => {
+            return Err(err(
+                "if=scsi is not available: use if=none with -device virtio-scsi-pci and -device scsi-hd,drive=ID".to_string(),
+            ))
+        }
+        "floppy" | "pflash" | "mtd" | "sd" | "xen" => {
             return Err(err(format!(
                 "if={interface} is not available: use if=virtio or if=ide, or if=none with -device virtio-blk-pci,drive=ID"
             )))

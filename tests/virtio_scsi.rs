@@ -814,6 +814,14 @@ fn bad_virtio_scsi_options_get_qemus_errors() {
         assert_eq!(status, Some(1), "{devices:?}: {stderr}");
         assert_eq!(stderr, format!("qomvm: {error}\n"));
     }
+    // QEMU's if=scsi means an LSI adapter qomvm lacks: it says what to use instead.
+    let scsi_drive = format!("file={},if=scsi,format=raw", path.display());
+    let (status, stderr) = run(&["-drive", &scsi_drive]);
+    assert_eq!(status, Some(1));
+    assert_eq!(
+        stderr,
+        format!("qomvm: -drive {scsi_drive}: if=scsi is not available: use if=none with -device virtio-scsi-pci and -device scsi-hd,drive=ID\n")
+    );
     // libvirt's pair, and two disks on one adapter at the next free targets.
     let second = temp_image("cli2.raw", 1 << 20);
     let drive2 = format!("file={},if=none,id=d1,format=raw", second.display());
