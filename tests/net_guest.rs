@@ -32,7 +32,8 @@ fn vmm() -> String {
 /// background (`-M pc -m $VM_MEM -smp 2`, console in NAME.log, `$VM_WRAP` before the VMM;
 /// the kernel boots `quiet`: its info lines cost ~12 s a boot on the rig's serial port, and
 /// its warnings, oopses and panics still print);
-/// `await NAME REGEX [S]` waits for a console line; `finish NAME` waits for the guest's
+/// `await NAME REGEX [S]` waits for a console line (`await_n NAME REGEX N S` for the N-th);
+/// `finish NAME` waits for the guest's
 /// power-off and prints the console (`NAME: ` before each line) and the VMM's status;
 /// `nc_ ADDR PORT` is busybox nc with a time limit; `sum FILE|-` prints "BYTES SHA256";
 /// `qmp SOCKET JSON...` prints each command's reply.
@@ -83,6 +84,16 @@ await() {
         kill -0 $vm 2>/dev/null || { echo "host: $1: the VMM ended before '$2'"; return 1; }
         i=$((i + 1))
         [ $i -gt $((${3:-150} * 10)) ] && { echo "host: $1: no '$2' after ${3:-150} s"; return 1; }
+        sleep 0.1
+    done
+}
+# await_n NAME REGEX N S: the N-th matching console line, within S seconds.
+await_n() {
+    i=0
+    until [ "$(grep -cE "$2" "$1.log")" -ge "$3" ]; do
+        kill -0 $vm 2>/dev/null || { echo "host: $1: the VMM ended before '$2' ($3)"; return 1; }
+        i=$((i + 1))
+        [ $i -gt $(($4 * 10)) ] && { echo "host: $1: no '$2' ($3) after $4 s"; return 1; }
         sleep 0.1
     done
 }
@@ -716,6 +727,66 @@ finish cd
     assert!(out.contains("host: cd: vmm exit status 0"), "{out}");
 }
 
+/// SCSI hotplug as libvirt's `attach-disk --targetbus scsi` does it (`blockdev-add`,
+/// `device_add scsi-hd` on the running adapter's bus, later `device_del`), twice: Linux's
+/// virtio_scsi hears of the unit on the event queue, `sd` binds it and the guest reads
+/// what the host wrote; on `device_del` the unit goes at once, the guest's disk with it.
+#[test]
+fn a_hotplugged_scsi_disk_reaches_the_guest_and_leaves_when_asked() {
+    let Some(out) = net_scenario(
+        "scsihotplug",
+        r#"
+head -c 3145728 /dev/urandom >hot.img
+echo "host: hot.img $(md5sum <hot.img | cut -d' ' -f1) $(wc -c <hot.img)"
+boot hp "qomvm.ata=1 qomvm.hotplug=/dev/sda:2" -device virtio-scsi-pci,id=scsi0 \
+    -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
+if await hp '^hotplug: waiting' 300; then
+    qmp qmp.sock \
+        "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": \"raw\", \"node-name\": \"hot0\", \"file\": {\"driver\": \"file\", \"filename\": \"$PWD/hot.img\"}}}" \
+        | sed 's/^/host: add: /'
+    for n in 1 2; do
+        qmp qmp.sock '{"execute": "device_add", "arguments": {"driver": "scsi-hd", "bus": "scsi0.0", "scsi-id": 0, "lun": 0, "drive": "hot0", "id": "sd1"}}' \
+            | sed "s/^/host: add $n: /"
+        await_n hp '^hotplug: /dev/sda [0-9a-f]' $n 200 || break
+        qmp qmp.sock '{"execute": "device_del", "arguments": {"id": "sd1"}}' | sed "s/^/host: del $n: /"
+        await_n hp '^hotplug: /dev/sda (gone|still)' $n 400 || break
+    done
+    qmp qmp.sock '{"execute": "blockdev-del", "arguments": {"node-name": "hot0"}}' \
+        | sed 's/^/host: after: /'
+    qmp qmp.sock '{"execute": "quit"}' >/dev/null
+fi
+finish hp
+"#,
+        1500,
+    ) else {
+        return;
+    };
+    let host_img = out
+        .lines()
+        .find_map(|l| l.strip_prefix("host: hot.img "))
+        .unwrap_or_else(|| panic!("no image line:\n{out}"));
+    assert_eq!(
+        out.matches(&format!("hp: hotplug: /dev/sda {host_img}"))
+            .count(),
+        2,
+        "the guest did not read the hotplugged disk twice ({host_img}):\n{out}"
+    );
+    for n in 1..=2 {
+        for (what, line) in [("device_add", "add"), ("device_del", "del")] {
+            let want = format!(r#"host: {line} {n}: {{"return":{{}}}}"#);
+            assert!(out.contains(&want), "{what} {n}:\n{out}");
+        }
+        assert!(
+            out.contains(&format!("hp: hotplug: /dev/sda gone ({n})")),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains(r#"host: after: {"return":{}}"#),
+        "the node is free:\n{out}"
+    );
+}
+
 /// PCI hotplug as libvirt does it (`blockdev-add`, `device_add virtio-blk-pci`, later
 /// `device_del`), twice with the same node, id and slot (libvirt's detach and re-attach):
 /// Linux's ACPI hotplug driver found the DSDT's slots, binds virtio-blk to the new disk
@@ -729,16 +800,6 @@ fn a_hotplugged_disk_reaches_the_guest_and_leaves_when_asked() {
         r#"
 head -c 3145728 /dev/urandom >hot.img
 echo "host: hot.img $(md5sum <hot.img | cut -d' ' -f1) $(wc -c <hot.img)"
-# await_n NAME REGEX N S: the N-th matching console line, within S seconds.
-await_n() {
-    i=0
-    until [ "$(grep -cE "$2" "$1.log")" -ge "$3" ]; do
-        kill -0 $vm 2>/dev/null || { echo "host: $1: the VMM ended before '$2' ($3)"; return 1; }
-        i=$((i + 1))
-        [ $i -gt $(($4 * 10)) ] && { echo "host: $1: no '$2' ($3) after $4 s"; return 1; }
-        sleep 0.1
-    done
-}
 boot hp "qomvm.hotplug=/dev/vda:2" -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
 if await hp '^hotplug: waiting' 300; then
     qmp qmp.sock \
