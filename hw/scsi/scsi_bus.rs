@@ -67,8 +67,6 @@ impl Sense {
     pub const TARGET_FAILURE: Sense = Sense::new(0x04, 0x44, 0x00);
     /// Unit attention, power on, reset or bus device reset occurred.
     pub const RESET: Sense = Sense::new(0x06, 0x29, 0x00);
-    /// Unit attention, reported LUNs data has changed.
-    pub const REPORTED_LUNS_CHANGED: Sense = Sense::new(0x06, 0x3f, 0x0e);
 
     /// A sense of `key`, `asc`, `ascq`.
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Self {
@@ -163,7 +161,7 @@ pub fn first_bytes<'m>(slices: &[VolatileSlice<'m>], mut len: usize) -> Option<V
 }
 
 /// Bytes moved between the request's buffers and the image at a time.
-pub const BOUNCE_BYTES: usize = 256 * 1024;
+const BOUNCE_BYTES: usize = 256 * 1024;
 
 thread_local! {
     /// Each thread's buffer between a request and the image, kept for the next request
