@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Disk benchmark (issue 11): fio in the test guest on a virtio-blk-pci disk with
-# cache=none and an iothread, qomvm against QEMU -M pc on fresh copies of the
+# Disk benchmark (issue 11): fio in the test guest on a virtio-blk-pci disk (or a
+# scsi-hd on virtio-scsi-pci) with cache=none and an iothread, qomvm against QEMU -M pc on fresh copies of the
 # same image, in one environment. See usage().
 set -euo pipefail
 
@@ -19,6 +19,7 @@ size=512M
 format=raw
 mem=512
 smp=2
+bus=virtio
 qomvm_bin=
 assets=
 build=1
@@ -50,6 +51,9 @@ Both VMMs get the same guest and devices:
   -object iothread,id=io0
   -drive file=bench.img,if=none,id=d0,format=raw|qcow2,cache=none
   -device virtio-blk-pci,drive=d0,iothread=io0
+or with --bus scsi, the benchmark disk a SCSI disk (qomvm.fio=/dev/sda qomvm.ata=1):
+  -device virtio-scsi-pci,id=scsi0,iothread=io0
+  -device scsi-hd,bus=scsi0.0,drive=d0
 QEMU is qemu-system-x86_64 with -accel kvm in addition. The benchmark disk is
 filled with data (0xa5) before the run, so that reads hit allocated blocks;
 each VMM gets its own fresh copy of it.
@@ -71,6 +75,8 @@ Options:
   --format F        raw or qcow2 (default raw; qcow2 is fully allocated)
   -m MiB            guest RAM (default 512)
   --smp N           guest vCPUs (default 2)
+  --bus B           virtio (virtio-blk-pci, the default) or scsi (scsi-hd on
+                    virtio-scsi-pci)
   --qomvm PATH      qomvm binary (default: target/release/qomvm, built with
                     cargo build --release first unless --no-build)
   --assets DIR      guest assets (default: target/guest-assets, brought up
@@ -93,6 +99,7 @@ while [[ $# -gt 0 ]]; do
         --format) format=${2:?--format needs a value}; shift 2 ;;
         -m | --mem) mem=${2:?-m needs a value}; shift 2 ;;
         --smp) smp=${2:?--smp needs a value}; shift 2 ;;
+        --bus) bus=${2:?--bus needs a value}; shift 2 ;;
         --qomvm) qomvm_bin=${2:?--qomvm needs a value}; shift 2 ;;
         --assets) assets=${2:?--assets needs a value}; shift 2 ;;
         --only) vmms=${2:?--only needs qomvm or qemu}; shift 2 ;;
@@ -100,7 +107,7 @@ while [[ $# -gt 0 ]]; do
         --no-build) build=0; shift ;;
         # Internal: set when the script re-runs itself inside the nested rig.
         --inside) inside=1; env_note=${2:?--inside needs a value}; shift 2 ;;
-        --runtime=* | --size=* | --format=* | --mem=* | --smp=* | --qomvm=* | --assets=* | --only=* | --workdir=*)
+        --runtime=* | --size=* | --format=* | --mem=* | --smp=* | --bus=* | --qomvm=* | --assets=* | --only=* | --workdir=*)
             opt=${1%%=*}; set -- "$opt" "${1#*=}" "${@:2}" ;;
         *) usage >&2; qomvm_die "unknown argument $1" ;;
     esac
@@ -109,6 +116,7 @@ done
 [[ $mem =~ ^[1-9][0-9]*$ ]] || qomvm_die "-m wants a size in MiB (a number), got '$mem'"
 [[ $smp =~ ^[1-9][0-9]*$ ]] || qomvm_die "--smp wants a positive number, got '$smp'"
 [[ $format == raw || $format == qcow2 ]] || qomvm_die "--format wants raw or qcow2, got '$format'"
+[[ $bus == virtio || $bus == scsi ]] || qomvm_die "--bus wants virtio or scsi, got '$bus'"
 case $vmms in
     qomvm | qemu | "qomvm qemu") ;;
     *) qomvm_die "--only wants qomvm or qemu, got '$vmms'" ;;
@@ -155,7 +163,7 @@ if [[ $inside == 0 ]]; then
         mv "$workdir/base.raw" "$workdir/base.img"
     fi
 
-    args=(--runtime "$runtime" --size "$size" --format "$format" -m "$mem" --smp "$smp"
+    args=(--runtime "$runtime" --size "$size" --format "$format" -m "$mem" --smp "$smp" --bus "$bus"
         --assets "$assets" --only "$vmms" --workdir "$workdir")
     [[ -z $qomvm_bin ]] || args+=(--qomvm "$qomvm_bin")
     if why=$(bench_rig_reason); then
@@ -181,7 +189,13 @@ fi
 kvm_usable || qomvm_die "/dev/kvm is not usable here"
 [[ -n $workdir && -n $assets ]] || qomvm_die "internal: --inside without --workdir/--assets"
 
-append="console=ttyS0 panic=-1 quiet qomvm.root=/dev/vda ro qomvm.fio=/dev/vdb qomvm.fio.runtime=$runtime"
+# The benchmark disk as the guest names it: the second virtio disk, or the first SCSI one
+# (qomvm.ata=1 loads virtio_scsi and sd).
+case $bus in
+    virtio) fio_dev="/dev/vdb" ;;
+    scsi) fio_dev="/dev/sda qomvm.ata=1" ;;
+esac
+append="console=ttyS0 panic=-1 quiet qomvm.root=/dev/vda ro qomvm.fio=$fio_dev qomvm.fio.runtime=$runtime"
 # shellcheck disable=SC2054 # the commas are QEMU's
 common=(-M pc -m "$mem" -smp "$smp" -nographic -no-reboot
     -kernel "$assets/vmlinuz" -initrd "$assets/initramfs.cpio.gz" -append "$append"
@@ -193,8 +207,11 @@ imgdir=${NESTED_KVM_SCRATCH:-$workdir}
 declare -A cmdline
 for v in $vmms; do
     # shellcheck disable=SC2054
-    disk=(-drive "file=$imgdir/$v.img,if=none,id=d0,format=$format,cache=none"
-        -device virtio-blk-pci,drive=d0,iothread=io0)
+    disk=(-drive "file=$imgdir/$v.img,if=none,id=d0,format=$format,cache=none")
+    case $bus in
+        virtio) disk+=(-device virtio-blk-pci,drive=d0,iothread=io0) ;;
+        scsi) disk+=(-device virtio-scsi-pci,id=scsi0,iothread=io0 -device scsi-hd,bus=scsi0.0,drive=d0) ;;
+    esac
     case $v in
         qomvm) cmdline[$v]="$(printf '%q ' "$qomvm_bin" "${common[@]}" "${disk[@]}")" ;;
         qemu) cmdline[$v]="$(printf '%q ' "$(command -v qemu-system-x86_64)" -accel kvm "${common[@]}" "${disk[@]}")" ;;
@@ -250,7 +267,11 @@ done
 # ----------------------------------------------------------------- report --
 
 echo
-echo "fio benchmark: virtio-blk-pci, cache=none, iothread; $size $format disk; $runtime s per job"
+case $bus in
+    virtio) device="virtio-blk-pci" ;;
+    scsi) device="scsi-hd on virtio-scsi-pci" ;;
+esac
+echo "fio benchmark: $device, cache=none, iothread; $size $format disk; $runtime s per job"
 echo "Environment: $env_note"
 if [[ $env_note == nested* ]]; then
     echo "  L1: $cpu_model, $(nproc) vCPUs (the rig's QEMU TCG CPU; guest code runs at TCG"

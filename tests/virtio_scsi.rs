@@ -983,3 +983,60 @@ fn a_scsi_cd_reads_its_medium_and_sees_it_change() {
     let back = d.command(at, &rw10(0x28, 0, 8), &[], 8 * 2048);
     assert!(back.good().data == second);
 }
+
+/// Commands behind one notification go to the adapter's pool and wait on the disk
+/// together: all complete, each into its own used entry, with the data in the image.
+#[test]
+fn a_batch_of_commands_completes_out_of_the_pool() {
+    let path = temp_image("batch.raw", 4 << 20);
+    add_drive("vscsi-batch", &path, false);
+    let m = pc_with_adapter("scsi-batch", &[("vscsi-batch", &[])]);
+    machine_creation_done(&m).unwrap();
+    let mut d = Driver::start(&m, VERSION_1 | F_EVENT_IDX);
+    let mem = &d.dev.mem;
+    let mut heads = Vec::new();
+    for i in 0..5u64 {
+        // Each command's header, response and 64 KiB of data at addresses of its own.
+        let (req, resp, data) = (
+            0x40_0000 + i * 0x1000,
+            0x48_0000 + i * 0x1000,
+            0x50_0000 + i * 0x1_0000,
+        );
+        let mut header = vec![0u8; REQ_SIZE as usize];
+        header[..8].copy_from_slice(&lun(0, 0));
+        header[19..29].copy_from_slice(&rw10(0x2a, (i * 128) as u32, 128));
+        mem.write_slice(&header, GuestAddress(req)).unwrap();
+        mem.write_slice(&pattern(65536, i as u8), GuestAddress(data))
+            .unwrap();
+        heads.push(d.req.add_chain(
+            mem,
+            &[
+                (req, REQ_SIZE, false),
+                (data, 65536, false),
+                (resp, RESP_SIZE, true),
+            ],
+        ));
+    }
+    d.dev.notify(2);
+    let mut used = d.dev.wait_used(&mut d.req, 5, WAIT);
+    assert_eq!(used.len(), 5, "every command completes");
+    used.sort();
+    let mut want: Vec<(u32, u32)> = heads.iter().map(|&h| (u32::from(h), RESP_SIZE)).collect();
+    want.sort();
+    assert_eq!(used, want);
+    for i in 0..5u64 {
+        let resp: [u8; 12] = d
+            .dev
+            .mem
+            .read_obj(GuestAddress(0x48_0000 + i * 0x1000))
+            .unwrap();
+        assert_eq!((resp[10], resp[11]), (GOOD, S_OK), "command {i}");
+    }
+    let on_disk = std::fs::read(&path).unwrap();
+    for i in 0..5usize {
+        assert!(
+            on_disk[i * 65536..(i + 1) * 65536] == pattern(65536, i as u8)[..],
+            "write {i}"
+        );
+    }
+}

@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use block::{BlockBackend, IoType};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId};
-use crate::core::thread_pool::ThreadPool;
+use crate::core::thread_pool::{InFlight, ThreadPool};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::virtio::virtio::{
     bit, device_id, drain_kick, feature, mark_chain_written, read_config_bytes, ActivateError, Activation,
@@ -378,38 +378,6 @@ impl<'m> GuestSg<'m> {
             data.push(last.subslice(0, last.len() - 1).ok()?);
         }
         Some(data)
-    }
-}
-
-/// Requests running on the thread pool; a reset waits for them (QEMU's `blk_drain`).
-#[derive(Default)]
-struct InFlight {
-    count: Mutex<usize>,
-    done: Condvar,
-}
-
-impl InFlight {
-    fn begin(&self) {
-        *self.count.lock() += 1;
-    }
-
-    fn end(&self) {
-        let mut count = self.count.lock();
-        *count -= 1;
-        if *count == 0 {
-            self.done.notify_all();
-        }
-    }
-
-    fn is_idle(&self) -> bool {
-        *self.count.lock() == 0
-    }
-
-    fn drain(&self) {
-        let mut count = self.count.lock();
-        while *count > 0 {
-            self.done.wait(&mut count);
-        }
     }
 }
 

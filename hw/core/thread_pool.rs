@@ -126,6 +126,43 @@ fn worker(pool: std::sync::Weak<Inner>) {
     }
 }
 
+/// Jobs a device has on its pool: a reset, a stop or an unplug waits for them (QEMU's
+/// `blk_drain`).
+#[derive(Default)]
+pub struct InFlight {
+    count: Mutex<usize>,
+    done: Condvar,
+}
+
+impl InFlight {
+    /// A job was submitted.
+    pub fn begin(&self) {
+        *self.count.lock() += 1;
+    }
+
+    /// A job ended.
+    pub fn end(&self) {
+        let mut count = self.count.lock();
+        *count -= 1;
+        if *count == 0 {
+            self.done.notify_all();
+        }
+    }
+
+    /// Whether no job runs.
+    pub fn is_idle(&self) -> bool {
+        *self.count.lock() == 0
+    }
+
+    /// Waits until no job runs.
+    pub fn drain(&self) {
+        let mut count = self.count.lock();
+        while *count > 0 {
+            self.done.wait(&mut count);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

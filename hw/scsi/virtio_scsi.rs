@@ -4,9 +4,10 @@
 //! the driver of units plugged in or taken out while it runs (`VIRTIO_SCSI_F_HOTPLUG`).
 //!
 //! Queues are served on the adapter's event loop (an `-object iothread` or the main
-//! loop), each command run to its end before the next: nothing is ever in flight when a
-//! handler returns, so task management finds no task to abort and a reset or a migration
-//! only has to remove the handlers.
+//! loop): a lone command runs there, commands in numbers on the adapter's thread pool
+//! (QEMU's `aio=threads`), each completing into the used ring under the ring's lock. A
+//! task management function, a reset, a stop and an unplug wait for the commands on the
+//! pool, so none is left to abort and every command taken has its used entry.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -20,6 +21,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::core::accel_ops::EventFd;
 use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId};
+use crate::core::thread_pool::{InFlight, ThreadPool};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::scsi::scsi_bus::{Dispatch, ScsiAddress, ScsiBusInfo, ScsiData, ScsiLuns, ScsiOutcome};
 use crate::virtio::virtio::{
@@ -117,6 +119,9 @@ pub struct VirtioScsi {
     events_dropped: Arc<AtomicBool>,
     /// The features of a driver whose device is stopped (parked), not reset.
     parked_features: Mutex<Option<u64>>,
+    /// QEMU's `aio=threads` pool: commands wait on the disk here, several at a time.
+    pool: ThreadPool,
+    in_flight: Arc<InFlight>,
 }
 
 /// Guest errors of every virtio-scsi adapter share one log budget.
@@ -131,6 +136,14 @@ fn chain_error(e: impl std::fmt::Display) -> RingError {
 impl VirtioScsi {
     /// An adapter over `conf`, addressing the units in `luns`.
     pub fn new(conf: VirtioScsiConf, luns: Arc<ScsiLuns>) -> Self {
+        let in_flight = Arc::new(InFlight::default());
+        // A unit that leaves waits for the loop's pass (commands being taken) and for the
+        // commands on the pool; then none runs on it.
+        let (context, waited) = (conf.context.clone(), in_flight.clone());
+        luns.set_drain(Box::new(move || {
+            context.run_sync(Box::new(|| {}));
+            waited.drain();
+        }));
         VirtioScsi {
             conf,
             luns,
@@ -139,6 +152,8 @@ impl VirtioScsi {
             running: Mutex::new(None),
             events_dropped: Arc::new(AtomicBool::new(false)),
             parked_features: Mutex::new(None),
+            pool: ThreadPool::new("worker", POOL_THREADS),
+            in_flight,
         }
     }
 
@@ -147,8 +162,11 @@ impl VirtioScsi {
         &self.luns
     }
 
+    /// Removes the handlers and waits for the commands on the pool: every command taken
+    /// has its used entry.
     fn stop(&self) -> Option<Arc<Running>> {
         self.conf.context.remove_fds(&self.handlers);
+        self.in_flight.drain();
         self.running.lock().take()
     }
 
@@ -277,6 +295,8 @@ impl VirtioDevice for VirtioScsi {
             queues: served,
             events: Mutex::new(event_queue),
             events_dropped: self.events_dropped.clone(),
+            pool: self.pool.clone(),
+            in_flight: self.in_flight.clone(),
             broken: AtomicBool::new(false),
         });
         *self.running.lock() = Some(running.clone());
@@ -378,10 +398,12 @@ struct ServedQueue {
     kick: Arc<EventFd>,
 }
 
-/// Commands a handler serves before it lets the event loop's other handlers run: the
-/// commands run to their end here, so a guest that keeps its ring full must not keep the
-/// loop (shared with other devices by default) to itself.
+/// Commands a handler takes before it lets the event loop's other handlers run: a guest
+/// that keeps its ring full must not keep the loop (shared with other devices by default)
+/// to itself.
 const COMMANDS_PER_PASS: usize = 64;
+/// Worker threads of an adapter's pool (QEMU's thread pool default `max_threads`).
+const POOL_THREADS: usize = 64;
 
 /// The adapter while the driver runs it. Its handlers run on the adapter's event loop.
 struct Running {
@@ -398,6 +420,8 @@ struct Running {
     events: Mutex<Option<Queue>>,
     /// Shared with the device (see `VirtioScsi::events_dropped`).
     events_dropped: Arc<AtomicBool>,
+    pool: ThreadPool,
+    in_flight: Arc<InFlight>,
     broken: AtomicBool,
 }
 
@@ -429,7 +453,7 @@ fn encode_lun(addr: ScsiAddress) -> [u8; 8] {
 
 impl Running {
     /// A kick of queue `index`: serves every available chain, then interrupts once.
-    fn process(&self, index: u16) {
+    fn process(self: &Arc<Self>, index: u16) {
         if self.broken.load(Ordering::Acquire) {
             return;
         }
@@ -443,44 +467,82 @@ impl Running {
         let Some(served) = self.queues.iter().find(|q| q.index == index) else {
             return;
         };
-        let mut queue = served.queue.lock();
-        let mut more = false;
-        let result = (|| -> Result<bool, RingError> {
-            let mem = &*self.mem;
-            let mut done = 0;
-            loop {
-                queue.disable_notification(mem)?;
-                while let Some(chain) = queue.iter(self.mem.clone())?.next() {
-                    let head = chain.head_index();
-                    let written = chain.clone();
-                    let len = if index == CONTROL {
-                        self.control(chain)?
-                    } else {
-                        self.command(chain)?
-                    };
-                    mark_chain_written(&self.dirty, &written);
-                    queue.add_used(mem, head, len)?;
-                    done += 1;
-                    if done == COMMANDS_PER_PASS {
-                        more = true;
-                        return Ok(queue.needs_notification(mem)?);
-                    }
-                }
-                if !queue.enable_notification(mem)? {
-                    break;
-                }
-            }
-            Ok(done > 0 && queue.needs_notification(mem)?)
-        })();
-        drop(queue);
-        match result {
-            Ok(true) => self.transport.signal_used_queue(index),
-            Ok(false) => {}
+        let (mut chains, more) = match self.take(served) {
+            Ok(taken) => taken,
             Err(e) => return self.fail(index, e),
-        }
+        };
         if more {
             // The rest on the loop's next pass.
             let _ = served.kick.write(1);
+        }
+        // Control requests and a lone command with nothing in flight are served here (no
+        // hand-off latency); commands in numbers go to the pool, so they wait on the disk
+        // together.
+        if index == CONTROL || (chains.len() == 1 && self.in_flight.is_idle()) {
+            for chain in chains {
+                self.serve_and_complete(served, chain);
+            }
+            return;
+        }
+        let last = chains.pop();
+        for chain in chains {
+            self.in_flight.begin();
+            let running = Arc::clone(self);
+            self.pool.submit(Box::new(move || {
+                if let Some(served) = running.queues.iter().find(|q| q.index == index) {
+                    running.serve_and_complete(served, chain);
+                }
+                running.in_flight.end();
+            }));
+        }
+        if let Some(chain) = last {
+            self.serve_and_complete(served, chain);
+        }
+    }
+
+    /// Takes the available chains, at most [`COMMANDS_PER_PASS`], until the ring stays
+    /// empty with notifications on; `true` with them if there may be more.
+    fn take(&self, served: &ServedQueue) -> Result<(Vec<Chain>, bool), RingError> {
+        let mem = &*self.mem;
+        let mut queue = served.queue.lock();
+        let mut chains = Vec::new();
+        loop {
+            queue.disable_notification(mem)?;
+            while let Some(chain) = queue.iter(self.mem.clone())?.next() {
+                chains.push(chain);
+                if chains.len() == COMMANDS_PER_PASS {
+                    return Ok((chains, true));
+                }
+            }
+            if !queue.enable_notification(mem)? {
+                return Ok((chains, false));
+            }
+        }
+    }
+
+    /// Serves one control request or command and puts it in the used ring.
+    fn serve_and_complete(&self, served: &ServedQueue, chain: Chain) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        let head = chain.head_index();
+        let written = chain.clone();
+        let len = if served.index == CONTROL {
+            self.control(chain)
+        } else {
+            self.command(chain)
+        };
+        mark_chain_written(&self.dirty, &written);
+        let mem = &*self.mem;
+        let notify = len.and_then(|len| {
+            let mut queue = served.queue.lock();
+            queue.add_used(mem, head, len)?;
+            Ok(queue.needs_notification(mem)?)
+        });
+        match notify {
+            Ok(true) => self.transport.signal_used_queue(served.index),
+            Ok(false) => {}
+            Err(e) => self.fail(served.index, e),
         }
     }
 
@@ -596,6 +658,9 @@ impl Running {
             return response::BAD_TARGET;
         }
         let unit = self.luns.find(addr);
+        // Commands on the pool finish before the function is answered: there is then no
+        // task left to abort, and a reset comes after them.
+        self.in_flight.drain();
         match subtype {
             ctrl::ABORT_TASK | ctrl::ABORT_TASK_SET | ctrl::CLEAR_TASK_SET | ctrl::QUERY_TASK
             | ctrl::QUERY_TASK_SET => {

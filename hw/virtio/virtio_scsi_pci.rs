@@ -142,10 +142,6 @@ impl VirtioPciImpl for VirtioScsiPci {
             None => services.try_main_context().map_err(|e| internal(e.to_string()))?,
         };
         let luns = Arc::new(ScsiLuns::default());
-        // Commands run to their end in the loop's handlers: one pass of the loop after a
-        // unit left, none runs on it.
-        let drained = context.clone();
-        luns.set_drain(Box::new(move || drained.run_sync(Box::new(|| {}))));
         let scsi = Arc::new(VirtioScsi::new(
             VirtioScsiConf {
                 num_queues,
