@@ -157,11 +157,6 @@ impl VirtioScsi {
         }
     }
 
-    /// The units on the adapter's bus.
-    pub fn luns(&self) -> &Arc<ScsiLuns> {
-        &self.luns
-    }
-
     /// Removes the handlers and waits for the commands on the pool: every command taken
     /// has its used entry.
     fn stop(&self) -> Option<Arc<Running>> {
