@@ -54,6 +54,8 @@ Standard options:
 -device driver[,prop[=value][,...]]
                      add device (based on driver); '-device help' lists drivers,
                      '-device driver,help' lists a driver's properties
+-usb                 enable on-board USB host controller (if not enabled by default)
+-usbdevice name      add the host or guest USB device 'name' (tablet, mouse, keyboard)
 -global driver.property=value
                      set a default value of a driver's property
 -nodefaults          don't create default devices

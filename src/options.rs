@@ -115,6 +115,10 @@ pub struct Options {
     pub rtc: Vec<Located>,
     /// `-no-hpet` (qomvm has no HPET to leave out).
     pub no_hpet: bool,
+    /// `-usb`: the machine's USB controller (`usb=on`).
+    pub usb: bool,
+    /// `-usbdevice NAME`: a USB device by its legacy name (implies `-usb`).
+    pub usbdevice: Vec<Located>,
     /// `-boot strict=on|off`.
     pub boot: Vec<Located>,
     /// `-smbios`, in order.
@@ -197,6 +201,8 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("overcommit", Arity::Value),
     ("rtc", Arity::Value),
     ("no-hpet", Arity::Flag),
+    ("usb", Arity::Flag),
+    ("usbdevice", Arity::Value),
     ("boot", Arity::Value),
     ("smbios", Arity::Value),
     ("add-fd", Arity::Value),
@@ -444,6 +450,8 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "overcommit" => opts.overcommit.push(located),
             "rtc" => opts.rtc.push(located),
             "no-hpet" => opts.no_hpet = true,
+            "usb" => opts.usb = true,
+            "usbdevice" => opts.usbdevice.push(located),
             "boot" => opts.boot.push(located),
             "smbios" => opts.smbios.push(located),
             "add-fd" => opts.add_fd.push(located),

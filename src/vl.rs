@@ -162,6 +162,9 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     for dev in drive_devices.iter().chain(&opts.devices) {
         device_add(&machine, dev)?;
     }
+    for dev in &opts.usbdevice {
+        usbdevice_add(&machine, dev)?;
+    }
     startup_phase("devices");
     hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;
     startup_phase("creation done");
@@ -608,6 +611,12 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     ms.set_boot_config(boot_config(opts)?);
     ms.set_uuid(vm_uuid(opts)?);
     ms.set_smbios_options(opts.smbios.iter().map(|l| l.value.clone()).collect());
+    // QEMU's -usb and -usbdevice put usb=on among the machine options.
+    if opts.usb || !opts.usbdevice.is_empty() {
+        machine
+            .property_parse("usb", "on")
+            .map_err(|e| OptionError::new("-usb", e))?;
+    }
     // QEMU's -nographic turns the machine's graphics off (firmware then prints on serial).
     if opts.nographic {
         machine
@@ -1057,6 +1066,31 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
 }
 
 /// `-device`: QEMU's `qdev_device_add` with the option's location on errors.
+/// QEMU's `usbdevice_create`: `-usbdevice NAME` is the USB device registered under that
+/// legacy name, on the first USB bus.
+fn usbdevice_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError> {
+    let (name, params) = match located.value.split_once(':') {
+        Some((name, params)) => (name, Some(params)),
+        None => (located.value.as_str(), None),
+    };
+    let driver = match name {
+        "tablet" => "usb-tablet",
+        "mouse" => "usb-mouse",
+        "keyboard" => "usb-kbd",
+        _ => return Err(located.error(format!("usbdevice {name} not found"))),
+    };
+    if params.is_some() {
+        return Err(located.error(format!("usbdevice {name} accepts no params")));
+    }
+    qdev_device_add(
+        machine,
+        vec![("driver".to_string(), Some(driver.to_string()))],
+        false,
+    )
+    .map_err(|e| located.error(e))?;
+    Ok(())
+}
+
 fn device_add(machine: &ObjectRef, located: &Located) -> Result<(), OptionError> {
     let items = crate::options::split_opts_or_json(&located.value, "driver")
         .map_err(|e| located.error(e))?;

@@ -65,6 +65,9 @@ pub struct MachineClass {
     pub ide_buses: u32,
     /// Whether `-smp` names dies (QEMU's `smp_props.dies_supported`: `pc` does).
     pub smp_dies_supported: bool,
+    /// Whether `usb=on` gives the board a USB controller (QEMU's boards that read
+    /// `machine_usb()`: `pc`'s PIIX3 UHCI).
+    pub has_usb: bool,
     /// The machine's methods, as a trait object.
     machine: Option<qom::ImplCast<dyn Machine>>,
 }
@@ -93,6 +96,8 @@ pub trait MachineImpl: ObjectType {
     const IDE_BUSES: u32 = 0;
     /// Whether `-smp` names dies (QEMU's `smp_props.dies_supported`).
     const SMP_DIES_SUPPORTED: bool = false;
+    /// See [`MachineClass::has_usb`].
+    const HAS_USB: bool = false;
 
     /// Builds the board (QEMU's `MachineClass::init`, `pc_init1` for `pc`).
     fn init(&self) -> Result<(), MachineError> {
@@ -156,6 +161,7 @@ impl<T: MachineImpl> ClassInitFor<T> for MachineState {
             block_default_type: T::BLOCK_DEFAULT_TYPE,
             ide_buses: T::IDE_BUSES,
             smp_dies_supported: T::SMP_DIES_SUPPORTED,
+            has_usb: T::HAS_USB,
             machine: Some(as_machine::<T>),
         });
     }
@@ -321,6 +327,10 @@ impl MachineState {
     /// `-bios` (QEMU's `firmware` machine property).
     pub fn firmware(&self) -> Option<String> {
         self.firmware.get()
+    }
+    /// `usb=on` (`-usb`, `-usbdevice`): the board adds its USB controller.
+    pub fn usb(&self) -> bool {
+        self.usb.get()
     }
     /// `-nographic` and `graphics=off` clear it.
     pub fn graphics(&self) -> bool {
@@ -542,6 +552,7 @@ fn machine_base_class_init(class: &mut ObjectClass) {
         block_default_type: "none",
         ide_buses: 0,
         smp_dies_supported: false,
+        has_usb: false,
         machine: None,
     });
 }
@@ -659,7 +670,7 @@ pub fn machine_run_board_init(machine: &ObjectRef) -> Result<(), MachineError> {
             min: mc.min_cpus,
         });
     }
-    if ms.usb.get() {
+    if ms.usb.get() && !mc.has_usb {
         return Err(MachineError::Unsupported(format!(
             "machine '{}' has no USB controller: use usb=off",
             mc.name

@@ -139,6 +139,7 @@ impl MachineImpl for PcI440fxMachine {
     const BLOCK_DEFAULT_TYPE: &'static str = "ide";
     /// piix3-ide's `ide.0` and `ide.1`.
     const IDE_BUSES: u32 = 2;
+    const HAS_USB: bool = true;
     const SMP_DIES_SUPPORTED: bool = true;
 
     fn init(&self) -> Result<(), MachineError> {
@@ -841,6 +842,10 @@ impl PcI440fxMachine {
             .child("unattached")
             .ok_or(BoardError::MissingBus("machine", "unattached"))?;
         board_device(&unattached, "device[*]", crate::ide::piix::TYPE_PIIX3_IDE, Bus::On(&pci_bus), &[("addr", "01.1")])?;
+        // pc_init1 with usb=on (-usb, -usbdevice): the PIIX3's UHCI function.
+        if self.usb() {
+            board_device(&unattached, "device[*]", crate::usb::hcd_uhci::TYPE_PIIX3_USB_UHCI, Bus::On(&pci_bus), &[("addr", "01.2")])?;
+        }
         // QEMU's KVM pc: with pit=off there is no PIT at all (ports 0x40-0x43 float).
         if self.pit.get() {
             board_device(&machine, "i8254", crate::timer::kvm_i8254::TYPE_KVM_PIT, Bus::On(&isa_bus), &[])?;

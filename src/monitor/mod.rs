@@ -35,6 +35,7 @@ pub mod qmp_block;
 pub mod qmp_char;
 pub mod qmp_cmds;
 pub mod qmp_device;
+pub mod qmp_input;
 pub mod qmp_pci;
 pub mod schema;
 

@@ -428,6 +428,23 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: |ctx, _| Ok(crate::monitor::qmp_pci::query_pci(&ctx.vm.machine)),
     },
     QmpCommand {
+        name: "input-send-event",
+        args: &[
+            Arg::optional("device", ArgType::Str),
+            Arg::optional("head", ArgType::Int),
+            Arg::required("events", ArgType::Any),
+        ],
+        run: crate::monitor::qmp_input::input_send_event,
+    },
+    QmpCommand {
+        name: "send-key",
+        args: &[
+            Arg::required("keys", ArgType::Any),
+            Arg::optional("hold-time", ArgType::Int),
+        ],
+        run: crate::monitor::qmp_input::send_key,
+    },
+    QmpCommand {
         name: "query-balloon",
         args: &[],
         run: query_balloon,

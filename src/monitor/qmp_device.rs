@@ -60,7 +60,7 @@ pub fn qmp_device_add(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Val
 }
 
 /// QEMU's `find_device_state`: `id` is a device's `id=` or a QOM path.
-fn find_device(machine: &ObjectRef, id: &str) -> Result<ObjectRef, QmpError> {
+pub fn find_device(machine: &ObjectRef, id: &str) -> Result<ObjectRef, QmpError> {
     let obj = if id.starts_with('/') {
         resolve_path(&object_get_root(), id).ok()
     } else {

@@ -1,12 +1,12 @@
 //! A VNC client's keyboard and pointer (QEMU's `do_key_event`, `pointer_event` in
 //! `ui/vnc.c`): keysyms become key numbers through the keymap, QEMU's extended key events
-//! carry the number itself, and absolute pointer positions become the relative motion
-//! the PS/2 mouse reports. Keys a client still holds are released when it goes.
+//! carry the number itself, and pointer positions go to a tablet as they are (scaled to
+//! the screen) or become the relative motion a mouse reports. Keys a client still holds are released when it goes.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
-use hw::core::input::button;
+use hw::core::input::{button, scale_axis};
 use hw::core::services::MachineServices;
 
 use super::keymap::{Keymap, DEFAULT_LAYOUT};
@@ -30,6 +30,8 @@ pub struct ClientInput {
     services: Arc<MachineServices>,
     held: BTreeSet<u16>,
     last: Option<(u16, u16)>,
+    /// The screen size the last position was on.
+    size: (u32, u32),
     buttons: u8,
 }
 
@@ -40,6 +42,7 @@ impl ClientInput {
             services,
             held: BTreeSet::new(),
             last: None,
+            size: (0, 0),
             buttons: 0,
         }
     }
@@ -73,13 +76,14 @@ impl ClientInput {
     }
 
     /// `PointerEvent`: the buttons in `mask` (1 left, 2 middle, 4 right, 8 and 16 the
-    /// wheel) held at (`x`, `y`).
-    pub fn pointer(&mut self, mask: u8, x: u16, y: u16) {
+    /// wheel) held at (`x`, `y`) of a screen `size` (width, height) pixels large.
+    pub fn pointer(&mut self, mask: u8, x: u16, y: u16, size: (u32, u32)) {
         let (dx, dy) = match self.last {
             Some((lx, ly)) => (i32::from(x) - i32::from(lx), i32::from(y) - i32::from(ly)),
             None => (0, 0),
         };
         self.last = Some((x, y));
+        self.size = size;
         let mut buttons = 0;
         for (bit, b) in [(1, button::LEFT), (2, button::MIDDLE), (4, button::RIGHT)] {
             if mask & bit != 0 {
@@ -95,7 +99,13 @@ impl ClientInput {
             return;
         }
         self.buttons = buttons;
-        self.services.input().send_motion(dx, dy, dz, buttons);
+        let input = self.services.input();
+        if input.is_absolute() {
+            let (ax, ay) = (scale_axis(x.into(), size.0), scale_axis(y.into(), size.1));
+            input.send_position(ax, ay, dz, buttons);
+        } else {
+            input.send_motion(dx, dy, dz, buttons);
+        }
     }
 }
 
@@ -107,7 +117,14 @@ impl Drop for ClientInput {
             self.services.input().send_key(qnum, false);
         }
         if self.buttons != 0 {
-            self.services.input().send_motion(0, 0, 0, 0);
+            let input = self.services.input();
+            match self.last {
+                Some((x, y)) if input.is_absolute() => {
+                    let (w, h) = self.size;
+                    input.send_position(scale_axis(x.into(), w), scale_axis(y.into(), h), 0, 0);
+                }
+                _ => input.send_motion(0, 0, 0, 0),
+            }
         }
     }
 }

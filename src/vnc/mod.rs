@@ -834,7 +834,7 @@ impl Client {
                 let b = self.read_exact(5)?;
                 let x = u16::from_be_bytes([b[1], b[2]]);
                 let y = u16::from_be_bytes([b[3], b[4]]);
-                self.input.pointer(b[0], x, y);
+                self.input.pointer(b[0], x, y, self.client_size);
             }
             6 => {
                 let b = self.read_exact(7)?;

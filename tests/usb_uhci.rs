@@ -1,0 +1,696 @@
+//! `piix3-usb-uhci` with `usb-tablet` and `usb-kbd` on the pc board under the qtest
+//! accelerator, driven by the test's own UHCI driver (frame list, queue head and transfer
+//! descriptors in guest memory, as Linux's uhci-hcd lays them out): the function's
+//! identity, port status and reset, enumeration through control transfers, reports for
+//! host input through the interrupt endpoint, frames stopping with the VM, migration of
+//! the registers, and schedules that loop, point outside RAM or hold illegal TDs, which
+//! must halt the controller as the hardware would and never hang or panic qomvm.
+
+use std::time::{Duration, Instant};
+
+use hw::core::input::button;
+use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::qdev::{device_impl, qdev_new, qdev_realize, DeviceMethods};
+use hw::core::runstate::{self, RunStatus};
+use qom::ObjectRef;
+use test_support::virtio::PciConfig;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const DEVFN: u32 = 5 << 3;
+const FRAME_LIST: u64 = 0x10_0000;
+const QH: u64 = 0x10_1000;
+const TDS: u64 = 0x10_2000;
+const BUFFERS: u64 = 0x11_0000;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Registers.
+const USBCMD: u64 = 0x00;
+const USBSTS: u64 = 0x02;
+const USBINTR: u64 = 0x04;
+const FRNUM: u64 = 0x06;
+const FLBASEADD: u64 = 0x08;
+const PORTSC1: u64 = 0x10;
+
+const CMD_RS: u64 = 1;
+const CMD_HCRESET: u64 = 2;
+const STS_USBINT: u64 = 1;
+const STS_USBERR: u64 = 2;
+const STS_HSE: u64 = 8;
+const STS_HCPE: u64 = 0x10;
+const STS_HALTED: u64 = 0x20;
+
+const TD_ACTIVE: u32 = 1 << 23;
+const TD_STALL: u32 = 1 << 22;
+const TD_NAK: u32 = 1 << 19;
+const TD_TIMEOUT: u32 = 1 << 18;
+const TD_IOC: u32 = 1 << 24;
+const TD_ERRORS: u32 = 3 << 27;
+const LINK_TERM: u32 = 1;
+const LINK_QH: u32 = 2;
+const LINK_DEPTH: u32 = 4;
+
+const SETUP: u8 = 0x2d;
+const IN: u8 = 0x69;
+const OUT: u8 = 0xe1;
+
+/// A pc machine on qtest with `piix3-usb-uhci,id=usb` at 05.0, a tablet on port 1 and a
+/// keyboard on port 2.
+fn pc_with_uhci(id: &str) -> ObjectRef {
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
+    machine_state(&machine).unwrap().set_ram_size(128 << 20);
+    let qtest = accel::accel_find("qtest").unwrap();
+    accel::accel_init_machine(qtest, &machine).unwrap();
+    machine_run_board_init(&machine).unwrap();
+    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
+    let hc = qdev_new("piix3-usb-uhci").unwrap();
+    hc.property_parse("addr", "05.0").unwrap();
+    hc.set_device_id(Some(id.to_string()));
+    qom::container_get(&machine, "peripheral")
+        .add_child(id, &hc)
+        .unwrap();
+    qdev_realize(&hc, Some(&pci)).unwrap();
+    let bus = hc
+        .child(&format!("{id}.0"))
+        .expect("the controller's bus <id>.0");
+    for (driver, port) in [("usb-tablet", "1"), ("usb-kbd", "2")] {
+        let dev = test_support::qtest::new_dev(&machine, driver, &[("port", port)]);
+        qdev_realize(&dev, Some(&bus)).unwrap();
+    }
+    machine_creation_done(&machine).unwrap();
+    runstate::vm_start(machine_state(&machine).unwrap()).unwrap();
+    machine
+}
+
+/// The test's UHCI driver: one queue head on every frame, its element the transfer under
+/// way.
+struct Driver {
+    machine: ObjectRef,
+    mem: GuestMemoryMmap,
+    io_base: u64,
+    next_td: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Td {
+    pid: u8,
+    addr: u8,
+    ep: u8,
+    toggle: bool,
+    len: usize,
+    buffer: u64,
+    ioc: bool,
+}
+
+impl Driver {
+    fn start(machine: &ObjectRef) -> Driver {
+        let pci = PciConfig::new(machine, DEVFN);
+        // BAR 4 where the board put it; I/O and bus master on.
+        let io_base = u64::from(pci.read(0x20, 4) & !3);
+        assert_ne!(io_base, 0, "BAR 4 assigned");
+        pci.write(0x04, 0x5, 2);
+        let mem = machine_state(machine)
+            .unwrap()
+            .services()
+            .ram()
+            .as_ref()
+            .clone();
+        let d = Driver {
+            machine: machine.clone(),
+            mem,
+            io_base,
+            next_td: TDS,
+        };
+        d.write(USBCMD, CMD_HCRESET, 2);
+        for f in 0..1024u64 {
+            d.mem
+                .write_obj(
+                    (QH as u32 | LINK_QH).to_le(),
+                    GuestAddress(FRAME_LIST + 4 * f),
+                )
+                .unwrap();
+        }
+        d.mem
+            .write_obj(LINK_TERM.to_le(), GuestAddress(QH))
+            .unwrap();
+        d.mem
+            .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
+            .unwrap();
+        d.write(FLBASEADD, FRAME_LIST, 4);
+        d.write(FRNUM, 0, 2);
+        d.write(USBINTR, 0xf, 2);
+        d.write(USBCMD, CMD_RS, 2);
+        d
+    }
+
+    fn io(&self) -> std::sync::Arc<hw::core::memory::AddressSpace> {
+        machine_state(&self.machine).unwrap().system_io().clone()
+    }
+
+    fn read(&self, reg: u64, size: u32) -> u64 {
+        self.io().read(self.io_base + reg, size)
+    }
+
+    fn write(&self, reg: u64, value: u64, size: u32) {
+        self.io().write(self.io_base + reg, value, size)
+    }
+
+    fn reset_port(&self, port: u64) {
+        let reg = PORTSC1 + 2 * (port - 1);
+        self.write(reg, 0x200, 2);
+        self.write(reg, 0, 2);
+        self.write(reg, 0x0004 | 0x000a, 2); // enable; clear the change bits
+    }
+
+    /// Queues `tds` (depth first) on the queue head and waits until the last is retired
+    /// or one fails; returns each TD's control and status word.
+    fn run(&mut self, tds: &[Td]) -> Vec<u32> {
+        let first = self.next_td;
+        let addrs: Vec<u64> = (0..tds.len() as u64).map(|i| first + 16 * i).collect();
+        self.next_td = first + 16 * tds.len() as u64;
+        if self.next_td > TDS + 0x8000 {
+            self.next_td = TDS;
+        }
+        for (i, td) in tds.iter().enumerate() {
+            let link = addrs
+                .get(i + 1)
+                .map_or(LINK_TERM, |&a| a as u32 | LINK_DEPTH);
+            let maxlen = (td.len as u32).wrapping_sub(1) & 0x7ff;
+            let ctrl = TD_ACTIVE | TD_ERRORS | if td.ioc { TD_IOC } else { 0 };
+            let token = u32::from(td.pid)
+                | u32::from(td.addr) << 8
+                | u32::from(td.ep) << 15
+                | u32::from(td.toggle) << 19
+                | maxlen << 21;
+            for (off, v) in [(0, link), (4, ctrl), (8, token), (12, td.buffer as u32)] {
+                self.mem
+                    .write_obj(v.to_le(), GuestAddress(addrs[i] + off))
+                    .unwrap();
+            }
+        }
+        self.mem
+            .write_obj((first as u32).to_le(), GuestAddress(QH + 4))
+            .unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let ctrls: Vec<u32> = addrs
+                .iter()
+                .map(|&a| self.mem.read_obj::<u32>(GuestAddress(a + 4)).unwrap())
+                .collect();
+            let failed = ctrls
+                .iter()
+                .any(|c| c & TD_ACTIVE == 0 && c & (TD_STALL | TD_TIMEOUT) != 0);
+            if failed || ctrls.last().unwrap() & TD_ACTIVE == 0 {
+                // Take the queue down so nothing runs again.
+                self.mem
+                    .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+                return ctrls;
+            }
+            assert!(Instant::now() < deadline, "TDs still active: {ctrls:x?}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A control transfer to `addr`: setup, data stage in 8-byte packets, status.
+    /// Returns the IN data, or `None` if it stalled or timed out.
+    fn control(&mut self, addr: u8, setup: [u8; 8], out: &[u8]) -> Option<Vec<u8>> {
+        let length = usize::from(u16::from_le_bytes([setup[6], setup[7]]));
+        let is_in = setup[0] & 0x80 != 0;
+        self.mem.write_slice(&setup, GuestAddress(BUFFERS)).unwrap();
+        let mut tds = vec![Td {
+            pid: SETUP,
+            addr,
+            ep: 0,
+            toggle: false,
+            len: 8,
+            buffer: BUFFERS,
+            ioc: false,
+        }];
+        let data = BUFFERS + 0x100;
+        let data_len = if is_in { length } else { out.len() };
+        if !is_in {
+            self.mem.write_slice(out, GuestAddress(data)).unwrap();
+        }
+        for (i, at) in (0..data_len).step_by(8).enumerate() {
+            let len = (data_len - at).min(8);
+            let pid = if is_in { IN } else { OUT };
+            tds.push(Td {
+                pid,
+                addr,
+                ep: 0,
+                toggle: i % 2 == 0,
+                len,
+                buffer: data + at as u64,
+                ioc: false,
+            });
+        }
+        let status = if is_in { OUT } else { IN };
+        tds.push(Td {
+            pid: status,
+            addr,
+            ep: 0,
+            toggle: true,
+            len: 0,
+            buffer: 0,
+            ioc: true,
+        });
+        let ctrls = self.run(&tds);
+        if ctrls.iter().any(|c| c & (TD_STALL | TD_TIMEOUT) != 0) {
+            return None;
+        }
+        let got: usize = ctrls[1..ctrls.len() - 1]
+            .iter()
+            .map(|c| ((c + 1) & 0x7ff) as usize)
+            .sum();
+        let mut buf = vec![0u8; got];
+        self.mem.read_slice(&mut buf, GuestAddress(data)).unwrap();
+        Some(buf)
+    }
+
+    fn get_descriptor(
+        &mut self,
+        addr: u8,
+        kind: u8,
+        index: u8,
+        len: u16,
+        recipient: u8,
+    ) -> Option<Vec<u8>> {
+        let [l, h] = len.to_le_bytes();
+        self.control(addr, [0x80 | recipient, 6, index, kind, 0, 0, l, h], &[])
+    }
+
+    /// Reset, address and configure the device on `port`, giving it `addr`.
+    fn enumerate(&mut self, port: u64, addr: u8) -> Vec<u8> {
+        self.reset_port(port);
+        let device = self
+            .get_descriptor(0, 1, 0, 18, 0)
+            .expect("device descriptor at address 0");
+        self.control(0, [0, 5, addr, 0, 0, 0, 0, 0], &[])
+            .expect("SET_ADDRESS");
+        self.control(addr, [0, 9, 1, 0, 0, 0, 0, 0], &[])
+            .expect("SET_CONFIGURATION");
+        device
+    }
+
+    /// One interrupt IN poll of endpoint 1 of `addr`: the report, or `None` if NAKed for
+    /// `patience`.
+    fn poll(&mut self, addr: u8, patience: Duration) -> Option<Vec<u8>> {
+        let td = self.next_td;
+        self.next_td += 16;
+        let buffer = BUFFERS + 0x800;
+        let token = u32::from(IN) | u32::from(addr) << 8 | 1 << 15 | 7 << 21;
+        for (off, v) in [
+            (0, LINK_TERM),
+            (4, TD_ACTIVE | TD_ERRORS | TD_IOC),
+            (8, token),
+            (12, buffer as u32),
+        ] {
+            self.mem
+                .write_obj(v.to_le(), GuestAddress(td + off))
+                .unwrap();
+        }
+        self.mem
+            .write_obj((td as u32).to_le(), GuestAddress(QH + 4))
+            .unwrap();
+        let deadline = Instant::now() + patience;
+        loop {
+            let ctrl = self.mem.read_obj::<u32>(GuestAddress(td + 4)).unwrap();
+            if ctrl & TD_ACTIVE == 0 {
+                assert_eq!(ctrl & TD_STALL, 0, "interrupt endpoint stalled");
+                let mut report = vec![0u8; ((ctrl + 1) & 0x7ff) as usize];
+                self.mem
+                    .read_slice(&mut report, GuestAddress(buffer))
+                    .unwrap();
+                return Some(report);
+            }
+            if Instant::now() > deadline {
+                assert_ne!(ctrl & TD_NAK, 0, "a TD neither done nor NAKed");
+                self.mem
+                    .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn wait_status(&self, bits: u64) -> u64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let sts = self.read(USBSTS, 2);
+            if sts & bits == bits {
+                return sts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "USBSTS {sts:#x} never showed {bits:#x}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+#[test]
+fn the_function_identifies_as_the_piix3_uhci_with_two_ports() {
+    let m = pc_with_uhci("usb-id");
+    let pci = PciConfig::new(&m, DEVFN);
+    assert_eq!(pci.read(0, 4), 0x7020_8086);
+    assert_eq!(pci.read(0x08, 4) >> 8, 0x0c0300, "serial bus, USB, UHCI");
+    assert_eq!(pci.read(0x3d, 1), 4, "INTD");
+    assert_eq!(pci.read(0x60, 1), 0x10, "USB 1.0");
+    let d = Driver::start(&m);
+    assert_eq!(d.read(USBSTS, 2) & STS_HALTED, 0, "running");
+    for port in 0..2 {
+        let sc = d.read(PORTSC1 + 2 * port, 2);
+        assert_eq!(
+            sc & 0x83,
+            0x83,
+            "port {port}: connected, changed, bit 7 set: {sc:#x}"
+        );
+    }
+    assert_eq!(d.read(PORTSC1 + 4, 2) & 0x80, 0, "no third port");
+    // The frame number advances while running, and frames stop with the VM.
+    let f0 = d.read(FRNUM, 2);
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(d.read(FRNUM, 2) != f0, "frames advance");
+    let ms = machine_state(&m).unwrap();
+    runstate::vm_stop(ms, RunStatus::Paused).unwrap();
+    let stopped = d.read(FRNUM, 2);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(
+        d.read(FRNUM, 2),
+        stopped,
+        "no frames while the VM is stopped"
+    );
+    runstate::vm_start(ms).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(d.read(FRNUM, 2) != stopped, "frames again once it runs");
+    // Run/stop clear: halted at once.
+    d.write(USBCMD, 0, 2);
+    assert_ne!(d.read(USBSTS, 2) & STS_HALTED, 0);
+    // FLBASEADD keeps its 4 KiB alignment; a byte write of SOFMOD lands.
+    d.write(FLBASEADD, 0x1234_5678, 4);
+    assert_eq!(d.read(FLBASEADD, 4), 0x1234_5000);
+    d.write(0x0c, 0x40, 1);
+    assert_eq!(d.read(0x0c, 1), 0x40);
+}
+
+#[test]
+fn a_tablet_enumerates_and_reports_where_the_pointer_is() {
+    let m = pc_with_uhci("usb-tab");
+    let mut d = Driver::start(&m);
+    let device = d.enumerate(1, 5);
+    assert_eq!(&device[..2], &[18, 1]);
+    assert_eq!(
+        u16::from_le_bytes([device[8], device[9]]),
+        0x0627,
+        "QEMU's vendor"
+    );
+    assert_eq!(u16::from_le_bytes([device[10], device[11]]), 0x0001);
+    assert!(
+        d.get_descriptor(0, 1, 0, 18, 0).is_none(),
+        "nothing answers at address 0 any more"
+    );
+    assert_ne!(
+        d.read(USBSTS, 2) & STS_USBERR,
+        0,
+        "the timeout is an error interrupt"
+    );
+    d.write(USBSTS, 0xff, 2);
+    let config = d.get_descriptor(5, 2, 0, 255, 0).unwrap();
+    assert_eq!(config.len(), 34);
+    assert_eq!(&config[9 + 5..9 + 8], &[3, 0, 0], "HID, no boot protocol");
+    let product = d.get_descriptor(5, 3, 2, 255, 0).unwrap();
+    let text: String = char::decode_utf16(
+        product[2..]
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]])),
+    )
+    .map(Result::unwrap)
+    .collect();
+    assert_eq!(text, "QEMU USB Tablet");
+    let report_len = u16::from_le_bytes([config[25], config[26]]);
+    let report = d.get_descriptor(5, 0x22, 0, report_len, 1).unwrap();
+    assert_eq!(report.len(), usize::from(report_len));
+    assert_eq!(&report[..4], &[0x05, 0x01, 0x09, 0x02]);
+    assert!(
+        d.control(5, [0x80, 6, 0, 6, 0, 0, 10, 0], &[]).is_none(),
+        "no device qualifier: stall"
+    );
+    assert!(
+        d.control(5, [0x21, 0x0a, 0, 0, 0, 0, 0, 0], &[]).is_some(),
+        "SET_IDLE 0"
+    );
+
+    assert!(
+        d.poll(5, Duration::from_millis(50)).is_none(),
+        "no input: NAK"
+    );
+    let input = machine_state(&m).unwrap().services().input();
+    assert!(input.is_absolute(), "the tablet takes positions");
+    d.write(USBSTS, 0xff, 2);
+    input.send_position(0x4000, 0x2000, 0, button::LEFT);
+    assert_eq!(d.poll(5, WAIT).unwrap(), vec![1, 0x00, 0x40, 0x00, 0x20, 0]);
+    assert_ne!(
+        d.wait_status(STS_USBINT) & STS_USBINT,
+        0,
+        "IOC raised USBINT"
+    );
+    input.send_position(0x7fff, 0, 1, 0);
+    assert_eq!(
+        d.poll(5, WAIT).unwrap(),
+        vec![0, 0xff, 0x7f, 0, 0, 0xff],
+        "wheel down is -1"
+    );
+    assert!(d.poll(5, Duration::from_millis(30)).is_none());
+}
+
+#[test]
+fn a_keyboard_reports_keys_in_the_boot_format() {
+    let m = pc_with_uhci("usb-kbd");
+    let mut d = Driver::start(&m);
+    d.enumerate(2, 7);
+    let config = d.get_descriptor(7, 2, 0, 255, 0).unwrap();
+    assert_eq!(&config[9 + 5..9 + 8], &[3, 1, 1], "boot keyboard");
+    assert!(
+        d.control(7, [0x21, 0x0b, 0, 0, 0, 0, 0, 0], &[]).is_some(),
+        "SET_PROTOCOL boot"
+    );
+    assert_eq!(
+        d.control(7, [0xa1, 0x03, 0, 0, 0, 0, 1, 0], &[]).unwrap(),
+        vec![0]
+    );
+    assert!(
+        d.control(7, [0x21, 0x09, 0, 2, 0, 0, 1, 0], &[0x02])
+            .is_some(),
+        "SET_REPORT: Caps Lock LED"
+    );
+    let input = machine_state(&m).unwrap().services().input();
+    input.send_key(0x1d, true); // left Ctrl
+    input.send_key(0x1e, true); // a
+    assert_eq!(d.poll(7, WAIT).unwrap(), vec![0x01, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(d.poll(7, WAIT).unwrap(), vec![0x01, 0, 0x04, 0, 0, 0, 0, 0]);
+    assert!(d.poll(7, Duration::from_millis(30)).is_none());
+    // An idle rate repeats the state unasked (SET_IDLE 4 x 4 ms).
+    assert!(d.control(7, [0x21, 0x0a, 0, 4, 0, 0, 0, 0], &[]).is_some());
+    assert_eq!(d.poll(7, WAIT).unwrap(), vec![0x01, 0, 0x04, 0, 0, 0, 0, 0]);
+}
+
+#[test]
+fn registers_and_devices_move_with_a_migration() {
+    let m = pc_with_uhci("usb-mig");
+    let mut d = Driver::start(&m);
+    d.enumerate(1, 3);
+    let save = |m: &ObjectRef, path: &[&str]| {
+        let mut obj = m.clone();
+        for p in path {
+            obj = obj.child(p).unwrap();
+        }
+        (
+            obj.clone(),
+            device_impl(&obj).unwrap().save_state().unwrap(),
+        )
+    };
+    let (_, hc) = save(&m, &["peripheral", "usb-mig"]);
+    let (_, tablet) = save(&m, &["peripheral-anon", "device[0]"]);
+    let m2 = pc_with_uhci("usb-mig");
+    // The destination loads while stopped, as an incoming migration does.
+    runstate::vm_stop(machine_state(&m2).unwrap(), RunStatus::Paused).unwrap();
+    let (hc2, _) = save(&m2, &["peripheral", "usb-mig"]);
+    let (tab2, _) = save(&m2, &["peripheral-anon", "device[0]"]);
+    device_impl(&hc2).unwrap().load_state(&hc).unwrap();
+    device_impl(&tab2).unwrap().load_state(&tablet).unwrap();
+    let mut d2 = Driver {
+        machine: m2.clone(),
+        mem: machine_state(&m2)
+            .unwrap()
+            .services()
+            .ram()
+            .as_ref()
+            .clone(),
+        io_base: d.io_base,
+        next_td: TDS,
+    };
+    // The destination's guest memory has the schedule (a real migration moves RAM).
+    for f in 0..1024u64 {
+        d2.mem
+            .write_obj(
+                (QH as u32 | LINK_QH).to_le(),
+                GuestAddress(FRAME_LIST + 4 * f),
+            )
+            .unwrap();
+    }
+    d2.mem
+        .write_obj(LINK_TERM.to_le(), GuestAddress(QH))
+        .unwrap();
+    runstate::vm_start(machine_state(&m2).unwrap()).unwrap();
+    assert_eq!(d2.read(FLBASEADD, 4), FRAME_LIST);
+    assert_eq!(d2.read(PORTSC1, 2) & 0x4, 0x4, "port 1 still enabled");
+    assert_eq!(
+        d2.get_descriptor(3, 1, 0, 18, 0).unwrap()[..2],
+        [18, 1],
+        "the tablet kept its address"
+    );
+    machine_state(&m2)
+        .unwrap()
+        .services()
+        .input()
+        .send_position(1, 2, 0, 0);
+    assert_eq!(
+        d2.poll(3, WAIT).unwrap(),
+        vec![0, 1, 0, 2, 0, 0],
+        "and its configuration"
+    );
+    drop(d);
+}
+
+#[test]
+fn hostile_schedules_halt_the_controller_and_never_hang() {
+    let m = pc_with_uhci("usb-bad");
+    let mut d = Driver::start(&m);
+    // A queue head that links to itself with nothing in it: frames go on.
+    d.mem
+        .write_obj((QH as u32 | LINK_QH).to_le(), GuestAddress(QH))
+        .unwrap();
+    let f0 = d.read(FRNUM, 2);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_ne!(
+        d.read(FRNUM, 2),
+        f0,
+        "a looping schedule does not stop the frames"
+    );
+    d.mem
+        .write_obj(LINK_TERM.to_le(), GuestAddress(QH))
+        .unwrap();
+    // A TD addressed to nobody times out; one asking for more than 1280 bytes is a
+    // process error, which halts the controller.
+    let lost = d.run(&[Td {
+        pid: IN,
+        addr: 99,
+        ep: 1,
+        toggle: false,
+        len: 8,
+        buffer: BUFFERS,
+        ioc: false,
+    }]);
+    assert_ne!(lost[0] & TD_TIMEOUT, 0);
+    let td = TDS + 0x4000;
+    for (off, v) in [
+        (0u64, LINK_TERM),
+        (4, TD_ACTIVE),
+        (8, u32::from(IN) | 0x600 << 21),
+        (12, BUFFERS as u32),
+    ] {
+        d.mem.write_obj(v.to_le(), GuestAddress(td + off)).unwrap();
+    }
+    d.mem
+        .write_obj((td as u32).to_le(), GuestAddress(QH + 4))
+        .unwrap();
+    d.wait_status(STS_HCPE | STS_HALTED);
+    assert_eq!(d.read(USBCMD, 2) & CMD_RS, 0);
+    // A frame list outside guest RAM is a host system error.
+    d.write(USBSTS, 0xff, 2);
+    d.write(FLBASEADD, 0xfff0_0000, 4);
+    d.write(USBCMD, CMD_RS, 2);
+    d.wait_status(STS_HSE | STS_HALTED);
+    // Garbage everywhere: whatever it says, the controller keeps answering.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..20 {
+        let mut junk = vec![0u8; 0x3000];
+        for b in junk.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *b = seed as u8;
+        }
+        // Pointers into the junk, so the walk reads it.
+        for w in junk.chunks_mut(4) {
+            if w[0] & 3 == 0 {
+                let p = 0x10_1000u32 + (u32::from(w[1]) << 4);
+                w.copy_from_slice(&(p | u32::from(w[0] & 7)).to_le_bytes());
+            }
+        }
+        d.mem.write_slice(&junk, GuestAddress(QH)).unwrap();
+        d.write(USBCMD, CMD_HCRESET, 2);
+        d.write(FLBASEADD, FRAME_LIST, 4);
+        d.write(USBINTR, 0xf, 2);
+        d.reset_port(1);
+        d.reset_port(2);
+        d.write(USBCMD, CMD_RS, 2);
+        std::thread::sleep(Duration::from_millis(10));
+        let sts = d.read(USBSTS, 2);
+        assert_ne!(sts, 0xffff, "round {round}: registers answer");
+    }
+}
+
+#[test]
+fn qomvm_takes_usb_options_and_refuses_bad_ones_in_qemus_words() {
+    let bin = env!("CARGO_BIN_EXE_qomvm");
+    let ok = test_support::qtest::qomvm_pc_quit(
+        bin,
+        &["-usb", "-usbdevice", "tablet", "-device", "usb-kbd,port=2"],
+    );
+    assert_eq!(ok.0, Some(0), "{}", ok.1);
+    for (args, error) in [
+        (
+            &["-usbdevice", "braille"][..],
+            "-usbdevice braille: usbdevice braille not found",
+        ),
+        (
+            &["-usbdevice", "tablet:x"][..],
+            "usbdevice tablet accepts no params",
+        ),
+        (
+            &["-device", "usb-tablet"][..],
+            "No 'usb-bus' bus found for device 'usb-tablet'",
+        ),
+        (
+            &["-usb", "-device", "usb-tablet,port=3"][..],
+            "usb port 3 (bus usb-bus.0) not found (in use?)",
+        ),
+        (
+            &[
+                "-usb",
+                "-device",
+                "usb-tablet",
+                "-device",
+                "usb-mouse",
+                "-device",
+                "usb-kbd",
+            ][..],
+            "tried to attach usb device QEMU USB Keyboard to a bus with no free ports",
+        ),
+        (
+            &["-usb", "-device", "usb-mouse,usb_version=3"][..],
+            "usb_version 3 is not supported",
+        ),
+    ] {
+        let (code, stderr) = test_support::qtest::qomvm_pc_quit(bin, args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(error), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
+    }
+}
