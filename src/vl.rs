@@ -159,11 +159,12 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     // them without a location.
     machine_run_board_init(&machine).map_err(|e| OptionError::new("", e))?;
     startup_phase("board");
-    for dev in drive_devices.iter().chain(&opts.devices) {
-        device_add(&machine, dev)?;
-    }
+    // QEMU's qemu_create_cli_devices: -usbdevice before -device.
     for dev in &opts.usbdevice {
         usbdevice_add(&machine, dev)?;
+    }
+    for dev in drive_devices.iter().chain(&opts.devices) {
+        device_add(&machine, dev)?;
     }
     startup_phase("devices");
     hw::core::machine::machine_creation_done(&machine).map_err(|e| OptionError::new("", e))?;

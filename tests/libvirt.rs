@@ -228,7 +228,7 @@ impl Domain {
   <on_poweroff>destroy</on_poweroff>
   <devices>
     <emulator>{emulator}</emulator>
-    <controller type='usb' model='none'/>
+    {usb}
     {serial}
     {extra}
   </devices>
@@ -237,6 +237,13 @@ impl Domain {
             name = self.name,
             kernel = kernel.display(),
             emulator = env!("CARGO_BIN_EXE_qomvm"),
+            // No USB unless the test brings its own controller or USB devices (libvirt
+            // adds its default controller then).
+            usb = if extra.contains("bus='usb'") || extra.contains("type='usb'") {
+                ""
+            } else {
+                "<controller type='usb' model='none'/>"
+            },
         );
         let path = self.dir.join("domain.xml");
         std::fs::write(&path, xml).unwrap();
@@ -605,6 +612,47 @@ fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
     // The balloon reports the guest's size (64 MiB) through query-balloon.
     let mem = virsh_ok(&["dommemstat", &dom.name]);
     assert!(mem.contains("actual 65536"), "{mem}");
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
+
+/// USB as libvirt gives a pc domain by default and OpenStack asks for a console's pointer:
+/// the default controller (`piix3-uhci`: `-device piix3-usb-uhci,id=usb,bus=pci.0,
+/// addr=0x1.0x2`) with a tablet and a keyboard on its ports (`-device usb-tablet,
+/// bus=usb.0,port=1`). The domain starts, HMP `info usb` lists both with libvirt's ids,
+/// and `virsh send-key` (QMP `send-key`) and `input-send-event` reach them.
+#[test]
+fn a_domain_with_the_default_usb_controller_a_tablet_and_a_keyboard_starts() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("usb");
+    let (kernel, _) = dom.kernel_and_disk(0);
+    let serial = dom.serial_xml();
+    let extra = "<controller type='usb' index='0'/>\
+                 <input type='tablet' bus='usb'/><input type='keyboard' bus='usb'/>\
+                 <memballoon model='none'/>";
+    let xml = dom.xml_with_devices(&kernel, &serial, extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let usb = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info usb"]);
+    assert!(
+        usb.contains("Port 1, Speed 12 Mb/s, Product QEMU USB Tablet, ID: input0"),
+        "{usb}"
+    );
+    assert!(
+        usb.contains("Port 2, Speed 12 Mb/s, Product QEMU USB Keyboard, ID: input1"),
+        "{usb}"
+    );
+    let pci = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info pci"]);
+    assert!(pci.contains("Bus  0, device   1, function 2:"), "{pci}");
+    virsh_ok(&["send-key", &dom.name, "KEY_LEFTCTRL", "KEY_A"]);
+    virsh_ok(&[
+        "qemu-monitor-command",
+        &dom.name,
+        r#"{"execute":"input-send-event","arguments":{"events":[{"type":"abs","data":{"axis":"x","value":1000}},{"type":"btn","data":{"down":true,"button":"left"}}]}}"#,
+    ]);
     virsh_ok(&["destroy", &dom.name]);
     assert_eq!(listed_state(&dom.name), None);
 }

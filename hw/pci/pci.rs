@@ -579,11 +579,16 @@ pub fn pci_bus_devices(bus: &Object) -> Vec<(u8, Typed<PciDevice>)> {
         .unwrap_or_default()
 }
 
+/// QEMU's `set_pci_devfn`: slot and function in hex (`strtoul` base 16, so an optional
+/// `0x`), as libvirt writes them (`addr=0x1.0x2`).
 fn parse_addr(text: &str) -> Option<u8> {
+    let hex = |s: &str| {
+        let digits = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+        u8::from_str_radix(digits, 16).ok().filter(|_| !digits.starts_with('+'))
+    };
     let (slot, function) = text.split_once('.').unwrap_or((text, "0"));
-    let slot = slot.trim_start_matches("0x");
-    let slot = u8::from_str_radix(slot, 16).ok().filter(|s| *s < 32)?;
-    let function = function.parse::<u8>().ok().filter(|f| *f < 8)?;
+    let slot = hex(slot).filter(|s| *s < 32)?;
+    let function = hex(function).filter(|f| *f < 8)?;
     Some((slot << 3) | function)
 }
 
@@ -1254,5 +1259,21 @@ mod rom_tests {
         assert!(mapped[3..].iter().all(|b| *b == 0xff));
         rom.write(0, 0, 1);
         assert_eq!(rom.read(0, 1), 0x55);
+    }
+}
+
+#[cfg(test)]
+mod addr_tests {
+    use super::parse_addr;
+
+    #[test]
+    fn addresses_are_hex_with_or_without_0x_as_libvirt_writes_them() {
+        assert_eq!(parse_addr("0x1.0x2"), Some(1 << 3 | 2));
+        assert_eq!(parse_addr("1f.7"), Some(31 << 3 | 7));
+        assert_eq!(parse_addr("0x3"), Some(3 << 3));
+        assert_eq!(parse_addr("05.0"), Some(5 << 3));
+        for bad in ["20", "1.8", "zz", "", "1.", "+1", "0x"] {
+            assert_eq!(parse_addr(bad), None, "{bad}");
+        }
     }
 }

@@ -147,6 +147,9 @@ pub struct AttachedDevice {
     function: Arc<dyn UsbFunction>,
     state: Mutex<CoreState>,
     port: (Weak<UsbPorts>, usize),
+    /// The product name and the `id=`, for `info usb`.
+    product: String,
+    id: Option<String>,
 }
 
 impl AttachedDevice {
@@ -320,15 +323,19 @@ pub struct UsbPorts {
     slots: Vec<Mutex<Option<Arc<AttachedDevice>>>>,
     controller: OnceLock<Weak<dyn UsbHostController>>,
     bus_name: String,
+    /// QEMU's `busnr`: buses numbered as they are made.
+    number: u32,
 }
 
 impl UsbPorts {
     /// `count` empty ports on the bus named `bus_name`.
     pub fn new(count: usize, bus_name: &str) -> Arc<UsbPorts> {
+        static NEXT_BUS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         Arc::new(UsbPorts {
             slots: (0..count).map(|_| Mutex::new(None)).collect(),
             controller: OnceLock::new(),
             bus_name: bus_name.to_string(),
+            number: NEXT_BUS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -363,6 +370,7 @@ impl UsbPorts {
         path: Option<&str>,
         function: Arc<dyn UsbFunction>,
         product: &str,
+        id: Option<String>,
     ) -> Result<(usize, Arc<AttachedDevice>), UsbBusError> {
         let free = |i: usize| self.slots[i].lock().is_none();
         let port = match path {
@@ -380,6 +388,8 @@ impl UsbPorts {
             function,
             state: Mutex::new(CoreState::default()),
             port: (Arc::downgrade(self), port),
+            product: product.to_string(),
+            id,
         });
         *self.slots[port].lock() = Some(dev.clone());
         if let Some(hc) = self.controller() {
@@ -427,6 +437,40 @@ impl UsbBus {
     pub fn set_ports(&self, ports: &Arc<UsbPorts>) {
         let _ = self.ports.set(ports.clone());
     }
+}
+
+/// QEMU's `hmp_info_usb`: every device on every USB bus under `root`, with its USB address.
+pub fn info_usb(root: &qom::ObjectRef) -> String {
+    fn buses(obj: &qom::ObjectRef, out: &mut Vec<Arc<UsbPorts>>) {
+        if let Some(ports) = obj.downcast::<UsbBus>().and_then(|b| b.ports.get()) {
+            out.push(ports.clone());
+        }
+        for (_, child) in obj.children() {
+            buses(&child, out);
+        }
+    }
+    let mut found = Vec::new();
+    buses(root, &mut found);
+    if found.is_empty() {
+        return "USB support not enabled\n".to_string();
+    }
+    found.sort_by_key(|p| p.number);
+    let mut out = String::new();
+    for ports in found {
+        for port in 0..ports.len() {
+            if let Some(dev) = ports.device(port) {
+                let id = dev.id.as_ref().map(|id| format!(", ID: {id}")).unwrap_or_default();
+                out.push_str(&format!(
+                    "  Device {}.{}, Port {}, Speed 12 Mb/s, Product {}{id}\n",
+                    ports.number,
+                    dev.address(),
+                    port + 1,
+                    dev.product
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// QEMU's `USBDevice`: a device on a USB port. Its subclasses make the model and plug it
@@ -477,7 +521,7 @@ impl UsbDevice {
         let ports = bus.ports.get().ok_or_else(|| RealizeError::device(UsbBusError::NoController))?;
         let path = self.port.get();
         let (port, dev) = ports
-            .attach(path.as_deref(), function, product)
+            .attach(path.as_deref(), function, product, self.parent.id())
             .map_err(RealizeError::device)?;
         self.port.set(Some((port + 1).to_string()));
         let _ = self.attached.set((ports.clone(), port, dev.clone()));
@@ -552,7 +596,7 @@ mod tests {
         };
         let ports = UsbPorts::new(2, "usb.0");
         let f = Arc::new(Null(Descriptors::new(id, 0, 100, &[])));
-        ports.attach(None, f, "null").unwrap().1
+        ports.attach(None, f, "null", None).unwrap().1
     }
 
     fn setup(dev: &AttachedDevice, b: [u8; 8]) -> TokenResult {
@@ -600,12 +644,12 @@ mod tests {
         let ports = UsbPorts::new(1, "usb.0");
         let f = || Arc::new(Null(dev.function.descriptors().clone())) as Arc<dyn UsbFunction>;
         assert_eq!(
-            ports.attach(Some("2"), f(), "x").err().unwrap().to_string(),
+            ports.attach(Some("2"), f(), "x", None).err().unwrap().to_string(),
             "usb port 2 (bus usb.0) not found (in use?)"
         );
-        ports.attach(Some("1"), f(), "x").unwrap();
+        ports.attach(Some("1"), f(), "x", None).unwrap();
         assert_eq!(
-            ports.attach(None, f(), "QEMU USB Tablet").err().unwrap().to_string(),
+            ports.attach(None, f(), "QEMU USB Tablet", None).err().unwrap().to_string(),
             "tried to attach usb device QEMU USB Tablet to a bus with no free ports"
         );
     }

@@ -406,6 +406,15 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         },
     },
     HmpCommand {
+        names: "usb",
+        params: "",
+        help: "show guest USB devices",
+        run: |ctx, _, _, out| {
+            out.push_str(&hw::usb::usb_bus::info_usb(&ctx.vm.machine));
+            Ok(())
+        },
+    },
+    HmpCommand {
         names: "usernet",
         params: "",
         help: "show user network stack connection states",
