@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=18
+ASSETS_FORMAT=19
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -26,6 +26,9 @@ virtio_blk virtio_net virtio_rng virtio_balloon virtio_console"
 # too but loaded only with qomvm.ata=1: probing the IDE ports costs every other boot
 # time on the rig.
 ATA_MODULES="ata_piix sd_mod sr_mod virtio_scsi"
+# The generic kernel's USB host and HID drivers (the cloud kernel has no USB), with
+# evdev to read the input devices: loaded with qomvm.usb=1 under vmlinuz-generic.
+USB_MODULES="uhci_hcd usbhid hid_generic evdev"
 # The disk image's size (a sparse file; its content is about 85 MB, mostly
 # fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
 ROOTFS_SIZE=256M
@@ -314,6 +317,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.vport=*) vport=${arg#*=} ;;
         qomvm.hotplug=*) hotplug=${arg#*=} ;;
         qomvm.hotnic=1) hotnic=1 ;;
+        qomvm.usb=1) usb=1 ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -329,23 +333,26 @@ wait_dev() {
     done
 }
 
-# The cloud kernel's virtio modules, in dependency order (skipped for another
-# kernel, e.g. vmlinuz-generic, whose modules these are not).
-if [ "$QOMVM_STAGE" != root ] && [ -f /etc/qomvm-modules ]; then
+# load_modules LIST: insmod the modules LIST names (paths under /lib/modules/KVER, in
+# dependency order), if this kernel is theirs; says so if not.
+load_modules() {
     kver=$(uname -r)
-    if [ -d "/lib/modules/$kver" ]; then
+    first=$(head -n1 "$1")
+    if [ -n "$first" ] && [ -f "/lib/modules/$kver/$first" ]; then
         while read -r m; do
             insmod "/lib/modules/$kver/$m" || echo "qomvm: insmod $m failed"
-        done </etc/qomvm-modules
-        # qomvm.ata=1: the IDE and virtio-scsi drivers too.
-        if [ -n "$ata" ] && [ -f /etc/qomvm-modules-ata ]; then
-            while read -r m; do
-                insmod "/lib/modules/$kver/$m" || echo "qomvm: insmod $m failed"
-            done </etc/qomvm-modules-ata
-        fi
+        done <"$1"
     else
-        echo "qomvm: no modules for kernel $kver in this initramfs; virtio devices stay unbound"
+        echo "qomvm: no modules of ${1#/etc/} for kernel $kver in this initramfs"
     fi
+}
+
+# The cloud kernel's virtio modules; qomvm.ata=1: the IDE and virtio-scsi drivers too;
+# qomvm.usb=1: the generic kernel's USB and HID drivers.
+if [ "$QOMVM_STAGE" != root ] && [ -f /etc/qomvm-modules ]; then
+    load_modules /etc/qomvm-modules
+    [ -n "$ata" ] && [ -f /etc/qomvm-modules-ata ] && load_modules /etc/qomvm-modules-ata
+    [ -n "$usb" ] && [ -f /etc/qomvm-modules-usb ] && load_modules /etc/qomvm-modules-usb
 fi
 
 # qomvm.cdsum=DEV: the MD5 of a CD's whole medium, read through the block device.
@@ -447,6 +454,63 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$hotplug" ]; then
     done
     # The host looks at the machine now, then quits it (QMP `quit`).
     sleep 300
+fi
+
+# usb_event: reads one input event (24 bytes on x86-64) from descriptor 3 within 60 s
+# and prints its type, code and value in hex, or "none".
+usb_event() {
+    # shellcheck disable=SC2046 # the bytes as positional parameters
+    set -- $(timeout 60 dd bs=24 count=1 <&3 2>/dev/null | od -An -v -tx1)
+    if [ $# -lt 24 ]; then
+        echo none
+    else
+        echo "${18}${17} ${20}${19} ${24}${23}${22}${21}"
+    fi
+}
+
+# qomvm.usb=1: the USB devices the kernel enumerated (their product strings), then the
+# events of the tablet and the keyboard: "usb: ready" once both are open, then each
+# tablet event up to the first report's end (EV_SYN), then keyboard events until KEY_A
+# goes down (the host sends them after "usb: ready").
+if [ "$QOMVM_STAGE" != root ] && [ -n "$usb" ]; then
+    tab= kbd= i=0
+    while { [ ! -c "$tab" ] || [ ! -c "$kbd" ]; } && [ $i -lt 200 ]; do
+        for e in /sys/class/input/event*; do
+            case "$(cat "$e/device/name" 2>/dev/null)" in
+                *"USB Tablet"*) tab=/dev/input/${e##*/} ;;
+                *"USB Keyboard"*) kbd=/dev/input/${e##*/} ;;
+            esac
+        done
+        i=$((i + 1))
+        sleep 0.05
+    done
+    for p in /sys/bus/usb/devices/*/product; do
+        echo "usb: product $(cat "$p")"
+    done
+    if [ ! -c "$tab" ] || [ ! -c "$kbd" ]; then
+        echo "usb: input devices missing (tablet '$tab', keyboard '$kbd')"
+        dmesg | grep -i -E 'usb|uhci|hid|input' | tail -n 20 | sed 's/^/usb: dmesg: /'
+    else
+        exec 3<"$tab"
+        echo "usb: ready"
+        n=0
+        while [ $n -lt 16 ]; do
+            ev=$(usb_event)
+            echo "usb: tablet $ev"
+            case "$ev" in none | "0000 "*) break ;; esac
+            n=$((n + 1))
+        done
+        exec 3<"$kbd"
+        echo "usb: keyboard open"
+        n=0
+        while [ $n -lt 24 ]; do
+            ev=$(usb_event)
+            echo "usb: keyboard $ev"
+            case "$ev" in none | "0001 001e 00000001") break ;; esac
+            n=$((n + 1))
+        done
+        exec 3<&-
+    fi
 fi
 
 # qomvm.root=DEV: continue from DEV's /init.
@@ -1264,13 +1328,16 @@ copy_module() {
     esac
 }
 
-# guest_modules KDEB KVER ROOT: copies GUEST_MODULES and the modules they depend
-# on (modinfo "depends=") from KDEB into ROOT/lib/modules/KVER/ (same paths as
-# in the package), writes a depmod-style modules.dep there (for modprobe) and
-# the load order, dependencies first, to ROOT/etc/qomvm-modules (paths
-# relative to the modules directory).
+# guest_modules KDEB KVER KDIR ROOT LIST MODULES [LIST2 MODULES2]: copies MODULES
+# (and MODULES2) and the modules they depend on (modinfo "depends=") from KDEB
+# (extracted at KDIR for its modules.builtin) into ROOT/lib/modules/KVER/ (same
+# paths as in the package), writes a depmod-style modules.dep there (for
+# modprobe) and the load order, dependencies first, to ROOT/etc/LIST (MODULES2:
+# what they need beyond it, to ROOT/etc/LIST2; paths relative to the modules
+# directory).
 guest_modules() {
-    local kdeb=$1 kver=$2 root=$3 x=$work/kmod p m d name
+    local kdeb=$1 kver=$2 kdir=$3 root=$4 list=$5 mods=$6 list2=${7:-} mods2=${8:-}
+    local x=$work/kmod p m d name
     local -A path deps state
     local -a todo order=()
     # Module name (dashes as underscores) -> path in the package.
@@ -1279,14 +1346,14 @@ guest_modules() {
         name=${name%%.ko*}
         path[${name//-/_}]=${p#./}
     done < <(dpkg-deb -c "$kdeb" | awk '{ print $6 }' | grep -E "^\./lib/modules/$kver/.*\.ko(\.(xz|gz|zst))?$")
-    read -r -a todo <<<"${GUEST_MODULES//$'\n'/ } $ATA_MODULES"
+    read -r -a todo <<<"$mods $mods2"
     mkdir -p "$x" "$root/lib/modules/$kver" "$root/etc"
     while [[ ${#todo[@]} -gt 0 ]]; do
         m=${todo[0]}
         todo=("${todo[@]:1}")
         [[ -z ${deps[$m]+set} ]] || continue
         if [[ -z ${path[$m]:-} ]]; then
-            grep -qE "/${m//_/[-_]}\.ko$" "$work/k/lib/modules/$kver/modules.builtin" 2>/dev/null &&
+            grep -qE "/${m//_/[-_]}\.ko$" "$kdir/lib/modules/$kver/modules.builtin" 2>/dev/null &&
                 { deps[$m]=; state[$m]=builtin; continue; }
             qomvm_die "module $m is neither in $(basename "$kdeb") nor built into $kver"
         fi
@@ -1296,6 +1363,7 @@ guest_modules() {
         copy_module "$x/${path[$m]}" "$root/$p"
         path[$m]=${p#lib/modules/"$kver"/}
         d=$(tr '\0' '\n' <"$root/$p" | sed -n 's/^depends=//p' | head -n1)
+        d=${d//-/_}
         deps[$m]=${d//,/ }
         for d in ${deps[$m]}; do todo+=("$d"); done
     done
@@ -1310,20 +1378,20 @@ guest_modules() {
         state[$m]=visited
         order+=("$m")
     }
-    read -r -a todo <<<"${GUEST_MODULES//$'\n'/ }"
+    read -r -a todo <<<"$mods"
     for m in "${todo[@]}"; do _gm_visit "$m"; done
     local base=${#order[@]} i
-    # The IDE modules' load order after the others': what they need beyond them.
-    for m in $ATA_MODULES; do _gm_visit "$m"; done
-    : >"$root/etc/qomvm-modules"
-    : >"$root/etc/qomvm-modules-ata"
+    # The second list's load order after the first's: what it needs beyond it.
+    for m in $mods2; do _gm_visit "$m"; done
+    : >"$root/etc/$list"
+    [[ -z $list2 ]] || : >"$root/etc/$list2"
     : >"$root/lib/modules/$kver/modules.dep"
     for i in "${!order[@]}"; do
         m=${order[$i]}
         if [[ $i -lt $base ]]; then
-            echo "${path[$m]}" >>"$root/etc/qomvm-modules"
+            echo "${path[$m]}" >>"$root/etc/$list"
         else
-            echo "${path[$m]}" >>"$root/etc/qomvm-modules-ata"
+            echo "${path[$m]}" >>"$root/etc/$list2"
         fi
         {
             printf '%s:' "${path[$m]}"
@@ -1616,7 +1684,7 @@ fi
 if [[ -f $config ]] && ! grep -q '^CONFIG_EXT4_FS=y' "$config"; then
     qomvm_die "$kver does not build ext4 in; the disk image would need its modules in the initramfs"
 fi
-deb_extract "$gdeb" "$work/g" './boot/vmlinuz-*'
+deb_extract "$gdeb" "$work/g" './boot/vmlinuz-*' './lib/modules/*/modules.builtin'
 gvmlinuz=$(find "$work/g/boot" -name 'vmlinuz-*' | head -n1)
 [[ -n $gvmlinuz ]] || qomvm_die "no boot/vmlinuz-* in $(basename "$gdeb")"
 gkver=${gvmlinuz##*/vmlinuz-}
@@ -1631,7 +1699,9 @@ cp "$bb" "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 write_init "$root/init"
 write_portout "$root/bin/qomvm-portout"
-guest_modules "$kdeb" "$kver" "$root"
+guest_modules "$kdeb" "$kver" "$work/k" "$root" qomvm-modules "${GUEST_MODULES//$'\n'/ }" \
+    qomvm-modules-ata "$ATA_MODULES"
+guest_modules "$gdeb" "$gkver" "$work/g" "$root" qomvm-modules-usb "$USB_MODULES"
 qomvm_mkcpio "$root" "$work/initramfs.cpio.gz" "$bb"
 
 # The disk image: the same /init, busybox with its applet links made here (the

@@ -44,7 +44,7 @@ B=$QOMVM_ASSETS/host-tools/busybox
 PY=python3
 [ -x /usr/bin/python3 ] && PY=/usr/bin/python3
 ip link set lo up
-VM_WRAP= VM_MEM=512
+VM_WRAP= VM_MEM=512 VM_KERNEL=vmlinuz
 boot() {
     name=$1 append=$2
     shift 2
@@ -55,7 +55,7 @@ boot() {
     fi
     # shellcheck disable=SC2086 # VM_WRAP is a command prefix
     timeout 600 $VM_WRAP "$@" -M pc -m "$VM_MEM" -smp 2 -nographic -no-reboot \
-        -kernel "$QOMVM_ASSETS/vmlinuz" -initrd "$QOMVM_ASSETS/initramfs.cpio.gz" \
+        -kernel "$QOMVM_ASSETS/$VM_KERNEL" -initrd "$QOMVM_ASSETS/initramfs.cpio.gz" \
         -append "console=ttyS0 panic=-1 quiet $append" >"$name.log" 2>&1 </dev/null &
     vm=$!
     echo "host: $name: $VM_WRAP $*"
@@ -725,6 +725,72 @@ finish cd
     assert!(out.contains(r#"host: eject: {"return":{}}"#), "{out}");
     assert!(out.contains(r#"host: change: {"return":{}}"#), "{out}");
     assert!(out.contains("host: cd: vmm exit status 0"), "{out}");
+}
+
+/// USB input as a console client gives it: Linux's uhci-hcd (the generic kernel's; the
+/// cloud kernel has no USB) enumerates `usb-tablet` and `usb-kbd` on `-usb`'s PIIX3 UHCI,
+/// usbhid and hid-generic bind them, and what QMP sends (`input-send-event`: a position
+/// and a button; `send-key`) arrives at the guest's evdev devices as the same events.
+#[test]
+fn usb_tablet_and_keyboard_input_reaches_the_guest() {
+    let Some(out) = net_scenario(
+        "usbinput",
+        r#"
+VM_KERNEL=vmlinuz-generic
+boot usb "qomvm.usb=1" -usb -device usb-tablet,id=tab -device usb-kbd,id=kbd \
+    -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
+if await usb '^usb: ready' 300; then
+    qmp qmp.sock '{"execute": "input-send-event", "arguments": {"events": [{"type": "abs", "data": {"axis": "x", "value": 4660}}, {"type": "abs", "data": {"axis": "y", "value": 8192}}, {"type": "btn", "data": {"down": true, "button": "left"}}]}}' \
+        | sed 's/^/host: tablet: /'
+    if await usb '^usb: keyboard open' 120; then
+        qmp qmp.sock '{"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": "a"}]}}' \
+            | sed 's/^/host: key: /'
+    fi
+fi
+finish usb
+"#,
+        400,
+    ) else {
+        return;
+    };
+    for product in ["QEMU USB Tablet", "QEMU USB Keyboard"] {
+        assert!(
+            out.contains(&format!("usb: usb: product {product}")),
+            "{product}:\n{out}"
+        );
+    }
+    let events = |dev: &str| -> Vec<String> {
+        out.lines()
+            .filter_map(|l| {
+                l.split_once(&format!("usb: usb: {dev} "))
+                    .map(|(_, e)| e.trim().to_string())
+            })
+            .collect()
+    };
+    let tablet = events("tablet");
+    // EV_ABS ABS_X 0x1234, EV_ABS ABS_Y 0x2000, EV_KEY BTN_LEFT down, then EV_SYN.
+    for want in [
+        "0003 0000 00001234",
+        "0003 0001 00002000",
+        "0001 0110 00000001",
+    ] {
+        assert!(
+            tablet.iter().any(|e| e == want),
+            "tablet event {want}:\n{out}"
+        );
+    }
+    assert!(
+        tablet.last().is_some_and(|e| e.starts_with("0000 ")),
+        "the report ends in EV_SYN:\n{out}"
+    );
+    let keyboard = events("keyboard");
+    assert_eq!(
+        keyboard.last().map(String::as_str),
+        Some("0001 001e 00000001"),
+        "KEY_A down:\n{out}"
+    );
+    assert!(out.contains(r#"host: tablet: {"return":{}}"#), "{out}");
+    assert!(out.contains("host: usb: vmm exit status 0"), "{out}");
 }
 
 /// SCSI hotplug as libvirt's `attach-disk --targetbus scsi` does it (`blockdev-add`,
