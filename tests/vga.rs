@@ -1149,13 +1149,9 @@ fn a_text_screen_is_the_same_after_migrate_and_incoming() {
     let _ = std::fs::remove_dir_all(&dst_dir);
 }
 
-/// Issue 17: a key typed over VNC reaches the guest. SeaBIOS with `-boot menu=on` shows
-/// "Press ESC for boot menu."; Escape sent by a VNC client (keysym 0xff1b through QEMU's
-/// en-us keymap, the i8042 translating it to set 1, SeaBIOS's PS/2 keyboard driver, which
-/// it sets up because the DSDT describes the keyboard) opens the menu.
-#[test]
-fn escape_typed_over_vnc_opens_seabios_boot_menu() {
-    use std::io::Write;
+/// SeaBIOS with `-boot menu=on` on KVM shows "Press ESC for boot menu."; `press` types
+/// Escape (given QMP and the VNC port); the menu must open.
+fn seabios_boot_menu_opens(name: &str, extra: &[&str], press: impl FnOnce(&mut QmpClient, u16)) {
     if !kvm_or_skip() {
         return;
     }
@@ -1167,13 +1163,14 @@ fn escape_typed_over_vnc_opens_seabios_boot_menu() {
     }
     let Some(rom) = vgabios_or_skip() else { return };
     let font = rom_font(&rom);
-    let dir = scratch("vnc-esc");
+    let dir = scratch(name);
     let sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
     let mut child = Command::new(QOMVM)
         .args(["-M", "pc", "-accel", "kvm", "-m", "128", "-display", "none"])
         .args(["-serial", "null", "-boot", "menu=on,splash-time=60000"])
         .args(["-vnc", "127.0.0.1:0,to=99", "-qmp", &qmp_arg])
+        .args(extra)
         .env("RUST_LOG", "off")
         .stdin(Stdio::null())
         .spawn()
@@ -1206,16 +1203,44 @@ fn escape_typed_over_vnc_opens_seabios_boot_menu() {
             }
         };
     wait_for(&mut qmp, &mut screen, "Press ESC for boot menu.");
-    let mut vnc = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    vnc.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    test_support::vnc::rfb_handshake(&mut vnc, None).unwrap();
-    for down in [1u8, 0] {
-        vnc.write_all(&[4, down, 0, 0, 0, 0, 0xff, 0x1b]).unwrap();
-    }
+    press(&mut qmp, port);
     wait_for(&mut qmp, &mut screen, "Select boot device:");
     let _ = qmp.execute("quit", json!({}));
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 17: a key typed over VNC reaches the guest: Escape sent by a VNC client (keysym
+/// 0xff1b through QEMU's en-us keymap, the i8042 translating it to set 1, SeaBIOS's PS/2
+/// keyboard driver, which it sets up because the DSDT describes the keyboard) opens
+/// SeaBIOS's boot menu.
+#[test]
+fn escape_typed_over_vnc_opens_seabios_boot_menu() {
+    use std::io::Write;
+    seabios_boot_menu_opens("vnc-esc", &[], |_, port| {
+        let mut vnc = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        vnc.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        test_support::vnc::rfb_handshake(&mut vnc, None).unwrap();
+        for down in [1u8, 0] {
+            vnc.write_all(&[4, down, 0, 0, 0, 0, 0xff, 0x1b]).unwrap();
+        }
+    });
+}
+
+/// The same Escape on a USB keyboard: SeaBIOS's UHCI driver finds `usb-kbd` on `-usb`'s
+/// controller, and QMP's `send-key` (the newest keyboard, the USB one, takes it) opens
+/// the menu through the HID boot protocol.
+#[test]
+fn escape_on_a_usb_keyboard_opens_seabios_boot_menu() {
+    seabios_boot_menu_opens("usb-esc", &["-usb", "-device", "usb-kbd"], |qmp, _| {
+        // SeaBIOS set its USB keyboard up before the prompt (its USB setup ends before
+        // the boot menu); a key it did not read through the UHCI would be lost.
+        let reply = qmp.execute(
+            "send-key",
+            json!({"keys": [{"type": "qcode", "data": "esc"}], "hold-time": 200}),
+        );
+        assert_eq!(reply, json!({"return": {}}));
+    });
 }
 
 /// On KVM the framebuffer's slot logs the vCPUs' writes for the display (QEMU's
