@@ -263,6 +263,65 @@ fn ide_sequence(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
     }
 }
 
+/// A UHCI schedule made of plausible and random parts: a frame list whose entries point
+/// at queue heads and TDs in the buffer area (sometimes anywhere), TDs with any token
+/// to the tablet's and keyboard's addresses, ports reset and enabled, the controller
+/// started; its frames then walk it on their own, a millisecond each.
+fn uhci_sequence(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
+    let Some(io) = functions
+        .iter()
+        .find(|f| f.vendor_device == 0x7020_8086)
+        .and_then(|f| f.bars.iter().find(|b| b.0))
+        .map(|b| b.1 as u16)
+    else {
+        return;
+    };
+    let pointer = |rng: &mut Rng| -> u32 {
+        if rng.one_in(16) {
+            return rng.interesting_u64() as u32;
+        }
+        let at = (BUFFER_AREA + rng.below(BUFFER_AREA_SIZE / 16) * 16) as u32;
+        at | rng.below(8) as u32
+    };
+    let frame_list = RING_AREA & !0xfff;
+    let entries: Vec<u8> = (0..64).flat_map(|_| pointer(rng).to_le_bytes()).collect();
+    qt.cmd(format!(
+        "write {frame_list:#x} {:#x} {}",
+        entries.len(),
+        hex(&entries)
+    ));
+    for _ in 0..=rng.below(16) {
+        let at = BUFFER_AREA + rng.below(BUFFER_AREA_SIZE / 16) * 16;
+        let any_pid = rng.below(256) as u32;
+        let pid = *rng.pick(&[0x2du32, 0x69, 0xe1, any_pid]);
+        let token = pid
+            | (rng.below(4) as u32) << 8
+            | (rng.below(3) as u32) << 15
+            | (rng.below(0x800) as u32) << 21;
+        let ctrl = rng.next_u32() | 1 << 23;
+        let words = [pointer(rng), ctrl, token, pointer(rng) & !0xf];
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        qt.cmd(format!("write {at:#x} {:#x} {}", bytes.len(), hex(&bytes)));
+    }
+    qt.cmd(format!("outl {:#x} {frame_list:#x}", io + 8));
+    for port in [0x10u16, 0x12] {
+        if rng.one_in(2) {
+            qt.cmd(format!("outw {:#x} 0x200", io + port));
+            qt.cmd(format!("outw {:#x} 0x0", io + port));
+        }
+        qt.cmd(format!("outw {:#x} {:#x}", io + port, rng.below(0x10000)));
+    }
+    qt.cmd(format!("outw {:#x} {:#x}", io + 4, rng.below(16)));
+    qt.cmd(format!(
+        "outw {:#x} {:#x}",
+        io,
+        1 | rng.below(0x100) as u32 & !6
+    ));
+    for _ in 0..rng.below(8) {
+        qt.cmd(format!("inw {:#x}", io + 2 * rng.below(0x10) as u16));
+    }
+}
+
 fn random_access(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
     const OUT: [&str; 3] = ["outb", "outw", "outl"];
     const IN: [&str; 3] = ["inb", "inw", "inl"];
@@ -317,6 +376,7 @@ fn random_access(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
             qt.cmd(format!("clock_step {ns}"));
         }
         18 if rng.one_in(2) => ide_sequence(qt, rng, functions),
+        18 => uhci_sequence(qt, rng, functions),
         _ => {
             let virtio: Vec<u16> = functions
                 .iter()
@@ -361,6 +421,12 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "pci-testdev",
             "-device",
             "scratch",
+            // USB: the PIIX3's UHCI at 01.2 with a tablet and a keyboard.
+            "-usb",
+            "-device",
+            "usb-tablet",
+            "-device",
+            "usb-kbd",
             // IDE: a disk on the primary channel, a CD on the secondary.
             "-drive",
             "file=ide.raw,format=raw,if=ide,index=0",
@@ -383,9 +449,15 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             )
         })
         .collect();
-    // The plugged devices are there: virtio-blk, -net, -balloon, -rng (legacy ids), and
-    // their BARs have addresses.
-    for device in [0x1001_1af4u32, 0x1000_1af4, 0x1002_1af4, 0x1005_1af4] {
+    // The plugged devices are there: virtio-blk, -net, -balloon, -rng (legacy ids), the
+    // UHCI, and their BARs have addresses.
+    for device in [
+        0x1001_1af4u32,
+        0x1000_1af4,
+        0x1002_1af4,
+        0x1005_1af4,
+        0x7020_8086,
+    ] {
         assert!(
             functions
                 .iter()
