@@ -243,6 +243,31 @@ fn seabios_boots_a_scsi_disk_by_its_bootindex() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A disk on a USB stick (`usb-storage` on `-usb`'s UHCI, as installer images are
+/// attached): SeaBIOS's UHCI and mass storage drivers find it, read its boot sector over
+/// the Bulk-Only Transport and run it.
+#[test]
+fn seabios_boots_a_usb_storage_disk() {
+    if !kvm_or_skip() || !seabios_or_skip() {
+        return;
+    }
+    let dir = temp_dir("usbboot");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, boot_sector_disk()).unwrap();
+    let d0 = format!("file={},if=none,id=u0,format=raw", disk.display());
+    let mut vm = start_vm(&firmware_vm(&[
+        "-usb",
+        "-drive",
+        &d0,
+        "-device",
+        "usb-storage,drive=u0",
+    ]));
+    assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
+    let text = vm.text();
+    assert!(text.contains("SECTOR-RAN"), "{text:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `-boot strict=on` ends `bootorder` with `HALT`: SeaBIOS tries only the bootindex
 /// devices (the blank disk), not its floppy default as well.
 #[test]

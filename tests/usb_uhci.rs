@@ -337,6 +337,95 @@ impl Driver {
         }
     }
 
+    /// `data` to bulk-out endpoint `ep` of `addr`, in 64-byte packets.
+    fn bulk_out(&mut self, addr: u8, ep: u8, data: &[u8]) -> Vec<u32> {
+        let at = BUFFERS + 0x1000;
+        self.mem.write_slice(data, GuestAddress(at)).unwrap();
+        let tds: Vec<Td> = (0..data.len())
+            .step_by(64)
+            .enumerate()
+            .map(|(i, off)| Td {
+                pid: OUT,
+                addr,
+                ep,
+                toggle: i % 2 == 1,
+                len: (data.len() - off).min(64),
+                buffer: at + off as u64,
+                ioc: false,
+            })
+            .collect();
+        self.run(&tds)
+    }
+
+    /// Up to `len` bytes from bulk-in endpoint `ep` of `addr`, ending at a short packet.
+    fn bulk_in(&mut self, addr: u8, ep: u8, len: usize) -> Vec<u8> {
+        let at = BUFFERS + 0x1000;
+        let mut out = Vec::new();
+        for (i, off) in (0..len).step_by(64).enumerate() {
+            let want = (len - off).min(64);
+            let ctrl = self.run(&[Td {
+                pid: IN,
+                addr,
+                ep,
+                toggle: i % 2 == 1,
+                len: want,
+                buffer: at,
+                ioc: false,
+            }])[0];
+            assert_eq!(
+                ctrl & (TD_STALL | TD_TIMEOUT),
+                0,
+                "bulk-in failed: {ctrl:#x}"
+            );
+            let got = ((ctrl + 1) & 0x7ff) as usize;
+            let mut buf = vec![0u8; got];
+            self.mem.read_slice(&mut buf, GuestAddress(at)).unwrap();
+            out.extend_from_slice(&buf);
+            if got < want {
+                break;
+            }
+        }
+        out
+    }
+
+    /// One Bulk-Only command to the mass storage device at `addr`: the CBW, the data
+    /// (`out`, or `in_len` bytes in), the CSW. Returns the data in and the CSW's residue
+    /// and status.
+    fn bot(
+        &mut self,
+        addr: u8,
+        tag: u32,
+        cdb: &[u8],
+        out: &[u8],
+        in_len: usize,
+    ) -> (Vec<u8>, u32, u8) {
+        let data_len = if out.is_empty() { in_len } else { out.len() };
+        let mut cbw = vec![0u8; 31];
+        cbw[0..4].copy_from_slice(b"USBC");
+        cbw[4..8].copy_from_slice(&tag.to_le_bytes());
+        cbw[8..12].copy_from_slice(&(data_len as u32).to_le_bytes());
+        cbw[12] = if in_len > 0 { 0x80 } else { 0 };
+        cbw[14] = cdb.len() as u8;
+        cbw[15..15 + cdb.len()].copy_from_slice(cdb);
+        self.bulk_out(addr, 2, &cbw);
+        let data = if in_len > 0 {
+            self.bulk_in(addr, 1, in_len)
+        } else {
+            if !out.is_empty() {
+                self.bulk_out(addr, 2, out);
+            }
+            Vec::new()
+        };
+        let csw = self.bulk_in(addr, 1, 13);
+        assert_eq!(&csw[0..4], b"USBS", "{csw:x?}");
+        assert_eq!(u32::from_le_bytes([csw[4], csw[5], csw[6], csw[7]]), tag);
+        (
+            data,
+            u32::from_le_bytes([csw[8], csw[9], csw[10], csw[11]]),
+            csw[12],
+        )
+    }
+
     fn wait_status(&self, bits: u64) -> u64 {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -497,6 +586,97 @@ fn a_keyboard_reports_keys_in_the_boot_format() {
     // An idle rate repeats the state unasked (SET_IDLE 4 x 4 ms).
     assert!(d.control(7, [0x21, 0x0a, 0, 4, 0, 0, 0, 0], &[]).is_some());
     assert_eq!(d.poll(7, WAIT).unwrap(), vec![0x01, 0, 0x04, 0, 0, 0, 0, 0]);
+}
+
+/// `usb-storage` with a raw image: SCSI over the Bulk-Only Transport reads and writes
+/// the image (checked in the file), a failed command's sense comes back through REQUEST
+/// SENSE, and QEMU's error for a missing drive.
+#[test]
+fn a_usb_stick_reads_and_writes_its_image_over_bulk_only() {
+    let path = test_support::drives::temp_image("usb-storage", "stick.raw", 1 << 20);
+    let mut content = vec![0u8; 1 << 20];
+    for (i, b) in content.iter_mut().enumerate() {
+        *b = (i / 512) as u8 ^ (i as u8);
+    }
+    std::fs::write(&path, &content).unwrap();
+    test_support::drives::add_raw_drive("usb-stick0", &path, false, false);
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
+    machine_state(&machine).unwrap().set_ram_size(128 << 20);
+    accel::accel_init_machine(accel::accel_find("qtest").unwrap(), &machine).unwrap();
+    machine_run_board_init(&machine).unwrap();
+    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
+    let hc = qdev_new("piix3-usb-uhci").unwrap();
+    hc.property_parse("addr", "05.0").unwrap();
+    hc.set_device_id(Some("usbs".into()));
+    qom::container_get(&machine, "peripheral")
+        .add_child("usbs", &hc)
+        .unwrap();
+    qdev_realize(&hc, Some(&pci)).unwrap();
+    let stick = test_support::qtest::new_dev(
+        &machine,
+        "usb-storage",
+        &[("drive", "usb-stick0"), ("serial", "S123")],
+    );
+    qdev_realize(&stick, Some(&hc.child("usbs.0").unwrap())).unwrap();
+    machine_creation_done(&machine).unwrap();
+    runstate::vm_start(machine_state(&machine).unwrap()).unwrap();
+    let mut d = Driver::start(&machine);
+    let device = d.enumerate(1, 4);
+    assert_eq!(u16::from_le_bytes([device[8], device[9]]), 0x46f4);
+    let serial = d.get_descriptor(4, 3, 3, 255, 0).unwrap();
+    assert_eq!(serial[2..], [b'S', 0, b'1', 0, b'2', 0, b'3', 0]);
+    let config = d.get_descriptor(4, 2, 0, 255, 0).unwrap();
+    assert_eq!(
+        &config[9 + 5..9 + 8],
+        &[8, 6, 0x50],
+        "mass storage, SCSI, Bulk-Only"
+    );
+    assert_eq!(
+        d.control(4, [0xa1, 0xfe, 0, 0, 0, 0, 1, 0], &[]).unwrap(),
+        vec![0],
+        "one LUN"
+    );
+
+    let (inquiry, _, status) = d.bot(4, 1, &[0x12, 0, 0, 0, 36, 0], &[], 36);
+    assert_eq!(status, 0);
+    assert_eq!(&inquiry[8..16], b"QEMU    ");
+    let (cap, residue, status) = d.bot(4, 2, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!((residue, status), (0, 0));
+    assert_eq!(
+        u32::from_be_bytes([cap[0], cap[1], cap[2], cap[3]]),
+        2047,
+        "last LBA"
+    );
+    // READ(10) of blocks 5-6 is the image's.
+    let (data, residue, status) = d.bot(4, 3, &[0x28, 0, 0, 0, 0, 5, 0, 0, 2, 0], &[], 1024);
+    assert_eq!((residue, status), (0, 0));
+    assert_eq!(data, content[5 * 512..7 * 512]);
+    // WRITE(10) of block 9 lands in the file.
+    let block: Vec<u8> = (0..512).map(|i| (i * 7) as u8).collect();
+    let (_, residue, status) = d.bot(4, 4, &[0x2a, 0, 0, 0, 0, 9, 0, 0, 1, 0], &block, 0);
+    assert_eq!((residue, status), (0, 0));
+    let (_, _, status) = d.bot(4, 5, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(status, 0, "SYNCHRONIZE CACHE");
+    assert_eq!(std::fs::read(&path).unwrap()[9 * 512..10 * 512], block[..]);
+    // A read past the end fails; REQUEST SENSE says why (ILLEGAL REQUEST, LBA out of range).
+    let (_, residue, status) = d.bot(4, 6, &[0x28, 0, 0, 0, 0x10, 0, 0, 0, 1, 0], &[], 512);
+    assert_eq!((residue, status), (512, 1));
+    let (sense, _, status) = d.bot(4, 7, &[0x03, 0, 0, 0, 18, 0], &[], 18);
+    assert_eq!(status, 0);
+    assert_eq!((sense[2] & 0xf, sense[12]), (5, 0x21));
+    // A reply shorter than the host asked for: the residue is the difference.
+    let (inquiry, residue, _) = d.bot(4, 8, &[0x12, 0, 0, 0, 36, 0], &[], 64);
+    assert_eq!((inquiry.len(), residue), (36, 28));
+
+    let bin = env!("CARGO_BIN_EXE_qomvm");
+    let (code, stderr) =
+        test_support::qtest::qomvm_pc_quit(bin, &["-usb", "-device", "usb-storage"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("-device usb-storage: drive property not set"),
+        "{stderr}"
+    );
 }
 
 #[test]

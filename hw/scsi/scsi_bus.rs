@@ -530,6 +530,16 @@ fn absent_lun_inquiry(cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome {
     data.reply(&reply, allocation)
 }
 
+/// The name of an adapter's bus: `<id>.0`, or `scsi.N` for adapters without an id (QEMU
+/// numbers those per bus type).
+pub fn scsi_bus_name(adapter_id: Option<String>) -> String {
+    static AUTOMATIC_BUS_IDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    match adapter_id {
+        Some(id) => format!("{id}.0"),
+        None => format!("scsi.{}", AUTOMATIC_BUS_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+    }
+}
+
 /// QEMU's `SCSIBus`: a host adapter's bus (`<id>.0`), with its units.
 #[derive(qom::Object)]
 #[qom(name = TYPE_SCSI_BUS)]

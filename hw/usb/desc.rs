@@ -28,6 +28,8 @@ pub mod config_attr {
 
 /// Endpoint transfer types (`bmAttributes` of an endpoint).
 pub mod ep_type {
+    /// Bulk.
+    pub const BULK: u8 = 2;
     /// Interrupt.
     pub const INTERRUPT: u8 = 3;
 }

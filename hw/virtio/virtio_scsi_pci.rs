@@ -4,7 +4,6 @@
 //! `-device virtio-scsi-pci,id=scsi0,bus=pci.0,addr=0x5`. Units plug in and out while
 //! the guest runs; the adapter's event queue tells the driver.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use qom::{type_init, Prop};
@@ -29,9 +28,6 @@ const VIRTQUEUE_MAX_SIZE: u16 = 1024;
 const MAX_REQUEST_QUEUES: u16 = 1024 - 2;
 /// `num_queues` unset: one per vCPU (QEMU's `VIRTIO_SCSI_AUTO_NUM_QUEUES`).
 const AUTO_NUM_QUEUES: u16 = u16::MAX;
-
-/// QEMU numbers the buses of adapters without an id `scsi.N`.
-static AUTOMATIC_BUS_IDS: AtomicU32 = AtomicU32::new(0);
 
 /// QEMU's `VirtIOSCSIPCI` with the `virtio-scsi-device` properties it aliases.
 #[derive(qom::Object)]
@@ -153,10 +149,7 @@ impl VirtioPciImpl for VirtioScsiPci {
             },
             luns.clone(),
         ));
-        let bus_name = match self.parent.id() {
-            Some(id) => format!("{id}.0"),
-            None => format!("scsi.{}", AUTOMATIC_BUS_IDS.fetch_add(1, Ordering::Relaxed)),
-        };
+        let bus_name = crate::scsi::scsi_bus::scsi_bus_name(self.parent.id());
         let bus = qbus_new(TYPE_SCSI_BUS, ctx.object(), &bus_name, services).map_err(|e| internal(e.to_string()))?;
         if let Some(bus) = bus.downcast::<ScsiBus>() {
             bus.set_adapter(BUS_INFO, &luns);
