@@ -483,13 +483,18 @@ fn the_function_identifies_as_the_piix3_uhci_with_two_ports() {
     // FLBASEADD keeps its 4 KiB alignment; a byte write of SOFMOD lands.
     d.write(FLBASEADD, 0x1234_5678, 4);
     assert_eq!(d.read(FLBASEADD, 4), 0x1234_5000);
-    d.write(0x0c, 0x40, 1);
-    assert_eq!(d.read(0x0c, 1), 0x40);
+    d.write(0x0c, 0x3f, 1);
+    assert_eq!(d.read(0x0c, 1), 0x3f);
 }
 
 #[test]
 fn a_tablet_enumerates_and_reports_where_the_pointer_is() {
     let m = pc_with_uhci("usb-tab");
+    let input = machine_state(&m).unwrap().services().input();
+    assert!(
+        !input.is_absolute(),
+        "the PS/2 mouse until a driver uses the tablet"
+    );
     let mut d = Driver::start(&m);
     let device = d.enumerate(1, 5);
     assert_eq!(&device[..2], &[18, 1]);
@@ -499,8 +504,22 @@ fn a_tablet_enumerates_and_reports_where_the_pointer_is() {
         "QEMU's vendor"
     );
     assert_eq!(u16::from_le_bytes([device[10], device[11]]), 0x0001);
-    assert!(
-        d.get_descriptor(0, 1, 0, 18, 0).is_none(),
+    d.write(USBSTS, 0xff, 2);
+    d.mem
+        .write_slice(&[0x80, 6, 0, 1, 0, 0, 18, 0], GuestAddress(BUFFERS))
+        .unwrap();
+    let setup = d.run(&[Td {
+        pid: SETUP,
+        addr: 0,
+        ep: 0,
+        toggle: false,
+        len: 8,
+        buffer: BUFFERS,
+        ioc: false,
+    }]);
+    assert_eq!(
+        setup[0] & (TD_TIMEOUT | TD_STALL | TD_ACTIVE),
+        TD_TIMEOUT,
         "nothing answers at address 0 any more"
     );
     assert_ne!(
@@ -538,8 +557,10 @@ fn a_tablet_enumerates_and_reports_where_the_pointer_is() {
         d.poll(5, Duration::from_millis(50)).is_none(),
         "no input: NAK"
     );
-    let input = machine_state(&m).unwrap().services().input();
-    assert!(input.is_absolute(), "the tablet takes positions");
+    assert!(
+        input.is_absolute(),
+        "the tablet takes positions once polled"
+    );
     d.write(USBSTS, 0xff, 2);
     input.send_position(0x4000, 0x2000, 0, button::LEFT);
     assert_eq!(d.poll(5, WAIT).unwrap(), vec![1, 0x00, 0x40, 0x00, 0x20, 0]);
@@ -819,11 +840,22 @@ fn hostile_schedules_halt_the_controller_and_never_hang() {
         d.write(USBINTR, 0xf, 2);
         d.reset_port(1);
         d.reset_port(2);
+        let f0 = d.read(FRNUM, 2);
         d.write(USBCMD, CMD_RS, 2);
         std::thread::sleep(Duration::from_millis(10));
+        // The frames went on, or the controller halted with an error: a panic in the
+        // frame walk would leave it running with the frame number stuck.
         let sts = d.read(USBSTS, 2);
-        assert_ne!(sts, 0xffff, "round {round}: registers answer");
+        assert!(
+            d.read(FRNUM, 2) != f0 || sts & (STS_HSE | STS_HCPE) != 0,
+            "round {round}: frames stopped without an error (USBSTS {sts:#x})"
+        );
     }
+    // After all that, a clean schedule enumerates the tablet again.
+    d.mem.write_slice(&[0u8; 0x3000], GuestAddress(QH)).unwrap();
+    let mut d = Driver::start(&m);
+    d.enumerate(1, 9);
+    assert_eq!(d.get_descriptor(9, 1, 0, 18, 0).unwrap()[..2], [18, 1]);
 }
 
 #[test]
@@ -873,4 +905,126 @@ fn qomvm_takes_usb_options_and_refuses_bad_ones_in_qemus_words() {
         assert!(stderr.contains(error), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
     }
+}
+
+/// What Linux's uhci-hcd relies on beyond plain transfers: a short packet on an IN TD with
+/// SPD stops its queue where it is (the element stays on it, the status TD does not run)
+/// and interrupts; an inactive TD with IOC interrupts at the frame's end (the driver's
+/// terminating TD); a device unplugged shows as a connect and enable change; a global
+/// reset resets the devices (their address is 0 again).
+#[test]
+fn short_packets_idle_interrupts_unplug_and_global_reset_as_linux_expects() {
+    let m = pc_with_uhci("usb-linux");
+    let mut d = Driver::start(&m);
+    d.enumerate(1, 6);
+    // GET_DESCRIPTOR(device, 64 bytes): data TDs of 8 with SPD; the third gets 2 bytes.
+    d.write(USBSTS, 0xff, 2);
+    d.mem
+        .write_slice(&[0x80, 6, 0, 1, 0, 0, 64, 0], GuestAddress(BUFFERS))
+        .unwrap();
+    let base = TDS + 0x6000;
+    let td = |i: u64| base + 16 * i;
+    let spd = 1u32 << 29;
+    let mut words = vec![[
+        td(1) as u32 | LINK_DEPTH,
+        TD_ACTIVE | TD_ERRORS,
+        u32::from(SETUP) | 6 << 8 | 7 << 21,
+        BUFFERS as u32,
+    ]];
+    for i in 0..8u64 {
+        words.push([
+            td(i + 2) as u32 | LINK_DEPTH,
+            TD_ACTIVE | TD_ERRORS | spd,
+            u32::from(IN) | 6 << 8 | ((i as u32 + 1) % 2) << 19 | 7 << 21,
+            (BUFFERS + 0x100 + 8 * i) as u32,
+        ]);
+    }
+    words.push([
+        LINK_TERM,
+        TD_ACTIVE | TD_ERRORS | TD_IOC,
+        u32::from(OUT) | 6 << 8 | 1 << 19 | 0x7ff << 21,
+        0,
+    ]);
+    for (i, w) in words.iter().enumerate() {
+        for (k, v) in w.iter().enumerate() {
+            d.mem
+                .write_obj(v.to_le(), GuestAddress(td(i as u64) + 4 * k as u64))
+                .unwrap();
+        }
+    }
+    d.mem
+        .write_obj((td(0) as u32).to_le(), GuestAddress(QH + 4))
+        .unwrap();
+    d.wait_status(STS_USBINT);
+    std::thread::sleep(Duration::from_millis(5));
+    let ctrl = |i: u64| d.mem.read_obj::<u32>(GuestAddress(td(i) + 4)).unwrap();
+    assert_eq!(ctrl(3) & TD_ACTIVE, 0, "the short TD is retired");
+    assert_eq!((ctrl(3) + 1) & 0x7ff, 2, "with 2 bytes");
+    assert_ne!(ctrl(4) & TD_ACTIVE, 0, "the queue stopped there");
+    assert_ne!(ctrl(9) & TD_ACTIVE, 0, "the status stage did not run");
+    let element = d.mem.read_obj::<u32>(GuestAddress(QH + 4)).unwrap();
+    assert_eq!(
+        u64::from(element & !0xf),
+        td(3),
+        "the element stays on the short TD"
+    );
+    d.mem
+        .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
+        .unwrap();
+
+    // An inactive TD with IOC: an interrupt, nothing else.
+    std::thread::sleep(Duration::from_millis(3));
+    d.write(USBSTS, 0xff, 2);
+    let idle = TDS + 0x7000;
+    for (k, v) in [LINK_TERM, TD_IOC, u32::from(IN) | 99 << 8, 0]
+        .iter()
+        .enumerate()
+    {
+        d.mem
+            .write_obj(v.to_le(), GuestAddress(idle + 4 * k as u64))
+            .unwrap();
+    }
+    d.mem
+        .write_obj((idle as u32).to_le(), GuestAddress(QH + 4))
+        .unwrap();
+    d.wait_status(STS_USBINT);
+    assert_eq!(
+        d.read(USBSTS, 2) & STS_USBERR,
+        0,
+        "no transaction was tried"
+    );
+    d.mem
+        .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
+        .unwrap();
+
+    // Unplugging the keyboard: port 2 says its connection and enable changed.
+    d.reset_port(2);
+    assert_eq!(d.read(PORTSC1 + 2, 2) & 0xf, 0x5, "connected and enabled");
+    let kbd = m
+        .child("peripheral-anon")
+        .unwrap()
+        .child("device[1]")
+        .unwrap();
+    hw::core::qdev::qdev_unplug(&kbd).unwrap();
+    assert_eq!(
+        d.read(PORTSC1 + 2, 2) & 0xf,
+        0xa,
+        "gone: connect and enable changed"
+    );
+    let usb = hw::usb::usb_bus::info_usb(&m);
+    assert!(
+        usb.contains("Product QEMU USB Tablet") && !usb.contains("Keyboard"),
+        "{usb}"
+    );
+
+    // A global reset: the tablet is at address 0 again.
+    d.write(USBCMD, 4, 2);
+    d.write(USBCMD, 0, 2);
+    assert_ne!(d.read(USBSTS, 2) & STS_HALTED, 0);
+    let mut d = Driver::start(&m);
+    d.reset_port(1);
+    assert!(
+        d.get_descriptor(0, 1, 0, 18, 0).is_some(),
+        "the tablet answers at address 0"
+    );
 }

@@ -45,12 +45,12 @@ pub trait TabletHandler: Send + Sync {
     fn position(&self, x: u16, y: u16, dz: i32, buttons: u8);
 }
 
-/// Identifies a registered handler, to unregister it.
+/// Identifies a registered handler, to activate or unregister it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InputHandlerId(u64);
 
-/// Handlers of one kind, newest last: the newest gets the events (QEMU's handler list,
-/// most recent first); unregistering it hands them back to the one before.
+/// Keyboards, newest last: the newest gets the keys (a keyboard is active from the
+/// start, as QEMU activates USB keyboards at once); unregistering it hands them back.
 struct HandlerList<T: ?Sized> {
     handlers: Mutex<Vec<(InputHandlerId, Arc<T>)>>,
 }
@@ -78,13 +78,25 @@ impl<T: ?Sized> HandlerList<T> {
     }
 }
 
+/// A pointing device: relative or absolute.
+#[derive(Clone)]
+enum Pointer {
+    Mouse(Arc<dyn MouseHandler>),
+    Tablet(Arc<dyn TabletHandler>),
+}
+
 /// The machine's input handlers.
+///
+/// Pointers are QEMU's handler list: a new one goes last and a device moves first when
+/// its guest driver starts using it (QEMU's `qemu_input_handler_activate`: the USB
+/// tablet's first poll). Motion goes to the first mouse, positions to the first tablet,
+/// and a user interface sends positions when the first pointer is a tablet. So the PS/2
+/// mouse keeps working under firmware and installers that never drive the tablet.
 #[derive(Default)]
 pub struct InputHandlers {
     next_id: std::sync::atomic::AtomicU64,
     keyboard: HandlerList<dyn KeyboardHandler>,
-    mouse: HandlerList<dyn MouseHandler>,
-    tablet: HandlerList<dyn TabletHandler>,
+    pointers: Mutex<Vec<(InputHandlerId, Pointer)>>,
     /// The pointer as last sent: buttons held, absolute position.
     pointer: Mutex<(u8, u16, u16)>,
 }
@@ -101,26 +113,33 @@ impl InputHandlers {
         id
     }
 
-    /// Makes `handler` the relative pointer.
+    /// Adds a relative pointer, after the others until [`InputHandlers::activate`].
     pub fn register_mouse(&self, handler: Arc<dyn MouseHandler>) -> InputHandlerId {
         let id = self.new_id();
-        self.mouse.push(id, handler);
+        self.pointers.lock().push((id, Pointer::Mouse(handler)));
         id
     }
 
-    /// Makes `handler` the absolute pointer.
+    /// Adds an absolute pointer, after the others until [`InputHandlers::activate`].
     pub fn register_tablet(&self, handler: Arc<dyn TabletHandler>) -> InputHandlerId {
         let id = self.new_id();
-        self.tablet.push(id, handler);
+        self.pointers.lock().push((id, Pointer::Tablet(handler)));
         id
     }
 
-    /// Takes back a registration (a device that goes): the handler registered before it,
-    /// if any, gets the events again.
+    /// QEMU's `qemu_input_handler_activate`: the pointer `id` goes first.
+    pub fn activate(&self, id: InputHandlerId) {
+        let mut pointers = self.pointers.lock();
+        if let Some(at) = pointers.iter().position(|(i, _)| *i == id) {
+            let entry = pointers.remove(at);
+            pointers.insert(0, entry);
+        }
+    }
+
+    /// Takes back a registration (a device that goes).
     pub fn unregister(&self, id: InputHandlerId) {
         self.keyboard.remove(id);
-        self.mouse.remove(id);
-        self.tablet.remove(id);
+        self.pointers.lock().retain(|(i, _)| *i != id);
     }
 
     /// QEMU's `qemu_input_event_send_key_number`: nothing happens without a keyboard.
@@ -130,20 +149,34 @@ impl InputHandlers {
         }
     }
 
-    /// Relative pointer motion for the mouse, if there is one.
+    fn first_mouse(&self) -> Option<Arc<dyn MouseHandler>> {
+        self.pointers.lock().iter().find_map(|(_, p)| match p {
+            Pointer::Mouse(m) => Some(Arc::clone(m)),
+            Pointer::Tablet(_) => None,
+        })
+    }
+
+    fn first_tablet(&self) -> Option<Arc<dyn TabletHandler>> {
+        self.pointers.lock().iter().find_map(|(_, p)| match p {
+            Pointer::Tablet(t) => Some(Arc::clone(t)),
+            Pointer::Mouse(_) => None,
+        })
+    }
+
+    /// Relative pointer motion for the first mouse, if there is one.
     pub fn send_motion(&self, dx: i32, dy: i32, dz: i32, buttons: u8) {
         self.pointer.lock().0 = buttons;
-        if let Some(h) = self.mouse.current() {
+        if let Some(h) = self.first_mouse() {
             h.motion(dx, dy, dz, buttons);
         }
     }
 
-    /// An absolute position for the tablet, if there is one; coordinates beyond
+    /// An absolute position for the first tablet, if there is one; coordinates beyond
     /// [`ABS_MAX`] are the far edge.
     pub fn send_position(&self, x: u16, y: u16, dz: i32, buttons: u8) {
         let (x, y) = (x.min(ABS_MAX), y.min(ABS_MAX));
         *self.pointer.lock() = (buttons, x, y);
-        if let Some(h) = self.tablet.current() {
+        if let Some(h) = self.first_tablet() {
             h.position(x, y, dz, buttons);
         }
     }
@@ -159,11 +192,21 @@ impl InputHandlers {
         self.keyboard.current().is_some()
     }
 
-    /// QEMU's `qemu_input_is_absolute`: whether pointer events should be positions (a
-    /// tablet is registered) rather than motion.
+    /// QEMU's `qemu_input_is_absolute`: whether the first pointer is a tablet, so a user
+    /// interface should send positions rather than motion.
     pub fn is_absolute(&self) -> bool {
-        self.tablet.current().is_some()
+        matches!(self.pointers.lock().first(), Some((_, Pointer::Tablet(_))))
     }
+}
+
+/// Scales a screen coordinate `v` of an axis `size` pixels long to 0..=[`ABS_MAX`] (QEMU's
+/// `qemu_input_scale_axis`).
+pub fn scale_axis(v: u32, size: u32) -> u16 {
+    if size <= 1 {
+        return 0;
+    }
+    let v = u64::from(v.min(size - 1));
+    (v * u64::from(ABS_MAX) / u64::from(size - 1)) as u16
 }
 
 /// QEMU's `QKeyCode` names (QMP's `qcode` keys, HMP's `sendkey`) and their key numbers
@@ -199,16 +242,6 @@ pub fn qcode_to_qnum(name: &str) -> Option<u16> {
     QCODES.iter().find(|(n, _)| *n == name).map(|&(_, q)| q)
 }
 
-/// Scales a screen coordinate `v` of an axis `size` pixels long to 0..=[`ABS_MAX`] (QEMU's
-/// `qemu_input_scale_axis`).
-pub fn scale_axis(v: u32, size: u32) -> u16 {
-    if size <= 1 {
-        return 0;
-    }
-    let v = u64::from(v.min(size - 1));
-    (v * u64::from(ABS_MAX) / u64::from(size - 1)) as u16
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,18 +254,28 @@ mod tests {
         }
     }
 
+    struct Tablet;
+    impl TabletHandler for Tablet {
+        fn position(&self, _: u16, _: u16, _: i32, _: u8) {}
+    }
+
     #[test]
-    fn the_newest_handler_gets_events_until_it_goes() {
+    fn a_pointer_gets_events_once_activated_until_it_goes() {
         let input = InputHandlers::default();
         let (ps2, usb) = (Arc::new(Counter(AtomicU32::new(0))), Arc::new(Counter(AtomicU32::new(0))));
         input.register_mouse(ps2.clone());
         let id = input.register_mouse(usb.clone());
         input.send_motion(1, 0, 0, 0);
+        input.activate(id);
+        input.send_motion(1, 0, 0, 0);
         input.unregister(id);
         input.send_motion(1, 0, 0, 0);
-        assert_eq!(ps2.0.load(Ordering::Relaxed), 1);
-        assert_eq!(usb.0.load(Ordering::Relaxed), 1);
-        assert!(!input.is_absolute());
+        assert_eq!(ps2.0.load(Ordering::Relaxed), 2, "first and last");
+        assert_eq!(usb.0.load(Ordering::Relaxed), 1, "once active");
+        let tablet = input.register_tablet(Arc::new(Tablet));
+        assert!(!input.is_absolute(), "a tablet nobody drives yet");
+        input.activate(tablet);
+        assert!(input.is_absolute());
     }
 
     #[test]

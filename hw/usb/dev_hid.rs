@@ -238,6 +238,10 @@ struct Hid {
     descriptors: Descriptors,
     state: Mutex<HidState>,
     attached: OnceLock<Weak<AttachedDevice>>,
+    /// Puts the pointer first among the machine's (QEMU's `hid_pointer_activate`), once
+    /// the guest's driver uses it.
+    activate: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    activated: std::sync::atomic::AtomicBool,
 }
 
 fn hid_buttons(buttons: u8) -> u8 {
@@ -285,6 +289,18 @@ impl Hid {
             descriptors,
             state: Mutex::new(HidState::default()),
             attached: OnceLock::new(),
+            activate: OnceLock::new(),
+            activated: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The guest's driver polls or sets an idle rate: a pointer starts getting the
+    /// host's events.
+    fn driver_uses_it(&self) {
+        if !self.activated.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            if let Some(activate) = self.activate.get() {
+                activate();
+            }
         }
     }
 
@@ -383,10 +399,26 @@ impl Hid {
     }
 
     fn key_event(&self, qnum: u16, down: bool) {
-        let mut st = self.state.lock();
-        if st.keys.len() == QUEUE_LENGTH {
-            log::debug!("usb-kbd: queue full, key {qnum:#x} dropped");
+        if qnum > 0xff {
+            log::debug!("usb-kbd: key number {qnum:#x} out of range, dropped");
             return;
+        }
+        let mut st = self.state.lock();
+        if st.keys.len() >= QUEUE_LENGTH {
+            // Full: a press is dropped, its release cancels it; a release of a key
+            // already reported still goes (a key must not stay down), up to twice the
+            // queue.
+            if down {
+                log::debug!("usb-kbd: queue full, key {qnum:#x} dropped");
+                return;
+            }
+            if let Some(at) = st.keys.iter().rposition(|&k| k == qnum) {
+                st.keys.remove(at);
+                return;
+            }
+            if st.keys.len() >= 2 * QUEUE_LENGTH {
+                return;
+            }
         }
         st.keys.push_back(qnum | if down { 0 } else { 0x8000 });
         drop(st);
@@ -513,6 +545,7 @@ impl UsbFunction for Hid {
             }
             hid_request::GET_IDLE => Ok(vec![self.state.lock().idle]),
             hid_request::SET_IDLE => {
+                self.driver_uses_it();
                 let mut st = self.state.lock();
                 st.idle = (req.value >> 8) as u8;
                 st.last_report = Some(Instant::now());
@@ -531,6 +564,7 @@ impl UsbFunction for Hid {
         if pid_code != pid::IN || ep != 1 {
             return TokenResult::Stall;
         }
+        self.driver_uses_it();
         match self.poll(false) {
             Some(report) => {
                 let n = report.len().min(buf.len());
@@ -599,6 +633,14 @@ impl HidDevice {
             HidKind::Mouse => input.register_mouse(hid.clone()),
             HidKind::Keyboard => input.register_keyboard(hid.clone()),
         };
+        if kind != HidKind::Keyboard {
+            let machine = Arc::downgrade(services);
+            let _ = hid.activate.set(Box::new(move || {
+                if let Some(m) = machine.upgrade() {
+                    m.input().activate(id);
+                }
+            }));
+        }
         let _ = self.input.set(id);
         let _ = self.hid.set(hid);
         Ok(())
@@ -621,14 +663,15 @@ impl HidDevice {
 
     fn load(&self, usb: &UsbDevice, state: &VmStateSection) -> Result<(), VmStateError> {
         state.check_version(1, 1)?;
-        usb.load_core(state)?;
         let mut hs: HidState = state.get("hid")?;
-        if hs.pointer.len() > QUEUE_LENGTH || hs.keys.len() > QUEUE_LENGTH || hs.pressed.len() > 256 {
+        if hs.pointer.len() > QUEUE_LENGTH || hs.keys.len() > 2 * QUEUE_LENGTH || hs.pressed.len() > 256 {
             return Err(VmStateError::BadField {
                 field: "hid".into(),
                 reason: "queue longer than the device's".into(),
             });
         }
+        // Checked before anything is loaded: a bad section changes nothing.
+        usb.load_core(state)?;
         hs.last_report = None;
         if let Some(hid) = self.hid.get() {
             *hid.state.lock() = hs;

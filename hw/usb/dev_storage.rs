@@ -368,7 +368,6 @@ impl DeviceImpl for UsbStorage {
 
     fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
         state.check_version(1, 1)?;
-        self.parent.load_core(state)?;
         let mut t: Transport = state.get("transport")?;
         t.data = state.get_bytes("data")?;
         let bad = |reason: &str| VmStateError::BadField {
@@ -385,6 +384,8 @@ impl DeviceImpl for UsbStorage {
             Phase::DataIn { sent, .. } if sent > t.data.len() => return Err(bad("data position beyond the data")),
             _ => {}
         }
+        // Checked before anything is loaded: a bad section changes nothing.
+        self.parent.load_core(state)?;
         if let Some(m) = self.model.get() {
             *m.transport.lock() = t;
         }

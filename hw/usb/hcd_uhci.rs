@@ -288,6 +288,10 @@ impl Uhci {
         }
         let was_running = st.regs.cmd & cmd::RS != 0;
         st.regs.cmd = val & 0xff;
+        // Suspending while a port already asks to resume resumes at once.
+        if val & cmd::EGSM != 0 && st.regs.ports.iter().any(|p| p & port::RD != 0) {
+            self.resume(st);
+        }
         if val & cmd::RS != 0 {
             st.regs.status &= !sts::HCHALTED;
             if !was_running && !st.paused {
@@ -301,12 +305,14 @@ impl Uhci {
 
     fn write_port(&self, st: &mut State, i: usize, val: u16) {
         let ctrl = st.regs.ports[i];
+        let mut val = val;
         if val & port::PR != 0 && ctrl & port::PR == 0 {
             if let Some(dev) = self.ports.device(i) {
                 dev.reset();
             }
+            // A port in reset is disabled: its device hears nothing until enabled again.
+            val &= !port::PE;
         }
-        let mut val = val;
         if ctrl & port::CCS == 0 {
             // A port with nothing connected cannot be enabled.
             val &= !port::PE;
@@ -457,6 +463,11 @@ impl Uhci {
         bytes: &mut usize,
     ) -> Result<(TdOutcome, u32), DmaFault> {
         if ctrl & td::ACTIVE == 0 {
+            // An inactive TD still interrupts if it asks to: Linux's uhci-hcd sets IOC on
+            // its terminating TD to hear when a frame has passed.
+            if ctrl & td::IOC != 0 {
+                st.frame_pending |= pending::IOC;
+            }
             return Ok((TdOutcome::NextQueue, ctrl));
         }
         let pid_code = token as u8;
@@ -642,7 +653,8 @@ impl DeviceImpl for Piix3UsbUhci {
         if let Some(u) = self.uhci.get() {
             let st = u.state.lock();
             s.put("regs", &st.regs);
-            // The next frame's due time, as an offset that means something elsewhere.
+            // Interrupt causes of a frame not yet ended (none while stopped: frames
+            // end whole). The next frame's time is the destination's own.
             s.put("frame_pending", st.frame_pending);
         }
         Ok(s)
@@ -651,13 +663,24 @@ impl DeviceImpl for Piix3UsbUhci {
     fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
         state.check_version(1, 1)?;
         self.parent.load_pci_state(state)?;
-        let regs: Registers = state.get("regs")?;
+        let mut regs: Registers = state.get("regs")?;
         let frame_pending: u8 = state.get("frame_pending")?;
+        if regs.frnum > 0x7ff {
+            return Err(VmStateError::BadField {
+                field: "regs".into(),
+                reason: format!("frame number {:#x} beyond 11 bits", regs.frnum),
+            });
+        }
+        regs.fl_base &= !0xfff;
+        regs.intr &= 0x0f;
+        regs.status2 &= pending::IOC | pending::SHORT;
         if let Some(u) = self.uhci.get() {
+            // The run state first: its lock is held while change handlers take ours.
+            let running = u.services.vm().is_running();
             let mut st = u.state.lock();
             st.regs = regs;
             st.frame_pending = frame_pending;
-            st.paused = !u.services.vm().is_running();
+            st.paused = !running;
             if st.running() {
                 u.start_frames(&mut st);
             } else {

@@ -549,13 +549,18 @@ impl UsbDevice {
     /// Loads [`UsbDevice::save_core`]'s state.
     pub fn load_core(&self, section: &VmStateSection) -> Result<(), VmStateError> {
         let state: CoreState = section.get("usb_core")?;
-        if let ControlStage::DataIn { data, pos } = &state.control {
-            if *pos > data.len() {
-                return Err(VmStateError::BadField {
-                    field: "usb_core".into(),
-                    reason: "control data position beyond its data".into(),
-                });
+        let consistent = match &state.control {
+            ControlStage::DataIn { data, pos } => *pos <= data.len(),
+            ControlStage::DataOut { setup, data } | ControlStage::StatusIn { setup, data } => {
+                data.len() <= usize::from(ControlRequest::parse(setup).length)
             }
+            ControlStage::Idle | ControlStage::Stalled => true,
+        };
+        if !consistent || state.address >= 128 {
+            return Err(VmStateError::BadField {
+                field: "usb_core".into(),
+                reason: "control transfer data beyond its length, or an address above 127".into(),
+            });
         }
         if let Some((_, _, dev)) = self.attached.get() {
             *dev.state.lock() = state;
