@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=19
+ASSETS_FORMAT=20
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -26,9 +26,10 @@ virtio_blk virtio_net virtio_rng virtio_balloon virtio_console"
 # too but loaded only with qomvm.ata=1: probing the IDE ports costs every other boot
 # time on the rig.
 ATA_MODULES="ata_piix sd_mod sr_mod virtio_scsi"
-# The generic kernel's USB host and HID drivers (the cloud kernel has no USB), with
-# evdev to read the input devices: loaded with qomvm.usb=1 under vmlinuz-generic.
-USB_MODULES="uhci_hcd usbhid hid_generic evdev"
+# The generic kernel's USB host, HID and mass storage drivers (the cloud kernel has no
+# USB), with evdev to read the input devices and sd for the disks: loaded with
+# qomvm.usb=1 under vmlinuz-generic.
+USB_MODULES="uhci_hcd usbhid hid_generic evdev usb_storage sd_mod"
 # The disk image's size (a sparse file; its content is about 85 MB, mostly
 # fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
 ROOTFS_SIZE=256M
@@ -113,6 +114,14 @@ and then, depending on the kernel command line:
                      shell whose files persist on the disk; prints
                      "root: DEV rw|ro" after the pci lines, or
                      QOMVM-ROOT-FAILED: ... and stays in the initramfs
+  qomvm.usb=1        (with vmlinuz-generic) loads the USB host, HID and mass
+                     storage drivers first, so USB disks are there for the modes
+  qomvm.usbinput=1   qomvm.usb=1, then prints "usb: product NAME" for each USB
+                     device, "usb: ready" with the tablet's and keyboard's event
+                     devices open, each tablet event ("usb: tablet TYPE CODE
+                     VALUE", hex) to the first EV_SYN, "usb: keyboard open",
+                     then keyboard events until KEY_A goes down (each waits up
+                     to 60 s)
   qomvm.disktest=DEV:SEED
                      writes the SEED pattern (below) to DEV with O_DIRECT and
                      fsync, reads it back with O_DIRECT, compares, prints
@@ -291,7 +300,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic= usb= usbinput=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -318,6 +327,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.hotplug=*) hotplug=${arg#*=} ;;
         qomvm.hotnic=1) hotnic=1 ;;
         qomvm.usb=1) usb=1 ;;
+        qomvm.usbinput=1) usb=1 usbinput=1 ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -468,11 +478,11 @@ usb_event() {
     fi
 }
 
-# qomvm.usb=1: the USB devices the kernel enumerated (their product strings), then the
-# events of the tablet and the keyboard: "usb: ready" once both are open, then each
+# qomvm.usbinput=1: the USB devices the kernel enumerated (their product strings), then
+# the events of the tablet and the keyboard: "usb: ready" once both are open, then each
 # tablet event up to the first report's end (EV_SYN), then keyboard events until KEY_A
 # goes down (the host sends them after "usb: ready").
-if [ "$QOMVM_STAGE" != root ] && [ -n "$usb" ]; then
+if [ "$QOMVM_STAGE" != root ] && [ -n "$usbinput" ]; then
     tab= kbd= i=0
     while { [ ! -c "$tab" ] || [ ! -c "$kbd" ]; } && [ $i -lt 200 ]; do
         for e in /sys/class/input/event*; do

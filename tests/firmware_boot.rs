@@ -245,26 +245,38 @@ fn seabios_boots_a_scsi_disk_by_its_bootindex() {
 
 /// A disk on a USB stick (`usb-storage` on `-usb`'s UHCI, as installer images are
 /// attached): SeaBIOS's UHCI and mass storage drivers find it, read its boot sector over
-/// the Bulk-Only Transport and run it.
+/// the Bulk-Only Transport and run it, ahead of a blank virtio-blk disk in an earlier
+/// slot: its `bootindex` reaches SeaBIOS as `usb@1,2/storage@1/channel@0/disk@0,0`.
 #[test]
-fn seabios_boots_a_usb_storage_disk() {
+fn seabios_boots_a_usb_storage_disk_by_its_bootindex() {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
     let dir = temp_dir("usbboot");
+    let blank = dir.join("blank.img");
     let disk = dir.join("disk.img");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
     std::fs::write(&disk, boot_sector_disk()).unwrap();
-    let d0 = format!("file={},if=none,id=u0,format=raw", disk.display());
+    let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
+    let u0 = format!("file={},if=none,id=u0,format=raw", disk.display());
     let mut vm = start_vm(&firmware_vm(&[
-        "-usb",
         "-drive",
         &d0,
         "-device",
-        "usb-storage,drive=u0",
+        "virtio-blk-pci,drive=d0,bootindex=2",
+        "-usb",
+        "-drive",
+        &u0,
+        "-device",
+        "usb-storage,drive=u0,bootindex=1",
     ]));
     assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
     let text = vm.text();
     assert!(text.contains("SECTOR-RAN"), "{text:?}");
+    assert!(
+        !text.contains("Boot failed"),
+        "the USB disk came first: {text:?}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -657,6 +657,48 @@ fn a_domain_with_the_default_usb_controller_a_tablet_and_a_keyboard_starts() {
     assert_eq!(listed_state(&dom.name), None);
 }
 
+/// A USB disk as libvirt writes `<disk bus='usb'>` (`-blockdev`, `-device usb-storage,
+/// bus=usb.0,port=1,drive=...,id=usb-disk0,removable=off` on the default controller): the
+/// domain starts, libvirt finds the disk's size and statistics, HMP `info usb` lists it.
+#[test]
+fn a_usb_disk_starts_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("usbdisk");
+    let disk_size: u64 = 8 << 20;
+    let (kernel, disk) = dom.kernel_and_disk(disk_size);
+    let serial = dom.serial_xml();
+    let extra = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='sda' bus='usb'/></disk>\
+         <memballoon model='none'/>",
+        disk.display()
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let blocks = virsh_ok(&["domblklist", &dom.name]);
+    assert!(
+        blocks.contains(&format!("sda      {}", disk.display())),
+        "{blocks}"
+    );
+    let info = virsh_ok(&["domblkinfo", &dom.name, "sda"]);
+    assert!(
+        info.contains(&format!("Capacity:       {disk_size}")),
+        "{info}"
+    );
+    virsh_ok(&["domblkstat", &dom.name, "sda"]);
+    let usb = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info usb"]);
+    assert!(
+        usb.contains("Port 1, Speed 12 Mb/s, Product QEMU USB MSD, ID: usb-disk0"),
+        "{usb}"
+    );
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
+
 /// A SCSI disk as libvirt writes one (`<controller type='scsi' model='virtio-scsi'>`,
 /// `<disk bus='scsi'>`: `-device virtio-scsi-pci`, `-blockdev`, `-device scsi-hd` on
 /// `scsi0.0` with channel, target and LUN): the domain starts, libvirt finds the disk's

@@ -737,7 +737,7 @@ fn usb_tablet_and_keyboard_input_reaches_the_guest() {
         "usbinput",
         r#"
 VM_KERNEL=vmlinuz-generic
-boot usb "qomvm.usb=1" -usb -device usb-tablet,id=tab -device usb-kbd,id=kbd \
+boot usb "qomvm.usbinput=1" -usb -device usb-tablet,id=tab -device usb-kbd,id=kbd \
     -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
 if await usb '^usb: ready' 300; then
     qmp qmp.sock '{"execute": "input-send-event", "arguments": {"events": [{"type": "abs", "data": {"axis": "x", "value": 4660}}, {"type": "abs", "data": {"axis": "y", "value": 8192}}, {"type": "btn", "data": {"down": true, "button": "left"}}]}}' \

@@ -549,13 +549,20 @@ impl PcI440fxMachine {
                 // Devices with a boot index: the PCI function itself, or the drives on
                 // its buses (an IDE controller's `drive@0/disk@1`).
                 let drives = dev.object().children().into_iter().flat_map(|(_, bus)| {
-                    crate::core::bus::bus_children(&bus).into_iter().filter_map(|drive| {
+                    crate::core::bus::bus_children(&bus).into_iter().flat_map(|drive| {
+                        if let Some(usb) = drive.downcast::<crate::usb::usb_bus::UsbDevice>() {
+                            return usb_boot_entries(&path, usb, &drive);
+                        }
                         let below = if let Some(ide) = drive.downcast::<crate::ide::ide_dev::IdeDevice>() {
-                            ide.fw_dev_path()?
+                            ide.fw_dev_path()
                         } else {
-                            drive.downcast::<crate::scsi::scsi_bus::ScsiDevice>()?.fw_dev_path("disk")?
+                            drive.downcast::<crate::scsi::scsi_bus::ScsiDevice>().and_then(|d| d.fw_dev_path("disk"))
                         };
-                        Some((bootindex(&drive)?, format!("{path}/{below}")))
+                        below
+                            .zip(bootindex(&drive))
+                            .map(|(below, index)| (index, format!("{path}/{below}")))
+                            .into_iter()
+                            .collect()
                     })
                 });
                 bootindex(dev.object())
@@ -910,6 +917,23 @@ impl PcI440fxMachine {
     }
 }
 
+/// QEMU's `usb_get_fw_dev_path` for a USB mass storage device at a root port, then its
+/// SCSI disk: `storage@PORT/channel@0/disk@0,0` under the controller's path, what SeaBIOS
+/// looks for (`bootprio_find_usb`).
+fn usb_boot_entries(controller: &str, usb: &crate::usb::usb_bus::UsbDevice, dev: &qom::Object) -> Vec<(i32, String)> {
+    let Some(port) = usb.port_path() else {
+        return Vec::new();
+    };
+    dev.children()
+        .into_iter()
+        .flat_map(|(_, bus)| crate::core::bus::bus_children(&bus))
+        .filter_map(|disk| {
+            let below = disk.downcast::<crate::scsi::scsi_bus::ScsiDevice>()?.fw_dev_path("disk")?;
+            Some((bootindex(&disk)?, format!("{controller}/storage@{port}/{below}")))
+        })
+        .collect()
+}
+
 /// A device's `bootindex`, if it has one set.
 fn bootindex(dev: &qom::Object) -> Option<i32> {
     let index: i32 = dev.property_print("bootindex").ok()?.parse().ok()?;
@@ -959,6 +983,7 @@ fn pci_fw_dev_path(devfn: u8, dev: &crate::pci::pci::PciDevice) -> String {
         0x0101 => "ide".to_string(),
         0x0106 => "sata".to_string(),
         0x0200 => "ethernet".to_string(),
+        0x0c03 => "usb".to_string(),
         _ => format!("pci{:x},{:x}", dev.read_config(0, 2), dev.read_config(2, 2)),
     };
     let (slot, function) = (devfn >> 3, devfn & 7);

@@ -283,6 +283,8 @@ pub struct UsbStorage {
     drive: Prop<Option<String>>,
     #[property(default = false, desc = "Report a removable medium")]
     removable: Prop<bool>,
+    #[property(default = -1, desc = "Boot order of the disk (firmware)")]
+    bootindex: Prop<i32>,
     model: OnceLock<Arc<MassStorage>>,
 }
 
@@ -311,7 +313,11 @@ impl DeviceImpl for UsbStorage {
         if let Some(serial) = self.parent.serial() {
             disk.property_parse("serial", &serial)?;
         }
-        ctx.object().add_child("scsi-disk", &disk)?;
+        // The boot order is the disk's: SeaBIOS finds it under the device's path.
+        disk.property_parse("bootindex", &self.bootindex.get().to_string())?;
+        // QEMU's `scsi_bus_legacy_add_drive` names it so; libvirt finds the disk's
+        // statistics by that path (`<id>/<id>.0/legacy[0]`).
+        bus.add_child("legacy[0]", &disk)?;
         qdev_realize(&disk, Some(&bus))?;
         let serial = self.parent.serial().unwrap_or_else(|| "1".into());
         let model = Arc::new(MassStorage {
