@@ -249,17 +249,38 @@ fn seabios_boots_a_scsi_disk_by_its_bootindex() {
 /// slot: its `bootindex` reaches SeaBIOS as `usb@1,2/storage@1/channel@0/disk@0,0`.
 #[test]
 fn seabios_boots_a_usb_storage_disk_by_its_bootindex() {
+    usb_stick_boots("usbboot", &["-device", "usb-storage,drive=u0,bootindex=1"]);
+}
+
+/// The same stick behind a `usb-hub` (port "1.2"): SeaBIOS's hub driver enables the port,
+/// and the boot order names it `usb@1,2/hub@1/storage@2/...`.
+#[test]
+fn seabios_boots_a_usb_storage_disk_behind_a_hub() {
+    usb_stick_boots(
+        "usbhubboot",
+        &[
+            "-device",
+            "usb-hub,port=1",
+            "-device",
+            "usb-storage,drive=u0,port=1.2,bootindex=1",
+        ],
+    );
+}
+
+/// Boots the boot sector disk as drive `u0` of `usb` devices, a blank virtio-blk disk
+/// with a later boot index beside it.
+fn usb_stick_boots(name: &str, usb: &[&str]) {
     if !kvm_or_skip() || !seabios_or_skip() {
         return;
     }
-    let dir = temp_dir("usbboot");
+    let dir = temp_dir(name);
     let blank = dir.join("blank.img");
     let disk = dir.join("disk.img");
     std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
     std::fs::write(&disk, boot_sector_disk()).unwrap();
     let d0 = format!("file={},if=none,id=d0,format=raw", blank.display());
     let u0 = format!("file={},if=none,id=u0,format=raw", disk.display());
-    let mut vm = start_vm(&firmware_vm(&[
+    let mut args = vec![
         "-drive",
         &d0,
         "-device",
@@ -267,9 +288,9 @@ fn seabios_boots_a_usb_storage_disk_by_its_bootindex() {
         "-usb",
         "-drive",
         &u0,
-        "-device",
-        "usb-storage,drive=u0,bootindex=1",
-    ]));
+    ];
+    args.extend_from_slice(usb);
+    let mut vm = start_vm(&firmware_vm(&args));
     assert_eq!(vm.wait_exit(), Some(0), "console: {:?}", vm.text());
     let text = vm.text();
     assert!(text.contains("SECTOR-RAN"), "{text:?}");

@@ -398,6 +398,7 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
         std::fs::write(dir.join("disk.raw"), vec![0u8; 1 << 20]).unwrap();
         std::fs::write(dir.join("ide.raw"), vec![0u8; 1 << 20]).unwrap();
         std::fs::write(dir.join("cd.raw"), vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(dir.join("stick.raw"), vec![0u8; 1 << 20]).unwrap();
         [
             "-drive",
             "file=disk.raw,format=raw,if=none,id=d0",
@@ -421,12 +422,19 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "pci-testdev",
             "-device",
             "scratch",
-            // USB: the PIIX3's UHCI at 01.2 with a tablet and a keyboard.
+            // USB: the PIIX3's UHCI at 01.2 with a tablet, and a hub with a keyboard
+            // and a stick behind it.
             "-usb",
             "-device",
-            "usb-tablet",
+            "usb-tablet,port=1",
             "-device",
-            "usb-kbd",
+            "usb-hub,port=2",
+            "-device",
+            "usb-kbd,port=2.1",
+            "-drive",
+            "file=stick.raw,format=raw,if=none,id=stick",
+            "-device",
+            "usb-storage,drive=stick,port=2.2",
             // IDE: a disk on the primary channel, a CD on the secondary.
             "-drive",
             "file=ide.raw,format=raw,if=ide,index=0",

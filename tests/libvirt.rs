@@ -658,8 +658,10 @@ fn a_domain_with_the_default_usb_controller_a_tablet_and_a_keyboard_starts() {
 }
 
 /// A USB disk as libvirt writes `<disk bus='usb'>` (`-blockdev`, `-device usb-storage,
-/// bus=usb.0,port=1,drive=...,id=usb-disk0,removable=off` on the default controller): the
-/// domain starts, libvirt finds the disk's size and statistics, HMP `info usb` lists it.
+/// bus=usb.0,port=...,drive=...,id=usb-disk0,removable=off` on the default controller),
+/// with a tablet and a keyboard and a `<hub type='usb'/>` (`-device usb-hub`, ports
+/// "1.1"...): the domain starts, libvirt finds the disk's size and statistics, HMP
+/// `info usb` lists them all.
 #[test]
 fn a_usb_disk_starts_under_libvirt() {
     if let Some(reason) = libvirt_unusable() {
@@ -673,6 +675,8 @@ fn a_usb_disk_starts_under_libvirt() {
     let extra = format!(
         "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
          <source file='{}'/><target dev='sda' bus='usb'/></disk>\
+         <hub type='usb'/>\
+         <input type='tablet' bus='usb'/><input type='keyboard' bus='usb'/>\
          <memballoon model='none'/>",
         disk.display()
     );
@@ -691,8 +695,13 @@ fn a_usb_disk_starts_under_libvirt() {
     );
     virsh_ok(&["domblkstat", &dom.name, "sda"]);
     let usb = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info usb"]);
+    // Three devices on a two-port controller, with the test's <hub type='usb'/>: libvirt
+    // puts the hub on a root port and places the devices.
+    assert!(usb.contains("Product QEMU USB Hub"), "{usb}");
+    assert!(usb.contains("Product QEMU USB MSD, ID: usb-disk0"), "{usb}");
+    assert!(usb.contains("Product QEMU USB Tablet, ID: input0"), "{usb}");
     assert!(
-        usb.contains("Port 1, Speed 12 Mb/s, Product QEMU USB MSD, ID: usb-disk0"),
+        usb.contains("Product QEMU USB Keyboard, ID: input1"),
         "{usb}"
     );
     virsh_ok(&["destroy", &dom.name]);

@@ -1017,14 +1017,131 @@ fn short_packets_idle_interrupts_unplug_and_global_reset_as_linux_expects() {
         "{usb}"
     );
 
-    // A global reset: the tablet is at address 0 again.
+    // A global reset resets the devices: the tablet is at address 0 again.
+    assert!(
+        hw::usb::usb_bus::info_usb(&m).contains(".6, Port 1,"),
+        "the tablet at address 6"
+    );
     d.write(USBCMD, 4, 2);
+    assert!(
+        hw::usb::usb_bus::info_usb(&m).contains(".0, Port 1,"),
+        "{}",
+        hw::usb::usb_bus::info_usb(&m)
+    );
     d.write(USBCMD, 0, 2);
     assert_ne!(d.read(USBSTS, 2) & STS_HALTED, 0);
-    let mut d = Driver::start(&m);
-    d.reset_port(1);
-    assert!(
-        d.get_descriptor(0, 1, 0, 18, 0).is_some(),
-        "the tablet answers at address 0"
+}
+
+/// `usb-hub` on port 1 with the tablet and the keyboard behind it ("1.1", "1.3"), as
+/// libvirt places them with `<hub type='usb'/>`: the hub enumerates as a hub (its
+/// descriptor, powered ports, connections in its status change bitmap); a port reset
+/// through it enables the tablet, which then enumerates and reports at its own address;
+/// `info usb` names the ports.
+#[test]
+fn devices_behind_a_hub_enumerate_through_its_ports() {
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
+    machine_state(&machine).unwrap().set_ram_size(128 << 20);
+    accel::accel_init_machine(accel::accel_find("qtest").unwrap(), &machine).unwrap();
+    machine_run_board_init(&machine).unwrap();
+    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
+    let hc = qdev_new("piix3-usb-uhci").unwrap();
+    hc.property_parse("addr", "05.0").unwrap();
+    hc.set_device_id(Some("usbh".into()));
+    qom::container_get(&machine, "peripheral")
+        .add_child("usbh", &hc)
+        .unwrap();
+    qdev_realize(&hc, Some(&pci)).unwrap();
+    let bus = hc.child("usbh.0").unwrap();
+    for (driver, port) in [("usb-hub", "1"), ("usb-tablet", "1.1"), ("usb-kbd", "1.3")] {
+        let dev = test_support::qtest::new_dev(&machine, driver, &[("port", port)]);
+        qdev_realize(&dev, Some(&bus)).unwrap();
+    }
+    let busy = test_support::qtest::new_dev(&machine, "usb-mouse", &[("port", "1.3")]);
+    assert_eq!(
+        qdev_realize(&busy, Some(&bus)).unwrap_err().to_string(),
+        "usb port 1.3 (bus usbh.0) not found (in use?)"
     );
+    machine_creation_done(&machine).unwrap();
+    runstate::vm_start(machine_state(&machine).unwrap()).unwrap();
+    let usb = hw::usb::usb_bus::info_usb(&machine);
+    assert!(
+        usb.contains("Port 1, Speed 12 Mb/s, Product QEMU USB Hub"),
+        "{usb}"
+    );
+    assert!(
+        usb.contains("Port 1.1, Speed 12 Mb/s, Product QEMU USB Tablet"),
+        "{usb}"
+    );
+    assert!(
+        usb.contains("Port 1.3, Speed 12 Mb/s, Product QEMU USB Keyboard"),
+        "{usb}"
+    );
+
+    let mut d = Driver::start(&machine);
+    let device = d.enumerate(1, 2);
+    assert_eq!(device[4], 9, "a hub");
+    let hub_desc = d.control(2, [0xa0, 6, 0, 0x29, 0, 0, 16, 0], &[]).unwrap();
+    assert_eq!(&hub_desc[..3], &[11, 0x29, 8], "8 ports");
+    let port_status = |d: &mut Driver, n: u8| {
+        let s = d.control(2, [0xa3, 0, 0, 0, n, 0, 4, 0], &[]).unwrap();
+        (
+            u16::from_le_bytes([s[0], s[1]]),
+            u16::from_le_bytes([s[2], s[3]]),
+        )
+    };
+    assert_eq!(
+        port_status(&mut d, 1),
+        (0x0101, 0x0001),
+        "powered, connected, changed"
+    );
+    assert_eq!(port_status(&mut d, 2), (0x0100, 0), "powered, empty");
+    // The status change endpoint: ports 1 and 3 (bits 1 and 3).
+    let hub_poll = d.poll(2, WAIT).unwrap();
+    assert_eq!(hub_poll, vec![0x0a, 0]);
+    // Nothing answers at address 0 before the hub's port is reset (disabled port).
+    d.mem
+        .write_slice(&[0x80, 6, 0, 1, 0, 0, 18, 0], GuestAddress(BUFFERS))
+        .unwrap();
+    let setup = d.run(&[Td {
+        pid: SETUP,
+        addr: 0,
+        ep: 0,
+        toggle: false,
+        len: 8,
+        buffer: BUFFERS,
+        ioc: false,
+    }]);
+    assert_ne!(
+        setup[0] & TD_TIMEOUT,
+        0,
+        "the tablet's port is not enabled yet"
+    );
+    // Clear C_PORT_CONNECTION, SET_FEATURE(PORT_RESET) on port 1: enabled, C_PORT_RESET.
+    d.control(2, [0x23, 1, 16, 0, 1, 0, 0, 0], &[]).unwrap();
+    d.control(2, [0x23, 3, 4, 0, 1, 0, 0, 0], &[]).unwrap();
+    assert_eq!(port_status(&mut d, 1), (0x0103, 0x0010));
+    let tablet = d
+        .get_descriptor(0, 1, 0, 18, 0)
+        .expect("the tablet at address 0 behind the hub");
+    assert_eq!(u16::from_le_bytes([tablet[8], tablet[9]]), 0x0627);
+    d.control(0, [0, 5, 3, 0, 0, 0, 0, 0], &[]).unwrap();
+    d.control(3, [0, 9, 1, 0, 0, 0, 0, 0], &[]).unwrap();
+    let input = machine_state(&machine).unwrap().services().input();
+    assert!(d.poll(3, Duration::from_millis(30)).is_none());
+    input.send_position(0x100, 0x200, 0, 0);
+    assert_eq!(d.poll(3, WAIT).unwrap(), vec![0, 0x00, 0x01, 0x00, 0x02, 0]);
+    // Unplugging the tablet shows on the hub's port, not the root's.
+    let tablet_dev = machine
+        .child("peripheral-anon")
+        .unwrap()
+        .child("device[1]")
+        .unwrap();
+    hw::core::qdev::qdev_unplug(&tablet_dev).unwrap();
+    assert_eq!(
+        port_status(&mut d, 1),
+        (0x0100, 0x0013),
+        "gone: connection and enable changed"
+    );
+    assert_eq!(d.read(PORTSC1, 2) & 0x0a, 0, "the root port saw nothing");
 }

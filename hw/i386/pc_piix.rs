@@ -917,19 +917,28 @@ impl PcI440fxMachine {
     }
 }
 
-/// QEMU's `usb_get_fw_dev_path` for a USB mass storage device at a root port, then its
-/// SCSI disk: `storage@PORT/channel@0/disk@0,0` under the controller's path, what SeaBIOS
-/// looks for (`bootprio_find_usb`).
+/// QEMU's `usb_get_fw_dev_path` for a USB mass storage device, then its SCSI disk:
+/// `hub@H/` for each hub on the way (port "1.3": `hub@1/storage@3`), then
+/// `storage@PORT/channel@0/disk@0,0`, under the controller's path, what SeaBIOS looks for
+/// (`bootprio_find_usb`).
 fn usb_boot_entries(controller: &str, usb: &crate::usb::usb_bus::UsbDevice, dev: &qom::Object) -> Vec<(i32, String)> {
-    let Some(port) = usb.port_path() else {
+    let Some(path) = usb.port_path() else {
         return Vec::new();
     };
+    let Some(ports) = path.split('.').map(|n| n.parse::<u32>().ok()).collect::<Option<Vec<u32>>>() else {
+        return Vec::new();
+    };
+    let Some((last, hubs)) = ports.split_last() else {
+        return Vec::new();
+    };
+    let hubs: String = hubs.iter().map(|h| format!("hub@{h:x}/")).collect();
+    let port = format!("{hubs}storage@{last:x}");
     dev.children()
         .into_iter()
         .flat_map(|(_, bus)| crate::core::bus::bus_children(&bus))
         .filter_map(|disk| {
             let below = disk.downcast::<crate::scsi::scsi_bus::ScsiDevice>()?.fw_dev_path("disk")?;
-            Some((bootindex(&disk)?, format!("{controller}/storage@{port}/{below}")))
+            Some((bootindex(&disk)?, format!("{controller}/{port}/{below}")))
         })
         .collect()
 }

@@ -149,6 +149,13 @@ impl Descriptors {
         }
     }
 
+    /// The same with a device class (`bDeviceClass`, `bDeviceSubClass`,
+    /// `bDeviceProtocol`): a hub says so for the whole device.
+    pub fn with_device_class(mut self, (class, subclass, protocol): (u8, u8, u8)) -> Self {
+        self.device[4..7].copy_from_slice(&[class, subclass, protocol]);
+        self
+    }
+
     /// The standard `GET_DESCRIPTOR` of `kind` and `index`; `None` stalls.
     pub fn get(&self, kind: u8, index: u8) -> Option<Vec<u8>> {
         match (kind, index) {

@@ -10,7 +10,7 @@
 //! data of a failed command is kept for the host's REQUEST SENSE, as a unit without
 //! autosense reports it.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
 use qom::{type_init, Prop};
@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::bus::{qbus_new, BusState};
 use crate::core::qdev::{qdev_new, qdev_realize, DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::runstate::ChangeHandlerId;
+use crate::core::thread_pool::{InFlight, ThreadPool};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::scsi::scsi_bus::{
     scsi_bus_name, Dispatch, ScsiAddress, ScsiBus, ScsiBusInfo, ScsiData, ScsiLuns, ScsiOutcome, Sense, TYPE_SCSI_BUS,
@@ -61,8 +63,11 @@ enum Phase {
     /// Waiting for a command block wrapper.
     #[default]
     Command,
-    /// Taking the command's data from the host, `expected` bytes.
-    DataOut { expected: usize },
+    /// Taking the command's data from the host: `received` of `expected` bytes.
+    DataOut { expected: usize, received: usize },
+    /// The command runs on the device's worker: the host's tokens are NAKed meanwhile
+    /// (QEMU's asynchronous SCSI requests).
+    Running { data_in: bool },
     /// Giving the command's reply; `sent` bytes of it so far.
     DataIn { sent: usize, short_sent: bool },
     /// The status wrapper is due.
@@ -76,6 +81,7 @@ struct Transport {
     tag: u32,
     /// The CBW's data transfer length.
     data_len: u32,
+    /// The command; empty for one refused at its CBW (its data is counted, not kept).
     cdb: Vec<u8>,
     /// The data: the host's (data-out) or the reply (data-in).
     #[serde(skip)]
@@ -85,64 +91,129 @@ struct Transport {
     status: u8,
     /// Sense of the last failed command, for REQUEST SENSE (key, ASC, ASCQ).
     sense: Option<(u8, u8, u8)>,
+    /// Counts resets: a command's result that comes back after one is dropped.
+    #[serde(skip)]
+    generation: u64,
 }
 
-/// The device's model: the transport and the unit table of its bus.
+/// What a command came back with.
+struct Completion {
+    status: u8,
+    residue: u32,
+    reply: Vec<u8>,
+    sense: Option<Sense>,
+}
+
+/// Runs `cdb` on the unit with `out` (or a data-in buffer of `data_len` bytes).
+fn run_command(luns: &ScsiLuns, cdb: &[u8], out: &[u8], data_in: bool, data_len: usize) -> Completion {
+    let mut reply = Vec::new();
+    let mut reader: &[u8] = out;
+    let mut data = ScsiData {
+        data_out: &mut reader,
+        data_out_len: out.len(),
+        data_in: &mut reply,
+        data_in_len: if data_in { data_len } else { 0 },
+        guest_out: None,
+        guest_in: None,
+    };
+    let outcome = match luns.execute(UNIT, cdb, &mut data) {
+        Dispatch::Done(outcome) => outcome,
+        Dispatch::NoTarget => ScsiOutcome::Check(Sense::LUN_NOT_SUPPORTED),
+    };
+    reply.truncate(data_len);
+    match outcome {
+        ScsiOutcome::Good { transferred } => Completion {
+            status: 0,
+            residue: (data_len - transferred.min(data_len)) as u32,
+            reply,
+            sense: None,
+        },
+        ScsiOutcome::Check(sense) => Completion {
+            status: CSW_FAILED,
+            residue: data_len as u32,
+            reply: Vec::new(),
+            sense: Some(sense),
+        },
+        ScsiOutcome::Overrun => Completion {
+            status: CSW_PHASE_ERROR,
+            residue: data_len as u32,
+            reply: Vec::new(),
+            sense: None,
+        },
+    }
+}
+
+/// The device's model: the transport, the unit table of its bus, the worker its commands
+/// run on.
 struct MassStorage {
     descriptors: Descriptors,
     transport: Mutex<Transport>,
     luns: Arc<ScsiLuns>,
+    pool: ThreadPool,
+    in_flight: Arc<InFlight>,
+    this: Weak<MassStorage>,
 }
 
 impl MassStorage {
-    /// Runs the transport's command with `data_out` (or a data-in buffer of the CBW's
-    /// length) and sets the CSW's status and residue.
-    fn execute(&self, t: &mut Transport) {
+    fn new(descriptors: Descriptors, luns: Arc<ScsiLuns>) -> Arc<MassStorage> {
+        Arc::new_cyclic(|this| MassStorage {
+            descriptors,
+            transport: Mutex::new(Transport::default()),
+            luns,
+            pool: ThreadPool::new("usb-storage", 1),
+            in_flight: Arc::new(InFlight::default()),
+            this: this.clone(),
+        })
+    }
+
+    /// Starts the transport's command on the worker; the phase moves on when it is done.
+    /// REQUEST SENSE with sense kept from the last command is answered here.
+    fn start(&self, t: &mut Transport, data_in: bool) {
         let data_len = t.data_len as usize;
-        let is_in = matches!(t.phase, Phase::DataIn { .. });
-        if t.cdb.first() == Some(&REQUEST_SENSE) {
-            if let Some((key, asc, ascq)) = t.sense.take() {
-                let allocation = usize::from(t.cdb.get(4).copied().unwrap_or(0));
+        if data_in && t.cdb.first() == Some(&REQUEST_SENSE) {
+            let allocation = usize::from(t.cdb.get(4).copied().unwrap_or(0));
+            if let (Some((key, asc, ascq)), true) = (t.sense, allocation <= data_len) {
                 let mut reply = Sense::new(key, asc, ascq).fixed().to_vec();
-                reply.truncate(allocation.min(data_len));
-                t.residue = (data_len - reply.len()) as u32;
-                t.status = 0;
-                t.data = reply;
+                reply.truncate(allocation);
+                t.sense = None;
+                t.phase = Phase::Running { data_in };
+                self.complete(t, Completion {
+                    status: 0,
+                    residue: (data_len - reply.len()) as u32,
+                    reply,
+                    sense: None,
+                });
                 return;
             }
         }
-        let out = if is_in { Vec::new() } else { std::mem::take(&mut t.data) };
-        let mut reply = Vec::new();
-        let mut reader: &[u8] = &out;
-        let mut data = ScsiData {
-            data_out: &mut reader,
-            data_out_len: out.len(),
-            data_in: &mut reply,
-            data_in_len: if is_in { data_len } else { 0 },
-            guest_out: None,
-            guest_in: None,
+        let Some(me) = self.this.upgrade() else {
+            return;
         };
-        let outcome = match self.luns.execute(UNIT, &t.cdb, &mut data) {
-            Dispatch::Done(outcome) => outcome,
-            Dispatch::NoTarget => ScsiOutcome::Check(Sense::LUN_NOT_SUPPORTED),
+        let (cdb, out, generation) = (t.cdb.clone(), std::mem::take(&mut t.data), t.generation);
+        t.phase = Phase::Running { data_in };
+        self.in_flight.begin();
+        self.pool.submit(Box::new(move || {
+            let done = run_command(&me.luns, &cdb, &out, data_in, data_len);
+            let mut t = me.transport.lock();
+            if t.generation == generation && t.phase == (Phase::Running { data_in }) {
+                me.complete(&mut t, done);
+            }
+            drop(t);
+            me.in_flight.end();
+        }));
+    }
+
+    fn complete(&self, t: &mut Transport, done: Completion) {
+        if let Some(sense) = done.sense {
+            t.sense = Some((sense.key, sense.asc, sense.ascq));
+        } else if done.status == 0 {
+            t.sense = None;
+        }
+        (t.status, t.residue, t.data) = (done.status, done.residue, done.reply);
+        t.phase = match t.phase {
+            Phase::Running { data_in: true } => Phase::DataIn { sent: 0, short_sent: false },
+            _ => Phase::Status,
         };
-        reply.truncate(data_len);
-        (t.status, t.residue) = match outcome {
-            ScsiOutcome::Good { transferred } => {
-                t.sense = None;
-                (0, (data_len - transferred.min(data_len)) as u32)
-            }
-            ScsiOutcome::Check(sense) => {
-                t.sense = Some((sense.key, sense.asc, sense.ascq));
-                reply.clear();
-                (CSW_FAILED, data_len as u32)
-            }
-            ScsiOutcome::Overrun => {
-                reply.clear();
-                (CSW_PHASE_ERROR, data_len as u32)
-            }
-        };
-        t.data = reply;
     }
 
     /// A command block wrapper from the host.
@@ -152,50 +223,56 @@ impl MassStorage {
             // Not a valid CBW: the device stalls until the host's reset recovery.
             return TokenResult::Stall;
         }
-        let (lun, cdb_len) = (cbw[13] & 0xf, usize::from(cbw[14] & 0x1f));
+        let (lun, cdb_len, data_in) = (cbw[13] & 0xf, usize::from(cbw[14] & 0x1f), cbw[12] & 0x80 != 0);
         t.tag = le32(4);
         t.data_len = le32(8);
-        t.cdb = cbw[15..15 + cdb_len.clamp(1, 16)].to_vec();
         t.data.clear();
         let data_len = t.data_len as usize;
         if lun != 0 || cdb_len == 0 || cdb_len > 16 || data_len > MAX_TRANSFER {
+            // Refused: the data stage the host announced still happens, empty (data-in:
+            // a zero-length packet) or dropped (data-out), then the status.
+            t.cdb.clear();
             (t.status, t.residue) = (if lun != 0 { CSW_FAILED } else { CSW_PHASE_ERROR }, t.data_len);
             if lun != 0 {
-                t.sense = Some((Sense::LUN_NOT_SUPPORTED.key, Sense::LUN_NOT_SUPPORTED.asc, Sense::LUN_NOT_SUPPORTED.ascq));
+                let s = Sense::LUN_NOT_SUPPORTED;
+                t.sense = Some((s.key, s.asc, s.ascq));
             }
-            // The host still moves the data it announced: none is taken or given.
-            t.phase = if data_len == 0 || data_len > MAX_TRANSFER {
-                Phase::Status
-            } else if cbw[12] & 0x80 != 0 {
-                Phase::DataIn { sent: 0, short_sent: false }
-            } else {
-                Phase::DataOut { expected: data_len }
+            t.phase = match (data_len, data_in) {
+                (0, _) => Phase::Status,
+                (_, true) => Phase::DataIn { sent: 0, short_sent: false },
+                (_, false) => Phase::DataOut { expected: data_len, received: 0 },
             };
-            if let Phase::DataOut { .. } = t.phase {
-                t.cdb.clear();
-            }
             return TokenResult::Done(CBW_LEN);
         }
-        if data_len == 0 {
-            t.phase = Phase::DataOut { expected: 0 };
-            self.execute(t);
-            t.phase = Phase::Status;
-        } else if cbw[12] & 0x80 != 0 {
-            t.phase = Phase::DataIn { sent: 0, short_sent: false };
-            self.execute(t);
+        t.cdb = cbw[15..15 + cdb_len].to_vec();
+        if data_len > 0 && !data_in {
+            t.phase = Phase::DataOut { expected: data_len, received: 0 };
         } else {
-            t.phase = Phase::DataOut { expected: data_len };
+            self.start(t, data_in && data_len > 0);
         }
         TokenResult::Done(CBW_LEN)
     }
 
-    fn status_wrapper(t: &mut Transport) -> [u8; 13] {
+    fn status_wrapper(t: &Transport) -> [u8; 13] {
         let mut csw = [0u8; 13];
         csw[0..4].copy_from_slice(&CSW_SIGNATURE.to_le_bytes());
         csw[4..8].copy_from_slice(&t.tag.to_le_bytes());
         csw[8..12].copy_from_slice(&t.residue.to_le_bytes());
         csw[12] = t.status;
         csw
+    }
+
+    /// Back to waiting for a command; a command still running is forgotten (its result
+    /// dropped).
+    fn reset_transport(&self, keep_sense: bool) {
+        let mut t = self.transport.lock();
+        let sense = if keep_sense { t.sense } else { None };
+        let generation = t.generation.wrapping_add(1);
+        *t = Transport {
+            sense,
+            generation,
+            ..Transport::default()
+        };
     }
 }
 
@@ -208,9 +285,7 @@ impl UsbFunction for MassStorage {
         match req.kind() {
             BULK_ONLY_RESET => {
                 // Reset recovery: the next thing is a command; the sense stays.
-                let mut t = self.transport.lock();
-                let sense = t.sense.take();
-                *t = Transport { sense, ..Transport::default() };
+                self.reset_transport(true);
                 Ok(Vec::new())
             }
             GET_MAX_LUN => Ok(vec![0]),
@@ -222,25 +297,24 @@ impl UsbFunction for MassStorage {
         let mut t = self.transport.lock();
         match (pid_code, ep, t.phase) {
             (pid::OUT, EP_OUT, Phase::Command) => self.command(&mut t, buf),
-            (pid::OUT, EP_OUT, Phase::DataOut { expected }) => {
-                let n = buf.len().min(expected - t.data.len());
-                // A command refused at its CBW has no CDB: its data is taken and dropped.
+            (pid::OUT, EP_OUT, Phase::DataOut { expected, received }) => {
+                let n = buf.len().min(expected - received);
+                // A command refused at its CBW has no CDB: its data is counted and dropped.
                 if !t.cdb.is_empty() {
                     t.data.extend_from_slice(&buf[..n]);
-                } else {
-                    let len = t.data.len() + n;
-                    t.data.resize(len, 0);
                 }
-                if t.data.len() == expected {
+                let received = received + n;
+                t.phase = Phase::DataOut { expected, received };
+                if received == expected {
                     if t.cdb.is_empty() {
-                        t.data.clear();
+                        t.phase = Phase::Status;
                     } else {
-                        self.execute(&mut t);
+                        self.start(&mut t, false);
                     }
-                    t.phase = Phase::Status;
                 }
                 TokenResult::Done(n)
             }
+            (pid::IN | pid::OUT, _, Phase::Running { .. }) => TokenResult::Nak,
             (pid::IN, EP_IN, Phase::DataIn { sent, short_sent }) => {
                 let data_len = t.data_len as usize;
                 let n = t.data.len().saturating_sub(sent).min(buf.len());
@@ -249,7 +323,7 @@ impl UsbFunction for MassStorage {
                 // The data stage ends with the announced length, or with a short packet
                 // once the reply is out (the host then reads the status).
                 let short = n < buf.len();
-                t.phase = if sent == data_len || (sent == t.data.len() && (short || short_sent)) {
+                t.phase = if sent >= data_len || (sent >= t.data.len() && (short || short_sent)) {
                     Phase::Status
                 } else {
                     Phase::DataIn { sent, short_sent: short }
@@ -257,7 +331,7 @@ impl UsbFunction for MassStorage {
                 TokenResult::Done(n)
             }
             (pid::IN, EP_IN, Phase::Status) => {
-                let csw = MassStorage::status_wrapper(&mut t);
+                let csw = MassStorage::status_wrapper(&t);
                 let n = csw.len().min(buf.len());
                 buf[..n].copy_from_slice(&csw[..n]);
                 t.phase = Phase::Command;
@@ -269,7 +343,7 @@ impl UsbFunction for MassStorage {
     }
 
     fn reset(&self) {
-        *self.transport.lock() = Transport::default();
+        self.reset_transport(false);
     }
 }
 
@@ -286,6 +360,7 @@ pub struct UsbStorage {
     #[property(default = -1, desc = "Boot order of the disk (firmware)")]
     bootindex: Prop<i32>,
     model: OnceLock<Arc<MassStorage>>,
+    change_handler: OnceLock<ChangeHandlerId>,
 }
 
 type_init!(UsbStorage);
@@ -320,8 +395,8 @@ impl DeviceImpl for UsbStorage {
         bus.add_child("legacy[0]", &disk)?;
         qdev_realize(&disk, Some(&bus))?;
         let serial = self.parent.serial().unwrap_or_else(|| "1".into());
-        let model = Arc::new(MassStorage {
-            descriptors: Descriptors::new(
+        let model = MassStorage::new(
+            Descriptors::new(
                 DeviceIdentity {
                     vendor: 0x46f4,
                     product: 0x0001,
@@ -351,12 +426,35 @@ impl DeviceImpl for UsbStorage {
                     ],
                 }],
             ),
-            transport: Mutex::new(Transport::default()),
-            luns,
-        });
+            luns.clone(),
+        );
+        // An unplug's unit removal, and a stop (a migration's last pass, the images'
+        // hand-over), wait for the command on the worker.
+        let in_flight = model.in_flight.clone();
+        luns.set_drain(Box::new(move || in_flight.drain()));
+        let in_flight = model.in_flight.clone();
+        let handler = services.vm().add_change_handler(
+            CHANGE_HANDLER_PRIORITY,
+            Arc::new(move |running, _| {
+                if !running {
+                    in_flight.drain();
+                }
+            }),
+        );
+        let _ = self.change_handler.set(handler);
         self.parent.attach_function(ctx, model.clone(), "QEMU USB MSD")?;
         let _ = self.model.set(model);
         Ok(())
+    }
+
+    fn unrealize(&self, ctx: &DeviceContext) {
+        if let (Some(id), Ok(services)) = (self.change_handler.get(), ctx.machine()) {
+            services.vm().remove_change_handler(*id);
+        }
+        if let Some(m) = self.model.get() {
+            m.in_flight.drain();
+        }
+        DeviceImpl::unrealize(&self.parent, ctx);
     }
 
     /// The core's and the transport's state; a data-in or data-out buffer as bytes. The
@@ -380,24 +478,36 @@ impl DeviceImpl for UsbStorage {
             field: "transport".into(),
             reason: reason.into(),
         };
-        if t.data.len() > MAX_TRANSFER || t.cdb.len() > 16 {
-            return Err(bad("larger than the device's"));
+        let data_len = t.data_len as usize;
+        if t.data.len() > MAX_TRANSFER.min(data_len) || t.cdb.len() > 16 {
+            return Err(bad("data larger than the transfer or the device's"));
         }
-        match t.phase {
-            Phase::DataOut { expected } if expected > MAX_TRANSFER || t.data.len() > expected => {
-                return Err(bad("data beyond the transfer"));
+        let consistent = match t.phase {
+            Phase::Command | Phase::Status => t.data.is_empty(),
+            Phase::DataOut { expected, received } => {
+                expected == data_len && received <= expected && (t.cdb.is_empty() || t.data.len() == received)
             }
-            Phase::DataIn { sent, .. } if sent > t.data.len() => return Err(bad("data position beyond the data")),
-            _ => {}
+            Phase::DataIn { sent, .. } => sent <= data_len,
+            // Commands end before a stop: none runs while the state is saved.
+            Phase::Running { .. } => false,
+        };
+        if !consistent {
+            return Err(bad("phase inconsistent with the transfer"));
         }
         // Checked before anything is loaded: a bad section changes nothing.
         self.parent.load_core(state)?;
         if let Some(m) = self.model.get() {
-            *m.transport.lock() = t;
+            let mut current = m.transport.lock();
+            t.generation = current.generation.wrapping_add(1);
+            *current = t;
         }
         Ok(())
     }
 }
+
+/// Where the device's run-state handler runs: above the block layer's flush (priority 0),
+/// as the other disk controllers'.
+const CHANGE_HANDLER_PRIORITY: i32 = 10;
 
 /// Why `usb-storage` could not be realized, in QEMU's words.
 #[derive(Debug, thiserror::Error)]
@@ -411,23 +521,15 @@ mod tests {
     use super::*;
 
     /// A transport over a LUN table with no unit: every command fails with sense.
-    fn msd() -> MassStorage {
-        MassStorage {
-            descriptors: Descriptors::new(
-                DeviceIdentity {
-                    vendor: 0,
-                    product: 0,
-                    bcd_device: 0,
-                    bcd_usb: 0x0200,
-                    strings: ["".into(), "".into(), "".into()],
-                },
-                0,
-                100,
-                &[],
-            ),
-            transport: Mutex::new(Transport::default()),
-            luns: Arc::new(ScsiLuns::default()),
-        }
+    fn msd() -> Arc<MassStorage> {
+        let id = DeviceIdentity {
+            vendor: 0,
+            product: 0,
+            bcd_device: 0,
+            bcd_usb: 0x0200,
+            strings: ["".into(), "".into(), "".into()],
+        };
+        MassStorage::new(Descriptors::new(id, 0, 100, &[]), Arc::new(ScsiLuns::default()))
     }
 
     fn cbw(tag: u32, data_len: u32, dir_in: bool, lun: u8, cdb: &[u8]) -> Vec<u8> {
@@ -443,6 +545,7 @@ mod tests {
     }
 
     fn csw(m: &MassStorage) -> (u32, u32, u8) {
+        m.in_flight.drain();
         let mut buf = [0u8; 64];
         assert_eq!(m.data(pid::IN, EP_IN, &mut buf), TokenResult::Done(13));
         let le = |at: usize| u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
@@ -470,9 +573,19 @@ mod tests {
         let mut junk = [0u8; 31];
         assert_eq!(m.data(pid::OUT, EP_OUT, &mut junk), TokenResult::Stall);
         assert_eq!(m.data(pid::IN, EP_IN, &mut [0u8; 13]), TokenResult::Stall, "no status before a command");
+        // More than the device takes: the data stage is one zero-length packet, then a
+        // phase error.
         let mut c = cbw(9, u32::MAX, true, 0, &[0x28, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0]);
         assert_eq!(m.data(pid::OUT, EP_OUT, &mut c), TokenResult::Done(CBW_LEN));
+        assert_eq!(m.data(pid::IN, EP_IN, &mut [0u8; 64]), TokenResult::Done(0));
         assert_eq!(csw(&m), (9, u32::MAX, CSW_PHASE_ERROR));
+        // No command bytes, or more than 16: phase errors too, nothing runs.
+        for len in [0usize, 17] {
+            let mut c = cbw(11, 0, false, 0, &[0x00; 16]);
+            c[14] = len as u8;
+            assert_eq!(m.data(pid::OUT, EP_OUT, &mut c), TokenResult::Done(CBW_LEN));
+            assert_eq!(csw(&m), (11, 0, CSW_PHASE_ERROR), "cdb length {len}");
+        }
         // Data-out of a refused LUN is taken and dropped, then the status.
         let mut c = cbw(10, 100, false, 3, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
         m.data(pid::OUT, EP_OUT, &mut c);

@@ -484,7 +484,7 @@ impl Uhci {
         let device = (0..NB_PORTS)
             .filter(|&i| st.regs.ports[i] & port::PE != 0)
             .filter_map(|i| self.ports.device(i))
-            .find(|d| d.address() == address);
+            .find_map(|d| d.find(address));
         let Some(device) = device else {
             // No answer: a timeout, retired with its error count spent.
             st.regs.status |= sts::USBERR;

@@ -115,6 +115,11 @@ pub trait UsbFunction: Send + Sync {
     fn data(&self, pid: u8, ep: u8, buf: &mut [u8]) -> TokenResult;
     /// A bus reset (or the machine's): back to the power-on state.
     fn reset(&self);
+    /// A hub's: the device at `address` behind its enabled ports (QEMU's
+    /// `USBDeviceClass::find_device`).
+    fn find_downstream(&self, _address: u8) -> Option<Arc<AttachedDevice>> {
+        None
+    }
 }
 
 /// Where endpoint 0 stands in a control transfer (QEMU's `setup_state`).
@@ -161,6 +166,15 @@ impl AttachedDevice {
     /// Whether the host selected its configuration (it may move data).
     pub fn is_configured(&self) -> bool {
         self.state.lock().configuration != 0
+    }
+
+    /// QEMU's `usb_find_device`: this device if it has `address`, else the one behind
+    /// it (a hub's).
+    pub fn find(self: &Arc<Self>, address: u8) -> Option<Arc<AttachedDevice>> {
+        if self.address() == address {
+            return Some(Arc::clone(self));
+        }
+        self.function.find_downstream(address)
     }
 
     /// QEMU's `usb_device_reset`: address 0, unconfigured, the model reset.
@@ -318,28 +332,42 @@ pub trait UsbHostController: Send + Sync {
     fn wakeup(&self, port: usize);
 }
 
-/// A controller's root ports, named "1", "2", ... as QEMU's paths.
+/// A controller's root ports, named "1", "2", ..., or a hub's, named after the hub's
+/// own port ("1.1", "1.2", ...), as QEMU's port paths.
 pub struct UsbPorts {
     slots: Vec<Mutex<Option<Arc<AttachedDevice>>>>,
     controller: OnceLock<Weak<dyn UsbHostController>>,
     bus_name: String,
     /// QEMU's `busnr`: buses numbered as they are made.
     number: u32,
+    /// What the paths of these ports start with: nothing for root ports, the hub's path
+    /// and a dot for a hub's.
+    prefix: String,
 }
 
 impl UsbPorts {
-    /// `count` empty ports on the bus named `bus_name`.
+    /// `count` empty root ports on the bus named `bus_name`.
     pub fn new(count: usize, bus_name: &str) -> Arc<UsbPorts> {
         static NEXT_BUS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        Self::with_prefix(count, bus_name, NEXT_BUS.fetch_add(1, std::sync::atomic::Ordering::Relaxed), "")
+    }
+
+    /// `count` empty ports of a hub at `hub_path` on the same bus as `upstream`.
+    pub fn downstream(count: usize, upstream: &UsbPorts, hub_path: &str) -> Arc<UsbPorts> {
+        Self::with_prefix(count, &upstream.bus_name, upstream.number, &format!("{hub_path}."))
+    }
+
+    fn with_prefix(count: usize, bus_name: &str, number: u32, prefix: &str) -> Arc<UsbPorts> {
         Arc::new(UsbPorts {
             slots: (0..count).map(|_| Mutex::new(None)).collect(),
             controller: OnceLock::new(),
             bus_name: bus_name.to_string(),
-            number: NEXT_BUS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            number,
+            prefix: prefix.to_string(),
         })
     }
 
-    /// Connects the ports to their controller (once, at its realize).
+    /// Connects the ports to their controller or hub (once, at its realize).
     pub fn set_controller(&self, hc: Weak<dyn UsbHostController>) {
         let _ = self.controller.set(hc);
     }
@@ -363,27 +391,22 @@ impl UsbPorts {
         self.slots.get(port)?.lock().clone()
     }
 
-    /// QEMU's `usb_claim_port` and `usb_device_attach`: `path` (or the first free port)
-    /// gets a device of `function`.
-    fn attach(
-        self: &Arc<Self>,
-        path: Option<&str>,
-        function: Arc<dyn UsbFunction>,
-        product: &str,
-        id: Option<String>,
-    ) -> Result<(usize, Arc<AttachedDevice>), UsbBusError> {
-        let free = |i: usize| self.slots[i].lock().is_none();
-        let port = match path {
-            Some(path) => path
-                .parse::<usize>()
-                .ok()
-                .and_then(|n| n.checked_sub(1))
-                .filter(|&i| i < self.slots.len() && free(i))
-                .ok_or_else(|| UsbBusError::PortNotFound(path.to_string(), self.bus_name.clone()))?,
-            None => (0..self.slots.len())
-                .find(|&i| free(i))
-                .ok_or_else(|| UsbBusError::NoFreePort(product.to_string()))?,
-        };
+    /// The path of `port` ("1", "1.3").
+    pub fn path(&self, port: usize) -> String {
+        format!("{}{}", self.prefix, port + 1)
+    }
+
+    fn is_free(&self, port: usize) -> bool {
+        self.slots[port].lock().is_none()
+    }
+
+    /// The free port whose path is `path`, if one of these is.
+    fn free_port_at(&self, path: &str) -> Option<usize> {
+        let n: usize = path.strip_prefix(&self.prefix)?.parse().ok()?;
+        n.checked_sub(1).filter(|&i| i < self.slots.len() && self.is_free(i))
+    }
+
+    fn attach_at(self: &Arc<Self>, port: usize, function: Arc<dyn UsbFunction>, product: &str, id: Option<String>) -> Arc<AttachedDevice> {
         let dev = Arc::new(AttachedDevice {
             function,
             state: Mutex::new(CoreState::default()),
@@ -395,7 +418,7 @@ impl UsbPorts {
         if let Some(hc) = self.controller() {
             hc.attach(port);
         }
-        Ok((port, dev))
+        dev
     }
 
     fn detach(&self, port: usize) {
@@ -427,7 +450,9 @@ pub enum UsbBusError {
 pub struct UsbBus {
     #[parent]
     parent: BusState,
-    ports: OnceLock<Arc<UsbPorts>>,
+    /// The controller's root ports first, then each hub's, in the order they came (QEMU's
+    /// list of the bus's free ports).
+    ports: Mutex<Vec<Arc<UsbPorts>>>,
 }
 
 type_init!(UsbBus);
@@ -435,15 +460,65 @@ type_init!(UsbBus);
 impl UsbBus {
     /// Connects the bus to its controller's ports (at the controller's realize).
     pub fn set_ports(&self, ports: &Arc<UsbPorts>) {
-        let _ = self.ports.set(ports.clone());
+        self.ports.lock().insert(0, ports.clone());
     }
+
+    /// A hub's ports join the bus (QEMU's `usb_register_port` at the hub's realize).
+    pub fn add_ports(&self, ports: &Arc<UsbPorts>) {
+        self.ports.lock().push(ports.clone());
+    }
+
+    /// A hub's ports leave it.
+    pub fn remove_ports(&self, ports: &Arc<UsbPorts>) {
+        self.ports.lock().retain(|p| !Arc::ptr_eq(p, ports));
+    }
+
+    /// The bus's groups of ports, root ports first.
+    fn groups(&self) -> Vec<Arc<UsbPorts>> {
+        self.ports.lock().clone()
+    }
+
+    /// Plugs `function` into the port `path` names, or the first free one of any group.
+    fn attach(
+        &self,
+        path: Option<&str>,
+        function: Arc<dyn UsbFunction>,
+        product: &str,
+        id: Option<String>,
+    ) -> Result<(Arc<UsbPorts>, usize, Arc<AttachedDevice>), UsbBusError> {
+        attach_in(&self.groups(), path, function, product, id)
+    }
+}
+
+/// QEMU's `usb_claim_port` and `usb_device_attach`: the port `path` names among `groups`
+/// (root ports first), or the first free one, gets a device of `function`.
+fn attach_in(
+    groups: &[Arc<UsbPorts>],
+    path: Option<&str>,
+    function: Arc<dyn UsbFunction>,
+    product: &str,
+    id: Option<String>,
+) -> Result<(Arc<UsbPorts>, usize, Arc<AttachedDevice>), UsbBusError> {
+    let root = groups.first().ok_or(UsbBusError::NoController)?;
+    let (group, port) = match path {
+        Some(p) => groups
+            .iter()
+            .find_map(|g| Some((g, g.free_port_at(p)?)))
+            .ok_or_else(|| UsbBusError::PortNotFound(p.to_string(), root.bus_name.clone()))?,
+        None => groups
+            .iter()
+            .find_map(|g| Some((g, (0..g.len()).find(|&i| g.is_free(i))?)))
+            .ok_or_else(|| UsbBusError::NoFreePort(product.to_string()))?,
+    };
+    let dev = group.attach_at(port, function, product, id);
+    Ok((group.clone(), port, dev))
 }
 
 /// QEMU's `hmp_info_usb`: every device on every USB bus under `root`, with its USB address.
 pub fn info_usb(root: &qom::ObjectRef) -> String {
     fn buses(obj: &qom::ObjectRef, out: &mut Vec<Arc<UsbPorts>>) {
-        if let Some(ports) = obj.downcast::<UsbBus>().and_then(|b| b.ports.get()) {
-            out.push(ports.clone());
+        if let Some(bus) = obj.downcast::<UsbBus>() {
+            out.extend(bus.groups());
         }
         for (_, child) in obj.children() {
             buses(&child, out);
@@ -464,7 +539,7 @@ pub fn info_usb(root: &qom::ObjectRef) -> String {
                     "  Device {}.{}, Port {}, Speed 12 Mb/s, Product {}{id}\n",
                     ports.number,
                     dev.address(),
-                    port + 1,
+                    ports.path(port),
                     dev.product
                 ));
             }
@@ -518,13 +593,12 @@ impl UsbDevice {
         product: &str,
     ) -> Result<Arc<AttachedDevice>, RealizeError> {
         let bus: &UsbBus = ctx.bus_state()?;
-        let ports = bus.ports.get().ok_or_else(|| RealizeError::device(UsbBusError::NoController))?;
         let path = self.port.get();
-        let (port, dev) = ports
+        let (ports, port, dev) = bus
             .attach(path.as_deref(), function, product, self.parent.id())
             .map_err(RealizeError::device)?;
-        self.port.set(Some((port + 1).to_string()));
-        let _ = self.attached.set((ports.clone(), port, dev.clone()));
+        self.port.set(Some(ports.path(port)));
+        let _ = self.attached.set((ports, port, dev.clone()));
         Ok(dev)
     }
 
@@ -533,9 +607,14 @@ impl UsbDevice {
         self.serial.get()
     }
 
-    /// The port the device is plugged into ("1", "2", ...), once realized.
+    /// The port the device is plugged into ("1", "1.2", ...), once realized.
     pub fn port_path(&self) -> Option<String> {
-        self.attached.get().map(|(_, port, _)| (port + 1).to_string())
+        self.attached.get().map(|(ports, port, _)| ports.path(*port))
+    }
+
+    /// The ports it is plugged into, and which: a hub makes its own next to them.
+    pub fn attached_port(&self) -> Option<(Arc<UsbPorts>, usize)> {
+        self.attached.get().map(|(ports, port, _)| (ports.clone(), *port))
     }
 
     /// Saves the core's state (address, configuration, a control transfer under way) into
@@ -601,7 +680,7 @@ mod tests {
         };
         let ports = UsbPorts::new(2, "usb.0");
         let f = Arc::new(Null(Descriptors::new(id, 0, 100, &[])));
-        ports.attach(None, f, "null", None).unwrap().1
+        attach_in(&[ports], None, f, "null", None).unwrap().2
     }
 
     fn setup(dev: &AttachedDevice, b: [u8; 8]) -> TokenResult {
@@ -649,12 +728,12 @@ mod tests {
         let ports = UsbPorts::new(1, "usb.0");
         let f = || Arc::new(Null(dev.function.descriptors().clone())) as Arc<dyn UsbFunction>;
         assert_eq!(
-            ports.attach(Some("2"), f(), "x", None).err().unwrap().to_string(),
+            attach_in(std::slice::from_ref(&ports), Some("2"), f(), "x", None).err().unwrap().to_string(),
             "usb port 2 (bus usb.0) not found (in use?)"
         );
-        ports.attach(Some("1"), f(), "x", None).unwrap();
+        attach_in(std::slice::from_ref(&ports), Some("1"), f(), "x", None).unwrap();
         assert_eq!(
-            ports.attach(None, f(), "QEMU USB Tablet", None).err().unwrap().to_string(),
+            attach_in(std::slice::from_ref(&ports), None, f(), "QEMU USB Tablet", None).err().unwrap().to_string(),
             "tried to attach usb device QEMU USB Tablet to a bus with no free ports"
         );
     }
