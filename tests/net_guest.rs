@@ -728,16 +728,17 @@ finish cd
 }
 
 /// USB input as a console client gives it: Linux's uhci-hcd (the generic kernel's; the
-/// cloud kernel has no USB) enumerates `usb-tablet` and `usb-kbd` on `-usb`'s PIIX3 UHCI,
-/// usbhid and hid-generic bind them, and what QMP sends (`input-send-event`: a position
-/// and a button; `send-key`) arrives at the guest's evdev devices as the same events.
+/// cloud kernel has no USB) enumerates `usb-kbd` on `-usb`'s PIIX3 UHCI and, through
+/// Linux's hub driver, `usb-tablet` behind a `usb-hub`; usbhid and hid-generic bind them,
+/// and what QMP sends (`input-send-event`: a position and a button; `send-key`) arrives
+/// at the guest's evdev devices as the same events.
 #[test]
 fn usb_tablet_and_keyboard_input_reaches_the_guest() {
     let Some(out) = net_scenario(
         "usbinput",
         r#"
 VM_KERNEL=vmlinuz-generic
-boot usb "qomvm.usbinput=1" -usb -device usb-tablet,id=tab -device usb-kbd,id=kbd \
+boot usb "qomvm.usbinput=1" -usb -device usb-hub,port=1 -device usb-tablet,id=tab,port=1.2 -device usb-kbd,id=kbd,port=2 \
     -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
 if await usb '^usb: ready' 300; then
     qmp qmp.sock '{"execute": "input-send-event", "arguments": {"events": [{"type": "abs", "data": {"axis": "x", "value": 4660}}, {"type": "abs", "data": {"axis": "y", "value": 8192}}, {"type": "btn", "data": {"down": true, "button": "left"}}]}}' \
@@ -753,7 +754,7 @@ finish usb
     ) else {
         return;
     };
-    for product in ["QEMU USB Tablet", "QEMU USB Keyboard"] {
+    for product in ["QEMU USB Hub", "QEMU USB Tablet", "QEMU USB Keyboard"] {
         assert!(
             out.contains(&format!("usb: usb: product {product}")),
             "{product}:\n{out}"
