@@ -422,19 +422,20 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "pci-testdev",
             "-device",
             "scratch",
-            // USB: the PIIX3's UHCI at 01.2 with a tablet, and a hub with a keyboard
-            // and a stick behind it.
+            // USB: the PIIX3's UHCI at 01.2 with a stick on port 1 and a hub on port 2
+            // (a tablet and a keyboard behind it, reached when random control transfers
+            // happen to enable the hub's ports).
             "-usb",
-            "-device",
-            "usb-tablet,port=1",
-            "-device",
-            "usb-hub,port=2",
-            "-device",
-            "usb-kbd,port=2.1",
             "-drive",
             "file=stick.raw,format=raw,if=none,id=stick",
             "-device",
-            "usb-storage,drive=stick,port=2.2",
+            "usb-storage,drive=stick,port=1",
+            "-device",
+            "usb-hub,port=2",
+            "-device",
+            "usb-tablet,port=2.1",
+            "-device",
+            "usb-kbd,port=2.2",
             // IDE: a disk on the primary channel, a CD on the secondary.
             "-drive",
             "file=ide.raw,format=raw,if=ide,index=0",

@@ -698,6 +698,10 @@ fn a_usb_disk_starts_under_libvirt() {
     // Three devices on a two-port controller, with the test's <hub type='usb'/>: libvirt
     // puts the hub on a root port and places the devices.
     assert!(usb.contains("Product QEMU USB Hub"), "{usb}");
+    assert!(
+        usb.contains(", Port 1.") || usb.contains(", Port 2."),
+        "a device behind the hub: {usb}"
+    );
     assert!(usb.contains("Product QEMU USB MSD, ID: usb-disk0"), "{usb}");
     assert!(usb.contains("Product QEMU USB Tablet, ID: input0"), "{usb}");
     assert!(

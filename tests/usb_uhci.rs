@@ -899,6 +899,28 @@ fn qomvm_takes_usb_options_and_refuses_bad_ones_in_qemus_words() {
             &["-usb", "-device", "usb-mouse,usb_version=3"][..],
             "usb_version 3 is not supported",
         ),
+        (
+            &["-usb", "-device", "usb-hub,ports=9"][..],
+            "num_ports (9) out of range (1..8)",
+        ),
+        (
+            &[
+                "-usb",
+                "-device",
+                "usb-hub,port=1",
+                "-device",
+                "usb-hub,port=1.1",
+                "-device",
+                "usb-hub,port=1.1.1",
+                "-device",
+                "usb-hub,port=1.1.1.1",
+                "-device",
+                "usb-hub,port=1.1.1.1.1",
+                "-device",
+                "usb-hub,port=1.1.1.1.1.1",
+            ][..],
+            "usb hub chain too deep",
+        ),
     ] {
         let (code, stderr) = test_support::qtest::qomvm_pc_quit(bin, args);
         assert_eq!(code, Some(1), "{args:?}: {stderr}");
@@ -1144,4 +1166,14 @@ fn devices_behind_a_hub_enumerate_through_its_ports() {
         "gone: connection and enable changed"
     );
     assert_eq!(d.read(PORTSC1, 2) & 0x0a, 0, "the root port saw nothing");
+    // Unplugging the hub takes the keyboard behind it too.
+    let hub = machine
+        .child("peripheral-anon")
+        .unwrap()
+        .child("device[0]")
+        .unwrap();
+    hw::core::qdev::qdev_unplug(&hub).unwrap();
+    let usb = hw::usb::usb_bus::info_usb(&machine);
+    assert!(!usb.contains("Hub") && !usb.contains("Keyboard"), "{usb}");
+    assert_ne!(d.read(PORTSC1, 2) & 0x02, 0, "the root port saw the hub go");
 }

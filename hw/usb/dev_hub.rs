@@ -22,6 +22,8 @@ use crate::usb::usb_bus::{
 
 /// QEMU's `MAX_PORTS`.
 const MAX_PORTS: u32 = 8;
+/// Hubs in a chain at most (QEMU's `hubcount`).
+const MAX_HUB_CHAIN: usize = 5;
 /// The hub class's descriptor type.
 const HUB_DESCRIPTOR: u8 = 0x29;
 
@@ -87,9 +89,11 @@ impl Hub {
             }],
         )
         .with_device_class((9, 0, 0));
-        // Per-port overcurrent, no power switching; 2 ms power-on to good; no removable
-        // devices; then the USB 1.0 port power control mask.
-        let mut hub_descriptor = vec![0, HUB_DESCRIPTOR, count as u8, 0x0a, 0x00, 0x01, 0x00];
+        // Per-port overcurrent, and per-port power switching with port-power (else none);
+        // 2 ms power-on to good; no removable devices; then the USB 1.0 port power
+        // control mask.
+        let characteristics = if port_power { 0x09 } else { 0x0a };
+        let mut hub_descriptor = vec![0, HUB_DESCRIPTOR, count as u8, characteristics, 0x00, 0x01, 0x00];
         hub_descriptor.extend(std::iter::repeat_n(0x00, bitmap_bytes));
         hub_descriptor.extend(std::iter::repeat_n(0xff, bitmap_bytes));
         hub_descriptor[0] = hub_descriptor.len() as u8;
@@ -116,7 +120,8 @@ impl Hub {
                 status: if self.port_power { 0 } else { status::POWER },
                 change: 0,
             };
-            if self.device(i).is_some() {
+            // A device shows once its port has power.
+            if p.status & status::POWER != 0 && self.device(i).is_some() {
                 p.status |= status::CONNECTION;
                 p.change |= status::CONNECTION;
             }
@@ -146,13 +151,14 @@ impl Hub {
                 dev.reset();
             }
         }
+        let connected = self.device(i).is_some();
         let mut ports = self.ports.lock();
         let p = &mut ports[i];
         match (is_set, value) {
             (false, feature::PORT_ENABLE) => p.status &= !status::ENABLE,
             (false, feature::PORT_SUSPEND) => p.status &= !status::SUSPEND,
             (false, feature::PORT_POWER) if self.port_power => {
-                p.status &= !(status::POWER | status::ENABLE | status::SUSPEND);
+                p.status &= !(status::POWER | status::CONNECTION | status::ENABLE | status::SUSPEND);
             }
             (false, feature::PORT_POWER) => {}
             (false, v) if (feature::C_PORT_CONNECTION..=feature::C_PORT_RESET).contains(&v) => {
@@ -166,7 +172,15 @@ impl Hub {
                     p.status |= status::ENABLE;
                 }
             }
-            (true, feature::PORT_POWER) => p.status |= status::POWER,
+            (true, feature::PORT_POWER) => {
+                // Powering a port with a device on it connects it (QEMU announces it a
+                // moment later; here at once).
+                if p.status & status::POWER == 0 && connected {
+                    p.status |= status::CONNECTION;
+                    p.change |= status::CONNECTION;
+                }
+                p.status |= status::POWER;
+            }
             _ => return Err(Stall),
         }
         Ok(Vec::new())
@@ -234,8 +248,10 @@ impl UsbFunction for Hub {
 impl UsbHostController for Hub {
     fn attach(&self, i: usize) {
         if let Some(p) = self.ports.lock().get_mut(i) {
-            p.status |= status::CONNECTION;
-            p.change |= status::CONNECTION;
+            if p.status & status::POWER != 0 {
+                p.status |= status::CONNECTION;
+                p.change |= status::CONNECTION;
+            }
         }
         self.wake_upstream();
     }
@@ -295,6 +311,11 @@ impl DeviceImpl for UsbHub {
             .parent
             .attached_port()
             .ok_or_else(|| RealizeError::device(UsbHubError::NotAttached))?;
+        // QEMU's limit: five hubs in a chain (USB allows no more tiers).
+        if upstream.path(port).matches('.').count() >= MAX_HUB_CHAIN {
+            self.parent.detach();
+            return Err(RealizeError::device(UsbHubError::ChainTooDeep));
+        }
         let downstream = UsbPorts::downstream(count as usize, &upstream, &upstream.path(port));
         downstream.set_controller(Arc::downgrade(&hub) as Weak<dyn UsbHostController>);
         let _ = hub.downstream.set(downstream.clone());
@@ -351,6 +372,8 @@ enum UsbHubError {
     Ports(u32),
     #[error("usb-hub: not attached to a port")]
     NotAttached,
+    #[error("usb hub chain too deep")]
+    ChainTooDeep,
 }
 
 #[cfg(test)]

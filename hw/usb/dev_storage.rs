@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::bus::{qbus_new, BusState};
 use crate::core::qdev::{qdev_new, qdev_realize, DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::runstate::ChangeHandlerId;
-use crate::core::thread_pool::{InFlight, ThreadPool};
+use crate::core::thread_pool::{InFlight, Job, ThreadPool};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::scsi::scsi_bus::{
     scsi_bus_name, Dispatch, ScsiAddress, ScsiBus, ScsiBusInfo, ScsiData, ScsiLuns, ScsiOutcome, Sense, TYPE_SCSI_BUS,
@@ -151,6 +151,8 @@ struct MassStorage {
     luns: Arc<ScsiLuns>,
     pool: ThreadPool,
     in_flight: Arc<InFlight>,
+    /// A command started under the transport's lock, submitted after it.
+    outbox: Mutex<Option<Job>>,
     this: Weak<MassStorage>,
 }
 
@@ -162,6 +164,7 @@ impl MassStorage {
             luns,
             pool: ThreadPool::new("usb-storage", 1),
             in_flight: Arc::new(InFlight::default()),
+            outbox: Mutex::new(None),
             this: this.clone(),
         })
     }
@@ -192,15 +195,28 @@ impl MassStorage {
         let (cdb, out, generation) = (t.cdb.clone(), std::mem::take(&mut t.data), t.generation);
         t.phase = Phase::Running { data_in };
         self.in_flight.begin();
-        self.pool.submit(Box::new(move || {
-            let done = run_command(&me.luns, &cdb, &out, data_in, data_len);
-            let mut t = me.transport.lock();
-            if t.generation == generation && t.phase == (Phase::Running { data_in }) {
-                me.complete(&mut t, done);
+        let current = move |t: &Transport| t.generation == generation && t.phase == (Phase::Running { data_in });
+        // Submitted once the caller let the transport go (a pool that cannot start a
+        // thread runs the job right away, and the job takes the transport's lock).
+        *self.outbox.lock() = Some(Box::new(move || {
+            // A command a reset forgot does not run.
+            if current(&me.transport.lock()) {
+                let done = run_command(&me.luns, &cdb, &out, data_in, data_len);
+                let mut t = me.transport.lock();
+                if current(&t) {
+                    me.complete(&mut t, done);
+                }
             }
-            drop(t);
             me.in_flight.end();
         }));
+    }
+
+    /// Hands the command [`MassStorage::start`] made to the worker.
+    fn submit_started(&self) {
+        let job = self.outbox.lock().take();
+        if let Some(job) = job {
+            self.pool.submit(job);
+        }
     }
 
     fn complete(&self, t: &mut Transport, done: Completion) {
@@ -294,8 +310,23 @@ impl UsbFunction for MassStorage {
     }
 
     fn data(&self, pid_code: u8, ep: u8, buf: &mut [u8]) -> TokenResult {
+        let result = self.transport_token(pid_code, ep, buf);
+        self.submit_started();
+        result
+    }
+
+    fn reset(&self) {
+        self.reset_transport(false);
+    }
+}
+
+impl MassStorage {
+    fn transport_token(&self, pid_code: u8, ep: u8, buf: &mut [u8]) -> TokenResult {
         let mut t = self.transport.lock();
         match (pid_code, ep, t.phase) {
+            // After a reset, a new command waits until the one it forgot has ended: at
+            // most one job is ever queued.
+            (pid::OUT, EP_OUT, Phase::Command) if !self.in_flight.is_idle() => TokenResult::Nak,
             (pid::OUT, EP_OUT, Phase::Command) => self.command(&mut t, buf),
             (pid::OUT, EP_OUT, Phase::DataOut { expected, received }) => {
                 let n = buf.len().min(expected - received);
@@ -340,10 +371,6 @@ impl UsbFunction for MassStorage {
             }
             _ => TokenResult::Stall,
         }
-    }
-
-    fn reset(&self) {
-        self.reset_transport(false);
     }
 }
 
@@ -478,22 +505,7 @@ impl DeviceImpl for UsbStorage {
             field: "transport".into(),
             reason: reason.into(),
         };
-        let data_len = t.data_len as usize;
-        if t.data.len() > MAX_TRANSFER.min(data_len) || t.cdb.len() > 16 {
-            return Err(bad("data larger than the transfer or the device's"));
-        }
-        let consistent = match t.phase {
-            Phase::Command | Phase::Status => t.data.is_empty(),
-            Phase::DataOut { expected, received } => {
-                expected == data_len && received <= expected && (t.cdb.is_empty() || t.data.len() == received)
-            }
-            Phase::DataIn { sent, .. } => sent <= data_len,
-            // Commands end before a stop: none runs while the state is saved.
-            Phase::Running { .. } => false,
-        };
-        if !consistent {
-            return Err(bad("phase inconsistent with the transfer"));
-        }
+        check_loaded(&t).map_err(bad)?;
         // Checked before anything is loaded: a bad section changes nothing.
         self.parent.load_core(state)?;
         if let Some(m) = self.model.get() {
@@ -502,6 +514,28 @@ impl DeviceImpl for UsbStorage {
             *current = t;
         }
         Ok(())
+    }
+}
+
+/// Whether a loaded transport state is one the device can go on from.
+fn check_loaded(t: &Transport) -> Result<(), &'static str> {
+    let data_len = t.data_len as usize;
+    if t.data.len() > MAX_TRANSFER.min(data_len) || t.cdb.len() > 16 {
+        return Err("data larger than the transfer or the device's");
+    }
+    let consistent = match t.phase {
+        Phase::Command | Phase::Status => t.data.is_empty(),
+        Phase::DataOut { expected, received } => {
+            expected == data_len && received <= expected && (t.cdb.is_empty() || t.data.len() == received)
+        }
+        Phase::DataIn { sent, .. } => sent <= data_len && sent <= t.data.len(),
+        // Commands end before a stop: none runs while the state is saved.
+        Phase::Running { .. } => false,
+    };
+    if consistent {
+        Ok(())
+    } else {
+        Err("phase inconsistent with the transfer")
     }
 }
 
@@ -565,6 +599,44 @@ mod tests {
         assert_eq!(m.data(pid::IN, EP_IN, &mut buf), TokenResult::Done(18));
         assert_eq!((buf[2] & 0xf, buf[12]), (Sense::LUN_NOT_SUPPORTED.key, Sense::LUN_NOT_SUPPORTED.asc));
         assert_eq!(csw(&m), (8, 0, 0));
+    }
+
+    #[test]
+    fn loaded_states_must_fit_their_transfer() {
+        let mut t = Transport {
+            phase: Phase::DataIn { sent: 50, short_sent: false },
+            data_len: 100,
+            data: vec![0; 10],
+            ..Transport::default()
+        };
+        assert!(check_loaded(&t).is_err(), "a position beyond the data");
+        t.phase = Phase::DataIn { sent: 10, short_sent: false };
+        assert!(check_loaded(&t).is_ok());
+        t.phase = Phase::Running { data_in: true };
+        assert!(check_loaded(&t).is_err(), "a command in flight");
+        t.phase = Phase::DataOut { expected: 100, received: 10 };
+        t.cdb = vec![0x2a; 10];
+        assert!(check_loaded(&t).is_ok());
+        t.phase = Phase::DataOut { expected: 200, received: 10 };
+        assert!(check_loaded(&t).is_err(), "more than the CBW said");
+        t.data = vec![0; 200];
+        assert!(check_loaded(&t).is_err(), "data beyond the transfer");
+    }
+
+    #[test]
+    fn tokens_wait_while_a_command_runs_and_a_new_command_waits_for_a_forgotten_one() {
+        let m = msd();
+        m.transport.lock().phase = Phase::Running { data_in: true };
+        assert_eq!(m.data(pid::IN, EP_IN, &mut [0u8; 64]), TokenResult::Nak);
+        assert_eq!(m.data(pid::OUT, EP_OUT, &mut [0u8; 31]), TokenResult::Nak);
+        // A reset forgets it; while its job has not ended, a new command is NAKed.
+        m.in_flight.begin();
+        m.reset_transport(true);
+        let mut c = cbw(20, 0, false, 0, &[0x00, 0, 0, 0, 0, 0]);
+        assert_eq!(m.data(pid::OUT, EP_OUT, &mut c), TokenResult::Nak);
+        m.in_flight.end();
+        assert_eq!(m.data(pid::OUT, EP_OUT, &mut c), TokenResult::Done(CBW_LEN));
+        assert_eq!(csw(&m), (20, 0, CSW_FAILED));
     }
 
     #[test]

@@ -24,13 +24,13 @@ use crate::core::hotplug::{HotplugError, HotplugHandler};
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::log_limit::RateLimitedLog;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
-use crate::core::qdev::{qdev_unplug_complete, DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::qdev::{qdev_unplug_complete, DeviceCategory, DeviceContext, DeviceImpl, DeviceMethods, RealizeError};
 use crate::core::runstate::ChangeHandlerId;
 use crate::core::services::MachineServices;
 use crate::core::timer::DeviceTimer;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
-use crate::usb::usb_bus::{pid, TokenResult, UsbBus, UsbHostController, UsbPorts, TYPE_USB_BUS};
+use crate::usb::usb_bus::{pid, TokenResult, UsbBus, UsbDevice, UsbHostController, UsbPorts, TYPE_USB_BUS};
 
 /// QEMU's `TYPE_PIIX3_USB_UHCI`.
 pub const TYPE_PIIX3_USB_UHCI: &str = "piix3-usb-uhci";
@@ -49,6 +49,9 @@ const FRAME_MAX_LOOPS: u32 = 256;
 const MAX_QUEUES_PER_FRAME: usize = 64;
 /// The largest transfer a TD may ask for (`MaxLen` 0x4ff; 0x500-0x7fe are illegal).
 const MAX_TD_LEN: usize = 0x500;
+/// Where the frames' run-state handler runs: above the USB disks' (10), which wait for
+/// the commands frames started, and the block layer's flush (0).
+const FRAMES_CHANGE_PRIORITY: i32 = 20;
 /// Configuration register: serial bus release number, USB 1.0.
 const USB_SBRN: usize = 0x60;
 
@@ -750,8 +753,10 @@ impl Piix3UsbUhci {
             )
             .map_err(internal)?;
         // Frames follow the VM: none while it is stopped (QEMU's virtual clock stops).
+        // At a stop this runs before the USB disks wait for their commands (their
+        // handlers' priority is lower): no frame starts one after that.
         let change = services.vm().add_change_handler(
-            0,
+            FRAMES_CHANGE_PRIORITY,
             Arc::new(move |running, _| {
                 if let Some(u) = weak.upgrade() {
                     let mut st = u.state.lock();
@@ -802,6 +807,24 @@ impl HotplugHandler for Piix3UsbUhci {
     }
 
     fn unplug_request(&self, dev: &qom::Object) -> Result<(), HotplugError> {
+        // A hub goes with the devices on its ports (QEMU's `usb_unregister_port`),
+        // deepest first.
+        if let (Some(usb), Some(bus)) = (dev.downcast::<UsbDevice>(), dev.parent_bus()) {
+            if let Some(path) = usb.port_path() {
+                let below = format!("{path}.");
+                let mut behind: Vec<(String, qom::ObjectRef)> = crate::core::bus::bus_children(&bus)
+                    .into_iter()
+                    .filter_map(|d| {
+                        let p = d.downcast::<UsbDevice>()?.port_path()?;
+                        p.starts_with(&below).then_some((p, d))
+                    })
+                    .collect();
+                behind.sort_by_key(|(p, _)| std::cmp::Reverse(p.matches('.').count()));
+                for (_, d) in behind {
+                    qdev_unplug_complete(&d);
+                }
+            }
+        }
         qdev_unplug_complete(dev);
         Ok(())
     }

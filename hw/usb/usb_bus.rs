@@ -612,6 +612,13 @@ impl UsbDevice {
         self.attached.get().map(|(ports, port, _)| ports.path(*port))
     }
 
+    /// Takes the device off its port (a realize that fails after plugging it).
+    pub fn detach(&self) {
+        if let Some((ports, port, _)) = self.attached.get() {
+            ports.detach(*port);
+        }
+    }
+
     /// The ports it is plugged into, and which: a hub makes its own next to them.
     pub fn attached_port(&self) -> Option<(Arc<UsbPorts>, usize)> {
         self.attached.get().map(|(ports, port, _)| (ports.clone(), *port))
