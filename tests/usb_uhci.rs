@@ -53,9 +53,9 @@ const SETUP: u8 = 0x2d;
 const IN: u8 = 0x69;
 const OUT: u8 = 0xe1;
 
-/// A pc machine on qtest with `piix3-usb-uhci,id=usb` at 05.0, a tablet on port 1 and a
-/// keyboard on port 2.
-fn pc_with_uhci(id: &str) -> ObjectRef {
+/// A pc machine on qtest with `piix3-usb-uhci,id=ID` at 05.0 and each (driver, props) on
+/// its bus, started.
+fn pc_with_usb(id: &str, devices: &[(&str, &[(&str, &str)])]) -> ObjectRef {
     accel::init().expect("registrations are intact");
     let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
     machine_state(&machine).unwrap().set_ram_size(128 << 20);
@@ -73,13 +73,24 @@ fn pc_with_uhci(id: &str) -> ObjectRef {
     let bus = hc
         .child(&format!("{id}.0"))
         .expect("the controller's bus <id>.0");
-    for (driver, port) in [("usb-tablet", "1"), ("usb-kbd", "2")] {
-        let dev = test_support::qtest::new_dev(&machine, driver, &[("port", port)]);
+    for (driver, props) in devices {
+        let dev = test_support::qtest::new_dev(&machine, driver, props);
         qdev_realize(&dev, Some(&bus)).unwrap();
     }
     machine_creation_done(&machine).unwrap();
     runstate::vm_start(machine_state(&machine).unwrap()).unwrap();
     machine
+}
+
+/// [`pc_with_usb`] with a tablet on port 1 and a keyboard on port 2.
+fn pc_with_uhci(id: &str) -> ObjectRef {
+    pc_with_usb(
+        id,
+        &[
+            ("usb-tablet", &[("port", "1")]),
+            ("usb-kbd", &[("port", "2")]),
+        ],
+    )
 }
 
 /// The test's UHCI driver: one queue head on every frame, its element the transfer under
@@ -621,27 +632,13 @@ fn a_usb_stick_reads_and_writes_its_image_over_bulk_only() {
     }
     std::fs::write(&path, &content).unwrap();
     test_support::drives::add_raw_drive("usb-stick0", &path, false, false);
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(128 << 20);
-    accel::accel_init_machine(accel::accel_find("qtest").unwrap(), &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
-    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let hc = qdev_new("piix3-usb-uhci").unwrap();
-    hc.property_parse("addr", "05.0").unwrap();
-    hc.set_device_id(Some("usbs".into()));
-    qom::container_get(&machine, "peripheral")
-        .add_child("usbs", &hc)
-        .unwrap();
-    qdev_realize(&hc, Some(&pci)).unwrap();
-    let stick = test_support::qtest::new_dev(
-        &machine,
-        "usb-storage",
-        &[("drive", "usb-stick0"), ("serial", "S123")],
+    let machine = pc_with_usb(
+        "usbs",
+        &[(
+            "usb-storage",
+            &[("drive", "usb-stick0"), ("serial", "S123")],
+        )],
     );
-    qdev_realize(&stick, Some(&hc.child("usbs.0").unwrap())).unwrap();
-    machine_creation_done(&machine).unwrap();
-    runstate::vm_start(machine_state(&machine).unwrap()).unwrap();
     let mut d = Driver::start(&machine);
     let device = d.enumerate(1, 4);
     assert_eq!(u16::from_le_bytes([device[8], device[9]]), 0x46f4);
@@ -1061,31 +1058,24 @@ fn short_packets_idle_interrupts_unplug_and_global_reset_as_linux_expects() {
 /// `info usb` names the ports.
 #[test]
 fn devices_behind_a_hub_enumerate_through_its_ports() {
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(128 << 20);
-    accel::accel_init_machine(accel::accel_find("qtest").unwrap(), &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
-    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let hc = qdev_new("piix3-usb-uhci").unwrap();
-    hc.property_parse("addr", "05.0").unwrap();
-    hc.set_device_id(Some("usbh".into()));
-    qom::container_get(&machine, "peripheral")
-        .add_child("usbh", &hc)
-        .unwrap();
-    qdev_realize(&hc, Some(&pci)).unwrap();
-    let bus = hc.child("usbh.0").unwrap();
-    for (driver, port) in [("usb-hub", "1"), ("usb-tablet", "1.1"), ("usb-kbd", "1.3")] {
-        let dev = test_support::qtest::new_dev(&machine, driver, &[("port", port)]);
-        qdev_realize(&dev, Some(&bus)).unwrap();
-    }
+    let hub_devices: [(&str, &[(&str, &str)]); 3] = [
+        ("usb-hub", &[("port", "1")]),
+        ("usb-tablet", &[("port", "1.1")]),
+        ("usb-kbd", &[("port", "1.3")]),
+    ];
+    let machine = pc_with_usb("usbh", &hub_devices);
     let busy = test_support::qtest::new_dev(&machine, "usb-mouse", &[("port", "1.3")]);
+    let bus = machine
+        .child("peripheral")
+        .unwrap()
+        .child("usbh")
+        .unwrap()
+        .child("usbh.0")
+        .unwrap();
     assert_eq!(
         qdev_realize(&busy, Some(&bus)).unwrap_err().to_string(),
         "usb port 1.3 (bus usbh.0) not found (in use?)"
     );
-    machine_creation_done(&machine).unwrap();
-    runstate::vm_start(machine_state(&machine).unwrap()).unwrap();
     let usb = hw::usb::usb_bus::info_usb(&machine);
     assert!(
         usb.contains("Port 1, Speed 12 Mb/s, Product QEMU USB Hub"),
