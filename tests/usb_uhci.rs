@@ -133,25 +133,28 @@ impl Driver {
             next_td: TDS,
         };
         d.write(USBCMD, CMD_HCRESET, 2);
-        for f in 0..1024u64 {
-            d.mem
-                .write_obj(
-                    (QH as u32 | LINK_QH).to_le(),
-                    GuestAddress(FRAME_LIST + 4 * f),
-                )
-                .unwrap();
-        }
-        d.mem
-            .write_obj(LINK_TERM.to_le(), GuestAddress(QH))
-            .unwrap();
-        d.mem
-            .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
-            .unwrap();
+        d.lay_out_schedule();
         d.write(FLBASEADD, FRAME_LIST, 4);
         d.write(FRNUM, 0, 2);
         d.write(USBINTR, 0xf, 2);
         d.write(USBCMD, CMD_RS, 2);
         d
+    }
+
+    /// The frame list, every entry on the one queue head, the queue empty.
+    fn lay_out_schedule(&self) {
+        for f in 0..1024u64 {
+            let entry = GuestAddress(FRAME_LIST + 4 * f);
+            self.mem
+                .write_obj((QH as u32 | LINK_QH).to_le(), entry)
+                .unwrap();
+        }
+        self.mem
+            .write_obj(LINK_TERM.to_le(), GuestAddress(QH))
+            .unwrap();
+        self.mem
+            .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
+            .unwrap();
     }
 
     fn io(&self) -> std::sync::Arc<hw::core::memory::AddressSpace> {
@@ -733,17 +736,7 @@ fn registers_and_devices_move_with_a_migration() {
         next_td: TDS,
     };
     // The destination's guest memory has the schedule (a real migration moves RAM).
-    for f in 0..1024u64 {
-        d2.mem
-            .write_obj(
-                (QH as u32 | LINK_QH).to_le(),
-                GuestAddress(FRAME_LIST + 4 * f),
-            )
-            .unwrap();
-    }
-    d2.mem
-        .write_obj(LINK_TERM.to_le(), GuestAddress(QH))
-        .unwrap();
+    d2.lay_out_schedule();
     runstate::vm_start(machine_state(&m2).unwrap()).unwrap();
     assert_eq!(d2.read(FLBASEADD, 4), FRAME_LIST);
     assert_eq!(d2.read(PORTSC1, 2) & 0x4, 0x4, "port 1 still enabled");
