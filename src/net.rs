@@ -160,20 +160,25 @@ pub fn qmp_netdev_del(id: &str) -> Result<(), NetCommandError> {
 
 /// QMP `set_link` (QEMU's `qmp_set_link`): `name` is a NIC or the backend of one.
 pub fn qmp_set_link(name: &str, up: bool) -> Result<(), NetCommandError> {
-    let nic = hw::net::virtio_net::find_nic(name)
-        .ok_or_else(|| NetCommandError::NotFound(name.to_string()))?;
+    let nic =
+        hw::net::nic::find_nic(name).ok_or_else(|| NetCommandError::NotFound(name.to_string()))?;
     nic.set_link(up);
     Ok(())
 }
 
 /// QMP `query-rx-filter` (QEMU's `qmp_query_rx_filter`): every NIC, or the one named.
 pub fn qmp_query_rx_filter(name: Option<&str>) -> Result<Vec<Value>, NetCommandError> {
-    let nics = hw::net::virtio_net::nics();
+    let nics = hw::net::nic::nics();
     match name {
-        None => Ok(nics.iter().map(|n| n.rx_filter_info()).collect()),
+        // Cards that do not report their filter are left out of the whole list.
+        None => Ok(nics.iter().filter_map(|n| n.rx_filter_info()).collect()),
         Some(name) => {
             if let Some(nic) = nics.iter().find(|n| n.name() == name) {
-                return Ok(vec![nic.rx_filter_info()]);
+                return nic.rx_filter_info().map(|info| vec![info]).ok_or_else(|| {
+                    NetCommandError::Other(format!(
+                        "net client({name}) doesn't support rx-filter querying"
+                    ))
+                });
             }
             if ::net::find_netdev(name).is_some() {
                 return Err(NetCommandError::Other(format!(
@@ -200,12 +205,13 @@ pub fn info_network() -> String {
             info.info_str
         )
     };
-    let nics = hw::net::virtio_net::nics();
+    let nics = hw::net::nic::nics();
     for nic in &nics {
         out.push_str(&format!(
-            "{}: index=0,type=nic,model=virtio-net-pci,macaddr={}{}\n",
+            "{}: index=0,type=nic,model={},macaddr={}{}\n",
             nic.name(),
-            hw::net::virtio_net::format_mac(&nic.mac()),
+            nic.model(),
+            hw::net::nic::format_mac(&nic.mac()),
             if nic.link_up() { "" } else { ",link=down" }
         ));
         out.push_str(" \\ ");
@@ -229,7 +235,7 @@ pub fn qmp_announce_self(
     step: u64,
     interfaces: Option<Vec<String>>,
 ) {
-    let nics: Vec<_> = hw::net::virtio_net::nics()
+    let nics: Vec<_> = hw::net::nic::nics()
         .into_iter()
         .filter(|n| {
             interfaces

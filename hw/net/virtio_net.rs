@@ -34,6 +34,7 @@ use crate::core::iothread::{AioContext, AioHandlerId, Interest};
 use crate::core::qapi_event::{self, json, Value};
 use crate::core::timer::DeviceTimer;
 use crate::core::vmstate::{VmStateError, VmStateSection};
+use crate::net::nic::{self, format_mac, rarp_frame, Nic};
 use crate::net::vhost_net::{vhost_net_get_features, VhostNet};
 use crate::virtio::virtio::{
     bit, device_id, drain_kick, feature, mark_chain_written, read_config_bytes, ActivateError, Activation,
@@ -336,24 +337,6 @@ struct Running {
     transport: Arc<dyn VirtioTransport>,
 }
 
-/// Every NIC, for the monitor (QEMU's `net_clients` of type NIC).
-static NICS: Mutex<Vec<Weak<VirtioNet>>> = Mutex::new(Vec::new());
-
-/// Every virtio-net device alive, in creation order.
-pub fn nics() -> Vec<Arc<VirtioNet>> {
-    let mut all = NICS.lock();
-    all.retain(|w| w.strong_count() > 0);
-    all.iter().filter_map(Weak::upgrade).collect()
-}
-
-/// The NIC called `name` (its id or `virtio-net-pci.N`), or the NIC whose backend is
-/// called `name`.
-pub fn find_nic(name: &str) -> Option<Arc<VirtioNet>> {
-    nics()
-        .into_iter()
-        .find(|n| n.shared.name == name || n.shared.netdev_id == name)
-}
-
 /// The header length the driver's features call for.
 fn header_len(features: u64) -> usize {
     if features & (bit(feature::VERSION_1) | bit(nf::MRG_RXBUF)) != 0 {
@@ -456,38 +439,59 @@ impl VirtioNet {
             tx_mode: conf.tx_mode,
             resume_pairs: Mutex::new(None),
         });
-        NICS.lock().push(Arc::downgrade(&dev));
+        let weak: Weak<VirtioNet> = Arc::downgrade(&dev);
+        nic::register(weak);
         dev
     }
 
+    fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
+        let mut b = [0u8; CONFIG_SIZE];
+        b[0..6].copy_from_slice(&self.mac());
+        b[6..8].copy_from_slice(&self.shared.status.load(Ordering::Acquire).to_le_bytes());
+        b[8..10].copy_from_slice(&self.conf_queue_pairs.to_le_bytes());
+        b[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        b
+    }
+
+    fn has_ctrl(&self) -> bool {
+        self.features & bit(nf::CTRL_VQ) != 0
+    }
+}
+
+/// The monitor's view of the card.
+impl Nic for VirtioNet {
+    fn model(&self) -> &'static str {
+        "virtio-net-pci"
+    }
+
     /// The NIC's name (`id=` or `virtio-net-pci.N`).
-    pub fn name(&self) -> &str {
+    fn name(&self) -> &str {
         &self.shared.name
     }
 
     /// Its backend's id.
-    pub fn netdev_id(&self) -> &str {
+    fn netdev_id(&self) -> &str {
         &self.shared.netdev_id
     }
 
     /// Its backend.
-    pub fn netdev(&self) -> &Arc<dyn Netdev> {
+    fn netdev(&self) -> &Arc<dyn Netdev> {
         &self.shared.netdev
     }
 
     /// The MAC address the guest uses now.
-    pub fn mac(&self) -> [u8; 6] {
+    fn mac(&self) -> [u8; 6] {
         *self.shared.mac.lock()
     }
 
     /// Whether the link is up.
-    pub fn link_up(&self) -> bool {
+    fn link_up(&self) -> bool {
         self.shared.link_up.load(Ordering::Acquire)
     }
 
     /// QMP `set_link` (QEMU's `virtio_net_set_link_status`): the configuration's status
     /// changes and the driver is told; while down, frames are neither received nor sent.
-    pub fn set_link(&self, up: bool) {
+    fn set_link(&self, up: bool) {
         if self.shared.link_up.swap(up, Ordering::AcqRel) == up {
             return;
         }
@@ -511,7 +515,7 @@ impl VirtioNet {
     /// `qemu_announce_self_iter`): a driver that can announce (GUEST_ANNOUNCE) is asked
     /// to, through the configuration's status; otherwise qomvm sends the RARP frame that
     /// tells switches where the MAC address now is.
-    pub fn announce(&self) {
+    fn announce(&self) {
         let features = *self.shared.features.lock();
         let running = self.running.lock();
         if let Some(r) = running.as_ref() {
@@ -535,7 +539,7 @@ impl VirtioNet {
 
     /// QMP `query-rx-filter`'s entry for this NIC (QEMU's `RxFilterInfo`); re-arms
     /// `NIC_RX_FILTER_CHANGED`.
-    pub fn rx_filter_info(&self) -> Value {
+    fn rx_filter_info(&self) -> Option<Value> {
         let f = self.shared.filter.lock().clone();
         self.shared.rxfilter_notify.store(true, Ordering::Release);
         let mode = |all: bool, none: bool| {
@@ -551,7 +555,7 @@ impl VirtioNet {
         let vlan_table: Vec<u32> = (0..MAX_VLAN as u32)
             .filter(|&v| f.vlans[(v >> 5) as usize] & (1 << (v & 0x1f)) != 0)
             .collect();
-        json!({
+        Some(json!({
             "name": self.shared.name,
             "promiscuous": f.promisc,
             "multicast": mode(f.allmulti, f.nomulti),
@@ -564,45 +568,8 @@ impl VirtioNet {
             "vlan-table": if vlan_on { vlan_table } else { Vec::new() },
             "unicast-table": f.uni.iter().map(format_mac).collect::<Vec<_>>(),
             "multicast-table": f.multi.iter().map(format_mac).collect::<Vec<_>>(),
-        })
+        }))
     }
-
-    fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
-        let mut b = [0u8; CONFIG_SIZE];
-        b[0..6].copy_from_slice(&self.mac());
-        b[6..8].copy_from_slice(&self.shared.status.load(Ordering::Acquire).to_le_bytes());
-        b[8..10].copy_from_slice(&self.conf_queue_pairs.to_le_bytes());
-        b[10..12].copy_from_slice(&self.mtu.to_le_bytes());
-        b
-    }
-
-    fn has_ctrl(&self) -> bool {
-        self.features & bit(nf::CTRL_VQ) != 0
-    }
-}
-
-/// QEMU's `announce_self_create`: a broadcast RARP request for `mac`, padded to 60 bytes.
-pub fn rarp_frame(mac: &[u8; 6]) -> [u8; 60] {
-    let mut f = [0u8; 60];
-    f[0..6].copy_from_slice(&[0xff; 6]);
-    f[6..12].copy_from_slice(mac);
-    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // ETH_P_RARP
-    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
-    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
-    f[18] = 6;
-    f[19] = 4;
-    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
-    f[22..28].copy_from_slice(mac);
-    f[32..38].copy_from_slice(mac);
-    f
-}
-
-/// `52:54:00:12:34:56`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 impl Drop for VirtioNet {
@@ -2042,10 +2009,5 @@ mod tests {
         assert!(multi.is_empty() && rest.is_empty());
         assert!(mac_list(&u32::MAX.to_le_bytes()).is_none());
         assert!(mac_list(&[1, 0]).is_none());
-    }
-
-    #[test]
-    fn macs_print_as_qemu_prints_them() {
-        assert_eq!(format_mac(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]), "52:54:00:12:34:56");
     }
 }

@@ -4,7 +4,6 @@
 //! `-device virtio-net-pci,netdev=hostnet0,id=net0,mac=fa:16:3e:d1:2d:99,bus=pci.0,addr=0x3`
 //! is accepted as written.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use qom::{type_init, Prop};
 use crate::core::iothread::iothread_context;
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
+use crate::net::nic::{self, parse_mac};
 use crate::net::vhost_net::vhost_features;
 use crate::net::virtio_net::{net_feature as nf, TxMode, VirtioNet, VirtioNetConf, TX_TIMER_INTERVAL_NS};
 use crate::pci::pci::PciDeviceImpl;
@@ -28,9 +28,6 @@ const VIRTQUEUE_MAX_SIZE: u16 = 1024;
 const QUEUE_MIN_SIZE: u16 = 256;
 /// QEMU's `VIRTIO_QUEUE_MAX / 2 - 1`: queue pairs one device can have.
 const MAX_QUEUE_PAIRS: usize = 1024 / 2 - 1;
-
-/// NICs given the default MAC so far (QEMU's `qemu_macaddr_default_if_unset` index).
-static DEFAULT_MACS: AtomicU8 = AtomicU8::new(0);
 
 /// QEMU's `VirtIONetPCI` with the `virtio-net-device` properties it aliases.
 #[derive(qom::Object)]
@@ -150,22 +147,6 @@ pub enum VirtioNetError {
     /// `tx=` other than bh/timer.
     #[error("Parameter 'tx' expects 'timer' or 'bh'")]
     Tx,
-}
-
-/// Parses `52:54:00:12:34:56` (QEMU's `qdev_prop_macaddr`; `-` also separates).
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = text.split([':', '-']).collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (slot, part) in mac.iter_mut().zip(parts) {
-        if part.is_empty() || part.len() > 2 {
-            return None;
-        }
-        *slot = u8::from_str_radix(part, 16).ok()?;
-    }
-    Some(mac)
 }
 
 impl DeviceImpl for VirtioNetPci {
@@ -302,21 +283,9 @@ impl VirtioNetPci {
         };
         let mac = match self.mac.get() {
             Some(text) => parse_mac(&text).ok_or(VirtioNetError::Mac(text))?,
-            None => {
-                let index = DEFAULT_MACS.fetch_add(1, Ordering::Relaxed);
-                [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index)]
-            }
+            None => nic::default_mac(),
         };
-        let name = id.unwrap_or_else(|| {
-            let taken: Vec<String> = crate::net::virtio_net::nics()
-                .iter()
-                .map(|n| n.name().to_string())
-                .collect();
-            (0..)
-                .map(|i| format!("{TYPE_VIRTIO_NET_PCI}.{i}"))
-                .find(|n| !taken.contains(n))
-                .unwrap_or_default()
-        });
+        let name = id.unwrap_or_else(|| nic::default_name(TYPE_VIRTIO_NET_PCI));
         // QEMU realizes a NIC without a backend (it drops what the guest sends); qomvm
         // asks for one, as every real use has one.
         let netdev_id = self.netdev.get().ok_or_else(|| {
@@ -363,19 +332,5 @@ impl VirtioNetPci {
             context,
             tx_mode,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn macs_parse_as_qemu_parses_them() {
-        assert_eq!(parse_mac("fa:16:3e:d1:2d:99"), Some([0xfa, 0x16, 0x3e, 0xd1, 0x2d, 0x99]));
-        assert_eq!(parse_mac("52-54-00-12-34-56"), Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
-        assert_eq!(parse_mac("52:54:00:12:34"), None);
-        assert_eq!(parse_mac("52:54:00:12:34:567"), None);
-        assert_eq!(parse_mac("zz:54:00:12:34:56"), None);
     }
 }

@@ -1,0 +1,149 @@
+//! What every network card shares with the monitor (QEMU's `NICState` half of
+//! `net/net.c`): the table of cards that `info network`, `set_link`, `query-rx-filter` and
+//! `announce-self` walk, the names cards get without `id=`, and MAC addresses (the default
+//! one, parsing and printing, the RARP frame that announces one).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
+
+use net::Netdev;
+use parking_lot::Mutex;
+use serde_json::Value;
+
+/// A network card as the monitor sees it (QEMU's `NetClientState` of kind NIC with its
+/// `NetClientInfo` hooks).
+pub trait Nic: Send + Sync {
+    /// `id=`, or `<type>.N` ([`default_name`]).
+    fn name(&self) -> &str;
+    /// The card's QOM type (`info network`'s `model=`).
+    fn model(&self) -> &'static str;
+    /// Its backend's id.
+    fn netdev_id(&self) -> &str;
+    /// Its backend.
+    fn netdev(&self) -> &Arc<dyn Netdev>;
+    /// The MAC address the guest uses now.
+    fn mac(&self) -> [u8; 6];
+    /// Whether the link is up.
+    fn link_up(&self) -> bool;
+    /// QMP `set_link`: the card tells its driver as the hardware would.
+    fn set_link(&self, up: bool);
+    /// One round of QMP `announce-self`.
+    fn announce(&self);
+    /// QMP `query-rx-filter`'s entry (QEMU's `query_rx_filter` hook); `None` for cards
+    /// that do not report their filter.
+    fn rx_filter_info(&self) -> Option<Value> {
+        None
+    }
+}
+
+/// Every card, in creation order (QEMU's `net_clients` of kind NIC).
+static NICS: Mutex<Vec<Weak<dyn Nic>>> = Mutex::new(Vec::new());
+
+/// Adds a card to the monitor's table; it leaves when its last reference goes.
+pub fn register(nic: Weak<dyn Nic>) {
+    NICS.lock().push(nic);
+}
+
+/// Every card alive, in creation order.
+pub fn nics() -> Vec<Arc<dyn Nic>> {
+    let mut all = NICS.lock();
+    all.retain(|w| w.strong_count() > 0);
+    all.iter().filter_map(Weak::upgrade).collect()
+}
+
+/// The card called `name`, or the card whose backend is called `name` (QEMU's
+/// `qemu_find_net_clients_except` as `set_link` uses it).
+pub fn find_nic(name: &str) -> Option<Arc<dyn Nic>> {
+    nics()
+        .into_iter()
+        .find(|n| n.name() == name || n.netdev_id() == name)
+}
+
+/// QEMU's `qemu_get_nic_name` default for a card without `id=`: `<type>.N`, the first N
+/// no card of that type has.
+pub fn default_name(type_name: &str) -> String {
+    let taken: Vec<String> = nics().iter().map(|n| n.name().to_string()).collect();
+    (0..)
+        .map(|i| format!("{type_name}.{i}"))
+        .find(|n| !taken.contains(n))
+        .unwrap_or_default()
+}
+
+/// Cards given the default MAC so far (QEMU's `qemu_macaddr_default_if_unset` index).
+static DEFAULT_MACS: AtomicU8 = AtomicU8::new(0);
+
+/// The next default MAC, as QEMU hands them out: 52:54:00:12:34:56, then :57, ...
+pub fn default_mac() -> [u8; 6] {
+    let index = DEFAULT_MACS.fetch_add(1, Ordering::Relaxed);
+    [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index)]
+}
+
+/// A MAC property's value (`52:54:00:12:34:56` or with dashes), as QEMU's
+/// `qdev_prop_set_macaddr` parses it.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = text.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.is_empty() || part.len() > 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// `52:54:00:12:34:56`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// QEMU's `announce_self_create`: a broadcast RARP request for `mac`, padded to 60 bytes.
+pub fn rarp_frame(mac: &[u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // ETH_P_RARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(mac);
+    f[32..38].copy_from_slice(mac);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_as_qemu_parses_them() {
+        assert_eq!(parse_mac("fa:16:3e:d1:2d:99"), Some([0xfa, 0x16, 0x3e, 0xd1, 0x2d, 0x99]));
+        assert_eq!(parse_mac("52-54-00-12-34-56"), Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(parse_mac("52:54:00:12:34"), None);
+        assert_eq!(parse_mac("52:54:00:12:34:567"), None);
+        assert_eq!(parse_mac("zz:54:00:12:34:56"), None);
+    }
+
+    #[test]
+    fn macs_print_as_qemu_prints_them() {
+        assert_eq!(format_mac(&[0xfa, 0x16, 0x3e, 0xd1, 0x2d, 0x99]), "fa:16:3e:d1:2d:99");
+    }
+
+    #[test]
+    fn the_announcement_is_a_rarp_request_for_the_mac() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let f = rarp_frame(&mac);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[22..28], &mac);
+        assert_eq!(&f[32..38], &mac);
+    }
+}
