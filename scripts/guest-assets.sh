@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=20
+ASSETS_FORMAT=21
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -30,6 +30,9 @@ ATA_MODULES="ata_piix sd_mod sr_mod virtio_scsi"
 # USB), with evdev to read the input devices and sd for the disks: loaded with
 # qomvm.usb=1 under vmlinuz-generic.
 USB_MODULES="uhci_hcd usbhid hid_generic evdev usb_storage sd_mod"
+# The generic kernel's driver for the Intel 82540EM (QEMU's default NIC, e1000; the cloud
+# kernel has none): loaded with qomvm.e1000=1 under vmlinuz-generic.
+NIC_MODULES="e1000"
 # The disk image's size (a sparse file; its content is about 85 MB, mostly
 # fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
 ROOTFS_SIZE=256M
@@ -116,6 +119,7 @@ and then, depending on the kernel command line:
                      QOMVM-ROOT-FAILED: ... and stays in the initramfs
   qomvm.usb=1        (with vmlinuz-generic) loads the USB host, HID and mass
                      storage drivers first, so USB disks are there for the modes
+  qomvm.e1000=1      (with vmlinuz-generic) loads the e1000 network driver first
   qomvm.usbinput=1   qomvm.usb=1, then prints "usb: product NAME" for each USB
                      device, "usb: ready" with the tablet's and keyboard's event
                      devices open, each tablet event ("usb: tablet TYPE CODE
@@ -300,7 +304,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic= usb= usbinput=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic= usb= usbinput= e1000=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -328,6 +332,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.hotnic=1) hotnic=1 ;;
         qomvm.usb=1) usb=1 ;;
         qomvm.usbinput=1) usb=1 usbinput=1 ;;
+        qomvm.e1000=1) e1000=1 ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -358,11 +363,12 @@ load_modules() {
 }
 
 # The cloud kernel's virtio modules; qomvm.ata=1: the IDE and virtio-scsi drivers too;
-# qomvm.usb=1: the generic kernel's USB and HID drivers.
+# qomvm.usb=1: the generic kernel's USB and HID drivers; qomvm.e1000=1: its e1000 driver.
 if [ "$QOMVM_STAGE" != root ] && [ -f /etc/qomvm-modules ]; then
     load_modules /etc/qomvm-modules
     [ -n "$ata" ] && [ -f /etc/qomvm-modules-ata ] && load_modules /etc/qomvm-modules-ata
     [ -n "$usb" ] && [ -f /etc/qomvm-modules-usb ] && load_modules /etc/qomvm-modules-usb
+    [ -n "$e1000" ] && [ -f /etc/qomvm-modules-nic ] && load_modules /etc/qomvm-modules-nic
 fi
 
 # qomvm.cdsum=DEV: the MD5 of a CD's whole medium, read through the block device.
@@ -1711,7 +1717,8 @@ write_init "$root/init"
 write_portout "$root/bin/qomvm-portout"
 guest_modules "$kdeb" "$kver" "$work/k" "$root" qomvm-modules "${GUEST_MODULES//$'\n'/ }" \
     qomvm-modules-ata "$ATA_MODULES"
-guest_modules "$gdeb" "$gkver" "$work/g" "$root" qomvm-modules-usb "$USB_MODULES"
+guest_modules "$gdeb" "$gkver" "$work/g" "$root" qomvm-modules-usb "$USB_MODULES" \
+    qomvm-modules-nic "$NIC_MODULES"
 qomvm_mkcpio "$root" "$work/initramfs.cpio.gz" "$bb"
 
 # The disk image: the same /init, busybox with its applet links made here (the

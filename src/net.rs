@@ -5,9 +5,8 @@ use serde_json::{Map, Value};
 
 use crate::options::{split_opts, Located, OptionError};
 
-/// NIC models `-nic model=` accepts (QEMU's pc default is e1000, which qomvm does not
-/// have: its default is virtio-net-pci).
-const NIC_MODELS: &[&str] = &["virtio-net-pci"];
+/// NIC models `-nic model=` accepts, the default first (QEMU's on pc: e1000).
+const NIC_MODELS: &[&str] = &["e1000", "virtio-net-pci"];
 
 /// One JSON member as a QemuOpts value (`true` -> `on`, numbers as written).
 fn json_value(v: &Value) -> Option<String> {
@@ -109,6 +108,10 @@ pub fn nic_option(located: &Located, index: usize) -> Result<NicOption, OptionEr
             "Available NIC models:\n{}\n",
             NIC_MODELS.join("\n")
         )));
+    }
+    // QEMU's short name for the virtio card (`-nic user,model=virtio`).
+    if model == "virtio" {
+        model = "virtio-net-pci".into();
     }
     if !NIC_MODELS.contains(&model.as_str()) {
         return Err(located.error(format!("Unsupported NIC model: {model}")));

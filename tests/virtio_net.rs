@@ -9,9 +9,6 @@
 //! queue's receive filter and MAC, link state, and rings full of garbage, which must never
 //! panic or hang qomvm.
 
-use std::fs::File;
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,12 +16,12 @@ use std::time::Duration;
 
 use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
 use hw::core::qdev::{qdev_new, qdev_realize, DeviceMethods};
-use hw::net::virtio_net::find_nic;
-use net::{NetQueue, Netdev, NetdevInfo, NetdevKind};
+use hw::net::nic::find_nic;
 use qom::ObjectRef;
+use test_support::dgram_netdev::add_backend;
 use test_support::netns::{is_test_frame, skip_reason, test_frame, Netns, PacketSocket};
 use test_support::virtio::{SplitRing, VirtioPciDevice, DESC_NEXT, NEEDS_RESET};
-use vm_memory::{Bytes, GuestAddress, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress};
 
 #[allow(dead_code)]
 mod guest_rig;
@@ -48,97 +45,6 @@ const RX_BUFS: u64 = 0x30_0000;
 const CTRL_BUF: u64 = 0x40_0000;
 
 const OUR_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
-
-/// A backend over a datagram socket: the device's end; the test holds the other.
-struct DgramQueue {
-    sock: UnixDatagram,
-}
-
-fn iov_call(
-    fd: RawFd,
-    bufs: &[VolatileSlice<'_>],
-    f: unsafe extern "C" fn(i32, *const libc::iovec, i32) -> isize,
-) -> io::Result<usize> {
-    let iov = net::iovecs(bufs);
-    // SAFETY: the iovecs point into guest memory slices that outlive the call.
-    let n = unsafe { f(fd, iov.as_ptr(), iov.len() as i32) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-unsafe extern "C" fn readv_mut(fd: i32, iov: *const libc::iovec, n: i32) -> isize {
-    // SAFETY: forwarded from `iov_call`'s contract.
-    unsafe { libc::readv(fd, iov, n) }
-}
-
-unsafe extern "C" fn writev_(fd: i32, iov: *const libc::iovec, n: i32) -> isize {
-    // SAFETY: forwarded from `iov_call`'s contract.
-    unsafe { libc::writev(fd, iov, n) }
-}
-
-impl NetQueue for DgramQueue {
-    fn rx_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
-    }
-    fn tx_fd(&self) -> Option<RawFd> {
-        // A full socket (the peer reads slowly) blocks sends, as a full tap does.
-        Some(self.sock.as_raw_fd())
-    }
-    fn receive(&self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
-        iov_call(self.sock.as_raw_fd(), bufs, readv_mut)
-    }
-    fn send(&self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
-        iov_call(self.sock.as_raw_fd(), bufs, writev_)
-    }
-    fn tap_file(&self) -> Option<&File> {
-        None
-    }
-}
-
-struct DgramNetdev {
-    id: String,
-    vnet_hdr: bool,
-    queue: Arc<DgramQueue>,
-}
-
-impl Netdev for DgramNetdev {
-    fn info(&self) -> NetdevInfo {
-        NetdevInfo {
-            id: self.id.clone(),
-            kind: NetdevKind::Tap,
-            info_str: "test socket pair".into(),
-        }
-    }
-    fn queues(&self) -> Vec<Arc<dyn NetQueue>> {
-        vec![self.queue.clone() as Arc<dyn NetQueue>]
-    }
-    fn has_vnet_hdr(&self) -> bool {
-        self.vnet_hdr
-    }
-    fn set_vnet_hdr_len(&self, _len: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn max_frame_len(&self) -> usize {
-        65536
-    }
-}
-
-/// Adds a datagram backend `id`; returns the test's end.
-fn add_backend(id: &str, vnet_hdr: bool) -> UnixDatagram {
-    let (ours, theirs) = UnixDatagram::pair().unwrap();
-    ours.set_nonblocking(true).unwrap();
-    theirs.set_read_timeout(Some(WAIT)).unwrap();
-    net::add_netdev(Arc::new(DgramNetdev {
-        id: id.into(),
-        vnet_hdr,
-        queue: Arc::new(DgramQueue { sock: ours }),
-    }))
-    .unwrap();
-    theirs
-}
 
 /// Sends `count` test frames of `len` bytes out of `ifname` in `ns`, toward qomvm.
 fn inject(ns: &Netns, ifname: &str, count: usize, len: usize) {
@@ -576,15 +482,15 @@ fn the_receive_filter_follows_the_control_queue() {
     };
     let nic = find_nic("net-filt").expect("the NIC is listed");
     assert_eq!(
-        nic.rx_filter_info()["promiscuous"],
+        nic.rx_filter_info().unwrap()["promiscuous"],
         true,
         "promiscuous after reset"
     );
     assert_eq!(d.command(0, 0, &[0]), 0, "PROMISC off acked");
     assert_eq!(d.command(0, 1, &[1]), 0, "ALLMULTI on acked");
     assert_eq!(filter_events(), 1, "one event until the filter is queried");
-    assert_eq!(nic.rx_filter_info()["promiscuous"], false);
-    assert_eq!(nic.rx_filter_info()["multicast"], "all");
+    assert_eq!(nic.rx_filter_info().unwrap()["promiscuous"], false);
+    assert_eq!(nic.rx_filter_info().unwrap()["multicast"], "all");
     assert_eq!(d.command(0, 1, &[0]), 0, "ALLMULTI off acked");
     assert_eq!(filter_events(), 2, "query-rx-filter re-arms the event");
     assert_eq!(d.command(9, 9, &[]), 1, "unknown class refused");
@@ -1115,7 +1021,7 @@ fn a_migrated_nic_keeps_its_rings_filter_and_mac() {
     d.dev = VirtioPciDevice::probe(&dst, DEVFN);
     let nic = find_nic("mig-dst").expect("the destination's NIC");
     assert_eq!(nic.mac(), new_mac);
-    assert_eq!(nic.rx_filter_info()["promiscuous"], false);
+    assert_eq!(nic.rx_filter_info().unwrap()["promiscuous"], false);
     // Another host's unicast is still filtered; ours lands in the next buffer the driver
     // posted on the source.
     dst_peer

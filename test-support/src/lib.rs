@@ -2,10 +2,11 @@
 //! x86 guests ([`guest`]) and Multiboot ELF kernels ([`elf`]), a raw KVM runner to compare
 //! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]), a guest
 //! that reports the interrupts it takes ([`irq_guest`]), skips made visible ([`skip`]), a QMP
-//! client ([`qmp`]), an SMBIOS reader ([`smbios`]), a VGA text-screen reader
+//! client ([`qmp`]), a datagram-socket network backend ([`dgram_netdev`]), an SMBIOS reader ([`smbios`]), a VGA text-screen reader
 //! ([`vga_text`]) and VNC Authentication's DES for clients and password files ([`vnc`]).
 
 pub mod console;
+pub mod dgram_netdev;
 pub mod drives;
 pub mod elf;
 pub mod fuzz;
