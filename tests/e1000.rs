@@ -80,7 +80,9 @@ fn pc_with_e1000(id: &str) -> (ObjectRef, UnixDatagram) {
     dev.property_parse("netdev", id).unwrap();
     dev.property_parse("addr", "04.0").unwrap();
     dev.property_parse("mac", "52:54:00:ab:cd:01").unwrap();
-    qom::container_get(&machine, "peripheral").add_child(id, &dev).unwrap();
+    qom::container_get(&machine, "peripheral")
+        .add_child(id, &dev)
+        .unwrap();
     dev.set_device_id(Some(id.to_string()));
     qdev_realize(&dev, Some(&bus)).unwrap();
     machine_creation_done(&machine).unwrap();
@@ -174,11 +176,15 @@ impl Card {
     }
 
     fn tx_status(&self, i: u32) -> u8 {
-        self.mem.read_obj(GuestAddress(TX_RING + 16 * u64::from(i) + 12)).unwrap()
+        self.mem
+            .read_obj(GuestAddress(TX_RING + 16 * u64::from(i) + 12))
+            .unwrap()
     }
 
     fn setup_tx(&self) {
-        self.mem.write_slice(&[0u8; 16 * RING as usize], GuestAddress(TX_RING)).unwrap();
+        self.mem
+            .write_slice(&[0u8; 16 * RING as usize], GuestAddress(TX_RING))
+            .unwrap();
         self.w(TDBAL, TX_RING as u32);
         self.w(TDBAH, 0);
         self.w(TDLEN, 16 * RING);
@@ -193,7 +199,9 @@ impl Card {
         for i in 0..u64::from(RING) {
             let mut d = [0u8; 16];
             d[0..8].copy_from_slice(&(RX_BUFS + i * 0x4000).to_le_bytes());
-            self.mem.write_slice(&d, GuestAddress(RX_RING + 16 * i)).unwrap();
+            self.mem
+                .write_slice(&d, GuestAddress(RX_RING + 16 * i))
+                .unwrap();
         }
         self.w(RDBAL, RX_RING as u32);
         self.w(RDLEN, 16 * RING);
@@ -205,7 +213,9 @@ impl Card {
     /// Receive descriptor `i`: (length, status, special) and its buffer's first `len` bytes.
     fn rx_desc(&self, i: u64, len: usize) -> (u16, u8, u16, Vec<u8>) {
         let mut d = [0u8; 16];
-        self.mem.read_slice(&mut d, GuestAddress(RX_RING + 16 * i)).unwrap();
+        self.mem
+            .read_slice(&mut d, GuestAddress(RX_RING + 16 * i))
+            .unwrap();
         let mut data = vec![0u8; len];
         self.mem
             .read_slice(&mut data, GuestAddress(RX_BUFS + i * 0x4000))
@@ -267,9 +277,17 @@ fn identity_eeprom_phy_and_the_io_window_are_an_82540ems() {
     let (m, peer) = pc_with_e1000("e1k-id");
     let card = Card::new(&m, peer);
     assert_eq!(card.cfg.read(0x00, 4), 0x100e_8086, "8086:100e");
-    assert_eq!(card.cfg.read(0x08, 4), 0x0200_0003, "Ethernet controller, revision 3");
+    assert_eq!(
+        card.cfg.read(0x08, 4),
+        0x0200_0003,
+        "Ethernet controller, revision 3"
+    );
     assert_eq!(card.cfg.read(0x3d, 1), 1, "INTA");
-    assert_eq!(card.r(STATUS), 0x8008_0783, "link up at 1000 Mbit/s, full duplex");
+    assert_eq!(
+        card.r(STATUS),
+        0x8008_0783,
+        "link up at 1000 Mbit/s, full duplex"
+    );
     let words: Vec<u16> = (0..64).map(|a| card.eeprom_word(a)).collect();
     let mac: Vec<u8> = words[..3].iter().flat_map(|w| w.to_le_bytes()).collect();
     assert_eq!(mac, MAC, "the MAC in words 0-2");
@@ -280,18 +298,33 @@ fn identity_eeprom_phy_and_the_io_window_are_an_82540ems() {
         "the checksum Linux validates"
     );
     card.w(EERD, (1 << 8) | 1);
-    assert_eq!(card.r(EERD) >> 16, u32::from(words[1]), "EERD reads the same word");
+    assert_eq!(
+        card.r(EERD) >> 16,
+        u32::from(words[1]),
+        "EERD reads the same word"
+    );
     assert_eq!(card.phy_read(1, 2), Some(0x0141), "M88 PHY id 1");
     assert_eq!(card.phy_read(1, 3), Some(0x0c20), "82540EM's PHY id 2");
     assert_eq!(card.phy_read(2, 2), None, "no PHY at address 2");
     assert!(!card.phy_write(2, 0x1234), "PHY id registers are read-only");
-    assert_eq!(card.phy_read(1, 0x1d), None, "registers the PHY lacks are errors");
+    assert_eq!(
+        card.phy_read(1, 0x1d),
+        None,
+        "registers the PHY lacks are errors"
+    );
     assert!(card.phy_write(0x10, 0x0368));
     assert_eq!(card.phy_read(1, 0x10), Some(0x0368));
     // Restarting autonegotiation completes at once: the link stays up.
     assert!(card.phy_write(0, 0x1340));
-    assert_eq!(card.phy_read(1, 0), Some(0x1140), "restart and reset bits clear themselves");
-    assert!(card.phy_read(1, 1).unwrap() & 0x24 == 0x24, "link up, autonegotiation complete");
+    assert_eq!(
+        card.phy_read(1, 0),
+        Some(0x1140),
+        "restart and reset bits clear themselves"
+    );
+    assert!(
+        card.phy_read(1, 1).unwrap() & 0x24 == 0x24,
+        "link up, autonegotiation complete"
+    );
     assert!(card.r(STATUS) & 2 != 0);
     // BAR 1: IOADDR selects STATUS, IODATA reads it.
     card.io.write(card.bar1, STATUS, 4);
@@ -301,8 +334,15 @@ fn identity_eeprom_phy_and_the_io_window_are_an_82540ems() {
     assert_eq!(card.r(RA), 0x1200_5452, "IODATA writes the register");
     let nic = hw::net::nic::find_nic("e1k-id").expect("the card is in the monitor's table");
     assert_eq!(nic.model(), "e1000");
-    assert_eq!(nic.mac(), [0x52, 0x54, 0x00, 0x12, 0xcd, 0x01], "the MAC the driver set");
-    assert!(nic.rx_filter_info().is_none(), "QEMU's e1000 reports no filter");
+    assert_eq!(
+        nic.mac(),
+        [0x52, 0x54, 0x00, 0x12, 0xcd, 0x01],
+        "the MAC the driver set"
+    );
+    assert!(
+        nic.rx_filter_info().is_none(),
+        "QEMU's e1000 reports no filter"
+    );
 }
 
 #[test]
@@ -344,7 +384,9 @@ fn frames_go_out_whole_and_tso_cuts_them_into_correct_segments() {
     let hdr_len = f.len();
     assert_eq!(hdr_len, 54);
     card.mem.write_slice(&f, GuestAddress(TX_BUFS)).unwrap();
-    card.mem.write_slice(&payload, GuestAddress(TX_BUFS + 0x1000)).unwrap();
+    card.mem
+        .write_slice(&payload, GuestAddress(TX_BUFS + 0x1000))
+        .unwrap();
     // Context: ipcss 14, ipcso 24, ipcse 33; tucss 34, tucso 50; paylen, hdr_len, MSS.
     let ctx_addr = u64::from_le_bytes([14, 24, 33, 0, 34, 50, 0, 0]);
     card.tx_desc(
@@ -356,14 +398,27 @@ fn frames_go_out_whole_and_tso_cuts_them_into_correct_segments() {
     let data_cmd = TXD_DEXT | TXD_DTYP_D | TXD_TSE;
     // POPTS: IXSM and TXSM.
     card.tx_desc(2, TX_BUFS, hdr_len as u32 | data_cmd, 3 << 8);
-    card.tx_desc(3, TX_BUFS + 0x1000, 3000 | data_cmd | TXD_EOP | TXD_RS, 3 << 8);
+    card.tx_desc(
+        3,
+        TX_BUFS + 0x1000,
+        3000 | data_cmd | TXD_EOP | TXD_RS,
+        3 << 8,
+    );
     card.w(TDT, 4);
     for n in 0..3u32 {
         let seg = card.recv_frame();
         assert_eq!(seg.len(), 54 + 1000, "segment {n}");
         let ip = &seg[14..34];
-        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 1040, "IP length of segment {n}");
-        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 0x1234 + n as u16, "IP id");
+        assert_eq!(
+            u16::from_be_bytes([ip[2], ip[3]]),
+            1040,
+            "IP length of segment {n}"
+        );
+        assert_eq!(
+            u16::from_be_bytes([ip[4], ip[5]]),
+            0x1234 + n as u16,
+            "IP id"
+        );
         assert_eq!(sum16(ip, 0), 0xffff, "IP header checksum of segment {n}");
         let tcp = &seg[34..];
         let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
@@ -374,7 +429,10 @@ fn frames_go_out_whole_and_tso_cuts_them_into_correct_segments() {
         pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
         let full = sum16(tcp, u32::from(sum16(&pseudo, 0)));
         assert_eq!(full, 0xffff, "TCP checksum of segment {n}");
-        assert_eq!(&tcp[20..], &payload[1000 * n as usize..1000 * (n as usize + 1)]);
+        assert_eq!(
+            &tcp[20..],
+            &payload[1000 * n as usize..1000 * (n as usize + 1)]
+        );
     }
     card.wait_for("TDH to reach TDT", |c| c.r(TDH) == 4);
     assert!(card.tx_status(3) & 1 != 0, "RS descriptor written back");
@@ -391,7 +449,9 @@ fn frames_come_in_filtered_padded_untagged_and_split() {
     card.setup_rx(RCTL_BAM);
     card.r(ICR);
     let mine = ether(MAC, 0x0800, 100, 3);
-    card.peer.send(&ether([0x02, 0, 0, 0, 0, 0x77], 0x0800, 100, 9)).unwrap();
+    card.peer
+        .send(&ether([0x02, 0, 0, 0, 0, 0x77], 0x0800, 100, 9))
+        .unwrap();
     card.peer.send(&mine).unwrap();
     card.wait_for("a frame in descriptor 0", |c| c.r(RDH) == 1);
     let (len, status, _, data) = card.rx_desc(0, mine.len());
@@ -429,7 +489,9 @@ fn frames_come_in_filtered_padded_untagged_and_split() {
 
     // Promiscuous mode takes anyone's unicast.
     card.w(RCTL, card.r(RCTL) | RCTL_UPE);
-    card.peer.send(&ether([0x02, 0, 0, 0, 0, 0x77], 0x0800, 40, 5)).unwrap();
+    card.peer
+        .send(&ether([0x02, 0, 0, 0, 0, 0x77], 0x0800, 40, 5))
+        .unwrap();
     card.wait_for("the promiscuous frame", |c| c.r(RDH) == 5);
 
     // The ring is full once RDH reaches RDT: a frame waits in the backend, then comes in
@@ -510,9 +572,24 @@ fn hostile_rings_and_descriptors_never_hang_or_panic() {
     card.w(TDBAH, 0);
     card.w(TDH, 0);
     card.tx_desc(0, 0xdead_0000_0000, 0xffff | TXD_EOP, 0);
-    card.tx_desc(1, u64::from_le_bytes([200, 250, 0xff, 0xff, 240, 250, 0, 0]), TXD_DEXT | TXD_TSE | TXD_IP | TXD_TCP, 255 << 8);
-    card.tx_desc(2, TX_BUFS, 40 | TXD_DEXT | TXD_DTYP_D | TXD_TSE | TXD_EOP, 3 << 8);
-    card.tx_desc(3, u64::from_le_bytes([0, 250, 0, 0, 0, 250, 0, 0]), TXD_DEXT, 0);
+    card.tx_desc(
+        1,
+        u64::from_le_bytes([200, 250, 0xff, 0xff, 240, 250, 0, 0]),
+        TXD_DEXT | TXD_TSE | TXD_IP | TXD_TCP,
+        255 << 8,
+    );
+    card.tx_desc(
+        2,
+        TX_BUFS,
+        40 | TXD_DEXT | TXD_DTYP_D | TXD_TSE | TXD_EOP,
+        3 << 8,
+    );
+    card.tx_desc(
+        3,
+        u64::from_le_bytes([0, 250, 0, 0, 0, 250, 0, 0]),
+        TXD_DEXT,
+        0,
+    );
     card.tx_desc(4, TX_BUFS, 0xffff | TXD_DEXT | TXD_DTYP_D | TXD_EOP, 3 << 8);
     card.w(TDT, 5);
     card.wait_for("the hostile descriptors to be consumed", |c| c.r(TDH) == 5);
@@ -565,7 +642,10 @@ fn the_card_moves_with_a_migration() {
     for i in 0..u64::from(RING) {
         let mut d = [0u8; 16];
         d[0..8].copy_from_slice(&(RX_BUFS + i * 0x4000).to_le_bytes());
-        card2.mem.write_slice(&d, GuestAddress(RX_RING + 16 * i)).unwrap();
+        card2
+            .mem
+            .write_slice(&d, GuestAddress(RX_RING + 16 * i))
+            .unwrap();
     }
     assert_eq!(card2.r(RDH), 1, "the ring's head moved");
     assert_eq!(card2.r(RA), 0x1200_5452, "the MAC the driver set");
@@ -579,5 +659,8 @@ fn the_card_moves_with_a_migration() {
     card2.wait_for("the frame after the start", |c| c.r(RDH) == 2);
     let mut bad = saved.clone();
     bad.put("card", serde_json::json!({"regs": [[1_000_000, 1]], "phy": [], "eeprom": [], "eecd": {}, "tx": {}, "ioaddr": 0}));
-    assert!(device_impl(&dev2).unwrap().load_state(&bad).is_err(), "malformed state is refused");
+    assert!(
+        device_impl(&dev2).unwrap().load_state(&bad).is_err(),
+        "malformed state is refused"
+    );
 }

@@ -1,7 +1,8 @@
 //! Device fuzzing over QEMU's qtest protocol (issue 19, item 5; QEMU's `generic-fuzz` is
 //! the idea): a pc machine with a selection of devices plugged, their BARs programmed, then
 //! random port, MMIO, PCI configuration and DMA-triggering sequences (virtqueues of random
-//! descriptors, then a kick; IDE commands over random PRD tables). After each case qomvm must still answer within a bound and
+//! descriptors, then a kick; IDE commands over random PRD tables; e1000 rings of random
+//! descriptors). After each case qomvm must still answer within a bound and
 //! not have exited; at the end SIGTERM must end it with status 0.
 //!
 //! `QOMVM_FUZZ_SEED=N` and `QOMVM_FUZZ_ITERATIONS=N` (0: for ever) run it by hand.
@@ -322,6 +323,74 @@ fn uhci_sequence(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
     }
 }
 
+/// An e1000's two rings laid out at the end of the ring area, with plausible and random
+/// descriptors (legacy, context and data, TSO with any header length and MSS, any length,
+/// buffers in the buffer area or anywhere), both rings enabled and their tails moved.
+fn e1000_sequence(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
+    let Some(mmio) = functions
+        .iter()
+        .find(|f| f.vendor_device == 0x100e_8086)
+        .and_then(|f| f.bars.iter().find(|b| !b.0))
+        .map(|b| b.1)
+    else {
+        return;
+    };
+    let tx_ring = RING_AREA + 0xe000;
+    let rx_ring = RING_AREA + 0xf000;
+    for ring in [tx_ring, rx_ring] {
+        let mut bytes = Vec::with_capacity(16 * 16);
+        for _ in 0..16 {
+            let buffer = if rng.one_in(8) {
+                rng.interesting_u64()
+            } else {
+                BUFFER_AREA + rng.below(BUFFER_AREA_SIZE)
+            };
+            let cmd = *rng.pick(&[
+                0x0900_0000u32,
+                0x2d00_0000,
+                0x2000_0000,
+                0x2f10_0000,
+                0x2b10_0000,
+            ]);
+            let lower = cmd | (rng.next_u32() & if rng.one_in(4) { 0x00ff_ffff } else { 0x7ff });
+            bytes.extend_from_slice(&buffer.to_le_bytes());
+            bytes.extend_from_slice(&lower.to_le_bytes());
+            bytes.extend_from_slice(&rng.next_u32().to_le_bytes());
+        }
+        qt.cmd(format!(
+            "write {ring:#x} {:#x} {}",
+            bytes.len(),
+            hex(&bytes)
+        ));
+    }
+    let len = if rng.one_in(8) {
+        rng.next_u32()
+    } else {
+        16 * 16
+    };
+    for (reg, value) in [
+        (0x3800u64, tx_ring as u32),
+        (0x3804, 0),
+        (0x3808, len),
+        (0x400, 2),
+        (0x2800, rx_ring as u32),
+        (0x2804, 0),
+        (0x2808, len),
+        (0x100, 2 | (rng.next_u32() & 0x0607_f03c)),
+        (0x0, rng.next_u32() & 0x4000_0000),
+        (0x2818, rng.below(20) as u32),
+        (0x3818, rng.below(20) as u32),
+    ] {
+        qt.cmd(format!("writel {:#x} {value:#x}", mmio + reg));
+    }
+    for _ in 0..rng.below(4) {
+        qt.cmd(format!(
+            "readl {:#x}",
+            mmio + *rng.pick(&[0x8u64, 0xc0, 0x3810, 0x2810, 0x40d4])
+        ));
+    }
+}
+
 fn random_access(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
     const OUT: [&str; 3] = ["outb", "outw", "outl"];
     const IN: [&str; 3] = ["inb", "inw", "inl"];
@@ -376,7 +445,8 @@ fn random_access(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
             qt.cmd(format!("clock_step {ns}"));
         }
         18 if rng.one_in(2) => ide_sequence(qt, rng, functions),
-        18 => uhci_sequence(qt, rng, functions),
+        18 if rng.one_in(2) => uhci_sequence(qt, rng, functions),
+        18 => e1000_sequence(qt, rng, functions),
         _ => {
             let virtio: Vec<u16> = functions
                 .iter()
@@ -408,6 +478,11 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "user,id=n0",
             "-device",
             "virtio-net-pci,netdev=n0",
+            // QEMU's default card on a user network that reaches nothing outside.
+            "-netdev",
+            "user,id=n1,restrict=on",
+            "-device",
+            "e1000,netdev=n1",
             "-device",
             "virtio-rng-pci",
             "-device",
@@ -459,13 +534,14 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
         })
         .collect();
     // The plugged devices are there: virtio-blk, -net, -balloon, -rng (legacy ids), the
-    // UHCI, and their BARs have addresses.
+    // UHCI, the e1000, and their BARs have addresses.
     for device in [
         0x1001_1af4u32,
         0x1000_1af4,
         0x1002_1af4,
         0x1005_1af4,
         0x7020_8086,
+        0x100e_8086,
     ] {
         assert!(
             functions

@@ -712,6 +712,48 @@ fn a_usb_disk_starts_under_libvirt() {
     assert_eq!(listed_state(&dom.name), None);
 }
 
+/// `<model type='e1000'/>`, QEMU's default card on pc, as libvirt writes it (`-netdev`
+/// JSON and `-device {"driver":"e1000",...}`): the domain starts, `domiflist` shows the
+/// model and MAC, the monitor's `info network` the card over its backend, and
+/// `domif-setlink` takes the link down and up again (QMP `set_link`).
+#[test]
+fn an_e1000_interface_starts_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("e1000");
+    let (kernel, _disk) = dom.kernel_and_disk(1 << 20);
+    let serial = dom.serial_xml();
+    let extra = "<interface type='user'><mac address='52:54:00:e1:00:01'/>\
+                 <model type='e1000'/></interface><memballoon model='none'/>";
+    let xml = dom.xml_with_devices(&kernel, &serial, extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let ifaces = virsh_ok(&["domiflist", &dom.name]);
+    assert!(
+        ifaces.contains("e1000") && ifaces.contains("52:54:00:e1:00:01"),
+        "{ifaces}"
+    );
+    let info = || virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info network"]);
+    let network = info();
+    assert!(
+        network.contains("type=nic,model=e1000,macaddr=52:54:00:e1:00:01"),
+        "{network}"
+    );
+    assert!(network.contains("type=user"), "{network}");
+    virsh_ok(&["domif-setlink", &dom.name, "52:54:00:e1:00:01", "down"]);
+    assert!(
+        info().contains("macaddr=52:54:00:e1:00:01,link=down"),
+        "{}",
+        info()
+    );
+    virsh_ok(&["domif-setlink", &dom.name, "52:54:00:e1:00:01", "up"]);
+    assert!(!info().contains("link=down"), "{}", info());
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
+
 /// A SCSI disk as libvirt writes one (`<controller type='scsi' model='virtio-scsi'>`,
 /// `<disk bus='scsi'>`: `-device virtio-scsi-pci`, `-blockdev`, `-device scsi-hd` on
 /// `scsi0.0` with channel, target and LUN): the domain starts, libvirt finds the disk's

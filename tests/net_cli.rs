@@ -126,6 +126,19 @@ fn bad_network_options_are_one_line_errors() {
             "Property 'virtio-net-pci.netdev' can't find value 'nothere'",
         ),
         (
+            &["-device", "e1000,netdev=nothere"],
+            "Property 'e1000.netdev' can't find value 'nothere'",
+        ),
+        (
+            &[
+                "-netdev",
+                "user,id=u0",
+                "-device",
+                "e1000,netdev=u0,mac=52:54",
+            ],
+            "Property 'e1000.mac' doesn't take value '52:54'",
+        ),
+        (
             &["-nic", "user,model=rtl8139"],
             "Unsupported NIC model: rtl8139",
         ),

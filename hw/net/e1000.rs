@@ -171,7 +171,7 @@ mod bits {
     pub const STATUS_FD: u32 = 1 << 0;
     pub const STATUS_LU: u32 = 1 << 1;
     pub const STATUS_SPEED_1000: u32 = 1 << 7;
-    pub const STATUS_ASDV_1000: u32 = 1 << 9;
+    pub const STATUS_ASDV: u32 = 3 << 8;
     pub const STATUS_MTXCKOK: u32 = 1 << 10;
     pub const STATUS_GIO_MASTER_ENABLE: u32 = 1 << 19;
 
@@ -628,7 +628,7 @@ impl E1000 {
             reg::STATUS,
             0x8000_0000
                 | bits::STATUS_GIO_MASTER_ENABLE
-                | bits::STATUS_ASDV_1000
+                | bits::STATUS_ASDV
                 | bits::STATUS_MTXCKOK
                 | bits::STATUS_SPEED_1000
                 | bits::STATUS_FD
@@ -1010,7 +1010,12 @@ impl E1000 {
         if lower & bits::TXD_CMD_EOP == 0 {
             return;
         }
-        if !(st.tx.cptse && st.tx.data.len() < usize::from(st.tx.tso_props.hdr_len)) {
+        // A TSO frame whose payload ended on a segment boundary has nothing left: QEMU
+        // sends its bare headers as one more segment, a duplicate ACK for the peer.
+        let hdr_len = usize::from(st.tx.tso_props.hdr_len);
+        let rest = st.tx.data.len();
+        let nothing_left = rest < hdr_len || (rest == hdr_len && st.tx.tso_frames > 0);
+        if !(st.tx.cptse && nothing_left) {
             self.xmit_seg(st);
         }
         st.tx.tso_frames = 0;

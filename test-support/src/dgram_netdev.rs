@@ -106,4 +106,3 @@ pub fn add_backend(id: &str, vnet_hdr: bool) -> UnixDatagram {
     .unwrap();
     theirs
 }
-
