@@ -68,6 +68,11 @@ const TXD_TCP: u32 = 1 << 24;
 /// A pc machine on qtest with `e1000,netdev=ID,mac=MAC` at 04.0 over a datagram backend;
 /// the VM runs. Returns the machine and the backend's far end.
 fn pc_with_e1000(id: &str) -> (ObjectRef, UnixDatagram) {
+    pc_with_card("e1000", id, &[])
+}
+
+/// [`pc_with_e1000`] with another card of the family and more properties.
+fn pc_with_card(driver: &str, id: &str, props: &[(&str, &str)]) -> (ObjectRef, UnixDatagram) {
     let peer = add_backend(id, true);
     accel::init().expect("registrations are intact");
     let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
@@ -76,8 +81,11 @@ fn pc_with_e1000(id: &str) -> (ObjectRef, UnixDatagram) {
     accel::accel_init_machine(qtest, &machine).unwrap();
     machine_run_board_init(&machine).unwrap();
     let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let dev = qdev_new("e1000").unwrap();
+    let dev = qdev_new(driver).unwrap();
     dev.property_parse("netdev", id).unwrap();
+    for (k, v) in props {
+        dev.property_parse(k, v).unwrap();
+    }
     dev.property_parse("addr", "04.0").unwrap();
     dev.property_parse("mac", "52:54:00:ab:cd:01").unwrap();
     qom::container_get(&machine, "peripheral")
@@ -593,7 +601,14 @@ fn hostile_rings_and_descriptors_never_hang_or_panic() {
     card.tx_desc(4, TX_BUFS, 0xffff | TXD_DEXT | TXD_DTYP_D | TXD_EOP, 3 << 8);
     card.w(TDT, 5);
     card.wait_for("the hostile descriptors to be consumed", |c| c.r(TDH) == 5);
-    while !card.no_frame_for(Duration::from_millis(200)) {}
+    let mut drained = 0;
+    while !card.no_frame_for(Duration::from_millis(200)) {
+        drained += 1;
+        assert!(
+            drained < 100,
+            "the hostile descriptors made more frames than they hold"
+        );
+    }
     // Receive: a ring outside RAM, a head past the ring, a zero-length ring.
     card.w(RDBAL, 0xfff0_0000);
     card.w(RDLEN, 16 * RING);
@@ -657,10 +672,218 @@ fn the_card_moves_with_a_migration() {
     assert_eq!(card2.r(RDH), 1, "nothing moves while the VM is stopped");
     runstate::vm_start(machine_state(&m2).unwrap()).unwrap();
     card2.wait_for("the frame after the start", |c| c.r(RDH) == 2);
-    let mut bad = saved.clone();
-    bad.put("card", serde_json::json!({"regs": [[1_000_000, 1]], "phy": [], "eeprom": [], "eecd": {}, "tx": {}, "ioaddr": 0}));
+    // Each malformed part of a well-formed state is refused on its own.
+    let card_state: serde_json::Value = saved.get("card").unwrap();
+    let mut bad_cases = Vec::new();
+    let mut short_phy = card_state.clone();
+    short_phy["phy"].as_array_mut().unwrap().pop();
+    bad_cases.push(("a PHY of 31 registers", short_phy));
+    let mut far_reg = card_state.clone();
+    far_reg["regs"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!([0x8000, 1]));
+    bad_cases.push(("a register past the file", far_reg));
+    let mut unknown_reg = card_state.clone();
+    unknown_reg["regs"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!([1, 1]));
+    bad_cases.push(("a register the card lacks (offset 4)", unknown_reg));
+    let mut long_frame = card_state.clone();
+    long_frame["tx"]["data"] = serde_json::json!(vec![0u8; 0x10001]);
+    bad_cases.push(("a frame past the transmit buffer", long_frame));
+    for (what, value) in bad_cases {
+        let mut bad = saved.clone();
+        bad.put("card", value);
+        assert!(
+            device_impl(&dev2).unwrap().load_state(&bad).is_err(),
+            "{what} is refused"
+        );
+    }
+    let mut good = saved.clone();
+    good.put("card", card_state);
+    device_impl(&dev2)
+        .unwrap()
+        .load_state(&good)
+        .expect("the unchanged state loads");
+}
+
+#[test]
+fn the_82544gc_and_82545em_are_the_same_card_with_their_own_ids() {
+    for (driver, device_id, phy_id2) in [
+        ("e1000-82544gc", 0x100cu16, 0x0c30u16),
+        ("e1000-82545em", 0x100f, 0x0c20),
+    ] {
+        let (m, peer) = pc_with_card(driver, &format!("e1k-{device_id:x}"), &[]);
+        let card = Card::new(&m, peer);
+        assert_eq!(
+            card.cfg.read(0x00, 4),
+            u32::from(device_id) << 16 | 0x8086,
+            "{driver}"
+        );
+        assert_eq!(card.eeprom_word(11), device_id, "{driver}'s EEPROM");
+        assert_eq!(card.phy_read(1, 3), Some(phy_id2), "{driver}'s PHY");
+        let nic = hw::net::nic::find_nic(&format!("e1k-{device_id:x}")).unwrap();
+        assert_eq!(nic.model(), driver);
+        // And it moves frames as the 82540EM does.
+        card.setup_tx();
+        let frame = ether([0xff; 6], 0x0800, 64, 3);
+        card.mem.write_slice(&frame, GuestAddress(TX_BUFS)).unwrap();
+        card.tx_desc(0, TX_BUFS, frame.len() as u32 | TXD_EOP | TXD_RS, 0);
+        card.w(TDT, 1);
+        assert_eq!(card.recv_frame(), frame, "{driver}");
+    }
+}
+
+/// With `mitigation=on` (QEMU's default) a rising interrupt opens a window of ITR (here
+/// its largest, 16.8 ms) in which a new cause waits; with `mitigation=off` it raises the
+/// line at once.
+#[test]
+fn interrupt_mitigation_holds_a_new_cause_for_the_itr_window() {
+    for (mitigation, id) in [("on", "e1k-mit-on"), ("off", "e1k-mit-off")] {
+        let (m, peer) = pc_with_card("e1000", id, &[("mitigation", mitigation)]);
+        let card = Card::new(&m, peer);
+        let gsi = card.cfg.read(0x3c, 1);
+        let line = || test_support::qtest::irq_level(&m, gsi);
+        card.w(0xc4, 0xffff); // ITR
+        card.w(IMS, 0x200); // MDAC only: nothing else raises it here
+        let window_opened = Instant::now();
+        card.w(0xc8, 0x200); // ICS
+        assert!(
+            line(),
+            "{mitigation}: the first cause raises the line at once"
+        );
+        assert_eq!(card.r(ICR), 0x200);
+        assert!(!line(), "{mitigation}: reading ICR lowers it");
+        card.w(0xc8, 0x200);
+        assert_eq!(card.r(0xc8), 0x200, "the cause is recorded");
+        if mitigation == "on" {
+            // 0xffff units of 256 ns: the line may be up only once that has passed (a
+            // slow test thread may see it up already).
+            let window = Duration::from_nanos(0xffff * 256);
+            assert!(
+                !line() || window_opened.elapsed() >= window,
+                "inside the window the line waits"
+            );
+            card.wait_for("the window's end", |_| line());
+            assert!(
+                window_opened.elapsed() >= window,
+                "not before the window's end"
+            );
+        } else {
+            assert!(line(), "without mitigation the line rises at once");
+        }
+        assert_eq!(card.r(ICR), 0x200);
+    }
+}
+
+#[test]
+fn without_bus_mastering_no_frame_moves() {
+    let (m, peer) = pc_with_e1000("e1k-bm");
+    let card = Card::new(&m, peer);
+    card.setup_tx();
+    card.cfg.write(0x04, 0x3, 2); // I/O and memory, no bus master
+    let frame = ether([0xff; 6], 0x0800, 64, 1);
+    card.mem.write_slice(&frame, GuestAddress(TX_BUFS)).unwrap();
+    card.tx_desc(0, TX_BUFS, frame.len() as u32 | TXD_EOP | TXD_RS, 0);
+    card.w(TDT, 1);
     assert!(
-        device_impl(&dev2).unwrap().load_state(&bad).is_err(),
-        "malformed state is refused"
+        card.no_frame_for(Duration::from_millis(200)),
+        "no DMA without bus mastering"
     );
+    assert_eq!(card.r(TDH), 0);
+    assert_eq!(card.tx_status(0), 0, "no write-back either");
+    card.cfg.write(0x04, 0x7, 2);
+    assert_eq!(card.recv_frame(), frame, "bus mastering on: it goes");
+}
+
+#[test]
+fn byte_writes_to_icr_clear_only_their_own_bits() {
+    let (m, peer) = pc_with_e1000("e1k-icr");
+    let card = Card::new(&m, peer);
+    card.w(0xc8, 0x0284); // ICS: LSC, RXT0, MDAC
+    card.mmio.write(card.bar0 + ICR, 0x04, 1); // clear LSC only
+    assert_eq!(card.r(0xc8), 0x0280, "RXT0 and MDAC stay");
+    card.mmio.write(card.bar0 + ICR + 1, 0x02, 1); // clear MDAC only
+    assert_eq!(card.r(ICR), 0x80);
+}
+
+#[test]
+fn a_tiny_mss_makes_many_segments_and_the_loop_stays_responsive() {
+    let (m, peer) = pc_with_e1000("e1k-mss");
+    let card = Card::new(&m, peer);
+    card.setup_tx();
+    // 54 bytes of headers, then 6000 bytes of payload in segments of 1 byte.
+    let mut f = ether([0x02, 0, 0, 0, 0, 9], 0x0800, 0, 0);
+    f.extend_from_slice(&[
+        0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ]);
+    f.extend_from_slice(&[0u8; 20]);
+    f.extend((0..6000).map(|i| i as u8));
+    card.mem.write_slice(&f, GuestAddress(TX_BUFS)).unwrap();
+    card.tx_desc(
+        0,
+        u64::from_le_bytes([14, 24, 33, 0, 34, 50, 0, 0]),
+        6000 | TXD_DEXT | TXD_TSE | TXD_IP | TXD_TCP,
+        (1 << 16) | (54 << 8),
+    );
+    let data_cmd = TXD_DEXT | TXD_DTYP_D | TXD_TSE | TXD_EOP | TXD_RS;
+    card.tx_desc(1, TX_BUFS, f.len() as u32 | data_cmd, 0);
+    card.w(TDT, 2);
+    let mut last = Vec::new();
+    for got in 1..=6000 {
+        let seg = card.recv_frame();
+        assert_eq!(seg.len(), 55, "a header and one byte");
+        last = seg;
+        if got == 3000 {
+            // Halfway, the card still answers the vCPU.
+            assert_eq!(card.r(STATUS) & 2, 2);
+        }
+    }
+    assert_eq!(last[54], (5999 % 256) as u8);
+    card.wait_for("the ring to be done", |c| c.r(TDH) == 2);
+    assert!(
+        card.no_frame_for(Duration::from_millis(100)),
+        "no empty segment after the last"
+    );
+}
+
+#[test]
+fn phy_loopback_brings_sent_frames_back_in() {
+    let (m, peer) = pc_with_e1000("e1k-loop");
+    let card = Card::new(&m, peer);
+    card.setup_rx(RCTL_BAM);
+    card.setup_tx();
+    assert!(card.phy_write(0, 0x1140 | 0x4000), "BMCR loopback");
+    let frame = ether(MAC, 0x0800, 90, 4);
+    card.mem.write_slice(&frame, GuestAddress(TX_BUFS)).unwrap();
+    card.tx_desc(0, TX_BUFS, frame.len() as u32 | TXD_EOP | TXD_RS, 0);
+    card.w(TDT, 1);
+    card.wait_for("the frame to come back", |c| c.r(RDH) == 1);
+    assert_eq!(card.rx_desc(0, frame.len()).3, frame);
+    assert!(
+        card.no_frame_for(Duration::from_millis(100)),
+        "nothing reached the backend"
+    );
+}
+
+#[test]
+fn a_link_taken_down_stays_down_across_a_migration() {
+    let (m, peer) = pc_with_e1000("e1k-lmig");
+    let _card = Card::new(&m, peer);
+    hw::net::nic::find_nic("e1k-lmig").unwrap().set_link(false);
+    let dev = m.child("peripheral").unwrap().child("e1k-lmig").unwrap();
+    let saved = device_impl(&dev).unwrap().save_state().unwrap();
+    let (m2, peer2) = pc_with_e1000("e1k-lmig2");
+    runstate::vm_stop(machine_state(&m2).unwrap(), RunStatus::Paused).unwrap();
+    let dev2 = m2.child("peripheral").unwrap().child("e1k-lmig2").unwrap();
+    device_impl(&dev2).unwrap().load_state(&saved).unwrap();
+    let card2 = Card::new(&m2, peer2);
+    let nic2 = hw::net::nic::find_nic("e1k-lmig2").unwrap();
+    assert!(!nic2.link_up(), "the monitor sees the link down");
+    assert_eq!(card2.r(STATUS) & 2, 0);
+    runstate::vm_start(machine_state(&m2).unwrap()).unwrap();
+    nic2.set_link(true);
+    assert_eq!(card2.r(STATUS) & 2, 2, "and set_link brings it back");
 }

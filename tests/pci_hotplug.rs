@@ -263,6 +263,51 @@ fn a_reset_removes_what_the_guest_did_not_eject_and_a_nic_gives_back_its_netdev(
     qt.check_alive();
 }
 
+/// `e1000` the same way: plugged into a free slot, asked out, gone at the reset, out of
+/// `info network`, and its netdev free for the next card.
+#[test]
+fn an_e1000_comes_goes_and_gives_back_its_netdev() {
+    let (mut qt, mut qmp, _dir) = start("qomvm-pcihp-e1000", &["-netdev", "user,id=n0"]);
+    let reply = qmp.execute(
+        "device_add",
+        json!({"driver": "e1000", "netdev": "n0", "id": "e1k", "mac": "52:54:00:12:34:98"}),
+    );
+    assert_eq!(reply, json!({"return": {}}));
+    let slot = inl(&mut qt, PCIU).trailing_zeros();
+    assert_eq!(qt.pci_read32(slot << 3, 0), 0x100e_8086);
+    let network = |qmp: &mut QmpClient| {
+        qmp.execute(
+            "human-monitor-command",
+            json!({"command-line": "info network"}),
+        )["return"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        network(&mut qmp).contains("e1k: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:98"),
+        "{}",
+        network(&mut qmp)
+    );
+    assert_eq!(
+        qmp.execute("device_del", json!({"id": "e1k"})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        qmp.execute("system_reset", json!({})),
+        json!({"return": {}})
+    );
+    assert_eq!(wait_event(&mut qmp, "DEVICE_DELETED")["device"], "e1k");
+    assert!(!network(&mut qmp).contains("e1k"), "{}", network(&mut qmp));
+    assert_eq!(qt.pci_read32(slot << 3, 0), u32::MAX);
+    let reply = qmp.execute(
+        "device_add",
+        json!({"driver": "e1000", "netdev": "n0", "id": "e1k2"}),
+    );
+    assert_eq!(reply, json!({"return": {}}), "the netdev is free again");
+    qt.check_alive();
+}
+
 #[test]
 fn what_cannot_be_plugged_or_unplugged_is_refused_in_qemus_words() {
     let (mut qt, mut qmp, _dir) = start(

@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use net::{NetQueue, Netdev};
 use parking_lot::Mutex;
@@ -32,6 +33,7 @@ use crate::core::log_limit::RateLimitedLog;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::runstate::ChangeHandlerId;
+use crate::core::timer::DeviceTimer;
 use crate::core::services::MachineServices;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::net::nic::{self, format_mac, parse_mac, rarp_frame, Nic};
@@ -42,8 +44,13 @@ pub const TYPE_E1000: &str = "e1000";
 
 /// The 82540EM's PCI device id.
 const DEVICE_ID_82540EM: u16 = 0x100e;
-/// Its PHY's second identifier register (an M88E1011).
+/// Its PHY's second identifier register (an M88E1011); the 82545EM's is the same.
 const PHY_ID2_82540EM: u16 = 0x0c20;
+/// The 82544GC's (an M88E1000).
+const PHY_ID2_82544GC: u16 = 0x0c30;
+/// The interrupt mitigation window is at least 500 units of 256 ns (the card's
+/// guaranteed ceiling of 7813 interrupts a second).
+const MIT_MIN_DELAY: u32 = 500;
 /// BAR 0: the register file.
 const MMIO_SIZE: u64 = 0x20000;
 /// BAR 1: IOADDR and IODATA.
@@ -52,11 +59,18 @@ const IO_SIZE: u64 = 0x40;
 const NREGS: usize = (MMIO_SIZE / 4) as usize;
 /// The largest frame the card assembles (QEMU's `tx.data`).
 const TX_BUF: usize = 0x10000;
-/// Frames a blocked backend may hold back before more are dropped (a TSO descriptor
-/// makes up to 64 KiB / MSS frames at once).
-const TX_HELD_MAX: usize = 256;
+/// Bytes of frames a blocked backend may hold back before more are dropped: a TSO
+/// descriptor makes up to 64 KiB / MSS frames at once, each with its headers.
+const TX_HELD_MAX_BYTES: usize = 4 << 20;
 /// Frames taken from the backend in one pass of the loop, so a flood cannot hold it.
 const RX_BURST: usize = 256;
+/// Receive descriptors one pass may walk (a ring of buffer-less descriptors costs a walk
+/// per frame): then the loop serves others and comes back.
+const RX_PASS_DESCS: usize = 4096;
+/// Transmit descriptors and frames one pass may handle (a TSO context with a tiny MSS
+/// turns each descriptor into thousands of frames).
+const TX_PASS_DESCS: usize = 1024;
+const TX_PASS_FRAMES: usize = 4096;
 /// The largest frame a backend hands over (64 KiB TSO frame plus its header).
 const RX_BUF: usize = 65550 + 64;
 /// Ethernet's minimum frame without FCS.
@@ -118,6 +132,7 @@ mod reg {
     pub const STATS_LAST: usize = 0x4124;
     pub const MPC: usize = 0x4010;
     pub const ROC: usize = 0x40ac;
+    pub const PRC64: usize = 0x405c;
     pub const GPRC: usize = 0x4074;
     pub const BPRC: usize = 0x4078;
     pub const MPRC: usize = 0x407c;
@@ -133,6 +148,7 @@ mod reg {
     pub const TOTH: usize = 0x40cc;
     pub const TPR: usize = 0x40d0;
     pub const TPT: usize = 0x40d4;
+    pub const PTC64: usize = 0x40d8;
     pub const MPTC: usize = 0x40f0;
     pub const BPTC: usize = 0x40f4;
     pub const TSCTC: usize = 0x40f8;
@@ -238,6 +254,7 @@ mod bits {
     pub const TXD_CMD_RPS: u32 = 1 << 28;
     pub const TXD_CMD_DEXT: u32 = 1 << 29;
     pub const TXD_CMD_VLE: u32 = 1 << 30;
+    pub const TXD_CMD_IDE: u32 = 1 << 31;
     pub const TXD_DTYP_D: u32 = 1 << 20;
     pub const TXD_STAT_DD: u8 = 1 << 0;
     /// Data descriptor options (bits 8-15 of the last dword).
@@ -267,6 +284,7 @@ mod phy {
     pub const M88_RX_ERR_CNTR: usize = 0x15;
 
     pub const BMCR_AUTOEN: u16 = 1 << 12;
+    pub const BMCR_LOOPBACK: u16 = 1 << 14;
     pub const BMCR_ANRESTART: u16 = 1 << 9;
     pub const BMCR_RESET: u16 = 1 << 15;
     pub const BMSR_LINK_ST: u16 = 1 << 2;
@@ -415,10 +433,27 @@ struct State {
     paused: bool,
     /// The PCI command register lets the card master the bus.
     bus_master: bool,
-    /// Frames sent while the backend was full, in order.
+    /// Frames sent while the backend was full, in order, and their bytes.
     tx_held: VecDeque<Vec<u8>>,
+    tx_held_bytes: usize,
     /// The backend descriptor's events the loop waits for now.
     interest: Interest,
+    mit: Mitigation,
+    /// Frames sent and receive descriptors walked in this pass of the loop.
+    pass_frames: usize,
+    pass_rx_descs: usize,
+}
+
+/// QEMU's interrupt mitigation state: after the line rises, further rises wait for a
+/// window of ITR (or RADV/TADV, when the driver uses them), at least 128 us.
+#[derive(Clone, Copy, Debug, Default)]
+struct Mitigation {
+    /// A window is open: a new cause waits for its end.
+    timer_on: bool,
+    /// The line as last set.
+    irq_level: bool,
+    /// A transmit descriptor asked for a delayed interrupt (IDE) since the last window.
+    ide: bool,
 }
 
 impl State {
@@ -434,6 +469,20 @@ impl State {
     fn count(&mut self, offset: usize) {
         let r = &mut self.regs[offset >> 2];
         *r = r.saturating_add(1);
+    }
+
+    /// QEMU's `e1000x_increase_size_stats`: the size bucket of six counters from `first`
+    /// (64, 65-127, 128-255, 256-511, 512-1023, 1024 bytes and up, FCS included).
+    fn count_size(&mut self, first: usize, size: usize) {
+        let bucket = match size {
+            0..=64 => 0,
+            65..=127 => 1,
+            128..=255 => 2,
+            256..=511 => 3,
+            512..=1023 => 4,
+            _ => 5,
+        };
+        self.count(first + 4 * bucket);
     }
 
     /// QEMU's `e1000x_grow_8reg_if_not_full`: a 64-bit counter in a low/high pair.
@@ -608,7 +657,22 @@ struct E1000 {
     /// The MAC of `mac=` (what a reset restores).
     conf_mac: [u8; 6],
     init_vet: bool,
+    /// Which card: the QOM type, its PCI device id and its PHY's second id.
+    model: Variant,
+    /// `mitigation=on`: interrupts are paced by ITR/RADV/TADV.
+    mitigation: bool,
+    mit_timer: DeviceTimer,
+    /// The backend was let go (unplugged).
+    released: AtomicBool,
     log: RateLimitedLog,
+}
+
+/// What sets the 82540EM, 82544GC and 82545EM apart to a driver.
+#[derive(Clone, Copy, Debug)]
+struct Variant {
+    type_name: &'static str,
+    device_id: u16,
+    phy_id2: u16,
 }
 
 impl E1000 {
@@ -617,7 +681,7 @@ impl E1000 {
     fn reset(&self, st: &mut State) {
         st.regs.fill(0);
         st.phy = phy::reset_values();
-        st.phy[phy::PHYID2] = PHY_ID2_82540EM;
+        st.phy[phy::PHYID2] = self.model.phy_id2;
         st.set(reg::PBA, 0x0010_0030);
         st.set(reg::LEDCTL, 0x602);
         st.set(
@@ -648,6 +712,7 @@ impl E1000 {
         st.eecd = EecdState::default();
         st.tx = TxState::default();
         st.tx_held.clear();
+        st.tx_held_bytes = 0;
         st.ioaddr = 0;
         if !self.link_up.load(Ordering::Acquire) {
             link_down_regs(st);
@@ -658,15 +723,68 @@ impl E1000 {
         self.update_irq(st);
     }
 
-    fn update_irq(&self, st: &State) {
-        self.intx.set(st.reg(reg::ICR) & st.reg(reg::IMS) != 0);
+    /// The line from ICR and IMS, with no mitigation window open (after a reset or a
+    /// migration).
+    fn update_irq(&self, st: &mut State) {
+        let _ = self.mit_timer.disarm();
+        st.mit = Mitigation {
+            irq_level: st.reg(reg::ICR) & st.reg(reg::IMS) != 0,
+            ..Mitigation::default()
+        };
+        self.intx.set(st.mit.irq_level);
     }
 
-    /// QEMU's `set_interrupt_cause`: ICR becomes `causes`.
+    /// QEMU's `set_interrupt_cause`: ICR becomes `causes`. With mitigation a rising line
+    /// opens a window (the smallest of TADV for delayed transmit interrupts, RADV when
+    /// RDTR is set, ITR; 128 us at least) in which further rises wait.
     fn set_interrupt_cause(&self, st: &mut State, causes: u32) {
         st.set(reg::ICR, causes);
         st.set(reg::ICS, causes);
-        self.update_irq(st);
+        let pending = st.reg(reg::IMS) & causes;
+        if !st.mit.irq_level && pending != 0 {
+            if st.mit.timer_on {
+                return;
+            }
+            if self.mitigation {
+                let mut delay = 0u32;
+                let mut consider = |units: u32| {
+                    if units != 0 && (delay == 0 || units < delay) {
+                        delay = units;
+                    }
+                };
+                if st.mit.ide && pending & (bits::ICR_TXQE | bits::ICR_TXDW) != 0 {
+                    consider(st.reg(reg::TADV) * 4);
+                }
+                if st.reg(reg::RDTR) != 0 && pending & bits::ICR_RXT0 != 0 {
+                    consider(st.reg(reg::RADV) * 4);
+                }
+                consider(st.reg(reg::ITR));
+                let delay = delay.max(MIT_MIN_DELAY);
+                st.mit.timer_on = true;
+                st.mit.ide = false;
+                if let Err(e) = self.mit_timer.arm(Duration::from_nanos(u64::from(delay) * 256)) {
+                    log::error!("e1000: cannot arm the mitigation timer: {e}");
+                    st.mit.timer_on = false;
+                }
+            }
+        }
+        st.mit.irq_level = pending != 0;
+        self.intx.set(st.mit.irq_level);
+    }
+
+    /// The mitigation window ended: a cause that waited raises the line now.
+    fn mit_timer_expired(&self) {
+        if !self.mit_timer.take_expired() {
+            return;
+        }
+        let mut st = self.state.lock();
+        if st.paused {
+            // The window ends when the VM runs again (QEMU's virtual clock stops).
+            return;
+        }
+        st.mit.timer_on = false;
+        let icr = st.reg(reg::ICR);
+        self.set_interrupt_cause(&mut st, icr);
     }
 
     /// QEMU's `set_ics`: `causes` join ICR.
@@ -833,6 +951,8 @@ impl E1000 {
     fn serve(&self) {
         let _ = self.kick.read();
         let mut st = self.state.lock();
+        st.pass_frames = 0;
+        st.pass_rx_descs = 0;
         if !st.paused && st.bus_master {
             let mem = self.services.ram();
             self.flush_held(&mut st);
@@ -844,7 +964,7 @@ impl E1000 {
         let tx_same_fd = self.queue.tx_fd() == Some(self.queue.rx_fd());
         let wanted = Interest {
             read: st.can_receive(),
-            write: tx_same_fd && !st.tx_held.is_empty() && !st.paused,
+            write: tx_same_fd && !st.tx_held.is_empty() && !st.paused && st.bus_master,
         };
         if wanted != st.interest {
             if let Some(id) = self.backend_handler.get() {
@@ -868,11 +988,21 @@ impl E1000 {
                 Err(e) => log::debug!("e1000: backend refused a frame: {e}"),
                 Ok(_) => {}
             }
+            st.tx_held_bytes -= frame.len();
         }
     }
 
-    /// Hands one frame to the backend, or holds it while the backend is full.
+    /// Hands one frame to the backend, or holds it while the backend is full; in PHY
+    /// loopback it comes back to the card's own receive side (QEMU's `e1000_send_packet`).
     fn send(&self, st: &mut State, mut frame: Vec<u8>) {
+        st.pass_frames += 1;
+        if st.phy[phy::BMCR] & phy::BMCR_LOOPBACK != 0 {
+            if st.can_receive() {
+                let mem = self.services.ram();
+                self.deliver(st, &mem, &frame);
+            }
+            return;
+        }
         if !self.link_up.load(Ordering::Acquire) {
             return;
         }
@@ -886,7 +1016,8 @@ impl E1000 {
                 }
             }
         }
-        if st.tx_held.len() < TX_HELD_MAX {
+        if st.tx_held_bytes + frame.len() <= TX_HELD_MAX_BYTES {
+            st.tx_held_bytes += frame.len();
             st.tx_held.push_back(frame);
         }
     }
@@ -905,7 +1036,14 @@ impl E1000 {
         }
         let base = (u64::from(st.reg(reg::TDBAH)) << 32) | u64::from(st.reg(reg::TDBAL));
         let mut cause = bits::ICR_TXQE;
+        let mut descs = 0usize;
         while st.reg(reg::TDH) != st.reg(reg::TDT) {
+            if descs >= TX_PASS_DESCS || st.pass_frames >= TX_PASS_FRAMES {
+                // The rest in the loop's next pass, after its other handlers.
+                self.wake();
+                break;
+            }
+            descs += 1;
             if ndesc == 0 || tdh_start >= ndesc {
                 self.log.warn(|| format!("e1000: transmit head {tdh_start:#x} outside a ring of {ndesc} descriptors"));
                 break;
@@ -945,6 +1083,7 @@ impl E1000 {
     fn process_tx_desc(&self, st: &mut State, mem: &GuestMemoryMmap, desc: &[u8; 16]) {
         let lower = u32::from_le_bytes([desc[8], desc[9], desc[10], desc[11]]);
         let dtype = lower & (bits::TXD_CMD_DEXT | bits::TXD_DTYP_D);
+        st.mit.ide |= lower & bits::TXD_CMD_IDE != 0;
         let mut split = (lower & 0xffff) as usize;
         let mut addr = u64::from_le_bytes(desc[0..8].try_into().unwrap_or_default());
         if dtype == bits::TXD_CMD_DEXT {
@@ -995,9 +1134,11 @@ impl E1000 {
                 split -= bytes;
                 if sz == msh {
                     self.xmit_seg(st);
-                    st.tx.data.clear();
-                    let header = st.tx.header.clone();
-                    st.tx.data.extend_from_slice(&header);
+                    // The next segment starts with this frame's headers: the context's
+                    // length of them, whatever an earlier frame left.
+                    let mut header = st.tx.header.clone();
+                    header.resize(hdr_len, 0);
+                    st.tx.data = header;
                 }
                 if split == 0 {
                     break;
@@ -1045,6 +1186,8 @@ impl E1000 {
         let props = if tx.cptse { tx.tso_props } else { tx.props };
         let size = tx.data.len();
         let data = &mut tx.data;
+        // The last segment of a TSO frame cut in several (QEMU's TSCTC count).
+        let mut last_of_many = false;
         if tx.cptse {
             let css = usize::from(props.ipcss);
             if props.ip {
@@ -1065,6 +1208,8 @@ impl E1000 {
                     if let Some(flags) = data.get_mut(css + 13) {
                         *flags &= !9;
                     }
+                } else {
+                    last_of_many = tx.tso_frames > 0;
                 }
             } else {
                 put_be16(data, css + 4, len as u16);
@@ -1075,7 +1220,7 @@ impl E1000 {
                 let sum = u32::from(get_be16(data, at)) + len as u32;
                 put_be16(data, at, ((sum >> 16) + (sum & 0xffff)) as u16);
             }
-            tx.tso_frames += 1;
+            tx.tso_frames = tx.tso_frames.wrapping_add(1);
         }
         if tx.sum_needed & bits::TXD_POPTS_TXSM != 0 {
             put_sum(data, props.tucso, props.tucss, props.tucse);
@@ -1092,22 +1237,22 @@ impl E1000 {
         } else {
             data.clone()
         };
-        let len = frame.len() as u64;
         let (bcast, mcast) = match frame.get(0..6) {
             Some(d) => (d == [0xff; 6], d[0] & 1 != 0),
             None => (false, false),
         };
+        st.count_size(reg::PTC64, frame.len() + 4);
         self.send(st, frame);
         st.count(reg::TPT);
         st.count(reg::GPTC);
-        st.grow64(reg::TOTL, len + 4);
-        st.grow64(reg::GOTCL, len + 4);
+        st.grow64(reg::TOTL, size as u64 + 4);
+        st.grow64(reg::GOTCL, size as u64 + 4);
         if bcast {
             st.count(reg::BPTC);
         } else if mcast {
             st.count(reg::MPTC);
         }
-        if st.tx.cptse && st.tx.tso_frames > 1 {
+        if last_of_many {
             st.count(reg::TSCTC);
         }
     }
@@ -1117,6 +1262,10 @@ impl E1000 {
         let mut buf = vec![0u8; RX_BUF];
         for _ in 0..RX_BURST {
             if !st.can_receive() {
+                return;
+            }
+            if st.pass_rx_descs >= RX_PASS_DESCS {
+                self.wake();
                 return;
             }
             let n = match self.queue.receive(&[VolatileSlice::from(&mut buf[..])]) {
@@ -1217,6 +1366,7 @@ impl E1000 {
             if mem.write_slice(&desc[8..16], GuestAddress(at + 8)).is_ok() {
                 self.services.dirty_tracker().mark(at + 8, 8);
             }
+            st.pass_rx_descs += 1;
             let next = st.reg(reg::RDH) + 1;
             st.set(reg::RDH, if next >= ndesc { 0 } else { next });
             if st.reg(reg::RDH) == rdh_start {
@@ -1228,8 +1378,9 @@ impl E1000 {
         }
         st.count(reg::TPR);
         st.count(reg::GPRC);
-        st.grow64(reg::TORL, total as u64);
-        st.grow64(reg::GORCL, total as u64);
+        st.count_size(reg::PRC64, size + 4);
+        st.grow64(reg::TORL, size as u64 + 4);
+        st.grow64(reg::GORCL, size as u64 + 4);
         if frame[0..6] == [0xff; 6] {
             st.count(reg::BPRC);
         } else if frame[0] & 1 != 0 {
@@ -1274,7 +1425,7 @@ fn set_eecd(st: &mut State, value: u32) {
         return;
     }
     e.val_in = (e.val_in << 1) | u32::from(value & bits::EECD_DI != 0);
-    e.bitnum_in += 1;
+    e.bitnum_in = e.bitnum_in.wrapping_add(1);
     if e.bitnum_in == 9 && !e.reading {
         e.bitnum_out = ((e.val_in & 0x3f) << 4).wrapping_sub(1);
         e.reading = (e.val_in >> 6) & 7 == EEPROM_READ_OPCODE;
@@ -1377,7 +1528,14 @@ impl MemoryRegionOps for Mmio {
         } else {
             let shift = 8 * (offset & 3);
             let mask = (((1u64 << (8 * size.min(4))) - 1) << shift) as u32;
-            (st.reg(at) & !mask) | (((value << shift) as u32) & mask)
+            let lanes = ((value << shift) as u32) & mask;
+            // Registers whose written ones act (clear, set or mask causes) take zeros in
+            // the lanes not written; the others keep their bytes.
+            if matches!(at, reg::ICR | reg::ICS | reg::IMS | reg::IMC) {
+                lanes
+            } else {
+                (st.reg(at) & !mask) | lanes
+            }
         };
         self.0.write_reg(&mut st, at, value);
     }
@@ -1418,7 +1576,7 @@ impl Nic for E1000 {
     }
 
     fn model(&self) -> &'static str {
-        TYPE_E1000
+        self.model.type_name
     }
 
     fn netdev_id(&self) -> &str {
@@ -1458,6 +1616,9 @@ impl Nic for E1000 {
 
     /// The card cannot announce itself: qomvm sends the RARP frame for its MAC.
     fn announce(&self) {
+        if !self.link_up.load(Ordering::Acquire) {
+            return;
+        }
         let mut frame = rarp_frame(&self.mac());
         if let Err(e) = self.queue.send(&[VolatileSlice::from(&mut frame[..])]) {
             log::debug!("e1000: announcement not sent: {e}");
@@ -1465,9 +1626,19 @@ impl Nic for E1000 {
     }
 }
 
+impl E1000 {
+    /// Lets the backend go (at unplug, or when the card goes): once, so a backend that
+    /// later takes the same id is not cut from its own card.
+    fn release_backend(&self) {
+        if !self.released.swap(true, Ordering::AcqRel) {
+            net::detach(&self.netdev_id);
+        }
+    }
+}
+
 impl Drop for E1000 {
     fn drop(&mut self) {
-        net::detach(&self.netdev_id);
+        self.release_backend();
     }
 }
 
@@ -1495,6 +1666,8 @@ pub struct E1000Pci {
     mac: Prop<Option<String>>,
     #[property(name = "init-vet", default = true, desc = "Start with the VLAN ethertype 0x8100 in VET")]
     init_vet: Prop<bool>,
+    #[property(default = true, desc = "Pace interrupts by ITR, RADV and TADV")]
+    mitigation: Prop<bool>,
     #[property(desc = "ID of the iothread moving the frames (default: the main loop)")]
     iothread: Prop<Option<String>>,
     card: OnceLock<Arc<E1000>>,
@@ -1543,6 +1716,11 @@ impl DeviceImpl for E1000Pci {
                     services.vm().remove_change_handler(*change);
                 }
             }
+            // Gone from the monitor and from its backend now, although the card itself
+            // lives on while its regions are referenced.
+            let nic: &dyn Nic = card.as_ref();
+            nic::unregister(nic);
+            card.release_backend();
         }
         DeviceImpl::unrealize(&self.parent, ctx);
     }
@@ -1587,9 +1765,15 @@ impl DeviceImpl for E1000Pci {
         }
         let mut regs = vec![0u32; NREGS].into_boxed_slice();
         for (index, value) in saved.regs {
-            *regs
-                .get_mut(index as usize)
-                .ok_or_else(|| bad(format!("register {index:#x} beyond the register file")))? = value;
+            let offset = (index as usize).saturating_mul(4);
+            // Masked as the guest's own writes are, so ring arithmetic stays in range.
+            let value = match access(offset) {
+                Some(Access::Masked(mask)) => value & mask,
+                Some(_) if offset == reg::RDT || offset == reg::TDT => value & 0xffff,
+                Some(_) if index < NREGS as u32 => value,
+                _ => return Err(bad(format!("register {offset:#x} is not the card's"))),
+            };
+            regs[index as usize] = value;
         }
         self.update_bus_master();
         if let Some(card) = self.card.get() {
@@ -1603,11 +1787,11 @@ impl DeviceImpl for E1000Pci {
             st.ioaddr = saved.ioaddr;
             st.paused = !running;
             st.tx_held.clear();
-            let link = card.link_up.load(Ordering::Acquire);
-            if !link {
-                link_down_regs(&mut st);
-            }
-            card.update_irq(&st);
+        st.tx_held_bytes = 0;
+            // The link as the source had it (QEMU's post_load): a `set_link` there holds.
+            let link = st.reg(reg::STATUS) & bits::STATUS_LU != 0;
+            card.link_up.store(link, Ordering::Release);
+            card.update_irq(&mut st);
             drop(st);
             card.wake();
         }
@@ -1624,7 +1808,7 @@ impl E1000Pci {
         }
     }
 
-    fn realize_card(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+    fn realize_card(&self, ctx: &DeviceContext, model: Variant) -> Result<(), RealizeError> {
         let services = ctx.machine()?;
         let err = RealizeError::device;
         let context = match self.iothread.get() {
@@ -1639,15 +1823,22 @@ impl E1000Pci {
         if net::find_netdev(&netdev_id).is_none() {
             return Err(err(E1000Error::NetdevNotFound(netdev_id)));
         }
-        let name = self.parent.id().unwrap_or_else(|| nic::default_name(TYPE_E1000));
+        let name = self.parent.id().unwrap_or_else(|| nic::default_name(model.type_name));
         let netdev = net::attach(&netdev_id, &name).map_err(|()| err(E1000Error::NetdevInUse(netdev_id.clone())))?;
         let detach_on_error = |e: RealizeError| {
             net::detach(&netdev_id);
             e
         };
-        let Some(queue) = netdev.queues().into_iter().next() else {
+        let queues = netdev.queues();
+        let Some(queue) = queues.first().cloned() else {
             return Err(detach_on_error(err(E1000Error::NoQueue(netdev_id.clone()))));
         };
+        // One queue pair: a multiqueue tap steers nothing to the others.
+        for extra in &queues[1..] {
+            if let Err(e) = extra.set_enabled(false) {
+                log::warn!("e1000: cannot detach tap queue: {e}");
+            }
+        }
         // Frames without a virtio-net header, and none that the host merged beyond
         // the MTU: the card segments and checksums in software.
         if netdev.has_vnet_hdr() {
@@ -1655,18 +1846,23 @@ impl E1000Pci {
             let _ = netdev.set_offload(net::Offloads::default());
         }
         let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| detach_on_error(err(E1000Error::Host(e))))?;
+        let mit_timer = DeviceTimer::new().map_err(|e| detach_on_error(err(E1000Error::Host(e))))?;
         let card = Arc::new(E1000 {
             state: Mutex::new(State {
                 regs: vec![0u32; NREGS].into_boxed_slice(),
                 phy: [0; 32],
-                eeprom: eeprom_contents(&mac, DEVICE_ID_82540EM),
+                eeprom: eeprom_contents(&mac, model.device_id),
                 eecd: EecdState::default(),
                 tx: TxState::default(),
                 ioaddr: 0,
                 paused: !services.vm().is_running(),
                 bus_master: false,
                 tx_held: VecDeque::new(),
+                tx_held_bytes: 0,
                 interest: Interest::READ,
+                mit: Mitigation::default(),
+                pass_frames: 0,
+                pass_rx_descs: 0,
             }),
             name,
             netdev_id: netdev_id.clone(),
@@ -1680,14 +1876,26 @@ impl E1000Pci {
             link_up: AtomicBool::new(true),
             conf_mac: mac,
             init_vet: self.init_vet.get(),
+            model,
+            mitigation: self.mitigation.get(),
+            mit_timer,
+            released: AtomicBool::new(false),
             log: RateLimitedLog::default(),
         });
         {
             let mut st = card.state.lock();
             card.reset(&mut st);
         }
-        self.register_bar(0, BarKind::Mem32, MemoryRegion::new_io("e1000-mmio", MMIO_SIZE, Arc::new(Mmio(card.clone()))))?;
-        self.register_bar(1, BarKind::Io, MemoryRegion::new_io("e1000-io", IO_SIZE, Arc::new(IoPorts(card.clone()))))?;
+        // From here on the card's regions hold it: a failure lets the backend go itself.
+        let mmio = MemoryRegion::new_io("e1000-mmio", MMIO_SIZE, Arc::new(Mmio(card.clone())));
+        let io = MemoryRegion::new_io("e1000-io", IO_SIZE, Arc::new(IoPorts(card.clone())));
+        if let Err(e) = self
+            .register_bar(0, BarKind::Mem32, mmio)
+            .and_then(|()| self.register_bar(1, BarKind::Io, io))
+        {
+            card.release_backend();
+            return Err(e);
+        }
         let weak: Weak<E1000> = Arc::downgrade(&card);
         let serve = |w: Weak<E1000>| -> Box<dyn FnMut() + Send> {
             Box::new(move || {
@@ -1696,12 +1904,31 @@ impl E1000Pci {
                 }
             })
         };
-        let host = |e: io::Error| RealizeError::device(E1000Error::Host(e));
+        let host = |e: io::Error| {
+            card.release_backend();
+            RealizeError::device(E1000Error::Host(e))
+        };
         let kick_id = context.add_fd(card.kick.as_raw_fd(), serve(weak.clone())).map_err(host)?;
         let backend_id = match context.add_fd_with(card.queue.rx_fd(), Interest::READ, serve(weak.clone())) {
             Ok(id) => id,
             Err(e) => {
                 context.remove_fd(kick_id);
+                return Err(host(e));
+            }
+        };
+        let w = weak.clone();
+        let timer_id = match context.add_fd(
+            card.mit_timer.as_raw_fd(),
+            Box::new(move || {
+                if let Some(c) = w.upgrade() {
+                    c.mit_timer_expired();
+                }
+            }),
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                context.remove_fd(kick_id);
+                context.remove_fd(backend_id);
                 return Err(host(e));
             }
         };
@@ -1713,14 +1940,19 @@ impl E1000Pci {
             0,
             Arc::new(move |running, _| {
                 if let Some(c) = w.upgrade() {
-                    c.state.lock().paused = !running;
+                    let mut st = c.state.lock();
+                    st.paused = !running;
+                    if running && st.mit.timer_on {
+                        let _ = c.mit_timer.arm(Duration::from_micros(1));
+                    }
+                    drop(st);
                     if running {
                         c.wake();
                     }
                 }
             }),
         );
-        let _ = self.handlers.set((vec![kick_id, backend_id], change));
+        let _ = self.handlers.set((vec![kick_id, backend_id, timer_id], change));
         let nic_ref: Weak<dyn Nic> = weak;
         nic::register(nic_ref);
         let _ = self.card.set(card);
@@ -1738,13 +1970,71 @@ impl PciDeviceImpl for E1000Pci {
     const INTERRUPT_PIN: u8 = 1;
 
     fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
-        self.realize_card(ctx)
+        let model = Variant {
+            type_name: TYPE_E1000,
+            device_id: DEVICE_ID_82540EM,
+            phy_id2: PHY_ID2_82540EM,
+        };
+        self.realize_card(ctx, model)
     }
 
     fn config_write(&self, _addr: usize, _val: u32, _len: usize) {
         self.update_bus_master();
     }
 }
+
+/// QEMU's other two cards of the family: the same device under another PCI device id
+/// (the EEPROM carries it too) and, for the 82544GC, another PHY.
+macro_rules! e1000_variant {
+    ($name:ident, $type_name:literal, $device_id:expr, $phy_id2:expr, $description:literal) => {
+        #[doc = concat!("QEMU's `", $description, "` card.")]
+        #[derive(qom::Object)]
+        #[qom(name = $type_name, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE])]
+        pub struct $name {
+            #[parent]
+            parent: E1000Pci,
+        }
+
+        type_init!($name);
+
+        impl DeviceImpl for $name {
+            const DESCRIPTION: Option<&'static str> = Some($description);
+            const CATEGORY: DeviceCategory = DeviceCategory::Network;
+
+            fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+                self.parent.save_state()
+            }
+
+            fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
+                self.parent.load_state(state)
+            }
+        }
+
+        impl PciDeviceImpl for $name {
+            const VENDOR_ID: u16 = 0x8086;
+            const DEVICE_ID: u16 = $device_id;
+            const REVISION: u8 = 0x03;
+            const CLASS_ID: u16 = 0x0200;
+            const INTERRUPT_PIN: u8 = 1;
+
+            fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
+                let model = Variant {
+                    type_name: $type_name,
+                    device_id: $device_id,
+                    phy_id2: $phy_id2,
+                };
+                self.parent.realize_card(ctx, model)
+            }
+
+            fn config_write(&self, _addr: usize, _val: u32, _len: usize) {
+                self.parent.update_bus_master();
+            }
+        }
+    };
+}
+
+e1000_variant!(E1000Variant82544gc, "e1000-82544gc", 0x100c, PHY_ID2_82544GC, "Intel Gigabit Ethernet (82544GC)");
+e1000_variant!(E1000Variant82545em, "e1000-82545em", 0x100f, PHY_ID2_82540EM, "Intel Gigabit Ethernet (82545EM)");
 
 #[cfg(test)]
 mod tests {
@@ -1761,9 +2051,8 @@ mod tests {
 
     #[test]
     fn checksums_are_rfc_1071_and_never_zero() {
-        // An IPv4 header from RFC 1071's example family: sum of 4500 0073 0000 4000
-        // 4011 0000 c0a8 0001 c0a8 00c7 is 0x479e once folded and complemented... the
-        // classic example's checksum is b861.
+        // The IPv4 header of the common worked example (192.168.0.1 -> 192.168.0.199,
+        // UDP, 115 bytes): its checksum is 0xb861.
         let mut ip = vec![
             0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
             0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
@@ -1788,7 +2077,11 @@ mod tests {
             paused: false,
             bus_master: true,
             tx_held: VecDeque::new(),
+            tx_held_bytes: 0,
             interest: Interest::NONE,
+            mit: Mitigation::default(),
+            pass_frames: 0,
+            pass_rx_descs: 0,
         };
         assert_eq!(st.rxbuf_size(), 2048);
         st.set(reg::RCTL, 3 << 16);
@@ -1816,7 +2109,11 @@ mod tests {
             paused: false,
             bus_master: true,
             tx_held: VecDeque::new(),
+            tx_held_bytes: 0,
             interest: Interest::NONE,
+            mit: Mitigation::default(),
+            pass_frames: 0,
+            pass_rx_descs: 0,
         };
         let cs = bits::EECD_CS;
         set_eecd(&mut st, cs);

@@ -44,6 +44,13 @@ pub fn register(nic: Weak<dyn Nic>) {
     NICS.lock().push(nic);
 }
 
+/// Takes a card out of the table (unplugged: its object may live on a while).
+pub fn unregister(nic: &dyn Nic) {
+    let target = nic as *const dyn Nic as *const ();
+    NICS.lock()
+        .retain(|w| w.strong_count() > 0 && w.as_ptr() as *const () != target);
+}
+
 /// Every card alive, in creation order.
 pub fn nics() -> Vec<Arc<dyn Nic>> {
     let mut all = NICS.lock();
