@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=21
+ASSETS_FORMAT=24
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -31,8 +31,11 @@ ATA_MODULES="ata_piix sd_mod sr_mod virtio_scsi"
 # qomvm.usb=1 under vmlinuz-generic.
 USB_MODULES="uhci_hcd usbhid hid_generic evdev usb_storage sd_mod"
 # The generic kernel's driver for the Intel 82540EM (QEMU's default NIC, e1000; the cloud
-# kernel has none): loaded with qomvm.e1000=1 under vmlinuz-generic.
-NIC_MODULES="e1000"
+# kernel has none), and its virtio disk and ext4 drivers (modules there, built into the
+# cloud kernel; ext4 asks for a crc32c driver by name, not as a dependency) so that the
+# root disk mounts beside it (scripts/bench-net.sh --nic
+# e1000): loaded with qomvm.e1000=1 under vmlinuz-generic.
+NIC_MODULES="e1000 virtio_pci virtio_blk crc32c_generic ext4"
 # The disk image's size (a sparse file; its content is about 85 MB, mostly
 # fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
 ROOTFS_SIZE=256M
@@ -119,7 +122,8 @@ and then, depending on the kernel command line:
                      QOMVM-ROOT-FAILED: ... and stays in the initramfs
   qomvm.usb=1        (with vmlinuz-generic) loads the USB host, HID and mass
                      storage drivers first, so USB disks are there for the modes
-  qomvm.e1000=1      (with vmlinuz-generic) loads the e1000 network driver first
+  qomvm.e1000=1      (with vmlinuz-generic) loads the e1000 network driver and
+                     the virtio disk and ext4 drivers first
   qomvm.usbinput=1   qomvm.usb=1, then prints "usb: product NAME" for each USB
                      device, "usb: ready" with the tablet's and keyboard's event
                      devices open, each tablet event ("usb: tablet TYPE CODE
@@ -349,14 +353,13 @@ wait_dev() {
 }
 
 # load_modules LIST: insmod the modules LIST names (paths under /lib/modules/KVER, in
-# dependency order), if this kernel is theirs; says so if not.
+# dependency order, after a "# KVER" line), if this kernel is theirs; says so if not.
 load_modules() {
     kver=$(uname -r)
-    first=$(head -n1 "$1")
-    if [ -n "$first" ] && [ -f "/lib/modules/$kver/$first" ]; then
-        while read -r m; do
+    if [ "$(head -n1 "$1")" = "# $kver" ]; then
+        grep -v '^#' "$1" | while read -r m; do
             insmod "/lib/modules/$kver/$m" || echo "qomvm: insmod $m failed"
-        done <"$1"
+        done
     else
         echo "qomvm: no modules of ${1#/etc/} for kernel $kver in this initramfs"
     fi
@@ -1399,8 +1402,9 @@ guest_modules() {
     local base=${#order[@]} i
     # The second list's load order after the first's: what it needs beyond it.
     for m in $mods2; do _gm_visit "$m"; done
-    : >"$root/etc/$list"
-    [[ -z $list2 ]] || : >"$root/etc/$list2"
+    # The kernel the lists are for, first: the initramfs carries two kernels' modules.
+    echo "# $kver" >"$root/etc/$list"
+    [[ -z $list2 ]] || echo "# $kver" >"$root/etc/$list2"
     : >"$root/lib/modules/$kver/modules.dep"
     for i in "${!order[@]}"; do
         m=${order[$i]}

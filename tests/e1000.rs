@@ -8,7 +8,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::memory::AddressSpace;
 use hw::core::qdev::{device_impl, qdev_new, qdev_realize, DeviceMethods};
 use hw::core::runstate::{self, RunStatus};
@@ -74,12 +74,7 @@ fn pc_with_e1000(id: &str) -> (ObjectRef, UnixDatagram) {
 /// [`pc_with_e1000`] with another card of the family and more properties.
 fn pc_with_card(driver: &str, id: &str, props: &[(&str, &str)]) -> (ObjectRef, UnixDatagram) {
     let peer = add_backend(id, true);
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(128 << 20);
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
+    let machine = test_support::qtest::pc_on_qtest(128 << 20);
     let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
     let dev = qdev_new(driver).unwrap();
     dev.property_parse("netdev", id).unwrap();

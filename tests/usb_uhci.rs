@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use hw::core::input::button;
-use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::qdev::{device_impl, qdev_new, qdev_realize, DeviceMethods};
 use hw::core::runstate::{self, RunStatus};
 use qom::ObjectRef;
@@ -56,12 +56,7 @@ const OUT: u8 = 0xe1;
 /// A pc machine on qtest with `piix3-usb-uhci,id=ID` at 05.0 and each (driver, props) on
 /// its bus, started.
 fn pc_with_usb(id: &str, devices: &[(&str, &[(&str, &str)])]) -> ObjectRef {
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(128 << 20);
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
+    let machine = test_support::qtest::pc_on_qtest(128 << 20);
     let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
     let hc = qdev_new("piix3-usb-uhci").unwrap();
     hc.property_parse("addr", "05.0").unwrap();

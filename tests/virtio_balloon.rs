@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::qdev::{qdev_new, qdev_realize};
 use hw::virtio::virtio_balloon_pci::VirtioBalloonPci;
 use qom::ObjectRef;
@@ -28,12 +28,7 @@ const PAGE: u64 = 0x50_0000;
 
 /// `-device virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x3,props...` on a 128 MiB pc.
 fn pc_with_balloon(props: &[(&str, &str)]) -> (ObjectRef, ObjectRef) {
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(RAM);
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
+    let machine = test_support::qtest::pc_on_qtest(RAM);
     let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
     let dev = qdev_new("virtio-balloon-pci").unwrap();
     dev.property_parse("addr", "0x3").unwrap();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block::{BlockBackend, Format, OpenOptions};
-use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::qdev::{qdev_new, qdev_realize};
 use hw::core::runstate::ShutdownCause;
 use qom::ObjectRef;
@@ -56,12 +56,7 @@ fn pc_with_disk(drive: &str, props: &[(&str, &str)]) -> ObjectRef {
 /// A pc machine on qtest with a `virtio-blk-pci,drive=DRIVE,addr=ADDR,props...` for each
 /// (drive, addr).
 fn pc_with_disks(disks: &[(&str, &str)], props: &[(&str, &str)]) -> ObjectRef {
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(128 << 20);
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
+    let machine = test_support::qtest::pc_on_qtest(128 << 20);
     let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
     for (drive, addr) in disks {
         let dev = qdev_new("virtio-blk-pci").unwrap();

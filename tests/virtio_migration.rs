@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use block::BlockBackend;
-use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::migration::{load_vm, save_vm, MigrationError, Progress};
 use hw::core::qdev::{qdev_new, qdev_realize};
 use hw::core::runstate::{vm_start, vm_stop, RunStatus};
@@ -62,12 +62,7 @@ fn add_drive(id: &str, path: &Path) -> Arc<BlockBackend> {
 /// A pc machine on qtest (128 MiB) with virtio-blk-pci on `drive` at 04.0,
 /// virtio-rng-pci at 05.0 and virtio-balloon-pci at 06.0.
 fn machine(drive: &str) -> ObjectRef {
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(128 << 20);
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
+    let machine = test_support::qtest::pc_on_qtest(128 << 20);
     let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
     let devices: [(&str, &str, Option<&str>); 3] = [
         ("virtio-blk-pci", "04.0", Some(drive)),

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::machine::machine_creation_done;
 use hw::core::qdev::{qdev_new, qdev_realize};
 use qom::ObjectRef;
 use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
@@ -19,13 +19,7 @@ const RING: u64 = 0x10_0000;
 const BUF: u64 = 0x20_0000;
 
 fn pc_machine() -> ObjectRef {
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(128 << 20);
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
-    machine
+    test_support::qtest::pc_on_qtest(128 << 20)
 }
 
 /// Realizes `virtio-rng-pci,addr=04.0,props...`; the error text if it fails.

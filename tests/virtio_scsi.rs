@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block::{BlockBackend, Format, OpenOptions};
-use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::qdev::{qdev_new, qdev_realize, DeviceMethods};
 use qom::ObjectRef;
 use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
@@ -55,12 +55,7 @@ fn add_drive(id: &str, path: &std::path::Path, read_only: bool) -> Arc<BlockBack
 /// A pc machine on qtest with `virtio-scsi-pci,id=ID` at 05.0 and a `scsi-hd` for each
 /// (drive, props); the machine is not yet done (more can be plugged).
 fn pc_with_adapter(id: &str, disks: &[(&str, &[(&str, &str)])]) -> ObjectRef {
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(128 << 20);
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
+    let machine = test_support::qtest::pc_on_qtest(128 << 20);
     let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
     let hba = qdev_new("virtio-scsi-pci").unwrap();
     hba.property_parse("addr", "05.0").unwrap();

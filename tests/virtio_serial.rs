@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hw::core::chardev::{chardev_add, CharBackend, Ringbuf};
-use hw::core::machine::{machine_creation_done, machine_run_board_init, machine_state};
+use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::qdev::{qdev_new, qdev_realize, DeviceMethods};
 use qom::ObjectRef;
 use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
@@ -58,13 +58,7 @@ fn port_events() -> &'static Mutex<Vec<(String, bool)>> {
 }
 
 fn pc_machine() -> ObjectRef {
-    accel::init().expect("registrations are intact");
-    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
-    machine_state(&machine).unwrap().set_ram_size(128 << 20);
-    let qtest = accel::accel_find("qtest").unwrap();
-    accel::accel_init_machine(qtest, &machine).unwrap();
-    machine_run_board_init(&machine).unwrap();
-    machine
+    test_support::qtest::pc_on_qtest(128 << 20)
 }
 
 /// `-device DRIVER,id=ID,props...` on `bus`; the error text if it fails.

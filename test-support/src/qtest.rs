@@ -27,6 +27,19 @@ pub fn machine_with_isa_bus() -> (ObjectRef, ObjectRef) {
     (machine, bus)
 }
 
+/// QEMU's `-M pc` (`pc-i440fx-10.0`) on the qtest accelerator with `ram_size` bytes of
+/// RAM, its board built (`pc_init1`), devices still to add before
+/// `machine_creation_done`.
+pub fn pc_on_qtest(ram_size: u64) -> ObjectRef {
+    accel::init().expect("registrations are intact");
+    let machine = qom::object_new("pc-i440fx-10.0-machine").unwrap();
+    machine_state(&machine).unwrap().set_ram_size(ram_size);
+    let qtest = accel::accel_find("qtest").unwrap();
+    accel::accel_init_machine(qtest, &machine).unwrap();
+    hw::core::machine::machine_run_board_init(&machine).unwrap();
+    machine
+}
+
 /// A `driver` device with `props` set, a child of the machine's `peripheral-anon`, not
 /// realized.
 pub fn new_dev(machine: &ObjectRef, driver: &str, props: &[(&str, &str)]) -> ObjectRef {
