@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use crate::options::{split_opts, Located, OptionError};
 
 /// NIC models `-nic model=` accepts, the default first (QEMU's on pc: e1000).
-const NIC_MODELS: &[&str] = &["e1000", "virtio-net-pci"];
+const NIC_MODELS: &[&str] = &["e1000", "e1000-82544gc", "e1000-82545em", "virtio-net-pci"];
 
 /// One JSON member as a QemuOpts value (`true` -> `on`, numbers as written).
 fn json_value(v: &Value) -> Option<String> {
@@ -125,6 +125,149 @@ pub fn nic_option(located: &Located, index: usize) -> Result<NicOption, OptionEr
         option: located.option,
         value: device,
     }))
+}
+
+/// What the `-net` options ask for together (QEMU's legacy "hub" networking): cards to
+/// create as `-device`s, or `help` text.
+pub enum NetOptions {
+    /// `help` text to print.
+    Help(String),
+    /// The cards, their backends already added.
+    Devices(Vec<Located>),
+}
+
+/// One `key[=value]` of an option string.
+type OptPair = (String, Option<String>);
+
+/// One `-net nic`: the card's `-device` text, and whether it names its own backend.
+struct LegacyNic {
+    located: Located,
+    device: String,
+    netdev: Option<String>,
+}
+
+/// QEMU's `net_client_init` for the `-net` options. `-net nic` makes a card (`model=`,
+/// e1000 by default, `macaddr=`, `netdev=`, `name=`/`id=`, `addr=`, `vectors=`); `-net
+/// user|tap,...` makes a backend; `-net none` nothing. QEMU joins the cards and backends
+/// without `netdev=` through hub 0; qomvm has no hubs, so it connects one card to one
+/// backend and refuses more (`-netdev` with `-device` or `-nic` give any number).
+pub fn net_options(nets: &[Located]) -> Result<NetOptions, OptionError> {
+    let mut cards: Vec<LegacyNic> = Vec::new();
+    let mut backends: Vec<(Located, Vec<OptPair>)> = Vec::new();
+    for located in nets {
+        let items = split_opts(&located.value, Some("type"));
+        let kind = items
+            .first()
+            .and_then(|(k, v)| (k == "type").then(|| v.clone()).flatten())
+            .ok_or_else(|| located.error("Parameter 'type' is missing"))?;
+        if items.iter().any(|(k, _)| k == "vlan") {
+            // Gone from QEMU since 3.0: hubs are numbered by `-net` no more.
+            return Err(located.error("Invalid parameter 'vlan'"));
+        }
+        match kind.as_str() {
+            "none" => {}
+            "help" | "?" => {
+                return Ok(NetOptions::Help(
+                    "Available netdev backend types:\nnic\ntap\nuser\n".into(),
+                ))
+            }
+            "nic" => cards.push(legacy_nic(located, &items)?),
+            "user" | "tap" => backends.push((located.clone(), items)),
+            other => {
+                return Err(located.error(format!(
+                    "Parameter 'type' expects a net backend type (maybe it is not compiled into this binary): {other}"
+                )))
+            }
+        }
+    }
+    let hub_cards: Vec<&LegacyNic> = cards.iter().filter(|c| c.netdev.is_none()).collect();
+    let no_hubs = |l: &Located| {
+        l.error("qomvm has no network hubs: -net connects one -net nic to one -net user or tap; use -netdev with -device or -nic for more")
+    };
+    if let Some(second) = backends.get(1) {
+        return Err(no_hubs(&second.0));
+    }
+    if let Some(second) = hub_cards.get(1) {
+        return Err(no_hubs(&second.located));
+    }
+    let mut devices = Vec::new();
+    match (hub_cards.first(), backends.first()) {
+        (Some(card), Some((located, items))) => {
+            let kind = items[0].1.clone().unwrap_or_default();
+            let id = format!("{kind}.0");
+            let mut pairs = vec![
+                ("type".to_string(), Some(kind)),
+                ("id".to_string(), Some(id.clone())),
+            ];
+            for (k, v) in items.iter().skip(1) {
+                if k == "id" || k == "name" {
+                    continue;
+                }
+                pairs.push((k.clone(), v.clone()));
+            }
+            ::net::netdev_add(&pairs).map_err(|e| located.error(e.to_string()))?;
+            devices.push(Located {
+                option: card.located.option,
+                value: format!("{},netdev={id}", card.device),
+            });
+        }
+        (Some(card), None) => {
+            return Err(card.located.error(
+                "nothing to connect this card to: add -net user or -net tap (qomvm has no network hubs)",
+            ))
+        }
+        (None, Some((located, _))) => {
+            // QEMU warns and runs the backend alone; a backend no card uses is refused
+            // here, where it can only be a mistake.
+            return Err(located.error("no -net nic to connect this backend to"));
+        }
+        (None, None) => {}
+    }
+    for card in cards.iter().filter(|c| c.netdev.is_some()) {
+        let netdev = card.netdev.as_deref().unwrap_or_default();
+        devices.push(Located {
+            option: card.located.option,
+            value: format!("{},netdev={netdev}", card.device),
+        });
+    }
+    Ok(NetOptions::Devices(devices))
+}
+
+/// One `-net nic`'s card, as `-device` text without its backend.
+fn legacy_nic(
+    located: &Located,
+    items: &[(String, Option<String>)],
+) -> Result<LegacyNic, OptionError> {
+    let mut model = NIC_MODELS[0].to_string();
+    let mut props = Vec::new();
+    let mut netdev = None;
+    for (k, v) in items.iter().skip(1) {
+        let v = v.clone().unwrap_or_default();
+        match k.as_str() {
+            "model" => model = v,
+            "macaddr" => props.push(format!("mac={v}")),
+            "netdev" => netdev = Some(v),
+            "name" | "id" => props.push(format!("id={v}")),
+            "addr" | "vectors" => props.push(format!("{k}={v}")),
+            _ => return Err(located.error(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    if model == "virtio" {
+        model = "virtio-net-pci".into();
+    }
+    if !NIC_MODELS.contains(&model.as_str()) {
+        return Err(located.error(format!("Unsupported NIC model: {model}")));
+    }
+    let mut device = model;
+    for p in props {
+        device.push(',');
+        device.push_str(&p);
+    }
+    Ok(LegacyNic {
+        located: located.clone(),
+        device,
+        netdev,
+    })
 }
 
 /// What one `-nic` asks for.

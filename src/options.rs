@@ -77,6 +77,8 @@ pub struct Options {
     pub netdevs: Vec<Located>,
     /// `-nic`.
     pub nics: Vec<Located>,
+    /// `-net` (legacy: `nic`, `user`, `tap`, `none`).
+    pub nets: Vec<Located>,
     pub globals: Vec<Located>,
     pub serial: Vec<Located>,
     /// `-debugcon` (each; QEMU allows one).
@@ -178,6 +180,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("object", Arity::Value),
     ("netdev", Arity::Value),
     ("nic", Arity::Value),
+    ("net", Arity::Value),
     ("global", Arity::Value),
     ("serial", Arity::Value),
     ("debugcon", Arity::Value),
@@ -415,6 +418,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "object" => opts.objects.push(located),
             "netdev" => opts.netdevs.push(located),
             "nic" => opts.nics.push(located),
+            "net" => opts.nets.push(located),
             "global" => opts.globals.push(located),
             "serial" => opts.serial.push(located),
             "debugcon" => opts.debugcon.push(located),

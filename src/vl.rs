@@ -147,6 +147,13 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
             crate::net::NicOption::Device(dev) => drive_devices.push(dev),
         }
     }
+    match crate::net::net_options(&opts.nets)? {
+        crate::net::NetOptions::Help(text) => {
+            print!("{text}");
+            return Ok(0);
+        }
+        crate::net::NetOptions::Devices(devices) => drive_devices.extend(devices),
+    }
     startup_phase("backends");
     let machine = create_machine(opts)?;
     startup_phase("machine object");

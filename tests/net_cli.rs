@@ -105,6 +105,40 @@ fn a_tap_by_name_and_a_nic_shorthand() {
     );
 }
 
+/// QEMU's legacy `-net nic -net user` (countless how-tos): one card on one backend;
+/// `model=virtio` names virtio-net-pci, `macaddr=` its MAC; e1000 without a model.
+#[test]
+fn legacy_net_options_connect_a_card_to_a_backend() {
+    for (args, line) in [
+        (
+            &[
+                "-net",
+                "nic,model=virtio,macaddr=52:54:00:00:00:09",
+                "-net",
+                "user",
+            ][..],
+            "type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:09",
+        ),
+        (
+            &["-net", "nic", "-net", "user,restrict=on"][..],
+            "type=nic,model=e1000,",
+        ),
+        (
+            &["-net", "nic,name=lan", "-net", "user", "-net", "none"][..],
+            "lan: index=0,type=nic,model=e1000",
+        ),
+    ] {
+        let out = run_with_quit(qomvm_cmd(args));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(text.contains(line), "{args:?}: {text}");
+        assert!(
+            text.contains("user.0: index=0,type=user"),
+            "{args:?}: {text}"
+        );
+    }
+}
+
 #[test]
 fn bad_network_options_are_one_line_errors() {
     let cases: &[(&[&str], &str)] = &[
@@ -137,6 +171,23 @@ fn bad_network_options_are_one_line_errors() {
                 "e1000,netdev=u0,mac=52:54",
             ],
             "Property 'e1000.mac' doesn't take value '52:54'",
+        ),
+        (
+            &["-net", "nic"],
+            "-net nic: nothing to connect this card to: add -net user or -net tap",
+        ),
+        (
+            &["-net", "nic", "-net", "nic", "-net", "user"],
+            "qomvm has no network hubs",
+        ),
+        (
+            &["-net", "nic,vlan=1", "-net", "user"],
+            "Invalid parameter 'vlan'",
+        ),
+        (&["-net", "user"], "no -net nic to connect this backend to"),
+        (
+            &["-net", "bogus"],
+            "Parameter 'type' expects a net backend type",
         ),
         (
             &["-nic", "user,model=rtl8139"],

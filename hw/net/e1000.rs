@@ -472,10 +472,12 @@ impl State {
     }
 
     /// QEMU's `e1000x_increase_size_stats`: the size bucket of six counters from `first`
-    /// (64, 65-127, 128-255, 256-511, 512-1023, 1024 bytes and up, FCS included).
+    /// (64, 65-127, 128-255, 256-511, 512-1023, 1024 bytes and up, FCS included; shorter
+    /// frames are counted in none).
     fn count_size(&mut self, first: usize, size: usize) {
         let bucket = match size {
-            0..=64 => 0,
+            0..=63 => return,
+            64 => 0,
             65..=127 => 1,
             128..=255 => 2,
             256..=511 => 3,
@@ -997,7 +999,8 @@ impl E1000 {
     fn send(&self, st: &mut State, mut frame: Vec<u8>) {
         st.pass_frames += 1;
         if st.phy[phy::BMCR] & phy::BMCR_LOOPBACK != 0 {
-            if st.can_receive() {
+            // Looped frames walk the receive ring too: within the pass's budget.
+            if st.can_receive() && st.pass_rx_descs < RX_PASS_DESCS {
                 let mem = self.services.ram();
                 self.deliver(st, &mem, &frame);
             }
@@ -1032,6 +1035,12 @@ impl E1000 {
         let ndesc = st.ring_len(reg::TDLEN);
         let tdh_start = st.reg(reg::TDH);
         if st.reg(reg::TDH) == st.reg(reg::TDT) {
+            return;
+        }
+        if st.reg(reg::TDT) >= ndesc {
+            // The head could never reach it: QEMU goes round once and stops; a pass
+            // budget would make that lap endless, so none is gone (the driver is broken).
+            self.log.warn(|| format!("e1000: transmit tail {:#x} outside a ring of {ndesc} descriptors", st.reg(reg::TDT)));
             return;
         }
         let base = (u64::from(st.reg(reg::TDBAH)) << 32) | u64::from(st.reg(reg::TDBAL));
@@ -1378,7 +1387,7 @@ impl E1000 {
         }
         st.count(reg::TPR);
         st.count(reg::GPRC);
-        st.count_size(reg::PRC64, size + 4);
+        st.count_size(reg::PRC64, total);
         st.grow64(reg::TORL, size as u64 + 4);
         st.grow64(reg::GORCL, size as u64 + 4);
         if frame[0..6] == [0xff; 6] {
@@ -1631,6 +1640,9 @@ impl E1000 {
     /// later takes the same id is not cut from its own card.
     fn release_backend(&self) {
         if !self.released.swap(true, Ordering::AcqRel) {
+            for extra in self.netdev.queues().iter().skip(1) {
+                let _ = extra.set_enabled(true);
+            }
             net::detach(&self.netdev_id);
         }
     }
@@ -1679,14 +1691,15 @@ type_init!(E1000Pci);
 /// Errors of `e1000`'s properties, in QEMU's words.
 #[derive(Debug, thiserror::Error)]
 enum E1000Error {
-    #[error("Property 'e1000.netdev' can't find value '{0}'")]
-    NetdevNotFound(String),
-    #[error("Property 'e1000.netdev' can't take value '{0}', it's in use")]
-    NetdevInUse(String),
-    #[error("Property 'e1000.mac' doesn't take value '{0}'")]
-    Mac(String),
-    #[error("Property 'e1000.iothread' can't find value '{0}'")]
-    IothreadNotFound(String),
+    /// The card's type, then the value.
+    #[error("Property '{0}.netdev' can't find value '{1}'")]
+    NetdevNotFound(&'static str, String),
+    #[error("Property '{0}.netdev' can't take value '{1}', it's in use")]
+    NetdevInUse(&'static str, String),
+    #[error("Property '{0}.mac' doesn't take value '{1}'")]
+    Mac(&'static str, String),
+    #[error("Property '{0}.iothread' can't find value '{1}'")]
+    IothreadNotFound(&'static str, String),
     #[error("netdev '{0}' has no queue")]
     NoQueue(String),
     #[error("cannot set up the card's event loop: {0}")]
@@ -1812,19 +1825,19 @@ impl E1000Pci {
         let services = ctx.machine()?;
         let err = RealizeError::device;
         let context = match self.iothread.get() {
-            Some(id) => iothread_context(&id).ok_or(err(E1000Error::IothreadNotFound(id)))?,
+            Some(id) => iothread_context(&id).ok_or(err(E1000Error::IothreadNotFound(model.type_name, id)))?,
             None => services.try_main_context().map_err(|e| err(E1000Error::Host(e)))?,
         };
         let mac = match self.mac.get() {
-            Some(text) => parse_mac(&text).ok_or_else(|| err(E1000Error::Mac(text)))?,
+            Some(text) => parse_mac(&text).ok_or_else(|| err(E1000Error::Mac(model.type_name, text)))?,
             None => nic::default_mac(),
         };
-        let netdev_id = self.netdev.get().ok_or_else(|| err(E1000Error::NetdevNotFound(String::new())))?;
+        let netdev_id = self.netdev.get().ok_or_else(|| err(E1000Error::NetdevNotFound(model.type_name, String::new())))?;
         if net::find_netdev(&netdev_id).is_none() {
-            return Err(err(E1000Error::NetdevNotFound(netdev_id)));
+            return Err(err(E1000Error::NetdevNotFound(model.type_name, netdev_id)));
         }
         let name = self.parent.id().unwrap_or_else(|| nic::default_name(model.type_name));
-        let netdev = net::attach(&netdev_id, &name).map_err(|()| err(E1000Error::NetdevInUse(netdev_id.clone())))?;
+        let netdev = net::attach(&netdev_id, &name).map_err(|()| err(E1000Error::NetdevInUse(model.type_name, netdev_id.clone())))?;
         let detach_on_error = |e: RealizeError| {
             net::detach(&netdev_id);
             e
@@ -1833,12 +1846,6 @@ impl E1000Pci {
         let Some(queue) = queues.first().cloned() else {
             return Err(detach_on_error(err(E1000Error::NoQueue(netdev_id.clone()))));
         };
-        // One queue pair: a multiqueue tap steers nothing to the others.
-        for extra in &queues[1..] {
-            if let Err(e) = extra.set_enabled(false) {
-                log::warn!("e1000: cannot detach tap queue: {e}");
-            }
-        }
         // Frames without a virtio-net header, and none that the host merged beyond
         // the MTU: the card segments and checksums in software.
         if netdev.has_vnet_hdr() {
@@ -1885,6 +1892,13 @@ impl E1000Pci {
         {
             let mut st = card.state.lock();
             card.reset(&mut st);
+        }
+        // One queue pair: a multiqueue tap steers nothing to the others (attached again
+        // when the card lets the backend go).
+        for extra in &queues[1..] {
+            if let Err(e) = extra.set_enabled(false) {
+                log::warn!("e1000: cannot detach tap queue: {e}");
+            }
         }
         // From here on the card's regions hold it: a failure lets the backend go itself.
         let mmio = MemoryRegion::new_io("e1000-mmio", MMIO_SIZE, Arc::new(Mmio(card.clone())));
@@ -1942,8 +1956,11 @@ impl E1000Pci {
                 if let Some(c) = w.upgrade() {
                     let mut st = c.state.lock();
                     st.paused = !running;
-                    if running && st.mit.timer_on {
-                        let _ = c.mit_timer.arm(Duration::from_micros(1));
+                    if running && st.mit.timer_on && c.mit_timer.arm(Duration::from_micros(1)).is_err() {
+                        // No timer to end the window: end it now, or causes wait for good.
+                        st.mit.timer_on = false;
+                        let icr = st.reg(reg::ICR);
+                        c.set_interrupt_cause(&mut st, icr);
                     }
                     drop(st);
                     if running {
