@@ -61,6 +61,9 @@ if [[ $net == 1 ]]; then
     # shellcheck disable=SC2054 # the commas are QEMU's
     args+=(-nic user,model=virtio-net-pci,hostfwd=tcp::2222-:22)
     append+=" qomvm.net=dhcp"
+else
+    # Without it -M pc would get its default card (e1000 on user networking).
+    args+=(-nic none)
 fi
 rig=(scripts/nested-kvm.sh --interactive --timeout 86400)
 if [[ $disk == 1 ]]; then

@@ -110,7 +110,8 @@ Network:
                      a backend and its card in one (e1000 by default)
 -net nic[,model=type][,macaddr=addr][,netdev=id][,name=str]
 -net user|tap[,backend options]
--net none            legacy networking: one card on one backend (no hubs)
+-net none            legacy networking: one card on one backend (no hubs); with no
+                     -net, -nic, -netdev or -nodefaults, -M pc gets -net nic -net user
 
 Display and character devices:
 -display none        no window (qomvm has none)
@@ -173,15 +174,28 @@ pub fn version() -> String {
 
 pub fn machines() -> String {
     let mut out = String::from("Supported machines are:\n");
-    let mut classes = qom::object_class_get_list(Some(TYPE_MACHINE), false);
-    classes.sort_by_key(|c| machine_class(c).map(|mc| mc.name));
-    for class in classes {
-        let mc = machine_class(class).expect("machine classes have a MachineClass");
+    let mut classes: Vec<_> = qom::object_class_get_list(Some(TYPE_MACHINE), false)
+        .into_iter()
+        .filter_map(machine_class)
+        .collect();
+    // QEMU's order: a family's types by name from the last (the i440FX versions, newest
+    // first by its string comparison), then the machines of no family by name.
+    let family = |name: &str| name.starts_with("pc-i440fx-");
+    classes.sort_by(|a, b| match (family(a.name), family(b.name)) {
+        (true, true) => b.name.cmp(a.name),
+        (fa, fb) => fb.cmp(&fa).then(a.name.cmp(b.name)),
+    });
+    for mc in classes {
         if let Some(alias) = mc.alias {
             let _ = writeln!(out, "{:<20} {} (alias of {})", alias, mc.desc, mc.name);
         }
         let default = if mc.is_default { " (default)" } else { "" };
-        let _ = writeln!(out, "{:<20} {}{}", mc.name, mc.desc, default);
+        let deprecated = if mc.deprecation_reason.is_some() {
+            " (deprecated)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "{:<20} {}{}{}", mc.name, mc.desc, default, deprecated);
     }
     out
 }

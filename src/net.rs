@@ -5,7 +5,8 @@ use serde_json::{Map, Value};
 
 use crate::options::{split_opts, Located, OptionError};
 
-/// NIC models `-nic model=` accepts, the default first (QEMU's on pc: e1000).
+/// NIC models `-nic model=` accepts (QEMU's `pci_nic_models` that qomvm has); without
+/// `model=` a card is the machine's `default_nic`.
 const NIC_MODELS: &[&str] = &["e1000", "e1000-82544gc", "e1000-82545em", "virtio-net-pci"];
 
 /// One JSON member as a QemuOpts value (`true` -> `on`, numbers as written).
@@ -73,8 +74,12 @@ pub fn netdev_option(located: &Located) -> Result<Option<String>, OptionError> {
 
 /// QEMU's `net_param_nic` for one `-nic` (`index` counts them): the backend
 /// `__org.qemu.nicN` and the card that uses it, as a `-device` to create with the others.
-/// `-nic none` makes neither.
-pub fn nic_option(located: &Located, index: usize) -> Result<NicOption, OptionError> {
+/// `-nic none` makes neither. `default_model` is the machine's `default_nic`.
+pub fn nic_option(
+    located: &Located,
+    index: usize,
+    default_model: &str,
+) -> Result<NicOption, OptionError> {
     let items = split_opts(&located.value, Some("type"));
     let kind = items
         .first()
@@ -88,7 +93,7 @@ pub fn nic_option(located: &Located, index: usize) -> Result<NicOption, OptionEr
             "Available netdev backend types:\ntap\nuser\n".into(),
         ));
     }
-    let mut model = NIC_MODELS[0].to_string();
+    let mut model = default_model.to_string();
     let mut mac = None;
     let id = format!("__org.qemu.nic{index}");
     let mut backend = vec![
@@ -147,11 +152,11 @@ struct LegacyNic {
 }
 
 /// QEMU's `net_client_init` for the `-net` options. `-net nic` makes a card (`model=`,
-/// e1000 by default, `macaddr=`, `netdev=`, `name=`/`id=`, `addr=`, `vectors=`); `-net
+/// the machine's `default_nic` by default, `macaddr=`, `netdev=`, `name=`/`id=`, `addr=`, `vectors=`); `-net
 /// user|tap,...` makes a backend; `-net none` nothing. QEMU joins the cards and backends
 /// without `netdev=` through hub 0; qomvm has no hubs, so it connects one card to one
 /// backend and refuses more (`-netdev` with `-device` or `-nic` give any number).
-pub fn net_options(nets: &[Located]) -> Result<NetOptions, OptionError> {
+pub fn net_options(nets: &[Located], default_model: &str) -> Result<NetOptions, OptionError> {
     let mut cards: Vec<LegacyNic> = Vec::new();
     let mut backends: Vec<(Located, Vec<OptPair>)> = Vec::new();
     for located in nets {
@@ -171,7 +176,7 @@ pub fn net_options(nets: &[Located]) -> Result<NetOptions, OptionError> {
                     "Available netdev backend types:\nnic\ntap\nuser\n".into(),
                 ))
             }
-            "nic" => cards.push(legacy_nic(located, &items)?),
+            "nic" => cards.push(legacy_nic(located, &items, default_model)?),
             "user" | "tap" => backends.push((located.clone(), items)),
             other => {
                 return Err(located.error(format!(
@@ -237,8 +242,9 @@ pub fn net_options(nets: &[Located]) -> Result<NetOptions, OptionError> {
 fn legacy_nic(
     located: &Located,
     items: &[(String, Option<String>)],
+    default_model: &str,
 ) -> Result<LegacyNic, OptionError> {
-    let mut model = NIC_MODELS[0].to_string();
+    let mut model = default_model.to_string();
     let mut props = Vec::new();
     let mut netdev = None;
     for (k, v) in items.iter().skip(1) {

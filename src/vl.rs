@@ -137,8 +137,13 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
             return Ok(0);
         }
     }
+    // QEMU's `default_nic`; a machine without one still parses the options (their cards
+    // then fail to find a bus), as e1000.
+    let default_nic = class
+        .and_then(|mc| mc.default_nic)
+        .unwrap_or(hw::net::e1000::TYPE_E1000);
     for (index, n) in opts.nics.iter().enumerate() {
-        match crate::net::nic_option(n, index)? {
+        match crate::net::nic_option(n, index, default_nic)? {
             crate::net::NicOption::None => {}
             crate::net::NicOption::Help(text) => {
                 print!("{text}");
@@ -147,7 +152,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
             crate::net::NicOption::Device(dev) => drive_devices.push(dev),
         }
     }
-    match crate::net::net_options(&opts.nets)? {
+    match crate::net::net_options(&default_net(opts, class), default_nic)? {
         crate::net::NetOptions::Help(text) => {
             print!("{text}");
             return Ok(0);
@@ -225,6 +230,27 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
 
 /// QEMU's `debugcon_parse`: chardev `debugcon` from a `-serial`-style spec, and the
 /// `isa-debugcon` device (id `debugcon`) that prints to it.
+/// The `-net` options to act on: those given, or QEMU's default network (`-net nic -net
+/// user`: the machine's `default_nic` on user networking) when the machine has a default
+/// card and neither `-nodefaults` nor any `-net`, `-nic` or `-netdev` is given.
+fn default_net(opts: &Options, class: Option<&hw::core::machine::MachineClass>) -> Vec<Located> {
+    let wants_default = !opts.nodefaults
+        && opts.nets.is_empty()
+        && opts.nics.is_empty()
+        && opts.netdevs.is_empty()
+        && class.is_some_and(|mc| mc.default_nic.is_some());
+    if !wants_default {
+        return opts.nets.clone();
+    }
+    ["nic", "user"]
+        .into_iter()
+        .map(|value| Located {
+            option: "net",
+            value: value.into(),
+        })
+        .collect()
+}
+
 fn debugcon_device(located: &Located) -> Result<Located, OptionError> {
     let invalid = || located.error(format!("invalid character backend '{}'", located.value));
     let backend = hw::core::chardev::parse_serial_spec(&located.value)
@@ -581,6 +607,15 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     let (machine_type, props) = machine_opts(opts);
     let class = find_machine(machine_type.as_deref())
         .map_err(|e| OptionError::new(machine_location(opts), e))?;
+    if let Some(mc) = machine_class(class) {
+        if let Some(reason) = mc.deprecation_reason {
+            qom::error_report!(
+                "warning: Machine type '{}' is deprecated: {reason}",
+                mc.name
+            );
+        }
+        hw::core::qdev_properties::set_machine_compat_props(&mc.compat_props);
+    }
     let machine = qom::Object::new_with_class(class)
         .map_err(|e| OptionError::new(machine_location(opts), e))?;
     object_get_root()

@@ -420,8 +420,9 @@ fn a_blit_copies_a_rectangle_and_out_of_range_blits_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The seed command line pair, as it is, on the `pc` with its defaults (the
-/// display `-device` replaces the default VGA) and with `-nodefaults`.
+/// The seed command line pair, as it is, with `-nodefaults` (as libvirt writes
+/// it) and on the `pc` with its defaults but no network (the display `-device` replaces the
+/// default VGA).
 #[test]
 fn the_seed_pair_is_accepted_verbatim() {
     if rom_or_skip().is_none() {
@@ -433,7 +434,7 @@ fn the_seed_pair_is_accepted_verbatim() {
         "-device",
         "cirrus-vga,id=video0,bus=pci.0,addr=0x2",
     ];
-    for defaults in [&[][..], &["-nodefaults"][..]] {
+    for defaults in [&["-nic", "none"][..], &["-nodefaults"][..]] {
         if std::net::TcpListener::bind(("127.0.0.1", 5912)).is_err() {
             test_support::skip::skip("port 5912 (VNC display 12) is taken on this host");
             return;
@@ -457,6 +458,25 @@ fn the_seed_pair_is_accepted_verbatim() {
         drop(qt);
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// With every default, as in QEMU 7.2: the default card (e1000, created with the board)
+/// took the first free slot, 2, as the default VGA gave way to the display `-device`.
+#[test]
+fn the_seed_display_on_slot_2_meets_the_default_card_there() {
+    if rom_or_skip().is_none() {
+        return;
+    }
+    let out = Command::new(QOMVM)
+        .args(["-M", "pc", "-accel", "qtest", "-display", "none", "-S"])
+        .args(["-device", "cirrus-vga,id=video0,bus=pci.0,addr=0x2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "qomvm: -device cirrus-vga,id=video0,bus=pci.0,addr=0x2: PCI: slot 2 function 0 not available for cirrus-vga, in use by e1000,id=(null)\n"
+    );
 }
 
 #[test]

@@ -445,6 +445,56 @@ fn a_domain_runs_pauses_powers_off_and_is_listed_truthfully() {
     assert_eq!(listed_state(name), None);
 }
 
+/// A domain of a versioned machine type, as OpenStack on Ubuntu defined them (`<type
+/// machine='pc-i440fx-trusty'>`): libvirt finds the type in `query-machines`, passes it as
+/// it is, and the domain runs as that type (QEMU 2.0's compat properties: its qemu64
+/// calls itself "QEMU Virtual CPU version 2.0.0").
+#[test]
+fn a_domain_of_a_versioned_machine_type_runs_as_that_type() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("trusty");
+    let kernel = dom.dir.join("kernel.elf");
+    std::fs::write(&kernel, test_kernel()).unwrap();
+    let xml = dom.xml(&kernel);
+    let text = std::fs::read_to_string(&xml).unwrap().replace(
+        "<type arch='x86_64'>hvm</type>",
+        "<type arch='x86_64' machine='pc-i440fx-trusty'>hvm</type>",
+    );
+    std::fs::write(&xml, text).unwrap();
+    let name = dom.name.as_str();
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let live = virsh_ok(&["dumpxml", name]);
+    assert!(live.contains("machine='pc-i440fx-trusty'"), "{live}");
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log")).unwrap();
+    assert!(log.contains("-machine pc-i440fx-trusty,"), "{log}");
+    let cpus = virsh_ok(&[
+        "qemu-monitor-command",
+        name,
+        r#"{"execute":"query-cpus-fast"}"#,
+    ]);
+    let path = cpus
+        .split(r#""qom-path":""#)
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_else(|| panic!("{cpus}"));
+    let model_id = virsh_ok(&[
+        "qemu-monitor-command",
+        name,
+        &format!(
+            r#"{{"execute":"qom-get","arguments":{{"path":"{path}","property":"model-id"}}}}"#
+        ),
+    ]);
+    assert!(
+        model_id.contains("QEMU Virtual CPU version 2.0.0"),
+        "{model_id}"
+    );
+    virsh_ok(&["destroy", name]);
+}
+
 #[test]
 fn a_pty_serial_port_is_the_domains_console() {
     if let Some(reason) = libvirt_unusable() {

@@ -717,6 +717,32 @@ qemu-img info --output=json target.qcow2 | grep -o '"actual-size": [0-9]*' | sed
     );
 }
 
+/// A PXE network bootstrap program, as `printf` octal escapes: loaded at 0:7c00, it prints
+/// "NETWORK-BOOT-PROGRAM-RAN" on COM1 and powers off (PM1a_CNT, S5).
+fn network_boot_program() -> String {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0x31, 0xc0,       // 00 xor ax, ax
+        0x8e, 0xd8,       // 02 mov ds, ax
+        0xbe, 0x1c, 0x7c, // 04 mov si, 0x7c1c (the message)
+        0xba, 0xf8, 0x03, // 07 mov dx, 0x3f8
+        0xac,             // 0a lodsb
+        0x84, 0xc0,       // 0b test al, al
+        0x74, 0x03,       // 0d jz 0x12
+        0xee,             // 0f out dx, al
+        0xeb, 0xf8,       // 10 jmp 0x0a
+        0xba, 0x04, 0x06, // 12 mov dx, 0x604
+        0xb8, 0x00, 0x20, // 15 mov ax, 0x2000
+        0xef,             // 18 out dx, ax
+        0xf4,             // 19 hlt
+        0xeb, 0xfd,       // 1a jmp 0x19
+    ];
+    let mut program = code.to_vec();
+    program.resize(0x1c, 0);
+    program.extend_from_slice(b"NETWORK-BOOT-PROGRAM-RAN\r\n\0");
+    program.iter().map(|b| format!("\\{b:03o}")).collect()
+}
+
 /// Issue 13: the Debian disk image of `scripts/guest-assets.sh` (GRUB on an MBR disk, the
 /// kernel and root file system on its ext4 partition) boots with no `-kernel`, as the
 /// issue's command line has it: SeaBIOS's banner and GRUB on the serial console, the
@@ -738,16 +764,49 @@ timeout 600 "$QOMVM_BIN" -M pc -m 512 -smp 2 -nographic \
     -uuid {uuid} -smbios type=1,serial=RIG-SERIAL -smbios type=11,value=qomvm.reboot=once
 echo "host: qomvm exit status $?"
 qemu-img check -q disk.qcow2 && echo "host: qemu-img check clean"
+echo "host: network boot"
+mkdir -p tftp && printf '{nbp}' > tftp/nbp.bin
+timeout 600 "$QOMVM_BIN" -M pc -m 128 -nographic -no-reboot \
+    -netdev user,id=n0,tftp="$PWD/tftp",bootfile=nbp.bin -device e1000,netdev=n0,bootindex=1 \
+    -drive file=disk.qcow2,if=none,id=d0,format=qcow2 -device virtio-blk-pci,drive=d0,bootindex=2
+echo "host: e1000 network boot exit status $?"
+timeout 600 "$QOMVM_BIN" -M pc -m 128 -nographic -no-reboot -boot n \
+    -nic user,model=virtio-net-pci,tftp="$PWD/tftp",bootfile=nbp.bin
+echo "host: virtio-net network boot exit status $?"
 echo "host: direct boot"
 boot "qomvm.root=/dev/vda1" \
     -drive file=disk.qcow2,if=none,id=d0,format=qcow2 -device virtio-blk-pci,drive=d0,bootindex=1
-"#
+"#,
+            nbp = network_boot_program()
         ),
-        1500,
+        1800,
     );
     let (firmware, direct) = out
         .split_once("host: direct boot")
         .unwrap_or_else(|| panic!("{out}"));
+    let (firmware, network) = firmware
+        .split_once("host: network boot")
+        .unwrap_or_else(|| panic!("{out}"));
+    // The cards' iPXE ROMs (QEMU's, Debian package ipxe-qemu): the e1000 by its bootindex
+    // ahead of the bootable disk, virtio-net by `-boot n`, each through user networking's
+    // DHCP and TFTP, then the program at 0:7c00 printed and powered off.
+    for card in ["e1000", "virtio-net"] {
+        assert!(
+            network.contains(&format!("host: {card} network boot exit status 0")),
+            "{card}:\n{out}"
+        );
+    }
+    assert_eq!(
+        network.matches("iPXE initialising devices").count(),
+        2,
+        "{out}"
+    );
+    assert_eq!(
+        network.matches("NETWORK-BOOT-PROGRAM-RAN").count(),
+        2,
+        "{out}"
+    );
+    assert!(!network.contains("GRUB"), "the disk booted first:\n{out}");
     assert!(firmware.contains("host: qomvm exit status 0"), "{out}");
     assert_eq!(
         firmware.matches("SeaBIOS (version").count(),

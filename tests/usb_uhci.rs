@@ -108,6 +108,19 @@ struct Td {
     ioc: bool,
 }
 
+/// The SETUP TD of a control transfer to `addr`, its packet at `BUFFERS`.
+fn setup_td(addr: u8) -> Td {
+    Td {
+        pid: SETUP,
+        addr,
+        ep: 0,
+        toggle: false,
+        len: 8,
+        buffer: BUFFERS,
+        ioc: false,
+    }
+}
+
 impl Driver {
     fn start(machine: &ObjectRef) -> Driver {
         let pci = PciConfig::new(machine, DEVFN);
@@ -228,15 +241,7 @@ impl Driver {
         let length = usize::from(u16::from_le_bytes([setup[6], setup[7]]));
         let is_in = setup[0] & 0x80 != 0;
         self.mem.write_slice(&setup, GuestAddress(BUFFERS)).unwrap();
-        let mut tds = vec![Td {
-            pid: SETUP,
-            addr,
-            ep: 0,
-            toggle: false,
-            len: 8,
-            buffer: BUFFERS,
-            ioc: false,
-        }];
+        let mut tds = vec![setup_td(addr)];
         let data = BUFFERS + 0x100;
         let data_len = if is_in { length } else { out.len() };
         if !is_in {
@@ -276,6 +281,12 @@ impl Driver {
         let mut buf = vec![0u8; got];
         self.mem.read_slice(&mut buf, GuestAddress(data)).unwrap();
         Some(buf)
+    }
+
+    /// A SETUP stage alone (`setup` to `addr`); returns its TD's control and status word.
+    fn setup_stage(&mut self, addr: u8, setup: [u8; 8]) -> u32 {
+        self.mem.write_slice(&setup, GuestAddress(BUFFERS)).unwrap();
+        self.run(&[setup_td(addr)])[0]
     }
 
     fn get_descriptor(
@@ -514,20 +525,9 @@ fn a_tablet_enumerates_and_reports_where_the_pointer_is() {
     );
     assert_eq!(u16::from_le_bytes([device[10], device[11]]), 0x0001);
     d.write(USBSTS, 0xff, 2);
-    d.mem
-        .write_slice(&[0x80, 6, 0, 1, 0, 0, 18, 0], GuestAddress(BUFFERS))
-        .unwrap();
-    let setup = d.run(&[Td {
-        pid: SETUP,
-        addr: 0,
-        ep: 0,
-        toggle: false,
-        len: 8,
-        buffer: BUFFERS,
-        ioc: false,
-    }]);
+    let setup = d.setup_stage(0, [0x80, 6, 0, 1, 0, 0, 18, 0]);
     assert_eq!(
-        setup[0] & (TD_TIMEOUT | TD_STALL | TD_ACTIVE),
+        setup & (TD_TIMEOUT | TD_STALL | TD_ACTIVE),
         TD_TIMEOUT,
         "nothing answers at address 0 any more"
     );
@@ -1100,20 +1100,9 @@ fn devices_behind_a_hub_enumerate_through_its_ports() {
     let hub_poll = d.poll(2, WAIT).unwrap();
     assert_eq!(hub_poll, vec![0x0a, 0]);
     // Nothing answers at address 0 before the hub's port is reset (disabled port).
-    d.mem
-        .write_slice(&[0x80, 6, 0, 1, 0, 0, 18, 0], GuestAddress(BUFFERS))
-        .unwrap();
-    let setup = d.run(&[Td {
-        pid: SETUP,
-        addr: 0,
-        ep: 0,
-        toggle: false,
-        len: 8,
-        buffer: BUFFERS,
-        ioc: false,
-    }]);
+    let setup = d.setup_stage(0, [0x80, 6, 0, 1, 0, 0, 18, 0]);
     assert_ne!(
-        setup[0] & TD_TIMEOUT,
+        setup & TD_TIMEOUT,
         0,
         "the tablet's port is not enabled yet"
     );

@@ -795,6 +795,10 @@ fn seabios_banner_on_the_screen(name: &str, display: &[&str]) {
         "-nographic",
         "-serial",
         "stdio",
+        // No default card: with no disk SeaBIOS would boot its iPXE ROM, whose
+        // protected-mode code faults on PVM (under QEMU too).
+        "-nic",
+        "none",
     ];
     args.extend_from_slice(display);
     args.extend_from_slice(&["-qmp", &qmp_arg]);
@@ -1445,6 +1449,9 @@ fn a_direct_kernel_boot_finds_the_cirrus_vga_in_text_mode() {
     a_direct_kernel_boot_finds_vga_text(
         "direct-cirrus",
         &[
+            // Slot 2 is free only without the default card (as in QEMU).
+            "-nic",
+            "none",
             "-vga",
             "none",
             "-device",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use hw::core::machine::machine_creation_done;
 use hw::core::qdev::{qdev_new, qdev_realize};
 use qom::ObjectRef;
-use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
+use test_support::virtio::{PciConfig, SplitRing, VirtioPciDevice, NEEDS_RESET};
 use vm_memory::{Bytes, GuestAddress};
 
 const VERSION_1: u64 = 1 << 32;
@@ -242,4 +242,74 @@ fn broken_rings_mark_the_device_broken_until_reset() {
     let (dev, mut ring) = start(&m);
     post(&dev, &mut ring, 1, 32);
     assert_eq!(dev.wait_used(&mut ring, 1, WAIT), vec![(0, 32)]);
+}
+
+/// The `VIRTIO_PCI_CAP_PCI_CFG` window (virtio 1.x, 4.1.4.7): the driver names a BAR
+/// offset and length in the capability, and the capability's data bytes then read and
+/// write the modern BAR there, as they do through the BAR itself (iPXE refuses a device
+/// without the capability; firmware in 32-bit mode reaches a BAR above 4 GiB through it).
+#[test]
+fn the_pci_configuration_window_reads_and_writes_the_modern_bar() {
+    let m = pc_with_rng(&[]);
+    let config = PciConfig::new(&m, DEVFN);
+    let window = config
+        .capabilities()
+        .into_iter()
+        .filter(|&(id, _)| id == 0x09)
+        .map(|(_, at)| at)
+        .find(|&at| config.read(at + 3, 1) == 5)
+        .expect("a VIRTIO_PCI_CAP_PCI_CFG capability");
+    assert_eq!(config.read(window + 2, 1), 20, "cap_len");
+    let dev = VirtioPciDevice::probe(&m, DEVFN);
+    let at = |offset: u32, len: u32| {
+        config.write(window + 4, 4, 1); // the modern BAR
+        config.write(window + 8, offset, 4);
+        config.write(window + 12, len, 4);
+    };
+    // num_queues (common configuration 0x12, 2 bytes): one request queue.
+    at(0x12, 2);
+    assert_eq!(config.read(window + 16, 2), 1);
+    // device_status (0x14, 1 byte) written through the window, read through the BAR.
+    at(0x14, 1);
+    config.write(window + 16, 1, 1);
+    assert_eq!(dev.status(), 1, "ACKNOWLEDGE reached the device");
+    dev.set_status(3);
+    assert_eq!(
+        config.read(window + 16, 1),
+        3,
+        "and the window reads what the BAR has"
+    );
+    // A length other than 1, 2 or 4 moves nothing (the data bytes just hold what was written).
+    at(0x14, 3);
+    config.write(window + 16, 0, 1);
+    assert_eq!(dev.status(), 3);
+}
+
+/// A driver sizing BAR 4 with memory decoding on (iPXE does) writes all ones: the BAR
+/// then reads back its size mask, a range ending at 0xffffffff, over the BIOS. As in
+/// QEMU, such a range is not mapped; the old address maps again once written back.
+#[test]
+fn a_bar_sized_with_decoding_on_stays_unmapped() {
+    let m = pc_with_rng(&[]);
+    let config = PciConfig::new(&m, DEVFN);
+    config.write(0x04, 0x7, 2);
+    let dev = m
+        .child("peripheral-anon")
+        .unwrap()
+        .child("device[0]")
+        .unwrap();
+    let pci = dev.cast::<hw::pci::pci::PciDevice>().unwrap();
+    let bar4 = |pci: &hw::pci::pci::PciDevice| {
+        pci.regions()
+            .into_iter()
+            .find(|r| r.0 == 4)
+            .and_then(|r| r.2)
+    };
+    let before = config.read(0x20, 4);
+    assert_eq!(bar4(pci), Some(u64::from(before & !0xf)));
+    config.write(0x20, 0xffff_ffff, 4);
+    assert_eq!(config.read(0x20, 4) & !0xf, 0xffff_c000, "the size mask");
+    assert_eq!(bar4(pci), None);
+    config.write(0x20, before, 4);
+    assert_eq!(bar4(pci), Some(u64::from(before & !0xf)));
 }

@@ -168,13 +168,16 @@ fn a_linux_console_on_the_std_vga_is_read_and_typed_into_over_vnc() {
 }
 
 /// The seed's display pair as OpenStack's libvirt writes it (`-vnc 127.0.0.1:12 -device
-/// cirrus-vga,id=video0,bus=pci.0,addr=0x2`), in place of the default VGA.
+/// cirrus-vga,id=video0,bus=pci.0,addr=0x2`), in place of the default VGA; no default
+/// card, which would take slot 2 first (libvirt's line has `-nodefaults`).
 #[test]
 fn a_linux_console_on_the_seeds_cirrus_vga_is_read_and_typed_into_over_vnc() {
     console_over_vnc(
         "cirrus-vga",
         12,
         &[
+            "-nic",
+            "none",
             "-vga",
             "none",
             "-vnc",

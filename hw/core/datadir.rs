@@ -1,11 +1,12 @@
 //! Where firmware and option ROM images are found (QEMU's `qemu_find_file` with
 //! `QEMU_FILE_TYPE_BIOS` over its data directories): Debian installs SeaBIOS's images in
-//! /usr/share/seabios and links them from /usr/share/qemu.
+//! /usr/share/seabios and links them from /usr/share/qemu, and iPXE's network boot ROMs in
+//! /usr/lib/ipxe/qemu (Debian's QEMU has all three on its firmware path).
 
 use std::path::{Path, PathBuf};
 
 /// The directories searched, in order.
-pub const DATA_DIRS: &[&str] = &["/usr/share/seabios", "/usr/share/qemu"];
+pub const DATA_DIRS: &[&str] = &["/usr/share/seabios", "/usr/share/qemu", "/usr/lib/ipxe/qemu"];
 
 /// `name` in the data directories, if it is a bare file name found there (QEMU searches
 /// only names without a directory part).

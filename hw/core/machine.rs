@@ -68,6 +68,15 @@ pub struct MachineClass {
     /// Whether `usb=on` gives the board a USB controller (QEMU's boards that read
     /// `machine_usb()`: `pc`'s PIIX3 UHCI).
     pub has_usb: bool,
+    /// The network card `-nic` and `-net nic` make without `model=`, and the one the
+    /// machine gets on user networking when no network option or `-nodefaults` is given
+    /// (QEMU's `default_nic`: `e1000` on `pc`); `None`: no default network.
+    pub default_nic: Option<&'static str>,
+    /// Device defaults an older machine version undoes (QEMU's `compat_props`), applied
+    /// to every new device ahead of `-global`, in order (a later entry wins).
+    pub compat_props: Vec<crate::core::machine_compat::CompatProp>,
+    /// Why the machine type is deprecated, if it is (QEMU's `deprecation_reason`).
+    pub deprecation_reason: Option<&'static str>,
     /// The machine's methods, as a trait object.
     machine: Option<qom::ImplCast<dyn Machine>>,
 }
@@ -98,6 +107,8 @@ pub trait MachineImpl: ObjectType {
     const SMP_DIES_SUPPORTED: bool = false;
     /// See [`MachineClass::has_usb`].
     const HAS_USB: bool = false;
+    /// See [`MachineClass::default_nic`].
+    const DEFAULT_NIC: Option<&'static str> = None;
 
     /// Builds the board (QEMU's `MachineClass::init`, `pc_init1` for `pc`).
     fn init(&self) -> Result<(), MachineError> {
@@ -162,6 +173,9 @@ impl<T: MachineImpl> ClassInitFor<T> for MachineState {
             ide_buses: T::IDE_BUSES,
             smp_dies_supported: T::SMP_DIES_SUPPORTED,
             has_usb: T::HAS_USB,
+            default_nic: T::DEFAULT_NIC,
+            compat_props: Vec::new(),
+            deprecation_reason: None,
             machine: Some(as_machine::<T>),
         });
     }
@@ -553,6 +567,9 @@ fn machine_base_class_init(class: &mut ObjectClass) {
         ide_buses: 0,
         smp_dies_supported: false,
         has_usb: false,
+        default_nic: None,
+        compat_props: Vec::new(),
+        deprecation_reason: None,
         machine: None,
     });
 }

@@ -1,10 +1,12 @@
 //! PC board pieces that are not QOM devices in QEMU either (QEMU's `hw/i386/pc.c`): the
-//! POST-code port 0x80, the FPU error port 0xf0, and port 92's fast reset.
+//! POST-code port 0x80, the FPU error port 0xf0, port 92's fast reset, and the older
+//! machine versions' compat properties.
 
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
+use crate::core::machine_compat::{CompatProp, MachineVersion};
 use crate::core::memory::{MemoryError, MemoryRegion, MemoryRegionOps};
 use crate::core::runstate::RunRequest;
 use crate::core::services::MachineServices;
@@ -65,3 +67,144 @@ pub fn pc_basic_ports_init(machine: &Arc<MachineServices>) -> Result<(), MemoryE
     io.map(0x92, MemoryRegion::new_io("port92", 1, Arc::new(port92)))?;
     Ok(())
 }
+
+/// What older pc machines undo of later CPU and board defaults (QEMU's `pc_compat_X_Y`
+/// arrays in `hw/i386/pc.c`), newest first, restricted to the properties qomvm has (see
+/// [`crate::core::machine_compat`]). QEMU's `min-level`/`min-xlevel` entries and its
+/// migration and Hyper-V version flags are not modelled and left out.
+pub const PC_COMPAT: &[(MachineVersion, &[CompatProp])] = &[
+    (
+        (6, 0),
+        &[
+            ("qemu64-x86_64-cpu", "family", "6"),
+            ("qemu64-x86_64-cpu", "model", "6"),
+            ("qemu64-x86_64-cpu", "stepping", "3"),
+        ],
+    ),
+    ((5, 1), &[("x86_64-cpu", "kvm-msi-ext-dest-id", "off")]),
+    (
+        (3, 1),
+        &[
+            ("Opteron_G3-x86_64-cpu", "rdtscp", "off"),
+            ("Opteron_G4-x86_64-cpu", "rdtscp", "off"),
+            ("Opteron_G4-x86_64-cpu", "npt", "off"),
+            ("Opteron_G4-x86_64-cpu", "nrip-save", "off"),
+            ("Opteron_G5-x86_64-cpu", "rdtscp", "off"),
+            ("Opteron_G5-x86_64-cpu", "npt", "off"),
+            ("Opteron_G5-x86_64-cpu", "nrip-save", "off"),
+            ("EPYC-x86_64-cpu", "npt", "off"),
+            ("EPYC-x86_64-cpu", "nrip-save", "off"),
+            ("EPYC-IBPB-x86_64-cpu", "npt", "off"),
+            ("EPYC-IBPB-x86_64-cpu", "nrip-save", "off"),
+            ("Skylake-Client-x86_64-cpu", "mpx", "on"),
+            ("Skylake-Client-IBRS-x86_64-cpu", "mpx", "on"),
+            ("Skylake-Server-x86_64-cpu", "mpx", "on"),
+            ("Skylake-Server-IBRS-x86_64-cpu", "mpx", "on"),
+            ("Cascadelake-Server-x86_64-cpu", "mpx", "on"),
+            ("Icelake-Server-x86_64-cpu", "mpx", "on"),
+            ("Cascadelake-Server-x86_64-cpu", "stepping", "5"),
+        ],
+    ),
+    (
+        (3, 0),
+        &[
+            ("Skylake-Server-x86_64-cpu", "pku", "off"),
+            ("Skylake-Server-IBRS-x86_64-cpu", "pku", "off"),
+        ],
+    ),
+    (
+        (2, 12),
+        &[
+            ("x86_64-cpu", "topoext", "off"),
+            ("EPYC-x86_64-cpu", "xlevel", "0x8000000a"),
+            ("EPYC-IBPB-x86_64-cpu", "xlevel", "0x8000000a"),
+        ],
+    ),
+    ((2, 11), &[("Skylake-Server-x86_64-cpu", "clflushopt", "off")]),
+    ((2, 8), &[("Haswell-x86_64-cpu", "stepping", "1")]),
+    (
+        (2, 7),
+        &[
+            ("x86_64-cpu", "l3-cache", "off"),
+            ("Opteron_G3-x86_64-cpu", "family", "15"),
+            ("Opteron_G3-x86_64-cpu", "model", "6"),
+            ("Opteron_G3-x86_64-cpu", "stepping", "1"),
+        ],
+    ),
+    (
+        (2, 4),
+        &[
+            ("qemu64-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.4.0"),
+            ("qemu32-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.4.0"),
+            ("athlon-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.4.0"),
+            ("Haswell-x86_64-cpu", "abm", "off"),
+            ("Haswell-noTSX-x86_64-cpu", "abm", "off"),
+            ("Broadwell-x86_64-cpu", "abm", "off"),
+            ("Broadwell-noTSX-x86_64-cpu", "abm", "off"),
+            ("host-x86_64-cpu", "host-cache-info", "on"),
+            ("x86_64-cpu", "check", "off"),
+            ("qemu64-x86_64-cpu", "sse4a", "on"),
+            ("qemu64-x86_64-cpu", "abm", "on"),
+            ("qemu64-x86_64-cpu", "popcnt", "on"),
+            ("qemu32-x86_64-cpu", "popcnt", "on"),
+            ("Opteron_G2-x86_64-cpu", "rdtscp", "on"),
+            ("Opteron_G3-x86_64-cpu", "rdtscp", "on"),
+            ("Opteron_G4-x86_64-cpu", "rdtscp", "on"),
+            ("Opteron_G5-x86_64-cpu", "rdtscp", "on"),
+        ],
+    ),
+    (
+        (2, 3),
+        &[
+            ("qemu64-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.3.0"),
+            ("qemu32-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.3.0"),
+            ("athlon-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.3.0"),
+            ("x86_64-cpu", "arat", "off"),
+        ],
+    ),
+    (
+        (2, 2),
+        &[
+            ("qemu64-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.2.0"),
+            ("qemu32-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.2.0"),
+            ("athlon-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.2.0"),
+            ("kvm64-x86_64-cpu", "vme", "off"),
+            ("kvm32-x86_64-cpu", "vme", "off"),
+            ("Conroe-x86_64-cpu", "vme", "off"),
+            ("Penryn-x86_64-cpu", "vme", "off"),
+            ("Nehalem-x86_64-cpu", "vme", "off"),
+            ("Westmere-x86_64-cpu", "vme", "off"),
+            ("SandyBridge-x86_64-cpu", "vme", "off"),
+            ("Haswell-x86_64-cpu", "vme", "off"),
+            ("Broadwell-x86_64-cpu", "vme", "off"),
+            ("Opteron_G1-x86_64-cpu", "vme", "off"),
+            ("Opteron_G2-x86_64-cpu", "vme", "off"),
+            ("Opteron_G3-x86_64-cpu", "vme", "off"),
+            ("Opteron_G4-x86_64-cpu", "vme", "off"),
+            ("Opteron_G5-x86_64-cpu", "vme", "off"),
+            ("Haswell-x86_64-cpu", "f16c", "off"),
+            ("Haswell-x86_64-cpu", "rdrand", "off"),
+            ("Broadwell-x86_64-cpu", "f16c", "off"),
+            ("Broadwell-x86_64-cpu", "rdrand", "off"),
+        ],
+    ),
+    (
+        (2, 1),
+        &[
+            ("qemu64-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.1.0"),
+            ("qemu32-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.1.0"),
+            ("athlon-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.1.0"),
+            ("coreduo-x86_64-cpu", "vmx", "on"),
+            ("core2duo-x86_64-cpu", "vmx", "on"),
+        ],
+    ),
+    (
+        (2, 0),
+        &[
+            ("qemu64-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.0.0"),
+            ("qemu32-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.0.0"),
+            ("athlon-x86_64-cpu", "model-id", "QEMU Virtual CPU version 2.0.0"),
+            ("virtio-net-pci", "guest_announce", "off"),
+        ],
+    ),
+];

@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
-use qom::{type_init, ObjectRef, Prop, Typed};
+use qom::{type_init, ObjectClass, ObjectRef, Prop, TypeInfo, Typed};
 
 use crate::core::cpu::machine_start_cpus;
 use crate::core::machine::{MachineError, MachineImpl, MachineState};
+use crate::core::machine_compat::MachineVersion;
 use crate::core::qdev::{qdev_new, qdev_realize, QdevError};
 use crate::core::services::MachineServices;
 use crate::i386::e820::{pc_e820_table, pc_ram_split};
@@ -22,8 +23,12 @@ const PCI_HOLE64_SIZE: u64 = 1 << 31;
 pub const TYPE_X86_MACHINE: &str = "x86-machine";
 /// QEMU's `TYPE_PC_MACHINE`.
 pub const TYPE_PC_MACHINE: &str = "generic-pc-machine";
-/// The current i440FX machine version.
+/// The current i440FX machine version (`pc`).
 pub const TYPE_PC_I440FX_MACHINE: &str = "pc-i440fx-10.0-machine";
+/// The i440FX board every version type instantiates (abstract: QEMU's versions derive from
+/// `TYPE_PC_MACHINE` each with its own options; here they share one board and differ in
+/// their class).
+pub const TYPE_PC_I440FX_BOARD: &str = "pc-i440fx-machine";
 
 qom::qom_enum! {
     /// QAPI's `OnOffSplit` (`kernel-irqchip`).
@@ -103,9 +108,10 @@ impl MachineImpl for PcMachineState {}
 /// the ACPI tables' E segment).
 const SMBIOS_ANCHOR_ADDR: u64 = 0xf0000;
 
-/// `pc-i440fx-10.0` (`pc`): the default machine.
+/// The i440FX board; `pc-i440fx-X.Y` ([`pc_i440fx_register_versions`]) are its types, and
+/// `pc-i440fx-10.0` (`pc`) is the default machine.
 #[derive(qom::Object)]
-#[qom(name = TYPE_PC_I440FX_MACHINE)]
+#[qom(name = TYPE_PC_I440FX_BOARD, abstract)]
 pub struct PcI440fxMachine {
     #[parent]
     parent: PcMachineState,
@@ -128,15 +134,14 @@ pub struct PcI440fxMachine {
 type_init!(PcI440fxMachine);
 
 impl MachineImpl for PcI440fxMachine {
-    const DESC: &'static str = "Standard PC (i440FX + PIIX, 1996)";
-    const ALIAS: Option<&'static str> = Some("pc");
-    const IS_DEFAULT: bool = true;
+    const DESC: &'static str = PC_I440FX_DESC;
     const MAX_CPUS: u32 = 255;
     const DEFAULT_CPU_TYPE: Option<&'static str> = Some("qemu64-x86_64-cpu");
     /// QEMU's pc: the std VGA unless `-vga`, `-nodefaults` or a display `-device` says
     /// otherwise.
     const DEFAULT_DISPLAY: Option<&'static str> = Some("std");
     const BLOCK_DEFAULT_TYPE: &'static str = "ide";
+    const DEFAULT_NIC: Option<&'static str> = Some(crate::net::e1000::TYPE_E1000);
     /// piix3-ide's `ide.0` and `ide.1`.
     const IDE_BUSES: u32 = 2;
     const HAS_USB: bool = true;
@@ -276,6 +281,12 @@ pub enum PcLoadError {
 
 
 impl PcI440fxMachine {
+    /// The class of the version this machine is.
+    fn machine_class(&self) -> &crate::core::machine::MachineClass {
+        crate::core::machine::machine_class(self.object().class())
+            .expect("machines have a MachineClass")
+    }
+
     /// QEMU's `rom_add_vga`/`rom_add_option` for PCI devices with `rombar=0`: their
     /// option ROMs go to the firmware as fw_cfg files (`vgaroms/...`, `genroms/...`).
     fn option_roms_to_fw_cfg(&self) -> Result<(), MachineError> {
@@ -612,10 +623,9 @@ impl PcI440fxMachine {
             .unwrap_or_default();
         let machine = SmbiosMachine {
             manufacturer: "QEMU".into(),
-            product: <Self as MachineImpl>::DESC.into(),
-            version: TYPE_PC_I440FX_MACHINE
-                .trim_end_matches(crate::core::machine::TYPE_MACHINE_SUFFIX)
-                .into(),
+            // QEMU's smbios_set_defaults: the machine type's description and name.
+            product: self.machine_class().desc.into(),
+            version: self.machine_class().name.into(),
             uuid: self.uuid(),
             sockets: smp.sockets,
             cores: smp.cores,
@@ -1145,6 +1155,127 @@ fn e820_bytes(entries: &[crate::i386::e820::E820Entry]) -> Vec<u8> {
             entry
         })
         .collect()
+}
+
+/// What QEMU's i440FX machine types say of themselves.
+const PC_I440FX_DESC: &str = "Standard PC (i440FX + PIIX, 1996)";
+
+/// QEMU's versions of the i440FX machine, oldest first; the last is `pc`. 2.0 to 2.3 are
+/// QEMU 7.2's (later QEMUs dropped them), kept for the guests created on them.
+const PC_I440FX_VERSIONS: &[MachineVersion] = &[
+    (2, 0), (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 6), (2, 7), (2, 8), (2, 9), (2, 10),
+    (2, 11), (2, 12), (3, 0), (3, 1), (4, 0), (4, 1), (4, 2), (5, 0), (5, 1), (5, 2), (6, 0),
+    (6, 1), (6, 2), (7, 0), (7, 1), (7, 2), (8, 0), (8, 1), (8, 2), (9, 0), (9, 1), (9, 2),
+    (10, 0),
+];
+
+/// QEMU 10.0 deprecates machine types more than three years old (`MACHINE_VER_DEPRECATION`):
+/// 7.0 and older.
+const PC_I440FX_DEPRECATED_UP_TO: MachineVersion = (7, 0);
+
+/// Ubuntu's i440FX machine types (its QEMU packages' `define-ubuntu-machine-types`): each
+/// is an upstream version under the release's name, as OpenStack on Ubuntu writes them
+/// (`-machine pc-i440fx-trusty`). Codename, release, the version it is.
+const UBUNTU_PC_I440FX: &[(&str, &str, MachineVersion)] = &[
+    ("trusty", "14.04", (2, 0)),
+    ("xenial", "16.04", (2, 5)),
+    ("yakkety", "16.10", (2, 6)),
+    ("zesty", "17.04", (2, 8)),
+    ("artful", "17.10", (2, 10)),
+    ("bionic", "18.04", (2, 11)),
+    ("cosmic", "18.10", (2, 12)),
+    ("disco", "19.04", (3, 1)),
+    ("eoan", "19.10", (4, 0)),
+    ("focal", "20.04", (4, 0)),
+    ("groovy", "20.10", (5, 0)),
+    ("hirsute", "21.04", (5, 2)),
+    ("impish", "21.10", (6, 0)),
+    ("jammy", "22.04", (6, 2)),
+    ("kinetic", "22.10", (7, 0)),
+    ("lunar", "23.04", (7, 2)),
+    ("mantic", "23.10", (8, 0)),
+    ("noble", "24.04", (8, 2)),
+    ("oracular", "24.10", (9, 0)),
+    ("plucky", "25.04", (9, 2)),
+    ("questing", "25.10", (10, 0)),
+];
+
+/// One registered i440FX machine type (its `class_data`).
+#[derive(Debug)]
+struct PcI440fxVersion {
+    /// The `-M` name (`pc-i440fx-7.2`, `pc-i440fx-trusty`).
+    name: &'static str,
+    /// `-machine help`'s description (and SMBIOS's product name).
+    desc: &'static str,
+    /// The upstream version whose compat properties it has.
+    version: MachineVersion,
+    /// The newest: alias `pc`, the default machine.
+    latest: bool,
+    /// QEMU's deprecation of old versions (Ubuntu's names are Ubuntu's to retire).
+    deprecated: bool,
+}
+
+/// Registers `pc-i440fx-X.Y` for every version and Ubuntu's names (QEMU's
+/// `DEFINE_I440FX_MACHINE`), all instances of the one board.
+fn pc_i440fx_register_versions() -> Vec<TypeInfo> {
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let upstream = PC_I440FX_VERSIONS.iter().map(|&(major, minor)| PcI440fxVersion {
+        name: leak(format!("pc-i440fx-{major}.{minor}")),
+        desc: PC_I440FX_DESC,
+        version: (major, minor),
+        latest: Some(&(major, minor)) == PC_I440FX_VERSIONS.last(),
+        deprecated: (major, minor) <= PC_I440FX_DEPRECATED_UP_TO,
+    });
+    let ubuntu = UBUNTU_PC_I440FX.iter().map(|&(codename, release, version)| PcI440fxVersion {
+        name: leak(format!("pc-i440fx-{codename}")),
+        desc: leak(format!("Ubuntu {release} PC (i440FX + PIIX, 1996)")),
+        version,
+        latest: false,
+        deprecated: false,
+    });
+    upstream
+        .chain(ubuntu)
+        .map(|entry| {
+            let entry: &'static PcI440fxVersion = Box::leak(Box::new(entry));
+            TypeInfo {
+                name: leak(format!("{}{}", entry.name, crate::core::machine::TYPE_MACHINE_SUFFIX)),
+                parent: Some(TYPE_PC_I440FX_BOARD),
+                class_init: Some(pc_i440fx_version_class_init),
+                class_data: Some(entry),
+                ..TypeInfo::DEFAULT
+            }
+        })
+        .collect()
+}
+
+qom::type_init!(fn pc_i440fx_register_versions);
+
+/// A version's class: the board's, under the version's name, with its compat properties.
+fn pc_i440fx_version_class_init(class: &mut ObjectClass) {
+    let entry = class
+        .class_data::<PcI440fxVersion>()
+        .expect("every i440FX version type is registered with its entry");
+    let mc = class
+        .get_mut::<crate::core::machine::MachineClass>()
+        .expect("the board's class has a MachineClass");
+    mc.name = entry.name;
+    mc.desc = entry.desc;
+    mc.alias = entry.latest.then_some("pc");
+    mc.is_default = entry.latest;
+    mc.compat_props = crate::core::machine_compat::compat_props_for(
+        entry.version,
+        &[
+            crate::core::machine_compat::HW_COMPAT,
+            crate::i386::pc::PC_COMPAT,
+        ],
+    );
+    mc.deprecation_reason = entry
+        .deprecated
+        .then_some("machines more than 3 years old are subject to deletion after 6 years");
+    // QEMU 2.1 and older had no default display of their own: the Cirrus VGA.
+    if entry.version <= (2, 1) {
+        mc.default_display = Some("cirrus");
+    }
 }
 
 #[cfg(test)]

@@ -44,6 +44,9 @@ pub const TYPE_E1000: &str = "e1000";
 
 /// The 82540EM's PCI device id.
 const DEVICE_ID_82540EM: u16 = 0x100e;
+/// The family's boot ROM (QEMU's for all three; the PCI ids in its header are patched to
+/// the card's as it loads).
+const E1000_ROMFILE: &str = "efi-e1000.rom";
 /// Its PHY's second identifier register (an M88E1011); the 82545EM's is the same.
 const PHY_ID2_82540EM: u16 = 0x0c20;
 /// The 82544GC's (an M88E1000).
@@ -457,6 +460,27 @@ struct Mitigation {
 }
 
 impl State {
+    /// A card out of reset with `eeprom`'s contents, its VM stopped or not, before the
+    /// driver lets it master the bus.
+    fn new(eeprom: [u16; 64], paused: bool) -> Self {
+        State {
+            regs: vec![0u32; NREGS].into_boxed_slice(),
+            phy: [0; 32],
+            eeprom,
+            eecd: EecdState::default(),
+            tx: TxState::default(),
+            ioaddr: 0,
+            paused,
+            bus_master: false,
+            tx_held: VecDeque::new(),
+            tx_held_bytes: 0,
+            interest: Interest::READ,
+            mit: Mitigation::default(),
+            pass_frames: 0,
+            pass_rx_descs: 0,
+        }
+    }
+
     fn reg(&self, offset: usize) -> u32 {
         self.regs[offset >> 2]
     }
@@ -1682,6 +1706,9 @@ pub struct E1000Pci {
     mitigation: Prop<bool>,
     #[property(desc = "ID of the iothread moving the frames (default: the main loop)")]
     iothread: Prop<Option<String>>,
+    /// Read by the board for the firmware's boot order (its iPXE ROM boots the card).
+    #[property(default = -1, desc = "Boot order of the card (firmware)")]
+    bootindex: Prop<i32>,
     card: OnceLock<Arc<E1000>>,
     handlers: OnceLock<(Vec<AioHandlerId>, ChangeHandlerId)>,
 }
@@ -1855,22 +1882,10 @@ impl E1000Pci {
         let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| detach_on_error(err(E1000Error::Host(e))))?;
         let mit_timer = DeviceTimer::new().map_err(|e| detach_on_error(err(E1000Error::Host(e))))?;
         let card = Arc::new(E1000 {
-            state: Mutex::new(State {
-                regs: vec![0u32; NREGS].into_boxed_slice(),
-                phy: [0; 32],
-                eeprom: eeprom_contents(&mac, model.device_id),
-                eecd: EecdState::default(),
-                tx: TxState::default(),
-                ioaddr: 0,
-                paused: !services.vm().is_running(),
-                bus_master: false,
-                tx_held: VecDeque::new(),
-                tx_held_bytes: 0,
-                interest: Interest::READ,
-                mit: Mitigation::default(),
-                pass_frames: 0,
-                pass_rx_descs: 0,
-            }),
+            state: Mutex::new(State::new(
+                eeprom_contents(&mac, model.device_id),
+                !services.vm().is_running(),
+            )),
             name,
             netdev_id: netdev_id.clone(),
             netdev,
@@ -1985,6 +2000,8 @@ impl PciDeviceImpl for E1000Pci {
     /// Network controller, Ethernet.
     const CLASS_ID: u16 = 0x0200;
     const INTERRUPT_PIN: u8 = 1;
+    /// iPXE's boot ROM for the card, as QEMU's (Debian package ipxe-qemu).
+    const ROMFILE: Option<&'static str> = Some(E1000_ROMFILE);
 
     fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
         let model = Variant {
@@ -2033,6 +2050,7 @@ macro_rules! e1000_variant {
             const REVISION: u8 = 0x03;
             const CLASS_ID: u16 = 0x0200;
             const INTERRUPT_PIN: u8 = 1;
+            const ROMFILE: Option<&'static str> = Some(E1000_ROMFILE);
 
             fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
                 let model = Variant {
@@ -2084,22 +2102,8 @@ mod tests {
 
     #[test]
     fn receive_buffer_sizes_follow_rctl() {
-        let mut st = State {
-            regs: vec![0u32; NREGS].into_boxed_slice(),
-            phy: [0; 32],
-            eeprom: [0; 64],
-            eecd: EecdState::default(),
-            tx: TxState::default(),
-            ioaddr: 0,
-            paused: false,
-            bus_master: true,
-            tx_held: VecDeque::new(),
-            tx_held_bytes: 0,
-            interest: Interest::NONE,
-            mit: Mitigation::default(),
-            pass_frames: 0,
-            pass_rx_descs: 0,
-        };
+        let mut st = State::new([0; 64], false);
+        st.bus_master = true;
         assert_eq!(st.rxbuf_size(), 2048);
         st.set(reg::RCTL, 3 << 16);
         assert_eq!(st.rxbuf_size(), 256);
@@ -2116,22 +2120,8 @@ mod tests {
 
     #[test]
     fn microwire_reads_clock_out_the_addressed_word() {
-        let mut st = State {
-            regs: vec![0u32; NREGS].into_boxed_slice(),
-            phy: [0; 32],
-            eeprom: eeprom_contents(&[0x52, 0x54, 0, 0x12, 0x34, 0x56], DEVICE_ID_82540EM),
-            eecd: EecdState::default(),
-            tx: TxState::default(),
-            ioaddr: 0,
-            paused: false,
-            bus_master: true,
-            tx_held: VecDeque::new(),
-            tx_held_bytes: 0,
-            interest: Interest::NONE,
-            mit: Mitigation::default(),
-            pass_frames: 0,
-            pass_rx_descs: 0,
-        };
+        let mut st = State::new(eeprom_contents(&[0x52, 0x54, 0, 0x12, 0x34, 0x56], DEVICE_ID_82540EM), false);
+        st.bus_master = true;
         let cs = bits::EECD_CS;
         set_eecd(&mut st, cs);
         // Opcode 110 (READ), then address 000010: 9 bits, MSB first.

@@ -185,6 +185,10 @@ pub trait PciDeviceImpl: DeviceImpl {
     /// QEMU's `PCIDeviceClass::config_write`, after the generic code has applied a guest
     /// write of `len` bytes at `addr`.
     fn config_write(&self, _addr: usize, _val: u32, _len: usize) {}
+    /// QEMU's `PCIDeviceClass::config_read`, before the generic read of `len` bytes at
+    /// `addr` by the guest: a device whose configuration bytes mirror other state (a
+    /// window onto a BAR) refreshes them here.
+    fn config_read(&self, _addr: usize, _len: usize) {}
 }
 
 /// The dynamically dispatched half of [`PciDeviceImpl`] (its constants live in the class).
@@ -193,6 +197,8 @@ pub trait PciDeviceOps: Send + Sync {
     fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError>;
     /// [`PciDeviceImpl::config_write`].
     fn config_write(&self, addr: usize, val: u32, len: usize);
+    /// [`PciDeviceImpl::config_read`].
+    fn config_read(&self, addr: usize, len: usize);
 }
 
 impl<T: PciDeviceImpl> PciDeviceOps for T {
@@ -201,6 +207,9 @@ impl<T: PciDeviceImpl> PciDeviceOps for T {
     }
     fn config_write(&self, addr: usize, val: u32, len: usize) {
         PciDeviceImpl::config_write(self, addr, val, len)
+    }
+    fn config_read(&self, addr: usize, len: usize) {
+        PciDeviceImpl::config_read(self, addr, len)
     }
 }
 
@@ -329,6 +338,21 @@ pub struct PciDevice {
     /// the firmware's place (the VGA BIOS's font under a direct kernel boot).
     option_rom: Mutex<Option<Arc<[u8]>>>,
     intx: Arc<IntxPin>,
+}
+
+/// Says once per file that a class's default option ROM is missing, with the Debian
+/// package that has it.
+fn warn_missing_class_rom(file: &str, type_name: &str) {
+    static WARNED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut warned = WARNED.lock();
+    if warned.iter().any(|f| f == file) {
+        return;
+    }
+    warned.push(file.to_string());
+    let package = if file.starts_with("vgabios") { "seabios" } else { "ipxe-qemu" };
+    qom::error_report!(
+        "warning: failed to find romfile \"{file}\": {type_name} has no option ROM (Debian package {package})"
+    );
 }
 
 /// An option ROM handed to the firmware as a fw_cfg file instead of a ROM BAR (QEMU's
@@ -833,11 +857,17 @@ impl PciDevice {
             },
         };
         let path = crate::core::datadir::resolve_data_file(&file);
-        let size = std::fs::metadata(&path)
-            .ok()
-            .filter(|m| !m.is_dir())
-            .map(|m| m.len())
-            .ok_or_else(|| RealizeError::device(PciError::RomNotFound(file.clone())))?;
+        let size = std::fs::metadata(&path).ok().filter(|m| !m.is_dir()).map(|m| m.len());
+        let Some(size) = size else {
+            if is_default_rom {
+                // QEMU fails here, but its packages always carry the class ROMs; qomvm's
+                // users may lack one, and the card works without it (the firmware only
+                // cannot boot from it).
+                warn_missing_class_rom(&file, self.type_name());
+                return Ok(());
+            }
+            return Err(RealizeError::device(PciError::RomNotFound(file)));
+        };
         if size == 0 {
             return Err(RealizeError::device(PciError::RomEmpty(file)));
         }
@@ -917,13 +947,15 @@ impl PciDevice {
                 }
             };
             let size = bar.region.size();
-            // An address of 0, or one whose range wraps or is the sizing pattern, is unmapped.
-            let limit = if bar.kind == BarKind::Io {
-                0x1_0000
+            // An address of 0, or one whose range wraps or is the sizing pattern, is unmapped:
+            // for a memory BAR that is any range reaching 0xffffffff (QEMU's
+            // `pci_bar_address`), which a BAR being sized with decoding on (iPXE does) shows.
+            let fits = if bar.kind == BarKind::Io {
+                addr + size <= 0x1_0000
             } else {
-                1u64 << 32
+                addr + size < 1u64 << 32
             };
-            let wanted = (enabled && addr != 0 && addr + size <= limit).then_some(addr);
+            let wanted = (enabled && addr != 0 && fits).then_some(addr);
             if wanted == bar.mapped_at {
                 continue;
             }
@@ -948,6 +980,19 @@ impl PciDevice {
         let mut bytes = [0u8; 4];
         bytes[..len].copy_from_slice(&c[addr..addr + len]);
         u32::from_le_bytes(bytes)
+    }
+
+    /// A guest's configuration read (QEMU's `pci_host_config_read_common`): the type's
+    /// [`PciDeviceImpl::config_read`], then the bytes.
+    pub fn guest_read_config(&self, addr: usize, len: usize) -> u32 {
+        if addr + len <= 256 {
+            if let Some(obj) = self.try_object() {
+                if let Some(pci) = pci_device_impl(&obj) {
+                    pci.config_read(addr, len);
+                }
+            }
+        }
+        self.read_config(addr, len)
     }
 
     /// A guest's configuration write (QEMU's `pci_host_config_write_common`): writes the

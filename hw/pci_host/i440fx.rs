@@ -87,7 +87,7 @@ impl ConfigData {
 impl MemoryRegionOps for ConfigData {
     fn read(&self, offset: u64, size: u32) -> u64 {
         match self.target(offset, size) {
-            Some((dev, reg)) => dev.read_config(reg, size as usize).into(),
+            Some((dev, reg)) => dev.guest_read_config(reg, size as usize).into(),
             // No device: the bus floats, reads are all ones.
             None => u64::from(u32::MAX) >> (32 - 8 * size.min(4)),
         }

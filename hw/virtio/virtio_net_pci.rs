@@ -172,6 +172,8 @@ impl PciDeviceImpl for VirtioNetPci {
     const SUBSYSTEM_VENDOR_ID: u16 = PCI_VENDOR_ID_REDHAT_QUMRANET;
     const SUBSYSTEM_ID: u16 = device_id::NET;
     const INTERRUPT_PIN: u8 = 1;
+    /// iPXE's boot ROM for virtio-net, as QEMU's (Debian package ipxe-qemu).
+    const ROMFILE: Option<&'static str> = Some("efi-virtio.rom");
 }
 
 impl VirtioPciImpl for VirtioNetPci {

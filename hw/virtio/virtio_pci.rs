@@ -66,6 +66,15 @@ const CAP_COMMON_CFG: u8 = 1;
 const CAP_NOTIFY_CFG: u8 = 2;
 const CAP_ISR_CFG: u8 = 3;
 const CAP_DEVICE_CFG: u8 = 4;
+/// `VIRTIO_PCI_CAP_PCI_CFG`: a window onto the modern BAR through configuration space,
+/// for drivers that cannot map it (firmware in 32-bit mode, and iPXE, which refuses a
+/// device without it).
+const CAP_PCI_CFG: u8 = 5;
+/// Where in that capability the BAR, offset, length and data window are.
+const PCI_CFG_BAR: usize = 4;
+const PCI_CFG_OFFSET: usize = 8;
+const PCI_CFG_LENGTH: usize = 12;
+const PCI_CFG_DATA: usize = 16;
 /// PCI capability ID of vendor-specific capabilities.
 const PCI_CAP_ID_VNDR: u8 = 0x09;
 
@@ -198,6 +207,8 @@ pub struct VirtioPciProxy {
     transport: OnceLock<Arc<VirtioPciTransport>>,
     /// Parks the device at a VM stop and resumes it at a start.
     change_handler: OnceLock<ChangeHandlerId>,
+    /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability is (modern devices).
+    pci_cfg_cap: OnceLock<usize>,
 }
 
 type_init!(VirtioPciProxy {
@@ -378,11 +389,43 @@ impl PciDeviceImpl for VirtioPciProxy {
             if let Some(msix) = &t.msix {
                 msix.config_write(addr, val, len);
             }
+            // QEMU's virtio_write_config: a write to the window's data goes to the modern
+            // BAR at the capability's offset, with its length.
+            if let Some((offset, size, data)) = self.pci_cfg_access(addr, len) {
+                ModernBar(t.clone()).write(offset, u64::from(data), size);
+            }
+        }
+    }
+
+    fn config_read(&self, addr: usize, len: usize) {
+        // QEMU's virtio_read_config: a read of the window's data reads the modern BAR.
+        if let (Some(t), Some((offset, size, _))) = (self.transport.get(), self.pci_cfg_access(addr, len)) {
+            let value = ModernBar(t.clone()).read(offset, size) as u32;
+            if let Some(&cap) = self.pci_cfg_cap.get() {
+                self.parent.config_set(cap + PCI_CFG_DATA, &value.to_le_bytes()[..size as usize]);
+            }
         }
     }
 }
 
 impl VirtioPciProxy {
+    /// If a guest access of `len` bytes at `addr` touches the `VIRTIO_PCI_CAP_PCI_CFG`
+    /// data window and the capability names a length of 1, 2 or 4: the BAR offset, the
+    /// length and the window's data as it stands.
+    fn pci_cfg_access(&self, addr: usize, len: usize) -> Option<(u64, u32, u32)> {
+        let cap = *self.pci_cfg_cap.get()?;
+        let data = cap + PCI_CFG_DATA;
+        if addr >= data + 4 || addr + len <= data {
+            return None;
+        }
+        let offset = self.parent.read_config(cap + PCI_CFG_OFFSET, 4);
+        let size = self.parent.read_config(cap + PCI_CFG_LENGTH, 4);
+        matches!(size, 1 | 2 | 4).then(|| {
+            let value = self.parent.read_config(data, size as usize);
+            (u64::from(offset), size, value)
+        })
+    }
+
     /// The virtio 1.x vendor capabilities pointing into the modern BAR.
     fn add_modern_capabilities(&self, device_config_size: u32) -> Result<(), RealizeError> {
         let caps: [(u8, u64, u32); 4] = [
@@ -402,6 +445,13 @@ impl VirtioPciProxy {
             }
             self.config_set(at + 2, &body);
         }
+        // The window: its BAR, offset, length and data are the driver's to write.
+        let at = self.add_capability(PCI_CAP_ID_VNDR, 20)?;
+        self.config_set(at + 2, &[20, CAP_PCI_CFG]);
+        for byte in [at + PCI_CFG_BAR].into_iter().chain(at + PCI_CFG_OFFSET..at + PCI_CFG_DATA + 4) {
+            self.config_set_wmask(byte, 0xff);
+        }
+        let _ = self.pci_cfg_cap.set(at);
         Ok(())
     }
 

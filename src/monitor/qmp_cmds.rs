@@ -652,7 +652,7 @@ fn query_machines(_: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpEr
         m.insert("cpu-max".into(), mc.max_cpus.into());
         m.insert("hotpluggable-cpus".into(), false.into());
         m.insert("numa-mem-supported".into(), false.into());
-        m.insert("deprecated".into(), false.into());
+        m.insert("deprecated".into(), mc.deprecation_reason.is_some().into());
         if let Some(cpu) = mc.default_cpu_type {
             m.insert("default-cpu-type".into(), cpu.into());
         }
