@@ -117,18 +117,26 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         .and_then(machine_class);
     let default_interface = class.map_or("none", |mc| mc.block_default_type);
     let ide_buses = class.map_or(0, |mc| mc.ide_buses);
-    let mut drive_devices = Vec::new();
+    // QEMU's order of creation: what the board makes (debugcon, the IDE drives, the
+    // network cards of pc_nic_init), then -device, then the `-drive if=virtio` devices,
+    // which QEMU appends to the -device list as it opens the drives. Slots are given in
+    // that order.
+    let mut board_devices = Vec::new();
+    let mut late_devices = Vec::new();
     for d in &opts.debugcon {
-        drive_devices.push(debugcon_device(d)?);
+        board_devices.push(debugcon_device(d)?);
     }
     let mut drive_table = crate::blockdev::DriveTable::default();
     for d in &opts.drives {
-        drive_devices.extend(crate::blockdev::drive_add(
-            d,
-            default_interface,
-            ide_buses,
-            &mut drive_table,
-        )?);
+        if let Some(device) =
+            crate::blockdev::drive_add(d, default_interface, ide_buses, &mut drive_table)?
+        {
+            if device.value.starts_with("virtio-blk-pci") {
+                late_devices.push(device);
+            } else {
+                board_devices.push(device);
+            }
+        }
     }
     // QEMU's net_init_clients: backends before the cards that use them.
     for n in &opts.netdevs {
@@ -149,7 +157,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
                 print!("{text}");
                 return Ok(0);
             }
-            crate::net::NicOption::Device(dev) => drive_devices.push(dev),
+            crate::net::NicOption::Device(dev) => board_devices.push(dev),
         }
     }
     match crate::net::net_options(&default_net(opts, class), default_nic)? {
@@ -157,7 +165,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
             print!("{text}");
             return Ok(0);
         }
-        crate::net::NetOptions::Devices(devices) => drive_devices.extend(devices),
+        crate::net::NetOptions::Devices(devices) => board_devices.extend(devices),
     }
     startup_phase("backends");
     let machine = create_machine(opts)?;
@@ -165,8 +173,17 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     register_block_flush(&machine);
     select_vgahw(opts, &machine)?;
     configure_serial(opts, &machine)?;
-    configure_accelerators(opts, &machine)?;
+    let accel = configure_accelerators(opts, &machine)?;
     startup_phase("accelerator");
+    // QEMU's qemu_init: a deprecated machine type says so, except to qtest.
+    if let Some(mc) = machine_class(machine.class()) {
+        if let (Some(reason), false) = (mc.deprecation_reason, accel == "qtest") {
+            qom::error_report!(
+                "warning: Machine type '{}' is deprecated: {reason}",
+                mc.name
+            );
+        }
+    }
     // Board errors (a kernel that does not load...) are not about one option: QEMU prints
     // them without a location.
     machine_run_board_init(&machine).map_err(|e| OptionError::new("", e))?;
@@ -175,7 +192,11 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     for dev in &opts.usbdevice {
         usbdevice_add(&machine, dev)?;
     }
-    for dev in drive_devices.iter().chain(&opts.devices) {
+    for dev in board_devices
+        .iter()
+        .chain(&opts.devices)
+        .chain(&late_devices)
+    {
         device_add(&machine, dev)?;
     }
     startup_phase("devices");
@@ -228,8 +249,6 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     Ok(status)
 }
 
-/// QEMU's `debugcon_parse`: chardev `debugcon` from a `-serial`-style spec, and the
-/// `isa-debugcon` device (id `debugcon`) that prints to it.
 /// The `-net` options to act on: those given, or QEMU's default network (`-net nic -net
 /// user`: the machine's `default_nic` on user networking) when the machine has a default
 /// card and neither `-nodefaults` nor any `-net`, `-nic` or `-netdev` is given.
@@ -251,6 +270,8 @@ fn default_net(opts: &Options, class: Option<&hw::core::machine::MachineClass>) 
         .collect()
 }
 
+/// QEMU's `debugcon_parse`: chardev `debugcon` from a `-serial`-style spec, and the
+/// `isa-debugcon` device (id `debugcon`) that prints to it.
 fn debugcon_device(located: &Located) -> Result<Located, OptionError> {
     let invalid = || located.error(format!("invalid character backend '{}'", located.value));
     let backend = hw::core::chardev::parse_serial_spec(&located.value)
@@ -608,12 +629,6 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     let class = find_machine(machine_type.as_deref())
         .map_err(|e| OptionError::new(machine_location(opts), e))?;
     if let Some(mc) = machine_class(class) {
-        if let Some(reason) = mc.deprecation_reason {
-            qom::error_report!(
-                "warning: Machine type '{}' is deprecated: {reason}",
-                mc.name
-            );
-        }
         hw::core::qdev_properties::set_machine_compat_props(&mc.compat_props);
     }
     let machine = qom::Object::new_with_class(class)
@@ -1038,7 +1053,8 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
 
 /// QEMU's `configure_accelerators`: tries each accelerator of the list in order; the first
 /// that initialises wins.
-fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> {
+/// Returns the name of the one that did.
+fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<String, OptionError> {
     let (_, props) = machine_opts(opts);
     let machine_accel = props
         .iter()
@@ -1093,7 +1109,7 @@ fn configure_accelerators(opts: &Options, machine: &ObjectRef) -> Result<(), Opt
                 for f in failures {
                     qom::error_report!("{f}");
                 }
-                return Ok(());
+                return Ok(name.clone());
             }
             Err(e) => failures.push(OptionError::new(location.clone(), e)),
         }

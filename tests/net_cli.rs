@@ -324,3 +324,113 @@ fn the_nics_romfile_is_the_pci_option_rom() {
     ]));
     assert!(none.status.success(), "{}", stderr(&none));
 }
+
+/// The cards' iPXE ROMs (QEMU's `efi-e1000.rom`, `efi-virtio.rom`, Debian package
+/// ipxe-qemu) sit in their ROM BARs with the PCI data structure naming the card itself,
+/// as SeaBIOS requires before it runs one: e1000-82545em's 8086:100f in the e1000 image,
+/// and a modern-only virtio-net's 1af4:1041, the id its realize gives it.
+#[test]
+fn a_cards_boot_rom_names_the_card() {
+    const E1000_ROM: &str = "/usr/lib/ipxe/qemu/efi-e1000.rom";
+    if !std::path::Path::new(E1000_ROM).is_file() {
+        test_support::skip::skip(format!(
+            "{E1000_ROM} is missing (Debian package 'ipxe-qemu')"
+        ));
+        return;
+    }
+    let (mut qt, _qmp, _dir) = test_support::fuzz_qtest::Qtest::start_with_qmp(
+        env!("CARGO_BIN_EXE_qomvm"),
+        "net-cli-roms",
+        &[
+            "-nic",
+            "none",
+            "-netdev",
+            "user,id=n0",
+            "-netdev",
+            "user,id=n1",
+            "-device",
+            "e1000-82545em,netdev=n0,addr=04.0",
+            "-device",
+            "virtio-net-pci,netdev=n1,disable-legacy=on,addr=05.0",
+        ],
+    );
+    for (slot, ids, rom_at) in [
+        (4u32, 0x100f_8086u32, 0xd000_0000u32),
+        (5, 0x1041_1af4, 0xd010_0000),
+    ] {
+        let devfn = slot << 3;
+        assert_eq!(qt.pci_read32(devfn, 0), ids);
+        qt.pci_write32(devfn, 0x30, rom_at | 1);
+        let command = qt.pci_read32(devfn, 4);
+        qt.pci_write32(devfn, 4, command | 2);
+        let read = |qt: &mut test_support::fuzz_qtest::Qtest, at: u32, len: usize| -> Vec<u8> {
+            let reply = qt.cmd(format!("read {:#x} {len:#x}", u64::from(at)));
+            let hex = reply
+                .strip_prefix("OK 0x")
+                .unwrap_or_else(|| panic!("{reply}"));
+            (0..len)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                .collect()
+        };
+        let header = read(&mut qt, rom_at, 0x1a);
+        assert_eq!(&header[..2], &[0x55, 0xaa], "slot {slot}: an option ROM");
+        let pcir = u32::from(u16::from_le_bytes([header[0x18], header[0x19]]));
+        let data = read(&mut qt, rom_at + pcir, 8);
+        assert_eq!(&data[..4], b"PCIR");
+        assert_eq!(
+            u32::from_le_bytes(data[4..8].try_into().unwrap()),
+            ids,
+            "slot {slot}"
+        );
+    }
+}
+
+/// QEMU's default network: `-M pc` with no network option gets `-net nic -net user`, an
+/// e1000 named `e1000.0` on `user.0`, made with the board (00:03.0) before the `-device`s
+/// and before the `-drive if=virtio` devices (which QEMU adds after them). `-nodefaults`,
+/// `-nic none` and any `-netdev` leave it out.
+#[test]
+fn the_default_network_is_qemus_and_comes_with_the_board() {
+    let dir = std::env::temp_dir().join(format!("net-cli-default-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("d.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("file={},format=raw,if=virtio", disk.display());
+    let network = |extra: &[&str]| -> (String, Vec<u32>) {
+        let (mut qt, mut qmp, _dir) = test_support::fuzz_qtest::Qtest::start_with_qmp(
+            env!("CARGO_BIN_EXE_qomvm"),
+            "net-cli-default",
+            extra,
+        );
+        let info = qmp.execute(
+            "human-monitor-command",
+            serde_json::json!({"command-line": "info network"}),
+        );
+        let ids = (3..6).map(|slot| qt.pci_read32(slot << 3, 0)).collect();
+        (info["return"].as_str().unwrap_or_default().to_string(), ids)
+    };
+    let (info, ids) = network(&["-drive", &drive, "-device", "virtio-rng-pci"]);
+    assert!(
+        info.starts_with("e1000.0: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56"),
+        "{info}"
+    );
+    assert!(
+        info.contains(" \\ user.0: index=0,type=user,net=10.0.2.0"),
+        "{info}"
+    );
+    assert_eq!(
+        ids,
+        [0x100e_8086, 0x1005_1af4, 0x1001_1af4],
+        "e1000, then -device, then if=virtio"
+    );
+    for extra in [
+        &["-nodefaults"][..],
+        &["-nic", "none"],
+        &["-netdev", "user,id=n0"],
+    ] {
+        let (info, ids) = network(extra);
+        assert!(!info.contains("type=nic"), "{extra:?}: {info}");
+        assert_ne!(ids[0], 0x100e_8086, "{extra:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,7 +7,9 @@
 //! behind a proxy; qomvm's virtio devices are their PCI proxies, which have the same
 //! properties, so those entries name `virtio-X-pci`. Entries for what qomvm does not
 //! model (PCIe capabilities, migration stream flags, features it never offers such as
-//! USO or queue reset, EDID) are left out: their QEMU default is what qomvm does.
+//! USO or queue reset, EDID) are left out: their QEMU default is what qomvm does. Also
+//! left out: `fw_cfg_io`'s 16 file slots up to 2.8, which qomvm's firmware files can
+//! outnumber.
 
 /// One compat property: QEMU's `GlobalProperty` (driver or an ancestor type, property,
 /// value as typed).
@@ -60,6 +62,7 @@ pub const HW_COMPAT: &[(MachineVersion, &[CompatProp])] = &[
             ("virtio-pci", "disable-legacy", "off"),
         ],
     ),
+    ((2, 4), &[("fw_cfg_io", "dma_enabled", "off")]),
     (
         (2, 1),
         &[

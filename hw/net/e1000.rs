@@ -41,6 +41,8 @@ use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERF
 
 /// QEMU's `TYPE_E1000` (the 82540EM).
 pub const TYPE_E1000: &str = "e1000";
+/// QEMU's `TYPE_E1000_BASE`, the family's abstract type.
+pub const TYPE_E1000_BASE: &str = "e1000-base";
 
 /// The 82540EM's PCI device id.
 const DEVICE_ID_82540EM: u16 = 0x100e;
@@ -1690,9 +1692,11 @@ struct Saved {
     ioaddr: u32,
 }
 
-/// QEMU's `E1000State` as a PCI function.
+/// QEMU's `E1000State` as a PCI function: the family's base (QEMU's `e1000-base`), whose
+/// three cards are siblings, so `-global e1000.PROP` and the machines' compat properties
+/// for `e1000` do not reach the other two.
 #[derive(qom::Object)]
-#[qom(name = TYPE_E1000, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE])]
+#[qom(name = TYPE_E1000_BASE, abstract, interfaces = [INTERFACE_CONVENTIONAL_PCI_DEVICE])]
 pub struct E1000Pci {
     #[parent]
     parent: PciDevice,
@@ -2003,22 +2007,13 @@ impl PciDeviceImpl for E1000Pci {
     /// iPXE's boot ROM for the card, as QEMU's (Debian package ipxe-qemu).
     const ROMFILE: Option<&'static str> = Some(E1000_ROMFILE);
 
-    fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
-        let model = Variant {
-            type_name: TYPE_E1000,
-            device_id: DEVICE_ID_82540EM,
-            phy_id2: PHY_ID2_82540EM,
-        };
-        self.realize_card(ctx, model)
-    }
-
     fn config_write(&self, _addr: usize, _val: u32, _len: usize) {
         self.update_bus_master();
     }
 }
 
-/// QEMU's other two cards of the family: the same device under another PCI device id
-/// (the EEPROM carries it too) and, for the 82544GC, another PHY.
+/// QEMU's three cards of the family: the same device under its PCI device id (the EEPROM
+/// carries it too) and PHY (the 82544GC's is another).
 macro_rules! e1000_variant {
     ($name:ident, $type_name:literal, $device_id:expr, $phy_id2:expr, $description:literal) => {
         #[doc = concat!("QEMU's `", $description, "` card.")]
@@ -2068,6 +2063,7 @@ macro_rules! e1000_variant {
     };
 }
 
+e1000_variant!(E1000Variant82540em, "e1000", DEVICE_ID_82540EM, PHY_ID2_82540EM, "Intel Gigabit Ethernet");
 e1000_variant!(E1000Variant82544gc, "e1000-82544gc", 0x100c, PHY_ID2_82544GC, "Intel Gigabit Ethernet (82544GC)");
 e1000_variant!(E1000Variant82545em, "e1000-82545em", 0x100f, PHY_ID2_82540EM, "Intel Gigabit Ethernet (82545EM)");
 

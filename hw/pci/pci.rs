@@ -336,7 +336,7 @@ pub struct PciDevice {
     fw_cfg_rom: Mutex<Option<FwCfgRom>>,
     /// The option ROM's image as loaded (ROM BAR or fw_cfg), for what the board does in
     /// the firmware's place (the VGA BIOS's font under a direct kernel boot).
-    option_rom: Mutex<Option<Arc<[u8]>>>,
+    option_rom: Mutex<Option<OptionRom>>,
     intx: Arc<IntxPin>,
 }
 
@@ -721,10 +721,14 @@ impl DeviceImpl for PciDevice {
             return Err(RealizeError::device(PciError::RomSizeNotPowerOfTwo(romsize)));
         }
         // The ROM first (QEMU loads it after the device's realize): a missing file then
-        // fails before the device has claimed anything.
-        self.add_option_rom(pc.romfile, pc.class_id)?;
+        // fails before the device has claimed anything. A class ROM takes the device's
+        // IDs once its realize has set them (a modern-only virtio device changes its own).
+        let class_rom = self.add_option_rom(pc.romfile, pc.class_id)?;
         if let Some(pci) = pc.pci.and_then(|cast| cast(dev)) {
             pci.pci_realize(ctx)?;
+        }
+        if class_rom {
+            self.patch_option_rom_ids();
         }
         Ok(())
     }
@@ -846,14 +850,15 @@ impl PciDevice {
     }
 
     /// QEMU's `pci_add_option_rom`: loads `romfile=` (or the class's default ROM) into the
-    /// expansion ROM BAR, or with `rombar=0` keeps it for the firmware's fw_cfg.
-    fn add_option_rom(&self, class_rom: Option<&'static str>, class_id: u16) -> Result<(), RealizeError> {
+    /// expansion ROM BAR, or with `rombar=0` keeps it for the firmware's fw_cfg. Returns
+    /// whether it loaded the class's ROM, whose IDs [`Self::patch_option_rom_ids`] sets.
+    fn add_option_rom(&self, class_rom: Option<&'static str>, class_id: u16) -> Result<bool, RealizeError> {
         let (file, is_default_rom) = match self.romfile.get() {
             RomFile::File(file) => (file, false),
-            RomFile::NoRom => return Ok(()),
+            RomFile::NoRom => return Ok(false),
             RomFile::ClassDefault => match class_rom {
                 Some(file) => (file.to_string(), true),
-                None => return Ok(()),
+                None => return Ok(false),
             },
         };
         let path = crate::core::datadir::resolve_data_file(&file);
@@ -864,7 +869,7 @@ impl PciDevice {
                 // users may lack one, and the card works without it (the firmware only
                 // cannot boot from it).
                 warn_missing_class_rom(&file, self.type_name());
-                return Ok(());
+                return Ok(false);
             }
             return Err(RealizeError::device(PciError::RomNotFound(file)));
         };
@@ -883,36 +888,61 @@ impl PciDevice {
         } else {
             size.next_power_of_two()
         };
-        let mut data = std::fs::read(&path)
-            .map_err(|_| RealizeError::device(PciError::RomNotFound(file.clone())))?;
-        if is_default_rom {
-            let (vendor, device) = (self.read_config(config::VENDOR_ID, 2), self.read_config(config::DEVICE_ID, 2));
-            patch_rom_ids(&mut data, vendor as u16, device as u16);
+        if self.rombar.get() != 0 {
+            // Straight into the BAR's memory: on the start-up path, a network card's ROM
+            // copied through buffers cost a few tenths of a millisecond.
+            let name = format!("{}.rom", self.type_name());
+            let rom = RomBar::load(&path, size as usize, bar_size)
+                .map_err(|reason| RealizeError::device(PciError::RomAllocation { file, reason }))?;
+            *self.option_rom.lock() = Some(OptionRom::Bar(rom.clone(), size as usize));
+            let backing = RamBacking {
+                host_addr: rom.host_addr(),
+                owner: rom.clone(),
+            };
+            let region = MemoryRegion::new_rom_device(name, bar_size, rom, backing);
+            self.register_bar(PCI_ROM_SLOT, BarKind::Mem32, region)?;
+            return Ok(is_default_rom);
         }
-        *self.option_rom.lock() = Some(Arc::from(&data[..]));
-        if self.rombar.get() == 0 {
-            let base = path.file_name().map_or(file.clone(), |n| n.to_string_lossy().into_owned());
-            let dir = if class_id == 0x0300 { "vgaroms" } else { "genroms" };
-            *self.fw_cfg_rom.lock() = Some(FwCfgRom {
-                name: format!("{dir}/{base}"),
-                data: data.into(),
-            });
-            return Ok(());
+        let data: Arc<[u8]> = std::fs::read(&path)
+            .map_err(|_| RealizeError::device(PciError::RomNotFound(file.clone())))?
+            .into();
+        *self.option_rom.lock() = Some(OptionRom::Image(data.clone()));
+        let base = path.file_name().map_or(file.clone(), |n| n.to_string_lossy().into_owned());
+        let dir = if class_id == 0x0300 { "vgaroms" } else { "genroms" };
+        *self.fw_cfg_rom.lock() = Some(FwCfgRom {
+            name: format!("{dir}/{base}"),
+            data,
+        });
+        Ok(is_default_rom)
+    }
+
+    /// QEMU's `pci_patch_ids` for a class's ROM: its PCI data structure names the device's
+    /// vendor and device IDs (one image serves several devices).
+    fn patch_option_rom_ids(&self) {
+        let (vendor, device) = (
+            self.read_config(config::VENDOR_ID, 2) as u16,
+            self.read_config(config::DEVICE_ID, 2) as u16,
+        );
+        match self.option_rom.lock().as_mut() {
+            Some(OptionRom::Bar(rom, size)) => rom.patch_ids(*size, vendor, device),
+            Some(OptionRom::Image(data)) => {
+                let mut patched = data.to_vec();
+                patch_rom_ids(&mut patched, vendor, device);
+                *data = patched.into();
+                if let Some(fw_cfg) = self.fw_cfg_rom.lock().as_mut() {
+                    fw_cfg.data = data.clone();
+                }
+            }
+            None => {}
         }
-        let name = format!("{}.rom", self.type_name());
-        let rom = RomBar::new(&data, bar_size)
-            .map_err(|e| RealizeError::device(PciError::RomAllocation { file, reason: e.to_string() }))?;
-        let backing = RamBacking {
-            host_addr: rom.host_addr(),
-            owner: rom.clone(),
-        };
-        let region = MemoryRegion::new_rom_device(name, bar_size, rom, backing);
-        self.register_bar(PCI_ROM_SLOT, BarKind::Mem32, region)
     }
 
     /// The option ROM's image (`romfile=` or the class's), wherever it went, if any.
     pub fn option_rom(&self) -> Option<Arc<[u8]>> {
-        self.option_rom.lock().clone()
+        match self.option_rom.lock().as_ref()? {
+            OptionRom::Image(data) => Some(data.clone()),
+            OptionRom::Bar(rom, size) => Some(rom.image(*size).into()),
+        }
     }
 
     /// The option ROM the firmware should find in fw_cfg (`rombar=0`), if any.
@@ -1099,6 +1129,13 @@ impl PciDevice {
     }
 }
 
+/// Where a device's option ROM went: kept as read, for the firmware's fw_cfg, or in the
+/// ROM BAR's memory with the image's size.
+enum OptionRom {
+    Image(Arc<[u8]>),
+    Bar(Arc<RomBar>, usize),
+}
+
 /// The expansion ROM's contents (QEMU's `pdev->rom`, a ROM region): the image padded with
 /// 0xff to the BAR's size, in host memory the accelerator maps into the guest read-only, so
 /// the firmware copying the ROM out (a read per dword) does not exit for each read. The
@@ -1106,14 +1143,44 @@ impl PciDevice {
 struct RomBar(vm_memory::MmapRegion<()>);
 
 impl RomBar {
-    fn new(image: &[u8], bar_size: u64) -> Result<Arc<RomBar>, vm_memory::mmap::MmapRegionError> {
-        let len = usize::try_from(bar_size).unwrap_or(usize::MAX);
-        let region = vm_memory::MmapRegion::<()>::new(len)?;
-        let mut padded = image[..image.len().min(len)].to_vec();
-        padded.resize(len, 0xff);
-        // `padded` is exactly as long as the mapping just made.
-        region.as_volatile_slice().copy_from(&padded);
+    /// The BAR's memory with the `size` bytes of the image at `path` read straight in and
+    /// 0xff after.
+    fn load(path: &std::path::Path, size: usize, bar_size: u64) -> Result<Arc<RomBar>, String> {
+        use std::io::Read;
+        let len = usize::try_from(bar_size).map_err(|e| e.to_string())?;
+        let region = vm_memory::MmapRegion::<()>::new(len).map_err(|e| e.to_string())?;
+        // SAFETY: the mapping was just made, is `len` bytes long and nothing else refers to
+        // it until this function returns it.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len) };
+        let size = size.min(len);
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut bytes[..size]))
+            .map_err(|e| e.to_string())?;
+        bytes[size..].fill(0xff);
         Ok(Arc::new(RomBar(region)))
+    }
+
+    /// [`patch_rom_ids`] on the image's first `size` bytes, in place: only its header and
+    /// PCI data structure are read and written back.
+    fn patch_ids(&self, size: usize, vendor: u16, device: u16) {
+        let slice = self.0.as_volatile_slice();
+        let mut header = [0u8; 0x1a];
+        if size < header.len() || slice.read_slice(&mut header, 0).is_err() {
+            return;
+        }
+        let pcir = usize::from(u16::from_le_bytes([header[0x18], header[0x19]]));
+        let mut prefix = vec![0u8; (pcir + 9).min(size)];
+        if slice.read_slice(&mut prefix, 0).is_ok() {
+            patch_rom_ids(&mut prefix, vendor, device);
+            let _ = slice.write_slice(&prefix, 0);
+        }
+    }
+
+    /// The first `size` bytes (the image as loaded).
+    fn image(&self, size: usize) -> Vec<u8> {
+        let mut image = vec![0u8; size.min(self.0.size())];
+        let _ = self.0.as_volatile_slice().read_slice(&mut image, 0);
+        image
     }
 
     fn host_addr(&self) -> u64 {
@@ -1289,11 +1356,20 @@ mod rom_tests {
 
     #[test]
     fn the_rom_bar_reads_the_image_and_all_ones_past_it() {
-        let rom = RomBar::new(&[0x55, 0xaa, 0x10], 4096).unwrap();
+        let dir = std::env::temp_dir().join(format!("qomvm-rombar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = |bytes: &[u8]| -> std::path::PathBuf {
+            let path = dir.join(format!("{}.rom", bytes.len()));
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let rom = RomBar::load(&image(&[0x55, 0xaa, 0x10]), 3, 4096).unwrap();
         assert_eq!(rom.read(0, 2), 0xaa55);
         assert_eq!(rom.read(1, 4), 0xffff_10aa);
         assert_eq!(rom.read(4092, 4), 0xffff_ffff);
-        let full = RomBar::new(&[0x11, 0x22, 0x33, 0x44], 4).unwrap();
+        assert_eq!(rom.image(3), [0x55, 0xaa, 0x10]);
+        let full = RomBar::load(&image(&[0x11, 0x22, 0x33, 0x44]), 4, 4).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(full.read(2, 4), 0xffff_4433, "a read across the end keeps its inside bytes");
         assert_eq!(rom.read(4096, 1), 0xff);
         assert_eq!(rom.read(u64::MAX, 1), 0xff);
@@ -1304,6 +1380,24 @@ mod rom_tests {
         assert!(mapped[3..].iter().all(|b| *b == 0xff));
         rom.write(0, 0, 1);
         assert_eq!(rom.read(0, 1), 0x55);
+    }
+
+    #[test]
+    fn a_class_rom_in_the_bar_takes_the_devices_ids_in_place() {
+        let mut image = vec![0u8; 0x100];
+        image[..2].copy_from_slice(&[0x55, 0xaa]);
+        image[0x18] = 0x40;
+        image[0x40..0x48].copy_from_slice(b"PCIR\xf4\x1a\x00\x10");
+        let path = std::env::temp_dir().join(format!("qomvm-rombar-ids-{}.rom", std::process::id()));
+        std::fs::write(&path, &image).unwrap();
+        let rom = RomBar::load(&path, image.len(), 0x100).unwrap();
+        let _ = std::fs::remove_file(&path);
+        rom.patch_ids(image.len(), 0x1af4, 0x1041);
+        let mut expected = image.clone();
+        patch_rom_ids(&mut expected, 0x1af4, 0x1041);
+        assert_eq!(rom.image(image.len()), expected);
+        assert_eq!(rom.read(0x46, 2), 0x1041);
+        assert_ne!(rom.read(6, 1), 0, "the checksum byte makes up for the new id");
     }
 }
 
