@@ -117,15 +117,12 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
         .and_then(machine_class);
     let default_interface = class.map_or("none", |mc| mc.block_default_type);
     let ide_buses = class.map_or(0, |mc| mc.ide_buses);
-    // QEMU's order of creation: what the board makes (debugcon, the IDE drives, the
-    // network cards of pc_nic_init), then -device, then the `-drive if=virtio` devices,
-    // which QEMU appends to the -device list as it opens the drives. Slots are given in
-    // that order.
+    // QEMU's order of creation, in which slots are given: what the board makes (the IDE
+    // drives, the network cards of pc_nic_init); then the key=value -device list, to which
+    // QEMU appends the `-drive if=virtio` devices as it opens the drives and then the
+    // debugcon device; then the JSON -devices.
     let mut board_devices = Vec::new();
     let mut late_devices = Vec::new();
-    for d in &opts.debugcon {
-        board_devices.push(debugcon_device(d)?);
-    }
     let mut drive_table = crate::blockdev::DriveTable::default();
     for d in &opts.drives {
         if let Some(device) =
@@ -137,6 +134,9 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
                 board_devices.push(device);
             }
         }
+    }
+    for d in &opts.debugcon {
+        late_devices.push(debugcon_device(d)?);
     }
     // QEMU's net_init_clients: backends before the cards that use them.
     for n in &opts.netdevs {
@@ -192,10 +192,14 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     for dev in &opts.usbdevice {
         usbdevice_add(&machine, dev)?;
     }
+    let is_json = |d: &&Located| d.value.trim_start().starts_with('{');
+    let keyval_devices = opts.devices.iter().filter(|d| !is_json(d));
+    let json_devices = opts.devices.iter().filter(is_json);
     for dev in board_devices
         .iter()
-        .chain(&opts.devices)
+        .chain(keyval_devices)
         .chain(&late_devices)
+        .chain(json_devices)
     {
         device_add(&machine, dev)?;
     }

@@ -135,24 +135,10 @@ fn mbr_disk(code: &[u8], data: Option<(usize, &[u8])>) -> Vec<u8> {
 
 /// A boot sector: prints "BOOT-SECTOR-RAN" on COM1, then powers off (PM1a_CNT S5).
 fn boot_sector_disk() -> Vec<u8> {
-    #[rustfmt::skip]
-    let code: &[u8] = &[
-        0x31, 0xc0,       // 00 xor ax, ax
-        0x8e, 0xd8,       // 02 mov ds, ax
-        0xbe, 0x1c, 0x7c, // 04 mov si, 0x7c1c (the message)
-        0xba, 0xf8, 0x03, // 07 mov dx, 0x3f8
-        0xac,             // 0a lodsb
-        0x84, 0xc0,       // 0b test al, al
-        0x74, 0x03,       // 0d jz 0x12
-        0xee,             // 0f out dx, al
-        0xeb, 0xf8,       // 10 jmp 0x0a
-        0xba, 0x04, 0x06, // 12 mov dx, 0x604
-        0xb8, 0x00, 0x20, // 15 mov ax, 0x2000
-        0xef,             // 18 out dx, ax
-        0xf4,             // 19 hlt
-        0xeb, 0xfd,       // 1a jmp 0x19
-    ];
-    mbr_disk(code, Some((0x1c, b"BOOT-SECTOR-RAN\r\n\0")))
+    mbr_disk(
+        &test_support::boot_program::print_and_power_off(b"BOOT-SECTOR-RAN\r\n"),
+        None,
+    )
 }
 
 #[test]

@@ -718,29 +718,12 @@ qemu-img info --output=json target.qcow2 | grep -o '"actual-size": [0-9]*' | sed
 }
 
 /// A PXE network bootstrap program, as `printf` octal escapes: loaded at 0:7c00, it prints
-/// "NETWORK-BOOT-PROGRAM-RAN" on COM1 and powers off (PM1a_CNT, S5).
+/// "NETWORK-BOOT-PROGRAM-RAN" on COM1 and powers off.
 fn network_boot_program() -> String {
-    #[rustfmt::skip]
-    let code: &[u8] = &[
-        0x31, 0xc0,       // 00 xor ax, ax
-        0x8e, 0xd8,       // 02 mov ds, ax
-        0xbe, 0x1c, 0x7c, // 04 mov si, 0x7c1c (the message)
-        0xba, 0xf8, 0x03, // 07 mov dx, 0x3f8
-        0xac,             // 0a lodsb
-        0x84, 0xc0,       // 0b test al, al
-        0x74, 0x03,       // 0d jz 0x12
-        0xee,             // 0f out dx, al
-        0xeb, 0xf8,       // 10 jmp 0x0a
-        0xba, 0x04, 0x06, // 12 mov dx, 0x604
-        0xb8, 0x00, 0x20, // 15 mov ax, 0x2000
-        0xef,             // 18 out dx, ax
-        0xf4,             // 19 hlt
-        0xeb, 0xfd,       // 1a jmp 0x19
-    ];
-    let mut program = code.to_vec();
-    program.resize(0x1c, 0);
-    program.extend_from_slice(b"NETWORK-BOOT-PROGRAM-RAN\r\n\0");
-    program.iter().map(|b| format!("\\{b:03o}")).collect()
+    test_support::boot_program::print_and_power_off(b"NETWORK-BOOT-PROGRAM-RAN\r\n")
+        .iter()
+        .map(|b| format!("\\{b:03o}"))
+        .collect()
 }
 
 /// Issue 13: the Debian disk image of `scripts/guest-assets.sh` (GRUB on an MBR disk, the

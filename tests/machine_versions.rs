@@ -228,9 +228,9 @@ fn trusty_is_qemu_2_0_under_ubuntus_name() {
         0x00b8_1013,
         "cirrus-vga at 00:02.0"
     );
-    let segment = read(&mut qt, 0xf0000, 0x100);
+    let segment = qt.read_bytes(0xf0000, 0x100);
     let (_, addr, len, _) = find_anchor(&segment).expect("a valid _SM_ anchor");
-    let tables = structures(&read(&mut qt, u64::from(addr), usize::from(len)));
+    let tables = structures(&qt.read_bytes(u64::from(addr), usize::from(len)));
     let t1 = tables
         .iter()
         .find(|s| s.ty == 1)
@@ -240,16 +240,6 @@ fn trusty_is_qemu_2_0_under_ubuntus_name() {
         Some("Ubuntu 14.04 PC (i440FX + PIIX, 1996)")
     );
     assert_eq!(t1.string_at(6), Some("pc-i440fx-trusty"));
-}
-
-fn read(qt: &mut Qtest, addr: u64, len: usize) -> Vec<u8> {
-    let reply = qt.cmd(format!("read {addr:#x} {len:#x}"));
-    let hex = reply
-        .strip_prefix("OK 0x")
-        .unwrap_or_else(|| panic!("read: {reply}"));
-    (0..len)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
 }
 
 /// The seed's machine option as OpenStack on Ubuntu wrote it, on KVM: accepted as it is.

@@ -363,19 +363,10 @@ fn a_cards_boot_rom_names_the_card() {
         qt.pci_write32(devfn, 0x30, rom_at | 1);
         let command = qt.pci_read32(devfn, 4);
         qt.pci_write32(devfn, 4, command | 2);
-        let read = |qt: &mut test_support::fuzz_qtest::Qtest, at: u32, len: usize| -> Vec<u8> {
-            let reply = qt.cmd(format!("read {:#x} {len:#x}", u64::from(at)));
-            let hex = reply
-                .strip_prefix("OK 0x")
-                .unwrap_or_else(|| panic!("{reply}"));
-            (0..len)
-                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-                .collect()
-        };
-        let header = read(&mut qt, rom_at, 0x1a);
+        let header = qt.read_bytes(u64::from(rom_at), 0x1a);
         assert_eq!(&header[..2], &[0x55, 0xaa], "slot {slot}: an option ROM");
         let pcir = u32::from(u16::from_le_bytes([header[0x18], header[0x19]]));
-        let data = read(&mut qt, rom_at + pcir, 8);
+        let data = qt.read_bytes(u64::from(rom_at + pcir), 8);
         assert_eq!(&data[..4], b"PCIR");
         assert_eq!(
             u32::from_le_bytes(data[4..8].try_into().unwrap()),
@@ -386,8 +377,9 @@ fn a_cards_boot_rom_names_the_card() {
 }
 
 /// QEMU's default network: `-M pc` with no network option gets `-net nic -net user`, an
-/// e1000 named `e1000.0` on `user.0`, made with the board (00:03.0) before the `-device`s
-/// and before the `-drive if=virtio` devices (which QEMU adds after them). `-nodefaults`,
+/// e1000 named `e1000.0` on `user.0`, made with the board (00:03.0) before the `-device`s;
+/// QEMU adds the `-drive if=virtio` devices after the key=value `-device`s and makes the
+/// JSON ones last. `-nodefaults`,
 /// `-nic none` and any `-netdev` leave it out.
 #[test]
 fn the_default_network_is_qemus_and_comes_with_the_board() {
@@ -406,10 +398,17 @@ fn the_default_network_is_qemus_and_comes_with_the_board() {
             "human-monitor-command",
             serde_json::json!({"command-line": "info network"}),
         );
-        let ids = (3..6).map(|slot| qt.pci_read32(slot << 3, 0)).collect();
+        let ids = (3..7).map(|slot| qt.pci_read32(slot << 3, 0)).collect();
         (info["return"].as_str().unwrap_or_default().to_string(), ids)
     };
-    let (info, ids) = network(&["-drive", &drive, "-device", "virtio-rng-pci"]);
+    let (info, ids) = network(&[
+        "-drive",
+        &drive,
+        "-device",
+        r#"{"driver": "virtio-balloon-pci"}"#,
+        "-device",
+        "virtio-rng-pci",
+    ]);
     assert!(
         info.starts_with("e1000.0: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56"),
         "{info}"
@@ -420,8 +419,8 @@ fn the_default_network_is_qemus_and_comes_with_the_board() {
     );
     assert_eq!(
         ids,
-        [0x100e_8086, 0x1005_1af4, 0x1001_1af4],
-        "e1000, then -device, then if=virtio"
+        [0x100e_8086, 0x1005_1af4, 0x1001_1af4, 0x1002_1af4],
+        "e1000, then the key=value -device, then if=virtio, then the JSON -device"
     );
     for extra in [
         &["-nodefaults"][..],

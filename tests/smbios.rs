@@ -33,16 +33,6 @@ fn smbios_args() -> Vec<String> {
     .to_vec()
 }
 
-fn read(qt: &mut Qtest, addr: u64, len: usize) -> Vec<u8> {
-    let reply = qt.cmd(format!("read {addr:#x} {len:#x}"));
-    let hex = reply
-        .strip_prefix("OK 0x")
-        .unwrap_or_else(|| panic!("read: {reply}"));
-    (0..len)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
-}
-
 /// What `smbios_args` asks for, checked in `tables`.
 fn check_tables(tables: &[Structure]) {
     let of = |ty: u8| tables.iter().filter(move |s| s.ty == ty);
@@ -79,10 +69,10 @@ fn a_directly_booted_guest_finds_the_tables_in_the_f_segment() {
     let mut qt = Qtest::start(env!("CARGO_BIN_EXE_qomvm"), "qomvm-smbios-direct", |_| {
         smbios_args()
     });
-    let segment = read(&mut qt, 0xf0000, 0x100);
+    let segment = qt.read_bytes(0xf0000, 0x100);
     let (at, addr, len, count) = find_anchor(&segment).expect("a valid _SM_ anchor");
     assert_eq!(at, 0);
-    let tables = structures(&read(&mut qt, u64::from(addr), usize::from(len)));
+    let tables = structures(&qt.read_bytes(u64::from(addr), usize::from(len)));
     assert_eq!(tables.len(), usize::from(count));
     check_tables(&tables);
     assert!(

@@ -550,6 +550,9 @@ pub enum PciError {
     /// `romfile=` names a file of more than 2 GiB.
     #[error("romfile \"{0}\" too large (size cannot exceed 2 GiB)")]
     RomTooLarge(String),
+    /// Reading the image failed (QEMU's `load_image_size` error).
+    #[error("failed to load romfile \"{0}\"")]
+    RomLoad(String),
     /// No host memory for the ROM BAR.
     #[error("romfile \"{file}\": cannot allocate the ROM: {reason}")]
     RomAllocation {
@@ -892,8 +895,13 @@ impl PciDevice {
             // Straight into the BAR's memory: on the start-up path, a network card's ROM
             // copied through buffers cost a few tenths of a millisecond.
             let name = format!("{}.rom", self.type_name());
-            let rom = RomBar::load(&path, size as usize, bar_size)
-                .map_err(|reason| RealizeError::device(PciError::RomAllocation { file, reason }))?;
+            let rom = RomBar::load(&path, size as usize, bar_size).map_err(|e| {
+                RealizeError::device(match e {
+                    RomLoadError::Open => PciError::RomNotFound(file),
+                    RomLoadError::Read => PciError::RomLoad(file),
+                    RomLoadError::Map(reason) => PciError::RomAllocation { file, reason },
+                })
+            })?;
             *self.option_rom.lock() = Some(OptionRom::Bar(rom.clone(), size as usize));
             let backing = RamBacking {
                 host_addr: rom.host_addr(),
@@ -1129,6 +1137,17 @@ impl PciDevice {
     }
 }
 
+/// Why [`RomBar::load`] failed.
+#[derive(Debug)]
+enum RomLoadError {
+    /// The file cannot be opened.
+    Open,
+    /// Reading it failed.
+    Read,
+    /// No memory for the BAR.
+    Map(String),
+}
+
 /// Where a device's option ROM went: kept as read, for the firmware's fw_cfg, or in the
 /// ROM BAR's memory with the image's size.
 enum OptionRom {
@@ -1145,18 +1164,27 @@ struct RomBar(vm_memory::MmapRegion<()>);
 impl RomBar {
     /// The BAR's memory with the `size` bytes of the image at `path` read straight in and
     /// 0xff after.
-    fn load(path: &std::path::Path, size: usize, bar_size: u64) -> Result<Arc<RomBar>, String> {
+    /// A file that shrank since its size was taken fills what it has (QEMU's
+    /// `load_image_size` takes a short read too).
+    fn load(path: &std::path::Path, size: usize, bar_size: u64) -> Result<Arc<RomBar>, RomLoadError> {
         use std::io::Read;
-        let len = usize::try_from(bar_size).map_err(|e| e.to_string())?;
-        let region = vm_memory::MmapRegion::<()>::new(len).map_err(|e| e.to_string())?;
+        let mut file = std::fs::File::open(path).map_err(|_| RomLoadError::Open)?;
+        let len = usize::try_from(bar_size).map_err(|e| RomLoadError::Map(e.to_string()))?;
+        let region = vm_memory::MmapRegion::<()>::new(len).map_err(|e| RomLoadError::Map(e.to_string()))?;
         // SAFETY: the mapping was just made, is `len` bytes long and nothing else refers to
         // it until this function returns it.
         let bytes = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len) };
         let size = size.min(len);
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut bytes[..size]))
-            .map_err(|e| e.to_string())?;
-        bytes[size..].fill(0xff);
+        let mut read = 0;
+        while read < size {
+            match file.read(&mut bytes[read..size]) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(RomLoadError::Read),
+            }
+        }
+        bytes[read..].fill(0xff);
         Ok(Arc::new(RomBar(region)))
     }
 
@@ -1169,7 +1197,7 @@ impl RomBar {
             return;
         }
         let pcir = usize::from(u16::from_le_bytes([header[0x18], header[0x19]]));
-        let mut prefix = vec![0u8; (pcir + 9).min(size)];
+        let mut prefix = vec![0u8; (pcir + 9).max(header.len()).min(size)];
         if slice.read_slice(&mut prefix, 0).is_ok() {
             patch_rom_ids(&mut prefix, vendor, device);
             let _ = slice.write_slice(&prefix, 0);

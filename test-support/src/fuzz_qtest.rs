@@ -155,6 +155,17 @@ impl Qtest {
             .unwrap_or_else(|| self.fail(&format!("{request}: {reply}")))
     }
 
+    /// `len` bytes of guest memory at `addr` (qtest's `read`).
+    pub fn read_bytes(&mut self, addr: u64, len: usize) -> Vec<u8> {
+        let reply = self.cmd(format!("read {addr:#x} {len:#x}"));
+        let bytes = reply.strip_prefix("OK 0x").and_then(|hex| {
+            (0..len)
+                .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()
+        });
+        bytes.unwrap_or_else(|| self.fail(&format!("read {addr:#x} {len:#x}: {reply}")))
+    }
+
     /// Reads fw_cfg file `name` through the selector and data ports, as firmware does.
     pub fn fw_cfg_file(&mut self, name: &str) -> Option<Vec<u8>> {
         let read_bytes = |qt: &mut Qtest, key: u16, n: usize| -> Vec<u8> {

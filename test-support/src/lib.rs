@@ -1,10 +1,12 @@
 //! Helpers shared by qomvm's integration tests (`tests/*.rs`) and benches: hand-assembled
 //! x86 guests ([`guest`]) and Multiboot ELF kernels ([`elf`]), a raw KVM runner to compare
 //! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]), a guest
-//! that reports the interrupts it takes ([`irq_guest`]), skips made visible ([`skip`]), a QMP
+//! that reports the interrupts it takes ([`irq_guest`]), a boot sector or PXE program
+//! that prints and powers off ([`boot_program`]), skips made visible ([`skip`]), a QMP
 //! client ([`qmp`]), a datagram-socket network backend ([`dgram_netdev`]), an SMBIOS reader ([`smbios`]), a VGA text-screen reader
 //! ([`vga_text`]) and VNC Authentication's DES for clients and password files ([`vnc`]).
 
+pub mod boot_program;
 pub mod console;
 pub mod dgram_netdev;
 pub mod drives;
