@@ -57,6 +57,15 @@ fn parse_aio(value: &str) -> Option<AioMode> {
     }
 }
 
+/// When a drive's device is created among the others, as QEMU creates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriveDeviceTurn {
+    /// With the board (`pc_init1` makes the IDE drives' devices).
+    Board,
+    /// After the key=value `-device`s (QEMU appends `if=virtio` devices to their list).
+    AfterDevices,
+}
+
 /// The `-drive`s placed so far, by interface and index (QEMU's `drive_get`), to find a
 /// drive's first free unit and its default id. An index is `bus * max_devs + unit` for
 /// interfaces with buses (IDE), the unit for those without (`none`, `virtio`).
@@ -116,13 +125,13 @@ fn max_devs(interface: &str) -> u32 {
 /// `block_default_type`); `if=ide` drives go on the board's `ide_buses`. For `if=virtio`
 /// and `if=ide` it returns the `-device` QEMU adds
 /// for the drive (`virtio-blk-pci`; `ide-hd` or `ide-cd` on `ide.BUS`), to be created with
-/// the other devices.
+/// the other devices, and when.
 pub fn drive_add(
     located: &Located,
     default_interface: &str,
     ide_buses: u32,
     drives: &mut DriveTable,
-) -> Result<Option<Located>, OptionError> {
+) -> Result<Option<(Located, DriveDeviceTurn)>, OptionError> {
     let err = |m: String| located.error(m);
     let mut file = None;
     let mut format = None;
@@ -226,6 +235,11 @@ pub fn drive_add(
         "ide" => format!("ide{bus}-{}{unit}", if cdrom { "cd" } else { "hd" }),
         _ => format!("{interface}{unit}"),
     });
+    let turn = if interface == "virtio" {
+        DriveDeviceTurn::AfterDevices
+    } else {
+        DriveDeviceTurn::Board
+    };
     let device = match interface.as_str() {
         "ide" => Some(format!(
             "{},bus=ide.{bus},unit={unit}",
@@ -250,10 +264,13 @@ pub fn drive_add(
         };
         block::set_empty_drive_auto_connected(&id);
         device.push_str(&format!(",drive={}", id.replace(',', ",,")));
-        return Ok(Some(Located {
-            option: "device",
-            value: device,
-        }));
+        return Ok(Some((
+            Located {
+                option: "device",
+                value: device,
+            },
+            turn,
+        )));
     };
     opts.filename = file.into();
     opts.format = format;
@@ -274,10 +291,13 @@ pub fn drive_add(
     if let Some(addr) = addr {
         device.push_str(&format!(",addr={}", addr.replace(',', ",,")));
     }
-    Ok(Some(Located {
-        option: "device",
-        value: device,
-    }))
+    Ok(Some((
+        Located {
+            option: "device",
+            value: device,
+        },
+        turn,
+    )))
 }
 
 /// `-blockdev`'s argument as a JSON object: JSON itself, or dotted keys (`file.driver=file`)

@@ -125,14 +125,12 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     let mut late_devices = Vec::new();
     let mut drive_table = crate::blockdev::DriveTable::default();
     for d in &opts.drives {
-        if let Some(device) =
-            crate::blockdev::drive_add(d, default_interface, ide_buses, &mut drive_table)?
-        {
-            if device.value.starts_with("virtio-blk-pci") {
-                late_devices.push(device);
-            } else {
-                board_devices.push(device);
+        match crate::blockdev::drive_add(d, default_interface, ide_buses, &mut drive_table)? {
+            Some((device, crate::blockdev::DriveDeviceTurn::Board)) => board_devices.push(device),
+            Some((device, crate::blockdev::DriveDeviceTurn::AfterDevices)) => {
+                late_devices.push(device)
             }
+            None => {}
         }
     }
     for d in &opts.debugcon {

@@ -615,22 +615,10 @@ fn bad_boot_options_get_qemus_errors() {
 /// A boot sector that prints "PARKED" on COM1 and halts with interrupts off, leaving
 /// memory as the firmware left it.
 fn parked_disk() -> Vec<u8> {
-    #[rustfmt::skip]
-    let code: &[u8] = &[
-        0x31, 0xc0,       // 00 xor ax, ax
-        0x8e, 0xd8,       // 02 mov ds, ax
-        0xbe, 0x16, 0x7c, // 04 mov si, 0x7c16 (the message)
-        0xba, 0xf8, 0x03, // 07 mov dx, 0x3f8
-        0xac,             // 0a lodsb
-        0x84, 0xc0,       // 0b test al, al
-        0x74, 0x03,       // 0d jz 0x12
-        0xee,             // 0f out dx, al
-        0xeb, 0xf8,       // 10 jmp 0x0a
-        0xfa,             // 12 cli
-        0xf4,             // 13 hlt
-        0xeb, 0xfd,       // 14 jmp 0x13
-    ];
-    mbr_disk(code, Some((0x16, b"PARKED\r\n\0")))
+    mbr_disk(
+        &test_support::boot_program::print_and_park(b"PARKED\r\n"),
+        None,
+    )
 }
 
 /// SeaBIOS installs qomvm's SMBIOS tables (`etc/smbios/*`): the guest finds the anchor in
