@@ -96,7 +96,7 @@ Block devices:
                      for the first boot only with once=; its menu and splash; ms before
                      it reboots when nothing boots (-1: never); strict=on: only the
                      bootindex devices
--no-hpet             accepted: qomvm has no HPET
+-no-hpet             HPET disabled (-machine hpet=off)
 -overcommit [mem-lock=on|off][,cpu-pm=off]
                      mem-lock=on locks all of qomvm's memory (mlockall)
 -audiodev [driver=]none,id=id

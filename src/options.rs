@@ -115,7 +115,7 @@ pub struct Options {
     pub overcommit: Vec<Located>,
     /// `-rtc base=utc,clock=host,driftfix=none`.
     pub rtc: Vec<Located>,
-    /// `-no-hpet` (qomvm has no HPET to leave out).
+    /// `-no-hpet`: the machine's `hpet=off`.
     pub no_hpet: bool,
     /// `-usb`: the machine's USB controller (`usb=on`).
     pub usb: bool,

@@ -381,8 +381,7 @@ fn on_off(key: &str, value: Option<&str>) -> Result<bool, HostOptionError> {
 
 /// The options that shape the process, not the machine, checked and applied as QEMU does
 /// while parsing: `-name`, `-overcommit`, `-rtc`, `-boot`, `-msg`, `-audiodev`, `-uuid`; `-daemonize`'s
-/// conflicts. `-no-user-config` and `-no-hpet` need nothing: qomvm reads no configuration
-/// file and has no HPET.
+/// conflicts. `-no-user-config` needs nothing: qomvm reads no configuration file.
 fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
     if let Some(name) = &opts.name {
         for (key, value) in split_opts(&name.value, Some("guest")) {
@@ -638,6 +637,12 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     object_get_root()
         .add_child("machine", &machine)
         .map_err(|e| OptionError::new("", e))?;
+    // QEMU's -no-hpet is `hpet=off` among the machine options (here ahead of -machine's).
+    if opts.no_hpet {
+        machine
+            .property_parse("hpet", "off")
+            .map_err(|e| OptionError::new("-no-hpet", e))?;
+    }
     for (key, value, located) in props {
         if key == "accel" {
             continue;

@@ -416,6 +416,13 @@ fn a_domain_runs_pauses_powers_off_and_is_listed_truthfully() {
     let tree = virsh_ok(&["qemu-monitor-command", "--hmp", name, "info qom-tree"]);
     assert!(tree.contains("/machine ("), "{tree}");
     assert!(tree.contains("/serial0 (isa-serial)"), "{tree}");
+    // `<timer name='hpet' present='no'/>`: libvirt turns the pc's HPET off.
+    assert!(!tree.contains("(hpet)"), "{tree}");
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log")).unwrap();
+    assert!(
+        log.contains("hpet=off") || log.contains("-no-hpet"),
+        "{log}"
+    );
 
     // shutdown: the ACPI power button; the guest powers off and the transient domain
     // is gone.
@@ -459,10 +466,16 @@ fn a_domain_of_a_versioned_machine_type_runs_as_that_type() {
     let kernel = dom.dir.join("kernel.elf");
     std::fs::write(&kernel, test_kernel()).unwrap();
     let xml = dom.xml(&kernel);
-    let text = std::fs::read_to_string(&xml).unwrap().replace(
-        "<type arch='x86_64'>hvm</type>",
-        "<type arch='x86_64' machine='pc-i440fx-trusty'>hvm</type>",
-    );
+    let text = std::fs::read_to_string(&xml)
+        .unwrap()
+        .replace(
+            "<type arch='x86_64'>hvm</type>",
+            "<type arch='x86_64' machine='pc-i440fx-trusty'>hvm</type>",
+        )
+        .replace(
+            "<timer name='hpet' present='no'/>",
+            "<timer name='hpet' present='yes'/>",
+        );
     std::fs::write(&xml, text).unwrap();
     let name = dom.name.as_str();
     virsh_ok(&["create", xml.to_str().unwrap()]);
@@ -492,6 +505,9 @@ fn a_domain_of_a_versioned_machine_type_runs_as_that_type() {
         model_id.contains("QEMU Virtual CPU version 2.0.0"),
         "{model_id}"
     );
+    // `<timer name='hpet' present='yes'/>`: the HPET is there.
+    let tree = virsh_ok(&["qemu-monitor-command", "--hmp", name, "info qom-tree"]);
+    assert!(tree.contains("(hpet)"), "{tree}");
     virsh_ok(&["destroy", name]);
 }
 

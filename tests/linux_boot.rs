@@ -110,6 +110,7 @@ fn linux_boot_state_runs_on_kvm() {
             serial_ports: vec![Some((0x3f8, 4))],
             gpe0_blk: None,
             pci_hotplug: None,
+            hpet: None,
         },
     )
     .unwrap();

@@ -148,6 +148,16 @@ fn check_boot(mem: &str, mem_bytes: u64, cpus: u32) -> Option<String> {
             .any(|l| l.contains(" 00:0") && l.contains(": ttyS0 at I/O 0x3f8 (irq = 4")),
         "{out}"
     );
+    // The HPET from the ACPI table: Linux's hpet driver claims its block and comparators
+    // (timer 0 and 1 on IRQ 2 and 8: legacy replacement, as Linux runs it).
+    assert!(
+        out.contains("hpet0: at MMIO 0xfed00000, IRQs 2, 8, 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("hpet0: 3 comparators, 64-bit 100.000000 MHz counter"),
+        "{out}"
+    );
     // MTRRs on (write-back by default, as firmware leaves them), so the kernel sets up
     // PAT with write-combining rather than turning PAT off with the MTRRs.
     assert!(

@@ -463,6 +463,24 @@ impl AccelOps for KvmVm {
         }
     }
 
+    fn set_pit_hpet_legacy(&self, legacy: bool) -> Result<(), Error> {
+        if !self.has_pit.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut pit = self
+            .vm
+            .get_pit2()
+            .map_err(|e| Error::other(ioctl_error("KVM_GET_PIT2", e)))?;
+        if legacy {
+            pit.flags |= kvm_bindings::KVM_PIT_FLAGS_HPET_LEGACY;
+        } else {
+            pit.flags &= !kvm_bindings::KVM_PIT_FLAGS_HPET_LEGACY;
+        }
+        self.vm
+            .set_pit2(&pit)
+            .map_err(|e| Error::other(ioctl_error("KVM_SET_PIT2", e)))
+    }
+
     fn create_in_kernel_pit(&self, reinject: bool) -> Result<(), Error> {
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,

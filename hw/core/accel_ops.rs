@@ -137,6 +137,12 @@ pub trait AccelOps: Send + Sync {
     /// ticks the guest missed (`kvm-pit`'s `lost_tick_policy`: delay re-injects, discard
     /// drops). A machine without `kvm-pit` (`-machine pit=off`) has no PIT.
     fn create_in_kernel_pit(&self, reinject: bool) -> Result<(), Error>;
+    /// Stops (`true`) or restarts the in-kernel PIT's channel 0 interrupts while an HPET
+    /// in legacy replacement mode takes IRQ 0 (QEMU's `kvm_pit_irq_control`:
+    /// `KVM_PIT_FLAGS_HPET_LEGACY`). Without a PIT there is nothing to do.
+    fn set_pit_hpet_legacy(&self, _legacy: bool) -> Result<(), Error> {
+        Ok(())
+    }
     /// Lets every vCPU run (QEMU's `vm_start` -> `resume_all_vcpus`).
     fn vm_start(&self);
     /// Stops every vCPU outside guest mode and waits until they are (QEMU's

@@ -75,6 +75,68 @@ impl DeviceTimer {
     }
 }
 
+/// QEMU's `QEMU_CLOCK_VIRTUAL` for one device: nanoseconds that advance while the VM
+/// runs and stand still while it is stopped (`-S`, `stop`, a migration's last pass), so a
+/// guest-visible counter does not jump over a pause. The device feeds it the VM's run
+/// state from its change handler.
+#[derive(Debug)]
+pub struct VmClock {
+    origin: std::time::Instant,
+    state: parking_lot::Mutex<VmClockState>,
+}
+
+#[derive(Debug)]
+struct VmClockState {
+    /// Host nanoseconds (since `origin`) spent stopped, which the clock leaves out.
+    stopped_total: u64,
+    /// Host nanoseconds (since `origin`) when the clock stopped, while it is stopped.
+    stopped_at: Option<u64>,
+}
+
+impl VmClock {
+    /// A clock at zero, running or stopped as the VM is.
+    pub fn new(running: bool) -> Self {
+        VmClock {
+            origin: std::time::Instant::now(),
+            state: parking_lot::Mutex::new(VmClockState {
+                stopped_total: 0,
+                stopped_at: (!running).then_some(0),
+            }),
+        }
+    }
+
+    fn host_ns(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The clock's nanoseconds.
+    pub fn now_ns(&self) -> u64 {
+        let s = self.state.lock();
+        let host = s.stopped_at.unwrap_or_else(|| self.host_ns());
+        host.saturating_sub(s.stopped_total)
+    }
+
+    /// Whether the clock advances.
+    pub fn is_running(&self) -> bool {
+        self.state.lock().stopped_at.is_none()
+    }
+
+    /// Stops or restarts the clock (the VM stopped or runs again); repeating either is a
+    /// no-op.
+    pub fn set_running(&self, running: bool) {
+        let mut s = self.state.lock();
+        match (running, s.stopped_at) {
+            (true, Some(at)) => {
+                let host = self.host_ns();
+                s.stopped_total = s.stopped_total.saturating_add(host.saturating_sub(at));
+                s.stopped_at = None;
+            }
+            (false, None) => s.stopped_at = Some(self.host_ns()),
+            _ => {}
+        }
+    }
+}
+
 impl AsRawFd for DeviceTimer {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -97,5 +159,24 @@ mod tests {
         t.disarm().unwrap();
         std::thread::sleep(Duration::from_millis(20));
         assert!(!t.take_expired());
+    }
+
+    #[test]
+    fn the_vm_clock_stands_still_while_stopped() {
+        let clock = VmClock::new(false);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(clock.now_ns(), 0, "stopped from the start");
+        clock.set_running(true);
+        std::thread::sleep(Duration::from_millis(5));
+        let ran = clock.now_ns();
+        assert!(ran >= 5_000_000, "{ran}");
+        clock.set_running(false);
+        clock.set_running(false);
+        let stopped = clock.now_ns();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(clock.now_ns(), stopped);
+        clock.set_running(true);
+        let resumed = clock.now_ns();
+        assert!(resumed >= stopped && resumed < stopped + 15_000_000, "{stopped} {resumed}");
     }
 }

@@ -42,7 +42,7 @@
 
 use acpi_tables::aml::{
     Acquire, AddressSpace as AmlAddressSpace, AddressSpaceCacheable, And, Arg, Device, EISAName,
-    Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Method, MethodCall,
+    Field, FieldAccessType, Memory32Fixed, FieldEntry, FieldLockRule, FieldUpdateRule, If, Method, MethodCall,
     Mutex as AmlMutex, Name, Notify, OpRegion, OpRegionSpace, Package, Path, Release,
     ResourceTemplate, Return, Scope, ShiftLeft, Store, IO, ZERO,
 };
@@ -121,6 +121,9 @@ pub struct AcpiConfig {
     /// ACPI PCI hotplug of the root bus (`acpi-root-pci-hotplug`): the register block's
     /// port and the slots described as hotpluggable (a bit per slot), or `None`.
     pub pci_hotplug: Option<(u16, u32)>,
+    /// The HPET's register block address and event timer block ID (its capabilities'
+    /// low half), if the machine has one.
+    pub hpet: Option<(u64, u32)>,
 }
 
 /// Why the tables could not be built.
@@ -436,6 +439,33 @@ fn build_i8042() -> Vec<u8> {
     aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&kbd, &mou]))
 }
 
+/// `\_SB.HPET` (`PNP0103`), the HPET's register block (QEMU's `build_hpet_aml`, with a
+/// constant `_STA`: the block is there whenever it is described). Linux finds the timer
+/// through the `HPET` table; the device claims the block's addresses.
+fn build_hpet_device(base: u64) -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0103"));
+    let uid = Name::new(Path::new("_UID"), &0u8);
+    let sta = Name::new(Path::new("_STA"), &0x0fu8);
+    let block = Memory32Fixed::new(false, base as u32, HPET_BLOCK_LEN);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&block]));
+    let dev = Device::new(Path::new("HPET"), vec![&hid, &uid, &sta, &crs]);
+    aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&dev]))
+}
+
+/// Size of the HPET's register block.
+const HPET_BLOCK_LEN: u32 = 0x400;
+
+/// The `HPET` table (revision 1; QEMU's `build_hpet`): the timer block's ID and address,
+/// HPET number 0, no minimum periodic tick, no page protection.
+fn build_hpet_table(base: u64, block_id: u32) -> Vec<u8> {
+    let mut hpet = Sdt::new(*b"HPET", 56, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    hpet.write_u32(36, block_id);
+    // Generic address: system memory, 64-bit address at 44.
+    hpet.write_u8(40, 0);
+    hpet.write_u64(44, base);
+    hpet.as_slice().to_vec()
+}
+
 /// The DSDT: the sleep states, processors, the PCI host bridge and ISA devices.
 fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let state = |name: &str, slp_typ: u8| {
@@ -485,6 +515,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         dsdt.append_slice(&build_rtc(base, irq));
     }
     dsdt.append_slice(&build_serial_ports(&cfg.serial_ports));
+    if let Some((base, _)) = cfg.hpet {
+        dsdt.append_slice(&build_hpet_device(base));
+    }
     dsdt.as_slice().to_vec()
 }
 
@@ -622,10 +655,15 @@ pub fn build_acpi_tables(ram: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<u64,
     let fadt = build_fadt(cfg, facs_addr, dsdt_addr);
     let madt_addr = align16(fadt_addr + fadt.len() as u64);
     let madt = build_madt(cfg);
-    let xsdt_addr = align16(madt_addr + madt.len() as u64);
+    let hpet = cfg.hpet.map(|(base, id)| build_hpet_table(base, id));
+    let hpet_addr = align16(madt_addr + madt.len() as u64);
+    let xsdt_addr = align16(hpet_addr + hpet.as_ref().map_or(0, |t| t.len() as u64));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if hpet.is_some() {
+        xsdt.add_entry(hpet_addr);
+    }
     let xsdt = aml_bytes(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > ACPI_TABLES_END {
@@ -642,6 +680,7 @@ pub fn build_acpi_tables(ram: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<u64,
         ("DSDT", dsdt_addr, &dsdt),
         ("FADT", fadt_addr, &fadt),
         ("MADT", madt_addr, &madt),
+        ("HPET", hpet_addr, hpet.as_ref().unwrap_or(&Vec::new())),
         ("XSDT", xsdt_addr, &xsdt),
     ] {
         ram.write_slice(bytes, GuestAddress(addr))
@@ -698,6 +737,10 @@ pub fn build_firmware_acpi_tables(cfg: &AcpiConfig) -> Result<FirmwareAcpiTables
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_offset);
     xsdt.add_entry(madt_offset);
+    if let Some((base, id)) = cfg.hpet {
+        xsdt.add_entry(place(&mut tables, &build_hpet_table(base, id)));
+    }
+    let entries = xsdt_entry_count(cfg);
     let xsdt = aml_bytes(&xsdt);
     let xsdt_len = xsdt.len() as u32;
     let xsdt_offset = place(&mut tables, &xsdt);
@@ -712,8 +755,9 @@ pub fn build_firmware_acpi_tables(cfg: &AcpiConfig) -> Result<FirmwareAcpiTables
     linker.add_pointer(TABLES, fadt_at + 140, 8, TABLES)?;
     linker.add_checksum(TABLES, fadt_at, fadt_len, fadt_at + 9)?;
     let xsdt_at = xsdt_offset as u32;
-    linker.add_pointer(TABLES, xsdt_at + 36, 8, TABLES)?;
-    linker.add_pointer(TABLES, xsdt_at + 44, 8, TABLES)?;
+    for entry in 0..entries {
+        linker.add_pointer(TABLES, xsdt_at + 36 + 8 * entry, 8, TABLES)?;
+    }
     linker.add_checksum(TABLES, xsdt_at, xsdt_len, xsdt_at + 9)?;
     // The RSDP: found by scanning the F segment, pointing at the XSDT; its checksum
     // covers the first 20 bytes, its extended checksum all 36.
@@ -726,6 +770,11 @@ pub fn build_firmware_acpi_tables(cfg: &AcpiConfig) -> Result<FirmwareAcpiTables
         rsdp,
         loader: linker.into_bytes(),
     })
+}
+
+/// The XSDT's entries: FADT, MADT, and the HPET table if there is one.
+fn xsdt_entry_count(cfg: &AcpiConfig) -> u32 {
+    2 + u32::from(cfg.hpet.is_some())
 }
 
 fn align16(addr: u64) -> u64 {
@@ -758,6 +807,7 @@ mod tests {
             serial_ports: vec![Some((0x3f8, 4)), None, Some((0x3e8, 4))],
             gpe0_blk: Some((0xafe0, 4)),
             pci_hotplug: Some((0xae00, !0b111)),
+            hpet: Some((0xfed0_0000, 0x8086_a201)),
         }
     }
 
@@ -805,6 +855,7 @@ mod tests {
         madt: Vec<u8>,
         dsdt: Vec<u8>,
         facs: Vec<u8>,
+        hpet: Option<Vec<u8>>,
     }
 
     fn walk(mem: &GuestMemoryMmap) -> Tables {
@@ -815,14 +866,15 @@ mod tests {
         assert_eq!(sum(&rsdp), 0, "RSDP extended checksum");
         let xsdt = table(mem, u64_at(&rsdp, 24), b"XSDT");
         let entries: Vec<u64> = xsdt[36..].chunks(8).map(|c| u64_at(c, 0)).collect();
-        assert_eq!(entries.len(), 2);
+        assert!(matches!(entries.len(), 2 | 3), "{entries:x?}");
         let fadt = table(mem, entries[0], b"FACP");
         let madt = table(mem, entries[1], b"APIC");
+        let hpet = entries.get(2).map(|&at| table(mem, at, b"HPET"));
         let dsdt_addr = u64_at(&fadt, 140);
         assert_eq!(u64::from(u32_at(&fadt, 40)), dsdt_addr, "DSDT and X_DSDT agree");
         let dsdt = table(mem, dsdt_addr, b"DSDT");
         let facs = bytes(mem, u64::from(u32_at(&fadt, 36)), 64);
-        for addr in [rsdp_addr, u64_at(&rsdp, 24), entries[0], entries[1], dsdt_addr] {
+        for &addr in [rsdp_addr, u64_at(&rsdp, 24), dsdt_addr].iter().chain(&entries) {
             assert!((ACPI_TABLES_START..ACPI_TABLES_END).contains(&addr));
         }
         Tables {
@@ -830,6 +882,7 @@ mod tests {
             madt,
             dsdt,
             facs,
+            hpet,
         }
     }
 
@@ -906,6 +959,8 @@ mod tests {
         let t = walk(&mem);
         assert_eq!(t.madt, expected.madt);
         assert_eq!(t.dsdt, expected.dsdt);
+        assert_eq!(t.hpet, expected.hpet);
+        assert!(t.hpet.is_some());
         assert_eq!(&t.facs[..4], b"FACS");
         assert_eq!(u32_at(&t.fadt, 36), 0xe1000, "FACS first, 64-byte aligned");
         assert_eq!(&t.fadt[10..16], b"QOMVM ");
@@ -1140,6 +1195,30 @@ mod tests {
             &dsdt,
             &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x00, 0x08, 0x22, 0x10, 0x00]
         ));
+    }
+
+    #[test]
+    fn the_hpet_has_its_table_and_device() {
+        let mem = ram();
+        let has = |dsdt: &[u8], needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        build_acpi_tables(&mem, &config(1, 1)).unwrap();
+        let t = walk(&mem);
+        let hpet = t.hpet.expect("an HPET table");
+        assert_eq!(hpet.len(), 56);
+        assert_eq!(hpet[8], 1, "revision");
+        assert_eq!(u32_at(&hpet, 36), 0x8086_a201, "event timer block ID");
+        assert_eq!(&hpet[40..44], &[0, 0, 0, 0], "system memory");
+        assert_eq!(u64_at(&hpet, 44), 0xfed0_0000);
+        assert_eq!(&hpet[52..56], &[0, 0, 0, 0], "number, minimum tick, protection");
+        // EISAID("PNP0103"); Memory32Fixed(ReadOnly, 0xfed00000, 0x400).
+        assert!(has(&t.dsdt, &[0x0c, 0x41, 0xd0, 0x01, 0x03]), "PNP0103");
+        assert!(has(
+            &t.dsdt,
+            &[0x86, 0x09, 0x00, 0x00, 0x00, 0x00, 0xd0, 0xfe, 0x00, 0x04, 0x00, 0x00]
+        ));
+        build_acpi_tables(&mem, &AcpiConfig { hpet: None, ..config(1, 1) }).unwrap();
+        let t = walk(&mem);
+        assert!(t.hpet.is_none() && !has(&t.dsdt, b"HPET"));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub struct X86MachineState {
     acpi: Prop<bool>,
     #[property(default = true, desc = "Enable i8254 PIT")]
     pit: Prop<bool>,
-    #[property(default = false, desc = "Enable the HPET (not emulated: only off is accepted)")]
+    #[property(default = true, desc = "Enable the HPET")]
     hpet: Prop<bool>,
     #[property(name = "kernel-irqchip", default = "on", desc = "Configure KVM in-kernel irqchip")]
     kernel_irqchip: Prop<OnOffSplit>,
@@ -69,6 +69,11 @@ type_init!(X86MachineState);
 impl MachineImpl for X86MachineState {}
 
 impl X86MachineState {
+    /// The `hpet` property: the board has an HPET.
+    pub fn hpet_enabled(&self) -> bool {
+        self.hpet.get()
+    }
+
     /// Refuses what the board cannot do (QEMU would build it).
     fn check_unsupported(&self) -> Result<(), MachineError> {
         let unsupported = |what: &str| Err(MachineError::Unsupported(what.to_string()));
@@ -78,9 +83,6 @@ impl X86MachineState {
                 "kernel-irqchip={} is not supported: qomvm always uses KVM's in-kernel irqchip",
                 qom::QomEnum::name(irqchip)
             ));
-        }
-        if self.hpet.get() {
-            return unsupported("hpet=on is not supported: qomvm has no HPET");
         }
         if self.smm.get() == OnOffAuto::On {
             return unsupported("smm=on is not supported");
@@ -745,7 +747,17 @@ impl PcI440fxMachine {
                 .as_ref()
                 .filter(|pm| pm.root_pci_hotplug())
                 .map(|_| (crate::acpi::pcihp::ACPI_PCIHP_ADDR, self.pci_hotplug_slots())),
+            hpet: self.hpet().and_then(|h| h.block_id()).map(|id| (crate::timer::hpet::HPET_BASE, id)),
         }
+    }
+
+    /// The board's HPET, if it has one.
+    fn hpet(&self) -> Option<Typed<crate::timer::hpet::Hpet>> {
+        self.object()
+            .child("unattached")?
+            .children()
+            .into_iter()
+            .find_map(|(_, dev)| Typed::<crate::timer::hpet::Hpet>::new(dev))
     }
 
     /// The root bus's slots the DSDT describes as hotpluggable: all but those holding a
@@ -888,6 +900,17 @@ impl PcI440fxMachine {
             self.firmware_cmos(rtc.rtc());
         }
         *self.rtc.lock() = Some(rtc.rtc().clone());
+        // pc_basic_device_init: the HPET (the i440FX's pc offers its timers GSI 2 only),
+        // and the RTC's IRQ 8 rerouted through it for its legacy replacement mode.
+        if self.hpet_enabled() {
+            let hpet = board_device(&unattached, "device[*]", crate::timer::hpet::TYPE_HPET, Bus::None(services), &[("hpet-intcap", "4")])?;
+            if let Some(line) = hpet
+                .cast::<crate::timer::hpet::Hpet>()
+                .and_then(|h| h.legacy_irq(crate::timer::hpet::HPET_LEGACY_RTC_INT))
+            {
+                rtc.rtc().set_irq(line);
+            }
+        }
         board_device(&machine, "i8042", crate::input::pckbd::TYPE_I8042, Bus::On(&isa_bus), &[])?;
         for (index, backend) in self.serial_hds().into_iter().enumerate() {
             if let Some(backend) = backend {

@@ -115,11 +115,49 @@ impl Qtest {
         if let Err(e) = writeln!(self.writer, "{request}") {
             self.fail(&format!("cannot send: {e}"));
         }
+        self.next_line()
+    }
+
+    fn next_line(&mut self) -> String {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) => self.fail("qomvm closed the connection"),
             Ok(_) => line.trim_end().to_string(),
             Err(e) => self.fail(&format!("no reply within {REPLY_BOUND:?}: {e}")),
+        }
+    }
+
+    /// [`Qtest::cmd`] with interrupt interception on (`irq_intercept_in ioapic`): the
+    /// reply, and the `IRQ raise N` / `IRQ lower N` lines that came before it.
+    pub fn cmd_irqs(&mut self, request: String) -> (String, Vec<String>) {
+        let mut irqs = Vec::new();
+        let mut reply = self.cmd(request);
+        while reply.starts_with("IRQ ") {
+            irqs.push(reply);
+            reply = self.next_line();
+        }
+        (reply, irqs)
+    }
+
+    /// Collects the `IRQ` lines that arrive (asking `endianness` every few milliseconds)
+    /// until `enough` says so or `timeout` passes; returns them all.
+    pub fn wait_irqs(
+        &mut self,
+        timeout: Duration,
+        enough: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut all = Vec::new();
+        loop {
+            let (reply, irqs) = self.cmd_irqs("endianness".into());
+            if reply != "OK little" {
+                self.fail(&format!("endianness: {reply}"));
+            }
+            all.extend(irqs);
+            if enough(&all) || Instant::now() >= deadline {
+                return all;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
