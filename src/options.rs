@@ -45,7 +45,11 @@ pub struct Located {
 
 impl Located {
     pub fn location(&self) -> String {
-        format!("-{} {}", self.option, self.value)
+        match self.option {
+            // A flag that stands for a machine option (its value is that option).
+            "no-hpet" => "-no-hpet".to_string(),
+            _ => format!("-{} {}", self.option, self.value),
+        }
     }
     pub fn error(&self, message: impl fmt::Display) -> OptionError {
         OptionError::new(self.location(), message)
@@ -115,8 +119,6 @@ pub struct Options {
     pub overcommit: Vec<Located>,
     /// `-rtc base=utc,clock=host,driftfix=none`.
     pub rtc: Vec<Located>,
-    /// `-no-hpet`: the machine's `hpet=off`.
-    pub no_hpet: bool,
     /// `-usb`: the machine's USB controller (`usb=on`).
     pub usb: bool,
     /// `-usbdevice NAME`: a USB device by its legacy name (implies `-usb`).
@@ -453,7 +455,11 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "uuid" => opts.uuid = Some(located),
             "overcommit" => opts.overcommit.push(located),
             "rtc" => opts.rtc.push(located),
-            "no-hpet" => opts.no_hpet = true,
+            // QEMU puts `hpet=off` among the machine options, in command-line order.
+            "no-hpet" => opts.machine.push(Located {
+                option: "no-hpet",
+                value: "hpet=off".to_string(),
+            }),
             "usb" => opts.usb = true,
             "usbdevice" => opts.usbdevice.push(located),
             "boot" => opts.boot.push(located),

@@ -548,7 +548,9 @@ fn mon_chardev(text: &str) -> Option<String> {
 
 fn machine_location(opts: &Options) -> String {
     opts.machine
-        .last()
+        .iter()
+        .rev()
+        .find(|l| l.option == "machine")
         .map(Located::location)
         .unwrap_or_default()
 }
@@ -637,12 +639,6 @@ fn create_machine(opts: &Options) -> Result<ObjectRef, OptionError> {
     object_get_root()
         .add_child("machine", &machine)
         .map_err(|e| OptionError::new("", e))?;
-    // QEMU's -no-hpet is `hpet=off` among the machine options (here ahead of -machine's).
-    if opts.no_hpet {
-        machine
-            .property_parse("hpet", "off")
-            .map_err(|e| OptionError::new("-no-hpet", e))?;
-    }
     for (key, value, located) in props {
         if key == "accel" {
             continue;

@@ -121,9 +121,19 @@ fn acpi_soft_off_and_the_power_button() {
         1,
         "SCI_EN: the machine starts in ACPI mode"
     );
+    // The PM timer runs on the VM's clock: still before the VM starts and while it is
+    // stopped, as in QEMU.
     let t0 = io.read(0x608, 4);
     std::thread::sleep(std::time::Duration::from_millis(2));
-    assert_ne!(io.read(0x608, 4), t0, "the PM timer runs");
+    assert_eq!(io.read(0x608, 4), t0, "not started yet");
+    hw::core::runstate::vm_start(ms).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let t1 = io.read(0x608, 4);
+    assert_ne!(t1, t0, "the PM timer runs");
+    hw::core::runstate::vm_stop(ms, hw::core::runstate::RunStatus::Paused).unwrap();
+    let t2 = io.read(0x608, 4);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert_eq!(io.read(0x608, 4), t2, "stopped");
     // Power button: status latched, SCI only once enabled.
     let pm = m.child("pm").unwrap();
     assert!(qom::Typed::<hw::acpi::piix4::Piix4Pm>::new(pm)

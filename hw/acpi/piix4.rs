@@ -13,7 +13,6 @@
 
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
 
 use parking_lot::Mutex;
 use qom::{type_init, Prop};
@@ -27,6 +26,7 @@ use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError}
 use crate::core::log_limit::RateLimitedLog;
 use crate::core::runstate::{RunRequest, WakeupReason};
 use crate::core::services::MachineServices;
+use crate::core::timer::VmClock;
 use crate::pci::pci::{config, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_PIIX4_PM`.
@@ -74,9 +74,11 @@ struct PmRegs {
 /// The PM register block.
 struct Pm {
     regs: Mutex<PmRegs>,
-    /// When the PM timer read 0 (moved back on a migration's destination so the timer
-    /// goes on from where it was).
-    start: Mutex<Instant>,
+    /// The machine's virtual clock time when the PM timer read 0 (moved back on a
+    /// migration's destination so the timer goes on from where it was): it stands still
+    /// while the VM is stopped, as QEMU's does.
+    start_ns: Mutex<u64>,
+    clock: Arc<VmClock>,
     sci: IrqLine,
     machine: Weak<MachineServices>,
     /// SLP_TYP of S4 (the `s4_val` property).
@@ -98,8 +100,13 @@ impl Pm {
         self.update_sci(&regs);
     }
 
+    /// Virtual clock nanoseconds since the timer read 0.
+    fn elapsed_ns(&self) -> u64 {
+        self.clock.now_ns().wrapping_sub(*self.start_ns.lock())
+    }
+
     fn timer(&self) -> u32 {
-        let ticks = self.start.lock().elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
+        let ticks = u128::from(self.elapsed_ns()) * PM_TIMER_HZ / 1_000_000_000;
         (ticks & 0x00ff_ffff) as u32
     }
 }
@@ -328,7 +335,7 @@ impl DeviceImpl for Piix4Pm {
         s.put("pm1_sts", regs.sts);
         s.put("pm1_en", regs.en);
         s.put("pm1_cnt", regs.cnt);
-        s.put("timer_ns", pm.start.lock().elapsed().as_nanos() as u64);
+        s.put("timer_ns", pm.elapsed_ns());
         s.put("gpe_sts", regs.gpe_sts);
         s.put("gpe_en", regs.gpe_en);
         drop(regs);
@@ -358,9 +365,7 @@ impl DeviceImpl for Piix4Pm {
             regs.gpe_sts = 0;
             regs.gpe_en = 0;
         }
-        *pm.start.lock() = Instant::now()
-            .checked_sub(std::time::Duration::from_nanos(timer_ns))
-            .unwrap_or_else(Instant::now);
+        *pm.start_ns.lock() = pm.clock.now_ns().wrapping_sub(timer_ns);
         pm.update_sci(&regs);
         Ok(())
     }
@@ -385,7 +390,8 @@ impl PciDeviceImpl for Piix4Pm {
                 gpe_sts: 0,
                 gpe_en: 0,
             }),
-            start: Mutex::new(Instant::now()),
+            start_ns: Mutex::new(services.vm().clock().now_ns()),
+            clock: services.vm().clock().clone(),
             sci: IrqLine::new(GsiRouter::new(services), SCI_IRQ),
             machine: Arc::downgrade(services),
             s4_val: self.s4_val.get().into(),

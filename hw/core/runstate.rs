@@ -546,6 +546,8 @@ pub struct VmState {
     accel_ops: Arc<OnceLock<AccelOpsRef>>,
     reset: OnceLock<ResetHandler>,
     change_handlers: Mutex<ChangeHandlers>,
+    /// QEMU's `QEMU_CLOCK_VIRTUAL`: runs while the VM runs.
+    clock: Arc<crate::core::timer::VmClock>,
 }
 
 /// The run-state change handlers, ordered by priority (QEMU's `vm_change_state_head`).
@@ -682,8 +684,16 @@ impl VmState {
         self.change_handlers.lock().list.retain(|(_, i, _)| *i != id);
     }
 
-    /// Runs the change handlers in QEMU's order for `running`.
+    /// The machine's virtual clock (QEMU's `QEMU_CLOCK_VIRTUAL`): nanoseconds that advance
+    /// only while the VM runs, for guest-visible counters (the HPET, the PM timer). It
+    /// starts or stops right before the change handlers run.
+    pub fn clock(&self) -> &Arc<crate::core::timer::VmClock> {
+        &self.clock
+    }
+
+    /// Runs the change handlers in QEMU's order for `running`, the clock changed first.
     fn run_change_handlers(&self, running: bool, status: RunStatus) {
+        self.clock.set_running(running);
         let mut handlers: Vec<ChangeHandler> = self
             .change_handlers
             .lock()

@@ -75,10 +75,10 @@ impl DeviceTimer {
     }
 }
 
-/// QEMU's `QEMU_CLOCK_VIRTUAL` for one device: nanoseconds that advance while the VM
-/// runs and stand still while it is stopped (`-S`, `stop`, a migration's last pass), so a
-/// guest-visible counter does not jump over a pause. The device feeds it the VM's run
-/// state from its change handler.
+/// QEMU's `QEMU_CLOCK_VIRTUAL`: nanoseconds that advance while the VM runs and stand
+/// still while it is stopped (`-S`, `stop`, a migration's last pass), so guest-visible
+/// counters do not jump over a pause. The machine's is `VmState::clock`, which the run
+/// state starts and stops.
 #[derive(Debug)]
 pub struct VmClock {
     origin: std::time::Instant,
@@ -93,8 +93,15 @@ struct VmClockState {
     stopped_at: Option<u64>,
 }
 
+impl Default for VmClock {
+    /// Stopped at zero, as a VM before it starts.
+    fn default() -> Self {
+        VmClock::new(false)
+    }
+}
+
 impl VmClock {
-    /// A clock at zero, running or stopped as the VM is.
+    /// A clock at zero, running or stopped.
     pub fn new(running: bool) -> Self {
         VmClock {
             origin: std::time::Instant::now(),

@@ -900,10 +900,16 @@ impl PcI440fxMachine {
             self.firmware_cmos(rtc.rtc());
         }
         *self.rtc.lock() = Some(rtc.rtc().clone());
-        // pc_basic_device_init: the HPET (the i440FX's pc offers its timers GSI 2 only),
-        // and the RTC's IRQ 8 rerouted through it for its legacy replacement mode.
+        // pc_basic_device_init: the HPET (the i440FX's pc offers its timers GSI 2 only,
+        // unless -global chose), and the RTC's IRQ 8 rerouted through it for its legacy
+        // replacement mode.
         if self.hpet_enabled() {
-            let hpet = board_device(&unattached, "device[*]", crate::timer::hpet::TYPE_HPET, Bus::None(services), &[("hpet-intcap", "4")])?;
+            let hpet = board_device_with(&unattached, "device[*]", crate::timer::hpet::TYPE_HPET, Bus::None(services), |dev| {
+                if dev.property_print("hpet-intcap").is_ok_and(|v| v == "0") {
+                    dev.property_parse("hpet-intcap", "4")?;
+                }
+                Ok(())
+            })?;
             if let Some(line) = hpet
                 .cast::<crate::timer::hpet::Hpet>()
                 .and_then(|h| h.legacy_irq(crate::timer::hpet::HPET_LEGACY_RTC_INT))
@@ -1096,10 +1102,25 @@ fn board_device(
     bus: Bus,
     props: &[(&str, &str)],
 ) -> Result<ObjectRef, QdevError> {
+    board_device_with(parent, name, driver, bus, |dev| {
+        for (k, v) in props {
+            dev.property_parse(k, v)?;
+        }
+        Ok(())
+    })
+}
+
+/// [`board_device`] with `setup` run on the new device (its `-global`s applied) before
+/// it is realized.
+fn board_device_with(
+    parent: &ObjectRef,
+    name: &str,
+    driver: &str,
+    bus: Bus,
+    setup: impl FnOnce(&ObjectRef) -> Result<(), QdevError>,
+) -> Result<ObjectRef, QdevError> {
     let dev = qdev_new(driver)?;
-    for (k, v) in props {
-        dev.property_parse(k, v)?;
-    }
+    setup(&dev)?;
     parent.add_child(name, &dev)?;
     let bus = match bus {
         Bus::On(bus) => Some(bus),

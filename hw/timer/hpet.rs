@@ -180,8 +180,10 @@ struct State {
     isr: u64,
     /// The counter while it is halted; where it restarts.
     counter: u64,
-    /// Counter nanoseconds minus clock nanoseconds while it runs (QEMU's `hpet_offset`).
-    offset_ns: u64,
+    /// While it runs: the counter was `base_ticks` at clock time `base_ns` (QEMU keeps an
+    /// offset in nanoseconds, which wraps for counters above 2^64 / 10).
+    base_ticks: u64,
+    base_ns: u64,
     /// The RTC's IRQ 8 level, held while legacy mode owns IRQ 8.
     rtc_irq_level: bool,
     /// Whether the in-kernel PIT was told to stop (legacy mode).
@@ -207,7 +209,8 @@ struct HpetCore {
     /// What every timer's configuration register reports in its capability bits.
     timer_caps: u64,
     msi: bool,
-    clock: VmClock,
+    /// The machine's virtual clock.
+    clock: Arc<VmClock>,
     timers: Vec<DeviceTimer>,
     /// GSIs 0-23.
     gsi: Vec<IrqLine>,
@@ -217,7 +220,14 @@ struct HpetCore {
 
 impl HpetCore {
     fn ticks(&self, s: &State) -> u64 {
-        ns_to_ticks(self.clock.now_ns().wrapping_add(s.offset_ns))
+        let elapsed = self.clock.now_ns().saturating_sub(s.base_ns);
+        s.base_ticks.wrapping_add(ns_to_ticks(elapsed))
+    }
+
+    /// The counter starts (or goes on) from `counter` now.
+    fn restart_counter(&self, s: &mut State, counter: u64) {
+        s.base_ticks = counter;
+        s.base_ns = self.clock.now_ns();
     }
 
     fn counter(&self, s: &State) -> u64 {
@@ -274,13 +284,18 @@ impl HpetCore {
         }
     }
 
-    /// The FSB route's message: a dword `data` written to `address` (the local APICs'
-    /// window).
+    /// The FSB route's message: a dword `data` written to `address`, an MSI when that is
+    /// the local APICs' window (QEMU writes any other address as memory; a guest that
+    /// routes its timer there is broken, and the write is dropped).
     fn send_msi(&self, fsb: u64) {
         let msg = MsiMessage {
             address: fsb >> 32,
             data: fsb as u32,
         };
+        if msg.address & !0xf_ffff != 0xfee0_0000 {
+            self.log.warn(|| format!("hpet: FSB write to {:#x} is no MSI: dropped", msg.address));
+            return;
+        }
         if let Some(ops) = self.accel.get() {
             if let Err(e) = ops.send_msi(msg) {
                 self.log.warn(|| format!("hpet: FSB interrupt {msg:?} not delivered: {e}"));
@@ -288,11 +303,17 @@ impl HpetCore {
         }
     }
 
-    /// QEMU's `hpet_arm`: timer `n` fires at `tick`.
+    /// QEMU's `hpet_arm`: timer `n` fires when the counter reaches `tick`; at once if it
+    /// already has (QEMU's behaviour for a comparator behind the counter).
     fn arm(&self, s: &mut State, n: usize, tick: u64) {
-        let offset_ns = s.offset_ns;
+        let ahead = tick.wrapping_sub(self.ticks(s)) as i64;
+        let now = self.clock.now_ns();
+        let mut ns = if ahead > 0 {
+            now.saturating_add(ticks_to_ns(ahead as u64))
+        } else {
+            now
+        };
         let t = &mut s.timers[n];
-        let mut ns = ticks_to_ns(tick).wrapping_sub(offset_ns);
         if t.periodic() && ns.wrapping_sub(t.last_ns) < MIN_PERIOD_NS {
             ns = t.last_ns.wrapping_add(MIN_PERIOD_NS);
         }
@@ -365,11 +386,13 @@ impl HpetCore {
         let t = s.timers[n];
         if t.periodic() && t.period != 0 {
             let mut cmp64 = t.cmp64;
-            if after(cur, cmp64) {
-                // The smallest whole number of periods that is not before now (QEMU
-                // loops; a guest's 1-tick period after a long pause would take forever).
+            if !after(cmp64, cur) {
+                // The match moves the comparator on by a period, and by as many more as
+                // the counter is past (QEMU loops, and leaves a comparator equal to the
+                // counter where it is, which fires it twice).
                 let behind = cur.wrapping_sub(cmp64);
-                cmp64 = cmp64.wrapping_add(behind.div_ceil(t.period).wrapping_mul(t.period));
+                let periods = behind / t.period + 1;
+                cmp64 = cmp64.wrapping_add(periods.wrapping_mul(t.period));
             }
             let timer = &mut s.timers[n];
             timer.cmp64 = cmp64;
@@ -485,7 +508,8 @@ impl HpetCore {
         let activated = |bit: u64| old & bit == 0 && new & bit != 0;
         let deactivated = |bit: u64| old & bit != 0 && new & bit == 0;
         if activated(CFG_ENABLE) {
-            s.offset_ns = ticks_to_ns(s.counter).wrapping_sub(self.clock.now_ns());
+            let counter = s.counter;
+            self.restart_counter(s, counter);
             for n in 0..s.timers.len() {
                 if s.timers[n].enabled() && s.isr & (1 << n) != 0 {
                     self.update_irq(s, n, true);
@@ -559,15 +583,16 @@ impl HpetCore {
         s.config = 0;
         s.isr = 0;
         s.counter = 0;
-        s.offset_ns = 0;
+        s.base_ticks = 0;
+        s.base_ns = 0;
         // The RTC lowers its output on reset as well.
         s.rtc_irq_level = false;
     }
 
-    /// The VM stopped or runs again: the clock, and the host timers, follow.
+    /// The VM stopped or runs again (its clock did, right before): the host timers
+    /// follow.
     fn run_state_changed(&self, running: bool) {
         let s = self.state.lock();
-        self.clock.set_running(running);
         for (n, t) in s.timers.iter().enumerate() {
             match t.deadline {
                 Some(deadline) if running => self.start_host_timer(n, deadline),
@@ -722,7 +747,8 @@ impl DeviceImpl for Hpet {
                 config: 0,
                 isr: 0,
                 counter: 0,
-                offset_ns: 0,
+                base_ticks: 0,
+                base_ns: 0,
                 rtc_irq_level: false,
                 pit_stopped: false,
                 timers: vec![Timer::reset(timer_caps); usize::from(count)],
@@ -732,7 +758,7 @@ impl DeviceImpl for Hpet {
                 | HPET_CLK_PERIOD_FS << 32,
             timer_caps,
             msi,
-            clock: VmClock::new(services.vm().is_running()),
+            clock: services.vm().clock().clone(),
             timers,
             gsi: (0..NUM_GSI).map(|n| IrqLine::new(router.clone(), n)).collect(),
             accel: services.vm().accel_slot(),
@@ -848,19 +874,25 @@ impl DeviceImpl for Hpet {
             )));
         }
         s.config = state.get::<u64>("config")? & CFG_WRITE_MASK;
-        s.isr = state.get("isr")?;
+        s.isr = state.get::<u64>("isr")? & ((1u64 << saved.len()) - 1);
         s.counter = state.get("counter")?;
         s.rtc_irq_level = state.get("rtc_irq_level")?;
+        let counter = s.counter;
+        core.restart_counter(&mut s, counter);
         let now = core.clock.now_ns();
-        s.offset_ns = ticks_to_ns(s.counter).wrapping_sub(now);
         // KVM's PIT state, flags included, comes with the accelerator's own section.
         s.pit_stopped = s.legacy();
         for (n, t) in saved.into_iter().enumerate() {
             // The capability bits are this device's, whatever the stream says.
-            let config = (t.regs.config & TN_CFG_WRITE_MASK) | core.timer_caps;
+            let mut writable = TN_CFG_WRITE_MASK;
+            if !core.msi {
+                writable &= !TN_FSB_ENABLE;
+            }
             s.timers[n] = Timer {
-                config,
+                config: (t.regs.config & writable) | core.timer_caps,
                 deadline: t.fires_in_ns.map(|d| now.saturating_add(d)),
+                // The periodic clamp counts from this clock's times.
+                last_ns: 0,
                 ..t.regs
             };
             match s.timers[n].deadline {
