@@ -477,3 +477,38 @@ fn an_armed_tsc_deadline_moves_with_the_cpu() {
     load_cpu_state(&dst, &saved).unwrap();
     assert_eq!(read_msr(&dst, MSR_IA32_TSC_DEADLINE), deadline);
 }
+
+/// kvmclock as the accelerator saves it (nanoseconds).
+fn kvmclock_ns(ms: &hw::core::machine::MachineState) -> u64 {
+    let section = ms.accel_ops().unwrap().save_vm_state().unwrap();
+    section.get("clock").unwrap()
+}
+
+/// Guest time stands still while the VM is stopped (QEMU's kvmclock device): read when
+/// it stops, set back when it runs.
+#[test]
+fn kvmclock_stands_still_while_the_vm_is_stopped() {
+    require_kvm!();
+    use hw::core::runstate::{vm_start, vm_stop, RunStatus};
+    let machine = vm::pc_machine("kvm", 64 << 20);
+    let ms = machine_state(&machine).unwrap();
+    vm_start(ms).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    vm_stop(ms, RunStatus::Paused).unwrap();
+    let stopped = kvmclock_ns(ms);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        kvmclock_ns(ms),
+        stopped,
+        "saved while stopped: where it stopped"
+    );
+    vm_start(ms).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    vm_stop(ms, RunStatus::Paused).unwrap();
+    let ran = kvmclock_ns(ms) - stopped;
+    assert!(
+        (20_000_000..300_000_000).contains(&ran),
+        "{ran} ns: the 300 ms stop counted"
+    );
+    ms.accel_ops().unwrap().shutdown();
+}

@@ -125,6 +125,10 @@ pub struct KvmVm {
     migration_dirty: parking_lot::Mutex<Vec<u64>>,
     /// Whether `KVM_CREATE_PIT2` made a PIT (its state is then saved with the VM's).
     has_pit: std::sync::atomic::AtomicBool,
+    /// kvmclock as it stood when the VM stopped, set again when it runs (QEMU's
+    /// `kvmclock` device): guest time stands still while the VM does, as the virtual
+    /// clock's HPET and PM timer do.
+    stopped_clock: parking_lot::Mutex<Option<u64>>,
     /// `KVM_CAP_COALESCED_MMIO`: the ring's page offset in a vCPU's mapping, 0 without.
     coalesced_page: u32,
     /// `KVM_CAP_COALESCED_PIO`: ports can be coalesced too.
@@ -192,6 +196,7 @@ impl KvmVm {
             irqchip_creation: parking_lot::Mutex::new(()),
             warned_features: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             has_pit: std::sync::atomic::AtomicBool::new(false),
+            stopped_clock: parking_lot::Mutex::new(None),
             slots: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             dirty_logging: std::sync::atomic::AtomicBool::new(false),
             display_logs: parking_lot::Mutex::new(Vec::new()),
@@ -669,12 +674,20 @@ impl AccelOps for KvmVm {
     fn save_vm_state(&self) -> Result<VmStateSection, VmStateError> {
         self.irqchip()
             .map_err(|e| VmStateError::Host(e.to_string()))?;
-        crate::kvm::kvm_state::save_vm_state(&self.vm, self.has_pit.load(Ordering::Relaxed))
+        let mut s =
+            crate::kvm::kvm_state::save_vm_state(&self.vm, self.has_pit.load(Ordering::Relaxed))?;
+        // A stopped VM's time is where it stopped (QEMU's kvmclock_pre_save).
+        if let Some(clock) = *self.stopped_clock.lock() {
+            s.put("clock", clock);
+        }
+        Ok(s)
     }
 
     fn load_vm_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
         self.irqchip()
             .map_err(|e| VmStateError::Host(e.to_string()))?;
+        // The loaded clock is where the VM goes on from.
+        *self.stopped_clock.lock() = None;
         crate::kvm::kvm_state::load_vm_state(&self.vm, self.has_pit.load(Ordering::Relaxed), state)
     }
 
@@ -772,9 +785,43 @@ type_init!(KvmAccel);
 impl AccelImpl for KvmAccel {
     fn init_machine(&self, machine: &MachineState) -> Result<(), AccelError> {
         let vm = KvmVm::new(&machine.object())?;
+        let weak = Arc::downgrade(&vm);
         machine
             .set_accel_ops(vm)
-            .map_err(|e| AccelError::Other(Box::new(e)))
+            .map_err(|e| AccelError::Other(Box::new(e)))?;
+        machine.services().vm().add_change_handler(
+            0,
+            Arc::new(move |running, _| {
+                if let Some(vm) = weak.upgrade() {
+                    vm.kvmclock_follow_run_state(running);
+                }
+            }),
+        );
+        Ok(())
+    }
+}
+
+impl KvmVm {
+    /// QEMU's `kvmclock_vm_state_change`: the clock is read when the VM stops and set
+    /// back when it runs again.
+    fn kvmclock_follow_run_state(&self, running: bool) {
+        let mut stopped = self.stopped_clock.lock();
+        if running {
+            if let Some(clock) = stopped.take() {
+                let data = kvm_bindings::kvm_clock_data {
+                    clock,
+                    ..Default::default()
+                };
+                if let Err(e) = self.vm.set_clock(&data) {
+                    log::warn!("KVM_SET_CLOCK: {e}: guest time jumps over the stop");
+                }
+            }
+        } else if stopped.is_none() {
+            match self.vm.get_clock() {
+                Ok(data) => *stopped = Some(data.clock),
+                Err(e) => log::warn!("KVM_GET_CLOCK: {e}: guest time runs on while stopped"),
+            }
+        }
     }
 }
 
