@@ -124,6 +124,9 @@ Display and character devices:
 -nographic           no graphical output; serial console on this terminal
 -serial dev          redirect the serial port to char device 'dev'
                      (stdio, null, none, pty, file:PATH)
+-parallel dev        redirect the parallel port to char device 'dev'
+                     (null, none, file:PATH, pty, ...; the pc has LPT1 on null
+                     unless -nodefaults)
 -debugcon dev        redirect the debug console to char device 'dev'
                      (an isa-debugcon at port 0xe9: SeaBIOS's log with -global
                      isa-debugcon.iobase=0x402)

@@ -85,6 +85,8 @@ pub struct Options {
     pub nets: Vec<Located>,
     pub globals: Vec<Located>,
     pub serial: Vec<Located>,
+    /// `-parallel` (LPT1-LPT3 backends).
+    pub parallel: Vec<Located>,
     /// `-debugcon` (each; QEMU allows one).
     pub debugcon: Vec<Located>,
     pub chardev: Vec<Located>,
@@ -185,6 +187,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("net", Arity::Value),
     ("global", Arity::Value),
     ("serial", Arity::Value),
+    ("parallel", Arity::Value),
     ("debugcon", Arity::Value),
     ("chardev", Arity::Value),
     ("display", Arity::Value),
@@ -423,6 +426,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "net" => opts.nets.push(located),
             "global" => opts.globals.push(located),
             "serial" => opts.serial.push(located),
+            "parallel" => opts.parallel.push(located),
             "debugcon" => opts.debugcon.push(located),
             "chardev" => opts.chardev.push(located),
             "display" => opts.display = Some(located),

@@ -171,6 +171,7 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     register_block_flush(&machine);
     select_vgahw(opts, &machine)?;
     configure_serial(opts, &machine)?;
+    configure_parallel(opts, &machine)?;
     let accel = configure_accelerators(opts, &machine)?;
     startup_phase("accelerator");
     // QEMU's qemu_init: a deprecated machine type says so, except to qtest.
@@ -1004,6 +1005,51 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
     if specs.len() > 4 {
         return Err(OptionError::new("", "too many serial ports (at most 4)"));
     }
+    let hds = char_frontend_backends(opts, machine, specs, "serial")?;
+    machine_state(machine)
+        .expect("machines have a MachineState")
+        .set_serial_hds(hds);
+    Ok(())
+}
+
+/// QEMU's `parallel_parse` for each `-parallel`, with its default: without `-parallel`,
+/// LPT1 on a null chardev (QEMU's is a graphical console, which shows nothing here either)
+/// unless `-nodefaults`.
+fn configure_parallel(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> {
+    let specs: Vec<(String, String)> = if opts.parallel.is_empty() {
+        if opts.nodefaults {
+            Vec::new()
+        } else {
+            vec![("null".to_string(), String::new())]
+        }
+    } else {
+        opts.parallel
+            .iter()
+            .map(|p| (p.value.clone(), p.location()))
+            .collect()
+    };
+    if let Some((_, location)) = specs.get(hw::char::parallel::MAX_PARALLEL_PORTS) {
+        return Err(OptionError::new(
+            location.clone(),
+            "too many parallel ports",
+        ));
+    }
+    let hds = char_frontend_backends(opts, machine, specs, "parallel")?;
+    machine_state(machine)
+        .expect("machines have a MachineState")
+        .set_parallel_hds(hds);
+    Ok(())
+}
+
+/// The backends of `-serial` or `-parallel` `specs` (each with its option's location):
+/// QEMU's `qemu_chr_new_mux_mon` names each new chardev `{label}N` (`query-chardev` lists
+/// it), `chardev:ID` claims an existing one, `none` is no backend.
+fn char_frontend_backends(
+    opts: &Options,
+    machine: &ObjectRef,
+    specs: Vec<(String, String)>,
+    label: &str,
+) -> Result<Vec<Option<std::sync::Arc<dyn hw::core::chardev::CharBackend>>>, OptionError> {
     let mut hds = Vec::new();
     for (spec, location) in specs {
         let backend = qom::error_report::with_location(&location, || {
@@ -1014,9 +1060,9 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
             .as_ref()
             .and_then(|b| b.filename().strip_prefix("pty:").map(str::to_string))
         {
-            // QEMU labels the chardev of the n-th -serial serialN.
+            // QEMU labels the chardev of the n-th -serial serialN (-parallel: parallelN).
             qom::error_report!(
-                "char device redirected to {path} (label serial{})",
+                "char device redirected to {path} (label {label}{})",
                 hds.len()
             );
         }
@@ -1026,17 +1072,14 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
                 "cannot use stdio with -daemonize",
             ));
         }
-        // QEMU's serial_parse names the chardev it makes serialN (query-chardev lists it);
-        // `chardev:ID` uses an existing one.
-        // Either way the serial port below is its frontend.
         if let Some(id) = spec.strip_prefix("chardev:") {
             hw::core::chardev::chardev_claim(id)
                 .map_err(|e| OptionError::new(location.clone(), e))?;
         } else if let Some(b) = &backend {
-            let label = format!("serial{}", hds.len());
-            hw::core::chardev::chardev_add(&label, b.clone())
+            let id = format!("{label}{}", hds.len());
+            hw::core::chardev::chardev_add(&id, b.clone())
                 .map_err(|e| OptionError::new(location.clone(), e))?;
-            let _ = hw::core::chardev::chardev_claim(&label);
+            let _ = hw::core::chardev::chardev_claim(&id);
         }
         let backend = match backend {
             Some(b) if opts.nographic && b.driver() == "stdio" => {
@@ -1048,10 +1091,7 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
         };
         hds.push(backend);
     }
-    machine_state(machine)
-        .expect("machines have a MachineState")
-        .set_serial_hds(hds);
-    Ok(())
+    Ok(hds)
 }
 
 /// QEMU's `configure_accelerators`: tries each accelerator of the list in order; the first

@@ -682,6 +682,40 @@ fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
     assert_eq!(listed_state(&dom.name), None);
 }
 
+/// A `<parallel type='file'>` as libvirt writes it (`-chardev file,id=charparallel0,...
+/// -device isa-parallel,chardev=charparallel0,id=parallel0`): the domain starts with the
+/// port at LPT1, in the device tree under libvirt's id.
+#[test]
+fn a_parallel_port_into_a_file_starts_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("lpt");
+    let (kernel, _) = dom.kernel_and_disk(0);
+    let serial = dom.serial_xml();
+    let extra = format!(
+        "<parallel type='file'><source path='{}'/><target port='0'/></parallel>\
+         <memballoon model='none'/>",
+        dom.dir.join("lpt1.out").display()
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", dom.name)).unwrap();
+    assert!(
+        log.contains("isa-parallel,chardev=charparallel0,id=parallel0"),
+        "{log}"
+    );
+    let qtree = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info qtree"]);
+    assert!(
+        qtree.contains("dev: isa-parallel, id \"parallel0\""),
+        "{qtree}"
+    );
+    assert!(qtree.contains("iobase = 888 (0x378)"), "{qtree}");
+    virsh_ok(&["destroy", &dom.name]);
+}
+
 /// USB as libvirt gives a pc domain by default and OpenStack asks for a console's pointer:
 /// the default controller (`piix3-uhci`: `-device piix3-usb-uhci,id=usb,bus=pci.0,
 /// addr=0x1.0x2`) with a tablet and a keyboard on its ports (`-device usb-tablet,

@@ -249,6 +249,7 @@ pub struct MachineState {
     accel: Mutex<Option<ObjectRef>>,
     cpus: Mutex<Vec<ObjectRef>>,
     serial_hds: Mutex<Vec<Option<Arc<dyn CharBackend>>>>,
+    parallel_hds: Mutex<Vec<Option<Arc<dyn CharBackend>>>>,
     /// The display device the board creates (QEMU's `vga_interface_type`, from `-vga` or
     /// the machine's default display): a device type name, or none.
     vga_interface: Mutex<Option<&'static str>>,
@@ -529,6 +530,15 @@ impl MachineState {
     /// Sets the `-serial` backends, before board init.
     pub fn set_serial_hds(&self, hds: Vec<Option<Arc<dyn CharBackend>>>) {
         *self.serial_hds.lock() = hds;
+    }
+    /// The backends of `-parallel` (QEMU's `parallel_hds`): entry `i` is LPT`i+1`, `None`
+    /// for `-parallel none`.
+    pub fn parallel_hds(&self) -> Vec<Option<Arc<dyn CharBackend>>> {
+        self.parallel_hds.lock().clone()
+    }
+    /// Sets the `-parallel` backends, before board init.
+    pub fn set_parallel_hds(&self, hds: Vec<Option<Arc<dyn CharBackend>>>) {
+        *self.parallel_hds.lock() = hds;
     }
     /// The run-request mailbox.
     pub fn run_state(&self) -> &RunState {

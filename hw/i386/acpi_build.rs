@@ -116,6 +116,8 @@ pub struct AcpiConfig {
     pub rtc: Option<(u16, u8)>,
     /// The ISA serial ports' first ports and ISA IRQs, by COM index (0 = COM1).
     pub serial_ports: Vec<Option<(u16, u8)>>,
+    /// The ISA parallel ports' first ports and ISA IRQs, by LPT index (0 = LPT1).
+    pub parallel_ports: Vec<Option<(u16, u8)>>,
     /// The GPE0 block's port and length, if the PM device has one.
     pub gpe0_blk: Option<(u16, u8)>,
     /// ACPI PCI hotplug of the root bus (`acpi-root-pci-hotplug`): the register block's
@@ -384,7 +386,19 @@ fn build_rtc(base: u16, irq: u8) -> Vec<u8> {
 /// `\_SB.COMn` (`PNP0501`, `_UID` n) for each ISA serial port (QEMU's
 /// `serial_isa_build_aml`): how OSes that do not probe legacy ports (Windows) find them.
 fn build_serial_ports(ports: &[Option<(u16, u8)>]) -> Vec<u8> {
-    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
+    build_isa_ports(ports, "PNP0501", "COM", 0)
+}
+
+/// `\_SB.LPTn` (`PNP0400`, `_UID` n) for each ISA parallel port (QEMU's
+/// `parallel_isa_build_aml`).
+fn build_parallel_ports(ports: &[Option<(u16, u8)>]) -> Vec<u8> {
+    build_isa_ports(ports, "PNP0400", "LPT", 8)
+}
+
+/// A device `\_SB.{prefix}n` of `hid` (`_UID` n, present) for each of eight-port ISA
+/// `ports` (index n - 1): its ports (aligned to `align`) and IRQ.
+fn build_isa_ports(ports: &[Option<(u16, u8)>], hid: &str, prefix: &str, align: u8) -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &EISAName::new(hid));
     let sta = Name::new(Path::new("_STA"), &0x0fu8);
     let mut out = Vec::new();
     for (index, (base, irq)) in ports
@@ -394,10 +408,10 @@ fn build_serial_ports(ports: &[Option<(u16, u8)>]) -> Vec<u8> {
     {
         let number = index as u8 + 1;
         let uid = Name::new(Path::new("_UID"), &number);
-        let io = IO::new(base, base, 0, 8);
+        let io = IO::new(base, base, align, 8);
         let irq = IrqNoFlags(irq);
         let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&io, &irq]));
-        let name = format!("COM{number}");
+        let name = format!("{prefix}{number}");
         let dev = Device::new(Path::new(&name), vec![&hid, &uid, &sta, &crs]);
         out.extend(aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&dev])));
     }
@@ -515,6 +529,7 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         dsdt.append_slice(&build_rtc(base, irq));
     }
     dsdt.append_slice(&build_serial_ports(&cfg.serial_ports));
+    dsdt.append_slice(&build_parallel_ports(&cfg.parallel_ports));
     if let Some((base, _)) = cfg.hpet {
         dsdt.append_slice(&build_hpet_device(base));
     }
@@ -805,6 +820,7 @@ mod tests {
             i8042: true,
             rtc: Some((0x70, 8)),
             serial_ports: vec![Some((0x3f8, 4)), None, Some((0x3e8, 4))],
+            parallel_ports: vec![Some((0x378, 7))],
             gpe0_blk: Some((0xafe0, 4)),
             pci_hotplug: Some((0xae00, !0b111)),
             hpet: Some((0xfed0_0000, 0x8086_a201)),

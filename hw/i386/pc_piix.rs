@@ -739,6 +739,7 @@ impl PcI440fxMachine {
                 .find_map(Typed::<crate::rtc::mc146818rtc::Mc146818Rtc>::new)
                 .map(|rtc| rtc.resources()),
             serial_ports: self.isa_serial_ports(),
+            parallel_ports: self.isa_parallel_ports(),
             gpe0_blk: pm.is_some().then_some((
                 crate::acpi::piix4::GPE0_BASE,
                 crate::acpi::piix4::GPE0_LEN,
@@ -791,6 +792,23 @@ impl PcI440fxMachine {
             .isa_devices()
             .into_iter()
             .filter_map(|d| Typed::<crate::char::serial::IsaSerial>::new(d)?.com_port())
+        {
+            let index = index as usize;
+            if ports.len() <= index {
+                ports.resize(index + 1, None);
+            }
+            ports[index] = Some((base, irq));
+        }
+        ports
+    }
+
+    /// The realized `isa-parallel` ports' first ports and IRQs, by LPT index.
+    fn isa_parallel_ports(&self) -> Vec<Option<(u16, u8)>> {
+        let mut ports = Vec::new();
+        for (index, base, irq) in self
+            .isa_devices()
+            .into_iter()
+            .filter_map(|d| Typed::<crate::char::parallel::IsaParallel>::new(d)?.lpt_port())
         {
             let index = index as usize;
             if ports.len() <= index {
@@ -921,6 +939,12 @@ impl PcI440fxMachine {
         for (index, backend) in self.serial_hds().into_iter().enumerate() {
             if let Some(backend) = backend {
                 crate::char::serial::serial_isa_init(&isa_bus, index as u32, Some(backend))?;
+            }
+        }
+        // pc_superio_init: a parallel port for each -parallel.
+        for (index, backend) in self.parallel_hds().into_iter().enumerate() {
+            if let Some(backend) = backend {
+                crate::char::parallel::parallel_isa_init(&isa_bus, index as u32, backend)?;
             }
         }
 
