@@ -87,6 +87,11 @@ Block devices:
                      open a disk image as a block node
 -no-reboot           exit instead of rebooting
 -no-shutdown         stop before shutdown
+-action reboot=reset|shutdown,shutdown=poweroff|pause,panic=pause|shutdown|exit-failure|none,
+        watchdog=reset|shutdown|poweroff|pause|debug|none|inject-nmi
+                     what resets, shutdowns, panics and expired watchdogs do
+-watchdog-action reset|shutdown|poweroff|pause|debug|none|inject-nmi
+                     action when the watchdog fires (-action watchdog=)
 -rtc [base=utc][,clock=host][,driftfix=none|slew]
                      the RTC runs on the host's UTC clock; driftfix=slew re-injects
                      the periodic ticks a guest missed (libvirt's catchup)

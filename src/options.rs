@@ -48,6 +48,10 @@ impl Located {
         match self.option {
             // A flag that stands for a machine option (its value is that option).
             "no-hpet" => "-no-hpet".to_string(),
+            "watchdog-action" => format!(
+                "-watchdog-action {}",
+                self.value.strip_prefix("watchdog=").unwrap_or(&self.value)
+            ),
             _ => format!("-{} {}", self.option, self.value),
         }
     }
@@ -196,6 +200,7 @@ const OPTIONS: &[(&str, Arity)] = &[
     ("nographic", Arity::Flag),
     ("no-reboot", Arity::Flag),
     ("no-shutdown", Arity::Flag),
+    ("watchdog-action", Arity::Value),
     ("action", Arity::Value),
     ("nodefaults", Arity::Flag),
     ("name", Arity::Value),
@@ -448,6 +453,11 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
                 });
             }
             "action" => opts.actions.push(located),
+            // QEMU's -watchdog-action is `-action watchdog=`.
+            "watchdog-action" => opts.actions.push(Located {
+                option: "watchdog-action",
+                value: format!("watchdog={}", located.value),
+            }),
             "nodefaults" => opts.nodefaults = true,
             "name" => opts.name = Some(located),
             "qmp" => opts.qmp.push(located),

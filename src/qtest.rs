@@ -17,8 +17,8 @@
 //! IOAPIC's inputs under KVM), so `ioapic` (or any path to the board's IOAPIC or the
 //! machine) intercepts GSI levels, numbered as GSIs.
 //!
-//! Where qomvm differs, the reply says so in one `FAIL` line: it has no virtual clock (its
-//! timers follow the host's), so `clock_step`/`clock_set` fail; only the interrupt
+//! Where qomvm differs, the reply says so in one `FAIL` line: its virtual clock runs in
+//! host time while the VM runs (QEMU's qtest steps it), so `clock_step`/`clock_set` fail; only the interrupt
 //! controller's inputs can be intercepted. Malformed requests, which QEMU's server
 //! asserts on, get `FAIL` too: the protocol's input cannot end qomvm.
 //!
@@ -307,7 +307,7 @@ impl Server {
                 Ok("OK\n".into())
             }
             "clock_step" | "clock_set" => Err(format!(
-                "{}: qomvm has no virtual clock: its timers follow the host's",
+                "{}: qomvm's virtual clock runs in host time and cannot be stepped",
                 words[0]
             )),
             other => Err(format!("Unknown command '{other}'")),

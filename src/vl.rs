@@ -464,7 +464,11 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
     }
     crate::audio::audio_init_audiodevs(&audiodevs).map_err(|(i, e)| opts.audiodev[i].error(e))?;
     vm_uuid(opts)?;
-    if opts.daemonize && opts.nographic && !opts.nodefaults && opts.serial.is_empty() {
+    // As QEMU: the default serial or parallel port would go to the terminal.
+    let default_serial = opts.serial.is_empty() && !device_given(opts, &["isa-serial"]);
+    let default_parallel = opts.parallel.is_empty() && !device_given(opts, &["isa-parallel"]);
+    if opts.daemonize && opts.nographic && !opts.nodefaults && (default_serial || default_parallel)
+    {
         return Err(OptionError::new("", HostOptionError::NographicDaemon));
     }
     Ok(())
@@ -783,6 +787,18 @@ const VGA_DEVICE_DRIVERS: &[&str] = &[
     "vhost-user-vga",
 ];
 
+/// Whether a `-device` (key=value or JSON) names one of `drivers`: QEMU's `default_list`,
+/// whose devices take the place of the default one.
+fn device_given(opts: &Options, drivers: &[&str]) -> bool {
+    opts.devices.iter().any(|d| {
+        crate::options::split_opts_or_json(&d.value, "driver")
+            .ok()
+            .and_then(|items| items.into_iter().next())
+            .and_then(|(_, v)| v)
+            .is_some_and(|driver| drivers.contains(&driver.as_str()))
+    })
+}
+
 /// QEMU's `select_vgahw` with its defaults: `-vga TYPE` (the last one), else the
 /// machine's default display unless `-nodefaults` or a display `-device` (QEMU 7.2 keeps
 /// it under `-nographic` and `-display none`). Sets the device the board creates.
@@ -792,13 +808,7 @@ fn select_vgahw(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> 
     let chosen = match &opts.vga {
         Some(located) => Some(located.value.as_str()),
         None => {
-            let display_device = opts.devices.iter().any(|d| {
-                crate::options::split_opts_or_json(&d.value, "driver")
-                    .ok()
-                    .and_then(|items| items.into_iter().next())
-                    .and_then(|(_, v)| v)
-                    .is_some_and(|driver| VGA_DEVICE_DRIVERS.contains(&driver.as_str()))
-            });
+            let display_device = device_given(opts, VGA_DEVICE_DRIVERS);
             (!opts.nodefaults && !display_device)
                 .then_some(default_display)
                 .flatten()
@@ -991,7 +1001,8 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
             .chain(&opts.monitor)
             .chain(&opts.qtest)
             .any(|l| l.value == "stdio" || l.value.starts_with("stdio,"));
-        if opts.nodefaults || opts.daemonize || stdio_taken {
+        // An `isa-serial` -device takes the default's place, as in QEMU.
+        if opts.nodefaults || opts.daemonize || stdio_taken || device_given(opts, &["isa-serial"]) {
             Vec::new()
         } else {
             vec![("stdio".to_string(), String::new())]
@@ -1014,17 +1025,22 @@ fn configure_serial(opts: &Options, machine: &ObjectRef) -> Result<(), OptionErr
 
 /// QEMU's `parallel_parse` for each `-parallel`, with its default: without `-parallel`,
 /// LPT1 on a null chardev (QEMU's is a graphical console, which shows nothing here either)
-/// unless `-nodefaults`.
+/// on machines that have parallel ports, unless `-nodefaults` or an `isa-parallel`
+/// `-device`.
 fn configure_parallel(opts: &Options, machine: &ObjectRef) -> Result<(), OptionError> {
+    let has_parallel = machine_class(machine.class()).is_some_and(|mc| mc.has_parallel);
     let specs: Vec<(String, String)> = if opts.parallel.is_empty() {
-        if opts.nodefaults {
+        // An `isa-parallel` -device takes the default's place, as in QEMU.
+        if opts.nodefaults || !has_parallel || device_given(opts, &["isa-parallel"]) {
             Vec::new()
         } else {
             vec![("null".to_string(), String::new())]
         }
     } else {
+        // QEMU's parallel_parse: `none` takes no LPT index.
         opts.parallel
             .iter()
+            .filter(|p| p.value != "none")
             .map(|p| (p.value.clone(), p.location()))
             .collect()
     };

@@ -498,6 +498,9 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "pci-testdev",
             "-device",
             "scratch",
+            // The watchdog resets the machine when random writes arm and starve it.
+            "-device",
+            "i6300esb",
             // USB: the PIIX3's UHCI at 01.2 with a stick on port 1 and a hub on port 2
             // (a tablet and a keyboard behind it, reached when random control transfers
             // happen to enable the hub's ports).

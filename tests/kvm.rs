@@ -512,3 +512,41 @@ fn kvmclock_stands_still_while_the_vm_is_stopped() {
     );
     ms.accel_ops().unwrap().shutdown();
 }
+
+/// A loaded kvmclock is where guest time goes on from when the VM starts (QEMU's kvmclock
+/// keeps it until then), and a migration's final stop leaves the clock running, so its
+/// downtime counts.
+#[test]
+fn a_loaded_kvmclock_waits_for_the_start_and_a_migration_stop_keeps_it_running() {
+    require_kvm!();
+    use hw::core::runstate::{vm_start, vm_stop, RunStatus};
+    let source = vm::pc_machine("kvm", 64 << 20);
+    let src = machine_state(&source).unwrap();
+    vm_start(src).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    vm_stop(src, RunStatus::FinishMigrate).unwrap();
+    let first = kvmclock_ns(src);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let saved = src.accel_ops().unwrap().save_vm_state().unwrap();
+    let at_save: u64 = saved.get("clock").unwrap();
+    assert!(
+        at_save >= first + 100_000_000,
+        "the migration stop froze it: {first} {at_save}"
+    );
+    src.accel_ops().unwrap().shutdown();
+
+    let target = vm::pc_machine("kvm", 64 << 20);
+    let dst = machine_state(&target).unwrap();
+    dst.accel_ops().unwrap().load_vm_state(&saved).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(kvmclock_ns(dst), at_save, "not started: the loaded time");
+    vm_start(dst).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    vm_stop(dst, RunStatus::Paused).unwrap();
+    let ran = kvmclock_ns(dst) - at_save;
+    assert!(
+        (20_000_000..300_000_000).contains(&ran),
+        "{ran} ns: the 300 ms before the start counted"
+    );
+    dst.accel_ops().unwrap().shutdown();
+}

@@ -716,6 +716,33 @@ fn a_parallel_port_into_a_file_starts_under_libvirt() {
     virsh_ok(&["destroy", &dom.name]);
 }
 
+/// `<watchdog model='i6300esb' action='pause'/>` (OpenStack's `hw:watchdog_action`):
+/// libvirt adds `-device i6300esb` and sets the action, `virsh qemu-monitor-command`
+/// shows the device, and `set-action` is what libvirt reaches it through.
+#[test]
+fn an_i6300esb_watchdog_starts_under_libvirt_with_its_action() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("wdt");
+    let (kernel, _) = dom.kernel_and_disk(0);
+    let serial = dom.serial_xml();
+    let extra = "<watchdog model='i6300esb' action='pause'/><memballoon model='none'/>";
+    let xml = dom.xml_with_devices(&kernel, &serial, extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", dom.name)).unwrap();
+    assert!(log.contains("-device i6300esb,id=watchdog0"), "{log}");
+    assert!(
+        log.contains("watchdog=pause") || log.contains("-watchdog-action pause"),
+        "{log}"
+    );
+    let pci = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info pci"]);
+    assert!(pci.contains("PCI device 8086:25ab"), "{pci}");
+    virsh_ok(&["destroy", &dom.name]);
+}
+
 /// USB as libvirt gives a pc domain by default and OpenStack asks for a console's pointer:
 /// the default controller (`piix3-uhci`: `-device piix3-usb-uhci,id=usb,bus=pci.0,
 /// addr=0x1.0x2`) with a tablet and a keyboard on its ports (`-device usb-tablet,

@@ -88,6 +88,40 @@ fn printed_bytes_reach_the_chardev_and_the_interrupt_follows_the_strobe() {
 }
 
 #[test]
+fn a_device_or_parallel_none_takes_the_defaults_place() {
+    // An isa-parallel -device replaces the default LPT1, as in QEMU.
+    let mut file = std::path::PathBuf::new();
+    let mut q = start("lpt-replace", |dir| {
+        file = dir.join("lpt.out");
+        vec![
+            "-chardev".into(),
+            format!("file,id=c,path={}", file.display()),
+            "-device".into(),
+            "isa-parallel,chardev=c".into(),
+        ]
+    });
+    print(&mut q, 0x378, b"x");
+    assert_eq!(inb(&mut q, 0x279), 0xff, "no second port");
+    // Ports are bytes: a dword reads all ones and leaves the handshake alone.
+    let status = inb(&mut q, 0x379);
+    assert_eq!(q.value("inl 0x378".into()), 0xffff_ffff);
+    assert_eq!(inb(&mut q, 0x379), status);
+    drop(q);
+    // `-parallel none` takes no LPT index: the next one is LPT1.
+    let mut q = start("lpt-none", |dir| {
+        vec![
+            "-parallel".into(),
+            "none".into(),
+            "-parallel".into(),
+            format!("file:{}", dir.join("p.out").display()),
+        ]
+    });
+    assert_eq!(inb(&mut q, 0x379), 0xd9);
+    assert_eq!(inb(&mut q, 0x279), 0xff);
+    q.check_alive();
+}
+
+#[test]
 fn device_ports_take_the_next_index_and_a_chardev() {
     let mut files = Vec::new();
     let mut q = start("lpt-device", |dir| {

@@ -6,7 +6,7 @@
 //! slots, `PCEJ`, `PCNT` and `\_GPE._E01`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use test_support::fuzz_qtest::Qtest;
@@ -64,20 +64,11 @@ fn error_text(reply: &Value) -> String {
         .to_string()
 }
 
-/// Waits for event `name` (polling with `query-status`), returns its `data`.
+/// Waits for event `name`, returns its `data`.
 fn wait_event(qmp: &mut QmpClient, name: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(i) = qmp.events.iter().position(|e| e["event"] == name) {
-            return qmp.events.remove(i)["data"].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {name} event; events: {:?}",
-            qmp.events
-        );
-        qmp.execute("query-status", json!({}));
-        std::thread::sleep(Duration::from_millis(10));
+    match qmp.wait_event(name, Duration::from_secs(10)) {
+        Some(event) => event["data"].clone(),
+        None => panic!("no {name} event; events: {:?}", qmp.events),
     }
 }
 

@@ -158,7 +158,7 @@ fn what_qomvm_lacks_or_cannot_parse_fails_in_one_line() {
         ("write 0x1000 4 0", "ERR invalid argument size"),
         (
             "clock_step",
-            "FAIL clock_step: qomvm has no virtual clock: its timers follow the host's",
+            "FAIL clock_step: qomvm's virtual clock runs in host time and cannot be stepped",
         ),
         (
             "read 0 0x40000000",

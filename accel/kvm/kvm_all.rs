@@ -541,6 +541,33 @@ impl AccelOps for KvmVm {
         self.vcpus.stop();
     }
 
+    fn inject_nmi(&self) -> Result<(), AccelIrqError> {
+        const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+        let mut index = 0;
+        while self.vcpus.has_thread(index) {
+            let done = self
+                .vcpus
+                .run_on_cpu(index, TIMEOUT, |vcpu| vcpu.nmi().map_err(|e| e.errno()));
+            match done {
+                Some(Ok(())) => {}
+                Some(Err(errno)) => {
+                    return Err(AccelIrqError::Failed {
+                        what: "KVM_NMI",
+                        reason: errno_text(errno),
+                    })
+                }
+                None => {
+                    return Err(AccelIrqError::Failed {
+                        what: "KVM_NMI",
+                        reason: format!("CPU {index} did not answer within {TIMEOUT:?}"),
+                    })
+                }
+            }
+            index += 1;
+        }
+        Ok(())
+    }
+
     fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {
         const TIMEOUT_MS: u64 = 2000;
         if !self.vcpus.has_thread(index) {
@@ -686,8 +713,9 @@ impl AccelOps for KvmVm {
     fn load_vm_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
         self.irqchip()
             .map_err(|e| VmStateError::Host(e.to_string()))?;
-        // The loaded clock is where the VM goes on from.
-        *self.stopped_clock.lock() = None;
+        // The loaded clock is where the VM goes on from when it runs (QEMU's kvmclock keeps
+        // it until then): time before that start does not count.
+        *self.stopped_clock.lock() = Some(state.get("clock")?);
         crate::kvm::kvm_state::load_vm_state(&self.vm, self.has_pit.load(Ordering::Relaxed), state)
     }
 
@@ -791,9 +819,9 @@ impl AccelImpl for KvmAccel {
             .map_err(|e| AccelError::Other(Box::new(e)))?;
         machine.services().vm().add_change_handler(
             0,
-            Arc::new(move |running, _| {
+            Arc::new(move |running, status| {
                 if let Some(vm) = weak.upgrade() {
-                    vm.kvmclock_follow_run_state(running);
+                    vm.kvmclock_follow_run_state(running, status);
                 }
             }),
         );
@@ -803,8 +831,13 @@ impl AccelImpl for KvmAccel {
 
 impl KvmVm {
     /// QEMU's `kvmclock_vm_state_change`: the clock is read when the VM stops and set
-    /// back when it runs again.
-    fn kvmclock_follow_run_state(&self, running: bool) {
+    /// back when it runs again. A migration's final stop keeps the clock running: the
+    /// stream takes it as it is when saved, so the downtime counts (QEMU's
+    /// `kvmclock_pre_save` reads it again unless the VM was paused).
+    fn kvmclock_follow_run_state(&self, running: bool, status: hw::core::runstate::RunStatus) {
+        if !running && status == hw::core::runstate::RunStatus::FinishMigrate {
+            return;
+        }
         let mut stopped = self.stopped_clock.lock();
         if running {
             if let Some(clock) = stopped.take() {

@@ -151,9 +151,14 @@ impl ParallelPort {
     }
 }
 
+/// Byte ports: QEMU splits a 16-bit access into two; wider ones are invalid (all ones,
+/// writes dropped) and touch no register.
 impl MemoryRegionOps for ParallelPort {
     fn read(&self, offset: u64, size: u32) -> u64 {
-        (0..u64::from(size.min(8))).fold(0, |value, i| {
+        if size > 2 {
+            return u64::MAX >> (64 - 8 * size.min(8));
+        }
+        (0..u64::from(size)).fold(0, |value, i| {
             let byte = if offset + i < REGION_SIZE {
                 self.read_reg(offset + i)
             } else {
@@ -164,7 +169,10 @@ impl MemoryRegionOps for ParallelPort {
     }
 
     fn write(&self, offset: u64, value: u64, size: u32) {
-        for i in 0..u64::from(size.min(8)) {
+        if size > 2 {
+            return;
+        }
+        for i in 0..u64::from(size) {
             if offset + i < REGION_SIZE {
                 self.write_reg(offset + i, (value >> (8 * i)) as u8);
             }

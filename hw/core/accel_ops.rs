@@ -143,6 +143,11 @@ pub trait AccelOps: Send + Sync {
     fn set_pit_hpet_legacy(&self, _legacy: bool) -> Result<(), Error> {
         Ok(())
     }
+    /// Sends every CPU an NMI (QEMU's `nmi_monitor_handle` on x86: `KVM_NMI` on each
+    /// vCPU), for the monitor's `inject-nmi` and `watchdog=inject-nmi`.
+    fn inject_nmi(&self) -> Result<(), AccelIrqError> {
+        Err(self.irq_unsupported("NMI injection"))
+    }
     /// Lets every vCPU run (QEMU's `vm_start` -> `resume_all_vcpus`).
     fn vm_start(&self);
     /// Stops every vCPU outside guest mode and waits until they are (QEMU's

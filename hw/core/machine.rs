@@ -72,6 +72,9 @@ pub struct MachineClass {
     /// machine gets on user networking when no network option or `-nodefaults` is given
     /// (QEMU's `default_nic`: `e1000` on `pc`); `None`: no default network.
     pub default_nic: Option<&'static str>,
+    /// Whether the machine gets QEMU's default parallel port (LPT1; QEMU's
+    /// `no_parallel` clear).
+    pub has_parallel: bool,
     /// Device defaults an older machine version undoes (QEMU's `compat_props`), applied
     /// to every new device ahead of `-global`, in order (a later entry wins).
     pub compat_props: Vec<crate::core::machine_compat::CompatProp>,
@@ -109,6 +112,8 @@ pub trait MachineImpl: ObjectType {
     const HAS_USB: bool = false;
     /// See [`MachineClass::default_nic`].
     const DEFAULT_NIC: Option<&'static str> = None;
+    /// [`MachineClass::has_parallel`].
+    const HAS_PARALLEL: bool = false;
 
     /// Builds the board (QEMU's `MachineClass::init`, `pc_init1` for `pc`).
     fn init(&self) -> Result<(), MachineError> {
@@ -174,6 +179,7 @@ impl<T: MachineImpl> ClassInitFor<T> for MachineState {
             smp_dies_supported: T::SMP_DIES_SUPPORTED,
             has_usb: T::HAS_USB,
             default_nic: T::DEFAULT_NIC,
+            has_parallel: T::HAS_PARALLEL,
             compat_props: Vec::new(),
             deprecation_reason: None,
             machine: Some(as_machine::<T>),
@@ -578,6 +584,7 @@ fn machine_base_class_init(class: &mut ObjectClass) {
         smp_dies_supported: false,
         has_usb: false,
         default_nic: None,
+        has_parallel: false,
         compat_props: Vec::new(),
         deprecation_reason: None,
         machine: None,

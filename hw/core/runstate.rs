@@ -57,6 +57,9 @@ pub enum RunRequest {
     Suspend,
     /// A wake-up was accepted while suspended ([`qemu_system_wakeup_request`]).
     Wakeup,
+    /// A watchdog expired under `watchdog=pause` (QEMU's `qemu_system_vmstop_request`
+    /// with `RUN_STATE_WATCHDOG`): the main loop stops the VM.
+    WatchdogPause,
 }
 
 impl RunRequest {
@@ -69,7 +72,7 @@ impl RunRequest {
             | RunRequest::HostQuit
             | RunRequest::HostSignal
             | RunRequest::GuestShutdown => 0,
-            RunRequest::GuestPanic => 1,
+            RunRequest::GuestPanic | RunRequest::WatchdogPause => 1,
             RunRequest::GuestReset | RunRequest::HostReset => 2,
             RunRequest::Suspend => 3,
             RunRequest::Wakeup => 4,
@@ -174,6 +177,8 @@ pub enum RunStatus {
     FinishMigrate,
     /// A migration's source after it completed (the guest now runs elsewhere).
     PostMigrate,
+    /// Stopped by an expired watchdog (`watchdog=pause`); `cont` resumes it.
+    Watchdog,
 }
 
 impl RunStatus {
@@ -190,6 +195,7 @@ impl RunStatus {
             RunStatus::InMigrate => "inmigrate",
             RunStatus::FinishMigrate => "finish-migrate",
             RunStatus::PostMigrate => "postmigrate",
+            RunStatus::Watchdog => "watchdog",
         }
     }
 
@@ -264,6 +270,8 @@ pub enum VmEvent {
     Wakeup,
     /// The guest reported a panic (`GUEST_PANICKED`), and what is done about it.
     GuestPanicked(GuestPanicAction),
+    /// A watchdog expired (`WATCHDOG`), and the action taken.
+    Watchdog(WatchdogAction),
 }
 
 /// QAPI's `GuestPanicAction`: what `GUEST_PANICKED` says happens next.
@@ -385,8 +393,7 @@ action_enum! {
 }
 
 action_enum! {
-    /// QAPI's `WatchdogAction`: what an expired watchdog does (stored for `set-action`;
-    /// qomvm has no watchdog device yet).
+    /// QAPI's `WatchdogAction`: what an expired watchdog does ([`watchdog_perform_action`]).
     WatchdogAction {
         /// Reset the machine.
         Reset = "reset",
@@ -926,6 +933,42 @@ pub fn qemu_system_guest_panicked(vm: &impl AsRef<VmState>) -> bool {
     action == GuestPanicAction::Poweroff
 }
 
+/// QEMU's `watchdog_perform_action`, for a watchdog device whose timer expired: reports
+/// `WATCHDOG` with the action, then resets (as the guest would), presses the power button,
+/// exits at once with status 0 (`poweroff`, QEMU's `exit(0)`: no `SHUTDOWN`), stops the VM
+/// (status `watchdog`), prints "watchdog: timer fired" (`debug`), or sends every CPU an
+/// NMI. Safe on the main loop's thread: what waits for the vCPUs goes through the run
+/// requests.
+pub fn watchdog_perform_action(vm: &impl AsRef<VmState>) {
+    let vm = vm.as_ref();
+    let action = vm.actions().watchdog;
+    {
+        let _transition = vm.status.lock();
+        vm.emit(VmEvent::Watchdog(action));
+    }
+    match action {
+        WatchdogAction::Reset => vm.request(RunRequest::GuestReset),
+        WatchdogAction::Shutdown => {
+            if let Err(e) = qemu_system_powerdown(vm) {
+                log::warn!("watchdog: cannot press the power button: {e}");
+            }
+        }
+        WatchdogAction::Poweroff => vm.request(RunRequest::DebugExit(0)),
+        WatchdogAction::Pause => vm.request(RunRequest::WatchdogPause),
+        // QEMU writes it to stderr as it is, without its program prefix.
+        WatchdogAction::Debug => eprintln!("watchdog: timer fired"),
+        WatchdogAction::None => {}
+        WatchdogAction::InjectNmi => match vm.accel_ops() {
+            Some(ops) => {
+                if let Err(e) = ops.inject_nmi() {
+                    log::warn!("watchdog: {e}");
+                }
+            }
+            None => log::warn!("watchdog: no accelerator to inject an NMI"),
+        },
+    }
+}
+
 /// Reports `SHUTDOWN` with `cause` (the main loop does, as the run ends). The event also
 /// goes to the log (target `runstate`, level info, with QMP's `reason` and `guest`), where a
 /// test without a QMP client tells a guest power-off from a reset under `-no-reboot`, which
@@ -999,6 +1042,11 @@ pub fn main_loop_should_exit(vm: &impl AsRef<VmState>, request: RunRequest) -> O
         }
         RunRequest::Wakeup => {
             qemu_system_wakeup(ms);
+            return None;
+        }
+        RunRequest::WatchdogPause => {
+            // Fails only without an accelerator, and then nothing runs.
+            let _ = vm_stop(ms, RunStatus::Watchdog);
             return None;
         }
         RunRequest::GuestReset => ShutdownCause::GuestReset,

@@ -144,6 +144,106 @@ impl VmClock {
     }
 }
 
+/// QEMU's `QEMUTimer` on `QEMU_CLOCK_VIRTUAL`: a deadline in the machine clock's
+/// nanoseconds, kept on a host [`DeviceTimer`] while the VM runs and held while it is
+/// stopped. The device registers it on its loop ([`AsRawFd`]), asks [`take_due`] there,
+/// and passes its run-state changes on ([`run_state_changed`]).
+///
+/// [`take_due`]: VirtualTimer::take_due
+/// [`run_state_changed`]: VirtualTimer::run_state_changed
+#[derive(Debug)]
+pub struct VirtualTimer {
+    host: DeviceTimer,
+    clock: std::sync::Arc<VmClock>,
+    deadline: parking_lot::Mutex<Option<u64>>,
+}
+
+impl VirtualTimer {
+    /// A timer on `clock`, not armed.
+    pub fn new(clock: std::sync::Arc<VmClock>) -> io::Result<Self> {
+        Ok(VirtualTimer {
+            host: DeviceTimer::new()?,
+            clock,
+            deadline: parking_lot::Mutex::new(None),
+        })
+    }
+
+    /// The clock's nanoseconds now.
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// When it fires, if armed.
+    pub fn deadline(&self) -> Option<u64> {
+        *self.deadline.lock()
+    }
+
+    fn start_host(&self, deadline: u64) -> io::Result<()> {
+        self.host
+            .arm(Duration::from_nanos(deadline.saturating_sub(self.clock.now_ns())))
+    }
+
+    /// Fires at clock time `deadline` (at once if that has passed), replacing any earlier
+    /// deadline (QEMU's `timer_mod`).
+    pub fn arm_at(&self, deadline: u64) -> io::Result<()> {
+        let mut d = self.deadline.lock();
+        *d = Some(deadline);
+        if self.clock.is_running() {
+            self.start_host(deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Fires `ns` nanoseconds of VM time from now.
+    pub fn arm_after(&self, ns: u64) -> io::Result<()> {
+        self.arm_at(self.clock.now_ns().saturating_add(ns))
+    }
+
+    /// Disarms it (QEMU's `timer_del`).
+    pub fn cancel(&self) -> io::Result<()> {
+        *self.deadline.lock() = None;
+        self.host.disarm()
+    }
+
+    /// For the loop's handler: whether the deadline has come, which disarms the timer. A
+    /// host expiry that came early (the deadline moved, or the VM stopped meanwhile) is
+    /// consumed and the host timer set again.
+    pub fn take_due(&self) -> io::Result<bool> {
+        if !self.host.take_expired() {
+            return Ok(false);
+        }
+        let mut d = self.deadline.lock();
+        let Some(deadline) = *d else {
+            return Ok(false);
+        };
+        if !self.clock.is_running() {
+            return Ok(false);
+        }
+        if self.clock.now_ns() < deadline {
+            self.start_host(deadline)?;
+            return Ok(false);
+        }
+        *d = None;
+        Ok(true)
+    }
+
+    /// The VM stopped or runs again (its clock did, right before): the host timer
+    /// follows.
+    pub fn run_state_changed(&self, running: bool) -> io::Result<()> {
+        let d = self.deadline.lock();
+        match *d {
+            Some(deadline) if running => self.start_host(deadline),
+            _ => self.host.disarm(),
+        }
+    }
+}
+
+impl AsRawFd for VirtualTimer {
+    fn as_raw_fd(&self) -> RawFd {
+        self.host.as_raw_fd()
+    }
+}
+
 impl AsRawFd for DeviceTimer {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -166,6 +266,32 @@ mod tests {
         t.disarm().unwrap();
         std::thread::sleep(Duration::from_millis(20));
         assert!(!t.take_expired());
+    }
+
+    #[test]
+    fn a_virtual_timer_holds_its_deadline_while_the_vm_is_stopped() {
+        let clock = std::sync::Arc::new(VmClock::new(true));
+        let t = VirtualTimer::new(clock.clone()).unwrap();
+        t.arm_after(2_000_000).unwrap();
+        clock.set_running(false);
+        t.run_state_changed(false).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!t.take_due().unwrap(), "stopped: not due");
+        clock.set_running(true);
+        t.run_state_changed(true).unwrap();
+        let start = std::time::Instant::now();
+        while !t.take_due().unwrap() {
+            assert!(start.elapsed() < Duration::from_secs(5), "never due");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(t.deadline(), None);
+        // Moved later before the host timer fired: not due at the old time.
+        t.arm_after(1_000_000).unwrap();
+        t.arm_after(200_000_000).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!t.take_due().unwrap());
+        t.cancel().unwrap();
+        assert_eq!(t.deadline(), None);
     }
 
     #[test]

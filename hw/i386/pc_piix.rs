@@ -144,6 +144,7 @@ impl MachineImpl for PcI440fxMachine {
     const DEFAULT_DISPLAY: Option<&'static str> = Some("std");
     const BLOCK_DEFAULT_TYPE: &'static str = "ide";
     const DEFAULT_NIC: Option<&'static str> = Some(crate::net::e1000::TYPE_E1000);
+    const HAS_PARALLEL: bool = true;
     /// piix3-ide's `ide.0` and `ide.1`.
     const IDE_BUSES: u32 = 2;
     const HAS_USB: bool = true;

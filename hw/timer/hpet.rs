@@ -9,11 +9,10 @@
 //! which the board routes through the HPET, is held back until the mode ends.
 //!
 //! The counter follows the VM's clock ([`VmClock`]): it stands still while the VM is
-//! stopped, as QEMU's virtual clock does. Comparators fire from host timers on the main
+//! stopped, as QEMU's virtual clock does. Comparators fire from [`VirtualTimer`]s on the main
 //! loop; a periodic timer fires at most once a microsecond, as in QEMU.
 
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use qom::{type_init, Prop};
@@ -27,7 +26,7 @@ use crate::core::memory::{AddressSpace, MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
 use crate::core::runstate::ChangeHandlerId;
 use crate::core::services::MachineServices;
-use crate::core::timer::{DeviceTimer, VmClock};
+use crate::core::timer::{VirtualTimer, VmClock};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 
 /// QEMU's `TYPE_HPET`.
@@ -122,10 +121,8 @@ struct Timer {
     cmp64: u64,
     /// A 32-bit one-shot timer is armed for the counter's wrap, then for its match.
     wrap: bool,
-    /// When it was last armed, clock nanoseconds (the periodic clamp).
+    /// When it was last armed for, clock nanoseconds (the periodic clamp).
     last_ns: u64,
-    /// When it fires next, clock nanoseconds; `None` while not armed.
-    deadline: Option<u64>,
 }
 
 impl Timer {
@@ -211,7 +208,8 @@ struct HpetCore {
     msi: bool,
     /// The machine's virtual clock.
     clock: Arc<VmClock>,
-    timers: Vec<DeviceTimer>,
+    /// Each comparator's timer on that clock.
+    timers: Vec<VirtualTimer>,
     /// GSIs 0-23.
     gsi: Vec<IrqLine>,
     accel: Arc<OnceLock<AccelOpsRef>>,
@@ -318,21 +316,13 @@ impl HpetCore {
             ns = t.last_ns.wrapping_add(MIN_PERIOD_NS);
         }
         t.last_ns = ns;
-        t.deadline = Some(ns);
-        if self.clock.is_running() {
-            self.start_host_timer(n, ns);
-        }
-    }
-
-    fn start_host_timer(&self, n: usize, deadline: u64) {
-        let wait = Duration::from_nanos(deadline.saturating_sub(self.clock.now_ns()));
-        if let Err(e) = self.timers[n].arm(wait) {
+        if let Err(e) = self.timers[n].arm_at(ns) {
             self.log.warn(|| format!("hpet: cannot arm timer {n}: {e}"));
         }
     }
 
-    fn stop_host_timer(&self, n: usize) {
-        if let Err(e) = self.timers[n].disarm() {
+    fn cancel(&self, n: usize) {
+        if let Err(e) = self.timers[n].cancel() {
             self.log.warn(|| format!("hpet: cannot disarm timer {n}: {e}"));
         }
     }
@@ -356,8 +346,7 @@ impl HpetCore {
 
     /// QEMU's `hpet_del_timer`.
     fn del_timer(&self, s: &mut State, n: usize) {
-        s.timers[n].deadline = None;
-        self.stop_host_timer(n);
+        self.cancel(n);
         if s.isr & (1 << n) != 0 {
             // A level-triggered interrupt keeps its status bit; its line goes down.
             self.update_irq(s, n, true);
@@ -366,22 +355,17 @@ impl HpetCore {
 
     /// QEMU's `hpet_timer`: timer `n`'s host timer expired.
     fn timer_expired(&self, n: usize) {
-        if !self.timers[n].take_expired() {
-            return;
-        }
+        // Under the lock: a register write cannot re-arm the timer between its expiry and
+        // this handler.
         let mut s = self.state.lock();
-        let Some(deadline) = s.timers[n].deadline else {
-            return;
-        };
-        if !self.clock.is_running() {
-            return;
+        match self.timers[n].take_due() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                self.log.warn(|| format!("hpet: timer {n} failed: {e}"));
+                return;
+            }
         }
-        if self.clock.now_ns() < deadline {
-            // Re-armed meanwhile for later.
-            self.start_host_timer(n, deadline);
-            return;
-        }
-        s.timers[n].deadline = None;
         let cur = self.ticks(&s);
         let t = s.timers[n];
         if t.periodic() && t.period != 0 {
@@ -569,8 +553,7 @@ impl HpetCore {
     fn reset(&self) {
         let mut s = self.state.lock();
         for n in 0..s.timers.len() {
-            s.timers[n].deadline = None;
-            self.stop_host_timer(n);
+            self.cancel(n);
             if !s.timers[n].fsb_route() {
                 self.update_irq(&mut s, n, false);
             }
@@ -592,11 +575,10 @@ impl HpetCore {
     /// The VM stopped or runs again (its clock did, right before): the host timers
     /// follow.
     fn run_state_changed(&self, running: bool) {
-        let s = self.state.lock();
-        for (n, t) in s.timers.iter().enumerate() {
-            match t.deadline {
-                Some(deadline) if running => self.start_host_timer(n, deadline),
-                _ => self.stop_host_timer(n),
+        let _s = self.state.lock();
+        for (n, timer) in self.timers.iter().enumerate() {
+            if let Err(e) = timer.run_state_changed(running) {
+                self.log.warn(|| format!("hpet: timer {n}: {e}"));
             }
         }
     }
@@ -737,8 +719,9 @@ impl DeviceImpl for Hpet {
             | TN_SIZE_CAP
             | if msi { TN_FSB_CAP } else { 0 }
             | u64::from(intcap) << TN_INT_ROUTE_CAP_SHIFT;
+        let clock = services.vm().clock().clone();
         let timers = (0..count)
-            .map(|_| DeviceTimer::new())
+            .map(|_| VirtualTimer::new(clock.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RealizeError::device(HpetError::Host(e)))?;
         let router = GsiRouter::new(services);
@@ -758,7 +741,7 @@ impl DeviceImpl for Hpet {
                 | HPET_CLK_PERIOD_FS << 32,
             timer_caps,
             msi,
-            clock: services.vm().clock().clone(),
+            clock,
             timers,
             gsi: (0..NUM_GSI).map(|n| IrqLine::new(router.clone(), n)).collect(),
             accel: services.vm().accel_slot(),
@@ -846,9 +829,10 @@ impl DeviceImpl for Hpet {
         let timers: Vec<SavedTimer> = s
             .timers
             .iter()
-            .map(|t| SavedTimer {
-                regs: Timer { deadline: None, ..*t },
-                fires_in_ns: t.deadline.map(|d| d.saturating_sub(now)),
+            .zip(&core.timers)
+            .map(|(t, timer)| SavedTimer {
+                regs: *t,
+                fires_in_ns: timer.deadline().map(|d| d.saturating_sub(now)),
             })
             .collect();
         Ok(VmStateSection::new(1)
@@ -879,7 +863,6 @@ impl DeviceImpl for Hpet {
         s.rtc_irq_level = state.get("rtc_irq_level")?;
         let counter = s.counter;
         core.restart_counter(&mut s, counter);
-        let now = core.clock.now_ns();
         // KVM's PIT state, flags included, comes with the accelerator's own section.
         s.pit_stopped = s.legacy();
         for (n, t) in saved.into_iter().enumerate() {
@@ -890,15 +873,15 @@ impl DeviceImpl for Hpet {
             }
             s.timers[n] = Timer {
                 config: (t.regs.config & writable) | core.timer_caps,
-                deadline: t.fires_in_ns.map(|d| now.saturating_add(d)),
                 // The periodic clamp counts from this clock's times.
                 last_ns: 0,
                 ..t.regs
             };
-            match s.timers[n].deadline {
-                Some(d) if core.clock.is_running() => core.start_host_timer(n, d),
-                _ => core.stop_host_timer(n),
-            }
+            let armed = match t.fires_in_ns {
+                Some(ns) => core.timers[n].arm_after(ns),
+                None => core.timers[n].cancel(),
+            };
+            armed.map_err(|e| VmStateError::Host(format!("hpet: timer {n}: {e}")))?;
         }
         Ok(())
     }

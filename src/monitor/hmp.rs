@@ -329,6 +329,15 @@ const COMMANDS: &[HmpCommand] = &[
         },
     },
     HmpCommand {
+        names: "nmi",
+        params: "",
+        help: "inject an NMI",
+        run: |ctx, _, _, _| {
+            crate::monitor::qmp_cmds::qmp_inject_nmi(ctx, &serde_json::Map::new())?;
+            Ok(())
+        },
+    },
+    HmpCommand {
         names: "stop|s",
         params: "",
         help: "stop emulation",

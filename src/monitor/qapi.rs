@@ -319,6 +319,20 @@ pub const GUEST_PANIC_ACTION: QapiEnum = QapiEnum {
     values: &["pause", "poweroff", "run"],
 };
 
+/// QAPI's `WatchdogAction`, `watchdog-set-action`'s argument and `WATCHDOG`'s `action`.
+pub const WATCHDOG_ACTION: QapiEnum = QapiEnum {
+    name: "WatchdogAction",
+    values: &[
+        "reset",
+        "shutdown",
+        "poweroff",
+        "pause",
+        "debug",
+        "none",
+        "inject-nmi",
+    ],
+};
+
 /// The VNC events' members: QAPI's `VncServerInfo` and `VncBasicInfo` (or `VncClientInfo`).
 const VNC_EVENT_DATA: &[Arg] = &[
     Arg::required("server", ArgType::Any),
@@ -389,6 +403,10 @@ pub const EVENTS: &[QmpEvent] = &[
     QmpEvent {
         name: "GUEST_PANICKED",
         data: &[Arg::required("action", ArgType::Enum(&GUEST_PANIC_ACTION))],
+    },
+    QmpEvent {
+        name: "WATCHDOG",
+        data: &[Arg::required("action", ArgType::Enum(&WATCHDOG_ACTION))],
     },
     QmpEvent {
         name: "GUEST_CRASHLOADED",

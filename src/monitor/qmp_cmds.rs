@@ -539,6 +539,19 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: qmp_set_action,
     },
     QmpCommand {
+        name: "watchdog-set-action",
+        args: &[Arg::required(
+            "action",
+            ArgType::Enum(&crate::monitor::qapi::WATCHDOG_ACTION),
+        )],
+        run: qmp_watchdog_set_action,
+    },
+    QmpCommand {
+        name: "inject-nmi",
+        args: &[],
+        run: qmp_inject_nmi,
+    },
+    QmpCommand {
         name: "quit",
         args: &[],
         run: qmp_quit,
@@ -1018,6 +1031,29 @@ fn qmp_set_action(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, 
         }
     }
     vm.set_actions(actions);
+    Ok(json!({}))
+}
+
+/// QEMU's `qmp_watchdog_set_action` (`set-action`'s `watchdog` alone).
+fn qmp_watchdog_set_action(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let vm = ctx.vm.machine_state().vm_state();
+    let mut actions = vm.actions();
+    actions
+        .set("watchdog", str_arg(args, "action"))
+        .map_err(|e| QmpError::BadInput(e.to_string()))?;
+    vm.set_actions(actions);
+    Ok(json!({}))
+}
+
+/// QEMU's `qmp_inject_nmi`: an NMI to every CPU.
+pub fn qmp_inject_nmi(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    let ops = ctx
+        .vm
+        .machine_state()
+        .accel_ops()
+        .ok_or(QmpError::NotActive("No accelerator"))?;
+    ops.inject_nmi()
+        .map_err(|e| QmpError::Failed(e.to_string()))?;
     Ok(json!({}))
 }
 

@@ -83,6 +83,22 @@ impl QmpClient {
         }
     }
 
+    /// The first event `name` (its whole message) received so far or within `timeout`
+    /// (asking `query-status` every 10 ms meanwhile), taken out of `events`.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+                return Some(self.events.remove(i));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            self.execute("query-status", json!({}));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Polls `query-migrate` every 5 ms until the migration leaves setup/active/cancelling
     /// (at most `timeout`); returns the last `query-migrate` reply.
     pub fn wait_migration(&mut self, timeout: Duration) -> Value {
