@@ -154,21 +154,7 @@ fn device_ports_take_the_next_index_and_a_chardev() {
 }
 
 fn refused(args: &[&str]) -> String {
-    let out = std::process::Command::new(QOMVM)
-        .args([
-            "-M",
-            "pc",
-            "-accel",
-            "qtest",
-            "-display",
-            "none",
-            "-nodefaults",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{args:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    test_support::qtest::qomvm_pc_refused(QOMVM, args)
 }
 
 #[test]

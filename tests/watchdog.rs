@@ -201,13 +201,7 @@ fn bad_watchdog_actions_are_one_line_errors() {
             "qomvm: -action watchdog=explode: Parameter 'watchdog' does not accept value 'explode'\n",
         ),
     ] {
-        let out = std::process::Command::new(QOMVM)
-            .args(["-M", "pc", "-accel", "qtest", "-display", "none", "-nodefaults"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert_eq!(String::from_utf8_lossy(&out.stderr), message);
+        assert_eq!(test_support::qtest::qomvm_pc_refused(QOMVM, args), message);
     }
 }
 

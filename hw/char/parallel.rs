@@ -19,7 +19,7 @@ use crate::core::irq::IrqLine;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{qdev_new_typed, qdev_realize, DeviceCategory, DeviceContext, DeviceImpl, QdevError, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
-use crate::isa::isa_bus::{IsaBus, IsaDevice, ISA_NUM_IRQS};
+use crate::isa::isa_bus::{isa_free_index, IsaDevice, ISA_NUM_IRQS};
 
 /// QEMU's `TYPE_ISA_PARALLEL`.
 pub const TYPE_ISA_PARALLEL: &str = "isa-parallel";
@@ -246,17 +246,7 @@ impl IsaParallel {
 
     /// The lowest LPT index no other realized `isa-parallel` on the device's bus has.
     fn free_index(&self, ctx: &DeviceContext) -> Result<u32, RealizeError> {
-        let bus: &IsaBus = ctx.bus_state()?;
-        let used: Vec<u32> = bus
-            .children()
-            .into_iter()
-            .filter(|c| !Arc::ptr_eq(c, ctx.object()))
-            .filter_map(Typed::<IsaParallel>::new)
-            .filter(|p| p.is_realized())
-            .map(|p| p.index.get())
-            .collect();
-        (0..MAX_PARALLEL_PORTS as u32)
-            .find(|i| !used.contains(i))
+        isa_free_index::<IsaParallel>(ctx, MAX_PARALLEL_PORTS as u32, |p| Some(p.index.get()))?
             .ok_or(RealizeError::device(ParallelError::TooManyPorts))
     }
 }

@@ -30,7 +30,7 @@ use crate::core::qdev::{
     DeviceImpl, QdevError,
     RealizeError,
 };
-use crate::isa::isa_bus::{IsaBus, IsaDevice, ISA_NUM_IRQS};
+use crate::isa::isa_bus::{isa_free_index, IsaDevice, ISA_NUM_IRQS};
 
 /// QEMU's `TYPE_ISA_SERIAL`.
 pub const TYPE_ISA_SERIAL: &str = "isa-serial";
@@ -366,17 +366,7 @@ impl IsaSerial {
     /// The lowest COM index no other realized `isa-serial` on the device's bus has (QEMU
     /// counts ports process-wide; per bus keeps machines independent).
     fn free_index(&self, ctx: &DeviceContext) -> Result<u32, RealizeError> {
-        let bus: &IsaBus = ctx.bus_state()?;
-        let used: Vec<u32> = bus
-            .children()
-            .into_iter()
-            .filter(|c| !Arc::ptr_eq(c, ctx.object()))
-            .filter_map(Typed::<IsaSerial>::new)
-            .filter(|s| s.is_realized())
-            .filter_map(|s| s.config.lock().index)
-            .collect();
-        (0..MAX_ISA_SERIAL_PORTS as u32)
-            .find(|i| !used.contains(i))
+        isa_free_index::<IsaSerial>(ctx, MAX_ISA_SERIAL_PORTS as u32, |s| s.config.lock().index)?
             .ok_or(RealizeError::device(SerialError::TooManyPorts))
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use qom::{type_init, Object, ObjectRef};
+use qom::{type_init, Object, ObjectRef, Typed};
 
 use crate::core::bus::{qbus_new, BusState};
 use crate::core::irq::IrqLine;
@@ -91,6 +91,26 @@ impl IsaDevice {
             .map(|bus| bus.irq(n))
             .unwrap_or_default()
     }
+}
+
+/// The lowest index below `max` that no other realized `T` on the ISA bus of the device
+/// being realized (`ctx`) has, `index_of` reading a device's: a COM or LPT number. QEMU
+/// counts ports process-wide; per bus keeps machines independent.
+pub fn isa_free_index<T: qom::ObjectType>(
+    ctx: &DeviceContext,
+    max: u32,
+    index_of: impl Fn(&Typed<T>) -> Option<u32>,
+) -> Result<Option<u32>, RealizeError> {
+    let bus: &IsaBus = ctx.bus_state()?;
+    let used: Vec<u32> = bus
+        .children()
+        .into_iter()
+        .filter(|c| !Arc::ptr_eq(c, ctx.object()))
+        .filter(|c| crate::core::qdev::DeviceMethods::is_realized(&**c))
+        .filter_map(Typed::<T>::new)
+        .filter_map(|d| index_of(&d))
+        .collect();
+    Ok((0..max).find(|i| !used.contains(i)))
 }
 
 /// QEMU's `isa_bus_new`: an ISA bus named `name` under `parent`, whose ports go to the

@@ -84,6 +84,26 @@ pub fn qomvm_pc_quit(bin: &str, args: &[&str]) -> (Option<i32>, String) {
     qomvm_pc_quit_env(bin, args, &[])
 }
 
+/// Runs the qomvm binary `bin` as `-M pc -accel qtest -display none -nodefaults ARGS`,
+/// which must refuse them: asserts exit status 1 and returns stderr (the one-line error).
+pub fn qomvm_pc_refused(bin: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin)
+        .args([
+            "-M",
+            "pc",
+            "-accel",
+            "qtest",
+            "-display",
+            "none",
+            "-nodefaults",
+        ])
+        .args(args)
+        .output()
+        .expect("qomvm runs");
+    assert_eq!(out.status.code(), Some(1), "{args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// [`qomvm_pc_quit`] with `envs` set.
 pub fn qomvm_pc_quit_env(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) {
     use std::io::Write as _;
