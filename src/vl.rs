@@ -466,7 +466,12 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
     vm_uuid(opts)?;
     // As QEMU: the default serial or parallel port would go to the terminal.
     let default_serial = opts.serial.is_empty() && !device_given(opts, &["isa-serial"]);
-    let default_parallel = opts.parallel.is_empty() && !device_given(opts, &["isa-parallel"]);
+    let machine_has_parallel = find_machine(machine_opts(opts).0.as_deref())
+        .ok()
+        .and_then(machine_class)
+        .is_some_and(|mc| mc.has_parallel);
+    let default_parallel =
+        machine_has_parallel && opts.parallel.is_empty() && !device_given(opts, &["isa-parallel"]);
     if opts.daemonize && opts.nographic && !opts.nodefaults && (default_serial || default_parallel)
     {
         return Err(OptionError::new("", HostOptionError::NographicDaemon));
@@ -793,7 +798,7 @@ fn device_given(opts: &Options, drivers: &[&str]) -> bool {
     opts.devices.iter().any(|d| {
         crate::options::split_opts_or_json(&d.value, "driver")
             .ok()
-            .and_then(|items| items.into_iter().next())
+            .and_then(|items| items.into_iter().find(|(k, _)| k == "driver"))
             .and_then(|(_, v)| v)
             .is_some_and(|driver| drivers.contains(&driver.as_str()))
     })

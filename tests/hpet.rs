@@ -496,7 +496,7 @@ fn a_kvm_guest_takes_its_legacy_and_msi_interrupts() {
     kvm_hpet(&vm, true);
     let config = IrqGuestConfig {
         ioapic: vec![(2, 0x50), (8, 0x58)],
-        pic_unmasked: 0,
+        ..Default::default()
     };
     irq_guest::load(&vm, &config);
     let ms = machine_state(&vm.machine).unwrap();

@@ -496,7 +496,7 @@ fn kvmclock_stands_still_while_the_vm_is_stopped() {
     std::thread::sleep(std::time::Duration::from_millis(20));
     vm_stop(ms, RunStatus::Paused).unwrap();
     let stopped = kvmclock_ns(ms);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(std::time::Duration::from_millis(2000));
     assert_eq!(
         kvmclock_ns(ms),
         stopped,
@@ -507,8 +507,8 @@ fn kvmclock_stands_still_while_the_vm_is_stopped() {
     vm_stop(ms, RunStatus::Paused).unwrap();
     let ran = kvmclock_ns(ms) - stopped;
     assert!(
-        (20_000_000..300_000_000).contains(&ran),
-        "{ran} ns: the 300 ms stop counted"
+        (20_000_000..1_000_000_000).contains(&ran),
+        "{ran} ns: the 2 s stop counted"
     );
     ms.accel_ops().unwrap().shutdown();
 }
@@ -538,15 +538,15 @@ fn a_loaded_kvmclock_waits_for_the_start_and_a_migration_stop_keeps_it_running()
     let target = vm::pc_machine("kvm", 64 << 20);
     let dst = machine_state(&target).unwrap();
     dst.accel_ops().unwrap().load_vm_state(&saved).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(std::time::Duration::from_millis(2000));
     assert_eq!(kvmclock_ns(dst), at_save, "not started: the loaded time");
     vm_start(dst).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     vm_stop(dst, RunStatus::Paused).unwrap();
     let ran = kvmclock_ns(dst) - at_save;
     assert!(
-        (20_000_000..300_000_000).contains(&ran),
-        "{ran} ns: the 300 ms before the start counted"
+        (20_000_000..1_000_000_000).contains(&ran),
+        "{ran} ns: the 2 s before the start counted"
     );
     dst.accel_ops().unwrap().shutdown();
 }

@@ -293,6 +293,7 @@ fn legacy_pins_follow_qemus_pc_routing_next_to_msi_routes() {
     let config = IrqGuestConfig {
         ioapic: vec![(2, 0x50), (4, 0x54), (11, 0x5b)],
         pic_unmasked: 1 << 3,
+        ..Default::default()
     };
     let vm = irq_vm(&config);
     let ops = accel(&vm);

@@ -81,6 +81,16 @@ fn action_of(event: &Value) -> &str {
     event["data"]["action"].as_str().unwrap_or_default()
 }
 
+/// Polls configuration byte 0x68 until it reads `want` (the watchdog resets itself right
+/// after its event).
+fn wait_lock_reg(q: &mut Qtest, want: u32) {
+    let deadline = Instant::now() + WAIT;
+    while config_read(q, 0x68, 1) != want {
+        assert!(Instant::now() < deadline, "0x68 never read {want:#x}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn an_expired_watchdog_reports_and_its_driver_sees_the_previous_reboot() {
     let (mut q, mut qmp, bar) = start("esb-none", &["-action", "watchdog=none"]);
@@ -88,20 +98,27 @@ fn an_expired_watchdog_reports_and_its_driver_sees_the_previous_reboot() {
     assert_eq!(config_read(&mut q, 0x60, 2), 0);
     assert_eq!(config_read(&mut q, 0x68, 1), 0);
     assert_eq!(q.value(format!("readw {:#x}", bar + 0xc)), 0);
-    // 1000 ticks per stage at 1 MHz: about 1 ms each.
-    arm(&mut q, bar, 1000, true);
-    assert_eq!(config_read(&mut q, 0x60, 2), 0x04);
+    // Armed for 10 s a stage: the registers read back while it counts.
+    arm(&mut q, bar, 10_000, false);
+    assert_eq!(config_read(&mut q, 0x60, 2), 0);
     assert_eq!(config_read(&mut q, 0x68, 1), 0x02, "enabled");
+    config_write(&mut q, 0x60, 0x04, 2);
+    assert_eq!(config_read(&mut q, 0x60, 2), 0x04, "1 MHz scale");
+    // 1000 ticks a stage at 1 MHz (about 1 ms), taken up by a ping.
+    unlocked(&mut q, bar, format!("writel {bar:#x} 1000"));
+    unlocked(&mut q, bar, format!("writel {:#x} 1000", bar + 4));
+    ping(&mut q, bar);
     let event = qmp.wait_event("WATCHDOG", WAIT).expect("WATCHDOG");
     assert_eq!(action_of(&event), "none");
     // The watchdog reset itself; the previous-reboot flag is up (bits 9 and 12, as QEMU
     // answers Linux's driver) until the driver clears it.
-    assert_eq!(config_read(&mut q, 0x68, 1), 0, "disabled after firing");
+    wait_lock_reg(&mut q, 0);
+    assert_eq!(config_read(&mut q, 0x60, 2), 0, "reset: 1 kHz again");
     assert_eq!(q.value(format!("readw {:#x}", bar + 0xc)), 0x1200);
     unlocked(&mut q, bar, format!("writew {:#x} 0x200", bar + 0xc));
     assert_eq!(q.value(format!("readw {:#x}", bar + 0xc)), 0);
-    // Without the unlock sequence the preloads do not change; the lock bit freezes the
-    // enable bit.
+    // The lock bit freezes the enable bit (10 s stages again: nothing fires meanwhile).
+    arm(&mut q, bar, 10_000, false);
     config_write(&mut q, 0x68, 0x03, 1);
     config_write(&mut q, 0x68, 0x00, 1);
     assert_eq!(config_read(&mut q, 0x68, 1), 0x03, "locked");
@@ -111,24 +128,25 @@ fn an_expired_watchdog_reports_and_its_driver_sees_the_previous_reboot() {
 #[test]
 fn pings_keep_it_quiet_and_stopping_them_lets_it_fire() {
     let (mut q, mut qmp, bar) = start("esb-ping", &["-watchdog-action", "none"]);
-    // 100 ticks at 1 kHz: 98 ms per stage.
-    arm(&mut q, bar, 100, false);
-    let until = Instant::now() + Duration::from_millis(600);
+    // 1000 ticks at 1 kHz: 0.98 s per stage, pinged every 20 ms for 2.5 s.
+    arm(&mut q, bar, 1000, false);
+    let until = Instant::now() + Duration::from_millis(2500);
     while Instant::now() < until {
         ping(&mut q, bar);
         std::thread::sleep(Duration::from_millis(20));
     }
+    let quiet = Instant::now();
+    qmp.execute("query-status", json!({}));
     assert_eq!(
         qmp.wait_event("WATCHDOG", Duration::ZERO),
         None,
         "pinged every 20 ms"
     );
-    let quiet = Instant::now();
     let event = qmp.wait_event("WATCHDOG", WAIT).expect("WATCHDOG");
     assert_eq!(action_of(&event), "none");
-    // Two stages of 98 ms after the last ping.
+    // Two stages of 0.98 s after the last ping.
     assert!(
-        quiet.elapsed() >= Duration::from_millis(150),
+        quiet.elapsed() >= Duration::from_millis(1500),
         "{:?}",
         quiet.elapsed()
     );
@@ -175,6 +193,14 @@ fn the_actions_reset_pause_and_power_off_the_machine() {
     );
     drop(q);
 
+    // shutdown: the power button, through the main loop.
+    let (mut q, mut qmp, bar) = start("esb-shutdown", &["-action", "watchdog=shutdown"]);
+    arm(&mut q, bar, 1000, true);
+    let event = qmp.wait_event("WATCHDOG", WAIT).expect("WATCHDOG");
+    assert_eq!(action_of(&event), "shutdown");
+    qmp.wait_event("POWERDOWN", WAIT).expect("POWERDOWN");
+    drop(q);
+
     // poweroff: qomvm exits at once with status 0, as QEMU's exit(0).
     let (mut q, _qmp, bar) = start("esb-poweroff", &["-action", "watchdog=poweroff"]);
     arm(&mut q, bar, 1000, true);
@@ -205,18 +231,34 @@ fn bad_watchdog_actions_are_one_line_errors() {
     }
 }
 
-/// `inject-nmi` (and `watchdog=inject-nmi`'s way to the CPUs): `KVM_NMI` on every vCPU, which
-/// the guest takes through vector 2.
+/// `inject-nmi` (and `watchdog=inject-nmi`'s way to the CPUs): as QEMU's x86 NMI, `KVM_NMI`
+/// to a CPU whose local APIC has LINT1 as an unmasked NMI (or is disabled), which the
+/// guest takes through vector 2; with LINT1 masked (its reset value) nothing arrives.
 #[test]
-fn inject_nmi_reaches_every_vcpu_on_kvm() {
+fn inject_nmi_follows_each_cpus_lint1_on_kvm() {
     require_kvm!();
-    let vm = TestVm::bare(1, "qemu64", 2 << 20);
-    irq_guest::load(&vm, &IrqGuestConfig::default());
-    let ms = hw::core::machine::machine_state(&vm.machine).unwrap();
-    let ops = ms.accel_ops().unwrap().clone();
-    ops.vm_start();
-    assert!(irq_guest::wait_ready(&vm), "the guest did not set up");
-    ops.inject_nmi().unwrap();
-    assert_eq!(irq_guest::wait_marks(&vm, 1, WAIT), [2], "vector 2: NMI");
-    ops.shutdown();
+    for lint1_nmi in [false, true] {
+        // Two CPUs: the second waits for a SIPI, its LINT1 masked as after reset.
+        let vm = TestVm::bare(2, "qemu64", 2 << 20);
+        irq_guest::load(
+            &vm,
+            &IrqGuestConfig {
+                lint1_nmi,
+                ..Default::default()
+            },
+        );
+        let ms = hw::core::machine::machine_state(&vm.machine).unwrap();
+        let ops = ms.accel_ops().unwrap().clone();
+        ops.vm_start();
+        assert!(irq_guest::wait_ready(&vm), "the guest did not set up");
+        ops.inject_nmi().unwrap();
+        let want: &[u8] = if lint1_nmi { &[2] } else { &[] };
+        let marks = irq_guest::wait_marks(
+            &vm,
+            want.len().max(1),
+            Duration::from_millis(if lint1_nmi { 10_000 } else { 300 }),
+        );
+        assert_eq!(marks, want, "LINT1 as NMI: {lint1_nmi}");
+        ops.shutdown();
+    }
 }

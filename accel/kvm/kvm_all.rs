@@ -543,29 +543,27 @@ impl AccelOps for KvmVm {
 
     fn inject_nmi(&self) -> Result<(), AccelIrqError> {
         const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-        let mut index = 0;
-        while self.vcpus.has_thread(index) {
-            let done = self
-                .vcpus
-                .run_on_cpu(index, TIMEOUT, |vcpu| vcpu.nmi().map_err(|e| e.errno()));
-            match done {
-                Some(Ok(())) => {}
-                Some(Err(errno)) => {
-                    return Err(AccelIrqError::Failed {
-                        what: "KVM_NMI",
-                        reason: errno_text(errno),
-                    })
-                }
-                None => {
-                    return Err(AccelIrqError::Failed {
-                        what: "KVM_NMI",
-                        reason: format!("CPU {index} did not answer within {TIMEOUT:?}"),
-                    })
-                }
-            }
-            index += 1;
+        let results = self
+            .vcpus
+            .run_on_all_cpus(TIMEOUT, crate::kvm::x86::inject_external_nmi);
+        // QEMU reports a lost NMI and goes on with the other CPUs; so does this, then says
+        // which were lost.
+        let lost: Vec<String> = results
+            .into_iter()
+            .filter_map(|(index, r)| match r {
+                Some(Ok(_)) => None,
+                Some(Err(errno)) => Some(format!("CPU {index}: {}", errno_text(errno))),
+                None => Some(format!("CPU {index}: no answer within {TIMEOUT:?}")),
+            })
+            .collect();
+        if lost.is_empty() {
+            Ok(())
+        } else {
+            Err(AccelIrqError::Failed {
+                what: "KVM_NMI",
+                reason: format!("NMI lost ({})", lost.join(", ")),
+            })
         }
-        Ok(())
     }
 
     fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {

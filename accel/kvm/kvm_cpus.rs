@@ -187,6 +187,61 @@ impl VcpuSet {
         result
     }
 
+    /// [`VcpuSet::run_on_cpu`] on every CPU that has a thread: all queued and kicked at
+    /// once, then up to `timeout` in all for the results, by CPU index (`None`: no answer).
+    pub(crate) fn run_on_all_cpus<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl Fn(&mut VcpuFd) -> R + Send + Sync + 'static,
+    ) -> Vec<(u32, Option<R>)> {
+        let indexes: Vec<u32> = self
+            .threads
+            .lock()
+            .iter()
+            .filter(|t| t.handle.as_ref().is_some_and(|h| !h.is_finished()))
+            .map(|t| t.index)
+            .collect();
+        let f = Arc::new(f);
+        let (tx, rx) = mpsc::channel();
+        let mut ids = Vec::new();
+        {
+            let mut st = self.state.lock();
+            if st.mode == Mode::Stopping {
+                return indexes.into_iter().map(|i| (i, None)).collect();
+            }
+            for &index in &indexes {
+                let id = self.next_work.fetch_add(1, Ordering::Relaxed);
+                let (tx, f) = (tx.clone(), f.clone());
+                let work: Work = Box::new(move |vcpu: &mut VcpuFd| {
+                    let _ = tx.send((index, f(vcpu)));
+                });
+                st.work.push((id, index, work));
+                ids.push(id);
+            }
+            self.wake.notify_all();
+        }
+        drop(tx);
+        self.kick(|t| indexes.contains(&t.index));
+        let deadline = std::time::Instant::now() + timeout;
+        let mut results = std::collections::BTreeMap::new();
+        while results.len() < indexes.len() {
+            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok((index, r)) => {
+                    results.insert(index, r);
+                }
+                Err(_) => break,
+            }
+        }
+        if results.len() < indexes.len() {
+            // Threads that ended or are stuck: drop their work rather than let it pile up.
+            self.state.lock().work.retain(|(w, _, _)| !ids.contains(w));
+        }
+        indexes
+            .into_iter()
+            .map(|i| (i, results.remove(&i)))
+            .collect()
+    }
+
     /// Whether CPU `index` has a thread that has not ended.
     pub(crate) fn has_thread(&self, index: u32) -> bool {
         self.threads

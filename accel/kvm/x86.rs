@@ -948,6 +948,41 @@ pub(crate) fn register_dump(vcpu: &VcpuFd) -> String {
     out
 }
 
+/// `IA32_APIC_BASE` and its global enable bit.
+const MSR_IA32_APICBASE: u32 = 0x1b;
+const APICBASE_ENABLE: u64 = 1 << 11;
+/// The local APIC's LVT LINT1 register, its mask bit and its NMI delivery mode.
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_LVT_MASKED: u32 = 1 << 16;
+const APIC_DM_NMI: u32 = 4;
+
+/// QEMU's x86 `nmi_monitor_handle` for one CPU, on its thread: a CPU whose local APIC is
+/// enabled takes an external NMI only through LINT1 programmed as an unmasked NMI
+/// (`kvm_apic_external_nmi`; Linux sets that on the boot CPU only), one whose APIC is
+/// disabled takes it directly. Returns whether `KVM_NMI` was issued, or its errno.
+pub(crate) fn inject_external_nmi(vcpu: &mut VcpuFd) -> Result<bool, i32> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_APICBASE,
+        ..Default::default()
+    }])
+    .map_err(|_| libc::EINVAL)?;
+    let apic_enabled = match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => msrs.as_slice()[0].data & APICBASE_ENABLE != 0,
+        Ok(_) => return Err(libc::EINVAL),
+        Err(e) => return Err(e.errno()),
+    };
+    if apic_enabled {
+        let lapic = vcpu.get_lapic().map_err(|e| e.errno())?;
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[APIC_LVT_LINT1 + i] as u8);
+        let lvt = u32::from_le_bytes(bytes);
+        if lvt & APIC_LVT_MASKED != 0 || (lvt >> 8) & 7 != APIC_DM_NMI {
+            return Ok(false);
+        }
+    }
+    vcpu.nmi().map_err(|e| e.errno())?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,9 +57,10 @@ pub enum RunRequest {
     Suspend,
     /// A wake-up was accepted while suspended ([`qemu_system_wakeup_request`]).
     Wakeup,
-    /// A watchdog expired under `watchdog=pause` (QEMU's `qemu_system_vmstop_request`
-    /// with `RUN_STATE_WATCHDOG`): the main loop stops the VM.
-    WatchdogPause,
+    /// A watchdog expired and its action is the main loop's to take (`shutdown`: the power
+    /// button; `poweroff`: exit 0; `pause`: stop with status `watchdog`, QEMU's
+    /// `qemu_system_vmstop_request`; `inject-nmi`).
+    Watchdog(WatchdogAction),
 }
 
 impl RunRequest {
@@ -72,10 +73,12 @@ impl RunRequest {
             | RunRequest::HostQuit
             | RunRequest::HostSignal
             | RunRequest::GuestShutdown => 0,
-            RunRequest::GuestPanic | RunRequest::WatchdogPause => 1,
+            RunRequest::GuestPanic => 1,
             RunRequest::GuestReset | RunRequest::HostReset => 2,
             RunRequest::Suspend => 3,
             RunRequest::Wakeup => 4,
+            // QEMU's main loop checks its power-down and vmstop requests last.
+            RunRequest::Watchdog(_) => 5,
         }
     }
 }
@@ -270,8 +273,6 @@ pub enum VmEvent {
     Wakeup,
     /// The guest reported a panic (`GUEST_PANICKED`), and what is done about it.
     GuestPanicked(GuestPanicAction),
-    /// A watchdog expired (`WATCHDOG`), and the action taken.
-    Watchdog(WatchdogAction),
 }
 
 /// QAPI's `GuestPanicAction`: what `GUEST_PANICKED` says happens next.
@@ -933,39 +934,24 @@ pub fn qemu_system_guest_panicked(vm: &impl AsRef<VmState>) -> bool {
     action == GuestPanicAction::Poweroff
 }
 
-/// QEMU's `watchdog_perform_action`, for a watchdog device whose timer expired: reports
-/// `WATCHDOG` with the action, then resets (as the guest would), presses the power button,
-/// exits at once with status 0 (`poweroff`, QEMU's `exit(0)`: no `SHUTDOWN`), stops the VM
-/// (status `watchdog`), prints "watchdog: timer fired" (`debug`), or sends every CPU an
-/// NMI. Safe on the main loop's thread: what waits for the vCPUs goes through the run
-/// requests.
+/// QEMU's `watchdog_perform_action`, for a watchdog device whose timer expired (on the
+/// main loop's thread): reports `WATCHDOG` with the action (throttled to one a second, as
+/// QEMU's), then requests the guest's reset, prints "watchdog: timer fired" (`debug`),
+/// does nothing (`none`), or leaves the rest to the main loop ([`RunRequest::Watchdog`]):
+/// a device's handler must not wait for the run state or the vCPUs.
 pub fn watchdog_perform_action(vm: &impl AsRef<VmState>) {
     let vm = vm.as_ref();
     let action = vm.actions().watchdog;
-    {
-        let _transition = vm.status.lock();
-        vm.emit(VmEvent::Watchdog(action));
-    }
+    crate::core::qapi_event::emit(
+        "WATCHDOG",
+        Some(serde_json::json!({"action": action.name()})),
+    );
     match action {
         WatchdogAction::Reset => vm.request(RunRequest::GuestReset),
-        WatchdogAction::Shutdown => {
-            if let Err(e) = qemu_system_powerdown(vm) {
-                log::warn!("watchdog: cannot press the power button: {e}");
-            }
-        }
-        WatchdogAction::Poweroff => vm.request(RunRequest::DebugExit(0)),
-        WatchdogAction::Pause => vm.request(RunRequest::WatchdogPause),
         // QEMU writes it to stderr as it is, without its program prefix.
         WatchdogAction::Debug => eprintln!("watchdog: timer fired"),
         WatchdogAction::None => {}
-        WatchdogAction::InjectNmi => match vm.accel_ops() {
-            Some(ops) => {
-                if let Err(e) = ops.inject_nmi() {
-                    log::warn!("watchdog: {e}");
-                }
-            }
-            None => log::warn!("watchdog: no accelerator to inject an NMI"),
-        },
+        other => vm.request(RunRequest::Watchdog(other)),
     }
 }
 
@@ -1044,9 +1030,33 @@ pub fn main_loop_should_exit(vm: &impl AsRef<VmState>, request: RunRequest) -> O
             qemu_system_wakeup(ms);
             return None;
         }
-        RunRequest::WatchdogPause => {
-            // Fails only without an accelerator, and then nothing runs.
-            let _ = vm_stop(ms, RunStatus::Watchdog);
+        RunRequest::Watchdog(action) => {
+            match action {
+                // QEMU's watchdog presses the power button even without ACPI (the event is
+                // all there is then).
+                WatchdogAction::Shutdown => {
+                    if qemu_system_powerdown(ms).is_err() {
+                        let _transition = ms.status.lock();
+                        ms.emit(VmEvent::Powerdown);
+                    }
+                }
+                // QEMU's exit(0): no SHUTDOWN event.
+                WatchdogAction::Poweroff => return Some(0),
+                // Fails only without an accelerator, and then nothing runs.
+                WatchdogAction::Pause => {
+                    let _ = vm_stop(ms, RunStatus::Watchdog);
+                }
+                WatchdogAction::InjectNmi => match ms.accel_ops() {
+                    Some(ops) => {
+                        if let Err(e) = ops.inject_nmi() {
+                            log::warn!("watchdog: {e}");
+                        }
+                    }
+                    None => log::warn!("watchdog: no accelerator to send an NMI"),
+                },
+                // Taken where the watchdog fired.
+                WatchdogAction::Reset | WatchdogAction::Debug | WatchdogAction::None => {}
+            }
             return None;
         }
         RunRequest::GuestReset => ShutdownCause::GuestReset,

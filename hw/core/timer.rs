@@ -201,13 +201,17 @@ impl VirtualTimer {
 
     /// Disarms it (QEMU's `timer_del`).
     pub fn cancel(&self) -> io::Result<()> {
-        *self.deadline.lock() = None;
+        let mut d = self.deadline.lock();
+        *d = None;
         self.host.disarm()
     }
 
     /// For the loop's handler: whether the deadline has come, which disarms the timer. A
-    /// host expiry that came early (the deadline moved, or the VM stopped meanwhile) is
-    /// consumed and the host timer set again.
+    /// host expiry that came before the deadline (it moved) is consumed and the host timer
+    /// set again; one while the VM is stopped is consumed, and [`run_state_changed`] sets
+    /// the host timer again when the VM runs.
+    ///
+    /// [`run_state_changed`]: VirtualTimer::run_state_changed
     pub fn take_due(&self) -> io::Result<bool> {
         if !self.host.take_expired() {
             return Ok(false);

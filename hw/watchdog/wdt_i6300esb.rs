@@ -62,6 +62,8 @@ const ESB_UNLOCK2: u64 = 0x86;
 /// Nanoseconds per PCI clock (33 MHz).
 const PCI_CLOCK_NS: u64 = 30;
 const PRELOAD_MASK: u32 = 0xf_ffff;
+/// The shortest stage.
+const MIN_STAGE_NS: u64 = 1_000;
 
 /// The watchdog's registers and countdown state (QEMU's `I6300State`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -112,11 +114,12 @@ impl State {
             | (if self.enabled { ESB_WDT_ENABLE } else { 0 })
     }
 
-    /// Stage `stage`'s length in nanoseconds.
+    /// Stage `stage`'s length in nanoseconds: at least a microsecond, so that a preload of
+    /// 0 in free-running mode does not spin the main loop.
     fn stage_ns(&self, stage: u8) -> u64 {
         let preload = u64::from(if stage <= 1 { self.timer1_preload } else { self.timer2_preload });
         let clocks = preload << if self.clock_1mhz { 5 } else { 15 };
-        clocks * PCI_CLOCK_NS
+        (clocks * PCI_CLOCK_NS).max(MIN_STAGE_NS)
     }
 }
 
@@ -438,7 +441,9 @@ mod tests {
         assert_eq!(s.stage_ns(2), s.stage_ns(1));
         s.clock_1mhz = true;
         s.timer2_preload = 1;
-        assert_eq!(s.stage_ns(2), 32 * 30);
+        assert_eq!(s.stage_ns(2), 1_000, "32 clocks of 30 ns, raised to a microsecond");
+        s.timer2_preload = 2;
+        assert_eq!(s.stage_ns(2), 64 * 30);
         // The largest preload at the slow scale: about 1000 s, no overflow.
         s.clock_1mhz = false;
         s.timer1_preload = PRELOAD_MASK;

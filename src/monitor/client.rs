@@ -244,9 +244,6 @@ pub fn vm_event_message(event: &VmEvent) -> Value {
         VmEvent::GuestPanicked(action) => {
             event_message("GUEST_PANICKED", Some(json!({"action": action.name()})))
         }
-        VmEvent::Watchdog(action) => {
-            event_message("WATCHDOG", Some(json!({"action": action.name()})))
-        }
     }
 }
 

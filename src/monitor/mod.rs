@@ -246,10 +246,10 @@ pub fn console_monitor(machine: &ObjectRef, opts: &Options) -> ConsoleMonitor {
 const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The key an event is throttled by, if it is (`VSERPORT_CHANGE`: its port's id;
-/// `BALLOON_CHANGE`: one for the machine).
+/// `BALLOON_CHANGE`, `WATCHDOG`: one for the machine).
 fn throttle_key(name: &str, data: &Option<serde_json::Value>) -> Option<String> {
     match name {
-        "BALLOON_CHANGE" => Some(String::new()),
+        "BALLOON_CHANGE" | "WATCHDOG" => Some(String::new()),
         "VSERPORT_CHANGE" => Some(
             data.as_ref()
                 .and_then(|d| d["id"].as_str())

@@ -39,6 +39,9 @@ const HANDLER_SIZE: u64 = 0x40;
 const STACK_TOP: u64 = 0x7000;
 const LAPIC_SVR: u32 = 0xfee0_00f0;
 const LAPIC_EOI: u32 = 0xfee0_00b0;
+const LAPIC_LVT_LINT1: u32 = 0xfee0_0360;
+/// An LVT entry delivering NMIs, unmasked.
+const LVT_DM_NMI: u32 = 4 << 8;
 const IOAPIC_REGSEL: u32 = 0xfec0_0000;
 const IOAPIC_WIN: u32 = 0xfec0_0010;
 
@@ -49,6 +52,9 @@ pub struct IrqGuestConfig {
     pub ioapic: Vec<(u8, u8)>,
     /// PIC master IRQs to unmask (bit n = IRQ n); all others stay masked.
     pub pic_unmasked: u8,
+    /// LVT LINT1 as an unmasked NMI (what Linux sets on its boot CPU); else its reset
+    /// value, masked.
+    pub lint1_nmi: bool,
 }
 
 /// The handler of `vector`: `mov dx, MARK_PORT; mov al, vector; out dx, al`, EOI to the
@@ -94,6 +100,9 @@ fn main_code(config: &IrqGuestConfig) -> Vec<u8> {
         a.mov_imm(EAX, u32::from(vector)).store_abs(IOAPIC_WIN, EAX);
         a.mov_imm(EAX, index + 1).store_abs(IOAPIC_REGSEL, EAX);
         a.mov_imm(EAX, 0).store_abs(IOAPIC_WIN, EAX);
+    }
+    if config.lint1_nmi {
+        a.mov_imm(EAX, LVT_DM_NMI).store_abs(LAPIC_LVT_LINT1, EAX);
     }
     a.mov_al(1).out_al(READY_PORT);
     a.mov_imm(EAX, IDLE_ADDR as u32).emit(&[0xff, 0xe0]); // jmp eax
