@@ -846,6 +846,15 @@ impl KvmVm {
                 if let Err(e) = self.vm.set_clock(&data) {
                     log::warn!("KVM_SET_CLOCK: {e}: guest time jumps over the stop");
                 }
+                // KVM_KVMCLOCK_CTRL: the guest's kvmclock tells it the vCPUs were stopped
+                // by the host, so its soft-lockup watchdog does not fire over the pause.
+                // A guest without kvmclock refuses it (EINVAL), as QEMU ignores.
+                drop(stopped);
+                let _ = self
+                    .vcpus
+                    .run_on_all_cpus(std::time::Duration::from_secs(1), |vcpu| {
+                        vcpu.kvmclock_ctrl()
+                    });
             }
         } else if stopped.is_none() {
             match self.vm.get_clock() {
