@@ -216,6 +216,41 @@ fn the_actions_reset_pause_and_power_off_the_machine() {
 }
 
 #[test]
+fn a_guest_firing_it_in_a_loop_gets_one_event_a_second() {
+    let (mut q, mut qmp, bar) = start("esb-flood", &["-action", "watchdog=none"]);
+    // Each arming fires within microseconds and resets the watchdog (preloads and
+    // scale too), and the guest arms it again.
+    let start = Instant::now();
+    for _ in 0..30 {
+        arm(&mut q, bar, 1, true);
+        config_write(&mut q, 0x68, 0x00, 1);
+    }
+    let looped = start.elapsed();
+    qmp.execute("query-status", json!({}));
+    let first_second: usize = qmp
+        .events
+        .iter()
+        .filter(|e| e["event"] == "WATCHDOG")
+        .count();
+    if looped < Duration::from_millis(900) {
+        assert_eq!(first_second, 1, "QEMU throttles WATCHDOG to one a second");
+    }
+    // The last one of the period comes at its end.
+    std::thread::sleep(Duration::from_millis(1200));
+    qmp.execute("query-status", json!({}));
+    let all = qmp
+        .events
+        .iter()
+        .filter(|e| e["event"] == "WATCHDOG")
+        .count();
+    assert!(
+        (2..=3).contains(&all),
+        "{all} events for a guest firing it in a loop"
+    );
+    q.check_alive();
+}
+
+#[test]
 fn bad_watchdog_actions_are_one_line_errors() {
     for (args, message) in [
         (
