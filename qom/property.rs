@@ -71,6 +71,9 @@ pub enum PropertyKind {
     Link(&'static str),
     /// A child in the composition tree, of the given type.
     Child(&'static str),
+    /// A structure of the given QAPI type (`struct tm`), which scalar values cannot carry:
+    /// read-only, its value built by the monitor.
+    Struct(&'static str),
 }
 
 impl PropertyKind {
@@ -85,6 +88,7 @@ impl PropertyKind {
             PropertyKind::Enum(name, _) => (*name).into(),
             PropertyKind::Link(t) => format!("link<{t}>").into(),
             PropertyKind::Child(t) => format!("child<{t}>").into(),
+            PropertyKind::Struct(name) => (*name).into(),
         }
     }
 }
@@ -501,7 +505,7 @@ impl Property {
                     Value::Link(Some(resolve(text)?))
                 }
             }
-            PropertyKind::Child(_) => Value::Str(text.to_string()),
+            PropertyKind::Child(_) | PropertyKind::Struct(_) => Value::Str(text.to_string()),
         };
         self.validate(&value)?;
         Ok(value)

@@ -193,7 +193,10 @@ fn json_value(prop: &Property, v: &Value) -> Result<QomValue, qom::Error> {
         PropertyKind::Uint(_) | PropertyKind::Size => {
             QomValue::Uint(v.as_u64().ok_or_else(|| wrong("integer"))?)
         }
-        PropertyKind::Str | PropertyKind::Enum(..) | PropertyKind::Child(_) => {
+        PropertyKind::Str
+        | PropertyKind::Enum(..)
+        | PropertyKind::Child(_)
+        | PropertyKind::Struct(_) => {
             QomValue::Str(v.as_str().ok_or_else(|| wrong("string"))?.to_string())
         }
         PropertyKind::Link(_) => {

@@ -417,27 +417,45 @@ fn configure_host_options(opts: &Options) -> Result<(), OptionError> {
             }
         }
     }
-    // The RTC runs on the host's UTC clock and discards lost ticks (QEMU's defaults), or
-    // catches up with them under driftfix=slew (libvirt's tickpolicy='catchup').
+    // QEMU's configure_rtc, once over the merged -rtc options (the last value of each key
+    // counts): where the guest's clock starts and what moves it (hw/core/rtc_clock.rs);
+    // lost periodic ticks discarded, or caught up with under driftfix=slew (libvirt's
+    // tickpolicy='catchup'), a global for the RTC.
+    let mut rtc: [Option<(&Located, String)>; 3] = [None, None, None];
     for r in &opts.rtc {
         for (key, value) in split_opts(&r.value, None) {
-            match (key.as_str(), value.as_deref()) {
-                ("base", Some("utc")) | ("clock", Some("host")) | ("driftfix", Some("none")) => {}
-                ("driftfix", Some("slew")) => {
-                    // QEMU's configure_rtc: a global for the RTC.
-                    hw::core::qdev_properties::register_global("mc146818rtc.lost_tick_policy=slew")
-                        .map_err(|e| r.error(e))?;
-                }
-                ("driftfix", Some(other)) => {
-                    return Err(r.error(format!("invalid option value '{other}'")));
-                }
-                ("base" | "clock" | "driftfix", v) => {
-                    let setting = format!("{key}={}", v.unwrap_or_default());
-                    return Err(r.error(HostOptionError::Unsupported(setting)));
-                }
+            let slot = match key.as_str() {
+                "base" => 0,
+                "clock" => 1,
+                "driftfix" => 2,
                 _ => return Err(r.error(HostOptionError::InvalidParameter(key))),
-            }
+            };
+            rtc[slot] = Some((r, value.unwrap_or_default()));
         }
+    }
+    let [base, clock, driftfix] = rtc;
+    let value = |slot: &Option<(&Located, String)>| slot.as_ref().map(|(_, v)| v.clone());
+    if let Err(e) =
+        hw::core::rtc_clock::configure_rtc(value(&base).as_deref(), value(&clock).as_deref())
+    {
+        // The -rtc that gave the refused value.
+        let culprit = match e {
+            hw::core::rtc_clock::RtcOptionError::Datetime => &base,
+            hw::core::rtc_clock::RtcOptionError::Clock(_) => &clock,
+        };
+        if let Some((r, _)) = culprit {
+            return Err(r.error(e));
+        }
+    }
+    match driftfix {
+        Some((r, value)) if value == "slew" => {
+            hw::core::qdev_properties::register_global("mc146818rtc.lost_tick_policy=slew")
+                .map_err(|e| r.error(e))?;
+        }
+        Some((r, value)) if value != "none" => {
+            return Err(r.error(format!("invalid option value '{value}'")));
+        }
+        _ => {}
     }
     // -boot is checked here, before anything is built; the board tells its firmware.
     boot_config(opts)?;

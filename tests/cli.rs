@@ -129,7 +129,13 @@ fn bad_options_are_one_line_errors() {
         (&["-M", "none", "-accel", "qtest", "-action", "foo=bar"], "qomvm: -action foo=bar: Invalid parameter 'foo'\n"),
         (&["-M", "none", "-accel", "qtest", "-action", "reboot=shutdown,shutdown=halt"], "qomvm: -action reboot=shutdown,shutdown=halt: Parameter 'shutdown' does not accept value 'halt'\n"),
         (&["-M", "none", "-accel", "qtest", "-uuid", "1234"], "qomvm: -uuid 1234: Fail to parse UUID string. Wrong format.\n"),
-        (&["-M", "none", "-accel", "qtest", "-rtc", "base=localtime"], "qomvm: -rtc base=localtime: base=localtime is not supported by qomvm\n"),
+        (&["-M", "none", "-accel", "qtest", "-rtc", "base=yesterday"], "qomvm: -rtc base=yesterday: invalid datetime format; valid formats: '2006-06-17T16:01:21' or '2006-06-17'\n"),
+        (&["-M", "none", "-accel", "qtest", "-rtc", "base=2006-06"], "qomvm: -rtc base=2006-06: invalid datetime format; valid formats: '2006-06-17T16:01:21' or '2006-06-17'\n"),
+        (&["-M", "none", "-accel", "qtest", "-rtc", "clock=guest"], "qomvm: -rtc clock=guest: invalid option value 'guest'\n"),
+        // The merged options' last values count, and the base is checked first.
+        (&["-M", "none", "-accel", "qtest", "-rtc", "clock=vm", "-rtc", "clock=x,base=utc", "-rtc", "base=bad"], "qomvm: -rtc base=bad: invalid datetime format; valid formats: '2006-06-17T16:01:21' or '2006-06-17'\n"),
+        (&["-M", "none", "-accel", "qtest", "-rtc", "clock=x", "-rtc", "base=localtime"], "qomvm: -rtc clock=x: invalid option value 'x'\n"),
+        (&["-M", "none", "-accel", "qtest", "-rtc", "base=utc,tz=1"], "qomvm: -rtc base=utc,tz=1: Invalid parameter 'tz'\n"),
         (&["-M", "none", "-accel", "qtest", "-rtc", "driftfix=foo"], "qomvm: -rtc driftfix=foo: invalid option value 'foo'\n"),
         // QEMU's RTC drops or slews; KVM's PIT drops or delays.
         (&["-M", "pc", "-accel", "qtest", "-global", "mc146818rtc.lost_tick_policy=delay"], "qomvm: Invalid lost tick policy.\n"),

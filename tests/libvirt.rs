@@ -743,6 +743,66 @@ fn an_i6300esb_watchdog_starts_under_libvirt_with_its_action() {
     virsh_ok(&["destroy", &dom.name]);
 }
 
+/// `<clock>` as libvirt writes it into `-rtc`: OpenStack's `offset='utc'` is the other
+/// tests'; here a variable clock a day ahead on the guest's own clock (`-rtc
+/// base=<tomorrow>,clock=vm`, what libvirt keeps up to date from `RTC_CHANGE`) and a
+/// local-time one (`base=localtime`, Windows guests). The RTC holds tomorrow's date, read
+/// through QMP's `rtc-time` as libvirt's passthrough gives it.
+#[test]
+fn variable_and_localtime_clocks_start_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let tomorrow = |format: &str| {
+        let out = Command::new("date")
+            .args(["-u", "-d", "+1 day", format])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let clocks = [
+        "<clock offset='variable' adjustment='86400' basis='utc'><timer name='rtc' track='guest'/></clock>",
+        "<clock offset='localtime'/>",
+    ];
+    for clock in clocks {
+        let dom = Domain::new("clock");
+        let (kernel, _) = dom.kernel_and_disk(0);
+        let xml = dom.xml(&kernel);
+        let text = std::fs::read_to_string(&xml).unwrap();
+        let start = text.find("<clock").unwrap();
+        let end = text.find("</clock>").unwrap() + "</clock>".len();
+        std::fs::write(&xml, format!("{}{clock}{}", &text[..start], &text[end..])).unwrap();
+        virsh_ok(&["create", xml.to_str().unwrap()]);
+        dom.expect_banner();
+        let log =
+            std::fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", dom.name)).unwrap();
+        if clock.contains("variable") {
+            let day = tomorrow("+%Y-%m-%d");
+            assert!(
+                log.contains(&format!("-rtc base={day}T")) && log.contains(",clock=vm"),
+                "{log}"
+            );
+            let reply = virsh_ok(&[
+                "qemu-monitor-command",
+                &dom.name,
+                r#"{"execute":"qom-get","arguments":{"path":"/machine","property":"rtc-time"}}"#,
+            ]);
+            let tm: serde_json::Value = serde_json::from_str(&reply).unwrap();
+            let mday: i64 = tomorrow("+%d").parse().unwrap();
+            // Just before midnight the guest's day may have moved on already.
+            let got = tm["return"]["tm_mday"].as_i64().unwrap();
+            assert!(
+                got == mday || tomorrow("+%d").parse::<i64>().unwrap() == got,
+                "{reply}"
+            );
+        } else {
+            assert!(log.contains("-rtc base=localtime"), "{log}");
+        }
+        virsh_ok(&["destroy", &dom.name]);
+    }
+}
+
 /// USB as libvirt gives a pc domain by default and OpenStack asks for a console's pointer:
 /// the default controller (`piix3-uhci`: `-device piix3-usb-uhci,id=usb,bus=pci.0,
 /// addr=0x1.0x2`) with a tablet and a keyboard on its ports (`-device usb-tablet,

@@ -133,7 +133,35 @@ pub struct PcI440fxMachine {
     linux_entry: std::sync::OnceLock<crate::i386::x86_linux::LinuxEntry>,
 }
 
-type_init!(PcI440fxMachine);
+type_init!(PcI440fxMachine {
+    class_init: Some(pc_i440fx_machine_class_init),
+});
+
+static MACHINE_RTC_TIME: qom::StateAccessor<PcI440fxMachine> = qom::StateAccessor {
+    get: |machine, _| {
+        let time = machine.rtc_time().map(crate::rtc::mc146818rtc::rtc_time_text);
+        qom::Value::Str(time.unwrap_or_default())
+    },
+    set: None,
+};
+
+/// QEMU's `rtc-time` alias on the machine (`qom-get /machine rtc-time`).
+fn pc_i440fx_machine_class_init(class: &mut qom::ObjectClass) {
+    <PcMachineState as qom::ClassInitFor<PcI440fxMachine>>::class_init(class);
+    class.add_property(qom::Property::state(
+        "rtc-time",
+        crate::rtc::mc146818rtc::RTC_TIME_KIND,
+        "The time the RTC's registers hold",
+        &MACHINE_RTC_TIME,
+    ));
+}
+
+impl PcI440fxMachine {
+    /// The RTC's `rtc-time`, once the board has its RTC.
+    pub fn rtc_time(&self) -> Option<crate::core::rtc_clock::Tm> {
+        self.rtc.lock().as_ref().map(|rtc| rtc.rtc_time())
+    }
+}
 
 impl MachineImpl for PcI440fxMachine {
     const DESC: &'static str = PC_I440FX_DESC;

@@ -2,8 +2,9 @@
 //! `hw/rtc/mc146818rtc.c`).
 //!
 //! Ports 0x70 (index; bit 7 is the NMI mask, which is not modelled and is dropped) and 0x71
-//! (data). The clock runs on the host's UTC clock plus an offset the guest changes by
-//! setting the time. Time registers read in BCD or binary (register B's DM bit) and 24- or
+//! (data). The clock runs on the clock `-rtc clock=` chose (the host's UTC time by
+//! default) plus an offset that starts where `-rtc base=` says and that the guest changes
+//! by setting the time, which QMP clients learn from `RTC_CHANGE` (`hw/core/rtc_clock.rs`). Time registers read in BCD or binary (register B's DM bit) and 24- or
 //! 12-hour format (bit 1), and the year is kept relative to `base_year` with the century in
 //! CMOS byte 0x32, as QEMU does.
 //!
@@ -20,13 +21,17 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use qom::{type_init, ObjectRef, Prop, Typed};
+use qom::{
+    type_init, ClassInitFor, ObjectClass, ObjectRef, Prop, Property, PropertyKind, StateAccessor, Typed, Value,
+};
 
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::irq::IrqLine;
+use crate::core::qapi_event;
+use crate::core::rtc_clock::{self, Tm};
 use crate::core::qdev_properties::LostTickPolicy;
 use crate::core::runstate::{self, WakeupReason};
 use crate::core::services::MachineServices;
@@ -125,78 +130,11 @@ const SECS_PER_DAY: i64 = 86_400;
 /// device is gone.
 const TIMER_MAX_SLEEP: Duration = Duration::from_secs(1);
 
-/// Host UTC time in nanoseconds since the epoch.
+/// The RTC's clock in nanoseconds (`-rtc clock=`'s; host UTC time by default).
 pub type RtcClock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 fn host_clock() -> RtcClock {
-    Arc::new(|| match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
-    })
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day number since 1970-01-01: (year, month 1-12, day 1-31).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// The broken-down time the registers hold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tm {
-    sec: i64,
-    min: i64,
-    hour: i64,
-    /// 0 = Sunday.
-    wday: i64,
-    mday: i64,
-    /// 1-12.
-    mon: i64,
-    year: i64,
-}
-
-impl Tm {
-    fn from_secs(secs: i64) -> Tm {
-        let days = secs.div_euclid(SECS_PER_DAY);
-        let tod = secs.rem_euclid(SECS_PER_DAY);
-        let (year, mon, mday) = civil_from_days(days);
-        Tm {
-            sec: tod % 60,
-            min: tod / 60 % 60,
-            hour: tod / 3600,
-            // 1970-01-01 was a Thursday.
-            wday: (days + 4).rem_euclid(7),
-            mday,
-            mon,
-            year,
-        }
-    }
-
-    fn to_secs(self) -> i64 {
-        days_from_civil(self.year, self.mon, self.mday) * SECS_PER_DAY
-            + self.hour * 3600
-            + self.min * 60
-            + self.sec
-    }
+    Arc::new(rtc_clock::host_utc_ns)
 }
 
 struct RtcState {
@@ -223,6 +161,11 @@ struct RtcState {
     next_catch_up: Option<i64>,
     irq: IrqLine,
     level: bool,
+    /// The guest set the time: `RTC_CHANGE`'s offset, to send outside the lock.
+    changed: Option<i64>,
+    /// Whether `clock` is the host's UTC clock, which the migration stream's offset is
+    /// from.
+    host_utc_clock: bool,
 }
 
 impl RtcState {
@@ -241,6 +184,8 @@ impl RtcState {
             next_catch_up: None,
             irq: IrqLine::disconnected(),
             level: false,
+            changed: None,
+            host_utc_clock: true,
         };
         s.cmos[RTC_REG_A as usize] = 0x26;
         s.cmos[RTC_REG_B as usize] = REG_B_24H;
@@ -281,6 +226,27 @@ impl RtcState {
 
     fn host_ns(&self) -> i64 {
         (self.clock)()
+    }
+
+    /// The guest's time minus the host's UTC time, what the migration stream carries
+    /// whatever clock either side's RTC runs on; `now` is the RTC clock's time.
+    fn offset_from_host_utc(&self, now: i64) -> i64 {
+        if self.host_utc_clock {
+            return self.offset;
+        }
+        now.saturating_add(self.offset)
+            .saturating_sub(rtc_clock::host_utc_ns())
+    }
+
+    /// The inverse of [`RtcState::offset_from_host_utc`]: the offset from this RTC's
+    /// clock of a migrated one.
+    fn offset_to_clock(&self, from_host_utc: i64, now: i64) -> i64 {
+        if self.host_utc_clock {
+            return from_host_utc;
+        }
+        from_host_utc
+            .saturating_add(rtc_clock::host_utc_ns())
+            .saturating_sub(now)
     }
 
     fn guest_secs(&self) -> i64 {
@@ -344,12 +310,15 @@ impl RtcState {
         }
     }
 
-    /// QEMU's `rtc_set_time`: the clock from the registers (the guest set the time).
+    /// QEMU's `rtc_set_time`: the clock from the registers (the guest set the time), and
+    /// the `RTC_CHANGE` event's offset for the caller to send once the lock is gone.
     fn set_time(&mut self) {
-        let guest = self.get_time().to_secs().saturating_mul(NANOS_PER_SEC);
+        let tm = self.get_time();
+        let guest = tm.to_secs().saturating_mul(NANOS_PER_SEC);
         // Saturating: a guest may write any year and century (found by the device fuzzer).
         self.offset = guest.saturating_sub(self.host_ns());
         self.last_sec = self.guest_secs();
+        self.changed = Some(rtc_clock::timedate_diff(tm));
     }
 
     /// Whether an alarm register matches a value (0xC0-0xFF is "don't care").
@@ -707,6 +676,23 @@ impl Rtc {
         self.state.lock().coalesced
     }
 
+    /// QEMU's `rtc_set_date_from_host`: runs the RTC on `clock` (the one `-rtc clock=`
+    /// chose), starting from the time `-rtc base=` gives.
+    pub fn set_date_from_host(&self, clock: RtcClock) {
+        let mut s = self.state.lock();
+        let now = clock();
+        // Whole seconds from the base, keeping the clock's phase within the second (an RTC
+        // on the host's UTC clock ticks with it).
+        let start = rtc_clock::start_time(now);
+        s.offset = start
+            .saturating_sub(now.div_euclid(NANOS_PER_SEC))
+            .saturating_mul(NANOS_PER_SEC);
+        s.clock = clock;
+        s.host_utc_clock = rtc_clock::rtc_clock_type() == rtc_clock::RtcClockType::Host;
+        s.last_sec = s.guest_secs();
+        s.update_time();
+    }
+
     /// Replaces the clock (tests).
     pub fn set_clock(&self, clock: RtcClock) {
         let mut s = self.state.lock();
@@ -732,7 +718,15 @@ impl Rtc {
             .unwrap_or(0)
     }
 
-    /// The guest's current time, seconds since the epoch (QEMU's `rtc-time` property).
+    /// QEMU's `rtc_get_tm`: the time the registers hold, brought up to date (the
+    /// `rtc-time` property).
+    pub fn rtc_time(&self) -> Tm {
+        let mut s = self.state.lock();
+        s.update_time();
+        s.get_time()
+    }
+
+    /// The guest's current time, seconds since the epoch.
     pub fn guest_time(&self) -> i64 {
         self.state.lock().guest_secs()
     }
@@ -743,14 +737,14 @@ impl Rtc {
     }
 
     /// QEMU's `vmstate_rtc`: CMOS memory, the index, the guest clock's offset from the
-    /// host's, the flags' progress, the periodic timer (relative to now) and the IRQ level.
+    /// host's UTC time, the flags' progress, the periodic timer (relative to now) and the IRQ level.
     pub fn save_state(&self) -> VmStateSection {
         let s = self.state.lock();
         let now = s.host_ns();
         VmStateSection::new(2)
             .with_bytes("cmos", &s.cmos)
             .with("index", s.index)
-            .with("offset_ns", s.offset)
+            .with("offset_ns", s.offset_from_host_utc(now))
             .with("last_sec", s.last_sec)
             .with("periodic_in_ns", s.next_periodic.map(|t| t.saturating_sub(now)))
             .with("irq_level", s.level)
@@ -768,9 +762,9 @@ impl Rtc {
         let mut s = self.state.lock();
         s.cmos = cmos;
         s.index = state.get("index")?;
-        s.offset = state.get("offset_ns")?;
-        s.last_sec = state.get("last_sec")?;
         let now = s.host_ns();
+        s.offset = s.offset_to_clock(state.get("offset_ns")?, now);
+        s.last_sec = state.get("last_sec")?;
         s.next_periodic = periodic.map(|p| now.saturating_add(p));
         // Version 2 added the slew policy's owed ticks.
         if state.version >= 2 {
@@ -807,9 +801,16 @@ impl Rtc {
             s.index = val & 0x7f;
             return;
         }
-        if s.write_data(val) {
-            let wants_timer = s.next_event_in().is_some();
-            drop(s);
+        let replan = s.write_data(val);
+        let changed = s.changed.take();
+        let wants_timer = replan && s.next_event_in().is_some();
+        drop(s);
+        // QEMU 7.2's RTC_CHANGE: the offset alone (libvirt moves a variable clock's
+        // adjustment by it).
+        if let Some(offset) = changed {
+            qapi_event::emit("RTC_CHANGE", Some(qapi_event::json!({ "offset": offset })));
+        }
+        if replan {
             if wants_timer {
                 self.start_timer();
             }
@@ -913,7 +914,32 @@ pub struct Mc146818Rtc {
     rtc: Arc<Rtc>,
 }
 
-type_init!(Mc146818Rtc);
+type_init!(Mc146818Rtc {
+    class_init: Some(mc146818rtc_class_init),
+});
+
+/// `rtc-time`'s scalar stand-in, for the places that print properties as text (the
+/// monitor's `qom-get` returns QEMU's `struct tm`, [`Rtc::rtc_time`]).
+pub fn rtc_time_text(tm: Tm) -> String {
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        tm.year, tm.mon, tm.mday, tm.hour, tm.min, tm.sec
+    )
+}
+
+static RTC_TIME: StateAccessor<Mc146818Rtc> = StateAccessor {
+    get: |dev, _| Value::Str(rtc_time_text(dev.rtc.rtc_time())),
+    set: None,
+};
+
+/// The QAPI type of `rtc-time`.
+pub const RTC_TIME_KIND: PropertyKind = PropertyKind::Struct("struct tm");
+
+/// QEMU's `rtc_realizefn` adds `rtc-time`, the time in the registers.
+fn mc146818rtc_class_init(class: &mut ObjectClass) {
+    <IsaDevice as ClassInitFor<Mc146818Rtc>>::class_init(class);
+    class.add_property(Property::state("rtc-time", RTC_TIME_KIND, "The time the RTC's registers hold", &RTC_TIME));
+}
 
 /// Errors of `mc146818rtc`.
 #[derive(Debug, thiserror::Error)]
@@ -949,6 +975,7 @@ impl DeviceImpl for Mc146818Rtc {
         self.rtc.set_base_year(self.base_year.get().into());
         self.rtc.set_irq(self.parent.irq(ctx, irq.into()));
         let services = ctx.machine()?;
+        self.rtc.set_date_from_host(rtc_clock::rtc_clock(services.vm().clock()));
         let _ = self.rtc.machine.set(Arc::downgrade(services));
         let rtc = Arc::downgrade(&self.rtc);
         services.vm().add_suspend_notifier(Arc::new(move || {
@@ -1060,6 +1087,29 @@ mod tests {
     fn write(rtc: &Arc<Rtc>, reg: u8, val: u8) {
         rtc.write_port(0, reg);
         rtc.write_port(1, val);
+    }
+
+    /// An RTC on a clock other than the host's (`-rtc clock=vm|rt`) migrates its time of
+    /// day, not its offset from a clock the destination's differs from.
+    #[test]
+    fn an_rtc_on_its_own_clock_migrates_its_time_not_its_offset() {
+        let (src, _) = rtc_at(1_000);
+        src.state.lock().host_utc_clock = false;
+        src.state.lock().offset = T0 * NANOS_PER_SEC - 1_000 * NANOS_PER_SEC;
+        assert_eq!(src.guest_time(), T0);
+        let section = src.save_state();
+        // The destination's clock reads something else entirely.
+        let (dst, _) = rtc_at(5);
+        dst.state.lock().host_utc_clock = false;
+        dst.load_state(&section).unwrap();
+        // The host's time moves between the two reads: at most a second here.
+        assert!((dst.guest_time() - T0).abs() <= 1, "{}", dst.guest_time());
+        // On the host's clock the offset goes as it is.
+        let (src, _) = rtc_at(T0);
+        src.state.lock().offset = 3_600 * NANOS_PER_SEC;
+        let (dst, _) = rtc_at(T0);
+        dst.load_state(&src.save_state()).unwrap();
+        assert_eq!(dst.guest_time(), T0 + 3_600);
     }
 
     /// Found by `tests/fuzz_devices.rs`: the guest setting a time far from the host's

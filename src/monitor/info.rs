@@ -482,7 +482,10 @@ pub(crate) fn value_from_json(prop: &Property, v: &Value) -> Result<QomValue, Qm
             QomValue::Uint(v.as_u64().ok_or_else(|| wrong("uint64"))?)
         }
         PropertyKind::Int(_) => QomValue::Int(v.as_i64().ok_or_else(|| wrong("integer"))?),
-        PropertyKind::Str | PropertyKind::Enum(..) | PropertyKind::Child(_) => {
+        PropertyKind::Str
+        | PropertyKind::Enum(..)
+        | PropertyKind::Child(_)
+        | PropertyKind::Struct(_) => {
             QomValue::Str(v.as_str().ok_or_else(|| wrong("string"))?.to_string())
         }
         PropertyKind::Link(_) => {

@@ -249,7 +249,7 @@ const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 /// `BALLOON_CHANGE`, `WATCHDOG`: one for the machine).
 fn throttle_key(name: &str, data: &Option<serde_json::Value>) -> Option<String> {
     match name {
-        "BALLOON_CHANGE" | "WATCHDOG" => Some(String::new()),
+        "BALLOON_CHANGE" | "WATCHDOG" | "RTC_CHANGE" => Some(String::new()),
         "VSERPORT_CHANGE" => Some(
             data.as_ref()
                 .and_then(|d| d["id"].as_str())

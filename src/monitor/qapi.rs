@@ -409,6 +409,10 @@ pub const EVENTS: &[QmpEvent] = &[
         data: &[Arg::required("action", ArgType::Enum(&WATCHDOG_ACTION))],
     },
     QmpEvent {
+        name: "RTC_CHANGE",
+        data: &[Arg::required("offset", ArgType::Int)],
+    },
+    QmpEvent {
         name: "GUEST_CRASHLOADED",
         data: &[Arg::required("action", ArgType::Enum(&GUEST_PANIC_ACTION))],
     },

@@ -721,7 +721,31 @@ fn qom_get(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError>
             return Ok(stats);
         }
     }
+    if property == "rtc-time" {
+        if let Some(tm) = rtc_time(&obj) {
+            return Ok(tm);
+        }
+    }
     Ok(value_to_json(&obj.property_get(property)?))
+}
+
+/// QEMU's `rtc-time` (the RTC's and the machine's alias of it) as a `struct tm`: years
+/// since 1900, months from 0.
+fn rtc_time(obj: &qom::Object) -> Option<Value> {
+    use hw::i386::pc_piix::PcI440fxMachine;
+    use hw::rtc::mc146818rtc::Mc146818Rtc;
+    let tm = match obj.cast::<Mc146818Rtc>() {
+        Some(rtc) => rtc.rtc().rtc_time(),
+        None => obj.cast::<PcI440fxMachine>()?.rtc_time()?,
+    };
+    Some(json!({
+        "tm_year": tm.year - 1900,
+        "tm_mon": tm.mon - 1,
+        "tm_mday": tm.mday,
+        "tm_hour": tm.hour,
+        "tm_min": tm.min,
+        "tm_sec": tm.sec,
+    }))
 }
 
 /// QEMU's `balloon_stats_get_all`: the balloon's `guest-stats` structure, which QOM's

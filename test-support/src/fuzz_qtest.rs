@@ -31,8 +31,18 @@ impl Qtest {
         name: &str,
         extra: &[&str],
     ) -> (Qtest, crate::qmp::QmpClient, std::path::PathBuf) {
+        Qtest::start_with_qmp_env(qomvm, name, &[], extra)
+    }
+
+    /// [`Qtest::start_with_qmp`] with environment variables `env` set for qomvm (`TZ`).
+    pub fn start_with_qmp_env(
+        qomvm: &str,
+        name: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> (Qtest, crate::qmp::QmpClient, std::path::PathBuf) {
         let mut dir = std::path::PathBuf::new();
-        let qt = Qtest::start(qomvm, name, |d| {
+        let qt = Qtest::start_env(qomvm, name, env, |d| {
             dir = d.to_path_buf();
             let mut args = vec![
                 "-qmp".to_string(),
@@ -50,6 +60,16 @@ impl Qtest {
     /// either, and both are a VM's ordinary life), plus the arguments `args` returns for
     /// that directory (where it may put images first).
     pub fn start(qomvm: &str, name: &str, args: impl FnOnce(&Path) -> Vec<String>) -> Qtest {
+        Qtest::start_env(qomvm, name, &[], args)
+    }
+
+    /// [`Qtest::start`] with environment variables `env` set for qomvm.
+    pub fn start_env(
+        qomvm: &str,
+        name: &str,
+        env: &[(&str, &str)],
+        args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Qtest {
         let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -72,6 +92,7 @@ impl Qtest {
             .args(["-no-shutdown", "-action", "panic=none"])
             .args(extra)
             .env("RUST_LOG", "off")
+            .envs(env.iter().copied())
             .current_dir(&dir)
             .stdin(Stdio::null())
             // The serial ports' output (random bytes) is not the test's.
