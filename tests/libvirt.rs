@@ -754,16 +754,22 @@ fn variable_and_localtime_clocks_start_under_libvirt() {
         test_support::skip::skip(reason);
         return;
     }
-    let tomorrow = |format: &str| {
+    // Seconds since the epoch of a UTC date and time, through `date`.
+    let epoch = |when: &str| -> i64 {
         let out = Command::new("date")
-            .args(["-u", "-d", "+1 day", format])
+            .args(["-u", "-d", when, "+%s"])
             .output()
             .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
     };
     let clocks = [
         "<clock offset='variable' adjustment='86400' basis='utc'><timer name='rtc' track='guest'/></clock>",
         "<clock offset='localtime'/>",
+        "<clock offset='timezone' timezone='Asia/Kolkata'/>",
     ];
     for clock in clocks {
         let dom = Domain::new("clock");
@@ -777,27 +783,45 @@ fn variable_and_localtime_clocks_start_under_libvirt() {
         dom.expect_banner();
         let log =
             std::fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", dom.name)).unwrap();
+        // How far the guest's clock is ahead of the host's UTC time.
+        let reply = virsh_ok(&[
+            "qemu-monitor-command",
+            &dom.name,
+            r#"{"execute":"qom-get","arguments":{"path":"/machine","property":"rtc-time"}}"#,
+        ]);
+        let tm: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        let tm = &tm["return"];
+        let field = |name: &str| tm[name].as_i64().unwrap();
+        let guest = epoch(&format!(
+            "{}-{}-{} {}:{}:{}",
+            field("tm_year") + 1900,
+            field("tm_mon") + 1,
+            field("tm_mday"),
+            field("tm_hour"),
+            field("tm_min"),
+            field("tm_sec")
+        ));
+        let ahead = guest - epoch("now");
         if clock.contains("variable") {
-            let day = tomorrow("+%Y-%m-%d");
             assert!(
-                log.contains(&format!("-rtc base={day}T")) && log.contains(",clock=vm"),
+                log.contains("-rtc base=") && log.contains(",clock=vm"),
                 "{log}"
             );
-            let reply = virsh_ok(&[
-                "qemu-monitor-command",
-                &dom.name,
-                r#"{"execute":"qom-get","arguments":{"path":"/machine","property":"rtc-time"}}"#,
-            ]);
-            let tm: serde_json::Value = serde_json::from_str(&reply).unwrap();
-            let mday: i64 = tomorrow("+%d").parse().unwrap();
-            // Just before midnight the guest's day may have moved on already.
-            let got = tm["return"]["tm_mday"].as_i64().unwrap();
+            // A day; on the VM's clock, less the time the domain spent paused while
+            // libvirt set it up.
             assert!(
-                got == mday || tomorrow("+%d").parse::<i64>().unwrap() == got,
-                "{reply}"
+                (86_400 - 120..=86_400 + 2).contains(&ahead),
+                "{ahead} s ahead: {reply}"
             );
         } else {
             assert!(log.contains("-rtc base=localtime"), "{log}");
+        }
+        if clock.contains("Kolkata") {
+            // libvirt gives qomvm the zone in TZ: India is 5:30 ahead, all year.
+            assert!(
+                (19_800 - 30..=19_800 + 2).contains(&ahead),
+                "{ahead} s ahead: {reply}"
+            );
         }
         virsh_ok(&["destroy", &dom.name]);
     }

@@ -631,6 +631,8 @@ pub struct Rtc {
     timer_started: AtomicBool,
     /// The machine an alarm wakes from S3.
     machine: std::sync::OnceLock<Weak<MachineServices>>,
+    /// The device's QOM path, which `RTC_CHANGE` names.
+    qom_path: std::sync::OnceLock<String>,
 }
 
 impl Default for Rtc {
@@ -647,6 +649,7 @@ impl Rtc {
             wake: Condvar::new(),
             timer_started: AtomicBool::new(false),
             machine: std::sync::OnceLock::new(),
+            qom_path: std::sync::OnceLock::new(),
         }
     }
 
@@ -719,7 +722,7 @@ impl Rtc {
     }
 
     /// QEMU's `rtc_get_tm`: the time the registers hold, brought up to date (the
-    /// `rtc-time` property).
+    /// `date` property, the machine's `rtc-time`).
     pub fn rtc_time(&self) -> Tm {
         let mut s = self.state.lock();
         s.update_time();
@@ -737,11 +740,16 @@ impl Rtc {
     }
 
     /// QEMU's `vmstate_rtc`: CMOS memory, the index, the guest clock's offset from the
-    /// host's UTC time, the flags' progress, the periodic timer (relative to now) and the IRQ level.
+    /// host's UTC time, the flags' progress, the periodic timer (relative to now) and the
+    /// IRQ level; an RTC on the VM's or the monotonic clock also sends the guest's time,
+    /// where it goes on from on the destination (as QEMU's, whose virtual clock migrates
+    /// and whose `clock=rt` RTC reloads from its registers), not moved on by the time the
+    /// move took.
     pub fn save_state(&self) -> VmStateSection {
         let s = self.state.lock();
         let now = s.host_ns();
-        VmStateSection::new(2)
+        let guest_ns = (!s.host_utc_clock).then(|| now.saturating_add(s.offset));
+        VmStateSection::new(3)
             .with_bytes("cmos", &s.cmos)
             .with("index", s.index)
             .with("offset_ns", s.offset_from_host_utc(now))
@@ -752,18 +760,28 @@ impl Rtc {
             .with("irq_coalesced", s.coalesced)
             .with("reinjected_on_ack", s.reinjected_on_ack)
             .with("catch_up_in_ns", s.next_catch_up.map(|t| t.saturating_sub(now)))
+            // Version 3.
+            .with("own_clock_guest_ns", guest_ns)
     }
 
     /// Loads [`Rtc::save_state`]'s section; the interrupt thread picks the timers up.
     pub fn load_state(self: &Arc<Self>, state: &VmStateSection) -> Result<(), VmStateError> {
-        state.check_version(1, 2)?;
+        state.check_version(1, 3)?;
         let cmos: [u8; CMOS_SIZE] = state.get_array("cmos")?;
         let periodic: Option<i64> = state.get("periodic_in_ns")?;
         let mut s = self.state.lock();
         s.cmos = cmos;
         s.index = state.get("index")?;
         let now = s.host_ns();
-        s.offset = s.offset_to_clock(state.get("offset_ns")?, now);
+        let own_clock_guest: Option<i64> = if state.version >= 3 {
+            state.get("own_clock_guest_ns")?
+        } else {
+            None
+        };
+        s.offset = match own_clock_guest {
+            Some(guest) if !s.host_utc_clock => guest.saturating_sub(now),
+            _ => s.offset_to_clock(state.get("offset_ns")?, now),
+        };
         s.last_sec = state.get("last_sec")?;
         s.next_periodic = periodic.map(|p| now.saturating_add(p));
         // Version 2 added the slew policy's owed ticks.
@@ -805,10 +823,10 @@ impl Rtc {
         let changed = s.changed.take();
         let wants_timer = replan && s.next_event_in().is_some();
         drop(s);
-        // QEMU 7.2's RTC_CHANGE: the offset alone (libvirt moves a variable clock's
-        // adjustment by it).
+        // libvirt moves a variable clock's adjustment by the offset.
         if let Some(offset) = changed {
-            qapi_event::emit("RTC_CHANGE", Some(qapi_event::json!({ "offset": offset })));
+            let path = self.qom_path.get().cloned().unwrap_or_default();
+            qapi_event::emit("RTC_CHANGE", Some(qapi_event::json!({ "offset": offset, "qom-path": path })));
         }
         if replan {
             if wants_timer {
@@ -918,7 +936,7 @@ type_init!(Mc146818Rtc {
     class_init: Some(mc146818rtc_class_init),
 });
 
-/// `rtc-time`'s scalar stand-in, for the places that print properties as text (the
+/// `date`'s scalar stand-in, for the places that print properties as text (the
 /// monitor's `qom-get` returns QEMU's `struct tm`, [`Rtc::rtc_time`]).
 pub fn rtc_time_text(tm: Tm) -> String {
     format!(
@@ -932,13 +950,14 @@ static RTC_TIME: StateAccessor<Mc146818Rtc> = StateAccessor {
     set: None,
 };
 
-/// The QAPI type of `rtc-time`.
+/// The QAPI type of `date` and the machine's `rtc-time`.
 pub const RTC_TIME_KIND: PropertyKind = PropertyKind::Struct("struct tm");
 
-/// QEMU's `rtc_realizefn` adds `rtc-time`, the time in the registers.
+/// QEMU's `rtc_realizefn` adds `date`, the time in the registers (the machine's
+/// `rtc-time` reads it).
 fn mc146818rtc_class_init(class: &mut ObjectClass) {
     <IsaDevice as ClassInitFor<Mc146818Rtc>>::class_init(class);
-    class.add_property(Property::state("rtc-time", RTC_TIME_KIND, "The time the RTC's registers hold", &RTC_TIME));
+    class.add_property(Property::state("date", RTC_TIME_KIND, "The time the RTC's registers hold", &RTC_TIME));
 }
 
 /// Errors of `mc146818rtc`.
@@ -975,6 +994,9 @@ impl DeviceImpl for Mc146818Rtc {
         self.rtc.set_base_year(self.base_year.get().into());
         self.rtc.set_irq(self.parent.irq(ctx, irq.into()));
         let services = ctx.machine()?;
+        if let Some(path) = ctx.object().canonical_path() {
+            let _ = self.rtc.qom_path.set(path);
+        }
         self.rtc.set_date_from_host(rtc_clock::rtc_clock(services.vm().clock()));
         let _ = self.rtc.machine.set(Arc::downgrade(services));
         let rtc = Arc::downgrade(&self.rtc);
@@ -1090,7 +1112,9 @@ mod tests {
     }
 
     /// An RTC on a clock other than the host's (`-rtc clock=vm|rt`) migrates its time of
-    /// day, not its offset from a clock the destination's differs from.
+    /// day, not its offset from a clock the destination's differs from, and goes on from
+    /// there however long the move took; to an RTC on the host's clock it goes as the
+    /// offset from the host's time.
     #[test]
     fn an_rtc_on_its_own_clock_migrates_its_time_not_its_offset() {
         let (src, _) = rtc_at(1_000);
@@ -1102,7 +1126,12 @@ mod tests {
         let (dst, _) = rtc_at(5);
         dst.state.lock().host_utc_clock = false;
         dst.load_state(&section).unwrap();
-        // The host's time moves between the two reads: at most a second here.
+        assert_eq!(dst.guest_time(), T0);
+        // An RTC on the host's clock takes the guest's offset from the host's time (the
+        // host's time moves between the two reads: at most a second here).
+        let (dst, _) = rtc_at(0);
+        dst.state.lock().clock = host_clock();
+        dst.load_state(&section).unwrap();
         assert!((dst.guest_time() - T0).abs() <= 1, "{}", dst.guest_time());
         // On the host's clock the offset goes as it is.
         let (src, _) = rtc_at(T0);

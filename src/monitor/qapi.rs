@@ -410,7 +410,10 @@ pub const EVENTS: &[QmpEvent] = &[
     },
     QmpEvent {
         name: "RTC_CHANGE",
-        data: &[Arg::required("offset", ArgType::Int)],
+        data: &[
+            Arg::required("offset", ArgType::Int),
+            Arg::required("qom-path", ArgType::Str),
+        ],
     },
     QmpEvent {
         name: "GUEST_CRASHLOADED",

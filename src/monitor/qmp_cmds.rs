@@ -721,22 +721,22 @@ fn qom_get(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError>
             return Ok(stats);
         }
     }
-    if property == "rtc-time" {
-        if let Some(tm) = rtc_time(&obj) {
+    if property == "rtc-time" || property == "date" {
+        if let Some(tm) = rtc_time(&obj, property) {
             return Ok(tm);
         }
     }
     Ok(value_to_json(&obj.property_get(property)?))
 }
 
-/// QEMU's `rtc-time` (the RTC's and the machine's alias of it) as a `struct tm`: years
+/// QEMU's RTC `date` and the machine's `rtc-time` alias of it, as a `struct tm`: years
 /// since 1900, months from 0.
-fn rtc_time(obj: &qom::Object) -> Option<Value> {
+fn rtc_time(obj: &qom::Object, property: &str) -> Option<Value> {
     use hw::i386::pc_piix::PcI440fxMachine;
     use hw::rtc::mc146818rtc::Mc146818Rtc;
-    let tm = match obj.cast::<Mc146818Rtc>() {
-        Some(rtc) => rtc.rtc().rtc_time(),
-        None => obj.cast::<PcI440fxMachine>()?.rtc_time()?,
+    let tm = match property {
+        "date" => obj.cast::<Mc146818Rtc>()?.rtc().rtc_time(),
+        _ => obj.cast::<PcI440fxMachine>()?.rtc_time()?,
     };
     Some(json!({
         "tm_year": tm.year - 1900,
