@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=24
+ASSETS_FORMAT=25
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -30,6 +30,9 @@ ATA_MODULES="ata_piix sd_mod sr_mod virtio_scsi"
 # USB), with evdev to read the input devices and sd for the disks: loaded with
 # qomvm.usb=1 under vmlinuz-generic.
 USB_MODULES="uhci_hcd usbhid hid_generic evdev usb_storage sd_mod"
+# The cloud kernel's virtio input driver and evdev to read its devices: loaded with
+# qomvm.virtioinput=1.
+INPUT_MODULES="virtio_input evdev"
 # The generic kernel's driver for the Intel 82540EM (QEMU's default NIC, e1000; the cloud
 # kernel has none), and its virtio disk and ext4 drivers (modules there, built into the
 # cloud kernel; ext4 asks for a crc32c driver by name, not as a dependency) so that the
@@ -130,6 +133,12 @@ and then, depending on the kernel command line:
                      VALUE", hex) to the first EV_SYN, "usb: keyboard open",
                      then keyboard events until KEY_A goes down (each waits up
                      to 60 s)
+  qomvm.virtioinput=1
+                     loads the virtio input and evdev drivers, then prints
+                     "vinput: name NAME" for each input device and the same
+                     events as qomvm.usbinput=1 from the virtio tablet and
+                     keyboard ("vinput: ready", "vinput: tablet ...",
+                     "vinput: keyboard open", "vinput: keyboard ...")
   qomvm.disktest=DEV:SEED
                      writes the SEED pattern (below) to DEV with O_DIRECT and
                      fsync, reads it back with O_DIRECT, compares, prints
@@ -308,7 +317,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic= usb= usbinput= e1000=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic= usb= usbinput= e1000= vinput=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -337,6 +346,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.usb=1) usb=1 ;;
         qomvm.usbinput=1) usb=1 usbinput=1 ;;
         qomvm.e1000=1) e1000=1 ;;
+        qomvm.virtioinput=1) vinput=1 ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -372,6 +382,7 @@ if [ "$QOMVM_STAGE" != root ] && [ -f /etc/qomvm-modules ]; then
     [ -n "$ata" ] && [ -f /etc/qomvm-modules-ata ] && load_modules /etc/qomvm-modules-ata
     [ -n "$usb" ] && [ -f /etc/qomvm-modules-usb ] && load_modules /etc/qomvm-modules-usb
     [ -n "$e1000" ] && [ -f /etc/qomvm-modules-nic ] && load_modules /etc/qomvm-modules-nic
+    [ -n "$vinput" ] && [ -f /etc/qomvm-modules-input ] && load_modules /etc/qomvm-modules-input
 fi
 
 # qomvm.cdsum=DEV: the MD5 of a CD's whole medium, read through the block device.
@@ -487,49 +498,70 @@ usb_event() {
     fi
 }
 
-# qomvm.usbinput=1: the USB devices the kernel enumerated (their product strings), then
-# the events of the tablet and the keyboard: "usb: ready" once both are open, then each
-# tablet event up to the first report's end (EV_SYN), then keyboard events until KEY_A
-# goes down (the host sends them after "usb: ready").
-if [ "$QOMVM_STAGE" != root ] && [ -n "$usbinput" ]; then
-    tab= kbd= i=0
+# input_events TAG TABLET KEYBOARD: the events of the input devices whose names contain
+# TABLET and KEYBOARD: "TAG: ready" once both are open, then each tablet event up to the
+# first report's end (EV_SYN), then "TAG: keyboard open" and keyboard events until KEY_A
+# goes down (the host sends them after "TAG: ready").
+input_events() {
+    tag=$1 tab= kbd= i=0
     while { [ ! -c "$tab" ] || [ ! -c "$kbd" ]; } && [ $i -lt 200 ]; do
         for e in /sys/class/input/event*; do
             case "$(cat "$e/device/name" 2>/dev/null)" in
-                *"USB Tablet"*) tab=/dev/input/${e##*/} ;;
-                *"USB Keyboard"*) kbd=/dev/input/${e##*/} ;;
+                *"$2"*) tab=/dev/input/${e##*/} ;;
+                *"$3"*) kbd=/dev/input/${e##*/} ;;
             esac
         done
         i=$((i + 1))
         sleep 0.05
     done
+    if [ ! -c "$tab" ] || [ ! -c "$kbd" ]; then
+        echo "$tag: input devices missing (tablet '$tab', keyboard '$kbd')"
+        dmesg | grep -i -E 'usb|uhci|hid|input|virtio' | tail -n 20 | sed "s/^/$tag: dmesg: /"
+        return
+    fi
+    exec 3<"$tab"
+    echo "$tag: ready"
+    n=0
+    while [ $n -lt 16 ]; do
+        ev=$(usb_event)
+        echo "$tag: tablet $ev"
+        case "$ev" in none | "0000 "*) break ;; esac
+        n=$((n + 1))
+    done
+    exec 3<"$kbd"
+    echo "$tag: keyboard open"
+    n=0
+    while [ $n -lt 24 ]; do
+        ev=$(usb_event)
+        echo "$tag: keyboard $ev"
+        case "$ev" in none | "0001 001e 00000001") break ;; esac
+        n=$((n + 1))
+    done
+    exec 3<&-
+}
+
+# qomvm.usbinput=1: the USB devices the kernel enumerated (their product strings), then
+# the events of the USB tablet and keyboard.
+if [ "$QOMVM_STAGE" != root ] && [ -n "$usbinput" ]; then
     for p in /sys/bus/usb/devices/*/product; do
         echo "usb: product $(cat "$p")"
     done
-    if [ ! -c "$tab" ] || [ ! -c "$kbd" ]; then
-        echo "usb: input devices missing (tablet '$tab', keyboard '$kbd')"
-        dmesg | grep -i -E 'usb|uhci|hid|input' | tail -n 20 | sed 's/^/usb: dmesg: /'
-    else
-        exec 3<"$tab"
-        echo "usb: ready"
-        n=0
-        while [ $n -lt 16 ]; do
-            ev=$(usb_event)
-            echo "usb: tablet $ev"
-            case "$ev" in none | "0000 "*) break ;; esac
-            n=$((n + 1))
-        done
-        exec 3<"$kbd"
-        echo "usb: keyboard open"
-        n=0
-        while [ $n -lt 24 ]; do
-            ev=$(usb_event)
-            echo "usb: keyboard $ev"
-            case "$ev" in none | "0001 001e 00000001") break ;; esac
-            n=$((n + 1))
-        done
-        exec 3<&-
-    fi
+    input_events usb "USB Tablet" "USB Keyboard"
+fi
+
+# qomvm.virtioinput=1: the input devices' names, then the events of the virtio tablet
+# and keyboard.
+if [ "$QOMVM_STAGE" != root ] && [ -n "$vinput" ]; then
+    # The devices appear as the driver binds them.
+    i=0
+    while [ "$(ls /sys/class/input/ 2>/dev/null | grep -c event)" -lt 2 ] && [ $i -lt 200 ]; do
+        i=$((i + 1))
+        sleep 0.05
+    done
+    for n in /sys/class/input/input*/name; do
+        echo "vinput: name $(cat "$n")"
+    done
+    input_events vinput "QEMU Virtio Tablet" "QEMU Virtio Keyboard"
 fi
 
 # qomvm.root=DEV: continue from DEV's /init.
@@ -1347,25 +1379,28 @@ copy_module() {
     esac
 }
 
-# guest_modules KDEB KVER KDIR ROOT LIST MODULES [LIST2 MODULES2]: copies MODULES
-# (and MODULES2) and the modules they depend on (modinfo "depends=") from KDEB
+# guest_modules KDEB KVER KDIR ROOT LIST MODULES [LIST2 MODULES2]...: copies MODULES
+# (and each MODULES2) and the modules they depend on (modinfo "depends=") from KDEB
 # (extracted at KDIR for its modules.builtin) into ROOT/lib/modules/KVER/ (same
 # paths as in the package), writes a depmod-style modules.dep there (for
-# modprobe) and the load order, dependencies first, to ROOT/etc/LIST (MODULES2:
-# what they need beyond it, to ROOT/etc/LIST2; paths relative to the modules
-# directory).
+# modprobe) and the load order, dependencies first, to ROOT/etc/LIST (each
+# MODULES2: what it needs beyond LIST, to ROOT/etc/LIST2; paths relative to the
+# modules directory).
 guest_modules() {
-    local kdeb=$1 kver=$2 kdir=$3 root=$4 list=$5 mods=$6 list2=${7:-} mods2=${8:-}
-    local x=$work/kmod p m d name
-    local -A path deps state
+    local kdeb=$1 kver=$2 kdir=$3 root=$4 list=$5 mods=$6
+    shift 6
+    local -a extra=("$@")
+    local x=$work/kmod p m d name k all=$mods
+    local -A path deps state base_state in_dep
     local -a todo order=()
+    for ((k = 1; k < ${#extra[@]}; k += 2)); do all+=" ${extra[k]}"; done
     # Module name (dashes as underscores) -> path in the package.
     while read -r p; do
         name=${p##*/}
         name=${name%%.ko*}
         path[${name//-/_}]=${p#./}
     done < <(dpkg-deb -c "$kdeb" | awk '{ print $6 }' | grep -E "^\./lib/modules/$kver/.*\.ko(\.(xz|gz|zst))?$")
-    read -r -a todo <<<"$mods $mods2"
+    read -r -a todo <<<"$all"
     mkdir -p "$x" "$root/lib/modules/$kver" "$root/etc"
     while [[ ${#todo[@]} -gt 0 ]]; do
         m=${todo[0]}
@@ -1397,29 +1432,39 @@ guest_modules() {
         state[$m]=visited
         order+=("$m")
     }
+    # _gm_write LIST: the load order visited so far into ROOT/etc/LIST, each module's
+    # dependencies into modules.dep once.
+    _gm_write() {
+        local m d
+        # The kernel the list is for, first: the initramfs carries two kernels' modules.
+        echo "# $kver" >"$root/etc/$1"
+        for m in "${order[@]}"; do
+            echo "${path[$m]}" >>"$root/etc/$1"
+            [[ -z ${in_dep[$m]:-} ]] || continue
+            in_dep[$m]=1
+            {
+                printf '%s:' "${path[$m]}"
+                for d in ${deps[$m]}; do [[ ${state[$d]} == builtin ]] || printf ' %s' "${path[$d]}"; done
+                echo
+            } >>"$root/lib/modules/$kver/modules.dep"
+        done
+    }
+    : >"$root/lib/modules/$kver/modules.dep"
     read -r -a todo <<<"$mods"
     for m in "${todo[@]}"; do _gm_visit "$m"; done
-    local base=${#order[@]} i
-    # The second list's load order after the first's: what it needs beyond it.
-    for m in $mods2; do _gm_visit "$m"; done
-    # The kernel the lists are for, first: the initramfs carries two kernels' modules.
-    echo "# $kver" >"$root/etc/$list"
-    [[ -z $list2 ]] || echo "# $kver" >"$root/etc/$list2"
-    : >"$root/lib/modules/$kver/modules.dep"
-    for i in "${!order[@]}"; do
-        m=${order[$i]}
-        if [[ $i -lt $base ]]; then
-            echo "${path[$m]}" >>"$root/etc/$list"
-        else
-            echo "${path[$m]}" >>"$root/etc/$list2"
-        fi
-        {
-            printf '%s:' "${path[$m]}"
-            for d in ${deps[$m]}; do [[ ${state[$d]} == builtin ]] || printf ' %s' "${path[$d]}"; done
-            echo
-        } >>"$root/lib/modules/$kver/modules.dep"
-    done
+    _gm_write "$list"
     qomvm_log "modules for $kver: ${order[*]}"
+    for m in "${!state[@]}"; do base_state[$m]=${state[$m]}; done
+    # Each further list: what its modules need beyond the first list's.
+    for ((k = 0; k < ${#extra[@]}; k += 2)); do
+        for m in "${!state[@]}"; do
+            if [[ -n ${base_state[$m]+set} ]]; then state[$m]=${base_state[$m]}; else unset 'state[$m]'; fi
+        done
+        order=()
+        for m in ${extra[k + 1]}; do _gm_visit "$m"; done
+        _gm_write "${extra[k]}"
+        qomvm_log "modules for $kver (${extra[k]}): ${order[*]}"
+    done
 }
 
 # elf_needs FILE: the sonames FILE needs (DT_NEEDED) and the basename of its
@@ -1720,7 +1765,7 @@ ln -s busybox "$root/bin/sh"
 write_init "$root/init"
 write_portout "$root/bin/qomvm-portout"
 guest_modules "$kdeb" "$kver" "$work/k" "$root" qomvm-modules "${GUEST_MODULES//$'\n'/ }" \
-    qomvm-modules-ata "$ATA_MODULES"
+    qomvm-modules-ata "$ATA_MODULES" qomvm-modules-input "$INPUT_MODULES"
 guest_modules "$gdeb" "$gkver" "$work/g" "$root" qomvm-modules-usb "$USB_MODULES" \
     qomvm-modules-nic "$NIC_MODULES"
 qomvm_mkcpio "$root" "$work/initramfs.cpio.gz" "$bb"

@@ -827,6 +827,35 @@ fn variable_and_localtime_clocks_start_under_libvirt() {
     }
 }
 
+/// `<input type='tablet'|'keyboard' bus='virtio'/>` (KubeVirt's and virt-manager's
+/// virtio input): libvirt finds the devices in the capabilities, adds `-device
+/// virtio-tablet-pci` and `virtio-keyboard-pci` on the PCI bus, and HMP `info pci` shows
+/// them as QEMU's virtio 1.0 input devices.
+#[test]
+fn virtio_input_devices_start_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("vinput");
+    let (kernel, _) = dom.kernel_and_disk(0);
+    let serial = dom.serial_xml();
+    let extra = "<input type='tablet' bus='virtio'/><input type='keyboard' bus='virtio'/>\
+                 <memballoon model='none'/>";
+    let xml = dom.xml_with_devices(&kernel, &serial, extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", dom.name)).unwrap();
+    assert!(log.contains("-device virtio-tablet-pci,id=input0"), "{log}");
+    assert!(
+        log.contains("-device virtio-keyboard-pci,id=input1"),
+        "{log}"
+    );
+    let pci = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info pci"]);
+    assert_eq!(pci.matches("PCI device 1af4:1052").count(), 2, "{pci}");
+    virsh_ok(&["destroy", &dom.name]);
+}
+
 /// USB as libvirt gives a pc domain by default and OpenStack asks for a console's pointer:
 /// the default controller (`piix3-uhci`: `-device piix3-usb-uhci,id=usb,bus=pci.0,
 /// addr=0x1.0x2`) with a tablet and a keyboard on its ports (`-device usb-tablet,

@@ -812,6 +812,72 @@ finish usb
     assert!(out.contains("host: usb: vmm exit status 0"), "{out}");
 }
 
+/// Virtio input as libvirt's `<input type='tablet'|'keyboard' bus='virtio'/>` gives it:
+/// Linux's virtio_input binds `virtio-tablet-pci` and `virtio-keyboard-pci` under QEMU's
+/// names, and what QMP sends (`input-send-event`: a position and a button; `send-key`)
+/// arrives at the guest's evdev devices as the same events, the tablet first among the
+/// pointers (the PS/2 mouse is there too) once its driver runs.
+#[test]
+fn virtio_tablet_and_keyboard_input_reaches_the_guest() {
+    let Some(out) = net_scenario(
+        "virtioinput",
+        r#"
+boot vin "qomvm.virtioinput=1" -device virtio-tablet-pci,id=tab -device virtio-keyboard-pci,id=kbd \
+    -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
+if await vin '^vinput: ready' 300; then
+    qmp qmp.sock '{"execute": "input-send-event", "arguments": {"events": [{"type": "abs", "data": {"axis": "x", "value": 4660}}, {"type": "abs", "data": {"axis": "y", "value": 8192}}, {"type": "btn", "data": {"down": true, "button": "left"}}]}}' \
+        | sed 's/^/host: tablet: /'
+    if await vin '^vinput: keyboard open' 120; then
+        qmp qmp.sock '{"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": "a"}]}}' \
+            | sed 's/^/host: key: /'
+    fi
+fi
+finish vin
+"#,
+        400,
+    ) else {
+        return;
+    };
+    for name in ["QEMU Virtio Tablet", "QEMU Virtio Keyboard"] {
+        assert!(
+            out.contains(&format!("vin: vinput: name {name}")),
+            "{name}:\n{out}"
+        );
+    }
+    let events = |dev: &str| -> Vec<String> {
+        out.lines()
+            .filter_map(|l| {
+                l.split_once(&format!("vin: vinput: {dev} "))
+                    .map(|(_, e)| e.trim().to_string())
+            })
+            .collect()
+    };
+    let tablet = events("tablet");
+    // EV_KEY BTN_LEFT down, EV_ABS ABS_X 0x1234, EV_ABS ABS_Y 0x2000, then EV_SYN.
+    for want in [
+        "0003 0000 00001234",
+        "0003 0001 00002000",
+        "0001 0110 00000001",
+    ] {
+        assert!(
+            tablet.iter().any(|e| e == want),
+            "tablet event {want}:\n{out}"
+        );
+    }
+    assert!(
+        tablet.last().is_some_and(|e| e.starts_with("0000 ")),
+        "the report ends in EV_SYN:\n{out}"
+    );
+    let keyboard = events("keyboard");
+    assert_eq!(
+        keyboard.last().map(String::as_str),
+        Some("0001 001e 00000001"),
+        "KEY_A down:\n{out}"
+    );
+    assert!(out.contains(r#"host: tablet: {"return":{}}"#), "{out}");
+    assert!(out.contains("host: vin: vmm exit status 0"), "{out}");
+}
+
 /// SCSI hotplug as libvirt's `attach-disk --targetbus scsi` does it (`blockdev-add`,
 /// `device_add scsi-hd` on the running adapter's bus, later `device_del`), twice: Linux's
 /// virtio_scsi hears of the unit on the event queue, `sd` binds it and the guest reads

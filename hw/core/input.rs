@@ -136,6 +136,16 @@ impl InputHandlers {
         }
     }
 
+    /// QEMU's `qemu_input_handler_deactivate`: the pointer `id` goes last (its driver
+    /// stopped using it).
+    pub fn deactivate(&self, id: InputHandlerId) {
+        let mut pointers = self.pointers.lock();
+        if let Some(at) = pointers.iter().position(|(i, _)| *i == id) {
+            let entry = pointers.remove(at);
+            pointers.push(entry);
+        }
+    }
+
     /// Takes back a registration (a device that goes).
     pub fn unregister(&self, id: InputHandlerId) {
         self.keyboard.remove(id);

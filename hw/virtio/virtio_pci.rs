@@ -137,6 +137,9 @@ pub enum VirtioPciError {
     /// More vectors than MSI-X allows.
     #[error("vectors={0} is out of range (at most 2048)")]
     TooManyVectors(u32),
+    /// `disable-legacy=off` on a device that has no legacy interface.
+    #[error("device is modern-only, use disable-legacy=on")]
+    ModernOnly,
 }
 
 /// A PCI device type carrying a virtio device (QEMU's `VirtioPCIClass`).
@@ -149,6 +152,9 @@ pub trait VirtioPciImpl: PciDeviceImpl {
     fn default_vectors(&self, device: &dyn VirtioDevice) -> u32 {
         device.queue_max_sizes().len() as u32 + 1
     }
+    /// QEMU's `virtio_pci_force_virtio_1`: the device has no legacy interface (virtio
+    /// 1.0 devices such as virtio-input), whatever the bus.
+    const FORCE_VIRTIO_1: bool = false;
 }
 
 /// The dynamically dispatched half of [`VirtioPciImpl`].
@@ -157,6 +163,8 @@ pub trait VirtioPciOps: Send + Sync {
     fn create_virtio_device(&self, ctx: &DeviceContext) -> Result<Arc<dyn VirtioDevice>, RealizeError>;
     /// [`VirtioPciImpl::default_vectors`].
     fn default_vectors(&self, device: &dyn VirtioDevice) -> u32;
+    /// [`VirtioPciImpl::FORCE_VIRTIO_1`].
+    fn force_virtio_1(&self) -> bool;
 }
 
 impl<T: VirtioPciImpl> VirtioPciOps for T {
@@ -165,6 +173,9 @@ impl<T: VirtioPciImpl> VirtioPciOps for T {
     }
     fn default_vectors(&self, device: &dyn VirtioDevice) -> u32 {
         VirtioPciImpl::default_vectors(self, device)
+    }
+    fn force_virtio_1(&self) -> bool {
+        T::FORCE_VIRTIO_1
     }
 }
 
@@ -266,6 +277,10 @@ impl PciDeviceImpl for VirtioPciProxy {
             .ok_or_else(|| RealizeError::device(VirtioPciError::NoMode))?;
         let device = ops.create_virtio_device(ctx)?;
         let legacy = match self.disable_legacy.get() {
+            OnOffAuto::Off if ops.force_virtio_1() => {
+                return Err(RealizeError::device(VirtioPciError::ModernOnly));
+            }
+            _ if ops.force_virtio_1() => false,
             OnOffAuto::On => false,
             // Conventional PCI (the pc machine's bus) keeps the legacy interface.
             OnOffAuto::Off | OnOffAuto::Auto => true,
