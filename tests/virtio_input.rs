@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use hw::core::input::button;
 use hw::core::machine::{machine_creation_done, machine_state};
+use hw::core::migration::{load_vm, save_vm, Progress};
 use hw::core::qdev::{qdev_new, qdev_realize};
+use hw::core::runstate::{vm_start, vm_stop, RunStatus};
 use qom::ObjectRef;
 use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
 use vm_memory::{Bytes, GuestAddress};
@@ -85,6 +87,14 @@ struct Driver {
 }
 
 impl Driver {
+    /// The same driver, its rings where they were, on a machine the first one moved to.
+    fn moved_to(self, machine: &ObjectRef) -> Driver {
+        Driver {
+            dev: VirtioPciDevice::probe(machine, DEVFN),
+            ..self
+        }
+    }
+
     fn start(machine: &ObjectRef) -> Driver {
         let dev = VirtioPciDevice::probe(machine, DEVFN);
         assert!(dev.negotiate(VERSION_1));
@@ -366,4 +376,32 @@ fn qemus_errors() {
     assert!(try_plug("virtio-keyboard-pci", &[("wheel-axis", "on")])
         .unwrap_err()
         .contains("wheel-axis"));
+}
+
+#[test]
+fn input_goes_on_after_stop_cont_and_on_a_migrations_destination() {
+    let src = plug("virtio-keyboard-pci", &[]);
+    let ms = machine_state(&src).unwrap();
+    vm_start(ms).unwrap();
+    let mut d = Driver::start(&src);
+    d.post(16);
+    input(&src).send_key(0x1e, true);
+    assert_eq!(d.events(2), [(EV_KEY, KEY_A, 1), (EV_SYN, 0, 0)]);
+    // A stop and a start keep the keyboard: its driver did not go.
+    vm_stop(ms, RunStatus::Paused).unwrap();
+    vm_start(ms).unwrap();
+    input(&src).send_key(0x1e, false);
+    assert_eq!(d.events(2), [(EV_KEY, KEY_A, 0), (EV_SYN, 0, 0)]);
+    // Moved: the destination's keyboard writes into the same ring, used index going on.
+    vm_stop(ms, RunStatus::FinishMigrate).unwrap();
+    let mut stream = Vec::new();
+    save_vm(&src, &mut stream, &mut Progress::default()).unwrap();
+    let dst = plug("virtio-keyboard-pci", &[]);
+    load_vm(&dst, &mut stream.as_slice(), None).unwrap();
+    vm_start(machine_state(&dst).unwrap()).unwrap();
+    let mut d = d.moved_to(&dst);
+    input(&dst).send_key(0xc8, true);
+    assert_eq!(d.events(2), [(EV_KEY, KEY_UP, 1), (EV_SYN, 0, 0)]);
+    let used_idx: u16 = d.dev.mem.read_obj(GuestAddress(d.events.used + 2)).unwrap();
+    assert_eq!(used_idx, 6, "2 + 2 + 2 events");
 }
