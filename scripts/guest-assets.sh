@@ -498,22 +498,28 @@ usb_event() {
     fi
 }
 
-# input_events TAG TABLET KEYBOARD: the events of the input devices whose names contain
-# TABLET and KEYBOARD: "TAG: ready" once both are open, then each tablet event up to the
-# first report's end (EV_SYN), then "TAG: keyboard open" and keyboard events until KEY_A
-# goes down (the host sends them after "TAG: ready").
-input_events() {
-    tag=$1 tab= kbd= i=0
+# input_find TABLET KEYBOARD: waits up to 10 s for the input devices whose names contain
+# TABLET and KEYBOARD, and sets tab and kbd to their event devices.
+input_find() {
+    tab= kbd= i=0
     while { [ ! -c "$tab" ] || [ ! -c "$kbd" ]; } && [ $i -lt 200 ]; do
         for e in /sys/class/input/event*; do
             case "$(cat "$e/device/name" 2>/dev/null)" in
-                *"$2"*) tab=/dev/input/${e##*/} ;;
-                *"$3"*) kbd=/dev/input/${e##*/} ;;
+                *"$1"*) tab=/dev/input/${e##*/} ;;
+                *"$2"*) kbd=/dev/input/${e##*/} ;;
             esac
         done
         i=$((i + 1))
         sleep 0.05
     done
+}
+
+# input_events TAG: the events of the devices input_find found: "TAG: ready" once both
+# are open, then each tablet event up to the first report's end (EV_SYN), then "TAG:
+# keyboard open" and keyboard events until KEY_A goes down (the host sends them after
+# "TAG: ready").
+input_events() {
+    tag=$1
     if [ ! -c "$tab" ] || [ ! -c "$kbd" ]; then
         echo "$tag: input devices missing (tablet '$tab', keyboard '$kbd')"
         dmesg | grep -i -E 'usb|uhci|hid|input|virtio' | tail -n 20 | sed "s/^/$tag: dmesg: /"
@@ -543,25 +549,21 @@ input_events() {
 # qomvm.usbinput=1: the USB devices the kernel enumerated (their product strings), then
 # the events of the USB tablet and keyboard.
 if [ "$QOMVM_STAGE" != root ] && [ -n "$usbinput" ]; then
+    input_find "USB Tablet" "USB Keyboard"
     for p in /sys/bus/usb/devices/*/product; do
         echo "usb: product $(cat "$p")"
     done
-    input_events usb "USB Tablet" "USB Keyboard"
+    input_events usb
 fi
 
 # qomvm.virtioinput=1: the input devices' names, then the events of the virtio tablet
 # and keyboard.
 if [ "$QOMVM_STAGE" != root ] && [ -n "$vinput" ]; then
-    # The devices appear as the driver binds them.
-    i=0
-    while [ "$(ls /sys/class/input/ 2>/dev/null | grep -c event)" -lt 2 ] && [ $i -lt 200 ]; do
-        i=$((i + 1))
-        sleep 0.05
-    done
+    input_find "QEMU Virtio Tablet" "QEMU Virtio Keyboard"
     for n in /sys/class/input/input*/name; do
         echo "vinput: name $(cat "$n")"
     done
-    input_events vinput "QEMU Virtio Tablet" "QEMU Virtio Keyboard"
+    input_events vinput
 fi
 
 # qomvm.root=DEV: continue from DEV's /init.
@@ -1389,6 +1391,7 @@ copy_module() {
 guest_modules() {
     local kdeb=$1 kver=$2 kdir=$3 root=$4 list=$5 mods=$6
     shift 6
+    [[ $(($# % 2)) -eq 0 ]] || qomvm_die "guest_modules: a module list without its name"
     local -a extra=("$@")
     local x=$work/kmod p m d name k all=$mods
     local -A path deps state base_state in_dep

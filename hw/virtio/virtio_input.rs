@@ -161,6 +161,25 @@ pub fn qnum_to_linux(qnum: u16) -> Option<u16> {
         0xdc => 126, // right Meta
         0xdd => 127, // Menu (Compose)
         0xde => 116, // Power
+        0x71 => 123, // Hanja (lang2)
+        0x72 => 122, // Hangeul (lang1)
+        0x90 => 165, // previous track
+        0x99 => 163, // next track
+        0xa1 => 140, // calculator
+        0xa2 => 164, // play/pause
+        0xa4 => 166, // stop (media)
+        0xb2 => 172, // browser home
+        0xdf => 142, // sleep
+        0xe3 => 143, // wake
+        0xe5 => 217, // browser search
+        0xe6 => 156, // browser favourites
+        0xe7 => 173, // browser refresh
+        0xe8 => 128, // browser stop
+        0xe9 => 159, // browser forward
+        0xea => 158, // browser back
+        0xeb => 157, // my computer
+        0xec => 155, // mail
+        0xed => 226, // media select
         _ => return None,
     };
     Some(code)
@@ -203,9 +222,11 @@ impl ConfigEntry {
     }
 }
 
-/// QEMU's configuration lists of the three devices (`wheel_axis` picks the v2 ones, whose
-/// pointers have a wheel axis and IDs of version 2).
-fn config_entries(kind: HidKind, wheel_axis: bool, serial: Option<&str>) -> Vec<ConfigEntry> {
+/// QEMU's configuration lists of the three devices: the pointers' v2 ones (a wheel axis, IDs
+/// of version 2) whatever `wheel-axis` says, as QEMU 7.2 picks them in `instance_init`,
+/// before the property is set.
+fn config_entries(kind: HidKind, serial: Option<&str>) -> Vec<ConfigEntry> {
+    let wheel_axis = true;
     let (name, product) = match kind {
         HidKind::Keyboard => ("QEMU Virtio Keyboard", 1u16),
         HidKind::Mouse => ("QEMU Virtio Mouse", 2),
@@ -283,9 +304,10 @@ pub struct VirtioInput {
     context: Arc<AioContext>,
     /// Itself, for the handler it registers as a keyboard when its driver starts.
     this: Weak<VirtioInput>,
-    /// The pointer's registration (a keyboard registers while its driver runs).
-    pointer_id: Mutex<Option<InputHandlerId>>,
-    keyboard_id: Mutex<Option<InputHandlerId>>,
+    /// The registration with the machine's input: from the driver's first start (a
+    /// keyboard's until its reset), and whether a pointer is active (first).
+    input_id: Mutex<Option<InputHandlerId>>,
+    pointer_active: Mutex<bool>,
     /// The LEDs the guest lit (Num, Caps, Scroll Lock as bits 0-2): kept, shown nowhere.
     leds: Arc<Mutex<u8>>,
     /// The buttons of the last pointer report, to send only changes.
@@ -296,12 +318,12 @@ pub struct VirtioInput {
 }
 
 impl VirtioInput {
-    /// A device over `conf`; a pointer registers with the machine's input now, after the
-    /// others, and goes first once its driver starts.
+    /// A device over `conf`. It registers with the machine's input when its driver first
+    /// starts (a failed realize leaves nothing behind).
     pub fn new(conf: VirtioInputConf) -> Arc<Self> {
-        let entries = config_entries(conf.kind, conf.wheel_axis, conf.serial.as_deref());
+        let entries = config_entries(conf.kind, conf.serial.as_deref());
         let config_size = CONFIG_HEADER + entries.iter().map(|e| e.payload.len()).max().unwrap_or(0);
-        let dev = Arc::new_cyclic(|this| VirtioInput {
+        Arc::new_cyclic(|this| VirtioInput {
             kind: conf.kind,
             wheel_axis: conf.wheel_axis,
             entries,
@@ -310,21 +332,13 @@ impl VirtioInput {
             machine: conf.machine,
             context: conf.context,
             this: this.clone(),
-            pointer_id: Mutex::new(None),
-            keyboard_id: Mutex::new(None),
+            input_id: Mutex::new(None),
+            pointer_active: Mutex::new(false),
             leds: Arc::new(Mutex::new(0)),
             buttons: Mutex::new(0),
             status_handler: Mutex::new(Vec::new()),
             running: Mutex::new(None),
-        });
-        let handler = Arc::new(Handler(Arc::downgrade(&dev)));
-        let id = dev.with_input(|input| match dev.kind {
-            HidKind::Keyboard => None,
-            HidKind::Mouse => Some(input.register_mouse(handler)),
-            HidKind::Tablet => Some(input.register_tablet(handler)),
-        });
-        *dev.pointer_id.lock() = id.flatten();
-        dev
+        })
     }
 
     fn with_input<R>(&self, f: impl FnOnce(&InputHandlers) -> R) -> Option<R> {
@@ -339,22 +353,55 @@ impl VirtioInput {
     /// Unregisters from the machine's input (the device goes).
     pub fn unplug(&self) {
         self.stop();
-        if let Some(id) = self.pointer_id.lock().take() {
+        if let Some(id) = self.input_id.lock().take() {
             self.with_input(|input| input.unregister(id));
         }
     }
 
-    /// Stops taking input and serving the status queue (QEMU's `change_active` to
-    /// inactive): the keyboard gives the keys back, a pointer goes last.
+    /// Stops serving the rings: the status queue's handler goes, and once this returns no
+    /// report is being written (the sender holds the ring's lock while it writes).
     fn stop(&self) -> Option<Arc<Running>> {
         self.context.remove_fds(&self.status_handler);
-        if let Some(id) = self.keyboard_id.lock().take() {
-            self.with_input(|input| input.unregister(id));
+        let running = self.running.lock().take()?;
+        running.state.lock().stopped = true;
+        Some(running)
+    }
+
+    /// QEMU's `change_active`: while the driver runs, a keyboard takes the keys and a
+    /// pointer goes first; at a driver reset the keyboard gives them back and the pointer
+    /// goes last. A VM stop keeps both (input is dropped while the rings stand still).
+    fn set_active(&self, active: bool) {
+        let mut id = self.input_id.lock();
+        match (self.kind, active) {
+            (HidKind::Keyboard, true) => {
+                if id.is_none() {
+                    let handler = Arc::new(Handler(self.this.clone()));
+                    *id = self.with_input(|input| input.register_keyboard(handler));
+                }
+            }
+            (HidKind::Keyboard, false) => {
+                if let Some(id) = id.take() {
+                    self.with_input(|input| input.unregister(id));
+                }
+            }
+            (HidKind::Mouse | HidKind::Tablet, _) => {
+                let mut was_active = self.pointer_active.lock();
+                if *was_active == active {
+                    return;
+                }
+                *was_active = active;
+                if id.is_none() {
+                    let handler = Arc::new(Handler(self.this.clone()));
+                    *id = self.with_input(|input| match self.kind {
+                        HidKind::Mouse => input.register_mouse(handler),
+                        _ => input.register_tablet(handler),
+                    });
+                }
+                if let Some(id) = *id {
+                    self.with_input(|input| if active { input.activate(id) } else { input.deactivate(id) });
+                }
+            }
         }
-        if let Some(id) = *self.pointer_id.lock() {
-            self.with_input(|input| input.deactivate(id));
-        }
-        self.running.lock().take()
     }
 
     /// Puts one report (its events and `SYN_REPORT`) in the event queue, or drops it whole
@@ -370,15 +417,10 @@ impl VirtioInput {
     fn pointer_report(&self, axes: [(u16, u16, i32); 2], dz: i32, buttons: u8) {
         let mut events = Vec::with_capacity(8);
         let old = std::mem::replace(&mut *self.buttons.lock(), buttons);
-        for (mask, code) in [(button::LEFT, BTN_LEFT), (button::RIGHT, BTN_RIGHT), (button::MIDDLE, BTN_MIDDLE)] {
+        // In the order QEMU's user interfaces send them: buttons, the wheel, the axes.
+        for (mask, code) in [(button::LEFT, BTN_LEFT), (button::MIDDLE, BTN_MIDDLE), (button::RIGHT, BTN_RIGHT)] {
             if (old ^ buttons) & mask != 0 {
                 events.push((EV_KEY, code, i32::from(buttons & mask != 0)));
-            }
-        }
-        for (ty, code, value) in axes {
-            // Zero motion is no event (Linux drops it anyway).
-            if ty == EV_ABS || value != 0 {
-                events.push((ty, code, value));
             }
         }
         // dz is positive downwards; QEMU's wheel-up is +1.
@@ -389,6 +431,12 @@ impl VirtioInput {
                 let gear = if dz < 0 { BTN_GEAR_UP } else { BTN_GEAR_DOWN };
                 events.push((EV_KEY, gear, 1));
                 events.push((EV_KEY, gear, 0));
+            }
+        }
+        for (ty, code, value) in axes {
+            // Zero motion is no event (Linux drops it anyway).
+            if ty == EV_ABS || value != 0 {
+                events.push((ty, code, value));
             }
         }
         events.push((EV_SYN, SYN_REPORT, 0));
@@ -506,6 +554,7 @@ impl VirtioDevice for VirtioInput {
                 eventq: eventq.queue,
                 statusq,
                 broken: false,
+                stopped: false,
             }),
         });
         if let Some(kick) = status_kick {
@@ -525,31 +574,18 @@ impl VirtioDevice for VirtioInput {
             self.status_handler.lock().push(id);
         }
         *self.running.lock() = Some(running);
-        // QEMU's change_active: the keyboard takes the keys, the pointer goes first.
-        match self.kind {
-            HidKind::Keyboard => {
-                let mut id = self.keyboard_id.lock();
-                if id.is_none() {
-                    let handler = Arc::new(Handler(self.this.clone()));
-                    *id = self.with_input(|input| input.register_keyboard(handler));
-                }
-            }
-            HidKind::Mouse | HidKind::Tablet => {
-                if let Some(id) = *self.pointer_id.lock() {
-                    self.with_input(|input| input.activate(id));
-                }
-            }
-        }
+        self.set_active(true);
         Ok(())
     }
 
     fn reset(&self) {
         self.stop();
+        self.set_active(false);
         *self.buttons.lock() = 0;
     }
 
     /// Events are written as they come, so nothing is in flight: the rings stand where
-    /// the last report left them.
+    /// the last report left them. The device keeps its place in the machine's input.
     fn park(&self) -> Option<Vec<QueuePosition>> {
         let running = self.stop()?;
         let st = running.state.lock();
@@ -585,12 +621,15 @@ struct RunState {
     eventq: Queue,
     statusq: Option<Queue>,
     broken: bool,
+    /// The device stopped (reset, VM stop): a sender that took the device before must
+    /// not write any more.
+    stopped: bool,
 }
 
 impl Running {
     fn send(&self, events: &[(u16, u16, i32)]) {
         let mut st = self.state.lock();
-        if st.broken {
+        if st.broken || st.stopped {
             return;
         }
         match self.write_events(&mut st, events) {
@@ -606,7 +645,8 @@ impl Running {
         let avail = st.eventq.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
         let posted = avail.0.wrapping_sub(st.eventq.next_avail());
         if usize::from(posted) < events.len() {
-            GUEST_ERRORS.warn(|| "virtio-input: the event queue is full, a report dropped".into());
+            // An ordinary moment for a busy guest (QEMU only traces it).
+            log::debug!("virtio-input: the event queue is full, a report dropped");
             return Ok(false);
         }
         for &(ty, code, value) in events {
@@ -633,7 +673,7 @@ impl Running {
     /// The driver's status reports (QEMU's `virtio_input_handle_sts`): LED changes.
     fn serve_status(&self, leds: &Weak<Mutex<u8>>) {
         let mut st = self.state.lock();
-        if st.broken {
+        if st.broken || st.stopped {
             return;
         }
         let result = (|| -> Result<bool, RingError> {
@@ -666,7 +706,7 @@ impl Running {
                 q.add_used(mem, head, len as u32)?;
                 used = true;
             }
-            Ok(used)
+            Ok(used && q.needs_notification(mem)?)
         })();
         match result {
             Ok(true) => self.transport.signal_used_queue(STATUSQ),

@@ -137,9 +137,6 @@ pub enum VirtioPciError {
     /// More vectors than MSI-X allows.
     #[error("vectors={0} is out of range (at most 2048)")]
     TooManyVectors(u32),
-    /// `disable-legacy=off` on a device that has no legacy interface.
-    #[error("device is modern-only, use disable-legacy=on")]
-    ModernOnly,
 }
 
 /// A PCI device type carrying a virtio device (QEMU's `VirtioPCIClass`).
@@ -276,16 +273,14 @@ impl PciDeviceImpl for VirtioPciProxy {
             .and_then(|cast| cast(ctx.object()))
             .ok_or_else(|| RealizeError::device(VirtioPciError::NoMode))?;
         let device = ops.create_virtio_device(ctx)?;
+        // QEMU's virtio_pci_force_virtio_1 overrides both properties, whatever they say.
         let legacy = match self.disable_legacy.get() {
-            OnOffAuto::Off if ops.force_virtio_1() => {
-                return Err(RealizeError::device(VirtioPciError::ModernOnly));
-            }
             _ if ops.force_virtio_1() => false,
             OnOffAuto::On => false,
             // Conventional PCI (the pc machine's bus) keeps the legacy interface.
             OnOffAuto::Off | OnOffAuto::Auto => true,
         };
-        let modern = !self.disable_modern.get();
+        let modern = ops.force_virtio_1() || !self.disable_modern.get();
         if !legacy && !modern {
             return Err(RealizeError::device(VirtioPciError::NoMode));
         }
