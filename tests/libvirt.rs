@@ -856,6 +856,61 @@ fn virtio_input_devices_start_under_libvirt() {
     virsh_ok(&["destroy", &dom.name]);
 }
 
+/// `<shmem><model type='ivshmem-plain'/>` (Looking Glass's frame buffer): libvirt adds a
+/// `memory-backend-file` on `/dev/shm/NAME` with `share` and `-device ivshmem-plain`; what
+/// the host writes into the file, the guest sees at BAR 2 (read back through HMP `xp`).
+#[test]
+fn an_ivshmem_plain_shared_memory_starts_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("shmem");
+    let (kernel, _) = dom.kernel_and_disk(0);
+    let serial = dom.serial_xml();
+    let shm = format!("qomvm-test-{}", std::process::id());
+    let extra = format!(
+        "<shmem name='{shm}'><model type='ivshmem-plain'/><size unit='M'>4</size></shmem>\
+         <memballoon model='none'/>"
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", dom.name)).unwrap();
+    assert!(log.contains("ivshmem-plain"), "{log}");
+    let path = format!("/dev/shm/{shm}");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&0x5157_4d56_4d4f_4951u64.to_le_bytes(), 0)
+            .unwrap();
+    }
+    let pci = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info pci"]);
+    let at = pci
+        .find("PCI device 1af4:1110")
+        .unwrap_or_else(|| panic!("{pci}"));
+    let bar2 = pci[at..]
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("BAR2: 64 bit prefetchable memory at ")
+        })
+        .unwrap_or_else(|| panic!("{pci}"));
+    let addr = bar2.split_whitespace().next().unwrap();
+    let words = virsh_ok(&[
+        "qemu-monitor-command",
+        "--hmp",
+        &dom.name,
+        &format!("xp /2wx {addr}"),
+    ]);
+    assert!(
+        words.contains("0x4d4f4951") && words.contains("0x51574d56"),
+        "{words}"
+    );
+    virsh_ok(&["destroy", &dom.name]);
+    let _ = std::fs::remove_file(&path);
+}
+
 /// USB as libvirt gives a pc domain by default and OpenStack asks for a console's pointer:
 /// the default controller (`piix3-uhci`: `-device piix3-usb-uhci,id=usb,bus=pci.0,
 /// addr=0x1.0x2`) with a tablet and a keyboard on its ports (`-device usb-tablet,

@@ -2,11 +2,15 @@
 //! QEMU's common properties (`size`, `share`, `prealloc`, `dump`, `merge`). Its subtypes
 //! (`memory-backend-ram`, `memory-backend-file`) are user-creatable objects; completing
 //! one maps its memory, as QEMU allocates a backend's RAM block when the object completes.
-//! qomvm has nothing yet that takes guest RAM from a backend (`-machine memory-backend=`,
-//! NUMA nodes, DIMMs): a backend holds its mapping until `object-del`.
+//! A device that maps a backend's memory into the guest (`ivshmem-plain`'s `memdev`) marks
+//! it mapped (QEMU's `host_memory_backend_set_mapped`): no second device takes it, and
+//! `object-del` refuses it while the device lives. Guest RAM from a backend
+//! (`-machine memory-backend=`, NUMA nodes, DIMMs) is not there yet.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use qom::{type_init, ObjectBase, Prop, Size, UserCreatable};
@@ -146,7 +150,9 @@ pub struct HostMemoryBackend {
     dump: Prop<bool>,
     #[property(default = true, desc = "Mark memory as mergeable")]
     merge: Prop<bool>,
-    memory: Mutex<Option<HostMemory>>,
+    memory: Mutex<Option<Arc<HostMemory>>>,
+    /// A device maps the memory into the guest.
+    mapped: AtomicBool,
 }
 
 type_init!(HostMemoryBackend);
@@ -190,8 +196,23 @@ impl HostMemoryBackend {
         if self.prealloc.get() {
             memory.prealloc().map_err(HostMemError::Prealloc)?;
         }
-        *self.memory.lock() = Some(memory);
+        *self.memory.lock() = Some(Arc::new(memory));
         Ok(())
+    }
+
+    /// The memory, once completed; it stays mapped while a holder of it lives.
+    pub fn memory(&self) -> Option<Arc<HostMemory>> {
+        self.memory.lock().clone()
+    }
+
+    /// QEMU's `host_memory_backend_is_mapped`: a device maps it into the guest.
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.load(Ordering::Acquire)
+    }
+
+    /// QEMU's `host_memory_backend_set_mapped`.
+    pub fn set_mapped(&self, mapped: bool) {
+        self.mapped.store(mapped, Ordering::Release);
     }
 
     /// The mapped memory's address and length, once completed.

@@ -48,6 +48,11 @@ pub enum HostMemFileError {
 }
 
 impl UserCreatable for MemoryBackendFile {
+    /// QEMU's `host_memory_backend_can_be_deleted`: not while a device maps it.
+    fn can_be_deleted(&self) -> bool {
+        !self.parent.is_mapped()
+    }
+
     /// QEMU's `file_backend_memory_alloc`.
     fn complete(&self) -> Result<(), qom::Error> {
         let path = self

@@ -19,6 +19,11 @@ pub struct MemoryBackendRam {
 type_init!(MemoryBackendRam);
 
 impl UserCreatable for MemoryBackendRam {
+    /// QEMU's `host_memory_backend_can_be_deleted`: not while a device maps it.
+    fn can_be_deleted(&self) -> bool {
+        !self.parent.is_mapped()
+    }
+
     /// QEMU's `ram_backend_memory_alloc`.
     fn complete(&self) -> Result<(), qom::Error> {
         self.parent.map_memory(None).map_err(qom::Error::other)

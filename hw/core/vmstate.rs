@@ -23,6 +23,9 @@ pub enum VmStateError {
     /// The device type cannot be migrated (QEMU's message for an unmigratable device).
     #[error("State blocked by non-migratable device '{0}'")]
     Unmigratable(String),
+    /// A device's migration blocker, in its own words (QEMU's `migrate_add_blocker`).
+    #[error("{0}")]
+    Blocked(String),
     /// A field the loading device needs is not in the section.
     #[error("field '{0}' is missing")]
     MissingField(String),

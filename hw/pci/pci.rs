@@ -104,12 +104,25 @@ pub enum BarKind {
     Mem32,
     /// 32-bit prefetchable memory (QEMU's `PCI_BASE_ADDRESS_MEM_PREFETCH`): a framebuffer.
     Mem32Prefetch,
+    /// 64-bit prefetchable memory (`PCI_BASE_ADDRESS_MEM_TYPE_64`): the BAR takes the next
+    /// one's dword for its upper half (shared memory, large windows).
+    Mem64Prefetch,
 }
 
 impl BarKind {
     /// Whether the BAR decodes memory (not ports).
     pub fn is_memory(self) -> bool {
         self != BarKind::Io
+    }
+
+    /// Whether it is prefetchable memory.
+    pub fn is_prefetch(self) -> bool {
+        matches!(self, BarKind::Mem32Prefetch | BarKind::Mem64Prefetch)
+    }
+
+    /// Whether it is a 64-bit BAR.
+    pub fn is_64bit(self) -> bool {
+        self == BarKind::Mem64Prefetch
     }
 }
 
@@ -584,6 +597,14 @@ pub enum PciError {
         /// The size.
         size: u64,
     },
+    /// A 64-bit BAR in the last slot, or over another BAR.
+    #[error("PCI BAR {bar} of '{driver}': a 64-bit BAR needs the next BAR's slot too")]
+    Bar64NoRoom {
+        /// The BAR.
+        bar: usize,
+        /// The device.
+        driver: String,
+    },
 }
 
 /// Sets how INTx is routed on `bus`, a `PCI` bus the host bridge created with `qbus_new`
@@ -801,11 +822,21 @@ impl PciDevice {
             BarKind::Io => (0x1u32, !(size as u32 - 1) & !0x3),
             BarKind::Mem32 => (0x0u32, !(size as u32 - 1) & !0xf),
             BarKind::Mem32Prefetch => (0x8u32, !(size as u32 - 1) & !0xf),
+            BarKind::Mem64Prefetch => (0xcu32, !(size - 1) as u32 & !0xf),
         };
+        if kind.is_64bit() && (index + 1 >= PCI_NUM_BARS || self.bars.lock()[index + 1].is_some()) {
+            return Err(RealizeError::device(PciError::Bar64NoRoom { bar: index, driver: self.type_name().into() }));
+        }
         {
             let mut space = self.config.lock();
             space.bytes[offset..offset + 4].copy_from_slice(&flags.to_le_bytes());
             space.wmask[offset..offset + 4].copy_from_slice(&mask.to_le_bytes());
+            if kind.is_64bit() {
+                // The upper dword: the size's upper bits, writable above it.
+                let high = ((!(size - 1)) >> 32) as u32;
+                space.bytes[offset + 4..offset + 8].fill(0);
+                space.wmask[offset + 4..offset + 8].copy_from_slice(&high.to_le_bytes());
+            }
         }
         self.bars.lock()[index] = Some(Bar {
             kind,
@@ -821,11 +852,12 @@ impl PciDevice {
         let bars = self.bars.lock();
         let bar = bars.get(index)?.as_ref()?;
         let raw = self.raw_region(index);
-        Some(u64::from(match bar.kind {
-            _ if index == PCI_ROM_SLOT => raw & !0x7ff,
-            BarKind::Io => raw & !0x3,
-            BarKind::Mem32 | BarKind::Mem32Prefetch => raw & !0xf,
-        }))
+        Some(match bar.kind {
+            _ if index == PCI_ROM_SLOT => u64::from(raw & !0x7ff),
+            BarKind::Io => u64::from(raw & !0x3),
+            BarKind::Mem32 | BarKind::Mem32Prefetch => u64::from(raw & !0xf),
+            BarKind::Mem64Prefetch => u64::from(raw & !0xf) | u64::from(self.raw_region(index + 1)) << 32,
+        })
     }
 
     /// The raw configuration dword of region `index`.
@@ -980,7 +1012,7 @@ impl PciDevice {
             };
             let (enabled, space) = match bar.kind {
                 BarKind::Io => (command & config::COMMAND_IO != 0, &io),
-                BarKind::Mem32 | BarKind::Mem32Prefetch => {
+                BarKind::Mem32 | BarKind::Mem32Prefetch | BarKind::Mem64Prefetch => {
                     (command & config::COMMAND_MEMORY != 0 && rom_enabled, &memory)
                 }
             };
@@ -988,10 +1020,11 @@ impl PciDevice {
             // An address of 0, or one whose range wraps or is the sizing pattern, is unmapped:
             // for a memory BAR that is any range reaching 0xffffffff (QEMU's
             // `pci_bar_address`), which a BAR being sized with decoding on (iPXE does) shows.
-            let fits = if bar.kind == BarKind::Io {
-                addr + size <= 0x1_0000
-            } else {
-                addr + size < 1u64 << 32
+            let fits = match bar.kind {
+                BarKind::Io => addr + size <= 0x1_0000,
+                // Below the 52 bits of physical address x86 allows; all ones (sizing) wraps.
+                BarKind::Mem64Prefetch => addr.checked_add(size).is_some_and(|end| end <= 1u64 << 52),
+                _ => addr + size < 1u64 << 32,
             };
             let wanted = (enabled && addr != 0 && fits).then_some(addr);
             if wanted == bar.mapped_at {
@@ -1329,6 +1362,9 @@ pub fn pci_assign_bars(bus: &Object) {
                 _ => dev.read_config(offset, 4) & 0xf,
             };
             dev.config_set(offset, &(addr as u32 | flags).to_le_bytes());
+            if kind.is_64bit() {
+                dev.config_set(offset + 4, &((addr >> 32) as u32).to_le_bytes());
+            }
             command |= if kind == BarKind::Io {
                 config::COMMAND_IO
             } else {

@@ -329,6 +329,12 @@ const COMMANDS: &[HmpCommand] = &[
         },
     },
     HmpCommand {
+        names: "xp",
+        params: "/fmt addr",
+        help: "physical memory dump starting at 'addr'",
+        run: xp,
+    },
+    HmpCommand {
         names: "nmi",
         params: "",
         help: "inject an NMI",
@@ -1315,6 +1321,121 @@ fn expire_password(
         qmp_args.insert("display".into(), d.into());
     }
     qmp_cmds::qmp_expire_password(ctx, &qmp_args).map(drop)
+}
+
+/// The most `xp` prints at once: a monitor command must not hold the monitor for long.
+const XP_MAX_BYTES: u64 = 1 << 20;
+
+/// `xp`'s format and unit size when a command gives none: QEMU's `last_format` and
+/// `last_size`, the process's (every monitor and `human-monitor-command` share them); 0
+/// before the first, hexadecimal words.
+static XP_LAST: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// QEMU's `memory_dump` for `xp /FMT ADDR`: FMT is a count, a format (`x` hex, `d`
+/// signed, `u` unsigned, `o` octal, `c` characters) and a unit (`b`, `h`, `w`, `g`), in
+/// any order after the count; what is left out is the last command's.
+fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Result<(), QmpError> {
+    let (fmt, addr) = match args {
+        [fmt, addr, ..] if fmt.starts_with('/') => (&fmt[1..], *addr),
+        [addr, ..] => ("", *addr),
+        [] => return Err(missing("addr")),
+    };
+    let digits = fmt.bytes().take_while(u8::is_ascii_digit).count();
+    let count: u64 = if digits == 0 {
+        1
+    } else {
+        fmt[..digits].parse().unwrap_or(u64::MAX)
+    };
+    let [mut format, mut size] = XP_LAST
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .to_le_bytes();
+    for c in fmt[digits..].bytes() {
+        match c {
+            b'x' | b'd' | b'u' | b'o' | b'c' => format = c,
+            b'b' => size = 1,
+            b'h' => size = 2,
+            b'w' => size = 4,
+            b'g' => size = 8,
+            b'i' => {
+                return Err(QmpError::Failed(
+                    "format 'i' (disassembly) is not supported by qomvm".into(),
+                ))
+            }
+            _ => {
+                return Err(QmpError::Failed(format!(
+                    "invalid char in format: '{}'",
+                    c as char
+                )))
+            }
+        }
+    }
+    if format == 0 {
+        format = b'x';
+    }
+    if size == 0 {
+        size = 4;
+    }
+    XP_LAST.store(
+        u16::from_le_bytes([format, size]),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let wsize = if format == b'c' { 1 } else { size };
+    let addr =
+        parse_u64(addr).ok_or_else(|| QmpError::Failed(format!("invalid address: '{addr}'")))?;
+    let mut len = count.saturating_mul(u64::from(wsize)).min(XP_MAX_BYTES);
+    let line_size = if wsize == 1 { 8 } else { 16 };
+    let bits = u32::from(wsize) * 8;
+    let max_digits = match format {
+        b'o' => bits.div_ceil(3),
+        b'u' | b'd' => (bits * 10).div_ceil(33),
+        _ => bits / 4,
+    } as usize;
+    let services = ctx.vm.machine_state().services();
+    let mut at = addr;
+    let mut buf = [0u8; 16];
+    while len > 0 {
+        let l = len.min(line_size) as usize;
+        let _ = write!(out, "{at:016x}:");
+        services.read_physical(at, &mut buf[..l]);
+        for chunk in buf[..l].chunks(usize::from(wsize)) {
+            let mut bytes = [0u8; 8];
+            bytes[..chunk.len()].copy_from_slice(chunk);
+            let v = u64::from_le_bytes(bytes);
+            let _ = match format {
+                // C's %#o: a leading 0 unless the value is 0.
+                b'o' if v == 0 => write!(out, " {:>max_digits$}", 0),
+                b'o' => write!(out, " {:>max_digits$}", format!("0{v:o}")),
+                b'u' => write!(out, " {v:>max_digits$}"),
+                b'd' => {
+                    // Sign-extended from the unit's width.
+                    let shift = 64 - bits;
+                    write!(out, " {:>max_digits$}", ((v << shift) as i64) >> shift)
+                }
+                // QEMU's monitor_printc.
+                b'c' => match v as u8 {
+                    b'\'' => write!(out, " '\\''"),
+                    b'\\' => write!(out, " '\\\\'"),
+                    b'\n' => write!(out, " '\\n'"),
+                    b'\r' => write!(out, " '\\r'"),
+                    c @ 0x20..=0x7e => write!(out, " '{}'", c as char),
+                    c => write!(out, " '\\x{c:02x}'"),
+                },
+                _ => write!(out, " 0x{v:0max_digits$x}"),
+            };
+        }
+        out.push('\n');
+        at = at.wrapping_add(l as u64);
+        len -= l as u64;
+    }
+    Ok(())
+}
+
+/// A number as HMP takes addresses: decimal, or hexadecimal with `0x`.
+fn parse_u64(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
 }
 
 fn missing(name: &str) -> QmpError {

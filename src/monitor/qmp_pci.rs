@@ -61,8 +61,8 @@ pub fn query_pci(machine: &ObjectRef) -> Value {
                         "size": size,
                     });
                     if kind.is_memory() {
-                        region["prefetch"] = (kind == BarKind::Mem32Prefetch).into();
-                        region["mem_type_64"] = false.into();
+                        region["prefetch"] = kind.is_prefetch().into();
+                        region["mem_type_64"] = kind.is_64bit().into();
                     }
                     region
                 })
