@@ -111,6 +111,15 @@ fn the_guest_and_the_host_share_the_file_through_bar_2() {
     assert_eq!(mem.read(REGS + 4, 4), 0x5);
     assert_eq!(mem.read(REGS + 4, 4), 0);
     assert_eq!(mem.read(REGS + 8, 4), 0);
+    // QEMU serves them 4 bytes at a time: an 8-byte read is mask and status (and clears
+    // the status); a narrow read at an offset that names no register reads 0.
+    mem.write(REGS + 4, 0x7, 4);
+    assert_eq!(mem.read(REGS + 5, 1), 0);
+    assert_eq!(mem.read(REGS, 8), 0x7_ffff_ffff);
+    assert_eq!(mem.read(REGS + 4, 4), 0);
+    // A narrow write at 6 is a 4-byte write of its value to the status.
+    mem.write(REGS + 6, 0x3, 2);
+    assert_eq!(mem.read(REGS + 4, 4), 0x3);
     // Sizing BAR 2 the way firmware does: all ones in both halves.
     cfg.write(0x04, 0, 2);
     cfg.write(0x18, 0xffff_ffff, 4);
@@ -125,6 +134,7 @@ fn the_guest_and_the_host_share_the_file_through_bar_2() {
         "object 'shm-share' is in use, can not be deleted"
     );
     drop(backend);
+    let _ = std::fs::remove_file(&path);
 }
 
 #[test]
@@ -145,6 +155,7 @@ fn qemus_errors() {
     // Once the device goes, the backend is free again.
     qdev_unrealize(&dev);
     qom::user_creatable_del("shm-busy").unwrap();
+    let _ = std::fs::remove_file(&path);
 }
 
 #[test]
@@ -179,6 +190,9 @@ fn a_peer_blocks_migration_and_a_master_moves_the_contents() {
         .unwrap();
     assert_eq!(u64::from_le_bytes(word), 0x1122_3344_5566_7788);
     assert_eq!(guest(&dst).read(SHMEM + 64, 8), 0x1122_3344_5566_7788);
+    for p in [path, src_path, dst_path] {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// The command line libvirt writes (`-object memory-backend-file,...,share=on -device
@@ -220,7 +234,8 @@ fn the_command_line_and_hmp_xp_show_the_shared_file() {
         hmp("xp /4hu 0x1000"),
         "0000000000001000:   258 32768 32767  2625\r\n"
     );
-    assert_eq!(hmp("xp /2hd 0x1002"), "0000000000001002: -32768 32767\r\n");
+    // QEMU loads units zero-extended: `d` shows 0x8000 as 32768.
+    assert_eq!(hmp("xp /2hd 0x1002"), "0000000000001002: 32768 32767\r\n");
     assert_eq!(hmp("xp /1bo 0x1001"), "0000000000001001:  01\r\n");
     assert_eq!(hmp("xp /2c 0x1006"), "0000000000001006: 'A' '\\n'\r\n");
     // The last format and unit stay; sixteen bytes a line.
@@ -232,6 +247,12 @@ fn the_command_line_and_hmp_xp_show_the_shared_file() {
         ) + "0000000000001008: '\\x00'\r\n"
     );
     assert!(hmp("xp /2z 0x1000").contains("invalid char in format: 'z'"));
+    // No space after the name; `c` with a word unit reads count * 4 bytes, as QEMU's.
+    assert_eq!(
+        hmp("xp/2wc 0x1004"),
+        r"0000000000001004: '\xff' '\x7f' 'A' '\n' '\x00' '\x00' '\x00' '\x00'".to_string()
+            + "\r\n"
+    );
     // BAR 2 where firmware would put it, decoding on: the guest sees the host's bytes.
     let cfg = |reg: u32| format!("outl 0xcf8 {:#x}", 0x8000_0000u32 | (4 << 11) | reg);
     q.cmd(cfg(0x18));
@@ -245,4 +266,5 @@ fn the_command_line_and_hmp_xp_show_the_shared_file() {
         "00000000e0000000: 0x564d4f51 0x5356494d\r\n"
     );
     q.check_alive();
+    let _ = std::fs::remove_file(&path);
 }

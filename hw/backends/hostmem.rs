@@ -210,6 +210,13 @@ impl HostMemoryBackend {
         self.mapped.load(Ordering::Acquire)
     }
 
+    /// Marks it mapped unless it is already: whether this caller got it.
+    pub fn claim(&self) -> bool {
+        self.mapped
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// QEMU's `host_memory_backend_set_mapped`.
     pub fn set_mapped(&self, mapped: bool) {
         self.mapped.store(mapped, Ordering::Release);

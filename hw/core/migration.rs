@@ -133,6 +133,12 @@ pub fn device_states(machine: &ObjectRef) -> Result<BTreeMap<String, (String, Vm
 /// Fails with the first thing that blocks migrating `machine`: a device that cannot move,
 /// or an accelerator without migration support.
 pub fn check_migratable(machine: &ObjectRef) -> Result<(), MigrationError> {
+    // The devices' blockers first, as QEMU's blocker list comes before any state.
+    for (_, dev) in devices(machine) {
+        if let Some(why) = device_impl(&dev).and_then(|d| d.migration_blocker()) {
+            return Err(VmStateError::Blocked(why).into());
+        }
+    }
     device_states(machine)?;
     let ms = machine_state(machine).ok_or_else(|| MigrationError::Stream("not a machine".into()))?;
     if let Some(ops) = ms.accel_ops() {

@@ -141,6 +141,11 @@ pub trait DeviceImpl: ObjectType<Parent: DeviceParent> {
         }
         Err(VmStateError::Unmigratable(Self::TYPE_NAME.to_string()))
     }
+    /// QEMU's `migrate_add_blocker` by a realized device: why its machine cannot migrate
+    /// now, in its own words, checked before any state is saved.
+    fn migration_blocker(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What a device type's parent offers it to inherit and chain to: a device type, or the
@@ -206,6 +211,8 @@ pub trait Device: Send + Sync {
     fn save_state(&self) -> Result<VmStateSection, VmStateError>;
     /// [`DeviceImpl::load_state`].
     fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError>;
+    /// [`DeviceImpl::migration_blocker`].
+    fn migration_blocker(&self) -> Option<String>;
 }
 
 impl<T: DeviceImpl> Device for T {
@@ -223,6 +230,9 @@ impl<T: DeviceImpl> Device for T {
     }
     fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
         DeviceImpl::load_state(self, state)
+    }
+    fn migration_blocker(&self) -> Option<String> {
+        DeviceImpl::migration_blocker(self)
     }
 }
 

@@ -80,30 +80,47 @@ struct Registers {
 
 struct RegisterOps(Arc<Mutex<Registers>>);
 
-impl MemoryRegionOps for RegisterOps {
-    /// QEMU's `ivshmem_io_read` (4-byte registers; narrower reads see their bytes).
-    fn read(&self, offset: u64, size: u32) -> u64 {
+impl RegisterOps {
+    /// QEMU's `ivshmem_io_read` of the 4-byte register at `offset` (only aligned offsets
+    /// name one).
+    fn read_reg(&self, offset: u64) -> u32 {
         let mut regs = self.0.lock();
-        let value = match offset & !3 {
+        match offset {
             INTRMASK => regs.intrmask,
             // Reading the status clears it.
             INTRSTATUS => std::mem::take(&mut regs.intrstatus),
             // The plain device is peer 0.
             IVPOSITION => 0,
             _ => 0,
-        };
-        let shift = 8 * (offset & 3);
-        let mask = if size >= 4 { u64::from(u32::MAX) } else { (1u64 << (8 * size)) - 1 };
-        (u64::from(value) >> shift) & mask
+        }
+    }
+}
+
+/// QEMU serves these registers 4 bytes at a time (`.impl` sizes 4): an access is split
+/// or widened into 4-byte accesses at its own offset, as QEMU's memory core does.
+impl MemoryRegionOps for RegisterOps {
+    fn read(&self, offset: u64, size: u32) -> u64 {
+        let mut value = 0u64;
+        for i in (0..u64::from(size.clamp(1, 8))).step_by(4) {
+            value |= u64::from(self.read_reg(offset + i)) << (8 * i);
+        }
+        if size >= 8 {
+            value
+        } else {
+            value & ((1u64 << (8 * size)) - 1)
+        }
     }
 
     /// QEMU's `ivshmem_io_write`: the doorbell has no peers to ring here.
-    fn write(&self, offset: u64, value: u64, _size: u32) {
-        let mut regs = self.0.lock();
-        match offset & 0xfc {
-            INTRMASK => regs.intrmask = value as u32,
-            INTRSTATUS => regs.intrstatus = value as u32,
-            _ => {}
+    fn write(&self, offset: u64, value: u64, size: u32) {
+        for i in (0..u64::from(size.clamp(1, 8))).step_by(4) {
+            let v = (value >> (8 * i)) as u32;
+            let mut regs = self.0.lock();
+            match (offset + i) & 0xfc {
+                INTRMASK => regs.intrmask = v,
+                INTRSTATUS => regs.intrstatus = v,
+                _ => {}
+            }
         }
     }
 }
@@ -112,27 +129,58 @@ impl MemoryRegionOps for RegisterOps {
 struct SharedMemoryOps(Arc<HostMemory>);
 
 impl SharedMemoryOps {
-    fn byte(&self, offset: u64) -> Option<*mut u8> {
-        let offset = usize::try_from(offset).ok().filter(|&o| o < self.0.len())?;
-        // SAFETY: `offset` is inside the mapping, which lives as long as `self.0`.
-        Some(unsafe { self.0.as_ptr().add(offset) })
+    /// The host address of `size` bytes at `offset`, if they are inside the mapping.
+    fn at(&self, offset: u64, size: u32) -> Option<*mut u8> {
+        let offset = usize::try_from(offset).ok()?;
+        let end = offset.checked_add(size as usize)?;
+        // SAFETY: `offset..end` is inside the mapping, which lives as long as `self.0`.
+        (end <= self.0.len()).then(|| unsafe { self.0.as_ptr().add(offset) })
     }
 }
 
+/// Aligned accesses of 1, 2, 4 or 8 bytes are single loads and stores, so a guest's atomic
+/// counters stay whole for the other side; others go byte by byte. Volatile: another
+/// process writes the memory too.
 impl MemoryRegionOps for SharedMemoryOps {
     fn read(&self, offset: u64, size: u32) -> u64 {
-        (0..u64::from(size.min(8))).fold(0, |v, i| {
-            // SAFETY: a byte of the live mapping (other processes may write it: volatile).
-            let b = self.byte(offset + i).map_or(0, |p| unsafe { p.read_volatile() });
-            v | (u64::from(b) << (8 * i))
-        })
+        let aligned = matches!(size, 1 | 2 | 4 | 8) && offset.is_multiple_of(u64::from(size));
+        match self.at(offset, size) {
+            // SAFETY: `p` is valid for `size` bytes and aligned to `size`.
+            Some(p) if aligned => unsafe {
+                match size {
+                    1 => u64::from(p.read_volatile()),
+                    2 => u64::from(p.cast::<u16>().read_volatile()),
+                    4 => u64::from(p.cast::<u32>().read_volatile()),
+                    _ => p.cast::<u64>().read_volatile(),
+                }
+            },
+            _ => (0..u64::from(size.min(8))).fold(0, |v, i| {
+                // SAFETY: a byte of the live mapping.
+                let b = self.at(offset + i, 1).map_or(0, |p| unsafe { p.read_volatile() });
+                v | (u64::from(b) << (8 * i))
+            }),
+        }
     }
 
     fn write(&self, offset: u64, value: u64, size: u32) {
-        for i in 0..u64::from(size.min(8)) {
-            if let Some(p) = self.byte(offset + i) {
-                // SAFETY: a byte of the live mapping.
-                unsafe { p.write_volatile((value >> (8 * i)) as u8) };
+        let aligned = matches!(size, 1 | 2 | 4 | 8) && offset.is_multiple_of(u64::from(size));
+        match self.at(offset, size) {
+            // SAFETY: `p` is valid for `size` bytes and aligned to `size`.
+            Some(p) if aligned => unsafe {
+                match size {
+                    1 => p.write_volatile(value as u8),
+                    2 => p.cast::<u16>().write_volatile(value as u16),
+                    4 => p.cast::<u32>().write_volatile(value as u32),
+                    _ => p.cast::<u64>().write_volatile(value),
+                }
+            },
+            _ => {
+                for i in 0..u64::from(size.min(8)) {
+                    if let Some(p) = self.at(offset + i, 1) {
+                        // SAFETY: a byte of the live mapping.
+                        unsafe { p.write_volatile((value >> (8 * i)) as u8) };
+                    }
+                }
             }
         }
     }
@@ -144,7 +192,8 @@ impl IvshmemPlain {
         let name = self.memdev.get().ok_or(IvshmemError::NoMemdev)?;
         let obj = qom::resolve_path(&qom::object_get_root(), &name).map_err(|_| IvshmemError::NotFound(name.clone()))?;
         let backend = obj.cast::<HostMemoryBackend>().ok_or(IvshmemError::NotBackend)?;
-        if backend.is_mapped() {
+        // Claimed here, at once: two devices realized together cannot both take it.
+        if !backend.claim() {
             let id = obj.canonical_path().unwrap_or_default();
             let id = id.rsplit('/').next().unwrap_or_default().to_string();
             return Err(IvshmemError::Busy(id));
@@ -180,6 +229,11 @@ impl DeviceImpl for IvshmemPlain {
         }
     }
 
+    /// QEMU's blocker, added at realize for a peer.
+    fn migration_blocker(&self) -> Option<String> {
+        (!self.is_master()).then(|| PEER_BLOCKER.to_string())
+    }
+
     /// The registers and, from a master, the memory's contents; a peer blocks migration.
     fn save_state(&self) -> Result<VmStateSection, VmStateError> {
         if !self.is_master() {
@@ -191,10 +245,12 @@ impl DeviceImpl for IvshmemPlain {
         let regs = self.regs.lock();
         s.put("intrmask", regs.intrmask);
         s.put("intrstatus", regs.intrstatus);
-        // SAFETY: the whole live mapping; another process may write it meanwhile, as under
-        // QEMU, whose migration copies it the same way.
-        let contents = unsafe { std::slice::from_raw_parts(memory.as_ptr(), memory.len()) };
-        s.put_bytes("shared_memory", contents);
+        // Copied out through raw pointers: the guest and other processes may write it
+        // meanwhile (no Rust reference may point into it), as under QEMU.
+        let mut contents = vec![0u8; memory.len()];
+        // SAFETY: `memory.len()` bytes of the live mapping into a buffer of that size.
+        unsafe { std::ptr::copy_nonoverlapping(memory.as_ptr(), contents.as_mut_ptr(), memory.len()) };
+        s.put_bytes("shared_memory", &contents);
         Ok(s)
     }
 
@@ -236,6 +292,19 @@ impl PciDeviceImpl for IvshmemPlain {
     /// QEMU's `ivshmem_plain_realize` and `ivshmem_common_realize`.
     fn pci_realize(&self, _ctx: &DeviceContext) -> Result<(), RealizeError> {
         let obj = self.backend().map_err(RealizeError::device)?;
+        let result = self.map_bars(&obj);
+        if result.is_err() {
+            if let Some(backend) = obj.cast::<HostMemoryBackend>() {
+                backend.set_mapped(false);
+            }
+        }
+        result
+    }
+}
+
+impl IvshmemPlain {
+    /// BAR 0 (the registers) and BAR 2 (the claimed backend's memory).
+    fn map_bars(&self, obj: &ObjectRef) -> Result<(), RealizeError> {
         let backend = obj.cast::<HostMemoryBackend>().ok_or_else(|| RealizeError::device(IvshmemError::NotBackend))?;
         let name = self.memdev.get().unwrap_or_default();
         let memory = backend.memory().ok_or_else(|| RealizeError::device(IvshmemError::NotFound(name)))?;
@@ -251,8 +320,7 @@ impl PciDeviceImpl for IvshmemPlain {
             },
         );
         self.register_bar(2, BarKind::Mem64Prefetch, bar2)?;
-        backend.set_mapped(true);
-        let _ = self.backend.set(obj);
+        let _ = self.backend.set(obj.clone());
         let _ = self.memory.set(memory);
         Ok(())
     }

@@ -824,6 +824,11 @@ impl PciDevice {
             BarKind::Mem32Prefetch => (0x8u32, !(size as u32 - 1) & !0xf),
             BarKind::Mem64Prefetch => (0xcu32, !(size - 1) as u32 & !0xf),
         };
+        let upper_half_of_previous =
+            index > 0 && index != PCI_ROM_SLOT && self.bars.lock()[index - 1].as_ref().is_some_and(|b| b.kind.is_64bit());
+        if upper_half_of_previous {
+            return Err(RealizeError::device(PciError::Bar64NoRoom { bar: index - 1, driver: self.type_name().into() }));
+        }
         if kind.is_64bit() && (index + 1 >= PCI_NUM_BARS || self.bars.lock()[index + 1].is_some()) {
             return Err(RealizeError::device(PciError::Bar64NoRoom { bar: index, driver: self.type_name().into() }));
         }

@@ -528,8 +528,13 @@ pub fn human_monitor_command(
 /// Runs one HMP command line and returns what it prints (QEMU's `handle_hmp_command`).
 /// A `quit` is left in `ctx.deferred` for the caller to carry out after showing the output.
 pub fn hmp_execute(ctx: &CommandCtx, hmp: &mut HmpState, line: &str) -> String {
-    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut words: Vec<&str> = line.split_whitespace().collect();
     let mut out = String::new();
+    // A command's name ends at a '/' too (`xp/2wx addr`), as QEMU's parser reads it.
+    if let Some(at) = words.first().and_then(|w| w.find('/')).filter(|&at| at > 0) {
+        let first = words[0];
+        words.splice(0..1, [&first[..at], &first[at..]]);
+    }
     let Some((&name, args)) = words.split_first() else {
         return out;
     };
@@ -1355,7 +1360,8 @@ fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Re
             b'b' => size = 1,
             b'h' => size = 2,
             b'w' => size = 4,
-            b'g' => size = 8,
+            // `L` is the target's long, 64 bits on x86-64.
+            b'g' | b'L' => size = 8,
             b'i' => {
                 return Err(QmpError::Failed(
                     "format 'i' (disassembly) is not supported by qomvm".into(),
@@ -1379,11 +1385,13 @@ fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Re
         u16::from_le_bytes([format, size]),
         std::sync::atomic::Ordering::Relaxed,
     );
+    let addr = crate::options::strtou64(addr)
+        .ok_or_else(|| QmpError::Failed(format!("invalid address: '{addr}'")))?;
+    // The length and the line width come from the unit, before `c` reads bytes: as QEMU's.
+    let wanted = count.saturating_mul(u64::from(size));
+    let mut len = wanted.min(XP_MAX_BYTES);
+    let line_size = if size == 1 { 8 } else { 16 };
     let wsize = if format == b'c' { 1 } else { size };
-    let addr =
-        parse_u64(addr).ok_or_else(|| QmpError::Failed(format!("invalid address: '{addr}'")))?;
-    let mut len = count.saturating_mul(u64::from(wsize)).min(XP_MAX_BYTES);
-    let line_size = if wsize == 1 { 8 } else { 16 };
     let bits = u32::from(wsize) * 8;
     let max_digits = match format {
         b'o' => bits.div_ceil(3),
@@ -1400,17 +1408,14 @@ fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Re
         for chunk in buf[..l].chunks(usize::from(wsize)) {
             let mut bytes = [0u8; 8];
             bytes[..chunk.len()].copy_from_slice(chunk);
+            // QEMU loads the unit zero-extended: `d` differs from `u` only for 8-byte units.
             let v = u64::from_le_bytes(bytes);
             let _ = match format {
                 // C's %#o: a leading 0 unless the value is 0.
                 b'o' if v == 0 => write!(out, " {:>max_digits$}", 0),
                 b'o' => write!(out, " {:>max_digits$}", format!("0{v:o}")),
                 b'u' => write!(out, " {v:>max_digits$}"),
-                b'd' => {
-                    // Sign-extended from the unit's width.
-                    let shift = 64 - bits;
-                    write!(out, " {:>max_digits$}", ((v << shift) as i64) >> shift)
-                }
+                b'd' => write!(out, " {:>max_digits$}", v as i64),
                 // QEMU's monitor_printc.
                 b'c' => match v as u8 {
                     b'\'' => write!(out, " '\\''"),
@@ -1427,15 +1432,13 @@ fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Re
         at = at.wrapping_add(l as u64);
         len -= l as u64;
     }
-    Ok(())
-}
-
-/// A number as HMP takes addresses: decimal, or hexadecimal with `0x`.
-fn parse_u64(text: &str) -> Option<u64> {
-    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => text.parse().ok(),
+    if wanted > XP_MAX_BYTES {
+        let _ = writeln!(
+            out,
+            "(the first {XP_MAX_BYTES} bytes of {wanted}: qomvm prints at most that much at once)"
+        );
     }
+    Ok(())
 }
 
 fn missing(name: &str) -> QmpError {

@@ -22,6 +22,7 @@ const CLASS_NAMES: &[(u16, &str)] = &[
     (0x0401, "Audio controller"),
     (0x0403, "Audio controller"),
     (0x0480, "Multimedia controller"),
+    (0x0500, "RAM controller"),
     (0x0580, "Memory controller"),
     (0x0600, "Host bridge"),
     (0x0601, "ISA bridge"),
