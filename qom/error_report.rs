@@ -45,13 +45,10 @@ pub fn prefix() -> String {
     )
 }
 
-/// `2026-12-01T20:51:40.310363Z` for `secs` since the epoch (QEMU's
-/// `g_date_time_format_iso8601` in UTC, microseconds).
-fn iso8601(secs: u64, micros: u32) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days, for days since 1970-01-01.
-    let z = days as i64 + 719_468;
+/// The date of a day number since 1970-01-01: (year, month 1-12, day 1-31), proleptic
+/// Gregorian (Howard Hinnant's `civil_from_days`).
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
@@ -60,6 +57,15 @@ fn iso8601(secs: u64, micros: u32) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// `2026-12-01T20:51:40.310363Z` for `secs` since the epoch (QEMU's
+/// `g_date_time_format_iso8601` in UTC, microseconds).
+fn iso8601(secs: u64, micros: u32) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days as i64);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
         rem / 3600,

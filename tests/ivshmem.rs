@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::migration::{check_migratable, load_vm, save_vm, Progress};
-use hw::core::qdev::{qdev_new, qdev_realize, qdev_unrealize};
+use hw::core::qdev::qdev_unrealize;
 use qom::ObjectRef;
 use test_support::virtio::PciConfig;
 
@@ -45,18 +45,8 @@ fn add_backend(id: &str, path: &std::path::Path) -> ObjectRef {
 /// A pc with `ivshmem-plain,addr=04.0,props...`: the machine, or the error text.
 fn try_plug(props: &[(&str, &str)]) -> Result<(ObjectRef, ObjectRef), String> {
     let machine = test_support::qtest::pc_on_qtest(128 << 20);
-    let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let dev = qdev_new("ivshmem-plain").unwrap();
-    dev.property_parse("addr", "04.0").unwrap();
-    for (k, v) in props {
-        dev.property_parse(k, v).map_err(|e| e.to_string())?;
-    }
-    machine
-        .child("peripheral-anon")
-        .unwrap()
-        .add_child("device[*]", &dev)
-        .unwrap();
-    qdev_realize(&dev, Some(&bus)).map_err(|e| e.to_string())?;
+    let props: Vec<_> = [("addr", "04.0")].iter().chain(props).copied().collect();
+    let dev = test_support::qtest::try_plug_pci(&machine, "ivshmem-plain", &props)?;
     machine_creation_done(&machine).unwrap();
     Ok((machine, dev))
 }

@@ -745,6 +745,44 @@ finish cd
     assert!(out.contains("host: cd: vmm exit status 0"), "{out}");
 }
 
+/// Checks the guest's input events in `out` (lines `PREFIX: tablet ...` and `PREFIX:
+/// keyboard ...`, as /init's input modes print them) against what the input scenarios
+/// send through QMP: an absolute position (0x1234, 0x2000) with the left button down, in a
+/// report that ends in EV_SYN, then KEY_A down.
+fn check_input_events(out: &str, prefix: &str) {
+    let events = |dev: &str| -> Vec<String> {
+        out.lines()
+            .filter_map(|l| {
+                l.split_once(&format!("{prefix}: {dev} "))
+                    .map(|(_, e)| e.trim().to_string())
+            })
+            .collect()
+    };
+    let tablet = events("tablet");
+    // EV_ABS ABS_X 0x1234, EV_ABS ABS_Y 0x2000, EV_KEY BTN_LEFT down, then EV_SYN.
+    for want in [
+        "0003 0000 00001234",
+        "0003 0001 00002000",
+        "0001 0110 00000001",
+    ] {
+        assert!(
+            tablet.iter().any(|e| e == want),
+            "tablet event {want}:\n{out}"
+        );
+    }
+    assert!(
+        tablet.last().is_some_and(|e| e.starts_with("0000 ")),
+        "the report ends in EV_SYN:\n{out}"
+    );
+    let keyboard = events("keyboard");
+    assert_eq!(
+        keyboard.last().map(String::as_str),
+        Some("0001 001e 00000001"),
+        "KEY_A down:\n{out}"
+    );
+    assert!(out.contains(r#"host: tablet: {"return":{}}"#), "{out}");
+}
+
 /// USB input as a console client gives it: Linux's uhci-hcd (the generic kernel's; the
 /// cloud kernel has no USB) enumerates `usb-kbd` on `-usb`'s PIIX3 UHCI and, through
 /// Linux's hub driver, `usb-tablet` behind a `usb-hub`; usbhid and hid-generic bind them,
@@ -778,37 +816,7 @@ finish usb
             "{product}:\n{out}"
         );
     }
-    let events = |dev: &str| -> Vec<String> {
-        out.lines()
-            .filter_map(|l| {
-                l.split_once(&format!("usb: usb: {dev} "))
-                    .map(|(_, e)| e.trim().to_string())
-            })
-            .collect()
-    };
-    let tablet = events("tablet");
-    // EV_ABS ABS_X 0x1234, EV_ABS ABS_Y 0x2000, EV_KEY BTN_LEFT down, then EV_SYN.
-    for want in [
-        "0003 0000 00001234",
-        "0003 0001 00002000",
-        "0001 0110 00000001",
-    ] {
-        assert!(
-            tablet.iter().any(|e| e == want),
-            "tablet event {want}:\n{out}"
-        );
-    }
-    assert!(
-        tablet.last().is_some_and(|e| e.starts_with("0000 ")),
-        "the report ends in EV_SYN:\n{out}"
-    );
-    let keyboard = events("keyboard");
-    assert_eq!(
-        keyboard.last().map(String::as_str),
-        Some("0001 001e 00000001"),
-        "KEY_A down:\n{out}"
-    );
-    assert!(out.contains(r#"host: tablet: {"return":{}}"#), "{out}");
+    check_input_events(&out, "usb: usb");
     assert!(out.contains("host: usb: vmm exit status 0"), "{out}");
 }
 
@@ -844,37 +852,7 @@ finish vin
             "{name}:\n{out}"
         );
     }
-    let events = |dev: &str| -> Vec<String> {
-        out.lines()
-            .filter_map(|l| {
-                l.split_once(&format!("vin: vinput: {dev} "))
-                    .map(|(_, e)| e.trim().to_string())
-            })
-            .collect()
-    };
-    let tablet = events("tablet");
-    // EV_KEY BTN_LEFT down, EV_ABS ABS_X 0x1234, EV_ABS ABS_Y 0x2000, then EV_SYN.
-    for want in [
-        "0003 0000 00001234",
-        "0003 0001 00002000",
-        "0001 0110 00000001",
-    ] {
-        assert!(
-            tablet.iter().any(|e| e == want),
-            "tablet event {want}:\n{out}"
-        );
-    }
-    assert!(
-        tablet.last().is_some_and(|e| e.starts_with("0000 ")),
-        "the report ends in EV_SYN:\n{out}"
-    );
-    let keyboard = events("keyboard");
-    assert_eq!(
-        keyboard.last().map(String::as_str),
-        Some("0001 001e 00000001"),
-        "KEY_A down:\n{out}"
-    );
-    assert!(out.contains(r#"host: tablet: {"return":{}}"#), "{out}");
+    check_input_events(&out, "vin: vinput");
     assert!(out.contains("host: vin: vmm exit status 0"), "{out}");
 }
 

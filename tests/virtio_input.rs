@@ -11,7 +11,6 @@ use std::time::Duration;
 use hw::core::input::button;
 use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::migration::{load_vm, save_vm, Progress};
-use hw::core::qdev::{qdev_new, qdev_realize};
 use hw::core::runstate::{vm_start, vm_stop, RunStatus};
 use qom::ObjectRef;
 use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
@@ -40,18 +39,8 @@ const REL_WHEEL: u16 = 8;
 /// Realizes `driver,addr=04.0,props...` on a fresh pc; the error text if it fails.
 fn try_plug(driver: &str, props: &[(&str, &str)]) -> Result<ObjectRef, String> {
     let machine = test_support::qtest::pc_on_qtest(128 << 20);
-    let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let dev = qdev_new(driver).unwrap();
-    dev.property_parse("addr", "04.0").unwrap();
-    for (k, v) in props {
-        dev.property_parse(k, v).map_err(|e| e.to_string())?;
-    }
-    machine
-        .child("peripheral-anon")
-        .unwrap()
-        .add_child("device[*]", &dev)
-        .unwrap();
-    qdev_realize(&dev, Some(&bus)).map_err(|e| e.to_string())?;
+    let props: Vec<_> = [("addr", "04.0")].iter().chain(props).copied().collect();
+    test_support::qtest::try_plug_pci(&machine, driver, &props)?;
     machine_creation_done(&machine).unwrap();
     Ok(machine)
 }

@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use hw::core::machine::machine_creation_done;
-use hw::core::qdev::{qdev_new, qdev_realize};
 use qom::ObjectRef;
 use test_support::virtio::{PciConfig, SplitRing, VirtioPciDevice, NEEDS_RESET};
 use vm_memory::{Bytes, GuestAddress};
@@ -24,19 +23,8 @@ fn pc_machine() -> ObjectRef {
 
 /// Realizes `virtio-rng-pci,addr=04.0,props...`; the error text if it fails.
 fn try_plug(machine: &ObjectRef, props: &[(&str, &str)]) -> Result<ObjectRef, String> {
-    let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let dev = qdev_new("virtio-rng-pci").unwrap();
-    dev.property_parse("addr", "04.0").unwrap();
-    for (k, v) in props {
-        dev.property_parse(k, v).map_err(|e| e.to_string())?;
-    }
-    machine
-        .child("peripheral-anon")
-        .unwrap()
-        .add_child("device[*]", &dev)
-        .unwrap();
-    qdev_realize(&dev, Some(&bus)).map_err(|e| e.to_string())?;
-    Ok(dev)
+    let props: Vec<_> = [("addr", "04.0")].iter().chain(props).copied().collect();
+    test_support::qtest::try_plug_pci(machine, "virtio-rng-pci", &props)
 }
 
 fn pc_with_rng(props: &[(&str, &str)]) -> ObjectRef {

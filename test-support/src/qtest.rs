@@ -65,6 +65,25 @@ pub fn plug(
     dev
 }
 
+/// `-device driver,props...` on the pc's `pci.0` (a `pc_on_qtest` machine): the device, or
+/// the error text of a property or of realize.
+pub fn try_plug_pci(
+    machine: &ObjectRef,
+    driver: &str,
+    props: &[(&str, &str)],
+) -> Result<ObjectRef, String> {
+    let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
+    let dev = qdev_new(driver).unwrap();
+    for (k, v) in props {
+        dev.property_parse(k, v).map_err(|e| e.to_string())?;
+    }
+    container_get(machine, "peripheral-anon")
+        .add_child("device[*]", &dev)
+        .unwrap();
+    qdev_realize(&dev, Some(&bus)).map_err(|e| e.to_string())?;
+    Ok(dev)
+}
+
 /// The level of the qtest accelerator's GSI `gsi`.
 pub fn irq_level(machine: &ObjectRef, gsi: u32) -> bool {
     machine_state(machine)
