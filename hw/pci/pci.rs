@@ -65,6 +65,9 @@ pub mod config {
     pub const STATUS_CAP_LIST: u16 = 0x10;
     /// Command: INTx disabled.
     pub const COMMAND_INTX_DISABLE: u16 = 0x400;
+    /// Cache line size (for memory-write-and-invalidate; Linux's `pci_set_mwi` writes it
+    /// and fails when it does not read back).
+    pub const CACHE_LINE_SIZE: usize = 0x0c;
     /// Interrupt line (the IRQ firmware routed INTx to).
     pub const INTERRUPT_LINE: usize = 0x3c;
     /// Interrupt pin (1 = INTA).
@@ -729,9 +732,11 @@ impl DeviceImpl for PciDevice {
                 .copy_from_slice(&sub_id.to_le_bytes());
             c[config::INTERRUPT_PIN] = pc.interrupt_pin;
             // The guest may change the command register's I/O, memory, bus-master and
-            // interrupt-disable bits, and the interrupt line.
+            // interrupt-disable bits, the cache line size and the interrupt line (QEMU's
+            // `pci_init_wmask`).
             w[config::COMMAND] = 0x07;
             w[config::COMMAND + 1] = 0x04;
+            w[config::CACHE_LINE_SIZE] = 0xff;
             w[config::INTERRUPT_LINE] = 0xff;
         }
         if pc.interrupt_pin > 0 {
