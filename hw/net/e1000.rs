@@ -36,7 +36,7 @@ use crate::core::runstate::ChangeHandlerId;
 use crate::core::timer::DeviceTimer;
 use crate::core::services::MachineServices;
 use crate::core::vmstate::{VmStateError, VmStateSection};
-use crate::net::nic::{self, format_mac, parse_mac, rarp_frame, Nic};
+use crate::net::nic::{self, checksum_add, format_mac, parse_mac, rarp_frame, Nic};
 use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_E1000` (the 82540EM).
@@ -1505,19 +1505,6 @@ fn put_be32(data: &mut [u8], at: usize, value: u32) {
     if let Some(b) = data.get_mut(at..at + 4) {
         b.copy_from_slice(&value.to_be_bytes());
     }
-}
-
-/// The Internet checksum of `data` (RFC 1071), before the final complement.
-fn checksum_add(data: &[u8]) -> u32 {
-    let mut sum = 0u32;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
 }
 
 /// QEMU's `putsum`: the checksum of `data[css..=cse]` (to the end when `cse` is 0) at

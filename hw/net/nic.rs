@@ -154,3 +154,64 @@ mod tests {
         assert_eq!(&f[32..38], &mac);
     }
 }
+
+/// The Internet checksum of `data` (RFC 1071) before folding: 16-bit big-endian words
+/// summed, an odd last byte as the high half of a word.
+pub fn checksum_add(data: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
+    }
+    if let [last] = chunks.remainder() {
+        sum = sum.wrapping_add(u32::from(*last) << 8);
+    }
+    sum
+}
+
+/// A [`checksum_add`] sum folded to 16 bits and complemented: the checksum to store.
+pub fn fold_checksum(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The Ethernet CRC-32 computed most significant bit first over the bits as they go on
+/// the wire (Linux's `ether_crc`, QEMU's `net_crc32`): its top six bits index the
+/// multicast hash filters of the RTL8139 and others.
+pub fn ether_crc(data: &[u8]) -> u32 {
+    let mut crc = u32::MAX;
+    for &byte in data {
+        let mut b = byte;
+        for _ in 0..8 {
+            let carry = (crc >> 31) ^ u32::from(b & 1);
+            crc <<= 1;
+            b >>= 1;
+            if carry != 0 {
+                crc ^= 0x04c1_1db7;
+            }
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod checksum_tests {
+    use super::*;
+
+    #[test]
+    fn checksums_fold_and_complement_as_rfc_1071() {
+        // RFC 1071's example words.
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(fold_checksum(checksum_add(&data)), !0xddf2);
+        assert_eq!(checksum_add(&[0x12]), 0x1200);
+    }
+
+    #[test]
+    fn the_ethernet_crc_hashes_multicast_addresses_as_linux() {
+        // 01:00:5e:00:00:01 (all hosts) is bit 31 of the RTL8139's 64-bit filter
+        // (Linux's ether_crc >> 26); zlib's CRC-32 of the same bits is the reflected one.
+        assert_eq!(ether_crc(&[0x01, 0x00, 0x5e, 0x00, 0x00, 0x01]) >> 26, 31);
+    }
+}
