@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=25
+ASSETS_FORMAT=26
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -33,12 +33,13 @@ USB_MODULES="uhci_hcd usbhid hid_generic evdev usb_storage sd_mod"
 # The cloud kernel's virtio input driver and evdev to read its devices: loaded with
 # qomvm.virtioinput=1.
 INPUT_MODULES="virtio_input evdev"
-# The generic kernel's driver for the Intel 82540EM (QEMU's default NIC, e1000; the cloud
-# kernel has none), and its virtio disk and ext4 drivers (modules there, built into the
+# The generic kernel's drivers for the Intel 82540EM (QEMU's default NIC, e1000) and the
+# RTL8139C+ (libvirt's default, rtl8139; 8139cp, as Linux binds QEMU's card) (the cloud
+# kernel has neither), and its virtio disk and ext4 drivers (modules there, built into the
 # cloud kernel; ext4 asks for a crc32c driver by name, not as a dependency) so that the
 # root disk mounts beside it (scripts/bench-net.sh --nic
 # e1000): loaded with qomvm.e1000=1 under vmlinuz-generic.
-NIC_MODULES="e1000 virtio_pci virtio_blk crc32c_generic ext4"
+NIC_MODULES="e1000 8139cp virtio_pci virtio_blk crc32c_generic ext4"
 # The disk image's size (a sparse file; its content is about 85 MB, mostly
 # fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
 ROOTFS_SIZE=256M
@@ -125,8 +126,8 @@ and then, depending on the kernel command line:
                      QOMVM-ROOT-FAILED: ... and stays in the initramfs
   qomvm.usb=1        (with vmlinuz-generic) loads the USB host, HID and mass
                      storage drivers first, so USB disks are there for the modes
-  qomvm.e1000=1      (with vmlinuz-generic) loads the e1000 network driver and
-                     the virtio disk and ext4 drivers first
+  qomvm.e1000=1      (with vmlinuz-generic) loads the e1000 and 8139cp (rtl8139)
+                     network drivers and the virtio disk and ext4 drivers first
   qomvm.usbinput=1   qomvm.usb=1, then prints "usb: product NAME" for each USB
                      device, "usb: ready" with the tablet's and keyboard's event
                      devices open, each tablet event ("usb: tablet TYPE CODE

@@ -111,7 +111,7 @@ Network:
 -netdev user,id=str[,net=addr[/mask]][,hostfwd=rule][,restrict=on|off][,...]
 -netdev tap,id=str[,ifname=name][,fd=h][,script=file][,downscript=file][,vhost=on|off]
                      a network backend for a card's netdev=
--nic user|tap|none[,model=e1000|virtio-net-pci][,mac=addr][,backend options]
+-nic user|tap|none[,model=e1000|rtl8139|virtio-net-pci][,mac=addr][,backend options]
                      a backend and its card in one (e1000 by default)
 -net nic[,model=type][,macaddr=addr][,netdev=id][,name=str]
 -net user|tap[,backend options]

@@ -7,7 +7,13 @@ use crate::options::{split_opts, Located, OptionError};
 
 /// NIC models `-nic model=` accepts (QEMU's `pci_nic_models` that qomvm has); without
 /// `model=` a card is the machine's `default_nic`.
-const NIC_MODELS: &[&str] = &["e1000", "e1000-82544gc", "e1000-82545em", "virtio-net-pci"];
+const NIC_MODELS: &[&str] = &[
+    "e1000",
+    "e1000-82544gc",
+    "e1000-82545em",
+    "rtl8139",
+    "virtio-net-pci",
+];
 
 /// One JSON member as a QemuOpts value (`true` -> `on`, numbers as written).
 fn json_value(v: &Value) -> Option<String> {

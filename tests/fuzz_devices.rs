@@ -1,7 +1,7 @@
 //! Device fuzzing over QEMU's qtest protocol (issue 19, item 5; QEMU's `generic-fuzz` is
 //! the idea): a pc machine with a selection of devices plugged, their BARs programmed, then
 //! random port, MMIO, PCI configuration and DMA-triggering sequences (virtqueues of random
-//! descriptors, then a kick; IDE commands over random PRD tables; e1000 rings of random
+//! descriptors, then a kick; IDE commands over random PRD tables; e1000 and rtl8139 rings of random
 //! descriptors). After each case qomvm must still answer within a bound and
 //! not have exited; at the end SIGTERM must end it with status 0.
 //!
@@ -392,6 +392,87 @@ fn e1000_sequence(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
     }
 }
 
+/// An rtl8139's C+ rings (descriptors with random flags, sizes, offload bits and MSS,
+/// buffers in the buffer area or anywhere) or its classic buffers, the card enabled in one
+/// mode or the other with random filters, then a transmit poll or status write.
+fn rtl8139_sequence(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
+    let Some(mmio) = functions
+        .iter()
+        .find(|f| f.vendor_device == 0x8139_10ec)
+        .and_then(|f| f.bars.iter().find(|b| !b.0))
+        .map(|b| b.1)
+    else {
+        return;
+    };
+    let tx_ring = RING_AREA + 0xc000;
+    let rx_ring = RING_AREA + 0xd000;
+    for ring in [tx_ring, rx_ring] {
+        let mut bytes = Vec::with_capacity(16 * 16);
+        for i in 0..16 {
+            let buffer = if rng.one_in(8) {
+                rng.interesting_u64()
+            } else {
+                BUFFER_AREA + rng.below(BUFFER_AREA_SIZE)
+            };
+            // OWN, FS/LS or not, offloads and MSS at random; EOR on the last unless not.
+            let mut opts1 = (1 << 31) | (rng.next_u32() & 0x3fff_ffff);
+            if i == 15 && !rng.one_in(4) {
+                opts1 |= 1 << 30;
+            }
+            bytes.extend_from_slice(&opts1.to_le_bytes());
+            bytes.extend_from_slice(&rng.next_u32().to_le_bytes());
+            bytes.extend_from_slice(&buffer.to_le_bytes());
+        }
+        qt.cmd(format!(
+            "write {ring:#x} {:#x} {}",
+            bytes.len(),
+            hex(&bytes)
+        ));
+    }
+    let cplus = rng.one_in(2);
+    let mut regs = vec![
+        (0x37u64, 4, 0x0c),
+        (0x44, 4, rng.next_u32() & 0x0000_f8ff),
+        (0x3c, 2, rng.next_u32() & 0xffff),
+    ];
+    if cplus {
+        regs.extend([
+            (0xe0, 2, 0x0003 | (rng.next_u32() & 0x0060)),
+            (0x20, 4, tx_ring as u32),
+            (0x24, 4, 0),
+            (0xe4, 4, rx_ring as u32),
+            (0xe8, 4, 0),
+            (0xd9, 1, 0x40),
+        ]);
+    } else {
+        let slot = rng.below(4);
+        regs.extend([
+            (0x30, 4, (BUFFER_AREA + rng.below(BUFFER_AREA_SIZE)) as u32),
+            (
+                0x20 + 4 * slot,
+                4,
+                (BUFFER_AREA + rng.below(BUFFER_AREA_SIZE)) as u32,
+            ),
+            (0x10 + 4 * slot, 4, rng.next_u32() & 0x1fff),
+            (0x38, 2, rng.next_u32() & 0xffff),
+        ]);
+    }
+    for (reg, width, value) in regs {
+        let op = match width {
+            1 => "writeb",
+            2 => "writew",
+            _ => "writel",
+        };
+        qt.cmd(format!("{op} {:#x} {value:#x}", mmio + reg));
+    }
+    for _ in 0..rng.below(4) {
+        qt.cmd(format!(
+            "readw {:#x}",
+            mmio + *rng.pick(&[0x36u64, 0x3a, 0x3e, 0x60, 0x64])
+        ));
+    }
+}
+
 fn random_access(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
     const OUT: [&str; 3] = ["outb", "outw", "outl"];
     const IN: [&str; 3] = ["inb", "inw", "inl"];
@@ -447,7 +528,8 @@ fn random_access(qt: &mut Qtest, rng: &mut Rng, functions: &[PciFunction]) {
         }
         18 if rng.one_in(2) => ide_sequence(qt, rng, functions),
         18 if rng.one_in(2) => uhci_sequence(qt, rng, functions),
-        18 => e1000_sequence(qt, rng, functions),
+        18 if rng.one_in(2) => e1000_sequence(qt, rng, functions),
+        18 => rtl8139_sequence(qt, rng, functions),
         _ => {
             let virtio: Vec<u16> = functions
                 .iter()
@@ -484,6 +566,11 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "user,id=n1,restrict=on",
             "-device",
             "e1000,netdev=n1",
+            // libvirt's default card, on its own closed user network.
+            "-netdev",
+            "user,id=n2,restrict=on",
+            "-device",
+            "rtl8139,netdev=n2",
             "-device",
             "virtio-rng-pci",
             "-device",

@@ -1013,37 +1013,49 @@ fn a_usb_disk_starts_under_libvirt() {
 /// `domif-setlink` takes the link down and up again (QMP `set_link`).
 #[test]
 fn an_e1000_interface_starts_under_libvirt() {
+    nic_starts_under_libvirt("e1000", "<model type='e1000'/>", "52:54:00:e1:00:01");
+}
+
+/// An `<interface>` without `<model>`: libvirt 9.0 gives a pc guest QEMU's `rtl8139`,
+/// which starts, shows and takes `domif-setlink` as the e1000 does.
+#[test]
+fn an_interface_without_a_model_is_an_rtl8139_under_libvirt() {
+    nic_starts_under_libvirt("rtl8139", "", "52:54:00:81:39:01");
+}
+
+/// A domain with one user-networking `<interface>` (`model_xml` inside it) whose card
+/// libvirt makes a `model` with `mac`: see [`an_e1000_interface_starts_under_libvirt`].
+fn nic_starts_under_libvirt(model: &str, model_xml: &str, mac: &str) {
     if let Some(reason) = libvirt_unusable() {
         test_support::skip::skip(reason);
         return;
     }
-    let dom = Domain::new("e1000");
+    let dom = Domain::new(model);
     let (kernel, _disk) = dom.kernel_and_disk(1 << 20);
     let serial = dom.serial_xml();
-    let extra = "<interface type='user'><mac address='52:54:00:e1:00:01'/>\
-                 <model type='e1000'/></interface><memballoon model='none'/>";
-    let xml = dom.xml_with_devices(&kernel, &serial, extra);
+    let extra = format!(
+        "<interface type='user'><mac address='{mac}'/>{model_xml}</interface>\
+         <memballoon model='none'/>"
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
     virsh_ok(&["create", xml.to_str().unwrap()]);
     dom.expect_banner();
     let ifaces = virsh_ok(&["domiflist", &dom.name]);
-    assert!(
-        ifaces.contains("e1000") && ifaces.contains("52:54:00:e1:00:01"),
-        "{ifaces}"
-    );
+    assert!(ifaces.contains(model) && ifaces.contains(mac), "{ifaces}");
     let info = || virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info network"]);
     let network = info();
     assert!(
-        network.contains("type=nic,model=e1000,macaddr=52:54:00:e1:00:01"),
+        network.contains(&format!("type=nic,model={model},macaddr={mac}")),
         "{network}"
     );
     assert!(network.contains("type=user"), "{network}");
-    virsh_ok(&["domif-setlink", &dom.name, "52:54:00:e1:00:01", "down"]);
+    virsh_ok(&["domif-setlink", &dom.name, mac, "down"]);
     assert!(
-        info().contains("macaddr=52:54:00:e1:00:01,link=down"),
+        info().contains(&format!("macaddr={mac},link=down")),
         "{}",
         info()
     );
-    virsh_ok(&["domif-setlink", &dom.name, "52:54:00:e1:00:01", "up"]);
+    virsh_ok(&["domif-setlink", &dom.name, mac, "up"]);
     assert!(!info().contains("link=down"), "{}", info());
     virsh_ok(&["destroy", &dom.name]);
     assert_eq!(listed_state(&dom.name), None);

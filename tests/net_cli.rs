@@ -190,8 +190,8 @@ fn bad_network_options_are_one_line_errors() {
             "Parameter 'type' expects a net backend type",
         ),
         (
-            &["-nic", "user,model=rtl8139"],
-            "Unsupported NIC model: rtl8139",
+            &["-nic", "user,model=ne2k_pci"],
+            "Unsupported NIC model: ne2k_pci",
         ),
     ];
     for (args, expect) in cases {
