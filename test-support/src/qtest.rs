@@ -103,24 +103,62 @@ pub fn qomvm_pc_quit(bin: &str, args: &[&str]) -> (Option<i32>, String) {
     qomvm_pc_quit_env(bin, args, &[])
 }
 
+/// The pc machine on the qtest accelerator, with nothing a test did not ask for.
+const PC_ON_QTEST: [&str; 7] = [
+    "-M",
+    "pc",
+    "-accel",
+    "qtest",
+    "-display",
+    "none",
+    "-nodefaults",
+];
+
+/// How long a qomvm that should refuse its options or quit at once may take.
+const EXIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for `child` (stderr piped) to end within [`EXIT_DEADLINE`], killing it and
+/// panicking otherwise; returns its exit code and stderr.
+fn wait_within_deadline(mut child: std::process::Child, what: &str) -> (Option<i32>, String) {
+    use std::io::Read as _;
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    // Read as it comes, so a chatty qomvm cannot block on a full pipe.
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + EXIT_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("qomvm can be waited for") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("qomvm {what} did not exit within {EXIT_DEADLINE:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    (status.code(), reader.join().unwrap_or_default())
+}
+
 /// Runs the qomvm binary `bin` as `-M pc -accel qtest -display none -nodefaults ARGS`,
-/// which must refuse them: asserts exit status 1 and returns stderr (the one-line error).
+/// which must refuse them: asserts exit status 1 (within a deadline) and returns stderr
+/// (the one-line error).
 pub fn qomvm_pc_refused(bin: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(bin)
-        .args([
-            "-M",
-            "pc",
-            "-accel",
-            "qtest",
-            "-display",
-            "none",
-            "-nodefaults",
-        ])
+    use std::process::{Command, Stdio};
+    let child = Command::new(bin)
+        .args(PC_ON_QTEST)
         .args(args)
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("qomvm runs");
-    assert_eq!(out.status.code(), Some(1), "{args:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let (code, stderr) = wait_within_deadline(child, &format!("{args:?}"));
+    assert_eq!(code, Some(1), "{args:?}: {stderr}");
+    stderr
 }
 
 /// [`qomvm_pc_quit`] with `envs` set.
@@ -129,15 +167,7 @@ pub fn qomvm_pc_quit_env(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (Op
     use std::process::{Command, Stdio};
     let mut child = Command::new(bin)
         .envs(envs.iter().copied())
-        .args([
-            "-M",
-            "pc",
-            "-accel",
-            "qtest",
-            "-display",
-            "none",
-            "-nodefaults",
-        ])
+        .args(PC_ON_QTEST)
         .args(args)
         .args(["-S", "-qmp", "stdio"])
         .stdin(Stdio::piped())
@@ -149,9 +179,5 @@ pub fn qomvm_pc_quit_env(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (Op
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
     }
-    let out = child.wait_with_output().expect("qomvm ends");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    wait_within_deadline(child, &format!("{args:?}"))
 }
