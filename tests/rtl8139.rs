@@ -2279,3 +2279,46 @@ fn cplus_ring_positions_tally_and_link_move_with_a_migration() {
         assert_eq!(card2.recv_frame(), g, "descriptor 1 after the migration");
     });
 }
+
+/// What drivers other than Linux's look at: iPXE (the card's boot ROM) writes the
+/// RTL8169's RxMaxSize and takes the card for an RTL8169 when the value sticks; 8139cp's
+/// `ethtool -S` on a downed interface dumps the tally counters with CpCmd 0 (C+ mode
+/// stays on from the first CpCmd write until a reset); leaving the EEPROM's programming
+/// mode deselects it; an 8-byte access is two 4-byte ones.
+#[test]
+fn rx_max_size_the_cplus_latch_eeprom_select_and_wide_accesses_are_the_hardwares() {
+    with_deadline("rtl-quirks", || {
+        let (m, peer) = pc_with_rtl8139("rtl-quirks", &[]);
+        let card = Card::new(&m, peer);
+        card.use_mmio(true);
+        card.w16(0xda, 0x1ff8);
+        assert_eq!(
+            card.r16(0xda),
+            0,
+            "RxMaxSize is the RTL8169's: writes do not stick"
+        );
+
+        card.w16(CP_CMD, CP_CMD_LINUX);
+        card.w16(CP_CMD, 0);
+        let tally = card.tally();
+        assert_eq!(tally.tx_ok, 0, "a dump with CpCmd 0 still happens");
+
+        // Start a read of word 7, leave programming mode mid-word: the chip is deselected
+        // and a later read starts from a fresh command.
+        card.w8(CFG9346, 0x80 | 0x08);
+        card.w8(CFG9346, 0);
+        assert_eq!(card.r8(CFG9346) & 1, 0, "EEDO low outside programming mode");
+        let word = card.eeprom_read(7, 6);
+        assert_eq!(
+            word,
+            u16::from_le_bytes([0x52, 0x54]),
+            "the MAC's first word"
+        );
+
+        // An 8-byte write over MAC0-7 sets the six address bytes, as two 4-byte writes.
+        let addr = card.bar1;
+        card.mmio.write(addr, 0x0000_6655_4433_2211, 8);
+        assert_eq!(card.mac_regs(), [0x11, 0x22, 0x33, 0x44, 0x55, 0x66]);
+        assert_eq!(card.mmio.read(addr, 8), 0x0000_6655_4433_2211);
+    });
+}

@@ -14,14 +14,13 @@
 //! wrap) gets its frames dropped and a rate-limited log line, never a panic or a stuck
 //! loop: each pass over a ring stops when it comes back to where it started.
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use net::{NetQueue, Netdev};
+use net::Netdev;
 use parking_lot::Mutex;
 use qom::{type_init, Prop};
 use serde::{Deserialize, Serialize};
@@ -36,7 +35,7 @@ use crate::core::runstate::ChangeHandlerId;
 use crate::core::timer::DeviceTimer;
 use crate::core::services::MachineServices;
 use crate::core::vmstate::{VmStateError, VmStateSection};
-use crate::net::nic::{self, checksum_add, format_mac, parse_mac, rarp_frame, Nic};
+use crate::net::nic::{self, checksum_add, format_mac, parse_mac, HeldFrames, Nic, NicBackend, NicBackendError};
 use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_E1000` (the 82540EM).
@@ -438,9 +437,8 @@ struct State {
     paused: bool,
     /// The PCI command register lets the card master the bus.
     bus_master: bool,
-    /// Frames sent while the backend was full, in order, and their bytes.
-    tx_held: VecDeque<Vec<u8>>,
-    tx_held_bytes: usize,
+    /// Frames sent while the backend was full.
+    tx_held: HeldFrames,
     /// The backend descriptor's events the loop waits for now.
     interest: Interest,
     mit: Mitigation,
@@ -474,8 +472,7 @@ impl State {
             ioaddr: 0,
             paused,
             bus_master: false,
-            tx_held: VecDeque::new(),
-            tx_held_bytes: 0,
+            tx_held: HeldFrames::default(),
             interest: Interest::READ,
             mit: Mitigation::default(),
             pass_frames: 0,
@@ -669,10 +666,7 @@ fn access(offset: usize) -> Option<Access> {
 /// The card: registers, EEPROM, PHY, and the way to its backend and loop.
 struct E1000 {
     state: Mutex<State>,
-    name: String,
-    netdev_id: String,
-    netdev: Arc<dyn Netdev>,
-    queue: Arc<dyn NetQueue>,
+    backend: NicBackend,
     services: Arc<MachineServices>,
     intx: Arc<IntxPin>,
     context: Arc<AioContext>,
@@ -690,8 +684,6 @@ struct E1000 {
     /// `mitigation=on`: interrupts are paced by ITR/RADV/TADV.
     mitigation: bool,
     mit_timer: DeviceTimer,
-    /// The backend was let go (unplugged).
-    released: AtomicBool,
     log: RateLimitedLog,
 }
 
@@ -740,7 +732,6 @@ impl E1000 {
         st.eecd = EecdState::default();
         st.tx = TxState::default();
         st.tx_held.clear();
-        st.tx_held_bytes = 0;
         st.ioaddr = 0;
         if !self.link_up.load(Ordering::Acquire) {
             link_down_regs(st);
@@ -887,7 +878,7 @@ impl E1000 {
             Access::Plain => {
                 st.set(offset, value);
                 if offset == reg::RA || offset == reg::RA + 4 {
-                    log::debug!("e1000: {} uses MAC {}", self.name, format_mac(&st.mac()));
+                    log::debug!("e1000: {} uses MAC {}", self.backend.name, format_mac(&st.mac()));
                 }
             }
             Access::Masked(mask) => st.set(offset, value & mask),
@@ -983,16 +974,15 @@ impl E1000 {
         st.pass_rx_descs = 0;
         if !st.paused && st.bus_master {
             let mem = self.services.ram();
-            self.flush_held(&mut st);
+            st.tx_held.flush(self.backend.queue.as_ref());
             if st.tx_held.is_empty() {
                 self.start_xmit(&mut st, &mem);
             }
             self.receive(&mut st, &mem);
         }
-        let tx_same_fd = self.queue.tx_fd() == Some(self.queue.rx_fd());
         let wanted = Interest {
             read: st.can_receive(),
-            write: tx_same_fd && !st.tx_held.is_empty() && !st.paused && st.bus_master,
+            write: self.backend.tx_on_rx_fd() && !st.tx_held.is_empty() && !st.paused && st.bus_master,
         };
         if wanted != st.interest {
             if let Some(id) = self.backend_handler.get() {
@@ -1004,25 +994,9 @@ impl E1000 {
         }
     }
 
-    /// Sends the frames a full backend held back, in order; then the transmit ring goes
-    /// on if they all went.
-    fn flush_held(&self, st: &mut State) {
-        while let Some(mut frame) = st.tx_held.pop_front() {
-            match self.queue.send(&[VolatileSlice::from(&mut frame[..])]) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    st.tx_held.push_front(frame);
-                    return;
-                }
-                Err(e) => log::debug!("e1000: backend refused a frame: {e}"),
-                Ok(_) => {}
-            }
-            st.tx_held_bytes -= frame.len();
-        }
-    }
-
     /// Hands one frame to the backend, or holds it while the backend is full; in PHY
     /// loopback it comes back to the card's own receive side (QEMU's `e1000_send_packet`).
-    fn send(&self, st: &mut State, mut frame: Vec<u8>) {
+    fn send(&self, st: &mut State, frame: Vec<u8>) {
         st.pass_frames += 1;
         if st.phy[phy::BMCR] & phy::BMCR_LOOPBACK != 0 {
             // Looped frames walk the receive ring too: within the pass's budget.
@@ -1032,22 +1006,8 @@ impl E1000 {
             }
             return;
         }
-        if !self.link_up.load(Ordering::Acquire) {
-            return;
-        }
-        if st.tx_held.is_empty() {
-            match self.queue.send(&[VolatileSlice::from(&mut frame[..])]) {
-                Ok(_) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    log::debug!("e1000: backend refused a frame: {e}");
-                    return;
-                }
-            }
-        }
-        if st.tx_held_bytes + frame.len() <= TX_HELD_MAX_BYTES {
-            st.tx_held_bytes += frame.len();
-            st.tx_held.push_back(frame);
+        if self.link_up.load(Ordering::Acquire) {
+            st.tx_held.send(self.backend.queue.as_ref(), frame, TX_HELD_MAX_BYTES);
         }
     }
 
@@ -1303,7 +1263,7 @@ impl E1000 {
                 self.wake();
                 return;
             }
-            let n = match self.queue.receive(&[VolatileSlice::from(&mut buf[..])]) {
+            let n = match self.backend.queue.receive(&[VolatileSlice::from(&mut buf[..])]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -1594,7 +1554,7 @@ impl MemoryRegionOps for IoPorts {
 
 impl Nic for E1000 {
     fn name(&self) -> &str {
-        &self.name
+        &self.backend.name
     }
 
     fn model(&self) -> &'static str {
@@ -1602,11 +1562,11 @@ impl Nic for E1000 {
     }
 
     fn netdev_id(&self) -> &str {
-        &self.netdev_id
+        &self.backend.netdev_id
     }
 
     fn netdev(&self) -> &Arc<dyn Netdev> {
-        &self.netdev
+        &self.backend.netdev
     }
 
     fn mac(&self) -> [u8; 6] {
@@ -1638,32 +1598,9 @@ impl Nic for E1000 {
 
     /// The card cannot announce itself: qomvm sends the RARP frame for its MAC.
     fn announce(&self) {
-        if !self.link_up.load(Ordering::Acquire) {
-            return;
+        if self.link_up.load(Ordering::Acquire) {
+            self.backend.announce(&self.mac());
         }
-        let mut frame = rarp_frame(&self.mac());
-        if let Err(e) = self.queue.send(&[VolatileSlice::from(&mut frame[..])]) {
-            log::debug!("e1000: announcement not sent: {e}");
-        }
-    }
-}
-
-impl E1000 {
-    /// Lets the backend go (at unplug, or when the card goes): once, so a backend that
-    /// later takes the same id is not cut from its own card.
-    fn release_backend(&self) {
-        if !self.released.swap(true, Ordering::AcqRel) {
-            for extra in self.netdev.queues().iter().skip(1) {
-                let _ = extra.set_enabled(true);
-            }
-            net::detach(&self.netdev_id);
-        }
-    }
-}
-
-impl Drop for E1000 {
-    fn drop(&mut self) {
-        self.release_backend();
     }
 }
 
@@ -1709,17 +1646,13 @@ type_init!(E1000Pci);
 /// Errors of `e1000`'s properties, in QEMU's words.
 #[derive(Debug, thiserror::Error)]
 enum E1000Error {
+    #[error(transparent)]
+    Backend(#[from] NicBackendError),
     /// The card's type, then the value.
-    #[error("Property '{0}.netdev' can't find value '{1}'")]
-    NetdevNotFound(&'static str, String),
-    #[error("Property '{0}.netdev' can't take value '{1}', it's in use")]
-    NetdevInUse(&'static str, String),
     #[error("Property '{0}.mac' doesn't take value '{1}'")]
     Mac(&'static str, String),
     #[error("Property '{0}.iothread' can't find value '{1}'")]
     IothreadNotFound(&'static str, String),
-    #[error("netdev '{0}' has no queue")]
-    NoQueue(String),
     #[error("cannot set up the card's event loop: {0}")]
     Host(io::Error),
 }
@@ -1751,7 +1684,7 @@ impl DeviceImpl for E1000Pci {
             // lives on while its regions are referenced.
             let nic: &dyn Nic = card.as_ref();
             nic::unregister(nic);
-            card.release_backend();
+            card.backend.release();
         }
         DeviceImpl::unrealize(&self.parent, ctx);
     }
@@ -1818,7 +1751,6 @@ impl DeviceImpl for E1000Pci {
             st.ioaddr = saved.ioaddr;
             st.paused = !running;
             st.tx_held.clear();
-        st.tx_held_bytes = 0;
             // The link as the source had it (QEMU's post_load): a `set_link` there holds.
             let link = st.reg(reg::STATUS) & bits::STATUS_LU != 0;
             card.link_up.store(link, Ordering::Release);
@@ -1850,37 +1782,17 @@ impl E1000Pci {
             Some(text) => parse_mac(&text).ok_or_else(|| err(E1000Error::Mac(model.type_name, text)))?,
             None => nic::default_mac(),
         };
-        let netdev_id = self.netdev.get().ok_or_else(|| err(E1000Error::NetdevNotFound(model.type_name, String::new())))?;
-        if net::find_netdev(&netdev_id).is_none() {
-            return Err(err(E1000Error::NetdevNotFound(model.type_name, netdev_id)));
-        }
-        let name = self.parent.id().unwrap_or_else(|| nic::default_name(model.type_name));
-        let netdev = net::attach(&netdev_id, &name).map_err(|()| err(E1000Error::NetdevInUse(model.type_name, netdev_id.clone())))?;
-        let detach_on_error = |e: RealizeError| {
-            net::detach(&netdev_id);
-            e
-        };
-        let queues = netdev.queues();
-        let Some(queue) = queues.first().cloned() else {
-            return Err(detach_on_error(err(E1000Error::NoQueue(netdev_id.clone()))));
-        };
-        // Frames without a virtio-net header, and none that the host merged beyond
-        // the MTU: the card segments and checksums in software.
-        if netdev.has_vnet_hdr() {
-            let _ = netdev.set_vnet_hdr_len(0);
-            let _ = netdev.set_offload(net::Offloads::default());
-        }
-        let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| detach_on_error(err(E1000Error::Host(e))))?;
-        let mit_timer = DeviceTimer::new().map_err(|e| detach_on_error(err(E1000Error::Host(e))))?;
+        // One queue pair, whole frames: the card segments and checksums in software.
+        let backend = NicBackend::attach(model.type_name, self.parent.id(), self.netdev.get())
+            .map_err(|e| err(E1000Error::Backend(e)))?;
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| err(E1000Error::Host(e)))?;
+        let mit_timer = DeviceTimer::new().map_err(|e| err(E1000Error::Host(e)))?;
         let card = Arc::new(E1000 {
             state: Mutex::new(State::new(
                 eeprom_contents(&mac, model.device_id),
                 !services.vm().is_running(),
             )),
-            name,
-            netdev_id: netdev_id.clone(),
-            netdev,
-            queue,
+            backend,
             services: services.clone(),
             intx: self.parent.intx(),
             context: context.clone(),
@@ -1892,19 +1804,11 @@ impl E1000Pci {
             model,
             mitigation: self.mitigation.get(),
             mit_timer,
-            released: AtomicBool::new(false),
             log: RateLimitedLog::default(),
         });
         {
             let mut st = card.state.lock();
             card.reset(&mut st);
-        }
-        // One queue pair: a multiqueue tap steers nothing to the others (attached again
-        // when the card lets the backend go).
-        for extra in &queues[1..] {
-            if let Err(e) = extra.set_enabled(false) {
-                log::warn!("e1000: cannot detach tap queue: {e}");
-            }
         }
         // From here on the card's regions hold it: a failure lets the backend go itself.
         let mmio = MemoryRegion::new_io("e1000-mmio", MMIO_SIZE, Arc::new(Mmio(card.clone())));
@@ -1913,7 +1817,7 @@ impl E1000Pci {
             .register_bar(0, BarKind::Mem32, mmio)
             .and_then(|()| self.register_bar(1, BarKind::Io, io))
         {
-            card.release_backend();
+            card.backend.release();
             return Err(e);
         }
         let weak: Weak<E1000> = Arc::downgrade(&card);
@@ -1925,11 +1829,11 @@ impl E1000Pci {
             })
         };
         let host = |e: io::Error| {
-            card.release_backend();
+            card.backend.release();
             RealizeError::device(E1000Error::Host(e))
         };
         let kick_id = context.add_fd(card.kick.as_raw_fd(), serve(weak.clone())).map_err(host)?;
-        let backend_id = match context.add_fd_with(card.queue.rx_fd(), Interest::READ, serve(weak.clone())) {
+        let backend_id = match context.add_fd_with(card.backend.queue.rx_fd(), Interest::READ, serve(weak.clone())) {
             Ok(id) => id,
             Err(e) => {
                 context.remove_fd(kick_id);

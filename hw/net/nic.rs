@@ -1,14 +1,19 @@
 //! What every network card shares with the monitor (QEMU's `NICState` half of
 //! `net/net.c`): the table of cards that `info network`, `set_link`, `query-rx-filter` and
 //! `announce-self` walk, the names cards get without `id=`, and MAC addresses (the default
-//! one, parsing and printing, the RARP frame that announces one).
+//! one, parsing and printing, the RARP frame that announces one); and what the emulated
+//! cards share below that: their backend ([`NicBackend`]), the frames a full backend holds
+//! back ([`HeldFrames`]), checksums and the Ethernet CRC.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 
-use net::Netdev;
+use net::{NetQueue, Netdev};
 use parking_lot::Mutex;
 use serde_json::Value;
+use vm_memory::VolatileSlice;
 
 /// A network card as the monitor sees it (QEMU's `NetClientState` of kind NIC with its
 /// `NetClientInfo` hooks).
@@ -152,6 +157,161 @@ mod tests {
         assert_eq!(&f[12..14], &[0x80, 0x35]);
         assert_eq!(&f[22..28], &mac);
         assert_eq!(&f[32..38], &mac);
+    }
+}
+
+/// Errors of a card's `netdev` property, in QEMU's words (the card's type first).
+#[derive(Debug, thiserror::Error)]
+pub enum NicBackendError {
+    /// No `netdev=`, or no backend of that id.
+    #[error("Property '{0}.netdev' can't find value '{1}'")]
+    NotFound(&'static str, String),
+    /// Another card has the backend.
+    #[error("Property '{0}.netdev' can't take value '{1}', it's in use")]
+    InUse(&'static str, String),
+    /// The backend has no queue pair.
+    #[error("netdev '{0}' has no queue")]
+    NoQueue(String),
+}
+
+/// An emulated card's backend (QEMU's `qemu_new_nic` for a card without virtio's
+/// offloads): claimed by the card's name, its first queue pair used (the others of a
+/// multiqueue tap detached, so nothing is steered to them), frames without a vnet header.
+/// Let go once, at unplug or when the card goes, so a backend that later takes the same id
+/// is not cut from its own card.
+pub struct NicBackend {
+    /// `id=`, or `<type>.N`.
+    pub name: String,
+    /// The backend's id.
+    pub netdev_id: String,
+    /// The backend.
+    pub netdev: Arc<dyn Netdev>,
+    /// Its first queue pair, the one the card uses.
+    pub queue: Arc<dyn NetQueue>,
+    released: AtomicBool,
+}
+
+impl NicBackend {
+    /// Claims `netdev` for a card of `type_name` called `id` (or its default name).
+    pub fn attach(
+        type_name: &'static str,
+        id: Option<String>,
+        netdev: Option<String>,
+    ) -> Result<NicBackend, NicBackendError> {
+        let netdev_id = netdev.ok_or(NicBackendError::NotFound(type_name, String::new()))?;
+        if net::find_netdev(&netdev_id).is_none() {
+            return Err(NicBackendError::NotFound(type_name, netdev_id));
+        }
+        let name = id.unwrap_or_else(|| default_name(type_name));
+        let netdev = net::attach(&netdev_id, &name)
+            .map_err(|()| NicBackendError::InUse(type_name, netdev_id.clone()))?;
+        let queues = netdev.queues();
+        let Some(queue) = queues.first().cloned() else {
+            net::detach(&netdev_id);
+            return Err(NicBackendError::NoQueue(netdev_id));
+        };
+        // Whole frames: the card checksums and segments in software.
+        if netdev.has_vnet_hdr() {
+            let _ = netdev.set_vnet_hdr_len(0);
+            let _ = netdev.set_offload(net::Offloads::default());
+        }
+        for extra in &queues[1..] {
+            if let Err(e) = extra.set_enabled(false) {
+                log::warn!("{type_name}: cannot detach tap queue: {e}");
+            }
+        }
+        Ok(NicBackend {
+            name,
+            netdev_id,
+            netdev,
+            queue,
+            released: AtomicBool::new(false),
+        })
+    }
+
+    /// Lets the backend go (its other queues attached again), once.
+    pub fn release(&self) {
+        if !self.released.swap(true, Ordering::AcqRel) {
+            for extra in self.netdev.queues().iter().skip(1) {
+                let _ = extra.set_enabled(true);
+            }
+            net::detach(&self.netdev_id);
+        }
+    }
+
+    /// A card that cannot announce itself: the RARP frame for `mac` (QMP `announce-self`).
+    pub fn announce(&self, mac: &[u8; 6]) {
+        let mut frame = rarp_frame(mac);
+        if let Err(e) = self.queue.send(&[VolatileSlice::from(&mut frame[..])]) {
+            log::debug!("{}: announcement not sent: {e}", self.name);
+        }
+    }
+
+    /// Whether the backend sends on the descriptor it receives on (a tap): then a full
+    /// backend is waited for as that descriptor's writability.
+    pub fn tx_on_rx_fd(&self) -> bool {
+        self.queue.tx_fd() == Some(self.queue.rx_fd())
+    }
+}
+
+impl Drop for NicBackend {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Frames a full backend held back, in order, up to a number of bytes (a large send makes
+/// many at once); beyond it frames are dropped, as a full wire drops them.
+#[derive(Debug, Default)]
+pub struct HeldFrames {
+    frames: VecDeque<Vec<u8>>,
+    bytes: usize,
+}
+
+impl HeldFrames {
+    /// Nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Drops what is held (a reset, a migration's destination).
+    pub fn clear(&mut self) {
+        self.frames.clear();
+        self.bytes = 0;
+    }
+
+    /// Sends the held frames in order, until the backend is full again.
+    pub fn flush(&mut self, queue: &dyn NetQueue) {
+        while let Some(mut frame) = self.frames.pop_front() {
+            match queue.send(&[VolatileSlice::from(&mut frame[..])]) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.frames.push_front(frame);
+                    return;
+                }
+                Err(e) => log::debug!("backend refused a frame: {e}"),
+                Ok(_) => {}
+            }
+            self.bytes -= frame.len();
+        }
+    }
+
+    /// Sends `frame` if nothing is held and the backend takes it; holds it otherwise
+    /// (while fewer than `limit` bytes are held).
+    pub fn send(&mut self, queue: &dyn NetQueue, mut frame: Vec<u8>, limit: usize) {
+        if self.frames.is_empty() {
+            match queue.send(&[VolatileSlice::from(&mut frame[..])]) {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    log::debug!("backend refused a frame: {e}");
+                    return;
+                }
+            }
+        }
+        if self.bytes + frame.len() <= limit {
+            self.bytes += frame.len();
+            self.frames.push_back(frame);
+        }
     }
 }
 

@@ -15,13 +15,12 @@
 //! without an end) gets its frames dropped and a rate-limited log line, never a panic or a
 //! stuck loop: each pass walks a bounded number of descriptors.
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
-use net::{NetQueue, Netdev};
+use net::Netdev;
 use parking_lot::Mutex;
 use qom::{type_init, Prop};
 use serde::{Deserialize, Serialize};
@@ -36,7 +35,7 @@ use crate::core::runstate::ChangeHandlerId;
 use crate::core::services::MachineServices;
 use crate::core::timer::VirtualTimer;
 use crate::core::vmstate::{VmStateError, VmStateSection};
-use crate::net::nic::{self, checksum_add, ether_crc, fold_checksum, parse_mac, rarp_frame, Nic};
+use crate::net::nic::{self, checksum_add, ether_crc, fold_checksum, parse_mac, HeldFrames, Nic, NicBackend, NicBackendError};
 use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_RTL8139`.
@@ -64,6 +63,8 @@ const RX_BURST: usize = 256;
 const TX_HELD_MAX_BYTES: usize = 4 << 20;
 /// Frames one pass may send (a large send with a tiny MSS makes thousands).
 const TX_PASS_FRAMES: usize = 4096;
+/// Segments one large send may make: 64 KiB at an MSS of 88 (Linux's smallest) is 745.
+const MAX_SEGMENTS: usize = 2048;
 
 /// Register offsets (Realtek's names, as QEMU's and Linux's drivers use them).
 mod reg {
@@ -256,7 +257,7 @@ impl Eeprom {
             EepromPhase::Command => {
                 self.input = (self.input << 1) | u16::from(di);
                 self.tick += 1;
-                if self.tick == 8 {
+                if self.tick >= 8 {
                     self.decode();
                 }
             }
@@ -264,7 +265,7 @@ impl Eeprom {
                 self.dout = self.output & 0x8000 != 0;
                 self.output <<= 1;
                 self.tick += 1;
-                if self.tick == 16 {
+                if self.tick >= 16 {
                     self.address = (self.address + 1) & 0x3f;
                     self.output = self.contents[usize::from(self.address)];
                     self.tick = 0;
@@ -273,7 +274,7 @@ impl Eeprom {
             EepromPhase::Writing { all } => {
                 self.input = (self.input << 1) | u16::from(di);
                 self.tick += 1;
-                if self.tick == 16 {
+                if self.tick >= 16 {
                     if self.write_enabled {
                         if all {
                             self.contents.fill(self.input);
@@ -403,8 +404,10 @@ struct Regs {
     nway_lpar: u16,
     nway_expansion: u16,
     cp_cmd: u16,
+    /// CpCmd was written since the last reset: TxStatus0/1 are the tally dump's
+    /// address and TxPoll drives the transmit ring (QEMU's `cplus_enabled`).
+    cplus_enabled: bool,
     intr_mitigate: u16,
-    rx_max_size: u16,
     tx_thresh: u8,
     curr_tx_desc: u8,
     curr_cplus_rx_desc: u32,
@@ -435,6 +438,12 @@ impl Regs {
 
     fn cp_receiver_enabled(&self) -> bool {
         self.receiver_enabled() && self.cp_cmd & bits::CPLUS_RX_ENB != 0
+    }
+
+    /// The C+ receive ring is set (QEMU's `rtl8139_cp_rx_valid`: older 8139cp drivers
+    /// turn the receiver on before they program it).
+    fn cp_rx_valid(&self) -> bool {
+        self.rx_ring_addr_lo != 0 || self.rx_ring_addr_hi != 0
     }
 
     fn config_writable(&self) -> bool {
@@ -524,9 +533,8 @@ struct State {
     paused: bool,
     /// The PCI command register lets the card master the bus.
     bus_master: bool,
-    /// Frames sent while the backend was full, in order, and their bytes.
-    tx_held: VecDeque<Vec<u8>>,
-    tx_held_bytes: usize,
+    /// Frames sent while the backend was full.
+    held: HeldFrames,
     /// The backend descriptor's events the loop waits for now.
     interest: Interest,
     /// Frames sent in this pass of the loop.
@@ -556,10 +564,7 @@ impl State {
 /// The card: registers, EEPROM, and the way to its backend and loop.
 struct Rtl8139 {
     state: Mutex<State>,
-    name: String,
-    netdev_id: String,
-    netdev: Arc<dyn Netdev>,
-    queue: Arc<dyn NetQueue>,
+    backend: NicBackend,
     services: Arc<MachineServices>,
     intx: Arc<IntxPin>,
     context: Arc<AioContext>,
@@ -573,8 +578,6 @@ struct Rtl8139 {
     conf_mac: [u8; 6],
     /// The PCS timer (TCTR reaching TimerInt).
     timer: VirtualTimer,
-    /// The backend was let go (unplugged).
-    released: AtomicBool,
     log: RateLimitedLog,
 }
 
@@ -583,10 +586,21 @@ impl Rtl8139 {
     fn reset(&self, st: &mut State) {
         let link_up = self.link_up.load(Ordering::Acquire);
         let r = &mut st.regs;
-        let eeprom = std::mem::take(&mut r.eeprom);
+        let kept = std::mem::take(r);
+        // What QEMU's reset does not touch keeps its value: the EEPROM, the multicast
+        // filter, the transmit buffers' addresses, RxConfig, Cfg9346, Config4, ...
         *r = Regs {
             phys: self.conf_mac,
-            eeprom,
+            eeprom: kept.eeprom,
+            mult: kept.mult,
+            tx_addr: kept.tx_addr,
+            rx_config: kept.rx_config,
+            rx_missed: kept.rx_missed,
+            cfg9346: kept.cfg9346,
+            config4: kept.config4,
+            multi_intr: kept.multi_intr,
+            intr_mitigate: kept.intr_mitigate,
+            tx_thresh: kept.tx_thresh,
             tx_status: [bits::TX_HOST_OWNS; 4],
             tx_config: bits::TX_CONFIG_VERSION,
             clock_enabled: true,
@@ -607,11 +621,20 @@ impl Rtl8139 {
         r.eeprom.phase = EepromPhase::Idle;
         r.reset_rx_ring(8192);
         r.reset_phy(link_up);
-        st.tx_held.clear();
-        st.tx_held_bytes = 0;
+        st.held.clear();
         st.rx_pending = None;
         let _ = self.timer.cancel();
         self.update_irq(st);
+    }
+
+    /// Writes `bytes` to guest memory at `addr` as the card's DMA: marked dirty for a
+    /// migration. False when they fall outside RAM.
+    fn dma_write(&self, mem: &GuestMemoryMmap, bytes: &[u8], addr: u64) -> bool {
+        if mem.write_slice(bytes, GuestAddress(addr)).is_err() {
+            return false;
+        }
+        self.services.dirty_tracker().mark(addr, bytes.len() as u64);
+        true
     }
 
     fn update_irq(&self, st: &State) {
@@ -656,6 +679,8 @@ impl Rtl8139 {
     }
 
     fn timer_expired(&self) {
+        // Under the lock, so a TimerInt written meanwhile decides.
+        let mut st = self.state.lock();
         match self.timer.take_due() {
             Ok(true) => {}
             Ok(false) => return,
@@ -664,8 +689,9 @@ impl Rtl8139 {
                 return;
             }
         }
-        let mut st = self.state.lock();
-        self.raise(&mut st, bits::PCS_TIMEOUT);
+        if st.regs.clock_enabled {
+            self.raise(&mut st, bits::PCS_TIMEOUT);
+        }
         self.set_next_tctr_time(&st);
     }
 
@@ -678,7 +704,7 @@ impl Rtl8139 {
             reg::CFG9346 => {
                 let mut v = r.cfg9346;
                 if v & bits::CFG9346_MODE == bits::CFG9346_PROGRAM {
-                    v = (v & !bits::EE_DO) | if r.eeprom.dout { bits::EE_DO } else { 0 };
+                    v = (v & !bits::EE_DO) | if r.eeprom.cs && r.eeprom.dout { bits::EE_DO } else { 0 };
                 }
                 v
             }
@@ -717,7 +743,6 @@ impl Rtl8139 {
             reg::NWAY_LPAR => r.nway_lpar,
             reg::NWAY_EXPANSION => r.nway_expansion,
             reg::CSCR => r.cscr,
-            reg::RX_MAX_SIZE => r.rx_max_size,
             reg::CP_CMD => r.cp_cmd,
             reg::INTR_MITIGATE => r.intr_mitigate,
             _ => 0,
@@ -767,7 +792,7 @@ impl Rtl8139 {
             reg::CFG9346 => self.write_cfg9346(st, value),
             reg::CONFIG0 if r.config_writable() => r.config0 = set_masked(value.into(), 0xf8, r.config0.into()) as u8,
             reg::CONFIG1 if r.config_writable() => r.config1 = set_masked(value.into(), 0x0c, r.config1.into()) as u8,
-            reg::CONFIG3 if r.config_writable() => r.config3 = set_masked(value.into(), 0x08, r.config3.into()) as u8,
+            reg::CONFIG3 if r.config_writable() => r.config3 = set_masked(value.into(), 0x8f, r.config3.into()) as u8,
             reg::CONFIG4 if r.config_writable() => r.config4 = set_masked(value.into(), 0x0a, r.config4.into()) as u8,
             reg::CONFIG5 => r.config5 = set_masked(value.into(), 0x80, r.config5.into()) as u8,
             reg::HLT_CLK => match value {
@@ -838,9 +863,14 @@ impl Rtl8139 {
             reg::NWAY_ADVERT => r.nway_advert = value,
             reg::NWAY_LPAR | reg::NWAY_EXPANSION | reg::RX_BUF_ADDR | reg::TX_SUMMARY => {}
             reg::CSCR => {}
-            reg::CP_CMD => r.cp_cmd = set_masked(value.into(), 0xff84, r.cp_cmd.into()) as u16,
+            reg::CP_CMD => {
+                r.cplus_enabled = true;
+                r.cp_cmd = set_masked(value.into(), 0xff84, r.cp_cmd.into()) as u16;
+                self.wake();
+            }
             reg::INTR_MITIGATE => r.intr_mitigate = value,
-            reg::RX_MAX_SIZE => r.rx_max_size = value,
+            // The RTL8169's: iPXE tells the cards apart by whether a write sticks.
+            reg::RX_MAX_SIZE => {}
             _ => {
                 for (i, b) in value.to_le_bytes().into_iter().enumerate() {
                     self.write8(st, (at + i) & 0xff, b);
@@ -867,8 +897,14 @@ impl Rtl8139 {
             reg::TX_STATUS0..=0x1c => self.write_tx_status((at - reg::TX_STATUS0) / 4, st, value),
             reg::TX_ADDR0..=0x2c => r.tx_addr[(at - reg::TX_ADDR0) / 4] = value,
             reg::RX_BUF => r.rx_buf = value,
-            reg::RX_RING_ADDR_LO => r.rx_ring_addr_lo = value,
-            reg::RX_RING_ADDR_HI => r.rx_ring_addr_hi = value,
+            reg::RX_RING_ADDR_LO => {
+                r.rx_ring_addr_lo = value;
+                self.wake();
+            }
+            reg::RX_RING_ADDR_HI => {
+                r.rx_ring_addr_hi = value;
+                self.wake();
+            }
             reg::TIMER => {
                 r.tctr_base_ns = self.timer.now_ns();
                 self.set_next_tctr_time(st);
@@ -934,7 +970,8 @@ impl Rtl8139 {
                 value = 0;
                 self.reset(st);
             }
-            _ => {}
+            // The pins follow the register only in programming mode: chip select drops.
+            _ => r.eeprom.set_pins(false, false, false),
         }
         st.regs.cfg9346 = value;
     }
@@ -943,12 +980,12 @@ impl Rtl8139 {
     /// dump address (DTCCR); otherwise a descriptor handed to the card.
     fn write_tx_status(&self, index: usize, st: &mut State, value: u32) {
         let r = &mut st.regs;
-        if r.cp_cmd & (bits::CPLUS_RX_ENB | bits::CPLUS_TX_ENB) != 0 {
+        if r.cplus_enabled {
             r.tx_status[index] = value;
             if index == 0 && value & 0x8 != 0 {
                 let addr = u64::from(r.tx_status[1]) << 32 | u64::from(r.tx_status[0] & !0x3f);
                 let mem = self.services.ram();
-                if mem.write_slice(&r.tally.bytes(), GuestAddress(addr)).is_err() {
+                if !st.bus_master || !self.dma_write(&mem, &r.tally.bytes(), addr) {
                     self.log.warn(|| format!("rtl8139: tally counters to {addr:#x} outside RAM"));
                 }
                 r.tx_status[0] &= !0x8;
@@ -968,9 +1005,9 @@ impl Rtl8139 {
         st.pass_frames = 0;
         if !st.paused && st.bus_master {
             let mem = self.services.ram();
-            self.flush_held(&mut st);
-            if st.tx_held.is_empty() {
-                if st.regs.cp_cmd & (bits::CPLUS_TX_ENB | bits::CPLUS_RX_ENB) != 0 {
+            st.held.flush(self.backend.queue.as_ref());
+            if st.held.is_empty() {
+                if st.regs.cplus_enabled {
                     self.cplus_transmit(&mut st, &mem);
                 } else {
                     self.transmit(&mut st, &mem);
@@ -978,10 +1015,9 @@ impl Rtl8139 {
             }
             self.receive(&mut st, &mem);
         }
-        let tx_same_fd = self.queue.tx_fd() == Some(self.queue.rx_fd());
         let wanted = Interest {
             read: st.can_receive(),
-            write: tx_same_fd && !st.tx_held.is_empty() && !st.paused && st.bus_master,
+            write: self.backend.tx_on_rx_fd() && !st.held.is_empty() && !st.paused && st.bus_master,
         };
         if wanted != st.interest {
             if let Some(id) = self.backend_handler.get() {
@@ -993,45 +1029,19 @@ impl Rtl8139 {
         }
     }
 
-    /// Sends the frames a full backend held back, in order.
-    fn flush_held(&self, st: &mut State) {
-        while let Some(mut frame) = st.tx_held.pop_front() {
-            match self.queue.send(&[VolatileSlice::from(&mut frame[..])]) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    st.tx_held.push_front(frame);
-                    return;
-                }
-                Err(e) => log::debug!("rtl8139: backend refused a frame: {e}"),
-                Ok(_) => {}
-            }
-            st.tx_held_bytes -= frame.len();
-        }
-    }
-
     /// QEMU's `rtl8139_transfer_frame`: to the backend (or held while it is full), or back
     /// to the card's own receiver in loopback mode.
-    fn send(&self, st: &mut State, mem: &GuestMemoryMmap, mut frame: Vec<u8>) {
+    fn send(&self, st: &mut State, mem: &GuestMemoryMmap, frame: Vec<u8>) {
+        if frame.is_empty() {
+            return;
+        }
         st.pass_frames += 1;
         if st.regs.tx_config & bits::TX_LOOPBACK == bits::TX_LOOPBACK {
             let _ = self.deliver(st, mem, &frame);
             return;
         }
-        if !self.link_up.load(Ordering::Acquire) {
-            return;
-        }
-        if st.tx_held.is_empty() {
-            match self.queue.send(&[VolatileSlice::from(&mut frame[..])]) {
-                Ok(_) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    log::debug!("rtl8139: backend refused a frame: {e}");
-                    return;
-                }
-            }
-        }
-        if st.tx_held_bytes + frame.len() <= TX_HELD_MAX_BYTES {
-            st.tx_held_bytes += frame.len();
-            st.tx_held.push_back(frame);
+        if self.link_up.load(Ordering::Acquire) {
+            st.held.send(self.backend.queue.as_ref(), frame, TX_HELD_MAX_BYTES);
         }
     }
 
@@ -1041,7 +1051,7 @@ impl Rtl8139 {
         for _ in 0..4 {
             let r = &st.regs;
             let index = usize::from(r.curr_tx_desc & 3);
-            if !r.transmitter_enabled() || r.tx_status[index] & bits::TX_HOST_OWNS != 0 || !st.tx_held.is_empty() {
+            if !r.transmitter_enabled() || r.tx_status[index] & bits::TX_HOST_OWNS != 0 || !st.held.is_empty() {
                 return;
             }
             let size = (r.tx_status[index] & 0x1fff) as usize;
@@ -1055,7 +1065,7 @@ impl Rtl8139 {
             r.tx_status[index] |= bits::TX_HOST_OWNS | bits::TX_STAT_OK;
             r.curr_tx_desc = ((index + 1) & 3) as u8;
             if !frame.is_empty() {
-                r.tally.tx_ok += 1;
+                r.tally.tx_ok = r.tally.tx_ok.wrapping_add(1);
                 self.send(st, mem, frame);
             }
             self.raise(st, bits::TX_OK);
@@ -1067,7 +1077,7 @@ impl Rtl8139 {
     /// worth per pass.
     fn cplus_transmit(&self, st: &mut State, mem: &GuestMemoryMmap) {
         let mut sent = 0;
-        while sent < CP_RING_MAX && st.pass_frames < TX_PASS_FRAMES && st.tx_held.is_empty() {
+        while sent < CP_RING_MAX && st.pass_frames < TX_PASS_FRAMES && st.held.is_empty() {
             if !self.cplus_transmit_one(st, mem) {
                 break;
             }
@@ -1075,7 +1085,7 @@ impl Rtl8139 {
         }
         if sent > 0 {
             self.raise(st, bits::TX_OK);
-            if sent == CP_RING_MAX {
+            if sent == CP_RING_MAX || st.pass_frames >= TX_PASS_FRAMES {
                 // More may wait: come back after others had their turn.
                 self.wake();
             }
@@ -1116,12 +1126,12 @@ impl Rtl8139 {
         r.curr_cplus_tx_desc = if w0 & bits::DESC_EOR != 0 { 0 } else { (r.curr_cplus_tx_desc + 1) % CP_RING_MAX };
         // Handed back, without errors.
         let status = w0 & !bits::DESC_OWN & !bits::TX_STATUS_ERRORS;
-        if mem.write_obj(status.to_le(), desc_addr).is_err() {
+        if !self.dma_write(mem, &status.to_le_bytes(), desc_addr.0) {
             return false;
         }
         if w0 & bits::DESC_LS != 0 {
             let frame = std::mem::take(&mut r.cplus_tx);
-            r.tally.tx_ok += 1;
+            r.tally.tx_ok = r.tally.tx_ok.wrapping_add(1);
             let offloads = w0 & (bits::TX_IPCS | bits::TX_UDPCS | bits::TX_TCPCS | bits::TX_LGSEN);
             let frames = if offloads == 0 { vec![frame] } else { offload(frame, w0) };
             for mut f in frames {
@@ -1145,12 +1155,15 @@ impl Rtl8139 {
                 return;
             }
         }
+        if !st.can_receive() {
+            return;
+        }
         let mut buf = vec![0u8; RX_BUF];
         for _ in 0..RX_BURST {
             if !st.can_receive() {
                 return;
             }
-            let n = match self.queue.receive(&[VolatileSlice::from(&mut buf[..])]) {
+            let n = match self.backend.queue.receive(&[VolatileSlice::from(&mut buf[..])]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -1180,7 +1193,7 @@ impl Rtl8139 {
             return Delivery::Dropped;
         }
         let Some(kind) = r.classify(frame) else {
-            st.regs.tally.rx_err += 1;
+            st.regs.tally.rx_err = st.regs.tally.rx_err.wrapping_add(1);
             return Delivery::Dropped;
         };
         let mut data = frame.to_vec();
@@ -1191,13 +1204,15 @@ impl Rtl8139 {
         let crc = crc32fast::hash(&data).to_le_bytes();
         let r = &mut st.regs;
         match kind {
-            bits::RX_BROADCAST => r.tally.rx_ok_brd += 1,
-            bits::RX_MULTICAST => r.tally.rx_ok_mul += 1,
-            bits::RX_PHYSICAL => r.tally.rx_ok_phy += 1,
+            bits::RX_BROADCAST => r.tally.rx_ok_brd = r.tally.rx_ok_brd.wrapping_add(1),
+            bits::RX_MULTICAST => r.tally.rx_ok_mul = r.tally.rx_ok_mul.wrapping_add(1),
+            bits::RX_PHYSICAL => r.tally.rx_ok_phy = r.tally.rx_ok_phy.wrapping_add(1),
             _ => {}
         }
         let delivery = if r.cp_receiver_enabled() {
-            if self.deliver_cplus(st, mem, &mut data, kind, crc) {
+            if !r.cp_rx_valid() {
+                Delivery::Dropped
+            } else if self.deliver_cplus(st, mem, &mut data, kind, crc) {
                 Delivery::Delivered
             } else {
                 Delivery::Dropped
@@ -1206,7 +1221,7 @@ impl Rtl8139 {
             self.deliver_classic(st, mem, &data, kind, crc)
         };
         if delivery == Delivery::Delivered {
-            st.regs.tally.rx_ok += 1;
+            st.regs.tally.rx_ok = st.regs.tally.rx_ok.wrapping_add(1);
             self.raise(st, bits::RX_OK);
         }
         delivery
@@ -1226,7 +1241,7 @@ impl Rtl8139 {
         let (mut w0, mut w1) = (word(0), word(1));
         let missed = |st: &mut State| {
             st.regs.rx_missed = st.regs.rx_missed.wrapping_add(1);
-            st.regs.tally.rx_err += 1;
+            st.regs.tally.rx_err = st.regs.tally.rx_err.wrapping_add(1);
             st.regs.tally.miss_pkt = st.regs.tally.miss_pkt.wrapping_add(1);
             self.raise(st, bits::RX_OVERFLOW);
             false
@@ -1249,7 +1264,7 @@ impl Rtl8139 {
             return missed(st);
         }
         let buf = GuestAddress(u64::from(word(3)) << 32 | u64::from(word(2)));
-        if mem.write_slice(data, buf).is_err() || mem.write_slice(&crc, GuestAddress(buf.0.wrapping_add(data.len() as u64))).is_err() {
+        if !self.dma_write(mem, data, buf.0) || !self.dma_write(mem, &crc, buf.0.wrapping_add(data.len() as u64)) {
             self.log.warn(|| format!("rtl8139: receive buffer {:#x} outside RAM", buf.0));
             return false;
         }
@@ -1262,8 +1277,8 @@ impl Rtl8139 {
             _ => 0,
         };
         // The second word first: the driver looks at OWN in the first.
-        let _ = mem.write_obj(w1.to_le(), GuestAddress(desc_addr.0.wrapping_add(4)));
-        let _ = mem.write_obj(w0.to_le(), desc_addr);
+        self.dma_write(mem, &w1.to_le_bytes(), desc_addr.0.wrapping_add(4));
+        self.dma_write(mem, &w0.to_le_bytes(), desc_addr.0);
         let r = &mut st.regs;
         r.curr_cplus_rx_desc = if w0 & bits::DESC_EOR != 0 { 0 } else { (r.curr_cplus_rx_desc + 1) % CP_RING_MAX };
         true
@@ -1305,12 +1320,12 @@ impl Rtl8139 {
         let mut ok = true;
         if r.rx_buf_addr + len > size && !(size < 65536 && r.rx_config & bits::RX_NO_WRAP != 0) {
             let first = (size - r.rx_buf_addr.min(size)) as usize;
-            ok &= mem.write_slice(&bytes[..first], GuestAddress(base + u64::from(r.rx_buf_addr))).is_ok();
-            ok &= mem.write_slice(&bytes[first..], GuestAddress(base)).is_ok();
+            ok &= self.dma_write(mem, &bytes[..first], base + u64::from(r.rx_buf_addr));
+            ok &= self.dma_write(mem, &bytes[first..], base);
             r.rx_buf_addr = len - first as u32;
             return ok;
         }
-        ok &= mem.write_slice(bytes, GuestAddress(base + u64::from(r.rx_buf_addr))).is_ok();
+        ok &= self.dma_write(mem, bytes, base + u64::from(r.rx_buf_addr));
         r.rx_buf_addr += len;
         ok
     }
@@ -1395,6 +1410,10 @@ fn offload(frame: Vec<u8>, w0: u32) -> Vec<Vec<u8>> {
         let seq = u32::from_be_bytes([frame[l4 + 4], frame[l4 + 5], frame[l4 + 6], frame[l4 + 7]]);
         let id = u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]);
         let count = payload.len().div_ceil(mss).max(1);
+        if count > MAX_SEGMENTS {
+            // No driver cuts a 64 KiB send this fine; a guest that asks gets it dropped.
+            return Vec::new();
+        }
         let mut out = Vec::with_capacity(count);
         for (i, chunk) in payload.chunks(mss).chain(payload.is_empty().then_some(&[][..])).enumerate() {
             let mut seg = Vec::with_capacity(headers.len() + chunk.len());
@@ -1457,18 +1476,27 @@ fn l4_checksum(frame: &mut [u8], ip: usize, ihl: usize, at: usize) {
 struct Registers(Arc<Rtl8139>);
 
 impl MemoryRegionOps for Registers {
+    /// Wider than 4 bytes: two 4-byte accesses, as QEMU's `max_access_size`.
     fn read(&self, offset: u64, size: u32) -> u64 {
+        if size > 4 {
+            return self.0.read(offset, 4) | self.0.read(offset + 4, 4) << 32;
+        }
         self.0.read(offset, size)
     }
 
     fn write(&self, offset: u64, value: u64, size: u32) {
+        if size > 4 {
+            self.0.write(offset, value & 0xffff_ffff, 4);
+            self.0.write(offset + 4, value >> 32, 4);
+            return;
+        }
         self.0.write(offset, value, size);
     }
 }
 
 impl Nic for Rtl8139 {
     fn name(&self) -> &str {
-        &self.name
+        &self.backend.name
     }
 
     fn model(&self) -> &'static str {
@@ -1476,11 +1504,11 @@ impl Nic for Rtl8139 {
     }
 
     fn netdev_id(&self) -> &str {
-        &self.netdev_id
+        &self.backend.netdev_id
     }
 
     fn netdev(&self) -> &Arc<dyn Netdev> {
-        &self.netdev
+        &self.backend.netdev
     }
 
     fn mac(&self) -> [u8; 6] {
@@ -1509,31 +1537,9 @@ impl Nic for Rtl8139 {
 
     /// The card cannot announce itself: qomvm sends the RARP frame for its MAC.
     fn announce(&self) {
-        if !self.link_up.load(Ordering::Acquire) {
-            return;
+        if self.link_up.load(Ordering::Acquire) {
+            self.backend.announce(&self.mac());
         }
-        let mut frame = rarp_frame(&self.mac());
-        if let Err(e) = self.queue.send(&[VolatileSlice::from(&mut frame[..])]) {
-            log::debug!("rtl8139: announcement not sent: {e}");
-        }
-    }
-}
-
-impl Rtl8139 {
-    /// Lets the backend go (at unplug, or when the card goes): once.
-    fn release_backend(&self) {
-        if !self.released.swap(true, Ordering::AcqRel) {
-            for extra in self.netdev.queues().iter().skip(1) {
-                let _ = extra.set_enabled(true);
-            }
-            net::detach(&self.netdev_id);
-        }
-    }
-}
-
-impl Drop for Rtl8139 {
-    fn drop(&mut self) {
-        self.release_backend();
     }
 }
 
@@ -1559,14 +1565,10 @@ type_init!(Rtl8139Pci);
 /// Errors of `rtl8139`'s properties, in QEMU's words.
 #[derive(Debug, thiserror::Error)]
 enum Rtl8139Error {
-    #[error("Property 'rtl8139.netdev' can't find value '{0}'")]
-    NetdevNotFound(String),
-    #[error("Property 'rtl8139.netdev' can't take value '{0}', it's in use")]
-    NetdevInUse(String),
+    #[error(transparent)]
+    Backend(#[from] NicBackendError),
     #[error("Property 'rtl8139.mac' doesn't take value '{0}'")]
     Mac(String),
-    #[error("netdev '{0}' has no queue")]
-    NoQueue(String),
     #[error("cannot set up the card's event loop: {0}")]
     Host(io::Error),
 }
@@ -1597,7 +1599,7 @@ impl DeviceImpl for Rtl8139Pci {
             let _ = card.timer.cancel();
             let nic: &dyn Nic = card.as_ref();
             nic::unregister(nic);
-            card.release_backend();
+            card.backend.release();
         }
         DeviceImpl::unrealize(&self.parent, ctx);
     }
@@ -1607,20 +1609,28 @@ impl DeviceImpl for Rtl8139Pci {
         self.parent.save_pci_state(&mut s);
         if let Some(card) = self.card.get() {
             let st = card.state.lock();
-            s.put("regs", &st.regs);
+            // The timer as the time since it was cleared: the destination's clock has its
+            // own origin.
+            let mut regs = st.regs.clone();
+            regs.tctr_base_ns = card.timer.now_ns().saturating_sub(regs.tctr_base_ns);
+            s.put("regs", &regs);
         }
         Ok(s)
     }
 
     fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
         state.check_version(1, 1)?;
-        self.parent.load_pci_state(state)?;
-        let regs: Regs = state.get("regs")?;
+        let mut regs: Regs = state.get("regs")?;
         let bad = |reason: &str| VmStateError::BadField {
             field: "regs".into(),
             reason: reason.into(),
         };
-        if regs.eeprom.contents.len() != 64 || regs.eeprom.address >= 64 || regs.eeprom.tick > 16 {
+        let tick_limit = match regs.eeprom.phase {
+            EepromPhase::Idle => u8::MAX,
+            EepromPhase::Command => 8,
+            EepromPhase::Reading | EepromPhase::Writing { .. } => 16,
+        };
+        if regs.eeprom.contents.len() != 64 || regs.eeprom.address >= 64 || regs.eeprom.tick >= tick_limit {
             return Err(bad("EEPROM is not a 93C46's"));
         }
         if regs.cplus_tx.len() > CP_TX_BUFFER || ![8192, 16384, 32768, 65536].contains(&regs.rx_buffer_size) {
@@ -1632,16 +1642,17 @@ impl DeviceImpl for Rtl8139Pci {
         if regs.curr_cplus_rx_desc >= CP_RING_MAX || regs.curr_cplus_tx_desc >= CP_RING_MAX {
             return Err(bad("descriptor index out of range"));
         }
+        self.parent.load_pci_state(state)?;
         self.update_bus_master();
         if let Some(card) = self.card.get() {
             let running = card.services.vm().is_running();
             let mut st = card.state.lock();
             let link = regs.basic_mode_status & 0x04 != 0;
+            regs.tctr_base_ns = card.timer.now_ns().saturating_sub(regs.tctr_base_ns);
             st.regs = regs;
             st.regs.rx_buf_addr %= st.regs.rx_buffer_size;
             st.paused = !running;
-            st.tx_held.clear();
-            st.tx_held_bytes = 0;
+            st.held.clear();
             st.rx_pending = None;
             card.link_up.store(link, Ordering::Release);
             card.set_next_tctr_time(&st);
@@ -1670,28 +1681,11 @@ impl Rtl8139Pci {
             Some(text) => parse_mac(&text).ok_or_else(|| err(Rtl8139Error::Mac(text)))?,
             None => nic::default_mac(),
         };
-        let netdev_id = self.netdev.get().ok_or_else(|| err(Rtl8139Error::NetdevNotFound(String::new())))?;
-        if net::find_netdev(&netdev_id).is_none() {
-            return Err(err(Rtl8139Error::NetdevNotFound(netdev_id)));
-        }
-        let name = self.parent.id().unwrap_or_else(|| nic::default_name(TYPE_RTL8139));
-        let netdev = net::attach(&netdev_id, &name).map_err(|()| err(Rtl8139Error::NetdevInUse(netdev_id.clone())))?;
-        let detach_on_error = |e: RealizeError| {
-            net::detach(&netdev_id);
-            e
-        };
-        let queues = netdev.queues();
-        let Some(queue) = queues.first().cloned() else {
-            return Err(detach_on_error(err(Rtl8139Error::NoQueue(netdev_id.clone()))));
-        };
-        // Frames without a virtio-net header, none merged beyond the MTU.
-        if netdev.has_vnet_hdr() {
-            let _ = netdev.set_vnet_hdr_len(0);
-            let _ = netdev.set_offload(net::Offloads::default());
-        }
-        let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| detach_on_error(err(Rtl8139Error::Host(e))))?;
+        let backend = NicBackend::attach(TYPE_RTL8139, self.parent.id(), self.netdev.get())
+            .map_err(|e| err(Rtl8139Error::Backend(e)))?;
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| err(Rtl8139Error::Host(e)))?;
         let timer = VirtualTimer::new(services.vm().clock().clone())
-            .map_err(|e| detach_on_error(err(Rtl8139Error::Host(e))))?;
+            .map_err(|e| err(Rtl8139Error::Host(e)))?;
         let card = Arc::new(Rtl8139 {
             state: Mutex::new(State {
                 regs: Regs {
@@ -1700,16 +1694,12 @@ impl Rtl8139Pci {
                 },
                 paused: !services.vm().is_running(),
                 bus_master: false,
-                tx_held: VecDeque::new(),
-                tx_held_bytes: 0,
+                held: HeldFrames::default(),
                 interest: Interest::READ,
                 pass_frames: 0,
                 rx_pending: None,
             }),
-            name,
-            netdev_id: netdev_id.clone(),
-            netdev,
-            queue,
+            backend,
             services: services.clone(),
             intx: self.parent.intx(),
             context: context.clone(),
@@ -1718,17 +1708,11 @@ impl Rtl8139Pci {
             link_up: AtomicBool::new(true),
             conf_mac: mac,
             timer,
-            released: AtomicBool::new(false),
             log: RateLimitedLog::default(),
         });
         {
             let mut st = card.state.lock();
             card.reset(&mut st);
-        }
-        for extra in &queues[1..] {
-            if let Err(e) = extra.set_enabled(false) {
-                log::warn!("rtl8139: cannot detach tap queue: {e}");
-            }
         }
         // From here on the card's regions hold it: a failure lets the backend go itself.
         let io = MemoryRegion::new_io("rtl8139", REGS_SIZE, Arc::new(Registers(card.clone())));
@@ -1737,7 +1721,7 @@ impl Rtl8139Pci {
             .register_bar(0, BarKind::Io, io)
             .and_then(|()| self.register_bar(1, BarKind::Mem32, mmio))
         {
-            card.release_backend();
+            card.backend.release();
             return Err(e);
         }
         let weak: Weak<Rtl8139> = Arc::downgrade(&card);
@@ -1749,11 +1733,11 @@ impl Rtl8139Pci {
             })
         };
         let host = |e: io::Error| {
-            card.release_backend();
+            card.backend.release();
             RealizeError::device(Rtl8139Error::Host(e))
         };
         let kick_id = context.add_fd(card.kick.as_raw_fd(), serve(weak.clone())).map_err(host)?;
-        let backend_id = match context.add_fd_with(card.queue.rx_fd(), Interest::READ, serve(weak.clone())) {
+        let backend_id = match context.add_fd_with(card.backend.queue.rx_fd(), Interest::READ, serve(weak.clone())) {
             Ok(id) => id,
             Err(e) => {
                 context.remove_fd(kick_id);
