@@ -766,6 +766,9 @@ echo "host: e1000 network boot exit status $?"
 timeout 600 "$QOMVM_BIN" -M pc -m 128 -nographic -no-reboot -boot n \
     -nic user,model=virtio-net-pci,tftp="$PWD/tftp",bootfile=nbp.bin
 echo "host: virtio-net network boot exit status $?"
+timeout 600 "$QOMVM_BIN" -M pc -m 128 -nographic -no-reboot -boot n \
+    -nic user,model=rtl8139,tftp="$PWD/tftp",bootfile=nbp.bin
+echo "host: rtl8139 network boot exit status $?"
 echo "host: direct boot"
 boot "qomvm.root=/dev/vda1" \
     -drive file=disk.qcow2,if=none,id=d0,format=qcow2 -device virtio-blk-pci,drive=d0,bootindex=1
@@ -781,9 +784,9 @@ boot "qomvm.root=/dev/vda1" \
         .split_once("host: network boot")
         .unwrap_or_else(|| panic!("{out}"));
     // The cards' iPXE ROMs (QEMU's, Debian package ipxe-qemu): the e1000 by its bootindex
-    // ahead of the bootable disk, virtio-net by `-boot n`, each through user networking's
+    // ahead of the bootable disk, virtio-net and rtl8139 by `-boot n`, each through user networking's
     // DHCP and TFTP, then the program at 0:7c00 printed and powered off.
-    for card in ["e1000", "virtio-net"] {
+    for card in ["e1000", "virtio-net", "rtl8139"] {
         assert!(
             network.contains(&format!("host: {card} network boot exit status 0")),
             "{card}:\n{out}"
@@ -791,12 +794,12 @@ boot "qomvm.root=/dev/vda1" \
     }
     assert_eq!(
         network.matches("iPXE initialising devices").count(),
-        2,
+        3,
         "{out}"
     );
     assert_eq!(
         network.matches("NETWORK-BOOT-PROGRAM-RAN").count(),
-        2,
+        3,
         "{out}"
     );
     assert!(!network.contains("GRUB"), "the disk booted first:\n{out}");
