@@ -1073,8 +1073,8 @@ impl Rtl8139 {
     }
 
     /// QEMU's `rtl8139_cplus_transmit`: descriptors of the normal-priority ring from the
-    /// current one, as long as the driver owns... gave them (OWN set), at most a ring's
-    /// worth per pass.
+    /// current one, as long as the driver has given them to the card (OWN set), at most a
+    /// ring's worth per pass.
     fn cplus_transmit(&self, st: &mut State, mem: &GuestMemoryMmap) {
         let mut sent = 0;
         while sent < CP_RING_MAX && st.pass_frames < TX_PASS_FRAMES && st.held.is_empty() {
@@ -1436,6 +1436,11 @@ fn offload(frame: Vec<u8>, w0: u32) -> Vec<Vec<u8>> {
     let mut frame = frame;
     if w0 & bits::TX_IPCS != 0 {
         ip_checksum(&mut frame, ETH, ihl);
+    }
+    if w0 & bits::TX_LGSEN != 0 {
+        // A large send of a frame that is not TCP: the bits below are the MSS, not
+        // TCPCS/UDPCS, so QEMU leaves the transport checksum as the driver wrote it.
+        return vec![frame];
     }
     if w0 & bits::TX_TCPCS != 0 && protocol == 6 && total >= ihl + 20 {
         l4_checksum(&mut frame, ETH, ihl, 16);
@@ -1864,6 +1869,23 @@ mod tests {
             assert_eq!(s[47] & 0x08 != 0, i == 2, "PSH only on the last");
             assert_eq!(fold_checksum(checksum_add(&s[14..34])), 0, "IP header sums to zero");
         }
+    }
+
+    #[test]
+    fn a_large_send_of_udp_keeps_its_transport_checksum() {
+        // MSS 3 sets the TCPCS and UDPCS bit positions; under LGSEN they are not offloads.
+        let mut f = vec![0u8; 14 + 20 + 8 + 16];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&(20u16 + 8 + 16).to_be_bytes());
+        f[23] = 17;
+        f[34 + 4..34 + 6].copy_from_slice(&24u16.to_be_bytes());
+        f[34 + 6..34 + 8].copy_from_slice(&[0xab, 0xcd]);
+        let w0 = bits::TX_LGSEN | bits::TX_IPCS | (3 << 16);
+        let segs = offload(f, w0);
+        assert_eq!(segs.len(), 1);
+        assert_eq!(segs[0][40..42], [0xab, 0xcd], "UDP checksum untouched");
+        assert_eq!(fold_checksum(checksum_add(&segs[0][14..34])), 0, "IPCS still done");
     }
 
     #[test]
