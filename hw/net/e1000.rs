@@ -25,17 +25,15 @@ use parking_lot::Mutex;
 use qom::{type_init, Prop};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::core::iothread::{iothread_context, AioContext, AioHandlerId, Interest};
+use crate::core::iothread::{iothread_context, Interest};
 use crate::core::log_limit::RateLimitedLog;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
-use crate::core::runstate::ChangeHandlerId;
 use crate::core::timer::DeviceTimer;
 use crate::core::services::MachineServices;
 use crate::core::vmstate::{VmStateError, VmStateSection};
-use crate::net::nic::{self, checksum_add, format_mac, parse_mac, HeldFrames, Nic, NicBackend, NicBackendError};
+use crate::net::nic::{CardLoop, LoopCard, self, checksum_add, format_mac, parse_mac, HeldFrames, Nic, NicBackend, NicBackendError};
 use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_E1000` (the 82540EM).
@@ -669,12 +667,9 @@ struct E1000 {
     backend: NicBackend,
     services: Arc<MachineServices>,
     intx: Arc<IntxPin>,
-    context: Arc<AioContext>,
-    /// Written when the guest moves a tail, enables a ring or the link changes: the loop
+    /// Woken when the guest moves a tail, enables a ring or the link changes: the loop
     /// looks at the rings.
-    kick: EventFd,
-    /// The backend's handler on the loop.
-    backend_handler: OnceLock<AioHandlerId>,
+    card_loop: CardLoop,
     link_up: AtomicBool,
     /// The MAC of `mac=` (what a reset restores).
     conf_mac: [u8; 6],
@@ -813,9 +808,7 @@ impl E1000 {
     }
 
     fn wake(&self) {
-        if let Err(e) = self.kick.write(1) {
-            log::error!("e1000: cannot kick the event loop: {e}");
-        }
+        self.card_loop.wake();
     }
 
     fn read_reg(&self, st: &mut State, offset: usize) -> u32 {
@@ -967,8 +960,8 @@ impl E1000 {
 
     /// The loop's pass: held frames, the transmit ring, then frames from the backend;
     /// then which backend events to wait for.
-    fn serve(&self) {
-        let _ = self.kick.read();
+    fn pass(&self) {
+        self.card_loop.take_kick();
         let mut st = self.state.lock();
         st.pass_frames = 0;
         st.pass_rx_descs = 0;
@@ -984,14 +977,7 @@ impl E1000 {
             read: st.can_receive(),
             write: self.backend.tx_on_rx_fd() && !st.tx_held.is_empty() && !st.paused && st.bus_master,
         };
-        if wanted != st.interest {
-            if let Some(id) = self.backend_handler.get() {
-                if let Err(e) = self.context.set_interest(*id, wanted) {
-                    log::error!("e1000: cannot watch the backend: {e}");
-                }
-            }
-            st.interest = wanted;
-        }
+        self.card_loop.watch_backend(&mut st.interest, wanted);
     }
 
     /// Hands one frame to the backend, or holds it while the backend is full; in PHY
@@ -1486,6 +1472,33 @@ fn put_sum(data: &mut [u8], sloc: u8, css: u8, cse: u16) {
     put_be16(data, sloc, if folded == 0 { 0xffff } else { folded });
 }
 
+impl LoopCard for E1000 {
+    fn serve(&self) {
+        self.pass();
+    }
+
+    fn timer_expired(&self) {
+        self.mit_timer_expired();
+    }
+
+    /// Frames follow the VM: none move while it is stopped, so a migration's last pass
+    /// sees guest memory the card no longer writes.
+    fn run_state_changed(&self, running: bool) {
+        let mut st = self.state.lock();
+        st.paused = !running;
+        if running && st.mit.timer_on && self.mit_timer.arm(Duration::from_micros(1)).is_err() {
+            // No timer to end the window: end it now, or causes wait for good.
+            st.mit.timer_on = false;
+            let icr = st.reg(reg::ICR);
+            self.set_interrupt_cause(&mut st, icr);
+        }
+        drop(st);
+        if running {
+            self.wake();
+        }
+    }
+}
+
 /// BAR 0: the register file, 32 bits wide; narrower accesses read or merge into the
 /// register they fall in.
 struct Mmio(Arc<E1000>);
@@ -1638,7 +1651,6 @@ pub struct E1000Pci {
     #[property(default = -1, desc = "Boot order of the card (firmware)")]
     bootindex: Prop<i32>,
     card: OnceLock<Arc<E1000>>,
-    handlers: OnceLock<(Vec<AioHandlerId>, ChangeHandlerId)>,
 }
 
 type_init!(E1000Pci);
@@ -1672,14 +1684,8 @@ impl DeviceImpl for E1000Pci {
 
     fn unrealize(&self, ctx: &DeviceContext) {
         if let Some(card) = self.card.get() {
-            if let Some((ids, change)) = self.handlers.get() {
-                for id in ids {
-                    card.context.remove_fd(*id);
-                }
-                if let Ok(services) = ctx.machine() {
-                    services.vm().remove_change_handler(*change);
-                }
-            }
+            let services = ctx.machine().ok();
+            card.card_loop.stop(services.as_ref().map(|s| s.vm()));
             // Gone from the monitor and from its backend now, although the card itself
             // lives on while its regions are referenced.
             let nic: &dyn Nic = card.as_ref();
@@ -1785,7 +1791,7 @@ impl E1000Pci {
         // One queue pair, whole frames: the card segments and checksums in software.
         let backend = NicBackend::attach(model.type_name, self.parent.id(), self.netdev.get())
             .map_err(|e| err(E1000Error::Backend(e)))?;
-        let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| err(E1000Error::Host(e)))?;
+        let card_loop = CardLoop::new(model.type_name, context).map_err(|e| err(E1000Error::Host(e)))?;
         let mit_timer = DeviceTimer::new().map_err(|e| err(E1000Error::Host(e)))?;
         let card = Arc::new(E1000 {
             state: Mutex::new(State::new(
@@ -1795,9 +1801,7 @@ impl E1000Pci {
             backend,
             services: services.clone(),
             intx: self.parent.intx(),
-            context: context.clone(),
-            kick,
-            backend_handler: OnceLock::new(),
+            card_loop,
             link_up: AtomicBool::new(true),
             conf_mac: mac,
             init_vet: self.init_vet.get(),
@@ -1820,66 +1824,16 @@ impl E1000Pci {
             card.backend.release();
             return Err(e);
         }
-        let weak: Weak<E1000> = Arc::downgrade(&card);
-        let serve = |w: Weak<E1000>| -> Box<dyn FnMut() + Send> {
-            Box::new(move || {
-                if let Some(c) = w.upgrade() {
-                    c.serve();
-                }
-            })
-        };
-        let host = |e: io::Error| {
-            card.backend.release();
-            RealizeError::device(E1000Error::Host(e))
-        };
-        let kick_id = context.add_fd(card.kick.as_raw_fd(), serve(weak.clone())).map_err(host)?;
-        let backend_id = match context.add_fd_with(card.backend.queue.rx_fd(), Interest::READ, serve(weak.clone())) {
-            Ok(id) => id,
-            Err(e) => {
-                context.remove_fd(kick_id);
-                return Err(host(e));
-            }
-        };
-        let w = weak.clone();
-        let timer_id = match context.add_fd(
+        if let Err(e) = card.card_loop.start(
+            &card,
+            card.backend.queue.rx_fd(),
             card.mit_timer.as_raw_fd(),
-            Box::new(move || {
-                if let Some(c) = w.upgrade() {
-                    c.mit_timer_expired();
-                }
-            }),
+            services.vm(),
         ) {
-            Ok(id) => id,
-            Err(e) => {
-                context.remove_fd(kick_id);
-                context.remove_fd(backend_id);
-                return Err(host(e));
-            }
-        };
-        let _ = card.backend_handler.set(backend_id);
-        // Frames follow the VM: none move while it is stopped, so a migration's last
-        // pass sees guest memory the card no longer writes.
-        let w = weak.clone();
-        let change = services.vm().add_change_handler(
-            0,
-            Arc::new(move |running, _| {
-                if let Some(c) = w.upgrade() {
-                    let mut st = c.state.lock();
-                    st.paused = !running;
-                    if running && st.mit.timer_on && c.mit_timer.arm(Duration::from_micros(1)).is_err() {
-                        // No timer to end the window: end it now, or causes wait for good.
-                        st.mit.timer_on = false;
-                        let icr = st.reg(reg::ICR);
-                        c.set_interrupt_cause(&mut st, icr);
-                    }
-                    drop(st);
-                    if running {
-                        c.wake();
-                    }
-                }
-            }),
-        );
-        let _ = self.handlers.set((vec![kick_id, backend_id, timer_id], change));
+            card.backend.release();
+            return Err(RealizeError::device(E1000Error::Host(e)));
+        }
+        let weak: Weak<E1000> = Arc::downgrade(&card);
         let nic_ref: Weak<dyn Nic> = weak;
         nic::register(nic_ref);
         let _ = self.card.set(card);

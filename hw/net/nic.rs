@@ -2,18 +2,24 @@
 //! `net/net.c`): the table of cards that `info network`, `set_link`, `query-rx-filter` and
 //! `announce-self` walk, the names cards get without `id=`, and MAC addresses (the default
 //! one, parsing and printing, the RARP frame that announces one); and what the emulated
-//! cards share below that: their backend ([`NicBackend`]), the frames a full backend holds
-//! back ([`HeldFrames`]), checksums and the Ethernet CRC.
+//! cards share below that: their backend ([`NicBackend`]), their place on an event loop
+//! ([`CardLoop`]), the frames a full backend holds back ([`HeldFrames`]), checksums and
+//! the Ethernet CRC.
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use net::{NetQueue, Netdev};
 use parking_lot::Mutex;
 use serde_json::Value;
 use vm_memory::VolatileSlice;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::core::iothread::{AioContext, AioHandlerId, Interest};
+use crate::core::runstate::{ChangeHandlerId, VmState};
 
 /// A network card as the monitor sees it (QEMU's `NetClientState` of kind NIC with its
 /// `NetClientInfo` hooks).
@@ -257,6 +263,139 @@ impl NicBackend {
 impl Drop for NicBackend {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// What an emulated card does on its event loop; [`CardLoop`] calls it there, and at the
+/// VM's run-state changes.
+pub trait LoopCard: Send + Sync + 'static {
+    /// One pass: held frames, transmissions, then frames from the backend (a kick or a
+    /// ready backend).
+    fn serve(&self);
+    /// The card's timer fired.
+    fn timer_expired(&self);
+    /// The VM stopped (`false`) or is about to run (`true`): frames follow it, none move
+    /// while it is stopped.
+    fn run_state_changed(&self, running: bool);
+}
+
+/// An emulated card's place on its event loop (QEMU's fd handlers of a NIC and its
+/// VM change-state handler): a kick that a vCPU thread's register write sends, the
+/// backend's receive descriptor, the card's timer, and the VM's run state; all run the
+/// card on the loop thread, never on a vCPU thread.
+pub struct CardLoop {
+    /// The card's type, for log lines.
+    name: &'static str,
+    context: Arc<AioContext>,
+    kick: EventFd,
+    backend_handler: OnceLock<AioHandlerId>,
+    handlers: OnceLock<(Vec<AioHandlerId>, ChangeHandlerId)>,
+}
+
+impl CardLoop {
+    /// A loop presence on `context`, not serving yet ([`CardLoop::start`]).
+    pub fn new(name: &'static str, context: Arc<AioContext>) -> io::Result<CardLoop> {
+        Ok(CardLoop {
+            name,
+            context,
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            backend_handler: OnceLock::new(),
+            handlers: OnceLock::new(),
+        })
+    }
+
+    /// Has the loop run the card's pass soon.
+    pub fn wake(&self) {
+        if let Err(e) = self.kick.write(1) {
+            log::error!("{}: cannot kick the event loop: {e}", self.name);
+        }
+    }
+
+    /// A pass begins: the kicks so far are taken.
+    pub fn take_kick(&self) {
+        let _ = self.kick.read();
+    }
+
+    /// Which backend events run the next pass (readable while the card can take a frame;
+    /// writable while a full tap holds frames back); changed only when they differ from
+    /// `current`, which the card keeps under its own lock.
+    pub fn watch_backend(&self, current: &mut Interest, wanted: Interest) {
+        if wanted == *current {
+            return;
+        }
+        if let Some(id) = self.backend_handler.get() {
+            if let Err(e) = self.context.set_interest(*id, wanted) {
+                log::error!("{}: cannot watch the backend: {e}", self.name);
+            }
+        }
+        *current = wanted;
+    }
+
+    /// Serves `card` on the loop: its pass at a kick or a readable `backend_fd`, its timer
+    /// at `timer_fd`, its run-state hook at the VM's changes. The handlers hold the card
+    /// weakly. On an error nothing stays registered.
+    pub fn start<C: LoopCard>(
+        &self,
+        card: &Arc<C>,
+        backend_fd: RawFd,
+        timer_fd: RawFd,
+        vm: &VmState,
+    ) -> io::Result<()> {
+        let weak = Arc::downgrade(card);
+        let serve = |w: Weak<C>| -> Box<dyn FnMut() + Send> {
+            Box::new(move || {
+                if let Some(c) = w.upgrade() {
+                    c.serve();
+                }
+            })
+        };
+        let w = weak.clone();
+        let timer: Box<dyn FnMut() + Send> = Box::new(move || {
+            if let Some(c) = w.upgrade() {
+                c.timer_expired();
+            }
+        });
+        let mut ids = Vec::with_capacity(3);
+        let registered = [
+            (self.kick.as_raw_fd(), serve(weak.clone())),
+            (backend_fd, serve(weak.clone())),
+            (timer_fd, timer),
+        ]
+        .into_iter()
+        .try_for_each(|(fd, handler)| {
+            ids.push(self.context.add_fd(fd, handler)?);
+            Ok::<(), io::Error>(())
+        });
+        if let Err(e) = registered {
+            for id in ids {
+                self.context.remove_fd(id);
+            }
+            return Err(e);
+        }
+        let _ = self.backend_handler.set(ids[1]);
+        let w = weak;
+        let change = vm.add_change_handler(
+            0,
+            Arc::new(move |running, _| {
+                if let Some(c) = w.upgrade() {
+                    c.run_state_changed(running);
+                }
+            }),
+        );
+        let _ = self.handlers.set((ids, change));
+        Ok(())
+    }
+
+    /// Stops serving the card: when this returns none of its handlers runs again.
+    pub fn stop(&self, vm: Option<&VmState>) {
+        if let Some((ids, change)) = self.handlers.get() {
+            for id in ids {
+                self.context.remove_fd(*id);
+            }
+            if let Some(vm) = vm {
+                vm.remove_change_handler(*change);
+            }
+        }
     }
 }
 

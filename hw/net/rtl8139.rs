@@ -25,17 +25,15 @@ use parking_lot::Mutex;
 use qom::{type_init, Prop};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::core::iothread::{AioContext, AioHandlerId, Interest};
+use crate::core::iothread::Interest;
 use crate::core::log_limit::RateLimitedLog;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
-use crate::core::runstate::ChangeHandlerId;
 use crate::core::services::MachineServices;
 use crate::core::timer::VirtualTimer;
 use crate::core::vmstate::{VmStateError, VmStateSection};
-use crate::net::nic::{self, checksum_add, ether_crc, fold_checksum, parse_mac, HeldFrames, Nic, NicBackend, NicBackendError};
+use crate::net::nic::{CardLoop, LoopCard, self, checksum_add, ether_crc, fold_checksum, parse_mac, HeldFrames, Nic, NicBackend, NicBackendError};
 use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
 
 /// QEMU's `TYPE_RTL8139`.
@@ -567,12 +565,9 @@ struct Rtl8139 {
     backend: NicBackend,
     services: Arc<MachineServices>,
     intx: Arc<IntxPin>,
-    context: Arc<AioContext>,
-    /// Written when the guest asks for a transmission, frees receive space or the link
+    /// Woken when the guest asks for a transmission, frees receive space or the link
     /// changes: the loop looks at the card.
-    kick: EventFd,
-    /// The backend's handler on the loop.
-    backend_handler: OnceLock<AioHandlerId>,
+    card_loop: CardLoop,
     link_up: AtomicBool,
     /// The MAC of `mac=` (what a reset restores).
     conf_mac: [u8; 6],
@@ -647,9 +642,7 @@ impl Rtl8139 {
     }
 
     fn wake(&self) {
-        if let Err(e) = self.kick.write(1) {
-            log::error!("rtl8139: cannot kick the event loop: {e}");
-        }
+        self.card_loop.wake();
     }
 
     /// TCTR: the PCI clocks since the timer was cleared.
@@ -678,7 +671,7 @@ impl Rtl8139 {
         }
     }
 
-    fn timer_expired(&self) {
+    fn pcs_timer_expired(&self) {
         // Under the lock, so a TimerInt written meanwhile decides.
         let mut st = self.state.lock();
         match self.timer.take_due() {
@@ -999,8 +992,8 @@ impl Rtl8139 {
 
     /// The loop's pass: held frames, transmissions, then frames from the backend; then
     /// which backend events to wait for.
-    fn serve(&self) {
-        let _ = self.kick.read();
+    fn pass(&self) {
+        self.card_loop.take_kick();
         let mut st = self.state.lock();
         st.pass_frames = 0;
         if !st.paused && st.bus_master {
@@ -1019,14 +1012,7 @@ impl Rtl8139 {
             read: st.can_receive(),
             write: self.backend.tx_on_rx_fd() && !st.held.is_empty() && !st.paused && st.bus_master,
         };
-        if wanted != st.interest {
-            if let Some(id) = self.backend_handler.get() {
-                if let Err(e) = self.context.set_interest(*id, wanted) {
-                    log::error!("rtl8139: cannot watch the backend: {e}");
-                }
-            }
-            st.interest = wanted;
-        }
+        self.card_loop.watch_backend(&mut st.interest, wanted);
     }
 
     /// QEMU's `rtl8139_transfer_frame`: to the backend (or held while it is full), or back
@@ -1331,6 +1317,27 @@ impl Rtl8139 {
     }
 }
 
+impl LoopCard for Rtl8139 {
+    fn serve(&self) {
+        self.pass();
+    }
+
+    fn timer_expired(&self) {
+        self.pcs_timer_expired();
+    }
+
+    fn run_state_changed(&self, running: bool) {
+        // The timer stands still with the VM.
+        self.state.lock().paused = !running;
+        if let Err(e) = self.timer.run_state_changed(running) {
+            log::error!("rtl8139: timer: {e}");
+        }
+        if running {
+            self.wake();
+        }
+    }
+}
+
 /// Which wide register a byte belongs to: its base and width (2 or 4).
 fn wide_register(at: usize) -> Option<(usize, usize)> {
     const WORDS: [usize; 16] = [
@@ -1562,7 +1569,6 @@ pub struct Rtl8139Pci {
     #[property(default = -1, desc = "Boot order of the card (firmware)")]
     bootindex: Prop<i32>,
     card: OnceLock<Arc<Rtl8139>>,
-    handlers: OnceLock<(Vec<AioHandlerId>, ChangeHandlerId)>,
 }
 
 type_init!(Rtl8139Pci);
@@ -1593,14 +1599,8 @@ impl DeviceImpl for Rtl8139Pci {
 
     fn unrealize(&self, ctx: &DeviceContext) {
         if let Some(card) = self.card.get() {
-            if let Some((ids, change)) = self.handlers.get() {
-                for id in ids {
-                    card.context.remove_fd(*id);
-                }
-                if let Ok(services) = ctx.machine() {
-                    services.vm().remove_change_handler(*change);
-                }
-            }
+            let services = ctx.machine().ok();
+            card.card_loop.stop(services.as_ref().map(|s| s.vm()));
             let _ = card.timer.cancel();
             let nic: &dyn Nic = card.as_ref();
             nic::unregister(nic);
@@ -1688,7 +1688,7 @@ impl Rtl8139Pci {
         };
         let backend = NicBackend::attach(TYPE_RTL8139, self.parent.id(), self.netdev.get())
             .map_err(|e| err(Rtl8139Error::Backend(e)))?;
-        let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| err(Rtl8139Error::Host(e)))?;
+        let card_loop = CardLoop::new(TYPE_RTL8139, context).map_err(|e| err(Rtl8139Error::Host(e)))?;
         let timer = VirtualTimer::new(services.vm().clock().clone())
             .map_err(|e| err(Rtl8139Error::Host(e)))?;
         let card = Arc::new(Rtl8139 {
@@ -1707,9 +1707,7 @@ impl Rtl8139Pci {
             backend,
             services: services.clone(),
             intx: self.parent.intx(),
-            context: context.clone(),
-            kick,
-            backend_handler: OnceLock::new(),
+            card_loop,
             link_up: AtomicBool::new(true),
             conf_mac: mac,
             timer,
@@ -1729,60 +1727,16 @@ impl Rtl8139Pci {
             card.backend.release();
             return Err(e);
         }
-        let weak: Weak<Rtl8139> = Arc::downgrade(&card);
-        let serve = |w: Weak<Rtl8139>| -> Box<dyn FnMut() + Send> {
-            Box::new(move || {
-                if let Some(c) = w.upgrade() {
-                    c.serve();
-                }
-            })
-        };
-        let host = |e: io::Error| {
-            card.backend.release();
-            RealizeError::device(Rtl8139Error::Host(e))
-        };
-        let kick_id = context.add_fd(card.kick.as_raw_fd(), serve(weak.clone())).map_err(host)?;
-        let backend_id = match context.add_fd_with(card.backend.queue.rx_fd(), Interest::READ, serve(weak.clone())) {
-            Ok(id) => id,
-            Err(e) => {
-                context.remove_fd(kick_id);
-                return Err(host(e));
-            }
-        };
-        let w = weak.clone();
-        let timer_id = match context.add_fd(
+        if let Err(e) = card.card_loop.start(
+            &card,
+            card.backend.queue.rx_fd(),
             card.timer.as_raw_fd(),
-            Box::new(move || {
-                if let Some(c) = w.upgrade() {
-                    c.timer_expired();
-                }
-            }),
+            services.vm(),
         ) {
-            Ok(id) => id,
-            Err(e) => {
-                context.remove_fd(kick_id);
-                context.remove_fd(backend_id);
-                return Err(host(e));
-            }
-        };
-        let _ = card.backend_handler.set(backend_id);
-        // Frames follow the VM: none move while it is stopped, and the timer stands still.
-        let w = weak.clone();
-        let change = services.vm().add_change_handler(
-            0,
-            Arc::new(move |running, _| {
-                if let Some(c) = w.upgrade() {
-                    c.state.lock().paused = !running;
-                    if let Err(e) = c.timer.run_state_changed(running) {
-                        log::error!("rtl8139: timer: {e}");
-                    }
-                    if running {
-                        c.wake();
-                    }
-                }
-            }),
-        );
-        let _ = self.handlers.set((vec![kick_id, backend_id, timer_id], change));
+            card.backend.release();
+            return Err(RealizeError::device(Rtl8139Error::Host(e)));
+        }
+        let weak: Weak<Rtl8139> = Arc::downgrade(&card);
         let nic_ref: Weak<dyn Nic> = weak;
         nic::register(nic_ref);
         let _ = self.card.set(card);
