@@ -258,14 +258,25 @@ fn a_reset_removes_what_the_guest_did_not_eject_and_a_nic_gives_back_its_netdev(
 /// `info network`, and its netdev free for the next card.
 #[test]
 fn an_e1000_comes_goes_and_gives_back_its_netdev() {
-    let (mut qt, mut qmp, _dir) = start("qomvm-pcihp-e1000", &["-netdev", "user,id=n0"]);
+    emulated_nic_comes_goes_and_gives_back_its_netdev("e1000", 0x100e_8086);
+}
+
+/// `rtl8139` too: its loop handlers and PCS timer go with it.
+#[test]
+fn an_rtl8139_comes_goes_and_gives_back_its_netdev() {
+    emulated_nic_comes_goes_and_gives_back_its_netdev("rtl8139", 0x8139_10ec);
+}
+
+fn emulated_nic_comes_goes_and_gives_back_its_netdev(driver: &str, vendor_device: u32) {
+    let (mut qt, mut qmp, _dir) =
+        start(&format!("qomvm-pcihp-{driver}"), &["-netdev", "user,id=n0"]);
     let reply = qmp.execute(
         "device_add",
-        json!({"driver": "e1000", "netdev": "n0", "id": "e1k", "mac": "52:54:00:12:34:98"}),
+        json!({"driver": driver, "netdev": "n0", "id": "nic", "mac": "52:54:00:12:34:98"}),
     );
     assert_eq!(reply, json!({"return": {}}));
     let slot = inl(&mut qt, PCIU).trailing_zeros();
-    assert_eq!(qt.pci_read32(slot << 3, 0), 0x100e_8086);
+    assert_eq!(qt.pci_read32(slot << 3, 0), vendor_device);
     let network = |qmp: &mut QmpClient| {
         qmp.execute(
             "human-monitor-command",
@@ -275,25 +286,22 @@ fn an_e1000_comes_goes_and_gives_back_its_netdev() {
             .unwrap_or_default()
             .to_string()
     };
-    assert!(
-        network(&mut qmp).contains("e1k: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:98"),
-        "{}",
-        network(&mut qmp)
-    );
+    let entry = format!("nic: index=0,type=nic,model={driver},macaddr=52:54:00:12:34:98");
+    assert!(network(&mut qmp).contains(&entry), "{}", network(&mut qmp));
     assert_eq!(
-        qmp.execute("device_del", json!({"id": "e1k"})),
+        qmp.execute("device_del", json!({"id": "nic"})),
         json!({"return": {}})
     );
     assert_eq!(
         qmp.execute("system_reset", json!({})),
         json!({"return": {}})
     );
-    assert_eq!(wait_event(&mut qmp, "DEVICE_DELETED")["device"], "e1k");
-    assert!(!network(&mut qmp).contains("e1k"), "{}", network(&mut qmp));
+    assert_eq!(wait_event(&mut qmp, "DEVICE_DELETED")["device"], "nic");
+    assert!(!network(&mut qmp).contains("nic:"), "{}", network(&mut qmp));
     assert_eq!(qt.pci_read32(slot << 3, 0), u32::MAX);
     let reply = qmp.execute(
         "device_add",
-        json!({"driver": "e1000", "netdev": "n0", "id": "e1k2"}),
+        json!({"driver": driver, "netdev": "n0", "id": "nic2"}),
     );
     assert_eq!(reply, json!({"return": {}}), "the netdev is free again");
     qt.check_alive();
