@@ -255,6 +255,22 @@ fn the_command_line_and_hmp_xp_show_the_shared_file() {
         hmp("xp /2wx 0xe0000000"),
         "00000000e0000000: 0x564d4f51 0x5356494d\r\n"
     );
+    // Nothing there: QEMU's address_space_read fails, and the dump stops at that line.
+    assert_eq!(
+        hmp("xp /2wx 0xd0000000"),
+        "00000000d0000000: Cannot access memory\r\n"
+    );
+    assert_eq!(
+        hmp("xp /2gx 0xfffffffffffffff8"),
+        "fffffffffffffff8: Cannot access memory\r\n"
+    );
+    // The last line of RAM prints, the next does not (-m 64).
+    let end = hmp("xp /8wx 0x3fffff0");
+    assert!(
+        end.starts_with("0000000003fffff0: 0x")
+            && end.ends_with("0000000004000000: Cannot access memory\r\n"),
+        "{end}"
+    );
     q.check_alive();
     let _ = std::fs::remove_file(&path);
 }

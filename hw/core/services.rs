@@ -217,6 +217,33 @@ impl MachineServices {
         }
     }
 
+    /// Whether every byte of `[addr, addr + len)` is RAM or a mapped region (a device,
+    /// a ROM): QEMU's `address_space_read` fails on a byte that is neither, and its
+    /// monitor then says "Cannot access memory".
+    pub fn is_assigned(&self, addr: u64, len: u64) -> bool {
+        let ram = self.ram();
+        let end = u128::from(addr) + u128::from(len);
+        let mut at = u128::from(addr);
+        while at < end {
+            // Past the top of the address space nothing is mapped.
+            let Ok(a) = u64::try_from(at) else {
+                return false;
+            };
+            let last = match self.system_memory.mapping_at(a) {
+                Ok(last) => last,
+                Err(next_mmio) => match ram.find_region(GuestAddress(a)) {
+                    Some(region) => {
+                        let ram_last = region.last_addr().0;
+                        next_mmio.map_or(ram_last, |next| ram_last.min(next - 1))
+                    }
+                    None => return false,
+                },
+            };
+            at = u128::from(last) + 1;
+        }
+        true
+    }
+
     /// Writes guest-physical memory as the first CPU would (QEMU's
     /// `cpu_physical_memory_write`; see [`Self::read_physical`]).
     pub fn write_physical(&self, addr: u64, data: &[u8]) {

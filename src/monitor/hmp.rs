@@ -1404,6 +1404,10 @@ fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Re
     while len > 0 {
         let l = len.min(line_size) as usize;
         let _ = write!(out, "{at:016x}:");
+        if !services.is_assigned(at, l as u64) {
+            out.push_str(" Cannot access memory\n");
+            return Ok(());
+        }
         services.read_physical(at, &mut buf[..l]);
         for chunk in buf[..l].chunks(usize::from(wsize)) {
             let mut bytes = [0u8; 8];
