@@ -708,6 +708,17 @@ fn the_pc_board_has_cpus_and_a_power_button() {
         hmp(&mut c, "info registers"),
         "Error: the qtest accelerator runs no guest code: there is no CPU register state to show\r\n"
     );
+    assert_eq!(
+        hmp(&mut c, "x /2wx 0x1000"),
+        "Error: the qtest accelerator runs no guest code: there is no CPU register state to show\r\n"
+    );
+    // Ports, as QEMU's `o` and `i` (RTC status register D: valid RAM and time).
+    assert_eq!(hmp(&mut c, "o /b 0x70 0x0d"), "");
+    assert_eq!(hmp(&mut c, "i /b 0x71"), "portb[0x0071] = 0x80\r\n");
+    assert_eq!(hmp(&mut c, "i /b 0x70 0x0d"), "portb[0x0071] = 0x80\r\n");
+    assert_eq!(hmp(&mut c, "i /h 0x10000"), "portw[0x0000] = 0xffff\r\n");
+    assert_eq!(hmp(&mut c, "cpu 1"), "");
+    assert_eq!(hmp(&mut c, "cpu 9"), "invalid CPU index\r\n");
     assert_eq!(hmp(&mut c, "qom-get /machine/pm addr"), "\"01.3\"\r\n");
     assert_eq!(hmp(&mut c, "bogus"), "unknown command: 'bogus'\r\n");
 }
@@ -879,6 +890,19 @@ fn on_kvm_cpus_report_their_vcpu_threads_and_registers() {
         .to_string();
     assert!(regs.contains("EIP=0000fff0"), "the reset vector: {regs}");
     assert!(regs.contains("CS =f000 ffff0000"), "{regs}");
+    // Paging is off at reset: virtual is physical, for `x` and `gva2gpa` alike.
+    let hmp = |c: &mut Client, line: &str| {
+        c.cmd("human-monitor-command", json!({"command-line": line}))["return"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(hmp(&mut c, "gva2gpa 0x12345"), "gpa: 0x12345\r\n");
+    assert_eq!(
+        hmp(&mut c, "x /2wx 0x1000"),
+        "0000000000001000: 0x00000000 0x00000000\r\n"
+    );
+    assert_eq!(hmp(&mut c, "x /2wx 0x1000"), hmp(&mut c, "xp /2wx 0x1000"));
 }
 
 #[test]

@@ -214,3 +214,52 @@ fn the_pc_power_button_raises_the_sci_and_the_none_machine_has_none() {
         Err(RunStateError::NoPowerButton)
     );
 }
+
+/// `x` and `gva2gpa` ask the CPU's own paging (`AccelOps::translate_pages`): a long-mode
+/// guest whose page tables map the first 4 GiB one to one with 2 MiB pages.
+#[test]
+fn a_long_mode_guests_page_tables_translate_its_virtual_addresses() {
+    require_kvm!();
+    let image = guest::build(
+        Mode::Long64,
+        &[Op::Loop { port: RECORD_PORT }],
+        EXIT_PORT,
+        0,
+    );
+    let vm = TestVm::new(&image, 1, "qemu64");
+    let ms = machine_state(&vm.machine).unwrap();
+    runstate::vm_start(ms).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vm.ports.count.load(Ordering::Relaxed) < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never reached its loop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ops = ms.accel_ops().unwrap();
+    let pages = vec![
+        0x0010_0000,
+        0xfee0_0000,
+        0xffff_f000,
+        0x1_0000_0000,
+        0xffff_8000_0000_0000,
+    ];
+    let got = ops.translate_pages(0, pages).expect("CPU 0 translates");
+    assert_eq!(
+        got,
+        vec![
+            Some(0x0010_0000),
+            Some(0xfee0_0000),
+            Some(0xffff_f000),
+            None,
+            None
+        ],
+        "identity below 4 GiB, nothing above"
+    );
+    assert_eq!(
+        ops.translate_pages(3, vec![0]),
+        Err(hw::core::accel_ops::CpuDumpError::NoThread(3))
+    );
+    ops.shutdown();
+}

@@ -580,6 +580,36 @@ impl AccelOps for KvmVm {
             .ok_or(CpuDumpError::Timeout(index, TIMEOUT_MS))
     }
 
+    fn translate_pages(
+        &self,
+        index: u32,
+        pages: Vec<u64>,
+    ) -> Result<Vec<Option<u64>>, CpuDumpError> {
+        const TIMEOUT_MS: u64 = 2000;
+        if !self.vcpus.has_thread(index) {
+            return Err(CpuDumpError::NoThread(index));
+        }
+        // KVM_TRANSLATE walks the guest's page tables as the vCPU's mode reads them (paging
+        // off, 32-bit, PAE, 4- or 5-level), on the vCPU's own thread between two runs.
+        self.vcpus
+            .run_on_cpu(
+                index,
+                std::time::Duration::from_millis(TIMEOUT_MS),
+                move |vcpu| {
+                    pages
+                        .iter()
+                        .map(|&page| {
+                            vcpu.translate_gva(page)
+                                .ok()
+                                .filter(|t| t.valid != 0)
+                                .map(|t| t.physical_address)
+                        })
+                        .collect()
+                },
+            )
+            .ok_or(CpuDumpError::Timeout(index, TIMEOUT_MS))
+    }
+
     fn save_cpu_state(&self, index: u32) -> Result<VmStateSection, VmStateError> {
         const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
         if !self.vcpus.has_thread(index) {

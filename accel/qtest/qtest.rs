@@ -86,6 +86,13 @@ impl AccelOps for QtestOps {
     fn cpu_dump_state(&self, _index: u32) -> Result<String, CpuDumpError> {
         Err(CpuDumpError::NoRegisters("qtest"))
     }
+    fn translate_pages(
+        &self,
+        _index: u32,
+        _pages: Vec<u64>,
+    ) -> Result<Vec<Option<u64>>, CpuDumpError> {
+        Err(CpuDumpError::NoRegisters("qtest"))
+    }
     fn name(&self) -> &'static str {
         "qtest"
     }

@@ -169,6 +169,12 @@ pub trait AccelOps: Send + Sync {
     fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {
         Err(CpuDumpError::NoThread(index))
     }
+    /// The guest-physical addresses of the virtual pages `pages` (4 KiB aligned) as CPU
+    /// `index`'s paging maps them now, `None` where it does not (QEMU's
+    /// `cpu_get_phys_page_debug`, for the monitor's `x` and `gva2gpa`).
+    fn translate_pages(&self, index: u32, _pages: Vec<u64>) -> Result<Vec<Option<u64>>, CpuDumpError> {
+        Err(CpuDumpError::NoThread(index))
+    }
     /// Injects one MSI (QEMU's `kvm_send_msi`, `KVM_SIGNAL_MSI`): the userspace path of an
     /// MSI-X vector that has no irqfd.
     fn send_msi(&self, _msg: MsiMessage) -> Result<(), AccelIrqError> {

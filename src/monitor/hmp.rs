@@ -335,6 +335,36 @@ const COMMANDS: &[HmpCommand] = &[
         run: xp,
     },
     HmpCommand {
+        names: "x",
+        params: "/fmt addr",
+        help: "virtual memory dump starting at 'addr'",
+        run: x,
+    },
+    HmpCommand {
+        names: "gva2gpa",
+        params: "addr",
+        help: "print the guest physical address corresponding to a guest virtual address",
+        run: gva2gpa,
+    },
+    HmpCommand {
+        names: "i",
+        params: "/fmt addr",
+        help: "I/O port read",
+        run: ioport_read,
+    },
+    HmpCommand {
+        names: "o",
+        params: "/fmt addr value",
+        help: "I/O port write",
+        run: ioport_write,
+    },
+    HmpCommand {
+        names: "cpu",
+        params: "index",
+        help: "set the default CPU",
+        run: cpu,
+    },
+    HmpCommand {
         names: "nmi",
         params: "",
         help: "inject an NMI",
@@ -1336,14 +1366,20 @@ const XP_MAX_BYTES: u64 = 1 << 20;
 /// before the first, hexadecimal words.
 static XP_LAST: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
-/// QEMU's `memory_dump` for `xp /FMT ADDR`: FMT is a count, a format (`x` hex, `d`
-/// signed, `u` unsigned, `o` octal, `c` characters) and a unit (`b`, `h`, `w`, `g`), in
-/// any order after the count; what is left out is the last command's.
-fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Result<(), QmpError> {
-    let (fmt, addr) = match args {
-        [fmt, addr, ..] if fmt.starts_with('/') => (&fmt[1..], *addr),
-        [addr, ..] => ("", *addr),
-        [] => return Err(missing("addr")),
+/// A `/FMT` argument: the count, the format and the unit (QEMU's monitor parser for
+/// `xp`, `x`, `i` and `o`); what is left out is the last command's (the unit also `i`'s
+/// and `o`'s port width).
+struct DumpFormat {
+    count: u64,
+    format: u8,
+    size: u8,
+}
+
+/// Splits `[/FMT] ADDR ...` into the format and what follows it.
+fn dump_format<'a>(args: &'a [&'a str]) -> Result<(DumpFormat, &'a [&'a str]), QmpError> {
+    let (fmt, rest) = match args {
+        [fmt, rest @ ..] if fmt.starts_with('/') => (&fmt[1..], rest),
+        _ => ("", args),
     };
     let digits = fmt.bytes().take_while(u8::is_ascii_digit).count();
     let count: u64 = if digits == 0 {
@@ -1385,8 +1421,92 @@ fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Re
         u16::from_le_bytes([format, size]),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let addr = crate::options::strtou64(addr)
-        .ok_or_else(|| QmpError::Failed(format!("invalid address: '{addr}'")))?;
+    Ok((
+        DumpFormat {
+            count,
+            format,
+            size,
+        },
+        rest,
+    ))
+}
+
+/// An HMP integer argument (QEMU's `addr:i`/`addr:l`: decimal, `0x` hex or `0` octal).
+fn int_arg(args: &[&str], name: &str) -> Result<u64, QmpError> {
+    let text = args.first().ok_or_else(|| missing(name))?;
+    crate::options::strtou64(text)
+        .ok_or_else(|| QmpError::Failed(format!("invalid {name}: '{text}'")))
+}
+
+/// `xp /FMT ADDR`: guest-physical memory ([`memory_dump`]).
+fn xp(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    memory_dump(ctx, hmp, args, out, false)
+}
+
+/// `x /FMT ADDR`: guest-virtual memory as the current CPU's paging maps it
+/// ([`memory_dump`]).
+fn x(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    memory_dump(ctx, hmp, args, out, true)
+}
+
+/// The guest-physical page of each virtual page from `addr` for `len` bytes, as the
+/// monitor's current CPU maps them.
+fn virtual_pages(
+    ctx: &CommandCtx,
+    hmp: &HmpState,
+    addr: u64,
+    len: u64,
+) -> Result<Vec<(u64, Option<u64>)>, QmpError> {
+    let ops = ctx
+        .vm
+        .machine_state()
+        .accel_ops()
+        .ok_or_else(|| QmpError::Failed("Can not dump without CPU".into()))?;
+    let first = addr & !PAGE_MASK;
+    let count = ((addr & PAGE_MASK) + len).div_ceil(PAGE_MASK + 1);
+    let pages: Vec<u64> = (0..count)
+        .map(|i| first.wrapping_add(i * (PAGE_MASK + 1)))
+        .collect();
+    let gpas = ops
+        .translate_pages(hmp.cpu_index, pages.clone())
+        .map_err(|e| QmpError::Failed(e.to_string()))?;
+    Ok(pages.into_iter().zip(gpas).collect())
+}
+
+/// The offset bits of a 4 KiB page.
+const PAGE_MASK: u64 = 0xfff;
+
+/// QEMU's `memory_dump` for `xp` and `x`: FMT is a count, a format (`x` hex, `d` signed,
+/// `u` unsigned, `o` octal, `c` characters) and a unit (`b`, `h`, `w`, `g`), in any
+/// order after the count; what is left out is the last command's. A line that reaches
+/// memory nothing maps (or, for `x`, a page the CPU does not map) ends the dump with
+/// "Cannot access memory", as QEMU's does.
+fn memory_dump(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+    is_virtual: bool,
+) -> Result<(), QmpError> {
+    let (
+        DumpFormat {
+            count,
+            format,
+            size,
+        },
+        rest,
+    ) = dump_format(args)?;
+    let addr = int_arg(rest, "addr")?;
     // The length and the line width come from the unit, before `c` reads bytes: as QEMU's.
     let wanted = count.saturating_mul(u64::from(size));
     let mut len = wanted.min(XP_MAX_BYTES);
@@ -1399,16 +1519,42 @@ fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Re
         _ => bits / 4,
     } as usize;
     let services = ctx.vm.machine_state().services();
+    let pages = if is_virtual {
+        virtual_pages(ctx, hmp, addr, len)?
+    } else {
+        Vec::new()
+    };
+    // Reads `buf.len()` bytes at `at` (virtual or physical), or says it cannot.
+    let read = |at: u64, buf: &mut [u8]| -> bool {
+        if !is_virtual {
+            if !services.is_assigned(at, buf.len() as u64) {
+                return false;
+            }
+            services.read_physical(at, buf);
+            return true;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let va = at.wrapping_add(done as u64);
+            let n = (buf.len() - done).min((PAGE_MASK + 1 - (va & PAGE_MASK)) as usize);
+            let page = va & !PAGE_MASK;
+            let Some(gpa) = pages.iter().find(|(p, _)| *p == page).and_then(|(_, g)| *g) else {
+                return false;
+            };
+            services.read_physical(gpa + (va & PAGE_MASK), &mut buf[done..done + n]);
+            done += n;
+        }
+        true
+    };
     let mut at = addr;
     let mut buf = [0u8; 16];
     while len > 0 {
         let l = len.min(line_size) as usize;
         let _ = write!(out, "{at:016x}:");
-        if !services.is_assigned(at, l as u64) {
+        if !read(at, &mut buf[..l]) {
             out.push_str(" Cannot access memory\n");
             return Ok(());
         }
-        services.read_physical(at, &mut buf[..l]);
         for chunk in buf[..l].chunks(usize::from(wsize)) {
             let mut bytes = [0u8; 8];
             bytes[..chunk.len()].copy_from_slice(chunk);
@@ -1441,6 +1587,86 @@ fn xp(ctx: &CommandCtx, _: &mut HmpState, args: &[&str], out: &mut String) -> Re
             out,
             "(the first {XP_MAX_BYTES} bytes of {wanted}: qomvm prints at most that much at once)"
         );
+    }
+    Ok(())
+}
+
+/// QEMU's `hmp_gva2gpa`: where the current CPU maps a virtual address.
+fn gva2gpa(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let addr = int_arg(args, "addr")?;
+    let pages = virtual_pages(ctx, hmp, addr, 1)?;
+    match pages.first().and_then(|(_, gpa)| *gpa) {
+        Some(gpa) => {
+            let _ = writeln!(out, "gpa: {:#x}", gpa + (addr & PAGE_MASK));
+        }
+        None => out.push_str("Unmapped\n"),
+    }
+    Ok(())
+}
+
+/// QEMU's `hmp_ioport_read`: `i /FMT PORT [INDEX]` reads a port of the FMT's unit (an
+/// INDEX is written to PORT first and the data read from PORT + 1).
+fn ioport_read(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let (DumpFormat { size, .. }, rest) = dump_format(args)?;
+    let mut port = int_arg(rest, "addr")?;
+    let io = ctx.vm.machine_state().system_io();
+    if rest.len() > 1 {
+        let index = int_arg(&rest[1..], "index")?;
+        io.write(port & 0xffff, index & 0xff, 1);
+        port += 1;
+    }
+    let port = port & 0xffff;
+    let (suffix, width) = match size {
+        2 => ('w', 2),
+        4 | 8 => ('l', 4),
+        _ => ('b', 1),
+    };
+    let value = io.read(port, width);
+    let digits = width as usize * 2;
+    let _ = writeln!(out, "port{suffix}[0x{port:04x}] = 0x{value:0digits$x}");
+    Ok(())
+}
+
+/// QEMU's `hmp_ioport_write`: `o /FMT PORT VALUE` writes a port of the FMT's unit.
+fn ioport_write(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    _: &mut String,
+) -> Result<(), QmpError> {
+    let (DumpFormat { size, .. }, rest) = dump_format(args)?;
+    let port = int_arg(rest, "addr")? & 0xffff;
+    let value = int_arg(rest.get(1..).unwrap_or_default(), "val")?;
+    let width = match size {
+        2 => 2,
+        4 | 8 => 4,
+        _ => 1,
+    };
+    ctx.vm.machine_state().system_io().write(port, value, width);
+    Ok(())
+}
+
+/// QEMU's `cpu INDEX`: the CPU that `info registers`, `x` and `gva2gpa` use.
+fn cpu(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let index = args.first().ok_or_else(|| missing("index"))?;
+    match index.parse::<i64>() {
+        Ok(index) if hmp.set_cpu(ctx, index).is_ok() => {}
+        _ => out.push_str("invalid CPU index\n"),
     }
     Ok(())
 }
