@@ -468,8 +468,17 @@ impl Regs {
     }
 
     /// QEMU's `rtl8139_reset_phy`: the link as it stands.
+    /// QEMU's `rtl8139_reset_phy` (a chip reset, or BMCR's reset bit): autonegotiation
+    /// done at 100 Mbit/s full duplex, the link as it is.
     fn reset_phy(&mut self, link_up: bool) {
         self.basic_mode_status = 0x7809 | 0x0020 | if link_up { 0x0004 } else { 0 };
+        // All modes, full duplex, advertised and seen; autonegotiation supported.
+        self.nway_advert = 0x05e1;
+        self.nway_lpar = 0x05e1;
+        self.nway_expansion = 0x0001;
+        // 100 Mbit/s link, heartbeat, LED: QEMU's CSCR_F_LINK_100 | CSCR_HEART_BIT |
+        // CSCR_LD (read only here, as there).
+        self.cscr = 0x0040 | 0x0100 | 0x0200;
     }
 
     fn tx_summary(&self) -> u16 {
@@ -603,13 +612,7 @@ impl Rtl8139 {
             // No boot ROM; I/O and memory mapped; fast back-to-back.
             config1: 0x0c,
             config3: 0x01,
-            // 100 Mbit/s link, heartbeat, LED: QEMU's CSCR_F_LINK_100 | CSCR_HEART_BIT |
-            // CSCR_LD (read only here, as there).
-            cscr: 0x0040 | 0x0100 | 0x0200,
             basic_mode_ctrl: 0x1000,
-            nway_advert: 0x05e1,
-            nway_lpar: 0x05e1,
-            nway_expansion: 0x0001,
             tctr_base_ns: self.timer.now_ns(),
             ..Regs::default()
         };
