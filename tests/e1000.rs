@@ -4,21 +4,17 @@
 //! The backend is a datagram socket pair whose far end is the test, so every frame the card
 //! sends or takes is visible. A Linux guest on the card is in `tests/net_guest.rs`.
 
-use std::os::unix::net::UnixDatagram;
-use std::sync::Arc;
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
-use hw::core::machine::{machine_creation_done, machine_state};
-use hw::core::memory::AddressSpace;
-use hw::core::qdev::{device_impl, qdev_new, qdev_realize, DeviceMethods};
-use hw::core::runstate::{self, RunStatus};
+use hw::core::machine::machine_state;
+use hw::core::runstate;
 use qom::ObjectRef;
-use test_support::dgram_netdev::add_backend;
-use test_support::virtio::PciConfig;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use test_support::nic_card::{
+    assert_each_refused, device, ether, migrate, pc_with_nic, sum16, wait_until, FramePeer, PciNic,
+    DEVFN,
+};
 
-const WAIT: Duration = Duration::from_secs(10);
-const DEVFN: u32 = 4 << 3;
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x01];
 
 const TX_RING: u64 = 0x10_0000;
@@ -67,59 +63,33 @@ const TXD_TCP: u32 = 1 << 24;
 
 /// A pc machine on qtest with `e1000,netdev=ID,mac=MAC` at 04.0 over a datagram backend;
 /// the VM runs. Returns the machine and the backend's far end.
-fn pc_with_e1000(id: &str) -> (ObjectRef, UnixDatagram) {
+fn pc_with_e1000(id: &str) -> (ObjectRef, FramePeer) {
     pc_with_card("e1000", id, &[])
 }
 
 /// [`pc_with_e1000`] with another card of the family and more properties.
-fn pc_with_card(driver: &str, id: &str, props: &[(&str, &str)]) -> (ObjectRef, UnixDatagram) {
-    let peer = add_backend(id, true);
-    let machine = test_support::qtest::pc_on_qtest(128 << 20);
-    let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let dev = qdev_new(driver).unwrap();
-    dev.property_parse("netdev", id).unwrap();
-    for (k, v) in props {
-        dev.property_parse(k, v).unwrap();
-    }
-    dev.property_parse("addr", "04.0").unwrap();
-    dev.property_parse("mac", "52:54:00:ab:cd:01").unwrap();
-    qom::container_get(&machine, "peripheral")
-        .add_child(id, &dev)
-        .unwrap();
-    dev.set_device_id(Some(id.to_string()));
-    qdev_realize(&dev, Some(&bus)).unwrap();
-    machine_creation_done(&machine).unwrap();
-    runstate::vm_start(machine_state(&machine).unwrap()).unwrap();
-    (machine, peer)
+fn pc_with_card(driver: &str, id: &str, props: &[(&str, &str)]) -> (ObjectRef, FramePeer) {
+    pc_with_nic(driver, id, MAC, true, 128 << 20, props)
 }
 
-/// The test's driver: BAR 0 and BAR 1 as the board assigned them.
+/// The test's driver: BAR 0 (memory) and BAR 1 (I/O) as the board assigned them, and the
+/// wire.
 struct Card {
-    cfg: PciConfig,
-    mmio: Arc<AddressSpace>,
-    io: Arc<AddressSpace>,
-    mem: Arc<GuestMemoryMmap>,
-    bar0: u64,
-    bar1: u64,
-    peer: UnixDatagram,
+    nic: PciNic,
+    peer: FramePeer,
+}
+
+impl Deref for Card {
+    type Target = PciNic;
+    fn deref(&self) -> &PciNic {
+        &self.nic
+    }
 }
 
 impl Card {
-    fn new(machine: &ObjectRef, peer: UnixDatagram) -> Card {
-        let ms = machine_state(machine).unwrap();
-        let cfg = PciConfig::new(machine, DEVFN);
-        // I/O, memory and bus mastering on, as the driver's pci_enable_device does.
-        cfg.write(0x04, 0x7, 2);
-        let bar0 = u64::from(cfg.read(0x10, 4) & !0xf);
-        let bar1 = u64::from(cfg.read(0x14, 4) & !0x3);
-        assert!(bar0 != 0 && bar1 != 0, "BARs assigned: {bar0:#x} {bar1:#x}");
+    fn new(machine: &ObjectRef, peer: FramePeer) -> Card {
         Card {
-            cfg,
-            mmio: ms.system_memory().clone(),
-            io: ms.system_io().clone(),
-            mem: ms.services().ram(),
-            bar0,
-            bar1,
+            nic: PciNic::new(machine, DEVFN),
             peer,
         }
     }
@@ -175,19 +145,15 @@ impl Card {
         d[0..8].copy_from_slice(&addr.to_le_bytes());
         d[8..12].copy_from_slice(&lower.to_le_bytes());
         d[12..16].copy_from_slice(&upper.to_le_bytes());
-        self.mem.write_slice(&d, GuestAddress(at)).unwrap();
+        self.put(at, &d);
     }
 
     fn tx_status(&self, i: u32) -> u8 {
-        self.mem
-            .read_obj(GuestAddress(TX_RING + 16 * u64::from(i) + 12))
-            .unwrap()
+        self.get(TX_RING + 16 * u64::from(i) + 12, 1)[0]
     }
 
     fn setup_tx(&self) {
-        self.mem
-            .write_slice(&[0u8; 16 * RING as usize], GuestAddress(TX_RING))
-            .unwrap();
+        self.put(TX_RING, &[0u8; 16 * RING as usize]);
         self.w(TDBAL, TX_RING as u32);
         self.w(TDBAH, 0);
         self.w(TDLEN, 16 * RING);
@@ -196,16 +162,19 @@ impl Card {
         self.w(TCTL, 2);
     }
 
-    /// Receive ring of `RING` descriptors with buffers of `RCTL`'s size, all but one
-    /// handed to the card (RDT = RING - 1).
-    fn setup_rx(&self, rctl: u32) {
+    /// The receive ring's `RING` descriptors in guest RAM, each with its buffer.
+    fn rx_ring(&self) {
         for i in 0..u64::from(RING) {
             let mut d = [0u8; 16];
             d[0..8].copy_from_slice(&(RX_BUFS + i * 0x4000).to_le_bytes());
-            self.mem
-                .write_slice(&d, GuestAddress(RX_RING + 16 * i))
-                .unwrap();
+            self.put(RX_RING + 16 * i, &d);
         }
+    }
+
+    /// Receive ring of `RING` descriptors with buffers of `RCTL`'s size, all but one
+    /// handed to the card (RDT = RING - 1).
+    fn setup_rx(&self, rctl: u32) {
+        self.rx_ring();
         self.w(RDBAL, RX_RING as u32);
         self.w(RDLEN, 16 * RING);
         self.w(RDH, 0);
@@ -215,14 +184,8 @@ impl Card {
 
     /// Receive descriptor `i`: (length, status, special) and its buffer's first `len` bytes.
     fn rx_desc(&self, i: u64, len: usize) -> (u16, u8, u16, Vec<u8>) {
-        let mut d = [0u8; 16];
-        self.mem
-            .read_slice(&mut d, GuestAddress(RX_RING + 16 * i))
-            .unwrap();
-        let mut data = vec![0u8; len];
-        self.mem
-            .read_slice(&mut data, GuestAddress(RX_BUFS + i * 0x4000))
-            .unwrap();
+        let d = self.get(RX_RING + 16 * i, 16);
+        let data = self.get(RX_BUFS + i * 0x4000, len);
         (
             u16::from_le_bytes([d[8], d[9]]),
             d[12],
@@ -232,47 +195,8 @@ impl Card {
     }
 
     fn wait_for(&self, what: &str, cond: impl Fn(&Card) -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while !cond(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_until(what, || cond(self));
     }
-
-    fn recv_frame(&self) -> Vec<u8> {
-        let mut buf = vec![0u8; 70000];
-        let n = self.peer.recv(&mut buf).expect("a frame from the card");
-        buf.truncate(n);
-        buf
-    }
-
-    fn no_frame_for(&self, d: Duration) -> bool {
-        self.peer.set_read_timeout(Some(d)).unwrap();
-        let mut buf = [0u8; 2048];
-        let got = self.peer.recv(&mut buf);
-        self.peer.set_read_timeout(Some(WAIT)).unwrap();
-        got.is_err()
-    }
-}
-
-fn ether(dest: [u8; 6], ethertype: u16, payload_len: usize, seed: u8) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload_len);
-    f.extend_from_slice(&dest);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x42]);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
-    f
-}
-
-/// The one's-complement sum RFC 1071 defines, folded (not complemented).
-fn sum16(data: &[u8], mut sum: u32) -> u16 {
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 #[test]
@@ -356,10 +280,10 @@ fn frames_go_out_whole_and_tso_cuts_them_into_correct_segments() {
     card.r(ICR);
     // A legacy descriptor: the frame as it is.
     let plain = ether([0xff; 6], 0x0800, 100, 1);
-    card.mem.write_slice(&plain, GuestAddress(TX_BUFS)).unwrap();
+    card.put(TX_BUFS, &plain);
     card.tx_desc(0, TX_BUFS, plain.len() as u32 | TXD_EOP | TXD_RS, 0);
     card.w(TDT, 1);
-    assert_eq!(card.recv_frame(), plain);
+    assert_eq!(card.peer.recv_frame(), plain);
     card.wait_for("the descriptor's write-back", |c| c.tx_status(0) & 1 != 0);
     card.wait_for("TDH to move", |c| c.r(TDH) == 1);
     assert_eq!(card.r(ICR) & (ICR_TXDW | ICR_TXQE), ICR_TXDW | ICR_TXQE);
@@ -386,10 +310,8 @@ fn frames_go_out_whole_and_tso_cuts_them_into_correct_segments() {
     f.extend_from_slice(&tcp);
     let hdr_len = f.len();
     assert_eq!(hdr_len, 54);
-    card.mem.write_slice(&f, GuestAddress(TX_BUFS)).unwrap();
-    card.mem
-        .write_slice(&payload, GuestAddress(TX_BUFS + 0x1000))
-        .unwrap();
+    card.put(TX_BUFS, &f);
+    card.put(TX_BUFS + 0x1000, &payload);
     // Context: ipcss 14, ipcso 24, ipcse 33; tucss 34, tucso 50; paylen, hdr_len, MSS.
     let ctx_addr = u64::from_le_bytes([14, 24, 33, 0, 34, 50, 0, 0]);
     card.tx_desc(
@@ -409,7 +331,7 @@ fn frames_go_out_whole_and_tso_cuts_them_into_correct_segments() {
     );
     card.w(TDT, 4);
     for n in 0..3u32 {
-        let seg = card.recv_frame();
+        let seg = card.peer.recv_frame();
         assert_eq!(seg.len(), 54 + 1000, "segment {n}");
         let ip = &seg[14..34];
         assert_eq!(
@@ -545,16 +467,16 @@ fn set_link_shows_in_status_phy_and_an_interrupt() {
     // While down, nothing goes out.
     card.setup_tx();
     let frame = ether([0xff; 6], 0x0800, 60, 1);
-    card.mem.write_slice(&frame, GuestAddress(TX_BUFS)).unwrap();
+    card.put(TX_BUFS, &frame);
     card.tx_desc(0, TX_BUFS, frame.len() as u32 | TXD_EOP | TXD_RS, 0);
     card.w(TDT, 1);
-    assert!(card.no_frame_for(Duration::from_millis(300)));
+    assert!(card.peer.no_frame_for(Duration::from_millis(300)));
     nic.set_link(true);
     assert_eq!(card.r(STATUS) & 2, 2, "back up");
     assert_eq!(card.r(ICR) & ICR_LSC, ICR_LSC);
     card.tx_desc(1, TX_BUFS, frame.len() as u32 | TXD_EOP | TXD_RS, 0);
     card.w(TDT, 2);
-    assert_eq!(card.recv_frame(), frame);
+    assert_eq!(card.peer.recv_frame(), frame);
 }
 
 #[test]
@@ -569,7 +491,7 @@ fn hostile_rings_and_descriptors_never_hang_or_panic() {
     card.w(TDLEN, 16 * 2048);
     card.w(TDT, 4000);
     assert!(
-        card.no_frame_for(Duration::from_millis(200)),
+        card.peer.no_frame_for(Duration::from_millis(200)),
         "a tail past the ring sends nothing"
     );
     assert_eq!(card.r(TPT), 0);
@@ -606,14 +528,8 @@ fn hostile_rings_and_descriptors_never_hang_or_panic() {
     card.tx_desc(4, TX_BUFS, 0xffff | TXD_DEXT | TXD_DTYP_D | TXD_EOP, 3 << 8);
     card.w(TDT, 5);
     card.wait_for("the hostile descriptors to be consumed", |c| c.r(TDH) == 5);
-    let mut drained = 0;
-    while !card.no_frame_for(Duration::from_millis(200)) {
-        drained += 1;
-        assert!(
-            drained < 100,
-            "the hostile descriptors made more frames than they hold"
-        );
-    }
+    // The hostile descriptors hold fewer than 100 frames.
+    card.peer.drain(Duration::from_millis(200), 99);
     // Receive: a ring outside RAM, a head past the ring, a zero-length ring.
     card.w(RDBAL, 0xfff0_0000);
     card.w(RDLEN, 16 * RING);
@@ -630,10 +546,10 @@ fn hostile_rings_and_descriptors_never_hang_or_panic() {
     // The card still works once programmed sanely.
     card.setup_tx();
     let frame = ether([0xff; 6], 0x0800, 80, 2);
-    card.mem.write_slice(&frame, GuestAddress(TX_BUFS)).unwrap();
+    card.put(TX_BUFS, &frame);
     card.tx_desc(0, TX_BUFS, frame.len() as u32 | TXD_EOP | TXD_RS, 0);
     card.w(TDT, 1);
-    assert_eq!(card.recv_frame(), frame);
+    assert_eq!(card.peer.recv_frame(), frame);
     card.setup_rx(RCTL_BAM);
     let good = ether(MAC, 0x0800, 100, 3);
     // Frames queued while the ring was broken may come first: wait for ours.
@@ -650,23 +566,10 @@ fn the_card_moves_with_a_migration() {
     card.setup_rx(RCTL_BAM);
     card.peer.send(&ether([0xff; 6], 0x0800, 64, 1)).unwrap();
     card.wait_for("one frame in", |c| c.r(RDH) == 1);
-    let dev = m.child("peripheral").unwrap().child("e1k-mig").unwrap();
-    let saved = device_impl(&dev).unwrap().save_state().unwrap();
-
-    let (m2, peer2) = pc_with_e1000("e1k-mig2");
-    runstate::vm_stop(machine_state(&m2).unwrap(), RunStatus::Paused).unwrap();
-    let dev2 = m2.child("peripheral").unwrap().child("e1k-mig2").unwrap();
-    device_impl(&dev2).unwrap().load_state(&saved).unwrap();
+    let (saved, m2, peer2) = migrate(&m, "e1k-mig", "e1k-mig2", pc_with_e1000);
     let card2 = Card::new(&m2, peer2);
     // Guest RAM moves with a real migration: the ring's descriptors.
-    for i in 0..u64::from(RING) {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&(RX_BUFS + i * 0x4000).to_le_bytes());
-        card2
-            .mem
-            .write_slice(&d, GuestAddress(RX_RING + 16 * i))
-            .unwrap();
-    }
+    card2.rx_ring();
     assert_eq!(card2.r(RDH), 1, "the ring's head moved");
     assert_eq!(card2.r(RA), 0x1200_5452, "the MAC the driver set");
     assert_eq!(card2.r(IMS), ICR_RXT0 | ICR_TXDW);
@@ -698,20 +601,7 @@ fn the_card_moves_with_a_migration() {
     let mut long_frame = card_state.clone();
     long_frame["tx"]["data"] = serde_json::json!(vec![0u8; 0x10001]);
     bad_cases.push(("a frame past the transmit buffer", long_frame));
-    for (what, value) in bad_cases {
-        let mut bad = saved.clone();
-        bad.put("card", value);
-        assert!(
-            device_impl(&dev2).unwrap().load_state(&bad).is_err(),
-            "{what} is refused"
-        );
-    }
-    let mut good = saved.clone();
-    good.put("card", card_state);
-    device_impl(&dev2)
-        .unwrap()
-        .load_state(&good)
-        .expect("the unchanged state loads");
+    assert_each_refused(&device(&m2, "e1k-mig2"), &saved, "card", bad_cases);
 }
 
 #[test]
@@ -734,10 +624,10 @@ fn the_82544gc_and_82545em_are_the_same_card_with_their_own_ids() {
         // And it moves frames as the 82540EM does.
         card.setup_tx();
         let frame = ether([0xff; 6], 0x0800, 64, 3);
-        card.mem.write_slice(&frame, GuestAddress(TX_BUFS)).unwrap();
+        card.put(TX_BUFS, &frame);
         card.tx_desc(0, TX_BUFS, frame.len() as u32 | TXD_EOP | TXD_RS, 0);
         card.w(TDT, 1);
-        assert_eq!(card.recv_frame(), frame, "{driver}");
+        assert_eq!(card.peer.recv_frame(), frame, "{driver}");
     }
 }
 
@@ -749,8 +639,7 @@ fn interrupt_mitigation_holds_a_new_cause_for_the_itr_window() {
     for (mitigation, id) in [("on", "e1k-mit-on"), ("off", "e1k-mit-off")] {
         let (m, peer) = pc_with_card("e1000", id, &[("mitigation", mitigation)]);
         let card = Card::new(&m, peer);
-        let gsi = card.cfg.read(0x3c, 1);
-        let line = || test_support::qtest::irq_level(&m, gsi);
+        let line = || card.line();
         card.w(0xc4, 0xffff); // ITR
         card.w(IMS, 0x200); // MDAC only: nothing else raises it here
         let window_opened = Instant::now();
@@ -790,17 +679,17 @@ fn without_bus_mastering_no_frame_moves() {
     card.setup_tx();
     card.cfg.write(0x04, 0x3, 2); // I/O and memory, no bus master
     let frame = ether([0xff; 6], 0x0800, 64, 1);
-    card.mem.write_slice(&frame, GuestAddress(TX_BUFS)).unwrap();
+    card.put(TX_BUFS, &frame);
     card.tx_desc(0, TX_BUFS, frame.len() as u32 | TXD_EOP | TXD_RS, 0);
     card.w(TDT, 1);
     assert!(
-        card.no_frame_for(Duration::from_millis(200)),
+        card.peer.no_frame_for(Duration::from_millis(200)),
         "no DMA without bus mastering"
     );
     assert_eq!(card.r(TDH), 0);
     assert_eq!(card.tx_status(0), 0, "no write-back either");
     card.cfg.write(0x04, 0x7, 2);
-    assert_eq!(card.recv_frame(), frame, "bus mastering on: it goes");
+    assert_eq!(card.peer.recv_frame(), frame, "bus mastering on: it goes");
 }
 
 #[test]
@@ -826,7 +715,7 @@ fn a_tiny_mss_makes_many_segments_and_the_loop_stays_responsive() {
     ]);
     f.extend_from_slice(&[0u8; 20]);
     f.extend((0..6000).map(|i| i as u8));
-    card.mem.write_slice(&f, GuestAddress(TX_BUFS)).unwrap();
+    card.put(TX_BUFS, &f);
     card.tx_desc(
         0,
         u64::from_le_bytes([14, 24, 33, 0, 34, 50, 0, 0]),
@@ -838,7 +727,7 @@ fn a_tiny_mss_makes_many_segments_and_the_loop_stays_responsive() {
     card.w(TDT, 2);
     let mut last = Vec::new();
     for got in 1..=6000 {
-        let seg = card.recv_frame();
+        let seg = card.peer.recv_frame();
         assert_eq!(seg.len(), 55, "a header and one byte");
         last = seg;
         if got == 3000 {
@@ -850,7 +739,7 @@ fn a_tiny_mss_makes_many_segments_and_the_loop_stays_responsive() {
     assert_eq!(last[54], (5999 % 256) as u8);
     card.wait_for("the ring to be done", |c| c.r(TDH) == 2);
     assert!(
-        card.no_frame_for(Duration::from_millis(100)),
+        card.peer.no_frame_for(Duration::from_millis(100)),
         "no empty segment after the last"
     );
 }
@@ -863,13 +752,13 @@ fn phy_loopback_brings_sent_frames_back_in() {
     card.setup_tx();
     assert!(card.phy_write(0, 0x1140 | 0x4000), "BMCR loopback");
     let frame = ether(MAC, 0x0800, 90, 4);
-    card.mem.write_slice(&frame, GuestAddress(TX_BUFS)).unwrap();
+    card.put(TX_BUFS, &frame);
     card.tx_desc(0, TX_BUFS, frame.len() as u32 | TXD_EOP | TXD_RS, 0);
     card.w(TDT, 1);
     card.wait_for("the frame to come back", |c| c.r(RDH) == 1);
     assert_eq!(card.rx_desc(0, frame.len()).3, frame);
     assert!(
-        card.no_frame_for(Duration::from_millis(100)),
+        card.peer.no_frame_for(Duration::from_millis(100)),
         "nothing reached the backend"
     );
 }
@@ -879,12 +768,7 @@ fn a_link_taken_down_stays_down_across_a_migration() {
     let (m, peer) = pc_with_e1000("e1k-lmig");
     let _card = Card::new(&m, peer);
     hw::net::nic::find_nic("e1k-lmig").unwrap().set_link(false);
-    let dev = m.child("peripheral").unwrap().child("e1k-lmig").unwrap();
-    let saved = device_impl(&dev).unwrap().save_state().unwrap();
-    let (m2, peer2) = pc_with_e1000("e1k-lmig2");
-    runstate::vm_stop(machine_state(&m2).unwrap(), RunStatus::Paused).unwrap();
-    let dev2 = m2.child("peripheral").unwrap().child("e1k-lmig2").unwrap();
-    device_impl(&dev2).unwrap().load_state(&saved).unwrap();
+    let (_, m2, peer2) = migrate(&m, "e1k-lmig", "e1k-lmig2", pc_with_e1000);
     let card2 = Card::new(&m2, peer2);
     let nic2 = hw::net::nic::find_nic("e1k-lmig2").unwrap();
     assert!(!nic2.link_up(), "the monitor sees the link down");

@@ -8,25 +8,18 @@
 //! the main loop, so every wait polls against a deadline. Expected values come from QEMU's
 //! hw/net/rtl8139.c (its reset values, its receive header, its 93C46 model).
 
-use std::os::unix::net::UnixDatagram;
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::cell::Cell;
+use std::ops::Deref;
+use std::time::Duration;
 
-use hw::core::machine::{machine_creation_done, machine_state};
-use hw::core::memory::AddressSpace;
-use hw::core::qdev::{device_impl, qdev_new, qdev_realize, DeviceMethods};
-use hw::core::runstate::{self, RunStatus};
+use hw::core::machine::machine_state;
+use hw::core::runstate;
 use qom::ObjectRef;
-use test_support::dgram_netdev::add_backend;
-use test_support::virtio::PciConfig;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use test_support::nic_card::{
+    assert_each_refused, device, ether, migrate, pc_with_nic, sum16, wait_until, with_deadline,
+    FramePeer, PciNic, DEVFN,
+};
 
-/// How long one condition may take to come true.
-const WAIT: Duration = Duration::from_secs(10);
-/// How long a whole test may take before it counts as hung.
-const TEST_DEADLINE: Duration = Duration::from_secs(180);
-const DEVFN: u32 = 4 << 3;
 /// The `mac` property.
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x02];
 /// An address the driver programs over the property's.
@@ -72,6 +65,7 @@ const CONFIG1: u64 = 0x52;
 const MEDIA_STATUS: u64 = 0x58;
 const TX_SUMMARY: u64 = 0x60;
 const BMCR: u64 = 0x62;
+const NWAY_ADVERT: u64 = 0x66;
 const BMSR: u64 = 0x64;
 const TX_POLL: u64 = 0xd9;
 const CP_CMD: u64 = 0xe0;
@@ -150,51 +144,15 @@ const RX_BAR: u32 = 1 << 24;
 /// The buffer size 8139cp gives each receive descriptor.
 const PKT_BUF_SZ: u32 = 1536;
 
-/// Runs `body` on a thread of its own and fails the test if it takes longer than
-/// [`TEST_DEADLINE`]: a card that hangs fails its test instead of the whole run.
-fn with_deadline(name: &str, body: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            body();
-            let _ = tx.send(());
-        })
-        .unwrap();
-    match rx.recv_timeout(TEST_DEADLINE) {
-        Ok(()) => handle.join().unwrap(),
-        Err(RecvTimeoutError::Disconnected) => {
-            if let Err(panic) = handle.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        Err(RecvTimeoutError::Timeout) => {
-            panic!("{name}: not done after {TEST_DEADLINE:?}: qomvm hangs")
-        }
-    }
+/// A pc machine on qtest with `rtl8139,netdev=ID,mac=MAC` at 04.0 over a datagram
+/// backend; the VM runs. Returns the machine and the backend's far end.
+fn pc_with_rtl8139(id: &str) -> (ObjectRef, FramePeer) {
+    pc_with_rtl8139_and(id, &[])
 }
 
-/// A pc machine on qtest with `rtl8139,netdev=ID,mac=MAC` at 04.0 (and `props`) over a
-/// datagram backend; the VM runs. Returns the machine and the backend's far end.
-fn pc_with_rtl8139(id: &str, props: &[(&str, &str)]) -> (ObjectRef, UnixDatagram) {
-    let peer = add_backend(id, false);
-    let machine = test_support::qtest::pc_on_qtest(RAM_SIZE);
-    let bus = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let dev = qdev_new("rtl8139").unwrap();
-    dev.property_parse("netdev", id).unwrap();
-    dev.property_parse("mac", "52:54:00:ab:cd:02").unwrap();
-    for (k, v) in props {
-        dev.property_parse(k, v).unwrap();
-    }
-    dev.property_parse("addr", "04.0").unwrap();
-    qom::container_get(&machine, "peripheral")
-        .add_child(id, &dev)
-        .unwrap();
-    dev.set_device_id(Some(id.to_string()));
-    qdev_realize(&dev, Some(&bus)).unwrap();
-    machine_creation_done(&machine).unwrap();
-    runstate::vm_start(machine_state(&machine).unwrap()).unwrap();
-    (machine, peer)
+/// [`pc_with_rtl8139`] with more properties.
+fn pc_with_rtl8139_and(id: &str, props: &[(&str, &str)]) -> (ObjectRef, FramePeer) {
+    pc_with_nic("rtl8139", id, MAC, false, RAM_SIZE, props)
 }
 
 /// Mismatches collected so that one run reports all of them.
@@ -219,42 +177,28 @@ impl Checks {
     }
 }
 
-/// The test's driver: BAR 0 (ports) and BAR 1 (memory) as the board assigned them.
+/// The test's driver: BAR 0 (ports) and BAR 1 (memory) as the board assigned them, and the
+/// wire.
 struct Card {
-    cfg: PciConfig,
-    machine: ObjectRef,
-    mmio: Arc<AddressSpace>,
-    io: Arc<AddressSpace>,
-    mem: Arc<GuestMemoryMmap>,
-    bar0: u64,
-    bar1: u64,
-    gsi: u32,
+    nic: PciNic,
+    peer: FramePeer,
     /// Registers through BAR 1 (8139cp) rather than BAR 0 (8139too's port I/O).
-    via_mmio: std::cell::Cell<bool>,
-    peer: UnixDatagram,
+    via_mmio: Cell<bool>,
+}
+
+impl Deref for Card {
+    type Target = PciNic;
+    fn deref(&self) -> &PciNic {
+        &self.nic
+    }
 }
 
 impl Card {
-    fn new(machine: &ObjectRef, peer: UnixDatagram) -> Card {
-        let ms = machine_state(machine).unwrap();
-        let cfg = PciConfig::new(machine, DEVFN);
-        // I/O, memory and bus mastering on, as pci_enable_device and pci_set_master do.
-        cfg.write(0x04, 0x7, 2);
-        let bar0 = u64::from(cfg.read(0x10, 4) & !0x3);
-        let bar1 = u64::from(cfg.read(0x14, 4) & !0xf);
-        assert!(bar0 != 0 && bar1 != 0, "BARs assigned: {bar0:#x} {bar1:#x}");
-        let gsi = cfg.read(0x3c, 1);
+    fn new(machine: &ObjectRef, peer: FramePeer) -> Card {
         Card {
-            cfg,
-            machine: machine.clone(),
-            mmio: ms.system_memory().clone(),
-            io: ms.system_io().clone(),
-            mem: ms.services().ram(),
-            bar0,
-            bar1,
-            gsi,
-            via_mmio: std::cell::Cell::new(false),
+            nic: PciNic::new(machine, DEVFN),
             peer,
+            via_mmio: Cell::new(false),
         }
     }
 
@@ -297,62 +241,8 @@ impl Card {
         self.w(reg, value, 4)
     }
 
-    /// The card's INTx line as the interrupt controller sees it.
-    fn line(&self) -> bool {
-        test_support::qtest::irq_level(&self.machine, self.gsi)
-    }
-
-    fn put(&self, addr: u64, data: &[u8]) {
-        self.mem.write_slice(data, GuestAddress(addr)).unwrap();
-    }
-
-    fn get(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut data = vec![0u8; len];
-        self.mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
-        data
-    }
-
     fn wait_for(&self, what: &str, cond: impl Fn(&Card) -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while !cond(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn recv_frame(&self) -> Vec<u8> {
-        let mut buf = vec![0u8; 70000];
-        let n = self.peer.recv(&mut buf).expect("a frame from the card");
-        buf.truncate(n);
-        buf
-    }
-
-    fn no_frame_for(&self, d: Duration) -> bool {
-        self.peer.set_read_timeout(Some(d)).unwrap();
-        let mut buf = [0u8; 2048];
-        let got = self.peer.recv(&mut buf);
-        self.peer.set_read_timeout(Some(WAIT)).unwrap();
-        got.is_err()
-    }
-
-    /// Takes every frame the card sends until it has been quiet for `d`; at most `limit`.
-    fn drain(&self, d: Duration, limit: usize) -> usize {
-        let mut n = 0;
-        while !self.no_frame_for(d) {
-            n += 1;
-            assert!(n <= limit, "the card sent more than {limit} frames");
-        }
-        n
-    }
-
-    /// Receives frames until one equals `frame`; at most `limit` others before it.
-    fn recv_until(&self, frame: &[u8], limit: usize) {
-        for _ in 0..=limit {
-            if self.recv_frame() == frame {
-                return;
-            }
-        }
-        panic!("the expected frame never came out");
+        wait_until(what, || cond(self));
     }
 
     /// 8139too's rtl8139_chip_reset / 8139cp's cp_reset_hw: CmdReset, then wait for the
@@ -683,24 +573,13 @@ impl Ring {
     }
 
     fn wait(&mut self, card: &Card, what: &str) -> RxFrame {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(f) = self.take(card) {
-                return f;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let mut frame = None;
+        wait_until(what, || {
+            frame = self.take(card);
+            frame.is_some()
+        });
+        frame.unwrap()
     }
-}
-
-fn ether(dest: [u8; 6], ethertype: u16, payload_len: usize, seed: u8) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload_len);
-    f.extend_from_slice(&dest);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x42]);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
-    f
 }
 
 /// An 802.1Q-tagged frame: `dest`, TCI `tci`, then `ethertype` and `payload_len` bytes.
@@ -782,17 +661,6 @@ fn assert_frame(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
-/// The one's-complement sum RFC 1071 defines, folded (not complemented).
-fn sum16(data: &[u8], mut sum: u32) -> u16 {
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
 /// Whether the IPv4 header at `l3` carries a correct checksum.
 fn ip_sum_ok(frame: &[u8], l3: usize) -> bool {
     let ihl = usize::from(frame[l3] & 0xf) * 4;
@@ -857,7 +725,7 @@ fn mar_for(groups: &[[u8; 6]]) -> [u32; 2] {
 #[test]
 fn identity_registers_and_the_eeprom_read_as_linux_reads_it() {
     with_deadline("rtl-id", || {
-        let (m, peer) = pc_with_rtl8139("rtl-id", &[("bootindex", "3")]);
+        let (m, peer) = pc_with_rtl8139_and("rtl-id", &[("bootindex", "3")]);
         let card = Card::new(&m, peer);
         let mut c = Checks::default();
         c.eq("vendor and device", card.cfg.read(0x00, 4), 0x8139_10ec);
@@ -1003,7 +871,7 @@ fn identity_registers_and_the_eeprom_read_as_linux_reads_it() {
 #[test]
 fn classic_transmit_goes_round_the_four_descriptors() {
     with_deadline("rtl-ctx", || {
-        let (m, peer) = pc_with_rtl8139("rtl-ctx", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-ctx");
         let card = Card::new(&m, peer);
         card.too_open(ACCEPT_MY_PHYS | ACCEPT_BROADCAST | TOO_RX_BITS, 0);
         assert_eq!(
@@ -1015,7 +883,11 @@ fn classic_transmit_goes_round_the_four_descriptors() {
             let d = (n % 4) as u64;
             let frame = ether(BCAST, 0x0800, len - 14, n as u8);
             card.too_tx(d, &frame);
-            assert_eq!(card.recv_frame(), frame, "frame {n} from descriptor {d}");
+            assert_eq!(
+                card.peer.recv_frame(),
+                frame,
+                "frame {n} from descriptor {d}"
+            );
             let st = card.wait_tok(d);
             assert_eq!(st & 0x1fff, len as u32, "TxStatus{d}'s size");
             assert_eq!(
@@ -1035,13 +907,17 @@ fn classic_transmit_goes_round_the_four_descriptors() {
         let frame = ether(BCAST, 0x0806, 50, 9);
         card.too_tx(2, &frame);
         assert!(
-            card.no_frame_for(Duration::from_millis(300)),
+            card.peer.no_frame_for(Duration::from_millis(300)),
             "a disabled transmitter sent a frame"
         );
         assert_eq!(card.r16(TX_SUMMARY), 0xb00b, "descriptor 2 pending");
         card.w8(CHIP_CMD, CMD_RX_ENB | CMD_TX_ENB);
         card.too_tx(2, &frame);
-        assert_eq!(card.recv_frame(), frame, "sent once the transmitter is on");
+        assert_eq!(
+            card.peer.recv_frame(),
+            frame,
+            "sent once the transmitter is on"
+        );
         card.wait_tok(2);
         assert_eq!(card.r16(TX_SUMMARY), 0xf00f);
     });
@@ -1050,7 +926,7 @@ fn classic_transmit_goes_round_the_four_descriptors() {
 #[test]
 fn classic_receive_fills_the_ring_and_capr_frees_it() {
     with_deadline("rtl-crx", || {
-        let (m, peer) = pc_with_rtl8139("rtl-crx", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-crx");
         let card = Card::new(&m, peer);
         card.put(RX_RING, &vec![0xee; 0x3000]);
         let cfg = ACCEPT_MY_PHYS | ACCEPT_BROADCAST | RX_NO_WRAP | TOO_RX_BITS;
@@ -1129,7 +1005,7 @@ fn classic_receive_fills_the_ring_and_capr_frees_it() {
 #[test]
 fn without_rx_no_wrap_a_frame_wraps_to_the_start_of_a_16k_ring() {
     with_deadline("rtl-wrap", || {
-        let (m, peer) = pc_with_rtl8139("rtl-wrap", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-wrap");
         let card = Card::new(&m, peer);
         card.put(RX_RING, &vec![0xee; 0x5000]);
         card.too_open(ACCEPT_MY_PHYS | RCV_16K | TOO_RX_BITS, 0);
@@ -1157,7 +1033,7 @@ fn without_rx_no_wrap_a_frame_wraps_to_the_start_of_a_16k_ring() {
 #[test]
 fn a_full_ring_holds_frames_back_until_capr_frees_room() {
     with_deadline("rtl-full", || {
-        let (m, peer) = pc_with_rtl8139("rtl-full", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-full");
         let card = Card::new(&m, peer);
         let cfg = ACCEPT_MY_PHYS | RX_NO_WRAP | TOO_RX_BITS;
         // Without RxOverflow in the mask the card takes a frame only into 1514 free bytes:
@@ -1248,7 +1124,7 @@ fn filter_round(
 #[test]
 fn the_receive_filter_takes_its_own_broadcast_hashed_multicast_and_all_when_promiscuous() {
     with_deadline("rtl-filter", || {
-        let (m, peer) = pc_with_rtl8139("rtl-filter", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-filter");
         let card = Card::new(&m, peer);
         let g1 = [0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb];
         let g2 = [0x33, 0x33, 0x00, 0x00, 0x00, 0x01];
@@ -1357,7 +1233,7 @@ fn the_receive_filter_takes_its_own_broadcast_hashed_multicast_and_all_when_prom
 #[test]
 fn loopback_brings_transmitted_frames_back_to_the_receiver() {
     with_deadline("rtl-loop", || {
-        let (m, peer) = pc_with_rtl8139("rtl-loop", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-loop");
         let card = Card::new(&m, peer);
         card.too_open(
             ACCEPT_MY_PHYS | ACCEPT_BROADCAST | RX_NO_WRAP | TOO_RX_BITS,
@@ -1377,7 +1253,7 @@ fn loopback_brings_transmitted_frames_back_to_the_receiver() {
         assert_eq!(p.status, RX_STATUS_OK | RX_PHYSICAL);
         card.wait_tok(0);
         assert!(
-            card.no_frame_for(Duration::from_millis(200)),
+            card.peer.no_frame_for(Duration::from_millis(200)),
             "nothing reached the wire"
         );
         assert_eq!(
@@ -1388,7 +1264,7 @@ fn loopback_brings_transmitted_frames_back_to_the_receiver() {
         card.w32(TX_CONFIG, TOO_TX_CONFIG);
         let g = ether(BCAST, 0x0800, 80, 4);
         card.too_tx(1, &g);
-        assert_eq!(card.recv_frame(), g);
+        assert_eq!(card.peer.recv_frame(), g);
         card.wait_tok(1);
         assert!(ring.take(&card).is_none(), "not looped back");
     });
@@ -1397,7 +1273,7 @@ fn loopback_brings_transmitted_frames_back_to_the_receiver() {
 #[test]
 fn cplus_transmit_gathers_fragments_and_goes_round_the_ring() {
     with_deadline("rtl-cptx", || {
-        let (m, peer) = pc_with_rtl8139("rtl-cptx", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-cptx");
         let card = Card::new(&m, peer);
         card.put(CP_TX_RING, &[0u8; 16 * 4]);
         card.cp_rx_ring(4, PKT_BUF_SZ);
@@ -1407,7 +1283,7 @@ fn cplus_transmit_gathers_fragments_and_goes_round_the_ring() {
         let a = ether(PEER_MAC, 0x0800, 486, 1);
         let next = card.cp_send(0, 4, &[&a[..14], &a[14..114], &a[114..]], 0, 0);
         assert_eq!(next, 3);
-        assert_eq!(card.recv_frame(), a, "the fragments, gathered");
+        assert_eq!(card.peer.recv_frame(), a, "the fragments, gathered");
         card.wait_for("the three descriptors back", |c| {
             (0..3).all(|i| c.cp_tx_opts1(i) & OWN == 0)
         });
@@ -1424,15 +1300,15 @@ fn cplus_transmit_gathers_fragments_and_goes_round_the_ring() {
         let c = ether(BCAST, 0x88b5, 1500, 3);
         assert_eq!(card.cp_send(3, 4, &[&b], 0, 0), 0);
         assert_eq!(card.cp_send(0, 4, &[&c], 0, 0), 1);
-        assert_eq!(card.recv_frame(), b);
-        assert_eq!(card.recv_frame(), c, "after RingEnd, descriptor 0");
+        assert_eq!(card.peer.recv_frame(), b);
+        assert_eq!(card.peer.recv_frame(), c, "after RingEnd, descriptor 0");
         card.wait_for("descriptors 3 and 0 back", |c| {
             c.cp_tx_opts1(3) & OWN == 0 && c.cp_tx_opts1(0) & OWN == 0
         });
         assert_eq!(card.cp_tx_opts1(3), EOR | FS | LS | 60);
         // Descriptor 1 is the host's: a poll sends nothing.
         card.w8(TX_POLL, 0x40);
-        assert!(card.no_frame_for(Duration::from_millis(200)));
+        assert!(card.peer.no_frame_for(Duration::from_millis(200)));
         let t = card.tally();
         assert_eq!(t.tx_ok, 3, "three frames in the tally counters: {t:?}");
         assert_eq!(t.tx_err, 0);
@@ -1442,7 +1318,7 @@ fn cplus_transmit_gathers_fragments_and_goes_round_the_ring() {
 #[test]
 fn cplus_checksum_offload_fills_ip_tcp_and_udp_checksums() {
     with_deadline("rtl-csum", || {
-        let (m, peer) = pc_with_rtl8139("rtl-csum", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-csum");
         let card = Card::new(&m, peer);
         card.put(CP_TX_RING, &[0u8; 16 * 8]);
         card.cp_rx_ring(4, PKT_BUF_SZ);
@@ -1460,7 +1336,7 @@ fn cplus_checksum_offload_fills_ip_tcp_and_udp_checksums() {
         // TCP, as 8139cp hands it over: IPCS | TCPCS on every fragment.
         let tcp = ipv4_tcp(&payload, 0x0101, 1000, 0x18, &[], &[]);
         let mut entry = card.cp_send(0, 8, &[&tcp[..54], &tcp[54..]], IPCS | TCPCS, 0);
-        let got = card.recv_frame();
+        let got = card.peer.recv_frame();
         assert!(ip_sum_ok(&got, 14), "IP checksum");
         assert!(l4_sum_ok(&got, 14), "TCP checksum");
         unchanged_but(&got, &tcp, &[24, 50]);
@@ -1468,21 +1344,21 @@ fn cplus_checksum_offload_fills_ip_tcp_and_udp_checksums() {
         // UDP.
         let udp = ipv4_udp(&payload[..101], 0x0202);
         entry = card.cp_send(entry, 8, &[&udp], IPCS | UDPCS, 0);
-        let got = card.recv_frame();
+        let got = card.peer.recv_frame();
         assert!(ip_sum_ok(&got, 14), "IP checksum");
         assert!(l4_sum_ok(&got, 14), "UDP checksum");
         unchanged_but(&got, &udp, &[24, 40]);
 
         // IPCS alone leaves the TCP checksum as it was.
         entry = card.cp_send(entry, 8, &[&tcp], IPCS, 0);
-        let got = card.recv_frame();
+        let got = card.peer.recv_frame();
         assert!(ip_sum_ok(&got, 14));
         unchanged_but(&got, &tcp, &[24]);
 
         // IP options: a 24-byte IP header puts TCP at 38.
         let opts = ipv4_tcp(&payload[..64], 0x0303, 7, 0x10, &[], &[1, 1, 1, 1]);
         entry = card.cp_send(entry, 8, &[&opts], IPCS | TCPCS, 0);
-        let got = card.recv_frame();
+        let got = card.peer.recv_frame();
         assert!(ip_sum_ok(&got, 14), "IP checksum over 24 bytes");
         assert!(l4_sum_ok(&got, 14), "TCP checksum after the options");
         unchanged_but(&got, &opts, &[24, 54]);
@@ -1491,7 +1367,7 @@ fn cplus_checksum_offload_fills_ip_tcp_and_udp_checksums() {
         let mut padded = ipv4_tcp(&payload[..2], 0x0404, 9, 0x10, &[], &[]);
         padded.extend_from_slice(&[0x11, 0x22, 0x33, 0x44]);
         entry = card.cp_send(entry, 8, &[&padded], IPCS | TCPCS, 0);
-        let got = card.recv_frame();
+        let got = card.peer.recv_frame();
         assert!(ip_sum_ok(&got, 14));
         assert!(l4_sum_ok(&got, 14), "TCP checksum over the IP length only");
         unchanged_but(&got, &padded, &[24, 50]);
@@ -1499,7 +1375,7 @@ fn cplus_checksum_offload_fills_ip_tcp_and_udp_checksums() {
         // Not IPv4: left alone.
         let v6 = ether(PEER_MAC, 0x86dd, 100, 5);
         card.cp_send(entry, 8, &[&v6], IPCS | TCPCS, 0);
-        assert_eq!(card.recv_frame(), v6);
+        assert_eq!(card.peer.recv_frame(), v6);
     });
 }
 
@@ -1562,7 +1438,7 @@ fn check_segment(
 #[test]
 fn cplus_tso_cuts_a_large_frame_into_mss_segments() {
     with_deadline("rtl-tso", || {
-        let (m, peer) = pc_with_rtl8139("rtl-tso", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-tso");
         let card = Card::new(&m, peer);
         card.put(CP_TX_RING, &[0u8; 16 * 8]);
         card.cp_rx_ring(4, PKT_BUF_SZ);
@@ -1573,11 +1449,11 @@ fn cplus_tso_cuts_a_large_frame_into_mss_segments() {
         let f = ipv4_tcp(&payload, 0x1234, 0x1000_0000, 0x19, &[], &[]);
         let entry = card.cp_send(0, 8, &[&f], LARGE_SEND | (1000 << 16), 0);
         for n in 0..3 {
-            let seg = card.recv_frame();
+            let seg = card.peer.recv_frame();
             check_segment(&seg, &f, 0, 54, n, 1000, n == 2);
         }
         assert!(
-            card.no_frame_for(Duration::from_millis(200)),
+            card.peer.no_frame_for(Duration::from_millis(200)),
             "three segments, nothing after them"
         );
         card.wait_for("the descriptor back", |c| c.cp_tx_opts1(0) & OWN == 0);
@@ -1594,17 +1470,17 @@ fn cplus_tso_cuts_a_large_frame_into_mss_segments() {
             0,
         );
         for n in 0..3 {
-            let seg = card.recv_frame();
+            let seg = card.peer.recv_frame();
             check_segment(&seg, &g, 0, 66, n, 500, n == 2);
         }
-        assert!(card.no_frame_for(Duration::from_millis(200)));
+        assert!(card.peer.no_frame_for(Duration::from_millis(200)));
     });
 }
 
 #[test]
 fn cplus_vlan_tags_go_in_on_transmit_and_come_off_on_receive() {
     with_deadline("rtl-vlan", || {
-        let (m, peer) = pc_with_rtl8139("rtl-vlan", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-vlan");
         let card = Card::new(&m, peer);
         card.put(CP_TX_RING, &[0u8; 16 * 8]);
         card.cp_rx_ring(4, PKT_BUF_SZ);
@@ -1616,14 +1492,14 @@ fn cplus_vlan_tags_go_in_on_transmit_and_come_off_on_receive() {
         let mut want = f[..12].to_vec();
         want.extend_from_slice(&[0x81, 0x00, 0x20, 0x05]);
         want.extend_from_slice(&f[12..]);
-        assert_eq!(card.recv_frame(), want, "the tag after the addresses");
+        assert_eq!(card.peer.recv_frame(), want, "the tag after the addresses");
 
         // Every TSO segment carries the tag.
         let payload: Vec<u8> = (0..1500u32).map(|i| i as u8).collect();
         let t = ipv4_tcp(&payload, 0x0042, 77, 0x18, &[], &[]);
         card.cp_send(1, 8, &[&t], LARGE_SEND | (1000 << 16), tag);
         for n in 0..2 {
-            let seg = card.recv_frame();
+            let seg = card.peer.recv_frame();
             assert_eq!(&seg[12..16], &[0x81, 0x00, 0x20, 0x05], "segment {n}'s tag");
             check_segment(&seg, &t, 4, 54, n, 1000, n == 1);
         }
@@ -1663,7 +1539,7 @@ fn cplus_vlan_tags_go_in_on_transmit_and_come_off_on_receive() {
 #[test]
 fn cplus_receive_fills_descriptors_and_a_missing_one_is_an_rx_overflow() {
     with_deadline("rtl-cprx", || {
-        let (m, peer) = pc_with_rtl8139("rtl-cprx", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-cprx");
         let card = Card::new(&m, peer);
         card.put(CP_TX_RING, &[0u8; 16 * 4]);
         card.cp_rx_ring(4, PKT_BUF_SZ);
@@ -1761,13 +1637,13 @@ fn cplus_receive_fills_descriptors_and_a_missing_one_is_an_rx_overflow() {
 #[test]
 fn interrupts_follow_status_and_mask_on_the_intx_line() {
     with_deadline("rtl-irq", || {
-        let (m, peer) = pc_with_rtl8139("rtl-irq", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-irq");
         let card = Card::new(&m, peer);
         card.too_open(ACCEPT_MY_PHYS | RX_NO_WRAP | TOO_RX_BITS, 0);
         let mut ring = Ring::new(8192, true);
         assert!(!card.line());
         card.too_tx(0, &ether(BCAST, 0x0800, 60, 1));
-        card.recv_frame();
+        card.peer.recv_frame();
         card.wait_for("TxOK", |c| c.r16(INTR_STATUS) & INT_TX_OK != 0);
         assert!(!card.line(), "masked: INTx stays down");
         card.w16(INTR_MASK, INT_TX_OK);
@@ -1809,7 +1685,7 @@ fn interrupts_follow_status_and_mask_on_the_intx_line() {
 #[test]
 fn set_link_shows_in_bmsr_and_media_status_with_a_link_change_interrupt() {
     with_deadline("rtl-link", || {
-        let (m, peer) = pc_with_rtl8139("rtl-link", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-link");
         let card = Card::new(&m, peer);
         let cfg = ACCEPT_MY_PHYS | ACCEPT_BROADCAST | RX_NO_WRAP | TOO_RX_BITS;
         card.too_open(cfg, INT_LINK_CHG);
@@ -1826,7 +1702,7 @@ fn set_link_shows_in_bmsr_and_media_status_with_a_link_change_interrupt() {
         card.too_tx(0, &ether(BCAST, 0x0800, 60, 1));
         card.wait_tok(0);
         assert!(
-            card.no_frame_for(Duration::from_millis(300)),
+            card.peer.no_frame_for(Duration::from_millis(300)),
             "a frame went out while the link was down"
         );
         card.peer.send(&ether(MAC, 0x0800, 60, 2)).unwrap();
@@ -1849,7 +1725,7 @@ fn set_link_shows_in_bmsr_and_media_status_with_a_link_change_interrupt() {
         card.w16(INTR_STATUS, INT_LINK_CHG);
         let f = ether(BCAST, 0x0800, 70, 3);
         card.too_tx(0, &f);
-        assert_eq!(card.recv_frame(), f, "up: frames go out");
+        assert_eq!(card.peer.recv_frame(), f, "up: frames go out");
         let mut ring = Ring::new(8192, true);
         let marker = ether(MAC, 0x0800, 80, 4);
         card.peer.send(&marker).unwrap();
@@ -1865,7 +1741,7 @@ fn set_link_shows_in_bmsr_and_media_status_with_a_link_change_interrupt() {
 #[test]
 fn a_chip_reset_returns_the_card_to_its_reset_state() {
     with_deadline("rtl-reset", || {
-        let (m, peer) = pc_with_rtl8139("rtl-reset", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-reset");
         let card = Card::new(&m, peer);
         card.put(CP_TX_RING, &[0u8; 16 * 4]);
         card.cp_rx_ring(4, PKT_BUF_SZ);
@@ -1875,7 +1751,7 @@ fn a_chip_reset_returns_the_card_to_its_reset_state() {
         card.peer.send(&ether(NEW_MAC, 0x88b5, 100, 1)).unwrap();
         card.cp_wait_rx(0);
         card.cp_send(0, 4, &[&ether(BCAST, 0x0800, 60, 2)], 0, 0);
-        card.recv_frame();
+        card.peer.recv_frame();
         card.wait_for("RxOK and TxOK", |c| {
             c.r16(INTR_STATUS) & (INT_RX_OK | INT_TX_OK) == INT_RX_OK | INT_TX_OK
         });
@@ -1913,16 +1789,34 @@ fn a_chip_reset_returns_the_card_to_its_reset_state() {
         c.eq("CAPR", card.r16(CAPR), 0xfff0);
         c.eq("BasicModeCtrl", card.r16(BMCR), 0x1000);
         c.eq("BasicModeStatus", card.r16(BMSR), 0x782d);
+        c.eq("NWayAdvert", card.r16(NWAY_ADVERT), 0x05e1);
         c.eq("MAC0-5: the property's again", card.mac_regs(), MAC);
         c.eq("the monitor's MAC", nic.mac(), MAC);
         c.done();
+
+        // BMCR's reset bit resets the PHY alone (QEMU's rtl8139_reset_phy): the
+        // advertisement a driver narrowed is all modes again, the link as it was.
+        card.w16(NWAY_ADVERT, 0x01e1);
+        assert_eq!(card.r16(NWAY_ADVERT), 0x01e1);
+        card.w16(BMCR, 0x8000 | 0x1000);
+        assert_eq!(
+            card.r16(NWAY_ADVERT),
+            0x05e1,
+            "the PHY reset restores NWayAdvert"
+        );
+        assert_eq!(card.r16(BMSR), 0x782d, "link up, autonegotiation complete");
+        assert_eq!(card.r16(BMCR) & 0x8000, 0, "the reset bit clears itself");
 
         // C+ mode is off: TxStatus0 is a classic transmit status again, not DTCCR.
         card.w8(CHIP_CMD, CMD_RX_ENB | CMD_TX_ENB);
         card.w32(TX_ADDR0, TX_BUFS as u32);
         let f = ether(BCAST, 0x0800, 90, 3);
         card.too_tx(0, &f);
-        assert_eq!(card.recv_frame(), f, "a classic transmit after the reset");
+        assert_eq!(
+            card.peer.recv_frame(),
+            f,
+            "a classic transmit after the reset"
+        );
         card.wait_tok(0);
 
         // Cfg9346's auto-load mode resets the chip too.
@@ -1937,7 +1831,7 @@ fn a_chip_reset_returns_the_card_to_its_reset_state() {
 #[test]
 fn hostile_descriptors_rings_and_register_writes_neither_hang_nor_panic() {
     with_deadline("rtl-bad", || {
-        let (m, peer) = pc_with_rtl8139("rtl-bad", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-bad");
         let card = Card::new(&m, peer);
         let outside = [RAM_SIZE - 0x100, 0xe000_0000, card.bar1, 0xffff_f000];
 
@@ -1950,7 +1844,7 @@ fn hostile_descriptors_rings_and_register_writes_neither_hang_nor_panic() {
             card.w32(TX_STATUS0 + 4 * d, 0x1fff);
             card.wait_tx_done(d);
         }
-        card.drain(Duration::from_millis(200), 8);
+        card.peer.drain(Duration::from_millis(200), 8);
 
         // Classic receive into rings outside RAM, across its end, over the card's own
         // registers, and with nonsense in CAPR; runts shorter than an address.
@@ -1999,10 +1893,10 @@ fn hostile_descriptors_rings_and_register_writes_neither_hang_nor_panic() {
         card.wait_for("the fragments consumed", |c| {
             (0..64).all(|i| c.cp_tx_opts1(i) & OWN == 0)
         });
-        card.drain(Duration::from_millis(200), 64);
+        card.peer.drain(Duration::from_millis(200), 64);
         let sane = ether(PEER_MAC, 0x0800, 100, 9);
         let mut entry = card.cp_send(0, 64, &[&sane], 0, 0);
-        card.recv_until(&sane, 4);
+        card.peer.recv_until(&sane, 4);
         // Offloads over nonsense: no MSS, an IP header longer than the frame, an IP length
         // past it, a TCP header of 0 and of 60 bytes, a frame shorter than an IP header,
         // a tag on five bytes, a frame that is not IP.
@@ -2033,15 +1927,15 @@ fn hostile_descriptors_rings_and_register_writes_neither_hang_nor_panic() {
             let opts2 = if n == 9 { TX_TAGC | 0x0100 } else { 0 };
             entry = card.cp_send(entry, 64, &[f], *flags, opts2);
         }
-        card.drain(Duration::from_millis(300), 200);
+        card.peer.drain(Duration::from_millis(300), 200);
         // MSS 1: one segment per payload byte.
         let tiny = ipv4_tcp(&[0x77; 150], 7, 1, 0x18, &[], &[]);
         card.cp_send(entry, 64, &[&tiny], LARGE_SEND | (1 << 16), 0);
         for n in 0..150 {
-            let seg = card.recv_frame();
+            let seg = card.peer.recv_frame();
             assert_eq!(seg.len(), 55, "MSS 1: segment {n}");
         }
-        assert!(card.no_frame_for(Duration::from_millis(200)));
+        assert!(card.peer.no_frame_for(Duration::from_millis(200)));
 
         // C+ receive: a ring outside RAM, buffers outside RAM and across its end, larger
         // than the descriptor's size field allows.
@@ -2082,7 +1976,7 @@ fn hostile_descriptors_rings_and_register_writes_neither_hang_nor_panic() {
 
         // The card still works once a driver programs it sanely.
         card.w8(0x5b, u32::from(b'R'));
-        card.drain(Duration::from_millis(300), 1000);
+        card.peer.drain(Duration::from_millis(300), 1000);
         card.put(RX_RING, &vec![0u8; 0x3000]);
         card.too_open(
             ACCEPT_MY_PHYS | ACCEPT_BROADCAST | RX_NO_WRAP | TOO_RX_BITS,
@@ -2091,7 +1985,7 @@ fn hostile_descriptors_rings_and_register_writes_neither_hang_nor_panic() {
         card.w16(INTR_STATUS, 0xffff);
         let f = ether(BCAST, 0x0800, 100, 0x42);
         card.too_tx(0, &f);
-        card.recv_until(&f, 1000);
+        card.peer.recv_until(&f, 1000);
         let mut ring = Ring::new(8192, true);
         let marker = ether(MAC, 0x0800, 100, 0x43);
         card.peer.send(&marker).unwrap();
@@ -2104,15 +1998,10 @@ fn hostile_descriptors_rings_and_register_writes_neither_hang_nor_panic() {
     });
 }
 
-/// The card's device object in `m`'s `peripheral` container.
-fn device(m: &ObjectRef, id: &str) -> ObjectRef {
-    m.child("peripheral").unwrap().child(id).unwrap()
-}
-
 #[test]
 fn the_classic_ring_moves_with_a_migration() {
     with_deadline("rtl-mig", || {
-        let (m, peer) = pc_with_rtl8139("rtl-mig", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-mig");
         let card = Card::new(&m, peer);
         let cfg = ACCEPT_MY_PHYS | ACCEPT_BROADCAST | ACCEPT_MULTICAST | RX_NO_WRAP | TOO_RX_BITS;
         card.too_open(cfg, TOO_INTR_MASK);
@@ -2128,7 +2017,7 @@ fn the_classic_ring_moves_with_a_migration() {
         card.wait_for("two frames", |c| c.r16(CBR) == 124 + 224);
         assert_eq!(ring.take(&card).unwrap().data, first);
         card.too_tx(0, &ether(BCAST, 0x0800, 60, 3));
-        card.recv_frame();
+        card.peer.recv_frame();
         card.wait_tok(0);
         let regs = |c: &Card| {
             [
@@ -2146,17 +2035,7 @@ fn the_classic_ring_moves_with_a_migration() {
             ]
         };
         let before = regs(&card);
-        let saved = device_impl(&device(&m, "rtl-mig"))
-            .unwrap()
-            .save_state()
-            .unwrap();
-
-        let (m2, peer2) = pc_with_rtl8139("rtl-mig2", &[]);
-        runstate::vm_stop(machine_state(&m2).unwrap(), RunStatus::Paused).unwrap();
-        device_impl(&device(&m2, "rtl-mig2"))
-            .unwrap()
-            .load_state(&saved)
-            .unwrap();
+        let (saved, m2, peer2) = migrate(&m, "rtl-mig", "rtl-mig2", pc_with_rtl8139);
         let card2 = Card::new(&m2, peer2);
         // Guest RAM moves with a real migration: the ring's contents.
         card2.put(RX_RING, &card.get(RX_RING, 0x3000));
@@ -2187,10 +2066,13 @@ fn the_classic_ring_moves_with_a_migration() {
         // The next transmit descriptor is 1.
         let f = ether(BCAST, 0x0800, 70, 5);
         card2.too_tx(1, &f);
-        assert_eq!(card2.recv_frame(), f, "descriptor 1 after the migration");
+        assert_eq!(
+            card2.peer.recv_frame(),
+            f,
+            "descriptor 1 after the migration"
+        );
 
         // Each malformed part of a well-formed state is refused on its own.
-        let dev2 = device(&m2, "rtl-mig2");
         let regs_state: serde_json::Value = saved.get("regs").unwrap();
         let mut bad_cases = Vec::new();
         let mut v = regs_state.clone();
@@ -2208,27 +2090,14 @@ fn the_classic_ring_moves_with_a_migration() {
         let mut v = regs_state.clone();
         v["cplus_tx"] = serde_json::json!(vec![0u8; 65537]);
         bad_cases.push(("a C+ frame past the transmit buffer", v));
-        for (what, value) in bad_cases {
-            let mut bad = saved.clone();
-            bad.put("regs", value);
-            assert!(
-                device_impl(&dev2).unwrap().load_state(&bad).is_err(),
-                "{what} is refused"
-            );
-        }
-        let mut good = saved.clone();
-        good.put("regs", regs_state);
-        device_impl(&dev2)
-            .unwrap()
-            .load_state(&good)
-            .expect("the unchanged state loads");
+        assert_each_refused(&device(&m2, "rtl-mig2"), &saved, "regs", bad_cases);
     });
 }
 
 #[test]
 fn cplus_ring_positions_tally_and_link_move_with_a_migration() {
     with_deadline("rtl-cpmig", || {
-        let (m, peer) = pc_with_rtl8139("rtl-cpmig", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-cpmig");
         let card = Card::new(&m, peer);
         card.put(CP_TX_RING, &[0u8; 16 * 4]);
         card.cp_rx_ring(4, PKT_BUF_SZ);
@@ -2238,20 +2107,10 @@ fn cplus_ring_positions_tally_and_link_move_with_a_migration() {
             card.cp_wait_rx(u32::from(n));
         }
         card.cp_send(0, 4, &[&ether(BCAST, 0x0800, 60, 9)], 0, 0);
-        card.recv_frame();
+        card.peer.recv_frame();
         card.wait_for("descriptor 0 back", |c| c.cp_tx_opts1(0) & OWN == 0);
         hw::net::nic::find_nic("rtl-cpmig").unwrap().set_link(false);
-        let saved = device_impl(&device(&m, "rtl-cpmig"))
-            .unwrap()
-            .save_state()
-            .unwrap();
-
-        let (m2, peer2) = pc_with_rtl8139("rtl-cpmig2", &[]);
-        runstate::vm_stop(machine_state(&m2).unwrap(), RunStatus::Paused).unwrap();
-        device_impl(&device(&m2, "rtl-cpmig2"))
-            .unwrap()
-            .load_state(&saved)
-            .unwrap();
+        let (_, m2, peer2) = migrate(&m, "rtl-cpmig", "rtl-cpmig2", pc_with_rtl8139);
         let card2 = Card::new(&m2, peer2);
         card2.use_mmio(true);
         card2.put(CP_RX_RING, &card.get(CP_RX_RING, 16 * 4));
@@ -2276,7 +2135,11 @@ fn cplus_ring_positions_tally_and_link_move_with_a_migration() {
         assert_eq!(card2.cp_rx_data(2, f.len()), f);
         let g = ether(BCAST, 0x0800, 80, 4);
         card2.cp_send(1, 4, &[&g], 0, 0);
-        assert_eq!(card2.recv_frame(), g, "descriptor 1 after the migration");
+        assert_eq!(
+            card2.peer.recv_frame(),
+            g,
+            "descriptor 1 after the migration"
+        );
     });
 }
 
@@ -2288,7 +2151,7 @@ fn cplus_ring_positions_tally_and_link_move_with_a_migration() {
 #[test]
 fn rx_max_size_the_cplus_latch_eeprom_select_and_wide_accesses_are_the_hardwares() {
     with_deadline("rtl-quirks", || {
-        let (m, peer) = pc_with_rtl8139("rtl-quirks", &[]);
+        let (m, peer) = pc_with_rtl8139("rtl-quirks");
         let card = Card::new(&m, peer);
         card.use_mmio(true);
         card.w16(0xda, 0x1ff8);

@@ -3,8 +3,10 @@
 //! qomvm with ([`raw_kvm`]), test machines on KVM ([`vm`]) and on qtest ([`qtest`]), a guest
 //! that reports the interrupts it takes ([`irq_guest`]), a boot sector or PXE program
 //! that prints and powers off ([`boot_program`]), skips made visible ([`skip`]), a QMP
-//! client ([`qmp`]), a datagram-socket network backend ([`dgram_netdev`]), an SMBIOS reader ([`smbios`]), a VGA text-screen reader
-//! ([`vga_text`]) and VNC Authentication's DES for clients and password files ([`vnc`]).
+//! client ([`qmp`]), a datagram-socket network backend ([`dgram_netdev`]) and a PCI network
+//! card's harness over it ([`nic_card`]), an SMBIOS reader ([`smbios`]), a VGA text-screen
+//! reader ([`vga_text`]) and VNC Authentication's DES for clients and password files
+//! ([`vnc`]).
 
 pub mod boot_program;
 pub mod console;
@@ -17,6 +19,7 @@ pub mod guest;
 pub mod irq_guest;
 pub mod migration_guest;
 pub mod netns;
+pub mod nic_card;
 pub mod qmp;
 pub mod qtest;
 pub mod raw_kvm;
