@@ -680,7 +680,15 @@ impl Running {
             let mem = &*self.mem;
             let Some(q) = st.statusq.as_mut() else { return Ok(false) };
             let mut used = false;
-            while let Some(chain) = q.iter(self.mem.clone())?.next() {
+            // With EVENT_IDX the driver kicks only where the device asked (avail_event).
+            q.disable_notification(mem)?;
+            loop {
+                let Some(chain) = q.iter(self.mem.clone())?.next() else {
+                    if q.enable_notification(mem)? {
+                        continue;
+                    }
+                    break;
+                };
                 let head = chain.head_index();
                 let mut reader = Reader::new(mem, chain).map_err(|e| RingError::Chain(e.to_string()))?;
                 let mut event = [0u8; EVENT_SIZE];
