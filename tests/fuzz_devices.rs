@@ -576,6 +576,8 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "-device",
             "virtio-balloon-pci",
             "-device",
+            "virtio-gpu-pci",
+            "-device",
             "pvpanic",
             "-device",
             "pvpanic-pci",
