@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=26
+ASSETS_FORMAT=27
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -40,6 +40,9 @@ INPUT_MODULES="virtio_input evdev"
 # root disk mounts beside it (scripts/bench-net.sh --nic
 # e1000): loaded with qomvm.e1000=1 under vmlinuz-generic.
 NIC_MODULES="e1000 8139cp virtio_pci virtio_blk crc32c_generic ext4"
+# The generic kernel's virtio GPU driver (DRM, with its framebuffer console; the cloud
+# kernel has no DRM): loaded with qomvm.gpu=1 under vmlinuz-generic.
+GPU_MODULES="virtio_pci virtio_gpu"
 # The disk image's size (a sparse file; its content is about 85 MB, mostly
 # fio's libraries: Debian's fio links librbd, libgfapi, libnbd and friends).
 ROOTFS_SIZE=256M
@@ -140,6 +143,13 @@ and then, depending on the kernel command line:
                      events as qomvm.usbinput=1 from the virtio tablet and
                      keyboard ("vinput: ready", "vinput: tablet ...",
                      "vinput: keyboard open", "vinput: keyboard ...")
+  qomvm.gpu=1        (with vmlinuz-generic) loads the virtio GPU driver, prints
+                     "gpu: connector NAME STATUS MODES..." and "gpu: fb NAME
+                     W,H BPP", writes QOMVM-GPU-TEXT at the framebuffer
+                     console's top left ("gpu: text shown"), waits for Return
+                     on the console's keyboard, fills the framebuffer with
+                     0x808080 with the console unbound ("gpu: filled") and
+                     waits for Return again
   qomvm.disktest=DEV:SEED
                      writes the SEED pattern (below) to DEV with O_DIRECT and
                      fsync, reads it back with O_DIRECT, compares, prints
@@ -318,7 +328,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic= usb= usbinput= e1000= vinput=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic= usb= usbinput= e1000= vinput= gpu=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -348,6 +358,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.usbinput=1) usb=1 usbinput=1 ;;
         qomvm.e1000=1) e1000=1 ;;
         qomvm.virtioinput=1) vinput=1 ;;
+        qomvm.gpu=1) gpu=1 ;;
         ro) rootro=1 ;;
         rw) rootro= ;;
     esac
@@ -384,6 +395,7 @@ if [ "$QOMVM_STAGE" != root ] && [ -f /etc/qomvm-modules ]; then
     [ -n "$usb" ] && [ -f /etc/qomvm-modules-usb ] && load_modules /etc/qomvm-modules-usb
     [ -n "$e1000" ] && [ -f /etc/qomvm-modules-nic ] && load_modules /etc/qomvm-modules-nic
     [ -n "$vinput" ] && [ -f /etc/qomvm-modules-input ] && load_modules /etc/qomvm-modules-input
+    [ -n "$gpu" ] && [ -f /etc/qomvm-modules-gpu ] && load_modules /etc/qomvm-modules-gpu
 fi
 
 # qomvm.cdsum=DEV: the MD5 of a CD's whole medium, read through the block device.
@@ -565,6 +577,38 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$vinput" ]; then
         echo "vinput: name $(cat "$n")"
     done
     input_events vinput
+fi
+
+# qomvm.gpu=1: the virtio GPU's connectors and framebuffer, then text on its console and
+# a grey framebuffer, each shown until Return comes from the console's keyboard (the host
+# takes a screendump of each).
+if [ "$QOMVM_STAGE" != root ] && [ -n "$gpu" ]; then
+    i=0
+    while [ ! -e /dev/fb0 ] && [ $i -lt 200 ]; do
+        i=$((i + 1))
+        sleep 0.05
+    done
+    for c in /sys/class/drm/card*-*; do
+        [ -e "$c/status" ] && echo "gpu: connector ${c##*/} $(cat "$c/status") $(tr '\n' ' ' <"$c/modes")"
+    done
+    if [ -e /dev/fb0 ]; then
+        size=$(cat /sys/class/graphics/fb0/virtual_size)
+        echo "gpu: fb $(cat /sys/class/graphics/fb0/name) $size $(cat /sys/class/graphics/fb0/bits_per_pixel)"
+        echo 0 >/sys/class/graphics/fbcon/cursor_blink
+        printf '\033[2J\033[HQOMVM-GPU-TEXT\n' >/dev/tty1
+        echo "gpu: text shown"
+        read -r _ </dev/tty1
+        for v in /sys/class/vtconsole/vtcon*; do
+            grep -q 'frame buffer' "$v/name" && echo 0 >"$v/bind"
+        done
+        w=${size%,*} h=${size#*,}
+        dd if=/dev/zero bs=$((w * 4)) count="$h" 2>/dev/null | tr '\000' '\200' >/dev/fb0
+        echo "gpu: filled"
+        read -r _ </dev/tty1
+    else
+        echo "gpu: no framebuffer"
+        dmesg | grep -i -E 'drm|virtio|fb' | tail -n 20 | sed 's/^/gpu: dmesg: /'
+    fi
 fi
 
 # qomvm.root=DEV: continue from DEV's /init.
@@ -1771,7 +1815,7 @@ write_portout "$root/bin/qomvm-portout"
 guest_modules "$kdeb" "$kver" "$work/k" "$root" qomvm-modules "${GUEST_MODULES//$'\n'/ }" \
     qomvm-modules-ata "$ATA_MODULES" qomvm-modules-input "$INPUT_MODULES"
 guest_modules "$gdeb" "$gkver" "$work/g" "$root" qomvm-modules-usb "$USB_MODULES" \
-    qomvm-modules-nic "$NIC_MODULES"
+    qomvm-modules-nic "$NIC_MODULES" qomvm-modules-gpu "$GPU_MODULES"
 qomvm_mkcpio "$root" "$work/initramfs.cpio.gz" "$bb"
 
 # The disk image: the same /init, busybox with its applet links made here (the
