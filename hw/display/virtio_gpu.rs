@@ -15,11 +15,13 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vmm_sys_util::eventfd::EventFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::core::console::{GraphicHwOps, Redraw, Surface};
@@ -52,6 +54,9 @@ const FLAG_FENCE: u32 = 1;
 const BYTES_PER_PIXEL: u64 = 4;
 /// What a disabled scanout's console shows (QEMU's placeholder surface).
 const PLACEHOLDER: (u32, u32) = (640, 480);
+/// Requests served in one pass of the loop: a guest that keeps posting more waits for
+/// the loop's other handlers (VNC, the monitor, a stop) between passes.
+const PASS_REQUESTS: usize = 64;
 /// The bytes of a request the device reads at most: an attach with the most entries.
 const MAX_REQUEST: usize = HDR_SIZE + 8 + MAX_BACKING_ENTRIES as usize * 16;
 
@@ -68,7 +73,6 @@ mod cmd {
     pub const GET_EDID: u32 = 0x010a;
     pub const RESOURCE_CREATE_BLOB: u32 = 0x010c;
     pub const SET_SCANOUT_BLOB: u32 = 0x010d;
-    pub const UPDATE_CURSOR: u32 = 0x0300;
     pub const MOVE_CURSOR: u32 = 0x0301;
 }
 
@@ -151,8 +155,76 @@ struct Resource {
     height: u32,
     #[serde(skip)]
     pixels: Vec<u8>,
-    /// Guest-physical (address, length) pieces, in order; `None` while detached.
-    backing: Option<Vec<(u64, u32)>>,
+    /// The guest pages it is copied from; `None` while detached.
+    backing: Option<Backing>,
+}
+
+/// A resource's backing: guest-physical (address, length) pieces, in order, with where
+/// each ends in the whole, so a copy finds its first piece at once.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(try_from = "Vec<(u64, u32)>", into = "Vec<(u64, u32)>")]
+struct Backing {
+    pieces: Vec<(u64, u32)>,
+    ends: Vec<u64>,
+}
+
+impl Backing {
+    fn total(&self) -> u64 {
+        self.ends.last().copied().unwrap_or(0)
+    }
+
+    /// Copies the backing's bytes from `offset` into `out`, as far as the backing reaches
+    /// (QEMU's `iov_to_buf`); pieces that left guest memory read as nothing.
+    fn read(&self, mem: &GuestMemoryMmap, offset: u64, out: &mut [u8]) {
+        let mut i = self.ends.partition_point(|&end| end <= offset);
+        let mut done = 0usize;
+        while done < out.len() && i < self.pieces.len() {
+            let (addr, len) = self.pieces[i];
+            let start = self.ends[i] - u64::from(len);
+            let skip = offset.saturating_sub(start);
+            let n = ((u64::from(len) - skip) as usize).min(out.len() - done);
+            if let Some(at) = addr.checked_add(skip) {
+                let _ = mem.read_slice(&mut out[done..done + n], GuestAddress(at));
+            }
+            done += n;
+            i += 1;
+        }
+    }
+}
+
+impl TryFrom<Vec<(u64, u32)>> for Backing {
+    type Error = String;
+
+    /// The pieces of a migration stream, checked as an attach checks their shape.
+    fn try_from(pieces: Vec<(u64, u32)>) -> Result<Self, String> {
+        if pieces.len() > MAX_BACKING_ENTRIES as usize {
+            return Err(format!("{} backing pieces", pieces.len()));
+        }
+        if pieces.iter().any(|&(addr, len)| len == 0 || addr.checked_add(u64::from(len)).is_none()) {
+            return Err("a backing piece that is empty or wraps".into());
+        }
+        Ok(Backing::new(pieces))
+    }
+}
+
+impl From<Backing> for Vec<(u64, u32)> {
+    fn from(b: Backing) -> Self {
+        b.pieces
+    }
+}
+
+impl Backing {
+    fn new(pieces: Vec<(u64, u32)>) -> Backing {
+        let mut end = 0u64;
+        let ends = pieces
+            .iter()
+            .map(|&(_, len)| {
+                end += u64::from(len);
+                end
+            })
+            .collect();
+        Backing { pieces, ends }
+    }
 }
 
 impl Resource {
@@ -169,11 +241,12 @@ impl Resource {
     }
 }
 
-/// A scanout: the resource it shows (0: none) and which part of it.
+/// A scanout: the resource it shows (0: none) and which part of it, and its cursor.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 struct Scanout {
     resource_id: u32,
     rect: Rect,
+    cursor: Cursor,
     /// Rows of the picture the next refresh redraws (`None`: all of it).
     #[serde(skip)]
     dirty: Option<DirtyRows>,
@@ -187,10 +260,9 @@ struct DirtyRows {
     rows: Option<(u32, u32)>,
 }
 
-/// The cursor as the driver last set it (QEMU's `virtio_gpu_scanout` cursor fields).
+/// A scanout's cursor as the driver last set it (QEMU's `virtio_gpu_scanout` cursor).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Cursor {
-    scanout: u32,
     x: u32,
     y: u32,
     resource_id: u32,
@@ -205,9 +277,6 @@ struct GpuState {
     /// Bytes the resources' pixels take.
     hostmem: u64,
     scanouts: Vec<Scanout>,
-    cursor: Cursor,
-    /// `events_read`: what the driver has yet to look at.
-    events_read: u32,
 }
 
 /// Guest errors of every virtio-gpu share one log budget.
@@ -216,6 +285,9 @@ static GUEST_ERRORS: std::sync::LazyLock<RateLimitedLog> = std::sync::LazyLock::
 /// QEMU's `VirtIOGPU` (2D).
 pub struct VirtioGpu {
     conf: VirtioGpuConf,
+    /// `events_read`: what the driver has yet to look at (apart from the state, so a
+    /// vCPU's configuration read never waits for a command).
+    events_read: AtomicU32,
     /// Itself, for the handlers it registers.
     this: Weak<VirtioGpu>,
     state: Mutex<GpuState>,
@@ -231,32 +303,13 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
 }
 
-/// Copies backing bytes from `offset` into `out`, as far as the backing reaches (QEMU's
-/// `iov_to_buf`); pieces outside guest memory read as nothing.
-fn read_backing(mem: &GuestMemoryMmap, backing: &[(u64, u32)], mut offset: u64, out: &mut [u8]) {
-    let mut done = 0usize;
-    for &(addr, len) in backing {
-        if done == out.len() {
-            break;
-        }
-        let len = u64::from(len);
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        let n = ((len - offset) as usize).min(out.len() - done);
-        let _ = mem.read_slice(&mut out[done..done + n], GuestAddress(addr + offset));
-        done += n;
-        offset = 0;
-    }
-}
-
 impl VirtioGpu {
     /// A device over `conf`, showing nothing yet.
     pub fn new(conf: VirtioGpuConf) -> Arc<Self> {
         let outputs = conf.max_outputs as usize;
         Arc::new_cyclic(|this| VirtioGpu {
             conf,
+            events_read: AtomicU32::new(0),
             this: this.clone(),
             state: Mutex::new(GpuState {
                 scanouts: vec![Scanout::default(); outputs],
@@ -349,7 +402,7 @@ impl VirtioGpu {
         let mut out = header(resp::OK_DISPLAY_INFO);
         for i in 0..MAX_SCANOUTS {
             let mut one = [0u8; 24];
-            if i == 0 {
+            if i == 0 && self.conf.max_outputs > 0 {
                 one[8..12].copy_from_slice(&self.conf.xres.to_le_bytes());
                 one[12..16].copy_from_slice(&self.conf.yres.to_le_bytes());
                 one[16..20].copy_from_slice(&1u32.to_le_bytes());
@@ -363,7 +416,10 @@ impl VirtioGpu {
         if scanout >= self.conf.max_outputs {
             return Err(resp::ERR_INVALID_PARAMETER);
         }
-        let blob = edid_block(self.conf.xres, self.conf.yres);
+        // Only output 0 has a requested size (QEMU's req_state); the others get the
+        // EDID's default mode.
+        let (width, height) = if scanout == 0 { (self.conf.xres, self.conf.yres) } else { (0, 0) };
+        let blob = edid_block(width, height);
         let mut out = header(resp::OK_EDID);
         out.extend_from_slice(&(blob.len() as u32).to_le_bytes());
         out.extend_from_slice(&[0; 4]);
@@ -448,6 +504,7 @@ impl VirtioGpu {
         *s = Scanout {
             resource_id: id,
             rect,
+            cursor: s.cursor,
             dirty: Some(DirtyRows { full: true, rows: None }),
         };
         Ok(header(resp::OK_NODATA))
@@ -502,23 +559,23 @@ impl VirtioGpu {
         if rect.x != 0 || rect.width != res.width {
             let row = (u64::from(rect.width) * BYTES_PER_PIXEL) as usize;
             for h in 0..u64::from(rect.height) {
+                // Rows whose source lies past the backing copy nothing, as in QEMU.
+                let Some(src) = offset.checked_add(stride * h).filter(|&src| src < backing.total()) else {
+                    break;
+                };
                 let at = (dst + h * stride) as usize;
-                read_backing(mem, backing, offset.wrapping_add(stride * h), &mut res.pixels[at..at + row]);
+                backing.read(mem, src, &mut res.pixels[at..at + row]);
             }
         } else {
             let len = (stride * u64::from(rect.height)) as usize;
             let at = dst as usize;
-            read_backing(mem, backing, offset, &mut res.pixels[at..at + len]);
+            backing.read(mem, offset, &mut res.pixels[at..at + len]);
         }
         Ok(header(resp::OK_NODATA))
     }
 
     /// QEMU's `virtio_gpu_resource_attach_backing`: every piece must be guest RAM.
     fn attach(st: &mut GpuState, mem: &GuestMemoryMmap, id: u32, count: u32, entries: &[u8]) -> Result<Vec<u8>, u32> {
-        if count > MAX_BACKING_ENTRIES {
-            GUEST_ERRORS.warn(|| format!("virtio-gpu: {count} backing entries, more than {MAX_BACKING_ENTRIES}"));
-            return Err(resp::ERR_UNSPEC);
-        }
         let Some(res) = st.resources.get_mut(&id) else {
             GUEST_ERRORS.warn(|| format!("virtio-gpu: backing for unknown resource {id}"));
             return Err(resp::ERR_INVALID_RESOURCE_ID);
@@ -526,6 +583,14 @@ impl VirtioGpu {
         if res.backing.is_some() {
             GUEST_ERRORS.warn(|| format!("virtio-gpu: resource {id} has a backing already"));
             return Err(resp::ERR_UNSPEC);
+        }
+        if count > MAX_BACKING_ENTRIES {
+            GUEST_ERRORS.warn(|| format!("virtio-gpu: {count} backing entries, more than {MAX_BACKING_ENTRIES}"));
+            return Err(resp::ERR_UNSPEC);
+        }
+        if count == 0 {
+            // QEMU's mapping of no pieces is no mapping: the resource stays without one.
+            return Ok(header(resp::OK_NODATA));
         }
         let count = count as usize;
         if entries.len() < count * 16 {
@@ -541,7 +606,7 @@ impl VirtioGpu {
             }
             backing.push((addr, len));
         }
-        res.backing = Some(backing);
+        res.backing = Some(Backing::new(backing));
         Ok(header(resp::OK_NODATA))
     }
 
@@ -557,27 +622,25 @@ impl VirtioGpu {
         Ok(header(resp::OK_NODATA))
     }
 
-    /// QEMU's `update_cursor`: the cursor's image, hot spot and position are kept.
+    /// QEMU's `update_cursor`: a scanout's cursor image, hot spot and position are kept
+    /// (`MOVE_CURSOR` moves it; any other type sets it all).
     fn cursor(&self, req: &[u8]) {
-        if req.len() < HDR_SIZE + 16 {
+        const UPDATE_CURSOR_SIZE: usize = HDR_SIZE + 32;
+        if req.len() < UPDATE_CURSOR_SIZE {
             GUEST_ERRORS.warn(|| format!("virtio-gpu: cursor command of {} bytes", req.len()));
             return;
         }
         let body = &req[HDR_SIZE..];
         let scanout = le32(body, 0);
-        if scanout >= self.conf.max_outputs {
+        let mut st = self.state.lock();
+        let Some(s) = st.scanouts.get_mut(scanout as usize) else {
             GUEST_ERRORS.warn(|| format!("virtio-gpu: cursor on scanout {scanout}"));
             return;
-        }
-        let mut st = self.state.lock();
-        let c = &mut st.cursor;
-        (c.scanout, c.x, c.y) = (scanout, le32(body, 4), le32(body, 8));
-        match le32(req, 0) {
-            cmd::MOVE_CURSOR => {}
-            cmd::UPDATE_CURSOR if body.len() >= 32 => {
-                (c.resource_id, c.hot_x, c.hot_y) = (le32(body, 16), le32(body, 20), le32(body, 24));
-            }
-            ty => GUEST_ERRORS.warn(|| format!("virtio-gpu: unknown cursor command {ty:#x}")),
+        };
+        let c = &mut s.cursor;
+        (c.x, c.y) = (le32(body, 4), le32(body, 8));
+        if le32(req, 0) != cmd::MOVE_CURSOR {
+            (c.resource_id, c.hot_x, c.hot_y) = (le32(body, 16), le32(body, 20), le32(body, 24));
         }
     }
 
@@ -589,47 +652,78 @@ impl VirtioGpu {
         let Some(s) = st.scanouts.get_mut(head as usize) else {
             return Redraw::Nothing;
         };
-        let res = st.resources.get(&s.resource_id).filter(|_| s.resource_id != 0);
-        let Some(res) = res else {
-            if (surface.width, surface.height) != PLACEHOLDER || s.dirty.take().is_some() {
+        let dirty = s.dirty.take();
+        let Some(res) = st.resources.get(&s.resource_id).filter(|_| s.resource_id != 0) else {
+            if (surface.width, surface.height) != PLACEHOLDER || dirty.is_some() {
                 *surface = Arc::new(Surface::new(PLACEHOLDER.0, PLACEHOLDER.1));
                 return Redraw::Full;
             }
             return Redraw::Nothing;
         };
         let r = s.rect;
-        let draw_row = |dst: &mut Surface, y: u32| {
-            let row = dst.row_mut(y);
-            for (x, px) in row.iter_mut().enumerate() {
-                *px = res.rgb(r.x + x as u32, r.y + y);
-            }
-        };
-        let dirty = s.dirty.take();
         let full = (surface.width, surface.height) != (r.width, r.height) || dirty.is_some_and(|d| d.full);
         if full {
-            let mut pic = Surface::new(r.width, r.height);
-            for y in 0..r.height {
-                draw_row(&mut pic, y);
-            }
-            *surface = Arc::new(pic);
+            *surface = Arc::new(render(res, r));
             return Redraw::Full;
         }
         match dirty.and_then(|d| d.rows) {
             Some((top, bottom)) => {
                 let pic = Arc::make_mut(surface);
                 for y in top..bottom.min(r.height) {
-                    draw_row(pic, y);
+                    draw_row(res, r, pic, y);
                 }
                 Redraw::Rows(std::iter::once(top..bottom).collect())
             }
             None => Redraw::Nothing,
         }
     }
+
+    /// Head `head`'s whole picture now, leaving what the console redraws next as it is.
+    fn snapshot(&self, head: u32) -> Surface {
+        let st = self.state.lock();
+        let shown = st
+            .scanouts
+            .get(head as usize)
+            .and_then(|s| Some((st.resources.get(&s.resource_id).filter(|_| s.resource_id != 0)?, s.rect)));
+        match shown {
+            Some((res, rect)) => render(res, rect),
+            None => Surface::new(PLACEHOLDER.0, PLACEHOLDER.1),
+        }
+    }
+}
+
+/// Row `y` of the picture of `rect` of `res`.
+fn draw_row(res: &Resource, rect: Rect, dst: &mut Surface, y: u32) {
+    for (x, px) in dst.row_mut(y).iter_mut().enumerate() {
+        *px = res.rgb(rect.x + x as u32, rect.y + y);
+    }
+}
+
+/// The picture of `rect` of `res`; the blank placeholder when the host has no memory for
+/// it (the resource's own pixels were counted against `max_hostmem`, its pictures not).
+fn render(res: &Resource, rect: Rect) -> Surface {
+    let n = rect.width as usize * rect.height as usize;
+    let mut pixels = Vec::new();
+    if pixels.try_reserve_exact(n).is_err() {
+        GUEST_ERRORS.warn(|| format!("virtio-gpu: no memory for a {}x{} picture", rect.width, rect.height));
+        return Surface::new(PLACEHOLDER.0, PLACEHOLDER.1);
+    }
+    pixels.resize(n, 0);
+    let mut pic = Surface {
+        width: rect.width,
+        height: rect.height,
+        pixels,
+    };
+    for y in 0..rect.height {
+        draw_row(res, rect, &mut pic, y);
+    }
+    pic
 }
 
 /// A blank scanout (QEMU's `virtio_gpu_disable_scanout`).
 fn disable(s: &mut Scanout) {
     *s = Scanout {
+        cursor: s.cursor,
         dirty: Some(DirtyRows { full: true, rows: None }),
         ..Scanout::default()
     };
@@ -654,8 +748,12 @@ fn header(code: u32) -> Vec<u8> {
 
 /// An EDID 1.4 base block for a `width` x `height` monitor at 75 Hz (QEMU's
 /// `qemu_edid_generate` in short: vendor "RHT", the mode as the preferred timing, the
-/// monitor's name, its range limits).
+/// monitor's name, its range limits). A size of 0 is QEMU's default, 1280x800; the
+/// preferred timing holds at most 4095x4095 (the extension QEMU adds beyond it is not
+/// made).
 pub fn edid_block(width: u32, height: u32) -> [u8; 128] {
+    let width = if width == 0 { 1280 } else { width.min(4095) };
+    let height = if height == 0 { 800 } else { height.min(4095) };
     let mut e = [0u8; 128];
     e[0..8].copy_from_slice(&[0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00]);
     // "RHT": three 5-bit letters, 'A' = 1.
@@ -689,7 +787,7 @@ pub fn edid_block(width: u32, height: u32) -> [u8; 128] {
     // The preferred mode, with QEMU's blanking proportions at 75 Hz.
     let (xfront, xsync, xblank) = (width * 25 / 100, width * 3 / 100, width * 35 / 100);
     let (yfront, ysync, yblank) = (height * 5 / 1000, height * 5 / 1000, height * 35 / 1000);
-    let clock_10khz = 75 * (u64::from(width + xblank)) * u64::from(height + yblank) / 10_000;
+    let clock_10khz = 75 * u64::from(width + xblank) * u64::from(height + yblank) / 10_000;
     let d = &mut e[54..72];
     d[0..2].copy_from_slice(&(clock_10khz.min(0xffff) as u16).to_le_bytes());
     d[2] = width as u8;
@@ -735,9 +833,10 @@ struct GpuHead {
 
 impl GraphicHwOps for GpuHead {
     fn gfx_update(&self) -> Surface {
-        let mut surface = Arc::new(Surface::new(0, 0));
-        self.gfx_refresh(&mut surface);
-        Arc::unwrap_or_clone(surface)
+        match self.gpu.upgrade() {
+            Some(gpu) => gpu.snapshot(self.head),
+            None => Surface::new(PLACEHOLDER.0, PLACEHOLDER.1),
+        }
     }
 
     fn gfx_refresh(&self, surface: &mut Arc<Surface>) -> Redraw {
@@ -773,7 +872,7 @@ impl VirtioDevice for VirtioGpu {
     /// events_read, events_clear (reads 0), num_scanouts, num_capsets (0).
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 16];
-        config[0..4].copy_from_slice(&self.state.lock().events_read.to_le_bytes());
+        config[0..4].copy_from_slice(&self.events_read.load(Ordering::Relaxed).to_le_bytes());
         config[8..12].copy_from_slice(&self.conf.max_outputs.to_le_bytes());
         crate::virtio::virtio::read_config_bytes(&config, offset, data);
     }
@@ -786,7 +885,7 @@ impl VirtioDevice for VirtioGpu {
                 clear |= u32::from(b) << (8 * (byte - 4));
             }
         }
-        self.state.lock().events_read &= !clear;
+        self.events_read.fetch_and(!clear, Ordering::Relaxed);
     }
 
     fn activate(&self, activation: Activation) -> Result<(), ActivateError> {
@@ -812,6 +911,7 @@ impl VirtioDevice for VirtioGpu {
                 broken: false,
                 stopped: false,
             }),
+            kicks: kicks.iter().map(|(i, k)| (*i, k.clone())).collect(),
         });
         let gpu = self.this.clone();
         let mut rekick = Vec::new();
@@ -860,8 +960,10 @@ impl VirtioDevice for VirtioGpu {
         let mut st = self.state.lock();
         st.resources.clear();
         st.hostmem = 0;
-        st.cursor = Cursor::default();
-        st.scanouts.iter_mut().for_each(disable);
+        for s in st.scanouts.iter_mut() {
+            disable(s);
+            s.cursor = Cursor::default();
+        }
     }
 
     /// Commands run to their end on the loop: nothing is in flight.
@@ -889,8 +991,7 @@ impl VirtioDevice for VirtioGpu {
         }
         section.put("gpu.resources", ids);
         section.put("gpu.scanouts", &st.scanouts);
-        section.put("gpu.cursor", st.cursor);
-        section.put("gpu.events_read", st.events_read);
+        section.put("gpu.events_read", self.events_read.load(Ordering::Relaxed));
         Ok(())
     }
 
@@ -908,41 +1009,40 @@ impl VirtioDevice for VirtioGpu {
             let field = format!("gpu.resource.{id}");
             let mut res: Resource = section.get(&field)?;
             res.pixels = section.get_bytes(&format!("{field}.pixels"))?;
-            let size = u64::from(res.width) * u64::from(res.height) * BYTES_PER_PIXEL;
-            if id == 0 || format_layout(res.format).is_none() || res.pixels.len() as u64 != size {
+            let size = u64::from(res.width)
+                .checked_mul(u64::from(res.height))
+                .and_then(|n| n.checked_mul(BYTES_PER_PIXEL));
+            if id == 0 || format_layout(res.format).is_none() || size != Some(res.pixels.len() as u64) {
                 return Err(bad(&field, format!("resource {id}: bad id, format or size")));
             }
-            hostmem += size;
+            hostmem = hostmem.saturating_add(res.pixels.len() as u64);
             if hostmem >= self.conf.max_hostmem {
                 return Err(bad(&field, "the resources exceed max_hostmem".into()));
             }
-            resources.insert(id, res);
+            if resources.insert(id, res).is_some() {
+                return Err(bad(&field, format!("resource {id} twice")));
+            }
         }
         let mut scanouts: Vec<Scanout> = section.get("gpu.scanouts")?;
         if scanouts.len() != self.conf.max_outputs as usize {
             return Err(bad("gpu.scanouts", format!("{} scanouts, not {}", scanouts.len(), self.conf.max_outputs)));
         }
         for (i, s) in scanouts.iter_mut().enumerate() {
-            if s.resource_id == 0 {
-                continue;
-            }
-            let fits = resources
-                .get(&s.resource_id)
-                .is_some_and(|r: &Resource| s.rect.inside(r.width, r.height));
+            let fits = s.resource_id == 0
+                || resources
+                    .get(&s.resource_id)
+                    .is_some_and(|r: &Resource| r.backing.is_some() && s.rect.inside(r.width, r.height));
             if !fits {
                 return Err(bad("gpu.scanouts", format!("scanout {i} shows what is not there")));
             }
             s.dirty = Some(DirtyRows { full: true, rows: None });
         }
-        let cursor: Cursor = section.get("gpu.cursor")?;
         let events_read: u32 = section.get("gpu.events_read")?;
-        let mut st = self.state.lock();
-        *st = GpuState {
+        self.events_read.store(events_read, Ordering::Relaxed);
+        *self.state.lock() = GpuState {
             resources,
             hostmem,
             scanouts,
-            cursor,
-            events_read,
         };
         Ok(())
     }
@@ -954,6 +1054,8 @@ struct Running {
     dirty: Arc<DirtyTracker>,
     transport: Arc<dyn VirtioTransport>,
     queues: Mutex<RunQueues>,
+    /// Each queue's notifier, to come back for the rest after a full pass.
+    kicks: Vec<(u16, Arc<EventFd>)>,
 }
 
 struct RunQueues {
@@ -981,13 +1083,21 @@ impl Running {
             // With EVENT_IDX the driver kicks only when told where to (avail_event):
             // notifications stay off while the device works and on once the ring is empty.
             queue.disable_notification(mem)?;
+            let mut served = 0;
             loop {
+                if served == PASS_REQUESTS {
+                    if let Some((_, kick)) = self.kicks.iter().find(|(i, _)| *i == index) {
+                        let _ = kick.write(1);
+                    }
+                    break;
+                }
                 let Some(chain) = queue.iter(self.mem.clone())?.next() else {
                     if queue.enable_notification(mem)? {
                         continue;
                     }
                     break;
                 };
+                served += 1;
                 let head = chain.head_index();
                 let written = chain.clone();
                 let mut reader = Reader::new(mem, chain.clone()).map_err(|e| RingError::Chain(e.to_string()))?;
@@ -1062,6 +1172,65 @@ mod tests {
         assert_eq!(pixel(67, [0x11, 0x22, 0x33, 0xff]), 0x112233, "R8G8B8A8");
         assert_eq!(pixel(121, [0xff, 0x33, 0x22, 0x11]), 0x112233, "A8B8G8R8");
         assert!(format_layout(5).is_none());
+    }
+
+    fn gpu() -> Arc<VirtioGpu> {
+        VirtioGpu::new(VirtioGpuConf {
+            max_outputs: 1,
+            xres: 1280,
+            yres: 800,
+            edid: true,
+            max_hostmem: 256 << 20,
+            context: AioContext::new("virtio-gpu-test").unwrap(),
+        })
+    }
+
+    /// A stream with one resource as `resource` describes it and `pixels`.
+    fn stream(resource: serde_json::Value, pixels: &[u8], ids: &[u32]) -> VmStateSection {
+        let mut section = VmStateSection::new(1);
+        section.put("gpu.resources", ids);
+        section.put("gpu.resource.1", resource);
+        section.put_bytes("gpu.resource.1.pixels", pixels);
+        section.put("gpu.scanouts", [Scanout::default()]);
+        section.put("gpu.events_read", 0u32);
+        section
+    }
+
+    #[test]
+    fn a_corrupt_migration_stream_is_refused_not_obeyed() {
+        let gpu = gpu();
+        let good = serde_json::json!({"format": 2, "width": 2, "height": 2, "backing": [[4096, 16]]});
+        assert!(gpu.load_device(&stream(good.clone(), &[0; 16], &[1])).is_ok());
+        let cases = [
+            // 2^31 x 2^31 pixels: the size overflows; no pixels to match it.
+            (serde_json::json!({"format": 2, "width": 1u64 << 31, "height": 1u64 << 31, "backing": null}), &[][..], &[1][..]),
+            (good.clone(), &[0; 12][..], &[1][..]),
+            (good.clone(), &[0; 16][..], &[1, 1][..]),
+            (serde_json::json!({"format": 2, "width": 2, "height": 2, "backing": [[4096, 0]]}), &[0; 16][..], &[1][..]),
+            (serde_json::json!({"format": 2, "width": 2, "height": 2, "backing": [[u64::MAX, 16]]}), &[0; 16][..], &[1][..]),
+            (serde_json::json!({"format": 9, "width": 2, "height": 2, "backing": null}), &[0; 16][..], &[1][..]),
+        ];
+        for (resource, pixels, ids) in cases {
+            assert!(gpu.load_device(&stream(resource.clone(), pixels, ids)).is_err(), "{resource} {ids:?}");
+        }
+    }
+
+    #[test]
+    fn the_edid_of_odd_sizes_is_still_valid() {
+        for (w, h) in [(0, 0), (100_000, 100_000), (u32::MAX, 1), (16, 16)] {
+            let e = edid_block(w, h);
+            assert_eq!(e.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "{w}x{h}");
+            assert_ne!(u16::from_le_bytes([e[54], e[55]]), 0, "{w}x{h}: a timing, not a descriptor");
+        }
+    }
+
+    #[test]
+    fn a_copy_starts_at_the_piece_holding_its_offset() {
+        let b = Backing::new(vec![(0x1000, 16), (0x3000, 8), (0x5000, 4)]);
+        assert_eq!(b.total(), 28);
+        assert_eq!(b.ends.partition_point(|&e| e <= 16), 1);
+        assert_eq!(b.ends.partition_point(|&e| e <= 27), 2);
+        assert_eq!(b.ends.partition_point(|&e| e <= 28), 3);
     }
 
     #[test]

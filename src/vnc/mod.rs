@@ -40,6 +40,9 @@ use rfb::{encoding, PixelFormat, Rect, ZrleEncoder};
 pub const REFRESH_INTERVAL: Duration = Duration::from_millis(30);
 /// The first display's port.
 const VNC_PORT_BASE: u16 = 5900;
+/// QEMU's `VNC_MAX_WIDTH` and `VNC_MAX_HEIGHT`: the largest screen a client is shown.
+const VNC_MAX_WIDTH: u32 = 2560;
+const VNC_MAX_HEIGHT: u32 = 2048;
 /// Tiles compared between updates.
 const TILE: u32 = 64;
 /// The longest cut text a client may send (QEMU takes up to 1 MiB); more ends the
@@ -869,8 +872,31 @@ impl Client {
 
     /// The first console's picture and the rows changed since generation `since`; a
     /// machine without a display device shows a black 640x480 screen (QEMU shows a text
-    /// console there).
+    /// console there). A picture larger than QEMU's `VNC_MAX_WIDTH` x `VNC_MAX_HEIGHT`
+    /// (a guest's virtio-gpu scanout can be) shows its top left corner of that size.
     fn render(&self, since: Option<u64>) -> ConsoleUpdate {
+        let mut update = self.render_whole(since);
+        let (width, height) = (update.surface.width, update.surface.height);
+        if width > VNC_MAX_WIDTH || height > VNC_MAX_HEIGHT {
+            let (w, h) = (width.min(VNC_MAX_WIDTH), height.min(VNC_MAX_HEIGHT));
+            let mut corner = Surface::new(w, h);
+            for y in 0..h {
+                corner
+                    .row_mut(y)
+                    .copy_from_slice(&update.surface.row(y)[..w as usize]);
+            }
+            update.surface = Arc::new(corner);
+            update.changed_rows = update
+                .changed_rows
+                .into_iter()
+                .filter(|r| r.start < h)
+                .map(|r| r.start..r.end.min(h))
+                .collect();
+        }
+        update
+    }
+
+    fn render_whole(&self, since: Option<u64>) -> ConsoleUpdate {
         match self.server.services.consoles().first() {
             Some(console) => console.refresh(since),
             None => ConsoleUpdate {
