@@ -357,6 +357,24 @@ impl KvmVm {
     }
 }
 
+impl KvmVm {
+    /// Runs `f` on CPU `index`'s thread between two runs, for the monitor (QEMU's
+    /// `run_on_cpu`), waiting at most two seconds.
+    fn inspect_cpu<R: Send + 'static>(
+        &self,
+        index: u32,
+        f: impl FnOnce(&mut kvm_ioctls::VcpuFd) -> R + Send + 'static,
+    ) -> Result<R, CpuDumpError> {
+        const TIMEOUT_MS: u64 = 2000;
+        if !self.vcpus.has_thread(index) {
+            return Err(CpuDumpError::NoThread(index));
+        }
+        self.vcpus
+            .run_on_cpu(index, std::time::Duration::from_millis(TIMEOUT_MS), f)
+            .ok_or(CpuDumpError::Timeout(index, TIMEOUT_MS))
+    }
+}
+
 impl AccelOps for KvmVm {
     fn map_ram(&self, block: RamBlock) -> Result<(), Error> {
         let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
@@ -567,17 +585,7 @@ impl AccelOps for KvmVm {
     }
 
     fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {
-        const TIMEOUT_MS: u64 = 2000;
-        if !self.vcpus.has_thread(index) {
-            return Err(CpuDumpError::NoThread(index));
-        }
-        self.vcpus
-            .run_on_cpu(
-                index,
-                std::time::Duration::from_millis(TIMEOUT_MS),
-                |vcpu| crate::kvm::x86::register_dump(vcpu),
-            )
-            .ok_or(CpuDumpError::Timeout(index, TIMEOUT_MS))
+        self.inspect_cpu(index, |vcpu| crate::kvm::x86::register_dump(vcpu))
     }
 
     fn translate_pages(
@@ -585,29 +593,19 @@ impl AccelOps for KvmVm {
         index: u32,
         pages: Vec<u64>,
     ) -> Result<Vec<Option<u64>>, CpuDumpError> {
-        const TIMEOUT_MS: u64 = 2000;
-        if !self.vcpus.has_thread(index) {
-            return Err(CpuDumpError::NoThread(index));
-        }
         // KVM_TRANSLATE walks the guest's page tables as the vCPU's mode reads them (paging
         // off, 32-bit, PAE, 4- or 5-level), on the vCPU's own thread between two runs.
-        self.vcpus
-            .run_on_cpu(
-                index,
-                std::time::Duration::from_millis(TIMEOUT_MS),
-                move |vcpu| {
-                    pages
-                        .iter()
-                        .map(|&page| {
-                            vcpu.translate_gva(page)
-                                .ok()
-                                .filter(|t| t.valid != 0)
-                                .map(|t| t.physical_address)
-                        })
-                        .collect()
-                },
-            )
-            .ok_or(CpuDumpError::Timeout(index, TIMEOUT_MS))
+        self.inspect_cpu(index, move |vcpu| {
+            pages
+                .iter()
+                .map(|&page| {
+                    vcpu.translate_gva(page)
+                        .ok()
+                        .filter(|t| t.valid != 0)
+                        .map(|t| t.physical_address)
+                })
+                .collect()
+        })
     }
 
     fn save_cpu_state(&self, index: u32) -> Result<VmStateSection, VmStateError> {
