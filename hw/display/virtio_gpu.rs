@@ -369,6 +369,8 @@ impl VirtioGpu {
             | cmd::TRANSFER_TO_HOST_2D
             | cmd::RESOURCE_ATTACH_BACKING
             | cmd::RESOURCE_DETACH_BACKING => {
+                // QEMU answers OK_NODATA without running it (its VIRTIO_GPU_FILL_CMD leaves
+                // no error set); an error tells the driver the truth.
                 GUEST_ERRORS.warn(|| format!("virtio-gpu: command {ty:#x} of {} bytes is too short", req.len()));
                 Err(resp::ERR_UNSPEC)
             }
@@ -905,11 +907,14 @@ impl VirtioDevice for VirtioGpu {
             mem,
             dirty,
             transport,
+            // Stopped until every handler is in place: a handler that runs before then
+            // returns at once, so a failed activation can take them all away without
+            // waiting for one that calls into the transport the caller holds.
             queues: Mutex::new(RunQueues {
                 controlq,
                 cursorq,
                 broken: false,
-                stopped: false,
+                stopped: true,
             }),
             kicks: kicks.iter().map(|(i, k)| (*i, k.clone())).collect(),
         });
@@ -945,6 +950,7 @@ impl VirtioDevice for VirtioGpu {
                 }
             }
         }
+        running.queues.lock().stopped = false;
         *self.running.lock() = Some(running);
         // Requests the driver queued before DRIVER_OK, or before a migration or a stop,
         // are served on the loop as if just notified.
