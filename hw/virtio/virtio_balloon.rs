@@ -622,7 +622,16 @@ impl Running {
             return Ok(());
         };
         let mut received = false;
-        while let Some(chain) = queue.iter(self.mem.clone())?.next() {
+        // With EVENT_IDX the driver kicks after its refill only where the device asked
+        // (avail_event, which QEMU's virtqueue_pop writes at every pop).
+        queue.disable_notification(mem)?;
+        loop {
+            let Some(chain) = queue.iter(self.mem.clone())?.next() else {
+                if queue.enable_notification(mem)? {
+                    continue;
+                }
+                break;
+            };
             if let Some(old) = st.stats_elem.take() {
                 // Only a driver that breaks the protocol posts a second buffer.
                 queue.add_used(mem, old, 0)?;
