@@ -16,9 +16,10 @@ use hw::core::machine::machine_state;
 use hw::core::runstate;
 use qom::ObjectRef;
 use test_support::nic_card::{
-    assert_each_refused, device, ether, migrate, pc_with_nic, sum16, wait_until, with_deadline,
-    FramePeer, PciNic, DEVFN,
+    assert_each_refused, device, ether, migrate, pc_with_nic, sum16, wait_until, FramePeer, PciNic,
+    DEVFN,
 };
+use test_support::qtest::with_deadline;
 
 /// The `mac` property.
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x02];

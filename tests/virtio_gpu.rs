@@ -18,7 +18,7 @@ use hw::core::machine::{machine_creation_done, machine_state};
 use hw::core::migration::{load_vm, save_vm, Progress};
 use hw::core::runstate::{vm_start, vm_stop, RunStatus};
 use qom::ObjectRef;
-use test_support::nic_card::with_deadline;
+use test_support::qtest::with_deadline;
 use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
 use vm_memory::{Bytes, GuestAddress};
 

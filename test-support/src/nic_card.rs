@@ -6,7 +6,6 @@
 
 use std::io;
 use std::os::unix::net::UnixDatagram;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,8 +24,6 @@ use crate::virtio::PciConfig;
 /// How long one condition may take to come true, and a frame to arrive (as
 /// [`add_backend`] sets it).
 pub const WAIT: Duration = Duration::from_secs(10);
-/// How long a whole test may take before it counts as hung.
-pub const TEST_DEADLINE: Duration = Duration::from_secs(180);
 /// Where [`pc_with_nic`] plugs the card: 04.0.
 pub const DEVFN: u32 = 4 << 3;
 
@@ -223,30 +220,6 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Runs `body` on a thread of its own and fails the test if it takes longer than
-/// [`TEST_DEADLINE`]: a card that hangs fails its test instead of the whole run.
-pub fn with_deadline(name: &str, body: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            body();
-            let _ = tx.send(());
-        })
-        .unwrap();
-    match rx.recv_timeout(TEST_DEADLINE) {
-        Ok(()) => handle.join().unwrap(),
-        Err(RecvTimeoutError::Disconnected) => {
-            if let Err(panic) = handle.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        Err(RecvTimeoutError::Timeout) => {
-            panic!("{name}: not done after {TEST_DEADLINE:?}: qomvm hangs")
-        }
     }
 }
 

@@ -2,6 +2,9 @@
 //! machine with an ISA bus, built outside the process's `/machine` so tests can run side
 //! by side, and helpers to plug devices into it.
 
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
+
 use accel::qtest::QtestOps;
 use hw::core::irq::{GsiRouter, IrqLine};
 use hw::core::machine::machine_state;
@@ -180,4 +183,31 @@ pub fn qomvm_pc_quit_env(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (Op
         let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
     }
     wait_within_deadline(child, &format!("{args:?}"))
+}
+
+/// How long a whole test may take before it counts as hung.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Runs `body` on a thread of its own and fails the test if it takes longer than
+/// [`TEST_DEADLINE`]: a device that hangs fails its test instead of the whole run.
+pub fn with_deadline(name: &str, body: impl FnOnce() + Send + 'static) {
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            body();
+            let _ = tx.send(());
+        })
+        .unwrap();
+    match rx.recv_timeout(TEST_DEADLINE) {
+        Ok(()) => handle.join().unwrap(),
+        Err(RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(RecvTimeoutError::Timeout) => {
+            panic!("{name}: not done after {TEST_DEADLINE:?}: qomvm hangs")
+        }
+    }
 }
