@@ -20,7 +20,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -29,7 +29,7 @@ use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId, Interest};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::virtio::virtio::{
-    bit, drain_kick, feature, mark_chain_written, ActivateError, Activation, QueuePosition, RateLimitedLog,
+    bit, drain_kick, feature, mark_chain_written, next_chain, ActivateError, Activation, QueuePosition, RateLimitedLog,
     RingError, VirtioDevice, VirtioTransport,
 };
 
@@ -1086,8 +1086,6 @@ impl Running {
             };
             let Some(queue) = queue else { return Ok(false) };
             let mut used = false;
-            // With EVENT_IDX the driver kicks only when told where to (avail_event):
-            // notifications stay off while the device works and on once the ring is empty.
             queue.disable_notification(mem)?;
             let mut served = 0;
             loop {
@@ -1097,10 +1095,7 @@ impl Running {
                     }
                     break;
                 }
-                let Some(chain) = queue.iter(self.mem.clone())?.next() else {
-                    if queue.enable_notification(mem)? {
-                        continue;
-                    }
+                let Some(chain) = next_chain(queue, &self.mem)? else {
                     break;
                 };
                 served += 1;

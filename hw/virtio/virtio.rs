@@ -302,6 +302,25 @@ pub trait VirtioDevice: Send + Sync {
     }
 }
 
+/// The next chain the driver posted on `queue`, or `None` once the ring is empty with
+/// notifications on again (QEMU's `virtqueue_pop` writing `avail_event`). Under
+/// EVENT_IDX the driver kicks only where the device asked, so a device that pops without
+/// this is kicked once and then never again. Call `disable_notification` before the first.
+pub fn next_chain(
+    queue: &mut Queue,
+    mem: &Arc<GuestMemoryMmap>,
+) -> Result<Option<DescriptorChain<Arc<GuestMemoryMmap>>>, RingError> {
+    use virtio_queue::QueueOwnedT;
+    loop {
+        if let Some(chain) = queue.iter(mem.clone())?.next() {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(&**mem)? {
+            return Ok(None);
+        }
+    }
+}
+
 /// Records that the device wrote the buffers of `chain` that the driver made writable
 /// (all of them: marking more than was written costs a resend, missing a page a wrong
 /// guest), for a running migration (QEMU's `dma_memory_unmap` with `access_len`).

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
+use virtio_queue::{Queue, QueueT, Reader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::core::balloon::{Balloon, BalloonHandler};
@@ -22,7 +22,7 @@ use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::timer::DeviceTimer;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::virtio::virtio::{
-    bit, device_id, drain_kick, feature, read_config_bytes, ActivateError, Activation, QueuePosition,
+    bit, device_id, drain_kick, feature, next_chain, read_config_bytes, ActivateError, Activation, QueuePosition,
     RateLimitedLog, RingError, VirtioDevice, VirtioTransport,
 };
 
@@ -522,13 +522,7 @@ impl Running {
         };
         let mut used = false;
         queue.disable_notification(mem)?;
-        loop {
-            let Some(chain) = queue.iter(self.mem.clone())?.next() else {
-                if queue.enable_notification(mem)? {
-                    continue;
-                }
-                break;
-            };
+        while let Some(chain) = next_chain(queue, &self.mem)? {
             let head = chain.head_index();
             let mut reader =
                 Reader::new(mem, chain).map_err(|e| RingError::Chain(e.to_string()))?;
@@ -622,16 +616,8 @@ impl Running {
             return Ok(());
         };
         let mut received = false;
-        // With EVENT_IDX the driver kicks after its refill only where the device asked
-        // (avail_event, which QEMU's virtqueue_pop writes at every pop).
         queue.disable_notification(mem)?;
-        loop {
-            let Some(chain) = queue.iter(self.mem.clone())?.next() else {
-                if queue.enable_notification(mem)? {
-                    continue;
-                }
-                break;
-            };
+        while let Some(chain) = next_chain(queue, &self.mem)? {
             if let Some(old) = st.stats_elem.take() {
                 // Only a driver that breaks the protocol posts a second buffer.
                 queue.add_used(mem, old, 0)?;

@@ -23,7 +23,7 @@ use crate::core::services::MachineServices;
 use crate::core::iothread::{AioContext, AioHandlerId, Interest};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::virtio::virtio::{
-    bit, drain_kick, feature, mark_chain_written, ActivateError, Activation, QueuePosition, RateLimitedLog,
+    bit, drain_kick, feature, mark_chain_written, next_chain, ActivateError, Activation, QueuePosition, RateLimitedLog,
     RingError, VirtioDevice, VirtioTransport,
 };
 
@@ -680,15 +680,8 @@ impl Running {
             let mem = &*self.mem;
             let Some(q) = st.statusq.as_mut() else { return Ok(false) };
             let mut used = false;
-            // With EVENT_IDX the driver kicks only where the device asked (avail_event).
             q.disable_notification(mem)?;
-            loop {
-                let Some(chain) = q.iter(self.mem.clone())?.next() else {
-                    if q.enable_notification(mem)? {
-                        continue;
-                    }
-                    break;
-                };
+            while let Some(chain) = next_chain(q, &self.mem)? {
                 let head = chain.head_index();
                 let mut reader = Reader::new(mem, chain).map_err(|e| RingError::Chain(e.to_string()))?;
                 let mut event = [0u8; EVENT_SIZE];
