@@ -791,7 +791,7 @@ const VGA_INTERFACES: &[VgaInterface] = &[
     VgaInterface {
         opt_name: "virtio",
         name: "Virtio VGA",
-        driver: None,
+        driver: Some("virtio-vga"),
     },
 ];
 

@@ -577,6 +577,9 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "virtio-balloon-pci",
             "-device",
             "virtio-gpu-pci",
+            // A second VGA: the std VGA keeps the legacy ports, this one has its BARs.
+            "-device",
+            "virtio-vga",
             "-device",
             "pvpanic",
             "-device",

@@ -356,7 +356,7 @@ fn domcapabilities_probes_qomvm_and_reports_what_it_has() {
     assert!(caps.contains("<value>builtin</value>"), "{caps}");
     assert!(caps.contains("<tpm supported='no'/>"), "{caps}");
     assert!(caps.contains("<value>virtio</value>"), "{caps}");
-    // Displays: VNC graphics, the std VGA and cirrus-vga (and no video at all).
+    // Displays: VNC graphics, the std VGA, cirrus-vga and virtio (and no video at all).
     let section = |tag: &str| {
         caps.split(&format!("<{tag} supported='yes'>"))
             .nth(1)
@@ -366,7 +366,7 @@ fn domcapabilities_probes_qomvm_and_reports_what_it_has() {
     };
     assert!(section("graphics").contains("<value>vnc</value>"), "{caps}");
     let video = section("video");
-    for model in ["vga", "cirrus", "none"] {
+    for model in ["vga", "cirrus", "virtio", "none"] {
         assert!(
             video.contains(&format!("<value>{model}</value>")),
             "{video}"
@@ -1661,7 +1661,11 @@ fn a_domain_with_a_vnc_display(model: &str, vgabios: &str) {
     virsh_ok(&["create", xml.to_str().unwrap()]);
     dom.expect_banner();
     let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log")).unwrap();
-    let device = if model == "vga" { "VGA" } else { "cirrus-vga" };
+    let device = match model {
+        "vga" => "VGA",
+        "virtio" => "virtio-vga",
+        _ => "cirrus-vga",
+    };
     assert!(
         log.contains(&format!("-device {device},id=video0")),
         "{log}"
@@ -1760,6 +1764,13 @@ fn a_domain_with_a_vnc_display(model: &str, vgabios: &str) {
 #[test]
 fn a_domain_with_vnc_and_cirrus_video_shows_its_screen() {
     a_domain_with_a_vnc_display("cirrus", "/usr/share/seabios/vgabios-cirrus.bin");
+}
+
+/// libvirt's `virtio` model as the primary display: `virtio-vga`, whose VGA shows the
+/// text screen (the kernel has no virtio-gpu driver).
+#[test]
+fn a_domain_with_vnc_and_virtio_video_shows_its_screen() {
+    a_domain_with_a_vnc_display("virtio", "/usr/share/seabios/vgabios-virtio.bin");
 }
 
 #[test]

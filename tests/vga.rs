@@ -693,7 +693,7 @@ fn vga_help_and_romfile_errors() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "none                 no graphic card\nstd                  standard VGA (default)\ncirrus               Cirrus VGA\n"
+        "none                 no graphic card\nstd                  standard VGA (default)\ncirrus               Cirrus VGA\nvirtio               Virtio VGA\n"
     );
     let dir = scratch("rom");
     let empty = dir.join("empty.rom");
@@ -851,6 +851,13 @@ fn seabios_shows_its_banner_on_device_cirrus_vga() {
             "cirrus-vga,id=video0,bus=pci.0,addr=0x2",
         ],
     );
+}
+
+/// virtio-vga: SeaBIOS runs `vgabios-virtio.bin`, which finds the VGA's registers at
+/// the start of BAR 2, before the virtio structures.
+#[test]
+fn seabios_shows_its_banner_on_vga_virtio() {
+    seabios_banner_on_the_screen("kvm-virtio", &["-vga", "virtio"]);
 }
 
 #[test]

@@ -24,10 +24,11 @@ use qom::{type_init, Prop};
 
 use crate::core::console::{GraphicHwOps, QemuConsole, Surface};
 use crate::core::memory::{MemoryRegion, MemoryRegionOps, RamBacking};
+use crate::core::services::MachineServices;
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::display::vga::{
-    VbePorts, VgaCommon, VgaIoPorts, VgaLowMem, Vram, VramOps, VBE_DISPI_IOPORT_INDEX,
+    LegacyVgaResources, VbePorts, VgaCommon, VgaIoPorts, VgaLowMem, Vram, VramOps, VBE_DISPI_IOPORT_INDEX,
     VBE_IO_SIZE, VGA_IO_BASE, VGA_IO_SIZE, VGA_LOWMEM_BASE, VGA_LOWMEM_SIZE,
 };
 use crate::pci::pci::{BarKind, PciDevice, PciDeviceImpl};
@@ -148,60 +149,15 @@ impl PciDeviceImpl for PciVga {
     /// QEMU's `pci_std_vga_realize`.
     fn pci_realize(&self, ctx: &DeviceContext) -> Result<(), RealizeError> {
         let services = ctx.machine()?;
-        let mb = self.vgamem_mb.get().clamp(1, 512).next_power_of_two();
-        let vram = Vram::new(u64::from(mb) << 20).map_err(RealizeError::device)?;
-        let vga = VgaCommon::new(vram.clone());
+        let (vga, fb) = pci_vga_core(TYPE_PCI_VGA, services, &self.legacy, self.vgamem_mb.get())?;
         let _ = self.vga.set(vga.clone());
-
-        // The legacy VGA ports and window (see LegacyVgaResources).
-        let legacy = [
-            (
-                services.system_io().clone(),
-                u64::from(VGA_IO_BASE),
-                MemoryRegion::new_io("vga", VGA_IO_SIZE, Arc::new(VgaIoPorts(vga.clone()))),
-            ),
-            (
-                services.system_io().clone(),
-                u64::from(VBE_DISPI_IOPORT_INDEX),
-                MemoryRegion::new_io("vbe", VBE_IO_SIZE, Arc::new(VbePorts(vga.clone()))),
-            ),
-            (
-                services.system_memory().clone(),
-                VGA_LOWMEM_BASE,
-                // Its writes only store into video memory: buffered, as QEMU's are.
-                MemoryRegion::new_io_coalesced(
-                    "vga-lowmem",
-                    VGA_LOWMEM_SIZE,
-                    Arc::new(VgaLowMem(vga.clone())),
-                    0..VGA_LOWMEM_SIZE,
-                ),
-            ),
-        ];
-        self.legacy.claim(TYPE_PCI_VGA, legacy)?;
-
-        let fb = MemoryRegion::new_ram_device(
-            "vga.vram",
-            vram.size(),
-            Arc::new(VramOps(vram.clone())),
-            RamBacking {
-                host_addr: vram.host_addr(),
-                owner: vram.clone(),
-            },
-        );
         self.register_bar(0, BarKind::Mem32Prefetch, fb)?;
         if self.mmio.get() {
             let qext = self.qemu_extended_regs.get();
             if qext {
                 self.config_set(crate::pci::pci::config::REVISION, &[2]);
             }
-            let mmio = MemoryRegion::new_io(
-                "vga.mmio",
-                PCI_VGA_MMIO_SIZE,
-                Arc::new(VgaMmio {
-                    vga: vga.clone(),
-                    qext,
-                }),
-            );
+            let mmio = MemoryRegion::new_io("vga.mmio", PCI_VGA_MMIO_SIZE, Arc::new(VgaMmio::new(vga.clone(), qext)));
             self.register_bar(2, BarKind::Mem32, mmio)?;
         }
         let console = services
@@ -210,6 +166,55 @@ impl PciDeviceImpl for PciVga {
         *self.console.lock() = Some(console);
         Ok(())
     }
+}
+
+/// The VGA of a PCI display device (QEMU's `vga_common_init` and `vga_init`, and the
+/// video memory `pci_register_bar` maps): `vgamem_mb` MiB of video memory (clamped to
+/// 1-512 and rounded up to a power of two), the legacy ports and window claimed in
+/// `legacy` for `owner`, and the framebuffer region for BAR 0.
+pub fn pci_vga_core(
+    owner: &'static str,
+    services: &Arc<MachineServices>,
+    legacy: &LegacyVgaResources,
+    vgamem_mb: u32,
+) -> Result<(Arc<VgaCommon>, Arc<MemoryRegion>), RealizeError> {
+    let mb = vgamem_mb.clamp(1, 512).next_power_of_two();
+    let vram = Vram::new(u64::from(mb) << 20).map_err(RealizeError::device)?;
+    let vga = VgaCommon::new(vram.clone());
+    let regions = [
+        (
+            services.system_io().clone(),
+            u64::from(VGA_IO_BASE),
+            MemoryRegion::new_io("vga", VGA_IO_SIZE, Arc::new(VgaIoPorts(vga.clone()))),
+        ),
+        (
+            services.system_io().clone(),
+            u64::from(VBE_DISPI_IOPORT_INDEX),
+            MemoryRegion::new_io("vbe", VBE_IO_SIZE, Arc::new(VbePorts(vga.clone()))),
+        ),
+        (
+            services.system_memory().clone(),
+            VGA_LOWMEM_BASE,
+            // Its writes only store into video memory: buffered, as QEMU's are.
+            MemoryRegion::new_io_coalesced(
+                "vga-lowmem",
+                VGA_LOWMEM_SIZE,
+                Arc::new(VgaLowMem(vga.clone())),
+                0..VGA_LOWMEM_SIZE,
+            ),
+        ),
+    ];
+    legacy.claim(owner, regions)?;
+    let fb = MemoryRegion::new_ram_device(
+        "vga.vram",
+        vram.size(),
+        Arc::new(VramOps(vram.clone())),
+        RamBacking {
+            host_addr: vram.host_addr(),
+            owner: vram.clone(),
+        },
+    );
+    Ok((vga, fb))
 }
 
 impl PciVga {
@@ -225,24 +230,31 @@ impl PciVga {
     }
 }
 
-/// The console's view of the VGA.
-struct VgaConsole {
+/// The console's view of a VGA.
+pub struct VgaConsole {
     vga: Arc<VgaCommon>,
     /// For the accelerator's dirty log (weak: the machine owns its consoles).
-    services: std::sync::Weak<crate::core::services::MachineServices>,
+    services: std::sync::Weak<MachineServices>,
     /// Whether the accelerator logs the vCPUs' writes to video memory; asked once.
     logged: std::sync::OnceLock<bool>,
     cache: Mutex<crate::display::vga_draw::RenderCache>,
 }
 
 impl VgaConsole {
-    fn new(vga: Arc<VgaCommon>, services: &Arc<crate::core::services::MachineServices>) -> Self {
+    /// A view of `vga`, whose guest writes `services`' accelerator logs.
+    pub fn new(vga: Arc<VgaCommon>, services: &Arc<MachineServices>) -> Self {
         VgaConsole {
             vga,
             services: Arc::downgrade(services),
             logged: std::sync::OnceLock::new(),
             cache: Mutex::new(Default::default()),
         }
+    }
+
+    /// Forgets what the last refresh drew: the next one draws everything (after the
+    /// console showed something else).
+    pub fn invalidate(&self) {
+        *self.cache.lock() = Default::default();
     }
 
     /// The video memory pages the vCPUs wrote since the last call, from the
@@ -292,13 +304,19 @@ impl GraphicHwOps for VgaConsole {
     }
 }
 
-/// BAR 2 (QEMU's `vga.mmio` with its subregions).
-struct VgaMmio {
+/// BAR 2 (QEMU's `vga.mmio` with its subregions; virtio-vga has them at the start of
+/// its virtio BAR).
+pub struct VgaMmio {
     vga: Arc<VgaCommon>,
     qext: bool,
 }
 
 impl VgaMmio {
+    /// The registers of `vga`, QEMU's extended ones with `qext`.
+    pub fn new(vga: Arc<VgaCommon>, qext: bool) -> Self {
+        VgaMmio { vga, qext }
+    }
+
     /// Reads the VBE register at byte `offset` of the bochs window.
     fn bochs_read(&self, offset: u64) -> u16 {
         self.vga.vbe_read((offset >> 1) as u16)

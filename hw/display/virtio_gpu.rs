@@ -277,6 +277,9 @@ struct GpuState {
     /// Bytes the resources' pixels take.
     hostmem: u64,
     scanouts: Vec<Scanout>,
+    /// QEMU's `VirtIOGPUBase::enable`: the driver has shown a resource on some output
+    /// since the last reset (virtio-vga shows its VGA until then).
+    enabled: bool,
 }
 
 /// Guest errors of every virtio-gpu share one log budget.
@@ -328,10 +331,10 @@ impl VirtioGpu {
         })
     }
 
-    /// Whether the driver shows a resource on scanout 0 (virtio-vga shows its VGA
-    /// otherwise).
-    pub fn scanout_active(&self) -> bool {
-        self.state.lock().scanouts.first().is_some_and(|s| s.resource_id != 0)
+    /// Whether the driver has set a scanout since the device's last reset (QEMU's
+    /// `enable`): virtio-vga shows its VGA until then.
+    pub fn enabled(&self) -> bool {
+        self.state.lock().enabled
     }
 
     fn stop(&self) -> Option<Arc<Running>> {
@@ -509,6 +512,7 @@ impl VirtioGpu {
             cursor: s.cursor,
             dirty: Some(DirtyRows { full: true, rows: None }),
         };
+        st.enabled = true;
         Ok(header(resp::OK_NODATA))
     }
 
@@ -966,6 +970,7 @@ impl VirtioDevice for VirtioGpu {
         let mut st = self.state.lock();
         st.resources.clear();
         st.hostmem = 0;
+        st.enabled = false;
         for s in st.scanouts.iter_mut() {
             disable(s);
             s.cursor = Cursor::default();
@@ -1045,10 +1050,13 @@ impl VirtioDevice for VirtioGpu {
         }
         let events_read: u32 = section.get("gpu.events_read")?;
         self.events_read.store(events_read, Ordering::Relaxed);
+        // QEMU does not migrate `enable`; a shown scanout means it was set.
+        let enabled = scanouts.iter().any(|s| s.resource_id != 0);
         *self.state.lock() = GpuState {
             resources,
             hostmem,
             scanouts,
+            enabled,
         };
         Ok(())
     }

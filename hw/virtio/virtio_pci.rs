@@ -46,9 +46,11 @@ const PCI_DEVICE_ID_VIRTIO_MODERN_BASE: u16 = 0x1040;
 
 /// The legacy I/O BAR.
 const LEGACY_BAR: usize = 0;
-/// The MSI-X BAR.
+/// The MSI-X BAR of [`ModernLayout::DEFAULT`] (tests).
+#[cfg(test)]
 const MSIX_BAR: u8 = 1;
-/// The modern memory BAR.
+/// The modern BAR of [`ModernLayout::DEFAULT`] (tests).
+#[cfg(test)]
 const MODERN_BAR: usize = 4;
 
 /// Offsets of the structures in the modern BAR, each 4 KiB (QEMU's layout).
@@ -58,6 +60,45 @@ const DEVICE_OFFSET: u64 = 0x2000;
 const NOTIFY_OFFSET: u64 = 0x3000;
 const REGION_SIZE: u64 = 0x1000;
 const MODERN_BAR_SIZE: u64 = 0x4000;
+
+/// Where a device's MSI-X table and virtio 1.x structures are (QEMU's
+/// `msix_bar_idx`/`modern_mem_bar_idx` and the regions' offsets and sizes in
+/// `VirtIOPCIProxy`). The BAR is [`MODERN_BAR_SIZE`] long; the device configuration and
+/// the notifications take 4 KiB each at 0x2000 and 0x3000 in every layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModernLayout {
+    /// The BAR of the modern structures.
+    pub bar: u8,
+    /// The BAR of the MSI-X table and PBA.
+    pub msix_bar: u8,
+    /// Common configuration: offset and size.
+    pub common: (u64, u64),
+    /// The ISR: offset and size.
+    pub isr: (u64, u64),
+}
+
+impl ModernLayout {
+    /// QEMU's for every device but the VGAs: MSI-X in BAR 1, the structures in BAR 4 at
+    /// 0x0000 (common), 0x1000 (ISR), 0x2000, 0x3000.
+    pub const DEFAULT: ModernLayout = ModernLayout {
+        bar: 4,
+        msix_bar: 1,
+        common: (COMMON_OFFSET, REGION_SIZE),
+        isr: (ISR_OFFSET, REGION_SIZE),
+    };
+
+    /// QEMU's `virtio_vga_base_realize`: the structures in BAR 2, where a std VGA has its
+    /// registers, moved to the BAR's end with common configuration and ISR halved (2 KiB
+    /// each at 0x1000 and 0x1800), so the first 4 KiB are free for the VGA's; MSI-X in
+    /// BAR 4.
+    pub const VGA: ModernLayout = ModernLayout {
+        bar: 2,
+        msix_bar: 4,
+        common: (0x1000, REGION_SIZE / 2),
+        isr: (0x1800, REGION_SIZE / 2),
+    };
+}
+
 /// Bytes between two queues' notification addresses.
 const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 
@@ -152,6 +193,14 @@ pub trait VirtioPciImpl: PciDeviceImpl {
     /// QEMU's `virtio_pci_force_virtio_1`: the device has no legacy interface (virtio
     /// 1.0 devices such as virtio-input), whatever the bus.
     const FORCE_VIRTIO_1: bool = false;
+    /// Where the MSI-X table and the modern structures are.
+    const LAYOUT: ModernLayout = ModernLayout::DEFAULT;
+    /// What answers in the modern BAR below the common configuration, where
+    /// [`VirtioPciImpl::LAYOUT`] leaves room (virtio-vga's VGA registers); called after
+    /// [`VirtioPciImpl::create_virtio_device`].
+    fn modern_bar_front(&self) -> Option<Arc<dyn MemoryRegionOps>> {
+        None
+    }
 }
 
 /// The dynamically dispatched half of [`VirtioPciImpl`].
@@ -162,6 +211,10 @@ pub trait VirtioPciOps: Send + Sync {
     fn default_vectors(&self, device: &dyn VirtioDevice) -> u32;
     /// [`VirtioPciImpl::FORCE_VIRTIO_1`].
     fn force_virtio_1(&self) -> bool;
+    /// [`VirtioPciImpl::LAYOUT`].
+    fn layout(&self) -> ModernLayout;
+    /// [`VirtioPciImpl::modern_bar_front`].
+    fn modern_bar_front(&self) -> Option<Arc<dyn MemoryRegionOps>>;
 }
 
 impl<T: VirtioPciImpl> VirtioPciOps for T {
@@ -173,6 +226,12 @@ impl<T: VirtioPciImpl> VirtioPciOps for T {
     }
     fn force_virtio_1(&self) -> bool {
         T::FORCE_VIRTIO_1
+    }
+    fn layout(&self) -> ModernLayout {
+        T::LAYOUT
+    }
+    fn modern_bar_front(&self) -> Option<Arc<dyn MemoryRegionOps>> {
+        VirtioPciImpl::modern_bar_front(self)
     }
 }
 
@@ -290,6 +349,8 @@ impl PciDeviceImpl for VirtioPciProxy {
             n => n,
         };
         let services = ctx.machine()?;
+        let layout = ops.layout();
+        let front = ops.modern_bar_front();
         if !legacy {
             let id = PCI_DEVICE_ID_VIRTIO_MODERN_BASE + device.device_type();
             self.config_set(crate::pci::pci::config::DEVICE_ID, &id.to_le_bytes());
@@ -299,7 +360,7 @@ impl PciDeviceImpl for VirtioPciProxy {
             Some(Msix::init_exclusive_bar(
                 &self.parent,
                 vectors as u16,
-                MSIX_BAR,
+                layout.msix_bar,
                 services,
             )?)
         } else {
@@ -323,6 +384,8 @@ impl PciDeviceImpl for VirtioPciProxy {
             msix: msix.clone(),
             intx: self.intx(),
             modern,
+            layout,
+            front,
             state: Mutex::new(TransportState::new(&queue_sizes)),
             queue_vectors: queue_sizes.iter().map(|_| AtomicU16::new(VIRTIO_NO_VECTOR)).collect(),
             config_vector: AtomicU16::new(VIRTIO_NO_VECTOR),
@@ -371,8 +434,8 @@ impl PciDeviceImpl for VirtioPciProxy {
                 Arc::new(ModernBar(transport.clone())),
                 eventfds,
             );
-            self.register_bar(MODERN_BAR, BarKind::Mem32, region)?;
-            self.add_modern_capabilities(device.config_size() as u32)?;
+            self.register_bar(layout.bar.into(), BarKind::Mem32, region)?;
+            self.add_modern_capabilities(layout, device.config_size() as u32)?;
         }
         // QEMU's virtio_vmstate_change: a stopped VM's devices touch no guest memory, and
         // a migration's destination starts its devices from the loaded rings.
@@ -437,17 +500,17 @@ impl VirtioPciProxy {
     }
 
     /// The virtio 1.x vendor capabilities pointing into the modern BAR.
-    fn add_modern_capabilities(&self, device_config_size: u32) -> Result<(), RealizeError> {
+    fn add_modern_capabilities(&self, layout: ModernLayout, device_config_size: u32) -> Result<(), RealizeError> {
         let caps: [(u8, u64, u32); 4] = [
-            (CAP_COMMON_CFG, COMMON_OFFSET, REGION_SIZE as u32),
-            (CAP_ISR_CFG, ISR_OFFSET, REGION_SIZE as u32),
+            (CAP_COMMON_CFG, layout.common.0, layout.common.1 as u32),
+            (CAP_ISR_CFG, layout.isr.0, layout.isr.1 as u32),
             (CAP_DEVICE_CFG, DEVICE_OFFSET, device_config_size.max(1)),
             (CAP_NOTIFY_CFG, NOTIFY_OFFSET, REGION_SIZE as u32),
         ];
         for (cfg_type, offset, length) in caps {
             let size = if cfg_type == CAP_NOTIFY_CFG { 20 } else { 16 };
             let at = self.add_capability(PCI_CAP_ID_VNDR, size)?;
-            let mut body = vec![size as u8, cfg_type, MODERN_BAR as u8, 0, 0, 0];
+            let mut body = vec![size as u8, cfg_type, layout.bar, 0, 0, 0];
             body.extend_from_slice(&(offset as u32).to_le_bytes());
             body.extend_from_slice(&length.to_le_bytes());
             if cfg_type == CAP_NOTIFY_CFG {
@@ -660,6 +723,9 @@ pub struct VirtioPciTransport {
     msix: Option<Arc<Msix>>,
     intx: Arc<IntxPin>,
     modern: bool,
+    layout: ModernLayout,
+    /// [`VirtioPciImpl::modern_bar_front`].
+    front: Option<Arc<dyn MemoryRegionOps>>,
     state: Mutex<TransportState>,
     /// MSI-X vector of each queue, read on every interrupt without the lock.
     queue_vectors: Vec<AtomicU16>,
@@ -1246,15 +1312,17 @@ impl MemoryRegionOps for LegacyBar {
     }
 }
 
-/// BAR 4: the modern structures.
+/// The modern BAR (BAR 4 or, for the VGAs, 2): the structures of its [`ModernLayout`].
 struct ModernBar(Arc<VirtioPciTransport>);
 
 impl MemoryRegionOps for ModernBar {
     fn read(&self, offset: u64, size: u32) -> u64 {
         let t = &self.0;
+        let (common, isr) = (t.layout.common, t.layout.isr);
         match offset {
-            COMMON_OFFSET..ISR_OFFSET => t.common_read(offset, size),
-            ISR_OFFSET => t.read_isr().into(),
+            o if o < common.0 => t.front.as_ref().map_or(0, |f| f.read(o, size)),
+            o if o < common.0 + common.1 => t.common_read(o - common.0, size),
+            o if o == isr.0 => t.read_isr().into(),
             DEVICE_OFFSET..NOTIFY_OFFSET => t.device_config_read(offset - DEVICE_OFFSET, size),
             _ => 0,
         }
@@ -1262,8 +1330,14 @@ impl MemoryRegionOps for ModernBar {
 
     fn write(&self, offset: u64, value: u64, size: u32) {
         let t = &self.0;
+        let common = t.layout.common;
         match offset {
-            COMMON_OFFSET..ISR_OFFSET => t.common_write(offset, value, size),
+            o if o < common.0 => {
+                if let Some(front) = &t.front {
+                    front.write(o, value, size)
+                }
+            }
+            o if o < common.0 + common.1 => t.common_write(o - common.0, value, size),
             DEVICE_OFFSET..NOTIFY_OFFSET => {
                 t.device_config_write(offset - DEVICE_OFFSET, value, size)
             }
