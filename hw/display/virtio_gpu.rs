@@ -1002,6 +1002,7 @@ impl VirtioDevice for VirtioGpu {
         }
         section.put("gpu.resources", ids);
         section.put("gpu.scanouts", &st.scanouts);
+        section.put("gpu.enabled", st.enabled);
         section.put("gpu.events_read", self.events_read.load(Ordering::Relaxed));
         Ok(())
     }
@@ -1050,8 +1051,13 @@ impl VirtioDevice for VirtioGpu {
         }
         let events_read: u32 = section.get("gpu.events_read")?;
         self.events_read.store(events_read, Ordering::Relaxed);
-        // QEMU does not migrate `enable`; a shown scanout means it was set.
-        let enabled = scanouts.iter().any(|s| s.resource_id != 0);
+        // QEMU's `vmstate_virtio_gpu_scanouts` carries `enable`; a stream without it
+        // (an older qomvm's) had it set if a scanout was shown.
+        let enabled = match section.get::<bool>("gpu.enabled") {
+            Ok(enabled) => enabled,
+            Err(VmStateError::MissingField(_)) => scanouts.iter().any(|s| s.resource_id != 0),
+            Err(e) => return Err(e),
+        };
         *self.state.lock() = GpuState {
             resources,
             hostmem,
