@@ -88,6 +88,25 @@ impl DriveTable {
     }
 }
 
+/// QEMU's `default_drive(default_cdrom, ..., block_default_type, 2, CDROM_OPTS)`: an IDE
+/// board without a drive at index 2 gets an empty CD drive there (`ide1-cd0`, the
+/// secondary master), whose medium `change`/`blockdev-change-medium` can insert later.
+/// The caller checks `-nodefaults` and the `-device`s that turn it off.
+pub fn default_cdrom_add(
+    default_interface: &str,
+    ide_buses: u32,
+    drives: &mut DriveTable,
+) -> Result<Option<(Located, DriveDeviceTurn)>, OptionError> {
+    if default_interface != "ide" || ide_buses < 2 || drives.contains(default_interface, 2) {
+        return Ok(None);
+    }
+    let located = Located {
+        option: "drive",
+        value: "media=cdrom,index=2".to_string(),
+    };
+    drive_add(&located, default_interface, ide_buses, drives)
+}
+
 /// What a `-hda`...`-cdrom` shorthand stands for (QEMU's `drive_add` with `HD_OPTS` or
 /// `CDROM_OPTS`); any other option's value as given.
 fn drive_text(located: &Located) -> String {

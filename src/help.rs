@@ -77,7 +77,8 @@ Block devices:
                      -device ...,drive=ID
 -hda/-hdb/-hdc/-hdd FILE
                      IDE disk at index 0/1/2/3 (a bare FILE is -hda)
--cdrom FILE          IDE CD-ROM at index 2 (ide.1 master)
+-cdrom FILE          IDE CD-ROM at index 2 (ide.1 master; -M pc has an empty one
+                     there unless -nodefaults)
 -blockdev driver=file,node-name=N,filename=PATH[,aio=...][,cache.direct=on|off]
 -blockdev driver=qcow2|raw,node-name=N,file.driver=file,file.filename=PATH
           [,discard=ignore|unmap][,detect-zeroes=off|on|unmap][,read-only=on|off]

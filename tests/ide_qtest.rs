@@ -911,3 +911,106 @@ fn nodes_added_at_run_time_are_deleted_as_qemu_deletes_them() {
         Some(format!("Node {hd_node} is in use"))
     );
 }
+
+/// The block devices of a `-M pc` qomvm on qtest started with `args` (QMP `query-block`
+/// over stdio): each device's name and its medium's file, or qomvm's error.
+fn default_block_devices(args: &[&str]) -> Result<Vec<(String, Option<String>)>, String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        .args([
+            "-M", "pc", "-accel", "qtest", "-display", "none", "-S", "-serial", "none", "-qmp",
+            "stdio",
+        ])
+        .args(args)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // qomvm exits at `quit`, or at once when the command line is refused.
+    let _ = writeln!(stdin, r#"{{"execute":"qmp_capabilities"}}"#);
+    let _ = writeln!(stdin, r#"{{"execute":"query-block"}}"#);
+    let _ = writeln!(stdin, r#"{{"execute":"quit"}}"#);
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim_end().to_string());
+    }
+    let reply = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["return"].is_array())
+        .unwrap_or_else(|| panic!("no query-block reply: {out:?}"));
+    Ok(reply["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let file = b["inserted"]["file"].as_str().map(String::from);
+            (b["device"].as_str().unwrap_or_default().to_string(), file)
+        })
+        .collect())
+}
+
+/// QEMU's `default_cdrom`: `-M pc` has an empty CD drive as the secondary master
+/// (`ide1-cd0`) unless `-nodefaults`, a drive at index 2 (`-cdrom`, `-hdc`, `-drive
+/// if=ide,index=2`) or a disk or CD `-device` says otherwise; its medium can be changed.
+#[test]
+fn the_pc_has_an_empty_cd_drive_unless_told_otherwise() {
+    let cd = |file: Option<&str>| ("ide1-cd0".to_string(), file.map(String::from));
+    assert_eq!(default_block_devices(&[]), Ok(vec![cd(None)]));
+    assert_eq!(default_block_devices(&["-nodefaults"]), Ok(vec![]));
+    let dir = std::env::temp_dir().join(format!("qomvm-default-cd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let iso = dir.join("cd.iso");
+    std::fs::write(&iso, vec![0u8; 4 * 2048]).unwrap();
+    let iso = iso.to_str().unwrap();
+    assert_eq!(
+        default_block_devices(&["-cdrom", iso]),
+        Ok(vec![cd(Some(iso))])
+    );
+    let hdc = default_block_devices(&["-hdc", iso]).unwrap();
+    assert_eq!(hdc.len(), 1, "{hdc:?}");
+    assert_eq!(hdc[0].0, "ide1-hd0", "-hdc takes index 2: {hdc:?}");
+    // A disk at another index: the CD is added beside it.
+    let hda = default_block_devices(&["-hda", iso]).unwrap();
+    let names: Vec<&str> = hda.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["ide0-hd0", "ide1-cd0"]);
+    for device in ["ide-cd", "ide-hd", "scsi-cd", "scsi-hd"] {
+        let args = [
+            "-drive",
+            &format!(
+                "if=none,id=d0,file={iso},format=raw,readonly={}",
+                if device.ends_with("cd") { "on" } else { "off" }
+            ),
+            "-device",
+            &format!("{device},drive=d0"),
+        ];
+        let got = default_block_devices(&args);
+        if device.starts_with("scsi") {
+            // No SCSI adapter: refused, but the CD is not what decides it.
+            assert!(got.is_err(), "{device}: {got:?}");
+            continue;
+        }
+        let names: Vec<String> = got.unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["d0"], "-device {device} turns the default CD off");
+    }
+    // Its medium changes through HMP's `change`, as on QEMU.
+    let mut scratch = PathBuf::new();
+    let _qt = Qtest::start(env!("CARGO_BIN_EXE_qomvm"), "qomvm-ide-default-cd", |d| {
+        scratch = d.to_path_buf();
+        let qmp = format!("unix:{},server=on,wait=off", d.join("qmp.sock").display());
+        vec!["-qmp".to_string(), qmp]
+    });
+    let mut qmp = QmpClient::connect(&scratch.join("qmp.sock"));
+    let r = qmp.execute(
+        "human-monitor-command",
+        json!({"command-line": format!("change ide1-cd0 {iso}")}),
+    );
+    assert_eq!(r["return"], "", "{r}");
+    assert_eq!(block_info(&mut qmp, "ide1-cd0")["inserted"]["file"], iso);
+    let _ = std::fs::remove_dir_all(&dir);
+}
