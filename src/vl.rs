@@ -135,7 +135,9 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
     }
     // QEMU's `default_cdrom`, which `-nodefaults` and a disk or CD `-device` turn off.
     if !opts.nodefaults && !device_given(opts, &["ide-cd", "ide-hd", "scsi-cd", "scsi-hd"]) {
-        if let Some((device, _)) = crate::blockdev::default_cdrom_add(default_interface, ide_buses, &mut drive_table)? {
+        if let Some((device, _)) =
+            crate::blockdev::default_cdrom_add(default_interface, ide_buses, &mut drive_table)?
+        {
             board_devices.push(device);
         }
     }

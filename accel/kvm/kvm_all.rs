@@ -9,7 +9,7 @@ use std::sync::{Arc, Weak};
 
 use hw::core::accel_ops::{
     AccelIrqError, AccelOps, CpuDumpError, DisplayLogError, EventFd, IoEventAddr, IoEventSpace,
-    MsiMessage, RamBlock, SlotId,
+    MsiMessage, PagingRegisters, RamBlock, SlotId,
 };
 use hw::core::machine::MachineState;
 use kvm_bindings::{
@@ -606,6 +606,18 @@ impl AccelOps for KvmVm {
                 })
                 .collect()
         })
+    }
+
+    fn paging_registers(&self, index: u32) -> Result<PagingRegisters, CpuDumpError> {
+        self.inspect_cpu(index, |vcpu| {
+            vcpu.get_sregs().ok().map(|s| PagingRegisters {
+                cr0: s.cr0,
+                cr3: s.cr3,
+                cr4: s.cr4,
+                efer: s.efer,
+            })
+        })?
+        .ok_or(CpuDumpError::NoThread(index))
     }
 
     fn save_cpu_state(&self, index: u32) -> Result<VmStateSection, VmStateError> {

@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use hw::core::accel_ops::{AccelOps, CpuDumpError, DisplayLogError, RamBlock, SlotId};
+use hw::core::accel_ops::{
+    AccelOps, CpuDumpError, DisplayLogError, PagingRegisters, RamBlock, SlotId,
+};
 use hw::core::machine::MachineState;
 use hw::core::vmstate::{VmStateError, VmStateSection};
 use parking_lot::Mutex;
@@ -91,6 +93,9 @@ impl AccelOps for QtestOps {
         _index: u32,
         _pages: Vec<u64>,
     ) -> Result<Vec<Option<u64>>, CpuDumpError> {
+        Err(CpuDumpError::NoRegisters("qtest"))
+    }
+    fn paging_registers(&self, _index: u32) -> Result<PagingRegisters, CpuDumpError> {
         Err(CpuDumpError::NoRegisters("qtest"))
     }
     fn name(&self) -> &'static str {

@@ -45,6 +45,19 @@ pub enum CpuDumpError {
     Timeout(u32, u64),
 }
 
+/// The registers that say how an x86 CPU translates virtual addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PagingRegisters {
+    /// CR0 (PG is bit 31).
+    pub cr0: u64,
+    /// CR3: the top-level page table.
+    pub cr3: u64,
+    /// CR4 (PSE bit 4, PAE bit 5, LA57 bit 12).
+    pub cr4: u64,
+    /// EFER (LMA is bit 10).
+    pub efer: u64,
+}
+
 /// A message-signalled interrupt as a device writes it (QEMU's `MSIMessage`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MsiMessage {
@@ -173,6 +186,11 @@ pub trait AccelOps: Send + Sync {
     /// `index`'s paging maps them now, `None` where it does not (QEMU's
     /// `cpu_get_phys_page_debug`, for the monitor's `x` and `gva2gpa`).
     fn translate_pages(&self, index: u32, _pages: Vec<u64>) -> Result<Vec<Option<u64>>, CpuDumpError> {
+        Err(CpuDumpError::NoThread(index))
+    }
+    /// CPU `index`'s paging registers (CR0, CR3, CR4, EFER), read on its own thread between
+    /// two runs, for the monitor's page-table walks (`info mem`, `info tlb`).
+    fn paging_registers(&self, index: u32) -> Result<PagingRegisters, CpuDumpError> {
         Err(CpuDumpError::NoThread(index))
     }
     /// Injects one MSI (QEMU's `kvm_send_msi`, `KVM_SIGNAL_MSI`): the userspace path of an

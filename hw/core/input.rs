@@ -85,6 +85,23 @@ enum Pointer {
     Tablet(Arc<dyn TabletHandler>),
 }
 
+/// A registered pointer: its id, its handler's name (QEMU's `QemuInputHandler.name`,
+/// which `query-mice` shows) and the device.
+type PointerEntry = (InputHandlerId, &'static str, Pointer);
+
+/// One pointer as QMP's `query-mice` lists it (QEMU's `MouseInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MouseInfo {
+    /// The handler's number, counted from 1 over every input handler registered.
+    pub index: u64,
+    /// The handler's name (`QEMU PS/2 Mouse`, `QEMU HID Tablet`...).
+    pub name: &'static str,
+    /// Whether it gets the pointer events (the first pointer).
+    pub current: bool,
+    /// Whether it takes absolute positions (a tablet).
+    pub absolute: bool,
+}
+
 /// The machine's input handlers.
 ///
 /// Pointers are QEMU's handler list: a new one goes last and a device moves first when
@@ -96,14 +113,27 @@ enum Pointer {
 pub struct InputHandlers {
     next_id: std::sync::atomic::AtomicU64,
     keyboard: HandlerList<dyn KeyboardHandler>,
-    pointers: Mutex<Vec<(InputHandlerId, Pointer)>>,
+    pointers: Mutex<Vec<PointerEntry>>,
     /// The pointer as last sent: buttons held, absolute position.
     pointer: Mutex<(u8, u16, u16)>,
 }
 
 impl InputHandlers {
+    /// A new handler's id: 1, 2, ... over keyboards and pointers alike, as QEMU numbers
+    /// its handlers (`query-mice`'s `index`).
     fn new_id(&self) -> InputHandlerId {
-        InputHandlerId(self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        InputHandlerId(
+            self.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
+        )
+    }
+
+    /// An id for a handler registered later with [`InputHandlers::register_keyboard_as`]:
+    /// a device that numbers its handler when it is created, as QEMU's do, but takes the
+    /// keys only while its driver runs.
+    pub fn reserve_id(&self) -> InputHandlerId {
+        self.new_id()
     }
 
     /// Makes `handler` the keyboard.
@@ -113,24 +143,61 @@ impl InputHandlers {
         id
     }
 
-    /// Adds a relative pointer, after the others until [`InputHandlers::activate`].
-    pub fn register_mouse(&self, handler: Arc<dyn MouseHandler>) -> InputHandlerId {
+    /// Makes `handler` the keyboard under an id from [`InputHandlers::reserve_id`].
+    pub fn register_keyboard_as(&self, id: InputHandlerId, handler: Arc<dyn KeyboardHandler>) {
+        self.keyboard.remove(id);
+        self.keyboard.push(id, handler);
+    }
+
+    /// Adds a relative pointer named `name`, after the others until
+    /// [`InputHandlers::activate`].
+    pub fn register_mouse(
+        &self,
+        name: &'static str,
+        handler: Arc<dyn MouseHandler>,
+    ) -> InputHandlerId {
         let id = self.new_id();
-        self.pointers.lock().push((id, Pointer::Mouse(handler)));
+        self.pointers
+            .lock()
+            .push((id, name, Pointer::Mouse(handler)));
         id
     }
 
-    /// Adds an absolute pointer, after the others until [`InputHandlers::activate`].
-    pub fn register_tablet(&self, handler: Arc<dyn TabletHandler>) -> InputHandlerId {
+    /// Adds an absolute pointer named `name`, after the others until
+    /// [`InputHandlers::activate`].
+    pub fn register_tablet(
+        &self,
+        name: &'static str,
+        handler: Arc<dyn TabletHandler>,
+    ) -> InputHandlerId {
         let id = self.new_id();
-        self.pointers.lock().push((id, Pointer::Tablet(handler)));
+        self.pointers
+            .lock()
+            .push((id, name, Pointer::Tablet(handler)));
         id
+    }
+
+    /// QEMU's `qmp_query_mice`: the pointers, the last in line first, the current one (the
+    /// first in line) marked.
+    pub fn mice(&self) -> Vec<MouseInfo> {
+        let pointers = self.pointers.lock();
+        pointers
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(at, (id, name, p))| MouseInfo {
+                index: id.0,
+                name,
+                current: at == 0,
+                absolute: matches!(p, Pointer::Tablet(_)),
+            })
+            .collect()
     }
 
     /// QEMU's `qemu_input_handler_activate`: the pointer `id` goes first.
     pub fn activate(&self, id: InputHandlerId) {
         let mut pointers = self.pointers.lock();
-        if let Some(at) = pointers.iter().position(|(i, _)| *i == id) {
+        if let Some(at) = pointers.iter().position(|(i, _, _)| *i == id) {
             let entry = pointers.remove(at);
             pointers.insert(0, entry);
         }
@@ -140,7 +207,7 @@ impl InputHandlers {
     /// stopped using it).
     pub fn deactivate(&self, id: InputHandlerId) {
         let mut pointers = self.pointers.lock();
-        if let Some(at) = pointers.iter().position(|(i, _)| *i == id) {
+        if let Some(at) = pointers.iter().position(|(i, _, _)| *i == id) {
             let entry = pointers.remove(at);
             pointers.push(entry);
         }
@@ -149,7 +216,7 @@ impl InputHandlers {
     /// Takes back a registration (a device that goes).
     pub fn unregister(&self, id: InputHandlerId) {
         self.keyboard.remove(id);
-        self.pointers.lock().retain(|(i, _)| *i != id);
+        self.pointers.lock().retain(|(i, _, _)| *i != id);
     }
 
     /// QEMU's `qemu_input_event_send_key_number`: nothing happens without a keyboard.
@@ -160,14 +227,14 @@ impl InputHandlers {
     }
 
     fn first_mouse(&self) -> Option<Arc<dyn MouseHandler>> {
-        self.pointers.lock().iter().find_map(|(_, p)| match p {
+        self.pointers.lock().iter().find_map(|(_, _, p)| match p {
             Pointer::Mouse(m) => Some(Arc::clone(m)),
             Pointer::Tablet(_) => None,
         })
     }
 
     fn first_tablet(&self) -> Option<Arc<dyn TabletHandler>> {
-        self.pointers.lock().iter().find_map(|(_, p)| match p {
+        self.pointers.lock().iter().find_map(|(_, _, p)| match p {
             Pointer::Tablet(t) => Some(Arc::clone(t)),
             Pointer::Mouse(_) => None,
         })
@@ -205,7 +272,10 @@ impl InputHandlers {
     /// QEMU's `qemu_input_is_absolute`: whether the first pointer is a tablet, so a user
     /// interface should send positions rather than motion.
     pub fn is_absolute(&self) -> bool {
-        matches!(self.pointers.lock().first(), Some((_, Pointer::Tablet(_))))
+        matches!(
+            self.pointers.lock().first(),
+            Some((_, _, Pointer::Tablet(_)))
+        )
     }
 }
 
@@ -273,8 +343,8 @@ mod tests {
     fn a_pointer_gets_events_once_activated_until_it_goes() {
         let input = InputHandlers::default();
         let (ps2, usb) = (Arc::new(Counter(AtomicU32::new(0))), Arc::new(Counter(AtomicU32::new(0))));
-        input.register_mouse(ps2.clone());
-        let id = input.register_mouse(usb.clone());
+        input.register_mouse("ps2", ps2.clone());
+        let id = input.register_mouse("usb", usb.clone());
         input.send_motion(1, 0, 0, 0);
         input.activate(id);
         input.send_motion(1, 0, 0, 0);
@@ -282,10 +352,51 @@ mod tests {
         input.send_motion(1, 0, 0, 0);
         assert_eq!(ps2.0.load(Ordering::Relaxed), 2, "first and last");
         assert_eq!(usb.0.load(Ordering::Relaxed), 1, "once active");
-        let tablet = input.register_tablet(Arc::new(Tablet));
+        let tablet = input.register_tablet("tablet", Arc::new(Tablet));
         assert!(!input.is_absolute(), "a tablet nobody drives yet");
         input.activate(tablet);
         assert!(input.is_absolute());
+    }
+
+    #[test]
+    fn mice_are_listed_as_qemus_query_mice_lists_them() {
+        struct Keys;
+        impl KeyboardHandler for Keys {
+            fn key(&self, _: u16, _: bool) {}
+        }
+        let input = InputHandlers::default();
+        let mouse = Arc::new(Counter(AtomicU32::new(0)));
+        input.register_keyboard(Arc::new(Keys));
+        input.register_mouse("QEMU PS/2 Mouse", mouse);
+        let reserved = input.reserve_id();
+        let tablet = input.register_tablet("QEMU HID Tablet", Arc::new(Tablet));
+        let info = |index, name, current, absolute| MouseInfo {
+            index,
+            name,
+            current,
+            absolute,
+        };
+        // Numbered from 1 over every handler, the last in line first.
+        assert_eq!(
+            input.mice(),
+            vec![
+                info(4, "QEMU HID Tablet", false, true),
+                info(2, "QEMU PS/2 Mouse", true, false),
+            ]
+        );
+        input.activate(tablet);
+        assert_eq!(
+            input.mice(),
+            vec![
+                info(2, "QEMU PS/2 Mouse", false, false),
+                info(4, "QEMU HID Tablet", true, true),
+            ]
+        );
+        input.register_keyboard_as(reserved, Arc::new(Keys));
+        input.unregister(reserved);
+        assert!(input.has_keyboard(), "the first keyboard stays");
+        input.unregister(tablet);
+        assert_eq!(input.mice(), vec![info(2, "QEMU PS/2 Mouse", true, false)]);
     }
 
     #[test]

@@ -880,7 +880,7 @@ impl DeviceImpl for I8042 {
         })));
         let input = ctx.machine()?.input();
         input.register_keyboard(self.ctrl.clone());
-        input.register_mouse(self.ctrl.clone());
+        input.register_mouse("QEMU PS/2 Mouse", self.ctrl.clone());
         self.ctrl.set_irqs(
             self.irq(ctx, kbd_irq.into()),
             self.irq(ctx, mouse_irq.into()),

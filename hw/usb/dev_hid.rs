@@ -629,8 +629,8 @@ impl HidDevice {
         let _ = hid.attached.set(Arc::downgrade(&attached));
         let input = services.input();
         let id = match kind {
-            HidKind::Tablet => input.register_tablet(hid.clone()),
-            HidKind::Mouse => input.register_mouse(hid.clone()),
+            HidKind::Tablet => input.register_tablet("QEMU HID Tablet", hid.clone()),
+            HidKind::Mouse => input.register_mouse("QEMU HID Mouse", hid.clone()),
             HidKind::Keyboard => input.register_keyboard(hid.clone()),
         };
         if kind != HidKind::Keyboard {

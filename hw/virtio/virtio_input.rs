@@ -304,10 +304,11 @@ pub struct VirtioInput {
     context: Arc<AioContext>,
     /// Itself, for the handler it registers as a keyboard when its driver starts.
     this: Weak<VirtioInput>,
-    /// The registration with the machine's input: from the driver's first start (a
-    /// keyboard's until its reset), and whether a pointer is active (first).
+    /// The registration with the machine's input, from [`VirtioInput::register`] (QEMU's
+    /// realize) until the device goes: a pointer's, or the id a keyboard takes the keys
+    /// under while its driver runs; and whether the driver runs (a pointer is first).
     input_id: Mutex<Option<InputHandlerId>>,
-    pointer_active: Mutex<bool>,
+    active: Mutex<bool>,
     /// The LEDs the guest lit (Num, Caps, Scroll Lock as bits 0-2): kept, shown nowhere.
     leds: Arc<Mutex<u8>>,
     /// The buttons of the last pointer report, to send only changes.
@@ -318,8 +319,8 @@ pub struct VirtioInput {
 }
 
 impl VirtioInput {
-    /// A device over `conf`. It registers with the machine's input when its driver first
-    /// starts (a failed realize leaves nothing behind).
+    /// A device over `conf`; [`VirtioInput::register`] then registers it with the machine's
+    /// input.
     pub fn new(conf: VirtioInputConf) -> Arc<Self> {
         let entries = config_entries(conf.kind, conf.serial.as_deref());
         let config_size = CONFIG_HEADER + entries.iter().map(|e| e.payload.len()).max().unwrap_or(0);
@@ -333,7 +334,7 @@ impl VirtioInput {
             context: conf.context,
             this: this.clone(),
             input_id: Mutex::new(None),
-            pointer_active: Mutex::new(false),
+            active: Mutex::new(false),
             leds: Arc::new(Mutex::new(0)),
             buttons: Mutex::new(0),
             status_handler: Mutex::new(Vec::new()),
@@ -343,6 +344,23 @@ impl VirtioInput {
 
     fn with_input<R>(&self, f: impl FnOnce(&InputHandlers) -> R) -> Option<R> {
         self.machine.upgrade().map(|m| f(m.input()))
+    }
+
+    /// Registers with the machine's input, as QEMU's realize does: a pointer goes last in
+    /// line (its driver's start moves it first), a keyboard takes its number now and the
+    /// keys only while its driver runs. Either gets the next handler number then, which
+    /// `query-mice` shows.
+    pub fn register(&self) {
+        let mut id = self.input_id.lock();
+        if id.is_some() {
+            return;
+        }
+        let handler = Arc::new(Handler(self.this.clone()));
+        *id = self.with_input(|input| match self.kind {
+            HidKind::Keyboard => input.reserve_id(),
+            HidKind::Mouse => input.register_mouse("QEMU Virtio Mouse", handler),
+            HidKind::Tablet => input.register_tablet("QEMU Virtio Tablet", handler),
+        });
     }
 
     /// The LEDs the guest set (bit 0 Num Lock, 1 Caps Lock, 2 Scroll Lock).
@@ -371,37 +389,22 @@ impl VirtioInput {
     /// pointer goes first; at a driver reset the keyboard gives them back and the pointer
     /// goes last. A VM stop keeps both (input is dropped while the rings stand still).
     fn set_active(&self, active: bool) {
-        let mut id = self.input_id.lock();
-        match (self.kind, active) {
-            (HidKind::Keyboard, true) => {
-                if id.is_none() {
-                    let handler = Arc::new(Handler(self.this.clone()));
-                    *id = self.with_input(|input| input.register_keyboard(handler));
-                }
-            }
-            (HidKind::Keyboard, false) => {
-                if let Some(id) = id.take() {
-                    self.with_input(|input| input.unregister(id));
-                }
-            }
-            (HidKind::Mouse | HidKind::Tablet, _) => {
-                let mut was_active = self.pointer_active.lock();
-                if *was_active == active {
-                    return;
-                }
-                *was_active = active;
-                if id.is_none() {
-                    let handler = Arc::new(Handler(self.this.clone()));
-                    *id = self.with_input(|input| match self.kind {
-                        HidKind::Mouse => input.register_mouse(handler),
-                        _ => input.register_tablet(handler),
-                    });
-                }
-                if let Some(id) = *id {
-                    self.with_input(|input| if active { input.activate(id) } else { input.deactivate(id) });
-                }
-            }
+        let Some(id) = *self.input_id.lock() else {
+            return;
+        };
+        let mut was_active = self.active.lock();
+        if *was_active == active {
+            return;
         }
+        *was_active = active;
+        self.with_input(|input| match (self.kind, active) {
+            (HidKind::Keyboard, true) => {
+                input.register_keyboard_as(id, Arc::new(Handler(self.this.clone())));
+            }
+            (HidKind::Keyboard, false) => input.unregister(id),
+            (_, true) => input.activate(id),
+            (_, false) => input.deactivate(id),
+        });
     }
 
     /// Puts one report (its events and `SYN_REPORT`) in the event queue, or drops it whole

@@ -47,6 +47,7 @@ impl InputPci {
             machine: Arc::downgrade(services),
             context,
         });
+        device.register();
         let _ = self.device.set(device.clone());
         Ok(device)
     }

@@ -537,6 +537,60 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         help: "show the version of QEMU",
         run: info_version,
     },
+    HmpCommand {
+        names: "chardev",
+        params: "",
+        help: "show the character devices",
+        run: info_chardev,
+    },
+    HmpCommand {
+        names: "hotpluggable-cpus",
+        params: "",
+        help: "Show information about hotpluggable CPUs",
+        run: info_hotpluggable_cpus,
+    },
+    HmpCommand {
+        names: "mem",
+        params: "",
+        help: "show the active virtual memory mappings",
+        run: info_mem,
+    },
+    HmpCommand {
+        names: "memory_size_summary",
+        params: "",
+        help: "show the amount of initially allocated and present hotpluggable (if enabled) memory in bytes.",
+        run: info_memory_size_summary,
+    },
+    HmpCommand {
+        names: "mice",
+        params: "",
+        help: "show which guest mouse is receiving events",
+        run: info_mice,
+    },
+    HmpCommand {
+        names: "migrate_capabilities",
+        params: "",
+        help: "show current migration capabilities",
+        run: info_migrate_capabilities,
+    },
+    HmpCommand {
+        names: "migrate_parameters",
+        params: "",
+        help: "show current migration parameters",
+        run: info_migrate_parameters,
+    },
+    HmpCommand {
+        names: "tlb",
+        params: "",
+        help: "show virtual to physical memory mappings",
+        run: info_tlb,
+    },
+    HmpCommand {
+        names: "uuid",
+        params: "",
+        help: "show the current VM UUID",
+        run: info_uuid,
+    },
 ];
 
 /// QMP's `human-monitor-command` (a [`HumanMonitorFn`]): runs `line` in a monitor of its
@@ -625,10 +679,16 @@ fn screendump(
     })
 }
 
+/// QEMU's `help_cmd`: the commands sorted by name (`compare_mon_cmd`), each as
+/// `NAME PARAMS -- HELP` (two spaces when it takes no parameters).
 fn help_lines(prefix: &str, list: &[HmpCommand], only: Option<&str>, out: &mut String) {
-    for c in list.iter().filter(|c| only.is_none_or(|n| c.matches(n))) {
-        let sep = if c.params.is_empty() { "" } else { " " };
-        let _ = writeln!(out, "{prefix}{}{sep}{} -- {}", c.names, c.params, c.help);
+    let mut sorted: Vec<&HmpCommand> = list
+        .iter()
+        .filter(|c| only.is_none_or(|n| c.matches(n)))
+        .collect();
+    sorted.sort_by(|a, b| a.names.cmp(b.names));
+    for c in sorted {
+        let _ = writeln!(out, "{prefix}{} {} -- {}", c.names, c.params, c.help);
     }
 }
 
@@ -1071,6 +1131,271 @@ fn info_registers(
             }
         }
     }
+    Ok(())
+}
+
+/// Runs the QMP command `name` without arguments: the HMP `info` commands print what it
+/// returns, as QEMU's call their `qmp_query_*`.
+fn query(ctx: &CommandCtx, name: &str) -> Result<serde_json::Value, QmpError> {
+    let cmd = qmp_cmds::COMMANDS
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| QmpError::CommandNotFound(name.to_string()))?;
+    (cmd.run)(ctx, &serde_json::Map::new())
+}
+
+/// QEMU's `hmp_info_chardev`: `LABEL: filename=FILENAME` per chardev.
+fn info_chardev(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    for c in query(ctx, "query-chardev")?
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        let _ = writeln!(out, "{}: filename={}", text("label"), text("filename"));
+    }
+    Ok(())
+}
+
+/// QEMU's `hmp_info_uuid`.
+fn info_uuid(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let uuid = query(ctx, "query-uuid")?;
+    let _ = writeln!(out, "{}", uuid["UUID"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+/// QEMU's `hmp_info_migrate_capabilities`: `NAME: on|off` per capability.
+fn info_migrate_capabilities(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    for c in query(ctx, "query-migrate-capabilities")?
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let on = if c["state"] == true { "on" } else { "off" };
+        let _ = writeln!(
+            out,
+            "{}: {on}",
+            c["capability"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// How `info migrate_parameters` shows a parameter.
+enum ParamFormat {
+    /// A number, then a unit (` ms`, ` bytes`...) or nothing.
+    Number(&'static str),
+    /// `on` or `off`.
+    Bool,
+    /// A string in single quotes.
+    Quoted,
+    /// An enum's name as it is.
+    Name,
+}
+
+/// QEMU's `hmp_info_migrate_parameters`' order and formats.
+const MIGRATE_PARAMETERS: &[(&str, ParamFormat)] = &[
+    ("announce-initial", ParamFormat::Number(" ms")),
+    ("announce-max", ParamFormat::Number(" ms")),
+    ("announce-rounds", ParamFormat::Number("")),
+    ("announce-step", ParamFormat::Number(" ms")),
+    ("compress-level", ParamFormat::Number("")),
+    ("compress-threads", ParamFormat::Number("")),
+    ("compress-wait-thread", ParamFormat::Bool),
+    ("decompress-threads", ParamFormat::Number("")),
+    ("throttle-trigger-threshold", ParamFormat::Number("")),
+    ("cpu-throttle-initial", ParamFormat::Number("")),
+    ("cpu-throttle-increment", ParamFormat::Number("")),
+    ("cpu-throttle-tailslow", ParamFormat::Bool),
+    ("max-cpu-throttle", ParamFormat::Number("")),
+    ("tls-creds", ParamFormat::Quoted),
+    ("tls-hostname", ParamFormat::Quoted),
+    ("max-bandwidth", ParamFormat::Number(" bytes/second")),
+    ("downtime-limit", ParamFormat::Number(" ms")),
+    ("x-checkpoint-delay", ParamFormat::Number(" ms")),
+    ("block-incremental", ParamFormat::Bool),
+    ("multifd-channels", ParamFormat::Number("")),
+    ("multifd-compression", ParamFormat::Name),
+    ("xbzrle-cache-size", ParamFormat::Number(" bytes")),
+    ("max-postcopy-bandwidth", ParamFormat::Number("")),
+    ("tls-authz", ParamFormat::Quoted),
+];
+
+/// QEMU's `hmp_info_migrate_parameters`: the parameters `query-migrate-parameters`
+/// returns, in QEMU's order and formats (QEMU has them all; qomvm keeps fewer, and
+/// shows those).
+fn info_migrate_parameters(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let params = query(ctx, "query-migrate-parameters")?;
+    for (name, format) in MIGRATE_PARAMETERS {
+        let v = &params[*name];
+        if v.is_null() {
+            continue;
+        }
+        let _ = match format {
+            ParamFormat::Number(unit) => writeln!(out, "{name}: {v}{unit}"),
+            ParamFormat::Bool => writeln!(out, "{name}: {}", if *v == true { "on" } else { "off" }),
+            ParamFormat::Quoted => writeln!(out, "{name}: '{}'", v.as_str().unwrap_or_default()),
+            ParamFormat::Name => writeln!(out, "{name}: {}", v.as_str().unwrap_or_default()),
+        };
+    }
+    Ok(())
+}
+
+/// QEMU's `hmp_hotpluggable_cpus`: each slot's type, vCPU count, QOM path (if plugged)
+/// and instance properties; the error of a machine that cannot hot-plug CPUs.
+fn info_hotpluggable_cpus(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let slots = query(ctx, "query-hotpluggable-cpus")?;
+    out.push_str("Hotpluggable CPUs:\n");
+    for slot in slots.as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  type: \"{}\"",
+            slot["type"].as_str().unwrap_or_default()
+        );
+        let _ = writeln!(out, "  vcpus_count: \"{}\"", slot["vcpus-count"]);
+        if let Some(path) = slot["qom-path"].as_str() {
+            let _ = writeln!(out, "  qom_path: \"{path}\"");
+        }
+        out.push_str("  CPUInstance Properties:\n");
+        for prop in [
+            "node-id",
+            "socket-id",
+            "die-id",
+            "cluster-id",
+            "core-id",
+            "thread-id",
+        ] {
+            let v = &slot["props"][prop];
+            if !v.is_null() {
+                let _ = writeln!(out, "    {prop}: \"{v}\"");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's `hmp_info_memory_size_summary`.
+fn info_memory_size_summary(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let info = query(ctx, "query-memory-size-summary")?;
+    let _ = writeln!(out, "base memory: {}", info["base-memory"]);
+    if !info["plugged-memory"].is_null() {
+        let _ = writeln!(out, "plugged memory: {}", info["plugged-memory"]);
+    }
+    Ok(())
+}
+
+/// QEMU's `hmp_info_mice`: `* Mouse #N: NAME` for the mouse that gets the events,
+/// `  Mouse #N: NAME` for the others, ` (absolute)` after a tablet.
+fn info_mice(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let mice = query(ctx, "query-mice")?;
+    let mice = mice.as_array().cloned().unwrap_or_default();
+    if mice.is_empty() {
+        out.push_str("No mouse devices connected\n");
+    }
+    for m in mice {
+        let _ = writeln!(
+            out,
+            "{} Mouse #{}: {}{}",
+            if m["current"] == true { '*' } else { ' ' },
+            m["index"],
+            m["name"].as_str().unwrap_or_default(),
+            if m["absolute"] == true {
+                " (absolute)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+/// The current CPU's paging registers and a reader of guest-physical memory for
+/// `info tlb` and `info mem` (QEMU's `mon_get_cpu_env`); `None` once the reason it cannot
+/// is printed.
+fn page_walk(
+    ctx: &CommandCtx,
+    hmp: &HmpState,
+    out: &mut String,
+    walk: fn(&hw::core::accel_ops::PagingRegisters, crate::monitor::x86_paging::ReadPhys) -> String,
+) {
+    let ms = ctx.vm.machine_state();
+    let Some(ops) = ms.accel_ops().filter(|_| !ms.cpus().is_empty()) else {
+        out.push_str("No CPU available\n");
+        return;
+    };
+    let regs = match ops.paging_registers(hmp.cpu_index) {
+        Ok(regs) => regs,
+        Err(e) => {
+            let _ = writeln!(out, "Error: {e}");
+            return;
+        }
+    };
+    let services = ms.services();
+    // What nothing maps reads as zeroes, as QEMU's unassigned memory does.
+    let read = |addr: u64, buf: &mut [u8]| {
+        if services.is_assigned(addr, buf.len() as u64) {
+            services.read_physical(addr, buf);
+        } else {
+            buf.fill(0);
+        }
+    };
+    out.push_str(&walk(&regs, &read));
+}
+
+/// QEMU's `hmp_info_tlb` (x86): every page the current CPU maps.
+fn info_tlb(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    page_walk(ctx, hmp, out, crate::monitor::x86_paging::info_tlb);
+    Ok(())
+}
+
+/// QEMU's `hmp_info_mem` (x86): the current CPU's mapped ranges and their protection.
+fn info_mem(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    page_walk(ctx, hmp, out, crate::monitor::x86_paging::info_mem);
     Ok(())
 }
 

@@ -14,6 +14,7 @@
 //! * [`schema`]: `query-qmp-schema`, generated from the command and event tables;
 //! * [`qmp_cmds`]: the QMP commands;
 //! * [`qmp`]: the QMP session (greeting, capabilities negotiation, dispatch);
+//! * [`x86_paging`]: the page-table walks of HMP's `info tlb` and `info mem`;
 //! * [`hmp`]: the HMP commands, callable from any front end ([`hmp::hmp_execute`]);
 //! * this file: the set-up that wires them together. QMP's `human-monitor-command`
 //!   reaches HMP through the [`qapi::HumanMonitorFn`] it installs in the [`qapi::VmContext`].
@@ -38,6 +39,7 @@ pub mod qmp_device;
 pub mod qmp_input;
 pub mod qmp_pci;
 pub mod schema;
+pub mod x86_paging;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -169,6 +169,16 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: query_hotpluggable_cpus,
     },
     QmpCommand {
+        name: "query-memory-size-summary",
+        args: &[],
+        run: query_memory_size_summary,
+    },
+    QmpCommand {
+        name: "query-mice",
+        args: &[],
+        run: query_mice,
+    },
+    QmpCommand {
         name: "query-status",
         args: &[],
         run: query_status,
@@ -1233,6 +1243,32 @@ fn query_hotpluggable_cpus(_: &CommandCtx, _: &Map<String, Value>) -> Result<Val
     Err(QmpError::BadInput(
         "The feature 'query-hotpluggable-cpus' is not enabled".into(),
     ))
+}
+
+/// QEMU's `qmp_query_memory_size_summary`: the machine's RAM and the memory plugged into
+/// it as devices (`pc-dimm` and the like), which qomvm has none of.
+fn query_memory_size_summary(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    Ok(json!({
+        "base-memory": ctx.vm.machine_state().ram_size(),
+        "plugged-memory": 0,
+    }))
+}
+
+/// QEMU's `qmp_query_mice`: the pointing devices' input handlers, the current one (which
+/// gets the pointer events) last.
+fn query_mice(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError> {
+    let mice = ctx.vm.machine_state().services().input().mice();
+    Ok(mice
+        .iter()
+        .map(|m| {
+            json!({
+                "index": m.index,
+                "name": m.name,
+                "current": m.current,
+                "absolute": m.absolute,
+            })
+        })
+        .collect())
 }
 
 /// A network command's error as QMP reports it.
