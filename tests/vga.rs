@@ -1254,6 +1254,28 @@ fn escape_on_a_usb_keyboard_opens_seabios_boot_menu() {
     });
 }
 
+/// The same through `qemu-xhci`: SeaBIOS's xHCI driver enables a slot, addresses the
+/// keyboard, configures its interrupt endpoint and polls it through the transfer ring.
+#[test]
+fn escape_on_a_usb_keyboard_behind_xhci_opens_seabios_boot_menu() {
+    seabios_boot_menu_opens(
+        "xhci-esc",
+        &[
+            "-device",
+            "qemu-xhci,id=xhci",
+            "-device",
+            "usb-kbd,bus=xhci.0",
+        ],
+        |qmp, _| {
+            let reply = qmp.execute(
+                "send-key",
+                json!({"keys": [{"type": "qcode", "data": "esc"}], "hold-time": 200}),
+            );
+            assert_eq!(reply, json!({"return": {}}));
+        },
+    );
+}
+
 /// On KVM the framebuffer's slot logs the vCPUs' writes for the display (QEMU's
 /// `DIRTY_MEMORY_VGA`) beside a migration's log: a guest that writes one pixel on line
 /// 100 and one on line 300 of a 640x480x32 VBE screen makes the console redraw only the

@@ -185,7 +185,7 @@ pub struct Msix {
     log: RateLimitedLog,
 }
 
-/// The MSI-X BAR's handlers: the table at 0, the PBA at `Msix::pba_offset`.
+/// The MSI-X table's handlers: the table at 0, the PBA at `Msix::pba_offset`.
 struct MsixBar(Arc<Msix>);
 
 impl MemoryRegionOps for MsixBar {
@@ -224,6 +224,28 @@ impl Msix {
         bar_nr: u8,
         services: &MachineServices,
     ) -> Result<Arc<Msix>, RealizeError> {
+        let table_size = u64::from(nvectors) * PCI_MSIX_ENTRY_SIZE;
+        let pba_size = u64::from(nvectors).next_multiple_of(64) / 8;
+        let pba_offset = table_size.max(2048);
+        let bar_size = (pba_offset + pba_size).max(4096).next_power_of_two();
+        let (msix, ops) = Msix::init(dev, nvectors, bar_nr, 0, pba_offset, services)?;
+        let region = MemoryRegion::new_io(format!("{}-msix", msix.name), bar_size, ops);
+        dev.register_bar(usize::from(bar_nr), BarKind::Mem32, region)?;
+        Ok(msix)
+    }
+
+    /// QEMU's `msix_init`: the MSI-X capability (ID 0x11) in `dev`'s configuration space
+    /// saying the table is at `table_offset` and the PBA at `pba_offset` of BAR `bar_nr`,
+    /// which the caller registers: it sends the accesses from `table_offset` on to the
+    /// returned handlers (the PBA then at `pba_offset - table_offset` of them).
+    pub fn init(
+        dev: &PciDevice,
+        nvectors: u16,
+        bar_nr: u8,
+        table_offset: u64,
+        pba_offset: u64,
+        services: &MachineServices,
+    ) -> Result<(Arc<Msix>, Arc<dyn MemoryRegionOps>), RealizeError> {
         if nvectors == 0 || nvectors > PCI_MSIX_FLAGS_QSIZE + 1 {
             return Err(RealizeError::device(MsixError::VectorCount(nvectors)));
         }
@@ -232,13 +254,12 @@ impl Msix {
         }
         let table_size = u64::from(nvectors) * PCI_MSIX_ENTRY_SIZE;
         let pba_size = u64::from(nvectors).next_multiple_of(64) / 8;
-        let pba_offset = table_size.max(2048);
-        let bar_size = (pba_offset + pba_size).max(4096).next_power_of_two();
-
-        // QEMU's `msix_init`.
         let cap = dev.add_capability(PCI_CAP_ID_MSIX, MSIX_CAP_LENGTH)?;
         dev.config_set(cap + PCI_MSIX_FLAGS, &(nvectors - 1).to_le_bytes());
-        dev.config_set(cap + PCI_MSIX_TABLE, &u32::from(bar_nr).to_le_bytes());
+        dev.config_set(
+            cap + PCI_MSIX_TABLE,
+            &(table_offset as u32 | u32::from(bar_nr)).to_le_bytes(),
+        );
         dev.config_set(
             cap + PCI_MSIX_PBA,
             &(pba_offset as u32 | u32::from(bar_nr)).to_le_bytes(),
@@ -252,10 +273,10 @@ impl Msix {
             nvectors,
             cap,
             table_size,
-            pba_offset,
+            pba_offset: pba_offset - table_offset,
             pba_size,
             device: dev.weak(),
-            name: name.clone(),
+            name,
             accel: services.vm().accel_slot(),
             enabled: AtomicBool::new(false),
             gates: (0..nvectors).map(|_| RwLock::new(None)).collect(),
@@ -263,13 +284,8 @@ impl Msix {
             state: Mutex::new(MsixState::new(nvectors)),
             log: RateLimitedLog::default(),
         });
-        let region = MemoryRegion::new_io(
-            format!("{name}-msix"),
-            bar_size,
-            Arc::new(MsixBar(msix.clone())),
-        );
-        dev.register_bar(usize::from(bar_nr), BarKind::Mem32, region)?;
-        Ok(msix)
+        let ops: Arc<dyn MemoryRegionOps> = Arc::new(MsixBar(msix.clone()));
+        Ok((msix, ops))
     }
 
     /// The number of vectors (QEMU's `msix_nr_vectors_allocated`).

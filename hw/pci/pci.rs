@@ -107,8 +107,10 @@ pub enum BarKind {
     Mem32,
     /// 32-bit prefetchable memory (QEMU's `PCI_BASE_ADDRESS_MEM_PREFETCH`): a framebuffer.
     Mem32Prefetch,
-    /// 64-bit prefetchable memory (`PCI_BASE_ADDRESS_MEM_TYPE_64`): the BAR takes the next
-    /// one's dword for its upper half (shared memory, large windows).
+    /// 64-bit memory (`PCI_BASE_ADDRESS_MEM_TYPE_64`): the BAR takes the next one's dword
+    /// for its upper half (registers, as QEMU's xHCI has them).
+    Mem64,
+    /// 64-bit prefetchable memory (shared memory, large windows).
     Mem64Prefetch,
 }
 
@@ -125,7 +127,7 @@ impl BarKind {
 
     /// Whether it is a 64-bit BAR.
     pub fn is_64bit(self) -> bool {
-        self == BarKind::Mem64Prefetch
+        matches!(self, BarKind::Mem64 | BarKind::Mem64Prefetch)
     }
 }
 
@@ -827,6 +829,7 @@ impl PciDevice {
             BarKind::Io => (0x1u32, !(size as u32 - 1) & !0x3),
             BarKind::Mem32 => (0x0u32, !(size as u32 - 1) & !0xf),
             BarKind::Mem32Prefetch => (0x8u32, !(size as u32 - 1) & !0xf),
+            BarKind::Mem64 => (0x4u32, !(size - 1) as u32 & !0xf),
             BarKind::Mem64Prefetch => (0xcu32, !(size - 1) as u32 & !0xf),
         };
         let upper_half_of_previous =
@@ -866,7 +869,7 @@ impl PciDevice {
             _ if index == PCI_ROM_SLOT => u64::from(raw & !0x7ff),
             BarKind::Io => u64::from(raw & !0x3),
             BarKind::Mem32 | BarKind::Mem32Prefetch => u64::from(raw & !0xf),
-            BarKind::Mem64Prefetch => u64::from(raw & !0xf) | u64::from(self.raw_region(index + 1)) << 32,
+            BarKind::Mem64 | BarKind::Mem64Prefetch => u64::from(raw & !0xf) | u64::from(self.raw_region(index + 1)) << 32,
         })
     }
 
@@ -1022,7 +1025,7 @@ impl PciDevice {
             };
             let (enabled, space) = match bar.kind {
                 BarKind::Io => (command & config::COMMAND_IO != 0, &io),
-                BarKind::Mem32 | BarKind::Mem32Prefetch | BarKind::Mem64Prefetch => {
+                BarKind::Mem32 | BarKind::Mem32Prefetch | BarKind::Mem64 | BarKind::Mem64Prefetch => {
                     (command & config::COMMAND_MEMORY != 0 && rom_enabled, &memory)
                 }
             };
@@ -1033,7 +1036,7 @@ impl PciDevice {
             let fits = match bar.kind {
                 BarKind::Io => addr + size <= 0x1_0000,
                 // Below the 52 bits of physical address x86 allows; all ones (sizing) wraps.
-                BarKind::Mem64Prefetch => addr.checked_add(size).is_some_and(|end| end <= 1u64 << 52),
+                BarKind::Mem64 | BarKind::Mem64Prefetch => addr.checked_add(size).is_some_and(|end| end <= 1u64 << 52),
                 _ => addr + size < 1u64 << 32,
             };
             let wanted = (enabled && addr != 0 && fits).then_some(addr);

@@ -777,7 +777,7 @@ impl Piix3UsbUhci {
 }
 
 /// QEMU numbers the buses of controllers without an id `usb-bus.N`.
-fn next_anonymous_bus() -> u32 {
+pub(crate) fn next_anonymous_bus() -> u32 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
