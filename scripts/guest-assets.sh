@@ -15,7 +15,7 @@ KERNEL_META=linux-image-cloud-amd64
 # for portfuzz in the nested-KVM rig (see the portfuzz notes in usage()).
 GENERIC_META=linux-image-amd64
 # Bump when the initramfs layout, the disk image or /init changes (forces a rebuild).
-ASSETS_FORMAT=27
+ASSETS_FORMAT=28
 # Modules of the cloud kernel carried in the initramfs (with whatever they
 # depend on, read from each module's modinfo "depends="), loaded by /init in
 # dependency order. The cloud kernel builds ext4 (and crc32c, jbd2, mbcache)
@@ -26,10 +26,10 @@ virtio_blk virtio_net virtio_rng virtio_balloon virtio_console"
 # too but loaded only with qomvm.ata=1: probing the IDE ports costs every other boot
 # time on the rig.
 ATA_MODULES="ata_piix sd_mod sr_mod virtio_scsi"
-# The generic kernel's USB host, HID and mass storage drivers (the cloud kernel has no
+# The generic kernel's USB hosts (UHCI, xHCI), HID and mass storage drivers (the cloud kernel has no
 # USB), with evdev to read the input devices and sd for the disks: loaded with
 # qomvm.usb=1 under vmlinuz-generic.
-USB_MODULES="uhci_hcd usbhid hid_generic evdev usb_storage sd_mod"
+USB_MODULES="uhci_hcd xhci_pci usbhid hid_generic evdev usb_storage sd_mod"
 # The cloud kernel's virtio input driver and evdev to read its devices: loaded with
 # qomvm.virtioinput=1.
 INPUT_MODULES="virtio_input evdev"

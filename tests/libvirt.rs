@@ -918,17 +918,39 @@ fn an_ivshmem_plain_shared_memory_starts_under_libvirt() {
 /// and `virsh send-key` (QMP `send-key`) and `input-send-event` reach them.
 #[test]
 fn a_domain_with_the_default_usb_controller_a_tablet_and_a_keyboard_starts() {
+    a_domain_with_a_usb_tablet_and_keyboard_starts(
+        "usb",
+        "<controller type='usb' index='0'/>",
+        "Bus  0, device   1, function 2:",
+    );
+}
+
+/// The same on `<controller type='usb' model='qemu-xhci'/>`, virt-install's choice for
+/// modern guests (`-device qemu-xhci,id=usb,...`).
+#[test]
+fn a_domain_with_qemu_xhci_a_tablet_and_a_keyboard_starts() {
+    a_domain_with_a_usb_tablet_and_keyboard_starts(
+        "xhci",
+        "<controller type='usb' index='0' model='qemu-xhci'/>",
+        "PCI device 1b36:000d",
+    );
+}
+
+/// A domain with the USB `controller`, a tablet and a keyboard, whose `info pci` shows
+/// `pci_line`.
+fn a_domain_with_a_usb_tablet_and_keyboard_starts(name: &str, controller: &str, pci_line: &str) {
     if let Some(reason) = libvirt_unusable() {
         test_support::skip::skip(reason);
         return;
     }
-    let dom = Domain::new("usb");
+    let dom = Domain::new(name);
     let (kernel, _) = dom.kernel_and_disk(0);
     let serial = dom.serial_xml();
-    let extra = "<controller type='usb' index='0'/>\
-                 <input type='tablet' bus='usb'/><input type='keyboard' bus='usb'/>\
-                 <memballoon model='none'/>";
-    let xml = dom.xml_with_devices(&kernel, &serial, extra);
+    let extra = format!(
+        "{controller}<input type='tablet' bus='usb'/><input type='keyboard' bus='usb'/>\
+         <memballoon model='none'/>"
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
     virsh_ok(&["create", xml.to_str().unwrap()]);
     dom.expect_banner();
     let usb = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info usb"]);
@@ -941,7 +963,7 @@ fn a_domain_with_the_default_usb_controller_a_tablet_and_a_keyboard_starts() {
         "{usb}"
     );
     let pci = virsh_ok(&["qemu-monitor-command", "--hmp", &dom.name, "info pci"]);
-    assert!(pci.contains("Bus  0, device   1, function 2:"), "{pci}");
+    assert!(pci.contains(pci_line), "{pci}");
     virsh_ok(&["send-key", &dom.name, "KEY_LEFTCTRL", "KEY_A"]);
     virsh_ok(&[
         "qemu-monitor-command",

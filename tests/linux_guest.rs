@@ -593,20 +593,35 @@ qemu-img check -q disk.qcow2 && echo "host: qemu-img check clean"
 /// Bulk-Only Transport, and the host finds it with qemu-io and a clean `qemu-img check`.
 #[test]
 fn a_guest_writes_and_reads_a_usb_stick() {
-    let out = disk_scenario(
+    guest_writes_and_reads_a_usb_stick(
         "usb-storage",
-        r#"
+        "piix3-usb-uhci,id=usb,bus=pci.0,addr=0x1.0x2",
+    );
+}
+
+/// The same stick on `qemu-xhci` (libvirt's `model='qemu-xhci'`): Linux's xhci_hcd
+/// enables a slot, addresses the stick, configures its bulk endpoints and moves the
+/// data through transfer rings.
+#[test]
+fn a_guest_writes_and_reads_a_usb_stick_behind_xhci() {
+    guest_writes_and_reads_a_usb_stick("xhci-storage", "qemu-xhci,id=usb,bus=pci.0,addr=0x5");
+}
+
+/// [`a_guest_writes_and_reads_a_usb_stick`] with the USB controller `controller`, whose
+/// bus is `usb.0`.
+fn guest_writes_and_reads_a_usb_stick(name: &str, controller: &str) {
+    let script = r#"
 qemu-img create -q -f qcow2 stick.qcow2 32M
 KERNEL=vmlinuz-generic
 boot "qomvm.usb=1 qomvm.disktest=/dev/sda:5" \
-    -device piix3-usb-uhci,id=usb,bus=pci.0,addr=0x1.0x2 \
+    -device @CONTROLLER@ \
     -drive file=stick.qcow2,format=qcow2,if=none,id=drive-usb-disk0,cache=$cache \
     -device usb-storage,bus=usb.0,port=1,drive=drive-usb-disk0,id=usb-disk0,removable=off
 "$QOMVM_SCRIPTS/disktest-check.sh" -f qcow2 stick.qcow2 5 2>&1 | sed 's/^/host: /'
 qemu-img check -q stick.qcow2 && echo "host: qemu-img check clean"
-"#,
-        400,
-    );
+"#
+    .replace("@CONTROLLER@", controller);
+    let out = disk_scenario(name, &script, 400);
     assert!(out.contains("host: qomvm exit status 0"), "{out}");
     assert_powered_off(&out, 1);
     // USB disks come after /init's listing (enumeration takes a moment): disktest waited.

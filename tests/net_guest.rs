@@ -808,11 +808,30 @@ fn check_input_events(out: &str, prefix: &str) {
 /// at the guest's evdev devices as the same events.
 #[test]
 fn usb_tablet_and_keyboard_input_reaches_the_guest() {
-    let Some(out) = net_scenario(
+    usb_input_reaches_the_guest(
         "usbinput",
-        r#"
+        "-usb -device usb-hub,port=1 -device usb-tablet,id=tab,port=1.2 -device usb-kbd,id=kbd,port=2",
+        &["QEMU USB Hub", "QEMU USB Tablet", "QEMU USB Keyboard"],
+    );
+}
+
+/// The same tablet and keyboard on `qemu-xhci`'s root ports, as virt-install sets a
+/// domain up: Linux's xhci_hcd polls their interrupt endpoints through transfer rings.
+#[test]
+fn usb_input_behind_xhci_reaches_the_guest() {
+    usb_input_reaches_the_guest(
+        "xhciinput",
+        "-device qemu-xhci,id=xhci -device usb-tablet,id=tab,bus=xhci.0,port=1 -device usb-kbd,id=kbd,bus=xhci.0,port=2",
+        &["QEMU USB Tablet", "QEMU USB Keyboard"],
+    );
+}
+
+/// Boots with the USB `devices`, checks the guest lists `products`, sends QMP input and
+/// checks the guest's events.
+fn usb_input_reaches_the_guest(name: &str, devices: &str, products: &[&str]) {
+    let script = r#"
 VM_KERNEL=vmlinuz-generic
-boot usb "qomvm.usbinput=1" -usb -device usb-hub,port=1 -device usb-tablet,id=tab,port=1.2 -device usb-kbd,id=kbd,port=2 \
+boot usb "qomvm.usbinput=1" @DEVICES@ \
     -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
 if await usb '^usb: ready' 300; then
     qmp qmp.sock '{"execute": "input-send-event", "arguments": {"events": [{"type": "abs", "data": {"axis": "x", "value": 4660}}, {"type": "abs", "data": {"axis": "y", "value": 8192}}, {"type": "btn", "data": {"down": true, "button": "left"}}]}}' \
@@ -823,12 +842,12 @@ if await usb '^usb: ready' 300; then
     fi
 fi
 finish usb
-"#,
-        400,
-    ) else {
+"#
+    .replace("@DEVICES@", devices);
+    let Some(out) = net_scenario(name, &script, 400) else {
         return;
     };
-    for product in ["QEMU USB Hub", "QEMU USB Tablet", "QEMU USB Keyboard"] {
+    for product in products {
         assert!(
             out.contains(&format!("usb: usb: product {product}")),
             "{product}:\n{out}"

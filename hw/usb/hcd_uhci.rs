@@ -19,18 +19,17 @@ use qom::{type_init, Prop};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::core::bus::{qbus_new, BusState};
 use crate::core::hotplug::{HotplugError, HotplugHandler};
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::log_limit::RateLimitedLog;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
-use crate::core::qdev::{qdev_unplug_complete, DeviceCategory, DeviceContext, DeviceImpl, DeviceMethods, RealizeError};
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::runstate::ChangeHandlerId;
 use crate::core::services::MachineServices;
 use crate::core::timer::DeviceTimer;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
-use crate::usb::usb_bus::{pid, TokenResult, UsbBus, UsbDevice, UsbHostController, UsbPorts, TYPE_USB_BUS};
+use crate::usb::usb_bus::{pid, usb_host_bus_name, usb_host_bus_new, usb_host_unplug, TokenResult, UsbHostController, UsbPorts};
 
 /// QEMU's `TYPE_PIIX3_USB_UHCI`.
 pub const TYPE_PIIX3_USB_UHCI: &str = "piix3-usb-uhci";
@@ -709,10 +708,7 @@ impl Piix3UsbUhci {
         let services = ctx.machine()?;
         let internal = |e: std::io::Error| RealizeError::device(UhciError::Host(e));
         self.parent.config_set(USB_SBRN, &[0x10]);
-        let bus_name = match self.parent.id() {
-            Some(id) => format!("{id}.0"),
-            None => format!("usb-bus.{}", next_anonymous_bus()),
-        };
+        let bus_name = usb_host_bus_name(self.parent.id());
         let ports = UsbPorts::new(NB_PORTS, &bus_name);
         let uhci = Arc::new(Uhci {
             state: Mutex::new(State {
@@ -732,13 +728,7 @@ impl Piix3UsbUhci {
         });
         let weak: Weak<Uhci> = Arc::downgrade(&uhci);
         ports.set_controller(weak.clone());
-        let bus = qbus_new(TYPE_USB_BUS, ctx.object(), &bus_name, services)?;
-        if let Some(b) = bus.downcast::<UsbBus>() {
-            b.set_ports(&ports);
-        }
-        if let Some(b) = bus.downcast::<BusState>() {
-            b.set_hotplug_handler(Some(ctx.object()));
-        }
+        usb_host_bus_new(ctx, services, &bus_name, &ports)?;
         self.register_bar(4, BarKind::Io, MemoryRegion::new_io("uhci", IO_SIZE, Arc::new(UhciPorts(uhci.clone()))))?;
         let aio = services.try_main_context().map_err(internal)?;
         let w = weak.clone();
@@ -776,12 +766,6 @@ impl Piix3UsbUhci {
     }
 }
 
-/// QEMU numbers the buses of controllers without an id `usb-bus.N`.
-pub(crate) fn next_anonymous_bus() -> u32 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
 impl PciDeviceImpl for Piix3UsbUhci {
     const VENDOR_ID: u16 = 0x8086;
     const DEVICE_ID: u16 = 0x7020;
@@ -807,25 +791,7 @@ impl HotplugHandler for Piix3UsbUhci {
     }
 
     fn unplug_request(&self, dev: &qom::Object) -> Result<(), HotplugError> {
-        // A hub goes with the devices on its ports (QEMU's `usb_unregister_port`),
-        // deepest first.
-        if let (Some(usb), Some(bus)) = (dev.downcast::<UsbDevice>(), dev.parent_bus()) {
-            if let Some(path) = usb.port_path() {
-                let below = format!("{path}.");
-                let mut behind: Vec<(String, qom::ObjectRef)> = crate::core::bus::bus_children(&bus)
-                    .into_iter()
-                    .filter_map(|d| {
-                        let p = d.downcast::<UsbDevice>()?.port_path()?;
-                        p.starts_with(&below).then_some((p, d))
-                    })
-                    .collect();
-                behind.sort_by_key(|(p, _)| std::cmp::Reverse(p.matches('.').count()));
-                for (_, d) in behind {
-                    qdev_unplug_complete(&d);
-                }
-            }
-        }
-        qdev_unplug_complete(dev);
+        usb_host_unplug(dev);
         Ok(())
     }
 }

@@ -27,19 +27,18 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::core::accel_ops::EventFd;
-use crate::core::bus::{qbus_new, BusState};
 use crate::core::hotplug::{HotplugError, HotplugHandler};
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::log_limit::RateLimitedLog;
 use crate::core::memory::{MemoryRegion, MemoryRegionOps};
-use crate::core::qdev::{qdev_unplug_complete, DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::core::runstate::ChangeHandlerId;
 use crate::core::services::MachineServices;
 use crate::core::timer::DeviceTimer;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::pci::msix::Msix;
 use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
-use crate::usb::usb_bus::{pid, AttachedDevice, TokenResult, UsbBus, UsbDevice, UsbHostController, UsbPorts, TYPE_USB_BUS};
+use crate::usb::usb_bus::{pid, usb_host_bus_name, usb_host_bus_new, usb_host_unplug, AttachedDevice, TokenResult, UsbHostController, UsbPorts};
 
 /// QEMU's `TYPE_QEMU_XHCI`.
 pub const TYPE_QEMU_XHCI: &str = "qemu-xhci";
@@ -1820,10 +1819,7 @@ impl QemuXhci {
         let numports_3 = self.p3.get().min(MAXPORTS_3);
         self.parent.config_set(USB_SBRN, &[0x30]);
         self.parent.config_set(USB_FLADJ, &[0x20]);
-        let bus_name = match self.parent.id() {
-            Some(id) => format!("{id}.0"),
-            None => format!("usb-bus.{}", crate::usb::hcd_uhci::next_anonymous_bus()),
-        };
+        let bus_name = usb_host_bus_name(self.parent.id());
         let ports = UsbPorts::new(numports_2.max(numports_3).max(1) as usize, &bus_name);
         let (msix, msix_ops) = Msix::init(&self.parent, numintrs as u16, 0, MSIX_TABLE, MSIX_PBA, services)?;
         let xhci = Arc::new(Xhci {
@@ -1849,13 +1845,7 @@ impl QemuXhci {
         });
         let weak: Weak<Xhci> = Arc::downgrade(&xhci);
         ports.set_controller(weak.clone());
-        let bus = qbus_new(TYPE_USB_BUS, ctx.object(), &bus_name, services)?;
-        if let Some(b) = bus.downcast::<UsbBus>() {
-            b.set_ports(&ports);
-        }
-        if let Some(b) = bus.downcast::<BusState>() {
-            b.set_hotplug_handler(Some(ctx.object()));
-        }
+        usb_host_bus_new(ctx, services, &bus_name, &ports)?;
         let bar = XhciBar {
             xhci: xhci.clone(),
             msix: msix_ops,
@@ -1951,9 +1941,7 @@ impl HotplugHandler for QemuXhci {
     }
 
     fn unplug_request(&self, dev: &qom::Object) -> Result<(), HotplugError> {
-        if dev.downcast::<UsbDevice>().is_some() {
-            qdev_unplug_complete(dev);
-        }
+        usb_host_unplug(dev);
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use qom::{type_init, Prop};
 use serde::{Deserialize, Serialize};
 
 use crate::core::bus::BusState;
-use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceState, RealizeError};
+use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, DeviceMethods, DeviceState, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::usb::desc::{config_attr, desc_type, Descriptors, CONFIG_VALUE};
 
@@ -320,6 +320,57 @@ impl AttachedDevice {
             _ => self.function.control(req, data),
         }
     }
+}
+
+/// A host controller's bus (QEMU's `usb_bus_new`): named `<id>.0` after the controller's
+/// `id`, else `usb-bus.N`; its ports `ports`; the controller (`ctx`'s object) its hotplug
+/// handler. Returns the bus's name.
+pub fn usb_host_bus_new(
+    ctx: &DeviceContext,
+    services: &Arc<crate::core::services::MachineServices>,
+    bus_name: &str,
+    ports: &Arc<UsbPorts>,
+) -> Result<(), RealizeError> {
+    let bus = crate::core::bus::qbus_new(TYPE_USB_BUS, ctx.object(), bus_name, services)?;
+    if let Some(b) = bus.downcast::<UsbBus>() {
+        b.set_ports(ports);
+    }
+    if let Some(b) = bus.downcast::<BusState>() {
+        b.set_hotplug_handler(Some(ctx.object()));
+    }
+    Ok(())
+}
+
+/// The name of a host controller's bus: `<id>.0`, or QEMU's `usb-bus.N` for controllers
+/// without an id.
+pub fn usb_host_bus_name(id: Option<String>) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    match id {
+        Some(id) => format!("{id}.0"),
+        None => format!("usb-bus.{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+    }
+}
+
+/// A host controller's `unplug_request`: USB devices go at once, a hub with the devices
+/// on its ports, deepest first (QEMU's `usb_unregister_port`).
+pub fn usb_host_unplug(dev: &qom::Object) {
+    if let (Some(usb), Some(bus)) = (dev.downcast::<UsbDevice>(), dev.parent_bus()) {
+        if let Some(path) = usb.port_path() {
+            let below = format!("{path}.");
+            let mut behind: Vec<(String, qom::ObjectRef)> = crate::core::bus::bus_children(&bus)
+                .into_iter()
+                .filter_map(|d| {
+                    let p = d.downcast::<UsbDevice>()?.port_path()?;
+                    p.starts_with(&below).then_some((p, d))
+                })
+                .collect();
+            behind.sort_by_key(|(p, _)| std::cmp::Reverse(p.matches('.').count()));
+            for (_, d) in behind {
+                crate::core::qdev::qdev_unplug_complete(&d);
+            }
+        }
+    }
+    crate::core::qdev::qdev_unplug_complete(dev);
 }
 
 /// The host controller's side of its ports (QEMU's `USBPortOps`).
