@@ -815,14 +815,15 @@ fn usb_tablet_and_keyboard_input_reaches_the_guest() {
     );
 }
 
-/// The same tablet and keyboard on `qemu-xhci`'s root ports, as virt-install sets a
-/// domain up: Linux's xhci_hcd polls their interrupt endpoints through transfer rings.
+/// The same on `qemu-xhci`, as virt-install sets a domain up: Linux's xhci_hcd reaches
+/// the keyboard on a root port and the tablet behind the hub by its route string, and
+/// polls their interrupt endpoints through transfer rings.
 #[test]
 fn usb_input_behind_xhci_reaches_the_guest() {
     usb_input_reaches_the_guest(
         "xhciinput",
-        "-device qemu-xhci,id=xhci -device usb-tablet,id=tab,bus=xhci.0,port=1 -device usb-kbd,id=kbd,bus=xhci.0,port=2",
-        &["QEMU USB Tablet", "QEMU USB Keyboard"],
+        "-device qemu-xhci,id=xhci -device usb-hub,bus=xhci.0,port=1 -device usb-tablet,id=tab,bus=xhci.0,port=1.2 -device usb-kbd,id=kbd,bus=xhci.0,port=2",
+        &["QEMU USB Hub", "QEMU USB Tablet", "QEMU USB Keyboard"],
     );
 }
 

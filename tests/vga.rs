@@ -1276,6 +1276,30 @@ fn escape_on_a_usb_keyboard_behind_xhci_opens_seabios_boot_menu() {
     );
 }
 
+/// The keyboard behind a `usb-hub` on `qemu-xhci`: SeaBIOS addresses it through the
+/// hub by its route string.
+#[test]
+fn escape_on_a_usb_keyboard_behind_a_hub_on_xhci_opens_seabios_boot_menu() {
+    seabios_boot_menu_opens(
+        "xhci-hub-esc",
+        &[
+            "-device",
+            "qemu-xhci,id=xhci",
+            "-device",
+            "usb-hub,bus=xhci.0,port=2",
+            "-device",
+            "usb-kbd,bus=xhci.0,port=2.3",
+        ],
+        |qmp, _| {
+            let reply = qmp.execute(
+                "send-key",
+                json!({"keys": [{"type": "qcode", "data": "esc"}], "hold-time": 200}),
+            );
+            assert_eq!(reply, json!({"return": {}}));
+        },
+    );
+}
+
 /// On KVM the framebuffer's slot logs the vCPUs' writes for the display (QEMU's
 /// `DIRTY_MEMORY_VGA`) beside a migration's log: a guest that writes one pixel on line
 /// 100 and one on line 300 of a 640x480x32 VBE screen makes the console redraw only the

@@ -38,7 +38,10 @@ use crate::core::timer::DeviceTimer;
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::pci::msix::Msix;
 use crate::pci::pci::{config, BarKind, IntxPin, PciDevice, PciDeviceImpl, INTERFACE_CONVENTIONAL_PCI_DEVICE};
-use crate::usb::usb_bus::{pid, usb_host_bus_name, usb_host_bus_new, usb_host_unplug, AttachedDevice, TokenResult, UsbHostController, UsbPorts};
+use crate::usb::usb_bus::{
+    device_at, pid, usb_host_bus_name, usb_host_bus_new, usb_host_unplug, AttachedDevice, PortGroups, TokenResult, UsbHostController,
+    UsbPorts,
+};
 
 /// QEMU's `TYPE_QEMU_XHCI`.
 pub const TYPE_QEMU_XHCI: &str = "qemu-xhci";
@@ -289,8 +292,8 @@ struct Slot {
     enabled: bool,
     /// The output device context (from the DCBAA when addressed).
     ctx: u64,
-    /// The physical port (0-based) of its device, once addressed.
-    uport: Option<usize>,
+    /// The port path of its device ("2", "1.3" behind a hub), once addressed.
+    path: Option<String>,
     /// DCI 1..=31.
     eps: Vec<Endpoint>,
 }
@@ -300,7 +303,7 @@ impl Slot {
         Slot {
             enabled: true,
             ctx: 0,
-            uport: None,
+            path: None,
             eps: vec![Endpoint::default(); 32],
         }
     }
@@ -366,6 +369,8 @@ struct Xhci {
     kick: EventFd,
     /// Asks NAKed interrupt endpoints again.
     poll: DeviceTimer,
+    /// The bus's ports, hubs' included, for devices reached by route string.
+    groups: OnceLock<PortGroups>,
     log: RateLimitedLog,
 }
 
@@ -1020,16 +1025,34 @@ impl Xhci {
         self.write_bytes(mem, addr, &bytes)
     }
 
-    /// The physical port of the root port the slot context names (QEMU's
-    /// `xhci_lookup_uport`; devices behind hubs, reached by route string, are not).
-    fn lookup_uport(&self, slot_ctx: &[u32]) -> Option<usize> {
-        let route = slot_ctx[0] & 0xf_ffff;
+    /// The port path the slot context names: its root port's, then a hub port for each
+    /// tier of the route string (QEMU's `xhci_lookup_uport`).
+    fn lookup_path(&self, slot_ctx: &[u32]) -> Option<String> {
         let port = ((slot_ctx[1] >> 16) & 0xff) as usize;
-        if route != 0 || port == 0 || port > self.numports() as usize {
+        if port == 0 || port > self.numports() as usize {
             return None;
         }
         let (uport, usb3) = self.uport_of(port - 1);
-        (!usb3).then_some(uport)
+        if usb3 {
+            return None;
+        }
+        let mut path = (uport + 1).to_string();
+        for tier in 0..5 {
+            let hub_port = (slot_ctx[0] >> (4 * tier)) & 0xf;
+            if hub_port == 0 {
+                break;
+            }
+            path.push_str(&format!(".{hub_port}"));
+        }
+        Some(path)
+    }
+
+    /// The device at port `path` of the controller's bus.
+    fn device_at(&self, path: &str) -> Option<Arc<AttachedDevice>> {
+        match path.parse::<usize>() {
+            Ok(root) => root.checked_sub(1).and_then(|i| self.ports.device(i)),
+            Err(_) => device_at(self.groups.get()?, path),
+        }
     }
 
     /// QEMU's `xhci_address_slot`.
@@ -1042,15 +1065,15 @@ impl Xhci {
         }
         let mut slot_ctx = Self::read_ctx(mem, input + 0x20, 8)?;
         let mut ep0_ctx = Self::read_ctx(mem, input + 0x40, 8)?;
-        let Some(uport) = self.lookup_uport(&slot_ctx) else {
+        let Some(path) = self.lookup_path(&slot_ctx) else {
             return Ok(cc::TRB);
         };
-        let Some(dev) = self.ports.device(uport) else {
+        let Some(dev) = self.device_at(&path) else {
             return Ok(cc::USB_TRANSACTION);
         };
         // Another slot may not hold the same device.
         let taken = st.regs.slots.iter().enumerate().any(|(i, s)| {
-            i as u32 + 1 != slot_id && s.as_ref().is_some_and(|s| s.uport == Some(uport))
+            i as u32 + 1 != slot_id && s.as_ref().is_some_and(|s| s.path.as_deref() == Some(path.as_str()))
         });
         if taken {
             return Ok(cc::TRB);
@@ -1076,7 +1099,7 @@ impl Xhci {
         let dequeue = u64::from(ep0_ctx[2]) | (u64::from(ep0_ctx[3]) << 32);
         let slot = Self::slot_mut(st, slot_id);
         slot.ctx = octx;
-        slot.uport = Some(uport);
+        slot.path = Some(path);
         slot.eps = vec![Endpoint::default(); 32];
         slot.eps[1] = Endpoint {
             state: ep_state::RUNNING,
@@ -1311,7 +1334,7 @@ impl Xhci {
             ep_state::STOPPED => ep.state = ep_state::RUNNING,
             _ => return,
         }
-        let dev = slot.uport.and_then(|u| self.ports.device(u));
+        let dev = slot.path.as_deref().and_then(|p| self.device_at(p));
         let mut trbs_left = TRBS_PER_PASS;
         loop {
             let slot = st.regs.slots[slot_id as usize - 1].as_mut().expect("present");
@@ -1613,10 +1636,13 @@ impl UsbHostController for Xhci {
     fn detach(&self, uport: usize) {
         let mem = self.services.ram();
         let mut st = self.state.lock();
-        // Slots of the device stay until the driver disables them; their transfers fail.
+        // Slots of the device (and of those behind it, a hub's) stay until the driver
+        // disables them; their transfers fail.
+        let root = (uport + 1).to_string();
+        let below = format!("{root}.");
         for slot in st.regs.slots.iter_mut().flatten() {
-            if slot.uport == Some(uport) {
-                slot.uport = None;
+            if slot.path.as_deref().is_some_and(|p| p == root || p.starts_with(&below)) {
+                slot.path = None;
                 for ep in &mut slot.eps {
                     ep.nak_pending = false;
                 }
@@ -1773,8 +1799,8 @@ impl DeviceImpl for QemuXhci {
             )));
         }
         for slot in regs.slots.iter().flatten() {
-            if slot.eps.len() != 32 || slot.uport.is_some_and(|u| u >= x.ports.len()) {
-                return Err(bad("a slot's endpoints or port".into()));
+            if slot.eps.len() != 32 {
+                return Err(bad("a slot's endpoints".into()));
             }
         }
         let command_pending: bool = state.get("command_pending")?;
@@ -1841,11 +1867,12 @@ impl QemuXhci {
             numintrs,
             kick: EventFd::new(libc::EFD_NONBLOCK).map_err(internal)?,
             poll: DeviceTimer::new().map_err(internal)?,
+            groups: OnceLock::new(),
             log: RateLimitedLog::default(),
         });
         let weak: Weak<Xhci> = Arc::downgrade(&xhci);
         ports.set_controller(weak.clone());
-        usb_host_bus_new(ctx, services, &bus_name, &ports)?;
+        let _ = xhci.groups.set(usb_host_bus_new(ctx, services, &bus_name, &ports)?);
         let bar = XhciBar {
             xhci: xhci.clone(),
             msix: msix_ops,

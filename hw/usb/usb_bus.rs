@@ -324,21 +324,20 @@ impl AttachedDevice {
 
 /// A host controller's bus (QEMU's `usb_bus_new`): named `<id>.0` after the controller's
 /// `id`, else `usb-bus.N`; its ports `ports`; the controller (`ctx`'s object) its hotplug
-/// handler. Returns the bus's name.
+/// handler. Returns the bus's groups of ports.
 pub fn usb_host_bus_new(
     ctx: &DeviceContext,
     services: &Arc<crate::core::services::MachineServices>,
     bus_name: &str,
     ports: &Arc<UsbPorts>,
-) -> Result<(), RealizeError> {
+) -> Result<PortGroups, RealizeError> {
     let bus = crate::core::bus::qbus_new(TYPE_USB_BUS, ctx.object(), bus_name, services)?;
-    if let Some(b) = bus.downcast::<UsbBus>() {
-        b.set_ports(ports);
-    }
     if let Some(b) = bus.downcast::<BusState>() {
         b.set_hotplug_handler(Some(ctx.object()));
     }
-    Ok(())
+    let b = bus.downcast::<UsbBus>().expect("qbus_new made a usb-bus");
+    b.set_ports(ports);
+    Ok(b.ports.clone())
 }
 
 /// The name of a host controller's bus: `<id>.0`, or QEMU's `usb-bus.N` for controllers
@@ -503,7 +502,19 @@ pub struct UsbBus {
     parent: BusState,
     /// The controller's root ports first, then each hub's, in the order they came (QEMU's
     /// list of the bus's free ports).
-    ports: Mutex<Vec<Arc<UsbPorts>>>,
+    ports: PortGroups,
+}
+
+/// A bus's groups of ports (root ports, then each hub's), shared with a controller that
+/// reaches devices by port path.
+pub type PortGroups = Arc<Mutex<Vec<Arc<UsbPorts>>>>;
+
+/// The device at port `path` ("1", "1.3") of the bus whose ports are `groups`.
+pub fn device_at(groups: &PortGroups, path: &str) -> Option<Arc<AttachedDevice>> {
+    groups
+        .lock()
+        .iter()
+        .find_map(|ports| (0..ports.len()).find(|&i| ports.path(i) == path).and_then(|i| ports.device(i)))
 }
 
 type_init!(UsbBus);
