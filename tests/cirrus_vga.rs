@@ -15,27 +15,20 @@
 //! SeaBIOS's banner on the Cirrus under KVM is in `tests/vga.rs`, beside the std VGA's.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 use test_support::fuzz_qtest::{hex, program_bars, PciFunction, Qtest};
 use test_support::qmp::QmpClient;
+use test_support::qtest::qomvm_pc_stderr;
 use test_support::vga_text::Image;
 
 const QOMVM: &str = env!("CARGO_BIN_EXE_qomvm");
 const VGABIOS_CIRRUS: &str = "/usr/share/seabios/vgabios-cirrus.bin";
 
 fn rom_or_skip() -> Option<Vec<u8>> {
-    match std::fs::read(VGABIOS_CIRRUS) {
-        Ok(rom) => Some(rom),
-        Err(_) => {
-            test_support::skip::skip(format!(
-                "{VGABIOS_CIRRUS} is missing (Debian package 'seabios')"
-            ));
-            None
-        }
-    }
+    test_support::skip::read_or_skip(VGABIOS_CIRRUS, "seabios")
 }
 fn qtest_with_qmp(name: &str, extra: &[&str]) -> (Qtest, QmpClient, PathBuf) {
     Qtest::start_with_qmp(QOMVM, name, extra)
@@ -482,25 +475,9 @@ fn the_seed_display_on_slot_2_meets_the_default_card_there() {
 
 #[test]
 fn vgamem_mb_is_4_8_or_16() {
-    let out = Command::new(QOMVM)
-        .args([
-            "-M",
-            "pc",
-            "-accel",
-            "qtest",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-        ])
-        // No ROM (`romfile=`): the size check does not depend on Debian's seabios package.
-        .args(["-device", "cirrus-vga,vgamem_mb=2,romfile="])
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // No ROM (`romfile=`): the size check does not depend on Debian's seabios package.
+    let (ok, stderr) = qomvm_pc_stderr(QOMVM, &["-device", "cirrus-vga,vgamem_mb=2,romfile="]);
+    assert!(!ok);
     assert!(
         stderr.contains("Invalid cirrus_vga ram size '2'"),
         "{stderr}"

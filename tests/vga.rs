@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use test_support::fuzz_qtest::{hex, program_bars, PciFunction, Qtest};
 use test_support::qmp::QmpClient;
+use test_support::qtest::qomvm_pc_stderr;
 use test_support::vga_text::{rom_font, Image};
 
 const QOMVM: &str = env!("CARGO_BIN_EXE_qomvm");
@@ -32,13 +33,7 @@ const VGABIOS: &str = "/usr/share/seabios/vgabios-stdvga.bin";
 const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
 
 fn vgabios_or_skip() -> Option<Vec<u8>> {
-    match std::fs::read(VGABIOS) {
-        Ok(rom) => Some(rom),
-        Err(_) => {
-            test_support::skip::skip(format!("{VGABIOS} is missing (Debian package 'seabios')"));
-            None
-        }
-    }
+    test_support::skip::read_or_skip(VGABIOS, "seabios")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -584,29 +579,8 @@ fn without_a_display_there_is_no_console() {
 /// How many `VGA` devices qomvm on qtest with `args` has (from `info qom-tree`), or its
 /// error.
 fn vga_count(args: &[&str]) -> Result<usize, String> {
-    let out = Command::new(QOMVM)
-        .args(["-M", "pc", "-accel", "qtest", "-display", "none", "-S", "-qmp", "stdio", "-serial", "none"])
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            writeln!(stdin, r#"{{"execute":"qmp_capabilities"}}"#)?;
-            writeln!(stdin, r#"{{"execute":"human-monitor-command","arguments":{{"command-line":"info qom-tree"}}}}"#)?;
-            writeln!(stdin, r#"{{"execute":"quit"}}"#)?;
-            drop(stdin);
-            child.wait_with_output()
-        })
-        .unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim_end().to_string());
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.matches("(VGA)").count())
+    let tree = test_support::qtest::qomvm_pc_qom_tree(QOMVM, args)?;
+    Ok(tree.matches("(VGA)").count())
 }
 
 #[test]
@@ -664,29 +638,6 @@ fn the_pc_has_a_std_vga_unless_told_otherwise() {
     );
 }
 
-fn qomvm_stderr(args: &[&str]) -> (bool, String) {
-    let out = Command::new(QOMVM)
-        .args([
-            "-M",
-            "pc",
-            "-accel",
-            "qtest",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-        ])
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
-    )
-}
-
 #[test]
 fn vga_help_and_romfile_errors() {
     let out = Command::new(QOMVM).args(["-vga", "help"]).output().unwrap();
@@ -700,11 +651,11 @@ fn vga_help_and_romfile_errors() {
     std::fs::write(&empty, b"").unwrap();
     let e = empty.display();
     assert_eq!(
-        qomvm_stderr(&["-device", "VGA,romfile=/nonexistent.bin"]),
+        qomvm_pc_stderr(QOMVM, &["-device", "VGA,romfile=/nonexistent.bin"]),
         (false, "qomvm: -device VGA,romfile=/nonexistent.bin: failed to find romfile \"/nonexistent.bin\"".into())
     );
     assert_eq!(
-        qomvm_stderr(&["-device", &format!("VGA,romfile={e}")]),
+        qomvm_pc_stderr(QOMVM, &["-device", &format!("VGA,romfile={e}")]),
         (
             false,
             format!("qomvm: -device VGA,romfile={e}: romfile \"{e}\" is empty")
@@ -714,7 +665,7 @@ fn vga_help_and_romfile_errors() {
     std::fs::write(&big, vec![0u8; 5000]).unwrap();
     let b = big.display();
     assert_eq!(
-        qomvm_stderr(&["-device", &format!("VGA,romfile={b},romsize=4096")]),
+        qomvm_pc_stderr(QOMVM, &["-device", &format!("VGA,romfile={b},romsize=4096")]),
         (false, format!("qomvm: -device VGA,romfile={b},romsize=4096: romfile \"{b}\" (5000 bytes) is too large for ROM size 4096"))
     );
     // No ROM at all, or other sizes of memory: fine.

@@ -1,422 +1,55 @@
 //! `virtio-gpu-pci` (the 2D virtio-gpu) on the pc board under the qtest accelerator, driven
-//! by the test's own virtio 1.x driver as Linux's virtio-gpu driver drives it: QEMU 7.2's
-//! IDs, queues and configuration, display information and EDID, resources created,
-//! backed, transferred (QEMU's copy rules, offset and partial rectangles included), set
-//! on scanouts and flushed to the console in every 32-bit format, pixel for pixel, QEMU's
-//! error codes, fences, the cursor queue, hostile chains that neither panic nor hang, a
-//! broken ring that marks the device broken, and a migration that keeps the resources,
-//! their backing and the picture.
+//! by a virtio 1.x driver as Linux's virtio-gpu driver drives it
+//! ([`test_support::virtio_gpu`], shared with `tests/virtio_vga.rs`): QEMU 7.2's IDs,
+//! queues and configuration, display information and EDID, resources created, backed,
+//! transferred (QEMU's copy rules, offset and partial rectangles included), set on scanouts
+//! and flushed to the console in every 32-bit format, pixel for pixel, QEMU's error codes,
+//! fences, the cursor queue, hostile chains that neither panic nor hang, a broken ring that
+//! marks the device broken, and a migration that keeps the resources, their backing and the
+//! picture.
 //!
 //! Expected values come from QEMU 7.2 (`hw/display/virtio-gpu.c`, `virtio-gpu-base.c`)
 //! and the virtio 1.2 specification (5.7 "GPU Device"), not from the device's code.
 
-use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hw::core::console::Surface;
-use hw::core::machine::{machine_creation_done, machine_state};
+use hw::core::machine::machine_state;
 use hw::core::migration::{load_vm, save_vm, Progress};
 use hw::core::runstate::{vm_start, vm_stop, RunStatus};
 use qom::ObjectRef;
 use test_support::qtest::with_deadline;
-use test_support::virtio::{SplitRing, VirtioPciDevice, NEEDS_RESET};
+use test_support::virtio::{VirtioPciDevice, NEEDS_RESET};
+use test_support::virtio_gpu::{
+    assert_picture, backing, command, encode, fenced, le32, le64, pattern, solid, try_pc_with,
+    Code, Gpu, Rect, B8G8R8A8, B8G8R8X8, CMD, CTX_CREATE, ERR_INVALID_PARAMETER,
+    ERR_INVALID_RESOURCE_ID, ERR_INVALID_SCANOUT_ID, ERR_OUT_OF_MEMORY, ERR_UNSPEC, FLAG_FENCE,
+    FORMATS, F_EDID, F_RESOURCE_BLOB, F_VIRGL, GET_CAPSET_INFO, GET_DISPLAY_INFO, GET_EDID,
+    MOVE_CURSOR, OK_DISPLAY_INFO, OK_EDID, OK_NODATA, R8G8B8A8, R8G8B8X8, RAM,
+    RESOURCE_ATTACH_BACKING, RESOURCE_CREATE_2D, RESOURCE_CREATE_BLOB, RESOURCE_FLUSH,
+    RESOURCE_UNREF, RESP, SET_SCANOUT, SET_SCANOUT_BLOB, TRANSFER_TO_HOST_2D, UPDATE_CURSOR,
+    VERSION_1, WAIT, X8B8G8R8,
+};
 use vm_memory::{Bytes, GuestAddress};
 
-const VERSION_1: u64 = 1 << 32;
-const F_VIRGL: u64 = 1 << 0;
-const F_EDID: u64 = 1 << 1;
-const F_RESOURCE_BLOB: u64 = 1 << 3;
-const WAIT: Duration = Duration::from_secs(10);
+/// 04.0, where the tests plug the device.
 const DEVFN: u32 = 4 << 3;
-const RAM: u64 = 128 << 20;
-
-/// Guest addresses the test lays things out at.
-const CTRL_RING: u64 = 0x10_0000;
-const CURSOR_RING: u64 = 0x14_0000;
-const CMD: u64 = 0x20_0000;
-const ENTRIES: u64 = 0x21_0000;
-const RESP: u64 = 0x28_0000;
+/// Where the cursor commands are (after the driver's [`RESP`]).
 const CURSOR_BUF: u64 = 0x2c_0000;
-/// Resource `id`'s backing is at `BACKING + id * 4 MiB`.
-const BACKING: u64 = 0x100_0000;
 
-// Control commands (virtio 1.2, 5.7.6.7).
-const GET_DISPLAY_INFO: u32 = 0x100;
-const RESOURCE_CREATE_2D: u32 = 0x101;
-const RESOURCE_UNREF: u32 = 0x102;
-const SET_SCANOUT: u32 = 0x103;
-const RESOURCE_FLUSH: u32 = 0x104;
-const TRANSFER_TO_HOST_2D: u32 = 0x105;
-const RESOURCE_ATTACH_BACKING: u32 = 0x106;
-const RESOURCE_DETACH_BACKING: u32 = 0x107;
-const GET_CAPSET_INFO: u32 = 0x108;
-const GET_EDID: u32 = 0x10a;
-const RESOURCE_CREATE_BLOB: u32 = 0x10c;
-const SET_SCANOUT_BLOB: u32 = 0x10d;
-const CTX_CREATE: u32 = 0x200;
-const UPDATE_CURSOR: u32 = 0x300;
-const MOVE_CURSOR: u32 = 0x301;
-const FLAG_FENCE: u32 = 1;
-
-// Formats, named by their bytes in memory.
-const B8G8R8A8: u32 = 1;
-const B8G8R8X8: u32 = 2;
-const A8R8G8B8: u32 = 3;
-const X8R8G8B8: u32 = 4;
-const R8G8B8A8: u32 = 67;
-const X8B8G8R8: u32 = 68;
-const A8B8G8R8: u32 = 121;
-const R8G8B8X8: u32 = 134;
-const FORMATS: [u32; 8] = [
-    B8G8R8A8, B8G8R8X8, A8R8G8B8, X8R8G8B8, R8G8B8A8, X8B8G8R8, A8B8G8R8, R8G8B8X8,
-];
-
-/// A response type, shown in hex.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Code(u32);
-
-impl fmt::Debug for Code {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
-
-const OK_NODATA: Code = Code(0x1100);
-const OK_DISPLAY_INFO: Code = Code(0x1101);
-const OK_EDID: Code = Code(0x1104);
-const ERR_UNSPEC: Code = Code(0x1200);
-const ERR_OUT_OF_MEMORY: Code = Code(0x1201);
-const ERR_INVALID_SCANOUT_ID: Code = Code(0x1202);
-const ERR_INVALID_RESOURCE_ID: Code = Code(0x1203);
-const ERR_INVALID_PARAMETER: Code = Code(0x1205);
-
-/// x, y, width, height.
-type Rect = [u32; 4];
-
-/// A control header (no fence) followed by `words`.
-fn command(ty: u32, words: &[u32]) -> Vec<u8> {
-    fenced(ty, 0, 0, 0, words)
-}
-
-/// A control header with `flags`, `fence_id` and `ctx_id`, followed by `words`.
-fn fenced(ty: u32, flags: u32, fence_id: u64, ctx_id: u32, words: &[u32]) -> Vec<u8> {
-    let mut c = Vec::new();
-    c.extend_from_slice(&ty.to_le_bytes());
-    c.extend_from_slice(&flags.to_le_bytes());
-    c.extend_from_slice(&fence_id.to_le_bytes());
-    c.extend_from_slice(&ctx_id.to_le_bytes());
-    c.extend_from_slice(&[0; 4]);
-    for w in words {
-        c.extend_from_slice(&w.to_le_bytes());
-    }
-    c
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-}
-
-fn backing(id: u32) -> u64 {
-    BACKING + u64::from(id) * 0x40_0000
-}
-
-/// The four bytes of `rgb` (0xRRGGBB) in `format`'s memory order, `filler` in its X or A
-/// byte.
-fn encode(format: u32, rgb: u32, filler: u8) -> [u8; 4] {
-    let [_, r, g, b] = rgb.to_be_bytes();
-    match format {
-        B8G8R8A8 | B8G8R8X8 => [b, g, r, filler],
-        A8R8G8B8 | X8R8G8B8 => [filler, r, g, b],
-        R8G8B8A8 | R8G8B8X8 => [r, g, b, filler],
-        X8B8G8R8 | A8B8G8R8 => [filler, b, g, r],
-        _ => unreachable!("format {format}"),
-    }
-}
-
-/// A picture that differs with `seed`, pixel (x, y) as 0xRRGGBB.
-fn pattern(seed: u32) -> impl Fn(u32, u32) -> u32 + Copy {
-    move |x, y| {
-        let r = (x * 7 + seed * 31) & 0xff;
-        let g = (y * 13 + seed * 17) & 0xff;
-        let b = ((x ^ y) + seed * 5 + 0x40) & 0xff;
-        r << 16 | g << 8 | b
-    }
-}
-
-fn solid(rgb: u32) -> impl Fn(u32, u32) -> u32 + Copy {
-    move |_, _| rgb
-}
-
-/// Asserts `s` is `w` x `h` and shows `image`; names the first pixel that differs.
-fn assert_picture(s: &Surface, w: u32, h: u32, image: impl Fn(u32, u32) -> u32, what: &str) {
-    assert_eq!((s.width, s.height), (w, h), "{what}: the console's size");
-    for y in 0..h {
-        for x in 0..w {
-            let got = s.pixels[(y * w + x) as usize];
-            assert_eq!(
-                got,
-                image(x, y),
-                "{what}: pixel ({x}, {y}) is {got:#08x}, expected {:#08x}",
-                image(x, y)
-            );
-        }
-    }
-}
-
-/// A pc (128 MiB) with `virtio-gpu-pci,addr=04.0,props...`: the machine and the device,
-/// or the error text.
+/// A pc with `virtio-gpu-pci,addr=04.0,props...`: the machine and the device, or the error
+/// text.
 fn try_machine(props: &[(&str, &str)]) -> Result<(ObjectRef, ObjectRef), String> {
-    let machine = test_support::qtest::pc_on_qtest(RAM);
-    let props: Vec<_> = [("addr", "04.0")].iter().chain(props).copied().collect();
-    let dev = test_support::qtest::try_plug_pci(&machine, "virtio-gpu-pci", &props)?;
-    machine_creation_done(&machine).unwrap();
-    Ok((machine, dev))
+    try_pc_with("virtio-gpu-pci", "04.0", props)
 }
 
 fn machine(props: &[(&str, &str)]) -> (ObjectRef, ObjectRef) {
     try_machine(props).unwrap()
 }
 
-/// The driver: control queue of 64 entries, cursor queue of 16.
-struct Gpu {
-    machine: ObjectRef,
-    dev: ObjectRef,
-    pci: VirtioPciDevice,
-    ctrl: SplitRing,
-    cursor: SplitRing,
-}
-
-impl Gpu {
-    /// Negotiates (`VERSION_1`, and EDID when offered) and starts both queues.
-    fn start(machine: &ObjectRef, dev: &ObjectRef) -> Gpu {
-        let pci = VirtioPciDevice::probe(machine, DEVFN);
-        assert!(pci.negotiate(VERSION_1 | (pci.device_features() & F_EDID)));
-        let ctrl = SplitRing::new(CTRL_RING, 64);
-        let cursor = SplitRing::new(CURSOR_RING, 16);
-        ctrl.clear(&pci.mem);
-        cursor.clear(&pci.mem);
-        pci.setup_queue(0, &ctrl);
-        pci.setup_queue(1, &cursor);
-        pci.driver_ok();
-        Gpu {
-            machine: machine.clone(),
-            dev: dev.clone(),
-            pci,
-            ctrl,
-            cursor,
-        }
-    }
-
-    fn new(props: &[(&str, &str)]) -> Gpu {
-        let (m, dev) = machine(props);
-        Gpu::start(&m, &dev)
-    }
-
-    /// The same driver, its rings where they were, on the machine it moved to.
-    fn moved_to(self, machine: &ObjectRef, dev: &ObjectRef) -> Gpu {
-        Gpu {
-            machine: machine.clone(),
-            dev: dev.clone(),
-            pci: VirtioPciDevice::probe(machine, DEVFN),
-            ..self
-        }
-    }
-
-    fn write(&self, addr: u64, bytes: &[u8]) {
-        self.pci.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
-    }
-
-    fn read(&self, addr: u64, len: u32) -> Vec<u8> {
-        let mut b = vec![0; len as usize];
-        self.pci.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
-        b
-    }
-
-    /// Submits a chain on the control queue, and waits for its completion: its used
-    /// length (completions of other chains, hostile ones left behind, are skipped).
-    fn submit(&mut self, bufs: &[(u64, u32, bool)]) -> u32 {
-        let head = u32::from(self.ctrl.add_chain(&self.pci.mem, bufs));
-        self.pci.notify(0);
-        let deadline = Instant::now() + WAIT;
-        let mut len = None;
-        while len.is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "control chain {head} never completed"
-            );
-            for (id, l) in self.ctrl.take_used(&self.pci.mem) {
-                if id == head && len.is_none() {
-                    len = Some(l);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        len.unwrap()
-    }
-
-    /// Sends `cmd` (one readable buffer) with a writable buffer of `resp_len` bytes
-    /// (filled with 0xee first); returns what the device wrote there (its used length).
-    fn request(&mut self, cmd: &[u8], resp_len: u32) -> Vec<u8> {
-        self.write(CMD, cmd);
-        self.write(RESP, &vec![0xee; resp_len as usize]);
-        let len = self.submit(&[(CMD, cmd.len() as u32, false), (RESP, resp_len, true)]);
-        assert!(len <= resp_len, "used length {len} > buffer {resp_len}");
-        self.read(RESP, len)
-    }
-
-    /// Sends `cmd` and returns the type of its (header-only) response.
-    fn code(&mut self, cmd: &[u8]) -> Code {
-        let resp = self.request(cmd, 24);
-        assert_eq!(resp.len(), 24, "the response is a control header");
-        Code(le32(&resp, 0))
-    }
-
-    fn create(&mut self, id: u32, format: u32, w: u32, h: u32) -> Code {
-        self.code(&command(RESOURCE_CREATE_2D, &[id, format, w, h]))
-    }
-
-    fn unref(&mut self, id: u32) -> Code {
-        self.code(&command(RESOURCE_UNREF, &[id, 0]))
-    }
-
-    /// Attaches `entries` (address, length), the command and the entries in two readable
-    /// buffers as Linux sends them.
-    fn attach(&mut self, id: u32, entries: &[(u64, u32)]) -> Code {
-        self.attach_raw(id, entries.len() as u32, entries)
-    }
-
-    /// Attaches with `nr_entries` in the command, whatever `entries` holds.
-    fn attach_raw(&mut self, id: u32, nr_entries: u32, entries: &[(u64, u32)]) -> Code {
-        let cmd = command(RESOURCE_ATTACH_BACKING, &[id, nr_entries]);
-        let mut ents = Vec::new();
-        for &(addr, len) in entries {
-            ents.extend_from_slice(&addr.to_le_bytes());
-            ents.extend_from_slice(&len.to_le_bytes());
-            ents.extend_from_slice(&[0; 4]);
-        }
-        self.write(CMD, &cmd);
-        self.write(ENTRIES, &ents);
-        self.write(RESP, &[0xee; 24]);
-        let mut bufs = vec![(CMD, cmd.len() as u32, false)];
-        if !ents.is_empty() {
-            bufs.push((ENTRIES, ents.len() as u32, false));
-        }
-        bufs.push((RESP, 24, true));
-        assert_eq!(self.submit(&bufs), 24);
-        Code(le32(&self.read(RESP, 24), 0))
-    }
-
-    fn detach(&mut self, id: u32) -> Code {
-        self.code(&command(RESOURCE_DETACH_BACKING, &[id, 0]))
-    }
-
-    fn transfer(&mut self, id: u32, r: Rect, offset: u64) -> Code {
-        let [x, y, w, h] = r;
-        let (lo, hi) = (offset as u32, (offset >> 32) as u32);
-        self.code(&command(TRANSFER_TO_HOST_2D, &[x, y, w, h, lo, hi, id, 0]))
-    }
-
-    fn set_scanout(&mut self, scanout: u32, id: u32, r: Rect) -> Code {
-        let [x, y, w, h] = r;
-        self.code(&command(SET_SCANOUT, &[x, y, w, h, scanout, id]))
-    }
-
-    fn flush(&mut self, id: u32, r: Rect) -> Code {
-        let [x, y, w, h] = r;
-        self.code(&command(RESOURCE_FLUSH, &[x, y, w, h, id, 0]))
-    }
-
-    /// Writes `image` (w x h, stride w * 4) in `format` at `addr`, 0x77 in X/A bytes.
-    fn fill(&self, addr: u64, format: u32, w: u32, h: u32, image: impl Fn(u32, u32) -> u32) {
-        let mut bytes = Vec::with_capacity((w * h * 4) as usize);
-        for y in 0..h {
-            for x in 0..w {
-                bytes.extend_from_slice(&encode(format, image(x, y), 0x77));
-            }
-        }
-        self.write(addr, &bytes);
-    }
-
-    /// Resource `id` (w x h in `format`) backed at `backing(id)` holding `image`: created,
-    /// attached and transferred whole, as Linux makes a framebuffer.
-    fn resource(&mut self, id: u32, format: u32, w: u32, h: u32, image: impl Fn(u32, u32) -> u32) {
-        self.fill(backing(id), format, w, h, image);
-        assert_eq!(self.create(id, format, w, h), OK_NODATA, "create {id}");
-        assert_eq!(
-            self.attach(id, &[(backing(id), w * h * 4)]),
-            OK_NODATA,
-            "attach {id}"
-        );
-        assert_eq!(
-            self.transfer(id, [0, 0, w, h], 0),
-            OK_NODATA,
-            "transfer {id}"
-        );
-    }
-
-    /// [`Gpu::resource`], then set whole on `scanout` and flushed.
-    fn show(&mut self, scanout: u32, id: u32, w: u32, h: u32, image: impl Fn(u32, u32) -> u32) {
-        self.resource(id, B8G8R8X8, w, h, image);
-        assert_eq!(self.set_scanout(scanout, id, [0, 0, w, h]), OK_NODATA);
-        assert_eq!(self.flush(id, [0, 0, w, h]), OK_NODATA);
-    }
-
-    /// The console of `head`, as `screendump` would see it now.
-    fn screen(&self, head: u32) -> Surface {
-        self.console(head).update()
-    }
-
-    fn console(&self, head: u32) -> std::sync::Arc<hw::core::console::QemuConsole> {
-        machine_state(&self.machine)
-            .unwrap()
-            .services()
-            .consoles()
-            .by_device(&self.dev, head)
-            .unwrap_or_else(|| panic!("no console for head {head}"))
-    }
-
-    /// A cursor command on the cursor queue: its used length.
-    fn cursor_cmd(&mut self, bufs: &[(u64, u32, bool)]) -> u32 {
-        let head = u32::from(self.cursor.add_chain(&self.pci.mem, bufs));
-        self.pci.notify(1);
-        let used = self.pci.wait_used(&mut self.cursor, 1, WAIT);
-        assert_eq!(
-            used.len(),
-            1,
-            "the cursor queue did not give the buffer back"
-        );
-        assert_eq!(used[0].0, head);
-        used[0].1
-    }
-
-    /// Waits until the device says it needs a reset.
-    fn wait_broken(&self, what: &str) {
-        let deadline = Instant::now() + WAIT;
-        while self.pci.status() & NEEDS_RESET == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: DEVICE_NEEDS_RESET not set"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-/// The display information: (x, y, width, height, enabled, flags) of each of 16 modes.
-fn display_info(gpu: &mut Gpu) -> (Code, Vec<[u32; 6]>) {
-    let resp = gpu.request(&command(GET_DISPLAY_INFO, &[]), 408);
-    assert_eq!(resp.len(), 408, "virtio_gpu_resp_display_info is 408 bytes");
-    let modes = (0..16)
-        .map(|i| {
-            let at = 24 + 24 * i;
-            std::array::from_fn(|k| le32(&resp, at + 4 * k))
-        })
-        .collect();
-    (Code(le32(&resp, 0)), modes)
+/// The driver started on a new machine with `virtio-gpu-pci,props...`.
+fn new_gpu(props: &[(&str, &str)]) -> Gpu {
+    let (m, dev) = machine(props);
+    Gpu::start(&m, &dev, DEVFN)
 }
 
 /// GET_EDID for `scanout`: the response type and the EDID bytes (`size` of them).
@@ -530,8 +163,8 @@ fn ids_queues_features_and_configuration_are_qemus() {
 #[test]
 fn display_info_and_edid_describe_the_configured_mode() {
     with_deadline("gpu-display-info", || {
-        let mut gpu = Gpu::new(&[]);
-        let (code, modes) = display_info(&mut gpu);
+        let mut gpu = new_gpu(&[]);
+        let (code, modes) = gpu.display_info();
         assert_eq!(code, OK_DISPLAY_INFO);
         assert_eq!(modes[0], [0, 0, 1280, 800, 1, 0], "output 0: 1280x800");
         assert!(modes[1..].iter().all(|m| *m == [0; 6]), "{modes:?}");
@@ -544,8 +177,8 @@ fn display_info_and_edid_describe_the_configured_mode() {
             "scanout 1 of 1"
         );
 
-        let mut gpu = Gpu::new(&[("xres", "1024"), ("yres", "768"), ("max_outputs", "2")]);
-        let (_, modes) = display_info(&mut gpu);
+        let mut gpu = new_gpu(&[("xres", "1024"), ("yres", "768"), ("max_outputs", "2")]);
+        let (_, modes) = gpu.display_info();
         assert_eq!(modes[0], [0, 0, 1024, 768, 1, 0]);
         assert_eq!(modes[1], [0; 6], "only output 0 starts enabled");
         assert!(modes[2..].iter().all(|m| *m == [0; 6]));
@@ -569,7 +202,7 @@ fn display_info_and_edid_describe_the_configured_mode() {
 #[test]
 fn every_format_shows_its_colours_on_the_console() {
     with_deadline("gpu-formats", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         // An odd size, so a wrong stride or swapped axes show.
         let (w, h) = (37, 19);
         for (i, format) in FORMATS.into_iter().enumerate() {
@@ -610,7 +243,7 @@ fn every_format_shows_its_colours_on_the_console() {
 #[test]
 fn a_full_screen_framebuffer_in_scattered_pages() {
     with_deadline("gpu-framebuffer", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         let (w, h) = (1280, 800);
         let image = pattern(9);
         let mut bytes = Vec::with_capacity((w * h * 4) as usize);
@@ -636,7 +269,7 @@ fn a_full_screen_framebuffer_in_scattered_pages() {
         assert_eq!(gpu.pci.read_isr() & 1, 1);
         // The display information is the requested mode, whatever the scanouts show.
         assert_eq!(gpu.set_scanout(0, 1, [0, 0, 640, 480]), OK_NODATA);
-        assert_eq!(display_info(&mut gpu).1[0], [0, 0, 1280, 800, 1, 0]);
+        assert_eq!(gpu.display_info().1[0], [0, 0, 1280, 800, 1, 0]);
     });
 }
 
@@ -645,7 +278,7 @@ fn a_full_screen_framebuffer_in_scattered_pages() {
 #[test]
 fn transfers_follow_qemus_copy_rules_for_offsets_and_partial_rectangles() {
     with_deadline("gpu-transfer", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         let (w, h) = (32, 16);
         let stride = w * 4;
         let old = pattern(1);
@@ -719,7 +352,7 @@ fn transfers_follow_qemus_copy_rules_for_offsets_and_partial_rectangles() {
 #[allow(clippy::single_range_in_vec_init)]
 fn the_console_shows_the_scanout_rectangle_and_flushed_rows() {
     with_deadline("gpu-scanout-rect", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         let (w, h) = (64, 48);
         let old = pattern(3);
         gpu.resource(1, B8G8R8X8, w, h, old);
@@ -778,7 +411,7 @@ fn the_console_shows_the_scanout_rectangle_and_flushed_rows() {
 #[test]
 fn resource_creation_gets_qemus_errors_and_counts_host_memory() {
     with_deadline("gpu-create", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         assert_eq!(
             gpu.create(0, B8G8R8X8, 16, 16),
             ERR_INVALID_RESOURCE_ID,
@@ -810,7 +443,7 @@ fn resource_creation_gets_qemus_errors_and_counts_host_memory() {
         assert_eq!(gpu.create(3, B8G8R8X8, 16, 16), OK_NODATA);
 
         // Four 256 KiB resources under max_hostmem=1M: the fourth would reach it.
-        let mut gpu = Gpu::new(&[("max_hostmem", "1M")]);
+        let mut gpu = new_gpu(&[("max_hostmem", "1M")]);
         for id in 1..=3 {
             assert_eq!(
                 gpu.create(id, B8G8R8X8, 256, 256),
@@ -832,7 +465,7 @@ fn resource_creation_gets_qemus_errors_and_counts_host_memory() {
 #[test]
 fn backing_commands_get_qemus_errors() {
     with_deadline("gpu-backing", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         let b = backing(1);
         assert_eq!(
             gpu.attach(1, &[(b, 4096)]),
@@ -892,7 +525,7 @@ fn backing_commands_get_qemus_errors() {
 #[test]
 fn scanout_transfer_and_flush_get_qemus_errors() {
     with_deadline("gpu-rects", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         let (w, h) = (64, 48);
         gpu.resource(1, B8G8R8X8, w, h, pattern(1));
         // Scanout ids and resources.
@@ -953,7 +586,7 @@ fn scanout_transfer_and_flush_get_qemus_errors() {
 #[test]
 fn unknown_and_unsupported_commands_get_qemus_errors() {
     with_deadline("gpu-unknown", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         for ty in [
             0,
             0xff,
@@ -986,7 +619,7 @@ fn unknown_and_unsupported_commands_get_qemus_errors() {
 #[test]
 fn fences_are_echoed_with_every_response() {
     with_deadline("gpu-fences", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         let fence = 0x1122_3344_5566_7788;
         let resp = gpu.request(
             &fenced(
@@ -1063,7 +696,7 @@ fn fences_are_echoed_with_every_response() {
 #[test]
 fn unreferencing_a_scanouts_resource_disables_the_scanout() {
     with_deadline("gpu-unref-scanout", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         let red = 0xff_0000;
         gpu.show(0, 1, 32, 32, solid(red));
         assert_picture(&gpu.screen(0), 32, 32, solid(red), "shown");
@@ -1107,7 +740,7 @@ fn unreferencing_a_scanouts_resource_disables_the_scanout() {
 #[test]
 fn two_outputs_show_their_own_resources() {
     with_deadline("gpu-two-outputs", || {
-        let mut gpu = Gpu::new(&[("max_outputs", "2")]);
+        let mut gpu = new_gpu(&[("max_outputs", "2")]);
         gpu.show(0, 1, 32, 16, pattern(1));
         gpu.resource(2, B8G8R8X8, 48, 32, pattern(2));
         assert_eq!(gpu.set_scanout(1, 2, [16, 16, 32, 16]), OK_NODATA);
@@ -1143,7 +776,7 @@ fn two_outputs_show_their_own_resources() {
 #[test]
 fn the_cursor_queue_takes_commands_and_returns_empty_buffers() {
     with_deadline("gpu-cursor", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         gpu.show(0, 1, 32, 32, pattern(5));
         gpu.resource(2, B8G8R8A8, 64, 64, solid(0xff_ffff));
         let before = gpu.screen(0);
@@ -1184,7 +817,7 @@ fn the_cursor_queue_takes_commands_and_returns_empty_buffers() {
         // The cursor is not drawn into the picture, and the control queue goes on.
         assert_eq!(gpu.screen(0), before);
         assert_eq!(gpu.pci.status() & NEEDS_RESET, 0);
-        assert_eq!(display_info(&mut gpu).0, OK_DISPLAY_INFO);
+        assert_eq!(gpu.display_info().0, OK_DISPLAY_INFO);
     });
 }
 
@@ -1193,7 +826,7 @@ fn the_cursor_queue_takes_commands_and_returns_empty_buffers() {
 #[test]
 fn hostile_chains_neither_panic_nor_hang() {
     with_deadline("gpu-hostile", || {
-        let mut gpu = Gpu::new(&[]);
+        let mut gpu = new_gpu(&[]);
         // A response buffer shorter than the response: the device writes what fits.
         let resp = gpu.request(&command(GET_DISPLAY_INFO, &[]), 24);
         assert_eq!(Code(le32(&resp, 0)), OK_DISPLAY_INFO, "24 of 408 bytes");
@@ -1279,7 +912,7 @@ fn hostile_chains_neither_panic_nor_hang() {
         gpu.ctrl
             .add_chain(&gpu.pci.mem, &[(RESP + 0x800, 24, true)]);
         gpu.pci.notify(0);
-        assert_eq!(display_info(&mut gpu).0, OK_DISPLAY_INFO);
+        assert_eq!(gpu.display_info().0, OK_DISPLAY_INFO);
         // A transfer from short backing copies what there is: 16 rows of 64 bytes.
         gpu.fill(backing(5), B8G8R8X8, 16, 16, solid(0x40_5060));
         assert_eq!(gpu.create(5, B8G8R8X8, 16, 32), OK_NODATA);
@@ -1333,7 +966,7 @@ fn hostile_chains_neither_panic_nor_hang() {
         assert_eq!(gpu.attach(7, &entries), OK_NODATA, "16384 entries");
         assert_eq!(gpu.transfer(7, [0, 0, 256, 256], 0), OK_NODATA);
         assert_eq!(gpu.pci.status() & NEEDS_RESET, 0);
-        assert_eq!(display_info(&mut gpu).0, OK_DISPLAY_INFO);
+        assert_eq!(gpu.display_info().0, OK_DISPLAY_INFO);
     });
 }
 
@@ -1341,7 +974,7 @@ fn hostile_chains_neither_panic_nor_hang() {
 fn a_broken_ring_marks_the_device_broken_until_reset() {
     with_deadline("gpu-broken", || {
         let (m, dev) = machine(&[]);
-        let mut gpu = Gpu::start(&m, &dev);
+        let mut gpu = Gpu::start(&m, &dev, DEVFN);
         gpu.show(0, 1, 16, 16, solid(0x12_3456));
         // A command buffer far outside guest memory.
         gpu.ctrl.add_chain(
@@ -1358,18 +991,18 @@ fn a_broken_ring_marks_the_device_broken_until_reset() {
         std::thread::sleep(Duration::from_millis(100));
         assert!(gpu.ctrl.take_used(&gpu.pci.mem).is_empty());
         // The available index jumping past the ring's size.
-        let mut gpu = Gpu::start(&m, &dev);
+        let mut gpu = Gpu::start(&m, &dev, DEVFN);
         gpu.ctrl.publish_raw_idx(&gpu.pci.mem, 200);
         gpu.pci.notify(0);
         gpu.wait_broken("avail index 200 in a ring of 64");
         // The cursor queue breaks the device too.
-        let mut gpu = Gpu::start(&m, &dev);
+        let mut gpu = Gpu::start(&m, &dev, DEVFN);
         gpu.cursor
             .add_chain(&gpu.pci.mem, &[(0xdead_0000_0000, 0x2000, false)]);
         gpu.pci.notify(1);
         gpu.wait_broken("a cursor buffer outside RAM");
         // A reset makes it work again, its resources gone.
-        let mut gpu = Gpu::start(&m, &dev);
+        let mut gpu = Gpu::start(&m, &dev, DEVFN);
         assert_eq!(
             gpu.flush(1, [0, 0, 16, 16]),
             ERR_INVALID_RESOURCE_ID,
@@ -1391,7 +1024,7 @@ fn resources_backing_and_picture_move_with_a_migration() {
         let (src, src_dev) = machine(&props);
         let ms = machine_state(&src).unwrap();
         vm_start(ms).unwrap();
-        let mut gpu = Gpu::start(&src, &src_dev);
+        let mut gpu = Gpu::start(&src, &src_dev, DEVFN);
         // Three 256 KiB resources: one shown on head 0, one backed, one bare; a fourth
         // on head 1.
         gpu.show(0, 1, 256, 256, pattern(1));

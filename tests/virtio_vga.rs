@@ -11,7 +11,8 @@
 //!   a picture written through BAR 0 that `screendump` shows as written;
 //! - machines in this process: the VGA and VBE registers through the legacy ports, the
 //!   0xa0000 window and BAR 2's front (0x400, 0x500, 0x600) agreeing; the virtio GPU
-//!   driven through BAR 2 by the test's own driver (features, queues, GET_DISPLAY_INFO);
+//!   driven through BAR 2 by the tests' virtio-gpu driver ([`test_support::virtio_gpu`],
+//!   shared with `tests/virtio_gpu.rs`: features, queues, GET_DISPLAY_INFO);
 //!   neither half disturbing the other's registers; the hand-over of output 0 (the VGA
 //!   until the driver first sets a scanout, the GPU's scanout from then on, even once
 //!   disabled, the VGA again after a virtio reset or a system reset); the properties
@@ -27,35 +28,32 @@
 //! `virtio-gpu-base.c`, `vga-pci.c`, `hw/virtio/virtio-pci.c`), not from the device's code.
 //! SeaBIOS's banner on `-vga virtio` (KVM) is in `tests/vga.rs`.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use hw::core::console::Surface;
-use hw::core::machine::{machine_creation_done, machine_state};
+use hw::core::machine::machine_state;
 use hw::core::memory::AddressSpace;
 use hw::core::migration::{device_states, load_vm, save_vm, Progress};
 use hw::core::runstate::{vm_start, vm_stop, RunStatus, ShutdownCause};
 use qom::ObjectRef;
 use serde_json::{json, Value};
 use test_support::fuzz_qtest::{hex, program_bars, Qtest};
-use test_support::qtest::with_deadline;
+use test_support::qtest::{qomvm_pc_qom_tree, qomvm_pc_stderr, with_deadline};
 use test_support::vga_text::Image;
-use test_support::virtio::{PciConfig, SplitRing, VirtioPciDevice, ACKNOWLEDGE, DRIVER};
-use vm_memory::{Bytes, GuestAddress};
+use test_support::virtio::{PciConfig, VirtioPciDevice, ACKNOWLEDGE, DRIVER};
+use test_support::virtio_gpu::{
+    assert_picture, command, console, le32, pattern, solid, try_pc_with, Code, Gpu, B8G8R8X8, CMD,
+    ERR_INVALID_RESOURCE_ID, ERR_OUT_OF_MEMORY, F_EDID, F_VIRGL, GET_DISPLAY_INFO, GET_EDID,
+    OK_DISPLAY_INFO, OK_EDID, OK_NODATA, RESP, VERSION_1, WAIT,
+};
 
 const QOMVM: &str = env!("CARGO_BIN_EXE_qomvm");
 const VGABIOS_VIRTIO: &str = "/usr/share/seabios/vgabios-virtio.bin";
 
 /// 1af4:1050, the virtio 1.0 GPU's IDs.
 const IDS: u32 = 0x1050_1af4;
-const VERSION_1: u64 = 1 << 32;
-const F_VIRGL: u64 = 1 << 0;
-const F_EDID: u64 = 1 << 1;
-const WAIT: Duration = Duration::from_secs(10);
 /// 00:02.0, where `-vga virtio` puts it (and the in-process machines too).
 const DEVFN: u32 = 2 << 3;
-const RAM: u64 = 128 << 20;
 /// Video memory: QEMU's fixed 8 MiB for virtio-vga.
 const VRAM: u64 = 8 << 20;
 
@@ -68,82 +66,6 @@ const COMMON: u64 = 0x1000;
 const ISR: u64 = 0x1800;
 const DEVICE_CFG: u64 = 0x2000;
 const NOTIFY: u64 = 0x3000;
-
-/// Guest addresses the driver lays things out at.
-const CTRL_RING: u64 = 0x10_0000;
-const CURSOR_RING: u64 = 0x14_0000;
-const CMD: u64 = 0x20_0000;
-const ENTRIES: u64 = 0x21_0000;
-const RESP: u64 = 0x28_0000;
-/// Resource `id`'s backing is at `BACKING + id * 4 MiB`.
-const BACKING: u64 = 0x100_0000;
-
-// Control commands (virtio 1.2, 5.7.6.7).
-const GET_DISPLAY_INFO: u32 = 0x100;
-const RESOURCE_CREATE_2D: u32 = 0x101;
-const SET_SCANOUT: u32 = 0x103;
-const RESOURCE_FLUSH: u32 = 0x104;
-const TRANSFER_TO_HOST_2D: u32 = 0x105;
-const RESOURCE_ATTACH_BACKING: u32 = 0x106;
-const GET_EDID: u32 = 0x10a;
-const B8G8R8X8: u32 = 2;
-
-const OK_NODATA: u32 = 0x1100;
-const OK_DISPLAY_INFO: u32 = 0x1101;
-const OK_EDID: u32 = 0x1104;
-const ERR_OUT_OF_MEMORY: u32 = 0x1201;
-const ERR_INVALID_RESOURCE_ID: u32 = 0x1203;
-
-/// x, y, width, height.
-type Rect = [u32; 4];
-
-fn command(ty: u32, words: &[u32]) -> Vec<u8> {
-    let mut c = Vec::new();
-    c.extend_from_slice(&ty.to_le_bytes());
-    c.extend_from_slice(&[0; 20]);
-    for w in words {
-        c.extend_from_slice(&w.to_le_bytes());
-    }
-    c
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn backing(id: u32) -> u64 {
-    BACKING + u64::from(id) * 0x40_0000
-}
-
-/// A picture that differs with `seed`, pixel (x, y) as 0xRRGGBB.
-fn pattern(seed: u32) -> impl Fn(u32, u32) -> u32 + Copy {
-    move |x, y| {
-        let r = (x * 7 + seed * 31) & 0xff;
-        let g = (y * 13 + seed * 17) & 0xff;
-        let b = ((x ^ y) + seed * 5 + 0x40) & 0xff;
-        r << 16 | g << 8 | b
-    }
-}
-
-fn solid(rgb: u32) -> impl Fn(u32, u32) -> u32 + Copy {
-    move |_, _| rgb
-}
-
-/// Asserts `s` is `w` x `h` and shows `image`; names the first pixel that differs.
-fn assert_picture(s: &Surface, w: u32, h: u32, image: impl Fn(u32, u32) -> u32, what: &str) {
-    assert_eq!((s.width, s.height), (w, h), "{what}: the console's size");
-    for y in 0..h {
-        for x in 0..w {
-            let got = s.pixels[(y * w + x) as usize];
-            assert_eq!(
-                got,
-                image(x, y),
-                "{what}: pixel ({x}, {y}) is {got:#08x}, expected {:#08x}",
-                image(x, y)
-            );
-        }
-    }
-}
 
 /// Whether `s` is `w` x `h` showing `image`.
 fn shows(s: &Surface, w: u32, h: u32, image: impl Fn(u32, u32) -> u32) -> bool {
@@ -169,10 +91,7 @@ struct Board {
 }
 
 fn try_board(props: &[(&str, &str)]) -> Result<Board, String> {
-    let machine = test_support::qtest::pc_on_qtest(RAM);
-    let props: Vec<_> = [("addr", "02.0")].iter().chain(props).copied().collect();
-    let dev = test_support::qtest::try_plug_pci(&machine, "virtio-vga", &props)?;
-    machine_creation_done(&machine).unwrap();
+    let (machine, dev) = try_pc_with("virtio-vga", "02.0", props)?;
     let ms = machine_state(&machine).unwrap();
     vm_start(ms).unwrap();
     let config = PciConfig::new(&machine, DEVFN);
@@ -249,12 +168,7 @@ impl Board {
     }
 
     fn console(&self, head: u32) -> Arc<hw::core::console::QemuConsole> {
-        machine_state(&self.machine)
-            .unwrap()
-            .services()
-            .consoles()
-            .by_device(&self.dev, head)
-            .unwrap_or_else(|| panic!("no console for head {head}"))
+        console(&self.machine, &self.dev, head)
     }
 
     /// The console of `head`, as `screendump` would see it now.
@@ -284,158 +198,15 @@ impl Board {
         vm_start(ms).unwrap();
         Ok(dst)
     }
-}
 
-/// The driver: control queue of 64 entries, cursor queue of 16 (set up, not used).
-struct Gpu {
-    pci: VirtioPciDevice,
-    ctrl: SplitRing,
-}
-
-impl Gpu {
-    /// Resets, negotiates (`VERSION_1`, and EDID when offered) and starts both queues.
-    fn start(b: &Board) -> Gpu {
-        let pci = VirtioPciDevice::probe(&b.machine, DEVFN);
-        assert!(pci.negotiate(VERSION_1 | (pci.device_features() & F_EDID)));
-        let ctrl = SplitRing::new(CTRL_RING, 64);
-        let cursor = SplitRing::new(CURSOR_RING, 16);
-        ctrl.clear(&pci.mem);
-        cursor.clear(&pci.mem);
-        pci.setup_queue(0, &ctrl);
-        pci.setup_queue(1, &cursor);
-        pci.driver_ok();
-        Gpu { pci, ctrl }
+    /// The driver, started (from a reset) on this board's GPU.
+    fn gpu(&self) -> Gpu {
+        Gpu::start(&self.machine, &self.dev, DEVFN)
     }
 
-    /// The same driver, its rings where they were, on the machine it moved to.
-    fn moved_to(self, b: &Board) -> Gpu {
-        Gpu {
-            pci: VirtioPciDevice::probe(&b.machine, DEVFN),
-            ..self
-        }
-    }
-
-    fn write(&self, addr: u64, bytes: &[u8]) {
-        self.pci.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
-    }
-
-    fn read(&self, addr: u64, len: u32) -> Vec<u8> {
-        let mut b = vec![0; len as usize];
-        self.pci.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
-        b
-    }
-
-    /// Submits a chain on the control queue and waits for its completion: its used length.
-    fn submit(&mut self, bufs: &[(u64, u32, bool)]) -> u32 {
-        let head = u32::from(self.ctrl.add_chain(&self.pci.mem, bufs));
-        self.pci.notify(0);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some((_, len)) = self
-                .ctrl
-                .take_used(&self.pci.mem)
-                .into_iter()
-                .find(|&(id, _)| id == head)
-            {
-                return len;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "control chain {head} never completed"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Sends `cmd` with a writable buffer of `resp_len` bytes; returns what the device
-    /// wrote there.
-    fn request(&mut self, cmd: &[u8], resp_len: u32) -> Vec<u8> {
-        self.write(CMD, cmd);
-        self.write(RESP, &vec![0xee; resp_len as usize]);
-        let len = self.submit(&[(CMD, cmd.len() as u32, false), (RESP, resp_len, true)]);
-        assert!(len <= resp_len, "used length {len} > buffer {resp_len}");
-        self.read(RESP, len)
-    }
-
-    /// Sends `cmd`; returns the type of its (header-only) response.
-    fn code(&mut self, cmd: &[u8]) -> u32 {
-        let resp = self.request(cmd, 24);
-        assert_eq!(resp.len(), 24, "the response is a control header");
-        le32(&resp, 0)
-    }
-
-    fn create(&mut self, id: u32, w: u32, h: u32) -> u32 {
-        self.code(&command(RESOURCE_CREATE_2D, &[id, B8G8R8X8, w, h]))
-    }
-
-    fn attach(&mut self, id: u32, addr: u64, len: u32) -> u32 {
-        let cmd = command(RESOURCE_ATTACH_BACKING, &[id, 1]);
-        let mut entry = addr.to_le_bytes().to_vec();
-        entry.extend_from_slice(&len.to_le_bytes());
-        entry.extend_from_slice(&[0; 4]);
-        self.write(CMD, &cmd);
-        self.write(ENTRIES, &entry);
-        self.write(RESP, &[0xee; 24]);
-        let used = self.submit(&[
-            (CMD, cmd.len() as u32, false),
-            (ENTRIES, 16, false),
-            (RESP, 24, true),
-        ]);
-        assert_eq!(used, 24);
-        le32(&self.read(RESP, 24), 0)
-    }
-
-    fn transfer(&mut self, id: u32, r: Rect) -> u32 {
-        let [x, y, w, h] = r;
-        self.code(&command(TRANSFER_TO_HOST_2D, &[x, y, w, h, 0, 0, id, 0]))
-    }
-
-    fn set_scanout(&mut self, scanout: u32, id: u32, r: Rect) -> u32 {
-        let [x, y, w, h] = r;
-        self.code(&command(SET_SCANOUT, &[x, y, w, h, scanout, id]))
-    }
-
-    fn flush(&mut self, id: u32, r: Rect) -> u32 {
-        let [x, y, w, h] = r;
-        self.code(&command(RESOURCE_FLUSH, &[x, y, w, h, id, 0]))
-    }
-
-    /// Resource `id` (w x h, B8G8R8X8) backed at `backing(id)` holding `image`: created,
-    /// attached and transferred whole, as Linux makes a framebuffer.
-    fn resource(&mut self, id: u32, w: u32, h: u32, image: impl Fn(u32, u32) -> u32) {
-        let mut bytes = Vec::with_capacity((w * h * 4) as usize);
-        for y in 0..h {
-            for x in 0..w {
-                let [_, r, g, b] = image(x, y).to_be_bytes();
-                bytes.extend_from_slice(&[b, g, r, 0x77]);
-            }
-        }
-        self.write(backing(id), &bytes);
-        assert_eq!(self.create(id, w, h), OK_NODATA, "create {id}");
-        assert_eq!(
-            self.attach(id, backing(id), w * h * 4),
-            OK_NODATA,
-            "attach {id}"
-        );
-        assert_eq!(self.transfer(id, [0, 0, w, h]), OK_NODATA, "transfer {id}");
-    }
-
-    /// [`Gpu::resource`], then set whole on `scanout` and flushed.
-    fn show(&mut self, scanout: u32, id: u32, w: u32, h: u32, image: impl Fn(u32, u32) -> u32) {
-        self.resource(id, w, h, image);
-        assert_eq!(self.set_scanout(scanout, id, [0, 0, w, h]), OK_NODATA);
-        assert_eq!(self.flush(id, [0, 0, w, h]), OK_NODATA);
-    }
-
-    /// GET_DISPLAY_INFO: the response type and (x, y, width, height, enabled, flags) of
-    /// each of the 16 modes.
-    fn display_info(&mut self) -> (u32, Vec<[u32; 6]>) {
-        let resp = self.request(&command(GET_DISPLAY_INFO, &[]), 408);
-        assert_eq!(resp.len(), 408, "virtio_gpu_resp_display_info is 408 bytes");
-        let modes = (0..16)
-            .map(|i| std::array::from_fn(|k| le32(&resp, 24 + 24 * i + 4 * k)))
-            .collect();
-        (le32(&resp, 0), modes)
+    /// `gpu`, its rings where they were, on this board it moved to.
+    fn moved(&self, gpu: Gpu) -> Gpu {
+        gpu.moved_to(&self.machine, &self.dev)
     }
 }
 
@@ -443,15 +214,7 @@ impl Gpu {
 // A qomvm process.
 
 fn rom_or_skip() -> Option<Vec<u8>> {
-    match std::fs::read(VGABIOS_VIRTIO) {
-        Ok(rom) => Some(rom),
-        Err(_) => {
-            test_support::skip::skip(format!(
-                "{VGABIOS_VIRTIO} is missing (Debian package 'seabios')"
-            ));
-            None
-        }
-    }
+    test_support::skip::read_or_skip(VGABIOS_VIRTIO, "seabios")
 }
 
 fn cfg8(qt: &mut Qtest, reg: u32) -> u32 {
@@ -827,7 +590,7 @@ fn the_virtio_gpu_is_driven_through_bar2() {
             "status written through the window"
         );
 
-        let mut gpu = Gpu::start(&b);
+        let mut gpu = b.gpu();
         let (code, modes) = gpu.display_info();
         assert_eq!(code, OK_DISPLAY_INFO);
         assert_eq!(
@@ -837,7 +600,7 @@ fn the_virtio_gpu_is_driven_through_bar2() {
         );
         assert!(modes[1..].iter().all(|m| *m == [0; 6]), "{modes:?}");
         let edid = gpu.request(&command(GET_EDID, &[0, 0]), 1056);
-        assert_eq!(le32(&edid, 0), OK_EDID);
+        assert_eq!(Code(le32(&edid, 0)), OK_EDID);
         assert_eq!(edid[32..40], [0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
         // Completions raise the legacy interrupt: ISR bit 0 at BAR 2 + 0x1800, read once.
         assert_eq!(b.bar2_read(ISR, 1) & 1, 1);
@@ -872,9 +635,9 @@ fn the_gpu_takes_output_0_at_its_first_scanout_and_gives_it_back_at_reset() {
 
         // A driver that runs, makes resources, fails to set one or disables the
         // (disabled) scanout has not taken the screen.
-        let mut gpu = Gpu::start(&b);
+        let mut gpu = b.gpu();
         assert_picture(&b.screen(0), VGA_W, VGA_H, pattern(1), "DRIVER_OK");
-        gpu.resource(1, 32, 24, solid(0x12_3456));
+        gpu.resource(1, B8G8R8X8, 32, 24, solid(0x12_3456));
         assert_eq!(
             gpu.set_scanout(0, 99, [0, 0, 32, 24]),
             ERR_INVALID_RESOURCE_ID
@@ -932,7 +695,7 @@ fn the_gpu_takes_output_0_at_its_first_scanout_and_gives_it_back_at_reset() {
         assert_eq!(b.vbe_get(4), 0x41, "a virtio reset leaves the VGA alone");
 
         // The driver again: the GPU again, its old resources gone.
-        let mut gpu = Gpu::start(&b);
+        let mut gpu = b.gpu();
         assert_picture(&b.screen(0), VGA_W, VGA_H, pattern(5), "DRIVER_OK again");
         assert_eq!(gpu.flush(2, [0, 0, 40, 30]), ERR_INVALID_RESOURCE_ID);
         gpu.show(0, 3, 24, 16, pattern(3));
@@ -1054,7 +817,7 @@ fn vga_registers_and_virtio_configuration_do_not_disturb_each_other() {
         assert_eq!(b.bar2_read(MMIO_QEXT, 4), 8);
         assert_eq!(b.bar2_read(MMIO_QEXT + 4, 4), 0x1e1e_1e1e);
         // And the virtio half still works from a reset.
-        let mut gpu = Gpu::start(&b);
+        let mut gpu = b.gpu();
         assert_eq!(gpu.display_info().0, OK_DISPLAY_INFO);
     });
 }
@@ -1072,7 +835,7 @@ fn the_properties_are_virtio_gpu_pcis() {
             !shows(&b.screen(1), VGA_W, VGA_H, pattern(1)),
             "output 1 is not the VGA"
         );
-        let mut gpu = Gpu::start(&b);
+        let mut gpu = b.gpu();
         assert_eq!(gpu.pci.device_config(8, 4), 2, "num_scanouts");
         let (_, modes) = gpu.display_info();
         assert_eq!(modes[0], [0, 0, 1280, 800, 1, 0]);
@@ -1084,14 +847,18 @@ fn the_properties_are_virtio_gpu_pcis() {
         assert_picture(&b.screen(1), 32, 16, pattern(2), "output 1 kept");
 
         let b = board(&[("xres", "1024"), ("yres", "768"), ("edid", "off")]);
-        let mut gpu = Gpu::start(&b);
+        let mut gpu = b.gpu();
         assert_eq!(gpu.pci.device_features() & F_EDID, 0, "edid=off");
         assert_eq!(gpu.display_info().1[0], [0, 0, 1024, 768, 1, 0]);
 
         let b = board(&[("max_hostmem", "1M")]);
-        let mut gpu = Gpu::start(&b);
-        assert_eq!(gpu.create(1, 1024, 1024), ERR_OUT_OF_MEMORY, "4 MiB of 1");
-        assert_eq!(gpu.create(2, 256, 128), OK_NODATA);
+        let mut gpu = b.gpu();
+        assert_eq!(
+            gpu.create(1, B8G8R8X8, 1024, 1024),
+            ERR_OUT_OF_MEMORY,
+            "4 MiB of 1"
+        );
+        assert_eq!(gpu.create(2, B8G8R8X8, 256, 128), OK_NODATA);
 
         let err = try_board(&[("max_outputs", "17")])
             .err()
@@ -1104,60 +871,9 @@ fn the_properties_are_virtio_gpu_pcis() {
 // ---------------------------------------------------------------------------------------
 // The command line.
 
-/// qomvm on qtest with `args`: `info qom-tree`, or its error.
-fn qom_tree(args: &[&str]) -> Result<String, String> {
-    use std::io::Write;
-    let mut child = Command::new(QOMVM)
-        .args(["-M", "pc", "-accel", "qtest", "-display", "none", "-S"])
-        .args(["-qmp", "stdio", "-serial", "none"])
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin, r#"{{"execute":"qmp_capabilities"}}"#).unwrap();
-    writeln!(
-        stdin,
-        r#"{{"execute":"human-monitor-command","arguments":{{"command-line":"info qom-tree"}}}}"#
-    )
-    .unwrap();
-    writeln!(stdin, r#"{{"execute":"quit"}}"#).unwrap();
-    drop(stdin);
-    // Read as it comes (a full pipe would block qomvm); the wait is bounded.
-    let read_all = |mut r: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = r.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
-    let stderr = read_all(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("qomvm {args:?} did not quit");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
-    if !status.success() {
-        return Err(stderr.trim_end().to_string());
-    }
-    Ok(stdout)
-}
-
 /// How many virtio-vga and std VGA devices qomvm with `args` has.
 fn displays(args: &[&str]) -> Result<(usize, usize), String> {
-    let tree = qom_tree(args)?;
+    let tree = qomvm_pc_qom_tree(QOMVM, args)?;
     Ok((
         tree.matches("(virtio-vga)").count(),
         tree.matches("(VGA)").count(),
@@ -1188,25 +904,10 @@ fn vga_virtio_and_device_virtio_vga_replace_the_std_vga() {
 
 #[test]
 fn max_outputs_over_16_is_refused_in_qemus_words() {
-    let out = Command::new(QOMVM)
-        .args([
-            "-M",
-            "pc",
-            "-accel",
-            "qtest",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-        ])
-        .args(["-device", "virtio-vga,max_outputs=17"])
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let (ok, stderr) = qomvm_pc_stderr(QOMVM, &["-device", "virtio-vga,max_outputs=17"]);
+    assert!(!ok);
     assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim_end(),
+        stderr,
         "qomvm: -device virtio-vga,max_outputs=17: invalid max_outputs > 16"
     );
     assert_eq!(
@@ -1290,8 +991,8 @@ fn a_vbe_picture_moves_in_one_section() {
         src.vbe_set(9, 2);
         src.draw(0, VGA_W, VGA_H + 2, pattern(1));
         // The driver has made a resource but set no scanout: the VGA shows.
-        let mut gpu = Gpu::start(&src);
-        gpu.resource(1, 32, 24, pattern(2));
+        let mut gpu = src.gpu();
+        gpu.resource(1, B8G8R8X8, 32, 24, pattern(2));
         let screen = src.screen(0);
         assert_picture(&screen, VGA_W, VGA_H, |x, y| pattern(1)(x, y + 2), "source");
 
@@ -1331,7 +1032,7 @@ fn a_vbe_picture_moves_in_one_section() {
             u64::from(pattern(1)(3, 10))
         );
         // The resource moved too: shown on the destination, the GPU takes the screen.
-        let mut gpu = gpu.moved_to(&dst);
+        let mut gpu = dst.moved(gpu);
         assert_eq!(gpu.set_scanout(0, 1, [0, 0, 32, 24]), OK_NODATA);
         assert_eq!(gpu.flush(1, [0, 0, 32, 24]), OK_NODATA);
         assert_picture(&dst.screen(0), 32, 24, pattern(2), "the moved resource");
@@ -1354,7 +1055,7 @@ fn an_enabled_gpu_moves_and_gives_the_screen_back_to_the_moved_vga_at_reset() {
         let src = board(&[]);
         src.vbe_mode(VGA_W as u16, VGA_H as u16);
         src.draw(0, VGA_W, VGA_H, pattern(1));
-        let mut gpu = Gpu::start(&src);
+        let mut gpu = src.gpu();
         gpu.show(0, 1, 40, 30, pattern(2));
         // The VGA draws on beneath the GPU's picture.
         src.draw(0, VGA_W, VGA_H, pattern(7));
@@ -1362,7 +1063,7 @@ fn an_enabled_gpu_moves_and_gives_the_screen_back_to_the_moved_vga_at_reset() {
 
         let dst = src.migrate(&[]).unwrap();
         assert_picture(&dst.screen(0), 40, 30, pattern(2), "destination");
-        let gpu = gpu.moved_to(&dst);
+        let gpu = dst.moved(gpu);
         gpu.pci.set_status(0);
         assert_picture(
             &dst.screen(0),
@@ -1371,7 +1072,7 @@ fn an_enabled_gpu_moves_and_gives_the_screen_back_to_the_moved_vga_at_reset() {
             pattern(7),
             "the moved VGA after a virtio reset on the destination",
         );
-        let mut gpu = Gpu::start(&dst);
+        let mut gpu = dst.gpu();
         gpu.show(0, 2, 24, 16, pattern(3));
         assert_picture(&dst.screen(0), 24, 16, pattern(3), "the GPU again");
     });
@@ -1387,7 +1088,7 @@ fn an_enabled_gpu_with_its_scanout_disabled_stays_enabled_across_a_migration() {
         src.vbe_mode(VGA_W as u16, VGA_H as u16);
         src.draw(0, VGA_W, VGA_H, pattern(1));
         assert_picture(&src.screen(0), VGA_W, VGA_H, pattern(1), "the VGA");
-        let mut gpu = Gpu::start(&src);
+        let mut gpu = src.gpu();
         gpu.show(0, 1, 40, 30, pattern(2));
         assert_eq!(gpu.set_scanout(0, 0, [0, 0, 0, 0]), OK_NODATA);
         assert!(
@@ -1401,7 +1102,7 @@ fn an_enabled_gpu_with_its_scanout_disabled_stays_enabled_across_a_migration() {
             "the destination gave output 0 back to the VGA; QEMU 7.2 migrates `enable`, so \
              an enabled GPU with a disabled scanout keeps it"
         );
-        let gpu = gpu.moved_to(&dst);
+        let gpu = dst.moved(gpu);
         gpu.pci.set_status(0);
         assert_picture(&dst.screen(0), VGA_W, VGA_H, pattern(1), "after a reset");
     });

@@ -5,8 +5,8 @@
 //! that prints and powers off ([`boot_program`]), skips made visible ([`skip`]), a QMP
 //! client ([`qmp`]), a datagram-socket network backend ([`dgram_netdev`]) and a PCI network
 //! card's harness over it ([`nic_card`]), an SMBIOS reader ([`smbios`]), a VGA text-screen
-//! reader ([`vga_text`]) and VNC Authentication's DES for clients and password files
-//! ([`vnc`]).
+//! reader ([`vga_text`]), a virtio-gpu driver and the pictures it shows ([`virtio_gpu`])
+//! and VNC Authentication's DES for clients and password files ([`vnc`]).
 
 pub mod boot_program;
 pub mod console;
@@ -27,5 +27,6 @@ pub mod skip;
 pub mod smbios;
 pub mod vga_text;
 pub mod virtio;
+pub mod virtio_gpu;
 pub mod vm;
 pub mod vnc;

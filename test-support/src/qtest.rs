@@ -164,6 +164,74 @@ pub fn qomvm_pc_refused(bin: &str, args: &[&str]) -> String {
     stderr
 }
 
+/// Starts the qomvm binary `bin` with `args`, `RUST_LOG=off` (stderr holds only what qomvm
+/// itself says), `stdin` and `stdout` as given and stderr piped.
+fn spawn_without_logs(
+    bin: &str,
+    args: &[&str],
+    stdin: std::process::Stdio,
+    stdout: std::process::Stdio,
+) -> std::process::Child {
+    std::process::Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qomvm runs")
+}
+
+/// Runs the qomvm binary `bin` as `-M pc -accel qtest -display none -nodefaults -S ARGS`
+/// (no monitor, `RUST_LOG=off`) for options it should refuse, until it exits within a
+/// deadline: whether it succeeded, and its stderr without the trailing newline.
+pub fn qomvm_pc_stderr(bin: &str, args: &[&str]) -> (bool, String) {
+    use std::process::Stdio;
+    let all = [&PC_ON_QTEST[..], &["-S"], args].concat();
+    let child = spawn_without_logs(bin, &all, Stdio::null(), Stdio::null());
+    let (code, stderr) = wait_within_deadline(child, &format!("{args:?}"));
+    (code == Some(0), stderr.trim_end().to_string())
+}
+
+/// Runs the qomvm binary `bin` as `-M pc -accel qtest -display none -S -qmp stdio -serial
+/// none ARGS` (its defaults kept, `RUST_LOG=off`), asks for `info qom-tree` through QMP
+/// and quits: the whole QMP output, or the stderr of a qomvm that refused its options.
+pub fn qomvm_pc_qom_tree(bin: &str, args: &[&str]) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    use std::process::Stdio;
+    let base = ["-M", "pc", "-accel", "qtest", "-display", "none", "-S"];
+    let qmp = ["-qmp", "stdio", "-serial", "none"];
+    let all = [&base[..], &qmp, args].concat();
+    let mut child = spawn_without_logs(bin, &all, Stdio::piped(), Stdio::piped());
+    // A qomvm that refused its options has exited: the write may fail, which is fine.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(
+            concat!(
+                r#"{"execute":"qmp_capabilities"}"#,
+                "\n",
+                r#"{"execute":"human-monitor-command","arguments":{"command-line":"info qom-tree"}}"#,
+                "\n",
+                r#"{"execute":"quit"}"#,
+                "\n",
+            )
+            .as_bytes(),
+        );
+    }
+    // Read as it comes (a full pipe would block qomvm).
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stdout.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    let (code, stderr) = wait_within_deadline(child, &format!("{args:?}"));
+    let stdout = reader.join().unwrap_or_default();
+    if code != Some(0) {
+        return Err(stderr.trim_end().to_string());
+    }
+    Ok(stdout)
+}
+
 /// [`qomvm_pc_quit`] with `envs` set.
 pub fn qomvm_pc_quit_env(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) {
     use std::io::Write as _;

@@ -1,7 +1,7 @@
 //! Skipped tests, made visible.
 //!
 //! A test that cannot run here returns early after calling [`skip`] (or [`skip_kvm`] when
-//! what it lacks is `/dev/kvm`). `cargo test` hides the output of passing tests, so a skip
+//! what it lacks is `/dev/kvm`, [`read_or_skip`] when it is a packaged file). `cargo test` hides the output of passing tests, so a skip
 //! that only printed would look exactly like a pass; the reason therefore also goes, as one
 //! line, to the file named by [`SKIP_LOG_ENV`] when it is set. `.ci/run` sets it and ends
 //! with a count of the skipped tests and their reasons.
@@ -76,6 +76,18 @@ fn record(log: Option<&std::path::Path>, line: &str) -> std::io::Result<()> {
         .append(true)
         .open(path)?
         .write_all(format!("{line}\n").as_bytes())
+}
+
+/// The contents of `path` (a file the host's Debian package `package` installs, a VGA BIOS
+/// for one), or `None` after a [`skip`] saying it is missing.
+pub fn read_or_skip(path: &str, package: &str) -> Option<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Some(bytes),
+        Err(_) => {
+            skip(format!("{path} is missing (Debian package '{package}')"));
+            None
+        }
+    }
 }
 
 /// Whether the environment says `/dev/kvm` is usable ([`REQUIRE_KVM_ENV`]).
