@@ -355,6 +355,57 @@ fn ega(n: u8) -> [u8; 3] {
     [widen(c(2, 5)), widen(c(1, 4)), widen(c(0, 3))]
 }
 
+/// QEMU's EDID region at the start of the MMIO BAR (`edid=on` by default): a valid EDID
+/// 1.4 block, "QEMU Monitor" preferring 1280x800 or `xres` x `yres`, as Linux's
+/// bochs-drm reads it; none under `edid=off`.
+#[test]
+fn the_mmio_bar_starts_with_the_edid() {
+    let preferred = |e: &[u8]| {
+        let d = &e[54..72];
+        (
+            u32::from(d[2]) | (u32::from(d[4] >> 4) << 8),
+            u32::from(d[5]) | (u32::from(d[7] >> 4) << 8),
+        )
+    };
+    for (name, extra, mode) in [
+        ("edid-default", &[][..], Some((1280, 800))),
+        (
+            "edid-1024",
+            &["-global", "VGA.xres=1024", "-global", "VGA.yres=768"][..],
+            Some((1024, 768)),
+        ),
+        ("edid-off", &["-global", "VGA.edid=off"][..], None),
+    ] {
+        let (mut qt, _qmp, _dir) = qtest_with_qmp(name, extra);
+        let functions = program_bars(&mut qt);
+        let mmio = the_vga(&functions).bars[1].1;
+        let e = qt.read_mem(mmio, 256);
+        match mode {
+            Some(mode) => {
+                assert_eq!(
+                    &e[..8],
+                    &[0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0],
+                    "{name}: the header"
+                );
+                assert_eq!(
+                    e[..128].iter().fold(0u8, |a, b| a.wrapping_add(*b)),
+                    0,
+                    "{name}: the checksum"
+                );
+                assert_eq!((e[18], e[19]), (1, 4), "{name}: EDID 1.4");
+                assert_eq!(preferred(&e), mode, "{name}: the preferred timing");
+                assert_eq!(&e[77..89], b"QEMU Monitor", "{name}");
+                // Read-only: a write changes nothing.
+                assert_eq!(qt.cmd(format!("writeb 0x{mmio:x} 0x12")), "OK");
+                assert_eq!(qt.read_mem(mmio, 1), [0], "{name}");
+                // The VGA registers after it are still there.
+                assert_eq!(qt.value(format!("readl 0x{:x}", mmio + 0x600)), 8, "{name}");
+            }
+            None => assert!(e.iter().all(|b| *b == 0xff), "{name}: no EDID, {e:x?}"),
+        }
+    }
+}
+
 #[test]
 fn a_text_screen_dumps_as_the_font_and_palette_draw_it() {
     let Some(rom) = vgabios_or_skip() else { return };

@@ -7,8 +7,9 @@
 //! - BAR 2 (`mmio=on`): 4 KiB of registers: the VGA ports 0x3c0-0x3df at 0x400 (16-bit
 //!   writes set an index and its data at once), the VBE registers at 0x500 (register `n`
 //!   at `0x500 + 2n`), and with `qemu-extended-regs=on` QEMU's extended registers at 0x600
-//!   (size, and framebuffer byte order at 0x604; the revision is then 2). The EDID blob
-//!   QEMU 7.2 puts at 0x000 (`edid=on`) is not there yet: 0x000-0x3ff reads all ones;
+//!   (size, and framebuffer byte order at 0x604; the revision is then 2), and with
+//!   `edid=on` (the default) the EDID of a monitor preferring `xres` x `yres` at 0x000
+//!   (256 bytes: the base block, no extension), which Linux's bochs-drm reads;
 //! - the expansion ROM BAR: `romfile`, by default SeaBIOS's `vgabios-stdvga.bin`.
 //!
 //! One graphic console shows it (QMP/HMP `screendump`, the VNC server), redrawing only
@@ -45,6 +46,7 @@ pub const PCI_CLASS_DISPLAY_VGA: u16 = 0x0300;
 
 /// The MMIO BAR's size and layout (QEMU's `PCI_VGA_*`).
 const PCI_VGA_MMIO_SIZE: u64 = 0x1000;
+const PCI_VGA_EDID_SIZE: u64 = 0x100;
 const PCI_VGA_IOPORT_OFFSET: u64 = 0x400;
 const PCI_VGA_IOPORT_SIZE: u64 = 0x20;
 const PCI_VGA_BOCHS_OFFSET: u64 = 0x500;
@@ -67,6 +69,12 @@ pub struct PciVga {
     mmio: Prop<bool>,
     #[property(name = "qemu-extended-regs", default = true, desc = "on/off")]
     qemu_extended_regs: Prop<bool>,
+    #[property(default = true, desc = "on/off: the EDID at the start of the MMIO BAR")]
+    edid: Prop<bool>,
+    #[property(default = 0u32, desc = "Width of the EDID's preferred mode (0: 1280)")]
+    xres: Prop<u32>,
+    #[property(default = 0u32, desc = "Height of the EDID's preferred mode (0: 800)")]
+    yres: Prop<u32>,
     vga: OnceLock<Arc<VgaCommon>>,
     console: Mutex<Option<Arc<QemuConsole>>>,
     /// The legacy regions this device claimed, to give back at unrealize.
@@ -157,7 +165,11 @@ impl PciDeviceImpl for PciVga {
             if qext {
                 self.config_set(crate::pci::pci::config::REVISION, &[2]);
             }
-            let mmio = MemoryRegion::new_io("vga.mmio", PCI_VGA_MMIO_SIZE, Arc::new(VgaMmio::new(vga.clone(), qext)));
+            let mut regs = VgaMmio::new(vga.clone(), qext);
+            if self.edid.get() {
+                regs.edid = Some(crate::display::edid::edid_block(self.xres.get(), self.yres.get()));
+            }
+            let mmio = MemoryRegion::new_io("vga.mmio", PCI_VGA_MMIO_SIZE, Arc::new(regs));
             self.register_bar(2, BarKind::Mem32, mmio)?;
         }
         let console = services
@@ -309,12 +321,14 @@ impl GraphicHwOps for VgaConsole {
 pub struct VgaMmio {
     vga: Arc<VgaCommon>,
     qext: bool,
+    /// QEMU's `edid` region at 0x000 (its 256 bytes: this block, then zeros).
+    edid: Option<[u8; 128]>,
 }
 
 impl VgaMmio {
     /// The registers of `vga`, QEMU's extended ones with `qext`.
     pub fn new(vga: Arc<VgaCommon>, qext: bool) -> Self {
-        VgaMmio { vga, qext }
+        VgaMmio { vga, qext, edid: None }
     }
 
     /// Reads the VBE register at byte `offset` of the bochs window.
@@ -325,7 +339,17 @@ impl VgaMmio {
 
 impl MemoryRegionOps for VgaMmio {
     fn read(&self, offset: u64, size: u32) -> u64 {
-        let size = size.min(4);
+        if let Some(edid) = self.edid.as_ref().filter(|_| offset < PCI_VGA_EDID_SIZE) {
+            // Bytes, as many as asked (QEMU's region splits wider reads into them).
+            return (0..u64::from(size.min(8))).fold(0, |v, i| {
+                let byte = edid.get((offset + i) as usize).copied().unwrap_or(0);
+                v | (u64::from(byte) << (8 * i))
+            });
+        }
+        if size > 4 {
+            // Two 4-byte reads, low first (the registers are at most 4 bytes wide).
+            return self.read(offset, 4) | (self.read(offset + 4, 4) << 32);
+        }
         let ones = (1u64 << (8 * size)) - 1;
         if (PCI_VGA_IOPORT_OFFSET..PCI_VGA_IOPORT_OFFSET + PCI_VGA_IOPORT_SIZE).contains(&offset) {
             let mut regs = self.vga.regs.lock();
@@ -372,7 +396,15 @@ impl MemoryRegionOps for VgaMmio {
     }
 
     fn write(&self, offset: u64, value: u64, size: u32) {
-        let size = size.min(4);
+        if size > 4 {
+            self.write(offset, value & 0xffff_ffff, 4);
+            self.write(offset + 4, value >> 32, 4);
+            return;
+        }
+        if self.edid.is_some() && offset < PCI_VGA_EDID_SIZE {
+            // Read-only.
+            return;
+        }
         if (PCI_VGA_IOPORT_OFFSET..PCI_VGA_IOPORT_OFFSET + PCI_VGA_IOPORT_SIZE).contains(&offset) {
             // Bytes in little-endian order: an index and its data in one write.
             let mut regs = self.vga.regs.lock();
