@@ -253,6 +253,22 @@ fn seabios_boots_a_usb_storage_disk_behind_a_hub() {
     );
 }
 
+/// The stick on `qemu-xhci`: SeaBIOS's xHCI driver addresses it, configures its bulk
+/// endpoints and reads the boot sector through transfer rings; the boot order names it
+/// under the controller's slot (`usb@N/storage@1/...`).
+#[test]
+fn seabios_boots_a_usb_storage_disk_on_xhci() {
+    usb_stick_boots(
+        "xhciboot",
+        &[
+            "-device",
+            "qemu-xhci,id=xhci",
+            "-device",
+            "usb-storage,bus=xhci.0,drive=u0,bootindex=1",
+        ],
+    );
+}
+
 /// Boots the boot sector disk as drive `u0` of `usb` devices, a blank virtio-blk disk
 /// with a later boot index beside it.
 fn usb_stick_boots(name: &str, usb: &[&str]) {
