@@ -552,6 +552,7 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
         std::fs::write(dir.join("ide.raw"), vec![0u8; 1 << 20]).unwrap();
         std::fs::write(dir.join("cd.raw"), vec![0u8; 1 << 20]).unwrap();
         std::fs::write(dir.join("stick.raw"), vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(dir.join("stick2.raw"), vec![0u8; 1 << 20]).unwrap();
         [
             "-drive",
             "file=disk.raw,format=raw,if=none,id=d0",
@@ -607,6 +608,15 @@ fn random_port_mmio_pci_and_dma_sequences_leave_qomvm_answering() {
             "usb-tablet,port=2.1",
             "-device",
             "usb-kbd,port=2.2",
+            // xHCI with a tablet and a stick of its own (random doorbells and rings).
+            "-device",
+            "qemu-xhci,id=xhci",
+            "-device",
+            "usb-tablet,bus=xhci.0",
+            "-drive",
+            "file=stick2.raw,format=raw,if=none,id=stick2",
+            "-device",
+            "usb-storage,bus=xhci.0,drive=stick2",
             // IDE: a disk on the primary channel, a CD on the secondary.
             "-drive",
             "file=ide.raw,format=raw,if=ide,index=0",
