@@ -1135,6 +1135,13 @@ impl PciDevice {
         Ok(offset)
     }
 
+    /// Puts the next capability at `offset` (or later, if that is taken), as QEMU's devices
+    /// that pass a capability's offset place it (`msix_init(..., 0x90)`).
+    pub fn place_next_capability_at(&self, offset: usize) {
+        let mut space = self.config.lock();
+        space.next_capability = space.next_capability.max(offset.next_multiple_of(4));
+    }
+
     /// Sets bytes of the configuration space directly (device set-up, not guest writes).
     pub fn config_set(&self, addr: usize, bytes: &[u8]) {
         self.config.lock().bytes[addr..addr + bytes.len()].copy_from_slice(bytes);

@@ -1,7 +1,7 @@
 //! `qemu-xhci` (QEMU's `hw/usb/hcd-xhci.c` and `hcd-xhci-pci.c`): the USB 3.0 eXtensible
 //! Host Controller QEMU offers as 1b36:000d, what libvirt writes for `<controller
 //! type='usb' model='qemu-xhci'>` (virt-install's default for modern guests) and what
-//! `-device qemu-xhci` adds. `p2` USB 2.0 ports (1..p2) and `p3` USB 3.0 ports after them
+//! `-device qemu-xhci` adds. `p3` USB 3.0 ports (1..p3) and `p2` USB 2.0 ports after them
 //! share the bus's physical ports (`<id>.0`, ports 1..max(p2, p3)); qomvm's devices are
 //! full speed and show on the USB 2.0 half.
 //!
@@ -61,9 +61,8 @@ const RUNTIME: u64 = 0x1000;
 const DOORBELL: u64 = 0x2000;
 const MSIX_TABLE: u64 = 0x3000;
 const MSIX_PBA: u64 = 0x3800;
-/// Configuration registers: serial bus release number (3.0) and frame length adjustment.
+/// Configuration register: serial bus release number (3.0).
 const USB_SBRN: usize = 0x60;
-const USB_FLADJ: usize = 0x61;
 
 /// A TRB's size.
 const TRB_SIZE: u64 = 16;
@@ -388,20 +387,21 @@ impl Xhci {
     }
 
     /// The physical port behind xHCI port `port` (0-based), and whether it is the USB
-    /// 3.0 one.
+    /// 3.0 one: `qemu-xhci` numbers its USB 3.0 ports first (QEMU's
+    /// `XHCI_FLAG_SS_FIRST`), the USB 2.0 ones after them.
     fn uport_of(&self, port: usize) -> (usize, bool) {
-        let p2 = self.numports_2 as usize;
-        if port < p2 {
-            (port, false)
+        let p3 = self.numports_3 as usize;
+        if port < p3 {
+            (port, true)
         } else {
-            (port - p2, true)
+            (port - p3, false)
         }
     }
 
     /// The xHCI port a device on physical port `uport` shows on: qomvm's devices are full
     /// speed, on the USB 2.0 half (none where there are no USB 2.0 ports for it).
     fn port_of_uport(&self, uport: usize) -> Option<usize> {
-        (uport < self.numports_2 as usize).then_some(uport)
+        (uport < self.numports_2 as usize).then_some(self.numports_3 as usize + uport)
     }
 
     fn write32(&self, mem: &GuestMemoryMmap, addr: u64, val: u32) -> Result<(), DmaFault> {
@@ -698,11 +698,11 @@ impl Xhci {
             // Supported Protocol capabilities: USB 2.0, then USB 3.0.
             0x20 => 0x0200_0402,
             0x24 => u32::from_le_bytes(*b"USB "),
-            0x28 => 0x0000_0001 | (self.numports_2 << 8),
+            0x28 => (self.numports_3 + 1) | (self.numports_2 << 8),
             0x2c => 0,
             0x30 => 0x0300_0002,
             0x34 => u32::from_le_bytes(*b"USB "),
-            0x38 => (self.numports_2 + 1) | (self.numports_3 << 8),
+            0x38 => 1 | (self.numports_3 << 8),
             0x3c => 0,
             o if (OPER..OPER + 0x40).contains(&o) => match o - OPER {
                 0x00 => r.usbcmd,
@@ -1065,11 +1065,10 @@ impl Xhci {
         }
         let mut slot_ctx = Self::read_ctx(mem, input + 0x20, 8)?;
         let mut ep0_ctx = Self::read_ctx(mem, input + 0x40, 8)?;
-        let Some(path) = self.lookup_path(&slot_ctx) else {
+        // QEMU's xhci_lookup_uport looks among the ports with a device: an empty one is
+        // a TRB error too.
+        let Some((path, dev)) = self.lookup_path(&slot_ctx).and_then(|p| Some((p.clone(), self.device_at(&p)?))) else {
             return Ok(cc::TRB);
-        };
-        let Some(dev) = self.device_at(&path) else {
-            return Ok(cc::USB_TRANSACTION);
         };
         // Another slot may not hold the same device.
         let taken = st.regs.slots.iter().enumerate().any(|(i, s)| {
@@ -1328,12 +1327,24 @@ impl Xhci {
             return;
         };
         let ep = &mut slot.eps[dci as usize];
+        let mut restarted = false;
         match ep.state {
             ep_state::RUNNING => {}
             // Ringing a stopped endpoint's doorbell runs it again.
-            ep_state::STOPPED => ep.state = ep_state::RUNNING,
+            ep_state::STOPPED => {
+                ep.state = ep_state::RUNNING;
+                restarted = true;
+            }
             _ => return,
         }
+        if ep.state == ep_state::RUNNING && std::mem::take(&mut restarted) {
+            let slot = slot.clone();
+            if self.set_ep_state(mem, &slot, dci, ep_state::RUNNING).is_err() {
+                self.die(st, "device context outside RAM");
+                return;
+            }
+        }
+        let slot = st.regs.slots[slot_id as usize - 1].as_ref().expect("present");
         let dev = slot.path.as_deref().and_then(|p| self.device_at(p));
         let mut trbs_left = TRBS_PER_PASS;
         loop {
@@ -1713,10 +1724,6 @@ pub struct QemuXhci {
     p2: Prop<u32>,
     #[property(default = 4u32, desc = "USB 3.0 ports (at most 15)")]
     p3: Prop<u32>,
-    #[property(default = 16u32, desc = "Interrupters (at most 16)")]
-    intrs: Prop<u32>,
-    #[property(default = 64u32, desc = "Device slots (at most 64)")]
-    slots: Prop<u32>,
     xhci: OnceLock<Arc<Xhci>>,
     handlers: OnceLock<(Arc<AioContext>, [AioHandlerId; 2], ChangeHandlerId)>,
 }
@@ -1839,14 +1846,15 @@ impl QemuXhci {
         let services = ctx.machine()?;
         let internal = |e: std::io::Error| RealizeError::device(XhciError::Host(e));
         // QEMU's usb_xhci_init: the sizes clamped to its limits, interrupters a power of two.
-        let numintrs = self.intrs.get().clamp(1, MAXINTRS).next_power_of_two();
-        let numslots = self.slots.get().clamp(1, MAXSLOTS);
+        // `qemu-xhci` has QEMU's maximums (`intrs` and `slots` are `nec-usb-xhci`'s).
+        let (numintrs, numslots) = (MAXINTRS, MAXSLOTS);
         let numports_2 = self.p2.get().min(MAXPORTS_2);
         let numports_3 = self.p3.get().min(MAXPORTS_3);
         self.parent.config_set(USB_SBRN, &[0x30]);
-        self.parent.config_set(USB_FLADJ, &[0x20]);
         let bus_name = usb_host_bus_name(self.parent.id());
         let ports = UsbPorts::new(numports_2.max(numports_3).max(1) as usize, &bus_name);
+        // The MSI-X capability where QEMU's `usb_xhci_pci_realize` puts it.
+        self.parent.place_next_capability_at(0x90);
         let (msix, msix_ops) = Msix::init(&self.parent, numintrs as u16, 0, MSIX_TABLE, MSIX_PBA, services)?;
         let xhci = Arc::new(Xhci {
             state: Mutex::new(State {
