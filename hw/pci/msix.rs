@@ -71,6 +71,14 @@ pub enum MsixError {
     /// A BAR a type 0 header does not have.
     #[error("MSI-X: there is no BAR {0} (a PCI device has BARs 0 to 5)")]
     Bar(u8),
+    /// A table and PBA that overlap, come in the wrong order, or are not 8-byte aligned.
+    #[error("MSI-X: table at {table_offset:#x} and PBA at {pba_offset:#x} do not fit")]
+    Layout {
+        /// The table's offset in its BAR.
+        table_offset: u64,
+        /// The PBA's.
+        pba_offset: u64,
+    },
 }
 
 /// Told, with the MSI-X lock held, each time a vector's direct path changes (QEMU's
@@ -254,6 +262,11 @@ impl Msix {
         }
         let table_size = u64::from(nvectors) * PCI_MSIX_ENTRY_SIZE;
         let pba_size = u64::from(nvectors).next_multiple_of(64) / 8;
+        // The table first, the PBA after it, both 8-byte aligned (the low bits of the
+        // capability's offsets hold the BAR).
+        if !table_offset.is_multiple_of(8) || !pba_offset.is_multiple_of(8) || pba_offset < table_offset + table_size {
+            return Err(RealizeError::device(MsixError::Layout { table_offset, pba_offset }));
+        }
         let cap = dev.add_capability(PCI_CAP_ID_MSIX, MSIX_CAP_LENGTH)?;
         dev.config_set(cap + PCI_MSIX_FLAGS, &(nvectors - 1).to_le_bytes());
         dev.config_set(

@@ -115,7 +115,6 @@ mod portsc {
     pub const PLS: u32 = 0xf << PLS_SHIFT;
     pub const PP: u32 = 1 << 9;
     pub const SPEED_SHIFT: u32 = 10;
-    pub const SPEED: u32 = 0xf << SPEED_SHIFT;
     pub const LWS: u32 = 1 << 16;
     pub const CSC: u32 = 1 << 17;
     pub const PEC: u32 = 1 << 18;
@@ -273,6 +272,17 @@ struct Interrupter {
     /// Where the next event goes, and its cycle bit.
     er_ep_idx: u32,
     er_pcs: bool,
+}
+
+impl Interrupter {
+    /// QEMU's limits on the event ring segment (16 to 4096 TRBs), none (size 0), and an
+    /// enqueue index inside it (a migration stream is checked against this too).
+    fn ring_is_sane(&self) -> bool {
+        self.er_size == 0
+            || ((16..=4096).contains(&self.er_size)
+                && self.er_ep_idx < self.er_size
+                && self.er_start.checked_add(TRB_SIZE * u64::from(self.er_size)).is_some())
+    }
 }
 
 /// An endpoint of a slot.
@@ -461,7 +471,7 @@ impl Xhci {
     /// QEMU's `xhci_er_reset`: the event ring from its segment table.
     fn er_reset(&self, st: &mut State, mem: &GuestMemoryMmap, v: usize) {
         let intr = &mut st.regs.intrs[v];
-        if intr.erstsz == 0 {
+        if intr.erstsz == 0 || intr.erstba == 0 {
             intr.er_start = 0;
             intr.er_size = 0;
             return;
@@ -473,21 +483,20 @@ impl Xhci {
             return;
         }
         let entry = intr.erstba;
-        let (Ok(base), Ok(size)) = (read64(mem, entry), read32(mem, entry + 8)) else {
+        let (Ok(base), Ok(size)) = (read64(mem, entry), read32(mem, entry.wrapping_add(8))) else {
             self.die(st, "event ring segment table outside RAM");
             return;
         };
         let intr = &mut st.regs.intrs[v];
         intr.er_start = base & !0x3f;
         intr.er_size = size & 0xffff;
-        if intr.er_size < 16 {
-            let n = intr.er_size;
-            self.die(st, &format!("event ring segment of {n} TRBs"));
-            return;
-        }
-        let intr = &mut st.regs.intrs[v];
         intr.er_ep_idx = 0;
         intr.er_pcs = true;
+        if !intr.ring_is_sane() {
+            let (n, at) = (intr.er_size, intr.er_start);
+            intr.er_size = 0;
+            self.die(st, &format!("event ring segment of {n} TRBs at {at:#x}"));
+        }
     }
 
     fn write_event(&self, st: &mut State, mem: &GuestMemoryMmap, v: usize, ev: &Event) {
@@ -513,8 +522,10 @@ impl Xhci {
 
     /// QEMU's `xhci_event`: `ev` on interrupter `v`'s ring, unless it is full.
     fn event(&self, st: &mut State, mem: &GuestMemoryMmap, v: usize, ev: Event) {
-        let v = if v >= self.numintrs as usize { 0 } else { v };
-        let intr = &st.regs.intrs[v];
+        // QEMU drops an event for an interrupter it does not have.
+        let Some(intr) = st.regs.intrs.get(v) else {
+            return;
+        };
         if intr.er_size == 0 {
             // No ring to post to (QEMU drops it too).
             return;
@@ -573,8 +584,9 @@ impl Xhci {
     fn port_update(&self, st: &mut State, mem: &GuestMemoryMmap, port: usize, detach: bool) {
         let (uport, usb3) = self.uport_of(port);
         let attached = !detach && !usb3 && self.ports.device(uport).is_some();
-        let mut sc = st.regs.ports[port];
-        sc &= !(portsc::CCS | portsc::PED | portsc::SPEED | portsc::PLS);
+        // QEMU's xhci_port_update starts from PP (and the wake enables): change bits of
+        // a device before do not survive.
+        let mut sc = portsc::PP | (st.regs.ports[port] & (portsc::WCE | portsc::WDE | portsc::WOE));
         let link = if attached {
             sc |= portsc::CCS | (SPEED_FULL << portsc::SPEED_SHIFT);
             pls::POLLING
@@ -1017,7 +1029,7 @@ impl Xhci {
 
     /// Reads `n` dwords at `addr`.
     fn read_ctx(mem: &GuestMemoryMmap, addr: u64, n: usize) -> Result<Vec<u32>, DmaFault> {
-        (0..n as u64).map(|i| read32(mem, addr + 4 * i)).collect()
+        (0..n as u64).map(|i| read32(mem, addr.wrapping_add(4 * i))).collect()
     }
 
     fn write_ctx(&self, mem: &GuestMemoryMmap, addr: u64, dwords: &[u32]) -> Result<(), DmaFault> {
@@ -1057,14 +1069,14 @@ impl Xhci {
 
     /// QEMU's `xhci_address_slot`.
     fn address_device(&self, st: &mut State, mem: &GuestMemoryMmap, slot_id: u32, input: u64, bsr: bool) -> Result<u32, DmaFault> {
-        let dcbaa_entry = st.regs.dcbaap + 8 * u64::from(slot_id);
+        let dcbaa_entry = st.regs.dcbaap.wrapping_add(8 * u64::from(slot_id));
         let octx = read64(mem, dcbaa_entry)? & !0x3f;
         let ictl = Self::read_ctx(mem, input, 2)?;
         if ictl[0] != 0 || ictl[1] != 0x3 {
             return Ok(cc::TRB);
         }
-        let mut slot_ctx = Self::read_ctx(mem, input + 0x20, 8)?;
-        let mut ep0_ctx = Self::read_ctx(mem, input + 0x40, 8)?;
+        let mut slot_ctx = Self::read_ctx(mem, input.wrapping_add(0x20), 8)?;
+        let mut ep0_ctx = Self::read_ctx(mem, input.wrapping_add(0x40), 8)?;
         // QEMU's xhci_lookup_uport looks among the ports with a device: an empty one is
         // a TRB error too.
         let Some((path, dev)) = self.lookup_path(&slot_ctx).and_then(|p| Some((p.clone(), self.device_at(&p)?))) else {
@@ -1094,7 +1106,7 @@ impl Xhci {
         slot_ctx[3] = (state << 27) | address;
         ep0_ctx[0] = (ep0_ctx[0] & !0x7) | ep_state::RUNNING;
         self.write_ctx(mem, octx, &slot_ctx)?;
-        self.write_ctx(mem, octx + 0x20, &ep0_ctx)?;
+        self.write_ctx(mem, octx.wrapping_add(0x20), &ep0_ctx)?;
         let dequeue = u64::from(ep0_ctx[2]) | (u64::from(ep0_ctx[3]) << 32);
         let slot = Self::slot_mut(st, slot_id);
         slot.ctx = octx;
@@ -1117,19 +1129,19 @@ impl Xhci {
         if slot.ctx == 0 {
             return Ok(slot_state::ENABLED);
         }
-        Ok((read32(mem, slot.ctx + 12)? >> 27) & 0x1f)
+        Ok((read32(mem, slot.ctx.wrapping_add(12))? >> 27) & 0x1f)
     }
 
     /// Sets endpoint `dci`'s state in the output context.
     fn set_ep_state(&self, mem: &GuestMemoryMmap, slot: &Slot, dci: u32, state: u32) -> Result<(), DmaFault> {
-        let at = slot.ctx + 0x20 * u64::from(dci);
+        let at = slot.ctx.wrapping_add(0x20 * u64::from(dci));
         let dw0 = read32(mem, at)?;
         self.write32(mem, at, (dw0 & !0x7) | state)?;
         // The dequeue pointer the controller stopped at, with its cycle state.
         let ep = &slot.eps[dci as usize];
         let deq = ep.ring.dequeue | u64::from(ep.ring.ccs);
-        self.write32(mem, at + 8, deq as u32)?;
-        self.write32(mem, at + 12, (deq >> 32) as u32)
+        self.write32(mem, at.wrapping_add(8), deq as u32)?;
+        self.write32(mem, at.wrapping_add(12), (deq >> 32) as u32)
     }
 
     /// QEMU's `xhci_configure_slot`.
@@ -1145,7 +1157,7 @@ impl Xhci {
             for dci in 2..32 {
                 if s.eps[dci].state != ep_state::DISABLED {
                     s.eps[dci] = Endpoint::default();
-                    let at = octx + 0x20 * dci as u64;
+                    let at = octx.wrapping_add(0x20 * dci as u64);
                     let dw0 = read32(mem, at)?;
                     self.write32(mem, at, dw0 & !0x7)?;
                 }
@@ -1162,19 +1174,19 @@ impl Xhci {
         if Self::slot_state(mem, &slot)? < slot_state::ADDRESSED {
             return Ok(cc::CONTEXT_STATE);
         }
-        let islot = Self::read_ctx(mem, input + 0x20, 8)?;
+        let islot = Self::read_ctx(mem, input.wrapping_add(0x20), 8)?;
         for dci in 2..32u32 {
             let bit = 1 << dci;
             if drop & bit != 0 {
                 Self::slot_mut(st, slot_id).eps[dci as usize] = Endpoint::default();
-                let at = octx + 0x20 * u64::from(dci);
+                let at = octx.wrapping_add(0x20 * u64::from(dci));
                 let dw0 = read32(mem, at)?;
                 self.write32(mem, at, dw0 & !0x7)?;
             }
             if add & bit != 0 {
-                let mut ep = Self::read_ctx(mem, input + 0x20 * (u64::from(dci) + 1), 8)?;
+                let mut ep = Self::read_ctx(mem, input.wrapping_add(0x20 * (u64::from(dci) + 1)), 8)?;
                 ep[0] = (ep[0] & !0x7) | ep_state::RUNNING;
-                self.write_ctx(mem, octx + 0x20 * u64::from(dci), &ep)?;
+                self.write_ctx(mem, octx.wrapping_add(0x20 * u64::from(dci)), &ep)?;
                 let dequeue = u64::from(ep[2]) | (u64::from(ep[3]) << 32);
                 Self::slot_mut(st, slot_id).eps[dci as usize] = Endpoint {
                     state: ep_state::RUNNING,
@@ -1204,17 +1216,17 @@ impl Xhci {
             return Ok(cc::TRB);
         }
         if ictl[1] & 0x1 != 0 {
-            let islot = Self::read_ctx(mem, input + 0x20, 4)?;
+            let islot = Self::read_ctx(mem, input.wrapping_add(0x20), 4)?;
             let mut oslot = Self::read_ctx(mem, slot.ctx, 4)?;
             oslot[1] = (oslot[1] & !0xffff) | (islot[1] & 0xffff);
             oslot[2] = (oslot[2] & !(0x3ff << 22)) | (islot[2] & (0x3ff << 22));
             self.write_ctx(mem, slot.ctx, &oslot)?;
         }
         if ictl[1] & 0x2 != 0 {
-            let iep0 = Self::read_ctx(mem, input + 0x40, 2)?;
-            let at = slot.ctx + 0x20;
-            let dw1 = read32(mem, at + 4)?;
-            self.write32(mem, at + 4, (dw1 & 0xffff) | (iep0[1] & 0xffff_0000))?;
+            let iep0 = Self::read_ctx(mem, input.wrapping_add(0x40), 2)?;
+            let at = slot.ctx.wrapping_add(0x20);
+            let dw1 = read32(mem, at.wrapping_add(4))?;
+            self.write32(mem, at.wrapping_add(4), (dw1 & 0xffff) | (iep0[1] & 0xffff_0000))?;
         }
         Ok(cc::SUCCESS)
     }
@@ -1300,7 +1312,7 @@ impl Xhci {
         }
         let octx = slot.ctx;
         for dci in 2..32u64 {
-            let at = octx + 0x20 * dci;
+            let at = octx.wrapping_add(0x20 * dci);
             let dw0 = read32(mem, at)?;
             self.write32(mem, at, dw0 & !0x7)?;
         }
@@ -1686,7 +1698,7 @@ impl MemoryRegionOps for XhciBar {
         }
         let dword = u64::from(self.xhci.read(offset & !3));
         match size {
-            8 if offset.is_multiple_of(8) => dword | (u64::from(self.xhci.read(offset + 4)) << 32),
+            8 if offset.is_multiple_of(4) => dword | (u64::from(self.xhci.read(offset + 4)) << 32),
             _ => {
                 let shift = 8 * (offset & 3);
                 let mask = if size >= 4 { u64::MAX } else { (1u64 << (8 * size)) - 1 };
@@ -1805,8 +1817,12 @@ impl DeviceImpl for QemuXhci {
                 x.numslots
             )));
         }
+        if let Some(v) = regs.intrs.iter().position(|i| !i.ring_is_sane()) {
+            return Err(bad(format!("interrupter {v}'s event ring")));
+        }
         for slot in regs.slots.iter().flatten() {
-            if slot.eps.len() != 32 {
+            let idle = |e: &Endpoint| e.state == ep_state::DISABLED && !e.nak_pending;
+            if slot.eps.len() != 32 || !idle(&slot.eps[0]) || (slot.ctx == 0 && !slot.eps.iter().all(idle)) {
                 return Err(bad("a slot's endpoints".into()));
             }
         }
@@ -1838,6 +1854,10 @@ impl QemuXhci {
             let mut st = x.state.lock();
             st.bus_master = command & config::COMMAND_MASTER != 0;
             x.kick_if_work(&st);
+            // Endpoints that were waiting for data when bus mastering went off.
+            if st.bus_master {
+                let _ = x.poll.arm(NAK_POLL);
+            }
         }
     }
 
