@@ -1245,15 +1245,18 @@ fn escape_typed_over_vnc_opens_seabios_boot_menu() {
 /// the menu through the HID boot protocol.
 #[test]
 fn escape_on_a_usb_keyboard_opens_seabios_boot_menu() {
-    seabios_boot_menu_opens("usb-esc", &["-usb", "-device", "usb-kbd"], |qmp, _| {
-        // SeaBIOS set its USB keyboard up before the prompt (its USB setup ends before
-        // the boot menu); a key it did not read through the UHCI would be lost.
-        let reply = qmp.execute(
-            "send-key",
-            json!({"keys": [{"type": "qcode", "data": "esc"}], "hold-time": 200}),
-        );
-        assert_eq!(reply, json!({"return": {}}));
-    });
+    seabios_boot_menu_opens("usb-esc", &["-usb", "-device", "usb-kbd"], send_escape);
+}
+
+/// QMP's `send-key` of Escape, held 200 ms (the newest keyboard, a USB one where there is
+/// one, takes it). SeaBIOS set its USB keyboard up before the prompt (its USB setup ends
+/// before the boot menu), so a key it did not read through the controller would be lost.
+fn send_escape(qmp: &mut QmpClient, _: u16) {
+    let reply = qmp.execute(
+        "send-key",
+        json!({"keys": [{"type": "qcode", "data": "esc"}], "hold-time": 200}),
+    );
+    assert_eq!(reply, json!({"return": {}}));
 }
 
 /// The same through `qemu-xhci`: SeaBIOS's xHCI driver enables a slot, addresses the
@@ -1268,13 +1271,7 @@ fn escape_on_a_usb_keyboard_behind_xhci_opens_seabios_boot_menu() {
             "-device",
             "usb-kbd,bus=xhci.0",
         ],
-        |qmp, _| {
-            let reply = qmp.execute(
-                "send-key",
-                json!({"keys": [{"type": "qcode", "data": "esc"}], "hold-time": 200}),
-            );
-            assert_eq!(reply, json!({"return": {}}));
-        },
+        send_escape,
     );
 }
 
@@ -1292,13 +1289,7 @@ fn escape_on_a_usb_keyboard_behind_a_hub_on_xhci_opens_seabios_boot_menu() {
             "-device",
             "usb-kbd,bus=xhci.0,port=2.3",
         ],
-        |qmp, _| {
-            let reply = qmp.execute(
-                "send-key",
-                json!({"keys": [{"type": "qcode", "data": "esc"}], "hold-time": 200}),
-            );
-            assert_eq!(reply, json!({"return": {}}));
-        },
+        send_escape,
     );
 }
 
