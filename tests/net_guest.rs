@@ -729,8 +729,16 @@ for f in a b; do echo "host: $f.iso $(md5sum <$f.iso | cut -d' ' -f1) $(wc -c <$
 boot cd "qomvm.ata=1 qomvm.cdsum=/dev/sr0 qomvm.cdchange=2" {drive} \
     -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
 if await cd '^cdsum: ' 300; then
-    qmp qmp.sock '{{"execute": "eject", "arguments": {{{target}}}}}' \
-        | sed 's/^/host: eject: /'
+    # The guest's sr locks the tray while it has the device open (its poll opens it every
+    # half second): QEMU's eject then says "is locked ... try again", as a management
+    # tool would, the script tries again.
+    i=0
+    while :; do
+        r=$(qmp qmp.sock '{{"execute": "eject", "arguments": {{{target}}}}}')
+        echo "host: eject: $r"
+        case $r in *"is locked"*) i=$((i + 1)); [ $i -lt 30 ] && {{ sleep 0.3; continue; }} ;; esac
+        break
+    done
     if await cd '^cdsum: none' 120; then
         qmp qmp.sock "{{\"execute\": \"blockdev-change-medium\", \"arguments\": {{{target_escaped}, \"filename\": \"$PWD/b.iso\", \"format\": \"raw\"}}}}" \
             | sed 's/^/host: change: /'
