@@ -295,10 +295,9 @@ struct Endpoint {
     nak_pending: bool,
 }
 
-/// A device slot (QEMU's `XHCISlot`).
+/// An enabled device slot (QEMU's `XHCISlot`; a disabled one is `None`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Slot {
-    enabled: bool,
     /// The output device context (from the DCBAA when addressed).
     ctx: u64,
     /// The port path of its device ("2", "1.3" behind a hub), once addressed.
@@ -310,7 +309,6 @@ struct Slot {
 impl Slot {
     fn new() -> Slot {
         Slot {
-            enabled: true,
             ctx: 0,
             path: None,
             eps: vec![Endpoint::default(); 32],
