@@ -1,7 +1,7 @@
 //! The ISA bus (QEMU's `hw/isa/isa-bus.c`): ISA devices register their ports in the
 //! machine's `system-io` address space through it, and take its 16 IRQ lines.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use qom::{type_init, Object, ObjectRef, Typed};
@@ -28,6 +28,8 @@ pub struct IsaBus {
     #[parent]
     parent: BusState,
     irqs: Mutex<Vec<IrqLine>>,
+    /// The DMA controllers of channels 0-3 and 4-7 (QEMU's `ISABus.dma`).
+    dma: Mutex<[Option<Arc<dyn IsaDma>>; 2]>,
 }
 
 type_init!(IsaBus);
@@ -43,9 +45,46 @@ impl IsaBus {
         self.irqs.lock().get(n).cloned().unwrap_or_default()
     }
 
+    /// QEMU's `isa_bus_dma`: the controllers of the 8-bit (0-3) and 16-bit (4-7) channels.
+    pub fn set_dma(&self, dma8: Arc<dyn IsaDma>, dma16: Arc<dyn IsaDma>) {
+        *self.dma.lock() = [Some(dma8), Some(dma16)];
+    }
+
+    /// QEMU's `isa_bus_get_dma`: the controller of DMA channel `nchan`, if the board has one.
+    pub fn dma(&self, nchan: usize) -> Option<Arc<dyn IsaDma>> {
+        self.dma.lock()[usize::from(nchan > 3)].clone()
+    }
+
     fn io(&self) -> Option<&Arc<AddressSpace>> {
         self.services().map(|s| s.system_io())
     }
+}
+
+/// A device on an ISA DMA channel (QEMU's `DMA_transfer_handler`): the controller serves
+/// its request by calling [`IsaDmaClient::dma_transfer`] with the block's position so far
+/// and its length (the count register's, in bytes); the device moves what it can through
+/// [`IsaDma::read_memory`]/[`IsaDma::write_memory`] and returns the new position.
+pub trait IsaDmaClient: Send + Sync {
+    /// Moves bytes of channel `nchan`'s block from `pos` towards `len`; returns the new
+    /// position.
+    fn dma_transfer(&self, nchan: usize, pos: u32, len: u32) -> u32;
+}
+
+/// An ISA DMA controller as its devices see it (QEMU's `IsaDma` interface).
+pub trait IsaDma: Send + Sync {
+    /// Connects `client` to channel `nchan` (QEMU's `register_channel`).
+    fn register_channel(&self, nchan: usize, client: Weak<dyn IsaDmaClient>);
+    /// The device asks for service (raises DREQ); an unmasked channel is served at once.
+    /// The caller must not hold a lock its `dma_transfer` takes.
+    fn hold_dreq(&self, nchan: usize);
+    /// The device's request ends (drops DREQ).
+    fn release_dreq(&self, nchan: usize);
+    /// Copies `buf.len()` bytes of the channel's block from guest memory, from byte `pos`
+    /// of the block on; returns the count copied.
+    fn read_memory(&self, nchan: usize, buf: &mut [u8], pos: u32) -> usize;
+    /// Copies `buf` into the channel's block in guest memory at byte `pos`; returns the
+    /// count copied.
+    fn write_memory(&self, nchan: usize, buf: &[u8], pos: u32) -> usize;
 }
 
 /// QEMU's `ISADevice`: remembers the ports it mapped, to unmap them on unrealize.
@@ -83,6 +122,11 @@ impl IsaDevice {
         io.map(base.into(), region.clone())?;
         self.ports.lock().push((io.clone(), region));
         Ok(())
+    }
+
+    /// QEMU's `isa_bus_get_dma`: the controller of DMA channel `nchan` on the device's bus.
+    pub fn dma(&self, ctx: &DeviceContext, nchan: usize) -> Option<Arc<dyn IsaDma>> {
+        ctx.bus_state::<IsaBus>().ok()?.dma(nchan)
     }
 
     /// QEMU's `isa_get_irq`: ISA IRQ `n` of the device's bus.
