@@ -107,9 +107,37 @@ pub fn default_cdrom_add(
     drive_add(&located, default_interface, ide_buses, drives)
 }
 
+/// QEMU's `default_drive(default_floppy, ..., IF_FLOPPY, 0, FD_OPTS)`: an empty floppy
+/// drive A: (`floppy0`) unless a floppy drive has index 0.
+pub fn default_floppy_add(
+    default_interface: &str,
+    ide_buses: u32,
+    drives: &mut DriveTable,
+) -> Result<Option<(Located, DriveDeviceTurn)>, OptionError> {
+    if drives.contains("floppy", 0) {
+        return Ok(None);
+    }
+    let located = Located {
+        option: "drive",
+        value: "if=floppy,index=0".to_string(),
+    };
+    drive_add(&located, default_interface, ide_buses, drives)
+}
+
 /// What a `-hda`...`-cdrom` shorthand stands for (QEMU's `drive_add` with `HD_OPTS` or
 /// `CDROM_OPTS`); any other option's value as given.
 fn drive_text(located: &Located) -> String {
+    // QEMU's FD_OPTS: a floppy drive at the shorthand's index.
+    if let Some(index) = match located.option {
+        "fda" => Some(0),
+        "fdb" => Some(1),
+        _ => None,
+    } {
+        return format!(
+            "file={},index={index},if=floppy",
+            located.value.replace(',', ",,")
+        );
+    }
     let index = match located.option {
         "hda" => 0,
         "hdb" => 1,
@@ -207,14 +235,14 @@ pub fn drive_add(
     }
     let interface = interface.unwrap_or_else(|| default_interface.to_string());
     match interface.as_str() {
-        "none" | "virtio" | "ide" => {}
+        "none" | "virtio" | "ide" | "floppy" => {}
         // QEMU's if=scsi makes an LSI 53C895A adapter, which qomvm does not have.
         "scsi" => {
             return Err(err(
                 "if=scsi is not available: use if=none with -device virtio-scsi-pci and -device scsi-hd,drive=ID".to_string(),
             ))
         }
-        "floppy" | "pflash" | "mtd" | "sd" | "xen" => {
+        "pflash" | "mtd" | "sd" | "xen" => {
             return Err(err(format!(
                 "if={interface} is not available: use if=virtio or if=ide, or if=none with -device virtio-blk-pci,drive=ID"
             )))
@@ -233,6 +261,12 @@ pub fn drive_add(
     if interface == "ide" && bus >= ide_buses {
         return Err(err(format!(
             "machine type does not support if=ide,bus={bus},unit={unit}"
+        )));
+    }
+    // The pc's floppy controller has two drives.
+    if interface == "floppy" && (bus > 0 || unit >= 2) {
+        return Err(err(format!(
+            "machine type does not support if=floppy,bus={bus},unit={unit}"
         )));
     }
     if addr.is_some() && interface != "virtio" {
@@ -265,6 +299,7 @@ pub fn drive_add(
             if cdrom { "ide-cd" } else { "ide-hd" }
         )),
         "virtio" => Some("virtio-blk-pci".to_string()),
+        "floppy" => Some(format!("floppy,unit={unit}")),
         _ => None,
     };
     drives.units.push((interface.clone(), index));
@@ -272,9 +307,10 @@ pub fn drive_add(
         return Err(err(format!("Duplicate ID '{id}' for drive")));
     }
     let Some(file) = file else {
-        // A CD drive without a medium (QEMU's drive without a root node), named so that
-        // `eject`/`blockdev-change-medium device=ID` find it; other drives need one.
-        if !cdrom {
+        // A CD or floppy drive without a medium (QEMU's drive without a root node), named
+        // so that `eject`/`blockdev-change-medium device=ID` find it; other drives need
+        // one.
+        if !cdrom && interface != "floppy" {
             return Err(err("an empty drive (no file=) is not supported".to_string()));
         }
         block::add_empty_drive(&id, None).map_err(|e| err(e.to_string()))?;

@@ -407,11 +407,7 @@ pub fn parse(args: &[String]) -> Result<Options, OptionError> {
             "drive" => opts.drives.push(located),
             // QEMU's shorthands for IDE drives (`drive_add(IF_DEFAULT, index, file, ...)`):
             // -drive's work, in their own words (see `blockdev::drive_add`).
-            "hda" | "hdb" | "hdc" | "hdd" | "cdrom" => opts.drives.push(located),
-            "fda" | "fdb" => {
-                return Err(located
-                    .error("floppy disks are not supported (qomvm has no floppy controller)"))
-            }
+            "hda" | "hdb" | "hdc" | "hdd" | "cdrom" | "fda" | "fdb" => opts.drives.push(located),
             "pflash" => {
                 return Err(located.error(
                     "flash drives are not supported (qomvm has no pflash device): load firmware with -bios",

@@ -141,6 +141,21 @@ fn qemu_init_and_run(opts: &Options, daemon: Option<DaemonPipe>) -> Result<i32, 
             board_devices.push(device);
         }
     }
+    // QEMU's `default_floppy` on a machine with a floppy controller, which `-nodefaults`
+    // and an `isa-fdc` or `floppy` in -device or -global turn off.
+    let fdc_given = device_given(opts, &["isa-fdc", "floppy"])
+        || opts.globals.iter().any(|g| {
+            g.value
+                .split_once('.')
+                .is_some_and(|(driver, _)| driver == "isa-fdc" || driver == "floppy")
+        });
+    if !opts.nodefaults && class.is_some_and(|mc| mc.has_floppy) && !fdc_given {
+        if let Some((device, _)) =
+            crate::blockdev::default_floppy_add(default_interface, ide_buses, &mut drive_table)?
+        {
+            board_devices.push(device);
+        }
+    }
     for d in &opts.debugcon {
         late_devices.push(debugcon_device(d)?);
     }

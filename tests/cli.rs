@@ -96,7 +96,7 @@ fn bad_options_are_one_line_errors() {
         // image as QEMU does; the floppy shorthands are refused with what to use.
         (&["-hda", "/nonexistent,a.img"], "qomvm: -hda /nonexistent,a.img: Could not open '/nonexistent,a.img': No such file or directory\n"),
         (&["-cdrom", "/nonexistent.iso"], "qomvm: -cdrom /nonexistent.iso: Could not open '/nonexistent.iso': No such file or directory\n"),
-        (&["-fda", "f.img"], "qomvm: -fda f.img: floppy disks are not supported (qomvm has no floppy controller)\n"),
+        (&["-fda", "f.img"], "qomvm: -fda f.img: Could not open 'f.img': No such file or directory\n"),
         (&["-debugcon", "foo:bar"], "qomvm: -debugcon foo:bar: invalid character backend 'foo:bar'\n"),
         (&["-debugcon", "null", "-debugcon", "null"], "qomvm: -debugcon null: invalid character backend 'null'\n"),
         (&["-pflash", "OVMF.fd"], "qomvm: -pflash OVMF.fd: flash drives are not supported (qomvm has no pflash device): load firmware with -bios\n"),

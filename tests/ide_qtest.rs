@@ -958,10 +958,15 @@ fn default_block_devices(args: &[&str]) -> Result<Vec<(String, Option<String>)>,
 /// QEMU's `default_cdrom`: `-M pc` has an empty CD drive as the secondary master
 /// (`ide1-cd0`) unless `-nodefaults`, a drive at index 2 (`-cdrom`, `-hdc`, `-drive
 /// if=ide,index=2`) or a disk or CD `-device` says otherwise; its medium can be changed.
+/// QEMU's `default_floppy` (`floppy0`, empty) comes after it, unless `-nodefaults`.
 #[test]
 fn the_pc_has_an_empty_cd_drive_unless_told_otherwise() {
     let cd = |file: Option<&str>| ("ide1-cd0".to_string(), file.map(String::from));
-    assert_eq!(default_block_devices(&[]), Ok(vec![cd(None)]));
+    let floppy = ("floppy0".to_string(), None);
+    assert_eq!(
+        default_block_devices(&[]),
+        Ok(vec![cd(None), floppy.clone()])
+    );
     assert_eq!(default_block_devices(&["-nodefaults"]), Ok(vec![]));
     let dir = std::env::temp_dir().join(format!("qomvm-default-cd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -970,15 +975,15 @@ fn the_pc_has_an_empty_cd_drive_unless_told_otherwise() {
     let iso = iso.to_str().unwrap();
     assert_eq!(
         default_block_devices(&["-cdrom", iso]),
-        Ok(vec![cd(Some(iso))])
+        Ok(vec![cd(Some(iso)), floppy.clone()])
     );
     let hdc = default_block_devices(&["-hdc", iso]).unwrap();
-    assert_eq!(hdc.len(), 1, "{hdc:?}");
+    assert_eq!(hdc.len(), 2, "{hdc:?}");
     assert_eq!(hdc[0].0, "ide1-hd0", "-hdc takes index 2: {hdc:?}");
     // A disk at another index: the CD is added beside it.
     let hda = default_block_devices(&["-hda", iso]).unwrap();
     let names: Vec<&str> = hda.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["ide0-hd0", "ide1-cd0"]);
+    assert_eq!(names, ["ide0-hd0", "ide1-cd0", "floppy0"]);
     for device in ["ide-cd", "ide-hd", "scsi-cd", "scsi-hd"] {
         let args = [
             "-drive",
@@ -996,7 +1001,11 @@ fn the_pc_has_an_empty_cd_drive_unless_told_otherwise() {
             continue;
         }
         let names: Vec<String> = got.unwrap().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["d0"], "-device {device} turns the default CD off");
+        assert_eq!(
+            names,
+            ["d0", "floppy0"],
+            "-device {device} turns the default CD off"
+        );
     }
     // Its medium changes through HMP's `change`, as on QEMU.
     let mut scratch = PathBuf::new();

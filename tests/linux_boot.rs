@@ -109,6 +109,7 @@ fn linux_boot_state_runs_on_kvm() {
             rtc: Some((0x70, 8)),
             serial_ports: vec![Some((0x3f8, 4))],
             parallel_ports: Vec::new(),
+            fdc: None,
             gpe0_blk: None,
             pci_hotplug: None,
             hpet: None,

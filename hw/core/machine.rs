@@ -75,6 +75,9 @@ pub struct MachineClass {
     /// Whether the machine gets QEMU's default parallel port (LPT1; QEMU's
     /// `no_parallel` clear).
     pub has_parallel: bool,
+    /// Whether the machine gets QEMU's default empty floppy drive `floppy0` (QEMU's
+    /// `no_floppy` clear).
+    pub has_floppy: bool,
     /// Device defaults an older machine version undoes (QEMU's `compat_props`), applied
     /// to every new device ahead of `-global`, in order (a later entry wins).
     pub compat_props: Vec<crate::core::machine_compat::CompatProp>,
@@ -114,6 +117,8 @@ pub trait MachineImpl: ObjectType {
     const DEFAULT_NIC: Option<&'static str> = None;
     /// [`MachineClass::has_parallel`].
     const HAS_PARALLEL: bool = false;
+    /// [`MachineClass::has_floppy`].
+    const HAS_FLOPPY: bool = false;
 
     /// Builds the board (QEMU's `MachineClass::init`, `pc_init1` for `pc`).
     fn init(&self) -> Result<(), MachineError> {
@@ -180,6 +185,7 @@ impl<T: MachineImpl> ClassInitFor<T> for MachineState {
             has_usb: T::HAS_USB,
             default_nic: T::DEFAULT_NIC,
             has_parallel: T::HAS_PARALLEL,
+            has_floppy: T::HAS_FLOPPY,
             compat_props: Vec::new(),
             deprecation_reason: None,
             machine: Some(as_machine::<T>),
@@ -585,6 +591,7 @@ fn machine_base_class_init(class: &mut ObjectClass) {
         has_usb: false,
         default_nic: None,
         has_parallel: false,
+        has_floppy: false,
         compat_props: Vec::new(),
         deprecation_reason: None,
         machine: None,

@@ -224,6 +224,15 @@ static FATAL_HOOK: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static APPLIED: Cell<bool> = const { Cell::new(false) };
+    /// The kind the thread said it is at its first [`enter`], sandbox or not.
+    static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
+}
+
+/// Whether the calling thread may read and write images itself: every thread but a
+/// vCPU's, whose list has no block I/O calls (and which must not wait on a disk).
+/// Devices move such work to the main loop from a vCPU thread.
+pub fn thread_may_block_io() -> bool {
+    KIND.with(Cell::get) != Some(ThreadKind::Vcpu)
 }
 
 /// Sets the async-signal-safe function the SIGSYS handler runs before ending qomvm.
@@ -357,6 +366,11 @@ fn self_test(kind: ThreadKind) {
 /// iteration): adds the kind's list once the sandbox is installed. One relaxed load when
 /// it has nothing to do.
 pub fn enter(kind: ThreadKind) {
+    KIND.with(|k| {
+        if k.get().is_none() {
+            k.set(Some(kind));
+        }
+    });
     if !INSTALLED.load(Ordering::Acquire) || APPLIED.with(Cell::get) {
         return;
     }

@@ -41,7 +41,7 @@
 //! (Windows) need.
 
 use acpi_tables::aml::{
-    Acquire, AddressSpace as AmlAddressSpace, AddressSpaceCacheable, And, Arg, Device, EISAName,
+    Acquire, AddressSpace as AmlAddressSpace, AddressSpaceCacheable, And, Arg, BufferData, Device, EISAName,
     Field, FieldAccessType, Memory32Fixed, FieldEntry, FieldLockRule, FieldUpdateRule, If, Method, MethodCall,
     Mutex as AmlMutex, Name, Notify, OpRegion, OpRegionSpace, Package, Path, Release,
     ResourceTemplate, Return, Scope, ShiftLeft, Store, IO, ZERO,
@@ -118,6 +118,8 @@ pub struct AcpiConfig {
     pub serial_ports: Vec<Option<(u16, u8)>>,
     /// The ISA parallel ports' first ports and ISA IRQs, by LPT index (0 = LPT1).
     pub parallel_ports: Vec<Option<(u16, u8)>>,
+    /// The ISA floppy controller, if the machine has one.
+    pub fdc: Option<crate::block::fdc_isa::FdcAcpi>,
     /// The GPE0 block's port and length, if the PM device has one.
     pub gpe0_blk: Option<(u16, u8)>,
     /// ACPI PCI hotplug of the root bus (`acpi-root-pci-hotplug`): the register block's
@@ -418,6 +420,67 @@ fn build_isa_ports(ports: &[Option<(u16, u8)>], hid: &str, prefix: &str, align: 
     out
 }
 
+/// `\_SB.FDC0` (`PNP0700`), the floppy controller (QEMU's `build_fdc_aml`): its ports,
+/// IRQ and DMA channel, `_FDE` (which drives are present) and a `FLPA`/`FLPB` with the
+/// drive's `_FDI` (its limits, and the parameters SeaBIOS reports for INT 13h AH=08h)
+/// for each drive.
+fn build_fdc(fdc: &crate::block::fdc_isa::FdcAcpi) -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0700"));
+    let ctl = IO::new(fdc.iobase + 2, fdc.iobase + 2, 0, 4);
+    let dir = IO::new(fdc.iobase + 7, fdc.iobase + 7, 0, 1);
+    let irq = IrqNoFlags(fdc.irq);
+    let dma = Dma8(fdc.dma);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&ctl, &dir, &irq, &dma]));
+    // Drives 0-3 present (1) or not (0), then the tape: 2, never present.
+    let mut fde = Vec::with_capacity(20);
+    for unit in 0..4 {
+        let present = fdc.drives.get(unit).is_some_and(Option::is_some);
+        fde.extend_from_slice(&u32::from(present).to_le_bytes());
+    }
+    fde.extend_from_slice(&2u32.to_le_bytes());
+    let fde = Name::new(Path::new("_FDE"), &BufferData::new(fde));
+    let drives: Vec<Vec<u8>> = fdc
+        .drives
+        .iter()
+        .enumerate()
+        .filter_map(|(unit, t)| t.map(|t| (unit, t)))
+        .map(|(unit, t)| {
+            let (c, h, s) = t.max_chs();
+            let values: [u8; 16] = [
+                unit as u8, t.cmos(), c, s, h,
+                // disk_specify_1/2, motor wait, sector size, EOT, gap, DTL, format gap,
+                // fill byte, head settle, motor start: SeaBIOS's constants.
+                0xaf, 0x02, 0x25, 0x02, 0x12, 0x1b, 0xff, 0x6c, 0xf6, 0x0f, 0x08,
+            ];
+            let fdi = Package::new(values.iter().map(|v| v as &dyn Aml).collect());
+            let adr = Name::new(Path::new("_ADR"), &(unit as u8));
+            let fdi = Name::new(Path::new("_FDI"), &fdi);
+            let name = format!("FLP{}", (b'A' + unit as u8) as char);
+            aml_bytes(&Device::new(Path::new(&name), vec![&adr, &fdi]))
+        })
+        .collect();
+    let raw: Vec<RawAml> = drives.into_iter().map(RawAml).collect();
+    let mut children: Vec<&dyn Aml> = vec![&hid, &crs];
+    children.extend(raw.iter().map(|r| r as &dyn Aml));
+    children.push(&fde);
+    let dev = Device::new(Path::new("FDC0"), children);
+    aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&dev]))
+}
+
+/// A DMA descriptor of an 8-bit ISA channel (ACPI's `DMA (Compatibility, NotBusMaster,
+/// Transfer8)`); `acpi_tables` has none.
+struct Dma8(u8);
+
+impl Aml for Dma8 {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        // Small resource item 0x05 (DMA), 2 bytes: the channel mask and the flags (all
+        // zero: compatibility timing, not a bus master, 8-bit transfers).
+        sink.byte(0x2a);
+        sink.byte(1u8 << (self.0 & 7));
+        sink.byte(0);
+    }
+}
+
 /// A small IRQ descriptor without flags (ACPI's `IRQNoFlags`: edge triggered, active
 /// high), as QEMU describes the i8042's interrupts; `acpi_tables` has only the extended
 /// form.
@@ -530,6 +593,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     }
     dsdt.append_slice(&build_serial_ports(&cfg.serial_ports));
     dsdt.append_slice(&build_parallel_ports(&cfg.parallel_ports));
+    if let Some(fdc) = &cfg.fdc {
+        dsdt.append_slice(&build_fdc(fdc));
+    }
     if let Some((base, _)) = cfg.hpet {
         dsdt.append_slice(&build_hpet_device(base));
     }
@@ -821,6 +887,7 @@ mod tests {
             rtc: Some((0x70, 8)),
             serial_ports: vec![Some((0x3f8, 4)), None, Some((0x3e8, 4))],
             parallel_ports: vec![Some((0x378, 7))],
+            fdc: None,
             gpe0_blk: Some((0xafe0, 4)),
             pci_hotplug: Some((0xae00, !0b111)),
             hpet: Some((0xfed0_0000, 0x8086_a201)),
@@ -1176,6 +1243,57 @@ mod tests {
         assert!(dsdt
             .windows(8)
             .any(|w| w == [0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
+    }
+
+    #[test]
+    fn the_floppy_controller_and_its_drive_are_described() {
+        let mem = ram();
+        let has = |dsdt: &[u8], needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        build_acpi_tables(&mem, &config(1, 1)).unwrap();
+        assert!(!has(&walk(&mem).dsdt, b"FDC0"), "no controller, no FDC0");
+        let fdc = crate::block::fdc_isa::FdcAcpi {
+            iobase: 0x3f0,
+            irq: 6,
+            dma: 2,
+            drives: [Some(crate::block::fdc::FloppyDriveType::Type144), None],
+        };
+        build_acpi_tables(&mem, &AcpiConfig { fdc: Some(fdc), ..config(1, 1) }).unwrap();
+        let dsdt = walk(&mem).dsdt;
+        // EISAID("PNP0700"); IO(Decode16, 0x3f2, 0x3f2, 0, 4); IO(.., 0x3f7, .., 1);
+        // IRQNoFlags() {6}; DMA(Compatibility, NotBusMaster, Transfer8) {2}.
+        assert!(has(&dsdt, &[0x0c, 0x41, 0xd0, 0x07, 0x00]), "PNP0700");
+        assert!(has(&dsdt, &[0x47, 0x01, 0xf2, 0x03, 0xf2, 0x03, 0x00, 0x04]));
+        assert!(has(&dsdt, &[0x47, 0x01, 0xf7, 0x03, 0xf7, 0x03, 0x00, 0x01]));
+        assert!(has(&dsdt, &[0x22, 0x40, 0x00, 0x2a, 0x04, 0x00]), "IRQ 6, DMA 2");
+        assert!(has(&dsdt, b"FLPA") && !has(&dsdt, b"FLPB"));
+        // _FDE: drive A present, B..D not, the tape never.
+        let fde: Vec<u8> = [1u32, 0, 0, 0, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(has(&dsdt, &fde), "_FDE");
+        // ACPICA's disassembler reads the table as an OS would.
+        if std::path::Path::new("/usr/bin/iasl").exists() {
+            let dir = std::env::temp_dir().join(format!("qomvm-fdc-iasl-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("dsdt.dat"), &dsdt).unwrap();
+            let out = std::process::Command::new("iasl")
+                .args(["-d", "dsdt.dat"])
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            for line in [
+                "Device (FDC0)",
+                "EisaId (\"PNP0700\")",
+                "IRQNoFlags ()",
+                "DMA (Compatibility, NotBusMaster, Transfer8, )",
+                "Device (FLPA)",
+                "Name (_FDI, Package (0x10)",
+                "Name (_FDE, Buffer (0x14)",
+            ] {
+                assert!(dsl.contains(line), "{line} in:\n{dsl}");
+            }
+        }
     }
 
     #[test]

@@ -173,6 +173,7 @@ impl MachineImpl for PcI440fxMachine {
     const BLOCK_DEFAULT_TYPE: &'static str = "ide";
     const DEFAULT_NIC: Option<&'static str> = Some(crate::net::e1000::TYPE_E1000);
     const HAS_PARALLEL: bool = true;
+    const HAS_FLOPPY: bool = true;
     /// piix3-ide's `ide.0` and `ide.1`.
     const IDE_BUSES: u32 = 2;
     const HAS_USB: bool = true;
@@ -196,6 +197,9 @@ impl MachineImpl for PcI440fxMachine {
                 }
             }
         }
+        // QEMU's pc_cmos_init, at machine done: the floppy drives (`-device floppy` ones
+        // too) in the CMOS.
+        self.cmos_init_floppy();
         // QEMU's pvpanic-isa tells firmware its port.
         if let (Some(port), Some(fw_cfg)) = (
             self.isa_pvpanic_port(),
@@ -209,12 +213,14 @@ impl MachineImpl for PcI440fxMachine {
         self.option_roms_to_fw_cfg()?;
         // The displays exist now (`-device` ones too).
         self.set_up_text_console()?;
+        // QEMU's fw_cfg `bootorder`, whatever boots (firmware reads it; a qtest driver
+        // may too).
+        if let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) {
+            fw_cfg
+                .add_file("bootorder", self.boot_order())
+                .map_err(MachineError::board)?;
+        }
         if self.boots_firmware() {
-            if let Some(fw_cfg) = crate::nvram::fw_cfg::fw_cfg_find(&self.object()) {
-                fw_cfg
-                    .add_file("bootorder", self.boot_order())
-                    .map_err(MachineError::board)?;
-            }
             return self.firmware_acpi_setup();
         }
         self.acpi_setup()
@@ -595,6 +601,14 @@ impl PcI440fxMachine {
                         if let Some(usb) = drive.downcast::<crate::usb::usb_bus::UsbDevice>() {
                             return usb_boot_entries(&path, usb, &drive);
                         }
+                        // The ISA bridge's floppy controller: `isa@1/fdc@03f0/floppy@0`.
+                        if let Some(fdc) = drive.downcast::<crate::block::fdc_isa::IsaFdc>() {
+                            return fdc
+                                .boot_entries()
+                                .into_iter()
+                                .map(|(index, below)| (index, format!("{path}/{below}")))
+                                .collect();
+                        }
                         let below = if let Some(ide) = drive.downcast::<crate::ide::ide_dev::IdeDevice>() {
                             ide.fw_dev_path()
                         } else {
@@ -769,6 +783,7 @@ impl PcI440fxMachine {
                 .map(|rtc| rtc.resources()),
             serial_ports: self.isa_serial_ports(),
             parallel_ports: self.isa_parallel_ports(),
+            fdc: self.isa_fdc().and_then(|fdc| fdc.acpi()),
             gpe0_blk: pm.is_some().then_some((
                 crate::acpi::piix4::GPE0_BASE,
                 crate::acpi::piix4::GPE0_LEN,
@@ -812,6 +827,38 @@ impl PcI440fxMachine {
             .and_then(|piix3| piix3.child("isa.0"))
             .map(|isa| crate::core::bus::bus_children(&isa))
             .unwrap_or_default()
+    }
+
+    /// The machine's `isa-fdc`, if it has one.
+    fn isa_fdc(&self) -> Option<Typed<crate::block::fdc_isa::IsaFdc>> {
+        self.isa_devices()
+            .into_iter()
+            .find_map(Typed::<crate::block::fdc_isa::IsaFdc>::new)
+    }
+
+    /// QEMU's `pc_cmos_init_floppy`: the drive types in CMOS 0x10 (A: high nibble) and
+    /// the drive count in the equipment byte (0x14: bit 0 "boot from floppy", bits 6-7
+    /// the count less one).
+    fn cmos_init_floppy(&self) {
+        let Some(rtc) = self.rtc.lock().clone() else {
+            return;
+        };
+        let types = self
+            .isa_fdc()
+            .map(|fdc| [fdc.drive_type(0), fdc.drive_type(1)])
+            .unwrap_or([crate::block::fdc::FloppyDriveType::None; 2]);
+        rtc.set_memory(0x10, (types[0].cmos() << 4) | types[1].cmos());
+        let present = types
+            .iter()
+            .filter(|t| **t != crate::block::fdc::FloppyDriveType::None)
+            .count();
+        let equipment = rtc.get_memory(0x14);
+        let drives = match present {
+            0 => 0,
+            1 => 0x01,
+            _ => 0x41,
+        };
+        rtc.set_memory(0x14, equipment | drives);
     }
 
     /// The realized `isa-serial` ports' first ports and IRQs, by COM index.
@@ -937,6 +984,8 @@ impl PcI440fxMachine {
         // pc_basic_device_init: RTC with the CMOS memory size, keyboard controller, serial
         // ports for -serial.
         let rtc = crate::rtc::mc146818rtc::mc146818_rtc_init(&isa_bus, 2000)?;
+        // i8257_dma_init: the two DMA controllers, without the high page registers.
+        crate::dma::i8257::i8257_dma_init(&isa_bus, false)?;
         rtc.set_memory_size(below_4g, above_4g);
         // The boot order is checked and stored whatever boots, as QEMU's pc_cmos_init does:
         // `-boot once=` (until the first reset), else `order=`, else "cad".
@@ -976,6 +1025,9 @@ impl PcI440fxMachine {
                 crate::char::parallel::parallel_isa_init(&isa_bus, index as u32, backend)?;
             }
         }
+        // pc_superio_init: the floppy controller, which the i440FX's pc always has (its
+        // drives, from -fda and -drive if=floppy, come with the board's devices).
+        board_device(&unattached, "device[*]", crate::block::fdc_isa::TYPE_ISA_FDC, Bus::On(&isa_bus), &[])?;
 
         // fw_cfg, as QEMU's x86 boards set it up (test kernels read the CPU count from it).
         let fw_cfg = crate::nvram::fw_cfg::fw_cfg_init_io_dma(
@@ -1084,6 +1136,7 @@ fn pci_fw_dev_path(devfn: u8, dev: &crate::pci::pci::PciDevice) -> String {
         0x0101 => "ide".to_string(),
         0x0106 => "sata".to_string(),
         0x0200 => "ethernet".to_string(),
+        0x0601 => "isa".to_string(),
         0x0c03 => "usb".to_string(),
         _ => format!("pci{:x},{:x}", dev.read_config(0, 2), dev.read_config(2, 2)),
     };

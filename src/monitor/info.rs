@@ -274,6 +274,10 @@ pub fn block_infos() -> Vec<Value> {
     for name in block::unattached_empty_drives() {
         infos.push(json!({"device": name, "locked": false, "removable": true}));
     }
+    // QAPI's deprecated BlockInfo `type`, which QEMU 7.2 still fills in for every drive.
+    for info in &mut infos {
+        info["type"] = "unknown".into();
+    }
     infos
 }
 
