@@ -24,6 +24,11 @@ struct Vm {
 
 impl Vm {
     fn start(extra: &[&str]) -> Vm {
+        Vm::start_program(env!("CARGO_BIN_EXE_qomvm"), extra)
+    }
+
+    /// `program` (qomvm, or QEMU to compare with) with a QMP socket and `extra`.
+    fn start_program(program: &str, extra: &[&str]) -> Vm {
         let dir = std::env::temp_dir().join(format!(
             "qomvm-qmp-{}-{}",
             std::process::id(),
@@ -41,7 +46,7 @@ impl Vm {
         }
         args.extend(extra);
         let stderr = std::fs::File::create(dir.join("stderr")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_qomvm"))
+        let child = Command::new(program)
             .args(&args)
             .env("RUST_LOG", "off")
             .stdin(Stdio::null())
@@ -716,7 +721,9 @@ fn the_pc_board_has_cpus_and_a_power_button() {
     assert_eq!(hmp(&mut c, "o /b 0x70 0x0d"), "");
     assert_eq!(hmp(&mut c, "i /b 0x71"), "portb[0x0071] = 0x80\r\n");
     assert_eq!(hmp(&mut c, "i /b 0x70 0x0d"), "portb[0x0071] = 0x80\r\n");
-    assert_eq!(hmp(&mut c, "i /h 0x10000"), "portw[0x0000] = 0xffff\r\n");
+    // Port 0x10000 wraps to 0: the DMA controller's channel 0 address, read through its
+    // flip-flop (QEMU's pc answers the same).
+    assert_eq!(hmp(&mut c, "i /h 0x10000"), "portw[0x0000] = 0x0000\r\n");
     assert_eq!(hmp(&mut c, "cpu 1"), "");
     assert_eq!(hmp(&mut c, "cpu 9"), "invalid CPU index\r\n");
     assert_eq!(hmp(&mut c, "qom-get /machine/pm addr"), "\"01.3\"\r\n");
@@ -1218,6 +1225,22 @@ fn hmp_info_queries_print_qemus_lines() {
     // qtest runs no guest code: no paging state to walk.
     assert!(hmp_line(&mut c, "info tlb").starts_with("Error: the qtest accelerator"));
     assert!(hmp_line(&mut c, "info mem").starts_with("Error: the qtest accelerator"));
+    // Nor local APIC or interrupt controller state: qomvm's are KVM's in-kernel ones.
+    // QEMU's words for a CPU without APIC state, and for a controller it cannot show.
+    assert_eq!(
+        hmp_line(&mut c, "info lapic"),
+        "local apic state not available\r\n"
+    );
+    assert_eq!(
+        hmp_line(&mut c, "info lapic 0"),
+        "local apic state not available\r\n"
+    );
+    assert_eq!(hmp_line(&mut c, "info lapic 1"), "No CPU available\r\n");
+    assert_eq!(
+        hmp_line(&mut c, "info pic"),
+        "Interrupt controller information not available: the qtest accelerator does not \
+         support in-kernel interrupt controllers.\r\n"
+    );
 
     // `help info`: QEMU's lines, sorted by name as QEMU sorts them (`-` before `_`).
     let help = hmp_line(&mut c, "help info");
@@ -1231,7 +1254,10 @@ fn hmp_info_queries_print_qemus_lines() {
     for line in [
         "info chardev  -- show the character devices\r\n",
         "info hotpluggable-cpus  -- Show information about hotpluggable CPUs\r\n",
+        "info lapic [apic-id] -- show local apic state (apic-id: local apic to read, default \
+         is which of current CPU)\r\n",
         "info mem  -- show the active virtual memory mappings\r\n",
+        "info pic  -- show PIC state\r\n",
         "info memory_size_summary  -- show the amount of initially allocated and present \
          hotpluggable (if enabled) memory in bytes.\r\n",
         "info mice  -- show which guest mouse is receiving events\r\n",
@@ -1259,6 +1285,9 @@ fn hmp_info_on_an_empty_machine() {
     let mut c = vm.negotiated();
     assert_eq!(hmp_line(&mut c, "info tlb"), "No CPU available\r\n");
     assert_eq!(hmp_line(&mut c, "info mem"), "No CPU available\r\n");
+    assert_eq!(hmp_line(&mut c, "info lapic"), "No CPU available\r\n");
+    // No interrupt controller: QEMU prints nothing on `-M none`.
+    assert_eq!(hmp_line(&mut c, "info pic"), "");
     assert_eq!(
         hmp_line(&mut c, "info mice"),
         "No mouse devices connected\r\n"
@@ -1273,8 +1302,11 @@ fn hmp_info_on_an_empty_machine() {
 /// A multiboot (a.out kludge) kernel loaded at 1 MiB that turns on long mode paging with
 /// CR3 = 0x101000 and halts. Its tables: the first 2 MiB identity-mapped by a large page
 /// (the kernel runs there), a page table with three 4 KiB pages of different rights at
-/// 0x200000, and a 1 GiB global page at the top of the address space.
-fn long_mode_paging_kernel() -> Vec<u8> {
+/// 0x200000, and a 1 GiB global page at the top of the address space. With
+/// `self_mapped`, every PML4 entry but the first points back at the PML4 (a guest may
+/// write that): each level of a walk under them reads the PML4 again, some 2^36 mappings
+/// in all.
+fn paging_kernel(self_mapped: bool) -> Vec<u8> {
     const BASE: u32 = 0x10_0000;
     const MAGIC: u32 = 0x1bad_b002;
     const FLAGS: u32 = 1 << 16;
@@ -1323,28 +1355,31 @@ fn long_mode_paging_kernel() -> Vec<u8> {
     entry(0x4000, 1, (1 << 63) | 0x30_1025); // 0x201000 -> 0x301000: user, NX
     entry(0x4000, 5, 0x30_5019); // 0x205000 -> 0x305000: PCD, PWT, read-only
     entry(0x5000, 511, 0x4000_0183); // 1 GiB at 0x40000000, global
+    if self_mapped {
+        for i in 1..512 {
+            entry(0x1000, i, 0x10_1007);
+        }
+    }
     image
 }
 
-/// `info tlb` and `info mem` walk the current CPU's page tables from its CR3: a long-mode
-/// guest's mappings, printed as QEMU 7.2 prints them for the same kernel (on KVM here,
-/// and under TCG).
-#[test]
-fn on_kvm_info_tlb_and_info_mem_walk_the_guests_page_tables() {
+/// Starts `paging_kernel(self_mapped)` on KVM and waits until it turned paging on and
+/// the VM is stopped; `None` (after a skip) without a usable /dev/kvm.
+fn paging_guest(self_mapped: bool) -> Option<(Vm, Client)> {
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
     {
         test_support::skip::skip_kvm(format!("/dev/kvm not usable: {e}"));
-        return;
+        return None;
     }
     let kernel = std::env::temp_dir().join(format!(
         "qomvm-paging-kernel-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
-    std::fs::write(&kernel, long_mode_paging_kernel()).unwrap();
+    std::fs::write(&kernel, paging_kernel(self_mapped)).unwrap();
     let vm = Vm::start(&[
         "-M",
         "pc",
@@ -1357,19 +1392,28 @@ fn on_kvm_info_tlb_and_info_mem_walk_the_guests_page_tables() {
         kernel.to_str().unwrap(),
     ]);
     let mut c = vm.negotiated();
-    // Before the kernel turns paging on, and after: the option ROM boots it.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut tlb = hmp_line(&mut c, "info tlb");
-    while tlb == "PG disabled\r\n" {
+    // Before the kernel turns paging on, and after: the option ROM boots it.
+    while !hmp_line(&mut c, "info registers").contains("CR0=8") {
         assert!(
             Instant::now() < deadline,
             "the kernel never turned paging on"
         );
         std::thread::sleep(Duration::from_millis(20));
-        tlb = hmp_line(&mut c, "info tlb");
     }
     let _ = std::fs::remove_file(&kernel);
     assert_eq!(c.cmd("stop", json!({})), json!({"return": {}}));
+    Some((vm, c))
+}
+
+/// `info tlb` and `info mem` walk the current CPU's page tables from its CR3: a long-mode
+/// guest's mappings, printed as QEMU 7.2 prints them for the same kernel (on KVM here,
+/// and under TCG).
+#[test]
+fn on_kvm_info_tlb_and_info_mem_walk_the_guests_page_tables() {
+    let Some((_vm, mut c)) = paging_guest(false) else {
+        return;
+    };
     assert_eq!(
         hmp_line(&mut c, "info tlb"),
         "0000000000000000: 0000000000000000 --P-A---W\r\n\
@@ -1386,9 +1430,245 @@ fn on_kvm_info_tlb_and_info_mem_walk_the_guests_page_tables() {
          0000000000205000-0000000000206000 0000000000001000 -r-\r\n\
          ffffffffc0000000-0001000000000000 0000000040000000 -rw\r\n"
     );
-    // The CPU's own translation (`gva2gpa`) agrees. (Not at 0x201000, whose NX bit is
-    // reserved without EFER.NXE, nor in the 1 GiB page, which qemu64 (no pdpe1gb) does
-    // not allow: KVM_TRANSLATE refuses those, QEMU's debug walk translates them.)
+    // `gva2gpa` and `x` walk the tables as QEMU's debug walk does (QEMU 7.2 on KVM gave
+    // these lines for this kernel): presence only, so the NX page (its bit 63 reserved
+    // without EFER.NXE) and the 1 GiB page (reserved on qemu64, which lacks pdpe1gb)
+    // translate although the CPU itself (and KVM_TRANSLATE) would refuse them.
     assert_eq!(hmp_line(&mut c, "gva2gpa 0x200234"), "gpa: 0x300234\r\n");
+    assert_eq!(hmp_line(&mut c, "gva2gpa 0x201234"), "gpa: 0x301234\r\n");
+    assert_eq!(
+        hmp_line(&mut c, "gva2gpa 0xffffffffc0001234"),
+        "gpa: 0x40001234\r\n"
+    );
+    assert_eq!(
+        hmp_line(&mut c, "gva2gpa 0xffffffffffffffff"),
+        "gpa: 0x7fffffff\r\n"
+    );
     assert_eq!(hmp_line(&mut c, "gva2gpa 0x202000"), "Unmapped\r\n");
+    assert_eq!(hmp_line(&mut c, "gva2gpa 0x8000000000000"), "Unmapped\r\n");
+    assert_eq!(
+        hmp_line(&mut c, "x /2wx 0x201000"),
+        "0000000000201000: 0x00000000 0x00000000\r\n"
+    );
+    // The kernel's own code, read through the 2 MiB page and physically.
+    assert_eq!(
+        hmp_line(&mut c, "x /4bx 0x100020"),
+        "0000000000100020: 0xfa 0xb8 0x00 0x10\r\n"
+    );
+    // The 1 GiB page's frame is beyond the guest's 16 MiB: nothing to read there, through
+    // the page or physically (QEMU 7.2's lines).
+    assert_eq!(
+        hmp_line(&mut c, "x /2wx 0xffffffffc0001000"),
+        "ffffffffc0001000: Cannot access memory\r\n"
+    );
+    assert_eq!(
+        hmp_line(&mut c, "xp /2wx 0x40001000"),
+        "0000000040001000: Cannot access memory\r\n"
+    );
+}
+
+/// A guest whose PML4 points back at itself from 511 entries maps some 2^36 pages:
+/// `info tlb` stops after `MAX_LINES` lines (and `info mem` after reading `MAX_TABLES`
+/// tables) with a last line that says so, in seconds, and the monitor goes on answering.
+#[test]
+fn on_kvm_info_tlb_of_a_self_mapped_pml4_is_bounded() {
+    let Some((_vm, mut c)) = paging_guest(true) else {
+        return;
+    };
+    let started = Instant::now();
+    let tlb = hmp_line(&mut c, "info tlb");
+    let lines: Vec<&str> = tlb.split_terminator("\r\n").collect();
+    assert_eq!(
+        lines.len(),
+        (1 << 17) + 1,
+        "{:?}",
+        &lines[lines.len().saturating_sub(3)..]
+    );
+    assert_eq!(
+        lines[..4],
+        [
+            "0000000000000000: 0000000000000000 --P-A---W",
+            "0000000000200000: 0000000000300000 ---DA--UW",
+            "0000000000201000: 0000000000301000 X---A--U-",
+            "0000000000205000: 0000000000305000 -----CT--",
+        ]
+    );
+    // Under PML4[1], PML4[0]'s tables serve as lower levels: its PD is a page table there,
+    // whose entries (the 2 MiB page's, the page table's) are 4 KiB pages.
+    assert_eq!(lines[4], "0000008000000000: 0000000000000000 ----A---W");
+    assert_eq!(lines[5], "0000008000001000: 0000000000104000 -------UW");
+    assert_eq!(
+        lines[1 << 17],
+        "(info tlb stopped after 131072 lines: qomvm prints at most that many at once)"
+    );
+    // `info mem` merges the mappings into fewer lines, but has as many tables to read.
+    let mem = hmp_line(&mut c, "info mem");
+    assert!(
+        mem.starts_with(
+            "0000000000000000-0000000000200000 0000000000200000 -rw\r\n\
+             0000000000200000-0000000000201000 0000000000001000 urw\r\n\
+             0000000000201000-0000000000202000 0000000000001000 ur-\r\n\
+             0000000000205000-0000000000206000 0000000000001000 -r-\r\n\
+             0000008000000000-0000008000001000 0000000000001000 -rw\r\n"
+        ),
+        "{mem}"
+    );
+    assert!(
+        mem.ends_with(
+            "\r\n(info mem stopped after reading 65536 page tables: qomvm walks at most that \
+             many at once)\r\n"
+        ),
+        "{mem}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the walks took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        c.cmd("query-status", json!({}))["return"]["status"],
+        json!("paused")
+    );
+}
+
+/// `info lapic` and `info pic` show KVM's local APIC (KVM_GET_LAPIC, read on the vCPU's
+/// thread) and in-kernel i8259 pair and IOAPIC (KVM_GET_IRQCHIP) in QEMU's format: the
+/// state the kernel and its firmware left, in lines QEMU 7.2 prints for such state.
+#[test]
+fn on_kvm_info_lapic_and_info_pic_show_the_in_kernel_state() {
+    let Some((_vm, mut c)) = paging_guest(false) else {
+        return;
+    };
+    let lapic = hmp_line(&mut c, "info lapic");
+    let lines: Vec<&str> = lapic.split_terminator("\r\n").collect();
+    assert_eq!(lines.len(), 17, "{lapic}");
+    assert_eq!(lines[0], "dumping local APIC state for CPU 0 ");
+    assert_eq!(lines[1], "");
+    for (i, name) in ["LVT0", "LVT1", "LVTPC", "LVTERR", "LVTTHMR", "LVTT"]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            lines[2 + i].starts_with(&format!("{name}\t 0x")),
+            "{}",
+            lines[2 + i]
+        );
+    }
+    // The kernel never touched these: reset values.
+    assert_eq!(
+        lines[4],
+        "LVTPC\t 0x00010000 active-hi edge  masked                      Fixed  (vec 0)"
+    );
+    assert_eq!(
+        lines[7],
+        "LVTT\t 0x00010000 active-hi edge  masked         one-shot     Fixed  (vec 0)"
+    );
+    assert_eq!(
+        lines[8],
+        "Timer\t DCR=0x0 (divide by 2) initial_count = 0 current_count = 0"
+    );
+    assert!(lines[9].starts_with("SPIV\t 0x"), "{}", lines[9]);
+    assert!(lines[10].starts_with("ICR\t 0x"), "{}", lines[10]);
+    assert!(lines[11].starts_with("ICR2\t 0x"), "{}", lines[11]);
+    assert_eq!(lines[12], "ESR\t 0x00000000");
+    assert_eq!(lines[13], "ISR\t (none)");
+    assert_eq!(lines[15], "");
+    assert!(
+        lines[16].starts_with("APR 0x00 TPR 0x00 DFR 0x0f LDR 0x"),
+        "{}",
+        lines[16]
+    );
+    // By APIC ID: CPU 0's is 0; there is no other.
+    assert_eq!(hmp_line(&mut c, "info lapic 0"), lapic);
+    assert_eq!(hmp_line(&mut c, "info lapic 1"), "No CPU available\r\n");
+
+    let pic = hmp_line(&mut c, "info pic");
+    let lines: Vec<&str> = pic.split_terminator("\r\n").collect();
+    assert_eq!(lines.len(), 29, "{pic}");
+    assert_eq!(lines[0], "ioapic0: ver=0x11 id=0x00 sel=0x00");
+    for (pin, line) in lines[1..25].iter().enumerate() {
+        assert!(line.starts_with(&format!("  pin {pin:<2} 0x")), "{line}");
+    }
+    assert!(lines[25].starts_with("  IRR      "), "{}", lines[25]);
+    assert!(lines[26].starts_with("  Remote IRR "), "{}", lines[26]);
+    assert!(lines[27].starts_with("pic1: irr="), "{}", lines[27]);
+    assert!(lines[28].starts_with("pic0: irr="), "{}", lines[28]);
+}
+
+/// At `-S` (reset state, nothing run) qomvm's `info pic` is QEMU 7.2's, line for line,
+/// and so is its `info lapic` but for LINT0 and LINT1, which qomvm's reset wires as
+/// firmware would (QEMU leaves that to SeaBIOS).
+#[test]
+fn on_kvm_info_lapic_and_info_pic_at_reset_match_qemu() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        test_support::skip::skip_kvm(format!("/dev/kvm not usable: {e}"));
+        return;
+    }
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        test_support::skip::skip("qemu-system-x86_64 (package qemu-system-x86) is not installed");
+        return;
+    }
+    let args = [
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "qemu64",
+        "-S",
+        "-nodefaults",
+        "-m",
+        "16M",
+        "-smp",
+        "2",
+        "-display",
+        "none",
+    ];
+    let qemu = Vm::start_program("qemu-system-x86_64", &args);
+    let mut theirs = qemu.negotiated();
+    let ours_vm = Vm::start(&args);
+    let mut ours = ours_vm.negotiated();
+    let pic = hmp_line(&mut theirs, "info pic");
+    assert!(pic.starts_with("ioapic0: "), "QEMU's: {pic}");
+    // QEMU's reset starts the PIT's channel 0 in mode 3, whose first IRQ 0 edge shows in
+    // the master PIC's IRR once about 55 ms have passed; qomvm leaves KVM's PIT idle
+    // until the guest programs it (a known difference). The rest must match.
+    let pic = pic.replace("pic0: irr=01 ", "pic0: irr=00 ");
+    assert_eq!(hmp_line(&mut ours, "info pic"), pic);
+    let theirs_lapic = hmp_line(&mut theirs, "info lapic");
+    let ours_lapic = hmp_line(&mut ours, "info lapic");
+    let without_lint = |text: &str| -> Vec<String> {
+        text.split_terminator("\r\n")
+            .filter(|l| !l.starts_with("LVT0\t") && !l.starts_with("LVT1\t"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(without_lint(&ours_lapic), without_lint(&theirs_lapic));
+    assert_eq!(without_lint(&ours_lapic).len(), 15);
+    for text in [&ours_lapic, &theirs_lapic] {
+        assert_eq!(text.matches("LVT0\t 0x").count(), 1, "{text}");
+        assert_eq!(text.matches("LVT1\t 0x").count(), 1, "{text}");
+    }
+    // The second CPU's, by APIC ID.
+    let ours_ap = hmp_line(&mut ours, "info lapic 1");
+    assert!(
+        ours_ap.starts_with("dumping local APIC state for CPU 1 \r\n"),
+        "{ours_ap}"
+    );
+    assert_eq!(
+        without_lint(&ours_ap),
+        without_lint(&hmp_line(&mut theirs, "info lapic 1"))
+    );
+    assert_eq!(
+        hmp_line(&mut ours, "info lapic 7"),
+        hmp_line(&mut theirs, "info lapic 7")
+    );
 }

@@ -215,10 +215,11 @@ fn the_pc_power_button_raises_the_sci_and_the_none_machine_has_none() {
     );
 }
 
-/// `x` and `gva2gpa` ask the CPU's own paging (`AccelOps::translate_pages`): a long-mode
-/// guest whose page tables map the first 4 GiB one to one with 2 MiB pages.
+/// The monitor's page walks (`x`, `gva2gpa`, `info tlb`) start from the CPU's paging
+/// registers, read on its own thread: a long-mode guest has paging, PAE and long mode on;
+/// a CPU that does not exist has no thread to ask.
 #[test]
-fn a_long_mode_guests_page_tables_translate_its_virtual_addresses() {
+fn a_long_mode_guests_paging_registers_are_read_on_its_thread() {
     require_kvm!();
     let image = guest::build(
         Mode::Long64,
@@ -238,28 +239,13 @@ fn a_long_mode_guests_page_tables_translate_its_virtual_addresses() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let ops = ms.accel_ops().unwrap();
-    let pages = vec![
-        0x0010_0000,
-        0xfee0_0000,
-        0xffff_f000,
-        0x1_0000_0000,
-        0xffff_8000_0000_0000,
-    ];
-    let got = ops.translate_pages(0, pages).expect("CPU 0 translates");
+    let regs = ops.paging_registers(0).expect("CPU 0 answers");
+    assert_ne!(regs.cr0 & (1 << 31), 0, "CR0.PG: {regs:x?}");
+    assert_ne!(regs.cr4 & (1 << 5), 0, "CR4.PAE: {regs:x?}");
+    assert_ne!(regs.efer & (1 << 10), 0, "EFER.LMA: {regs:x?}");
     assert_eq!(
-        got,
-        vec![
-            Some(0x0010_0000),
-            Some(0xfee0_0000),
-            Some(0xffff_f000),
-            None,
-            None
-        ],
-        "identity below 4 GiB, nothing above"
-    );
-    assert_eq!(
-        ops.translate_pages(3, vec![0]),
-        Err(hw::core::accel_ops::CpuDumpError::NoThread(3))
+        ops.paging_registers(3).err(),
+        Some(hw::core::accel_ops::CpuDumpError::NoThread(3))
     );
     ops.shutdown();
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Weak};
 
 use hw::core::accel_ops::{
     AccelIrqError, AccelOps, CpuDumpError, DisplayLogError, EventFd, IoEventAddr, IoEventSpace,
-    MsiMessage, PagingRegisters, RamBlock, SlotId,
+    IrqchipState, LocalApicState, MsiMessage, PagingRegisters, RamBlock, SlotId,
 };
 use hw::core::machine::MachineState;
 use kvm_bindings::{
@@ -588,26 +588,6 @@ impl AccelOps for KvmVm {
         self.inspect_cpu(index, |vcpu| crate::kvm::x86::register_dump(vcpu))
     }
 
-    fn translate_pages(
-        &self,
-        index: u32,
-        pages: Vec<u64>,
-    ) -> Result<Vec<Option<u64>>, CpuDumpError> {
-        // KVM_TRANSLATE walks the guest's page tables as the vCPU's mode reads them (paging
-        // off, 32-bit, PAE, 4- or 5-level), on the vCPU's own thread between two runs.
-        self.inspect_cpu(index, move |vcpu| {
-            pages
-                .iter()
-                .map(|&page| {
-                    vcpu.translate_gva(page)
-                        .ok()
-                        .filter(|t| t.valid != 0)
-                        .map(|t| t.physical_address)
-                })
-                .collect()
-        })
-    }
-
     fn paging_registers(&self, index: u32) -> Result<PagingRegisters, CpuDumpError> {
         self.inspect_cpu(index, |vcpu| {
             vcpu.get_sregs().ok().map(|s| PagingRegisters {
@@ -618,6 +598,19 @@ impl AccelOps for KvmVm {
             })
         })?
         .ok_or(CpuDumpError::NoThread(index))
+    }
+
+    fn local_apic_state(&self, index: u32) -> Result<LocalApicState, CpuDumpError> {
+        self.inspect_cpu(index, |vcpu| crate::kvm::x86::local_apic_state(vcpu))?
+            .map_err(CpuDumpError::Failed)
+    }
+
+    fn irqchip_state(&self) -> Result<Option<IrqchipState>, AccelIrqError> {
+        // Only a machine that made the irqchip has one to show (`-M none` has none).
+        if self.irq.get().is_none() {
+            return Ok(None);
+        }
+        crate::kvm::kvm_state::irqchip_state(&self.vm).map(Some)
     }
 
     fn save_cpu_state(&self, index: u32) -> Result<VmStateSection, VmStateError> {

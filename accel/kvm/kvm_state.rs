@@ -210,6 +210,65 @@ const CHIPS: [(u32, &str); 3] = [
     (KVM_IRQCHIP_IOAPIC, "ioapic"),
 ];
 
+/// The version KVM's IOAPIC reports (QEMU's `kvm-ioapic` shows 0x11 too).
+const KVM_IOAPIC_VERSION: u8 = 0x11;
+
+/// The in-kernel PICs and IOAPIC as `info pic` prints them (QEMU's `kvm_pic_get` and
+/// `kvm_ioapic_get`).
+pub(crate) fn irqchip_state(
+    vm: &VmFd,
+) -> Result<hw::core::accel_ops::IrqchipState, hw::core::accel_ops::AccelIrqError> {
+    use hw::core::accel_ops::{AccelIrqError, IoapicState, IrqchipState, PicState};
+    let get = |id: u32| {
+        let mut chip = kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip)
+            .map_err(|e| AccelIrqError::Failed {
+                what: "KVM_GET_IRQCHIP",
+                reason: errno_text(e.errno()),
+            })
+            .map(|()| chip)
+    };
+    let pic = |id: u32| {
+        get(id).map(|chip| {
+            // SAFETY: KVM filled the union's PIC member for a PIC chip id.
+            let p = unsafe { chip.chip.pic };
+            PicState {
+                irr: p.irr,
+                imr: p.imr,
+                isr: p.isr,
+                priority_add: p.priority_add,
+                irq_base: p.irq_base,
+                read_reg_select: p.read_reg_select,
+                elcr: p.elcr,
+                special_fully_nested_mode: p.special_fully_nested_mode,
+            }
+        })
+    };
+    let master = pic(KVM_IRQCHIP_PIC_MASTER)?;
+    let slave = pic(KVM_IRQCHIP_PIC_SLAVE)?;
+    let chip = get(KVM_IRQCHIP_IOAPIC)?;
+    // SAFETY: KVM filled the union's IOAPIC member for the IOAPIC chip id.
+    let io = unsafe { chip.chip.ioapic };
+    let ioapic = IoapicState {
+        version: KVM_IOAPIC_VERSION,
+        id: io.id as u8,
+        ioregsel: io.ioregsel,
+        irr: io.irr,
+        redirtbl: std::array::from_fn(|i| {
+            // SAFETY: both members are plain bits; every pattern is a valid `bits`.
+            unsafe { io.redirtbl[i].bits }
+        }),
+    };
+    Ok(IrqchipState {
+        master,
+        slave,
+        ioapic,
+    })
+}
+
 /// The in-kernel PICs and IOAPIC, the PIT if there is one, and the kvmclock.
 pub(crate) fn save_vm_state(vm: &VmFd, has_pit: bool) -> Result<VmStateSection, VmStateError> {
     let mut s = VmStateSection::new(VM_STATE_VERSION);

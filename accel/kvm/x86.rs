@@ -983,6 +983,28 @@ pub(crate) fn inject_external_nmi(vcpu: &mut VcpuFd) -> Result<bool, i32> {
     Ok(true)
 }
 
+/// CPUID.01H:ECX.x2APIC.
+const CPUID_1_ECX_X2APIC: u32 = 1 << 21;
+
+/// The vCPU's local APIC for `info lapic`, on its thread: `KVM_GET_LAPIC` (whose page
+/// carries the timer's current count) and whether the CPUID it runs with shows x2APIC.
+pub(crate) fn local_apic_state(
+    vcpu: &VcpuFd,
+) -> Result<hw::core::accel_ops::LocalApicState, String> {
+    let lapic = vcpu
+        .get_lapic()
+        .map_err(|e| format!("KVM_GET_LAPIC: {}", errno_text(e.errno())))?;
+    let x2apic_cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).is_ok_and(|c| {
+        c.as_slice()
+            .iter()
+            .any(|e| e.function == 1 && e.ecx & CPUID_1_ECX_X2APIC != 0)
+    });
+    Ok(hw::core::accel_ops::LocalApicState {
+        regs: lapic.regs.iter().map(|&b| b as u8).collect(),
+        x2apic_cpuid,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use hw::core::accel_ops::{
-    AccelOps, CpuDumpError, DisplayLogError, PagingRegisters, RamBlock, SlotId,
+    AccelOps, CpuDumpError, DisplayLogError, LocalApicState, PagingRegisters, RamBlock, SlotId,
 };
 use hw::core::machine::MachineState;
 use hw::core::vmstate::{VmStateError, VmStateSection};
@@ -88,14 +88,10 @@ impl AccelOps for QtestOps {
     fn cpu_dump_state(&self, _index: u32) -> Result<String, CpuDumpError> {
         Err(CpuDumpError::NoRegisters("qtest"))
     }
-    fn translate_pages(
-        &self,
-        _index: u32,
-        _pages: Vec<u64>,
-    ) -> Result<Vec<Option<u64>>, CpuDumpError> {
+    fn paging_registers(&self, _index: u32) -> Result<PagingRegisters, CpuDumpError> {
         Err(CpuDumpError::NoRegisters("qtest"))
     }
-    fn paging_registers(&self, _index: u32) -> Result<PagingRegisters, CpuDumpError> {
+    fn local_apic_state(&self, _index: u32) -> Result<LocalApicState, CpuDumpError> {
         Err(CpuDumpError::NoRegisters("qtest"))
     }
     fn name(&self) -> &'static str {

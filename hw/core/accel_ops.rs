@@ -43,6 +43,77 @@ pub enum CpuDumpError {
     /// The vCPU thread did not answer in time.
     #[error("CPU {0} did not answer within {1} ms")]
     Timeout(u32, u64),
+    /// The accelerator refused to read the state.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A local APIC's registers, for the monitor's `info lapic` (QEMU's `APICCommonState` as
+/// `kvm_get_apic_state` fills it from `KVM_GET_LAPIC`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalApicState {
+    /// The 1 KiB register page in the xAPIC MMIO layout: register `0xN0` at byte `0xN0`,
+    /// 32 bits little-endian, as `KVM_GET_LAPIC` returns it (the timer's current count
+    /// included).
+    pub regs: Vec<u8>,
+    /// CPUID.01H:ECX.x2APIC as the guest sees it: QEMU reads ICR destinations by it.
+    pub x2apic_cpuid: bool,
+}
+
+impl LocalApicState {
+    /// The 32-bit register at MMIO offset `offset` (0 outside the page).
+    pub fn reg(&self, offset: usize) -> u32 {
+        self.regs
+            .get(offset..offset + 4)
+            .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+}
+
+/// One i8259's state as `info pic` prints it (QEMU's `PICCommonState`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PicState {
+    /// Interrupt request register.
+    pub irr: u8,
+    /// Interrupt mask register.
+    pub imr: u8,
+    /// In-service register.
+    pub isr: u8,
+    /// The rotation's lowest-priority offset (`hprio`).
+    pub priority_add: u8,
+    /// The vector of IRQ 0 (ICW2).
+    pub irq_base: u8,
+    /// OCW3's register select: 1 reads the ISR.
+    pub read_reg_select: u8,
+    /// Edge/level control register.
+    pub elcr: u8,
+    /// Special fully nested mode (ICW4).
+    pub special_fully_nested_mode: u8,
+}
+
+/// The IOAPIC's state as `info pic` prints it (QEMU's `IOAPICCommonState`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoapicState {
+    /// The version register's version (0x11 for KVM's).
+    pub version: u8,
+    /// The IOAPIC ID.
+    pub id: u8,
+    /// The register select register.
+    pub ioregsel: u32,
+    /// The pins whose interrupt is requested.
+    pub irr: u32,
+    /// The 24 redirection table entries.
+    pub redirtbl: [u64; 24],
+}
+
+/// The interrupt controllers the accelerator models (`info pic`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqchipState {
+    /// The master i8259 (IRQs 0-7).
+    pub master: PicState,
+    /// The slave i8259 (IRQs 8-15).
+    pub slave: PicState,
+    /// The IOAPIC.
+    pub ioapic: IoapicState,
 }
 
 /// The registers that say how an x86 CPU translates virtual addresses.
@@ -182,16 +253,20 @@ pub trait AccelOps: Send + Sync {
     fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {
         Err(CpuDumpError::NoThread(index))
     }
-    /// The guest-physical addresses of the virtual pages `pages` (4 KiB aligned) as CPU
-    /// `index`'s paging maps them now, `None` where it does not (QEMU's
-    /// `cpu_get_phys_page_debug`, for the monitor's `x` and `gva2gpa`).
-    fn translate_pages(&self, index: u32, _pages: Vec<u64>) -> Result<Vec<Option<u64>>, CpuDumpError> {
-        Err(CpuDumpError::NoThread(index))
-    }
     /// CPU `index`'s paging registers (CR0, CR3, CR4, EFER), read on its own thread between
     /// two runs, for the monitor's page-table walks (`info mem`, `info tlb`).
     fn paging_registers(&self, index: u32) -> Result<PagingRegisters, CpuDumpError> {
         Err(CpuDumpError::NoThread(index))
+    }
+    /// CPU `index`'s local APIC, read on its own thread between two runs (QEMU's
+    /// `cpu_synchronize_state` before `x86_cpu_dump_local_apic_state`).
+    fn local_apic_state(&self, index: u32) -> Result<LocalApicState, CpuDumpError> {
+        Err(CpuDumpError::NoThread(index))
+    }
+    /// The in-kernel i8259 pair and IOAPIC (`KVM_GET_IRQCHIP`), `None` while the machine
+    /// has none (QEMU's `kvm_pic_get`, `kvm_ioapic_get`, for `info pic`).
+    fn irqchip_state(&self) -> Result<Option<IrqchipState>, AccelIrqError> {
+        Err(self.irq_unsupported("in-kernel interrupt controllers"))
     }
     /// Injects one MSI (QEMU's `kvm_send_msi`, `KVM_SIGNAL_MSI`): the userspace path of an
     /// MSI-X vector that has no irqfd.

@@ -550,10 +550,22 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         run: info_hotpluggable_cpus,
     },
     HmpCommand {
+        names: "lapic",
+        params: "[apic-id]",
+        help: "show local apic state (apic-id: local apic to read, default is which of current CPU)",
+        run: info_lapic,
+    },
+    HmpCommand {
         names: "mem",
         params: "",
         help: "show the active virtual memory mappings",
         run: info_mem,
+    },
+    HmpCommand {
+        names: "pic",
+        params: "",
+        help: "show PIC state",
+        run: info_pic,
     },
     HmpCommand {
         names: "memory_size_summary",
@@ -1377,6 +1389,68 @@ fn page_walk(
     out.push_str(&walk(&regs, &read));
 }
 
+/// QEMU's `hmp_info_local_apic`: the local APIC of the CPU whose APIC ID is given (QEMU's
+/// `cpu_by_arch_id`), else of the current CPU.
+fn info_lapic(
+    ctx: &CommandCtx,
+    hmp: &mut HmpState,
+    args: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let ms = ctx.vm.machine_state();
+    let index = if args.is_empty() {
+        cpu_infos(ctx)
+            .iter()
+            .any(|c| c.index == hmp.cpu_index)
+            .then_some(hmp.cpu_index)
+    } else {
+        let apic_id = int_arg(args, "apic-id")?;
+        ms.cpus().iter().find_map(|c| {
+            let cpu = c.downcast::<hw::i386::x86_cpu::X86Cpu>()?;
+            let index = c.downcast::<CpuState>()?.index();
+            (u64::from(cpu.apic_id()) == apic_id).then_some(index)
+        })
+    };
+    let (Some(index), Some(ops)) = (index, ms.accel_ops()) else {
+        out.push_str("No CPU available\n");
+        return Ok(());
+    };
+    match ops.local_apic_state(index) {
+        Ok(apic) => out.push_str(&crate::monitor::x86_intc::lapic_dump(index, &apic)),
+        // What QEMU says of a CPU without local APIC state.
+        Err(hw::core::accel_ops::CpuDumpError::NoRegisters(_)) => {
+            out.push_str("local apic state not available\n");
+        }
+        Err(e) => {
+            let _ = writeln!(out, "Error: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's `hmp_info_pic`: every interrupt controller's state. qomvm's are the
+/// accelerator's (KVM's in-kernel i8259 pair and IOAPIC, as QEMU's kvm-i8259 and
+/// kvm-ioapic); a machine without them (`-M none`) prints nothing, as QEMU's does.
+fn info_pic(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    _: &[&str],
+    out: &mut String,
+) -> Result<(), QmpError> {
+    let ms = ctx.vm.machine_state();
+    let Some(ops) = ms.accel_ops().filter(|_| !ms.cpus().is_empty()) else {
+        return Ok(());
+    };
+    match ops.irqchip_state() {
+        Ok(Some(state)) => out.push_str(&crate::monitor::x86_intc::pic_dump(&state)),
+        Ok(None) => {}
+        Err(e) => {
+            let _ = writeln!(out, "Interrupt controller information not available: {e}.");
+        }
+    }
+    Ok(())
+}
+
 /// QEMU's `hmp_info_tlb` (x86): every page the current CPU maps.
 fn info_tlb(
     ctx: &CommandCtx,
@@ -1792,20 +1866,35 @@ fn virtual_pages(
     addr: u64,
     len: u64,
 ) -> Result<Vec<(u64, Option<u64>)>, QmpError> {
-    let ops = ctx
-        .vm
-        .machine_state()
+    let ms = ctx.vm.machine_state();
+    let ops = ms
         .accel_ops()
         .ok_or_else(|| QmpError::Failed("Can not dump without CPU".into()))?;
     let first = addr & !PAGE_MASK;
     let count = ((addr & PAGE_MASK) + len).div_ceil(PAGE_MASK + 1);
-    let pages: Vec<u64> = (0..count)
-        .map(|i| first.wrapping_add(i * (PAGE_MASK + 1)))
-        .collect();
-    let gpas = ops
-        .translate_pages(hmp.cpu_index, pages.clone())
+    // QEMU's debug walk over the CPU's paging registers (read on its thread) and guest
+    // memory, not the CPU's own translation: it ignores reserved bits, as QEMU's does.
+    let regs = ops
+        .paging_registers(hmp.cpu_index)
         .map_err(|e| QmpError::Failed(e.to_string()))?;
-    Ok(pages.into_iter().zip(gpas).collect())
+    let services = ms.services();
+    // What nothing maps reads as zeroes, as QEMU's unassigned memory does.
+    let read = |at: u64, buf: &mut [u8]| {
+        if services.is_assigned(at, buf.len() as u64) {
+            services.read_physical(at, buf);
+        } else {
+            buf.fill(0);
+        }
+    };
+    Ok((0..count)
+        .map(|i| {
+            let page = first.wrapping_add(i * (PAGE_MASK + 1));
+            (
+                page,
+                crate::monitor::x86_paging::translate_page(&regs, &read, page),
+            )
+        })
+        .collect())
 }
 
 /// The offset bits of a 4 KiB page.
@@ -1866,7 +1955,13 @@ fn memory_dump(
             let Some(gpa) = pages.iter().find(|(p, _)| *p == page).and_then(|(_, g)| *g) else {
                 return false;
             };
-            services.read_physical(gpa + (va & PAGE_MASK), &mut buf[done..done + n]);
+            // A page mapped to memory nothing backs cannot be read either, as in QEMU's
+            // `cpu_memory_rw_debug`.
+            let at = gpa + (va & PAGE_MASK);
+            if !services.is_assigned(at, n as u64) {
+                return false;
+            }
+            services.read_physical(at, &mut buf[done..done + n]);
             done += n;
         }
         true

@@ -39,6 +39,7 @@ pub mod qmp_device;
 pub mod qmp_input;
 pub mod qmp_pci;
 pub mod schema;
+pub mod x86_intc;
 pub mod x86_paging;
 
 use std::path::PathBuf;

@@ -89,149 +89,147 @@ fn canonical(regs: &PagingRegisters, addr: u64) -> u64 {
     }
 }
 
-/// QEMU's `print_pte`: `VADDR: PADDR XGPDACTUW`.
-fn print_pte(out: &mut String, regs: &PagingRegisters, addr: u64, pte: u64, mask: u64) {
-    let flag = |bit: u64, c: char| if pte & bit != 0 { c } else { '-' };
-    let _ = writeln!(
-        out,
-        "{:016x}: {:016x} {}{}{}{}{}{}{}{}{}",
-        canonical(regs, addr),
-        pte & mask,
-        flag(PG_NX, 'X'),
-        flag(PG_GLOBAL, 'G'),
-        flag(PG_PSE, 'P'),
-        flag(PG_DIRTY, 'D'),
-        flag(PG_ACCESSED, 'A'),
-        flag(PG_PCD, 'C'),
-        flag(PG_PWT, 'T'),
-        flag(PG_USER, 'U'),
-        flag(PG_RW, 'W'),
-    );
+/// The most lines `info tlb` or `info mem` prints at once: about 6 MiB of text, well under
+/// what a monitor client may have queued (`client::MAX_QUEUED`), JSON escapes included.
+pub const MAX_LINES: usize = 1 << 17;
+/// The most page tables one walk reads (256 MiB of guest memory): tables that point back
+/// at themselves (a self-mapped PML4) or at one another can make a walk visit billions.
+pub const MAX_TABLES: usize = 1 << 16;
+
+/// How much of a page-table walk `info tlb` and `info mem` do at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalkLimits {
+    /// Lines printed.
+    pub lines: usize,
+    /// Page tables read (the top-level one included).
+    pub tables: usize,
 }
 
-/// QEMU's `hmp_info_tlb` once it has the CPU: every present mapping.
-pub fn info_tlb(regs: &PagingRegisters, read: ReadPhys) -> String {
-    let mut out = String::new();
-    match mode(regs) {
-        None => out.push_str("PG disabled\n"),
-        Some(Mode::Bits32) => tlb_32(&mut out, regs, read),
-        Some(Mode::Pae32) => tlb_pae32(&mut out, regs, read),
-        Some(Mode::La48) => tlb_la48(&mut out, regs, read, 0, regs.cr3 & ADDR_MASK),
-        Some(Mode::La57) => {
-            for (l0, pml5e) in table64(read, regs.cr3 & ADDR_MASK, 512)
-                .into_iter()
-                .enumerate()
-            {
-                if pml5e & PG_PRESENT != 0 {
-                    tlb_la48(&mut out, regs, read, l0 as u64, pml5e & ADDR_MASK);
-                }
-            }
-        }
-    }
-    out
-}
-
-fn tlb_32(out: &mut String, regs: &PagingRegisters, read: ReadPhys) {
-    let pgd = regs.cr3 & 0xffff_f000;
-    for (l1, pde) in table32(read, pgd).into_iter().enumerate() {
-        let l1 = l1 as u64;
-        if pde & PG_PRESENT == 0 {
-            continue;
-        }
-        if pde & PG_PSE != 0 && regs.cr4 & CR4_PSE != 0 {
-            // 4M pages: QEMU masks with ~((1 << 21) - 1).
-            print_pte(out, regs, l1 << 22, pde, !((1 << 21) - 1));
-            continue;
-        }
-        for (l2, pte) in table32(read, pde & 0xffff_f000).into_iter().enumerate() {
-            if pte & PG_PRESENT != 0 {
-                let addr = (l1 << 22) + ((l2 as u64) << 12);
-                print_pte(out, regs, addr, pte & !PG_PSE, !0xfff);
-            }
+impl Default for WalkLimits {
+    fn default() -> Self {
+        WalkLimits {
+            lines: MAX_LINES,
+            tables: MAX_TABLES,
         }
     }
 }
 
-fn tlb_pae32(out: &mut String, regs: &PagingRegisters, read: ReadPhys) {
-    for (l1, pdpe) in table64(read, regs.cr3 & !0x1f, 4).into_iter().enumerate() {
-        let l1 = l1 as u64;
-        if pdpe & PG_PRESENT == 0 {
-            continue;
-        }
-        for (l2, pde) in table64(read, pdpe & ADDR_MASK, 512).into_iter().enumerate() {
-            let l2 = l2 as u64;
-            if pde & PG_PRESENT == 0 {
-                continue;
-            }
-            if pde & PG_PSE != 0 {
-                // 2M pages (CR4.PSE does not matter with PAE): QEMU's ~((1 << 20) - 1).
-                print_pte(out, regs, (l1 << 30) + (l2 << 21), pde, !((1 << 20) - 1));
-                continue;
-            }
-            for (l3, pte) in table64(read, pde & ADDR_MASK, 512).into_iter().enumerate() {
-                if pte & PG_PRESENT != 0 {
-                    let addr = (l1 << 30) + (l2 << 21) + ((l3 as u64) << 12);
-                    print_pte(out, regs, addr, pte & !PG_PSE, !0xfff);
-                }
-            }
-        }
-    }
+/// Why a walk stopped before its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Lines,
+    Tables,
 }
 
-fn tlb_la48(out: &mut String, regs: &PagingRegisters, read: ReadPhys, l0: u64, pml4: u64) {
-    for (l1, pml4e) in table64(read, pml4, 512).into_iter().enumerate() {
-        let l1 = l1 as u64;
-        if pml4e & PG_PRESENT == 0 {
-            continue;
-        }
-        for (l2, pdpe) in table64(read, pml4e & ADDR_MASK, 512)
-            .into_iter()
-            .enumerate()
-        {
-            let l2 = l2 as u64;
-            if pdpe & PG_PRESENT == 0 {
-                continue;
-            }
-            let base = (l0 << 48) + (l1 << 39) + (l2 << 30);
-            if pdpe & PG_PSE != 0 {
-                print_pte(out, regs, base, pdpe, 0x3_ffff_c000_0000);
-                continue;
-            }
-            for (l3, pde) in table64(read, pdpe & ADDR_MASK, 512).into_iter().enumerate() {
-                let l3 = l3 as u64;
-                if pde & PG_PRESENT == 0 {
-                    continue;
-                }
-                if pde & PG_PSE != 0 {
-                    print_pte(out, regs, base + (l3 << 21), pde, 0x3_ffff_ffe0_0000);
-                    continue;
-                }
-                for (l4, pte) in table64(read, pde & ADDR_MASK, 512).into_iter().enumerate() {
-                    if pte & PG_PRESENT != 0 {
-                        let addr = base + (l3 << 21) + ((l4 as u64) << 12);
-                        print_pte(out, regs, addr, pte & !PG_PSE, ADDR_MASK);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// QEMU's `mem_print`'s state: the range being gathered and its protection.
-struct MemRanges<'a> {
-    out: &'a mut String,
+/// A walk in progress: its output and what is left of its budget, and for `info mem` the
+/// range being gathered and its protection (QEMU's `mem_print` state).
+struct Walk<'a> {
+    out: String,
     regs: &'a PagingRegisters,
+    read: ReadPhys<'a>,
+    limits: WalkLimits,
+    lines: usize,
+    tables: usize,
+    stop: Option<Stop>,
     start: u64,
     last_prot: u64,
 }
 
-impl MemRanges<'_> {
+impl<'a> Walk<'a> {
+    fn new(regs: &'a PagingRegisters, read: ReadPhys<'a>, limits: WalkLimits) -> Self {
+        Walk {
+            out: String::new(),
+            regs,
+            read,
+            limits,
+            lines: 0,
+            tables: 0,
+            stop: None,
+            start: u64::MAX,
+            last_prot: 0,
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Takes one table from the budget; `false` (and the walk stops) when none is left.
+    fn take_table(&mut self) -> bool {
+        if self.stop.is_some() {
+            return false;
+        }
+        if self.tables >= self.limits.tables {
+            self.stop = Some(Stop::Tables);
+            return false;
+        }
+        self.tables += 1;
+        true
+    }
+
+    /// [`table64`] within the budget: no entries once it is spent.
+    fn table64(&mut self, addr: u64, count: usize) -> Vec<u64> {
+        if self.take_table() {
+            table64(self.read, addr, count)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// [`table32`] within the budget.
+    fn table32(&mut self, addr: u64) -> Vec<u64> {
+        if self.take_table() {
+            table32(self.read, addr)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Takes one line from the budget; `false` (and the walk stops) when none is left.
+    fn take_line(&mut self) -> bool {
+        if self.stop.is_some() {
+            return false;
+        }
+        if self.lines >= self.limits.lines {
+            self.stop = Some(Stop::Lines);
+            return false;
+        }
+        self.lines += 1;
+        true
+    }
+
+    /// QEMU's `print_pte`: `VADDR: PADDR XGPDACTUW`.
+    fn pte(&mut self, addr: u64, pte: u64, mask: u64) {
+        if !self.take_line() {
+            return;
+        }
+        let flag = |bit: u64, c: char| if pte & bit != 0 { c } else { '-' };
+        let _ = writeln!(
+            self.out,
+            "{:016x}: {:016x} {}{}{}{}{}{}{}{}{}",
+            canonical(self.regs, addr),
+            pte & mask,
+            flag(PG_NX, 'X'),
+            flag(PG_GLOBAL, 'G'),
+            flag(PG_PSE, 'P'),
+            flag(PG_DIRTY, 'D'),
+            flag(PG_ACCESSED, 'A'),
+            flag(PG_PCD, 'C'),
+            flag(PG_PWT, 'T'),
+            flag(PG_USER, 'U'),
+            flag(PG_RW, 'W'),
+        );
+    }
+
     /// QEMU's `mem_print`: a change of protection at `end` ends the range before it.
     fn at(&mut self, end: u64, prot: u64) {
-        if prot == self.last_prot {
+        if prot == self.last_prot || self.stopped() {
             return;
         }
         if self.start != u64::MAX {
+            if !self.take_line() {
+                return;
+            }
             let c = |a: u64| canonical(self.regs, a);
             let _ = writeln!(
                 self.out,
@@ -254,182 +252,427 @@ impl MemRanges<'_> {
         self.start = if prot != 0 { end } else { u64::MAX };
         self.last_prot = prot;
     }
+
+    /// The output, with a last line that says where the walk stopped, if it did.
+    fn finish(mut self, what: &str) -> String {
+        match self.stop {
+            None => {}
+            Some(Stop::Lines) => {
+                let _ = writeln!(
+                    self.out,
+                    "({what} stopped after {} lines: qomvm prints at most that many at once)",
+                    self.limits.lines
+                );
+            }
+            Some(Stop::Tables) => {
+                let _ = writeln!(
+                    self.out,
+                    "({what} stopped after reading {} page tables: qomvm walks at most that \
+                     many at once)",
+                    self.limits.tables
+                );
+            }
+        }
+        self.out
+    }
 }
 
-/// QEMU's `hmp_info_mem` once it has the CPU: the mapped ranges and their protection.
+/// QEMU's `hmp_info_tlb` once it has the CPU: every present mapping, up to
+/// [`WalkLimits::default`].
+pub fn info_tlb(regs: &PagingRegisters, read: ReadPhys) -> String {
+    info_tlb_limited(regs, read, WalkLimits::default())
+}
+
+/// [`info_tlb`] within `limits`. QEMU prints as it walks and has no limit; qomvm's
+/// monitor hands a command's whole output to its client at once, so it stops at the
+/// limit and says so on a last line.
+pub fn info_tlb_limited(regs: &PagingRegisters, read: ReadPhys, limits: WalkLimits) -> String {
+    let mut w = Walk::new(regs, read, limits);
+    match mode(regs) {
+        None => w.out.push_str("PG disabled\n"),
+        Some(Mode::Bits32) => tlb_32(&mut w),
+        Some(Mode::Pae32) => tlb_pae32(&mut w),
+        Some(Mode::La48) => tlb_la48(&mut w, 0, regs.cr3 & ADDR_MASK),
+        Some(Mode::La57) => {
+            for (l0, pml5e) in w.table64(regs.cr3 & ADDR_MASK, 512).into_iter().enumerate() {
+                if w.stopped() {
+                    break;
+                }
+                if pml5e & PG_PRESENT != 0 {
+                    tlb_la48(&mut w, l0 as u64, pml5e & ADDR_MASK);
+                }
+            }
+        }
+    }
+    w.finish("info tlb")
+}
+
+fn tlb_32(w: &mut Walk) {
+    let pgd = w.regs.cr3 & 0xffff_f000;
+    for (l1, pde) in w.table32(pgd).into_iter().enumerate() {
+        let l1 = l1 as u64;
+        if w.stopped() {
+            return;
+        }
+        if pde & PG_PRESENT == 0 {
+            continue;
+        }
+        if pde & PG_PSE != 0 && w.regs.cr4 & CR4_PSE != 0 {
+            // 4M pages: QEMU masks with ~((1 << 21) - 1).
+            w.pte(l1 << 22, pde, !((1 << 21) - 1));
+            continue;
+        }
+        for (l2, pte) in w.table32(pde & 0xffff_f000).into_iter().enumerate() {
+            if pte & PG_PRESENT != 0 {
+                let addr = (l1 << 22) + ((l2 as u64) << 12);
+                w.pte(addr, pte & !PG_PSE, !0xfff);
+            }
+        }
+    }
+}
+
+fn tlb_pae32(w: &mut Walk) {
+    for (l1, pdpe) in w.table64(w.regs.cr3 & !0x1f, 4).into_iter().enumerate() {
+        let l1 = l1 as u64;
+        if w.stopped() {
+            return;
+        }
+        if pdpe & PG_PRESENT == 0 {
+            continue;
+        }
+        for (l2, pde) in w.table64(pdpe & ADDR_MASK, 512).into_iter().enumerate() {
+            let l2 = l2 as u64;
+            if w.stopped() {
+                return;
+            }
+            if pde & PG_PRESENT == 0 {
+                continue;
+            }
+            if pde & PG_PSE != 0 {
+                // 2M pages (CR4.PSE does not matter with PAE): QEMU's ~((1 << 20) - 1).
+                w.pte((l1 << 30) + (l2 << 21), pde, !((1 << 20) - 1));
+                continue;
+            }
+            for (l3, pte) in w.table64(pde & ADDR_MASK, 512).into_iter().enumerate() {
+                if pte & PG_PRESENT != 0 {
+                    let addr = (l1 << 30) + (l2 << 21) + ((l3 as u64) << 12);
+                    w.pte(addr, pte & !PG_PSE, !0xfff);
+                }
+            }
+        }
+    }
+}
+
+fn tlb_la48(w: &mut Walk, l0: u64, pml4: u64) {
+    for (l1, pml4e) in w.table64(pml4, 512).into_iter().enumerate() {
+        let l1 = l1 as u64;
+        if w.stopped() {
+            return;
+        }
+        if pml4e & PG_PRESENT == 0 {
+            continue;
+        }
+        for (l2, pdpe) in w.table64(pml4e & ADDR_MASK, 512).into_iter().enumerate() {
+            let l2 = l2 as u64;
+            if w.stopped() {
+                return;
+            }
+            if pdpe & PG_PRESENT == 0 {
+                continue;
+            }
+            let base = (l0 << 48) + (l1 << 39) + (l2 << 30);
+            if pdpe & PG_PSE != 0 {
+                w.pte(base, pdpe, 0x3_ffff_c000_0000);
+                continue;
+            }
+            for (l3, pde) in w.table64(pdpe & ADDR_MASK, 512).into_iter().enumerate() {
+                let l3 = l3 as u64;
+                if w.stopped() {
+                    return;
+                }
+                if pde & PG_PRESENT == 0 {
+                    continue;
+                }
+                if pde & PG_PSE != 0 {
+                    w.pte(base + (l3 << 21), pde, 0x3_ffff_ffe0_0000);
+                    continue;
+                }
+                for (l4, pte) in w.table64(pde & ADDR_MASK, 512).into_iter().enumerate() {
+                    if pte & PG_PRESENT != 0 {
+                        let addr = base + (l3 << 21) + ((l4 as u64) << 12);
+                        w.pte(addr, pte & !PG_PSE, ADDR_MASK);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// QEMU's `hmp_info_mem` once it has the CPU: the mapped ranges and their protection, up
+/// to [`WalkLimits::default`].
 pub fn info_mem(regs: &PagingRegisters, read: ReadPhys) -> String {
-    let mut out = String::new();
+    info_mem_limited(regs, read, WalkLimits::default())
+}
+
+/// [`info_mem`] within `limits` (see [`info_tlb_limited`]).
+pub fn info_mem_limited(regs: &PagingRegisters, read: ReadPhys, limits: WalkLimits) -> String {
+    let mut w = Walk::new(regs, read, limits);
     let Some(mode) = mode(regs) else {
-        out.push_str("PG disabled\n");
-        return out;
-    };
-    let mut m = MemRanges {
-        out: &mut out,
-        regs,
-        start: u64::MAX,
-        last_prot: 0,
+        w.out.push_str("PG disabled\n");
+        return w.out;
     };
     match mode {
-        Mode::Bits32 => mem_32(&mut m, read),
-        Mode::Pae32 => mem_pae32(&mut m, read),
-        Mode::La48 => mem_la48(&mut m, read),
-        Mode::La57 => mem_la57(&mut m, read),
+        Mode::Bits32 => mem_32(&mut w),
+        Mode::Pae32 => mem_pae32(&mut w),
+        Mode::La48 => mem_la48(&mut w),
+        Mode::La57 => mem_la57(&mut w),
     }
-    out
+    w.finish("info mem")
 }
 
-fn mem_32(m: &mut MemRanges, read: ReadPhys) {
-    let pgd = m.regs.cr3 & 0xffff_f000;
-    for (l1, pde) in table32(read, pgd).into_iter().enumerate() {
+fn mem_32(w: &mut Walk) {
+    let pgd = w.regs.cr3 & 0xffff_f000;
+    for (l1, pde) in w.table32(pgd).into_iter().enumerate() {
         let l1 = l1 as u64;
         if pde & PG_PRESENT == 0 {
-            m.at(l1 << 22, 0);
-        } else if pde & PG_PSE != 0 && m.regs.cr4 & CR4_PSE != 0 {
-            m.at(l1 << 22, pde & PROT_MASK);
+            w.at(l1 << 22, 0);
+        } else if pde & PG_PSE != 0 && w.regs.cr4 & CR4_PSE != 0 {
+            w.at(l1 << 22, pde & PROT_MASK);
         } else {
-            for (l2, pte) in table32(read, pde & 0xffff_f000).into_iter().enumerate() {
+            for (l2, pte) in w.table32(pde & 0xffff_f000).into_iter().enumerate() {
                 let prot = if pte & PG_PRESENT != 0 {
                     pte & pde & PROT_MASK
                 } else {
                     0
                 };
-                m.at((l1 << 22) + ((l2 as u64) << 12), prot);
+                w.at((l1 << 22) + ((l2 as u64) << 12), prot);
             }
         }
+        if w.stopped() {
+            return;
+        }
     }
-    m.at(1 << 32, 0);
+    w.at(1 << 32, 0);
 }
 
-fn mem_pae32(m: &mut MemRanges, read: ReadPhys) {
-    for (l1, pdpe) in table64(read, m.regs.cr3 & !0x1f, 4).into_iter().enumerate() {
+fn mem_pae32(w: &mut Walk) {
+    for (l1, pdpe) in w.table64(w.regs.cr3 & !0x1f, 4).into_iter().enumerate() {
         let l1 = l1 as u64;
         if pdpe & PG_PRESENT == 0 {
-            m.at(l1 << 30, 0);
+            w.at(l1 << 30, 0);
             continue;
         }
-        for (l2, pde) in table64(read, pdpe & ADDR_MASK, 512).into_iter().enumerate() {
+        for (l2, pde) in w.table64(pdpe & ADDR_MASK, 512).into_iter().enumerate() {
             let end = (l1 << 30) + ((l2 as u64) << 21);
             if pde & PG_PRESENT == 0 {
-                m.at(end, 0);
+                w.at(end, 0);
             } else if pde & PG_PSE != 0 {
-                m.at(end, pde & PROT_MASK);
+                w.at(end, pde & PROT_MASK);
             } else {
-                for (l3, pte) in table64(read, pde & ADDR_MASK, 512).into_iter().enumerate() {
+                for (l3, pte) in w.table64(pde & ADDR_MASK, 512).into_iter().enumerate() {
                     let prot = if pte & PG_PRESENT != 0 {
                         pte & pde & PROT_MASK
                     } else {
                         0
                     };
-                    m.at(end + ((l3 as u64) << 12), prot);
+                    w.at(end + ((l3 as u64) << 12), prot);
                 }
+            }
+            if w.stopped() {
+                return;
             }
         }
     }
-    m.at(1 << 32, 0);
+    w.at(1 << 32, 0);
 }
 
-fn mem_la48(m: &mut MemRanges, read: ReadPhys) {
-    for (l1, pml4e) in table64(read, m.regs.cr3 & ADDR_MASK, 512)
+fn mem_la48(w: &mut Walk) {
+    for (l1, pml4e) in w
+        .table64(w.regs.cr3 & ADDR_MASK, 512)
         .into_iter()
         .enumerate()
     {
         let l1 = l1 as u64;
         if pml4e & PG_PRESENT == 0 {
-            m.at(l1 << 39, 0);
+            w.at(l1 << 39, 0);
             continue;
         }
-        for (l2, pdpe) in table64(read, pml4e & ADDR_MASK, 512)
-            .into_iter()
-            .enumerate()
-        {
+        for (l2, pdpe) in w.table64(pml4e & ADDR_MASK, 512).into_iter().enumerate() {
             let base = (l1 << 39) + ((l2 as u64) << 30);
+            if w.stopped() {
+                return;
+            }
             if pdpe & PG_PRESENT == 0 {
-                m.at(base, 0);
+                w.at(base, 0);
                 continue;
             }
             if pdpe & PG_PSE != 0 {
-                m.at(base, pdpe & PROT_MASK & pml4e);
+                w.at(base, pdpe & PROT_MASK & pml4e);
                 continue;
             }
-            for (l3, pde) in table64(read, pdpe & ADDR_MASK, 512).into_iter().enumerate() {
+            for (l3, pde) in w.table64(pdpe & ADDR_MASK, 512).into_iter().enumerate() {
                 let end = base + ((l3 as u64) << 21);
                 if pde & PG_PRESENT == 0 {
-                    m.at(end, 0);
+                    w.at(end, 0);
                 } else if pde & PG_PSE != 0 {
-                    m.at(end, pde & PROT_MASK & pml4e & pdpe);
+                    w.at(end, pde & PROT_MASK & pml4e & pdpe);
                 } else {
-                    for (l4, pte) in table64(read, pde & ADDR_MASK, 512).into_iter().enumerate() {
+                    for (l4, pte) in w.table64(pde & ADDR_MASK, 512).into_iter().enumerate() {
                         let prot = if pte & PG_PRESENT != 0 {
                             pte & PROT_MASK & pml4e & pdpe & pde
                         } else {
                             0
                         };
-                        m.at(end + ((l4 as u64) << 12), prot);
+                        w.at(end + ((l4 as u64) << 12), prot);
                     }
+                }
+                if w.stopped() {
+                    return;
                 }
             }
         }
     }
-    m.at(1 << 48, 0);
+    w.at(1 << 48, 0);
 }
 
 /// QEMU's `mem_info_la57`, whose presence tests below the PML4 are inverted (it skips
 /// present PDPT and PD entries and walks absent ones): kept, to print what QEMU prints.
-fn mem_la57(m: &mut MemRanges, read: ReadPhys) {
-    for (l0, pml5e) in table64(read, m.regs.cr3 & ADDR_MASK, 512)
+fn mem_la57(w: &mut Walk) {
+    for (l0, pml5e) in w
+        .table64(w.regs.cr3 & ADDR_MASK, 512)
         .into_iter()
         .enumerate()
     {
         let l0 = l0 as u64;
         if pml5e & PG_PRESENT == 0 {
-            m.at(l0 << 48, 0);
+            w.at(l0 << 48, 0);
             continue;
         }
-        for (l1, pml4e) in table64(read, pml5e & ADDR_MASK, 512)
-            .into_iter()
-            .enumerate()
-        {
+        for (l1, pml4e) in w.table64(pml5e & ADDR_MASK, 512).into_iter().enumerate() {
             let l1 = l1 as u64;
+            if w.stopped() {
+                return;
+            }
             if pml4e & PG_PRESENT == 0 {
-                m.at((l0 << 48) + (l1 << 39), 0);
+                w.at((l0 << 48) + (l1 << 39), 0);
                 continue;
             }
-            for (l2, pdpe) in table64(read, pml4e & ADDR_MASK, 512)
-                .into_iter()
-                .enumerate()
-            {
+            for (l2, pdpe) in w.table64(pml4e & ADDR_MASK, 512).into_iter().enumerate() {
                 let base = (l0 << 48) + (l1 << 39) + ((l2 as u64) << 30);
+                if w.stopped() {
+                    return;
+                }
                 if pdpe & PG_PRESENT != 0 {
-                    m.at(base, 0);
+                    w.at(base, 0);
                     continue;
                 }
                 if pdpe & PG_PSE != 0 {
-                    m.at(base, pdpe & PROT_MASK & pml5e & pml4e);
+                    w.at(base, pdpe & PROT_MASK & pml5e & pml4e);
                     continue;
                 }
-                for (l3, pde) in table64(read, pdpe & ADDR_MASK, 512).into_iter().enumerate() {
+                for (l3, pde) in w.table64(pdpe & ADDR_MASK, 512).into_iter().enumerate() {
                     let end = base + ((l3 as u64) << 21);
+                    if w.stopped() {
+                        return;
+                    }
                     if pde & PG_PRESENT != 0 {
-                        m.at(end, 0);
+                        w.at(end, 0);
                         continue;
                     }
                     if pde & PG_PSE != 0 {
-                        m.at(end, pde & PROT_MASK & pml5e & pml4e & pdpe);
+                        w.at(end, pde & PROT_MASK & pml5e & pml4e & pdpe);
                         continue;
                     }
-                    for (l4, pte) in table64(read, pde & ADDR_MASK, 512).into_iter().enumerate() {
+                    for (l4, pte) in w.table64(pde & ADDR_MASK, 512).into_iter().enumerate() {
                         let prot = if pte & PG_PRESENT != 0 {
                             pte & PROT_MASK & pml5e & pml4e & pdpe & pde
                         } else {
                             0
                         };
-                        m.at(end + ((l4 as u64) << 12), prot);
+                        w.at(end + ((l4 as u64) << 12), prot);
                     }
                 }
             }
         }
     }
-    m.at(1 << 57, 0);
+    w.at(1 << 57, 0);
+}
+
+/// QEMU's `PG_ADDRESS_MASK`: the address bits of an entry its debug walk keeps.
+const PG_ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// QEMU 7.2's `x86_cpu_get_phys_page_attrs_debug` (`gva2gpa`, `x`): the guest-physical
+/// address of the page holding `addr` as the CPU's page tables map it, `None` where
+/// they do not. Like QEMU's, this walk tests only presence and, in long mode, that the
+/// address is canonical: it ignores reserved bits, so a page with the NX bit set while
+/// EFER.NXE is off, or a 1 GiB page on a CPU without pdpe1gb, translates (the CPU itself
+/// would fault; KVM_TRANSLATE refuses them).
+pub fn translate_page(regs: &PagingRegisters, read: ReadPhys, addr: u64) -> Option<u64> {
+    let addr = addr & !0xfff;
+    let ld64 = |at: u64| {
+        let mut b = [0u8; 8];
+        read(at, &mut b);
+        u64::from_le_bytes(b)
+    };
+    let ld32 = |at: u64| {
+        let mut b = [0u8; 4];
+        read(at, &mut b);
+        u64::from(u32::from_le_bytes(b))
+    };
+    let present = |e: u64| (e & PG_PRESENT != 0).then_some(e);
+    let (pte, page_size): (u64, u64) = if regs.cr0 & CR0_PG == 0 {
+        (addr, 1 << 12)
+    } else if regs.cr4 & CR4_PAE != 0 {
+        let pdpe = if regs.efer & EFER_LMA != 0 {
+            let la57 = regs.cr4 & CR4_LA57 != 0;
+            let sext = (addr as i64) >> if la57 { 56 } else { 47 };
+            if sext != 0 && sext != -1 {
+                return None;
+            }
+            let pml5e = if la57 {
+                present(ld64((regs.cr3 & !0xfff) + (((addr >> 48) & 0x1ff) << 3)))?
+            } else {
+                regs.cr3
+            };
+            let pml4e = present(ld64(
+                (pml5e & PG_ADDRESS_MASK) + (((addr >> 39) & 0x1ff) << 3),
+            ))?;
+            let pdpe = present(ld64(
+                (pml4e & PG_ADDRESS_MASK) + (((addr >> 30) & 0x1ff) << 3),
+            ))?;
+            if pdpe & PG_PSE != 0 {
+                return Some(page_address(pdpe, 1 << 30, addr));
+            }
+            pdpe
+        } else {
+            present(ld64((regs.cr3 & !0x1f) + ((addr >> 27) & 0x18)))?
+        };
+        let pde = present(ld64(
+            (pdpe & PG_ADDRESS_MASK) + (((addr >> 21) & 0x1ff) << 3),
+        ))?;
+        if pde & PG_PSE != 0 {
+            (pde, 1 << 21)
+        } else {
+            let pte = ld64((pde & PG_ADDRESS_MASK) + (((addr >> 12) & 0x1ff) << 3));
+            (present(pte)?, 1 << 12)
+        }
+    } else {
+        let pde = present(ld32((regs.cr3 & !0xfff) + ((addr >> 20) & 0xffc)))?;
+        if pde & PG_PSE != 0 && regs.cr4 & CR4_PSE != 0 {
+            // PSE-36: bits 13-20 of a 4 MiB page's entry are bits 32-39 of its address.
+            (pde | ((pde & 0x1f_e000) << 19), 1 << 22)
+        } else {
+            let pte = ld32((pde & 0xffff_f000) + ((addr >> 10) & 0xffc));
+            (present(pte)?, 1 << 12)
+        }
+    };
+    Some(page_address(pte, page_size, addr))
+}
+
+/// The end of QEMU's debug walk: the page's frame from its entry, and where in a large
+/// page the 4 KiB page lies.
+fn page_address(pte: u64, page_size: u64, addr: u64) -> u64 {
+    (pte & PG_ADDRESS_MASK & !(page_size - 1)) | (addr & (page_size - 1))
 }
 
 #[cfg(test)]
@@ -561,5 +804,162 @@ mod tests {
              0000000000201000-0000000000202000 0000000000001000 ur-\n\
              00000000ffe00000-0000000100000000 0000000000200000 -r-\n"
         );
+    }
+
+    /// The tables of `four_level_paging_as_qemu_prints_it`.
+    fn four_level_tables() -> HashMap<u64, u8> {
+        memory(&[
+            (0x10_1000, 0x10_2007, 8),
+            (0x10_1000 + 511 * 8, 0x10_5003, 8),
+            (0x10_2000, 0x10_3007, 8),
+            (0x10_3000, 0xa3, 8),
+            (0x10_3008, 0x10_4007, 8),
+            (0x10_4000, 0x30_0067, 8),
+            (0x10_4008, (1 << 63) | 0x30_1025, 8),
+            (0x10_4000 + 5 * 8, 0x30_5019, 8),
+            (0x10_5000 + 511 * 8, 0x4000_0183, 8),
+        ])
+    }
+
+    /// QEMU 7.2's `gva2gpa` on KVM for the same kernel (EFER.NXE off, qemu64 without
+    /// pdpe1gb) translates the NX page and the 1 GiB page.
+    #[test]
+    fn debug_walk_ignores_reserved_bits_as_qemu_does() {
+        let m = four_level_tables();
+        let read = reader(&m);
+        let regs = regs(CR4_PAE, EFER_LMA | (1 << 8));
+        let t = |addr: u64| translate_page(&regs, &read, addr);
+        assert_eq!(t(0x20_0234), Some(0x30_0000));
+        assert_eq!(t(0x20_1234), Some(0x30_1000), "NX without EFER.NXE");
+        assert_eq!(t(0x1234), Some(0x1000), "in a 2 MiB page");
+        assert_eq!(t(0xffff_ffff_c000_1234), Some(0x4000_1000), "1 GiB page");
+        assert_eq!(t(u64::MAX), Some(0x7fff_f000));
+        assert_eq!(t(0x20_2000), None, "absent PTE");
+        assert_eq!(t(0x40_0000), None, "absent PDE");
+        assert_eq!(t(0x8000_0000_0000), None, "not canonical");
+        assert_eq!(t(0xffff_0000_0000_0000), None, "not canonical");
+        // Paging off: virtual is physical.
+        let off = PagingRegisters::default();
+        assert_eq!(translate_page(&off, &read, 0x1234_5678), Some(0x1234_5000));
+    }
+
+    #[test]
+    fn debug_walk_in_32_bit_and_pae_modes() {
+        // 32-bit: a PSE-36 4 MiB page at 0xc0000000 whose frame is above 4 GiB.
+        let m = memory(&[
+            (0x10_1004, 0x10_2007, 4),
+            (0x10_2000 + 3 * 4, 0x30_3005, 4),
+            (0x10_1000 + 768 * 4, 0x40_2083, 4),
+        ]);
+        let read = reader(&m);
+        let r32 = regs(CR4_PSE, 0);
+        assert_eq!(translate_page(&r32, &read, 0x40_3abc), Some(0x30_3000));
+        assert_eq!(translate_page(&r32, &read, 0x40_4000), None);
+        assert_eq!(
+            translate_page(&r32, &read, 0xc012_3456),
+            Some(0x1_0052_3000),
+            "PSE-36 bits 13-20 are address bits 32-39"
+        );
+        // Without CR4.PSE the same entry points at a page table.
+        let no_pse = regs(0, 0);
+        assert_eq!(translate_page(&no_pse, &read, 0xc000_0000), None);
+        // PAE: the NX bit is not part of the address.
+        let m = memory(&[
+            (0x10_1000, 0x10_2001, 8),
+            (0x10_2008, 0x10_3007, 8),
+            (0x10_3008, (1 << 63) | 0x30_1025, 8),
+        ]);
+        let read = reader(&m);
+        let pae = regs(CR4_PAE, 0);
+        assert_eq!(translate_page(&pae, &read, 0x20_1fff), Some(0x30_1000));
+        assert_eq!(translate_page(&pae, &read, 0x4000_0000), None);
+    }
+
+    /// A PML4 whose every entry points back at itself (a guest can write that): each level
+    /// of the walk reads it again, 512^4 mappings in all.
+    fn self_mapped(addr: u64, buf: &mut [u8]) {
+        assert!(
+            addr.is_multiple_of(8) && buf.len().is_multiple_of(8),
+            "whole entries"
+        );
+        let entry: u64 = if addr & !0xfff == 0x10_1000 {
+            0x10_1007
+        } else {
+            0
+        };
+        for e in buf.chunks_exact_mut(8) {
+            e.copy_from_slice(&entry.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn a_self_mapped_pml4_stops_at_the_line_limit() {
+        let regs = regs(CR4_PAE, EFER_LMA);
+        let tlb = info_tlb(&regs, &self_mapped);
+        let lines: Vec<&str> = tlb.lines().collect();
+        assert_eq!(lines.len(), MAX_LINES + 1);
+        assert_eq!(lines[0], "0000000000000000: 0000000000101000 -------UW");
+        assert_eq!(lines[1], "0000000000001000: 0000000000101000 -------UW");
+        assert_eq!(
+            lines[MAX_LINES],
+            "(info tlb stopped after 131072 lines: qomvm prints at most that many at once)"
+        );
+        let small = WalkLimits {
+            lines: 2,
+            tables: 100,
+        };
+        assert_eq!(
+            info_tlb_limited(&regs, &self_mapped, small),
+            "0000000000000000: 0000000000101000 -------UW\n\
+             0000000000001000: 0000000000101000 -------UW\n\
+             (info tlb stopped after 2 lines: qomvm prints at most that many at once)\n"
+        );
+        // `info mem` merges the mappings into one range, but still walks them all.
+        let mem = info_mem(&regs, &self_mapped);
+        assert_eq!(
+            mem,
+            "(info mem stopped after reading 65536 page tables: qomvm walks at most that \
+             many at once)\n"
+        );
+    }
+
+    #[test]
+    fn tables_that_map_nothing_stop_at_the_table_limit() {
+        // Every PML4, PDPT and PD entry present, every page table empty: 512^3 tables to
+        // read, no line to print.
+        let fan = |addr: u64, buf: &mut [u8]| {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let at = addr + i as u64;
+                let entry: u64 = match at & !0xfff {
+                    0x10_1000 => 0x10_2007,
+                    0x10_2000 => 0x10_3007,
+                    0x10_3000 => 0x10_4007,
+                    _ => 0,
+                };
+                *b = entry.to_le_bytes()[(at & 7) as usize];
+            }
+        };
+        let regs = regs(CR4_PAE, EFER_LMA);
+        let limits = WalkLimits {
+            lines: 10,
+            tables: 1000,
+        };
+        assert_eq!(
+            info_tlb_limited(&regs, &fan, limits),
+            "(info tlb stopped after reading 1000 page tables: qomvm walks at most that many \
+             at once)\n"
+        );
+        // Within the limits nothing changes: QEMU's output, no last line.
+        let m = four_level_tables();
+        let regs = super::tests::regs(CR4_PAE, EFER_LMA);
+        let exact = WalkLimits {
+            lines: 5,
+            tables: 6,
+        };
+        assert_eq!(
+            info_tlb_limited(&regs, &reader(&m), exact),
+            info_tlb(&regs, &reader(&m))
+        );
+        assert!(!info_tlb(&regs, &reader(&m)).contains("stopped"));
     }
 }
