@@ -9,10 +9,11 @@
 use std::time::{Duration, Instant};
 
 use hw::core::input::button;
-use hw::core::machine::{machine_creation_done, machine_state};
-use hw::core::qdev::{device_impl, qdev_new, qdev_realize, DeviceMethods};
+use hw::core::machine::machine_state;
+use hw::core::qdev::{device_impl, qdev_realize};
 use hw::core::runstate::{self, RunStatus};
 use qom::ObjectRef;
+use test_support::usb::{self, bot, desc, hid, setup, UsbDevice};
 use test_support::virtio::PciConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -55,37 +56,13 @@ const OUT: u8 = 0xe1;
 
 /// A pc machine on qtest with `piix3-usb-uhci,id=ID` at 05.0 and each (driver, props) on
 /// its bus, started.
-fn pc_with_usb(id: &str, devices: &[(&str, &[(&str, &str)])]) -> ObjectRef {
-    let machine = test_support::qtest::pc_on_qtest(128 << 20);
-    let pci = machine.child("i440fx").unwrap().child("pci.0").unwrap();
-    let hc = qdev_new("piix3-usb-uhci").unwrap();
-    hc.property_parse("addr", "05.0").unwrap();
-    hc.set_device_id(Some(id.to_string()));
-    qom::container_get(&machine, "peripheral")
-        .add_child(id, &hc)
-        .unwrap();
-    qdev_realize(&hc, Some(&pci)).unwrap();
-    let bus = hc
-        .child(&format!("{id}.0"))
-        .expect("the controller's bus <id>.0");
-    for (driver, props) in devices {
-        let dev = test_support::qtest::new_dev(&machine, driver, props);
-        qdev_realize(&dev, Some(&bus)).unwrap();
-    }
-    machine_creation_done(&machine).unwrap();
-    runstate::vm_start(machine_state(&machine).unwrap()).unwrap();
-    machine
+fn pc_with_usb(id: &str, devices: &[UsbDevice]) -> ObjectRef {
+    usb::pc_with_hc("piix3-usb-uhci", id, &[], devices)
 }
 
 /// [`pc_with_usb`] with a tablet on port 1 and a keyboard on port 2.
 fn pc_with_uhci(id: &str) -> ObjectRef {
-    pc_with_usb(
-        id,
-        &[
-            ("usb-tablet", &[("port", "1")]),
-            ("usb-kbd", &[("port", "2")]),
-        ],
-    )
+    pc_with_usb(id, &usb::TABLET_KBD)
 }
 
 /// The test's UHCI driver: one queue head on every frame, its element the transfer under
@@ -121,25 +98,35 @@ fn setup_td(addr: u8) -> Td {
     }
 }
 
+/// A TD's token: PID, device address, endpoint, data toggle and MaxLen (`len` - 1, 0x7ff
+/// for none).
+fn token(pid: u8, addr: u8, ep: u8, toggle: bool, len: usize) -> u32 {
+    let maxlen = (len as u32).wrapping_sub(1) & 0x7ff;
+    u32::from(pid)
+        | u32::from(addr) << 8
+        | u32::from(ep) << 15
+        | u32::from(toggle) << 19
+        | maxlen << 21
+}
+
 impl Driver {
+    /// The driver of the controller at I/O port `io_base` of `machine`, as set up already.
+    fn new(machine: &ObjectRef, io_base: u64) -> Driver {
+        Driver {
+            machine: machine.clone(),
+            mem: usb::guest_ram(machine),
+            io_base,
+            next_td: TDS,
+        }
+    }
+
     fn start(machine: &ObjectRef) -> Driver {
         let pci = PciConfig::new(machine, DEVFN);
         // BAR 4 where the board put it; I/O and bus master on.
         let io_base = u64::from(pci.read(0x20, 4) & !3);
         assert_ne!(io_base, 0, "BAR 4 assigned");
         pci.write(0x04, 0x5, 2);
-        let mem = machine_state(machine)
-            .unwrap()
-            .services()
-            .ram()
-            .as_ref()
-            .clone();
-        let d = Driver {
-            machine: machine.clone(),
-            mem,
-            io_base,
-            next_td: TDS,
-        };
+        let d = Driver::new(machine, io_base);
         d.write(USBCMD, CMD_HCRESET, 2);
         d.lay_out_schedule();
         d.write(FLBASEADD, FRAME_LIST, 4);
@@ -160,9 +147,41 @@ impl Driver {
         self.mem
             .write_obj(LINK_TERM.to_le(), GuestAddress(QH))
             .unwrap();
+        self.set_element(LINK_TERM);
+    }
+
+    /// Points the queue head's element at `link` (a TD's address, or `LINK_TERM`).
+    fn set_element(&self, link: u32) {
         self.mem
-            .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
+            .write_obj(link.to_le(), GuestAddress(QH + 4))
             .unwrap();
+    }
+
+    /// Empties the queue so nothing runs again, and lets the frame under way end.
+    fn take_queue_down(&self) {
+        self.set_element(LINK_TERM);
+        std::thread::sleep(Duration::from_millis(3));
+    }
+
+    /// Writes a TD's four words (link, control and status, token, buffer) at `td`.
+    fn write_td(&self, td: u64, words: [u32; 4]) {
+        for (k, v) in words.iter().enumerate() {
+            self.mem
+                .write_obj(v.to_le(), GuestAddress(td + 4 * k as u64))
+                .unwrap();
+        }
+    }
+
+    /// The control and status word of the TD at `td`.
+    fn td_status(&self, td: u64) -> u32 {
+        self.mem.read_obj::<u32>(GuestAddress(td + 4)).unwrap()
+    }
+
+    /// FRNUM, and FRNUM again after `pause`.
+    fn frames_across(&self, pause: Duration) -> (u64, u64) {
+        let before = self.read(FRNUM, 2);
+        std::thread::sleep(pause);
+        (before, self.read(FRNUM, 2))
     }
 
     fn io(&self) -> std::sync::Arc<hw::core::memory::AddressSpace> {
@@ -197,37 +216,19 @@ impl Driver {
             let link = addrs
                 .get(i + 1)
                 .map_or(LINK_TERM, |&a| a as u32 | LINK_DEPTH);
-            let maxlen = (td.len as u32).wrapping_sub(1) & 0x7ff;
             let ctrl = TD_ACTIVE | TD_ERRORS | if td.ioc { TD_IOC } else { 0 };
-            let token = u32::from(td.pid)
-                | u32::from(td.addr) << 8
-                | u32::from(td.ep) << 15
-                | u32::from(td.toggle) << 19
-                | maxlen << 21;
-            for (off, v) in [(0, link), (4, ctrl), (8, token), (12, td.buffer as u32)] {
-                self.mem
-                    .write_obj(v.to_le(), GuestAddress(addrs[i] + off))
-                    .unwrap();
-            }
+            let token = token(td.pid, td.addr, td.ep, td.toggle, td.len);
+            self.write_td(addrs[i], [link, ctrl, token, td.buffer as u32]);
         }
-        self.mem
-            .write_obj((first as u32).to_le(), GuestAddress(QH + 4))
-            .unwrap();
+        self.set_element(first as u32);
         let deadline = Instant::now() + WAIT;
         loop {
-            let ctrls: Vec<u32> = addrs
-                .iter()
-                .map(|&a| self.mem.read_obj::<u32>(GuestAddress(a + 4)).unwrap())
-                .collect();
+            let ctrls: Vec<u32> = addrs.iter().map(|&a| self.td_status(a)).collect();
             let failed = ctrls
                 .iter()
                 .any(|c| c & TD_ACTIVE == 0 && c & (TD_STALL | TD_TIMEOUT) != 0);
             if failed || ctrls.last().unwrap() & TD_ACTIVE == 0 {
-                // Take the queue down so nothing runs again.
-                self.mem
-                    .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
-                    .unwrap();
-                std::thread::sleep(Duration::from_millis(3));
+                self.take_queue_down();
                 return ctrls;
             }
             assert!(Instant::now() < deadline, "TDs still active: {ctrls:x?}");
@@ -289,27 +290,19 @@ impl Driver {
         self.run(&[setup_td(addr)])[0]
     }
 
-    fn get_descriptor(
-        &mut self,
-        addr: u8,
-        kind: u8,
-        index: u8,
-        len: u16,
-        recipient: u8,
-    ) -> Option<Vec<u8>> {
-        let [l, h] = len.to_le_bytes();
-        self.control(addr, [0x80 | recipient, 6, index, kind, 0, 0, l, h], &[])
+    fn get_descriptor(&mut self, addr: u8, kind: u8, index: u8, len: u16) -> Option<Vec<u8>> {
+        self.control(addr, setup::get_descriptor(kind, index, len), &[])
     }
 
     /// Reset, address and configure the device on `port`, giving it `addr`.
     fn enumerate(&mut self, port: u64, addr: u8) -> Vec<u8> {
         self.reset_port(port);
         let device = self
-            .get_descriptor(0, 1, 0, 18, 0)
+            .get_descriptor(0, desc::DEVICE, 0, 18)
             .expect("device descriptor at address 0");
-        self.control(0, [0, 5, addr, 0, 0, 0, 0, 0], &[])
+        self.control(0, setup::set_address(addr), &[])
             .expect("SET_ADDRESS");
-        self.control(addr, [0, 9, 1, 0, 0, 0, 0, 0], &[])
+        self.control(addr, setup::set_configuration(1), &[])
             .expect("SET_CONFIGURATION");
         device
     }
@@ -320,23 +313,19 @@ impl Driver {
         let td = self.next_td;
         self.next_td += 16;
         let buffer = BUFFERS + 0x800;
-        let token = u32::from(IN) | u32::from(addr) << 8 | 1 << 15 | 7 << 21;
-        for (off, v) in [
-            (0, LINK_TERM),
-            (4, TD_ACTIVE | TD_ERRORS | TD_IOC),
-            (8, token),
-            (12, buffer as u32),
-        ] {
-            self.mem
-                .write_obj(v.to_le(), GuestAddress(td + off))
-                .unwrap();
-        }
-        self.mem
-            .write_obj((td as u32).to_le(), GuestAddress(QH + 4))
-            .unwrap();
+        self.write_td(
+            td,
+            [
+                LINK_TERM,
+                TD_ACTIVE | TD_ERRORS | TD_IOC,
+                token(IN, addr, 1, false, 8),
+                buffer as u32,
+            ],
+        );
+        self.set_element(td as u32);
         let deadline = Instant::now() + patience;
         loop {
-            let ctrl = self.mem.read_obj::<u32>(GuestAddress(td + 4)).unwrap();
+            let ctrl = self.td_status(td);
             if ctrl & TD_ACTIVE == 0 {
                 assert_eq!(ctrl & TD_STALL, 0, "interrupt endpoint stalled");
                 let mut report = vec![0u8; ((ctrl + 1) & 0x7ff) as usize];
@@ -347,10 +336,7 @@ impl Driver {
             }
             if Instant::now() > deadline {
                 assert_ne!(ctrl & TD_NAK, 0, "a TD neither done nor NAKed");
-                self.mem
-                    .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
-                    .unwrap();
-                std::thread::sleep(Duration::from_millis(3));
+                self.take_queue_down();
                 return None;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -408,9 +394,9 @@ impl Driver {
         out
     }
 
-    /// One Bulk-Only command to the mass storage device at `addr`: the CBW, the data
-    /// (`out`, or `in_len` bytes in), the CSW. Returns the data in and the CSW's residue
-    /// and status.
+    /// One Bulk-Only command to the mass storage device at `addr` (bulk endpoints 1 IN
+    /// and 2 OUT): the CBW, the data (`out`, or `in_len` bytes in), the CSW. Returns the
+    /// data in and the CSW's residue and status.
     fn bot(
         &mut self,
         addr: u8,
@@ -419,31 +405,7 @@ impl Driver {
         out: &[u8],
         in_len: usize,
     ) -> (Vec<u8>, u32, u8) {
-        let data_len = if out.is_empty() { in_len } else { out.len() };
-        let mut cbw = vec![0u8; 31];
-        cbw[0..4].copy_from_slice(b"USBC");
-        cbw[4..8].copy_from_slice(&tag.to_le_bytes());
-        cbw[8..12].copy_from_slice(&(data_len as u32).to_le_bytes());
-        cbw[12] = if in_len > 0 { 0x80 } else { 0 };
-        cbw[14] = cdb.len() as u8;
-        cbw[15..15 + cdb.len()].copy_from_slice(cdb);
-        self.bulk_out(addr, 2, &cbw);
-        let data = if in_len > 0 {
-            self.bulk_in(addr, 1, in_len)
-        } else {
-            if !out.is_empty() {
-                self.bulk_out(addr, 2, out);
-            }
-            Vec::new()
-        };
-        let csw = self.bulk_in(addr, 1, 13);
-        assert_eq!(&csw[0..4], b"USBS", "{csw:x?}");
-        assert_eq!(u32::from_le_bytes([csw[4], csw[5], csw[6], csw[7]]), tag);
-        (
-            data,
-            u32::from_le_bytes([csw[8], csw[9], csw[10], csw[11]]),
-            csw[12],
-        )
+        bot::command(&mut Stick { d: self, addr }, tag, cdb, out, in_len)
     }
 
     fn wait_status(&self, bits: u64) -> u64 {
@@ -459,6 +421,21 @@ impl Driver {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+}
+
+/// usb-storage's bulk endpoints: 1 IN and 2 OUT of the device at `addr`.
+struct Stick<'a> {
+    d: &'a mut Driver,
+    addr: u8,
+}
+
+impl bot::BulkPipes for Stick<'_> {
+    fn bulk_out(&mut self, data: &[u8]) {
+        self.d.bulk_out(self.addr, 2, data);
+    }
+    fn bulk_in(&mut self, len: usize) -> Vec<u8> {
+        self.d.bulk_in(self.addr, 1, len)
     }
 }
 
@@ -482,18 +459,12 @@ fn the_function_identifies_as_the_piix3_uhci_with_two_ports() {
     }
     assert_eq!(d.read(PORTSC1 + 4, 2) & 0x80, 0, "no third port");
     // The frame number advances while running, and frames stop with the VM.
-    let f0 = d.read(FRNUM, 2);
-    std::thread::sleep(Duration::from_millis(30));
-    assert!(d.read(FRNUM, 2) != f0, "frames advance");
+    let (f0, f1) = d.frames_across(Duration::from_millis(30));
+    assert!(f1 != f0, "frames advance");
     let ms = machine_state(&m).unwrap();
     runstate::vm_stop(ms, RunStatus::Paused).unwrap();
-    let stopped = d.read(FRNUM, 2);
-    std::thread::sleep(Duration::from_millis(30));
-    assert_eq!(
-        d.read(FRNUM, 2),
-        stopped,
-        "no frames while the VM is stopped"
-    );
+    let (stopped, later) = d.frames_across(Duration::from_millis(30));
+    assert_eq!(later, stopped, "no frames while the VM is stopped");
     runstate::vm_start(ms).unwrap();
     std::thread::sleep(Duration::from_millis(30));
     assert!(d.read(FRNUM, 2) != stopped, "frames again once it runs");
@@ -518,16 +489,12 @@ fn a_tablet_enumerates_and_reports_where_the_pointer_is() {
     let mut d = Driver::start(&m);
     let device = d.enumerate(1, 5);
     assert_eq!(&device[..2], &[18, 1]);
-    assert_eq!(
-        u16::from_le_bytes([device[8], device[9]]),
-        0x0627,
-        "QEMU's vendor"
-    );
-    assert_eq!(u16::from_le_bytes([device[10], device[11]]), 0x0001);
+    assert_eq!(desc::vendor(&device), 0x0627, "QEMU's vendor");
+    assert_eq!(desc::product(&device), 0x0001);
     d.write(USBSTS, 0xff, 2);
-    let setup = d.setup_stage(0, [0x80, 6, 0, 1, 0, 0, 18, 0]);
+    let stage = d.setup_stage(0, setup::get_descriptor(desc::DEVICE, 0, 18));
     assert_eq!(
-        setup & (TD_TIMEOUT | TD_STALL | TD_ACTIVE),
+        stage & (TD_TIMEOUT | TD_STALL | TD_ACTIVE),
         TD_TIMEOUT,
         "nothing answers at address 0 any more"
     );
@@ -537,28 +504,32 @@ fn a_tablet_enumerates_and_reports_where_the_pointer_is() {
         "the timeout is an error interrupt"
     );
     d.write(USBSTS, 0xff, 2);
-    let config = d.get_descriptor(5, 2, 0, 255, 0).unwrap();
+    let config = d.get_descriptor(5, desc::CONFIGURATION, 0, 255).unwrap();
     assert_eq!(config.len(), 34);
-    assert_eq!(&config[9 + 5..9 + 8], &[3, 0, 0], "HID, no boot protocol");
-    let product = d.get_descriptor(5, 3, 2, 255, 0).unwrap();
-    let text: String = char::decode_utf16(
-        product[2..]
-            .chunks(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]])),
-    )
-    .map(Result::unwrap)
-    .collect();
-    assert_eq!(text, "QEMU USB Tablet");
+    assert_eq!(
+        desc::interface_class(&config),
+        [3, 0, 0],
+        "HID, no boot protocol"
+    );
+    let product = d.get_descriptor(5, desc::STRING, 2, 255).unwrap();
+    assert_eq!(desc::string(&product), "QEMU USB Tablet");
     let report_len = u16::from_le_bytes([config[25], config[26]]);
-    let report = d.get_descriptor(5, 0x22, 0, report_len, 1).unwrap();
+    let report = d
+        .control(
+            5,
+            setup::get_descriptor_from(1, desc::HID_REPORT, 0, report_len),
+            &[],
+        )
+        .unwrap();
     assert_eq!(report.len(), usize::from(report_len));
     assert_eq!(&report[..4], &[0x05, 0x01, 0x09, 0x02]);
     assert!(
-        d.control(5, [0x80, 6, 0, 6, 0, 0, 10, 0], &[]).is_none(),
+        d.control(5, setup::get_descriptor(desc::DEVICE_QUALIFIER, 0, 10), &[])
+            .is_none(),
         "no device qualifier: stall"
     );
     assert!(
-        d.control(5, [0x21, 0x0a, 0, 0, 0, 0, 0, 0], &[]).is_some(),
+        d.control(5, setup::set_idle(0), &[]).is_some(),
         "SET_IDLE 0"
     );
 
@@ -572,7 +543,10 @@ fn a_tablet_enumerates_and_reports_where_the_pointer_is() {
     );
     d.write(USBSTS, 0xff, 2);
     input.send_position(0x4000, 0x2000, 0, button::LEFT);
-    assert_eq!(d.poll(5, WAIT).unwrap(), vec![1, 0x00, 0x40, 0x00, 0x20, 0]);
+    assert_eq!(
+        d.poll(5, WAIT).unwrap(),
+        hid::tablet_report(1, 0x4000, 0x2000, 0)
+    );
     assert_ne!(
         d.wait_status(STS_USBINT) & STS_USBINT,
         0,
@@ -581,7 +555,7 @@ fn a_tablet_enumerates_and_reports_where_the_pointer_is() {
     input.send_position(0x7fff, 0, 1, 0);
     assert_eq!(
         d.poll(5, WAIT).unwrap(),
-        vec![0, 0xff, 0x7f, 0, 0, 0xff],
+        hid::tablet_report(0, 0x7fff, 0, -1),
         "wheel down is -1"
     );
     assert!(d.poll(5, Duration::from_millis(30)).is_none());
@@ -592,30 +566,28 @@ fn a_keyboard_reports_keys_in_the_boot_format() {
     let m = pc_with_uhci("usb-kbd");
     let mut d = Driver::start(&m);
     d.enumerate(2, 7);
-    let config = d.get_descriptor(7, 2, 0, 255, 0).unwrap();
-    assert_eq!(&config[9 + 5..9 + 8], &[3, 1, 1], "boot keyboard");
+    let config = d.get_descriptor(7, desc::CONFIGURATION, 0, 255).unwrap();
+    assert_eq!(desc::interface_class(&config), [3, 1, 1], "boot keyboard");
     assert!(
-        d.control(7, [0x21, 0x0b, 0, 0, 0, 0, 0, 0], &[]).is_some(),
+        d.control(7, setup::SET_PROTOCOL_BOOT, &[]).is_some(),
         "SET_PROTOCOL boot"
     );
-    assert_eq!(
-        d.control(7, [0xa1, 0x03, 0, 0, 0, 0, 1, 0], &[]).unwrap(),
-        vec![0]
-    );
+    assert_eq!(d.control(7, setup::GET_PROTOCOL, &[]).unwrap(), vec![0]);
     assert!(
-        d.control(7, [0x21, 0x09, 0, 2, 0, 0, 1, 0], &[0x02])
-            .is_some(),
+        d.control(7, setup::SET_REPORT_OUTPUT, &[0x02]).is_some(),
         "SET_REPORT: Caps Lock LED"
     );
     let input = machine_state(&m).unwrap().services().input();
-    input.send_key(0x1d, true); // left Ctrl
-    input.send_key(0x1e, true); // a
-    assert_eq!(d.poll(7, WAIT).unwrap(), vec![0x01, 0, 0, 0, 0, 0, 0, 0]);
-    assert_eq!(d.poll(7, WAIT).unwrap(), vec![0x01, 0, 0x04, 0, 0, 0, 0, 0]);
+    input.send_key(hid::QNUM_LEFT_CTRL, true);
+    input.send_key(hid::QNUM_A, true);
+    let ctrl = hid::MOD_LEFT_CTRL;
+    assert_eq!(d.poll(7, WAIT).unwrap(), hid::keyboard_report(ctrl, &[]));
+    let ctrl_a = hid::keyboard_report(ctrl, &[hid::USAGE_A]);
+    assert_eq!(d.poll(7, WAIT).unwrap(), ctrl_a);
     assert!(d.poll(7, Duration::from_millis(30)).is_none());
     // An idle rate repeats the state unasked (SET_IDLE 4 x 4 ms).
-    assert!(d.control(7, [0x21, 0x0a, 0, 4, 0, 0, 0, 0], &[]).is_some());
-    assert_eq!(d.poll(7, WAIT).unwrap(), vec![0x01, 0, 0x04, 0, 0, 0, 0, 0]);
+    assert!(d.control(7, setup::set_idle(4), &[]).is_some());
+    assert_eq!(d.poll(7, WAIT).unwrap(), ctrl_a);
 }
 
 /// `usb-storage` with a raw image: SCSI over the Bulk-Only Transport reads and writes
@@ -623,12 +595,8 @@ fn a_keyboard_reports_keys_in_the_boot_format() {
 /// SENSE, and QEMU's error for a missing drive.
 #[test]
 fn a_usb_stick_reads_and_writes_its_image_over_bulk_only() {
-    let path = test_support::drives::temp_image("usb-storage", "stick.raw", 1 << 20);
-    let mut content = vec![0u8; 1 << 20];
-    for (i, b) in content.iter_mut().enumerate() {
-        *b = (i / 512) as u8 ^ (i as u8);
-    }
-    std::fs::write(&path, &content).unwrap();
+    let content = bot::stick_content();
+    let path = bot::stick_image("usb-storage", "stick.raw", &content);
     test_support::drives::add_raw_drive("usb-stick0", &path, false, false);
     let machine = pc_with_usb(
         "usbs",
@@ -639,25 +607,25 @@ fn a_usb_stick_reads_and_writes_its_image_over_bulk_only() {
     );
     let mut d = Driver::start(&machine);
     let device = d.enumerate(1, 4);
-    assert_eq!(u16::from_le_bytes([device[8], device[9]]), 0x46f4);
-    let serial = d.get_descriptor(4, 3, 3, 255, 0).unwrap();
+    assert_eq!(desc::vendor(&device), 0x46f4);
+    let serial = d.get_descriptor(4, desc::STRING, 3, 255).unwrap();
     assert_eq!(serial[2..], [b'S', 0, b'1', 0, b'2', 0, b'3', 0]);
-    let config = d.get_descriptor(4, 2, 0, 255, 0).unwrap();
+    let config = d.get_descriptor(4, desc::CONFIGURATION, 0, 255).unwrap();
     assert_eq!(
-        &config[9 + 5..9 + 8],
-        &[8, 6, 0x50],
+        desc::interface_class(&config),
+        [8, 6, 0x50],
         "mass storage, SCSI, Bulk-Only"
     );
     assert_eq!(
-        d.control(4, [0xa1, 0xfe, 0, 0, 0, 0, 1, 0], &[]).unwrap(),
+        d.control(4, setup::GET_MAX_LUN, &[]).unwrap(),
         vec![0],
         "one LUN"
     );
 
-    let (inquiry, _, status) = d.bot(4, 1, &[0x12, 0, 0, 0, 36, 0], &[], 36);
+    let (inquiry, _, status) = d.bot(4, 1, &bot::inquiry(36), &[], 36);
     assert_eq!(status, 0);
     assert_eq!(&inquiry[8..16], b"QEMU    ");
-    let (cap, residue, status) = d.bot(4, 2, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    let (cap, residue, status) = d.bot(4, 2, &bot::READ_CAPACITY_10, &[], 8);
     assert_eq!((residue, status), (0, 0));
     assert_eq!(
         u32::from_be_bytes([cap[0], cap[1], cap[2], cap[3]]),
@@ -665,24 +633,24 @@ fn a_usb_stick_reads_and_writes_its_image_over_bulk_only() {
         "last LBA"
     );
     // READ(10) of blocks 5-6 is the image's.
-    let (data, residue, status) = d.bot(4, 3, &[0x28, 0, 0, 0, 0, 5, 0, 0, 2, 0], &[], 1024);
+    let (data, residue, status) = d.bot(4, 3, &bot::read_10(5, 2), &[], 1024);
     assert_eq!((residue, status), (0, 0));
     assert_eq!(data, content[5 * 512..7 * 512]);
     // WRITE(10) of block 9 lands in the file.
-    let block: Vec<u8> = (0..512).map(|i| (i * 7) as u8).collect();
-    let (_, residue, status) = d.bot(4, 4, &[0x2a, 0, 0, 0, 0, 9, 0, 0, 1, 0], &block, 0);
+    let block = bot::written_block();
+    let (_, residue, status) = d.bot(4, 4, &bot::write_10(9, 1), &block, 0);
     assert_eq!((residue, status), (0, 0));
-    let (_, _, status) = d.bot(4, 5, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
+    let (_, _, status) = d.bot(4, 5, &bot::SYNCHRONIZE_CACHE_10, &[], 0);
     assert_eq!(status, 0, "SYNCHRONIZE CACHE");
     assert_eq!(std::fs::read(&path).unwrap()[9 * 512..10 * 512], block[..]);
     // A read past the end fails; REQUEST SENSE says why (ILLEGAL REQUEST, LBA out of range).
-    let (_, residue, status) = d.bot(4, 6, &[0x28, 0, 0, 0, 0x10, 0, 0, 0, 1, 0], &[], 512);
+    let (_, residue, status) = d.bot(4, 6, &bot::read_10(0x1000, 1), &[], 512);
     assert_eq!((residue, status), (512, 1));
-    let (sense, _, status) = d.bot(4, 7, &[0x03, 0, 0, 0, 18, 0], &[], 18);
+    let (sense, _, status) = d.bot(4, 7, &bot::request_sense(18), &[], 18);
     assert_eq!(status, 0);
     assert_eq!((sense[2] & 0xf, sense[12]), (5, 0x21));
     // A reply shorter than the host asked for: the residue is the difference.
-    let (inquiry, residue, _) = d.bot(4, 8, &[0x12, 0, 0, 0, 36, 0], &[], 64);
+    let (inquiry, residue, _) = d.bot(4, 8, &bot::inquiry(36), &[], 64);
     assert_eq!((inquiry.len(), residue), (36, 28));
 
     let bin = env!("CARGO_BIN_EXE_qomvm");
@@ -719,24 +687,14 @@ fn registers_and_devices_move_with_a_migration() {
     let (tab2, _) = save(&m2, &["peripheral-anon", "device[0]"]);
     device_impl(&hc2).unwrap().load_state(&hc).unwrap();
     device_impl(&tab2).unwrap().load_state(&tablet).unwrap();
-    let mut d2 = Driver {
-        machine: m2.clone(),
-        mem: machine_state(&m2)
-            .unwrap()
-            .services()
-            .ram()
-            .as_ref()
-            .clone(),
-        io_base: d.io_base,
-        next_td: TDS,
-    };
+    let mut d2 = Driver::new(&m2, d.io_base);
     // The destination's guest memory has the schedule (a real migration moves RAM).
     d2.lay_out_schedule();
     runstate::vm_start(machine_state(&m2).unwrap()).unwrap();
     assert_eq!(d2.read(FLBASEADD, 4), FRAME_LIST);
     assert_eq!(d2.read(PORTSC1, 2) & 0x4, 0x4, "port 1 still enabled");
     assert_eq!(
-        d2.get_descriptor(3, 1, 0, 18, 0).unwrap()[..2],
+        d2.get_descriptor(3, desc::DEVICE, 0, 18).unwrap()[..2],
         [18, 1],
         "the tablet kept its address"
     );
@@ -747,7 +705,7 @@ fn registers_and_devices_move_with_a_migration() {
         .send_position(1, 2, 0, 0);
     assert_eq!(
         d2.poll(3, WAIT).unwrap(),
-        vec![0, 1, 0, 2, 0, 0],
+        hid::tablet_report(0, 1, 2, 0),
         "and its configuration"
     );
     drop(d);
@@ -761,13 +719,8 @@ fn hostile_schedules_halt_the_controller_and_never_hang() {
     d.mem
         .write_obj((QH as u32 | LINK_QH).to_le(), GuestAddress(QH))
         .unwrap();
-    let f0 = d.read(FRNUM, 2);
-    std::thread::sleep(Duration::from_millis(30));
-    assert_ne!(
-        d.read(FRNUM, 2),
-        f0,
-        "a looping schedule does not stop the frames"
-    );
+    let (f0, f1) = d.frames_across(Duration::from_millis(30));
+    assert_ne!(f1, f0, "a looping schedule does not stop the frames");
     d.mem
         .write_obj(LINK_TERM.to_le(), GuestAddress(QH))
         .unwrap();
@@ -784,17 +737,16 @@ fn hostile_schedules_halt_the_controller_and_never_hang() {
     }]);
     assert_ne!(lost[0] & TD_TIMEOUT, 0);
     let td = TDS + 0x4000;
-    for (off, v) in [
-        (0u64, LINK_TERM),
-        (4, TD_ACTIVE),
-        (8, u32::from(IN) | 0x600 << 21),
-        (12, BUFFERS as u32),
-    ] {
-        d.mem.write_obj(v.to_le(), GuestAddress(td + off)).unwrap();
-    }
-    d.mem
-        .write_obj((td as u32).to_le(), GuestAddress(QH + 4))
-        .unwrap();
+    d.write_td(
+        td,
+        [
+            LINK_TERM,
+            TD_ACTIVE,
+            token(IN, 0, 0, false, 0x601),
+            BUFFERS as u32,
+        ],
+    );
+    d.set_element(td as u32);
     d.wait_status(STS_HCPE | STS_HALTED);
     assert_eq!(d.read(USBCMD, 2) & CMD_RS, 0);
     // A frame list outside guest RAM is a host system error.
@@ -803,15 +755,9 @@ fn hostile_schedules_halt_the_controller_and_never_hang() {
     d.write(USBCMD, CMD_RS, 2);
     d.wait_status(STS_HSE | STS_HALTED);
     // Garbage everywhere: whatever it says, the controller keeps answering.
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut garbage = usb::Garbage::new();
     for round in 0..20 {
-        let mut junk = vec![0u8; 0x3000];
-        for b in junk.iter_mut() {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            *b = seed as u8;
-        }
+        let mut junk = garbage.bytes(0x3000);
         // Pointers into the junk, so the walk reads it.
         for w in junk.chunks_mut(4) {
             if w[0] & 3 == 0 {
@@ -840,78 +786,79 @@ fn hostile_schedules_halt_the_controller_and_never_hang() {
     d.mem.write_slice(&[0u8; 0x3000], GuestAddress(QH)).unwrap();
     let mut d = Driver::start(&m);
     d.enumerate(1, 9);
-    assert_eq!(d.get_descriptor(9, 1, 0, 18, 0).unwrap()[..2], [18, 1]);
+    assert_eq!(
+        d.get_descriptor(9, desc::DEVICE, 0, 18).unwrap()[..2],
+        [18, 1]
+    );
 }
 
 #[test]
 fn qomvm_takes_usb_options_and_refuses_bad_ones_in_qemus_words() {
     let bin = env!("CARGO_BIN_EXE_qomvm");
-    let ok = test_support::qtest::qomvm_pc_quit(
+    usb::assert_accepted(
         bin,
         &["-usb", "-usbdevice", "tablet", "-device", "usb-kbd,port=2"],
+        "",
     );
-    assert_eq!(ok.0, Some(0), "{}", ok.1);
-    for (args, error) in [
-        (
-            &["-usbdevice", "braille"][..],
-            "-usbdevice braille: usbdevice braille not found",
-        ),
-        (
-            &["-usbdevice", "tablet:x"][..],
-            "usbdevice tablet accepts no params",
-        ),
-        (
-            &["-device", "usb-tablet"][..],
-            "No 'usb-bus' bus found for device 'usb-tablet'",
-        ),
-        (
-            &["-usb", "-device", "usb-tablet,port=3"][..],
-            "usb port 3 (bus usb-bus.0) not found (in use?)",
-        ),
-        (
-            &[
-                "-usb",
-                "-device",
-                "usb-tablet",
-                "-device",
-                "usb-mouse",
-                "-device",
-                "usb-kbd",
-            ][..],
-            "tried to attach usb device QEMU USB Keyboard to a bus with no free ports",
-        ),
-        (
-            &["-usb", "-device", "usb-mouse,usb_version=3"][..],
-            "usb_version 3 is not supported",
-        ),
-        (
-            &["-usb", "-device", "usb-hub,ports=9"][..],
-            "num_ports (9) out of range (1..8)",
-        ),
-        (
-            &[
-                "-usb",
-                "-device",
-                "usb-hub,port=1",
-                "-device",
-                "usb-hub,port=1.1",
-                "-device",
-                "usb-hub,port=1.1.1",
-                "-device",
-                "usb-hub,port=1.1.1.1",
-                "-device",
-                "usb-hub,port=1.1.1.1.1",
-                "-device",
-                "usb-hub,port=1.1.1.1.1.1",
-            ][..],
-            "usb hub chain too deep",
-        ),
-    ] {
-        let (code, stderr) = test_support::qtest::qomvm_pc_quit(bin, args);
-        assert_eq!(code, Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(error), "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
-    }
+    usb::assert_refused_as_qemu(
+        bin,
+        &[
+            (
+                &["-usbdevice", "braille"][..],
+                "-usbdevice braille: usbdevice braille not found",
+            ),
+            (
+                &["-usbdevice", "tablet:x"][..],
+                "usbdevice tablet accepts no params",
+            ),
+            (
+                &["-device", "usb-tablet"][..],
+                "No 'usb-bus' bus found for device 'usb-tablet'",
+            ),
+            (
+                &["-usb", "-device", "usb-tablet,port=3"][..],
+                "usb port 3 (bus usb-bus.0) not found (in use?)",
+            ),
+            (
+                &[
+                    "-usb",
+                    "-device",
+                    "usb-tablet",
+                    "-device",
+                    "usb-mouse",
+                    "-device",
+                    "usb-kbd",
+                ][..],
+                "tried to attach usb device QEMU USB Keyboard to a bus with no free ports",
+            ),
+            (
+                &["-usb", "-device", "usb-mouse,usb_version=3"][..],
+                "usb_version 3 is not supported",
+            ),
+            (
+                &["-usb", "-device", "usb-hub,ports=9"][..],
+                "num_ports (9) out of range (1..8)",
+            ),
+            (
+                &[
+                    "-usb",
+                    "-device",
+                    "usb-hub,port=1",
+                    "-device",
+                    "usb-hub,port=1.1",
+                    "-device",
+                    "usb-hub,port=1.1.1",
+                    "-device",
+                    "usb-hub,port=1.1.1.1",
+                    "-device",
+                    "usb-hub,port=1.1.1.1.1",
+                    "-device",
+                    "usb-hub,port=1.1.1.1.1.1",
+                ][..],
+                "usb hub chain too deep",
+            ),
+        ],
+    );
 }
 
 /// What Linux's uhci-hcd relies on beyond plain transfers: a short packet on an IN TD with
@@ -927,7 +874,10 @@ fn short_packets_idle_interrupts_unplug_and_global_reset_as_linux_expects() {
     // GET_DESCRIPTOR(device, 64 bytes): data TDs of 8 with SPD; the third gets 2 bytes.
     d.write(USBSTS, 0xff, 2);
     d.mem
-        .write_slice(&[0x80, 6, 0, 1, 0, 0, 64, 0], GuestAddress(BUFFERS))
+        .write_slice(
+            &setup::get_descriptor(desc::DEVICE, 0, 64),
+            GuestAddress(BUFFERS),
+        )
         .unwrap();
     let base = TDS + 0x6000;
     let td = |i: u64| base + 16 * i;
@@ -935,36 +885,30 @@ fn short_packets_idle_interrupts_unplug_and_global_reset_as_linux_expects() {
     let mut words = vec![[
         td(1) as u32 | LINK_DEPTH,
         TD_ACTIVE | TD_ERRORS,
-        u32::from(SETUP) | 6 << 8 | 7 << 21,
+        token(SETUP, 6, 0, false, 8),
         BUFFERS as u32,
     ]];
     for i in 0..8u64 {
         words.push([
             td(i + 2) as u32 | LINK_DEPTH,
             TD_ACTIVE | TD_ERRORS | spd,
-            u32::from(IN) | 6 << 8 | ((i as u32 + 1) % 2) << 19 | 7 << 21,
+            token(IN, 6, 0, i % 2 == 0, 8),
             (BUFFERS + 0x100 + 8 * i) as u32,
         ]);
     }
     words.push([
         LINK_TERM,
         TD_ACTIVE | TD_ERRORS | TD_IOC,
-        u32::from(OUT) | 6 << 8 | 1 << 19 | 0x7ff << 21,
+        token(OUT, 6, 0, true, 0),
         0,
     ]);
-    for (i, w) in words.iter().enumerate() {
-        for (k, v) in w.iter().enumerate() {
-            d.mem
-                .write_obj(v.to_le(), GuestAddress(td(i as u64) + 4 * k as u64))
-                .unwrap();
-        }
+    for (i, w) in words.into_iter().enumerate() {
+        d.write_td(td(i as u64), w);
     }
-    d.mem
-        .write_obj((td(0) as u32).to_le(), GuestAddress(QH + 4))
-        .unwrap();
+    d.set_element(td(0) as u32);
     d.wait_status(STS_USBINT);
     std::thread::sleep(Duration::from_millis(5));
-    let ctrl = |i: u64| d.mem.read_obj::<u32>(GuestAddress(td(i) + 4)).unwrap();
+    let ctrl = |i: u64| d.td_status(td(i));
     assert_eq!(ctrl(3) & TD_ACTIVE, 0, "the short TD is retired");
     assert_eq!((ctrl(3) + 1) & 0x7ff, 2, "with 2 bytes");
     assert_ne!(ctrl(4) & TD_ACTIVE, 0, "the queue stopped there");
@@ -975,44 +919,25 @@ fn short_packets_idle_interrupts_unplug_and_global_reset_as_linux_expects() {
         td(3),
         "the element stays on the short TD"
     );
-    d.mem
-        .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
-        .unwrap();
+    d.take_queue_down();
 
     // An inactive TD with IOC: an interrupt, nothing else.
-    std::thread::sleep(Duration::from_millis(3));
     d.write(USBSTS, 0xff, 2);
     let idle = TDS + 0x7000;
-    for (k, v) in [LINK_TERM, TD_IOC, u32::from(IN) | 99 << 8, 0]
-        .iter()
-        .enumerate()
-    {
-        d.mem
-            .write_obj(v.to_le(), GuestAddress(idle + 4 * k as u64))
-            .unwrap();
-    }
-    d.mem
-        .write_obj((idle as u32).to_le(), GuestAddress(QH + 4))
-        .unwrap();
+    d.write_td(idle, [LINK_TERM, TD_IOC, token(IN, 99, 0, false, 1), 0]);
+    d.set_element(idle as u32);
     d.wait_status(STS_USBINT);
     assert_eq!(
         d.read(USBSTS, 2) & STS_USBERR,
         0,
         "no transaction was tried"
     );
-    d.mem
-        .write_obj(LINK_TERM.to_le(), GuestAddress(QH + 4))
-        .unwrap();
+    d.set_element(LINK_TERM);
 
     // Unplugging the keyboard: port 2 says its connection and enable changed.
     d.reset_port(2);
     assert_eq!(d.read(PORTSC1 + 2, 2) & 0xf, 0x5, "connected and enabled");
-    let kbd = m
-        .child("peripheral-anon")
-        .unwrap()
-        .child("device[1]")
-        .unwrap();
-    hw::core::qdev::qdev_unplug(&kbd).unwrap();
+    usb::unplug_anon(&m, 1);
     assert_eq!(
         d.read(PORTSC1 + 2, 2) & 0xf,
         0xa,
@@ -1046,20 +971,9 @@ fn short_packets_idle_interrupts_unplug_and_global_reset_as_linux_expects() {
 /// `info usb` names the ports.
 #[test]
 fn devices_behind_a_hub_enumerate_through_its_ports() {
-    let hub_devices: [(&str, &[(&str, &str)]); 3] = [
-        ("usb-hub", &[("port", "1")]),
-        ("usb-tablet", &[("port", "1.1")]),
-        ("usb-kbd", &[("port", "1.3")]),
-    ];
-    let machine = pc_with_usb("usbh", &hub_devices);
+    let machine = pc_with_usb("usbh", &usb::HUB_TABLET_KBD);
     let busy = test_support::qtest::new_dev(&machine, "usb-mouse", &[("port", "1.3")]);
-    let bus = machine
-        .child("peripheral")
-        .unwrap()
-        .child("usbh")
-        .unwrap()
-        .child("usbh.0")
-        .unwrap();
+    let bus = usb::hc_bus(&machine, "usbh");
     assert_eq!(
         qdev_realize(&busy, Some(&bus)).unwrap_err().to_string(),
         "usb port 1.3 (bus usbh.0) not found (in use?)"
@@ -1081,10 +995,10 @@ fn devices_behind_a_hub_enumerate_through_its_ports() {
     let mut d = Driver::start(&machine);
     let device = d.enumerate(1, 2);
     assert_eq!(device[4], 9, "a hub");
-    let hub_desc = d.control(2, [0xa0, 6, 0, 0x29, 0, 0, 16, 0], &[]).unwrap();
+    let hub_desc = d.control(2, setup::GET_HUB_DESCRIPTOR, &[]).unwrap();
     assert_eq!(&hub_desc[..3], &[11, 0x29, 8], "8 ports");
     let port_status = |d: &mut Driver, n: u8| {
-        let s = d.control(2, [0xa3, 0, 0, 0, n, 0, 4, 0], &[]).unwrap();
+        let s = d.control(2, setup::hub_port_status(n), &[]).unwrap();
         (
             u16::from_le_bytes([s[0], s[1]]),
             u16::from_le_bytes([s[2], s[3]]),
@@ -1100,33 +1014,37 @@ fn devices_behind_a_hub_enumerate_through_its_ports() {
     let hub_poll = d.poll(2, WAIT).unwrap();
     assert_eq!(hub_poll, vec![0x0a, 0]);
     // Nothing answers at address 0 before the hub's port is reset (disabled port).
-    let setup = d.setup_stage(0, [0x80, 6, 0, 1, 0, 0, 18, 0]);
+    let stage = d.setup_stage(0, setup::get_descriptor(desc::DEVICE, 0, 18));
     assert_ne!(
-        setup & TD_TIMEOUT,
+        stage & TD_TIMEOUT,
         0,
         "the tablet's port is not enabled yet"
     );
     // Clear C_PORT_CONNECTION, SET_FEATURE(PORT_RESET) on port 1: enabled, C_PORT_RESET.
-    d.control(2, [0x23, 1, 16, 0, 1, 0, 0, 0], &[]).unwrap();
-    d.control(2, [0x23, 3, 4, 0, 1, 0, 0, 0], &[]).unwrap();
+    d.control(
+        2,
+        setup::clear_port_feature(setup::C_PORT_CONNECTION, 1),
+        &[],
+    )
+    .unwrap();
+    d.control(2, setup::set_port_feature(setup::PORT_RESET, 1), &[])
+        .unwrap();
     assert_eq!(port_status(&mut d, 1), (0x0103, 0x0010));
     let tablet = d
-        .get_descriptor(0, 1, 0, 18, 0)
+        .get_descriptor(0, desc::DEVICE, 0, 18)
         .expect("the tablet at address 0 behind the hub");
-    assert_eq!(u16::from_le_bytes([tablet[8], tablet[9]]), 0x0627);
-    d.control(0, [0, 5, 3, 0, 0, 0, 0, 0], &[]).unwrap();
-    d.control(3, [0, 9, 1, 0, 0, 0, 0, 0], &[]).unwrap();
+    assert_eq!(desc::vendor(&tablet), 0x0627);
+    d.control(0, setup::set_address(3), &[]).unwrap();
+    d.control(3, setup::set_configuration(1), &[]).unwrap();
     let input = machine_state(&machine).unwrap().services().input();
     assert!(d.poll(3, Duration::from_millis(30)).is_none());
     input.send_position(0x100, 0x200, 0, 0);
-    assert_eq!(d.poll(3, WAIT).unwrap(), vec![0, 0x00, 0x01, 0x00, 0x02, 0]);
+    assert_eq!(
+        d.poll(3, WAIT).unwrap(),
+        hid::tablet_report(0, 0x100, 0x200, 0)
+    );
     // Unplugging the tablet shows on the hub's port, not the root's.
-    let tablet_dev = machine
-        .child("peripheral-anon")
-        .unwrap()
-        .child("device[1]")
-        .unwrap();
-    hw::core::qdev::qdev_unplug(&tablet_dev).unwrap();
+    usb::unplug_anon(&machine, 1);
     assert_eq!(
         port_status(&mut d, 1),
         (0x0100, 0x0013),
@@ -1134,12 +1052,7 @@ fn devices_behind_a_hub_enumerate_through_its_ports() {
     );
     assert_eq!(d.read(PORTSC1, 2) & 0x0a, 0, "the root port saw nothing");
     // Unplugging the hub takes the keyboard behind it too.
-    let hub = machine
-        .child("peripheral-anon")
-        .unwrap()
-        .child("device[0]")
-        .unwrap();
-    hw::core::qdev::qdev_unplug(&hub).unwrap();
+    usb::unplug_anon(&machine, 0);
     let usb = hw::usb::usb_bus::info_usb(&machine);
     assert!(!usb.contains("Hub") && !usb.contains("Keyboard"), "{usb}");
     assert_ne!(d.read(PORTSC1, 2) & 0x02, 0, "the root port saw the hub go");

@@ -5,8 +5,10 @@
 //! that prints and powers off ([`boot_program`]), skips made visible ([`skip`]), a QMP
 //! client ([`qmp`]), a datagram-socket network backend ([`dgram_netdev`]) and a PCI network
 //! card's harness over it ([`nic_card`]), an SMBIOS reader ([`smbios`]), a VGA text-screen
-//! reader ([`vga_text`]), a virtio-gpu driver and the pictures it shows ([`virtio_gpu`])
-//! and VNC Authentication's DES for clients and password files ([`vnc`]).
+//! reader ([`vga_text`]), a virtio-gpu driver and the pictures it shows ([`virtio_gpu`]),
+//! VNC Authentication's DES for clients and password files ([`vnc`]) and what the USB host
+//! controller tests share: the board, setup packets, descriptors, HID reports and Bulk-Only
+//! ([`usb`]).
 
 pub mod boot_program;
 pub mod console;
@@ -25,6 +27,7 @@ pub mod qtest;
 pub mod raw_kvm;
 pub mod skip;
 pub mod smbios;
+pub mod usb;
 pub mod vga_text;
 pub mod virtio;
 pub mod virtio_gpu;
