@@ -209,6 +209,16 @@ impl Domain {
 
     /// The same with COM1's `<serial>` and other `<devices>` entries given.
     fn xml_with_devices(&self, kernel: &Path, serial: &str, extra: &str) -> PathBuf {
+        let os = format!(
+            "<kernel>{}</kernel>\n    <cmdline>libvirt test</cmdline>",
+            kernel.display()
+        );
+        self.xml_with_os(&os, serial, extra)
+    }
+
+    /// The same with what `<os>` has after its `<type>` given instead of the test kernel:
+    /// without a `<kernel>`, the domain boots qomvm's default firmware (SeaBIOS).
+    fn xml_with_os(&self, os: &str, serial: &str, extra: &str) -> PathBuf {
         let xml = format!(
             "<domain type='kvm'>
   <name>{name}</name>
@@ -216,8 +226,7 @@ impl Domain {
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <cmdline>libvirt test</cmdline>
+    {os}
   </os>
   <features><acpi/></features>
   <clock offset='utc'>
@@ -235,7 +244,6 @@ impl Domain {
 </domain>
 ",
             name = self.name,
-            kernel = kernel.display(),
             emulator = env!("CARGO_BIN_EXE_qomvm"),
             // No USB unless the test brings its own controller or USB devices (libvirt
             // adds its default controller then).
@@ -1420,6 +1428,159 @@ fn ide_disks_and_cdroms_under_libvirt() {
     }
     virsh_ok(&["destroy", &dom.name]);
     assert_eq!(listed_state(&dom.name), None);
+}
+
+/// A 1.44 MB floppy's size, the capacity libvirt reports for its image.
+const FLOPPY_1440K: u64 = 1_474_560;
+
+/// `<boot dev='fd'/>` and a floppy (`<target dev='fda' bus='fdc'/>`) without a `<kernel>`:
+/// libvirt 9.0 passes `-boot strict=on -global isa-fdc.bootindexA=1`, the image as two
+/// `-blockdev`s and `-device floppy,unit=0,drive=libvirt-1-format,id=fdc0-0-0`. SeaBIOS,
+/// qomvm's default firmware, boots the floppy, whose boot sector reads the rest of its
+/// track through INT 13h (ISA DMA), prints what it read on COM1 and powers off: the
+/// transient domain is gone.
+#[test]
+fn a_domain_boots_from_a_floppy_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    if test_support::skip::read_or_skip("/usr/share/seabios/bios-256k.bin", "seabios").is_none() {
+        return;
+    }
+    let dom = Domain::new("floppy-boot");
+    let floppy = dom.dir.join("floppy.img");
+    std::fs::write(&floppy, test_support::boot_program::floppy_loader_image()).unwrap();
+    let extra = format!(
+        "<disk type='file' device='floppy'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='fda' bus='fdc'/></disk>\
+         <memballoon model='none'/>",
+        floppy.display()
+    );
+    let xml = dom.xml_with_os("<boot dev='fd'/>", &dom.serial_xml(), &extra);
+    // SeaBIOS times floppy commands out in PIT ticks; on a loaded PVM host a re-injected
+    // backlog of ticks ends that count early (see tests/firmware_boot.rs, FLOPPY_PIT):
+    // missed ticks are dropped, as libvirt writes `-global kvm-pit.lost_tick_policy=discard`.
+    let text = std::fs::read_to_string(&xml).unwrap();
+    let text = text.replace(
+        "<timer name='pit' tickpolicy='delay'/>",
+        "<timer name='pit' tickpolicy='discard'/>",
+    );
+    assert!(text.contains("tickpolicy='discard'"), "{text}");
+    std::fs::write(&xml, text).unwrap();
+    let name = dom.name.as_str();
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    // PVM runs real mode through KVM's emulator: SeaBIOS takes a while there.
+    let booted = wait_for(Duration::from_secs(120), || {
+        std::fs::read_to_string(dom.serial()).is_ok_and(|s| s.contains("FLOPPY-READ-OK"))
+    });
+    let text = std::fs::read_to_string(dom.serial()).unwrap_or_default();
+    assert!(
+        booted,
+        "the floppy did not boot; the serial port has {text:?}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || listed_state(name).is_none()),
+        "the domain did not power off: {:?}",
+        listed_state(name)
+    );
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log")).unwrap();
+    for arg in [
+        "-boot strict=on",
+        "-global isa-fdc.bootindexA=1",
+        "-device floppy,unit=0,drive=libvirt-1-format,id=fdc0-0-0",
+    ] {
+        assert!(log.contains(arg), "no '{arg}': {log}");
+    }
+}
+
+/// The entry of HMP `info block` (through libvirt) for the drive whose device is `qdev`.
+fn hmp_block_info(name: &str, qdev: &str) -> String {
+    let text = virsh_ok(&["qemu-monitor-command", "--hmp", name, "info block"]).replace('\r', "");
+    let attached = format!("Attached to:      {qdev}\n");
+    text.split("\n\n")
+        .find(|entry| entry.contains(&attached))
+        .unwrap_or_else(|| panic!("no drive of {qdev}: {text}"))
+        .to_string()
+}
+
+/// Floppy drives as libvirt writes them on pc: `fda` with an image (`-device
+/// floppy,unit=0,drive=libvirt-N-format,id=fdc0-0-0`) and an empty `fdb` (`-device
+/// floppy,unit=1,id=fdc0-0-1`). libvirt lists them and finds fda's size; `change-media`
+/// (blockdev-open-tray, blockdev-remove-medium, blockdev-insert-medium,
+/// blockdev-close-tray) ejects fda's image and inserts images into both drives, and HMP
+/// `info block` shows what each drive has after each change.
+#[test]
+fn floppy_media_are_ejected_and_inserted_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("floppy-media");
+    let (kernel, _) = dom.kernel_and_disk(0);
+    let floppy = dom.dir.join("floppy.img");
+    std::fs::write(&floppy, vec![0xf6; FLOPPY_1440K as usize]).unwrap();
+    let floppy = floppy.to_str().unwrap();
+    let floppy_720k = dom.dir.join("floppy-720k.img");
+    std::fs::write(&floppy_720k, vec![0xf6; 737_280]).unwrap();
+    let floppy_720k = floppy_720k.to_str().unwrap();
+    let extra = format!(
+        "<disk type='file' device='floppy'><driver name='qemu' type='raw'/>\
+         <source file='{floppy}'/><target dev='fda' bus='fdc'/></disk>\
+         <disk type='file' device='floppy'><target dev='fdb' bus='fdc'/></disk>\
+         <memballoon model='none'/>"
+    );
+    let xml = dom.xml_with_devices(&kernel, &dom.serial_xml(), &extra);
+    let name = dom.name.as_str();
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log")).unwrap();
+    for arg in [",id=fdc0-0-0", "-device floppy,unit=1,id=fdc0-0-1"] {
+        assert!(log.contains(arg), "no '{arg}': {log}");
+    }
+    let blocks = virsh_ok(&["domblklist", name]);
+    for line in [format!("fda      {floppy}"), "fdb      -".to_string()] {
+        assert!(blocks.contains(&line), "no '{line}': {blocks}");
+    }
+    let info = virsh_ok(&["domblkinfo", name, "fda"]);
+    assert!(
+        info.contains(&format!("Capacity:       {FLOPPY_1440K}")),
+        "{info}"
+    );
+    let fda = hmp_block_info(name, "fdc0-0-0");
+    assert!(fda.contains(&format!(": {floppy} (raw)")), "{fda}");
+    let fdb = hmp_block_info(name, "fdc0-0-1");
+    assert!(fdb.contains(": [not inserted]"), "{fdb}");
+
+    // Eject fda's image; insert another into the empty fdb.
+    virsh_ok(&["change-media", name, "fda", "--eject"]);
+    virsh_ok(&["change-media", name, "fdb", floppy_720k, "--insert"]);
+    let blocks = virsh_ok(&["domblklist", name]);
+    for line in ["fda      -".to_string(), format!("fdb      {floppy_720k}")] {
+        assert!(blocks.contains(&line), "no '{line}': {blocks}");
+    }
+    let fda = hmp_block_info(name, "fdc0-0-0");
+    assert!(fda.contains(": [not inserted]"), "{fda}");
+    let fdb = hmp_block_info(name, "fdc0-0-1");
+    assert!(fdb.contains(&format!(": {floppy_720k} (raw)")), "{fdb}");
+    let info = virsh_ok(&["domblkinfo", name, "fdb"]);
+    assert!(info.contains("Capacity:       737280"), "{info}");
+    let (ok, _, _) = virsh(&["domblkinfo", name, "fda"]);
+    assert!(!ok, "domblkinfo of the empty fda succeeded");
+
+    // The first image back into fda.
+    virsh_ok(&["change-media", name, "fda", floppy, "--insert"]);
+    let blocks = virsh_ok(&["domblklist", name]);
+    assert!(blocks.contains(&format!("fda      {floppy}")), "{blocks}");
+    let fda = hmp_block_info(name, "fdc0-0-0");
+    assert!(fda.contains(&format!(": {floppy} (raw)")), "{fda}");
+    let info = virsh_ok(&["domblkinfo", name, "fda"]);
+    assert!(
+        info.contains(&format!("Capacity:       {FLOPPY_1440K}")),
+        "{info}"
+    );
+    virsh_ok(&["destroy", name]);
+    assert_eq!(listed_state(name), None);
 }
 
 /// Issue 14: a Linux domain with a virtio disk (a qcow2 overlay of the test guest's root
