@@ -522,10 +522,12 @@ fn a_kvm_guest_takes_its_legacy_and_msi_interrupts() {
     mem.write(timer(1).0, TN_ENABLE | TN_PERIODIC | TN_SETVAL, 8);
     mem.write(timer(1).1, now + 200_000, 8);
     mem.write(timer(1).1, 200_000, 8);
+    // The periodic timer may fire again before the marks are read: the first four count.
     let marks = irq_guest::wait_marks(&vm, 4, WAIT);
+    let first = &marks[..marks.len().min(4)];
     assert_eq!(
-        marks[..],
-        [0x50, 0x58, 0x58, 0x58][..marks.len().min(4)],
+        first,
+        &[0x50, 0x58, 0x58, 0x58][..first.len()],
         "timer 1 periodic on IRQ 8"
     );
     assert!(
