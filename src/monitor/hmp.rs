@@ -1377,16 +1377,20 @@ fn page_walk(
             return;
         }
     };
-    let services = ms.services();
-    // What nothing maps reads as zeroes, as QEMU's unassigned memory does.
-    let read = |addr: u64, buf: &mut [u8]| {
+    let read = debug_reader(ms.services());
+    out.push_str(&walk(&regs, &read));
+}
+
+/// Guest-physical reads for the monitor's page walks: what nothing maps reads as zeroes,
+/// as QEMU's unassigned memory does.
+fn debug_reader(services: &hw::core::services::MachineServices) -> impl Fn(u64, &mut [u8]) + '_ {
+    move |addr, buf| {
         if services.is_assigned(addr, buf.len() as u64) {
             services.read_physical(addr, buf);
         } else {
             buf.fill(0);
         }
-    };
-    out.push_str(&walk(&regs, &read));
+    }
 }
 
 /// QEMU's `hmp_info_local_apic`: the local APIC of the CPU whose APIC ID is given (QEMU's
@@ -1877,15 +1881,7 @@ fn virtual_pages(
     let regs = ops
         .paging_registers(hmp.cpu_index)
         .map_err(|e| QmpError::Failed(e.to_string()))?;
-    let services = ms.services();
-    // What nothing maps reads as zeroes, as QEMU's unassigned memory does.
-    let read = |at: u64, buf: &mut [u8]| {
-        if services.is_assigned(at, buf.len() as u64) {
-            services.read_physical(at, buf);
-        } else {
-            buf.fill(0);
-        }
-    };
+    let read = debug_reader(ms.services());
     Ok((0..count)
         .map(|i| {
             let page = first.wrapping_add(i * (PAGE_MASK + 1));
