@@ -624,7 +624,8 @@ impl Default for Registers {
             status2: 0,
             fifo: vec![0; SECTOR_LEN],
             data_pos: 0,
-            data_len: 0,
+            // The command phase waits for the command byte.
+            data_len: 1,
             data_state: 0,
             data_dir: DataDir::Write,
             eot: 0,
@@ -971,11 +972,15 @@ impl FdcState {
             r.data_len = u32::from(r.fifo[8]);
         } else {
             let mut sectors = i32::from(r.fifo[6]) - i32::from(ks) + 1;
+            if sectors < 0 {
+                // EOT before the first sector (QEMU's fix for CVE-2021-3507).
+                self.stop_transfer_at(io, SR0_ABNTERM, SR1_MA, (kt, kh, ks));
+                return false;
+            }
             if r.fifo[0] & 0x80 != 0 {
                 sectors += i32::from(r.fifo[6]);
             }
-            // A negative count (EOT before the first sector) wraps as QEMU's int does.
-            r.data_len = (128u32 << r.fifo[5].min(7)).wrapping_mul(sectors as u32);
+            r.data_len = (128u32 << r.fifo[5].min(7)) * sectors as u32;
         }
         r.eot = r.fifo[6];
         if r.dor & DOR_DMAEN != 0 {
@@ -1135,7 +1140,7 @@ impl FdcState {
             Phase::Execution => {
                 // The sector was loaded when the transfer started or the last one ended.
                 let byte = self.regs.fifo[pos];
-                self.regs.data_pos += 1;
+                self.regs.data_pos = self.regs.data_pos.wrapping_add(1);
                 if self.regs.data_pos == self.regs.data_len {
                     self.regs.msr &= !MSR_RQM;
                     self.stop_transfer(io, 0, 0, 0);
@@ -1151,7 +1156,7 @@ impl FdcState {
                 return byte;
             }
             Phase::Result => {
-                self.regs.data_pos += 1;
+                self.regs.data_pos = self.regs.data_pos.wrapping_add(1);
                 if self.regs.data_pos == self.regs.data_len {
                     self.regs.msr &= !MSR_RQM;
                     self.enter_command_phase();
@@ -1175,7 +1180,7 @@ impl FdcState {
         }
         self.regs.dsr &= !DSR_PWRDOWN;
         let pos = (self.regs.data_pos as usize) % SECTOR_LEN;
-        self.regs.data_pos += 1;
+        self.regs.data_pos = self.regs.data_pos.wrapping_add(1);
         self.regs.fifo[pos] = value;
         if self.regs.data_pos == self.regs.data_len {
             self.regs.msr &= !MSR_RQM;
@@ -1214,7 +1219,8 @@ impl FdcState {
                 }
                 self.regs.phase = Phase::Execution;
                 let command = command(self.regs.fifo[0]);
-                log::trace!("fdc: {} {:02x?}", command.name, &self.regs.fifo[..self.regs.data_len as usize]);
+                let len = (self.regs.data_len as usize).min(SECTOR_LEN);
+                log::trace!("fdc: {} {:02x?}", command.name, &self.regs.fifo[..len]);
                 self.execute(io, command.handler)
             }
             // DIO is set in the result phase: refused above.
@@ -1604,8 +1610,16 @@ impl Fdc {
         self.state.lock().drives[unit].medium.clone()
     }
 
+    /// Puts `medium` in drive `unit` (or takes it out) and revalidates the drive under
+    /// the same lock, so that no access sees the new image with the old geometry.
     fn set_medium(&self, unit: usize, medium: Option<Arc<BlockBackend>>) {
-        self.state.lock().drives[unit].medium = medium;
+        let fallback = self.fallback();
+        let mut st = self.state.lock();
+        let d = &mut st.drives[unit];
+        d.medium = medium;
+        d.media_changed = true;
+        d.media_validated = false;
+        d.revalidate(fallback);
     }
 
     /// QEMU's `fd_change_cb`: the medium changed (or went).
@@ -1643,8 +1657,19 @@ impl Fdc {
         if state.regs.fifo.len() != SECTOR_LEN || state.drives.len() != MAX_FD {
             return Err("fdc: FIFO or drive count does not match".to_string());
         }
-        if state.regs.data_len as usize > 16 * 1024 * 1024 && state.regs.phase != Phase::Command {
-            return Err(format!("fdc: transfer length {} out of range", state.regs.data_len));
+        let r = &state.regs;
+        // Positions the phase can have (QEMU asserts them): a command of at most 17
+        // parameters, at most 15 result bytes, a transfer of at most 255 sectors of 16 KiB.
+        let consistent = match r.phase {
+            Phase::Command => r.data_pos < r.data_len && r.data_len <= 18 && !r.result_pending,
+            Phase::Result => r.data_pos < r.data_len && r.data_len <= 15 && !r.result_pending,
+            Phase::Execution => r.data_len <= 255 * 2 * 16384,
+        };
+        if !consistent || !(0..=RESET_SENSEI_COUNT).contains(&r.reset_sensei) {
+            return Err(format!(
+                "fdc: inconsistent state (phase {:?}, position {} of {})",
+                r.phase, r.data_pos, r.data_len
+            ));
         }
         let fallback = self.fallback();
         let mut st = self.state.lock();
@@ -1955,6 +1980,27 @@ mod tests {
         assert_eq!(FloppyDriveType::Type144.max_chs(), (82, 1, 24));
         assert_eq!(FloppyDriveType::Type288.max_chs(), (79, 1, 48));
         assert_eq!(FloppyDriveType::Type120.max_chs(), (82, 1, 20));
+    }
+
+    #[test]
+    fn a_migration_stream_with_impossible_positions_is_refused() {
+        let clock = Arc::new(crate::core::timer::VmClock::new(true));
+        let fdc = Fdc::create(VirtualTimer::new(clock).unwrap(), IoWorker::spawn("fdc-test").unwrap());
+        assert_eq!(fdc.load(fdc.save()), Ok(()));
+        for bad in [
+            |s: &mut FdcVmState| s.regs.data_len = 600,
+            |s: &mut FdcVmState| s.regs.data_pos = s.regs.data_len,
+            |s: &mut FdcVmState| s.regs.reset_sensei = 9,
+            |s: &mut FdcVmState| s.regs.fifo.truncate(7),
+            |s: &mut FdcVmState| {
+                s.regs.phase = Phase::Result;
+                s.regs.data_len = 16;
+            },
+        ] {
+            let mut state = fdc.save();
+            bad(&mut state);
+            assert!(fdc.load(state).is_err());
+        }
     }
 
     #[test]

@@ -254,20 +254,27 @@ impl DmaController {
     /// raised while a pass runs (a device's handler releasing and raising again) is served
     /// by another pass of the same call, a bounded number of times.
     fn run(&self) {
-        if self.running.swap(true, Ordering::AcqRel) {
-            self.rerun.store(true, Ordering::Release);
-            return;
-        }
         for _ in 0..8 {
-            self.rerun.store(false, Ordering::Release);
+            if self.running.swap(true, Ordering::SeqCst) {
+                // The thread running the passes serves it: it checks `rerun` after it
+                // lets go of `running`; if it let go before this, take over.
+                self.rerun.store(true, Ordering::SeqCst);
+                if self.running.load(Ordering::SeqCst) {
+                    return;
+                }
+                continue;
+            }
+            self.rerun.store(false, Ordering::SeqCst);
             for ichan in 0..4 {
                 self.run_channel(ichan);
             }
-            if !self.rerun.load(Ordering::Acquire) {
-                break;
+            self.running.store(false, Ordering::SeqCst);
+            if !self.rerun.load(Ordering::SeqCst) {
+                return;
             }
         }
-        self.running.store(false, Ordering::Release);
+        self.log
+            .warn(|| "i8257: a channel asked again on every pass; left for the next request".to_string());
     }
 
     /// QEMU's `i8257_channel_run`, with no lock held while the device moves its bytes.
@@ -315,13 +322,15 @@ impl DmaController {
     /// come in reverse order (a block counting down from its address).
     fn span(&self, ichan: usize, pos: u32, len: usize) -> (u64, bool) {
         let (addr, down) = self.block_address(ichan);
-        if down {
+        let at = if down {
             // Byte k of the block is at addr - k.
             let last = addr.wrapping_sub(u64::from(pos));
-            (last.wrapping_sub(len as u64).wrapping_add(1), true)
+            last.wrapping_sub(len as u64).wrapping_add(1)
         } else {
-            (addr.wrapping_add(u64::from(pos)), false)
-        }
+            addr.wrapping_add(u64::from(pos))
+        };
+        // The ISA bus's 32 address bits (the page registers give at most 31).
+        (at & 0xffff_ffff, down)
     }
 }
 
