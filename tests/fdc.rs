@@ -369,18 +369,7 @@ impl Vm {
 
     /// fw_cfg file `name`, found in the file directory (item 0x19) as firmware does.
     fn fw_cfg_file(&mut self, name: &str) -> Option<Vec<u8>> {
-        let count = u32::from_be_bytes(self.fw_cfg_read(0x19, 4).try_into().unwrap()) as usize;
-        let dir = self.fw_cfg_read(0x19, 4 + 64 * count);
-        let (key, size) = dir[4..].chunks(64).find_map(|e| {
-            let file = String::from_utf8_lossy(&e[8..])
-                .trim_end_matches('\0')
-                .to_string();
-            (file == name).then(|| {
-                let size = u32::from_be_bytes(e[0..4].try_into().unwrap()) as usize;
-                (u16::from_be_bytes([e[4], e[5]]), size)
-            })
-        })?;
-        Some(self.fw_cfg_read(key, size))
+        test_support::fuzz_qtest::fw_cfg_file_with(name, |key, n| self.fw_cfg_read(key, n))
     }
 
     fn qmp(&mut self, name: &str, args: Value) -> Value {

@@ -227,22 +227,12 @@ impl Qtest {
 
     /// Reads fw_cfg file `name` through the selector and data ports, as firmware does.
     pub fn fw_cfg_file(&mut self, name: &str) -> Option<Vec<u8>> {
-        let read_bytes = |qt: &mut Qtest, key: u16, n: usize| -> Vec<u8> {
-            qt.cmd(format!("outw 0x510 {key:#x}"));
-            (0..n).map(|_| qt.value("inb 0x511".into()) as u8).collect()
-        };
-        let count = u32::from_be_bytes(read_bytes(self, 0x19, 4).try_into().unwrap()) as usize;
-        let dir = read_bytes(self, 0x19, 4 + 64 * count);
-        let (key, size) = dir[4..].chunks(64).find_map(|e| {
-            let file = String::from_utf8_lossy(&e[8..])
-                .trim_end_matches('\0')
-                .to_string();
-            (file == name).then(|| {
-                let size = u32::from_be_bytes(e[0..4].try_into().unwrap()) as usize;
-                (u16::from_be_bytes([e[4], e[5]]), size)
-            })
-        })?;
-        Some(read_bytes(self, key, size))
+        fw_cfg_file_with(name, |key, n| {
+            self.cmd(format!("outw 0x510 {key:#x}"));
+            (0..n)
+                .map(|_| self.value("inb 0x511".into()) as u8)
+                .collect()
+        })
     }
 
     pub fn pci_address(devfn: u32, reg: u32) -> u32 {
@@ -360,4 +350,24 @@ pub fn hex(bytes: &[u8]) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+/// Fw_cfg file `name`, found in the file directory (item 0x19) as firmware does, through
+/// `read(key, n)`, which reads `n` bytes of item `key` (the selector and data ports).
+pub fn fw_cfg_file_with(
+    name: &str,
+    mut read: impl FnMut(u16, usize) -> Vec<u8>,
+) -> Option<Vec<u8>> {
+    let count = u32::from_be_bytes(read(0x19, 4).try_into().ok()?) as usize;
+    let dir = read(0x19, 4 + 64 * count);
+    let (key, size) = dir[4..].chunks(64).find_map(|e| {
+        let file = String::from_utf8_lossy(&e[8..])
+            .trim_end_matches('\0')
+            .to_string();
+        (file == name).then(|| {
+            let size = u32::from_be_bytes([e[0], e[1], e[2], e[3]]) as usize;
+            (u16::from_be_bytes([e[4], e[5]]), size)
+        })
+    })?;
+    Some(read(key, size))
 }
