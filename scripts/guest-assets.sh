@@ -328,7 +328,7 @@ off() {
     exit 1
 }
 
-mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic= usb= usbinput= e1000= vinput= gpu=
+mode=ready modearg= root= rootro= fio_runtime=10 fio_size= net= timeline= ata= cdsum= cdchange= vport= hotplug= hotnic= usb= usbinput= e1000= vinput= gpu= resize=
 for arg in $(cat /proc/cmdline); do
     case $arg in
         qomvm.shell=1) mode=shell ;;
@@ -351,6 +351,7 @@ for arg in $(cat /proc/cmdline); do
         qomvm.ata=1) ata=1 ;;
         qomvm.cdsum=*) cdsum=${arg#*=} ;;
         qomvm.cdchange=*) cdchange=${arg#*=} ;;
+        qomvm.resize=*) resize=${arg#*=} ;;
         qomvm.vport=*) vport=${arg#*=} ;;
         qomvm.hotplug=*) hotplug=${arg#*=} ;;
         qomvm.hotnic=1) hotnic=1 ;;
@@ -433,6 +434,34 @@ if [ "$QOMVM_STAGE" != root ] && [ -n "$cdsum" ] && [ -n "$cdchange" ]; then
         last=$now
         n=$((n + 1))
     done
+fi
+
+# qomvm.resize=DEV,...: prints the disks' sizes in sectors ("resize: ready DEV N ..."), then
+# waits up to 120 s for each to change, printing "resize: DEV N" as it does, with nothing
+# opening them: virtio-blk's configuration interrupt and virtio-scsi's PARAM_CHANGE event
+# (a rescan) are what update them. "resize: unchanged DEV..." names those that did not.
+if [ "$QOMVM_STAGE" != root ] && [ -n "$resize" ]; then
+    devs=$(echo "$resize" | tr , ' ')
+    line="resize: ready"
+    for d in $devs; do
+        wait_dev "/dev/$d" || echo "resize: /dev/$d did not appear"
+        eval "was_$d=\$(cat /sys/block/$d/size 2>/dev/null)"
+        line="$line $d $(cat /sys/block/$d/size 2>/dev/null)"
+    done
+    echo "$line"
+    left=$devs i=0
+    while [ -n "$left" ] && [ $i -lt 240 ]; do
+        sleep 0.5
+        i=$((i + 1))
+        next=
+        for d in $left; do
+            now=$(cat "/sys/block/$d/size" 2>/dev/null)
+            eval "was=\$was_$d"
+            if [ "$now" != "$was" ]; then echo "resize: $d $now"; else next="$next $d"; fi
+        done
+        left=$next
+    done
+    [ -z "$left" ] || echo "resize: unchanged$left"
 fi
 
 # qomvm.vport=NAME: the virtio-serial port named NAME (as a guest agent finds its

@@ -51,8 +51,9 @@ COMMAND's stdout and stderr (merged) are streamed to this script's stdout;
 L1's own console goes to a log that is shown only on failure. The exit status
 is COMMAND's. Other statuses:
   124  --timeout expired, or L1 stalled: its console showed no sign of life
-       (init prints one every 10 s) for 180 s, or its kernel reported RCU
-       stalls or a CPU soft-locked for a minute (L1 is killed)
+       (init prints one every 10 s) for 180 s, or for 45 s while its CPUs
+       were idle, or its kernel reported RCU stalls or a CPU soft-locked for
+       a minute (L1 is killed)
   125  the rig failed: bad usage, a missing tool or package, or L1 did not
        boot/mount (its console log is printed)
   130/143  interrupted by SIGINT/SIGTERM (L1 is killed)
@@ -63,6 +64,9 @@ Options:
                  room for an L2 guest with -m 5G)
   --timeout S    kill L1 after S seconds (default 600)
   --cpu MODEL    L1 CPU model (default qemu64,+svm,+npt; env NESTED_KVM_CPU)
+  (env NESTED_KVM_QEMU, NESTED_KVM_QEMU_DATA: another QEMU binary for L1 and its
+  data directory, QEMU's -L; session 38 tried Debian's backported QEMU 10.0.2: its
+  TCG showed the same nested triple faults and L1 kernel panics as 7.2's)
   --log FILE     keep L1's console log (kernel + init messages) in FILE
   --rw DIR       share the host directory DIR read-write: L1 mounts it (9p,
                  cache=mmap) at the same path over the overlay, so COMMAND's
@@ -411,11 +415,13 @@ qomvm_mkcpio "$tmp/run" "$tmp/run.cpio.gz" "$l1dir/busybox"
 cat "$l1dir/initramfs.cpio.gz" "$tmp/run.cpio.gz" >"$tmp/initrd"
 
 # shellcheck disable=SC2054 # the commas are QEMU's
-qemu=(qemu-system-x86_64
+qemu=("${NESTED_KVM_QEMU:-qemu-system-x86_64}"
+    ${NESTED_KVM_QEMU_DATA:+-L "$NESTED_KVM_QEMU_DATA"}
     -accel tcg,thread=multi -M "$machine" -cpu "$cpu" -smp "$smp" -m "$mem"
-    -nodefaults -no-user-config -display none -no-reboot
+    -nodefaults -no-user-config -display none -no-reboot -name qomvm-l1,debug-threads=on
     -kernel "$l1dir/kernel" -initrd "$tmp/initrd"
-    -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init 8250.nr_uarts=1 tsc=reliable"
+    -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init 8250.nr_uarts=1 tsc=reliable sysrq_always_enabled"
+    -monitor "unix:$tmp/hmp.sock,server=on,wait=off"
     -chardev "file,id=con,path=$tmp/console.log" -serial chardev:con
     -d cpu_reset -D "$tmp/resets.log"
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap
@@ -458,11 +464,29 @@ fi
 
 show_logs() {
     {
+        # A panic's trace can be longer than the tail below: its start says what failed.
+        local first
+        first=$(grep -n -m1 -E 'Kernel panic|BUG:|Oops:|general protection fault|double fault|invalid opcode:|WARNING: CPU:|rcu: INFO:' \
+            "$tmp/console.log" 2>/dev/null | cut -d: -f1 || true)
+        if [[ -n $first ]]; then
+            echo "---- L1 console from its first failure report (line $first, 60 lines) ----"
+            sed -n "${first},$((first + 59))p" "$tmp/console.log" || true
+        fi
+        # SysRq-L's answer to a stall (stall_record): every CPU's backtrace.
+        first=$(grep -n -m1 'sysrq: Show backtrace' "$tmp/console.log" 2>/dev/null | cut -d: -f1 || true)
+        if [[ -n $first ]]; then
+            echo "---- L1 console from SysRq-L (line $first, 100 lines) ----"
+            sed -n "${first},$((first + 99))p" "$tmp/console.log" || true
+        fi
         echo "---- L1 console ($tmp/console.log, last 60 lines but signs of life) ----"
         # (The serial console ends its lines with CR LF.)
         grep -v '^qomvm-l1: \[[0-9.]*\] alive' "$tmp/console.log" 2>/dev/null | tail -n 60 || true
         grep '^qomvm-l1: \[[0-9.]*\] alive' "$tmp/console.log" 2>/dev/null | tail -n 1 |
             tr -d '\r' | sed 's/ alive$/ last sign of life/' || true
+        if [[ -s $tmp/hmp.log ]]; then
+            echo "---- L1's CPUs at the stall (QEMU's monitor, info registers -a) ----"
+            grep -E '^(CPU#|RAX|RSI|R8 |R12|RIP|CS |SS |CR0|EFER)' "$tmp/hmp.log" || tail -n 3 "$tmp/hmp.log"
+        fi
         if [[ -s $tmp/qemu.log ]]; then
             echo "---- qemu stderr ----"
             tail -n 20 "$tmp/qemu.log"
@@ -476,8 +500,94 @@ deadline=$(($(now_us) + timeout * 1000000))
 # L1's console grows at least every 10 s once init runs (its sign of life), and L1's
 # kernel reaches init well within this: longer silence is a stalled L1.
 stall_s=180
+# A shorter silence is a stall when L1's CPUs are idle meanwhile: an idle L1 would have
+# run its heartbeat. Seen in the rig: a CPU halted in L1 with its timer interrupts (and
+# NMIs) never delivered again by QEMU's TCG, the other CPU idle with nothing to do.
+idle_stall_s=45
+# Asks L1's QEMU monitor (HMP) each COMMAND and prints the answers; best effort (for
+# the record of a stall), 10 s at most.
+hmp() {
+    local py
+    py=$(command -v python3) || { echo "(no python3: QEMU's monitor not asked)"; return 0; }
+    timeout 10 "$py" - "$tmp/hmp.sock" "$@" <<'PY' || echo "(QEMU's monitor did not answer)"
+import re, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+def answer():
+    buf = b""
+    while not buf.endswith(b"(qemu) "):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    # The monitor's readline echoes the command with terminal escapes.
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", buf.decode(errors="replace"))
+    return text.rsplit("(qemu) ", 1)[0]
+answer()
+for cmd in sys.argv[2:]:
+    s.sendall(cmd.encode() + b"\n")
+    lines = answer().replace("\r", "").split("\n")
+    print("(qemu) " + cmd)
+    print("\n".join(l for l in lines[1:] if l.strip()))
+PY
+}
+
+# One line per thread of L1's QEMU: thread id, state, CPU ticks used, name.
+qemu_threads() {
+    local t stat
+    for t in /proc/"$qpid"/task/*; do
+        stat=$(cat "$t/stat" 2>/dev/null) || continue
+        # Fields after the parenthesised name: state is the 1st, utime and stime the 12th/13th.
+        # shellcheck disable=SC2086 # split on purpose
+        set -- ${stat##*) }
+        printf '%s %s %s %s\n' "${t##*/}" "$1" "$((${12} + ${13}))" "$(cat "$t/comm" 2>/dev/null)"
+    done
+}
+
+# Whether L1's vCPU threads used (almost) no CPU over 2 s: under 5 ticks each.
+l1_idle() {
+    local before after tid state ticks name prev
+    before=$(qemu_threads)
+    sleep 2
+    after=$(qemu_threads)
+    while read -r tid state ticks name; do
+        [[ $name == CPU* ]] || continue
+        prev=$(awk -v t="$tid" '$1 == t { print $3 }' <<<"$before")
+        ((ticks - ${prev:-0} < 5)) || return 1
+    done <<<"$after"
+    grep -q ' CPU ' <<<"$after"
+}
+
+# What a stalled L1 was doing, before it is killed: which of QEMU's threads ran in the
+# last 2 s (a vCPU thread using no CPU is QEMU stuck, one using it all is L1 or its
+# nested guest looping), where each L1 CPU is (QEMU's monitor), and every L1 CPU's
+# backtrace (SysRq-L through L1's keyboard, when L1 still takes interrupts). The summary
+# goes to stderr as nested-kvm lines; the monitor's answer into hmp.log.
+stall_record() {
+    local before tid state ticks name prev line
+    [[ -n $qpid ]] && kill -0 "$qpid" 2>/dev/null || return 0
+    before=$(qemu_threads)
+    sleep 2
+    while read -r tid state ticks name; do
+        [[ $name == CPU* || $name == qemu-system-x86 ]] || continue
+        prev=$(awk -v t="$tid" '$1 == t { print $3 }' <<<"$before")
+        qomvm_log "stall: QEMU thread '$name' state $state, $((ticks - ${prev:-$ticks})) CPU ticks in 2 s"
+    done < <(qemu_threads)
+    hmp "info registers -a" >"$tmp/hmp.log" 2>&1
+    # One line per CPU: "CPU#0 RIP=... RFL=... [flags] CPL=0 II=0 A20=1 SMM=0 HLT=0".
+    awk '/^CPU#[0-9]+/ { cpu = $1 } /^RIP=/ { print cpu, $0 }' "$tmp/hmp.log" | while read -r line; do
+        qomvm_log "stall: $line"
+    done
+    grep -q '^RIP=' "$tmp/hmp.log" || qomvm_log "stall: $(tail -n 1 "$tmp/hmp.log")"
+    # SysRq-9 first: at the rig's loglevel=4 the backtraces (warnings) would not reach the console.
+    hmp "sendkey alt-sysrq-9" "sendkey alt-sysrq-l" >/dev/null 2>&1
+    sleep 5
+}
+
 # Ends the run as a stall (status 124): L1 killed, its logs shown, REASON told.
 l1_stalled() {
+    stall_record
     stop_l1
     show_logs
     qomvm_log "timed out: L1 stalled, $1 (L1 killed)"
@@ -485,23 +595,38 @@ l1_stalled() {
 }
 console_size=-1
 console_changed=$(now_us)
+idle_checked=0
+# When L1's kernel first reported a stall (below), and what it reported.
+stall_seen=
+stall_what=
 while kill -0 "$qpid" 2>/dev/null; do
     size=$(stat -c %s "$tmp/console.log" 2>/dev/null || echo 0)
-    if ((size != console_size)); then
+    if [[ -n $stall_seen ]] && (($(now_us) - stall_seen >= 15000000)); then
+        l1_stalled "$stall_what"
+    elif ((size != console_size)); then
         console_size=$size
         console_changed=$(now_us)
+        idle_checked=0
         # L1's kernel saw one of its CPUs stop taking timer ticks, or stuck in a nested
         # guest's vCPU for a minute: seen when TCG never let go of that vCPU again; L1
         # does not recover (COMMAND's own limits stop with it, and its heartbeat may go
-        # on, on the other CPU), so waiting for --timeout only wastes it.
-        if grep -Eqs 'rcu: INFO: .* (detected stalls on CPUs|self-detected stall on CPU)' "$tmp/console.log"; then
-            l1_stalled "its kernel reports RCU stalls"
-        fi
-        if grep -Eqs 'soft lockup - CPU#[0-9]+ stuck for ([6-9][0-9]|[1-9][0-9]{2,})s' "$tmp/console.log"; then
-            l1_stalled "its kernel reports a CPU stuck for a minute"
+        # on, on the other CPU), so waiting for --timeout only wastes it. L1 gets 15 s
+        # more to print the stuck CPU's backtrace, for the record.
+        if [[ -z $stall_seen ]]; then
+            if grep -Eqs 'rcu: INFO: .* (detected stalls on CPUs|self-detected stall on CPU)' "$tmp/console.log"; then
+                stall_what="its kernel reports RCU stalls"
+            elif grep -Eqs 'soft lockup - CPU#[0-9]+ stuck for ([6-9][0-9]|[1-9][0-9]{2,})s' "$tmp/console.log"; then
+                stall_what="its kernel reports a CPU stuck for a minute"
+            fi
+            [[ -n $stall_what ]] && stall_seen=$(now_us)
         fi
     elif (($(now_us) - console_changed >= stall_s * 1000000)); then
         l1_stalled "no sign of life on its console for $stall_s s"
+    elif (($(now_us) - console_changed >= idle_stall_s * 1000000)) && ((!idle_checked)); then
+        idle_checked=1
+        if l1_idle; then
+            l1_stalled "no sign of life on its console for $idle_stall_s s, its CPUs idle"
+        fi
     fi
     if (($(now_us) >= deadline)); then
         stop_l1

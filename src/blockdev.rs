@@ -24,7 +24,96 @@ const DRIVE_KEYS: &[&str] = &[
     "media",
     "index",
     "addr",
+    "file.locking",
 ];
+
+/// QEMU's `-drive` I/O limit keys: `throttling.*`, and the legacy names `drive_new` turns
+/// into them.
+fn throttle_key(key: &str) -> Option<String> {
+    let legacy = [
+        ("bps", "bps-total"),
+        ("bps_rd", "bps-read"),
+        ("bps_wr", "bps-write"),
+        ("iops", "iops-total"),
+        ("iops_rd", "iops-read"),
+        ("iops_wr", "iops-write"),
+        ("bps_max", "bps-total-max"),
+        ("bps_rd_max", "bps-read-max"),
+        ("bps_wr_max", "bps-write-max"),
+        ("iops_max", "iops-total-max"),
+        ("iops_rd_max", "iops-read-max"),
+        ("iops_wr_max", "iops-write-max"),
+        ("iops_size", "iops-size"),
+        ("group", "group"),
+    ];
+    if let Some((_, name)) = legacy.iter().find(|(old, _)| *old == key) {
+        return Some(format!("throttling.{name}"));
+    }
+    let name = key.strip_prefix("throttling.")?;
+    let known = name == "iops-size" || name == "group" || {
+        let base = name
+            .strip_suffix("-max-length")
+            .or_else(|| name.strip_suffix("-max"))
+            .unwrap_or(name);
+        [
+            "bps-total",
+            "bps-read",
+            "bps-write",
+            "iops-total",
+            "iops-read",
+            "iops-write",
+        ]
+        .contains(&base)
+    };
+    known.then(|| key.to_string())
+}
+
+/// Sets `-drive`'s I/O limit `key` (a `throttling.*` name) to `value` in `config`.
+fn set_throttle(
+    config: &mut block::throttle::ThrottleConfig,
+    key: &str,
+    value: &str,
+) -> Result<(), String> {
+    use block::throttle::Bucket;
+    // QemuOpts' numbers: strtoull's, so "-1" wraps (and fails the range check).
+    let number = value
+        .parse::<u64>()
+        .ok()
+        .or_else(|| value.parse::<i64>().ok().map(|v| v as u64))
+        .or_else(|| {
+            value
+                .strip_prefix("0x")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+        })
+        .ok_or_else(|| format!("Parameter '{key}' expects a number"))?;
+    let name = &key["throttling.".len()..];
+    if name == "iops-size" {
+        config.op_size = number;
+        return Ok(());
+    }
+    let (base, field) = if let Some(base) = name.strip_suffix("-max-length") {
+        (base, 2)
+    } else if let Some(base) = name.strip_suffix("-max") {
+        (base, 1)
+    } else {
+        (name, 0)
+    };
+    let bucket = match base {
+        "bps-total" => Bucket::BpsTotal,
+        "bps-read" => Bucket::BpsRead,
+        "bps-write" => Bucket::BpsWrite,
+        "iops-total" => Bucket::OpsTotal,
+        "iops-read" => Bucket::OpsRead,
+        _ => Bucket::OpsWrite,
+    };
+    let b = config.bucket_mut(bucket);
+    match field {
+        0 => b.avg = number,
+        1 => b.max = number,
+        _ => b.burst_length = number,
+    }
+    Ok(())
+}
 
 /// Prints QEMU's `warning:` line.
 fn warn(text: &str) {
@@ -188,7 +277,18 @@ pub fn drive_add(
     let mut addr = None;
     let mut cdrom = false;
     let mut opts = OpenOptions::new("");
+    let mut throttle = block::throttle::ThrottleConfig::default();
+    let mut throttle_group = None;
     for (key, value) in split_opts(&drive_text(located), Some("file")) {
+        if let Some(key) = throttle_key(&key) {
+            let value = value.unwrap_or_default();
+            if key == "throttling.group" {
+                throttle_group = Some(value);
+            } else {
+                set_throttle(&mut throttle, &key, &value).map_err(err)?;
+            }
+            continue;
+        }
         if !DRIVE_KEYS.contains(&key.as_str()) {
             return Err(err(format!("Invalid parameter '{key}'")));
         }
@@ -221,6 +321,14 @@ pub fn drive_add(
                 opts.detect_zeroes = DetectZeroes::from_name(&value)
                     .ok_or_else(|| err(format!("invalid parameter value: {value}")))?
             }
+            // The file node's `locking=` (QEMU's -drive passes `file.*` down to it).
+            "file.locking" => {
+                opts.locking = match value.as_str() {
+                    "on" | "auto" => true,
+                    "off" => false,
+                    _ => return Err(err(format!("invalid parameter value: {value}"))),
+                }
+            }
             "media" if value == "disk" || value == "cdrom" => cdrom = value == "cdrom",
             "media" => return Err(err(format!("'{value}' invalid media"))),
             "index" => {
@@ -233,6 +341,7 @@ pub fn drive_add(
             _ => {}
         }
     }
+    throttle.validate().map_err(err)?;
     let interface = interface.unwrap_or_else(|| default_interface.to_string());
     match interface.as_str() {
         "none" | "virtio" | "ide" | "floppy" => {}
@@ -336,6 +445,10 @@ pub fn drive_add(
     let backend = BlockBackend::open(&id, &block::auto_node_name(), opts, warn)
         .map_err(|e| err(e.to_string()))?;
     backend.set_blk_owned();
+    if throttle.enabled() {
+        // QEMU's blockdev_init: the group defaults to the drive's id.
+        backend.set_io_limits(throttle_group.as_deref().unwrap_or(&id), false, throttle);
+    }
     let backend = block::add_backend(backend).map_err(|e| err(e.to_string()))?;
     let Some(mut device) = device else {
         return Ok(None);
@@ -528,9 +641,15 @@ fn file_node(map: &Map<String, Value>, prefix: &str, opts: &mut OpenOptions) -> 
             .ok_or_else(|| format!("Parameter '{prefix}aio' does not accept value '{aio}'"))?;
     }
     if let Some(l) = str_member(map, prefix, "locking")? {
-        if l != "on" && l != "auto" {
-            return Err(format!("{prefix}locking={l} is not supported"));
-        }
+        opts.locking = match l.as_str() {
+            "on" | "auto" => true,
+            "off" => false,
+            _ => {
+                return Err(format!(
+                    "Parameter '{prefix}locking' does not accept value '{l}'"
+                ))
+            }
+        };
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod audio;
 mod blockdev;
+mod dump;
 mod help;
 mod migration;
 mod monitor;

@@ -209,6 +209,9 @@ pub enum MigrateError {
     /// A scheme qomvm does not know.
     #[error("unknown migration protocol: {0}")]
     UnknownProtocol(String),
+    /// QEMU's `dump_migration_blocker`.
+    #[error("Live migration disabled: dump-guest-memory in progress")]
+    DumpInProgress,
     /// Something blocks migrating this VM.
     #[error(transparent)]
     Blocked(#[from] MigrationError),
@@ -449,11 +452,17 @@ impl<W: Write> Write for Cancellable<W> {
 
 /// QMP `migrate`: checks that the VM can move, then sends it from a thread.
 pub fn migrate(machine: &ObjectRef, uri: &str, named: NamedFds) -> Result<(), MigrateError> {
+    // Until `setup`: a dump (or migration) starting meanwhile sees this migration, or
+    // this one the dump.
+    let gate = crate::dump::start_gate();
     {
         let st = STATE.lock();
         if st.status.in_progress() {
             return Err(MigrateError::InProgress);
         }
+    }
+    if crate::dump::is_active() {
+        return Err(MigrateError::DumpInProgress);
     }
     // QEMU 7.2 fails such a migration at its setup; refused before it starts here.
     let multifd_channels = if MULTIFD.load(Ordering::Relaxed) {
@@ -478,6 +487,7 @@ pub fn migrate(machine: &ObjectRef, uri: &str, named: NamedFds) -> Result<(), Mi
     }
     CANCEL.store(false, Ordering::Relaxed);
     set_status(MigrationStatus::Setup);
+    drop(gate);
     let channel = match open_outgoing(uri, named) {
         Ok(c) => c,
         Err(e) => {

@@ -585,35 +585,7 @@ fn migration(vmm: Vmm) {
     src.send(12);
     src.expect_irq(true, "after SEEK");
     src.dma_program(DMA_MODE_TO_MEMORY, DMA_BUF, 512);
-    let state = src.path("fdc.state");
-    let uri = match vmm {
-        // QEMU 7.2 has no file: migration.
-        Vmm::Qemu => format!("exec:cat > {}", state.display()),
-        Vmm::Qomvm => format!("file:{}", state.display()),
-    };
-    src.qmp_ok("migrate", json!({"uri": uri}));
-    let info = src.qmp.wait_migration(Duration::from_secs(30));
-    assert_eq!(info["return"]["status"], "completed", "{vmm:?}: {info}");
-    let image_now = std::fs::read(src.path("fd.img")).unwrap();
-    let incoming = match vmm {
-        Vmm::Qemu => format!("exec:cat {}", state.display()),
-        Vmm::Qomvm => format!("file:{}", state.display()),
-    };
-    let mut dst = Vm::start(
-        vmm,
-        "mig-dst",
-        &[("fd.img", image_now)],
-        &[&fda[..], &["-incoming", &incoming]].concat(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while dst.qmp("query-status", json!({}))["return"]["status"] != "running" {
-        assert!(
-            Instant::now() < deadline,
-            "{vmm:?}: the destination never ran"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(src);
+    let mut dst = migrate(vmm, src, "mig-dst", &fda);
     // The seek's interrupt is still pending (the line's level itself is the interrupt
     // controller's state, which no IRQ message reports after a load).
     dst.send(CMD_SENSE_INT);
@@ -638,6 +610,128 @@ fn migration(vmm: Vmm) {
     dst.result7();
     assert!(dst.read_mem(DMA_BUF as u64, 512) == sector(lba(12, 1, 7)));
     assert_eq!(dst.inb(DMA_STATUS), 0x04);
+}
+
+/// Migrates `src` (its image `fd.img`, `fda` its drive options) to a new VM `name`, once
+/// the destination runs.
+fn migrate(vmm: Vmm, mut src: Vm, name: &str, fda: &[&str]) -> Vm {
+    let state = src.path("fdc.state");
+    let uri = match vmm {
+        // QEMU 7.2 has no file: migration.
+        Vmm::Qemu => format!("exec:cat > {}", state.display()),
+        Vmm::Qomvm => format!("file:{}", state.display()),
+    };
+    src.qmp_ok("migrate", json!({"uri": uri}));
+    let info = src.qmp.wait_migration(Duration::from_secs(30));
+    assert_eq!(info["return"]["status"], "completed", "{vmm:?}: {info}");
+    let image_now = std::fs::read(src.path("fd.img")).unwrap();
+    let incoming = match vmm {
+        Vmm::Qemu => format!("exec:cat {}", state.display()),
+        Vmm::Qomvm => format!("file:{}", state.display()),
+    };
+    let mut dst = Vm::start(
+        vmm,
+        name,
+        &[("fd.img", image_now)],
+        &[fda, &["-incoming", &incoming]].concat(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dst.qmp("query-status", json!({}))["return"]["status"] != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "{vmm:?}: the destination never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst
+}
+
+/// A DMA read that waits on a masked channel when the VM migrates goes on at the
+/// destination: the request (the status register's DREQ bit) moves with the DMA
+/// controller, the command's phase with the floppy controller, and unmasking the
+/// channel there moves the sectors. qomvm only: QEMU 7.2's "dma" section has no status
+/// register, so its destination forgets the request and the command waits for ever.
+#[test]
+fn a_dma_read_pending_at_migration_completes_on_the_destination() {
+    run(
+        Vmm::Qomvm,
+        "migration_with_dma_pending",
+        migration_with_dma_pending,
+    );
+}
+
+fn migration_with_dma_pending(vmm: Vmm) {
+    let files = [("fd.img", image(SECTORS_144))];
+    let fda = ["-drive", "if=floppy,file=fd.img,format=raw"];
+    let mut src = Vm::start(vmm, "migdma-src", &files, &fda);
+    src.seek(0, 3);
+    src.dma_program(DMA_MODE_TO_MEMORY, DMA_BUF, 1024);
+    src.outb(DMA_MASK1, 0x04 | 2);
+    src.command(&[CMD_READ, 0x00, 3, 0, 4, 2, 5, 0x1b, 0xff]);
+    // Waiting for the channel: no RQM, channel 2's request bit up.
+    assert_eq!(src.inb(MSR) & RQM, 0, "{vmm:?}: RQM during the DMA command");
+    assert_eq!(
+        src.inb(DMA_STATUS),
+        0x40,
+        "{vmm:?}: DMA status before the migration"
+    );
+    src.expect_no_irq("with the channel masked");
+    let mut dst = migrate(vmm, src, "migdma-dst", &fda);
+    dst.write_mem(DMA_BUF as u64, &[0xee; 1024]);
+    assert_eq!(dst.inb(MSR) & RQM, 0, "{vmm:?}: RQM on the destination");
+    assert_eq!(
+        dst.inb(DMA_STATUS),
+        0x40,
+        "{vmm:?}: DMA status on the destination"
+    );
+    dst.outb(DMA_MASK1, 2);
+    dst.wait_result_phase("after unmasking on the destination");
+    let r = dst.result7();
+    assert_eq!(r[0], 0x20, "{vmm:?}: ST0 of {r:x?} (EOT reached: seek end)");
+    let want: Vec<u8> = [lba(3, 0, 4), lba(3, 0, 5)]
+        .iter()
+        .flat_map(|&l| sector(l))
+        .collect();
+    assert!(
+        dst.read_mem(DMA_BUF as u64, 1024) == want,
+        "{vmm:?}: the destination's buffer"
+    );
+    assert_eq!(dst.inb(DMA_STATUS), 0x04, "{vmm:?}: terminal count");
+}
+
+/// With no DMA channel (`isa-fdc.dma=-1`), a command issued with DMA on (the reset's
+/// DOR) moves its data through the FIFO instead of waiting for a channel that cannot
+/// come. qomvm only: QEMU 7.2 dereferences the missing channel there.
+#[test]
+fn without_a_dma_channel_a_dma_read_goes_through_the_fifo() {
+    run(Vmm::Qomvm, "no_dma_channel", |vmm| {
+        let mut vm = Vm::start(
+            vmm,
+            "no-dma-chan",
+            &[("fd.img", image(SECTORS_144))],
+            &[
+                "-drive",
+                "if=floppy,file=fd.img,format=raw",
+                "-global",
+                "isa-fdc.dma=4294967295",
+            ],
+        );
+        // The reset leaves DMA off without a channel; SPECIFY turns it on (ND clear).
+        assert_eq!(vm.inb(DOR) & 0x08, 0, "DMA after reset");
+        vm.command(&[CMD_SPECIFY, 0xa0, 0x06]);
+        assert_eq!(vm.inb(DOR) & 0x08, 0x08, "DMA after SPECIFY");
+        vm.seek(0, 1);
+        vm.command(&[CMD_READ, 0x00, 1, 0, 2, 2, 2, 0x1b, 0xff]);
+        let msr = vm.inb(MSR);
+        assert_eq!(msr, BUSY | NONDMA | DIO | RQM, "MSR {msr:#x}");
+        let data: Vec<u8> = (0..SECTOR).map(|_| vm.inb(FIFO)).collect();
+        assert!(
+            data == sector(lba(1, 0, 2)),
+            "the sector read through the FIFO"
+        );
+        let r = vm.result7();
+        assert_eq!(r[0] & 0xc0, 0, "ST0 of {r:x?}");
+    });
 }
 
 /// bootindexA/bootindexB put the drives in fw_cfg's `bootorder` by their firmware path.

@@ -247,6 +247,10 @@ impl Schema {
                 // may run as root, and a random "/x" would land in /.
                 let names = ["out.bin", "disk.raw", "missing/out.bin", "", "/dev/null"];
                 Value::String(rng.pick(&names).to_string())
+            } else if member_name == "protocol" {
+                // dump-guest-memory's target, likewise kept in the scratch directory.
+                let targets = ["file:out.core", "file:missing/x", "fd:none", "tcp:x", ""];
+                Value::String(rng.pick(&targets).to_string())
             } else {
                 self.value(rng, member["type"].as_str().unwrap_or_default(), depth + 1)
             };

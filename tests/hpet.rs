@@ -240,6 +240,15 @@ fn a_level_triggered_timer_holds_its_route_until_its_status_is_cleared() {
     q.cmd(format!("writel {CFG:#x} 0"));
     assert_eq!(q.take_for(Duration::ZERO), ["IRQ lower 2"]);
     assert_eq!(q.value(format!("readl {STATUS:#x}")), 1 << 2);
+    // The comparator moves ten seconds ahead first: one behind the counter would fire
+    // the timer again at once when the counter runs (QEMU's `hpet_set_timer`), and that
+    // second edge would race with the status write below.
+    let now = q.value(format!("readq {COUNTER:#x}"));
+    q.cmd(format!(
+        "writeq {:#x} {:#x}",
+        timer(2).1,
+        now + 1_000_000_000
+    ));
     q.cmd(format!("writel {CFG:#x} 1"));
     assert_eq!(q.take_for(Duration::ZERO), ["IRQ raise 2"]);
     q.cmd(format!("writel {STATUS:#x} 4"));

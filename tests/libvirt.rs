@@ -690,6 +690,72 @@ fn a_domain_with_a_virtio_disk_balloon_and_rng_starts_and_reports_them() {
     assert_eq!(listed_state(&dom.name), None);
 }
 
+/// A disk with `<iotune>` (OpenStack's disk QoS): libvirt applies it through
+/// `block_set_io_throttle` as the domain starts, `virsh blkdeviotune` reads it back from
+/// `query-block` and changes it; `virsh blockresize` (OpenStack's volume extend) grows the
+/// disk through `block_resize`, and `domblkinfo` and the image see the new size.
+#[test]
+fn disk_io_limits_and_a_resize_work_under_libvirt() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("iotune");
+    let (kernel, disk) = dom.kernel_and_disk(8 << 20);
+    let serial = dom.serial_xml();
+    let extra = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/>\
+         <iotune><total_iops_sec>500</total_iops_sec><read_bytes_sec>1048576</read_bytes_sec></iotune>\
+         </disk>",
+        disk.display()
+    );
+    let xml = dom.xml_with_devices(&kernel, &serial, &extra);
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let limit = |text: &str, name: &str| -> Option<u64> {
+        text.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(name)?
+                .trim()
+                .strip_prefix(':')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    let tune = virsh_ok(&["blkdeviotune", &dom.name, "vda"]);
+    assert_eq!(limit(&tune, "total_iops_sec"), Some(500), "{tune}");
+    assert_eq!(limit(&tune, "read_bytes_sec"), Some(1048576), "{tune}");
+    assert_eq!(limit(&tune, "write_bytes_sec"), Some(0), "{tune}");
+    virsh_ok(&[
+        "blkdeviotune",
+        &dom.name,
+        "vda",
+        "--total-iops-sec",
+        "0",
+        "--read-bytes-sec",
+        "0",
+        "--write-iops-sec",
+        "40",
+        "--write-iops-sec-max",
+        "80",
+    ]);
+    let tune = virsh_ok(&["blkdeviotune", &dom.name, "vda"]);
+    assert_eq!(limit(&tune, "total_iops_sec"), Some(0), "{tune}");
+    assert_eq!(limit(&tune, "write_iops_sec"), Some(40), "{tune}");
+    assert_eq!(limit(&tune, "write_iops_sec_max"), Some(80), "{tune}");
+    virsh_ok(&["blockresize", &dom.name, "vda", "16M"]);
+    let info = virsh_ok(&["domblkinfo", &dom.name, "vda"]);
+    assert!(
+        info.contains(&format!("Capacity:       {}", 16u64 << 20)),
+        "{info}"
+    );
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 16 << 20);
+    virsh_ok(&["destroy", &dom.name]);
+    assert_eq!(listed_state(&dom.name), None);
+}
+
 /// A `<parallel type='file'>` as libvirt writes it (`-chardev file,id=charparallel0,...
 /// -device isa-parallel,chardev=charparallel0,id=parallel0`): the domain starts with the
 /// port at LPT1, in the device tree under libvirt's id.
@@ -1743,6 +1809,84 @@ fn virsh_save_and_restore_move_a_domain_through_a_file() {
         wait_for(Duration::from_secs(30), || listed_state(name).is_none()),
         "the restored domain did not power off"
     );
+}
+
+/// `virsh dump --memory-only` (what nova's and oVirt's crash dumps use): libvirt passes
+/// a descriptor with `getfd` and runs `dump-guest-memory` on it, detached, waiting for
+/// `DUMP_COMPLETED`. The file is an ELF core whose `PT_LOAD`s hold the guest's memory: the
+/// kernel libvirt booted is at its load address. A format qomvm does not write is refused
+/// by libvirt from `query-dump-guest-memory-capability`; the domain runs on.
+#[test]
+fn virsh_dump_memory_only_writes_the_guests_memory_as_an_elf_core() {
+    if let Some(reason) = libvirt_unusable() {
+        test_support::skip::skip(reason);
+        return;
+    }
+    let dom = Domain::new("dump");
+    let kernel = dom.dir.join("kernel.elf");
+    let image = test_kernel();
+    std::fs::write(&kernel, &image).unwrap();
+    let xml = dom.xml(&kernel);
+    let name = dom.name.as_str();
+    virsh_ok(&["create", xml.to_str().unwrap()]);
+    dom.expect_banner();
+    let core = dom.dir.join("domain.core");
+    virsh_ok(&["dump", "--memory-only", name, core.to_str().unwrap()]);
+    assert_eq!(listed_state(name).as_deref(), Some("running"));
+    let bytes = std::fs::read(&core).unwrap();
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    assert_eq!(u16::from_le_bytes([bytes[16], bytes[17]]), 4, "ET_CORE");
+    // ELFCLASS32 or 64 (QEMU's rule: above 4 GiB or long mode); the program headers.
+    let class64 = bytes[4] == 2;
+    let word = |at: usize, wide: bool| -> u64 {
+        if wide {
+            u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+        } else {
+            u64::from(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()))
+        }
+    };
+    let (phoff, phnum, size) = if class64 {
+        (
+            word(32, true),
+            u16::from_le_bytes([bytes[56], bytes[57]]),
+            56,
+        )
+    } else {
+        (
+            word(28, false),
+            u16::from_le_bytes([bytes[44], bytes[45]]),
+            32,
+        )
+    };
+    // The kernel's text, as it was loaded: where a PT_LOAD maps LOAD in the file.
+    let code = &image[test_support::elf::CODE_OFF..test_support::elf::CODE_OFF + 64];
+    let at = u64::from(LOAD) + test_support::elf::CODE_OFF as u64;
+    let found = (0..phnum as usize).any(|i| {
+        let h = phoff as usize + i * size;
+        let kind = u32::from_le_bytes(bytes[h..h + 4].try_into().unwrap());
+        let (offset, paddr, filesz) = if class64 {
+            (word(h + 8, true), word(h + 24, true), word(h + 32, true))
+        } else {
+            (word(h + 4, false), word(h + 12, false), word(h + 16, false))
+        };
+        kind == 1 && (paddr..paddr + filesz).contains(&at) && {
+            let start = (offset + at - paddr) as usize;
+            &bytes[start..start + code.len()] == code
+        }
+    });
+    assert!(found, "the kernel's code is not in the dump at {at:#x}");
+    let (ok, _, err) = virsh(&[
+        "dump",
+        "--memory-only",
+        "--format",
+        "kdump-zlib",
+        name,
+        "/dev/null",
+    ]);
+    assert!(!ok, "kdump-zlib is not written");
+    assert!(err.contains("kdump-zlib"), "{err}");
+    assert_eq!(listed_state(name).as_deref(), Some("running"));
+    virsh_ok(&["destroy", name]);
 }
 
 /// Debian's `vncsnapshot` and `djpeg` (packages vncsnapshot, libjpeg-turbo-progs).

@@ -717,6 +717,47 @@ fn a_guest_reads_the_scsi_cd_that_qmp_puts_in() {
     );
 }
 
+/// `block_resize` under a running Linux guest (OpenStack's volume extend): a virtio-blk disk
+/// and a `scsi-hd` on virtio-scsi grow, and the guest's `/sys/block/*/size` follow without
+/// anything opening the disks (virtio-blk's configuration interrupt; virtio-scsi's
+/// `PARAM_CHANGE` event, on which Linux rescans the unit).
+#[test]
+fn a_guest_sees_its_disks_grow_under_block_resize() {
+    let script = r#"
+truncate -s 64M vd.img && truncate -s 32M sd.img || exit 1
+boot resize "qomvm.ata=1 qomvm.resize=vda,sda"     -drive if=none,id=vd0,file=vd.img,format=raw -device virtio-blk-pci,drive=vd0     -device virtio-scsi-pci,id=scsi0     -drive if=none,id=sd0,file=sd.img,format=raw -device scsi-hd,bus=scsi0.0,drive=sd0     -qmp "unix:$PWD/qmp.sock,server=on,wait=off"
+if await resize '^resize: ready' 300; then
+    qmp qmp.sock '{"execute": "block_resize", "arguments": {"device": "vd0", "size": 100663296}}'         '{"execute": "block_resize", "arguments": {"device": "sd0", "size": 50331648}}'         | sed 's/^/host: resize: /'
+fi
+finish resize
+echo "host: sizes $(stat -c %s vd.img) $(stat -c %s sd.img)"
+"#;
+    let Some(out) = net_scenario("resize", script, 700) else {
+        return;
+    };
+    assert!(
+        out.contains("resize: resize: ready vda 131072 sda 65536"),
+        "the disks before:
+{out}"
+    );
+    assert_eq!(
+        out.matches(r#"host: resize: {"return":{}}"#).count(),
+        2,
+        "both resizes:
+{out}"
+    );
+    for (dev, sectors) in [("vda", 196608), ("sda", 98304)] {
+        assert!(
+            out.contains(&format!("resize: resize: {dev} {sectors}")),
+            "{dev} seen at {sectors} sectors:
+{out}"
+        );
+    }
+    assert!(!out.contains("resize: unchanged"), "{out}");
+    assert!(out.contains("host: sizes 100663296 50331648"), "{out}");
+    assert!(out.contains("host: resize: vmm exit status 0"), "{out}");
+}
+
 /// Boots the guest with `drive` (QEMU options holding a.iso as a CD), ejects the medium
 /// through QMP naming the drive as `target` (`"device": ...` or `"id": ...`), then puts
 /// b.iso in; the guest must read a.iso, no medium, then b.iso.

@@ -78,6 +78,44 @@ async def run(binary, sock):
     out = await qmp.execute("human-monitor-command", {"command-line": "info status"})
     check(out == "VM status: running\r\n", f"HMP info status: {out!r}")
 
+    # Descriptors passed with SCM_RIGHTS: add-fd puts one in a set (the lowest free, or
+    # the one named), query-fdsets lists it, remove-fd closes it; getfd names one.
+    async def fails(cmd, args, desc):
+        try:
+            await qmp.execute(cmd, args)
+            check(False, f"{cmd} {args} fails")
+        except ExecuteError as err:
+            check(str(err) == desc, f"{cmd} {args}: {str(err)!r}")
+
+    await fails("add-fd", {}, "No file descriptor supplied via SCM_RIGHTS")
+    with open(os.devnull, "rb") as f:
+        qmp.send_fd_scm(f.fileno())
+        added = await qmp.execute("add-fd", {"opaque": "rdonly:/dev/null"})
+        check(added["fdset-id"] == 0 and added["fd"] > 2, f"add-fd: {added}")
+        qmp.send_fd_scm(f.fileno())
+        named = await qmp.execute("add-fd", {"fdset-id": 7})
+        check(named["fdset-id"] == 7, f"add-fd fdset-id 7: {named}")
+        qmp.send_fd_scm(f.fileno())
+        await fails("add-fd", {"fdset-id": -1}, "Parameter 'fdset-id' expects a non-negative value")
+        sets = await qmp.execute("query-fdsets")
+        check(
+            sets == [
+                {"fdset-id": 0, "fds": [{"fd": added["fd"], "opaque": "rdonly:/dev/null"}]},
+                {"fdset-id": 7, "fds": [{"fd": named["fd"]}]},
+            ],
+            f"query-fdsets: {sets}",
+        )
+        check(await qmp.execute("remove-fd", {"fdset-id": 0, "fd": added["fd"]}) == {}, "remove-fd")
+        await fails("remove-fd", {"fdset-id": 0}, "File descriptor named 'fdset-id:0' not found")
+        await fails(
+            "remove-fd", {"fdset-id": 7, "fd": 999}, "File descriptor named 'fdset-id:7, fd:999' not found"
+        )
+        check(await qmp.execute("remove-fd", {"fdset-id": 7}) == {}, "remove-fd of a whole set")
+        check(await qmp.execute("query-fdsets") == [], "no sets left")
+        qmp.send_fd_scm(f.fileno())
+        check(await qmp.execute("getfd", {"fdname": "null"}) == {}, "getfd")
+        check(await qmp.execute("closefd", {"fdname": "null"}) == {}, "closefd")
+
     check(await qmp.execute("quit") == {}, "quit returns {}")
     try:
         await qmp.disconnect()

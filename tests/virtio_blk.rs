@@ -785,3 +785,146 @@ fn an_ejected_disk_lowers_its_intx() {
         "IRQ 10 stays up after its device went"
     );
 }
+
+/// `block_resize` on a running disk (QEMU's `virtio_blk_resize`): the capacity in the
+/// configuration is the new one, the driver gets a configuration change interrupt (ISR
+/// bit 1) with a new configuration generation, and sectors past the old end can be
+/// written and read back; before the driver is ready, only the capacity changes.
+#[test]
+fn a_resized_drive_shows_its_capacity_and_interrupts_the_driver() {
+    let path = temp_image("resize.raw", 1 << 20);
+    let backend = add_drive("vblk-resize", &path, false);
+    let m = pc_with_disk("vblk-resize", &[]);
+    let dev = VirtioPciDevice::probe(&m, DEVFN);
+    assert_eq!(dev.device_config(0, 8), 2048, "1 MiB in sectors");
+    // No driver yet: nothing to interrupt.
+    backend.truncate(2 << 20).unwrap();
+    assert_eq!(dev.device_config(0, 8), 4096);
+    assert_eq!(dev.read_isr(), 0);
+    let (dev, mut ring) = start(&m, VERSION_1 | F_FLUSH);
+    let generation = dev.common_read(0x15, 1);
+    backend.truncate(3 << 20).unwrap();
+    assert_eq!(dev.device_config(0, 8), 6144, "3 MiB in sectors");
+    assert_eq!(dev.read_isr() & 2, 2, "configuration change interrupt");
+    assert_ne!(
+        dev.common_read(0x15, 1),
+        generation,
+        "configuration generation"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 << 20);
+    // The new last sector works.
+    let data = pattern(512, 0x3c);
+    dev.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&dev, &mut ring, T_OUT, 6143, 512, false).0, 0);
+    dev.mem
+        .write_slice(&[0u8; 512], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(request(&dev, &mut ring, T_IN, 6143, 512, true).0, 0);
+    let mut back = vec![0u8; 512];
+    dev.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back, data);
+    // A shrink takes the sectors away again.
+    backend.truncate(1 << 20).unwrap();
+    assert_eq!(dev.device_config(0, 8), 2048);
+    assert_ne!(
+        request(&dev, &mut ring, T_IN, 6143, 512, true).0,
+        0,
+        "past the end"
+    );
+}
+
+/// Under I/O limits (`block_set_io_throttle`) requests wait on the pool, never on the
+/// event loop: at 1 IOPS a lone read right after another waits most of a second, and
+/// meanwhile the loop answers at once (QMP, timers and other devices go on). (A lone
+/// request with nothing in flight is otherwise served on the loop itself.)
+#[test]
+fn throttled_requests_wait_off_the_event_loop() {
+    use block::throttle::{Bucket, ThrottleConfig};
+    let path = temp_image("throttle.raw", 1 << 20);
+    let backend = add_drive("vblk-throttle", &path, false);
+    let m = pc_with_disk("vblk-throttle", &[]);
+    let (dev, mut ring) = start(&m, VERSION_1 | F_FLUSH);
+    let mut config = ThrottleConfig::default();
+    config.bucket_mut(Bucket::OpsTotal).avg = 1;
+    backend.set_io_limits("vblk-throttle", false, config);
+    let main_loop = machine_state(&m).unwrap().services().main_context();
+    // The first read fills the bucket (a tenth of a second's worth).
+    assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true).0, 0);
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    dev.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    let submitted = std::time::Instant::now();
+    ring.add_chain(
+        &dev.mem,
+        &[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    dev.notify(0);
+    std::thread::sleep(Duration::from_millis(50));
+    let asked = std::time::Instant::now();
+    main_loop.run_sync(Box::new(|| {}));
+    assert!(
+        asked.elapsed() < Duration::from_millis(300),
+        "the event loop answered after {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(dev.wait_used(&mut ring, 1, WAIT).len(), 1);
+    assert!(
+        submitted.elapsed() >= Duration::from_millis(700),
+        "the second read at 1 IOPS after {:?}",
+        submitted.elapsed()
+    );
+    backend.disable_io_limits();
+}
+
+/// A device reset (or a stop, a migration) waits for the requests it has taken, but not
+/// for their I/O limits: at 1 IOPS, four queued reads would take four seconds; the reset
+/// lets them go at once, as QEMU's drain lifts the limits. Lifting the limits
+/// (`block_set_io_throttle` all zero) releases waiting reads too.
+#[test]
+fn a_reset_or_lifted_limits_release_throttled_requests() {
+    use block::throttle::{Bucket, ThrottleConfig};
+    let path = temp_image("throttle-reset.raw", 1 << 20);
+    let backend = add_drive("vblk-throttle-reset", &path, false);
+    let m = pc_with_disk("vblk-throttle-reset", &[]);
+    let mut config = ThrottleConfig::default();
+    config.bucket_mut(Bucket::OpsTotal).avg = 1;
+    let submit = |dev: &VirtioPciDevice, ring: &mut SplitRing, n: u64| {
+        for i in 0..n {
+            let mut header = [0u8; 16];
+            header[0..4].copy_from_slice(&T_IN.to_le_bytes());
+            let at = HEADER + 0x100 * i;
+            dev.mem.write_slice(&header, GuestAddress(at)).unwrap();
+            ring.add_chain(
+                &dev.mem,
+                &[
+                    (at, 16, false),
+                    (DATA + 0x1000 * i, 512, true),
+                    (STATUS + i, 1, true),
+                ],
+            );
+        }
+        dev.notify(0);
+    };
+    for lift in ["reset", "limits off"] {
+        let (dev, mut ring) = start(&m, VERSION_1 | F_FLUSH);
+        backend.set_io_limits("vblk-throttle-reset", false, config);
+        assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true).0, 0);
+        // (Four chains of three descriptors: with the first read's, 15 of the ring's 16.)
+        submit(&dev, &mut ring, 4);
+        std::thread::sleep(Duration::from_millis(100));
+        let began = std::time::Instant::now();
+        match lift {
+            "reset" => dev.set_status(0),
+            _ => {
+                backend.disable_io_limits();
+                assert_eq!(dev.wait_used(&mut ring, 4, WAIT).len(), 4);
+            }
+        }
+        assert!(
+            began.elapsed() < Duration::from_millis(800),
+            "{lift}: the reads took {:?} to go",
+            began.elapsed()
+        );
+        backend.disable_io_limits();
+    }
+}

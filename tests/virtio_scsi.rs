@@ -195,6 +195,14 @@ impl Driver {
         }
     }
 
+    /// TEST UNIT READY reports the device reset the driver's start made (QEMU's
+    /// `scsi_disk_reset`: POWER ON, RESET, OR BUS DEVICE RESET OCCURRED), once.
+    fn expect_reset_reported(&mut self, lun: [u8; 8]) {
+        let tur = [0u8; 6];
+        assert_eq!(self.command(lun, &tur, &[], 0).check(), (6, 0x29, 0));
+        self.command(lun, &tur, &[], 0).good();
+    }
+
     /// A task management function on `lun`: its response byte.
     fn tmf(&mut self, subtype: u32, lun: [u8; 8]) -> u8 {
         let mem = &self.dev.mem;
@@ -358,6 +366,8 @@ fn commands_reach_the_image_and_come_back() {
         "unit serial number page"
     );
 
+    // INQUIRY ran under the reset's unit attention; the next other command reports it.
+    d.expect_reset_reported(disk);
     let cap = d.command(disk, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
     assert_eq!(
         cap.good().data,
@@ -484,6 +494,7 @@ fn commands_reach_the_image_and_come_back() {
     // Task management: a LUN reset (the guest's cache choice stays, as in QEMU), an
     // absent LUN and target.
     assert_eq!(d.tmf(5, disk), S_OK);
+    d.expect_reset_reported(disk);
     let cache = d.command(disk, &[0x1a, 0x08, 0x08, 0, 64, 0], &[], 64);
     assert_eq!(
         cache.good().data[4 + 2] & 0x04,
@@ -513,6 +524,7 @@ fn commands_reach_the_image_and_come_back() {
         .unwrap();
     machine_creation_done(&m2).unwrap();
     let mut d2 = Driver::start(&m2, VERSION_1);
+    d2.expect_reset_reported(disk);
     let cache = d2.command(disk, &[0x1a, 0x08, 0x08, 0, 64, 0], &[], 64);
     assert_eq!(
         cache.good().data[4 + 2] & 0x04,
@@ -530,6 +542,7 @@ fn a_read_only_drive_refuses_writes_with_data_protect() {
     let m = pc_with_adapter("scsi-ro", &[("vscsi-ro", &[])]);
     machine_creation_done(&m).unwrap();
     let mut d = Driver::start(&m, VERSION_1);
+    d.expect_reset_reported(lun(0, 0));
     assert_eq!(
         d.command(lun(0, 0), &rw10(0x2a, 0, 1), &[1u8; 512], 0)
             .check(),
@@ -635,12 +648,23 @@ fn units_plugged_and_unplugged_are_announced_on_the_event_queue() {
 
 /// `device_add scsi-hd,drive=DRIVE,PROPS,id=ID` on `scsi-hot.0` while running.
 fn plug_hot(m: &ObjectRef, drive: &str, props: &[(&str, &str)], id: &str) -> ObjectRef {
+    plug_hot_on(m, "scsi-hot", drive, props, id)
+}
+
+/// [`plug_hot`] on adapter `adapter`'s bus.
+fn plug_hot_on(
+    m: &ObjectRef,
+    adapter: &str,
+    drive: &str,
+    props: &[(&str, &str)],
+    id: &str,
+) -> ObjectRef {
     let bus = m
         .child("peripheral")
         .unwrap()
-        .child("scsi-hot")
+        .child(adapter)
         .unwrap()
-        .child("scsi-hot.0")
+        .child(&format!("{adapter}.0"))
         .unwrap();
     let dev = qdev_new("scsi-hd").unwrap();
     dev.property_parse("drive", drive).unwrap();
@@ -753,6 +777,7 @@ fn rings_full_of_garbage_never_panic_and_a_reset_recovers() {
     // After a reset, a well-formed ring works again.
     let mut d = Driver::start(&m, VERSION_1);
     assert_eq!(d.dev.status() & NEEDS_RESET, 0);
+    d.expect_reset_reported(lun(0, 0));
     let data = pattern(512, 7);
     d.command(lun(0, 0), &rw10(0x2a, 1, 1), &data, 0).good();
     assert!(
@@ -979,6 +1004,120 @@ fn a_scsi_cd_reads_its_medium_and_sees_it_change() {
     assert!(back.good().data == second);
 }
 
+/// `device_del` of a unit whose drive is under I/O limits waits for the commands it has
+/// taken, but not for their limits: at 1 IOPS four queued reads would take four seconds;
+/// the unplug lets them go at once (QEMU's drain lifts the limits) and each completes.
+#[test]
+fn unplugging_a_throttled_unit_does_not_wait_for_its_limits() {
+    use block::throttle::{Bucket, ThrottleConfig};
+    add_drive("vscsi-tbase", &temp_image("tbase.raw", 1 << 20), false);
+    let backend = add_drive(
+        "vscsi-throttled",
+        &temp_image("throttled.raw", 1 << 20),
+        false,
+    );
+    let m = pc_with_adapter("scsi-throttle", &[("vscsi-tbase", &[])]);
+    machine_creation_done(&m).unwrap();
+    let mut d = Driver::start(&m, VERSION_1 | F_HOTPLUG);
+    let hot = plug_hot_on(
+        &m,
+        "scsi-throttle",
+        "vscsi-throttled",
+        &[("scsi-id", "1")],
+        "throttled0",
+    );
+    let at = lun(1, 0);
+    d.command(at, &[0x12, 0, 0, 0, 36, 0], &[], 36).good();
+    let mut config = ThrottleConfig::default();
+    config.bucket_mut(Bucket::OpsTotal).avg = 1;
+    backend.set_io_limits("vscsi-throttled", false, config);
+    // The first read fills the bucket; four more wait for it.
+    d.command(at, &rw10(0x28, 0, 1), &[], 512).good();
+    let mem = &d.dev.mem;
+    for i in 0..4u64 {
+        let (req, resp, data) = (
+            0x40_0000 + i * 0x1000,
+            0x48_0000 + i * 0x1000,
+            0x50_0000 + i * 0x1000,
+        );
+        let mut header = vec![0u8; REQ_SIZE as usize];
+        header[..8].copy_from_slice(&at);
+        header[19..29].copy_from_slice(&rw10(0x28, i as u32, 1));
+        mem.write_slice(&header, GuestAddress(req)).unwrap();
+        d.req.add_chain(
+            mem,
+            &[
+                (req, REQ_SIZE, false),
+                (resp, RESP_SIZE, true),
+                (data, 512, true),
+            ],
+        );
+    }
+    d.dev.notify(2);
+    std::thread::sleep(Duration::from_millis(100));
+    let began = std::time::Instant::now();
+    hw::core::qdev::qdev_unplug(&hot).unwrap();
+    assert!(
+        began.elapsed() < Duration::from_millis(800),
+        "the unplug waited {:?} for the limits",
+        began.elapsed()
+    );
+    assert_eq!(d.dev.wait_used(&mut d.req, 4, WAIT).len(), 4);
+    backend.disable_io_limits();
+}
+
+/// A unit attention still pending moves with the disk (QEMU's `vmstate_scsi_device`), and
+/// a stream without one (from before) loads as none pending.
+#[test]
+fn a_pending_unit_attention_migrates() {
+    add_drive("vscsi-ua", &temp_image("ua.raw", 1 << 20), false);
+    add_drive("vscsi-ua2", &temp_image("ua2.raw", 1 << 20), false);
+    let m = pc_with_adapter("scsi-ua", &[("vscsi-ua", &[])]);
+    machine_creation_done(&m).unwrap();
+    let mut d = Driver::start(&m, VERSION_1);
+    d.expect_reset_reported(lun(0, 0));
+    // A LUN reset leaves POWER ON/RESET pending: not consumed before the save.
+    assert_eq!(d.tmf(5, lun(0, 0)), S_OK);
+    let disk = |m: &ObjectRef| {
+        m.child("peripheral-anon")
+            .unwrap()
+            .child("device[0]")
+            .unwrap()
+    };
+    let state = hw::core::qdev::device_impl(&disk(&m))
+        .unwrap()
+        .save_state()
+        .unwrap();
+    assert_eq!(
+        state.get::<Option<[u8; 3]>>("unit_attention").unwrap(),
+        Some([6, 0x29, 0])
+    );
+    let m2 = pc_with_adapter("scsi-ua2", &[("vscsi-ua2", &[])]);
+    let disk2 = disk(&m2);
+    let target = hw::core::qdev::device_impl(&disk2).unwrap();
+    target.load_state(&state).unwrap();
+    assert_eq!(
+        target
+            .save_state()
+            .unwrap()
+            .get::<Option<[u8; 3]>>("unit_attention")
+            .unwrap(),
+        Some([6, 0x29, 0])
+    );
+    // An older stream's section, without the field: nothing pending.
+    let mut old = hw::core::vmstate::VmStateSection::new(1);
+    old.put("wce", true);
+    target.load_state(&old).unwrap();
+    assert_eq!(
+        target
+            .save_state()
+            .unwrap()
+            .get::<Option<[u8; 3]>>("unit_attention")
+            .unwrap(),
+        None
+    );
+}
+
 /// Commands behind one notification go to the adapter's pool and wait on the disk
 /// together: all complete, each into its own used entry, with the data in the image.
 #[test]
@@ -988,6 +1127,7 @@ fn a_batch_of_commands_completes_out_of_the_pool() {
     let m = pc_with_adapter("scsi-batch", &[("vscsi-batch", &[])]);
     machine_creation_done(&m).unwrap();
     let mut d = Driver::start(&m, VERSION_1 | F_EVENT_IDX);
+    d.expect_reset_reported(lun(0, 0));
     let mem = &d.dev.mem;
     let mut heads = Vec::new();
     for i in 0..5u64 {
@@ -1033,5 +1173,55 @@ fn a_batch_of_commands_completes_out_of_the_pool() {
             on_disk[i * 65536..(i + 1) * 65536] == pattern(65536, i as u8)[..],
             "write {i}"
         );
+    }
+}
+
+/// `block_resize` on a `scsi-hd` (QEMU's `scsi_disk_resize_cb`): the adapter tells a driver
+/// that took `VIRTIO_SCSI_F_CHANGE` with a `PARAM_CHANGE` event (reason: ASC 0x2a, ASCQ
+/// 0x09), the unit's next command but INQUIRY ends in CHECK CONDITION with CAPACITY DATA
+/// HAS CHANGED, reported once, and READ CAPACITY then gives the new size. A driver without
+/// the feature gets no event, only the unit attention.
+#[test]
+fn a_resized_disk_reports_its_new_capacity() {
+    const F_CHANGE: u64 = 1 << 2;
+    let backend = add_drive("vscsi-resize", &temp_image("resize.raw", 1 << 20), false);
+    let m = pc_with_adapter("scsi-resize", &[("vscsi-resize", &[("scsi-id", "1")])]);
+    machine_creation_done(&m).unwrap();
+    let features = VirtioPciDevice::probe(&m, DEVFN).device_features();
+    assert_ne!(
+        features & F_CHANGE,
+        0,
+        "param_change is on by default, as QEMU's"
+    );
+    let read_capacity = [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    for with_change in [true, false] {
+        let mut d = Driver::start(
+            &m,
+            VERSION_1 | F_EVENT_IDX | if with_change { F_CHANGE } else { 0 },
+        );
+        d.post_event_buffers(2);
+        let size = if with_change { 2 << 20 } else { 3 << 20 };
+        backend.truncate(size).unwrap();
+        let event = d.next_event(if with_change {
+            WAIT
+        } else {
+            Duration::from_millis(300)
+        });
+        if with_change {
+            assert_eq!(event, Some((3, lun(1, 0), 0x092a)), "PARAM_CHANGE, 2a/09");
+        } else {
+            assert_eq!(event, None, "no event without VIRTIO_SCSI_F_CHANGE");
+        }
+        // INQUIRY runs under the unit attention; TEST UNIT READY reports it, once.
+        d.command(lun(1, 0), &[0x12, 0, 0, 0, 36, 0], &[], 36)
+            .good();
+        assert_eq!(
+            d.command(lun(1, 0), &[0, 0, 0, 0, 0, 0], &[], 0).check(),
+            (6, 0x2a, 0x09)
+        );
+        d.command(lun(1, 0), &[0, 0, 0, 0, 0, 0], &[], 0).good();
+        let last = (size / 512 - 1) as u32;
+        let cap = d.command(lun(1, 0), &read_capacity, &[], 8);
+        assert_eq!(cap.good().data[..4], last.to_be_bytes());
     }
 }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 use hw::core::accel_ops::{
-    AccelIrqError, AccelOps, CpuDumpError, DisplayLogError, EventFd, IoEventAddr, IoEventSpace,
-    IrqchipState, LocalApicState, MsiMessage, PagingRegisters, RamBlock, SlotId,
+    AccelIrqError, AccelOps, CpuDumpError, CpuDumpRegisters, DisplayLogError, EventFd, IoEventAddr,
+    IoEventSpace, IrqchipState, LocalApicState, MsiMessage, PagingRegisters, RamBlock, SlotId,
 };
 use hw::core::machine::MachineState;
 use kvm_bindings::{
@@ -125,6 +125,9 @@ pub struct KvmVm {
     migration_dirty: parking_lot::Mutex<Vec<u64>>,
     /// Whether `KVM_CREATE_PIT2` made a PIT (its state is then saved with the VM's).
     has_pit: std::sync::atomic::AtomicBool,
+    /// Held across a read-modify-write of the PIT's state (the HPET's legacy switch on a
+    /// vCPU thread, a reset or a restart on the main thread).
+    pit_update: parking_lot::Mutex<()>,
     /// kvmclock as it stood when the VM stopped, set again when it runs (QEMU's
     /// `kvmclock` device): guest time stands still while the VM does, as the virtual
     /// clock's HPET and PM timer do.
@@ -196,6 +199,7 @@ impl KvmVm {
             irqchip_creation: parking_lot::Mutex::new(()),
             warned_features: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             has_pit: std::sync::atomic::AtomicBool::new(false),
+            pit_update: parking_lot::Mutex::new(()),
             stopped_clock: parking_lot::Mutex::new(None),
             slots: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             dirty_logging: std::sync::atomic::AtomicBool::new(false),
@@ -358,6 +362,23 @@ impl KvmVm {
 }
 
 impl KvmVm {
+    /// Changes the in-kernel PIT's state with `f` (`KVM_GET_PIT2`, `KVM_SET_PIT2`); without
+    /// a PIT, nothing.
+    fn update_pit(&self, f: impl FnOnce(&mut kvm_bindings::kvm_pit_state2)) -> Result<(), Error> {
+        if !self.has_pit.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let _update = self.pit_update.lock();
+        let mut pit = self
+            .vm
+            .get_pit2()
+            .map_err(|e| Error::other(ioctl_error("KVM_GET_PIT2", e)))?;
+        f(&mut pit);
+        self.vm
+            .set_pit2(&pit)
+            .map_err(|e| Error::other(ioctl_error("KVM_SET_PIT2", e)))
+    }
+
     /// Runs `f` on CPU `index`'s thread between two runs, for the monitor (QEMU's
     /// `run_on_cpu`), waiting at most two seconds.
     fn inspect_cpu<R: Send + 'static>(
@@ -487,21 +508,39 @@ impl AccelOps for KvmVm {
     }
 
     fn set_pit_hpet_legacy(&self, legacy: bool) -> Result<(), Error> {
-        if !self.has_pit.load(Ordering::Relaxed) {
+        self.update_pit(|pit| {
+            if legacy {
+                pit.flags |= kvm_bindings::KVM_PIT_FLAGS_HPET_LEGACY;
+            } else {
+                pit.flags &= !kvm_bindings::KVM_PIT_FLAGS_HPET_LEGACY;
+            }
+        })
+    }
+
+    fn reset_irqchip(&self) -> Result<(), Error> {
+        if self.irq.get().is_none() {
             return Ok(());
         }
-        let mut pit = self
-            .vm
-            .get_pit2()
-            .map_err(|e| Error::other(ioctl_error("KVM_GET_PIT2", e)))?;
-        if legacy {
-            pit.flags |= kvm_bindings::KVM_PIT_FLAGS_HPET_LEGACY;
-        } else {
-            pit.flags &= !kvm_bindings::KVM_PIT_FLAGS_HPET_LEGACY;
-        }
-        self.vm
-            .set_pit2(&pit)
-            .map_err(|e| Error::other(ioctl_error("KVM_SET_PIT2", e)))
+        crate::kvm::kvm_state::reset_irqchip(&self.vm)
+            .map_err(|e| Error::other(ioctl_error("KVM_SET_IRQCHIP", e)))
+    }
+
+    fn reset_pit(&self) -> Result<(), Error> {
+        self.update_pit(|pit| {
+            for (i, channel) in pit.channels.iter_mut().enumerate() {
+                *channel = kvm_bindings::kvm_pit_channel_state {
+                    count: 0x1_0000,
+                    mode: 3,
+                    gate: u8::from(i != 2),
+                    ..Default::default()
+                };
+            }
+        })
+    }
+
+    fn reload_pit(&self) -> Result<(), Error> {
+        // KVM_SET_PIT2 re-arms channel 0 from now and clears its re-injection count.
+        self.update_pit(|_| {})
     }
 
     fn create_in_kernel_pit(&self, reinject: bool) -> Result<(), Error> {
@@ -586,6 +625,11 @@ impl AccelOps for KvmVm {
 
     fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {
         self.inspect_cpu(index, |vcpu| crate::kvm::x86::register_dump(vcpu))
+    }
+
+    fn cpu_dump_registers(&self, index: u32) -> Result<CpuDumpRegisters, CpuDumpError> {
+        self.inspect_cpu(index, |vcpu| crate::kvm::x86::dump_registers(vcpu))?
+            .map_err(CpuDumpError::Failed)
     }
 
     fn paging_registers(&self, index: u32) -> Result<PagingRegisters, CpuDumpError> {

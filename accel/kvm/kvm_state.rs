@@ -269,6 +269,41 @@ pub(crate) fn irqchip_state(
     })
 }
 
+/// Puts the in-kernel PICs and IOAPIC in QEMU's reset state (`kvm_pic_reset`,
+/// `kvm_ioapic_reset`): the PICs uninitialised, unmasked, vector base 0 and every line
+/// edge-triggered (ELCR 0, so no request survives), the IOAPIC with ID 0, no request and
+/// every pin masked. KVM keeps them across a vCPU reset; a machine reset must not.
+pub(crate) fn reset_irqchip(vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+    for (id, _) in CHIPS {
+        let mut chip = kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip)?;
+        if id == KVM_IRQCHIP_IOAPIC {
+            // SAFETY: KVM filled the union's IOAPIC member for the IOAPIC chip id, and
+            // every bit pattern is valid for it.
+            let io = unsafe { &mut chip.chip.ioapic };
+            io.id = 0;
+            io.ioregsel = 0;
+            io.irr = 0;
+            for entry in &mut io.redirtbl {
+                entry.bits = 1 << 16;
+            }
+        } else {
+            // SAFETY: as above, the PIC member for a PIC chip id.
+            let pic = unsafe { &mut chip.chip.pic };
+            let elcr_mask = pic.elcr_mask;
+            *pic = kvm_bindings::kvm_pic_state {
+                elcr_mask,
+                ..Default::default()
+            };
+        }
+        vm.set_irqchip(&chip)?;
+    }
+    Ok(())
+}
+
 /// The in-kernel PICs and IOAPIC, the PIT if there is one, and the kvmclock.
 pub(crate) fn save_vm_state(vm: &VmFd, has_pit: bool) -> Result<VmStateSection, VmStateError> {
     let mut s = VmStateSection::new(VM_STATE_VERSION);

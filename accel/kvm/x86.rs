@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 
+use hw::core::accel_ops::{CpuDumpRegisters, DumpSegment};
 use hw::core::machine::{machine_state, SmpConfig};
 use hw::i386::x86_cpu::{
     expand_features, feature_bits, features, Feature, IdentityOverrides, Reg, X86Cpu, X86CpuModel,
@@ -794,7 +795,14 @@ pub(crate) fn reset_vcpu(
                 mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
             },
         ),
-        None => (pristine.regs, pristine.sregs, pristine.mp_state),
+        None => {
+            // x86_cpu_reset: EDX holds the CPU's family, model and stepping (CPUID.01H:EAX).
+            let mut regs = pristine.regs;
+            if let Some(x86) = cpu.downcast::<X86Cpu>() {
+                regs.rdx = u64::from(x86.cpuid_version_and_features().0);
+            }
+            (regs, pristine.sregs, pristine.mp_state)
+        }
     };
     vcpu.set_sregs(&sregs)
         .map_err(|e| ioctl_error("KVM_SET_SREGS", e))?;
@@ -806,14 +814,7 @@ pub(crate) fn reset_vcpu(
 }
 
 fn segment_line(out: &mut String, name: &str, s: &kvm_segment, long: bool) {
-    let flags = (u32::from(s.type_) << 8)
-        | (u32::from(s.s) << 12)
-        | (u32::from(s.dpl) << 13)
-        | (u32::from(s.present) << 15)
-        | (u32::from(s.avl) << 20)
-        | (u32::from(s.l) << 21)
-        | (u32::from(s.db) << 22)
-        | (u32::from(s.g) << 23);
+    let flags = dump_segment(s).flags;
     if long {
         let _ = writeln!(
             out,
@@ -981,6 +982,72 @@ pub(crate) fn inject_external_nmi(vcpu: &mut VcpuFd) -> Result<bool, i32> {
     }
     vcpu.nmi().map_err(|e| e.errno())?;
     Ok(true)
+}
+
+/// `IA32_KERNEL_GS_BASE`, which `SWAPGS` exchanges with GS's base.
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+/// QEMU's `get_seg` (`target/i386/kvm/kvm.c`): a KVM segment in `SegmentCache` terms.
+fn dump_segment(seg: &kvm_segment) -> DumpSegment {
+    let flags = if seg.unusable != 0 {
+        0
+    } else {
+        u32::from(seg.type_) << 8
+            | u32::from(seg.s) << 12
+            | u32::from(seg.dpl) << 13
+            | u32::from(seg.present) << 15
+            | u32::from(seg.avl) << 20
+            | u32::from(seg.l) << 21
+            | u32::from(seg.db) << 22
+            | u32::from(seg.g) << 23
+    };
+    DumpSegment {
+        selector: seg.selector,
+        limit: seg.limit,
+        flags,
+        base: seg.base,
+    }
+}
+
+/// The vCPU's registers for a guest core dump, on its thread.
+pub(crate) fn dump_registers(vcpu: &VcpuFd) -> Result<CpuDumpRegisters, String> {
+    let r = vcpu
+        .get_regs()
+        .map_err(|e| format!("KVM_GET_REGS: {}", errno_text(e.errno())))?;
+    let s = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS: {}", errno_text(e.errno())))?;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_KERNEL_GS_BASE,
+        ..Default::default()
+    }])
+    .map_err(|e| format!("KVM_GET_MSRS: {e:?}"))?;
+    let kernel_gs_base = match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => msrs.as_slice()[0].data,
+        Ok(_) => 0,
+        Err(e) => return Err(format!("KVM_GET_MSRS: {}", errno_text(e.errno()))),
+    };
+    let table = |base: u64, limit: u16| DumpSegment {
+        limit: u32::from(limit),
+        base,
+        ..DumpSegment::default()
+    };
+    Ok(CpuDumpRegisters {
+        gprs: [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ],
+        rip: r.rip,
+        rflags: r.rflags,
+        segments: [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss].map(dump_segment),
+        ldt: dump_segment(&s.ldt),
+        tr: dump_segment(&s.tr),
+        gdt: table(s.gdt.base, s.gdt.limit),
+        idt: table(s.idt.base, s.idt.limit),
+        cr: [s.cr0, 0, s.cr2, s.cr3, s.cr4],
+        kernel_gs_base,
+        efer: s.efer,
+    })
 }
 
 /// CPUID.01H:ECX.x2APIC.

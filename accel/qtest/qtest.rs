@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use hw::core::accel_ops::{
-    AccelOps, CpuDumpError, DisplayLogError, LocalApicState, PagingRegisters, RamBlock, SlotId,
+    AccelOps, CpuDumpError, CpuDumpRegisters, DisplayLogError, LocalApicState, PagingRegisters,
+    RamBlock, SlotId,
 };
 use hw::core::machine::MachineState;
 use hw::core::vmstate::{VmStateError, VmStateSection};
@@ -86,6 +87,9 @@ impl AccelOps for QtestOps {
     fn reset_vcpus(&self) {}
     fn shutdown(&self) {}
     fn cpu_dump_state(&self, _index: u32) -> Result<String, CpuDumpError> {
+        Err(CpuDumpError::NoRegisters("qtest"))
+    }
+    fn cpu_dump_registers(&self, _index: u32) -> Result<CpuDumpRegisters, CpuDumpError> {
         Err(CpuDumpError::NoRegisters("qtest"))
     }
     fn paging_registers(&self, _index: u32) -> Result<PagingRegisters, CpuDumpError> {

@@ -8,11 +8,12 @@
 
 pub mod lock;
 mod qcow2_l2;
+pub mod throttle;
 
 use std::fs::File as StdFile;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -77,6 +78,18 @@ pub enum BlockError {
     /// A node a `-drive` (or a device) uses, asked for as another node's child.
     #[error("Node '{0}' is in use and cannot become another node's child")]
     InUse(String),
+    /// A resize of an image opened read-only (QEMU's `bdrv_co_truncate`).
+    #[error("Image is read-only")]
+    ImageReadOnly,
+    /// A device that does not let its drive change size uses the node (QEMU's permission
+    /// conflict over `resize`, which floppy and CD drives do not share).
+    #[error("Permission conflict on node '{node}': permissions 'resize' are both required by an unnamed block device (uses node '{node}' as 'root' child) and unshared by block device '{user}' (uses node '{node}' as 'root' child).")]
+    ResizeConflict {
+        /// The node to resize.
+        node: String,
+        /// The backend name or device that holds it.
+        user: String,
+    },
     /// `aio=native` without O_DIRECT (QEMU's file-posix check).
     #[error("aio=native was specified, but it requires cache.direct=on, which was not specified.")]
     AioNativeNeedsDirect,
@@ -300,6 +313,8 @@ pub struct OpenOptions {
     /// The name of the file node under the format node (`file.node-name`); `None` gets an
     /// automatic one.
     pub file_node_name: Option<String>,
+    /// The file's `locking=` (on and auto lock; off neither locks nor checks locks).
+    pub locking: bool,
 }
 
 impl OpenOptions {
@@ -318,6 +333,7 @@ impl OpenOptions {
             backing: BackingOption::default(),
             protocol_only: false,
             file_node_name: None,
+            locking: true,
         }
     }
 }
@@ -615,6 +631,18 @@ impl Acct {
     }
 }
 
+/// [`BlockBackend::lift_limits`]'s guard: the limits apply again when it goes.
+pub struct LimitsLifted(Arc<BlockBackend>);
+
+impl Drop for LimitsLifted {
+    fn drop(&mut self) {
+        self.0.limits_lifted.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a device that lets its drive be resized does after a resize (tell the guest).
+pub type ResizeHandler = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// A handle devices do I/O through (QEMU's `BlockBackend` with its root node).
 ///
 /// Requests are synchronous, on the calling thread (a device's I/O thread), and counted
@@ -639,6 +667,16 @@ pub struct BlockBackend {
     acct: Mutex<Acct>,
     /// The device using it (QEMU's `blk_attach_dev`), by its id or QOM path.
     attached: Mutex<Option<String>>,
+    /// What the device does when the image changes size; a device without one does not
+    /// let it change (QEMU's `BlockDevOps.resize_cb` and the `resize` permission).
+    resize_handler: Mutex<Option<ResizeHandler>>,
+    /// The throttle group whose I/O limits apply, if any (QEMU's
+    /// `throttle_group_member`).
+    throttle: Mutex<Option<Arc<throttle::ThrottleGroup>>>,
+    /// Counts changes of `throttle`: a waiting request whose group changed goes.
+    throttle_generation: AtomicU64,
+    /// Drains in progress (QEMU's `io_limits_disabled`): requests then ignore the limits.
+    limits_lifted: AtomicUsize,
     /// A `-drive` with an interface (`if=ide`, `if=virtio`) made its device itself.
     auto_connected: AtomicBool,
     /// Owned by the device's backend rather than the monitor (QEMU: a BDS opened by
@@ -801,6 +839,11 @@ impl BlockBackend {
         } else {
             top_perms(format, opts.read_only)
         };
+        // `locking=off`: the file's descriptor without locks, which stays so.
+        let top_lock = match top_lock {
+            None if !opts.locking => Some(ImageLock::acquire_if(&path, 0, PERM_ALL, false)?),
+            lock => lock,
+        };
         let image = open_image(
             &path,
             format,
@@ -828,6 +871,10 @@ impl BlockBackend {
             inactive: AtomicBool::new(inactive),
             acct: Mutex::new(Acct::default()),
             attached: Mutex::new(None),
+            resize_handler: Mutex::new(None),
+            throttle: Mutex::new(None),
+            throttle_generation: AtomicU64::new(0),
+            limits_lifted: AtomicUsize::new(0),
             auto_connected: AtomicBool::new(false),
             blk_owned: AtomicBool::new(false),
             taken_file: Mutex::new(None),
@@ -920,9 +967,135 @@ impl BlockBackend {
         self.auto_connected.store(true, Ordering::Relaxed);
     }
 
-    /// QEMU's `blk_detach_dev` (at unrealize).
+    /// The attached device lets the image change size and wants `handler` called after
+    /// each change (`None` when it goes: QEMU's `blk_set_dev_ops` with a `resize_cb`).
+    pub fn set_resize_handler(&self, handler: Option<ResizeHandler>) {
+        *self.resize_handler.lock() = handler;
+    }
+
+    /// QEMU's `block_resize` (`blk_co_truncate` through a new user that asks for the
+    /// `resize` permission): the image grows or shrinks to `size` bytes, new space reading
+    /// as zeroes; then the attached device hears of it. Refused for read-only images, for
+    /// devices that do not share the permission (floppies, CDs) and, in qcow2, for sizes
+    /// that are not a multiple of 512.
+    pub fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        // QEMU asks for the permission first, then truncates (which checks read-only).
+        let handler = {
+            let attached = self.attached.lock();
+            let handler = self.resize_handler.lock().clone();
+            if let (Some(dev), None) = (attached.as_ref(), &handler) {
+                let id = self.id();
+                return Err(BlockError::ResizeConflict {
+                    node: self.node_name.clone(),
+                    user: if id.is_empty() { dev.clone() } else { id },
+                });
+            }
+            handler
+        };
+        // QEMU's BDRV_MAX_LENGTH (INT64_MAX rounded down to a GiB), checked before
+        // read-only as `bdrv_co_truncate` does.
+        const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+        if size > MAX_LENGTH {
+            return Err(BlockError::Invalid(format!(
+                "offset({size}) exceeds maximum({MAX_LENGTH})"
+            )));
+        }
+        if self.opts.read_only || self.is_inactive() {
+            return Err(BlockError::ImageReadOnly);
+        }
+        if self.info.format == Format::Qcow2 && !size.is_multiple_of(512) {
+            return Err(BlockError::Invalid(
+                "The new size must be a multiple of 512".into(),
+            ));
+        }
+        let resized = {
+            let mut access = self.access.write();
+            let current = access.size();
+            let resized = if size > current {
+                // A backing file longer than the old size must not show through.
+                let mode = if self.info.backing.is_some() {
+                    imago::format::PreallocateMode::Zero
+                } else {
+                    imago::format::PreallocateMode::None
+                };
+                access.resize_grow(size, mode)
+            } else if size < current {
+                access.resize_shrink(size)
+            } else {
+                Ok(())
+            };
+            resized.and_then(|()| access.flush())
+        };
+        // In QEMU's words: qcow2's L1 table limit, file-posix's ftruncate.
+        resized.map_err(|e| match self.info.format {
+            Format::Qcow2 if e.to_string().contains("L1 table would become too big") => {
+                BlockError::Invalid("Failed to grow the L1 table: File too large".into())
+            }
+            Format::Raw => BlockError::Invalid(format!("Could not resize file: {}", strerror(&e))),
+            _ => BlockError::Io(e),
+        })?;
+        if let Some(handler) = handler {
+            handler();
+        }
+        Ok(())
+    }
+
+    /// QEMU's `blk_set_io_limits` after `blk_io_limits_enable`/`_update_group`: the backend
+    /// joins throttle group `group` (if not in one, or `move_to` says so) and the group
+    /// takes `config`.
+    pub fn set_io_limits(&self, group: &str, move_to: bool, config: throttle::ThrottleConfig) {
+        let mut current = self.throttle.lock();
+        let (group, left) = match &*current {
+            Some(g) if !move_to || g.name() == group => (g.clone(), None),
+            old => (throttle::ThrottleGroup::get(group), old.clone()),
+        };
+        group.set_config(config);
+        *current = Some(group);
+        drop(current);
+        if let Some(left) = left {
+            self.throttle_generation.fetch_add(1, Ordering::SeqCst);
+            left.wake_all();
+        }
+    }
+
+    /// QEMU's `blk_io_limits_disable`: the backend leaves its throttle group; its waiting
+    /// requests go.
+    pub fn disable_io_limits(&self) {
+        let left = self.throttle.lock().take();
+        self.throttle_generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(left) = left {
+            left.wake_all();
+        }
+    }
+
+    /// Lifts the I/O limits while the guard lives (a device waiting for its requests: a
+    /// stop, a reset, a migration), so that waiting requests go at once (QEMU's drain sets
+    /// `io_limits_disabled`).
+    pub fn lift_limits(self: &Arc<Self>) -> LimitsLifted {
+        self.limits_lifted.fetch_add(1, Ordering::SeqCst);
+        let group = self.throttle.lock().clone();
+        if let Some(group) = group {
+            group.wake_all();
+        }
+        LimitsLifted(self.clone())
+    }
+
+    /// Whether I/O limits apply: a request may then wait, and devices issue it where
+    /// waiting holds up nothing else (their thread pool, not their event loop).
+    pub fn is_throttled(&self) -> bool {
+        self.throttle.lock().is_some()
+    }
+
+    /// The throttle group and its limits, while the backend is in one.
+    pub fn io_limits(&self) -> Option<(String, throttle::ThrottleConfig)> {
+        let group = self.throttle.lock().clone()?;
+        Some((group.name().to_string(), group.config()))
+    }
+
+    /// QEMU's `blk_detach_dev` (at unrealize): the device and its resize handler go.
     pub fn detach_dev(&self) {
         *self.attached.lock() = None;
+        *self.resize_handler.lock() = None;
     }
     /// The device using it, if any.
     pub fn attached_dev(&self) -> Option<String> {
@@ -969,6 +1142,18 @@ impl BlockBackend {
         f: impl FnOnce() -> Result<(), BlockError>,
     ) -> Result<(), BlockError> {
         let start = Instant::now();
+        // Reads and writes wait for the I/O limits (QEMU's throttle intercept), within
+        // the request's time as QEMU accounts it.
+        if matches!(kind, IoType::Read | IoType::Write) {
+            let group = self.throttle.lock().clone();
+            if let Some(group) = group {
+                let generation = self.throttle_generation.load(Ordering::SeqCst);
+                group.intercept(kind == IoType::Write, bytes, || {
+                    self.limits_lifted.load(Ordering::SeqCst) == 0
+                        && self.throttle_generation.load(Ordering::SeqCst) == generation
+                });
+            }
+        }
         let result = f();
         let now = Instant::now();
         let ns = u64::try_from(now.duration_since(start).as_nanos()).unwrap_or(u64::MAX);

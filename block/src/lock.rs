@@ -44,6 +44,8 @@ fn perm_name(bit: u32) -> &'static str {
 #[derive(Debug)]
 pub struct ImageLock {
     file: File,
+    /// `locking=off` (QEMU's file-posix option): the descriptor is kept, nothing is locked.
+    enabled: bool,
 }
 
 /// `struct flock` for one byte.
@@ -61,8 +63,22 @@ impl ImageLock {
     /// Takes the locks for `perm` and `shared` on `path` and checks nobody else's conflict,
     /// as QEMU's `raw_handle_perm_lock` does at open. The errors have QEMU's text.
     pub fn acquire(path: &Path, perm: u32, shared: u32) -> Result<ImageLock, BlockError> {
+        Self::acquire_if(path, perm, shared, true)
+    }
+
+    /// [`ImageLock::acquire`], or with `locking` false (`locking=off`) the descriptor
+    /// alone: no lock is taken or checked, now or at later updates.
+    pub fn acquire_if(
+        path: &Path,
+        perm: u32,
+        shared: u32,
+        locking: bool,
+    ) -> Result<ImageLock, BlockError> {
         let file = File::open(path).map_err(|e| BlockError::open(path, e))?;
-        let lock = ImageLock { file };
+        let lock = ImageLock {
+            file,
+            enabled: locking,
+        };
         lock.update(path, perm, shared)?;
         Ok(lock)
     }
@@ -72,6 +88,7 @@ impl ImageLock {
     pub fn try_clone(&self) -> std::io::Result<ImageLock> {
         Ok(ImageLock {
             file: self.file.try_clone()?,
+            enabled: self.enabled,
         })
     }
 
@@ -79,6 +96,9 @@ impl ImageLock {
     /// permission change): bytes no longer needed are unlocked, new ones locked, then
     /// checked against everyone else. `path` is for the error text.
     pub fn update(&self, path: &Path, perm: u32, shared: u32) -> Result<(), BlockError> {
+        if !self.enabled {
+            return Ok(());
+        }
         let kind = |held: bool| {
             if held {
                 libc::F_RDLCK as libc::c_short

@@ -983,11 +983,14 @@ impl FdcState {
             r.data_len = (128u32 << r.fifo[5].min(7)) * sectors as u32;
         }
         r.eot = r.fifo[6];
-        if r.dor & DOR_DMAEN != 0 {
+        // A controller without a DMA channel (`dma=-1`) moves the data through its FIFO
+        // even when SPECIFY asked for DMA: waiting for a channel that cannot come would
+        // leave the command hanging (QEMU dereferences the missing channel).
+        if r.dor & DOR_DMAEN != 0 && io.dma().is_some() {
             // No access until the DMA transfer has completed.
             r.msr &= !MSR_RQM;
             if direction != DataDir::Verify {
-                return io.dma().is_some();
+                return true;
             }
             // VERIFY reads the sectors without DMA.
             let (chan, len) = (io.dma().map_or(0, |(_, c)| *c), self.regs.data_len);

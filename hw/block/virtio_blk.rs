@@ -154,7 +154,9 @@ impl VirtioBlk {
         for id in handlers {
             self.conf.context.remove_fd(id);
         }
-        // QEMU's blk_drain: requests already on the pool finish before the rings go.
+        // QEMU's blk_drain: requests already on the pool finish before the rings go, past
+        // any I/O limits.
+        let _lifted = self.conf.backend.lift_limits();
         self.in_flight.drain();
         std::mem::take(&mut *self.workers.lock())
     }
@@ -186,6 +188,22 @@ impl VirtioBlk {
         b[0x34..0x38].copy_from_slice(&1u32.to_le_bytes());
         b[0x38] = 1;
         b
+    }
+}
+
+impl VirtioBlk {
+    /// Lets the drive be resized (`block_resize`): the new capacity is in the
+    /// configuration at once, and a running driver gets a configuration change interrupt
+    /// (QEMU's `virtio_blk_resize`).
+    pub fn watch_resize(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        self.conf.backend.set_resize_handler(Some(Arc::new(move || {
+            let Some(blk) = weak.upgrade() else { return };
+            let transport = blk.workers.lock().first().map(|w| w.transport.clone());
+            if let Some(transport) = transport {
+                transport.signal_config();
+            }
+        })));
     }
 }
 
@@ -440,7 +458,10 @@ impl QueueWorker {
             Ok(chains) => chains,
             Err(e) => return self.fail(e),
         };
-        if chains.len() == 1 && self.in_flight.is_idle() {
+        // Under I/O limits a request may wait: all go to the pool, so the event loop
+        // (and what else it serves) never waits for the limits.
+        let throttled = self.requests.backend.is_throttled();
+        if chains.len() == 1 && self.in_flight.is_idle() && !throttled {
             if let Some(chain) = chains.pop() {
                 self.serve_and_complete(chain, false);
             }
@@ -448,7 +469,7 @@ impl QueueWorker {
         }
         // The pool takes all but one; this thread serves the last itself rather than wait.
         self.on_pool.fetch_add(chains.len(), Ordering::AcqRel);
-        let last = chains.pop();
+        let last = if throttled { None } else { chains.pop() };
         for chain in chains {
             self.in_flight.begin();
             let worker = Arc::clone(self);
@@ -505,7 +526,9 @@ impl QueueWorker {
             let batch_done = !pooled || {
                 let others = self.on_pool.fetch_sub(1, Ordering::AcqRel) > 1;
                 let deferred = self.deferred.fetch_add(1, Ordering::AcqRel) + 1;
-                !others || deferred >= NOTIFY_BATCH
+                // Under I/O limits the others may wait for seconds: each completion
+                // interrupts.
+                !others || deferred >= NOTIFY_BATCH || self.requests.backend.is_throttled()
             };
             queue.add_used(mem, head, len).and_then(|()| {
                 if batch_done {

@@ -116,6 +116,49 @@ pub struct IrqchipState {
     pub ioapic: IoapicState,
 }
 
+/// A segment register as a guest core dump records it (QEMU's `SegmentCache`, whose
+/// `flags` hold the descriptor's attribute bits where its second dword has them: type at
+/// bit 8, S 12, DPL 13-14, P 15, AVL 20, L 21, D/B 22, G 23; 0 for an unusable segment).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DumpSegment {
+    /// The selector.
+    pub selector: u16,
+    /// The limit, in bytes.
+    pub limit: u32,
+    /// The attribute bits.
+    pub flags: u32,
+    /// The base address.
+    pub base: u64,
+}
+
+/// An x86 CPU's registers for a guest core dump (what QEMU's `target/i386/arch_dump.c`
+/// writes: the ELF `NT_PRSTATUS` note and QEMU's own `QEMUCPUState` note).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuDumpRegisters {
+    /// RAX, RBX, RCX, RDX, RSI, RDI, RSP, RBP, R8-R15, in that order.
+    pub gprs: [u64; 16],
+    /// RIP.
+    pub rip: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+    /// CS, DS, ES, FS, GS, SS, in that order.
+    pub segments: [DumpSegment; 6],
+    /// The LDT register.
+    pub ldt: DumpSegment,
+    /// The task register.
+    pub tr: DumpSegment,
+    /// The GDT register (base and limit).
+    pub gdt: DumpSegment,
+    /// The IDT register (base and limit).
+    pub idt: DumpSegment,
+    /// CR0-CR4 (CR1 is 0).
+    pub cr: [u64; 5],
+    /// `IA32_KERNEL_GS_BASE`.
+    pub kernel_gs_base: u64,
+    /// EFER (LMA, bit 10, says whether the CPU is in long mode).
+    pub efer: u64,
+}
+
 /// The registers that say how an x86 CPU translates virtual addresses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PagingRegisters {
@@ -221,6 +264,24 @@ pub trait AccelOps: Send + Sync {
     /// ticks the guest missed (`kvm-pit`'s `lost_tick_policy`: delay re-injects, discard
     /// drops). A machine without `kvm-pit` (`-machine pit=off`) has no PIT.
     fn create_in_kernel_pit(&self, reinject: bool) -> Result<(), Error>;
+    /// Puts the in-kernel interrupt controllers (PICs, IOAPIC) in QEMU's reset state, as
+    /// the machine's reset does before its devices'; nothing without them.
+    fn reset_irqchip(&self) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Puts the in-kernel PIT in QEMU's reset state (`pit_reset_common`, then
+    /// `kvm_pit_put`): every channel in mode 3 counting 65536, channel 2's gate low, so
+    /// channel 0 raises IRQ 0 at 18.2 Hz until the guest programs it; the HPET-legacy
+    /// flag stays. Without a PIT there is nothing to do.
+    fn reset_pit(&self) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Loads the in-kernel PIT's state into KVM again (QEMU's `kvm_pit_put` when the VM
+    /// runs again): channel 0's period starts from now, and the ticks its timer counted
+    /// while the VM was stopped, which KVM would re-inject at once, are dropped.
+    fn reload_pit(&self) -> Result<(), Error> {
+        Ok(())
+    }
     /// Stops (`true`) or restarts the in-kernel PIT's channel 0 interrupts while an HPET
     /// in legacy replacement mode takes IRQ 0 (QEMU's `kvm_pit_irq_control`:
     /// `KVM_PIT_FLAGS_HPET_LEGACY`). Without a PIT there is nothing to do.
@@ -251,6 +312,11 @@ pub trait AccelOps: Send + Sync {
     /// CPU `index`'s registers in QEMU's `info registers` layout, read on the CPU's own
     /// thread between two runs (QEMU's `run_on_cpu` + `cpu_dump_state`).
     fn cpu_dump_state(&self, index: u32) -> Result<String, CpuDumpError> {
+        Err(CpuDumpError::NoThread(index))
+    }
+    /// CPU `index`'s registers for a guest core dump (`dump-guest-memory`), read on its own
+    /// thread between two runs.
+    fn cpu_dump_registers(&self, index: u32) -> Result<CpuDumpRegisters, CpuDumpError> {
         Err(CpuDumpError::NoThread(index))
     }
     /// CPU `index`'s paging registers (CR0, CR3, CR4, EFER), read on its own thread between

@@ -67,6 +67,32 @@ pub fn fdset_add_fd(set: i64, fd: RawFd, opaque: Option<String>) -> Result<(), F
     Ok(())
 }
 
+/// QEMU's `monitor_fdset_add_fd` for QMP `add-fd`: `fd` (received over the monitor's
+/// socket) joins set `set`, or the lowest free set; returns the set and the descriptor's
+/// number.
+pub fn fdset_add_received(
+    set: Option<i64>,
+    fd: OwnedFd,
+    opaque: Option<String>,
+) -> (i64, RawFd) {
+    let mut sets = FDSETS.lock();
+    let id = set.unwrap_or_else(|| (0..).find(|id| !sets.iter().any(|e| e.set == *id)).unwrap_or(0));
+    // SAFETY: setting FD_CLOEXEC on an open descriptor this process owns.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let raw = fd.as_raw_fd();
+    sets.push(FdsetEntry { set: id, fd, opaque });
+    (id, raw)
+}
+
+/// QEMU's `qmp_remove_fd`: closes member `fd` of `set`, or every member; false if there
+/// was none such.
+pub fn fdset_remove(set: i64, fd: Option<RawFd>) -> bool {
+    let mut sets = FDSETS.lock();
+    let before = sets.len();
+    sets.retain(|e| !(e.set == set && fd.is_none_or(|fd| e.fd.as_raw_fd() == fd)));
+    sets.len() != before
+}
+
 /// A member of a set, as `query-fdsets` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FdsetMember {

@@ -740,6 +740,13 @@ fn reset_devices(root: &ObjectRef) {
 /// (they take their reset or loader state before they next run).
 pub fn reset_machine(machine: &ObjectRef) -> Result<(), MachineError> {
     let ms = machine_state(machine).expect("machines have a MachineState");
+    // The interrupt controllers first (QEMU's are devices made before the others): the
+    // devices' resets then set their lines on reset controllers.
+    if let Some(ops) = ms.accel_ops() {
+        if let Err(e) = ops.reset_irqchip() {
+            qom::error_report!("system reset: {e}");
+        }
+    }
     reset_devices(machine);
     let result = match machine_impl(machine) {
         Some(m) => m.reset(),

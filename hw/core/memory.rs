@@ -66,6 +66,8 @@ pub struct MemoryRegion {
     readonly: bool,
     /// Offsets whose writes the accelerator may buffer (QEMU's coalesced MMIO).
     coalesced: Option<std::ops::Range<u64>>,
+    /// Reads return memory and have no side effect (see [`MemoryRegion::is_memory`]).
+    memory_like: bool,
 }
 
 impl MemoryRegion {
@@ -98,7 +100,22 @@ impl MemoryRegion {
             ram: None,
             readonly: false,
             coalesced: None,
+            memory_like: false,
         }
+    }
+
+    /// A region served by `ops` whose reads return RAM or ROM without side effects (the
+    /// i440FX's PAM, which picks between the shadow RAM and the firmware's copy): what
+    /// QEMU models as aliases of RAM and ROM regions, which a guest core dump includes.
+    pub fn new_io_memory(
+        name: impl Into<String>,
+        size: u64,
+        ops: Arc<dyn MemoryRegionOps>,
+    ) -> Arc<Self> {
+        Arc::new(MemoryRegion {
+            memory_like: true,
+            ..Self::plain(name.into(), size, ops)
+        })
     }
 
     /// A region whose writes to the offsets `coalesced` the accelerator may buffer and
@@ -167,6 +184,13 @@ impl MemoryRegion {
     /// The region's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether the region is memory (RAM, ROM, or a selection of them): reading it has no
+    /// side effect, so a guest core dump includes it (QEMU's `memory_region_is_ram` for
+    /// `guest_phys_blocks`), where device registers are left out.
+    pub fn is_memory(&self) -> bool {
+        self.ram.is_some() || self.memory_like
     }
 }
 

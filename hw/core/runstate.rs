@@ -182,6 +182,8 @@ pub enum RunStatus {
     PostMigrate,
     /// Stopped by an expired watchdog (`watchdog=pause`); `cont` resumes it.
     Watchdog,
+    /// Stopped while the monitor writes its memory out (`dump-guest-memory`).
+    SaveVm,
 }
 
 impl RunStatus {
@@ -199,6 +201,7 @@ impl RunStatus {
             RunStatus::FinishMigrate => "finish-migrate",
             RunStatus::PostMigrate => "postmigrate",
             RunStatus::Watchdog => "watchdog",
+            RunStatus::SaveVm => "save-vm",
         }
     }
 
@@ -652,6 +655,12 @@ impl VmState {
     /// Says the machine can sleep and be woken (QEMU's `qemu_register_wakeup_support`).
     pub fn register_wakeup_support(&self) {
         self.wakeup.lock().supported = true;
+    }
+
+    /// Whether the machine can sleep and be woken (QEMU's `qemu_wakeup_suspend_enabled`):
+    /// its ACPI power management registered it.
+    pub fn wakeup_supported(&self) -> bool {
+        self.wakeup.lock().supported
     }
 
     /// Enables or disables a wake-up reason (QEMU's `qemu_system_wakeup_enable`).

@@ -205,16 +205,74 @@ impl MachineServices {
                     }
                     n
                 }
-                None => {
-                    let n = device_access_size(a, left);
-                    let mut bytes = [0u8; 8];
-                    self.system_memory.read_bytes(a, &mut bytes[..n]);
-                    out[done..done + n].copy_from_slice(&bytes[..n]);
-                    n
-                }
+                None => match self.system_memory.mapping_at(a) {
+                    Ok(_) => {
+                        let n = device_access_size(a, left);
+                        let mut bytes = [0u8; 8];
+                        self.system_memory.read_bytes(a, &mut bytes[..n]);
+                        out[done..done + n].copy_from_slice(&bytes[..n]);
+                        n
+                    }
+                    // Nothing there up to the next region or RAM: all ones at once (a
+                    // monitor's read of gigabytes of hole must not take minutes).
+                    Err(next_mmio) => {
+                        let next_ram = ram
+                            .iter()
+                            .map(|r| r.start_addr().0)
+                            .filter(|&s| s > a)
+                            .min();
+                        let end = [next_mmio, next_ram]
+                            .into_iter()
+                            .flatten()
+                            .min()
+                            .map_or(u64::MAX, |e| e);
+                        let n = left.min(usize::try_from(end - a).unwrap_or(usize::MAX)).max(1);
+                        out[done..done + n].fill(0xff);
+                        n
+                    }
+                },
             };
             done += n;
         }
+    }
+
+    /// The guest-physical ranges that hold memory as the CPU sees it, `(start, end)` by
+    /// address (QEMU's `guest_phys_blocks_append`, what a guest core dump covers): RAM
+    /// where no region is mapped over it, and every region that is memory (ROM, a RAM
+    /// BAR, the PAM's window); device registers (the VGA window) are left out.
+    pub fn guest_phys_blocks(&self) -> Vec<(u64, u64)> {
+        let view = self.system_memory.flat_view();
+        let mut blocks: Vec<(u64, u64, bool)> = Vec::new();
+        for region in self.ram().iter() {
+            let mut at = region.start_addr().0;
+            let end = at + region.len();
+            for r in view.ranges() {
+                let (start, stop) = (r.start(), r.last().saturating_add(1));
+                if stop <= at || start >= end {
+                    continue;
+                }
+                if start > at {
+                    blocks.push((at, start, true));
+                }
+                at = stop.min(end);
+            }
+            if at < end {
+                blocks.push((at, end, true));
+            }
+        }
+        for r in view.ranges().iter().filter(|r| r.region().is_memory()) {
+            blocks.push((r.start(), r.last().saturating_add(1), false));
+        }
+        blocks.sort_unstable();
+        // Pieces of RAM that touch are one block, as QEMU joins host-contiguous ones.
+        let mut merged: Vec<(u64, u64, bool)> = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            match merged.last_mut() {
+                Some(last) if last.2 && b.2 && last.1 == b.0 => last.1 = b.1,
+                _ => merged.push(b),
+            }
+        }
+        merged.into_iter().map(|(s, e, _)| (s, e)).collect()
     }
 
     /// Whether every byte of `[addr, addr + len)` is RAM or a mapped region (a device,

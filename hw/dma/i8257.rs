@@ -509,7 +509,7 @@ impl DeviceImpl for I8257 {
         };
         let dma = Arc::new(DmaController::new(dshift));
         let services = ctx.machine()?.clone();
-        let _ = dma.services.set(services);
+        let _ = dma.services.set(services.clone());
         let group = |kind, first, len, name| {
             let ops = Arc::new(DmaPorts { dma: dma.clone(), kind, first });
             MemoryRegion::new_io(name, len, ops)
@@ -522,6 +522,18 @@ impl DeviceImpl for I8257 {
             self.register_ioport(ctx, group(PortKind::PageHigh, 1, 3, "dma-pageh"), pageh + 1)?;
             self.register_ioport(ctx, group(PortKind::PageHigh, 7, 1, "dma-pageh"), pageh + 7)?;
         }
+        // A request the source VM left pending (its device waiting on a masked channel,
+        // or one served only in part) is served when the VM runs again, with every
+        // device's state in: QEMU's post_load re-arms a bottom half for it.
+        let weak = Arc::downgrade(&dma);
+        services.vm().add_change_handler(
+            0,
+            Arc::new(move |running, _| {
+                if let Some(dma) = weak.upgrade().filter(|_| running) {
+                    dma.run();
+                }
+            }),
+        );
         let _ = self.controller.set(dma);
         Ok(())
     }
@@ -541,9 +553,9 @@ impl DeviceImpl for I8257 {
         state.check_version(1, 1)?;
         let regs: Registers = state.get("registers")?;
         if let Some(dma) = self.controller.get() {
+            // Served when the VM runs (realize's change handler): the devices' own
+            // states may not be in yet.
             *dma.regs.lock() = regs;
-            // QEMU's post_load: serve what was requested.
-            dma.run();
         }
         Ok(())
     }

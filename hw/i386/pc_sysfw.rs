@@ -243,7 +243,7 @@ pub fn pc_system_firmware_init(
     })?;
     services
         .system_memory()
-        .map(base, MemoryRegion::new_io("pc.bios", size, Arc::new(RomOps(rom.clone()))))?;
+        .map(base, MemoryRegion::new_io_memory("pc.bios", size, Arc::new(RomOps(rom.clone()))))?;
     Ok(rom)
 }
 

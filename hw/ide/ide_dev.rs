@@ -186,6 +186,11 @@ impl IdeDevice {
                 if let Err(e) = backend.attach_dev(&qdev) {
                     return Err(err(IdeDeviceError::DriveInUse(e.to_string())));
                 }
+                if kind == DriveKind::Hd {
+                    // A disk may be resized (QEMU's `ide_resize_cb`): IDENTIFY reads the
+                    // size when asked; the geometry stays, as QEMU's.
+                    backend.set_resize_handler(Some(Arc::new(|| {})));
+                }
                 *self.medium.lock() = Some(backend.clone());
                 backend.id()
             }

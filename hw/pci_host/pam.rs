@@ -162,7 +162,7 @@ impl Pam {
         }
         services.system_memory().map(
             PAM_START,
-            MemoryRegion::new_io("pam", PAM_END - PAM_START, pam.state.clone()),
+            MemoryRegion::new_io_memory("pam", PAM_END - PAM_START, pam.state.clone()),
         )?;
         Ok(pam)
     }

@@ -67,6 +67,8 @@ impl Sense {
     pub const TARGET_FAILURE: Sense = Sense::new(0x04, 0x44, 0x00);
     /// Unit attention, power on, reset or bus device reset occurred.
     pub const RESET: Sense = Sense::new(0x06, 0x29, 0x00);
+    /// Unit attention, capacity data has changed (QEMU's `CAPACITY_CHANGED`).
+    pub const CAPACITY_CHANGED: Sense = Sense::new(0x06, 0x2a, 0x09);
 
     /// A sense of `key`, `asc`, `ascq`.
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Self {
@@ -318,7 +320,29 @@ pub trait ScsiLogicalUnit: Send + Sync {
     fn execute(&self, cdb: &[u8], data: &mut ScsiData<'_>) -> ScsiOutcome;
     /// A LUN, target or bus reset.
     fn reset(&self) {}
+    /// Makes `sense` the unit attention its next command reports (QEMU's
+    /// `scsi_device_set_ua`); a unit without unit attentions ignores it.
+    fn set_unit_attention(&self, _sense: Sense) {}
+    /// Whether its commands may wait for I/O limits (its drive is throttled).
+    fn throttled(&self) -> bool {
+        false
+    }
+    /// The drive its commands use now, if any (to lift its I/O limits during a drain).
+    fn drive(&self) -> Option<Arc<block::BlockBackend>> {
+        None
+    }
 }
+
+/// Commands a pending unit attention does not stop (QEMU's `scsi_req_new`).
+pub fn runs_under_unit_attention(opcode: u8) -> bool {
+    matches!(opcode, INQUIRY | REPORT_LUNS | GET_CONFIGURATION | GET_EVENT_STATUS_NOTIFICATION)
+}
+
+const GET_CONFIGURATION: u8 = 0x46;
+const GET_EVENT_STATUS_NOTIFICATION: u8 = 0x4a;
+
+/// How an adapter hears that a unit's parameters changed (QEMU's `SCSIBusInfo.change`).
+pub type ChangeHandler = Box<dyn Fn(ScsiAddress, Sense) + Send + Sync>;
 
 /// An address on the bus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -350,6 +374,8 @@ pub struct ScsiLuns {
     units: RwLock<Vec<PluggedUnit>>,
     /// Waits until no command of the adapter runs (its event loop's pass ends).
     drain: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Tells the adapter of a unit's changed parameters, where it has a way to.
+    change: OnceLock<ChangeHandler>,
 }
 
 /// A unit on the bus: its address, its device's id (or type), the unit.
@@ -385,6 +411,18 @@ impl ScsiLuns {
             .map(|p| p.unit.clone())
     }
 
+    /// Lifts every unit's I/O limits while the guards live (the adapter waiting for its
+    /// commands), so that commands waiting for them go at once.
+    pub fn lift_limits(&self) -> Vec<block::LimitsLifted> {
+        let drives: Vec<_> = self.units.read().iter().filter_map(|p| p.unit.drive()).collect();
+        drives.iter().map(|d| d.lift_limits()).collect()
+    }
+
+    /// Whether any unit's commands may wait for I/O limits.
+    pub fn any_throttled(&self) -> bool {
+        self.units.read().iter().any(|p| p.unit.throttled())
+    }
+
     /// Whether any unit answers at `channel`:`target`.
     pub fn has_target(&self, channel: u32, target: u32) -> bool {
         self.units
@@ -415,9 +453,30 @@ impl ScsiLuns {
     /// Takes the unit at `addr` off the bus; when this returns no command runs on it
     /// (its device may let its backend go).
     fn remove(&self, addr: ScsiAddress) {
+        // Its commands waiting for I/O limits go at once (QEMU's drain disables them): an
+        // unplug must not wait out a queue at 1 IOPS.
+        let _lifted = self
+            .find(addr)
+            .and_then(|unit| unit.drive())
+            .map(|drive| drive.lift_limits());
         self.units.write().retain(|p| p.addr != addr);
         if let Some(drain) = self.drain.get() {
             drain();
+        }
+    }
+
+    /// How the adapter tells its driver of a unit's changed parameters (set once).
+    pub fn set_change(&self, change: ChangeHandler) {
+        let _ = self.change.set(change);
+    }
+
+    /// QEMU's `scsi_device_report_change`: the unit at `addr` reports `sense` as a unit
+    /// attention, and the adapter tells its driver if it can.
+    pub fn report_change(&self, addr: ScsiAddress, sense: Sense) {
+        let Some(unit) = self.find(addr) else { return };
+        unit.set_unit_attention(sense);
+        if let Some(change) = self.change.get() {
+            change(addr, sense);
         }
     }
 
@@ -662,6 +721,19 @@ impl ScsiDevice {
         self.lun.set(addr.lun as i32);
         let _ = self.plugged.set((luns.clone(), addr));
         Ok(addr)
+    }
+
+    /// What reports a change of the unit's parameters (QEMU's
+    /// `scsi_device_report_change`), once plugged; it holds the bus weakly.
+    pub fn change_reporter(&self) -> Option<impl Fn(Sense) + Send + Sync + 'static> {
+        let (luns, addr) = self.plugged.get()?;
+        let luns = Arc::downgrade(luns);
+        let addr = *addr;
+        Some(move |sense| {
+            if let Some(luns) = luns.upgrade() {
+                luns.report_change(addr, sense);
+            }
+        })
     }
 
     /// The unit's address, once plugged.

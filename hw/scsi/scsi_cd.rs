@@ -18,7 +18,7 @@ use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::removable_media::{claim_medium, release_medium, tray_moved, RemovableMedia};
 use crate::scsi::scsi_bus::{
-    first_bytes, mode_sense_reply, with_bounce, ScsiData, ScsiLogicalUnit, ScsiOutcome, Sense,
+    first_bytes, mode_sense_reply, runs_under_unit_attention, with_bounce, ScsiData, ScsiLogicalUnit, ScsiOutcome, Sense,
     UnitIdentity,
 };
 use crate::scsi::scsi_disk::ScsiDiskBase;
@@ -48,7 +48,6 @@ mod op {
     pub const READ_DISC_INFORMATION: u8 = 0x51;
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
-    pub const REPORT_LUNS: u8 = 0xa0;
     pub const READ_12: u8 = 0xa8;
     pub const SET_CD_SPEED: u8 = 0xbb;
     pub const MECHANISM_STATUS: u8 = 0xbd;
@@ -104,14 +103,6 @@ fn runs_without_medium(opcode: u8) -> bool {
             | op::GET_EVENT_STATUS_NOTIFICATION
             | op::MECHANISM_STATUS
             | op::REQUEST_SENSE
-    )
-}
-
-/// Commands a pending unit attention does not stop (QEMU's `scsi_req_new`).
-fn runs_under_unit_attention(opcode: u8) -> bool {
-    matches!(
-        opcode,
-        op::INQUIRY | op::REPORT_LUNS | op::GET_CONFIGURATION | op::GET_EVENT_STATUS_NOTIFICATION
     )
 }
 
@@ -345,7 +336,15 @@ impl ScsiLogicalUnit for ScsiCdUnit {
 
     /// A reset reports itself to the next command (QEMU's `scsi_disk_reset`: a unit
     /// attention), and unlocks and closes the tray.
-    fn reset(&self) {
+fn throttled(&self) -> bool {
+        self.state.lock().medium.as_ref().is_some_and(|m| m.is_throttled())
+    }
+
+    fn drive(&self) -> Option<Arc<BlockBackend>> {
+        self.state.lock().medium.clone()
+    }
+
+        fn reset(&self) {
         let mut st = self.state.lock();
         st.tray_locked = false;
         st.tray_open = false;

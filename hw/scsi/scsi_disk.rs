@@ -15,8 +15,8 @@ use crate::core::qdev::{DeviceContext, DeviceImpl, RealizeError};
 use crate::core::vmstate::{VmStateError, VmStateSection};
 use crate::core::qdev_properties::OnOffAuto;
 use crate::scsi::scsi_bus::{
-    block_descriptor, first_bytes, mode_sense_reply, with_bounce, ScsiData, ScsiDevice, ScsiLogicalUnit, ScsiOutcome, Sense,
-    UnitIdentity,
+    block_descriptor, first_bytes, mode_sense_reply, runs_under_unit_attention, with_bounce, ScsiData, ScsiDevice,
+    ScsiLogicalUnit, ScsiOutcome, Sense, UnitIdentity,
 };
 
 
@@ -101,6 +101,9 @@ pub struct ScsiDisk {
     conf: ScsiDiskConf,
     /// The caching page's WCE bit: off means every write is flushed.
     write_cache: AtomicBool,
+    /// A unit attention for the next command (QEMU's `SCSIDevice::unit_attention`): a
+    /// resize's CAPACITY DATA HAS CHANGED.
+    unit_attention: parking_lot::Mutex<Option<Sense>>,
 }
 
 fn be16(b: &[u8], at: usize) -> u64 {
@@ -160,7 +163,11 @@ impl ScsiDisk {
     /// A disk over `conf`.
     pub fn new(conf: ScsiDiskConf) -> Self {
         let write_cache = AtomicBool::new(conf.write_cache);
-        ScsiDisk { conf, write_cache }
+        ScsiDisk {
+            conf,
+            write_cache,
+            unit_attention: parking_lot::Mutex::new(None),
+        }
     }
 
     fn blocks(&self) -> u64 {
@@ -615,6 +622,11 @@ impl ScsiLogicalUnit for ScsiDisk {
         if cdb.len() < 6 {
             return ScsiOutcome::Check(Sense::INVALID_FIELD);
         }
+        if !runs_under_unit_attention(opcode) {
+            if let Some(sense) = self.unit_attention.lock().take() {
+                return ScsiOutcome::Check(sense);
+            }
+        }
         match opcode {
             op::TEST_UNIT_READY | op::REZERO_UNIT | op::SEEK_6 | op::SEEK_10 | op::START_STOP
             | op::ALLOW_MEDIUM_REMOVAL => ScsiOutcome::Good { transferred: 0 },
@@ -637,6 +649,25 @@ impl ScsiLogicalUnit for ScsiDisk {
         }
     }
 
+    /// QEMU's `scsi_disk_reset` -> `scsi_device_purge_requests(SENSE_CODE(RESET))`: after a
+    /// LUN, target or bus reset (the adapter's, as at every boot) the next command but
+    /// INQUIRY, REPORT LUNS and REQUEST SENSE reports POWER ON, RESET, OR BUS DEVICE
+    /// RESET OCCURRED, in place of any unit attention still pending.
+    fn reset(&self) {
+        *self.unit_attention.lock() = Some(Sense::RESET);
+    }
+
+    fn set_unit_attention(&self, sense: Sense) {
+        *self.unit_attention.lock() = Some(sense);
+    }
+
+    fn throttled(&self) -> bool {
+        self.conf.backend.is_throttled()
+    }
+
+    fn drive(&self) -> Option<Arc<BlockBackend>> {
+        Some(self.conf.backend.clone())
+    }
 }
 
 /// QEMU's `TYPE_SCSI_DISK_BASE`, the abstract parent of `scsi-hd` and `scsi-cd`.
@@ -792,6 +823,11 @@ impl DeviceImpl for ScsiHd {
             backend.detach_dev();
             return Err(e);
         }
+        // QEMU's `scsi_disk_resize_cb`: a resized drive is a changed capacity, reported
+        // as a unit attention and to the adapter's driver.
+        if let Some(report) = self.parent.change_reporter() {
+            backend.set_resize_handler(Some(Arc::new(move || report(Sense::CAPACITY_CHANGED))));
+        }
         let _ = self.backend.set(backend);
         let _ = self.unit.set(unit);
         Ok(())
@@ -799,17 +835,30 @@ impl DeviceImpl for ScsiHd {
 
     /// The guest's write cache choice (MODE SELECT), as QEMU keeps it in its backend.
     fn save_state(&self) -> Result<VmStateSection, VmStateError> {
+        // The pending unit attention moves too (QEMU's `vmstate_scsi_device`), in a field
+        // a stream of before it lacks.
         let mut section = VmStateSection::new(1);
         let wce = self.unit.get().is_none_or(|u| u.write_cache.load(Ordering::Relaxed));
         section.put("wce", wce);
+        let ua = self
+            .unit
+            .get()
+            .and_then(|u| *u.unit_attention.lock())
+            .map(|s| [s.key, s.asc, s.ascq]);
+        section.put("unit_attention", ua);
         Ok(section)
     }
 
     fn load_state(&self, state: &VmStateSection) -> Result<(), VmStateError> {
         state.check_version(1, 1)?;
         let wce: bool = state.get("wce")?;
+        let ua: Option<[u8; 3]> = match state.get("unit_attention") {
+            Err(VmStateError::MissingField(_)) => None,
+            other => other?,
+        };
         if let Some(u) = self.unit.get() {
             u.write_cache.store(wce, Ordering::Relaxed);
+            *u.unit_attention.lock() = ua.map(|[key, asc, ascq]| Sense::new(key, asc, ascq));
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ use crate::core::dirty_log::DirtyTracker;
 use crate::core::iothread::{AioContext, AioHandlerId};
 use crate::core::thread_pool::{InFlight, ThreadPool};
 use crate::core::vmstate::{VmStateError, VmStateSection};
-use crate::scsi::scsi_bus::{Dispatch, ScsiAddress, ScsiBusInfo, ScsiData, ScsiLuns, ScsiOutcome};
+use crate::scsi::scsi_bus::{Dispatch, ScsiAddress, ScsiBusInfo, ScsiData, ScsiLuns, ScsiOutcome, Sense};
 use crate::virtio::virtio::{
     bit, chain_slices, device_id, drain_kick, feature, mark_chain_written, read_config_bytes, ActivateError, Activation,
     QueuePosition, RateLimitedLog, RingError, VirtioDevice, VirtioTransport,
@@ -31,6 +31,8 @@ use crate::virtio::virtio::{
 
 /// Feature bits (virtio 1.2, 5.6.3).
 const F_HOTPLUG: u32 = 1;
+/// `VIRTIO_SCSI_F_CHANGE`: the driver hears of units' changed parameters.
+const F_CHANGE: u32 = 2;
 
 /// The adapter's addressing (QEMU's `virtio_scsi_scsi_info`).
 pub const BUS_INFO: ScsiBusInfo = ScsiBusInfo {
@@ -84,6 +86,7 @@ mod ctrl {
 mod event {
     pub const NO_EVENT: u32 = 0;
     pub const TRANSPORT_RESET: u32 = 1;
+    pub const PARAM_CHANGE: u32 = 3;
     pub const EVENTS_MISSED: u32 = 0x8000_0000;
     pub const REASON_RESCAN: u32 = 1;
     pub const REASON_REMOVED: u32 = 2;
@@ -101,6 +104,8 @@ pub struct VirtioScsiConf {
     pub cmd_per_lun: u32,
     /// Offer `VIRTIO_SCSI_F_HOTPLUG`.
     pub hotplug: bool,
+    /// Offer `VIRTIO_SCSI_F_CHANGE` (`param_change`).
+    pub param_change: bool,
     /// Where requests are served.
     pub context: Arc<AioContext>,
 }
@@ -161,6 +166,7 @@ impl VirtioScsi {
     /// has its used entry.
     fn stop(&self) -> Option<Arc<Running>> {
         self.conf.context.remove_fds(&self.handlers);
+        let _lifted = self.luns.lift_limits();
         self.in_flight.drain();
         self.running.lock().take()
     }
@@ -200,6 +206,18 @@ impl VirtioScsi {
         let reason = if removed { event::REASON_REMOVED } else { event::REASON_RESCAN };
         running.push_event(event::TRANSPORT_RESET, Some(addr), reason);
     }
+
+    /// Tells a running driver that took `VIRTIO_SCSI_F_CHANGE` that the unit at `addr`
+    /// reported `sense` (QEMU's `virtio_scsi_change`: a `PARAM_CHANGE` event whose reason
+    /// is the sense's ASC and ASCQ). Linux rescans the unit on it.
+    pub fn notify_change(&self, addr: ScsiAddress, sense: Sense) {
+        let Some(running) = self.running.lock().clone() else { return };
+        if running.features & bit(F_CHANGE) == 0 {
+            return;
+        }
+        let reason = u32::from(sense.asc) | u32::from(sense.ascq) << 8;
+        running.push_event(event::PARAM_CHANGE, Some(addr), reason);
+    }
 }
 
 impl VirtioDevice for VirtioScsi {
@@ -222,6 +240,9 @@ impl VirtioDevice for VirtioScsi {
             | bit(feature::ANY_LAYOUT);
         if self.conf.hotplug {
             features |= bit(F_HOTPLUG);
+        }
+        if self.conf.param_change {
+            features |= bit(F_CHANGE);
         }
         features
     }
@@ -473,13 +494,16 @@ impl Running {
         // Control requests and a lone command with nothing in flight are served here (no
         // hand-off latency); commands in numbers go to the pool, so they wait on the disk
         // together.
-        if index == CONTROL || (chains.len() == 1 && self.in_flight.is_idle()) {
+        // Under I/O limits a command may wait: all go to the pool, so the event loop never
+        // waits for the limits.
+        let throttled = index != CONTROL && self.luns.any_throttled();
+        if index == CONTROL || (chains.len() == 1 && self.in_flight.is_idle() && !throttled) {
             for chain in chains {
                 self.serve_and_complete(served, chain);
             }
             return;
         }
-        let last = chains.pop();
+        let last = if throttled { None } else { chains.pop() };
         for chain in chains {
             self.in_flight.begin();
             let running = Arc::clone(self);
@@ -653,8 +677,9 @@ impl Running {
             return response::BAD_TARGET;
         }
         let unit = self.luns.find(addr);
-        // Commands on the pool finish before the function is answered: there is then no
-        // task left to abort, and a reset comes after them.
+        // Commands on the pool finish before the function is answered (past any I/O
+        // limits): there is then no task left to abort, and a reset comes after them.
+        let _lifted = self.luns.lift_limits();
         self.in_flight.drain();
         match subtype {
             ctrl::ABORT_TASK | ctrl::ABORT_TASK_SET | ctrl::CLEAR_TASK_SET | ctrl::QUERY_TASK

@@ -3,7 +3,11 @@
 //! its QOM face, so that `-global kvm-pit.lost_tick_policy=discard` reaches it. A pc
 //! machine with `pit=off` does not create it, and then has no PIT at all.
 
+use std::sync::{Arc, OnceLock};
+
 use qom::{type_init, Prop};
+
+use crate::core::accel_ops::AccelOpsRef;
 
 use crate::core::qdev::{DeviceCategory, DeviceContext, DeviceImpl, RealizeError};
 use crate::isa::isa_bus::IsaDevice;
@@ -30,6 +34,8 @@ pub struct KvmPit {
         desc = "What to do with ticks the guest missed: re-inject them (delay) or drop them"
     )]
     lost_tick_policy: Prop<LostTickPolicy>,
+    /// The accelerator holding the PIT, from realize on.
+    ops: OnceLock<AccelOpsRef>,
 }
 
 type_init!(KvmPit);
@@ -54,9 +60,36 @@ impl DeviceImpl for KvmPit {
             // KVM's PIT re-injects one tick per tick or drops them: no catching up.
             LostTickPolicy::Slew => return Err(RealizeError::device(UnsupportedPolicy)),
         };
-        if let Some(ops) = ctx.machine()?.accel_ops() {
-            ops.create_in_kernel_pit(reinject)?;
-        }
+        let services = ctx.machine()?;
+        let Some(ops) = services.accel_ops() else {
+            return Ok(());
+        };
+        ops.create_in_kernel_pit(reinject)?;
+        // QEMU resets the machine before it first runs: the PIT starts as its reset
+        // leaves it.
+        ops.reset_pit()?;
+        // QEMU's `kvm_pit_vm_state_change`: a VM that runs again starts channel 0's
+        // period afresh, without a burst of the ticks it missed while stopped.
+        let restart_ops = ops.clone();
+        services.vm().add_change_handler(
+            0,
+            Arc::new(move |running, _| {
+                if running {
+                    if let Err(e) = restart_ops.reload_pit() {
+                        log::warn!("kvm-pit: {e}");
+                    }
+                }
+            }),
+        );
+        let _ = self.ops.set(ops.clone());
         Ok(())
+    }
+
+    fn reset(&self) {
+        if let Some(ops) = self.ops.get() {
+            if let Err(e) = ops.reset_pit() {
+                log::warn!("kvm-pit: {e}");
+            }
+        }
     }
 }

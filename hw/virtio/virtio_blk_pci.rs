@@ -176,7 +176,9 @@ impl VirtioPciImpl for VirtioBlkPci {
                     .map(|p| format!("{p}/virtio-backend")),
             )
             .map_err(RealizeError::device)?;
-        Ok(Arc::new(VirtioBlk::new(conf)))
+        let blk = Arc::new(VirtioBlk::new(conf));
+        blk.watch_resize();
+        Ok(blk)
     }
 }
 

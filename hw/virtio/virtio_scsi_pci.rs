@@ -45,7 +45,7 @@ pub struct VirtioScsiPci {
     cmd_per_lun: Prop<u32>,
     #[property(default = true, desc = "Tell the driver of units plugged in or out")]
     hotplug: Prop<bool>,
-    #[property(name = "param_change", default = true, desc = "Parameter change events (none are sent)")]
+    #[property(name = "param_change", default = true, desc = "Tell the driver of units whose parameters changed")]
     param_change: Prop<bool>,
     #[property(desc = "ID of the iothread serving requests (default: the main loop)")]
     iothread: Prop<Option<String>>,
@@ -145,6 +145,7 @@ impl VirtioPciImpl for VirtioScsiPci {
                 max_sectors: self.max_sectors.get(),
                 cmd_per_lun: self.cmd_per_lun.get(),
                 hotplug: self.hotplug.get(),
+                param_change: self.param_change.get(),
                 context,
             },
             luns.clone(),
@@ -157,6 +158,12 @@ impl VirtioPciImpl for VirtioScsiPci {
         if let Some(bus) = bus.downcast::<BusState>() {
             bus.set_hotplug_handler(Some(ctx.object()));
         }
+        let weak = Arc::downgrade(&scsi);
+        luns.set_change(Box::new(move |addr, sense| {
+            if let Some(scsi) = weak.upgrade() {
+                scsi.notify_change(addr, sense);
+            }
+        }));
         let _ = self.scsi.set(scsi.clone());
         Ok(scsi)
     }

@@ -89,6 +89,12 @@ pub fn getfd(queue: Option<&FdQueue>, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The oldest descriptor the client sent and no command took yet (QEMU's
+/// `qemu_chr_fe_get_msgfd`), for `add-fd`.
+pub fn take_received(queue: Option<&FdQueue>) -> Option<OwnedFd> {
+    queue.and_then(|q| q.lock().pop_front())
+}
+
 /// QEMU's `qmp_closefd`.
 pub fn closefd(name: &str) -> Result<(), String> {
     NAMED

@@ -99,6 +99,60 @@ const COMMANDS: &[HmpCommand] = &[
         },
     },
     HmpCommand {
+        names: "block_resize",
+        params: "device size",
+        help: "resize a block image",
+        run: |_, _, args, out| {
+            let device = args.first().ok_or_else(|| missing("device"))?;
+            // QEMU's 'o' argument (`qemu_strtosz_MiB`): a bare number is MiB.
+            let size = args.get(1).and_then(|s| {
+                let bare = s.trim().chars().all(|c| c.is_ascii_digit() || c == '.');
+                let text = if bare { format!("{s}M") } else { s.to_string() };
+                qom::parse_size(&text).filter(|&n| n <= i64::MAX as u64)
+            });
+            let Some(size) = size else {
+                out.push_str("invalid size\nTry \"help block_resize\" for more information\n");
+                return Ok(());
+            };
+            let mut qmp_args = serde_json::Map::new();
+            qmp_args.insert("device".into(), (*device).into());
+            qmp_args.insert("size".into(), size.into());
+            super::qmp_block::qmp_block_resize(&qmp_args).map(drop)
+        },
+    },
+    HmpCommand {
+        names: "block_set_io_throttle",
+        params: "device bps bps_rd bps_wr iops iops_rd iops_wr",
+        help: "change I/O throttle limits for a block drive",
+        run: |_, _, args, out| {
+            let names = ["device", "bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"];
+            let mut qmp_args = serde_json::Map::new();
+            for (i, name) in names.iter().enumerate() {
+                let Some(text) = args.get(i) else {
+                    return Err(missing(name));
+                };
+                if i == 0 {
+                    // QEMU's hmp: a name no drive has is a device id.
+                    let key = if block::backends().iter().any(|b| b.id() == *text)
+                        || block::is_empty_drive(text)
+                    {
+                        "device"
+                    } else {
+                        "id"
+                    };
+                    qmp_args.insert(key.into(), (*text).into());
+                    continue;
+                }
+                let Ok(value) = text.parse::<i64>() else {
+                    out.push_str("invalid char in expression\nTry \"help block_set_io_throttle\" for more information\n");
+                    return Ok(());
+                };
+                qmp_args.insert((*name).into(), value.into());
+            }
+            super::qmp_block::qmp_block_set_io_throttle(&qmp_args).map(drop)
+        },
+    },
+    HmpCommand {
         names: "eject",
         params: "[-f] device",
         help: "eject a removable medium (use -f to force it)",
@@ -260,6 +314,39 @@ const COMMANDS: &[HmpCommand] = &[
             crate::migration::migrate(&ctx.vm.machine, uri, &crate::monitor::fds::take)?;
             Ok(())
         },
+    },
+    HmpCommand {
+        names: "memsave",
+        params: "addr size file",
+        help: "save to disk virtual memory dump starting at 'addr' of size 'size'",
+        run: |ctx, hmp, args, _| {
+            // QEMU's hmp_memsave: through the monitor's current CPU.
+            let (addr, size, file) = save_args(args)?;
+            run_qmp(
+                ctx,
+                "memsave",
+                serde_json::json!({"val": addr, "size": size, "filename": file, "cpu-index": hmp.cpu_index}),
+            )
+        },
+    },
+    HmpCommand {
+        names: "pmemsave",
+        params: "addr size file",
+        help: "save to disk physical memory dump starting at 'addr' of size 'size'",
+        run: |ctx, _, args, _| {
+            let (addr, size, file) = save_args(args)?;
+            run_qmp(
+                ctx,
+                "pmemsave",
+                serde_json::json!({"val": addr, "size": size, "filename": file}),
+            )
+        },
+    },
+    HmpCommand {
+        names: "dump-guest-memory",
+        params: "[-p] [-d] [-z|-l|-s|-w] filename [begin length]",
+        help: "dump guest memory into file 'filename'",
+        run: dump_guest_memory,
     },
     HmpCommand {
         names: "migrate_cancel",
@@ -485,6 +572,23 @@ const INFO_COMMANDS: &[HmpCommand] = &[
         params: "",
         help: "show memory tree",
         run: info_mtree,
+    },
+    HmpCommand {
+        names: "dump",
+        params: "",
+        help: "Display the latest dump status",
+        run: |_, _, _, out| {
+            // QEMU's hmp_info_dump.
+            let q = crate::dump::query();
+            let status = q["status"].as_str().unwrap_or_default();
+            let _ = writeln!(out, "Status: {status}");
+            let total = q["total"].as_u64().unwrap_or(0);
+            if status == "active" && total != 0 {
+                let done = q["completed"].as_u64().unwrap_or(0);
+                let _ = writeln!(out, "Finished: {:.2} %", 100.0 * done as f64 / total as f64);
+            }
+            Ok(())
+        },
     },
     HmpCommand {
         names: "migrate",
@@ -861,10 +965,38 @@ fn print_block_details(out: &mut String, inserted: &serde_json::Value) {
             inserted["backing_file_depth"]
         );
     }
+    let detect_zeroes = inserted["detect_zeroes"].as_str().unwrap_or("off");
+    if detect_zeroes != "off" {
+        let _ = writeln!(out, "    Detect zeroes:    {detect_zeroes}");
+    }
+    let n = |key: &str| inserted[key].as_u64().unwrap_or(0);
+    if ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"]
+        .iter()
+        .any(|k| n(k) != 0)
+    {
+        let _ = writeln!(
+            out,
+            "    I/O throttling:   bps={} bps_rd={} bps_wr={} bps_max={} bps_rd_max={} bps_wr_max={} iops={} iops_rd={} iops_wr={} iops_max={} iops_rd_max={} iops_wr_max={} iops_size={} group={}",
+            n("bps"),
+            n("bps_rd"),
+            n("bps_wr"),
+            n("bps_max"),
+            n("bps_rd_max"),
+            n("bps_wr_max"),
+            n("iops"),
+            n("iops_rd"),
+            n("iops_wr"),
+            n("iops_max"),
+            n("iops_rd_max"),
+            n("iops_wr_max"),
+            n("iops_size"),
+            inserted["group"].as_str().unwrap_or_default()
+        );
+    }
 }
 
 /// QEMU's `info block`: the named backends (or, with `-n`, every node), a blank line
-/// between entries.
+/// before each entry but the list's first (also when a device is picked out of it).
 fn info_block(
     _: &CommandCtx,
     _: &mut HmpState,
@@ -873,25 +1005,26 @@ fn info_block(
 ) -> Result<(), QmpError> {
     let nodes = args.contains(&"-n");
     let device = args.iter().find(|a| !a.starts_with('-')).copied();
-    let mut first = true;
-    let mut sep = |out: &mut String| {
-        if !std::mem::take(&mut first) {
-            out.push('\n');
-        }
-    };
     if nodes {
-        for node in crate::monitor::info::named_block_nodes() {
-            if device.is_none_or(|d| node["node-name"] == d) {
-                sep(out);
-                print_block_info(out, None, &node);
+        // QEMU 7.2's hmp_info_block returns before the node list when a name is given:
+        // `info block -n NAME` prints nothing.
+        if device.is_some() {
+            return Ok(());
+        }
+        for (i, node) in crate::monitor::info::named_block_nodes().iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
             }
+            print_block_info(out, None, node);
         }
         return Ok(());
     }
-    for info in crate::monitor::info::block_infos() {
+    for (i, info) in crate::monitor::info::block_infos().iter().enumerate() {
         if device.is_none_or(|d| info["device"] == d) {
-            sep(out);
-            print_block_info(out, Some(&info), &info["inserted"]);
+            if i > 0 {
+                out.push('\n');
+            }
+            print_block_info(out, Some(info), &info["inserted"]);
         }
     }
     Ok(())
@@ -1149,11 +1282,20 @@ fn info_registers(
 /// Runs the QMP command `name` without arguments: the HMP `info` commands print what it
 /// returns, as QEMU's call their `qmp_query_*`.
 fn query(ctx: &CommandCtx, name: &str) -> Result<serde_json::Value, QmpError> {
+    call_qmp(ctx, name, &serde_json::Map::new())
+}
+
+/// Runs the QMP command `name` with `args`.
+fn call_qmp(
+    ctx: &CommandCtx,
+    name: &str,
+    args: &serde_json::Map<String, serde_json::Value>,
+) -> Result<serde_json::Value, QmpError> {
     let cmd = qmp_cmds::COMMANDS
         .iter()
         .find(|c| c.name == name)
         .ok_or_else(|| QmpError::CommandNotFound(name.to_string()))?;
-    (cmd.run)(ctx, &serde_json::Map::new())
+    (cmd.run)(ctx, args)
 }
 
 /// QEMU's `hmp_info_chardev`: `LABEL: filename=FILENAME` per chardev.
@@ -1377,20 +1519,8 @@ fn page_walk(
             return;
         }
     };
-    let read = debug_reader(ms.services());
+    let read = crate::monitor::x86_paging::debug_reader(ms.services());
     out.push_str(&walk(&regs, &read));
-}
-
-/// Guest-physical reads for the monitor's page walks: what nothing maps reads as zeroes,
-/// as QEMU's unassigned memory does.
-fn debug_reader(services: &hw::core::services::MachineServices) -> impl Fn(u64, &mut [u8]) + '_ {
-    move |addr, buf| {
-        if services.is_assigned(addr, buf.len() as u64) {
-            services.read_physical(addr, buf);
-        } else {
-            buf.fill(0);
-        }
-    }
 }
 
 /// QEMU's `hmp_info_local_apic`: the local APIC of the CPU whose APIC ID is given (QEMU's
@@ -1834,6 +1964,79 @@ fn dump_format<'a>(args: &'a [&'a str]) -> Result<(DumpFormat, &'a [&'a str]), Q
     ))
 }
 
+/// `memsave`'s and `pmemsave`'s `addr size file` (QEMU's `val:l,size:i,filename:s`).
+fn save_args<'a>(args: &[&'a str]) -> Result<(i64, i64, &'a str), QmpError> {
+    let addr = int_arg(args, "val")? as i64;
+    let size = int_arg(args.get(1..).unwrap_or_default(), "size")? as i64;
+    let file = args.get(2).ok_or_else(|| missing("filename"))?;
+    Ok((addr, size, file))
+}
+
+/// Runs QMP command `name` with `args` for an HMP command that prints nothing on success.
+fn run_qmp(ctx: &CommandCtx, name: &str, args: serde_json::Value) -> Result<(), QmpError> {
+    let serde_json::Value::Object(map) = args else {
+        return Err(QmpError::Failed(format!("{name}: arguments are no object")));
+    };
+    call_qmp(ctx, name, &map).map(|_| ())
+}
+
+/// QEMU's `hmp_dump_guest_memory`: `file:FILENAME`, the flags as QMP's `paging`,
+/// `detach` and `format`, and `begin length` as a pair.
+fn dump_guest_memory(
+    ctx: &CommandCtx,
+    _: &mut HmpState,
+    args: &[&str],
+    _: &mut String,
+) -> Result<(), QmpError> {
+    let flags: Vec<&str> = args
+        .iter()
+        .copied()
+        .take_while(|a| a.starts_with('-'))
+        .collect();
+    let rest = &args[flags.len()..];
+    let formats: Vec<&str> = flags
+        .iter()
+        .filter_map(|f| match *f {
+            "-z" => Some("kdump-zlib"),
+            "-l" => Some("kdump-lzo"),
+            "-s" => Some("kdump-snappy"),
+            "-w" => Some("win-dmp"),
+            _ => None,
+        })
+        .collect();
+    if formats.len() > 1 {
+        return Err(QmpError::Failed(
+            "only one of '-z|-l|-s|-w' can be set".into(),
+        ));
+    }
+    if let Some(bad) = flags
+        .iter()
+        .find(|f| !matches!(**f, "-p" | "-d" | "-z" | "-l" | "-s" | "-w"))
+    {
+        return Err(QmpError::Failed(format!("invalid option '{bad}'")));
+    }
+    let file = rest.first().ok_or_else(|| missing("filename"))?;
+    let begin = match rest.get(1) {
+        Some(_) => Some(int_arg(&rest[1..], "begin")?),
+        None => None,
+    };
+    let length = match rest.get(2) {
+        Some(_) => Some(int_arg(&rest[2..], "length")?),
+        None => None,
+    };
+    let protocol = format!("file:{file}");
+    let request = crate::dump::DumpRequest {
+        protocol: &protocol,
+        paging: flags.contains(&"-p"),
+        begin,
+        length,
+        detach: flags.contains(&"-d"),
+        format: Some(formats.first().copied().unwrap_or("elf")),
+    };
+    crate::dump::dump_guest_memory(&ctx.vm.machine, &request, &crate::monitor::fds::take)
+        .map_err(|e| QmpError::Failed(e.to_string()))
+}
+
 /// An HMP integer argument (QEMU's `addr:i`/`addr:l`: decimal, `0x` hex or `0` octal).
 fn int_arg(args: &[&str], name: &str) -> Result<u64, QmpError> {
     let text = args.first().ok_or_else(|| missing(name))?;
@@ -1862,6 +2065,21 @@ fn x(
     memory_dump(ctx, hmp, args, out, true)
 }
 
+/// The monitor's current CPU's paging registers. QEMU's debug walks go over them (read on
+/// the CPU's thread) and guest memory, not through the CPU's own translation: they ignore
+/// reserved bits, as QEMU's do.
+fn current_paging_registers(
+    ctx: &CommandCtx,
+    hmp: &HmpState,
+) -> Result<hw::core::accel_ops::PagingRegisters, QmpError> {
+    ctx.vm
+        .machine_state()
+        .accel_ops()
+        .ok_or_else(|| QmpError::Failed("Can not dump without CPU".into()))?
+        .paging_registers(hmp.cpu_index)
+        .map_err(|e| QmpError::Failed(e.to_string()))
+}
+
 /// The guest-physical page of each virtual page from `addr` for `len` bytes, as the
 /// monitor's current CPU maps them.
 fn virtual_pages(
@@ -1871,17 +2089,10 @@ fn virtual_pages(
     len: u64,
 ) -> Result<Vec<(u64, Option<u64>)>, QmpError> {
     let ms = ctx.vm.machine_state();
-    let ops = ms
-        .accel_ops()
-        .ok_or_else(|| QmpError::Failed("Can not dump without CPU".into()))?;
     let first = addr & !PAGE_MASK;
     let count = ((addr & PAGE_MASK) + len).div_ceil(PAGE_MASK + 1);
-    // QEMU's debug walk over the CPU's paging registers (read on its thread) and guest
-    // memory, not the CPU's own translation: it ignores reserved bits, as QEMU's does.
-    let regs = ops
-        .paging_registers(hmp.cpu_index)
-        .map_err(|e| QmpError::Failed(e.to_string()))?;
-    let read = debug_reader(ms.services());
+    let regs = current_paging_registers(ctx, hmp)?;
+    let read = crate::monitor::x86_paging::debug_reader(ms.services());
     Ok((0..count)
         .map(|i| {
             let page = first.wrapping_add(i * (PAGE_MASK + 1));
@@ -1929,38 +2140,23 @@ fn memory_dump(
         _ => bits / 4,
     } as usize;
     let services = ctx.vm.machine_state().services();
-    let pages = if is_virtual {
-        virtual_pages(ctx, hmp, addr, len)?
+    let regs = if is_virtual {
+        Some(current_paging_registers(ctx, hmp)?)
     } else {
-        Vec::new()
+        None
     };
+    let phys = crate::monitor::x86_paging::debug_reader(services);
+    let assigned = |at: u64, len: u64| services.is_assigned(at, len);
     // Reads `buf.len()` bytes at `at` (virtual or physical), or says it cannot.
     let read = |at: u64, buf: &mut [u8]| -> bool {
-        if !is_virtual {
-            if !services.is_assigned(at, buf.len() as u64) {
-                return false;
+        match &regs {
+            Some(regs) => crate::monitor::x86_paging::read_virtual(regs, &phys, &assigned, at, buf),
+            None if !assigned(at, buf.len() as u64) => false,
+            None => {
+                services.read_physical(at, buf);
+                true
             }
-            services.read_physical(at, buf);
-            return true;
         }
-        let mut done = 0;
-        while done < buf.len() {
-            let va = at.wrapping_add(done as u64);
-            let n = (buf.len() - done).min((PAGE_MASK + 1 - (va & PAGE_MASK)) as usize);
-            let page = va & !PAGE_MASK;
-            let Some(gpa) = pages.iter().find(|(p, _)| *p == page).and_then(|(_, g)| *g) else {
-                return false;
-            };
-            // A page mapped to memory nothing backs cannot be read either, as in QEMU's
-            // `cpu_memory_rw_debug`.
-            let at = gpa + (va & PAGE_MASK);
-            if !services.is_assigned(at, n as u64) {
-                return false;
-            }
-            services.read_physical(at, &mut buf[done..done + n]);
-            done += n;
-        }
-        true
     };
     let mut at = addr;
     let mut buf = [0u8; 16];

@@ -144,6 +144,7 @@ fn block_device_info(
     drv: &str,
     ro: bool,
     image: Value,
+    limits: Option<&(String, block::throttle::ThrottleConfig)>,
 ) -> Value {
     let cache = backend.options().cache;
     let mut v = json!({
@@ -163,10 +164,39 @@ fn block_device_info(
     v["backing_file_depth"] = depth.into();
     v["encrypted"] = false.into();
     v["detect_zeroes"] = backend.options().detect_zeroes.name().into();
-    for key in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
-        v[key] = 0.into();
+    use block::throttle::Bucket::*;
+    // QEMU's order: the averages, the image, then what is set of the bursts, the
+    // operation size and the group.
+    let buckets = [
+        ("bps", BpsTotal),
+        ("bps_rd", BpsRead),
+        ("bps_wr", BpsWrite),
+        ("iops", OpsTotal),
+        ("iops_rd", OpsRead),
+        ("iops_wr", OpsWrite),
+    ];
+    for (key, bucket) in buckets {
+        v[key] = limits.map_or(0, |(_, c)| c.bucket(bucket).avg).into();
     }
     v["image"] = image;
+    if let Some((group, config)) = limits {
+        for (key, bucket) in buckets {
+            let max = config.bucket(bucket).max;
+            if max != 0 {
+                v[format!("{key}_max")] = max.into();
+            }
+        }
+        for (key, bucket) in buckets {
+            let b = config.bucket(bucket);
+            if b.max != 0 {
+                v[format!("{key}_max_length")] = b.burst_length.into();
+            }
+        }
+        if config.op_size != 0 {
+            v["iops_size"] = config.op_size.into();
+        }
+        v["group"] = group.clone().into();
+    }
     v["write_threshold"] = 0.into();
     v["cache"] = json!({
         "writeback": cache.writeback(),
@@ -180,6 +210,8 @@ fn block_device_info(
 fn inserted_info(backend: &block::BlockBackend) -> Value {
     let info = backend.image_info();
     let mut image = image_info_json(info);
+    // The size now (`block_resize` changes it), not at open.
+    image["virtual-size"] = backend.size().into();
     if backend.driver_name() == "file" {
         image["format"] = "file".into();
     }
@@ -190,6 +222,7 @@ fn inserted_info(backend: &block::BlockBackend) -> Value {
         backend.driver_name(),
         backend.is_read_only(),
         image,
+        backend.io_limits().as_ref(),
     )
 }
 
@@ -437,18 +470,24 @@ pub fn named_block_nodes() -> Vec<Value> {
         let mut layer = Some(b.image_info());
         let mut ro = b.is_read_only();
         while let Some(info) = layer {
-            let node_name = if std::ptr::eq(info, b.image_info()) {
+            let top = std::ptr::eq(info, b.image_info());
+            let node_name = if top {
                 b.node_name().to_string()
             } else {
                 info.node_name.clone()
             };
+            let mut image = image_info_json(info);
+            if top {
+                image["virtual-size"] = b.size().into();
+            }
             nodes.push(block_device_info(
                 &b,
                 info,
                 &node_name,
                 info.format.name(),
                 ro,
-                image_info_json(info),
+                image,
+                None,
             ));
             let size = std::fs::metadata(&info.filename).map_or(0, |m| m.len());
             let mut file_image = json!({"filename": info.filename, "format": "file"});
@@ -465,6 +504,7 @@ pub fn named_block_nodes() -> Vec<Value> {
                 "file",
                 ro,
                 file_image,
+                None,
             ));
             layer = info.backing.as_deref();
             ro = true;

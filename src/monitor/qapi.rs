@@ -369,6 +369,13 @@ pub const EVENTS: &[QmpEvent] = &[
         data: &[Arg::required("status", ArgType::Enum(&MIGRATION_STATUS))],
     },
     QmpEvent {
+        name: "DUMP_COMPLETED",
+        data: &[
+            Arg::required("result", ArgType::Any),
+            Arg::optional("error", ArgType::Str),
+        ],
+    },
+    QmpEvent {
         name: "MIGRATION_PASS",
         data: &[Arg::required("pass", ArgType::Int)],
     },

@@ -168,13 +168,24 @@ fn close_tray(blk: &Blk, name: &str) -> Result<(), QmpError> {
 
 /// QEMU's `blockdev_remove_medium`: the medium leaves the drive (closed if the drive
 /// owned it, back to the monitor if it was a `-blockdev` node).
+/// The I/O limits of removable-media drives whose medium was taken out, by the device's
+/// QOM path, for the next medium: QEMU keeps them on the drive (its `BlockBackend`),
+/// which in qomvm is the medium.
+static DRIVE_LIMITS: parking_lot::Mutex<
+    std::collections::BTreeMap<String, (String, block::throttle::ThrottleConfig)>,
+> = parking_lot::Mutex::new(std::collections::BTreeMap::new());
+
 fn remove_medium(blk: &Blk, name: &str) -> Result<(), QmpError> {
     match blk {
         Blk::Fixed => Err(failed(format!("Device '{name}' is not removable"))),
-        Blk::Removable(_) => {
+        Blk::Removable(dev) => {
             let media = blk.media().expect("a removable device");
             if media.has_tray() && !media.is_tray_open() {
                 return Err(failed(format!("Tray of device '{name}' is not open")));
+            }
+            if let Some(limits) = media.medium().and_then(|m| m.io_limits()) {
+                let path = dev.canonical_path().unwrap_or_default();
+                DRIVE_LIMITS.lock().insert(path, limits);
             }
             media.remove_medium();
             if !media.has_tray() {
@@ -206,7 +217,7 @@ pub fn qmp_blockdev_remove_medium(args: &Map<String, Value>) -> Result<Value, Qm
 fn insert_medium(blk: &Blk, medium: Arc<BlockBackend>) -> Result<(), QmpError> {
     match blk {
         Blk::Fixed => Err(failed("Device is not removable".into())),
-        Blk::Removable(_) => {
+        Blk::Removable(dev) => {
             let media = blk.media().expect("a removable device");
             if media.has_tray() && !media.is_tray_open() {
                 return Err(failed("Tray of the device is not open".into()));
@@ -215,8 +226,12 @@ fn insert_medium(blk: &Blk, medium: Arc<BlockBackend>) -> Result<(), QmpError> {
                 return Err(failed("There already is a medium in the device".into()));
             }
             media
-                .insert_medium(medium)
+                .insert_medium(medium.clone())
                 .map_err(|e| failed(e.to_string()))?;
+            let path = dev.canonical_path().unwrap_or_default();
+            if let Some((group, config)) = DRIVE_LIMITS.lock().remove(&path) {
+                medium.set_io_limits(&group, false, config);
+            }
             if !media.has_tray() {
                 change_media(media, true);
             }
@@ -314,4 +329,132 @@ pub fn qmp_blockdev_del(args: &Map<String, Value>) -> Result<Value, QmpError> {
     let node_name = str_arg(args, "node-name").unwrap_or_default();
     block::delete_node(node_name).map_err(|e| failed(e.to_string()))?;
     Ok(json!({}))
+}
+
+/// QEMU's `qmp_block_resize`: the image behind backend `device` or node `node-name` changes
+/// to `size` bytes (`bdrv_lookup_bs`'s lookup and messages, then `blk_co_truncate`'s).
+pub fn qmp_block_resize(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let device = str_arg(args, "device");
+    let node_name = str_arg(args, "node-name");
+    let size = args.get("size").and_then(Value::as_i64).unwrap_or(-1);
+    let mut backend = None;
+    if let Some(name) = device {
+        if let Some(b) = block::backends().into_iter().find(|b| b.id() == name) {
+            backend = Some(b);
+        } else if block::is_empty_drive(name) {
+            return Err(failed(format!("Device '{name}' has no medium")));
+        }
+    }
+    if backend.is_none() {
+        if let Some(name) = node_name {
+            backend = block::backends()
+                .into_iter()
+                .find(|b| b.node_name() == name);
+        }
+    }
+    let Some(backend) = backend else {
+        return Err(failed(format!(
+            "Cannot find device='{}' nor node-name='{}'",
+            device.unwrap_or(""),
+            node_name.unwrap_or("")
+        )));
+    };
+    let size = u64::try_from(size)
+        .map_err(|_| failed("Parameter 'size' expects a >0 size".to_string()))?;
+    backend.truncate(size).map_err(|e| failed(e.to_string()))?;
+    Ok(Value::Object(Map::new()))
+}
+
+/// The backend `device` or `id` names, with its medium (QEMU's `qmp_get_blk` then
+/// `blk_bs`): a drive without one is "Device has no medium".
+fn blk_backend(device: Option<&str>, id: Option<&str>) -> Result<Arc<BlockBackend>, QmpError> {
+    // libvirt names a disk by the path query-block reports as its `qdev`, which for a
+    // virtio disk is the proxy's inner device (`.../virtio-backend`).
+    if let (None, Some(id)) = (device, id) {
+        let attached = block::backends()
+            .into_iter()
+            .find(|b| b.attached_dev().as_deref() == Some(id));
+        if let Some(backend) = attached {
+            return Ok(backend);
+        }
+    }
+    let (blk, name) = get_blk(device, id)?;
+    let medium = match blk {
+        Blk::Removable(dev) => dev
+            .interface::<dyn RemovableMedia>()
+            .and_then(|m| m.medium()),
+        Blk::Deviceless(_, backend) => backend,
+        Blk::Fixed => {
+            let path = id
+                .and_then(device_by_qdev)
+                .and_then(|d| d.canonical_path())
+                .unwrap_or_default();
+            block::backends().into_iter().find(|b| match id {
+                Some(id) => b.attached_dev().is_some_and(|q| q == id || q == path),
+                None => b.id() == name,
+            })
+        }
+    };
+    medium.ok_or_else(|| failed("Device has no medium".to_string()))
+}
+
+/// QEMU's `qmp_block_set_io_throttle`: the I/O limits of the drive `device` or of device
+/// `id` (libvirt's `<iotune>` and `virsh blkdeviotune`, OpenStack's disk QoS). All zero
+/// takes the drive out of its throttle group.
+pub fn qmp_block_set_io_throttle(args: &Map<String, Value>) -> Result<Value, QmpError> {
+    use block::throttle::{Bucket, ThrottleConfig};
+    let backend = blk_backend(str_arg(args, "device"), str_arg(args, "id"))?;
+    let int = |name: &str| args.get(name).and_then(Value::as_i64);
+    let mut config = ThrottleConfig::default();
+    // QAPI's int in QEMU's int64_t/uint64_t: a negative value is out of range, which the
+    // validation says in its turn (after the conflicts).
+    let rate = |v: i64| v as u64;
+    for (bucket, avg, max, length) in [
+        (Bucket::BpsTotal, "bps", "bps_max", "bps_max_length"),
+        (Bucket::BpsRead, "bps_rd", "bps_rd_max", "bps_rd_max_length"),
+        (
+            Bucket::BpsWrite,
+            "bps_wr",
+            "bps_wr_max",
+            "bps_wr_max_length",
+        ),
+        (Bucket::OpsTotal, "iops", "iops_max", "iops_max_length"),
+        (
+            Bucket::OpsRead,
+            "iops_rd",
+            "iops_rd_max",
+            "iops_rd_max_length",
+        ),
+        (
+            Bucket::OpsWrite,
+            "iops_wr",
+            "iops_wr_max",
+            "iops_wr_max_length",
+        ),
+    ] {
+        let b = config.bucket_mut(bucket);
+        b.avg = rate(int(avg).unwrap_or(0));
+        if let Some(max) = int(max) {
+            b.max = rate(max);
+        }
+        if let Some(length) = int(length) {
+            // QAPI's int stored in QEMU's uint64_t.
+            b.burst_length = length as u64;
+        }
+    }
+    if let Some(size) = int("iops_size") {
+        config.op_size = size as u64;
+    }
+    config.validate().map_err(failed)?;
+    let group = str_arg(args, "group");
+    if config.enabled() {
+        let name = group
+            .or(str_arg(args, "device"))
+            .or(str_arg(args, "id"))
+            .unwrap_or_default();
+        backend.set_io_limits(name, group.is_some(), config);
+    } else {
+        backend.disable_io_limits();
+    }
+    Ok(Value::Object(Map::new()))
 }

@@ -95,6 +95,22 @@ pub const COMMANDS: &[QmpCommand] = &[
         },
     },
     QmpCommand {
+        name: "add-fd",
+        args: &[
+            Arg::optional("fdset-id", ArgType::Int),
+            Arg::optional("opaque", ArgType::Str),
+        ],
+        run: qmp_add_fd,
+    },
+    QmpCommand {
+        name: "remove-fd",
+        args: &[
+            Arg::required("fdset-id", ArgType::Int),
+            Arg::optional("fd", ArgType::Int),
+        ],
+        run: qmp_remove_fd,
+    },
+    QmpCommand {
         name: "closefd",
         args: &[Arg::required("fdname", ArgType::Str)],
         run: |_, args| {
@@ -255,6 +271,43 @@ pub const COMMANDS: &[QmpCommand] = &[
         name: "blockdev-del",
         args: &[Arg::required("node-name", ArgType::Str)],
         run: |_, args| qmp_block::qmp_blockdev_del(args),
+    },
+    QmpCommand {
+        name: "block_resize",
+        args: &[
+            Arg::optional("device", ArgType::Str),
+            Arg::optional("node-name", ArgType::Str),
+            Arg::required("size", ArgType::Int),
+        ],
+        run: |_, args| qmp_block::qmp_block_resize(args),
+    },
+    QmpCommand {
+        name: "block_set_io_throttle",
+        args: &[
+            Arg::optional("device", ArgType::Str),
+            Arg::optional("id", ArgType::Str),
+            Arg::required("bps", ArgType::Int),
+            Arg::required("bps_rd", ArgType::Int),
+            Arg::required("bps_wr", ArgType::Int),
+            Arg::required("iops", ArgType::Int),
+            Arg::required("iops_rd", ArgType::Int),
+            Arg::required("iops_wr", ArgType::Int),
+            Arg::optional("bps_max", ArgType::Int),
+            Arg::optional("bps_rd_max", ArgType::Int),
+            Arg::optional("bps_wr_max", ArgType::Int),
+            Arg::optional("iops_max", ArgType::Int),
+            Arg::optional("iops_rd_max", ArgType::Int),
+            Arg::optional("iops_wr_max", ArgType::Int),
+            Arg::optional("bps_max_length", ArgType::Int),
+            Arg::optional("bps_rd_max_length", ArgType::Int),
+            Arg::optional("bps_wr_max_length", ArgType::Int),
+            Arg::optional("iops_max_length", ArgType::Int),
+            Arg::optional("iops_rd_max_length", ArgType::Int),
+            Arg::optional("iops_wr_max_length", ArgType::Int),
+            Arg::optional("iops_size", ArgType::Int),
+            Arg::optional("group", ArgType::Str),
+        ],
+        run: |_, args| qmp_block::qmp_block_set_io_throttle(args),
     },
     QmpCommand {
         name: "eject",
@@ -534,6 +587,47 @@ pub const COMMANDS: &[QmpCommand] = &[
         run: qmp_system_powerdown,
     },
     QmpCommand {
+        name: "query-current-machine",
+        args: &[],
+        run: |ctx, _| {
+            let vm = ctx.vm.machine_state().vm_state();
+            Ok(json!({"wakeup-suspend-support": vm.wakeup_supported()}))
+        },
+    },
+    QmpCommand {
+        // QEMU's: the OSPM status of ACPI hotplug slots (DIMMs, CPUs), of which qomvm's
+        // machines have none; a machine without ACPI has no device to ask.
+        name: "query-acpi-ospm-status",
+        args: &[],
+        run: |ctx, _| {
+            if !ctx.vm.machine_state().vm_state().wakeup_supported() {
+                return Err(QmpError::Failed(
+                    "command is not supported, missing ACPI device".into(),
+                ));
+            }
+            Ok(json!([]))
+        },
+    },
+    QmpCommand {
+        // No pc-dimm, nvdimm or virtio-mem devices: none plugged.
+        name: "query-memory-devices",
+        args: &[],
+        run: |_, _| Ok(json!([])),
+    },
+    QmpCommand {
+        // The -chardev and chardev-add backends qomvm has (QEMU lists its own, more).
+        name: "query-chardev-backends",
+        args: &[],
+        run: |_, _| {
+            let names = ["file", "null", "pty", "ringbuf", "socket", "stdio"];
+            Ok(names
+                .iter()
+                .map(|n| json!({"name": n}))
+                .collect::<Vec<_>>()
+                .into())
+        },
+    },
+    QmpCommand {
         name: "system_wakeup",
         args: &[],
         run: qmp_system_wakeup,
@@ -574,6 +668,38 @@ pub const COMMANDS: &[QmpCommand] = &[
             Arg::required("filename", ArgType::Str),
         ],
         run: qmp_pmemsave,
+    },
+    QmpCommand {
+        name: "memsave",
+        args: &[
+            Arg::required("val", ArgType::Int),
+            Arg::required("size", ArgType::Int),
+            Arg::required("filename", ArgType::Str),
+            Arg::optional("cpu-index", ArgType::Int),
+        ],
+        run: qmp_memsave,
+    },
+    QmpCommand {
+        name: "dump-guest-memory",
+        args: &[
+            Arg::required("paging", ArgType::Bool),
+            Arg::required("protocol", ArgType::Str),
+            Arg::optional("detach", ArgType::Bool),
+            Arg::optional("begin", ArgType::Int),
+            Arg::optional("length", ArgType::Int),
+            Arg::optional("format", ArgType::Enum(&DUMP_GUEST_MEMORY_FORMAT)),
+        ],
+        run: qmp_dump_guest_memory,
+    },
+    QmpCommand {
+        name: "query-dump",
+        args: &[],
+        run: |_, _| Ok(crate::dump::query()),
+    },
+    QmpCommand {
+        name: "query-dump-guest-memory-capability",
+        args: &[],
+        run: |_, _| Ok(json!({ "formats": crate::dump::FORMATS })),
     },
     QmpCommand {
         name: "query-vnc",
@@ -783,6 +909,24 @@ fn qmp_pmemsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qm
             "Invalid addr 0x{addr:016x}/size {size} specified"
         )));
     }
+    let services = ctx.vm.machine_state().services();
+    save_memory(filename, addr as u64, size as u64, 64 << 10, |at, buf| {
+        services.read_physical(at, buf);
+        true
+    })?;
+    Ok(json!({}))
+}
+
+/// Writes `size` bytes from `addr` into a new file `filename`, `chunk` bytes at a time
+/// through `read` (false: that chunk cannot be read, the command fails with QEMU's
+/// "Invalid addr" after what came before it).
+fn save_memory(
+    filename: &str,
+    addr: u64,
+    size: u64,
+    chunk: usize,
+    mut read: impl FnMut(u64, &mut [u8]) -> bool,
+) -> Result<(), QmpError> {
     let mut file = std::fs::File::create(filename).map_err(|e| {
         QmpError::Failed(format!(
             "Could not open '{filename}': {}",
@@ -791,20 +935,61 @@ fn qmp_pmemsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qm
     })?;
     // More than the file system can take would fail at ENOSPC anyway; failing first keeps
     // a huge request (8 PiB) from filling the host's disk and holding the monitor.
-    if (size as u64) > free_bytes(&file) {
+    if size > free_bytes(&file) {
         return Err(QmpError::Failed("An IO error has occurred".into()));
     }
-    let services = ctx.vm.machine_state().services();
-    let mut buf = vec![0u8; 64 << 10];
-    let (mut at, mut left) = (addr as u64, size as u64);
+    let mut buf = vec![0u8; chunk];
+    let (mut at, mut left) = (addr, size);
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        services.read_physical(at, &mut buf[..n]);
+        if !read(at, &mut buf[..n]) {
+            return Err(QmpError::Failed(format!(
+                "Invalid addr 0x{addr:016x}/size {size} specified"
+            )));
+        }
         std::io::Write::write_all(&mut file, &buf[..n])
             .map_err(|_| QmpError::Failed("An IO error has occurred".into()))?;
-        at += n as u64;
+        at = at.wrapping_add(n as u64);
         left -= n as u64;
     }
+    Ok(())
+}
+
+/// QEMU's `qmp_memsave`: `size` bytes of CPU `cpu-index`'s (default 0) virtual memory from
+/// `val` into a file, 1 KiB at a time; where a chunk is not mapped the file keeps what
+/// came before it and the command fails, as QEMU's.
+fn qmp_memsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let addr = args.get("val").and_then(Value::as_i64).unwrap_or(0);
+    let size = args.get("size").and_then(Value::as_i64).unwrap_or(0);
+    let filename = str_arg(args, "filename");
+    let cpu_index = args.get("cpu-index").and_then(Value::as_i64).unwrap_or(0);
+    let ms = ctx.vm.machine_state();
+    let cpu_exists = ms.cpus().iter().any(|c| {
+        c.downcast::<hw::core::cpu::CpuState>()
+            .is_some_and(|c| i64::from(c.index()) == cpu_index)
+    });
+    if !cpu_exists {
+        return Err(QmpError::Failed(
+            "Parameter 'cpu-index' expects a CPU number".into(),
+        ));
+    }
+    if size < 0 {
+        return Err(QmpError::Failed(format!(
+            "Invalid addr 0x{addr:016x}/size {size} specified"
+        )));
+    }
+    let ops = ms
+        .accel_ops()
+        .ok_or_else(|| QmpError::Failed("No CPU available".into()))?;
+    let regs = ops
+        .paging_registers(cpu_index as u32)
+        .map_err(|e| QmpError::Failed(e.to_string()))?;
+    let services = ms.services();
+    let read = crate::monitor::x86_paging::debug_reader(services);
+    let assigned = |at: u64, len: u64| services.is_assigned(at, len);
+    save_memory(filename, addr as u64, size as u64, 1024, |at, buf| {
+        crate::monitor::x86_paging::read_virtual(&regs, &read, &assigned, at, buf)
+    })?;
     Ok(json!({}))
 }
 
@@ -819,6 +1004,37 @@ fn free_bytes(file: &std::fs::File) -> u64 {
     // SAFETY: initialised by the successful call above.
     let st = unsafe { st.assume_init() };
     st.f_bavail.saturating_mul(st.f_frsize)
+}
+
+/// QAPI's `DumpGuestMemoryFormat`.
+pub const DUMP_GUEST_MEMORY_FORMAT: crate::monitor::qapi::QapiEnum =
+    crate::monitor::qapi::QapiEnum {
+        name: "DumpGuestMemoryFormat",
+        values: &["elf", "kdump-zlib", "kdump-lzo", "kdump-snappy", "win-dmp"],
+    };
+
+/// QEMU's `qmp_dump_guest_memory` (`crate::dump`): `begin` and `length` are
+/// guest-physical, `fd:NAME` names a descriptor passed with `getfd`.
+fn qmp_dump_guest_memory(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let uint = |name: &str| -> Result<Option<u64>, QmpError> {
+        match args.get(name).and_then(Value::as_i64) {
+            None => Ok(None),
+            Some(v) => u64::try_from(v)
+                .map(Some)
+                .map_err(|_| QmpError::Failed(format!("Invalid parameter '{name}'"))),
+        }
+    };
+    let request = crate::dump::DumpRequest {
+        protocol: str_arg(args, "protocol"),
+        paging: args.get("paging").and_then(Value::as_bool) == Some(true),
+        begin: uint("begin")?,
+        length: uint("length")?,
+        detach: args.get("detach").and_then(Value::as_bool) == Some(true),
+        format: args.get("format").and_then(Value::as_str),
+    };
+    crate::dump::dump_guest_memory(&ctx.vm.machine, &request, &crate::monitor::fds::take)
+        .map_err(|e| QmpError::Failed(e.to_string()))?;
+    Ok(json!({}))
 }
 
 /// QAPI's `DisplayProtocol`.
@@ -1126,6 +1342,40 @@ fn query_command_line_options(
         return Err(QmpError::BadInput(format!("invalid option name: {w}")));
     }
     Ok(list.into())
+}
+
+/// QEMU's `qmp_add_fd`: the descriptor the client sent with this command joins a set (the
+/// one named, or the lowest free), for `/dev/fdset/N` paths (libvirt passes disks and logs
+/// this way).
+fn qmp_add_fd(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let fd = crate::monitor::fds::take_received(ctx.fds.as_ref())
+        .ok_or_else(|| QmpError::Failed("No file descriptor supplied via SCM_RIGHTS".into()))?;
+    let set = args.get("fdset-id").and_then(Value::as_i64);
+    if set.is_some_and(|s| s < 0) {
+        return Err(QmpError::Failed(
+            "Parameter 'fdset-id' expects a non-negative value".into(),
+        ));
+    }
+    let opaque = args.get("opaque").and_then(Value::as_str).map(String::from);
+    let (id, fd) = hw::core::fdset::fdset_add_received(set, fd, opaque);
+    Ok(json!({"fdset-id": id, "fd": fd}))
+}
+
+/// QEMU's `qmp_remove_fd`.
+fn qmp_remove_fd(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let set = args.get("fdset-id").and_then(Value::as_i64).unwrap_or(-1);
+    let fd = args.get("fd").and_then(Value::as_i64);
+    let member = fd.and_then(|fd| i32::try_from(fd).ok());
+    if fd.is_some() && member.is_none() || !hw::core::fdset::fdset_remove(set, member) {
+        let name = match fd {
+            Some(fd) => format!("fdset-id:{set}, fd:{fd}"),
+            None => format!("fdset-id:{set}"),
+        };
+        return Err(QmpError::Failed(format!(
+            "File descriptor named '{name}' not found"
+        )));
+    }
+    Ok(json!({}))
 }
 
 /// QEMU's `qmp_query_fdsets`: the descriptor sets of `-add-fd`.

@@ -675,6 +675,204 @@ fn page_address(pte: u64, page_size: u64, addr: u64) -> u64 {
     (pte & PG_ADDRESS_MASK & !(page_size - 1)) | (addr & (page_size - 1))
 }
 
+/// Guest-physical reads for the monitor's page walks: what nothing maps reads as zeroes,
+/// as QEMU's unassigned memory does.
+pub fn debug_reader(
+    services: &hw::core::services::MachineServices,
+) -> impl Fn(u64, &mut [u8]) + '_ {
+    move |addr, buf| {
+        if services.is_assigned(addr, buf.len() as u64) {
+            services.read_physical(addr, buf);
+        } else {
+            buf.fill(0);
+        }
+    }
+}
+
+/// QEMU's `cpu_memory_rw_debug` for reads: `buf.len()` bytes at virtual `addr` as the
+/// CPU's tables map them (one to one with paging off), page by page. False, with `buf`
+/// partly filled, where a page is not mapped or maps to memory nothing backs (`assigned`
+/// says which guest-physical ranges something backs).
+pub fn read_virtual(
+    regs: &PagingRegisters,
+    read: ReadPhys,
+    assigned: &dyn Fn(u64, u64) -> bool,
+    addr: u64,
+    buf: &mut [u8],
+) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        let va = addr.wrapping_add(done as u64);
+        let n = (buf.len() - done).min((0x1000 - (va & 0xfff)) as usize);
+        let Some(page) = translate_page(regs, read, va) else {
+            return false;
+        };
+        let at = page + (va & 0xfff);
+        if !assigned(at, n as u64) {
+            return false;
+        }
+        read(at, &mut buf[done..done + n]);
+        done += n;
+    }
+    true
+}
+
+/// Calls `page(virt, phys, size)` for every present page the CPU's tables map, by
+/// virtual address (QEMU's `x86_cpu_get_memory_mapping`, for `dump-guest-memory` with
+/// `paging`): 4 KiB pages and the large ones (4 MiB or 2 MiB, 1 GiB) as they are. Reads
+/// at most [`MAX_TABLES`] tables, so tables that point at one another end the walk.
+#[cfg(test)]
+pub fn for_each_page(regs: &PagingRegisters, read: ReadPhys, page: &mut dyn FnMut(u64, u64, u64)) {
+    let mut budget = MAX_TABLES;
+    for_each_page_within(regs, read, &mut budget, page);
+}
+
+/// [`for_each_page`] reading at most `budget` tables, which it counts down (walks of
+/// several CPUs can share one).
+pub fn for_each_page_within(
+    regs: &PagingRegisters,
+    read: ReadPhys,
+    budget: &mut usize,
+    page: &mut dyn FnMut(u64, u64, u64),
+) {
+    let Some(mode) = mode(regs) else {
+        return;
+    };
+    let mut table = |addr: u64, count: usize, wide: bool| -> Option<Vec<u64>> {
+        *budget = budget.checked_sub(1)?;
+        Some(if wide {
+            table64(read, addr, count)
+        } else {
+            table32(read, addr)
+        })
+    };
+    // The frame of a leaf entry: its address bits, NX and the large-page PAT bit cleared.
+    let frame = |entry: u64, size: u64| entry & ADDR_MASK & !(size - 1);
+    match mode {
+        Mode::Bits32 => {
+            let Some(pgd) = table(regs.cr3 & 0xffff_f000, 1024, false) else {
+                return;
+            };
+            for (i, pde) in pgd.into_iter().enumerate() {
+                let virt = (i as u64) << 22;
+                if pde & PG_PRESENT == 0 {
+                    continue;
+                }
+                if pde & PG_PSE != 0 && regs.cr4 & CR4_PSE != 0 {
+                    // PSE-36: bits 13-20 of the entry are physical bits 32-39.
+                    let phys = (pde & 0xffc0_0000) | ((pde & 0x1f_e000) << 19);
+                    page(virt, phys, 1 << 22);
+                    continue;
+                }
+                let Some(pt) = table(pde & 0xffff_f000, 1024, false) else {
+                    return;
+                };
+                for (j, pte) in pt.into_iter().enumerate() {
+                    if pte & PG_PRESENT != 0 {
+                        page(virt | (j as u64) << 12, pte & 0xffff_f000, 1 << 12);
+                    }
+                }
+            }
+        }
+        Mode::Pae32 => {
+            let Some(pdpt) = table(regs.cr3 & !0x1f, 4, true) else {
+                return;
+            };
+            for (i, pdpe) in pdpt.into_iter().enumerate() {
+                if pdpe & PG_PRESENT == 0 {
+                    continue;
+                }
+                if !walk_pd(&mut table, pdpe, (i as u64) << 30, page, &frame) {
+                    return;
+                }
+            }
+        }
+        Mode::La48 | Mode::La57 => {
+            let levels = if matches!(mode, Mode::La57) { 5 } else { 4 };
+            walk_upper(
+                &mut table,
+                regs,
+                regs.cr3 & ADDR_MASK,
+                levels,
+                0,
+                page,
+                &frame,
+            );
+        }
+    }
+}
+
+/// A table-reading closure with its budget: `None` once spent.
+type TableReader<'a> = dyn FnMut(u64, usize, bool) -> Option<Vec<u64>> + 'a;
+
+/// The levels above the page directory in long mode (PML5, PML4, PDPT with its 1 GiB
+/// pages). Returns false once the budget is spent.
+fn walk_upper(
+    table: &mut TableReader,
+    regs: &PagingRegisters,
+    addr: u64,
+    level: u32,
+    base: u64,
+    page: &mut dyn FnMut(u64, u64, u64),
+    frame: &dyn Fn(u64, u64) -> u64,
+) -> bool {
+    let Some(entries) = table(addr, 512, true) else {
+        return false;
+    };
+    let shift = 12 + 9 * (level - 1);
+    for (i, e) in entries.into_iter().enumerate() {
+        if e & PG_PRESENT == 0 {
+            continue;
+        }
+        let virt = canonical(regs, base | (i as u64) << shift);
+        let more = match level {
+            3 if e & PG_PSE != 0 => {
+                page(virt, frame(e, 1 << 30), 1 << 30);
+                true
+            }
+            3 => walk_pd(table, e, virt, page, frame),
+            _ => walk_upper(table, regs, e & ADDR_MASK, level - 1, virt, page, frame),
+        };
+        if !more {
+            return false;
+        }
+    }
+    true
+}
+
+/// A 512-entry page directory (PAE and long mode) and its page tables, mapping from
+/// `base`. Returns false once the budget is spent.
+fn walk_pd(
+    table: &mut TableReader,
+    pdpe: u64,
+    base: u64,
+    page: &mut dyn FnMut(u64, u64, u64),
+    frame: &dyn Fn(u64, u64) -> u64,
+) -> bool {
+    let Some(pd) = table(pdpe & ADDR_MASK, 512, true) else {
+        return false;
+    };
+    for (i, pde) in pd.into_iter().enumerate() {
+        let virt = base | (i as u64) << 21;
+        if pde & PG_PRESENT == 0 {
+            continue;
+        }
+        if pde & PG_PSE != 0 {
+            page(virt, frame(pde, 1 << 21), 1 << 21);
+            continue;
+        }
+        let Some(pt) = table(pde & ADDR_MASK, 512, true) else {
+            return false;
+        };
+        for (j, pte) in pt.into_iter().enumerate() {
+            if pte & PG_PRESENT != 0 {
+                page(virt | (j as u64) << 12, pte & ADDR_MASK, 1 << 12);
+            }
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -961,5 +1159,89 @@ mod tests {
             info_tlb(&regs, &reader(&m))
         );
         assert!(!info_tlb(&regs, &reader(&m)).contains("stopped"));
+    }
+
+    /// Every page `for_each_page` reports, `(virt, phys, size)`.
+    fn pages(regs: &PagingRegisters, bytes: &HashMap<u64, u8>) -> Vec<(u64, u64, u64)> {
+        let mut seen = Vec::new();
+        for_each_page(regs, &reader(bytes), &mut |v, p, s| seen.push((v, p, s)));
+        seen
+    }
+
+    #[test]
+    fn a_dump_walk_reports_32bit_pages_both_sizes() {
+        // PSE: a 4 MiB page at 0xc0000000 -> 0x1_0040_0000 (PSE-36 bits), a table at 0.
+        let bytes = memory(&[
+            (0x10_1000 + 0x300 * 4, 0x40_0083 | (1 << 13), 4),
+            (0x10_1000, 0x10_2001, 4),
+            (0x10_2000 + 5 * 4, 0x7_7001, 4),
+        ]);
+        assert_eq!(
+            pages(&regs(CR4_PSE, 0), &bytes),
+            [
+                (0x5000, 0x7_7000, 0x1000),
+                (0xc000_0000, 0x1_0040_0000, 0x40_0000)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dump_walk_reports_pae_pages() {
+        let bytes = memory(&[
+            (0x10_1000 + 3 * 8, 0x10_2001, 8),
+            (0x10_2000 + 8, 0x20_0083 | (1 << 12), 8), // 2 MiB, PAT bit set
+            (0x10_2000 + 16, 0x10_3001, 8),
+            (0x10_3000 + 8, 0x8000_0000_0009_9003, 8), // NX
+        ]);
+        assert_eq!(
+            pages(&regs(CR4_PAE, 0), &bytes),
+            [
+                (0xc020_0000, 0x20_0000, 0x20_0000),
+                (0xc040_1000, 0x9_9000, 0x1000)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dump_walk_reports_long_mode_pages_at_canonical_addresses() {
+        // PML4 entry 511 -> PDPT: entry 510 a 1 GiB page, entry 511 -> PD -> PT.
+        let bytes = memory(&[
+            (0x10_1000 + 511 * 8, 0x10_2003, 8),
+            (0x10_2000 + 510 * 8, 0x4000_0083, 8),
+            (0x10_2000 + 511 * 8, 0x10_3003, 8),
+            (0x10_3000, 0x10_4003, 8),
+            (0x10_4000 + 8, 0x5000, 8), // not present
+            (0x10_4000 + 16, 0x6003, 8),
+        ]);
+        assert_eq!(
+            pages(&regs(CR4_PAE, EFER_LMA), &bytes),
+            [
+                (0xffff_ffff_8000_0000, 0x4000_0000, 1 << 30),
+                (0xffff_ffff_c000_2000, 0x6000, 0x1000),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dump_walk_through_tables_that_loop_ends() {
+        // Every PML4 entry points back at the PML4 and every level below does too: the
+        // walk stops at its table budget instead of reading billions of tables.
+        let looping = |_: u64, buf: &mut [u8]| {
+            for entry in buf.chunks_exact_mut(8) {
+                entry.copy_from_slice(&0x10_1003u64.to_le_bytes());
+            }
+        };
+        let mut count = 0u64;
+        for_each_page(&regs(CR4_PAE, EFER_LMA), &looping, &mut |_, _, _| {
+            count += 1
+        });
+        assert!(count <= (MAX_TABLES as u64) * 512, "{count}");
+    }
+
+    #[test]
+    fn a_dump_walk_without_paging_reports_nothing() {
+        let mut r = regs(0, 0);
+        r.cr0 = 0x11;
+        assert!(pages(&r, &memory(&[])).is_empty());
     }
 }

@@ -19,7 +19,22 @@ impl ConsoleVm {
     /// Starts `qomvm` with `args` (stdin closed, stderr inherited); waits at most
     /// `timeout` in [`ConsoleVm::wait_for`] and [`ConsoleVm::wait_exit`].
     pub fn start(qomvm: &str, args: &[&str], timeout: Duration) -> ConsoleVm {
-        let mut child = Command::new(qomvm)
+        Self::start_in(qomvm, args, timeout, None)
+    }
+
+    /// [`ConsoleVm::start`] in directory `cwd` (files the monitor writes by relative
+    /// name land there).
+    pub fn start_in(
+        qomvm: &str,
+        args: &[&str],
+        timeout: Duration,
+        cwd: Option<&std::path::Path>,
+    ) -> ConsoleVm {
+        let mut command = Command::new(qomvm);
+        if let Some(dir) = cwd {
+            command.current_dir(dir);
+        }
+        let mut child = command
             .args(args)
             .env(
                 "RUST_LOG",

@@ -59,8 +59,8 @@ pub fn kvm_path() -> Path_ {
 /// itself). Returns its exit status and output.
 ///
 /// The rig's L1 is a Linux guest of QEMU's TCG, which on rare runs stalls (the rig ends it
-/// after 3 minutes without a sign of life on L1's console, or at its own time limit; seen
-/// before COMMAND printed anything, and once after the guest had powered off), or ends
+/// after 3 minutes without a sign of life on L1's console, 45 s if its CPUs sit idle,
+/// or at its own time limit; seen before COMMAND printed anything, and once after the guest had powered off), or ends
 /// under a running COMMAND without reporting its status (seen once, L1's QEMU exiting 0
 /// mid-boot); its nested guests have triple-faulted in ordinary kernel code, or stopped
 /// making progress until the scenario's own `timeout` ended the VMM. Such a run says
@@ -154,17 +154,85 @@ pub fn host_or_rig_ending(
             "a guest stopped making progress in the rig (its VMM's timeout ended it)"
         };
         let all = text(&out);
-        let tail: Vec<&str> = all
-            .lines()
-            .filter(|l| l.contains("[") || l.contains("qomvm:") || l.contains("nested-kvm:"))
-            .rev()
-            .take(12)
-            .collect();
-        let evidence: Vec<&str> = tail.into_iter().rev().collect();
+        keep_failed_run(&all);
+        let evidence = retry_evidence(&all);
         test_support::skip::retried(format!("{what}; retrying"), &evidence);
         out = run();
     }
     out
+}
+
+/// Where a run that is retried leaves its whole output when `QOMVM_RIG_KEEP` names a
+/// directory (for chasing the rig's faults: the record keeps only the evidence).
+fn keep_failed_run(all: &str) {
+    let Some(dir) = std::env::var_os("QOMVM_RIG_KEEP").filter(|d| !d.is_empty()) else {
+        return;
+    };
+    let name = test_support::skip::current_test().replace("::", "-");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = std::path::Path::new(&dir).join(format!("{name}-{stamp}.log"));
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, all)) {
+        eprintln!("QOMVM_RIG_KEEP: {} not written: {e}", path.display());
+    }
+}
+
+/// What a retry puts on the record: where a kernel's report of its own failure starts (a
+/// panic's reason, an oops and the code it hit: the last lines of a panic are only the
+/// calling task's user registers), then the last lines of the kernels', qomvm's and the
+/// rig's messages.
+fn retry_evidence(all: &str) -> Vec<&str> {
+    const FAILURE_STARTS: [&str; 9] = [
+        "Kernel panic",
+        "BUG:",
+        "Oops:",
+        "general protection fault",
+        "double fault",
+        "invalid opcode:",
+        "WARNING: CPU:",
+        "watchdog: BUG:",
+        "rcu: INFO:",
+    ];
+    let lines: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains('[') || l.contains("qomvm:") || l.contains("nested-kvm:"))
+        .collect();
+    let tail_from = lines.len().saturating_sub(12);
+    let mut evidence = Vec::new();
+    if let Some(first) = lines[..tail_from]
+        .iter()
+        .position(|l| FAILURE_STARTS.iter().any(|s| l.contains(s)))
+    {
+        let header_end = (first + 24).min(tail_from);
+        evidence.extend_from_slice(&lines[first..header_end]);
+        if header_end < tail_from {
+            evidence.push("    ...");
+        }
+    }
+    evidence.extend_from_slice(&lines[tail_from..]);
+    evidence
+}
+
+#[test]
+fn a_retry_keeps_the_start_of_a_kernel_panic_and_the_last_lines() {
+    let mut log = String::from("qomvm-l1: [1.0] running command\n");
+    log.push_str("[ 90.1] BUG: kernel NULL pointer dereference, address: 0000000000000008\n");
+    for i in 0..40 {
+        log.push_str(&format!("[ 90.{i:02}] trace line {i}\n"));
+    }
+    log.push_str("nested-kvm: L1 ended without reporting COMMAND's exit status\n");
+    let evidence = retry_evidence(&log);
+    assert!(evidence[0].contains("BUG: kernel NULL pointer dereference"));
+    assert_eq!(evidence[24], "    ...");
+    assert_eq!(evidence.len(), 24 + 1 + 12);
+    assert!(evidence.last().unwrap().starts_with("nested-kvm: L1 ended"));
+    // Without a failure report, only the tail.
+    let quiet = "[ 1.0] a\n[ 2.0] b\nqomvm: done\n";
+    assert_eq!(
+        retry_evidence(quiet),
+        vec!["[ 1.0] a", "[ 2.0] b", "qomvm: done"]
+    );
 }
 
 /// Whether `line` is qomvm's report of being ended by `timeout`: the process is named
