@@ -1066,6 +1066,100 @@ fn unplugging_a_throttled_unit_does_not_wait_for_its_limits() {
     backend.disable_io_limits();
 }
 
+/// A unit waiting for its I/O limits holds up only its own throttle group: with more
+/// commands queued for a disk at 1 IOPS than the adapter has pool threads, a read of an
+/// unthrottled disk on the same adapter still completes at once (QEMU queues throttled
+/// requests in their group, holding no thread).
+#[test]
+fn a_throttled_unit_does_not_hold_up_the_others() {
+    use block::throttle::{Bucket, ThrottleConfig};
+    add_drive("vscsi-free", &temp_image("free.raw", 1 << 20), false);
+    let slow = add_drive("vscsi-slow", &temp_image("slow.raw", 1 << 20), false);
+    let m = pc_with_adapter(
+        "scsi-starve",
+        &[("vscsi-free", &[]), ("vscsi-slow", &[("scsi-id", "1")])],
+    );
+    machine_creation_done(&m).unwrap();
+    // The request queue holds more than the pool's 64 threads.
+    const ENTRIES: u16 = 256;
+    let dev = VirtioPciDevice::probe(&m, DEVFN);
+    assert!(dev.negotiate(VERSION_1));
+    let mut rings: Vec<SplitRing> = [16, 16, ENTRIES]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| SplitRing::new(RINGS + i as u64 * 0x1_0000, n))
+        .collect();
+    for (i, ring) in rings.iter().enumerate() {
+        ring.clear(&dev.mem);
+        dev.setup_queue(i as u16, ring);
+    }
+    dev.driver_ok();
+    let mut req = rings.pop().unwrap();
+    let mem = &dev.mem;
+    let (free, throttled) = (lun(0, 0), lun(1, 0));
+    // Two descriptors a command (the response and the data in one buffer), so the ring
+    // holds them all.
+    let queue_read = |req: &mut SplitRing, slot: u64, at: [u8; 8]| {
+        let (header_at, reply_at) = (0x40_0000 + slot * 0x100, 0x48_0000 + slot * 0x400);
+        let mut header = vec![0u8; REQ_SIZE as usize];
+        header[..8].copy_from_slice(&at);
+        header[19..29].copy_from_slice(&rw10(0x28, slot as u32 % 2048, 1));
+        mem.write_slice(&header, GuestAddress(header_at)).unwrap();
+        req.add_chain(
+            mem,
+            &[
+                (header_at, REQ_SIZE, false),
+                (reply_at, RESP_SIZE + 512, true),
+            ],
+        )
+    };
+    // Each unit's reset unit attention, reported to its first command.
+    for at in [free, throttled] {
+        queue_read(&mut req, 0, at);
+        dev.notify(2);
+        assert_eq!(dev.wait_used(&mut req, 1, WAIT).len(), 1);
+    }
+    let mut config = ThrottleConfig::default();
+    config.bucket_mut(Bucket::OpsTotal).avg = 1;
+    slow.set_io_limits("vscsi-slow", false, config);
+    let queued = 100u64;
+    for slot in 0..queued {
+        queue_read(&mut req, slot, throttled);
+    }
+    dev.notify(2);
+    // Every worker the adapter has is waiting by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let head = queue_read(&mut req, queued, free);
+    dev.notify(2);
+    let began = std::time::Instant::now();
+    let deadline = began + WAIT;
+    let mut done = Vec::new();
+    while !done.iter().any(|&(id, _)| id == u32::from(head)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unthrottled disk's read waited for the other disk's limits"
+        );
+        done.extend(dev.wait_used(&mut req, 1, Duration::from_millis(100)));
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "the unthrottled disk's read took {:?}",
+        began.elapsed()
+    );
+    // The throttled reads all go once the limits do.
+    slow.disable_io_limits();
+    let mut completed = done.len() as u64;
+    while completed < queued + 1 {
+        let more = dev.wait_used(&mut req, 1, WAIT);
+        assert!(
+            !more.is_empty(),
+            "{completed} of {} commands completed",
+            queued + 1
+        );
+        completed += more.len() as u64;
+    }
+}
+
 /// A unit attention still pending moves with the disk (QEMU's `vmstate_scsi_device`), and
 /// a stream without one (from before) loads as none pending.
 #[test]

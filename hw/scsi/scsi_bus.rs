@@ -418,6 +418,13 @@ impl ScsiLuns {
         drives.iter().map(|d| d.lift_limits()).collect()
     }
 
+    /// The throttle group the drive of the unit at `addr` is in, if its commands may wait
+    /// for I/O limits.
+    pub fn throttle_group(&self, addr: ScsiAddress) -> Option<String> {
+        let (group, _) = self.find(addr)?.drive()?.io_limits()?;
+        Some(group)
+    }
+
     /// Whether any unit's commands may wait for I/O limits.
     pub fn any_throttled(&self) -> bool {
         self.units.read().iter().any(|p| p.unit.throttled())

@@ -9,6 +9,7 @@
 //! task management function, a reset, a stop and an unplug wait for the commands on the
 //! pool, so none is left to abort and every command taken has its used entry.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -312,6 +313,7 @@ impl VirtioDevice for VirtioScsi {
             events: Mutex::new(event_queue),
             events_dropped: self.events_dropped.clone(),
             pool: self.pool.clone(),
+            group_pools: Mutex::new(HashMap::new()),
             in_flight: self.in_flight.clone(),
             broken: AtomicBool::new(false),
         });
@@ -437,6 +439,10 @@ struct Running {
     /// Shared with the device (see `VirtioScsi::events_dropped`).
     events_dropped: Arc<AtomicBool>,
     pool: ThreadPool,
+    /// Where commands to throttled units wait, a pool per throttle group: a unit waiting
+    /// for its limits holds up its group alone, not the adapter's other units (QEMU
+    /// queues such requests in their group without a thread; here each holds a worker).
+    group_pools: Mutex<HashMap<String, ThreadPool>>,
     in_flight: Arc<InFlight>,
     broken: AtomicBool,
 }
@@ -505,9 +511,10 @@ impl Running {
         }
         let last = if throttled { None } else { chains.pop() };
         for chain in chains {
+            let pool = if throttled { self.pool_for(&chain) } else { self.pool.clone() };
             self.in_flight.begin();
             let running = Arc::clone(self);
-            self.pool.submit(Box::new(move || {
+            pool.submit(Box::new(move || {
                 if let Some(served) = running.queues.iter().find(|q| q.index == index) {
                     running.serve_and_complete(served, chain);
                 }
@@ -517,6 +524,31 @@ impl Running {
         if let Some(chain) = last {
             self.serve_and_complete(served, chain);
         }
+    }
+
+    /// The pool a command waits on: its unit's throttle group's, or the adapter's.
+    fn pool_for(&self, chain: &Chain) -> ThreadPool {
+        let group = self
+            .peek_lun(chain)
+            .and_then(|lun| decode_lun(&lun))
+            .and_then(|addr| self.luns.throttle_group(addr));
+        match group {
+            None => self.pool.clone(),
+            Some(group) => self
+                .group_pools
+                .lock()
+                .entry(group)
+                .or_insert_with(|| ThreadPool::new("worker", POOL_THREADS))
+                .clone(),
+        }
+    }
+
+    /// The LUN field a command's header starts with, if the chain holds one.
+    fn peek_lun(&self, chain: &Chain) -> Option<[u8; 8]> {
+        let mut reader = Reader::new(&*self.mem, chain.clone()).ok()?;
+        let mut lun = [0u8; 8];
+        reader.read_exact(&mut lun).ok()?;
+        Some(lun)
     }
 
     /// Takes the available chains, at most [`COMMANDS_PER_PASS`], until the ring stays
