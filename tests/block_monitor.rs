@@ -483,15 +483,15 @@ fn throttle_commands() -> Vec<(&'static str, Value, Option<&'static str>)> {
     ]
 }
 
-/// The throttle members of drive `device`'s `query-block` entry, by name (QEMU's QDict
-/// does not keep QAPI's order).
+/// The throttle members of drive `device`'s (or anonymous drive of device id `device`'s)
+/// `query-block` entry, by name (QEMU's QDict does not keep QAPI's order).
 fn throttle_members(vm: &mut Vm, device: &str) -> Vec<(String, Value)> {
     let blocks = vm.qmp.execute("query-block", json!({}));
     let entry = blocks["return"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["device"] == device)
+        .find(|b| b["device"] == device || (b["device"] == "" && b["qdev"] == device))
         .unwrap_or_else(|| panic!("no {device}: {blocks}"))
         .clone();
     let keep = |k: &str| k.starts_with("bps") || k.starts_with("iops") || k == "group";
@@ -554,6 +554,23 @@ fn run_throttle(vm: &mut Vm) -> Vec<String> {
             seen.push(format!("{:?}", throttle_members(vm, "d3")));
         }
     }
+    // They stay with the drive, not with the device's id: a new device of the same id
+    // starts without them.
+    let change = json!({"id": "cd2", "filename": iso, "format": "raw"});
+    for (name, args) in [
+        ("blockdev-change-medium", change.clone()),
+        (
+            "block_set_io_throttle",
+            json!({"id": "cd2", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 9, "iops_rd": 0, "iops_wr": 0}),
+        ),
+        ("eject", json!({"id": "cd2"})),
+        ("device_del", json!({"id": "cd2"})),
+        ("device_add", json!({"driver": "scsi-cd", "id": "cd2"})),
+        ("blockdev-change-medium", change),
+    ] {
+        seen.push(without_node_numbers(&vm.qmp.execute(name, args)));
+    }
+    seen.push(format!("{:?}", throttle_members(vm, "cd2")));
     seen
 }
 
@@ -586,6 +603,13 @@ fn block_set_io_throttle_answers_and_reports_as_qemu() {
             "CD ejected",
             "CD medium back",
             "CD medium back: query-block",
+            "SCSI CD medium",
+            "SCSI CD limits",
+            "SCSI CD ejected",
+            "SCSI CD unplugged",
+            "SCSI CD plugged again",
+            "SCSI CD medium again",
+            "SCSI CD medium again: query-block",
         ]
         .map(String::from),
     );

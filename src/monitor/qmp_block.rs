@@ -166,15 +166,19 @@ fn close_tray(blk: &Blk, name: &str) -> Result<(), QmpError> {
     Ok(())
 }
 
-/// QEMU's `blockdev_remove_medium`: the medium leaves the drive (closed if the drive
-/// owned it, back to the monitor if it was a `-blockdev` node).
 /// The I/O limits of removable-media drives whose medium was taken out, by the device's
 /// QOM path, for the next medium: QEMU keeps them on the drive (its `BlockBackend`),
-/// which in qomvm is the medium.
+/// which in qomvm is the medium. They go with the device: a new one at the same path
+/// does not inherit them.
 static DRIVE_LIMITS: parking_lot::Mutex<
-    std::collections::BTreeMap<String, (String, block::throttle::ThrottleConfig)>,
+    std::collections::BTreeMap<
+        String,
+        (qom::WeakObjectRef, String, block::throttle::ThrottleConfig),
+    >,
 > = parking_lot::Mutex::new(std::collections::BTreeMap::new());
 
+/// QEMU's `blockdev_remove_medium`: the medium leaves the drive (closed if the drive
+/// owned it, back to the monitor if it was a `-blockdev` node).
 fn remove_medium(blk: &Blk, name: &str) -> Result<(), QmpError> {
     match blk {
         Blk::Fixed => Err(failed(format!("Device '{name}' is not removable"))),
@@ -183,9 +187,11 @@ fn remove_medium(blk: &Blk, name: &str) -> Result<(), QmpError> {
             if media.has_tray() && !media.is_tray_open() {
                 return Err(failed(format!("Tray of device '{name}' is not open")));
             }
-            if let Some(limits) = media.medium().and_then(|m| m.io_limits()) {
+            if let Some((group, config)) = media.medium().and_then(|m| m.io_limits()) {
                 let path = dev.canonical_path().unwrap_or_default();
-                DRIVE_LIMITS.lock().insert(path, limits);
+                let mut kept = DRIVE_LIMITS.lock();
+                kept.retain(|_, (owner, ..)| owner.strong_count() > 0);
+                kept.insert(path, (Arc::downgrade(dev), group, config));
             }
             media.remove_medium();
             if !media.has_tray() {
@@ -229,7 +235,10 @@ fn insert_medium(blk: &Blk, medium: Arc<BlockBackend>) -> Result<(), QmpError> {
                 .insert_medium(medium.clone())
                 .map_err(|e| failed(e.to_string()))?;
             let path = dev.canonical_path().unwrap_or_default();
-            if let Some((group, config)) = DRIVE_LIMITS.lock().remove(&path) {
+            let kept = DRIVE_LIMITS.lock().remove(&path);
+            if let Some((_, group, config)) =
+                kept.filter(|(owner, ..)| std::ptr::eq(owner.as_ptr(), Arc::as_ptr(dev)))
+            {
                 medium.set_io_limits(&group, false, config);
             }
             if !media.has_tray() {
