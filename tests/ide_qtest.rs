@@ -448,6 +448,40 @@ fn resets_cancel_transfers_in_progress() {
     assert_eq!(inquiry.len(), 36);
 }
 
+/// A `stop` waits for the DMA transfer in flight but not for its drive's I/O limits
+/// (QEMU's drain lifts them): with a read held back by a 64 bytes a second limit, the
+/// stop answers at once and the transfer is done.
+#[test]
+fn a_stop_does_not_wait_out_a_transfers_io_limits() {
+    let mut ide = Ide::start("qomvm-ide-throttle", true);
+    let mut qmp = QmpClient::connect(&ide.dir.join("qmp.sock"));
+    let limits = json!({"device": "ide0-hd0", "bps": 64, "bps_rd": 0, "bps_wr": 0,
+        "iops": 0, "iops_rd": 0, "iops_wr": 0});
+    qmp_ok(&mut qmp, "block_set_io_throttle", limits);
+    // The first read fills the bucket for 8 seconds; the second waits for it.
+    ide.prd_table(&[(BUF, 512)]);
+    ide.lba28(16, 1, 0xc8);
+    ide.run_dma(true);
+    ide.prd_table(&[(BUF + 0x1000, 512)]);
+    ide.lba28(17, 1, 0xc8);
+    ide.outb(BMDMA, 0x09);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        ide.inb(CTRL) & BSY,
+        BSY,
+        "the second read waits for the limits"
+    );
+    let began = Instant::now();
+    qmp_ok(&mut qmp, "stop", json!({}));
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the stop waited {took:?} for the limits"
+    );
+    assert_eq!(ide.inb(CTRL) & BSY, 0, "the transfer is done");
+    assert!(ide.read_mem(BUF + 0x1000, 512) == sector(17));
+}
+
 /// The QMP command's error text, or `None` if it succeeded.
 fn qmp_error(qmp: &mut QmpClient, name: &str, args: serde_json::Value) -> Option<String> {
     let reply = qmp.execute(name, args);

@@ -663,6 +663,43 @@ fn a_usb_stick_reads_and_writes_its_image_over_bulk_only() {
     );
 }
 
+/// A VM stop waits for the stick's command but not for its I/O limits (QEMU's drain
+/// lifts them): with a read held back by a 512 bytes a second limit, `stop` comes back at
+/// once, and the read is done when the VM runs again.
+#[test]
+fn a_stop_does_not_wait_out_the_sticks_io_limits() {
+    use block::throttle::{Bucket, ThrottleConfig};
+    use bot::BulkPipes;
+    let content = bot::stick_content();
+    let path = bot::stick_image("usb-storage", "throttled.raw", &content);
+    let drive = test_support::drives::add_raw_drive("usb-stick-slow", &path, false, false);
+    let machine = pc_with_usb("usbt", &[("usb-storage", &[("drive", "usb-stick-slow")])]);
+    let mut d = Driver::start(&machine);
+    d.enumerate(1, 4);
+    let mut config = ThrottleConfig::default();
+    config.bucket_mut(Bucket::BpsTotal).avg = 512;
+    drive.set_io_limits("usb-stick-slow", false, config);
+    // The first read fills the bucket for 16 seconds; the second waits for it.
+    let (data, residue, status) = d.bot(4, 1, &bot::read_10(0, 16), &[], 16 * 512);
+    assert_eq!((residue, status), (0, 0));
+    assert_eq!(data, content[..16 * 512]);
+    d.bulk_out(4, 2, &bot::cbw(2, 512, true, &bot::read_10(16, 1)));
+    std::thread::sleep(Duration::from_millis(200));
+    let ms = machine_state(&machine).unwrap();
+    let began = Instant::now();
+    runstate::vm_stop(ms, RunStatus::Paused).unwrap();
+    let took = began.elapsed();
+    runstate::vm_start(ms).unwrap();
+    assert!(
+        took < Duration::from_secs(2),
+        "the stop waited {took:?} for the limits"
+    );
+    let mut stick = Stick { d: &mut d, addr: 4 };
+    assert_eq!(stick.bulk_in(512), content[16 * 512..17 * 512]);
+    assert_eq!(bot::csw(&stick.bulk_in(13), 2), (0, 0));
+    drive.disable_io_limits();
+}
+
 #[test]
 fn registers_and_devices_move_with_a_migration() {
     let m = pc_with_uhci("usb-mig");

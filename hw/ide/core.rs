@@ -477,7 +477,7 @@ impl IdeChannel {
     /// Removes the drive at `unit`.
     pub fn detach(&self, unit: usize) {
         if unit < UNITS {
-            self.drain();
+            self.drain_lifting(None);
             self.state.lock().info[unit] = None;
         }
     }
@@ -494,16 +494,17 @@ impl IdeChannel {
     /// once the commands in flight are done (QEMU drains the backend around
     /// `blk_insert_bs` and `blk_remove_bs`).
     pub fn set_medium(&self, unit: usize, medium: Option<Arc<BlockBackend>>) {
-        {
+        let old = {
             let mut st = self.state.lock();
-            if let Some(info) = st.info.get_mut(unit).and_then(Option::as_mut) {
+            st.info.get_mut(unit).and_then(Option::as_mut).and_then(|info| {
                 let mut changed = DriveInfo::clone(info);
-                changed.backend = medium;
+                let old = std::mem::replace(&mut changed.backend, medium);
                 *info = Arc::new(changed);
-            }
-        }
+                old
+            })
+        };
         // Commands queued before the swap finish on the old medium before it goes.
-        self.drain();
+        self.drain_lifting(old);
     }
 
     /// QEMU's `ide_cd_change_cb`: the tray closes on the medium (`load`) or opens; the
@@ -547,6 +548,19 @@ impl IdeChannel {
         let generation = st.generation[job.unit];
         self.queue.lock().jobs.push_back((generation, job));
         self.work.notify_one();
+    }
+
+    /// [`IdeChannel::drain`] with the drives' I/O limits lifted meanwhile (QEMU's drain
+    /// disables them), and `also`'s (a medium just taken out): a stop, a reset or a
+    /// medium change from the host never waits them out. The guest's own drains (a
+    /// DEVICE RESET, SRST, stopping the DMA engine) keep the limits and wait on its vCPU.
+    pub fn drain_lifting(&self, also: Option<Arc<BlockBackend>>) {
+        let drives: Vec<Arc<BlockBackend>> = {
+            let st = self.state.lock();
+            st.info.iter().flatten().filter_map(|i| i.backend.clone()).chain(also).collect()
+        };
+        let _lifted: Vec<_> = drives.iter().map(|d| d.lift_limits()).collect();
+        self.drain();
     }
 
     /// Waits until the worker has nothing queued or running (QEMU's `blk_drain`).
@@ -944,7 +958,7 @@ impl IdeChannel {
                 st.transfer_stop(unit);
             }
         }
-        self.drain();
+        self.drain_lifting(None);
         let mut st = self.state.lock();
         st.ctrl = 0;
         st.unit = 0;
@@ -961,7 +975,7 @@ impl IdeChannel {
 
     /// The channel's state for a snapshot (commands in flight finish first).
     pub fn save(&self, section: &mut VmStateSection, prefix: &str) {
-        self.drain();
+        self.drain_lifting(None);
         let st = self.state.lock();
         let saved = SavedChannel {
             drives: st.drives.clone(),
@@ -980,7 +994,7 @@ impl IdeChannel {
     /// Puts back what [`IdeChannel::save`] saved, checked: a stream cannot point the
     /// data window outside its buffer or select a unit that does not exist.
     pub fn load(&self, section: &VmStateSection, prefix: &str) -> Result<(), VmStateError> {
-        self.drain();
+        self.drain_lifting(None);
         let mut saved: SavedChannel = section.get(prefix)?;
         let bad = |reason: &str| VmStateError::BadField {
             field: prefix.to_string(),

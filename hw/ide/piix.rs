@@ -195,7 +195,7 @@ impl PciDeviceImpl for Piix3Ide {
             Arc::new(move |running, _| {
                 if !running {
                     for ch in &stopping {
-                        ch.drain();
+                        ch.drain_lifting(None);
                     }
                 }
             }),

@@ -459,11 +459,14 @@ impl DeviceImpl for UsbStorage {
         // hand-over), wait for the command on the worker.
         let in_flight = model.in_flight.clone();
         luns.set_drain(Box::new(move || in_flight.drain()));
-        let in_flight = model.in_flight.clone();
+        // Neither waits out the drive's I/O limits: they are lifted meanwhile (QEMU's
+        // drain disables them), so a stop under a tiny limit comes back at once.
+        let (in_flight, stopping) = (model.in_flight.clone(), luns.clone());
         let handler = services.vm().add_change_handler(
             CHANGE_HANDLER_PRIORITY,
             Arc::new(move |running, _| {
                 if !running {
+                    let _lifted = stopping.lift_limits();
                     in_flight.drain();
                 }
             }),
@@ -479,6 +482,7 @@ impl DeviceImpl for UsbStorage {
             services.vm().remove_change_handler(*id);
         }
         if let Some(m) = self.model.get() {
+            let _lifted = m.luns.lift_limits();
             m.in_flight.drain();
         }
         DeviceImpl::unrealize(&self.parent, ctx);
