@@ -1066,6 +1066,64 @@ fn unplugging_a_throttled_unit_does_not_wait_for_its_limits() {
     backend.disable_io_limits();
 }
 
+/// Unplugging a unit waits for the adapter's commands, not for another unit's I/O limits:
+/// with four reads queued on a disk at 1 IOPS, `device_del` of the disk beside it comes
+/// back at once.
+#[test]
+fn unplugging_a_unit_does_not_wait_for_another_units_limits() {
+    use block::throttle::{Bucket, ThrottleConfig};
+    let slow = add_drive("vscsi-other-slow", &temp_image("oslow.raw", 1 << 20), false);
+    add_drive("vscsi-other-free", &temp_image("ofree.raw", 1 << 20), false);
+    let m = pc_with_adapter("scsi-other", &[("vscsi-other-slow", &[])]);
+    machine_creation_done(&m).unwrap();
+    let mut d = Driver::start(&m, VERSION_1 | F_HOTPLUG);
+    let free = plug_hot_on(
+        &m,
+        "scsi-other",
+        "vscsi-other-free",
+        &[("scsi-id", "1")],
+        "free0",
+    );
+    let at = lun(0, 0);
+    d.expect_reset_reported(at);
+    let mut config = ThrottleConfig::default();
+    config.bucket_mut(Bucket::OpsTotal).avg = 1;
+    slow.set_io_limits("vscsi-other-slow", false, config);
+    // The first read fills the bucket; four more wait for it.
+    d.command(at, &rw10(0x28, 0, 1), &[], 512).good();
+    let mem = &d.dev.mem;
+    for i in 0..4u64 {
+        let (req, resp, data) = (
+            0x40_0000 + i * 0x1000,
+            0x48_0000 + i * 0x1000,
+            0x50_0000 + i * 0x1000,
+        );
+        let mut header = vec![0u8; REQ_SIZE as usize];
+        header[..8].copy_from_slice(&at);
+        header[19..29].copy_from_slice(&rw10(0x28, i as u32, 1));
+        mem.write_slice(&header, GuestAddress(req)).unwrap();
+        d.req.add_chain(
+            mem,
+            &[
+                (req, REQ_SIZE, false),
+                (resp, RESP_SIZE, true),
+                (data, 512, true),
+            ],
+        );
+    }
+    d.dev.notify(2);
+    std::thread::sleep(Duration::from_millis(100));
+    let began = std::time::Instant::now();
+    hw::core::qdev::qdev_unplug(&free).unwrap();
+    assert!(
+        began.elapsed() < Duration::from_millis(800),
+        "the unplug waited {:?} for the other disk's limits",
+        began.elapsed()
+    );
+    assert_eq!(d.dev.wait_used(&mut d.req, 4, WAIT).len(), 4);
+    slow.disable_io_limits();
+}
+
 /// A unit waiting for its I/O limits holds up only its own throttle group: with more
 /// commands queued for a disk at 1 IOPS than the adapter has pool threads, a read of an
 /// unthrottled disk on the same adapter still completes at once (QEMU queues throttled

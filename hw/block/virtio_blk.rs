@@ -150,13 +150,13 @@ impl VirtioBlk {
     /// itself), then waits for the requests on the pool: every popped request has its
     /// used entry. Returns the queues that ran.
     fn stop(&self) -> Vec<Arc<QueueWorker>> {
+        // QEMU's blk_drain: requests already on the pool finish before the rings go, past
+        // any I/O limits; lifted first, for a kick handler serving a request itself.
+        let _lifted = self.conf.backend.lift_limits();
         let handlers = std::mem::take(&mut *self.handlers.lock());
         for id in handlers {
             self.conf.context.remove_fd(id);
         }
-        // QEMU's blk_drain: requests already on the pool finish before the rings go, past
-        // any I/O limits.
-        let _lifted = self.conf.backend.lift_limits();
         self.in_flight.drain();
         std::mem::take(&mut *self.workers.lock())
     }

@@ -460,12 +460,10 @@ impl ScsiLuns {
     /// Takes the unit at `addr` off the bus; when this returns no command runs on it
     /// (its device may let its backend go).
     fn remove(&self, addr: ScsiAddress) {
-        // Its commands waiting for I/O limits go at once (QEMU's drain disables them): an
-        // unplug must not wait out a queue at 1 IOPS.
-        let _lifted = self
-            .find(addr)
-            .and_then(|unit| unit.drive())
-            .map(|drive| drive.lift_limits());
+        // Commands waiting for I/O limits go at once (QEMU's drain disables them): an
+        // unplug must not wait out a queue at 1 IOPS, its unit's or (the adapter waits
+        // for all its commands) another unit's.
+        let _lifted = self.lift_limits();
         self.units.write().retain(|p| p.addr != addr);
         if let Some(drain) = self.drain.get() {
             drain();

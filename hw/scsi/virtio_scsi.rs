@@ -144,11 +144,12 @@ impl VirtioScsi {
     pub fn new(conf: VirtioScsiConf, luns: Arc<ScsiLuns>) -> Self {
         let in_flight = Arc::new(InFlight::default());
         // A unit that leaves waits for the loop's pass (commands being taken) and for the
-        // commands on the pool; then none runs on it.
+        // commands on the pool; then none runs on it. The wait is on the loop, which takes
+        // no new commands meanwhile: a guest cannot keep it going.
         let (context, waited) = (conf.context.clone(), in_flight.clone());
         luns.set_drain(Box::new(move || {
-            context.run_sync(Box::new(|| {}));
-            waited.drain();
+            let waited = waited.clone();
+            context.run_sync(Box::new(move || waited.drain()));
         }));
         VirtioScsi {
             conf,
@@ -166,8 +167,9 @@ impl VirtioScsi {
     /// Removes the handlers and waits for the commands on the pool: every command taken
     /// has its used entry.
     fn stop(&self) -> Option<Arc<Running>> {
-        self.conf.context.remove_fds(&self.handlers);
+        // Lifted first, for a kick handler serving a command itself.
         let _lifted = self.luns.lift_limits();
+        self.conf.context.remove_fds(&self.handlers);
         self.in_flight.drain();
         self.running.lock().take()
     }
