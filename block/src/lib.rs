@@ -1649,6 +1649,13 @@ pub fn name_in_use(name: &str) -> bool {
         || EMPTY_DRIVES.lock().iter().any(|d| d.name == name)
 }
 
+/// Lifts every backend's I/O limits while the guards live (QEMU's `bdrv_drain_all_begin`,
+/// as far as limits go): a VM stop or reset waits for requests in flight, and a vCPU that
+/// waits for one, not for the limits.
+pub fn lift_all_limits() -> Vec<LimitsLifted> {
+    backends().iter().map(|b| b.lift_limits()).collect()
+}
+
 /// Every backend, in creation order.
 pub fn backends() -> Vec<Arc<BlockBackend>> {
     BACKENDS.lock().clone()

@@ -744,6 +744,9 @@ pub fn vm_stop(vm: &impl AsRef<VmState>, status: RunStatus) -> Result<(), RunSta
         return Ok(());
     }
     let ops = vm.accel_ops().ok_or(RunStateError::NoAccelerator)?;
+    // A vCPU may be waiting for a throttled request (a guest's IDE reset drains its
+    // transfers): it parks once the request went.
+    let _lifted = block::lift_all_limits();
     ops.pause_all();
     vm.run_change_handlers(false, status);
     *current = status;
@@ -784,6 +787,8 @@ pub fn qemu_system_reset(vm: &impl AsRef<VmState>, cause: ShutdownCause) {
     let mut current = vm.status.lock();
     let running = *current == RunStatus::Running;
     let ops = vm.accel_ops();
+    // As in `vm_stop`: neither the pause nor the devices' resets wait out I/O limits.
+    let lifted = block::lift_all_limits();
     if running {
         if let Some(ops) = &ops {
             ops.pause_all();
@@ -794,6 +799,7 @@ pub fn qemu_system_reset(vm: &impl AsRef<VmState>, cause: ShutdownCause) {
     if let Some(reset) = vm.reset.get() {
         reset();
     }
+    drop(lifted);
     vm.requests.handled();
     vm.emit(VmEvent::Reset(cause));
     if running {
