@@ -483,15 +483,16 @@ fn throttle_commands() -> Vec<(&'static str, Value, Option<&'static str>)> {
     ]
 }
 
-/// The throttle members of drive `device`'s (or anonymous drive of device id `device`'s)
-/// `query-block` entry, by name (QEMU's QDict does not keep QAPI's order).
+/// The throttle members of drive `device`'s (or the anonymous drive of the newest device
+/// of id `device`'s) `query-block` entry, by name (QEMU's QDict does not keep QAPI's order).
 fn throttle_members(vm: &mut Vm, device: &str) -> Vec<(String, Value)> {
     let blocks = vm.qmp.execute("query-block", json!({}));
     let entry = blocks["return"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["device"] == device || (b["device"] == "" && b["qdev"] == device))
+        // The newest: a device just deleted may still be listed (QEMU finalizes it later).
+        .rfind(|b| b["device"] == device || (b["device"] == "" && b["qdev"] == device))
         .unwrap_or_else(|| panic!("no {device}: {blocks}"))
         .clone();
     let keep = |k: &str| k.starts_with("bps") || k.starts_with("iops") || k == "group";
@@ -571,6 +572,36 @@ fn run_throttle(vm: &mut Vm) -> Vec<String> {
         seen.push(without_node_numbers(&vm.qmp.execute(name, args)));
     }
     seen.push(format!("{:?}", throttle_members(vm, "cd2")));
+    // A `-blockdev` medium taken out leaves the limits with the drive: put in a new
+    // device's drive, it has none.
+    let node = json!({"driver": "raw", "node-name": "m1", "read-only": true,
+        "file": {"driver": "file", "filename": iso, "read-only": true}});
+    let limits = json!({"id": "cd2", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 5,
+        "iops_rd": 0, "iops_wr": 0});
+    for (name, args) in [
+        ("blockdev-add", node),
+        ("blockdev-open-tray", json!({"id": "cd2"})),
+        ("blockdev-remove-medium", json!({"id": "cd2"})),
+        (
+            "blockdev-insert-medium",
+            json!({"id": "cd2", "node-name": "m1"}),
+        ),
+        ("blockdev-close-tray", json!({"id": "cd2"})),
+        ("block_set_io_throttle", limits),
+        ("blockdev-open-tray", json!({"id": "cd2"})),
+        ("blockdev-remove-medium", json!({"id": "cd2"})),
+        ("device_del", json!({"id": "cd2"})),
+        ("device_add", json!({"driver": "scsi-cd", "id": "cd2"})),
+        ("blockdev-open-tray", json!({"id": "cd2"})),
+        (
+            "blockdev-insert-medium",
+            json!({"id": "cd2", "node-name": "m1"}),
+        ),
+        ("blockdev-close-tray", json!({"id": "cd2"})),
+    ] {
+        seen.push(without_node_numbers(&vm.qmp.execute(name, args)));
+    }
+    seen.push(format!("{:?}", throttle_members(vm, "cd2")));
     seen
 }
 
@@ -610,6 +641,20 @@ fn block_set_io_throttle_answers_and_reports_as_qemu() {
             "SCSI CD plugged again",
             "SCSI CD medium again",
             "SCSI CD medium again: query-block",
+            "node added",
+            "tray opened",
+            "medium removed",
+            "node inserted",
+            "tray closed",
+            "node's limits",
+            "tray opened again",
+            "node removed",
+            "SCSI CD unplugged again",
+            "SCSI CD plugged a third time",
+            "new tray opened",
+            "node inserted in the new drive",
+            "new tray closed",
+            "new drive: query-block",
         ]
         .map(String::from),
     );

@@ -187,11 +187,16 @@ fn remove_medium(blk: &Blk, name: &str) -> Result<(), QmpError> {
             if media.has_tray() && !media.is_tray_open() {
                 return Err(failed(format!("Tray of device '{name}' is not open")));
             }
-            if let Some((group, config)) = media.medium().and_then(|m| m.io_limits()) {
-                let path = dev.canonical_path().unwrap_or_default();
-                let mut kept = DRIVE_LIMITS.lock();
-                kept.retain(|_, (owner, ..)| owner.strong_count() > 0);
-                kept.insert(path, (Arc::downgrade(dev), group, config));
+            if let Some(medium) = media.medium() {
+                if let Some((group, config)) = medium.io_limits() {
+                    let path = dev.canonical_path().unwrap_or_default();
+                    let mut kept = DRIVE_LIMITS.lock();
+                    kept.retain(|_, (owner, ..)| owner.strong_count() > 0);
+                    kept.insert(path, (Arc::downgrade(dev), group, config));
+                }
+                // The limits stay with the drive: the medium leaves without them, and a
+                // command of the drive still waiting on them goes at once.
+                medium.disable_io_limits();
             }
             media.remove_medium();
             if !media.has_tray() {
