@@ -1148,7 +1148,8 @@ impl BlockBackend {
             let group = self.throttle.lock().clone();
             if let Some(group) = group {
                 let generation = self.throttle_generation.load(Ordering::SeqCst);
-                group.intercept(kind == IoType::Write, bytes, || {
+                let member = self as *const BlockBackend as usize;
+                group.intercept(member, kind == IoType::Write, bytes, || {
                     self.limits_lifted.load(Ordering::SeqCst) == 0
                         && self.throttle_generation.load(Ordering::SeqCst) == generation
                 });

@@ -198,6 +198,52 @@ struct GroupState {
     config: ThrottleConfig,
     buckets: [LeakyBucket; BUCKETS],
     previous_leak: Instant,
+    /// By direction (read, write): the members with requests waiting, and how many.
+    waiting: [Vec<(usize, usize)>; 2],
+    /// By direction: the member whose request goes next while several wait (QEMU's
+    /// `tokens`, handed round robin so one member's many requests cannot starve another's).
+    turn: [Option<usize>; 2],
+}
+
+impl GroupState {
+    fn join(&mut self, dir: usize, member: usize) {
+        match self.waiting[dir].iter_mut().find(|(m, _)| *m == member) {
+            Some((_, n)) => *n += 1,
+            None => self.waiting[dir].push((member, 1)),
+        }
+    }
+
+    fn leave(&mut self, dir: usize, member: usize) {
+        let waiting = &mut self.waiting[dir];
+        if let Some(i) = waiting.iter().position(|(m, _)| *m == member) {
+            waiting[i].1 -= 1;
+            if waiting[i].1 == 0 {
+                waiting.remove(i);
+            }
+        }
+    }
+
+    /// Whether `member` may go now as far as turns go: its turn, or the member whose turn
+    /// it is has nothing waiting.
+    fn has_turn(&self, dir: usize, member: usize) -> bool {
+        match self.turn[dir] {
+            None => true,
+            Some(t) => t == member || !self.waiting[dir].iter().any(|(m, _)| *m == t),
+        }
+    }
+
+    /// Hands the turn to the next member after `member` (by member order, round) that has
+    /// requests waiting: itself if only it has (QEMU's `next_throttle_token`).
+    fn pass_turn(&mut self, dir: usize, member: usize) {
+        let waiting = &self.waiting[dir];
+        let next = waiting
+            .iter()
+            .map(|(m, _)| *m)
+            .filter(|&m| m > member)
+            .min()
+            .or_else(|| waiting.iter().map(|(m, _)| *m).min());
+        self.turn[dir] = next;
+    }
 }
 
 /// A throttle group (QEMU's `ThrottleGroup`): one configuration and one set of buckets for
@@ -230,6 +276,8 @@ impl ThrottleGroup {
                 config: ThrottleConfig::default(),
                 buckets: [LeakyBucket::default(); BUCKETS],
                 previous_leak: Instant::now(),
+                waiting: [Vec::new(), Vec::new()],
+                turn: [None, None],
             }),
             changed: Condvar::new(),
         });
@@ -263,11 +311,13 @@ impl ThrottleGroup {
         self.changed.notify_all();
     }
 
-    /// Waits until a request of `bytes` in direction `write` may go, then counts it
-    /// (QEMU's `throttle_group_co_io_limits_intercept`). While `applies` says no (the
-    /// member left the group, or drains: QEMU's `io_limits_disabled`) the request goes at
-    /// once, uncounted; whoever changes that calls [`ThrottleGroup::wake_all`].
-    pub fn intercept(&self, write: bool, bytes: u64, applies: impl Fn() -> bool) {
+    /// Waits until a request of `bytes` in direction `write` from `member` (any number
+    /// that tells the group's members apart) may go, then counts it (QEMU's
+    /// `throttle_group_co_io_limits_intercept`). While several members wait, they go in
+    /// turn. While `applies` says no (the member left the group, or drains: QEMU's
+    /// `io_limits_disabled`) the request goes at once, uncounted; whoever changes that
+    /// calls [`ThrottleGroup::wake_all`].
+    pub fn intercept(&self, member: usize, write: bool, bytes: u64, applies: impl Fn() -> bool) {
         let direction =
             |read: Bucket, write_bucket: Bucket| if write { write_bucket } else { read };
         let checked = [
@@ -276,9 +326,15 @@ impl ThrottleGroup {
             direction(Bucket::BpsRead, Bucket::BpsWrite),
             direction(Bucket::OpsRead, Bucket::OpsWrite),
         ];
+        let dir = usize::from(write);
         let mut st = self.state.lock();
+        let mut joined = false;
         loop {
             if !applies() {
+                if joined {
+                    st.leave(dir, member);
+                    self.changed.notify_all();
+                }
                 return;
             }
             let wait = {
@@ -294,7 +350,7 @@ impl ThrottleGroup {
                     .iter()
                     .map(|&b| st.buckets[b as usize].wait())
                     .fold(0.0, f64::max);
-                if wait == 0.0 {
+                if wait == 0.0 && st.has_turn(dir, member) {
                     let op_size = st.config.op_size;
                     let units = if op_size != 0 && bytes > op_size {
                         bytes as f64 / op_size as f64
@@ -306,9 +362,24 @@ impl ThrottleGroup {
                         .add(bytes as f64);
                     st.buckets[Bucket::OpsTotal as usize].add(units);
                     st.buckets[direction(Bucket::OpsRead, Bucket::OpsWrite) as usize].add(units);
+                    if joined {
+                        st.leave(dir, member);
+                    }
+                    st.pass_turn(dir, member);
+                    // The member whose turn it is now looks again.
+                    self.changed.notify_all();
                     return;
                 }
-                wait
+                if !joined {
+                    st.join(dir, member);
+                    joined = true;
+                }
+                // Not its turn: woken when the turn passes.
+                if wait == 0.0 {
+                    1.0
+                } else {
+                    wait
+                }
             };
             // A change of limits, or of whether they apply, wakes the wait early.
             self.changed
@@ -367,5 +438,45 @@ mod tests {
         assert!((b.wait() - 0.1).abs() < 1e-9, "{}", b.wait());
         b.leak(0.1);
         assert_eq!(b.wait(), 0.0);
+    }
+
+    /// Members of a group go in turn: one member issuing from eight threads and another
+    /// from one share 20 ops a second about evenly, not 8 to 1.
+    #[test]
+    fn members_with_requests_waiting_go_in_turn() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let group = ThrottleGroup::get("members-in-turn");
+        let mut config = ThrottleConfig::default();
+        config.bucket_mut(Bucket::OpsTotal).avg = 20;
+        group.set_config(config);
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let threads: Vec<_> = (0..9)
+            .map(|i| {
+                let (group, stop, counts) = (group.clone(), stop.clone(), counts.clone());
+                let member = usize::from(i == 8);
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        group.intercept(member, false, 512, || !stop.load(Ordering::SeqCst));
+                        counts[member].fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        let (many, one) = (
+            counts[0].load(Ordering::SeqCst),
+            counts[1].load(Ordering::SeqCst),
+        );
+        stop.store(true, Ordering::SeqCst);
+        group.wake_all();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(
+            one * 10 >= (many + one) * 3,
+            "the lone member got {one} of {} ops",
+            many + one
+        );
     }
 }
