@@ -1877,6 +1877,64 @@ fn on_kvm_a_continued_vm_gets_no_burst_of_pit_ticks_missed_while_stopped() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A QAPI `int` argument of 2^63 or more (a JSON number only a uint64 holds) is refused
+/// as QEMU 7.2 refuses it, not read as 0 or as absent: `pmemsave` from address 0, a
+/// balloon target of 0 bytes, an unfiltered dump.
+#[test]
+fn integers_beyond_int64_are_refused_as_qemu_refuses_them() {
+    if !qemu_installed() {
+        return;
+    }
+    let common = [
+        "-M",
+        "pc",
+        "-S",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-m",
+        "16M",
+    ];
+    let qemu = Vm::start_program(
+        "qemu-system-x86_64",
+        &[&common[..], &["-accel", "tcg"]].concat(),
+    );
+    let ours_vm = Vm::start(&[&common[..], &["-accel", "qtest"]].concat());
+    let (mut theirs, mut ours) = (qemu.negotiated(), ours_vm.negotiated());
+    let big = json!(9_223_372_036_854_775_808u64);
+    let file = std::env::temp_dir().join(format!("qomvm-bigint-{}", std::process::id()));
+    let file = file.to_str().unwrap();
+    for (command, args) in [
+        (
+            "pmemsave",
+            json!({"val": big, "size": 16, "filename": file}),
+        ),
+        ("pmemsave", json!({"val": 0, "size": big, "filename": file})),
+        (
+            "memsave",
+            json!({"val": 0, "size": 16, "filename": file, "cpu-index": big}),
+        ),
+        (
+            "dump-guest-memory",
+            json!({"paging": false, "protocol": format!("file:{file}"), "begin": big, "length": 4096}),
+        ),
+        ("balloon", json!({"value": big})),
+        (
+            "human-monitor-command",
+            json!({"command-line": "info status", "cpu-index": big}),
+        ),
+        ("remove-fd", json!({"fdset-id": big})),
+        ("screendump", json!({"filename": file, "head": big})),
+    ] {
+        assert_eq!(
+            ours.cmd(command, args.clone()),
+            theirs.cmd(command, args.clone()),
+            "{command} {args}"
+        );
+    }
+    let _ = std::fs::remove_file(file);
+}
+
 /// The machine queries libvirt asks at start-up answer as QEMU 7.2's for the same machine:
 /// `query-current-machine` (whether `virsh dompmsuspend` may use S3), `query-acpi-ospm-
 /// status` (refused without ACPI), `query-memory-devices`; `query-chardev-backends` lists
