@@ -1006,9 +1006,13 @@ fn qmp_memsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qmp
     Ok(json!({}))
 }
 
-/// The bytes an unprivileged writer may still put on `file`'s file system.
+/// The bytes an unprivileged writer may still put on `file`'s file system; unlimited for
+/// what is not a regular file (`/dev/null`, a pipe: their file systems report no space).
 fn free_bytes(file: &std::fs::File) -> u64 {
     use std::os::fd::AsRawFd;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return u64::MAX;
+    }
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: fstatvfs fills `st` for a valid descriptor; it is read only on success.
     if unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
@@ -1539,5 +1543,23 @@ fn net_error(e: crate::net::NetCommandError) -> QmpError {
     match e {
         crate::net::NetCommandError::NotFound(name) => QmpError::DeviceNotFound(name),
         crate::net::NetCommandError::Other(text) => QmpError::BadInput(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_regular_files_are_held_to_their_file_systems_free_space() {
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        assert_eq!(free_bytes(&null), u64::MAX);
+        let path = std::env::temp_dir().join(format!("qomvm-free-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(free_bytes(&file) < u64::MAX);
     }
 }
