@@ -1124,18 +1124,44 @@ fn unplugging_a_unit_does_not_wait_for_another_units_limits() {
     slow.disable_io_limits();
 }
 
-/// A unit waiting for its I/O limits holds up only its own throttle group: with more
-/// commands queued for a disk at 1 IOPS than the adapter has pool threads, a read of an
-/// unthrottled disk on the same adapter still completes at once (QEMU queues throttled
-/// requests in their group, holding no thread).
+/// A unit waiting for its I/O limits holds up only itself: with more commands queued for a
+/// disk at 1 IOPS than the adapter has pool threads, a read of an unthrottled disk on the
+/// same adapter still completes at once (QEMU queues throttled requests in their group,
+/// holding no thread).
 #[test]
 fn a_throttled_unit_does_not_hold_up_the_others() {
+    throttled_neighbour("starve", false);
+}
+
+/// Units of one throttle group take turns: with 100 reads queued for one disk, a read of
+/// the other disk in its group goes within a turn or two (QEMU's round robin), not after
+/// the first disk's backlog.
+#[test]
+fn units_of_one_throttle_group_take_turns() {
+    throttled_neighbour("turns", true);
+}
+
+/// 100 reads queued for a throttled disk, then one read of the disk beside it on the same
+/// adapter (in the same throttle group, or without limits), which must complete at once.
+fn throttled_neighbour(tag: &str, same_group: bool) {
     use block::throttle::{Bucket, ThrottleConfig};
-    add_drive("vscsi-free", &temp_image("free.raw", 1 << 20), false);
-    let slow = add_drive("vscsi-slow", &temp_image("slow.raw", 1 << 20), false);
+    let (free_id, slow_id) = (format!("vscsi-{tag}-free"), format!("vscsi-{tag}-slow"));
+    let other = add_drive(
+        &free_id,
+        &temp_image(&format!("{tag}-free.raw"), 1 << 20),
+        false,
+    );
+    let slow = add_drive(
+        &slow_id,
+        &temp_image(&format!("{tag}-slow.raw"), 1 << 20),
+        false,
+    );
     let m = pc_with_adapter(
-        "scsi-starve",
-        &[("vscsi-free", &[]), ("vscsi-slow", &[("scsi-id", "1")])],
+        &format!("scsi-{tag}"),
+        &[
+            (free_id.as_str(), &[]),
+            (slow_id.as_str(), &[("scsi-id", "1")]),
+        ],
     );
     machine_creation_done(&m).unwrap();
     // The request queue holds more than the pool's 64 threads.
@@ -1178,8 +1204,12 @@ fn a_throttled_unit_does_not_hold_up_the_others() {
         assert_eq!(dev.wait_used(&mut req, 1, WAIT).len(), 1);
     }
     let mut config = ThrottleConfig::default();
-    config.bucket_mut(Bucket::OpsTotal).avg = 1;
-    slow.set_io_limits("vscsi-slow", false, config);
+    config.bucket_mut(Bucket::OpsTotal).avg = if same_group { 5 } else { 1 };
+    let group = format!("vscsi-{tag}");
+    slow.set_io_limits(&group, false, config);
+    if same_group {
+        other.set_io_limits(&group, false, config);
+    }
     let queued = 100u64;
     for slot in 0..queued {
         queue_read(&mut req, slot, throttled);
@@ -1195,17 +1225,18 @@ fn a_throttled_unit_does_not_hold_up_the_others() {
     while !done.iter().any(|&(id, _)| id == u32::from(head)) {
         assert!(
             std::time::Instant::now() < deadline,
-            "the unthrottled disk's read waited for the other disk's limits"
+            "the neighbour's read waited for the throttled disk's backlog"
         );
         done.extend(dev.wait_used(&mut req, 1, Duration::from_millis(100)));
     }
     assert!(
         began.elapsed() < Duration::from_secs(2),
-        "the unthrottled disk's read took {:?}",
+        "the neighbour's read took {:?}",
         began.elapsed()
     );
     // The throttled reads all go once the limits do.
     slow.disable_io_limits();
+    other.disable_io_limits();
     let mut completed = done.len() as u64;
     while completed < queued + 1 {
         let more = dev.wait_used(&mut req, 1, WAIT);
@@ -1216,6 +1247,24 @@ fn a_throttled_unit_does_not_hold_up_the_others() {
         );
         completed += more.len() as u64;
     }
+}
+
+/// REQUEST SENSE takes a pending unit attention as its data, with GOOD status, and clears
+/// it (SPC; QEMU's bus does so for every unit): the disk's reset is reported once.
+#[test]
+fn request_sense_reports_a_pending_unit_attention_as_its_data() {
+    add_drive("vscsi-rs", &temp_image("rs.raw", 1 << 20), false);
+    let m = pc_with_adapter("scsi-rs", &[("vscsi-rs", &[])]);
+    machine_creation_done(&m).unwrap();
+    let mut d = Driver::start(&m, VERSION_1);
+    let at = lun(0, 0);
+    let reply = d.command(at, &[0x03, 0, 0, 0, 18, 0], &[], 18);
+    let sense = &reply.good().data;
+    assert_eq!(
+        (sense[0], sense[2] & 0xf, sense[12], sense[13]),
+        (0x70, 6, 0x29, 0)
+    );
+    d.command(at, &[0u8; 6], &[], 0).good();
 }
 
 /// A unit attention still pending moves with the disk (QEMU's `vmstate_scsi_device`), and

@@ -366,8 +366,10 @@ impl ThrottleGroup {
                         st.leave(dir, member);
                     }
                     st.pass_turn(dir, member);
-                    // The member whose turn it is now looks again.
-                    self.changed.notify_all();
+                    if !st.waiting[dir].is_empty() {
+                        // The member whose turn it is now looks again.
+                        self.changed.notify_all();
+                    }
                     return;
                 }
                 if !joined {

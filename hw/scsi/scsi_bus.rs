@@ -418,11 +418,9 @@ impl ScsiLuns {
         drives.iter().map(|d| d.lift_limits()).collect()
     }
 
-    /// The throttle group the drive of the unit at `addr` is in, if its commands may wait
-    /// for I/O limits.
-    pub fn throttle_group(&self, addr: ScsiAddress) -> Option<String> {
-        let (group, _) = self.find(addr)?.drive()?.io_limits()?;
-        Some(group)
+    /// The drive of the unit at `addr`, if its commands may wait for I/O limits.
+    pub fn throttled_drive(&self, addr: ScsiAddress) -> Option<Arc<block::BlockBackend>> {
+        self.find(addr)?.drive().filter(|d| d.is_throttled())
     }
 
     /// Whether any unit's commands may wait for I/O limits.

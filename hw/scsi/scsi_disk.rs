@@ -624,7 +624,12 @@ impl ScsiLogicalUnit for ScsiDisk {
         }
         if !runs_under_unit_attention(opcode) {
             if let Some(sense) = self.unit_attention.lock().take() {
-                return ScsiOutcome::Check(sense);
+                // REQUEST SENSE reports it as its data, as the CD's does (QEMU's bus
+                // handles both units' alike).
+                return match opcode {
+                    op::REQUEST_SENSE => data.reply(&sense.fixed(), usize::from(cdb[4])),
+                    _ => ScsiOutcome::Check(sense),
+                };
             }
         }
         match opcode {

@@ -315,7 +315,7 @@ impl VirtioDevice for VirtioScsi {
             events: Mutex::new(event_queue),
             events_dropped: self.events_dropped.clone(),
             pool: self.pool.clone(),
-            group_pools: Mutex::new(HashMap::new()),
+            drive_pools: Mutex::new(HashMap::new()),
             in_flight: self.in_flight.clone(),
             broken: AtomicBool::new(false),
         });
@@ -441,10 +441,11 @@ struct Running {
     /// Shared with the device (see `VirtioScsi::events_dropped`).
     events_dropped: Arc<AtomicBool>,
     pool: ThreadPool,
-    /// Where commands to throttled units wait, a pool per throttle group: a unit waiting
-    /// for its limits holds up its group alone, not the adapter's other units (QEMU
-    /// queues such requests in their group without a thread; here each holds a worker).
-    group_pools: Mutex<HashMap<String, ThreadPool>>,
+    /// Where commands to throttled units wait, a pool per drive (by address): a unit
+    /// waiting for its limits holds up itself alone, and the units of one throttle group
+    /// all reach the group's turns (QEMU queues such requests in their group without a
+    /// thread; here each holds a worker).
+    drive_pools: Mutex<HashMap<usize, ThreadPool>>,
     in_flight: Arc<InFlight>,
     broken: AtomicBool,
 }
@@ -528,20 +529,24 @@ impl Running {
         }
     }
 
-    /// The pool a command waits on: its unit's throttle group's, or the adapter's.
+    /// The pool a command waits on: its throttled drive's, or the adapter's.
     fn pool_for(&self, chain: &Chain) -> ThreadPool {
-        let group = self
+        let drive = self
             .peek_lun(chain)
             .and_then(|lun| decode_lun(&lun))
-            .and_then(|addr| self.luns.throttle_group(addr));
-        match group {
+            .and_then(|addr| self.luns.throttled_drive(addr));
+        match drive {
             None => self.pool.clone(),
-            Some(group) => self
-                .group_pools
-                .lock()
-                .entry(group)
-                .or_insert_with(|| ThreadPool::new("worker", POOL_THREADS))
-                .clone(),
+            Some(drive) => {
+                let mut pools = self.drive_pools.lock();
+                // Pools without workers hold nothing: those of drives gone (a medium
+                // changed, a unit unplugged) go.
+                pools.retain(|_, pool| pool.threads() > 0);
+                pools
+                    .entry(Arc::as_ptr(&drive) as usize)
+                    .or_insert_with(|| ThreadPool::new("worker", POOL_THREADS))
+                    .clone()
+            }
         }
     }
 
