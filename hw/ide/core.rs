@@ -552,8 +552,9 @@ impl IdeChannel {
 
     /// [`IdeChannel::drain`] with the drives' I/O limits lifted meanwhile (QEMU's drain
     /// disables them), and `also`'s (a medium just taken out): a stop, a reset or a
-    /// medium change from the host never waits them out. The guest's own drains (a
-    /// DEVICE RESET, SRST, stopping the DMA engine) keep the limits and wait on its vCPU.
+    /// medium change from the host, or the guest stopping the DMA engine (QEMU's
+    /// `blk_drain`), never waits them out. A DEVICE RESET or SRST keeps the limits and
+    /// waits on the guest's vCPU (QEMU's `blk_aio_cancel` waits too).
     pub fn drain_lifting(&self, also: Option<Arc<BlockBackend>>) {
         let drives: Vec<Arc<BlockBackend>> = {
             let st = self.state.lock();
@@ -894,8 +895,8 @@ impl IdeChannel {
         };
         if stopping {
             // Stopping the engine waits for a transfer that runs (QEMU cancels it
-            // synchronously too).
-            self.drain();
+            // synchronously too, with `blk_drain`, which lets throttled requests go).
+            self.drain_lifting(None);
         }
         self.with_state(|st| {
             let starting = st.bm.cmd & BM_CMD_START == 0 && value & BM_CMD_START != 0;
