@@ -538,20 +538,24 @@ fn run_throttle(vm: &mut Vm) -> Vec<String> {
             .replace(&vm.dir.display().to_string(), "DIR");
         seen.push(without_node_numbers(&Value::String(text)));
     }
-    // A CD drive keeps its limits across medium changes (QEMU keeps them on the drive).
+    // A CD drive keeps its limits across medium changes (QEMU keeps them on the drive):
+    // its group's, which another member may change while the drive has no medium.
     let iso = vm.dir.join("c.iso").display().to_string();
     let change = json!({"device": "d3", "filename": iso, "format": "raw"});
-    for (name, args) in [
-        (
-            "block_set_io_throttle",
-            json!({"device": "d3", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 7, "iops_rd": 0, "iops_wr": 0}),
-        ),
-        ("blockdev-change-medium", change.clone()),
-        ("eject", json!({"device": "d3"})),
-        ("blockdev-change-medium", change),
+    let iops = |device: &str, iops: u32, group: &str| {
+        json!({"device": device, "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": iops,
+            "iops_rd": 0, "iops_wr": 0, "group": group})
+    };
+    for (name, args, query) in [
+        ("block_set_io_throttle", iops("d3", 7, "d3"), true),
+        ("blockdev-change-medium", change.clone(), true),
+        ("eject", json!({"device": "d3"}), false),
+        ("block_set_io_throttle", iops("d1", 3, "d3"), false),
+        ("blockdev-change-medium", change, true),
+        ("block_set_io_throttle", iops("d1", 0, "d3"), false),
     ] {
         seen.push(without_node_numbers(&vm.qmp.execute(name, args)));
-        if name != "eject" {
+        if query {
             seen.push(format!("{:?}", throttle_members(vm, "d3")));
         }
     }
@@ -632,8 +636,10 @@ fn block_set_io_throttle_answers_and_reports_as_qemu() {
             "CD medium changed",
             "CD medium changed: query-block",
             "CD ejected",
+            "CD's group changed by another member",
             "CD medium back",
             "CD medium back: query-block",
+            "the other member's limits lifted",
             "SCSI CD medium",
             "SCSI CD limits",
             "SCSI CD ejected",

@@ -1925,6 +1925,17 @@ fn integers_beyond_int64_are_refused_as_qemu_refuses_them() {
         ),
         ("remove-fd", json!({"fdset-id": big})),
         ("screendump", json!({"filename": file, "head": big})),
+        (
+            "block_set_io_throttle",
+            json!({"device": "nosuch", "bps": big, "bps_rd": 0,
+            "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}),
+        ),
+        ("block_resize", json!({"device": "nosuch", "size": big})),
+        (
+            "send-key",
+            json!({"keys": [{"type": "qcode", "data": "a"}], "hold-time": big}),
+        ),
+        ("input-send-event", json!({"events": [], "head": big})),
     ] {
         assert_eq!(
             ours.cmd(command, args.clone()),

@@ -1058,6 +1058,22 @@ impl BlockBackend {
         }
     }
 
+    /// The throttle group the backend is in.
+    pub fn throttle_group(&self) -> Option<Arc<throttle::ThrottleGroup>> {
+        self.throttle.lock().clone()
+    }
+
+    /// Joins `group` under the limits the group has now (a drive's medium put back: in
+    /// QEMU the drive never left the group, whose limits its other members may have
+    /// changed meanwhile).
+    pub fn join_throttle_group(&self, group: Arc<throttle::ThrottleGroup>) {
+        let left = self.throttle.lock().replace(group);
+        if let Some(left) = left {
+            self.throttle_generation.fetch_add(1, Ordering::SeqCst);
+            left.wake_all();
+        }
+    }
+
     /// QEMU's `blk_io_limits_disable`: the backend leaves its throttle group; its waiting
     /// requests go.
     pub fn disable_io_limits(&self) {

@@ -166,15 +166,12 @@ fn close_tray(blk: &Blk, name: &str) -> Result<(), QmpError> {
     Ok(())
 }
 
-/// The I/O limits of removable-media drives whose medium was taken out, by the device's
-/// QOM path, for the next medium: QEMU keeps them on the drive (its `BlockBackend`),
-/// which in qomvm is the medium. They go with the device: a new one at the same path
+/// The throttle groups of removable-media drives whose medium was taken out, by the
+/// device's QOM path, for the next medium: QEMU keeps the drive (its `BlockBackend`, in
+/// qomvm the medium) in its group. They go with the device: a new one at the same path
 /// does not inherit them.
 static DRIVE_LIMITS: parking_lot::Mutex<
-    std::collections::BTreeMap<
-        String,
-        (qom::WeakObjectRef, String, block::throttle::ThrottleConfig),
-    >,
+    std::collections::BTreeMap<String, (qom::WeakObjectRef, Arc<block::throttle::ThrottleGroup>)>,
 > = parking_lot::Mutex::new(std::collections::BTreeMap::new());
 
 /// QEMU's `blockdev_remove_medium`: the medium leaves the drive (closed if the drive
@@ -188,11 +185,11 @@ fn remove_medium(blk: &Blk, name: &str) -> Result<(), QmpError> {
                 return Err(failed(format!("Tray of device '{name}' is not open")));
             }
             if let Some(medium) = media.medium() {
-                if let Some((group, config)) = medium.io_limits() {
+                if let Some(group) = medium.throttle_group() {
                     let path = dev.canonical_path().unwrap_or_default();
                     let mut kept = DRIVE_LIMITS.lock();
-                    kept.retain(|_, (owner, ..)| owner.strong_count() > 0);
-                    kept.insert(path, (Arc::downgrade(dev), group, config));
+                    kept.retain(|_, (owner, _)| owner.strong_count() > 0);
+                    kept.insert(path, (Arc::downgrade(dev), group));
                 }
                 // The limits stay with the drive: the medium leaves without them, and a
                 // command of the drive still waiting on them goes at once.
@@ -241,10 +238,10 @@ fn insert_medium(blk: &Blk, medium: Arc<BlockBackend>) -> Result<(), QmpError> {
                 .map_err(|e| failed(e.to_string()))?;
             let path = dev.canonical_path().unwrap_or_default();
             let kept = DRIVE_LIMITS.lock().remove(&path);
-            if let Some((_, group, config)) =
-                kept.filter(|(owner, ..)| std::ptr::eq(owner.as_ptr(), Arc::as_ptr(dev)))
+            if let Some((_, group)) =
+                kept.filter(|(owner, _)| std::ptr::eq(owner.as_ptr(), Arc::as_ptr(dev)))
             {
-                medium.set_io_limits(&group, false, config);
+                medium.join_throttle_group(group);
             }
             if !media.has_tray() {
                 change_media(media, true);
@@ -350,7 +347,7 @@ pub fn qmp_blockdev_del(args: &Map<String, Value>) -> Result<Value, QmpError> {
 pub fn qmp_block_resize(args: &Map<String, Value>) -> Result<Value, QmpError> {
     let device = str_arg(args, "device");
     let node_name = str_arg(args, "node-name");
-    let size = args.get("size").and_then(Value::as_i64).unwrap_or(-1);
+    let size = crate::monitor::qmp_cmds::int_arg(args, "size")?.unwrap_or(-1);
     let mut backend = None;
     if let Some(name) = device {
         if let Some(b) = block::backends().into_iter().find(|b| b.id() == name) {
@@ -417,6 +414,17 @@ fn blk_backend(device: Option<&str>, id: Option<&str>) -> Result<Arc<BlockBacken
 /// takes the drive out of its throttle group.
 pub fn qmp_block_set_io_throttle(args: &Map<String, Value>) -> Result<Value, QmpError> {
     use block::throttle::{Bucket, ThrottleConfig};
+    // Every number is a QAPI int: one beyond int64 is refused (QEMU's input visitor,
+    // before the command looks the drive up), not read as no limit.
+    for name in args.keys() {
+        crate::monitor::qmp_cmds::int_arg(args, name).or_else(|e| {
+            if args[name].is_number() {
+                Err(e)
+            } else {
+                Ok(None)
+            }
+        })?;
+    }
     let backend = blk_backend(str_arg(args, "device"), str_arg(args, "id"))?;
     let int = |name: &str| args.get(name).and_then(Value::as_i64);
     let mut config = ThrottleConfig::default();

@@ -761,7 +761,7 @@ pub fn find_command(name: &str) -> Option<&'static QmpCommand> {
 
 /// A QAPI `int` argument, `None` if absent. `check_args` lets through JSON numbers
 /// beyond i64 (for `uint64` arguments): an `int` refuses them, as QEMU's input visitor.
-fn int_arg(args: &Map<String, Value>, name: &str) -> Result<Option<i64>, QmpError> {
+pub(crate) fn int_arg(args: &Map<String, Value>, name: &str) -> Result<Option<i64>, QmpError> {
     args.get(name)
         .map(|v| {
             v.as_i64().ok_or_else(|| QmpError::InvalidParameterType {
