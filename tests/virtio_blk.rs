@@ -876,6 +876,52 @@ fn throttled_requests_wait_off_the_event_loop() {
     backend.disable_io_limits();
 }
 
+/// A driver that offers the same request again and again before the device used it (its
+/// head republished in the avail ring) breaks the device once more are outstanding than
+/// the ring holds (QEMU's "Virtqueue size exceeded"), instead of piling up requests that
+/// a stop or reset would wait for; a reset recovers.
+#[test]
+fn a_head_offered_again_before_use_breaks_the_device_past_the_ring_size() {
+    use block::throttle::{Bucket, ThrottleConfig};
+    let path = temp_image("republish.raw", 1 << 20);
+    let backend = add_drive("vblk-republish", &path, false);
+    let m = pc_with_disk("vblk-republish", &[]);
+    let (dev, mut ring) = start(&m, VERSION_1);
+    let mut config = ThrottleConfig::default();
+    config.bucket_mut(Bucket::OpsTotal).avg = 1;
+    backend.set_io_limits("vblk-republish", false, config);
+    // The first read fills the bucket; the same read, offered again, waits.
+    assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true).0, 0);
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    dev.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    let head = ring.add_chain(
+        &dev.mem,
+        &[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    dev.notify(0);
+    // Eight at a time, so the avail index never runs more than the ring ahead.
+    for _ in 0..4 {
+        for _ in 0..8 {
+            ring.publish(&dev.mem, head);
+        }
+        dev.notify(0);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while dev.status() & NEEDS_RESET == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "33 requests outstanding on a ring of 16, and the device is not broken"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    backend.disable_io_limits();
+    dev.set_status(0);
+    let (dev, mut ring) = start(&m, VERSION_1);
+    assert_eq!(request(&dev, &mut ring, T_IN, 0, 512, true).0, 0);
+}
+
 /// A device reset (or a stop, a migration) waits for the requests it has taken, but not
 /// for their I/O limits: at 1 IOPS, four queued reads would take four seconds; the reset
 /// lets them go at once, as QEMU's drain lifts the limits. Lifting the limits

@@ -277,6 +277,7 @@ impl VirtioDevice for VirtioBlk {
                 in_flight: self.in_flight.clone(),
                 on_pool: AtomicUsize::new(0),
                 deferred: AtomicUsize::new(0),
+                outstanding: Default::default(),
             });
             self.workers.lock().push(worker.clone());
             let handler = Box::new(move || {
@@ -418,6 +419,8 @@ struct QueueWorker {
     on_pool: AtomicUsize,
     /// Completions since the last interrupt decision.
     deferred: AtomicUsize,
+    /// Requests taken and not yet used: at most the ring's size.
+    outstanding: crate::virtio::virtio::Outstanding,
 }
 
 /// Most completions from the pool before an interrupt is considered anyway.
@@ -493,6 +496,7 @@ impl QueueWorker {
             // `iter` checks the avail index against the ring size on every call: a guest
             // that moves it by more than the ring holds gets an error, not a long loop.
             while let Some(chain) = queue.iter(self.mem.clone())?.next() {
+                self.outstanding.take(queue.size())?;
                 chains.push(chain);
             }
             if !queue.enable_notification(mem)? {
@@ -531,6 +535,7 @@ impl QueueWorker {
                 !others || deferred >= NOTIFY_BATCH || self.requests.backend.is_throttled()
             };
             queue.add_used(mem, head, len).and_then(|()| {
+                self.outstanding.used();
                 if batch_done {
                     self.deferred.store(0, Ordering::Release);
                     queue.needs_notification(mem)

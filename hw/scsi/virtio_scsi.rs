@@ -300,6 +300,7 @@ impl VirtioDevice for VirtioScsi {
                     index,
                     queue: Mutex::new(q.queue),
                     kick: q.kick.clone(),
+                    outstanding: Default::default(),
                 }),
             }
         }
@@ -416,6 +417,8 @@ struct ServedQueue {
     queue: Mutex<Queue>,
     /// The driver's notifications; the handler signals it itself to come back for more.
     kick: Arc<EventFd>,
+    /// Commands taken and not yet used: at most the ring's size.
+    outstanding: crate::virtio::virtio::Outstanding,
 }
 
 /// Commands a handler takes before it lets the event loop's other handlers run: a guest
@@ -567,6 +570,7 @@ impl Running {
         loop {
             queue.disable_notification(mem)?;
             while let Some(chain) = queue.iter(self.mem.clone())?.next() {
+                served.outstanding.take(queue.size())?;
                 chains.push(chain);
                 if chains.len() == COMMANDS_PER_PASS {
                     return Ok((chains, true));
@@ -595,6 +599,7 @@ impl Running {
         let notify = len.and_then(|len| {
             let mut queue = served.queue.lock();
             queue.add_used(mem, head, len)?;
+            served.outstanding.used();
             Ok(queue.needs_notification(mem)?)
         });
         match notify {

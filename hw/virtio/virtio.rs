@@ -383,6 +383,33 @@ pub enum RingError {
     Chain(String),
 }
 
+/// Requests a device took from a ring and has not yet put in its used ring. Nothing in
+/// the ring says a head is in use, so a driver can offer one again before the device used
+/// it, without end: past the ring's size the device is broken (QEMU's "Virtqueue size
+/// exceeded"), so a guest cannot pile up work that a stop or reset would wait for.
+#[derive(Default)]
+pub struct Outstanding(std::sync::atomic::AtomicUsize);
+
+impl Outstanding {
+    /// Counts one more request taken from a ring of `ring_size` entries.
+    pub fn take(&self, ring_size: u16) -> Result<(), RingError> {
+        use std::sync::atomic::Ordering;
+        if self.0.fetch_add(1, Ordering::AcqRel) >= usize::from(ring_size) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+            return Err(RingError::Chain("Virtqueue size exceeded".into()));
+        }
+        Ok(())
+    }
+
+    /// One request taken is in the used ring now.
+    pub fn used(&self) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
 /// Copies `data.len()` bytes of a device's configuration `config` from `offset`; bytes
 /// past its end read as zero (what `VirtioDevice::read_config` does for most devices).
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
