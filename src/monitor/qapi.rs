@@ -529,3 +529,16 @@ pub fn check_args(args: &Map<String, Value>, spec: &[Arg]) -> Result<(), QmpErro
     }
     Ok(())
 }
+
+/// A QAPI `int` argument, `None` if absent. `check_args` lets through JSON numbers
+/// beyond i64 (for `uint64` arguments): an `int` refuses them, as QEMU's input visitor.
+pub fn int_arg(args: &Map<String, Value>, name: &str) -> Result<Option<i64>, QmpError> {
+    args.get(name)
+        .map(|v| {
+            v.as_i64().ok_or_else(|| QmpError::InvalidParameterType {
+                name: name.into(),
+                expected: "integer",
+            })
+        })
+        .transpose()
+}

@@ -347,7 +347,7 @@ pub fn qmp_blockdev_del(args: &Map<String, Value>) -> Result<Value, QmpError> {
 pub fn qmp_block_resize(args: &Map<String, Value>) -> Result<Value, QmpError> {
     let device = str_arg(args, "device");
     let node_name = str_arg(args, "node-name");
-    let size = crate::monitor::qmp_cmds::int_arg(args, "size")?.unwrap_or(-1);
+    let size = crate::monitor::qapi::int_arg(args, "size")?.unwrap_or(-1);
     let mut backend = None;
     if let Some(name) = device {
         if let Some(b) = block::backends().into_iter().find(|b| b.id() == name) {
@@ -417,7 +417,7 @@ pub fn qmp_block_set_io_throttle(args: &Map<String, Value>) -> Result<Value, Qmp
     // Every number is a QAPI int: one beyond int64 is refused (QEMU's input visitor,
     // before the command looks the drive up), not read as no limit.
     for name in args.keys() {
-        crate::monitor::qmp_cmds::int_arg(args, name).or_else(|e| {
+        crate::monitor::qapi::int_arg(args, name).or_else(|e| {
             if args[name].is_number() {
                 Err(e)
             } else {

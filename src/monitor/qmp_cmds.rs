@@ -759,19 +759,6 @@ pub fn find_command(name: &str) -> Option<&'static QmpCommand> {
     COMMANDS.iter().find(|c| c.name == name)
 }
 
-/// A QAPI `int` argument, `None` if absent. `check_args` lets through JSON numbers
-/// beyond i64 (for `uint64` arguments): an `int` refuses them, as QEMU's input visitor.
-pub(crate) fn int_arg(args: &Map<String, Value>, name: &str) -> Result<Option<i64>, QmpError> {
-    args.get(name)
-        .map(|v| {
-            v.as_i64().ok_or_else(|| QmpError::InvalidParameterType {
-                name: name.into(),
-                expected: "integer",
-            })
-        })
-        .transpose()
-}
-
 fn str_arg<'a>(args: &'a Map<String, Value>, name: &str) -> &'a str {
     // check_args has verified the type of every declared argument.
     args.get(name).and_then(Value::as_str).unwrap_or_default()
@@ -914,8 +901,8 @@ fn guest_stats(obj: &qom::Object) -> Option<Value> {
 /// bytes come as the first CPU would read them (`MachineServices::read_physical`): the VGA
 /// window's text, not the RAM under it.
 fn qmp_pmemsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
-    let addr = int_arg(args, "val")?.unwrap_or(0);
-    let size = int_arg(args, "size")?.unwrap_or(0);
+    let addr = crate::monitor::qapi::int_arg(args, "val")?.unwrap_or(0);
+    let size = crate::monitor::qapi::int_arg(args, "size")?.unwrap_or(0);
     let filename = args.get("filename").and_then(Value::as_str).unwrap_or("");
     if addr < 0 || size < 0 || (addr as u64).checked_add(size as u64).is_none() {
         return Err(QmpError::Failed(format!(
@@ -972,10 +959,10 @@ fn save_memory(
 /// `val` into a file, 1 KiB at a time; where a chunk is not mapped the file keeps what
 /// came before it and the command fails, as QEMU's.
 fn qmp_memsave(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
-    let addr = int_arg(args, "val")?.unwrap_or(0);
-    let size = int_arg(args, "size")?.unwrap_or(0);
+    let addr = crate::monitor::qapi::int_arg(args, "val")?.unwrap_or(0);
+    let size = crate::monitor::qapi::int_arg(args, "size")?.unwrap_or(0);
     let filename = str_arg(args, "filename");
-    let cpu_index = int_arg(args, "cpu-index")?.unwrap_or(0);
+    let cpu_index = crate::monitor::qapi::int_arg(args, "cpu-index")?.unwrap_or(0);
     let ms = ctx.vm.machine_state();
     let cpu_exists = ms.cpus().iter().any(|c| {
         c.downcast::<hw::core::cpu::CpuState>()
@@ -1034,7 +1021,7 @@ pub const DUMP_GUEST_MEMORY_FORMAT: crate::monitor::qapi::QapiEnum =
 /// guest-physical, `fd:NAME` names a descriptor passed with `getfd`.
 fn qmp_dump_guest_memory(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
     let uint = |name: &str| -> Result<Option<u64>, QmpError> {
-        match int_arg(args, name)? {
+        match crate::monitor::qapi::int_arg(args, name)? {
             None => Ok(None),
             Some(v) => u64::try_from(v)
                 .map(Some)
@@ -1104,7 +1091,7 @@ pub const IMAGE_FORMAT: crate::monitor::qapi::QapiEnum = crate::monitor::qapi::Q
 /// QEMU's `qmp_screendump`.
 fn qmp_screendump(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
     let device = args.get("device").and_then(Value::as_str);
-    let head = int_arg(args, "head")?;
+    let head = crate::monitor::qapi::int_arg(args, "head")?;
     let format = args.get("format").and_then(Value::as_str);
     crate::ui::screendump(
         ctx.vm.machine_state(),
@@ -1122,7 +1109,7 @@ fn qmp_screendump(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, 
 
 /// QEMU's `qmp_balloon`: `value` is the guest's target size in bytes.
 fn qmp_balloon(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
-    let value = int_arg(args, "value")?.unwrap_or(0);
+    let value = crate::monitor::qapi::int_arg(args, "value")?.unwrap_or(0);
     ctx.vm
         .machine_state()
         .services()
@@ -1331,7 +1318,7 @@ fn qmp_quit(ctx: &CommandCtx, _: &Map<String, Value>) -> Result<Value, QmpError>
 
 /// QEMU's `qmp_human_monitor_command`: through the HMP the monitor's set-up installed.
 fn human_monitor_command(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
-    let cpu_index = int_arg(args, "cpu-index")?;
+    let cpu_index = crate::monitor::qapi::int_arg(args, "cpu-index")?;
     let output = (ctx.vm.human_monitor)(ctx, cpu_index, str_arg(args, "command-line"))?;
     // The HMP monitor ends lines with CR LF, and so does its captured output.
     Ok(output.replace('\n', "\r\n").into())
@@ -1367,7 +1354,7 @@ fn query_command_line_options(
 fn qmp_add_fd(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
     let fd = crate::monitor::fds::take_received(ctx.fds.as_ref())
         .ok_or_else(|| QmpError::Failed("No file descriptor supplied via SCM_RIGHTS".into()))?;
-    let set = int_arg(args, "fdset-id")?;
+    let set = crate::monitor::qapi::int_arg(args, "fdset-id")?;
     if set.is_some_and(|s| s < 0) {
         return Err(QmpError::Failed(
             "Parameter 'fdset-id' expects a non-negative value".into(),
@@ -1380,8 +1367,8 @@ fn qmp_add_fd(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpE
 
 /// QEMU's `qmp_remove_fd`.
 fn qmp_remove_fd(_: &CommandCtx, args: &Map<String, Value>) -> Result<Value, QmpError> {
-    let set = int_arg(args, "fdset-id")?.unwrap_or(-1);
-    let fd = int_arg(args, "fd")?;
+    let set = crate::monitor::qapi::int_arg(args, "fdset-id")?.unwrap_or(-1);
+    let fd = crate::monitor::qapi::int_arg(args, "fd")?;
     let member = fd.and_then(|fd| i32::try_from(fd).ok());
     if fd.is_some() && member.is_none() || !hw::core::fdset::fdset_remove(set, member) {
         let name = match fd {

@@ -94,7 +94,7 @@ pub fn input_send_event(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<V
     if let Some(id) = args.get("device").and_then(Value::as_str) {
         crate::monitor::qmp_device::find_device(&ctx.vm.machine, id)?;
     }
-    if crate::monitor::qmp_cmds::int_arg(args, "head")?.is_some_and(|h| h != 0) {
+    if crate::monitor::qapi::int_arg(args, "head")?.is_some_and(|h| h != 0) {
         return Err(bad("Input is not available on this console head".into()));
     }
     let events = args
@@ -204,7 +204,7 @@ pub fn send_key(ctx: &CommandCtx, args: &Map<String, Value>) -> Result<Value, Qm
         .enumerate()
         .map(|(i, k)| key_number(k, &format!("keys[{i}].")))
         .collect::<Result<Vec<_>, _>>()?;
-    let hold = crate::monitor::qmp_cmds::int_arg(args, "hold-time")?.unwrap_or(DEFAULT_HOLD_MS);
+    let hold = crate::monitor::qapi::int_arg(args, "hold-time")?.unwrap_or(DEFAULT_HOLD_MS);
     let input = ctx.vm.machine_state().services().input();
     for &q in &qnums {
         input.send_key(q, true);
