@@ -1009,7 +1009,6 @@ fn a_scsi_cd_reads_its_medium_and_sees_it_change() {
 /// the unplug lets them go at once (QEMU's drain lifts the limits) and each completes.
 #[test]
 fn unplugging_a_throttled_unit_does_not_wait_for_its_limits() {
-    use block::throttle::{Bucket, ThrottleConfig};
     add_drive("vscsi-tbase", &temp_image("tbase.raw", 1 << 20), false);
     let backend = add_drive(
         "vscsi-throttled",
@@ -1028,42 +1027,7 @@ fn unplugging_a_throttled_unit_does_not_wait_for_its_limits() {
     );
     let at = lun(1, 0);
     d.command(at, &[0x12, 0, 0, 0, 36, 0], &[], 36).good();
-    let mut config = ThrottleConfig::default();
-    config.bucket_mut(Bucket::OpsTotal).avg = 1;
-    backend.set_io_limits("vscsi-throttled", false, config);
-    // The first read fills the bucket; four more wait for it.
-    d.command(at, &rw10(0x28, 0, 1), &[], 512).good();
-    let mem = &d.dev.mem;
-    for i in 0..4u64 {
-        let (req, resp, data) = (
-            0x40_0000 + i * 0x1000,
-            0x48_0000 + i * 0x1000,
-            0x50_0000 + i * 0x1000,
-        );
-        let mut header = vec![0u8; REQ_SIZE as usize];
-        header[..8].copy_from_slice(&at);
-        header[19..29].copy_from_slice(&rw10(0x28, i as u32, 1));
-        mem.write_slice(&header, GuestAddress(req)).unwrap();
-        d.req.add_chain(
-            mem,
-            &[
-                (req, REQ_SIZE, false),
-                (resp, RESP_SIZE, true),
-                (data, 512, true),
-            ],
-        );
-    }
-    d.dev.notify(2);
-    std::thread::sleep(Duration::from_millis(100));
-    let began = std::time::Instant::now();
-    hw::core::qdev::qdev_unplug(&hot).unwrap();
-    assert!(
-        began.elapsed() < Duration::from_millis(800),
-        "the unplug waited {:?} for the limits",
-        began.elapsed()
-    );
-    assert_eq!(d.dev.wait_used(&mut d.req, 4, WAIT).len(), 4);
-    backend.disable_io_limits();
+    unplug_beside_throttled_reads(&mut d, at, &backend, &hot);
 }
 
 /// Unplugging a unit waits for the adapter's commands, not for another unit's I/O limits:
@@ -1071,7 +1035,6 @@ fn unplugging_a_throttled_unit_does_not_wait_for_its_limits() {
 /// back at once.
 #[test]
 fn unplugging_a_unit_does_not_wait_for_another_units_limits() {
-    use block::throttle::{Bucket, ThrottleConfig};
     let slow = add_drive("vscsi-other-slow", &temp_image("oslow.raw", 1 << 20), false);
     add_drive("vscsi-other-free", &temp_image("ofree.raw", 1 << 20), false);
     let m = pc_with_adapter("scsi-other", &[("vscsi-other-slow", &[])]);
@@ -1086,9 +1049,22 @@ fn unplugging_a_unit_does_not_wait_for_another_units_limits() {
     );
     let at = lun(0, 0);
     d.expect_reset_reported(at);
+    unplug_beside_throttled_reads(&mut d, at, &slow, &free);
+}
+
+/// Puts `drive` (the unit at `at`) under 1 IOPS, fills its bucket with a read and queues
+/// four more, then unplugs `unplugged`: the unplug must come back at once, and the four
+/// reads complete.
+fn unplug_beside_throttled_reads(
+    d: &mut Driver,
+    at: [u8; 8],
+    drive: &Arc<BlockBackend>,
+    unplugged: &ObjectRef,
+) {
+    use block::throttle::{Bucket, ThrottleConfig};
     let mut config = ThrottleConfig::default();
     config.bucket_mut(Bucket::OpsTotal).avg = 1;
-    slow.set_io_limits("vscsi-other-slow", false, config);
+    drive.set_io_limits(&drive.id(), false, config);
     // The first read fills the bucket; four more wait for it.
     d.command(at, &rw10(0x28, 0, 1), &[], 512).good();
     let mem = &d.dev.mem;
@@ -1114,14 +1090,14 @@ fn unplugging_a_unit_does_not_wait_for_another_units_limits() {
     d.dev.notify(2);
     std::thread::sleep(Duration::from_millis(100));
     let began = std::time::Instant::now();
-    hw::core::qdev::qdev_unplug(&free).unwrap();
+    hw::core::qdev::qdev_unplug(unplugged).unwrap();
     assert!(
         began.elapsed() < Duration::from_millis(800),
-        "the unplug waited {:?} for the other disk's limits",
+        "the unplug waited {:?} for the limits",
         began.elapsed()
     );
     assert_eq!(d.dev.wait_used(&mut d.req, 4, WAIT).len(), 4);
-    slow.disable_io_limits();
+    drive.disable_io_limits();
 }
 
 /// A unit waiting for its I/O limits holds up only itself: with more commands queued for a
