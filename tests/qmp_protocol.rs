@@ -1895,11 +1895,7 @@ fn integers_beyond_int64_are_refused_as_qemu_refuses_them() {
         "-m",
         "16M",
     ];
-    let qemu = Vm::start_program(
-        "qemu-system-x86_64",
-        &[&common[..], &["-accel", "tcg"]].concat(),
-    );
-    let ours_vm = Vm::start(&[&common[..], &["-accel", "qtest"]].concat());
+    let (qemu, ours_vm) = qemu_and_qomvm(&common);
     let (mut theirs, mut ours) = (qemu.negotiated(), ours_vm.negotiated());
     let big = json!(9_223_372_036_854_775_808u64);
     let file = std::env::temp_dir().join(format!("qomvm-bigint-{}", std::process::id()));
@@ -1957,11 +1953,7 @@ fn machine_queries_answer_as_qemus() {
     }
     for machine in ["pc", "pc,acpi=off", "none"] {
         let common = ["-M", machine, "-S", "-nodefaults", "-display", "none"];
-        let qemu = Vm::start_program(
-            "qemu-system-x86_64",
-            &[&common[..], &["-accel", "tcg"]].concat(),
-        );
-        let ours_vm = Vm::start(&[&common[..], &["-accel", "qtest"]].concat());
+        let (qemu, ours_vm) = qemu_and_qomvm(&common);
         let (mut theirs, mut ours) = (qemu.negotiated(), ours_vm.negotiated());
         for query in [
             "query-current-machine",
@@ -2008,6 +2000,14 @@ fn kvm_usable() -> bool {
 }
 
 /// Whether QEMU is installed; if not, the calling test skips, saying why.
+/// QEMU on TCG and qomvm on qtest with the same `common` arguments.
+fn qemu_and_qomvm(common: &[&str]) -> (Vm, Vm) {
+    (
+        Vm::start_program("qemu-system-x86_64", &[common, &["-accel", "tcg"]].concat()),
+        Vm::start(&[common, &["-accel", "qtest"]].concat()),
+    )
+}
+
 fn qemu_installed() -> bool {
     let installed = Command::new("qemu-system-x86_64")
         .arg("--version")
