@@ -876,6 +876,39 @@ fn throttled_requests_wait_off_the_event_loop() {
     backend.disable_io_limits();
 }
 
+/// The status byte is the last writable byte, whichever buffer holds it: a read whose
+/// chain ends with an empty writable buffer still reads its sector and reports its status
+/// where Linux's driver looks (QEMU's `iov_discard_back`).
+#[test]
+fn an_empty_last_buffer_leaves_the_status_byte_where_it_was() {
+    let path = temp_image("empty-last.raw", 1 << 20);
+    let sector: Vec<u8> = (0..512u32).map(|i| (i * 3) as u8).collect();
+    std::fs::write(&path, [sector.clone(), vec![0; (1 << 20) - 512]].concat()).unwrap();
+    add_drive("vblk-empty-last", &path, false);
+    let m = pc_with_disk("vblk-empty-last", &[]);
+    let (dev, mut ring) = start(&m, VERSION_1);
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    dev.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    dev.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let head = ring.add_chain(
+        &dev.mem,
+        &[
+            (HEADER, 16, false),
+            (DATA, 512, true),
+            (STATUS, 1, true),
+            (STATUS + 0x10, 0, true),
+        ],
+    );
+    dev.notify(0);
+    let used = dev.wait_used(&mut ring, 1, WAIT);
+    assert_eq!(used, [(u32::from(head), 513)]);
+    assert_eq!(dev.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    let mut got = vec![0u8; 512];
+    dev.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got == sector);
+}
+
 /// A driver that offers the same request again and again before the device used it (its
 /// head republished in the avail ring) breaks the device once more are outstanding than
 /// the ring holds (QEMU's "Virtqueue size exceeded"), instead of piling up requests that

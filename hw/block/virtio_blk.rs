@@ -389,14 +389,20 @@ impl<'m> GuestSg<'m> {
         (skip == 0).then_some(data)
     }
 
-    /// IN data: the writable bytes before the status byte.
+    /// IN data: the writable bytes before the status byte, the last writable byte
+    /// whichever buffer holds it (empty buffers after it included: QEMU's
+    /// `iov_discard_back`).
     fn in_data(&self) -> Option<Vec<VolatileSlice<'m>>> {
-        let (last, rest) = self.writable.split_last()?;
-        let mut data = rest.to_vec();
-        if last.len() > 1 {
-            data.push(last.subslice(0, last.len() - 1).ok()?);
+        let mut data = self.writable.clone();
+        while let Some(last) = data.pop() {
+            if !last.is_empty() {
+                if last.len() > 1 {
+                    data.push(last.subslice(0, last.len() - 1).ok()?);
+                }
+                return Some(data);
+            }
         }
-        Some(data)
+        None
     }
 }
 
