@@ -416,14 +416,10 @@ pub fn qmp_block_set_io_throttle(args: &Map<String, Value>) -> Result<Value, Qmp
     use block::throttle::{Bucket, ThrottleConfig};
     // Every number is a QAPI int: one beyond int64 is refused (QEMU's input visitor,
     // before the command looks the drive up), not read as no limit.
-    for name in args.keys() {
-        crate::monitor::qapi::int_arg(args, name).or_else(|e| {
-            if args[name].is_number() {
-                Err(e)
-            } else {
-                Ok(None)
-            }
-        })?;
+    for (name, value) in args {
+        if value.is_number() {
+            crate::monitor::qapi::int_arg(args, name)?;
+        }
     }
     let backend = blk_backend(str_arg(args, "device"), str_arg(args, "id"))?;
     let int = |name: &str| args.get(name).and_then(Value::as_i64);
